@@ -1,0 +1,193 @@
+"""Benchmark harness: `python -m common.bench [FILE] [--preset P] [--seeds 1 8] [FLAGS...]`.
+
+For one algorithm file (default: the shared PPO learner on gymnax CartPole-v1 with
+PureJaxRL's published configuration: 4 envs x 128 steps, 4 epochs x 4 minibatches, 5e5
+steps) and each seed count, it measures on the current device:
+
+- compile seconds of one jitted chunk of `--chunk` updates,
+- steady-state throughput (env steps, tokens or evaluations per second over all seeds),
+- XLA's FLOP count of the chunk, the FLOP rate and its share of the device's peak when known,
+- peak device memory (accelerators that report it),
+- the final value of the file's headline metric after the whole run,
+- the runner's overhead: the same run through `common.run.train` (progress bar, JSONL,
+  checkpoints) against a bare loop of the same compiled chunks.
+
+It prints a Markdown table (append it to BENCHMARKS.md with `--out BENCHMARKS.md`).
+"""
+
+import argparse
+import dataclasses
+import importlib.util
+import json
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import jax
+import numpy as np
+
+from common import envs, parallel, run
+from common.rl import PPOConfig, make_ppo
+
+# Dense peak FLOP/s by device kind (float32 / TF32 where applicable; bf16 in brackets
+# would be higher). Only used to report a share; unknown devices report n/a.
+PEAK_FLOPS = {"H100": 4.9e14, "H200": 4.9e14, "A100": 1.56e14, "TPU v4": 2.75e14,
+              "TPU v5": 1.97e14}
+
+
+# --- The default benchmark: PPO (common.rl) on CartPole-v1 ---
+
+
+@dataclass(frozen=True)
+class PPOBenchConfig(PPOConfig):
+    env_id: str = "CartPole-v1"
+    """gymnax environment id"""
+
+    @property
+    def steps_per_update(self) -> int:
+        return self.batch_size
+
+
+def _ppo_init(key, cfg):
+    return make_ppo(envs.make(cfg.env_id, cfg.num_envs), cfg)[0](key)
+
+
+def _ppo_update(state, cfg):
+    return make_ppo(envs.make(cfg.env_id, cfg.num_envs), cfg)[1](state)
+
+
+def load_target(path: str | None):
+    """(Config, init, update, presets, headline metric) of an algorithm file."""
+    if path is None:
+        return PPOBenchConfig, _ppo_init, _ppo_update, {}, "charts/episodic_return"
+    spec = importlib.util.spec_from_file_location(Path(path).stem, path)
+    if spec is None:
+        raise SystemExit(f"error: cannot import {path}")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    metric = getattr(mod, "HEADLINE_METRIC", "charts/episodic_return")
+    return mod.Config, mod.init, mod.update, getattr(mod, "PRESETS", {}), metric
+
+
+def device_summary() -> str:
+    d = jax.devices()[0]
+    return f"{jax.device_count()}x {d.device_kind} ({d.platform})"
+
+
+def peak_memory() -> float | None:
+    stats = jax.devices()[0].memory_stats() or {}
+    b = stats.get("peak_bytes_in_use")
+    return None if b is None else b / 2**30
+
+
+def bench_one(config_cls, init, update, cfg, num_seeds: int, chunk: int, metric: str,
+              seed: int = 0) -> dict:
+    cfg.validate() if hasattr(cfg, "validate") else None
+    total = cfg.num_updates
+    chunk = min(chunk, total)
+    keys = parallel.shard_seeds(jax.random.split(jax.random.PRNGKey(seed), num_seeds), num_seeds)
+    state = jax.block_until_ready(jax.jit(jax.vmap(lambda k: init(k, cfg)))(keys))
+
+    t0 = time.perf_counter()
+    compiled = run.make_chunk(update, cfg, chunk).lower(state).compile()
+    compile_s = time.perf_counter() - t0
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, list | tuple) else cost
+    flops = float((cost or {}).get("flops", float("nan")))
+
+    # Bare loop of the same compiled chunk: the first call warms up, the rest are timed.
+    n_chunks = total // chunk
+    last = None
+    t_run = t_all = 0.0
+    for i in range(n_chunks):
+        t0 = time.perf_counter()
+        state, m = compiled(state)
+        m = jax.device_get(m)
+        dt = time.perf_counter() - t0
+        t_all += dt
+        if i > 0:
+            t_run += dt
+        last = m
+    steps = getattr(cfg, "steps_per_update", 1)
+    timed = (n_chunks - 1) * chunk
+    sps = timed * steps * num_seeds / t_run if timed else float("nan")
+    chunk_s = t_run / max(n_chunks - 1, 1)
+    headline = float(np.nanmean(last[metric][:, -1])) if last and metric in last else float("nan")
+    kind = jax.devices()[0].device_kind
+    peak = next((v for k, v in PEAK_FLOPS.items() if k in kind), None)
+    return dict(seeds=num_seeds, compile_s=compile_s, sps=sps, bare_s=t_all, updates=total,
+                flops_per_chunk=flops, flops_per_s=flops / chunk_s if timed else float("nan"),
+                peak_share=(flops / chunk_s / peak) if (peak and timed) else None,
+                peak_mem_gib=peak_memory(), headline=headline)
+
+
+def runner_overhead(config_cls, init, update, cfg, num_seeds: int, chunk: int, bare: dict):
+    """Wall time of the bare loop of compiled chunks divided by the runner's (progress bar,
+    JSONL, checkpoints every quarter of the run), compile time excluded from both: 1.0 means
+    the runner costs nothing, 0.95 means it costs 5% of throughput."""
+    every = max(chunk, (cfg.num_updates // 4) // chunk * chunk)
+    with tempfile.TemporaryDirectory() as d:
+        opts = run.RunOptions(num_seeds=num_seeds, log_every=chunk, run_dir=d, progress=True,
+                              checkpoint_every=every, num_updates=cfg.num_updates // chunk * chunk)
+        res = run.train(config_cls, init, update, cfg, opts, name="bench")
+        loop_s = json.loads((res.run_dir / "summary.json").read_text())["perf/loop_s"]
+    return bare["bare_s"] / loop_s
+
+
+def fmt(x, spec=",.0f"):
+    return "n/a" if x is None or x != x else format(x, spec)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("file", nargs="?", help="algorithm file (default: PPO on CartPole-v1)")
+    p.add_argument("--preset", default=None, help="the file's preset (e.g. bench, quick)")
+    p.add_argument("--seeds", type=int, nargs="+", default=[1, 8], help="seed counts to time")
+    p.add_argument("--chunk", type=int, default=10, help="updates per jitted chunk")
+    p.add_argument("--no-overhead", action="store_true", help="skip the runner-overhead run")
+    p.add_argument("--out", default=None, help="append the Markdown table to this file")
+    p.add_argument("--set", nargs="*", default=[], metavar="FIELD=VALUE",
+                   help="config overrides, e.g. --set total_timesteps=100000")
+    a = p.parse_args(argv)
+    config_cls, init, update, presets, metric = load_target(a.file)
+    if a.preset is not None and a.preset not in presets:
+        p.error(f"unknown preset {a.preset!r}; the file has {sorted(presets)}")
+    over = dict(presets.get(a.preset, {}))
+    fields = {f.name: f for f in dataclasses.fields(config_cls)}
+    for kv in a.set:
+        k, _, v = kv.partition("=")
+        if k not in fields:
+            p.error(f"--set: {config_cls.__name__} has no field {k!r}")
+        over[k] = type(getattr(config_cls(), k))(v) if not isinstance(
+            getattr(config_cls(), k), bool) else v.lower() in ("1", "true", "yes")
+    cfg = config_cls(**over)
+    name = a.file or "common/rl.py PPO, gymnax CartPole-v1"
+    print(f"benchmark: {name} (preset {a.preset}) on {device_summary()}, jax {jax.__version__}")
+    rows = []
+    for s in a.seeds:
+        r = bench_one(config_cls, init, update, cfg, s, a.chunk, metric)
+        r["overhead"] = None if a.no_overhead else runner_overhead(
+            config_cls, init, update, cfg, s, a.chunk, r)
+        rows.append(r)
+        print(json.dumps(r), file=sys.stderr)
+    head = ("| target | device | seeds | compile s | steps/s (all seeds) | GFLOP/s | peak share "
+            "| peak mem GiB | final " + metric + " | runner/bare throughput |")
+    lines = [head, "|" + "---|" * 10]
+    for r in rows:
+        lines.append(
+            f"| {name} | {device_summary()} | {r['seeds']} | {r['compile_s']:.1f} | "
+            f"{fmt(r['sps'])} | {fmt(r['flops_per_s'] / 1e9, '.1f')} | "
+            f"{fmt(r['peak_share'], '.1%')} | {fmt(r['peak_mem_gib'], '.2f')} | "
+            f"{fmt(r['headline'], '.1f')} | {fmt(r['overhead'], '.3f')} |")
+    table = "\n".join(lines)
+    print(table)
+    if a.out:
+        with open(a.out, "a") as f:
+            f.write(f"\n{time.strftime('%Y-%m-%d')}, jax {jax.__version__}:\n\n{table}\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,125 @@
+"""Standard torsos with their papers' initialisations.
+
+- `MLP`: tanh/relu multilayer perceptron with orthogonal init (the PPO default,
+  Engstrom et al. 2020, arXiv 2005.12729).
+- `NatureCNN`: Mnih et al. 2015 (Nature 518:529): 32-8/4, 64-4/2, 64-3/1, dense 512.
+- `ImpalaCNN`: Espeholt et al. 2018 (arXiv 1802.01561): 3 stacks of conv + max-pool +
+  2 residual blocks, channels (16, 32, 32), dense 256.
+- `ResetGRU` / `ResetLSTM`: recurrent cells whose carry is zeroed where an episode
+  starts, scanned over time (`scan_rnn`).
+
+Networks particular to one method live in that method's file.
+"""
+
+from collections.abc import Callable, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+def orthogonal(scale: float = np.sqrt(2.0)):
+    """Orthogonal kernel initialiser with gain `scale` (Saxe et al. 2013)."""
+    return nn.initializers.orthogonal(scale)
+
+
+class MLP(nn.Module):
+    """Dense layers with an activation after each; orthogonal(sqrt 2) weights, zero bias."""
+
+    features: Sequence[int] = (64, 64)
+    activation: Callable = nn.tanh
+    scale: float = float(np.sqrt(2.0))
+
+    @nn.compact
+    def __call__(self, x):
+        for f in self.features:
+            x = self.activation(nn.Dense(f, kernel_init=orthogonal(self.scale))(x))
+        return x
+
+
+class NatureCNN(nn.Module):
+    """The DQN torso (Mnih et al. 2015); input uint8 or float [..., H, W, C] in [0, 255]."""
+
+    activation: Callable = nn.relu
+    features: int = 512
+
+    @nn.compact
+    def __call__(self, x):
+        x = x.astype(jnp.float32) / 255.0
+        for ch, k, s in ((32, 8, 4), (64, 4, 2), (64, 3, 1)):
+            x = self.activation(
+                nn.Conv(ch, (k, k), (s, s), padding="VALID", kernel_init=orthogonal())(x)
+            )
+        x = x.reshape(*x.shape[:-3], -1)  # (..., H'*W'*64)
+        return self.activation(nn.Dense(self.features, kernel_init=orthogonal())(x))
+
+
+class _ResidualBlock(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        ch = x.shape[-1]
+        y = nn.Conv(ch, (3, 3))(nn.relu(x))
+        y = nn.Conv(ch, (3, 3))(nn.relu(y))
+        return x + y
+
+
+class ImpalaCNN(nn.Module):
+    """IMPALA's deep residual torso (Espeholt et al. 2018, Fig. 3 right)."""
+
+    channels: Sequence[int] = (16, 32, 32)
+    features: int = 256
+
+    @nn.compact
+    def __call__(self, x):
+        x = x.astype(jnp.float32) / 255.0
+        for ch in self.channels:
+            x = nn.Conv(ch, (3, 3))(x)
+            x = nn.max_pool(x, (3, 3), strides=(2, 2), padding="SAME")
+            x = _ResidualBlock()(x)
+            x = _ResidualBlock()(x)
+        x = nn.relu(x).reshape(*x.shape[:-3], -1)
+        return nn.relu(nn.Dense(self.features)(x))
+
+
+class ResetGRU(nn.Module):
+    """A GRU cell whose carry is reset to zeros where `reset` is true.
+
+    Call signature: `(carry, (x, reset)) -> (carry, y)`, so it scans over time.
+    """
+
+    features: int
+
+    @nn.compact
+    def __call__(self, carry, inputs):
+        x, reset = inputs
+        carry = jnp.where(reset[..., None], jnp.zeros_like(carry), carry)
+        carry, y = nn.GRUCell(self.features)(carry, x)
+        return carry, y
+
+    def initialize_carry(self, batch_shape: tuple[int, ...]):
+        return jnp.zeros((*batch_shape, self.features))
+
+
+class ResetLSTM(nn.Module):
+    """An LSTM cell whose (c, h) carry is reset to zeros where `reset` is true."""
+
+    features: int
+
+    @nn.compact
+    def __call__(self, carry, inputs):
+        x, reset = inputs
+        carry = jax.tree.map(
+            lambda c: jnp.where(reset[..., None], jnp.zeros_like(c), c), carry
+        )
+        carry, y = nn.OptimizedLSTMCell(self.features)(carry, x)
+        return carry, y
+
+    def initialize_carry(self, batch_shape: tuple[int, ...]):
+        z = jnp.zeros((*batch_shape, self.features))
+        return (z, z)
+
+
+def scan_rnn(cell: type[nn.Module]) -> type[nn.Module]:
+    """The cell lifted over a leading time axis: `(carry, (x[T], reset[T])) -> (carry, y[T])`."""
+    return nn.scan(cell, variable_broadcast="params", split_rngs={"params": False})

@@ -1,0 +1,86 @@
+"""Learning curves from run logs: `python -m common.plot RUN_DIR [RUN_DIR ...] --metric M`.
+
+Each run's `metrics.jsonl` holds one line per update with the seed mean and the per-seed
+values (`<metric>/seeds`). The plot shows the mean over seeds and a band of +- one standard
+deviation, against env steps where the run logs them, one curve per run directory.
+"""
+
+import argparse
+import json
+from pathlib import Path
+
+import numpy as np
+
+
+def load(run_dir: str | Path) -> list[dict]:
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.exists():
+        raise FileNotFoundError(f"{path} not found: is {run_dir} a run folder?")
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def curve(rows: list[dict], metric: str):
+    """(x, per-seed values [updates, seeds]) of `metric`; x is env steps or updates."""
+    names = sorted({k for r in rows for k in r if not k.endswith("/seeds")})
+    rows = [r for r in rows if metric + "/seeds" in r]
+    if not rows:
+        raise KeyError(f"metric {metric!r} not logged; available: {names}")
+    x_key = "env_steps" if "env_steps" in rows[0] else "update"
+    x = np.array([r[x_key] for r in rows], dtype=float)
+    y = np.array([[np.nan if v is None else v for v in r[metric + "/seeds"]] for r in rows])
+    return x, y, x_key
+
+
+def smooth(y: np.ndarray, window: int) -> np.ndarray:
+    """Trailing nan-aware moving average over the first axis."""
+    if window <= 1:
+        return y
+    out = np.empty_like(y)
+    for i in range(len(y)):
+        seg = y[max(0, i - window + 1): i + 1]
+        with np.errstate(all="ignore"):
+            out[i] = np.nanmean(seg, axis=0) if np.isfinite(seg).any() else np.nan
+    return out
+
+
+def plot(run_dirs: list[str], metric: str, out: str, window: int = 1, labels=None):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for i, d in enumerate(run_dirs):
+        x, y, x_key = curve(load(d), metric)
+        y = smooth(y, window)
+        with np.errstate(all="ignore"):
+            m, s = np.nanmean(y, 1), np.nanstd(y, 1)
+        label = labels[i] if labels else Path(d).name
+        ax.plot(x, m, label=f"{label} ({y.shape[1]} seeds)")
+        ax.fill_between(x, m - s, m + s, alpha=0.2)
+    ax.set_xlabel(x_key.replace("_", " "))
+    ax.set_ylabel(metric)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+    return out
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("run_dirs", nargs="+", help="run folders holding metrics.jsonl")
+    p.add_argument("--metric", default="charts/episodic_return", help="metric to plot")
+    p.add_argument("--out", default="curve.png", help="output PNG path")
+    p.add_argument("--window", type=int, default=1, help="moving-average window (updates)")
+    p.add_argument("--labels", nargs="*", help="legend labels, one per run folder")
+    a = p.parse_args(argv)
+    if a.labels and len(a.labels) != len(a.run_dirs):
+        p.error(f"--labels has {len(a.labels)} names for {len(a.run_dirs)} run folders")
+    print(plot(a.run_dirs, a.metric, a.out, a.window, a.labels))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,360 @@
+"""The runner every algorithm file hands its `Config`, `init` and `update` to.
+
+An algorithm file exposes
+    Config                               a frozen dataclass; field docstrings become --help;
+                                         it has `num_updates` and optionally `steps_per_update`
+                                         (env steps, tokens or evaluations per update) and
+                                         `validate()` (raises ValueError naming the field)
+    init(key, cfg) -> State              a pytree
+    update(state, cfg) -> (State, metrics)   pure; metrics is a dict of scalars
+    evaluate(state, cfg) -> metrics      optional, run once at the end
+
+and `main()` calls `run.main(Config, init, update, ...)`. The runner parses the CLI (tyro),
+vmaps `--num-seeds` seeds, shards them over local devices, runs jitted chunks of
+`lax.scan(update)` of `--log-every` updates on device, and between chunks: prints a
+progress bar with steps/s, appends metrics to `<run-dir>/metrics.jsonl`, logs to Weights &
+Biases with `--track`, saves orbax checkpoints every `--checkpoint-every` updates, and
+checks the losses for NaN. `--resume` continues bit-identically from the latest checkpoint.
+
+Metric names: `charts/...` (returns, coverage), `losses/...` (checked for NaN), `perf/...`.
+"""
+
+import argparse
+import dataclasses
+import json
+import math
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Annotated, Any
+
+import jax
+import numpy as np
+
+from common import parallel
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    """Options of the runner shared by every algorithm file."""
+
+    seed: int = 0
+    """base random seed; seed i of the vmap uses split(PRNGKey(seed), num_seeds)[i]"""
+    num_seeds: int = 1
+    """independent seeds trained at once (vmapped and sharded over local devices)"""
+    num_updates: int | None = None
+    """override the number of updates (default: the config's own num_updates)"""
+    log_every: int = 10
+    """updates per jitted chunk; metrics are written and progress shown after each chunk"""
+    checkpoint_every: int = 0
+    """save an orbax checkpoint every N updates (0: only at the end of the run)"""
+    run_dir: str | None = None
+    """output folder (default: runs/<script>__<seed>__<time>)"""
+    resume: bool = False
+    """continue from the latest checkpoint in --run-dir"""
+    track: bool = False
+    """log to Weights & Biases (WANDB_MODE=offline works without network)"""
+    wandb_project: str = "lilrl"
+    """Weights & Biases project"""
+    debug_nans: bool = False
+    """enable jax_debug_nans: slow, but stops at the first op producing a NaN"""
+    progress: bool = True
+    """show a progress bar"""
+    preset: str | None = None
+    """named override set of the file (e.g. quick, paper); applied before other flags"""
+
+    def validate(self):
+        for name in ("num_seeds", "log_every"):
+            value = getattr(self, name)
+            if value < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+        if self.num_updates is not None and self.num_updates < 1:
+            raise ValueError(f"--num-updates must be >= 1, got {self.num_updates}")
+        if self.checkpoint_every < 0:
+            raise ValueError(f"--checkpoint-every must be >= 0, got {self.checkpoint_every}")
+        if self.resume and self.run_dir is None:
+            raise ValueError("--resume needs --run-dir (the folder of the run to continue)")
+
+
+@dataclass
+class RunResult:
+    state: Any
+    """final training state, leaves lead with the seed axis"""
+    history: dict[str, np.ndarray]
+    """every metric as [num_seeds, num_updates] (updates run in this process)"""
+    run_dir: Path
+    final: dict[str, np.ndarray] = field(default_factory=dict)
+    """evaluate() output per seed, if the file has one"""
+
+
+# --- CLI ---
+
+
+def parse(config_cls, presets: dict[str, dict] | None, argv: list[str] | None, description=None):
+    """Parse `argv` into (Config, RunOptions). A `--preset NAME` applies first."""
+    presets = presets or {}
+    argv = sys.argv[1:] if argv is None else list(argv)
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--preset", default=None)
+    known, _ = pre.parse_known_args(argv)
+    if known.preset is not None and known.preset not in presets:
+        raise SystemExit(
+            f"error: unknown --preset {known.preset!r}; choose from {sorted(presets) or 'none'}"
+        )
+    cfg_default = config_cls(**presets.get(known.preset, {}))
+    args_cls = dataclasses.make_dataclass("Args", [
+        ("config", Annotated[config_cls, tyro_omit()], field(default=cfg_default)),
+        ("run", Annotated[RunOptions, tyro_omit()], field(default=RunOptions())),
+    ])
+    import tyro
+
+    if presets:
+        description = (description or "") + f"\n\nPresets (--preset): {', '.join(presets)}."
+    args = tyro.cli(args_cls, args=argv, description=description)
+    return args.config, args.run
+
+
+def tyro_omit():
+    import tyro
+
+    return tyro.conf.OmitArgPrefixes
+
+
+# --- LOGGING ---
+
+
+def _jsonable(x):
+    x = float(x)
+    return x if math.isfinite(x) else None
+
+
+class _Logger:
+    def __init__(self, run_dir: Path, cfg, opts: RunOptions, name: str):
+        self.path = run_dir / "metrics.jsonl"
+        self.wandb = None
+        if opts.track:
+            import wandb
+
+            self.wandb = wandb.init(
+                project=opts.wandb_project, name=run_dir.name, dir=str(run_dir),
+                config={"config": dataclasses.asdict(cfg), "run": dataclasses.asdict(opts),
+                        "script": name},
+                resume="allow",
+            )
+
+    def write(self, first_update: int, metrics: dict[str, np.ndarray], steps_per_update):
+        """metrics: name -> [seeds, chunk]. One JSON line per update."""
+        n = next(iter(metrics.values())).shape[1] if metrics else 0
+        with open(self.path, "a") as f:
+            for i in range(n):
+                u = first_update + i + 1
+                row = {"update": u}
+                if steps_per_update:
+                    row["env_steps"] = u * steps_per_update
+                for k, v in metrics.items():
+                    col = v[:, i]
+                    row[k] = _jsonable(np.nanmean(col)) if np.isfinite(col).any() else None
+                    row[k + "/seeds"] = [_jsonable(c) for c in col]
+                f.write(json.dumps(row) + "\n")
+                if self.wandb is not None:
+                    self.wandb.log({k: v for k, v in row.items()
+                                    if not k.endswith("/seeds") and v is not None}, step=u)
+
+    def close(self):
+        if self.wandb is not None:
+            self.wandb.finish()
+
+
+def check_finite(metrics: dict[str, np.ndarray], first_update: int):
+    """Raise if a `losses/` metric is NaN or inf, naming it, the seed and the update."""
+    for k, v in metrics.items():
+        if k.startswith("losses/") and not np.isfinite(v).all():
+            seed, i = np.argwhere(~np.isfinite(v))[0]
+            raise FloatingPointError(
+                f"{k} became {v[seed, i]} at update {first_update + i + 1} (seed index {seed}); "
+                "rerun with --debug-nans to stop at the op that produced it"
+            )
+
+
+# --- CHECKPOINTS ---
+
+
+def _manager(run_dir: Path):
+    import orbax.checkpoint as ocp
+
+    return ocp.CheckpointManager(
+        (run_dir / "checkpoints").absolute(),
+        options=ocp.CheckpointManagerOptions(max_to_keep=2, enable_async_checkpointing=False),
+    )
+
+
+def save_checkpoint(mngr, step: int, state):
+    import orbax.checkpoint as ocp
+
+    mngr.save(step, args=ocp.args.StandardSave(state))
+    mngr.wait_until_finished()
+
+
+def restore_checkpoint(mngr, abstract_state):
+    import orbax.checkpoint as ocp
+
+    step = mngr.latest_step()
+    if step is None:
+        raise FileNotFoundError(f"no checkpoint to resume in {mngr.directory}")
+    return step, mngr.restore(step, args=ocp.args.StandardRestore(abstract_state))
+
+
+# --- TRAIN ---
+
+
+def make_chunk(update: Callable, cfg, length: int):
+    """jit(vmap(scan(update, length))) over the seed axis; the state is donated."""
+
+    def chunk(states):
+        def one_seed(state):
+            return jax.lax.scan(lambda s, _: update(s, cfg), state, None, length)
+
+        return jax.vmap(one_seed)(states)
+
+    return jax.jit(chunk, donate_argnums=0)
+
+
+def make_train(init: Callable, update: Callable, cfg, num_updates: int | None = None):
+    """`train(key) -> (final_state, metrics[num_updates])`: the whole run as one scan."""
+    n = cfg.num_updates if num_updates is None else num_updates
+
+    def train(key):
+        return jax.lax.scan(lambda s, _: update(s, cfg), init(key, cfg), None, n)
+
+    return train
+
+
+def train(config_cls, init, update, cfg, opts: RunOptions, evaluate=None, name="run",
+          ) -> RunResult:
+    """Run `opts.num_seeds` seeds of a configured algorithm with logging and checkpoints."""
+    if hasattr(cfg, "validate"):
+        cfg.validate()
+    opts.validate()
+    if opts.debug_nans:
+        jax.config.update("jax_debug_nans", True)
+    total = opts.num_updates or cfg.num_updates
+    steps_per_update = getattr(cfg, "steps_per_update", None)
+
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    run_dir = Path(opts.run_dir or f"runs/{name}__{opts.seed}__{stamp}")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    cfg_path = run_dir / "config.json"
+    cfg_json = json.dumps({"config": dataclasses.asdict(cfg), "num_seeds": opts.num_seeds,
+                           "seed": opts.seed, "script": name}, default=str, indent=1)
+    if opts.resume and cfg_path.exists() and json.loads(cfg_path.read_text()) != json.loads(
+        cfg_json
+    ):
+        raise ValueError(f"--resume: the config differs from the one saved in {cfg_path}")
+    cfg_path.write_text(cfg_json)
+
+    keys = jax.random.split(jax.random.PRNGKey(opts.seed), opts.num_seeds)
+    keys = parallel.shard_seeds(keys, opts.num_seeds)
+    init_fn = jax.jit(jax.vmap(lambda k: init(k, cfg)))
+    mngr = _manager(run_dir)
+    done = 0
+    if opts.resume:
+        done, state = restore_checkpoint(mngr, jax.eval_shape(init_fn, keys))
+        state = parallel.shard_seeds(state, opts.num_seeds)
+        print(f"resumed from update {done} in {run_dir}")
+    else:
+        state = init_fn(keys)
+        (run_dir / "metrics.jsonl").unlink(missing_ok=True)
+
+    logger = _Logger(run_dir, cfg, opts, name)
+    chunks: dict[int, Any] = {}
+    history: dict[str, list] = {}
+    bar = None
+    if opts.progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=total, initial=done, desc=name, unit="upd", dynamic_ncols=True)
+    t_start, steps_timed, compile_s = None, 0, 0.0
+    t_loop = time.perf_counter()
+    try:
+        while done < total:
+            n = min(opts.log_every, total - done)
+            if opts.checkpoint_every:
+                n = min(n, opts.checkpoint_every - done % opts.checkpoint_every)
+            if n not in chunks:
+                t0 = time.perf_counter()
+                chunks[n] = make_chunk(update, cfg, n).lower(state).compile()
+                compile_s += time.perf_counter() - t0
+            t0 = time.perf_counter()
+            state, metrics = chunks[n](state)
+            metrics = jax.device_get(metrics)  # the one host transfer per chunk
+            dt = time.perf_counter() - t0
+            if t_start is None:
+                t_start = 0.0
+            else:
+                t_start += dt
+                steps_timed += n
+            check_finite(metrics, done)
+            logger.write(done, metrics, steps_per_update)
+            for k, v in metrics.items():
+                history.setdefault(k, []).append(np.asarray(v))
+            done += n
+            if opts.checkpoint_every and done % opts.checkpoint_every == 0 and done < total:
+                save_checkpoint(mngr, done, state)
+            if bar is not None:
+                post = {}
+                if steps_per_update:
+                    post["steps/s"] = f"{n * steps_per_update * opts.num_seeds / dt:,.0f}"
+                for k in ("charts/episodic_return", "charts/distinct_cells"):
+                    if k in metrics and np.isfinite(metrics[k][:, -1]).any():
+                        post[k.split("/")[-1]] = f"{np.nanmean(metrics[k][:, -1]):.3g}"
+                bar.set_postfix(post)
+                bar.update(n)
+        save_checkpoint(mngr, done, state)
+        loop_s = time.perf_counter() - t_loop - compile_s
+    finally:
+        if bar is not None:
+            bar.close()
+        logger.close()
+        mngr.close()
+
+    hist = {k: np.concatenate(v, axis=1) for k, v in history.items()}
+    final = {}
+    if evaluate is not None:
+        final = jax.device_get(jax.jit(jax.vmap(lambda s: evaluate(s, cfg)))(state))
+    # loop_s: wall time of all chunks with logging, progress and checkpoints, less compiling.
+    perf = {"perf/compile_s": compile_s, "perf/loop_s": loop_s}
+    if steps_timed and steps_per_update and t_start:
+        perf["perf/sps"] = steps_timed * steps_per_update * opts.num_seeds / t_start
+    (run_dir / "summary.json").write_text(json.dumps(
+        {**perf, **{k: [_jsonable(x) for x in np.atleast_1d(v)] for k, v in final.items()},
+         **{k: [_jsonable(x) for x in v[:, -1]] for k, v in hist.items()}}, indent=1))
+    return RunResult(state, hist, run_dir, final)
+
+
+def summarize(result: RunResult, keys: list[str] | None = None) -> str:
+    """Final value of each metric: mean +- std over seeds (last update, or evaluate())."""
+    lines = []
+    items = list(result.final.items()) + [(k, v[:, -1]) for k, v in result.history.items()]
+    for k, v in items:
+        if keys is not None and k not in keys:
+            continue
+        v = np.asarray(v, dtype=np.float64).reshape(-1)
+        if np.isfinite(v).any():
+            lines.append(f"  {k:32s} {np.nanmean(v):10.4g} +- {np.nanstd(v):.3g}  (n={v.size})")
+    return "\n".join(lines)
+
+
+def main(config_cls, init, update, *, presets=None, evaluate=None, argv=None, doc=None,
+         summary_keys=None) -> RunResult:
+    """Entry point of an algorithm file: parse CLI, train, print the summary."""
+    if not jax.config.jax_compilation_cache_dir:
+        jax.config.update("jax_compilation_cache_dir", str(Path.home() / ".cache/lilrl-jax"))
+    name = Path(sys.argv[0]).stem if argv is None else config_cls.__module__.split(".")[-1]
+    cfg, opts = parse(config_cls, presets, argv, description=doc)
+    parallel.initialize_distributed()
+    result = train(config_cls, init, update, cfg, opts, evaluate=evaluate, name=name)
+    print(f"\nfinished {name}: {opts.num_seeds} seed(s), run dir {result.run_dir}")
+    print(summarize(result, summary_keys))
+    return result

@@ -1,0 +1,94 @@
+"""Tests of common.rl: GAE against a Python loop, running moments against numpy, PPO learns."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from common import envs, run
+from common.rl import PPOConfig, RunningMeanStd, gae, make_ppo, ppo_loss
+
+
+def _gae_loop(r, v, d, last_v, gamma, lam):
+    T = len(r)
+    adv = np.zeros_like(r)
+    next_adv = np.zeros_like(last_v)
+    for t in reversed(range(T)):
+        next_v = last_v if t == T - 1 else v[t + 1]
+        nd = 1.0 - d[t]
+        delta = r[t] + gamma * nd * next_v - v[t]
+        next_adv = delta + gamma * lam * nd * next_adv
+        adv[t] = next_adv
+    return adv
+
+
+def test_gae_matches_python_loop():
+    rng = np.random.default_rng(0)
+    T, N = 17, 5
+    r, v = rng.normal(size=(T, N)), rng.normal(size=(T, N))
+    d = rng.random((T, N)) < 0.2
+    last_v = rng.normal(size=N)
+    adv, ret = gae(jnp.asarray(r), jnp.asarray(v), jnp.asarray(d), jnp.asarray(last_v), 0.99, 0.95)
+    expect = _gae_loop(r, v, d.astype(float), last_v, 0.99, 0.95)
+    np.testing.assert_allclose(adv, expect, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(ret, expect + v, rtol=1e-5, atol=1e-5)
+    # lambda = 1, gamma = 1, no dones: the advantage is the undiscounted return-to-go minus V.
+    adv1, _ = gae(jnp.asarray(r), jnp.asarray(v), jnp.zeros((T, N)), jnp.asarray(last_v), 1.0, 1.0)
+    togo = np.cumsum(r[::-1], 0)[::-1] + last_v
+    np.testing.assert_allclose(adv1, togo - v, rtol=1e-4, atol=1e-4)
+
+
+def test_gae_nonepisodic_ignores_dones():
+    """A non-episodic stream (dones = 0) bootstraps across an episode boundary."""
+    r = jnp.array([[0.0], [0.0], [1.0]])
+    v = jnp.zeros((3, 1))
+    d_epi = jnp.array([[False], [True], [False]])
+    a_epi, _ = gae(r, v, d_epi, jnp.zeros(1), 0.9, 1.0)
+    a_non, _ = gae(r, v, jnp.zeros_like(d_epi), jnp.zeros(1), 0.9, 1.0)
+    assert float(a_epi[0, 0]) == 0.0  # the reward after the boundary is cut off
+    np.testing.assert_allclose(float(a_non[0, 0]), 0.81, rtol=1e-6)
+
+
+def test_running_mean_std_matches_numpy():
+    rng = np.random.default_rng(1)
+    batches = [rng.normal(3.0, 2.0, size=(n, 4)) for n in (7, 50, 3)]
+    rms = RunningMeanStd.create((4,))
+    for b in batches:
+        rms = rms.update(jnp.asarray(b))
+    allx = np.concatenate(batches)
+    np.testing.assert_allclose(rms.mean, allx.mean(0), rtol=1e-4)
+    np.testing.assert_allclose(rms.var, allx.var(0), rtol=1e-3)
+    z = rms.normalize(jnp.asarray(allx), clip=1.0)
+    assert float(jnp.abs(z).max()) <= 1.0
+
+
+def test_ppo_loss_clips_ratio():
+    """Where the ratio leaves [1-eps, 1+eps] in the advantage's direction the gradient is 0."""
+    old = jnp.zeros(2)
+    adv = jnp.array([1.0, -1.0])
+
+    def pg(new_logp):
+        loss, _ = ppo_loss(new_logp, old, adv, jnp.zeros(2), jnp.zeros(2), jnp.zeros(2),
+                           jnp.zeros(2), 0.2, 0.0, 0.0)
+        return loss
+
+    g_in = jax.grad(pg)(jnp.array([0.1, -0.1]))  # ratios inside the clip range
+    g_out = jax.grad(pg)(jnp.log(jnp.array([1.5, 0.5])))  # beyond it, same sign as adv
+    assert jnp.all(g_in != 0) and jnp.all(g_out == 0)
+
+
+def test_ppo_learns_cartpole():
+    """The shared PPO learner on gymnax CartPole-v1, 60k steps, 2 seeds: the last episodes
+    average > 100 (observed ~150-400), while the same learner with lr = 0 (a random
+    policy, the broken variant) stays near 22."""
+    cfg = PPOConfig(num_envs=4, num_steps=128, total_timesteps=61_440, lr=2.5e-3)
+    env = envs.make("CartPole-v1", cfg.num_envs)
+
+    def score(cfg):
+        init, upd = make_ppo(env, cfg)
+        train = run.make_train(lambda k, c: init(k), lambda s, c: upd(s), cfg)
+        _, m = jax.jit(jax.vmap(train))(jax.random.split(jax.random.PRNGKey(0), 2))
+        return float(np.nanmean(np.asarray(m["charts/episodic_return"])[:, -10:]))
+
+    learned, frozen = score(cfg), score(PPOConfig(**{**cfg.__dict__, "lr": 0.0}))
+    assert frozen < 40, frozen
+    assert learned > 100, (learned, frozen)
