@@ -209,8 +209,9 @@ def restore_checkpoint(mngr, abstract_state):
 # --- TRAIN ---
 
 
-def make_chunk(update: Callable, cfg, length: int):
-    """jit(vmap(scan(update, length))) over the seed axis; the state is donated."""
+def make_chunk(update: Callable, cfg, length: int, sharding=None):
+    """jit(vmap(scan(update, length))) over the seed axis; the state is donated. With a
+    `sharding` (of the seed axis), state and metrics stay sharded over devices."""
 
     def chunk(states):
         def one_seed(state):
@@ -218,7 +219,7 @@ def make_chunk(update: Callable, cfg, length: int):
 
         return jax.vmap(one_seed)(states)
 
-    return jax.jit(chunk, donate_argnums=0)
+    return jax.jit(chunk, donate_argnums=0, in_shardings=sharding, out_shardings=sharding)
 
 
 def make_train(init: Callable, update: Callable, cfg, num_updates: int | None = None):
@@ -255,8 +256,9 @@ def train(config_cls, init, update, cfg, opts: RunOptions, evaluate=None, name="
     cfg_path.write_text(cfg_json)
 
     keys = jax.random.split(jax.random.PRNGKey(opts.seed), opts.num_seeds)
+    sharding = parallel.seed_sharding(opts.num_seeds)
     keys = parallel.shard_seeds(keys, opts.num_seeds)
-    init_fn = jax.jit(jax.vmap(lambda k: init(k, cfg)))
+    init_fn = jax.jit(jax.vmap(lambda k: init(k, cfg)), out_shardings=sharding)
     mngr = _manager(run_dir)
     done = 0
     if opts.resume:
@@ -284,7 +286,7 @@ def train(config_cls, init, update, cfg, opts: RunOptions, evaluate=None, name="
                 n = min(n, opts.checkpoint_every - done % opts.checkpoint_every)
             if n not in chunks:
                 t0 = time.perf_counter()
-                chunks[n] = make_chunk(update, cfg, n).lower(state).compile()
+                chunks[n] = make_chunk(update, cfg, n, sharding).lower(state).compile()
                 compile_s += time.perf_counter() - t0
             t0 = time.perf_counter()
             state, metrics = chunks[n](state)
