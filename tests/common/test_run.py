@@ -93,7 +93,8 @@ def test_help_documents_every_field(capsys):
 
 def test_nan_in_loss_is_reported():
     m = {"losses/x": np.array([[1.0, 2.0], [1.0, np.nan]]), "charts/r": np.full((2, 2), np.nan)}
-    with pytest.raises(FloatingPointError, match=r"losses/x became nan at update 12 \(seed index 1"):
+    msg = r"losses/x became nan at update 12 \(seed index 1"
+    with pytest.raises(FloatingPointError, match=msg):
         run.check_finite(m, 10)
     run.check_finite({"charts/r": m["charts/r"]}, 0)  # charts may be NaN (no episode ended)
 
