@@ -89,11 +89,11 @@ def bench_one(config_cls, init, update, cfg, num_seeds: int, chunk: int, metric:
     chunk = min(chunk, total)
     sharding = parallel.seed_sharding(num_seeds)
     keys = parallel.shard_seeds(jax.random.split(jax.random.PRNGKey(seed), num_seeds), num_seeds)
-    init_fn = jax.jit(jax.vmap(lambda k: init(k, cfg)), out_shardings=sharding)
+    init_fn = jax.jit(run.seed_map(lambda k: init(k, cfg), num_seeds), out_shardings=sharding)
     state = jax.block_until_ready(init_fn(keys))
 
     t0 = time.perf_counter()
-    compiled = run.make_chunk(update, cfg, chunk, sharding).lower(state).compile()
+    compiled = run.make_chunk(update, cfg, chunk, sharding, num_seeds).lower(state).compile()
     compile_s = time.perf_counter() - t0
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, list | tuple) else cost

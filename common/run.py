@@ -209,7 +209,20 @@ def restore_checkpoint(mngr, abstract_state):
 # --- TRAIN ---
 
 
-def make_chunk(update: Callable, cfg, length: int, sharding=None):
+def seed_map(fn: Callable, num_seeds: int) -> Callable:
+    """`jax.vmap(fn)` over the leading seed axis; for one seed, a squeeze and expand instead,
+    so that programs with non-batchable parts (envpool's XLA step) run with one seed."""
+    if num_seeds > 1:
+        return jax.vmap(fn)
+
+    def one(*args):
+        out = fn(*jax.tree.map(lambda x: x[0], args))
+        return jax.tree.map(lambda x: x[None], out)
+
+    return one
+
+
+def make_chunk(update: Callable, cfg, length: int, sharding=None, num_seeds: int = 2):
     """jit(vmap(scan(update, length))) over the seed axis; the state is donated. With a
     `sharding` (of the seed axis), state and metrics stay sharded over devices."""
 
@@ -217,7 +230,7 @@ def make_chunk(update: Callable, cfg, length: int, sharding=None):
         def one_seed(state):
             return jax.lax.scan(lambda s, _: update(s, cfg), state, None, length)
 
-        return jax.vmap(one_seed)(states)
+        return seed_map(one_seed, num_seeds)(states)
 
     return jax.jit(chunk, donate_argnums=0, in_shardings=sharding, out_shardings=sharding)
 
@@ -258,7 +271,7 @@ def train(config_cls, init, update, cfg, opts: RunOptions, evaluate=None, name="
     keys = jax.random.split(jax.random.PRNGKey(opts.seed), opts.num_seeds)
     sharding = parallel.seed_sharding(opts.num_seeds)
     keys = parallel.shard_seeds(keys, opts.num_seeds)
-    init_fn = jax.jit(jax.vmap(lambda k: init(k, cfg)), out_shardings=sharding)
+    init_fn = jax.jit(seed_map(lambda k: init(k, cfg), opts.num_seeds), out_shardings=sharding)
     mngr = _manager(run_dir)
     done = 0
     if opts.resume:
@@ -286,7 +299,8 @@ def train(config_cls, init, update, cfg, opts: RunOptions, evaluate=None, name="
                 n = min(n, opts.checkpoint_every - done % opts.checkpoint_every)
             if n not in chunks:
                 t0 = time.perf_counter()
-                chunks[n] = make_chunk(update, cfg, n, sharding).lower(state).compile()
+                fn = make_chunk(update, cfg, n, sharding, opts.num_seeds)
+                chunks[n] = fn.lower(state).compile()
                 compile_s += time.perf_counter() - t0
             t0 = time.perf_counter()
             state, metrics = chunks[n](state)
@@ -324,7 +338,7 @@ def train(config_cls, init, update, cfg, opts: RunOptions, evaluate=None, name="
     hist = {k: np.concatenate(v, axis=1) for k, v in history.items()}
     final = {}
     if evaluate is not None:
-        final = jax.device_get(jax.jit(jax.vmap(lambda s: evaluate(s, cfg)))(state))
+        final = jax.device_get(jax.jit(seed_map(lambda s: evaluate(s, cfg), opts.num_seeds))(state))
     # loop_s: wall time of all chunks with logging, progress and checkpoints, less compiling.
     perf = {"perf/compile_s": compile_s, "perf/loop_s": loop_s}
     if steps_timed and steps_per_update and t_start:

@@ -1,0 +1,625 @@
+"""One functional, batched environment interface over gymnax, navix, brax, envpool and GridMaze.
+
+Two layers:
+
+- `Env`: ONE unbatched environment as pure functions. ``reset(key, params)`` and
+  ``step(key, state, action, params)``; ``step`` never auto-resets. ``params`` are the
+  task or physics parameters of the current episode (a pytree, or None where the
+  library has none). Adapters: `GymnaxEnv`, `NavixEnv`, `BraxEnv`, and the repo's own
+  `GridMaze`.
+- `VecEnv`: ``num_envs`` copies, vmapped and auto-resetting. On every reset the next
+  episode's params come from ``sampler(key)``, a function the caller owns (curricula,
+  domain randomization, meta-RL); it never falls back to the default params when a
+  sampler is given. `VecEnv` holds only static config, so its ``reset``/``step`` are
+  jittable and can be vmapped over an extra seed axis.
+
+`EnvpoolVecEnv` has the same ``reset``/``step`` contract for envpool's batched C++ envs
+(Atari, MuJoCo) through ``env.xla()``. `NormalizeObservation` wraps either one.
+
+Episode statistics need no wrapper: ``VecEnv.step``'s ``info`` carries
+``returned_episode``, ``returned_episode_return`` and ``returned_episode_length``.
+Conventions: ``done = terminated | truncated``; ``truncated`` is True only when the
+time limit cut an episode that did not terminate on that step.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import difflib
+import functools
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import flax.struct as struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+PyTree = Any
+Sampler = Callable[[jax.Array], PyTree]
+
+FOUR_ROOMS: tuple[str, ...] = (
+    "#############",
+    "#S    #     #",
+    "#     #     #",
+    "#           #",
+    "#     #     #",
+    "#     #     #",
+    "## ####     #",
+    "#     ### ###",
+    "#     #     #",
+    "#     #     #",
+    "#           #",
+    "#     #    G#",
+    "#############",
+)
+GRID_MAPS: dict[str, Sequence[str]] = {"GridMaze-FourRooms": FOUR_ROOMS}
+
+
+class Env:
+    """Protocol of one unbatched environment: pure, jittable, vmappable functions."""
+
+    num_actions: int | None = None  # discrete action count, None for continuous
+    action_shape: tuple[int, ...] = ()
+    observation_shape: tuple[int, ...] = ()
+
+    def default_params(self) -> PyTree:
+        """Task/physics parameters of one episode when no sampler is given."""
+        return None
+
+    def reset(self, key: jax.Array, params: PyTree) -> tuple[jax.Array, PyTree]:
+        """Return (obs, state) of a new episode with `params`."""
+        raise NotImplementedError
+
+    def step(self, key: jax.Array, state: PyTree, action: jax.Array, params: PyTree):
+        """Return (obs, state, reward, terminated, truncated); never auto-resets."""
+        raise NotImplementedError
+
+    def position(self, state: PyTree) -> jax.Array | None:
+        """(row, col) int cell of the agent for coverage meters, or None."""
+        return None
+
+
+def _check_num_envs(num_envs: Any) -> None:
+    """Fail before any compilation, naming the field and the value."""
+    if not isinstance(num_envs, int) or isinstance(num_envs, bool) or num_envs < 1:
+        raise ValueError(f"num_envs must be an int >= 1, got num_envs={num_envs!r}")
+
+
+def _obs_shape(env: Env) -> tuple[int, ...]:
+    """Observation shape found by abstract evaluation of reset (no device work)."""
+    obs, _ = jax.eval_shape(env.reset, jax.random.key(0), env.default_params())
+    return tuple(obs.shape)
+
+
+# ----------------------------------------------------------------------------- GridMaze
+
+
+@struct.dataclass
+class GridMazeParams:
+    start: jax.Array  # int32[2] (row, col)
+    goal: jax.Array  # int32[2] (row, col)
+
+
+@struct.dataclass
+class GridMazeState:
+    pos: jax.Array  # int32[2] (row, col)
+    time: jax.Array  # int32
+
+
+class GridMaze(Env):
+    """Fixed ASCII grid maze: '#' wall, 'S' start, 'G' goal, anything else floor.
+
+    Actions 0..3 = up, down, left, right; a move into a wall stays put. Reward 1.0 and
+    terminated on reaching the goal; truncated after `max_steps` steps. Observation:
+    float32 ``[r / (H-1), c / (W-1)]``. Params: `GridMazeParams(start, goal)`, defaults
+    from the map's 'S' and 'G', so a curriculum can move either.
+    """
+
+    num_actions = 4
+    action_shape = ()
+    observation_shape = (2,)
+    MOVES = np.array([[-1, 0], [1, 0], [0, -1], [0, 1]], np.int32)
+
+    def __init__(self, grid: Sequence[str] = FOUR_ROOMS, max_steps: int = 100):
+        rows = [str(r) for r in grid]
+        if not rows or len({len(r) for r in rows}) != 1:
+            raise ValueError(f"grid must be non-empty rows of equal length, got {rows!r}")
+        if sum(r.count("S") for r in rows) != 1 or sum(r.count("G") for r in rows) != 1:
+            raise ValueError("grid must contain exactly one 'S' and one 'G'")
+        if max_steps < 1:
+            raise ValueError(f"max_steps must be >= 1, got {max_steps}")
+        self.grid, self.max_steps = tuple(rows), int(max_steps)
+        self.height, self.width = len(rows), len(rows[0])
+        # A numpy constant: baked into the compiled program, no device work here.
+        self.walls = np.array([[c == "#" for c in r] for r in rows], dtype=bool)
+        find = lambda ch: next((i, r.index(ch)) for i, r in enumerate(rows) if ch in r)
+        self._start, self._goal = find("S"), find("G")
+
+    def default_params(self) -> GridMazeParams:
+        return GridMazeParams(
+            start=np.asarray(self._start, np.int32), goal=np.asarray(self._goal, np.int32)
+        )
+
+    def _obs(self, pos: jax.Array) -> jax.Array:
+        scale = np.array([max(self.height - 1, 1), max(self.width - 1, 1)], np.float32)
+        return pos.astype(jnp.float32) / scale
+
+    def reset(self, key, params):
+        pos = jnp.asarray(params.start, jnp.int32)
+        return self._obs(pos), GridMazeState(pos=pos, time=jnp.zeros((), jnp.int32))
+
+    def step(self, key, state, action, params):
+        moved = state.pos + jnp.asarray(self.MOVES)[action]
+        moved = jnp.clip(moved, 0, jnp.array([self.height - 1, self.width - 1]))
+        pos = jnp.where(jnp.asarray(self.walls)[moved[0], moved[1]], state.pos, moved)
+        time = state.time + 1
+        terminated = jnp.all(pos == params.goal)
+        truncated = (time >= self.max_steps) & ~terminated
+        reward = terminated.astype(jnp.float32)
+        return self._obs(pos), GridMazeState(pos, time), reward, terminated, truncated
+
+    def position(self, state):
+        return state.pos
+
+
+# ----------------------------------------------------------------------------- adapters
+
+
+class GymnaxEnv(Env):
+    """A gymnax env through its non-resetting ``reset_env``/``step_env``.
+
+    params: the gymnax ``EnvParams`` pytree. truncated: gymnax's ``is_truncated``
+    (time limit). position: (row, column) where the state has both (DeepSea), else None.
+    """
+
+    def __init__(self, name: str, **kwargs):
+        import gymnax
+
+        self.name = name
+        self.env, self._params = gymnax.make(name, **kwargs)
+        space = self.env.action_space(self._params)
+        self.num_actions = int(space.n) if hasattr(space, "n") else None
+        self.action_shape = () if self.num_actions else tuple(space.shape)
+        self.observation_shape = _obs_shape(self)
+
+    def default_params(self):
+        return self._params
+
+    def reset(self, key, params):
+        return self.env.reset_env(key, params)
+
+    def step(self, key, state, action, params):
+        obs, state, reward, terminated, _ = self.env.step_env(key, state, action, params)
+        terminated = jnp.asarray(terminated, bool)
+        truncated = jnp.asarray(self.env.is_truncated(state, params), bool) & ~terminated
+        return obs, state, jnp.asarray(reward, jnp.float32), terminated, truncated
+
+    def position(self, state):
+        if hasattr(state, "row") and hasattr(state, "column"):
+            return jnp.stack([state.row, state.column]).astype(jnp.int32)
+        return None
+
+
+class NavixEnv(Env):
+    """A navix env; the state is navix's ``Timestep``.
+
+    Steps with navix's non-resetting ``_step`` (``env.step`` auto-resets), after setting
+    the state's PRNG key from the step key. navix has no per-episode parameters:
+    ``default_params()`` is None and params are ignored. Observations keep navix's
+    dtype (uint8 for symbolic/rgb). The episode limit is navix's ``max_steps`` kwarg.
+    """
+
+    def __init__(self, name: str, observation_fn: str | Callable = "symbolic", **kwargs):
+        import navix
+
+        if isinstance(observation_fn, str):
+            observation_fn = getattr(navix.observations, observation_fn)
+        self.name = name
+        self.env = navix.make(name, observation_fn=observation_fn, **kwargs)
+        self.num_actions = len(self.env.action_set)
+        self.action_shape = ()
+        self.observation_shape = _obs_shape(self)
+
+    def reset(self, key, params):
+        timestep = self.env.reset(key)
+        return timestep.observation, timestep
+
+    def step(self, key, state, action, params):
+        state = state.replace(state=state.state.replace(key=key))
+        ts = self.env._step(state, action)
+        return ts.observation, ts, ts.reward, ts.is_termination(), ts.is_truncation()
+
+    def position(self, state):
+        return state.state.entities["player"].position.reshape(-1, 2)[0]
+
+
+@struct.dataclass
+class BraxEnvState:
+    brax_state: PyTree  # brax.envs.State
+    time: jax.Array  # int32
+
+
+class BraxEnv(Env):
+    """A brax ``PipelineEnv`` with per-episode physics multipliers.
+
+    params: ``{"friction": f32, "mass": f32}`` scalars that multiply every geom's friction
+    and every body's mass and inertia. They are applied the way brax's own
+    ``DomainRandomizationVmapWrapper`` does: the env's ``sys`` is swapped for the
+    modified one while reset/step are traced. ``params=None`` runs the unmodified sys.
+    Continuous actions; truncated at ``episode_length`` steps.
+    """
+
+    def __init__(
+        self, name: str, backend: str = "generalized", episode_length: int = 1000, **kwargs
+    ):
+        from brax import envs
+
+        self.name, self.episode_length = name, int(episode_length)
+        self.env = envs.get_environment(name, backend=backend, **kwargs)
+        self._sys = self.env.unwrapped.sys
+        self.num_actions = None
+        self.action_shape = (int(self.env.action_size),)
+        self.observation_shape = _obs_shape(self)
+
+    def default_params(self):
+        return {"friction": np.float32(1.0), "mass": np.float32(1.0)}
+
+    @contextlib.contextmanager
+    def _physics(self, params):
+        """Swap in the sys scaled by `params` for the duration of tracing."""
+        env, sys = self.env.unwrapped, self._sys
+        if params is not None:
+            f, m = params["friction"], params["mass"]
+            sys = sys.tree_replace(
+                {
+                    "geom_friction": sys.geom_friction * f,
+                    "body_mass": sys.body_mass * m,
+                    "body_inertia": sys.body_inertia * m,
+                    "link.inertia.mass": sys.link.inertia.mass * m,
+                    "link.inertia.i": sys.link.inertia.i * m,
+                }
+            )
+        try:
+            env.sys = sys
+            yield
+        finally:
+            env.sys = self._sys
+
+    def reset(self, key, params):
+        with self._physics(params):
+            state = self.env.reset(key)
+        return state.obs, BraxEnvState(state, jnp.zeros((), jnp.int32))
+
+    def step(self, key, state, action, params):
+        with self._physics(params):
+            bs = self.env.step(state.brax_state, action)
+        time = state.time + 1
+        terminated = bs.done > 0.5
+        truncated = (time >= self.episode_length) & ~terminated
+        return bs.obs, BraxEnvState(bs, time), bs.reward, terminated, truncated
+
+
+# ----------------------------------------------------------------------------- VecEnv
+
+
+@struct.dataclass
+class VecState:
+    env_state: PyTree  # [N, ...]
+    params: PyTree  # [N, ...] params of each env's current episode
+    episode_return: jax.Array  # [N] float32
+    episode_length: jax.Array  # [N] int32
+
+
+def _select(mask: jax.Array, on_true: PyTree, on_false: PyTree) -> PyTree:
+    """Per-env select between two [N, ...] pytrees."""
+
+    def pick(a, b):
+        return jax.lax.select(
+            jnp.broadcast_to(mask.reshape(mask.shape + (1,) * (a.ndim - 1)), a.shape), a, b
+        )
+
+    return jax.tree.map(pick, on_true, on_false)
+
+
+class VecEnv:
+    """`num_envs` copies of `env`, vmapped, auto-resetting, params drawn from `sampler`."""
+
+    def __init__(self, env: Env, num_envs: int, sampler: Sampler | None = None):
+        """sampler(key) -> params for one episode (the caller owns it: curricula, domain
+        randomization, meta-RL). Default: always ``env.default_params()``."""
+        _check_num_envs(num_envs)
+        self.env, self.num_envs = env, num_envs
+        self.sampler = sampler if sampler is not None else (lambda key: env.default_params())
+        self.num_actions = env.num_actions
+        self.action_shape = env.action_shape
+        self.observation_shape = env.observation_shape
+
+    def _reset_all(self, key: jax.Array):
+        """Draw params for every env from the sampler, then reset with them."""
+        k_params, k_reset = jax.random.split(key)
+        params = jax.vmap(self.sampler)(jax.random.split(k_params, self.num_envs))
+        obs, state = jax.vmap(self.env.reset)(jax.random.split(k_reset, self.num_envs), params)
+        return obs, state, params
+
+    def reset(self, key: jax.Array) -> tuple[jax.Array, VecState]:
+        obs, state, params = self._reset_all(key)
+        zeros = jnp.zeros(self.num_envs)
+        return obs, VecState(state, params, zeros, zeros.astype(jnp.int32))
+
+    def step(self, vstate: VecState, action: jax.Array, key: jax.Array):
+        """Return (obs, vstate, reward, done, info); done envs restart with new params."""
+        k_step, k_reset = jax.random.split(key)
+        keys = jax.random.split(k_step, self.num_envs)
+        obs, state, reward, terminated, truncated = jax.vmap(self.env.step)(
+            keys, vstate.env_state, action, vstate.params
+        )
+        reward = reward.astype(jnp.float32)
+        done = terminated | truncated
+        episode_return = vstate.episode_return + reward
+        episode_length = vstate.episode_length + 1
+        info = {
+            "terminated": terminated,
+            "truncated": truncated,
+            "returned_episode": done,
+            "returned_episode_return": jnp.where(done, episode_return, 0.0),
+            "returned_episode_length": jnp.where(done, episode_length, 0),
+        }
+        position = jax.vmap(self.env.position)(state)
+        if position is not None:
+            info["position"] = position
+        # Both branches are computed; done envs take the reset branch with NEW params.
+        obs_r, state_r, params_r = self._reset_all(k_reset)
+        vstate = VecState(
+            env_state=_select(done, state_r, state),
+            params=_select(done, params_r, vstate.params),
+            episode_return=jnp.where(done, 0.0, episode_return),
+            episode_length=jnp.where(done, 0, episode_length),
+        )
+        return _select(done, obs_r, obs), vstate, reward, done, info
+
+
+# ----------------------------------------------------------------------------- envpool
+
+
+@struct.dataclass
+class EnvpoolState:
+    handle: jax.Array  # uint8 handle of the C++ pool
+    episode_return: jax.Array  # [N]
+    episode_length: jax.Array  # [N]
+
+
+class EnvpoolVecEnv:
+    """envpool's batched C++ envs with VecEnv's ``reset``/``step`` contract.
+
+    ``reset(key)`` is host-side and ignores `key` (envpool seeds are fixed at creation:
+    pass ``seed=`` here). ``step`` is jittable through ``env.xla()`` (checked working
+    with envpool 1.2.5 and jax 0.10.2 on CPU); it is not vmappable. Fallback: envpool's
+    XLA buffers keep the task's dtypes, and MuJoCo tasks use float64, which jax turns
+    into float32 unless ``jax_enable_x64`` is on (the buffers would then mismatch); such
+    tasks step the host pool through an ordered ``jax.experimental.io_callback`` instead
+    (jittable, slower, float32 obs/actions, ``info`` without task extras). envpool auto-resets
+    itself, NEXT-STEP style: the step that returns done gives the last obs of the
+    episode, and the following step ignores its action and returns the first obs of the
+    new one (reward 0). Episode statistics use the unclipped ``info["reward"]`` and the
+    real game over ``info["terminated"]`` where the task reports them (Atari).
+    envpool tasks are not parameterisable, so a sampler is refused.
+    """
+
+    def __init__(
+        self, env_id: str, num_envs: int, sampler: Sampler | None = None, **envpool_kwargs
+    ):
+        if sampler is not None:
+            raise ValueError(
+                f"envpool task {env_id!r} is not parameterisable: sampler must "
+                "be None (use a JAX-native env for curricula/randomization)"
+            )
+        _check_num_envs(num_envs)
+        import envpool
+
+        envpool_kwargs.setdefault("env_type", "gymnasium")
+        self.pool = envpool.make(env_id, num_envs=num_envs, **envpool_kwargs)
+        self.num_envs = num_envs
+        self._handle, _, _, self._xla_step = self.pool.xla()
+        specs = [
+            *self.pool.spec.action_array_spec.values(),
+            *self.pool.spec.state_array_spec.values(),
+        ]
+        wide = any(
+            np.dtype(v.dtype).itemsize == 8 and np.dtype(v.dtype).kind in "fiu" for v in specs
+        )
+        self.uses_callback = wide and not jax.config.jax_enable_x64
+        space = self.pool.action_space
+        self.num_actions = int(space.n) if hasattr(space, "n") else None
+        self.action_shape = tuple(space.shape)
+        self._action_dtype = jax.dtypes.canonicalize_dtype(space.dtype)
+        self.observation_shape = tuple(self.pool.observation_space.shape)
+
+    def reset(self, key: jax.Array | None = None) -> tuple[jax.Array, EnvpoolState]:
+        obs, _ = self.pool.reset()
+        zeros = jnp.zeros(self.num_envs)
+        return jnp.asarray(obs), EnvpoolState(
+            jnp.asarray(self._handle), zeros, zeros.astype(jnp.int32)
+        )
+
+    def _host_step(self, handle: jax.Array, action: jax.Array):
+        """Step the host pool via an ordered io_callback (fallback for float64 tasks)."""
+        from jax.experimental import io_callback
+
+        n, f32 = self.num_envs, jnp.float32
+        shapes = (
+            jax.ShapeDtypeStruct((n, *self.observation_shape), f32),
+            jax.ShapeDtypeStruct((n,), f32),
+            jax.ShapeDtypeStruct((n,), bool),
+            jax.ShapeDtypeStruct((n,), bool),
+            jax.ShapeDtypeStruct((n,), jnp.int32),
+        )
+
+        def host(a):
+            a = np.asarray(a, self.pool.action_space.dtype)
+            obs, rew, term, trunc, info = self.pool.step(a)
+            return (
+                np.asarray(obs, np.float32),
+                np.asarray(rew, np.float32),
+                np.asarray(term, bool),
+                np.asarray(trunc, bool),
+                np.asarray(info["elapsed_step"], np.int32),
+            )
+
+        obs, rew, term, trunc, elapsed = io_callback(host, shapes, action, ordered=True)
+        return handle, (obs, rew, term, trunc, {"elapsed_step": elapsed})
+
+    def step(self, state: EnvpoolState, action: jax.Array, key: jax.Array | None = None):
+        step_fn = self._host_step if self.uses_callback else self._xla_step
+        handle, (obs, reward, terminated, truncated, pinfo) = step_fn(
+            state.handle, jnp.asarray(action, self._action_dtype)
+        )
+        done = terminated | truncated
+        game_over = pinfo.get("terminated", terminated).astype(bool) | truncated
+        episode_return = state.episode_return + pinfo.get("reward", reward)
+        episode_length = pinfo["elapsed_step"].astype(jnp.int32)
+        info = {
+            "terminated": terminated,
+            "truncated": truncated,
+            "returned_episode": game_over,
+            "returned_episode_return": jnp.where(game_over, episode_return, 0.0),
+            "returned_episode_length": jnp.where(game_over, episode_length, 0),
+            **{k: v for k, v in pinfo.items() if k in ("ram", "lives")},
+        }
+        state = EnvpoolState(handle, jnp.where(game_over, 0.0, episode_return), episode_length)
+        return obs, state, reward.astype(jnp.float32), done, info
+
+
+# ----------------------------------------------------------------------------- wrappers
+
+
+def update_mean_var(mean: jax.Array, var: jax.Array, count: jax.Array, batch: jax.Array):
+    """Merge `batch` [B, ...] into running (mean, var, count): Chan et al.'s parallel update.
+
+    `var` is the population variance; starting from count=0 gives the batch's own stats.
+    """
+    batch = batch.astype(jnp.float32)
+    b_mean, b_var, b_count = batch.mean(0), batch.var(0), batch.shape[0]
+    delta = b_mean - mean
+    total = count + b_count
+    new_mean = mean + delta * (b_count / total)
+    m2 = var * count + b_var * b_count + delta**2 * (count * b_count / total)
+    return new_mean, m2 / total, total
+
+
+@struct.dataclass
+class NormalizeState:
+    inner: PyTree
+    mean: jax.Array
+    var: jax.Array
+    count: jax.Array  # float32
+
+
+class NormalizeObservation:
+    """Normalise observations by running mean/var over all envs, clipped to +-clip."""
+
+    def __init__(self, vecenv: Any, clip: float = 5.0):
+        self.vecenv, self.clip = vecenv, float(clip)
+
+    def __getattr__(self, name: str):  # num_envs, num_actions, action_shape, ...
+        if name == "vecenv":
+            raise AttributeError(name)
+        return getattr(self.vecenv, name)
+
+    def _normalize(self, obs, mean, var, count, inner):
+        mean, var, count = update_mean_var(mean, var, count, obs)
+        norm = jnp.clip((obs - mean) / jnp.sqrt(var + 1e-8), -self.clip, self.clip)
+        return norm, NormalizeState(inner, mean, var, count)
+
+    def reset(self, key: jax.Array):
+        obs, inner = self.vecenv.reset(key)
+        shape = obs.shape[1:]
+        zeros = jnp.zeros(shape, jnp.float32)
+        return self._normalize(obs, zeros, jnp.ones(shape), jnp.zeros(()), inner)
+
+    def step(self, state: NormalizeState, action: jax.Array, key: jax.Array):
+        obs, inner, reward, done, info = self.vecenv.step(state.inner, action, key)
+        obs, state = self._normalize(obs, state.mean, state.var, state.count, inner)
+        return obs, state, reward, done, info
+
+
+# ----------------------------------------------------------------------------- make
+
+
+def _known_ids() -> list[str]:
+    """Every id `make` accepts, from each registry that can be imported."""
+    import importlib
+
+    listers = {
+        "gymnax": lambda m: m.registered_envs,
+        "navix": lambda m: [n for n in m.registry() if n.startswith("Navix-")],
+        "brax.envs": lambda m: [f"brax/{n}" for n in getattr(m, "_envs", {})],
+        "envpool": lambda m: m.list_all_envs(),
+    }
+    ids = list(GRID_MAPS)
+    for module, lister in listers.items():
+        with contextlib.suppress(ImportError):
+            ids += list(lister(importlib.import_module(module)))
+    return list(dict.fromkeys(ids))
+
+
+def _unknown(env_id: str) -> ValueError:
+    close = difflib.get_close_matches(env_id, _known_ids(), n=6, cutoff=0.6)
+    hint = f" Did you mean: {', '.join(close)}?" if close else " No close match found."
+    return ValueError(f"Unknown environment id {env_id!r}.{hint}")
+
+
+def make(env_id: str, num_envs: int, sampler: Sampler | None = None, **kwargs):
+    """Build a batched env by id: ``GridMaze-FourRooms``, ``Navix-*``, ``brax/<name>``,
+    envpool ids (``*-v5`` Atari, or any id with ``envpool=True``), else gymnax ids.
+
+    `kwargs` go to the adapter's constructor. Bad ids and num_envs fail here, before
+    anything is compiled. Envs are memoised on their arguments, so an algorithm may call
+    `make` inside `init` and `update` and get the same object (one envpool instance), and
+    they are built with `jax.ensure_compile_time_eval()`: some libraries (navix) cache
+    arrays on first construction, which must not be tracers of whichever jit came first.
+    """
+    key = (env_id, num_envs, sampler, tuple(sorted(kwargs.items())))
+    try:
+        hash(key)
+    except TypeError:  # unhashable kwargs: build a fresh env
+        with jax.ensure_compile_time_eval():
+            return _make(env_id, num_envs, sampler, **kwargs)
+    return _make_cached(*key)
+
+
+@functools.cache
+def _make_cached(env_id, num_envs, sampler, kw_items):
+    with jax.ensure_compile_time_eval():
+        return _make(env_id, num_envs, sampler, **dict(kw_items))
+
+
+def _make(env_id: str, num_envs: int, sampler: Sampler | None = None, **kwargs):
+    _check_num_envs(num_envs)
+    if kwargs.pop("envpool", False) or env_id.endswith("-v5"):
+        import envpool
+
+        if env_id not in envpool.list_all_envs():
+            raise _unknown(env_id)
+        return EnvpoolVecEnv(env_id, num_envs, sampler, **kwargs)
+    if env_id in GRID_MAPS:
+        env: Env = GridMaze(GRID_MAPS[env_id], **kwargs)
+    elif env_id.startswith("Navix-"):
+        import navix
+
+        if env_id not in navix.registry():
+            raise _unknown(env_id)
+        env = NavixEnv(env_id, **kwargs)
+    elif env_id.startswith("brax/"):
+        from brax import envs as brax_envs
+
+        if env_id[len("brax/") :] not in getattr(brax_envs, "_envs", {}):
+            raise _unknown(env_id)
+        env = BraxEnv(env_id[len("brax/") :], **kwargs)
+    else:
+        import gymnax
+
+        if env_id not in gymnax.registered_envs:
+            raise _unknown(env_id)
+        env = GymnaxEnv(env_id, **kwargs)
+    return VecEnv(env, num_envs, sampler)

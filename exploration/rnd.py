@@ -1,0 +1,411 @@
+"""PPO + Random Network Distillation (RND).
+
+[1] Y. Burda, H. Edwards, A. Storkey, O. Klimov. "Exploration by Random Network
+    Distillation." ICLR 2019, arXiv:1810.12894. Reference code: openai/random-network-distillation.
+
+A fixed, randomly initialised target network f maps an observation to an embedding; a
+predictor f_hat is trained to match it on the states the agent visits. Its error is large
+on novel states and shrinks on familiar ones, so it is an exploration bonus:
+
+    r^i_t = || f_hat(s_{t+1}; theta) - f(s_{t+1}) ||^2                        [1] Sec. 2.2
+    s is whitened by running observation statistics and clipped to [-5, 5]     [1] Sec. 2.4
+    r^i_t <- r^i_t / std(R^i),  R^i the running discounted intrinsic return    [1] Sec. 2.4
+    V = V_E + V_I: two value heads; the intrinsic stream is non-episodic       [1] Sec. 2.3
+    A = c_E A_E + c_I A_I with c_E = 2, c_I = 1, gamma_E = 0.999, gamma_I = 0.99 [1] Sec. 3.3
+
+The predictor minimises the same squared error on a random 25% of each batch ([1] App. A.2
+"proportion of experience used for training predictor").
+
+Reproduce (CPU demo, about 2 minutes on 2 cores; RND vs the same PPO without the bonus):
+    python exploration/rnd.py --preset quick --num-seeds 4
+    python exploration/rnd.py --preset quick --num-seeds 4 --int-coef 0
+Paper setting (GPU; Montezuma's Revenge through envpool, 128 envs, 30K rollouts):
+    python exploration/rnd.py --preset paper
+[1] Table 1 / Fig. 7: mean episodic return 8152 on Montezuma's Revenge (3 seeds,
+1.97B frames); "consistently finds more than half of the rooms".
+
+Differences from the paper:
+- The CPU preset runs on a navix DoorKey maze with symbolic (vector) observations, so the
+  policy and RND networks are MLPs; the paper's convolutional networks are used for pixels.
+- The policy CNN follows [1]'s released code in shape (conv 32-8/4, 64-4/2, 64-3/1, dense
+  256, dense 448, a residual dense 448 per head) but uses flax's default orthogonal/zero
+  initialisation scales rather than the code's exact per-layer gains.
+- One Adam optimiser updates policy and predictor together with gradient-norm clipping at
+  0.5 (as in CleanRL's port); the paper does not state a clip.
+- Frames: envpool's Atari preprocessing (84x84 grey, max-pool over 2 frames, frame skip 4,
+  stack 4, sticky actions 0.25); the RND networks see the last frame only, as in [1].
+- The intrinsic reward of the step that ends an episode uses the auto-reset observation
+  (the first of the next episode), as every auto-resetting vectorised implementation does.
+"""
+
+from dataclasses import dataclass
+from typing import Any
+
+import distrax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+from flax import struct
+
+from common import envs, run
+from common.nets import MLP, NatureCNN, orthogonal
+from common.rl import RunningMeanStd, gae, minibatch_epochs
+
+# --- CONFIG ---
+
+
+@dataclass(frozen=True)
+class Config:
+    """PPO + RND; defaults are [1] Table 5 (Montezuma's Revenge)."""
+
+    env_id: str = "MontezumaRevenge-v5"
+    """environment id (envpool Atari, navix, gymnax or the repo's own envs)"""
+    total_timesteps: int = 491_520_000
+    """environment steps (30K rollouts x 128 steps x 128 envs = 1.97B frames)"""
+    num_envs: int = 128
+    """parallel environments"""
+    num_steps: int = 128
+    """rollout length"""
+    lr: float = 1e-4
+    """Adam learning rate (constant)"""
+    num_epochs: int = 4
+    """optimisation epochs per rollout"""
+    num_minibatches: int = 4
+    """minibatches per epoch"""
+    gamma_ext: float = 0.999
+    """extrinsic discount gamma_E"""
+    gamma_int: float = 0.99
+    """intrinsic discount gamma_I"""
+    gae_lambda: float = 0.95
+    """GAE lambda for both streams"""
+    ext_coef: float = 2.0
+    """extrinsic advantage coefficient c_E"""
+    int_coef: float = 1.0
+    """intrinsic advantage coefficient c_I (0 turns RND off: plain PPO)"""
+    clip_coef: float = 0.1
+    """PPO ratio clip epsilon"""
+    ent_coef: float = 0.001
+    """entropy bonus coefficient"""
+    vf_coef: float = 1.0
+    """value loss coefficient (sum of both heads' losses)"""
+    max_grad_norm: float = 0.5
+    """global gradient-norm clip"""
+    update_proportion: float = 0.25
+    """fraction of each batch the predictor trains on"""
+    obs_norm_init_steps: int = 50
+    """random-agent steps (per env) that initialise the observation statistics"""
+    obs_clip: float = 5.0
+    """clip of the whitened observation fed to the RND networks"""
+    clip_ext_reward: bool = True
+    """clip extrinsic rewards to [-1, 1] ([1] Table 5)"""
+    sticky_action_prob: float = 0.25
+    """Atari only: repeat the previous action with this probability"""
+    max_episode_frames: int = 18_000
+    """Atari only: episode cap in frames (4 per step)"""
+    max_episode_steps: int = 1_000
+    """navix mazes only: episode cap in steps"""
+    hidden: tuple[int, ...] = (64, 64)
+    """vector observations: hidden sizes of the policy MLP"""
+    rnd_hidden: tuple[int, ...] = (64, 64)
+    """vector observations: hidden sizes of the target and predictor MLPs"""
+    rnd_features: int = 512
+    """output size of the target and predictor networks"""
+    coverage_grid: int = 32
+    """side of the grid on which distinct visited cells are counted (grid envs)"""
+
+    @property
+    def batch_size(self) -> int:
+        return self.num_envs * self.num_steps
+
+    @property
+    def num_updates(self) -> int:
+        return self.total_timesteps // self.batch_size
+
+    @property
+    def steps_per_update(self) -> int:
+        return self.batch_size
+
+    @property
+    def is_atari(self) -> bool:
+        return self.env_id.endswith("-v5")
+
+    def validate(self):
+        if self.num_updates < 1:
+            raise ValueError(f"total_timesteps={self.total_timesteps} is less than one rollout "
+                             f"(num_envs * num_steps = {self.batch_size})")
+        if self.batch_size % self.num_minibatches:
+            raise ValueError(f"num_envs * num_steps = {self.batch_size} is not divisible by "
+                             f"num_minibatches={self.num_minibatches}")
+        if not 0 < self.update_proportion <= 1:
+            raise ValueError(f"update_proportion={self.update_proportion} must be in (0, 1]")
+        if self.int_coef < 0 or self.ext_coef < 0:
+            raise ValueError("ext_coef and int_coef must be >= 0")
+
+
+PRESETS = {
+    # CPU demo: a navix DoorKey maze, sparse reward (open the door with the key, reach goal).
+    "quick": dict(env_id="Navix-DoorKey-16x16-v0", total_timesteps=200_000, num_envs=32,
+                  num_steps=32, lr=1e-3, ent_coef=0.01, rnd_features=32, clip_ext_reward=False),
+    "paper": dict(),
+}
+
+
+def make_env(cfg: Config):
+    if cfg.is_atari:
+        return envs.make(cfg.env_id, cfg.num_envs, repeat_action_probability=cfg.sticky_action_prob,
+                         max_episode_steps=cfg.max_episode_frames // 4, episodic_life=False,
+                         reward_clip=False)
+    if cfg.env_id.startswith("Navix-"):
+        return envs.make(cfg.env_id, cfg.num_envs, max_steps=cfg.max_episode_steps)
+    return envs.make(cfg.env_id, cfg.num_envs)
+
+
+# --- NETWORKS ---
+
+
+def _hwc(obs):
+    """envpool frames come channel-first (..., 4, 84, 84); convs want (..., 84, 84, 4)."""
+    return jnp.moveaxis(obs, -3, -1)
+
+
+class Policy(nn.Module):
+    """Actor with two critic heads V_E and V_I ([1] Sec. 2.3)."""
+
+    num_actions: int
+    pixels: bool
+    hidden: tuple[int, ...] = (64, 64)
+
+    @nn.compact
+    def __call__(self, obs):
+        if self.pixels:
+            x = NatureCNN(features=256)(_hwc(obs))
+            x = nn.relu(nn.Dense(448, kernel_init=orthogonal())(x))
+            a = x + nn.relu(nn.Dense(448, kernel_init=orthogonal(0.1))(x))
+            c = x + nn.relu(nn.Dense(448, kernel_init=orthogonal(0.1))(x))
+        else:
+            x = obs.reshape(*obs.shape[:-len(self.obs_shape)], -1) if self.obs_shape else obs
+            a, c = MLP(self.hidden)(x), MLP(self.hidden)(x)
+        logits = nn.Dense(self.num_actions, kernel_init=orthogonal(0.01))(a)
+        v_ext = nn.Dense(1, kernel_init=orthogonal(0.01))(c)[..., 0]
+        v_int = nn.Dense(1, kernel_init=orthogonal(0.01))(c)[..., 0]
+        return logits, v_ext, v_int
+
+    obs_shape: tuple[int, ...] = ()
+
+
+class RNDNet(nn.Module):
+    """Target (`predictor=False`) or predictor network of [1] App. A.4.
+
+    Pixels: conv 32-8/4, 64-4/2, 64-3/1 with leaky ReLU, then a linear 512 (target) or
+    ReLU 512, ReLU 512, linear 512 (predictor). Vectors: an MLP of `hidden` then the same
+    head structure.
+    """
+
+    predictor: bool
+    pixels: bool
+    hidden: tuple[int, ...]
+    features: int
+
+    @nn.compact
+    def __call__(self, x):
+        if self.pixels:
+            x = x[..., -1:, :, :]  # last frame only: (..., 1, 84, 84)
+            x = _hwc(x)
+            for ch, k, s in ((32, 8, 4), (64, 4, 2), (64, 3, 1)):
+                x = nn.leaky_relu(nn.Conv(ch, (k, k), (s, s), padding="VALID",
+                                          kernel_init=orthogonal())(x))
+            x = x.reshape(*x.shape[:-3], -1)  # (..., 7*7*64)
+            width = 512
+        else:
+            x = x.reshape(*x.shape[:-self.obs_ndim], -1)
+            x = MLP(self.hidden, activation=nn.leaky_relu)(x)
+            width = self.hidden[-1]
+        if self.predictor:
+            x = nn.relu(nn.Dense(width, kernel_init=orthogonal())(x))
+            x = nn.relu(nn.Dense(width, kernel_init=orthogonal())(x))
+        return nn.Dense(self.features, kernel_init=orthogonal())(x)
+
+    obs_ndim: int = 1
+
+
+def networks(cfg: Config, env):
+    pixels = len(env.observation_shape) == 3 and cfg.is_atari
+    policy = Policy(env.num_actions, pixels, cfg.hidden, obs_shape=env.observation_shape)
+    kw = dict(pixels=pixels, hidden=cfg.rnd_hidden, features=cfg.rnd_features,
+              obs_ndim=len(env.observation_shape))
+    return policy, RNDNet(predictor=False, **kw), RNDNet(predictor=True, **kw)
+
+
+# --- LOSS ---
+
+
+def intrinsic_reward(target_params, pred_params, target, predictor, obs_norm, next_obs, clip):
+    """[1] Sec. 2.2: r^i = ||f_hat(s') - f(s')||^2 on the whitened, clipped next observation."""
+    x = obs_norm.normalize(next_obs.astype(jnp.float32), clip)
+    err = predictor.apply(pred_params, x) - jax.lax.stop_gradient(target.apply(target_params, x))
+    return jnp.sum(err**2, axis=-1)
+
+
+def forward_filter(rewems, r_int, gamma_int):
+    """Running discounted intrinsic return R^i per env (for the reward normaliser)."""
+    def step(r, x):
+        r = r * gamma_int + x
+        return r, r
+
+    return jax.lax.scan(step, rewems, r_int)  # (N,), (T, N)
+
+
+# --- STATE ---
+
+
+@struct.dataclass
+class State:
+    params: Any  # {"policy": ..., "predictor": ...}
+    target_params: Any  # fixed random target f
+    opt_state: Any
+    env_state: Any
+    obs: jax.Array
+    obs_norm: RunningMeanStd  # whitening statistics of observations (RND input)
+    rew_norm: RunningMeanStd  # statistics of the discounted intrinsic return
+    rewems: jax.Array  # (N,) running discounted intrinsic return
+    visited: jax.Array  # (G, G) cells seen (grid envs) or (256,) rooms seen (Atari)
+    key: jax.Array
+
+
+def _coverage(cfg, visited, info):
+    if cfg.is_atari:
+        room = info["ram"][..., 3].astype(jnp.int32)  # Montezuma: RAM byte 3 is the room
+        return visited.at[room].set(True)
+    if "position" in info:
+        pos = jnp.clip(info["position"], 0, cfg.coverage_grid - 1)
+        return visited.at[pos[:, 0], pos[:, 1]].set(True)
+    return visited
+
+
+def init(key, cfg: Config) -> State:
+    env = make_env(cfg)
+    policy, target, predictor = networks(cfg, env)
+    k_pol, k_tgt, k_pred, k_env, k_warm, key = jax.random.split(key, 6)
+    obs, env_state = env.reset(k_env)
+    params = {"policy": policy.init(k_pol, obs), "predictor": predictor.init(k_pred, obs)}
+    tx = optax.chain(optax.clip_by_global_norm(cfg.max_grad_norm), optax.adam(cfg.lr))
+
+    # [1] Sec. 2.4: initialise the observation normaliser with a random agent.
+    def warm(carry, k):
+        env_state, obs_norm = carry
+        k_a, k_s = jax.random.split(k)
+        a = jax.random.randint(k_a, (cfg.num_envs,), 0, env.num_actions)
+        obs, env_state, _, _, _ = env.step(env_state, a, k_s)
+        return (env_state, obs_norm.update(obs)), None
+
+    obs_norm = RunningMeanStd.create(env.observation_shape)
+    (env_state, obs_norm), _ = jax.lax.scan(
+        warm, (env_state, obs_norm), jax.random.split(k_warm, cfg.obs_norm_init_steps))
+    visited = jnp.zeros((256,) if cfg.is_atari else (cfg.coverage_grid,) * 2, bool)
+    return State(params, target.init(k_tgt, obs), tx.init(params), env_state, obs, obs_norm,
+                 RunningMeanStd.create(), jnp.zeros(cfg.num_envs), visited, key)
+
+
+# --- UPDATE ---
+
+
+def update(state: State, cfg: Config):
+    env = make_env(cfg)
+    policy, target, predictor = networks(cfg, env)
+    tx = optax.chain(optax.clip_by_global_norm(cfg.max_grad_norm), optax.adam(cfg.lr))
+
+    # --- ROLLOUT ---
+    def env_step(carry, _):
+        env_state, obs, visited, key = carry
+        key, k_act, k_env = jax.random.split(key, 3)
+        logits, v_ext, v_int = policy.apply(state.params["policy"], obs)
+        pi = distrax.Categorical(logits=logits)
+        action = pi.sample(seed=k_act)
+        next_obs, env_state, reward, done, info = env.step(env_state, action, k_env)
+        visited = _coverage(cfg, visited, info)
+        tr = dict(obs=obs, next_obs=next_obs, action=action, logp=pi.log_prob(action),
+                  v_ext=v_ext, v_int=v_int, reward=reward, done=done,
+                  ret=info["returned_episode_return"], ended=info["returned_episode"])
+        return (env_state, next_obs, visited, key), tr
+
+    (env_state, obs, visited, key), traj = jax.lax.scan(
+        env_step, (state.env_state, state.obs, state.visited, state.key), None, cfg.num_steps
+    )  # traj leaves: (T, N, ...)
+
+    # --- INTRINSIC REWARD ---
+    r_int = intrinsic_reward(state.target_params, state.params["predictor"], target, predictor,
+                             state.obs_norm, traj["next_obs"], cfg.obs_clip)  # (T, N)
+    rewems, disc_returns = forward_filter(state.rewems, r_int, cfg.gamma_int)
+    rew_norm = state.rew_norm.update(disc_returns)
+    r_int_n = r_int / jnp.sqrt(rew_norm.var)  # [1] Sec. 2.4
+    obs_norm = state.obs_norm.update(traj["next_obs"])
+    r_ext = jnp.clip(traj["reward"], -1, 1) if cfg.clip_ext_reward else traj["reward"]
+
+    # --- ADVANTAGES ---
+    _, last_ext, last_int = policy.apply(state.params["policy"], obs)
+    adv_ext, ret_ext = gae(r_ext, traj["v_ext"], traj["done"], last_ext,
+                           cfg.gamma_ext, cfg.gae_lambda)
+    adv_int, ret_int = gae(r_int_n, traj["v_int"], jnp.zeros_like(traj["done"]), last_int,
+                           cfg.gamma_int, cfg.gae_lambda)  # non-episodic ([1] Sec. 2.3)
+    adv = cfg.ext_coef * adv_ext + cfg.int_coef * adv_int
+
+    # --- UPDATE ---
+    batch = dict(obs=traj["obs"], next_obs=traj["next_obs"], action=traj["action"],
+                 logp=traj["logp"], adv=adv, ret_ext=ret_ext, ret_int=ret_int)
+    batch = jax.tree.map(lambda x: x.reshape(-1, *x.shape[2:]), batch)  # (T*N, ...)
+    key, k_epochs, k_mask = jax.random.split(key, 3)
+    # A fixed random 25% of samples trains the predictor in every epoch ([1] App. A.2).
+    batch["pred_mask"] = jax.random.uniform(k_mask, (cfg.batch_size,)) < cfg.update_proportion
+
+    def loss_fn(params, mb):
+        logits, v_ext, v_int = policy.apply(params["policy"], mb["obs"])
+        pi = distrax.Categorical(logits=logits)
+        logp = pi.log_prob(mb["action"])
+        a = (mb["adv"] - mb["adv"].mean()) / (mb["adv"].std() + 1e-8)
+        ratio = jnp.exp(logp - mb["logp"])
+        pg = -jnp.minimum(ratio * a, jnp.clip(ratio, 1 - cfg.clip_coef, 1 + cfg.clip_coef) * a)
+        v_loss = 0.5 * ((v_ext - mb["ret_ext"]) ** 2 + (v_int - mb["ret_int"]) ** 2).mean()
+        ent = pi.entropy().mean()
+        # Predictor regression on the masked subset (target is fixed: stop_gradient inside).
+        x = obs_norm.normalize(mb["next_obs"].astype(jnp.float32), cfg.obs_clip)
+        err = predictor.apply(params["predictor"], x) - target.apply(state.target_params, x)
+        fwd = (err**2).mean(-1)
+        m = mb["pred_mask"].astype(jnp.float32)
+        fwd_loss = (fwd * m).sum() / jnp.maximum(m.sum(), 1.0)
+        loss = pg.mean() + cfg.vf_coef * v_loss - cfg.ent_coef * ent + fwd_loss
+        return loss, {"losses/policy": pg.mean(), "losses/value": v_loss,
+                      "losses/entropy": ent, "losses/rnd_forward": fwd_loss,
+                      "losses/approx_kl": ((ratio - 1) - (logp - mb["logp"])).mean()}
+
+    params, opt_state, metrics = minibatch_epochs(
+        k_epochs, state.params, state.opt_state, batch, loss_fn, tx,
+        cfg.num_epochs, cfg.num_minibatches)
+
+    n_ended = traj["ended"].sum()
+    metrics["charts/episodic_return"] = jnp.where(
+        n_ended > 0, (traj["ret"] * traj["ended"]).sum() / jnp.maximum(n_ended, 1), jnp.nan)
+    metrics["charts/intrinsic_reward"] = r_int_n.mean()
+    metrics["charts/distinct_cells"] = visited.sum()
+    new = State(params, state.target_params, opt_state, env_state, obs, obs_norm, rew_norm,
+                rewems, visited, key)
+    return new, metrics
+
+
+def evaluate(state: State, cfg: Config):
+    """Coverage at the end of training: distinct cells (grid) or rooms (Atari) visited."""
+    return {"distinct_cells": state.visited.sum()}
+
+
+# --- MAIN ---
+
+
+def main(argv=None):
+    return run.main(Config, init, update, presets=PRESETS, evaluate=evaluate, argv=argv,
+                    doc=__doc__, summary_keys=["distinct_cells", "charts/episodic_return",
+                                               "charts/intrinsic_reward", "losses/rnd_forward"])
+
+
+if __name__ == "__main__":
+    main()
+
