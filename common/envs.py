@@ -35,6 +35,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from common.rl import RunningMeanStd
+
 PyTree = Any
 Sampler = Callable[[jax.Array], PyTree]
 
@@ -493,26 +495,10 @@ class EnvpoolVecEnv:
 # ----------------------------------------------------------------------------- wrappers
 
 
-def update_mean_var(mean: jax.Array, var: jax.Array, count: jax.Array, batch: jax.Array):
-    """Merge `batch` [B, ...] into running (mean, var, count): Chan et al.'s parallel update.
-
-    `var` is the population variance; starting from count=0 gives the batch's own stats.
-    """
-    batch = batch.astype(jnp.float32)
-    b_mean, b_var, b_count = batch.mean(0), batch.var(0), batch.shape[0]
-    delta = b_mean - mean
-    total = count + b_count
-    new_mean = mean + delta * (b_count / total)
-    m2 = var * count + b_var * b_count + delta**2 * (count * b_count / total)
-    return new_mean, m2 / total, total
-
-
 @struct.dataclass
 class NormalizeState:
     inner: PyTree
-    mean: jax.Array
-    var: jax.Array
-    count: jax.Array  # float32
+    rms: RunningMeanStd  # running mean/var of observations over all envs and steps
 
 
 class NormalizeObservation:
@@ -526,21 +512,15 @@ class NormalizeObservation:
             raise AttributeError(name)
         return getattr(self.vecenv, name)
 
-    def _normalize(self, obs, mean, var, count, inner):
-        mean, var, count = update_mean_var(mean, var, count, obs)
-        norm = jnp.clip((obs - mean) / jnp.sqrt(var + 1e-8), -self.clip, self.clip)
-        return norm, NormalizeState(inner, mean, var, count)
-
     def reset(self, key: jax.Array):
         obs, inner = self.vecenv.reset(key)
-        shape = obs.shape[1:]
-        zeros = jnp.zeros(shape, jnp.float32)
-        return self._normalize(obs, zeros, jnp.ones(shape), jnp.zeros(()), inner)
+        rms = RunningMeanStd.create(obs.shape[1:]).update(obs)
+        return rms.normalize(obs, self.clip), NormalizeState(inner, rms)
 
     def step(self, state: NormalizeState, action: jax.Array, key: jax.Array):
         obs, inner, reward, done, info = self.vecenv.step(state.inner, action, key)
-        obs, state = self._normalize(obs, state.mean, state.var, state.count, inner)
-        return obs, state, reward, done, info
+        rms = state.rms.update(obs)
+        return rms.normalize(obs, self.clip), NormalizeState(inner, rms), reward, done, info
 
 
 # ----------------------------------------------------------------------------- make

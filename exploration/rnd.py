@@ -146,7 +146,8 @@ class Config:
 PRESETS = {
     # CPU demo: a navix DoorKey maze, sparse reward (open the door with the key, reach goal).
     "quick": dict(env_id="Navix-DoorKey-16x16-v0", total_timesteps=200_000, num_envs=32,
-                  num_steps=32, lr=1e-3, ent_coef=0.01, rnd_features=32, clip_ext_reward=False),
+                  num_steps=32, lr=1e-3, ent_coef=0.01, rnd_features=32, clip_ext_reward=False,
+                  max_episode_steps=200),
     "paper": dict(),
 }
 

@@ -114,12 +114,12 @@ def test_bad_values_fail_with_named_field(tmp_path):
 
 
 def test_rnd_explores_more_than_ppo():
-    """Behaviour ([1] Sec. 3): on navix DoorKey-16x16 (196 cells, sparse reward), 64k steps,
-    4 seeds, RND visits clearly more distinct cells than the identical PPO with the
-    intrinsic reward switched off (int_coef = 0, the broken variant).
-    Measured on a 2-core CPU: RND 179, 193, 188, 180 (median 184) vs PPO 170, 173, 165, 163
-    (median 167.5)."""
-    base = rnd.Config(**rnd.PRESETS["quick"], total_timesteps=65_536)
+    """Behaviour ([1] Sec. 3): on navix DoorKey-16x16 (196 cells, sparse reward, 200-step
+    episodes), 32k steps, 4 seeds, RND visits clearly more distinct cells than the identical
+    PPO with the intrinsic reward switched off (int_coef = 0, the broken variant).
+    Measured on a 2-core CPU: RND 140, 162, 144, 143 (median 143.5) vs PPO 117, 117, 129,
+    109 (median 117)."""
+    base = rnd.Config(**{**rnd.PRESETS["quick"], "total_timesteps": 32_768})
 
     def cells(cfg):
         train = jax.jit(jax.vmap(run.make_train(rnd.init, rnd.update, cfg)))
@@ -128,5 +128,5 @@ def test_rnd_explores_more_than_ppo():
 
     on, off = cells(base), cells(dataclasses.replace(base, int_coef=0.0))
     print("RND", on, "PPO", off)
-    assert np.median(on) >= np.median(off) + 8, (on, off)
-    assert np.mean(on > np.median(off)) >= 0.75, (on, off)
+    assert np.median(on) >= np.median(off) + 12, (on, off)
+    assert on.min() > np.median(off), (on, off)
