@@ -290,9 +290,37 @@ def train(config_cls, init, update, cfg, opts: RunOptions, evaluate=None, name="
         from tqdm.auto import tqdm
 
         bar = tqdm(total=total, initial=done, desc=name, unit="upd", dynamic_ncols=True)
-    t_start, steps_timed, compile_s = None, 0, 0.0
+    compile_s = 0.0
     t_loop = time.perf_counter()
+    t_last = None  # when the previous chunk's metrics arrived (for steps/s)
+    timed = [0.0, 0]  # seconds and updates after the first chunk (perf/sps)
+
+    def consume(first: int, n: int, metrics):
+        """Host side of one finished chunk: NaN check, JSONL/W&B, history, progress."""
+        nonlocal t_last
+        metrics = jax.device_get(metrics)  # the one host transfer per chunk
+        now = time.perf_counter()
+        dt = None if t_last is None else now - t_last
+        t_last = now
+        if dt is not None:
+            timed[0] += dt
+            timed[1] += n
+        check_finite(metrics, first)
+        logger.write(first, metrics, steps_per_update)
+        for k, v in metrics.items():
+            history.setdefault(k, []).append(np.asarray(v))
+        if bar is not None:
+            post = {}
+            if steps_per_update and dt:
+                post["steps/s"] = f"{n * steps_per_update * opts.num_seeds / dt:,.0f}"
+            for k in ("charts/episodic_return", "charts/distinct_cells"):
+                if k in metrics and np.isfinite(metrics[k][:, -1]).any():
+                    post[k.split("/")[-1]] = f"{np.nanmean(metrics[k][:, -1]):.3g}"
+            bar.set_postfix(post)
+            bar.update(n)
+
     try:
+        pending = None  # (first update, n, metrics on device) of the chunk in flight
         while done < total:
             n = min(opts.log_every, total - done)
             if opts.checkpoint_every:
@@ -302,31 +330,24 @@ def train(config_cls, init, update, cfg, opts: RunOptions, evaluate=None, name="
                 fn = make_chunk(update, cfg, n, sharding, opts.num_seeds)
                 chunks[n] = fn.lower(state).compile()
                 compile_s += time.perf_counter() - t0
-            t0 = time.perf_counter()
+                t_last = None if t_last is None else t_last + time.perf_counter() - t0
+            # Dispatch the next chunk first (asynchronous), then do the host work of the
+            # previous one while the device computes: logging costs no device time.
             state, metrics = chunks[n](state)
-            metrics = jax.device_get(metrics)  # the one host transfer per chunk
-            dt = time.perf_counter() - t0
-            if t_start is None:
-                t_start = 0.0
-            else:
-                t_start += dt
-                steps_timed += n
-            check_finite(metrics, done)
-            logger.write(done, metrics, steps_per_update)
-            for k, v in metrics.items():
-                history.setdefault(k, []).append(np.asarray(v))
+            if pending is not None:
+                consume(*pending)
+            elif t_last is None:  # the first chunk is warm-up: consumed at once, not timed
+                consume(done, n, metrics)
+                done += n
+                continue
+            pending = (done, n, metrics)
             done += n
             if opts.checkpoint_every and done % opts.checkpoint_every == 0 and done < total:
+                consume(*pending)
+                pending = None
                 save_checkpoint(mngr, done, state)
-            if bar is not None:
-                post = {}
-                if steps_per_update:
-                    post["steps/s"] = f"{n * steps_per_update * opts.num_seeds / dt:,.0f}"
-                for k in ("charts/episodic_return", "charts/distinct_cells"):
-                    if k in metrics and np.isfinite(metrics[k][:, -1]).any():
-                        post[k.split("/")[-1]] = f"{np.nanmean(metrics[k][:, -1]):.3g}"
-                bar.set_postfix(post)
-                bar.update(n)
+        if pending is not None:
+            consume(*pending)
         save_checkpoint(mngr, done, state)
         loop_s = time.perf_counter() - t_loop - compile_s
     finally:
@@ -341,8 +362,8 @@ def train(config_cls, init, update, cfg, opts: RunOptions, evaluate=None, name="
         final = jax.device_get(jax.jit(seed_map(lambda s: evaluate(s, cfg), opts.num_seeds))(state))
     # loop_s: wall time of all chunks with logging, progress and checkpoints, less compiling.
     perf = {"perf/compile_s": compile_s, "perf/loop_s": loop_s}
-    if steps_timed and steps_per_update and t_start:
-        perf["perf/sps"] = steps_timed * steps_per_update * opts.num_seeds / t_start
+    if timed[1] and steps_per_update and timed[0]:
+        perf["perf/sps"] = timed[1] * steps_per_update * opts.num_seeds / timed[0]
     (run_dir / "summary.json").write_text(json.dumps(
         {**perf, **{k: [_jsonable(x) for x in np.atleast_1d(v)] for k, v in final.items()},
          **{k: [_jsonable(x) for x in v[:, -1]] for k, v in hist.items()}}, indent=1))
