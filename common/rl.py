@@ -140,6 +140,7 @@ class ActorCritic(nn.Module):
     action_dim: int
     continuous: bool = False
     hidden: tuple[int, ...] = (64, 64)
+    obs_ndim: int = 1
 
     @nn.compact
     def __call__(self, obs):
@@ -153,8 +154,6 @@ class ActorCritic(nn.Module):
             pi = distrax.Categorical(logits=mean)
         v = nn.Dense(1, kernel_init=orthogonal(1.0))(MLP(self.hidden)(x))
         return pi, v[..., 0]
-
-    obs_ndim: int = 1
 
 
 def ppo_loss(new_logp, old_logp, adv, entropy, value, old_value, returns, clip_coef, vf_coef,

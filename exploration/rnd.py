@@ -176,6 +176,7 @@ class Policy(nn.Module):
     num_actions: int
     pixels: bool
     hidden: tuple[int, ...] = (64, 64)
+    obs_shape: tuple[int, ...] = ()
 
     @nn.compact
     def __call__(self, obs):
@@ -192,8 +193,6 @@ class Policy(nn.Module):
         v_int = nn.Dense(1, kernel_init=orthogonal(0.01))(c)[..., 0]
         return logits, v_ext, v_int
 
-    obs_shape: tuple[int, ...] = ()
-
 
 class RNDNet(nn.Module):
     """Target (`predictor=False`) or predictor network of [1] App. A.4.
@@ -207,6 +206,7 @@ class RNDNet(nn.Module):
     pixels: bool
     hidden: tuple[int, ...]
     features: int
+    obs_ndim: int = 1
 
     @nn.compact
     def __call__(self, x):
@@ -226,8 +226,6 @@ class RNDNet(nn.Module):
             x = nn.relu(nn.Dense(width, kernel_init=orthogonal())(x))
             x = nn.relu(nn.Dense(width, kernel_init=orthogonal())(x))
         return nn.Dense(self.features, kernel_init=orthogonal())(x)
-
-    obs_ndim: int = 1
 
 
 def networks(cfg: Config, env):
