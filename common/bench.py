@@ -84,7 +84,8 @@ def peak_memory() -> float | None:
 
 def bench_one(config_cls, init, update, cfg, num_seeds: int, chunk: int, metric: str,
               seed: int = 0) -> dict:
-    cfg.validate() if hasattr(cfg, "validate") else None
+    if hasattr(cfg, "validate"):
+        cfg.validate()
     total = cfg.num_updates
     chunk = min(chunk, total)
     sharding = parallel.seed_sharding(num_seeds)
