@@ -13,6 +13,10 @@ steps) and each seed count, it measures on the current device:
   checkpoints) against a bare loop of the same compiled chunks.
 
 It prints a Markdown table (append it to BENCHMARKS.md with `--out BENCHMARKS.md`).
+
+`--peers` runs the file's `peer_benchmark(num_seeds) -> list[dict]` instead: the file's
+method beside installed peer libraries (pycma, evosax, ...) on the same problems in one
+process, one row per (problem, implementation), printed as a Markdown table.
 """
 
 import argparse
@@ -58,15 +62,20 @@ def _ppo_update(state, cfg):
     return make_ppo(envs.make(cfg.env_id, cfg.num_envs), cfg)[1](state)
 
 
-def load_target(path: str | None):
-    """(Config, init, update, presets, headline metric) of an algorithm file."""
-    if path is None:
-        return PPOBenchConfig, _ppo_init, _ppo_update, {}, "charts/episodic_return"
+def load_module(path: str):
     spec = importlib.util.spec_from_file_location(Path(path).stem, path)
     if spec is None:
         raise SystemExit(f"error: cannot import {path}")
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
+    return mod
+
+
+def load_target(path: str | None):
+    """(Config, init, update, presets, headline metric) of an algorithm file."""
+    if path is None:
+        return PPOBenchConfig, _ppo_init, _ppo_update, {}, "charts/episodic_return"
+    mod = load_module(path)
     metric = getattr(mod, "HEADLINE_METRIC", "charts/episodic_return")
     return mod.Config, mod.init, mod.update, getattr(mod, "PRESETS", {}), metric
 
@@ -143,6 +152,29 @@ def fmt(x, spec=",.0f"):
     return "n/a" if x is None or x != x else format(x, spec)
 
 
+def markdown(rows: list[dict]) -> str:
+    """A Markdown table of dict rows (columns: the keys of the first row, in order)."""
+    cols = list(rows[0])
+    cell = lambda v: fmt(v, ".3g") if isinstance(v, float) else str(v)
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    lines += ["| " + " | ".join(cell(r.get(c)) for c in cols) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def peers(path: str, num_seeds: int, out: str | None):
+    mod = load_module(path)
+    if not hasattr(mod, "peer_benchmark"):
+        raise SystemExit(f"error: {path} defines no peer_benchmark(num_seeds)")
+    print(f"peer benchmark: {path} on {device_summary()}, jax {jax.__version__}, "
+          f"{num_seeds} seeds")
+    table = markdown(mod.peer_benchmark(num_seeds))
+    print(table)
+    if out:
+        with open(out, "a") as f:
+            f.write(f"\n{path}, peers, {device_summary()}, {time.strftime('%Y-%m-%d')}, "
+                    f"jax {jax.__version__}:\n\n{table}\n")
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -152,9 +184,16 @@ def main(argv=None):
     p.add_argument("--chunk", type=int, default=10, help="updates per jitted chunk")
     p.add_argument("--no-overhead", action="store_true", help="skip the runner-overhead run")
     p.add_argument("--out", default=None, help="append the Markdown table to this file")
+    p.add_argument("--peers", action="store_true",
+                   help="run the file's peer_benchmark (side by side with peer libraries)")
+    p.add_argument("--peer-seeds", type=int, default=11, help="seeds per peer-benchmark cell")
     p.add_argument("--set", nargs="*", default=[], metavar="FIELD=VALUE",
                    help="config overrides, e.g. --set total_timesteps=100000")
     a = p.parse_args(argv)
+    if a.peers:
+        if a.file is None:
+            p.error("--peers needs a file")
+        return peers(a.file, a.peer_seeds, a.out)
     config_cls, init, update, presets, metric = load_target(a.file)
     if a.preset is not None and a.preset not in presets:
         p.error(f"unknown preset {a.preset!r}; the file has {sorted(presets)}")
