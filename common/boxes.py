@@ -1,0 +1,252 @@
+"""Box machinery shared by the detectors in detection/: formats, IoU, the R-CNN box
+encoding, anchor grids, IoU matching, jittable greedy NMS, and COCO / VOC average precision.
+
+Conventions: boxes are float arrays whose last axis is 4. `xyxy` = (x1, y1, x2, y2) is the
+internal format; `cxcywh` = (centre x, centre y, width, height) is what the encodings use;
+COCO json stores `xywh` = (x1, y1, width, height). Widths are x2 - x1 (no +1 pixel).
+The AP functions are numpy (host side, after the jitted forward pass and NMS); the COCO AP
+follows pycocotools' COCOeval for bounding boxes (101 recall points, greedy score-ordered
+matching, at most `max_dets` detections per image and class) and is tested against it.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+# ----------------------------------------------------------------------------- formats
+
+
+def xyxy_to_cxcywh(b):
+    return jnp.stack([(b[..., 0] + b[..., 2]) / 2, (b[..., 1] + b[..., 3]) / 2,
+                      b[..., 2] - b[..., 0], b[..., 3] - b[..., 1]], -1)
+
+
+def cxcywh_to_xyxy(b):
+    return jnp.stack([b[..., 0] - b[..., 2] / 2, b[..., 1] - b[..., 3] / 2,
+                      b[..., 0] + b[..., 2] / 2, b[..., 1] + b[..., 3] / 2], -1)
+
+
+def area(b):
+    """Area of xyxy boxes (0 for degenerate ones)."""
+    return jnp.clip(b[..., 2] - b[..., 0], 0) * jnp.clip(b[..., 3] - b[..., 1], 0)
+
+
+def iou_aligned(a, b):
+    """IoU of xyxy boxes a[..., i] with b[..., i] (broadcasting). Two empty boxes give 0."""
+    lt = jnp.maximum(a[..., :2], b[..., :2])
+    rb = jnp.minimum(a[..., 2:], b[..., 2:])
+    wh = jnp.clip(rb - lt, 0)
+    inter = wh[..., 0] * wh[..., 1]
+    union = area(a) + area(b) - inter
+    return jnp.where(union > 0, inter / jnp.where(union > 0, union, 1.0), 0.0)
+
+
+def iou(a, b):
+    """Pairwise IoU matrix of xyxy boxes: a (N, 4), b (M, 4) -> (N, M)."""
+    return iou_aligned(a[:, None, :], b[None, :, :])
+
+
+# ----------------------------------------------------------------------------- encoding
+
+
+def encode(gt, anchors, variances=(1.0, 1.0)):
+    """R-CNN parametrisation of cxcywh `gt` relative to cxcywh `anchors` (Girshick 2014;
+    SSD's Eq. 2): t_x = (g_x - p_x) / p_w / v0, t_y likewise, t_w = log(g_w / p_w) / v1.
+    SSD's released code divides by variances (0.1, 0.2); (1, 1) is the plain formula."""
+    txy = (gt[..., :2] - anchors[..., :2]) / anchors[..., 2:] / variances[0]
+    twh = jnp.log(gt[..., 2:] / anchors[..., 2:]) / variances[1]
+    return jnp.concatenate([txy, twh], -1)
+
+
+def decode(t, anchors, variances=(1.0, 1.0)):
+    """Inverse of `encode`: cxcywh boxes from offsets `t` and cxcywh `anchors`."""
+    xy = anchors[..., :2] + t[..., :2] * variances[0] * anchors[..., 2:]
+    wh = anchors[..., 2:] * jnp.exp(t[..., 2:] * variances[1])
+    return jnp.concatenate([xy, wh], -1)
+
+
+def grid_anchors(height: int, width: int, sizes) -> jax.Array:
+    """cxcywh anchors of a height x width feature map in units of the image (0..1): for
+    every cell, row-major, the A (w, h) `sizes` centred at ((col + .5) / width,
+    (row + .5) / height). Returns (height * width * A, 4)."""
+    sizes = jnp.asarray(sizes, jnp.float32).reshape(-1, 2)
+    cy, cx = jnp.meshgrid((jnp.arange(height) + 0.5) / height,
+                          (jnp.arange(width) + 0.5) / width, indexing="ij")
+    centres = jnp.stack([cx, cy], -1).reshape(-1, 1, 2)
+    centres = jnp.broadcast_to(centres, (height * width, sizes.shape[0], 2))
+    wh = jnp.broadcast_to(sizes, centres.shape)
+    return jnp.concatenate([centres, wh], -1).reshape(-1, 4)
+
+
+def match(anchors, gt, gt_valid, pos_iou: float, neg_iou: float, force_best: bool = True):
+    """Assign each anchor (xyxy, (A, 4)) to a ground-truth box (xyxy, (G, 4), mask (G,)).
+
+    Returns (index (A,) of the assigned box, label (A,): 1 positive (IoU >= pos_iou), 0
+    negative (IoU < neg_iou), -1 ignored (in between; RetinaNet's band [0.4, 0.5))). With
+    `force_best`, each valid box also claims its best anchor (SSD's bipartite step), so no
+    object is left without a positive anchor.
+    """
+    m = jnp.where(gt_valid[None, :], iou(anchors, gt), -1.0)
+    idx = jnp.argmax(m, axis=1)
+    best = jnp.max(m, axis=1)
+    label = jnp.where(best >= pos_iou, 1, jnp.where(best < neg_iou, 0, -1))
+    if force_best:
+        best_anchor = jnp.argmax(m, axis=0)  # (G,)
+        g = jnp.arange(gt.shape[0])
+        # later boxes win ties for the same anchor, as in the sequential formulation
+        idx = idx.at[best_anchor].set(jnp.where(gt_valid, g, idx[best_anchor]))
+        label = label.at[best_anchor].set(jnp.where(gt_valid, 1, label[best_anchor]))
+    return idx, label
+
+
+# ----------------------------------------------------------------------------- NMS
+
+
+def nms(boxes, scores, iou_threshold: float = 0.5, max_out: int = 100,
+        score_threshold: float = -jnp.inf):
+    """Greedy non-maximum suppression, jittable with fixed shapes.
+
+    Boxes (N, 4) xyxy, scores (N,). Sort by score (stable: ties keep input order); walk
+    down the list keeping a box unless it overlaps an already kept box by IoU >
+    iou_threshold; boxes with score <= score_threshold are dropped first. Returns
+    (indices (max_out,), valid (max_out,)): the kept boxes in descending score order,
+    padded with index 0 and valid False.
+    """
+    n = boxes.shape[0]
+    if n == 0:
+        return jnp.zeros(max_out, jnp.int32), jnp.zeros(max_out, bool)
+    order = jnp.argsort(-scores, stable=True)
+    b, s = boxes[order], scores[order]
+    overlap = iou(b, b) > iou_threshold
+    candidate = s > score_threshold
+
+    def body(i, keep):
+        suppressed = jnp.any(keep & overlap[:, i])
+        return keep.at[i].set(candidate[i] & ~suppressed)
+
+    keep = jax.lax.fori_loop(0, n, body, jnp.zeros(n, bool))
+    k = min(max_out, n)
+    # kept boxes first, in score order: sort by (not kept, position)
+    rank = jnp.where(keep, jnp.arange(n), n + jnp.arange(n))
+    first = jnp.argsort(rank)[:k]
+    idx, valid = order[first], keep[first]
+    if k < max_out:
+        idx = jnp.concatenate([idx, jnp.zeros(max_out - k, idx.dtype)])
+        valid = jnp.concatenate([valid, jnp.zeros(max_out - k, bool)])
+    return jnp.where(valid, idx, 0), valid
+
+
+def batched_nms(boxes, scores, classes, iou_threshold: float = 0.5, max_out: int = 100,
+                score_threshold: float = -jnp.inf):
+    """Per-class NMS in one pass: boxes of different classes are shifted apart by
+    class * (largest coordinate + 1), so they never overlap."""
+    shift = (jnp.max(jnp.abs(boxes)) + 1.0) * classes.astype(boxes.dtype)
+    return nms(boxes + shift[:, None], scores, iou_threshold, max_out, score_threshold)
+
+
+def nms_numpy(boxes, scores, iou_threshold: float = 0.5):
+    """Reference greedy NMS (loops, numpy): kept indices in descending score order."""
+    boxes, scores = np.asarray(boxes, np.float64), np.asarray(scores)
+    order = list(np.argsort(-scores, kind="stable"))
+    keep = []
+    for i in order:
+        ok = True
+        for j in keep:
+            x1, y1 = max(boxes[i, 0], boxes[j, 0]), max(boxes[i, 1], boxes[j, 1])
+            x2, y2 = min(boxes[i, 2], boxes[j, 2]), min(boxes[i, 3], boxes[j, 3])
+            inter = max(x2 - x1, 0) * max(y2 - y1, 0)
+            a = lambda k: (boxes[k, 2] - boxes[k, 0]) * (boxes[k, 3] - boxes[k, 1])
+            union = a(i) + a(j) - inter
+            if union > 0 and inter / union > iou_threshold:
+                ok = False
+                break
+        if ok:
+            keep.append(int(i))
+    return keep
+
+
+# ----------------------------------------------------------------------------- average precision
+
+
+def _iou_np(a, b):
+    lt = np.maximum(a[:, None, :2], b[None, :, :2])
+    rb = np.minimum(a[:, None, 2:], b[None, :, 2:])
+    inter = np.prod(np.clip(rb - lt, 0, None), -1)
+    ar = lambda x: (x[:, 2] - x[:, 0]) * (x[:, 3] - x[:, 1])
+    union = ar(a)[:, None] + ar(b)[None, :] - inter
+    return np.where(union > 0, inter / np.where(union > 0, union, 1), 0.0)
+
+
+def _match_image(det_boxes, gt_boxes, t):
+    """pycocotools' greedy matching for one image and class: detections (sorted by
+    score) take the unmatched ground truth of highest IoU >= t. Returns TP flags."""
+    tp = np.zeros(len(det_boxes), bool)
+    if len(gt_boxes) == 0 or len(det_boxes) == 0:
+        return tp
+    ious = _iou_np(det_boxes, gt_boxes)
+    taken = np.zeros(len(gt_boxes), bool)
+    for d in range(len(det_boxes)):
+        best, m = min(t, 1 - 1e-10), -1
+        for g in range(len(gt_boxes)):
+            if taken[g] or ious[d, g] < best:
+                continue
+            best, m = ious[d, g], g
+        if m >= 0:
+            taken[m] = tp[d] = True
+    return tp
+
+
+def average_precision(tp, scores, num_gt: int, method: str = "coco") -> float:
+    """AP of one class from detection TP flags and scores pooled over images.
+
+    method: 'coco' (precision made monotone, sampled at 101 recall points 0:.01:1 with
+    searchsorted, as pycocotools), 'voc07' (11-point interpolation), 'voc' (all points,
+    VOC 2010+). Returns nan when the class has no ground truth.
+    """
+    if num_gt == 0:
+        return float("nan")
+    order = np.argsort(-np.asarray(scores), kind="mergesort")
+    tp = np.asarray(tp, bool)[order]
+    tps, fps = np.cumsum(tp), np.cumsum(~tp)
+    recall = tps / num_gt
+    precision = tps / np.maximum(tps + fps, np.spacing(1))
+    if method == "voc07":
+        return float(np.mean([np.max(precision[recall >= r], initial=0.0)
+                              for r in np.linspace(0, 1, 11)]))
+    mono = np.maximum.accumulate(precision[::-1])[::-1] if len(precision) else precision
+    if method == "voc":
+        r = np.concatenate([[0.0], recall])
+        return float(np.sum((r[1:] - r[:-1]) * mono))
+    if method != "coco":
+        raise ValueError(f"method must be 'coco', 'voc07' or 'voc', got {method!r}")
+    idx = np.searchsorted(recall, np.linspace(0, 1, 101), side="left")
+    q = np.zeros(101)
+    ok = idx < len(mono)
+    q[ok] = mono[idx[ok]]
+    return float(np.mean(q))
+
+
+def mean_average_precision(detections, ground_truths, num_classes: int,
+                           iou_thresholds=(0.5,), method: str = "coco", max_dets: int = 100):
+    """mAP over classes (that have ground truth) and IoU thresholds.
+
+    detections: per image a tuple (boxes (D, 4) xyxy, scores (D,), classes (D,));
+    ground_truths: per image (boxes (G, 4) xyxy, classes (G,)). COCO's mAP@[.5:.95] is
+    iou_thresholds=np.linspace(0.5, 0.95, 10). Returns (mAP, per-class AP (C, T)).
+    """
+    ap = np.full((num_classes, len(iou_thresholds)), np.nan)
+    for c in range(num_classes):
+        num_gt = sum(int(np.sum(np.asarray(g[1]) == c)) for g in ground_truths)
+        for ti, t in enumerate(iou_thresholds):
+            tps, scores = [], []
+            for (db, ds, dc), (gb, gc) in zip(detections, ground_truths, strict=True):
+                sel = np.asarray(dc) == c
+                b, s = np.asarray(db, np.float64)[sel], np.asarray(ds)[sel]
+                o = np.argsort(-s, kind="mergesort")[:max_dets]
+                g = np.asarray(gb, np.float64)[np.asarray(gc) == c]
+                tps.append(_match_image(b[o], g, t))
+                scores.append(s[o])
+            ap[c, ti] = average_precision(np.concatenate(tps), np.concatenate(scores),
+                                          num_gt, method)
+    valid = ~np.isnan(ap)
+    return (float(np.mean(ap[valid])) if valid.any() else float("nan")), ap

@@ -1,0 +1,182 @@
+"""Tests of common/boxes.py and the detection data in common/data.py: IoU and NMS against
+numpy references, the box encoding, anchors, matching, and COCO AP against pycocotools."""
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from common import boxes as bx
+from common import data
+
+
+def random_boxes(rng, n, size=64.0):
+    xy = rng.uniform(0, size * 0.8, (n, 2))
+    wh = rng.uniform(1, size * 0.4, (n, 2))
+    return np.concatenate([xy, xy + wh], 1).astype(np.float32)
+
+
+def test_iou_matches_brute_force_and_basic_properties():
+    rng = np.random.default_rng(0)
+    a, b = random_boxes(rng, 7), random_boxes(rng, 5)
+    m = np.asarray(bx.iou(jnp.asarray(a), jnp.asarray(b)))
+    for i in range(7):
+        for j in range(5):
+            w = max(0, min(a[i, 2], b[j, 2]) - max(a[i, 0], b[j, 0]))
+            h = max(0, min(a[i, 3], b[j, 3]) - max(a[i, 1], b[j, 1]))
+            ar = lambda x: (x[2] - x[0]) * (x[3] - x[1])
+            assert m[i, j] == pytest.approx(w * h / (ar(a[i]) + ar(b[j]) - w * h), abs=1e-6)
+    np.testing.assert_allclose(bx.iou(jnp.asarray(b), jnp.asarray(a)), m.T, atol=1e-7)
+    np.testing.assert_allclose(np.diag(bx.iou(jnp.asarray(a), jnp.asarray(a))), 1.0, atol=1e-6)
+    far = jnp.array([[100.0, 100, 110, 110]])
+    assert float(bx.iou(far, jnp.asarray(a)).max()) == 0.0
+
+
+def test_format_and_encoding_round_trips():
+    rng = np.random.default_rng(1)
+    b = jnp.asarray(random_boxes(rng, 20))
+    np.testing.assert_allclose(bx.cxcywh_to_xyxy(bx.xyxy_to_cxcywh(b)), b, atol=1e-5)
+    anchors = bx.xyxy_to_cxcywh(jnp.asarray(random_boxes(rng, 20)))
+    g = bx.xyxy_to_cxcywh(b)
+    for var in [(1.0, 1.0), (0.1, 0.2)]:
+        t = bx.encode(g, anchors, var)
+        np.testing.assert_allclose(bx.decode(t, anchors, var), g, rtol=1e-5, atol=1e-4)
+    # the plain formula on a hand case: t = ((10-8)/4, (5-5)/2, log(8/4), log(1/2))
+    t = bx.encode(jnp.array([10.0, 5, 8, 1]), jnp.array([8.0, 5, 4, 2]))
+    np.testing.assert_allclose(t, [0.5, 0.0, np.log(2), np.log(0.5)], rtol=1e-6)
+
+
+def test_grid_anchors_layout():
+    a = bx.grid_anchors(2, 3, [(0.1, 0.2), (0.3, 0.3)])
+    assert a.shape == (2 * 3 * 2, 4)
+    # row-major cells, anchors innermost: cell (row 1, col 2) is cell 5
+    np.testing.assert_allclose(a[10], [2.5 / 3, 1.5 / 2, 0.1, 0.2], rtol=1e-6)
+    np.testing.assert_allclose(a[11], [2.5 / 3, 1.5 / 2, 0.3, 0.3], rtol=1e-6)
+
+
+def test_match_thresholds_ignore_band_and_forced_best():
+    anchors = jnp.array([[0.0, 0, 10, 10], [0, 0, 10, 7], [0, 0, 10, 4.5], [50, 50, 60, 60],
+                         [20, 20, 30, 30]])
+    gt = jnp.array([[0.0, 0, 10, 10], [21, 21, 40, 40], [0, 0, 1, 1]])
+    idx, label = bx.match(anchors, gt, jnp.array([True, True, False]), 0.5, 0.4)
+    # IoUs with gt 0: 1, .7, .45 -> pos, pos, ignore; anchor 3 overlaps nothing -> neg;
+    # anchor 4 has IoU 81/(100+361-81) = .21 with gt 1 but is its best anchor -> forced pos
+    np.testing.assert_array_equal(label, [1, 1, -1, 0, 1])
+    np.testing.assert_array_equal(np.asarray(idx)[[0, 1, 4]], [0, 0, 1])
+    _, label = bx.match(anchors, gt, jnp.array([True, True, False]), 0.5, 0.4,
+                        force_best=False)
+    assert int(label[4]) == 0
+
+
+def test_jitted_nms_equals_numpy_reference_on_random_sets():
+    rng = np.random.default_rng(2)
+    n, sets = 40, 300
+    b = np.stack([random_boxes(rng, n, 40.0) for _ in range(sets)])
+    s = rng.uniform(0, 1, (sets, n)).astype(np.float32)
+    s[:, :5] = s[:, 5:10]  # some exact score ties: the order must stay stable
+    idx, valid = jax.jit(jax.vmap(lambda b, s: bx.nms(b, s, 0.5, max_out=n)))(b, s)
+    for k in range(sets):
+        got = np.asarray(idx[k])[np.asarray(valid[k])].tolist()
+        assert got == bx.nms_numpy(b[k], s[k], 0.5), k
+    # a broken reference (no suppression) disagrees: the test can fail
+    assert any(int(valid[k].sum()) < n for k in range(sets))
+
+
+def test_nms_edge_cases_and_batched():
+    same = jnp.tile(jnp.array([[1.0, 1, 5, 5]]), (6, 1))
+    idx, valid = bx.nms(same, jnp.arange(6.0), 0.5, max_out=4)
+    assert valid.tolist() == [True, False, False, False] and int(idx[0]) == 5
+    apart = jnp.array([[0.0, 0, 1, 1], [2, 2, 3, 3], [4, 4, 5, 5]])
+    idx, valid = bx.nms(apart, jnp.array([0.1, 0.3, 0.2]), 0.5, max_out=5)
+    assert idx[valid].tolist() == [1, 2, 0] and valid.sum() == 3
+    idx, valid = bx.nms(apart, jnp.array([0.1, 0.3, 0.2]), 0.5, score_threshold=0.15)
+    assert idx[valid].tolist() == [1, 2]
+    idx, valid = bx.nms(jnp.zeros((0, 4)), jnp.zeros((0,)), 0.5, max_out=3)
+    assert not valid.any()
+    # batched: the same box in two classes survives twice, within a class once
+    b = jnp.array([[0.0, 0, 4, 4], [0, 0, 4, 4], [0, 0, 4, 4]])
+    idx, valid = bx.batched_nms(b, jnp.array([0.9, 0.8, 0.7]), jnp.array([0, 0, 1]))
+    assert idx[valid].tolist() == [0, 2]
+
+
+def test_voc_ap_hand_example():
+    """One class, two objects, three detections by score: TP, FP, TP. Recall .5, .5, 1;
+    precision 1, .5, 2/3. All-point AP = .5 * 1 + .5 * 2/3; 11-point AP = (6 * 1 + 5 *
+    2/3) / 11; COCO's 101 points: 51 recall points at precision 1, 50 at 2/3."""
+    tp, scores = [True, False, True], [0.9, 0.8, 0.7]
+    assert bx.average_precision(tp, scores, 2, "voc") == pytest.approx(0.5 + 1 / 3)
+    assert bx.average_precision(tp, scores, 2, "voc07") == pytest.approx((6 + 10 / 3) / 11)
+    assert bx.average_precision(tp, scores, 2, "coco") == pytest.approx((51 + 100 / 3) / 101)
+    assert np.isnan(bx.average_precision([], [], 0))
+
+
+def test_map_equals_pycocotools_on_random_detections():
+    """Perturbed and spurious detections on SHAPES ground truth; our COCO AP equals
+    pycocotools' COCOeval (stats[0] mAP@[.5:.95], stats[1] mAP@.5) to 1e-4."""
+    pytest.importorskip("pycocotools")
+    import contextlib
+    import io
+
+    from pycocotools.coco import COCO
+    from pycocotools.cocoeval import COCOeval
+
+    rng = np.random.default_rng(3)
+    d = data.shapes(40, max_objects=4, seed=4)
+    dets, gts, det_boxes, det_scores, det_labels = [], [], [], [], []
+    for n in range(40):
+        ok = d["labels"][n] >= 0
+        g, gl = d["boxes"][n][ok], d["labels"][n][ok]
+        gts.append((g, gl))
+        b = np.concatenate([g + rng.normal(0, 3, g.shape), random_boxes(rng, 3)]).clip(0, 64)
+        b[:, 2:] = np.maximum(b[:, 2:], b[:, :2] + 1)
+        lab = np.concatenate([np.where(rng.uniform(size=len(gl)) < 0.85, gl, (gl + 1) % 3),
+                              rng.integers(0, 3, 3)])
+        sc = rng.uniform(0, 1, len(b))
+        dets.append((b, sc, lab))
+        det_boxes.append(b), det_scores.append(sc), det_labels.append(lab)
+    ours50, _ = bx.mean_average_precision(dets, gts, 3, (0.5,))
+    ours, _ = bx.mean_average_precision(dets, gts, 3, np.linspace(0.5, 0.95, 10))
+
+    gt_json = data.to_coco(d["boxes"], d["labels"], d["class_names"], (64, 64))
+    coco = COCO()
+    coco.dataset = json.loads(json.dumps(gt_json))
+    with contextlib.redirect_stdout(io.StringIO()):
+        coco.createIndex()
+        res = coco.loadRes(data.to_coco(det_boxes, det_labels, d["class_names"], (64, 64),
+                                        scores=det_scores))
+        ev = COCOeval(coco, res, "bbox")
+        ev.evaluate(), ev.accumulate(), ev.summarize()
+    assert ours == pytest.approx(ev.stats[0], abs=1e-4)
+    assert ours50 == pytest.approx(ev.stats[1], abs=1e-4)
+    assert 0.2 < ours50 < 0.95  # a non-trivial case: neither all right nor all wrong
+
+
+def test_shapes_boxes_are_tight_and_labels_valid():
+    d = data.shapes(50, size=64, max_objects=4, seed=0)
+    assert d["images"].shape == (50, 64, 64, 3) and d["images"].dtype == np.uint8
+    ok = d["labels"] >= 0
+    assert ok.any(axis=1).all() and set(np.unique(d["labels"][ok])) <= {0, 1, 2}
+    b = d["boxes"][ok]
+    wh = b[:, 2:] - b[:, :2]
+    assert (b >= 0).all() and (b <= 64).all() and (wh >= 1).all() and (wh <= 28).all()
+    assert (d["boxes"][~ok] == 0).all()
+    c = data.shapes(20, colours=3, photo_backgrounds=True, seed=1)
+    assert len(c["class_names"]) == 9 and c["labels"].max() < 9
+    with pytest.raises(ValueError, match="colours"):
+        data.shapes(2, colours=0)
+
+
+def test_coco_loader_reads_the_written_fixture(tmp_path):
+    d = data.shapes(6, size=32, max_objects=3, min_size=6, max_size=14, seed=5)
+    data.write_coco(tmp_path, "val2017", d)
+    got = data.load_coco(tmp_path, "val2017", size=32, max_objects=3)
+    np.testing.assert_array_equal(got["images"], d["images"])
+    np.testing.assert_allclose(got["boxes"], d["boxes"])
+    np.testing.assert_array_equal(got["labels"], d["labels"])
+    assert got["class_names"] == d["class_names"]
+    half = data.load_coco(tmp_path, "val2017", size=16, max_objects=3)
+    np.testing.assert_allclose(half["boxes"], d["boxes"] / 2)
+    with pytest.raises(FileNotFoundError, match="COCO layout"):
+        data.load_coco(tmp_path, "train2017", size=32)
