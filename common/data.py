@@ -1,8 +1,9 @@
 """Offline data: procedural detection scenes (shapes with exact boxes) and a loader for
 real COCO-format data on disk. Nothing here downloads anything.
 
-A detection set is a dict of numpy arrays, small enough to sit on the device so a jitted
-training step samples its own batches:
+`shapes_batch` draws scenes inside a jitted training step (an endless stream from the
+step's key); `shapes` makes a fixed set (held-out evaluation, COCO export). A detection set
+is a dict of arrays:
     images  (N, H, W, 3) uint8
     boxes   (N, M, 4) float32, xyxy pixels, padded rows are 0
     labels  (N, M) int32, -1 for padding
@@ -13,7 +14,11 @@ plus `class_names`. `write_coco` / `load_coco` convert to and from the COCO layo
 import json
 from pathlib import Path
 
+import jax
+import jax.numpy as jnp
 import numpy as np
+
+from common.boxes import iou
 
 SHAPES = ("circle", "rectangle", "triangle")
 # Well-separated hues for colour-coded classes (shape x colour).
@@ -21,91 +26,119 @@ PALETTE = np.array([[230, 40, 40], [40, 90, 230], [40, 200, 60], [240, 200, 30],
                     [200, 60, 220], [30, 210, 220], [250, 130, 20], [240, 240, 240]])
 
 
-def _background(rng, size, photos):
+def _background(key, size, photos):
     if photos is not None:
-        p = photos[rng.integers(len(photos))]
-        y, x = rng.integers(p.shape[0] - size + 1), rng.integers(p.shape[1] - size + 1)
-        return p[y : y + size, x : x + size].astype(np.float32)
-    coarse = rng.uniform(0, 160, (4, 4, 3))
-    up = np.kron(coarse, np.ones((size // 4 + 1, size // 4 + 1, 1)))[:size, :size]
-    return up + rng.normal(0, 12, (size, size, 3))
+        kp, ky, kx = jax.random.split(key, 3)
+        p = photos[jax.random.randint(kp, (), 0, photos.shape[0])]
+        y = jax.random.randint(ky, (), 0, photos.shape[1] - size + 1)
+        x = jax.random.randint(kx, (), 0, photos.shape[2] - size + 1)
+        return jax.lax.dynamic_slice(p, (y, x, 0), (size, size, 3)).astype(jnp.float32)
+    kc, kn = jax.random.split(key)
+    coarse = jax.random.uniform(kc, (4, 4, 3), maxval=160.0)
+    smooth = jax.image.resize(coarse, (size, size, 3), "linear")
+    return smooth + 12.0 * jax.random.normal(kn, (size, size, 3))
 
 
-def _mask(shape, x1, y1, w, h, yy, xx, rng):
-    if shape == "circle":  # an ellipse filling the box
-        cx, cy = x1 + w / 2, y1 + h / 2
-        return ((xx + 0.5 - cx) / (w / 2)) ** 2 + ((yy + 0.5 - cy) / (h / 2)) ** 2 <= 1
-    if shape == "rectangle":
-        return (xx >= x1) & (xx < x1 + w) & (yy >= y1) & (yy < y1 + h)
-    # triangle: base on the bottom edge, apex somewhere on the top edge
-    ax = x1 + rng.uniform(0.2, 0.8) * w
-    pts = np.array([[x1, y1 + h], [x1 + w, y1 + h], [ax, y1]])
-    px, py = xx + 0.5, yy + 0.5
-    sign = lambda a, b: (px - b[0]) * (a[1] - b[1]) - (a[0] - b[0]) * (py - b[1])
-    d1, d2, d3 = sign(pts[0], pts[1]), sign(pts[1], pts[2]), sign(pts[2], pts[0])
-    neg, pos = (d1 < 0) | (d2 < 0) | (d3 < 0), (d1 > 0) | (d2 > 0) | (d3 > 0)
-    return ~(neg & pos)
+def _masks(shape_id, boxes, apex, size):
+    """(M, size, size) pixel masks of M shapes filling their xyxy boxes."""
+    yy, xx = jnp.mgrid[:size, :size] + 0.5
+
+    def one(s, b, a):
+        x1, y1, x2, y2 = b
+        w, h = x2 - x1, y2 - y1
+        ellipse = ((xx - (x1 + w / 2)) / (w / 2)) ** 2 + ((yy - (y1 + h / 2)) / (h / 2)) ** 2 <= 1
+        rect = (xx >= x1) & (xx < x2) & (yy >= y1) & (yy < y2)
+        # triangle: base on the bottom edge, apex at a fraction `a` of the top edge
+        pts = jnp.array([[x1, y2], [x2, y2], [x1 + a * w, y1]])
+        side = lambda p, q: (xx - q[0]) * (p[1] - q[1]) - (p[0] - q[0]) * (yy - q[1])
+        d = jnp.stack([side(pts[0], pts[1]), side(pts[1], pts[2]), side(pts[2], pts[0])])
+        tri = ~((d < 0).any(0) & (d > 0).any(0))
+        return jnp.stack([ellipse, rect, tri])[s]
+
+    return jax.vmap(one)(shape_id, boxes, apex)
+
+
+def shapes_batch(key, batch: int, size: int = 64, max_objects: int = 4, min_size: int = 8,
+                 max_size: int = 28, colours: int = 1, max_iou: float = 0.2, photos=None,
+                 candidates: int = 16):
+    """SHAPES scenes made on the device (jittable; size arguments static): 1..max_objects
+    circles (ellipses) / rectangles / triangles of side min_size..max_size px on a smooth
+    noisy background, or on random crops of `photos` (P, H, W, 3). Each object takes the
+    first of `candidates` random boxes whose IoU with the objects already placed is <=
+    max_iou (none fits: the object is dropped). Classes are the 3 shapes; with colours > 1
+    they are shape x colour (3 * colours classes, colours from a fixed palette), otherwise
+    colours are random and carry no label. Boxes are the tight boxes of the drawn pixels.
+    Returns images (B, size, size, 3) uint8, boxes (B, M, 4) float32 xyxy, labels (B, M)
+    int32 (-1 padding)."""
+    palette = jnp.asarray(PALETTE, jnp.float32)
+
+    def scene(key):
+        kb, kn, kw, kx, ks, kc, kr, ka, kj = jax.random.split(key, 9)
+        img = _background(kb, size, photos)
+        m, c = max_objects, candidates
+        num = jax.random.randint(kn, (), 1, m + 1)
+        wh = jax.random.randint(kw, (m, c, 2), min_size, max_size + 1).astype(jnp.float32)
+        xy = jnp.floor(jax.random.uniform(kx, (m, c, 2)) * (size - wh + 1))
+        cand = jnp.concatenate([xy, xy + wh], -1)
+
+        def place(carry, i):
+            placed, ok = carry
+            clear = ((iou(cand[i], placed) <= max_iou) | ~ok[None]).all(1)
+            j = jnp.argmax(clear)
+            placed = placed.at[i].set(cand[i, j])
+            return (placed, ok.at[i].set(clear[j] & (i < num))), None
+
+        init = (jnp.zeros((m, 4)), jnp.zeros(m, bool))
+        (placed, ok), _ = jax.lax.scan(place, init, jnp.arange(m))
+        shape_id = jax.random.randint(ks, (m,), 0, len(SHAPES))
+        colour_id = jax.random.randint(kc, (m,), 0, colours)
+        colour = jnp.where(colours > 1, palette[colour_id].T,
+                           jax.random.uniform(kr, (3, m), minval=60.0, maxval=255.0)).T
+        colour = colour + 8.0 * jax.random.normal(kj, (m, 3))
+        masks = _masks(shape_id, placed, jax.random.uniform(ka, (m,), minval=0.2, maxval=0.8),
+                       size) & ok[:, None, None]
+        for i in range(m):  # paint in order: later shapes may cover earlier ones
+            img = jnp.where(masks[i][..., None], colour[i], img)
+        cols, rows = masks.any(1), masks.any(2)  # (M, W), (M, H)
+        first = lambda a: jnp.argmax(a, axis=1).astype(jnp.float32)
+        last = lambda a: (size - jnp.argmax(a[:, ::-1], axis=1)).astype(jnp.float32)
+        tight = jnp.stack([first(cols), first(rows), last(cols), last(rows)], -1)
+        ok = ok & masks.any((1, 2))
+        label = jnp.where(ok, shape_id + len(SHAPES) * colour_id, -1)
+        return (jnp.clip(jnp.round(img), 0, 255).astype(jnp.uint8),
+                jnp.where(ok[:, None], tight, 0.0), label.astype(jnp.int32))
+
+    return jax.vmap(scene)(jax.random.split(key, batch))
+
+
+def sample_photos(size: int) -> np.ndarray:
+    """scikit-learn's two bundled photos (china, flower), as (2, 427, 640, 3) uint8."""
+    from sklearn.datasets import load_sample_images
+
+    ims = [im for im in load_sample_images().images if min(im.shape[:2]) >= size]
+    return np.stack(ims)
+
+
+def class_names(colours: int = 1) -> list[str]:
+    return list(SHAPES) if colours == 1 else [f"{s}_{c}" for c in range(colours) for s in SHAPES]
 
 
 def shapes(num_images: int, size: int = 64, max_objects: int = 4, min_size: int = 8,
            max_size: int = 28, colours: int = 1, max_iou: float = 0.2,
            photo_backgrounds: bool = False, seed: int = 0) -> dict:
-    """SHAPES scenes: 1..max_objects circles / rectangles / triangles of side min_size to
-    max_size px on a smooth noisy background (or crops of scikit-learn's two sample
-    photos), with pairwise box IoU <= max_iou. Classes are the 3 shapes; with colours > 1
-    they are shape x colour (3 * colours classes, colours from a fixed palette), otherwise
-    colours are random and carry no label. Boxes are the tight boxes of the drawn pixels."""
+    """A fixed SHAPES set as numpy arrays (see `shapes_batch`), e.g. a held-out
+    evaluation set or a COCO export; `seed` fixes it."""
     if not 1 <= colours <= len(PALETTE):
         raise ValueError(f"colours must be in [1, {len(PALETTE)}], got {colours}")
     if not 0 < min_size <= max_size < size:
         raise ValueError(f"need 0 < min_size <= max_size < size, got {min_size}, "
                          f"{max_size}, {size}")
-    rng = np.random.default_rng(seed)
-    photos = None
-    if photo_backgrounds:
-        from sklearn.datasets import load_sample_images
-
-        photos = [im for im in load_sample_images().images if min(im.shape[:2]) >= size]
-    yy, xx = np.mgrid[:size, :size]
-    images = np.zeros((num_images, size, size, 3), np.uint8)
-    boxes = np.zeros((num_images, max_objects, 4), np.float32)
-    labels = np.full((num_images, max_objects), -1, np.int32)
-    for n in range(num_images):
-        img = _background(rng, size, photos)
-        placed = []
-        for _ in range(rng.integers(1, max_objects + 1)):
-            for _attempt in range(20):
-                w, h = rng.integers(min_size, max_size + 1, 2)
-                x1, y1 = rng.integers(0, size - w + 1), rng.integers(0, size - h + 1)
-                box = np.array([x1, y1, x1 + w, y1 + h], np.float32)
-                if all(_iou_pair(box, b) <= max_iou for b, _ in placed):
-                    break
-            else:
-                continue
-            s = rng.integers(len(SHAPES))
-            m = _mask(SHAPES[s], x1, y1, w, h, yy, xx, rng)
-            if not m.any():
-                continue
-            c = rng.integers(colours) if colours > 1 else 0
-            colour = PALETTE[c] if colours > 1 else rng.uniform(60, 255, 3)
-            img[m] = colour + rng.normal(0, 8, 3)
-            ys, xs = np.nonzero(m)
-            tight = np.array([xs.min(), ys.min(), xs.max() + 1, ys.max() + 1], np.float32)
-            placed.append((tight, s + len(SHAPES) * c))
-        # later shapes may cover earlier ones partly; keep the labelled boxes as drawn
-        for i, (b, lab) in enumerate(placed):
-            boxes[n, i], labels[n, i] = b, lab
-        images[n] = np.clip(img, 0, 255).astype(np.uint8)
-    names = [f"{s}" if colours == 1 else f"{s}_{c}" for c in range(colours) for s in SHAPES]
-    return dict(images=images, boxes=boxes, labels=labels, class_names=names)
-
-
-def _iou_pair(a, b):
-    w = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
-    h = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
-    inter = w * h
-    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
-    return inter / union
+    photos = jnp.asarray(sample_photos(size)) if photo_backgrounds else None
+    make = jax.jit(shapes_batch, static_argnums=range(1, 8))
+    images, boxes, labels = jax.device_get(
+        make(jax.random.PRNGKey(seed), num_images, size, max_objects, min_size, max_size,
+             colours, max_iou, photos))
+    return dict(images=images, boxes=boxes, labels=labels, class_names=class_names(colours))
 
 
 # ----------------------------------------------------------------------------- COCO format

@@ -150,7 +150,7 @@ def test_map_equals_pycocotools_on_random_detections():
         ev.evaluate(), ev.accumulate(), ev.summarize()
     assert ours == pytest.approx(ev.stats[0], abs=1e-4)
     assert ours50 == pytest.approx(ev.stats[1], abs=1e-4)
-    assert 0.2 < ours50 < 0.95  # a non-trivial case: neither all right nor all wrong
+    assert 0.1 < ours50 < 0.95  # a non-trivial case: neither all right nor all wrong
 
 
 def test_shapes_boxes_are_tight_and_labels_valid():
