@@ -7,7 +7,9 @@ An algorithm file exposes
                                          `validate()` (raises ValueError naming the field)
     init(key, cfg) -> State              a pytree
     update(state, cfg) -> (State, metrics)   pure; metrics is a dict of scalars
-    evaluate(state, cfg) -> metrics      optional, run once at the end
+    evaluate(state, cfg) -> metrics      optional, run once at the end (jitted and vmapped
+                                         over seeds, or per seed on the host when it is
+                                         decorated with @run.host_evaluate)
 
 and `main()` calls `run.main(Config, init, update, ...)`. The runner parses the CLI (tyro),
 vmaps `--num-seeds` seeds, shards them over local devices, runs jitted chunks of
@@ -222,6 +224,21 @@ def seed_map(fn: Callable, num_seeds: int) -> Callable:
     return one
 
 
+def host_evaluate(fn: Callable) -> Callable:
+    """Mark an `evaluate` that runs on the host (e.g. numpy mAP after a jitted forward):
+    the runner calls it once per seed with that seed's state instead of jit(vmap(...))."""
+    fn.host = True
+    return fn
+
+
+def evaluate_seeds(evaluate: Callable, state, cfg, num_seeds: int) -> dict:
+    """evaluate() of every seed, stacked along a leading seed axis, as numpy."""
+    if not getattr(evaluate, "host", False):
+        return jax.device_get(jax.jit(seed_map(lambda s: evaluate(s, cfg), num_seeds))(state))
+    per = [evaluate(jax.tree.map(lambda x: x[i], state), cfg) for i in range(num_seeds)]
+    return {k: np.stack([np.asarray(p[k]) for p in per]) for k in per[0]}
+
+
 def make_chunk(update: Callable, cfg, length: int, sharding=None, num_seeds: int = 2):
     """jit(vmap(scan(update, length))) over the seed axis; the state is donated. With a
     `sharding` (of the seed axis), state and metrics stay sharded over devices."""
@@ -359,7 +376,7 @@ def train(config_cls, init, update, cfg, opts: RunOptions, evaluate=None, name="
     hist = {k: np.concatenate(v, axis=1) for k, v in history.items()}
     final = {}
     if evaluate is not None:
-        final = jax.device_get(jax.jit(seed_map(lambda s: evaluate(s, cfg), opts.num_seeds))(state))
+        final = evaluate_seeds(evaluate, state, cfg, opts.num_seeds)
     # loop_s: wall time of all chunks with logging, progress and checkpoints, less compiling.
     perf = {"perf/compile_s": compile_s, "perf/loop_s": loop_s}
     if timed[1] and steps_per_update and timed[0]:
