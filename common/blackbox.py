@@ -97,11 +97,12 @@ def episode(env, act: Callable, key: jax.Array, params, num_steps: int):
         k_act, k_env = jax.random.split(key)
         obs2, state2, reward, terminated, truncated = env.step(
             k_env, state, act(obs, k_act), params)
+        # steps after the end change nothing (the step that ends the episode still counts)
         keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(done, b, a), new, old)
+        obs2, state2 = keep(obs2, obs), keep(state2, state)
         ret = ret + jnp.where(done, 0.0, reward)
         length = length + jnp.where(done, 0, 1)
-        done = done | terminated | truncated
-        return (keep(obs2, obs), keep(state2, state), ret, length, done), None
+        return (obs2, state2, ret, length, done | terminated | truncated), None
 
     carry = (obs, state, jnp.zeros(()), jnp.zeros((), jnp.int32), jnp.zeros((), bool))
     (_, state, ret, length, _), _ = jax.lax.scan(step, carry, jax.random.split(key, num_steps))

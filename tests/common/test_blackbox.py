@@ -77,3 +77,14 @@ def test_episode_masks_steps_after_the_end():
                                               k, env.default_params(), 100))(
         jax.random.PRNGKey(0))
     assert float(ret2) == 100.0
+
+
+def test_episode_final_state_is_the_terminal_state():
+    """The final state is the one the terminating step produced (CartPole's pole angle
+    beyond 12 degrees or the cart off the track), not the state before it."""
+    env = envs.make("CartPole-v1", 1).env
+    _, length, state = jax.jit(lambda k: bb.episode(env, lambda o, k: jnp.int32(1), k,
+                                                    env.default_params(), 100))(
+        jax.random.PRNGKey(0))
+    assert abs(float(state.theta)) > 12 * 2 * np.pi / 360 or abs(float(state.x)) > 2.4
+    assert int(state.time) == int(length)
