@@ -1,0 +1,190 @@
+"""Tests of evolution/cem_rl.py: CEM update, replay buffer, TD3 target, the gradient half,
+behaviour against pure CEM, purity and CLI."""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from common import run
+from evolution import cem_rl
+
+# Tiny Pendulum setting for purity / CLI (50-step episodes, 4 actors, few gradient steps).
+TINY = cem_rl.Config(env_id="Pendulum-v1", episode_steps=50, total_timesteps=800, pop_size=4,
+                     num_elites=2, start_steps=200, grad_steps_ratio=0.1, buffer_size=1000,
+                     batch_size=16, actor_hidden=(16, 16), critic_hidden=(16, 16),
+                     eval_episodes=2)
+
+
+def test_cem_update_matches_closed_form():
+    """[1] Eq. (1)-(2) on a hand case: 4 members in 2-D, K = 2 elites, weights
+    log(3/1), log(3/2) normalised; variance around the OLD mean plus the decayed eps."""
+    pop = jnp.array([[1.0, 2.0], [0.5, -1.0], [3.0, 0.0], [-1.0, 1.0]])
+    fitness = jnp.array([3.0, 1.0, 4.0, 2.0])  # minimised: elites are rows 1 then 3
+    state = cem_rl.CEMState(jnp.array([0.0, 0.5]), jnp.array([1.0, 1.0]), jnp.array(1e-3))
+    new = cem_rl.cem_tell(state, pop, fitness, num_elites=2, eps_end=1e-5, eps_tau=0.95)
+    w0 = np.log(3.0) / (np.log(3.0) + np.log(1.5))  # 0.730...
+    w1 = 1.0 - w0
+    assert abs(w0 - 0.7304) < 1e-3
+    eps = 0.95 * 1e-3 + 0.05 * 1e-5  # 9.505e-4
+    mean = [w0 * 0.5 + w1 * -1.0, w0 * -1.0 + w1 * 1.0]
+    var = [w0 * 0.5**2 + w1 * 1.0 + eps, w0 * 1.5**2 + w1 * 0.5**2 + eps]
+    np.testing.assert_allclose(new.mean, mean, rtol=1e-6)
+    np.testing.assert_allclose(new.var, var, rtol=1e-6)
+    np.testing.assert_allclose(new.eps, eps, rtol=1e-6)
+    # eps decays toward eps_end: after many generations it is eps_end.
+    s = state
+    for _ in range(400):
+        s = cem_rl.cem_tell(s, pop, fitness, 2, 1e-5, 0.95)
+    np.testing.assert_allclose(s.eps, 1e-5, rtol=1e-3)
+
+
+def test_cem_ask_is_antithetic_with_the_diagonal_variance():
+    state = cem_rl.CEMState(jnp.array([1.0, -2.0, 0.0]), jnp.array([4.0, 0.25, 1e-3]),
+                            jnp.array(0.0))
+    pop = cem_rl.cem_ask(jax.random.PRNGKey(0), state, 20_000, antithetic=True)
+    np.testing.assert_allclose(pop[:10_000] + pop[10_000:],
+                               np.broadcast_to(2 * state.mean, (10_000, 3)), atol=1e-5)
+    np.testing.assert_allclose(pop.mean(0), state.mean, atol=1e-5)
+    np.testing.assert_allclose(pop.var(0), state.var, rtol=0.05)
+
+
+def test_gradient_step_schedule_is_algorithm_1():
+    """[1] Alg. 1 with N = 10 and S = 10 x 1000 env steps: each of the 5 actors trains for
+    S steps, the critic for 2 S / N steps before each (S steps per generation in total)."""
+    cfg = cem_rl.Config()
+    assert cfg.num_grad == 5 and cfg.steps_per_update == 10_000
+    assert cfg.actor_steps == 10_000 and cfg.critic_steps == 2 * 10_000 // 10
+    assert dataclasses.replace(cfg, rl_fraction=0.0).num_grad == 0
+
+
+def test_buffer_ring_wrap_and_size():
+    buf = cem_rl.buffer_init(5, obs_dim=2, action_dim=1)
+
+    def tr(vals):
+        v = jnp.asarray(vals, jnp.float32)
+        return cem_rl.Transition(jnp.stack([v, -v], -1), v[:, None], v, jnp.stack([v, v], -1),
+                                 jnp.zeros_like(v))
+
+    buf = cem_rl.buffer_add(buf, tr([0, 1, 2]), jnp.array([True, True, True]))
+    assert int(buf.pos) == 3 and int(buf.size) == 3
+    # 4 rows, one invalid (not stored): 10 -> slot 3, 12 -> slot 4, 13 wraps to slot 0.
+    buf = cem_rl.buffer_add(buf, tr([10, 11, 12, 13]), jnp.array([True, False, True, True]))
+    assert int(buf.pos) == 1 and int(buf.size) == 5
+    np.testing.assert_array_equal(buf.data.reward, [13, 1, 2, 10, 12])
+    np.testing.assert_array_equal(buf.data.obs[:, 1], -np.array([13, 1, 2, 10, 12]))
+    # Samples come only from the filled part.
+    small = cem_rl.buffer_add(cem_rl.buffer_init(8, 2, 1), tr([5, 6]), jnp.array([True, True]))
+    s = cem_rl.buffer_sample(small, jax.random.PRNGKey(0), 500)
+    assert set(np.asarray(s.reward).tolist()) == {5.0, 6.0}
+
+
+def test_td3_target_hand_case():
+    """[2] Eq. (10): min of the twin target critics at the smoothed, clipped action."""
+    noise = cem_rl.target_noise(jax.random.PRNGKey(0), (1000, 1), policy_noise=1e6,
+                                noise_clip=0.5, max_action=2.0)
+    np.testing.assert_allclose(np.abs(noise), 1.0)  # clipped to noise_clip * a_max
+    assert (noise > 0).any() and (noise < 0).any()
+    small = cem_rl.target_noise(jax.random.PRNGKey(0), (10_000, 1), 0.2, 0.5, 1.0)
+    assert abs(float(small.std()) - 0.2) < 0.01 and float(jnp.abs(small).max()) <= 0.5
+
+    actor = lambda s: jnp.full((s.shape[0], 1), 1.8)
+    critic = lambda s, a: (s[:, 0] + a[:, 0], 2 * s[:, 0] - a[:, 0])
+    batch = cem_rl.Transition(
+        obs=jnp.zeros((3, 1)), action=jnp.zeros((3, 1)), reward=jnp.array([1.0, -1.0, 0.5]),
+        next_obs=jnp.array([[1.0], [3.0], [3.0]]), terminated=jnp.array([0.0, 1.0, 0.0]))
+    y = cem_rl.td3_target(actor, critic, batch, jnp.array([[1.0], [-1.0], [-1.0]]), 0.9, 2.0)
+    # row 0: a' = clip(2.8) = 2, Q = (3, 0) -> 1 + 0.9 * 0 = 1
+    # row 1: terminal -> -1
+    # row 2: a' = 0.8, Q = (3.8, 5.2) -> 0.5 + 0.9 * 3.8 = 3.92
+    np.testing.assert_allclose(y, [1.0, -1.0, 3.92], rtol=1e-6)
+
+
+@pytest.mark.parametrize("rl_fraction", [0.5, 0.3])
+def test_only_the_gradient_half_changes(rl_fraction):
+    cfg = dataclasses.replace(TINY, pop_size=10, rl_fraction=rl_fraction)
+    nets = cem_rl.nets_of(cfg)
+    state = cem_rl.init(jax.random.PRNGKey(0), cfg)
+    k = jax.random.split(jax.random.PRNGKey(1), 4)
+    n = 200
+    tr = cem_rl.Transition(jax.random.normal(k[0], (n, 3)),
+                           jax.random.uniform(k[1], (n, 1), minval=-2, maxval=2),
+                           -jax.random.uniform(k[2], (n,)), jax.random.normal(k[3], (n, 3)),
+                           jnp.zeros((n,)))
+    buf = cem_rl.buffer_add(state.buffer, tr, jnp.ones((n,), bool))
+    pop = cem_rl.cem_ask(jax.random.PRNGKey(2), state.cem, cfg.pop_size, True)
+    new, critic, closs, aloss = jax.jit(
+        lambda p, c, b, kk: cem_rl.rl_phase(nets, cfg, p, c, b, kk))(
+        pop, state.critic, buf, jax.random.PRNGKey(3))
+    m = cfg.num_grad
+    assert m == round(10 * rl_fraction) and new.shape == pop.shape
+    moved = np.abs(np.asarray(new - pop)).max(axis=1)
+    assert (moved[:m] > 1e-4).all(), moved
+    np.testing.assert_array_equal(new[m:], pop[m:])
+    c0, c1 = jax.tree.leaves(state.critic.params)[0], jax.tree.leaves(critic.params)[0]
+    assert not np.allclose(c0, c1)  # the shared critic was trained
+    assert np.isfinite(closs) and np.isfinite(aloss)
+
+
+def test_cem_rl_beats_pure_cem_on_pendulum():
+    """Behaviour ([1] Fig. 2: CEM-TD3 >> CEM): gymnax Pendulum-v1, the quick preset
+    (pop 10, 64-64 networks, 1/4 of [1]'s gradient steps) at 32k env steps, 4 seeds vmapped;
+    the score is the CEM mean actor's return averaged over the last 3 generations.
+    CEM-RL must beat the identical code with rl_fraction = 0 (pure CEM) by 400 per seed
+    on average and reach > -600. Measured on a 2-core CPU (about 30 s with a warm compile
+    cache): CEM-RL -317, -248, -321, -186 (per seed, mean -268) vs pure CEM (the broken
+    variant) -1115, -1266, -1284, -1186 (mean -1213)."""
+    base = cem_rl.Config(**{**cem_rl.PRESETS["quick"], "total_timesteps": 32_000})
+    keys = jax.random.split(jax.random.PRNGKey(0), 4)
+    scores = {}
+    for frac in (0.5, 0.0):
+        cfg = dataclasses.replace(base, rl_fraction=frac)
+        _, m = jax.jit(jax.vmap(run.make_train(cem_rl.init, cem_rl.update, cfg)))(keys)
+        scores[frac] = np.asarray(m["charts/mean_actor_return"])[:, -3:].mean(1)
+        assert m["charts/env_steps"][0, -1] == 32_000
+    print("CEM-RL", scores[0.5], "CEM", scores[0.0])
+    assert scores[0.5].mean() > -600, scores
+    assert (scores[0.5] - scores[0.0]).mean() > 400, scores
+
+
+def test_train_is_pure_and_seeded():
+    train = jax.jit(jax.vmap(run.make_train(cem_rl.init, cem_rl.update, TINY)))
+    keys = jax.random.split(jax.random.PRNGKey(0), 2)
+    (s1, m1), (s2, m2) = train(keys), train(keys)
+    np.testing.assert_array_equal(s1.cem.mean, s2.cem.mean)
+    np.testing.assert_array_equal(m1["losses/critic"], m2["losses/critic"])
+    assert not np.array_equal(s1.cem.mean[0], s1.cem.mean[1])
+    assert m1["charts/env_steps"].shape == (2, TINY.num_updates)
+    np.testing.assert_array_equal(m1["charts/env_steps"][0], [200, 400, 600, 800])
+    # gradients start once env_steps > start_steps (from the 3rd generation on)
+    assert (m1["losses/critic"][:, :2] == 0).all() and (m1["losses/critic"][:, 2:] > 0).all()
+    assert int(s1.buffer.size[0]) == 800 and np.isfinite(m1["losses/actor"]).all()
+
+
+def test_cli_runs_and_documents_every_field(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        cem_rl.main(["--help"])
+    out = capsys.readouterr().out
+    for f in dataclasses.fields(cem_rl.Config):
+        assert "--" + f.name.replace("_", "-") in out, f.name
+    assert "Presets (--preset): quick, paper" in out
+    args = ["--env-id", "Pendulum-v1", "--episode-steps", "50", "--total-timesteps", "400",
+            "--pop-size", "4", "--num-elites", "2", "--start-steps", "100",
+            "--grad-steps-ratio", "0.05", "--buffer-size", "500", "--batch-size", "8",
+            "--actor-hidden", "8", "--critic-hidden", "8", "--eval-episodes", "1",
+            "--num-seeds", "2", "--run-dir", str(tmp_path), "--no-progress"]
+    res = cem_rl.main(args)
+    assert (tmp_path / "metrics.jsonl").exists()
+    assert res.history["charts/mean_actor_return"].shape == (2, 2)
+    assert "final_mean_actor_return" in capsys.readouterr().out
+
+
+def test_bad_values_fail_with_named_field(tmp_path):
+    with pytest.raises(ValueError, match="num_elites=11"):
+        cem_rl.main(["--num-elites", "11", "--run-dir", str(tmp_path)])
+    with pytest.raises(ValueError, match="rl_fraction=1.5"):
+        cem_rl.main(["--rl-fraction", "1.5", "--run-dir", str(tmp_path)])
+    with pytest.raises(ValueError, match="buffer_size=10"):
+        cem_rl.main(["--buffer-size", "10", "--run-dir", str(tmp_path)])
