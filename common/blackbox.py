@@ -76,7 +76,8 @@ def centered_ranks(f: jax.Array) -> jax.Array:
     """Ranks scaled to [-0.5, 0.5] (smallest f -> -0.5), summing to zero: the shaping of
     Salimans et al. 2017. Ties are broken by position."""
     n = f.shape[0]
-    ranks = jnp.argsort(jnp.argsort(f)).astype(jnp.float32)
+    dtype = f.dtype if jnp.issubdtype(f.dtype, jnp.floating) else jnp.float32
+    ranks = jnp.argsort(jnp.argsort(f)).astype(dtype)
     return ranks / (n - 1) - 0.5
 
 
