@@ -218,3 +218,89 @@ def load_coco(data_dir, split: str, size: int, max_objects: int = 100) -> dict:
             labels[i, j] = cat_index[a["category_id"]]
     return dict(images=images, boxes=boxes, labels=labels,
                 class_names=[names[c] for c in cats])
+
+
+# ----------------------------------------------------------------------------- text and images
+
+
+def text_corpus(name: str = "pydoc", max_chars: int | None = None) -> str:
+    """An English/code text that ships with Python: 'pydoc' (the reference-manual topics
+    of pydoc_data, ~465k characters; the exact text varies with the Python version),
+    'stdlib' (the standard library's own .py sources, sorted by path, ~14 MB), or 'this'
+    (the Zen of Python, 857 characters, for smoke tests)."""
+    if name == "pydoc":
+        from pydoc_data.topics import topics
+
+        text = "\n\n".join(topics[k] for k in sorted(topics))
+    elif name == "stdlib":
+        import sysconfig
+
+        root = Path(sysconfig.get_paths()["stdlib"])
+        parts, total = [], 0
+        for f in sorted(root.rglob("*.py")):
+            if any(p in f.parts for p in ("site-packages", "test", "tests", "idle_test")):
+                continue
+            parts.append(f.read_text(errors="replace"))
+            total += len(parts[-1])
+            if max_chars is not None and total >= max_chars:
+                break
+        text = "\n".join(parts)
+    elif name == "this":
+        import codecs
+        import contextlib
+        import io
+
+        with contextlib.redirect_stdout(io.StringIO()):  # importing `this` prints it
+            import this
+        text = codecs.decode(this.s, "rot13")
+    else:
+        raise ValueError(f"corpus must be 'pydoc', 'stdlib' or 'this', got {name!r}")
+    return text if max_chars is None else text[:max_chars]
+
+
+def char_corpus(name: str = "pydoc", val_fraction: float = 0.1, max_chars: int | None = None,
+                byte_level: bool = False):
+    """A character (or byte) language-modelling set: (train ids, val ids, vocab) with
+    int32 ids; the last `val_fraction` of the text is the validation split. The vocab is
+    the sorted set of characters of the whole text (or the 256 bytes)."""
+    text = text_corpus(name, max_chars)
+    if byte_level:
+        ids = np.frombuffer(text.encode("utf-8"), np.uint8).astype(np.int32)
+        vocab = [bytes([i]) for i in range(256)]
+    else:
+        vocab = sorted(set(text))
+        lut = {c: i for i, c in enumerate(vocab)}
+        ids = np.array([lut[c] for c in text], np.int32)
+    cut = int(len(ids) * (1 - val_fraction))
+    return ids[:cut], ids[cut:], vocab
+
+
+def lm_windows(key, ids, batch: int, length: int):
+    """`batch` random windows of ids (a device array): inputs (B, L) and next-token
+    targets (B, L). Jittable: draws starts from `key`."""
+    starts = jax.random.randint(key, (batch,), 0, ids.shape[0] - length - 1)
+    take = lambda s: jax.lax.dynamic_slice(ids, (s,), (length + 1,))
+    w = jax.vmap(take)(starts)
+    return w[:, :-1], w[:, 1:]
+
+
+def digits():
+    """scikit-learn's 8x8 handwritten digits (1,797 images, ships in the wheel): images
+    (N, 8, 8) uint8 with intensities 0..16, labels (N,) int32."""
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    return d.images.astype(np.uint8), d.target.astype(np.int32)
+
+
+def number_pairs(n: int, seed: int = 0, high: int = 1_000_000, lang: str = "de"):
+    """A synthetic translation set: n random integers in [0, high) written out in English
+    and in `lang` by num2words ("4567" -> "four thousand, five hundred and sixty-seven" ->
+    "viertausendfünfhundertsiebenundsechzig"); German reorders units and tens, so the
+    model needs attention, not a monotone copy. Returns a list of (source, target)."""
+    from num2words import num2words
+
+    rng = np.random.default_rng(seed)
+    # log-uniform magnitudes, so short and long numbers both appear
+    nums = np.floor(np.exp(rng.uniform(0, np.log(high), n))).astype(int) - 1
+    return [(num2words(int(k), lang="en"), num2words(int(k), lang=lang)) for k in nums]
