@@ -1,6 +1,5 @@
 """Test helper shared by the transformers tests: the no-information-from-the-future check."""
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -22,5 +21,3 @@ def assert_leaks(fn, tokens, t: int, vocab: int):
     a, b = np.asarray(fn(tokens)), np.asarray(fn(other))
     assert np.abs(a[:, :t] - b[:, :t]).max() > 1e-6
 
-
-__all__ = ["assert_no_future_leak", "assert_leaks", "jax"]
