@@ -1,0 +1,191 @@
+"""Tests of transformers/char_transformer.py: causality, the auxiliary-loss decomposition
+and its schedule, behaviour against a bigram baseline, purity and the CLI."""
+
+import dataclasses
+import inspect
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from common import data, run
+from tests.transformers import leak
+from transformers import char_transformer as ct
+
+TINY = ct.Config(seq_len=16, num_layers=2, d_model=16, num_heads=2, d_ff=32, dropout=0.0,
+                 num_targets=2, batch_size=4, total_steps=3, optimizer="adam", lr=1e-3,
+                 eval_windows=8)
+
+
+def _logits_fn(cfg, vocab, causal=True, key=0):
+    model = ct.CharTransformer(cfg, vocab, causal=causal)
+    params = model.init(jax.random.PRNGKey(key), jnp.zeros((1, cfg.seq_len), jnp.int32))
+    # (N, K, B, L, V) -> (B, L, N, K, V): the leak helper wants positions on axis 1
+    return jax.jit(lambda t: jnp.moveaxis(model.apply(params, t), (2, 3), (0, 1)))
+
+
+def test_no_future_leak_in_any_layer_or_target_head_and_mask_off_leaks():
+    """Every classifier (all layers, all target offsets) at positions < t is bit-identical
+    when the characters at positions >= t change; with the causal mask off it is not."""
+    cfg = dataclasses.replace(TINY, num_layers=3, num_targets=3)
+    vocab = 11
+    tokens = jax.random.randint(jax.random.PRNGKey(1), (2, cfg.seq_len), 0, vocab)
+    for t in (1, 7, cfg.seq_len - 1):
+        leak.assert_no_future_leak(_logits_fn(cfg, vocab), tokens, t, vocab)
+    leak.assert_leaks(_logits_fn(cfg, vocab, causal=False), tokens, 7, vocab)
+
+
+def test_model_shapes_and_per_layer_positional_tables():
+    cfg = dataclasses.replace(TINY, num_layers=3, num_targets=2)
+    model = ct.CharTransformer(cfg, 7)
+    params = model.init(jax.random.PRNGKey(0), jnp.zeros((1, cfg.seq_len), jnp.int32))
+    out = model.apply(params, jnp.zeros((2, cfg.seq_len), jnp.int32))
+    assert out.shape == (3, 2, 2, cfg.seq_len, 7)  # (layers, targets, B, L, V)
+    p = params["params"]
+    assert all(p[f"layer_{l}"]["pos"].shape == (cfg.seq_len, cfg.d_model) for l in range(3))
+    assert "head_2_2" in p and "head_0_1" in p  # a classifier per layer and target
+    plain = dataclasses.replace(cfg, per_layer_positions=False, intermediate_losses=False,
+                                num_targets=1)
+    params = ct.CharTransformer(plain, 7).init(jax.random.PRNGKey(0),
+                                               jnp.zeros((1, cfg.seq_len), jnp.int32))
+    p = params["params"]
+    assert "pos" in p["layer_0"] and "pos" not in p["layer_1"] and "pos" not in p["layer_2"]
+    assert sorted(k for k in p if k.startswith("head")) == ["head_2_1"]
+
+
+def test_intermediate_schedule_turns_layer_l_off_at_l_over_2n():
+    """N = 4, S = 80 updates: layer l's loss is dropped from update l/(2N) * S = 10 l on;
+    the last layer is never dropped; intermediate_stop = 1 spreads it over the whole run."""
+    cfg = dataclasses.replace(TINY, num_layers=4, total_steps=80)
+    w = np.stack([np.asarray(ct.layer_weights(s, cfg)) for s in range(81)])  # (81, 4)
+    first_off = [int(np.argmax(w[:, l] == 0)) for l in range(3)]
+    assert first_off == [10, 20, 30]
+    assert (w[:, 3] == 1).all()
+    assert (np.diff(w, axis=0) <= 0).all()  # monotone: a dropped layer never returns
+    np.testing.assert_array_equal(w[9], [1, 1, 1, 1])
+    np.testing.assert_array_equal(w[25], [0, 0, 1, 1])
+    late = dataclasses.replace(cfg, intermediate_stop=1.0)
+    assert [int(np.argmax(np.asarray([ct.layer_weights(s, late)[l] for s in range(81)]) == 0))
+            for l in range(3)] == [20, 40, 60]
+    off = dataclasses.replace(cfg, intermediate_losses=False)
+    np.testing.assert_array_equal(ct.layer_weights(0, off), [1.0])
+
+
+def test_loss_is_the_scheduled_sum_of_its_parts_hand_computed():
+    """loss(s) = sum_l w_l(s) [CE_{l,1} + 0.5 CE_{l,2}], with CE computed here in numpy from
+    the logits (targets t_{i+1} and t_{i+2}) at updates 0, 10, 25 and 79 of S = 80."""
+    cfg = dataclasses.replace(TINY, num_layers=4, num_targets=2, seq_len=5, total_steps=80)
+    B, L, V, K, N = 3, cfg.seq_len, 6, 2, 4
+    rng = np.random.default_rng(0)
+    logits = rng.normal(size=(N, K, B, L, V)).astype(np.float32) * 2
+    window = rng.integers(0, V, size=(B, L + K))
+    logp = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+    ce = np.zeros((N, K))
+    for l in range(N):
+        for k in range(K):
+            ce[l, k] = -np.mean([logp[l, k, b, i, window[b, i + k + 1]]
+                                 for b in range(B) for i in range(L)])
+    got = ct.cross_entropies(jnp.asarray(logits), jnp.asarray(window), cfg)
+    np.testing.assert_allclose(got, ce, rtol=1e-5)
+    per_layer = ce[:, 0] + 0.5 * ce[:, 1]
+    expect = {0: per_layer.sum(), 10: per_layer[1:].sum(), 25: per_layer[2:].sum(),
+              79: per_layer[3]}
+    for step, value in expect.items():
+        np.testing.assert_allclose(ct.total_loss(got, step, cfg), value, rtol=1e-5)
+    # multiple positions off: only the last position (i = L - 1) counts
+    last = dataclasses.replace(cfg, multiple_positions=False)
+    want = -np.mean([logp[3, 1, b, L - 1, window[b, L + 1]] for b in range(B)])
+    np.testing.assert_allclose(ct.cross_entropies(jnp.asarray(logits), jnp.asarray(window),
+                                                  last)[3, 1], want, rtol=1e-5)
+
+
+def test_targets_are_shifted_and_the_unshifted_variant_is_detected():
+    """A model that puts all mass on t_{i+k} has loss ~0 under our targets. The broken
+    variant 'predict the current character' (targets not shifted), which a causal model
+    can learn perfectly from its own input, scores ~14 nats per head here instead."""
+    cfg = dataclasses.replace(TINY, num_layers=1, num_targets=3, seq_len=8)
+    window = jax.random.randint(jax.random.PRNGKey(0), (4, 8 + 3), 0, 9)
+    right = jnp.stack([jax.nn.one_hot(window[:, k:k + 8], 9) for k in (1, 2, 3)])[None] * 30
+    unshifted = jnp.stack([jax.nn.one_hot(window[:, :8], 9)] * 3)[None] * 30
+    assert float(ct.cross_entropies(right, window, cfg).max()) < 1e-6
+    assert float(ct.cross_entropies(unshifted, window, cfg).min()) > 5.0
+
+
+def test_aux_losses_beat_bigram_where_last_position_training_does_not():
+    """Behaviour ([1] Fig. 1 vs 2-4): a tiny 4-layer model (d=32, context 32, batch 16,
+    Adam 3e-3) trained 400 updates with all three auxiliary losses reaches a validation
+    loss below the add-0.1 bigram baseline computed here from the training split; the
+    paper's plain setting (only the last position of the last layer predicts one target)
+    at the same number of updates stays above it, near the unigram entropy.
+    Measured (CPython 3.11 pydoc text): aux 2.23, plain 2.76, bigram 2.32 nats/char (with
+    only the multiple-positions loss: 2.17; the intermediate losses pay off only in deep
+    stacks). Two compiles dominate the ~60-100 s this takes on 2 busy cores."""
+    train, val, vocab = data.char_corpus("pydoc", 0.1)
+    V = len(vocab)
+    counts = np.full((V, V), 0.1)
+    np.add.at(counts, (train[:-1], train[1:]), 1.0)
+    p = counts / counts.sum(1, keepdims=True)
+    bigram = float(-np.log(p[val[:-1], val[1:]]).mean())
+    base = ct.Config(seq_len=32, num_layers=4, d_model=32, num_heads=4, d_ff=128, dropout=0.0,
+                     batch_size=16, total_steps=400, optimizer="adam", lr=3e-3,
+                     warmup_steps=20, eval_windows=64)
+    plain = dataclasses.replace(base, multiple_positions=False, intermediate_losses=False,
+                                num_targets=1)
+
+    def val_loss(cfg):
+        state, _ = jax.jit(run.make_train(ct.init, ct.update, cfg))(jax.random.PRNGKey(0))
+        return float(jax.jit(lambda s: ct.evaluate(s, cfg))(state)["val_loss"])
+
+    aux, last_only = val_loss(base), val_loss(plain)
+    print(f"aux {aux:.3f} plain {last_only:.3f} bigram {bigram:.3f}")
+    assert aux < bigram, (aux, bigram)
+    assert last_only > bigram + 0.2, (last_only, bigram)
+
+
+def test_train_is_pure_and_seeded_and_logs_the_schedule():
+    """make_train jitted and vmapped over 2 seeds: same seed identical, seeds differ; with
+    N = 2 and S = 3 layer 1 stops at update 3/4, so the active-layer count is 2, 1, 1."""
+    train = jax.jit(jax.vmap(run.make_train(ct.init, ct.update, TINY)))
+    keys = jax.random.split(jax.random.PRNGKey(0), 2)
+    (s1, m1), (s2, m2) = train(keys), train(keys)
+    a = jax.tree.leaves(s1.params)[0]
+    np.testing.assert_array_equal(a, jax.tree.leaves(s2.params)[0])
+    np.testing.assert_array_equal(m1["losses/loss"], m2["losses/loss"])
+    assert not np.array_equal(m1["losses/loss"][0], m1["losses/loss"][1])
+    assert np.isfinite(m1["losses/loss"]).all() and m1["losses/loss"].shape == (2, 3)
+    np.testing.assert_array_equal(m1["charts/active_layers"][0], [2, 1, 1])
+    np.testing.assert_array_equal(s1.step, [3, 3])
+
+
+def test_cli_runs_and_documents_every_field(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        ct.main(["--help"])
+    out = capsys.readouterr().out
+    for f in dataclasses.fields(ct.Config):
+        assert "--" + f.name.replace("_", "-") in out, f.name
+    assert "Presets (--preset): quick, paper" in out
+    args = ["--preset", "quick", "--seq-len", "16", "--num-layers", "2", "--d-model", "16",
+            "--num-heads", "2", "--d-ff", "32", "--batch-size", "4", "--total-steps", "4",
+            "--eval-windows", "8", "--corpus", "this", "--log-every", "2",
+            "--run-dir", str(tmp_path), "--no-progress"]
+    res = ct.main(args)
+    assert (tmp_path / "metrics.jsonl").exists()
+    assert res.history["charts/bits_per_char"].shape == (1, 4)
+    assert np.isfinite(res.final["val_bits_per_char"]).all()
+    assert "val_bits_per_char" in capsys.readouterr().out
+
+
+def test_bad_values_fail_with_named_field(tmp_path):
+    with pytest.raises(ValueError, match="d_model=30 is not divisible by num_heads=4"):
+        ct.main(["--preset", "quick", "--d-model", "30", "--run-dir", str(tmp_path)])
+    with pytest.raises(ValueError, match="optimizer='sgd'"):
+        ct.main(["--optimizer", "sgd", "--run-dir", str(tmp_path)])
+    with pytest.raises(ValueError, match="eval_windows=10 is not a multiple of batch_size=16"):
+        ct.main(["--eval-windows", "10", "--run-dir", str(tmp_path)])
+
+
+def test_every_config_field_is_read():
+    src = inspect.getsource(ct)
+    unread = [f.name for f in dataclasses.fields(ct.Config) if f"cfg.{f.name}" not in src]
+    assert unread == [], unread

@@ -1,0 +1,179 @@
+"""Tests of transformers/image_transformer.py: blocked local attention equals the dense
+masked reference, the memory windows, causality, behaviour on digits, purity and the CLI."""
+
+import dataclasses
+import inspect
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from common import run
+from tests.transformers import leak
+from transformers import image_transformer as it
+
+QUICK = it.Config(**it.PRESETS["quick"])
+TINY = dataclasses.replace(QUICK, num_layers=2, d_model=16, num_heads=2, d_ff=32,
+                           batch_size=4, total_steps=3)
+SPECS = [  # (name, config): digits 8x8 and 4x12 RGB crops, with uneven memories
+    ("1d", dataclasses.replace(QUICK, attn="local1d")),
+    ("1d-uneven", dataclasses.replace(QUICK, attn="local1d", query_len=4, memory_len=6)),
+    ("2d", dataclasses.replace(QUICK, attn="local2d")),
+    ("2d-uneven", dataclasses.replace(QUICK, attn="local2d", query_h=4, query_w=2,
+                                      memory_h=1, memory_w=3)),
+    ("1d-rgb", dataclasses.replace(QUICK, dataset="photos", photo_crop=4, attn="local1d",
+                                   query_len=6, memory_len=12)),
+    ("2d-rgb", dataclasses.replace(QUICK, dataset="photos", photo_crop=4, attn="local2d",
+                                   query_h=2, query_w=6, memory_h=1, memory_w=3)),
+]
+
+
+@pytest.mark.parametrize("name,cfg", SPECS, ids=[s[0] for s in SPECS])
+def test_blocked_equals_dense_masked_attention(name, cfg):
+    n = int(np.prod(cfg.image_shape))
+    q, k, v = jax.random.normal(jax.random.PRNGKey(0), (3, 2, 3, n, 8)) * 2
+    a = it.blocked_local_attention(q, k, v, cfg)
+    b = it.dense_local_attention(q, k, v, cfg)
+    np.testing.assert_allclose(a, b, atol=1e-5, rtol=0)
+
+
+def _allowed_raster(cfg, r, c):
+    """The dense mask's allowed set of the query at grid (r, c), as grid coordinates."""
+    H, Wc = cfg.grid
+    perm = it.generation_order(cfg)
+    s = int(np.argsort(perm)[r * Wc + c])
+    return {(int(p // Wc), int(p % Wc)) for p in perm[np.flatnonzero(it.dense_mask(cfg)[s])]}
+
+
+def test_memory_windows_match_hand_written_sets():
+    """1-D (8x8, l_q = 8, l_m = 8): the query at raster 20 (row 2, col 4) sees positions
+    8..20. 2-D (8x8, 2x4 query blocks, flanges h_m = 2, w_m = 2): the query at (2, 5) lies
+    in block (1, 1); its window is rows 0-3 x cols 2-7 (clipped at the right edge), and of
+    it were generated before: rows 0-1 (blocks (0,0), (0,1)), rows 2-3 x cols 2-3 (block
+    (1,0)) and (2,4), (2,5) itself inside its own block."""
+    one = dataclasses.replace(QUICK, attn="local1d", query_len=8, memory_len=8)
+    assert _allowed_raster(one, 2, 4) == {(p // 8, p % 8) for p in range(8, 21)}
+    two = dataclasses.replace(QUICK, attn="local2d", query_h=2, query_w=4, memory_h=2,
+                              memory_w=2)
+    want = ({(r, c) for r in (0, 1) for c in range(2, 8)} | {(r, c) for r in (2, 3)
+                                                               for c in (2, 3)}
+            | {(2, 4), (2, 5)})
+    assert _allowed_raster(two, 2, 5) == want
+    # the block raster order: the first 8 generated positions are the 2x4 block (0, 0)
+    np.testing.assert_array_equal(it.generation_order(two)[:8], [0, 1, 2, 3, 8, 9, 10, 11])
+
+
+@pytest.mark.parametrize("attn", ["local1d", "local2d"])
+def test_each_query_attends_exactly_within_its_memory_window(attn):
+    """d out_s / d v_t of the blocked implementation is non-zero exactly where the dense
+    spec allows t for s: nothing outside the window, nothing in the future, all of the
+    window used."""
+    cfg = dataclasses.replace(QUICK, attn=attn)
+    q, k, v = jax.random.normal(jax.random.PRNGKey(1), (3, 1, 1, 64, 2))
+    jac = jax.jacfwd(lambda v: it.blocked_local_attention(q, k, v, cfg))(v)  # (.., s, d, .., t, d)
+    support = np.abs(np.asarray(jac[0, 0, :, 0, 0, 0, :, 0])) > 0  # (s, t)
+    np.testing.assert_array_equal(support, it.dense_mask(cfg))
+
+
+@pytest.mark.parametrize("attn", ["local1d", "local2d"])
+def test_no_future_leak_in_generation_order_and_mask_off_leaks(attn):
+    """The prediction of step s (logits at s) uses only the intensities of steps < s: the
+    helper checks next(tokens)[:, u] = logits[:, u + 1] (which may see steps <= u) for
+    changes at steps >= t, exactly. With the causal mask off inside the windows it leaks."""
+    cfg = dataclasses.replace(TINY, attn=attn)
+    tokens = jax.random.randint(jax.random.PRNGKey(2), (2, 64), 0, cfg.levels)
+
+    def fn(causal):
+        model = it.ImageTransformer(cfg, causal=causal)
+        params = model.init(jax.random.PRNGKey(0), tokens)
+        pad = jnp.zeros((tokens.shape[0], 1, cfg.levels))
+        return jax.jit(lambda t: jnp.concatenate([model.apply(params, t)[:, 1:], pad], 1))
+
+    good = fn(True)
+    for t in (1, 13, 40, 62):
+        leak.assert_no_future_leak(good, tokens, t, cfg.levels)
+    leak.assert_leaks(fn(False), tokens, 13, cfg.levels)
+
+
+def test_beats_the_per_position_marginal_baseline_on_digits():
+    """Behaviour: a 2-layer d=32 2-D-local model trained 300 updates (batch 32, Adam 1e-3)
+    reaches a test NLL below the per-position independent-categorical baseline (add-one
+    counts of each pixel's 17 intensities on the training split), computed here.
+    Measured: model 2.20 bits/dim (1-D local: 2.20), baseline 2.37, global-marginal 2.92;
+    the untrained model scores ~4.1 (= log2 17)."""
+    cfg = dataclasses.replace(QUICK, attn="local2d", num_layers=2, d_model=32, num_heads=2,
+                              d_ff=64, total_steps=300)
+    train, test = it.dataset("digits", cfg.photo_crop)
+    x, y = train.reshape(len(train), -1), test.reshape(len(test), -1)
+    counts = np.ones((64, 17))
+    np.add.at(counts, (np.tile(np.arange(64), len(x)), x.reshape(-1)), 1)
+    p = counts / counts.sum(1, keepdims=True)
+    baseline = float(-np.log2(p[np.arange(64)[None], y]).mean())
+    state, _ = jax.jit(run.make_train(it.init, it.update, cfg))(jax.random.PRNGKey(0))
+    bpd = float(jax.jit(lambda s: it.evaluate(s, cfg))(state)["test_bits_per_dim"])
+    print(f"model {bpd:.3f} baseline {baseline:.3f}")
+    assert bpd < baseline - 0.08, (bpd, baseline)
+
+
+def test_train_is_pure_and_seeded():
+    cfg = dataclasses.replace(TINY, num_layers=1)
+    train = jax.jit(jax.vmap(run.make_train(it.init, it.update, cfg)))
+    keys = jax.random.split(jax.random.PRNGKey(0), 2)
+    (s1, m1), (s2, m2) = train(keys), train(keys)
+    a = jax.tree.leaves(s1.params)[0]
+    np.testing.assert_array_equal(a, jax.tree.leaves(s2.params)[0])
+    np.testing.assert_array_equal(m1["losses/loss"], m2["losses/loss"])
+    assert not np.array_equal(m1["losses/loss"][0], m1["losses/loss"][1])
+    assert np.isfinite(m1["losses/loss"]).all() and m1["losses/loss"].shape == (2, 3)
+
+
+def test_sampling_gives_valid_images_in_generation_order():
+    cfg = dataclasses.replace(TINY, attn="local2d")
+    params = it.init(jax.random.PRNGKey(0), cfg).params
+    imgs = jax.jit(lambda k: it.sample(params, cfg, k, 3))(jax.random.PRNGKey(1))
+    assert imgs.shape == (3, 8, 8, 1) and imgs.dtype == jnp.uint8
+    assert int(imgs.max()) < cfg.levels
+    # round trip: raster image -> generation order -> raster
+    seq = it.to_sequence(imgs, cfg)
+    back = jnp.zeros_like(seq).at[:, it.generation_order(cfg)].set(seq)
+    np.testing.assert_array_equal(back.reshape(imgs.shape), imgs)
+
+
+def test_cli_runs_and_documents_every_field(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        it.main(["--help"])
+    out = capsys.readouterr().out
+    for f in dataclasses.fields(it.Config):
+        assert "--" + f.name.replace("_", "-") in out, f.name
+    assert "Presets (--preset): quick, photos, paper" in out
+    args = ["--preset", "quick", "--attn", "local2d", "--num-layers", "1", "--d-model", "16",
+            "--num-heads", "2", "--d-ff", "32", "--batch-size", "4", "--total-steps", "4",
+            "--log-every", "2", "--run-dir", str(tmp_path), "--no-progress"]
+    res = it.main(args)
+    assert (tmp_path / "metrics.jsonl").exists()
+    assert res.history["charts/bits_per_dim"].shape == (1, 4)
+    assert np.isfinite(res.final["test_bits_per_dim"]).all()
+    assert "test_bits_per_dim" in capsys.readouterr().out
+
+
+def test_bad_values_fail_with_named_field(tmp_path):
+    with pytest.raises(ValueError, match="query_len=5 does not divide the sequence length 64"):
+        it.main(["--preset", "quick", "--query-len", "5", "--run-dir", str(tmp_path)])
+    with pytest.raises(ValueError, match="query block 3x4 does not tile the 8x8"):
+        it.main(["--preset", "quick", "--attn", "local2d", "--query-h", "3",
+                 "--run-dir", str(tmp_path)])
+    with pytest.raises(ValueError, match="attn='local3d'"):
+        it.main(["--attn", "local3d", "--run-dir", str(tmp_path)])
+
+
+def test_photo_crops_and_every_config_field_is_read():
+    train, test = it.dataset("photos", 16)
+    assert train.shape == (2, 106, 120, 3) and test.shape[1:] == (16, 16, 3)
+    cfg = dataclasses.replace(TINY, dataset="photos", photo_crop=16)
+    batch = it.sample_train(jax.random.PRNGKey(0), jnp.asarray(train), cfg)
+    assert batch.shape == (4, 16, 16, 3) and cfg.grid == (16, 48) and cfg.levels == 256
+    src = inspect.getsource(it)
+    unread = [f.name for f in dataclasses.fields(it.Config) if f"cfg.{f.name}" not in src]
+    assert unread == ["total_steps"], unread  # read by the num_updates property
+    assert "return self.total_steps" in inspect.getsource(it.Config)
