@@ -19,6 +19,11 @@ Biases with `--track`, saves orbax checkpoints every `--checkpoint-every` update
 checks the losses for NaN. `--resume` continues bit-identically from the latest checkpoint.
 
 Metric names: `charts/...` (returns, coverage), `losses/...` (checked for NaN), `perf/...`.
+
+Data that `update` closes over (a corpus, a fixed data set) should be cached as NUMPY arrays
+(functools.cache) and turned into jnp arrays inside `update`: a jnp array first created while
+a chunk is being traced and then cached is a constant of that trace only, and the next
+compiled chunk fails with "compiled for N inputs but called with N-1".
 """
 
 import argparse
