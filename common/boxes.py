@@ -91,11 +91,12 @@ def match(anchors, gt, gt_valid, pos_iou: float, neg_iou: float, force_best: boo
     best = jnp.max(m, axis=1)
     label = jnp.where(best >= pos_iou, 1, jnp.where(best < neg_iou, 0, -1))
     if force_best:
-        best_anchor = jnp.argmax(m, axis=0)  # (G,)
+        # padding rows point past the end and are dropped (their argmax would be anchor 0);
+        # if two boxes claim the same anchor, which one wins is unspecified
+        best_anchor = jnp.where(gt_valid, jnp.argmax(m, axis=0), anchors.shape[0])  # (G,)
         g = jnp.arange(gt.shape[0])
-        # later boxes win ties for the same anchor, as in the sequential formulation
-        idx = idx.at[best_anchor].set(jnp.where(gt_valid, g, idx[best_anchor]))
-        label = label.at[best_anchor].set(jnp.where(gt_valid, 1, label[best_anchor]))
+        idx = idx.at[best_anchor].set(g, mode="drop")
+        label = label.at[best_anchor].set(1, mode="drop")
     return idx, label
 
 

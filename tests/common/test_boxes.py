@@ -68,6 +68,12 @@ def test_match_thresholds_ignore_band_and_forced_best():
     _, label = bx.match(anchors, gt, jnp.array([True, True, False]), 0.5, 0.4,
                         force_best=False)
     assert int(label[4]) == 0
+    # a real box whose best anchor is anchor 0 keeps it although padding rows (whose
+    # argmax is also 0) follow it
+    small = jnp.array([[0.0, 0, 3, 3], [0, 0, 0, 0], [0, 0, 0, 0]])
+    far = jnp.array([[0.0, 0, 4, 4], [50, 50, 60, 60]])
+    idx, label = bx.match(far, small, jnp.array([True, False, False]), 0.7, 0.6)
+    assert label.tolist() == [1, 0] and int(idx[0]) == 0
 
 
 def test_jitted_nms_equals_numpy_reference_on_random_sets():
