@@ -251,3 +251,17 @@ def mean_average_precision(detections, ground_truths, num_classes: int,
                                           num_gt, method)
     valid = ~np.isnan(ap)
     return (float(np.mean(ap[valid])) if valid.any() else float("nan")), ap
+
+
+def detection_map(detections, gt_boxes, gt_labels, num_classes: int) -> dict:
+    """COCO mAP@0.5 and mAP@[.5:.95] of a detector's fixed-size output on a data set.
+
+    detections: (boxes (N, D, 4), scores (N, D), classes (N, D), valid (N, D)) as numpy,
+    e.g. from vmapped `batched_nms`; ground truth padded as in common.data (labels -1)."""
+    b, s, c, v = detections
+    dets = [(b[i][v[i]], s[i][v[i]], c[i][v[i]]) for i in range(len(b))]
+    gts = [(gt_boxes[i][gt_labels[i] >= 0], gt_labels[i][gt_labels[i] >= 0])
+           for i in range(len(b))]
+    m50, _ = mean_average_precision(dets, gts, num_classes, (0.5,))
+    m, _ = mean_average_precision(dets, gts, num_classes, np.linspace(0.5, 0.95, 10))
+    return {"mAP50": m50, "mAP": m}

@@ -84,3 +84,34 @@ def main(argv=None):
 
 if __name__ == "__main__":
     main()
+
+
+def detections(images, dets, class_names, path, title: str, min_score: float = 0.3,
+               colour: str = "yellow"):
+    """Save a row of images with their predicted boxes, class names and scores.
+    dets: (boxes (N, D, 4) xyxy pixels, scores, classes, valid) as numpy."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from PIL import Image
+
+    b, s, c, v = dets
+    n = len(images)
+    fig, axes = plt.subplots(1, n, figsize=(1.6 * n, 1.9))
+    for i, ax in enumerate(np.atleast_1d(axes)):
+        ax.imshow(images[i])
+        for box, score, cls in zip(b[i][v[i]], s[i][v[i]], c[i][v[i]], strict=True):
+            if score < min_score:
+                continue
+            x1, y1, x2, y2 = box
+            ax.add_patch(plt.Rectangle((x1, y1), x2 - x1, y2 - y1, fill=False, lw=1,
+                                       color=colour))
+            ax.text(x1, y1, f"{class_names[cls][:4]} {score:.2f}", fontsize=5,
+                    color="black", backgroundcolor=colour, va="bottom")
+        ax.axis("off")
+    fig.suptitle(f"{title} (score >= {min_score})", fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    Image.open(path).convert("RGB").quantize(96).save(path, optimize=True)  # a few tens of kB

@@ -56,7 +56,7 @@ import optax
 from flax import struct
 
 from common import boxes as bx
-from common import data, run
+from common import data, plot, run
 
 EVAL_SEED = 10_007  # held-out scenes; training keys come from the runner's PRNGKey(seed)
 
@@ -384,44 +384,16 @@ def evaluate(state: State, cfg: Config) -> dict:
     t0 = time.perf_counter()
     jax.block_until_ready(predict(state.params, state.batch_stats, images, cfg))
     ips = len(images) / (time.perf_counter() - t0)
-    b, s, c, v = jax.device_get(out)
-    dets = [(b[i][v[i]], s[i][v[i]], c[i][v[i]]) for i in range(len(b))]
-    gts = [(d["boxes"][i][d["labels"][i] >= 0], d["labels"][i][d["labels"][i] >= 0])
-           for i in range(len(b))]
-    m50, _ = bx.mean_average_precision(dets, gts, cfg.num_classes, (0.5,))
-    m, _ = bx.mean_average_precision(dets, gts, cfg.num_classes, np.linspace(0.5, 0.95, 10))
-    return {"mAP50": m50, "mAP": m, "images_per_s": ips}
+    metrics = bx.detection_map(jax.device_get(out), d["boxes"], d["labels"], cfg.num_classes)
+    return {**metrics, "images_per_s": ips}
 
 
 def plot_predictions(state: State, cfg: Config, path, n: int = 8, min_score: float = 0.3):
     """Save a PNG of predicted boxes (class and score) on n held-out scenes."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     d = eval_set(cfg)
-    b, s, c, v = jax.device_get(predict(state.params, state.batch_stats,
-                                        jnp.asarray(d["images"][:n]), cfg))
-    fig, axes = plt.subplots(1, n, figsize=(1.6 * n, 1.9))
-    for i, ax in enumerate(np.atleast_1d(axes)):
-        ax.imshow(d["images"][i])
-        for box, score, cls in zip(b[i][v[i]], s[i][v[i]], c[i][v[i]], strict=True):
-            if score < min_score:
-                continue
-            x1, y1, x2, y2 = box
-            ax.add_patch(plt.Rectangle((x1, y1), x2 - x1, y2 - y1, fill=False, lw=1,
-                                       color="cyan"))
-            ax.text(x1, y1, f"{d['class_names'][cls][:4]} {score:.2f}", fontsize=5,
-                    color="black", backgroundcolor="cyan", va="bottom")
-        ax.axis("off")
-    fig.suptitle("YOLO v1 predictions on held-out SHAPES scenes (score >= 0.3)", fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    from PIL import Image  # palette PNG: a few tens of kB
-
-    Image.open(path).convert("RGB").quantize(96).save(path, optimize=True)
+    out = predict(state.params, state.batch_stats, jnp.asarray(d["images"][:n]), cfg)
+    plot.detections(d["images"][:n], jax.device_get(out), d["class_names"], path,
+                    "YOLO v1 predictions on held-out SHAPES scenes", min_score, colour="cyan")
 
 
 # --- MAIN ---

@@ -186,3 +186,18 @@ def test_coco_loader_reads_the_written_fixture(tmp_path):
     np.testing.assert_allclose(half["boxes"], d["boxes"] / 2)
     with pytest.raises(FileNotFoundError, match="COCO layout"):
         data.load_coco(tmp_path, "train2017", size=32)
+
+
+def test_detection_map_of_padded_outputs_and_plot(tmp_path):
+    """Perfect padded detections score 1.0; dropping them all scores 0; the plot writes."""
+    from common import plot
+
+    d = data.shapes(6, seed=7)
+    valid = d["labels"] >= 0
+    dets = (d["boxes"], np.where(valid, 0.9, 0.0), np.maximum(d["labels"], 0), valid)
+    assert bx.detection_map(dets, d["boxes"], d["labels"], 3) == {"mAP50": 1.0, "mAP": 1.0}
+    none = (*dets[:3], np.zeros_like(valid))
+    assert bx.detection_map(none, d["boxes"], d["labels"], 3)["mAP50"] == 0.0
+    plot.detections(d["images"][:2], tuple(x[:2] for x in dets), d["class_names"],
+                    tmp_path / "p.png", "test")
+    assert (tmp_path / "p.png").stat().st_size > 1000
