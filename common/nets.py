@@ -7,6 +7,8 @@
   2 residual blocks, channels (16, 32, 32), dense 256.
 - `ResetGRU` / `ResetLSTM`: recurrent cells whose carry is zeroed where an episode
   starts, scanned over time (`scan_rnn`).
+- `Conv` / `shifted_conv`: `nn.Conv` optionally computed as a sum of shifted matmuls, the
+  same maths with fast weight gradients inside `lax.scan` on XLA:CPU.
 
 Networks particular to one method live in that method's file.
 """
@@ -123,3 +125,35 @@ class ResetLSTM(nn.Module):
 def scan_rnn(cell: type[nn.Module]) -> type[nn.Module]:
     """The cell lifted over a leading time axis: `(carry, (x[T], reset[T])) -> (carry, y[T])`."""
     return nn.scan(cell, variable_broadcast="params", split_rngs={"params": False})
+
+
+# --- CONVOLUTION AS SHIFTED MATMULS ---
+
+
+def shifted_conv(lhs, rhs, window_strides, padding, *args, precision=None, **kwargs):
+    """`lax.conv_general_dilated` for NHWC / HWIO without dilation or groups, as a sum of
+    kh * kw matmuls of shifted (strided) input slices. XLA:CPU computes the weight gradient
+    of a native conv inside a while loop (the runner's lax.scan) ~100x slower than outside
+    (jax-ml/jax#12868); this form's gradients are matmuls and pads, fast everywhere. On
+    accelerators the native conv is the faster choice."""
+    kh, kw, _, _ = rhs.shape
+    if isinstance(padding, str):
+        padding = jax.lax.padtype_to_pads(lhs.shape[1:3], (kh, kw), window_strides, padding)
+    (pt, pb), (pl, pr) = padding
+    sh, sw = window_strides
+    x = jnp.pad(lhs, ((0, 0), (pt, pb), (pl, pr), (0, 0)))
+    ho = (x.shape[1] - kh) // sh + 1
+    wo = (x.shape[2] - kw) // sw + 1
+    out = 0.0
+    for i in range(kh):
+        for j in range(kw):
+            xs = x[:, i:i + (ho - 1) * sh + 1:sh, j:j + (wo - 1) * sw + 1:sw]  # (B, Ho, Wo, Ci)
+            out = out + jnp.einsum("nhwc,co->nhwo", xs, rhs[i, j], precision=precision)
+    return out
+
+
+def Conv(features: int, kernel: int = 3, stride: int = 1, shift: bool = False,
+         padding="SAME", **kw) -> nn.Conv:
+    """A square `nn.Conv`; with `shift=True` computed by `shifted_conv` (no dilation)."""
+    return nn.Conv(features, (kernel, kernel), (stride, stride), padding=padding,
+                   conv_general_dilated=shifted_conv if shift else None, **kw)

@@ -69,6 +69,7 @@ from flax import struct
 
 from common import boxes as bx
 from common import data, plot, run
+from common.nets import Conv
 
 EVAL_SEED = 10_009  # held-out scenes; training keys come from the runner's PRNGKey(seed)
 
@@ -210,33 +211,6 @@ BACKBONES = {
     "resnet18": ("basic", (2, 2, 2, 2), (64, 128, 256, 512), "imagenet"),
     "small": ("basic", (1, 1, 1, 1), (16, 32, 64, 128), "small"),
 }
-
-
-def shifted_conv(lhs, rhs, window_strides, padding, *args, precision=None, **kwargs):
-    """`lax.conv_general_dilated` for NHWC / HWIO without dilation or groups, as a sum of
-    kh * kw matmuls of shifted (strided) input slices. XLA:CPU computes the weight gradient
-    of a native conv inside a while loop (the runner's lax.scan) ~100x slower than outside
-    (jax-ml/jax#12868); this form's gradients are matmuls and pads, fast everywhere."""
-    kh, kw, _, _ = rhs.shape
-    if isinstance(padding, str):
-        padding = jax.lax.padtype_to_pads(lhs.shape[1:3], (kh, kw), window_strides, padding)
-    (pt, pb), (pl, pr) = padding
-    sh, sw = window_strides
-    x = jnp.pad(lhs, ((0, 0), (pt, pb), (pl, pr), (0, 0)))
-    ho = (x.shape[1] - kh) // sh + 1
-    wo = (x.shape[2] - kw) // sw + 1
-    out = 0.0
-    for i in range(kh):
-        for j in range(kw):
-            xs = x[:, i:i + (ho - 1) * sh + 1:sh, j:j + (wo - 1) * sw + 1:sw]  # (B, Ho, Wo, Ci)
-            out = out + jnp.einsum("nhwc,co->nhwo", xs, rhs[i, j], precision=precision)
-    return out
-
-
-def Conv(features, kernel=3, stride=1, shift=False, **kw):
-    """nn.Conv (SAME padding), optionally computed by `shifted_conv`."""
-    return nn.Conv(features, (kernel, kernel), (stride, stride),
-                   conv_general_dilated=shifted_conv if shift else None, **kw)
 
 
 class ConvBN(nn.Module):

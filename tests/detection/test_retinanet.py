@@ -3,7 +3,6 @@ purity, CLI and the mAP gate on SHAPES-64."""
 
 import dataclasses
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -120,16 +119,6 @@ def test_prior_bias_init_gives_initial_sigmoid_of_pi():
     assert abs(float(p.mean()) - 0.01) < 5e-4, float(p.mean())
     bias = state.params["class_subnet"][f"Conv_{QUICK.head_convs}"]["bias"]
     np.testing.assert_allclose(bias, -np.log(99.0), rtol=1e-6)
-
-
-@pytest.mark.parametrize("kernel,stride,side", [(3, 1, 8), (3, 2, 8), (3, 2, 7), (1, 1, 5),
-                                                (1, 2, 8), (7, 2, 9)])
-def test_shifted_conv_equals_xla_conv(kernel, stride, side):
-    x = jax.random.normal(jax.random.PRNGKey(0), (2, side, side, 5))
-    ref = nn.Conv(6, (kernel, kernel), (stride, stride))
-    v = ref.init(jax.random.PRNGKey(1), x)
-    ours = rn.Conv(6, kernel, stride, shift=True)
-    np.testing.assert_allclose(ours.apply(v, x), ref.apply(v, x), atol=1e-5)
 
 
 def test_loss_normalised_by_positive_anchors():
