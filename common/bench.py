@@ -32,8 +32,7 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from common import envs, parallel, run
-from common.rl import PPOConfig, make_ppo
+from common import parallel, run
 
 # Dense peak FLOP/s by device kind (float32 / TF32 where applicable; bf16 in brackets
 # would be higher). Only used to report a share; unknown devices report n/a.
@@ -41,25 +40,32 @@ PEAK_FLOPS = {"H100": 4.9e14, "H200": 4.9e14, "A100": 1.56e14, "TPU v4": 2.75e14
               "TPU v5": 1.97e14}
 
 
+# The headline metric of a file that sets no HEADLINE_METRIC: the first of these it logs.
+HEADLINES = ("charts/episodic_return", "charts/bits_per_char", "charts/bits_per_dim",
+             "charts/accuracy", "losses/loss", "losses/total")
+
+
 # --- The default benchmark: PPO (common.rl) on CartPole-v1 ---
 
 
-@dataclass(frozen=True)
-class PPOBenchConfig(PPOConfig):
-    env_id: str = "CartPole-v1"
-    """gymnax environment id"""
+def ppo_target():
+    """(Config, init, update) of the default benchmark, imported only when it runs (so that
+    benchmarking a file needs none of the RL packages)."""
+    from common import envs
+    from common.rl import PPOConfig, make_ppo
 
-    @property
-    def steps_per_update(self) -> int:
-        return self.batch_size
+    @dataclass(frozen=True)
+    class PPOBenchConfig(PPOConfig):
+        env_id: str = "CartPole-v1"
+        """gymnax environment id"""
 
+        @property
+        def steps_per_update(self) -> int:
+            return self.batch_size
 
-def _ppo_init(key, cfg):
-    return make_ppo(envs.make(cfg.env_id, cfg.num_envs), cfg)[0](key)
-
-
-def _ppo_update(state, cfg):
-    return make_ppo(envs.make(cfg.env_id, cfg.num_envs), cfg)[1](state)
+    init = lambda key, cfg: make_ppo(envs.make(cfg.env_id, cfg.num_envs), cfg)[0](key)
+    update = lambda state, cfg: make_ppo(envs.make(cfg.env_id, cfg.num_envs), cfg)[1](state)
+    return PPOBenchConfig, init, update
 
 
 def load_module(path: str):
@@ -67,6 +73,7 @@ def load_module(path: str):
     if spec is None:
         raise SystemExit(f"error: cannot import {path}")
     mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod  # dataclasses look their module up there
     spec.loader.exec_module(mod)
     return mod
 
@@ -74,9 +81,9 @@ def load_module(path: str):
 def load_target(path: str | None):
     """(Config, init, update, presets, headline metric) of an algorithm file."""
     if path is None:
-        return PPOBenchConfig, _ppo_init, _ppo_update, {}, "charts/episodic_return"
+        return *ppo_target(), {}, "charts/episodic_return"
     mod = load_module(path)
-    metric = getattr(mod, "HEADLINE_METRIC", "charts/episodic_return")
+    metric = getattr(mod, "HEADLINE_METRIC", None)
     return mod.Config, mod.init, mod.update, getattr(mod, "PRESETS", {}), metric
 
 
@@ -92,10 +99,10 @@ def peak_memory() -> float | None:
 
 
 def bench_one(config_cls, init, update, cfg, num_seeds: int, chunk: int, metric: str,
-              seed: int = 0) -> dict:
+              seed: int = 0, max_updates: int | None = None) -> dict:
     if hasattr(cfg, "validate"):
         cfg.validate()
-    total = cfg.num_updates
+    total = min(cfg.num_updates, max_updates or cfg.num_updates)
     chunk = min(chunk, total)
     sharding = parallel.seed_sharding(num_seeds)
     keys = parallel.shard_seeds(jax.random.split(jax.random.PRNGKey(seed), num_seeds), num_seeds)
@@ -126,23 +133,27 @@ def bench_one(config_cls, init, update, cfg, num_seeds: int, chunk: int, metric:
     timed = (n_chunks - 1) * chunk
     sps = timed * steps * num_seeds / t_run if timed else float("nan")
     chunk_s = t_run / max(n_chunks - 1, 1)
+    if metric is None:  # the file names none: the first of these that it logs
+        metric = next((k for k in HEADLINES if last and k in last), None)
     headline = float(np.nanmean(last[metric][:, -1])) if last and metric in last else float("nan")
     kind = jax.devices()[0].device_kind
     peak = next((v for k, v in PEAK_FLOPS.items() if k in kind), None)
     return dict(seeds=num_seeds, compile_s=compile_s, sps=sps, bare_s=t_all, updates=total,
                 flops_per_chunk=flops, flops_per_s=flops / chunk_s if timed else float("nan"),
                 peak_share=(flops / chunk_s / peak) if (peak and timed) else None,
-                peak_mem_gib=peak_memory(), headline=headline)
+                peak_mem_gib=peak_memory(), metric=metric, headline=headline)
 
 
-def runner_overhead(config_cls, init, update, cfg, num_seeds: int, chunk: int, bare: dict):
+def runner_overhead(config_cls, init, update, cfg, num_seeds: int, chunk: int, bare: dict,
+                    max_updates: int | None = None):
     """Wall time of the bare loop of compiled chunks divided by the runner's (progress bar,
     JSONL, checkpoints every quarter of the run), compile time excluded from both: 1.0 means
     the runner costs nothing, 0.95 means it costs 5% of throughput."""
-    every = max(chunk, (cfg.num_updates // 4) // chunk * chunk)
+    total = min(cfg.num_updates, max_updates or cfg.num_updates)
+    every = max(chunk, (total // 4) // chunk * chunk)
     with tempfile.TemporaryDirectory() as d:
         opts = run.RunOptions(num_seeds=num_seeds, log_every=chunk, run_dir=d, progress=True,
-                              checkpoint_every=every, num_updates=cfg.num_updates // chunk * chunk)
+                              checkpoint_every=every, num_updates=total // chunk * chunk)
         res = run.train(config_cls, init, update, cfg, opts, name="bench")
         loop_s = json.loads((res.run_dir / "summary.json").read_text())["perf/loop_s"]
     return bare["bare_s"] / loop_s
@@ -183,6 +194,9 @@ def main(argv=None):
     p.add_argument("--seeds", type=int, nargs="+", default=[1, 8], help="seed counts to time")
     p.add_argument("--chunk", type=int, default=10, help="updates per jitted chunk")
     p.add_argument("--no-overhead", action="store_true", help="skip the runner-overhead run")
+    p.add_argument("--max-updates", type=int, default=None,
+                   help="time at most this many updates (paper-scale configs: a throughput "
+                   "sample, not a full run; the final metric is then the one reached there)")
     p.add_argument("--out", default=None, help="append the Markdown table to this file")
     p.add_argument("--peers", action="store_true",
                    help="run the file's peer_benchmark (side by side with peer libraries)")
@@ -207,23 +221,28 @@ def main(argv=None):
             getattr(config_cls(), k), bool) else v.lower() in ("1", "true", "yes")
     cfg = config_cls(**over)
     name = a.file or "common/rl.py PPO, gymnax CartPole-v1"
-    print(f"benchmark: {name} (preset {a.preset}) on {device_summary()}, jax {jax.__version__}")
+    if a.preset:
+        name += f" --preset {a.preset}"
+    if a.max_updates and a.max_updates < cfg.num_updates:
+        name += f" (first {a.max_updates} of {cfg.num_updates:,} updates)"
+    print(f"benchmark: {name} on {device_summary()}, jax {jax.__version__}")
     rows = []
     for s in a.seeds:
-        r = bench_one(config_cls, init, update, cfg, s, a.chunk, metric)
+        r = bench_one(config_cls, init, update, cfg, s, a.chunk, metric,
+                      max_updates=a.max_updates)
         r["overhead"] = None if a.no_overhead else runner_overhead(
-            config_cls, init, update, cfg, s, a.chunk, r)
+            config_cls, init, update, cfg, s, a.chunk, r, a.max_updates)
         rows.append(r)
         print(json.dumps(r), file=sys.stderr)
     head = ("| target | device | seeds | compile s | steps/s (all seeds) | GFLOP/s | peak share "
-            "| peak mem GiB | final " + metric + " | runner/bare throughput |")
+            "| peak mem GiB | final metric | runner/bare throughput |")
     lines = [head, "|" + "---|" * 10]
     for r in rows:
         lines.append(
             f"| {name} | {device_summary()} | {r['seeds']} | {r['compile_s']:.1f} | "
             f"{fmt(r['sps'])} | {fmt(r['flops_per_s'] / 1e9, '.1f')} | "
             f"{fmt(r['peak_share'], '.1%')} | {fmt(r['peak_mem_gib'], '.2f')} | "
-            f"{fmt(r['headline'], '.1f')} | {fmt(r['overhead'], '.3f')} |")
+            f"{r['metric']} {fmt(r['headline'], '.3g')} | {fmt(r['overhead'], '.3f')} |")
     table = "\n".join(lines)
     print(table)
     if a.out:
