@@ -114,6 +114,9 @@ class Config:
     """parallel validation streams"""
     eval_segments: int = 64
     """validation segments per stream (fewer if the split is too short)"""
+    remat: bool = True
+    """recompute each layer in the backward pass (jax.checkpoint): the scores of one layer
+    are B H L (L + S) floats, 9 GB at the paper's sizes, and only one layer's live at once"""
 
     @property
     def d_head(self) -> int:
@@ -152,7 +155,7 @@ PRESETS = {
     "quick": dict(corpus="pydoc", byte_level=False, n_layer=2, d_model=64, n_head=4,
                   d_inner=256, dropout=0.0, attn_span=64, span_ramp=8, span_loss=2e-5,
                   tgt_len=32, batch_size=16, lr=0.1, warmup_steps=50, max_grad_norm=1.0,
-                  total_updates=800, eval_batch=8, eval_segments=48),
+                  total_updates=800, eval_batch=8, eval_segments=48, remat=False),
     "paper": dict(),
 }
 
@@ -303,10 +306,11 @@ class AdaptiveSpanLM(nn.Module):
         pos = jnp.where(((col_dist >= 1) & (col_dist <= S))[:, None],
                         p[jnp.clip(col_dist - 1, 0, S - 1)], 0.0)  # (K, Dh)
         window = window_mask(L, M, S, mem_valid) if window is None else window
+        Layer = nn.remat(SpanLayer, static_argnums=(5,)) if c.remat else SpanLayer
         inputs = []
         for n in range(c.n_layer):
             inputs.append(h)  # memory stores each layer's input, as Transformer-XL
-            h = SpanLayer(c, name=f"layer_{n}")(h, mems[n], pos, window, deterministic)
+            h = Layer(c, name=f"layer_{n}")(h, mems[n], pos, window, deterministic)
         return nn.Dense(self.vocab, name="out")(h), jnp.stack(inputs)
 
 

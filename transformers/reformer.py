@@ -210,8 +210,17 @@ def hash_vectors(x, rotations, n_buckets: int):
     B, H, L, _ = x.shape
     if n_buckets == 1:
         return jnp.zeros((B, H, rotations.shape[2], L), jnp.int32)
-    rot = jnp.einsum("bhld,hdnr->bhnlr", x, rotations)  # (B, H, n_hashes, L, b/2)
-    return jnp.argmax(jnp.concatenate([rot, -rot], -1), -1)
+
+    def one(xb, r):  # one sequence, one round: xb (H, L, dh), r (H, dh, b/2) -> (H, L)
+        rot = jnp.einsum("hld,hdr->hlr", xb, r)
+        # argmax([xR; -xR]) without the concatenation: the first half wins ties, as there
+        top, bottom = rot.max(-1), -rot.min(-1)
+        return jnp.where(top >= bottom, rot.argmax(-1), n_buckets // 2 + rot.argmin(-1))
+
+    # xR has B H n_hashes L b/2 entries (64 GiB at the paper's 8 x 64k tokens, 2048 buckets):
+    # map over sequences and rounds so that one (H, L, b/2) block lives at a time.
+    per_round = lambda xb: jax.lax.map(lambda r: one(xb, r), jnp.moveaxis(rotations, 2, 0))
+    return jnp.swapaxes(jax.lax.map(per_round, x), 1, 2)  # (B, H, n_hashes, L)
 
 
 def lsh_attention(qk, v, rotations, n_buckets: int, chunk_len: int, causal: bool):
