@@ -57,6 +57,7 @@ from flax import struct
 
 from common import boxes as bx
 from common import data, plot, run
+from common.nets import Conv
 
 EVAL_SEED = 10_007  # held-out scenes; training keys come from the runner's PRNGKey(seed)
 
@@ -120,6 +121,9 @@ class Config:
     """IoU above which NMS suppresses a lower-scored box of the same class"""
     max_detections: int = 100
     """detections per image after NMS"""
+    shift_conv: bool = False
+    """convs as sums of shifted matmuls (common.nets): same maths, fast weight gradients
+    inside the runner's lax.scan on XLA:CPU"""
 
     @property
     def num_classes(self) -> int:
@@ -166,7 +170,7 @@ PRESETS = {
     "quick": dict(image_size=64, backbone="tiny", head="conv", batch_norm=True,
                   optimizer="adam", lr=2e-3, batch_size=32, total_steps=600, colours=1,
                   max_objects=4, min_object=8, max_object=28, photo_backgrounds=False,
-                  eval_images=300),
+                  eval_images=300, shift_conv=True),
     "paper": dict(),
 }
 
@@ -195,15 +199,15 @@ class YOLO(nn.Module):
                 x = nn.max_pool(x, (2, 2), (2, 2))
                 continue
             c, k, s = layer
-            x = nn.Conv(max(8, int(c * cfg.width)), (k, k), (s, s),
-                        use_bias=not cfg.batch_norm)(x)
+            x = Conv(max(8, int(c * cfg.width)), k, s, cfg.shift_conv,
+                     use_bias=not cfg.batch_norm)(x)
             if cfg.batch_norm:
                 x = nn.BatchNorm(use_running_average=not train, momentum=0.9)(x)
             x = nn.leaky_relu(x, 0.1)
         b, g = x.shape[0], cfg.grid
         d = 5 * cfg.num_boxes + cfg.num_classes
         if cfg.head == "conv":
-            return nn.Conv(d, (1, 1))(x)  # (B, S, S, 5B+K)
+            return Conv(d, 1, shift=cfg.shift_conv)(x)  # (B, S, S, 5B+K)
         x = nn.leaky_relu(nn.Dense(cfg.fc_hidden)(x.reshape(b, -1)), 0.1)
         x = nn.Dropout(cfg.dropout, deterministic=not train)(x)
         return nn.Dense(g * g * d)(x).reshape(b, g, g, d)  # (B, S, S, 5B+K), linear

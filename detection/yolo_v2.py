@@ -74,6 +74,7 @@ from flax import struct
 
 from common import boxes as bx
 from common import data, plot, run
+from common.nets import Conv
 
 EVAL_SEED = 10_007  # held-out scenes; training keys come from the runner's PRNGKey(seed)
 KMEANS_SEED = 20_011  # scenes whose boxes the anchors are clustered from
@@ -150,6 +151,9 @@ class Config:
     """candidates (box, class) kept by score before NMS"""
     max_detections: int = 100
     """detections per image after NMS"""
+    shift_conv: bool = False
+    """convs as sums of shifted matmuls (common.nets): same maths, fast weight gradients
+    inside the runner's lax.scan on XLA:CPU"""
 
     @property
     def num_classes(self) -> int:
@@ -199,7 +203,8 @@ PRESETS = {
     "quick": dict(image_size=64, multiscale_sizes=(), backbone="tiny", head_convs=0,
                   head_channels=128, passthrough_channels=16, num_anchors=3, optimizer="adam",
                   lr=2e-3, batch_size=32, total_steps=600, colours=1, max_objects=4,
-                  min_object=8, max_object=28, photo_backgrounds=False, eval_images=300),
+                  min_object=8, max_object=28, photo_backgrounds=False, eval_images=300,
+                  shift_conv=True),
     "paper": dict(),
 }
 
@@ -220,10 +225,11 @@ class ConvBN(nn.Module):
 
     features: int
     kernel: int = 3
+    shift: bool = False
 
     @nn.compact
     def __call__(self, x, train: bool):
-        x = nn.Conv(self.features, (self.kernel, self.kernel), use_bias=False)(x)
+        x = Conv(self.features, self.kernel, shift=self.shift, use_bias=False)(x)
         x = nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5)(x)
         return nn.leaky_relu(x, 0.1)
 
@@ -256,15 +262,15 @@ class YOLOv2(nn.Module):
                 fine = x
             else:
                 c, k = layer if isinstance(layer, tuple) else (layer, 3)
-                x = ConvBN(max(8, int(c * cfg.width)), k)(x, train)
+                x = ConvBN(max(8, int(c * cfg.width)), k, cfg.shift_conv)(x, train)
         for _ in range(cfg.head_convs):
-            x = ConvBN(cfg.head_channels)(x, train)
+            x = ConvBN(cfg.head_channels, shift=cfg.shift_conv)(x, train)
         if cfg.passthrough_channels >= 0:  # passthrough: 2S x 2S x C -> S x S x 4C
             if cfg.passthrough_channels > 0:
-                fine = ConvBN(cfg.passthrough_channels, 1)(fine, train)
+                fine = ConvBN(cfg.passthrough_channels, 1, cfg.shift_conv)(fine, train)
             x = jnp.concatenate([space_to_depth(fine, 2), x], -1)
-        x = ConvBN(cfg.head_channels)(x, train)
-        out = nn.Conv(cfg.num_anchors * (5 + cfg.num_classes), (1, 1))(x)
+        x = ConvBN(cfg.head_channels, shift=cfg.shift_conv)(x, train)
+        out = Conv(cfg.num_anchors * (5 + cfg.num_classes), 1, shift=cfg.shift_conv)(x)
         b, s = out.shape[0], out.shape[1]
         return out.reshape(b, s, s, cfg.num_anchors, 5 + cfg.num_classes)  # (B, S, S, A, 5+K)
 

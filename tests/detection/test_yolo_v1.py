@@ -125,13 +125,13 @@ GATE = y.Config(**{**y.PRESETS["quick"], "batch_size": 16, "total_steps": 300,
                    "eval_images": 100})
 
 
-@pytest.mark.slow
 def test_detects_shapes_and_xy_swap_bug_fails(monkeypatch):
     """Behaviour gate on SHAPES-64 (100 held-out scenes): the quick model, 300 updates of 16
-    scenes, reaches mAP@0.5 >= 0.23; the same run with the x and y cell offsets swapped in
-    the targets stays below it. Measured (2-core CPU, seed 0): correct 0.278 (mAP@[.5:.95]
-    0.084), swapped 0.189 (0.040). YOLO v1 learns slowly at this budget (the sum-squared
-    loss, no anchors), so the margin is small; each run is ~340 CPU-seconds of training.
+    scenes, reaches mAP@0.5 >= 0.24; the same run with the x and y cell offsets swapped in
+    the targets stays below it. Measured (2-core CPU, seed 0, shifted-matmul convs): correct
+    0.334, swapped 0.149 (with XLA's native convs, the same maths summed in another order:
+    0.278 and 0.189). YOLO v1 learns slowly at this budget (the sum-squared loss, no
+    anchors); each run is ~50 CPU-seconds of training plus a compile.
     Responsible-box-by-index is caught by test_only_the_highest_iou_box_is_responsible."""
 
     def trained_map50():
@@ -148,4 +148,4 @@ def test_detects_shapes_and_xy_swap_bug_fails(monkeypatch):
     monkeypatch.setattr(y, "build_targets", swapped)
     bug = trained_map50()
     print("mAP50 correct", ok, "x/y swapped", bug)
-    assert ok >= 0.23 and bug < 0.23, (ok, bug)
+    assert ok >= 0.24 and bug < 0.24, (ok, bug)
