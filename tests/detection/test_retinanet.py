@@ -127,9 +127,9 @@ def test_prior_bias_init_gives_initial_sigmoid_of_pi():
     """b = -log((1 - pi) / pi) with pi = 0.01: mean initial class probability 0.01, and the
     initial focal loss is that of predicting 0.01 everywhere."""
     state = rn.init(jax.random.PRNGKey(0), QUICK)
-    images, _, _ = rn.draw_batch(jax.random.PRNGKey(1), QUICK, 8)
-    logits, _ = rn.RetinaNet(QUICK).apply({"params": state.params,
-                                           "batch_stats": state.batch_stats}, images)
+    images, _, _ = jax.jit(rn.draw_batch, static_argnums=(1, 2))(jax.random.PRNGKey(1), QUICK, 8)
+    logits, _ = jax.jit(rn.RetinaNet(QUICK).apply)(
+        {"params": state.params, "batch_stats": state.batch_stats}, images)
     p = jax.nn.sigmoid(logits)
     assert abs(float(p.mean()) - 0.01) < 5e-4, float(p.mean())
     bias = state.params["class_subnet"][f"Conv_{QUICK.head_convs}"]["bias"]
