@@ -65,7 +65,6 @@ Differences from the paper:
 """
 
 import functools
-import time
 from dataclasses import dataclass
 
 import flax.linen as nn
@@ -563,14 +562,8 @@ def eval_set(cfg: Config) -> dict:
 def evaluate(state: State, cfg: Config) -> dict:
     """mAP@0.5 and mAP@[.5:.95] (COCO 101-point) on held-out scenes, and images/s of the
     jitted predict (measured after a warm-up call)."""
-    d = eval_set(cfg)
-    images = jnp.asarray(d["images"])
-    out = jax.block_until_ready(predict(state.params, state.batch_stats, images, cfg))
-    t0 = time.perf_counter()
-    jax.block_until_ready(predict(state.params, state.batch_stats, images, cfg))
-    ips = len(images) / (time.perf_counter() - t0)
-    metrics = bx.detection_map(jax.device_get(out), d["boxes"], d["labels"], cfg.num_classes)
-    return {**metrics, "images_per_s": ips}
+    return bx.evaluate_detector(lambda im: predict(state.params, state.batch_stats, im, cfg),
+                                eval_set(cfg), cfg.num_classes)
 
 
 def plot_predictions(state: State, cfg: Config, path, n: int = 8, min_score: float = 0.3):

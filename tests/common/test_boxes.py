@@ -201,3 +201,23 @@ def test_detection_map_of_padded_outputs_and_plot(tmp_path):
     plot.detections(d["images"][:2], tuple(x[:2] for x in dets), d["class_names"],
                     tmp_path / "p.png", "test")
     assert (tmp_path / "p.png").stat().st_size > 1000
+
+
+def test_evaluate_detector_scores_a_predict_function():
+    """An oracle predict scores mAP 1 (and reports a positive images/s); one whose boxes
+    are shifted by half their width scores 0 at IoU 0.5."""
+    d = data.shapes(6, seed=7)
+    valid = d["labels"] >= 0
+    truth = jnp.asarray(d["boxes"])
+
+    def oracle(shift):
+        def predict(images):
+            n = images.shape[0]
+            w = truth[:n, :, 2:3] - truth[:n, :, 0:1]
+            boxes = truth[:n] + shift * jnp.concatenate([w, 0 * w, w, 0 * w], -1)
+            return boxes, jnp.where(valid, 0.9, 0.0), jnp.maximum(d["labels"], 0), valid
+        return jax.jit(predict)
+
+    good = bx.evaluate_detector(oracle(0.0), d, 3)
+    assert good["mAP50"] == 1.0 and good["images_per_s"] > 0
+    assert bx.evaluate_detector(oracle(0.5), d, 3)["mAP50"] == 0.0
