@@ -6,6 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -115,6 +117,28 @@ def test_plot_and_bench(tmp_path, capsys):
     bench.main([TOY, "--seeds", "2", "--chunk", "5", "--no-overhead", "--set", "total_steps=20"])
     table = capsys.readouterr().out
     assert "| 2 |" in table and "steps/s" in table
+
+
+def test_matmul_flops_counts_loops_branches_and_convolutions():
+    """2 m n k per product; a scan body times its length (XLA's cost analysis counts it
+    once); the costlier branch of a cond; a convolution as 2 x outputs x kernel taps x
+    input channels; the gradient of a product for both factors costs two more products."""
+    import flax.linen as nn
+
+    x = jnp.ones((32, 48))
+    w = jnp.ones((48, 48))
+    mm = 2 * 32 * 48 * 48
+    assert bench.matmul_flops(lambda x: x @ w, x) == mm
+    scan = lambda x, w: jax.lax.scan(lambda c, _: (jnp.tanh(c @ w), None), x, None, 7)[0]
+    assert bench.matmul_flops(scan, x, w) == 7 * mm
+    grad = jax.grad(lambda x, w: scan(x, w).sum(), argnums=(0, 1))
+    assert bench.matmul_flops(grad, x, w) == 3 * 7 * mm
+    cond = lambda x, p: jax.lax.cond(p, lambda: x @ w @ w, lambda: x)
+    assert bench.matmul_flops(cond, x, True) == 2 * mm
+    conv = nn.Conv(16, (3, 3), feature_group_count=2)
+    img = jnp.ones((2, 8, 8, 4))
+    v = conv.init(jax.random.PRNGKey(0), img)
+    assert bench.matmul_flops(conv.apply, v, img) == 2 * (2 * 8 * 8 * 16) * (3 * 3 * 2)
 
 
 def test_host_evaluate_runs_per_seed_on_numpy(tmp_path):
