@@ -34,15 +34,15 @@ error on the sigmoid offsets (as the released darknet does): the raw-t target
 logit(offset) is unbounded at a cell edge, and SHAPES' pixel-aligned boxes put many centres
 exactly there (offset 0 on 8/16/32-px cells). coord_loss="t" gives the raw-t form.
 
-Reproduce (CPU, SHAPES-64, narrow and shallow Darknet, maps 2, 4, 8):
+Reproduce (CPU, SHAPES-64, narrow and shallow Darknet, two scales: maps 4 x 4 and 8 x 8):
     python detection/yolo_v3.py --preset quick
-    measured (800 updates x 16 scenes, seed 0, 2-core CPU at load ~1): mAP@0.5 0.277,
-    mAP@[.5:.95] 0.077 on 300 held-out scenes; 155 s wall for the whole command (compile,
-    training, evaluation); predict 371 images/s (batch 300). This is far below the
-    YOLOv2-lite (0.92 at 600 x 32); classes stay near chance for the first ~400 updates.
-    Our reading (not ablated): the 9 anchors of SHAPES span only 10-25 px, so the three
-    scales split the objects by fine shape differences and each head sees a third of them.
-    The test gate (800 updates, native convs, 100 scenes): 0.173 correct, 0.078 x/y swapped.
+    measured (800 updates x 16 scenes, seed 0, 2-core CPU): mAP@0.5 0.752, mAP@[.5:.95]
+    0.279 on 300 held-out scenes; 15 s compile + 51 s training (252 images/s); predict
+    619 images/s (batch 300). With [1]'s three scales at 64 px (maps 2 x 2, 4 x 4, 8 x 8,
+    `--num-scales 3 --blocks 1 1 1 1 1` and the nine SHAPES64_ANCHORS) the same model
+    reached only 0.277 / 0.077: classes stayed near chance for ~400 updates, the 2 x 2 map
+    holding the largest third of the objects. The test gate (600 updates, native convs,
+    100 scenes): 0.693 correct, 0.189 with x/y swapped in the targets.
 Paper scale (GPU; full Darknet-53 at 416 px with the COCO anchors, SHAPES-416 on photos):
     python detection/yolo_v3.py --preset paper
 [1] Table 3: YOLOv3-416 31.0 AP, 55.3 AP50 on COCO test-dev at 29 ms (Titan X).
@@ -51,10 +51,10 @@ Differences from the paper:
 - No ImageNet pre-training of Darknet-53 and SHAPES scenes instead of COCO: everything
   trains from scratch on procedural scenes; the paper preset keeps [1]'s COCO anchors only
   as the paper's setting (SHAPES-416 boxes are 16-200 px).
-- `quick`: 64 px scenes, Darknet at width 1/4 (8..256 channels) with 1 residual block per
-  stage and 3-conv detection blocks (2 x 2, 4 x 4, 8 x 8 maps), k-means anchors of SHAPES-64
-  hard-coded (below), Adam 5e-3; convs as shifted matmuls (same maths; fast on CPU in
-  lax.scan).
+- `quick`: 64 px scenes, TWO scales (strides 16 and 8, maps 4 x 4 and 8 x 8; the catalog's
+  "YOLOv3-lite") with 6 k-means anchors of SHAPES-64 hard-coded (below), Darknet at width
+  1/4 with 4 stages of 1 residual block, 3-conv detection blocks, Adam 5e-3; convs as
+  shifted matmuls (same maths; fast on CPU in lax.scan). The paper preset has [1]'s three.
 - The ignore rule uses the IoU of the decoded prediction (darknet's yolo layer); [1]'s
   text can also be read as the prior's IoU. Darknet's 2 - w h box weight, multi-scale
   training and data augmentation are not used.
@@ -84,6 +84,8 @@ COCO_ANCHORS = (10, 13, 16, 30, 33, 23, 30, 61, 62, 45, 59, 119, 116, 90, 156, 1
 # sorted by area; mean best IoU 0.818 (3 anchors: 0.712).
 SHAPES64_ANCHORS = (9.8, 11.8, 15.3, 9.7, 23.4, 9.0, 10.0, 22.2, 14.6, 16.5, 22.7, 12.9,
                     15.9, 24.2, 23.3, 18.0, 24.2, 24.6)
+# the same with k = 6 for two scales (mean best IoU 0.785)
+SHAPES64_ANCHORS_6 = (11.4, 11.7, 20.8, 9.9, 10.1, 21.9, 16.0, 21.4, 23.4, 15.3, 24.1, 23.9)
 
 # --- CONFIG ---
 
@@ -98,11 +100,15 @@ class Config:
     width: float = 1.0
     """multiplier of every channel count (Darknet-53: 32, 64..1024)"""
     blocks: tuple[int, ...] = (1, 2, 8, 8, 4)
-    """residual blocks in each of the 5 Darknet stages"""
+    """residual blocks in each Darknet stage (5 stages: strides 2..32)"""
+    num_scales: int = 3
+    """detection scales, from the finest (stride 8) up: 3 = strides 32, 16, 8 as [1]; 2 =
+    strides 16, 8 (the 'YOLOv3-lite' for small images; the backbone then needs 4 stages)"""
     head_depth: int = 5
     """alternating 1x1 / 3x3 convs of each scale's detection block (odd; [1]: 5)"""
     anchors: tuple[float, ...] = COCO_ANCHORS
-    """9 flat (w, h) pairs in px of the input, sorted by area (3 per scale, fine to coarse)"""
+    """3 x num_scales flat (w, h) pairs in px of the input, sorted by area (3 per scale,
+    fine to coarse)"""
     ignore_iou: float = 0.5
     """unassigned predictions overlapping a ground truth by more get no objectness loss"""
     coord_loss: str = "offset"
@@ -163,21 +169,25 @@ class Config:
         return self.batch_size
 
     @property
-    def grid_sizes(self) -> tuple[int, int, int]:
-        """cells per side of the three scales, coarse to fine (strides 32, 16, 8)"""
-        return tuple(self.image_size // s for s in (32, 16, 8))
+    def grid_sizes(self) -> tuple[int, ...]:
+        """cells per side of the scales, coarse to fine (strides ..., 32, 16, 8)"""
+        return tuple(self.image_size // (8 << i) for i in reversed(range(self.num_scales)))
 
     def validate(self):
         if self.image_size % 32:
             raise ValueError(f"image_size={self.image_size} must be a multiple of 32")
-        if len(self.blocks) != 5 or min(self.blocks) < 0:
-            raise ValueError(f"blocks={self.blocks} must be 5 non-negative counts")
+        if len(self.blocks) != self.num_scales + 2 or min(self.blocks) < 0:
+            raise ValueError(f"blocks={self.blocks} must be num_scales + 2 = "
+                             f"{self.num_scales + 2} non-negative counts (stride 8 is stage 3)")
+        if self.num_scales not in (2, 3):
+            raise ValueError(f"num_scales={self.num_scales} must be 2 or 3")
         if self.head_depth < 1 or self.head_depth % 2 == 0:
             raise ValueError(f"head_depth={self.head_depth} must be odd and >= 1")
         a = np.asarray(self.anchors, float)
-        if a.size != 18 or (a <= 0).any():
-            raise ValueError(f"anchors has {a.size} numbers; need 9 positive (w, h) pairs")
-        if (np.diff(a.reshape(9, 2).prod(1)) < 0).any():
+        if a.size != 6 * self.num_scales or (a <= 0).any():
+            raise ValueError(f"anchors has {a.size} numbers; need {3 * self.num_scales} "
+                             "positive (w, h) pairs (3 per scale)")
+        if (np.diff(a.reshape(-1, 2).prod(1)) < 0).any():
             raise ValueError(f"anchors={self.anchors} must be sorted by area (w * h)")
         if self.coord_loss not in ("offset", "t"):
             raise ValueError(f"coord_loss={self.coord_loss!r} must be 'offset' or 't'")
@@ -195,9 +205,9 @@ class Config:
 
 
 PRESETS = {
-    # CPU: SHAPES-64 (1-4 shapes, 8-28 px, 3 classes), maps 2x2, 4x4, 8x8.
-    "quick": dict(image_size=64, width=0.25, blocks=(1, 1, 1, 1, 1), head_depth=3,
-                  anchors=SHAPES64_ANCHORS, optimizer="adam", lr=5e-3, batch_size=16,
+    # CPU: SHAPES-64 (1-4 shapes, 8-28 px, 3 classes), two scales: maps 4x4 and 8x8.
+    "quick": dict(image_size=64, width=0.25, blocks=(1, 1, 1, 1), num_scales=2, head_depth=3,
+                  anchors=SHAPES64_ANCHORS_6, optimizer="adam", lr=5e-3, batch_size=16,
                   total_steps=800, colours=1, max_objects=4, min_object=8, max_object=28,
                   photo_backgrounds=False, eval_images=300, pre_nms_topk=300,
                   shift_conv=True),
@@ -235,7 +245,7 @@ class Residual(nn.Module):
 
 
 class Darknet53(nn.Module):
-    """[1] Table 1 without the classifier: returns the maps at strides 8, 16, 32."""
+    """[1] Table 1 without the classifier: returns every stage's map (strides 2, 4, ...)."""
 
     width: float = 1.0
     blocks: tuple[int, ...] = (1, 2, 8, 8, 4)
@@ -252,7 +262,7 @@ class Darknet53(nn.Module):
             for _ in range(n):
                 x = Residual(c, self.shift)(x, train)
             maps.append(x)
-        return maps[2], maps[3], maps[4]
+        return maps
 
 
 def upsample2(x):
@@ -269,16 +279,17 @@ class YOLOv3(nn.Module):
     blocks: tuple[int, ...] = (1, 2, 8, 8, 4)
     head_depth: int = 5
     shift: bool = False
+    num_scales: int = 3
 
     @nn.compact
     def __call__(self, images, train: bool = False):
         s = self.shift
         ch = lambda c: max(4, int(c * self.width))
         x = images.astype(jnp.float32) / 255.0
-        f8, f16, f32 = Darknet53(self.width, self.blocks, s)(x, train)
-        outs, x = [], f32
-        for i, fine in enumerate((None, f16, f8)):
-            c = ch(512 >> i)  # 1x1 width of the block: 512, 256, 128
+        maps = Darknet53(self.width, self.blocks, s)(x, train)[2:][::-1]  # coarse to fine
+        outs, x = [], maps[0]
+        for i, fine in enumerate([None, *maps[1:]]):
+            c = ch(64 << (len(maps) - i))  # 1x1 width of the block: 512, 256, 128 ([1])
             if fine is not None:  # [1] Sec. 2.3: 1x1 conv, upsample x2, concatenate
                 x = upsample2(ConvBN(c, 1, shift=s)(x, train))
                 x = jnp.concatenate([x, fine], -1)
@@ -292,17 +303,19 @@ class YOLOv3(nn.Module):
 
 
 def make_model(cfg: Config) -> YOLOv3:
-    return YOLOv3(cfg.num_classes, cfg.width, cfg.blocks, cfg.head_depth, cfg.shift_conv)
+    return YOLOv3(cfg.num_classes, cfg.width, cfg.blocks, cfg.head_depth, cfg.shift_conv,
+                  cfg.num_scales)
 
 
 def anchor_shapes(cfg: Config) -> jax.Array:
-    """(9, 2) anchor (w, h) in units of the image, sorted by area."""
-    return jnp.asarray(cfg.anchors, jnp.float32).reshape(9, 2) / cfg.image_size
+    """(3 num_scales, 2) anchor (w, h) in units of the image, sorted by area."""
+    return jnp.asarray(cfg.anchors, jnp.float32).reshape(-1, 2) / cfg.image_size
 
 
 def scale_anchors(anchors, scale: int):
-    """The 3 anchors of scale 0 (stride 32: the largest), 1 (16) or 2 (8: the smallest)."""
-    return anchors[3 * (2 - scale):3 * (2 - scale) + 3]
+    """The 3 anchors of scale `scale` (0 = the coarsest, holding the largest anchors)."""
+    n = len(anchors) // 3 - 1 - scale
+    return anchors[3 * n:3 * n + 3]
 
 
 # --- LOSS ---
@@ -336,14 +349,14 @@ def shape_iou(wh, anchors):
 
 def build_targets(gt_boxes, gt_labels, anchors, sizes, k: int):
     """Targets of one image: gt_boxes (M, 4) cxcywh in units of the image, gt_labels (M,)
-    ints or (M, K) multi-hot, anchors (9, 2), sizes = cells per side coarse to fine.
+    ints or (M, K) multi-hot, anchors (3 scales, 2), sizes = cells per side coarse to fine.
     [1] Sec. 2.1: each box goes to the one anchor of all 9 with best shape IoU, on that
     anchor's scale, in the cell of its centre. Returns per scale a dict of (S, S, 3, ...)
     arrays: resp (bool), xy (centre offset in the cell), twh (log(g_w / p_w), ..h),
     cls (K multi-hot), box (cxcywh)."""
     cls, valid = multi_hot(gt_labels, k)
     best = jnp.argmax(shape_iou(gt_boxes[:, 2:], anchors), axis=1)  # (M,) in 0..8
-    scale, a = 2 - best // 3, best % 3  # scale 0 = stride 32 holds anchors 6, 7, 8
+    scale, a = len(sizes) - 1 - best // 3, best % 3  # scale 0 (coarsest): the 3 largest
     twh = jnp.log(jnp.maximum(gt_boxes[:, 2:], 1e-6) / anchors[best])
     out = []
     for l, s in enumerate(sizes):
