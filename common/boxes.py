@@ -147,6 +147,18 @@ def batched_nms(boxes, scores, classes, iou_threshold: float = 0.5, max_out: int
     return nms(boxes + shift[:, None], scores, iou_threshold, max_out, score_threshold)
 
 
+def topk_nms(boxes, scores, topk: int, iou_threshold: float = 0.5, max_out: int = 100,
+             score_threshold: float = -jnp.inf):
+    """One image's detections: the `topk` best (box, class) pairs of boxes (N, 4) and
+    class scores (N, K), then per-class NMS. Returns boxes (max_out, 4), scores, classes and
+    valid (max_out,); vmap it over a batch."""
+    k = scores.shape[-1]
+    top, i = jax.lax.top_k(scores.reshape(-1), min(topk, scores.size))
+    box, cls = boxes[i // k], i % k
+    keep, valid = batched_nms(box, top, cls, iou_threshold, max_out, score_threshold)
+    return box[keep], top[keep], cls[keep], valid
+
+
 def nms_numpy(boxes, scores, iou_threshold: float = 0.5):
     """Reference greedy NMS (loops, numpy): kept indices in descending score order."""
     boxes, scores = np.asarray(boxes, np.float64), np.asarray(scores)

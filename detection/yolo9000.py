@@ -537,18 +537,9 @@ def predict(params, batch_stats, images, cfg: Config):
     tree, leaf, _ = tree_of(cfg)
     boxes, obj, log_cond = forward(params, batch_stats, images, cfg)
     scores = obj[..., None] * jnp.exp(tree_log_prob(log_cond, tree)[..., leaf])  # (B, R, K)
-    k = len(leaf)
-    boxes = jnp.repeat(boxes, k, axis=1)
-    scores = scores.reshape(scores.shape[0], -1)
-    classes = jnp.tile(jnp.arange(k), scores.shape[1] // k)
-
-    def one(bo, sc):
-        top, i = jax.lax.top_k(sc, min(cfg.pre_nms_topk, sc.shape[0]))
-        keep, valid = bx.batched_nms(bo[i], top, classes[i], cfg.nms_iou, cfg.max_detections,
-                                     cfg.score_threshold)
-        return bo[i][keep], top[keep], classes[i][keep], valid
-
-    return jax.vmap(one)(boxes, scores)
+    return jax.vmap(lambda bo, sc: bx.topk_nms(bo, sc, cfg.pre_nms_topk, cfg.nms_iou,
+                                               cfg.max_detections, cfg.score_threshold))(
+        boxes, scores)
 
 
 @functools.partial(jax.jit, static_argnames="cfg")

@@ -514,18 +514,10 @@ def predict(params, batch_stats, images, cfg: Config):
     b, size = out.shape[0], images.shape[1]
     boxes = bx.cxcywh_to_xyxy(decode(out[..., :4], jnp.asarray(anchor_shapes(cfg)))) * size
     scores = jax.nn.sigmoid(out[..., 4:5]) * jax.nn.softmax(out[..., 5:], -1)
-    k = cfg.num_classes
-    boxes = jnp.repeat(boxes.reshape(b, -1, 4), k, axis=1)  # (B, S*S*A*K, 4)
-    scores = scores.reshape(b, -1)
-    classes = jnp.tile(jnp.arange(k), scores.shape[1] // k)
-
-    def one(bo, sc):
-        top, i = jax.lax.top_k(sc, min(cfg.pre_nms_topk, sc.shape[0]))
-        keep, valid = bx.batched_nms(bo[i], top, classes[i], cfg.nms_iou, cfg.max_detections,
-                                     cfg.score_threshold)
-        return bo[i][keep], top[keep], classes[i][keep], valid
-
-    return jax.vmap(one)(boxes, scores)
+    boxes, scores = boxes.reshape(b, -1, 4), scores.reshape(b, -1, cfg.num_classes)
+    return jax.vmap(lambda bo, sc: bx.topk_nms(bo, sc, cfg.pre_nms_topk, cfg.nms_iou,
+                                               cfg.max_detections, cfg.score_threshold))(
+        boxes, scores)
 
 
 def eval_set(cfg: Config) -> dict:

@@ -496,16 +496,9 @@ def predict(params, batch_stats, images, cfg: Config):
     outs = make_model(cfg).apply({"params": params, "batch_stats": batch_stats}, images)
     boxes, scores = boxes_and_scores(outs, anchor_shapes(cfg))
     boxes = bx.cxcywh_to_xyxy(boxes) * images.shape[1]
-    k = cfg.num_classes
-
-    def one(bo, sc):
-        top, i = jax.lax.top_k(sc.reshape(-1), min(cfg.pre_nms_topk, sc.size))
-        box, cls = bo[i // k], i % k
-        keep, valid = bx.batched_nms(box, top, cls, cfg.nms_iou, cfg.max_detections,
-                                     cfg.score_threshold)
-        return box[keep], top[keep], cls[keep], valid
-
-    return jax.vmap(one)(boxes, scores)
+    return jax.vmap(lambda bo, sc: bx.topk_nms(bo, sc, cfg.pre_nms_topk, cfg.nms_iou,
+                                               cfg.max_detections, cfg.score_threshold))(
+        boxes, scores)
 
 
 def eval_set(cfg: Config) -> dict:
