@@ -331,8 +331,9 @@ def condition(es: CMAState) -> jax.Array:
     return (jnp.max(es.D) / jnp.min(es.D)) ** 2
 
 
-def terminated(es: CMAState, f: jax.Array, cfg: Config) -> jax.Array:
-    """[1] App. B.3 criteria after tell; f: this generation's values (unused ones +inf)."""
+def stop_criteria(es: CMAState, f: jax.Array, cfg: Config) -> dict:
+    """[1] App. B.3 criteria after tell, each a bool; f: this generation's values (unused
+    ones +inf). `finite` flags a NaN/inf sigma or C (not a criterion of [1])."""
     used = jnp.arange(cfg.lam_max) < es.lam
     h = 10 + jnp.ceil(30 * cfg.dim / es.lam)
     recent = jnp.arange(cfg.hist_len) < h
@@ -347,7 +348,15 @@ def terminated(es: CMAState, f: jax.Array, cfg: Config) -> jax.Array:
     axis = jnp.all(es.mean == es.mean + 0.1 * es.sigma * es.D[i] * es.B[:, i])
     coord = jnp.any(es.mean == es.mean + 0.2 * std)
     finite = jnp.isfinite(es.sigma) & jnp.all(jnp.isfinite(es.C))
-    return tolfun | tolx | cond | axis | coord | ~finite
+    return {"tolx": tolx, "tolfun": tolfun, "no_effect_axis": axis, "no_effect_coord": coord,
+            "condition_cov": cond, "not_finite": ~finite}
+
+
+def terminated(es: CMAState, f: jax.Array, cfg: Config) -> jax.Array:
+    """Any of stop_criteria ([1] App. B.3) holds."""
+    c = stop_criteria(es, f, cfg)
+    return (c["tolfun"] | c["tolx"] | c["condition_cov"] | c["no_effect_axis"]
+            | c["no_effect_coord"] | c["not_finite"])
 
 
 # --- TRAIN (runner contract) ---
