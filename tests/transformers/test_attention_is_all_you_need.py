@@ -4,8 +4,6 @@ causal mask, KV-cache decoding, source padding, learning, purity, CLI and a torc
 import dataclasses
 import inspect
 import math
-import shutil
-import subprocess
 import textwrap
 
 import jax
@@ -14,7 +12,7 @@ import numpy as np
 import pytest
 
 from common import run
-from tests.transformers import leak
+from tests.transformers import leak, peer
 from transformers import attention_is_all_you_need as aiayn
 
 # Numbers below 1000, a 2+2-layer model of width 32: data in ~1 s, compiles in seconds.
@@ -278,20 +276,13 @@ def test_matches_torch_nn_transformer(tmp_path):
     """Port a random-init (std 0.3) post-LN torch.nn.Transformer (ReLU, dropout 0, final
     stack norms removed) into our encoder/decoder stacks: same outputs to float32 precision
     (measured 3e-7), with source padding and the causal target mask."""
-    if shutil.which("uv") is None:
-        pytest.skip("uv is not installed")
     rng = np.random.default_rng(0)
     src = rng.normal(size=(3, 7, 16)).astype(np.float32)
     tgt = rng.normal(size=(3, 5, 16)).astype(np.float32)
     src_pad = np.zeros((3, 7), bool)
     src_pad[1, 5:], src_pad[2, 3:] = True, True
     np.savez(tmp_path / "inputs.npz", src=src, tgt=tgt, src_pad=src_pad)
-    (tmp_path / "peer.py").write_text(PEER)
-    proc = subprocess.run(["uv", "run", "--no-project", "--with", "torch==2.13.0", "--with",
-                           "transformers>=5,<6", "--with", "numpy", "python", "peer.py"],
-                          cwd=tmp_path, capture_output=True, text=True, timeout=900)
-    if proc.returncode != 0:
-        pytest.skip(f"peer environment unavailable: {proc.stderr[-500:]}")
+    peer.run_peer(PEER, tmp_path)  # skips if torch cannot be installed, fails if PEER raises
     sd = dict(np.load(tmp_path / "peer.npz"))
     cfg = dataclasses.replace(TINY, d_model=16, num_heads=4, d_ff=32)
     model = aiayn.make_model(cfg, dropout=0.0)

@@ -3,7 +3,6 @@ LSHSelfAttention), reversible layers (gradients and memory), chunked FF, causali
 learning, purity and the CLI."""
 
 import dataclasses
-import subprocess
 import textwrap
 
 import jax
@@ -12,7 +11,7 @@ import numpy as np
 import pytest
 
 from common import run
-from tests.transformers import leak
+from tests.transformers import leak, peer
 from transformers import reformer as rf
 
 # A tiny model: L = 32, chunks of 8 (4 chunks per round), 4 buckets, 2 rounds, 2 layers.
@@ -147,15 +146,7 @@ def test_lsh_attention_matches_hf_lsh_self_attention(tmp_path):
     """)
     x = np.random.default_rng(0).normal(size=(2, 32, 24))
     np.savez(tmp_path / "inputs.npz", x=x)
-    (tmp_path / "peer.py").write_text(script)
-    cmd = ["uv", "run", "--no-project", "--with", "torch==2.13.0", "--with",
-           "transformers>=5,<6", "--with", "numpy", "python", "peer.py"]
-    try:
-        res = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=900)
-    except (FileNotFoundError, subprocess.TimeoutExpired) as e:
-        pytest.skip(f"peer environment unavailable: {e}")
-    if res.returncode != 0:
-        pytest.skip(f"peer environment failed to install or run: {res.stderr[-500:]}")
+    peer.run_peer(script, tmp_path)  # skips if torch cannot be installed, fails if it raises
     o = np.load(tmp_path / "outputs.npz")
     with jax.enable_x64(True):
         for tag, causal in (("causal", True), ("bidir", False)):

@@ -2,7 +2,6 @@
 stop-gradient, memory vs no memory, purity, CLI, and a port of HF XLNet's attention."""
 
 import dataclasses
-import subprocess
 import textwrap
 
 import jax
@@ -11,7 +10,7 @@ import numpy as np
 import pytest
 
 from common import run
-from tests.transformers import leak
+from tests.transformers import leak, peer
 from transformers import transformer_xl as X
 
 V, L, D = 11, 8, 32
@@ -205,17 +204,7 @@ def test_matches_hf_xlnet_uni_attention(tmp_path):
     a wrong distance offset gives 1.85)."""
     tokens = np.asarray(_stream(2, 3 * L))
     np.savez(tmp_path / "inputs.npz", tokens=tokens)
-    (tmp_path / "peer.py").write_text(PEER)
-    cmd = ["uv", "run", "--no-project", "--with", "torch==2.13.0", "--with",
-           "transformers>=5,<6", "--with", "numpy", "python", "peer.py"]
-    try:
-        proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=900)
-    except (FileNotFoundError, subprocess.TimeoutExpired) as e:
-        pytest.skip(f"peer environment unavailable: {e}")
-    if proc.returncode != 0:
-        if "Failed to" in proc.stderr or "error sending request" in proc.stderr:
-            pytest.skip(f"peer environment could not be installed: {proc.stderr[-500:]}")
-        raise AssertionError(proc.stderr[-3000:])
+    peer.run_peer(PEER, tmp_path)  # skips if torch cannot be installed, fails if PEER raises
     w = dict(np.load(tmp_path / "peer.npz"))
     model = X.TransformerXL(vocab=V, n_layer=2, d_model=D, n_head=4, d_head=8, d_inner=64,
                             untie_r=True)
