@@ -26,36 +26,57 @@ PALETTE = np.array([[230, 40, 40], [40, 90, 230], [40, 200, 60], [240, 200, 30],
                     [200, 60, 220], [30, 210, 220], [250, 130, 20], [240, 240, 240]])
 
 
-def _background(key, size, photos):
+def _resize_weights(n_in: int, n_out: int) -> np.ndarray:
+    """(n_out, n_in) weights of a linear (half-pixel centres, edge-clamped) upsampling: the
+    weights of jax.image.resize(..., "linear") as a matrix, which compiles to one matmul."""
+    x = np.clip((np.arange(n_out) + 0.5) * n_in / n_out - 0.5, 0, n_in - 1)
+    lo = np.floor(x).astype(int)
+    hi, f = np.minimum(lo + 1, n_in - 1), x - lo
+    w = np.zeros((n_out, n_in), np.float32)
+    np.add.at(w, (np.arange(n_out), lo), 1 - f)
+    np.add.at(w, (np.arange(n_out), hi), f)
+    return w
+
+
+def _background(u, noise, size, photos):
+    """A smooth random field plus pixel noise (u: 48 uniforms, noise: (size, size, 3)
+    standard normals), or a random crop of `photos` (u: 3 uniforms)."""
     if photos is not None:
-        kp, ky, kx = jax.random.split(key, 3)
-        p = photos[jax.random.randint(kp, (), 0, photos.shape[0])]
-        y = jax.random.randint(ky, (), 0, photos.shape[1] - size + 1)
-        x = jax.random.randint(kx, (), 0, photos.shape[2] - size + 1)
+        p = photos[_uint(u[0], photos.shape[0])]
+        y = _uint(u[1], photos.shape[1] - size + 1)
+        x = _uint(u[2], photos.shape[2] - size + 1)
         return jax.lax.dynamic_slice(p, (y, x, 0), (size, size, 3)).astype(jnp.float32)
-    kc, kn = jax.random.split(key)
-    coarse = jax.random.uniform(kc, (4, 4, 3), maxval=160.0)
-    smooth = jax.image.resize(coarse, (size, size, 3), "linear")
-    return smooth + 12.0 * jax.random.normal(kn, (size, size, 3))
+    coarse = 160.0 * u[:48].reshape(4, 4, 3)
+    w = jnp.asarray(_resize_weights(4, size))
+    smooth = jnp.einsum("yi,xj,ijc->yxc", w, w, coarse)  # a smooth 4x4 -> size x size field
+    return smooth + 12.0 * noise
+
+
+def _uint(u, n):
+    """Integers uniform in [0, n) from uniforms in [0, 1)."""
+    return jnp.minimum(jnp.floor(u * n), n - 1).astype(jnp.int32)
 
 
 def _masks(shape_id, boxes, apex, size):
-    """(M, size, size) pixel masks of M shapes filling their xyxy boxes."""
-    yy, xx = jnp.mgrid[:size, :size] + 0.5
-
-    def one(s, b, a):
-        x1, y1, x2, y2 = b
-        w, h = x2 - x1, y2 - y1
-        ellipse = ((xx - (x1 + w / 2)) / (w / 2)) ** 2 + ((yy - (y1 + h / 2)) / (h / 2)) ** 2 <= 1
-        rect = (xx >= x1) & (xx < x2) & (yy >= y1) & (yy < y2)
-        # triangle: base on the bottom edge, apex at a fraction `a` of the top edge
-        pts = jnp.array([[x1, y2], [x2, y2], [x1 + a * w, y1]])
-        side = lambda p, q: (xx - q[0]) * (p[1] - q[1]) - (p[0] - q[0]) * (yy - q[1])
-        d = jnp.stack([side(pts[0], pts[1]), side(pts[1], pts[2]), side(pts[2], pts[0])])
-        tri = ~((d < 0).any(0) & (d > 0).any(0))
-        return jnp.stack([ellipse, rect, tri])[s]
-
-    return jax.vmap(one)(shape_id, boxes, apex)
+    """(M, size, size) pixel masks of M shapes filling their xyxy boxes (pixel centres
+    inside the shape), all objects at once by broadcasting."""
+    yy = (jnp.arange(size) + 0.5)[None, :, None]
+    xx = (jnp.arange(size) + 0.5)[None, None, :]
+    x1, y1, x2, y2 = (boxes[:, i, None, None] for i in range(4))
+    a = apex[:, None, None]
+    w, h = x2 - x1, y2 - y1
+    ellipse = ((xx - (x1 + w / 2)) / (w / 2)) ** 2 + ((yy - (y1 + h / 2)) / (h / 2)) ** 2 <= 1
+    rect = (xx >= x1) & (xx < x2) & (yy >= y1) & (yy < y2)
+    # triangle: base on the bottom edge, apex at a fraction `a` of the top edge; a pixel is
+    # inside when its three edge functions do not have both signs
+    pts = [(x1, y2), (x2, y2), (x1 + a * w, y1)]
+    side = lambda p, q: (xx - q[0]) * (p[1] - q[1]) - (p[0] - q[0]) * (yy - q[1])
+    d = [side(pts[0], pts[1]), side(pts[1], pts[2]), side(pts[2], pts[0])]
+    neg = (d[0] < 0) | (d[1] < 0) | (d[2] < 0)
+    pos = (d[0] > 0) | (d[1] > 0) | (d[2] > 0)
+    tri = ~(neg & pos)
+    s = shape_id[:, None, None]
+    return jnp.where(s == 0, ellipse, jnp.where(s == 1, rect, tri))
 
 
 def shapes_batch(key, batch: int, size: int = 64, max_objects: int = 4, min_size: int = 8,
@@ -65,50 +86,74 @@ def shapes_batch(key, batch: int, size: int = 64, max_objects: int = 4, min_size
     circles (ellipses) / rectangles / triangles of side min_size..max_size px on a smooth
     noisy background, or on random crops of `photos` (P, H, W, 3). Each object takes the
     first of `candidates` random boxes whose IoU with the objects already placed is <=
-    max_iou (none fits: the object is dropped). Classes are the 3 shapes; with colours > 1
-    they are shape x colour (3 * colours classes, colours from a fixed palette), otherwise
-    colours are random and carry no label. Boxes are the tight boxes of the drawn pixels.
-    Returns images (B, size, size, 3) uint8, boxes (B, M, 4) float32 xyxy, labels (B, M)
-    int32 (-1 padding)."""
+    max_iou (none fits: the object is dropped). Later objects are painted over earlier
+    ones; an object left with no visible pixel is dropped. Classes are the 3 shapes; with
+    colours > 1 they are shape x colour (3 * colours classes, colours from a fixed
+    palette), otherwise colours are random and carry no label. Each object is one flat
+    colour; its box is the tight box of its drawn pixels (the whole shape, also where a
+    later object covers part of it). Returns images (B, size, size, 3) uint8, boxes (B, M,
+    4) float32 xyxy, labels (B, M) int32 (-1 padding)."""
     palette = jnp.asarray(PALETTE, jnp.float32)
+    m, c = max_objects, candidates
 
-    def scene(key):
-        kb, kn, kw, kx, ks, kc, kr, ka, kj = jax.random.split(key, 9)
-        img = _background(kb, size, photos)
-        m, c = max_objects, candidates
-        num = jax.random.randint(kn, (), 1, m + 1)
-        wh = jax.random.randint(kw, (m, c, 2), min_size, max_size + 1).astype(jnp.float32)
-        xy = jnp.floor(jax.random.uniform(kx, (m, c, 2)) * (size - wh + 1))
-        cand = jnp.concatenate([xy, xy + wh], -1)
-
-        def place(carry, i):
-            placed, ok = carry
+    def place(cand, num):
+        """Greedy placement, unrolled over the (few) objects: object i takes its first
+        candidate clear of the objects placed before it."""
+        placed, ok = jnp.zeros((m, 4)), jnp.zeros(m, bool)
+        for i in range(m):
             clear = ((iou(cand[i], placed) <= max_iou) | ~ok[None]).all(1)
             j = jnp.argmax(clear)
             placed = placed.at[i].set(cand[i, j])
-            return (placed, ok.at[i].set(clear[j] & (i < num))), None
+            ok = ok.at[i].set(clear[j] & (i < num))
+        return placed, ok
 
-        init = (jnp.zeros((m, 4)), jnp.zeros(m, bool))
-        (placed, ok), _ = jax.lax.scan(place, init, jnp.arange(m))
-        shape_id = jax.random.randint(ks, (m,), 0, len(SHAPES))
-        colour_id = jax.random.randint(kc, (m,), 0, colours)
-        colour = jnp.where(colours > 1, palette[colour_id].T,
-                           jax.random.uniform(kr, (3, m), minval=60.0, maxval=255.0)).T
-        colour = colour + 8.0 * jax.random.normal(kj, (m, 3))
-        masks = _masks(shape_id, placed, jax.random.uniform(ka, (m,), minval=0.2, maxval=0.8),
-                       size) & ok[:, None, None]
-        for i in range(m):  # paint in order: later shapes may cover earlier ones
-            img = jnp.where(masks[i][..., None], colour[i], img)
+    # All the randomness of a batch comes from two draws (uniforms and normals), sliced per
+    # scene: each jax.random call compiles its own counter-based generator, and a dozen of
+    # them made this function take ~10 s to compile.
+    sizes = dict(bg=48, num=1, wh=2 * m * c, xy=2 * m * c, shape=m, colour=m, rgb=3 * m,
+                 apex=m)
+    offsets = dict(zip(sizes, np.cumsum([0, *sizes.values()])[:-1].tolist(), strict=True))
+    take = lambda u, name: u[offsets[name]:offsets[name] + sizes[name]]
+    pixels = size * size * 3 if photos is None else 0  # pixel noise of the plain background
+    n_normal = pixels + 3 * m + (pixels + 3 * m) % 2
+    uniforms = jax.random.uniform(key, (batch, sum(sizes.values()) + n_normal),
+                                  minval=jnp.finfo(jnp.float32).tiny)
+    u1, u2 = uniforms[:, :n_normal // 2], uniforms[:, n_normal // 2:n_normal]
+    uniforms = uniforms[:, n_normal:]
+    radius = jnp.sqrt(-2.0 * jnp.log(u1))  # Box-Muller: standard normals from uniforms
+    normals = jnp.concatenate([radius * jnp.cos(2 * jnp.pi * u2),
+                               radius * jnp.sin(2 * jnp.pi * u2)], -1)
+
+    def scene(u, z):
+        bg_noise, jitter = z[:pixels].reshape(-1, size, 3), z[pixels:pixels + 3 * m].reshape(m, 3)
+        img = _background(take(u, "bg"), bg_noise, size, photos)
+        num = 1 + _uint(take(u, "num")[0], m)
+        wh = (min_size + _uint(take(u, "wh"), max_size - min_size + 1)).astype(jnp.float32)
+        wh = wh.reshape(m, c, 2)
+        xy = jnp.floor(take(u, "xy").reshape(m, c, 2) * (size - wh + 1))
+        placed, ok = place(jnp.concatenate([xy, xy + wh], -1), num)
+        shape_id = _uint(take(u, "shape"), len(SHAPES))
+        colour_id = _uint(take(u, "colour"), colours)
+        colour = (palette[colour_id] if colours > 1
+                  else 60.0 + 195.0 * take(u, "rgb").reshape(m, 3))
+        colour = colour + 8.0 * jitter
+        apex = 0.2 + 0.6 * take(u, "apex")
+        masks = _masks(shape_id, placed, apex, size) & ok[:, None, None]
+        # paint: each pixel takes the colour of the last object covering it
+        top = m - 1 - jnp.argmax(masks[::-1], axis=0)  # (H, W)
+        drawn = masks.any(0)
+        img = jnp.where(drawn[..., None], colour[top], img)
+        visible = drawn[None] & (top[None] == jnp.arange(m)[:, None, None])
         cols, rows = masks.any(1), masks.any(2)  # (M, W), (M, H)
         first = lambda a: jnp.argmax(a, axis=1).astype(jnp.float32)
         last = lambda a: (size - jnp.argmax(a[:, ::-1], axis=1)).astype(jnp.float32)
         tight = jnp.stack([first(cols), first(rows), last(cols), last(rows)], -1)
-        ok = ok & masks.any((1, 2))
+        ok = ok & visible.any((1, 2))
         label = jnp.where(ok, shape_id + len(SHAPES) * colour_id, -1)
         return (jnp.clip(jnp.round(img), 0, 255).astype(jnp.uint8),
                 jnp.where(ok[:, None], tight, 0.0), label.astype(jnp.int32))
 
-    return jax.vmap(scene)(jax.random.split(key, batch))
+    return jax.vmap(scene)(uniforms, normals)
 
 
 def sample_photos(size: int) -> np.ndarray:

@@ -120,7 +120,10 @@ def test_voc_ap_hand_example():
 
 def test_map_equals_pycocotools_on_random_detections():
     """Perturbed and spurious detections on SHAPES ground truth; our COCO AP equals
-    pycocotools' COCOeval (stats[0] mAP@[.5:.95], stats[1] mAP@.5) to 1e-4."""
+    pycocotools' COCOeval (stats[0] mAP@[.5:.95], stats[1] mAP@.5) to 1e-4. Five images
+    also carry 150 confident junk boxes of one class, more than COCO's 100 detections per
+    image and class, scored above the true ones, so the truncation to max_dets decides which of their true positives
+    count: without it our mAP differs (checked here, and by deleting it: the test fails)."""
     pytest.importorskip("pycocotools")
     import contextlib
     import io
@@ -140,10 +143,15 @@ def test_map_equals_pycocotools_on_random_detections():
         lab = np.concatenate([np.where(rng.uniform(size=len(gl)) < 0.85, gl, (gl + 1) % 3),
                               rng.integers(0, 3, 3)])
         sc = rng.uniform(0, 1, len(b))
+        if n < 5:  # > max_dets detections of class gl[0], the true ones ranked past 100
+            b = np.concatenate([b, random_boxes(rng, 150, 16.0) + 48])
+            lab = np.concatenate([lab, np.full(150, gl[0])])
+            sc = np.concatenate([0.1 * sc, rng.uniform(0.1, 0.2, 150)])
         dets.append((b, sc, lab))
         det_boxes.append(b), det_scores.append(sc), det_labels.append(lab)
     ours50, _ = bx.mean_average_precision(dets, gts, 3, (0.5,))
     ours, _ = bx.mean_average_precision(dets, gts, 3, np.linspace(0.5, 0.95, 10))
+    untruncated, _ = bx.mean_average_precision(dets, gts, 3, (0.5,), max_dets=10**6)
 
     gt_json = data.to_coco(d["boxes"], d["labels"], d["class_names"], (64, 64))
     coco = COCO()
@@ -157,19 +165,66 @@ def test_map_equals_pycocotools_on_random_detections():
     assert ours == pytest.approx(ev.stats[0], abs=1e-4)
     assert ours50 == pytest.approx(ev.stats[1], abs=1e-4)
     assert 0.1 < ours50 < 0.95  # a non-trivial case: neither all right nor all wrong
+    assert abs(untruncated - ev.stats[1]) > 1e-3  # the truncation to 100 matters here
+
+
+def _colour_regions(image):
+    """{rgb: xyxy bounding box} of each colour other than black in an (H, W, 3) image."""
+    flat = image.reshape(-1, 3)
+    out = {}
+    for rgb in {tuple(p) for p in flat[flat.any(1)]}:
+        ys, xs = np.nonzero((image == rgb).all(-1))
+        out[rgb] = (xs.min(), ys.min(), xs.max() + 1, ys.max() + 1)
+    return out
 
 
 def test_shapes_boxes_are_tight_and_labels_valid():
-    d = data.shapes(50, size=64, max_objects=4, seed=0)
-    assert d["images"].shape == (50, 64, 64, 3) and d["images"].dtype == np.uint8
-    ok = d["labels"] >= 0
-    assert ok.any(axis=1).all() and set(np.unique(d["labels"][ok])) <= {0, 1, 2}
-    b = d["boxes"][ok]
-    wh = b[:, 2:] - b[:, :2]
-    assert (b >= 0).all() and (b <= 64).all() and (wh >= 1).all() and (wh <= 28).all()
-    assert (d["boxes"][~ok] == 0).all()
-    c = data.shapes(20, colours=3, photo_backgrounds=True, seed=1)
-    assert len(c["class_names"]) == 9 and c["labels"].max() < 9
+    """SHAPES on a black background (a `photos` array of zeros): every object is one flat
+    colour, so each colour's pixels are what one object shows. With max_iou = 0 objects
+    cannot overlap: the colours' bounding boxes are exactly the labelled boxes (tight, none
+    missing, none extra) and labelled boxes are pairwise disjoint. In crowded scenes
+    (max_iou 0.5, 4..40 px objects) later shapes hide parts of earlier ones: every labelled
+    object still shows pixels (as many colours as labels), every shown pixel lies in a
+    labelled box, and every box edge touches a drawn pixel. Breakages it catches (tried):
+    boxes padded by 1 px, max_iou ignored, fully hidden objects kept."""
+    make = jax.jit(data.shapes_batch, static_argnums=range(1, 8))
+    black = jnp.zeros((1, 64, 64, 3), jnp.uint8)
+    # 6 objects of 8..28 px, colour-coded classes (3 shapes x 3 palette colours)
+    images, boxes, labels = jax.device_get(
+        make(jax.random.PRNGKey(0), 60, 64, 6, 8, 28, 3, 0.0, black))
+    assert images.shape == (60, 64, 64, 3) and images.dtype == np.uint8
+    ok = labels >= 0
+    assert ok.any(1).all() and ok.sum() > 3 * 60  # crowded enough to test the placement
+    assert set(np.unique(labels[ok])) == set(range(9)) and (labels[~ok] == -1).all()
+    assert (boxes[~ok] == 0).all()
+    wh = boxes[ok][:, 2:] - boxes[ok][:, :2]
+    assert (boxes >= 0).all() and (boxes <= 64).all() and (wh >= 1).all() and (wh <= 28).all()
+    for im, bo, la in zip(images, boxes, labels, strict=True):
+        bo = bo[la >= 0]
+        assert (bo == np.round(bo)).all()
+        assert sorted(_colour_regions(im).values()) == sorted(map(tuple, bo.astype(int)))
+        lt = np.maximum(bo[:, None, :2], bo[None, :, :2])
+        rb = np.minimum(bo[:, None, 2:], bo[None, :, 2:])
+        inter = np.clip(rb - lt, 0, None).prod(-1) * (1 - np.eye(len(bo)))
+        assert inter.max() == 0.0, inter
+    # crowded: 8 objects of 4..40 px, overlaps up to IoU 0.5, random colours
+    images, boxes, labels = jax.device_get(
+        make(jax.random.PRNGKey(1), 150, 64, 8, 4, 40, 1, 0.5, black))
+    occluded = 0
+    for im, bo, la in zip(images, boxes, labels, strict=True):
+        bo = bo[la >= 0].astype(int)
+        regions = _colour_regions(im)
+        assert len(regions) == len(bo)  # each labelled object is visible, nothing else drawn
+        occluded += sorted(regions.values()) != sorted(map(tuple, bo))
+        drawn = im.any(-1)
+        inside = np.zeros_like(drawn)
+        for x1, y1, x2, y2 in bo:
+            inside[y1:y2, x1:x2] = True
+            assert drawn[y1, x1:x2].any() and drawn[y2 - 1, x1:x2].any()
+            assert drawn[y1:y2, x1].any() and drawn[y1:y2, x2 - 1].any()
+        assert not (drawn & ~inside).any()
+    assert occluded > 10, occluded  # the crowded case does have occlusions
+    assert len(data.class_names(3)) == 9
     with pytest.raises(ValueError, match="colours"):
         data.shapes(2, colours=0)
 
