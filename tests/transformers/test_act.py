@@ -9,6 +9,8 @@ import numpy as np
 import pytest
 
 from common import run
+from tests.common.config_fields import unread_fields
+from tests.transformers import preset
 from transformers import act
 
 TINY = act.Config(bits=8, seq_len=3, hidden=16, max_steps=6, batch_size=8, total_updates=3,
@@ -175,14 +177,6 @@ def test_cli_runs_and_documents_every_field(tmp_path, capsys):
         act.main(["--eps", "1.5", "--run-dir", str(tmp_path)])
 
 
-def test_every_config_field_is_read():
-    import inspect
-
-    src = inspect.getsource(act)
-    unread = [f.name for f in dataclasses.fields(act.Config) if f"cfg.{f.name}" not in src]
-    assert unread == ["total_updates"], unread
-
-
 def test_act_learns_parity_better_than_no_pondering():
     """Behaviour ([1] Sec. 3.1, Fig. 4): 8-bit parity, 64 tanh units, batch 128, Adam 3e-3,
     2000 updates, same seed. ACT (M = 10, tau = 1e-3) against the identical RNN without
@@ -203,3 +197,13 @@ def test_act_learns_parity_better_than_no_pondering():
     assert steps_rnn == 1.0 and steps_act > 1.5
     assert acc_act > 0.9, acc_act
     assert acc_act > acc_rnn + 0.15, (acc_act, acc_rnn)
+
+
+def test_every_config_field_is_read():
+    assert unread_fields(act) == []
+
+
+def test_paper_preset_traces():
+    """jax.eval_shape of init and one update under the paper preset (nothing runs)."""
+    cfg, state, after = preset.trace_paper(act)
+    assert jax.tree.structure(after[0]) == jax.tree.structure(state)

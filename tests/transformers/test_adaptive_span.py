@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 
 from common import run
-from tests.transformers import leak
+from tests.common.config_fields import unread_fields
+from tests.transformers import leak, preset
 from transformers import adaptive_span as A
 
 V, L, S = 11, 8, 12
@@ -193,3 +194,13 @@ def test_remat_changes_nothing_but_memory():
         state, _ = jax.jit(A.update, static_argnums=1)(A.init(jax.random.PRNGKey(0), cfg), cfg)
         after.append(state.params)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), *after)
+
+
+def test_every_config_field_is_read():
+    assert unread_fields(A) == []
+
+
+def test_paper_preset_traces():
+    """jax.eval_shape of init and one update under the paper preset (nothing runs)."""
+    cfg, state, after = preset.trace_paper(A)
+    assert jax.tree.structure(after[0]) == jax.tree.structure(state)

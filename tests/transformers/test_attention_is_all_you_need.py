@@ -2,7 +2,6 @@
 causal mask, KV-cache decoding, source padding, learning, purity, CLI and a torch port."""
 
 import dataclasses
-import inspect
 import math
 import textwrap
 
@@ -12,7 +11,8 @@ import numpy as np
 import pytest
 
 from common import run
-from tests.transformers import leak, peer
+from tests.common.config_fields import unread_fields
+from tests.transformers import leak, peer, preset
 from transformers import attention_is_all_you_need as aiayn
 
 # Numbers below 1000, a 2+2-layer model of width 32: data in ~1 s, compiles in seconds.
@@ -208,14 +208,6 @@ def test_bad_values_fail_with_named_field(tmp_path):
         aiayn.main(["--dropout", "1.5", "--run-dir", str(tmp_path)])
 
 
-def test_every_config_field_is_read():
-    """No flag that lies: each field is read as cfg.<field> (total_updates via num_updates)."""
-    src = inspect.getsource(aiayn)
-    unread = [f.name for f in dataclasses.fields(aiayn.Config) if f"cfg.{f.name}" not in src]
-    assert unread == ["total_updates"], unread
-    assert "return self.total_updates" in inspect.getsource(aiayn.Config)
-
-
 PEER = textwrap.dedent("""
     import numpy as np, torch
     d = np.load("inputs.npz")
@@ -303,3 +295,16 @@ def test_matches_torch_nn_transformer(tmp_path):
     bad = model.apply(params, jnp.asarray(tgt), memory, jnp.ones_like(mask),
                       method=aiayn.Transformer.decode_embedded)
     assert np.abs(np.asarray(bad) - sd["out"]).max() > 1e-3  # measured 3.2e-3
+
+
+def test_every_config_field_is_read():
+    assert unread_fields(aiayn) == []
+
+
+def test_paper_preset_traces():
+    """jax.eval_shape of init and one update under the paper preset (nothing runs), with
+    num_pairs 2000 instead of 200_000: spelling out 200k numbers takes ~1 min on the host,
+    and no shape depends on it (the vocabulary is the same characters)."""
+    cfg, state, after = preset.trace_paper(aiayn, num_pairs=2000)
+    assert cfg.batch_size == 256
+    assert jax.tree.structure(after[0]) == jax.tree.structure(state)

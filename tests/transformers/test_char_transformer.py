@@ -2,7 +2,6 @@
 and its schedule, behaviour against a bigram baseline, purity and the CLI."""
 
 import dataclasses
-import inspect
 
 import jax
 import jax.numpy as jnp
@@ -10,7 +9,8 @@ import numpy as np
 import pytest
 
 from common import data, run
-from tests.transformers import leak
+from tests.common.config_fields import unread_fields
+from tests.transformers import leak, preset
 from transformers import char_transformer as ct
 
 TINY = ct.Config(seq_len=16, num_layers=2, d_model=16, num_heads=2, d_ff=32, dropout=0.0,
@@ -186,6 +186,10 @@ def test_bad_values_fail_with_named_field(tmp_path):
 
 
 def test_every_config_field_is_read():
-    src = inspect.getsource(ct)
-    unread = [f.name for f in dataclasses.fields(ct.Config) if f"cfg.{f.name}" not in src]
-    assert unread == [], unread
+    assert unread_fields(ct) == []
+
+
+def test_paper_preset_traces():
+    """jax.eval_shape of init and one update under the paper preset (nothing runs)."""
+    cfg, state, after = preset.trace_paper(ct)
+    assert jax.tree.structure(after[0]) == jax.tree.structure(state)

@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 
 from common import run
-from tests.transformers import leak
+from tests.common.config_fields import unread_fields
+from tests.transformers import leak, preset
 from transformers import gtrxl as G
 
 TINY = G.Config(memory_length=3, n_layer=2, d_model=16, n_head=2, d_head=8, d_inner=32,
@@ -203,3 +204,13 @@ def test_bad_values_fail_with_named_field(tmp_path):
         G.main(["--gating", "lstm", "--run-dir", str(tmp_path)])
     with pytest.raises(ValueError, match="num_envs=6 must be divisible by num_minibatches=4"):
         G.main(["--num-envs", "6", "--num-minibatches", "4", "--run-dir", str(tmp_path)])
+
+
+def test_every_config_field_is_read():
+    assert unread_fields(G) == []
+
+
+def test_paper_preset_traces():
+    """jax.eval_shape of init and one update under the paper preset (nothing runs)."""
+    cfg, state, after = preset.trace_paper(G)
+    assert jax.tree.structure(after[0]) == jax.tree.structure(state)

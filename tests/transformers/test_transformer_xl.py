@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 
 from common import run
-from tests.transformers import leak, peer
+from tests.common.config_fields import unread_fields
+from tests.transformers import leak, peer, preset
 from transformers import transformer_xl as X
 
 V, L, D = 11, 8, 32
@@ -230,3 +231,13 @@ def test_matches_hf_xlnet_uni_attention(tmp_path):
     err = float(np.abs(np.concatenate(outs, 1) - w["out"]).max())
     print(f"max |ours - HF XLNet| = {err:.2e}")
     assert err < 2e-5, err
+
+
+def test_every_config_field_is_read():
+    assert unread_fields(X) == []
+
+
+def test_paper_preset_traces():
+    """jax.eval_shape of init and one update under the paper preset (nothing runs)."""
+    cfg, state, after = preset.trace_paper(X)
+    assert jax.tree.structure(after[0]) == jax.tree.structure(state)

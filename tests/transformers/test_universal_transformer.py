@@ -14,7 +14,8 @@ import numpy as np
 import pytest
 
 from common import run
-from tests.transformers import leak
+from tests.common.config_fields import unread_fields
+from tests.transformers import leak, preset
 from transformers import universal_transformer as ut
 
 # the behaviour test: the quick preset with these changes
@@ -247,15 +248,6 @@ def test_cli_runs_and_documents_every_field(tmp_path, capsys):
         ut.main(["--length", "4", "--eval-length", "3", "--run-dir", str(tmp_path)])
 
 
-def test_every_config_field_is_read():
-    import inspect
-
-    src = inspect.getsource(ut)
-    unread = [f.name for f in dataclasses.fields(ut.Config) if f"c.{f.name}" not in src
-              and f"cfg.{f.name}" not in src]
-    assert unread == ["total_updates"], unread
-
-
 def test_ut_copies_variable_length_strings_and_broken_variant_cannot():
     """Behaviour: copy of strings of 1..8 symbols (vocab 10) by the encoder-decoder UT of the
     quick preset (d = 64, 4 heads, T <= 4 with ACT in both stacks), 400 updates of 32 strings,
@@ -277,3 +269,13 @@ def test_ut_copies_variable_length_strings_and_broken_variant_cannot():
     print(f"UT {good:.3f} vs no cross-attention {broken:.3f}")
     assert good > 0.8, good
     assert broken < 0.1, broken
+
+
+def test_every_config_field_is_read():
+    assert unread_fields(ut) == []
+
+
+def test_paper_preset_traces():
+    """jax.eval_shape of init and one update under the paper preset (nothing runs)."""
+    cfg, state, after = preset.trace_paper(ut)
+    assert jax.tree.structure(after[0]) == jax.tree.structure(state)
