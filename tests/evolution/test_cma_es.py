@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from common import blackbox, run
+from common import blackbox
 from evolution import cma_es
 from tests.common.config_fields import unread_fields
 
