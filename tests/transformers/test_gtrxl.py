@@ -68,6 +68,41 @@ def test_gate_equals_hand_computed_gru():
     assert 0.05 < z.mean() < 0.95 and np.abs(want - xn).max() > 0.1
 
 
+def test_open_gates_make_the_stack_the_identity_on_the_embedded_stream():
+    """Identity-map reordering + gating at network level: with b_g = +50 every update gate
+    z = sigmoid(. - 50) ~ 1e-22, so g(x, y) = x and the 2-layer stack passes the embedded
+    observations relu(W_e o) through unchanged (the LayerNorms sit only on the sub-layer
+    inputs): the output before the heads equals the embedded input, and the policy logits
+    are the head applied to it. Not so with the canonical post-LN ordering (x = LN(x + .),
+    measured diff ~1) or with gates partly open (b_g = 0). A LayerNorm after the residual
+    (reordering broken) fails it."""
+    L, M = 6, 4
+    k1, k2 = jax.random.split(jax.random.PRNGKey(0))
+    obs = jax.random.normal(k1, (2, L, 5))
+    mems = jax.random.normal(k2, (2, 2, M, 16))
+    ep_m, ep_q, dist = jnp.zeros((2, M), jnp.int32), jnp.zeros((2, L), jnp.int32), M + jnp.arange(L)
+
+    def stack(gating, gate_bias):
+        model = G.GTrXL(num_actions=3, n_layer=2, d_model=16, n_head=2, d_head=8, d_inner=32,
+                        gating=gating, gate_bias=gate_bias)
+        params = model.init(jax.random.PRNGKey(1), obs, mems, ep_m, ep_q, dist)["params"]
+        (logits, _, inputs), inter = model.apply(
+            {"params": params}, obs, mems, ep_m, ep_q, dist, mutable=["intermediates"],
+            capture_intermediates=lambda mdl, _: isinstance(mdl, G.GTrXLLayer))
+        out = inter["intermediates"]["layer_1"]["__call__"][0]  # the stack's output
+        embedded = inputs[0]  # relu(W_e o), the first layer's input
+        np.testing.assert_allclose(embedded, jax.nn.relu(
+            obs @ params["embed"]["kernel"] + params["embed"]["bias"]), atol=1e-6)
+        head = out @ params["pi"]["kernel"] + params["pi"]["bias"]
+        np.testing.assert_allclose(logits, head, atol=1e-5)
+        return float(jnp.abs(out - embedded).max()), float(jnp.abs(embedded).max())
+
+    diff, scale = stack("gru", 50.0)
+    assert scale > 0.5 and diff < 1e-6, (diff, scale)
+    assert stack("post_ln", 50.0)[0] > 0.1
+    assert stack("gru", 0.0)[0] > 0.05
+
+
 @pytest.mark.parametrize("gating", ["gru", "none", "post_ln"])
 def test_no_future_leak_and_mask_off_leaks(gating):
     """Outputs at steps < t do not depend on observations at steps >= t (one-hot obs,
