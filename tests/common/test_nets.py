@@ -6,17 +6,27 @@ import pytest
 from common import nets
 
 
-@pytest.mark.parametrize("kernel,stride,side,padding", [
-    (3, 1, 8, "SAME"), (3, 2, 8, "SAME"), (3, 2, 7, "SAME"), (1, 1, 5, "SAME"),
-    (1, 2, 8, "SAME"), (7, 2, 9, "SAME"), (3, 1, 6, "VALID"), (3, 2, 7, ((1, 0), (2, 1)))])
-def test_shifted_conv_equals_xla_conv(kernel, stride, side, padding):
+@pytest.mark.parametrize("kernel,stride,side,padding,grad", [
+    (3, 1, 8, "SAME", True), (3, 2, 8, "SAME", False), (3, 2, 7, "SAME", True),
+    (1, 1, 5, "SAME", False), (1, 2, 8, "SAME", False), (7, 2, 9, "SAME", False),
+    (3, 1, 6, "VALID", True), (3, 2, 7, ((1, 0), (2, 1)), True)])
+def test_shifted_conv_equals_xla_conv(kernel, stride, side, padding, grad):
+    """Catches a wrong padding split, stride offset or kernel-tap order in the shifted-matmul
+    convolution (outputs differ from flax's nn.Conv), and, for the cases marked `grad`, a
+    wrong weight gradient. Each case compiles once (forward and gradient in one jit)."""
     x = jax.random.normal(jax.random.PRNGKey(0), (2, side, side, 5))
     ref = nn.Conv(6, (kernel, kernel), (stride, stride), padding=padding)
     v = ref.init(jax.random.PRNGKey(1), x)
     ours = nets.Conv(6, kernel, stride, shift=True, padding=padding)
-    np.testing.assert_allclose(ours.apply(v, x), ref.apply(v, x), atol=1e-5)
-    # and its weight gradient equals the native conv's
     loss = lambda m: lambda p: (m.apply(p, x) ** 2).sum()
-    g_ref, g_ours = jax.grad(loss(ref))(v), jax.grad(loss(ours))(v)
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4),
-                 g_ours, g_ref)
+
+    @jax.jit
+    def both(v):
+        out = ours.apply(v, x), ref.apply(v, x)
+        return out, ((jax.grad(loss(ours))(v), jax.grad(loss(ref))(v)) if grad else None)
+
+    (y_ours, y_ref), grads = both(v)
+    np.testing.assert_allclose(y_ours, y_ref, atol=1e-5)
+    if grad:  # the weight gradient equals the native conv's
+        jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4),
+                     *grads)

@@ -54,18 +54,18 @@ def _summary(run_dir):
 
 def test_four_devices_match_one(tmp_path):
     """4 simulated CPU devices shard 4 seeds; each seed's result equals the 1-device run."""
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    outs = {}
-    for ndev in (1, 4):
-        e = dict(env, XLA_FLAGS=f"--xla_force_host_platform_device_count={ndev}")
-        d = tmp_path / f"dev{ndev}"
-        code = ("import jax, sys; sys.argv[0] = 'toy';"
-                "from tests.common import toy_algo;"
-                f"assert jax.device_count() == {ndev};"
-                f"toy_algo.main(['--num-seeds', '4', '--run-dir', '{d}', '--no-progress'])")
-        subprocess.run([sys.executable, "-c", code], env=e, check=True, cwd=ROOT,
-                       capture_output=True)
-        outs[ndev] = _summary(d)
+    env = {**os.environ, "PYTHONPATH": str(ROOT),
+           "XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
+    d = tmp_path / "dev4"
+    code = ("import jax, sys; sys.argv[0] = 'toy';"
+            "from tests.common import toy_algo;"
+            "assert jax.device_count() == 4;"
+            f"toy_algo.main(['--num-seeds', '4', '--run-dir', '{d}', '--no-progress'])")
+    subprocess.run([sys.executable, "-c", code], env=env, check=True, cwd=ROOT,
+                   capture_output=True)
+    assert jax.device_count() == 1  # this process: the 1-device reference run
+    toy_algo.main(["--num-seeds", "4", "--run-dir", str(tmp_path / "dev1"), "--no-progress"])
+    outs = {1: _summary(tmp_path / "dev1"), 4: _summary(d)}
     np.testing.assert_allclose(outs[1]["charts/w0"], outs[4]["charts/w0"], rtol=1e-5)
     np.testing.assert_allclose(outs[1]["final_loss"], outs[4]["final_loss"], rtol=1e-5)
     assert len(set(np.round(outs[4]["charts/w0"], 6))) == 4  # seeds differ
