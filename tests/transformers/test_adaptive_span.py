@@ -187,13 +187,20 @@ def test_bad_values_fail_with_named_field(tmp_path):
 
 def test_remat_changes_nothing_but_memory():
     """One update with each layer recomputed in the backward pass (remat) gives the same
-    parameters as one that stores the activations, dropout included."""
-    after = []
+    parameters as one that stores the activations, dropout included; and XLA's compiled
+    update needs less temp memory with remat (2 layers, L = S = 32, batch 8). Measured
+    (CPU): 2.67 MB with remat vs 2.94 MB without; a no-op remat gives equal sizes."""
+    base = dataclasses.replace(TINY, n_layer=2, d_model=32, d_inner=64, attn_span=32,
+                               tgt_len=32, batch_size=8)
+    after, temp = [], []
     for remat in (True, False):
-        cfg = dataclasses.replace(TINY, remat=remat)
-        state, _ = jax.jit(A.update, static_argnums=1)(A.init(jax.random.PRNGKey(0), cfg), cfg)
-        after.append(state.params)
+        cfg = dataclasses.replace(base, remat=remat)
+        state = A.init(jax.random.PRNGKey(0), cfg)
+        step = jax.jit(A.update, static_argnums=1).lower(state, cfg).compile()
+        temp.append(step.memory_analysis().temp_size_in_bytes)
+        after.append(step(state)[0].params)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), *after)
+    assert temp[0] < 0.95 * temp[1], temp
 
 
 def test_every_config_field_is_read():

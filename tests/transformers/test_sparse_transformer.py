@@ -135,16 +135,23 @@ def test_two_interleaved_layers_see_the_whole_past(pattern):
     assert not one[~causal].any() and not one.all(where=causal)
 
 
-def test_checkpointed_gradients_equal_plain_gradients():
+def test_checkpointed_gradients_equal_plain_gradients_in_less_memory():
+    """Recomputation ([1] Sec. 5.4) changes no gradient, and XLA's compiled loss gradient
+    needs less temp memory with it. Measured (CPU, TINY): 2.81 MB with jax.checkpoint vs
+    3.54 MB without; a no-op checkpoint gives equal sizes."""
     tokens, targets = st.batch(jax.random.PRNGKey(0), TINY)
     params, _ = model_fn(TINY)
 
     def grads(checkpoint):
         model = st.SparseTransformer(dataclasses.replace(TINY, checkpoint=checkpoint), 18)
-        return jax.jit(jax.grad(lambda p: st.nll(p, model, tokens, targets)))(params)
+        fn = jax.jit(jax.grad(lambda p: st.nll(p, model, tokens, targets)))
+        compiled = fn.lower(params).compile()
+        return compiled(params), compiled.memory_analysis().temp_size_in_bytes
 
-    for a, b in zip(jax.tree.leaves(grads(True)), jax.tree.leaves(grads(False)), strict=True):
+    (g_ck, temp_ck), (g_plain, temp_plain) = grads(True), grads(False)
+    for a, b in zip(jax.tree.leaves(g_ck), jax.tree.leaves(g_plain), strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+    assert temp_ck < 0.9 * temp_plain, (temp_ck, temp_plain)
 
 
 def test_residual_output_projections_start_smaller():
