@@ -157,11 +157,19 @@ def shapes_batch(key, batch: int, size: int = 64, max_objects: int = 4, min_size
 
 
 def sample_photos(size: int) -> np.ndarray:
-    """scikit-learn's two bundled photos (china, flower), as (2, 427, 640, 3) uint8."""
+    """scikit-learn's two bundled photos (china, flower), as (2, 427, 640, 3) uint8;
+    enlarged (bilinear) so that their short side is at least `size` (e.g. 640 px scenes)."""
+    from PIL import Image
     from sklearn.datasets import load_sample_images
 
-    ims = [im for im in load_sample_images().images if min(im.shape[:2]) >= size]
-    return np.stack(ims)
+    ims = load_sample_images().images
+    scale = max(1.0, size / min(min(im.shape[:2]) for im in ims))
+    if scale > 1:
+        ims = [np.asarray(Image.fromarray(im).resize(
+            (round(im.shape[1] * scale), round(im.shape[0] * scale)), Image.BILINEAR))
+            for im in ims]
+    h, w = min(im.shape[0] for im in ims), min(im.shape[1] for im in ims)
+    return np.stack([im[:h, :w] for im in ims])
 
 
 def class_names(colours: int = 1) -> list[str]:

@@ -121,9 +121,10 @@ def test_voc_ap_hand_example():
 def test_map_equals_pycocotools_on_random_detections():
     """Perturbed and spurious detections on SHAPES ground truth; our COCO AP equals
     pycocotools' COCOeval (stats[0] mAP@[.5:.95], stats[1] mAP@.5) to 1e-4. Five images
-    also carry 150 confident junk boxes of one class, more than COCO's 100 detections per
-    image and class, scored above the true ones, so the truncation to max_dets decides which of their true positives
-    count: without it our mAP differs (checked here, and by deleting it: the test fails)."""
+    also carry 150 junk boxes of one class, more than COCO's 100 detections per image and
+    class, scored above that image's true ones, so the truncation to max_dets decides which
+    true positives count: without it our mAP differs (checked here; deleting the
+    truncation in common/boxes.py fails the test)."""
     pytest.importorskip("pycocotools")
     import contextlib
     import io

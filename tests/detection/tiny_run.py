@@ -1,0 +1,70 @@
+"""Shared pieces of the detection tests: one tiny config per file, run once through the
+command line (2 seeds) and reused by the CLI, purity and short behaviour tests, so that a
+test module compiles its update once (the persistent compilation cache serves the repeats).
+"""
+
+import dataclasses
+import functools
+import json
+
+import jax
+import numpy as np
+
+from common import parallel, run
+
+SEEDS = 2
+
+
+def cli_args(cfg, preset_cfg, preset: str = "quick") -> list[str]:
+    """Command-line flags that turn `--preset <preset>` into exactly `cfg`."""
+    args = ["--preset", preset]
+    for f in dataclasses.fields(cfg):
+        v, d = getattr(cfg, f.name), getattr(preset_cfg, f.name)
+        if v == d:
+            continue
+        flag = f.name.replace("_", "-")
+        if isinstance(v, bool):
+            args.append(f"--{flag}" if v else f"--no-{flag}")
+        elif isinstance(v, tuple):
+            args += [f"--{flag}", *map(str, v)]
+        else:
+            args += [f"--{flag}", str(v)]
+    return args
+
+
+def run_cli(module, cfg, preset_cfg, run_dir) -> run.RunResult:
+    """`module.main` on the flags of `cfg`: SEEDS seeds, one chunk of all updates."""
+    argv = cli_args(cfg, preset_cfg) + ["--num-seeds", str(SEEDS), "--log-every",
+                                        str(cfg.num_updates), "--run-dir", str(run_dir),
+                                        "--no-progress"]
+    res = module.main(argv)
+    saved = json.loads((res.run_dir / "config.json").read_text())["config"]
+    assert saved == json.loads(json.dumps(dataclasses.asdict(cfg))), "flags != config"
+    return res
+
+
+@functools.cache
+def initial_states(module, cfg, seed: int = 0):
+    """The SEEDS initial states of a run of `cfg` with `--seed seed`, by the runner's own
+    jitted init (the same program: the compilation cache serves it to the CLI run)."""
+    keys = parallel.shard_seeds(jax.random.split(jax.random.PRNGKey(seed), SEEDS), SEEDS)
+    init_fn = jax.jit(run.seed_map(lambda k: module.init(k, cfg), SEEDS),
+                      out_shardings=parallel.seed_sharding(SEEDS))
+    return init_fn(keys)
+
+
+def untrained(module, cfg, seed: int = 0) -> dict:
+    """evaluate() of the SEEDS initial states of a run."""
+    return run.evaluate_seeds(module.evaluate, initial_states(module, cfg, seed), cfg, SEEDS)
+
+
+def assert_pure(first: run.RunResult, second: run.RunResult, leaf_of=None):
+    """Same seeds, same results; the two seeds of a run differ."""
+    a, b = jax.tree.leaves(first.state.params), jax.tree.leaves(second.state.params)
+    for x, y in zip(a, b, strict=True):
+        np.testing.assert_array_equal(x, y)
+    for k in first.history:
+        np.testing.assert_array_equal(first.history[k], second.history[k])
+    kernel = next(x for x in a if x.ndim >= 3)
+    assert not np.array_equal(kernel[0], kernel[1])
+    assert np.isfinite(first.history["losses/total"]).all()
