@@ -19,6 +19,7 @@ import scipy.linalg
 
 from common import run
 from evolution import nes
+from tests.common.config_fields import unread_fields
 
 SEEDS = 5
 
@@ -227,6 +228,7 @@ def test_snes_sphere_and_raw_fitness_fails():
     assert not np.isfinite(raw.evals_at_target).any(), raw.best_f
 
 
+@pytest.mark.slow
 def test_xnes_solves_rotated_ellipsoid_snes_does_not():
     """Rotated ellipsoid cond 1e6, x0 = 3, sigma0 1: xNES reaches 1e-8 in every seed within
     2e4 evals (ours 8560-9180; CMA-ES 4190). SNES, separable, cannot learn the rotation:
@@ -240,6 +242,7 @@ def test_xnes_solves_rotated_ellipsoid_snes_does_not():
     assert (snes.best_f > 1.0).all(), snes.best_f
 
 
+@pytest.mark.slow
 def test_canonical_nes_tracks_xnes_and_mc_fisher_needs_samples():
     """Rotated ellipsoid cond 1e6: canonical NES with the closed-form Fisher (chol
     parametrisation) reaches 1e-8 in every seed within 2e4 evals, needing about the evals of
@@ -295,3 +298,7 @@ def test_validate_names_the_field():
         nes.Config(eta_B=-1.0).validate()
     for preset in nes.PRESETS.values():
         nes.Config(**preset).validate()
+
+
+def test_every_config_field_is_read():
+    assert unread_fields(nes) == []

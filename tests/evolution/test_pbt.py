@@ -2,7 +2,6 @@
 search), digits (PBT vs random search at equal compute), lineage, purity and CLI."""
 
 import dataclasses
-import inspect
 
 import jax
 import jax.numpy as jnp
@@ -11,6 +10,7 @@ import pytest
 
 from common import run
 from evolution import pbt
+from tests.common.config_fields import unread_fields
 
 
 def _toy_runs(cfg, seeds=20):
@@ -122,6 +122,7 @@ def test_train_is_pure_and_seeded():
     assert m1["charts/best_perf"].shape == (2, 16)
 
 
+@pytest.mark.slow
 def test_digits_pbt_matches_random_search_and_moves_the_population():
     """Digits, population 8, 200 steps, lr prior log-uniform [1e-5, 1], 2 seeds: PBT's best
     member is at least as good as random search's (same members, same compute, no
@@ -173,8 +174,4 @@ def test_bad_values_fail_with_named_field(tmp_path):
 
 
 def test_every_config_field_is_read():
-    src = inspect.getsource(pbt)
-    unread = [f.name for f in dataclasses.fields(pbt.Config) if f"cfg.{f.name}" not in src]
-    assert unread == ["num_steps", "truncation_frac"], unread  # read by the properties:
-    assert "return self.num_steps" in inspect.getsource(pbt.Config)
-    assert "self.truncation_frac * self.population" in inspect.getsource(pbt.Config)
+    assert unread_fields(pbt) == []

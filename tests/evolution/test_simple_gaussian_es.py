@@ -17,6 +17,7 @@ import pytest
 
 from common import run
 from evolution import simple_gaussian_es as sges
+from tests.common.config_fields import unread_fields
 
 SEEDS = 5
 
@@ -104,6 +105,7 @@ def test_sphere_median_evals_and_broken_selection_fails():
         assert not (bad.best_f < 1e-2).any(), (broken, bad.best_f)
 
 
+@pytest.mark.slow
 def test_rosenbrock_negative_control_sigma_collapses():
     """Rosenbrock-10, x0 = 0, sigma0 0.5: no seed reaches 1e-6 within 1e5 evals, because
     sigma collapses (final sigma < 1e-2 sigma0 while best f stays > 0.1; ours: median
@@ -157,3 +159,7 @@ def test_validate_names_the_field():
     with pytest.raises(ValueError, match="noise_decay"):
         sges.Config(noise_decay=1.5).validate()
     sges.Config(**sges.PRESETS["cem"]).validate()
+
+
+def test_every_config_field_is_read():
+    assert unread_fields(sges) == []

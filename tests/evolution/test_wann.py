@@ -11,6 +11,7 @@ import pytest
 
 from common import run
 from evolution import wann
+from tests.common.config_fields import unread_fields
 
 A = {name: i for i, name in enumerate(wann.ACTIVATIONS)}
 
@@ -329,15 +330,4 @@ def test_bad_values_fail_with_named_field(tmp_path):
 
 
 def test_every_config_field_is_read():
-    import inspect
-
-    src = inspect.getsource(wann)
-    unread = [f.name for f in dataclasses.fields(wann.Config) if f"cfg.{f.name}" not in src]
-    # the mutation weights are read by name, the rest through Config's properties
-    assert unread == ["num_generations", "prob_add_conn", "prob_add_node", "prob_enable",
-                      "prob_mut_act", "cull_ratio", "elite_ratio"], unread
-    assert 'getattr(cfg, f"prob_{m}")' in src and "cfg.num_elites" in src
-    assert "cfg.pool_size" in src
-    props = inspect.getsource(wann.Config)
-    for f in ("self.num_generations", "self.cull_ratio", "self.elite_ratio"):
-        assert f in props, f
+    assert unread_fields(wann) == []
