@@ -245,3 +245,17 @@ def test_bad_values_fail_with_named_field(tmp_path):
 
 def test_every_config_field_is_read():
     assert unread_fields(cem_rl) == []
+
+
+def test_paper_preset_traces():
+    """jax.eval_shape of init and one update under the `paper` preset (nothing runs): a
+    preset that cannot build its env, shapes or state fails here, on CPU."""
+    cfg = cem_rl.Config(**cem_rl.PRESETS["paper"])
+    cfg.validate()
+    try:
+        state = jax.eval_shape(lambda k: cem_rl.init(k, cfg), jax.random.PRNGKey(0))
+    except ImportError as e:  # brax is a GPU extra
+        pytest.skip(f"{cfg.env_id} needs brax, not importable here: {e}")
+    after, metrics = jax.eval_shape(lambda s: cem_rl.update(s, cfg), state)
+    assert jax.tree.structure(after) == jax.tree.structure(state)
+    assert all(m.shape == () for m in jax.tree.leaves(metrics))

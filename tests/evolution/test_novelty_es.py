@@ -325,3 +325,14 @@ def test_cli(tmp_path):
 
 def test_every_config_field_is_read():
     assert unread_fields(ne) == []
+
+
+def test_paper_preset_traces():
+    """jax.eval_shape of init and one update under the `paper` preset (nothing runs): a
+    preset that cannot build its env, shapes or state fails here, on CPU."""
+    cfg = ne.Config(**ne.PRESETS["paper"])
+    cfg.validate()
+    state = jax.eval_shape(lambda k: ne.init(k, cfg), jax.random.PRNGKey(0))
+    after, metrics = jax.eval_shape(lambda s: ne.update(s, cfg), state)
+    assert jax.tree.structure(after) == jax.tree.structure(state)
+    assert all(m.shape == () for m in jax.tree.leaves(metrics))

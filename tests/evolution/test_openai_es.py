@@ -312,3 +312,17 @@ def test_bad_values_fail_with_named_field(tmp_path):
 
 def test_every_config_field_is_read():
     assert unread_fields(oes) == []
+
+
+def test_paper_preset_traces():
+    """jax.eval_shape of init and one update under the `brax` preset (nothing runs): a
+    preset that cannot build its env, shapes or state fails here, on CPU."""
+    cfg = oes.Config(**oes.PRESETS["brax"])
+    cfg.validate()
+    try:
+        state = jax.eval_shape(lambda k: oes.init(k, cfg), jax.random.PRNGKey(0))
+    except ImportError as e:  # brax is a GPU extra
+        pytest.skip(f"{cfg.env_id} needs brax, not importable here: {e}")
+    after, metrics = jax.eval_shape(lambda s: oes.update(s, cfg), state)
+    assert jax.tree.structure(after) == jax.tree.structure(state)
+    assert all(m.shape == () for m in jax.tree.leaves(metrics))
