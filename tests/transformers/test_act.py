@@ -177,6 +177,27 @@ def test_cli_runs_and_documents_every_field(tmp_path, capsys):
         act.main(["--eps", "1.5", "--run-dir", str(tmp_path)])
 
 
+def test_act_learns_6_bit_parity_better_than_no_pondering_short():
+    """Short behaviour test (the slow one below is [1]'s 8-bit setting): 6-bit parity, 32
+    tanh units, 300 updates of 128, Adam 3e-3, seed 0. ACT (M = 8) against the same RNN
+    without pondering (M = 1). Measured (2-core CPU): ACT 0.775 held-out accuracy (2.6
+    ponder steps) vs 0.586 without pondering."""
+    base = act.Config(bits=6, hidden=32, max_steps=8, lr=3e-3, total_updates=300,
+                      eval_size=512)
+
+    def accuracy(cfg):
+        state, _ = jax.jit(run.make_train(act.init, act.update, cfg))(jax.random.PRNGKey(0))
+        ev = jax.jit(lambda s: act.evaluate(s, cfg))(state)
+        return float(ev["eval/accuracy"]), float(ev["eval/ponder_steps"])
+
+    (acc_act, steps_act), (acc_rnn, steps_rnn) = accuracy(base), accuracy(
+        dataclasses.replace(base, max_steps=1))
+    print(f"ACT {acc_act:.3f} ({steps_act:.2f} steps) vs no pondering {acc_rnn:.3f}")
+    assert steps_rnn == 1.0 and steps_act > 1.5
+    assert acc_act > 0.7, acc_act
+    assert acc_act > acc_rnn + 0.1, (acc_act, acc_rnn)
+
+@pytest.mark.slow
 def test_act_learns_parity_better_than_no_pondering():
     """Behaviour ([1] Sec. 3.1, Fig. 4): 8-bit parity, 64 tanh units, batch 128, Adam 3e-3,
     2000 updates, same seed. ACT (M = 10, tau = 1e-3) against the identical RNN without

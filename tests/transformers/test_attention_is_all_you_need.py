@@ -75,8 +75,9 @@ def test_decoder_has_no_future_leak_and_mask_off_leaks():
     def logits(m):
         return jax.jit(lambda t: m.apply(params, src, src != aiayn.PAD, t))
 
+    fn = logits(model)  # one compile for every t
     for t in (1, 5, 12):
-        leak.assert_no_future_leak(logits(model), tgt[:, :-1], t, vocab)
+        leak.assert_no_future_leak(fn, tgt[:, :-1], t, vocab)
     broken = aiayn.make_model(TINY, dropout=0.0, causal=False)  # same params, mask off
     leak.assert_leaks(logits(broken), tgt[:, :-1], 5, vocab)
 
@@ -145,6 +146,28 @@ def test_held_out_numbers_are_disjoint_from_training():
     assert pairs.vocab[:3] == ("<pad>", "<bos>", "<eos>") and "ü" in pairs.vocab
 
 
+def test_translation_needs_encoder_decoder_attention_short():
+    """Short behaviour test: a 1+1-layer d=32 model trained 120 updates (batch 32, numbers
+    < 1000) against the same model without encoder-decoder attention (the decoder never
+    sees the source). Measured on 50 held-out numbers: greedy char accuracy 0.61 vs 0.18,
+    exact match 0.16 vs 0.00, teacher-forced 0.39 vs 0.64 nats/char."""
+    cfg = aiayn.Config(max_number=1000, num_pairs=2000, num_val=50, d_model=32, num_heads=4,
+                       d_ff=64, num_encoder_layers=1, num_decoder_layers=1, dropout=0.0,
+                       batch_size=32, warmup_steps=50, total_updates=120)
+
+    def trained(c):
+        state, _ = jax.jit(run.make_train(aiayn.init, aiayn.update, c))(jax.random.PRNGKey(0))
+        return {k: float(v) for k, v in jax.jit(lambda s: aiayn.evaluate(s, c))(state).items()}
+
+    good = trained(cfg)
+    bad = trained(dataclasses.replace(cfg, cross_attention=False))
+    print("correct", good, "broken", bad)
+    assert good["val/greedy_char_accuracy"] > bad["val/greedy_char_accuracy"] + 0.25
+    assert good["val/loss"] < 0.8 * bad["val/loss"], (good, bad)
+    assert good["val/exact_match"] > 0.04 and bad["val/exact_match"] == 0.0, (good, bad)
+
+
+@pytest.mark.slow
 def test_translation_needs_encoder_decoder_attention():
     """Behaviour: a 1+1-layer model (d 64) trained 150 updates (batch 32, numbers < 1000)
     translates held-out numbers; the same model without encoder-decoder attention (broken

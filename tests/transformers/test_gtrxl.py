@@ -185,6 +185,22 @@ def test_rollout_equals_one_segment_pass(gating):
     assert np.abs(np.asarray(traj["logp"]) - np.log(0.5)).max() > 1e-3  # not a flat policy
 
 
+def test_memory_agent_learns_a_short_memory_chain_short():
+    """Short behaviour test: MemoryChain with 4 steps to remember one bit, 1 layer of d=16,
+    T = M = 8, 32 envs, 25 PPO updates. Success over the last 5 updates, measured: GTrXL
+    0.93 vs 0.44 for the same agent with memory=False (chance 0.5)."""
+    success = {}
+    for memory in (True, False):
+        cfg = G.Config(**{**G.PRESETS["quick"], "memory_length": 4, "d_model": 16,
+                          "d_head": 8, "d_inner": 32, "mem_len": 8, "num_envs": 32,
+                          "num_steps": 8, "num_minibatches": 2, "memory": memory})
+        _, m = jax.jit(run.make_train(G.init, G.update, cfg, num_updates=25))(
+            jax.random.PRNGKey(0))
+        success[memory] = float(np.nanmean(np.asarray(m["charts/success"])[-5:]))
+    assert success[True] > 0.8, success
+    assert success[False] < 0.65, success
+
+@pytest.mark.slow
 def test_memory_agent_solves_memory_chain_and_memoryless_agent_cannot():
     """Behaviour (quick preset: MemoryChain, remember one bit for 8 steps; 1 layer, d=32,
     T=M=16, 64 envs, 40 PPO updates = 41k steps). GTrXL: success 0.97 over the last 10

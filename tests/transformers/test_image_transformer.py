@@ -96,6 +96,22 @@ def test_no_future_leak_in_generation_order_and_mask_off_leaks(attn):
     leak.assert_leaks(fn(False), tokens, 13, cfg.levels)
 
 
+def test_beats_the_global_marginal_baseline_on_digits_short():
+    """Short behaviour test: a 1-layer d=16 2-D-local model trained 120 updates (batch 32,
+    Adam 3e-3) against the global-marginal baseline (one add-one histogram of the 17
+    intensities over all training pixels), computed here. Measured: model 2.40 bits/dim,
+    baseline 2.92 (the untrained model: ~4.1)."""
+    cfg = dataclasses.replace(QUICK, attn="local2d", num_layers=1, d_model=16, num_heads=2,
+                              d_ff=32, total_steps=120, warmup_steps=10, lr=3e-3)
+    train, test = it.dataset("digits", cfg.photo_crop)
+    counts = np.bincount(np.asarray(train).reshape(-1), minlength=17) + 1.0
+    baseline = float(-np.log2(counts / counts.sum())[np.asarray(test).reshape(-1)].mean())
+    state, _ = jax.jit(run.make_train(it.init, it.update, cfg))(jax.random.PRNGKey(0))
+    bpd = float(jax.jit(lambda s: it.evaluate(s, cfg))(state)["test_bits_per_dim"])
+    print(f"model {bpd:.3f} global marginal {baseline:.3f}")
+    assert bpd < baseline - 0.25, (bpd, baseline)
+
+@pytest.mark.slow
 def test_beats_the_per_position_marginal_baseline_on_digits():
     """Behaviour: a 2-layer d=32 2-D-local model trained 300 updates (batch 32, Adam 1e-3)
     reaches a test NLL below the per-position independent-categorical baseline (add-one
@@ -133,8 +149,8 @@ def test_sampling_draws_each_token_from_the_logits_of_its_prefix():
     step's key (the s-th split of the sampler's key chain), from the model's logits at s
     given the sampled prefix. Re-derived here in one causal pass over the sampled sequence
     (logits at s see only steps < s): every token must match. Logits taken one position off
-    (s - 1 or s + 1) draw other tokens (tried: 100+ of 192 mismatch). Weights scaled up so
-    the logits are far from uniform."""
+    (s - 1 or s + 1) draw other tokens (tried: s - 1 gives 41 of 192 mismatches). Weights
+    scaled up so the logits are far from uniform."""
     cfg = dataclasses.replace(TINY, attn="local2d")
     params = jax.tree.map(lambda w: 3.0 * w, it.init(jax.random.PRNGKey(0), cfg).params)
     key = jax.random.PRNGKey(1)

@@ -244,6 +244,23 @@ def test_chunked_feed_forward_equals_unchunked():
 # --- TRAINING ---
 
 
+def test_lsh_reformer_beats_the_unigram_model_short():
+    """Short behaviour test: TINY's LSH + reversible model (L=32, d=32, 4 buckets, 2 rounds)
+    trained 120 updates of 8 windows against the add-0.1 unigram baseline (fitted on the
+    training split, scored on the same validation targets). Measured: trained 3.02
+    nats/char vs unigram 3.35 (3.19 after 60 updates)."""
+    cfg = dataclasses.replace(TINY, batch_size=8, warmup_steps=10, total_steps=120,
+                              eval_windows=8)
+    state, _ = jax.jit(run.make_train(rf.init, rf.update, cfg))(jax.random.PRNGKey(0))
+    trained = float(jax.jit(lambda s: rf.evaluate(s, cfg))(state)["val_loss"])
+    train_ids, _, vocab = rf.corpus(cfg.corpus, cfg.max_chars, cfg.byte_level)
+    _, targets = (np.asarray(a) for a in rf.val_windows(cfg))
+    uni = np.bincount(np.asarray(train_ids), minlength=vocab) + 0.1
+    uni = float(-np.log(uni / uni.sum())[targets].mean())
+    print(f"unigram {uni:.3f} trained {trained:.3f}")
+    assert trained < uni - 0.15, (trained, uni)
+
+@pytest.mark.slow
 def test_lsh_reformer_learns_beyond_the_untrained_and_unigram_models():
     """Behaviour: a 2-layer LSH + reversible + chunked-FF model (d=64, L=64, 4 buckets of
     chunks 16, 2 rounds) trained 300 updates of 16 x 64 chars on pydoc text beats, on the

@@ -167,6 +167,21 @@ def test_residual_output_projections_start_smaller():
 # --- TRAINING ---
 
 
+def test_learns_digits_better_than_the_global_marginal_short():
+    """Short behaviour test: a 2-layer strided/interleave model of d=16 trained 120 updates
+    of 16 digits against the global-marginal baseline (one add-0.1 histogram of all
+    training pixels), computed here. Measured: trained 2.40 bits/dim, baseline ~2.9."""
+    cfg = dataclasses.replace(TINY, d_model=16, d_ff=32, batch_size=16, warmup_steps=10,
+                              total_steps=120)
+    state, _ = jax.jit(run.make_train(st.init, st.update, cfg))(jax.random.PRNGKey(0))
+    trained = float(jax.jit(lambda s: st.evaluate(s, cfg))(state)["val_bits_per_dim"])
+    train, val = (np.asarray(a) for a in st.dataset("digits", 0)[:2])
+    counts = np.bincount(train.reshape(-1), minlength=17) + 0.1
+    marginal = float(-np.log2(counts / counts.sum())[val.reshape(-1)].mean())
+    print(f"global marginal {marginal:.3f} trained {trained:.3f} bits/dim")
+    assert trained < marginal - 0.25, (trained, marginal)
+
+@pytest.mark.slow
 def test_learns_digits_better_than_the_pixel_marginal_baseline():
     """Behaviour: a 2-layer strided/interleave model (d=32) trained 400 updates of 32 digits
     beats, on the held-out images, the per-pixel marginal baseline (each of the 64

@@ -248,6 +248,26 @@ def test_cli_runs_and_documents_every_field(tmp_path, capsys):
         ut.main(["--length", "4", "--eval-length", "3", "--run-dir", str(tmp_path)])
 
 
+def test_ut_copies_short_strings_and_broken_variant_cannot_short():
+    """Short behaviour test: copy of 1..4 symbols by a d=32 encoder-decoder UT (T <= 2 with
+    ACT), 150 updates of 32 strings; sequence accuracy over the last 20 updates. Measured:
+    UT 0.873 vs 0.022 without cross-attention (the decoder never sees the source)."""
+    base = ut.Config(**{**ut.PRESETS["quick"], "task": "copy", "random_offset": 0,
+                        "length": 4, "eval_length": 6, "d_model": 32, "num_heads": 2,
+                        "d_ff": 64, "max_steps": 2, "total_updates": 150, "batch_size": 32,
+                        "eval_size": 64, "lr": 3e-3})
+
+    def sequence_accuracy(cfg):
+        _, m = jax.jit(run.make_train(ut.init, ut.update, cfg))(jax.random.PRNGKey(0))
+        return float(m["charts/sequence_accuracy"][-20:].mean())
+
+    good = sequence_accuracy(base)
+    broken = sequence_accuracy(dataclasses.replace(base, cross_attention=False))
+    print(f"UT {good:.3f} vs no cross-attention {broken:.3f}")
+    assert good > 0.7, good
+    assert broken < 0.1, broken
+
+@pytest.mark.slow
 def test_ut_copies_variable_length_strings_and_broken_variant_cannot():
     """Behaviour: copy of strings of 1..8 symbols (vocab 10) by the encoder-decoder UT of the
     quick preset (d = 64, 4 heads, T <= 4 with ACT in both stacks), 400 updates of 32 strings,
