@@ -247,6 +247,7 @@ def test_every_config_field_is_read():
     assert unread_fields(cem_rl) == []
 
 
+@pytest.mark.slow  # tracing the brax env alone takes ~40 s on a loaded 2-core CPU
 def test_paper_preset_traces():
     """jax.eval_shape of init and one update under the `paper` preset (nothing runs): a
     preset that cannot build its env, shapes or state fails here, on CPU."""

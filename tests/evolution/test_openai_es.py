@@ -314,6 +314,7 @@ def test_every_config_field_is_read():
     assert unread_fields(oes) == []
 
 
+@pytest.mark.slow  # tracing the brax env alone takes ~40 s on a loaded 2-core CPU
 def test_paper_preset_traces():
     """jax.eval_shape of init and one update under the `brax` preset (nothing runs): a
     preset that cannot build its env, shapes or state fails here, on CPU."""

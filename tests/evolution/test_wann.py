@@ -2,6 +2,7 @@
 behaviour on CartPole, purity and CLI."""
 
 import dataclasses
+import functools
 import math
 
 import jax
@@ -241,6 +242,7 @@ BEHAVIOUR = wann.Config(num_generations=12, pop_size=48, num_reps=2, max_steps=2
                         max_hidden=6, test_reps=2)
 
 
+@pytest.mark.slow
 def test_evolved_topology_beats_random_topologies_of_the_same_size():
     """Behaviour ([1] Sec. 4): CartPole-v1 capped at 200 steps, 48 networks, 2 episodes per
     weight, 12 generations, 3 seeds. The champion's mean return over the 6 shared weights
@@ -287,17 +289,40 @@ def test_evolved_topology_beats_random_topologies_of_the_same_size():
     assert ((curve.max(1) > curve[:, 0] + 40).sum() >= 2), curve
 
 
+SHORT = wann.Config(num_generations=6, pop_size=24, num_reps=2, max_steps=100, max_hidden=4,
+                    test_reps=2, tournament_size=2)
+SHORT_KEYS = jax.random.split(jax.random.PRNGKey(0), 3)
+
+
+@functools.cache
+def short_train():
+    """run.make_train over SHORT, jitted and vmapped over 3 seeds; compiled once, shared by
+    the short behaviour test and the purity test."""
+    train = jax.jit(jax.vmap(run.make_train(wann.init, wann.update, SHORT)))
+    return train, jax.device_get(train(SHORT_KEYS))
+
+
+def test_short_run_beats_the_initial_minimal_networks():
+    """Short behaviour: CartPole capped at 100 steps, 24 networks, 6 generations, 3 seeds.
+    Baseline in the same run: generation 0's best mean return over the shared weights (the
+    initial minimal networks, direct input -> output wiring, stay near half the cap: 54-55).
+    The best network of a later generation beats it by >= 15 in every seed. Measured: 54.5
+    -> 100, 55.0 -> 82.7, 55.2 -> 82.8."""
+    _, (_, m) = short_train()
+    curve = np.asarray(m["charts/best_mean_return"])
+    print(curve.round(1))
+    assert np.all(curve[:, 0] < 70), curve
+    assert np.all(curve[:, 1:].max(1) >= curve[:, 0] + 15), curve
+
+
 def test_train_is_pure_and_seeded():
-    cfg = wann.Config(num_generations=3, pop_size=8, num_reps=1, max_steps=30, max_hidden=3,
-                      tournament_size=2, test_reps=1)
-    train = jax.jit(jax.vmap(run.make_train(wann.init, wann.update, cfg)))
-    keys = jax.random.split(jax.random.PRNGKey(0), 2)
-    (s1, m1), (s2, m2) = train(keys), train(keys)
+    train, (s1, m1) = short_train()
+    s2, m2 = jax.device_get(train(SHORT_KEYS))
     for a, b in zip(jax.tree.leaves(s1), jax.tree.leaves(s2), strict=True):
         np.testing.assert_array_equal(a, b)
     for k in m1:
         np.testing.assert_array_equal(m1[k], m2[k])
-        assert m1[k].shape == (2, 3)
+        assert m1[k].shape == (3, 6)
     assert not np.array_equal(s1.pop.on[0], s1.pop.on[1])  # different seeds differ
     for k in ("best_mean_return", "best_max_return", "connections", "nodes"):
         assert np.isfinite(m1[f"charts/{k}"]).all()
