@@ -208,10 +208,11 @@ def test_reversible_gradients_equal_backprop():
 
 
 def test_reversible_memory_stays_flat_in_depth():
-    """XLA's compiled temp memory of the loss gradient at depth 2 and 8 (L=128, d=64,
+    """XLA's compiled temp memory of the loss gradient at depth 2 and 4 (L=128, d=64,
     batch 4, dense attention to keep compiling cheap; the stack is the same for LSH): the
     standard residual stack stores every layer's activations and grows ~linearly; the
-    reversible stack does not grow. Measured (CPU): standard +18.1 MB, reversible +0 B."""
+    reversible stack does not grow. Measured (CPU): standard +5.9 MB, reversible +0 B
+    (depth 2 to 8: +18.1 MB and +0 B)."""
     base = dataclasses.replace(TINY, seq_len=128, d_model=64, d_ff=128, attention="full",
                                ff_chunks=4, batch_size=4)
     tokens = jnp.zeros((4, 128), jnp.int32)
@@ -224,9 +225,9 @@ def test_reversible_memory_stays_flat_in_depth():
         grad = jax.jit(jax.grad(lambda p: rf.lm_loss(p, model, tokens, tokens, key)))
         return grad.lower(params).compile().memory_analysis().temp_size_in_bytes
 
-    std = temp_bytes(8, False) - temp_bytes(2, False)
-    rev = temp_bytes(8, True) - temp_bytes(2, True)
-    print("temp growth from depth 2 to 8: standard", std, "reversible", rev)
+    std = temp_bytes(4, False) - temp_bytes(2, False)
+    rev = temp_bytes(4, True) - temp_bytes(2, True)
+    print("temp growth from depth 2 to 4: standard", std, "reversible", rev)
     assert std > 1e6
     assert rev < 0.1 * std, (rev, std)
 
