@@ -306,13 +306,16 @@ def test_short_run_beats_the_initial_minimal_networks():
     """Short behaviour: CartPole capped at 100 steps, 24 networks, 6 generations, 3 seeds.
     Baseline in the same run: generation 0's best mean return over the shared weights (the
     initial minimal networks, direct input -> output wiring, stay near half the cap: 54-55).
-    The best network of a later generation beats it by >= 15 in every seed. Measured: 54.5
-    -> 100, 55.0 -> 82.7, 55.2 -> 82.8."""
+    Ranking keeps what it finds: the best network of EACH of the last 3 generations beats
+    it by >= 10 in every seed. Measured: min over the last 3 = 100, 72.1, 73.8. Broken
+    variant tried (not run here: ranking on -mean, the worst networks kept): CartPole-100
+    is easy enough that mutation alone finds 100 now and then, but it is lost again: 54.8,
+    54.5, 47.0."""
     _, (_, m) = short_train()
     curve = np.asarray(m["charts/best_mean_return"])
     print(curve.round(1))
-    assert np.all(curve[:, 0] < 70), curve
-    assert np.all(curve[:, 1:].max(1) >= curve[:, 0] + 15), curve
+    assert np.all(curve[:, 0] < 60), curve
+    assert np.all(curve[:, -3:].min(1) >= curve[:, 0] + 10), curve
 
 
 def test_train_is_pure_and_seeded():
