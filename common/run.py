@@ -30,7 +30,10 @@ import argparse
 import dataclasses
 import json
 import math
+import os
+import signal
 import sys
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -205,12 +208,135 @@ def save_checkpoint(mngr, step: int, state):
 
 
 def restore_checkpoint(mngr, abstract_state):
+    """(step, state) of the newest checkpoint that restores. A damaged one (a truncated
+    array, an emptied metadata file) is skipped with a warning naming it and the error."""
     import orbax.checkpoint as ocp
 
-    step = mngr.latest_step()
-    if step is None:
+    steps = sorted(mngr.all_steps(), reverse=True)
+    if not steps:
         raise FileNotFoundError(f"no checkpoint to resume in {mngr.directory}")
-    return step, mngr.restore(step, args=ocp.args.StandardRestore(abstract_state))
+    errors = []
+    for step in steps:
+        try:
+            return step, mngr.restore(step, args=ocp.args.StandardRestore(abstract_state))
+        except Exception as e:  # noqa: BLE001 - any failure to read it: try an older one
+            msg = f"checkpoint of update {step} in {mngr.directory} does not restore " \
+                  f"({type(e).__name__}: {str(e)[:200]})"
+            errors.append(msg)
+            print(f"warning: {msg}; trying an older one", file=sys.stderr)
+    raise FileNotFoundError("no checkpoint restores:\n  " + "\n  ".join(errors))
+
+
+# --- RUN DIRECTORY ---
+
+RUN_FILES = ("config.json", "metrics.jsonl", "summary.json", "checkpoints")
+"""What a run leaves in its directory; a directory holding any of them holds a run."""
+
+
+class ConfigError(ValueError):
+    """A bad flag or run directory, found before anything is created or compiled. Scripts
+    print it as a one-line error (exit status 2) instead of a traceback."""
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def check_run_dir(run_dir: Path, run_record: dict, resume: bool) -> None:
+    """Refuse to mix runs: without --resume the directory must hold no run; with it, it must
+    hold one whose saved config, seed, seed count and script equal this one's (the fields
+    that differ are named)."""
+    saved_path = run_dir / "config.json"
+    if resume:
+        if not saved_path.exists():
+            raise ConfigError(f"--resume: {run_dir} holds no run (no config.json); check "
+                              "--run-dir")
+        saved = _flat(json.loads(saved_path.read_text()))
+        now = _flat(json.loads(json.dumps(run_record, default=str)))
+        diff = [f"{k.removeprefix('config.')}: saved {saved.get(k, '(absent)')!r}, now "
+                f"{now.get(k, '(absent)')!r}" for k in sorted(set(saved) | set(now))
+                if saved.get(k) != now.get(k)]
+        if diff:
+            raise ConfigError(f"--resume: the config differs from the one saved in "
+                              f"{saved_path}: " + "; ".join(diff))
+    elif run_dir.exists():
+        held = [f for f in RUN_FILES if (run_dir / f).exists()]
+        if held:
+            raise ConfigError(
+                f"--run-dir {run_dir} already holds a run ({', '.join(held)}); continue it "
+                "with --resume, or choose another --run-dir (results are never overwritten)")
+
+
+def _truncate_log(path: Path, last_update: int) -> None:
+    """Keep the metric rows up to `last_update` (a resume after a kill between checkpoints
+    would otherwise log the updates after the checkpoint twice)."""
+    if path.exists():
+        rows = [r for r in path.read_text().splitlines()
+                if r.strip() and json.loads(r)["update"] <= last_update]
+        path.write_text("".join(r + "\n" for r in rows))
+
+
+def device_memory_bytes() -> int:
+    """Memory of one local device: the accelerator's limit, or the host's RAM on CPU."""
+    stats = jax.local_devices()[0].memory_stats() or {}
+    if "bytes_limit" in stats:
+        return int(stats["bytes_limit"])
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def check_state_fits(abstract_state, num_seeds: int) -> None:
+    """Refuse, before compiling, a --num-seeds whose training state alone cannot fit."""
+    nbytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(abstract_state))
+    per_device = nbytes / min(num_seeds, jax.local_device_count())
+    limit = device_memory_bytes()
+    if per_device > limit:
+        gib = 2.0**30
+        raise ConfigError(
+            f"--num-seeds {num_seeds}: the training state alone needs {nbytes / gib:.3g} GiB "
+            f"({nbytes / num_seeds / gib:.3g} GiB per seed, {per_device / gib:.3g} GiB per "
+            f"device), more than the {limit / gib:.3g} GiB of device memory; lower --num-seeds")
+
+
+class _Interrupt:
+    """SIGINT/SIGTERM during training: finish the chunk in flight, checkpoint, exit non-zero.
+    A second Ctrl-C aborts at once."""
+
+    def __init__(self):
+        self.signum = None
+        self.old = {}
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self.old[sig] = signal.signal(sig, self.handle)
+        return self
+
+    def handle(self, signum, frame):
+        if self.signum is not None:
+            raise KeyboardInterrupt
+        self.signum = signum
+        print(f"\n{signal.Signals(signum).name}: finishing the current chunk and saving a "
+              "checkpoint (Ctrl-C again to abort without one)", file=sys.stderr, flush=True)
+
+    def __exit__(self, *exc):
+        for sig, old in self.old.items():
+            signal.signal(sig, old)
+
+
+def resume_command(run_dir: Path) -> str:
+    """The command line that continues this run."""
+    argv = list(sys.argv)
+    if not any(a == "--run-dir" or a.startswith("--run-dir=") for a in argv):
+        argv += ["--run-dir", str(run_dir)]
+    if "--resume" not in argv:
+        argv.append("--resume")
+    return " ".join([Path(sys.executable).name] + argv)
 
 
 # --- TRAIN ---
@@ -269,10 +395,21 @@ def make_train(init: Callable, update: Callable, cfg, num_updates: int | None = 
 
 def train(config_cls, init, update, cfg, opts: RunOptions, evaluate=None, name="run",
           ) -> RunResult:
-    """Run `opts.num_seeds` seeds of a configured algorithm with logging and checkpoints."""
-    if hasattr(cfg, "validate"):
-        cfg.validate()
-    opts.validate()
+    """Run `opts.num_seeds` seeds of a configured algorithm with logging and checkpoints.
+
+    Nothing is created before the config, the options and the run directory are checked and
+    `init` is traced (an unknown env id or a state too large for the device fails first).
+    A directory that holds a run is continued with `opts.resume` and never overwritten.
+    SIGINT/SIGTERM finish the chunk in flight, save a checkpoint, print the command that
+    resumes, and exit with 128 + the signal number."""
+    try:
+        if hasattr(cfg, "validate"):
+            cfg.validate()
+        opts.validate()
+    except ConfigError:
+        raise
+    except ValueError as e:
+        raise ConfigError(str(e)) from e
     if opts.debug_nans:
         jax.config.update("jax_debug_nans", True)
     total = opts.num_updates or cfg.num_updates
@@ -280,29 +417,34 @@ def train(config_cls, init, update, cfg, opts: RunOptions, evaluate=None, name="
 
     stamp = time.strftime("%Y%m%d-%H%M%S")
     run_dir = Path(opts.run_dir or f"runs/{name}__{opts.seed}__{stamp}")
-    run_dir.mkdir(parents=True, exist_ok=True)
-    cfg_path = run_dir / "config.json"
-    cfg_json = json.dumps({"config": dataclasses.asdict(cfg), "num_seeds": opts.num_seeds,
-                           "seed": opts.seed, "script": name}, default=str, indent=1)
-    if opts.resume and cfg_path.exists() and json.loads(cfg_path.read_text()) != json.loads(
-        cfg_json
-    ):
-        raise ValueError(f"--resume: the config differs from the one saved in {cfg_path}")
-    cfg_path.write_text(cfg_json)
+    record = {"config": dataclasses.asdict(cfg), "num_seeds": opts.num_seeds,
+              "seed": opts.seed, "script": name}
+    check_run_dir(run_dir, record, opts.resume)
 
     keys = jax.random.split(jax.random.PRNGKey(opts.seed), opts.num_seeds)
     sharding = parallel.seed_sharding(opts.num_seeds)
     keys = parallel.shard_seeds(keys, opts.num_seeds)
     init_fn = jax.jit(seed_map(lambda k: init(k, cfg), opts.num_seeds), out_shardings=sharding)
+    abstract_state = jax.eval_shape(init_fn, keys)  # traces init: env ids, shapes
+    check_state_fits(abstract_state, opts.num_seeds)
+
+    run_dir.mkdir(parents=True, exist_ok=True)
     mngr = _manager(run_dir)
     done = 0
     if opts.resume:
-        done, state = restore_checkpoint(mngr, jax.eval_shape(init_fn, keys))
+        latest = mngr.latest_step()
+        if latest is not None and latest >= total:
+            mngr.close()
+            raise ConfigError(
+                f"--resume: the run in {run_dir} already finished its {latest} updates; pass "
+                f"a larger --num-updates to train it further")
+        done, state = restore_checkpoint(mngr, abstract_state)
         state = parallel.shard_seeds(state, opts.num_seeds)
+        _truncate_log(run_dir / "metrics.jsonl", done)
         print(f"resumed from update {done} in {run_dir}")
     else:
+        (run_dir / "config.json").write_text(json.dumps(record, default=str, indent=1))
         state = init_fn(keys)
-        (run_dir / "metrics.jsonl").unlink(missing_ok=True)
 
     logger = _Logger(run_dir, cfg, opts, name)
     chunks: dict[int, Any] = {}
@@ -341,9 +483,13 @@ def train(config_cls, init, update, cfg, opts: RunOptions, evaluate=None, name="
             bar.set_postfix(post)
             bar.update(n)
 
+    interrupt = _Interrupt()
     try:
+        interrupt.__enter__()
         pending = None  # (first update, n, metrics on device) of the chunk in flight
         while done < total:
+            if interrupt.signum is not None:
+                break
             n = min(opts.log_every, total - done)
             if opts.checkpoint_every:
                 n = min(n, opts.checkpoint_every - done % opts.checkpoint_every)
@@ -358,21 +504,29 @@ def train(config_cls, init, update, cfg, opts: RunOptions, evaluate=None, name="
             state, metrics = chunks[n](state)
             if pending is not None:
                 consume(*pending)
+                pending = (done, n, metrics)
             elif t_last is None:  # the first chunk is warm-up: consumed at once, not timed
                 consume(done, n, metrics)
-                done += n
-                continue
-            pending = (done, n, metrics)
+            else:
+                pending = (done, n, metrics)
             done += n
             if opts.checkpoint_every and done % opts.checkpoint_every == 0 and done < total:
-                consume(*pending)
-                pending = None
+                if pending is not None:
+                    consume(*pending)
+                    pending = None
                 save_checkpoint(mngr, done, state)
         if pending is not None:
             consume(*pending)
-        save_checkpoint(mngr, done, state)
+        if mngr.latest_step() != done:
+            save_checkpoint(mngr, done, state)
         loop_s = time.perf_counter() - t_loop - compile_s
+        if interrupt.signum is not None and done < total:
+            print(f"\ninterrupted at update {done} of {total}: checkpoint saved in "
+                  f"{(run_dir / 'checkpoints').absolute()}\ncontinue with: "
+                  f"{resume_command(run_dir)}", file=sys.stderr, flush=True)
+            raise SystemExit(128 + interrupt.signum)
     finally:
+        interrupt.__exit__()
         if bar is not None:
             bar.close()
         logger.close()
@@ -413,7 +567,13 @@ def main(config_cls, init, update, *, presets=None, evaluate=None, argv=None, do
     name = Path(sys.argv[0]).stem if argv is None else config_cls.__module__.split(".")[-1]
     cfg, opts = parse(config_cls, presets, argv, description=doc)
     parallel.initialize_distributed()
-    result = train(config_cls, init, update, cfg, opts, evaluate=evaluate, name=name)
+    try:
+        result = train(config_cls, init, update, cfg, opts, evaluate=evaluate, name=name)
+    except ConfigError as e:
+        if argv is not None:  # called from Python (tests): the exception itself
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
     print(f"\nfinished {name}: {opts.num_seeds} seed(s), run dir {result.run_dir}")
     print(summarize(result, summary_keys))
     return result

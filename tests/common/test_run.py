@@ -159,3 +159,141 @@ def test_host_evaluate_runs_per_seed_on_numpy(tmp_path):
     assert seen == [(cfg.dim,)] * 3
     jitted = run.evaluate_seeds(toy_algo.evaluate, res.state, cfg, 3)
     np.testing.assert_allclose(res.final["final_loss"], jitted["final_loss"], rtol=1e-5)
+
+
+# --- runs that lose nothing: run directories, resume, interrupts, bad values ---
+
+
+def test_a_directory_holding_a_run_is_never_reused_silently(tmp_path):
+    """Without --resume a run into a directory holding another run is refused (it used to
+    overwrite config.json and the log and keep the old checkpoints, so a later --resume
+    continued the old run); --resume names the field that differs, the seed included."""
+    d = str(tmp_path / "r")
+    toy_algo.main(["--run-dir", d, "--no-progress", "--num-updates", "4"])
+    before = (tmp_path / "r" / "metrics.jsonl").read_text()
+    with pytest.raises(run.ConfigError, match="already holds a run.*--resume"):
+        toy_algo.main(["--run-dir", d, "--no-progress", "--num-updates", "4", "--seed", "1"])
+    assert (tmp_path / "r" / "metrics.jsonl").read_text() == before
+    with pytest.raises(ValueError, match=r"config differs.*seed: saved 0, now 1"):
+        toy_algo.main(["--run-dir", d, "--no-progress", "--num-updates", "8", "--seed", "1",
+                       "--resume"])
+    with pytest.raises(ValueError, match=r"config differs.*lr: saved 0.05, now 0.1"):
+        toy_algo.main(["--run-dir", d, "--no-progress", "--num-updates", "8", "--lr", "0.1",
+                       "--resume"])
+
+
+def test_resume_of_a_finished_run_refuses_and_keeps_its_summary(tmp_path):
+    """--resume of a run that did all its updates used to exit 0 and rewrite summary.json
+    without any training metric; now it says so and leaves the run untouched."""
+    args = ["--run-dir", str(tmp_path), "--no-progress", "--num-updates", "6"]
+    toy_algo.main(args)
+    summary = (tmp_path / "summary.json").read_text()
+    with pytest.raises(run.ConfigError, match="already finished its 6 updates"):
+        toy_algo.main(args + ["--resume"])
+    assert (tmp_path / "summary.json").read_text() == summary
+    toy_algo.main(args[:-1] + ["9", "--resume"])  # a larger --num-updates continues it
+    assert [r["update"] for r in _rows(tmp_path)] == list(range(1, 10))
+
+
+def test_resume_after_a_kill_logs_each_update_once(tmp_path):
+    """A hard kill after the checkpoint at 10 but after logging updates 11-15: the resume
+    cuts the log back to the checkpoint (it used to log 11-15 twice, out of order), and the
+    result equals an uninterrupted run."""
+    full = toy_algo.main(["--run-dir", str(tmp_path / "full"), "--no-progress",
+                          "--log-every", "5", "--num-updates", "20"])
+    args = ["--run-dir", str(tmp_path / "k"), "--no-progress", "--log-every", "5",
+            "--checkpoint-every", "10"]
+    toy_algo.main(args + ["--num-updates", "15"])  # checkpoints at 10 and 15
+    ckpt = tmp_path / "k" / "checkpoints"
+    import shutil
+
+    shutil.rmtree(ckpt / "15")  # the kill: updates 11-15 logged, their checkpoint lost
+    resumed = toy_algo.main(args + ["--num-updates", "20", "--resume"])
+    assert [r["update"] for r in _rows(tmp_path / "k")] == list(range(1, 21))
+    assert _rows(tmp_path / "k") == _rows(tmp_path / "full")
+    np.testing.assert_array_equal(np.asarray(resumed.state.w), np.asarray(full.state.w))
+
+
+@pytest.mark.parametrize("damage", ["empty_metadata", "truncated_array"])
+def test_a_damaged_checkpoint_falls_back_to_the_previous_one(tmp_path, capsys, damage):
+    """The newest checkpoint damaged (its _METADATA emptied, or an array file truncated):
+    the resume warns, naming it, and continues from the older intact one; the run equals an
+    uninterrupted one (before: an orbax traceback or a bare JSONDecodeError)."""
+    full = toy_algo.main(["--run-dir", str(tmp_path / "full"), "--no-progress",
+                          "--log-every", "5", "--num-updates", "30"])
+    args = ["--run-dir", str(tmp_path / "k"), "--no-progress", "--log-every", "5",
+            "--checkpoint-every", "10"]
+    toy_algo.main(args + ["--num-updates", "20"])  # checkpoints at 10 and 20
+    newest = tmp_path / "k" / "checkpoints" / "20"
+    if damage == "empty_metadata":
+        (newest / "default" / "_METADATA").write_text("")
+    else:
+        for f in (newest / "default").rglob("d/*"):
+            if f.is_file():
+                f.write_bytes(f.read_bytes()[: len(f.read_bytes()) // 2])
+    resumed = toy_algo.main(args + ["--num-updates", "30", "--resume"])
+    err = capsys.readouterr().err
+    assert "checkpoint of update 20" in err and "does not restore" in err, err
+    np.testing.assert_array_equal(np.asarray(resumed.state.w), np.asarray(full.state.w))
+    assert [r["update"] for r in _rows(tmp_path / "k")] == list(range(1, 31))
+
+
+def test_sigint_checkpoints_prints_the_resume_command_and_exits_nonzero(tmp_path):
+    """Ctrl-C during a run with the default --checkpoint-every 0: the chunk in flight
+    finishes, a checkpoint is saved, the resume command is printed and the exit status is
+    130 (before: a raw KeyboardInterrupt traceback and all work lost). Resuming with that
+    command reaches the same state as an uninterrupted run."""
+    import signal
+    import time
+
+    d = tmp_path / "r"
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen([sys.executable, TOY, "--run-dir", str(d), "--log-every", "5",
+                             "--num-updates", "1000000", "--no-progress"], env=env, cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    log = d / "metrics.jsonl"
+    deadline = time.time() + 120
+    while not (log.exists() and len(log.read_text().splitlines()) >= 10):
+        assert proc.poll() is None and time.time() < deadline, proc.communicate()
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, (proc.returncode, err)
+    assert "Traceback" not in err, err
+    done = max(r["update"] for r in _rows(d))
+    assert f"interrupted at update {done} of 1000000" in err, err
+    command = err.split("continue with: ")[1].strip()
+    assert "--resume" in command and f"--run-dir {d}" in command, command
+    assert (d / "checkpoints" / str(done)).exists()
+    # continue to done + 5 (as the printed command would, with a smaller --num-updates)
+    total = str(done + 5)
+    resumed = toy_algo.main(["--run-dir", str(d), "--log-every", "5", "--num-updates", total,
+                             "--no-progress", "--resume"])
+    full = toy_algo.main(["--run-dir", str(tmp_path / "full"), "--log-every", "5",
+                          "--num-updates", total, "--no-progress"])
+    np.testing.assert_array_equal(np.asarray(resumed.state.w), np.asarray(full.state.w))
+
+
+def test_errors_come_before_anything_is_created(tmp_path, monkeypatch):
+    """A --resume into a mistyped directory, and a --num-seeds whose state cannot fit the
+    device, fail before any directory is created or anything compiled, naming the flag."""
+    missing = tmp_path / "typo"
+    with pytest.raises(run.ConfigError, match="holds no run"):
+        toy_algo.main(["--run-dir", str(missing), "--resume", "--no-progress"])
+    assert not missing.exists()
+    monkeypatch.setattr(run, "device_memory_bytes", lambda: 10_000)
+    with pytest.raises(run.ConfigError, match=r"--num-seeds 100: the training state alone"):
+        toy_algo.main(["--run-dir", str(missing), "--num-seeds", "100", "--no-progress"])
+    assert not missing.exists()
+    toy_algo.main(["--run-dir", str(missing), "--num-seeds", "2", "--no-progress",
+                   "--num-updates", "2"])  # 2 x (8 + 2 x 8 + 2) floats fit in 10 kB
+
+
+def test_cli_prints_config_errors_in_one_line():
+    """From the command line a bad value is one `error:` line and exit status 2, no
+    traceback (tests calling main(argv) still get the ValueError)."""
+    res = subprocess.run([sys.executable, TOY, "--lr", "-1", "--no-progress"], cwd=ROOT,
+                         env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True,
+                         text=True)
+    assert res.returncode == 2, res
+    assert res.stderr.strip() == "error: lr must be > 0, got -1.0", res.stderr
