@@ -419,14 +419,13 @@ def train(config_cls, init, update, cfg, opts: RunOptions, evaluate=None, name="
     run_dir = Path(opts.run_dir or f"runs/{name}__{opts.seed}__{stamp}")
     record = {"config": dataclasses.asdict(cfg), "num_seeds": opts.num_seeds,
               "seed": opts.seed, "script": name}
-    check_run_dir(run_dir, record, opts.resume)
-
     keys = jax.random.split(jax.random.PRNGKey(opts.seed), opts.num_seeds)
     sharding = parallel.seed_sharding(opts.num_seeds)
     keys = parallel.shard_seeds(keys, opts.num_seeds)
     init_fn = jax.jit(seed_map(lambda k: init(k, cfg), opts.num_seeds), out_shardings=sharding)
     abstract_state = jax.eval_shape(init_fn, keys)  # traces init: env ids, shapes
     check_state_fits(abstract_state, opts.num_seeds)
+    check_run_dir(run_dir, record, opts.resume)
 
     run_dir.mkdir(parents=True, exist_ok=True)
     mngr = _manager(run_dir)

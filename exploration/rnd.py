@@ -38,6 +38,9 @@ Differences from the paper:
   (the first of the next episode), as every auto-resetting vectorised implementation does.
 - The reward is the squared error summed over features (as in [1]); the predictor's loss
   averages it over features (a constant factor, as in the released code and CleanRL).
+- The predictor's 25% mask is drawn once per rollout and kept for all epochs; [1]'s released
+  code and CleanRL draw a fresh one for every minibatch (so over 4 epochs the predictor
+  sees about 68% of the rollout there, 25% here).
 - The `quick` CPU preset departs from Table 5 to fit a 2-core CPU: 32 envs x 32 steps,
   200k steps, lr 1e-3, entropy 0.01, RND output 32, 200-step episodes, no reward clip.
 """
@@ -259,6 +262,52 @@ def forward_filter(rewems, r_int, gamma_int):
     return jax.lax.scan(step, rewems, r_int)  # (N,), (T, N)
 
 
+def normalize_intrinsic(r_int, rewems, rew_norm, *, gamma_int):
+    """[1] Sec. 2.4: divide the rollout's r^i [T, N] by the running std of the intrinsic
+    RETURN, not of the reward.
+
+    R^i_t = gamma_I R^i_{t-1} + r^i_t per env, carried over from the last rollout in
+    `rewems` [N] and across episode ends (the intrinsic stream is non-episodic, so `done` is
+    not an argument). All T*N values R^i_t are folded into the running moments `rew_norm`,
+    and every r^i_t is divided by the updated std (as in [1]'s released code, no epsilon and
+    no mean subtraction). Returns (r_int / std(R^i), rewems, rew_norm).
+    """
+    rewems, disc_returns = forward_filter(rewems, r_int, gamma_int)
+    rew_norm = rew_norm.update(disc_returns)
+    return r_int / jnp.sqrt(rew_norm.var), rewems, rew_norm
+
+
+def advantages(r_ext, r_int, v_ext, v_int, done, last_ext, last_int, *, gamma_ext, gamma_int,
+               gae_lambda, ext_coef, int_coef):
+    """[1] Sec. 2.3: GAE per stream, then A = c_E A_E + c_I A_I.
+
+    The extrinsic stream is episodic (`done` [T, N] cuts its bootstrap and its GAE trace);
+    the intrinsic stream is not (an episode end does not end the exploration "game", so
+    V_I of the next episode's first state is bootstrapped through it). Each stream has its
+    own discount. Returns (A, returns_ext, returns_int), the returns being the value targets.
+    """
+    adv_ext, ret_ext = gae(r_ext, v_ext, done, last_ext, gamma_ext, gae_lambda)
+    adv_int, ret_int = gae(r_int, v_int, jnp.zeros_like(done), last_int, gamma_int, gae_lambda)
+    return ext_coef * adv_ext + int_coef * adv_int, ret_ext, ret_int
+
+
+def predictor_mask(key, n, *, proportion):
+    """[1] App. A.2: the random `proportion` of a batch of n samples the predictor trains on."""
+    return jax.random.uniform(key, (n,)) < proportion
+
+
+def predictor_loss(pred, target, mask):
+    """[1] Sec. 2.2 / App. A.2: the predictor's regression loss on a batch [B, F].
+
+    Squared error ||f_hat(s') - f(s')||^2 averaged over the F features (the reward sums
+    them; a constant factor, as in the released code), then averaged over the samples with
+    `mask` true only (0 when none is). The target is fixed: no gradient reaches it.
+    """
+    fwd = ((pred - jax.lax.stop_gradient(target)) ** 2).mean(-1)
+    m = mask.astype(jnp.float32)
+    return (fwd * m).sum() / jnp.maximum(m.sum(), 1.0)
+
+
 # --- STATE ---
 
 
@@ -339,27 +388,25 @@ def update(state: State, cfg: Config):
     # --- INTRINSIC REWARD ---
     r_int = intrinsic_reward(state.target_params, state.params["predictor"], target, predictor,
                              state.obs_norm, traj["next_obs"], cfg.obs_clip)  # (T, N)
-    rewems, disc_returns = forward_filter(state.rewems, r_int, cfg.gamma_int)
-    rew_norm = state.rew_norm.update(disc_returns)
-    r_int_n = r_int / jnp.sqrt(rew_norm.var)  # [1] Sec. 2.4
+    r_int_n, rewems, rew_norm = normalize_intrinsic(r_int, state.rewems, state.rew_norm,
+                                                    gamma_int=cfg.gamma_int)  # [1] Sec. 2.4
     obs_norm = state.obs_norm.update(traj["next_obs"])
     r_ext = jnp.clip(traj["reward"], -1, 1) if cfg.clip_ext_reward else traj["reward"]
 
     # --- ADVANTAGES ---
     _, last_ext, last_int = policy.apply(state.params["policy"], obs)
-    adv_ext, ret_ext = gae(r_ext, traj["v_ext"], traj["done"], last_ext,
-                           cfg.gamma_ext, cfg.gae_lambda)
-    adv_int, ret_int = gae(r_int_n, traj["v_int"], jnp.zeros_like(traj["done"]), last_int,
-                           cfg.gamma_int, cfg.gae_lambda)  # non-episodic ([1] Sec. 2.3)
-    adv = cfg.ext_coef * adv_ext + cfg.int_coef * adv_int
+    adv, ret_ext, ret_int = advantages(
+        r_ext, r_int_n, traj["v_ext"], traj["v_int"], traj["done"], last_ext, last_int,
+        gamma_ext=cfg.gamma_ext, gamma_int=cfg.gamma_int, gae_lambda=cfg.gae_lambda,
+        ext_coef=cfg.ext_coef, int_coef=cfg.int_coef)
 
     # --- UPDATE ---
     batch = dict(obs=traj["obs"], next_obs=traj["next_obs"], action=traj["action"],
                  logp=traj["logp"], adv=adv, ret_ext=ret_ext, ret_int=ret_int)
     batch = jax.tree.map(lambda x: x.reshape(-1, *x.shape[2:]), batch)  # (T*N, ...)
     key, k_epochs, k_mask = jax.random.split(key, 3)
-    # A fixed random 25% of samples trains the predictor in every epoch ([1] App. A.2).
-    batch["pred_mask"] = jax.random.uniform(k_mask, (cfg.batch_size,)) < cfg.update_proportion
+    # A random 25% of the rollout trains the predictor, the same 25% in every epoch.
+    batch["pred_mask"] = predictor_mask(k_mask, cfg.batch_size, proportion=cfg.update_proportion)
 
     def loss_fn(params, mb):
         logits, v_ext, v_int = policy.apply(params["policy"], mb["obs"])
@@ -370,12 +417,10 @@ def update(state: State, cfg: Config):
         pg = -jnp.minimum(ratio * a, jnp.clip(ratio, 1 - cfg.clip_coef, 1 + cfg.clip_coef) * a)
         v_loss = 0.5 * ((v_ext - mb["ret_ext"]) ** 2 + (v_int - mb["ret_int"]) ** 2).mean()
         ent = pi.entropy().mean()
-        # Predictor regression on the masked subset (target is fixed: stop_gradient inside).
+        # Predictor regression on the masked subset, with the updated observation statistics.
         x = obs_norm.normalize(mb["next_obs"].astype(jnp.float32), cfg.obs_clip)
-        err = predictor.apply(params["predictor"], x) - target.apply(state.target_params, x)
-        fwd = (err**2).mean(-1)
-        m = mb["pred_mask"].astype(jnp.float32)
-        fwd_loss = (fwd * m).sum() / jnp.maximum(m.sum(), 1.0)
+        fwd_loss = predictor_loss(predictor.apply(params["predictor"], x),
+                                  target.apply(state.target_params, x), mb["pred_mask"])
         loss = pg.mean() + cfg.vf_coef * v_loss - cfg.ent_coef * ent + fwd_loss
         return loss, {"losses/policy": pg.mean(), "losses/value": v_loss,
                       "losses/entropy": ent, "losses/rnd_forward": fwd_loss,

@@ -1,4 +1,6 @@
-"""Tests of exploration/rnd.py: the bonus, its normalisation, purity, CLI and behaviour."""
+"""Tests of exploration/rnd.py: the bonus, its normalisation, the two-stream advantages, the
+predictor loss (hand-computed, through the functions `update` calls), purity, CLI and
+behaviour."""
 
 import dataclasses
 
@@ -11,6 +13,7 @@ import pytest
 from common import run
 from common.rl import RunningMeanStd
 from exploration import rnd
+from tests.common.config_fields import unread_fields
 
 # A tiny, fast configuration on the repo's own 4-rooms grid (vector observations).
 TINY = rnd.Config(env_id="GridMaze-FourRooms", total_timesteps=2048, num_envs=8, num_steps=16,
@@ -34,71 +37,175 @@ def test_intrinsic_reward_is_squared_error_on_whitened_clipped_obs():
     assert r.shape == (2,)
 
 
-def test_forward_filter_is_discounted_running_return():
-    r = jnp.array([[1.0, 0.0], [2.0, 1.0], [0.5, 0.0]])  # (T, N)
-    last, rets = rnd.forward_filter(jnp.array([10.0, 0.0]), r, 0.9)
-    expect = []
-    acc = np.array([10.0, 0.0])
-    for t in range(3):
-        acc = acc * 0.9 + np.asarray(r[t])
-        expect.append(acc.copy())
-    np.testing.assert_allclose(rets, np.stack(expect), rtol=1e-6)
-    np.testing.assert_allclose(last, expect[-1], rtol=1e-6)
+def test_normalize_intrinsic_divides_by_std_of_nonepisodic_discounted_return():
+    """[1] Sec. 2.4 by hand, T=2, N=2, gamma_I=0.5, the running return of env 1 carried in
+    at 2 from the last rollout. An empty prior (count 0) makes the updated moments exactly
+    those of this rollout's returns.
+
+        r = [[1, 1],      R_0 = 0.5*[0, 2] + [1, 1] = [1,   2]
+             [2, 0]]      R_1 = 0.5*[1, 2] + [2, 0] = [2.5, 1]
+        var(R) = var([1, 2, 2.5, 1]) = 0.421875      var(r) = var([1, 1, 2, 0]) = 0.5
+
+    so r / std(R) = r / 0.6495, where reward-std normalisation would give r / 0.7071, a
+    return that ignored the carry [0, 2] var([1, 1, 2.5, 0.5]) = 0.5625, and gamma_I = 0
+    the reward's variance again.
+    """
+    r = jnp.array([[1.0, 1.0], [2.0, 0.0]])
+    empty = RunningMeanStd(jnp.zeros(()), jnp.zeros(()), jnp.zeros(()))
+    r_n, rewems, rew_norm = rnd.normalize_intrinsic(r, jnp.array([0.0, 2.0]), empty,
+                                                    gamma_int=0.5)
+    np.testing.assert_allclose(rewems, [2.5, 1.0], rtol=1e-6)
+    np.testing.assert_allclose(rew_norm.mean, 1.625, rtol=1e-6)
+    np.testing.assert_allclose(rew_norm.var, 0.421875, rtol=1e-6)
+    np.testing.assert_allclose(rew_norm.count, 4.0)
+    np.testing.assert_allclose(r_n, np.asarray(r) / np.sqrt(0.421875), rtol=1e-6)
+    assert not np.allclose(r_n, np.asarray(r) / np.sqrt(0.5), rtol=1e-3)  # reward std
+    # The running statistics carry into the next rollout (Chan et al. update of the prior).
+    r2 = jnp.array([[0.0, 0.0]])
+    r2_n, rewems2, rew_norm2 = rnd.normalize_intrinsic(r2, rewems, rew_norm, gamma_int=0.5)
+    np.testing.assert_allclose(rewems2, [1.25, 0.5], rtol=1e-6)
+    np.testing.assert_allclose(rew_norm2.var, np.var([1, 2, 2.5, 1, 1.25, 0.5]), rtol=1e-6)
+    np.testing.assert_array_equal(r2_n, [[0.0, 0.0]])
 
 
-def test_prediction_error_falls_on_seen_states_only():
-    """Training the predictor on half the cells of a grid leaves the error on the unseen
-    half >= 5x larger (observed ~30x). The untrained predictor (broken variant: the
-    predictor never learns) has a ratio near 1."""
+def test_advantages_extrinsic_episodic_intrinsic_not_and_weighted():
+    """[1] Sec. 2.3 by hand, T=3, N=1, an episode ending at t=1; gamma_E=1, gamma_I=0.5,
+    lambda=0.5; A_t = delta_t + gamma lambda (1 - d_t) A_{t+1} with
+    delta_t = r_t + gamma (1 - d_t) V_{t+1} - V_t (the intrinsic stream takes d = 0).
+
+      extrinsic r=[0,1,0], V=[0,0,0], V_last=4:  delta = [0, 1, 4]  A_E = [0.5, 1, 4]
+        (non-episodic it would be [1.5, 3, 4])
+      intrinsic r=[1,0,0], V=[0,0,2], V_last=0:  delta = [1, 1, -2]  A_I = [1.125, 0.5, -2]
+        (episodic it would be [1, 0, -2]; with gamma_E in place of gamma_I [1.5, 1, -2])
+      A = 2 A_E + 1 A_I = [2.125, 2.5, 6]   (coefficients swapped: [2.75, 2, 0])
+      returns = A_stream + V: ext [0.5, 1, 4], int [1.125, 0.5, 0]
+    """
+    col = lambda *v: jnp.array(v)[:, None]  # (T, N=1)
+    kw = dict(gamma_ext=1.0, gamma_int=0.5, gae_lambda=0.5)
+    args = (col(0.0, 1.0, 0.0), col(1.0, 0.0, 0.0), col(0.0, 0.0, 0.0), col(0.0, 0.0, 2.0),
+            col(False, True, False), jnp.array([4.0]), jnp.array([0.0]))
+    adv, ret_ext, ret_int = rnd.advantages(*args, **kw, ext_coef=2.0, int_coef=1.0)
+    np.testing.assert_allclose(adv[:, 0], [2.125, 2.5, 6.0], rtol=1e-6)
+    np.testing.assert_allclose(ret_ext[:, 0], [0.5, 1.0, 4.0], rtol=1e-6)
+    np.testing.assert_allclose(ret_int[:, 0], [1.125, 0.5, 0.0], atol=1e-6)
+    # Each stream alone, through the coefficients.
+    a_e, _, _ = rnd.advantages(*args, **kw, ext_coef=1.0, int_coef=0.0)
+    a_i, _, _ = rnd.advantages(*args, **kw, ext_coef=0.0, int_coef=1.0)
+    np.testing.assert_allclose(a_e[:, 0], [0.5, 1.0, 4.0], rtol=1e-6)
+    np.testing.assert_allclose(a_i[:, 0], [1.125, 0.5, -2.0], rtol=1e-6)
+    swapped, _, _ = rnd.advantages(*args, **kw, ext_coef=1.0, int_coef=2.0)
+    np.testing.assert_allclose(swapped[:, 0], [2.75, 2.0, 0.0], atol=1e-6)
+
+
+def test_predictor_loss_by_hand_masked_mean_and_gradient_to_predictor_only():
+    """[1] App. A.2 by hand, B=3, F=2, mask [1, 0, 1]:
+
+        pred   = [[1, 2], [0, 0], [3, 1]]   per-sample mean over features of (pred-target)^2
+        target = [[0, 2], [1, 1], [3, 3]]   = [0.5, 1, 2]  ->  (0.5 + 2) / 2 = 1.25
+
+    (no mask: 3.5 / 3; summed over features: 2.5). d loss / d pred = (pred - target) m / 2;
+    d loss / d target = 0 (the target network is fixed)."""
+    pred = jnp.array([[1.0, 2.0], [0.0, 0.0], [3.0, 1.0]])
+    target = jnp.array([[0.0, 2.0], [1.0, 1.0], [3.0, 3.0]])
+    mask = jnp.array([True, False, True])
+    loss, (g_pred, g_target) = jax.value_and_grad(rnd.predictor_loss, (0, 1))(pred, target, mask)
+    np.testing.assert_allclose(loss, 1.25, rtol=1e-6)
+    np.testing.assert_allclose(g_pred, [[0.5, 0.0], [0.0, 0.0], [0.0, -1.0]], rtol=1e-6)
+    np.testing.assert_array_equal(g_target, np.zeros((3, 2)))
+    assert rnd.predictor_loss(pred, target, jnp.zeros(3, bool)) == 0.0  # empty mask: no NaN
+
+
+def test_predictor_mask_keeps_the_update_proportion():
+    """The mask `update` builds: uniform < proportion, so about 25% of a batch at 0.25,
+    all of it at 1."""
+    key = jax.random.PRNGKey(0)
+    m = rnd.predictor_mask(key, 100_000, proportion=0.25)
+    assert m.shape == (100_000,) and m.dtype == bool
+    assert abs(float(m.mean()) - 0.25) < 0.01, float(m.mean())
+    np.testing.assert_array_equal(m, jax.random.uniform(key, (100_000,)) < 0.25)
+    assert bool(rnd.predictor_mask(key, 64, proportion=1.0).all())
+
+
+def test_prediction_error_falls_on_the_states_the_loss_trains_on():
+    """[1] Sec. 2.2 through the file's own functions: 200 Adam steps on `predictor_loss` with
+    the mask selecting half of 64 one-hot cells leave `intrinsic_reward` on the other half
+    >= 4x larger (observed 39x); the untrained predictor's ratio is 0.89. Dropping the mask,
+    or stopping the gradient on the predictor instead of the target, fails here."""
     cells = jax.nn.one_hot(jnp.arange(64), 64)
-    seen, unseen = cells[:32], cells[32:]
+    seen = jnp.arange(64) < 32
     tgt = rnd.RNDNet(predictor=False, pixels=False, hidden=(64, 64), features=32)
     pred = rnd.RNDNet(predictor=True, pixels=False, hidden=(64, 64), features=32)
     tp, pp = tgt.init(jax.random.PRNGKey(0), cells), pred.init(jax.random.PRNGKey(1), cells)
     tx = optax.adam(1e-3)
-
-    def err(p, x):
-        return ((pred.apply(p, x) - tgt.apply(tp, x)) ** 2).sum(-1).mean()
+    identity = RunningMeanStd(jnp.zeros(64), jnp.ones(64), jnp.asarray(1.0))
 
     def step(carry, _):
         p, s = carry
-        g = jax.grad(err)(p, seen)
+        g = jax.grad(lambda p: rnd.predictor_loss(pred.apply(p, cells), tgt.apply(tp, cells),
+                                                  seen))(p)
         u, s = tx.update(g, s)
         return (optax.apply_updates(p, u), s), None
 
-    (trained, _), _ = jax.lax.scan(step, (pp, tx.init(pp)), None, 1000)
-    ratio_trained = float(err(trained, unseen) / err(trained, seen))
-    ratio_untrained = float(err(pp, unseen) / err(pp, seen))
-    assert ratio_untrained < 2.0, ratio_untrained
-    assert ratio_trained > 5.0, ratio_trained
+    (trained, _), _ = jax.lax.scan(step, (pp, tx.init(pp)), None, 200)
+
+    def ratio(p):
+        r = rnd.intrinsic_reward(tp, p, tgt, pred, identity, cells, clip=5.0)
+        return float(r[~seen].mean() / r[seen].mean())
+
+    assert ratio(pp) < 2.0, ratio(pp)
+    assert ratio(trained) > 4.0, ratio(trained)
 
 
-def test_train_is_pure_and_seeded():
-    train = jax.jit(jax.vmap(run.make_train(rnd.init, rnd.update, TINY)))
-    keys = jax.random.split(jax.random.PRNGKey(0), 2)
-    (s1, m1), (s2, m2) = train(keys), train(keys)
-    a = jax.tree.leaves(s1.params)[0]
-    np.testing.assert_array_equal(a, jax.tree.leaves(s2.params)[0])
-    np.testing.assert_array_equal(m1["losses/rnd_forward"], m2["losses/rnd_forward"])
-    assert not np.array_equal(a[0], a[1])  # different seeds differ
-    assert np.isfinite(m1["losses/rnd_forward"]).all()
-    assert m1["losses/rnd_forward"].shape == (2, TINY.num_updates)
-
-
-def test_cli_runs_and_documents_every_field(tmp_path, capsys):
+def test_cli_run_reaches_the_tested_functions_with_its_flags(tmp_path, capsys, monkeypatch):
+    """`--help` documents every field; a 2-seed CLI run writes its files, and `update`
+    (traced inside the run) calls the functions tested above, with each flag in its place:
+    spies record every call while the chunk is traced."""
     with pytest.raises(SystemExit):
         rnd.main(["--help"])
     out = capsys.readouterr().out
     for f in dataclasses.fields(rnd.Config):
         assert "--" + f.name.replace("_", "-") in out, f.name
     assert "Presets (--preset): quick, paper" in out
+
+    calls: dict[str, list] = {}
+
+    def spy(name):
+        real = getattr(rnd, name)
+
+        def wrapped(*args, **kwargs):
+            out = real(*args, **kwargs)
+            calls.setdefault(name, []).append((args, kwargs, out))
+            return out
+
+        monkeypatch.setattr(rnd, name, wrapped)
+
+    for name in ("normalize_intrinsic", "advantages", "predictor_mask", "predictor_loss"):
+        spy(name)
     args = ["--env-id", "GridMaze-FourRooms", "--total-timesteps", "1024", "--num-envs", "8",
             "--num-steps", "16", "--obs-norm-init-steps", "2", "--num-seeds", "2",
-            "--rnd-features", "16", "--run-dir", str(tmp_path), "--no-progress"]
+            "--rnd-features", "16", "--ext-coef", "3", "--int-coef", "0.5", "--gamma-ext",
+            "0.97", "--gamma-int", "0.9", "--gae-lambda", "0.8", "--update-proportion", "0.3",
+            "--run-dir", str(tmp_path), "--no-progress"]
     res = rnd.main(args)
     assert (tmp_path / "metrics.jsonl").exists() and (tmp_path / "checkpoints").exists()
     assert res.history["charts/distinct_cells"].shape == (2, 8)
+    assert np.isfinite(res.history["losses/rnd_forward"]).all()
     assert "distinct_cells" in capsys.readouterr().out
+
+    n = len(calls["normalize_intrinsic"])
+    assert n >= 1 and len(calls["advantages"]) == n and len(calls["predictor_mask"]) == n
+    for (_, kw_n, (r_n, _, _)), (adv_args, kw_a, _) in zip(
+            calls["normalize_intrinsic"], calls["advantages"], strict=True):
+        assert kw_n == {"gamma_int": 0.9}
+        assert kw_a == dict(gamma_ext=0.97, gamma_int=0.9, gae_lambda=0.8, ext_coef=3.0,
+                            int_coef=0.5)
+        assert adv_args[1] is r_n  # the advantages see the normalised intrinsic reward
+    for args_m, kw_m, _ in calls["predictor_mask"]:
+        assert args_m[1:] == (128,) and kw_m == {"proportion": 0.3}
+    for (pred, target, mask), _, _ in calls["predictor_loss"]:  # on each minibatch of 32
+        assert pred.shape == target.shape == (32, 16) and mask.shape == (32,)
+    # The return normaliser folded in the T*N = 128 returns of each of the 8 rollouts.
+    np.testing.assert_allclose(res.state.rew_norm.count, [8 * 128 + 1e-4] * 2, rtol=1e-6)
 
 
 def test_bad_values_fail_with_named_field(tmp_path):
@@ -107,36 +214,66 @@ def test_bad_values_fail_with_named_field(tmp_path):
                   "--num-steps", "16", "--run-dir", str(tmp_path)])
     with pytest.raises(ValueError, match="update_proportion=1.5"):
         rnd.main(["--update-proportion", "1.5", "--run-dir", str(tmp_path)])
-    with pytest.raises(ValueError, match="Did you mean.*Navix-DoorKey-16x16-v0"):
-        rnd.main(["--env-id", "Navix-DoorKey-16x17-v0", "--num-envs", "8", "--num-steps", "16",
-                  "--run-dir", str(tmp_path), "--no-progress"])
 
 
-def test_rnd_explores_more_than_ppo():
+def test_rnd_explores_more_than_ppo_and_train_is_pure():
+    """Behaviour ([1] Sec. 3) in seconds: FourRooms (104 floor cells, start in one corner room,
+    the only reward at the goal in the opposite one), 8 envs x 32 steps x 8 updates = 2048
+    steps, 12 seeds. RND against the broken variant, the same PPO with the bonus off
+    (int_coef = 0), in one compiled vmap (int_coef is traced, so both arms share the
+    compile). Distinct cells visited, measured on CPU:
+        RND  80 93 97 99 92 94 102 88 86 100 91 88   median 92.5, mean 92.5, min 80
+        PPO  41 97 88 67 45 99 67 51 92 92 66 94     median 77.5, mean 74.9
+    PPO stays in the first rooms in half its seeds; every RND seed leaves them. The same
+    keys give bit-identical results a second time (the training function is pure)."""
+    cfg = dataclasses.replace(TINY, num_steps=32, total_timesteps=2048)
+    seeds = 12
+
+    def one(key, int_coef):
+        arm = dataclasses.replace(cfg, int_coef=int_coef)
+        return run.make_train(rnd.init, rnd.update, arm)(key)
+
+    train = jax.jit(jax.vmap(one))
+    keys = jnp.concatenate([jax.random.split(jax.random.PRNGKey(0), seeds)] * 2)
+    coefs = jnp.repeat(jnp.array([1.0, 0.0]), seeds)
+    state, metrics = train(keys, coefs)
+    cells = np.asarray(state.visited.sum((-1, -2)))
+    on, off = cells[:seeds], cells[seeds:]
+    print("RND", on, "PPO", off)
+    assert np.median(on) >= np.median(off) + 8, (on, off)
+    assert on.mean() >= off.mean() + 10, (on, off)
+    assert on.min() >= 75 and (off < 75).sum() >= 4, (on, off)
+
+    assert np.isfinite(metrics["losses/rnd_forward"]).all()
+    assert metrics["losses/rnd_forward"].shape == (2 * seeds, cfg.num_updates)
+    assert not np.array_equal(metrics["losses/rnd_forward"][0],
+                              metrics["losses/rnd_forward"][1])  # seeds differ
+    state2, metrics2 = train(keys, coefs)
+    jax.tree.map(np.testing.assert_array_equal, state.params, state2.params)
+    np.testing.assert_array_equal(metrics["losses/rnd_forward"], metrics2["losses/rnd_forward"])
+
+
+def _cells(cfg, seeds):
+    train = jax.jit(jax.vmap(run.make_train(rnd.init, rnd.update, cfg)))
+    state, _ = train(jax.random.split(jax.random.PRNGKey(0), seeds))
+    return np.asarray(state.visited.sum((-1, -2)))
+
+
+@pytest.mark.slow
+def test_rnd_explores_more_than_ppo_doorkey16():
     """Behaviour ([1] Sec. 3): on navix DoorKey-16x16 (196 cells, sparse reward, 200-step
     episodes), 32k steps, 4 seeds, RND visits clearly more distinct cells than the identical
     PPO with the intrinsic reward switched off (int_coef = 0, the broken variant).
-    Measured on a 2-core CPU: RND 140, 162, 144, 143 (median 143.5) vs PPO 117, 117, 129,
-    109 (median 117)."""
+    Measured on a 2-core CPU (jax 0.10.2), 190 s: RND 133, 157, 128, 157 (median 145) vs
+    PPO 103, 111, 123, 110 (median 110.5). Recorded before on another machine: 140, 162,
+    144, 143 vs 117, 117, 129, 109."""
     base = rnd.Config(**{**rnd.PRESETS["quick"], "total_timesteps": 32_768})
-
-    def cells(cfg):
-        train = jax.jit(jax.vmap(run.make_train(rnd.init, rnd.update, cfg)))
-        state, _ = train(jax.random.split(jax.random.PRNGKey(0), 4))
-        return np.asarray(state.visited.sum((-1, -2)))
-
-    on, off = cells(base), cells(dataclasses.replace(base, int_coef=0.0))
+    on, off = _cells(base, 4), _cells(dataclasses.replace(base, int_coef=0.0), 4)
     print("RND", on, "PPO", off)
     assert np.median(on) >= np.median(off) + 12, (on, off)
     assert on.min() > np.median(off), (on, off)
 
 
 def test_every_config_field_is_read():
-    """No flag that lies: each Config field is used by the algorithm (`cfg.<field>`), or, for
-    total_timesteps, by the num_updates property the runner reads."""
-    import inspect
-
-    src = inspect.getsource(rnd)
-    unread = [f.name for f in dataclasses.fields(rnd.Config) if f"cfg.{f.name}" not in src]
-    assert unread == ["total_timesteps"], unread
-    assert "self.total_timesteps // self.batch_size" in inspect.getsource(rnd.Config)
+    """No flag that lies: each Config field is read by code that runs (AST, not text)."""
+    assert unread_fields(rnd) == []
