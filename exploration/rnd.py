@@ -89,7 +89,7 @@ class Config:
     ext_coef: float = 2.0
     """extrinsic advantage coefficient c_E"""
     int_coef: float = 1.0
-    """intrinsic advantage coefficient c_I (0 turns RND off: plain PPO)"""
+    """intrinsic advantage coefficient c_I (0: no bonus; V_I and the predictor still train)"""
     clip_coef: float = 0.1
     """PPO ratio clip epsilon"""
     ent_coef: float = 0.001

@@ -221,11 +221,12 @@ def test_rnd_explores_more_than_ppo_and_train_is_pure():
     the only reward at the goal in the opposite one), 8 envs x 32 steps x 8 updates = 2048
     steps, 12 seeds. RND against the broken variant, the same PPO with the bonus off
     (int_coef = 0), in one compiled vmap (int_coef is traced, so both arms share the
-    compile). Distinct cells visited, measured on CPU:
-        RND  80 93 97 99 92 94 102 88 86 100 91 88   median 92.5, mean 92.5, min 80
-        PPO  41 97 88 67 45 99 67 51 92 92 66 94     median 77.5, mean 74.9
-    PPO stays in the first rooms in half its seeds; every RND seed leaves them. The same
-    keys give bit-identical results a second time (the training function is pure)."""
+    compile). Distinct cells visited, measured on CPU (jax 0.10.2):
+        RND  80 93 97 99 92 94 102 88 86 100 91 88   median 92.5, mean 92.5, 0 below 75
+        PPO  41 97 88 67 45 99 67 51 92 92 66 94     median 77.5, mean 74.9, 6 below 75
+    Half the PPO seeds stay near the first room; every RND seed leaves it. The broken
+    variant fails all three asserts (gaps 0). The same keys give bit-identical results a
+    second time (the training function is pure)."""
     cfg = dataclasses.replace(TINY, num_steps=32, total_timesteps=2048)
     seeds = 12
 
@@ -241,8 +242,8 @@ def test_rnd_explores_more_than_ppo_and_train_is_pure():
     on, off = cells[:seeds], cells[seeds:]
     print("RND", on, "PPO", off)
     assert np.median(on) >= np.median(off) + 8, (on, off)
-    assert on.mean() >= off.mean() + 10, (on, off)
-    assert on.min() >= 75 and (off < 75).sum() >= 4, (on, off)
+    assert on.mean() >= off.mean() + 8, (on, off)
+    assert (off < 75).sum() >= (on < 75).sum() + 3, (on, off)  # seeds stuck near the start
 
     assert np.isfinite(metrics["losses/rnd_forward"]).all()
     assert metrics["losses/rnd_forward"].shape == (2 * seeds, cfg.num_updates)
