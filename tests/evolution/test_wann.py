@@ -2,7 +2,6 @@
 behaviour on CartPole, purity and CLI."""
 
 import dataclasses
-import functools
 import math
 
 import jax
@@ -291,18 +290,22 @@ def test_evolved_topology_beats_random_topologies_of_the_same_size():
 
 SHORT = wann.Config(num_generations=6, pop_size=24, num_reps=2, max_steps=100, max_hidden=4,
                     test_reps=2, tournament_size=2)
-SHORT_KEYS = jax.random.split(jax.random.PRNGKey(0), 3)
+# The same run from the command line: --seed 0 with 3 seeds gives split(PRNGKey(0), 3).
+SHORT_ARGS = ["--num-generations", "6", "--pop-size", "24", "--num-reps", "2", "--max-steps",
+              "100", "--max-hidden", "4", "--test-reps", "2", "--tournament-size", "2",
+              "--num-seeds", "3", "--log-every", "6", "--no-progress"]
 
 
-@functools.cache
-def short_train():
-    """run.make_train over SHORT, jitted and vmapped over 3 seeds; compiled once, shared by
-    the short behaviour test and the purity test."""
-    train = jax.jit(jax.vmap(run.make_train(wann.init, wann.update, SHORT)))
-    return train, jax.device_get(train(SHORT_KEYS))
+@pytest.fixture(scope="module")
+def short_runs(tmp_path_factory):
+    """SHORT run twice through wann.main (in-process), into two fresh run dirs; the second
+    run's chunk comes from the compile cache. One compile of the runner's chunk serves the
+    CLI, the short behaviour and the purity tests."""
+    root = tmp_path_factory.mktemp("wann")
+    return [wann.main(SHORT_ARGS + ["--run-dir", str(root / d)]) for d in ("a", "b")]
 
 
-def test_short_run_beats_the_initial_minimal_networks():
+def test_short_run_beats_the_initial_minimal_networks(short_runs):
     """Short behaviour: CartPole capped at 100 steps, 24 networks, 6 generations, 3 seeds.
     Baseline in the same run: generation 0's best mean return over the shared weights (the
     initial minimal networks, direct input -> output wiring, stay near half the cap: 54-55).
@@ -311,41 +314,41 @@ def test_short_run_beats_the_initial_minimal_networks():
     variant tried (not run here: ranking on -mean, the worst networks kept): CartPole-100
     is easy enough that mutation alone finds 100 now and then, but it is lost again: 54.8,
     54.5, 47.0."""
-    _, (_, m) = short_train()
-    curve = np.asarray(m["charts/best_mean_return"])
+    curve = np.asarray(short_runs[0].history["charts/best_mean_return"])
     print(curve.round(1))
     assert np.all(curve[:, 0] < 60), curve
     assert np.all(curve[:, -3:].min(1) >= curve[:, 0] + 10), curve
 
 
-def test_train_is_pure_and_seeded():
-    train, (s1, m1) = short_train()
-    s2, m2 = jax.device_get(train(SHORT_KEYS))
-    for a, b in zip(jax.tree.leaves(s1), jax.tree.leaves(s2), strict=True):
-        np.testing.assert_array_equal(a, b)
+def test_train_is_pure_and_seeded(short_runs):
+    """Same seed, same run (state and every metric); the 3 seeds of the vmap differ."""
+    a, b = short_runs
+    for x, y in zip(jax.tree.leaves(a.state), jax.tree.leaves(b.state), strict=True):
+        np.testing.assert_array_equal(x, y)
+    m1, m2 = a.history, b.history
+    assert set(m1) == set(m2)
     for k in m1:
         np.testing.assert_array_equal(m1[k], m2[k])
         assert m1[k].shape == (3, 6)
-    assert not np.array_equal(s1.pop.on[0], s1.pop.on[1])  # different seeds differ
+    on = np.asarray(a.state.pop.on)
+    assert not np.array_equal(on[0], on[1]) and not np.array_equal(on[1], on[2])
     for k in ("best_mean_return", "best_max_return", "connections", "nodes"):
         assert np.isfinite(m1[f"charts/{k}"]).all()
     assert (m1["charts/best_max_return"] >= m1["charts/best_mean_return"]).all()
 
 
-def test_cli_runs_and_documents_every_field(tmp_path, capsys):
+def test_cli_runs_and_documents_every_field(short_runs, capsys):
     with pytest.raises(SystemExit):
         wann.main(["--help"])
     out = capsys.readouterr().out
     for f in dataclasses.fields(wann.Config):
         assert "--" + f.name.replace("_", "-") in out, f.name
     assert "Presets (--preset): quick, swingup, paper" in out
-    res = wann.main(["--preset", "quick", "--num-generations", "2", "--pop-size", "8",
-                     "--num-reps", "1", "--max-steps", "20", "--max-hidden", "3",
-                     "--test-reps", "1", "--num-seeds", "2", "--log-every", "1",
-                     "--run-dir", str(tmp_path), "--no-progress"])
-    assert (tmp_path / "metrics.jsonl").exists()
-    assert res.history["charts/best_mean_return"].shape == (2, 2)
-    assert "return_w-2" in res.final and res.final["mean_return"].shape == (2,)
+    res = short_runs[0]
+    assert (res.run_dir / "metrics.jsonl").exists()
+    assert len((res.run_dir / "metrics.jsonl").read_text().splitlines()) == 6
+    assert res.history["charts/best_mean_return"].shape == (3, 6)
+    assert "return_w-2" in res.final and res.final["mean_return"].shape == (3,)
 
 
 def test_bad_values_fail_with_named_field(tmp_path):
