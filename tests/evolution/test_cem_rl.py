@@ -94,7 +94,7 @@ def test_td3_target_hand_case():
     np.testing.assert_allclose(y, [1.0, -1.0, 3.92], rtol=1e-6)
 
 
-def _rl_phase_once(cfg):
+def _rl_phase_once(cfg, phase=None):
     """rl_phase (jitted) on a fresh init, a buffer of 200 random Pendulum-shaped transitions
     and a CEM population; returns (state, buffer, population, rl_phase's outputs)."""
     nets = cem_rl.nets_of(cfg)
@@ -107,8 +107,8 @@ def _rl_phase_once(cfg):
                            jnp.zeros((n,)))
     buf = cem_rl.buffer_add(state.buffer, tr, jnp.ones((n,), bool))
     pop = cem_rl.cem_ask(jax.random.PRNGKey(2), state.cem, cfg.pop_size, True)
-    out = jax.jit(lambda p, c, b, kk: cem_rl.rl_phase(nets, cfg, p, c, b, kk))(
-        pop, state.critic, buf, jax.random.PRNGKey(3))
+    phase = phase or jax.jit(lambda p, c, b, kk: cem_rl.rl_phase(nets, cfg, p, c, b, kk))
+    out = phase(pop, state.critic, buf, jax.random.PRNGKey(3))
     return state, buf, pop, out
 
 
@@ -117,8 +117,10 @@ def _q_gain(cfg, buf, pop, new, critic_state):
     states, under the critic rl_phase returns."""
     nets = cem_rl.nets_of(cfg)
     obs = buf.data.obs[:200]
-    q = lambda g: nets.critic.apply(critic_state.params, obs, nets.act(g, obs))[0].mean()
-    return np.array([float(q(new[i]) - q(pop[i])) for i in range(cfg.num_grad)])
+    q = jax.jit(jax.vmap(lambda p, g: nets.critic.apply(p, obs, nets.act(g, obs))[0].mean(),
+                         (None, 0)))
+    rows = slice(0, cfg.num_grad)
+    return np.asarray(q(critic_state.params, new[rows]) - q(critic_state.params, pop[rows]))
 
 
 def test_td3_half_raises_q_and_a_sign_flipped_actor_loss_lowers_it(monkeypatch):
@@ -126,13 +128,24 @@ def test_td3_half_raises_q_and_a_sign_flipped_actor_loss_lowers_it(monkeypatch):
     each): every trained actor ends with a higher Q1(s, pi(s)) on the buffer's states than
     the sample it started from, under the critic rl_phase trained. Broken variant (the
     deterministic policy gradient with its sign flipped: actor loss +Q1) lowers it for
-    every actor. Measured: gains 0.103, 0.130 vs flipped -0.064, -0.072."""
-    state, buf, pop, (new, critic_state, _, _) = _rl_phase_once(TINY)
-    gain = _q_gain(TINY, buf, pop, new, critic_state)
+    every actor. The sign is a traced argument, so both runs share one compile.
+    Measured: gains 0.103, 0.130 vs flipped -0.064, -0.072."""
+    sign = []  # the traced sign of the rl_phase being traced
     orig = cem_rl.actor_loss
-    monkeypatch.setattr(cem_rl, "actor_loss", lambda *a: -orig(*a))
-    _, _, _, (new_b, critic_b, _, _) = _rl_phase_once(TINY)
-    flipped = _q_gain(TINY, buf, pop, new_b, critic_b)
+    monkeypatch.setattr(cem_rl, "actor_loss", lambda *a: sign[-1] * orig(*a))
+    nets = cem_rl.nets_of(TINY)
+
+    def signed(s, p, c, b, kk):
+        sign.append(s)
+        return cem_rl.rl_phase(nets, TINY, p, c, b, kk)
+
+    phase = jax.jit(signed)
+    state, buf, pop, _ = _rl_phase_once(TINY, lambda p, c, b, kk: phase(1.0, p, c, b, kk))
+    gains = {}
+    for s in (1.0, -1.0):
+        new, critic_state, _, _ = phase(s, pop, state.critic, buf, jax.random.PRNGKey(3))
+        gains[s] = _q_gain(TINY, buf, pop, new, critic_state)
+    gain, flipped = gains[1.0], gains[-1.0]
     print("Q gain", gain, "sign-flipped", flipped)
     assert np.all(gain > 0) and np.all(flipped < 0), (gain, flipped)
 
@@ -202,36 +215,39 @@ def test_cem_rl_beats_pure_cem_on_pendulum():
     assert (scores[0.5] - scores[0.0]).mean() > 400, scores
 
 
-def test_train_is_pure_and_seeded():
-    train = jax.jit(jax.vmap(run.make_train(cem_rl.init, cem_rl.update, TINY)))
-    keys = jax.random.split(jax.random.PRNGKey(0), 2)
-    (s1, m1), (s2, m2) = train(keys), train(keys)
-    np.testing.assert_array_equal(s1.cem.mean, s2.cem.mean)
-    np.testing.assert_array_equal(m1["losses/critic"], m2["losses/critic"])
-    assert not np.array_equal(s1.cem.mean[0], s1.cem.mean[1])
-    assert m1["charts/env_steps"].shape == (2, TINY.num_updates)
-    np.testing.assert_array_equal(m1["charts/env_steps"][0], [200, 400, 600, 800])
-    # gradients start once env_steps > start_steps (from the 3rd generation on)
-    assert (m1["losses/critic"][:, :2] == 0).all() and (m1["losses/critic"][:, 2:] > 0).all()
-    assert int(s1.buffer.size[0]) == 800 and np.isfinite(m1["losses/actor"]).all()
+# TINY from the command line (--seed 0 with 2 seeds gives split(PRNGKey(0), 2)).
+TINY_ARGS = ["--env-id", "Pendulum-v1", "--episode-steps", "50", "--total-timesteps", "800",
+             "--pop-size", "4", "--num-elites", "2", "--start-steps", "200",
+             "--grad-steps-ratio", "0.1", "--buffer-size", "1000", "--batch-size", "16",
+             "--actor-hidden", "16", "16", "--critic-hidden", "16", "16", "--eval-episodes",
+             "2", "--num-seeds", "2", "--no-progress"]
 
 
-def test_cli_runs_and_documents_every_field(tmp_path, capsys):
+def test_cli_runs_pure_and_seeded_and_documents_every_field(tmp_path, capsys):
+    """The CLI with TINY's flags, twice (in-process; fresh run dirs; the second run's chunk
+    comes from the compile cache): same seed, identical state and metrics; the 2 seeds of
+    the vmap differ; env steps and the start of the gradient phase as configured."""
     with pytest.raises(SystemExit):
         cem_rl.main(["--help"])
     out = capsys.readouterr().out
     for f in dataclasses.fields(cem_rl.Config):
         assert "--" + f.name.replace("_", "-") in out, f.name
     assert "Presets (--preset): quick, paper" in out
-    args = ["--env-id", "Pendulum-v1", "--episode-steps", "50", "--total-timesteps", "400",
-            "--pop-size", "4", "--num-elites", "2", "--start-steps", "100",
-            "--grad-steps-ratio", "0.05", "--buffer-size", "500", "--batch-size", "8",
-            "--actor-hidden", "8", "--critic-hidden", "8", "--eval-episodes", "1",
-            "--num-seeds", "2", "--run-dir", str(tmp_path), "--no-progress"]
-    res = cem_rl.main(args)
-    assert (tmp_path / "metrics.jsonl").exists()
-    assert res.history["charts/mean_actor_return"].shape == (2, 2)
+    a, b = (cem_rl.main(TINY_ARGS + ["--run-dir", str(tmp_path / d)]) for d in ("a", "b"))
+    assert (tmp_path / "a" / "metrics.jsonl").exists()
     assert "final_mean_actor_return" in capsys.readouterr().out
+    for x, y in zip(jax.tree.leaves(a.state), jax.tree.leaves(b.state), strict=True):
+        np.testing.assert_array_equal(x, y)
+    assert set(a.history) == set(b.history)
+    for k in a.history:
+        np.testing.assert_array_equal(a.history[k], b.history[k])
+    s1, m1 = a.state, a.history
+    assert not np.array_equal(s1.cem.mean[0], s1.cem.mean[1])
+    assert m1["charts/mean_actor_return"].shape == (2, TINY.num_updates)
+    np.testing.assert_array_equal(m1["charts/env_steps"][0], [200, 400, 600, 800])
+    # gradients start once env_steps > start_steps (from the 3rd generation on)
+    assert (m1["losses/critic"][:, :2] == 0).all() and (m1["losses/critic"][:, 2:] > 0).all()
+    assert int(s1.buffer.size[0]) == 800 and np.isfinite(m1["losses/actor"]).all()
 
 
 def test_bad_values_fail_with_named_field(tmp_path):
