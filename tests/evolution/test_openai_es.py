@@ -250,20 +250,35 @@ def _flipped_runs(cfg, keys, generations):
 
 @functools.cache
 def short_train():
-    """run.make_train over SHORT, jitted and vmapped over 4 seeds; compiled once, shared by
-    the short behaviour test and the purity test."""
-    train = jax.jit(jax.vmap(run.make_train(oes.init, oes.update, SHORT)))
-    return train, jax.device_get(train(SHORT_KEYS))
+    """run.make_train over SHORT, jitted and vmapped over 4 seeds, with the returns handed
+    to the update times a traced `sign` (+1: the file's update; -1: the sign-flipped broken
+    variant, the minimiser is given +return); compiled once, shared by the short behaviour
+    test (both signs) and the purity test. Returns (train, {sign: (state, metrics)})."""
+    box = []  # the traced sign of the train being traced
+    orig = oes.reconstruct_update
+
+    def signed(s, keys):
+        box.append(s)
+        return jax.vmap(run.make_train(oes.init, oes.update, SHORT))(keys)
+
+    train = jax.jit(signed)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(oes, "reconstruct_update",
+                   lambda es, k, ix, r, cfg: orig(es, k, ix, box[-1] * r, cfg))
+        out = {s: jax.device_get(train(s, SHORT_KEYS)) for s in (1.0, -1.0)}
+    return train, out
 
 
 def test_short_cartpole_run_learns_and_the_sign_flipped_variant_does_not():
     """Short behaviour: SHORT (CartPole capped at 100 steps, n = 32, 20 generations, 4
     seeds): the best 2-episode evaluation return over the run reaches the 100-step cap in
     >= 2 of 4 seeds and averages > 50 over seeds. Broken variant (the minimiser is given
-    +return): no seed above 30. Measured: ES 67, 59.5, 100, 100; sign-flipped 10-10.5."""
-    _, (state, m) = short_train()
+    +return; same compiled program, sign -1): no seed above 30. Measured: ES 67, 59.5, 100,
+    100; sign-flipped 10-10.5."""
+    _, runs = short_train()
+    m = runs[1.0][1]
     best = np.asarray(m["charts/eval_return"]).max(1)
-    flipped = np.asarray(_flipped_runs(SHORT, SHORT_KEYS, 20)["charts/eval_return"]).max(1)
+    flipped = np.asarray(runs[-1.0][1]["charts/eval_return"]).max(1)
     print("best eval return", best, "sign-flipped", flipped)
     assert (best >= 100).sum() >= 2 and best.mean() > 50, best
     assert np.all(flipped < 30), flipped
@@ -271,10 +286,13 @@ def test_short_cartpole_run_learns_and_the_sign_flipped_variant_does_not():
 
 
 def test_train_is_pure_and_seeded():
-    train, (s1, m1) = short_train()
-    s2, m2 = jax.device_get(train(SHORT_KEYS))
-    np.testing.assert_array_equal(s1.es.theta, s2.es.theta)
-    np.testing.assert_array_equal(m1["charts/return"], m2["charts/return"])
+    train, runs = short_train()
+    s1, m1 = runs[1.0]
+    s2, m2 = jax.device_get(train(1.0, SHORT_KEYS))
+    for a, b in zip(jax.tree.leaves(s1), jax.tree.leaves(s2), strict=True):
+        np.testing.assert_array_equal(a, b)
+    for k in m1:
+        np.testing.assert_array_equal(m1[k], m2[k])
     assert not np.array_equal(s1.es.theta[0], s1.es.theta[1])
     assert m1["charts/return"].shape == (4, SHORT.num_updates)
     assert np.isfinite(m1["losses/grad_norm"]).all()
