@@ -2,6 +2,7 @@
 stop-gradient, memory vs no memory, purity, CLI, and a port of HF XLNet's attention."""
 
 import dataclasses
+import json
 import textwrap
 
 import jax
@@ -12,6 +13,7 @@ import pytest
 from common import run
 from tests.common.config_fields import unread_fields
 from tests.transformers import leak, peer, preset
+from tests.transformers import tiny_run as tiny_run_module
 from transformers import transformer_xl as X
 
 V, L, D = 11, 8, 32
@@ -114,56 +116,60 @@ def test_gradient_through_memory_is_zero():
     assert float(jnp.abs(g_params["u"]).max()) > 0  # the segment itself does get gradients
 
 
-def test_memory_solves_copy_across_segments_and_no_memory_cannot():
+# the one run of the CLI, purity and behaviour tests: a 1-layer model with a memory of
+# M = 8 on the 'copy' stream, 300 updates of 16 segments, 2 seeds, chunks of 100
+RUN = X.Config(corpus="copy", copy_vocab=8, copy_chars=40_000, n_layer=1, d_model=32,
+               n_head=2, d_head=16, d_inner=64, dropout=0.0, tgt_len=8, mem_len=8,
+               eval_tgt_len=8, eval_mem_len=8, batch_size=16, lr=3e-3, warmup_steps=20,
+               total_updates=300, eval_batch=8, eval_segments=32)
+CHUNK = 100
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    """RUN through the command line, in-process, once."""
+    return tiny_run_module.run_cli(X, RUN, tmp_path_factory.mktemp("run"), CHUNK)
+
+
+def test_memory_solves_copy_across_segments_and_no_memory_cannot(tiny_run):
     """Behaviour: on the 'copy' stream (the second half of each segment repeats the first
     half of the previous segment; 8 symbols, L = 8), a 1-layer model with a memory of
-    M = 8 learns the copy in 300 updates; the same model with mem_len = 0 cannot see the
-    source and stays at chance (1/8). Measured at 300 updates: val copy accuracy 0.999
-    vs 0.113, val loss 1.59 vs 2.08 nats (ln 8 = 2.08; at 250 updates 0.82 with memory)."""
-    acc, loss = {}, {}
-    for M in (8, 0):
-        cfg = X.Config(corpus="copy", copy_vocab=8, copy_chars=40_000, n_layer=1, d_model=32,
-                       n_head=2, d_head=16, d_inner=64, dropout=0.0, tgt_len=8, mem_len=M,
-                       eval_tgt_len=8, eval_mem_len=M, batch_size=16, lr=3e-3,
-                       warmup_steps=20, total_updates=300, eval_batch=8, eval_segments=32)
-        state, _ = jax.jit(run.make_train(X.init, X.update, cfg))(jax.random.PRNGKey(0))
-        ev = jax.jit(lambda s, cfg=cfg: X.evaluate(s, cfg))(state)
-        acc[M], loss[M] = float(ev["val_copy_accuracy"]), float(ev["val_loss"])
-    assert acc[0] < 0.25, acc
-    assert acc[8] > 0.6, acc
-    assert loss[8] < loss[0] - 0.3, loss
+    M = 8 learns the copy in 300 updates (the CLI run of RUN, each of 2 seeds); the same
+    model with mem_len = 0 (one seed) cannot see the source and stays at chance (1/8).
+    Measured at 300 updates: val copy accuracy 0.999 vs 0.113, val loss 1.59 vs 2.08 nats
+    (ln 8 = 2.08; at 250 updates 0.82 with memory)."""
+    acc8, loss8 = (np.asarray(tiny_run.final[k]) for k in ("val_copy_accuracy", "val_loss"))
+    cfg = dataclasses.replace(RUN, mem_len=0, eval_mem_len=0)
+    state, _ = jax.jit(run.make_train(X.init, X.update, cfg))(jax.random.PRNGKey(0))
+    ev = jax.jit(lambda s: X.evaluate(s, cfg))(state)
+    acc0, loss0 = float(ev["val_copy_accuracy"]), float(ev["val_loss"])
+    print(f"memory: accuracy {acc8} loss {loss8}; no memory: {acc0:.3f} {loss0:.3f}")
+    assert acc0 < 0.25, acc0
+    assert (acc8 > 0.6).all(), acc8
+    assert (loss8 < loss0 - 0.3).all(), (loss8, loss0)
 
 
-def test_train_is_pure_and_seeded():
-    train = jax.jit(jax.vmap(run.make_train(X.init, X.update, TINY)))
-    keys = jax.random.split(jax.random.PRNGKey(0), 2)
-    (s1, m1), (s2, m2) = train(keys), train(keys)
-    a = jax.tree.leaves(s1.params)[0]
-    np.testing.assert_array_equal(a, jax.tree.leaves(s2.params)[0])
-    np.testing.assert_array_equal(s1.mems, s2.mems)
-    np.testing.assert_array_equal(m1["losses/loss"], m2["losses/loss"])
-    assert not np.array_equal(a[0], a[1])  # different seeds differ
-    assert np.isfinite(m1["losses/loss"]).all() and m1["losses/loss"].shape == (2, 3)
-    assert (np.asarray(s1.mem_valid) == 8).all()  # the memory filled up
+def test_train_is_pure_and_seeded(tiny_run):
+    """The runner's first chunk, rerun on the same initial states, gives the same metrics;
+    the two seeds differ; the memory filled up."""
+    tiny_run_module.assert_pure(X, RUN, tiny_run, CHUNK)
+    assert tiny_run.history["losses/loss"].shape == (2, RUN.num_updates)
+    assert (np.asarray(tiny_run.state.mem_valid) == 8).all()
+    assert not np.array_equal(tiny_run.state.mems[0], tiny_run.state.mems[1])
 
 
-def test_cli_runs_and_documents_every_field(tmp_path, capsys):
+def test_cli_runs_and_documents_every_field(tiny_run, capsys):
     with pytest.raises(SystemExit):
         X.main(["--help"])
     out = capsys.readouterr().out
     for f in dataclasses.fields(X.Config):
         assert "--" + f.name.replace("_", "-") in out, f.name
     assert "Presets (--preset): quick, paper" in out
-    args = ["--corpus", "this", "--no-byte-level", "--n-layer", "1", "--d-model", "16",
-            "--n-head", "2", "--d-head", "8", "--d-inner", "32", "--tgt-len", "8",
-            "--mem-len", "0", "--eval-tgt-len", "8", "--eval-mem-len", "16", "--batch-size",
-            "4", "--total-updates", "4", "--eval-batch", "2", "--eval-segments", "4",
-            "--log-every", "2", "--run-dir", str(tmp_path), "--no-progress"]
-    res = X.main(args)
-    assert (tmp_path / "metrics.jsonl").exists()
-    assert res.history["charts/bits_per_char"].shape == (1, 4)
-    assert np.isfinite(res.final["val_bits_per_char"]).all()
-    assert "val_bits_per_char" in capsys.readouterr().out
+    assert (tiny_run.run_dir / "metrics.jsonl").exists()
+    assert tiny_run.history["charts/bits_per_char"].shape == (2, RUN.num_updates)
+    summary = json.loads((tiny_run.run_dir / "summary.json").read_text())
+    assert len(summary["val_bits_per_char"]) == 2
+    assert np.isfinite(summary["val_bits_per_char"]).all()
 
 
 def test_bad_values_fail_with_named_field(tmp_path):
