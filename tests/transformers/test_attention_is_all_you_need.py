@@ -2,6 +2,7 @@
 causal mask, KV-cache decoding, source padding, learning, purity, CLI and a torch port."""
 
 import dataclasses
+import json
 import math
 import textwrap
 
@@ -13,6 +14,7 @@ import pytest
 from common import run
 from tests.common.config_fields import unread_fields
 from tests.transformers import leak, peer, preset
+from tests.transformers import tiny_run as tiny_run_module
 from transformers import attention_is_all_you_need as aiayn
 
 # Numbers below 1000, a 2+2-layer model of width 32: data in ~1 s, compiles in seconds.
@@ -146,21 +148,30 @@ def test_held_out_numbers_are_disjoint_from_training():
     assert pairs.vocab[:3] == ("<pad>", "<bos>", "<eos>") and "ü" in pairs.vocab
 
 
-def test_translation_needs_encoder_decoder_attention_short():
-    """Short behaviour test: a 1+1-layer d=32 model trained 120 updates (batch 32, numbers
-    < 1000) against the same model without encoder-decoder attention (the decoder never
-    sees the source). Measured on 50 held-out numbers: greedy char accuracy 0.61 vs 0.18,
-    exact match 0.16 vs 0.00, teacher-forced 0.39 vs 0.64 nats/char."""
-    cfg = aiayn.Config(max_number=1000, num_pairs=2000, num_val=50, d_model=32, num_heads=4,
-                       d_ff=64, num_encoder_layers=1, num_decoder_layers=1, dropout=0.0,
-                       batch_size=32, warmup_steps=50, total_updates=120)
+# the one run of the CLI, purity and short behaviour tests: a 1+1-layer d = 32 model trained
+# 120 updates (batch 32, numbers < 1000), 2 seeds, chunks of 40
+RUN = aiayn.Config(max_number=1000, num_pairs=2000, num_val=50, d_model=32, num_heads=4,
+                   d_ff=64, num_encoder_layers=1, num_decoder_layers=1, dropout=0.0,
+                   batch_size=32, warmup_steps=50, total_updates=120)
+CHUNK = 40
 
-    def trained(c):
-        state, _ = jax.jit(run.make_train(aiayn.init, aiayn.update, c))(jax.random.PRNGKey(0))
-        return {k: float(v) for k, v in jax.jit(lambda s: aiayn.evaluate(s, c))(state).items()}
 
-    good = trained(cfg)
-    bad = trained(dataclasses.replace(cfg, cross_attention=False))
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    """RUN through the command line, in-process, once."""
+    return tiny_run_module.run_cli(aiayn, RUN, tmp_path_factory.mktemp("run"), CHUNK)
+
+
+def test_translation_needs_encoder_decoder_attention_short(tiny_run):
+    """Short behaviour test: the CLI run of RUN (1+1 layers, d = 32, 120 updates of 32,
+    numbers < 1000; evaluate() on 50 held-out numbers, mean of 2 seeds) against the same
+    model without encoder-decoder attention (the decoder never sees the source), one seed.
+    Measured: greedy char accuracy 0.61 vs 0.18, exact match 0.16 vs 0.00, teacher-forced
+    0.39 vs 0.64 nats/char."""
+    good = {k: float(np.mean(v)) for k, v in tiny_run.final.items()}
+    c = dataclasses.replace(RUN, cross_attention=False)
+    state, _ = jax.jit(run.make_train(aiayn.init, aiayn.update, c))(jax.random.PRNGKey(0))
+    bad = {k: float(v) for k, v in jax.jit(lambda s: aiayn.evaluate(s, c))(state).items()}
     print("correct", good, "broken", bad)
     assert good["val/greedy_char_accuracy"] > bad["val/greedy_char_accuracy"] + 0.25
     assert good["val/loss"] < 0.8 * bad["val/loss"], (good, bad)
@@ -218,35 +229,24 @@ def test_evaluate_scores_exact_match_and_char_accuracy_by_hand(monkeypatch):
                                    rtol=1e-6)
 
 
-def test_train_is_pure_and_seeded():
-    cfg = dataclasses.replace(TINY, num_encoder_layers=1, num_decoder_layers=1)
-    train = jax.jit(jax.vmap(run.make_train(aiayn.init, aiayn.update, cfg)))
-    keys = jax.random.split(jax.random.PRNGKey(0), 2)
-    (s1, m1), (s2, m2) = train(keys), train(keys)
-    a = jax.tree.leaves(s1.params)[0]
-    np.testing.assert_array_equal(a, jax.tree.leaves(s2.params)[0])
-    np.testing.assert_array_equal(m1["losses/loss"], m2["losses/loss"])
-    assert not np.array_equal(a[0], a[1])  # different seeds differ
-    assert np.isfinite(m1["losses/loss"]).all() and m1["losses/loss"].shape == (2, 3)
+def test_train_is_pure_and_seeded(tiny_run):
+    """The runner's first chunk, rerun on the same initial states, gives the same metrics;
+    the two seeds differ."""
+    tiny_run_module.assert_pure(aiayn, RUN, tiny_run, CHUNK)
+    assert tiny_run.history["losses/loss"].shape == (2, RUN.num_updates)
 
 
-def test_cli_runs_and_documents_every_field(tmp_path, capsys):
+def test_cli_runs_and_documents_every_field(tiny_run, capsys):
     with pytest.raises(SystemExit):
         aiayn.main(["--help"])
     out = capsys.readouterr().out
     for f in dataclasses.fields(aiayn.Config):
         assert "--" + f.name.replace("_", "-") in out, f.name
     assert "Presets (--preset): quick, paper" in out
-    args = ["--max-number", "1000", "--num-pairs", "2000", "--num-val", "50", "--d-model", "32",
-            "--num-heads", "4", "--d-ff", "64", "--num-encoder-layers", "1",
-            "--num-decoder-layers", "1", "--batch-size", "16", "--warmup-steps", "10",
-            "--total-updates", "4", "--log-every", "2", "--positional", "learned",
-            "--run-dir", str(tmp_path), "--no-progress"]
-    res = aiayn.main(args)
-    assert (tmp_path / "metrics.jsonl").exists()
-    assert res.history["losses/loss"].shape == (1, 4)
-    assert float(res.final["val/exact_match"][0]) == 0.0  # 4 updates spell no number right
-    assert "bits_per_char" in capsys.readouterr().out
+    assert (tiny_run.run_dir / "metrics.jsonl").exists()
+    summary = json.loads((tiny_run.run_dir / "summary.json").read_text())
+    for k in ("val/exact_match", "val/greedy_char_accuracy", "val/loss"):
+        assert len(summary[k]) == 2 and np.isfinite(summary[k]).all(), k
 
 
 def test_bad_values_fail_with_named_field(tmp_path):
