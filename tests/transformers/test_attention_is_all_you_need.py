@@ -166,8 +166,8 @@ def test_translation_needs_encoder_decoder_attention_short(tiny_run):
     """Short behaviour test: the CLI run of RUN (1+1 layers, d = 32, 120 updates of 32,
     numbers < 1000; evaluate() on 50 held-out numbers, mean of 2 seeds) against the same
     model without encoder-decoder attention (the decoder never sees the source), one seed.
-    Measured: greedy char accuracy 0.61 vs 0.18, exact match 0.16 vs 0.00, teacher-forced
-    0.39 vs 0.64 nats/char."""
+    Measured (seeds of the run averaged): greedy char accuracy 0.615 vs 0.181, exact match
+    0.13 vs 0.00, teacher-forced 0.38 vs 0.64 nats/char."""
     good = {k: float(np.mean(v)) for k, v in tiny_run.final.items()}
     c = dataclasses.replace(RUN, cross_attention=False)
     state, _ = jax.jit(run.make_train(aiayn.init, aiayn.update, c))(jax.random.PRNGKey(0))

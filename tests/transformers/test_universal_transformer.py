@@ -263,7 +263,7 @@ def test_ut_copies_short_strings_and_broken_variant_cannot_short(tiny_run):
     ACT, 150 updates of 32 strings); sequence accuracy over the last 20 updates, mean of the
     2 seeds. The broken variant without cross-attention (the decoder never sees the source),
     one seed, 50 updates (it cannot rise above chance however long it trains). Measured:
-    UT 0.873 vs 0.022 without cross-attention."""
+    UT 0.864 (2 seeds) vs 0.020 without cross-attention (50 updates)."""
     good = float(tiny_run.history["charts/sequence_accuracy"][:, -20:].mean())
     broken_cfg = dataclasses.replace(RUN, cross_attention=False, total_updates=50)
     _, m = jax.jit(run.make_train(ut.init, ut.update, broken_cfg))(jax.random.PRNGKey(0))
