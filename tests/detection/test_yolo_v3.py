@@ -4,6 +4,7 @@ the loss, the paper preset's trace, purity, CLI, a short behaviour test and (slo
 mAP gate on SHAPES-64."""
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -31,6 +32,21 @@ def count(tree) -> int:
     return sum(int(np.prod(a.shape)) for a in jax.tree.leaves(tree))
 
 
+# the equation tests call these jitted (one compile each, not one per eager op)
+loss = jax.jit(y.yolo_v3_loss, static_argnums=4)
+build_targets = jax.jit(y.build_targets, static_argnums=(3, 4))
+draw_batch = jax.jit(y.draw_batch, static_argnums=(1, 2))
+decode = jax.jit(y.decode)
+boxes_and_scores = jax.jit(y.boxes_and_scores)
+X416 = jax.ShapeDtypeStruct((1, 416, 416, 3), jnp.uint8)
+
+
+@functools.cache
+def yolov3_416_variables():
+    """Shapes of the paper network's variables at 416 px (eval_shape: never compiled)."""
+    return jax.eval_shape(lambda x: y.YOLOv3(80).init(jax.random.PRNGKey(0), x), X416)
+
+
 def test_yolov3_416_maps_channels_parameter_count_and_paper_preset_traces():
     """At 416 px the three scales are 13, 26, 52 cells with 3 x (5 + 80) channels. The
     network has exactly the parameters of darknet's released yolov3.weights as ported to
@@ -38,14 +54,13 @@ def test_yolov3_416_maps_channels_parameter_count_and_paper_preset_traces():
     output biases; 52,608 non-trainable = BN moving statistics). Darknet-53 alone (52 convs)
     has 40,584,928: with its 1000-way classifier (1024 * 1000 + 1000) that is 41,609,928.
     init and update of the paper preset trace (shapes only)."""
-    x = jnp.zeros((1, 416, 416, 3), jnp.uint8)
-    model = y.YOLOv3(80)
-    v = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), x))
-    outs = jax.eval_shape(lambda v: model.apply(v, x), v)
+    x = X416
+    v = yolov3_416_variables()
+    outs = jax.eval_shape(lambda v, x: y.YOLOv3(80).apply(v, x), v, x)
     assert [o.shape for o in outs] == [(1, s, s, 3, 85) for s in (13, 26, 52)]
     assert count(v["params"]) == 61_949_149 and count(v["batch_stats"]) == 52_608
     assert PAPER.grid_sizes == (13, 26, 52) and QUICK.grid_sizes == (4, 8)
-    d = jax.eval_shape(lambda: y.Darknet53().init(jax.random.PRNGKey(0), x, False))
+    d = jax.eval_shape(lambda x: y.Darknet53().init(jax.random.PRNGKey(0), x, False), x)
     kernels = [a for a in jax.tree.leaves(d["params"]) if a.ndim == 4]
     assert len(kernels) == 52 and count(d["params"]) == 40_584_928
     assert count(d["params"]) + 1024 * 1000 + 1000 == 41_609_928
@@ -62,24 +77,33 @@ def test_upsample_and_concat_route():
     sees 768 and 384 channels. The finest output depends on the deepest backbone stage
     (only reachable through this route)."""
     x = jnp.arange(2 * 2 * 3, dtype=jnp.float32).reshape(1, 2, 2, 3)
-    u = y.upsample2(x)
+    u = np.asarray(jax.jit(y.upsample2)(x))
     assert u.shape == (1, 4, 4, 3)
     for i in range(4):
         for j in range(4):
             np.testing.assert_array_equal(u[0, i, j], x[0, i // 2, j // 2])
-    v = jax.eval_shape(lambda: y.YOLOv3(80).init(jax.random.PRNGKey(0),
-                                                  jnp.zeros((1, 416, 416, 3), jnp.uint8)))
+    v = yolov3_416_variables()
     shapes = [a.shape for a in jax.tree.leaves(v["params"]) if a.ndim == 4]
     assert (1, 1, 768, 256) in shapes and (1, 1, 384, 128) in shapes  # after the concat
-    # functional: perturb only what reaches the stride-32 map; stride-8 outputs change
+    # functional: perturb only what reaches the stride-32 map; stride-8 outputs change.
+    # Variables drawn on the host (compiling flax's random initialisers costs ~10 s here)
     m = y.YOLOv3(3, width=0.125, blocks=(1, 1, 1, 1, 1), head_depth=1)
-    img = jax.random.randint(jax.random.PRNGKey(1), (1, 64, 64, 3), 0, 255).astype(jnp.uint8)
-    var = m.init(jax.random.PRNGKey(0), img)
-    p2 = jax.tree_util.tree_map_with_path(
-        lambda path, a: a + 0.5 if "Residual_4" in jax.tree_util.keystr(path) else a,
-        var["params"])
-    o1, o2 = m.apply(var, img), m.apply({**var, "params": p2}, img)
-    assert not np.allclose(o1[2], o2[2])
+    img = np.random.default_rng(1).integers(0, 255, (1, 64, 64, 3)).astype(np.uint8)
+    rng = np.random.default_rng(0)
+    var = jax.tree_util.tree_map_with_path(
+        lambda path, a: (np.ones(a.shape, np.float32) if "var" in jax.tree_util.keystr(path)
+                         else 0.3 * rng.standard_normal(a.shape).astype(np.float32)),
+        jax.eval_shape(lambda x: m.init(jax.random.PRNGKey(0), x), img))
+
+    @jax.jit
+    def finest_outputs(var, img):
+        p2 = jax.tree_util.tree_map_with_path(
+            lambda path, a: a + 0.5 if "Residual_4" in jax.tree_util.keystr(path) else a,
+            var["params"])
+        return m.apply(var, img)[2], m.apply({**var, "params": p2}, img)[2]
+
+    o1, o2 = finest_outputs(var, img)
+    assert not np.allclose(o1, o2)
 
 
 def test_assignment_best_of_nine_anchors_and_scale():
@@ -90,7 +114,7 @@ def test_assignment_best_of_nine_anchors_and_scale():
     anchors = y.anchor_shapes(PAPER)
     px = np.array([[200.0, 100.0, 120, 95], [50.0, 300.0, 35, 25], [410.0, 10.0, 60, 50],
                    [0, 0, 0, 0]])
-    t = y.build_targets(jnp.asarray(px / 416), jnp.array([4, 1, 7, -1]), anchors,
+    t = build_targets(jnp.asarray(px / 416), jnp.array([4, 1, 7, -1]), anchors,
                         PAPER.grid_sizes, 80)
     assert [int(s["resp"].sum()) for s in t] == [1, 1, 1]
     assert t[0]["resp"][100 // 32, 200 // 32, 0]  # (row, col, anchor)
@@ -101,6 +125,7 @@ def test_assignment_best_of_nine_anchors_and_scale():
     assert int(t[1]["cls"][0, 25, 1].argmax()) == 7 and float(t[1]["cls"][0, 25, 1].sum()) == 1
 
 
+@functools.partial(jax.jit, static_argnums=(3, 4))
 def perfect_outputs(gt, labels, anchors, sizes, k):
     """Raw outputs that decode to the targets: logit offsets, log sizes, confident
     objectness and classes at assigned anchors, confident 'no object' elsewhere."""
@@ -115,14 +140,14 @@ def perfect_outputs(gt, labels, anchors, sizes, k):
 
 
 def test_loss_minimal_for_perfect_predictions_and_decode_inverts():
-    _, gt, labels = y.draw_batch(jax.random.PRNGKey(3), QUICK3, 4)
+    _, gt, labels = draw_batch(jax.random.PRNGKey(3), QUICK3, 4)
     anchors = y.anchor_shapes(QUICK3)
     outs, tgts = perfect_outputs(gt, labels, anchors, QUICK3.grid_sizes, 3)
     for cfg in (QUICK3, dataclasses.replace(QUICK3, coord_loss="t")):
-        total, parts = y.yolo_v3_loss(outs, gt, labels, anchors, cfg)
+        total, parts = loss(outs, gt, labels, anchors, cfg)
         assert float(total) < 1e-4 and float(parts["coord"]) < 1e-6, parts
     for l, (o, t) in enumerate(zip(outs, tgts, strict=True)):  # decode(targets) = boxes
-        dec = y.decode(o[..., :4], y.scale_anchors(anchors, l))
+        dec = decode(o[..., :4], y.scale_anchors(anchors, l))
         np.testing.assert_allclose(dec[t["resp"]], t["box"][t["resp"]], atol=1e-4)
     n = int(sum(t["resp"].sum() for t in tgts))
     assert n == int((labels >= 0).sum())  # every box has its one anchor (no collisions here)
@@ -137,25 +162,25 @@ def test_ignore_rule_spares_overlapping_unassigned_predictions():
     gt = jnp.array([[[0.40, 0.40, 24.2 / 64, 24.6 / 64]]])  # anchor 8: stride 32, cell (0, 0)
     labels = jnp.array([[0]])
     outs, _ = perfect_outputs(gt, labels, anchors, cfg.grid_sizes, 3)
-    base = float(y.yolo_v3_loss(outs, gt, labels, anchors, cfg)[1]["noobj"])
+    base = float(loss(outs, gt, labels, anchors, cfg)[1]["noobj"])
     assert base < 1e-8
     # anchor 7 (23.3 x 18.0 px) in the same cell, centred on the truth: IoU 0.70 > 0.5
     near = outs[0].at[0, 0, 0, 1, :4].set(jnp.array([np.log(0.8 / 0.2)] * 2 + [0.0, 0.0]))
     near = near.at[0, 0, 0, 1, 4].set(5.0)
-    p = y.yolo_v3_loss([near, *outs[1:]], gt, labels, anchors, cfg)[1]
+    p = loss([near, *outs[1:]], gt, labels, anchors, cfg)[1]
     assert float(p["noobj"]) < 1e-8
     # the same confident box shifted to the far cell (1, 1): no overlap, full penalty
     far = outs[0].at[0, 1, 1, 1, 4].set(5.0)
-    p = y.yolo_v3_loss([far, *outs[1:]], gt, labels, anchors, cfg)[1]
+    p = loss([far, *outs[1:]], gt, labels, anchors, cfg)[1]
     np.testing.assert_allclose(float(p["noobj"]), np.log1p(np.exp(5.0)), rtol=1e-5)
     # the assigned anchor unsure: objectness loss BCE(0, 1) = log 2, no no-object term
     unsure = outs[0].at[0, 0, 0, 2, 4].set(0.0)
-    p = y.yolo_v3_loss([unsure, *outs[1:]], gt, labels, anchors, cfg)[1]
+    p = loss([unsure, *outs[1:]], gt, labels, anchors, cfg)[1]
     np.testing.assert_allclose(float(p["obj"]), np.log(2.0), rtol=1e-5)
     assert float(p["noobj"]) < 1e-8
     # the ignore threshold itself decides: with ignore_iou 0.75 the near box is penalised
     strict = dataclasses.replace(cfg, ignore_iou=0.75)
-    p = y.yolo_v3_loss([near, *outs[1:]], gt, labels, anchors, strict)[1]
+    p = loss([near, *outs[1:]], gt, labels, anchors, strict)[1]
     np.testing.assert_allclose(float(p["noobj"]), np.log1p(np.exp(5.0)), rtol=1e-5)
 
 
@@ -168,9 +193,9 @@ def test_multi_label_classes_are_independent_logistic():
     gt = jnp.array([[[0.3, 0.7, 15.0 / 64, 16.0 / 64], [0, 0, 0, 0]]])
     labels = jnp.array([[[1.0, 0.0, 1.0], [0.0, 0.0, 0.0]]])  # multi-hot, second row padding
     outs, tgts = perfect_outputs(gt, labels, anchors, cfg.grid_sizes, 3)
-    total, parts = y.yolo_v3_loss(outs, gt, labels, anchors, cfg)
+    total, parts = loss(outs, gt, labels, anchors, cfg)
     assert float(total) < 1e-4, parts
-    _, scores = y.boxes_and_scores(outs, anchors)
+    _, scores = boxes_and_scores(outs, anchors)
     best = scores[0].max(-1).argmax()
     assert (np.asarray(scores[0, best]) > 0.99).tolist() == [True, False, True]
     assert float(jax.nn.softmax(outs[1][..., 5:]).max()) < 0.51  # softmax of the same logits
@@ -178,7 +203,7 @@ def test_multi_label_classes_are_independent_logistic():
     logits = jnp.array([0.3, -1.2, 2.0])
     t1 = tgts[1]["resp"][0]
     o = outs[1].at[0, ..., 5:].set(jnp.where(t1[..., None], logits, -30.0))
-    cls = float(y.yolo_v3_loss([outs[0], o, outs[2]], gt, labels, anchors, cfg)[1]["class"])
+    cls = float(loss([outs[0], o, outs[2]], gt, labels, anchors, cfg)[1]["class"])
     want = float(optax.sigmoid_binary_cross_entropy(logits, jnp.array([1.0, 0, 1])).sum())
     np.testing.assert_allclose(cls, want, rtol=1e-5)
 
