@@ -103,8 +103,8 @@ def test_classification_loss_touches_only_the_best_box():
                        * jnp.exp(y.tree_log_prob(log_cond, TREE)))
     for mode in ("class", "objectness"):  # [1]'s rule; the quick preset's variant
         cfg = dataclasses.replace(TINY, iou_assumed=0.3, cls_box=mode)
-        grad = np.asarray(jax.grad(lambda o, c=cfg: sum(v.sum() for v in y.classification_loss(
-            o, labels, TREE, c).values()))(out))
+        grad = np.asarray(jax.jit(jax.grad(lambda o, c=cfg: sum(  # one compile per rule
+            v.sum() for v in y.classification_loss(o, labels, TREE, c).values())))(out))
         for b in range(2):
             sel = score[b, ..., int(labels[b])] if mode == "class" else np.asarray(
                 jax.nn.sigmoid(out[b, ..., 4]))
@@ -152,11 +152,12 @@ def test_detection_loss_is_low_when_right_and_class_term_follows_the_path():
     lab = jnp.array([[node("triangle")]])
     for n in ("polygon", "triangle"):
         out = out.at[0, 1, 1, 0, 5 + node(n)].set(30.0)
-    parts = y.detection_loss(out, g, lab, anchors, TREE, cfg)
+    loss = jax.jit(lambda out: y.detection_loss(out, g, lab, anchors, TREE, cfg))  # 1 compile
+    parts = loss(out)
     assert sum(float(v[0]) for v in parts.values()) < 1e-4, parts
     # the class term is -log Pr(triangle | object), whatever the colour logits say
     out2 = out.at[0, 1, 1, 0, 5 + LEAF[2]].set(9.0)
-    np.testing.assert_allclose(y.detection_loss(out2, g, lab, anchors, TREE, cfg)["class"],
+    np.testing.assert_allclose(loss(out2)["class"],
                                parts["class"], atol=1e-7)
 
 
