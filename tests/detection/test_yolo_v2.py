@@ -96,7 +96,7 @@ def test_space_to_depth_matches_reference_and_inverts():
 def test_targets_go_to_centre_cell_and_best_shape_anchor():
     anchors = jnp.array([[0.1, 0.1], [0.1, 0.4], [0.4, 0.1]])
     g = jnp.array([[0.30, 0.60, 0.12, 0.35], [0.81, 0.12, 0.3, 0.09], [0.0, 0.0, 0.0, 0.0]])
-    t = y.build_targets(g, jnp.array([2, 0, -1]), anchors, 4)
+    t = jax.jit(y.build_targets, static_argnums=3)(g, jnp.array([2, 0, -1]), anchors, 4)
     assert int(t["resp"].sum()) == 2
     assert t["resp"][2, 1, 1] and t["resp"][0, 3, 2]  # (row, col, anchor)
     np.testing.assert_allclose(t["xy"][2, 1, 1], [0.2, 0.4], atol=1e-5)
@@ -112,17 +112,18 @@ def test_loss_spares_overlapping_predictions_and_is_low_when_right():
     cfg = dataclasses.replace(cfg, num_anchors=1, anchors=(0.25, 0.25))
     g = jnp.array([[[0.49, 0.3, 0.25, 0.25]]])  # centre in cell (1, 1) of a 4 x 4 grid
     out = jnp.zeros((1, 4, 4, 1, 5 + 3)).at[..., 4].set(-30.0)
-    col, row, tg = y.encode(g[0, 0], anchors[0], 4)
+    col, row, tg = jax.jit(y.encode, static_argnums=2)(g[0, 0], anchors[0], 4)
     out = out.at[0, row, col, 0, :4].set(tg).at[0, row, col, 0, 4].set(30.0)
     out = out.at[0, row, col, 0, 5].set(30.0)
-    total, parts = y.yolo_loss(out, g, jnp.array([[0]]), anchors, cfg)
+    loss = jax.jit(lambda out: y.yolo_loss(out, g, jnp.array([[0]]), anchors, cfg))  # 1 compile
+    total, parts = loss(out)
     assert float(total) < 1e-4, parts
     # a confident box in the next cell overlapping the truth by IoU 0.92 (> 0.6): spared
     near = out.at[0, 1, 2, 0, :4].set(jnp.array([-20.0, np.log(0.2 / 0.8), 0.0, 0.0]))
     near = near.at[0, 1, 2, 0, 4].set(5.0)
-    assert float(y.yolo_loss(near, g, jnp.array([[0]]), anchors, cfg)[1]["noobj"]) < 1e-4
+    assert float(loss(near)[1]["noobj"]) < 1e-4
     far = out.at[0, 3, 3, 0, 4].set(5.0)  # far away: lambda_noobj * BCE(5, 0)
-    noobj = float(y.yolo_loss(far, g, jnp.array([[0]]), anchors, cfg)[1]["noobj"])
+    noobj = float(loss(far)[1]["noobj"])
     np.testing.assert_allclose(noobj, 0.5 * np.log1p(np.exp(5.0)), rtol=1e-4)
 
 
