@@ -2,6 +2,7 @@
 gradient support of z, the L1 penalty shrinking spans, causality, purity and CLI."""
 
 import dataclasses
+import json
 
 import jax
 import jax.numpy as jnp
@@ -11,6 +12,7 @@ import pytest
 from common import run
 from tests.common.config_fields import unread_fields
 from tests.transformers import leak, preset
+from tests.transformers import tiny_run as tiny_run_module
 from transformers import adaptive_span as A
 
 V, L, S = 11, 8, 12
@@ -123,21 +125,34 @@ def test_memory_decoding_equals_one_pass_with_sliding_window():
     np.testing.assert_allclose(np.concatenate(outs, 1), full, atol=2e-5)
 
 
-def test_l1_penalty_shrinks_spans_short():
-    """Short behaviour test: the 'local' stream, 1 layer of d=16, S = 16, spans start at S;
-    30 updates with a strong L1 penalty (lambda = 0.05) against none. Measured: mean span
-    10.0 with the penalty vs 16.0 without (the broken variant: spans stay at S)."""
-    out = {}
-    for lam in (0.05, 0.0):
-        cfg = A.Config(corpus="local", local_vocab=16, local_chars=20_000, n_layer=1,
-                       d_model=16, n_head=2, d_inner=32, dropout=0.0, attn_span=16,
-                       span_ramp=4, span_init=1.0, span_loss=lam, tgt_len=8, batch_size=8,
-                       lr=0.05, warmup_steps=5, max_grad_norm=1.0, total_updates=30,
-                       eval_batch=4, eval_segments=8)
-        state, _ = jax.jit(run.make_train(A.init, A.update, cfg))(jax.random.PRNGKey(0))
-        out[lam] = float(jax.jit(lambda s, cfg=cfg: A.evaluate(s, cfg))(state)["val_mean_span"])
-    assert out[0.0] > 14.0, out
-    assert out[0.05] < 0.8 * out[0.0], out
+# the one run of the CLI, purity and short behaviour tests: the 'local' stream, 1 layer of
+# d=16, S = 16, spans start at S, a strong L1 penalty (lambda = 0.05), 30 updates, 2 seeds,
+# chunks of 15
+RUN = A.Config(corpus="local", local_vocab=16, local_chars=20_000, n_layer=1, d_model=16,
+               n_head=2, d_inner=32, dropout=0.0, attn_span=16, span_ramp=4, span_init=1.0,
+               span_loss=0.05, tgt_len=8, batch_size=8, lr=0.05, warmup_steps=5,
+               max_grad_norm=1.0, total_updates=30, eval_batch=4, eval_segments=8)
+CHUNK = 15
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    """RUN through the command line, in-process, once."""
+    return tiny_run_module.run_cli(A, RUN, tmp_path_factory.mktemp("run"), CHUNK)
+
+
+def test_l1_penalty_shrinks_spans_short(tiny_run):
+    """Short behaviour test: the CLI run of RUN (lambda = 0.05, each of 2 seeds) against the
+    same model trained without the penalty (the broken variant: spans stay near S; one
+    seed). Measured: mean span 10.0 / 10.0 with the penalty (2 seeds) vs 16.0 without."""
+    pen = np.asarray(tiny_run.final["val_mean_span"])
+    cfg = dataclasses.replace(RUN, span_loss=0.0)
+    state, _ = jax.jit(run.make_train(A.init, A.update, cfg))(jax.random.PRNGKey(0))
+    free = float(jax.jit(lambda s: A.evaluate(s, cfg))(state)["val_mean_span"])
+    print(f"mean span with the penalty {pen}, without {free:.2f}")
+    assert free > 14.0, (pen, free)
+    assert (pen < 0.8 * free).all(), (pen, free)
+
 
 @pytest.mark.slow
 def test_l1_penalty_shrinks_spans_of_heads_that_only_need_local_context():
@@ -163,36 +178,29 @@ def test_l1_penalty_shrinks_spans_of_heads_that_only_need_local_context():
     assert loss_pen < loss_free + 0.05, out
 
 
-def test_train_is_pure_and_seeded():
-    train = jax.jit(jax.vmap(run.make_train(A.init, A.update, TINY)))
-    keys = jax.random.split(jax.random.PRNGKey(0), 2)
-    (s1, m1), (s2, m2) = train(keys), train(keys)
-    a = jax.tree.leaves(s1.params)[0]
-    np.testing.assert_array_equal(a, jax.tree.leaves(s2.params)[0])
-    np.testing.assert_array_equal(m1["losses/loss"], m2["losses/loss"])
-    assert not np.array_equal(a[0], a[1])  # different seeds differ
-    assert np.isfinite(m1["losses/loss"]).all() and m1["losses/loss"].shape == (2, 3)
-    spans = np.asarray(s1.params["layer_0"]["attn"]["span"])
-    assert (spans >= 0).all() and (spans <= 1).all() and spans.max() > 0  # clipped, learning
+def test_train_is_pure_and_seeded(tiny_run):
+    """The runner's first chunk, rerun on the same initial states, gives the same metrics;
+    the two seeds differ; the spans stay clipped to [0, 1] and move."""
+    tiny_run_module.assert_pure(A, RUN, tiny_run, CHUNK)
+    assert tiny_run.history["losses/loss"].shape == (2, RUN.num_updates)
+    spans = np.asarray(tiny_run.state.params["layer_0"]["attn"]["span"])
+    assert (spans >= 0).all() and (spans <= 1).all() and (spans < 1).any()
 
 
-def test_cli_runs_and_documents_every_field(tmp_path, capsys):
+def test_cli_runs_and_documents_every_field(tiny_run, capsys):
     with pytest.raises(SystemExit):
         A.main(["--help"])
     out = capsys.readouterr().out
     for f in dataclasses.fields(A.Config):
         assert "--" + f.name.replace("_", "-") in out, f.name
     assert "Presets (--preset): quick, paper" in out
-    args = ["--corpus", "this", "--no-byte-level", "--n-layer", "1", "--d-model", "16",
-            "--n-head", "2", "--d-inner", "32", "--attn-span", "8", "--span-ramp", "4",
-            "--tgt-len", "8", "--batch-size", "4", "--total-updates", "4", "--eval-batch",
-            "2", "--eval-segments", "4", "--dynamic-span", "--span-init", "0.5",
-            "--log-every", "2", "--run-dir", str(tmp_path), "--no-progress"]
-    res = A.main(args)
-    assert (tmp_path / "metrics.jsonl").exists()
-    assert res.history["charts/mean_span"].shape == (1, 4)
-    assert 0 < float(res.final["val_mean_span"][0]) <= 8
-    assert "val_bits_per_char" in capsys.readouterr().out
+    assert (tiny_run.run_dir / "metrics.jsonl").exists()
+    assert tiny_run.history["charts/mean_span"].shape == (2, RUN.num_updates)
+    summary = json.loads((tiny_run.run_dir / "summary.json").read_text())
+    assert len(summary["val_bits_per_char"]) == 2
+    assert np.isfinite(summary["val_bits_per_char"]).all()
+    assert (0 < np.asarray(tiny_run.final["val_mean_span"])).all()
+    assert (np.asarray(tiny_run.final["val_mean_span"]) <= 16).all()
 
 
 def test_bad_values_fail_with_named_field(tmp_path):
