@@ -166,10 +166,11 @@ def test_lsh_attention_matches_hf_lsh_self_attention(tmp_path):
 
 def test_reversible_gradients_equal_backprop():
     """The custom_vjp (inputs reconstructed from outputs) gives the gradient of ordinary
-    backprop through the same reversible stack, with LSH attention: to 1e-9 in float64
-    (measured 5.7e-14) and to 1e-4 in float32 (measured 3.5e-5 relative, on the embedding
-    gradient: the small embedded inputs are recovered as differences of O(1) outputs)."""
-    cfg = dataclasses.replace(TINY, n_layers=3)
+    backprop through the same reversible stack (TINY: 2 layers, LSH attention), in float64
+    to 1e-9 relative on every gradient leaf (measured 4.1e-14). (In float32 the two agree
+    to ~3.5e-5 relative on the embedding gradient: the small embedded inputs are recovered
+    as differences of O(1) outputs; float64 alone is checked, to keep to two compiles.)"""
+    cfg = TINY
     tokens = jax.random.randint(jax.random.PRNGKey(0), (2, 32), 0, 50)
     targets = jnp.roll(tokens, -1, 1)
     key = jax.random.PRNGKey(1)
@@ -180,15 +181,14 @@ def test_reversible_gradients_equal_backprop():
         loss = lambda p: rf.lm_loss(p, model, tokens, targets, key)
         return jax.jit(jax.value_and_grad(loss))(params)
 
-    def max_rel_err(params):
-        (l1, g1), (l2, g2) = grads(params, True), grads(params, False)
-        np.testing.assert_allclose(l1, l2, rtol=1e-6)
-        return max(float(np.abs(a - b).max() / (np.abs(b).max() + 1e-8))
-                   for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g2), strict=True))
-
-    assert max_rel_err(params) < 1e-4
     with jax.enable_x64(True):
-        assert max_rel_err(jax.tree.map(lambda a: a.astype(jnp.float64), params)) < 1e-9
+        p64 = jax.tree.map(lambda a: a.astype(jnp.float64), params)
+        (l1, g1), (l2, g2) = grads(p64, True), grads(p64, False)
+        np.testing.assert_allclose(l1, l2, rtol=1e-12)
+        err = max(float(np.abs(a - b).max() / (np.abs(b).max() + 1e-30))
+                  for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g2), strict=True))
+    print("max relative gradient error (float64)", err)
+    assert err < 1e-9, err
     # the stack is invertible: inputs reconstructed from its outputs
     _, _, f, g = rf.Reformer(cfg, 50).layer_fns()
     x1, x2 = jax.random.normal(jax.random.PRNGKey(3), (2, 2, 32, 32))
