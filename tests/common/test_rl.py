@@ -96,8 +96,8 @@ def test_ppo_improves_on_cartpole_quickly():
 
 @pytest.mark.slow
 def test_ppo_learns_cartpole():
-    """Slow gate. The shared PPO learner on gymnax CartPole-v1, 60k steps, 2 seeds: the last episodes
-    average > 100 (observed ~150-400), while the same learner with lr = 0 (a random
+    """Slow gate. The shared PPO learner on gymnax CartPole-v1, 60k steps, 2 seeds: the last
+    episodes average > 100 (observed ~150-400), while the same learner with lr = 0 (a random
     policy, the broken variant) stays near 22."""
     cfg = PPOConfig(num_envs=4, num_steps=128, total_timesteps=61_440, lr=2.5e-3)
     env = envs.make("CartPole-v1", cfg.num_envs)

@@ -10,7 +10,7 @@ import json
 import jax
 import numpy as np
 
-from common import parallel, run
+from common import run
 
 SEEDS = 2
 
@@ -54,10 +54,7 @@ def run_cli(module, cfg, preset_cfg, run_dir, num_updates=None) -> run.RunResult
 def initial_states(module, cfg, seed: int = 0):
     """The SEEDS initial states of a run of `cfg` with `--seed seed`, by the runner's own
     jitted init (the same program: the compilation cache serves it to the CLI run)."""
-    keys = parallel.shard_seeds(jax.random.split(jax.random.PRNGKey(seed), SEEDS), SEEDS)
-    init_fn = jax.jit(run.seed_map(lambda k: module.init(k, cfg), SEEDS),
-                      out_shardings=parallel.seed_sharding(SEEDS))
-    return init_fn(keys)
+    return run.initial_states(module.init, cfg, seed, SEEDS)
 
 
 def untrained(module, cfg, seed: int = 0) -> dict:

@@ -52,10 +52,7 @@ def run_cli(module, cfg, run_dir, chunk: int, preset: str | None = None,
 def initial_states(module, cfg, seed: int = 0):
     """The SEEDS initial states of a run of `cfg` with `--seed seed`, by the runner's own
     jitted init (the same program as the CLI run's)."""
-    keys = parallel.shard_seeds(jax.random.split(jax.random.PRNGKey(seed), SEEDS), SEEDS)
-    init_fn = jax.jit(run.seed_map(lambda k: module.init(k, cfg), SEEDS),
-                      out_shardings=parallel.seed_sharding(SEEDS))
-    return init_fn(keys)
+    return run.initial_states(module.init, cfg, seed, SEEDS)
 
 
 def assert_pure(module, cfg, res: run.RunResult, chunk: int, loss_key: str = "losses/loss"):
