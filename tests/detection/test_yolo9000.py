@@ -219,7 +219,7 @@ def test_every_config_field_is_read():
     assert unread_fields(y) == []
 
 
-MAP_GATE, NOBOX_GATE = 0.45, 0.40
+MAP_GATE, NOBOX_GATE = 0.35, 0.27
 GATE = y.Config(**{**y.PRESETS["quick"], "batch_size": 16, "cls_fraction": 0.5,
                    "total_steps": 300, "eval_images": 100})
 
@@ -237,7 +237,9 @@ def test_joint_training_detects_and_bugs_fail(monkeypatch):
     mAP@0.5 >= NOBOX_GATE. The same run with x and y cell offsets swapped in the targets
     fails MAP_GATE; detection-only training on the same 8 detection scenes per update
     (no classification images) fails NOBOX_GATE (its triangle colours are guesses).
-    Measured (2-core CPU, seed 0, before SHAPES drew from one RNG call; mAP@0.5 all leaves
+    Measured (2-core CPU, seed 0, SHAPES drawn from one RNG call; mAP@0.5 all leaves / no-box
+    leaves): joint 0.437 / 0.383; detection-only 0.368 / 0.161; x/y swapped 0.270 / 0.173
+    (gates 0.35 / 0.27). Before that SHAPES change (gates then 0.45 / 0.40; mAP@0.5 all leaves
     / no-box leaves / box leaves):
     joint 0.553 / 0.557 / 0.550; detection-only 0.412 / 0.175 / 0.530; x/y swapped
     0.360 / 0.350 / 0.365 (reproduced exactly on a rerun). Three trainings (two of 16

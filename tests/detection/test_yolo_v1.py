@@ -157,9 +157,10 @@ GATE = y.Config(**{**y.PRESETS["quick"], "batch_size": 16, "total_steps": 300,
 @pytest.mark.slow
 def test_detects_shapes_and_xy_swap_bug_fails(monkeypatch):
     """Behaviour gate on SHAPES-64 (100 held-out scenes): the quick model, 300 updates of 16
-    scenes, reaches mAP@0.5 >= 0.24; the same run with the x and y cell offsets swapped in
-    the targets stays below it. Measured (2-core CPU, seed 0, shifted-matmul convs, before
-    SHAPES drew from one RNG call): correct 0.334, swapped 0.149 (with XLA's native convs,
+    scenes, reaches mAP@0.5 >= 0.38; the same run with the x and y cell offsets swapped in
+    the targets stays below it. Measured (2-core CPU, seed 0, shifted-matmul convs, SHAPES
+    drawn from one RNG call): correct 0.514, swapped 0.245. Before that SHAPES change (gate
+    then 0.24): correct 0.334, swapped 0.149 (with XLA's native convs,
     the same maths summed in another order: 0.278 and 0.189). YOLO v1 learns slowly at
     this budget (the sum-squared loss, no anchors); each run is ~50 CPU-seconds of training
     plus a compile.
@@ -179,4 +180,4 @@ def test_detects_shapes_and_xy_swap_bug_fails(monkeypatch):
     monkeypatch.setattr(y, "build_targets", swapped)
     bug = trained_map50()
     print("mAP50 correct", ok, "x/y swapped", bug)
-    assert ok >= 0.24 and bug < 0.24, (ok, bug)
+    assert ok >= 0.38 and bug < 0.38, (ok, bug)
