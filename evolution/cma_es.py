@@ -191,6 +191,8 @@ class Config:
 
 
 PRESETS = {
+    # the strategy parameters of [1] (the Config defaults) on the catalog's Rosenbrock-10
+    "paper": dict(),
     "quick": dict(max_evals=8000),
     "sphere": dict(problem="sphere", init_range=5.0, sigma0=2.0, max_evals=5000),
     "rosenbrock": dict(problem="rosenbrock", x0=0.0, sigma0=0.5, max_evals=20_000),

@@ -171,6 +171,8 @@ class Config:
 
 
 PRESETS = {
+    # xNES with [1]'s default population and learning rates (the Config defaults)
+    "paper": dict(),
     "quick": dict(max_evals=8000),
     "snes_sphere": dict(variant="snes", problem="sphere", max_evals=5000),
     "xnes_sphere": dict(variant="xnes", problem="sphere", max_evals=10_000),

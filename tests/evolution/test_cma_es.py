@@ -20,6 +20,7 @@ import pytest
 from common import blackbox
 from evolution import cma_es
 from tests.common.config_fields import unread_fields
+from tests.common.preset import trace_paper
 
 SEEDS = 5
 
@@ -423,3 +424,11 @@ def test_validate_names_the_field():
 
 def test_every_config_field_is_read():
     assert unread_fields(cma_es) == []
+
+
+def test_paper_preset_traces():
+    """jax.eval_shape of init and one update under the `paper` preset (nothing runs): a
+    preset that cannot build its problem, env, shapes or state fails here, on CPU."""
+    _, state, (after, metrics) = trace_paper(cma_es)
+    assert jax.tree.structure(after) == jax.tree.structure(state)
+    assert all(m.shape == () for m in jax.tree.leaves(metrics))

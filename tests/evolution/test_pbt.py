@@ -11,6 +11,7 @@ import pytest
 from common import run
 from evolution import pbt
 from tests.common.config_fields import unread_fields
+from tests.common.preset import trace_paper
 
 
 def _toy_runs(cfg, seeds=20):
@@ -175,3 +176,11 @@ def test_bad_values_fail_with_named_field(tmp_path):
 
 def test_every_config_field_is_read():
     assert unread_fields(pbt) == []
+
+
+def test_paper_preset_traces():
+    """jax.eval_shape of init and one update under the `paper` preset (nothing runs): a
+    preset that cannot build its problem, env, shapes or state fails here, on CPU."""
+    _, state, (after, metrics) = trace_paper(pbt)
+    assert jax.tree.structure(after) == jax.tree.structure(state)
+    assert all(m.shape == () for m in jax.tree.leaves(metrics))

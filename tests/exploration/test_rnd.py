@@ -14,6 +14,7 @@ from common import run
 from common.rl import RunningMeanStd
 from exploration import rnd
 from tests.common.config_fields import unread_fields
+from tests.common.preset import trace_paper
 
 # A tiny, fast configuration on the repo's own 4-rooms grid (vector observations).
 TINY = rnd.Config(env_id="GridMaze-FourRooms", total_timesteps=2048, num_envs=8, num_steps=16,
@@ -278,3 +279,11 @@ def test_rnd_explores_more_than_ppo_doorkey16():
 def test_every_config_field_is_read():
     """No flag that lies: each Config field is read by code that runs (AST, not text)."""
     assert unread_fields(rnd) == []
+
+
+def test_paper_preset_traces():
+    """jax.eval_shape of init and one update under the `paper` preset (nothing runs): a
+    preset that cannot build its problem, env, shapes or state fails here, on CPU."""
+    _, state, (after, metrics) = trace_paper(rnd)
+    assert jax.tree.structure(after) == jax.tree.structure(state)
+    assert all(m.shape == () for m in jax.tree.leaves(metrics))

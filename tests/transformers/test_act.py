@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 
 from common import run
+from tests.common import preset
 from tests.common.config_fields import unread_fields
-from tests.transformers import preset
 from tests.transformers import tiny_run as tiny_run_module
 from transformers import act
 

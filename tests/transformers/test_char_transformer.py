@@ -10,8 +10,9 @@ import numpy as np
 import pytest
 
 from common import data, run
+from tests.common import preset
 from tests.common.config_fields import unread_fields
-from tests.transformers import leak, preset
+from tests.transformers import leak
 from tests.transformers import tiny_run as tiny_run_module
 from transformers import char_transformer as ct
 

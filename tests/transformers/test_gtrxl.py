@@ -10,8 +10,9 @@ import numpy as np
 import pytest
 
 from common import run
+from tests.common import preset
 from tests.common.config_fields import unread_fields
-from tests.transformers import leak, preset
+from tests.transformers import leak
 from transformers import gtrxl as G
 
 TINY = G.Config(memory_length=3, n_layer=2, d_model=16, n_head=2, d_head=8, d_inner=32,

@@ -12,8 +12,9 @@ import numpy as np
 import pytest
 
 from common import run
+from tests.common import preset
 from tests.common.config_fields import unread_fields
-from tests.transformers import leak, peer, preset
+from tests.transformers import leak, peer
 from tests.transformers import tiny_run as tiny_run_module
 from transformers import reformer as rf
 

@@ -1,4 +1,4 @@
-"""Test helper shared by the transformers tests: the paper-preset trace (DESIGN.md sec. 6)."""
+"""Test helper shared by every topic: the paper-preset trace (DESIGN.md sec. 6)."""
 
 import jax
 
