@@ -11,25 +11,9 @@ import jax
 import numpy as np
 
 from common import run
+from tests.common.cli import cli_args
 
 SEEDS = 2
-
-
-def cli_args(cfg, preset_cfg, preset: str = "quick") -> list[str]:
-    """Command-line flags that turn `--preset <preset>` into exactly `cfg`."""
-    args = ["--preset", preset]
-    for f in dataclasses.fields(cfg):
-        v, d = getattr(cfg, f.name), getattr(preset_cfg, f.name)
-        if v == d:
-            continue
-        flag = f.name.replace("_", "-")
-        if isinstance(v, bool):
-            args.append(f"--{flag}" if v else f"--no-{flag}")
-        elif isinstance(v, tuple):
-            args += [f"--{flag}", *map(str, v)]
-        else:
-            args += [f"--{flag}", str(v)]
-    return args
 
 
 CHUNK = 20
@@ -40,8 +24,9 @@ compiled program of the full run"""
 def run_cli(module, cfg, preset_cfg, run_dir, num_updates=None) -> run.RunResult:
     """`module.main` on the flags of `cfg`: SEEDS seeds, chunks of CHUNK updates, all of
     cfg's updates or the first `num_updates` (a multiple of CHUNK)."""
-    argv = cli_args(cfg, preset_cfg) + ["--num-seeds", str(SEEDS), "--log-every", str(CHUNK),
-                                        "--run-dir", str(run_dir), "--no-progress"]
+    argv = cli_args(cfg, preset_cfg, "quick") + [
+        "--num-seeds", str(SEEDS), "--log-every", str(CHUNK), "--run-dir", str(run_dir),
+        "--no-progress"]
     if num_updates is not None:
         argv += ["--num-updates", str(num_updates)]
     res = module.main(argv)
