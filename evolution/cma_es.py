@@ -335,7 +335,7 @@ def condition(es: CMAState) -> jax.Array:
 
 def stop_criteria(es: CMAState, f: jax.Array, cfg: Config) -> dict:
     """[1] App. B.3 criteria after tell, each a bool; f: this generation's values (unused
-    ones +inf). `finite` flags a NaN/inf sigma or C (not a criterion of [1])."""
+    ones +inf). `not_finite` flags a NaN/inf sigma or C (not a criterion of [1])."""
     used = jnp.arange(cfg.lam_max) < es.lam
     h = 10 + jnp.ceil(30 * cfg.dim / es.lam)
     recent = jnp.arange(cfg.hist_len) < h
