@@ -191,14 +191,14 @@ class Config:
 
 
 PRESETS = {
-    # the strategy parameters of [1] (the Config defaults) on the catalog's Rosenbrock-10
-    "paper": dict(),
     "quick": dict(max_evals=8000),
     "sphere": dict(problem="sphere", init_range=5.0, sigma0=2.0, max_evals=5000),
     "rosenbrock": dict(problem="rosenbrock", x0=0.0, sigma0=0.5, max_evals=20_000),
     "ellipsoid": dict(problem="rotated_ellipsoid", x0=3.0, sigma0=1.0, max_evals=20_000),
     "rastrigin_ipop": dict(problem="rastrigin", init_range=5.0, sigma0=2.0, restart="ipop",
                            max_restarts=6, max_evals=200_000, generations=2500),
+    # the strategy parameters of [1] (the Config defaults) on the catalog's Rosenbrock-10
+    "paper": dict(),
 }
 
 # --- STRATEGY PARAMETERS ---

@@ -171,14 +171,14 @@ class Config:
 
 
 PRESETS = {
-    # xNES with [1]'s default population and learning rates (the Config defaults)
-    "paper": dict(),
     "quick": dict(max_evals=8000),
     "snes_sphere": dict(variant="snes", problem="sphere", max_evals=5000),
     "xnes_sphere": dict(variant="xnes", problem="sphere", max_evals=10_000),
     "nes_sphere": dict(variant="nes", problem="sphere", max_evals=10_000),
     "xnes_ellipsoid": dict(variant="xnes", problem="rotated_ellipsoid", max_evals=40_000),
     "snes_ellipsoid": dict(variant="snes", problem="rotated_ellipsoid", max_evals=40_000),
+    # xNES with [1]'s default population and learning rates (the Config defaults)
+    "paper": dict(),
 }
 
 # --- SEARCH DISTRIBUTION: a Gaussian in a flat parametrisation theta ---

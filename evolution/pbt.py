@@ -154,10 +154,10 @@ class Config:
 
 
 PRESETS = {
-    "paper": dict(),  # [1] Fig. 2's toy example (the Config defaults)
     "quick": dict(),
     "digits": dict(task="digits", population=8, num_steps=600, ready_every=50,
                    explore="perturb", target=0.97),
+    "paper": dict(),  # [1] Fig. 2's toy example (the Config defaults)
 }
 
 # --- TASKS ---

@@ -137,12 +137,12 @@ class Config:
 
 
 PRESETS = {
-    "paper": dict(),  # the post's truncation-selection Gaussian ES (the Config defaults)
     "quick": dict(max_evals=4000),
     "sphere": dict(problem="sphere", init_range=5.0, sigma0=2.0, max_evals=200_000),
     "rosenbrock": dict(problem="rosenbrock", init_range=0.0, x0=0.0, sigma0=0.5,
                        max_evals=100_000),
     "cem": dict(diagonal=True, variance_around="new_mean", noise_init=1e-3),
+    "paper": dict(),  # the post's truncation-selection Gaussian ES (the Config defaults)
 }
 
 # --- STRATEGY (pure init / ask / tell) ---

@@ -156,7 +156,7 @@ def test_cli_runs_and_documents_every_field(tmp_path, capsys):
     out = capsys.readouterr().out
     for f in dataclasses.fields(pbt.Config):
         assert "--" + f.name.replace("_", "-") in out, f.name
-    assert "Presets (--preset): quick, digits" in out
+    assert "Presets (--preset): quick, digits, paper" in out
     res = pbt.main(["--population", "4", "--num-steps", "12", "--exploit", "tournament",
                     "--explore", "resample", "--num-seeds", "2", "--log-every", "6",
                     "--run-dir", str(tmp_path), "--no-progress"])
