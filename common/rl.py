@@ -278,9 +278,9 @@ def make_ppo(env, cfg: PPOConfig, network: nn.Module | None = None):
             cfg.num_epochs, cfg.num_minibatches,
         )
         n_ended = traj["ended"].sum()
-        metrics["charts/episodic_return"] = jnp.where(
-            n_ended > 0, (traj["ret"] * traj["ended"]).sum() / jnp.maximum(n_ended, 1), jnp.nan
-        )
+        # 0 when no episode ended; the runner logs NaN there (run.NAN_UNLESS)
+        metrics["charts/episodic_return"] = (traj["ret"] * traj["ended"]).sum() / jnp.maximum(
+            n_ended, 1)
         metrics["charts/episodes"] = n_ended
         new = PPOState(params, opt_state, env_state, obs, key, state.update_idx + 1)
         return new, metrics
