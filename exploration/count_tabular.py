@@ -23,7 +23,7 @@ max |Q_{k+1} - Q_k| < vi_tol * R_max (at most vi_max_iters sweeps).
 `--learner q` swaps planning for Watkins Q-learning on the bonus-augmented reward of the
 post, Q(s,a) += lr (r + beta N(s,a)^(-1/2) + gamma max_a' Q(s',a') - Q(s,a)), starting from
 the same optimistic Q.  `--bonus dora` replaces the count by DORA's E-values [2]: a table
-E = 1 learned by E(s,a) <- (1 - dora_lr) E(s,a) + dora_lr gamma_e E(s',a') on every step
+E = 1 learned by E(s,a) <- (1 - dora_lr) E(s,a) + dora_lr gamma_e E(s',a') on every counted step
 (a' = the greedy action at s'), with bonus beta / sqrt(-log E(s,a)). With gamma_e = 0,
 E = (1 - dora_lr)^n, so -log E = n (-log(1 - dora_lr)) and the DORA bonus is the count bonus
 divided by sqrt(-log(1 - dora_lr)): the exact equivalence the tests check.
