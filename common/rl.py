@@ -2,13 +2,18 @@
 
 The PPO learner (Schulman et al. 2017, arXiv 1707.06347) is the trainer of methods whose
 science lies elsewhere (a curriculum's task sampler, a domain-randomization sampler, a
-count bonus). A method that changes PPO itself (two value heads, a recurrent core)
-writes its own update in its file, reusing `gae` and `ppo_loss` where they fit.
+count bonus). An exploration bonus plugs in as a `Bonus`: its own params (trained in the
+same gradient steps as the policy) and statistics, an intrinsic reward computed on each
+rollout from (s, a, s'), and an auxiliary loss; PPO then optimises the single reward
+r = ext_coef r^e + int_coef r^i. A method that changes PPO itself (two value heads, a
+non-episodic intrinsic stream, a recurrent core) writes its own update in its file,
+reusing `gae` and `ppo_loss` where they fit.
 
 Conventions: rollouts are time-major `[T, N, ...]`; `dones[t]` is true when the episode
 ended on step t (so `values[t + 1]` belongs to a new episode).
 """
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -112,6 +117,10 @@ class PPOConfig:
     """global gradient-norm clip"""
     hidden: tuple[int, ...] = (64, 64)
     """hidden layer sizes of the actor and critic MLPs"""
+    ext_coef: float = 1.0
+    """with a Bonus only: weight of the extrinsic reward in r = ext_coef r^e + int_coef r^i"""
+    int_coef: float = 1.0
+    """with a Bonus only: weight of the intrinsic reward in r = ext_coef r^e + int_coef r^i"""
 
     @property
     def batch_size(self) -> int:
@@ -203,14 +212,36 @@ def minibatch_epochs(key, params, opt_state, batch, loss_fn, optimizer, num_epoc
     return params, opt_state, jax.tree.map(jnp.mean, metrics)
 
 
+@dataclass(frozen=True)
+class Bonus:
+    """An exploration bonus trained beside the policy: the hook of `make_ppo`.
+
+    init(key, obs) -> (params, stats)
+        params: trainable pytree, updated by PPO's optimizer in the same gradient steps as
+        the policy; stats: non-trainable state (visit counts, reward normalisers), or None.
+    reward(params, stats, batch) -> (r_int [T, N], stats)
+        the intrinsic reward of one rollout; `batch` holds obs, action, next_obs, done
+        [T, N, ...] (next_obs[t] is the auto-reset observation where done[t]). Called
+        outside the gradient.
+    loss(params, stats, mb) -> (loss, metrics)
+        the bonus's own loss on a flat minibatch with the same keys [B, ...], added to the
+        PPO loss of that minibatch; metrics are scalars (e.g. "losses/forward").
+    """
+
+    init: Callable
+    reward: Callable
+    loss: Callable
+
+
 @struct.dataclass
 class PPOState:
-    params: Any
+    params: Any  # the network's params; with a Bonus {"policy": ..., "bonus": ...}
     opt_state: Any
     env_state: Any
     obs: jax.Array
     key: jax.Array
     update_idx: jax.Array
+    bonus_stats: Any = None  # Bonus.init's stats (None without a Bonus)
 
 
 def make_optimizer(cfg: PPOConfig):
@@ -221,9 +252,15 @@ def make_optimizer(cfg: PPOConfig):
     return optax.chain(optax.clip_by_global_norm(cfg.max_grad_norm), optax.adam(lr, eps=1e-5))
 
 
-def make_ppo(env, cfg: PPOConfig, network: nn.Module | None = None):
+def make_ppo(env, cfg: PPOConfig, network: nn.Module | None = None, bonus: Bonus | None = None):
     """The PPO learner on a `common.envs.VecEnv`-like env. Returns pure
-    `(init(key) -> PPOState, update(state) -> (PPOState, metrics))`."""
+    `(init(key) -> PPOState, update(state) -> (PPOState, metrics))`.
+
+    `network(obs) -> (distribution, value)`; default `ActorCritic`. With a `bonus`, the
+    rollout also keeps next_obs, PPO trains on r = ext_coef r^e + int_coef r^i with
+    r^i = bonus.reward(...), bonus.loss joins each minibatch's loss, and the metrics gain
+    `charts/intrinsic_reward` (mean r^i before int_coef) and the bonus's own. Without one,
+    nothing of this runs and the results are those of plain PPO."""
     cfg.validate()
     continuous = env.num_actions is None
     if network is None:
@@ -237,40 +274,63 @@ def make_ppo(env, cfg: PPOConfig, network: nn.Module | None = None):
         k_net, k_env, key = jax.random.split(key, 3)
         obs, env_state = env.reset(k_env)
         params = network.init(k_net, obs)
+        stats = None
+        if bonus is not None:
+            k_bonus, key = jax.random.split(key)
+            bonus_params, stats = bonus.init(k_bonus, obs)
+            params = {"policy": params, "bonus": bonus_params}
         return PPOState(params, optimizer.init(params), env_state, obs, key,
-                        jnp.zeros((), jnp.int32))
+                        jnp.zeros((), jnp.int32), stats)
+
+    def policy(params):
+        return params if bonus is None else params["policy"]
 
     def update(state: PPOState):
         # --- ROLLOUT ---
         def env_step(carry, _):
             env_state, obs, key = carry
             key, k_act, k_env = jax.random.split(key, 3)
-            pi, value = network.apply(state.params, obs)
+            pi, value = network.apply(policy(state.params), obs)
             action = pi.sample(seed=k_act)
             next_obs, env_state, reward, done, info = env.step(env_state, action, k_env)
             tr = dict(obs=obs, action=action, logp=pi.log_prob(action), value=value,
                       reward=reward, done=done, ret=info["returned_episode_return"],
                       ended=info["returned_episode"])
+            if bonus is not None:
+                tr["next_obs"] = next_obs
             return (env_state, next_obs, key), tr
 
         (env_state, obs, key), traj = jax.lax.scan(
             env_step, (state.env_state, state.obs, state.key), None, cfg.num_steps
         )  # traj leaves: (T, N, ...)
-        _, last_value = network.apply(state.params, obs)
-        adv, returns = gae(traj["reward"], traj["value"], traj["done"], last_value,
+        reward, stats = traj["reward"], state.bonus_stats
+        if bonus is not None:  # --- INTRINSIC REWARD ---
+            seen = {k: traj[k] for k in ("obs", "action", "next_obs", "done")}
+            r_int, stats = bonus.reward(state.params["bonus"], stats, seen)  # (T, N)
+            r_int = jax.lax.stop_gradient(r_int)
+            reward = cfg.ext_coef * reward + cfg.int_coef * r_int
+        _, last_value = network.apply(policy(state.params), obs)
+        adv, returns = gae(reward, traj["value"], traj["done"], last_value,
                            cfg.gamma, cfg.gae_lambda)
 
         # --- UPDATE ---
         batch = dict(obs=traj["obs"], action=traj["action"], logp=traj["logp"],
                      value=traj["value"], adv=adv, ret=returns)
+        if bonus is not None:
+            batch.update(next_obs=traj["next_obs"], done=traj["done"])
         batch = jax.tree.map(lambda x: x.reshape(-1, *x.shape[2:]), batch)  # (T*N, ...)
 
         def loss_fn(params, mb):
-            pi, value = network.apply(params, mb["obs"])
+            pi, value = network.apply(policy(params), mb["obs"])
             adv = (mb["adv"] - mb["adv"].mean()) / (mb["adv"].std() + 1e-8)
-            return ppo_loss(pi.log_prob(mb["action"]), mb["logp"], adv, pi.entropy(), value,
-                            mb["value"], mb["ret"], cfg.clip_coef, cfg.vf_coef, cfg.ent_coef,
-                            cfg.clip_vloss)
+            loss, m = ppo_loss(pi.log_prob(mb["action"]), mb["logp"], adv, pi.entropy(), value,
+                               mb["value"], mb["ret"], cfg.clip_coef, cfg.vf_coef,
+                               cfg.ent_coef, cfg.clip_vloss)
+            if bonus is not None:
+                aux, m_aux = bonus.loss(params["bonus"], stats, mb)
+                loss = loss + aux
+                m = {**m, **m_aux}
+            return loss, m
 
         key, k_epochs = jax.random.split(key)
         params, opt_state, metrics = minibatch_epochs(
@@ -282,7 +342,9 @@ def make_ppo(env, cfg: PPOConfig, network: nn.Module | None = None):
         metrics["charts/episodic_return"] = (traj["ret"] * traj["ended"]).sum() / jnp.maximum(
             n_ended, 1)
         metrics["charts/episodes"] = n_ended
-        new = PPOState(params, opt_state, env_state, obs, key, state.update_idx + 1)
+        if bonus is not None:
+            metrics["charts/intrinsic_reward"] = r_int.mean()
+        new = PPOState(params, opt_state, env_state, obs, key, state.update_idx + 1, stats)
         return new, metrics
 
     return init, update
