@@ -262,15 +262,15 @@ def thompson_sample(key, counts, sums, cfg: Config):
 
 def select(name, key, counts, sums, t, cfg: Config):
     """The arms [...] strategy `name` pulls next (counts, sums [..., K]; t pulls done)."""
-    k_sel, k_tie = jax.random.split(key)
     if name == "epsilon_greedy":
-        return epsilon_greedy(k_sel, counts, sums, epsilon_at(t, cfg))
+        return epsilon_greedy(key, counts, sums, epsilon_at(t, cfg))
     if name == "ucb1":
-        return argmax_random_tie(k_tie, ucb1_index(counts, sums, t, cfg.ucb_c))
+        return argmax_random_tie(key, ucb1_index(counts, sums, t, cfg.ucb_c))
     if name == "boltzmann":
-        return jax.random.categorical(k_sel, boltzmann_logits(counts, sums, tau_at(t, cfg)))
+        return jax.random.categorical(key, boltzmann_logits(counts, sums, tau_at(t, cfg)))
     if name == "thompson":
-        return argmax_random_tie(k_tie, thompson_sample(k_sel, counts, sums, cfg))
+        k_theta, k_tie = jax.random.split(key)
+        return argmax_random_tie(k_tie, thompson_sample(k_theta, counts, sums, cfg))
     raise ValueError(f"unknown strategy {name!r}; choose from {STRATEGIES}")
 
 
