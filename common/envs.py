@@ -549,6 +549,31 @@ def _unknown(env_id: str) -> ValueError:
     return ValueError(f"Unknown environment id {env_id!r}.{hint}")
 
 
+def check_id(env_id: str, envpool: bool = False) -> None:
+    """Raise ValueError (listing close matches) if `make` does not know `env_id`; builds
+    nothing, so a Config's `validate()` can call it cheaply."""
+    if envpool or env_id.endswith("-v5"):
+        import envpool as ep
+
+        known = env_id in ep.list_all_envs()
+    elif env_id in GRID_MAPS:
+        known = True
+    elif env_id.startswith("Navix-"):
+        import navix
+
+        known = env_id in navix.registry()
+    elif env_id.startswith("brax/"):
+        from brax import envs as brax_envs
+
+        known = env_id[len("brax/"):] in getattr(brax_envs, "_envs", {})
+    else:
+        import gymnax
+
+        known = env_id in gymnax.registered_envs
+    if not known:
+        raise _unknown(env_id)
+
+
 def make(env_id: str, num_envs: int, sampler: Sampler | None = None, **kwargs):
     """Build a batched env by id: ``GridMaze-FourRooms``, ``Navix-*``, ``brax/<name>``,
     envpool ids (``*-v5`` Atari, or any id with ``envpool=True``), else gymnax ids.
@@ -576,30 +601,16 @@ def _make_cached(env_id, num_envs, sampler, kw_items):
 
 def _make(env_id: str, num_envs: int, sampler: Sampler | None = None, **kwargs):
     _check_num_envs(num_envs)
-    if kwargs.pop("envpool", False) or env_id.endswith("-v5"):
-        import envpool
-
-        if env_id not in envpool.list_all_envs():
-            raise _unknown(env_id)
+    envpool = kwargs.pop("envpool", False)
+    check_id(env_id, envpool)
+    if envpool or env_id.endswith("-v5"):
         return EnvpoolVecEnv(env_id, num_envs, sampler, **kwargs)
     if env_id in GRID_MAPS:
         env: Env = GridMaze(GRID_MAPS[env_id], **kwargs)
     elif env_id.startswith("Navix-"):
-        import navix
-
-        if env_id not in navix.registry():
-            raise _unknown(env_id)
         env = NavixEnv(env_id, **kwargs)
     elif env_id.startswith("brax/"):
-        from brax import envs as brax_envs
-
-        if env_id[len("brax/") :] not in getattr(brax_envs, "_envs", {}):
-            raise _unknown(env_id)
         env = BraxEnv(env_id[len("brax/") :], **kwargs)
     else:
-        import gymnax
-
-        if env_id not in gymnax.registered_envs:
-            raise _unknown(env_id)
         env = GymnaxEnv(env_id, **kwargs)
     return VecEnv(env, num_envs, sampler)

@@ -16,9 +16,10 @@ vmaps `--num-seeds` seeds, shards them over local devices, runs jitted chunks of
 `lax.scan(update)` of `--log-every` updates on device, and between chunks: prints a
 progress bar with steps/s, appends metrics to `<run-dir>/metrics.jsonl`, logs to Weights &
 Biases with `--track`, saves orbax checkpoints every `--checkpoint-every` updates, and
-checks the losses for NaN. `--resume` continues bit-identically from the latest checkpoint.
+checks every metric for NaN and inf. `--resume` continues bit-identically from the latest checkpoint.
 
-Metric names: `charts/...` (returns, coverage), `losses/...` (checked for NaN), `perf/...`.
+Metric names: `charts/...` (returns, coverage), `losses/...`, `perf/...`; all must stay
+finite (see NAN_UNLESS for the ones undefined in some updates).
 
 Data that `update` closes over (a corpus, a fixed data set) should be cached as NUMPY arrays
 (functools.cache) and turned into jnp arrays inside `update`: a jnp array first created while
@@ -69,7 +70,9 @@ class RunOptions:
     wandb_project: str = "lilrl"
     """Weights & Biases project"""
     debug_nans: bool = False
-    """enable jax_debug_nans: slow, but stops at the first op producing a NaN"""
+    """when a logged metric turns NaN or inf, replay that chunk op by op without jit and stop
+    at the first op producing a NaN (or inf), naming it and its source line (runs chunks
+    synchronously and without buffer donation)"""
     progress: bool = True
     """show a progress bar"""
     preset: str | None = None
@@ -177,15 +180,37 @@ class _Logger:
             self.wandb.finish()
 
 
+NAN_UNLESS = {"charts/episodic_return": "charts/episodes"}
+"""Metrics that are undefined in an update where their count is 0 (no episode ended in the
+rollout). The file logs a finite placeholder and the count; the runner writes NaN where the
+count is 0. Nothing is NaN on device by design, so every metric is checked, and --debug-nans
+can stop at the first op that makes a NaN."""
+
+
 def check_finite(metrics: dict[str, np.ndarray], first_update: int):
-    """Raise if a `losses/` metric is NaN or inf, naming it, the seed and the update."""
+    """Raise if any logged metric is NaN or inf, naming it, the update and the seed."""
     for k, v in metrics.items():
-        if k.startswith("losses/") and not np.isfinite(v).all():
+        v = np.asarray(v)
+        if np.issubdtype(v.dtype, np.inexact) and not np.isfinite(v).all():
             seed, i = np.argwhere(~np.isfinite(v))[0]
             raise FloatingPointError(
-                f"{k} became {v[seed, i]} at update {first_update + i + 1} (seed index {seed}); "
-                "rerun with --debug-nans to stop at the op that produced it"
-            )
+                f"{k} became {v[seed, i]} at update {first_update + i + 1} (seed index {seed})")
+
+
+def mark_undefined(metrics: dict[str, np.ndarray], nan_unless: dict[str, str]) -> dict:
+    """NaN where a metric of `nan_unless` has a zero count (see NAN_UNLESS)."""
+    for k, count in nan_unless.items():
+        if k in metrics and count in metrics:
+            metrics[k] = np.where(np.asarray(metrics[count]) > 0, metrics[k], np.nan)
+    return metrics
+
+
+def replay_op_by_op(update: Callable, cfg, state, n: int, num_seeds: int, kind: str):
+    """Run `n` updates from `state` without jit, with JAX's NaN (or inf) checks on: raises
+    FloatingPointError at the first op that produces one, with its source line."""
+    checks = jax.debug_nans(True) if kind == "nan" else jax.debug_infs(True)
+    with jax.disable_jit(), checks:
+        jax.block_until_ready(make_chunk(update, cfg, n, None, num_seeds, donate=False)(state))
 
 
 # --- CHECKPOINTS ---
@@ -236,6 +261,55 @@ RUN_FILES = ("config.json", "metrics.jsonl", "summary.json", "checkpoints")
 class ConfigError(ValueError):
     """A bad flag or run directory, found before anything is created or compiled. Scripts
     print it as a one-line error (exit status 2) instead of a traceback."""
+
+
+# Value checks by field name, run on every Config before its own `validate()` (which may
+# divide by a size it has not checked yet). A file's `validate()` adds what a name cannot say.
+def _is_lr(n): return n == "lr" or n.endswith("_lr") or n == "lr_scale"
+def _is_size(n):
+    return (n.startswith(("num_", "n_", "total_")) or n.endswith(("_size", "_batch"))
+            or n in ("d_model", "d_ff", "d_head", "d_inner"))
+def _is_prob(n):
+    return (n.endswith(("_prob", "_proportion", "_fraction", "_frac", "_ratio"))
+            and not n.endswith("pos_ratio")) or n.startswith("gamma") or n in (
+        "gae_lambda", "momentum", "tau", "adam_b1", "adam_b2", "label_smoothing")
+def _is_coef(n):
+    return n.endswith(("_coef", "_coeff", "_weight", "weight_decay")) or n.startswith(
+        "lambda_") or n in ("max_grad_norm", "dropout", "dropatt")
+
+
+VALUE_RULES = (
+    (_is_lr, "> 0", lambda v: v > 0),
+    (_is_size, ">= 1", lambda v: v >= 1),
+    (_is_prob, "in [0, 1]", lambda v: 0 <= v <= 1),
+    (_is_coef, ">= 0", lambda v: v >= 0),
+)
+"""(field-name test, constraint, check) for int and float Config fields: learning rates
+positive, counts and sizes at least 1, probabilities, discounts and fractions in [0, 1],
+coefficients and weights non-negative. Every float field must also be finite."""
+
+
+def check_config(cfg) -> None:
+    """Validate a Config before anything is created or compiled: the name-based
+    `VALUE_RULES`, then the file's own `validate()`. Raises ConfigError naming the field,
+    its value and the constraint."""
+    for f in dataclasses.fields(cfg):
+        v = getattr(cfg, f.name)
+        if isinstance(v, bool) or not isinstance(v, (int, float)):
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        if isinstance(v, float) and not math.isfinite(v):
+            raise ConfigError(f"{flag} must be finite, got {v}")
+        for applies, constraint, ok in VALUE_RULES:
+            if applies(f.name) and not ok(v):
+                raise ConfigError(f"{flag} must be {constraint}, got {v}")
+    try:
+        if hasattr(cfg, "validate"):
+            cfg.validate()
+    except ConfigError:
+        raise
+    except (ValueError, ZeroDivisionError) as e:
+        raise ConfigError(str(e)) from e
 
 
 def _flat(d: dict, prefix: str = "") -> dict:
@@ -394,9 +468,11 @@ def evaluate_seeds(evaluate: Callable, state, cfg, num_seeds: int) -> dict:
     return {k: np.stack([np.asarray(p[k]) for p in per]) for k in per[0]}
 
 
-def make_chunk(update: Callable, cfg, length: int, sharding=None, num_seeds: int = 2):
-    """jit(vmap(scan(update, length))) over the seed axis; the state is donated. With a
-    `sharding` (of the seed axis), state and metrics stay sharded over devices."""
+def make_chunk(update: Callable, cfg, length: int, sharding=None, num_seeds: int = 2,
+               donate: bool = True):
+    """jit(vmap(scan(update, length))) over the seed axis; the state is donated unless
+    `donate` is False. With a `sharding` (of the seed axis), state and metrics stay sharded
+    over devices."""
 
     def chunk(states):
         def one_seed(state):
@@ -404,7 +480,8 @@ def make_chunk(update: Callable, cfg, length: int, sharding=None, num_seeds: int
 
         return seed_map(one_seed, num_seeds)(states)
 
-    return jax.jit(chunk, donate_argnums=0, in_shardings=sharding, out_shardings=sharding)
+    return jax.jit(chunk, donate_argnums=0 if donate else (), in_shardings=sharding,
+                   out_shardings=sharding)
 
 
 def make_train(init: Callable, update: Callable, cfg, num_updates: int | None = None):
@@ -418,24 +495,21 @@ def make_train(init: Callable, update: Callable, cfg, num_updates: int | None = 
 
 
 def train(config_cls, init, update, cfg, opts: RunOptions, evaluate=None, name="run",
-          ) -> RunResult:
+          nan_unless: dict[str, str] | None = None) -> RunResult:
     """Run `opts.num_seeds` seeds of a configured algorithm with logging and checkpoints.
 
     Nothing is created before the config, the options and the run directory are checked and
     `init` is traced (an unknown env id or a state too large for the device fails first).
     A directory that holds a run is continued with `opts.resume` and never overwritten.
     SIGINT/SIGTERM finish the chunk in flight, save a checkpoint, print the command that
-    resumes, and exit with 128 + the signal number."""
+    resumes, and exit with 128 + the signal number. Every logged metric must stay finite;
+    `nan_unless` (default NAN_UNLESS) names those undefined where a count is 0."""
+    nan_unless = NAN_UNLESS if nan_unless is None else nan_unless
+    check_config(cfg)
     try:
-        if hasattr(cfg, "validate"):
-            cfg.validate()
         opts.validate()
-    except ConfigError:
-        raise
     except ValueError as e:
         raise ConfigError(str(e)) from e
-    if opts.debug_nans:
-        jax.config.update("jax_debug_nans", True)
     total = opts.num_updates or cfg.num_updates
     steps_per_update = getattr(cfg, "steps_per_update", None)
 
@@ -480,8 +554,9 @@ def train(config_cls, init, update, cfg, opts: RunOptions, evaluate=None, name="
     t_last = None  # when the previous chunk's metrics arrived (for steps/s)
     timed = [0.0, 0]  # seconds and updates after the first chunk (perf/sps)
 
-    def consume(first: int, n: int, metrics):
-        """Host side of one finished chunk: NaN check, JSONL/W&B, history, progress."""
+    def consume(first: int, n: int, metrics, before=None):
+        """Host side of one finished chunk: NaN check, JSONL/W&B, history, progress.
+        `before` (with --debug-nans): the chunk's input state, replayed on a NaN or inf."""
         nonlocal t_last
         metrics = jax.device_get(metrics)  # the one host transfer per chunk
         now = time.perf_counter()
@@ -490,7 +565,19 @@ def train(config_cls, init, update, cfg, opts: RunOptions, evaluate=None, name="
         if dt is not None:
             timed[0] += dt
             timed[1] += n
-        check_finite(metrics, first)
+        try:
+            check_finite(metrics, first)
+        except FloatingPointError as e:
+            if before is None:
+                raise FloatingPointError(f"{e}; rerun with --debug-nans to stop at the op "
+                                         "that produced it") from None
+            kind = "nan" if "nan" in str(e) else "inf"
+            print(f"\n{e}; replaying updates {first + 1}..{first + n} op by op to find the "
+                  f"first op that produces a {kind}", file=sys.stderr, flush=True)
+            replay_op_by_op(update, cfg, before, n, opts.num_seeds, kind)
+            raise FloatingPointError(f"{e}; the op-by-op replay found no {kind} (the jitted "
+                                     "program differs numerically)") from None
+        metrics = mark_undefined(metrics, nan_unless)
         logger.write(first, metrics, steps_per_update)
         for k, v in metrics.items():
             history.setdefault(k, []).append(np.asarray(v))
@@ -516,10 +603,19 @@ def train(config_cls, init, update, cfg, opts: RunOptions, evaluate=None, name="
                 n = min(n, opts.checkpoint_every - done % opts.checkpoint_every)
             if n not in chunks:
                 t0 = time.perf_counter()
-                fn = make_chunk(update, cfg, n, sharding, opts.num_seeds)
+                fn = make_chunk(update, cfg, n, sharding, opts.num_seeds,
+                                donate=not opts.debug_nans)
                 chunks[n] = fn.lower(state).compile()
                 compile_s += time.perf_counter() - t0
                 t_last = None if t_last is None else t_last + time.perf_counter() - t0
+            if opts.debug_nans:  # synchronous, keeping each chunk's input for the replay
+                before = state
+                state, metrics = chunks[n](state)
+                consume(done, n, metrics, before)
+                done += n
+                if opts.checkpoint_every and done % opts.checkpoint_every == 0 and done < total:
+                    save_checkpoint(mngr, done, state)
+                continue
             # Dispatch the next chunk first (asynchronous), then do the host work of the
             # previous one while the device computes: logging costs no device time.
             state, metrics = chunks[n](state)
@@ -581,7 +677,7 @@ def summarize(result: RunResult, keys: list[str] | None = None) -> str:
 
 
 def main(config_cls, init, update, *, presets=None, evaluate=None, argv=None, doc=None,
-         summary_keys=None) -> RunResult:
+         summary_keys=None, nan_unless=None) -> RunResult:
     """Entry point of an algorithm file: parse CLI, train, print the summary."""
     if not jax.config.jax_compilation_cache_dir:
         jax.config.update("jax_compilation_cache_dir", str(Path.home() / ".cache/lilrl-jax"))
@@ -589,7 +685,8 @@ def main(config_cls, init, update, *, presets=None, evaluate=None, argv=None, do
     cfg, opts = parse(config_cls, presets, argv, description=doc)
     parallel.initialize_distributed()
     try:
-        result = train(config_cls, init, update, cfg, opts, evaluate=evaluate, name=name)
+        result = train(config_cls, init, update, cfg, opts, evaluate=evaluate, name=name,
+                       nan_unless=nan_unless)
     except ConfigError as e:
         if argv is not None:  # called from Python (tests): the exception itself
             raise

@@ -494,11 +494,11 @@ def update(state: State, cfg: Config):
         jax.random.split(k_mu, cfg.eval_episodes))
     n = cfg.num_grad
     metrics = {
+        **({"charts/rl_return": returns[:n].mean()} if n else {}),  # no RL actors: absent
+        **({"charts/ea_return": returns[n:].mean()} if n < cfg.pop_size else {}),
         "charts/mean_actor_return": mu_ret.mean(),
         "charts/best_return": returns.max(),
         "charts/pop_return": returns.mean(),
-        "charts/rl_return": returns[:n].mean() if n else jnp.nan,
-        "charts/ea_return": returns[n:].mean() if n < cfg.pop_size else jnp.nan,
         "charts/env_steps": env_steps,
         "charts/sigma": jnp.sqrt(cem.var).mean(),
         "losses/critic": closs,

@@ -149,7 +149,7 @@ class Config:
             raise ValueError(f"vbn_batch must be >= 2, got vbn_batch={self.vbn_batch}")
         if any(h < 1 for h in self.hidden):
             raise ValueError(f"hidden sizes must be >= 1, got hidden={self.hidden}")
-        envs.make(self.env_id, 1)  # an unknown id raises, listing the close matches
+        envs.check_id(self.env_id)  # an unknown id raises, listing the close matches
 
 
 PRESETS = {

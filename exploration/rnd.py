@@ -431,8 +431,10 @@ def update(state: State, cfg: Config):
         cfg.num_epochs, cfg.num_minibatches)
 
     n_ended = traj["ended"].sum()
-    metrics["charts/episodic_return"] = jnp.where(
-        n_ended > 0, (traj["ret"] * traj["ended"]).sum() / jnp.maximum(n_ended, 1), jnp.nan)
+    # 0 when no episode ended in the rollout; the runner logs NaN there (run.NAN_UNLESS)
+    metrics["charts/episodic_return"] = (traj["ret"] * traj["ended"]).sum() / jnp.maximum(
+        n_ended, 1)
+    metrics["charts/episodes"] = n_ended
     metrics["charts/intrinsic_reward"] = r_int_n.mean()
     metrics["charts/distinct_cells"] = visited.sum()
     new = State(params, state.target_params, opt_state, env_state, obs, obs_norm, rew_norm,

@@ -473,8 +473,8 @@ def update(state: State, cfg: Config):
         k_epochs, state.params, state.opt_state, batch, loss_fn, _optimizer(cfg),
         cfg.num_epochs, cfg.num_minibatches)
     n_ended = traj["ended"].sum()
-    mean_ended = lambda x: jnp.where(n_ended > 0, (x * traj["ended"]).sum()
-                                     / jnp.maximum(n_ended, 1), jnp.nan)
+    # 0 when no episode ended in the rollout; the runner logs NaN there (NAN_UNLESS below)
+    mean_ended = lambda x: (x * traj["ended"]).sum() / jnp.maximum(n_ended, 1)
     metrics["charts/episodic_return"] = mean_ended(traj["ret"])
     metrics["charts/success"] = mean_ended(traj["ret"] > 0)
     metrics["charts/episodes"] = n_ended
@@ -487,8 +487,13 @@ def update(state: State, cfg: Config):
 # --- MAIN ---
 
 
+NAN_UNLESS = {**run.NAN_UNLESS, "charts/success": "charts/episodes"}
+"""Metrics undefined (logged as NaN) in updates where no episode ended."""
+
+
 def main(argv=None):
-    return run.main(Config, init, update, presets=PRESETS, argv=argv, doc=__doc__)
+    return run.main(Config, init, update, presets=PRESETS, argv=argv, doc=__doc__,
+                    nan_unless=NAN_UNLESS)
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -93,12 +94,93 @@ def test_help_documents_every_field(capsys):
         assert flag in out and doc in out, flag
 
 
-def test_nan_in_loss_is_reported():
-    m = {"losses/x": np.array([[1.0, 2.0], [1.0, np.nan]]), "charts/r": np.full((2, 2), np.nan)}
-    msg = r"losses/x became nan at update 12 \(seed index 1"
-    with pytest.raises(FloatingPointError, match=msg):
+def test_every_metric_is_checked_and_undefined_ones_are_marked_on_the_host():
+    """Any metric (not only losses/) that turns NaN or inf stops the run, naming the metric,
+    the update and the seed; a metric undefined by design (no episode ended) is logged as a
+    finite placeholder with its count and becomes NaN on the host, after the check."""
+    m = {"losses/x": np.array([[1.0, 2.0], [1.0, 3.0]]),
+         "charts/best_f": np.array([[1.0, 2.0], [1.0, np.inf]])}
+    with pytest.raises(FloatingPointError, match=r"charts/best_f became inf at update 12 "
+                                                 r"\(seed index 1"):
         run.check_finite(m, 10)
-    run.check_finite({"charts/r": m["charts/r"]}, 0)  # charts may be NaN (no episode ended)
+    m = {"charts/episodic_return": np.array([[0.0, 5.0]]), "charts/episodes": np.array([[0, 2]])}
+    run.check_finite(m, 0)
+    out = run.mark_undefined(m, run.NAN_UNLESS)["charts/episodic_return"]
+    np.testing.assert_array_equal(out, [[np.nan, 5.0]])
+
+
+def _toy_with_metrics(extra):
+    """toy_algo's update with extra metrics computed from its state."""
+    def update(state, cfg):
+        state, m = toy_algo.update(state, cfg)
+        return state, {**m, **extra(state)}
+    return update
+
+
+def test_debug_nans_names_the_op_and_a_healthy_run_passes(tmp_path):
+    """Without --debug-nans a NaN stops the run naming the metric and suggesting the flag;
+    with it, the chunk is replayed op by op and the error names the op (log) and its source
+    line. A healthy run whose undefined metric is a placeholder passes under --debug-nans
+    (jax_debug_nans on the jitted program used to fail it) and logs null there."""
+    cfg = toy_algo.Config(total_steps=20)
+    bad = _toy_with_metrics(lambda s: {"losses/bad": jnp.log(2.0 - jnp.abs(s.w - 3.0).max())})
+    opts = dict(log_every=5, progress=False)
+    with pytest.raises(FloatingPointError, match=r"losses/bad became nan at update \d+ .*"
+                                                 r"--debug-nans"):
+        run.train(toy_algo.Config, toy_algo.init, bad, cfg,
+                  run.RunOptions(run_dir=str(tmp_path / "a"), **opts))
+    with pytest.raises(FloatingPointError, match=r"encountered in log") as err:
+        run.train(toy_algo.Config, toy_algo.init, bad, cfg,
+                  run.RunOptions(run_dir=str(tmp_path / "b"), debug_nans=True, **opts))
+    assert any(fr.name == "<lambda>" and "test_run.py" in fr.filename
+               for fr in __import__("traceback").extract_tb(err.tb)), "no source line"
+    healthy = _toy_with_metrics(lambda s: {"charts/episodic_return": s.w[0] * 0.0,
+                                           "charts/episodes": (s.w[0] > 1e9).astype(int)})
+    res = run.train(toy_algo.Config, toy_algo.init, healthy, cfg,
+                    run.RunOptions(run_dir=str(tmp_path / "c"), debug_nans=True, **opts))
+    assert np.isnan(res.history["charts/episodic_return"]).all()
+    assert _rows(tmp_path / "c")[-1]["charts/episodic_return"] is None
+
+
+def test_every_rate_coefficient_and_size_is_validated_by_name(monkeypatch):
+    """Issue: `--lr -1e-3` and `--lr 0` ran to exit 0; `--num-minibatches 0` raised
+    ZeroDivisionError. For every algorithm file, every field that VALUE_RULES covers rejects
+    a value outside its range with a ConfigError naming the flag, the value and the
+    constraint, before the file's own validate(); the defaults and presets all pass."""
+    import dataclasses
+    import importlib
+
+    from common import envs
+
+    monkeypatch.setattr(envs, "check_id", lambda *a, **k: None)  # importing brax takes ~10 s
+
+    bad = {"> 0": [0, -1e-3], ">= 1": [0], "in [0, 1]": [-0.1, 1.5], ">= 0": [-1]}
+    files = sorted(p for t in ("exploration", "evolution", "transformers", "detection")
+                   for p in (ROOT / t).glob("[!_]*.py"))
+    covered = set()
+    for path in files:
+        mod = importlib.import_module(f"{path.parent.name}.{path.stem}")
+        if not hasattr(mod, "Config"):
+            continue
+        for preset in [{}, *getattr(mod, "PRESETS", {}).values()]:
+            run.check_config(mod.Config(**preset))
+        cfg = mod.Config()
+        for f in dataclasses.fields(cfg):
+            v = getattr(cfg, f.name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)):
+                continue
+            for applies, constraint, _ in run.VALUE_RULES:
+                if applies(f.name):
+                    covered.add(f.name)
+                    for b in bad[constraint]:
+                        b = type(v)(b) if isinstance(v, int) and b == int(b) else b
+                        with pytest.raises(run.ConfigError, match=rf"--{f.name.replace('_', '-')}"
+                                                                  rf" must be {re.escape(constraint)}"):
+                            run.check_config(dataclasses.replace(cfg, **{f.name: b}))
+            if isinstance(v, float):
+                with pytest.raises(run.ConfigError, match="must be finite, got nan"):
+                    run.check_config(dataclasses.replace(cfg, **{f.name: float("nan")}))
+    assert {"lr", "num_minibatches", "gamma", "ent_coef", "batch_size"} <= covered
 
 
 def test_track_writes_offline_wandb_run(tmp_path, monkeypatch):
@@ -296,4 +378,4 @@ def test_cli_prints_config_errors_in_one_line():
                          env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True,
                          text=True)
     assert res.returncode == 2, res
-    assert res.stderr.strip() == "error: lr must be > 0, got -1.0", res.stderr
+    assert res.stderr.strip() == "error: --lr must be > 0, got -1.0", res.stderr

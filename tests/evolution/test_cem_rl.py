@@ -253,7 +253,7 @@ def test_cli_runs_pure_and_seeded_and_documents_every_field(tmp_path, capsys):
 def test_bad_values_fail_with_named_field(tmp_path):
     with pytest.raises(ValueError, match="num_elites=11"):
         cem_rl.main(["--num-elites", "11", "--run-dir", str(tmp_path)])
-    with pytest.raises(ValueError, match="rl_fraction=1.5"):
+    with pytest.raises(ValueError, match=r"--rl-fraction must be in \[0, 1\], got 1.5"):
         cem_rl.main(["--rl-fraction", "1.5", "--run-dir", str(tmp_path)])
     with pytest.raises(ValueError, match="buffer_size=10"):
         cem_rl.main(["--buffer-size", "10", "--run-dir", str(tmp_path)])

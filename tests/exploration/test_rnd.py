@@ -213,8 +213,10 @@ def test_bad_values_fail_with_named_field(tmp_path):
     with pytest.raises(ValueError, match="not divisible by num_minibatches=3"):
         rnd.main(["--num-minibatches", "3", "--env-id", "GridMaze-FourRooms", "--num-envs", "8",
                   "--num-steps", "16", "--run-dir", str(tmp_path)])
-    with pytest.raises(ValueError, match="update_proportion=1.5"):
+    with pytest.raises(ValueError, match=r"--update-proportion must be in \[0, 1\], got 1.5"):
         rnd.main(["--update-proportion", "1.5", "--run-dir", str(tmp_path)])
+    with pytest.raises(ValueError, match="update_proportion=0"):  # the file's own (0, 1]
+        rnd.main(["--update-proportion", "0", "--run-dir", str(tmp_path)])
 
 
 def test_rnd_explores_more_than_ppo_and_train_is_pure():
