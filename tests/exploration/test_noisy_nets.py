@@ -16,9 +16,9 @@ from tests.common.cli import cli_args
 from tests.common.config_fields import unread_fields
 from tests.common.preset import trace_paper
 
-# One tiny configuration for every test: DeepSea N = 8 (a uniform policy finds the treasure
-# once in 256 episodes), 8 envs, 2000 steps = 250 episodes, a 32-unit MLP.
-TINY = nn_.Config(env_id="DeepSea-bsuite", deepsea_size=8, total_timesteps=2000, num_envs=8,
+# One tiny configuration for every test: the repo's FourRooms maze (104 floor cells, no
+# gymnax import), 8 envs, 2000 steps, a 32-unit MLP.
+TINY = nn_.Config(env_id="GridMaze-FourRooms", total_timesteps=2000, num_envs=8,
                   train_every=1, buffer_size=1024, learning_starts=256, batch_size=32, lr=1e-3,
                   rms_eps=1e-8, target_update_period=25, eps_decay_steps=500, eps_end=0.02,
                   hidden=(32,))
@@ -31,7 +31,7 @@ def _net_and_params(exploration: str, seed: int = 0):
     cfg = dataclasses.replace(TINY, exploration=exploration, hidden=(64,))
     env = nn_.make_env(cfg)
     net = nn_.network(cfg, env)
-    obs = jnp.zeros((1, 8, 8))
+    obs = jnp.zeros((1, 2))
     init = jax.jit(lambda k: net.init({"params": k, "noise": k}, obs))
     return cfg, env, net, init(jax.random.PRNGKey(seed))
 
@@ -93,17 +93,17 @@ def test_noisy_dense_init_and_output_for_fixed_noise_by_hand():
 
 def test_q_network_init_follows_the_paper_in_every_layer():
     """[1] Sec. 3.2 in each noisy layer of the Q-network, p its own fan-in: sigma = 0.5/sqrt(p)
-    (p = 64 then 64: 0.0625), mu ~ U[-1/sqrt(p), 1/sqrt(p)] (variance 1/(3p)); the
-    epsilon-greedy network has the same mu layers and no sigma."""
+    (p = 2 then 64: 0.354 and 0.0625), mu ~ U[-1/sqrt(p), 1/sqrt(p)] (variance 1/(3p));
+    the epsilon-greedy network has the same mu layers and no sigma."""
     _, env, net, params = _net_and_params("noisy")
-    obs = jnp.zeros((1, 8, 8))
-    for name, p in (("NoisyDense_0", 64), ("NoisyDense_1", 64)):
+    obs = jnp.zeros((1, 2))
+    for name, p in (("NoisyDense_0", 2), ("NoisyDense_1", 64)):
         layer = params["params"][name]
         np.testing.assert_allclose(layer["sigma_w"], 0.5 / np.sqrt(p), rtol=1e-6)
         np.testing.assert_allclose(layer["sigma_b"], 0.5 / np.sqrt(p), rtol=1e-6)
         assert float(jnp.abs(layer["mu_w"]).max()) <= 1 / np.sqrt(p)
-    mu = np.asarray(params["params"]["NoisyDense_0"]["mu_w"])
-    assert abs(mu.var() * 3 * 64 - 1) < 0.15, mu.var()
+    mu = np.asarray(params["params"]["NoisyDense_1"]["mu_w"])  # 64 x 4
+    assert abs(mu.var() * 3 * 64 - 1) < 0.2, mu.var()
     plain = nn_.network(dataclasses.replace(TINY, exploration="epsilon"), env)
     shapes = jax.eval_shape(lambda k: plain.init({"params": k}, obs), jax.random.PRNGKey(0))
     assert set(shapes["params"]["NoisyDense_0"]) == {"mu_w", "mu_b"}
@@ -116,7 +116,7 @@ def test_td_loss_draws_independent_noise_for_online_target_and_selection():
     _, _, net, params = _net_and_params("noisy")
     _, _, _, target = _net_and_params("noisy", seed=1)
     key = jax.random.PRNGKey(3)
-    obs = jax.random.bernoulli(key, 0.2, (5, 8, 8)).astype(jnp.float32)
+    obs = jax.random.uniform(key, (5, 2))
     cur = dict(obs=obs, action=jnp.array([0, 1, 1, 0, 1]), reward=jnp.arange(5.0),
                done=jnp.array([0, 0, 1, 0, 0], bool), weight=jnp.ones(5))
     nxt = dict(obs=obs[::-1])
@@ -162,11 +162,12 @@ def test_parameter_noise_threshold_kl_and_adaptation_by_hand():
 def test_perturb_touches_fully_connected_weights_only_and_the_controller_tracks_delta():
     """[2] Sec. 3: theta~ = theta + N(0, sigma^2) on the fully connected layers (std sigma
     measured), layer norm untouched. Iterating the rule from sigma = 0.01 (the KL far below
-    delta) raises sigma until the measured KL sits at delta(eps = 0.1) (within 30% over the
-    last 50 of 600 steps, when sigma has risen > 5x); a controller with the comparison
-    reversed drives sigma down instead."""
+    delta) raises sigma (> 5x) until the measured KL sits at delta(eps = 0.1): the rule moves
+    sigma by a factor alpha on the sign of d - delta, so over the last 200 of 600 steps the
+    median KL is delta (within 25%) and d < delta about half the time. With the comparison
+    reversed sigma falls instead and both fail."""
     cfg, env, net, params = _net_and_params("param")
-    obs = jax.random.bernoulli(jax.random.PRNGKey(0), 0.1, (64, 8, 8)).astype(jnp.float32)
+    obs = jax.random.uniform(jax.random.PRNGKey(0), (64, 2))
     delta = nn_.param_noise_threshold(0.1, env.num_actions)
 
     @jax.jit
@@ -186,10 +187,12 @@ def test_perturb_touches_fully_connected_weights_only_and_the_controller_tracks_
     np.testing.assert_array_equal(diff["LayerNorm_0"]["scale"], 0)
     np.testing.assert_array_equal(diff["LayerNorm_0"]["bias"], 0)
     assert abs(diff["NoisyDense_0"]["mu_w"].std() - 0.3) < 0.01
-    assert abs(diff["NoisyDense_1"]["mu_b"].std() - 0.3) < 0.3  # 2 entries only: nonzero
+    assert abs(diff["NoisyDense_1"]["mu_w"].std() - 0.3) < 0.03
     assert np.all(diff["NoisyDense_1"]["mu_b"] != 0)
     assert float(sig[-1]) > 5 * 0.01, sig[-1]
-    assert abs(float(d[-50:].mean()) / float(delta) - 1) < 0.3, (d[-50:].mean(), delta)
+    # A sign rule: at equilibrium d < delta half the time, i.e. the median KL is delta.
+    assert abs(float(np.median(d[-200:])) / float(delta) - 1) < 0.25, (np.median(d[-200:]), delta)
+    assert abs(float((d[-200:] < delta).mean()) - 0.5) < 0.15
 
 
 SPIED = ("td_loss", "q_values")
@@ -246,23 +249,23 @@ def test_cli_run_documents_every_field_and_reaches_the_tested_functions(cli_runs
     # acting: q_values of ONE observation per call (vmapped over the envs, one key each);
     # learning: of the whole minibatch
     shapes = {a[2].shape for a, _ in calls["q_values"]}
-    assert shapes == {(1, 8, 8), (TINY.batch_size, 8, 8)}, shapes
+    assert shapes == {(1, 2), (TINY.batch_size, 2)}, shapes
 
 
-def test_noisynet_explores_deeper_than_without_noise(cli_runs):
-    """Behaviour ([1] Sec. 4) in seconds: DeepSea N = 8 (45 reachable cells, reward only at
-    the bottom-right corner), 2000 steps, 6 seeds. NoisyNet (epsilon = 0) against the broken
-    variant, the same agent with sigma_0 = 0 (no noise to explore with). Distinct cells
-    visited, measured on CPU (jax 0.10.2):
-        NoisyNet     40 43 43 42 41 39   (min 39)
-        sigma_0 = 0  23 14  8 18 20  8   (max 23)
-    Epsilon-greedy DQN with the same budget visits about as many cells as NoisyNet here (see
-    the slow test for the comparison at N = 10)."""
+def test_noisynet_explores_more_than_without_noise(cli_runs):
+    """Behaviour ([1] Sec. 4) in seconds: FourRooms (104 floor cells, start in one corner room,
+    the only reward at the goal in the opposite one), 2000 steps, 6 seeds. NoisyNet
+    (epsilon = 0) against the broken variant, the same agent with sigma_0 = 0 (no noise to
+    explore with, so it acts greedily). Distinct cells visited, measured on CPU (jax 0.10.2):
+        NoisyNet     71 30 91 42 66 62   median 64
+        sigma_0 = 0   1  1 50  1  1  4   median 1
+    (epsilon-greedy DQN, 1 -> 0.02 over 500 steps: 39 26 46 20 30 68, median 34.5; it
+    needs its own compile, so it is measured in the docstring, not here)."""
     (res, _), _, (broken, _) = cli_runs[0]
     noisy, off = res.final["distinct_cells"], broken.final["distinct_cells"]
     print("NoisyNet", noisy, "sigma_0=0", off)
-    assert noisy.min() > off.max(), (noisy, off)
-    assert np.median(noisy) >= np.median(off) + 15, (noisy, off)
+    assert np.median(noisy) >= np.median(off) + 20, (noisy, off)
+    assert (off <= 5).sum() >= (noisy <= 5).sum() + 3, (noisy, off)  # stuck at the start
     # The learned noise scale stays away from 0 with sigma_0 = 0.5 and near 0 without.
     assert res.history["charts/sigma_mean"][:, -1].min() > 0.03
     assert broken.history["charts/sigma_mean"][:, -1].max() < 0.01
@@ -283,7 +286,7 @@ def test_train_is_pure_and_seeds_differ(cli_runs):
 
 def test_param_noise_update_traces_with_its_flags(monkeypatch):
     """`--exploration param` (traced, not run, in the default tier; the slow tier runs it):
-    `update` adapts sigma with alpha and delta(eps, |A| = 2) on the KL of the current states."""
+    `update` adapts sigma with alpha and delta(eps, |A| = 4) on the KL of the current states."""
     calls: dict[str, list] = {}
     for name in ("adapt_sigma", "param_noise_threshold", "policy_kl", "perturb"):
         real = getattr(nn_, name)
@@ -299,7 +302,7 @@ def test_param_noise_update_traces_with_its_flags(monkeypatch):
     assert jax.tree.structure(after) == jax.tree.structure(state)
     assert "charts/param_sigma" in metrics
     assert [a[3] for a in calls["adapt_sigma"]] == [1.05]
-    assert [a[1] for a in calls["param_noise_threshold"]] == [2]
+    assert [a[1] for a in calls["param_noise_threshold"]] == [4]
     assert len(calls["policy_kl"]) == 1 and len(calls["perturb"]) >= 2
     leaf = jax.tree.leaves(after.perturbed)[0]
     assert leaf.shape[0] == cfg.num_envs  # one perturbed network per env
