@@ -208,14 +208,18 @@ def test_runs_are_pure(runs):
 
 
 def test_ucb1_and_thompson_regret_is_sublinear_and_epsilon_greedy_linear(runs):
-    """Behaviour, 2 seeds x 64 five-armed Bernoulli bandits, 800 pulls (measured, per seed):
-        uniform random (broken variant, exact: T x mean gap)  R_T ~ 260
-        UCB1        R_T ~ 60, second-half / first-half regret ~ 0.45
-        Thompson    R_T ~ 15, ratio ~ 0.2
-        eps = 0.1   R_T ~ 40; late regret per pull ~ 1.1 x eps x mean gap (its linear floor)
-    Asserted: UCB1 and Thompson below uniform / 3 with ratios < 0.6 and < 0.4, Thompson below
-    UCB1; constant-epsilon greedy keeps paying at least 0.8 eps x mean gap per pull over the
-    last quarter while Thompson's falls below a quarter of it."""
+    """Behaviour, 2 seeds x 64 five-armed Bernoulli bandits, 800 pulls (measured per seed;
+    ratio = regret over the second half / over the first half; late = regret per pull over
+    the last quarter; floor = eps x mean gap = 0.032, the rate of constant eps-greedy):
+        uniform random (broken variant, exact: T x mean gap)  R_T 258, 264  ratio 1
+        UCB1                R_T 62, 65    ratio 0.43, 0.48
+        Thompson            R_T 16, 15    ratio 0.24, 0.18   late 0.007, 0.005
+        eps-greedy, eps 0.1 R_T 43, 38    ratio 0.53, 0.63   late 0.036, 0.037 (1.1 floor)
+    Pure greedy (eps-greedy with the coin never exploring) scored R_T 168, 150, ratio 1.00,
+    late 0.21, 0.19 (6 floors). Asserted: UCB1 and Thompson below uniform / 3 with ratios
+    < 0.6 and < 0.4, Thompson below UCB1; constant eps-greedy's late rate within 0.8-2 floors
+    (linear regret at the floor: pure greedy and an inverted coin fail), Thompson's below a
+    quarter of it."""
     res, _ = runs[0]
     h = {k.removeprefix("charts/"): v for k, v in res.history.items()}
     means = np.asarray(res.state.means)  # [seeds, B, K]
@@ -227,13 +231,14 @@ def test_ucb1_and_thompson_regret_is_sublinear_and_epsilon_greedy_linear(runs):
         r = h[f"regret_{s}"]
         out[s] = dict(R=r[:, -1], ratio=(r[:, -1] - r[:, half - 1]) / r[:, half - 1],
                       late=(r[:, -1] - r[:, -1 - quarter]) / (quarter * TINY.pulls_per_update))
-    print("uniform", uniform, out)
+    print("uniform", uniform, "floor", TINY.epsilon * mean_gap, out)
     for s, max_ratio in (("ucb1", 0.6), ("thompson", 0.4)):
         assert (out[s]["R"] < uniform / 3).all(), (s, out[s], uniform)
         assert (out[s]["ratio"] < max_ratio).all(), (s, out[s])
     assert (out["thompson"]["R"] < out["ucb1"]["R"]).all(), out
     floor = TINY.epsilon * mean_gap
-    assert (out["epsilon_greedy"]["late"] >= 0.8 * floor).all(), (out, floor)
+    late = out["epsilon_greedy"]["late"]
+    assert ((late >= 0.8 * floor) & (late <= 2.0 * floor)).all(), (out, floor)
     assert (out["thompson"]["late"] < 0.25 * floor).all(), (out, floor)
     # The optimal-arm fraction of the last update: Thompson mostly on the best arm.
     assert (h["optimal_arm_frac_thompson"][:, -1] > 0.8).all()
