@@ -2,8 +2,8 @@
 
 [1] D. Pathak, P. Agrawal, A. A. Efros, T. Darrell. "Curiosity-driven Exploration by
     Self-supervised Prediction." ICML 2017, arXiv:1705.05363. Reference code:
-    pathak22/noreward-rl (TensorFlow, A3C), read at commit 0d47c9e (src/model.py, a3c.py,
-    constants.py).
+    pathak22/noreward-rl (TensorFlow, A3C): src/model.py at 0a0deae, src/a3c.py and
+    src/constants.py at 0d47c9e.
 
 An encoder phi is trained with an inverse-dynamics model, so it keeps only what the agent's
 actions change or what changes the agent; a forward model predicts phi(s_{t+1}) from
@@ -24,15 +24,17 @@ that). The large-scale follow-up (Burda et al. 2018) detaches phi, since otherwi
 pulls the features together. Extrinsic reward off (`--no-extrinsic-reward`) is [1]'s "no
 reward" setting (Sec. 4.2).
 
-Reproduce (CPU demo, a few minutes on 2 cores; ICM vs the same PPO without the bonus):
-    python exploration/icm.py --preset quick --num-seeds 4
-    python exploration/icm.py --preset quick --num-seeds 4 --eta 0
+Reproduce (CPU demo, about a minute on 2 cores; ICM vs the same PPO without the bonus):
+    python exploration/icm.py --preset quick --num-seeds 8
+    python exploration/icm.py --preset quick --num-seeds 8 --eta 0
+Measured (2-core CPU, 8 seeds, 2048 steps): distinct cells of FourRooms' 104, median 88.5
+(ICM) vs 70.5 (PPO, eta = 0); half the PPO seeds stay near the first room.
 Paper setting (GPU; Montezuma's Revenge through envpool, 42x42 grey, 4 frames):
     python exploration/icm.py --preset paper
 [1] reports VizDoom MyWayHome and Super Mario Bros, not Atari: "sparse" MyWayHome, mean
 (median) success at convergence ICM + A3C 100% (100%) vs A3C 0% (0%) (Sec. 4.1 table);
 "very sparse": ICM reaches a perfect score in 66% of runs, A3C never; no reward: Mario
-crosses 30% of Level-1 (Table 1: distance 711 +- 59 after 1.5M steps).
+crosses 30% of Level-1 (Table 1: distance 711 +- 59 after 1.5M iterations).
 
 Differences from the paper:
 - PPO (clipped surrogate, minibatch epochs; common.rl.make_ppo with a Bonus) instead of A3C
@@ -46,8 +48,9 @@ Differences from the paper:
 - Environment: [1]'s VizDoom and Mario are not used. MyWayHome ships in envpool-assets and
   resets, but its jitted step hung on our CPU machine, so the paper preset is Atari
   Montezuma's Revenge with [1]'s preprocessing (42x42 grey, last 4 frames, action repeat
-  4) plus envpool's sticky actions 0.25. The CPU preset is a navix DoorKey maze with
-  symbolic observations: phi is then an MLP (ELU) instead of the 4-conv encoder.
+  4) plus envpool's sticky actions 0.25. The CPU preset is a 4-rooms grid with (row, col)
+  observations: phi is then an MLP (ELU) instead of the 4-conv encoder, eta = 1 (the
+  features are small) and PPO's usual lr 1e-3, clip 0.2, GAE 0.95, grad clip 0.5.
 - eta = 0.01 and lr = 1e-4 are the released code's (PREDICTION_BETA, LEARNING_RATE); [1]
   gives no value for eta and says lr 1e-3. GAE lambda = 1 and entropy 0.01 are the code's.
 - The released code clips r^e + r^i to [-1, 1]; we do not clip.
@@ -172,10 +175,12 @@ class Config:
 
 
 PRESETS = {
-    # CPU demo: navix DoorKey-8x8 (sparse reward: pick the key, open the door, reach the goal).
-    "quick": dict(env_id="Navix-DoorKey-8x8-v0", total_timesteps=200_000, num_envs=32,
-                  num_steps=32, lr=1e-3, gae_lambda=0.95, clip_coef=0.2, num_epochs=4,
-                  max_grad_norm=0.5, eta=1.0),
+    # CPU demo: the repo's 4-rooms grid (104 cells, start in one corner room, the only reward
+    # in the opposite one), vector observations; coverage is the measure ([1] Sec. 4.2).
+    "quick": dict(env_id="GridMaze-FourRooms", total_timesteps=2048, num_envs=8, num_steps=32,
+                  lr=1e-3, gae_lambda=0.95, clip_coef=0.2, num_epochs=4, max_grad_norm=0.5,
+                  feature_dim=16, icm_hidden=32, encoder_hidden=(32,), max_episode_steps=100,
+                  eta=1.0),
     "paper": dict(),
 }
 
