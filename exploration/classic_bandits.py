@@ -31,13 +31,18 @@ The bandits are procedural: `num_bandits` instances per seed with arm means draw
 `pulls_per_update` pulls (a lax.scan) of every instance by every strategy (vmapped over
 instances); the runner scans `update` and vmaps seeds, so a run is one jitted program.
 
-Reproduce (CPU, seconds; the plot of the README):
-    python exploration/classic_bandits.py --preset paper --num-seeds 4 \\
+Reproduce (CPU; the plot exploration/classic_bandits_regret.png):
+    python exploration/classic_bandits.py --preset paper --num-seeds 4 \
         --plot exploration/classic_bandits_regret.png
     python exploration/classic_bandits.py --preset quick --bandit gaussian
     python exploration/classic_bandits.py --strategy epsilon_greedy --epsilon 0  # pure greedy
 `--plot PNG` (this file's only extra flag) draws the cumulative regret and the optimal-arm
 fraction of every strategy of the run on one figure.
+Measured (`--preset paper --num-seeds 4`, 2-core CPU shared with other jobs, 22 s compile +
+320 s loop, Thompson's Beta draws take most of it): expected regret at T = 5000, mean over
+512 instances, mean +- std over 4 seeds: Thompson 40.0 +- 0.9, eps-greedy (0.01) 235 +- 12,
+UCB1 275 +- 2, Boltzmann (tau 0.1) 297 +- 10; pulls on the best arm 0.89, 0.65, 0.64, 0.50;
+[1] Thm. 1's UCB1 bound on these instances 5703 (loose: gaps of U[0,1] arms can be tiny).
 
 Paper setting: there is no single paper experiment for the four classics. `paper` is [3]'s
 experiment (10-armed Bernoulli bandit, p ~ U[0,1], 5000 pulls, eps = 0.01, UCB1, Thompson with
@@ -63,9 +68,11 @@ Differences from the papers / [3]'s code:
   the N(0, 1) prior the Gaussian instances are drawn from.
 """
 
+import json
 import math
 import sys
 from dataclasses import dataclass
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -366,7 +373,10 @@ def plot_regret(run_dir, out, strategies=STRATEGIES):
     from common import plot
 
     rows = plot.load(run_dir)
+    c = json.loads((Path(run_dir) / "config.json").read_text())
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    fig.suptitle(f"{c['config']['num_arms']}-armed {c['config']['bandit']} bandits, "
+                 f"{c['config']['num_bandits']} instances per seed", fontsize=10)
     for s in strategies:
         if f"charts/regret_{s}/seeds" not in rows[0]:
             continue
@@ -382,8 +392,11 @@ def plot_regret(run_dir, out, strategies=STRATEGIES):
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(out, dpi=110)
+    fig.savefig(out, dpi=100)
     plt.close(fig)
+    from PIL import Image
+
+    Image.open(out).convert("RGB").quantize(64).save(out, optimize=True)  # a few tens of kB
     return out
 
 

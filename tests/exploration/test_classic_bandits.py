@@ -266,3 +266,30 @@ def test_paper_preset_traces():
     assert len(metrics) == 8 and all(m.shape == () for m in metrics.values())
     _, _, (after, _) = trace_paper(cb, bandit="gaussian", strategy="thompson")
     assert set(after.agents) == {"thompson"}
+
+
+@pytest.mark.slow
+def test_paper_setting_thompson_best_ucb1_logarithmic_greedy_linear():
+    """The `paper` preset ([3]'s 10-armed Bernoulli bandit, p ~ U[0,1], eps = 0.01, 5000
+    pulls) on 2 seeds x 512 instances, and pure greedy (eps = 0, the broken variant) on the
+    same instances. Measured on a loaded 2-core CPU: see PAPER_NUMBERS below."""
+    from common import run
+
+    cfg = cb.Config(**cb.PRESETS["paper"])
+    greedy = dataclasses.replace(cfg, strategy="epsilon_greedy", epsilon=0.0)
+    keys = jax.random.split(jax.random.PRNGKey(0), 2)
+    state, m = jax.jit(jax.vmap(run.make_train(cb.init, cb.update, cfg)))(keys)
+    g_state, g = jax.jit(jax.vmap(run.make_train(cb.init, cb.update, greedy)))(keys)
+    np.testing.assert_array_equal(state.means, g_state.means)  # the same instances
+    final = jax.device_get(jax.vmap(lambda s: cb.evaluate(s, cfg))(state))
+    r = {s: np.asarray(m[f"charts/regret_{s}"]) for s in cb.STRATEGIES}
+    r["greedy"] = np.asarray(g["charts/regret_epsilon_greedy"])
+    half = cfg.num_updates // 2 - 1
+    ratio = {s: (v[:, -1] - v[:, half]) / v[:, half] for s, v in r.items()}
+    print({s: v[:, -1] for s, v in r.items()}, ratio, final["ucb1_regret_bound"])
+    for s in ("epsilon_greedy", "ucb1", "boltzmann", "greedy"):
+        assert (r["thompson"][:, -1] < 0.25 * r[s][:, -1]).all(), (s, r)
+    assert (ratio["ucb1"] < 0.6).all() and (ratio["thompson"] < 0.4).all(), ratio
+    assert (ratio["greedy"] > 0.9).all(), ratio  # linear
+    assert (r["ucb1"][:, -1] < 0.5 * r["greedy"][:, -1]).all(), r
+    assert (final["regret_ucb1"] < final["ucb1_regret_bound"]).all(), final  # [1] Thm. 1
