@@ -272,7 +272,13 @@ def test_paper_preset_traces():
 def test_paper_setting_thompson_best_ucb1_logarithmic_greedy_linear():
     """The `paper` preset ([3]'s 10-armed Bernoulli bandit, p ~ U[0,1], eps = 0.01, 5000
     pulls) on 2 seeds x 512 instances, and pure greedy (eps = 0, the broken variant) on the
-    same instances. Measured on a loaded 2-core CPU: see PAPER_NUMBERS below."""
+    same instances. Measured on a loaded 2-core CPU (173 s), seeds 0 and 1, regret at T = 5000
+    (second-half / first-half ratio):
+        Thompson 39, 41 (0.16, 0.13)      UCB1 275, 277 (0.33, 0.34)
+        eps-greedy 0.01: 251, 222 (0.27, 0.23)   Boltzmann 281, 302 (0.68, 0.69)
+        pure greedy (broken): 1245, 1319 (1.00, 1.00)    UCB1 bound ([1] Thm. 1) 5982, 5076
+    Asserted: Thompson < a quarter of every other; ratios UCB1 < 0.6, Thompson < 0.4, greedy
+    > 0.9 (linear); UCB1 < half of greedy; UCB1 below [1]'s bound."""
     from common import run
 
     cfg = cb.Config(**cb.PRESETS["paper"])
