@@ -161,7 +161,8 @@ def test_play_books_expected_regret_and_best_arm():
     counts = jnp.ones((2, 3))
     sums = jnp.array([[0.0, 0.0, 1.0], [1.0, 0.0, 0.0]])  # UCB1 with c = 0: arms 2 and 0
     agent = cb.Agent(counts, sums, jnp.array([1.0, 2.0]), jnp.array([0.0, 5.0]))
-    out = cb.play("ucb1", jax.random.PRNGKey(0), agent, means, 3.0, cfg)
+    out = jax.jit(cb.play, static_argnums=(0, 5))("ucb1", jax.random.PRNGKey(0), agent, means,
+                                                   3.0, cfg)
     np.testing.assert_allclose(out.regret, [1.0 + 0.4, 2.0 + 0.0], rtol=1e-6)
     np.testing.assert_array_equal(out.optimal, [0.0, 6.0])
     np.testing.assert_array_equal(out.counts, [[1, 1, 2], [2, 1, 1]])
