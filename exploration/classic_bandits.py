@@ -11,8 +11,8 @@
 Q_t(a) = S_t(a) / N_t(a) is the sample average of the N_t(a) rewards (sum S_t(a)) of arm a
 after t pulls (0 for an arm never pulled). Each strategy picks a_{t+1}:
 
-    epsilon-greedy: a uniformly random arm w.p. eps_t, else argmax_a Q_t(a)      post, [1] Sec. 3
-        eps_t = eps (constant) or eps_n = min(1, c K / (d^2 n)), n = t + 1         [1] Fig. 4
+    epsilon-greedy: a uniformly random arm w.p. eps_t, else argmax_a Q_t(a)      post
+        eps_t = eps (constant) or eps_n = min(1, c K / (d^2 n)), n = t + 1         [1] Fig. 3
     UCB1: argmax_a Q_t(a) + sqrt(c ln t / N_t(a)), c = 2; an arm with N = 0 first   [1] Fig. 1
     Boltzmann: pi(a) = exp(Q_t(a) / tau_t) / sum_b exp(Q_t(b) / tau_t)            post
         tau_t = tau (constant) or tau / ln(n + 1), n = t + 1 (annealed)
@@ -64,6 +64,8 @@ Differences from the papers / [3]'s code:
   random, so d is a flag (default 0.1) and c = 0.15 (a value of [1] Sec. 4's range).
 - Boltzmann exploration is not in [1] or [3]; tau = 0.1 and the logarithmic annealing are
   choices of this file (the post names only the temperature).
+- [1] was not at hand: its figure and section numbers and the c range are from memory;
+  UCB1's index and the epsilon_n formula match its common statements (e.g. obandit's docs).
 - Gaussian Thompson sampling assumes the reward noise std is known (= reward_std) and uses
   the N(0, 1) prior the Gaussian instances are drawn from.
 """
@@ -104,7 +106,7 @@ class Config:
     epsilon: float = 0.01
     """epsilon-greedy: exploration probability (constant schedule; [3] uses 0.01)"""
     epsilon_schedule: str = "constant"
-    """epsilon-greedy: constant, or auer: eps_n = min(1, c K / (d^2 n)) ([1] Fig. 4)"""
+    """epsilon-greedy: constant, or auer: eps_n = min(1, c K / (d^2 n)) ([1] Fig. 3)"""
     epsilon_c: float = 0.15
     """epsilon_n-greedy constant c"""
     epsilon_d: float = 0.1
