@@ -221,7 +221,7 @@ def epsilon_at(t, cfg: Config):
 
 
 def epsilon_greedy(key, counts, sums, eps):
-    """Post / [1] Sec. 3: uniform random arm w.p. eps, else the greedy arm of Q."""
+    """Post / [1]: uniform random arm w.p. eps, else the greedy arm of Q."""
     k_greedy, k_coin, k_arm = jax.random.split(key, 3)
     greedy = argmax_random_tie(k_greedy, q_hat(counts, sums))
     explore = jax.random.uniform(k_coin, greedy.shape) < eps
