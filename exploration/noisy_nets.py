@@ -56,8 +56,10 @@ Differences from the paper:
   stored with weight 0. 1M transitions of 4x84x84 uint8 frames need 28.2 GB (26.3 GiB):
   one 80 GB GPU; stacked frames are stored, not single frames (4x the memory of [3]'s code).
 - Optimiser: [3]'s centered RMSProp (lr 2.5e-4, decay 0.95) with epsilon 0.01 / 32^2 because
-  the loss is a mean over the batch (as DQN Zoo); the target is copied every 10,000 gradient
-  updates ([3] Table: "measured in the number of parameter updates").
+  the loss is a mean over the batch (DQN Zoo's dqn/run_atari.py, which also bounds the error
+  gradient at 1/32: our mean Huber loss with delta 1). The target is copied every 10,000 agent
+  steps = 2,500 gradient updates, as [3]'s released Lua code (target_q = 10000 steps) and DQN
+  Zoo (40k frames); [3]'s table words it as 10,000 "parameter updates".
 - The conv torso uses orthogonal(sqrt 2) init (common/nets.py style); the noisy layers use
   [1]'s init, and so do the same layers of the epsilon-greedy baseline (mu only).
 - Several envs step together in the CPU preset, each with its own noise draw / perturbation.
@@ -85,14 +87,15 @@ from common.nets import orthogonal
 
 @dataclass(frozen=True)
 class Config:
-    """NoisyNet-DQN; defaults are [3]'s DQN hyperparameters (which [1] keeps) on Atari."""
+    """NoisyNet-DQN; defaults are [3]'s DQN hyperparameters on Atari, which [1] keeps for
+    NoisyNet-DQN apart from epsilon (= 0) [M: from memory of [1] Sec. 4]."""
 
     env_id: str = "Breakout-v5"
     """environment id (envpool Atari, gymnax e.g. DeepSea-bsuite, navix, GridMaze-*)"""
     exploration: str = "noisy"
     """noisy: NoisyNet, epsilon = 0 [1]; epsilon: plain DQN, epsilon-greedy; param: [2]"""
     total_timesteps: int = 50_000_000
-    """environment steps over all envs (agent steps: 50M = 200M Atari frames)"""
+    """environment steps over all envs (agent steps: 50M = 200M Atari frames, [1]'s budget [M])"""
     num_envs: int = 1
     """parallel environments"""
     train_every: int = 4
@@ -111,8 +114,8 @@ class Config:
     """RMSProp epsilon (inside the square root; 0.01 of [3] over batch^2 for a mean loss)"""
     gamma: float = 0.99
     """discount"""
-    target_update_period: int = 10_000
-    """gradient updates between target-network copies"""
+    target_update_period: int = 2_500
+    """gradient updates between target-network copies (10,000 agent steps at train_every 4)"""
     double_q: bool = False
     """Double-DQN target (argmax under the online net with its own noise draw)"""
     huber_delta: float = 1.0
@@ -356,10 +359,11 @@ def init(key, cfg: Config) -> State:
     if cfg.exploration == "param":
         perturbed = jax.vmap(lambda k: perturb(params, k, sigma))(
             jax.random.split(k_pert, cfg.num_envs))
-    return State(params, params, _optimizer(cfg).init(params), dqn.replay_init(row, cfg.replay_rows),
-                 env_state, obs, jnp.zeros(cfg.num_envs, bool), perturbed, sigma,
-                 jnp.zeros((), jnp.int32), jnp.zeros((), jnp.int32),
-                 jnp.zeros((cfg.coverage_grid,) * 2, bool), jnp.zeros(()), key)
+    replay = dqn.replay_init(row, cfg.replay_rows)
+    return State(params, params, _optimizer(cfg).init(params), replay, env_state, obs,
+                 jnp.zeros(cfg.num_envs, bool), perturbed, sigma, jnp.zeros((), jnp.int32),
+                 jnp.zeros((), jnp.int32), jnp.zeros((cfg.coverage_grid,) * 2, bool),
+                 jnp.zeros(()), key)
 
 
 # --- UPDATE ---
@@ -456,7 +460,8 @@ def update(state: State, cfg: Config):
         # 0 when no episode ended in the update; the runner logs NaN there (run.NAN_UNLESS)
         "charts/episodic_return": (traj["ret"] * traj["ended"]).sum() / jnp.maximum(n_ended, 1),
         "charts/episodes": n_ended,
-        "charts/epsilon": traj["eps"][-1] if cfg.exploration == "epsilon" else jnp.zeros(()),
+        # epsilon-greedy's epsilon, or the epsilon that sets param noise's delta; 0 in NoisyNet
+        "charts/epsilon": traj["eps"][-1] if cfg.exploration != "noisy" else jnp.zeros(()),
         "charts/sigma_mean": (jnp.mean(jnp.concatenate([jnp.abs(s).ravel() for s in sigmas]))
                               if sigmas else jnp.zeros(())),
         "charts/param_sigma": state.param_sigma,

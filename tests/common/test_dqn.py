@@ -19,7 +19,8 @@ def test_replay_add_wraps_around_and_keeps_the_newest_rows():
     """rows = 3; adding rows 0..4 leaves rows 3, 4, 2 in slots 0, 1, 2 (5 mod 3 = 2 is next),
     size saturates at 3, and dtypes are those of the first row."""
     buf = dqn.replay_init(_row(0), 3)
-    assert buf.rows == 3 and buf.data["obs"].shape == (3, 2) and buf.data["action"].dtype == jnp.int32
+    assert buf.rows == 3 and buf.data["obs"].shape == (3, 2)
+    assert buf.data["action"].dtype == jnp.int32
     add = jax.jit(dqn.replay_add)
     for v in range(5):
         buf = add(buf, _row(v))

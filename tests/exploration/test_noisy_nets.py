@@ -179,7 +179,8 @@ def test_perturb_touches_fully_connected_weights_only_and_the_controller_tracks_
             d = nn_.policy_kl(nn_.q_values(net, params, obs, k), q_t)
             return nn_.adapt_sigma(sigma, d, delta, cfg.param_alpha), (sigma, d)
 
-        _, (sig, d) = jax.lax.scan(step, jnp.asarray(0.01), jax.random.split(jax.random.PRNGKey(3), 600))
+        keys = jax.random.split(jax.random.PRNGKey(3), 600)
+        _, (sig, d) = jax.lax.scan(step, jnp.asarray(0.01), keys)
         return pert, sig, d
 
     pert, sig, d = go()
@@ -345,7 +346,15 @@ def _cells_and_successes(cfg, seeds):
 def test_noisynet_epsilon_greedy_and_param_noise_on_deepsea10():
     """The `quick` preset (DeepSea N = 10, 66 cells, 80k steps, 4 seeds): NoisyNet-DQN,
     epsilon-greedy DQN (1 -> 0.02 over 8k steps), parameter noise, and the broken NoisyNet
-    with sigma_0 = 0. Measured on a 2-core CPU: SEE_SLOW_NUMBERS"""
+    with sigma_0 = 0. Measured on a 2-core CPU (jax 0.10.2, 240 s), cells of 66 / episodes
+    that reached the treasure, of 8000:
+        NoisyNet           64 64 64 64  /  3    3    4    3     (never learns the way)
+        sigma_0 = 0        39 36 44 34  /  0    0    0    0     (broken variant)
+        epsilon-greedy     64 63 64 64  /  5362 0    1    5528  (2 of 4 seeds solve it)
+        parameter noise    64 64 64 64  /  4773 2748 1    3809  (3 of 4)
+    NoisyNet explores the grid but its per-step noise dithers, as epsilon does; on DeepSea
+    it does not beat epsilon-greedy (bsuite reports the same of NoisyNet [M]), while the
+    per-episode perturbation of parameter noise is the most consistent explorer here."""
     base = nn_.Config(**nn_.PRESETS["quick"])
     noisy = _cells_and_successes(base, 4)
     broken = _cells_and_successes(dataclasses.replace(base, sigma_0=0.0), 4)
@@ -354,3 +363,4 @@ def test_noisynet_epsilon_greedy_and_param_noise_on_deepsea10():
     print("NoisyNet", noisy, "sigma_0=0", broken, "epsilon", eps, "param", param)
     assert np.median(noisy[0]) >= np.median(broken[0]) + 15, (noisy, broken)
     assert np.median(param[0]) >= np.median(broken[0]) + 15, (param, broken)
+    assert (param[1] > 100).sum() >= 2 and (broken[1] > 0).sum() == 0, (param, broken)
