@@ -58,7 +58,9 @@ Differences from the paper:
   (equal only for equal weights); the post's c_mu ~ min(1, lambda/n^2) is the ablation
   `c_mu_rule=post`; h_s, its (1-h_s) c_c (2-c_c) term and sum_j w_j (absent from the
   post) are included. `weights=equal` is the post's 1/mu recombination of the mu best.
-- Eigendecomposition: eigh of the symmetrised C, eigenvalues floored at eig_floor * max;
+- Eigendecomposition: eigh of the symmetrised C, eigenvalues floored at eig_floor * max
+  for sampling and C^{-1/2}; ConditionCov reads cond C from the raw eigenvalues (a floored
+  one could not exceed 1/eig_floor = max_condition), a singular C counts as cond = inf;
   `lazy_eigen` refreshes it every ceil(1/(10 n (c_1+c_mu))) generations (under vmap both
   lax.cond branches run, so it saves time only for one seed).
 - Not implemented: the tutorial's Stagnation and TolUpSigma criteria, boundary handling,
@@ -121,7 +123,7 @@ class Config:
     lazy_eigen: bool = False
     """refresh B, D only every ceil(1/(10 n (c_1 + c_mu))) generations"""
     eig_floor: float = 1e-14
-    """eigenvalues of C below eig_floor * max eigenvalue are raised to it"""
+    """eigenvalues of C below eig_floor * max eigenvalue are raised to it (not for cond C)"""
     restart: str = "none"
     """none, or ipop: restart with doubled lambda on termination ([3])"""
     max_restarts: int = 6
@@ -265,14 +267,19 @@ class CMAState:
     eig_g: jax.Array  # g at the last eigendecomposition
     lam: jax.Array  # population size lambda of this run (int32)
     f_hist: jax.Array  # generation-best f, newest first, (hist_len,)
+    cond: jax.Array  # condition number of C from the RAW eigenvalues (ConditionCov)
 
 
 def eigen(C: jax.Array, floor: float):
-    """Symmetrise C and decompose it: C = B diag(D^2) B^T, eigenvalues floored."""
+    """Symmetrise C and decompose it: C = B diag(D^2) B^T with the eigenvalues floored at
+    floor * max (for sampling and C^{-1/2}), and cond C from the raw eigenvalues (before the
+    floor, which would cap it at 1/floor; the largest finite float when the smallest is <= 0)."""
     C = (C + C.T) / 2
     ev, B = jnp.linalg.eigh(C)
+    big = jnp.finfo(ev.dtype).max
+    cond = jnp.where(ev[0] > 0, jnp.minimum(ev[-1] / ev[0], big), big)  # eigh: ascending
     ev = jnp.maximum(ev, floor * jnp.max(ev))  # evosax PR #69: no underflow
-    return C, B, jnp.sqrt(ev)
+    return C, B, jnp.sqrt(ev), cond
 
 
 def init_strategy(mean: jax.Array, cfg: Config, lam=None) -> CMAState:
@@ -282,7 +289,7 @@ def init_strategy(mean: jax.Array, cfg: Config, lam=None) -> CMAState:
                     B=jnp.eye(n, dtype=dt), D=jnp.ones(n, dt), p_sigma=zeros, p_c=zeros,
                     g=jnp.int32(0), eig_g=jnp.int32(0),
                     lam=jnp.asarray(cfg.lam0 if lam is None else lam, jnp.int32),
-                    f_hist=jnp.full(cfg.hist_len, jnp.inf, dt))
+                    f_hist=jnp.full(cfg.hist_len, jnp.inf, dt), cond=jnp.ones((), dt))
 
 
 def ask(key, es: CMAState, cfg: Config) -> jax.Array:
@@ -319,18 +326,19 @@ def tell(es: CMAState, x: jax.Array, f: jax.Array, cfg: Config) -> CMAState:
     g = es.g + 1
     if cfg.lazy_eigen:
         gap = jnp.ceil(1 / (10 * n * jnp.maximum(c_1 + c_mu, 1e-300)))
-        C, B, D = jax.lax.cond(g - es.eig_g >= gap, lambda c: eigen(c, cfg.eig_floor),
-                               lambda c: (c, es.B, es.D), C)
+        C, B, D, cond = jax.lax.cond(g - es.eig_g >= gap, lambda c: eigen(c, cfg.eig_floor),
+                                     lambda c: (c, es.B, es.D, es.cond), C)
         eig_g = jnp.where(g - es.eig_g >= gap, g, es.eig_g)
     else:
-        (C, B, D), eig_g = eigen(C, cfg.eig_floor), g
+        (C, B, D, cond), eig_g = eigen(C, cfg.eig_floor), g
     f_hist = jnp.roll(es.f_hist, 1).at[0].set(jnp.min(f))
     return es.replace(mean=mean, sigma=sigma, C=C, B=B, D=D, p_sigma=p_sigma, p_c=p_c, g=g,
-                      eig_g=eig_g, f_hist=f_hist)
+                      eig_g=eig_g, f_hist=f_hist, cond=cond)
 
 
 def condition(es: CMAState) -> jax.Array:
-    return (jnp.max(es.D) / jnp.min(es.D)) ** 2
+    """cond C of the last eigendecomposition, from the unfloored eigenvalues."""
+    return es.cond
 
 
 def stop_criteria(es: CMAState, f: jax.Array, cfg: Config) -> dict:

@@ -111,7 +111,7 @@ def random_state(cfg, big_path: bool):
     a = rng.standard_normal((n, n))
     C = a @ a.T / n + 0.5 * np.eye(n)
     es = cma_es.init_strategy(jnp.asarray(rng.standard_normal(n)), cfg)
-    _, B, D = cma_es.eigen(jnp.asarray(C), cfg.eig_floor)
+    _, B, D, _ = cma_es.eigen(jnp.asarray(C), cfg.eig_floor)
     ps = rng.standard_normal(n) * (30.0 if big_path else 0.3)
     es = es.replace(sigma=jnp.asarray(0.7), C=jnp.asarray(C), B=B, D=D, p_sigma=jnp.asarray(ps),
                     p_c=jnp.asarray(rng.standard_normal(n) * 0.3), g=jnp.int32(3))
@@ -194,9 +194,11 @@ def stop_state(rule):
         es = es.replace(mean=jnp.zeros(n).at[0].set(2.0**53), sigma=jnp.asarray(6.0))
     elif rule == "no_effect_coord":  # m_1 = 1e16 (ulp 2): + 0.2 is lost; axis 0 moves m_0
         es = es.replace(mean=jnp.zeros(n).at[1].set(1e16))
-    elif rule == "condition_cov":  # D = (1, 1e-8, 1, 1): cond C = 1e16 > 1e14
-        D = jnp.ones(n).at[1].set(1e-8)
-        es = es.replace(D=D, C=jnp.diag(D**2))
+    elif rule == "condition_cov":
+        # C = diag(1, 1e-15, 1, 1) decomposed by `eigen` (what tell runs): cond C = 1e15 >
+        # 1e14, although the floored D (1e-14 x max) alone would give exactly 1e14
+        C, B, D, cond = cma_es.eigen(jnp.eye(n).at[1, 1].set(1e-15), STOP.eig_floor)
+        es = es.replace(C=C, B=B, D=D, cond=cond)
     elif rule == "not_finite":
         es = es.replace(C=jnp.eye(n).at[2, 2].set(jnp.nan))
     return es, f
@@ -223,6 +225,23 @@ def test_each_stopping_rule_fires_alone_on_a_hand_built_state(rule):
                          "condition_cov", "not_finite"}
     assert crit == {k: k == rule for k in crit}, crit
     assert stop == (rule is not None)
+
+
+def test_condition_cov_reads_the_raw_eigenvalues():
+    """ConditionCov on C = diag(1, r, 1, 1) after `eigen`: fires for r = 1e-15 and for a
+    singular or indefinite C (r = 0, -1e-3: a finite stand-in, no inf metric), not for
+    r = 1e-13. With cond taken from the floored D (eigenvalues >= 1e-14 x max) it could
+    never exceed 1e14 and only the 1e-13 case would pass."""
+    n = STOP.dim
+    with jax.enable_x64(True):
+        es0, f = stop_state(None)
+        fired = {}
+        for r in (1e-13, 1e-15, 0.0, -1e-3):
+            C, B, D, cond = cma_es.eigen(jnp.eye(n).at[1, 1].set(r), STOP.eig_floor)
+            assert np.isfinite(cond) and float(jnp.min(D)) > 0
+            fired[r] = bool(stop_check(es0.replace(C=C, B=B, D=D, cond=cond),
+                                       f)[0]["condition_cov"])
+    assert fired == {1e-13: False, 1e-15: True, 0.0: True, -1e-3: True}, fired
 
 
 def test_tolfun_waits_for_its_history_window():
