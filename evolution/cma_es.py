@@ -70,6 +70,10 @@ Differences from the paper:
   rastrigin_ipop preset allows 6 restarts (lambda up to 640) where the catalog ran pycma
   with 9, since every generation pays for lambda_max samples.
 - `stop_at_target` (default on) freezes the state once best f < target, like pycma's ftarget.
+- A failed (NaN) evaluation counts as f = +inf: it ranks last (with active weights it gets
+  a negative weight) and never becomes the best, as in evosax 0.3.2; pycma 4.5.0's `tell`
+  instead replaces NaN by the median of the other values (and its fmin resamples). The
+  best point over all (re)starts is kept as `best_x` (pycma's xbest); [1] keeps none.
 """
 
 import math
@@ -377,7 +381,8 @@ class State:
     es: CMAState
     key: jax.Array
     evals: jax.Array  # evaluations used (int32)
-    best_f: jax.Array  # best f so far
+    best_f: jax.Array  # best f so far, over all (re)starts
+    best_x: jax.Array  # the point that scored best_f, (n,) (NaN until a finite f)
     f_gen: jax.Array  # best f of the last generation run
     evals_at_target: jax.Array  # evals when best_f first fell below target (inf: never)
     restarts: jax.Array
@@ -400,18 +405,21 @@ def init(key, cfg: Config) -> State:
     es = init_strategy(initial_mean(k_x0, cfg), cfg)
     dt = es.mean.dtype
     return State(es=es, key=key, evals=jnp.int32(0), best_f=jnp.asarray(jnp.inf, dt),
+                 best_x=jnp.full(cfg.dim, jnp.nan, dt),
                  f_gen=jnp.asarray(jnp.inf, dt), evals_at_target=jnp.asarray(jnp.inf, dt),
                  restarts=jnp.int32(0), done=jnp.array(False))
 
 
 def generation(state: State, cfg: Config, fn=None):
     """One generation: ask, evaluate with vmap(fn) (default: cfg.problem), tell, and the
-    termination test (an IPOP restart, or a freeze)."""
+    termination test (an IPOP restart, or a freeze). A NaN f (a failed evaluation) counts
+    as +inf: it ranks last and never becomes best_f (evosax's rule)."""
     fn = objective(cfg) if fn is None else fn
     key, k_ask, k_x0 = jax.random.split(state.key, 3)
     es = state.es
     x = ask(k_ask, es, cfg)
     f = jax.vmap(fn)(x)
+    f = jnp.where(jnp.isnan(f), jnp.inf, f)  # failed evaluations rank last
     f = jnp.where(jnp.arange(cfg.lam_max) < es.lam, f, jnp.inf)
     es_new = tell(es, x, f, cfg)
     stop = terminated(es_new, f, cfg)
@@ -419,10 +427,12 @@ def generation(state: State, cfg: Config, fn=None):
     fresh = init_strategy(initial_mean(k_x0, cfg), cfg, jnp.minimum(2 * es.lam, cfg.lam_max))
     es_new = jax.tree.map(lambda a, b: jnp.where(stop & can_restart, a, b), fresh, es_new)
     evals = state.evals + es.lam
-    f_gen = jnp.min(f)
+    i_gen = jnp.argmin(f)
+    f_gen = f[i_gen]
+    best_x = jnp.where(f_gen < state.best_f, x[i_gen], state.best_x)
     best_f = jnp.minimum(state.best_f, f_gen)
     hit = (best_f < cfg.target) & ~jnp.isfinite(state.evals_at_target)
-    new = State(es=es_new, key=key, evals=evals, best_f=best_f, f_gen=f_gen,
+    new = State(es=es_new, key=key, evals=evals, best_f=best_f, best_x=best_x, f_gen=f_gen,
                 evals_at_target=jnp.where(hit, evals.astype(f.dtype), state.evals_at_target),
                 restarts=state.restarts + (stop & can_restart),
                 done=(cfg.stop_at_target & (best_f < cfg.target)) | (stop & ~can_restart))

@@ -255,6 +255,46 @@ def test_tolfun_waits_for_its_history_window():
     assert not bool(early) and not bool(bumpy) and bool(old)
 
 
+# --- failed evaluations and the best point ---
+
+NANCFG = cma_es.Config(problem="sphere", dim=4, popsize=8, restart="ipop", max_restarts=1)
+
+
+def half_failing(x):
+    """The sphere, with a failed (NaN) evaluation wherever x_0 > 0."""
+    return jnp.where(x[0] > 0, jnp.nan, blackbox.sphere(x))
+
+
+@jax.jit
+def nan_generation(state):
+    return cma_es.generation(state, NANCFG, half_failing)[0]
+
+
+def test_nan_evaluations_rank_last_and_the_best_point_is_kept():
+    """One generation from x0 = 0 where the x with x_0 > 0 fail (NaN): best_f is the best
+    finite f and best_x its point (with NaN unreplaced, min(inf, nan) makes best_f NaN). A
+    later generation that does not improve keeps best_x (a best_x of the last generation
+    fails), and so does an IPOP restart whose generation failed entirely (f_gen = inf)."""
+    with jax.enable_x64(True):
+        s0 = jax.jit(lambda k: cma_es.init(k, NANCFG))(jax.random.PRNGKey(0))
+        _, k_ask, _ = jax.random.split(s0.key, 3)
+        x = np.asarray(cma_es.ask(k_ask, s0.es, NANCFG))[:8]  # the first lambda are used
+        f = np.sum(x**2, axis=1)
+        ok = x[:, 0] <= 0
+        assert ok.any() and not ok.all(), ok
+        s1 = jax.device_get(nan_generation(s0))
+        i = np.flatnonzero(ok)[np.argmin(f[ok])]
+        assert s1.best_f == f[i] and np.array_equal(s1.best_x, x[i]), (s1.best_f, f[ok])
+        assert np.isfinite(s1.es.mean).all() and np.isfinite(s1.es.f_hist[0])
+        s2 = jax.device_get(nan_generation(jax.tree.map(jnp.asarray, s1).replace(
+            best_f=jnp.asarray(-1.0))))
+        assert s2.best_f == -1.0 and np.array_equal(s2.best_x, s1.best_x)
+        stuck = s1.es.replace(mean=jnp.full(4, 3.0), sigma=jnp.asarray(1e-13))  # all fail
+        s3 = jax.device_get(nan_generation(jax.tree.map(jnp.asarray, s1).replace(es=stuck)))
+    assert s3.restarts == 1 and s3.es.lam == 16 and s3.f_gen == np.inf
+    assert s3.best_f == s1.best_f and np.array_equal(s3.best_x, s1.best_x)
+
+
 # --- T2-T5: benchmarks with broken variants ---
 
 
