@@ -37,6 +37,9 @@ IPOP without dynamic shapes: every generation samples lambda_max = lambda0 2^max
 points; only the first lambda (traced) are used: the rest get f = +inf, rank last and carry
 weight 0, and only lambda evaluations are counted. So the whole run, restarts included, is
 one lax.scan and many seeds are one vmap. The cost is lambda_max samples per generation.
+The metric charts/evaluations is the number of evaluations each update made (lambda, 0
+once frozen); the runner's env_steps and steps/s still count steps_per_update = lambda0
+per update, too few by up to 2^max_restarts after restarts (the evals columns are exact).
 
 Reproduce (2-core CPU shared with other jobs, x64, 11 seeds in one vmapped scan):
     python evolution/cma_es.py --preset rosenbrock --num-seeds 11       # 30 s wall, 13 s compile
@@ -167,7 +170,8 @@ class Config:
 
     @property
     def steps_per_update(self) -> int:
-        """Function evaluations per generation (IPOP: of the first run; it doubles)."""
+        """Function evaluations per generation of the first run (IPOP doubles it, a frozen
+        run makes none): the metric charts/evaluations has the true count per update."""
         return self.lam0
 
     def validate(self):
@@ -415,6 +419,7 @@ def generation(state: State, cfg: Config, fn=None):
     termination test (an IPOP restart, or a freeze). A NaN f (a failed evaluation) counts
     as +inf: it ranks last and never becomes best_f (evosax's rule)."""
     fn = objective(cfg) if fn is None else fn
+    evals_before = state.evals
     key, k_ask, k_x0 = jax.random.split(state.key, 3)
     es = state.es
     x = ask(k_ask, es, cfg)
@@ -439,7 +444,8 @@ def generation(state: State, cfg: Config, fn=None):
     active = ~state.done & (state.evals < cfg.max_evals)
     state = jax.tree.map(lambda a, b: jnp.where(active, a, b), new, state)
     state = state.replace(key=key)
-    metrics = {"charts/best_f": state.best_f, "charts/f": state.f_gen,
+    metrics = {"charts/evaluations": state.evals - evals_before,  # true count this update
+               "charts/best_f": state.best_f, "charts/f": state.f_gen,
                "charts/sigma": state.es.sigma, "charts/evals": state.evals,
                "charts/cond": condition(state.es), "charts/restarts": state.restarts,
                "charts/popsize": state.es.lam}

@@ -267,7 +267,7 @@ def half_failing(x):
 
 @jax.jit
 def nan_generation(state):
-    return cma_es.generation(state, NANCFG, half_failing)[0]
+    return cma_es.generation(state, NANCFG, half_failing)
 
 
 def test_nan_evaluations_rank_last_and_the_best_point_is_kept():
@@ -282,17 +282,21 @@ def test_nan_evaluations_rank_last_and_the_best_point_is_kept():
         f = np.sum(x**2, axis=1)
         ok = x[:, 0] <= 0
         assert ok.any() and not ok.all(), ok
-        s1 = jax.device_get(nan_generation(s0))
+        s1 = jax.device_get(nan_generation(s0)[0])
         i = np.flatnonzero(ok)[np.argmin(f[ok])]
         assert s1.best_f == f[i] and np.array_equal(s1.best_x, x[i]), (s1.best_f, f[ok])
         assert np.isfinite(s1.es.mean).all() and np.isfinite(s1.es.f_hist[0])
         s2 = jax.device_get(nan_generation(jax.tree.map(jnp.asarray, s1).replace(
-            best_f=jnp.asarray(-1.0))))
+            best_f=jnp.asarray(-1.0)))[0])
         assert s2.best_f == -1.0 and np.array_equal(s2.best_x, s1.best_x)
         stuck = s1.es.replace(mean=jnp.full(4, 3.0), sigma=jnp.asarray(1e-13))  # all fail
-        s3 = jax.device_get(nan_generation(jax.tree.map(jnp.asarray, s1).replace(es=stuck)))
+        s3, m3 = jax.device_get(nan_generation(jax.tree.map(jnp.asarray, s1).replace(es=stuck)))
+        m4 = jax.device_get(nan_generation(jax.tree.map(jnp.asarray, s3))[1])
     assert s3.restarts == 1 and s3.es.lam == 16 and s3.f_gen == np.inf
     assert s3.best_f == s1.best_f and np.array_equal(s3.best_x, s1.best_x)
+    # charts/evaluations: the restart generation used lambda0 = 8, the next one 16 (the
+    # runner's steps_per_update stays 8)
+    assert (m3["charts/evaluations"], m4["charts/evaluations"]) == (8, 16)
 
 
 # --- T2-T5: benchmarks with broken variants ---
@@ -456,6 +460,10 @@ def test_train_is_pure_and_seeded():
     assert np.all(np.diff(m1["charts/best_f"], axis=1) <= 0)  # best so far
     evals = m1["charts/evals"]
     assert np.all(np.diff(evals, axis=1) % 10 == 0) and evals[:, 0].tolist() == [10] * 15
+    # evaluations per update: lambda while running, 0 once frozen; they add up to evals
+    per = m1["charts/evaluations"]
+    assert set(np.unique(per)) == {0, 10}
+    np.testing.assert_array_equal(np.cumsum(per, axis=1), evals)
     # frozen once the target is reached: evals stop at evals_to_target
     np.testing.assert_array_equal(evals[:SEEDS, -1], s1.evals_at_target[:SEEDS])
 
