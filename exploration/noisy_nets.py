@@ -218,22 +218,22 @@ def f(x):
     return jnp.sign(x) * jnp.sqrt(jnp.abs(x))
 
 
-def factorised_noise(eps_in, eps_out):
-    """[1] Eq. (10-11): eps_w = f(eps_in) f(eps_out)^T  [p, q] (rank one), eps_b = f(eps_out)."""
-    return jnp.outer(f(eps_in), f(eps_out)), f(eps_out)
-
-
 class NoisyDense(nn.Module):
-    """[1] Eq. (8) with factorised Gaussian noise from the "noise" rng stream, drawn once per
-    call (shared by the batch). `noisy=False` keeps only mu (a plain linear layer with [1]'s
-    init). The raw eps_in, eps_out are sown to "intermediates" for inspection."""
+    """[1] Eq. (8) with factorised Gaussian noise from the "noise" rng stream. One draw per call
+    shared by the batch, or (`per_example=True`) one per row of x (one per env when acting).
+    `noisy=False` keeps only mu (a plain linear layer with [1]'s init). The raw eps_in,
+    eps_out are sown to "intermediates" for inspection.
+
+    With eps_w = f(eps_in) f(eps_out)^T (rank one, [1] Eq. 10-11) the noisy part of the
+    weights acts as ((x * f(eps_in)) sigma_w) * f(eps_out): the same numbers as building
+    W = mu_w + sigma_w * eps_w, without a [p, q] matrix per env (DQN Zoo computes it so)."""
 
     features: int
     noisy: bool = True
     sigma_0: float = 0.5
 
     @nn.compact
-    def __call__(self, x):
+    def __call__(self, x, per_example: bool = False):
         p = x.shape[-1]
         bound = 1.0 / np.sqrt(p)
         uniform = lambda k, s: jax.random.uniform(k, s, minval=-bound, maxval=bound)
@@ -244,12 +244,15 @@ class NoisyDense(nn.Module):
         const = nn.initializers.constant(self.sigma_0 / np.sqrt(p))
         sigma_w = self.param("sigma_w", const, (p, self.features))
         sigma_b = self.param("sigma_b", const, (self.features,))
+        batch = x.shape[:-1] if per_example else ()
         k_in, k_out = jax.random.split(self.make_rng("noise"))
-        eps_in, eps_out = jax.random.normal(k_in, (p,)), jax.random.normal(k_out, (self.features,))
+        eps_in = jax.random.normal(k_in, (*batch, p))
+        eps_out = jax.random.normal(k_out, (*batch, self.features))
         self.sow("intermediates", "eps_in", eps_in)
         self.sow("intermediates", "eps_out", eps_out)
-        eps_w, eps_b = factorised_noise(eps_in, eps_out)
-        return x @ (mu_w + sigma_w * eps_w) + mu_b + sigma_b * eps_b  # [1] Eq. (8)
+        f_out = f(eps_out)  # eps_b = f(eps_out)                               [1] Eq. (11)
+        noise_w = ((x * f(eps_in)) @ sigma_w) * f_out  # (sigma_w * eps_w)^T x  [1] Eq. (10)
+        return x @ mu_w + noise_w + mu_b + sigma_b * f_out  # [1] Eq. (8)
 
 
 class QNetwork(nn.Module):
@@ -266,7 +269,7 @@ class QNetwork(nn.Module):
     obs_ndim: int = 1
 
     @nn.compact
-    def __call__(self, obs):
+    def __call__(self, obs, per_example: bool = False):
         if self.pixels:  # envpool frames (..., 4, 84, 84) -> (..., 84, 84, 4)
             x = jnp.moveaxis(obs, -3, -1).astype(jnp.float32) / 255.0
             for ch, k, s in ((32, 8, 4), (64, 4, 2), (64, 3, 1)):
@@ -276,9 +279,9 @@ class QNetwork(nn.Module):
         else:
             x = obs.reshape(*obs.shape[:obs.ndim - self.obs_ndim], -1).astype(jnp.float32)
         for h in self.hidden:
-            x = NoisyDense(h, self.noisy, self.sigma_0)(x)
+            x = NoisyDense(h, self.noisy, self.sigma_0)(x, per_example)
             x = nn.relu(nn.LayerNorm()(x) if self.layer_norm else x)
-        return NoisyDense(self.num_actions, self.noisy, self.sigma_0)(x)
+        return NoisyDense(self.num_actions, self.noisy, self.sigma_0)(x, per_example)
 
 
 def network(cfg: Config, env) -> QNetwork:
@@ -288,9 +291,10 @@ def network(cfg: Config, env) -> QNetwork:
                     obs_ndim=len(env.observation_shape))
 
 
-def q_values(net, params, obs, key):
-    """Q(obs) under one noise draw `key` (ignored by non-noisy networks)."""
-    return net.apply(params, obs, rngs={"noise": key})
+def q_values(net, params, obs, key, per_example: bool = False):
+    """Q(obs) under one noise draw from `key` for the batch, or one per row of obs
+    (`per_example`); non-noisy networks ignore the key."""
+    return net.apply(params, obs, per_example, rngs={"noise": key})
 
 
 # --- PARAMETER NOISE ---
@@ -389,9 +393,7 @@ def act(state: State, cfg: Config, net, obs, key, epsilon):
     """The behaviour policy of each mode; obs [N, ...] -> actions [N]."""
     k_noise, k_eps = jax.random.split(key)
     if cfg.exploration == "noisy":  # a fresh noise draw per env and step, greedy ([1] Alg. 1)
-        keys = jax.random.split(k_noise, cfg.num_envs)
-        q = jax.vmap(lambda o, k: q_values(net, state.params, o[None], k)[0])(obs, keys)
-        return jnp.argmax(q, -1)
+        return jnp.argmax(q_values(net, state.params, obs, k_noise, per_example=True), -1)
     if cfg.exploration == "param":  # greedy under each env's perturbed params ([2])
         q = jax.vmap(lambda p, o: q_values(net, p, o[None], k_noise)[0])(state.perturbed, obs)
         return jnp.argmax(q, -1)
