@@ -54,8 +54,11 @@ pycma 4.5.0 in the same process: sphere 1480 (1260-1600) vs 1461 (1411-1621); Ro
 Differences from the paper:
 - Active (negative) weights are on by default, as in [1] Table 1, pycma and evosax;
   `--no-active` gives the positive-weights-only CMA-ES of [2] and the post.
-- Strategy parameters follow the 2016 tutorial (= evosax 0.3.2) exactly; pycma 4.5.0 uses
-  c_s = (mu_eff+2)/(n+mu_eff+3) and adds 1/4 inside c_mu (0.3196 and 0.0236 at n=lambda=10).
+- Strategy parameters follow the 2016 tutorial (= evosax 0.3.2) exactly; `--constants pycma`
+  gives pycma 4.5.0's instead: c_s = min(1/2, (mu_eff+2)/(n+mu_eff+3)), 1/4 added inside
+  c_mu (0.3196 and 0.0236 at n=lambda=10), d_s with sqrt((mu_eff-1)/(n+1)) scaled by
+  max(1, 3 (1 - 2^(-n/9))) and c_1 scaled by min(1, lambda/6) (equal to [1] at n=lambda=10
+  but for c_s in d_s); weights, c_c and chi_n are the same.
 - Fixes of the post's equations: C^{-1/2} = B D^-1 B^T (the post writes D^{-1/2}); the p_s
   factor is sqrt(c_s (2-c_s) mu_eff); sqrt(mu_eff) replaces sqrt(lambda) in both paths
   (equal only for equal weights); the post's c_mu ~ min(1, lambda/n^2) is the ablation
@@ -94,6 +97,7 @@ from common import blackbox, run
 
 WEIGHTS = ("log", "equal")
 C_MU_RULES = ("tutorial", "post")
+CONSTANTS = ("tutorial", "pycma")
 RESTARTS = ("none", "ipop")
 
 
@@ -119,6 +123,8 @@ class Config:
     """active CMA: negative weights for the worst lambda - mu ([1] Eq. 53; --no-active: [2])"""
     c_mu_rule: str = "tutorial"
     """rank-mu rate: tutorial (Eq. 58) or post (min(1, lambda/n^2), an ablation)"""
+    constants: str = "tutorial"
+    """strategy constants: tutorial ([1] Table 1) or pycma (pycma 4.5.0's c_s, d_s, c_1, c_mu)"""
     rank_one_only: bool = False
     """ablation: c_mu = 0 (rank-one update only)"""
     rank_mu_only: bool = False
@@ -176,7 +182,7 @@ class Config:
 
     def validate(self):
         choices = {"problem": blackbox.PROBLEMS, "weights": WEIGHTS,
-                   "c_mu_rule": C_MU_RULES, "restart": RESTARTS}
+                   "c_mu_rule": C_MU_RULES, "restart": RESTARTS, "constants": CONSTANTS}
         for name, ok in choices.items():
             if getattr(self, name) not in ok:
                 raise ValueError(f"{name} must be one of {ok}, got {name}={getattr(self, name)!r}")
@@ -215,9 +221,11 @@ PRESETS = {
 
 
 def strategy_params(n: int, lam, lam_max: int | None = None, weights: str = "log",
-                    active: bool = False, c_mu_rule: str = "tutorial") -> dict:
+                    active: bool = False, c_mu_rule: str = "tutorial",
+                    constants: str = "tutorial") -> dict:
     """Default parameters of [1] Table 1 for dimension n and population lam (a traced
-    value is fine). `weights` has lam_max entries (zero beyond lam)."""
+    value is fine). `weights` has lam_max entries (zero beyond lam). constants="pycma":
+    pycma 4.5.0's c_s, d_s, c_1 and c_mu instead (weights, c_c, chi_n are the same)."""
     lam_max = int(lam) if lam_max is None else lam_max
     lam = jnp.asarray(lam, dtype=jnp.result_type(float))
     mu = jnp.floor(lam / 2)
@@ -230,12 +238,21 @@ def strategy_params(n: int, lam, lam_max: int | None = None, weights: str = "log
     w_pos, w_neg = jnp.where(pos, w_prime, 0.0), jnp.where(neg, w_prime, 0.0)
     mu_eff = jnp.sum(w_pos) ** 2 / jnp.sum(w_pos**2)  # [1] Eq. (8)
     mu_eff_neg = jnp.sum(w_neg) ** 2 / jnp.maximum(jnp.sum(w_neg**2), 1e-300)
-    c_sigma = (mu_eff + 2) / (n + mu_eff + 5)  # [1] Eq. (55)
-    d_sigma = 1 + 2 * jnp.maximum(0.0, jnp.sqrt((mu_eff - 1) / (n + 1)) - 1) + c_sigma
     c_c = (4 + mu_eff / n) / (n + 4 + 2 * mu_eff / n)  # [1] Eq. (56)
     c_1 = 2 / ((n + 1.3) ** 2 + mu_eff)  # [1] Eq. (57), alpha_cov = 2
+    if constants == "tutorial":
+        c_sigma = (mu_eff + 2) / (n + mu_eff + 5)  # [1] Eq. (55)
+        d_sigma = 1 + 2 * jnp.maximum(0.0, jnp.sqrt((mu_eff - 1) / (n + 1)) - 1) + c_sigma
+        c_mu = 2 * (mu_eff - 2 + 1 / mu_eff) / ((n + 2) ** 2 + mu_eff)  # [1] Eq. (58)
+    else:  # pycma 4.5.0: sigma_adaptation.py compute_cs/compute_damps, interfaces.py
+        c_sigma = jnp.minimum(0.5, (mu_eff + 2) / (n + mu_eff + 3))
+        damp_in = max(1.0, 3 * (1 - 0.5 ** (n / 9)))  # 1.61 at n = 10, -> 3 for large n
+        d_sigma = 1 + 2 * jnp.maximum(0.0, damp_in * jnp.sqrt((mu_eff - 1) / (n + 1)) - 1
+                                      ) + c_sigma
+        c_1 = jnp.minimum(1.0, lam / 6) * c_1
+        c_mu = 2 * (0.25 + mu_eff - 2 + 1 / mu_eff) / ((n + 2) ** 2 + mu_eff)
     if c_mu_rule == "tutorial":
-        c_mu = jnp.minimum(1 - c_1, 2 * (mu_eff - 2 + 1 / mu_eff) / ((n + 2) ** 2 + mu_eff))  # (58)
+        c_mu = jnp.minimum(1 - c_1, c_mu)  # [1] Eq. (58)
     else:
         c_mu = jnp.minimum(1 - c_1, jnp.minimum(1.0, lam / n**2))  # post: min(1, lambda/n^2)
     alpha = jnp.minimum(jnp.minimum(1 + c_1 / c_mu, 1 + 2 * mu_eff_neg / (mu_eff + 2)),
@@ -251,7 +268,8 @@ def strategy_params(n: int, lam, lam_max: int | None = None, weights: str = "log
 
 def cfg_params(lam, cfg: Config) -> dict:
     """strategy_params for the config, with the ablations applied to c_1 and c_mu."""
-    p = strategy_params(cfg.dim, lam, cfg.lam_max, cfg.weights, cfg.active, cfg.c_mu_rule)
+    p = strategy_params(cfg.dim, lam, cfg.lam_max, cfg.weights, cfg.active, cfg.c_mu_rule,
+                        cfg.constants)
     if cfg.rank_one_only or cfg.no_covariance:
         p["c_mu"] = jnp.zeros_like(p["c_mu"])
     if cfg.rank_mu_only or cfg.no_covariance:

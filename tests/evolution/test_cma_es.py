@@ -78,6 +78,58 @@ def test_parameter_table_matches_tutorial_and_pycma():
     assert np.all(np.asarray(lam12["weights"])[6:] == 0) and lam12["weights"].shape == (20,)
 
 
+def test_constants_tutorial_and_pycma_by_hand():
+    """Both constant sets (--constants) at n = lambda = 10 as literal numbers, and at
+    n = 10, lambda = 160 (pycma's c_s cap 1/2 and its d_s factor 3 (1 - 2^(-n/9)) act)
+    and lambda = 4 (pycma's c_1 factor lambda/6) from the formulas written out here;
+    then pycma 4.5.0's own values where installed (popsize >= 6: below it pycma mirrors
+    samples and changes d_s)."""
+    def hand(n, lam, constants):
+        w = np.log((lam + 1) / 2) - np.log(np.arange(1, lam // 2 + 1))
+        mu = w.sum() ** 2 / (w**2).sum()
+        c1 = 2 / ((n + 1.3) ** 2 + mu)
+        if constants == "tutorial":
+            cs = (mu + 2) / (n + mu + 5)
+            ds = 1 + 2 * max(0, np.sqrt((mu - 1) / (n + 1)) - 1) + cs
+            cmu = 2 * (mu - 2 + 1 / mu) / ((n + 2) ** 2 + mu)
+        else:
+            cs = min(0.5, (mu + 2) / (n + mu + 3))
+            fac = max(1, 3 * (1 - 0.5 ** (n / 9)))
+            ds = 1 + 2 * max(0, fac * np.sqrt((mu - 1) / (n + 1)) - 1) + cs
+            c1 *= min(1, lam / 6)
+            cmu = 2 * (0.25 + mu - 2 + 1 / mu) / ((n + 2) ** 2 + mu)
+        return dict(mu_eff=mu, c_sigma=cs, d_sigma=ds, c_1=c1, c_mu=min(1 - c1, cmu))
+
+    with jax.enable_x64(True):
+        got = {(n, lam, c): {k: float(v) for k, v in cma_es.strategy_params(
+            n, lam, active=True, constants=c).items() if k in ("mu_eff", "c_sigma",
+                                                               "d_sigma", "c_1", "c_mu")}
+               for n, lam in ((10, 10), (10, 160), (3, 4)) for c in cma_es.CONSTANTS}
+    literal = {"tutorial": dict(c_sigma=0.2844286, d_sigma=1.2844286, c_mu=0.0201543),
+               "pycma": dict(c_sigma=0.3196143, d_sigma=1.3196143, c_mu=0.0235518)}
+    for c, table in literal.items():
+        for k, v in table.items():
+            assert abs(got[10, 10, c][k] - v) < 1e-7, (c, k, got[10, 10, c][k], v)
+    for (n, lam, c), p in got.items():
+        for k, v in hand(n, lam, c).items():
+            assert p[k] == pytest.approx(v, rel=1e-12), (n, lam, c, k)
+    assert got[10, 160, "pycma"]["c_sigma"] == 0.5 < got[10, 160, "tutorial"]["c_sigma"]
+    assert got[3, 4, "pycma"]["c_1"] == pytest.approx(got[3, 4, "tutorial"]["c_1"] * 4 / 6)
+    with jax.enable_x64(True):  # the Config field reaches what tell reads
+        via_cfg = cma_es.cfg_params(10, cma_es.Config(popsize=10, constants="pycma"))
+    assert float(via_cfg["c_sigma"]) == pytest.approx(got[10, 10, "pycma"]["c_sigma"])
+    cma = pytest.importorskip("cma")
+    for n, lam in ((10, 10), (10, 160), (40, 20)):
+        es = cma.CMAEvolutionStrategy(np.zeros(n), 0.5, {"popsize": lam, "verbose": -9})
+        with jax.enable_x64(True):
+            p = cma_es.strategy_params(n, lam, active=True, constants="pycma")
+        ref = dict(c_sigma=es.adapt_sigma.cs, d_sigma=es.adapt_sigma.damps, c_1=es.sp.c1,
+                   c_mu=es.sp.cmu, c_c=es.sp.cc)
+        for k, v in ref.items():
+            np.testing.assert_allclose(p[k], v, rtol=1e-12, err_msg=f"{k} n={n} lam={lam}")
+        np.testing.assert_allclose(p["weights"][:lam], es.sp.weights, rtol=1e-9, atol=1e-15)
+
+
 # --- one generation against a NumPy transcription of the tutorial ---
 
 
