@@ -18,9 +18,9 @@ The CEM keeps a Gaussian N(mu, diag(var)) over the flat actor parameters. One ge
     evaluate ALL N actors for one episode: return = fitness, transitions -> replay buffer
     CEM update from the K best (all actors; the trained ones with their new parameters):
         lambda_i = log((K+1)/i) / sum_j log((K+1)/j)                            [1] Sec. 4
-        eps      <- tau_eps * eps + (1 - tau_eps) * eps_end                     [1] code
+        eps      <- tau_eps * eps + (1 - tau_eps) * eps_end   [1] code (ES.py sepCEM.tell)
         mu_new   = sum_i lambda_i z_i                                           [1] Eq. (1)
-        var_new  = sum_i lambda_i (z_i - mu_old)^2 + eps                        [1] Eq. (2)
+        var_new  = sum_i lambda_i (z_i - mu_old)^2 + eps   (eps decayed first)   [1] Eq. (2)
     (z_i the elites, best first; the equation numbers of [1] are from memory [mem].)
     (S = env steps of the previous generation; gradients start after `start_steps`.)
 

@@ -8,7 +8,7 @@ and the diagonal cross-entropy method (CEM) behind a flag.
 [3] I. Szita, A. Lorincz, "Learning Tetris Using the Noisy Cross-Entropy Method." Neural
     Computation 18(12), 2006 (extra noise added to the variance).
 [4] A. Pourchot, O. Sigaud, "CEM-RL." ICLR 2019, arXiv:1810.01222 (Sigma += eps I with
-    eps <- tau eps + (1 - tau) eps_end).
+    eps <- tau eps + (1 - tau) eps_end); code github.com/apourchot/CEM-RL, ES.py sepCEM.tell.
 
 One generation (minimisation), theta = (mu, sigma):
 
@@ -21,7 +21,9 @@ The post's per-sample square is pooled over the n coordinates too (1/(lambda n) 
 ||x_i - mu^(t)||^2), so sigma stays a scalar and the distribution isotropic.
 Flags: `variance_around=new_mean` centres the variance on mu^(t+1) (the maximum-likelihood
 fit, as in CEM); `diagonal` keeps one sigma per coordinate (diagonal CEM [2]); `noise_init`
-> 0 adds eps_t to every variance [3, 4], eps_{t+1} = tau eps_t + (1 - tau) eps_end.
+= eps_0 > 0 adds extra noise to every variance [3, 4], decayed first, then added, as in
+[4]'s sepCEM.tell: refit t adds eps_{t+1} = tau eps_t + (1 - tau) eps_end (the first adds
+tau eps_0 + (1 - tau) eps_end, not eps_0).
 
 Reproduce (2-core CPU, float32, 11 seeds vmapped; wall time of the whole command):
     python evolution/simple_gaussian_es.py --preset sphere --num-seeds 11       # 21 s
@@ -80,7 +82,7 @@ class Config:
     diagonal: bool = False
     """diagonal CEM: one sigma per coordinate instead of one pooled scalar"""
     noise_init: float = 0.0
-    """extra variance eps_0 added after each refit (CEM-RL: 1e-3; 0: off)"""
+    """extra variance eps_0, decayed once before the first refit adds it (CEM-RL: 1e-3; 0: off)"""
     noise_end: float = 1e-5
     """limit eps_end of the extra variance (CEM-RL)"""
     noise_decay: float = 0.95
@@ -152,7 +154,7 @@ PRESETS = {
 class ESState:
     mean: jax.Array  # mu, (n,)
     sigma: jax.Array  # scalar (isotropic) or (n,) (diagonal)
-    noise: jax.Array  # extra variance eps_t
+    noise: jax.Array  # extra variance eps_t (added by the last refit; eps_0 before any)
     g: jax.Array  # generation counter
 
 
@@ -184,10 +186,10 @@ def tell(es: ESState, x: jax.Array, f: jax.Array, cfg: Config) -> ESState:
     dev2 = (elite - center) ** 2  # (lambda, n)
     # post: sigma^2 = 1/lambda sum_elite (x_i - mu^(t))^2, pooled over coordinates too
     var = jnp.mean(dev2, axis=0) if cfg.diagonal else jnp.mean(dev2)
-    var = var + es.noise  # [3, 4]: Sigma + eps I (eps = 0 when off)
     noise = es.noise  # stays 0 when the extra noise is off
-    if cfg.noise_init > 0:
-        noise = cfg.noise_decay * es.noise + (1 - cfg.noise_decay) * cfg.noise_end  # [4]
+    if cfg.noise_init > 0:  # [4] code: eps <- tau eps + (1 - tau) eps_end, decayed first
+        noise = cfg.noise_decay * es.noise + (1 - cfg.noise_decay) * cfg.noise_end
+    var = var + noise  # [3, 4]: Sigma + eps I, with the decayed eps
     return es.replace(mean=mean, sigma=jnp.sqrt(var), noise=noise, g=es.g + 1)
 
 

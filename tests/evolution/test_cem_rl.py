@@ -21,7 +21,10 @@ TINY = cem_rl.Config(env_id="Pendulum-v1", episode_steps=50, total_timesteps=800
 
 def test_cem_update_matches_closed_form():
     """[1] Eq. (1)-(2) on a hand case: 4 members in 2-D, K = 2 elites, weights
-    log(3/1), log(3/2) normalised; variance around the OLD mean plus the decayed eps."""
+    log(3/1), log(3/2) normalised; variance around the OLD mean plus the decayed eps. The
+    first two generations add eps_1 = 0.95 * 1e-3 + 0.05 * 1e-5 = 9.505e-4 and
+    eps_2 = 0.95 eps_1 + 5e-7 = 9.03475e-4: decay, then add, as [1]'s sepCEM.tell (the
+    add-then-decay order would add 1e-3, then 9.505e-4)."""
     pop = jnp.array([[1.0, 2.0], [0.5, -1.0], [3.0, 0.0], [-1.0, 1.0]])
     fitness = jnp.array([3.0, 1.0, 4.0, 2.0])  # minimised: elites are rows 1 then 3
     state = cem_rl.CEMState(jnp.array([0.0, 0.5]), jnp.array([1.0, 1.0]), jnp.array(1e-3))
@@ -35,6 +38,11 @@ def test_cem_update_matches_closed_form():
     np.testing.assert_allclose(new.mean, mean, rtol=1e-6)
     np.testing.assert_allclose(new.var, var, rtol=1e-6)
     np.testing.assert_allclose(new.eps, eps, rtol=1e-6)
+    new2 = cem_rl.cem_tell(new, pop, fitness, num_elites=2, eps_end=1e-5, eps_tau=0.95)
+    eps2 = 9.03475e-4
+    var2 = w0 * (pop[1] - new.mean) ** 2 + w1 * (pop[3] - new.mean) ** 2 + eps2
+    np.testing.assert_allclose(new2.eps, eps2, rtol=1e-6)
+    np.testing.assert_allclose(new2.var, var2, rtol=1e-6)
     # eps decays toward eps_end: after many generations it is eps_end.
     s = state
     for _ in range(400):

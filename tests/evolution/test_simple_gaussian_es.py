@@ -66,8 +66,10 @@ def test_tell_matches_the_post(variance_around):
 
 
 def test_diagonal_cem_and_decaying_noise():
-    """Diagonal CEM: per-coordinate variance around the new mean plus eps_t, and
-    eps_{t+1} = tau eps_t + (1 - tau) eps_end (CEM-RL)."""
+    """Diagonal CEM: per-coordinate variance around the new mean plus the extra noise,
+    decayed first and then added as in CEM-RL's sepCEM.tell: the first two refits add
+    eps_1 = 0.9 * 1e-2 + 0.1 * 1e-4 = 9.01e-3 and eps_2 = 0.9 eps_1 + 1e-5 = 8.119e-3 (the
+    add-then-decay order would add 1e-2, then 9.01e-3)."""
     cfg = sges.Config(dim=4, popsize=12, elites=4, diagonal=True, variance_around="new_mean",
                       noise_init=1e-2, noise_end=1e-4, noise_decay=0.9)
     with jax.enable_x64(True):
@@ -79,9 +81,11 @@ def test_diagonal_cem_and_decaying_noise():
         off = sges.tell(es.replace(noise=jnp.zeros(())), jnp.asarray(x), jnp.asarray(f),
                         dataclasses.replace(cfg, noise_init=0.0))
     elite = x[np.argsort(f)[:4]]
-    np.testing.assert_allclose(new.sigma**2, elite.var(0) + 1e-2, rtol=1e-12)
-    np.testing.assert_allclose(new.noise, 0.9 * 1e-2 + 0.1 * 1e-4, rtol=1e-12)
-    np.testing.assert_allclose(new2.sigma**2, elite.var(0) + float(new.noise), rtol=1e-12)
+    eps1, eps2 = 9.01e-3, 8.119e-3  # by hand, above
+    np.testing.assert_allclose(new.noise, eps1, rtol=1e-12)
+    np.testing.assert_allclose(new.sigma**2, elite.var(0) + eps1, rtol=1e-12)
+    np.testing.assert_allclose(new2.noise, eps2, rtol=1e-12)
+    np.testing.assert_allclose(new2.sigma**2, elite.var(0) + eps2, rtol=1e-12)
     assert float(off.noise) == 0.0
     np.testing.assert_allclose(off.sigma**2, elite.var(0), rtol=1e-12)
 
