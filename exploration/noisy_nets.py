@@ -37,8 +37,8 @@ Reproduce (CPU demo, DeepSea N = 10, ~1 min per arm on 2 cores):
     python exploration/noisy_nets.py --preset quick --num-seeds 4 --exploration epsilon
     python exploration/noisy_nets.py --preset quick --num-seeds 4 --exploration param
 Measured (quick preset, 4 seeds, 2-core CPU, ~40 s per arm): episodes that reached the
-treasure, of 8000 per seed: NoisyNet 3 3 4 3; epsilon-greedy 5362 0 1 5528; parameter noise
-4773 2748 1 3809; all three visit 63-64 of the 66 cells (NoisyNet with sigma_0 = 0: 34-44).
+treasure, of 8000 per seed: NoisyNet 3 1 7 0; epsilon-greedy 5362 0 1 5528; parameter noise
+4773 2748 1 3809; all three visit 62-64 of the 66 cells (NoisyNet with sigma_0 = 0: 29-41).
 NoisyNet's per-step noise dithers like epsilon and does not solve DeepSea here.
 Paper setting (GPU; one Atari game through envpool, 50M agent steps = 200M frames):
     python exploration/noisy_nets.py --preset paper
