@@ -148,7 +148,10 @@ def test_simhash_bonus_explores_more_than_ppo(runs):
         SimHash beta = 1    95 97 92 103 92 82 95 95   median 95,   mean 93.9, 0 below 75
         PPO (beta = 0)      58 95 60 93 42 71 69 55    median 64.5, mean 67.9, 6 below 75
     (beta = 0.1: median 86.5, 2 below 75; the paper's beta = 0.01 is PPO here: 63.5.) The
-    broken variant (beta = 0) fails all three asserts (gaps 0)."""
+    broken variant (beta = 0) fails all three asserts (gaps 0). A degenerate hash (A all
+    ones: 2-3 codes, one per diagonal half) still scores median 94 here, since any count
+    that tells the start half from the rest pushes the agent on; the bucket assert (more
+    than 10 codes seen, counts only grow) fails it."""
     seeds, (state, metrics), _ = runs
     cells = np.asarray(state.env_state.visited.sum((-1, -2)))
     on, off = cells[:seeds], cells[seeds:]
