@@ -329,18 +329,10 @@ def shape_fitness(f: jax.Array, cfg: Config) -> jax.Array:
 
 
 def es_gradient(eps: jax.Array, weights: jax.Array, sigma: float) -> jax.Array:
-    """[1] Alg. 1: g = 1/(n sigma) sum_i w_i eps_i (an estimate of grad E f)."""
-    return eps.T @ weights / (eps.shape[0] * sigma)  # (D,)
-
-
-def seed_gradient(gen_key, weights: jax.Array, dim: int, cfg: Config) -> jax.Array:
-    """[1] Alg. 2: the same g with every eps_i rebuilt from (gen_key, i), summed in index
-    order by a scan, so that any process that knows the key computes identical bits."""
-    def body(acc, i):
-        return acc + weights[i] * member_noise(gen_key, i, dim, cfg), None
-
-    acc, _ = jax.lax.scan(body, jnp.zeros(dim), jnp.arange(cfg.population))
-    return acc / (cfg.population * cfg.sigma)
+    """[1] Alg. 1: g = 1/(n sigma) sum_i w_i eps_i (an estimate of grad E f). Written
+    w @ eps, (n,) @ (n, D): as eps.T @ w, XLA chose another layout for an eps rebuilt inside
+    the program than for ask's, and `reconstruct_update` lost bit-identity."""
+    return weights @ eps / (eps.shape[0] * sigma)  # (D,)
 
 
 def apply_gradient(es: ESState, g: jax.Array, cfg: Config):
@@ -359,11 +351,14 @@ def tell(es: ESState, eps: jax.Array, f: jax.Array, cfg: Config):
 def reconstruct_update(es: ESState, gen_key, indices: jax.Array, returns: jax.Array,
                        cfg: Config):
     """[1] Alg. 2 on the master (or on every worker): the generation's update from the
-    shared generation key, the member indices and their returns only (in any order).
-    Returns (es, grad); equals `tell` with the evaluated noise up to float rounding."""
+    shared generation key, the member indices and their returns only (in any order). Every
+    eps_i is rebuilt from (gen_key, i) (bit-identical to ask's) and put through the same
+    vectorised `tell` as `generation`, so any process that knows the key computes the
+    generation's update bit for bit. Returns (es, grad)."""
     f = jnp.zeros(cfg.population, returns.dtype).at[indices].set(-returns)
-    g = seed_gradient(gen_key, shape_fitness(f, cfg), es.theta.shape[0], cfg)
-    return apply_gradient(es, g, cfg)
+    dim = es.theta.shape[0]
+    eps = jax.vmap(lambda i: member_noise(gen_key, i, dim, cfg))(jnp.arange(cfg.population))
+    return tell(es, eps, f, cfg)
 
 
 # --- ROLLOUT ---
@@ -426,12 +421,12 @@ def init(key, cfg: Config) -> State:
 
 
 def generation(state: State, cfg: Config):
-    """One generation; also returns (gen_key, returns) for the seed-reconstruction check."""
+    """One generation; also returns (gen_key, returns) for the seed-reconstruction check
+    (`reconstruct_update` from them alone gives this update bit for bit, [1] Alg. 2)."""
     key, k_gen, k_roll, k_eval, k_obs = jax.random.split(state.key, 5)
-    pop, _ = ask(k_gen, state.es, cfg)
+    pop, eps = ask(k_gen, state.es, cfg)
     returns, lengths, (s1, s2, c) = evaluate_population(pop, k_roll, state, cfg)
-    # [1] Alg. 2: the update is rebuilt from (gen_key, index, return) as every worker does
-    es, g = reconstruct_update(state.es, k_gen, jnp.arange(cfg.population), returns, cfg)
+    es, g = tell(state.es, eps, -returns, cfg)  # minimise f = -return: one (n,) @ (n, D)
     obs_rms = state.obs_rms
     if cfg.obs_norm:  # [1] starter code: statistics from a random fraction of the rollouts
         m = jax.random.bernoulli(k_obs, cfg.obs_norm_prob, (cfg.population,)).astype(jnp.float32)
