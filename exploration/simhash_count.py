@@ -379,7 +379,7 @@ def ae_loss(params, ae: AE, x, key, *, binary_weight, noise):
     return nll + binary_weight * pen, nll, pen
 
 
-def hash_bits(params, stats, x, cfg: Config, ae: AE | None):
+def hash_bits(params, stats, x, ae: AE | None):
     """The k-bit code of g(s): SimHash of g(s), or SimHash of the rounded AE code."""
     if ae is None:
         return simhash_bits(stats["A"], x)
@@ -402,7 +402,7 @@ def make_bonus(cfg: Config, pixels: bool) -> Bonus:
 
     def reward(params, stats, b):
         x = preprocess(b["obs"], cfg, pixels)  # (T, N, D)
-        bits = hash_bits(params, stats, x.reshape(-1, x.shape[-1]), cfg, ae)
+        bits = hash_bits(params, stats, x.reshape(-1, x.shape[-1]), ae)
         table, n = count_update(stats["table"], bucket_keys(bits, cfg.bucket_sizes))
         key, _ = jax.random.split(stats["key"])
         r = count_bonus(n, cfg.beta).reshape(x.shape[:-1])  # (T, N)

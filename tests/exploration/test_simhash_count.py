@@ -112,7 +112,7 @@ def test_ae_binary_penalty_reconstruction_and_loss_by_hand():
         loss0 = sc.ae_loss(params, ae, x, key, binary_weight=3.0, noise=0.0)[0]
         via_bonus = sc.make_bonus(cfg, False).loss(params, stats, {"obs": obs})
         direct = sc.ae_loss(params, ae, x, stats["key"], binary_weight=3.0, noise=0.2)
-        bits = sc.hash_bits(params, stats, x, cfg, ae)
+        bits = sc.hash_bits(params, stats, x, ae)
         return by_hand, loss0, via_bonus, direct, bits, sc.simhash_bits(
             stats["A"], 2.0 * jnp.round(b) - 1.0), b
 
