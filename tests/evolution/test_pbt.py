@@ -71,6 +71,47 @@ def test_ties_are_broken_at_random_and_tournament_copies_only_better():
         assert parent[2] == 2  # the best never copies
 
 
+def test_welch_ttest_by_hand_and_ttest_exploit_copies_only_significantly_better():
+    """[1] Sec. 4.1.1 t-test selection. Welch's t, nu and the one-sided p on a hand case
+    (the first 4 of 6 values; the 2 after `count` are ignored) against the formulas written
+    out here and scipy.stats.ttest_ind(equal_var=False, alternative="greater"); then the
+    exploit with n = 2 (the partner is the other member): a clearly better partner is
+    copied, a higher mean within the noise is not (plain tournament would copy it), nobody
+    copies with fewer than 2 values, and constant histories give p = 1/2 (equal) or 0."""
+    a = jnp.array([3.0, 4.0, 6.0, 5.0, 100.0, -100.0])
+    b = jnp.array([1.0, 2.0, 2.0, 3.0, -100.0, 100.0])
+    t, nu, p = (float(v) for v in pbt.welch_ttest(a, b, 4))
+    va, vb = np.var([3, 4, 6, 5], ddof=1) / 4, np.var([1, 2, 2, 3], ddof=1) / 4  # 5/12, 1/6
+    t_hand = (4.5 - 2.0) / np.sqrt(va + vb)  # 3.2733
+    nu_hand = (va + vb) ** 2 / ((va**2 + vb**2) / 3)  # 4.9231
+    assert t == pytest.approx(t_hand, rel=1e-5) and nu == pytest.approx(nu_hand, rel=1e-5)
+    scipy_stats = pytest.importorskip("scipy.stats")
+    ref = scipy_stats.ttest_ind([3, 4, 6, 5], [1, 2, 2, 3], equal_var=False,
+                                alternative="greater")
+    assert t == pytest.approx(ref.statistic, rel=1e-5) and p == pytest.approx(ref.pvalue,
+                                                                              rel=1e-4)
+    assert 0.01 < p < 0.05  # significant at 0.05
+    worse_than = float(pbt.welch_ttest(b, a, 4)[2])
+    assert worse_than == pytest.approx(1 - p, rel=1e-4)
+
+    key = jax.random.PRNGKey(0)
+    clear = jnp.stack([b, a])  # member 1 is significantly better than member 0
+    noisy = jnp.array([[0.0, 2.0, -2.0, 1.0, 0, 0], [1.0, -1.0, 3.0, 0.0, 0, 0]])  # p ~ 0.4
+    flat = jnp.ones((2, 6))
+    assert np.asarray(pbt.ttest(key, clear, 4, 0.05)).tolist() == [1, 1]
+    assert np.asarray(pbt.ttest(key, noisy, 4, 0.05)).tolist() == [0, 1]
+    assert np.asarray(pbt.tournament(key, noisy[:, :4].mean(1))).tolist() == [1, 1]
+    assert np.asarray(pbt.ttest(key, clear, 1, 0.05)).tolist() == [0, 1]
+    assert float(pbt.welch_ttest(flat[0], flat[1], 4)[2]) == 0.5  # t = 0
+    assert np.asarray(pbt.ttest(key, flat, 4, 0.05)).tolist() == [0, 1]
+    assert float(pbt.welch_ttest(flat[0] + 1, flat[1], 4)[2]) == 0.0  # t = inf
+    # through exploit_explore, as update calls it
+    cfg = pbt.Config(exploit="ttest", explore="none")
+    w, h, parent = pbt.exploit_explore(key, jnp.array([[0.0], [1.0]]), jnp.eye(2),
+                                       jnp.array([2.0, 4.5]), pbt.Toy(cfg), cfg, clear, 4)
+    assert np.asarray(parent).tolist() == [1, 1] and np.asarray(w).ravel().tolist() == [1, 1]
+
+
 def test_explore_stays_within_bounds_and_only_moves_copied_members():
     cfg = pbt.Config(task="digits", population=8)
     task = pbt.Digits(cfg)
