@@ -14,7 +14,8 @@ Two layers:
   jittable and can be vmapped over an extra seed axis.
 
 `EnvpoolVecEnv` has the same ``reset``/``step`` contract for envpool's batched C++ envs
-(Atari, MuJoCo) through ``env.xla()``. `NormalizeObservation` wraps either one.
+(Atari, MuJoCo) through ``env.xla()``. `NormalizeObservation` wraps either one, and so
+does `Coverage` (distinct grid cells or Montezuma rooms visited, `mark_visited`).
 
 Episode statistics need no wrapper: ``VecEnv.step``'s ``info`` carries
 ``returned_episode``, ``returned_episode_return`` and ``returned_episode_length``.
@@ -521,6 +522,48 @@ class NormalizeObservation:
         obs, inner, reward, done, info = self.vecenv.step(state.inner, action, key)
         rms = state.rms.update(obs)
         return rms.normalize(obs, self.clip), NormalizeState(inner, rms), reward, done, info
+
+
+@struct.dataclass
+class CoverageState:
+    inner: PyTree
+    visited: jax.Array  # (G, G) grid cells or (256,) Montezuma rooms seen since the start
+
+
+def mark_visited(visited: jax.Array, info: dict) -> jax.Array:
+    """Coverage, the exploration papers' measure: `visited` with what this step's envs
+    stand on set True. A (G, G) `visited` takes the grid cells `info["position"]` ((N, 2)
+    row, col; clipped to the grid); a (256,) one takes Montezuma's Revenge rooms (RAM byte
+    3 of `info["ram"]`). Unchanged where `info` has neither (e.g. a grid on Atari)."""
+    if visited.ndim == 1 and "ram" in info:
+        return visited.at[info["ram"][..., 3].astype(jnp.int32)].set(True)
+    if visited.ndim == 2 and "position" in info:
+        pos = jnp.clip(info["position"], 0, visited.shape[0] - 1)
+        return visited.at[pos[:, 0], pos[:, 1]].set(True)
+    return visited
+
+
+class Coverage:
+    """Counts what any env of the batch has visited since the start (`mark_visited`):
+    grid cells on a `grid` x `grid` board, or Montezuma rooms when `rooms` (Atari).
+    `state.visited.sum()` is the number of distinct cells (rooms)."""
+
+    def __init__(self, vecenv: Any, grid: int, rooms: bool = False):
+        self.vecenv, self.grid, self.rooms = vecenv, int(grid), bool(rooms)
+
+    def __getattr__(self, name: str):  # num_envs, num_actions, observation_shape, ...
+        if name == "vecenv":
+            raise AttributeError(name)
+        return getattr(self.vecenv, name)
+
+    def reset(self, key: jax.Array):
+        obs, inner = self.vecenv.reset(key)
+        shape = (256,) if self.rooms else (self.grid, self.grid)
+        return obs, CoverageState(inner, jnp.zeros(shape, bool))
+
+    def step(self, state: CoverageState, action: jax.Array, key: jax.Array):
+        obs, inner, reward, done, info = self.vecenv.step(state.inner, action, key)
+        return obs, CoverageState(inner, mark_visited(state.visited, info)), reward, done, info
 
 
 # ----------------------------------------------------------------------------- make

@@ -60,13 +60,11 @@ Differences from the paper:
 """
 
 from dataclasses import dataclass
-from typing import Any
 
 import distrax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-from flax import struct
 
 from common import envs, run
 from common.nets import MLP, orthogonal
@@ -188,40 +186,6 @@ PRESETS = {
 # --- ENVIRONMENT ---
 
 
-@struct.dataclass
-class CoverageState:
-    inner: Any
-    visited: jax.Array  # (G, G) grid cells seen, or (256,) Montezuma rooms seen
-
-
-class Coverage:
-    """Counts the distinct cells (grid envs, `info["position"]`) or Montezuma rooms
-    (Atari RAM byte 3) that any env of this seed has visited since the start."""
-
-    def __init__(self, vecenv, grid: int, atari: bool):
-        self.vecenv, self.grid, self.atari = vecenv, grid, atari
-
-    def __getattr__(self, name):  # num_envs, num_actions, observation_shape, ...
-        if name == "vecenv":
-            raise AttributeError(name)
-        return getattr(self.vecenv, name)
-
-    def reset(self, key):
-        obs, inner = self.vecenv.reset(key)
-        return obs, CoverageState(inner, jnp.zeros((256,) if self.atari else (self.grid,) * 2,
-                                                   bool))
-
-    def step(self, state, action, key):
-        obs, inner, reward, done, info = self.vecenv.step(state.inner, action, key)
-        visited = state.visited
-        if self.atari:
-            visited = visited.at[info["ram"][..., 3].astype(jnp.int32)].set(True)
-        elif "position" in info:
-            pos = jnp.clip(info["position"], 0, self.grid - 1)
-            visited = visited.at[pos[:, 0], pos[:, 1]].set(True)
-        return obs, CoverageState(inner, visited), reward, done, info
-
-
 def make_env(cfg: Config):
     if cfg.is_atari:  # [1] Sec. 3: 42x42 grey, the last 4 frames, action repeat 4
         env = envs.make(cfg.env_id, cfg.num_envs, img_height=42, img_width=42, stack_num=4,
@@ -234,7 +198,7 @@ def make_env(cfg: Config):
         env = envs.make(cfg.env_id, cfg.num_envs, max_steps=cfg.max_episode_steps)
     else:
         env = envs.make(cfg.env_id, cfg.num_envs)
-    return Coverage(env, cfg.coverage_grid, cfg.is_atari)
+    return envs.Coverage(env, cfg.coverage_grid, rooms=cfg.is_atari)
 
 
 # --- NETWORKS ---

@@ -325,16 +325,6 @@ class State:
     key: jax.Array
 
 
-def _coverage(cfg, visited, info):
-    if cfg.is_atari:
-        room = info["ram"][..., 3].astype(jnp.int32)  # Montezuma: RAM byte 3 is the room
-        return visited.at[room].set(True)
-    if "position" in info:
-        pos = jnp.clip(info["position"], 0, cfg.coverage_grid - 1)
-        return visited.at[pos[:, 0], pos[:, 1]].set(True)
-    return visited
-
-
 def init(key, cfg: Config) -> State:
     env = make_env(cfg)
     policy, target, predictor = networks(cfg, env)
@@ -375,7 +365,7 @@ def update(state: State, cfg: Config):
         pi = distrax.Categorical(logits=logits)
         action = pi.sample(seed=k_act)
         next_obs, env_state, reward, done, info = env.step(env_state, action, k_env)
-        visited = _coverage(cfg, visited, info)
+        visited = envs.mark_visited(visited, info)
         tr = dict(obs=obs, next_obs=next_obs, action=action, logp=pi.log_prob(action),
                   v_ext=v_ext, v_int=v_int, reward=reward, done=done,
                   ret=info["returned_episode_return"], ended=info["returned_episode"])

@@ -70,14 +70,12 @@ Differences from the paper:
 """
 
 from dataclasses import dataclass
-from typing import Any
 
 import distrax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import struct
 
 from common import envs, run
 from common.nets import MLP, orthogonal
@@ -208,37 +206,6 @@ PRESETS = {
 # --- ENVIRONMENT ---
 
 
-@struct.dataclass
-class CoverageState:
-    inner: Any
-    visited: jax.Array  # (G, G) grid cells seen by any env of this seed
-
-
-class Coverage:
-    """Counts the distinct grid cells (`info["position"]`) visited since the start; stays
-    0 on envs without positions (Atari)."""
-
-    def __init__(self, vecenv, grid: int):
-        self.vecenv, self.grid = vecenv, grid
-
-    def __getattr__(self, name):  # num_envs, num_actions, observation_shape, ...
-        if name == "vecenv":
-            raise AttributeError(name)
-        return getattr(self.vecenv, name)
-
-    def reset(self, key):
-        obs, inner = self.vecenv.reset(key)
-        return obs, CoverageState(inner, jnp.zeros((self.grid,) * 2, bool))
-
-    def step(self, state, action, key):
-        obs, inner, reward, done, info = self.vecenv.step(state.inner, action, key)
-        visited = state.visited
-        if "position" in info:
-            pos = jnp.clip(info["position"], 0, self.grid - 1)
-            visited = visited.at[pos[:, 0], pos[:, 1]].set(True)
-        return obs, CoverageState(inner, visited), reward, done, info
-
-
 def make_env(cfg: Config):
     if cfg.is_atari:  # released code: 42x42 grey, 4 frames, frame skip 4, 30 no-ops
         env = envs.make(cfg.env_id, cfg.num_envs, img_height=42, img_width=42, stack_num=4,
@@ -249,7 +216,7 @@ def make_env(cfg: Config):
         env = envs.make(cfg.env_id, cfg.num_envs, max_steps=cfg.max_episode_steps)
     else:
         env = envs.make(cfg.env_id, cfg.num_envs)
-    return Coverage(env, cfg.coverage_grid)
+    return envs.Coverage(env, cfg.coverage_grid)  # stays 0 on Atari (no positions)
 
 
 # --- NETWORKS ---

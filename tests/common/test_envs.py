@@ -6,11 +6,13 @@ import numpy as np
 import pytest
 
 from common.envs import (
+    Coverage,
     GridMaze,
     GridMazeParams,
     NormalizeObservation,
     VecEnv,
     make,
+    mark_visited,
 )
 
 TINY = ("#####", "#S.G#", "#...#", "#####")
@@ -170,6 +172,33 @@ def test_normalize_observation_clips_and_counts():
     seen = np.stack(seen)
     assert np.abs(seen).max() <= 0.5 + 1e-6 and np.isclose(np.abs(seen).max(), 0.5)
     np.testing.assert_allclose(float(state.rms.count), 8 * 11, rtol=1e-5)
+
+
+def test_coverage_marks_grid_cells_and_montezuma_rooms():
+    """`mark_visited`: a (G, G) board takes info["position"] (row, col; clipped to the
+    board), a (256,) one takes RAM byte 3 (Montezuma's room); a board without positions
+    stays as it was. `Coverage` on TINY: reset marks nothing; one step down / right marks
+    exactly (2, 1) and (1, 2), a wall bump the same cell again."""
+    board = jnp.zeros((5, 5), bool)
+    got = mark_visited(board, {"position": jnp.array([[1, 2], [1, 2], [7, 0]])})
+    np.testing.assert_array_equal(np.argwhere(np.asarray(got)), [[1, 2], [4, 0]])
+    ram = jnp.zeros((3, 128), jnp.uint8).at[:, 3].set(jnp.array([5, 5, 9], jnp.uint8))
+    rooms = mark_visited(jnp.zeros(256, bool), {"ram": ram})
+    np.testing.assert_array_equal(np.flatnonzero(np.asarray(rooms)), [5, 9])
+    assert mark_visited(board, {"ram": ram}) is board  # a grid on Atari stays empty
+
+    venv = Coverage(VecEnv(GridMaze(TINY, max_steps=50), 2), grid=5)
+    assert venv.num_envs == 2 and venv.num_actions == 4
+    _, state = venv.reset(jax.random.key(0))
+    assert state.visited.shape == (5, 5) and not state.visited.any()
+    step = jax.jit(venv.step)
+    _, state, _, _, _ = step(state, jnp.array([1, 3]), jax.random.key(1))  # down, right
+    np.testing.assert_array_equal(np.argwhere(np.asarray(state.visited)), [[1, 2], [2, 1]])
+    _, state, _, _, _ = step(state, jnp.array([1, 2]), jax.random.key(2))  # wall, left
+    np.testing.assert_array_equal(np.argwhere(np.asarray(state.visited)),
+                                  [[1, 1], [1, 2], [2, 1]])
+    assert Coverage(VecEnv(GridMaze(TINY), 2), grid=5, rooms=True).reset(
+        jax.random.key(0))[1].visited.shape == (256,)
 
 
 def test_brax_params_scale_the_traced_system():
