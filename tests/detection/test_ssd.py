@@ -12,6 +12,7 @@ import pytest
 
 from common import boxes as bx
 from detection import ssd
+from tests.common.compiled import compiled
 from tests.common.config_fields import unread_fields
 from tests.detection import tiny_run as tiny_run_module
 
@@ -164,7 +165,7 @@ def test_every_config_field_is_read():
 def _train_map50(cfg, steps=300):
     """mAP@0.5 after `steps` updates, one jitted update per step in a Python loop (native
     convs: outside a lax.scan XLA:CPU's conv weight gradients are fast)."""
-    state = ssd.init(jax.random.PRNGKey(0), cfg)
+    state = compiled(lambda k_: ssd.init(k_, cfg), jax.random.PRNGKey(0))
     step = jax.jit(lambda s: ssd.update(s, cfg))
     for _ in range(steps):
         state, _ = step(state)

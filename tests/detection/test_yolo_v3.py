@@ -13,6 +13,7 @@ import optax
 import pytest
 
 from detection import yolo_v3 as y
+from tests.common.compiled import compiled
 from tests.common.config_fields import unread_fields
 from tests.detection import tiny_run as tiny_run_module
 
@@ -263,7 +264,7 @@ GATE_MAP = 0.45
 def _train_map50(cfg):
     """mAP@0.5 after cfg.total_steps updates, one jitted update per step in a Python loop
     (native convs: outside a lax.scan XLA:CPU's conv weight gradients are fast)."""
-    state = y.init(jax.random.PRNGKey(0), cfg)
+    state = compiled(lambda k_: y.init(k_, cfg), jax.random.PRNGKey(0))
     step = jax.jit(lambda s: y.update(s, cfg))
     for _ in range(cfg.total_steps):
         state, _ = step(state)

@@ -10,6 +10,7 @@ import pytest
 
 from common import run
 from evolution import cem_rl
+from tests.common.compiled import compiled
 from tests.common.config_fields import unread_fields
 
 # Tiny Pendulum setting for purity / CLI (50-step episodes, 4 actors, few gradient steps).
@@ -106,7 +107,7 @@ def _rl_phase_once(cfg, phase=None):
     """rl_phase (jitted) on a fresh init, a buffer of 200 random Pendulum-shaped transitions
     and a CEM population; returns (state, buffer, population, rl_phase's outputs)."""
     nets = cem_rl.nets_of(cfg)
-    state = cem_rl.init(jax.random.PRNGKey(0), cfg)
+    state = compiled(lambda k_: cem_rl.init(k_, cfg), jax.random.PRNGKey(0))
     k = jax.random.split(jax.random.PRNGKey(1), 4)
     n = 200
     tr = cem_rl.Transition(jax.random.normal(k[0], (n, 3)),

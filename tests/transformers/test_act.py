@@ -11,6 +11,7 @@ import pytest
 
 from common import run
 from tests.common import preset
+from tests.common.compiled import compiled
 from tests.common.config_fields import unread_fields
 from tests.transformers import tiny_run as tiny_run_module
 from transformers import act
@@ -23,7 +24,7 @@ _forward = jax.jit(act.forward, static_argnums=2)
 
 
 def _params(cfg, key=0, halt_bias=None):
-    params = act.init(jax.random.PRNGKey(key), cfg).params
+    params = compiled(lambda k_: act.init(k_, cfg), jax.random.PRNGKey(key)).params
     if halt_bias is not None:  # a constant halting probability h = sigmoid(halt_bias)
         w_h = params["params"]["w_h"]
         params = {"params": {**params["params"], "w_h": {

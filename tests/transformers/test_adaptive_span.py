@@ -11,6 +11,7 @@ import pytest
 
 from common import run
 from tests.common import preset
+from tests.common.compiled import compiled
 from tests.common.config_fields import unread_fields
 from tests.transformers import leak
 from tests.transformers import tiny_run as tiny_run_module
@@ -27,8 +28,8 @@ TINY = A.Config(corpus="this", byte_level=False, n_layer=1, d_model=16, n_head=2
 def _params(cfg, seed=0):
     mems = jnp.zeros((cfg.n_layer, 2, cfg.attn_span, cfg.d_model))
     model = A.AdaptiveSpanLM(cfg, V)
-    return model, model.init(jax.random.PRNGKey(seed), jnp.zeros((2, L), jnp.int32), mems,
-                             0)["params"]
+    return model, compiled(lambda k_: model.init(k_, jnp.zeros((2, L), jnp.int32), mems,
+                             0), jax.random.PRNGKey(seed))["params"]
 
 
 def _set_spans(params, value):
@@ -221,7 +222,7 @@ def test_remat_changes_nothing_but_memory():
     after, temp = [], []
     for remat in (True, False):
         cfg = dataclasses.replace(base, remat=remat)
-        state = A.init(jax.random.PRNGKey(0), cfg)
+        state = compiled(lambda k_: A.init(k_, cfg), jax.random.PRNGKey(0))
         step = jax.jit(A.update, static_argnums=1).lower(state, cfg).compile()
         temp.append(step.memory_analysis().temp_size_in_bytes)
         after.append(step(state)[0].params)

@@ -13,6 +13,7 @@ import pytest
 
 from common import run
 from tests.common import preset
+from tests.common.compiled import compiled
 from tests.common.config_fields import unread_fields
 from tests.transformers import leak, peer
 from tests.transformers import tiny_run as tiny_run_module
@@ -30,7 +31,8 @@ def tiny_model(**overrides):
     model = aiayn.make_model(TINY, dropout=0.0, **overrides)
     src = jnp.asarray(pairs.val_src[:4], jnp.int32)
     tgt = jnp.asarray(pairs.val_tgt[:4], jnp.int32)
-    params = model.init(jax.random.PRNGKey(0), src, src != aiayn.PAD, tgt[:, :-1])
+    params = compiled(lambda k_: model.init(k_, src, src != aiayn.PAD, tgt[:, :-1]),
+                      jax.random.PRNGKey(0))
     return model, params, src, tgt
 
 
@@ -207,7 +209,7 @@ def test_evaluate_scores_exact_match_and_char_accuracy_by_hand(monkeypatch):
     """evaluate's greedy scores on decodes set by hand (greedy_decode replaced): the targets
     themselves with one character wrong in 10 of the 50 held-out words (exact match 0.8,
     char accuracy 1 - 10 / #chars incl. EOS), and with every word wrong (0.0)."""
-    state = aiayn.init(jax.random.PRNGKey(0), TINY)
+    state = compiled(lambda k_: aiayn.init(k_, TINY), jax.random.PRNGKey(0))
     pairs = aiayn.load_pairs(TINY)
     targets = np.asarray(pairs.val_tgt[:, 1:], np.int32)
     real = targets != aiayn.PAD
@@ -330,7 +332,8 @@ def test_matches_torch_nn_transformer(tmp_path):
     cfg = dataclasses.replace(TINY, d_model=16, num_heads=4, d_ff=32)
     model = aiayn.make_model(cfg, dropout=0.0)
     x = jnp.zeros((1, 7), jnp.int32)
-    params = port_torch(sd, model.init(jax.random.PRNGKey(0), x, x == 0, x[:, :5]))
+    params = port_torch(sd, compiled(lambda k_: model.init(k_, x, x == 0, x[:, :5]),
+                                     jax.random.PRNGKey(0)))
     mask = jnp.asarray(~src_pad)
     memory = model.apply(params, jnp.asarray(src), mask, method=aiayn.Transformer.encode_embedded)
     out = model.apply(params, jnp.asarray(tgt), memory, mask,

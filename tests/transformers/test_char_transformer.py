@@ -11,6 +11,7 @@ import pytest
 
 from common import data, run
 from tests.common import preset
+from tests.common.compiled import compiled
 from tests.common.config_fields import unread_fields
 from tests.transformers import leak
 from tests.transformers import tiny_run as tiny_run_module
@@ -23,7 +24,8 @@ TINY = ct.Config(seq_len=16, num_layers=2, d_model=16, num_heads=2, d_ff=32, dro
 
 def _logits_fn(cfg, vocab, causal=True, key=0):
     model = ct.CharTransformer(cfg, vocab, causal=causal)
-    params = model.init(jax.random.PRNGKey(key), jnp.zeros((1, cfg.seq_len), jnp.int32))
+    params = compiled(lambda k_: model.init(k_, jnp.zeros((1, cfg.seq_len), jnp.int32)),
+                      jax.random.PRNGKey(key))
     # (N, K, B, L, V) -> (B, L, N, K, V): the leak helper wants positions on axis 1
     return jax.jit(lambda t: jnp.moveaxis(model.apply(params, t), (2, 3), (0, 1)))
 
@@ -43,7 +45,8 @@ def test_no_future_leak_in_any_layer_or_target_head_and_mask_off_leaks():
 def test_model_shapes_and_per_layer_positional_tables():
     cfg = dataclasses.replace(TINY, num_layers=3, num_targets=2)
     model = ct.CharTransformer(cfg, 7)
-    params = model.init(jax.random.PRNGKey(0), jnp.zeros((1, cfg.seq_len), jnp.int32))
+    params = compiled(lambda k_: model.init(k_, jnp.zeros((1, cfg.seq_len), jnp.int32)),
+                      jax.random.PRNGKey(0))
     out = model.apply(params, jnp.zeros((2, cfg.seq_len), jnp.int32))
     assert out.shape == (3, 2, 2, cfg.seq_len, 7)  # (layers, targets, B, L, V)
     p = params["params"]
@@ -51,8 +54,8 @@ def test_model_shapes_and_per_layer_positional_tables():
     assert "head_2_2" in p and "head_0_1" in p  # a classifier per layer and target
     plain = dataclasses.replace(cfg, per_layer_positions=False, intermediate_losses=False,
                                 num_targets=1)
-    params = ct.CharTransformer(plain, 7).init(jax.random.PRNGKey(0),
-                                               jnp.zeros((1, cfg.seq_len), jnp.int32))
+    params = compiled(lambda k_: ct.CharTransformer(plain, 7).init(
+        k_, jnp.zeros((1, cfg.seq_len), jnp.int32)), jax.random.PRNGKey(0))
     p = params["params"]
     assert "pos" in p["layer_0"] and "pos" not in p["layer_1"] and "pos" not in p["layer_2"]
     assert sorted(k for k in p if k.startswith("head")) == ["head_2_1"]

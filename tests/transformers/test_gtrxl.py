@@ -11,6 +11,7 @@ import pytest
 
 from common import run
 from tests.common import preset
+from tests.common.compiled import compiled
 from tests.common.config_fields import unread_fields
 from tests.transformers import leak
 from transformers import gtrxl as G
@@ -25,7 +26,7 @@ def _gate(bg, d=64):
     x = jax.random.normal(k1, (256, d))  # the stream
     y = jax.nn.relu(jax.random.normal(k2, (256, d)))  # a ReLU'd sub-layer output
     gate = G.GRUGate(d, bg)
-    p = gate.init(k3, x, y)["params"]
+    p = compiled(lambda k_: gate.init(k_, x, y), k3)["params"]
     return gate, p, x, y
 
 
@@ -86,7 +87,8 @@ def test_open_gates_make_the_stack_the_identity_on_the_embedded_stream():
     def stack(gating, gate_bias):
         model = G.GTrXL(num_actions=3, n_layer=2, d_model=16, n_head=2, d_head=8, d_inner=32,
                         gating=gating, gate_bias=gate_bias)
-        params = model.init(jax.random.PRNGKey(1), obs, mems, ep_m, ep_q, dist)["params"]
+        params = compiled(lambda k_: model.init(k_, obs, mems, ep_m, ep_q, dist),
+                          jax.random.PRNGKey(1))["params"]
         (logits, _, inputs), inter = model.apply(
             {"params": params}, obs, mems, ep_m, ep_q, dist, mutable=["intermediates"],
             capture_intermediates=lambda mdl, _: isinstance(mdl, G.GTrXLLayer))
@@ -115,8 +117,8 @@ def test_no_future_leak_and_mask_off_leaks(gating):
     ep_m, ep_q = jnp.zeros((2, M), jnp.int32), jnp.zeros((2, L), jnp.int32)
     dist = M + jnp.arange(L)
     obs = lambda tok: jax.nn.one_hot(tok, V)
-    params = model.init(jax.random.PRNGKey(0), obs(jnp.zeros((2, L), int)), mems, ep_m, ep_q,
-                        dist)["params"]
+    params = compiled(lambda k_: model.init(k_, obs(jnp.zeros((2, L), int)), mems, ep_m, ep_q,
+                        dist), jax.random.PRNGKey(0))["params"]
     params = jax.tree.map(lambda w: 3.0 * w, params)  # open the gates: attention matters
 
     def out(tok, mask=None):
@@ -140,7 +142,7 @@ def test_no_attention_across_an_episode_reset():
     mems = jax.random.normal(k2, (2, 1, M, 16))
     ep_q = jnp.array([[0, 0, 1, 1, 1, 1]])  # a reset between steps 1 and 2
     ep_m, dist = jnp.zeros((1, M), jnp.int32), M + jnp.arange(L)
-    params = model.init(k3, obs, mems, ep_m, ep_q, dist)["params"]
+    params = compiled(lambda k_: model.init(k_, obs, mems, ep_m, ep_q, dist), k3)["params"]
     params = jax.tree.map(lambda w: 3.0 * w, params)
     f = jax.jit(lambda o, m, e: model.apply({"params": params}, o, m, ep_m, e, dist)[0])
     base = f(obs, mems, ep_q)
@@ -161,7 +163,7 @@ def test_rollout_equals_one_segment_pass(gating):
     4-step episodes reset inside the segment and across the memory. Measured ~1e-6."""
     cfg = dataclasses.replace(TINY, gating=gating)
     env = G._env(cfg)
-    state = G.init(jax.random.PRNGKey(0), cfg)
+    state = compiled(lambda k_: G.init(k_, cfg), jax.random.PRNGKey(0))
     params = jax.tree.map(lambda w: w + 0.3 * jax.random.normal(jax.random.PRNGKey(5),
                                                                  w.shape), state.params)
 

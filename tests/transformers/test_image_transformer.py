@@ -11,6 +11,7 @@ import pytest
 
 from common import run
 from tests.common import preset
+from tests.common.compiled import compiled
 from tests.common.config_fields import unread_fields
 from tests.transformers import leak
 from tests.transformers import tiny_run as tiny_run_module
@@ -89,7 +90,7 @@ def test_no_future_leak_in_generation_order_and_mask_off_leaks(attn):
 
     def fn(causal):
         model = it.ImageTransformer(cfg, causal=causal)
-        params = model.init(jax.random.PRNGKey(0), tokens)
+        params = compiled(lambda k_: model.init(k_, tokens), jax.random.PRNGKey(0))
         pad = jnp.zeros((tokens.shape[0], 1, cfg.levels))
         return jax.jit(lambda t: jnp.concatenate([model.apply(params, t)[:, 1:], pad], 1))
 

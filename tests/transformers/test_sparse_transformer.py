@@ -11,6 +11,7 @@ import pytest
 
 from common import run
 from tests.common import preset
+from tests.common.compiled import compiled
 from tests.common.config_fields import unread_fields
 from tests.transformers import leak
 from tests.transformers import tiny_run as tiny_run_module
@@ -160,7 +161,7 @@ def test_checkpointed_gradients_equal_plain_gradients_in_less_memory():
 def test_residual_output_projections_start_smaller():
     """[1] Sec. 5.2: W_p and W_2 are initialised 1/sqrt(2N) smaller than a plain layer."""
     cfg = dataclasses.replace(TINY, n_layers=8, d_model=64, d_ff=64)
-    p = st.init(jax.random.PRNGKey(0), cfg).params["params"]["block_0"]
+    p = compiled(lambda k_: st.init(k_, cfg), jax.random.PRNGKey(0)).params["params"]["block_0"]
     std_qkv = float(np.std(p["qkv"]["kernel"]))
     for name in ("proj", "ff_out"):
         ratio = float(np.std(p[name]["kernel"])) / std_qkv
@@ -206,7 +207,8 @@ def test_learns_digits_better_than_the_pixel_marginal_baseline():
     state, metrics = jax.jit(run.make_train(st.init, st.update, cfg))(jax.random.PRNGKey(0))
     ev = jax.jit(lambda s: st.evaluate(s, cfg))
     trained = float(ev(state)["val_bits_per_dim"])
-    untrained = float(ev(st.init(jax.random.PRNGKey(0), cfg))["val_bits_per_dim"])
+    state0 = compiled(lambda k_: st.init(k_, cfg), jax.random.PRNGKey(0))
+    untrained = float(ev(state0)["val_bits_per_dim"])
     train, val = (np.asarray(a) for a in st.dataset("digits", 0)[:2])
     counts = np.stack([np.bincount(train[:, i], minlength=17) for i in range(64)]) + 0.1
     probs = counts / counts.sum(1, keepdims=True)  # (64, 17)

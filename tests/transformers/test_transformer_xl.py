@@ -12,6 +12,7 @@ import pytest
 
 from common import run
 from tests.common import preset
+from tests.common.compiled import compiled
 from tests.common.config_fields import unread_fields
 from tests.transformers import leak, peer
 from tests.transformers import tiny_run as tiny_run_module
@@ -28,7 +29,7 @@ TINY = X.Config(corpus="this", byte_level=False, n_layer=1, d_model=16, n_head=2
 def _params(model, M, seed=0):
     tokens = jnp.zeros((2, L), jnp.int32)
     mems = jnp.zeros((model.n_layer, 2, M, model.d_model))
-    return model.init(jax.random.PRNGKey(seed), tokens, mems, M)["params"]
+    return compiled(lambda k_: model.init(k_, tokens, mems, M), jax.random.PRNGKey(seed))["params"]
 
 
 def _stream(B, n, seed=1):

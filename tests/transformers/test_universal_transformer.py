@@ -16,6 +16,7 @@ import pytest
 
 from common import run
 from tests.common import preset
+from tests.common.compiled import compiled
 from tests.common.config_fields import unread_fields
 from tests.transformers import leak
 from tests.transformers import tiny_run as tiny_run_module
@@ -28,7 +29,7 @@ TINY = ut.Config(vocab=7, length=6, eval_length=8, random_offset=2, d_model=16, 
 
 
 def _setup(cfg, key=0, halt_bias=None, min_len=1):
-    params = ut.init(jax.random.PRNGKey(key), cfg).params
+    params = compiled(lambda k_: ut.init(k_, cfg), jax.random.PRNGKey(key)).params
     if halt_bias is not None:
         for name in ("enc_halting", "dec_halting"):
             if name in params["params"]:
