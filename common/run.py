@@ -16,7 +16,8 @@ vmaps `--num-seeds` seeds, shards them over local devices, runs jitted chunks of
 `lax.scan(update)` of `--log-every` updates on device, and between chunks: prints a
 progress bar with steps/s, appends metrics to `<run-dir>/metrics.jsonl`, logs to Weights &
 Biases with `--track`, saves orbax checkpoints every `--checkpoint-every` updates, and
-checks every metric for NaN and inf. `--resume` continues bit-identically from the latest checkpoint.
+checks every metric for NaN and inf. `--resume` continues bit-identically from the latest
+checkpoint.
 
 Metric names: `charts/...` (returns, coverage), `losses/...`, `perf/...`; all must stay
 finite (see NAN_UNLESS for the ones undefined in some updates).

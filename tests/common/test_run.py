@@ -174,8 +174,9 @@ def test_every_rate_coefficient_and_size_is_validated_by_name(monkeypatch):
                     covered.add(f.name)
                     for b in bad[constraint]:
                         b = type(v)(b) if isinstance(v, int) and b == int(b) else b
-                        with pytest.raises(run.ConfigError, match=rf"--{f.name.replace('_', '-')}"
-                                                                  rf" must be {re.escape(constraint)}"):
+                        flag = "--" + f.name.replace("_", "-")
+                        with pytest.raises(run.ConfigError,
+                                           match=rf"{flag} must be {re.escape(constraint)}"):
                             run.check_config(dataclasses.replace(cfg, **{f.name: b}))
             if isinstance(v, float):
                 with pytest.raises(run.ConfigError, match="must be finite, got nan"):
