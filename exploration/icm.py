@@ -332,15 +332,18 @@ def intrinsic_reward(params, icm: ICM, obs, next_obs, action, done, *, eta):
 
 
 def make_bonus(cfg: Config, icm: ICM) -> Bonus:
-    """ICM as a `common.rl.Bonus`: its params train with the policy's, no statistics."""
+    """ICM as a `common.rl.Bonus`: its params train with the policy's; its one statistic is
+    eta, a traced scalar, so one compiled program can run several etas (seeds with eta = 0
+    are plain PPO beside ICM seeds)."""
 
     def init(key, obs):
-        return icm.init(key, obs, obs, jnp.zeros(obs.shape[0], jnp.int32)), None
+        params = icm.init(key, obs, obs, jnp.zeros(obs.shape[0], jnp.int32))
+        return params, jnp.asarray(cfg.eta, jnp.float32)
 
-    def reward(params, stats, b):
+    def reward(params, eta, b):
         r = intrinsic_reward(params, icm, b["obs"], b["next_obs"], b["action"], b["done"],
-                             eta=cfg.eta)
-        return r, stats
+                             eta=eta)
+        return r, eta
 
     def loss(params, stats, mb):
         total, l_inv, l_fwd = icm_loss(params, icm, mb["obs"], mb["next_obs"], mb["action"],

@@ -99,7 +99,8 @@ def test_forward_loss_does_not_train_the_encoder_inverse_loss_does():
 
 def test_bonus_divides_the_icm_loss_by_lambda_and_masks_episode_ends():
     """The Bonus `update` trains: loss = ((1 - beta) L_I + beta L_F) / lambda on the samples
-    that are not episode ends (Eq. 7 divided by lambda); reward = `intrinsic_reward`."""
+    that are not episode ends (Eq. 7 divided by lambda); reward = `intrinsic_reward` with
+    the eta that `init` puts in the Bonus statistics (cfg.eta)."""
     net, params, obs, nxt, action = _tiny_icm()
     done = jnp.array([False, True, False, False, False])
     cfg = dataclasses.replace(TINY, beta=0.3, policy_weight=0.25, eta=0.5)
@@ -110,59 +111,91 @@ def test_bonus_divides_the_icm_loss_by_lambda_and_masks_episode_ends():
                                    stop_gradient_forward=True)
     np.testing.assert_allclose(loss, total / 0.25, rtol=1e-6)
     np.testing.assert_allclose([m["losses/inverse"], m["losses/forward"]], [l_i, l_f])
-    r, stats = bonus.reward(params, None, mb)
+    r, eta = bonus.reward(params, jnp.float32(0.5), mb)
     np.testing.assert_allclose(r, icm.intrinsic_reward(params, net, obs, nxt, action, done,
                                                        eta=0.5))
-    assert stats is None
+    assert eta == 0.5  # passed through; init's value is cfg.eta (test_train_is_pure)
 
 
-def test_icm_explores_more_than_ppo_and_train_is_pure():
+SEEDS = 8
+RUN_ARGS = ["--preset", "quick", "--num-seeds", str(2 * SEEDS), "--log-every", "8",
+            "--no-progress"]
+
+
+def _run(run_dir):
+    """The quick preset through `icm.main`, 2 x SEEDS seeds in ONE compiled program: seeds
+    SEEDS.. are the broken variant, the same PPO with the bonus off (eta = 0, a traced
+    statistic of the Bonus; the ICM still trains), each on the key of its ICM twin."""
+    keys = jax.random.split(jax.random.PRNGKey(0), 2 * SEEDS)  # the runner's seed keys
+    real = icm.init
+
+    def init(key, cfg):
+        i = jnp.argmax(jnp.all(key == keys, -1))
+        state = real(keys[i % SEEDS], cfg)
+        return state.replace(bonus_stats=jnp.where(i >= SEEDS, 0.0, state.bonus_stats))
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(icm, "init", init)
+        return icm.main(RUN_ARGS + ["--run-dir", str(run_dir)])
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
+    return _run(tmp_path_factory.mktemp("icm"))
+
+
+def test_icm_explores_more_than_ppo(quick_run):
     """Behaviour ([1] Sec. 4.2, coverage) in seconds: FourRooms (104 floor cells, start in
-    one corner room, the only reward in the opposite one), 8 envs x 32 steps x 8 updates =
-    2048 steps, 8 seeds. ICM (eta = 1) against the broken variant, the same PPO with the
-    bonus off (eta = 0; the ICM still trains), in one compiled vmap (eta is traced).
+    one corner room, the only reward in the opposite one), the quick preset's 8 envs x 32
+    steps x 8 updates = 2048 steps, 8 seeds. ICM (eta = 1) against the broken variant, the
+    same PPO with the bonus off (eta = 0, same keys), in one compiled run of the CLI.
     Distinct cells visited, measured on a 2-core CPU (jax 0.10.2):
         ICM  86 88 90 99 83 79 89 89   median 88.5, mean 87.9, 0 below 75
         PPO  57 97 74 97 42 71 70 60   median 70.5, mean 71.0, 6 below 75
     (12 seeds while calibrating: ICM 89.5 / 89.8, PPO 69 / 70.7.) Half the PPO seeds stay
-    near the first room. The broken variant fails all three asserts (gaps 0). The same keys
-    give bit-identical results a second time (the training function is pure)."""
-    seeds = 8
-
-    def one(key, eta):
-        return run.make_train(icm.init, icm.update, dataclasses.replace(TINY, eta=eta))(key)
-
-    train = jax.jit(jax.vmap(one))
-    keys = jnp.concatenate([jax.random.split(jax.random.PRNGKey(0), seeds)] * 2)
-    etas = jnp.repeat(jnp.array([TINY.eta, 0.0]), seeds)
-    state, metrics = train(keys, etas)
-    cells = np.asarray(state.env_state.visited.sum((-1, -2)))
-    on, off = cells[:seeds], cells[seeds:]
+    near the first room. The broken variant fails all three asserts (gaps 0); so does ICM
+    when the Bonus ignores its traced eta (mutation: both halves run ICM)."""
+    cells = quick_run.history["charts/distinct_cells"][:, -1]
+    on, off = cells[:SEEDS], cells[SEEDS:]
     print("ICM", on, "PPO", off)
     assert np.median(on) >= np.median(off) + 8, (on, off)
     assert on.mean() >= off.mean() + 8, (on, off)
     assert (off < 75).sum() >= (on < 75).sum() + 3, (on, off)  # seeds stuck near the start
+    np.testing.assert_array_equal(quick_run.final["distinct_cells"], cells)
 
+
+def test_train_is_pure(quick_run, tmp_path):
+    """The same keys give bit-identical results a second time (the persistent compilation
+    cache serves the program); different seeds differ; the metrics are finite."""
+    h = quick_run.history
     for k in ("losses/inverse", "losses/forward", "charts/intrinsic_reward"):
-        assert np.isfinite(metrics[k]).all() and metrics[k].shape == (2 * seeds, 8), k
-    assert (metrics["charts/intrinsic_reward"][seeds:] == 0).all()  # eta = 0: no bonus
-    assert not np.array_equal(metrics["losses/forward"][0], metrics["losses/forward"][1])
-    state2, metrics2 = train(keys, etas)
-    jax.tree.map(np.testing.assert_array_equal, state.params, state2.params)
-    np.testing.assert_array_equal(metrics["losses/forward"], metrics2["losses/forward"])
+        assert np.isfinite(h[k]).all() and h[k].shape == (2 * SEEDS, 8), k
+    assert (h["charts/intrinsic_reward"][SEEDS:] == 0).all()  # eta = 0: no bonus
+    assert (h["charts/intrinsic_reward"][:SEEDS] > 0).all()
+    np.testing.assert_array_equal(quick_run.state.bonus_stats, [TINY.eta] * SEEDS + [0] * SEEDS)
+    assert not np.array_equal(h["losses/forward"][0], h["losses/forward"][1])
+    again = _run(tmp_path)
+    jax.tree.map(np.testing.assert_array_equal, quick_run.state.params, again.state.params)
+    np.testing.assert_array_equal(h["losses/forward"], again.history["losses/forward"])
 
 
-def test_cli_run_passes_its_flags_to_the_tested_functions(tmp_path, capsys, monkeypatch):
-    """`--help` documents every field; a 2-seed CLI run writes its files, and `update`
-    (traced inside the run) calls `icm_loss` and `intrinsic_reward` with the flags' values
-    (spies record each call while the chunk is traced); no-extrinsic-reward runs."""
+def test_cli_run_writes_its_files(quick_run, capsys):
+    """`--help` documents every field; the quick run wrote its files and summary."""
     with pytest.raises(SystemExit):
         icm.main(["--help"])
     out = capsys.readouterr().out
     for f in dataclasses.fields(icm.Config):
         assert "--" + f.name.replace("_", "-") in out, f.name
     assert "Presets (--preset): quick, paper" in out
+    assert (quick_run.run_dir / "metrics.jsonl").exists()
+    assert (quick_run.run_dir / "checkpoints").exists()
+    assert quick_run.history["charts/distinct_cells"].shape == (2 * SEEDS, 8)
 
+
+def test_cli_flags_reach_the_tested_functions(monkeypatch):
+    """The flags, parsed as the CLI parses them, reach `icm_loss` and `intrinsic_reward`
+    in the traced `update` (spies record each call; `jax.eval_shape`, nothing compiles);
+    --no-extrinsic-reward zeroes the PPO's ext_coef."""
     calls: dict[str, list] = {}
     for name in ("icm_loss", "intrinsic_reward"):
         real = getattr(icm, name)
@@ -172,20 +205,17 @@ def test_cli_run_passes_its_flags_to_the_tested_functions(tmp_path, capsys, monk
             return _real(*args, **kwargs)
 
         monkeypatch.setattr(icm, name, wrapped)
-    args = ["--env-id", "GridMaze-FourRooms", "--total-timesteps", "128", "--num-envs", "4",
-            "--num-steps", "8", "--num-minibatches", "2", "--feature-dim", "8",
-            "--icm-hidden", "16", "--encoder-hidden", "16", "--hidden", "16", "16",
-            "--beta", "0.4", "--eta", "0.05", "--no-stop-gradient-forward",
-            "--no-extrinsic-reward", "--num-seeds", "2", "--run-dir", str(tmp_path),
-            "--no-progress"]
-    res = icm.main(args)
-    assert (tmp_path / "metrics.jsonl").exists() and (tmp_path / "checkpoints").exists()
-    assert res.history["charts/distinct_cells"].shape == (2, 4)
-    assert np.isfinite(res.history["losses/forward"]).all()
-    assert "distinct_cells" in capsys.readouterr().out
+    cfg, _ = run.parse(icm.Config, icm.PRESETS, [
+        "--preset", "quick", "--beta", "0.4", "--eta", "0.05", "--no-stop-gradient-forward",
+        "--no-extrinsic-reward"])
+    state = jax.eval_shape(lambda k: icm.init(k, cfg), jax.random.PRNGKey(0))
+    assert state.bonus_stats.shape == ()
+    jax.eval_shape(lambda s: icm.update(s, cfg), state)
     assert calls["icm_loss"] and calls["intrinsic_reward"]
     assert all(kw == {"beta": 0.4, "stop_gradient_forward": False} for kw in calls["icm_loss"])
-    assert all(kw == {"eta": 0.05} for kw in calls["intrinsic_reward"])
+    assert len(calls["intrinsic_reward"]) == 1
+    assert icm.ppo_config(cfg).ext_coef == 0.0
+    assert cfg.eta == 0.05  # the Bonus starts from cfg.eta (test_bonus_divides_...)
 
 
 def test_ppo_config_carries_the_fields():
