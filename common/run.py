@@ -188,13 +188,17 @@ count is 0. Nothing is NaN on device by design, so every metric is checked, and 
 can stop at the first op that makes a NaN."""
 
 
+class NonFiniteMetric(FloatingPointError):
+    """A logged metric turned NaN or inf. Scripts print it as one `error:` line (exit 1)."""
+
+
 def check_finite(metrics: dict[str, np.ndarray], first_update: int):
     """Raise if any logged metric is NaN or inf, naming it, the update and the seed."""
     for k, v in metrics.items():
         v = np.asarray(v)
         if np.issubdtype(v.dtype, np.inexact) and not np.isfinite(v).all():
             seed, i = np.argwhere(~np.isfinite(v))[0]
-            raise FloatingPointError(
+            raise NonFiniteMetric(
                 f"{k} became {v[seed, i]} at update {first_update + i + 1} (seed index {seed})")
 
 
@@ -568,10 +572,10 @@ def train(config_cls, init, update, cfg, opts: RunOptions, evaluate=None, name="
             timed[1] += n
         try:
             check_finite(metrics, first)
-        except FloatingPointError as e:
+        except NonFiniteMetric as e:
             if before is None:
-                raise FloatingPointError(f"{e}; rerun with --debug-nans to stop at the op "
-                                         "that produced it") from None
+                raise NonFiniteMetric(f"{e}; rerun with --debug-nans to stop at the op that "
+                                      "produced it") from None
             kind = "nan" if "nan" in str(e) else "inf"
             print(f"\n{e}; replaying updates {first + 1}..{first + n} op by op to find the "
                   f"first op that produces a {kind}", file=sys.stderr, flush=True)
@@ -688,11 +692,11 @@ def main(config_cls, init, update, *, presets=None, evaluate=None, argv=None, do
     try:
         result = train(config_cls, init, update, cfg, opts, evaluate=evaluate, name=name,
                        nan_unless=nan_unless)
-    except ConfigError as e:
+    except (ConfigError, NonFiniteMetric) as e:
         if argv is not None:  # called from Python (tests): the exception itself
             raise
         print(f"error: {e}", file=sys.stderr)
-        raise SystemExit(2) from None
+        raise SystemExit(2 if isinstance(e, ConfigError) else 1) from None
     print(f"\nfinished {name}: {opts.num_seeds} seed(s), run dir {result.run_dir}")
     print(summarize(result, summary_keys))
     return result
