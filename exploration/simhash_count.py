@@ -355,7 +355,9 @@ def hash_bits(params, stats, x, ae: AE | None):
 
 
 def make_bonus(cfg: Config, pixels: bool) -> Bonus:
-    """The hash counts as a `common.rl.Bonus`: stats = {A, table, key}; params = the AE."""
+    """The hash counts as a `common.rl.Bonus`: stats = {A, table, key, beta}; params = the
+    AE. beta is a traced statistic, so one compiled program can run several betas (seeds
+    with beta = 0 are plain PPO beside SimHash seeds)."""
     ae = AE(pixels, cfg.ae_code_dim, cfg.ae_hidden, cfg.ae_levels) if cfg.hash == "ae" else None
 
     def init(key, obs):
@@ -365,14 +367,14 @@ def make_bonus(cfg: Config, pixels: bool) -> Bonus:
         d = x.shape[-1] if ae is None else cfg.ae_code_dim
         table = jnp.zeros((len(cfg.bucket_sizes), max(cfg.bucket_sizes)), jnp.int32)
         return params, {"A": jax.random.normal(k_a, (cfg.k, d)), "table": table,
-                        "key": k_noise}
+                        "key": k_noise, "beta": jnp.asarray(cfg.beta, jnp.float32)}
 
     def reward(params, stats, b):
         x = preprocess(b["obs"], cfg, pixels)  # (T, N, D)
         bits = hash_bits(params, stats, x.reshape(-1, x.shape[-1]), ae)
         table, n = count_update(stats["table"], bucket_keys(bits, cfg.bucket_sizes))
         key, _ = jax.random.split(stats["key"])
-        r = count_bonus(n, cfg.beta).reshape(x.shape[:-1])  # (T, N)
+        r = count_bonus(n, stats["beta"]).reshape(x.shape[:-1])  # (T, N)
         return r, {**stats, "table": table, "key": key}
 
     def loss(params, stats, mb):

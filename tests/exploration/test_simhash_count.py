@@ -49,7 +49,8 @@ def test_counts_and_bonus_through_the_bonus_reward():
     Row 0 of the table then holds 3 at key 3 and 5 at key 2."""
     cfg = dataclasses.replace(TINY, k=3, beta=0.5, bucket_sizes=(5, 7), obs_center=0.0)
     bonus = sc.make_bonus(cfg, pixels=False)
-    stats = {"A": A, "table": jnp.zeros((2, 7), jnp.int32), "key": jax.random.PRNGKey(0)}
+    stats = {"A": A, "table": jnp.zeros((2, 7), jnp.int32), "key": jax.random.PRNGKey(0),
+             "beta": jnp.float32(cfg.beta)}
     obs1 = jnp.array([[[2.0, 1.0], [2.0, 1.0]], [[1.0, 1.0], [3.0, 1.0]]])
     obs2 = jnp.ones((2, 2, 2))
     reward = jax.jit(bonus.reward)
@@ -126,66 +127,91 @@ def test_ae_binary_penalty_reconstruction_and_loss_by_hand():
     assert bits.shape == (6, cfg.k)
 
 
+SEEDS = 8
+RUN_ARGS = ["--preset", "quick", "--num-seeds", str(2 * SEEDS), "--log-every", "8",
+            "--no-progress"]
+
+
+def _run(run_dir):
+    """The quick preset through `sc.main`, 2 x SEEDS seeds in ONE compiled program: seeds
+    SEEDS.. are the broken variant, the same PPO with beta = 0 (a traced statistic of the
+    Bonus; the hash still counts, the bonus is 0), each on the key of its SimHash twin."""
+    keys = jax.random.split(jax.random.PRNGKey(0), 2 * SEEDS)  # the runner's seed keys
+    real = sc.init
+
+    def init(key, cfg):
+        i = jnp.argmax(jnp.all(key == keys, -1))
+        state = real(keys[i % SEEDS], cfg)
+        stats = state.bonus_stats
+        return state.replace(bonus_stats={**stats, "beta": jnp.where(i >= SEEDS, 0.0,
+                                                                      stats["beta"])})
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(sc, "init", init)
+        return sc.main(RUN_ARGS + ["--run-dir", str(run_dir)])
+
+
 @pytest.fixture(scope="module")
-def runs():
-    """One compiled vmap: 8 seeds with SimHash (beta = 1) and the same 8 keys with beta = 0
-    (the hash still counts, the bonus is 0), run twice."""
-    seeds = 8
-
-    def one(key, beta):
-        return run.make_train(sc.init, sc.update, dataclasses.replace(TINY, beta=beta))(key)
-
-    train = jax.jit(jax.vmap(one))
-    keys = jnp.concatenate([jax.random.split(jax.random.PRNGKey(0), seeds)] * 2)
-    betas = jnp.repeat(jnp.array([TINY.beta, 0.0]), seeds)
-    return seeds, train(keys, betas), train(keys, betas)
+def quick_run(tmp_path_factory):
+    return _run(tmp_path_factory.mktemp("simhash"))
 
 
-def test_simhash_bonus_explores_more_than_ppo(runs):
+def test_simhash_bonus_explores_more_than_ppo(quick_run):
     """Behaviour: FourRooms (104 floor cells, start in one corner room, the only reward in
-    the opposite one), 2048 steps, 8 seeds; distinct cells visited, measured on a 2-core CPU
-    (jax 0.10.2):
+    the opposite one), the quick preset's 2048 steps, 8 seeds, in one compiled run of the
+    CLI; distinct cells visited, measured on a 2-core CPU (jax 0.10.2):
         SimHash beta = 1    95 97 92 103 92 82 95 95   median 95,   mean 93.9, 0 below 75
         PPO (beta = 0)      58 95 60 93 42 71 69 55    median 64.5, mean 67.9, 6 below 75
     (beta = 0.1: median 86.5, 2 below 75; the paper's beta = 0.01 is PPO here: 63.5.) The
     broken variant (beta = 0) fails all three asserts (gaps 0). A degenerate hash (A all
     ones: 2-3 codes, one per diagonal half) still scores median 94 here, since any count
     that tells the start half from the rest pushes the agent on; the bucket assert (more
-    than 10 codes seen, counts only grow) fails it."""
-    seeds, (state, metrics), _ = runs
-    cells = np.asarray(state.env_state.visited.sum((-1, -2)))
-    on, off = cells[:seeds], cells[seeds:]
+    than 10 codes seen, counts only grow) fails it. A Bonus that ignores its traced beta
+    (mutation: both halves run SimHash) fails the three gaps."""
+    h = quick_run.history
+    cells = h["charts/distinct_cells"][:, -1]
+    on, off = cells[:SEEDS], cells[SEEDS:]
     print("SimHash", on, "PPO", off)
     assert np.median(on) >= np.median(off) + 10, (on, off)
     assert on.mean() >= off.mean() + 10, (on, off)
     assert (off < 75).sum() >= (on < 75).sum() + 3, (on, off)
-    assert (metrics["charts/intrinsic_reward"][seeds:] == 0).all()  # beta = 0: no bonus
-    assert (metrics["charts/intrinsic_reward"][:seeds] > 0).all()
-    buckets = np.asarray(metrics["charts/hash_buckets"])
+    assert (h["charts/intrinsic_reward"][SEEDS:] == 0).all()  # beta = 0: no bonus
+    assert (h["charts/intrinsic_reward"][:SEEDS] > 0).all()
+    buckets = h["charts/hash_buckets"]
     assert (np.diff(buckets, axis=1) >= 0).all() and (buckets[:, -1] > 10).all()
+    np.testing.assert_array_equal(quick_run.final["distinct_cells"], cells)
 
 
-def test_train_is_pure(runs):
-    """Same keys: bit-identical a second time; different seeds differ."""
-    seeds, (state, metrics), (state2, metrics2) = runs
-    jax.tree.map(np.testing.assert_array_equal, state.params, state2.params)
-    np.testing.assert_array_equal(state.bonus_stats["table"], state2.bonus_stats["table"])
-    np.testing.assert_array_equal(metrics["losses/policy"], metrics2["losses/policy"])
+def test_train_is_pure(quick_run, tmp_path):
+    """Same keys: bit-identical a second time (the persistent compilation cache serves the
+    program); different seeds differ."""
+    state, metrics = quick_run.state, quick_run.history
+    np.testing.assert_array_equal(state.bonus_stats["beta"], [TINY.beta] * SEEDS + [0] * SEEDS)
+    again = _run(tmp_path)
+    jax.tree.map(np.testing.assert_array_equal, state.params, again.state.params)
+    np.testing.assert_array_equal(state.bonus_stats["table"], again.state.bonus_stats["table"])
+    np.testing.assert_array_equal(metrics["losses/policy"], again.history["losses/policy"])
     assert not np.array_equal(state.bonus_stats["table"][0], state.bonus_stats["table"][1])
     assert not np.array_equal(metrics["losses/policy"][0], metrics["losses/policy"][1])
 
 
-def test_cli_runs_the_ae_hash_with_its_flags(tmp_path, capsys, monkeypatch):
-    """`--help` documents every field; a 2-seed CLI run of `--hash ae` writes its files, and
-    `update` (traced inside the run) calls `ae_loss` with the flags' lambda and a (a spy
-    records each call while the chunk is traced)."""
+def test_cli_run_writes_its_files(quick_run, capsys):
+    """`--help` documents every field; the quick run wrote its files."""
     with pytest.raises(SystemExit):
         sc.main(["--help"])
     out = capsys.readouterr().out
     for f in dataclasses.fields(sc.Config):
         assert "--" + f.name.replace("_", "-") in out, f.name
     assert "Presets (--preset): quick, paper" in out
+    assert (quick_run.run_dir / "metrics.jsonl").exists()
+    assert (quick_run.run_dir / "checkpoints").exists()
+    assert quick_run.history["charts/distinct_cells"].shape == (2 * SEEDS, 8)
 
+
+def test_cli_flags_reach_the_ae_hash(monkeypatch):
+    """`--hash ae` flags, parsed as the CLI parses them, reach `ae_loss` (a spy records each
+    call while `update` is traced by `jax.eval_shape`; nothing compiles) and shape the
+    AE's code and the count table. The AE hash trains in the slow gate below."""
     calls = []
     real = sc.ae_loss
 
@@ -194,16 +220,14 @@ def test_cli_runs_the_ae_hash_with_its_flags(tmp_path, capsys, monkeypatch):
         return real(*args, **kwargs)
 
     monkeypatch.setattr(sc, "ae_loss", spy)
-    args = ["--preset", "quick", "--hash", "ae", "--total-timesteps", "128", "--num-envs",
-            "4", "--num-steps", "8", "--num-minibatches", "2", "--k", "8", "--bucket-sizes",
-            "101", "103", "--ae-code-dim", "8", "--ae-hidden", "16", "--hidden", "16", "16",
-            "--ae-binary-weight", "2.5", "--ae-noise", "0.1", "--num-seeds", "2",
-            "--run-dir", str(tmp_path), "--no-progress"]
-    res = sc.main(args)
-    assert (tmp_path / "metrics.jsonl").exists() and (tmp_path / "checkpoints").exists()
-    assert res.history["charts/distinct_cells"].shape == (2, 4)
-    assert np.isfinite(res.history["losses/ae_binary"]).all()
-    assert "distinct_cells" in capsys.readouterr().out
+    cfg, _ = run.parse(sc.Config, sc.PRESETS, [
+        "--preset", "quick", "--hash", "ae", "--k", "8", "--bucket-sizes", "101", "103",
+        "--ae-code-dim", "8", "--ae-binary-weight", "2.5", "--ae-noise", "0.1"])
+    state = jax.eval_shape(lambda k: sc.init(k, cfg), jax.random.PRNGKey(0))
+    assert state.bonus_stats["A"].shape == (8, 8)
+    assert state.bonus_stats["table"].shape == (2, 103)
+    after, metrics = jax.eval_shape(lambda s: sc.update(s, cfg), state)
+    assert "losses/ae_binary" in metrics
     assert calls and all(kw == {"binary_weight": 2.5, "noise": 0.1} for kw in calls)
 
 
