@@ -39,6 +39,10 @@ Differences from the paper:
   current span + R to save compute. The result is the same; only the cost differs.
 - The mask and its renormalisation follow [1]'s code: softmax, times m_z, divided by the
   sum + 1e-8. A row with no visible key (the first token of a stream) gives y = 0.
+- The dynamic span's initialisation is not given in [1] (its code has no dynamic variant):
+  the sigmoid's bias starts at logit(clip(span_init, 0.1, 0.9)), so with the default
+  span_init = 0 the dynamic spans start at z = 0.1 S, where the sigmoid still has slope
+  0.09 (the static span starts at z = span_init * S, as [1]'s code).
 - z = S * s with s in [0, 1] clipped after every step, as in [1]'s code; Adagrad
   (lr 0.07, linear warm-up, clip 0.03) as in [1]; optax's Adagrad starts its accumulator
   at 0.1, torch's at 0.
@@ -93,7 +97,7 @@ class Config:
     span_ramp: int = 32
     """ramp length R of the soft mask"""
     span_init: float = 0.0
-    """initial z / S"""
+    """initial z / S (dynamic span: its sigmoid starts at clip(span_init, 0.1, 0.9))"""
     span_loss: float = 5e-7
     """coefficient lambda of the L1 penalty on the spans"""
     tgt_len: int = 512
@@ -230,6 +234,12 @@ def span_attention_weights(scores, window, dist, z, ramp, adapt: bool = True):
     return p / (p.sum(-1, keepdims=True) + 1e-8)  # renormalise over the window
 
 
+DYNAMIC_INIT_MIN = 0.1
+"""The dynamic span's sigmoid starts at z/S in [0.1, 0.9]: at span_init = 0 a sigmoid would
+start at its flat tail (slope sigma' = 1e-4 at logit(1e-4)) and the span would barely move;
+[1]'s static z/S is the parameter itself, slope 1 from any start."""
+
+
 class SpanAttention(nn.Module):
     """Multi-head attention over [SG(mem); h] with a learned soft span per head."""
 
@@ -257,7 +267,8 @@ class SpanAttention(nn.Module):
         L, K = window.shape
         dist = (K - L) + jnp.arange(L)[:, None] - jnp.arange(K)[None]  # x = i - j
         if self.dynamic:  # [1] Sec. 3.2: z_t = S sigmoid(v^T x_t + b), per head and query
-            b0 = math.log(self.span_init + 1e-4) - math.log(1 - self.span_init + 1e-4)
+            p0 = min(max(self.span_init, DYNAMIC_INIT_MIN), 1 - DYNAMIC_INIT_MIN)
+            b0 = math.log(p0) - math.log(1 - p0)  # sigma(b0) = p0, slope p0 (1 - p0) >= 0.09
             s = jax.nn.sigmoid(nn.Dense(self.n_head, name="span_net",
                                         bias_init=nn.initializers.constant(b0))(h))
             z = self.span * jnp.moveaxis(s, -1, 1)[..., None]  # (B, H, L, 1)

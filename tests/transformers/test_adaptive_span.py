@@ -54,6 +54,37 @@ def test_span_mask_closed_form_and_gradient():
     np.testing.assert_allclose(g, 0.01 / 4, rtol=1e-6)
 
 
+def test_dynamic_span_starts_where_the_penalty_moves_it():
+    """Hand-built gradient check at init, default span_init = 0, one layer of H = 4 heads,
+    lambda = 1, zero inputs (so z_t = S sigma(b) exactly): the dynamic span starts at
+    z = 0.1 S and d penalty / d b = S sigma'(b) / H = 0.09 S / H per head, at least 5% of the
+    static span's d penalty / d (z/S) = S / H. The old start b = logit(1e-4) gave 1e-4 of it:
+    the span barely moved."""
+    cfg = dataclasses.replace(SMALL, span_init=0.0, span_loss=1.0)
+    H, d, Lq = cfg.n_head, cfg.d_model, 4
+    h, mem = jnp.zeros((1, Lq, d)), jnp.zeros((1, S, d))
+    pos, window = jnp.zeros((S + Lq, cfg.d_head)), A.window_mask(Lq, S, S, S)
+    out = {}
+    for dynamic in (True, False):
+        attn = A.SpanAttention(H, d, S, float(cfg.span_ramp), cfg.span_init, dynamic=dynamic)
+        params = compiled(lambda k_, attn=attn: attn.init(k_, h, mem, pos, window),
+                          jax.random.PRNGKey(0))["params"]
+
+        def penalty(p, attn=attn):
+            _, inter = attn.apply({"params": p}, h, mem, pos, window, mutable=["intermediates"])
+            z = A.spans(jax.tree.leaves(inter["intermediates"]))  # (1, H)
+            return A.span_penalty(z, cfg), z
+
+        out[dynamic] = jax.jit(jax.value_and_grad(penalty, has_aux=True))(params)
+    (_, z_dyn), g_dyn = out[True]
+    (_, z_static), g_static = out[False]
+    np.testing.assert_allclose(z_dyn, 0.1 * S, rtol=1e-5)
+    np.testing.assert_allclose(z_static, 0.0)
+    np.testing.assert_allclose(g_static["span"], S / H, rtol=1e-6)
+    np.testing.assert_allclose(g_dyn["span_net"]["bias"], 0.09 * S / H, rtol=1e-5)
+    assert (g_dyn["span_net"]["bias"] >= 0.05 * g_static["span"]).all()
+
+
 def _one_row(z, ramp=4.0):
     """Attention output of one query whose window holds distances 1..S (no memory mask)."""
     key = jax.random.PRNGKey(0)
