@@ -158,14 +158,24 @@ class _Logger:
                 resume="allow",
             )
 
-    def write(self, first_update: int, metrics: dict[str, np.ndarray], steps_per_update):
-        """metrics: name -> [seeds, chunk]. One JSON line per update."""
+        self.env_steps = 0.0  # cumulative, when a steps metric counts them (see train)
+        if self.path.exists():  # a resume: continue the count of the kept rows
+            rows = self.path.read_text().splitlines()
+            self.env_steps = json.loads(rows[-1]).get("env_steps", 0.0) if rows else 0.0
+
+    def write(self, first_update: int, metrics: dict[str, np.ndarray], steps_per_update,
+              steps_metric: str | None = None):
+        """metrics: name -> [seeds, chunk]. One JSON line per update. `env_steps` is
+        update x steps_per_update, or the running sum of the seed mean of `steps_metric`."""
         n = next(iter(metrics.values())).shape[1] if metrics else 0
         with open(self.path, "a") as f:
             for i in range(n):
                 u = first_update + i + 1
                 row = {"update": u}
-                if steps_per_update:
+                if steps_metric in metrics:
+                    self.env_steps += float(np.mean(metrics[steps_metric][:, i]))
+                    row["env_steps"] = _jsonable(self.env_steps)
+                elif steps_per_update:
                     row["env_steps"] = u * steps_per_update
                 for k, v in metrics.items():
                     col = v[:, i]
@@ -500,7 +510,8 @@ def make_train(init: Callable, update: Callable, cfg, num_updates: int | None = 
 
 
 def train(config_cls, init, update, cfg, opts: RunOptions, evaluate=None, name="run",
-          nan_unless: dict[str, str] | None = None) -> RunResult:
+          nan_unless: dict[str, str] | None = None, steps_metric: str | None = None
+          ) -> RunResult:
     """Run `opts.num_seeds` seeds of a configured algorithm with logging and checkpoints.
 
     Nothing is created before the config, the options and the run directory are checked and
@@ -508,7 +519,10 @@ def train(config_cls, init, update, cfg, opts: RunOptions, evaluate=None, name="
     A directory that holds a run is continued with `opts.resume` and never overwritten.
     SIGINT/SIGTERM finish the chunk in flight, save a checkpoint, print the command that
     resumes, and exit with 128 + the signal number. Every logged metric must stay finite;
-    `nan_unless` (default NAN_UNLESS) names those undefined where a count is 0."""
+    `nan_unless` (default NAN_UNLESS) names those undefined where a count is 0. A file whose
+    steps per update vary (CMA-ES restarts with larger populations) names the metric that
+    counts them in `steps_metric`; env_steps and steps/s then sum it instead of
+    `cfg.steps_per_update`."""
     nan_unless = NAN_UNLESS if nan_unless is None else nan_unless
     check_config(cfg)
     try:
@@ -557,7 +571,13 @@ def train(config_cls, init, update, cfg, opts: RunOptions, evaluate=None, name="
     compile_s = 0.0
     t_loop = time.perf_counter()
     t_last = None  # when the previous chunk's metrics arrived (for steps/s)
-    timed = [0.0, 0]  # seconds and updates after the first chunk (perf/sps)
+    timed = [0.0, 0.0]  # seconds and env steps after the first chunk (perf/sps)
+
+    def chunk_steps(n: int, metrics) -> float:
+        """Env steps (evaluations, tokens) of one seed in a chunk of n updates."""
+        if steps_metric in metrics:
+            return float(np.asarray(metrics[steps_metric]).sum(1).mean())
+        return n * (steps_per_update or 0)
 
     def consume(first: int, n: int, metrics, before=None):
         """Host side of one finished chunk: NaN check, JSONL/W&B, history, progress.
@@ -569,7 +589,7 @@ def train(config_cls, init, update, cfg, opts: RunOptions, evaluate=None, name="
         t_last = now
         if dt is not None:
             timed[0] += dt
-            timed[1] += n
+            timed[1] += chunk_steps(n, metrics)
         try:
             check_finite(metrics, first)
         except NonFiniteMetric as e:
@@ -583,13 +603,13 @@ def train(config_cls, init, update, cfg, opts: RunOptions, evaluate=None, name="
             raise FloatingPointError(f"{e}; the op-by-op replay found no {kind} (the jitted "
                                      "program differs numerically)") from None
         metrics = mark_undefined(metrics, nan_unless)
-        logger.write(first, metrics, steps_per_update)
+        logger.write(first, metrics, steps_per_update, steps_metric)
         for k, v in metrics.items():
             history.setdefault(k, []).append(np.asarray(v))
         if bar is not None:
             post = {}
             if steps_per_update and dt:
-                post["steps/s"] = f"{n * steps_per_update * opts.num_seeds / dt:,.0f}"
+                post["steps/s"] = f"{chunk_steps(n, metrics) * opts.num_seeds / dt:,.0f}"
             for k in ("charts/episodic_return", "charts/distinct_cells"):
                 if k in metrics and np.isfinite(metrics[k][:, -1]).any():
                     post[k.split("/")[-1]] = f"{np.nanmean(metrics[k][:, -1]):.3g}"
@@ -661,7 +681,7 @@ def train(config_cls, init, update, cfg, opts: RunOptions, evaluate=None, name="
     # loop_s: wall time of all chunks with logging, progress and checkpoints, less compiling.
     perf = {"perf/compile_s": compile_s, "perf/loop_s": loop_s}
     if timed[1] and steps_per_update and timed[0]:
-        perf["perf/sps"] = timed[1] * steps_per_update * opts.num_seeds / timed[0]
+        perf["perf/sps"] = timed[1] * opts.num_seeds / timed[0]
     (run_dir / "summary.json").write_text(json.dumps(
         {**perf, **{k: [_jsonable(x) for x in np.atleast_1d(v)] for k, v in final.items()},
          **{k: [_jsonable(x) for x in v[:, -1]] for k, v in hist.items()}}, indent=1))
@@ -682,7 +702,7 @@ def summarize(result: RunResult, keys: list[str] | None = None) -> str:
 
 
 def main(config_cls, init, update, *, presets=None, evaluate=None, argv=None, doc=None,
-         summary_keys=None, nan_unless=None) -> RunResult:
+         summary_keys=None, nan_unless=None, steps_metric=None) -> RunResult:
     """Entry point of an algorithm file: parse CLI, train, print the summary."""
     if not jax.config.jax_compilation_cache_dir:
         jax.config.update("jax_compilation_cache_dir", str(Path.home() / ".cache/lilrl-jax"))
@@ -691,7 +711,7 @@ def main(config_cls, init, update, *, presets=None, evaluate=None, argv=None, do
     parallel.initialize_distributed()
     try:
         result = train(config_cls, init, update, cfg, opts, evaluate=evaluate, name=name,
-                       nan_unless=nan_unless)
+                       nan_unless=nan_unless, steps_metric=steps_metric)
     except (ConfigError, NonFiniteMetric) as e:
         if argv is not None:  # called from Python (tests): the exception itself
             raise

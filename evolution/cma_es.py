@@ -38,8 +38,7 @@ points; only the first lambda (traced) are used: the rest get f = +inf, rank las
 weight 0, and only lambda evaluations are counted. So the whole run, restarts included, is
 one lax.scan and many seeds are one vmap. The cost is lambda_max samples per generation.
 The metric charts/evaluations is the number of evaluations each update made (lambda, 0
-once frozen); the runner's env_steps and steps/s still count steps_per_update = lambda0
-per update, too few by up to 2^max_restarts after restarts (the evals columns are exact).
+once frozen); the runner counts env_steps and steps/s from it (its `steps_metric`).
 
 Reproduce (2-core CPU shared with other jobs, x64, 11 seeds in one vmapped scan):
     python evolution/cma_es.py --preset rosenbrock --num-seeds 11       # 30 s wall, 13 s compile
@@ -621,7 +620,8 @@ def main(argv=None):
     with jax.enable_x64(cfg.x64):
         return run.main(Config, init, update, presets=PRESETS, evaluate=evaluate, argv=argv,
                         doc=__doc__, summary_keys=["evals_to_target", "best_f", "charts/evals",
-                                                   "charts/sigma", "charts/restarts"])
+                                                   "charts/sigma", "charts/restarts"],
+                        steps_metric="charts/evaluations")
 
 
 if __name__ == "__main__":

@@ -142,6 +142,21 @@ def test_debug_nans_names_the_op_and_a_healthy_run_passes(tmp_path):
     assert _rows(tmp_path / "c")[-1]["charts/episodic_return"] is None
 
 
+def test_a_steps_metric_counts_env_steps_across_a_resume(tmp_path):
+    """A file whose steps per update vary (CMA-ES under IPOP) names the metric that counts
+    them: env_steps is its running sum (3 per update here, not the Config's 1), continued
+    after a resume, and perf/sps uses it."""
+    upd = _toy_with_metrics(lambda s: {"charts/evaluations": jnp.where(s.w[0] > 1e9, 0, 3)})
+    cfg = toy_algo.Config(total_steps=8)
+    opts = dict(log_every=2, progress=False, run_dir=str(tmp_path / "r"))
+    run.train(toy_algo.Config, toy_algo.init, upd, cfg, run.RunOptions(num_updates=4, **opts),
+              steps_metric="charts/evaluations")
+    run.train(toy_algo.Config, toy_algo.init, upd, cfg, run.RunOptions(resume=True, **opts),
+              steps_metric="charts/evaluations")
+    assert [r["env_steps"] for r in _rows(tmp_path / "r")] == [3, 6, 9, 12, 15, 18, 21, 24]
+    assert json.loads((tmp_path / "r" / "summary.json").read_text())["perf/sps"] > 0
+
+
 def test_every_rate_coefficient_and_size_is_validated_by_name(monkeypatch):
     """Issue: `--lr -1e-3` and `--lr 0` ran to exit 0; `--num-minibatches 0` raised
     ZeroDivisionError. For every algorithm file, every field that VALUE_RULES covers rejects
