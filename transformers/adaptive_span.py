@@ -37,7 +37,10 @@ Differences from the paper:
   stand in for enwik8/text8; 'local' is a synthetic stream where only short context helps.
 - The memory always holds S positions; [1]'s code trims keys (and its cache) to the largest
   current span + R to save compute. The result is the same; only the cost differs.
-- The mask and its renormalisation follow [1]'s code: softmax, times m_z, divided by the
+- The mask is the paper's m_z(x) at the key's distance x = i - j >= 1. [1]'s code builds it
+  from a template that is 0 at distance 1, which gives m_z(x - 1): its spans reach one
+  token further than the paper's z (z = 0 keeps distance 1 whole there, 3/4 of it at R = 4
+  here). The renormalisation follows [1]'s code: softmax, times m_z, divided by the
   sum + 1e-8. A row with no visible key (the first token of a stream) gives y = 0.
 - The dynamic span's initialisation is not given in [1] (its code has no dynamic variant):
   the sigmoid's bias starts at logit(clip(span_init, 0.1, 0.9)), so with the default
@@ -203,7 +206,8 @@ def num_segments(n_ids: int, batch: int, length: int) -> int:
 
 
 def span_mask(x, z, ramp):
-    """[1] Sec. 3.1: m_z(x) = min(max((R + z - x) / R, 0), 1)."""
+    """[1] Sec. 3.1: m_z(x) = min(max((R + z - x) / R, 0), 1), x = i - j (the paper's
+    equation; [1]'s code gives m_z(x - 1), see the docstring)."""
     return jnp.clip((ramp + z - x) / ramp, 0.0, 1.0)
 
 

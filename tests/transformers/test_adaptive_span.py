@@ -85,6 +85,26 @@ def test_dynamic_span_starts_where_the_penalty_moves_it():
     assert (g_dyn["span_net"]["bias"] >= 0.05 * g_static["span"]).all()
 
 
+def test_mask_at_the_boundary_is_the_papers_m_z_of_the_distance():
+    """The attention layer applies m_z(x) at the key's distance x = i - j (the paper's
+    equation, not [1]'s code's m_z(x - 1)): one query with S = 6 memory keys, R = 4, z = 1,
+    q = 0 (equal scores), so the weights of distances 1..6 are m_1(x) / sum =
+    (1, 3/4, 1/2, 1/4, 0, 0) / 2.5 by hand; [1]'s code would give (1, 1, 3/4, 1/2, 1/4, 0) / 3.5."""
+    S6, d, H = 6, 8, 2
+    attn = A.SpanAttention(H, d, S6, 4.0, 1.0 / S6)
+    h = jnp.zeros((1, 1, d))  # q = W_q h = 0: every score is 0
+    mem = jax.random.normal(jax.random.PRNGKey(3), (1, S6, d))
+    pos, window = jnp.zeros((S6 + 1, d // H)), A.window_mask(1, S6, S6, S6)
+    params = compiled(lambda k_: attn.init(k_, h, mem, pos, window),
+                      jax.random.PRNGKey(0))["params"]
+    y = jax.jit(lambda p: attn.apply({"params": p}, h, mem, pos, window))(params)
+    m = np.array([1, 0.75, 0.5, 0.25, 0, 0])[::-1]  # keys j = 0..5 are at distances 6..1
+    v = np.einsum("jd,dhk->jhk", mem[0], params["v"]["kernel"])  # (S, H, Dh)
+    expect = np.einsum("hk,hkm->m", np.einsum("j,jhk->hk", m / m.sum(), v),
+                       params["o"]["kernel"])
+    np.testing.assert_allclose(y[0, 0], expect, rtol=1e-5, atol=1e-6)
+
+
 def _one_row(z, ramp=4.0):
     """Attention output of one query whose window holds distances 1..S (no memory mask)."""
     key = jax.random.PRNGKey(0)
