@@ -323,6 +323,7 @@ class State:
     rewems: jax.Array  # (N,) running discounted intrinsic return
     visited: jax.Array  # (G, G) cells seen (grid envs) or (256,) rooms seen (Atari)
     key: jax.Array
+    int_coef: jax.Array  # cfg.int_coef, traced: one program can run several (0: plain PPO)
 
 
 def init(key, cfg: Config) -> State:
@@ -346,7 +347,8 @@ def init(key, cfg: Config) -> State:
         warm, (env_state, obs_norm), jax.random.split(k_warm, cfg.obs_norm_init_steps))
     visited = jnp.zeros((256,) if cfg.is_atari else (cfg.coverage_grid,) * 2, bool)
     return State(params, target.init(k_tgt, obs), tx.init(params), env_state, obs, obs_norm,
-                 RunningMeanStd.create(), jnp.zeros(cfg.num_envs), visited, key)
+                 RunningMeanStd.create(), jnp.zeros(cfg.num_envs), visited, key,
+                 jnp.asarray(cfg.int_coef, jnp.float32))
 
 
 # --- UPDATE ---
@@ -388,7 +390,7 @@ def update(state: State, cfg: Config):
     adv, ret_ext, ret_int = advantages(
         r_ext, r_int_n, traj["v_ext"], traj["v_int"], traj["done"], last_ext, last_int,
         gamma_ext=cfg.gamma_ext, gamma_int=cfg.gamma_int, gae_lambda=cfg.gae_lambda,
-        ext_coef=cfg.ext_coef, int_coef=cfg.int_coef)
+        ext_coef=cfg.ext_coef, int_coef=state.int_coef)
 
     # --- UPDATE ---
     batch = dict(obs=traj["obs"], next_obs=traj["next_obs"], action=traj["action"],
@@ -428,7 +430,7 @@ def update(state: State, cfg: Config):
     metrics["charts/intrinsic_reward"] = r_int_n.mean()
     metrics["charts/distinct_cells"] = visited.sum()
     new = State(params, state.target_params, opt_state, env_state, obs, obs_norm, rew_norm,
-                rewems, visited, key)
+                rewems, visited, key, state.int_coef)
     return new, metrics
 
 

@@ -13,6 +13,7 @@ import pytest
 from common import run
 from common.rl import RunningMeanStd
 from exploration import rnd
+from tests.common.cli import cli_args
 from tests.common.config_fields import unread_fields
 from tests.common.preset import trace_paper
 
@@ -157,17 +158,10 @@ def test_prediction_error_falls_on_the_states_the_loss_trains_on():
     assert ratio(trained) > 4.0, ratio(trained)
 
 
-def test_cli_run_reaches_the_tested_functions_with_its_flags(tmp_path, capsys, monkeypatch):
-    """`--help` documents every field; a 2-seed CLI run writes its files, and `update`
-    (traced inside the run) calls the functions tested above, with each flag in its place:
-    spies record every call while the chunk is traced."""
-    with pytest.raises(SystemExit):
-        rnd.main(["--help"])
-    out = capsys.readouterr().out
-    for f in dataclasses.fields(rnd.Config):
-        assert "--" + f.name.replace("_", "-") in out, f.name
-    assert "Presets (--preset): quick, paper" in out
-
+def test_cli_flags_reach_the_tested_functions(monkeypatch):
+    """The flags, parsed as the CLI parses them, reach the functions tested above, each in
+    its place: spies record every call while `update` is traced (`jax.eval_shape`, nothing
+    compiles). int_coef travels traced in the state (its value: test_rnd_explores_...)."""
     calls: dict[str, list] = {}
 
     def spy(name):
@@ -182,31 +176,29 @@ def test_cli_run_reaches_the_tested_functions_with_its_flags(tmp_path, capsys, m
 
     for name in ("normalize_intrinsic", "advantages", "predictor_mask", "predictor_loss"):
         spy(name)
-    args = ["--env-id", "GridMaze-FourRooms", "--total-timesteps", "1024", "--num-envs", "8",
-            "--num-steps", "16", "--obs-norm-init-steps", "2", "--num-seeds", "2",
-            "--rnd-features", "16", "--ext-coef", "3", "--int-coef", "0.5", "--gamma-ext",
-            "0.97", "--gamma-int", "0.9", "--gae-lambda", "0.8", "--update-proportion", "0.3",
-            "--run-dir", str(tmp_path), "--no-progress"]
-    res = rnd.main(args)
-    assert (tmp_path / "metrics.jsonl").exists() and (tmp_path / "checkpoints").exists()
-    assert res.history["charts/distinct_cells"].shape == (2, 8)
-    assert np.isfinite(res.history["losses/rnd_forward"]).all()
-    assert "distinct_cells" in capsys.readouterr().out
+    cfg, _ = run.parse(rnd.Config, rnd.PRESETS, [
+        "--env-id", "GridMaze-FourRooms", "--total-timesteps", "1024", "--num-envs", "8",
+        "--num-steps", "16", "--obs-norm-init-steps", "2", "--rnd-features", "16",
+        "--ext-coef", "3", "--int-coef", "0.5", "--gamma-ext", "0.97", "--gamma-int", "0.9",
+        "--gae-lambda", "0.8", "--update-proportion", "0.3"])
+    assert cfg.int_coef == 0.5
+    state = jax.eval_shape(lambda k: rnd.init(k, cfg), jax.random.PRNGKey(0))
+    assert state.int_coef.shape == ()
+    jax.eval_shape(lambda s: rnd.update(s, cfg), state)
 
     n = len(calls["normalize_intrinsic"])
     assert n >= 1 and len(calls["advantages"]) == n and len(calls["predictor_mask"]) == n
     for (_, kw_n, (r_n, _, _)), (adv_args, kw_a, _) in zip(
             calls["normalize_intrinsic"], calls["advantages"], strict=True):
         assert kw_n == {"gamma_int": 0.9}
-        assert kw_a == dict(gamma_ext=0.97, gamma_int=0.9, gae_lambda=0.8, ext_coef=3.0,
-                            int_coef=0.5)
+        assert {k: v for k, v in kw_a.items() if k != "int_coef"} == dict(
+            gamma_ext=0.97, gamma_int=0.9, gae_lambda=0.8, ext_coef=3.0)
+        assert isinstance(kw_a["int_coef"], jax.core.Tracer)  # state.int_coef
         assert adv_args[1] is r_n  # the advantages see the normalised intrinsic reward
     for args_m, kw_m, _ in calls["predictor_mask"]:
         assert args_m[1:] == (128,) and kw_m == {"proportion": 0.3}
     for (pred, target, mask), _, _ in calls["predictor_loss"]:  # on each minibatch of 32
         assert pred.shape == target.shape == (32, 16) and mask.shape == (32,)
-    # The return normaliser folded in the T*N = 128 returns of each of the 8 rollouts.
-    np.testing.assert_allclose(res.state.rew_norm.count, [8 * 128 + 1e-4] * 2, rtol=1e-6)
 
 
 def test_bad_values_fail_with_named_field(tmp_path):
@@ -219,42 +211,76 @@ def test_bad_values_fail_with_named_field(tmp_path):
         rnd.main(["--update-proportion", "0", "--run-dir", str(tmp_path)])
 
 
-def test_rnd_explores_more_than_ppo_and_train_is_pure():
+SEEDS = 12
+RUN_CFG = dataclasses.replace(TINY, num_steps=32, total_timesteps=2048)  # 8 updates
+RUN_ARGS = cli_args(RUN_CFG, rnd.Config()) + ["--num-seeds", str(2 * SEEDS), "--log-every",
+                                              "8", "--no-progress"]
+
+
+def _run(run_dir):
+    """RUN_CFG through `rnd.main`, 2 x SEEDS seeds in ONE compiled program: seeds SEEDS..
+    are the broken variant, the same PPO with the bonus off (int_coef = 0, traced in the
+    state), each on the key of its RND twin."""
+    keys = jax.random.split(jax.random.PRNGKey(0), 2 * SEEDS)  # the runner's seed keys
+    real = rnd.init
+
+    def init(key, cfg):
+        i = jnp.argmax(jnp.all(key == keys, -1))
+        state = real(keys[i % SEEDS], cfg)
+        return state.replace(int_coef=jnp.where(i >= SEEDS, 0.0, state.int_coef))
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(rnd, "init", init)
+        return rnd.main(RUN_ARGS + ["--run-dir", str(run_dir)])
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
+    return _run(tmp_path_factory.mktemp("rnd"))
+
+
+def test_rnd_explores_more_than_ppo(quick_run):
     """Behaviour ([1] Sec. 3) in seconds: FourRooms (104 floor cells, start in one corner room,
     the only reward at the goal in the opposite one), 8 envs x 32 steps x 8 updates = 2048
     steps, 12 seeds. RND against the broken variant, the same PPO with the bonus off
-    (int_coef = 0), in one compiled vmap (int_coef is traced, so both arms share the
-    compile). Distinct cells visited, measured on CPU (jax 0.10.2):
+    (int_coef = 0, same keys), in one compiled run of the CLI (int_coef is traced in the
+    state). Distinct cells visited, measured on CPU (jax 0.10.2):
         RND  80 93 97 99 92 94 102 88 86 100 91 88   median 92.5, mean 92.5, 0 below 75
         PPO  41 97 88 67 45 99 67 51 92 92 66 94     median 77.5, mean 74.9, 6 below 75
     Half the PPO seeds stay near the first room; every RND seed leaves it. The broken
-    variant fails all three asserts (gaps 0). The same keys give bit-identical results a
-    second time (the training function is pure)."""
-    cfg = dataclasses.replace(TINY, num_steps=32, total_timesteps=2048)
-    seeds = 12
-
-    def one(key, int_coef):
-        arm = dataclasses.replace(cfg, int_coef=int_coef)
-        return run.make_train(rnd.init, rnd.update, arm)(key)
-
-    train = jax.jit(jax.vmap(one))
-    keys = jnp.concatenate([jax.random.split(jax.random.PRNGKey(0), seeds)] * 2)
-    coefs = jnp.repeat(jnp.array([1.0, 0.0]), seeds)
-    state, metrics = train(keys, coefs)
-    cells = np.asarray(state.visited.sum((-1, -2)))
-    on, off = cells[:seeds], cells[seeds:]
+    variant fails all three asserts (gaps 0); so does RND when `update` ignores the traced
+    int_coef (mutation: both halves run RND)."""
+    cells = quick_run.history["charts/distinct_cells"][:, -1]
+    on, off = cells[:SEEDS], cells[SEEDS:]
     print("RND", on, "PPO", off)
     assert np.median(on) >= np.median(off) + 8, (on, off)
     assert on.mean() >= off.mean() + 8, (on, off)
     assert (off < 75).sum() >= (on < 75).sum() + 3, (on, off)  # seeds stuck near the start
+    np.testing.assert_array_equal(quick_run.final["distinct_cells"], cells)
+    np.testing.assert_array_equal(quick_run.state.int_coef, [1.0] * SEEDS + [0.0] * SEEDS)
 
-    assert np.isfinite(metrics["losses/rnd_forward"]).all()
-    assert metrics["losses/rnd_forward"].shape == (2 * seeds, cfg.num_updates)
-    assert not np.array_equal(metrics["losses/rnd_forward"][0],
-                              metrics["losses/rnd_forward"][1])  # seeds differ
-    state2, metrics2 = train(keys, coefs)
-    jax.tree.map(np.testing.assert_array_equal, state.params, state2.params)
-    np.testing.assert_array_equal(metrics["losses/rnd_forward"], metrics2["losses/rnd_forward"])
+
+def test_train_is_pure_and_cli_writes_its_files(quick_run, tmp_path, capsys):
+    """The same keys give bit-identical results a second time (the persistent compilation
+    cache serves the program); seeds differ; the run wrote its files; `--help` documents
+    every field; the return normaliser folded in the T*N = 256 returns of each rollout."""
+    with pytest.raises(SystemExit):
+        rnd.main(["--help"])
+    out = capsys.readouterr().out
+    for f in dataclasses.fields(rnd.Config):
+        assert "--" + f.name.replace("_", "-") in out, f.name
+    assert "Presets (--preset): quick, paper" in out
+    assert (quick_run.run_dir / "metrics.jsonl").exists()
+    assert (quick_run.run_dir / "checkpoints").exists()
+    h = quick_run.history
+    assert np.isfinite(h["losses/rnd_forward"]).all()
+    assert h["losses/rnd_forward"].shape == (2 * SEEDS, 8)
+    assert not np.array_equal(h["losses/rnd_forward"][0], h["losses/rnd_forward"][1])
+    np.testing.assert_allclose(quick_run.state.rew_norm.count, [8 * 256 + 1e-4] * 2 * SEEDS,
+                               rtol=1e-6)
+    again = _run(tmp_path)
+    jax.tree.map(np.testing.assert_array_equal, quick_run.state.params, again.state.params)
+    np.testing.assert_array_equal(h["losses/rnd_forward"], again.history["losses/rnd_forward"])
 
 
 def _cells(cfg, seeds):
@@ -285,7 +311,10 @@ def test_every_config_field_is_read():
 
 def test_paper_preset_traces():
     """jax.eval_shape of init and one update under the `paper` preset (nothing runs): a
-    preset that cannot build its problem, env, shapes or state fails here, on CPU."""
-    _, state, (after, metrics) = trace_paper(rnd)
+    preset that cannot build its problem, env, shapes or state fails here, on CPU. With 8
+    envs instead of 128 (building 128 ALE emulators takes ~20 s on a 2-core CPU; nothing
+    else depends on the number)."""
+    _, state, (after, metrics) = trace_paper(rnd, num_envs=8)
+    assert state.obs.shape[0] == 8 and state.visited.shape == (256,)  # Montezuma's rooms
     assert jax.tree.structure(after) == jax.tree.structure(state)
     assert all(m.shape == () for m in jax.tree.leaves(metrics))
