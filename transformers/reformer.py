@@ -51,6 +51,10 @@ Differences from the paper:
   sees itself). Both are the same function; tests against HF run in float64.
 - One key per layer and update drives the random rotations; the backward pass replays the
   same key, so recomputed buckets equal the forward pass's (trax stores a seed per layer).
+- [1] App. A's duplicate correction (logits_ij -= log N_ij for a key that query i sees in
+  N_ij of its round windows) is off by default (--dup-correction turns it on): HF's port,
+  which the peer test checks against, has none, and the calibrated numbers above are
+  without it. Without it a key seen in several rounds weighs more in the combined output.
 - n_buckets=1 is accepted as "one bucket" (no hashing); the paper and HF need an even b.
 - Causal LSH masks every later position, so no later key or value enters an earlier output
   (its Jacobian is exactly 0), but which earlier keys share a chunk with a query depends on
@@ -103,6 +107,8 @@ class Config:
     """hash buckets b per round (even; [1] uses ~2L/chunk_len; 1 = no hashing)"""
     n_hashes: int = 4
     """hashing rounds, combined by their normalisers"""
+    dup_correction: bool = False
+    """subtract log N_ij from the logits of keys seen N_ij times over the rounds ([1] App. A)"""
     chunk_len: int = 64
     """LSH chunk length m; each chunk attends to itself and the previous chunk"""
     reversible: bool = True
@@ -223,9 +229,28 @@ def hash_vectors(x, rotations, n_buckets: int):
     return jnp.swapaxes(jax.lax.map(per_round, x), 1, 2)  # (B, H, n_hashes, L)
 
 
-def lsh_attention(qk, v, rotations, n_buckets: int, chunk_len: int, causal: bool):
+def duplicate_counts(undo, q_pos, k_pos, chunk_len: int, n_hashes: int):
+    """N_ij of [1] App. A: how many times key position j lies in query position i's
+    windows over all rounds. undo (B, H, nL): sorted slot of every (round, position);
+    q_pos (B, H, C, m), k_pos (B, H, C, 2m) -> counts (B, H, C, m, 2m), >= 1."""
+    B, H, C, m = q_pos.shape
+    chunk = (undo // chunk_len).reshape(B, H, n_hashes, -1)  # chunk of position p in round r
+    at = lambda pos: jnp.take_along_axis(chunk, pos.reshape(B, H, 1, -1), 3)
+    gq = at(q_pos).reshape(B, H, n_hashes, C, m, 1)  # the query's chunk in every round
+    gk = at(k_pos).reshape(B, H, n_hashes, C, 1, 2 * m)  # the key's chunk in every round
+    n = 0
+    for r in range(n_hashes):  # query's window in round r: its chunk and the one before
+        here = gq[:, :, r, None]  # (B, H, 1, C, m, 1)
+        n = n + jnp.sum((gk == here) | (gk == (here - 1) % C), axis=2)  # sum over rounds
+    return n  # (B, H, C, m, 2m)
+
+
+def lsh_attention(qk, v, rotations, n_buckets: int, chunk_len: int, causal: bool,
+                  dup_correction: bool = False):
     """LSH attention of [1] Sec. 2, with the chunking and round layout of trax/HF.
-    qk, v: (B, H, L, d_head); rotations: (H, d_head, n_hashes, n_buckets/2)."""
+    qk, v: (B, H, L, d_head); rotations: (H, d_head, n_hashes, n_buckets/2). With
+    `dup_correction`, logits_ij -= log N_ij ([1] App. A), so that a key that query i
+    sees in several rounds (or twice in one window) counts once."""
     B, H, L, dh = qk.shape
     n_hashes = rotations.shape[2]
     if L <= chunk_len:  # one chunk holds the whole sequence: plain attention
@@ -251,6 +276,8 @@ def lsh_attention(qk, v, rotations, n_buckets: int, chunk_len: int, causal: bool
     vv = look_back(sv.reshape(B, H, C, chunk_len, dh))
     k_pos = look_back(q_pos)  # (B, H, C, 2m)
     dots = masked_logits(jnp.einsum("bhcqd,bhckd->bhcqk", q, k), q_pos, k_pos, causal)
+    if dup_correction and n_hashes > 1:  # [1] App. A: subtract log N_ij
+        dots = dots - jnp.log(duplicate_counts(undo, q_pos, k_pos, chunk_len, n_hashes))
     z = jax.nn.logsumexp(dots, -1, keepdims=True)  # (B, H, C, m, 1) per-round normaliser
     o = jnp.exp(dots - z) @ vv  # (B, H, C, m, dh)
     o = jnp.take_along_axis(o.reshape(B, H, -1, dh), undo[..., None], 2)  # unsort
@@ -271,6 +298,7 @@ class SharedQKAttention(nn.Module):
     n_hashes: int = 1
     chunk_len: int = 64
     causal: bool = True
+    dup_correction: bool = False
 
     @nn.compact
     def __call__(self, x, hash_key):
@@ -283,7 +311,7 @@ class SharedQKAttention(nn.Module):
         shape = (self.n_heads, self.d_head, self.n_hashes, self.n_buckets // 2)
         rotations = jax.random.normal(hash_key, shape, qk.dtype)
         return merge_heads(lsh_attention(qk, v, rotations, self.n_buckets, self.chunk_len,
-                                         self.causal))
+                                         self.causal, self.dup_correction))
 
 
 class AttentionBlock(nn.Module):
@@ -296,7 +324,8 @@ class AttentionBlock(nn.Module):
     def __call__(self, x, hash_key):
         c = self.cfg
         h = SharedQKAttention(c.n_heads, c.d_head, c.attention, c.n_buckets, c.n_hashes,
-                              c.chunk_len, self.causal)(nn.LayerNorm()(x), hash_key)
+                              c.chunk_len, self.causal, c.dup_correction)(
+            nn.LayerNorm()(x), hash_key)
         return nn.Dense(c.d_model, use_bias=False, name="out")(h)
 
 

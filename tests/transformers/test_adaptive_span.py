@@ -89,7 +89,8 @@ def test_mask_at_the_boundary_is_the_papers_m_z_of_the_distance():
     """The attention layer applies m_z(x) at the key's distance x = i - j (the paper's
     equation, not [1]'s code's m_z(x - 1)): one query with S = 6 memory keys, R = 4, z = 1,
     q = 0 (equal scores), so the weights of distances 1..6 are m_1(x) / sum =
-    (1, 3/4, 1/2, 1/4, 0, 0) / 2.5 by hand; [1]'s code would give (1, 1, 3/4, 1/2, 1/4, 0) / 3.5."""
+    (1, 3/4, 1/2, 1/4, 0, 0) / 2.5 by hand; [1]'s code would give
+    (1, 1, 3/4, 1/2, 1/4, 0) / 3.5."""
     S6, d, H = 6, 8, 2
     attn = A.SpanAttention(H, d, S6, 4.0, 1.0 / S6)
     h = jnp.zeros((1, 1, d))  # q = W_q h = 0: every score is 0
@@ -215,10 +216,11 @@ def test_l1_penalty_shrinks_spans_short(tiny_run):
 def test_l1_penalty_shrinks_spans_of_heads_that_only_need_local_context():
     """Behaviour: on the 'local' stream (x_t = x_{t-2} on half the positions, so only
     distance 1 helps), 1 layer, 2 heads, S = 16, R = 4, spans start at S. With the L1
-    penalty (lambda = 1e-2 on the heads' mean) the spans shrink to ~0 and the loss is no worse than without it;
-    without the penalty they stay near S. Measured at 200 updates: mean span 0.0 vs 14.5,
-    val loss 2.24 vs 2.78 nats (ln 16 = 2.77: in 200 Adagrad steps only the short-span model
-    starts to pick out distance 1; the optimum is ln 16 / 2 = 1.39)."""
+    penalty (lambda = 1e-2 on the heads' mean) the spans shrink to ~0 and the loss is no
+    worse than without it; without the penalty they stay near S. Measured at 200 updates:
+    mean span 0.0 vs 14.5, val loss 2.24 vs 2.78 nats (ln 16 = 2.77: in 200 Adagrad steps
+    only the short-span model starts to pick out distance 1; the optimum is
+    ln 16 / 2 = 1.39)."""
     out = {}
     for lam in (1e-2, 0.0):
         cfg = A.Config(corpus="local", local_vocab=16, local_chars=40_000, n_layer=1,

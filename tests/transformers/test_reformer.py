@@ -26,7 +26,7 @@ TINY = rf.Config(corpus="pydoc", max_chars=60_000, byte_level=False, seq_len=32,
                  eval_windows=4)
 
 
-lsh_attention = jax.jit(rf.lsh_attention, static_argnums=(3, 4, 5))
+lsh_attention = jax.jit(rf.lsh_attention, static_argnums=(3, 4, 5, 6))
 full_attention = jax.jit(rf.full_attention, static_argnums=2)
 
 
@@ -69,6 +69,29 @@ def test_lsh_with_many_buckets_is_sparse_and_hashes_as_argmax_of_rotations():
     assert b.shape == (2, 2, 2, 32) and len(np.unique(b)) == 8
     out = lsh_attention(qk, v, rot, 8, 8, True)
     assert np.abs(out - full_attention(qk, v, True)).max() > 1e-2
+
+
+def test_duplicate_correction_on_two_rounds_counts_every_key_once():
+    """[1] App. A by hand: L = 8, chunks of 4, 2 buckets, 2 rounds, rotations e_1 then e_2,
+    and qk signs chosen so that round 0 hashes {0,1,2,3} | {4,5,6,7} and round 1
+    {0,1,4,5} | {2,3,6,7}. The sorted chunks are c0 = {0,1,2,3}, c1 = {4..7}, c2 = {0,1,4,5},
+    c3 = {2,3,6,7}; each chunk sees the one before (c0 sees c3), so every query's two
+    windows together hold all 8 keys, some twice (query 4 sees 2 and 3 once, 4 and 5
+    three times). With logits - log N_ij each key counts once: the output is dense
+    (non-causal, self-masked) attention. Without the correction it is not."""
+    sign1 = np.array([1, 1, 1, 1, -1, -1, -1, -1.0])
+    sign2 = np.array([1, 1, -1, -1, 1, 1, -1, -1.0])
+    mag = np.abs(np.asarray(jax.random.normal(jax.random.PRNGKey(5), (8, 4)))) + 0.1
+    qk = jnp.asarray(mag * np.stack([sign1, sign2, np.ones(8), -np.ones(8)], -1))[None, None]
+    v = jax.random.normal(jax.random.PRNGKey(6), (1, 1, 8, 4))
+    rot = jnp.zeros((1, 4, 2, 1)).at[0, 0, 0, 0].set(1.0).at[0, 1, 1, 0].set(1.0)
+    np.testing.assert_array_equal(rf.hash_vectors(qk, rot, 2)[0, 0],
+                                  [[0, 0, 0, 0, 1, 1, 1, 1], [0, 0, 1, 1, 0, 0, 1, 1]])
+    dense = full_attention(qk, v, False)
+    fixed = lsh_attention(qk, v, rot, 2, 4, False, True)
+    np.testing.assert_allclose(fixed, dense, atol=1e-5)
+    plain = lsh_attention(qk, v, rot, 2, 4, False, False)
+    assert np.abs(plain - dense).max() > 1e-2
 
 
 def test_self_mask_only_when_nothing_else():
