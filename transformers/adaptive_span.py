@@ -46,6 +46,11 @@ Differences from the paper:
   the sigmoid's bias starts at logit(clip(span_init, 0.1, 0.9)), so with the default
   span_init = 0 the dynamic spans start at z = 0.1 S, where the sigmoid still has slope
   0.09 (the static span starts at z = span_init * S, as [1]'s code).
+- Initialisation: flax's defaults (dense kernels lecun normal, std 1/sqrt(fan_in), biases
+  0; token embedding normal with std 1/sqrt(d_model)), not [1]'s code's, which keeps
+  PyTorch's defaults (Linear weights and biases uniform in +-1/sqrt(fan_in), i.e. std
+  1/sqrt(3 fan_in); embedding normal(0, 1)). The key position embeddings p_x are normal(0,
+  1) as there. ([1]'s code has no normal(0, 0.02) init; that is Transformer-XL's.)
 - z = S * s with s in [0, 1] clipped after every step, as in [1]'s code; Adagrad
   (lr 0.07, linear warm-up, clip 0.03) as in [1]; optax's Adagrad starts its accumulator
   at 0.1, torch's at 0.

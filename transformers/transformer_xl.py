@@ -54,6 +54,12 @@ Differences from the paper:
   memory, like the reference code's empty memory, but with a fixed array shape for XLA.
 - Cosine learning-rate decay to 0 with Adam and gradient clipping at 0.25, as the reference
   enwik8 script; no mixed precision, no multi-GPU data parallelism.
+- Initialisation: flax's defaults (dense kernels lecun normal, std 1/sqrt(fan_in); the
+  embedding, tied to the output, normal with std 1/sqrt(d_model); LayerNorm scale 1), not
+  [1]'s code's (pytorch/train.py weights_init: every Linear and Embedding weight normal(0,
+  0.02), LayerNorm scale normal(1, 0.02), adaptive-embedding projections normal(0, 0.01)).
+  Only u and v use [1]'s normal(0, 0.02). [1]'s small embedding is paired with its
+  sqrt(d_model) embedding scale, which this file also leaves out (above).
 """
 
 import functools
