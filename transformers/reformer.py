@@ -37,7 +37,8 @@ Reproduce (CPU demo, pydoc reference-manual text, 2 shared cores):
   unigram 4.70. This 2-layer d=64 model is far from converged (dense attention in its
   place: the same loss at 250 updates, 2.23 vs 2.25 nats/char).
 Ablations (flags): --attention full (dense shared-QK), --no-reversible (pre-LN residual
-stack, ordinary backprop), --ff-chunks 1 (unchunked feed-forward).
+stack, ordinary backprop), --ff-chunks 1 (unchunked feed-forward); --dup-correction adds
+[1] App. A's duplicate correction of multi-round LSH (off by default, see below).
 Paper scale (GPU; byte-level stdlib sources in place of enwik8, 64K-byte sequences):
     python transformers/reformer.py --preset paper
 [1] Sec. 5 / Table 5: a 12-layer Reformer reaches 1.05 bits/dim on enwik8 (test).
