@@ -41,14 +41,20 @@ def test_f_by_hand():
     np.testing.assert_allclose(nn_.f(jnp.array([4.0, -0.25, 0.0, 1.0])), [2, -0.5, 0, 1])
 
 
-@functools.partial(jax.jit, static_argnums=4)
-def _layer(x, key_init, key_noise, params=None, per_example=False):
+@jax.jit
+def _layer_cases(x, k0, k1, k2, hand, zero):
+    """One compiled program for every case of the NoisyDense test: the init, and the output
+    (with the noise it drew) for `hand` params under key k1, under k2, per example, and for
+    the `zero` (sigma = 0) params."""
     layer = nn_.NoisyDense(3, sigma_0=0.5)
-    if params is None:
-        params = layer.init({"params": key_init, "noise": key_init}, x)
-    y, inter = layer.apply(params, x, per_example, rngs={"noise": key_noise},
-                           mutable=["intermediates"])
-    return params, y, inter["intermediates"]
+
+    def apply(params, key, per_example=False):
+        y, inter = layer.apply(params, x, per_example, rngs={"noise": key},
+                               mutable=["intermediates"])
+        return y, inter["intermediates"]
+
+    return (layer.init({"params": k0, "noise": k0}, x), apply(hand, k1), apply(hand, k2),
+            apply(hand, k1, True), apply(zero, k1))
 
 
 def _by_hand(x, e_in, e_out, mu_w, mu_b, sigma_w, sigma_b):
@@ -70,26 +76,26 @@ def test_noisy_dense_init_and_output_for_fixed_noise_by_hand():
     with per_example; a new key gives a new draw; sigma = 0 leaves the mu layer."""
     x = jnp.array([[1.0, -2.0, 0.5, 3.0], [1.0, -2.0, 0.5, 3.0]])
     k0, k1, k2 = jax.random.split(jax.random.PRNGKey(0), 3)
-    params, _, _ = _layer(x, k0, k1)
+    sigma_w = (0.1 * np.arange(4)[:, None] + 0.01 * np.arange(3)[None]).astype(np.float32)
+    mu_b, sigma_b = np.array([1.0, 2.0, 3.0]), np.array([0.5, 0.0, 1.0])
+    hand = {"params": {"mu_w": np.ones((4, 3), np.float32), "mu_b": mu_b, "sigma_w": sigma_w,
+                       "sigma_b": sigma_b}}
+    zero = {"params": {**hand["params"], "sigma_w": np.zeros((4, 3), np.float32),
+                       "sigma_b": np.zeros(3)}}
+    params, (y, inter), (y2, _), (yp, inter_p), (y0, _) = _layer_cases(x, k0, k1, k2, hand,
+                                                                       zero)
     p = params["params"]
     np.testing.assert_array_equal(p["sigma_w"], np.full((4, 3), 0.25, np.float32))
     np.testing.assert_array_equal(p["sigma_b"], np.full(3, 0.25, np.float32))
     assert float(jnp.abs(p["mu_w"]).max()) <= 0.5 and float(jnp.abs(p["mu_b"]).max()) <= 0.5
 
-    sigma_w = (0.1 * np.arange(4)[:, None] + 0.01 * np.arange(3)[None]).astype(np.float32)
-    mu_b, sigma_b = np.array([1.0, 2.0, 3.0]), np.array([0.5, 0.0, 1.0])
-    hand = {"params": {"mu_w": np.ones((4, 3), np.float32), "mu_b": mu_b, "sigma_w": sigma_w,
-                       "sigma_b": sigma_b}}
-    _, y, inter = _layer(x, k0, k1, hand)
     e_in, e_out = np.asarray(inter["eps_in"][0]), np.asarray(inter["eps_out"][0])
     assert e_in.shape == (4,) and e_out.shape == (3,)  # one draw for the whole batch
     expect = _by_hand(np.asarray(x), e_in, e_out, 1.0, mu_b, sigma_w, sigma_b)
     np.testing.assert_allclose(y, expect, rtol=1e-5)
     np.testing.assert_array_equal(y[0], y[1])
-    _, y2, _ = _layer(x, k0, k2, hand)
     assert not np.allclose(y2, y)
     # per_example: each row its own draw (acting, one per env), each row by hand.
-    _, yp, inter_p = _layer(x, k0, k1, hand, True)
     e_in, e_out = np.asarray(inter_p["eps_in"][0]), np.asarray(inter_p["eps_out"][0])
     assert e_in.shape == (2, 4) and e_out.shape == (2, 3)
     for r in range(2):
@@ -97,9 +103,6 @@ def test_noisy_dense_init_and_output_for_fixed_noise_by_hand():
             yp[r], _by_hand(np.asarray(x[r]), e_in[r], e_out[r], 1.0, mu_b, sigma_w, sigma_b),
             rtol=1e-5)
     assert not np.allclose(yp[0], yp[1])
-    zero = {"params": {**hand["params"], "sigma_w": np.zeros((4, 3), np.float32),
-                       "sigma_b": np.zeros(3)}}
-    _, y0, _ = _layer(x, k0, k1, zero)
     np.testing.assert_allclose(y0, np.asarray(x) @ np.ones((4, 3)) + mu_b, rtol=1e-6)
 
 
