@@ -85,7 +85,9 @@ class RunningMeanStd:
 
 @dataclass(frozen=True)
 class PPOConfig:
-    """PPO hyperparameters (defaults: PureJaxRL's CartPole configuration)."""
+    """PPO hyperparameters (defaults: PureJaxRL's CartPole configuration, except
+    `clip_vloss`, False here where PureJaxRL and the PPO reference code clip the value loss;
+    side by side on 16 keys at 5e5 steps the reference setting scored 483 against 393)."""
 
     num_envs: int = 4
     """parallel environments"""
