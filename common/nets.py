@@ -130,12 +130,26 @@ def scan_rnn(cell: type[nn.Module]) -> type[nn.Module]:
 # --- CONVOLUTION AS SHIFTED MATMULS ---
 
 
-def shifted_conv(lhs, rhs, window_strides, padding, *args, precision=None, **kwargs):
+def shifted_conv(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None,
+                 dimension_numbers=None, feature_group_count=1, batch_group_count=1,
+                 precision=None, preferred_element_type=None):
     """`lax.conv_general_dilated` for NHWC / HWIO without dilation or groups, as a sum of
     kh * kw matmuls of shifted (strided) input slices. XLA:CPU computes the weight gradient
     of a native conv inside a while loop (the runner's lax.scan) ~100x slower than outside
     (jax-ml/jax#12868); this form's gradients are matmuls and pads, fast everywhere. On
-    accelerators the native conv is the faster choice."""
+    accelerators the native conv is the faster choice (a CPU-only option). Dilation, groups
+    and other layouts raise ValueError rather than being ignored."""
+    unsupported = {
+        "lhs_dilation": lhs_dilation is not None and any(d != 1 for d in lhs_dilation),
+        "rhs_dilation": rhs_dilation is not None and any(d != 1 for d in rhs_dilation),
+        "feature_group_count": feature_group_count != 1,
+        "batch_group_count": batch_group_count != 1,
+        "dimension_numbers": dimension_numbers is not None and tuple(dimension_numbers) not in (
+            ("NHWC", "HWIO", "NHWC"), ((0, 3, 1, 2), (3, 2, 0, 1), (0, 3, 1, 2))),
+    }
+    if any(unsupported.values()):
+        raise ValueError("shifted_conv supports NHWC/HWIO convolutions without dilation or "
+                         f"groups; got {[k for k, v in unsupported.items() if v]}")
     kh, kw, _, _ = rhs.shape
     if isinstance(padding, str):
         padding = jax.lax.padtype_to_pads(lhs.shape[1:3], (kh, kw), window_strides, padding)
@@ -148,7 +162,8 @@ def shifted_conv(lhs, rhs, window_strides, padding, *args, precision=None, **kwa
     for i in range(kh):
         for j in range(kw):
             xs = x[:, i:i + (ho - 1) * sh + 1:sh, j:j + (wo - 1) * sw + 1:sw]  # (B, Ho, Wo, Ci)
-            out = out + jnp.einsum("nhwc,co->nhwo", xs, rhs[i, j], precision=precision)
+            out = out + jnp.einsum("nhwc,co->nhwo", xs, rhs[i, j], precision=precision,
+                                   preferred_element_type=preferred_element_type)
     return out
 
 

@@ -31,3 +31,22 @@ def test_shifted_conv_equals_xla_conv(kernel, stride, side, padding, grad):
     if grad:  # the weight gradient equals the native conv's
         jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4),
                      *grads)
+
+
+def test_shifted_conv_refuses_what_it_does_not_compute():
+    """Dilation, feature groups and other layouts raise instead of being silently ignored
+    (it used to return an undilated, ungrouped convolution); the mixed-precision option is
+    passed to its matmuls."""
+    x = jax.numpy.ones((1, 6, 6, 4))
+    for kw in (dict(kernel_dilation=(2, 2)), dict(input_dilation=(2, 2)),
+               dict(feature_group_count=2)):
+        conv = nets.Conv(4, 3, shift=True, **kw)
+        with pytest.raises(ValueError, match="without dilation or groups"):
+            jax.eval_shape(conv.init, jax.random.PRNGKey(0), x)
+    w = jax.numpy.ones((3, 3, 4, 2), jax.numpy.bfloat16)
+    y = jax.eval_shape(lambda a, b: nets.shifted_conv(a, b, (1, 1), "SAME",
+                                                      preferred_element_type=jax.numpy.float32),
+                       x.astype(jax.numpy.bfloat16), w)
+    assert y.dtype == jax.numpy.float32
+    with pytest.raises(ValueError, match="dimension_numbers"):
+        nets.shifted_conv(x, w, (1, 1), "SAME", dimension_numbers=("NCHW", "OIHW", "NCHW"))
