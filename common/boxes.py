@@ -248,6 +248,11 @@ def mean_average_precision(detections, ground_truths, num_classes: int,
     detections: per image a tuple (boxes (D, 4) xyxy, scores (D,), classes (D,));
     ground_truths: per image (boxes (G, 4) xyxy, classes (G,)). COCO's mAP@[.5:.95] is
     iou_thresholds=np.linspace(0.5, 0.95, 10). Returns (mAP, per-class AP (C, T)).
+
+    Matching is COCO's for every `method`: a detection whose best ground truth is already
+    taken falls through to the best untaken one above the threshold. The VOC devkit counts
+    it a false positive instead, so the 'voc' and 'voc07' APs here can be slightly higher
+    than the devkit's on crowded images (and 'difficult' objects are not modelled).
     """
     ap = np.full((num_classes, len(iou_thresholds)), np.nan)
     for c in range(num_classes):
