@@ -45,11 +45,13 @@ class NatureCNN(nn.Module):
 
     activation: Callable = nn.relu
     features: int = 512
+    layers: tuple[tuple[int, int, int], ...] = ((32, 8, 4), (64, 4, 2), (64, 3, 1))
+    """(channels, kernel, stride) of each VALID conv"""
 
     @nn.compact
     def __call__(self, x):
         x = x.astype(jnp.float32) / 255.0
-        for ch, k, s in ((32, 8, 4), (64, 4, 2), (64, 3, 1)):
+        for ch, k, s in self.layers:
             x = self.activation(
                 nn.Conv(ch, (k, k), (s, s), padding="VALID", kernel_init=orthogonal())(x)
             )

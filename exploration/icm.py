@@ -365,6 +365,7 @@ def ppo_config(cfg: Config) -> PPOConfig:
                      gamma=cfg.gamma, gae_lambda=cfg.gae_lambda, clip_coef=cfg.clip_coef,
                      ent_coef=cfg.ent_coef, vf_coef=cfg.vf_coef,
                      max_grad_norm=cfg.max_grad_norm, hidden=cfg.hidden,
+                     clip_vloss=False,  # unclipped, as the curiosity papers' released PPO
                      ext_coef=1.0 if cfg.extrinsic_reward else 0.0, int_coef=1.0)
 
 

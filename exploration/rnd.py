@@ -13,8 +13,9 @@ on novel states and shrinks on familiar ones, so it is an exploration bonus:
     V = V_E + V_I: two value heads; the intrinsic stream is non-episodic       [1] Sec. 2.3
     A = c_E A_E + c_I A_I with c_E = 2, c_I = 1, gamma_E = 0.999, gamma_I = 0.99 [1] Sec. 3.3
 
-The predictor minimises the same squared error on a random 25% of each batch ([1] App. A.2
-"proportion of experience used for training predictor").
+The predictor minimises the same squared error on a random 25% of each minibatch, a fresh
+draw for every minibatch as in the released code ([1] App. A.2 "proportion of experience
+used for training predictor").
 
 Reproduce (CPU demo, about 2 minutes on 2 cores; RND vs the same PPO without the bonus):
     python exploration/rnd.py --preset quick --num-seeds 4
@@ -27,22 +28,27 @@ Paper setting (GPU; Montezuma's Revenge through envpool, 128 envs, 30K rollouts)
 Differences from the paper:
 - The CPU preset runs on a navix DoorKey maze with symbolic (vector) observations, so the
   policy and RND networks are MLPs; the paper's convolutional networks are used for pixels.
-- The policy CNN follows [1]'s released code in shape (conv 32-8/4, 64-4/2, 64-3/1, dense
-  256, dense 448, a residual dense 448 per head) but uses flax's default orthogonal/zero
-  initialisation scales rather than the code's exact per-layer gains.
-- One Adam optimiser updates policy and predictor together with gradient-norm clipping at
-  0.5 (as in CleanRL's port); the paper does not state a clip.
+- The policy CNN follows [1]'s released code in shape (conv 32-8/4, 64-4/2, 64-4/1, dense
+  256, dense 448, a residual dense 448 per head) and its orthogonal gains (sqrt 2 in the
+  torso, 0.1 in the residual layers, 0.01 in the heads).
+- One Adam optimiser updates policy and predictor together, as in [1]'s released code. That
+  code computes a global-norm clip at 1.0 and then applies the unclipped gradients, so in
+  effect it does not clip: `max_grad_norm` 0 (no clip) is the default here; the `quick`
+  preset clips at 0.5 (CleanRL's port).
+- Advantages are not normalised by default (`norm_adv`), as in [1]'s released code; the
+  `quick` preset normalises them per minibatch (CleanRL's port).
 - Frames: envpool's Atari preprocessing (84x84 grey, max-pool over 2 frames, frame skip 4,
   stack 4, sticky actions 0.25); the RND networks see the last frame only, as in [1].
 - The intrinsic reward of the step that ends an episode uses the auto-reset observation
   (the first of the next episode), as every auto-resetting vectorised implementation does.
 - The reward is the squared error summed over features (as in [1]); the predictor's loss
   averages it over features (a constant factor, as in the released code and CleanRL).
-- The predictor's 25% mask is drawn once per rollout and kept for all epochs; [1]'s released
-  code and CleanRL draw a fresh one for every minibatch (so over 4 epochs the predictor
-  sees about 68% of the rollout there, 25% here).
+- The observation statistics start from num_steps x 50 = 6,400 random-agent steps per env
+  (the released code and CleanRL), updated one step at a time rather than in blocks of 128
+  (the same moments).
 - The `quick` CPU preset departs from Table 5 to fit a 2-core CPU: 32 envs x 32 steps,
-  200k steps, lr 1e-3, entropy 0.01, RND output 32, 200-step episodes, no reward clip.
+  200k steps, lr 1e-3, entropy 0.01, RND output 32, 200-step episodes, no reward clip,
+  50 warm-up steps, advantages normalised per minibatch and a gradient clip of 0.5.
 """
 
 from dataclasses import dataclass
@@ -57,7 +63,8 @@ from flax import struct
 
 from common import envs, run
 from common.nets import MLP, NatureCNN, orthogonal
-from common.rl import RunningMeanStd, gae, minibatch_epochs
+from common.rl import (RunningMeanStd, episode_metrics, gae, minibatch_epochs, ppo_loss,
+                       rollout)
 
 # --- CONFIG ---
 
@@ -96,12 +103,14 @@ class Config:
     """entropy bonus coefficient"""
     vf_coef: float = 1.0
     """value loss coefficient (sum of both heads' losses)"""
-    max_grad_norm: float = 0.5
-    """global gradient-norm clip"""
+    max_grad_norm: float = 0.0
+    """global gradient-norm clip (0: none, as [1]'s released code in effect)"""
+    norm_adv: bool = False
+    """normalise advantages per minibatch (CleanRL; [1]'s released code does not)"""
     update_proportion: float = 0.25
     """fraction of each batch the predictor trains on"""
-    obs_norm_init_steps: int = 50
-    """random-agent steps (per env) that initialise the observation statistics"""
+    obs_norm_init_steps: int = 6_400
+    """random-agent steps (per env) that initialise the observation statistics (num_steps x 50)"""
     obs_clip: float = 5.0
     """clip of the whitened observation fed to the RND networks"""
     clip_ext_reward: bool = True
@@ -154,19 +163,29 @@ PRESETS = {
     # CPU demo: a navix DoorKey maze, sparse reward (open the door with the key, reach goal).
     "quick": dict(env_id="Navix-DoorKey-16x16-v0", total_timesteps=200_000, num_envs=32,
                   num_steps=32, lr=1e-3, ent_coef=0.01, rnd_features=32, clip_ext_reward=False,
-                  max_episode_steps=200),
+                  max_episode_steps=200, obs_norm_init_steps=50, norm_adv=True, max_grad_norm=0.5),
     "paper": dict(),
 }
 
 
 def make_env(cfg: Config):
+    """The batched env, wrapped to count the distinct cells (rooms) it visits."""
     if cfg.is_atari:
-        return envs.make(cfg.env_id, cfg.num_envs, repeat_action_probability=cfg.sticky_action_prob,
-                         max_episode_steps=cfg.max_episode_frames // 4, episodic_life=False,
-                         reward_clip=False)
-    if cfg.env_id.startswith("Navix-"):
-        return envs.make(cfg.env_id, cfg.num_envs, max_steps=cfg.max_episode_steps)
-    return envs.make(cfg.env_id, cfg.num_envs)
+        env = envs.make(cfg.env_id, cfg.num_envs, repeat_action_probability=cfg.sticky_action_prob,
+                        max_episode_steps=cfg.max_episode_frames // 4, episodic_life=False,
+                        reward_clip=False)
+    elif cfg.env_id.startswith("Navix-"):
+        env = envs.make(cfg.env_id, cfg.num_envs, max_steps=cfg.max_episode_steps)
+    else:
+        env = envs.make(cfg.env_id, cfg.num_envs)
+    return envs.Coverage(env, cfg.coverage_grid, rooms=cfg.is_atari)
+
+
+def make_optimizer(cfg: Config):
+    """One Adam for policy and predictor; a global-norm clip only when max_grad_norm > 0."""
+    adam = optax.adam(cfg.lr)
+    return optax.chain(optax.clip_by_global_norm(cfg.max_grad_norm), adam) \
+        if cfg.max_grad_norm > 0 else adam
 
 
 # --- NETWORKS ---
@@ -188,7 +207,7 @@ class Policy(nn.Module):
     @nn.compact
     def __call__(self, obs):
         if self.pixels:
-            x = NatureCNN(features=256)(_hwc(obs))
+            x = NatureCNN(features=256, layers=((32, 8, 4), (64, 4, 2), (64, 4, 1)))(_hwc(obs))
             x = nn.relu(nn.Dense(448, kernel_init=orthogonal())(x))
             a = x + nn.relu(nn.Dense(448, kernel_init=orthogonal(0.1))(x))
             c = x + nn.relu(nn.Dense(448, kernel_init=orthogonal(0.1))(x))
@@ -246,10 +265,17 @@ def networks(cfg: Config, env):
 # --- LOSS ---
 
 
+def prediction_error(target_params, pred_params, target, predictor, obs_norm, next_obs, clip):
+    """f_hat(s') - f(s') [..., F] on the whitened, clipped next observation ([1] Sec. 2.4).
+    Gradients reach the predictor's params only (the target's are not trained)."""
+    x = obs_norm.normalize(next_obs.astype(jnp.float32), clip)
+    return predictor.apply(pred_params, x) - target.apply(target_params, x)
+
+
 def intrinsic_reward(target_params, pred_params, target, predictor, obs_norm, next_obs, clip):
     """[1] Sec. 2.2: r^i = ||f_hat(s') - f(s')||^2 on the whitened, clipped next observation."""
-    x = obs_norm.normalize(next_obs.astype(jnp.float32), clip)
-    err = predictor.apply(pred_params, x) - jax.lax.stop_gradient(target.apply(target_params, x))
+    err = prediction_error(target_params, pred_params, target, predictor, obs_norm, next_obs,
+                           clip)
     return jnp.sum(err**2, axis=-1)
 
 
@@ -296,16 +322,16 @@ def predictor_mask(key, n, *, proportion):
     return jax.random.uniform(key, (n,)) < proportion
 
 
-def predictor_loss(pred, target, mask):
-    """[1] Sec. 2.2 / App. A.2: the predictor's regression loss on a batch [B, F].
+def predictor_loss(err, mask):
+    """[1] Sec. 2.2 / App. A.2: the predictor's regression loss on the errors
+    f_hat(s') - f(s') [B, F] of a minibatch (`prediction_error`).
 
-    Squared error ||f_hat(s') - f(s')||^2 averaged over the F features (the reward sums
-    them; a constant factor, as in the released code), then averaged over the samples with
-    `mask` true only (0 when none is). The target is fixed: no gradient reaches it.
+    Squared error averaged over the F features (the reward sums them; a constant factor, as
+    in the released code), then averaged over the samples with `mask` true only (0 when
+    none is).
     """
-    fwd = ((pred - jax.lax.stop_gradient(target)) ** 2).mean(-1)
     m = mask.astype(jnp.float32)
-    return (fwd * m).sum() / jnp.maximum(m.sum(), 1.0)
+    return ((err**2).mean(-1) * m).sum() / jnp.maximum(m.sum(), 1.0)
 
 
 # --- STATE ---
@@ -321,7 +347,6 @@ class State:
     obs_norm: RunningMeanStd  # whitening statistics of observations (RND input)
     rew_norm: RunningMeanStd  # statistics of the discounted intrinsic return
     rewems: jax.Array  # (N,) running discounted intrinsic return
-    visited: jax.Array  # (G, G) cells seen (grid envs) or (256,) rooms seen (Atari)
     key: jax.Array
     int_coef: jax.Array  # cfg.int_coef, traced: one program can run several (0: plain PPO)
 
@@ -332,22 +357,22 @@ def init(key, cfg: Config) -> State:
     k_pol, k_tgt, k_pred, k_env, k_warm, key = jax.random.split(key, 6)
     obs, env_state = env.reset(k_env)
     params = {"policy": policy.init(k_pol, obs), "predictor": predictor.init(k_pred, obs)}
-    tx = optax.chain(optax.clip_by_global_norm(cfg.max_grad_norm), optax.adam(cfg.lr))
 
-    # [1] Sec. 2.4: initialise the observation normaliser with a random agent.
+    # [1] Sec. 2.4: initialise the observation normaliser with a random agent; training
+    # starts from where it stopped (its last observation), with the coverage count at 0.
     def warm(carry, k):
-        env_state, obs_norm = carry
+        env_state, _, obs_norm = carry
         k_a, k_s = jax.random.split(k)
         a = jax.random.randint(k_a, (cfg.num_envs,), 0, env.num_actions)
         obs, env_state, _, _, _ = env.step(env_state, a, k_s)
-        return (env_state, obs_norm.update(obs)), None
+        return (env_state, obs, obs_norm.update(obs)), None
 
     obs_norm = RunningMeanStd.create(env.observation_shape)
-    (env_state, obs_norm), _ = jax.lax.scan(
-        warm, (env_state, obs_norm), jax.random.split(k_warm, cfg.obs_norm_init_steps))
-    visited = jnp.zeros((256,) if cfg.is_atari else (cfg.coverage_grid,) * 2, bool)
-    return State(params, target.init(k_tgt, obs), tx.init(params), env_state, obs, obs_norm,
-                 RunningMeanStd.create(), jnp.zeros(cfg.num_envs), visited, key,
+    (env_state, obs, obs_norm), _ = jax.lax.scan(
+        warm, (env_state, obs, obs_norm), jax.random.split(k_warm, cfg.obs_norm_init_steps))
+    env_state = env_state.replace(visited=jnp.zeros_like(env_state.visited))
+    return State(params, target.init(k_tgt, obs), make_optimizer(cfg).init(params), env_state,
+                 obs, obs_norm, RunningMeanStd.create(), jnp.zeros(cfg.num_envs), key,
                  jnp.asarray(cfg.int_coef, jnp.float32))
 
 
@@ -357,25 +382,16 @@ def init(key, cfg: Config) -> State:
 def update(state: State, cfg: Config):
     env = make_env(cfg)
     policy, target, predictor = networks(cfg, env)
-    tx = optax.chain(optax.clip_by_global_norm(cfg.max_grad_norm), optax.adam(cfg.lr))
 
-    # --- ROLLOUT ---
-    def env_step(carry, _):
-        env_state, obs, visited, key = carry
-        key, k_act, k_env = jax.random.split(key, 3)
+    # --- ROLLOUT --- (the shared rollout of common.rl; the policy has two value heads)
+    def act(obs, key):
         logits, v_ext, v_int = policy.apply(state.params["policy"], obs)
         pi = distrax.Categorical(logits=logits)
-        action = pi.sample(seed=k_act)
-        next_obs, env_state, reward, done, info = env.step(env_state, action, k_env)
-        visited = envs.mark_visited(visited, info)
-        tr = dict(obs=obs, next_obs=next_obs, action=action, logp=pi.log_prob(action),
-                  v_ext=v_ext, v_int=v_int, reward=reward, done=done,
-                  ret=info["returned_episode_return"], ended=info["returned_episode"])
-        return (env_state, next_obs, visited, key), tr
+        action = pi.sample(seed=key)
+        return action, dict(logp=pi.log_prob(action), v_ext=v_ext, v_int=v_int)
 
-    (env_state, obs, visited, key), traj = jax.lax.scan(
-        env_step, (state.env_state, state.obs, state.visited, state.key), None, cfg.num_steps
-    )  # traj leaves: (T, N, ...)
+    (env_state, obs, key), traj = rollout(env, act, state.env_state, state.obs, state.key,
+                                          cfg.num_steps, keep_next_obs=True)  # (T, N, ...)
 
     # --- INTRINSIC REWARD ---
     r_int = intrinsic_reward(state.target_params, state.params["predictor"], target, predictor,
@@ -394,49 +410,45 @@ def update(state: State, cfg: Config):
 
     # --- UPDATE ---
     batch = dict(obs=traj["obs"], next_obs=traj["next_obs"], action=traj["action"],
-                 logp=traj["logp"], adv=adv, ret_ext=ret_ext, ret_int=ret_int)
+                 logp=traj["logp"], v_ext=traj["v_ext"], v_int=traj["v_int"], adv=adv,
+                 ret_ext=ret_ext, ret_int=ret_int)
     batch = jax.tree.map(lambda x: x.reshape(-1, *x.shape[2:]), batch)  # (T*N, ...)
-    key, k_epochs, k_mask = jax.random.split(key, 3)
-    # A random 25% of the rollout trains the predictor, the same 25% in every epoch.
-    batch["pred_mask"] = predictor_mask(k_mask, cfg.batch_size, proportion=cfg.update_proportion)
 
-    def loss_fn(params, mb):
+    def loss_fn(params, mb, k_mask):
         logits, v_ext, v_int = policy.apply(params["policy"], mb["obs"])
         pi = distrax.Categorical(logits=logits)
-        logp = pi.log_prob(mb["action"])
-        a = (mb["adv"] - mb["adv"].mean()) / (mb["adv"].std() + 1e-8)
-        ratio = jnp.exp(logp - mb["logp"])
-        pg = -jnp.minimum(ratio * a, jnp.clip(ratio, 1 - cfg.clip_coef, 1 + cfg.clip_coef) * a)
-        v_loss = 0.5 * ((v_ext - mb["ret_ext"]) ** 2 + (v_int - mb["ret_int"]) ** 2).mean()
-        ent = pi.entropy().mean()
-        # Predictor regression on the masked subset, with the updated observation statistics.
-        x = obs_norm.normalize(mb["next_obs"].astype(jnp.float32), cfg.obs_clip)
-        fwd_loss = predictor_loss(predictor.apply(params["predictor"], x),
-                                  target.apply(state.target_params, x), mb["pred_mask"])
-        loss = pg.mean() + cfg.vf_coef * v_loss - cfg.ent_coef * ent + fwd_loss
-        return loss, {"losses/policy": pg.mean(), "losses/value": v_loss,
-                      "losses/entropy": ent, "losses/rnd_forward": fwd_loss,
-                      "losses/approx_kl": ((ratio - 1) - (logp - mb["logp"])).mean()}
+        a = mb["adv"]
+        if cfg.norm_adv:
+            a = (a - a.mean()) / (a.std() + 1e-8)
+        # [1] Sec. 2.3: the clipped surrogate, and the two critics' losses summed
+        loss, m = ppo_loss(pi.log_prob(mb["action"]), mb["logp"], a, pi.entropy(),
+                           (v_ext, v_int), (mb["v_ext"], mb["v_int"]),
+                           (mb["ret_ext"], mb["ret_int"]), cfg.clip_coef, cfg.vf_coef,
+                           cfg.ent_coef)
+        # Predictor regression on a fresh random 25% of this minibatch ([1] App. A.2), with
+        # the observation statistics updated by this rollout.
+        err = prediction_error(state.target_params, params["predictor"], target, predictor,
+                               obs_norm, mb["next_obs"], cfg.obs_clip)
+        mask = predictor_mask(k_mask, err.shape[0], proportion=cfg.update_proportion)
+        fwd_loss = predictor_loss(err, mask)
+        return loss + fwd_loss, {**m, "losses/rnd_forward": fwd_loss}
 
+    key, k_epochs = jax.random.split(key)
     params, opt_state, metrics = minibatch_epochs(
-        k_epochs, state.params, state.opt_state, batch, loss_fn, tx,
-        cfg.num_epochs, cfg.num_minibatches)
+        k_epochs, state.params, state.opt_state, batch, loss_fn, make_optimizer(cfg),
+        cfg.num_epochs, cfg.num_minibatches, loss_takes_key=True)
 
-    n_ended = traj["ended"].sum()
-    # 0 when no episode ended in the rollout; the runner logs NaN there (run.NAN_UNLESS)
-    metrics["charts/episodic_return"] = (traj["ret"] * traj["ended"]).sum() / jnp.maximum(
-        n_ended, 1)
-    metrics["charts/episodes"] = n_ended
+    metrics.update(episode_metrics(traj))  # the mean return is 0 (logged NaN) when none ended
     metrics["charts/intrinsic_reward"] = r_int_n.mean()
-    metrics["charts/distinct_cells"] = visited.sum()
+    metrics["charts/distinct_cells"] = env_state.visited.sum()
     new = State(params, state.target_params, opt_state, env_state, obs, obs_norm, rew_norm,
-                rewems, visited, key, state.int_coef)
+                rewems, key, state.int_coef)
     return new, metrics
 
 
 def evaluate(state: State, cfg: Config):
     """Coverage at the end of training: distinct cells (grid) or rooms (Atari) visited."""
-    return {"distinct_cells": state.visited.sum()}
+    return {"distinct_cells": state.env_state.visited.sum()}
 
 
 # --- MAIN ---

@@ -396,7 +396,8 @@ def ppo_config(cfg: Config) -> PPOConfig:
                      num_epochs=cfg.num_epochs, num_minibatches=cfg.num_minibatches,
                      gamma=cfg.gamma, gae_lambda=cfg.gae_lambda, clip_coef=cfg.clip_coef,
                      ent_coef=cfg.ent_coef, vf_coef=cfg.vf_coef,
-                     max_grad_norm=cfg.max_grad_norm, hidden=cfg.hidden)
+                     max_grad_norm=cfg.max_grad_norm, hidden=cfg.hidden,
+                     clip_vloss=False)  # unclipped: the paper fits its baseline apart (TRPO)
 
 
 def learner(cfg: Config):
