@@ -657,3 +657,251 @@ def _make(env_id: str, num_envs: int, sampler: Sampler | None = None, **kwargs):
     else:
         env = GymnaxEnv(env_id, **kwargs)
     return VecEnv(env, num_envs, sampler)
+
+
+# ----------------------------------------------------------------------------- meta-RL tasks
+#
+# Task families whose `params` ARE the task, each with a sampler that draws one task, and
+# the `Trial` wrapper of RL^2 (Duan et al. 2016, arXiv 1611.02779) that keeps one task for
+# n episodes. `make_meta` builds them batched: a `VecEnv` whose sampler draws a new task
+# at every trial start (the wrapper is one long episode of the VecEnv).
+
+
+@struct.dataclass
+class BanditParams:
+    p: jax.Array  # float32[K] success probability of each arm
+
+
+class BernoulliBandit(Env):
+    """K independent Bernoulli arms; one pull is one episode (Duan et al. 2016 Sec. 4.1).
+
+    Action a in 0..K-1; reward ~ Bernoulli(p[a]); every step terminates (the trial wrapper
+    makes n pulls one trial). Observation: the constant [1.0] (a bandit has no state).
+    Tasks: `sample_params` draws p ~ U[0, 1]^K independently per arm.
+    """
+
+    observation_shape = (1,)
+    action_shape = ()
+
+    def __init__(self, num_arms: int = 5):
+        if num_arms < 2:
+            raise ValueError(f"num_arms must be >= 2, got {num_arms}")
+        self.num_actions = int(num_arms)
+
+    def default_params(self) -> BanditParams:
+        return BanditParams(p=np.full((self.num_actions,), 0.5, np.float32))
+
+    def sample_params(self, key: jax.Array) -> BanditParams:
+        return BanditParams(p=jax.random.uniform(key, (self.num_actions,)))
+
+    def reset(self, key, params):
+        return jnp.ones((1,), jnp.float32), jnp.zeros((), jnp.int32)
+
+    def step(self, key, state, action, params):
+        reward = jax.random.bernoulli(key, jnp.asarray(params.p)[action]).astype(jnp.float32)
+        return jnp.ones((1,), jnp.float32), state + 1, reward, jnp.array(True), jnp.array(False)
+
+
+@struct.dataclass
+class TabularMDPParams:
+    transitions: jax.Array  # float32[S, A, S] P(s' | s, a)
+    reward_mean: jax.Array  # float32[S, A] mean of the Gaussian reward of (s, a)
+
+
+@struct.dataclass
+class TabularMDPState:
+    s: jax.Array  # int32 current state
+    time: jax.Array  # int32 steps taken in this episode
+
+
+class TabularMDP(Env):
+    """Random finite MDPs of Duan et al. 2016 Sec. 4.2: S states, A actions, episodes of
+    `episode_length` steps that always start in state 0.
+
+    Tasks (`sample_params`): P(.|s, a) ~ Dirichlet(1, ..., 1) and the reward mean
+    mu(s, a) ~ N(1, 1) per task; each step's reward is r ~ N(mu(s, a), 1). Observation:
+    one-hot(s) [S]. An episode ends by the time limit (truncated), never terminates.
+    (Distributions as in tristandeleu/pytorch-maml-rl `envs/mdp.py`, written after [RL^2].)
+    """
+
+    action_shape = ()
+
+    def __init__(self, num_states: int = 10, num_actions: int = 5, episode_length: int = 10):
+        for name, v in (("num_states", num_states), ("num_actions", num_actions),
+                        ("episode_length", episode_length)):
+            if v < 1:
+                raise ValueError(f"{name} must be >= 1, got {v}")
+        self.num_states, self.num_actions = int(num_states), int(num_actions)
+        self.episode_length = int(episode_length)
+        self.observation_shape = (self.num_states,)
+
+    def default_params(self) -> TabularMDPParams:
+        s, a = self.num_states, self.num_actions
+        return TabularMDPParams(np.full((s, a, s), 1.0 / s, np.float32),
+                                np.ones((s, a), np.float32))
+
+    def sample_params(self, key: jax.Array) -> TabularMDPParams:
+        k_p, k_r = jax.random.split(key)
+        s, a = self.num_states, self.num_actions
+        # Dirichlet(1, ..., 1) exactly, as normalised Exp(1) draws (cheaper to compile than
+        # jax.random.dirichlet's gamma sampler). Flat draws, then reshaped: under vmap, XLA:CPU
+        # compiles a multi-dimensional threefry draw ~10x slower (jax 0.10.2).
+        e = jax.random.exponential(k_p, (s * a * s,)).reshape(s, a, s)
+        transitions = e / e.sum(-1, keepdims=True)  # [S, A, S]
+        mu = 1.0 + jax.random.normal(k_r, (s * a,)).reshape(s, a)
+        return TabularMDPParams(transitions, mu)
+
+    def _obs(self, s):
+        return jax.nn.one_hot(s, self.num_states, dtype=jnp.float32)
+
+    def reset(self, key, params):
+        s = jnp.zeros((), jnp.int32)
+        return self._obs(s), TabularMDPState(s, jnp.zeros((), jnp.int32))
+
+    def step(self, key, state, action, params):
+        k_r, k_s = jax.random.split(key)
+        mu, P = jnp.asarray(params.reward_mean), jnp.asarray(params.transitions)
+        reward = mu[state.s, action] + jax.random.normal(k_r)
+        s = jax.random.categorical(k_s, jnp.log(P[state.s, action]))
+        time = state.time + 1
+        truncated = time >= self.episode_length
+        return self._obs(s), TabularMDPState(s, time), reward, jnp.array(False), truncated
+
+
+@struct.dataclass
+class PointNavState:
+    pos: jax.Array  # float32[2]
+    time: jax.Array  # int32
+
+
+class PointNav2D(Env):
+    """2-D point navigation of Finn et al. 2017 (MAML, arXiv 1703.03400, Sec. 5.2).
+
+    The point starts at the origin; the action is a velocity clipped to [-0.1, 0.1]^2;
+    pos' = pos + clip(a); reward -||pos' - goal||_2. Terminated when |pos' - goal| < 0.01 in
+    both coordinates (as cbfinn/maml_rl's `point_env_randgoal.py`), truncated after
+    `episode_length` = 100 steps. Observation: pos [2]. Tasks (`sample_params`): the goal
+    ~ U[-0.5, 0.5]^2.
+    """
+
+    num_actions = None
+    action_shape = (2,)
+    observation_shape = (2,)
+
+    def __init__(self, episode_length: int = 100, max_speed: float = 0.1):
+        if episode_length < 1:
+            raise ValueError(f"episode_length must be >= 1, got {episode_length}")
+        self.episode_length, self.max_speed = int(episode_length), float(max_speed)
+
+    def default_params(self) -> jax.Array:
+        return np.zeros(2, np.float32)
+
+    def sample_params(self, key: jax.Array) -> jax.Array:
+        return jax.random.uniform(key, (2,), minval=-0.5, maxval=0.5)
+
+    def reset(self, key, params):
+        pos = jnp.zeros(2, jnp.float32)
+        return pos, PointNavState(pos, jnp.zeros((), jnp.int32))
+
+    def step(self, key, state, action, params):
+        pos = state.pos + jnp.clip(action, -self.max_speed, self.max_speed)
+        diff = pos - params
+        reward = -jnp.sqrt(jnp.sum(diff**2))
+        terminated = jnp.all(jnp.abs(diff) < 0.01)
+        time = state.time + 1
+        truncated = (time >= self.episode_length) & ~terminated
+        return pos, PointNavState(pos, time), reward, terminated, truncated
+
+
+@struct.dataclass
+class TrialState:
+    inner: PyTree  # the inner env's state
+    episode: jax.Array  # int32 index (0..n-1) of the current episode within the trial
+
+
+class Trial(Env):
+    """One RL^2 trial (Duan et al. 2016 Sec. 2.2) as ONE episode of `env`: the task
+    (`params`) stays fixed for `episodes_per_trial` episodes, the inner env is reset between
+    them, and the trial terminates only when the last one ends. So a `VecEnv` over a
+    `Trial` draws a new task per trial, and an agent's recurrent state may be reset exactly
+    where the VecEnv reports done.
+
+    Observation: concat(inner obs, a_{t-1}, r_{t-1}, d_{t-1}) where a_{t-1} is one-hot for
+    discrete actions (the raw action for continuous ones) and d_{t-1} = 1.0 when the
+    previous step ended an inner episode; all three are zero at the trial's first step.
+    The inner episode boundary is that flag (the last feature) and `state.episode`.
+    """
+
+    def __init__(self, env: Env, episodes_per_trial: int):
+        if episodes_per_trial < 1:
+            raise ValueError(f"episodes_per_trial must be >= 1, got {episodes_per_trial}")
+        self.env, self.episodes_per_trial = env, int(episodes_per_trial)
+        self.num_actions, self.action_shape = env.num_actions, env.action_shape
+        self.action_features = env.num_actions or int(np.prod(env.action_shape))
+        inner = int(np.prod(env.observation_shape))
+        self.observation_shape = (inner + self.action_features + 2,)
+
+    def default_params(self):
+        return self.env.default_params()
+
+    def sample_params(self, key):
+        return self.env.sample_params(key)
+
+    def _obs(self, inner_obs, action, reward, done):
+        if self.num_actions:
+            a = jax.nn.one_hot(action, self.num_actions, dtype=jnp.float32)
+        else:
+            a = jnp.asarray(action, jnp.float32).reshape(-1)
+        return jnp.concatenate([inner_obs.reshape(-1).astype(jnp.float32), a,
+                                jnp.asarray(reward, jnp.float32)[None],
+                                jnp.asarray(done, jnp.float32)[None]])
+
+    def reset(self, key, params):
+        obs, inner = self.env.reset(key, params)
+        no_action = jnp.zeros((), jnp.int32) if self.num_actions else jnp.zeros(self.action_shape)
+        first = self._obs(obs, no_action, 0.0, False)
+        return first.at[-self.action_features - 2:].set(0.0), TrialState(inner, jnp.int32(0))
+
+    def step(self, key, state, action, params):
+        k_step, k_reset = jax.random.split(key)
+        obs, inner, reward, terminated, truncated = self.env.step(
+            k_step, state.inner, action, params)
+        ended = terminated | truncated  # the inner episode ended on this step
+        obs_r, inner_r = self.env.reset(k_reset, params)  # same task: params unchanged
+        inner = jax.tree.map(lambda a, b: jnp.where(ended, a, b), inner_r, inner)
+        obs = jnp.where(ended, obs_r, obs)
+        last = ended & (state.episode == self.episodes_per_trial - 1)
+        episode = jnp.where(ended, state.episode + 1, state.episode)
+        return (self._obs(obs, action, reward, ended), TrialState(inner, episode), reward,
+                last, jnp.array(False))
+
+
+META_ENVS = ("Meta-Bandit-<K>", "Meta-TabularMDP", "Meta-Nav2D")
+"""Ids of `make_meta`: K-armed Bernoulli bandits, random tabular MDPs, 2-D navigation."""
+
+
+def meta_env(env_id: str, **kwargs) -> Env:
+    """The unbatched task family of `env_id` (see META_ENVS); `kwargs` go to its class.
+    Raises ValueError listing the known ids for anything else."""
+    if env_id.startswith("Meta-Bandit-") and env_id[len("Meta-Bandit-"):].isdigit():
+        return BernoulliBandit(int(env_id[len("Meta-Bandit-"):]), **kwargs)
+    if env_id == "Meta-TabularMDP":
+        return TabularMDP(**kwargs)
+    if env_id == "Meta-Nav2D":
+        return PointNav2D(**kwargs)
+    raise ValueError(f"Unknown meta-RL environment id {env_id!r}; known: {', '.join(META_ENVS)}"
+                     " (e.g. Meta-Bandit-5)")
+
+
+def make_meta(env_id: str, num_envs: int, episodes_per_trial: int, **kwargs) -> VecEnv:
+    """`num_envs` RL^2 trials of `episodes_per_trial` episodes of the task family `env_id`;
+    each trial draws its task with the family's `sample_params`. Memoised like `make`."""
+    return _make_meta_cached(env_id, num_envs, episodes_per_trial, tuple(sorted(kwargs.items())))
+
+
+@functools.cache
+def _make_meta_cached(env_id, num_envs, episodes_per_trial, kw_items):
+    _check_num_envs(num_envs)
+    with jax.ensure_compile_time_eval():
+        trial = Trial(meta_env(env_id, **dict(kw_items)), episodes_per_trial)
+        return VecEnv(trial, num_envs, sampler=trial.sample_params)

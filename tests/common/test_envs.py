@@ -274,3 +274,150 @@ def test_envpool_xla_step():
     assert obs.shape == (2, 4) and finished > 0
     with pytest.raises(ValueError, match="sampler"):
         make("CartPole-v1", 2, sampler=lambda key: None, envpool=True)
+
+
+# --- meta-RL task families and the RL^2 trial wrapper ---
+
+from common.envs import (  # noqa: E402
+    BanditParams,
+    BernoulliBandit,
+    PointNav2D,
+    TabularMDP,
+    TabularMDPParams,
+    Trial,
+    make_meta,
+    meta_env,
+)
+
+
+def test_bandit_pulls_are_bernoulli_of_the_arm_and_each_pull_ends_an_episode():
+    """Reward ~ Bernoulli(p[a]) (4000 pulls per arm, within 4 standard errors); every step
+    terminates; tasks p ~ U[0, 1]^K (mean 0.5, variance 1/12 over 4000 tasks)."""
+    env = BernoulliBandit(3)
+    p = BanditParams(jnp.array([0.1, 0.5, 0.9]))
+    _, s = env.reset(jax.random.PRNGKey(0), p)
+    keys = jax.random.split(jax.random.PRNGKey(1), 4000)
+    step = jax.jit(jax.vmap(jax.vmap(env.step, (0, None, None, None)), (None, None, 0, None)))
+    _, _, r, term, trunc = step(keys, s, jnp.arange(3), p)  # [3 arms, 20k]
+    np.testing.assert_allclose(r.mean(1), [0.1, 0.5, 0.9], atol=4 * 0.5 / np.sqrt(4000))
+    assert bool(term.all()) and not bool(trunc.any())
+    tasks = jax.jit(jax.vmap(env.sample_params))(jax.random.split(jax.random.PRNGKey(2), 4000))
+    assert tasks.p.shape == (4000, 3)
+    np.testing.assert_allclose(tasks.p.mean(), 0.5, atol=0.01)
+    np.testing.assert_allclose(tasks.p.var(), 1 / 12, atol=0.005)
+
+
+def test_tabular_mdp_tasks_and_steps():
+    """Duan et al. Sec. 4.2 (40 tasks): P(.|s,a) ~ Dirichlet(1) (rows sum to 1, E = 1/S, Var =
+    (S-1)/(S^2 (S+1)) = 9/1100 at S = 10), mu ~ N(1, 1); r ~ N(mu(s, a), 1); s' ~ P(.|s, a);
+    episodes start in state 0 and are truncated after episode_length steps."""
+    env = TabularMDP(num_states=10, num_actions=5, episode_length=3)
+    # A deterministic task: (s, a) -> (s + a + 1) mod S, mean reward s - a.
+    s_, a_ = np.meshgrid(np.arange(10), np.arange(5), indexing="ij")
+    det = TabularMDPParams(np.eye(10, dtype=np.float32)[(s_ + a_ + 1) % 10],
+                           (s_ - a_).astype(np.float32))
+
+    def run(key):  # one compiled program: task sampling and a 3-step episode
+        tasks = jax.vmap(env.sample_params)(jax.random.split(key, 40))
+        obs0, st = env.reset(key, det)
+
+        def roll(st, a):
+            obs, st, r, term, trunc = env.step(jax.random.PRNGKey(2), st, a, det)
+            return st, (obs, r, term, trunc)
+
+        return tasks, obs0, jax.lax.scan(roll, st, jnp.array([2, 1, 0]))[1]
+
+    tasks, obs0, (obs, r, term, trunc) = jax.jit(run)(jax.random.PRNGKey(0))
+    P, mu = np.asarray(tasks.transitions), np.asarray(tasks.reward_mean)
+    assert P.shape == (40, 10, 5, 10) and mu.shape == (40, 10, 5)
+    np.testing.assert_allclose(P.sum(-1), 1.0, atol=1e-5)
+    np.testing.assert_allclose(P.mean(), 0.1, atol=1e-3)
+    np.testing.assert_allclose(P.var(), 9 / 1100, rtol=0.05)
+    np.testing.assert_allclose([mu.mean(), mu.std()], [1.0, 1.0], atol=0.1)
+    np.testing.assert_array_equal(obs0, np.eye(10)[0])
+    np.testing.assert_array_equal(obs.argmax(-1), [3, 5, 6])  # 0+2+1, 3+1+1, 5+0+1
+    np.testing.assert_array_equal(np.asarray(term), [False] * 3)
+    np.testing.assert_array_equal(np.asarray(trunc), [False, False, True])
+    noise = np.asarray(r) - np.array([0 - 2, 3 - 1, 5 - 0])  # one N(0, 1) draw each
+    assert np.all(np.abs(noise) < 5) and not np.allclose(noise, 0)
+
+
+def test_point_nav_clips_the_velocity_and_rewards_minus_distance():
+    """Finn et al. Sec. 5.2 by hand: goal (0.3, -0.2), action (0.5, -0.05) is clipped to
+    (0.1, -0.05): pos (0.1, -0.05), reward -sqrt(0.2^2 + 0.15^2) = -0.25; reaching within
+    0.01 of the goal terminates; goals ~ U[-0.5, 0.5]^2."""
+    env = PointNav2D(episode_length=100)
+    goal = jnp.array([0.3, -0.2])
+
+    def run(key):
+        _, st = env.reset(key, goal)
+        first = env.step(key, st, jnp.array([0.5, -0.05]), goal)
+        near = st.replace(pos=jnp.array([0.2, -0.15]))
+        last = env.step(key, near, jnp.array([0.1, -0.051]), goal)
+        return first, last, jax.vmap(env.sample_params)(jax.random.split(key, 1000))
+
+    (obs, _, r, term, trunc), (_, _, r2, term2, _), goals = jax.jit(run)(jax.random.PRNGKey(0))
+    np.testing.assert_allclose(obs, [0.1, -0.05], rtol=1e-6)
+    np.testing.assert_allclose(r, -0.25, rtol=1e-5)
+    assert not bool(term) and not bool(trunc)
+    assert bool(term2) and abs(float(r2)) < 0.01
+    assert float(goals.min()) >= -0.5 and float(goals.max()) <= 0.5 and goals.shape == (1000, 2)
+
+
+def test_trial_keeps_the_task_for_n_episodes_and_ends_only_at_the_last():
+    """`make_meta` on 2-armed bandits with p = (1, 0) for env 0, 3 episodes per trial, by
+    hand. obs = [1, one-hot(a_{t-1}), r_{t-1}, d_{t-1}]; zeros at a trial's first step.
+    Pulls 0, 1, 0 give rewards 1, 0, 1; done only after the 3rd; the task stays (1, 0)
+    during the trial and is redrawn (sampler) after it; the episode counter runs 0, 1, 2."""
+    vec = make_meta("Meta-Bandit-2", 2, episodes_per_trial=3)
+    assert vec.observation_shape == (5,) and vec.num_actions == 2
+
+    def run(key):
+        obs0, vs = vec.reset(key)
+        vs = vs.replace(params=BanditParams(jnp.array([[1.0, 0.0], [1.0, 0.0]])))
+
+        def body(vs, x):
+            a, k = x
+            obs, vs2, r, d, info = vec.step(vs, jnp.array([a, a]), k)
+            return vs2, (obs, r, d, vs.env_state.episode, vs2.params.p, info["returned_episode_return"])
+
+        xs = (jnp.array([0, 1, 0, 1]), jax.random.split(key, 4))
+        return obs0, jax.lax.scan(body, vs, xs)[1]
+
+    obs0, (obs, r, d, episode, p, ret) = jax.jit(run)(jax.random.PRNGKey(0))
+    np.testing.assert_array_equal(obs0[0], [1, 0, 0, 0, 0])
+    np.testing.assert_array_equal(r[:3, 0], [1, 0, 1])
+    np.testing.assert_array_equal(d[:, 0], [False, False, True, False])
+    np.testing.assert_array_equal(episode[:, 0], [0, 1, 2, 0])
+    np.testing.assert_array_equal(obs[0, 0], [1, 1, 0, 1, 1])  # a=0, r=1, inner done
+    np.testing.assert_array_equal(obs[1, 0], [1, 0, 1, 0, 1])  # a=1, r=0
+    np.testing.assert_array_equal(obs[2, 0], [1, 0, 0, 0, 0])  # new trial: zeros
+    np.testing.assert_array_equal(p[:2, 0], [[1, 0], [1, 0]])  # task kept inside the trial
+    assert not np.allclose(p[2, 0], [1, 0])  # a new task drawn for the next trial
+    np.testing.assert_array_equal(ret[:3, 0], [0, 0, 2])  # the trial's return
+
+
+def test_trial_resets_the_inner_env_between_episodes():
+    """On a tabular MDP with 2-step episodes and 2 episodes per trial: the inner state
+    returns to 0 (one-hot) after each inner episode, d_{t-1} = 1 there, the inner clock
+    restarts, and only step 4 ends the trial. Unknown ids name the known ones."""
+    env = Trial(meta_env("Meta-TabularMDP", num_states=4, num_actions=2, episode_length=2), 2)
+    params = env.default_params()  # uniform transitions (no Dirichlet draw to compile)
+
+    def run(key):
+        _, st = env.reset(key, params)
+
+        def body(st, k):
+            obs, st, r, term, trunc = env.step(k, st, jnp.int32(1), params)
+            return st, (obs, term, st.inner.time)
+
+        return jax.lax.scan(body, st, jax.random.split(key, 4))[1]
+
+    obs, term, time = jax.jit(run)(jax.random.PRNGKey(1))
+    assert obs.shape == (4, 4 + 2 + 2)
+    np.testing.assert_array_equal(obs[:, -1], [0, 1, 0, 1])  # d_{t-1}
+    np.testing.assert_array_equal(obs[1, :4], [1, 0, 0, 0])  # back in state 0
+    np.testing.assert_array_equal(time, [1, 0, 1, 0])
+    np.testing.assert_array_equal(term, [False, False, False, True])
+    with pytest.raises(ValueError, match="known: Meta-Bandit-<K>"):
+        make_meta("Meta-Bandits", 2, 2)
