@@ -181,9 +181,11 @@ class RNN(nn.Module):
 # --- ACT ---
 
 
-def act_step(apply, s_prev, x, max_steps: int, eps: float):
+def act_step(apply, s_prev, x, max_steps: int, eps: float, cap=None):
     """Ponder one input step. apply(method, *args) runs an RNN method with bound params.
-    s_prev (B, H), x (B, I) -> mean-field s_t (B, H), y_t (B,), N (B,), R (B,), p (B, M)."""
+    s_prev (B, H), x (B, I) -> mean-field s_t (B, H), y_t (B,), N (B,), R (B,), p (B, M).
+    `cap` (traced int, optional) halts at step min(cap, M) at the latest: cap = M changes
+    nothing, cap = 1 is the RNN without pondering in the same program."""
     batch = x.shape[0]
 
     def inner(carry, n):
@@ -194,6 +196,8 @@ def act_step(apply, s_prev, x, max_steps: int, eps: float):
         running = ~halted
         # [1] Eq. 10: halt at the first n with sum_{n'<=n} h >= 1 - eps, or at n = M
         stop = running & ((cum_h + h >= 1.0 - eps) | (n == max_steps - 1))
+        if cap is not None:
+            stop = stop | (running & (n >= cap - 1))
         # [1] Eq. 11-12: p = h before the halting step, R = 1 - sum_{n<N} h at it, 0 after
         p = jnp.where(stop, 1.0 - cum_h, jnp.where(running, h, 0.0))
         s_acc = s_acc + p[:, None] * s  # [1] Eq. 13
@@ -210,15 +214,16 @@ def act_step(apply, s_prev, x, max_steps: int, eps: float):
     return s_t, y_t, steps, rem, p.T
 
 
-def forward(params, x, cfg: Config):
-    """x (B, T, bits) -> logits (B, T), N (B, T), R (B, T), p (B, T, M)."""
+def forward(params, x, cfg: Config, cap=None):
+    """x (B, T, bits) -> logits (B, T), N (B, T), R (B, T), p (B, T, M). `cap`: see
+    act_step (State.ponder_cap)."""
     net = RNN(cfg.hidden, cfg.halt_bias_init)
 
     def apply(method, *args):
         return net.apply(params, *args, method=getattr(RNN, method))
 
     def outer(s, x_t):
-        s, y, n, r, p = act_step(apply, s, x_t, cfg.max_steps, cfg.eps)
+        s, y, n, r, p = act_step(apply, s, x_t, cfg.max_steps, cfg.eps, cap)
         return s, (y, n, r, p)
 
     s0 = jnp.zeros((x.shape[0], cfg.hidden), x.dtype)
@@ -235,8 +240,8 @@ def ponder_cost(steps, rem):
     return jnp.sum(jax.lax.stop_gradient(steps.astype(rem.dtype)) + rem, -1)
 
 
-def loss_fn(params, x, y, cfg: Config):
-    logits, steps, rem, _ = forward(params, x, cfg)
+def loss_fn(params, x, y, cfg: Config, cap=None):
+    logits, steps, rem, _ = forward(params, x, cfg, cap)
     task = jnp.sum(optax.sigmoid_binary_cross_entropy(logits, y), -1)  # summed over t
     ponder = ponder_cost(steps, rem)
     loss = jnp.mean(task + cfg.tau * ponder)  # [1] Eq. 17
@@ -254,6 +259,7 @@ class State:
     opt_state: optax.OptState
     key: jax.Array
     step: jax.Array
+    ponder_cap: jax.Array  # cfg.max_steps, traced: one program can run several (1: no pondering)
 
 
 def make_optimizer(cfg: Config):
@@ -264,23 +270,25 @@ def init(key, cfg: Config) -> State:
     key, k = jax.random.split(key)
     net = RNN(cfg.hidden, cfg.halt_bias_init)
     params = net.init(k, jnp.zeros((1, cfg.hidden)), jnp.zeros((1, cfg.bits + 1)))
-    return State(params, make_optimizer(cfg).init(params), key, jnp.zeros((), jnp.int32))
+    return State(params, make_optimizer(cfg).init(params), key, jnp.zeros((), jnp.int32),
+                 jnp.asarray(cfg.max_steps, jnp.int32))
 
 
 def update(state: State, cfg: Config):
     key, k = jax.random.split(state.key)
     x, y = parity_batch(k, cfg.batch_size, cfg.seq_len, cfg.bits)
-    (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, x, y, cfg)
+    (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, x, y, cfg,
+                                                                    state.ponder_cap)
     upd, opt_state = make_optimizer(cfg).update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, upd)
     metrics = {"losses/loss": loss, **metrics, "charts/grad_norm": optax.tree.norm(grads)}
-    return State(params, opt_state, key, state.step + 1), metrics
+    return State(params, opt_state, key, state.step + 1, state.ponder_cap), metrics
 
 
 def evaluate(state: State, cfg: Config):
     """Accuracy, sequence error rate and mean ponder steps on a fixed held-out set."""
     x, y = parity_batch(jax.random.PRNGKey(12345), cfg.eval_size, cfg.seq_len, cfg.bits)
-    logits, steps, rem, _ = forward(state.params, x, cfg)
+    logits, steps, rem, _ = forward(state.params, x, cfg, state.ponder_cap)
     correct = (logits > 0) == (y > 0.5)
     return {"eval/accuracy": jnp.mean(correct),
             "eval/sequence_error": 1.0 - jnp.mean(jnp.all(correct, -1)),
