@@ -20,12 +20,24 @@ It prints a Markdown table (append it to BENCHMARKS.md with `--out BENCHMARKS.md
 `--peers` runs the file's `peer_benchmark(num_seeds) -> list[dict]` instead: the file's
 method beside installed peer libraries (pycma, evosax, ...) on the same problems in one
 process, one row per (problem, implementation), printed as a Markdown table.
+
+`--all-paper` is the command for the day an accelerator is at hand: every algorithm file
+with a `paper` preset, in turn, each in its own process under `--time-limit` seconds,
+timing its first `--max-updates` updates with 1 seed, and one Markdown table of them all
+(compile s, throughput, peak memory, matmul FLOP rate and its share of the device's float32
+and bfloat16 dense peaks; on a CPU, of the float32 matmul rate measured in the same run),
+or the error, or the time-out, per file:
+
+    python -m common.bench --all-paper --max-updates 5 --time-limit 900 --out BENCHMARKS.md
 """
 
 import argparse
 import dataclasses
+import functools
 import importlib.util
 import json
+import re
+import subprocess
 import sys
 import tempfile
 import time
@@ -38,10 +50,15 @@ import numpy as np
 
 from common import parallel, run
 
-# Dense peak FLOP/s by device kind (float32 / TF32 where applicable; bf16 in brackets
-# would be higher). Only used to report a share; unknown devices report n/a.
+# Dense peak FLOP/s by device kind: float32 matmuls (TF32 tensor cores on NVIDIA, which
+# XLA uses for float32 at its default precision) and bfloat16. Only used to report a share;
+# unknown devices report n/a, CPUs a rate measured in the same run (`cpu_matmul_peak`).
 PEAK_FLOPS = {"H100": 4.9e14, "H200": 4.9e14, "A100": 1.56e14, "TPU v4": 2.75e14,
               "TPU v5": 1.97e14}
+PEAK_FLOPS_BF16 = {"H100": 9.89e14, "H200": 9.89e14, "A100": 3.12e14, "TPU v4": 2.75e14,
+                   "TPU v5": 1.97e14}
+TOPICS = ("exploration", "transformers", "curriculum", "selfsup", "evolution", "metarl",
+          "detection", "generalization")
 
 
 # The headline metric of a file that sets no HEADLINE_METRIC: the first of these it logs.
@@ -94,6 +111,27 @@ def load_target(path: str | None):
 def device_summary() -> str:
     d = jax.devices()[0]
     return f"{jax.device_count()}x {d.device_kind} ({d.platform})"
+
+
+@functools.cache
+def cpu_matmul_peak(n: int = 1024, reps: int = 8) -> float:
+    """FLOP/s of a large jitted float32 matmul on this device: the CPU's attainable peak,
+    against which the files' matmul rates are reported there."""
+    a = jax.random.normal(jax.random.PRNGKey(0), (n, n))
+    f = jax.jit(lambda a: jax.lax.fori_loop(0, reps, lambda i, x: (x @ a) * 1e-3, a))
+    jax.block_until_ready(f(a))
+    t0 = time.perf_counter()
+    jax.block_until_ready(f(a))
+    return reps * 2.0 * n**3 / (time.perf_counter() - t0)
+
+
+def device_peaks() -> tuple[float | None, float | None]:
+    """(float32, bfloat16) dense peak FLOP/s of the first device, None where unknown."""
+    d = jax.devices()[0]
+    if d.platform == "cpu":
+        return cpu_matmul_peak(), None
+    pick = lambda table: next((v for k, v in table.items() if k in d.device_kind), None)
+    return pick(PEAK_FLOPS), pick(PEAK_FLOPS_BF16)
 
 
 def peak_memory() -> float | None:
@@ -181,11 +219,12 @@ def bench_one(config_cls, init, update, cfg, num_seeds: int, chunk: int, metric:
     if metric is None:  # the file names none: the first of these that it logs
         metric = next((k for k in HEADLINES if last and k in last), None)
     headline = float(np.nanmean(last[metric][:, -1])) if last and metric in last else float("nan")
-    kind = jax.devices()[0].device_kind
-    peak = next((v for k, v in PEAK_FLOPS.items() if k in kind), None)
+    peak, peak_bf16 = device_peaks()
+    rate = flops / chunk_s if timed else float("nan")
     return dict(seeds=num_seeds, compile_s=compile_s, sps=sps, bare_s=t_all, updates=total,
-                flops_per_chunk=flops, flops_per_s=flops / chunk_s if timed else float("nan"),
-                peak_share=(flops / chunk_s / peak) if (peak and timed) else None,
+                flops_per_chunk=flops, flops_per_s=rate,
+                peak_share=rate / peak if (peak and timed) else None,
+                bf16_share=rate / peak_bf16 if (peak_bf16 and timed) else None,
                 peak_mem_gib=peak_memory(), metric=metric, headline=headline)
 
 
@@ -231,6 +270,65 @@ def peers(path: str, num_seeds: int, out: str | None):
                     f"jax {jax.__version__}:\n\n{table}\n")
 
 
+def paper_files(root: str | Path = ".") -> list[str]:
+    """Every algorithm file of the topic packages under `root` whose PRESETS has a "paper"
+    entry (found in the source text: nothing is imported)."""
+    found = []
+    for topic in TOPICS:
+        for f in sorted(Path(root, topic).glob("*.py")):
+            src = f.read_text()
+            if "PRESETS" in src and '"paper"' in src and "def main(" in src:
+                found.append(str(f.relative_to(root)))
+    return found
+
+
+def _last_error(stderr: str) -> str | None:
+    """The exception line of a child's traceback (`ValueError: ...`), else its last line."""
+    lines = [ln.strip() for ln in stderr.strip().splitlines() if ln.strip()]
+    for ln in reversed(lines):
+        if re.match(r"^([\w.]+(Error|Exception|Exit)\b|error:)", ln):
+            return ln
+    return lines[-1] if lines else None
+
+
+def all_paper(files: list[str], max_updates: int, time_limit: float, out: str | None):
+    """Each file's paper preset in its own process (a crash or hang costs one row), 1 seed,
+    its first `max_updates` updates in chunks of 1; one Markdown table of them all."""
+    print(f"paper presets on {device_summary()}, jax {jax.__version__}: {len(files)} files, "
+          f"{max_updates} updates each, {time_limit:.0f} s limit each", flush=True)
+    rows = []
+    for f in files:
+        with tempfile.TemporaryDirectory() as d:
+            res = Path(d) / "row.json"
+            cmd = [sys.executable, "-m", "common.bench", f, "--preset", "paper", "--seeds", "1",
+                   "--chunk", "1", "--max-updates", str(max_updates), "--no-overhead",
+                   "--json-out", str(res)]
+            t0 = time.perf_counter()
+            try:
+                p = subprocess.run(cmd, capture_output=True, text=True, timeout=time_limit,
+                                   cwd=Path(__file__).resolve().parents[1])
+                status = "ok" if p.returncode == 0 and res.exists() else "error: " + (
+                    _last_error(p.stderr) or f"exit {p.returncode}")[:160]
+            except subprocess.TimeoutExpired:
+                status = f"timed out after {time_limit:.0f} s"
+            r = json.loads(res.read_text())[0] if status == "ok" else {}
+        row = {"file": f, "status": status, "wall s": time.perf_counter() - t0,
+               "compile s": r.get("compile_s"), "steps/s": r.get("sps"),
+               "TFLOP/s": r.get("flops_per_s", float("nan")) / 1e12,
+               "share fp32 peak": r.get("peak_share"), "share bf16 peak": r.get("bf16_share"),
+               "peak mem GiB": r.get("peak_mem_gib")}
+        rows.append(row)
+        print(f"{f}: {status} ({row['wall s']:.0f} s)", flush=True)
+    table = markdown(rows)
+    print(table)
+    if out:
+        with open(out, "a") as fh:
+            fh.write(f"\nPaper presets, first {max_updates} updates, 1 seed, "
+                     f"{device_summary()}, {time.strftime('%Y-%m-%d')}, jax {jax.__version__}"
+                     f" (`python -m common.bench --all-paper`):\n\n{table}\n")
+    return rows
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -248,7 +346,17 @@ def main(argv=None):
     p.add_argument("--peer-seeds", type=int, default=11, help="seeds per peer-benchmark cell")
     p.add_argument("--set", nargs="*", default=[], metavar="FIELD=VALUE",
                    help="config overrides, e.g. --set total_timesteps=100000")
+    p.add_argument("--all-paper", action="store_true",
+                   help="every file's paper preset, each in its own process (see above)")
+    p.add_argument("--files", nargs="*", default=None,
+                   help="with --all-paper: these files instead of every topic file")
+    p.add_argument("--time-limit", type=float, default=900.0,
+                   help="with --all-paper: seconds per file before it is stopped")
+    p.add_argument("--json-out", default=None, help="also write the rows as JSON here")
     a = p.parse_args(argv)
+    if a.all_paper:
+        return all_paper(a.files if a.files is not None else paper_files(), a.max_updates or 3,
+                         a.time_limit, a.out)
     if a.peers:
         if a.file is None:
             p.error("--peers needs a file")
@@ -279,17 +387,20 @@ def main(argv=None):
             config_cls, init, update, cfg, s, a.chunk, r, a.max_updates)
         rows.append(r)
         print(json.dumps(r), file=sys.stderr)
-    head = ("| target | device | seeds | compile s | steps/s (all seeds) | GFLOP/s | peak share "
-            "| peak mem GiB | final metric | runner/bare throughput |")
-    lines = [head, "|" + "---|" * 10]
+    head = ("| target | device | seeds | compile s | steps/s (all seeds) | GFLOP/s | fp32 peak "
+            "share | bf16 peak share | peak mem GiB | final metric | runner/bare throughput |")
+    lines = [head, "|" + "---|" * 11]
     for r in rows:
         lines.append(
             f"| {name} | {device_summary()} | {r['seeds']} | {r['compile_s']:.1f} | "
             f"{fmt(r['sps'])} | {fmt(r['flops_per_s'] / 1e9, '.1f')} | "
-            f"{fmt(r['peak_share'], '.1%')} | {fmt(r['peak_mem_gib'], '.2f')} | "
+            f"{fmt(r['peak_share'], '.1%')} | {fmt(r['bf16_share'], '.1%')} | "
+            f"{fmt(r['peak_mem_gib'], '.2f')} | "
             f"{r['metric']} {fmt(r['headline'], '.3g')} | {fmt(r['overhead'], '.3f')} |")
     table = "\n".join(lines)
     print(table)
+    if a.json_out:
+        Path(a.json_out).write_text(json.dumps(rows))
     if a.out:
         with open(a.out, "a") as f:
             f.write(f"\n{time.strftime('%Y-%m-%d')}, jax {jax.__version__}:\n\n{table}\n")
