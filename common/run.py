@@ -148,7 +148,8 @@ class _Logger:
     def __init__(self, run_dir: Path, cfg, opts: RunOptions, name: str):
         self.path = run_dir / "metrics.jsonl"
         self.wandb = None
-        if opts.track:
+        self.enabled = parallel.is_main_process()  # one process writes (multi-host runs)
+        if opts.track and self.enabled:
             import wandb
 
             self.wandb = wandb.init(
@@ -168,6 +169,8 @@ class _Logger:
         """metrics: name -> [seeds, chunk]. One JSON line per update. `env_steps` is
         update x steps_per_update, or the running sum of the seed mean of `steps_metric`."""
         n = next(iter(metrics.values())).shape[1] if metrics else 0
+        if not self.enabled:
+            return
         with open(self.path, "a") as f:
             for i in range(n):
                 u = first_update + i + 1
@@ -478,7 +481,9 @@ def host_evaluate(fn: Callable) -> Callable:
 def evaluate_seeds(evaluate: Callable, state, cfg, num_seeds: int) -> dict:
     """evaluate() of every seed, stacked along a leading seed axis, as numpy."""
     if not getattr(evaluate, "host", False):
-        return jax.device_get(jax.jit(seed_map(lambda s: evaluate(s, cfg), num_seeds))(state))
+        return parallel.to_host(jax.jit(seed_map(lambda s: evaluate(s, cfg), num_seeds))(state))
+    if jax.process_count() > 1:
+        state = parallel.to_host(state)
     per = [evaluate(jax.tree.map(lambda x: x[i], state), cfg) for i in range(num_seeds)]
     return {k: np.stack([np.asarray(p[k]) for p in per]) for k in per[0]}
 
@@ -532,7 +537,7 @@ def train(config_cls, init, update, cfg, opts: RunOptions, evaluate=None, name="
     total = opts.num_updates or cfg.num_updates
     steps_per_update = getattr(cfg, "steps_per_update", None)
 
-    stamp = time.strftime("%Y%m%d-%H%M%S")
+    stamp = time.strftime("%Y%m%d-%H%M%S", time.localtime(parallel.agree(int(time.time()))))
     run_dir = Path(opts.run_dir or f"runs/{name}__{opts.seed}__{stamp}")
     record = {"config": dataclasses.asdict(cfg), "num_seeds": opts.num_seeds,
               "seed": opts.seed, "script": name}
@@ -541,6 +546,8 @@ def train(config_cls, init, update, cfg, opts: RunOptions, evaluate=None, name="
     abstract_state = jax.eval_shape(make_init(init, cfg, opts.num_seeds), keys)  # env ids
     check_state_fits(abstract_state, opts.num_seeds)
     check_run_dir(run_dir, record, opts.resume)
+    parallel.sync("lilrl: run dir checked")  # by every process, before anything is written
+    main_process = parallel.is_main_process()
 
     run_dir.mkdir(parents=True, exist_ok=True)
     mngr = _manager(run_dir)
@@ -554,10 +561,12 @@ def train(config_cls, init, update, cfg, opts: RunOptions, evaluate=None, name="
                 f"a larger --num-updates to train it further")
         done, state = restore_checkpoint(mngr, abstract_state)
         state = parallel.shard_seeds(state, opts.num_seeds)
-        _truncate_log(run_dir / "metrics.jsonl", done)
+        if main_process:
+            _truncate_log(run_dir / "metrics.jsonl", done)
         print(f"resumed from update {done} in {run_dir}")
     else:
-        (run_dir / "config.json").write_text(json.dumps(record, default=str, indent=1))
+        if main_process:
+            (run_dir / "config.json").write_text(json.dumps(record, default=str, indent=1))
         state = initial_states(init, cfg, opts.seed, opts.num_seeds)
 
     logger = _Logger(run_dir, cfg, opts, name)
@@ -583,7 +592,7 @@ def train(config_cls, init, update, cfg, opts: RunOptions, evaluate=None, name="
         """Host side of one finished chunk: NaN check, JSONL/W&B, history, progress.
         `before` (with --debug-nans): the chunk's input state, replayed on a NaN or inf."""
         nonlocal t_last
-        metrics = jax.device_get(metrics)  # the one host transfer per chunk
+        metrics = parallel.to_host(metrics)  # the one host transfer per chunk
         now = time.perf_counter()
         dt = None if t_last is None else now - t_last
         t_last = now
@@ -682,9 +691,10 @@ def train(config_cls, init, update, cfg, opts: RunOptions, evaluate=None, name="
     perf = {"perf/compile_s": compile_s, "perf/loop_s": loop_s}
     if timed[1] and steps_per_update and timed[0]:
         perf["perf/sps"] = timed[1] * opts.num_seeds / timed[0]
-    (run_dir / "summary.json").write_text(json.dumps(
-        {**perf, **{k: [_jsonable(x) for x in np.atleast_1d(v)] for k, v in final.items()},
-         **{k: [_jsonable(x) for x in v[:, -1]] for k, v in hist.items()}}, indent=1))
+    if main_process:
+        (run_dir / "summary.json").write_text(json.dumps(
+            {**perf, **{k: [_jsonable(x) for x in np.atleast_1d(v)] for k, v in final.items()},
+             **{k: [_jsonable(x) for x in v[:, -1]] for k, v in hist.items()}}, indent=1))
     return RunResult(state, hist, run_dir, final)
 
 
