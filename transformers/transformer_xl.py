@@ -371,6 +371,9 @@ class State:
     stream"""
     mem_valid: jax.Array
     """how many trailing memory slots hold real context (0 at a stream's start)"""
+    use_memory: jax.Array
+    """1, traced: 0 masks the memory out of every read (training and evaluate), so one
+    program can also run the model without memory"""
 
 
 def _data(cfg: Config):
@@ -395,7 +398,7 @@ def init(key, cfg: Config) -> State:
     n_seg = num_segments(len(train_ids), cfg.batch_size, cfg.tgt_len)
     start = jax.random.randint(k_start, (), 0, n_seg)
     return State(params, _optimizer(cfg).init(params), key, jnp.array(0, jnp.int32), start,
-                 mems, jnp.array(0, jnp.int32))
+                 mems, jnp.array(0, jnp.int32), jnp.array(1, jnp.int32))
 
 
 def update(state: State, cfg: Config):
@@ -411,8 +414,8 @@ def update(state: State, cfg: Config):
 
     def loss_fn(params):
         logits, layer_inputs, _ = model.apply(
-            {"params": params}, inputs, mems, mem_valid, deterministic=False,
-            rngs={"dropout": k_drop})
+            {"params": params}, inputs, mems, mem_valid * state.use_memory,
+            deterministic=False, rngs={"dropout": k_drop})
         return lm_loss(logits, targets), (logits, layer_inputs)
 
     (loss, (logits, layer_inputs)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
@@ -426,7 +429,8 @@ def update(state: State, cfg: Config):
                "charts/grad_norm": optax.tree.norm(grads)}
     if cfg.corpus == "copy":
         metrics["charts/copy_accuracy"] = copy_accuracy(logits, targets)
-    return State(params, opt_state, key, state.step + 1, state.start, mems, mem_valid), metrics
+    return State(params, opt_state, key, state.step + 1, state.start, mems, mem_valid,
+                 state.use_memory), metrics
 
 
 def evaluate(state: State, cfg: Config):
@@ -441,7 +445,8 @@ def evaluate(state: State, cfg: Config):
     def step(carry, seg):
         mems, valid = carry
         inputs, targets = stream_segment(ids, seg, B, L)
-        logits, layer_inputs, _ = model.apply({"params": state.params}, inputs, mems, valid)
+        logits, layer_inputs, _ = model.apply({"params": state.params}, inputs, mems,
+                                              valid * state.use_memory)
         nll = optax.softmax_cross_entropy_with_integer_labels(logits, targets).mean()
         return next_mems(mems, layer_inputs, valid), (nll, copy_accuracy(logits, targets))
 

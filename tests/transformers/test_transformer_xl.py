@@ -2,6 +2,7 @@
 stop-gradient, memory vs no memory, purity, CLI, and a port of HF XLNet's attention."""
 
 import dataclasses
+import functools
 import json
 import textwrap
 
@@ -10,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from common import run
+from common import parallel, run
 from tests.common import preset
 from tests.common.compiled import compiled
 from tests.common.config_fields import unread_fields
@@ -26,10 +27,23 @@ TINY = X.Config(corpus="this", byte_level=False, n_layer=1, d_model=16, n_head=2
                 eval_segments=4)
 
 
-def _params(model, M, seed=0):
+@functools.cache
+def _params():
+    """SMALL's parameters (their shapes do not depend on the memory length), initialised
+    once for the module."""
     tokens = jnp.zeros((2, L), jnp.int32)
-    mems = jnp.zeros((model.n_layer, 2, M, model.d_model))
-    return compiled(lambda k_: model.init(k_, tokens, mems, M), jax.random.PRNGKey(seed))["params"]
+    mems = jnp.zeros((SMALL.n_layer, 2, 8, SMALL.d_model))
+    return compiled(lambda k_: SMALL.init(k_, tokens, mems, 8), jax.random.PRNGKey(0))["params"]
+
+
+# SMALL's forward pass, jitted once for the module (one compile per shape): (params, tokens,
+# mems, mem_valid, mask or None) -> (logits, layer inputs, last hidden state). The equation
+# tests' programs run on a few tokens: they compile at XLA's lowest backend optimisation
+# level (the runner's init options), several times faster
+O0 = dict(compiler_options=run.INIT_COMPILER_OPTIONS)
+_apply = jax.jit(lambda p, t, m, valid, mask: SMALL.apply({"params": p}, t, m, valid,
+                                                          mask=mask), **O0)
+_next_mems = jax.jit(X.next_mems, **O0)
 
 
 def _stream(B, n, seed=1):
@@ -38,22 +52,24 @@ def _stream(B, n, seed=1):
 
 def test_rel_shift_equals_gather_reference():
     """(b)+(d) via the relative shift equals the score gathered by distance d = M + i - j,
-    (q_i + v)^T W_R r_d, on every allowed (i, j); for M = 0, 5 and 8."""
-    key = jax.random.PRNGKey(0)
+    (q_i + v)^T W_R r_d, on every allowed (i, j); for M = 0, 5 and 8 (the scores in numpy,
+    the shift jitted)."""
+    rng = np.random.default_rng(0)
+    shift = jax.jit(X.rel_shift, **O0)
     for M in (0, 5, 8):
         K = M + L
-        qv = jax.random.normal(key, (2, 3, L, 4))  # (B, H, L, Dh)
-        kr_by_dist = jax.random.normal(jax.random.fold_in(key, M), (K, 3, 4))  # W_R r_d
+        qv = rng.normal(size=(2, 3, L, 4)).astype(np.float32)  # (B, H, L, Dh)
+        kr_by_dist = rng.normal(size=(K, 3, 4)).astype(np.float32)  # W_R r_d
         kr = kr_by_dist[::-1]  # the model's layout: row c holds distance K-1-c
-        shifted = X.rel_shift(jnp.einsum("bhid,jhd->bhij", qv, kr))
+        shifted = shift(np.einsum("bhid,jhd->bhij", qv, kr))
         i, j = np.arange(L)[:, None], np.arange(K)[None]
         dist = np.clip(M + i - j, 0, K - 1)
-        gathered = jnp.einsum("bhid,ijhd->bhij", qv, kr_by_dist[dist])  # reference
+        gathered = np.einsum("bhid,ijhd->bhij", qv, kr_by_dist[dist])  # reference
         allowed = j <= M + i
         np.testing.assert_allclose(np.where(allowed, shifted, 0), np.where(allowed, gathered, 0),
                                    atol=1e-5)
     # the shift is not the identity: without it the scores differ
-    assert np.abs(np.where(allowed, jnp.einsum("bhid,jhd->bhij", qv, kr) - gathered, 0)
+    assert np.abs(np.where(allowed, np.einsum("bhid,jhd->bhij", qv, kr) - gathered, 0)
                   ).max() > 0.1
 
 
@@ -61,14 +77,13 @@ def test_no_future_leak_and_mask_off_leaks():
     """Outputs before t do not depend on tokens >= t (memory full of context); the same
     model with the mask switched off (every key visible) fails the check."""
     M = 8
-    params = _params(SMALL, M)
+    params = _params()
     mems = jax.random.normal(jax.random.PRNGKey(3), (2, 2, M, D))
     tokens = _stream(2, L)
-    fn = jax.jit(lambda t: SMALL.apply({"params": params}, t, mems, M)[0])
-    leak.assert_no_future_leak(fn, tokens, 5, V)
+    valid = jnp.array(M, jnp.int32)
+    leak.assert_no_future_leak(lambda t: _apply(params, t, mems, valid, None)[0], tokens, 5, V)
     no_mask = jnp.ones((L, M + L), bool)
-    broken = jax.jit(lambda t: SMALL.apply({"params": params}, t, mems, M, mask=no_mask)[0])
-    leak.assert_leaks(broken, tokens, 5, V)
+    leak.assert_leaks(lambda t: _apply(params, t, mems, valid, no_mask)[0], tokens, 5, V)
 
 
 @pytest.mark.parametrize("M", [L, 2 * L])
@@ -78,19 +93,19 @@ def test_memory_decoding_equals_one_pass_with_block_mask(M):
     j <= t with j >= sL - M. M = 2L is the eval-longer-than-train case (memory spans two
     segments). Measured max diff ~1e-6 (float32)."""
     S, B = 4, 2
-    params = _params(SMALL, M)
+    params = _params()
     tokens = _stream(B, S * L)
-    apply = jax.jit(lambda t, m, valid: SMALL.apply({"params": params}, t, m, valid))
-    mems, valid, outs = jnp.zeros((2, B, M, D)), jnp.array(0), []
+    mems, valid, outs = jnp.zeros((2, B, M, D)), jnp.array(0, jnp.int32), []
     for s in range(S):
-        logits, inputs, _ = apply(tokens[:, s * L:(s + 1) * L], mems, valid)
-        mems, valid = X.next_mems(mems, inputs, valid)
+        logits, inputs, _ = _apply(params, tokens[:, s * L:(s + 1) * L], mems, valid, None)
+        mems, valid = _next_mems(mems, inputs, valid)
         outs.append(logits)
     seq = np.concatenate(outs, 1)
     t, j = np.arange(S * L)[:, None], np.arange(S * L)[None]
     mask = (j <= t) & (j >= t // L * L - M)
-    one_pass = jax.jit(lambda t, mask: SMALL.apply(
-        {"params": params}, t, jnp.zeros((2, B, 0, D)), 0, mask=mask)[0])
+    def one_pass(t, mask):
+        return _apply(params, t, jnp.zeros((2, B, 0, D)), jnp.array(0, jnp.int32), mask)[0]
+
     full = one_pass(tokens, jnp.asarray(mask))
     np.testing.assert_allclose(seq, full, atol=2e-5)
     # the memory matters: a plain causal one-pass (seeing everything) differs
@@ -100,64 +115,97 @@ def test_memory_decoding_equals_one_pass_with_block_mask(M):
 
 def test_gradient_through_memory_is_zero():
     """SG(m): the loss of a segment has exactly zero gradient w.r.t. the memory it reads,
-    although its value depends on that memory."""
+    although its value depends on that memory (one jitted program)."""
     M = 8
-    params = _params(SMALL, M)
+    params = _params()
     tokens, targets = _stream(2, L), _stream(2, L, seed=2)
     mems = jax.random.normal(jax.random.PRNGKey(3), (2, 2, M, D))
 
-    def loss(m):
-        return X.lm_loss(SMALL.apply({"params": params}, tokens, m, M)[0], targets)
+    @functools.partial(jax.jit, **O0)
+    def check(params, mems):
+        def loss(p, m):
+            return X.lm_loss(SMALL.apply({"params": p}, tokens, m, M)[0], targets)
 
-    g = jax.jit(jax.grad(loss))(mems)
+        (value, (g_params, g_mems)) = jax.value_and_grad(loss, (0, 1))(params, mems)
+        return value, loss(params, 2 * mems), g_params, g_mems
+
+    value, value_2m, g_params, g = check(params, mems)
     assert np.all(np.asarray(g) == 0.0)
-    loss = jax.jit(loss)
-    assert abs(float(loss(mems)) - float(loss(mems * 2))) > 1e-4
-    g_params = jax.jit(jax.grad(lambda p: X.lm_loss(
-        SMALL.apply({"params": p}, tokens, mems, M)[0], targets)))(params)
+    assert abs(float(value) - float(value_2m)) > 1e-4
     assert float(jnp.abs(g_params["u"]).max()) > 0  # the segment itself does get gradients
 
 
 # the one run of the CLI, purity and behaviour tests: a 1-layer model with a memory of
-# M = 8 on the 'copy' stream, 300 updates of 16 segments, 2 seeds, chunks of 100
+# M = 8 on the 'copy' stream, 300 updates of 16 segments, chunks of 100; 2 x SEEDS seeds in
+# one compiled program, seeds SEEDS.. the broken variant (memory masked out: use_memory = 0)
 RUN = X.Config(corpus="copy", copy_vocab=8, copy_chars=40_000, n_layer=1, d_model=32,
                n_head=2, d_head=16, d_inner=64, dropout=0.0, tgt_len=8, mem_len=8,
                eval_tgt_len=8, eval_mem_len=8, batch_size=16, lr=3e-3, warmup_steps=20,
                total_updates=300, eval_batch=8, eval_segments=32)
 CHUNK = 100
+SEEDS = tiny_run_module.SEEDS
+KEYS = jax.random.split(jax.random.PRNGKey(0), 2 * SEEDS)  # the runner's keys (--seed 0)
+_INIT = X.init  # the file's own (the fixture patches X.init)
+
+
+def _twin_init(key, cfg):
+    """X.init, where seed SEEDS + i is seed i's twin (same key: same initial parameters and
+    segments) that never reads its memory (the traced use_memory = 0)."""
+    i = jnp.argmax(jnp.all(key == KEYS, -1))
+    state = _INIT(KEYS[i % SEEDS], cfg)
+    return state.replace(use_memory=jnp.where(i >= SEEDS, 0, state.use_memory))
 
 
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
-    """RUN through the command line, in-process, once."""
-    return tiny_run_module.run_cli(X, RUN, tmp_path_factory.mktemp("run"), CHUNK)
+    """RUN through the command line, in-process, once, with its 2 x SEEDS seeds."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(X, "init", _twin_init)
+        return tiny_run_module.run_cli(X, RUN, tmp_path_factory.mktemp("run"), CHUNK,
+                                       extra=("--num-seeds", str(2 * SEEDS)))
 
 
 def test_memory_solves_copy_across_segments_and_no_memory_cannot(tiny_run):
     """Behaviour: on the 'copy' stream (the second half of each segment repeats the first
     half of the previous segment; 8 symbols, L = 8), a 1-layer model with a memory of
-    M = 8 learns the copy in 300 updates (the CLI run of RUN, each of 2 seeds); the same
-    model with mem_len = 0 (one seed) cannot see the source and stays at chance (1/8).
-    Measured at 300 updates: val copy accuracy 1.000 / 0.995 (2 seeds) vs 0.113, val loss
-    1.54 / 1.63 vs 2.08 nats (ln 8 = 2.08; at 250 updates 0.82 with memory)."""
-    acc8, loss8 = (np.asarray(tiny_run.final[k]) for k in ("val_copy_accuracy", "val_loss"))
-    cfg = dataclasses.replace(RUN, mem_len=0, eval_mem_len=0)
-    state, _ = jax.jit(run.make_train(X.init, X.update, cfg))(jax.random.PRNGKey(0))
-    ev = jax.jit(lambda s: X.evaluate(s, cfg))(state)
-    acc0, loss0 = float(ev["val_copy_accuracy"]), float(ev["val_loss"])
-    print(f"memory: accuracy {acc8} loss {loss8}; no memory: {acc0:.3f} {loss0:.3f}")
-    assert acc0 < 0.25, acc0
+    M = 8 learns the copy in 300 updates (the CLI run of RUN, each of 2 seeds); its twin
+    (same keys, same compiled run) with the memory masked out of every read (the traced
+    use_memory = 0: the model without memory) cannot see the source and stays at chance
+    (1/8). Measured at 300 updates: val copy accuracy 1.000 / 0.995 (2 seeds) vs 0.129 /
+    0.132 (their twins without memory), val loss 1.54 / 1.63 vs 2.08 / 2.08 nats (ln 8 =
+    2.08). Fails when `update` ignores the traced use_memory (the twins then learn the copy
+    in training: 1.000 / 0.995 on its last 50 segments)."""
+    acc, loss = (np.asarray(tiny_run.final[k]) for k in ("val_copy_accuracy", "val_loss"))
+    acc8, loss8, acc0, loss0 = acc[:SEEDS], loss[:SEEDS], acc[SEEDS:], loss[SEEDS:]
+    print(f"memory: accuracy {acc8} loss {loss8}; no memory: {acc0} {loss0}")
+    assert (acc0 < 0.25).all(), acc0
     assert (acc8 > 0.6).all(), acc8
     assert (loss8 < loss0 - 0.3).all(), (loss8, loss0)
+    # the twins trained without memory too (not only evaluated so): chance on the last
+    # 50 training segments
+    train_acc = tiny_run.history["charts/copy_accuracy"][:, -50:].mean(1)
+    print(f"training copy accuracy, last 50 updates: {train_acc}")
+    assert (train_acc[SEEDS:] < 0.25).all(), train_acc
 
 
 def test_train_is_pure_and_seeded(tiny_run):
-    """The runner's first chunk, rerun on the same initial states, gives the same metrics;
-    the two seeds differ; the memory filled up."""
-    tiny_run_module.assert_pure(X, RUN, tiny_run, CHUNK)
-    assert tiny_run.history["losses/loss"].shape == (2, RUN.num_updates)
+    """The runner's first chunk, rerun on the same initial states (the same compiled
+    program), gives the run's first logged rows bit for bit; the seeds differ; losses are
+    finite; the memory filled up."""
+    n = 2 * SEEDS
+    states = run.initial_states(_twin_init, RUN, 0, n)
+    step = run.make_chunk(X.update, RUN, CHUNK, parallel.seed_sharding(n), n)
+    state, metrics = jax.device_get(step(states))
+    for k in tiny_run.history:
+        np.testing.assert_array_equal(tiny_run.history[k][:, :CHUNK], metrics[k], err_msg=k)
+    kernel = next(x for x in jax.tree.leaves(state.params) if x.ndim >= 3)
+    assert not np.array_equal(kernel[0], kernel[1])
+    loss = tiny_run.history["losses/loss"]
+    assert loss.shape == (n, RUN.num_updates) and np.isfinite(loss).all()
+    assert not np.array_equal(loss[0], loss[1])
     assert (np.asarray(tiny_run.state.mem_valid) == 8).all()
     assert not np.array_equal(tiny_run.state.mems[0], tiny_run.state.mems[1])
+    np.testing.assert_array_equal(tiny_run.state.use_memory, [1] * SEEDS + [0] * SEEDS)
 
 
 def test_cli_runs_and_documents_every_field(tiny_run, capsys):
@@ -168,9 +216,9 @@ def test_cli_runs_and_documents_every_field(tiny_run, capsys):
         assert "--" + f.name.replace("_", "-") in out, f.name
     assert "Presets (--preset): quick, paper" in out
     assert (tiny_run.run_dir / "metrics.jsonl").exists()
-    assert tiny_run.history["charts/bits_per_char"].shape == (2, RUN.num_updates)
+    assert tiny_run.history["charts/bits_per_char"].shape == (2 * SEEDS, RUN.num_updates)
     summary = json.loads((tiny_run.run_dir / "summary.json").read_text())
-    assert len(summary["val_bits_per_char"]) == 2
+    assert len(summary["val_bits_per_char"]) == 2 * SEEDS
     assert np.isfinite(summary["val_bits_per_char"]).all()
 
 
