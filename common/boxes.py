@@ -60,11 +60,24 @@ def encode(gt, anchors, variances=(1.0, 1.0)):
     return jnp.concatenate([txy, twh], -1)
 
 
-def decode(t, anchors, variances=(1.0, 1.0)):
-    """Inverse of `encode`: cxcywh boxes from offsets `t` and cxcywh `anchors`."""
+MAX_LOG_SCALE = float(np.log(1000.0 / 16))
+"""The clamp of decoded log size offsets (Detectron's and torchvision's bbox_xform_clip): a
+box at most 62.5 times its anchor, so one diverging prediction stays finite."""
+
+
+def decode(t, anchors, variances=(1.0, 1.0), max_log_scale: float = MAX_LOG_SCALE):
+    """Inverse of `encode`: cxcywh boxes from offsets `t` and cxcywh `anchors`, with the
+    scaled size offsets clamped at `max_log_scale` before the exp."""
     xy = anchors[..., :2] + t[..., :2] * variances[0] * anchors[..., 2:]
-    wh = anchors[..., 2:] * jnp.exp(t[..., 2:] * variances[1])
+    wh = anchors[..., 2:] * jnp.exp(jnp.minimum(t[..., 2:] * variances[1], max_log_scale))
     return jnp.concatenate([xy, wh], -1)
+
+
+def clip_to_image(b, height, width):
+    """xyxy boxes clipped to the image [0, width] x [0, height] (before NMS and scoring)."""
+    lo = jnp.zeros(4, b.dtype)
+    hi = jnp.asarray([width, height, width, height], b.dtype)
+    return jnp.clip(b, lo, hi)
 
 
 def grid_anchors(height: int, width: int, sizes) -> jax.Array:
@@ -120,30 +133,39 @@ def nms(boxes, scores, iou_threshold: float = 0.5, max_out: int = 100,
         return jnp.zeros(max_out, jnp.int32), jnp.zeros(max_out, bool)
     order = jnp.argsort(-scores, stable=True)
     b, s = boxes[order], scores[order]
-    overlap = iou(b, b) > iou_threshold
-    candidate = s > score_threshold
-
-    def body(i, keep):
-        suppressed = jnp.any(keep & overlap[:, i])
-        return keep.at[i].set(candidate[i] & ~suppressed)
-
-    keep = jax.lax.fori_loop(0, n, body, jnp.zeros(n, bool))
     k = min(max_out, n)
-    # kept boxes first, in score order: sort by (not kept, position)
-    rank = jnp.where(keep, jnp.arange(n), n + jnp.arange(n))
-    first = jnp.argsort(rank)[:k]
-    idx, valid = order[first], keep[first]
+
+    # Walk the sorted list while fewer than k boxes are kept and scores are above the
+    # threshold (sorted: the first one below ends the walk). Each candidate is compared with
+    # the kept boxes only: O(n k) work and O(n + k) memory, no n x n overlap matrix.
+    def cond(c):
+        i, count, _, _ = c
+        return (i < n) & (count < k) & (s[jnp.minimum(i, n - 1)] > score_threshold)
+
+    def body(c):
+        i, count, kept, kept_boxes = c
+        overlaps = iou(b[i][None], kept_boxes)[0] > iou_threshold  # (k,)
+        keep = ~jnp.any(overlaps & (jnp.arange(k) < count))
+        kept = jnp.where(keep, kept.at[count].set(i), kept)
+        kept_boxes = jnp.where(keep, kept_boxes.at[count].set(b[i]), kept_boxes)
+        return i + 1, count + keep, kept, kept_boxes
+
+    init = (jnp.int32(0), jnp.int32(0), jnp.zeros(k, jnp.int32), jnp.zeros((k, 4), b.dtype))
+    _, count, kept, _ = jax.lax.while_loop(cond, body, init)
+    valid = jnp.arange(k) < count
+    idx = jnp.where(valid, order[kept], 0)
     if k < max_out:
         idx = jnp.concatenate([idx, jnp.zeros(max_out - k, idx.dtype)])
         valid = jnp.concatenate([valid, jnp.zeros(max_out - k, bool)])
-    return jnp.where(valid, idx, 0), valid
+    return idx, valid
 
 
 def batched_nms(boxes, scores, classes, iou_threshold: float = 0.5, max_out: int = 100,
                 score_threshold: float = -jnp.inf):
     """Per-class NMS in one pass: boxes of different classes are shifted apart by
     class * (largest coordinate + 1), so they never overlap."""
-    shift = (jnp.max(jnp.abs(boxes)) + 1.0) * classes.astype(boxes.dtype)
+    finite = jnp.where(jnp.isfinite(boxes), jnp.abs(boxes), 0.0)  # one inf box breaks no class
+    shift = (jnp.max(finite) + 1.0) * classes.astype(boxes.dtype)
     return nms(boxes + shift[:, None], scores, iou_threshold, max_out, score_threshold)
 
 
@@ -286,14 +308,26 @@ def detection_map(detections, gt_boxes, gt_labels, num_classes: int) -> dict:
     return {"mAP50": m50, "mAP": m}
 
 
-def evaluate_detector(predict, data: dict, num_classes: int) -> dict:
+def evaluate_detector(predict, data: dict, num_classes: int, batch: int = 32) -> dict:
     """`detection_map` of a jitted `predict(images) -> (boxes, scores, classes, valid)` on a
-    data set as common.data makes it (images, boxes, labels), plus the images/s of that
-    predict, timed on a second call after a warm-up (compile) call."""
-    images = jnp.asarray(data["images"])
-    out = jax.block_until_ready(predict(images))
+    data set as common.data makes it (images, boxes, labels), run in chunks of `batch`
+    images (the last one padded: one compiled shape, memory bounded whatever the set's
+    size), plus the images/s of predict, timed on a second pass after a warm-up pass."""
+    images = np.asarray(data["images"])
+    n = len(images)
+    b = min(batch, n)
+    pad = -n % b
+    if pad:
+        images = np.concatenate([images, np.repeat(images[-1:], pad, 0)])
+
+    def all_chunks():
+        outs = [predict(jnp.asarray(images[i:i + b])) for i in range(0, len(images), b)]
+        return jax.block_until_ready(outs)
+
+    outs = all_chunks()
     t0 = time.perf_counter()
-    jax.block_until_ready(predict(images))
-    ips = len(images) / (time.perf_counter() - t0)
-    metrics = detection_map(jax.device_get(out), data["boxes"], data["labels"], num_classes)
+    all_chunks()
+    ips = n / (time.perf_counter() - t0)
+    out = jax.tree.map(lambda *xs: np.concatenate(xs)[:n], *jax.device_get(outs))
+    metrics = detection_map(out, data["boxes"], data["labels"], num_classes)
     return {**metrics, "images_per_s": ips}
