@@ -355,10 +355,12 @@ def spans(zs):
     return jnp.stack([z.mean([a for a in range(z.ndim) if a != z.ndim - 3]) for z in zs])
 
 
-def span_penalty(z_per_head, cfg: Config):
+def span_penalty(z_per_head, cfg: Config, span_loss=None):
     """[1] Sec. 3.1: lambda * sum over layers of the mean over the layer's heads of z (mean
-    z_t when dynamic), as [1]'s code: get_loss = coeff * S * current_val.mean() per layer."""
-    return cfg.span_loss * z_per_head.mean(-1).sum()
+    z_t when dynamic), as [1]'s code: get_loss = coeff * S * current_val.mean() per layer.
+    lambda is cfg.span_loss, or `span_loss` (traced: State.span_loss) when given."""
+    lam = cfg.span_loss if span_loss is None else span_loss
+    return lam * z_per_head.mean(-1).sum()
 
 
 # --- UPDATE ---
@@ -376,6 +378,8 @@ class State:
     """(n_layer, B, S, d): each layer's input on the last S positions of every stream"""
     mem_valid: jax.Array
     """how many trailing memory slots hold real context (0 at a stream's start)"""
+    span_loss: jax.Array
+    """cfg.span_loss, traced: one program can train several lambdas (0: no penalty)"""
 
 
 def _data(cfg: Config):
@@ -403,7 +407,7 @@ def init(key, cfg: Config) -> State:
     start = jax.random.randint(k_start, (), 0, num_segments(len(train_ids), cfg.batch_size,
                                                             cfg.tgt_len))
     return State(params, _optimizer(cfg).init(params), key, jnp.array(0, jnp.int32), start,
-                 mems, jnp.array(0, jnp.int32))
+                 mems, jnp.array(0, jnp.int32), jnp.asarray(cfg.span_loss, jnp.float32))
 
 
 def update(state: State, cfg: Config):
@@ -420,7 +424,7 @@ def update(state: State, cfg: Config):
             rngs={"dropout": k_drop}, mutable=["intermediates"])
         z = spans(jax.tree.leaves(inter["intermediates"]))  # (n_layer, H)
         nll = lm_loss(logits, targets)
-        penalty = span_penalty(z, cfg) if cfg.adapt_span else 0.0
+        penalty = span_penalty(z, cfg, state.span_loss) if cfg.adapt_span else 0.0
         return nll + penalty, (nll, z, layer_inputs)
 
     (_, (nll, z, layer_inputs)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
@@ -430,7 +434,8 @@ def update(state: State, cfg: Config):
     mems, mem_valid = next_mems(state.mems, layer_inputs, mem_valid)
     metrics = {"losses/loss": nll, "charts/bits_per_char": nll / math.log(2),
                "charts/mean_span": z.mean(), "charts/max_span": z.max()}
-    return State(params, opt_state, key, state.step + 1, state.start, mems, mem_valid), metrics
+    return State(params, opt_state, key, state.step + 1, state.start, mems, mem_valid,
+                 state.span_loss), metrics
 
 
 def evaluate(state: State, cfg: Config):

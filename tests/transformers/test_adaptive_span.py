@@ -2,6 +2,7 @@
 gradient support of z, the L1 penalty shrinking spans, causality, purity and CLI."""
 
 import dataclasses
+import functools
 import json
 
 import jax
@@ -9,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from common import run
+from common import parallel, run
 from tests.common import preset
 from tests.common.compiled import compiled
 from tests.common.config_fields import unread_fields
@@ -25,11 +26,25 @@ TINY = A.Config(corpus="this", byte_level=False, n_layer=1, d_model=16, n_head=2
                 total_updates=3, eval_batch=2, eval_segments=4)
 
 
-def _params(cfg, seed=0):
-    mems = jnp.zeros((cfg.n_layer, 2, cfg.attn_span, cfg.d_model))
-    model = A.AdaptiveSpanLM(cfg, V)
-    return model, compiled(lambda k_: model.init(k_, jnp.zeros((2, L), jnp.int32), mems,
-                             0), jax.random.PRNGKey(seed))["params"]
+MODEL = A.AdaptiveSpanLM(SMALL, V)
+
+
+@functools.cache
+def _params():
+    """SMALL's parameters, initialised once for the module."""
+    mems = jnp.zeros((SMALL.n_layer, 2, S, SMALL.d_model))
+    return compiled(lambda k_: MODEL.init(k_, jnp.zeros((2, L), jnp.int32), mems, 0),
+                    jax.random.PRNGKey(0))["params"]
+
+
+# SMALL's forward pass, jitted once for the module (one compile per shape): (params, tokens,
+# mems, mem_valid, window or None) -> (logits, layer inputs). The equation tests' programs
+# run on a few tokens: they compile at XLA's lowest backend optimisation level (the
+# runner's init options), several times faster
+O0 = dict(compiler_options=run.INIT_COMPILER_OPTIONS)
+_apply = jax.jit(lambda p, t, m, valid, window: MODEL.apply({"params": p}, t, m, valid,
+                                                            window=window), **O0)
+_next_mems = jax.jit(A.next_mems, **O0)
 
 
 def _set_spans(params, value):
@@ -75,7 +90,7 @@ def test_dynamic_span_starts_where_the_penalty_moves_it():
             z = A.spans(jax.tree.leaves(inter["intermediates"]))  # (1, H)
             return A.span_penalty(z, cfg), z
 
-        out[dynamic] = jax.jit(jax.value_and_grad(penalty, has_aux=True))(params)
+        out[dynamic] = jax.jit(jax.value_and_grad(penalty, has_aux=True), **O0)(params)
     (_, z_dyn), g_dyn = out[True]
     (_, z_static), g_static = out[False]
     np.testing.assert_allclose(z_dyn, 0.1 * S, rtol=1e-5)
@@ -98,7 +113,7 @@ def test_mask_at_the_boundary_is_the_papers_m_z_of_the_distance():
     pos, window = jnp.zeros((S6 + 1, d // H)), A.window_mask(1, S6, S6, S6)
     params = compiled(lambda k_: attn.init(k_, h, mem, pos, window),
                       jax.random.PRNGKey(0))["params"]
-    y = jax.jit(lambda p: attn.apply({"params": p}, h, mem, pos, window))(params)
+    y = jax.jit(lambda p: attn.apply({"params": p}, h, mem, pos, window), **O0)(params)
     m = np.array([1, 0.75, 0.5, 0.25, 0, 0])[::-1]  # keys j = 0..5 are at distances 6..1
     v = np.einsum("jd,dhk->jhk", mem[0], params["v"]["kernel"])  # (S, H, Dh)
     expect = np.einsum("hk,hkm->m", np.einsum("j,jhk->hk", m / m.sum(), v),
@@ -106,16 +121,20 @@ def test_mask_at_the_boundary_is_the_papers_m_z_of_the_distance():
     np.testing.assert_allclose(y[0, 0], expect, rtol=1e-5, atol=1e-6)
 
 
-def _one_row(z, ramp=4.0):
-    """Attention output of one query whose window holds distances 1..S (no memory mask)."""
+def _one_row_fn(z):
+    """Attention output of one query whose window holds distances 1..S (no memory mask),
+    R = 4; jitted once (z is traced)."""
     key = jax.random.PRNGKey(0)
     K = S + 1  # S memory slots + the query itself (distance 0, excluded)
     scores = jax.random.normal(key, (1, 1, 1, K))
     vals = jax.random.normal(jax.random.fold_in(key, 1), (K, 3))
     dist = (S - jnp.arange(K))[None]  # x = i - j
     window = (dist >= 1) & (dist <= S)
-    a = A.span_attention_weights(scores, window, dist, z, ramp)
+    a = A.span_attention_weights(scores, window, dist, z, 4.0)
     return a, (a[0, 0] @ vals).sum(), scores, window
+
+
+_one_row = jax.jit(_one_row_fn, **O0)
 
 
 def test_full_span_equals_plain_windowed_attention():
@@ -130,21 +149,23 @@ def test_full_span_equals_plain_windowed_attention():
     a_short, _, _, _ = _one_row(3.0)
     assert np.abs(a_short - a).max() > 1e-2 and np.all(a_short[..., :S - 7 + 1] == 0)
 
-    model, params = _params(SMALL)
+    params = _params()
     tokens = jax.random.randint(jax.random.PRNGKey(1), (2, L), 0, V)
     mems = jax.random.normal(jax.random.PRNGKey(2), (2, 2, S, SMALL.d_model))
+    valid = jnp.array(S, jnp.int32)
     plain = A.AdaptiveSpanLM(dataclasses.replace(SMALL, adapt_span=False), V)
-    full = jax.jit(lambda p: model.apply({"params": p}, tokens, mems, S)[0])
-    out_plain = jax.jit(lambda p: plain.apply({"params": p}, tokens, mems, S)[0])(params)
-    np.testing.assert_allclose(full(_set_spans(params, 1.0)), out_plain, atol=1e-5)
-    assert np.abs(full(_set_spans(params, 0.2)) - out_plain).max() > 1e-3
+    out_plain = jax.jit(lambda p: plain.apply({"params": p}, tokens, mems, S)[0], **O0)(params)
+    full = _apply(_set_spans(params, 1.0), tokens, mems, valid, None)[0]
+    np.testing.assert_allclose(full, out_plain, atol=1e-5)
+    short = _apply(_set_spans(params, 0.2), tokens, mems, valid, None)[0]
+    assert np.abs(short - out_plain).max() > 1e-3
 
 
 def test_gradient_wrt_span_only_through_the_ramp():
     """d y / d z != 0 only if some key distance x lies in (z, z + R): with S = 12, R = 4,
     z = 12.5 or 20 puts the ramp beyond the window (gradient exactly 0); z = 0.5, 3.5 and
     10 put distances on it (non-zero)."""
-    grad = jax.grad(lambda z: _one_row(z)[1])
+    grad = jax.jit(jax.grad(lambda z: _one_row_fn(z)[1]), **O0)
     for z in (12.5, 20.0):
         assert float(grad(z)) == 0.0, z
     for z in (0.5, 3.5, 10.0):
@@ -152,63 +173,75 @@ def test_gradient_wrt_span_only_through_the_ramp():
 
 
 def test_no_future_leak_and_mask_off_leaks():
-    model, params = _params(SMALL)
+    params = _params()
     mems = jax.random.normal(jax.random.PRNGKey(2), (2, 2, S, SMALL.d_model))
     tokens = jax.random.randint(jax.random.PRNGKey(1), (2, L), 0, V)
-    fn = jax.jit(lambda t: model.apply({"params": params}, t, mems, S)[0])
-    leak.assert_no_future_leak(fn, tokens, 5, V)
+    valid = jnp.array(S, jnp.int32)
+    leak.assert_no_future_leak(lambda t: _apply(params, t, mems, valid, None)[0], tokens, 5,
+                               V)
     everything = jnp.ones((L, S + L), bool)
-    broken = jax.jit(lambda t: model.apply({"params": params}, t, mems, S,
-                                           window=everything)[0])
-    leak.assert_leaks(broken, tokens, 5, V)
+    leak.assert_leaks(lambda t: _apply(params, t, mems, valid, everything)[0], tokens, 5, V)
 
 
 def test_memory_decoding_equals_one_pass_with_sliding_window():
     """The copied Transformer-XL memory: 4 segments decoded one by one with an S-position
     memory (empty at the start) equal one pass over the 32 tokens in which every query sees
     the S tokens before it (distances 1..S)."""
-    model, params = _params(SMALL)
+    params = _params()
     B, n = 2, 4
     tokens = jax.random.randint(jax.random.PRNGKey(1), (B, n * L), 0, V)
-    apply = jax.jit(lambda t, m, valid: model.apply({"params": params}, t, m, valid))
-    mems, valid, outs = jnp.zeros((2, B, S, SMALL.d_model)), jnp.array(0), []
+    mems, valid, outs = jnp.zeros((2, B, S, SMALL.d_model)), jnp.array(0, jnp.int32), []
     for s in range(n):
-        logits, inputs = apply(tokens[:, s * L:(s + 1) * L], mems, valid)
-        mems, valid = A.next_mems(mems, inputs, valid)
+        logits, inputs = _apply(params, tokens[:, s * L:(s + 1) * L], mems, valid, None)
+        mems, valid = _next_mems(mems, inputs, valid)
         outs.append(logits)
     t, j = np.arange(n * L)[:, None], np.arange(n * L)[None]
     band = jnp.asarray((t - j >= 1) & (t - j <= S))
-    full = jax.jit(lambda t: model.apply(
-        {"params": params}, t, jnp.zeros((2, B, 0, SMALL.d_model)), 0, window=band)[0])(tokens)
+    full = _apply(params, tokens, jnp.zeros((2, B, 0, SMALL.d_model)),
+                  jnp.array(0, jnp.int32), band)[0]
     np.testing.assert_allclose(np.concatenate(outs, 1), full, atol=2e-5)
 
 
 # the one run of the CLI, purity and short behaviour tests: the 'local' stream, 1 layer of
 # d=16, S = 16, spans start at S, a strong L1 penalty (lambda = 0.1 on the mean of 2 heads),
-# 30 updates, 2 seeds, chunks of 15
+# 30 updates, chunks of 15; 2 x SEEDS seeds in one compiled program, seeds SEEDS.. the
+# broken variant (no penalty: the traced span_loss = 0)
 RUN = A.Config(corpus="local", local_vocab=16, local_chars=20_000, n_layer=1, d_model=16,
                n_head=2, d_inner=32, dropout=0.0, attn_span=16, span_ramp=4, span_init=1.0,
                span_loss=0.1, tgt_len=8, batch_size=8, lr=0.05, warmup_steps=5,
                max_grad_norm=1.0, total_updates=30, eval_batch=4, eval_segments=8)
 CHUNK = 15
+SEEDS = tiny_run_module.SEEDS
+KEYS = jax.random.split(jax.random.PRNGKey(0), 2 * SEEDS)  # the runner's keys (--seed 0)
+_INIT = A.init  # the file's own (the fixture patches A.init)
+
+
+def _twin_init(key, cfg):
+    """A.init, where seed SEEDS + i is seed i's twin (same key: same initial parameters and
+    segments) trained without the penalty (the traced span_loss = 0)."""
+    i = jnp.argmax(jnp.all(key == KEYS, -1))
+    state = _INIT(KEYS[i % SEEDS], cfg)
+    return state.replace(span_loss=jnp.where(i >= SEEDS, 0.0, state.span_loss))
 
 
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
-    """RUN through the command line, in-process, once."""
-    return tiny_run_module.run_cli(A, RUN, tmp_path_factory.mktemp("run"), CHUNK)
+    """RUN through the command line, in-process, once, with its 2 x SEEDS seeds."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(A, "init", _twin_init)
+        return tiny_run_module.run_cli(A, RUN, tmp_path_factory.mktemp("run"), CHUNK,
+                                       extra=("--num-seeds", str(2 * SEEDS)))
 
 
 def test_l1_penalty_shrinks_spans_short(tiny_run):
-    """Short behaviour test: the CLI run of RUN (lambda = 0.1, each of 2 seeds) against the
-    same model trained without the penalty (the broken variant: spans stay near S; one
-    seed). Measured: mean span 10.0 / 10.0 with the penalty (2 seeds) vs 16.0 without."""
-    pen = np.asarray(tiny_run.final["val_mean_span"])
-    cfg = dataclasses.replace(RUN, span_loss=0.0)
-    state, _ = jax.jit(run.make_train(A.init, A.update, cfg))(jax.random.PRNGKey(0))
-    free = float(jax.jit(lambda s: A.evaluate(s, cfg))(state)["val_mean_span"])
-    print(f"mean span with the penalty {pen}, without {free:.2f}")
-    assert free > 14.0, (pen, free)
+    """Short behaviour test: the CLI run of RUN (lambda = 0.1, each of 2 seeds) against its
+    twins in the same compiled run (same keys) trained without the penalty (the broken
+    variant, the traced span_loss = 0: spans stay near S). Measured: mean span 10.0 / 10.0
+    with the penalty (2 seeds) vs 15.8 / 16.0 without."""
+    span = np.asarray(tiny_run.final["val_mean_span"])
+    pen, free = span[:SEEDS], span[SEEDS:]
+    print(f"mean span with the penalty {pen}, without {free}")
+    assert (free > 14.0).all(), (pen, free)
     assert (pen < 0.8 * free).all(), (pen, free)
 
 
@@ -238,12 +271,24 @@ def test_l1_penalty_shrinks_spans_of_heads_that_only_need_local_context():
 
 
 def test_train_is_pure_and_seeded(tiny_run):
-    """The runner's first chunk, rerun on the same initial states, gives the same metrics;
-    the two seeds differ; the spans stay clipped to [0, 1] and move."""
-    tiny_run_module.assert_pure(A, RUN, tiny_run, CHUNK)
-    assert tiny_run.history["losses/loss"].shape == (2, RUN.num_updates)
+    """The runner's first chunk, rerun on the same initial states (the same compiled
+    program), gives the run's first logged rows bit for bit; the seeds differ; losses are
+    finite; the spans stay clipped to [0, 1] and move."""
+    n = 2 * SEEDS
+    states = run.initial_states(_twin_init, RUN, 0, n)
+    step = run.make_chunk(A.update, RUN, CHUNK, parallel.seed_sharding(n), n)
+    state, metrics = jax.device_get(step(states))
+    for k in tiny_run.history:
+        np.testing.assert_array_equal(tiny_run.history[k][:, :CHUNK], metrics[k], err_msg=k)
+    kernel = next(x for x in jax.tree.leaves(state.params) if x.ndim >= 3)
+    assert not np.array_equal(kernel[0], kernel[1])
+    loss = tiny_run.history["losses/loss"]
+    assert loss.shape == (n, RUN.num_updates) and np.isfinite(loss).all()
+    assert not np.array_equal(loss[0], loss[1])
     spans = np.asarray(tiny_run.state.params["layer_0"]["attn"]["span"])
     assert (spans >= 0).all() and (spans <= 1).all() and (spans < 1).any()
+    np.testing.assert_array_equal(tiny_run.state.span_loss,
+                                  np.float32([RUN.span_loss] * SEEDS + [0.0] * SEEDS))
 
 
 def test_cli_runs_and_documents_every_field(tiny_run, capsys):
@@ -254,9 +299,9 @@ def test_cli_runs_and_documents_every_field(tiny_run, capsys):
         assert "--" + f.name.replace("_", "-") in out, f.name
     assert "Presets (--preset): quick, paper" in out
     assert (tiny_run.run_dir / "metrics.jsonl").exists()
-    assert tiny_run.history["charts/mean_span"].shape == (2, RUN.num_updates)
+    assert tiny_run.history["charts/mean_span"].shape == (2 * SEEDS, RUN.num_updates)
     summary = json.loads((tiny_run.run_dir / "summary.json").read_text())
-    assert len(summary["val_bits_per_char"]) == 2
+    assert len(summary["val_bits_per_char"]) == 2 * SEEDS
     assert np.isfinite(summary["val_bits_per_char"]).all()
     assert (0 < np.asarray(tiny_run.final["val_mean_span"])).all()
     assert (np.asarray(tiny_run.final["val_mean_span"]) <= 16).all()
@@ -273,14 +318,17 @@ def test_remat_changes_nothing_but_memory():
     """One update with each layer recomputed in the backward pass (remat) gives the same
     parameters as one that stores the activations, dropout included; and XLA's compiled
     update needs less temp memory with remat (2 layers, L = S = 32, batch 8). Measured
-    (CPU): 2.67 MB with remat vs 2.94 MB without; a no-op remat gives equal sizes."""
+    (CPU): 2.67 MB with remat vs 2.94 MB without; a no-op remat gives equal sizes. Both
+    updates compile at XLA's lowest backend optimisation level (the runner's init options:
+    the same buffer sizes, 9 s instead of 29 s of CPU) from one initial state."""
     base = dataclasses.replace(TINY, n_layer=2, d_model=32, d_inner=64, attn_span=32,
                                tgt_len=32, batch_size=8)
+    state = compiled(lambda k_: A.init(k_, base), jax.random.PRNGKey(0))
     after, temp = [], []
     for remat in (True, False):
         cfg = dataclasses.replace(base, remat=remat)
-        state = compiled(lambda k_: A.init(k_, cfg), jax.random.PRNGKey(0))
-        step = jax.jit(A.update, static_argnums=1).lower(state, cfg).compile()
+        step = jax.jit(A.update, static_argnums=1).lower(state, cfg).compile(
+            run.INIT_COMPILER_OPTIONS)
         temp.append(step.memory_analysis().temp_size_in_bytes)
         after.append(step(state)[0].params)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), *after)
