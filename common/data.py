@@ -11,6 +11,7 @@ plus `class_names`. `write_coco` / `load_coco` convert to and from the COCO layo
 (`<dir>/annotations/instances_<split>.json` + `<dir>/<split>/*.png|jpg`).
 """
 
+import functools
 import json
 from pathlib import Path
 
@@ -357,3 +358,150 @@ def number_pairs(n: int, seed: int = 0, high: int = 1_000_000, lang: str = "de")
     # log-uniform magnitudes, so short and long numbers both appear
     nums = np.floor(np.exp(rng.uniform(0, np.log(high), n))).astype(int) - 1
     return [(num2words(int(k), lang="en"), num2words(int(k), lang=lang)) for k in nums]
+
+
+# ----------------------------------------------------------------------------- images for
+# self-supervised learning: an upsampled digits set and the SimCLR augmentations
+
+
+@functools.cache
+def digit_images(size: int = 32, num_train: int = 1000, seed: int = 0):
+    """scikit-learn's digits (`digits()`) upsampled bilinearly from 8x8 to size x size,
+    float32 in [0, 1] with one channel, split by a seeded permutation into `num_train`
+    training images and the rest (797 at the default) for testing: numpy arrays
+    (train_x (n, size, size, 1), train_y (n,), test_x, test_y). Cached: callers turn them
+    into jnp arrays inside their jitted code (see common/run.py). Reads the csv that ships
+    in scikit-learn's wheel directly: the same data as `digits()` without importing
+    scikit-learn (~10 s on a loaded 2-core machine)."""
+    import importlib.util
+
+    root = importlib.util.find_spec("sklearn").submodule_search_locations[0]
+    raw = np.loadtxt(Path(root) / "datasets" / "data" / "digits.csv.gz", delimiter=",",
+                     dtype=np.float32)  # (1797, 65): 64 pixels in 0..16, then the label
+    images, labels = raw[:, :64].reshape(-1, 8, 8), raw[:, 64].astype(np.int32)
+    if not 1 <= num_train < len(labels):
+        raise ValueError(f"num_train={num_train} must be in [1, {len(labels) - 1}]")
+    w = _resize_weights(8, size)
+    x = np.einsum("yi,xj,nij->nyx", w, w, images / 16.0)[..., None]
+    perm = np.random.default_rng(seed).permutation(len(labels))
+    tr, te = perm[:num_train], perm[num_train:]
+    return x[tr], labels[tr], x[te], labels[te]
+
+
+def _interp_weights(start, length, n_in: int, n_out: int):
+    """(n_out, n_in) bilinear weights sampling the window [start, start + length) of an axis
+    of n_in pixels at n_out pixel centres (edge-clamped). Traced start/length, static sizes:
+    a crop-and-resize is then two small matmuls (compiles fast, vmaps over a batch)."""
+    pos = start + (jnp.arange(n_out) + 0.5) * length / n_out - 0.5
+    pos = jnp.clip(pos, 0.0, n_in - 1.0)
+    lo = jnp.floor(pos)
+    f = (pos - lo)[:, None]
+    lo = lo.astype(jnp.int32)
+    hi = jnp.minimum(lo + 1, n_in - 1)
+    return (1 - f) * jax.nn.one_hot(lo, n_in) + f * jax.nn.one_hot(hi, n_in)
+
+
+def crop_resize(img, box, size: int):
+    """The window box = (y, x, h, w) (pixels, may be fractional) of img (H, W, C), resized
+    bilinearly to (size, size, C)."""
+    wy = _interp_weights(box[0], box[2], img.shape[0], size)
+    wx = _interp_weights(box[1], box[3], img.shape[1], size)
+    return jnp.einsum("yi,xj,ijc->yxc", wy, wx, img)
+
+
+def random_resized_crop(key, img, size: int, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3)):
+    """Inception-style crop (Szegedy et al. 2015; SimCLR [Chen et al. 2020] App. A): a
+    window of area fraction ~ U(scale) and aspect ratio w/h log-uniform in `ratio` at a
+    uniform position, resized to (size, size). Where the drawn window does not fit, its
+    sides are clipped to the image (torchvision retries 10 times, TF's
+    sample_distorted_bounding_box 100 times, before a fallback)."""
+    h, w = img.shape[:2]
+    u = jax.random.uniform(key, (4,))
+    area = (scale[0] + (scale[1] - scale[0]) * u[0]) * h * w
+    r = jnp.exp(jnp.log(ratio[0]) + (jnp.log(ratio[1]) - jnp.log(ratio[0])) * u[1])
+    cw = jnp.clip(jnp.sqrt(area * r), 1.0, w)
+    ch = jnp.clip(jnp.sqrt(area / r), 1.0, h)
+    box = jnp.stack([u[2] * (h - ch), u[3] * (w - cw), ch, cw])
+    return crop_resize(img, box, size)
+
+
+def random_flip(key, img, p: float = 0.5):
+    """Horizontal flip with probability p."""
+    return jnp.where(jax.random.uniform(key) < p, img[:, ::-1], img)
+
+
+def grayscale(img):
+    """ITU-R 601 luma, kept with the input's number of channels."""
+    if img.shape[-1] == 1:
+        return img
+    y = img @ jnp.array([0.299, 0.587, 0.114], img.dtype)
+    return jnp.repeat(y[..., None], img.shape[-1], -1)
+
+
+def random_grayscale(key, img, p: float = 0.2):
+    """SimCLR's random greyscale: with probability p (identity on 1-channel images)."""
+    return jnp.where(jax.random.uniform(key) < p, grayscale(img), img)
+
+
+def _adjust_hue(img, delta):
+    """Rotate the hue by delta turns (in YIQ space; TF rotates in HSV)."""
+    to_yiq = jnp.array([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322],
+                        [0.211, -0.523, 0.312]], img.dtype)
+    c, s = jnp.cos(2 * jnp.pi * delta), jnp.sin(2 * jnp.pi * delta)
+    rot = jnp.array([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 0.0]], img.dtype)
+    rot = rot.at[1, 1].set(c).at[1, 2].set(-s).at[2, 1].set(s).at[2, 2].set(c)
+    m = jnp.linalg.inv(to_yiq) @ rot @ to_yiq
+    return img @ m.T
+
+
+def color_jitter(key, img, strength: float = 1.0, p: float = 0.8):
+    """SimCLR's colour distortion ([Chen et al. 2020] App. A, `color_jitter_rand` of the
+    released code), applied with probability p: brightness (a factor in [1 - 0.8s, 1 +
+    0.8s]), contrast (about each channel's mean, factor in [1 - 0.8s, 1 + 0.8s]), saturation
+    (a blend with the greyscale image, factor in [1 - 0.8s, 1 + 0.8s]) and hue (a shift in
+    [-0.2s, 0.2s] turns), in a random order, each clipped to [0, 1]. Saturation and hue
+    leave 1-channel images unchanged. img: (H, W, C) in [0, 1]."""
+    k_apply, k_order, k_f = jax.random.split(key, 3)
+    u = jax.random.uniform(k_f, (4,), minval=-1.0, maxval=1.0)
+    b, c, s, h = 1 + 0.8 * strength * u[0], 1 + 0.8 * strength * u[1], \
+        1 + 0.8 * strength * u[2], 0.2 * strength * u[3]
+    ops = [lambda x: x * b,
+           lambda x: (x - x.mean((0, 1))) * c + x.mean((0, 1)),
+           lambda x: grayscale(x) + (x - grayscale(x)) * s,
+           lambda x: _adjust_hue(x, h) if x.shape[-1] == 3 else x]
+    out = img
+    order = jax.random.permutation(k_order, 4)
+    for j in range(4):
+        out = jnp.clip(jax.lax.switch(order[j], ops, out), 0.0, 1.0)
+    return jnp.where(jax.random.uniform(k_apply) < p, out, img)
+
+
+def gaussian_blur(key, img, p: float = 0.5, sigma=(0.1, 2.0)):
+    """SimCLR's blur ([Chen et al. 2020] App. A): with probability p, a separable Gaussian
+    of std ~ U(sigma) pixels over a (2 r + 1)-tap kernel, r = (H // 10) // 2 as in the
+    released code (10% of the side). Rows of the kernel are renormalised at the border
+    (the released code pads with zeros)."""
+    k_apply, k_s = jax.random.split(key)
+    sd = jax.random.uniform(k_s, minval=sigma[0], maxval=sigma[1])
+    r = (img.shape[0] // 10) // 2
+
+    def blur_matrix(n):
+        d = jnp.arange(n)[:, None] - jnp.arange(n)[None, :]
+        k = jnp.where(jnp.abs(d) <= r, jnp.exp(-0.5 * (d / sd) ** 2), 0.0)
+        return k / k.sum(1, keepdims=True)
+
+    out = jnp.einsum("yi,xj,ijc->yxc", blur_matrix(img.shape[0]), blur_matrix(img.shape[1]),
+                     img)
+    return jnp.where(jax.random.uniform(k_apply) < p, out, img)
+
+
+def simclr_augment(key, img, size: int, strength: float = 1.0, blur: bool = True,
+                   crop_scale=(0.08, 1.0)):
+    """One SimCLR view t(x) of img (H, W, C) in [0, 1] ([Chen et al. 2020] App. A): random
+    resized crop to (size, size) and horizontal flip, colour jitter (p 0.8) of `strength`
+    s, random greyscale (p 0.2), and Gaussian blur (p 0.5; the paper leaves it out on
+    CIFAR-10). vmap it over keys and images for a batch."""
+    k = jax.random.split(key, 5)
+    x = random_flip(k[1], random_resized_crop(k[0], img, size, crop_scale))
+    x = random_grayscale(k[3], color_jitter(k[2], x, strength))
+    return gaussian_blur(k[4], x) if blur else x
