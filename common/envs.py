@@ -566,6 +566,86 @@ class Coverage:
         return obs, CoverageState(inner, mark_visited(state.visited, info)), reward, done, info
 
 
+@struct.dataclass
+class NoisyTVState:
+    inner: PyTree
+    inner_obs: jax.Array  # the inner env's last observation (kept while the remote is pressed)
+    tv: jax.Array  # (dims,) the picture on the TV now
+    time: jax.Array  # int32 steps of this episode (controllable TV: the remote's own limit)
+
+
+class NoisyTV(Env):
+    """A noisy TV in the room (Burda et al. 2018, Sec. 5; the post's "noisy-TV problem").
+
+    The observation gains `dims` "screen" features: the TV's picture while the agent stands
+    on one of `cells` ((row, col) from `env.position`), zeros elsewhere. Uncontrollable: the
+    picture is redrawn, i.i.d. uniform on [0, 1]^dims, at every step. Controllable: the
+    picture changes only when the agent presses an extra action, the remote (index
+    `env.num_actions`); pressing it leaves the inner env where it is, and episodes are then
+    also cut at `max_steps` steps of the wrapper's own. Either way the screen carries no
+    information about the task: a forward model cannot predict it, a curious agent that
+    rewards its prediction error is drawn to it.
+    """
+
+    def __init__(self, env: Env, cells, dims: int = 8, controllable: bool = False,
+                 max_steps: int = 100):
+        if env.num_actions is None:
+            raise ValueError("NoisyTV needs a discrete-action env (the remote is an action)")
+        self.env, self.dims, self.controllable = env, int(dims), bool(controllable)
+        self.cells = np.asarray(cells, np.int32).reshape(-1, 2)
+        self.max_steps = int(max_steps)
+        self.num_actions = env.num_actions + (1 if controllable else 0)
+        self.action_shape = env.action_shape
+        self.observation_shape = (int(np.prod(env.observation_shape)) + self.dims,)
+
+    def default_params(self):
+        return self.env.default_params()
+
+    def _obs(self, inner_obs, inner_state, tv):
+        on = self.on_tv(inner_state)
+        screen = jnp.where(on, tv, 0.0)
+        return jnp.concatenate([inner_obs.reshape(-1).astype(jnp.float32), screen])
+
+    def on_tv(self, inner_state) -> jax.Array:
+        """Whether the agent stands on a TV cell."""
+        pos = self.env.position(inner_state)
+        return jnp.any(jnp.all(pos[None] == jnp.asarray(self.cells), axis=-1))
+
+    def reset(self, key, params):
+        k_env, k_tv = jax.random.split(key)
+        obs, inner = self.env.reset(k_env, params)
+        tv = jax.random.uniform(k_tv, (self.dims,))
+        return self._obs(obs, inner, tv), NoisyTVState(inner, obs, tv, jnp.zeros((), jnp.int32))
+
+    def step(self, key, state, action, params):
+        k_env, k_tv = jax.random.split(key)
+        fresh = jax.random.uniform(k_tv, (self.dims,))
+        if not self.controllable:
+            obs, inner, reward, terminated, truncated = self.env.step(
+                k_env, state.inner, action, params)
+            return (self._obs(obs, inner, fresh), NoisyTVState(inner, obs, fresh, state.time + 1),
+                    reward, terminated, truncated)
+        remote = action == self.env.num_actions
+        obs, inner, reward, terminated, truncated = self.env.step(
+            k_env, state.inner, jnp.where(remote, 0, action), params)
+        inner = jax.tree.map(lambda a, b: jnp.where(remote, a, b), state.inner, inner)
+        obs = jnp.where(remote, state.inner_obs, obs)
+        reward = jnp.where(remote, 0.0, reward)
+        terminated = ~remote & terminated
+        time = state.time + 1
+        truncated = ~terminated & ((~remote & truncated) | (time >= self.max_steps))
+        tv = jnp.where(remote, fresh, state.tv)
+        return (self._obs(obs, inner, tv), NoisyTVState(inner, obs, tv, time), reward,
+                terminated, truncated)
+
+    def position(self, state):
+        return self.env.position(state.inner)
+
+
+# A TV in FourRooms' start room (its floor is rows 1-5, cols 1-5; the start is (1, 1)).
+FOUR_ROOMS_TV_CELLS = ((4, 3), (4, 4), (5, 3), (5, 4))
+
+
 # ----------------------------------------------------------------------------- make
 
 
@@ -579,7 +659,7 @@ def _known_ids() -> list[str]:
         "brax.envs": lambda m: [f"brax/{n}" for n in getattr(m, "_envs", {})],
         "envpool": lambda m: m.list_all_envs(),
     }
-    ids = list(GRID_MAPS)
+    ids = list(GRID_MAPS) + ["GridMaze-FourRooms-NoisyTV"]
     for module, lister in listers.items():
         with contextlib.suppress(ImportError):
             ids += list(lister(importlib.import_module(module)))
@@ -599,7 +679,7 @@ def check_id(env_id: str, envpool: bool = False) -> None:
         import envpool as ep
 
         known = env_id in ep.list_all_envs()
-    elif env_id in GRID_MAPS:
+    elif env_id in GRID_MAPS or env_id == "GridMaze-FourRooms-NoisyTV":
         known = True
     elif env_id.startswith("Navix-"):
         import navix
@@ -648,8 +728,12 @@ def _make(env_id: str, num_envs: int, sampler: Sampler | None = None, **kwargs):
     check_id(env_id, envpool)
     if envpool or env_id.endswith("-v5"):
         return EnvpoolVecEnv(env_id, num_envs, sampler, **kwargs)
-    if env_id in GRID_MAPS:
-        env: Env = GridMaze(GRID_MAPS[env_id], **kwargs)
+    if env_id == "GridMaze-FourRooms-NoisyTV":
+        tv = {k: kwargs.pop(k) for k in ("dims", "controllable") if k in kwargs}
+        env: Env = NoisyTV(GridMaze(FOUR_ROOMS, **kwargs), FOUR_ROOMS_TV_CELLS,
+                           max_steps=kwargs.get("max_steps", 100), **tv)
+    elif env_id in GRID_MAPS:
+        env = GridMaze(GRID_MAPS[env_id], **kwargs)
     elif env_id.startswith("Navix-"):
         env = NavixEnv(env_id, **kwargs)
     elif env_id.startswith("brax/"):

@@ -5,6 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from common import envs
 from common.envs import (
     Coverage,
     GridMaze,
@@ -421,3 +422,50 @@ def test_trial_resets_the_inner_env_between_episodes():
     np.testing.assert_array_equal(term, [False, False, False, True])
     with pytest.raises(ValueError, match="known: Meta-Bandit-<K>"):
         make_meta("Meta-Bandits", 2, 2)
+
+
+def test_noisy_tv_screen_shows_noise_only_on_the_tv_and_the_remote_controls_it():
+    """`NoisyTV` on FourRooms (TV on cells (4-5, 3-4) of the start room), one jitted scan of
+    a fixed walk per variant. Uncontrollable: the 8 screen features are 0 off the TV and a
+    new uniform draw at every step on it. Controllable: a 5th action, the remote, redraws
+    the picture and leaves the agent where it is; walking on the TV keeps the picture.
+    Breaks caught: noise shown everywhere (no TV cell test), a static picture, a remote that
+    moves the agent or does not redraw."""
+    D, U, R, REMOTE = 1, 0, 3, 4
+    # (1,1) -D-> (2,1) -D-> (3,1) -D-> (4,1) -R-> (4,2) -R-> (4,3)tv -R-> (4,4)tv, then the
+    # remote twice (uncontrollable: down twice, to (5,4)tv and into the wall), up, down
+    walk = jnp.array([D, D, D, R, R, R, REMOTE, REMOTE, U, D])
+
+    def run(controllable):
+        env = envs.NoisyTV(envs.GridMaze(envs.FOUR_ROOMS), envs.FOUR_ROOMS_TV_CELLS,
+                           controllable=controllable)
+        params = env.default_params()
+
+        def step(state, xs):
+            a, k = xs
+            obs, state, *_ = env.step(k, state, a, params)
+            return state, (obs, env.position(state))
+
+        @jax.jit
+        def go(key):
+            obs0, state = env.reset(key, params)
+            a = walk if controllable else jnp.where(walk == REMOTE, D, walk)
+            return obs0, jax.lax.scan(step, state, (a, jax.random.split(key, len(walk))))[1]
+
+        obs0, (obs, pos) = go(jax.random.PRNGKey(0))
+        return env, np.asarray(obs0), np.asarray(obs[:, 2:]), [tuple(p) for p in np.asarray(pos)]
+
+    env, obs0, screen, pos = run(False)
+    assert env.num_actions == 4 and screen.shape == (10, 8)
+    on = np.array([p in envs.FOUR_ROOMS_TV_CELLS for p in pos])
+    assert on.tolist() == [False] * 4 + [True] * 6, pos
+    assert (screen[~on] == 0).all() and (screen[on] > 0).all() and not obs0[2:].any()
+    assert all(not np.allclose(a, b) for a, b in zip(screen[4:], screen[5:], strict=False))
+
+    env, _, screen, pos = run(True)
+    assert env.num_actions == 5
+    assert pos[4:] == [(4, 3), (4, 4), (4, 4), (4, 4), (3, 4), (4, 4)], pos
+    np.testing.assert_array_equal(screen[4], screen[5])  # walking on the TV: same picture
+    assert not np.allclose(screen[6], screen[5]) and not np.allclose(screen[7], screen[6])
+    assert not screen[8].any()  # off the TV
+    np.testing.assert_array_equal(screen[9], screen[7])  # back on it: the last picture
