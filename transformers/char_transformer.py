@@ -53,6 +53,7 @@ Differences from the paper:
   against the paper's text.
 """
 
+import dataclasses
 import functools
 from dataclasses import dataclass
 from typing import Any
@@ -276,6 +277,13 @@ def total_loss(ce, step, cfg: Config):
     return jnp.sum(layer_weights(step, cfg)[:, None] * target_weights(cfg)[None] * ce)
 
 
+def plain_loss(logits, window, cfg: Config):
+    """[1] Fig. 1's plain setting from the same logits: only the last position of the last
+    layer predicts (the next character): -log p_{N,1}(t_L | t_{0..L-1}), batch mean."""
+    plain = dataclasses.replace(cfg, num_targets=1, multiple_positions=False)
+    return cross_entropies(logits[-1:, :1], window[:, :cfg.seq_len + 1], plain)[0, 0]
+
+
 # --- STATE ---
 
 
@@ -285,6 +293,9 @@ class State:
     opt_state: Any
     key: jax.Array
     step: jax.Array
+    aux_losses: jax.Array
+    """1, traced: 0 trains on plain_loss instead (the auxiliary heads then get no gradient),
+    so one program can also run [1] Fig. 1's plain setting"""
 
 
 def optimizer(cfg: Config):
@@ -299,7 +310,8 @@ def init(key, cfg: Config) -> State:
     k_init, key = jax.random.split(key)
     model = CharTransformer(cfg, vocab)
     params = model.init(k_init, jnp.zeros((1, cfg.seq_len), jnp.int32))
-    return State(params, optimizer(cfg).init(params), key, jnp.zeros((), jnp.int32))
+    return State(params, optimizer(cfg).init(params), key, jnp.zeros((), jnp.int32),
+                 jnp.ones((), jnp.int32))
 
 
 # --- UPDATE ---
@@ -318,7 +330,9 @@ def update(state: State, cfg: Config):
         logits = model.apply(params, window[:, :cfg.seq_len], train=True,
                              rngs={"dropout": k_drop})
         ce = cross_entropies(logits, window, cfg)
-        return total_loss(ce, state.step, cfg), ce
+        loss = jnp.where(state.aux_losses > 0, total_loss(ce, state.step, cfg),
+                         plain_loss(logits, window, cfg))
+        return loss, ce
 
     (loss, ce), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
     upd, opt_state = optimizer(cfg).update(grads, state.opt_state, state.params)
@@ -327,7 +341,7 @@ def update(state: State, cfg: Config):
                "charts/bits_per_char": ce[-1, 0] / jnp.log(2.0),
                "charts/active_layers": layer_weights(state.step, cfg).sum(),
                "charts/grad_norm": optax.tree.norm(grads)}
-    return State(params, opt_state, key, state.step + 1), metrics
+    return State(params, opt_state, key, state.step + 1, state.aux_losses), metrics
 
 
 def evaluate(state: State, cfg: Config):
