@@ -358,6 +358,9 @@ class State:
     """(n_layer, N, max(M, 1), d): each layer's input on the last M steps"""
     mem_ep: jax.Array
     """(N, max(M, 1)): their episode ids (-1: no step yet)"""
+    memory: jax.Array
+    """() bool: cfg.memory, traced, so that one compiled program can run agents with and
+    without memory side by side (seeds of the tests' memory-less baseline)"""
 
 
 def _optimizer(cfg: Config):
@@ -380,13 +383,16 @@ def init(key, cfg: Config) -> State:
     params = model.init(k_param, obs[:, None], mems, mem_ep, ep[:, None],
                         jnp.zeros((1,), jnp.int32))["params"]
     return State(params, _optimizer(cfg).init(params), key, jnp.array(0, jnp.int32),
-                 env_state, obs, ep, mems, mem_ep)
+                 env_state, obs, ep, mems, mem_ep, jnp.asarray(cfg.memory))
 
 
-def segment_max_dist(cfg: Config):
-    """How far back step t of a segment may look: the M memory steps and steps 0..t."""
+def segment_max_dist(cfg: Config, memory=None):
+    """How far back step t of a segment may look: the M memory steps and steps 0..t; with
+    memory False, 0 (only itself). `memory`: the traced State.memory, else cfg.memory."""
     t = jnp.arange(cfg.num_steps)
-    return cfg.mem_len + t if cfg.memory else jnp.zeros_like(t)
+    if memory is None:
+        return cfg.mem_len + t if cfg.memory else jnp.zeros_like(t)
+    return jnp.where(memory, cfg.mem_len + t, 0)
 
 
 # --- ROLLOUT ---
@@ -404,7 +410,7 @@ def rollout(params, state: State, cfg: Config):
     nl, N, _, d = mems.shape
     cache = jnp.concatenate([jnp.zeros((nl, N, T - 1, d)), mems], 2)  # (n_layer, N, C, d)
     cache_ep = jnp.concatenate([jnp.full((N, T - 1), -1, jnp.int32), mem_ep], 1)
-    max_dist = segment_max_dist(cfg)
+    max_dist = segment_max_dist(cfg, state.memory)
 
     def act(obs, ep, cache, cache_ep, dist):
         logits, value, inputs = model.apply({"params": params}, obs[:, None], cache,
@@ -427,18 +433,20 @@ def rollout(params, state: State, cfg: Config):
     carry = (state.env_state, state.obs, state.ep, cache, cache_ep, state.key)
     carry, traj = jax.lax.scan(step, carry, jnp.arange(T))  # traj leaves (T, N, ...)
     env_state, obs, ep, cache, cache_ep, key = carry
-    first = segment_max_dist(cfg)[0]  # the next obs is step 0 of the next segment
+    first = max_dist[0]  # the next obs is step 0 of the next segment
     _, last_value, _ = act(obs, ep, cache, cache_ep, first)
     new_mems = jax.lax.stop_gradient(cache[:, :, cache.shape[2] - M:])
     return traj, last_value, (env_state, obs, ep, key), (new_mems, cache_ep[:, T - 1:])
 
 
-def segment_forward(params, cfg: Config, num_actions: int, obs, mems, mem_ep, ep):
+def segment_forward(params, cfg: Config, num_actions: int, obs, mems, mem_ep, ep,
+                    memory=None):
     """The whole segment in one pass: obs (N, T, o), memory (n_layer, N, M, d) and its
-    episode ids (N, M), the steps' episode ids (N, T) -> logits (N, T, A), values (N, T)."""
+    episode ids (N, M), the steps' episode ids (N, T) -> logits (N, T, A), values (N, T).
+    `memory`: the traced State.memory flag (default cfg.memory)."""
     model = make_model(cfg, num_actions)
     logits, value, _ = model.apply({"params": params}, obs, mems, mem_ep, ep,
-                                   segment_max_dist(cfg))
+                                   segment_max_dist(cfg, memory))
     return logits, value
 
 
@@ -462,7 +470,8 @@ def update(state: State, cfg: Config):
 
     def loss_fn(params, mb):
         logits, value = segment_forward(params, cfg, env.num_actions, mb["obs"],
-                                        env_major(mb["mems"]), mb["mem_ep"], mb["ep"])
+                                        env_major(mb["mems"]), mb["mem_ep"], mb["ep"],
+                                        state.memory)
         logp, ent = log_prob_entropy(logits, mb["action"])
         adv = (mb["adv"] - mb["adv"].mean()) / (mb["adv"].std() + 1e-8)
         return ppo_loss(logp, mb["logp"], adv, ent, value, mb["value"], mb["ret"],
@@ -481,7 +490,7 @@ def update(state: State, cfg: Config):
     if M == 0:
         new_mems, new_mem_ep = state.mems, state.mem_ep  # the unused slot
     return State(params, opt_state, key, state.step + 1, env_state, obs, ep, new_mems,
-                 new_mem_ep), metrics
+                 new_mem_ep, state.memory), metrics
 
 
 # --- MAIN ---
