@@ -2,6 +2,7 @@
 search), digits (PBT vs random search at equal compute), lineage, purity and CLI."""
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -13,22 +14,54 @@ from evolution import pbt
 from tests.common.config_fields import unread_fields
 from tests.common.preset import trace_paper
 
+TOY = pbt.Config()  # [1] Fig. 2's toy: 2 members, 200 steps, ready every 4
+TOY_SEEDS = 20
+TOY_VARIANTS = (("truncation", "gaussian"), ("none", "none"), ("truncation", "none"))
+"""(exploit, explore) of the seed blocks of the shared toy run: PBT, grid search (no exploit
+or explore) and exploit only."""
 
-def _toy_runs(cfg, seeds=20):
-    train = jax.jit(jax.vmap(run.make_train(pbt.init, pbt.update, cfg)))
-    state, metrics = train(jax.random.split(jax.random.PRNGKey(0), seeds))
-    return state, metrics
+
+@functools.cache
+def toy_runs():
+    """TOY for 3 x 20 vmapped seeds in ONE compiled program: block i runs TOY_VARIANTS[i],
+    each block on split(PRNGKey(0), 20). The variant is a traced per-seed code: a patched
+    `exploit_explore` runs the file's function under each variant's config (same key) and
+    selects the one of the seed's block, so each block equals `run.make_train` of its
+    variant. Shared by the behaviour, lineage and purity tests. Returns (train, runs) with
+    runs = [(state, metrics) per variant]."""
+    box = []  # the traced code of the seed being traced
+    orig = pbt.exploit_explore
+
+    def mixed(key, weights, hypers, perf, task, cfg, hist=None, count=0):
+        outs = [orig(key, weights, hypers, perf, task,
+                     dataclasses.replace(cfg, exploit=e, explore=x), hist, count)
+                for e, x in TOY_VARIANTS]
+        return jax.tree.map(lambda *o: jnp.select([box[-1] == i for i in range(len(o))], o),
+                            *outs)
+
+    def one(code, key):
+        box.append(code)
+        return run.make_train(pbt.init, pbt.update, TOY)(key)
+
+    codes = jnp.repeat(jnp.arange(len(TOY_VARIANTS)), TOY_SEEDS)
+    keys = jnp.concatenate([jax.random.split(jax.random.PRNGKey(0), TOY_SEEDS)] * 3)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(pbt, "exploit_explore", mixed)
+        train = jax.jit(jax.vmap(one)).lower(codes, keys).compile()
+    out = jax.device_get(train(codes, keys))
+    runs = [jax.tree.map(lambda x, i=i: x[i * TOY_SEEDS:(i + 1) * TOY_SEEDS], out)
+            for i in range(len(TOY_VARIANTS))]
+    return functools.partial(train, codes, keys), runs
 
 
 def test_toy_pbt_reaches_the_optimum_and_grid_search_does_not():
     """[1] Fig. 2 toy, 20 seeds x 200 steps: PBT reaches Q >= 1.19 in >= 16/20 seeds; the
     grid search (same two members, no exploit / explore) in 0/20, and exploit alone
     (copying without exploring h) in 0/20. Measured: PBT 20/20 (median step 154, median
-    final best Q 1.1994), grid 0/20 and exploit-only 0/20 (best Q 0.390 = 1.2 - 0.9^2)."""
+    final best Q 1.1994), grid 0/20 and exploit-only 0/20 (best Q 0.390 = 1.2 - 0.9^2).
+    The three variants are seed blocks of one compiled run (`toy_runs`)."""
     reached = {}
-    for exploit, explore in (("truncation", "gaussian"), ("none", "none"),
-                             ("truncation", "none")):
-        state, m = _toy_runs(pbt.Config(exploit=exploit, explore=explore))
+    for (exploit, explore), (state, m) in zip(TOY_VARIANTS, toy_runs()[1], strict=True):
         reached[exploit, explore] = int(np.isfinite(np.asarray(state.hit_step)).sum())
         if exploit == "none":
             np.testing.assert_allclose(m["charts/best_perf"][:, -1], 1.2 - 0.81, atol=2e-3)
@@ -44,10 +77,10 @@ def test_truncation_copies_exactly_the_right_members():
     perf = jnp.array([0.5, 0.9, 0.1, 0.7, 0.3, 0.8, 0.2, 0.6, 0.4, 0.0])
     weights = jnp.arange(10.0)[:, None] * jnp.ones((10, 3))
     hypers = jnp.arange(20.0).reshape(10, 2)
+    step = jax.jit(lambda k: pbt.exploit_explore(k, weights, hypers, perf, pbt.Toy(cfg), cfg))
     donors = set()
     for s in range(20):
-        w, h, parent = pbt.exploit_explore(jax.random.PRNGKey(s), weights, hypers, perf,
-                                           pbt.Toy(cfg), cfg)
+        w, h, parent = step(jax.random.PRNGKey(s))
         parent = np.asarray(parent)
         assert set(np.flatnonzero(parent != np.arange(10))) <= {2, 9}
         assert parent[2] in (1, 5) and parent[9] in (1, 5)
@@ -60,12 +93,12 @@ def test_truncation_copies_exactly_the_right_members():
 
 def test_ties_are_broken_at_random_and_tournament_copies_only_better():
     perf = jnp.array([1.0, 1.0])
-    losers = [int(np.flatnonzero(np.asarray(pbt.truncation(jax.random.PRNGKey(s), perf, 1))
-                                 != np.arange(2))[0]) for s in range(40)]
+    keys = jax.random.split(jax.random.PRNGKey(0), 40)
+    parents = jax.jit(jax.vmap(lambda k: pbt.truncation(k, perf, 1)))(keys)
+    losers = [int(np.flatnonzero(np.asarray(p) != np.arange(2))[0]) for p in parents]
     assert 10 < sum(losers) < 30, losers  # member 1 loses about half the time
     perf = jnp.array([0.1, 0.5, 0.9, 0.3, 0.7])
-    for s in range(20):
-        parent = np.asarray(pbt.tournament(jax.random.PRNGKey(s), perf))
+    for parent in np.asarray(jax.jit(jax.vmap(lambda k: pbt.tournament(k, perf)))(keys[:20])):
         for i, p in enumerate(parent):
             assert p == i or perf[p] > perf[i]
         assert parent[2] == 2  # the best never copies
@@ -80,7 +113,8 @@ def test_welch_ttest_by_hand_and_ttest_exploit_copies_only_significantly_better(
     copies with fewer than 2 values, and constant histories give p = 1/2 (equal) or 0."""
     a = jnp.array([3.0, 4.0, 6.0, 5.0, 100.0, -100.0])
     b = jnp.array([1.0, 2.0, 2.0, 3.0, -100.0, 100.0])
-    t, nu, p = (float(v) for v in pbt.welch_ttest(a, b, 4))
+    welch, ttest = jax.jit(pbt.welch_ttest), jax.jit(pbt.ttest)  # one compile each
+    t, nu, p = (float(v) for v in welch(a, b, 4))
     va, vb = np.var([3, 4, 6, 5], ddof=1) / 4, np.var([1, 2, 2, 3], ddof=1) / 4  # 5/12, 1/6
     t_hand = (4.5 - 2.0) / np.sqrt(va + vb)  # 3.2733
     nu_hand = (va + vb) ** 2 / ((va**2 + vb**2) / 3)  # 4.9231
@@ -91,24 +125,25 @@ def test_welch_ttest_by_hand_and_ttest_exploit_copies_only_significantly_better(
     assert t == pytest.approx(ref.statistic, rel=1e-5) and p == pytest.approx(ref.pvalue,
                                                                               rel=1e-4)
     assert 0.01 < p < 0.05  # significant at 0.05
-    worse_than = float(pbt.welch_ttest(b, a, 4)[2])
+    worse_than = float(welch(b, a, 4)[2])
     assert worse_than == pytest.approx(1 - p, rel=1e-4)
 
     key = jax.random.PRNGKey(0)
     clear = jnp.stack([b, a])  # member 1 is significantly better than member 0
     noisy = jnp.array([[0.0, 2.0, -2.0, 1.0, 0, 0], [1.0, -1.0, 3.0, 0.0, 0, 0]])  # p ~ 0.4
     flat = jnp.ones((2, 6))
-    assert np.asarray(pbt.ttest(key, clear, 4, 0.05)).tolist() == [1, 1]
-    assert np.asarray(pbt.ttest(key, noisy, 4, 0.05)).tolist() == [0, 1]
+    assert np.asarray(ttest(key, clear, 4, 0.05)).tolist() == [1, 1]
+    assert np.asarray(ttest(key, noisy, 4, 0.05)).tolist() == [0, 1]
     assert np.asarray(pbt.tournament(key, noisy[:, :4].mean(1))).tolist() == [1, 1]
-    assert np.asarray(pbt.ttest(key, clear, 1, 0.05)).tolist() == [0, 1]
-    assert float(pbt.welch_ttest(flat[0], flat[1], 4)[2]) == 0.5  # t = 0
-    assert np.asarray(pbt.ttest(key, flat, 4, 0.05)).tolist() == [0, 1]
-    assert float(pbt.welch_ttest(flat[0] + 1, flat[1], 4)[2]) == 0.0  # t = inf
+    assert np.asarray(ttest(key, clear, 1, 0.05)).tolist() == [0, 1]
+    assert float(welch(flat[0], flat[1], 4)[2]) == 0.5  # t = 0
+    assert np.asarray(ttest(key, flat, 4, 0.05)).tolist() == [0, 1]
+    assert float(welch(flat[0] + 1, flat[1], 4)[2]) == 0.0  # t = inf
     # through exploit_explore, as update calls it
     cfg = pbt.Config(exploit="ttest", explore="none")
-    w, h, parent = pbt.exploit_explore(key, jnp.array([[0.0], [1.0]]), jnp.eye(2),
-                                       jnp.array([2.0, 4.5]), pbt.Toy(cfg), cfg, clear, 4)
+    w, h, parent = jax.jit(lambda: pbt.exploit_explore(
+        key, jnp.array([[0.0], [1.0]]), jnp.eye(2), jnp.array([2.0, 4.5]), pbt.Toy(cfg), cfg,
+        clear, 4))()
     assert np.asarray(parent).tolist() == [1, 1] and np.asarray(w).ravel().tolist() == [1, 1]
 
 
@@ -118,35 +153,48 @@ def test_explore_stays_within_bounds_and_only_moves_copied_members():
     h = jnp.array([[1e-4, 1e-6], [0.05, 1e-3], [0.1, 1e-2]])  # at / inside the bounds
     hs = jnp.tile(h, (10, 1))  # (30, 2): 10 draws of each
     keys = jax.random.split(jax.random.PRNGKey(0), 30)
-    for mode in ("perturb", "resample", "gaussian"):
-        c = dataclasses.replace(cfg, explore=mode, noise_std=0.1)
-        new = jax.jit(jax.vmap(lambda k, x, c=c: pbt.explore(k, x, task, c)))(keys, hs)
-        assert np.all(new >= task.lo) and np.all(new <= task.hi), (mode, new)
-        assert np.any(new != hs), mode
-    c = dataclasses.replace(cfg, explore="perturb")
-    new = np.asarray(pbt.explore(jax.random.PRNGKey(0), h[1], task, c))
-    assert np.all(np.isclose(new, 0.8 * h[1]) | np.isclose(new, 1.2 * h[1])), new
+    modes = ("perturb", "resample", "gaussian")
     toy = pbt.Toy(pbt.Config())
-    new = jax.vmap(lambda k: pbt.explore(k, jnp.array([0.0, 0.05]), toy, pbt.Config()))(
-        jax.random.split(jax.random.PRNGKey(1), 50))
-    assert np.all(new >= 0) and np.any(new[:, 0] > 0) and np.any(new[:, 0] == 0)
-    # exploit + explore: only the members that copied get new hypers
     cfg2 = pbt.Config(population=4, exploit="truncation", explore="gaussian")
     perf = jnp.array([0.2, 0.9, 0.5, 0.1])
     hypers = jnp.ones((4, 2))
-    _, h2, parent = pbt.exploit_explore(jax.random.PRNGKey(3), jnp.zeros((4, 2)), hypers, perf,
-                                        toy, cfg2)
+
+    @jax.jit
+    def explored():  # one program for every case below
+        cfgs = [dataclasses.replace(cfg, explore=m, noise_std=0.1) for m in modes]
+        by_mode = [jax.vmap(lambda k, x, c=c: pbt.explore(k, x, task, c))(keys, hs)
+                   for c in cfgs]
+        one = pbt.explore(jax.random.PRNGKey(0), h[1], task,
+                          dataclasses.replace(cfg, explore="perturb"))
+        on_toy = jax.vmap(lambda k: pbt.explore(k, jnp.array([0.0, 0.05]), toy, pbt.Config()))(
+            jax.random.split(jax.random.PRNGKey(1), 50))
+        both = pbt.exploit_explore(jax.random.PRNGKey(3), jnp.zeros((4, 2)), hypers, perf,
+                                   toy, cfg2)
+        return by_mode, one, on_toy, both
+
+    by_mode, new, on_toy, (_, h2, parent) = explored()
+    for mode, out in zip(modes, by_mode, strict=True):
+        assert np.all(out >= task.lo) and np.all(out <= task.hi), (mode, out)
+        assert np.any(out != hs), mode
+    new = np.asarray(new)
+    assert np.all(np.isclose(new, 0.8 * h[1]) | np.isclose(new, 1.2 * h[1])), new
+    new = on_toy
+    assert np.all(new >= 0) and np.any(new[:, 0] > 0) and np.any(new[:, 0] == 0)
+    # exploit + explore: only the members that copied get new hypers
     moved = np.any(np.asarray(h2) != 1.0, axis=1)
     np.testing.assert_array_equal(moved, np.asarray(parent) != np.arange(4))
     assert moved.sum() == 1
 
 
 def test_lineage_records_every_ready_step():
-    cfg = pbt.Config(population=4, num_steps=40, ready_every=4)
-    state, m = _toy_runs(cfg, seeds=2)
+    """PBT's block of the shared toy run (2 members, ready every 4 steps, 50 ready steps):
+    the lineage has one row per ready step, and the members it records as copied are the
+    copies charted at that step."""
+    cfg = TOY
+    state, m = toy_runs()[1][0]
     lin = np.asarray(state.lineage)  # (seeds, num_ready, n)
-    assert lin.shape == (2, 10, 4) and lin.min() >= 0 and lin.max() < 4
-    copies = (lin != np.arange(4)).sum(-1)  # (seeds, num_ready)
+    assert lin.shape == (TOY_SEEDS, 50, 2) and lin.min() >= 0 and lin.max() < 2
+    copies = (lin != np.arange(2)).sum(-1)  # (seeds, num_ready)
     ready_copies = np.asarray(m["charts/copies"])[:, cfg.ready_every - 1::cfg.ready_every]
     np.testing.assert_array_equal(copies, ready_copies)
     assert copies.sum() > 0
@@ -154,14 +202,17 @@ def test_lineage_records_every_ready_step():
 
 
 def test_train_is_pure_and_seeded():
-    cfg = pbt.Config(population=4, num_steps=16)
-    train = jax.jit(jax.vmap(run.make_train(pbt.init, pbt.update, cfg)))
-    keys = jax.random.split(jax.random.PRNGKey(0), 2)
-    (s1, m1), (s2, m2) = train(keys), train(keys)
-    np.testing.assert_array_equal(s1.hypers, s2.hypers)
-    np.testing.assert_array_equal(m1["charts/best_perf"], m2["charts/best_perf"])
+    """The shared toy run again: bit-identical states and metrics; seeds differ."""
+    train, runs = toy_runs()
+    again = jax.device_get(train())
+    for i, (s1, m1) in enumerate(runs):
+        blk = slice(i * TOY_SEEDS, (i + 1) * TOY_SEEDS)
+        np.testing.assert_array_equal(s1.hypers, again[0].hypers[blk])
+        for k in m1:
+            np.testing.assert_array_equal(m1[k], again[1][k][blk])
+    s1, m1 = runs[0]
     assert not np.array_equal(s1.hypers[0], s1.hypers[1])
-    assert m1["charts/best_perf"].shape == (2, 16)
+    assert m1["charts/best_perf"].shape == (TOY_SEEDS, TOY.num_steps)
 
 
 @pytest.mark.slow
