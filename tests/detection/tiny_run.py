@@ -10,7 +10,7 @@ import json
 import jax
 import numpy as np
 
-from common import run
+from common import parallel, run
 from tests.common.cli import cli_args
 
 SEEDS = 2
@@ -47,14 +47,25 @@ def untrained(module, cfg, seed: int = 0) -> dict:
     return run.evaluate_seeds(module.evaluate, initial_states(module, cfg, seed), cfg, SEEDS)
 
 
-def assert_pure(module, cfg, preset_cfg, first: run.RunResult, run_dir):
+def rerun_first_chunk(module, cfg):
+    """Metrics of the first CHUNK updates of a run of `cfg` (--seed 0, SEEDS seeds), rerun by
+    the runner's own chunk program (`run.make_chunk`, the same arguments as in `run.train`:
+    the persistent compilation cache serves the compile) from the runner's initial states."""
+    states = jax.device_put(jax.device_get(initial_states(module, cfg)))  # donated
+    chunk = run.make_chunk(module.update, cfg, CHUNK, parallel.seed_sharding(SEEDS), SEEDS)
+    state, metrics = chunk(states)
+    return state, jax.device_get(metrics)
+
+
+def assert_pure(module, cfg, first: run.RunResult):
     """Purity of the runner's jitted, vmapped training of SEEDS seeds: the first CHUNK
-    updates, rerun (same seeds, a second run in this process), give the same metrics bit
+    updates, rerun in this process from the same initial states, give the same metrics bit
     for bit; the seeds of a run differ (parameters and losses)."""
-    second = run_cli(module, cfg, preset_cfg, run_dir, num_updates=CHUNK)
+    state, metrics = rerun_first_chunk(module, cfg)
+    assert set(metrics) == set(first.history)
     for k in first.history:
-        np.testing.assert_array_equal(first.history[k][:, :CHUNK], second.history[k], err_msg=k)
-    kernel = next(x for x in jax.tree.leaves(second.state.params) if x.ndim >= 3)
+        np.testing.assert_array_equal(first.history[k][:, :CHUNK], metrics[k], err_msg=k)
+    kernel = next(x for x in jax.tree.leaves(state.params) if x.ndim >= 3)
     assert not np.array_equal(kernel[0], kernel[1])
     assert not np.array_equal(first.history["losses/total"][0], first.history["losses/total"][1])
     assert np.isfinite(first.history["losses/total"]).all()
