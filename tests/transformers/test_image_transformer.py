@@ -2,6 +2,7 @@
 masked reference, the memory windows, causality, behaviour on digits, purity and the CLI."""
 
 import dataclasses
+import functools
 import json
 
 import jax
@@ -33,12 +34,19 @@ SPECS = [  # (name, config): digits 8x8 and 4x12 RGB crops, with uneven memories
 ]
 
 
+# the equation tests' programs are small: jitted (one compile per config) at XLA's lowest
+# backend optimisation level (the runner's init options), several times faster to compile
+O0 = dict(compiler_options=run.INIT_COMPILER_OPTIONS)
+_blocked = jax.jit(it.blocked_local_attention, static_argnums=(3, 4), **O0)
+_dense = jax.jit(it.dense_local_attention, static_argnums=3, **O0)
+
+
 @pytest.mark.parametrize("name,cfg", SPECS, ids=[s[0] for s in SPECS])
 def test_blocked_equals_dense_masked_attention(name, cfg):
     n = int(np.prod(cfg.image_shape))
-    q, k, v = jax.random.normal(jax.random.PRNGKey(0), (3, 2, 3, n, 8)) * 2
-    a = it.blocked_local_attention(q, k, v, cfg)
-    b = it.dense_local_attention(q, k, v, cfg)
+    q, k, v = np.random.default_rng(0).normal(size=(3, 2, 3, n, 8)).astype(np.float32) * 2
+    a = _blocked(q, k, v, cfg, True)
+    b = _dense(q, k, v, cfg)
     np.testing.assert_allclose(a, b, atol=1e-5, rtol=0)
 
 
@@ -74,8 +82,9 @@ def test_each_query_attends_exactly_within_its_memory_window(attn):
     spec allows t for s: nothing outside the window, nothing in the future, all of the
     window used."""
     cfg = dataclasses.replace(QUICK, attn=attn)
-    q, k, v = jax.random.normal(jax.random.PRNGKey(1), (3, 1, 1, 64, 2))
-    jac = jax.jacfwd(lambda v: it.blocked_local_attention(q, k, v, cfg))(v)  # (.., s, d, .., t, d)
+    q, k, v = jnp.asarray(np.random.default_rng(1).normal(size=(3, 1, 1, 64, 2)), jnp.float32)
+    jac = jax.jit(jax.jacfwd(lambda v: it.blocked_local_attention(q, k, v, cfg)), **O0)(
+        v)  # (.., s, d, .., t, d)
     support = np.abs(np.asarray(jac[0, 0, :, 0, 0, 0, :, 0])) > 0  # (s, t)
     np.testing.assert_array_equal(support, it.dense_mask(cfg))
 
@@ -88,11 +97,14 @@ def test_no_future_leak_in_generation_order_and_mask_off_leaks(attn):
     cfg = dataclasses.replace(TINY, attn=attn)
     tokens = jax.random.randint(jax.random.PRNGKey(2), (2, 64), 0, cfg.levels)
 
-    def fn(causal):
+    params = compiled(lambda k_: it.ImageTransformer(cfg).init(k_, tokens),
+                      jax.random.PRNGKey(0))
+
+    def fn(causal):  # the same parameters, with the mask on or off
         model = it.ImageTransformer(cfg, causal=causal)
-        params = compiled(lambda k_: model.init(k_, tokens), jax.random.PRNGKey(0))
         pad = jnp.zeros((tokens.shape[0], 1, cfg.levels))
-        return jax.jit(lambda t: jnp.concatenate([model.apply(params, t)[:, 1:], pad], 1))
+        return jax.jit(lambda t: jnp.concatenate([model.apply(params, t)[:, 1:], pad], 1),
+                       **O0)
 
     good = fn(True)
     for t in (1, 13, 40, 62):
@@ -163,16 +175,17 @@ def test_sampling_draws_each_token_from_the_logits_of_its_prefix():
     (s - 1 or s + 1) draw other tokens (tried: s - 1 gives 41 of 192 mismatches). Weights
     scaled up so the logits are far from uniform."""
     cfg = dataclasses.replace(TINY, attn="local2d")
-    params = jax.tree.map(lambda w: 3.0 * w, it.init(jax.random.PRNGKey(0), cfg).params)
+    params = jax.tree.map(lambda w: 3.0 * w,
+                          compiled(lambda k_: it.init(k_, cfg), jax.random.PRNGKey(0)).params)
     key = jax.random.PRNGKey(1)
-    imgs = jax.jit(lambda k: it.sample(params, cfg, k, 3))(key)
+    imgs = jax.jit(lambda p, k: it.sample(p, cfg, k, 3), **O0)(params, key)
     assert imgs.shape == (3, 8, 8, 1) and imgs.dtype == jnp.uint8
     seq = it.to_sequence(imgs, cfg)  # raster -> generation order
     back = jnp.zeros_like(seq).at[:, it.generation_order(cfg)].set(seq)  # and back
     np.testing.assert_array_equal(back.reshape(imgs.shape), imgs)
 
-    @jax.jit
-    def redraw(seq):
+    @functools.partial(jax.jit, **O0)
+    def redraw(params, seq):
         logits = it.ImageTransformer(cfg).apply(params, seq)  # (3, n, V), causal in s
 
         def step(key, logits_s):
@@ -181,7 +194,7 @@ def test_sampling_draws_each_token_from_the_logits_of_its_prefix():
 
         return jax.lax.scan(step, key, jnp.moveaxis(logits, 1, 0))[1].T
 
-    want = redraw(seq)
+    want = redraw(params, seq)
     assert len(np.unique(np.asarray(seq))) > 3  # not a degenerate (constant) image
     np.testing.assert_array_equal(seq, want)
 
