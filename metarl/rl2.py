@@ -27,9 +27,12 @@ MAML point robot). `--reset-each-episode` is the broken variant of the meta-RL p
 hidden state is also reset at every inner episode boundary (ray #2836's symptom), so nothing
 learnt in one episode reaches the next.
 
-Reproduce (CPU demo, 5-armed bandits, 10 pulls per trial; the ablation beside it):
-    python metarl/rl2.py --preset quick --num-seeds 4 --plot metarl/rl2_bandits.png
-    python metarl/rl2.py --preset quick --num-seeds 4 --reset-each-episode
+Reproduce (CPU demo, 5-armed bandits, 10 pulls per trial; the ablation, then RL^2 with
+both adaptation curves in one plot; `--plot PNG` and `--compare RUN_DIR` are this file's
+only extra flags):
+    python metarl/rl2.py --preset quick --num-seeds 4 --reset-each-episode --run-dir runs/rl2_reset
+    python metarl/rl2.py --preset quick --num-seeds 4 --plot metarl/rl2_bandits.png \
+        --compare runs/rl2_reset
 Paper setting (GPU; 5-armed bandits, n = 100, GRU 256, 250k steps per iteration):
     python metarl/rl2.py --preset paper
 [1] Table 1 [M: recalled, not re-read], total reward per trial, k = 5: n = 10: random 5.0,
@@ -57,8 +60,10 @@ Differences from the paper:
   (`adaptation/<i>`, the curve of the plot) and, on bandits, the expected regret per trial.
 """
 
+import json
 import sys
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import distrax
@@ -367,8 +372,8 @@ def per_episode_return(reward, episode, alive, n):
 def evaluate(state: State, cfg: Config):
     """`eval_trials` fresh trials with the final policy, each from its first step:
     `adaptation/<i>` is the mean return of episode i of a trial (the learning curve inside a
-    trial; scalars, as the runner's summary takes no arrays), `trial_return` their sum; on bandits also `regret`, the expected regret per
-    trial sum_t (max_k p_k - p_{a_t})."""
+    trial; scalars, as the runner's summary takes no arrays), `trial_return` their sum; on
+    bandits also `regret`, the expected regret per trial sum_t (max_k p_k - p_{a_t})."""
     env = make_env(cfg, cfg.eval_trials)
     net = network(cfg, env)
     k_env, k_roll = jax.random.split(jax.random.fold_in(state.key, 1))
@@ -393,20 +398,26 @@ def evaluate(state: State, cfg: Config):
 # --- PLOT ---
 
 
-def plot_adaptation(final: dict, out: str, label: str):
-    """Mean return of each episode within a trial (over seeds +- std), the RL^2 curve."""
+def plot_adaptation(curves, out: str, num_arms: int | None = None):
+    """Mean return of each episode within a trial (over seeds +- std), one line per
+    (evaluate() output, label) in `curves`; on K-armed bandits also the two reference
+    levels: random play E[p] = 1/2 and the best arm known E[max p] = K / (K + 1)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    keys = sorted(k for k in final if k.startswith("adaptation/"))
-    y = np.stack([np.asarray(final[k]) for k in keys], -1)  # (seeds, n)
-    x = np.arange(1, y.shape[1] + 1)
     fig, ax = plt.subplots(figsize=(6, 4))
-    m, s = y.mean(0), y.std(0)
-    ax.plot(x, m, marker="o", label=f"{label} ({y.shape[0]} seeds)")
-    ax.fill_between(x, m - s, m + s, alpha=0.2)
+    for final, label in curves:
+        keys = sorted(k for k in final if k.startswith("adaptation/"))
+        y = np.stack([np.asarray(final[k]) for k in keys], -1)  # (seeds, n)
+        x = np.arange(1, y.shape[1] + 1)
+        m, s = y.mean(0), y.std(0)
+        ax.plot(x, m, marker="o", label=f"{label} ({y.shape[0]} seeds)")
+        ax.fill_between(x, m - s, m + s, alpha=0.2)
+    if num_arms:
+        ax.axhline(0.5, color="gray", ls=":", label="random arm")
+        ax.axhline(num_arms / (num_arms + 1), color="gray", ls="--", label="best arm known")
     ax.set_xlabel("episode within the trial")
     ax.set_ylabel("mean return of the episode")
     ax.grid(alpha=0.3)
@@ -420,23 +431,42 @@ def plot_adaptation(final: dict, out: str, label: str):
 # --- MAIN ---
 
 
+def _pop_flag(args: list, flag: str):
+    """Remove `flag VALUE` from args and return VALUE (None when absent)."""
+    if flag not in args:
+        return None
+    i = args.index(flag)
+    if i + 1 >= len(args):
+        raise SystemExit(f"error: {flag} needs a value")
+    value = args[i + 1]
+    del args[i:i + 2]
+    return value
+
+
+def _label(reset_each_episode: bool) -> str:
+    return "RL^2, h reset every episode" if reset_each_episode else "RL^2"
+
+
 def main(argv=None):
+    """The runner's CLI plus `--plot PNG` (the adaptation curve of this run) and
+    `--compare RUN_DIR` (also draw the curve of an earlier run, from its summary.json)."""
     args = sys.argv[1:] if argv is None else list(argv)
-    out = None
-    if "--plot" in args:
-        i = args.index("--plot")
-        if i + 1 >= len(args):
-            raise SystemExit("error: --plot needs an output path (PNG)")
-        out = args[i + 1]
-        del args[i:i + 2]
-        if argv is None:
-            sys.argv[1:] = args
+    out, other = _pop_flag(args, "--plot"), _pop_flag(args, "--compare")
+    if argv is None:
+        sys.argv[1:] = args
     res = run.main(Config, init, update, presets=PRESETS, evaluate=evaluate,
                    argv=None if argv is None else args, doc=__doc__,
                    summary_keys=["trial_return", "regret", "charts/episodic_return",
                                  "losses/entropy"])
     if out is not None:
-        print("wrote", plot_adaptation(res.final, out, "RL^2"))
+        cfg = run.parse(Config, PRESETS, args)[0]
+        curves = [(res.final, _label(cfg.reset_each_episode))]
+        if other is not None:
+            summary = json.loads((Path(other) / "summary.json").read_text())
+            record = json.loads((Path(other) / "config.json").read_text())
+            curves.append((summary, _label(record["config"]["reset_each_episode"])))
+        arms = make_env(cfg, 1).num_actions if cfg.env_id.startswith("Meta-Bandit-") else None
+        print("wrote", plot_adaptation(curves, out, arms))
     return res
 
 

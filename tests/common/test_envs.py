@@ -380,7 +380,8 @@ def test_trial_keeps_the_task_for_n_episodes_and_ends_only_at_the_last():
         def body(vs, x):
             a, k = x
             obs, vs2, r, d, info = vec.step(vs, jnp.array([a, a]), k)
-            return vs2, (obs, r, d, vs.env_state.episode, vs2.params.p, info["returned_episode_return"])
+            ret = info["returned_episode_return"]
+            return vs2, (obs, r, d, vs.env_state.episode, vs2.params.p, ret)
 
         xs = (jnp.array([0, 1, 0, 1]), jax.random.split(key, 4))
         return obs0, jax.lax.scan(body, vs, xs)[1]

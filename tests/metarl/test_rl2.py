@@ -94,7 +94,9 @@ def test_per_episode_return_by_hand():
 def test_flags_reach_the_functions_they_configure(monkeypatch):
     """Parsed as the CLI parses them, gamma and lambda reach GAE, the loss coefficients the
     loss, and --algo a2c takes a2c_loss in one step of the whole batch (traced by
-    jax.eval_shape; nothing compiles). bfloat16 compute traces."""
+    jax.eval_shape; nothing compiles). GAE gets the rollout's trial-level done (the Trial
+    wrapper's, true only at a trial's end; test_envs checks it), not the inner episode flag
+    d_{t-1}. bfloat16 compute traces."""
     seen = {}
 
     def spy(name):
@@ -106,6 +108,9 @@ def test_flags_reach_the_functions_they_configure(monkeypatch):
 
         monkeypatch.setattr(rl2, name, wrapped)
 
+    rolled = []
+    real_rollout = rl2.rollout
+    monkeypatch.setattr(rl2, "rollout", lambda *a: rolled.append(real_rollout(*a)) or rolled[-1])
     for name in ("gae", "a2c_loss", "ppo_loss"):
         spy(name)
     cfg, _ = run.parse(rl2.Config, rl2.PRESETS, cli_args(TINY, rl2.Config()) + [
@@ -114,6 +119,9 @@ def test_flags_reach_the_functions_they_configure(monkeypatch):
     state = jax.eval_shape(lambda k: rl2.init(k, cfg), jax.random.PRNGKey(0))
     jax.eval_shape(lambda s: rl2.update(s, cfg), state)
     assert [a[4:] for a in seen["gae"]] == [(0.9, 0.7)]
+    (_, traj), = rolled
+    rewards, values, dones = seen["gae"][0][:3]  # GAE over the trial: only its end is terminal
+    assert rewards is traj["reward"] and values is traj["value"] and dones is traj["done"]
     assert len(seen["a2c_loss"]) == 1 and "ppo_loss" not in seen
     (logp, *_rest, vf, ent), = seen["a2c_loss"]
     assert logp.shape == (10, 4) and (vf, ent) == (0.3, 0.02)  # the whole batch (T, N)
@@ -170,7 +178,8 @@ def test_rl2_learns_across_episodes_and_the_reset_variant_cannot(tiny_run):
     The broken variant keeps only (a_{t-1}, r_{t-1}) in its input, i.e. at best
     win-stay/lose-shift; RL^2 identifies the better arm and exploits it, so its pulls improve
     from the first to the last episode of a trial; the broken variant's stay flat. The test
-    also fails when `update` ignores the traced reset flag (both halves then score alike)."""
+    also fails when `update`'s rollout ignores the traced reset flag (both halves then train
+    alike: the training returns of the last 10 updates overlap)."""
     ret = tiny_run.final["trial_return"]
     on, off = ret[:SEEDS], ret[SEEDS:]
     print("RL2", on, "reset each episode", off)
@@ -181,6 +190,10 @@ def test_rl2_learns_across_episodes_and_the_reset_variant_cannot(tiny_run):
     gain = late - f["adaptation/000"]  # the last pulls of a trial against the first
     assert gain[:SEEDS].mean() > gain[SEEDS:].mean() + 0.03, gain
     assert f["regret"][:SEEDS].max() < f["regret"][SEEDS:].min(), f["regret"]
+    # while training too (the rollout's resets, not only evaluate()'s): last 10 updates
+    train = tiny_run.history["charts/episodic_return"][:, -10:].mean(1)
+    print("training trial return", train)
+    assert train[:SEEDS].min() > train[SEEDS:].max(), train
     np.testing.assert_array_equal(tiny_run.state.episode_reset, [False] * SEEDS + [True] * SEEDS)
 
 
@@ -216,6 +229,6 @@ def test_paper_preset_traces():
 
 
 def test_plot_writes_the_adaptation_curve(tiny_run, tmp_path):
-    out = rl2.plot_adaptation(tiny_run.final, str(tmp_path / "a.png"), "RL^2")
+    out = rl2.plot_adaptation([(tiny_run.final, "RL^2")], str(tmp_path / "a.png"), 2)
     assert (tmp_path / "a.png").stat().st_size > 1000 and out.endswith("a.png")
 
