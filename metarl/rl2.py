@@ -35,6 +35,10 @@ only extra flags):
         --compare runs/rl2_reset
 Paper setting (GPU; 5-armed bandits, n = 100, GRU 256, 250k steps per iteration):
     python metarl/rl2.py --preset paper
+Ours (quick, 2-core CPU shared with other jobs, 103 s compile + 412 s): 5-armed, n = 10,
+1.5M steps, 2000 evaluation trials per seed, 4 seeds: total reward per trial 6.60 +- 0.03
+(expected regret 1.72); the same agent with h reset every episode 6.00 +- 0.05 (regret
+2.32): adaptation curves in metarl/rl2_bandits.png.
 [1] Table 1 [M: recalled, not re-read], total reward per trial, k = 5: n = 10: random 5.0,
 Gittins 6.6, UCB1 6.7, Thompson 5.7, RL^2 6.7; n = 100: random 49.9, Gittins 78.3, UCB1 78.0,
 Thompson 74.7, RL^2 78.7; n = 500: Gittins 405.8, RL^2 401.6. (The optimum with the arms
@@ -425,6 +429,9 @@ def plot_adaptation(curves, out: str, num_arms: int | None = None):
     fig.tight_layout()
     fig.savefig(out, dpi=100)
     plt.close(fig)
+    from PIL import Image
+
+    Image.open(out).convert("RGB").quantize(64).save(out, optimize=True)  # a few tens of kB
     return out
 
 
