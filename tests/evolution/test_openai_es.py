@@ -14,25 +14,39 @@ from common.rl import RunningMeanStd
 from evolution import openai_es as oes
 from tests.common.config_fields import unread_fields
 
-# Short CartPole episodes, both robustness flags on (the seed-reconstruction test).
-TINY = oes.Config(population=8, num_generations=3, max_steps=40, eval_episodes=2,
-                  obs_norm=True, obs_norm_prob=0.5, vbn=True, vbn_batch=16)
-# The short behaviour run, shared with the purity test (one compile): CartPole capped at
-# 100 steps, 20 generations of 32 members, 4 seeds.
+# The short behaviour run, shared with the seed-reconstruction and purity tests (one
+# compile): CartPole capped at 100 steps, 20 generations of 32 members, 4 seeds.
 SHORT = oes.Config(population=32, max_steps=100, num_generations=20, eval_episodes=2)
 SHORT_KEYS = jax.random.split(jax.random.PRNGKey(0), 4)
 
 
-def _batched_gradients(cfg, f, theta, num_batches, seed=0):
-    """es_gradient of `num_batches` independent generations (raw fitness f)."""
-    es = oes.init_strategy(theta, cfg)
+GRAD_BATCHES = 2000
+GRAD_CFGS = tuple(oes.Config(population=64, sigma=0.1, mirrored=m, fitness_shaping="raw")
+                  for m in (True, False))
 
-    def one(key):
-        pop, eps = oes.ask(key, es, cfg)
-        return oes.es_gradient(eps, oes.shape_fitness(jax.vmap(f)(pop), cfg), cfg.sigma)
 
-    keys = jax.random.split(jax.random.PRNGKey(seed), num_batches)
-    return np.asarray(jax.jit(jax.vmap(one))(keys), np.float64)
+@functools.cache
+def _gradients_fn():
+    """es_gradient of one generation (raw fitness, n = 64, sigma 0.1), mirrored and plain,
+    on f(x) = 1/2 sum_j a_j x_j^2 + b.x: jitted and vmapped over keys, compiled once for
+    the estimator tests (the quadratic's coefficients are arguments)."""
+    def one(key, theta, a, b):
+        out = []
+        for cfg in GRAD_CFGS:
+            pop, eps = oes.ask(key, oes.init_strategy(theta, cfg), cfg)
+            f = jax.vmap(lambda x: 0.5 * jnp.sum(a * x**2) + b @ x)(pop)
+            out.append(oes.es_gradient(eps, oes.shape_fitness(f, cfg), cfg.sigma))
+        return tuple(out)
+
+    return jax.jit(jax.vmap(one, (0, None, None, None)))
+
+
+def _batched_gradients(theta, a, b, seed):
+    """{mirrored: es_gradient of GRAD_BATCHES independent generations} (float64)."""
+    keys = jax.random.split(jax.random.PRNGKey(seed), GRAD_BATCHES)
+    out = _gradients_fn()(keys, theta, a, b)
+    return {cfg.mirrored: np.asarray(g, np.float64) for cfg, g in zip(GRAD_CFGS, out,
+                                                                      strict=True)}
 
 
 def test_estimator_is_unbiased_on_a_quadratic():
@@ -42,42 +56,44 @@ def test_estimator_is_unbiased_on_a_quadratic():
     (a factor 10 here) would fail by hundreds of errors."""
     a = jnp.array([1.0, 2.0, 0.5, 3.0])
     b = jnp.array([0.3, -0.2, 0.1, 0.0])
-    f = lambda x: 0.5 * jnp.sum(a * x**2) + b @ x
     theta = jnp.array([0.5, -1.0, 2.0, 0.25])
     expect = np.asarray(a * theta + b)
-    for mirrored in (True, False):
-        cfg = oes.Config(population=64, sigma=0.1, mirrored=mirrored, fitness_shaping="raw")
-        g = _batched_gradients(cfg, f, theta, 2000)
+    for mirrored, g in _batched_gradients(theta, a, b, seed=0).items():
         mean, se = g.mean(0), g.std(0, ddof=1) / np.sqrt(len(g))
         assert np.all(np.abs(mean - expect) < 3 * se), (mirrored, mean, expect, se)
         assert np.all(se < 0.05 * np.abs(expect).max()), se
 
 
 def test_mirrored_sampling_cuts_variance_on_the_sphere():
-    """T2: at theta != 0 on the sphere the even part of f cancels in each antithetic pair,
-    so the mirrored estimator's variance is < 0.1 x the plain one's at equal n
-    (measured ratio about 0.002)."""
-    theta = jnp.ones(5)
-    plain, mirr = (_batched_gradients(oes.Config(population=32, sigma=0.1, mirrored=m,
-                                                 fitness_shaping="raw"),
-                                      blackbox.sphere, theta, 500, seed=1)
-                   for m in (False, True))
-    ratio = mirr.var(0).sum() / plain.var(0).sum()
+    """T2: at theta != 0 on the sphere (a = 2, b = 0) the even part of f cancels in each
+    antithetic pair, so the mirrored estimator's variance is < 0.1 x the plain one's at
+    equal n (measured ratio about 0.002)."""
+    theta = jnp.ones(4)
+    g = _batched_gradients(theta, 2 * jnp.ones(4), jnp.zeros(4), seed=1)  # no recompile
+    ratio = g[True].var(0).sum() / g[False].var(0).sum()
+    print("variance ratio", ratio)
     assert ratio < 0.1, ratio
-    np.testing.assert_allclose(mirr.mean(0), 2 * np.asarray(theta), rtol=0.05)
+    np.testing.assert_allclose(g[True].mean(0), 2 * np.asarray(theta), rtol=0.05)
 
 
 def test_noise_is_rebuilt_from_the_generation_key_and_mirrored():
     cfg = oes.Config(population=6)
     es = oes.init_strategy(jnp.arange(5.0), cfg)
     key = jax.random.PRNGKey(3)
-    pop, eps = oes.ask(key, es, cfg)
-    rebuilt = jnp.stack([oes.member_noise(key, i, 5, cfg) for i in range(6)])
+
+    @jax.jit
+    def noises(key):  # one program for every draw below
+        pop, eps = oes.ask(key, es, cfg)
+        rebuilt = jnp.stack([oes.member_noise(key, i, 5, cfg) for i in range(6)])
+        first = jax.random.normal(jax.random.fold_in(key, 0), (5,))
+        return pop, eps, rebuilt, first, oes.ask(key, es, dataclasses.replace(
+            cfg, mirrored=False))[1]
+
+    pop, eps, rebuilt, first, eps_plain = noises(key)
     np.testing.assert_array_equal(eps, rebuilt)
     np.testing.assert_array_equal(eps[:3], -eps[3:])
-    np.testing.assert_array_equal(eps[0], jax.random.normal(jax.random.fold_in(key, 0), (5,)))
+    np.testing.assert_array_equal(eps[0], first)
     np.testing.assert_allclose(pop, es.theta + cfg.sigma * eps, rtol=1e-6)
-    _, eps_plain = oes.ask(key, es, dataclasses.replace(cfg, mirrored=False))
     assert not np.allclose(eps_plain[:3], -eps_plain[3:])
 
 
@@ -144,37 +160,49 @@ def test_update_rebuilt_from_seeds_is_bit_identical():
     (index, return) in any order; `reconstruct_update`, run by another process (a separate
     jit), equals the generation's update bit for bit (theta and Adam moments), and the
     centralised `tell` with the evaluated noise to float rounding. A wrong key does not.
-    The generation itself updates with ask's noise in one vectorised step: its program has
-    no scan over the n members (only the rollouts' scans of max_steps)."""
-    cfg = dataclasses.replace(TINY, vbn=False, obs_norm=False, crn=False)
-    state = jax.jit(lambda k: oes.init(k, cfg))(jax.random.PRNGKey(0))
-    gen = jax.jit(lambda s: oes.generation(s, cfg))
-    for _ in range(2):  # move theta away from 0 first
-        state = gen(state)[0]
-    new, _, (gen_key, returns) = gen(state)
-    key_roll = jax.random.split(state.key, 5)[2]
-    perm = jnp.array([5, 2, 7, 0, 3, 6, 1, 4])
-    dim = state.es.theta.size
+    The generation is generation 3 of seed 0 of the shared SHORT run (`short_train`, the
+    vmapped program `update` runs in), whose (gen_key, returns) and ES states before and
+    after it ride along as extra metrics. The generation itself updates with ask's noise in
+    one vectorised step: its program has no scan over the n members (only the rollouts'
+    scans of max_steps)."""
+    cfg = SHORT
+    _, runs = short_train()
+    state, m = runs[1.0]
+    t = 3  # theta has moved away from 0 by then
+    es_def = jax.tree.structure(oes.init_strategy(jnp.zeros(1), cfg))
+
+    def es_at(name, i):  # seed 0's ES state `name` at generation i
+        return jax.tree.unflatten(es_def, [jnp.asarray(m[f"{name}/{j}"][0, i])
+                                           for j in range(es_def.num_leaves)])
+
+    es0, new = es_at("es_before", t), es_at("es_after", t)
+    gen_key, returns = jnp.asarray(m["x/gen_key"][0, t]), jnp.asarray(m["x/returns"][0, t])
+    key_roll = jax.random.split(jnp.asarray(m["x/key"][0, t]), 5)[2]
+    perm = jnp.array([5, 2, 7, 0, 3, 6, 1, 4] + list(range(8, cfg.population)))[::-1]
+    dim = es0.theta.size
+    obs_rms = jax.tree.map(lambda x: jnp.asarray(x[0]), state.obs_rms)  # unused: obs_norm off
+    ref_obs = jnp.asarray(state.ref_obs[0])
 
     @jax.jit
-    def worker(i, k):  # what worker i computes knowing only the shared keys
-        th = state.es.theta + cfg.sigma * oes.member_noise(gen_key, i, dim, cfg)
-        return oes.rollout(th, k, state.obs_rms, state.ref_obs, cfg)[0]
+    def workers(idx, k):  # what worker i computes knowing only the shared keys (crn: one k)
+        return jax.vmap(lambda i: oes.rollout(
+            es0.theta + cfg.sigma * oes.member_noise(gen_key, i, dim, cfg), k, obs_rms,
+            ref_obs, cfg)[0])(idx)
 
-    keys = jax.random.split(key_roll, cfg.population)
-    worker_returns = jnp.stack([worker(i, keys[i]) for i in perm])
+    worker_returns = workers(perm, key_roll)
     np.testing.assert_array_equal(worker_returns, returns[perm])
     master = jax.jit(lambda es, k, ix, r: oes.reconstruct_update(es, k, ix, r, cfg)[0])
-    rebuilt = master(state.es, gen_key, perm, worker_returns)
-    for a, b in zip(jax.tree.leaves(rebuilt), jax.tree.leaves(new.es), strict=True):
+    rebuilt = master(es0, gen_key, perm, worker_returns)
+    for a, b in zip(jax.tree.leaves(rebuilt), jax.tree.leaves(new), strict=True):
         np.testing.assert_array_equal(a, b)
-    assert not np.array_equal(rebuilt.theta, state.es.theta)
-    _, eps = oes.ask(gen_key, state.es, cfg)
-    central = oes.tell(state.es, eps, -returns, cfg)[0]
-    np.testing.assert_allclose(central.theta, new.es.theta, rtol=1e-5, atol=1e-7)
-    wrong = master(state.es, jax.random.fold_in(gen_key, 1), perm, worker_returns)
-    assert not np.allclose(wrong.theta, new.es.theta)
-    lengths = scan_lengths(jax.make_jaxpr(lambda s: oes.generation(s, cfg))(state).jaxpr)
+    assert not np.array_equal(rebuilt.theta, es0.theta)
+    _, eps = oes.ask(gen_key, es0, cfg)
+    central = oes.tell(es0, eps, -returns, cfg)[0]
+    np.testing.assert_allclose(central.theta, new.theta, rtol=1e-5, atol=1e-7)
+    wrong = master(es0, jax.random.fold_in(gen_key, 1), perm, worker_returns)
+    assert not np.allclose(wrong.theta, new.theta)
+    st = jax.tree.map(lambda x: jnp.asarray(x[0]), state)
+    lengths = scan_lengths(jax.make_jaxpr(lambda s: oes.generation(s, cfg))(st).jaxpr)
     assert cfg.population not in lengths and cfg.max_steps in lengths, lengths
 
 
@@ -182,7 +210,7 @@ def test_observation_statistics_match_numpy():
     """The wrapper sums exactly the observations acted upon (a prefix of the episode's);
     merging sums equals the mean/variance of all observations seen (up to the prior's 1e-4
     pseudo-count); an empty merge changes nothing; normalisation clips at 5."""
-    env = oes.make_env(TINY)
+    env = oes.make_env(oes.Config())
     params = env.default_params()
     wrapped = oes.ObsStatsEnv(env)
     act = lambda obs, k: (obs[2] > 0).astype(jnp.int32)  # a decent hand policy
@@ -190,10 +218,11 @@ def test_observation_statistics_match_numpy():
                                                       params, 200)
     key, k = jax.random.split(jax.random.PRNGKey(1))
     obs, s = env.reset(k, params)
+    step = jax.jit(lambda k, s, obs: env.step(jax.random.split(k)[1], s, act(obs, None), params))
     seen = []
     for k in jax.random.split(key, 200):
         seen.append(np.asarray(obs))
-        obs, s, _, term, trunc = env.step(jax.random.split(k)[1], s, act(obs, None), params)
+        obs, s, _, term, trunc = step(k, s, obs)
         if term or trunc:
             break
     seen = np.stack(seen)
@@ -218,20 +247,25 @@ def test_virtual_batch_norm_uses_the_reference_batch_only():
     for one observation does not depend on which other observations share its batch."""
     cfg = oes.Config(vbn=True, hidden=(8, 8), zero_init=False)
     env = oes.make_env(cfg)
-    ref = oes.collect_reference_batch(jax.random.PRNGKey(0), env, 64)
+
+    @jax.jit
+    def vbn():  # one program for the file's functions below
+        ref = oes.collect_reference_batch(jax.random.PRNGKey(0), env, 64)
+        params = oes.init_policy(jax.random.PRNGKey(1), cfg, 4, 2)
+        stats = oes.vbn_stats(params, ref)
+        h = ref @ params[0]["w"] + params[0]["b"]
+        x = jax.random.normal(jax.random.PRNGKey(2), (5, 4))
+        return (ref, stats, h, oes.policy_apply(params, x, stats),
+                oes.policy_apply(params, x[:1], stats), oes.policy_apply(params, x, None))
+
+    ref, stats, h, batch, alone, plain = jax.device_get(vbn())
     assert ref.shape == (64, 4) and float(ref.std(0).min()) > 0
-    params = oes.init_policy(jax.random.PRNGKey(1), cfg, 4, 2)
-    stats = oes.vbn_stats(params, ref)
-    h = ref @ params[0]["w"] + params[0]["b"]
-    hn = (h - stats[0][0]) / jnp.sqrt(stats[0][1] + 1e-5)
+    hn = (h - stats[0][0]) / np.sqrt(stats[0][1] + 1e-5)
     np.testing.assert_allclose(hn.mean(0), 0.0, atol=1e-5)
     var = np.asarray(stats[0][1])
     np.testing.assert_allclose(hn.std(0), np.sqrt(var / (var + 1e-5)), rtol=1e-3)
-    x = jax.random.normal(jax.random.PRNGKey(2), (5, 4))
-    batch = oes.policy_apply(params, x, stats)
-    alone = oes.policy_apply(params, x[:1], stats)
     np.testing.assert_allclose(batch[0], alone[0], rtol=1e-5)
-    assert not np.allclose(oes.policy_apply(params, x, None), batch)
+    assert not np.allclose(plain, batch)
 
 
 def _sign_flipped_update(state, cfg):
@@ -272,18 +306,28 @@ def short_train():
     """run.make_train over SHORT, jitted and vmapped over 4 seeds, with the returns handed
     to the update times a traced `sign` (+1: the file's update; -1: the sign-flipped broken
     variant, the minimiser is given +return); compiled once, shared by the short behaviour
-    test (both signs) and the purity test. Returns (train, {sign: (state, metrics)})."""
+    test (both signs), the seed-reconstruction test and the purity test. Besides the
+    charts, each generation emits its (gen_key, returns), its input key and the ES state
+    before and after it (leaves as "es_before/<j>", "es_after/<j>"). Returns
+    (train, {sign: (state, metrics)})."""
     box = []  # the traced sign of the train being traced
     orig = oes.tell
 
-    def signed(s, keys):
-        box.append(s)
-        return jax.vmap(run.make_train(oes.init, oes.update, SHORT))(keys)
+    def update(s, cfg):
+        new, metrics, (gen_key, returns) = oes.generation(s, cfg)
+        extra = {"x/gen_key": gen_key, "x/returns": returns, "x/key": s.key}
+        for name, es in (("es_before", s.es), ("es_after", new.es)):
+            extra |= {f"{name}/{j}": v for j, v in enumerate(jax.tree.leaves(es))}
+        return new, metrics | extra
 
-    train = jax.jit(signed)
+    def signed(sign, keys):
+        box.append(sign)
+        return jax.vmap(run.make_train(oes.init, update, SHORT))(keys)
+
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(oes, "tell", lambda es, eps, f, cfg: orig(es, eps, box[-1] * f, cfg))
-        out = {s: jax.device_get(train(s, SHORT_KEYS)) for s in (1.0, -1.0)}
+        train = jax.jit(signed).lower(1.0, SHORT_KEYS).compile()
+    out = {s: jax.device_get(train(s, SHORT_KEYS)) for s in (1.0, -1.0)}
     return train, out
 
 
