@@ -316,6 +316,8 @@ class DecoderBlock(nn.Module):
     num_heads: int
     d_ff: int
     cross: bool = True
+    cross_scale: jax.Array | None = None
+    """multiplies the cross-attention term (None: 1; the traced State.cross)"""
 
     @nn.compact
     def __call__(self, s, p_t, enc, self_mask=None, src_mask=None, cache=None, j=0):
@@ -326,8 +328,9 @@ class DecoderBlock(nn.Module):
         a = nn.LayerNorm(name="ln_self")(x + Attention(self.num_heads, name="self_attn")(
             x, kv, self_mask))
         if self.cross:  # C^t = LN(B^t + Attention(B^t, H^enc, H^enc))
-            a = nn.LayerNorm(name="ln_cross")(a + Attention(self.num_heads, name="cross_attn")(
-                a, enc, src_mask))
+            c = Attention(self.num_heads, name="cross_attn")(a, enc, src_mask)
+            a = nn.LayerNorm(name="ln_cross")(a + (c if self.cross_scale is None
+                                                    else self.cross_scale * c))
         return nn.LayerNorm(name="ln_ff")(a + transition(a, self.d_ff)), cache  # S^t
 
 
@@ -347,13 +350,15 @@ class UT(nn.Module):
     output head. `encode` and `decode` run the recurrences; __call__ = teacher forcing."""
 
     cfg: "Config"
+    cross_scale: jax.Array | None = None
+    """multiplies the decoder's cross-attention term (None: 1; the traced State.cross)"""
 
     def setup(self):
         c = self.cfg
         self.embed = nn.Embed(c.vocab + NUM_SPECIAL, c.d_model)
         self.enc_block = EncoderBlock(c.num_heads, c.d_ff)
         self.enc_halting = Halting(c.halt_bias_init)
-        self.dec_block = DecoderBlock(c.num_heads, c.d_ff, c.cross_attention)
+        self.dec_block = DecoderBlock(c.num_heads, c.d_ff, c.cross_attention, self.cross_scale)
         self.dec_halting = Halting(c.halt_bias_init)
         self.head = nn.Dense(c.vocab + NUM_SPECIAL)
 
@@ -433,12 +438,12 @@ def source_mask(x):
     return (x != PAD)[:, None, None, :]  # (B, 1, 1, L)
 
 
-def greedy_decode(params, x, cfg: Config, y_in=None):
+def greedy_decode(params, x, cfg: Config, y_in=None, cross_scale=None):
     """Decode position by position with the per-step cache of UT.decode_step (each position
     runs its T steps once): logits (B, L + 1, V). The input at j + 1 is the argmax at j
     (greedy) or y_in[:, j + 1] if given (teacher forcing through the cache, for the test).
     The encoder-only model returns its logits (B, L, V)."""
-    model = UT(cfg)
+    model = UT(cfg, cross_scale)
     if cfg.model == "encoder":
         return model.apply(params, x)[0]
     enc, _ = model.apply(params, x, method=UT.encode)
@@ -466,9 +471,9 @@ def ponder_cost(aux, mask):
     return jnp.sum(rho * mask) / jnp.sum(mask)
 
 
-def loss_fn(params, batch, cfg: Config, offset=0):
+def loss_fn(params, batch, cfg: Config, offset=0, cross_scale=None):
     x, y_in, y_out, n = batch
-    logits, aux = UT(cfg).apply(params, x, y_in, offset)
+    logits, aux = UT(cfg, cross_scale).apply(params, x, y_in, offset)
     y, mask = targets(cfg, y_out, n)
     ce = optax.softmax_cross_entropy_with_integer_labels(logits, y)
     nll = jnp.sum(ce * mask) / jnp.sum(mask)  # teacher forcing: -log p(y_j | y_<j, x)
@@ -494,6 +499,9 @@ class State:
     opt_state: optax.OptState
     key: jax.Array
     step: jax.Array
+    cross: jax.Array
+    """() float: scales the decoder's cross-attention term, 1 from init; traced, so that one
+    compiled program can train seeds cut off from the source (0: the tests' broken variant)"""
 
 
 def make_optimizer(cfg: Config):
@@ -504,7 +512,8 @@ def init(key, cfg: Config) -> State:
     key, k = jax.random.split(key)
     x, y_in, _, _ = string_batch(k, 1, cfg.length, cfg.length, cfg.vocab, cfg.task)
     params = UT(cfg).init(k, x, y_in)
-    return State(params, make_optimizer(cfg).init(params), key, jnp.zeros((), jnp.int32))
+    return State(params, make_optimizer(cfg).init(params), key, jnp.zeros((), jnp.int32),
+                 jnp.ones(()))
 
 
 def update(state: State, cfg: Config):
@@ -514,11 +523,11 @@ def update(state: State, cfg: Config):
     # encoder and the decoder) so that the positions of longer test strings are seen
     offset = jax.random.randint(k_off, (cfg.batch_size,), 0, cfg.random_offset + 1)
     (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, batch, cfg,
-                                                                      offset)
+                                                                      offset, state.cross)
     upd, opt_state = make_optimizer(cfg).update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, upd)
     metrics = {"losses/loss": loss, **metrics, "charts/grad_norm": optax.tree.norm(grads)}
-    return State(params, opt_state, key, state.step + 1), metrics
+    return State(params, opt_state, key, state.step + 1, state.cross), metrics
 
 
 def evaluate(state: State, cfg: Config):
@@ -533,11 +542,12 @@ def evaluate(state: State, cfg: Config):
         batch = string_batch(jax.random.PRNGKey(12345), cfg.eval_size, lo, hi, cfg.vocab,
                              cfg.task)
         y, mask = targets(cfg, batch[2], batch[3])
-        correct = (greedy_decode(state.params, batch[0], cfg).argmax(-1) == y) | ~mask
+        correct = (greedy_decode(state.params, batch[0], cfg, cross_scale=state.cross
+                                 ).argmax(-1) == y) | ~mask
         out[f"eval/{prefix}accuracy"] = jnp.sum(correct & mask) / jnp.sum(mask)
         out[f"eval/{prefix}sequence_accuracy"] = correct.all(-1).mean()
         if not prefix:
-            _, m = loss_fn(state.params, batch, cfg)
+            _, m = loss_fn(state.params, batch, cfg, cross_scale=state.cross)
             out.update({"eval/loss": m["losses/nll"], "eval/ponder_steps":
                         m["charts/ponder_steps"]})
     return out
