@@ -279,11 +279,14 @@ class Bonus:
     loss(params, stats, mb) -> (loss, metrics)
         the bonus's own loss on a flat minibatch with the same keys [B, ...], added to the
         PPO loss of that minibatch; metrics are scalars (e.g. "losses/forward").
+        With `needs_key`, loss(params, stats, mb, key) with a fresh key per minibatch
+        (random subsets, dropout).
     """
 
     init: Callable
     reward: Callable
     loss: Callable
+    needs_key: bool = False
 
 
 @struct.dataclass
@@ -364,14 +367,15 @@ def make_ppo(env, cfg: PPOConfig, network: nn.Module | None = None, bonus: Bonus
             batch.update(next_obs=traj["next_obs"], done=traj["done"])
         batch = jax.tree.map(lambda x: x.reshape(-1, *x.shape[2:]), batch)  # (T*N, ...)
 
-        def loss_fn(params, mb):
+        def loss_fn(params, mb, key=None):
             pi, value = network.apply(policy(params), mb["obs"])
             adv = (mb["adv"] - mb["adv"].mean()) / (mb["adv"].std() + 1e-8)
             loss, m = ppo_loss(pi.log_prob(mb["action"]), mb["logp"], adv, pi.entropy(), value,
                                mb["value"], mb["ret"], cfg.clip_coef, cfg.vf_coef,
                                cfg.ent_coef, cfg.clip_vloss)
             if bonus is not None:
-                aux, m_aux = bonus.loss(params["bonus"], stats, mb)
+                args = (key,) if bonus.needs_key else ()
+                aux, m_aux = bonus.loss(params["bonus"], stats, mb, *args)
                 loss = loss + aux
                 m = {**m, **m_aux}
             return loss, m
@@ -380,6 +384,7 @@ def make_ppo(env, cfg: PPOConfig, network: nn.Module | None = None, bonus: Bonus
         params, opt_state, metrics = minibatch_epochs(
             k_epochs, state.params, state.opt_state, batch, loss_fn, optimizer,
             cfg.num_epochs, cfg.num_minibatches,
+            loss_takes_key=bonus is not None and bonus.needs_key,
         )
         metrics.update(episode_metrics(traj))
         if bonus is not None:
