@@ -3,6 +3,7 @@ by IoU, empty cells), the output shape, the paper preset's trace, purity, CLI, a
 behaviour test and (slow tier) the mAP gate on SHAPES-64."""
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -37,7 +38,9 @@ def perfect_output(g, label, other=(0.5, 0.5, 0.2, 0.2)):
 G = np.array([0.30, 0.60, 0.2, 0.36])
 
 
+@functools.partial(jax.jit, static_argnums=1)
 def loss(out, cfg=CFG):
+    """[1] Eq. 3 of one image holding G (class 1), jitted: one compile per config."""
     return y.yolo_loss(out, jnp.asarray(G)[None, None], jnp.array([[1]]), cfg)
 
 
@@ -55,7 +58,7 @@ def test_only_the_highest_iou_box_is_responsible():
     out, row, col = perfect_output(G, 1)
     out = out.at[0, row, col, 5:7].add(0.05)  # box 1 slightly off: IoU ~0.7 but the best
     out = out.at[0, row, col, 4].set(0.3)  # box 0 (IoU 0.02) with confidence 0.3
-    grads = jax.grad(lambda o: loss(o)[0])(out)[0, row, col]
+    grads = jax.jit(jax.grad(lambda o: loss(o)[0]))(out)[0, row, col]
     assert np.abs(grads[0:4]).max() == 0.0  # no location gradient on box 0
     np.testing.assert_allclose(grads[4], 2 * 0.5 * 0.3, rtol=1e-5)  # lambda_noobj C^2
     assert np.abs(grads[5:7]).min() > 0  # the responsible box is pulled to the truth
@@ -66,8 +69,8 @@ def test_only_the_highest_iou_box_is_responsible():
     swapped = out.at[0, row, col, 0:10].set(jnp.concatenate([out[0, row, col, 5:10],
                                                              out[0, row, col, 0:5]]))
     np.testing.assert_allclose(loss(swapped)[0], loss(out)[0], rtol=1e-6)
-    ious, choice = y.responsible_box(jnp.array([[0.1, 0.1, 0.1, 0.1], [0.3, 0.6, 0.2, 0.3]]),
-                                     jnp.asarray(G))
+    ious, choice = jax.jit(y.responsible_box)(
+        jnp.array([[0.1, 0.1, 0.1, 0.1], [0.3, 0.6, 0.2, 0.3]]), jnp.asarray(G))
     assert choice.tolist() == [0.0, 1.0] and ious[1] > ious[0]
 
 
@@ -86,13 +89,13 @@ def test_output_shape_and_paper_network():
     update of the paper preset trace (shapes only)."""
     paper = y.Config(**y.PRESETS["paper"])
     x = jax.ShapeDtypeStruct((2, 448, 448, 3), jnp.uint8)
-    v = jax.eval_shape(lambda k, x: y.YOLO(paper).init(k, x), jax.random.PRNGKey(0), x)
-    out = jax.eval_shape(lambda v, x: y.YOLO(paper).apply(v, x), v, x)
+    state = jax.eval_shape(lambda: y.init(jax.random.PRNGKey(0), paper))  # the paper preset
+    out = jax.eval_shape(lambda p, x: y.YOLO(paper).apply({"params": p}, x), state.params, x)
     assert out.shape == (2, 7, 7, 5 * 2 + paper.num_classes)
-    names = list(v["params"])
+    assert state.batch_stats == {}  # no batch norm in [1]
+    names = list(state.params)
     assert sum(n.startswith("Conv") for n in names) == 24
     assert sum(n.startswith("Dense") for n in names) == 2
-    state = jax.eval_shape(lambda: y.init(jax.random.PRNGKey(0), paper))  # the paper preset
     new_state, metrics = jax.eval_shape(lambda s: y.update(s, paper), state)
     assert jax.tree.map(lambda a: a.shape, new_state) == jax.tree.map(lambda a: a.shape, state)
     assert metrics["losses/total"].shape == ()
