@@ -22,13 +22,50 @@ TINY = ne.Config(variant="nsra", generations=60, population_size=8, sigma=0.1, l
 KEYS = jax.random.split(jax.random.PRNGKey(0), 4)
 
 
+VARIANT_CODES = {"nsra": 0, "es": 1, "nsr": 2}  # the seed blocks of the one compiled run
+
+
 @functools.cache
-def tiny_run(variant):
-    """run.make_train over TINY with `variant`, jitted and vmapped over KEYS; one compile per
-    variant, shared by the tests (nsra: also the purity test). Returns (train, out)."""
-    cfg = dataclasses.replace(TINY, variant=variant)
-    train = jax.jit(jax.vmap(run.make_train(ne.init, ne.update, cfg)))
-    return train, jax.device_get(train(KEYS))
+def tiny_run():
+    """TINY, 3 x 4 vmapped seeds in ONE compiled program: seeds 0-3 NSRA-ES, 4-7 plain ES,
+    8-11 NSR-ES, each block on KEYS. The variant is a traced per-seed code: a patched
+    `fitness_weight` returns the file's weight under the seed's variant (nsra: w, es: 1,
+    nsr: 1/2; `adapt_w` runs in every variant and only nsra reads w), so each block equals
+    `run.make_train` of its variant. Shared by
+    the behaviour, w-schedule, late-update and purity tests. Besides the charts, each
+    generation emits what `update` drew and evaluated (agent m, eps, returns, behaviours,
+    recomputed from the same key: XLA computes them once) and the Strategy it started from.
+    Returns (train, out) with out = {variant: (state, metrics, initial best f)}."""
+    box = []  # the traced code of the seed being traced
+    orig = ne.fitness_weight
+
+    def weight(w, cfg):  # the file's weight under the seed's variant
+        ws = [orig(w, dataclasses.replace(cfg, variant=v)) for v in VARIANT_CODES]
+        return jnp.select([box[-1] == i for i in range(len(ws))], ws)
+
+    def update(s, cfg):
+        new, metrics = ne.update(s, cfg)
+        m, eps, pop = ne.ask(jax.random.split(s.key)[1], s.strat, cfg)  # update's draw
+        ret, bc = jax.vmap(lambda t: ne.rollout(t, cfg))(pop)
+        return new, metrics | {"x/m": m, "x/eps": eps, "x/ret": ret, "x/bc": bc,
+                               "x/strat": s.strat}
+
+    def one(code, key):
+        box.append(code)
+        state0 = ne.init(key, TINY)
+        state, metrics = jax.lax.scan(lambda s, _: update(s, TINY), state0, None,
+                                      TINY.num_updates)
+        return state, metrics, state0.strat.best_f
+
+    codes = jnp.repeat(jnp.arange(3), len(KEYS))
+    keys = jnp.concatenate([KEYS] * 3)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(ne, "fitness_weight", weight)
+        train = jax.jit(jax.vmap(one)).lower(codes, keys).compile()
+    out = jax.device_get(train(codes, keys))
+    split = {v: jax.tree.map(lambda x, c=c: x[4 * c:4 * c + 4], out)
+             for v, c in VARIANT_CODES.items()}
+    return functools.partial(train, codes, keys), split
 
 
 def _archive(data, count):
@@ -40,6 +77,10 @@ def _knn_bruteforce(entries, b, k):
     return d[:k].mean()
 
 
+_add = jax.jit(ne.archive_add)  # one compile each for the cases below (same shapes)
+_novelty = jax.jit(ne.novelty, static_argnums=2)
+
+
 @pytest.mark.parametrize("count", [3, 10, 21, 40, 77])
 def test_novelty_equals_bruteforce_knn(count):
     """[1] Eq. 2 on a 32-slot ring buffer: partly filled (with fewer than k entries too),
@@ -49,13 +90,13 @@ def test_novelty_equals_bruteforce_knn(count):
     entries = rng.normal(size=(count, 2)) * 3.0
     archive = ne.archive_init(cap, 2)
     for e in entries:
-        archive = ne.archive_add(archive, jnp.asarray(e, jnp.float32))
+        archive = _add(archive, jnp.asarray(e, jnp.float32))
     kept = entries[-cap:]  # the ring buffer holds the newest `cap` behaviours
     for b in rng.normal(size=(5, 2)):
-        got = float(ne.novelty(archive, jnp.asarray(b, jnp.float32), k))
+        got = float(_novelty(archive, jnp.asarray(b, jnp.float32), k))
         np.testing.assert_allclose(got, _knn_bruteforce(kept, b, min(k, len(kept))), rtol=1e-5)
     # a query at the origin would see distance 0 to the unused zero slots if they counted
-    got0 = float(ne.novelty(archive, jnp.zeros(2), k))
+    got0 = float(_novelty(archive, jnp.zeros(2), k))
     np.testing.assert_allclose(got0, _knn_bruteforce(kept, np.zeros(2), min(k, len(kept))),
                                rtol=1e-5)
 
@@ -86,7 +127,7 @@ def test_selection_proportional_to_novelty():
     strat = ne.Strategy(jnp.zeros((3, 2)), None, bc, jnp.zeros(3), archive, jnp.array(1.0),
                         jnp.array(0), jnp.array(0.0), jnp.zeros(2), jnp.zeros(2))
     cfg = dataclasses.replace(TINY, population_size=2, k=1)
-    ms = jax.vmap(lambda key: ne.ask(key, strat, cfg)[0])(
+    ms = jax.jit(jax.vmap(lambda key: ne.ask(key, strat, cfg)[0]))(
         jax.random.split(jax.random.PRNGKey(0), 4000))
     freq = np.bincount(np.asarray(ms), minlength=3) / 4000
     np.testing.assert_allclose(freq, [0.25, 0.75, 0.0], atol=0.03)
@@ -216,37 +257,40 @@ def test_nsr_es_explores_more_than_es_on_the_tiny_maze():
     1/2 in every generation (the mean of the novelty and fitness ranks)."""
     spread = {}
     for v in ("nsr", "es"):
-        m = tiny_run(v)[1][1]
+        m = tiny_run()[1][v][1]
         xy = np.stack([np.asarray(m["charts/final_x"]), np.asarray(m["charts/final_y"])], -1)
         spread[v] = xy.std(axis=1).sum(-1)
     print(spread)
     assert np.all(spread["nsr"] > spread["es"]), spread
     assert spread["nsr"].mean() > 1.3 * spread["es"].mean(), spread
-    np.testing.assert_array_equal(tiny_run("nsr")[1][1]["charts/w"], 0.5)
+    np.testing.assert_array_equal(tiny_run()[1]["nsr"][1]["charts/w"], 0.5)
 
 
 def test_nsr_es_late_update_is_the_mean_of_novelty_and_fitness_ranks():
-    """NSR-ES after 60 generations (the 16-slot archive has wrapped; agent m's Adam state
-    has many steps): one more `tell` on a real population (ask + maze rollouts) equals a
-    NumPy transcription: brute-force kNN novelty over the archive's 16 entries, centred
-    ranks of novelty and of return taken separately, their mean, g = 1/(n sigma) sum s_i
-    eps_i, then optax Adam from the agent's own moments."""
+    """NSR-ES's 60th generation in the shared run (the 16-slot archive has wrapped; agent
+    m's Adam state has many steps): the theta that `update` left for agent m equals a NumPy
+    transcription from the Strategy it started from and the population it drew and
+    evaluated: brute-force kNN novelty over the archive's 16 entries, centred ranks of
+    novelty and of return taken separately, their mean, g = 1/(n sigma) sum s_i eps_i, then
+    optax Adam from the agent's own moments. The other agents are unchanged."""
     cfg = dataclasses.replace(TINY, variant="nsr")
-    state = jax.tree.map(lambda x: jnp.asarray(x[0]), tiny_run("nsr")[1][0])
-    strat = state.strat
-    assert int(strat.archive.count) == cfg.meta_population_size + cfg.generations > 16
-    m, eps, pop = ne.ask(jax.random.PRNGKey(5), strat, cfg)
-    ret, bc = jax.vmap(lambda t: ne.rollout(t, cfg))(pop)
-    new, _ = ne.tell(strat, m, eps, -ret, bc, cfg)
-    nov = np.array([_knn_bruteforce(np.asarray(strat.archive.data), b, cfg.k)
-                    for b in np.asarray(bc)])
-    assert len(set(nov.round(6))) > 1 and len(set(np.asarray(ret).round(6))) > 1
-    scores = 0.5 * blackbox.centered_ranks(jnp.asarray(nov)) + 0.5 * blackbox.centered_ranks(ret)
+    state, metrics, _ = tiny_run()[1]["nsr"]
+    t = cfg.generations - 1
+    strat = jax.tree.map(lambda x: jnp.asarray(x[0, t]), metrics["x/strat"])
+    m, eps, ret, bc = (np.asarray(metrics[f"x/{k}"][0, t]) for k in ("m", "eps", "ret", "bc"))
+    new_theta = np.asarray(state.strat.theta[0])
+    assert int(strat.archive.count) == cfg.meta_population_size + t > 16
+    nov = np.array([_knn_bruteforce(np.asarray(strat.archive.data), b, cfg.k) for b in bc])
+    assert len(set(nov.round(6))) > 1 and len(set(ret.round(6))) > 1
+    scores = 0.5 * blackbox.centered_ranks(jnp.asarray(nov)) + 0.5 * blackbox.centered_ranks(
+        jnp.asarray(ret))
     g = np.asarray(scores) @ np.concatenate([eps, -eps]) / (cfg.population_size * cfg.sigma)
     theta = strat.theta[m]
     opt_m = jax.tree.map(lambda x: x[m], strat.opt_state)
     upd, _ = optax.adam(cfg.lr).update(jnp.asarray(-g) + cfg.l2_coeff * theta, opt_m)
-    np.testing.assert_allclose(new.theta[m], theta + upd, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(new_theta[m], theta + upd, rtol=1e-5, atol=1e-6)
+    others = np.arange(cfg.meta_population_size) != m
+    np.testing.assert_array_equal(new_theta[others], np.asarray(strat.theta)[others])
 
 
 def test_nsra_es_w_falls_after_stagnation_and_rises_on_improvement_in_a_run():
@@ -259,10 +303,10 @@ def test_nsra_es_w_falls_after_stagnation_and_rises_on_improvement_in_a_run():
     (d) while w = 1 the run is bit-identical to plain ES (same key), and it departs from ES
     after w first falls, so the adapted w is what tell uses."""
     cfg = TINY
-    state, m = tiny_run("nsra")[1]
+    state, m, best_f0 = tiny_run()[1]["nsra"]
     w = np.asarray(m["charts/w"])
     best = np.asarray(m["charts/best_return"])
-    best0 = np.asarray(-jax.vmap(lambda k: ne.init(k, cfg).strat.best_f)(KEYS))
+    best0 = -np.asarray(best_f0)  # init's best f of the M initial agents, as a return
     rises = 0
     for i in range(len(KEYS)):
         wi, stall, prev_best = 1.0, 0, np.r_[best0[i], best[i]]
@@ -280,7 +324,7 @@ def test_nsra_es_w_falls_after_stagnation_and_rises_on_improvement_in_a_run():
                 assert prev_best[t + 1] > prev_best[t]
         assert w[i].min() < 1.0, (i, w[i])
     assert rises >= 1, w
-    x_es = np.asarray(tiny_run("es")[1][1]["charts/final_x"])
+    x_es = np.asarray(tiny_run()[1]["es"][1]["charts/final_x"])
     x_nsra = np.asarray(m["charts/final_x"])
     for i in range(len(KEYS)):
         t0 = int(np.flatnonzero(w[i] < 1.0)[0])  # w falls after update t0; tell uses it next
@@ -289,8 +333,16 @@ def test_nsra_es_w_falls_after_stagnation_and_rises_on_improvement_in_a_run():
 
 
 def test_train_is_pure_and_seeded():
-    train, (s1, m1) = tiny_run("nsra")
-    s2, m2 = jax.device_get(train(KEYS))
+    """The compiled run again (all 12 seeds): bit-identical state and metrics; seeds differ."""
+    train, runs = tiny_run()
+    s1, m1, _ = runs["nsra"]
+    again = jax.device_get(train())
+    for a, b in zip(jax.tree.leaves(again),
+                    jax.tree.leaves(jax.tree.map(lambda *x: np.concatenate(x),
+                                                 *[runs[v] for v in VARIANT_CODES])),
+                    strict=True):
+        np.testing.assert_array_equal(a, b)
+    s2, m2 = jax.tree.map(lambda x: x[:4], again[:2])
     np.testing.assert_array_equal(s1.strat.theta, s2.strat.theta)
     np.testing.assert_array_equal(m1["charts/novelty"], m2["charts/novelty"])
     assert not np.allclose(s1.strat.theta[0], s1.strat.theta[1])
