@@ -9,13 +9,13 @@ evals, median best 4.7, median sigma 3.6e-4 (new-mean variance: best 8.8, sigma 
 """
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from common import run
 from evolution import simple_gaussian_es as sges
 from tests.common.config_fields import unread_fields
 from tests.common.preset import trace_paper
@@ -93,19 +93,55 @@ def test_diagonal_cem_and_decaying_noise():
 # --- behaviour ---
 
 
+SPHERE = sges.Config(**{**sges.PRESETS["sphere"], "max_evals": 4000})
+SELECTIONS = ("best", "worst", "none")
+"""Seed blocks of the shared sphere run: the method, then the two broken variants."""
+
+
+@functools.cache
+def sphere_runs():
+    """SPHERE for 3 x 5 vmapped seeds in ONE compiled program: block i selects by
+    SELECTIONS[i], each block on keys(). The selection is a traced per-seed code: a patched
+    `tell` runs the file's tell under each selection's config and keeps the seed's, so each
+    block equals `make_seeds_train` of its variant. Shared by the behaviour and purity
+    tests. Returns (train, runs) with runs = {selection: (state, metrics)}."""
+    box = []  # the traced code of the seed being traced
+    orig = sges.tell
+
+    def tell(es, x, f, cfg):
+        outs = [orig(es, x, f, dataclasses.replace(cfg, selection=s)) for s in SELECTIONS]
+        return jax.tree.map(lambda *o: jnp.select([box[-1] == i for i in range(len(o))], o),
+                            *outs)
+
+    def one(code, key):
+        box.append(code)
+        return sges.make_train(SPHERE)(key)
+
+    codes = jnp.repeat(jnp.arange(len(SELECTIONS)), SEEDS)
+    ks = jnp.concatenate([keys()] * len(SELECTIONS))
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(sges, "tell", tell)
+        train = jax.jit(jax.vmap(one)).lower(codes, ks).compile()
+    out = jax.device_get(train(codes, ks))
+    runs = {s: jax.tree.map(lambda x, i=i: x[i * SEEDS:(i + 1) * SEEDS], out)
+            for i, s in enumerate(SELECTIONS)}
+    return functools.partial(train, codes, ks), runs
+
+
 def test_sphere_median_evals_and_broken_selection_fails():
     """Sphere-10, x0 ~ U[-5,5], sigma0 2, Lambda 40, lambda 10: median evals to 1e-8 over 5
     seeds in [1200, 2600] (catalog 1800; ours 1800 on 11 seeds). Broken variants in the
-    same budget (4000 evals): selecting the WORST lambda diverges and no selection
-    (refit to all Lambda samples) random-walks; neither reaches 1e-8 (best f ~ 35 or inf)."""
-    cfg = sges.Config(**{**sges.PRESETS["sphere"], "max_evals": 4000})
-    state, metrics = run_seeds(cfg)
+    same budget (4000 evals), seed blocks of the same compiled run: selecting the WORST
+    lambda diverges and no selection (refit to all Lambda samples) random-walks; neither
+    reaches 1e-8 (best f ~ 35 or inf)."""
+    runs = sphere_runs()[1]
+    state, metrics = runs["best"]
     ev = state.evals_at_target
     assert np.isfinite(ev).all(), state.best_f
     assert 1200 <= np.median(ev) <= 2600, ev
     assert state.es.sigma.shape == (SEEDS,)  # one scalar sigma per seed
     for broken in ("worst", "none"):
-        bad, _ = run_seeds(dataclasses.replace(cfg, selection=broken))
+        bad, _ = runs[broken]
         assert not np.isfinite(bad.evals_at_target).any(), (broken, bad.best_f)
         assert not (bad.best_f < 1e-2).any(), (broken, bad.best_f)
 
@@ -133,15 +169,22 @@ def test_rosenbrock_negative_control_sigma_collapses():
 
 
 def test_train_is_pure_and_seeded():
-    cfg = sges.Config(generations=20)
-    train = jax.jit(jax.vmap(run.make_train(sges.init, sges.update, cfg)))
-    k = keys(2)
-    (s1, m1), (s2, m2) = train(k), train(k)
-    assert np.array_equal(s1.es.mean, s2.es.mean)
-    assert np.array_equal(m1["charts/best_f"], m2["charts/best_f"])
+    """The shared sphere run again: bit-identical states and metrics; seeds differ; best f
+    is a running minimum; evals count Lambda = 40 per generation until the target."""
+    train, runs = sphere_runs()
+    again = jax.device_get(train())
+    for i, s in enumerate(SELECTIONS):
+        s1, m1 = runs[s]
+        blk = slice(i * SEEDS, (i + 1) * SEEDS)
+        np.testing.assert_array_equal(s1.es.mean, again[0].es.mean[blk])
+        for k in m1:
+            np.testing.assert_array_equal(m1[k], again[1][k][blk])
+    s1, m1 = runs["best"]
     assert not np.array_equal(s1.es.mean[0], s1.es.mean[1])
     assert np.all(np.diff(np.asarray(m1["charts/best_f"]), axis=1) <= 0)  # best so far
-    assert np.all(np.asarray(m1["charts/evals"])[:, -1] == 800)
+    evals = np.asarray(m1["charts/evals"])
+    assert (evals[:, 0] == 40).all() and set(np.unique(np.diff(evals, axis=1))) <= {0, 40}
+    np.testing.assert_array_equal(evals[:, -1], s1.evals_at_target)
 
 
 def test_cli_runs(tmp_path):
