@@ -20,11 +20,13 @@ from transformers import act
 TINY = act.Config(bits=8, seq_len=3, hidden=16, max_steps=6, batch_size=8, total_updates=3,
                   eval_size=16)
 # every equation test runs these jitted programs on TINY's shapes (one compile each): the
-# forward pass at M = 6 and at the cap cases M = 2, M = 1, and d rho / d b_h
-_forward = jax.jit(act.forward, static_argnums=2)
+# forward pass at M = 6 and at the cap cases M = 2, M = 1, and d rho / d b_h; they are small,
+# so they compile at XLA's lowest backend optimisation level (the runner's init options)
+O0 = dict(compiler_options=run.INIT_COMPILER_OPTIONS)
+_forward = jax.jit(act.forward, static_argnums=2, **O0)
 
 
-@jax.jit
+@functools.partial(jax.jit, **O0)
 def _d_rho_d_bias(params, x):
     """d rho / d b_h of sequence 0 (rho = N + R summed over its steps), at TINY."""
     def cost(bias):
@@ -53,7 +55,7 @@ def _params(key=0, halt_bias=None, zero_kernel=False):
     return {"params": {**params["params"], "w_h": w_h}}
 
 
-_parity = jax.jit(act.parity_batch, static_argnums=(1, 2, 3))
+_parity = jax.jit(act.parity_batch, static_argnums=(1, 2, 3), **O0)
 
 
 def _x(key=1):
