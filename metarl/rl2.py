@@ -59,9 +59,12 @@ Differences from the paper:
   number of iterations of [1] is not known to us: `paper` runs 1000.
 - Values are not normalised and rewards not scaled; PPO normalises advantages per minibatch
   (A2C does not).
+- `--algo a2c` keeps this file's GRUs and Adam; [2] trained an LSTM (48 units on its
+  bandits [M]) with A3C/A2C and RMSProp, advantages from n-step returns (GAE here).
 - Metric charts/episodic_return is the return of a whole trial (NaN in an update where no
-  trial ended); evaluate() reports the mean return of each episode index within a trial
-  (`adaptation/<i>`, the curve of the plot) and, on bandits, the expected regret per trial.
+  trial ended), charts/reward_per_step the mean reward of the rollout's steps; evaluate()
+  reports the mean return of each episode index within a trial (`adaptation/<i>`, the
+  curve of the plot) and, on bandits, the expected regret per trial.
 """
 
 import json
