@@ -140,6 +140,10 @@ def tyro_omit():
 
 
 def _jsonable(x):
+    """A number (or an array of them, e.g. a per-seed curve from `evaluate`) for JSON, with
+    NaN and inf as null."""
+    if np.ndim(x):
+        return [_jsonable(v) for v in np.asarray(x)]
     x = float(x)
     return x if math.isfinite(x) else None
 

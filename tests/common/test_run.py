@@ -395,3 +395,10 @@ def test_cli_prints_config_errors_in_one_line():
                          text=True)
     assert res.returncode == 2, res
     assert res.stderr.strip() == "error: --lr must be > 0, got -1.0", res.stderr
+
+
+def test_summary_values_may_be_arrays_per_seed():
+    """An `evaluate` may return a curve per seed (metarl's return per episode index): the
+    summary writes it as nested lists, NaN as null (a float() of an array raised)."""
+    assert run._jsonable(np.array([[1.0, np.nan], [2.0, 3.0]])) == [[1.0, None], [2.0, 3.0]]
+    assert run._jsonable(np.float32(2.5)) == 2.5 and run._jsonable(np.inf) is None
