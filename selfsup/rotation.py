@@ -293,7 +293,9 @@ def evaluate(state: State, cfg: Config):
     """Probe accuracies on the 797 held-out digits: linear and k-NN with all 1,000 training
     labels ("linear", "knn") and with probe_per_class per class ("linear_few", "knn_few");
     and the held-out rotation accuracy."""
-    tr_x, tr_y, te_x, te_y = (jnp.asarray(a) for a in train_images(cfg))
+    # a barrier: XLA would otherwise constant-fold the convs' input slices of the data
+    tr_x, tr_y, te_x, te_y = jax.lax.optimization_barrier(
+        tuple(jnp.asarray(a) for a in train_images(cfg)))
     f_tr, _ = features(state, tr_x, cfg)
     f_te, _ = features(state, te_x, cfg)
     out = probe.probe(jax.random.PRNGKey(0), f_tr, tr_y, f_te, te_y, 10, cfg.probe_per_class,

@@ -42,3 +42,74 @@ def test_number_pairs_and_digits():
     assert len({len(e) for e in en}) > 5  # short and long numbers
     images, labels = data.digits()
     assert images.shape == (1797, 8, 8) and images.max() == 16 and set(labels) == set(range(10))
+
+
+# ----------------------------------------------------------------------------- digit images
+# and SimCLR augmentations (selfsup/)
+
+
+def test_digit_images_are_the_sklearn_digits_upsampled_and_split():
+    tr_x, tr_y, te_x, te_y = data.digit_images(16)
+    assert tr_x.shape == (1000, 16, 16, 1) and te_x.shape == (797, 16, 16, 1)
+    assert tr_x.dtype == np.float32 and 0.0 <= tr_x.min() and tr_x.max() <= 1.0
+    images, labels = data.digits()
+    perm = np.random.default_rng(0).permutation(1797)
+    np.testing.assert_array_equal(tr_y, labels[perm[:1000]])
+    np.testing.assert_array_equal(te_y, labels[perm[1000:]])
+    # 2x bilinear upsampling: each 2x2 block averages back to (about) the source pixel
+    # away from the border; the mean intensity is preserved exactly up to edge effects
+    np.testing.assert_allclose(tr_x[..., 0].mean((1, 2)), images[perm[:1000]].mean((1, 2)) / 16,
+                               atol=0.02)
+    x8 = data.digit_images(8)[0]
+    np.testing.assert_allclose(x8[..., 0], images[perm[:1000]] / 16.0, atol=1e-6)  # identity
+
+
+def test_crop_resize_by_hand_and_random_resized_crop_area():
+    """crop_resize of the window (y=1, x=0, h=2, w=2) of a 4x4 ramp img[i, j] = 4 i + j to
+    2x2 samples the pixel centres (1.5 - 0.5 + 0.5 ...) = rows 1..2, cols 0..1 exactly."""
+    img = jnp.arange(16.0).reshape(4, 4, 1)
+    out = data.crop_resize(img, jnp.array([1.0, 0.0, 2.0, 2.0]), 2)
+    np.testing.assert_allclose(out[..., 0], [[4, 5], [8, 9]], atol=1e-6)
+    # the whole image at the same size is the identity; at half size 2x2 block means
+    np.testing.assert_allclose(data.crop_resize(img, jnp.array([0.0, 0, 4, 4]), 4), img,
+                               atol=1e-5)
+    np.testing.assert_allclose(data.crop_resize(img, jnp.array([0.0, 0, 4, 4]), 2)[..., 0],
+                               [[2.5, 4.5], [10.5, 12.5]], atol=1e-5)
+    keys = jax.random.split(jax.random.PRNGKey(0), 64)
+    crops = jax.vmap(lambda k: data.random_resized_crop(k, img, 8))(keys)
+    assert crops.shape == (64, 8, 8, 1) and float(crops.min()) >= 0 and float(crops.max()) <= 15
+    assert len({float(c.std()) for c in crops}) > 10  # different windows
+
+
+def test_flip_grayscale_jitter_and_blur():
+    key = jax.random.PRNGKey(0)
+    img = jax.random.uniform(key, (8, 8, 3))
+    np.testing.assert_array_equal(data.random_flip(key, img, p=1.0), img[:, ::-1])
+    np.testing.assert_array_equal(data.random_flip(key, img, p=0.0), img)
+    g = data.grayscale(img)
+    np.testing.assert_allclose(g[..., 0], img @ jnp.array([0.299, 0.587, 0.114]), rtol=1e-6)
+    np.testing.assert_array_equal(data.random_grayscale(key, img, p=1.0), g)
+    # strength 0: every jitter factor is 1 (hue 0), so the image comes back unchanged
+    np.testing.assert_allclose(data.color_jitter(key, img, 0.0, p=1.0), img, atol=1e-5)
+    assert float(jnp.abs(data.color_jitter(key, img, 1.0, p=1.0) - img).mean()) > 0.01
+    np.testing.assert_array_equal(data.color_jitter(key, img, 1.0, p=0.0), img)
+    # blur of a 20-pixel image: radius (20 // 10) // 2 = 1; a constant image is unchanged,
+    # an impulse spreads to its 3x3 neighbourhood only, and the weights sum to 1
+    flat = jnp.full((20, 20, 1), 0.3)
+    np.testing.assert_allclose(data.gaussian_blur(key, flat, p=1.0), flat, rtol=1e-6)
+    dot = jnp.zeros((20, 20, 1)).at[10, 10].set(1.0)
+    centres = []
+    for k in jax.random.split(key, 4):  # sigma ~ U(0.1, 2): some draws barely blur
+        b = data.gaussian_blur(k, dot, p=1.0)[..., 0]
+        assert float(b[9:12, 9:12].sum()) == pytest.approx(1.0, 1e-5)
+        assert float(b.sum() - b[9:12, 9:12].sum()) == pytest.approx(0.0, abs=1e-6)
+        centres.append(float(b[10, 10]))
+    assert min(centres) < 0.5, centres
+
+
+def test_simclr_augment_vmaps_over_a_batch():
+    x = jnp.asarray(data.digit_images(16)[0][:8])
+    keys = jax.random.split(jax.random.PRNGKey(0), 8)
+    v = jax.jit(jax.vmap(lambda k, im: data.simclr_augment(k, im, 16, 0.5, True)))(keys, x)
+    assert v.shape == (8, 16, 16, 1) and float(v.min()) >= 0 and float(v.max()) <= 1
+    assert float(jnp.abs(v - x).mean()) > 0.01

@@ -37,10 +37,14 @@ def test_knn_votes_by_hand():
 
 
 def test_per_class_indices_pick_n_of_each_class():
+    """n of each class, grouped by class, distinct, and a different subset per key."""
     y = jnp.array([2, 0, 1, 0, 2, 1, 0, 2, 1, 1, 0, 2])
     idx = probe.per_class_indices(jax.random.PRNGKey(0), y, 3, 2)
     np.testing.assert_array_equal(y[idx], [0, 0, 1, 1, 2, 2])
     assert len(set(np.asarray(idx).tolist())) == 6
+    draws = {tuple(np.asarray(probe.per_class_indices(jax.random.PRNGKey(s), y, 3, 2)))
+             for s in range(8)}
+    assert len(draws) > 1  # a random subset, not the first n of each class
     other = probe.per_class_indices(jax.random.PRNGKey(1), y, 3, 4)
     np.testing.assert_array_equal(y[other], [0] * 4 + [1] * 4 + [2] * 4)
 
@@ -48,8 +52,8 @@ def test_per_class_indices_pick_n_of_each_class():
 def test_linear_probe_separable_is_perfect_and_shuffled_labels_are_chance():
     """Gaussian blobs in 16-d, 4 classes, far apart: the probe is 100% on held-out points.
     The same features with labels shuffled (no relation to the features): about chance
-    (0.25; asserted < 0.4). A probe that ignored its labels or its bias would fail the first;
-    one that fit the test set would fail the second."""
+    (0.25; asserted < 0.4). A probe that skipped its fit (zero weights: argmax 0) fails the
+    first; one that fit the test labels fails the second."""
     k1, k2, k3 = jax.random.split(jax.random.PRNGKey(0), 3)
     centres = 4.0 * jax.random.normal(k1, (4, 16))
     y = jnp.arange(400) % 4
