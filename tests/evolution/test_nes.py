@@ -224,13 +224,27 @@ def test_default_learning_rates_and_popsize():
 def test_snes_sphere_and_raw_fitness_fails():
     """SNES on sphere-10 from x0 = 3, sigma0 = 1, lambda 10: every seed reaches 1e-8 in
     <= 3000 evals (evosax 1870-1980; ours 1840-2030). Baseline in the same test: the raw
-    fitness instead of rank utilities (no fitness shaping) fails to reach it."""
+    fitness instead of rank utilities (no fitness shaping) fails to reach it. Both run as
+    seed blocks of ONE compiled program: a patched `shape_fitness` shapes by utilities or
+    raw f on a traced per-seed flag (each block equals `make_seeds_train` of its variant)."""
     cfg = nes.Config(**{**nes.PRESETS["snes_sphere"], "max_evals": 3000})
-    state, _ = run_seeds(cfg)
+    box = []  # the traced flag of the seed being traced (1: raw fitness)
+    orig = nes.shape_fitness
+
+    def one(raw, key):
+        box.append(raw)
+        return nes.make_train(cfg)(key)
+
+    flags = jnp.repeat(jnp.arange(2), SEEDS)
+    with jax.enable_x64(True), pytest.MonkeyPatch.context() as mp:
+        mp.setattr(nes, "shape_fitness",
+                   lambda f, shaping: jnp.where(box[-1] == 1, orig(f, "raw"), orig(f, shaping)))
+        out, _ = jax.device_get(jax.jit(jax.vmap(one))(flags, jnp.concatenate([keys()] * 2)))
+    state, raw = (jax.tree.map(lambda x, i=i: x[i * SEEDS:(i + 1) * SEEDS], out)
+                  for i in range(2))
     assert np.isfinite(state.evals_at_target).all(), state.best_f
     assert (state.evals_at_target <= 3000).all(), state.evals_at_target
     assert state.es.sigma.shape == (SEEDS, 10)
-    raw, _ = run_seeds(dataclasses.replace(cfg, shaping="raw"))
     assert not np.isfinite(raw.evals_at_target).any(), raw.best_f
 
 
@@ -284,22 +298,57 @@ def test_train_is_pure_and_seeded(variant):
     assert np.all(np.asarray(m1["charts/evals"])[:, -1] == 15 * cfg.lam)
 
 
+def main_recording_chunks(main, argv):
+    """`main(argv)` with the runner's compiled chunks recorded: returns (result, [(compiled
+    chunk, a copy of its input states)]), so a test can run a chunk again on the same input
+    without tracing or compiling anything."""
+    chunks = []
+    real = run.make_chunk
+
+    class Recorded:  # what make_chunk returns, as far as the runner uses it
+        def __init__(self, fn):
+            self.fn = fn
+
+        def lower(self, *args):
+            lowered = self.fn.lower(*args)
+
+            class Lowered:
+                def compile(self, *a, **k):
+                    compiled = lowered.compile(*a, **k)
+
+                    def call(states):
+                        chunks.append((compiled, jax.tree.map(jnp.copy, states)))
+                        return compiled(states)
+
+                    return call
+
+            return Lowered()
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(run, "make_chunk", lambda *a, **k: Recorded(real(*a, **k)))
+        return main(argv), chunks
+
+
 def test_cli_runs_pure_and_seeded(tmp_path):
-    """xNES, 4-D, 15 generations, 2 seeds through nes.main twice (in-process, fresh run dirs;
-    the second run's chunk comes from the compile cache): same seed, identical state and
-    metrics; the seeds differ; float64 inside the run only."""
+    """xNES, 4-D, 15 generations, 2 seeds through nes.main (in-process), then the runner's
+    compiled chunk (the whole run) again on its recorded input: same seed, identical state
+    and metrics; the seeds differ; float64 inside the run only."""
     args = ["--variant", "xnes", "--dim", "4", "--init-range", "3.0", "--generations", "15",
             "--num-seeds", "2", "--log-every", "15", "--no-progress"]
-    a, b = (nes.main(args + ["--run-dir", str(tmp_path / d)]) for d in ("a", "b"))
+    a, chunks = main_recording_chunks(nes.main, args + ["--run-dir", str(tmp_path / "a")])
     assert a.history["charts/evals"].shape == (2, 15)
     assert set(a.final) == {"evals_to_target", "best_f"}
     assert (tmp_path / "a" / "metrics.jsonl").exists()
     assert not jax.config.jax_enable_x64  # main() enables x64 only for its run
     assert a.state.es.mean.dtype == np.float64
-    for x, y in zip(jax.tree.leaves(a.state), jax.tree.leaves(b.state), strict=True):
+    assert len(chunks) == 1
+    with jax.enable_x64(True):
+        state, metrics = jax.device_get(chunks[0][0](chunks[0][1]))
+    for x, y in zip(jax.tree.leaves(a.state), jax.tree.leaves(state), strict=True):
         np.testing.assert_array_equal(x, y)
-    for k in a.history:
-        np.testing.assert_array_equal(a.history[k], b.history[k])
+    assert set(metrics) <= set(a.history) and "charts/best_f" in metrics
+    for k in metrics:
+        np.testing.assert_array_equal(a.history[k], metrics[k])
     assert not np.array_equal(a.state.es.mean[0], a.state.es.mean[1])
     assert np.all(np.diff(np.asarray(a.history["charts/best_f"]), axis=1) <= 0)
     assert np.all(np.asarray(a.history["charts/evals"])[:, -1] == 15 * nes.Config(dim=4).lam)
