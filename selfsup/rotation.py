@@ -23,8 +23,11 @@ layers, block 1 = 5x5-192, 1x1-160, 1x1-96, max-pool 3/2; block 2 = 5x5-192, 1x1
 1x1-192, avg-pool 3/2; blocks 3.. = 3x3-192, 1x1-192, 1x1-192; global average pool and a
 linear 4-way classifier. Convolutions start from N(0, 2 / (k^2 C_out)) as in the code.
 
-Reproduce (CPU demo on scikit-learn's digits upsampled to 16x16, minutes on 2 cores):
+Reproduce (CPU demo on scikit-learn's digits upsampled to 16x16):
     python selfsup/rotation.py --preset quick
+Measured (1 seed, 420 steps, 14.5 min on a heavily shared 2-core CPU): held-out rotation
+accuracy 0.942; linear probe 0.926 (all labels) / 0.836 (10 per class), k-NN 0.893 / 0.738;
+the same network at random init: 0.25; 0.906 / 0.794, 0.838 / 0.610.
 Paper setting (GPU; digits at 32x32 in place of CIFAR-10, the paper's net and schedule):
     python selfsup/rotation.py --preset paper
 [1] Table 1 (CIFAR-10, NIN with 4 blocks, non-linear classifier on frozen blocks): ConvB1

@@ -21,8 +21,12 @@ random init. Optimiser: LARS, lr = 0.3 x batch / 256, weight decay 1e-6, 10 warm
 then cosine decay, batch 4096, 100 epochs, tau = 0.1 ([1] Sec. 2.3 and the README command
 of the released code "which reflects the default hyperparameters in our paper").
 
-Reproduce (CPU demo on scikit-learn's digits at 16x16, minutes on 2 cores):
+Reproduce (CPU demo on scikit-learn's digits at 16x16):
     python selfsup/simclr.py --preset quick
+Measured (1 seed, 350 steps, 10.5 min wall / 125 CPU s on a heavily shared 2-core CPU):
+linear probe 0.898 (all labels) / 0.782 (10 per class), k-NN 0.857 / 0.656; contrastive
+accuracy 0.18 (chance 1/255). The same encoder at random init: linear 0.723 / 0.519, k-NN
+0.537 / 0.335.
 Paper setting (GPU; ResNet-50, batch 4096, LARS; digits at 32x32 in place of ImageNet):
     python selfsup/simclr.py --preset paper
 [1] Table 6 / abstract: ImageNet linear evaluation 69.3% top-1 (ResNet-50), 76.5% (ResNet-50
