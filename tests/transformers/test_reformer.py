@@ -26,8 +26,8 @@ TINY = rf.Config(corpus="pydoc", max_chars=60_000, byte_level=False, seq_len=32,
                  eval_windows=4)
 
 
-lsh_attention = jax.jit(rf.lsh_attention, static_argnums=(3, 4, 5, 6))
-full_attention = jax.jit(rf.full_attention, static_argnums=2)
+lsh_attention = tiny_run_module.jit0(rf.lsh_attention, static_argnums=(3, 4, 5, 6))
+full_attention = tiny_run_module.jit0(rf.full_attention, static_argnums=2)
 
 
 def qkv(L=32, B=2, H=2, dh=8, seed=0):
@@ -115,8 +115,8 @@ def test_causal_lsh_has_no_gradient_path_from_the_future(causal, broken):
     rot = jax.random.normal(jax.random.PRNGKey(4), (2, 8, 3, 2))
     t = 13
     w = jax.random.normal(jax.random.PRNGKey(5), (2, 2, t, 8))
-    f = lambda qk, v: jnp.sum(lsh_attention(qk, v, rot, 4, 8, causal)[:, :, :t] * w)
-    gq, gv = jax.jit(jax.grad(f, argnums=(0, 1)))(qk, v)
+    f = lambda qk, v: jnp.sum(rf.lsh_attention(qk, v, rot, 4, 8, causal)[:, :, :t] * w)
+    gq, gv = tiny_run_module.jit0(jax.grad(f, argnums=(0, 1)))(qk, v)
     future = max(np.abs(gq[:, :, t:]).max(), np.abs(gv[:, :, t:]).max())
     assert (future > 1e-3) if broken else (future == 0.0), future
     assert np.abs(gv[:, :, :t]).max() > 1e-3
@@ -130,8 +130,9 @@ def test_no_future_leak_in_the_model_and_the_broken_variant_leaks(attention, n_b
     cfg = dataclasses.replace(TINY, attention=attention, n_buckets=n_buckets, chunk_len=16)
     tokens = jax.random.randint(jax.random.PRNGKey(0), (2, 32), 0, 50)
     key = jax.random.PRNGKey(1)
-    params = jax.jit(rf.Reformer(cfg, 50).init)(jax.random.PRNGKey(2), tokens, key)
-    fn = lambda causal: jax.jit(lambda t: rf.Reformer(cfg, 50, causal).apply(params, t, key))
+    params = compiled(rf.Reformer(cfg, 50).init, jax.random.PRNGKey(2), tokens, key)
+    fn = lambda causal: tiny_run_module.jit0(
+        lambda t: rf.Reformer(cfg, 50, causal).apply(params, t, key))
     leak.assert_no_future_leak(fn(True), tokens, 20, 50)
     leak.assert_leaks(fn(False), tokens, 20, 50)
 
@@ -199,12 +200,12 @@ def test_reversible_gradients_equal_backprop():
     tokens = jax.random.randint(jax.random.PRNGKey(0), (2, 32), 0, 50)
     targets = jnp.roll(tokens, -1, 1)
     key = jax.random.PRNGKey(1)
-    params = jax.jit(rf.Reformer(cfg, 50).init)(jax.random.PRNGKey(2), tokens, key)
+    params = compiled(rf.Reformer(cfg, 50).init, jax.random.PRNGKey(2), tokens, key)
 
     def grads(params, recompute):
         model = rf.Reformer(cfg, 50, recompute=recompute)
         loss = lambda p: rf.lm_loss(p, model, tokens, targets, key)
-        return jax.jit(jax.value_and_grad(loss))(params)
+        return tiny_run_module.jit0(jax.value_and_grad(loss))(params)
 
     with jax.enable_x64(True):
         p64 = jax.tree.map(lambda a: a.astype(jnp.float64), params)
@@ -220,7 +221,7 @@ def test_reversible_gradients_equal_backprop():
     pf, pg = params["params"]["attention"], params["params"]["feed_forward"]
     keys = jax.random.split(key, cfg.n_layers)
 
-    @jax.jit
+    @tiny_run_module.jit0
     def invert(x1, x2):
         y1, y2 = rf.reversible_stack(f, g)(pf, pg, x1, x2, keys)
         for i in reversed(range(cfg.n_layers)):
@@ -250,7 +251,9 @@ def test_reversible_memory_stays_flat_in_depth():
         model = rf.Reformer(cfg, 64)
         params = jax.eval_shape(model.init, key, tokens, key)
         grad = jax.jit(jax.grad(lambda p: rf.lm_loss(p, model, tokens, tokens, key)))
-        return grad.lower(params).compile().memory_analysis().temp_size_in_bytes
+        # buffer assignment is XLA's, before LLVM: the lowest level gives the same sizes
+        program = grad.lower(params).compile(run.INIT_COMPILER_OPTIONS)
+        return program.memory_analysis().temp_size_in_bytes
 
     std = temp_bytes(4, False) - temp_bytes(2, False)
     rev = temp_bytes(4, True) - temp_bytes(2, True)
@@ -263,9 +266,9 @@ def test_chunked_feed_forward_equals_unchunked():
     x = jax.random.normal(jax.random.PRNGKey(0), (2, 32, 16))
     ff = rf.FeedForward(16, 48)
     p = compiled(lambda k_: ff.init(k_, x), jax.random.PRNGKey(1))
-    full = ff.apply(p, x)
-    for n in (2, 4, 32):
-        out = jax.jit(lambda x, n=n: rf.chunked(lambda c: ff.apply(p, c), x, n))(x)
+    full, *outs = tiny_run_module.jit0(lambda x: [rf.chunked(lambda c: ff.apply(p, c), x, n)
+                                                  for n in (1, 2, 4, 32)])(x)
+    for out in outs:
         np.testing.assert_allclose(out, full, atol=1e-6)
 
 
@@ -281,7 +284,8 @@ CHUNK = 40
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
     """RUN through the command line, in-process, once."""
-    return tiny_run_module.run_cli(rf, RUN, tmp_path_factory.mktemp("run"), CHUNK)
+    with tiny_run_module.lowest_level_compiles():
+        return tiny_run_module.run_cli(rf, RUN, tmp_path_factory.mktemp("run"), CHUNK)
 
 
 def test_lsh_reformer_beats_the_unigram_model_short(tiny_run):
@@ -332,7 +336,8 @@ def test_lsh_reformer_learns_beyond_the_untrained_and_unigram_models():
 def test_train_is_pure_and_seeded(tiny_run):
     """The runner's first chunk, rerun on the same initial states, gives the same metrics;
     the two seeds differ."""
-    tiny_run_module.assert_pure(rf, RUN, tiny_run, CHUNK)
+    with tiny_run_module.lowest_level_compiles():
+        tiny_run_module.assert_pure(rf, RUN, tiny_run, CHUNK)
     assert tiny_run.history["losses/loss"].shape == (2, RUN.num_updates)
 
 
