@@ -108,9 +108,12 @@ def _check_valid(g, lay, act_ok):
     assert seen == n
 
 
+@pytest.mark.slow  # its vmapped 120-step program compiles for ~20 CPU s
 def test_mutations_keep_a_valid_dag():
     """64 lineages x 120 random mutations (CartPole layout, 6 hidden slots, so the capacity
-    fills up), every intermediate genome checked; every operator fires."""
+    fills up), every intermediate genome checked; every operator fires. (Default tier: the
+    same invariants on every operator's output along the 30-step walk of
+    test_each_mutation_changes_what_it_should.)"""
     cfg = wann.Config(max_hidden=6, hidden_acts=("sin", "tanh", "abs", "relu"))
     lay = wann.layout(cfg)
     assert (lay.n_in, lay.n_out) == (4, 2)
@@ -133,41 +136,53 @@ def test_mutations_keep_a_valid_dag():
 
 
 def test_each_mutation_changes_what_it_should():
+    """30 steps of a growing genome (3 inputs, 2 outputs, 4 hidden slots), each operator
+    applied to the step's genome with the step's key; the whole walk is one jitted scan.
+    Every genome of the walk and every operator's output is also a valid DAG (the
+    invariants of test_mutations_keep_a_valid_dag, which runs 64 x 120 in the slow tier)."""
     lay = wann.Layout(n_in=3, n_out=2, max_hidden=4)
     lin = jnp.array([a == "linear" for a in wann.ACTIVATIONS])
     all_acts = jnp.ones(len(wann.ACTIVATIONS), bool)
     obs = jax.random.normal(jax.random.PRNGKey(0), (20, 3))
     out = jax.vmap(lambda g, o: wann.forward(g, lay, o, 1.0), (None, 0))
-    add_node, add_conn, mut_act, enable = (jax.jit(lambda g, k, a, f=f: f(g, k, lay, a))
-                                           for f in (wann.add_node, wann.add_conn,
-                                                     wann.mut_act, wann.enable))
-    mutate = jax.jit(lambda g, k: wann.mutate(g, k, lay, wann.Config(max_hidden=4)))
-    out = jax.jit(out)
-    g = wann.minimal_genome(jax.random.PRNGKey(1), lay, 0.5)
-    g = add_node(g, jax.random.PRNGKey(2), all_acts)
+    cfg = wann.Config(max_hidden=4)
+
+    def step(g, k):
+        g2 = wann.add_node(g, k, lay, lin)
+        cases = {"g": g, "g2": g2, "g3": wann.add_conn(g, k, lay, all_acts),
+                 "g4": wann.mut_act(g, k, lay, all_acts), "g5": wann.enable(g, k, lay, all_acts)}
+        conns = {name: wann.num_connections(x) for name, x in cases.items()}
+        return wann.mutate(g, k, lay, cfg), (cases, conns, out(g, obs), out(g2, obs))
+
+    @jax.jit
+    def walk():
+        g = wann.minimal_genome(jax.random.PRNGKey(1), lay, 0.5)
+        g = wann.add_node(g, jax.random.PRNGKey(2), lay, all_acts)
+        keys = jax.vmap(lambda s: jax.random.fold_in(jax.random.PRNGKey(4), s))(jnp.arange(30))
+        return jax.lax.scan(step, g, keys)[1]
+
+    hist = jax.device_get(walk())
     for s in range(30):
-        k = jax.random.fold_in(jax.random.PRNGKey(4), s)
+        cases, nc, out_g, out_g2 = jax.tree.map(lambda x, s=s: x[s], hist)
+        g, g2, g3, g4 = cases["g"], cases["g2"], cases["g3"], cases["g4"]
         # insert node with a linear node: at w = 1 the function is unchanged; one more
         # node, connections: +2 new genes, the split one disabled
-        g2 = add_node(g, k, lin)
         if int(g.num_hidden) < lay.max_hidden:
             assert int(g2.num_hidden) == int(g.num_hidden) + 1
             assert int(g2.edge.sum()) == int(g.edge.sum()) + 2
-            assert int(wann.num_connections(g2)) == int(wann.num_connections(g)) + 1
-            np.testing.assert_allclose(out(g2, obs), out(g, obs), rtol=1e-5, atol=1e-5)
+            assert int(nc["g2"]) == int(nc["g"]) + 1
+            np.testing.assert_allclose(out_g2, out_g, rtol=1e-5, atol=1e-5)
         else:
-            assert jax.tree.all(jax.tree.map(jnp.array_equal, g2, g))
-        g3 = add_conn(g, k, all_acts)
+            assert jax.tree.all(jax.tree.map(np.array_equal, g2, g))
         assert int(g3.edge.sum()) == int(g.edge.sum()) + 1
-        assert int(wann.num_connections(g3)) == int(wann.num_connections(g)) + 1
-        g4 = mut_act(g, k, all_acts)
+        assert int(nc["g3"]) == int(nc["g"]) + 1
         changed = np.flatnonzero(np.asarray(g4.act != g.act))
         assert len(changed) == 1 and lay.h0 <= changed[0] < lay.h0 + int(g.num_hidden)
         if bool((g.edge & ~g.on).any()):
-            g5 = enable(g, k, all_acts)
-            assert int(wann.num_connections(g5)) == int(wann.num_connections(g)) + 1
-        # grow the genome along the way
-        g = mutate(g, k)
+            assert int(nc["g5"]) == int(nc["g"]) + 1
+        for name in ("g", "g2", "g3", "g4", "g5"):
+            _check_valid(cases[name], lay, np.ones(len(wann.ACTIVATIONS), bool))
+    assert int(hist[0]["g"].num_hidden[-1]) == lay.max_hidden  # the genome grew to capacity
 
 
 def _brute_fronts(obj):
@@ -296,13 +311,44 @@ SHORT_ARGS = ["--num-generations", "6", "--pop-size", "24", "--num-reps", "2", "
               "--num-seeds", "3", "--log-every", "6", "--no-progress"]
 
 
+def main_recording_chunks(main, argv):
+    """`main(argv)` with the runner's compiled chunks recorded: returns (result, [(compiled
+    chunk, a copy of its input states)]), so a test can run a chunk again on the same input
+    without tracing or compiling anything."""
+    chunks = []
+    real = run.make_chunk
+
+    class Recorded:  # what make_chunk returns, as far as the runner uses it
+        def __init__(self, fn):
+            self.fn = fn
+
+        def lower(self, *args):
+            lowered = self.fn.lower(*args)
+
+            class Lowered:
+                def compile(self, *a, **k):
+                    compiled = lowered.compile(*a, **k)
+
+                    def call(states):
+                        chunks.append((compiled, jax.tree.map(jnp.copy, states)))
+                        return compiled(states)
+
+                    return call
+
+            return Lowered()
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(run, "make_chunk", lambda *a, **k: Recorded(real(*a, **k)))
+        return main(argv), chunks
+
+
 @pytest.fixture(scope="module")
 def short_runs(tmp_path_factory):
-    """SHORT run twice through wann.main (in-process), into two fresh run dirs; the second
-    run's chunk comes from the compile cache. One compile of the runner's chunk serves the
-    CLI, the short behaviour and the purity tests."""
+    """SHORT through wann.main once (in-process); one compile of the runner's chunk serves
+    the CLI, the short behaviour and the purity tests (the purity test runs the recorded
+    compiled chunk again on its recorded input)."""
     root = tmp_path_factory.mktemp("wann")
-    return [wann.main(SHORT_ARGS + ["--run-dir", str(root / d)]) for d in ("a", "b")]
+    return main_recording_chunks(wann.main, SHORT_ARGS + ["--run-dir", str(root / "a")])
 
 
 def test_short_run_beats_the_initial_minimal_networks(short_runs):
@@ -321,13 +367,18 @@ def test_short_run_beats_the_initial_minimal_networks(short_runs):
 
 
 def test_train_is_pure_and_seeded(short_runs):
-    """Same seed, same run (state and every metric); the 3 seeds of the vmap differ."""
-    a, b = short_runs
-    for x, y in zip(jax.tree.leaves(a.state), jax.tree.leaves(b.state), strict=True):
+    """Same seed, same run: the CLI's compiled chunk (the whole run: 6 updates) run again on
+    its recorded input gives the CLI's state and every metric bit for bit; the 3 seeds of
+    the vmap differ."""
+    a, chunks = short_runs
+    assert len(chunks) == 1
+    compiled, states = chunks[0]
+    state, m2 = jax.device_get(compiled(states))
+    for x, y in zip(jax.tree.leaves(a.state), jax.tree.leaves(state), strict=True):
         np.testing.assert_array_equal(x, y)
-    m1, m2 = a.history, b.history
-    assert set(m1) == set(m2)
-    for k in m1:
+    m1 = a.history
+    assert set(m2) <= set(m1) and "charts/best_mean_return" in m2
+    for k in m2:
         np.testing.assert_array_equal(m1[k], m2[k])
         assert m1[k].shape == (3, 6)
     on = np.asarray(a.state.pop.on)
