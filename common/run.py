@@ -76,6 +76,9 @@ class RunOptions:
     synchronously and without buffer donation)"""
     progress: bool = True
     """show a progress bar"""
+    fast_compile: bool = False
+    """compile the training chunks without XLA's backend optimisations: several times faster
+    to compile on CPU, slower to run (for smoke runs and tests of a few updates)"""
     preset: str | None = None
     """named override set of the file (e.g. quick, paper); applied before other flags"""
 
@@ -643,7 +646,8 @@ def train(config_cls, init, update, cfg, opts: RunOptions, evaluate=None, name="
                 t0 = time.perf_counter()
                 fn = make_chunk(update, cfg, n, sharding, opts.num_seeds,
                                 donate=not opts.debug_nans)
-                chunks[n] = fn.lower(state).compile()
+                chunks[n] = fn.lower(state).compile(
+                    INIT_COMPILER_OPTIONS if opts.fast_compile else None)
                 compile_s += time.perf_counter() - t0
                 t_last = None if t_last is None else t_last + time.perf_counter() - t0
             if opts.debug_nans:  # synchronous, keeping each chunk's input for the replay

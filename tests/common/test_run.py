@@ -402,3 +402,37 @@ def test_summary_values_may_be_arrays_per_seed():
     summary writes it as nested lists, NaN as null (a float() of an array raised)."""
     assert run._jsonable(np.array([[1.0, np.nan], [2.0, 3.0]])) == [[1.0, None], [2.0, 3.0]]
     assert run._jsonable(np.float32(2.5)) == 2.5 and run._jsonable(np.inf) is None
+
+
+def test_fast_compile_reaches_the_chunk_compile_and_keeps_the_results(tmp_path, monkeypatch):
+    """--fast-compile compiles the training chunks with the runner's init options (XLA's
+    lowest backend level): the results equal the optimised run's to float tolerance, and
+    the options really reach the chunk's compile (an unknown option then fails it)."""
+    args = ["--num-seeds", "2", "--no-progress", "--num-updates", "10"]
+    fast = toy_algo.main(args + ["--fast-compile", "--run-dir", str(tmp_path / "fast")])
+    full = toy_algo.main(args + ["--run-dir", str(tmp_path / "full")])
+    np.testing.assert_allclose(fast.history["losses/loss"], full.history["losses/loss"],
+                               rtol=1e-4)
+    seen = []  # the options each chunk was compiled with
+    real = run.make_chunk
+
+    def make_chunk(*a, **k):
+        fn = real(*a, **k)
+
+        class Spy:
+            def lower(self, *args):
+                low = fn.lower(*args)
+
+                class L:
+                    def compile(self, options=None):
+                        seen.append(options)
+                        return low.compile(options)
+
+                return L()
+
+        return Spy()
+
+    monkeypatch.setattr(run, "make_chunk", make_chunk)
+    toy_algo.main(args + ["--fast-compile", "--run-dir", str(tmp_path / "a")])
+    toy_algo.main(args + ["--run-dir", str(tmp_path / "b")])
+    assert seen == [run.INIT_COMPILER_OPTIONS, None], seen
