@@ -310,8 +310,9 @@ def test_rnd_explores_more_than_ppo_doorkey16():
     PPO with the intrinsic reward switched off (int_coef = 0, the broken variant).
     Measured on a 2-core CPU (jax 0.10.2) through the CLI's quick runs at 32k steps: RND
     147, 156, 160, 122 (median 151.5, mean 146) vs PPO 121, 127, 123, 119 (median 122,
-    max 127). Before issue 12's RND fixes (per-rollout predictor mask, stale first
-    observation): 133, 157, 128, 157 vs 103, 111, 123, 110."""
+    max 127); this test's own run (compiled apart, ulps differ): 144, 148, 150, 152 vs 112,
+    127, 120, 122, 394 s under load. Before issue 12's RND fixes (per-rollout predictor
+    mask, stale first observation): 133, 157, 128, 157 vs 103, 111, 123, 110."""
     base = rnd.Config(**{**rnd.PRESETS["quick"], "total_timesteps": 32_768})
     on, off = _cells(base, 4), _cells(dataclasses.replace(base, int_coef=0.0), 4)
     print("RND", on, "PPO", off)
