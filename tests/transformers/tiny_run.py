@@ -92,8 +92,9 @@ class _LowestLevelJit:
 
     def lower(self, *args):
         lowered = self.jitted.lower(*args)
+        # whatever options the runner asks for (None, or its --fast-compile's: the same)
         return types.SimpleNamespace(
-            compile=lambda: lowered.compile(run.INIT_COMPILER_OPTIONS))
+            compile=lambda *_: lowered.compile(run.INIT_COMPILER_OPTIONS))
 
     def __call__(self, *args):
         return self.lower(*args).compile()(*args)
