@@ -489,9 +489,11 @@ def evaluate_seeds(evaluate: Callable, state, cfg, num_seeds: int) -> dict:
     """evaluate() of every seed, stacked along a leading seed axis, as numpy."""
     if not getattr(evaluate, "host", False):
         return parallel.to_host(jax.jit(seed_map(lambda s: evaluate(s, cfg), num_seeds))(state))
-    if jax.process_count() > 1:
-        state = parallel.to_host(state)
-    per = [evaluate(jax.tree.map(lambda x: x[i], state), cfg) for i in range(num_seeds)]
+    # Each seed's slice cut on the host and put back on the device: a transfer, where an
+    # eager slice of every leaf compiles one small program per leaf shape.
+    state = parallel.to_host(state)
+    per = [evaluate(jax.device_put(jax.tree.map(lambda x: x[i], state)), cfg)
+           for i in range(num_seeds)]
     return {k: np.stack([np.asarray(p[k]) for p in per]) for k in per[0]}
 
 
