@@ -63,8 +63,7 @@ from flax import struct
 
 from common import envs, run
 from common.nets import MLP, NatureCNN, orthogonal
-from common.rl import (RunningMeanStd, episode_metrics, gae, minibatch_epochs, ppo_loss,
-                       rollout)
+from common.rl import RunningMeanStd, episode_metrics, gae, minibatch_epochs, ppo_loss, rollout
 
 # --- CONFIG ---
 
