@@ -22,8 +22,33 @@ import numpy as np
 
 
 def orthogonal(scale: float = np.sqrt(2.0)):
-    """Orthogonal kernel initialiser with gain `scale` (Saxe et al. 2013)."""
-    return nn.initializers.orthogonal(scale)
+    """Orthogonal kernel initialiser with gain `scale` (Saxe et al. 2013): flax's, value for
+    value, except that under `vmap` on CPU the matrices are made one after another.
+
+    flax's initialiser takes the QR of a Gaussian matrix; vmapped over seeds or ensemble
+    members, that becomes one batched LAPACK call, and jaxlib 0.10.2 fans a batched call out
+    over XLA:CPU's intra-op thread pool and blocks a pool thread until it is done. When the
+    thunk executor runs as many batched calls at once as the pool has threads (two on a
+    2-core machine), every thread waits on work queued behind itself and the process hangs
+    for good. Here the batching rule maps the unbatched initialiser over the batch
+    (`lax.map`), so no LAPACK call on CPU has a batch dimension; other backends vmap.
+    """
+    base = nn.initializers.orthogonal(scale)
+
+    def init(key, shape, dtype=jnp.float32):
+        @jax.custom_batching.custom_vmap
+        def one(k):
+            return base(k, shape, dtype)
+
+        @one.def_vmap
+        def _(axis_size, in_batched, k):
+            if jax.default_backend() == "cpu":
+                return jax.lax.map(one, k), True
+            return jax.vmap(lambda kk: base(kk, shape, dtype))(k), True
+
+        return one(key)
+
+    return init
 
 
 class MLP(nn.Module):
@@ -98,7 +123,9 @@ class ResetGRU(nn.Module):
     def __call__(self, carry, inputs):
         x, reset = inputs
         carry = jnp.where(reset[..., None], jnp.zeros_like(carry), carry)
-        carry, y = nn.GRUCell(self.features)(carry, x)
+        carry, y = nn.GRUCell(self.features, recurrent_kernel_init=orthogonal(1.0))(
+            carry, x
+        )
         return carry, y
 
     def initialize_carry(self, batch_shape: tuple[int, ...]):
@@ -116,7 +143,9 @@ class ResetLSTM(nn.Module):
         carry = jax.tree.map(
             lambda c: jnp.where(reset[..., None], jnp.zeros_like(c), c), carry
         )
-        carry, y = nn.OptimizedLSTMCell(self.features)(carry, x)
+        carry, y = nn.OptimizedLSTMCell(
+            self.features, recurrent_kernel_init=orthogonal(1.0)
+        )(carry, x)
         return carry, y
 
     def initialize_carry(self, batch_shape: tuple[int, ...]):

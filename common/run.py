@@ -453,14 +453,8 @@ def seed_keys(seed: int, num_seeds: int):
 
 
 def make_init(init: Callable, cfg, num_seeds: int):
-    """init over the seed axis, sharded over devices (lower it on `seed_keys`). On CPU the
-    seeds are initialised one after another (lax.map) rather than vmapped: jaxlib 0.10.2's
-    batched LAPACK calls (the QR of orthogonal initialisers) can deadlock XLA:CPU's
-    intra-op pool when two run at once on a 2-core machine. Same values either way."""
-    one = lambda k: init(k, cfg)
-    fn = seed_map(one, num_seeds)
-    if num_seeds > 1 and jax.default_backend() == "cpu":
-        fn = lambda keys: jax.lax.map(one, keys)  # noqa: E731
+    """init vmapped over the seed axis, sharded over devices (lower it on `seed_keys`)."""
+    fn = seed_map(lambda k: init(k, cfg), num_seeds)
     return jax.jit(fn, out_shardings=parallel.seed_sharding(num_seeds))
 
 

@@ -202,7 +202,10 @@ class Core(nn.Module):
     def __call__(self, h, inputs):
         x, reset = inputs
         h = jnp.where(reset[:, None], 0.0, h)  # [1] Sec. 2.2: a new task, a blank memory
-        h, y = nn.GRUCell(self.hidden, dtype=self.dtype, param_dtype=jnp.float32)(h, x)
+        h, y = nn.GRUCell(
+            self.hidden, dtype=self.dtype, param_dtype=jnp.float32,
+            recurrent_kernel_init=orthogonal(1.0),  # flax's default, CPU-safe under vmap
+        )(h, x)
         return h.astype(jnp.float32), y
 
 

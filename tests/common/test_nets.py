@@ -50,3 +50,47 @@ def test_shifted_conv_refuses_what_it_does_not_compute():
     assert y.dtype == jax.numpy.float32
     with pytest.raises(ValueError, match="dimension_numbers"):
         nets.shifted_conv(x, w, (1, 1), "SAME", dimension_numbers=("NCHW", "OIHW", "NCHW"))
+
+
+def test_orthogonal_is_flax_value_for_value_and_never_batches_lapack_on_cpu():
+    """`nets.orthogonal` under vmap (seeds) and nested vmap (seeds x ensemble) gives flax's
+    orthogonal matrices bit for bit, including the recurrent kernels of ResetGRU and
+    ResetLSTM, while its lowered program has no LAPACK call with a batch dimension. Flax's
+    own initialiser, vmapped, does batch them: that batched QR is what hung a 2-core CI run
+    under jaxlib 0.10.2 (two at once deadlock XLA:CPU's 2-thread pool)."""
+    import re
+
+    import jax.numpy as jnp
+
+    x = jnp.ones((2, 5))
+    gru, lstm = nets.ResetGRU(4), nets.ResetLSTM(4)
+    reset = jnp.zeros((2,), bool)
+
+    def ours(k):
+        k1, k2, k3 = jax.random.split(k, 3)
+        return (nets.orthogonal(0.5)(k1, (5, 3)),
+                gru.init(k2, gru.initialize_carry((2,)), (x, reset)),
+                lstm.init(k3, lstm.initialize_carry((2,)), (x, reset)))
+
+    class FlaxCell(nn.Module):  # the wrappers as they were, with flax's initialiser
+        cell: type
+
+        @nn.compact
+        def __call__(self, carry, inputs):
+            return self.cell(4)(carry, inputs[0])
+
+    def flax_(k):
+        k1, k2, k3 = jax.random.split(k, 3)
+        return (nn.initializers.orthogonal(0.5)(k1, (5, 3)),
+                FlaxCell(nn.GRUCell).init(k2, jnp.zeros((2, 4)), (x, reset)),
+                FlaxCell(nn.OptimizedLSTMCell).init(k3, (jnp.zeros((2, 4)),) * 2, (x, reset)))
+
+    keys = jax.random.split(jax.random.PRNGKey(0), 6).reshape(2, 3, 2)
+    both = jax.jit(lambda k: (jax.vmap(jax.vmap(ours))(k), jax.vmap(jax.vmap(flax_))(k)))
+    a, b = both(keys)
+    jax.tree.map(np.testing.assert_array_equal, a, b)
+    batch_dims = lambda f: set(re.findall(  # noqa: E731
+        r'lapack_\w+geqrf\w*\(.*?num_batch_dims = "(\d+)"',
+        jax.jit(jax.vmap(f)).lower(keys[0]).as_text()))
+    assert batch_dims(ours) == {"0"}, batch_dims(ours)
+    assert batch_dims(flax_) == {"1"}, batch_dims(flax_)

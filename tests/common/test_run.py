@@ -436,22 +436,3 @@ def test_fast_compile_reaches_the_chunk_compile_and_keeps_the_results(tmp_path, 
     toy_algo.main(args + ["--fast-compile", "--run-dir", str(tmp_path / "a")])
     toy_algo.main(args + ["--run-dir", str(tmp_path / "b")])
     assert seen == [run.INIT_COMPILER_OPTIONS, None], seen
-
-
-def test_seed_inits_run_one_after_another_on_cpu_with_the_vmapped_values():
-    """On CPU the runner initialises seeds with lax.map (jaxlib 0.10.2's batched QR of the
-    orthogonal initialisers can deadlock a 2-thread pool): the states equal a vmapped
-    init's bit for bit, here for an MLP with orthogonal kernels and 3 seeds."""
-    from common.nets import MLP
-
-    net = MLP((16, 16))
-
-    def init(key, cfg):
-        return net.init(key, jnp.ones((2, 5)))
-
-    keys = run.seed_keys(0, 3)
-    mapped = run.initial_states(init, None, 0, 3)
-    vmapped = jax.jit(jax.vmap(lambda k: init(k, None))).lower(keys).compile(
-        run.INIT_COMPILER_OPTIONS)(keys)
-    jax.tree.map(np.testing.assert_array_equal, mapped, vmapped)
-    assert "while" in run.make_init(init, None, 3).lower(keys).as_text()  # the lax.map
