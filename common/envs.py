@@ -989,3 +989,88 @@ def _make_meta_cached(env_id, num_envs, episodes_per_trial, kw_items):
     with jax.ensure_compile_time_eval():
         trial = Trial(meta_env(env_id, **dict(kw_items)), episodes_per_trial)
         return VecEnv(trial, num_envs, sampler=trial.sample_params)
+
+
+# ----------------------------------------------------------------------------- dynamics DR
+#
+# Domain randomization of the dynamics (Peng et al. 2018, arXiv 1710.06537): physics drawn
+# per episode by the `VecEnv` sampler the method owns, plus the two non-physical parts of
+# "dynamics", an action delay and observation noise, which need state of their own.
+
+
+def with_physics(params: PyTree, **values) -> PyTree:
+    """gymnax ``EnvParams`` with the named physical fields set to `values` (traced or not),
+    and the fields DERIVED from them recomputed: CartPole's step reads ``total_mass =
+    masscart + masspole`` and ``polemass_length = masspole * length``, so setting
+    ``masspole`` or ``length`` alone would leave its dynamics inconsistent. A name the
+    params do not have raises ValueError (a field the env never reads cannot be set)."""
+    unknown = [k for k in values if not hasattr(params, k)]
+    if unknown:
+        raise ValueError(f"{type(params).__name__} has no field(s) {unknown}; it has "
+                         f"{sorted(f for f in vars(params) if not f.startswith('_'))}")
+    params = params.replace(**values)
+    if hasattr(params, "total_mass") and hasattr(params, "polemass_length"):  # CartPole
+        params = params.replace(total_mass=params.masscart + params.masspole,
+                                polemass_length=params.masspole * params.length)
+    return params
+
+
+@struct.dataclass
+class DynamicsParams:
+    physics: PyTree  # the inner env's params of this episode (gymnax EnvParams, brax dict)
+    delay: jax.Array  # int32 in [0, max_delay]: the action applied at t was chosen at t - delay
+    obs_noise: jax.Array  # float32 >= 0: std of the Gaussian noise on every observation feature
+
+
+@struct.dataclass
+class DynamicsState:
+    inner: PyTree
+    actions: jax.Array  # [max_delay + 1, *action_shape] the last actions chosen, newest first
+
+
+class DynamicsRandomized(Env):
+    """`env` with an action delay and observation noise, both part of `DynamicsParams`, so
+    that a `VecEnv` sampler draws them per episode together with the physics.
+
+    Delay d: the action applied at step t is the one the agent chose at step t - d (a ring
+    buffer of the last ``max_delay + 1`` actions in the state; d is clipped to
+    ``max_delay``, the buffer's size, fixed at construction); during the first d steps
+    of an episode the buffer's `default_action` (zeros: action 0, or zero torque) is
+    applied. Noise: zero-mean Gaussian with std ``obs_noise`` added to every feature of
+    every observation, a fresh draw at each step (the reward and termination use the true
+    state). ``default_params()`` is the inner env's, with no delay and no noise.
+    """
+
+    def __init__(self, env: Env, max_delay: int = 0):
+        if max_delay < 0:
+            raise ValueError(f"max_delay must be >= 0, got {max_delay}")
+        self.env, self.max_delay = env, int(max_delay)
+        self.num_actions, self.action_shape = env.num_actions, env.action_shape
+        self.observation_shape = env.observation_shape
+        self._action_dtype = jnp.int32 if env.num_actions else jnp.float32
+
+    def default_params(self) -> DynamicsParams:
+        return DynamicsParams(self.env.default_params(), np.int32(0), np.float32(0.0))
+
+    def _noisy(self, key, obs, params):
+        noise = jax.random.normal(key, obs.shape) * params.obs_noise
+        return obs + noise.astype(obs.dtype)
+
+    def reset(self, key, params):
+        k_env, k_noise = jax.random.split(key)
+        obs, inner = self.env.reset(k_env, params.physics)
+        actions = jnp.zeros((self.max_delay + 1, *self.action_shape), self._action_dtype)
+        return self._noisy(k_noise, obs, params), DynamicsState(inner, actions)
+
+    def step(self, key, state, action, params):
+        k_env, k_noise = jax.random.split(key)
+        action = jnp.asarray(action, self._action_dtype)
+        actions = jnp.concatenate([action[None], state.actions[:-1]])  # newest first
+        applied = actions[jnp.clip(params.delay, 0, self.max_delay)]
+        obs, inner, reward, terminated, truncated = self.env.step(
+            k_env, state.inner, applied, params.physics)
+        return (self._noisy(k_noise, obs, params), DynamicsState(inner, actions), reward,
+                terminated, truncated)
+
+    def position(self, state):
+        return self.env.position(state.inner)

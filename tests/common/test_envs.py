@@ -470,3 +470,154 @@ def test_noisy_tv_screen_shows_noise_only_on_the_tv_and_the_remote_controls_it()
     assert not np.allclose(screen[6], screen[5]) and not np.allclose(screen[7], screen[6])
     assert not screen[8].any()  # off the TV
     np.testing.assert_array_equal(screen[9], screen[7])  # back on it: the last picture
+
+
+# ----------------------------------------------------------------------------- dynamics DR
+
+from common.envs import DynamicsParams, DynamicsRandomized, GymnaxEnv, with_physics  # noqa: E402
+
+PHYSICS = {  # every physical field a DR file randomizes, per gymnax task
+    "CartPole-v1": ("masscart", "masspole", "length", "gravity", "force_mag", "tau"),
+    "Pendulum-v1": ("m", "l", "g", "max_torque", "dt"),
+}
+
+
+def _trajectories(env_id: str, params_list, steps: int = 30, max_delay: int = 0):
+    """Observations of `steps` steps from the same reset key under the same action sequence
+    (alternating for CartPole; for Pendulum a slow sine of amplitude 3, beyond the torque
+    limit 2, which is all that max_torque is), one row per params: [P, T, D].
+    One compiled program for all params (they are stacked)."""
+    env = DynamicsRandomized(GymnaxEnv(env_id), max_delay)
+    if env.num_actions:
+        actions = jnp.arange(steps) % 2
+    else:
+        actions = 3.0 * jnp.sin(jnp.arange(steps) / 4.0)[:, None]
+    stacked = jax.tree.map(lambda *x: jnp.stack([jnp.asarray(v) for v in x]), *params_list)
+
+    def one(p):
+        obs, s = env.reset(jax.random.key(0), p)
+
+        def body(s, a):
+            obs, s, _, _, _ = env.step(jax.random.key(1), s, a, p)
+            return s, obs
+
+        return jax.lax.scan(body, s, actions)[1]
+
+    return np.asarray(jax.jit(jax.vmap(one))(stacked))
+
+
+@pytest.mark.parametrize("env_id", sorted(PHYSICS))
+def test_every_randomized_physics_field_changes_the_trajectory(env_id):
+    """The catalogue's per-backend check (gymnax): each field a DR file randomizes, set to
+    1.5x nominal through `with_physics`, moves the observations of 30 fixed-action steps
+    from one reset by more than 1e-3 (measured: 0.004 to 1.9). Broken variant in the same
+    test: a field the dynamics never read (CartPole's x_threshold, only a termination
+    bound; Pendulum's max_steps_in_episode) leaves them identical, so it would fail the
+    assert. And CartPole's derived fields follow masspole and length."""
+    base = GymnaxEnv(env_id).default_params()
+    dyn = lambda phys: DynamicsParams(phys, np.int32(0), np.float32(0.0))
+    fields = PHYSICS[env_id]
+    dead = "x_threshold" if env_id == "CartPole-v1" else "max_steps_in_episode"
+    changed = [with_physics(base, **{f: getattr(base, f) * 1.5}) for f in fields]
+    changed.append(base.replace(**{dead: getattr(base, dead) * 2}))
+    obs = _trajectories(env_id, [dyn(base)] + [dyn(p) for p in changed])
+    moved = np.abs(obs[1:] - obs[0]).max(axis=(1, 2))
+    print(dict(zip([*fields, dead], moved.round(4), strict=True)))
+    assert (moved[:-1] > 1e-3).all(), dict(zip(fields, moved, strict=False))
+    assert moved[-1] == 0.0
+    if env_id == "CartPole-v1":
+        p = with_physics(base, masspole=0.3, length=0.7)
+        assert np.isclose(p.total_mass, base.masscart + 0.3)
+        assert np.isclose(p.polemass_length, 0.3 * 0.7)
+        naive = base.replace(masspole=0.3, length=0.7)  # the gotcha: derived fields stale
+        assert np.isclose(naive.polemass_length, base.polemass_length)
+    with pytest.raises(ValueError, match="has no field"):
+        with_physics(base, friction=2.0)
+
+
+def test_action_delay_applies_the_action_chosen_d_steps_before():
+    """Delay d = 2: the trajectory equals the undelayed one under the action sequence
+    shifted by two steps with the default action (0: push left) in front. Delay 0 gives the
+    plain env (the buffer is transparent); a wrapper that ignored the delay fails the first
+    assert (its trajectory is the unshifted one, max diff 0.3)."""
+    base = GymnaxEnv("CartPole-v1").default_params()
+    env = DynamicsRandomized(GymnaxEnv("CartPole-v1"), max_delay=3)
+    actions = jnp.array([1, 1, 0, 1, 1, 1, 0, 0, 1, 1])
+    shifted = jnp.concatenate([jnp.zeros(2, jnp.int32), actions[:-2]])
+
+    def run(delay, acts):
+        p = DynamicsParams(base, jnp.int32(delay), jnp.float32(0.0))
+        _, s = env.reset(jax.random.key(0), p)
+
+        def body(s, a):
+            obs, s, _, _, _ = env.step(jax.random.key(1), s, a, p)
+            return s, obs
+
+        return jax.lax.scan(body, s, acts)[1]
+
+    run = jax.jit(run)
+    np.testing.assert_allclose(run(2, actions), run(0, shifted), atol=1e-6)
+    assert np.abs(run(2, actions) - run(0, actions)).max() > 0.1
+    plain = GymnaxEnv("CartPole-v1")
+    _, s = plain.reset(jax.random.split(jax.random.key(0))[0], base)  # the wrapper's split
+    obs0, *_ = plain.step(jax.random.key(1), s, actions[0], base)
+    np.testing.assert_allclose(run(0, actions)[0], obs0, atol=1e-7)
+
+
+def test_observation_noise_is_gaussian_with_the_episode_std_and_leaves_the_state():
+    """obs_noise = 0.05: the observed minus the true observation has std 0.05 (within 10%)
+    and mean ~0 over 256 envs x 4 features x 20 steps; the inner state, reward and
+    termination are those of the noiseless env (noise only on what the agent sees)."""
+    base = GymnaxEnv("CartPole-v1").default_params()
+    env = DynamicsRandomized(GymnaxEnv("CartPole-v1"))
+
+    def run(key, noise):
+        p = DynamicsParams(base, jnp.int32(0), jnp.float32(noise))
+        obs, s = env.reset(key, p)
+
+        def body(s, k):
+            obs, s, r, term, _ = env.step(k, s, jnp.int32(1), p)
+            true = env.env.env.get_obs(s.inner)
+            return s, (obs - true, r, term, s.inner.x)
+
+        return jax.lax.scan(body, s, jax.random.split(key, 20))[1]
+
+    keys = jax.random.split(jax.random.key(3), 256)
+    noisy = jax.jit(jax.vmap(run, (0, None)))(keys, 0.05)
+    clean = jax.jit(jax.vmap(run, (0, None)))(keys, 0.0)
+    err = np.asarray(noisy[0])
+    assert abs(err.std() - 0.05) < 0.005 and abs(err.mean()) < 0.005, (err.std(), err.mean())
+    assert np.abs(np.asarray(clean[0])).max() == 0.0
+    for a, b in zip(noisy[1:], clean[1:], strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_vecenv_redraws_dynamics_at_every_auto_reset():
+    """A `VecEnv` over `DynamicsRandomized` with a sampler of (delay, pole length): each
+    env's params change exactly where its episode ended (CartPole under random actions ends
+    every ~20 steps) and never elsewhere."""
+    base = GymnaxEnv("CartPole-v1").default_params()
+
+    def sampler(key):
+        k1, k2 = jax.random.split(key)
+        phys = with_physics(base, length=jax.random.uniform(k1, minval=0.25, maxval=1.0))
+        return DynamicsParams(phys, jax.random.randint(k2, (), 0, 3), jnp.float32(0.0))
+
+    vec = VecEnv(DynamicsRandomized(GymnaxEnv("CartPole-v1"), 2), 8, sampler)
+
+    def run(key):
+        _, vs = vec.reset(key)
+
+        def body(vs, k):
+            before = vs.params.physics.length
+            a = jax.random.randint(k, (8,), 0, 2)
+            _, vs, _, done, _ = vec.step(vs, a, k)
+            return vs, (done, before != vs.params.physics.length,
+                        vs.params.physics.polemass_length / vs.params.physics.length)
+
+        return jax.lax.scan(body, vs, jax.random.split(key, 100))[1]
+
+    done, changed, masspole = map(np.asarray, jax.jit(run)(jax.random.key(0)))
+    assert done.sum() > 20
+    np.testing.assert_array_equal(changed, done)
+    np.testing.assert_allclose(masspole, base.masspole, rtol=1e-5)  # derived field follows
