@@ -1,0 +1,251 @@
+"""Tests of generalization/overfit_double_descent.py: the RFF features and the min-norm
+least-squares solve (against numpy's pinv), ridge, the network's parameter count, weight
+reuse and masking, the double-descent peak at N = n against a ridge control, purity, CLI,
+the MNIST idx loader on a fixture, and the paper presets' trace."""
+
+import dataclasses
+import gzip
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from common import run
+from generalization import overfit_double_descent as dd
+from tests.common.cli import cli_args
+from tests.common.config_fields import unread_fields
+from tests.common.preset import trace_paper
+
+# One tiny configuration for every test: 60 digits, N from n/6 to 10 n around N = n = 60.
+TINY = dd.Config(dataset="digits", num_train=60, num_test=300, rff_sigma=2.0,
+                 features=(10, 30, 45, 55, 60, 65, 75, 120, 300, 600))
+RIDGE = dataclasses.replace(TINY, ridge_coef=1.0)
+N_AT = TINY.features.index(TINY.num_train)
+
+
+def _train(cfg, keys):
+    """The runner's whole-run program (make_train), jitted and vmapped over `keys`."""
+    with jax.enable_x64(True):
+        fn = jax.jit(jax.vmap(run.make_train(dd.init, dd.update, cfg)))
+        state, metrics = fn.lower(keys).compile(run.INIT_COMPILER_OPTIONS)(keys)
+        return jax.tree.map(np.asarray, (state, metrics))
+
+
+@pytest.fixture(scope="module")
+def curves():
+    """TINY trained for seeds (0, 0, 1): rows 0 and 1 must be identical, 2 different."""
+    k = jax.random.split(jax.random.PRNGKey(0), 2)
+    return _train(TINY, jnp.stack([k[0], k[0], k[1]]))
+
+
+# --- equations ---
+
+
+def test_rff_features_by_hand():
+    """[1] Eq. 3: phi(x; v) = exp(i <v, x>); <v, x> = 0 gives 1, pi gives -1."""
+    x = jnp.array([[1.0, 0.0], [0.5, 0.5]])
+    v = jnp.array([[0.0, 0.0], [np.pi, 0.0], [np.pi, np.pi]])
+    phi = np.asarray(dd.rff_features(x, v))
+    expect = np.exp(1j * np.array([[0, np.pi, np.pi], [0, np.pi / 2, np.pi]]))
+    np.testing.assert_allclose(phi, expect, atol=1e-6)
+
+
+@jax.jit
+def _fit(x, v, y, n_used, ridge):
+    """The masked features and min-norm fit as update runs them, one compile."""
+    phi = dd.rff_features(x, v) * (jnp.arange(v.shape[0]) < n_used)
+    return dd.min_norm_fit(phi, y.astype(phi.dtype), ridge, 1e-12)
+
+
+@pytest.mark.parametrize("n_used", [4, 9, 15])
+def test_min_norm_fit_is_pinv_of_the_used_features(n_used):
+    """[1] Eq. 4: with the features >= N masked to zero, min_norm_fit gives pinv(Phi_N) Y on
+    the first N coefficients and exactly 0 on the rest, below (N=4 < n=9), at (9) and above
+    (15) the threshold; the fit interpolates from N = n on."""
+    rng = np.random.default_rng(0)
+    n, nmax = 9, 20
+    with jax.enable_x64(True):
+        x, v = rng.normal(size=(n, 3)), rng.normal(size=(nmax, 3))
+        y = np.eye(4)[rng.integers(0, 4, n)]
+        a = np.asarray(_fit(jnp.asarray(x), jnp.asarray(v), jnp.asarray(y), n_used, 0.0))
+    full = np.exp(1j * x @ v.T)
+    ref = np.linalg.pinv(full[:, :n_used]) @ y
+    np.testing.assert_allclose(a[:n_used], ref, atol=1e-8)
+    np.testing.assert_array_equal(a[n_used:], 0)
+    resid = np.abs(full[:, :n_used] @ a[:n_used] - y).max()
+    assert (resid < 1e-8) == (n_used >= n), resid
+
+
+def test_min_norm_fit_with_ridge_is_kernel_ridge():
+    """a = Phi^H (Phi Phi^H + lambda I)^-1 Y = (Phi^H Phi + lambda I)^-1 Phi^H Y."""
+    rng = np.random.default_rng(1)
+    with jax.enable_x64(True):  # the same shapes as the pinv test's: no new compile
+        x, v = rng.normal(size=(9, 3)), rng.normal(size=(20, 3))
+        y = np.eye(4)[rng.integers(0, 4, 9)]
+        a = np.asarray(_fit(jnp.asarray(x), jnp.asarray(v), jnp.asarray(y), 20, 0.5))
+    p = np.exp(1j * x @ v.T)
+    ref = np.linalg.solve(p.conj().T @ p + 0.5 * np.eye(20), p.conj().T @ y)
+    np.testing.assert_allclose(a, ref, atol=1e-10)
+
+
+def test_min_norm_fit_loops_under_vmap():
+    """sequential_vmap: a vmapped fit has no batched eigh (XLA:CPU deadlock guard) and
+    gives the per-example results."""
+    rng = np.random.default_rng(2)
+    with jax.enable_x64(True):
+        phi = jnp.asarray(np.exp(1j * rng.normal(size=(2, 5, 7))))
+        y = jnp.asarray(np.eye(5)[None].repeat(2, 0), phi.dtype)
+        fn = jax.jit(jax.vmap(dd.min_norm_fit, (0, 0, None, None)))
+        lowered = fn.lower(phi, y, 0.0, 1e-12)
+        batched = lowered.compile(run.INIT_COMPILER_OPTIONS)(phi, y, 0.0, 1e-12)
+    ref = np.linalg.pinv(np.asarray(phi[1])) @ np.eye(5)
+    np.testing.assert_allclose(batched[1], ref, atol=1e-10)
+    assert "while" in lowered.as_text()
+
+
+def test_risks_by_hand():
+    """Squared loss summed over outputs, averaged over points; zero-one of the argmax."""
+    pred = jnp.array([[1.0, 0.0], [0.2, 0.4]])
+    mse, err = dd.risks(pred, jnp.array([0, 0]), 2)
+    np.testing.assert_allclose(mse, (0 + (0.8**2 + 0.4**2)) / 2, rtol=1e-6)
+    assert float(err) == 0.5
+
+
+def test_num_params_threshold_of_the_paper():
+    """[1] Fig. 4 on MNIST: 784-H-10, n K = 4000 x 10 = 40,000 weights at H ~ 50."""
+    assert dd.num_params(50, 784, 10) == 785 * 50 + 51 * 10 == 39_760
+    assert dd.num_params(51, 784, 10) > 40_000 > dd.num_params(50, 784, 10)
+
+
+@jax.jit
+def _reuse_and_grad(key):
+    prev = dd.glorot_params(key, 3, 5, 2, 8)
+    prev = (prev[0], prev[1] + 1.0, prev[2], prev[3] + 2.0)
+    new = dd.reuse_params(jax.random.PRNGKey(1), prev, 3, 0.1)
+    mask = jnp.arange(8) < 5
+    g = jax.grad(lambda p: jnp.sum(dd.mlp_apply(p, jnp.ones((4, 5)), mask, jnp.float32) ** 2))(
+        new)
+    return prev, new, g
+
+
+def test_weight_reuse_keeps_trained_units_and_masked_units_get_no_gradient():
+    """Weight reuse: units < prev_h keep their weights (and b2), new ones are N(0, std^2)
+    with zero biases; units >= H (mask) take no gradient."""
+    prev, (w1, b1, w2, b2), g = _reuse_and_grad(jax.random.PRNGKey(0))
+    np.testing.assert_array_equal(w1[:, :3], prev[0][:, :3])
+    np.testing.assert_array_equal(w2[:3], prev[2][:3])
+    np.testing.assert_array_equal(b1, [1, 1, 1, 0, 0, 0, 0, 0])
+    np.testing.assert_array_equal(b2, prev[3])
+    assert 0.03 < float(jnp.std(w1[:, 3:])) < 0.2
+    assert float(jnp.abs(g[0][:, 5:]).max()) == 0 and float(jnp.abs(g[2][5:]).max()) == 0
+    assert float(jnp.abs(g[0][:, :5]).max()) > 0
+
+
+# --- behaviour, purity ---
+
+
+def test_test_error_peaks_at_the_interpolation_threshold_and_ridge_removes_the_peak(curves):
+    """Min-norm RFF on 60 digits: the seed-mean test zero-one error peaks within one bin of
+    N = n and is >= 1.5x both the best error below n and the error at N = 10 n; the train
+    squared loss is ~0 from N = n on, and the norm peaks there too. The broken variant, a
+    ridge fit (lambda = 1) in place of the min-norm interpolant, has no peak (it fails the
+    same check). Measured when written: min-norm 0.321 (N=30) / 0.737 (N=n) / 0.177
+    (N=600); ridge 0.257 / 0.267 / 0.177, its maximum at N = 10."""
+    _, m = curves
+    _, mr = _train(RIDGE, jax.random.split(jax.random.PRNGKey(0), 2))
+
+    def has_peak(m):
+        err = m["charts/test_zero_one"][-2:].mean(0)  # seeds 0 and 1 (distinct)
+        i = int(np.argmax(err))
+        return (abs(i - N_AT) <= 1 and err[i] >= 1.5 * err[:N_AT - 1].min()
+                and err[i] >= 1.5 * err[-1]), np.round(err, 3)
+
+    ok, err = has_peak(m)
+    assert ok, err
+    assert m["losses/train_mse"][:, N_AT:].max() < 1e-6
+    assert np.argmax(m["charts/norm"][-2:].mean(0)) == N_AT
+    broken, err_r = has_peak(mr)
+    assert not broken, err_r
+
+
+def test_train_is_pure_and_seeded(curves):
+    """Same key: identical curves; another key (other features): a different curve."""
+    state, m = curves
+    # rows of XLA's batched matmuls may round differently: equal to 1e-12 relative (the
+    # train loss past the threshold is ~1e-29, round-off itself, and is compared absolutely)
+    jax.tree.map(lambda a: np.testing.assert_allclose(a[0], a[1], rtol=1e-12, atol=1e-20),
+                 (state, m))
+    assert not np.array_equal(m["losses/test_mse"][0], m["losses/test_mse"][2])
+    np.testing.assert_array_equal(state.step, TINY.num_updates)
+
+
+# --- CLI, loader, config ---
+
+
+def test_cli_runs_and_plots(tmp_path):
+    """The script through the runner (one seed) with TINY's flags and --plot."""
+    png = tmp_path / "dd.png"
+    args = cli_args(TINY, dd.Config()) + ["--run-dir", str(tmp_path / "run"), "--no-progress",
+                                          "--log-every", "10", "--fast-compile", "--plot", str(png)]
+    res = dd.main(args)
+    assert not jax.config.jax_enable_x64  # main() enables x64 only for its run
+    assert int(res.final["peak_width"][0]) in TINY.features[N_AT - 1:N_AT + 2]
+    assert res.history["charts/width"].shape == (1, TINY.num_updates)
+    assert png.stat().st_size > 1000
+
+
+def _write_idx(path, arr):
+    header = bytes([0, 0, 8, arr.ndim]) + np.array(arr.shape, ">i4").tobytes()
+    with gzip.open(str(path) + ".gz", "wb") as f:
+        f.write(header + arr.astype(np.uint8).tobytes())
+
+
+def _mnist_fixture(root, n_train, n_test):
+    """MNIST's four idx files (gzipped), random pixels, in the standard layout."""
+    rng = np.random.default_rng(0)
+    for split, n in (("train", n_train), ("test", n_test)):
+        images, labels = dd.MNIST_FILES[split]
+        _write_idx(root / images, rng.integers(0, 256, (n, 28, 28)))
+        _write_idx(root / labels, rng.integers(0, 10, n))
+    return str(root)
+
+
+def test_mnist_loader_reads_idx_files(tmp_path):
+    """The loader reads the idx format (shape header, uint8 data, .gz), scales to [0, 1],
+    takes a fixed subset of n training points and the first num_test test points."""
+    d = _mnist_fixture(tmp_path, 30, 12)
+    images = dd.read_idx(tmp_path / "train-images-idx3-ubyte")
+    assert images.shape == (30, 28, 28)
+    xtr, ytr, xte, yte = dd.load_data("mnist", d, 20, 10)
+    assert xtr.shape == (20, 784) and xte.shape == (10, 784) and ytr.shape == (20,)
+    assert 0 <= xtr.min() and xtr.max() <= 1
+    perm = np.random.default_rng(0).permutation(30)[:20]
+    np.testing.assert_allclose(xtr[0], images[perm[0]].reshape(-1) / 255.0, rtol=1e-6)
+
+
+def test_paper_presets_trace(tmp_path):
+    """eval_shape of init and update for both paper settings, on a full-size MNIST
+    fixture (60k train points are not needed: the subsets are 10^4 and 4000)."""
+    d = _mnist_fixture(tmp_path, 10_000, 10_000)
+    with jax.enable_x64(True):
+        cfg, state, (after, metrics) = trace_paper(dd, data_dir=d)
+    assert cfg.num_train == 10_000 and state.v.shape == (60_000, 784)
+    assert state.v.dtype == jnp.float64 and metrics["charts/test_zero_one"].shape == ()
+    cfg, state, (after, metrics) = trace_paper(dd, data_dir=d, **dd.PRESETS["paper_mlp"])
+    assert state.params[0].shape == (784, 1024) and cfg.num_train == 4000
+
+
+def test_validate_names_the_field():
+    for bad, name in ((dict(model="cnn"), "model"), (dict(features=(5, 3)), "features"),
+                      (dict(rff_sigma=0.0), "rff_sigma"), (dict(lr_decay=1.5), "lr_decay"),
+                      (dict(dataset="mnist", data_dir=""), "data-dir"),
+                      (dict(num_train=1700), "num_train"), (dict(dtype="fp8"), "dtype")):
+        with pytest.raises(ValueError, match=name):
+            dataclasses.replace(TINY, **bad).validate()
+    with pytest.raises(run.ConfigError, match="ridge-coef"):
+        run.check_config(dataclasses.replace(TINY, ridge_coef=-1.0))
+
+
+def test_every_config_field_is_read():
+    assert unread_fields(dd) == []
