@@ -42,7 +42,11 @@ FF without randomization 0.51 / 0.00 +- 0.00. [1] Table III (LSTM, real): all
 randomization 0.89, fixed action timestep 0.29, no observation noise 0.25, fixed link mass
 0.64, fixed puck friction 0.48. (Read from a detailed secondary summary of the paper, not
 the PDF itself; see the README note.)
-Ours: see generalization/README.md (filled by the lead) and the docstring of the slow test.
+Ours (quick, CartPole-v1, LSTM 64, 400k steps, 2 seeds, 64 episodes per condition; a
+loaded 2-core CPU, ~100 s compile + ~90 s per run): return in the target (a 3-step action
+delay, training drew 0..2) 396 +- 5 randomized vs 188 +- 33 without randomization; in
+distribution 453 vs 500 (nominal), so the gap is 57 vs 312. Both score 500 at the nominal
+dynamics. Sweep of the delay: generalization/uniform_dr_dynamics.png.
 
 Differences from the paper:
 - Learner: PPO ([3], clipped surrogate, GAE) on whole-sequence minibatches, not [1]'s
