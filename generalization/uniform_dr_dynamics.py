@@ -40,8 +40,8 @@ Paper hyperparameters (GPU; LSTM 128, 128 episodes x 100 steps per iteration, lr
 0.89 +- 0.06 (28 real trials), FF 0.83 / 0.67 +- 0.14, FF + history 0.87 / 0.70 +- 0.10,
 FF without randomization 0.51 / 0.00 +- 0.00. [1] Table III (LSTM, real): all
 randomization 0.89, fixed action timestep 0.29, no observation noise 0.25, fixed link mass
-0.64, fixed puck friction 0.48. (Read from a detailed secondary summary of the paper, not
-the PDF itself; see the README note.)
+0.64, fixed puck friction 0.48. (Tables I-III as quoted by a detailed secondary summary of
+the paper; the PDF itself was not at hand.)
 Ours (quick, CartPole-v1, LSTM 64, 400k steps, 2 seeds, 64 episodes per condition; a
 loaded 2-core CPU, ~100 s compile + ~90 s per run): return in the target (a 3-step action
 delay, training drew 0..2) 396 +- 5 randomized vs 188 +- 33 without randomization; in
