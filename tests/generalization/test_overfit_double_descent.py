@@ -169,6 +169,33 @@ def test_test_error_peaks_at_the_interpolation_threshold_and_ridge_removes_the_p
     assert not broken, err_r
 
 
+@pytest.mark.slow
+def test_quick_preset_peak_matches_the_catalog_and_ridge_flattens_it():
+    """The `quick` preset (n = 200 digits, N from 20 to 2000), 2 seeds: the seed-mean test
+    error at N = n is >= 2x that at N = n/2 and >= 5x that at N = 10 n, its squared loss
+    > 10x that at n/2, and the train squared loss ~0 from N = n on (the catalogue's gate,
+    which measured 0.833 / 0.158 / 0.060 with ReLU features). The ridge control (lambda = 1)
+    fails it. Measured when written (errors at n/2, n, 10 n; MSEs at n/2, n): min-norm
+    0.082 / 0.773 / 0.046, 0.33 / 26.2; ridge 0.076 / 0.088 / 0.046, 0.31 / 0.33."""
+    cfg = dd.Config(**dd.PRESETS["quick"])
+    at, half = cfg.features.index(200), cfg.features.index(100)
+    keys = jax.random.split(jax.random.PRNGKey(0), 2)
+
+    def gate(cfg):
+        _, m = _train(cfg, keys)
+        err, mse = m["charts/test_zero_one"].mean(0), m["losses/test_mse"].mean(0)
+        ok = (err[at] >= 2 * err[half] and err[at] >= 5 * err[-1]
+              and mse[at] > 10 * mse[half] and m["losses/train_mse"][:, at:].max() < 1e-6)
+        return ok, (err[half], err[at], err[-1], mse[half], mse[at])
+
+    ok, nums = gate(cfg)
+    print("min-norm", np.round(nums, 3))
+    assert ok, nums
+    broken, nums_r = gate(dataclasses.replace(cfg, ridge_coef=1.0))
+    print("ridge", np.round(nums_r, 3))
+    assert not broken, nums_r
+
+
 def test_train_is_pure_and_seeded(curves):
     """Same key: identical curves; another key (other features): a different curve."""
     state, m = curves
