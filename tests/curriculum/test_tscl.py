@@ -103,14 +103,13 @@ def test_online_teacher_is_an_ema_of_the_score_change_and_naive_a_slope_per_roun
 
 
 def test_naive_holds_its_distribution_for_a_round_of_k_epochs():
-    """[1] Alg. 2: the policy is applied at the start of each K-epoch round only."""
-    cfg = _cfg(window_size=3, epsilon=0.0)
-    ts = tscl.teacher_init(3, 3).replace(q=jnp.array([0.0, 1.0, 0.0]),
-                                         p_round=jnp.array([1.0, 0.0, 0.0]))
+    """[1] Alg. 2: the policy is applied at the start of each K-epoch round only (K = 10)."""
+    ts = tscl.teacher_init(3, 10).replace(q=jnp.array([0.0, 0.2, 0.0]),
+                                          p_round=jnp.array([1.0, 0.0, 0.0]))
     key, naive = jax.random.PRNGKey(0), jnp.asarray(1)
-    np.testing.assert_array_equal(teacher_probs(key, ts, naive, jnp.asarray(3), cfg),
-                                  [0, 1, 0])  # a round starts: greedy on Q
-    np.testing.assert_array_equal(teacher_probs(key, ts, naive, jnp.asarray(4), cfg),
+    np.testing.assert_allclose(teacher_probs(key, ts, naive, jnp.asarray(20), TINY),
+                               [0.1 / 3, 0.9 + 0.1 / 3, 0.1 / 3], rtol=1e-6)  # round starts
+    np.testing.assert_array_equal(teacher_probs(key, ts, naive, jnp.asarray(21), TINY),
                                   [1, 0, 0])  # mid-round: the held distribution
 
 
@@ -140,14 +139,17 @@ def test_policies_boltzmann_egreedy_and_abs_progress():
     task being forgotten (Q = -0.05) beats one learnt slowly (0.02); without abs the
     slow one wins."""
     tau = 0.0004
-    window = jnp.asarray(WINDOW)
-    ts = tscl.teacher_init(3, 3)
-    # Window reads its slope from the ring: scores rising by [0, tau ln 2, tau ln 4] / epoch
+    ts = tscl.teacher_init(3, 10)
+    # Window's slopes from a ring of scores rising by [0, tau ln 2, tau ln 4] per epoch
     slope = jnp.array([0.0, tau * np.log(2), tau * np.log(4)])
-    ring = ts.replace(scores=jnp.stack([0 * slope, slope, 2 * slope]),
-                      times=jnp.array([0.0, 1.0, 2.0]), count=jnp.asarray(3))
-    p = teacher_probs(jax.random.PRNGKey(0), ring, window, jnp.asarray(3),
-                           _cfg(exploration="boltzmann", temperature=tau, abs_progress=False))
+    ring = ts.replace(scores=jnp.zeros((10, 3)).at[:3].set(jnp.stack([0 * slope, slope,
+                                                                       2 * slope])),
+                      times=jnp.zeros(10).at[:3].set(jnp.array([0.0, 1.0, 2.0])),
+                      count=jnp.asarray(3))
+    p = tscl.boltzmann(window_slope(ring.scores, ring.times, ring.count), tau)
+    np.testing.assert_allclose(p, [1 / 7, 2 / 7, 4 / 7], rtol=1e-3)
+    p = teacher_probs(jax.random.PRNGKey(0), ring, jnp.asarray(WINDOW), jnp.asarray(3),
+                      _cfg(exploration="boltzmann", temperature=tau))  # what update calls
     np.testing.assert_allclose(p, [1 / 7, 2 / 7, 4 / 7], rtol=1e-3)
     np.testing.assert_allclose(tscl.boltzmann(jnp.array([0.0, 1.0]), 1.0),
                                [1 / (1 + np.e), np.e / (1 + np.e)], rtol=1e-6)
@@ -226,8 +228,7 @@ def test_window_teacher_beats_the_broken_teacher_and_keeps_up_with_uniform(quick
         uniform     ...
         score       ...   (broken: greedy on the score, drills 1-digit sums)
     The broken teacher fails the second assert."""
-    acc = quick_run.history["charts/val_accuracy"]
-    auc = acc.mean(1)
+    auc = quick_run.final["auc"]
     win, uni, bad = auc[:SEEDS], auc[SEEDS:2 * SEEDS], auc[2 * SEEDS:]
     p1 = quick_run.history["charts/p_1digit"].mean(1)
     print("window", win, "uniform", uni, "anti", bad, "p(1 digit)", p1)
@@ -255,7 +256,8 @@ def test_train_is_pure_and_cli_writes_its_files(quick_run, tmp_path, capsys):
     np.testing.assert_array_equal(quick_run.state.step, [TINY.total_steps] * 3 * SEEDS)
     p = np.stack([h[f"charts/p_{i + 1}digit"] for i in range(TINY.max_digits)])
     np.testing.assert_allclose(p.sum(0), 1.0, rtol=1e-5)
-    assert set(quick_run.final) == {"epochs_to_target", "val_accuracy"}
+    assert set(quick_run.final) == {"epochs_to_target", "val_accuracy", "auc"}
+    np.testing.assert_allclose(quick_run.final["auc"], h["charts/val_accuracy"].mean(1), rtol=1e-5)
     # the first chunk again, from the same keys: the same compiled program (from the
     # persistent compilation cache) gives bit-identical metrics
     again = _run(tmp_path, ["--num-updates", str(CHUNK)])
