@@ -12,6 +12,18 @@ from pathlib import Path
 import numpy as np
 
 
+def save_png(fig, out) -> str:
+    """Write a matplotlib figure to the PNG `out` at 100 dpi with a 64-colour palette (a few
+    tens of kB, light enough to commit) and close it; returns `out`."""
+    import matplotlib.pyplot as plt
+    from PIL import Image
+
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+    Image.open(out).convert("RGB").quantize(64).save(out, optimize=True)
+    return str(out)
+
+
 def load(run_dir: str | Path) -> list[dict]:
     path = Path(run_dir) / "metrics.jsonl"
     if not path.exists():

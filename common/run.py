@@ -721,6 +721,26 @@ def summarize(result: RunResult, keys: list[str] | None = None) -> str:
     return "\n".join(lines)
 
 
+def pop_flags(argv: list[str] | None, *flags: str) -> tuple[dict, list[str] | None]:
+    """A file's own `--flag VALUE` options that the runner does not parse (`--plot PNG`,
+    `--compare RUN_DIR`): removed from `argv`, or from `sys.argv` when `argv` is None (as
+    `main` then reads it), and returned as ({flag: VALUE or None}, the argv to hand `main`)."""
+    args = sys.argv[1:] if argv is None else list(argv)
+    found = {}
+    for flag in flags:
+        found[flag] = None
+        if flag in args:
+            i = args.index(flag)
+            if i + 1 >= len(args) or args[i + 1].startswith("--"):
+                raise SystemExit(f"error: {flag} needs a value")
+            found[flag] = args[i + 1]
+            del args[i:i + 2]
+    if argv is None:
+        sys.argv[1:] = args
+        return found, None
+    return found, args
+
+
 def main(config_cls, init, update, *, presets=None, evaluate=None, argv=None, doc=None,
          summary_keys=None, nan_unless=None, steps_metric=None) -> RunResult:
     """Entry point of an algorithm file: parse CLI, train, print the summary."""

@@ -72,7 +72,6 @@ Differences from the papers / [3]'s code:
 
 import json
 import math
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -81,6 +80,7 @@ import jax.numpy as jnp
 from flax import struct
 
 from common import run
+from common.plot import save_png
 
 STRATEGIES = ("epsilon_greedy", "ucb1", "boltzmann", "thompson")
 
@@ -394,30 +394,17 @@ def plot_regret(run_dir, out, strategies=STRATEGIES):
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(out, dpi=100)
-    plt.close(fig)
-    from PIL import Image
-
-    Image.open(out).convert("RGB").quantize(64).save(out, optimize=True)  # a few tens of kB
-    return out
+    return save_png(fig, out)
 
 
 # --- MAIN ---
 
 
 def main(argv=None):
-    args = sys.argv[1:] if argv is None else list(argv)
-    out = None
-    if "--plot" in args:
-        i = args.index("--plot")
-        if i + 1 >= len(args):
-            raise SystemExit("error: --plot needs an output path (PNG)")
-        out = args[i + 1]
-        del args[i:i + 2]
-        if argv is None:
-            sys.argv[1:] = args
+    flags, argv = run.pop_flags(argv, "--plot")
+    out = flags["--plot"]
     res = run.main(Config, init, update, presets=PRESETS, evaluate=evaluate,
-                   argv=None if argv is None else args, doc=__doc__,
+                   argv=argv, doc=__doc__,
                    summary_keys=[f"{m}_{s}" for s in STRATEGIES
                                  for m in ("regret", "optimal_arm_frac")]
                    + ["ucb1_regret_bound"])

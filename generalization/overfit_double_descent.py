@@ -92,7 +92,6 @@ Differences from the paper:
 
 import functools
 import gzip
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -103,6 +102,7 @@ import numpy as np
 from flax import struct
 
 from common import run
+from common.plot import save_png
 
 # --- CONFIG ---
 
@@ -428,7 +428,6 @@ def plot_curve(run_dir, out):
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    from PIL import Image
 
     from common import plot
 
@@ -462,30 +461,19 @@ def plot_curve(run_dir, out):
     axes[0].set_title(f"{c['model']} on {c['dataset']}, n = {c['num_train']} (threshold "
                       "dashed; band: min-max over seeds)", fontsize=9)
     fig.tight_layout()
-    fig.savefig(out, dpi=100)
-    plt.close(fig)
-    Image.open(out).convert("RGB").quantize(64).save(out, optimize=True)
-    return out
+    return save_png(fig, out)
 
 
 # --- MAIN ---
 
 
 def main(argv=None):
-    args = sys.argv[1:] if argv is None else list(argv)
-    out = None
-    if "--plot" in args:  # this file's one extra flag: a PNG of the curve
-        i = args.index("--plot")
-        if i + 1 >= len(args):
-            raise SystemExit("error: --plot needs an output path (PNG)")
-        out = args[i + 1]
-        del args[i:i + 2]
-        if argv is None:
-            sys.argv[1:] = args
-    cfg, _ = run.parse(Config, PRESETS, args, description=__doc__)
+    flags, argv = run.pop_flags(argv, "--plot")  # this file's one extra flag: a PNG
+    out = flags["--plot"]
+    cfg, _ = run.parse(Config, PRESETS, argv, description=__doc__)
     with jax.enable_x64(cfg.x64):
         res = run.main(Config, init, update, presets=PRESETS, evaluate=evaluate,
-                       argv=None if argv is None else args, doc=__doc__,
+                       argv=argv, doc=__doc__,
                        summary_keys=["peak_width", "peak_test_zero_one",
                                      "last_test_zero_one", "threshold"])
     if out is not None:

@@ -436,3 +436,20 @@ def test_fast_compile_reaches_the_chunk_compile_and_keeps_the_results(tmp_path, 
     toy_algo.main(args + ["--fast-compile", "--run-dir", str(tmp_path / "a")])
     toy_algo.main(args + ["--run-dir", str(tmp_path / "b")])
     assert seen == [run.INIT_COMPILER_OPTIONS, None], seen
+
+
+def test_pop_flags_takes_a_files_own_flags_out_of_argv_or_sys_argv(monkeypatch):
+    """A file's extra `--plot PNG` / `--compare DIR` leave the argv the runner parses (a
+    list argv is copied, sys.argv is edited in place when argv is None); a flag without
+    its value is an error, not a silent swallow of the next flag."""
+    argv = ["--preset", "quick", "--plot", "a.png", "--num-seeds", "2"]
+    flags, rest = run.pop_flags(argv, "--plot", "--compare")
+    assert flags == {"--plot": "a.png", "--compare": None}
+    assert rest == ["--preset", "quick", "--num-seeds", "2"] and len(argv) == 6
+    monkeypatch.setattr(sys, "argv", ["algo.py", "--compare", "runs/x", "--seed", "1"])
+    flags, rest = run.pop_flags(None, "--plot", "--compare")
+    assert flags == {"--plot": None, "--compare": "runs/x"} and rest is None
+    assert sys.argv == ["algo.py", "--seed", "1"]
+    for bad in (["--plot"], ["--plot", "--seed", "1"]):
+        with pytest.raises(SystemExit, match="--plot needs a value"):
+            run.pop_flags(bad, "--plot")
