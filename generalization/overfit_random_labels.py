@@ -1,9 +1,9 @@
 """Deep nets fit random labels: the randomization tests of Zhang et al. (2017).
 
 [1] C. Zhang, S. Bengio, M. Hardt, B. Recht, O. Vinyals. "Understanding deep learning
-    requires rethinking generalization." ICLR 2017, arXiv:1611.03530. No released code; the
-    authors' pointer is pluskid/fitting-random-labels (PyTorch, commit 18d8ea4), which
-    corrupts labels the same way (`cifar10_data.py`).
+    requires rethinking generalization." ICLR 2017, arXiv:1611.03530. The paper's code was
+    not released; the first author's later PyTorch re-implementation,
+    pluskid/fitting-random-labels (commit 18d8ea4), corrupts labels the same way.
 
 A network is trained on a data set whose labels or inputs were replaced by noise ([1]
 Sec. 2). Each arm is one such data set, made once and then FIXED for the whole run:
@@ -20,7 +20,7 @@ the same way). Every arm trains the same network from the same initialisation on
 minibatch order, so only the data differ; the arms are one vmapped axis of one program.
 
     min_theta 1/n sum_i CE(f_theta(x_i), y_i),  SGD, momentum 0.9,
-    lr 0.01 (MLPs; 0.1 for Inception) x 0.95 per epoch (staircase), batch 128       [1] App. A
+    lr 0.01 (MLPs; 0.1 for Inception) x 0.95 per epoch (staircase)                 [1] App. A
     inputs: 28x28 centre crop of CIFAR-10, per-image whitening
         x <- (x - mean(x)) / max(std(x), 1 / sqrt(#x))   (tf.image.per_image_whitening)
     "time to overfit": the step at which training accuracy first reaches 100%     [1] Fig. 1b
@@ -38,7 +38,17 @@ Paper setting (GPU; CIFAR-10 python batches in --data-dir, MLP 1x512 of 1,209,86
 with weight decay 99.80 / 50.39, random labels 99.34 / 10.61; Inception (with crop + weight
 decay) 100.0 / 89.05, without both 100.0 / 85.75, random labels 100.0 / 9.78. Fig. 1b: the
 time to overfit grows only by a small constant factor from true to random labels.
-Measured (quick preset): see the README row and the test module's docstrings.
+Measured (quick preset, 1,400 SGD steps, 2 seeds, 2.8 min on a heavily shared 2-core CPU):
+every arm reaches train accuracy 1.000; test accuracy true labels 0.981, p = 0.2 / 0.4 /
+0.6 / 0.8: 0.875 / 0.711 / 0.518 / 0.337, random labels 0.109, shuffled labels 0.118,
+shuffled pixels 0.981 (an MLP does not see pixel order), random pixels 0.102, Gaussian
+0.097; steps to 100% train accuracy: true labels 130, random labels 441 (factor 3.4),
+random pixels 91, Gaussian 84. With [1]'s MLP rate (--lr 0.01, 600 epochs = 4,200 steps,
+1 seed): random labels train 0.998 / test 0.110, true labels 1.000 / 0.982.
+Regularisers (700 steps, lr 0.1, 2 seeds; the slow test): true-label test accuracy 0.98
+with none, weight decay 5e-4, dropout 0.5 or augmentation alike; random labels are still
+fitted with weight decay (1.0), nearly with dropout (0.93 / 0.91), not with augmentation
+(0.24 / 0.26: a 1-pixel shift is an eighth of an 8x8 digit).
 
 Logged each update (= one epoch), for every arm a: losses/train_<a> (mean minibatch loss
 of the epoch), charts/train_acc_<a> (accuracy on the whole training set against the arm's
@@ -64,7 +74,8 @@ Differences from the paper:
 - Shuffled / random pixels permute pixel positions (channels move together) of the
   original image, before cropping and whitening; the Gaussian arm matches the per-channel
   mean and std of the training images.
-- Minibatches: a fresh random order each epoch, the last incomplete batch dropped.
+- Minibatches of 128 (not stated in [1]; the value of its re-implementations), a fresh
+  random order each epoch, the last incomplete batch dropped.
 - The arms share one initialisation and minibatch order (in [1] they are separate runs).
 """
 
