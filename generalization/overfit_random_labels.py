@@ -81,7 +81,6 @@ Differences from the paper:
 
 import functools
 import pickle
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -94,6 +93,7 @@ import optax
 from flax import struct
 
 from common import data, run
+from common.plot import save_png
 
 VARIANTS = ("shuffled_labels", "shuffled_pixels", "random_pixels", "gaussian")
 """The arms beyond label corruption ([1] Sec. 2); `shuffled_labels` keeps the images."""
@@ -575,36 +575,22 @@ def plot(result, cfg: Config, out: str):
     fig.suptitle(f"{cfg.dataset}, MLP {'x'.join(map(str, cfg.hidden))}, "
                  f"{h['charts/lr'].shape[0]} seed(s)", fontsize=10)
     fig.tight_layout()
-    fig.savefig(out, dpi=100)
-    plt.close(fig)
-    from PIL import Image
-
-    Image.open(out).convert("RGB").quantize(64).save(out, optimize=True)
-    return out
+    return save_png(fig, out)
 
 
 # --- MAIN ---
 
 
 def main(argv=None):
-    args = sys.argv[1:] if argv is None else list(argv)
-    out = None
-    if "--plot" in args:
-        i = args.index("--plot")
-        if i + 1 >= len(args):
-            raise SystemExit("error: --plot needs an output path (PNG)")
-        out = args[i + 1]
-        del args[i:i + 2]
-        if argv is None:
-            sys.argv[1:] = args
+    flags, argv = run.pop_flags(argv, "--plot")
     doc = __doc__ + "\n`--plot PNG` (an extra flag) draws [1] Fig. 1a-c from the run."
-    cfg, _ = run.parse(Config, PRESETS, args, description=doc)
-    res = run.main(Config, init, update, presets=PRESETS, evaluate=evaluate,
-                   argv=None if argv is None else args, doc=doc,
+    cfg, _ = run.parse(Config, PRESETS, argv, description=doc)
+    res = run.main(Config, init, update, presets=PRESETS, evaluate=evaluate, argv=argv,
+                   doc=doc,
                    summary_keys=[f"{m}_{a}" for a in cfg.arms
                                  for m in ("train_acc", "test_acc", "steps_to_fit")])
-    if out is not None:
-        print(plot(res, cfg, out))
+    if flags["--plot"] is not None:
+        print(plot(res, cfg, flags["--plot"]))
     return res
 
 
