@@ -15,7 +15,8 @@ The K outputs share the features (Y: one-hot labels, n x K), so the threshold is
 it the least-squares fit is unique and does not interpolate; from N = n on it interpolates,
 and the minimum-norm interpolant's norm ||a|| (and the test risk) peaks there.
 
-Model "mlp" ([1] Fig. 4, the post's Fig. 4): one-hidden-layer ReLU networks of H units,
+Model "mlp" ([1]'s network figure, recalled as PNAS Fig. 3; the post's Fig. 4): one-hidden-
+layer ReLU networks of H units,
     f(x) = W2^T relu(W1^T x + b1) + b2,  (d + 1) H + (H + 1) K parameters
 trained on the squared loss sum_k (f_k(x) - y_k)^2 (no regulariser) with SGD + momentum; the
 threshold is at (d + 1) H + (H + 1) K = n K. Below it the "weight reuse" scheme of [1]
@@ -46,8 +47,11 @@ Measured (`--preset quick --num-seeds 3`, 2-core CPU shared with other jobs, 75 
 0.206 (N = 20), 0.084 (N = 100 = n/2, the classical U's best), 0.280 (190), **0.783 +- 0.014
 at N = n = 200** (every seed peaks there), 0.321 (210), 0.081 (300), 0.051 (600), **0.048 at
 N = 10 n = 2000**; test squared loss 0.33 (n/2), 42.7 (n), 0.16 (10 n); the norm ||a||
-1.38, 24.3, 0.30; train squared loss ~1e-25 from N = n on. With --ridge-coef 1 the peak
-goes (2 seeds: 0.076 at n/2, 0.088 at n, 0.046 at 10 n; the slow test's gate).
+1.38, 24.3, 0.30 (part of its fall past n is the 1/sqrt(N) of ||a|| itself: sqrt(N) ||a||,
+comparable across N as a norm in the kernel's RKHS, is 13.8, 344, 13.4, so the peak stays
+and the far end returns to the level of n/2); train squared loss ~1e-25 from N = n on.
+With --ridge-coef 1 the peak goes (2 seeds: 0.076 at n/2, 0.088 at n, 0.046 at 10 n; the
+slow test's gate).
 The `quick_mlp` preset (n = 100 digits, threshold n K = 1000 weights at H = 13; 1 seed, 50 s)
 shows the network's curve only partly calibrated: test zero-one 0.65 (H = 6), 0.24 (12),
 0.199 (H = 13, 985 weights, train error 0 after 311 steps under weight reuse), **0.516 at
@@ -59,7 +63,7 @@ Paper setting (GPU; MNIST idx files in --data-dir, n = 10^4, N up to 6 x 10^4):
     python generalization/overfit_double_descent.py --preset paper --data-dir ~/data/mnist
 [1] Fig. 2 (RFF, MNIST n = 10^4): zero-one test error peaks at N = n (about 15% there,
     read off the plot) and falls to about 2-3% at N = 6 x 10^4; the squared test loss and
-    the norm ||a|| peak at N = n too; train risk is 0 from N = n on. [1] Fig. 4 (MLP, MNIST
+    the norm peak at N = n too; train risk is 0 from N = n on. [1]'s MLP figure (MNIST
     n = 4 x 10^3): the test zero-one error peaks at 4 x 10^4 parameters (n K).
     (Numbers read off the figures from memory; not re-checked against the PDF here.)
 
@@ -81,11 +85,15 @@ Differences from the paper:
   64-dimensional digits (calibrated by hand: the peak shows at any sigma in [1, 5]).
 - Eigenvalues of Phi Phi^H below `eig_rtol` times the largest count as zero (numpy's pinv
   cuts singular values below 1e-15 s_max; this cuts below ~1e-6 s_max at the default).
-- MLP: full-batch gradient descent with momentum instead of minibatch SGD, `mlp_steps` steps
-  per width instead of 6000 epochs; step size decays by 10% every `decay_every` steps for
-  networks below the threshold, which stop when their train zero-one error reaches 0, as in
-  [1]'s appendix as I recall it ([mem], unverified). Hidden biases start at 0. The step
-  size 0.05 is not [1]'s (not recalled); `paper_mlp` keeps it.
+- MLP: full-batch gradient descent with momentum ([1]'s batch size is not stated), `mlp_steps`
+  steps per width where [1] trains 6000 epochs (`paper_mlp`'s 6000 full-batch steps are far
+  fewer updates than 6000 epochs of minibatches: not [1]'s budget); step size decays by 10%
+  every `decay_every` steps for networks below the threshold, which stop when their train
+  zero-one error reaches 0 ([mem], unverified against [1]; the public MNIST reproductions
+  songweige/double-descent-pytorch and Dave69178/double_descent_reproduction do the same,
+  with momentum 0.95 and new weights of variance 0.01, but they start networks above the
+  threshold from N(0, 0.01) or torch's default where this file uses Glorot-uniform). Hidden
+  biases start at 0. The step size 0.05 is not [1]'s (not recalled); `paper_mlp` keeps it.
 - The RFF features are drawn once per seed for the largest N; a smaller N uses a prefix,
   where [1] may redraw them per N (not stated in what I could check).
 """
@@ -113,7 +121,7 @@ class Config:
 
     model: str = "rff"
     """rff: random Fourier features, min-norm least squares ([1] Fig. 2); mlp: one-hidden-
-    layer ReLU networks trained by SGD with weight reuse ([1] Fig. 4)"""
+    layer ReLU networks trained by SGD with weight reuse ([1]'s network figure)"""
     dataset: str = "mnist"
     """mnist (idx files in --data-dir) or digits (scikit-learn's 8x8 digits, offline)"""
     data_dir: str = ""
@@ -200,7 +208,7 @@ PRESETS = {
     "quick": dict(dataset="digits", num_train=200, num_test=1000, rff_sigma=2.0,
                   features=(20, 50, 100, 140, 170, 190, 200, 210, 230, 260, 300, 400, 600,
                             1000, 2000)),
-    # CPU demo of Fig. 4 on 8x8 digits: n = 100, threshold n K = 1000 params at H ~ 13.
+    # CPU demo of the network figure on 8x8 digits: n = 100, threshold n K = 1000 params at H ~ 13.
     "quick_mlp": dict(model="mlp", dataset="digits", num_train=100, num_test=1000,
                       hidden_units=(2, 4, 6, 8, 10, 12, 13, 14, 16, 20, 30, 60),
                       mlp_steps=20_000, lr=0.005, x64=False),

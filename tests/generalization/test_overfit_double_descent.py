@@ -113,7 +113,7 @@ def test_risks_by_hand():
 
 
 def test_num_params_threshold_of_the_paper():
-    """[1] Fig. 4 on MNIST: 784-H-10, n K = 4000 x 10 = 40,000 weights at H ~ 50."""
+    """[1]'s network figure on MNIST: 784-H-10, n K = 4000 x 10 = 40,000 weights at H ~ 50."""
     assert dd.num_params(50, 784, 10) == 785 * 50 + 51 * 10 == 39_760
     assert dd.num_params(51, 784, 10) > 40_000 > dd.num_params(50, 784, 10)
 
