@@ -1,0 +1,268 @@
+"""Tests of transformers/gpt.py: the L3 combination and its parts, the input transformation
+(layout, extract position), the post-LN block order, the two stages' learning-rate
+schedules, the released code's Adam, causality; one tiny CLI run of twin seeds (pre-trained
+vs re-initialised at the switch) reused by the behaviour, purity and CLI tests."""
+
+import dataclasses
+import json
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from common import parallel, run
+from tests.common import preset
+from tests.common.config_fields import unread_fields
+from tests.transformers import tiny_run as tiny_run_module
+from tests.transformers.tiny_run import jit0
+from transformers import gpt
+
+# one tiny config for every test: 2 blocks of d 32, context 16, 150 pre-training updates of
+# 16 windows, then 3 epochs of a 64-example labelled set in batches of 16 (12 updates)
+TINY = gpt.Config(vocab_size=None, seq_len=16, num_layers=2, d_model=32, num_heads=2,
+                  embd_dropout=0.0, attn_dropout=0.0, resid_dropout=0.0, clf_dropout=0.0,
+                  batch_size=16, pretrain_steps=150, pretrain_lr=3e-3, pretrain_warmup=10,
+                  num_labelled=64, num_eval=64, finetune_batch=16, finetune_lr=1e-3,
+                  eval_windows=64)
+CHUNK = 81  # TINY.num_updates = 162: two chunks of one compiled program
+SEEDS = tiny_run_module.SEEDS
+KEYS = jax.random.split(jax.random.PRNGKey(0), 2 * SEEDS)  # the runner's keys (--seed 0)
+_INIT = gpt.init  # the file's own (the fixture patches gpt.init)
+
+
+def test_l3_is_l2_plus_lambda_l1_and_the_parts_by_hand():
+    """L1: per-sequence mean NLL of the next tokens over the weighted targets, then the mean
+    over rows with any weight; L2: mean NLL of the labels over weighted rows; L3 = L2 + 0.5 L1
+    when fine-tuning, L1 when pre-training."""
+    rng = np.random.default_rng(0)
+    B, L, V = 3, 4, 5
+    logits = rng.normal(size=(B, L, V)).astype(np.float32)
+    tokens = rng.integers(0, V, size=(B, L + 1))
+    w = np.array([[1, 1, 1, 0], [1, 1, 0, 0], [0, 0, 0, 0]], np.float32)  # pads, empty row
+    logp = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+    nll = -np.take_along_axis(logp, tokens[:, 1:, None], -1)[..., 0]
+    want1 = np.mean([(nll[0] * w[0]).sum() / 3, (nll[1] * w[1]).sum() / 2])
+    l1 = gpt.lm_loss(jnp.asarray(logits), jnp.asarray(tokens), jnp.asarray(w))
+    np.testing.assert_allclose(l1, want1, rtol=1e-5)
+    c = rng.normal(size=(B, 2)).astype(np.float32)
+    y = np.array([1, 0, 1])
+    rows = np.array([1.0, 1.0, 0.0], np.float32)
+    lc = c - np.log(np.exp(c).sum(-1, keepdims=True))
+    want2 = -(lc[0, 1] + lc[1, 0]) / 2
+    l2 = gpt.cls_loss(jnp.asarray(c), jnp.asarray(y), jnp.asarray(rows))
+    np.testing.assert_allclose(l2, want2, rtol=1e-5)
+    np.testing.assert_allclose(gpt.objective(l1, l2, True, 0.5), want2 + 0.5 * want1, rtol=1e-5)
+    np.testing.assert_allclose(gpt.objective(l1, l2, False, 0.5), want1, rtol=1e-6)
+    np.testing.assert_allclose(gpt.objective(l1, l2, True, 0.0), want2, rtol=1e-6)
+
+
+def test_input_transformation_layout_and_extract_position():
+    """[start] x [extract] and [start] x1 [delim] x2 [extract], right-padded with PAD to
+    seq_len + 1; the extract position `update` finds (argmax of tokens == extract) is the
+    layout's; a sequence longer than the context is refused."""
+    cfg = dataclasses.replace(TINY, seq_len=10)
+    s = gpt.specials(cfg)
+    V = s["start"]
+    assert (s["delim"], s["extract"], s["pad"], s["rows"]) == (V + 1, V + 2, V + 3, V + 4)
+    toks, pos = gpt.transform([np.array([5, 6, 7]), (np.array([1, 2]), np.array([3]))], cfg)
+    P = s["pad"]
+    np.testing.assert_array_equal(toks[0], [V, 5, 6, 7, V + 2, P, P, P, P, P, P])
+    np.testing.assert_array_equal(toks[1], [V, 1, 2, V + 1, 3, V + 2, P, P, P, P, P])
+    np.testing.assert_array_equal(pos, [4, 5])
+    np.testing.assert_array_equal(np.argmax(toks[:, :-1] == s["extract"], 1), pos)
+    with pytest.raises(ValueError, match="exceeds seq_len=10"):
+        gpt.transform([np.arange(9)], cfg)
+    # the task set: start first, extract last in the context, labels balanced
+    x, y, xe, ye = gpt.task_data(TINY)
+    assert x.shape == (TINY.num_labelled, TINY.seq_len + 1) and xe.shape[0] == TINY.num_eval
+    ts = gpt.specials(TINY)
+    assert (x[:, 0] == ts["start"]).all() and (x[:, TINY.seq_len - 1] == ts["extract"]).all()
+    assert (x[:, TINY.seq_len] == ts["pad"]).all() and y.mean() == 0.5 == ye.mean()
+    assert (x[:, 1:TINY.seq_len - 1] < ts["start"]).all()  # text tokens only in between
+
+
+def _ln(x, p, eps=1e-5):
+    mu = x.mean(-1, keepdims=True)
+    var = ((x - mu) ** 2).mean(-1, keepdims=True)
+    return (x - mu) / np.sqrt(var + eps) * p["scale"] + p["bias"]
+
+
+def test_block_is_post_ln_attention_then_mlp():
+    """Block(x) by hand in numpy from its parameters: n = LN(x + Attn(x)),
+    h = LN(n + W2 gelu_tanh(W1 n)), causal softmax(q k^T / sqrt(d_k)). A pre-LN order
+    (x + Attn(LN x)) differs from it by O(1)."""
+    B, L, d, H = 2, 5, 8, 2
+    cfg = dataclasses.replace(TINY, d_model=d, num_heads=H, seq_len=L)
+    x = np.random.default_rng(1).normal(size=(B, L, d)).astype(np.float32)
+    block = gpt.Block(cfg)
+    params = jit0(lambda k: block.init(k, jnp.zeros((B, L, d)), False))(jax.random.PRNGKey(0))
+    params = jax.tree.map(lambda a: a + np.float32(0.3) * np.asarray(  # non-trivial LN
+        jax.random.normal(jax.random.PRNGKey(2), a.shape)), params)
+    got = np.asarray(jit0(lambda p, x: block.apply(p, x, False))(params, x))
+    p = jax.tree.map(np.asarray, params["params"])
+    dense = lambda z, q: z @ q["kernel"] + q["bias"]
+
+    def attn(z):
+        qkv = dense(z, p["c_attn"]).reshape(B, L, 3, H, d // H)
+        q, k, v = (qkv[:, :, i].transpose(0, 2, 1, 3) for i in range(3))  # (B, H, L, d_k)
+        w = q @ k.transpose(0, 1, 3, 2) / math.sqrt(d // H)
+        w = np.where(np.tril(np.ones((L, L), bool)), w, -np.inf)
+        a = np.exp(w - w.max(-1, keepdims=True))
+        a = (a / a.sum(-1, keepdims=True)) @ v
+        return dense(a.transpose(0, 2, 1, 3).reshape(B, L, d), p["c_proj"])
+
+    gelu = lambda z: 0.5 * z * (1 + np.tanh(np.sqrt(2 / np.pi) * (z + 0.044715 * z**3)))
+    mlp = lambda z: dense(gelu(dense(z, p["mlp_fc"])), p["mlp_proj"])
+    n = _ln(x + attn(x), p["ln_1"])
+    want = _ln(n + mlp(n), p["ln_2"])
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+    n_pre = x + attn(_ln(x, p["ln_1"]))
+    pre_ln = n_pre + mlp(_ln(n_pre, p["ln_2"]))
+    assert np.abs(pre_ln - got).max() > 0.5
+
+
+def test_lm_logits_do_not_see_the_future():
+    """The LM logits at positions < t are bit-identical when tokens >= t change."""
+    cfg = TINY
+    model = gpt.model_of(cfg)
+    params = jit0(gpt.init_params, 1)(jax.random.PRNGKey(0), cfg)
+    f = jit0(lambda p, t: model.apply(p, t, jnp.zeros((2,), jnp.int32))[0])
+    t = np.asarray(jax.random.randint(jax.random.PRNGKey(1), (2, cfg.seq_len), 0, 50))
+    u = t.copy()
+    u[:, 9:] = (u[:, 9:] + 7) % 50
+    a, b = np.asarray(f(params, t)), np.asarray(f(params, u))
+    np.testing.assert_array_equal(a[:, :9], b[:, :9])
+    assert np.abs(a[:, 9:] - b[:, 9:]).max() > 1e-3
+
+
+def test_learning_rate_schedules_by_hand():
+    """Pre-training (T = 1000, warm-up 100, max 2.5e-4): 0 at t = 0, linear to 1.25e-4 at
+    t = 50, then 1/2 (1 + cos(pi t / T)); fine-tuning (T_ft = 3 * 4096 / 32 = 384, max
+    6.25e-5, warm-up 0.2%): 0 at its first update (x = 0), then (1 - x)."""
+    cfg = gpt.Config(pretrain_steps=1000, pretrain_warmup=100)
+    lr = lambda s: float(gpt.learning_rate(jnp.asarray(s), cfg))
+    assert lr(0) == 0.0
+    np.testing.assert_allclose(lr(50), 1.25e-4, rtol=1e-6)
+    np.testing.assert_allclose(lr(100), 2.5e-4 * 0.5 * (1 + math.cos(math.pi * 0.1)), rtol=1e-5)
+    np.testing.assert_allclose(lr(500), 1.25e-4, rtol=1e-5)
+    np.testing.assert_allclose(lr(999), 2.5e-4 * 0.5 * (1 + math.cos(math.pi * 0.999)),
+                               atol=1e-11)
+    assert cfg.finetune_steps == 384
+    assert lr(1000) == 0.0
+    for t in (1, 100, 383):
+        np.testing.assert_allclose(lr(1000 + t), 6.25e-5 * (1 - t / 384), rtol=1e-5)
+
+
+def test_adam_step_is_the_released_adam_with_decoupled_l2():
+    """One step from zero moments with g = (clipped) gradient: lr_t = lr sqrt(1 - b2)/(1 - b1),
+    m = 0.1 g, v = 0.001 g^2; matrices also decay by lr_t * 0.01 p, vectors do not; the
+    gradient is clipped to global norm 1 first."""
+    cfg = TINY
+    p = {"w": jnp.full((2, 2), 2.0), "b": jnp.full((3,), 2.0)}
+    g = {"w": jnp.full((2, 2), 3.0), "b": jnp.full((3,), 4.0)}  # global norm sqrt(36+48)
+    new, (m, v, t), norm = gpt.adam_step(p, g, gpt.zeros_opt(p), 1e-3, cfg)
+    np.testing.assert_allclose(norm, math.sqrt(84), rtol=1e-6)
+    gw, gb = 3 / math.sqrt(84), 4 / math.sqrt(84)
+    lr_t = 1e-3 * math.sqrt(1 - 0.999) / (1 - 0.9)
+    step = lambda gg: 0.1 * gg / (math.sqrt(0.001 * gg * gg) + 1e-8)
+    np.testing.assert_allclose(new["w"], 2 - lr_t * (step(gw) + 0.01 * 2), rtol=1e-6)
+    np.testing.assert_allclose(new["b"], 2 - lr_t * step(gb), rtol=1e-6)
+    assert int(t) == 1
+
+
+def _twin_init(key, cfg):
+    """gpt.init, where seed SEEDS + i is seed i's twin (same key: same initial parameters and
+    batches) whose parameters are re-initialised when fine-tuning starts (scratch = 1)."""
+    i = jnp.argmax(jnp.all(key == KEYS, -1))
+    state = _INIT(KEYS[i % SEEDS], cfg)
+    return state.replace(scratch=jnp.where(i >= SEEDS, 1, state.scratch))
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    """TINY through the command line, in-process, once, with its 2 x SEEDS seeds."""
+    with pytest.MonkeyPatch.context() as mp, tiny_run_module.lowest_level_compiles():
+        mp.setattr(gpt, "init", _twin_init)
+        return tiny_run_module.run_cli(gpt, TINY, tmp_path_factory.mktemp("run"), CHUNK,
+                                       extra=("--num-seeds", str(2 * SEEDS)))
+
+
+def test_pretrained_twin_beats_scratch_twin_short(tiny_run):
+    """Short behaviour test, one compiled run: seeds 0..SEEDS-1 fine-tune the pre-trained
+    model (150 updates), their twins (same keys, same fine-tuning batches) are re-initialised
+    at the switch. Held-out: the pre-trained ones keep a language model (val bits/char) and
+    fit the task's text (aux LM loss on the labelled sequences) far better. Measured: val
+    bits/char PRE / SCRATCH. Fails when `update` ignores the traced scratch flag (the twins
+    then equal their seeds) or when the switch does not happen."""
+    val = np.asarray(tiny_run.final["val_bits_per_char"])
+    pre, scratch = val[:SEEDS], val[SEEDS:]
+    aux = tiny_run.history["losses/lm"][:, -1]
+    print(f"val bpc pre {pre} scratch {scratch}; aux LM {aux}")
+    assert (pre < scratch - 0.5).all(), (pre, scratch)
+    assert (aux[:SEEDS] < aux[SEEDS:] - 0.3).all(), aux
+    assert np.isfinite(tiny_run.final["val_acc"]).all()
+
+
+def test_train_is_pure_and_seeded_and_logs_the_stages(tiny_run):
+    """The runner's first chunk, rerun on the same initial states (the same compiled
+    program), gives the run's first rows bit for bit; the seeds differ; the cls metrics are
+    NaN exactly during pre-training; twins match their seeds until the switch."""
+    n = 2 * SEEDS
+    states = run.initial_states(_twin_init, TINY, 0, n)
+    with tiny_run_module.lowest_level_compiles():
+        step = run.make_chunk(gpt.update, TINY, CHUNK, parallel.seed_sharding(n), n)
+        state, metrics = jax.device_get(step(states))
+    metrics = run.mark_undefined(dict(metrics), gpt.NAN_UNLESS)
+    for k in tiny_run.history:
+        np.testing.assert_array_equal(tiny_run.history[k][:, :CHUNK], metrics[k], err_msg=k)
+    kernel = next(x for x in jax.tree.leaves(state.params) if x.ndim >= 3)
+    assert not np.array_equal(kernel[0], kernel[1])
+    h = tiny_run.history
+    loss = h["losses/loss"]
+    assert loss.shape == (n, TINY.num_updates) and np.isfinite(loss).all()
+    assert not np.array_equal(loss[0], loss[1])
+    P = TINY.pretrain_steps
+    np.testing.assert_array_equal(h["charts/finetuning"][0], [0] * P + [1] * 12)
+    assert np.isnan(h["losses/cls"][:, :P]).all() and np.isfinite(h["losses/cls"][:, P:]).all()
+    np.testing.assert_array_equal(loss[:SEEDS, :P], loss[SEEDS:, :P])  # twins until switch
+    assert (loss[:SEEDS, P] != loss[SEEDS:, P]).all()
+    np.testing.assert_array_equal(tiny_run.state.scratch, [0] * SEEDS + [1] * SEEDS)
+
+
+def test_cli_runs_and_documents_every_field(tiny_run, capsys):
+    with pytest.raises(SystemExit):
+        gpt.main(["--help"])
+    out = capsys.readouterr().out
+    for f in dataclasses.fields(gpt.Config):
+        assert "--" + f.name.replace("_", "-") in out, f.name
+    assert "Presets (--preset): quick, paper" in out
+    summary = json.loads((tiny_run.run_dir / "summary.json").read_text())
+    for k in ("val_acc", "val_bits_per_char", "val_perplexity"):
+        assert len(summary[k]) == 2 * SEEDS and np.isfinite(summary[k]).all(), k
+
+
+def test_bad_values_fail_with_named_field(tmp_path):
+    with pytest.raises(ValueError, match="d_model=30 is not divisible by num_heads=4"):
+        gpt.main(["--preset", "quick", "--d-model", "30", "--run-dir", str(tmp_path)])
+    with pytest.raises(ValueError, match="finetune-lr must be > 0"):
+        gpt.main(["--finetune-lr", "0", "--run-dir", str(tmp_path)])
+    with pytest.raises(ValueError, match="vocab_size=10 is below"):
+        gpt.main(["--vocab-size", "10", "--run-dir", str(tmp_path)])
+    with pytest.raises(ValueError, match="attn_dropout=1.0"):
+        gpt.main(["--attn-dropout", "1.0", "--run-dir", str(tmp_path)])
+
+
+def test_every_config_field_is_read():
+    assert unread_fields(gpt) == []
+
+
+def test_paper_preset_traces():
+    """jax.eval_shape of init and one update under the paper preset (nothing runs): 12 blocks
+    of 768, context 512, 40,478 + 4 token rows; ~117M parameters as in [1]."""
+    cfg, state, after = preset.trace_paper(gpt)
+    assert jax.tree.structure(after[0]) == jax.tree.structure(state)
+    n = sum(x.size for x in jax.tree.leaves(state.params))
+    assert 115e6 < n < 118e6, n
+    assert state.params["params"]["tokens"]["embedding"].shape == (40482, 768)
