@@ -32,18 +32,21 @@ seed's initial ones at the switch, so "fine-tuned from the pre-trained model" an
 from scratch on the labelled set" run as twins in one compiled program (the tests do this).
 
 Task (procedural, because no labelled text set ships offline in this repo's dependencies;
-gensim's polarity corpus is not installed): windows of held-in text, half of them reversed
-character by character; the label says which (0 forward, 1 reversed). Unigram statistics are
-identical in both classes, so only knowledge of the order of characters helps: what a
-left-to-right language model learns. The labelled set (num_labelled windows) comes from the
+gensim's polarity corpus is not installed): windows of text, half of them with their
+characters randomly permuted; the label says which (0 as written, 1 shuffled). Character
+counts are identical in both classes, so only knowledge of the order of characters helps:
+what a left-to-right language model learns. The labelled set (num_labelled windows) comes from the
 training split, the evaluation set from the validation split (never pre-trained on).
 Tokenisation: characters (the sorted characters of the corpus) plus the start, delimiter,
 extract and padding tokens; the paper preset sizes the table as GPT's 40,478-token BPE.
 
 Reproduce (CPU demo, pydoc text, 2 layers of d 64, context 64):
     python transformers/gpt.py --preset quick
-  measured (2-core CPU shared with other jobs; see the package README for the row):
-  reported in the README; pre-trained vs from scratch (--finetune-from-scratch) accuracy.
+  the quick preset itself is not measured yet. Measured nearby (2-core CPU shared with other
+  jobs, 2 seeds + their from-scratch twins in one program, ~13 s compile): d 64, 4 heads, 2
+  blocks, context 32, 600 pre-training updates of 16 windows, 1024 labelled examples (192
+  fine-tuning updates, lr 1e-3): held-out accuracy 0.547 / 0.535 pre-trained vs 0.500 / 0.500
+  from scratch; validation 3.50 / 3.45 bits/char vs 4.19 / 4.23.
 Paper scale (GPU; 12 layers of 768, 12 heads, context 512, batch 64, 1M updates):
     python transformers/gpt.py --preset paper
 [1] Table 2-4 (BooksCorpus pre-training, BPE): SST-2 91.3, CoLA 45.4, MNLI-m 82.1,
@@ -51,7 +54,7 @@ Paper scale (GPU; 12 layers of 768, 12 heads, context 512, batch 64, 1M updates)
 
 Differences from the paper:
 - Data: character windows of the pydoc reference manual (or the stdlib sources) instead of
-  BooksCorpus with 40k BPE; a procedural direction task instead of GLUE/RACE/ROCStories.
+  BooksCorpus with 40k BPE; a procedural shuffled-text task instead of GLUE/RACE/ROCStories.
   Numbers are not comparable with [1]'s.
 - The embedding dropout acts on the summed token + position embeddings; the released code
   drops entries of the embedding matrix itself (so the tied LM head sees it too).
@@ -71,7 +74,6 @@ Differences from the paper:
 """
 
 import functools
-import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -124,7 +126,7 @@ class Config:
     pretrain_warmup: int = 2000
     """pre-training linear warm-up updates (then cosine to 0)"""
     num_labelled: int = 4096
-    """labelled training examples of the task (windows, half reversed)"""
+    """labelled training examples of the task (windows, half of them shuffled)"""
     num_eval: int = 1024
     """held-out task examples scored by evaluate()"""
     finetune_batch: int = 32
@@ -262,7 +264,7 @@ def task_data(cfg: Config):
         labels = (np.arange(count) % 2).astype(np.int32)  # balanced
         rng.shuffle(labels)
         texts = [rng.permutation(ids[s:s + n]) if y else ids[s:s + n]
-                 for s, y in zip(starts, labels)]
+                 for s, y in zip(starts, labels, strict=True)]
         return transform(texts, cfg)[0], labels
 
     return (*make(train_ids, cfg.num_labelled), *make(val_ids, cfg.num_eval))

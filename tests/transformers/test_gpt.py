@@ -194,8 +194,10 @@ def test_pretrained_twin_beats_scratch_twin_short(tiny_run):
     model (150 updates), their twins (same keys, same fine-tuning batches) are re-initialised
     at the switch. Held-out: the pre-trained ones keep a language model (val bits/char) and
     fit the task's text (aux LM loss on the labelled sequences) far better. Measured: val
-    bits/char PRE / SCRATCH. Fails when `update` ignores the traced scratch flag (the twins
-    then equal their seeds) or when the switch does not happen."""
+    bits/char 4.03 / 4.13 pre-trained vs 6.43 / 6.46 scratch twins, final aux LM loss
+    3.32 / 3.38 vs 4.53 / 4.52 nats; held-out task accuracy is 0.5 for all four
+    at this size (the task needs the quick preset). Fails when `update` ignores the traced
+    scratch flag (the twins then equal their seeds) or when the switch does not happen."""
     val = np.asarray(tiny_run.final["val_bits_per_char"])
     pre, scratch = val[:SEEDS], val[SEEDS:]
     aux = tiny_run.history["losses/lm"][:, -1]
