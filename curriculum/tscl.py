@@ -82,7 +82,6 @@ Differences from the paper:
 """
 
 import json
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -95,6 +94,7 @@ from flax import struct
 
 from common import run
 from common.nets import orthogonal
+from common.plot import save_png
 
 TEACHERS = ("online", "naive", "window", "sampling", "uniform", "anti")
 """Teachers of [1] Sec. 3, then the uniform baseline and the broken anti-Window teacher."""
@@ -553,12 +553,7 @@ def plot_curriculum(run_dir, out):
     fig.suptitle(f"TSCL {c['teacher']}{abs_} ({c['exploration']}) on {n}-digit addition, "
                  f"{yp.shape[1]} seeds", fontsize=10)
     fig.tight_layout()
-    fig.savefig(out, dpi=100)
-    plt.close(fig)
-    from PIL import Image
-
-    Image.open(out).convert("RGB").quantize(64).save(out, optimize=True)
-    return out
+    return save_png(fig, out)
 
 
 # --- MAIN ---
@@ -566,21 +561,12 @@ def plot_curriculum(run_dir, out):
 
 def main(argv=None):
     """`--plot PNG` (this file's only extra flag) draws the curriculum of the run."""
-    args = sys.argv[1:] if argv is None else list(argv)
-    out = None
-    if "--plot" in args:
-        i = args.index("--plot")
-        if i + 1 >= len(args):
-            raise SystemExit("error: --plot needs an output path (PNG)")
-        out = args[i + 1]
-        del args[i:i + 2]
-        if argv is None:
-            sys.argv[1:] = args
-    res = run.main(Config, init, update, presets=PRESETS, evaluate=evaluate,
-                   argv=None if argv is None else args, doc=__doc__,
+    flags, argv = run.pop_flags(argv, "--plot")
+    res = run.main(Config, init, update, presets=PRESETS, evaluate=evaluate, argv=argv,
+                   doc=__doc__,
                    summary_keys=["epochs_to_target", "val_accuracy", "auc", "losses/student"])
-    if out is not None:
-        print(plot_curriculum(res.run_dir, out))
+    if flags["--plot"] is not None:
+        print(plot_curriculum(res.run_dir, flags["--plot"]))
     return res
 
 
