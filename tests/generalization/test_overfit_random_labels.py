@@ -182,7 +182,9 @@ def test_random_labels_are_memorised_and_true_labels_generalise(tiny_run, monkey
     re-drawn at every step (1 arm, random labels), ends at train accuracy 0.086 against
     its fixed labels: it fails the memorisation assert. Mutations tried: the random-pixels
     / Gaussian noise keyed by the epoch's key instead of fixed per image (train accuracy
-    0.17 0.16: fails); fit_epoch overwritten every epoch (steps to fit 200 = 200: fails)."""
+    0.17 0.16: fails); fit_epoch overwritten every epoch (steps to fit 200 = 200: fails);
+    steps to fit one epoch short ((fit_epoch - 1) * steps per epoch: fails the history
+    check)."""
     f = tiny_run.final
     print({k: np.round(v, 3) for k, v in f.items()})
     for a in TINY.arms:
@@ -196,6 +198,10 @@ def test_random_labels_are_memorised_and_true_labels_generalise(tiny_run, monkey
     assert (f["steps_to_fit_random_labels"] > f["steps_to_fit_true_labels"]).all()
     np.testing.assert_allclose(f["overfit_factor_random_labels"],
                                f["steps_to_fit_random_labels"] / f["steps_to_fit_true_labels"])
+    for a in TINY.arms:  # steps to fit = SGD steps through the first epoch logged at 100%
+        acc = tiny_run.history[f"charts/train_acc_{a}"]
+        first = (acc >= TINY.fit_threshold).argmax(axis=1) + 1
+        np.testing.assert_array_equal(f[f"steps_to_fit_{a}"], first * TINY.steps_per_epoch)
 
     broken_cfg = dataclasses.replace(TINY, corruptions=(1.0,), variants=())
     monkeypatch.setattr(orl, "batch_labels", _redrawn_labels)
