@@ -5,9 +5,9 @@
 [2] L. Weng. "Domain Randomization for Sim2Real Transfer." Lil'Log, 2019 (the post).
 [3] J. Schulman et al. "Proximal Policy Optimization Algorithms." arXiv:1707.06347.
 
-The simulator's dynamics mu (masses, dimensions, gravity, actuator gain, action delay,
-observation noise) are drawn anew for every episode from a fixed box, and the policy
-maximises the expected return over that box ([1] Eq. 1, [2] "DR"):
+The dynamics mu (masses, dimensions, gravity, actuator gain, action delay, observation
+noise) are drawn anew for every episode from a fixed box, and the policy maximises the
+expected return over that box ([1] Eq. 1, [2] "DR"):
 
     theta* = argmax_theta E_{mu ~ U(box)} [ E_{tau ~ p(tau | pi_theta, mu)} [ sum_t gamma^t r_t ] ]
     mass, gain:  mu_i = nominal_i * exp(U[log lo_i, log hi_i])     (log-uniform, [1] Sec. V-B)
@@ -16,19 +16,15 @@ maximises the expected return over that box ([1] Eq. 1, [2] "DR"):
     o_t = s_t + eps_t,  eps_t ~ N(0, obs_noise^2 I), a fresh draw every step  ([1] "sensor noise")
 
 mu is fixed for an episode and hidden from the policy, so a policy with memory can infer it
-from the history: the LSTM policy of [1] Fig. 4 reads (s_t, a_{t-1}) through a dense layer
-and an LSTM, concatenates its output z_t with s_t, and maps [z_t, s_t] through two dense
-layers to the action ([1] Sec. IV-C: pi(a_t | s_t, z_t)). The critic is "omniscient": it
-also receives mu, which the simulator knows during training ([1] Sec. IV-D: Q(s, a, z, mu)).
-The feed-forward policy (`--policy ff`) reads s_t alone.
-
+from the history: the LSTM policy of [1] Fig. 4 (`ActorCritic`) reads (s_t, a_{t-1}) and acts
+on [z_t, s_t] ([1] Sec. IV-C: pi(a_t | s_t, z_t)); the feed-forward one (`--policy ff`) reads
+s_t alone. The critic is "omniscient": it also receives mu ([1] Sec. IV-D: Q(s, a, z, mu)).
 "Reality" is a simulator with hidden parameters mu_target never sampled in training
-(sim-to-sim, [2] and the package's harness): evaluate() reports the return in the training
-distribution, at the nominal mu, in the target, the gap (train - target), and the return
-along a sweep of one hidden parameter (the plot).
+(sim-to-sim, [2]); `evaluate` reports the return there, in the training box, at the nominal
+mu, the gap (train - target), and along a sweep of one hidden parameter (the plot).
 
-Reproduce (CPU demo, CartPole-v1; the policy trained without randomization, then the
-randomized one with both sweeps in one plot):
+Reproduce (CPU demo, CartPole-v1; without randomization, then randomized, both sweeps in
+one plot):
     python generalization/uniform_dr_dynamics.py --preset quick --num-seeds 4 --no-randomize \
         --run-dir runs/dr_nominal
     python generalization/uniform_dr_dynamics.py --preset quick --num-seeds 4 \
@@ -55,11 +51,10 @@ Differences from the paper:
   preset keeps [1]'s batch (128 episodes x 100 steps), Adam lr 5e-4, ~100M samples, and
   128-unit layers.
 - Task: gymnax CartPole-v1 (quick) or Pendulum-v1 (paper preset) instead of the Fetch arm
-  pushing a puck (MuJoCo, a real robot). Their physical parameters map onto [1] Table I's
-  families: link mass [0.25, 4] x (CartPole's cart and pole masses, each drawn on its own;
-  Pendulum's m), controller gain [0.5, 2] x (force_mag / max_torque), and two the table has
-  not (pole length, gravity). Joint damping, puck friction/damping and table height have
-  no counterpart in these envs (they have no friction or damping terms) and are not drawn.
+  pushing a puck (MuJoCo, a real robot). Their parameters map onto [1] Table I's families
+  (`FAMILIES`): link mass [0.25, 4] x, controller gain [0.5, 2] x (force_mag / max_torque),
+  and two the table has not (pole length, gravity). Joint damping, puck friction/damping
+  and table height have no counterpart in these envs and are not drawn.
 - Action delay: an integer number of control steps d ~ U{0..max_delay} per episode (a ring
   buffer, common.envs.DynamicsRandomized) instead of [1]'s control period 0.04 s + Exp(lambda)
   with lambda ~ U[125, 1000] 1/s redrawn every step; during the first d steps action 0
@@ -68,10 +63,9 @@ Differences from the paper:
   feature's running std.
 - Networks: the critic is an MLP on [s_t, a_{t-1}, mu] plus, with the LSTM policy, the
   policy's LSTM output z_t (shared, trained by both losses); [1] gives the critic its own
-  recurrent branch. ReLU dense layers of `hidden` units as [1] Fig. 4; orthogonal init.
+  recurrent branch.
 - Metrics: charts/episodic_return is the mean return of the episodes that ended in the
-  rollout (NaN in an update where none ended); eval/* come from evaluate(): the first
-  episode of `eval_episodes` envs per condition, from reset to termination or time limit.
+  rollout (NaN in an update where none ended).
 """
 
 import dataclasses
@@ -141,8 +135,7 @@ class Config:
     target_obs_noise: float = 0.01
     """target domain: observation noise std"""
     sweep: str = "delay"
-    """hidden parameter swept by evaluate() and the plot: mass, length, gravity, gain, delay or
-    obs_noise (the others at the nominal point, delay 0, no noise)"""
+    """parameter swept by evaluate() and the plot (the others nominal, delay 0, no noise)"""
     sweep_values: tuple[float, ...] = (0.0, 1.0, 2.0, 3.0, 4.0)
     """values of the swept parameter (multipliers; steps for delay; std for obs_noise)"""
     omniscient_critic: bool = True
@@ -179,43 +172,37 @@ class Config:
     """compute dtype of the networks: float32 or bfloat16 (params stay float32)"""
 
     @property
-    def batch_size(self) -> int:
+    def steps_per_update(self) -> int:
         return self.num_envs * self.num_steps
 
     @property
     def num_updates(self) -> int:
-        return self.total_timesteps // self.batch_size
-
-    @property
-    def steps_per_update(self) -> int:
-        return self.batch_size
+        return self.total_timesteps // self.steps_per_update
 
     def validate(self):
-        if self.env_id not in FAMILIES:
-            raise ValueError(f"env_id={self.env_id!r} must be one of {sorted(FAMILIES)}")
-        for name, choices in (("policy", ("lstm", "ff")), ("sweep", SWEEPS),
-                              ("dtype", ("float32", "bfloat16"))):
+        for name, choices in (("env_id", sorted(FAMILIES)), ("policy", ("lstm", "ff")),
+                              ("sweep", SWEEPS), ("dtype", ("float32", "bfloat16"))):
             if getattr(self, name) not in choices:
                 raise ValueError(f"{name}={getattr(self, name)!r} must be one of {choices}")
         for fam in ("mass", "gain", "length", "gravity"):
             lo, hi = getattr(self, f"{fam}_range")
             if not 0 < lo <= hi:
                 raise ValueError(f"{fam}_range=({lo}, {hi}) must satisfy 0 < lo <= hi")
-            if getattr(self, f"target_{fam}") <= 0:
-                raise ValueError(f"target_{fam}={getattr(self, f'target_{fam}')} must be > 0")
+        for name in ("target_mass", "target_gain", "target_length", "target_gravity", "hidden",
+                     "eval_episodes"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name}={getattr(self, name)} must be > 0")
         for name in ("max_delay", "target_delay", "obs_noise", "target_obs_noise"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name}={getattr(self, name)} must be >= 0")
-        if self.hidden < 1 or self.eval_episodes < 1 or not self.sweep_values:
-            raise ValueError(f"hidden={self.hidden} and eval_episodes={self.eval_episodes} "
-                             f"must be >= 1 and sweep_values={self.sweep_values} non-empty")
-        if self.sweep in ("delay", "obs_noise") and min(self.sweep_values) < 0:
-            raise ValueError(f"sweep_values={self.sweep_values} must be >= 0 for {self.sweep}")
-        if self.sweep not in ("delay", "obs_noise") and min(self.sweep_values) <= 0:
-            raise ValueError(f"sweep_values={self.sweep_values} must be > 0 (multipliers)")
+        counts = self.sweep in ("delay", "obs_noise")  # control steps or a std, else multipliers
+        low = min(self.sweep_values, default=-1.0)
+        if low < 0 or (low == 0 and not counts):
+            need = f">= 0 for {self.sweep}" if counts else "> 0 (multipliers)"
+            raise ValueError(f"sweep_values={self.sweep_values} must be non-empty and {need}")
         if self.num_updates < 1:
             raise ValueError(f"total_timesteps={self.total_timesteps} is less than one rollout "
-                             f"(num_envs * num_steps = {self.batch_size})")
+                             f"(num_envs * num_steps = {self.steps_per_update})")
         if self.num_envs % self.num_minibatches:
             raise ValueError(f"num_envs={self.num_envs} is not divisible by "
                              f"num_minibatches={self.num_minibatches} (minibatches of envs)")
@@ -231,15 +218,11 @@ PRESETS = {
 }
 
 
-def max_delay(cfg: Config) -> int:
-    """Size of the action ring buffer: the largest delay of training, target or sweep."""
-    sweep = int(max(cfg.sweep_values)) if cfg.sweep == "delay" else 0
-    return max(cfg.max_delay, cfg.target_delay, sweep)
-
-
 def base_env(cfg: Config) -> envs.DynamicsRandomized:
-    """One unbatched env with a delay buffer and observation noise (common.envs)."""
-    return _base_env(cfg.env_id, max_delay(cfg))
+    """One unbatched env with observation noise and an action buffer (common.envs) that holds
+    the largest delay of training, target or sweep."""
+    sweep = int(max(cfg.sweep_values)) if cfg.sweep == "delay" else 0
+    return _base_env(cfg.env_id, max(cfg.max_delay, cfg.target_delay, sweep))
 
 
 @functools.cache
@@ -262,11 +245,16 @@ def dynamics(cfg: Config, scales: dict, delay, obs_noise) -> envs.DynamicsParams
                                jnp.asarray(delay, jnp.int32), jnp.asarray(obs_noise, jnp.float32))
 
 
+def per_family(cfg: Config, value_of) -> dict:
+    """`scales` for `dynamics`: the multiplier `value_of(family)` for every field of a family."""
+    return {fam: [value_of(fam)] * len(fields) for fam, fields in FAMILIES[cfg.env_id].items()}
+
+
 def sample_dynamics(key, cfg: Config) -> envs.DynamicsParams:
     """mu ~ U(box) for one episode ([1] Sec. V-B); the nominal mu when not `randomize`."""
     fams = FAMILIES[cfg.env_id]
     if not cfg.randomize:
-        return dynamics(cfg, {f: [1.0] * len(fields) for f, fields in fams.items()}, 0, 0.0)
+        return dynamics(cfg, per_family(cfg, lambda fam: 1.0), 0, 0.0)
     keys = jax.random.split(key, len(fams) + 1)
     scales = {}
     for k, (fam, fields) in zip(keys[:-1], fams.items(), strict=True):
@@ -282,15 +270,13 @@ def sample_dynamics(key, cfg: Config) -> envs.DynamicsParams:
 
 def target_dynamics(cfg: Config) -> envs.DynamicsParams:
     """The hidden "real" system, never sampled in training (sim-to-sim)."""
-    fams = FAMILIES[cfg.env_id]
-    scales = {f: [getattr(cfg, f"target_{f}")] * len(fields) for f, fields in fams.items()}
+    scales = per_family(cfg, lambda fam: getattr(cfg, f"target_{fam}"))
     return dynamics(cfg, scales, cfg.target_delay, cfg.target_obs_noise)
 
 
 def sweep_dynamics(cfg: Config, value) -> envs.DynamicsParams:
     """Nominal dynamics (no delay, no noise) with the `sweep` parameter set to `value`."""
-    fams = FAMILIES[cfg.env_id]
-    scales = {f: [value if f == cfg.sweep else 1.0] * len(fields) for f, fields in fams.items()}
+    scales = per_family(cfg, lambda fam: value if fam == cfg.sweep else 1.0)
     delay = int(value) if cfg.sweep == "delay" else 0
     return dynamics(cfg, scales, delay, value if cfg.sweep == "obs_noise" else 0.0)
 
@@ -330,7 +316,8 @@ class Core(nn.Module):
 
 class ActorCritic(nn.Module):
     """[1] Fig. 4: (s_t, a_{t-1}) -> dense -> LSTM -> z_t; [z_t, s_t] -> dense, dense -> pi;
-    the critic: [s_t, a_{t-1}, mu (omniscient), z_t] -> dense, dense -> V.
+    the critic: [s_t, a_{t-1}, mu (omniscient), z_t] -> dense, dense -> V. ReLU dense layers
+    of `hidden` units with orthogonal init; `recurrent=False` (ff) drops the LSTM and z_t.
 
     __call__(carry, obs [T, B, D], prev_action [T, B, A], reset [T, B], mu [T, B, K]) ->
     (carry, pi params [T, B, A], V [T, B], log_std); carry = (c, h) [B, hidden] each."""
@@ -354,14 +341,14 @@ class ActorCritic(nn.Module):
             x_pi, x_v = [z, *x_pi], [z, *x_v]
         if self.omniscient:
             x_v.append(mu)
-        h = jnp.concatenate(x_pi, -1)
-        for _ in range(2):
-            h = nn.relu(dense(self.hidden)(h))
-        out = dense(self.action_dim, 0.01)(h)
-        v = jnp.concatenate(x_v, -1)
-        for _ in range(2):
-            v = nn.relu(dense(self.hidden)(v))
-        v = dense(1, 1.0)(v)[..., 0]
+        def tower(xs, n_out, scale):  # two ReLU layers of `hidden` units, then the head
+            h = jnp.concatenate(xs, -1)
+            for _ in range(2):
+                h = nn.relu(dense(self.hidden)(h))
+            return dense(n_out, scale)(h)
+
+        out = tower(x_pi, self.action_dim, 0.01)
+        v = tower(x_v, 1, 1.0)[..., 0]
         log_std = self.param("log_std", nn.initializers.zeros, (self.action_dim,))
         return carry, out.astype(jnp.float32), v.astype(jnp.float32), log_std
 
@@ -595,14 +582,13 @@ def _pop_flag(args: list, flag: str):
     i = args.index(flag)
     if i + 1 >= len(args):
         raise SystemExit(f"error: {flag} needs a value")
-    value = args[i + 1]
-    del args[i:i + 2]
+    value = args.pop(i + 1)
+    del args[i]
     return value
 
 
-def _label(record: dict) -> str:
-    return f"{record['policy'].upper()}, " + ("randomized" if record["randomize"] else
-                                               "not randomized")
+def _label(cfg: dict) -> str:
+    return f"{cfg['policy'].upper()}, {'' if cfg['randomize'] else 'not '}randomized"
 
 
 def main(argv=None):
@@ -618,7 +604,7 @@ def main(argv=None):
                                  "eval/nominal", "charts/episodic_return"])
     if out is not None:
         cfg = run.parse(Config, PRESETS, args)[0]
-        curves = [(res.final, _label({"policy": cfg.policy, "randomize": cfg.randomize}))]
+        curves = [(res.final, _label(dataclasses.asdict(cfg)))]
         if other is not None:
             summary = json.loads((Path(other) / "summary.json").read_text())
             record = json.loads((Path(other) / "config.json").read_text())["config"]

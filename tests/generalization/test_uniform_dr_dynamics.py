@@ -9,19 +9,18 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from common import parallel, run
 from generalization import uniform_dr_dynamics as dr
 from tests.common.cli import cli_args
+from tests.common.compiled import compiled
 from tests.common.config_fields import unread_fields
 from tests.common.preset import trace_paper
 
-TINY = dr.Config(env_id="CartPole-v1", hidden=8, num_envs=4, num_steps=8, total_timesteps=64,
-                 num_minibatches=2, eval_episodes=2, sweep_values=(0.0, 2.0), target_delay=3)
+# 2 updates of 2 envs x 4 steps: one chunk of the CLI run (--log-every 2), rerun for purity.
+TINY = dr.Config(env_id="CartPole-v1", hidden=8, num_envs=2, num_steps=4, total_timesteps=16,
+                 num_epochs=2, num_minibatches=2, eval_episodes=2, sweep_values=(0.0, 2.0),
+                 target_delay=3)
 SEEDS = 2
-
-
-def _draws(cfg, n=4096):
-    keys = jax.random.split(jax.random.PRNGKey(0), n)
-    return jax.jit(jax.vmap(lambda k: dr.sample_dynamics(k, cfg)))(keys)
 
 
 def test_sampling_laws_of_the_box():
@@ -34,7 +33,10 @@ def test_sampling_laws_of_the_box():
     log-multiplier at log(2.125) = 0.75 (fails), a shared mass draw gives corr 1 (fails).
     `randomize=False` gives exactly the nominal dynamics."""
     base = dr.base_env(TINY).env.default_params()
-    d = _draws(TINY)
+    off = dataclasses.replace(TINY, randomize=False)
+    d, nominal = compiled(lambda k: (jax.vmap(lambda k: dr.sample_dynamics(k, TINY))(k),
+                                     dr.sample_dynamics(k[0], off)),
+                          jax.random.split(jax.random.PRNGKey(0), 4096))
     p = d.physics
     lm = np.log(np.stack([p.masscart / base.masscart, p.masspole / base.masspole]))
     assert np.abs(lm.mean(1)).max() < 0.04 and np.abs(lm.std(1) - 0.800).max() < 0.02
@@ -51,8 +53,6 @@ def test_sampling_laws_of_the_box():
     np.testing.assert_allclose(d.obs_noise, TINY.obs_noise)
     np.testing.assert_allclose(p.total_mass, p.masscart + p.masspole, rtol=1e-6)
     np.testing.assert_allclose(p.polemass_length, p.masspole * p.length, rtol=1e-6)
-    nominal = dr.sample_dynamics(jax.random.PRNGKey(1), dataclasses.replace(TINY,
-                                                                            randomize=False))
     for f in ("masscart", "masspole", "length", "gravity", "force_mag", "total_mass",
               "polemass_length"):
         np.testing.assert_allclose(getattr(nominal.physics, f), getattr(base, f), rtol=1e-6)
@@ -77,7 +77,7 @@ def test_target_sweep_and_mu_features_by_hand():
                                [15.0, 0.1, 0.5], rtol=1e-6)
     assert int(s.delay) == 0 and float(s.obs_noise) == 0.0
     assert int(dr.sweep_dynamics(cfg, 2.0).delay) == 2  # sweep = delay
-    assert dr.max_delay(cfg) == 3  # the buffer holds the target's delay
+    assert dr.base_env(cfg).max_delay == 3  # the buffer holds the target's delay
 
 
 @pytest.mark.parametrize("env_id", ["CartPole-v1", "Pendulum-v1"])
@@ -88,21 +88,15 @@ def test_every_randomized_family_changes_the_dynamics(env_id, monkeypatch):
     `dynamics`) under the same 25 actions from the same reset moves the observations by
     > 1e-3 (measured 0.02 to 3.6). Broken variant in the same test: a family mapped onto a
     field the dynamics never read (CartPole's x_threshold, Pendulum's
-    max_steps_in_episode) moves them by exactly 0 (so it would fail the assert)."""
+    max_steps_in_episode) moves them by exactly 0 (so it would fail the assert). All cases
+    are rows of one vmapped rollout, built and run in one program per env."""
     cfg = dataclasses.replace(TINY, env_id=env_id)
     env = dr.base_env(cfg)
     acts = (jnp.arange(25) % 2 if env.num_actions else
             3.0 * jnp.sin(jnp.arange(25) / 4.0)[:, None])
     fams = dr.FAMILIES[env_id]
     top = {"mass": 4.0, "gain": 2.0, "length": 1.25, "gravity": 1.1}
-    one = lambda fam, v: {f: [v if f == fam else 1.0] * len(x) for f, x in fams.items()}
-    cases = [dr.dynamics(cfg, one(None, 1.0), 0, 0.0)]
-    cases += [dr.dynamics(cfg, one(f, top[f]), 0, 0.0) for f in fams]
-    cases += [dr.dynamics(cfg, one(None, 1.0), 2, 0.0)]
     dead = "x_threshold" if env_id == "CartPole-v1" else "max_steps_in_episode"
-    monkeypatch.setitem(dr.FAMILIES, env_id, {**fams, "gain": (dead,)})
-    cases += [dr.dynamics(cfg, one("gain", 2.0), 0, 0.0)]
-    stacked = jax.tree.map(lambda *x: jnp.stack([jnp.asarray(v) for v in x]), *cases)
 
     def traj(p):
         _, s = env.reset(jax.random.PRNGKey(0), p)
@@ -113,8 +107,17 @@ def test_every_randomized_family_changes_the_dynamics(env_id, monkeypatch):
 
         return jax.lax.scan(body, s, acts)[1]
 
-    obs = np.asarray(jax.jit(jax.vmap(traj))(stacked))
-    moved = np.abs(obs[1:] - obs[0]).max(axis=(1, 2))
+    def moved():
+        one = lambda fam, v: dr.per_family(cfg, lambda f: v if f == fam else 1.0)
+        cases = [dr.dynamics(cfg, one(None, 1.0), 0, 0.0)]
+        cases += [dr.dynamics(cfg, one(f, top[f]), 0, 0.0) for f in fams]
+        cases += [dr.dynamics(cfg, one(None, 1.0), 2, 0.0)]
+        monkeypatch.setitem(dr.FAMILIES, env_id, {**fams, "gain": (dead,)})  # while tracing
+        cases += [dr.dynamics(cfg, one("gain", 2.0), 0, 0.0)]
+        obs = jax.vmap(traj)(jax.tree.map(lambda *x: jnp.stack(x), *cases))
+        return jnp.abs(obs[1:] - obs[0]).max(axis=(1, 2))
+
+    moved = np.asarray(compiled(moved))
     print(env_id, dict(zip([*fams, "delay", "dead"], moved.round(4), strict=True)))
     assert (moved[:-1] > 1e-3).all(), moved
     assert moved[-1] == 0.0
@@ -123,36 +126,44 @@ def test_every_randomized_family_changes_the_dynamics(env_id, monkeypatch):
 def test_lstm_state_is_zeroed_at_an_episode_start():
     """The reset of [1]'s recurrent policy: with reset = True the LSTM output (and so the
     policy) is that of a zero carry, whatever the carry holds; without it, it differs."""
-    cfg = dataclasses.replace(TINY, num_envs=2)
-    net = dr.network(cfg)
+    net = dr.network(TINY)
     obs, a, mu = jnp.ones((1, 2, 4)), jnp.zeros((1, 2, 2)), jnp.zeros((1, 2, 7))
     z = (jnp.zeros((2, 8)), jnp.zeros((2, 8)))
     full = (jnp.full((2, 8), 3.0), jnp.full((2, 8), -2.0))
-    params = jax.jit(net.init)(jax.random.PRNGKey(0), z, obs, a, jnp.ones((1, 2), bool), mu)
-    apply = jax.jit(net.apply)
-    fresh = apply(params, z, obs, a, jnp.zeros((1, 2), bool), mu)[1]
-    reset = apply(params, full, obs, a, jnp.ones((1, 2), bool), mu)[1]
-    kept = apply(params, full, obs, a, jnp.zeros((1, 2), bool), mu)[1]
+
+    def outputs():  # init and the three cases in one program
+        params = net.init(jax.random.PRNGKey(0), z, obs, a, jnp.ones((1, 2), bool), mu)
+        return [net.apply(params, carry, obs, a, jnp.full((1, 2), reset), mu)[1]
+                for carry, reset in ((z, False), (full, True), (full, False))]
+
+    fresh, reset, kept = compiled(outputs)
     np.testing.assert_allclose(reset, fresh, atol=1e-6)
     assert np.abs(kept - fresh).max() > 1e-3
 
 
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
-    args = cli_args(TINY, dr.Config()) + ["--num-seeds", str(SEEDS), "--log-every", "2",
-                                          "--no-progress", "--fast-compile"]
-    first = dr.main(args + ["--run-dir", str(tmp_path_factory.mktemp("a"))])
-    again = dr.main(args + ["--run-dir", str(tmp_path_factory.mktemp("b"))])
-    return first, again
+    """TINY through the CLI: 2 seeds, its 2 updates in one chunk compiled at -O0."""
+    return dr.main(cli_args(TINY, dr.Config()) + [
+        "--num-seeds", str(SEEDS), "--log-every", "2", "--no-progress", "--fast-compile",
+        "--run-dir", str(tmp_path_factory.mktemp("dr"))])
 
 
 def test_train_is_pure_and_cli_writes_its_files(tiny_run, capsys):
-    """The CLI trains 2 seeds in one vmapped program: the same seeds twice give bit-identical
-    params and metrics; the two seeds differ; evaluate() reports every condition; the
-    env states hold per-env drawn dynamics; --help documents every field."""
-    first, again = tiny_run
-    jax.tree.map(np.testing.assert_array_equal, first.state.params, again.state.params)
-    np.testing.assert_array_equal(first.history["losses/value"], again.history["losses/value"])
+    """The CLI trains 2 seeds in one vmapped program. Its chunk, rerun here from the
+    runner's initial states by the same program (`run.make_chunk`, -O0 as --fast-compile:
+    the persistent compilation cache serves it), gives bit-identical params and metrics;
+    the two seeds differ; evaluate() reports every condition; the env states hold per-env
+    drawn dynamics; --help documents every field."""
+    first = tiny_run
+    states = run.initial_states(dr.init, TINY, 0, SEEDS)
+    chunk = run.make_chunk(dr.update, TINY, 2, parallel.seed_sharding(SEEDS), SEEDS)
+    again, metrics = chunk.lower(states).compile(run.INIT_COMPILER_OPTIONS)(states)
+    metrics = run.mark_undefined(jax.device_get(metrics), run.NAN_UNLESS)
+    jax.tree.map(np.testing.assert_array_equal, first.state.params, again.params)
+    assert set(metrics) == set(first.history)
+    for k, v in metrics.items():
+        np.testing.assert_array_equal(first.history[k], v, err_msg=k)
     assert not np.array_equal(first.history["losses/value"][0], first.history["losses/value"][1])
     for k in ("eval/box", "eval/nominal", "eval/target", "eval/in_dist", "eval/gap",
               "sweep/00", "sweep/01"):
@@ -175,7 +186,7 @@ def test_bad_values_fail_with_named_field(tmp_path):
                        (["--max-delay", "-1"], "max_delay=-1"),
                        (["--policy", "gru"], "policy='gru'"),
                        (["--num-minibatches", "3"], "not divisible by num_minibatches=3"),
-                       (["--sweep", "length", "--sweep-values", "0", "1"], "must be > 0")):
+                       (["--sweep", "length", "--sweep-values", "0", "1"], r"> 0 \(multipliers\)")):
         with pytest.raises(ValueError, match=msg):
             dr.main(flags + ["--run-dir", str(tmp_path)])
 
