@@ -13,7 +13,7 @@ more to score the adaptation (query, D_b). With L_D(theta) the mean squared erro
     theta <- theta - beta grad_theta sum_tau L_Db(theta'_tau)  (Adam)        [1] Eq. (2)
     g_MAML   = grad L_Db(theta_k) . prod_{i<k} (I - alpha H_Da(theta_i))     (jax.grad
                through the k inner SGD steps: the exact second-order meta-gradient)
-    g_FOMAML = grad L_Db(theta_k)   (stop_gradient on the inner gradients)   [1] Sec. 5.2, [2] Sec. 4
+    g_FOMAML = grad L_Db(theta_k)  (stop_gradient on inner gradients)  [1] Sec. 5.2, [2] Sec. 4
     Reptile: W_tau = SGD(L_tau, theta, k);  theta <- theta + eps (mean_tau W_tau - theta)
              (k SGD steps over minibatches of the task, eps linearly annealed to 0)  [2] Alg. 2
     pretrain (the baseline of [1] Fig. 2/3): theta <- Adam step on sum_tau L_Db(theta),
