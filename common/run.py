@@ -709,15 +709,19 @@ def train(config_cls, init, update, cfg, opts: RunOptions, evaluate=None, name="
 
 
 def summarize(result: RunResult, keys: list[str] | None = None) -> str:
-    """Final value of each metric: mean +- std over seeds (last update, or evaluate())."""
+    """Final value of each metric: mean +- std over the seeds where it is finite (last update,
+    or evaluate()), saying how many seeds were left out (a diverged seed is not averaged
+    away in silence)."""
     lines = []
     items = list(result.final.items()) + [(k, v[:, -1]) for k, v in result.history.items()]
     for k, v in items:
         if keys is not None and k not in keys:
             continue
         v = np.asarray(v, dtype=np.float64).reshape(-1)
-        if np.isfinite(v).any():
-            lines.append(f"  {k:32s} {np.nanmean(v):10.4g} +- {np.nanstd(v):.3g}  (n={v.size})")
+        ok = np.isfinite(v)
+        if ok.any():
+            n = f"n={v.size}" if ok.all() else f"n={ok.sum()} of {v.size}; {(~ok).sum()} not finite"
+            lines.append(f"  {k:32s} {v[ok].mean():10.4g} +- {v[ok].std():.3g}  ({n})")
     return "\n".join(lines)
 
 

@@ -453,3 +453,15 @@ def test_pop_flags_takes_a_files_own_flags_out_of_argv_or_sys_argv(monkeypatch):
     for bad in (["--plot"], ["--plot", "--seed", "1"]):
         with pytest.raises(SystemExit, match="--plot needs a value"):
             run.pop_flags(bad, "--plot")
+
+
+def test_summary_says_how_many_seeds_were_not_finite():
+    """A seed whose metric diverged (NaN or inf) is left out of the mean, and the line says
+    so; with every seed finite the line is the plain mean +- std over all of them."""
+    res = run.RunResult(state=None, run_dir=Path("."),
+                        final={"err": np.array([1.0, np.nan, 3.0, np.inf]),
+                               "ok": np.array([1.0, 3.0])},
+                        history={})
+    lines = run.summarize(res).splitlines()
+    assert "2 +- 1  (n=2 of 4; 2 not finite)" in lines[0], lines
+    assert "2 +- 1  (n=2)" in lines[1], lines
