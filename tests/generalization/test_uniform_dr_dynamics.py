@@ -214,7 +214,8 @@ def test_randomized_policy_transfers_to_the_held_out_target(tmp_path):
     loaded 2-core CPU through the CLI (jax 0.10.2), ~270 s per run: randomized target 400.7,
     391.4 (nominal 500, 500; box 463, 443); not randomized target 154.8, 221.2 (nominal 500,
     500; box 448, 386). Gap (in-distribution - target): 62, 52 vs 345, 279. Rerun through
-    pytest (same numbers, bit for bit): 472 s wall, 162 CPU s on a 2-core CPU at load ~6."""
+    pytest twice (same numbers, bit for bit): 183 and 472 s wall, 112 and 162 CPU s, on a
+    shared 2-core CPU."""
     runs = {}
     for flag in ("--randomize", "--no-randomize"):
         runs[flag] = dr.main(["--preset", "quick", "--num-seeds", "2", flag, "--no-progress",
