@@ -77,8 +77,9 @@ class RunOptions:
     progress: bool = True
     """show a progress bar"""
     fast_compile: bool = False
-    """compile the training chunks without XLA's backend optimisations: several times faster
-    to compile on CPU, slower to run (for smoke runs and tests of a few updates)"""
+    """compile the training chunks and evaluate() without XLA's backend optimisations:
+    several times faster to compile on CPU, slower to run (for smoke runs and tests of a
+    few updates)"""
     preset: str | None = None
     """named override set of the file (e.g. quick, paper); applied before other flags"""
 
@@ -485,10 +486,13 @@ def host_evaluate(fn: Callable) -> Callable:
     return fn
 
 
-def evaluate_seeds(evaluate: Callable, state, cfg, num_seeds: int) -> dict:
-    """evaluate() of every seed, stacked along a leading seed axis, as numpy."""
+def evaluate_seeds(evaluate: Callable, state, cfg, num_seeds: int,
+                   compiler_options: dict | None = None) -> dict:
+    """evaluate() of every seed, stacked along a leading seed axis, as numpy (a jitted
+    evaluate compiled with `compiler_options`: the runner passes its --fast-compile ones)."""
     if not getattr(evaluate, "host", False):
-        return parallel.to_host(jax.jit(seed_map(lambda s: evaluate(s, cfg), num_seeds))(state))
+        fn = jax.jit(seed_map(lambda s: evaluate(s, cfg), num_seeds))
+        return parallel.to_host(fn.lower(state).compile(compiler_options)(state))
     # Each seed's slice cut on the host and put back on the device: a transfer, where an
     # eager slice of every leaf compiles one small program per leaf shape.
     state = parallel.to_host(state)
@@ -696,7 +700,8 @@ def train(config_cls, init, update, cfg, opts: RunOptions, evaluate=None, name="
     hist = {k: np.concatenate(v, axis=1) for k, v in history.items()}
     final = {}
     if evaluate is not None:
-        final = evaluate_seeds(evaluate, state, cfg, opts.num_seeds)
+        final = evaluate_seeds(evaluate, state, cfg, opts.num_seeds, compiler_options=(
+            INIT_COMPILER_OPTIONS if opts.fast_compile else None))
     # loop_s: wall time of all chunks with logging, progress and checkpoints, less compiling.
     perf = {"perf/compile_s": compile_s, "perf/loop_s": loop_s}
     if timed[1] and steps_per_update and timed[0]:

@@ -71,7 +71,6 @@ Differences from the paper:
 import dataclasses
 import functools
 import json
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -86,6 +85,7 @@ from flax import struct
 
 from common import envs, run
 from common.nets import orthogonal
+from common.plot import save_png
 from common.rl import gae, minibatch_epochs, ppo_loss
 
 # --- CONFIG ---
@@ -564,27 +564,10 @@ def plot_sweep(curves, cfg: Config, out: str):
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(out, dpi=100)
-    plt.close(fig)
-    from PIL import Image
-
-    Image.open(out).convert("RGB").quantize(64).save(out, optimize=True)
-    return out
+    return save_png(fig, out)
 
 
 # --- MAIN ---
-
-
-def _pop_flag(args: list, flag: str):
-    """Remove `flag VALUE` from args and return VALUE (None when absent)."""
-    if flag not in args:
-        return None
-    i = args.index(flag)
-    if i + 1 >= len(args):
-        raise SystemExit(f"error: {flag} needs a value")
-    value = args.pop(i + 1)
-    del args[i]
-    return value
 
 
 def _label(cfg: dict) -> str:
@@ -594,16 +577,14 @@ def _label(cfg: dict) -> str:
 def main(argv=None):
     """The runner's CLI plus `--plot PNG` (return vs the swept hidden parameter) and
     `--compare RUN_DIR` (also draw an earlier run's sweep, from its summary.json)."""
-    args = sys.argv[1:] if argv is None else list(argv)
-    out, other = _pop_flag(args, "--plot"), _pop_flag(args, "--compare")
-    if argv is None:
-        sys.argv[1:] = args
-    res = run.main(Config, init, update, presets=PRESETS, evaluate=evaluate,
-                   argv=None if argv is None else args, doc=__doc__,
+    flags, argv = run.pop_flags(argv, "--plot", "--compare")
+    out, other = flags["--plot"], flags["--compare"]
+    res = run.main(Config, init, update, presets=PRESETS, evaluate=evaluate, argv=argv,
+                   doc=__doc__,
                    summary_keys=["eval/in_dist", "eval/target", "eval/gap", "eval/box",
                                  "eval/nominal", "charts/episodic_return"])
     if out is not None:
-        cfg = run.parse(Config, PRESETS, args)[0]
+        cfg = run.parse(Config, PRESETS, argv)[0]
         curves = [(res.final, _label(dataclasses.asdict(cfg)))]
         if other is not None:
             summary = json.loads((Path(other) / "summary.json").read_text())

@@ -405,9 +405,9 @@ def test_summary_values_may_be_arrays_per_seed():
 
 
 def test_fast_compile_reaches_the_chunk_compile_and_keeps_the_results(tmp_path, monkeypatch):
-    """--fast-compile compiles the training chunks with the runner's init options (XLA's
-    lowest backend level): the results equal the optimised run's to float tolerance, and
-    the options really reach the chunk's compile (an unknown option then fails it)."""
+    """--fast-compile compiles the training chunks and evaluate() with the runner's init
+    options (XLA's lowest backend level): the results equal the optimised run's to float
+    tolerance, and the options really reach both compiles."""
     args = ["--num-seeds", "2", "--no-progress", "--num-updates", "10"]
     fast = toy_algo.main(args + ["--fast-compile", "--run-dir", str(tmp_path / "fast")])
     full = toy_algo.main(args + ["--run-dir", str(tmp_path / "full")])
@@ -433,9 +433,18 @@ def test_fast_compile_reaches_the_chunk_compile_and_keeps_the_results(tmp_path, 
         return Spy()
 
     monkeypatch.setattr(run, "make_chunk", make_chunk)
+    evaluated = []  # ... and the options evaluate() was compiled with
+    real_eval = run.evaluate_seeds
+
+    def evaluate_seeds(*a, compiler_options=None):
+        evaluated.append(compiler_options)
+        return real_eval(*a, compiler_options=compiler_options)
+
+    monkeypatch.setattr(run, "evaluate_seeds", evaluate_seeds)
     toy_algo.main(args + ["--fast-compile", "--run-dir", str(tmp_path / "a")])
     toy_algo.main(args + ["--run-dir", str(tmp_path / "b")])
     assert seen == [run.INIT_COMPILER_OPTIONS, None], seen
+    assert evaluated == [run.INIT_COMPILER_OPTIONS, None], evaluated
 
 
 def test_pop_flags_takes_a_files_own_flags_out_of_argv_or_sys_argv(monkeypatch):
