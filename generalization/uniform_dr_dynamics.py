@@ -10,7 +10,7 @@ noise) are drawn anew for every episode from a fixed box, and the policy maximis
 expected return over that box ([1] Eq. 1, [2] "DR"):
 
     theta* = argmax_theta E_{mu ~ U(box)} [ E_{tau ~ p(tau | pi_theta, mu)} [ sum_t gamma^t r_t ] ]
-    mass, gain:  mu_i = nominal_i * exp(U[log lo_i, log hi_i])     (log-uniform, [1] Sec. V-B)
+    mass, gain:  mu_i = nominal_i * exp(U[log lo_i, log hi_i])     (log-uniform [M], see below)
     length, g:   mu_i = nominal_i * U[lo_i, hi_i]                  (uniform)
     delay d ~ U{0..max_delay}: the action applied at t was chosen at t - d   ([1] "action latency")
     o_t = s_t + eps_t,  eps_t ~ N(0, obs_noise^2 I), a fresh draw every step  ([1] "sensor noise")
@@ -42,7 +42,9 @@ Ours (quick, CartPole-v1, LSTM 64, 400k steps, 2 seeds, 64 episodes per conditio
 loaded 2-core CPU, ~100 s compile + ~90 s per run): return in the target (a 3-step action
 delay, training drew 0..2) 396 +- 5 randomized vs 188 +- 33 without randomization; in
 distribution 453 vs 500 (nominal), so the gap is 57 vs 312. Both score 500 at the nominal
-dynamics. Sweep of the delay: generalization/uniform_dr_dynamics.png.
+dynamics. Sweep of the delay: generalization/uniform_dr_dynamics.png. (The target also adds
+observation noise of std 0.01, which the --no-randomize run never saw in training: the gap
+is not the delay's alone.)
 
 Differences from the paper:
 - Learner: PPO ([3], clipped surrogate, GAE) on whole-sequence minibatches, not [1]'s
@@ -53,17 +55,27 @@ Differences from the paper:
 - Task: gymnax CartPole-v1 (quick) or Pendulum-v1 (paper preset) instead of the Fetch arm
   pushing a puck (MuJoCo, a real robot). Their parameters map onto [1] Table I's families
   (`FAMILIES`): link mass [0.25, 4] x, controller gain [0.5, 2] x (force_mag / max_torque),
-  and two the table has not (pole length, gravity). Joint damping, puck friction/damping
+  and two the table has not (pole length, gravity). On Pendulum the "gain" is only the
+  torque limit: gymnax clips the action to max_torque and applies it unscaled, so it acts
+  only on actions beyond the limit (a saturation, not a gain).
+- Sampling law: masses and gains log-uniform, the rest uniform. [1] Table I gives ranges only
+  (as quoted); log-uniform scale parameters are the convention of OpenAI et al. 2018
+  (arXiv:1808.00177), assumed here [M], not read in [1]. Joint damping, puck friction/damping
   and table height have no counterpart in these envs and are not drawn.
 - Action delay: an integer number of control steps d ~ U{0..max_delay} per episode (a ring
   buffer, common.envs.DynamicsRandomized) instead of [1]'s control period 0.04 s + Exp(lambda)
-  with lambda ~ U[125, 1000] 1/s redrawn every step; during the first d steps action 0
+  with lambda ~ U[125, 1000] 1/s redrawn every step (a mean extra latency of 1-8 ms, at
+  most a fifth of a control step): the whole-step delays here, and the 3-step target, are
+  a much larger perturbation of another kind. During the first d steps action 0
   (CartPole: push left; Pendulum: zero torque) is applied.
 - Observation noise: an absolute std `obs_noise` on every feature, instead of 5% of each
   feature's running std.
 - Networks: the critic is an MLP on [s_t, a_{t-1}, mu] plus, with the LSTM policy, the
   policy's LSTM output z_t (shared, trained by both losses); [1] gives the critic its own
   recurrent branch.
+- Paper preset: gymnax Pendulum-v1 episodes last 200 steps, so [1]'s "128 episodes x 100
+  steps" per iteration are 128 half-episodes here, and GAE treats the time-limit
+  truncation as terminal.
 - Metrics: charts/episodic_return is the mean return of the episodes that ended in the
   rollout (NaN in an update where none ended).
 """
@@ -96,7 +108,7 @@ FAMILIES = {
                     "gravity": ("gravity",), "gain": ("force_mag",)},
     "Pendulum-v1": {"mass": ("m",), "length": ("l",), "gravity": ("g",), "gain": ("max_torque",)},
 }
-LOG_UNIFORM = ("mass", "gain")  # [1] Sec. V-B: scale-like parameters are drawn log-uniformly
+LOG_UNIFORM = ("mass", "gain")  # scale-like parameters drawn log-uniformly ([M]: see docstring)
 SWEEPS = ("mass", "length", "gravity", "gain", "delay", "obs_noise")
 
 
@@ -251,7 +263,7 @@ def per_family(cfg: Config, value_of) -> dict:
 
 
 def sample_dynamics(key, cfg: Config) -> envs.DynamicsParams:
-    """mu ~ U(box) for one episode ([1] Sec. V-B); the nominal mu when not `randomize`."""
+    """mu ~ U(box) for one episode ([1] Table I ranges); the nominal mu when not `randomize`."""
     fams = FAMILIES[cfg.env_id]
     if not cfg.randomize:
         return dynamics(cfg, per_family(cfg, lambda fam: 1.0), 0, 0.0)

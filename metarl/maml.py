@@ -9,8 +9,8 @@ A task tau ~ p(tau) is a sinusoid y = A sin(x - b), A ~ U[0.1, 5], b ~ U[0, pi],
 x ~ U[-5, 5] ([1] Sec. 5.1). Each task gives K points to adapt on (support, D_a) and K
 more to score the adaptation (query, D_b). With L_D(theta) the mean squared error on D:
 
-    theta'_tau = theta - alpha grad_theta L_Da(theta)   (k steps: repeat)    [1] Eq. (1)
-    theta <- theta - beta grad_theta sum_tau L_Db(theta'_tau)  (Adam)        [1] Eq. (2)
+    theta'_tau = theta - alpha grad_theta L_Da(theta)   (k steps: repeat)    [1] Sec. 2.2
+    theta <- theta - beta grad_theta sum_tau L_Db(theta'_tau)  (Adam)        [1] Eq. (1)
     g_MAML   = grad L_Db(theta_k) . prod_{i<k} (I - alpha H_Da(theta_i))     (jax.grad
                through the k inner SGD steps: the exact second-order meta-gradient)
     g_FOMAML = grad L_Db(theta_k)  (stop_gradient on inner gradients)  [1] Sec. 5.2, [2] Sec. 4
@@ -49,9 +49,11 @@ Ours (paper preset, 2 seeds, 2-core CPU shared, 6 s compile + 133 s): before one
 and 3.05, after one step 0.35 and 0.69; after 10 steps 0.13 (seed 0), while seed 1 diverges
 on some task from step 3 (mean inf). Multi-step adaptation beyond the trained step count is
 fragile at alpha = 0.01 (cf. pytorch-maml-rl issues #42/#46 for RL).
-[1] Fig. 3 (left, K = 10) [M: read off the plot, not a table]: MAML's query MSE is about
-0.4-0.6 after one step and keeps falling over 10 steps; pretrained stays near 2-3 (it
-learns the mean function, y ~ 0), which is also where an untrained network sits.
+[1]'s K = 10 curves [M: read off the plot from memory, not a table]: MAML's query MSE is
+about 0.4-0.6 after one step and keeps falling over 10 steps; pretrained stays near 2-3.
+The pretrained network learns the mean over tasks, E[A sin(x - b)] = -(2/pi) E[A] cos x
+(MSE about 3.0, as measured above); an untrained one predicts about 0 (MSE about
+E[A^2]/2 = 4.25, the random-init row).
 
 Metrics: losses/pre_adapt_mse is L_Db(theta) of the meta-batch, losses/post_adapt_mse
 L_Db(theta') after the training-time inner steps (for Reptile, L_Db(W), whose steps also saw
@@ -63,7 +65,9 @@ Differences from the paper:
 - alpha = 0.01 as in [1] Sec. 5.1; the released cbfinn/maml flags default `update_lr`
   to 1e-3 and its sinusoid command does not set it. The paper's number is used.
 - Weights are initialised as the released code does (truncated normal, std 0.01, biases
-  0); the outer loss averages (not sums) over the meta-batch, as the released code does.
+  0); the losses average (not sum, as [1] Eq. (2) writes the MSE) over points and over the
+  meta-batch, as the released code's `mse` (reduce_mean) does: alpha = 0.01 is a step on
+  the mean.
 - evaluate() scores `eval_points` = 100 query points per task (the released test scores
   the K query points of each of 600 tasks); more points, less noise, the same expectation.
 - Reptile ([2]): the k inner steps cycle over the task's two K-point minibatches (support,
@@ -73,7 +77,13 @@ Differences from the paper:
   (eps = 0.1 with alpha = 0.01 from this init: MSE 3.4 after one step at 10k iterations).
   With k = 1 Reptile's update is the joint-training gradient step (tested).
 - The pretrained baseline of the released code (`--pretrain_iterations`) minimises the
-  loss at theta on D_a; here on D_b (fresh points of the same distribution).
+  loss at theta on D_a; here on D_b (fresh points of the same distribution). At test time
+  it is fine-tuned with alpha, as in the released code; [1] fine-tunes it "with a tuned
+  step size", so this comparison is harsher on the baseline than [1]'s.
+- Only K = 10 (no K = 5 / 20 panels) and no oracle baseline (told A and b).
+- Reptile's combination here (plain-SGD inner loop, eps = 1.0 -> 0, meta-batch 25) is not a
+  setting of [2]: its eps = 1 runs use an Adam inner loop and meta-batch 5, its SGD runs
+  eps = 0.25 -> 0 with meta-batch 1 (openai/supervised-reptile's README commands).
 """
 
 import json

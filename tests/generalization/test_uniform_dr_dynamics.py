@@ -24,7 +24,7 @@ SEEDS = 2
 
 
 def test_sampling_laws_of_the_box():
-    """[1] Sec. V-B on 4096 CartPole draws: mass and gain multipliers are log-uniform (log
+    """Sampling laws on 4096 CartPole draws: mass and gain multipliers are log-uniform (log
     of the multiplier uniform on [log lo, log hi]: mean at the middle, 0 for (0.25, 4) and
     (0.5, 2), std (log hi - log lo) / sqrt 12 = 0.800 and 0.400), the cart and pole masses
     drawn independently (corr ~ 0); length and gravity uniform (mean 1, std 0.5 / sqrt 12 =
