@@ -135,13 +135,15 @@ def test_maml_adapts_in_one_step_and_the_pretrained_baseline_does_not(tiny_run):
     The pretrained network learns the mean function and one step barely moves it; MAML's
     theta is where one step fits the task. The test also fails when the meta-gradient does
     not flow through the inner step (`update` ignoring State.train_lr, or FOMAML's
-    stop_gradient on theta itself)."""
+    stop_gradient on theta itself), and when evaluate() does not fine-tune the baseline (its
+    meta-objective's alpha = 0 used at meta-test: gain 0)."""
     f = tiny_run.final
     pre, post = f["adapt/mse_00"], f["adapt/mse_01"]
     print("pre", np.round(pre, 2), "post", np.round(post, 2))
     gain = pre - post
     assert gain[:SEEDS].min() > 1.0, gain  # MAML: one step helps a lot
-    assert gain[SEEDS:].max() < 0.5, gain  # pretrained: one step barely helps
+    assert gain[SEEDS:].max() < 0.5, gain  # pretrained: one step barely helps ...
+    assert gain[SEEDS:].min() > 0.05, gain  # ... but it is fine-tuned (alpha, not its 0)
     # 3 of 4 seeds: from the 0.01 init one seed may still sit on the initial plateau
     assert np.sort(post[:SEEDS])[-2] < post[SEEDS:].min() - 0.5, post
     # an untrained network adapts worse than both
