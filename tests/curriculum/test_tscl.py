@@ -115,7 +115,9 @@ def test_naive_holds_its_distribution_for_a_round_of_k_epochs():
 
 def test_sampling_teacher_draws_one_stored_change_per_task():
     """[1] Alg. 4: Thompson draws, independently per task, one of the min(count, K) stored
-    score changes (uniformly); the non-Thompson variant takes their mean; empty: 1."""
+    score changes (uniformly); the non-Thompson variant takes their mean; empty: 1. Through
+    teacher_probs too (fails if the Sampling row reads another teacher's values, or if
+    Thompson is ignored there: both tried)."""
     deltas = jnp.array([[0.1, -0.3], [0.2, -0.4], [9.0, 9.0]])  # slot 2 not written yet
     keys = jax.random.split(jax.random.PRNGKey(0), 4000)
     draws = np.asarray(jax.jit(jax.vmap(lambda k: tscl.sampling_values(
@@ -131,6 +133,18 @@ def test_sampling_teacher_draws_one_stored_change_per_task():
                                   [1.0, 1.0])
     np.testing.assert_allclose(sampling_values(keys[0], deltas, jnp.asarray(7), False),
                                [(0.1 + 0.2 + 9) / 3, (-0.7 + 9) / 3], rtol=1e-6)  # full ring
+    # through teacher_probs, as update calls it (teacher index 3): stored changes
+    # [0.5, -0.5] and [0, 0.2] have means 0 < 0.1, so without Thompson task 1 is the greedy
+    # pick every time; Thompson's independent draws make task 0 the pick half the time
+    ts = tscl.teacher_init(2, 10).replace(
+        deltas=jnp.zeros((10, 2)).at[:2].set(jnp.array([[0.5, 0.0], [-0.5, 0.2]])),
+        count=jnp.asarray(2))
+    sampling = jnp.asarray(tscl.TEACHERS.index("sampling"))
+    for exploration, share in (("egreedy", 0.0), ("thompson", 0.5)):
+        cfg = _cfg(exploration=exploration, epsilon=0.0, abs_progress=False)
+        picks = [int(np.argmax(teacher_probs(k, ts, sampling, jnp.asarray(5), cfg)))
+                 for k in keys[:200]]
+        assert abs(np.mean(np.array(picks) == 0) - share) < 0.1, (exploration, picks[:20])
 
 
 def test_policies_boltzmann_egreedy_and_abs_progress():
