@@ -1,0 +1,186 @@
+"""Tests of selfsup/moco.py: InfoNCE with the positive first (by hand), the momentum update,
+the FIFO queue with wrap-around, no gradient into the key encoder, the schedules, purity,
+CLI, the paper preset, and (slow tier) the behaviour against random init and a broken
+variant."""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from common import run
+from selfsup import moco
+from tests.common.cli import cli_args
+from tests.common.config_fields import unread_fields
+from tests.common.preset import trace_paper
+
+# One tiny configuration for every test of the module: 16x16 digits, a one-stage ResNet of
+# width 8 (32-d representation), 32 images per step in 4 BN sub-batches, K = 256 (8
+# batches), 4 epochs of 31 steps.
+TINY = moco.Config(version="v2", image_size=16, batch_size=32, num_epochs=4, queue_size=256,
+                   key_momentum=0.9, temperature=0.2, feature_dim=16, bn_splits=4,
+                   optimizer="adam", lr=3e-3, weight_decay=1e-6, stage_sizes=(1,), width=8,
+                   blur_in_v2=False, shift_conv=True)
+SEEDS = 2
+
+
+def test_info_nce_positive_first_by_hand():
+    """[1] Eq. 1 on n = 2 queries, K = 2 queue keys in 2-d, T = 0.5. q1 = (1, 0), k1+ =
+    (1, 0), queue (0, 1), (-1, 0): logits (1, 0, -1) / 0.5 = (2, 0, -2), loss1 =
+    log(e^2 + 1 + e^-2) - 2. q2 = (0, 1), k2+ = (1, 0): logits (0, 1, 0) / 0.5 = (0, 2, 0),
+    loss2 = log(2 + e^2); q2 ranks a negative first, so the accuracy is 1/2. Putting the
+    positive last (label K) or dropping the positive from the denominator changes the
+    number."""
+    q = jnp.array([[1.0, 0.0], [0.0, 1.0]])
+    k = jnp.array([[1.0, 0.0], [1.0, 0.0]])
+    queue = jnp.array([[0.0, 1.0], [-1.0, 0.0]])
+    loss, acc = moco.info_nce(q, k, queue, 0.5)
+    l1 = np.log(np.exp(2) + 1 + np.exp(-2)) - 2
+    l2 = np.log(2 + np.exp(2))
+    np.testing.assert_allclose(loss, (l1 + l2) / 2, rtol=1e-6)
+    assert float(acc) == 0.5
+
+
+def test_momentum_update_by_hand():
+    """[1] Eq. 2: theta_k <- m theta_k + (1 - m) theta_q on every leaf; m = 1 freezes f_k,
+    m = 0 copies f_q."""
+    k = {"a": jnp.array([1.0, 2.0]), "b": {"c": jnp.array(4.0)}}
+    q = {"a": jnp.array([3.0, 0.0]), "b": {"c": jnp.array(0.0)}}
+    out = moco.momentum_update(k, q, 0.75)
+    np.testing.assert_allclose(out["a"], [1.5, 1.5])
+    np.testing.assert_allclose(out["b"]["c"], 3.0)
+    jax.tree.map(np.testing.assert_array_equal, moco.momentum_update(k, q, 1.0), k)
+    jax.tree.map(np.testing.assert_array_equal, moco.momentum_update(k, q, 0.0), q)
+
+
+def test_queue_is_fifo_with_wrap_around():
+    """K = 6, batches of 2: three enqueues fill rows 0-1, 2-3, 4-5; the fourth overwrites
+    the oldest (rows 0-1, the first batch) and the pointer wraps 6 -> 0 -> 2."""
+    queue, ptr = jnp.zeros((6, 1)), jnp.array(0)
+    for b in range(4):
+        queue, ptr = jax.jit(moco.enqueue)(queue, ptr, jnp.full((2, 1), b + 1.0))
+        if b == 2:
+            assert int(ptr) == 0
+            np.testing.assert_array_equal(queue[:, 0], [1, 1, 2, 2, 3, 3])
+    assert int(ptr) == 2
+    np.testing.assert_array_equal(queue[:, 0], [4, 4, 2, 2, 3, 3])
+
+
+@pytest.fixture(scope="module")
+def one_step():
+    state = jax.jit(moco.init, static_argnums=1)(jax.random.PRNGKey(0), TINY)
+    after, metrics = jax.jit(moco.update, static_argnums=1)(state, TINY)
+    return state, after, metrics
+
+
+def test_one_update_moves_queue_key_encoder_and_query_encoder(one_step):
+    """After one update: f_k = m f_k + (1 - m) f_q of the state before (f_k started as a
+    copy, so it equals f_q's old parameters); the newest queue rows hold unit-norm keys,
+    the rest are untouched; the pointer moved by one batch. Enqueueing the query features
+    instead would fail the last check (the keys come from f_k at the old parameters)."""
+    state, after, metrics = one_step
+    jax.tree.map(np.testing.assert_array_equal, state.params_q, state.params_k)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6), after.params_k,
+                 moco.momentum_update(state.params_k, state.params_q, TINY.key_momentum))
+    assert int(after.queue_ptr) == TINY.batch_size
+    np.testing.assert_array_equal(after.queue[TINY.batch_size:], state.queue[TINY.batch_size:])
+    np.testing.assert_allclose(jnp.linalg.norm(after.queue[:TINY.batch_size], axis=-1), 1.0,
+                               rtol=1e-5)
+    assert not np.allclose(after.queue[:TINY.batch_size], state.queue[:TINY.batch_size])
+    assert not np.allclose(after.params_q["fc"]["kernel"], state.params_q["fc"]["kernel"])
+    assert np.isfinite(float(metrics["losses/info_nce"]))
+
+
+def test_schedules_of_v1_and_v2():
+    """main_moco.py: v1 lr 0.03, x 0.1 after epochs 120 and 160; v2 (--cos) a half cosine."""
+    cfg = moco.Config(num_train=256 * 5)  # 5 steps per epoch
+    sched = moco.make_optimizer(cfg)[1]
+    np.testing.assert_allclose([sched(0), sched(599), sched(600), sched(800)],
+                               [0.03, 0.03, 0.003, 0.0003], rtol=1e-5)
+    sched = moco.make_optimizer(dataclasses.replace(cfg, version="v2"))[1]
+    np.testing.assert_allclose([sched(0), sched(500)], [0.03, 0.015], rtol=1e-5)
+
+
+RUN_ARGS = cli_args(TINY, moco.Config()) + ["--num-seeds", str(SEEDS), "--log-every",
+                                            str(TINY.num_updates), "--no-progress"]
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
+    return moco.main(RUN_ARGS + ["--run-dir", str(tmp_path_factory.mktemp("moco"))])
+
+
+def test_train_is_pure_and_cli_writes_its_files(quick_run, tmp_path, capsys):
+    """Same keys: bit-identical a second time; the two seeds differ; the run wrote its
+    files; --help documents every field."""
+    with pytest.raises(SystemExit):
+        moco.main(["--help"])
+    out = capsys.readouterr().out
+    for f in dataclasses.fields(moco.Config):
+        assert "--" + f.name.replace("_", "-") in out, f.name
+    assert "Presets (--preset): quick, v2, paper" in out
+    assert (quick_run.run_dir / "metrics.jsonl").exists()
+    h = quick_run.history["losses/info_nce"]
+    assert h.shape == (SEEDS, TINY.num_updates) and np.isfinite(h).all()
+    assert not np.array_equal(h[0], h[1])
+    for k in ("linear", "linear_few", "knn", "knn_few"):
+        assert np.isfinite(quick_run.final[k]).all()
+    again = moco.main(RUN_ARGS + ["--run-dir", str(tmp_path)])
+    jax.tree.map(np.testing.assert_array_equal, quick_run.state.params_q, again.state.params_q)
+    np.testing.assert_array_equal(quick_run.state.queue, again.state.queue)
+    np.testing.assert_array_equal(h, again.history["losses/info_nce"])
+
+
+def _frozen_queue(queue, ptr, keys):
+    """The broken variant: the queue is never updated (its random init stays)."""
+    return queue, ptr
+
+
+@pytest.mark.slow
+def test_moco_beats_init_and_a_frozen_queue(quick_run, monkeypatch):
+    """Behaviour: the 10-per-class linear probe of MoCo features against the same encoder at
+    random init and against a run whose queue is never updated (random negatives: the
+    features may collapse). NOT YET CALIBRATED: at TINY (124 steps) MoCo measured linear
+    10/class 0.795 0.726, init 0.740 0.661, the frozen queue 0.755 0.772, so the frozen
+    queue is not beaten at this budget and this gate is slow-tier and expected to fail
+    until a longer calibrated setting is found (see the report of issue 19)."""
+    states = run.initial_states(moco.init, TINY, 0, SEEDS)
+    init = run.evaluate_seeds(moco.evaluate, states, TINY, SEEDS)
+    monkeypatch.setattr(moco, "enqueue", _frozen_queue)
+    train = jax.jit(jax.vmap(run.make_train(moco.init, moco.update, TINY)))
+    state, _ = train(run.seed_keys(0, SEEDS))
+    monkeypatch.undo()
+    broken = run.evaluate_seeds(moco.evaluate, state, TINY, SEEDS)
+    trained = quick_run.final
+    print("trained", trained, "init", init, "frozen queue", broken)
+    assert trained["linear_few"].mean() >= init["linear_few"].mean() + 0.03
+    assert trained["linear_few"].mean() >= broken["linear_few"].mean() + 0.03
+
+
+def test_bad_values_fail_with_named_field(tmp_path):
+    for flags, msg in ((["--temperature", "0"], "temperature=0"),
+                       (["--queue-size", "100"], "queue_size=100 must be a multiple"),
+                       (["--key-momentum", "1.5"], "key_momentum=1.5"),
+                       (["--bn-splits", "3"], "bn_splits=3"),
+                       (["--version", "v3"], "version='v3'"),
+                       (["--lr", "-1"], "--lr must be > 0")):
+        with pytest.raises(ValueError, match=msg):
+            moco.main(flags + ["--run-dir", str(tmp_path)])
+
+
+def test_every_config_field_is_read():
+    assert unread_fields(moco) == []
+
+
+def test_paper_preset_traces():
+    """eval_shape of init and one update under `paper`: ResNet-50 (2048-d representation,
+    linear head 2048 -> 128), batch 256 in 8 BN sub-batches, K = 65536; nothing runs."""
+    cfg, state, (after, metrics) = trace_paper(moco)
+    assert cfg.batch_size == 256 and cfg.queue_size == 65536 and cfg.key_momentum == 0.999
+    assert state.params_q["fc"]["kernel"].shape == (2048, 128)
+    assert "mlp" not in state.params_q
+    assert state.queue.shape == (65536, 128)
+    assert jax.tree.structure(after) == jax.tree.structure(state)
+    assert all(m.shape == () for m in jax.tree.leaves(metrics))
