@@ -29,16 +29,16 @@ SEEDS = 2
 def test_info_nce_positive_first_by_hand():
     """[1] Eq. 1 on n = 2 queries, K = 2 queue keys in 2-d, T = 0.5. q1 = (1, 0), k1+ =
     (1, 0), queue (0, 1), (-1, 0): logits (1, 0, -1) / 0.5 = (2, 0, -2), loss1 =
-    log(e^2 + 1 + e^-2) - 2. q2 = (0, 1), k2+ = (1, 0): logits (0, 1, 0) / 0.5 = (0, 2, 0),
-    loss2 = log(2 + e^2); q2 ranks a negative first, so the accuracy is 1/2. Putting the
-    positive last (label K) or dropping the positive from the denominator changes the
-    number."""
+    log(e^2 + 1 + e^-2) - 2. q2 = (0, 1), k2+ = (0.6, 0.8): logits (0.8, 1, 0) / 0.5 =
+    (1.6, 2, 0), loss2 = log(e^1.6 + e^2 + 1) - 1.6; q2 ranks a negative first, so the
+    accuracy is 1/2. Putting the positive last (mutation tried: loss differs) or dropping it
+    from the denominator changes the number."""
     q = jnp.array([[1.0, 0.0], [0.0, 1.0]])
-    k = jnp.array([[1.0, 0.0], [1.0, 0.0]])
+    k = jnp.array([[1.0, 0.0], [0.6, 0.8]])
     queue = jnp.array([[0.0, 1.0], [-1.0, 0.0]])
     loss, acc = moco.info_nce(q, k, queue, 0.5)
     l1 = np.log(np.exp(2) + 1 + np.exp(-2)) - 2
-    l2 = np.log(2 + np.exp(2))
+    l2 = np.log(np.exp(1.6) + np.exp(2) + 1) - 1.6
     np.testing.assert_allclose(loss, (l1 + l2) / 2, rtol=1e-6)
     assert float(acc) == 0.5
 
@@ -68,6 +68,16 @@ def test_queue_is_fifo_with_wrap_around():
     np.testing.assert_array_equal(queue[:, 0], [4, 4, 2, 2, 3, 3])
 
 
+@jax.jit
+def _keys(state, k_batch, k_aug, k_shuffle):
+    idx = jax.random.choice(k_batch, TINY.num_train, (TINY.batch_size,), replace=False)
+    _, x_k = moco.make_views(k_aug, jnp.asarray(moco.images(TINY)[0])[idx], TINY)
+    params_k = moco.momentum_update(state.params_k, state.params_q, TINY.key_momentum)
+    perm = jax.random.permutation(k_shuffle, TINY.batch_size)
+    return moco.encode(moco.network(TINY), params_k, state.stats_k, x_k, TINY.bn_splits,
+                       perm)[1]
+
+
 @pytest.fixture(scope="module")
 def one_step():
     state = jax.jit(moco.init, static_argnums=1)(jax.random.PRNGKey(0), TINY)
@@ -78,8 +88,8 @@ def one_step():
 def test_one_update_moves_queue_key_encoder_and_query_encoder(one_step):
     """After one update: f_k = m f_k + (1 - m) f_q of the state before (f_k started as a
     copy, so it equals f_q's old parameters); the newest queue rows hold unit-norm keys,
-    the rest are untouched; the pointer moved by one batch. Enqueueing the query features
-    instead would fail the last check (the keys come from f_k at the old parameters)."""
+    the rest are untouched; the pointer moved by one batch; the new rows are the keys
+    f_k(x_k) (mutation tried: enqueueing constant unit vectors fails here)."""
     state, after, metrics = one_step
     jax.tree.map(np.testing.assert_array_equal, state.params_q, state.params_k)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6), after.params_k,
@@ -88,7 +98,11 @@ def test_one_update_moves_queue_key_encoder_and_query_encoder(one_step):
     np.testing.assert_array_equal(after.queue[TINY.batch_size:], state.queue[TINY.batch_size:])
     np.testing.assert_allclose(jnp.linalg.norm(after.queue[:TINY.batch_size], axis=-1), 1.0,
                                rtol=1e-5)
-    assert not np.allclose(after.queue[:TINY.batch_size], state.queue[:TINY.batch_size])
+    # the newest rows are f_k's keys of this step's key views, recomputed here through the
+    # same functions (views, EMA, shuffled per-sub-batch BN) with the update's key split
+    _, k_batch, k_aug, k_shuffle = jax.random.split(state.key, 4)
+    np.testing.assert_allclose(after.queue[:TINY.batch_size],
+                               _keys(state, k_batch, k_aug, k_shuffle), rtol=1e-4, atol=1e-5)
     assert not np.allclose(after.params_q["fc"]["kernel"], state.params_q["fc"]["kernel"])
     assert np.isfinite(float(metrics["losses/info_nce"]))
 
