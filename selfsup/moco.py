@@ -31,7 +31,11 @@ against the same encoder at random init.
 
 Reproduce (CPU demo on scikit-learn's digits at 16x16, v2):
     python selfsup/moco.py --preset quick
-Measured: see selfsup/README.md (filled in from the quick run).
+Measured (1 seed, 350 steps, about 6 min wall on a loaded 2-core CPU): linear probe 0.910
+(all labels) / 0.787 (10 per class), k-NN 0.849 / 0.698; InfoNCE 7.0-7.4 (log(K + 1) =
+8.32), contrastive accuracy 0.03-0.10 (chance 1/4097). The same encoder at random init:
+linear 0.893 / 0.734, k-NN 0.721 / 0.486. The broken variant m = 0 (f_k = f_q every step):
+loss stays at 8.32, accuracy 0.0016, linear 0.801 / 0.624, k-NN 0.598 / 0.378.
 Paper setting (GPU; ResNet-50, batch 256, K = 65536, m = 0.999; digits at 32x32 in place of
 ImageNet): `--preset paper` (v1, [1]) or `--preset v2` ([2]).
 [1] Table 6 / Sec. 4.1: ImageNet linear evaluation 60.6% top-1 (ResNet-50, 200 epochs),
