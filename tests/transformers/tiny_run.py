@@ -109,9 +109,9 @@ def lowest_level_compiles():
     values may differ from the default compile's by an ulp."""
     real_chunk, real_evaluate = run.make_chunk, run.evaluate_seeds
 
-    def evaluate_seeds(evaluate, state, cfg, num_seeds):
-        if getattr(evaluate, "host", False):
-            return real_evaluate(evaluate, state, cfg, num_seeds)
+    def evaluate_seeds(evaluate, state, cfg, num_seeds, compiler_options=None):
+        if getattr(evaluate, "host", False):  # (jitted ones: the lowest level, as asked or not)
+            return real_evaluate(evaluate, state, cfg, num_seeds, compiler_options)
         return jax.device_get(jit0(run.seed_map(lambda s: evaluate(s, cfg), num_seeds))(state))
 
     with pytest.MonkeyPatch.context() as mp:
