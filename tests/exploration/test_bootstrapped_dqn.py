@@ -176,7 +176,7 @@ def test_bootstrapped_finds_the_treasure_epsilon_greedy_does_not(runs):
     episodes, 4 seeds. Episodes to the first treasure (-1: never), measured on a loaded
     2-core CPU (jax 0.10.2):
         bootstrapped + prior (K = 10)   77  63  83  55   (4/4)
-        epsilon-greedy DQN (1 -> 0.05)  MEASURED_EPS
+        epsilon-greedy DQN (1 -> 0.05)  -1  -1  -1  -1   (0/4)
     (a probe at 200 episodes, 6 seeds: 77 63 83 55 96 91 against six -1; the head redrawn
     every step: -1 -1 133 75 135 45, reaching the treasure half as often; slow tier)."""
     boot = np.asarray(runs[0][0].first_success[1:])
