@@ -1,7 +1,8 @@
 """Tests of transformers/gpt.py: the L3 combination and its parts, the input transformation
 (layout, extract position), the post-LN block order, the two stages' learning-rate
 schedules, the released code's Adam, causality; one tiny CLI run of twin seeds (pre-trained
-vs re-initialised at the switch) reused by the behaviour, purity and CLI tests."""
+vs re-initialised at the switch) reused by the behaviour, purity and CLI tests; and a slow
+gate (pytest -m slow): pre-training beats fine-tuning from scratch on held-out task accuracy."""
 
 import dataclasses
 import json
