@@ -172,8 +172,9 @@ def test_moco_beats_init_and_zero_momentum():
     against the same encoder at random init and against the broken variant m = 0 (the key
     encoder is the query encoder at every step; [1] Fig. 5: training fails). Measured on a
     loaded 2-core CPU (this test, 3.7 min): k-NN 10/class MoCo 0.709, init 0.486, m = 0
-    0.378 (linear 10/class 0.777, 0.734, 0.624; the CLI run of the preset: 0.698, 0.787); m = 0's loss stays at log(K + 1) = 8.318 (contrastive accuracy
-    0.0016, chance 1/4097), MoCo's falls to about 7.0-7.4 (accuracy 0.03-0.10). At TINY
+    0.378 (linear 10/class 0.777, 0.734, 0.624; the CLI run of the preset: 0.698, 0.787);
+    m = 0's loss stays at log(K + 1) = 8.318 (contrastive accuracy 0.0016, chance 1/4097),
+    MoCo's falls to about 7.0-7.4 (accuracy 0.03-0.10). At TINY
     (124 steps, K = 256) neither separates: MoCo's loss climbs to log(K + 1) as the queue
     fills, so this gate is slow-tier only."""
     fmt = lambda ev: {k: float(np.asarray(v).mean()) for k, v in ev.items()}
