@@ -42,8 +42,10 @@ extract and padding tokens; the paper preset sizes the table as GPT's 40,478-tok
 
 Reproduce (CPU demo, pydoc text, 2 layers of d 64, context 64, 1500 pre-training updates of
 32 windows, then 3 epochs of 4096 labelled examples in batches of 32, lr 1e-3):
-    python transformers/gpt.py --preset quick                        # pre-trained
-    python transformers/gpt.py --preset quick --finetune-from-scratch  # the baseline
+    python transformers/gpt.py --preset quick                      # pre-trained
+    python transformers/gpt.py --preset quick --pretrain-steps 0   # baseline: no pre-training
+  (--finetune-from-scratch is the twin baseline: the same pre-training run, re-initialised
+  at the switch)
   Measured through the command line (2-core CPU shared with other jobs, --num-seeds 2):
   held-out task accuracy 0.777 / 0.814 pre-trained vs 0.490 / 0.502 with --pretrain-steps 0
   (fine-tuning only; the from-scratch twins of the same seeds, re-initialised at the switch,
