@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from common import run
+from common import parallel, run
 from selfsup import moco
 from tests.common.cli import cli_args
 from tests.common.config_fields import unread_fields
@@ -18,8 +18,8 @@ from tests.common.preset import trace_paper
 
 # One tiny configuration for every test of the module: 16x16 digits, a one-stage ResNet of
 # width 8 (32-d representation), 32 images per step in 4 BN sub-batches, K = 256 (8
-# batches), 4 epochs of 31 steps.
-TINY = moco.Config(version="v2", image_size=16, batch_size=32, num_epochs=4, queue_size=256,
+# batches), 2 epochs of 31 steps.
+TINY = moco.Config(version="v2", image_size=16, batch_size=32, num_epochs=2, queue_size=256,
                    key_momentum=0.9, temperature=0.2, feature_dim=16, bn_splits=4,
                    optimizer="adam", lr=3e-3, weight_decay=1e-6, stage_sizes=(1,), width=8,
                    blur_in_v2=False, shift_conv=True)
@@ -79,10 +79,15 @@ def _keys(state, k_batch, k_aug, k_shuffle):
 
 
 @pytest.fixture(scope="module")
-def one_step():
-    state = jax.jit(moco.init, static_argnums=1)(jax.random.PRNGKey(0), TINY)
-    after, metrics = jax.jit(moco.update, static_argnums=1)(state, TINY)
-    return state, after, metrics
+def one_step(quick_run):
+    """Seed 0 before and after its first update, by the runner's own init and one-update
+    chunk (the CLI run's programs: the persistent compilation cache serves both)."""
+    states = run.initial_states(moco.init, TINY, 0, SEEDS)
+    before = jax.device_get(states)
+    chunk = run.make_chunk(moco.update, TINY, 1, parallel.seed_sharding(SEEDS), SEEDS)
+    after, metrics = chunk(states)
+    first = lambda t: jax.tree.map(lambda x: np.asarray(x)[0], t)  # noqa: E731
+    return first(before), first(after), {k: v[0, 0] for k, v in jax.device_get(metrics).items()}
 
 
 def test_one_update_moves_queue_key_encoder_and_query_encoder(one_step):
@@ -133,8 +138,8 @@ def test_schedules_of_v1_and_v2():
     np.testing.assert_allclose([sched(0), sched(500)], [0.03, 0.015], rtol=1e-5)
 
 
-RUN_ARGS = cli_args(TINY, moco.Config()) + ["--num-seeds", str(SEEDS), "--log-every",
-                                            str(TINY.num_updates), "--no-progress"]
+RUN_ARGS = cli_args(TINY, moco.Config()) + ["--num-seeds", str(SEEDS), "--log-every", "1",
+                                            "--no-progress"]
 
 
 @pytest.fixture(scope="module")
