@@ -418,8 +418,8 @@ def plot_scaling(out: str, sizes=(5, 8, 11), seeds: int = 4, episodes: int = 250
     from common import plot
 
     fig, ax = plt.subplots(figsize=(5, 3.5))
-    for name, label in (("quick", "bootstrapped DQN + prior (K=10)"),
-                        ("quick_epsilon", "DQN, epsilon-greedy")):
+    for color, name, label in (("C0", "quick", "bootstrapped DQN + prior (K=10)"),
+                               ("C1", "quick_epsilon", "DQN, epsilon-greedy")):
         med = []
         for n in sizes:
             cfg = Config(**dict(PRESETS[name], deepsea_size=n, total_timesteps=episodes * n,
@@ -428,10 +428,10 @@ def plot_scaling(out: str, sizes=(5, 8, 11), seeds: int = 4, episodes: int = 250
             state, _ = train(jax.random.split(jax.random.PRNGKey(0), seeds))
             fs = np.asarray(state.first_success)
             fs = np.where(fs < 0, episodes, fs)
-            ax.scatter([n] * seeds, fs, s=10, alpha=0.5)
+            ax.scatter([n] * seeds, fs, s=10, alpha=0.5, color=color)
             med.append(np.median(fs))
             print(name, n, fs)
-        ax.plot(sizes, med, "-o", label=label)
+        ax.plot(sizes, med, "-o", label=label, color=color)
     ax.set(xlabel="DeepSea size N", ylabel="episodes to first treasure", yscale="log",
            title=f"DeepSea, {seeds} seeds (never: drawn at the budget)")
     ax.legend(fontsize=8)
