@@ -207,6 +207,16 @@ def test_train_is_pure_and_seeded(curves):
     np.testing.assert_array_equal(state.step, TINY.num_updates)
 
 
+
+def test_rff_frequencies_are_drawn_with_std_one_over_sigma(curves):
+    """v_k ~ N(0, sigma^-2 I) ([1] Eq. 3's kernel bandwidth): the 600 x 64 frequencies a run
+    draws have mean 0 and std 1 / sigma = 0.5 (a sigma^2 or a missing 1 / sigma fails:
+    the peak test alone passes at any bandwidth)."""
+    v = curves[0].v[2]
+    assert v.shape == (max(TINY.features), TINY.input_dim)
+    np.testing.assert_allclose(v.std(), 1 / TINY.rff_sigma, rtol=0.02)
+    assert abs(v.mean()) < 0.02
+
 # --- CLI, loader, config ---
 
 
