@@ -92,5 +92,6 @@ def test_orthogonal_is_flax_value_for_value_and_never_batches_lapack_on_cpu():
     batch_dims = lambda f: set(re.findall(  # noqa: E731
         r'lapack_\w+geqrf\w*\(.*?num_batch_dims = "(\d+)"',
         jax.jit(jax.vmap(f)).lower(keys[0]).as_text()))
-    assert batch_dims(ours) == {"0"}, batch_dims(ours)
-    assert batch_dims(flax_) == {"1"}, batch_dims(flax_)
+    if jax.default_backend() == "cpu":  # (other backends vmap, and call no LAPACK)
+        assert batch_dims(ours) == {"0"}, batch_dims(ours)
+        assert batch_dims(flax_) == {"1"}, batch_dims(flax_)
