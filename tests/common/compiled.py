@@ -1,6 +1,9 @@
-"""Test helper shared by every topic: one-off setup computations compiled cheaply."""
+"""Test helpers shared by every topic: one-off setup computations compiled cheaply, and a
+file's `main` with the runner's compiled chunks recorded for a purity rerun."""
 
 import jax
+import jax.numpy as jnp
+import pytest
 
 from common import run
 
@@ -12,3 +15,34 @@ def compiled(fn, *args):
     as one program it compiles in about 1.5 s. Values may differ from an eager or optimised
     run by an ulp."""
     return jax.jit(fn).lower(*args).compile(run.INIT_COMPILER_OPTIONS)(*args)
+
+
+def main_recording_chunks(main, argv):
+    """`main(argv)` with the runner's compiled chunks recorded: returns (result, [(compiled
+    chunk, a copy of its input states)]), so a test can run a chunk again on the same input
+    without tracing or compiling anything."""
+    chunks = []
+    real = run.make_chunk
+
+    class Recorded:  # what make_chunk returns, as far as the runner uses it
+        def __init__(self, fn):
+            self.fn = fn
+
+        def lower(self, *args):
+            lowered = self.fn.lower(*args)
+
+            class Lowered:
+                def compile(self, *a, **k):
+                    compiled = lowered.compile(*a, **k)
+
+                    def call(states):
+                        chunks.append((compiled, jax.tree.map(jnp.copy, states)))
+                        return compiled(states)
+
+                    return call
+
+            return Lowered()
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(run, "make_chunk", lambda *a, **k: Recorded(real(*a, **k)))
+        return main(argv), chunks

@@ -19,6 +19,7 @@ import scipy.linalg
 
 from common import run
 from evolution import nes
+from tests.common.compiled import main_recording_chunks
 from tests.common.config_fields import unread_fields
 from tests.common.preset import trace_paper
 
@@ -296,37 +297,6 @@ def test_train_is_pure_and_seeded(variant):
     assert not np.array_equal(s1.es.mean[0], s1.es.mean[1])
     assert np.all(np.diff(np.asarray(m1["charts/best_f"]), axis=1) <= 0)
     assert np.all(np.asarray(m1["charts/evals"])[:, -1] == 15 * cfg.lam)
-
-
-def main_recording_chunks(main, argv):
-    """`main(argv)` with the runner's compiled chunks recorded: returns (result, [(compiled
-    chunk, a copy of its input states)]), so a test can run a chunk again on the same input
-    without tracing or compiling anything."""
-    chunks = []
-    real = run.make_chunk
-
-    class Recorded:  # what make_chunk returns, as far as the runner uses it
-        def __init__(self, fn):
-            self.fn = fn
-
-        def lower(self, *args):
-            lowered = self.fn.lower(*args)
-
-            class Lowered:
-                def compile(self, *a, **k):
-                    compiled = lowered.compile(*a, **k)
-
-                    def call(states):
-                        chunks.append((compiled, jax.tree.map(jnp.copy, states)))
-                        return compiled(states)
-
-                    return call
-
-            return Lowered()
-
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(run, "make_chunk", lambda *a, **k: Recorded(real(*a, **k)))
-        return main(argv), chunks
 
 
 def test_cli_runs_pure_and_seeded(tmp_path):

@@ -11,6 +11,7 @@ import pytest
 
 from common import run
 from evolution import wann
+from tests.common.compiled import main_recording_chunks
 from tests.common.config_fields import unread_fields
 
 A = {name: i for i, name in enumerate(wann.ACTIVATIONS)}
@@ -309,37 +310,6 @@ SHORT = wann.Config(num_generations=6, pop_size=24, num_reps=2, max_steps=100, m
 SHORT_ARGS = ["--num-generations", "6", "--pop-size", "24", "--num-reps", "2", "--max-steps",
               "100", "--max-hidden", "4", "--test-reps", "2", "--tournament-size", "2",
               "--num-seeds", "3", "--log-every", "6", "--no-progress"]
-
-
-def main_recording_chunks(main, argv):
-    """`main(argv)` with the runner's compiled chunks recorded: returns (result, [(compiled
-    chunk, a copy of its input states)]), so a test can run a chunk again on the same input
-    without tracing or compiling anything."""
-    chunks = []
-    real = run.make_chunk
-
-    class Recorded:  # what make_chunk returns, as far as the runner uses it
-        def __init__(self, fn):
-            self.fn = fn
-
-        def lower(self, *args):
-            lowered = self.fn.lower(*args)
-
-            class Lowered:
-                def compile(self, *a, **k):
-                    compiled = lowered.compile(*a, **k)
-
-                    def call(states):
-                        chunks.append((compiled, jax.tree.map(jnp.copy, states)))
-                        return compiled(states)
-
-                    return call
-
-            return Lowered()
-
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(run, "make_chunk", lambda *a, **k: Recorded(real(*a, **k)))
-        return main(argv), chunks
 
 
 @pytest.fixture(scope="module")
