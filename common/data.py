@@ -1,5 +1,7 @@
 """Offline data: procedural detection scenes (shapes with exact boxes) and a loader for
-real COCO-format data on disk. Nothing here downloads anything.
+real COCO-format data on disk; text corpora that ship in wheels; scikit-learn's digits and
+the SimCLR augmentations; readers for MNIST and CIFAR-10 files already on disk. Nothing
+here downloads anything.
 
 `shapes_batch` draws scenes inside a jitted training step (an endless stream from the
 step's key); `shapes` makes a fixed set (held-out evaluation, COCO export). A detection set
@@ -12,7 +14,9 @@ plus `class_names`. `write_coco` / `load_coco` convert to and from the COCO layo
 """
 
 import functools
+import gzip
 import json
+import pickle
 from pathlib import Path
 
 import jax
@@ -358,6 +362,66 @@ def number_pairs(n: int, seed: int = 0, high: int = 1_000_000, lang: str = "de")
     # log-uniform magnitudes, so short and long numbers both appear
     nums = np.floor(np.exp(rng.uniform(0, np.log(high), n))).astype(int) - 1
     return [(num2words(int(k), lang="en"), num2words(int(k), lang=lang)) for k in nums]
+
+
+# ----------------------------------------------------------------------------- image
+# classification sets on disk (read from a local --data-dir; never downloaded)
+
+MNIST_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte",
+               "t10k-labels-idx1-ubyte")
+
+
+def read_idx(path) -> np.ndarray:
+    """An idx file (MNIST's format), plain or with a .gz beside the name: bytes 0-1 zero,
+    byte 2 the type (0x08 = uint8), byte 3 ndim, then the ndim sizes as big-endian int32,
+    then the data."""
+    path = Path(path)
+    path = path if path.exists() else path.with_name(path.name + ".gz")
+    if not path.exists():
+        raise FileNotFoundError(f"{path} not found: --data-dir must hold MNIST's idx files "
+                                f"({', '.join(MNIST_FILES)}, optionally .gz)")
+    with (gzip.open if path.suffix == ".gz" else open)(path, "rb") as f:
+        raw = f.read()
+    if raw[:2] != b"\0\0" or raw[2] != 8:
+        raise ValueError(f"{path} is not a uint8 idx file (header {raw[:4].hex()})")
+    ndim = raw[3]
+    shape = np.frombuffer(raw, ">i4", ndim, 4)
+    return np.frombuffer(raw, np.uint8, offset=4 + 4 * ndim).reshape(shape)
+
+
+@functools.cache
+def load_mnist(data_dir: str):
+    """MNIST from its four idx files in `data_dir`: (train_x (60000, 28, 28) uint8,
+    train_y (60000,) int32, test_x (10000, 28, 28) uint8, test_y int32), numpy, cached."""
+    root = Path(data_dir).expanduser()
+    tr_x, tr_y, te_x, te_y = (read_idx(root / name) for name in MNIST_FILES)
+    return tr_x, tr_y.astype(np.int32), te_x, te_y.astype(np.int32)
+
+
+@functools.cache
+def load_cifar10(data_dir: str):
+    """CIFAR-10's python version in `data_dir` (or its cifar-10-batches-py/ folder):
+    data_batch_1..5 and test_batch, pickled dicts of b'data' (10000, 3072) uint8 (R, G, B
+    planes) and b'labels'. Returns (train_x (N, 32, 32, 3) uint8, train_y int32, test_x,
+    test_y), numpy, cached."""
+    root = Path(data_dir).expanduser()
+    if (root / "cifar-10-batches-py").is_dir():
+        root = root / "cifar-10-batches-py"
+
+    def read(names):
+        xs, ys = [], []
+        for name in names:
+            path = root / name
+            if not path.exists():
+                raise FileNotFoundError(f"{path} not found: --data-dir must hold CIFAR-10's "
+                                        "python batches (data_batch_1..5, test_batch)")
+            with open(path, "rb") as f:
+                d = pickle.load(f, encoding="bytes")
+            xs.append(np.asarray(d[b"data"], np.uint8).reshape(-1, 3, 32, 32))
+            ys.append(np.asarray(d[b"labels"], np.int32))
+        return np.concatenate(xs).transpose(0, 2, 3, 1), np.concatenate(ys)
+
+    return (*read([f"data_batch_{i}" for i in range(1, 6)]), *read(["test_batch"]))
 
 
 # ----------------------------------------------------------------------------- images for

@@ -99,7 +99,6 @@ Differences from the paper:
 """
 
 import functools
-import gzip
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -109,7 +108,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
-from common import run
+from common import data, run
 from common.plot import save_png
 
 # --- CONFIG ---
@@ -221,32 +220,16 @@ PRESETS = {
 NUM_CLASSES = 10
 """K: MNIST and the digits both have ten classes"""
 
-MNIST_FILES = {"train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
-               "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")}
-
-
-def read_idx(path: Path) -> np.ndarray:
-    """An idx file (MNIST's format: big-endian magic, sizes, then uint8 data), or its .gz."""
-    path = path if path.exists() else path.with_name(path.name + ".gz")
-    raw = (gzip.open if path.suffix == ".gz" else open)(path, "rb").read()
-    ndim = raw[3]
-    shape = np.frombuffer(raw, ">i4", ndim, 4)
-    return np.frombuffer(raw, np.uint8, offset=4 + 4 * ndim).reshape(shape)
-
-
 @functools.cache
 def load_data(dataset: str, data_dir: str, num_train: int, num_test: int):
     """(x_train (n, d), y_train (n,), x_test, y_test) as numpy: pixels in [0, 1], flattened;
     the n training points are a fixed (seed 0) random subset. Cached: callers turn them into
     jnp arrays inside jitted code (common/run.py)."""
     if dataset == "digits":
-        from common import data
-
         xtr, ytr, xte, yte = data.digit_images(size=8, num_train=num_train, seed=0)
         xtr, xte = xtr.reshape(len(xtr), -1), xte.reshape(len(xte), -1)[:num_test]
         return xtr, ytr, xte, yte[:num_test]
-    d = Path(data_dir).expanduser()
-    (xi, yi), (ti, tl) = ([read_idx(d / f) for f in MNIST_FILES[s]] for s in ("train", "test"))
+    xi, yi, ti, tl = data.load_mnist(data_dir)
     pick = np.random.default_rng(0).permutation(len(yi))[:num_train]
     flat = lambda x: x.reshape(len(x), -1).astype(np.float32) / 255.0  # noqa: E731
     return flat(xi[pick]), yi[pick].astype(np.int32), flat(ti[:num_test]), tl[:num_test].astype(

@@ -71,9 +71,7 @@ Differences from the paper:
 """
 
 import functools
-import gzip
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import flax.linen as nn
@@ -88,8 +86,7 @@ from common.plot import save_png
 
 ARMS = ("ticket", "reinit", "random_mask")
 NUM_CLASSES = 10
-MNIST_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte",
-               "t10k-labels-idx1-ubyte")
+
 
 # --- CONFIG ---
 
@@ -188,18 +185,6 @@ PRESETS = {
 # --- DATA ---
 
 
-def read_idx(path: Path) -> np.ndarray:
-    """An idx file (MNIST's format, optionally .gz): big-endian magic 0x0000 08 ndim, the
-    ndim dimensions as int32, then uint8 data."""
-    path = path if path.exists() else path.with_name(path.name + ".gz")
-    if not path.exists():
-        raise FileNotFoundError(f"{path} not found: --data-dir must hold MNIST's idx files")
-    raw = (gzip.open if path.suffix == ".gz" else open)(path, "rb").read()
-    ndim = raw[3]
-    dims = np.frombuffer(raw, ">i4", ndim, 4)
-    return np.frombuffer(raw, np.uint8, offset=4 + 4 * ndim).reshape(dims)
-
-
 @functools.cache
 def arrays(dataset: str, data_dir: str, num_train: int, num_val: int, num_test: int):
     """(train_x, train_y, val_x, val_y, test_x, test_y), inputs (N, D) float32 standardised
@@ -207,8 +192,7 @@ def arrays(dataset: str, data_dir: str, num_train: int, num_val: int, num_test: 
     if dataset == "digits":
         tr_x, tr_y, te_x, te_y = data.digit_images(8, num_train + num_val)
     else:
-        root = Path(data_dir).expanduser()
-        tr_x, tr_y, te_x, te_y = (read_idx(root / f) for f in MNIST_FILES)
+        tr_x, tr_y, te_x, te_y = data.load_mnist(data_dir)
         tr_x, te_x = tr_x / np.float32(255), te_x / np.float32(255)
     tr_x, te_x = (x.reshape(len(x), -1).astype(np.float32) for x in (tr_x, te_x))
     if num_train + num_val > len(tr_y) or num_test > len(te_y):

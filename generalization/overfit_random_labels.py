@@ -89,9 +89,7 @@ Differences from the paper:
 """
 
 import functools
-import pickle
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import flax.linen as nn
@@ -239,30 +237,6 @@ def arm_name(p: float) -> str:
 # --- DATA ---
 
 
-def load_cifar10(data_dir: str):
-    """CIFAR-10's python version: <data_dir>[/cifar-10-batches-py]/data_batch_1..5 and
-    test_batch, pickled dicts of b'data' (10000, 3072) uint8 (R, G, B planes) and b'labels'.
-    Returns uint8 images (N, 32, 32, 3) and int32 labels, train then test."""
-    root = Path(data_dir).expanduser()
-    if (root / "cifar-10-batches-py").is_dir():
-        root = root / "cifar-10-batches-py"
-
-    def read(names):
-        xs, ys = [], []
-        for name in names:
-            path = root / name
-            if not path.exists():
-                raise FileNotFoundError(f"{path} not found: --data-dir must hold CIFAR-10's "
-                                        "python batches (data_batch_1..5, test_batch)")
-            with open(path, "rb") as f:
-                d = pickle.load(f, encoding="bytes")
-            xs.append(np.asarray(d[b"data"], np.uint8).reshape(-1, 3, 32, 32))
-            ys.append(np.asarray(d[b"labels"], np.int32))
-        return np.concatenate(xs).transpose(0, 2, 3, 1), np.concatenate(ys)
-
-    return (*read([f"data_batch_{i}" for i in range(1, 6)]), *read(["test_batch"]))
-
-
 @functools.cache
 def images(dataset: str, data_dir: str, num_train: int, num_test: int):
     """(train_x, train_y, test_x, test_y) as numpy: images (N, H, W, C), uint8 (CIFAR-10)
@@ -270,7 +244,7 @@ def images(dataset: str, data_dir: str, num_train: int, num_test: int):
     if dataset == "digits":
         tr_x, tr_y, te_x, te_y = data.digit_images(8, num_train)  # 8 -> 8: the digits / 16
     else:
-        tr_x, tr_y, te_x, te_y = load_cifar10(data_dir)
+        tr_x, tr_y, te_x, te_y = data.load_cifar10(data_dir)
     if num_train > len(tr_y) or num_test > len(te_y):
         raise ValueError(f"num_train={num_train} / num_test={num_test} exceed the "
                          f"{len(tr_y)} / {len(te_y)} {dataset} images")

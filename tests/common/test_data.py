@@ -113,3 +113,39 @@ def test_simclr_augment_vmaps_over_a_batch():
     v = jax.jit(jax.vmap(lambda k, im: data.simclr_augment(k, im, 16, 0.5, True)))(keys, x)
     assert v.shape == (8, 16, 16, 1) and float(v.min()) >= 0 and float(v.max()) <= 1
     assert float(jnp.abs(v - x).mean()) > 0.01
+
+
+# --- MNIST and CIFAR-10 files on disk ---
+
+
+def test_mnist_reader_reads_idx_files_plain_and_gzipped(tmp_path):
+    from tests.common.datasets import write_idx, write_mnist
+
+    root = write_mnist(tmp_path / "mnist", 12, 3, gz=True)
+    tr_x, tr_y, te_x, te_y = data.load_mnist(root)
+    assert tr_x.shape == (12, 28, 28) and te_x.shape == (3, 28, 28) and tr_x.dtype == np.uint8
+    assert tr_y.dtype == np.int32 and te_y.shape == (3,)
+    rng = np.random.default_rng(0)  # write_mnist's draws, in order
+    np.testing.assert_array_equal(tr_x, rng.integers(0, 256, (12, 28, 28)))
+    np.testing.assert_array_equal(tr_y, rng.integers(0, 10, 12))
+    a = np.arange(24, dtype=np.uint8).reshape(2, 3, 4)
+    np.testing.assert_array_equal(data.read_idx(write_idx(tmp_path / "plain", a, gz=False)), a)
+    with pytest.raises(FileNotFoundError, match="idx files"):
+        data.read_idx(tmp_path / "missing")
+    (tmp_path / "bad").write_bytes(bytes([0, 0, 13, 1, 0, 0, 0, 1]) + b"\0" * 4)  # float32
+    with pytest.raises(ValueError, match="not a uint8 idx"):
+        data.read_idx(tmp_path / "bad")
+
+
+def test_cifar10_reader_reads_the_python_batches(tmp_path):
+    from tests.common.datasets import write_cifar10
+
+    write_cifar10(tmp_path / "cifar-10-batches-py")
+    tr_x, tr_y, te_x, te_y = data.load_cifar10(str(tmp_path))  # finds the sub-folder
+    assert tr_x.shape == (10, 32, 32, 3) and te_x.shape == (2, 32, 32, 3)
+    assert tr_x.dtype == np.uint8
+    np.testing.assert_array_equal(tr_x[3, 5, 7], [16 + 4, 16 + 4 + 1, 16 + 4 + 2])  # batch 2
+    np.testing.assert_array_equal(tr_y, [0, 1, 1, 2, 2, 3, 3, 4, 4, 5])
+    np.testing.assert_array_equal(te_y, [5, 6])
+    with pytest.raises(FileNotFoundError, match="python batches"):
+        data.load_cifar10(str(tmp_path / "missing"))

@@ -4,17 +4,17 @@ reuse and masking, the double-descent peak at N = n against a ridge control, pur
 the MNIST idx loader on a fixture, and the paper presets' trace."""
 
 import dataclasses
-import gzip
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from common import run
+from common import data, run
 from generalization import overfit_double_descent as dd
 from tests.common.cli import cli_args
 from tests.common.config_fields import unread_fields
+from tests.common.datasets import write_mnist
 from tests.common.preset import trace_paper
 
 # One tiny configuration for every test: 60 digits, N from n/6 to 10 n around N = n = 60.
@@ -232,28 +232,11 @@ def test_cli_runs_and_plots(tmp_path):
     assert png.stat().st_size > 1000
 
 
-def _write_idx(path, arr):
-    header = bytes([0, 0, 8, arr.ndim]) + np.array(arr.shape, ">i4").tobytes()
-    with gzip.open(str(path) + ".gz", "wb") as f:
-        f.write(header + arr.astype(np.uint8).tobytes())
-
-
-def _mnist_fixture(root, n_train, n_test):
-    """MNIST's four idx files (gzipped), random pixels, in the standard layout."""
-    rng = np.random.default_rng(0)
-    for split, n in (("train", n_train), ("test", n_test)):
-        images, labels = dd.MNIST_FILES[split]
-        _write_idx(root / images, rng.integers(0, 256, (n, 28, 28)))
-        _write_idx(root / labels, rng.integers(0, 10, n))
-    return str(root)
-
-
-def test_mnist_loader_reads_idx_files(tmp_path):
-    """The loader reads the idx format (shape header, uint8 data, .gz), scales to [0, 1],
-    takes a fixed subset of n training points and the first num_test test points."""
-    d = _mnist_fixture(tmp_path, 30, 12)
-    images = dd.read_idx(tmp_path / "train-images-idx3-ubyte")
-    assert images.shape == (30, 28, 28)
+def test_mnist_subset_is_fixed_scaled_and_flat(tmp_path):
+    """load_data takes a fixed (seed 0) subset of n training points, scaled to [0, 1] and
+    flattened, and the first num_test test points."""
+    d = write_mnist(tmp_path, 30, 12)
+    images = data.load_mnist(d)[0]
     xtr, ytr, xte, yte = dd.load_data("mnist", d, 20, 10)
     assert xtr.shape == (20, 784) and xte.shape == (10, 784) and ytr.shape == (20,)
     assert 0 <= xtr.min() and xtr.max() <= 1
@@ -264,7 +247,7 @@ def test_mnist_loader_reads_idx_files(tmp_path):
 def test_paper_presets_trace(tmp_path):
     """eval_shape of init and update for both paper settings, on a full-size MNIST
     fixture (60k train points are not needed: the subsets are 10^4 and 4000)."""
-    d = _mnist_fixture(tmp_path, 10_000, 10_000)
+    d = write_mnist(tmp_path, 10_000, 10_000)
     with jax.enable_x64(True):
         cfg, state, (after, metrics) = trace_paper(dd, data_dir=d)
     assert cfg.num_train == 10_000 and state.v.shape == (60_000, 784)

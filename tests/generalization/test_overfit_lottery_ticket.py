@@ -5,17 +5,17 @@ INITIAL magnitudes; rewinding; purity, CLI, the MNIST idx loader on a fixture, t
 preset."""
 
 import dataclasses
-import gzip
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from common import run
+from common import data, run
 from generalization import overfit_lottery_ticket as lt
 from tests.common.cli import cli_args
 from tests.common.config_fields import unread_fields
+from tests.common.datasets import write_idx
 from tests.common.preset import trace_paper
 
 # One tiny configuration for every test of the module: digits 1,000 / 300 / 497, the
@@ -208,11 +208,6 @@ def test_every_config_field_is_read():
 # --- data on disk and the paper preset ---
 
 
-def _write_idx(path, a, gz):
-    head = bytes([0, 0, 8, a.ndim]) + np.array(a.shape, ">i4").tobytes()
-    (gzip.open if gz else open)(path, "wb").write(head + a.astype(np.uint8).tobytes())
-
-
 def test_mnist_idx_loader(tmp_path):
     """idx files (plain and .gz) read back; the arrays are split, scaled and standardised
     with the training pixels' statistics (a constant pixel keeps sd 1)."""
@@ -220,10 +215,9 @@ def test_mnist_idx_loader(tmp_path):
     tr = rng.integers(0, 256, (12, 28, 28)).astype(np.uint8)
     tr[:, 0, 0] = 7
     te = rng.integers(0, 256, (3, 28, 28)).astype(np.uint8)
-    for name, a, gz in zip(lt.MNIST_FILES, (tr, np.arange(12) % 10, te, np.arange(3)),
+    for name, a, gz in zip(data.MNIST_FILES, (tr, np.arange(12) % 10, te, np.arange(3)),
                            (True, False, False, True), strict=True):
-        _write_idx(tmp_path / (name + (".gz" if gz else "")), a, gz)
-    np.testing.assert_array_equal(lt.read_idx(tmp_path / lt.MNIST_FILES[0]), tr)
+        write_idx(tmp_path / name, a, gz)
     tx, ty, vx, vy, sx, sy = lt.arrays("mnist", str(tmp_path), 8, 4, 3)
     assert tx.shape == (8, 784) and vx.shape == (4, 784) and sx.shape == (3, 784)
     np.testing.assert_array_equal(vy, [8, 9, 0, 1])
@@ -232,8 +226,6 @@ def test_mnist_idx_loader(tmp_path):
     mu, sd = x[:8].mean(0), x[:8].std(0)
     np.testing.assert_allclose(vx[:, 1], (x[8:, 1] - mu[1]) / sd[1], rtol=1e-4)
     np.testing.assert_allclose(vx[:, 0], 0, atol=1e-6)
-    with pytest.raises(FileNotFoundError, match="idx files"):
-        lt.read_idx(tmp_path / "missing")
 
 
 def test_paper_preset_traces(monkeypatch):

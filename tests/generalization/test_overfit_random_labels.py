@@ -4,7 +4,6 @@ true labels generalise) against labels re-drawn every step; purity, CLI, the CIF
 loader on a fixture in its on-disk format, and the paper preset."""
 
 import dataclasses
-import pickle
 
 import jax
 import jax.numpy as jnp
@@ -253,32 +252,6 @@ def test_every_config_field_is_read():
 
 
 # --- data on disk and the paper preset ---
-
-
-def _write_cifar(root, n=2):
-    """A CIFAR-10 python-version fixture: data_batch_1..5 and test_batch, n images each,
-    pixel value = (batch * 16 + image * 4 + channel) so the layout can be checked."""
-    root.mkdir(parents=True)
-    for b, name in enumerate([f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]):
-        planes = np.zeros((n, 3, 32, 32), np.uint8)
-        for i in range(n):
-            for c in range(3):
-                planes[i, c] = b * 16 + i * 4 + c
-        with open(root / name, "wb") as f:
-            pickle.dump({b"data": planes.reshape(n, 3072), b"labels": [b + i for i in
-                                                                       range(n)]}, f)
-
-
-def test_cifar10_loader_reads_the_python_batches(tmp_path):
-    _write_cifar(tmp_path / "cifar-10-batches-py")
-    tr_x, tr_y, te_x, te_y = orl.load_cifar10(str(tmp_path))
-    assert tr_x.shape == (10, 32, 32, 3) and te_x.shape == (2, 32, 32, 3)
-    assert tr_x.dtype == np.uint8
-    np.testing.assert_array_equal(tr_x[3, 5, 7], [16 + 4, 16 + 4 + 1, 16 + 4 + 2])  # batch 2
-    np.testing.assert_array_equal(tr_y, [0, 1, 1, 2, 2, 3, 3, 4, 4, 5])
-    np.testing.assert_array_equal(te_y, [5, 6])
-    with pytest.raises(FileNotFoundError, match="python batches"):
-        orl.load_cifar10(str(tmp_path / "missing"))
 
 
 def test_paper_preset_traces(monkeypatch):

@@ -1,0 +1,50 @@
+"""Tiny fixtures of real data sets in their on-disk formats, for the loaders of
+common/data.py and the files that read a --data-dir."""
+
+import gzip
+import pickle
+from pathlib import Path
+
+import numpy as np
+
+from common.data import MNIST_FILES
+
+
+def write_idx(path, array, gz: bool = True) -> Path:
+    """`array` (uint8) as an idx file: two zero bytes, type 0x08, ndim, the sizes as
+    big-endian int32, then the data; gzipped to path + '.gz' when gz."""
+    array = np.asarray(array, np.uint8)
+    raw = bytes([0, 0, 8, array.ndim]) + np.array(array.shape, ">i4").tobytes() + array.tobytes()
+    path = Path(str(path) + (".gz" if gz else ""))
+    with (gzip.open if gz else open)(path, "wb") as f:
+        f.write(raw)
+    return path
+
+
+def write_mnist(root, n_train: int, n_test: int, gz: bool = True, seed: int = 0) -> str:
+    """MNIST's four idx files in `root`: random 28x28 pixels and labels 0..9."""
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    arrays = (rng.integers(0, 256, (n_train, 28, 28)), rng.integers(0, 10, n_train),
+              rng.integers(0, 256, (n_test, 28, 28)), rng.integers(0, 10, n_test))
+    for name, a in zip(MNIST_FILES, arrays, strict=True):
+        write_idx(root / name, a, gz)
+    return str(root)
+
+
+def write_cifar10(root, n: int = 2) -> str:
+    """CIFAR-10's python version in `root`: data_batch_1..5 and test_batch with n images
+    each; pixel value = batch * 16 + image * 4 + channel and label = batch + image, so a
+    loader's layout (planes -> HWC, batch order) can be checked."""
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    for b, name in enumerate([f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]):
+        planes = np.zeros((n, 3, 32, 32), np.uint8)
+        for i in range(n):
+            for c in range(3):
+                planes[i, c] = b * 16 + i * 4 + c
+        with open(root / name, "wb") as f:
+            pickle.dump({b"data": planes.reshape(n, 3072), b"labels": [b + i for i in range(n)]},
+                        f)
+    return str(root)
