@@ -319,6 +319,7 @@ class State:
     opt_state: Any
     order: jax.Array  # (n,) the seed's order of the examples (the order they are sent in)
     labels: jax.Array  # (arms, n) labels of each arm, in the sent order
+    sizes: jax.Array  # (S,) examples each block model trains on (`train_sizes`)
     best: jax.Array  # (arms, S - 1) shortest bits of each block over the checkpoints so far
     checkpoints: jax.Array  # checkpoints seen so far (init + updates)
     key: jax.Array
@@ -355,7 +356,8 @@ def init(key, cfg: Config) -> State:
     bits = all_bits(params, x, labels, cfg)
     best = jax.vmap(lambda b: block_bits(b, cfg.bounds))(bits)  # checkpoint 0: the init
     tx = optax.adam(cfg.lr)
-    return State(params, jax.vmap(jax.vmap(tx.init))(params), order, labels, best,
+    return State(params, jax.vmap(jax.vmap(tx.init))(params), order, labels,
+                 jnp.asarray(train_sizes(cfg.bounds), jnp.int32), best,
                  jnp.ones((), jnp.int32), key)
 
 
@@ -373,7 +375,7 @@ def update(state: State, cfg: Config):
     tr_x = jax.lax.optimization_barrier(jnp.asarray(
         images(cfg.dataset, cfg.data_dir, cfg.num_train, cfg.num_test)[0]))  # no folding
     x = tr_x[state.order]  # (n, D) in the sent order
-    sizes = jnp.asarray(train_sizes(cfg.bounds))  # (S,)
+    sizes = state.sizes  # (S,)
     key, k_steps = jax.random.split(state.key)
 
     def step(carry, k):
@@ -426,28 +428,32 @@ def evaluate(state: State, cfg: Config):
     x, n = jnp.asarray(tr_x)[state.order], cfg.num_train
     bits = all_bits(state.params, x, state.labels, cfg)  # (A, S, n)
     blocks = jax.vmap(lambda b: block_bits(b, cfg.bounds))(bits)  # (A, S - 1)
-    preq = prequential_bits(blocks, cfg.bounds)
-    stop = stopping_bits(state.best, state.checkpoints, cfg)
-    final = jax.tree.map(lambda p: p[-1], state.params)  # (arms, ...): trained on all n
-    k = num_params(cfg, tr_x.shape[1])
     net = network(cfg)
-    out = {"uniform_bpl": jnp.float32(math.log2(NUM_CLASSES))}
-    for i, a in enumerate(cfg.arms):
-        p_a = jax.tree.map(lambda p: p[i], final)
-        out[f"preq_bpl_{a}"] = preq[i] / n
-        if cfg.stopping_time:
-            out[f"preq_stop_bpl_{a}"] = stop[i] / n
+
+    def final_codes(params, y):  # the model trained on all n labels, of one arm
+        codes = {}
         for b in cfg.param_bits:
-            leaves, tree = jax.tree.flatten(p_a)
+            leaves, tree = jax.tree.flatten(params)
             qs = [quantize(leaf, b) for leaf in leaves]
             pq = jax.tree.unflatten(tree, [q for q, _ in qs])
-            data_bits = nll_bits(net.apply({"params": pq}, x), state.labels[i]).sum()
-            out[f"two_part_{b}bit_bpl_{a}"] = (sum(m for _, m in qs) + data_bits) / n
-        out[f"bic_bpl_{a}"] = (0.5 * k * math.log2(n) + bits[i, -1].sum()) / n
-        pred = jnp.argmax(net.apply({"params": p_a}, jnp.asarray(te_x)), -1)
-        out[f"test_acc_{a}"] = jnp.mean(pred == jnp.asarray(te_y))
-        t = np.asarray(cfg.bounds)
-        out[f"block_bpl_{a}"] = blocks[i] / (t[1:] - t[:-1])
+            data_bits = nll_bits(net.apply({"params": pq}, x), y).sum()
+            codes[f"two_part_{b}bit_bpl"] = (sum(m for _, m in qs) + data_bits) / n
+        pred = jnp.argmax(net.apply({"params": params}, jnp.asarray(te_x)), -1)
+        codes["test_acc"] = jnp.mean(pred == jnp.asarray(te_y))
+        return codes
+
+    per_arm = jax.vmap(final_codes)(jax.tree.map(lambda p: p[-1], state.params),
+                                    state.labels)
+    k = num_params(cfg, tr_x.shape[1])
+    per_arm["bic_bpl"] = (0.5 * k * math.log2(n) + bits[:, -1].sum(-1)) / n
+    per_arm["preq_bpl"] = prequential_bits(blocks, cfg.bounds) / n
+    if cfg.stopping_time:
+        per_arm["preq_stop_bpl"] = stopping_bits(state.best, state.checkpoints, cfg) / n
+    t = np.asarray(cfg.bounds)
+    per_arm["block_bpl"] = blocks / (t[1:] - t[:-1])
+    out = {"uniform_bpl": jnp.float32(math.log2(NUM_CLASSES))}
+    for i, a in enumerate(cfg.arms):
+        out.update({f"{key}_{a}": v[i] for key, v in per_arm.items()})
     return out
 
 
