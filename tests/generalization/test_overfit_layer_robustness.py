@@ -1,0 +1,259 @@
+"""Tests of generalization/overfit_layer_robustness.py: the layer swap (only layer l changes,
+to checkpoint tau or to the fresh draw), the checkpoints kept in the state, the chunked error
+rate and the re-randomisation draw by hand; behaviour (re-initialising the first layer to
+theta_0 hurts far more than the last hidden layer, re-randomising any layer is near chance)
+against a swap that writes the final weights and one that resets every layer; purity, CLI,
+the MNIST loader on a fixture, the paper preset."""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from common import run
+from generalization import overfit_layer_robustness as lr
+from tests.common.cli import cli_args
+from tests.common.config_fields import unread_fields
+from tests.common.datasets import write_mnist
+from tests.common.preset import trace_paper
+
+# One tiny configuration for every test of the module: digits upsampled to 32x32, FCN
+# 3x128, Adam 1e-3, 40 epochs of 7 steps, checkpoints at epochs 0, 1 and 10.
+TINY = lr.Config(hidden=(128, 128, 128), optimizer="adam", lr=1e-3, num_epochs=40,
+                 checkpoint_epochs=(0, 1, 10))
+SEEDS = 2
+RUN_ARGS = cli_args(TINY, lr.Config()) + ["--num-seeds", str(SEEDS), "--log-every",
+                                          str(TINY.num_updates), "--no-progress",
+                                          "--fast-compile"]
+
+
+def _run(run_dir, extra=()):
+    return lr.main(RUN_ARGS + ["--run-dir", str(run_dir), *extra])
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    d = tmp_path_factory.mktemp("lr")
+    res = _run(d / "run", ["--plot", str(d / "fig.png")])
+    res.png = d / "fig.png"
+    return res
+
+
+def _seed(tree, i=0):
+    return jax.tree.map(lambda x: np.asarray(x[i]), tree)
+
+
+def _fresh(state):
+    """Seed 0's re-randomisation draw theta~ (jitted: eager flax init is slow)."""
+    key = jnp.asarray(state.rerand_key[0])
+    fn = jax.jit(lambda k: lr.draw_params(k, TINY))
+    return fn.lower(key).compile(run.INIT_COMPILER_OPTIONS)(key)
+
+
+# --- equations, through the functions update and evaluate run ---
+
+
+def test_swap_changes_only_layer_l_to_its_source(tiny_run):
+    """Eq. (1) / (2): for every layer l and source s (0: the fresh draw, 1 + i: checkpoint
+    i), swap_layer's tree equals the trained tree in every layer but l and equals source s
+    there; layer -1 swaps nothing. Mutations tried: `layer <= i` (resets every layer up to
+    l): fails; the source index ignored (always checkpoint 0): fails."""
+    params, ckpts = _seed(tiny_run.state.params), _seed(tiny_run.state.ckpts)
+    fresh = _fresh(tiny_run.state)
+    sources = jax.tree.map(lambda f, c: np.concatenate([np.asarray(f)[None], c]), fresh, ckpts)
+    swap = jax.jit(lr.swap_layer)
+    names = lr.layer_names(TINY)
+    for l in range(-1, TINY.num_layers):
+        for s in range(1 + len(TINY.checkpoint_epochs)):
+            out = swap(params, sources, l, s)
+            for i, n in enumerate(names):
+                want = jax.tree.map(lambda x: x[s], sources[n]) if i == l else params[n]
+                jax.tree.map(np.testing.assert_array_equal, out[n], want)
+    # the checkpoints are distinct, so the comparisons above could tell them apart
+    k = ckpts["Dense_0"]["kernel"]
+    assert not np.array_equal(k[0], k[1]) and not np.array_equal(k[1], k[2])
+
+
+def test_robustness_matrix_is_the_error_of_the_swapped_network(tiny_run):
+    """Eq. (3): entries of evaluate's matrices equal the error of a network assembled by hand
+    (trained weights, layer l from theta_tau or the fresh draw), and the unswapped network's
+    error equals the last logged test error. Mutation tried: test and train outputs swapped
+    in `robustness`: fails."""
+    f = {k: v[0] for k, v in tiny_run.final.items()}
+    params, ckpts = _seed(tiny_run.state.params), _seed(tiny_run.state.ckpts)
+    fresh = _fresh(tiny_run.state)
+    tr_x, tr_y, te_x, te_y = lr.arrays("digits", "", 32, TINY.num_train, TINY.num_test)
+    err = jax.jit(lambda p, x, y: lr.error_rate(p, x, y, TINY))
+    cases = ((0, 2, jax.tree.map(lambda c: c[1], ckpts)["Dense_0"]),   # layer 1 <- epoch 1
+             (2, 1, jax.tree.map(lambda c: c[0], ckpts)["Dense_2"]),   # layer 3 <- theta_0
+             (3, 0, fresh["Dense_3"]))                                  # output <- fresh
+    for l, col, layer in cases:
+        p = {**params, f"Dense_{l}": layer}
+        np.testing.assert_allclose(f["test_err_matrix"][l, col], err(p, te_x, te_y), atol=1e-6)
+        np.testing.assert_allclose(f["train_err_matrix"][l, col], err(p, tr_x, tr_y),
+                                   atol=1e-6)
+    np.testing.assert_allclose(f["test_err"], tiny_run.history["charts/test_err"][0, -1],
+                               atol=1e-6)
+
+
+def test_checkpoints_hold_theta_at_their_epochs(tiny_run):
+    """The state keeps theta_0 in slot 0 (bit for bit the runner's initial params) and theta
+    after epoch tau in the slot of tau: each slot's relative distance from theta_0, layer by
+    layer, equals the distance logged at the end of epoch tau (and differs from the
+    neighbouring epochs'). Mutations tried: the slot written at `epoch - 1` (checkpoint 1 =
+    theta after epoch 2): fails; the slot of epoch 0 overwritten each epoch: fails."""
+    first = run.initial_states(lr.init, TINY, 0, SEEDS)
+    jax.tree.map(np.testing.assert_array_equal, first.params,
+                 jax.tree.map(lambda c: c[:, 0], tiny_run.state.ckpts))
+    h, ck = tiny_run.history, tiny_run.state.ckpts
+    for i, n in enumerate(lr.layer_names(TINY)):
+        k = np.asarray(ck[n]["kernel"], np.float64)  # (seeds, slots, in, out)
+        dist = (np.linalg.norm(k - k[:, :1], axis=(2, 3))
+                / np.linalg.norm(k[:, 0], axis=(1, 2))[:, None])
+        for slot, epoch in enumerate(TINY.checkpoint_epochs[1:], 1):
+            logged = h[f"charts/dist_L{i}"][:, epoch - 1]
+            np.testing.assert_allclose(dist[:, slot], logged, rtol=1e-4)
+            assert (np.abs(h[f"charts/dist_L{i}"][:, epoch] - logged) > 1e-3 * logged).all()
+
+
+def test_rerandomisation_draws_from_the_initial_distribution(tiny_run):
+    """Eq. (2): the fresh draw is independent of theta_0 (another key) and from the same He
+    initialiser: kernel std sqrt(2 / fan_in) within 3%, biases 0 (as at init). Mutation
+    tried: the draw made with the init key (re-randomisation = re-initialisation to
+    theta_0): fails."""
+    theta0 = _seed(tiny_run.state.ckpts)
+    theta0 = jax.tree.map(lambda c: c[0], theta0)
+    fresh = _fresh(tiny_run.state)
+    for n, fan_in in zip(lr.layer_names(TINY), (1024, 128, 128, 128), strict=True):
+        k = np.asarray(fresh[n]["kernel"])
+        assert abs(k.std() / np.sqrt(2 / fan_in) - 1) < 0.03, (n, k.std())
+        assert not np.allclose(k, theta0[n]["kernel"])
+        np.testing.assert_array_equal(fresh[n]["bias"], 0)
+
+
+def test_error_rate_in_chunks_by_hand(monkeypatch):
+    """The chunked error rate: 7 images in chunks of 3 (2 padded, not counted); a one-layer
+    net whose logits are the input's first 10 values, so the prediction is argmax(x[:10])."""
+    monkeypatch.setattr(lr, "EVAL_CHUNK", 3)
+    cfg = dataclasses.replace(TINY, hidden=())
+    eye = jnp.eye(12, 10)
+    params = {"Dense_0": {"kernel": eye, "bias": jnp.zeros(10)}}
+    pred = np.array([3, 1, 4, 1, 5, 9, 2])
+    x = np.eye(12)[pred].astype(np.float32)
+    y = np.array([3, 1, 0, 1, 0, 9, 0], np.int32)  # wrong: images 2, 4 and 6
+    assert float(jax.jit(lambda *a: lr.error_rate(*a, cfg))(params, x, y)) == \
+        pytest.approx(3 / 7)
+
+
+# --- behaviour ---
+
+
+def _swap_final(params, sources, layer, source):
+    """Broken: 're-initialisation' writes the trained (final) weights back."""
+    return params
+
+
+def _swap_all(params, sources, layer, source):
+    """Broken: every layer reset at once (not one layer at a time)."""
+    return {n: jax.tree.map(lambda p, s: jnp.where(layer >= 0, s[source], p), params[n],
+                            sources[n]) for n in params}
+
+
+def _criticality(final):
+    """Per seed: drop of test error when re-initialising layer 1 and the last hidden layer
+    to theta_0, and the lowest re-randomisation error over the layers."""
+    base = final["test_err"]
+    m = final["test_err_matrix"]  # (seeds, L, 1 + T)
+    return m[:, 0, 1] - base, m[:, -2, 1] - base, m[:, :, 0].min(1)
+
+
+def test_first_layer_is_critical_the_others_robust(tiny_run, monkeypatch):
+    """[1] Fig. 1a on TINY (2 seeds). Measured (2-core CPU, jax 0.10.2): trained test error
+    0.021 / 0.029; re-initialising to theta_0 layer 1 0.452 / 0.685, layer 2 0.043 / 0.068,
+    layer 3 0.100 / 0.059, output 0.043 / 0.043; re-randomisation 0.85-0.98 for every
+    layer. Asserted: layer 1's drop >= 0.2 and >= 3x layer 3's, every re-randomisation
+    error >= 0.6. Broken variants, re-evaluated on seed 0's trained state: the swap writes
+    the final weights (layer-1 drop 0.0: fails), the swap resets every layer at once
+    (layer-3 row = everything at theta_0, drop ~0.8 = layer 1's: fails the 3x ratio)."""
+    first, last, rerand = _criticality(tiny_run.final)
+    print("drop layer 1", first, "drop last hidden", last, "min re-rand error", rerand)
+    assert (first >= 0.2).all() and (first >= 3 * last).all() and (rerand >= 0.6).all()
+
+    seed0 = jax.tree.map(lambda x: x[:1], tiny_run.state)
+    for broken in (_swap_final, _swap_all):
+        monkeypatch.setattr(lr, "swap_layer", broken)
+        ev = jax.jit(jax.vmap(lambda s: lr.evaluate(s, TINY)))  # a new trace per variant
+        ev = ev.lower(seed0).compile(run.INIT_COMPILER_OPTIONS)
+        out = jax.tree.map(np.asarray, ev(seed0))
+        b_first, b_last, _ = _criticality(out)
+        print(broken.__name__, b_first, b_last)
+        assert not ((b_first >= 0.2) & (b_first >= 3 * b_last)).any()
+
+
+def test_train_is_pure_and_cli_writes_its_files(tiny_run, tmp_path, capsys):
+    """Same seeds: identical a second time; the two seeds differ; the run wrote its files
+    and the plot; --help documents every field."""
+    with pytest.raises(SystemExit):
+        lr.main(["--help"])
+    out = capsys.readouterr().out
+    for f in dataclasses.fields(lr.Config):
+        assert "--" + f.name.replace("_", "-") in out, f.name
+    assert "--plot PNG" in out
+    assert (tiny_run.run_dir / "metrics.jsonl").exists() and tiny_run.png.stat().st_size > 0
+    h = tiny_run.history["losses/train"]
+    assert h.shape == (SEEDS, TINY.num_updates) and np.isfinite(h).all()
+    assert not np.array_equal(h[0], h[1])
+    again = _run(tmp_path)
+    jax.tree.map(np.testing.assert_array_equal, tiny_run.state.params, again.state.params)
+    jax.tree.map(np.testing.assert_array_equal, tiny_run.state.ckpts, again.state.ckpts)
+
+
+def test_bad_values_fail_with_named_field(tmp_path):
+    for flags, msg in ((["--lr", "0"], "--lr must be > 0"),
+                       (["--momentum", "1.0"], "momentum=1.0"),
+                       (["--optimizer", "rmsprop"], "optimizer='rmsprop'"),
+                       (["--checkpoint-epochs", "1", "2"], "must start at 0"),
+                       (["--checkpoint-epochs", "0", "3", "2"], "increase strictly"),
+                       (["--checkpoint-epochs", "0", "100"], "below num_epochs=100"),
+                       (["--num-test", "900"], "exceeds the 1,797"),
+                       (["--dataset", "mnist"], "needs --data-dir")):
+        with pytest.raises(ValueError, match=msg):
+            lr.main(flags + ["--run-dir", str(tmp_path)])
+
+
+def test_every_config_field_is_read():
+    assert unread_fields(lr) == []
+
+
+# --- data on disk and the paper preset ---
+
+
+def test_mnist_arrays_from_idx_files(tmp_path):
+    """MNIST through common.data.load_mnist: flattened to 784, scaled to [0, 1], cut to
+    num_train / num_test."""
+    root = write_mnist(tmp_path / "mnist", 12, 5)
+    tx, ty, sx, sy = lr.arrays("mnist", root, 28, 10, 4)
+    assert tx.shape == (10, 784) and sx.shape == (4, 784) and ty.dtype == np.int32
+    from common.data import load_mnist
+    raw = load_mnist(root)
+    np.testing.assert_allclose(tx[3], raw[0][3].ravel() / 255.0, rtol=1e-6)
+    np.testing.assert_array_equal(sy, raw[3][:4])
+    with pytest.raises(ValueError, match="exceed"):
+        lr.arrays("mnist", root, 28, 13, 4)
+
+
+def test_paper_preset_traces(monkeypatch):
+    """eval_shape of init, one epoch and evaluate under `paper` (MNIST 60K / 10K, FCN
+    784-256-256-256-10, 8 checkpoints); the data are zeros of MNIST's shapes."""
+    z = lambda n: (np.zeros((n, 784), np.float32), np.zeros(n, np.int32))  # noqa: E731
+    monkeypatch.setattr(lr, "arrays", lambda *a: (*z(60000), *z(10000)))
+    cfg, state, (after, metrics) = trace_paper(lr, data_dir="/nonexistent")
+    assert state.params["Dense_0"]["kernel"].shape == (784, 256)
+    assert state.ckpts["Dense_3"]["kernel"].shape == (8, 256, 10)
+    assert cfg.num_updates == 100 and cfg.steps_per_update == 468
+    assert jax.tree.structure(after) == jax.tree.structure(state)
+    assert all(m.shape == () for m in jax.tree.leaves(metrics))
+    out = jax.eval_shape(lambda s: lr.evaluate(s, cfg), state)
+    assert out["test_err_matrix"].shape == (4, 9)
