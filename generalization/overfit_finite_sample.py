@@ -50,7 +50,16 @@ Paper scale (n = 50,000 points in d = 3072, CIFAR-10's training set size; Gaussi
 only 2n + d = 103,072 weights). The catalogue's numbers (digits, N(0,1) targets, float64,
 2-norm condition numbers): max error 1.4e-10 / 3.5e-8 / 5.6e-6 at n = 100 / 500 / 1000,
 cond 3.3e7 / 3.7e9 / 6.9e11.
-Measured: see generalization/README.md and the end of this docstring.
+Measured (`--preset quick --num-seeds 3`, digits, 8 labellings of each kind, seed means;
+2-core CPU shared with other jobs, ~1 min): float64 relative error, real / class / true
+labels: 2e-14 (n = 10), 2e-12 / 6e-11 / 9e-13 (n = 100), 1.3e-8 / 8.1e-7 / 3.1e-9
+(n = 1000), 4.4e-8 / 1.1e-6 / 1.2e-8 (all 1797 digits); every class label reproduced.
+kappa_inf(A): 1.1e4 (n = 10), 3.5e7 (100), 8.3e10 (1000), 4.8e11 (1797). float32 (same
+construction): 8.7e-5 (n = 10), 0.19 (n = 100), 15 (n = 200), 1.1e4 (n = 1797); rounded
+class labels right 99.0% at n = 100, 65% at 200, 11% (chance) at 1797; no float32 ties on
+digits: the conditioning, not distinctness, breaks it. exact_n64 = 1797 (tolerance 1e-5),
+exact_n32 = 0. The `paper` preset (n = 50,000, d = 3072) is traced in the tests, not run
+(A is 20 GB in float64; no GPU in this session).
 
 Logged per update (one n): charts/num_points (n), charts/num_params (2n + d),
 losses/err64_<kind> and losses/err32_<kind> for kind in real, classes (and labels on
