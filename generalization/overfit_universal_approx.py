@@ -45,7 +45,7 @@ the target and the fits inset):
     python generalization/overfit_universal_approx.py --preset quick --num-seeds 2 \\
         --plot generalization/overfit_universal_approx.png
     python generalization/overfit_universal_approx.py --preset quick --activation relu
-    python generalization/overfit_universal_approx.py --preset quick --activation linear  # fails
+    python generalization/overfit_universal_approx.py --preset quick --activation linear
     python generalization/overfit_universal_approx.py --preset quick_2d
     python generalization/overfit_universal_approx.py --preset paper   # GPU: widths to 4096
 Measured (`--preset quick --num-seeds 2`, sigmoid, 4001-point grid; 2-core CPU shared with
@@ -54,9 +54,9 @@ N = 2 / 8 / 16 / 32 / 64 / 256 (slope -0.89; x4 width divides it by ~4: 1/N), L2
 0.0045. Trained (4000 Adam steps, lr 1e-2, seed mean): sup 0.64 (N = 2), 0.24 (4), 0.021
 (8), 0.019 (32), 0.017 (256); L2 0.17 -> 0.003. The trained nets stop improving from N = 8
 on: the optimiser within the step budget, not the width, limits them (the kink of |x| at
-0 needs steep units). [1]/[2] prove existence and give no numbers. The catalogue's constructive anchor (this
-target, sigmoid staircase, steepness 50 N, 20001-point grid): sup error 0.731 / 0.194 /
-0.049 / 0.012 / 0.0030 at N = 4 / 16 / 64 / 256 / 1024 (proportional to 1/N).
+0 needs steep units). [1]/[2] prove existence and give no numbers. The catalogue's
+constructive anchor (this target, sigmoid staircase, steepness 50 N, 20001-point grid):
+sup error 0.731 / 0.194 / 0.049 / 0.012 / 0.0030 at N = 4 / 16 / 64 / 256 / 1024 (~1/N).
 
 Logged per update (`steps_per_update` Adam steps of every width), for each width N:
 losses/mse_N<N> (train squared error), charts/sup_N<N> and charts/l2_N<N> (sup-norm and
@@ -77,7 +77,6 @@ Differences from the papers:
 """
 
 from dataclasses import dataclass
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
