@@ -27,6 +27,10 @@ divided by ln 2):
                  b < 32: each tensor uniformly quantised to 2^b levels on [-r, r], r = its
                  max |theta| (sent as a 32-bit float), L(H) = b k + 32 #tensors, and
                  L(D|H) = sum_i -log2 p_{theta_q}(y_i | x_i) with the QUANTISED weights
+    variational  KL(q || prior) + E_{theta~q}[sum_i -log2 p_theta(y_i | x_i)], q = N(mu,
+                 diag sigma^2) trained on all n labels by the reparameterised ELBO, prior
+                 N(0, prior_std^2); bits-back coding makes it a code length
+                 ([1] Sec. 3.3; Hinton & van Camp 1993)
     BIC          (k / 2) log2 n + sum_i -log2 p_theta(y_i | x_i): the asymptotic two-part
                  code of regular models ([1] Sec. 4, [2]); shown for scale, not a code
     zlib         8 * len(zlib.compress(bytes(y), 9)) / n: a general-purpose compressor
@@ -59,12 +63,13 @@ must be); two-part float32 410 / 410, 8-bit 103 / 103, BIC 68 (true labels; 19,2
 weights for 1,500 labels); zlib of the labels alone 4.0 for every arm.
 
 Logged each update, per arm a: losses/train_<a> (mean minibatch cross-entropy, nats, over
-the block models), charts/preq_bpl_<a> (prequential code with the current weights, bits
+the block models), losses/variational_<a> (the one-sample variational loss per example,
+nats), charts/preq_bpl_<a> (prequential code with the current weights, bits
 per label), charts/preq_stop_bpl_<a> (with the best checkpoint so far, including the
 log2 C switch cost of the checkpoints seen so far). `evaluate`: uniform_bpl, and per arm
-preq_bpl, preq_stop_bpl, two_part_<b>bit_bpl, bic_bpl, test_acc (final model on held-out
-examples against their true labels), block_bpl (per block, bits per label); `main` adds
-zlib_bpl_<a> on the host.
+preq_bpl, preq_stop_bpl, two_part_<b>bit_bpl, bic_bpl, variational_bpl, test_acc (final
+model on held-out examples against their true labels), block_bpl (per block, bits per
+label); `main` adds zlib_bpl_<a> on the host.
 
 Differences from the paper:
 - Data: the CPU presets use scikit-learn's 8x8 digits (1,500 labels encoded, 297 held
@@ -78,8 +83,11 @@ Differences from the paper:
 - Stopping-time selection is one index per block among the logged checkpoints (log2 C
   bits each), not [1]'s switch / self-switch codes (Sec. 3.5); both codes are reported.
 - The two-part code's model is the network trained on all n labels for the same steps;
-  [1]'s float32 two-part figure counts the weights only. The variational (Hinton-van Camp
-  / [1] Sec. 3.3) code is not implemented.
+  [1]'s float32 two-part figure counts the weights only.
+- Variational code: a fixed prior N(0, prior_std^2) chosen by hand (its few bits not
+  counted), posterior stds initialised at 1e-3, Adam at var_lr, one weight sample per
+  step, and the E_q term estimated with var_samples draws; [1] Sec. 3.3 / App. tunes
+  its prior and training (not checked here).
 - Label corruption (true / corrupted / random arms) is not an experiment of [1], which
   states the random-label bound (App. A); it is added to connect with Zhang et al. 2017.
 """
@@ -96,6 +104,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import struct
+from jax.flatten_util import ravel_pytree
 
 from common import data, run
 from common.plot import save_png
@@ -103,6 +112,8 @@ from common.plot import save_png
 DATASETS = ("digits", "mnist", "cifar10")
 NUM_CLASSES = 10
 LN2 = math.log(2.0)
+VAR_INIT_STD = 1e-3
+"""initial std of every weight's variational posterior (means: the usual init draw)"""
 
 # --- CONFIG ---
 
@@ -137,6 +148,14 @@ class Config:
     """label-corruption probabilities p, one arm each (0: true labels, 1: random labels)"""
     stopping_time: bool = True
     """the 'prequential + stopping' code picks each block's best checkpoint (+ log2 C bits)"""
+    variational: bool = True
+    """also train the variational code's Gaussian posterior on all n labels of every arm"""
+    prior_std: float = 0.1
+    """std of the variational code's Gaussian prior N(0, prior_std^2) on every weight"""
+    var_lr: float = 1e-2
+    """Adam learning rate of the variational posterior's means and softplus^-1 stds"""
+    var_samples: int = 8
+    """weight samples of the Monte-Carlo estimate of E_q[L(D | theta)] in evaluate"""
     param_bits: tuple[int, ...] = (32, 8)
     """bits per weight of the two-part codes (32: float32 as is; < 32: quantised)"""
     dtype: str = "float32"
@@ -305,6 +324,12 @@ def noise_floor_bits(p: float, k: int = NUM_CLASSES) -> float:
     return abs(-(q * math.log2(q) + ((k - 1) * r * math.log2(r) if r > 0 else 0.0)))
 
 
+def kl_bits(mu, sigma, prior_std: float):
+    """KL(N(mu, sigma^2) || N(0, prior_std^2)) summed over the weights, in bits."""
+    kl = jnp.log(prior_std / sigma) + (sigma ** 2 + mu ** 2) / (2 * prior_std ** 2) - 0.5
+    return jnp.sum(kl) / LN2
+
+
 def zlib_bits(labels) -> float:
     """Bits of zlib (level 9) on the labels as one byte each (no inputs x)."""
     return 8.0 * len(zlib.compress(np.asarray(labels, np.uint8).tobytes(), 9))
@@ -322,6 +347,8 @@ class State:
     sizes: jax.Array  # (S,) examples each block model trains on (`train_sizes`)
     best: jax.Array  # (arms, S - 1) shortest bits of each block over the checkpoints so far
     checkpoints: jax.Array  # checkpoints seen so far (init + updates)
+    var: Any  # (mu, rho) (arms, k): the variational posterior, sigma = softplus(rho)
+    var_opt: Any
     key: jax.Array
 
 
@@ -356,9 +383,13 @@ def init(key, cfg: Config) -> State:
     bits = all_bits(params, x, labels, cfg)
     best = jax.vmap(lambda b: block_bits(b, cfg.bounds))(bits)  # checkpoint 0: the init
     tx = optax.adam(cfg.lr)
+    mu = ravel_pytree(jax.tree.map(lambda p: p[-1, 0], params))[0]  # the all-n model's draw
+    var = (jnp.broadcast_to(mu, (n_arms, mu.size)),
+           jnp.full((n_arms, mu.size), np.log(np.expm1(VAR_INIT_STD)), jnp.float32))
     return State(params, jax.vmap(jax.vmap(tx.init))(params), order, labels,
                  jnp.asarray(train_sizes(cfg.bounds), jnp.int32), best,
-                 jnp.ones((), jnp.int32), key)
+                 jnp.ones((), jnp.int32), var, jax.vmap(optax.adam(cfg.var_lr).init)(var),
+                 key)
 
 
 # --- UPDATE ---
@@ -367,6 +398,14 @@ def init(key, cfg: Config) -> State:
 def loss_fn(params, x, y, cfg: Config):
     logits = network(cfg).apply({"params": params}, x)
     return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+
+
+def var_loss(var, eps, x, y, unravel, cfg: Config):
+    """[1] Sec. 3.3 (Hinton & van Camp 1993) per example, nats: the cross-entropy at a
+    reparameterised sample theta = mu + sigma eps, plus KL(q || prior) / n."""
+    mu, sigma = var[0], jax.nn.softplus(var[1])
+    ce = loss_fn(unravel(mu + sigma * eps), x, y, cfg)
+    return ce + kl_bits(mu, sigma, cfg.prior_std) * LN2 / cfg.num_train
 
 
 def update(state: State, cfg: Config):
@@ -378,8 +417,12 @@ def update(state: State, cfg: Config):
     sizes = state.sizes  # (S,)
     key, k_steps = jax.random.split(state.key)
 
+    tx_var = optax.adam(cfg.var_lr)
+    unravel = ravel_pytree(jax.tree.map(lambda p: p[0, 0], state.params))[1]
+
     def step(carry, k):
-        params, opt_state = carry
+        params, opt_state, var, var_opt = carry
+        k, k_eps = jax.random.split(k)
         u = jax.random.uniform(k, (len(cfg.bounds), cfg.batch_size))
         idx = jnp.minimum(jnp.floor(u * sizes[:, None]), sizes[:, None] - 1).astype(
             jnp.int32)  # (S, B) uniform over each model's first t_k examples
@@ -392,21 +435,31 @@ def update(state: State, cfg: Config):
             return optax.apply_updates(p, upd), o, loss
 
         params, opt_state, loss = jax.vmap(per_model)(params, opt_state, idx)
-        return (params, opt_state), loss  # loss (S, arms)
+        v_loss = jnp.zeros(len(cfg.arms))
+        if cfg.variational:
+            eps = jax.random.normal(k_eps, var[0].shape)  # (arms, k)
+            v_loss, g = jax.vmap(jax.value_and_grad(var_loss), (0, 0, None, 0, None, None))(
+                var, eps, x[idx[-1]], state.labels[:, idx[-1]], unravel, cfg)
+            upd, var_opt = jax.vmap(tx_var.update)(g, var_opt, var)
+            var = optax.apply_updates(var, upd)
+        return (params, opt_state, var, var_opt), (loss, v_loss)
 
-    (params, opt_state), loss = jax.lax.scan(
-        step, (state.params, state.opt_state), jax.random.split(k_steps, cfg.steps_per_eval))
+    (params, opt_state, var, var_opt), (loss, v_loss) = jax.lax.scan(
+        step, (state.params, state.opt_state, state.var, state.var_opt),
+        jax.random.split(k_steps, cfg.steps_per_eval))
     bits = all_bits(params, x, state.labels, cfg)  # (A, S, n)
     blocks = jax.vmap(lambda b: block_bits(b, cfg.bounds))(bits)  # (A, S - 1)
     best = jnp.minimum(state.best, blocks)
     checkpoints = state.checkpoints + 1
     state = state.replace(params=params, opt_state=opt_state, best=best,
-                          checkpoints=checkpoints, key=key)
+                          checkpoints=checkpoints, var=var, var_opt=var_opt, key=key)
     preq = prequential_bits(blocks, cfg.bounds)
     stop = stopping_bits(best, checkpoints, cfg)
     metrics = {}
     for i, a in enumerate(cfg.arms):
         metrics[f"losses/train_{a}"] = loss[:, :, i].mean()
+        if cfg.variational:
+            metrics[f"losses/variational_{a}"] = v_loss[:, i].mean()
         metrics[f"charts/preq_bpl_{a}"] = preq[i] / cfg.num_train
         metrics[f"charts/preq_stop_bpl_{a}"] = stop[i] / cfg.num_train
     return state, metrics
@@ -451,10 +504,26 @@ def evaluate(state: State, cfg: Config):
         per_arm["preq_stop_bpl"] = stopping_bits(state.best, state.checkpoints, cfg) / n
     t = np.asarray(cfg.bounds)
     per_arm["block_bpl"] = blocks / (t[1:] - t[:-1])
+    if cfg.variational:
+        unravel = ravel_pytree(jax.tree.map(lambda p: p[0, 0], state.params))[1]
+        per_arm["variational_bpl"] = jax.vmap(lambda v, y: variational_bits(
+            v, x, y, jax.random.fold_in(state.key, 1), unravel, cfg))(state.var,
+                                                                       state.labels) / n
     out = {"uniform_bpl": jnp.float32(math.log2(NUM_CLASSES))}
     for i, a in enumerate(cfg.arms):
         out.update({f"{key}_{a}": v[i] for key, v in per_arm.items()})
     return out
+
+
+def variational_bits(var, x, y, key, unravel, cfg: Config):
+    """[1] Sec. 3.3: KL(q || prior) + E_q[sum_i -log2 p_theta(y_i | x_i)], bits (bits-back
+    coding makes it a code length), the expectation over var_samples draws."""
+    mu, sigma = var[0], jax.nn.softplus(var[1])
+    net = network(cfg)
+    eps = jax.random.normal(key, (cfg.var_samples, mu.size))
+    data = jax.vmap(lambda e: nll_bits(net.apply({"params": unravel(mu + sigma * e)}, x),
+                                       y).sum())(eps)
+    return kl_bits(mu, sigma, cfg.prior_std) + data.mean()
 
 
 # --- PLOT ---
@@ -471,6 +540,7 @@ def plot(result, cfg: Config, out: str):
     f = result.final
     codes = [("zlib", "zlib (no x)"), ("preq", "prequential"),
              *([("preq_stop", "prequential + stopping")] if cfg.stopping_time else []),
+             *([("variational", "variational")] if cfg.variational else []),
              *[(f"two_part_{b}bit", f"two-part, {b}-bit weights") for b in cfg.param_bits],
              ("bic", "BIC (k/2 log2 n)")]
     fig, axes = plt.subplots(1, 2, figsize=(14, 4.8))
