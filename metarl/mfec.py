@@ -35,7 +35,10 @@ learning curves in one plot; `--plot PNG` and `--compare RUN_DIR` are this file'
         --compare runs/mfec_random
 Paper setting (GPU; Atari through envpool, Ms. Pac-Man, 10M frames):
     python metarl/mfec.py --preset paper
-Ours (quick, 2-core CPU shared with other jobs): see metarl/README.md and the test docstring.
+Ours (quick, 2-core CPU shared with other jobs, 2 s compile + 3 s per run, 4 seeds, 16,000
+steps each): MFEC reaches the goal in 64 of 64 evaluation episodes for every seed, in 21.6 +-
+0.4 steps (the shortest path is 20); random actions 0.04 +- 0.01 (197 steps); the overwrite
+variant 0.00 / 1.00 / 0.28 / 0.00 (tests/metarl/test_mfec.py): curves in metarl/mfec.png.
 [1] Fig. 1 / Table 1 [M: not re-read]: on Atari MFEC reaches its scores with far fewer frames
 than DQN, A3C or prioritised DQN (about 10M frames against DQN's 200M in several games, e.g.
 Ms. Pac-Man, Frostbite, Q*bert); its numbers are not quoted here.
