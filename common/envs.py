@@ -528,6 +528,9 @@ class NormalizeObservation:
 class CoverageState:
     inner: PyTree
     visited: jax.Array  # (G, G) grid cells or (256,) Montezuma rooms seen since the start
+    steps: jax.Array  # int32: env steps taken by the whole batch since the start
+    positives: jax.Array  # int32: finished episodes with a positive return
+    first_success: jax.Array  # int32: `steps` when the first positive episode ended; -1 before
 
 
 def mark_visited(visited: jax.Array, info: dict) -> jax.Array:
@@ -544,9 +547,12 @@ def mark_visited(visited: jax.Array, info: dict) -> jax.Array:
 
 
 class Coverage:
-    """Counts what any env of the batch has visited since the start (`mark_visited`):
-    grid cells on a `grid` x `grid` board, or Montezuma rooms when `rooms` (Atari).
-    `state.visited.sum()` is the number of distinct cells (rooms)."""
+    """The exploration papers' measures, over the whole batch since the start: what any env
+    has visited (`mark_visited`: grid cells on a `grid` x `grid` board, or Montezuma rooms
+    when `rooms`; `state.visited.sum()` is the number of distinct cells or rooms), the env
+    steps taken, the finished episodes with a positive return, and the step at which the
+    first of them ended (-1 before). `restart(state)` zeroes the measures (e.g. after
+    warm-up steps that should not count)."""
 
     def __init__(self, vecenv: Any, grid: int, rooms: bool = False):
         self.vecenv, self.grid, self.rooms = vecenv, int(grid), bool(rooms)
@@ -558,12 +564,22 @@ class Coverage:
 
     def reset(self, key: jax.Array):
         obs, inner = self.vecenv.reset(key)
+        return obs, self.restart(CoverageState(inner, None, None, None, None))
+
+    def restart(self, state: CoverageState) -> CoverageState:
         shape = (256,) if self.rooms else (self.grid, self.grid)
-        return obs, CoverageState(inner, jnp.zeros(shape, bool))
+        zero = jnp.zeros((), jnp.int32)
+        return state.replace(visited=jnp.zeros(shape, bool), steps=zero, positives=zero,
+                             first_success=zero - 1)
 
     def step(self, state: CoverageState, action: jax.Array, key: jax.Array):
         obs, inner, reward, done, info = self.vecenv.step(state.inner, action, key)
-        return obs, CoverageState(inner, mark_visited(state.visited, info)), reward, done, info
+        steps = state.steps + self.vecenv.num_envs
+        success = info["returned_episode"] & (info["returned_episode_return"] > 0)
+        first = jnp.where((state.first_success < 0) & success.any(), steps, state.first_success)
+        new = CoverageState(inner, mark_visited(state.visited, info), steps,
+                            state.positives + success.sum(dtype=jnp.int32), first)
+        return obs, new, reward, done, info
 
 
 @struct.dataclass
@@ -681,6 +697,8 @@ def check_id(env_id: str, envpool: bool = False) -> None:
         known = env_id in ep.list_all_envs()
     elif env_id in GRID_MAPS or env_id == "GridMaze-FourRooms-NoisyTV":
         known = True
+    elif _deepsea_size(env_id):
+        known = True
     elif env_id.startswith("Navix-"):
         import navix
 
@@ -697,9 +715,17 @@ def check_id(env_id: str, envpool: bool = False) -> None:
         raise _unknown(env_id)
 
 
+def _deepsea_size(env_id: str) -> int:
+    """N of ``DeepSea-bsuite-<N>`` (gymnax's DeepSea at size N), else 0."""
+    head, _, size = env_id.rpartition("-")
+    return int(size) if head == "DeepSea-bsuite" and size.isdigit() and int(size) > 0 else 0
+
+
 def make(env_id: str, num_envs: int, sampler: Sampler | None = None, **kwargs):
     """Build a batched env by id: ``GridMaze-FourRooms``, ``Navix-*``, ``brax/<name>``,
-    envpool ids (``*-v5`` Atari, or any id with ``envpool=True``), else gymnax ids.
+    envpool ids (``*-v5`` Atari, or any id with ``envpool=True``), else gymnax ids;
+    ``DeepSea-bsuite-<N>`` is gymnax's DeepSea at size N (any file can pick the size
+    through its env id).
 
     `kwargs` go to the adapter's constructor. Bad ids and num_envs fail here, before
     anything is compiled. Envs are memoised on their arguments, so an algorithm may call
@@ -734,6 +760,8 @@ def _make(env_id: str, num_envs: int, sampler: Sampler | None = None, **kwargs):
                            max_steps=kwargs.get("max_steps", 100), **tv)
     elif env_id in GRID_MAPS:
         env = GridMaze(GRID_MAPS[env_id], **kwargs)
+    elif _deepsea_size(env_id):
+        env = GymnaxEnv("DeepSea-bsuite", **{"size": _deepsea_size(env_id), **kwargs})
     elif env_id.startswith("Navix-"):
         env = NavixEnv(env_id, **kwargs)
     elif env_id.startswith("brax/"):

@@ -91,7 +91,7 @@ class Config:
     env_id: str = "DeepSea-bsuite"
     """environment id (gymnax e.g. DeepSea-bsuite, navix, GridMaze-*)"""
     deepsea_size: int = 20
-    """DeepSea only: grid size N"""
+    """DeepSea only: grid size N (or name the size in the id: DeepSea-bsuite-<N>)"""
     total_timesteps: int = 200_000
     """environment steps over all envs (10,000 episodes of DeepSea N = 20)"""
     num_envs: int = 1
@@ -185,10 +185,16 @@ PRESETS = {
 }
 
 
+COVERAGE_GRID = 64  # the board on which distinct cells are counted (DeepSea up to N = 64)
+
+
 def make_env(cfg: Config):
-    if cfg.env_id.startswith("DeepSea"):
-        return envs.make(cfg.env_id, cfg.num_envs, size=cfg.deepsea_size)
-    return envs.make(cfg.env_id, cfg.num_envs)
+    """The batched env, wrapped to count distinct cells and positive episodes (Coverage)."""
+    if cfg.env_id == "DeepSea-bsuite":
+        env = envs.make(cfg.env_id, cfg.num_envs, size=cfg.deepsea_size)
+    else:
+        env = envs.make(cfg.env_id, cfg.num_envs)
+    return envs.Coverage(env, COVERAGE_GRID)
 
 
 # --- NETWORKS ---
@@ -387,6 +393,7 @@ def update(state: State, cfg: Config):
         "charts/episodes": n_ended,
         "charts/epsilon": traj["eps"][-1],
         "charts/positive_episodes": state.positives,
+        "charts/distinct_cells": state.env_state.visited.sum(),
         # NaN (runner) until the treasure is first reached: then the episodes it took
         "charts/first_success": jnp.maximum(state.first_success, 0.0),
         "charts/solved": (state.first_success >= 0).astype(jnp.float32),
@@ -399,9 +406,10 @@ def update(state: State, cfg: Config):
 
 
 def evaluate(state: State, cfg: Config):
-    """Episodes (all envs) until the first positive return (-1: never), and how many finished
-    episodes had a positive return (DeepSea: the treasure)."""
-    return {"first_success": state.first_success, "positive_episodes": state.positives}
+    """Episodes (all envs) until the first positive return (-1: never), how many finished
+    episodes had a positive return (DeepSea: the treasure), and the distinct cells visited."""
+    return {"first_success": state.first_success, "positive_episodes": state.positives,
+            "distinct_cells": state.env_state.visited.sum()}
 
 
 # --- MAIN ---

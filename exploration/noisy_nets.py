@@ -141,7 +141,7 @@ class Config:
     hidden: tuple[int, ...] = (512,)
     """sizes of the hidden fully connected (noisy) layers"""
     deepsea_size: int = 10
-    """DeepSea only: grid size N"""
+    """DeepSea only: grid size N (or name the size in the id: DeepSea-bsuite-<N>)"""
     sticky_action_prob: float = 0.0
     """Atari only: repeat the previous action with this probability ([3]: none)"""
     coverage_grid: int = 32
@@ -202,12 +202,15 @@ PRESETS = {
 
 
 def make_env(cfg: Config):
+    """The batched env, wrapped to count distinct cells and positive episodes (Coverage)."""
     if cfg.is_atari:  # [3]: 84x84 grey, frame skip 4, stack 4, noop 30, lives as episodes
-        return envs.make(cfg.env_id, cfg.num_envs, episodic_life=True, reward_clip=False,
-                         repeat_action_probability=cfg.sticky_action_prob)
-    if cfg.env_id.startswith("DeepSea"):
-        return envs.make(cfg.env_id, cfg.num_envs, size=cfg.deepsea_size)
-    return envs.make(cfg.env_id, cfg.num_envs)
+        env = envs.make(cfg.env_id, cfg.num_envs, episodic_life=True, reward_clip=False,
+                        repeat_action_probability=cfg.sticky_action_prob)
+    elif cfg.env_id == "DeepSea-bsuite":
+        env = envs.make(cfg.env_id, cfg.num_envs, size=cfg.deepsea_size)
+    else:
+        env = envs.make(cfg.env_id, cfg.num_envs)
+    return envs.Coverage(env, cfg.coverage_grid)  # stays 0 on Atari (no positions)
 
 
 # --- NETWORKS ---
@@ -344,8 +347,6 @@ class State:
     param_sigma: jax.Array  # param noise: current perturbation std
     step: jax.Array  # int32 vector-env steps taken
     num_grad: jax.Array  # int32 gradient updates done
-    visited: jax.Array  # (G, G) cells seen (grid envs)
-    positives: jax.Array  # float: finished episodes with a positive return
     key: jax.Array
 
 
@@ -370,8 +371,7 @@ def init(key, cfg: Config) -> State:
     replay = dqn.replay_init(row, cfg.replay_rows)
     return State(params, params, _optimizer(cfg).init(params), replay, env_state, obs,
                  jnp.zeros(cfg.num_envs, bool), perturbed, sigma, jnp.zeros((), jnp.int32),
-                 jnp.zeros((), jnp.int32), jnp.zeros((cfg.coverage_grid,) * 2, bool),
-                 jnp.zeros(()), key)
+                 jnp.zeros((), jnp.int32), key)
 
 
 # --- UPDATE ---
@@ -430,15 +430,9 @@ def update(state: State, cfg: Config):
             perturbed = jax.tree.map(
                 lambda a, b: jnp.where(done.reshape(-1, *[1] * (a.ndim - 1)), a, b),
                 fresh, perturbed)
-        visited = s.visited
-        if "position" in info:
-            pos = jnp.clip(info["position"], 0, cfg.coverage_grid - 1)
-            visited = visited.at[pos[:, 0], pos[:, 1]].set(True)
         ended = info["returned_episode"]
-        positives = s.positives + (ended & (info["returned_episode_return"] > 0)).sum()
         s = s.replace(replay=replay, env_state=env_state, obs=next_obs, prev_done=done,
-                      perturbed=perturbed, param_sigma=sigma, step=s.step + 1,
-                      visited=visited, positives=positives)
+                      perturbed=perturbed, param_sigma=sigma, step=s.step + 1)
         return (s, key), dict(ret=info["returned_episode_return"], ended=ended, eps=epsilon)
 
     (state, key), traj = jax.lax.scan(env_step, (state, state.key), None, cfg.train_every)
@@ -471,8 +465,8 @@ def update(state: State, cfg: Config):
         "charts/sigma_mean": (jnp.mean(jnp.concatenate([jnp.abs(s).ravel() for s in sigmas]))
                               if sigmas else jnp.zeros(())),
         "charts/param_sigma": state.param_sigma,
-        "charts/distinct_cells": state.visited.sum(),
-        "charts/positive_episodes": state.positives,
+        "charts/distinct_cells": state.env_state.visited.sum(),
+        "charts/positive_episodes": state.env_state.positives,
     }
     new = state.replace(params=params, target_params=target, opt_state=opt_state,
                         num_grad=num_grad, key=key)
@@ -482,7 +476,8 @@ def update(state: State, cfg: Config):
 def evaluate(state: State, cfg: Config):
     """Exploration at the end of training: distinct cells visited and the number of finished
     episodes with a positive return (DeepSea: the treasure was reached)."""
-    return {"distinct_cells": state.visited.sum(), "positive_episodes": state.positives}
+    return {"distinct_cells": state.env_state.visited.sum(),
+            "positive_episodes": state.env_state.positives}
 
 
 # --- MAIN ---

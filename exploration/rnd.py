@@ -369,7 +369,7 @@ def init(key, cfg: Config) -> State:
     obs_norm = RunningMeanStd.create(env.observation_shape)
     (env_state, obs, obs_norm), _ = jax.lax.scan(
         warm, (env_state, obs, obs_norm), jax.random.split(k_warm, cfg.obs_norm_init_steps))
-    env_state = env_state.replace(visited=jnp.zeros_like(env_state.visited))
+    env_state = env.restart(env_state)  # the warm-up steps do not count as exploration
     return State(params, target.init(k_tgt, obs), make_optimizer(cfg).init(params), env_state,
                  obs, obs_norm, RunningMeanStd.create(), jnp.zeros(cfg.num_envs), key,
                  jnp.asarray(cfg.int_coef, jnp.float32))

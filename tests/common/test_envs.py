@@ -202,6 +202,42 @@ def test_coverage_marks_grid_cells_and_montezuma_rooms():
         jax.random.key(0))[1].visited.shape == (256,)
 
 
+class _Scripted:
+    """A stand-in batch of 2 envs whose step returns the next scripted (ended, return)."""
+
+    num_envs = 2
+
+    def __init__(self, script):
+        self.script = script
+
+    def reset(self, key):
+        return jnp.zeros(2), jnp.zeros((), jnp.int32)
+
+    def step(self, t, action, key):
+        ended, ret = (jnp.asarray(a)[t] for a in self.script)
+        info = {"returned_episode": ended, "returned_episode_return": ret}
+        return jnp.zeros(2), t + 1, jnp.zeros(2), ended, info
+
+
+def test_coverage_counts_steps_successes_and_the_first_one():
+    """Steps count the whole batch (2 per step); an episode counts as a success when it
+    ends with a positive return (an ended episode with return 0, or a running one with a
+    positive running return, does not); `first_success` is the step count at the first one
+    and stays there; `restart` zeroes everything."""
+    ended = [[True, False], [False, False], [True, True], [False, True]]
+    ret = [[0.0, 0.0], [0.0, 0.0], [1.0, 0.5], [0.0, 2.0]]
+    env = Coverage(_Scripted((ended, ret)), grid=3)
+    _, state = env.reset(jax.random.key(0))
+    assert int(state.first_success) == -1 and int(state.steps) == 0
+    firsts = []
+    for _ in range(4):
+        _, state, *_ = env.step(state, jnp.zeros(2, jnp.int32), jax.random.key(1))
+        firsts.append(int(state.first_success))
+    assert firsts == [-1, -1, 6, 6] and int(state.steps) == 8 and int(state.positives) == 3
+    state = env.restart(state)
+    assert (int(state.steps), int(state.positives), int(state.first_success)) == (0, 0, -1)
+
+
 def test_brax_params_scale_the_traced_system():
     """Default tier, no compile: inside `_physics(params)` the env's sys has every mass,
     inertia and friction scaled by the params, and the unmodified sys is back afterwards.
@@ -621,3 +657,16 @@ def test_vecenv_redraws_dynamics_at_every_auto_reset():
     assert done.sum() > 20
     np.testing.assert_array_equal(changed, done)
     np.testing.assert_allclose(masspole, base.masspole, rtol=1e-5)  # derived field follows
+
+
+def test_deepsea_size_in_the_id():
+    """``DeepSea-bsuite-<N>`` is gymnax's DeepSea at size N (an N x N board, positions on
+    it), the same env as ``DeepSea-bsuite`` with size=N; a malformed size is unknown."""
+    from common import envs
+
+    a, b = envs.make("DeepSea-bsuite-12", 2), envs.make("DeepSea-bsuite", 2, size=12)
+    assert a.observation_shape == b.observation_shape == (12, 12)
+    envs.check_id("DeepSea-bsuite-12")
+    for bad in ("DeepSea-bsuite-0", "DeepSea-bsuite-x"):
+        with pytest.raises(ValueError, match="Unknown environment"):
+            envs.check_id(bad)

@@ -355,7 +355,8 @@ def test_paper_preset_traces_and_its_replay_fits_one_gpu():
 def _cells_and_successes(cfg, seeds):
     train = jax.jit(jax.vmap(run.make_train(nn_.init, nn_.update, cfg)))
     state, _ = train(jax.random.split(jax.random.PRNGKey(0), seeds))
-    return np.asarray(state.visited.sum((-1, -2))), np.asarray(state.positives)
+    return (np.asarray(state.env_state.visited.sum((-1, -2))),
+            np.asarray(state.env_state.positives))
 
 
 @pytest.mark.slow
