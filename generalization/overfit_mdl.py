@@ -50,6 +50,8 @@ Reproduce (CPU, scikit-learn digits, 1,500 labels, MLP 1x256, 3 arms, 2 seeds):
         --plot generalization/overfit_mdl.png
 Paper setting (GPU; MNIST idx files in --data-dir, 60,000 labels):
     python generalization/overfit_mdl.py --preset paper --data-dir ~/mnist
+    python generalization/overfit_mdl.py --preset paper --dataset cifar10 \\
+        --num-train 50000 --data-dir ~/cifar-10        (CIFAR-10: [1]'s 50,000 labels)
 [1] Table 1 / Sec. 3.4 (bits for the whole training set): MNIST uniform 199 kbits
 (60,000 log2 10), prequential 4.10 kbits (compression ratio 0.021, 99.5% test accuracy),
 variational 6x longer; CIFAR-10 uniform 166 kbits, float32 two-part > 428 Mbits,
@@ -210,6 +212,10 @@ class Config:
         for p in self.corruptions:
             if not 0 <= p <= 1:
                 raise ValueError(f"corruptions: {p} must be in [0, 1]")
+        if self.prior_std <= 0:
+            raise ValueError(f"prior_std={self.prior_std} must be > 0")
+        if self.var_samples < 1:
+            raise ValueError(f"var_samples={self.var_samples} must be >= 1")
         for b in self.param_bits:
             if not 1 <= b <= 32:
                 raise ValueError(f"param_bits: {b} must be in [1, 32]")

@@ -15,7 +15,7 @@ from common import run
 from generalization import overfit_mdl as mdl
 from tests.common.cli import cli_args
 from tests.common.config_fields import unread_fields
-from tests.common.datasets import write_mnist
+from tests.common.datasets import write_cifar10, write_mnist
 from tests.common.preset import trace_paper
 
 # One tiny configuration for every test: 256 digit labels, blocks 16, 32, 64, 128, 256
@@ -87,13 +87,13 @@ def test_quantize_by_hand():
     cost 2 bits x 3 weights + 32 for r = 38. 32 bits: float32 as is, 32 x 3 = 96.
     Mutation tried: step 2 r / 2^b (2^b + 1 levels): fails."""
     theta = jnp.array([-1.0, 0.5, 1.0])
-    q2, b2 = mdl.quantize(theta, 2)
+    (q2, b2), (q2b, _), (q32, b32) = jax.jit(lambda t: [
+        mdl.quantize(t, 2), mdl.quantize(jnp.array([-0.2, 1.0]), 2), mdl.quantize(t, 32)])(
+        theta)
     np.testing.assert_allclose(q2, [-1, 1 / 3, 1], rtol=1e-6)
-    np.testing.assert_allclose(mdl.quantize(jnp.array([-0.2, 1.0]), 2)[0], [-1 / 3, 1],
-                               rtol=1e-6)
-    q32, b32 = mdl.quantize(theta, 32)
+    np.testing.assert_allclose(q2b, [-1 / 3, 1], rtol=1e-6)
     np.testing.assert_array_equal(q32, theta)
-    assert (b2, b32) == (38.0, 96.0)
+    assert (float(b2), float(b32)) == (38.0, 96.0)
 
 
 def test_two_part_and_bic_codes(tiny_run):
@@ -240,6 +240,9 @@ def test_bad_values_fail_with_named_field(tmp_path):
                        (["--growth", "1"], "growth=1 must be >= 2"),
                        (["--steps-per-eval", "7"], "must be a multiple of"),
                        (["--param-bits", "0"], "param_bits: 0"),
+                       (["--prior-std", "0"], "prior_std=0.0 must be > 0"),
+                       (["--var-samples", "0"], "var_samples=0 must be >= 1"),
+                       (["--var-lr", "-1"], "--var-lr must be > 0"),
                        (["--num-train", "1700"], "exceeds the 1,797 digits"),
                        (["--dataset", "mnist"], "needs --data-dir")):
         with pytest.raises(ValueError, match=msg):
@@ -261,6 +264,15 @@ def test_mnist_images_from_idx_fixture(tmp_path):
     assert 0 <= tr_x.min() and tr_x.max() <= 1 and tr_y.shape == (10,)
     with pytest.raises(ValueError, match="exceed"):
         mdl.images("mnist", root, 20, 5)
+
+
+def test_cifar10_images_from_python_batches(tmp_path):
+    """--dataset cifar10 through common.data.load_cifar10: 32x32x3 flattened to 3,072."""
+    root = write_cifar10(tmp_path / "cifar", 2)
+    tr_x, tr_y, te_x, _ = mdl.images("cifar10", root, 10, 2)
+    assert tr_x.shape == (10, 3072) and te_x.shape == (2, 3072)
+    np.testing.assert_allclose(tr_x[0, :3], np.array([0, 1, 2]) / 255.0)  # pixel (0, 0) RGB
+    np.testing.assert_array_equal(tr_y, [0, 1, 1, 2, 2, 3, 3, 4, 4, 5])
 
 
 def test_paper_preset_traces(monkeypatch):
