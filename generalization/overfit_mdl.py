@@ -63,20 +63,17 @@ log2 10 = 3.32; seeds 0 / 1):
     p = 0.5        3.768 3.776   2.791 2.763  3.706 3.748  411.9 / 104.6         69.6  4.03
     random labels  4.886 5.044   3.392 3.386  3.878 3.799  412.6 / 105.3         70.3  4.01
 (test accuracy 0.983 / 0.990 true labels, 0.114 / 0.101 random; the noise floor of p = 0.5
-is 2.42). Random labels: the last-checkpoint block models are confidently wrong (above
-uniform); with the stopping time they sit at uniform + the switch cost ([1] App. A). As
-in [1], the variational code compresses true labels much less than the prequential one,
-and the two-part codes of a 19,210-weight MLP for 1,500 labels are two orders of magnitude
-above the uniform code.
+is 2.42). Random labels: the last-checkpoint block models are confidently wrong; with the
+stopping time the code sits at uniform + the switch cost ([1] App. A). As in [1], the
+variational code compresses far less than the prequential one, and the two-part codes of
+a 19,210-weight MLP for 1,500 labels are 30-120x the uniform code.
 
-Logged each update, per arm a: losses/train_<a> (mean minibatch cross-entropy, nats, over
-the block models), losses/variational_<a> (the one-sample variational loss per example,
-nats), charts/preq_bpl_<a> (prequential code with the current weights, bits
-per label), charts/preq_stop_bpl_<a> (with the best checkpoint so far, including the
-log2 C switch cost of the checkpoints seen so far). `evaluate`: uniform_bpl, and per arm
-preq_bpl, preq_stop_bpl, two_part_<b>bit_bpl, bic_bpl, variational_bpl, test_acc (final
-model on held-out examples against their true labels), block_bpl (per block, bits per
-label); `main` adds zlib_bpl_<a> on the host.
+Logged each update, per arm a: losses/train_<a> (block models' minibatch cross-entropy,
+nats), losses/variational_<a> (one-sample variational loss per example, nats),
+charts/preq_bpl_<a> and charts/preq_stop_bpl_<a> (the two prequential codes so far, bits
+per label). `evaluate`: uniform_bpl and, per arm, preq_bpl, preq_stop_bpl, variational_bpl,
+two_part_<b>bit_bpl, bic_bpl, test_acc (held-out, true labels), block_bpl (per block);
+`main` adds zlib_bpl_<a> on the host.
 
 Differences from the paper:
 - Data: the CPU presets use scikit-learn's 8x8 digits (1,500 labels encoded, 297 held
