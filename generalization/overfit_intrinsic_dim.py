@@ -21,7 +21,10 @@ Subspace training ([1] Sec. 2, Eq. 1): only theta_d is trained,
               norm exactly ||G|| sqrt(L), so the columns of P have norm ~1 (released code).
 Intrinsic dimension ([1] Sec. 2): d_int90 = the smallest d on the grid whose test accuracy
 reaches 90% of the baseline's, the baseline being the same network trained directly
-(d = D, P = I) from the same theta_0 on the same minibatches.
+(d = D, P = I) from the same theta_0 on the same minibatches. [1]'s MNIST numbers (750,
+290) draw the line at a fixed accuracy of 0.90 instead (the released notebook
+plots/main_plots.ipynb calls compt_dim_int(..., baseline=1.0)): --threshold-abs 0.9, which
+the paper preset sets.
 
 Design: one runner update is one epoch. The sweep over d is one vmapped program: every arm
 k holds a theta_d of the largest size d_max = max(dims) and its own independent P (D x d_max;
@@ -38,9 +41,10 @@ Paper setting (GPU; MNIST idx files in --data-dir; FC 784-200-200-10, D = 199,21
     python generalization/overfit_intrinsic_dim.py --preset paper --data-dir ~/mnist
     ... --preset paper --network lenet --dims 10 50 100 200 250 300 350 400 500 750 1000
 [1]'s numbers (Sec. 3.1, Table 1): MNIST FC 784-200-200-10 (D = 199,210): d_int90 = 750,
-baseline ~98% test accuracy (released notebook: 0.980; 90% line 0.882; d_int90 750-900 over
-bootstraps, mean 786); MNIST LeNet (D = 44,426): d_int90 = 290; CIFAR-10 FC 9,000, LeNet
-2,900 (the post quotes the CIFAR-10 pair). Widths and depths of the FC net barely move
+baseline ~98% test accuracy (released notebook: 0.980, 3 runs per d; the line is the fixed
+0.90, and d_int90 over 100 bootstraps of the runs is 725-900, mean 786); with 90% of the
+baseline (0.883) the same data give 625. MNIST LeNet (D = 44,426): d_int90 = 290 (same
+fixed 0.90 line); CIFAR-10 FC 9,000, LeNet 2,900 (the post quotes the CIFAR-10 pair). Widths and depths of the FC net barely move
 d_int90 ([1] Fig. 4).
 Measured (quick preset, 2 seeds, dense P, 2.7 min wall / 45 CPU s on a loaded 2-core CPU):
 direct (D = 4,810) test accuracy 0.980 / 0.977, 90% line ~0.88; subspace, mean of 2 seeds:
@@ -52,8 +56,8 @@ epochs, 2 seeds; accuracy at d = 256): dense 0.888 / 0.898, sparse 0.896 / 0.922
 
 Logged each update (epoch): losses/train_direct and losses/train_d<d> (mean minibatch
 cross-entropy), charts/test_acc_direct and charts/test_acc_d<d> (test accuracy at the end of
-the epoch), charts/d_int90 (NaN by design while no d on the grid reaches 90% of the
-baseline; charts/d_int90_reached is 1 once one does) and charts/num_params (D).
+the epoch), charts/d_int90 (NaN by design while no d on the grid reaches the line;
+charts/d_int90_reached is 1 once one does) and charts/num_params (D).
 
 Differences from the paper:
 - Data: MNIST does not ship offline; the CPU presets use scikit-learn's 1,797 8x8 digits
@@ -66,10 +70,17 @@ Differences from the paper:
   probability 1/sqrt(D)) and then normalises the columns: same density and unit norms,
   a Binomial instead of a fixed count per column.
 - Fastfood: one H G Pi H B block of size L as in the released code (no S matrix of [2]).
-- Optimiser: the released defaults, Adam lr 1e-3, beta2 0.99 (train.py), batch 128, 100
-  epochs (scripts); no L2 (the README's example adds --l2 1e-5). He-normal weights and zero
-  biases as the released models (flax's truncated normal, rescaled to the exact variance).
-- The quick preset uses Adam lr 1e-2 (digits epochs are 7 steps: 100 epochs is 700 steps).
+- Optimiser: the released defaults, Adam lr 1e-3, beta1 0.9, beta2 0.99
+  (standard_parser.py), batch 128, 100 epochs, L2 1e-4 on the kernels of the full network
+  theta_0 + P theta_d (the MNIST runs behind the figures, scripts/more/loop_d_mnist_lenet.sh
+  and loop_d_mnist_fnn_wd.sh: --l2 0.0001, Keras' l2 regulariser, biases not decayed).
+  He-normal weights and zero biases as the released models (flax's truncated normal,
+  rescaled to the exact variance).
+- An epoch is num_train // batch_size steps: the last partial batch is dropped (MNIST: 468
+  steps of 128, 96 images unused per epoch; Keras' fit also steps on the 96).
+- The line is reached at accuracy >= line (the notebook: > line).
+- The quick preset uses Adam lr 1e-2 (digits epochs are 7 steps: 100 epochs is 700 steps)
+  and no L2 (its measured numbers above); its d_int90 is the relative 90% definition.
 """
 
 from dataclasses import dataclass
@@ -118,10 +129,16 @@ class Config:
     (default: the released notebook's MNIST FC grid, thinned)"""
     threshold_fraction: float = 0.9
     """d_int is the smallest d reaching this fraction of the direct baseline's accuracy"""
+    threshold_abs: float = 0.0
+    """if > 0, a fixed accuracy line replacing threshold_fraction x baseline ([1]'s MNIST
+    numbers: 0.90, the released notebook's baseline=1.0); 0: the relative definition"""
     lr: float = 1e-3
     """Adam learning rate, subspace arms and baseline alike (released: 1e-3)"""
     adam_b2: float = 0.99
-    """Adam beta2 (released train.py: 0.99)"""
+    """Adam beta2 (released standard_parser.py: 0.99)"""
+    l2: float = 1e-4
+    """L2 coefficient: loss += l2 * sum of squared kernel weights (not biases) of the full
+    network, theta_0 + P theta_d for the arms (released MNIST runs: --l2 0.0001)"""
     batch_size: int = 128
     """images per Adam step (released: 128)"""
     num_epochs: int = 100
@@ -153,6 +170,8 @@ class Config:
                 + sum(a * b + b for a, b in zip(sizes[:-1], sizes[1:], strict=True)))
 
     def validate(self):
+        if self.image_size < 1:
+            raise ValueError(f"image_size={self.image_size} must be >= 1")
         if self.dataset not in ("digits", "mnist"):
             raise ValueError(f"dataset={self.dataset!r} must be 'digits' or 'mnist'")
         if self.dataset == "mnist" and not self.data_dir:
@@ -177,17 +196,25 @@ class Config:
             raise ValueError(f"dims={self.dims}: every d must be < D = {self.num_params}")
         if not 0 < self.threshold_fraction <= 1:
             raise ValueError(f"threshold_fraction={self.threshold_fraction} must be in (0, 1]")
+        if not 0 <= self.threshold_abs <= 1:
+            raise ValueError(f"threshold_abs={self.threshold_abs} must be in [0, 1] (0: off)")
+        if not 0 <= self.adam_b2 < 1:
+            raise ValueError(f"adam_b2={self.adam_b2} must be in [0, 1)")
+        if self.l2 < 0:
+            raise ValueError(f"l2={self.l2} must be >= 0")
         if self.dtype not in ("float32", "bfloat16"):
             raise ValueError(f"dtype={self.dtype!r} must be 'float32' or 'bfloat16'")
 
 
 PRESETS = {
     # CPU demo: 8x8 digits, FC 64-64-10 (one hidden layer, D = 4,810), dense P, Adam 1e-2,
-    # 100 epochs of 7 steps.
-    "quick": dict(hidden=(64,), dims=(5, 10, 20, 40, 80, 160, 320, 640), lr=1e-2),
-    # [1] Sec. 3.1: MNIST, FC 784-200-200-10 (D = 199,210), Adam 1e-3, batch 128, 100 epochs;
-    # Fastfood (a dense P of 199,210 x 1,500 per arm would not fit).
-    "paper": dict(dataset="mnist", num_train=60000, num_test=10000, projection="fastfood"),
+    # no L2, 100 epochs of 7 steps, d_int90 relative to the baseline.
+    "quick": dict(hidden=(64,), dims=(5, 10, 20, 40, 80, 160, 320, 640), lr=1e-2, l2=0.0),
+    # [1] Sec. 3.1: MNIST, FC 784-200-200-10 (D = 199,210), Adam 1e-3, batch 128, 100 epochs,
+    # L2 1e-4, the fixed 0.90 line. Fastfood is a choice, the released runs' --fastfoodproj
+    # (dense P for 15 arms: 15 x 199,210 x 1,500 x 4 B = 17.9 GB, would fit an 80 GB GPU).
+    "paper": dict(dataset="mnist", num_train=60000, num_test=10000, projection="fastfood",
+                  threshold_abs=0.9),
 }
 
 
@@ -373,19 +400,39 @@ def init(key, cfg: Config) -> State:
 # --- UPDATE ---
 
 
+def kernel_mask(cfg: Config):
+    """(D,) 1 on the kernel (weight) entries of the flat vector, 0 on the biases (numpy)."""
+    x = jnp.zeros((1, cfg.side, cfg.side, 1))
+    shapes = jax.eval_shape(lambda k: network(cfg).init(k, x)["params"], jax.random.PRNGKey(0))
+    ones = jax.tree_util.tree_map_with_path(
+        lambda path, s: np.full(s.shape, float(path[-1].key == "kernel"), np.float32), shapes)
+    return np.concatenate([a.ravel() for a in jax.tree.leaves(ones)])
+
+
 def loss_fn(theta, unravel, x, y, cfg: Config):
+    """Mean cross-entropy, plus l2 * sum of the squared kernel weights (the released Keras
+    l2 regulariser; 0 when cfg.l2 = 0). Returns (loss, cross-entropy)."""
     logits = network(cfg).apply({"params": unravel(theta)}, x)
-    return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+    ce = optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+    if cfg.l2 == 0:
+        return ce, ce
+    return ce + cfg.l2 * jnp.sum(kernel_mask(cfg) * theta ** 2), ce
 
 
 def accuracy(theta, unravel, x, y, cfg: Config):
     return jnp.mean(jnp.argmax(network(cfg).apply({"params": unravel(theta)}, x), -1) == y)
 
 
+def threshold(acc_direct, cfg: Config):
+    """The accuracy line: threshold_abs when > 0 ([1]'s MNIST numbers: 0.90), else
+    threshold_fraction x the direct baseline's accuracy."""
+    return cfg.threshold_abs if cfg.threshold_abs > 0 else cfg.threshold_fraction * acc_direct
+
+
 def d_int(acc, acc_direct, cfg: Config):
-    """d_int90 ([1] Sec. 2): the smallest d with acc_d >= fraction * baseline; reached or
+    """d_int90 ([1] Sec. 2): the smallest d with acc_d >= the line (`threshold`); reached or
     not (then d_int is 0, logged as NaN)."""
-    ok = acc >= cfg.threshold_fraction * acc_direct
+    ok = acc >= threshold(acc_direct, cfg)
     first = jnp.min(jnp.where(ok, jnp.array(cfg.dims, jnp.float32), jnp.inf))
     return jnp.where(ok.any(), first, 0.0), ok.any()
 
@@ -406,11 +453,11 @@ def update(state: State, cfg: Config):
     def step(carry, idx):
         theta_d, opt_d, theta, opt = carry
         x, y = tr_x[idx], tr_y[idx]
-        loss_d, g_d = jax.vmap(jax.value_and_grad(arm_loss), (0, 0, 0, None, None))(
-            theta_d, state.proj, m, x, y)
+        (_, loss_d), g_d = jax.vmap(jax.value_and_grad(arm_loss, has_aux=True),
+                                    (0, 0, 0, None, None))(theta_d, state.proj, m, x, y)
         upd, opt_d = tx.update(g_d, opt_d, theta_d)
         theta_d = optax.apply_updates(theta_d, upd)
-        loss, g = jax.value_and_grad(loss_fn)(theta, unravel, x, y, cfg)
+        (_, loss), g = jax.value_and_grad(loss_fn, has_aux=True)(theta, unravel, x, y, cfg)
         upd, opt = tx.update(g, opt, theta)
         return (theta_d, opt_d, optax.apply_updates(theta, upd), opt), (loss_d, loss)
 
@@ -460,8 +507,9 @@ def plot(result, cfg: Config, out: str):
     ax.plot(cfg.dims, acc.mean(0), "-", c="C0", label=f"subspace ({cfg.projection} P)")
     ax.axhline(base.mean(), c="k", lw=1, label=f"direct, D = {cfg.num_params:,}: "
                f"{base.mean():.3f}")
-    ax.axhline(cfg.threshold_fraction * base.mean(), c="k", ls="--", lw=1,
-               label=f"{cfg.threshold_fraction:.0%} of direct")
+    ax.axhline(threshold(base.mean(), cfg), c="k", ls="--", lw=1,
+               label=f"line {cfg.threshold_abs:.2f}" if cfg.threshold_abs > 0
+               else f"{cfg.threshold_fraction:.0%} of direct")
     d90 = f["d_int90"]
     if (d90 > 0).all():
         per_seed = ", ".join(str(int(v)) for v in d90)
