@@ -8,13 +8,18 @@ a compact set, its sup-norm error falling with the width, built constructively a
     activation, makes the property).
 [3] L. Weng. "Are Deep Neural Networks Dramatically Overfitted?" (Lil'Log, 2019), section
     "Universal Approximation Theorem".
+[4] M. Leshno, V. Ya. Lin, A. Pinkus, S. Schocken. "Multilayer feedforward networks with
+    a nonpolynomial activation function can approximate any function." Neural Networks
+    6(6), 1993 (uniform density on compacts for any continuous non-polynomial activation:
+    ReLU, unbounded, is outside [2]'s class and inside this one).
 (Journal papers without arXiv ids.)
 
 The network, N hidden units, linear output ([3]: "a linear output layer, at least one
 hidden layer with a finite number of neurons"):
-    f_N(x) = v_0 + sum_{j=1}^N v_j sigma(<w_j, x> + c_j)                      [1] Eq. (1)
-[1] Thm 1: the sums f_N are dense in C([0,1]^d) for continuous sigmoidal sigma: for every
-continuous f and eps > 0 some N and weights give sup_x |f_N(x) - f(x)| < eps.
+    f_N(x) = v_0 + sum_{j=1}^N v_j sigma(<w_j, x> + c_j)          [1] Eq. (1), plus v_0
+[1] Thm 2: the sums f_N are dense in C([0,1]^d) for continuous sigmoidal sigma (Thm 1 says
+it for any continuous discriminatory sigma): for every continuous f and eps > 0 some N and
+weights give sup_x |f_N(x) - f(x)| < eps. For relu the same holds by [4].
 
 (a) Constructive, 1-D, on [-1, 1] (the proofs are not constructive; these are the
 classical staircase and interpolation arguments):
@@ -48,13 +53,15 @@ the target and the fits inset):
     python generalization/overfit_universal_approx.py --preset quick --activation linear
     python generalization/overfit_universal_approx.py --preset quick_2d
     python generalization/overfit_universal_approx.py --preset paper   # GPU: widths to 4096
+(`paper` is this file's own larger sweep for a GPU, widths 2 to 4096 and 100,000 Adam
+steps: [1], [2] and [4] are proofs and run no experiment to copy.)
 Measured (`--preset quick --num-seeds 2`, sigmoid, 4001-point grid; 2-core CPU shared with
 other jobs, 80 s): constructive sup error 0.93 / 0.37 / 0.20 / 0.104 / 0.053 / 0.0135 at
 N = 2 / 8 / 16 / 32 / 64 / 256 (slope -0.89; x4 width divides it by ~4: 1/N), L2 0.38 ->
 0.0045. Trained (4000 Adam steps, lr 1e-2, seed mean): sup 0.64 (N = 2), 0.24 (4), 0.021
 (8), 0.019 (32), 0.017 (256); L2 0.17 -> 0.003. The trained nets stop improving from N = 8
 on: the optimiser within the step budget, not the width, limits them (the kink of |x| at
-0 needs steep units). [1]/[2] prove existence and give no numbers. The catalogue's
+0 needs steep units). [1]/[2]/[4] prove existence and give no numbers. The catalogue's
 constructive anchor (this target, sigmoid staircase, steepness 50 N, 20001-point grid):
 sup error 0.731 / 0.194 / 0.049 / 0.012 / 0.0030 at N = 4 / 16 / 64 / 256 / 1024 (~1/N).
 
@@ -68,6 +75,8 @@ for the sigmoid staircase, -2 for the ReLU interpolant of a C^2 target). Nothing
 Differences from the papers:
 - [1] and [2] are existence proofs (Hahn-Banach / Stone-Weierstrass): the constructive
   track is the textbook staircase (sigmoid) and interpolant (ReLU), not their argument.
+- The output bias v_0: [1] Eq. (1) has none (sum_j alpha_j sigma(...) only); here the
+  staircase and the interpolant put f(u_0) / f(-1) in it, and the trained nets learn it.
 - No constructive 2-D net: a one-hidden-layer net cannot make a 2-D bump from few units
   (that takes a second layer or a ridge-function / Fourier decomposition); the 2-D target
   is trained only.
@@ -98,7 +107,7 @@ class Config:
     """d: 1 (f(x) = sin 3x + |x|/2, constructive and trained) or 2 (sin 3x cos 2y +
     |x - y|/2, trained only)"""
     activation: str = "sigmoid"
-    """sigmoid ([1]), relu ([2]'s class: ReLU interpolant), or linear (the broken control:
+    """sigmoid ([1] Thm 2), relu ([4]: ReLU interpolant), or linear (the broken control:
     no nonlinearity)"""
     widths: tuple[int, ...] = (2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096)
     """the numbers of hidden units N of the sweep, increasing"""
@@ -142,6 +151,9 @@ class Config:
         if self.train_points < 2 or self.eval_points < 2:
             raise ValueError(f"train_points and eval_points must be >= 2, got "
                              f"{self.train_points}, {self.eval_points}")
+        for name in ("train_steps", "steps_per_update"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.train_steps % self.steps_per_update:
             raise ValueError(f"train_steps={self.train_steps} must be a multiple of "
                              f"steps_per_update={self.steps_per_update}")
