@@ -131,6 +131,8 @@ def compare(package, num_seeds: int = 3, seed: int = 0, only=None, settings=None
     labels = list(package.METHODS) if not only else list(only)
     for bad in [s for s in names if s not in package.SETTINGS]:
         raise ValueError(f"unknown setting {bad!r}; known: {', '.join(package.SETTINGS)}")
+    for bad in [m for m in package.METHODS if "," in m]:
+        raise ValueError(f"method label {bad!r} has a comma (--only splits on commas)")
     for bad in [m for m in labels if m not in package.METHODS]:
         raise ValueError(f"unknown method {bad!r}; known: {', '.join(package.METHODS)}")
     results: dict = {label: {} for label in labels}

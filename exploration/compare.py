@@ -31,7 +31,7 @@ METHODS = {
     "ICM": Method("exploration.icm", QUICK),
     "Disagreement": Method("exploration.disagreement", QUICK),
     "SimHash counts": Method("exploration.simhash_count", QUICK),
-    "DQN, epsilon-greedy": Method("exploration.noisy_nets", (*QUICK, "--exploration",
+    "DQN (epsilon-greedy)": Method("exploration.noisy_nets", (*QUICK, "--exploration",
                                                              "epsilon")),
     "NoisyNet-DQN": Method("exploration.noisy_nets", QUICK),
     "Bootstrapped DQN + priors": Method("exploration.bootstrapped_dqn", QUICK),

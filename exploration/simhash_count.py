@@ -227,12 +227,14 @@ def last_frame(obs):
     return obs[..., -1, :, :]
 
 
-def preprocess(obs, cfg: Config, pixels: bool):
-    """g(s): pixels -> last frame in [-1, 1] flattened (released code); vectors -> s - c."""
+def preprocess(obs, cfg: Config, pixels: bool, obs_ndim: int = 1):
+    """g(s): pixels -> last frame in [-1, 1] flattened (released code); other observations
+    (`obs_ndim` trailing axes, e.g. DeepSea's N x N board) -> s - c, flattened."""
     if pixels:
         x = last_frame(obs).astype(jnp.float32) / 255.0 * 2.0 - 1.0
         return x.reshape(*x.shape[:-2], -1)  # (..., 1764)
-    return obs.astype(jnp.float32) - cfg.obs_center
+    x = obs.astype(jnp.float32) - cfg.obs_center
+    return x.reshape(*x.shape[:x.ndim - obs_ndim], -1)
 
 
 class PixelPolicy(nn.Module):
@@ -354,7 +356,7 @@ def hash_bits(params, stats, x, ae: AE | None):
     return simhash_bits(stats["A"], 2.0 * jnp.round(b) - 1.0)  # [1] Sec. 2.3: downsample
 
 
-def make_bonus(cfg: Config, pixels: bool) -> Bonus:
+def make_bonus(cfg: Config, pixels: bool, obs_ndim: int = 1) -> Bonus:
     """The hash counts as a `common.rl.Bonus`: stats = {A, table, key, beta}; params = the
     AE. beta is a traced statistic, so one compiled program can run several betas (seeds
     with beta = 0 are plain PPO beside SimHash seeds)."""
@@ -362,7 +364,7 @@ def make_bonus(cfg: Config, pixels: bool) -> Bonus:
 
     def init(key, obs):
         k_a, k_ae, k_noise = jax.random.split(key, 3)
-        x = preprocess(obs, cfg, pixels)
+        x = preprocess(obs, cfg, pixels, obs_ndim)
         params = {} if ae is None else ae.init(k_ae, x)
         d = x.shape[-1] if ae is None else cfg.ae_code_dim
         table = jnp.zeros((len(cfg.bucket_sizes), max(cfg.bucket_sizes)), jnp.int32)
@@ -370,7 +372,7 @@ def make_bonus(cfg: Config, pixels: bool) -> Bonus:
                         "key": k_noise, "beta": jnp.asarray(cfg.beta, jnp.float32)}
 
     def reward(params, stats, b):
-        x = preprocess(b["obs"], cfg, pixels)  # (T, N, D)
+        x = preprocess(b["obs"], cfg, pixels, obs_ndim)  # (T, N, D)
         bits = hash_bits(params, stats, x.reshape(-1, x.shape[-1]), ae)
         table, n = count_update(stats["table"], bucket_keys(bits, cfg.bucket_sizes))
         key, _ = jax.random.split(stats["key"])
@@ -380,7 +382,8 @@ def make_bonus(cfg: Config, pixels: bool) -> Bonus:
     def loss(params, stats, mb):
         if ae is None:
             return 0.0, {}
-        total, nll, pen = ae_loss(params, ae, preprocess(mb["obs"], cfg, pixels), stats["key"],
+        x = preprocess(mb["obs"], cfg, pixels, obs_ndim)
+        total, nll, pen = ae_loss(params, ae, x, stats["key"],
                                   binary_weight=cfg.ae_binary_weight, noise=cfg.ae_noise)
         return total, {"losses/ae_reconstruction": nll, "losses/ae_binary": pen}
 
@@ -403,7 +406,8 @@ def ppo_config(cfg: Config) -> PPOConfig:
 def learner(cfg: Config):
     env = make_env(cfg)
     policy = PixelPolicy(env.num_actions) if cfg.is_atari else None  # None: rl.ActorCritic
-    return make_ppo(env, ppo_config(cfg), policy, make_bonus(cfg, cfg.is_atari))
+    bonus = make_bonus(cfg, cfg.is_atari, len(env.observation_shape))
+    return make_ppo(env, ppo_config(cfg), policy, bonus)
 
 
 def init(key, cfg: Config):
