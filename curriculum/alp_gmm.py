@@ -4,7 +4,8 @@
     learning of Deep RL in continuously parameterized environments." CoRL 2019,
     arXiv:1910.07224. Released code: github.com/flowersteam/teachDeepRL (commit 3aaaccc),
     `teachDRL/teachers/algos/alp_gmm.py` (the teacher) and `teachDRL/toy_env/toy_env.py`
-    (the toy task space of [1] Sec. 4.1, its Fig. 2).
+    (the toy task space of [1]'s Fig. 2; section and figure numbers from memory).
+Equation tags (Eq. 1-4) are this file's numbering of [1]'s ALP-GMM algorithm box.
 
 A teacher samples the task parameters p in [0, 1]^d of every episode. After the episode
 it observes the student's episodic reward r on p and scores the task by its absolute
@@ -40,7 +41,8 @@ The teacher owns each episode's task through common.envs: every episode is one s
 
 Teachers in one compiled program (the id travels traced in the state): `alp_gmm` ([1]);
 `random` (uniform task sampling, [1]'s Random baseline); `anti` (broken: the same GMM, but it
-samples the Gaussian of LOWEST mean ALP: it drills mastered or locked regions).
+samples the Gaussian of LOWEST mean ALP, with the same 20% random tasks: it drills mastered
+or locked regions).
 
 Reproduce ([1]'s toy experiment, `paper` = the defaults; CPU, ~35 s for 3 seeds; the plot
 curriculum/alp_gmm.png reruns one seed of each teacher, ~2 min):
@@ -76,7 +78,9 @@ Differences from the paper / released code:
   KMeans to convergence, n_init 1 of GaussianMixture); one EM start per k (nb_em_init 1).
 - The k-NN history is a ring of `history_size` (default = the paper run's 20000 episodes,
   i.e. exact); the released code keeps every episode. Brute-force nearest neighbour (exact),
-  where the released code uses a buffered kd-tree (also exact); ties take the oldest task.
+  where the released code uses a buffered kd-tree (also exact); ties take the first stored.
+  Within an update the new episodes sit in a per-update buffer searched beside the ring (an
+  unbatched write position under the seed vmap) and join the ring at the update's end.
 - Float32 throughout (scikit-learn fits in float64); the student is the paper's toy student
   (a competence table), not a deep RL agent, and its BipedalWalker stump tracks (Box2D, not
   JAX) are not implemented: the `paper` preset is [1]'s toy experiment at its size (10 x 10
