@@ -10,10 +10,11 @@ Reference code read for the constants (no code by the authors is public): Kaixhi
 One table per action a holds keys phi(s) (an embedding of the observation), values
 Q_EC(s, a) and the time each entry was last used. With phi a fixed random projection:
 
-    phi(o) = A o,  A_ij ~ N(0, 1/D) fixed, D = dim(o)                        [1] Sec. 3 (F = 64)
+    phi(o) = A o,  A_ij ~ N(0, 1) fixed, scaled by 1/sqrt(D) here, D = dim(o)   [1] Sec. 3 (F = 64)
     Q^(s, a) = Q_EC(s, a)                          if phi(s) is in table a      [1] Eq. (2)
              = 1/k sum_{i=1..k} Q_EC(s^(i), a)     else, s^(i) the k nearest keys (L2)
-    a_t = argmax_a Q^(s_t, a) (ties at random), a uniform action with prob. epsilon
+    a_t = argmax_a Q^(s_t, a) (ties at random), a uniform action with prob. epsilon_t
+    (annealed linearly from epsilon_start to epsilon over epsilon_decay_steps agent steps)
     at an episode's end, backwards over its steps, with R_t = sum_{j>=t} gamma^(j-t) r_j:
     Q_EC(s_t, a_t) <- max{Q_EC(s_t, a_t), R_t}     if phi(s_t) is in table a_t   [1] Eq. (1)
                     <- R_t                         else (appended; when the table is full
@@ -27,12 +28,13 @@ one jitted scan, vmapped over seeds. `knn`, `estimate` and `write` are the DND o
 later NEC file shares in spirit (NEC replaces the mean by a kernel-weighted sum and the max
 by a tabular step).
 
-Reproduce (CPU demo, GridMaze-FourRooms, 4 seeds; the broken variant, then MFEC with both
-learning curves in one plot; `--plot PNG` and `--compare RUN_DIR` are this file's own flags):
-    python metarl/mfec.py --preset quick --num-seeds 4 --update-rule overwrite --epsilon 1 \
-        --run-dir runs/mfec_random
+Reproduce (CPU demo, GridMaze-FourRooms, 4 seeds; the random-action baseline, then MFEC with
+both learning curves in one plot; `--plot PNG` and `--compare RUN_DIR` are this file's own
+flags; the broken overwrite variant on its own):
+    python metarl/mfec.py --preset quick --num-seeds 4 --epsilon 1 --run-dir runs/mfec_random
     python metarl/mfec.py --preset quick --num-seeds 4 --plot metarl/mfec.png \
         --compare runs/mfec_random
+    python metarl/mfec.py --preset quick --num-seeds 4 --update-rule overwrite
 Paper setting (GPU; Atari through envpool, Ms. Pac-Man, 10M frames):
     python metarl/mfec.py --preset paper
 Ours (quick, 2-core CPU shared with other jobs, 2 s compile + 3 s per run, 4 seeds, 16,000
@@ -44,9 +46,12 @@ than DQN, A3C or prioritised DQN (about 10M frames against DQN's 200M in several
 Ms. Pac-Man, Frostbite, Q*bert); its numbers are not quoted here.
 
 Differences from the paper:
-- Constants: k = 11, key_dim = 64, 1M entries per action, gamma = 1, epsilon = 0.005, frame
-  skip 4, one 84x84 grey frame per observation: read in Kaixhin/EC's and astier's MFEC
-  defaults (both say they follow [1]); not re-read in [1]'s text ([M]).
+- Constants: k = 11, key_dim = 64, 1M entries per action, gamma = 1, epsilon annealed
+  linearly 1.0 -> 0.005 over the first 10,000 agent steps (astier's schedule; Kaixhin/EC
+  holds 1.0 for 5,000 steps and anneals to 0.005 by step 25,000), frame skip 4, one 84x84
+  grey frame per observation: read in Kaixhin/EC's and astier's MFEC defaults (both say
+  they follow [1]); not re-read in [1]'s text ([M]). The quick preset keeps a constant
+  0.05 (epsilon_decay_steps = 0).
 - The VAE embedding of [1] Sec. 3 is not implemented (only the random projection).
 - LRU: an entry is "used" when written, max-updated, or read as one of the k neighbours of
   an action's estimate (astier's reading; [1] says only that the least recently used entry
@@ -62,9 +67,12 @@ Differences from the paper:
   taking new states) are the broken variants the tests reject; `--epsilon 1` is the
   random-walk baseline.
 Metrics: charts/episodic_return is the mean return of the episodes that ended in the update
-(NaN where none ended; charts/episodes counts them), charts/table_fill the fraction of the
-table in use, charts/exact_match the fraction of steps whose chosen action had an exact
-match. MFEC has no loss (no losses/ metric).
+(NaN where none ended; charts/episodes counts them), charts/reward_per_step the mean reward
+of the update's env steps, charts/q_mean the mean Q^(s_t, a_t) of the chosen actions,
+charts/exact_match the fraction of steps whose chosen action's table held phi(s_t) (an
+exact match: Q^ is its stored value, not a k-NN mean), charts/epsilon the exploration rate
+at the update's end, charts/table_fill the fraction of the table in use. MFEC has no loss
+(no losses/ metric).
 """
 
 import json
@@ -106,7 +114,11 @@ class Config:
     gamma: float = 1.0
     """discount of the Monte-Carlo return R_t"""
     epsilon: float = 0.005
-    """probability of a uniform random action"""
+    """probability of a uniform random action (the final one when annealed)"""
+    epsilon_start: float = 1.0
+    """epsilon at step 0, annealed linearly to `epsilon` (astier: 1.0)"""
+    epsilon_decay_steps: int = 10_000
+    """agent steps (all envs) of the linear anneal (astier: 10,000); 0: constant epsilon"""
     match_tol: float = 1e-6
     """exact match: squared distance <= match_tol * max(|phi(s)|^2, 1)"""
     update_rule: str = "max"
@@ -114,7 +126,7 @@ class Config:
     eviction: str = "lru"
     """lru (replace the least recently used entry) or none (broken: a full table freezes)"""
     eval_envs: int = 16
-    """evaluate(): episodes played greedily (epsilon as in training) from the final table"""
+    """evaluate(): episodes played from the final table with the final epsilon"""
     dtype: str = "float32"
     """compute dtype of the projection and distance matmuls: float32 or bfloat16"""
 
@@ -143,8 +155,11 @@ class Config:
         if self.num_neighbours > self.capacity:
             raise ValueError(f"num_neighbours={self.num_neighbours} must be <= capacity="
                              f"{self.capacity}")
-        if not 0.0 <= self.epsilon <= 1.0:
-            raise ValueError(f"epsilon={self.epsilon} must be in [0, 1]")
+        for name in ("epsilon", "epsilon_start"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"{name}={getattr(self, name)} must be in [0, 1]")
+        if self.epsilon_decay_steps < 0:
+            raise ValueError(f"epsilon_decay_steps={self.epsilon_decay_steps} must be >= 0")
         if self.match_tol < 0:
             raise ValueError(f"match_tol={self.match_tol} must be >= 0")
         envs.check_id(self.env_id)
@@ -159,7 +174,8 @@ PRESETS = {
     # action (about the floor's 104 cells, so the LRU replaces some); seconds of compute.
     "quick": dict(env_id="GridMaze-FourRooms", max_episode_steps=200, num_envs=2,
                   num_steps=200, total_timesteps=16_000, capacity=100, key_dim=4,
-                  num_neighbours=5, gamma=0.99, epsilon=0.05, eval_envs=64),
+                  num_neighbours=5, gamma=0.99, epsilon=0.05, epsilon_decay_steps=0,
+                  eval_envs=64),
     "paper": dict(),
 }
 
@@ -239,17 +255,19 @@ def estimate(values, match, valid):
 
 
 def q_values(table: Table, queries, k: int, tol: float, now, dtype=jnp.float32):
-    """Q^(s, a) for every query (N, F) and action: (N, A), and the table with the
-    neighbours read marked used at time `now` (the LRU clock)."""
+    """Q^(s, a) for every query (N, F) and action: (N, A), the table with the neighbours
+    read marked used at time `now` (the LRU clock), and (N, A) whether table a holds the
+    query exactly (Q^ is then the stored value)."""
 
     def one(keys, values, size):
         idx, d2, valid = knn(keys, size, queries, k, dtype)
-        return estimate(values[idx], is_match(d2, valid, queries, tol), valid), idx, valid
+        match = is_match(d2, valid, queries, tol)
+        return estimate(values[idx], match, valid), idx, valid, match.any(-1)
 
-    q, idx, valid = jax.vmap(one)(table.keys, table.values, table.size)  # (A, N), (A, N, k)
+    q, idx, valid, match = jax.vmap(one)(table.keys, table.values, table.size)  # (A, N, ..)
     a = jnp.broadcast_to(jnp.arange(idx.shape[0])[:, None, None], idx.shape)
     used = table.last_used.at[a, idx].max(jnp.where(valid, now, 0))
-    return q.T, table.replace(last_used=used)
+    return q.T, table.replace(last_used=used), match.T
 
 
 def write(table: Table, key, action, ret, now, tol: float, max_update, lru):
@@ -330,21 +348,38 @@ def flush(table: Table, s: State, ended, now, cfg: Config) -> Table:
     """Write every episode that ended (ended (N,) bool) into the table, env by env, each
     backwards from its last step with the Monte-Carlo return R_t = r_t + gamma R_{t+1}
     ([1] Eq. 1). The loops run as many iterations as there are steps to write (none on most
-    steps)."""
+    steps). Under vmap (the runner's seeds) the flush runs seed after seed
+    (`sequential_vmap`): a vmapped loop with a per-seed trip count would become one loop
+    with a batched predicate that selects over every seed's whole table at each step."""
 
-    def per_env(i, table):
-        n = jnp.where(ended[i], s.ep_len[i], 0)
+    @jax.custom_batching.sequential_vmap
+    def run_flush(table, ep_keys, ep_actions, ep_rewards, ep_len, ended, now, max_update,
+                  lru):
+        def per_env(i, table):
+            n = jnp.where(ended[i], ep_len[i], 0)
 
-        def body(j, carry):
-            table, ret = carry
-            t = n - 1 - j
-            ret = s.ep_rewards[i, t] + cfg.gamma * ret  # R_t, R_n = 0
-            return write(table, s.ep_keys[i, t], s.ep_actions[i, t], ret, now, cfg.match_tol,
-                         s.hyper.max_update, s.hyper.lru), ret
+            def body(j, carry):
+                table, ret = carry
+                t = n - 1 - j
+                ret = ep_rewards[i, t] + cfg.gamma * ret  # R_t, R_n = 0
+                return write(table, ep_keys[i, t], ep_actions[i, t], ret, now, cfg.match_tol,
+                             max_update, lru), ret
 
-        return jax.lax.fori_loop(0, n, body, (table, jnp.zeros(())))[0]
+            return jax.lax.fori_loop(0, n, body, (table, jnp.zeros(())))[0]
 
-    return jax.lax.fori_loop(0, s.ep_len.shape[0], per_env, table)
+        return jax.lax.fori_loop(0, ep_len.shape[0], per_env, table)
+
+    return run_flush(table, s.ep_keys, s.ep_actions, s.ep_rewards, s.ep_len, ended,
+                     jnp.asarray(now, jnp.int32), s.hyper.max_update, s.hyper.lru)
+
+
+def epsilon_at(s: State, cfg: Config):
+    """epsilon_t: linear from epsilon_start to the final epsilon (the state's, a test may set
+    it per seed) over epsilon_decay_steps agent steps, then constant (astier's schedule)."""
+    if cfg.epsilon_decay_steps == 0:
+        return s.hyper.epsilon
+    frac = jnp.minimum(s.time * cfg.num_envs / cfg.epsilon_decay_steps, 1.0)
+    return cfg.epsilon_start + frac * (s.hyper.epsilon - cfg.epsilon_start)
 
 
 def env_step(s: State, cfg: Config, env, k):
@@ -352,9 +387,10 @@ def env_step(s: State, cfg: Config, env, k):
     k_act, k_env = jax.random.split(k)
     now = s.time + 1
     keys = embed(s.obs, s.proj, jnp.dtype(cfg.dtype))  # (N, F)
-    q, table = q_values(s.table, keys, cfg.num_neighbours, cfg.match_tol, now,
-                        jnp.dtype(cfg.dtype))  # (N, A)
-    action = act(k_act, q, s.hyper.epsilon)
+    q, table, match = q_values(s.table, keys, cfg.num_neighbours, cfg.match_tol, now,
+                               jnp.dtype(cfg.dtype))  # (N, A)
+    eps = epsilon_at(s, cfg)
+    action = act(k_act, q, eps)
     obs, env_state, reward, done, info = env.step(s.env_state, action, k_env)
     n = jnp.arange(keys.shape[0])
     s = s.replace(ep_keys=s.ep_keys.at[n, s.ep_len].set(keys),
@@ -364,7 +400,8 @@ def env_step(s: State, cfg: Config, env, k):
     table = flush(table, s, ended, now, cfg)
     q_a = jnp.take_along_axis(q, action[:, None], -1)[:, 0]
     out = dict(ret=info["returned_episode_return"], ended=info["returned_episode"],
-               q=q_a, reward=reward)
+               q=q_a, reward=reward, eps=eps,
+               match=jnp.take_along_axis(match, action[:, None], -1)[:, 0])
     return s.replace(table=table, env_state=env_state, obs=obs, time=now,
                      ep_len=jnp.where(ended, 0, s.ep_len)), out
 
@@ -384,6 +421,8 @@ def update(state: State, cfg: Config):
         "charts/episodes": n_ended,
         "charts/reward_per_step": traj["reward"].mean(),
         "charts/q_mean": traj["q"].mean(),
+        "charts/exact_match": traj["match"].mean(),
+        "charts/epsilon": traj["eps"][-1],
         "charts/table_fill": state.table.size.sum() / state.table.values.size,
     }
     return state.replace(key=key), metrics
@@ -393,7 +432,7 @@ def update(state: State, cfg: Config):
 
 
 def evaluate(state: State, cfg: Config):
-    """`eval_envs` fresh episodes acted from the final table (epsilon as in training, no
+    """`eval_envs` fresh episodes acted from the final table (the final epsilon, no
     writes): `eval_return` the mean return of each env's first episode, `eval_length` its
     mean length (max_episode_steps when it did not end)."""
     env = make_env(cfg, cfg.eval_envs)
@@ -404,8 +443,8 @@ def evaluate(state: State, cfg: Config):
         obs, env_state, alive, ret, length, table = carry
         k_act, k_env = jax.random.split(k)
         keys = embed(obs, state.proj, jnp.dtype(cfg.dtype))
-        q, table = q_values(table, keys, cfg.num_neighbours, cfg.match_tol, state.time,
-                            jnp.dtype(cfg.dtype))
+        q, table, _ = q_values(table, keys, cfg.num_neighbours, cfg.match_tol, state.time,
+                               jnp.dtype(cfg.dtype))
         action = act(k_act, q, state.hyper.epsilon)
         obs, env_state, reward, done, _ = env.step(env_state, action, k_env)
         ret, length = ret + reward * alive, length + alive

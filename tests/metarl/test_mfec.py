@@ -47,13 +47,16 @@ def test_knn_estimate_is_the_exact_value_or_the_mean_of_k_neighbours():
                  also query 9.0: nearest 10, 3, 2 -> 107 / 3; and 10.0 exactly -> 100);
       a table with only 2 entries (1 and 2): query 9 -> their mean (2 + 3) / 2 = 2.5;
       an empty table estimates 0.
-    The neighbours read are marked used at time 50 (LRU), the others keep their time."""
+    The neighbours read are marked used at time 50 (LRU), the others keep their time; the
+    exact-match flags (logged as charts/exact_match) are set for 10.0 and 2.0 only.
+    Mutation tried: the flag as "any valid neighbour" instead of the match: fails."""
     t = _table([[0.0], [1.0], [2.0], [3.0], [10.0]], [1, 2, 3, 4, 100], [1, 2, 3, 4, 5],
                capacity=8)
-    q, t2 = _q(t, jnp.array([[1.4], [9.0], [10.0], [2.0]]))
+    q, t2, match = _q(t, jnp.array([[1.4], [9.0], [10.0], [2.0]]))
     np.testing.assert_allclose(q[:, 0], [2.0, 107 / 3, 100.0, 3.0], rtol=1e-6)
+    np.testing.assert_array_equal(match[:, 0], [False, False, True, True])
     np.testing.assert_array_equal(t2.last_used[0, :5], [50, 50, 50, 50, 50])
-    q, t3 = _q(t, jnp.array([[-5.0]]))  # nearest 0, 1, 2: only they are refreshed
+    q, t3, _ = _q(t, jnp.array([[-5.0]]))  # nearest 0, 1, 2: only they are refreshed
     np.testing.assert_allclose(q[0, 0], 2.0)
     np.testing.assert_array_equal(t3.last_used[0, :5], [50, 50, 50, 4, 5])
     small = _table([[1.0], [2.0]], [2, 3], capacity=8)
@@ -107,13 +110,7 @@ def test_flush_writes_the_discounted_returns_of_ended_episodes_only():
     one entry with max(R_0, R_2) = 1. Env 1's episode has not ended: nothing of it is
     written. The broken overwrite rule would keep R_0 = 0.75 (written last, backwards)."""
     cfg = dataclasses.replace(TINY, gamma=0.5, num_envs=2, max_episode_steps=6)
-    keys = np.zeros((2, 6, cfg.key_dim), np.float32)
-    keys[0, :4, 0] = [1.0, 2.0, 1.0, 3.0]
-    keys[1, :2, 0] = [7.0, 8.0]
-    s = mfec.State(mfec.table_init(4, 8, cfg.key_dim), None, None, None, jnp.asarray(keys),
-                   jnp.array([[1, 1, 1, 2, 0, 0], [0, 0, 0, 0, 0, 0]]),
-                   jnp.array([[0.0, 1, 0, 2, 0, 0], [5, 5, 0, 0, 0, 0]]), jnp.array([4, 2]),
-                   None, None, mfec.Hyper(jnp.float32(0), jnp.array(True), jnp.array(True)))
+    s = _flush_state(cfg)
     table = jax.jit(lambda s: mfec.flush(s.table, s, jnp.array([True, False]), 7, cfg))(s)
     np.testing.assert_array_equal(table.size, [0, 2, 1, 0])
     # action 1, written backwards: step 2 (key 1, R 1), step 1 (key 2, R 1.5), step 0 (key 1)
@@ -123,10 +120,62 @@ def test_flush_writes_the_discounted_returns_of_ended_episodes_only():
     np.testing.assert_array_equal(table.last_used[1, :2], [7, 7])
 
 
+def _flush_state(cfg, n_actions=4, capacity=8):
+    keys = np.zeros((2, 6, cfg.key_dim), np.float32)
+    keys[0, :4, 0] = [1.0, 2.0, 1.0, 3.0]
+    keys[1, :2, 0] = [7.0, 8.0]
+    return mfec.State(mfec.table_init(n_actions, capacity, cfg.key_dim), None, None, None,
+                      jnp.asarray(keys), jnp.array([[1, 1, 1, 2, 0, 0], [0, 0, 0, 0, 0, 0]]),
+                      jnp.array([[0.0, 1, 0, 2, 0, 0], [5, 5, 0, 0, 0, 0]]), jnp.array([4, 2]),
+                      None, None, mfec.Hyper(jnp.float32(0), jnp.array(True), jnp.array(True)))
+
+
+def test_flush_under_vmap_runs_seed_by_seed_without_selecting_the_whole_table():
+    """The runner vmaps seeds; flush's loops have a per-seed trip count. Vmapped plainly they
+    become one loop with a batched predicate that selects over every seed's whole table
+    (tensor<2x3x7x5>) at every write: at paper size (1M x 9 x 64 per seed) that is the cost
+    of the run. With sequential_vmap the lowered program has no such select, and 2 seeds
+    (one with an ended episode, one without) give each seed's own unbatched flush.
+    Mutation tried: sequential_vmap removed (plain fori_loops): fails (the select is there)."""
+    import re
+
+    cfg = dataclasses.replace(TINY, gamma=0.5, key_dim=5, max_episode_steps=6)
+    s = _flush_state(cfg, 3, 7)
+    two = jax.tree.map(lambda x: jnp.stack([x, x]), s)
+    ended = jnp.array([[True, False], [False, False]])
+    f = jax.jit(jax.vmap(lambda s, e: mfec.flush(s.table, s, e, 7, cfg)))
+    text = f.lower(two, ended).as_text()
+    assert not re.search(r"select.*tensor<2x3x7x5xf32>", text)
+    got = f(two, ended)
+    one = jax.jit(lambda s, e: mfec.flush(s.table, s, e, 7, cfg))
+    for i in range(2):
+        jax.tree.map(np.testing.assert_array_equal, jax.tree.map(lambda x: x[i], got),
+                     one(s, ended[i]))
+    assert int(got.size[0].sum()) == 3 and int(got.size[1].sum()) == 0
+
+
+def test_epsilon_is_annealed_linearly_then_constant():
+    """astier's schedule: epsilon_start 1.0 -> epsilon 0.1 over 100 agent steps with 2 envs
+    (the clock counts vector steps): 1.0 at step 0, 0.55 at 50 agent steps (time 25), 0.1 at
+    100 and after (time 50, 80); epsilon_decay_steps = 0 keeps the state's epsilon.
+    Mutation tried: the fraction not clipped at 1 (0.1 - 0.54 at time 80): fails."""
+    cfg = dataclasses.replace(TINY, epsilon_start=1.0, epsilon_decay_steps=100, num_envs=2)
+    hyper = mfec.Hyper(jnp.float32(0.1), jnp.array(True), jnp.array(True))
+    f = jax.jit(jax.vmap(lambda t: mfec.epsilon_at(mfec.State(*[None] * 8, t, None, hyper),
+                                                   cfg)))
+    np.testing.assert_allclose(f(jnp.array([0, 25, 50, 80])), [1.0, 0.55, 0.1, 0.1],
+                               rtol=1e-6)
+    const = dataclasses.replace(cfg, epsilon_decay_steps=0)
+    assert float(mfec.epsilon_at(mfec.State(*[None] * 8, jnp.int32(9), None, hyper),
+                                 const)) == np.float32(0.1)
+
+
 def test_bad_values_fail_with_named_field(tmp_path):
     bad = [(["--update-rule", "mean"], "update_rule='mean'"),
            (["--eviction", "fifo"], "eviction='fifo'"), (["--dtype", "fp8"], "dtype='fp8'"),
            (["--epsilon", "1.5"], r"epsilon=1.5 must be in \[0, 1\]"),
+           (["--epsilon-start", "-0.5"], r"epsilon_start=-0.5 must be in \[0, 1\]"),
+           (["--epsilon-decay-steps", "-1"], "epsilon_decay_steps=-1 must be >= 0"),
            (["--num-neighbours", "200"], "num_neighbours=200 must be <= capacity=100"),
            (["--capacity", "0"], "--capacity must be >= 1"),
            (["--key-dim", "0"], "--key-dim must be >= 1"),
@@ -188,6 +237,8 @@ def test_mfec_learns_from_few_episodes_where_the_baselines_do_not(tiny_run):
     assert rand.max() < 0.2 and np.median(over) < 0.5, (rand, over)
     assert f["eval_length"][:SEEDS].mean() < 30, f["eval_length"]
     assert goals[:SEEDS].min() > 5 * goals[SEEDS:].max(), goals
+    em = h["charts/exact_match"]  # MFEC revisits its stored states: ~0.7-0.8 at the end
+    assert ((em >= 0) & (em <= 1)).all() and (em[:SEEDS, -1] > 0.3).all(), em[:, -1]
 
 
 def test_train_is_pure_and_cli_writes_its_files(tiny_run, tmp_path, capsys):
