@@ -44,8 +44,8 @@ Paper setting (GPU; MNIST idx files in --data-dir; FC 784-200-200-10, D = 199,21
 baseline ~98% test accuracy (released notebook: 0.980, 3 runs per d; the line is the fixed
 0.90, and d_int90 over 100 bootstraps of the runs is 725-900, mean 786); with 90% of the
 baseline (0.883) the same data give 625. MNIST LeNet (D = 44,426): d_int90 = 290 (same
-fixed 0.90 line); CIFAR-10 FC 9,000, LeNet 2,900 (the post quotes the CIFAR-10 pair). Widths and depths of the FC net barely move
-d_int90 ([1] Fig. 4).
+fixed 0.90 line); CIFAR-10 FC 9,000, LeNet 2,900 (the post quotes the CIFAR-10 pair).
+Widths and depths of the FC net barely move d_int90 ([1] Fig. 4).
 Measured (quick preset, 2 seeds, dense P, 2.7 min wall / 45 CPU s on a loaded 2-core CPU):
 direct (D = 4,810) test accuracy 0.980 / 0.977, 90% line ~0.88; subspace, mean of 2 seeds:
 d = 5: 0.115, 10: 0.221, 20: 0.269, 40: 0.549, 80: 0.792, 160: 0.862, 320: 0.947,
