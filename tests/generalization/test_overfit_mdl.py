@@ -1,7 +1,9 @@
 """Tests of generalization/overfit_mdl.py: bits against nats, the prequential code, the
-quantised two-part code and the stopping-time cost by hand; behaviour (true labels compress
-far below the uniform code, random labels do not) against block models that also train on
-the block they encode; purity, CLI, the MNIST path on a fixture and the paper preset."""
+quantised two-part code, the variational loss and the stopping-time cost by hand; the
+polynomial degree picked by the two-part code against the smallest RSS; behaviour (true
+labels compress far below the uniform code, random labels do not) against block models
+that also train on the block they encode; purity, CLI, the MNIST path on a fixture and the
+paper preset (init, update, evaluate)."""
 
 import dataclasses
 import math
@@ -19,11 +21,11 @@ from tests.common.datasets import write_cifar10, write_mnist
 from tests.common.preset import trace_paper
 
 # One tiny configuration for every test: 256 digit labels, blocks 16, 32, 64, 128, 256
-# (5 models x 3 arms), MLP 1x64, 200 Adam steps (lr 3e-3) in 4 updates of 50; the
-# variational code is off (it needs the quick preset's steps: the slow test, and the KL
-# and variational_bits tests by hand).
+# (5 models x 3 arms), MLP 1x64, 200 Adam steps (lr 3e-3) in 4 updates of 50, two-part
+# codes at 32, 8 and 1 bit per weight; the variational code is off (it needs the quick
+# preset's steps: the slow test, and the KL, var_loss and variational_bits tests by hand).
 TINY = mdl.Config(num_train=256, hidden=(64,), batch_size=32, num_steps=200,
-                  steps_per_eval=50, lr=3e-3, variational=False)
+                  steps_per_eval=50, lr=3e-3, variational=False, param_bits=(32, 8, 1))
 SEEDS = 2
 RUN_ARGS = cli_args(TINY, mdl.Config()) + ["--num-seeds", str(SEEDS), "--log-every",
                                            str(TINY.num_updates), "--no-progress",
@@ -98,18 +100,26 @@ def test_quantize_by_hand():
 
 def test_two_part_and_bic_codes(tiny_run):
     """Same data bits (float32 weights as trained), so two-part(32) - BIC = (32 k - k/2
-    log2 n) / n with k = 4,810 weights of the 64-64-10 MLP (k counted from the state);
-    8-bit weights cost 8 k + 32 x 4 tensors and never fewer data bits in total than the
-    uniform code can save: two-part(8) > BIC for k >> n. Mutation tried: k without the
-    biases: fails."""
+    log2 n) / n with k = 4,810 weights of the 64-64-10 MLP (k counted from the state).
+    b-bit weights cost b k + 32 x 4 tensors; their data bits (two-part minus that) are
+    those of the QUANTISED network: at 8 bits within 0.05 bits/label of float32's on the
+    true labels, at 1 bit (every weight +-r) worse by > 0.3. Measured data bits per label,
+    true labels, seeds 0 / 1 (2-core CPU, jax 0.10.2): 32 bit 0.153 / 0.162, 8 bit 0.154 /
+    0.163, 1 bit 2.24 / 0.90. Mutations tried: k without the biases: fails; the data bits
+    scored with the unquantised weights: the 1-bit assert fails."""
     k = mdl.num_params(TINY, 64)
     leaves = jax.tree.leaves(tiny_run.state.params)
     assert k == 4810 == sum(x[0, -1, 0].size for x in leaves)  # seed 0, last model, arm 0
     f, n = tiny_run.final, TINY.num_train
+    data = {b: f[f"two_part_{b}bit_bpl_true_labels"] - (b * k + (32 * 4 if b < 32 else 0)) / n
+            for b in TINY.param_bits}
+    print("data bits per label, true labels", data)
     for a in TINY.arms:
         np.testing.assert_allclose(f[f"two_part_32bit_bpl_{a}"] - f[f"bic_bpl_{a}"],
                                    (32 * k - 0.5 * k * math.log2(n)) / n, rtol=1e-4)
         assert (f[f"two_part_8bit_bpl_{a}"] >= (8 * k + 32 * 4) / n).all()
+    assert (np.abs(data[8] - data[32]) < 0.05).all()
+    assert (data[1] > data[32] + 0.3).all()
 
 
 def test_stopping_time_cost_and_running_min():
@@ -134,23 +144,48 @@ def test_kl_bits_by_hand():
     np.testing.assert_allclose(mdl.kl_bits(mu[:1], sigma[:1], s0), 0.0, atol=1e-7)
 
 
-def test_variational_bits_by_hand():
+def test_polynomial_degree_by_the_two_part_code():
+    """The post's argmin_H [L(H) + L(D|H)] over polynomial degrees 0..12 (the catalogue's
+    demo): n = 60 points of 1 - 2x + 0.5x^2 + 3x^3 + N(0, 0.3^2). The code by hand (L(H) =
+    (d + 2) / 2 log2 n, L(D|H) = n / 2 log2(RSS / n), degree 0's RSS = sum (y - mean)^2);
+    20 draws (seed 0): the two-part code picks 3 or 4 in >= 18 (measured: 17 x 3, 3 x 4),
+    the smallest RSS picks 12 in 20 (measured 20). Mutation tried: L(H) dropped: picks 12
+    in 20 of 20, fails."""
+    rng = np.random.default_rng(1)
+    x, y = rng.uniform(-1, 1, 60), rng.normal(0, 1, 60)
+    bits, rss = mdl.polynomial_code_bits(x, y, 2)
+    np.testing.assert_allclose(rss[0], np.sum((y - y.mean()) ** 2))
+    np.testing.assert_allclose(bits, np.arange(2, 5) / 2 * np.log2(60)
+                               + 30 * np.log2(rss / 60))
+    by_code, by_rss = mdl.polynomial_selection(0)
+    print("two-part picks", np.bincount(by_code, minlength=13), "min RSS", by_rss)
+    assert np.isin(by_code, (3, 4)).sum() >= 18
+    assert (by_rss == 12).all()
+
+
+def test_variational_code_and_loss_by_hand():
     """A 3-2-10 MLP (k = 38 weights) with q = N(0, sigma^2), sigma = softplus(-20) ~ 2e-9:
-    every sample predicts the uniform distribution, so E_q[L(D|theta)] = n log2 10, plus
-    KL = k (ln(s0 / sigma) + sigma^2 / (2 s0^2) - 1/2) / ln 2 bits."""
+    every sample predicts the uniform distribution. variational_bits (evaluate's code):
+    E_q[L(D|theta)] = n log2 10 plus KL = k (ln(s0 / sigma) + sigma^2 / (2 s0^2) - 1/2) /
+    ln 2 bits. var_loss (update's loss, per example, NATS): ln 10 + KL in nats / num_train
+    (256). Mutations tried: var_loss's KL left in bits (no * LN2): fails; not divided by
+    num_train: fails."""
     cfg = dataclasses.replace(TINY, hidden=(2,), variational=True, var_samples=3)
     k = mdl.num_params(cfg, 3)
     assert k == 38
     var = (jnp.zeros(k), jnp.full(k, -20.0))
+    eps = jax.random.normal(jax.random.PRNGKey(0), (k,))
     x, y = jnp.ones((5, 3)), jnp.array([0, 1, 2, 3, 9])
     template = {"Dense_0": {"bias": np.zeros(2), "kernel": np.zeros((3, 2))},
                 "Dense_1": {"bias": np.zeros(10), "kernel": np.zeros((2, 10))}}
     unravel = mdl.ravel_pytree(template)[1]
-    out = jax.jit(lambda v: mdl.variational_bits(v, x, y, jax.random.PRNGKey(1), unravel,
-                                                 cfg))(var)
+    code, loss = jax.jit(lambda v, e: (
+        mdl.variational_bits(v, x, y, jax.random.PRNGKey(1), unravel, cfg),
+        mdl.var_loss(v, e, x, y, unravel, cfg)))(var, eps)
     sigma = np.log1p(np.exp(-20.0))
     kl = k * (np.log(cfg.prior_std / sigma) + sigma ** 2 / (2 * cfg.prior_std ** 2) - 0.5)
-    np.testing.assert_allclose(out, 5 * LOG2K + kl / np.log(2), rtol=1e-5)
+    np.testing.assert_allclose(code, 5 * LOG2K + kl / np.log(2), rtol=1e-5)
+    np.testing.assert_allclose(loss, np.log(10) + kl / cfg.num_train, rtol=1e-5)
 
 
 def test_noise_floor_and_zlib():
@@ -288,6 +323,20 @@ def test_paper_preset_traces(monkeypatch):
     assert state.labels.shape == (3, 60000) and state.best.shape == (3, 12)
     assert jax.tree.structure(after) == jax.tree.structure(state)
     assert all(m.shape == () for m in jax.tree.leaves(metrics))
+    out = jax.eval_shape(lambda s: mdl.evaluate(s, cfg), state)
+    assert out["block_bpl_true_labels"].shape == (12,) and out["test_acc_random_labels"].shape == ()
+    assert {"two_part_8bit_bpl_corrupt_50", "variational_bpl_true_labels"} <= set(out)
+
+
+def test_stopping_time_off_logs_no_stopping_chart():
+    """--no-stopping-time: neither update's chart nor evaluate's code of the stopping time
+    (traced with TINY's shapes, nothing compiled)."""
+    cfg = dataclasses.replace(TINY, stopping_time=False)
+    state = jax.eval_shape(lambda k: mdl.init(k, cfg), jax.random.PRNGKey(0))
+    _, metrics = jax.eval_shape(lambda s: mdl.update(s, cfg), state)
+    out = jax.eval_shape(lambda s: mdl.evaluate(s, cfg), state)
+    assert "charts/preq_bpl_true_labels" in metrics and "preq_bpl_true_labels" in out
+    assert not [k for k in (*metrics, *out) if "preq_stop" in k]
 
 
 # --- slow tier: the variational code at the quick preset's steps ---
