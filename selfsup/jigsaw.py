@@ -29,8 +29,15 @@ labels and with probe_per_class labels per class; and the held-out puzzle accura
 
 Reproduce (CPU demo on scikit-learn's digits upsampled to 48x48, 3x3 tiles of 12 px in 16-px
 cells, 64 permutations):
-    python selfsup/jigsaw.py --preset quick --num-seeds 2 --plot selfsup/jigsaw.png
-Measured (2 seeds, see QUICK_RESULT below; 2-core CPU shared with other jobs): QUICK_RESULT.
+    python selfsup/jigsaw.py --preset quick --num-seeds 1 --plot selfsup/jigsaw.png
+Measured (1 seed, 300 steps, ~4 min on a heavily shared 2-core CPU): held-out puzzle
+accuracy 0.893 (chance 1/64); linear probe 0.907 (all labels) / 0.742 (10 per class), k-NN
+0.759 / 0.560; the same network at random init: 0.02; 0.936 / 0.799, 0.832 / 0.668. The
+puzzle is learned, but on these digits the trunk's features probe WORSE than at init; at
+100 steps the same holds for tiles without gaps (the edge shortcut: k-NN 10/class 0.45 0.57)
+and for the 'min' set of near-identical permutations (0.62 0.59; puzzle accuracy 0.36 0.39):
+no variant separates on the probes, only the pretext accuracy does (tests/selfsup/
+test_jigsaw.py). 8x8 digits upsampled have little part structure for the tiles to encode.
 Paper setting (GPU; digits upsampled to 256 and cropped to 225 in place of ImageNet):
     python selfsup/jigsaw.py --preset paper
 [1]'s numbers (as recalled in the selfsup catalogue, not re-checked against the PDF here):
@@ -54,7 +61,8 @@ Differences from the paper:
 - Probes are linear (logistic regression) and k-NN on pooled conv features of the frozen
   trunk; the paper fine-tunes the whole AlexNet on PASCAL VOC and ImageNet.
 - The `quick` preset narrows the trunk (3 convs of 32-64-64, no LRN), fc6/fc7 of 128/256,
-  64 permutations, and trains 600 steps of 64 puzzles with a 10x larger learning rate.
+  no dropout, 64 permutations, and trains 300 steps of 64 puzzles with a 10x larger
+  learning rate (constant: its decay step lies past the end).
 """
 
 import functools
@@ -206,9 +214,9 @@ class Config:
 
 PRESETS = {
     # CPU demo: 48x48 digits (resized to 52, cropped), 12-px tiles in 16-px cells, 64
-    # permutations, a 3-conv trunk, 600 steps of 64 puzzles.
+    # permutations, a 3-conv trunk, 300 steps of 64 puzzles.
     "quick": dict(image_size=48, resize_size=52, tile_size=12, num_permutations=64,
-                  batch_size=64, num_steps=600, lr=0.1, lr_decay_every=400,
+                  batch_size=64, num_steps=300, lr=0.1, lr_decay_every=400,
                   conv_channels=(32, 64, 64), conv_kernels=(3, 3, 3), conv_strides=(1, 2, 2),
                   pool_after=(), lrn=False, fc6_units=128, fc7_units=256, dropout=0.0,
                   shift_conv=True),
@@ -355,7 +363,8 @@ class Trunk(nn.Module):
     @nn.compact
     def __call__(self, x):
         n_pool = 0
-        for i, (ch, k, s) in enumerate(zip(self.channels, self.kernels, self.strides)):
+        layers = zip(self.channels, self.kernels, self.strides, strict=True)
+        for i, (ch, k, s) in enumerate(layers):
             x = nn.relu(Conv(ch, k, s, shift=self.shift, dtype=self.dtype)(x))
             if i + 1 in self.pool_after:
                 x = nn.max_pool(x, (3, 3), (2, 2))
