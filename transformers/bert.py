@@ -257,7 +257,7 @@ PRESETS = {
     "quick": dict(vocab_size=None, seq_len=64, max_positions=64, num_layers=2, d_model=64,
                   num_heads=4, d_ff=256, max_predictions_per_seq=10, dupe_factor=2,
                   batch_size=32, pretrain_steps=1500, pretrain_lr=5e-4, pretrain_warmup=150,
-                  num_eval=512, finetune_lr=5e-4),
+                  span_len=24, num_eval=512, finetune_lr=1e-3),
     "paper": dict(),
 }
 
