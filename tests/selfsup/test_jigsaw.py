@@ -168,7 +168,8 @@ def test_puzzles_are_learned_where_the_encoder_at_init_is_at_chance(quick_run):
     0.834 trained (k-NN 10/class 0.49 0.46, linear 10/class 0.63 0.69). The probes are
     printed, not asserted: on digits the jigsaw trunk does not beat its own random init.
     Calibration of the quick preset at 100 steps, 2 seeds (2-core CPU, loaded), puzzle
-    acc / k-NN 10/class / linear 10/class: gaps + 'max' set (the method) 0.80 0.81 / 0.57 0.55 / 0.75 0.75; no gaps
+    acc / k-NN 10/class / linear 10/class: gaps + 'max' set (the method) 0.80 0.81 /
+    0.57 0.55 / 0.75 0.75; no gaps
     (tile = cell, the edge shortcut) 0.84 0.01 (seed 2 did not learn) / 0.45 0.57 / 0.75
     0.74; 'min' set (near-identical permutations) 0.36 0.39 / 0.62 0.59 / 0.80 0.79; random
     init 0.02 0.02 / 0.67 0.70 / 0.80 0.80. Only the pretext accuracy separates the method
