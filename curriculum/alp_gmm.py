@@ -160,6 +160,9 @@ class Config:
     def validate(self):
         if self.teacher not in TEACHERS:
             raise ValueError(f"teacher={self.teacher!r} must be one of {TEACHERS}")
+        for name in ("fit_rate", "history_size", "total_episodes"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}={getattr(self, name)} must be >= 1")
         if not 1 <= self.min_gaussians <= self.max_gaussians:
             raise ValueError(f"min_gaussians={self.min_gaussians} must be in [1, max_gaussians="
                              f"{self.max_gaussians}]")
@@ -387,6 +390,23 @@ def sample_task(key, ts: Teacher, cfg: Config):
     return jnp.where(use_random, jax.random.uniform(k_u, (d,)), jnp.clip(z[:d], 0.0, 1.0))
 
 
+def ring_history(ts: Teacher, cfg: Config):
+    """The k-NN ring as one history piece of absolute_lp: (tasks [H, d], rewards [H], valid
+    [H]); the first min(count, H) slots hold episodes (all of them once count >= H)."""
+    h = cfg.history_size
+    return ts.tasks, ts.rewards, jnp.arange(h) < jnp.minimum(ts.count, h)
+
+
+def ring_push(ts: Teacher, p, r, alp, cfg: Config) -> Teacher:
+    """Writes one update's fit_rate episodes (p [f, d], r [f], alp [f]) at slot count % H (a
+    multiple of fit_rate: the block fits; past H it overwrites the oldest block)."""
+    slot = ts.count % cfg.history_size
+    return ts.replace(tasks=jax.lax.dynamic_update_slice(ts.tasks, p, (slot, 0)),
+                      rewards=jax.lax.dynamic_update_slice(ts.rewards, r, (slot,)),
+                      alps=jax.lax.dynamic_update_slice(ts.alps, alp, (slot,)),
+                      count=ts.count + cfg.fit_rate)
+
+
 # --- STATE ---
 
 
@@ -417,8 +437,8 @@ def update(state: State, cfg: Config):
     env = VecEnv(ToyTaskEnv(cfg.task_dim), 1, functools.partial(sample_task, ts=ts, cfg=cfg))
     _, vstate = env.reset(k_reset)  # the teacher draws the first task
 
-    h, f = cfg.history_size, cfg.fit_rate
-    ring = (ts.tasks, ts.rewards, jnp.arange(h) < jnp.minimum(ts.count, h))  # read-only here
+    f = cfg.fit_rate
+    ring = ring_history(ts, cfg)  # read-only during the update's episodes
 
     def episode(carry, xs):
         vstate, competence, new_p, new_r = carry
@@ -432,11 +452,7 @@ def update(state: State, cfg: Config):
     (_, competence, _, _), (p, r, alp) = jax.lax.scan(
         episode, (vstate, state.competence, jnp.zeros((f, cfg.task_dim)), jnp.zeros(f)),
         (jnp.arange(f), jax.random.split(k_eps, f)))
-    slot = ts.count % h  # a multiple of fit_rate: the block fits
-    ts = ts.replace(tasks=jax.lax.dynamic_update_slice(ts.tasks, p, (slot, 0)),
-                    rewards=jax.lax.dynamic_update_slice(ts.rewards, r, (slot,)),
-                    alps=jax.lax.dynamic_update_slice(ts.alps, alp, (slot,)),
-                    count=ts.count + f)
+    ts = ring_push(ts, p, r, alp, cfg)
     # Eq. 3 on the last fit_rate points [p, ALP]: exactly this update's episodes
     x = jnp.concatenate([p, alp[:, None]], -1)  # [fit_rate, d+1]
     w, mu, cov, k, aics = fit_gmm(k_fit, x, cfg)

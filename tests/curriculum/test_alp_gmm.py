@@ -65,6 +65,29 @@ def test_toy_student_is_the_released_toy_env():
                                   [9, 0, 0, 1])
 
 
+def _cells(*cells, level=20):
+    """A competence table [100] with `cells` (i, j) at `level`, the rest 0."""
+    flat = [i * 10 + j for i, j in cells]
+    return jnp.zeros(100, jnp.int32).at[jnp.array(flat)].set(level)
+
+
+def test_only_previous_neighbours_unlock_a_cell():
+    """Direction and edges of ToyEnv's neighbours: (1, 1) with its next cells (2, 1), (1, 2),
+    (2, 2) mastered and its previous ones (0, 0), (1, 0), (0, 1) at 0 stays locked; the edge
+    cell (0, 3) has one previous neighbour, (0, 2) (index -1 clips to the cell itself, which
+    never counts): with (0, 2) at 14 it stays locked even though (1, 2), (1, 3), (0, 4) and the
+    wrapped-around (9, 2), (9, 3) are at 20, and (0, 2) at 15 unlocks it. Mutations tried,
+    each fails here: neighbours cell + offsets (the next ones); indices wrapped (% n) instead
+    of clipped."""
+    _, r = _play(_cells((2, 1), (1, 2), (2, 2)), (1, 1))
+    assert r == 0.0
+    others = ((1, 2), (1, 3), (0, 4), (9, 2), (9, 3))
+    _, r = _play(_cells(*others).at[2].set(14), (0, 3))
+    assert r == 0.0
+    _, r = _play(_cells(*others).at[2].set(15), (0, 3))
+    assert r == pytest.approx(1 / 20)
+
+
 def test_alp_is_the_reward_change_from_the_nearest_previous_task():
     """Eq. 1-2 through the function `update` calls. History (0.1, 0.1) r 0.2, (0.5, 0.5)
     r 0.7, (0.9, 0.2) r 0.4 and three more far away; new task (0.45, 0.6) with r 0.1: its
@@ -87,38 +110,90 @@ def test_alp_is_the_reward_change_from_the_nearest_previous_task():
     assert float(absolute_lp(p, r, (ring, new, stale), 5)) == pytest.approx(0.6)
 
 
+def test_history_ring_wraps_to_the_newest_blocks():
+    """The k-NN ring as `update` runs it (ring_push after each update, ring_history before
+    the next), history_size = 2 fit_rate over 3 updates: block 1 holds the new task's exact
+    twin (reward 0.9), block 2 a task 0.05 away (0.5), block 3 one 0.01 away (0.2). Before the
+    wrap ALP(p, r = 0) = 0.9 from block 1 and only written slots count; after it block 3 sits
+    in slot 0 (over block 1), block 2 stays, every slot is valid and ALP = 0.2 from the newer
+    block. Mutations tried, each fails here: the write slot count (no % H: clamped over block
+    2); valid = slot < count % H."""
+    cfg = dataclasses.replace(TINY, fit_rate=3, history_size=6)
+    push = jax.jit(alp_gmm.ring_push, static_argnums=4)
+    ring = jax.jit(alp_gmm.ring_history, static_argnums=1)
+    ts = alp_gmm.init(jax.random.PRNGKey(0), cfg).teacher_state
+    q, far = jnp.array([0.5, 0.5]), jnp.array([[0.0, 1.0], [1.0, 0.0]])
+    blocks = [(jnp.concatenate([q[None] + dq, far]), jnp.array([rq, 0.0, 0.0]))
+              for dq, rq in ((0.0, 0.9), (0.05, 0.5), (0.01, 0.2))]
+    lp = []
+    for tasks, rewards in blocks:
+        ts = push(ts, tasks, rewards, jnp.zeros(3), cfg)
+        lp.append(float(absolute_lp(q, jnp.asarray(0.0), (ring(ts, cfg),), 0)))
+        if len(lp) == 1:
+            np.testing.assert_array_equal(ring(ts, cfg)[2], [True] * 3 + [False] * 3)
+    np.testing.assert_allclose(lp, [0.9, 0.9, 0.2], rtol=1e-6)
+    assert int(ts.count) == 9 and bool(ring(ts, cfg)[2].all())
+    np.testing.assert_array_equal(ts.tasks, jnp.concatenate([blocks[2][0], blocks[1][0]]))
+    np.testing.assert_array_equal(ts.rewards, jnp.concatenate([blocks[2][1], blocks[1][1]]))
+
+
 def _two_clusters(n=250, seed=0):
+    """250 points [p, ALP] from two Gaussians; the first cluster's ALP is constant 0 (a
+    locked or mastered region), so its fitted ALP variance is reg_covar alone."""
     rng = np.random.default_rng(seed)
-    a = rng.multivariate_normal([0.2, 0.3, 0.05], [[0.004, 0.002, 0], [0.002, 0.003, 0],
-                                                   [0, 0, 0.0004]], n // 2)
-    b = rng.multivariate_normal([0.7, 0.6, 0.3], [[0.002, -0.001, 0], [-0.001, 0.005, 0.0005],
-                                                  [0, 0.0005, 0.001]], n - n // 2)
+    z = rng.standard_normal((n, 3))
+    a = [0.2, 0.3, 0.0] + z[:n // 2] @ np.linalg.cholesky(
+        [[0.004, 0.002, 0], [0.002, 0.003, 0], [0, 0, 1]]).T * [1, 1, 0]  # ALP constant 0
+    b = [0.7, 0.6, 0.3] + z[n // 2:] @ np.linalg.cholesky(
+        [[0.002, -0.001, 0], [-0.001, 0.005, 0.0005], [0, 0.0005, 0.001]]).T
     return np.concatenate([a, b]).astype(np.float32)
+
+
+# scikit-learn 1.9.1's GaussianMixture(k, covariance_type="full", reg_covar=1e-6,
+# random_state=0).fit(x.astype(np.float64)) on x = _two_clusters(), components sorted by
+# their first mean coordinate; computed once (script in the test's docstring), so that the
+# default tier does not import scikit-learn (~10 s).
+SK_WEIGHTS = [0.5, 0.5]
+SK_MEANS = [[0.19595729, 0.29728847, 0.0], [0.69384540, 0.60971858, 0.29903725]]
+SK_COVS = [[[0.0050641341, 0.0025631472, 0.0], [0.0025631472, 0.0031901070, 0.0],
+            [0.0, 0.0, 1e-06]],
+           [[0.0015641040, -0.00062844633, -9.5404521e-05],
+            [-0.00062844633, 0.0048551130, 0.00054212738],
+            [-9.5404521e-05, 0.00054212738, 0.0010565570]]]
+SK_AICS = [-3127.9305, -3112.0137, -3099.0072, -3091.6308, -3099.1752]  # k = 2..6
+SK_N_PARAMS_2 = 19  # GaussianMixture(2)._n_parameters() for D = 3: 12 + 6 + 1
 
 
 def test_em_and_aic_match_scikit_learn_on_two_clusters():
     """EM with full covariances (Eq. 3's fit) on 250 points [p, ALP] from two Gaussians,
     k = 2 in k_max = 6 slots: the weights, means and covariances of scikit-learn's
-    GaussianMixture (float64, reg_covar 1e-6) to float32 precision; the AIC
-    -2 N mean log-lik + 2 n_params is scikit-learn's aic(X), n_params its _n_parameters();
-    and fit_gmm picks k = 2 among 2..6, as scikit-learn's AIC over the same ks does (the
-    fit `update` calls: EM vmapped over k)."""
-    from sklearn.mixture import GaussianMixture
+    GaussianMixture (float64, reg_covar 1e-6) to float32 precision; the cluster of constant
+    ALP keeps exactly reg_covar as its ALP variance; the AIC -2 N mean log-lik + 2 n_params is
+    scikit-learn's aic(X), n_params its _n_parameters(); and fit_gmm picks k = 2 among 2..6,
+    as scikit-learn's AIC over the same ks does (the fit `update` calls: EM vmapped over k).
+    Reference values (SK_*) from, with _two_clusters as here:
 
+        from sklearn.mixture import GaussianMixture
+        x = _two_clusters()
+        sk = [GaussianMixture(k, covariance_type="full", reg_covar=1e-6, random_state=0)
+              .fit(x.astype(np.float64)) for k in range(2, 7)]
+        o = np.argsort(sk[0].means_[:, 0])
+        print(sk[0].weights_[o], sk[0].means_[o], sk[0].covariances_[o],
+              [g.aic(x.astype(np.float64)) for g in sk], sk[0]._n_parameters())
+
+    Mutation tried: reg_covar left out of m_step (the ALP variance 0, the fit NaN): fails."""
     x = _two_clusters()
     w, mu, cov, k, aics = fit_gmm(jax.random.PRNGKey(0), jnp.asarray(x), TINY)
-    sk = [GaussianMixture(k, covariance_type="full", reg_covar=1e-6, random_state=0).fit(x)
-          for k in range(2, 7)]
-    assert int(k) == 2 == 2 + int(np.argmin([g.aic(x) for g in sk])), aics
-    ref = sk[0]
-    order, ref_order = np.argsort(np.asarray(mu)[:2, 0]), np.argsort(ref.means_[:, 0])
-    np.testing.assert_allclose(np.asarray(w)[:2][order], ref.weights_[ref_order], atol=1e-4)
-    np.testing.assert_allclose(np.asarray(mu)[:2][order], ref.means_[ref_order], atol=1e-4)
-    np.testing.assert_allclose(np.asarray(cov)[:2][order], ref.covariances_[ref_order],
-                               atol=2e-5)
-    np.testing.assert_allclose(float(aics[0]), ref.aic(x.astype(np.float64)), rtol=1e-4)
-    assert alp_gmm.gmm_n_params(2, 3) == ref._n_parameters() == 19  # 12 + 6 + 1
+    assert int(k) == 2 == 2 + int(np.argmin(SK_AICS)), aics
+    order = np.argsort(np.asarray(mu)[:2, 0])
     assert np.asarray(w)[2:].max() < 1e-5  # inactive slots hold no mass
+    w, mu, cov = (np.asarray(a)[:2][order] for a in (w, mu, cov))
+    np.testing.assert_allclose(w, SK_WEIGHTS, atol=1e-4)
+    np.testing.assert_allclose(mu, SK_MEANS, atol=1e-4)
+    np.testing.assert_allclose(cov, SK_COVS, atol=1e-7)
+    assert cov[0, 2, 2] == pytest.approx(TINY.reg_covar, rel=0.05)  # constant ALP: reg_covar
+    np.testing.assert_allclose(float(aics[0]), SK_AICS[0], rtol=1e-4)
+    assert alp_gmm.gmm_n_params(2, 3) == SK_N_PARAMS_2
 
 
 def _teacher(alps, teacher=ALP_GMM, count=TINY.fit_rate, k=3):
@@ -176,9 +251,43 @@ def test_sampling_proportions_and_the_teacher_owns_every_auto_reset():
                                    atol=0.01)
 
 
+@functools.partial(jax.jit, static_argnums=1)
+def _gmm_draws(ts, n):
+    """n tasks from sample_task with random_task_ratio 0: every one drawn from the GMM (a
+    loop, not a vmap: it compiles in half the time)."""
+    cfg = dataclasses.replace(TINY, random_task_ratio=0.0)
+    keys = jax.random.split(jax.random.PRNGKey(3), n)
+    return jax.lax.map(lambda k: alp_gmm.sample_task(k, ts, cfg), keys)
+
+
+def test_gmm_draws_have_the_gaussians_covariance_and_are_clipped():
+    """Eq. 4's N(mu_j, Sigma_j) with the ALP coordinate dropped, then clipped to [0, 1]^d, on
+    20000 draws of a one-Gaussian teacher. Correlated: mean (0.5, 0.5), sd 0.1 and 0.05,
+    correlation 0.5 (the ALP coordinate correlated 0.5 with the first): the empirical mean
+    within 0.003 and covariance within 5%. Clipped: centred at (0, 0.5), sd 0.05: about half
+    the first coordinates are exactly 0, none below, the second keeps its mean and variance.
+    Mutations tried, each fails here: z = mu (no noise); Sigma @ normal instead of
+    chol(Sigma) @ normal; the diagonal of chol only; no clip."""
+    cov = jnp.array([[0.01, 0.0025, 0.0005], [0.0025, 0.0025, 0.0], [0.0005, 0.0, 1e-4]])
+    ts = _teacher([0.1, 0.1, 0.1], k=1)
+    ts = ts.replace(means=ts.means.at[0].set(jnp.array([0.5, 0.5, 0.2])),
+                    covs=ts.covs.at[0].set(cov))
+    p = np.asarray(_gmm_draws(ts, 20_000), np.float64)
+    np.testing.assert_allclose(p.mean(0), [0.5, 0.5], atol=0.003)
+    np.testing.assert_allclose(np.cov(p.T), cov[:2, :2], rtol=0.05)
+    ts = ts.replace(means=ts.means.at[0].set(jnp.array([0.0, 0.5, 0.2])),
+                    covs=ts.covs.at[0].set(jnp.diag(jnp.array([0.0025, 0.0025, 1e-4]))))
+    p = np.asarray(_gmm_draws(ts, 20_000), np.float64)
+    assert p.min() == 0.0 and p.max() <= 1.0
+    assert (p[:, 0] == 0).mean() == pytest.approx(0.5, abs=0.02)
+    assert p[:, 1].mean() == pytest.approx(0.5, abs=0.003)
+    assert p[:, 1].var() == pytest.approx(0.0025, rel=0.05)
+
+
 def test_bad_values_fail_with_named_field(tmp_path):
     bad = [(["--teacher", "oracle"], "teacher='oracle' must be one of"),
            (["--total-episodes", "1000", "--fit-rate", "300"], "not a multiple of fit_rate"),
+           (["--fit-rate", "0"], "fit_rate=0 must be >= 1"),
            (["--max-gaussians", "1"], r"min_gaussians=2 must be in \[1, max_gaussians=1\]"),
            (["--random-task-ratio", "1.5"], r"--random-task-ratio must be in \[0, 1\]"),
            (["--reg-covar", "0"], "reg_covar=0.0 must be > 0"),
