@@ -456,13 +456,16 @@ def update(state: State, cfg: Config):
     # Eq. 3 on the last fit_rate points [p, ALP]: exactly this update's episodes
     x = jnp.concatenate([p, alp[:, None]], -1)  # [fit_rate, d+1]
     w, mu, cov, k, aics = fit_gmm(k_fit, x, cfg)
+    ok = jnp.isfinite(aics).any()  # else every k's fit failed: keep the previous GMM
+    w, mu, cov, k = (jnp.where(ok, a, b) for a, b in
+                     ((w, ts.weights), (mu, ts.means), (cov, ts.covs), (k, ts.k)))
     ts = ts.replace(weights=w, means=mu, covs=cov, k=k)
     metrics = {"charts/mastered_pct": mastered_pct(competence, cfg),
                "charts/reward": r.mean(), "charts/alp": alp.mean(),
                "charts/num_gaussians": k.astype(jnp.float32),
                "charts/gmm_max_alp": jnp.where(jnp.arange(cfg.max_gaussians) < k,
                                                mu[:, -1], 0.0).max(),
-               "losses/gmm_aic": aics.min()}
+               "losses/gmm_aic": aics.min()}  # inf when every k's fit failed
     return state.replace(competence=competence, teacher_state=ts, aics=aics, key=key), metrics
 
 
