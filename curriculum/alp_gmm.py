@@ -58,12 +58,12 @@ each): % mastered cells at the end
                             (compile 7 s + 23 s for the 3 seeds of a teacher)
     quick (4000 episodes)   ALP-GMM 34, 24, 32   Random 5, 5, 4   anti (broken) 0, 0, 0
 
-[1]'s Fig. 2 shows ALP-GMM mastering the 2-D toy space far faster than Random (and on par
-with or ahead of RIAC and Covar-GMM) over 20k episodes; its exact curve values could not be
-read here (no copy of the PDF), so no paper number is quoted. A numpy + scikit-learn
-re-implementation of the released teacher run while cataloguing this package measured, after
-20k episodes, % mastered cells Random 4.0 (3 seeds), ALP-GMM 35-37, anti-ALP 0-1: this JAX
-port agrees.
+[1]'s Fig. 2 shows ALP-GMM mastering the 2-D toy space far faster than Random over 20k
+episodes ([M]: from memory, as is "on par with or ahead of RIAC and Covar-GMM"); its exact
+curve values could not be read here (no copy of the PDF), so no paper number is quoted. A
+numpy + scikit-learn re-implementation of the released teacher run while cataloguing this
+package measured, after 20k episodes, % mastered cells Random 4.0 (3 seeds), ALP-GMM 35-37,
+anti-ALP 0-1: this JAX port agrees.
 
 Defaults are the released code's (alp_gmm.py `ALPGMM.__init__` and scikit-learn's
 GaussianMixture): potential_ks 2..10, fit_rate 250 (= the bootstrap nb_random and the GMM's
@@ -74,8 +74,16 @@ max_per_cube 100, 20000 episodes (toy_env.py __main__).
 
 Differences from the paper / released code:
 - EM runs a fixed `em_iters` iterations (scikit-learn stops at tol 1e-3 before its 100) and
-  is initialised by `kmeans_iters` Lloyd steps from k random data points (scikit-learn runs
-  KMeans to convergence, n_init 1 of GaussianMixture); one EM start per k (nb_em_init 1).
+  is initialised by `kmeans_iters` Lloyd steps seeded by k random data points (scikit-learn
+  seeds KMeans by k-means++ and runs it to convergence, n_init 1); a Lloyd cluster left
+  empty keeps its centre (scikit-learn moves it to a far point); one EM start per k
+  (nb_em_init 1). Each fit draws a fresh key, where the released GMMs reuse random_state =
+  the seed at every refit (the same k-means draws for the same data).
+- If every k's fit is non-finite (AIC inf), the teacher keeps its previous GMM (scikit-learn
+  raises on an ill-defined covariance); losses/gmm_aic is then inf.
+- The random teacher still fits the GMM every fit_rate episodes (one compiled program for
+  all teachers, the id traced) and never samples from it; the released Random teacher fits
+  nothing.
 - The k-NN history is a ring of `history_size` (default = the paper run's 20000 episodes,
   i.e. exact); the released code keeps every episode. Brute-force nearest neighbour (exact),
   where the released code uses a buffered kd-tree (also exact); ties take the first stored.
