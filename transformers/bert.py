@@ -653,7 +653,8 @@ def update(state: State, cfg: Config):
     inputs = jnp.where(finetune, tokens, masked)
     types = token_types(inputs, s["sep"], s["pad"])
     weights = weights * rows[:, None]
-    use_cls, use_span = cfg.finetune_heads in ("cls", "both"), cfg.finetune_heads in ("span", "both")
+    use_cls = cfg.finetune_heads in ("cls", "both")
+    use_span = cfg.finetune_heads in ("span", "both")
 
     def loss_fn(p):
         out = model.apply(p, inputs, types, positions, train=True, rngs={"dropout": k_drop})

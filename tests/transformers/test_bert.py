@@ -200,7 +200,8 @@ def test_weight_decay_mask_and_released_adamw():
     assert all(k.endswith(("bias", "scale")) for k in off)
     on = set(flat) - off
     assert "params/word_embeddings/embedding" in on and "params/position_embeddings" in on
-    assert "params/layer_1/intermediate/kernel" in on and "params/token_type_embeddings/embedding" in on
+    assert "params/layer_1/intermediate/kernel" in on
+    assert "params/token_type_embeddings/embedding" in on
     assert all(k.endswith(("kernel", "embedding", "embeddings")) for k in on)
     p = {"w": {"kernel": np.full((2, 2), 2.0, np.float32)},
          "LayerNorm": {"scale": np.full((3,), 2.0, np.float32)}}
@@ -260,9 +261,9 @@ def test_mlm_learns_and_the_scratch_twin_forgets_short(tiny_run):
     nat from ln(characters) at the start; held out (evaluate, after fine-tuning), the
     pre-trained seeds predict the masked characters at least as well as the unigram guess,
     while the twin re-initialised at the switch (no pre-training) is near chance. Measured:
-    MLM loss 4.6x -> 3.xx; held-out MLM acc 0.2xx / 0.2xx pre-trained, 0.0xx twin, unigram
-    0.211. Fails when `update` ignores the scratch flag, or trains without masking (the copy
-    task: tried)."""
+    MLM loss 4.70 / 4.69 -> 3.35 / 3.35 nats; held-out MLM acc 0.207 / 0.207 pre-trained
+    (the unigram guess itself at this length), 0.039 twin, unigram 0.207. Fails when `update`
+    ignores the scratch flag, or trains without masking (the copy task): see the report."""
     h, f = tiny_run.history, tiny_run.final
     P = TINY.pretrain_steps
     first, last = h["losses/mlm"][:, 0], h["losses/mlm"][:, P - 10:P].mean(1)
