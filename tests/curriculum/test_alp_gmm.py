@@ -1,8 +1,9 @@
-"""Tests of curriculum/alp_gmm.py: the toy student (the released ToyEnv), the ALP from the
-nearest previous task, EM and AIC against scikit-learn, the sampling proportions by mean
-ALP, the teacher owning every auto-reset's task, the behaviour of ALP-GMM against uniform
-sampling and the broken lowest-ALP teacher in one compiled run of the CLI, purity, CLI and
-the paper preset."""
+"""Tests of curriculum/alp_gmm.py: the toy student (the released ToyEnv, its neighbours'
+direction and edges), the ALP from the nearest previous task and its history ring, EM and
+AIC against scikit-learn (reference values hard-coded), the sampling proportions by mean
+ALP and the Gaussian draws (covariance, clipping), the teacher owning every auto-reset's
+task, the behaviour of ALP-GMM against uniform sampling and the broken lowest-ALP teacher in
+one compiled run of the CLI, purity, CLI and the paper preset."""
 
 import dataclasses
 import functools
