@@ -50,11 +50,19 @@ are plausible from BOTH sides tells them apart. Labelled windows come from the t
 split, the held-out ones from the validation split (never pre-trained on).
 
 Reproduce (CPU demo, pydoc text, 2 layers of d 64, context 64, 1500 pre-training updates of
-32 instances, then 3 epochs of 4096 labelled windows in batches of 32):
+32 instances, then 3 epochs of 4096 labelled windows in batches of 32, span_len 24):
     python transformers/bert.py --preset quick --num-seeds 2                      # pre-trained
     python transformers/bert.py --preset quick --num-seeds 2 --pretrain-steps 0   # no pre-training
-  (--finetune-from-scratch is the twin baseline of the same run.) Measured: see the README
-  row of transformers/ and transformers/bert_finetune.png.
+  (--finetune-from-scratch is the twin baseline of the same run.) Measured through the
+  command line (2-core CPU shared with other jobs, load ~10; 16 min wall, 114 s compile):
+  pre-training works: over updates 1400-1500 the MLM's accuracy on the chosen positions is
+  0.264 / 0.259 against 0.150 for the unigram guess on the same positions (MLM loss
+  2.81 nats), NSP accuracy 0.586 / 0.593 (loss 0.648). Fine-tuning does NOT learn the task
+  at this size, pre-trained or not: held-out accuracy 0.5 / 0.5 and span exact match
+  0.5 / 0.5 (always "no answer") for both, with the pre-trained encoder's held-out MLM
+  accuracy falling to 0.079 (unigram 0.148) after fine-tuning at lr 1e-3. An earlier
+  setting (span_len 16, fine-tuning lr 5e-4) gave the same 0.5. So [1]'s claim (pre-training
+  helps the downstream task) is not yet shown here; see transformers/bert_finetune.png.
 Paper scale (GPU; BERT-base: 12 layers of 768, 12 heads, 512 positions, 30,522 rows,
 batch 256, 1M updates, lr 1e-4, warm-up 10k):
     python transformers/bert.py --preset paper

@@ -353,7 +353,7 @@ def test_mlm_beats_the_unigram_guess(tmp_path):
     unigram guess (always the most frequent character) on the same positions by > 0.03, and
     held out (after fine-tuning) the pre-trained seeds stay at or above the unigram guess
     while the broken variant in the same run, the twin re-initialised at the switch, is
-    near chance. Measured (3 seeds, 3.2 min wall on a loaded 2-core CPU): train MLM acc
+    near chance. Measured (3 seeds, 3.5 min wall on a 2-core CPU at load ~10): train MLM acc
     0.244 / 0.264 vs unigram 0.167 / 0.177; held-out 0.242 / 0.250 vs twin 0.000, unigram
     0.211."""
     with pytest.MonkeyPatch.context() as mp:
