@@ -29,9 +29,21 @@ in the opposite one; SIL against the same A2C with sil_updates = 0):
     python exploration/sil.py --preset quick --num-seeds 4
     python exploration/sil.py --preset quick --num-seeds 4 --sil-updates 0
     python exploration/sil.py --plot exploration/sil.png
+Measured (2-core CPU, loaded; 40k steps, seeds 0-3): positive episodes A2C+SIL 127, 108,
+154, 0 (median 117.5) against A2C 49, 1, 9, 0 (median 5) and the broken variant that
+imitates r_t instead of the return 2, 1, 14, 0 (exploration/sil.png); the seed that never
+reaches the goal gives SIL nothing to imitate. On DeepSea N = 6 (the test's setting, 4k steps, 12
+seeds): median 393.5 against 11.5; PPO+SIL (`--algo ppo`, 4 seeds) 508 +- 44.
 Paper setting (GPU; Montezuma's Revenge through envpool, A2C+SIL, 16 envs x 5 steps):
     python exploration/sil.py --preset paper
 [1] Table 1 / Fig. 3 [M]: A2C+SIL about 2,500 on Montezuma's Revenge at 50M frames, A2C 0.
+
+Logged: the A2C/PPO losses (`losses/policy`, `losses/value`, `losses/entropy`), the SIL
+terms of Eqs. 2-3 (`losses/sil_policy`, `losses/sil_value`; 0 while the replay is empty,
+when the IS weights are 0), the fraction of sampled steps with R > V (`charts/sil_valid`),
+the episodes stored (`charts/sil_episodes`), and the Coverage measures
+(`charts/distinct_cells`, `charts/positive_episodes`). `charts/episodic_return` is NaN in an
+update where no episode ended (the runner's NAN_UNLESS).
 
 Differences from the paper:
 - The replay keeps `buffer_size // max_episode_steps` whole episodes, each in a slot padded
