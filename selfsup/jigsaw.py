@@ -50,6 +50,10 @@ Differences from the paper:
   for training, 797 held out), grey 8x8, upsampled bilinearly to resize_size and randomly
   cropped to image_size (the paper: 256 then 225 of an ImageNet photo). The colour measures
   (greyscale, channel shifts) therefore never fire on the digits.
+- The released prototxt crops 255 px (85-px cells) with jitter_size 21 and 64-px tiles
+  and reads permutations_100_max.bin (100 permutations, though its fc8 has 1000 outputs);
+  the defaults here take the PyTorch port's 256 -> 225 crop (75-px cells, 64-px tiles) and
+  1000 permutations (fc8's width; [1] Table 1's best transfer).
 - The tile offset is uniform in [0, cell - tile] per tile (the released code's jitter_size);
   the tile is normalised by its scalar mean and std ([1] Sec. 3.2 and the PyTorch port; the
   released caffe code subtracts a per-channel mean only).
@@ -85,7 +89,12 @@ from common.nets import Conv
 
 @dataclass(frozen=True)
 class Config:
-    """Jigsaw CFN; defaults are [1]'s released ImageNet setting (solver and prototxt)."""
+    """Jigsaw CFN. Sources of the defaults: the network, optimiser and batch follow [1]'s
+    released caffe solver and prototxt (AlexNet trunk, fc6 1024, fc7 4096, SGD lr 0.01
+    momentum 0.9, decay 5e-4, x0.1 every 100k of 350k steps, batch 256); the data side
+    (resize 256, crop 225, 75-px cells, 64-px tiles) is the PyTorch port's, and the
+    1000 permutations match the released fc8's 1000 outputs and [1] Table 1's best transfer
+    (the released prototxt itself differs: see Differences in the module docstring)."""
 
     image_size: int = 225
     """side of the square crop cut into grid x grid cells"""
