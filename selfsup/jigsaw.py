@@ -37,7 +37,10 @@ puzzle is learned, but on these digits the trunk's features probe WORSE than at 
 100 steps the same holds for tiles without gaps (the edge shortcut: k-NN 10/class 0.45 0.57)
 and for the 'min' set of near-identical permutations (0.62 0.59; puzzle accuracy 0.36 0.39):
 no variant separates on the probes, only the pretext accuracy does (tests/selfsup/
-test_jigsaw.py). 8x8 digits upsampled have little part structure for the tiles to encode.
+test_jigsaw.py). 8x8 digits upsampled have little part structure for the tiles to encode:
+in `quick` a 12-px tile covers less than 2x2 source pixels of the 8x8 digit (6.5 px each
+after the resize to 52). A review found no bug behind this (probes with readouts matched
+to the training distribution, and [1]'s lr 0.01: still no gain over init).
 Paper setting (GPU; digits upsampled to 256 and cropped to 225 in place of ImageNet):
     python selfsup/jigsaw.py --preset paper
 [1]'s numbers (as recalled in the selfsup catalogue, not re-checked against the PDF here):
@@ -50,6 +53,9 @@ Differences from the paper:
   for training, 797 held out), grey 8x8, upsampled bilinearly to resize_size and randomly
   cropped to image_size (the paper: 256 then 225 of an ImageNet photo). The colour measures
   (greyscale, channel shifts) therefore never fire on the digits.
+- The colour measures follow [1] Sec. 3.2's text only: neither released code has them (the
+  port's rgb_jittering is an intensity jitter, with no greyscale). The channel shift is a
+  jnp.roll, which wraps the shifted-out border round to the other edge.
 - The released prototxt crops 255 px (85-px cells) with jitter_size 21 and 64-px tiles
   and reads permutations_100_max.bin (100 permutations, though its fc8 has 1000 outputs);
   the defaults here take the PyTorch port's 256 -> 225 crop (75-px cells, 64-px tiles) and
@@ -58,10 +64,14 @@ Differences from the paper:
   the tile is normalised by its scalar mean and std ([1] Sec. 3.2 and the PyTorch port; the
   released caffe code subtracts a per-channel mean only).
 - gray_prob = 0.3 and channel_jitter = 2 are recalled from [1] Sec. 3.2, not re-checked.
-- The AlexNet trunk pads conv1 ("SAME"), so 64-px tiles give the 3x3x256 pool5 of [1] Fig. 3
-  (the port resizes tiles to 75 px for that); no grouped convolutions (a two-GPU artefact);
-  flax's default (LeCun normal) initialisation in place of caffe's Gaussian(0.01/0.005) and
-  biases of 1; no lr_mult 2 / no decay on biases.
+- The AlexNet trunk pads conv1 ("SAME"), so 64-px tiles give the 3x3x256 pool5 of [1] Fig. 3:
+  caffe reaches 3x3 without padding because its pooling rounds the output size up
+  (64 -> conv1 27 -> pool1 13 -> conv2 13 -> pool2 6 -> conv5 6 -> pool5 3), flax's rounds
+  down (pool5 would be 2x2); the port resizes tiles to 75 px instead. No grouped
+  convolutions (a two-GPU artefact); flax's default (LeCun normal) initialisation in place
+  of caffe's Gaussian(0.01/0.005) and biases of 0/1.
+- Weight decay and learning rate are the same for every parameter: the released prototxt
+  gives biases decay_mult 0 and lr_mult 2; here biases are decayed and take the base lr.
 - Probes are linear (logistic regression) and k-NN on pooled conv features of the frozen
   trunk; the paper fine-tunes the whole AlexNet on PASCAL VOC and ImageNet.
 - The `quick` preset narrows the trunk (3 convs of 32-64-64, no LRN), fc6/fc7 of 128/256,
@@ -130,7 +140,7 @@ class Config:
     momentum: float = 0.9
     """SGD momentum"""
     weight_decay: float = 5e-4
-    """L2 weight decay added to every gradient (as caffe does)"""
+    """L2 weight decay added to every gradient, biases included (caffe: biases not decayed)"""
     conv_channels: tuple[int, ...] = (96, 256, 384, 384, 256)
     """output channels of the trunk's conv layers (AlexNet conv1-5)"""
     conv_kernels: tuple[int, ...] = (11, 5, 3, 3, 3)
@@ -304,9 +314,10 @@ def unshuffle_tiles(shuffled, perms):
 
 
 def color_measures(key, images, cfg: Config):
-    """[1] Sec. 3.2 against chromatic aberration, on RGB images only: greyscale with
-    probability gray_prob, and every channel rolled by its own (dy, dx) in
-    [-channel_jitter, channel_jitter]. Identity on 1-channel images."""
+    """[1] Sec. 3.2 against chromatic aberration (text only: not in the released code),
+    on RGB images only: greyscale with probability gray_prob, and every channel rolled by
+    its own (dy, dx) in [-channel_jitter, channel_jitter] (jnp.roll: wraps at the edge).
+    Identity on 1-channel images."""
     if images.shape[-1] == 1:
         return images
     k_g, k_s = jax.random.split(key)
