@@ -229,6 +229,20 @@ class Config:
             raise ValueError(f"knn_temperature={self.knn_temperature} must be > 0")
         if self.dtype not in ("float32", "bfloat16"):
             raise ValueError(f"dtype={self.dtype!r} must be 'float32' or 'bfloat16'")
+        if self.permutation_seed < 0:
+            raise ValueError(f"permutation_seed={self.permutation_seed} must be >= 0")
+        if self.lr_decay_every < 1:
+            raise ValueError(f"lr_decay_every={self.lr_decay_every} must be >= 1")
+        if self.knn_k < 1:
+            raise ValueError(f"knn_k={self.knn_k} must be >= 1")
+        if self.probe_l2 < 0:
+            raise ValueError(f"probe_l2={self.probe_l2} must be >= 0")
+        if self.probe_per_class < 1:
+            raise ValueError(f"probe_per_class={self.probe_per_class} must be >= 1")
+        rarest = int(np.bincount(train_images(self)[1], minlength=10).min())
+        if self.probe_per_class > rarest:
+            raise ValueError(f"probe_per_class={self.probe_per_class} exceeds the rarest "
+                             f"class's {rarest} training images (num_train={self.num_train})")
 
 
 PRESETS = {

@@ -230,7 +230,13 @@ def test_bad_values_fail_with_named_field(tmp_path):
                        (["--num-permutations", "400000"], "num_permutations=400000 exceeds"),
                        (["--permutation-selection", "mid"], "permutation_selection='mid'"),
                        (["--pool-after", "7"], "pool_after=(7,)"),
-                       (["--dropout", "1.0"], "dropout=1.0 must be in")):
+                       (["--dropout", "1.0"], "dropout=1.0 must be in"),
+                       (["--knn-k", "0"], "knn_k=0 must be >= 1"),
+                       (["--probe-per-class", "0"], "probe_per_class=0 must be >= 1"),
+                       (["--probe-per-class", "200"], "probe_per_class=200 exceeds the rarest"),
+                       (["--probe-l2", "-1"], "probe_l2=-1.0 must be >= 0"),
+                       (["--lr-decay-every", "0"], "lr_decay_every=0 must be >= 1"),
+                       (["--permutation-seed", "-1"], "permutation_seed=-1 must be >= 0")):
         with pytest.raises(ValueError, match=msg.replace("(", r"\(").replace(")", r"\)")):
             jigsaw.main(flags + ["--run-dir", str(tmp_path)])
 
