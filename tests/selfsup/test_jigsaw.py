@@ -121,9 +121,12 @@ def test_tiles_have_gaps_and_shuffle_round_trips():
 
 def test_color_measures_and_lrn_by_hand():
     """Colour: gray_prob 1 turns RGB [1, 0, 0] into luma 0.299 on every channel; with
-    channel_jitter 1 each channel is its own roll of the image by (dy, dx) in [-1, 1]^2;
-    1-channel images pass unchanged. LRN: channels [1, 2, 3], size 5, alpha 1e-4,
-    beta 0.75: x / (1 + 1e-4 / 5 * 14)^0.75 (all three in every window)."""
+    channel_jitter 1, channel c of image b is the image rolled by the (dy, dx) in [-1, 1]^2
+    that the key's second half draws for (b, c), and the channels do not all move alike;
+    1-channel images pass unchanged. LRN on 8 channels 1..8, size 5, alpha 1e-4, beta 0.75:
+    x_c / (1 + 1e-4 / 5 * sum_{|c'-c| <= 2} x_c'^2)^0.75, the window clipped at the ends.
+    Mutations tried: no shift (identity) fails the roll check; the LRN window over all
+    channels fails at the ends and in the middle."""
     cfg = dataclasses.replace(TINY, gray_prob=1.0, channel_jitter=0)
     red = jnp.zeros((1, 4, 4, 3)).at[..., 0].set(1.0)
     colour = jax.jit(jigsaw.color_measures, static_argnums=2)
@@ -132,14 +135,19 @@ def test_color_measures_and_lrn_by_hand():
     cfg = dataclasses.replace(TINY, gray_prob=0.0, channel_jitter=1)
     x = jax.random.uniform(jax.random.PRNGKey(1), (3, 5, 5, 3))
     x, y = np.asarray(x), np.asarray(colour(jax.random.PRNGKey(2), x, cfg))
+    shift = np.asarray(jax.random.randint(jax.random.split(jax.random.PRNGKey(2))[1],
+                                          (3, 3, 2), -1, 2))
+    assert len(np.unique(shift.reshape(-1, 2), axis=0)) > 1  # channels move differently
     for b in range(3):
         for c in range(3):
-            assert any(np.array_equal(np.roll(x[b, ..., c], (dy, dx), (0, 1)), y[b, ..., c])
-                       for dy in (-1, 0, 1) for dx in (-1, 0, 1))
+            np.testing.assert_array_equal(np.roll(x[b, ..., c], tuple(shift[b, c]), (0, 1)),
+                                          y[b, ..., c])
     g = x[..., :1]
     np.testing.assert_array_equal(colour(jax.random.PRNGKey(2), g, cfg), g)
-    v = jnp.array([1.0, 2.0, 3.0])
-    np.testing.assert_allclose(jigsaw.lrn(v), v / (1 + 1e-4 / 5 * 14) ** 0.75, rtol=1e-6)
+    v = np.arange(1.0, 9.0)
+    want = [v[c] / (1 + 1e-4 / 5 * (v[max(c - 2, 0):c + 3] ** 2).sum()) ** 0.75
+            for c in range(8)]
+    np.testing.assert_allclose(jigsaw.lrn(jnp.asarray(v)), want, rtol=1e-6)
 
 
 RUN_ARGS = cli_args(TINY, jigsaw.Config()) + ["--num-seeds", str(SEEDS), "--log-every",
