@@ -142,12 +142,12 @@ def test_sil_step_updates_sampled_priorities_to_the_clipped_advantage():
     """Through `sil_step` (what `update` scans M times): the sampled steps' priorities become
     max((R - V)_+, 1e-6)^alpha with V of the params before the step, and the params move;
     with `on` false (the A2C baseline) nothing moves."""
-    cfg = dataclasses.replace(TINY, priority_alpha=0.5)
-    env = sil.make_env(cfg)
-    net, opt = sil.network(cfg, env), sil.make_optimizer(cfg)
-    obs = jnp.zeros((cfg.num_envs, *env.observation_shape))
+    cfg = dataclasses.replace(TINY, priority_alpha=0.5, sil_batch_size=16)
+    net, opt = sil.ActorCritic(num_actions=2, pixels=False, hidden=(8,)), sil.make_optimizer(cfg)
+    obs = jnp.zeros((cfg.num_envs, 3))
     params = jax.jit(net.init)(jax.random.PRNGKey(0), obs)
     buf = sil.buffer_init(obs, cfg.num_envs, cfg.buffer_episodes, cfg.max_episode_steps)
+    buf = buf.replace(obs=jax.random.normal(jax.random.PRNGKey(2), buf.obs.shape))
     ret = jnp.zeros_like(buf.ret).at[16, :3].set(jnp.array([2.0, -1.0, 0.5]))
     buf = buf.replace(ret=ret, stored=jnp.ones((), jnp.int32),
                       priority=jnp.zeros_like(buf.priority).at[16, :3].set(1.0))
@@ -214,7 +214,8 @@ def test_sil_exploits_the_treasure_a2c_and_the_broken_variant_do_not(quick_run, 
                  `discounted_returns` -> r, so only the last move before the treasure is
                  imitated; compiled apart)
     Once a seed has found the treasure, SIL replays it and keeps taking it; A2C alone and the
-    broken variant stay near the random agent's 1 in 64."""
+    broken variant stay near the random agent's 1 in 64 (A2C) or imitate only the last move.
+    Mutation: `sil_step` ignoring the traced `sil_on` (both halves run SIL) fails here."""
     pos = np.asarray(quick_run.final["positive_episodes"])
     on, off = pos[:SEEDS], pos[SEEDS:]
     monkeypatch.setattr(sil, "discounted_returns", lambda r, gamma: r)
