@@ -33,7 +33,8 @@ Measured (2-core CPU, loaded; 40k steps, seeds 0-3): positive episodes A2C+SIL 1
 154, 0 (median 117.5) against A2C 49, 1, 9, 0 (median 5) and the broken variant that
 imitates r_t instead of the return 2, 1, 14, 0 (exploration/sil.png); the seed that never
 reaches the goal gives SIL nothing to imitate. On DeepSea N = 6 (the test's setting, 4k steps, 12
-seeds): median 393.5 against 11.5; PPO+SIL (`--algo ppo`, 4 seeds) 508 +- 44.
+seeds): median 393.5 against 11.5; with `--algo ppo` (4 seeds) 508 +- 44 against PPO's
+463 +- 57 (PPO alone already solves N = 6 there).
 Paper setting (GPU; Montezuma's Revenge through envpool, A2C+SIL, 16 envs x 5 steps):
     python exploration/sil.py --preset paper
 [1] Table 1 / Fig. 3 [M]: A2C+SIL about 2,500 on Montezuma's Revenge at 50M frames, A2C 0.
@@ -57,8 +58,8 @@ Differences from the paper:
   `store_all_episodes` stores all. SIL starts as soon as one episode is stored (the
   released code waits for 100 transitions).
 - The IS exponent 0.1 is the released run script's `--sil-beta` default (A2C).
-- A2C: RMSProp (decay 0.99, eps 1e-5 outside the square root; TF puts it inside) with a
-  constant learning rate (the released run script's default), n-step returns bootstrapped
+- A2C: RMSProp (decay 0.99, eps 1e-5 inside the square root as TF's; optax starts the mean
+  square at 0, TF at 1) with a constant learning rate (the released run script's default), n-step returns bootstrapped
   at the rollout's end; PPO uses Adam and GAE with per-minibatch normalised advantages.
 - Rewards: sign-clipped for A2C and SIL as in the released Atari code (`sign_reward`); the
   CPU presets keep the raw reward. Atari through envpool with no sticky actions (gym's
