@@ -59,8 +59,9 @@ Differences from the paper:
   released code waits for 100 transitions).
 - The IS exponent 0.1 is the released run script's `--sil-beta` default (A2C).
 - A2C: RMSProp (decay 0.99, eps 1e-5 inside the square root as TF's; optax starts the mean
-  square at 0, TF at 1) with a constant learning rate (the released run script's default), n-step returns bootstrapped
-  at the rollout's end; PPO uses Adam and GAE with per-minibatch normalised advantages.
+  square at 0, TF at 1) with a constant learning rate (the released run script's default),
+  n-step returns bootstrapped at the rollout's end; PPO uses Adam and GAE with
+  per-minibatch normalised advantages.
 - Rewards: sign-clipped for A2C and SIL as in the released Atari code (`sign_reward`); the
   CPU presets keep the raw reward. Atari through envpool with no sticky actions (gym's
   NoFrameskip-v4 in [1]), episodes capped at 18,000 frames.
