@@ -544,11 +544,16 @@ def plot(res, cfg: Config, out: str, num: int = 4):
 
     from common.plot import save_png
 
-    state = jax.tree.map(lambda a: a[0], res.state)
+    @functools.partial(jax.jit, static_argnums=2)  # one program: eager ops take ~7 s on CPU
+    def puzzles(params, te_x, cfg):
+        shuffled, labels, _ = make_puzzles(jax.random.PRNGKey(1), te_x, perm_array(cfg), cfg)
+        pred = jnp.argmax(CFN(cfg).apply({"params": params}, shuffled, train=False), -1)
+        back = unshuffle_tiles(shuffled, perm_array(cfg)[pred])
+        return shuffled, labels, pred, back, whole_images(te_x, cfg)
+
     te_x = jnp.asarray(train_images(cfg)[2][:num])
-    shuffled, labels, perms = make_puzzles(jax.random.PRNGKey(1), te_x, perm_array(cfg), cfg)
-    pred = jnp.argmax(CFN(cfg).apply({"params": state.params}, shuffled, train=False), -1)
-    back = unshuffle_tiles(shuffled, perm_array(cfg)[pred])
+    params = jax.tree.map(lambda a: a[0], res.state.params)
+    shuffled, labels, pred, back, whole = puzzles(params, te_x, cfg)
     g = cfg.grid
 
     def mosaic(t):  # (N, T, T, 1) -> grid image with 1-px white gaps
@@ -560,7 +565,7 @@ def plot(res, cfg: Config, out: str, num: int = 4):
         ok = "right" if int(pred[i]) == int(labels[i]) else "wrong"
         for a, img, title in ((ax[i, 0], mosaic(shuffled[i]), f"shuffled: P[{labels[i]}]"),
                               (ax[i, 1], mosaic(back[i]), f"by prediction P[{pred[i]}] ({ok})"),
-                              (ax[i, 2], whole_images(te_x[i:i + 1], cfg)[0, ..., 0], "image")):
+                              (ax[i, 2], whole[i, ..., 0], "image")):
             a.imshow(img, cmap="gray")
             a.set_title(title, fontsize=8)
             a.axis("off")
