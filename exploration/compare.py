@@ -8,8 +8,9 @@ four-rooms grid (start in one corner room, the only reward in the opposite one, 
 episodes), and the same grid with an uncontrollable noisy TV in the start room. Cells:
 distinct positions visited by any env since the start; successes: finished episodes with a
 positive return; first: environment steps (all envs) until the first of them. PPO with
-`int_coef = 0` is RND's file with the bonus switched off; the disagreement agent is
-intrinsic-only, as in its paper (it ignores the reward)."""
+`int_coef = 0` is RND's file with the bonus switched off, A2C (no SIL) is SIL's file with
+no self-imitation steps; the disagreement agent is intrinsic-only, as in its paper (it
+ignores the reward)."""
 
 import jax
 import numpy as np
@@ -35,6 +36,8 @@ METHODS = {
                                                              "epsilon")),
     "NoisyNet-DQN": Method("exploration.noisy_nets", QUICK),
     "Bootstrapped DQN + priors": Method("exploration.bootstrapped_dqn", QUICK),
+    "A2C (no SIL)": Method("exploration.sil", (*QUICK, "--sil-updates", "0")),
+    "A2C + SIL": Method("exploration.sil", QUICK),
 }
 
 
