@@ -1,7 +1,6 @@
 """A package's comparison: its methods on shared settings, the same budget and seeds.
 
-    python -m common.compare exploration --num-seeds 3 --out exploration/COMPARISON.md \
-        --plot exploration/comparison.png
+    python -m common.compare exploration --num-seeds 3 --plot exploration/comparison.png
 
 The package's `compare.py` declares what to run:
 
