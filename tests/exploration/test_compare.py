@@ -1,6 +1,9 @@
 """The package comparison (exploration/compare.py) is a declaration: every cell's command
-line must parse and validate in its file (flags, presets, env ids) without training, and
-the coverage reader must find the Coverage state of a file's training state."""
+line must parse and validate in its file (flags, presets, env ids), and init and one update
+must trace (jax.eval_shape, nothing compiled) at every setting: the shape-level check a
+paper-preset trace gives an algorithm file, here for the settings the comparison runs (it
+has no paper preset of its own; each file's paper preset is traced in its own tests). The
+coverage reader must find the Coverage state of a file's training state."""
 
 import importlib
 
@@ -14,7 +17,7 @@ from exploration import compare as package
 
 
 @pytest.mark.parametrize("label", list(package.METHODS))
-def test_every_cell_parses_and_validates(label, tmp_path):
+def test_every_cell_parses_validates_and_traces(label, tmp_path):
     method = package.METHODS[label]
     module = importlib.import_module(method.module)
     for setting, flags in package.SETTINGS.items():
@@ -23,6 +26,9 @@ def test_every_cell_parses_and_validates(label, tmp_path):
         run.check_config(cfg)
         assert cfg.env_id == flags[flags.index("--env-id") + 1]
         assert cfg.total_timesteps == int(package.BUDGET) and opts.num_seeds == 2
+        state = jax.eval_shape(lambda k, c=cfg: module.init(k, c), jax.random.key(0))
+        _, metrics = jax.eval_shape(lambda s, c=cfg: module.update(s, c), state)
+        assert package.CURVE in metrics, (label, setting)
 
 
 def test_coverage_is_found_in_a_state_and_read_per_seed():

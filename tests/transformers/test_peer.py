@@ -1,6 +1,8 @@
 """Tests of tests/transformers/peer.py, the peer runner of the torch ports: it skips only when
 the peer cannot be installed, and fails (never skips) when the peer's script raises. A fake
-peer (no package, or a local path that does not exist) keeps this free of downloads."""
+peer (no package, or a local path that does not exist) keeps this free of downloads. It tests
+test infrastructure, not an algorithm file, so there is no paper preset to trace here (each
+file the peers check traces its own in its test module)."""
 
 import shutil
 
