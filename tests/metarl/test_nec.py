@@ -1,0 +1,272 @@
+"""metarl/nec.py: the kernel-weighted lookup ([1] Eqs. 1-2) on hand-made keys, the tabular
+write of a stored state ([1] Eq. 4), LRU replacement, the N-step targets ([1] Eq. 3) as the
+episode flush writes them, gradients into the embedding and the DND entries read, behaviour
+against the uniform-kernel variant in one compiled program, purity, CLI and the paper preset
+(envpool Atari) traced."""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from metarl import nec
+from tests.common.config_fields import unread_fields
+from tests.common.preset import trace_paper
+
+# ONE tiny configuration for the whole module: the quick preset (FourRooms, 200-step
+# episodes, 2 envs, 40 updates of 400 steps, 100 entries per action).
+TINY = nec.Config(**nec.PRESETS["quick"])
+DELTA = 1e-3
+
+
+def _dnd(keys, values, hashes=None, last_used=None, capacity=None):
+    """One-action DND holding `keys` (n, F) with `values`, padded to `capacity`."""
+    keys, values = np.asarray(keys, np.float32), np.asarray(values, np.float32)
+    n, f = keys.shape
+    c = capacity or n
+    d = nec.dnd_init(1, c, f)
+    hashes = np.arange(1, n + 1) if hashes is None else np.asarray(hashes)
+    used = np.zeros(n) if last_used is None else np.asarray(last_used)
+    return d.replace(keys=d.keys.at[0, :n].set(keys), values=d.values.at[0, :n].set(values),
+                     hashes=d.hashes.at[0, :n].set(hashes.astype(np.uint32)),
+                     last_used=d.last_used.at[0, :n].set(used.astype(np.int32)),
+                     size=jnp.array([n], jnp.int32))
+
+
+@jax.jit
+def _q(dnd, h, mean):
+    return nec.q_values(dnd, h, 2, DELTA, mean)
+
+
+@jax.jit
+def _write(dnd, key, hsh, target, now):
+    return nec.write(dnd, key, jnp.uint32(hsh), 0, target, now, 0.1)
+
+
+def test_lookup_weighs_the_p_nearest_values_by_the_inverse_kernel():
+    """Keys (1, 0), (0, 2), (3, 0), (0, -5) with values 10, 20, 30, 40 and p = 2 ([1] Eqs.
+    1-2): query (0, 0) reads the two nearest, at squared distances 1 and 4:
+        k = 1 / (1 + 1e-3), 1 / (4 + 1e-3);  Q = (10 k1 + 20 k2) / (k1 + k2) = 12.0 (approx)
+    the mean variant gives (10 + 20) / 2 = 15; a query on a stored key (3, 0) takes almost its
+    own value (k = 1000 against 1/13: 29.99...); a DND with one entry returns it; an empty DND
+    estimates 0. Mutation tried: delta dropped from the kernel (k = 1 / d^2): the stored-key
+    query divides by zero and the first case shifts; fails."""
+    d = _dnd([[1.0, 0], [0, 2], [3, 0], [0, -5]], [10, 20, 30, 40], capacity=6)
+    q, idx, valid = _q(d, jnp.array([[0.0, 0.0], [3.0, 0.0]]), False)
+    k1, k2 = 1 / (1 + DELTA), 1 / (4 + DELTA)
+    k_self = 1 / DELTA  # (3, 0) to itself; its second nearest is (1, 0) at distance^2 4
+    np.testing.assert_allclose(q[:, 0], [(10 * k1 + 20 * k2) / (k1 + k2),
+                                         (30 * k_self + 10 * (1 / (4 + DELTA))) /
+                                         (k_self + 1 / (4 + DELTA))], rtol=1e-5)
+    np.testing.assert_array_equal(idx[0, 0], [0, 1])
+    assert valid.all()
+    np.testing.assert_allclose(_q(d, jnp.array([[0.0, 0.0]]), True)[0][0, 0], 15.0, rtol=1e-6)
+    one = _dnd([[1.0, 1.0]], [7.0], capacity=4)
+    np.testing.assert_allclose(_q(one, jnp.array([[5.0, 5.0]]), False)[0][0, 0], 7.0, rtol=1e-6)
+    empty = nec.dnd_init(1, 4, 2)
+    np.testing.assert_allclose(_q(empty, jnp.array([[5.0, 5.0]]), False)[0][0, 0], 0.0)
+
+
+def test_write_takes_the_tabular_step_on_a_stored_state_and_appends_otherwise():
+    """[1] Eq. (4) with alpha 0.1: hash 7 stored with value 1.0, target 3.0 -> 1.2 (one
+    entry, its key refreshed to the new embedding); an unseen hash is appended with its
+    target as value (size 2). Mutation tried: Q_i <- Q^(N) on a match (no alpha): fails."""
+    d = nec.dnd_init(1, 4, 2)
+    d = _write(d, jnp.array([0.5, 0.5]), 7, 1.0, 1)
+    assert int(d.size[0]) == 1 and float(d.values[0, 0]) == 1.0
+    d = _write(d, jnp.array([0.6, 0.4]), 7, 3.0, 2)
+    assert int(d.size[0]) == 1
+    np.testing.assert_allclose(d.values[0, 0], 1.2, rtol=1e-6)
+    np.testing.assert_array_equal(d.keys[0, 0], np.float32([0.6, 0.4]))
+    assert int(d.last_used[0, 0]) == 2
+    d = _write(d, jnp.array([0.6, 0.4]), 8, -1.0, 3)  # same key, other observation: new entry
+    assert int(d.size[0]) == 2 and float(d.values[0, 1]) == -1.0
+
+
+def test_a_full_dnd_replaces_its_least_recently_used_entry():
+    """Capacity 3, last used at times 5, 2, 7: a new hash at time 9 replaces slot 1 (and
+    zeroes its RMSProp moments); a stored hash still takes the tabular step."""
+    d = _dnd([[0.0], [1.0], [2.0]], [1, 2, 3], hashes=[11, 12, 13], last_used=[5, 2, 7])
+    d = d.replace(key_ms=jnp.ones_like(d.key_ms), value_ms=jnp.ones_like(d.value_ms))
+    d1 = _write(d, jnp.array([5.0]), 99, 9.0, 9)
+    np.testing.assert_array_equal(d1.keys[0, :, 0], [0.0, 5.0, 2.0])
+    np.testing.assert_array_equal(d1.values[0], [1, 9, 3])
+    np.testing.assert_array_equal(d1.last_used[0], [5, 9, 7])
+    np.testing.assert_array_equal(d1.value_ms[0], [1, 0, 1])
+    assert int(d1.size[0]) == 3
+    d2 = _write(d, jnp.array([2.0]), 13, 13.0, 9)
+    np.testing.assert_allclose(d2.values[0], [1, 2, 4.0], rtol=1e-6)
+    np.testing.assert_array_equal(d2.value_ms[0], [1, 1, 1])
+
+
+def test_n_step_targets_bootstrap_from_the_step_n_later_else_the_return():
+    """[1] Eq. (3), N = 2, gamma 0.5, an episode of 5 steps (buffer of 7): rewards 1, 0, 2,
+    0, 1 and vmax 9, 8, 7, 6, 5:
+        t=0: 1 + 0.5*0 + 0.25*vmax_2 = 2.75    t=1: 0 + 0.5*2 + 0.25*vmax_3 = 2.5
+        t=2: 2 + 0 + 0.25*vmax_4 = 3.25        t=3: 0 + 0.5*1 = 0.5 (MC)   t=4: 1 (MC)
+    Steps past the episode's end do not count (their rewards 5 are ignored).
+    Mutation tried: bootstrap from vmax_{t+N-1}: fails."""
+    r = jnp.array([1.0, 0, 2, 0, 1, 5, 5])
+    v = jnp.array([9.0, 8, 7, 6, 5, 5, 5])
+    got = jax.jit(nec.n_step_targets, static_argnums=(3, 4))(r, v, 5, 0.5, 2)
+    np.testing.assert_allclose(got[:5], [2.75, 2.5, 3.25, 0.5, 1.0], rtol=1e-6)
+
+
+def test_flush_writes_ended_episodes_and_sets_their_replay_targets():
+    """Through `flush` as the update runs it: env 0's episode of 3 steps ended (rewards 0, 0,
+    1, gamma 0.5, N = 100: targets 0.25, 0.5, 1), env 1's goes on. Steps 0 and 2 share a
+    hash and action 1: one entry, 0.25 then the tabular step toward 1 (alpha 0.1): 0.325.
+    The replay rows of env 0's steps take the targets and become ready; env 1's stay unset."""
+    cfg = dataclasses.replace(TINY, gamma=0.5, num_envs=2, max_episode_steps=4)
+    d = nec.dnd_init(3, 5, 1)
+    s = nec.State(None, None, d, None, None, None, None,
+                  jnp.array([[[1.0], [2.0], [3.0], [0.0]], [[7.0], [0.0], [0.0], [0.0]]]),
+                  jnp.array([[5, 6, 5, 0], [9, 0, 0, 0]], jnp.uint32),
+                  jnp.array([[1, 2, 1, 0], [0, 0, 0, 0]]),
+                  jnp.array([[0.0, 0, 1, 0], [3, 0, 0, 0]]), jnp.zeros((2, 4)),
+                  jnp.array([[4, 0, 2, 0], [5, 0, 0, 0]]), jnp.array([3, 1]), None, None, None)
+    f = jax.jit(lambda d, t, r, s: nec.flush(d, t, r, s, jnp.array([True, False]), 7, cfg))
+    d, tgt, ready = f(d, jnp.zeros(6), jnp.zeros(6, bool), s)
+    np.testing.assert_array_equal(d.size, [0, 1, 1])
+    np.testing.assert_allclose(d.values[1, 0], 0.25 + 0.1 * (1 - 0.25), rtol=1e-6)
+    np.testing.assert_array_equal(d.keys[1, 0], [3.0])  # refreshed by the step-2 visit
+    np.testing.assert_allclose(d.values[2, 0], 0.5)
+    np.testing.assert_allclose(tgt, [0.5, 0, 1.0, 0, 0.25, 0], rtol=1e-6)
+    np.testing.assert_array_equal(ready, [True, False, True, False, True, False])
+
+
+def test_gradients_reach_the_embedding_and_the_dnd_entries_read():
+    """[1] Sec. 3: one gradient step (`train_step`) after learning_starts moves the
+    embedding's params and the keys and values of the entries its lookups read, and no other
+    entry; before learning_starts nothing moves. Mutation tried: stop_gradient on the
+    gathered keys in loss_fn: the keys stay put; fails."""
+    cfg = dataclasses.replace(TINY, learning_starts=0, batch_size=4, num_neighbours=2,
+                              lr=1e-2)
+    s = jax.jit(nec.init, static_argnums=1)(jax.random.PRNGKey(0), cfg)
+    d = _dnd([[0.0] * 8, [1.0] * 8, [-1.0] * 8], [1.0, 2.0, 3.0], capacity=cfg.capacity)
+    d = jax.tree.map(lambda x: jnp.concatenate([x] * 4) if x.ndim and x.shape[0] == 1 else x, d)
+    rep = s.replay.replace(obs=s.replay.obs.at[:4].set(0.5), target=s.replay.target.at[:4].set(5.0),
+                           ready=s.replay.ready.at[:4].set(True), size=jnp.int32(4))
+    s = s.replace(dnd=d.replace(size=jnp.full(4, 3, jnp.int32)), replay=rep, time=jnp.int32(1))
+    step = jax.jit(lambda s, k: nec.train_step(s, k, cfg))
+    s1, loss = step(s, jax.random.PRNGKey(1))
+    assert float(loss) > 0
+    moved = lambda a, b: not np.allclose(a, b)  # noqa: E731
+    assert moved(jax.tree.leaves(s1.params)[0], jax.tree.leaves(s.params)[0])
+    read = np.zeros((4, cfg.capacity), bool)
+    read[:, :3] = True  # every action's 3 entries hold the only keys (p = 2 of them read)
+    changed_v = ~np.isclose(s1.dnd.values, s.dnd.values)
+    changed_k = ~np.isclose(s1.dnd.keys, s.dnd.keys).all(-1)
+    assert changed_v.any() and changed_k.any() and not (changed_v & ~read).any()
+    s0, loss0 = step(s.replace(time=jnp.int32(0)).replace(
+        replay=rep.replace(ready=jnp.zeros_like(rep.ready))), jax.random.PRNGKey(1))
+    assert float(loss0) == 0.0
+    np.testing.assert_array_equal(s0.dnd.values, s.dnd.values)
+
+
+def test_bad_values_fail_with_named_field(tmp_path):
+    bad = [(["--kernel", "gauss"], "kernel='gauss'"), (["--dtype", "fp8"], "dtype='fp8'"),
+           (["--delta", "0"], "delta=0.0 must be > 0"),
+           (["--alpha", "1.5"], r"alpha=1.5 must be in \(0, 1\]"),
+           (["--epsilon", "1.5"], r"epsilon=1.5 must be in \[0, 1\]"),
+           (["--num-neighbours", "200"], "num_neighbours=200 must be <= capacity=100"),
+           (["--replay-size", "100"], "replay_size=100 must be >= num_envs"),
+           (["--replay-period", "3"], "divisible by replay_period=3"),
+           (["--n-step", "0"], "--n-step must be >= 1, got 0"),
+           (["--key-dim", "0"], "key_dim=0 must be >= 1"),
+           (["--obs-scale", "-1"], "obs_scale=-1.0 must be > 0"),
+           (["--lr", "0"], "--lr must be > 0"), (["--gamma", "1.5"], r"--gamma must be in")]
+    for args, msg in bad:
+        with pytest.raises(ValueError, match=msg):
+            nec.main(["--preset", "quick", *args, "--run-dir", str(tmp_path)])
+
+
+SEEDS = 4
+VARIANTS = ("NEC", "uniform kernel")
+RUN_ARGS = ["--preset", "quick", "--num-seeds", str(len(VARIANTS) * SEEDS), "--no-progress"]
+
+
+def _run(run_dir, *extra):
+    """TINY through `nec.main`, 2 x SEEDS seeds in ONE compiled program: seeds SEEDS..2S-1
+    weigh their p neighbours uniformly (the broken variant), each on its NEC twin's key."""
+    keys = jax.random.split(jax.random.PRNGKey(0), len(VARIANTS) * SEEDS)  # the runner's keys
+    real = nec.init
+
+    def init(key, cfg):
+        i = jnp.argmax(jnp.all(key == keys, -1))
+        state = real(keys[i % SEEDS], cfg)
+        return state.replace(hyper=state.hyper.replace(mean_kernel=i >= SEEDS))
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(nec, "init", init)
+        return nec.main(RUN_ARGS + ["--run-dir", str(run_dir), *extra])
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    """The first 4 updates only (the default tier's budget), in chunks of 2."""
+    return _run(tmp_path_factory.mktemp("nec"), "--num-updates", "4", "--log-every", "2")
+
+
+@pytest.mark.slow
+def test_nec_learns_the_maze_where_uniform_weights_do_not(tmp_path):
+    """Behaviour (slow tier, ~2-3 min on a loaded 2-core CPU): FourRooms, goal 20 steps away,
+    200-step episodes, 16,000 steps per seed, 4 seeds; evaluated on 64 fresh episodes
+    (epsilon 0.05). Measured (CPU, jax 0.10.2), eval success rate:
+        NEC              0.30 0.98 0.00 0.00   (seeds 2, 3 found the goal too rarely by
+                                                 their random walk to latch onto it)
+        uniform kernel   0.00 0.00 0.00 0.00
+    With w_i = 1/p the p = 50 neighbours average half the maze and no path stands out."""
+    run = _run(tmp_path, "--log-every", "10")
+    f, h = run.final, run.history
+    ret = f["eval_return"]
+    nec_r, mean_r = ret[:SEEDS], ret[SEEDS:]
+    goals = np.nansum(h["charts/episodic_return"] * h["charts/episodes"], 1)
+    print({"NEC": nec_r, "uniform": mean_r}, f["eval_length"], "goals", goals)
+    assert nec_r.max() >= 0.9 and (nec_r > 0.2).sum() >= 2, nec_r
+    assert mean_r.max() < 0.2, mean_r
+    assert goals[:SEEDS].sum() > 3 * max(goals[SEEDS:].sum(), 1), goals
+
+
+def test_train_is_pure_and_cli_writes_its_files(tiny_run, tmp_path, capsys):
+    """Same keys: bit-identical a second time (the same compiled chunks); seeds differ; the
+    run wrote its files; --help documents every field."""
+    with pytest.raises(SystemExit):
+        nec.main(["--help"])
+    out = capsys.readouterr().out
+    for f in dataclasses.fields(nec.Config):
+        assert "--" + f.name.replace("_", "-") in out, f.name
+    assert (tiny_run.run_dir / "metrics.jsonl").exists()
+    q = tiny_run.history["charts/q_mean"]
+    assert q.shape == (len(VARIANTS) * SEEDS, 4) and np.isfinite(q).all()
+    assert not np.array_equal(h := tiny_run.history["charts/dnd_fill"][0], tiny_run.history[
+        "charts/dnd_fill"][1]), h
+    again = _run(tmp_path, "--num-updates", "4", "--log-every", "2")
+    for k, v in again.history.items():
+        np.testing.assert_array_equal(v, tiny_run.history[k], err_msg=k)
+
+
+def test_every_config_field_is_read():
+    assert unread_fields(nec) == []
+
+
+def test_paper_preset_traces():
+    """jax.eval_shape of init and one update under `paper` (envpool Ms. Pac-Man, 9 actions,
+    4 stacked 84x84 frames, 5e5 entries of 128-d keys per action, a replay of 1e5 frames):
+    the preset builds its env, shapes and state on CPU without running. bfloat16 traces."""
+    cfg, state, (after, metrics) = trace_paper(nec)
+    assert state.obs.shape == (1, 4, 84, 84)
+    assert state.dnd.keys.shape == (9, 500_000, 128)
+    assert state.replay.obs.shape == (100_000, 4, 84, 84)
+    assert state.ep_keys.shape == (1, 27_000, 128)
+    assert cfg.num_updates == 25_000 and cfg.train_steps == 25
+    assert jax.tree.structure(after) == jax.tree.structure(state)
+    assert all(m.shape == () for m in jax.tree.leaves(metrics))
+    trace_paper(nec, dtype="bfloat16")
+
+
+def test_plot_writes_the_learning_curve(tiny_run, tmp_path):
+    out = nec.plot_curves([tiny_run.run_dir], str(tmp_path / "c.png"))
+    assert (tmp_path / "c.png").stat().st_size > 1000 and out.endswith("c.png")
