@@ -11,6 +11,11 @@ The package's `compare.py` declares what to run:
     CURVE: str                            a logged metric plotted against the budget
     (and a module docstring: the table's caption)
 
+Methods that each report their own measures (experiments rather than competing methods)
+give them as `Method(..., columns=(Column, ...))`: the table then has one row per (method,
+measure) and one column per setting, COLUMNS (default none) serves the methods without
+their own, and without a CURVE the plot is one bar panel per row, a bar per setting.
+
 Each (method, setting) runs in this process through the file's own `main(argv)`, the code
 path of its command line, with `--num-seeds`, `--seed`, a temporary run directory and no
 progress bar; flags come in the order method, setting, method-at-setting, so the later
@@ -40,6 +45,8 @@ class Method:
     """its flags at every setting (a preset, a switched-off bonus, ...)"""
     per_setting: dict[str, tuple[str, ...]] = field(default_factory=dict)
     """extra flags at one setting (e.g. a size the setting names differently)"""
+    columns: tuple = ()
+    """this method's own measures (Columns; empty: the package's COLUMNS)"""
 
 
 @dataclass(frozen=True)
@@ -84,8 +91,24 @@ def cell(v: np.ndarray | None, col: Column) -> str:
     return text if ok.all() else f"{text} ({ok.sum()}/{v.size})"
 
 
-def table(results: dict, settings: list[str], columns) -> str:
-    """Markdown: one row per method, one column per (setting, Column)."""
+def rows(results: dict, methods: dict, columns) -> list[tuple[str, Column]]:
+    """(method label, Column) of every row of the per-method layout, in method order."""
+    return [(label, c) for label in results for c in (methods[label].columns or columns)]
+
+
+def table(results: dict, settings: list[str], columns, methods: dict | None = None) -> str:
+    """Markdown: one row per method, one column per (setting, Column); or, when a method
+    has its own columns, one row per (method, Column), one column per setting."""
+    if methods and any(m.columns for m in methods.values()):
+        lines = ["| method | measure | " + " | ".join(settings) + " |",
+                 "|" + "---|" * (len(settings) + 2)]
+        for label, c in rows(results, methods, columns):
+            by_setting = results[label]
+            row = [label, c.header] + [
+                cell(values(by_setting[s], c.key) if s in by_setting else None, c)
+                for s in settings]
+            lines.append("| " + " | ".join(row) + " |")
+        return "\n".join(lines)
     head = ["method"] + [f"{s}: {c.header}" for s in settings for c in columns]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for label, by_setting in results.items():
@@ -119,6 +142,40 @@ def plot(results: dict, settings: list[str], curve: str, path: str) -> None:
         ax.set_xlabel("share of the budget")
     axes[0, 0].set_ylabel(curve)
     axes[0, -1].legend(fontsize=7)
+    fig.tight_layout()
+    save_png(fig, path)
+
+
+def plot_bars(results: dict, settings: list[str], methods: dict, columns, path: str,
+              ncols: int = 4) -> None:
+    """One panel per (method, Column) row: a bar per setting (the median over seeds, as in
+    the table; seeds as dots, `never` and NaN values left out)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from common.plot import save_png
+
+    panels = rows(results, methods, columns)
+    nrows = -(-len(panels) // ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(3.4 * ncols, 2.9 * nrows), squeeze=False)
+    x = np.arange(len(settings))
+    for ax, (label, c) in zip(axes.ravel(), panels, strict=False):
+        for i, s in enumerate(settings):
+            res = results[label].get(s)
+            v = values(res, c.key) if res is not None else None
+            if v is None:
+                continue
+            ok = np.isfinite(v) & (v != c.never if c.never is not None else True)
+            if ok.any():
+                ax.bar(i, np.median(v[ok]), 0.6, color=f"C{i}", alpha=0.8)
+                ax.plot(np.full(ok.sum(), i), v[ok], "k.", ms=4)
+        ax.set_xticks(x, settings, fontsize=8)
+        ax.set_title(f"{label}:\n{c.header}", fontsize=8)
+        ax.grid(alpha=0.3, axis="y")
+    for ax in axes.ravel()[len(panels):]:
+        ax.axis("off")
     fig.tight_layout()
     save_png(fig, path)
 
@@ -166,15 +223,19 @@ def main(argv=None, package=None):
     t0 = time.time()
     results, names = compare(package, args.num_seeds, args.seed, split(args.only),
                              split(args.settings))
-    text = (f"{(package.__doc__ or '').strip()}\n\n{table(results, names, package.COLUMNS)}\n\n"
+    columns = getattr(package, "COLUMNS", ())
+    body = table(results, names, columns, package.METHODS)
+    text = (f"{(package.__doc__ or '').strip()}\n\n{body}\n\n"
             f"{args.num_seeds} seeds per cell (median); `python -m common.compare "
             f"{' '.join(argv if argv is not None else sys.argv[1:])}`, "
             f"{(time.time() - t0) / 60:.1f} min.\n")
     print(text)
     if args.out:
         Path(args.out).write_text(text)
-    if args.plot:
+    if args.plot and getattr(package, "CURVE", None):
         plot(results, names, package.CURVE, args.plot)
+    elif args.plot:
+        plot_bars(results, names, package.METHODS, columns, args.plot)
     return results
 
 

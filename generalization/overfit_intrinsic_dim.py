@@ -57,7 +57,15 @@ epochs, 2 seeds; accuracy at d = 256): dense 0.888 / 0.898, sparse 0.896 / 0.922
 Logged each update (epoch): losses/train_direct and losses/train_d<d> (mean minibatch
 cross-entropy), charts/test_acc_direct and charts/test_acc_d<d> (test accuracy at the end of
 the epoch), charts/d_int90 (NaN by design while no d on the grid reaches the line;
-charts/d_int90_reached is 1 once one does) and charts/num_params (D).
+charts/d_int90_reached is 1 once one does) and charts/num_params (D); with
+--d-int-on train also charts/train_acc_direct and charts/train_acc_d<d> (the training set
+against its own labels), which d_int90 then uses.
+
+Random labels (--label-corruption 1: every training label replaced by a uniform class,
+once per seed; the test labels stay true): test accuracy is chance at every d, so d_int90
+is measured on TRAINING accuracy (--d-int-on train), as the released code's shuffled-label
+MNIST runs do (scripts/more/loop_d_mnist_permuted_label_fnn_wd.sh: 500 epochs, d up to
+300,000; [1]'s shuffled-label numbers are not quoted here: the paper text was not at hand).
 
 Differences from the paper:
 - Data: MNIST does not ship offline; the CPU presets use scikit-learn's 1,797 8x8 digits
@@ -79,6 +87,8 @@ Differences from the paper:
 - An epoch is num_train // batch_size steps: the last partial batch is dropped (MNIST: 468
   steps of 128, 96 images unused per epoch; Keras' fit also steps on the 96).
 - The line is reached at accuracy >= line (the notebook: > line).
+- Label corruption draws a uniform class per label with probability p (Zhang et al.
+  2017); the released runs shuffle the labels (a permutation, the class histogram kept).
 - The quick preset uses Adam lr 1e-2 (digits epochs are 7 steps: 100 epochs is 700 steps)
   and no L2 (its measured numbers above); its d_int90 is the relative 90% definition.
 """
@@ -143,6 +153,13 @@ class Config:
     """images per Adam step (released: 128)"""
     num_epochs: int = 100
     """epochs of training (released scripts: -E 100); one runner update per epoch"""
+    label_corruption: float = 0.0
+    """probability that each training label is replaced by a class drawn uniformly from
+    all 10 (Zhang et al. 2017; 1: random labels), drawn once per seed at init; the test
+    labels stay true"""
+    d_int_on: str = "test"
+    """the accuracy d_int90 is measured on: 'test' ([1] Sec. 3) or 'train' (the training
+    set against its own, possibly corrupted, labels: [1]'s shuffled-label runs)"""
     dtype: str = "float32"
     """compute dtype of the network's layers ("bfloat16" on accelerators)"""
 
@@ -202,6 +219,10 @@ class Config:
             raise ValueError(f"adam_b2={self.adam_b2} must be in [0, 1)")
         if self.l2 < 0:
             raise ValueError(f"l2={self.l2} must be >= 0")
+        if not 0 <= self.label_corruption <= 1:
+            raise ValueError(f"label_corruption={self.label_corruption} must be in [0, 1]")
+        if self.d_int_on not in ("test", "train"):
+            raise ValueError(f"d_int_on={self.d_int_on!r} must be 'test' or 'train'")
         if self.dtype not in ("float32", "bfloat16"):
             raise ValueError(f"dtype={self.dtype!r} must be 'float32' or 'bfloat16'")
 
@@ -237,6 +258,21 @@ def arrays(cfg: Config):
 def dataset(cfg: Config):
     """The arrays as jnp behind an optimisation barrier (no constant folding)."""
     return jax.lax.optimization_barrier(tuple(jnp.asarray(a) for a in arrays(cfg)))
+
+
+def corrupt_labels(key, y, p):
+    """Each label replaced, with probability p, by a class drawn uniformly from all
+    NUM_CLASSES (so it may stay right by chance; Zhang et al. 2017 Sec. 2)."""
+    u_mask, u_class = jax.random.uniform(key, (2, *y.shape))
+    new = jnp.minimum(jnp.floor(u_class * NUM_CLASSES), NUM_CLASSES - 1).astype(y.dtype)
+    return jnp.where(u_mask < p, new, y)
+
+
+def train_labels(key, cfg: Config):
+    """(n,) the training labels of one seed, fixed at init: the true ones, corrupted with
+    probability label_corruption."""
+    y = jax.lax.optimization_barrier(jnp.asarray(arrays(cfg)[1]))
+    return corrupt_labels(key, y, cfg.label_corruption).astype(jnp.int32)
 
 
 # --- NETWORKS ---
@@ -379,6 +415,9 @@ class State:
     acc: jax.Array  # (K,) test accuracy of the arms at the end of the last epoch
     acc_direct: jax.Array
     key: jax.Array
+    train_y: jax.Array  # (n,) training labels (corrupted with prob. label_corruption)
+    train_acc: jax.Array  # (K,) train accuracy (d_int_on='train' only; else 0)
+    train_acc_direct: jax.Array
 
 
 def optimizer(cfg: Config):
@@ -393,8 +432,9 @@ def init(key, cfg: Config) -> State:
     theta_d = jnp.zeros((len(cfg.dims), max(cfg.dims)))
     tx = optimizer(cfg)
     zeros = jnp.zeros(len(cfg.dims))
+    y = train_labels(jax.random.fold_in(key, 1), cfg)  # fold_in: the other draws unchanged
     return State(theta0, proj, theta_d, tx.init(theta_d), theta0, tx.init(theta0), zeros,
-                 jnp.zeros(()), key)
+                 jnp.zeros(()), key, y, zeros, jnp.zeros(()))
 
 
 # --- UPDATE ---
@@ -439,7 +479,8 @@ def d_int(acc, acc_direct, cfg: Config):
 
 def update(state: State, cfg: Config):
     """One epoch of Adam on every arm's theta_d and on the direct baseline, then test."""
-    tr_x, tr_y, te_x, te_y = dataset(cfg)
+    tr_x, _, te_x, te_y = dataset(cfg)
+    tr_y = state.train_y
     unravel = unraveler(cfg)
     tx, m = optimizer(cfg), masks(cfg)
     key, k_perm = jax.random.split(state.key)
@@ -463,27 +504,47 @@ def update(state: State, cfg: Config):
 
     (theta_d, opt_d, theta, opt), (loss_d, loss) = jax.lax.scan(
         step, (state.theta_d, state.opt_d, state.theta, state.opt), order)
-    acc = jax.vmap(lambda td, p, mk: accuracy(subspace_theta(state.theta0, p, td, mk, cfg),
-                                              unravel, te_x, te_y, cfg))(theta_d, state.proj, m)
-    acc_direct = accuracy(theta, unravel, te_x, te_y, cfg)
-    d90, reached = d_int(acc, acc_direct, cfg)
+    def accuracies(x, y):
+        arms = jax.vmap(lambda td, p, mk: accuracy(subspace_theta(
+            state.theta0, p, td, mk, cfg), unravel, x, y, cfg))(theta_d, state.proj, m)
+        return arms, accuracy(theta, unravel, x, y, cfg)
+
+    acc, acc_direct = accuracies(te_x, te_y)
+    train_acc, train_acc_direct = state.train_acc, state.train_acc_direct
+    if cfg.d_int_on == "train":
+        train_acc, train_acc_direct = accuracies(tr_x, tr_y)
     state = state.replace(theta_d=theta_d, opt_d=opt_d, theta=theta, opt=opt, acc=acc,
-                          acc_direct=acc_direct, key=key)
+                          acc_direct=acc_direct, key=key, train_acc=train_acc,
+                          train_acc_direct=train_acc_direct)
+    d90, reached = d_int(*measured(state, cfg), cfg)
     metrics = {"losses/train_direct": loss.mean(), "charts/test_acc_direct": acc_direct,
                "charts/d_int90": d90, "charts/d_int90_reached": reached.astype(jnp.float32),
                "charts/num_params": jnp.float32(cfg.num_params)}
     for i, d in enumerate(cfg.dims):
         metrics[f"losses/train_d{d}"] = loss_d[:, i].mean()
         metrics[f"charts/test_acc_d{d}"] = acc[i]
+    if cfg.d_int_on == "train":
+        metrics["charts/train_acc_direct"] = train_acc_direct
+        metrics.update({f"charts/train_acc_d{d}": train_acc[i] for i, d in enumerate(cfg.dims)})
     return state, metrics
+
+
+def measured(state: State, cfg: Config):
+    """(arms' accuracies, the direct baseline's) on the set d_int90 is measured on."""
+    if cfg.d_int_on == "train":
+        return state.train_acc, state.train_acc_direct
+    return state.acc, state.acc_direct
 
 
 def evaluate(state: State, cfg: Config):
     """Test accuracies after the last epoch, the baseline's and every d's, and d_int90 (0
-    when no d reached the threshold)."""
-    d90, _ = d_int(state.acc, state.acc_direct, cfg)
+    when no d reached the threshold); with d_int_on='train' also the train accuracies."""
+    d90, _ = d_int(*measured(state, cfg), cfg)
     out = {"test_acc_direct": state.acc_direct, "d_int90": d90}
     out.update({f"test_acc_d{d}": state.acc[i] for i, d in enumerate(cfg.dims)})
+    if cfg.d_int_on == "train":
+        out["train_acc_direct"] = state.train_acc_direct
+        out.update({f"train_acc_d{d}": state.train_acc[i] for i, d in enumerate(cfg.dims)})
     return out
 
 
@@ -499,8 +560,9 @@ def plot(result, cfg: Config, out: str):
     import matplotlib.pyplot as plt
 
     f = result.final
-    acc = np.stack([f[f"test_acc_d{d}"] for d in cfg.dims], 1)  # (seeds, K)
-    base = f["test_acc_direct"]
+    on = cfg.d_int_on  # the accuracy d_int90 is measured on
+    acc = np.stack([f[f"{on}_acc_d{d}"] for d in cfg.dims], 1)  # (seeds, K)
+    base = f[f"{on}_acc_direct"]
     fig, ax = plt.subplots(figsize=(6.5, 4.2))
     for s in range(acc.shape[0]):
         ax.plot(cfg.dims, acc[s], "o", ms=3, c="C0", alpha=0.4)
@@ -514,7 +576,7 @@ def plot(result, cfg: Config, out: str):
     if (d90 > 0).all():
         per_seed = ", ".join(str(int(v)) for v in d90)
         ax.axvline(d90.mean(), c="C3", ls=":", label=f"d_int90 = {per_seed} (per seed)")
-    ax.set(xscale="log", xlabel="subspace dimension d", ylabel="test accuracy", ylim=(0, 1))
+    ax.set(xscale="log", xlabel="subspace dimension d", ylabel=f"{on} accuracy", ylim=(0, 1))
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="lower right")
     sizes = (cfg.side ** 2, *cfg.hidden, NUM_CLASSES)
@@ -534,7 +596,8 @@ def main(argv=None):
     cfg, _ = run.parse(Config, PRESETS, argv, description=doc)
     res = run.main(Config, init, update, presets=PRESETS, evaluate=evaluate, argv=argv,
                    doc=doc, summary_keys=["test_acc_direct", "d_int90"] + [
-                       f"test_acc_d{d}" for d in cfg.dims],
+                       f"{on}_acc_d{d}" for on in sorted({"test", cfg.d_int_on}) for d in cfg.dims]
+                   + (["train_acc_direct"] if cfg.d_int_on == "train" else []),
                    nan_unless={"charts/d_int90": "charts/d_int90_reached"})
     if flags["--plot"] is not None:
         print(plot(res, cfg, flags["--plot"]))

@@ -47,7 +47,10 @@ Logged each update (= one epoch): losses/train (mean minibatch loss), charts/tra
 charts/test_err (of the network being trained), charts/dist_L<l> (relative distance of
 layer l's kernel from its initial value). `evaluate`: test_err_matrix and train_err_matrix (L, 1 +
 T): column 0 re-randomisation, column 1 + i re-initialisation to checkpoint epoch i;
-test_err / train_err of the trained network; reinit0_test_err_L<l> (column 1) per layer.
+test_err / train_err of the trained network; reinit0_test_err_L<l> and
+reinit0_train_err_L<l> (column 1) and rerand_test_err_L<l> (column 0) per layer. Train
+errors count against the labels the network trained on (--label-corruption p replaces
+each with probability p by a uniform class, once per seed; test labels stay true).
 NaN by design: the columns of checkpoint epochs the run has not reached (a --num-updates
 below num_epochs; their slots still hold theta_0); nothing else.
 
@@ -66,6 +69,8 @@ Differences from the paper:
   its layer l (biases re-drawn = 0). Checkpoint epochs are [1] Fig. 1's kind (0, 1, 2, 3,
   then a few later ones; exact columns of [1] not checked); the final network is not a
   column (re-initialising to it is the identity).
+- --label-corruption (not in [1]; for the package comparison with Zhang et al. 2017:
+  is the first layer still critical when the network memorises random labels?).
 - Only the FCN of [1] (any depth and widths); not VGG or ResNets.
 """
 
@@ -120,6 +125,10 @@ class Config:
     """training epochs; one update of the runner is one epoch (the post: 100)"""
     checkpoint_epochs: tuple[int, ...] = (0, 1, 2, 3, 5, 10, 40, 90)
     """epochs whose parameters theta_tau are kept for re-initialisation (0: theta_0)"""
+    label_corruption: float = 0.0
+    """probability that each training label is replaced by a class drawn uniformly from
+    all 10 (Zhang et al. 2017; 1: random labels), drawn once per seed at init; the test
+    labels stay true, train errors count against the corrupted ones"""
     dtype: str = "float32"
     """compute dtype of the dense layers ("bfloat16" on accelerators)"""
 
@@ -166,6 +175,8 @@ class Config:
         if not c or c[0] != 0 or not rising or c[-1] >= self.num_epochs:
             raise ValueError(f"checkpoint_epochs={c} must start at 0, increase strictly and "
                              f"stay below num_epochs={self.num_epochs}")
+        if not 0 <= self.label_corruption <= 1:
+            raise ValueError(f"label_corruption={self.label_corruption} must be in [0, 1]")
         if self.dtype not in ("float32", "bfloat16"):
             raise ValueError(f"dtype={self.dtype!r} must be 'float32' or 'bfloat16'")
 
@@ -203,6 +214,20 @@ def dataset(cfg: Config):
     """The cached arrays as jnp behind an optimisation barrier (no constant folding)."""
     return jax.lax.optimization_barrier(tuple(jnp.asarray(a) for a in arrays(
         cfg.dataset, cfg.data_dir, cfg.image_size, cfg.num_train, cfg.num_test)))
+
+
+def corrupt_labels(key, y, p):
+    """Each label replaced, with probability p, by a class drawn uniformly from all
+    NUM_CLASSES (so it may stay right by chance; Zhang et al. 2017 Sec. 2)."""
+    u_mask, u_class = jax.random.uniform(key, (2, *y.shape))
+    new = jnp.minimum(jnp.floor(u_class * NUM_CLASSES), NUM_CLASSES - 1).astype(y.dtype)
+    return jnp.where(u_mask < p, new, y)
+
+
+def train_labels(key, cfg: Config):
+    """(n,) the training labels of one seed, fixed at init: the true ones, corrupted with
+    probability label_corruption."""
+    return corrupt_labels(key, dataset(cfg)[1], cfg.label_corruption).astype(jnp.int32)
 
 
 # --- NETWORK ---
@@ -259,11 +284,12 @@ def swap_layer(params, sources, layer, source):
                             sources[n]) for i, n in enumerate(names)}
 
 
-def robustness(params, ckpts, rerand_key, cfg: Config):
+def robustness(params, ckpts, rerand_key, tr_y, cfg: Config):
     """Eq. (3) for every (layer, source) at once: sources = [theta~ (a fresh draw), theta_tau
     for every checkpoint tau]; returns (test_err, train_err), each (L + 1, 1 + T) with row 0
-    the unswapped network (all its columns equal) and row 1 + l layer l."""
-    tr_x, tr_y, te_x, te_y = dataset(cfg)
+    the unswapped network (all its columns equal) and row 1 + l layer l. tr_y: the
+    training labels the network was trained on."""
+    tr_x, _, te_x, te_y = dataset(cfg)
     fresh = draw_params(rerand_key, cfg)
     sources = jax.tree.map(lambda f, c: jnp.concatenate([f[None], c]), fresh, ckpts)
     n_src = 1 + len(cfg.checkpoint_epochs)
@@ -289,6 +315,7 @@ class State:
     epoch: jax.Array
     key: jax.Array
     rerand_key: jax.Array  # the draw theta~ of Eq. (2), independent of theta_0
+    train_y: jax.Array  # (n,) training labels (corrupted with prob. label_corruption)
 
 
 def optimizer(cfg: Config):
@@ -302,8 +329,9 @@ def init(key, cfg: Config) -> State:
     params = draw_params(k_init, cfg)
     ckpts = jax.tree.map(lambda p: jnp.broadcast_to(p, (len(cfg.checkpoint_epochs),
                                                         *p.shape)), params)  # theta_0 first
+    y = train_labels(jax.random.fold_in(key, 1), cfg)  # fold_in: the other draws unchanged
     return State(params, optimizer(cfg).init(params), ckpts, jnp.zeros((), jnp.int32), key,
-                 k_rerand)
+                 k_rerand, y)
 
 
 # --- UPDATE ---
@@ -324,7 +352,8 @@ def save_checkpoint(ckpts, params, epoch, cfg: Config):
 def update(state: State, cfg: Config):
     """One epoch of minibatch training in a fresh random order (last partial batch
     dropped), then theta_epoch kept if the epoch is a checkpoint."""
-    tr_x, tr_y, te_x, te_y = dataset(cfg)
+    tr_x, _, te_x, te_y = dataset(cfg)
+    tr_y = state.train_y
     tx = optimizer(cfg)
     key, k_order = jax.random.split(state.key)
     b, steps = cfg.batch_size, cfg.steps_per_epoch
@@ -346,14 +375,14 @@ def update(state: State, cfg: Config):
     for i, n in enumerate(layer_names(cfg)):
         d = jnp.linalg.norm(params[n]["kernel"] - theta0[n]["kernel"])
         metrics[f"charts/dist_L{i}"] = d / jnp.linalg.norm(theta0[n]["kernel"])
-    return State(params, opt_state, ckpts, epoch, key, state.rerand_key), metrics
+    return State(params, opt_state, ckpts, epoch, key, state.rerand_key, tr_y), metrics
 
 
 def evaluate(state: State, cfg: Config):
     """The robustness matrices of [1] Fig. 1 (rows: layers; column 0 re-randomisation,
     then re-initialisation to each checkpoint), the trained network's errors, and each
     layer's re-initialisation-to-theta_0 test error."""
-    test, train = robustness(state.params, state.ckpts, state.rerand_key, cfg)
+    test, train = robustness(state.params, state.ckpts, state.rerand_key, state.train_y, cfg)
     # checkpoint epochs the run has not reached (--num-updates < num_epochs) hold theta_0
     reached = jnp.concatenate([jnp.ones(1, bool),
                                jnp.asarray(cfg.checkpoint_epochs) <= state.epoch])
@@ -362,6 +391,7 @@ def evaluate(state: State, cfg: Config):
            "test_err": test[0, 0], "train_err": train[0, 0]}
     for i in range(cfg.num_layers):
         out[f"reinit0_test_err_L{i}"] = test[1 + i, 1]
+        out[f"reinit0_train_err_L{i}"] = train[1 + i, 1]
         out[f"rerand_test_err_L{i}"] = test[1 + i, 0]
     return out
 

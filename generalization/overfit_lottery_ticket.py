@@ -46,7 +46,8 @@ at 60%-22% against 450-750 for reinit ([1]: tickets learn faster); all arms hit 
 Logged each round (charts/, per arm a of ticket, reinit, random_mask): density_<a> (the
 fraction of non-zero prunable weights AFTER training: the mask held), test_acc_<a> (at
 the end of the round), early_stop_test_acc_<a> and early_stop_step_<a> (at min
-validation loss), losses/train_<a> (mean minibatch loss of the last eval block) and
+validation loss), train_acc_<a> (end of the round, against the training labels the arm
+trained on), losses/train_<a> (mean minibatch loss of the last eval block) and
 losses/val_<a> (at the end). Nothing is NaN by design.
 
 Differences from the paper:
@@ -65,6 +66,9 @@ Differences from the paper:
 - Initialisation: Glorot normal (flax's, truncated) as in [1]'s "Gaussian Glorot".
 - Rewinding [2] captures theta_k in round 0 (the dense run); each later round still trains
   T steps from theta_k (not T - k). The reinit arm has no theta_k: it uses theta_0'.
+- --label-corruption p (not in [1]; for the package comparison with Zhang et al. 2017):
+  each training label replaced with probability p by a uniform class, once per seed;
+  validation (early stopping) and test labels stay true.
 - The quick preset doubles [1]'s rates (40% / 20%, 800 steps per round) so that 10 rounds
   reach 0.8%: at [1]'s rates the catalogue saw no ticket/reinit separation on digits
   above 4.8% density (tickets need lower densities on this small problem).
@@ -126,6 +130,10 @@ class Config:
     """reset to theta_k after k dense steps instead of theta_0 ([2]); 0: [1]'s reset"""
     eval_every: int = 100
     """steps between validation checks for early stopping ([1]: every 100 iterations)"""
+    label_corruption: float = 0.0
+    """probability that each training label is replaced by a class drawn uniformly from
+    all 10 (Zhang et al. 2017; 1: random labels), drawn once per seed at init; validation
+    and test labels stay true"""
     dtype: str = "float32"
     """compute dtype of the dense layers ("bfloat16" on accelerators)"""
 
@@ -167,6 +175,8 @@ class Config:
                              f"steps_per_round={self.steps_per_round}")
         if not 0 <= self.rewind_step < self.steps_per_round:
             raise ValueError(f"rewind_step={self.rewind_step} must be in [0, steps_per_round)")
+        if not 0 <= self.label_corruption <= 1:
+            raise ValueError(f"label_corruption={self.label_corruption} must be in [0, 1]")
         if self.dtype not in ("float32", "bfloat16"):
             raise ValueError(f"dtype={self.dtype!r} must be 'float32' or 'bfloat16'")
 
@@ -211,6 +221,21 @@ def dataset(cfg: Config):
     """The cached arrays as jnp behind an optimisation barrier (no constant folding)."""
     return jax.lax.optimization_barrier(tuple(jnp.asarray(a) for a in arrays(
         cfg.dataset, cfg.data_dir, cfg.num_train, cfg.num_val, cfg.num_test)))
+
+
+def corrupt_labels(key, y, p):
+    """Each label replaced, with probability p, by a class drawn uniformly from all
+    NUM_CLASSES (so it may stay right by chance; Zhang et al. 2017 Sec. 2)."""
+    u_mask, u_class = jax.random.uniform(key, (2, *y.shape))
+    new = jnp.minimum(jnp.floor(u_class * NUM_CLASSES), NUM_CLASSES - 1).astype(y.dtype)
+    return jnp.where(u_mask < p, new, y)
+
+
+def train_labels(key, cfg: Config):
+    """(n,) the training labels of one seed, fixed at init: the true ones, corrupted with
+    probability label_corruption."""
+    y = dataset(cfg)[1]
+    return corrupt_labels(key, y, cfg.label_corruption).astype(jnp.int32)
 
 
 # --- NETWORK AND PRUNING ---
@@ -297,6 +322,7 @@ class State:
     last: Any  # dict of (arms,) results of the last round (for evaluate)
     round: jax.Array
     key: jax.Array
+    train_y: jax.Array  # (n,) training labels (corrupted with prob. label_corruption)
 
 
 def init(key, cfg: Config) -> State:
@@ -307,8 +333,9 @@ def init(key, cfg: Config) -> State:
     masks = {n: jnp.ones((len(ARMS), *th0[n]["kernel"].shape)) for n in layer_names(cfg)}
     zeros = jnp.zeros(len(ARMS))
     last = {k: zeros for k in ("test_acc", "early_stop_test_acc", "early_stop_step",
-                               "density")}
-    return State(start, start, masks, last, jnp.zeros((), jnp.int32), key)
+                               "density", "train_acc")}
+    y = train_labels(jax.random.fold_in(key, 1), cfg)  # fold_in: the other draws unchanged
+    return State(start, start, masks, last, jnp.zeros((), jnp.int32), key, y)
 
 
 # --- UPDATE ---
@@ -322,7 +349,8 @@ def loss_fn(params, x, y, cfg: Config):
 def update(state: State, cfg: Config):
     """One round: train every arm from mask * start, then prune (IMP) and draw the
     controls' masks for the next round."""
-    tr_x, tr_y, va_x, va_y, te_x, te_y = dataset(cfg)
+    tr_x, _, va_x, va_y, te_x, te_y = dataset(cfg)
+    tr_y = state.train_y
     tx = optax.adam(cfg.lr)
     key, k_order, k_rand = jax.random.split(state.key, 3)
     b, t_all, n = cfg.batch_size, cfg.steps_per_round, cfg.num_train
@@ -376,9 +404,12 @@ def update(state: State, cfg: Config):
     ticket = magnitude_masks(kernels, starts, {nm: masks[nm][0] for nm in names}, cfg)
     rand = random_masks(k_rand, ticket)
     new_masks = {nm: jnp.stack([ticket[nm], ticket[nm], rand[nm]]) for nm in names}
+    train_acc = jax.vmap(lambda p: jnp.mean(jnp.argmax(
+        network(cfg).apply({"params": p}, tr_x), -1) == tr_y))(params)
     last = {"test_acc": acc[-1], "early_stop_test_acc": best[1],
-            "early_stop_step": best[2].astype(jnp.float32), "density": dens}
-    state = State(params, start, new_masks, last, state.round + 1, key)
+            "early_stop_step": best[2].astype(jnp.float32), "density": dens,
+            "train_acc": train_acc}
+    state = State(params, start, new_masks, last, state.round + 1, key, tr_y)
     metrics = {}
     for i, a in enumerate(ARMS):
         metrics[f"losses/train_{a}"] = loss[-1, i]

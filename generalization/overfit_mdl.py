@@ -274,6 +274,13 @@ def corrupt_labels(u_mask, u_class, y, p):
     return jnp.where(u_mask < p, new, y)
 
 
+def make_labels(key, y, cfg: Config):
+    """(arms, n) labels of every arm, drawn once at init from the true labels y (n,)."""
+    u = jax.random.uniform(key, (2, len(cfg.arms), y.shape[0]))
+    return jnp.stack([corrupt_labels(u[0, i], u[1, i], y, p)
+                      for i, p in enumerate(cfg.corruptions)]).astype(jnp.int32)
+
+
 # --- NETWORKS ---
 
 
@@ -433,10 +440,7 @@ def init(key, cfg: Config) -> State:
         jax.random.split(k_net, n_models))
     params = stack_models(params, n_models, n_arms)
     order = jax.random.permutation(k_order, n)
-    u = jax.random.uniform(k_lab, (2, n_arms, n))
-    y = jnp.asarray(tr_y)[order]
-    labels = jnp.stack([corrupt_labels(u[0, i], u[1, i], y, p)
-                        for i, p in enumerate(cfg.corruptions)]).astype(jnp.int32)
+    labels = make_labels(k_lab, jnp.asarray(tr_y)[order], cfg)
     x = jnp.asarray(tr_x)[order]
     bits = all_bits(params, x, labels, cfg)
     best = jax.vmap(lambda b: block_bits(b, cfg.bounds))(bits)  # checkpoint 0: the init

@@ -64,3 +64,24 @@ def test_a_comparison_runs_every_cell_and_writes_table_and_plot(tmp_path, capsys
 
 def compare_main(argv):
     return compare.main(argv, package=PACKAGE)
+
+
+def test_methods_with_their_own_columns_get_a_row_per_measure(tmp_path):
+    """Experiments that report different measures: one row per (method, Column), one
+    column per setting; a method without columns of its own falls back to COLUMNS; the
+    plot is one bar panel per row when the package has no CURVE."""
+    package = types.SimpleNamespace(
+        __doc__="Per-method measures.", SETTINGS=PACKAGE.SETTINGS,
+        METHODS={"adam": Method(TOY, columns=(Column("final_loss", "loss", ".2f"),
+                                              Column("charts/w0", "w0", ".2f"))),
+                 "tiny_lr": Method(TOY, ("--lr", "1e-4"))},
+        COLUMNS=(Column("final_loss", "loss (default)", ".2f"),))
+    out, png = tmp_path / "cmp.md", tmp_path / "bars.png"
+    results = compare.main(["toy", "--num-seeds", "2", "--out", str(out), "--plot", str(png)],
+                           package=package)
+    text = out.read_text()
+    assert "| method | measure | short | long |" in text
+    loss = np.median(results["adam"]["long"].final["final_loss"])
+    assert "| adam | loss | " in text and f"| {loss:.2f} |" in text
+    assert "| adam | w0 |" in text and "| tiny_lr | loss (default) |" in text
+    assert text.count("\n| ") == 4 and png.stat().st_size > 1000

@@ -201,6 +201,33 @@ def test_bad_values_fail_with_named_field(tmp_path):
             lt.main(flags + ["--run-dir", str(tmp_path)])
 
 
+def test_label_corruption_replaces_labels_with_uniform_classes():
+    """Zhang et al. 2017's corruption (for the package comparison), drawn once at init from
+    fold_in(state.key, 1): at p = 0 the training labels are the true ones; at p = 1 they are
+    independent of the images: they agree with the true label for ~1/10 of the 1,000 (0.1
+    +- 0.04) and every class appears ~100 times; at p = 0.5 they agree for ~0.55; init's
+    state holds exactly these labels; p outside [0, 1] is refused. Mutations tried:
+    train_labels ignoring p (true labels kept): fails; init keeping the true labels: fails."""
+    y = np.asarray(lt.arrays("digits", "", TINY.num_train, TINY.num_val, TINY.num_test)[1])
+    key = jax.random.PRNGKey(3)
+    labels = {p: np.asarray(jax.jit(lt.train_labels, static_argnums=1)(
+        key, dataclasses.replace(TINY, label_corruption=p))) for p in (0.0, 0.5, 1.0)}
+    np.testing.assert_array_equal(labels[0.0], y)
+    assert abs((labels[0.5] == y).mean() - 0.55) < 0.05, (labels[0.5] == y).mean()
+    assert abs((labels[1.0] == y).mean() - 0.1) < 0.04, (labels[1.0] == y).mean()
+    counts = np.bincount(labels[1.0], minlength=10)
+    assert counts.size == 10 and counts.min() > 60 and counts.max() < 140, counts
+    cfg = dataclasses.replace(TINY, label_corruption=1.0)
+    k0 = jax.random.PRNGKey(0)
+    state = jax.jit(lt.init, static_argnums=1).lower(k0, cfg).compile(
+        run.INIT_COMPILER_OPTIONS)(k0)
+    want = jax.jit(lt.train_labels, static_argnums=1)(jax.random.fold_in(state.key, 1), cfg)
+    np.testing.assert_array_equal(state.train_y, want)
+    assert (np.asarray(state.train_y) != y).mean() > 0.8
+    with pytest.raises(ValueError, match="label_corruption=1.5 must be in"):
+        dataclasses.replace(TINY, label_corruption=1.5).validate()
+
+
 def test_every_config_field_is_read():
     assert unread_fields(lt) == []
 
