@@ -621,6 +621,7 @@ def plot_run(cfg: Config, out, seed=0, snapshots=4):
         snaps.append(jax.device_get((state.goals[0], state.success[0])))
         cov.append(np.asarray(m["charts/coverage"]))
     cov = np.concatenate(cov, 1)
+    print(f"coverage at the end: Goal GAN {cov[0, -1]:.3f}, uniform {cov[1, -1]:.3f}")
     fig, axes = plt.subplots(1, snapshots + 1, figsize=(4 * snapshots + 5, 4))
     lo, hi, s = cfg.center - cfg.goal_range, cfg.center + cfg.goal_range, cfg.maze_scaling
     for t, (ax, (g, r)) in enumerate(zip(axes, snaps, strict=False)):
