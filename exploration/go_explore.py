@@ -46,9 +46,10 @@ Montezuma's Revenge without domain knowledge, a mean over 650,000 with domain-kn
 cells (max nearly 18 million). The phase-1 archive numbers of [1] Sec. 3 were not checked
 here.
 
-Measured here (2-core CPU, loaded; quick preset, 8 seeds; see the tests' docstrings):
-DeepSea-20 in 19,200 steps: treasure in 8/8 seeds, 231/231 cells; the no-return baseline
-(random sticky exploration from the start) 0/8.
+Measured here (2-core CPU, loaded, jax 0.10.2; `--plot`, 8 seeds, DeepSea N=20 in 19,200
+steps): Go-Explore finds the treasure in 8/8 seeds (3-16 successful episodes each) and
+visits 229 of the grid's cells (median); uniform cell selection 8/8 seeds, 222 cells; the
+no-return baseline (sticky random exploration from the start) 0/8 seeds, 164 cells.
 
 Logged per update: charts/distinct_cells (envs.Coverage: cells any explorer stood on),
 charts/archive_cells, charts/best_score (best trajectory score in the archive),
