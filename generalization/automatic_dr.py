@@ -494,7 +494,7 @@ def plot(history: dict, cfg: Config, runs: list, out: str):
     ax[1].set(xlabel="env steps", ylabel="nats per dimension", title="ADR entropy")
     labels = [r[0] for r in runs]
     x = np.arange(len(runs))
-    for j, (key, w) in enumerate((("eval/in_dist", -0.2), ("eval/target", 0.2))):
+    for key, w in (("eval/in_dist", -0.2), ("eval/target", 0.2)):
         vals = [np.asarray(r[1][key]) for r in runs]
         ax[2].bar(x + w, [v.mean() for v in vals], 0.4, yerr=[v.std() for v in vals],
                   label=key.split("/")[1])
