@@ -1,7 +1,8 @@
 """True against random labels, through every lens of the overfitting experiments: each
 experiment file runs at its own CPU `quick` preset (its own network, optimiser and budget)
 on the same data, scikit-learn's 8x8 digits with the same 1,000 training images (the first
-1,000 of the same seeded split in every file), and the same seeds; the "random labels"
+1,000 of the same seeded split in every file; test sets: the other 797, of which the
+lottery ticket holds 300 out for early stopping), and the same seeds; the "random labels"
 setting replaces every training label by a class drawn uniformly from the 10 (Zhang et al.
 2017's label corruption p = 1, drawn once per seed at init; test labels stay true), the
 "true labels" setting keeps them. Each row is the experiment's own measure. Random labels
@@ -11,8 +12,9 @@ MDL (Blier & Ollivier 2018): prequential code length of the training labels in b
 label, without and with a stopping time per block (the uniform code is log2 10 = 3.32).
 Intrinsic dimension (Li et al. 2018): d_int90 measured on TRAINING accuracy in both
 settings (the smallest d of the grid whose subspace training reaches 90% of the directly
-trained network's training accuracy; test accuracy is chance under random labels, so [1]'s
-released shuffled-label runs measure training accuracy too), FC 64-256-10 (D = 19,210),
+trained network's training accuracy: test accuracy is chance under random labels; Li et
+al.'s shuffled-label MNIST runs use training accuracy too [M: from memory, the paper's text
+was not at hand]), FC 64-256-10 (D = 19,210),
 sparse P, 150 epochs. Lottery tickets (Frankle & Carbin 2019): accuracy of the winning
 ticket and of the same mask re-initialised, after 5 rounds of pruning (8.3% of the weights
 left). Layer robustness (Zhang, Bengio & Singer 2019): error of the trained network and
