@@ -45,8 +45,9 @@ Reproduce:
 
 Measured (quick: 50-step episodes, 60 outer iterations, 2 seeds; 2-core CPU, loaded,
 compile 95 s + 28 s): coverage Goal GAN 0.75, 0.88 (GOID share of its goals 0.25, 0.23);
-uniform goals 0.70, 0.67 (GOID share 0.02, 0.03). The plot's seed 0: Goal GAN 0.81, uniform 0.71; Goal GAN's coverage
-passes 0.4 by iteration 5, uniform's by iteration 25 (curriculum/goal_gan.png).
+uniform goals 0.70, 0.67 (GOID share 0.02, 0.03). The plot's seed 0: Goal GAN 0.81,
+uniform 0.71; Goal GAN's coverage passes 0.4 by iteration 5, uniform's by iteration 25
+(curriculum/goal_gan.png).
 [1] Fig. 3-4 [M]: Goal GAN reaches higher coverage than uniform sampling in the (Ant) maze,
 and about 20% of its goals are in GOID throughout; exact curve values not read here.
 
