@@ -13,6 +13,7 @@ import pytest
 from common import run
 from selfsup import rotation
 from tests.common.cli import cli_args
+from tests.common.compiled import main_recording_chunks
 from tests.common.config_fields import unread_fields
 from tests.common.preset import trace_paper
 
@@ -81,18 +82,24 @@ def test_optimizer_is_torch_sgd_nesterov_with_decay_and_steps():
             np.testing.assert_allclose(hw, 0.809905, rtol=1e-6)
 
 
-RUN_ARGS = cli_args(TINY, rotation.Config()) + ["--num-seeds", str(SEEDS), "--log-every",
-                                                str(TINY.num_updates), "--no-progress"]
-
-
-def _run(run_dir):
-    """TINY through the CLI entry point: SEEDS seeds in one chunk, then evaluate()."""
-    return rotation.main(RUN_ARGS + ["--run-dir", str(run_dir)])
+# one chunk per epoch (one compiled program), so the purity test reruns one epoch, not the
+# run (--fast-compile: the chunk compiles in half the time and runs 4x slower, 74 CPU-s for
+# the run instead of 43)
+RUN_ARGS = cli_args(TINY, rotation.Config()) + [
+    "--num-seeds", str(SEEDS), "--log-every", str(TINY.steps_per_epoch), "--no-progress"]
 
 
 @pytest.fixture(scope="module")
-def quick_run(tmp_path_factory):
-    return _run(tmp_path_factory.mktemp("rot"))
+def recorded_run(tmp_path_factory):
+    """TINY through the CLI entry point, once: SEEDS seeds in chunks of one epoch (one
+    compiled program), then evaluate(); with the compiled chunks and their inputs."""
+    return main_recording_chunks(rotation.main, RUN_ARGS + [
+        "--run-dir", str(tmp_path_factory.mktemp("rot"))])
+
+
+@pytest.fixture(scope="module")
+def quick_run(recorded_run):
+    return recorded_run[0]
 
 
 def _at_init(cfg):
@@ -146,9 +153,11 @@ def test_random_rotation_labels_learn_nothing(quick_run, monkeypatch):
     assert (quick_run.final["knn_few"] >= init["knn_few"] + 0.08).all()
 
 
-def test_train_is_pure_and_cli_writes_its_files(quick_run, tmp_path, capsys):
-    """Same keys: bit-identical a second time (the persistent compilation cache serves the
-    program); the two seeds differ; the run wrote its files; --help documents every field."""
+def test_train_is_pure_and_cli_writes_its_files(recorded_run, capsys):
+    """Same keys: the runner's initial states of seed 0 again, and its first chunk (one
+    epoch) rerun from them, are bit-identical to the run's; the two seeds differ; the run
+    wrote its files; --help documents every field."""
+    quick_run, chunks = recorded_run
     with pytest.raises(SystemExit):
         rotation.main(["--help"])
     out = capsys.readouterr().out
@@ -160,9 +169,13 @@ def test_train_is_pure_and_cli_writes_its_files(quick_run, tmp_path, capsys):
     assert h.shape == (SEEDS, TINY.num_updates) and np.isfinite(h).all()
     assert h[:, -5:].mean() < h[:, :5].mean()  # the pretext loss falls
     assert not np.array_equal(h[0], h[1])
-    again = _run(tmp_path)
-    jax.tree.map(np.testing.assert_array_equal, quick_run.state.params, again.state.params)
-    np.testing.assert_array_equal(h, again.history["losses/rotation"])
+    first_chunk, first_input = chunks[0]
+    assert len(chunks) == TINY.num_epochs
+    jax.tree.map(np.testing.assert_array_equal, first_input,
+                 run.initial_states(rotation.init, TINY, 0, SEEDS))
+    state, metrics = first_chunk(first_input)
+    jax.tree.map(np.testing.assert_array_equal, state.params, chunks[1][1].params)
+    np.testing.assert_array_equal(h[:, :TINY.steps_per_epoch], metrics["losses/rotation"])
 
 
 def test_bad_values_fail_with_named_field(tmp_path):
