@@ -10,7 +10,8 @@ distinct positions visited by any env since the start; successes: finished episo
 positive return; first: environment steps (all envs) until the first of them. PPO with
 `int_coef = 0` is RND's file with the bonus switched off, A2C (no SIL) is SIL's file with
 no self-imitation steps; the disagreement agent is intrinsic-only, as in its paper (it
-ignores the reward)."""
+ignores the reward). Go-Explore returns to archived cells by restoring the simulator state,
+which no other row may do: its row is not on equal terms with the RL agents'."""
 
 import jax
 import numpy as np
@@ -38,6 +39,7 @@ METHODS = {
     "Bootstrapped DQN + priors": Method("exploration.bootstrapped_dqn", QUICK),
     "A2C (no SIL)": Method("exploration.sil", (*QUICK, "--sil-updates", "0")),
     "A2C + SIL": Method("exploration.sil", QUICK),
+    "Go-Explore (phase 1)": Method("exploration.go_explore", QUICK),
 }
 
 
