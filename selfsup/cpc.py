@@ -46,7 +46,13 @@ already probe digits at 0.73-0.91, so only the comparison says anything.
 Reproduce (CPU demos):
     python selfsup/cpc.py --preset quick --plot selfsup/cpc.png   # image CPC, 32x32 digits
     python selfsup/cpc.py --preset quick_seq                     # sequence CPC
-Measured: see selfsup/README.md (the row for CPC) and the quick-run numbers below.
+Measured (`quick`, 1 seed, 600 steps of 32 images, 15 min wall / 148 CPU s on a heavily
+loaded 2-core CPU): contrastive accuracy 0.18 (chance 1/1568), held-out batch 0.17; probes
+on the 797 held-out digits, CPC vs the same encoder at random init: linear 0.892 vs 0.848
+(all labels), 0.748 vs 0.668 (10 per class); k-NN 0.684 vs 0.581, 0.354 vs 0.202 (the
+picture: selfsup/cpc.png). Sequence mode (tests' 40-step TINY, 2 seeds): accuracy 7.7 and
+9.6 x chance, linear probe of the pitch 0.57 0.67 vs 0.48 0.51 at init; positives from
+another sequence (broken) stay at 2.2 x chance.
 Paper settings (GPU): `--preset paper` (image CPC of [1] Sec. 3.2 on the digits resized to
 256 x 256, ResNet-v2-101's first three stacks, 7 x 7 grid, k = 1..5) and `--preset audio`
 ([1] Sec. 3.1 sizes: 20480-sample windows, strides 5,4,2,2,2, kernels 10,8,4,4,4, 512
@@ -312,7 +318,7 @@ class SeqEncoder(nn.Module):
 
     @nn.compact
     def __call__(self, x):
-        for k, s in zip(self.kernels, self.strides):
+        for k, s in zip(self.kernels, self.strides, strict=True):
             x = nn.relu(_conv(self.channels, (k, 1), (s, 1), shift=self.shift,
                               dtype=self.dtype)(x))
         return x
@@ -519,12 +525,16 @@ def evaluate(state: State, cfg: Config):
     contrastive accuracy of one held-out batch ("cpc_acc_test")."""
     tr_x, tr_y, te_x, te_y = probe_data(cfg)
     classes = 10 if cfg.mode == "image" else cfg.seq_classes
-    out = {}
-    for prefix, params in (("", state.params), ("init_", state.init_params)):
-        out.update(probe.probe(jax.random.PRNGKey(0), features(params, tr_x, cfg), tr_y,
-                               features(params, te_x, cfg), te_y, classes,
-                               cfg.probe_per_class, cfg.knn_k, cfg.knn_temperature,
-                               cfg.probe_l2, prefix=prefix))
+
+    def probes(params):
+        return probe.probe(jax.random.PRNGKey(0), features(params, tr_x, cfg), tr_y,
+                           features(params, te_x, cfg), te_y, classes, cfg.probe_per_class,
+                           cfg.knn_k, cfg.knn_temperature, cfg.probe_l2)
+
+    # trained and initial networks through one vmapped program (half the compile)
+    both = jax.vmap(probes)(jax.tree.map(lambda a, b: jnp.stack([a, b]), state.params,
+                                         state.init_params))
+    out = {k: v[0] for k, v in both.items()} | {"init_" + k: v[1] for k, v in both.items()}
     z, preds = CPC(cfg).apply({"params": state.params}, te_x[:cfg.batch_size])
     out["cpc_acc_test"] = cpc_loss(z, preds, cfg)[1]
     return out

@@ -37,7 +37,8 @@ def test_info_nce_by_hand_and_k_step_shift():
     1/2 (row 1's argmax is the first of a tie). cpc_loss on random z and predictions equals
     a loop over every context (b, t, s) and offset k of -log softmax over all B T S targets
     at the target (b, t + k, s). With one-hot z and predictions 10 z_{t+k}, accuracy is 1;
-    a shift by k - 1 drops it. Mutation tried: labels (bb * t + tt + k - 1) fail both."""
+    a shift by k - 1 drops it. Mutation tried: labels (bb * t + tt + k - 1) fail (at the
+    loop check)."""
     loss, acc = jax.jit(cpc.info_nce)(jnp.array([[1.0, 0], [0, 2]]),
                                       jnp.array([[1.0, 0], [0, 1], [1, 1]]), jnp.array([2, 1]))
     e = np.e
@@ -101,8 +102,8 @@ def test_gru_context_is_causal_and_sequences_carry_the_pitch(tiny_run):
     """Sequence mode: d c_t / d z_t' = 0 for t' > t (the GRU reads the past only) and the
     encoder gives seq_length / prod(strides) = 8 frames. The procedural signals without
     noise: the strongest frequency of each is the class pitch f_y = 0.02 + 0.18 y / 9 or its
-    second harmonic (within one FFT bin of 1024 samples). Mutation tried: c from a bidirectional pass (z reversed and added)
-    fails the causality check."""
+    second harmonic (within one FFT bin of 1024 samples). No mutation tried here: the GRU is
+    causal by construction; the check guards against a bidirectional context."""
     params = jax.tree.map(lambda a: a[0], tiny_run.state.params)  # seed 0, trained
     net = cpc.CPC(TINY)
     z = jax.random.normal(jax.random.PRNGKey(1), (1, 8, 1, 16))
