@@ -10,9 +10,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from common import parallel, run
+from common import run
 from selfsup import moco
 from tests.common.cli import cli_args
+from tests.common.compiled import compiled, main_recording_chunks
 from tests.common.config_fields import unread_fields
 from tests.common.preset import trace_paper
 
@@ -68,7 +69,6 @@ def test_queue_is_fifo_with_wrap_around():
     np.testing.assert_array_equal(queue[:, 0], [4, 4, 2, 2, 3, 3])
 
 
-@jax.jit
 def _keys(state, k_batch, k_aug, k_shuffle):
     idx = jax.random.choice(k_batch, TINY.num_train, (TINY.batch_size,), replace=False)
     _, x_k = moco.make_views(k_aug, jnp.asarray(moco.images(TINY)[0])[idx], TINY)
@@ -79,15 +79,13 @@ def _keys(state, k_batch, k_aug, k_shuffle):
 
 
 @pytest.fixture(scope="module")
-def one_step(quick_run):
-    """Seed 0 before and after its first update, by the runner's own init and one-update
-    chunk (the CLI run's programs: the persistent compilation cache serves both)."""
-    states = run.initial_states(moco.init, TINY, 0, SEEDS)
-    before = jax.device_get(states)
-    chunk = run.make_chunk(moco.update, TINY, 1, parallel.seed_sharding(SEEDS), SEEDS)
-    after, metrics = chunk(states)
+def one_step(recorded_run):
+    """Seed 0 before and after its first update in the CLI run (the inputs of its first and
+    second one-update chunks), and the first update's metrics: nothing compiles again."""
+    quick_run, chunks = recorded_run
     first = lambda t: jax.tree.map(lambda x: np.asarray(x)[0], t)  # noqa: E731
-    return first(before), first(after), {k: v[0, 0] for k, v in jax.device_get(metrics).items()}
+    return (first(chunks[0][1]), first(chunks[1][1]),
+            {k: v[0, 0] for k, v in quick_run.history.items()})
 
 
 def test_one_update_moves_queue_key_encoder_and_query_encoder(one_step):
@@ -107,7 +105,8 @@ def test_one_update_moves_queue_key_encoder_and_query_encoder(one_step):
     # same functions (views, EMA, shuffled per-sub-batch BN) with the update's key split
     _, k_batch, k_aug, k_shuffle = jax.random.split(state.key, 4)
     np.testing.assert_allclose(after.queue[:TINY.batch_size],
-                               _keys(state, k_batch, k_aug, k_shuffle), rtol=1e-4, atol=1e-5)
+                               compiled(_keys, state, k_batch, k_aug, k_shuffle), rtol=1e-4,
+                               atol=1e-5)
     assert not np.allclose(after.params_q["fc"]["kernel"], state.params_q["fc"]["kernel"])
     assert np.isfinite(float(metrics["losses/info_nce"]))
 
@@ -120,12 +119,15 @@ def test_shuffled_key_batch_is_unshuffled(one_step):
     state = one_step[0]
     x = jnp.asarray(moco.images(TINY)[0][:TINY.batch_size])
     perm = jax.random.permutation(jax.random.PRNGKey(1), TINY.batch_size)
-    enc = jax.jit(lambda x, perm, splits: moco.encode(moco.network(TINY), state.params_k,
-                                                      state.stats_k, x, splits, perm)[1],
-                  static_argnums=2)
-    np.testing.assert_allclose(enc(x, perm, 1), enc(x, jnp.arange(TINY.batch_size), 1),
-                               rtol=1e-4, atol=1e-5)
-    assert not np.allclose(enc(x, perm, 4), enc(x, jnp.arange(TINY.batch_size), 4), atol=1e-4)
+    ident = jnp.arange(TINY.batch_size)
+
+    def keys(splits):  # the keys of x permuted and of x in order, one program per `splits`
+        return compiled(lambda x, perm: [moco.encode(moco.network(TINY), state.params_k,
+                                                     state.stats_k, x, splits, p)[1]
+                                         for p in (perm, ident)], x, perm)
+
+    np.testing.assert_allclose(*keys(1), rtol=1e-4, atol=1e-5)
+    assert not np.allclose(*keys(4), atol=1e-4)
 
 
 def test_schedules_of_v1_and_v2():
@@ -143,13 +145,23 @@ RUN_ARGS = cli_args(TINY, moco.Config()) + ["--num-seeds", str(SEEDS), "--log-ev
 
 
 @pytest.fixture(scope="module")
-def quick_run(tmp_path_factory):
-    return moco.main(RUN_ARGS + ["--run-dir", str(tmp_path_factory.mktemp("moco"))])
+def recorded_run(tmp_path_factory):
+    """TINY through the CLI entry point, once (SEEDS seeds, one-update chunks), with its
+    compiled chunks and their inputs."""
+    return main_recording_chunks(moco.main, RUN_ARGS + [
+        "--run-dir", str(tmp_path_factory.mktemp("moco"))])
 
 
-def test_train_is_pure_and_cli_writes_its_files(quick_run, tmp_path, capsys):
-    """Same keys: bit-identical a second time; the two seeds differ; the run wrote its
-    files; --help documents every field."""
+@pytest.fixture(scope="module")
+def quick_run(recorded_run):
+    return recorded_run[0]
+
+
+def test_train_is_pure_and_cli_writes_its_files(recorded_run, capsys):
+    """Same keys: the runner's initial states of seed 0 again, and its first update rerun
+    from them by the run's compiled chunk, are bit-identical to the run's; the two seeds
+    differ; the run wrote its files; --help documents every field."""
+    quick_run, chunks = recorded_run
     with pytest.raises(SystemExit):
         moco.main(["--help"])
     out = capsys.readouterr().out
@@ -162,14 +174,16 @@ def test_train_is_pure_and_cli_writes_its_files(quick_run, tmp_path, capsys):
     assert not np.array_equal(h[0], h[1])
     for k in ("linear", "linear_few", "knn", "knn_few"):
         assert np.isfinite(quick_run.final[k]).all()
-    again = moco.main(RUN_ARGS + ["--run-dir", str(tmp_path)])
-    jax.tree.map(np.testing.assert_array_equal, quick_run.state.params_q, again.state.params_q)
-    np.testing.assert_array_equal(quick_run.state.queue, again.state.queue)
-    np.testing.assert_array_equal(h, again.history["losses/info_nce"])
+    assert len(chunks) == TINY.num_updates
+    jax.tree.map(np.testing.assert_array_equal, chunks[0][1],
+                 run.initial_states(moco.init, TINY, 0, SEEDS))
+    state, metrics = chunks[0][0](jax.tree.map(jnp.copy, chunks[0][1]))
+    jax.tree.map(np.testing.assert_array_equal, state, chunks[1][1])
+    np.testing.assert_array_equal(h[:, :1], metrics["losses/info_nce"])
 
 
 def test_momentum_encoder_keeps_the_queue_consistent_and_m0_does_not(quick_run):
-    """Behaviour at TINY (124 steps, K = 256; chance 1/257 = 0.004), 2 seeds, against the
+    """Behaviour at TINY (62 steps, K = 256; chance 1/257 = 0.004), 2 seeds, against the
     broken variant m = 0 ([1] Fig. 5: the key encoder is the query encoder at every step,
     the queue's keys come from many different encoders, training fails). Measured on a
     loaded 2-core CPU, contrastive accuracy over the last 10 updates: MoCo 0.053 0.047,
