@@ -24,7 +24,8 @@ positions of all sequences or images, [2] App. pseudo-code), so N = batch * posi
   probed from the time-averaged context c_t.
 - "image" ([1] Sec. 3.2, [2]): the image is cut into an overlapping G x G grid of patches
   (side patch_size, stride patch_stride; 256 -> 7 x 7 of 64 at stride 32 in [1]); a
-  pre-activation ResNet without normalisation ([1]: "We did not use Batch-Norm") encodes
+  pre-activation ResNet without normalisation ([1], as recalled: "We did not use
+  Batch-Norm"; [2] finds BN harmful to CPC and uses layer norm) encodes
   each patch to z_{i,j}; the context c_{i,j} = g_ar(z_{u,v}, u <= i) comes from [2]'s masked
   PixelCNN: residual blocks of 1x1 conv, ReLU, 1x3 conv, a 2x1 conv over rows (i - 1, i) of
   the top-padded map, ReLU, 1x1 conv; so c_{i,j} never reads a row below i, and the target
@@ -58,8 +59,8 @@ Paper settings (GPU): `--preset paper` (image CPC of [1] Sec. 3.2 on the digits 
 ([1] Sec. 3.1 sizes: 20480-sample windows, strides 5,4,2,2,2, kernels 10,8,4,4,4, 512
 channels, GRU 256, k = 1..12, Adam 2e-4, batch 8, on the procedural signals).
 [1] Table 3: ImageNet linear top-1 48.7% (ResNet-v2-101); Table 1 (LibriSpeech): phone
-classification 64.6%, speaker classification 97.4%. [2] (ICML 2020 version): 71.5% top-1
-(ResNet-161), 63.8% (ResNet-50).
+classification 64.6%, speaker classification 97.4% (all as recalled, not re-read here).
+[2] (ICML 2020 version): 71.5% top-1 (ResNet-161), 63.8% (ResNet-50).
 
 Differences from the paper:
 - Data: no ImageNet or LibriSpeech offline. Images are scikit-learn's digits (1,000 train,
