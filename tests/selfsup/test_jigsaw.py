@@ -13,6 +13,7 @@ import pytest
 from common import run
 from selfsup import jigsaw
 from tests.common.cli import cli_args
+from tests.common.compiled import main_recording_chunks
 from tests.common.config_fields import unread_fields
 from tests.common.preset import trace_paper
 
@@ -150,18 +151,26 @@ def test_color_measures_and_lrn_by_hand():
     np.testing.assert_allclose(jigsaw.lrn(jnp.asarray(v)), want, rtol=1e-6)
 
 
-RUN_ARGS = cli_args(TINY, jigsaw.Config()) + ["--num-seeds", str(SEEDS), "--log-every",
-                                              str(TINY.num_updates), "--no-progress"]
+JIG_CHUNK = 10
+"""updates per chunk: the purity test reruns the first chunk, not the run"""
 
-
-def _run(run_dir, extra=()):
-    """TINY through the CLI entry point: SEEDS seeds in one chunk, then evaluate()."""
-    return jigsaw.main(RUN_ARGS + ["--run-dir", str(run_dir), *extra])
+RUN_ARGS = cli_args(TINY, jigsaw.Config()) + [
+    "--num-seeds", str(SEEDS), "--log-every", str(JIG_CHUNK), "--no-progress"]
 
 
 @pytest.fixture(scope="module")
-def quick_run(tmp_path_factory):
-    return _run(tmp_path_factory.mktemp("jig"))
+def recorded_run(tmp_path_factory):
+    """TINY through the CLI entry point, once, with --plot: SEEDS seeds in chunks of
+    JIG_CHUNK updates (one compiled program), then evaluate(); with the compiled chunks and
+    their inputs."""
+    run_dir = tmp_path_factory.mktemp("jig")
+    return main_recording_chunks(jigsaw.main, RUN_ARGS + [
+        "--run-dir", str(run_dir), "--plot", str(run_dir / "p.png")])
+
+
+@pytest.fixture(scope="module")
+def quick_run(recorded_run):
+    return recorded_run[0]
 
 
 def _at_init(cfg):
@@ -212,10 +221,11 @@ def test_tiles_in_cell_order_learn_nothing(quick_run, monkeypatch):
     assert (quick_run.final["jigsaw_acc_test"] >= 0.3).all()
 
 
-def test_train_is_pure_and_cli_writes_its_files(quick_run, tmp_path, capsys):
-    """Same keys: bit-identical a second time (the persistent compilation cache serves the
-    program); the two seeds differ; the run wrote its files and the plot; --help documents
-    every field."""
+def test_train_is_pure_and_cli_writes_its_files(recorded_run, capsys):
+    """Same keys: the runner's initial states of seed 0 again, and its first chunk rerun
+    from them, are bit-identical to the run's; the two seeds differ; the run wrote its files
+    and the plot; --help documents every field."""
+    quick_run, chunks = recorded_run
     with pytest.raises(SystemExit):
         jigsaw.main(["--help"])
     out = capsys.readouterr().out
@@ -227,11 +237,15 @@ def test_train_is_pure_and_cli_writes_its_files(quick_run, tmp_path, capsys):
     assert h.shape == (SEEDS, TINY.num_updates) and np.isfinite(h).all()
     assert h[:, -5:].mean() < h[:, :5].mean()  # the pretext loss falls
     assert not np.array_equal(h[0], h[1])
-    png = tmp_path / "p.png"
-    again = _run(tmp_path / "again", ["--plot", str(png)])
-    assert png.stat().st_size > 1000
-    jax.tree.map(np.testing.assert_array_equal, quick_run.state.params, again.state.params)
-    np.testing.assert_array_equal(h, again.history["losses/jigsaw"])
+    assert (quick_run.run_dir / "p.png").stat().st_size > 1000
+    n = JIG_CHUNK
+    first_chunk, first_input = chunks[0]
+    assert len(chunks) == TINY.num_updates // n
+    jax.tree.map(np.testing.assert_array_equal, first_input,
+                 run.initial_states(jigsaw.init, TINY, 0, SEEDS))
+    state, metrics = first_chunk(first_input)
+    jax.tree.map(np.testing.assert_array_equal, state.params, chunks[1][1].params)
+    np.testing.assert_array_equal(h[:, :n], metrics["losses/jigsaw"])
 
 
 def test_bad_values_fail_with_named_field(tmp_path):
