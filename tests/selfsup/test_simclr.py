@@ -13,6 +13,7 @@ import pytest
 from common import run
 from selfsup import simclr
 from tests.common.cli import cli_args
+from tests.common.compiled import main_recording_chunks
 from tests.common.config_fields import unread_fields
 from tests.common.preset import trace_paper
 
@@ -85,18 +86,22 @@ def test_views_are_two_different_augmentations_of_each_image():
     assert 0.0 <= float(v1.min()) and float(v1.max()) <= 1.0
 
 
-RUN_ARGS = cli_args(TINY, simclr.Config()) + ["--num-seeds", str(SEEDS), "--log-every",
-                                              str(TINY.num_updates), "--no-progress"]
-
-
-def _run(run_dir):
-    """TINY through the CLI entry point: SEEDS seeds in one chunk, then evaluate()."""
-    return simclr.main(RUN_ARGS + ["--run-dir", str(run_dir)])
+# one chunk per epoch (one compiled program): the purity test reruns one epoch, not the run
+RUN_ARGS = cli_args(TINY, simclr.Config()) + [
+    "--num-seeds", str(SEEDS), "--log-every", str(TINY.steps_per_epoch), "--no-progress"]
 
 
 @pytest.fixture(scope="module")
-def quick_run(tmp_path_factory):
-    return _run(tmp_path_factory.mktemp("simclr"))
+def recorded_run(tmp_path_factory):
+    """TINY through the CLI entry point, once: SEEDS seeds in chunks of one epoch (one
+    compiled program), then evaluate(); with the compiled chunks and their inputs."""
+    return main_recording_chunks(simclr.main, RUN_ARGS + [
+        "--run-dir", str(tmp_path_factory.mktemp("simclr"))])
+
+
+@pytest.fixture(scope="module")
+def quick_run(recorded_run):
+    return recorded_run[0]
 
 
 def _at_init(cfg):
@@ -157,9 +162,11 @@ def test_positives_from_other_images_learn_nothing(quick_run, monkeypatch):
     assert (real >= 3 * CHANCE).all(), real
 
 
-def test_train_is_pure_and_cli_writes_its_files(quick_run, tmp_path, capsys):
-    """Same keys: bit-identical a second time (the persistent compilation cache serves the
-    program); the two seeds differ; the run wrote its files; --help documents every field."""
+def test_train_is_pure_and_cli_writes_its_files(recorded_run, capsys):
+    """Same keys: the runner's initial states of seed 0 again, and its first chunk (one
+    epoch) rerun from them, are bit-identical to the run's; the two seeds differ; the run
+    wrote its files; --help documents every field."""
+    quick_run, chunks = recorded_run
     with pytest.raises(SystemExit):
         simclr.main(["--help"])
     out = capsys.readouterr().out
@@ -171,9 +178,13 @@ def test_train_is_pure_and_cli_writes_its_files(quick_run, tmp_path, capsys):
     assert h.shape == (SEEDS, TINY.num_updates) and np.isfinite(h).all()
     assert h[:, -5:].mean() < h[:, :5].mean()  # the contrastive loss falls
     assert not np.array_equal(h[0], h[1])
-    again = _run(tmp_path)
-    jax.tree.map(np.testing.assert_array_equal, quick_run.state.params, again.state.params)
-    np.testing.assert_array_equal(h, again.history["losses/nt_xent"])
+    first_chunk, first_input = chunks[0]
+    assert len(chunks) == TINY.num_epochs
+    jax.tree.map(np.testing.assert_array_equal, first_input,
+                 run.initial_states(simclr.init, TINY, 0, SEEDS))
+    state, metrics = first_chunk(first_input)
+    jax.tree.map(np.testing.assert_array_equal, state.params, chunks[1][1].params)
+    np.testing.assert_array_equal(h[:, :TINY.steps_per_epoch], metrics["losses/nt_xent"])
 
 
 def test_bad_values_fail_with_named_field(tmp_path):
