@@ -12,12 +12,17 @@ import numpy as np
 import pytest
 
 from metarl import nec
+from tests.common.cli import cli_args
 from tests.common.config_fields import unread_fields
 from tests.common.preset import trace_paper
 
-# ONE tiny configuration for the whole module: the quick preset (FourRooms, 200-step
-# episodes, 2 envs, 40 updates of 400 steps, 100 entries per action).
-TINY = nec.Config(**nec.PRESETS["quick"])
+QUICK = nec.Config(**nec.PRESETS["quick"])
+# ONE tiny configuration for the whole module (the equation tests that need a Config, the
+# gradient step and the CLI run): gymnax Catch (a reward of +-1 every 9 steps, so the loss
+# is not 0), 2 envs, 4 updates of 40 steps, 16 entries of 4-d keys per action, p = 4.
+TINY = dataclasses.replace(QUICK, env_id="Catch-bsuite", max_episode_steps=20, num_steps=20, total_timesteps=160,
+                           capacity=16, key_dim=4, hidden=(16,), num_neighbours=4, n_step=5,
+                           batch_size=8, replay_size=64, learning_starts=40, eval_envs=4)
 DELTA = 1e-3
 
 
@@ -67,6 +72,33 @@ def test_lookup_weighs_the_p_nearest_values_by_the_inverse_kernel():
     np.testing.assert_allclose(_q(one, jnp.array([[5.0, 5.0]]), False)[0][0, 0], 7.0, rtol=1e-6)
     empty = nec.dnd_init(1, 4, 2)
     np.testing.assert_allclose(_q(empty, jnp.array([[5.0, 5.0]]), False)[0][0, 0], 0.0)
+
+
+def test_an_empty_dnd_estimates_zero_with_a_zero_gradient():
+    """Regression ([1] Eq. 1 on an action whose DND holds no entry yet): Q = 0, and the
+    gradient of a loss on it, in h and in the gathered keys, is 0, not NaN. The former
+    normalisation k / max(sum k, 1e-30) has the derivative -k / 1e-60 = 0 * inf = NaN where
+    sum k = 0, which reaches the embedding's params (a suspect of an earlier quick run's
+    `charts/q_mean became nan`, not reproduced since). Mutation tried: that clamp put back (with the old
+    `* valid` mask): the op-by-op gradient is NaN; fails."""
+    d = _dnd([[1.0, 0.0]], [3.0], capacity=4)
+    d = jax.tree.map(lambda x: jnp.concatenate([x, jnp.zeros_like(x)]) if x.ndim else x, d)
+
+    def loss(h):  # squared error of both actions' estimates against 5
+        return ((nec.q_values(d, h, 2, DELTA, False)[0] - 5.0) ** 2).sum()
+
+    h = jnp.array([[0.0, 0.0]])
+    (_, q), g = jax.jit(jax.value_and_grad(
+        lambda h: (loss(h), nec.q_values(d, h, 2, DELTA, False)[0]), has_aux=True))(h)
+    np.testing.assert_allclose(q, [[3.0, 0.0]], rtol=1e-6)  # DND_0: its one value; DND_1: 0
+    np.testing.assert_allclose(g, np.zeros((1, 2)), atol=1e-5)  # one neighbour: w = 1
+    # op by op, as the runner's --debug-nans replay runs it (XLA's fused program happened to
+    # give 0 here even with the clamp; the replay got NaN)
+    w = jax.grad(lambda h, k: (nec.kernel_weights(h, k, jnp.zeros((1, 2), bool), DELTA, False)
+                               * jnp.array([[1.0, 2.0]])).sum(), argnums=(0, 1))
+    gh, gk = w(h, jnp.ones((1, 2, 2)))
+    np.testing.assert_array_equal(gh, np.zeros((1, 2)))
+    np.testing.assert_array_equal(gk, np.zeros((1, 2, 2)))
 
 
 def test_write_takes_the_tabular_step_on_a_stored_state_and_appends_otherwise():
@@ -137,31 +169,39 @@ def test_flush_writes_ended_episodes_and_sets_their_replay_targets():
     np.testing.assert_array_equal(ready, [True, False, True, False, True, False])
 
 
-def test_gradients_reach_the_embedding_and_the_dnd_entries_read():
+def test_gradients_reach_the_embedding_and_the_dnd_entries_read_and_stay_finite():
     """[1] Sec. 3: one gradient step (`train_step`) after learning_starts moves the
     embedding's params and the keys and values of the entries its lookups read, and no other
-    entry; before learning_starts nothing moves. Mutation tried: stop_gradient on the
-    gathered keys in loss_fn: the keys stay put; fails."""
-    cfg = dataclasses.replace(TINY, learning_starts=0, batch_size=4, num_neighbours=2,
-                              lr=1e-2)
-    s = jax.jit(nec.init, static_argnums=1)(jax.random.PRNGKey(0), cfg)
-    d = _dnd([[0.0] * 8, [1.0] * 8, [-1.0] * 8], [1.0, 2.0, 3.0], capacity=cfg.capacity)
-    d = jax.tree.map(lambda x: jnp.concatenate([x] * 4) if x.ndim and x.shape[0] == 1 else x, d)
-    rep = s.replay.replace(obs=s.replay.obs.at[:4].set(0.5), target=s.replay.target.at[:4].set(5.0),
-                           ready=s.replay.ready.at[:4].set(True), size=jnp.int32(4))
-    s = s.replace(dnd=d.replace(size=jnp.full(4, 3, jnp.int32)), replay=rep, time=jnp.int32(1))
-    step = jax.jit(lambda s, k: nec.train_step(s, k, cfg))
+    entry; before learning_starts nothing moves. Action 2's DND is empty and sampled rows
+    took action 2 (weight 1): its estimate is 0 with a zero gradient, and everything stays
+    finite. Regression: the normalisation k / max(sum k, 1e-30) had a NaN gradient there
+    (0 * 1e60 in the division's derivative), which made the params, then every Q, NaN on the
+    quick preset's first gradient steps; putting it back fails this test (tried).
+    Mutation tried: stop_gradient on the gathered keys in loss_fn: the keys stay put; fails."""
+    s = jax.jit(nec.init, static_argnums=1)(jax.random.PRNGKey(0), TINY)
+    keys = [[0.0] * 4, [1.0] * 4, [-1.0] * 4]
+    d = _dnd(keys, [1.0, 2.0, 3.0], capacity=TINY.capacity)
+    d = jax.tree.map(lambda x: jnp.concatenate([x] * 3) if x.ndim and x.shape[0] == 1 else x, d)
+    d = d.replace(size=jnp.array([3, 3, 0], jnp.int32))  # Catch's 3 actions; the last empty
+    d = d.replace(keys=d.keys.at[2].set(0.0), values=d.values.at[2].set(0.0))
+    n = TINY.batch_size
+    rep = s.replay.replace(obs=s.replay.obs.at[:n].set(0.5), target=s.replay.target.at[:n].set(5.0),
+                           action=s.replay.action.at[:n].set(jnp.minimum(jnp.arange(n), 2)),
+                           ready=s.replay.ready.at[:n].set(True), size=jnp.int32(n))
+    s = s.replace(dnd=d, replay=rep, time=jnp.int32(TINY.learning_starts))
+    step = jax.jit(lambda s, k: nec.train_step(s, k, TINY))
     s1, loss = step(s, jax.random.PRNGKey(1))
+    assert all(np.isfinite(x).all() for x in jax.tree.leaves((s1.params, s1.dnd, loss)))
     assert float(loss) > 0
     moved = lambda a, b: not np.allclose(a, b)  # noqa: E731
     assert moved(jax.tree.leaves(s1.params)[0], jax.tree.leaves(s.params)[0])
-    read = np.zeros((4, cfg.capacity), bool)
-    read[:, :3] = True  # every action's 3 entries hold the only keys (p = 2 of them read)
+    read = np.zeros((3, TINY.capacity), bool)
+    read[:2, :3] = True  # actions 0, 1 hold 3 keys each (all read: p = 4); action 2 none
     changed_v = ~np.isclose(s1.dnd.values, s.dnd.values)
     changed_k = ~np.isclose(s1.dnd.keys, s.dnd.keys).all(-1)
     assert changed_v.any() and changed_k.any() and not (changed_v & ~read).any()
-    s0, loss0 = step(s.replace(time=jnp.int32(0)).replace(
-        replay=rep.replace(ready=jnp.zeros_like(rep.ready))), jax.random.PRNGKey(1))
+    assert not (changed_k & ~read).any()
+    s0, loss0 = step(s.replace(time=jnp.int32(0)), jax.random.PRNGKey(1))
     assert float(loss0) == 0.0
     np.testing.assert_array_equal(s0.dnd.values, s.dnd.values)
 
@@ -185,67 +225,77 @@ def test_bad_values_fail_with_named_field(tmp_path):
 
 SEEDS = 4
 VARIANTS = ("NEC", "uniform kernel")
-RUN_ARGS = ["--preset", "quick", "--num-seeds", str(len(VARIANTS) * SEEDS), "--no-progress"]
 
 
-def _run(run_dir, *extra):
-    """TINY through `nec.main`, 2 x SEEDS seeds in ONE compiled program: seeds SEEDS..2S-1
-    weigh their p neighbours uniformly (the broken variant), each on its NEC twin's key."""
-    keys = jax.random.split(jax.random.PRNGKey(0), len(VARIANTS) * SEEDS)  # the runner's keys
+def _run(run_dir, cfg_args, seeds, twins, *extra):
+    """`nec.main` with `seeds` runner seeds in ONE compiled program; seed i starts from the
+    runner's key of seed i % twins, and the seeds from `twins` on with the uniform kernel
+    when `twins` is SEEDS (the slow gate: each broken twin on its NEC twin's key)."""
+    n = seeds
+    keys = jax.random.split(jax.random.PRNGKey(0), n)  # the runner's keys
     real = nec.init
 
     def init(key, cfg):
         i = jnp.argmax(jnp.all(key == keys, -1))
-        state = real(keys[i % SEEDS], cfg)
-        return state.replace(hyper=state.hyper.replace(mean_kernel=i >= SEEDS))
+        state = real(keys[i % twins], cfg)
+        mean = (i >= twins) if twins == SEEDS else False
+        return state.replace(hyper=state.hyper.replace(mean_kernel=jnp.asarray(mean)))
 
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(nec, "init", init)
-        return nec.main(RUN_ARGS + ["--run-dir", str(run_dir), *extra])
+        return nec.main([*cfg_args, "--num-seeds", str(n), "--no-progress",
+                         "--run-dir", str(run_dir), *extra])
 
 
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
-    """The first 4 updates only (the default tier's budget), in chunks of 2."""
-    return _run(tmp_path_factory.mktemp("nec"), "--num-updates", "4", "--log-every", "2")
+    """TINY through the CLI (`nec.main`), 3 seeds: seed 2 starts from seed 0's key."""
+    return _run(tmp_path_factory.mktemp("nec"), cli_args(TINY, QUICK, "quick"), 3, 2,
+                "--fast-compile", "--log-every", "2")
 
 
 @pytest.mark.slow
 def test_nec_learns_the_maze_where_uniform_weights_do_not(tmp_path):
-    """Behaviour (slow tier, ~2-3 min on a loaded 2-core CPU): FourRooms, goal 20 steps away,
-    200-step episodes, 16,000 steps per seed, 4 seeds; evaluated on 64 fresh episodes
-    (epsilon 0.05). Measured (CPU, jax 0.10.2), eval success rate:
-        NEC              0.30 0.98 0.00 0.00   (seeds 2, 3 found the goal too rarely by
-                                                 their random walk to latch onto it)
-        uniform kernel   0.00 0.00 0.00 0.00
-    With w_i = 1/p the p = 50 neighbours average half the maze and no path stands out."""
-    run = _run(tmp_path, "--log-every", "10")
+    """Behaviour (slow tier, ~3-4 min on a loaded 2-core CPU): the quick preset (FourRooms,
+    goal 20 steps away, 200-step episodes, 16,000 steps per seed), 4 seeds and their 4
+    uniform-kernel twins in one program; evaluated on 64 fresh episodes (epsilon 0.05).
+    Measured (CPU, jax 0.10.2), eval success rate:
+        NEC              SEE_NEC
+        uniform kernel   SEE_MEAN
+    With w_i = 1/p the p neighbours average a large part of the maze and no path stands out.
+    Mutation tried: MUTATION."""
+    run = _run(tmp_path, ["--preset", "quick"], len(VARIANTS) * SEEDS, SEEDS, "--log-every", "10")
     f, h = run.final, run.history
     ret = f["eval_return"]
     nec_r, mean_r = ret[:SEEDS], ret[SEEDS:]
     goals = np.nansum(h["charts/episodic_return"] * h["charts/episodes"], 1)
     print({"NEC": nec_r, "uniform": mean_r}, f["eval_length"], "goals", goals)
-    assert nec_r.max() >= 0.9 and (nec_r > 0.2).sum() >= 2, nec_r
+    assert (nec_r > 0.8).sum() >= 3, nec_r
     assert mean_r.max() < 0.2, mean_r
     assert goals[:SEEDS].sum() > 3 * max(goals[SEEDS:].sum(), 1), goals
 
 
-def test_train_is_pure_and_cli_writes_its_files(tiny_run, tmp_path, capsys):
-    """Same keys: bit-identical a second time (the same compiled chunks); seeds differ; the
-    run wrote its files; --help documents every field."""
+def test_train_is_pure_and_cli_writes_its_files(tiny_run, capsys):
+    """The tiny run (jitted chunks, 3 seeds vmapped): seed 2 (seed 0's key) is bit-identical
+    to seed 0, seed 1 differs; every metric finite; the run wrote its files; --help documents
+    every field."""
     with pytest.raises(SystemExit):
         nec.main(["--help"])
     out = capsys.readouterr().out
     for f in dataclasses.fields(nec.Config):
         assert "--" + f.name.replace("_", "-") in out, f.name
     assert (tiny_run.run_dir / "metrics.jsonl").exists()
-    q = tiny_run.history["charts/q_mean"]
-    assert q.shape == (len(VARIANTS) * SEEDS, 4) and np.isfinite(q).all()
-    assert not np.array_equal(h := tiny_run.history["charts/dnd_fill"][0], tiny_run.history[
-        "charts/dnd_fill"][1]), h
-    again = _run(tmp_path, "--num-updates", "4", "--log-every", "2")
-    for k, v in again.history.items():
-        np.testing.assert_array_equal(v, tiny_run.history[k], err_msg=k)
+    assert (tiny_run.run_dir / "summary.json").exists()
+    h = tiny_run.history
+    assert h["charts/q_mean"].shape == (3, 4)
+    assert np.isfinite(h["charts/q_mean"]).all() and np.isfinite(h["losses/q_loss"]).all()
+    assert (h["losses/q_loss"][:, 1:] > 0).all()  # gradient steps ran from update 1
+    for k, v in h.items():
+        np.testing.assert_array_equal(v[2], v[0], err_msg=k)
+    assert not np.array_equal(h["charts/q_mean"][0], h["charts/q_mean"][1])
+    assert not np.array_equal(h["charts/dnd_fill"][0], h["charts/dnd_fill"][1])
+    np.testing.assert_array_equal(tiny_run.final["eval_return"][2],
+                                  tiny_run.final["eval_return"][0])
 
 
 def test_every_config_field_is_read():
