@@ -223,8 +223,9 @@ def test_tiles_in_cell_order_learn_nothing(quick_run, monkeypatch):
 
 def test_train_is_pure_and_cli_writes_its_files(recorded_run, capsys):
     """Same keys: the runner's initial states of seed 0 again, and its first chunk rerun
-    from them, are bit-identical to the run's; the two seeds differ; the run wrote its files
-    and the plot; --help documents every field."""
+    from them, are bit-identical to the run's (mutation tried: host-side noise on the loss,
+    an impure update, fails here); the two seeds differ; the run wrote its files and the
+    plot; --help documents every field."""
     quick_run, chunks = recorded_run
     with pytest.raises(SystemExit):
         jigsaw.main(["--help"])
