@@ -20,24 +20,25 @@ QUICK = nec.Config(**nec.PRESETS["quick"])
 # ONE tiny configuration for the whole module (the equation tests that need a Config, the
 # gradient step and the CLI run): gymnax Catch (a reward of +-1 every 9 steps, so the loss
 # is not 0), 2 envs, 4 updates of 40 steps, 16 entries of 4-d keys per action, p = 4.
-TINY = dataclasses.replace(QUICK, env_id="Catch-bsuite", max_episode_steps=20, num_steps=20, total_timesteps=160,
-                           capacity=16, key_dim=4, hidden=(16,), num_neighbours=4, n_step=5,
-                           batch_size=8, replay_size=64, learning_starts=40, eval_envs=4)
+TINY = dataclasses.replace(QUICK, env_id="Catch-bsuite", max_episode_steps=20, num_steps=20,
+                           total_timesteps=160, capacity=16, key_dim=4, hidden=(16,),
+                           num_neighbours=4, n_step=5, batch_size=8, replay_size=64,
+                           learning_starts=40, eval_envs=4)
 DELTA = 1e-3
 
 
 def _dnd(keys, values, hashes=None, last_used=None, capacity=None):
-    """One-action DND holding `keys` (n, F) with `values`, padded to `capacity`."""
+    """One-action DND holding `keys` (n, F) with `values`, padded to `capacity` (numpy: no
+    eager device op to compile)."""
     keys, values = np.asarray(keys, np.float32), np.asarray(values, np.float32)
     n, f = keys.shape
     c = capacity or n
-    d = nec.dnd_init(1, c, f)
-    hashes = np.arange(1, n + 1) if hashes is None else np.asarray(hashes)
-    used = np.zeros(n) if last_used is None else np.asarray(last_used)
-    return d.replace(keys=d.keys.at[0, :n].set(keys), values=d.values.at[0, :n].set(values),
-                     hashes=d.hashes.at[0, :n].set(hashes.astype(np.uint32)),
-                     last_used=d.last_used.at[0, :n].set(used.astype(np.int32)),
-                     size=jnp.array([n], jnp.int32))
+    pad = lambda x, dtype: np.pad(np.asarray(x, dtype), [(0, c - n)] + [(0, 0)] * (np.ndim(x) - 1))[None]  # noqa: E501,E731
+    return nec.DND(pad(keys, np.float32), pad(values, np.float32),
+                   pad(np.arange(1, n + 1) if hashes is None else hashes, np.uint32),
+                   pad(np.zeros(n) if last_used is None else last_used, np.int32),
+                   np.array([n], np.int32), np.zeros((1, c, f), np.float32),
+                   np.zeros((1, c), np.float32))
 
 
 @jax.jit
@@ -79,10 +80,10 @@ def test_an_empty_dnd_estimates_zero_with_a_zero_gradient():
     gradient of a loss on it, in h and in the gathered keys, is 0, not NaN. The former
     normalisation k / max(sum k, 1e-30) has the derivative -k / 1e-60 = 0 * inf = NaN where
     sum k = 0, which reaches the embedding's params (a suspect of an earlier quick run's
-    `charts/q_mean became nan`, not reproduced since). Mutation tried: that clamp put back (with the old
-    `* valid` mask): the op-by-op gradient is NaN; fails."""
+    `charts/q_mean became nan`, not reproduced since). Mutation tried: that clamp put back
+    (with the old `* valid` mask): the op-by-op gradient is NaN; fails."""
     d = _dnd([[1.0, 0.0]], [3.0], capacity=4)
-    d = jax.tree.map(lambda x: jnp.concatenate([x, jnp.zeros_like(x)]) if x.ndim else x, d)
+    d = jax.tree.map(lambda x: np.concatenate([x, np.zeros_like(x)]), d)  # DND_1 empty
 
     def loss(h):  # squared error of both actions' estimates against 5
         return ((nec.q_values(d, h, 2, DELTA, False)[0] - 5.0) ** 2).sum()
@@ -121,7 +122,7 @@ def test_a_full_dnd_replaces_its_least_recently_used_entry():
     """Capacity 3, last used at times 5, 2, 7: a new hash at time 9 replaces slot 1 (and
     zeroes its RMSProp moments); a stored hash still takes the tabular step."""
     d = _dnd([[0.0], [1.0], [2.0]], [1, 2, 3], hashes=[11, 12, 13], last_used=[5, 2, 7])
-    d = d.replace(key_ms=jnp.ones_like(d.key_ms), value_ms=jnp.ones_like(d.value_ms))
+    d = d.replace(key_ms=np.ones_like(d.key_ms), value_ms=np.ones_like(d.value_ms))
     d1 = _write(d, jnp.array([5.0]), 99, 9.0, 9)
     np.testing.assert_array_equal(d1.keys[0, :, 0], [0.0, 5.0, 2.0])
     np.testing.assert_array_equal(d1.values[0], [1, 9, 3])
@@ -169,26 +170,27 @@ def test_flush_writes_ended_episodes_and_sets_their_replay_targets():
     np.testing.assert_array_equal(ready, [True, False, True, False, True, False])
 
 
-def test_gradients_reach_the_embedding_and_the_dnd_entries_read_and_stay_finite():
+def test_gradients_reach_the_embedding_and_the_dnd_entries_read_and_stay_finite(tiny_run):
     """[1] Sec. 3: one gradient step (`train_step`) after learning_starts moves the
     embedding's params and the keys and values of the entries its lookups read, and no other
     entry; before learning_starts nothing moves. Action 2's DND is empty and sampled rows
     took action 2 (weight 1): its estimate is 0 with a zero gradient, and everything stays
-    finite. Regression: the normalisation k / max(sum k, 1e-30) had a NaN gradient there
-    (0 * 1e60 in the division's derivative), which made the params, then every Q, NaN on the
-    quick preset's first gradient steps; putting it back fails this test (tried).
-    Mutation tried: stop_gradient on the gathered keys in loss_fn: the keys stay put; fails."""
-    s = jax.jit(nec.init, static_argnums=1)(jax.random.PRNGKey(0), TINY)
-    keys = [[0.0] * 4, [1.0] * 4, [-1.0] * 4]
-    d = _dnd(keys, [1.0, 2.0, 3.0], capacity=TINY.capacity)
-    d = jax.tree.map(lambda x: jnp.concatenate([x] * 3) if x.ndim and x.shape[0] == 1 else x, d)
-    d = d.replace(size=jnp.array([3, 3, 0], jnp.int32))  # Catch's 3 actions; the last empty
-    d = d.replace(keys=d.keys.at[2].set(0.0), values=d.values.at[2].set(0.0))
-    n = TINY.batch_size
-    rep = s.replay.replace(obs=s.replay.obs.at[:n].set(0.5), target=s.replay.target.at[:n].set(5.0),
-                           action=s.replay.action.at[:n].set(jnp.minimum(jnp.arange(n), 2)),
-                           ready=s.replay.ready.at[:n].set(True), size=jnp.int32(n))
-    s = s.replace(dnd=d, replay=rep, time=jnp.int32(TINY.learning_starts))
+    finite (the op-by-op NaN of the former normalisation is caught by the test above; XLA's
+    fused step happened to stay finite with it). The state is the tiny run's seed 0 (no
+    init compile) with a hand-made DND and replay. Mutation tried: stop_gradient on the
+    gathered keys in loss_fn: the keys stay put; fails."""
+    s = jax.tree.map(lambda x: np.array(np.asarray(x)[0]), tiny_run.state)  # seed 0, numpy
+    a, c, f = s.dnd.keys.shape
+    keys, values = np.zeros((a, c, f), np.float32), np.zeros((a, c), np.float32)
+    keys[:2, :3] = [[0.0] * f, [1.0] * f, [-1.0] * f]
+    values[:2, :3] = [1.0, 2.0, 3.0]
+    d = nec.DND(keys, values, np.zeros((a, c), np.uint32), np.zeros((a, c), np.int32),
+                np.array([3, 3, 0], np.int32), np.zeros_like(keys), np.zeros_like(values))
+    n, rep = TINY.batch_size, s.replay  # Catch: 3 actions, the last one's DND empty
+    rep.obs[:n], rep.target[:n], rep.action[:n], rep.ready[:] = 0.5, 5.0, np.minimum(
+        np.arange(n), 2), np.arange(len(rep.ready)) < n
+    s = s.replace(dnd=d, replay=rep.replace(size=np.int32(n), pos=np.int32(n)),
+                  time=np.int32(TINY.learning_starts))
     step = jax.jit(lambda s, k: nec.train_step(s, k, TINY))
     s1, loss = step(s, jax.random.PRNGKey(1))
     assert all(np.isfinite(x).all() for x in jax.tree.leaves((s1.params, s1.dnd, loss)))
@@ -201,7 +203,7 @@ def test_gradients_reach_the_embedding_and_the_dnd_entries_read_and_stay_finite(
     changed_k = ~np.isclose(s1.dnd.keys, s.dnd.keys).all(-1)
     assert changed_v.any() and changed_k.any() and not (changed_v & ~read).any()
     assert not (changed_k & ~read).any()
-    s0, loss0 = step(s.replace(time=jnp.int32(0)), jax.random.PRNGKey(1))
+    s0, loss0 = step(s.replace(time=np.int32(0)), jax.random.PRNGKey(1))
     assert float(loss0) == 0.0
     np.testing.assert_array_equal(s0.dnd.values, s.dnd.values)
 
