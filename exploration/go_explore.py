@@ -6,50 +6,60 @@
 [2] The same authors. "First return, then explore." Nature 590 (2021), arXiv:2004.12919.
 
 Phase 1 keeps an archive of cells. A cell is a coarse, discretised state: the downscaled
-frame (8 x 11 grey pixels with 8 intensity levels, [1] Sec. 3.1) or, with domain knowledge,
-the agent's position (here: the (row, col) of the grid envs). Each cell stores the best
-trajectory found to it: its score, its length and the simulator state at its end, plus
-four visit counts. One round, for each of a batch of explorers:
+frame (8 x 11 grey pixels with 8 intensity levels, [1] Sec. 2.1 [M]) or, with domain
+knowledge, the agent's position (here: the (row, col) of the grid envs). Each cell stores
+the best trajectory found to it: its score, its length and the simulator state at its end,
+plus four visit counts. One round, for each of a batch of explorers:
 
-    select   P(c) = W(c) / sum_c' W(c')                                          [1] Sec. 3.1.1
-             W(c) = 1 + sum_a [ w_a / (v_a(c) + eps1)^p_a + eps2 ]              [1] App. A.5
+    select   P(c) = W(c) / sum_c' W(c')                                      [1] Sec. 2.1 [M]
+             W(c) = 1 + sum_a [ w_a / (v_a(c) + eps1)^p_a + eps2 ]          [1] App. A.5 [M]
              a in {times seen, times chosen, times chosen since it led to a new or better
              cell, times an action led to it}; eps1 = 0.001, eps2 = 1e-5 (released
              `randselectors.py`); the 1 is the neighbour/level term without domain knowledge
-    go       restore the cell's simulator state (no exploration on the way)      [1] Sec. 3.1.2
+    go       restore the cell's simulator state (no exploration on the way)  [1] Sec. 2.1 [M]
     explore  up to k = 100 random actions; each repeats the previous one with
              probability 0.95 (a geometric repeat of mean 20, released `explorers.py`)
     update   a reached cell enters the archive if it is new, or replaces the entry when
-             score > best score, or score == best score and length < best length   [1] Sec. 3.1.3
+             score > best score, or score == best score and length < best length  [1] Sec. 2.1 [M]
+             (only the phase's first arrival at a cell is tried: released `process_cell`)
              v_seen += 1 once per explore phase for every cell it passed through
+(Section and appendix tags are from memory of arXiv v1 [M]: the method is Sec. 2, phase 1
+Sec. 2.1; the weights are checked against the released code, not the appendix.)
 
 JAX envs (gymnax DeepSea, the repo's GridMaze) keep their whole state in a pytree, so "go"
 is exact and costs nothing: the archive holds one env state per cell ([K, ...] arrays) and
 a return is an index. envpool's Atari (Montezuma's Revenge) has no clone/restore API: on
-those ids the explorers cannot return and continue from where their emulator stands (see
-"Differences"); the archive and selection program still runs at the paper's sizes.
+those ids there is no "go" and no selection (validate() rejects return_to_cell, so
+`--no-return-to-cell` is required), the explorers continue from where their emulator
+stands and only the archive is built: the no-return baseline, NOT [1]'s method.
 
 Explorers are asynchronous within a round: one whose episode ends (DeepSea's bottom row,
 the maze's goal or time limit) selects a new cell at the next step instead of idling, so
 every env step the runner counts is a real step (`update` = `explore_steps` steps of every
-explorer; without episode ends it is exactly the released code's synchronous round).
+explorer). In a round where no explorer's episode ends, every explorer selects at its first
+step with the same counts and explores `explore_steps` steps, as in the released
+synchronous round (`choose_cell(size=batch_size)`); the archive is still updated per step
+in explorer order, not explorer by explorer after the round (see "Differences"), so the
+two agree only up to which of two trajectories reaching one cell in a round is kept.
 
 Reproduce (CPU, seconds; DeepSea N=20, Go-Explore against the no-return baseline):
     python exploration/go_explore.py --preset quick --num-seeds 8
     python exploration/go_explore.py --preset quick --num-seeds 8 --no-return-to-cell
     python exploration/go_explore.py --plot exploration/go_explore.png
-Paper setting (phase 1 without domain knowledge on Montezuma's Revenge, batch 100 cells,
-300M steps; no return is possible through envpool, see below):
+`paper` preset: [1]'s Montezuma's Revenge sizes (no domain knowledge, 100 explorers, 300M
+steps, 11 x 8 cells with 8 levels) as archive-only phase 1 WITHOUT return, since envpool
+cannot restore states (not [1]'s method; its archive numbers are not comparable):
     python exploration/go_explore.py --preset paper
 [1] abstract: the robustified policy (phases 1 and 2) scores over 43,000 points on
 Montezuma's Revenge without domain knowledge, a mean over 650,000 with domain-knowledge
-cells (max nearly 18 million). The phase-1 archive numbers of [1] Sec. 3 were not checked
-here.
+cells (max nearly 18 million). The phase-1 archive numbers of [1] (results, Sec. 3 [M])
+were not checked here.
 
 Measured here (2-core CPU, loaded, jax 0.10.2; `--plot`, 8 seeds, DeepSea N=20 in 19,200
 steps): Go-Explore finds the treasure in 8/8 seeds (3-16 successful episodes each) and
-visits 229 of the grid's cells (median); uniform cell selection 8/8 seeds, 222 cells; the
-no-return baseline (sticky random exploration from the start) 0/8 seeds, 164 cells.
+visits 229 of the grid's cells (median); uniform cell selection 8/8 seeds (4-10 successful
+episodes), 222.5 cells; the no-return baseline (sticky random exploration from the start)
+0/8 seeds, 163.5 cells.
 
 Logged per update: charts/distinct_cells (envs.Coverage: cells any explorer stood on),
 charts/archive_cells, charts/best_score (best trajectory score in the archive),
@@ -60,9 +70,10 @@ Differences from the paper:
 - Phase 2 (robustification by the Backward Algorithm of Salimans & Chen, arXiv:1812.03381:
   PPO started from the end of the best demonstration, moved back as it succeeds) is NOT
   built; the file is phase 1 only.
-- envpool Atari: no state restore, so on `*-v5` ids "go" is skipped (explorers go on from
-  their current emulator state, reset at game over) and the chosen count goes to the cell
-  the explorer stands in. Real Atari Go-Explore needs ale-py's cloneState/restoreState
+- envpool Atari: no state restore, so `*-v5` ids run only with `--no-return-to-cell`
+  (validate() rejects the rest): no "go", no selection (explorers go on from their current
+  emulator state, reset at game over), the chosen count goes to the cell the explorer
+  stands in. Real Atari Go-Explore needs ale-py's cloneState/restoreState
   (host-side, not built). The downscaled cell is computed from envpool's preprocessed
   84x84 grey frame (max-pooled, frame skip 4) by exact area averaging (cv2 INTER_AREA),
   not from the raw 210x160 RGB frame the released code resizes; no random no-ops at
@@ -93,17 +104,20 @@ from common import envs, run
 
 # --- CONFIG ---
 
-EPS1, EPS2 = 0.001, 0.00001  # [1] App. A.5 / released randselectors.py `compute_weight`
+EPS1, EPS2 = 0.001, 0.00001  # [1] App. A.5 [M] / released randselectors.py `compute_weight`
 COUNTS = ("seen", "chosen", "chosen_since_new", "action")  # columns of Archive.counts
 SEEN, CHOSEN, CHOSEN_SINCE_NEW, ACTION = range(4)
 
 
 @dataclass(frozen=True)
 class Config:
-    """Go-Explore phase 1; defaults are [1]'s downscaled-cell Montezuma run
-    (released `phase1_montezuma_no_domain.sh` over the `main.py` defaults)."""
+    """Go-Explore phase 1. The algorithm's defaults are those of [1]'s no-domain-knowledge
+    Montezuma run (released `phase1_montezuma_no_domain.sh` over the `main.py` defaults:
+    batch, explore steps, repeat probability, selection weights, cell frames, budget); the
+    default env is DeepSea N=20, where "go" can restore states. The Montezuma run of the
+    `paper` preset cannot return (envpool) and is the no-return baseline, not [1]'s method."""
 
-    env_id: str = "MontezumaRevenge-v5"
+    env_id: str = "DeepSea-bsuite-20"
     """environment id (gymnax DeepSea-bsuite-<N>, GridMaze-*, or envpool Atari *-v5)"""
     total_timesteps: int = 300_000_000
     """environment steps of all explorers together (released script: max_compute_steps)"""
@@ -114,9 +128,11 @@ class Config:
     repeat_action_prob: float = 0.95
     """probability that an explore step repeats the previous action (mean repeat 20)"""
     selection: str = "count"
-    """count: P(c) proportional to the count-based W(c) of [1]; uniform: over all cells"""
+    """count: P(c) proportional to the count-based W(c) of [1]; uniform: over all cells
+    (used only with return_to_cell)"""
     return_to_cell: bool = True
-    """go to the selected cell; False: every phase starts from the start state (baseline)"""
+    """go to the selected cell (needs state restore: not on envpool *-v5 ids); False: every
+    phase starts from the start state (JAX envs) or where the explorer stands (Atari)"""
     optimize_score: bool = True
     """replace on higher score, or equal score and shorter; False: on shorter only"""
     seen_weight: float = 3.0
@@ -173,6 +189,9 @@ class Config:
                      "max_episode_steps", "coverage_grid"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)} must be >= 1")
+        if self.is_atari and self.return_to_cell:
+            raise ValueError(f"return_to_cell=True needs state restore, which env_id="
+                             f"{self.env_id!r} (envpool) lacks: pass --no-return-to-cell")
         envs.check_id(self.env_id)
 
 
@@ -180,7 +199,8 @@ PRESETS = {
     # CPU demo: DeepSea N=20 (a uniform walk finds the treasure once in 2^20 episodes).
     "quick": dict(env_id="DeepSea-bsuite-20", total_timesteps=19_200, num_explorers=16,
                   archive_size=256),
-    "paper": dict(),
+    # [1]'s Montezuma sizes, archive-only: no return, since envpool cannot restore states.
+    "paper": dict(env_id="MontezumaRevenge-v5", return_to_cell=False),
 }
 
 
@@ -210,7 +230,7 @@ def area_matrix(n_out: int, n_in: int) -> np.ndarray:
 
 
 def downscale_cell(frame, height: int, width: int, levels: int):
-    """[1] Sec. 3.1: a grey frame [..., H, W] (0..255) -> the cell key [..., height*width]:
+    """[1] Sec. 2.1 [M]: a grey frame [..., H, W] (0..255) -> the cell key [..., H' * W']:
     area-averaged to height x width, then floor(x / 255 * levels) (released
     `convert_state`: cv2.resize INTER_AREA, /255 * MAX_PIX_VALUE, astype uint8)."""
     rows = jnp.asarray(area_matrix(height, frame.shape[-2]))
@@ -259,7 +279,7 @@ def empty_archive(capacity: int, key_dim: int, env_state_like) -> Archive:
 
 
 def cell_weights(counts, selectable, weights, powers):
-    """[1] App. A.5, released `WeightedSelector.get_weight` without domain knowledge:
+    """[1] App. A.5 [M], released `WeightedSelector.get_weight` without domain knowledge:
     W(c) = 1 + sum_a [w_a / (v_a(c) + eps1)^p_a + eps2] over the four counts [K, 4];
     0 where a cell is not `selectable` (empty or terminal)."""
     v = counts.astype(jnp.float32)
@@ -268,7 +288,7 @@ def cell_weights(counts, selectable, weights, powers):
 
 
 def accept(score, length, best_score, best_length, optimize_score: bool):
-    """[1] Sec. 3.1.3, released `should_accept_cell`: a trajectory replaces a cell's entry
+    """[1] Sec. 2.1 [M], released `should_accept_cell`: a trajectory replaces a cell's entry
     when its score is higher, or equal with a shorter length (optimize_score); else when it
     is shorter. An empty entry (-inf, INT_MAX) always accepts."""
     if optimize_score:
@@ -283,13 +303,15 @@ def lookup(archive: Archive, key):
     return jnp.where(found, jnp.argmax(match), archive.size), found
 
 
-def add_visit(archive: Archive, seen, start, key, score, length, terminal, env_state,
+def add_visit(archive: Archive, seen, arrived, start, key, score, length, terminal, env_state,
               optimize_score: bool):
     """One explorer's step into cell `key` with trajectory (score, length): counts (seen once
     per phase, via the phase's `seen` mask [K]; action every step), then the accept rule
-    (new cell, or better score, or equal score and shorter). An accepted step resets the
-    chosen-since-new count of the phase's start cell. Returns (archive, seen, index or -1
-    when the archive is full)."""
+    (new cell, or better score, or equal score and shorter), tried only on the phase's FIRST
+    arrival at the cell (the `arrived` mask [K]; the released `process_cell` keeps a restore
+    point only for the first arrival, `if e.to.cell in seen_to: e.to.restore = None`). An
+    accepted step resets the chosen-since-new count of the phase's start cell. Returns
+    (archive, seen, arrived, index or -1 when the archive is full)."""
     capacity = archive.filled.shape[0]
     idx, found = lookup(archive, key)
     room = found | (archive.size < capacity)
@@ -297,7 +319,8 @@ def add_visit(archive: Archive, seen, start, key, score, length, terminal, env_s
     first_seen = room & ~seen[i]
     counts = archive.counts.at[i, SEEN].add(first_seen.astype(jnp.int32))
     counts = counts.at[i, ACTION].add(room.astype(jnp.int32))
-    ok = room & accept(score, length, archive.score[i], archive.length[i], optimize_score)
+    ok = room & ~arrived[i] & accept(score, length, archive.score[i], archive.length[i],
+                                     optimize_score)
     counts = counts.at[start, CHOSEN_SINCE_NEW].set(
         jnp.where(ok, 0, counts[start, CHOSEN_SINCE_NEW]))
     put = lambda a, v: a.at[i].set(jnp.where(ok, v, a[i]))
@@ -306,7 +329,8 @@ def add_visit(archive: Archive, seen, start, key, score, length, terminal, env_s
         put(archive.score, score), put(archive.length, length), counts,
         None if archive.env_state is None else jax.tree.map(put, archive.env_state, env_state),
         archive.size + (room & ~found).astype(jnp.int32))
-    return new, seen.at[i].set(seen[i] | room), jnp.where(room, i, -1)
+    return (new, seen.at[i].set(seen[i] | room), arrived.at[i].set(arrived[i] | room),
+            jnp.where(room, i, -1))
 
 
 # --- STATE ---
@@ -323,7 +347,8 @@ class State:
     phase_steps: jax.Array  # (B,) int32 steps of the current explore phase
     phase_over: jax.Array  # (B,) bool: select a cell before the next step
     action: jax.Array  # (B,) int32 last action (repeated with repeat_action_prob)
-    seen: jax.Array  # (B, K) bool cells seen during the current phase
+    seen: jax.Array  # (B, K) bool cells seen during the current phase (its start included)
+    arrived: jax.Array  # (B, K) bool cells stepped into during the current phase
     key: jax.Array
     go: jax.Array  # bool: cfg.return_to_cell, traced (one program can run both variants)
 
@@ -338,12 +363,13 @@ def init(key, cfg: Config) -> State:
     inner = None if cfg.is_atari else jax.tree.map(lambda x: x[0], env_state.inner.env_state)
     archive = empty_archive(cfg.archive_size, keys.shape[-1], inner)
     seen = jnp.zeros(cfg.archive_size, bool)
-    archive, _, _ = add_visit(archive, seen, 0, keys[0], jnp.float32(0.0), jnp.int32(0),
+    archive, _, _, _ = add_visit(archive, seen, seen, 0, keys[0], jnp.float32(0.0), jnp.int32(0),
                               jnp.bool_(False), inner, cfg.optimize_score)
     archive = archive.replace(counts=jnp.zeros_like(archive.counts))  # the start: no visit yet
     zi = jnp.zeros(B, jnp.int32)
+    no_cells = jnp.zeros((B, cfg.archive_size), bool)
     return State(archive, env_state, zi, zi, jnp.zeros(B), zi, zi, jnp.ones(B, bool), zi,
-                 jnp.zeros((B, cfg.archive_size), bool), key, jnp.asarray(cfg.return_to_cell))
+                 no_cells, no_cells, key, jnp.asarray(cfg.return_to_cell))
 
 
 # --- UPDATE ---
@@ -360,7 +386,7 @@ def update(state: State, cfg: Config):
         k_sel, k_new, k_rep, k_env = jax.random.split(key, 4)
         arch, need = st.archive, st.phase_over
 
-        # --- SELECT --- P(c) proportional to W(c) ([1] Sec. 3.1.1), or uniform
+        # --- SELECT --- P(c) proportional to W(c) ([1] Sec. 2.1 [M]), or uniform
         selectable = arch.filled & ~arch.terminal
         w = (cell_weights(arch.counts, selectable, weights, powers) if cfg.selection == "count"
              else selectable.astype(jnp.float32))
@@ -375,6 +401,7 @@ def update(state: State, cfg: Config):
         counts = counts.at[chosen, SEEN].add(inc)  # the phase's first cell, seen once
         seen = jnp.where(need[:, None], jax.nn.one_hot(chosen, cfg.archive_size, dtype=bool),
                          st.seen)
+        arrived = st.arrived & ~need[:, None]
         arch = arch.replace(counts=counts)
 
         # --- GO --- restore the cell's simulator state: exact, a gather of its pytree
@@ -398,21 +425,22 @@ def update(state: State, cfg: Config):
         score, length = score + reward, length + 1
         keys = cell_keys(env, cfg, obs, info.get("position"))
 
-        # --- ARCHIVE UPDATE --- one explorer after the other ([1] Sec. 3.1.3)
+        # --- ARCHIVE UPDATE --- one explorer after the other ([1] Sec. 2.1 [M])
         def visit(b, carry):
-            arch, seen, cur = carry
+            arch, seen, arrived, cur = carry
             st_b = None if cfg.is_atari else jax.tree.map(
                 lambda a: a[b], env_state.inner.env_state)
-            arch, seen_b, i = add_visit(arch, seen[b], start[b], keys[b], score[b], length[b],
-                                        done[b], st_b, cfg.optimize_score)
-            return arch, seen.at[b].set(seen_b), cur.at[b].set(i)
+            arch, seen_b, arrived_b, i = add_visit(
+                arch, seen[b], arrived[b], start[b], keys[b], score[b], length[b], done[b],
+                st_b, cfg.optimize_score)
+            return arch, seen.at[b].set(seen_b), arrived.at[b].set(arrived_b), cur.at[b].set(i)
 
-        arch, seen, cur = jax.lax.fori_loop(0, B, visit, (arch, seen, st.cur))
+        arch, seen, arrived, cur = jax.lax.fori_loop(0, B, visit, (arch, seen, arrived, st.cur))
         phase_steps = jnp.where(need, 0, st.phase_steps) + 1
         phase_over = done | (phase_steps >= cfg.explore_steps)
         new = State(arch, env_state, start, jnp.where(done, 0, cur),
                     jnp.where(done, 0.0, score), jnp.where(done, 0, length), phase_steps,
-                    phase_over, action, seen, st.key, st.go)
+                    phase_over, action, seen, arrived, st.key, st.go)
         return new, None
 
     key, k_steps = jax.random.split(state.key)
