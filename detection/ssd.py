@@ -22,7 +22,9 @@ variances (v0, v1) = (0.1, 0.2) as the released code. The loss:
     hard negative mining: Neg = the negatives of highest -log c^_i^0 (confidence loss),
     at most 3 per positive, per image                                          [1] Sec. 2.2
 
-Inference: softmax, per class the boxes scoring > 0.01, NMS at 0.45, top 200 per image.
+Inference ([1]'s released deploy net): softmax, per class the boxes scoring > 0.01, the top
+400 of each class, NMS at 0.45, top 200 per image. Ours keeps a global top `pre_nms_topk`
+of (box, class) pairs over all classes, then per-class NMS (see Differences).
 
 Reproduce (CPU, SHAPES-64, small VGG-like base, maps 8x8, 4x4, 2x2):
     python detection/ssd.py --preset quick
@@ -44,6 +46,10 @@ Differences from the paper:
   scale 0.1 and spreads 0.2-0.9 over the other five maps.
 - Positives are IoU >= 0.5 (common.boxes.match) where [1] says > 0.5.
 - No data augmentation (random IoU crops, zoom-out, photometric distortion, flips in [1]).
+- Inference keeps one global top `pre_nms_topk` (400) of (box, class) pairs across all
+  classes, drops those <= score_threshold, then runs per-class NMS (common.boxes.topk_nms);
+  the released DetectionOutput layer keeps the top 400 of each class. A class crowded out
+  of the global top 400 loses candidates the released code would keep.
 """
 
 import functools
@@ -116,7 +122,7 @@ class Config:
     score_threshold: float = 0.01
     """detections scored <= this are dropped before NMS"""
     pre_nms_topk: int = 400
-    """(box, class) candidates kept by score before NMS"""
+    """(box, class) candidates kept by score before NMS, one global top-k over all classes"""
     nms_iou: float = 0.45
     """IoU above which NMS suppresses a lower-scored box of the same class"""
     max_detections: int = 200

@@ -125,6 +125,20 @@ def test_loss_zero_for_perfect_predictions():
     assert float(parts["loc"]) < 1e-10 and float(loss) < 1e-6
 
 
+def test_inference_keeps_a_global_top_k_as_the_docstring_says():
+    """predict's topk_nms keeps one top-k of (box, class) pairs over all classes, not a
+    top-k per class as the released DetectionOutput does: with k = 3, class 0 scoring 0.9
+    on three disjoint boxes crowds out class 1 (0.5 on three others). The docstring says so."""
+    boxes = jnp.array([[10.0 * i, 0, 10.0 * i + 5, 5] for i in range(6)])
+    scores = jnp.array([[0.9, 0.0]] * 3 + [[0.0, 0.5]] * 3)
+    _, sc, cls, valid = jax.jit(bx.topk_nms, static_argnums=(2, 3, 4, 5))(
+        boxes, scores, 3, 0.45, 6, 0.01)
+    assert int(valid.sum()) == 3 and (np.asarray(cls)[np.asarray(valid)] == 0).all()
+    doc = " ".join(ssd.__doc__.split())
+    assert "global top `pre_nms_topk` of (box, class) pairs" in doc
+    assert "keeps the top 400 of each class" in doc
+
+
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
     """TINY through the command line: 40 updates of 8 scenes, 2 seeds."""
