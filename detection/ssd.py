@@ -41,7 +41,11 @@ Differences from the paper:
   so that it trains; [1] has no BN) and SHAPES scenes instead of VOC/COCO.
 - `quick`: 64 px images, a 3-stage VGG-like base (16, 32, 64 channels, stride 8) and two
   extra stride-2 layers: maps 8x8, 4x4, 2x2 with 4, 6, 6 boxes, s_min = 0.15, s_max =
-  0.55, s_{L+1} = 0.75 (objects are 8-28 px of 64); Adam instead of SGD.
+  0.55, s_{L+1} = 0.75 (objects are 8-28 px of 64); Adam instead of SGD; heads
+  initialised by flax's default (lecun_normal) where the paper preset uses the released
+  Xavier filler (`head_init`).
+- Only the heads follow the released init; the base and extra convs are He-normal (with
+  BN), not Xavier.
 - The scales follow Eq. 4 on every map; the released SSD300 gives conv4_3 a separate
   scale 0.1 and spreads 0.2-0.9 over the other five maps.
 - Positives are IoU >= 0.5 (common.boxes.match) where [1] says > 0.5.
@@ -67,6 +71,9 @@ from common import data, plot, run
 from common.nets import Conv
 
 EVAL_SEED = 10_013  # held-out scenes; training keys come from the runner's PRNGKey(seed)
+# head kernel inits: Caffe's "xavier" filler is uniform(+-sqrt(3 / fan_in)) (variance 1 / fan_in)
+HEAD_INITS = {"xavier": nn.initializers.variance_scaling(1.0, "fan_in", "uniform"),
+              "lecun_normal": nn.initializers.lecun_normal()}
 
 # --- CONFIG ---
 
@@ -127,6 +134,9 @@ class Config:
     """IoU above which NMS suppresses a lower-scored box of the same class"""
     max_detections: int = 200
     """detections per image after NMS"""
+    head_init: str = "xavier"
+    """kernel init of the 3x3 heads: xavier (the released Caffe filler: uniform, variance
+    1 / fan_in, zero bias) or lecun_normal (flax's default, truncated normal)"""
     shift_conv: bool = False
     """convs as sums of shifted matmuls: same maths, fast weight gradients in lax.scan on CPU"""
 
@@ -159,6 +169,8 @@ class Config:
             raise ValueError(f"variances={self.variances} must be two positive numbers")
         if self.neg_pos_ratio < 0:
             raise ValueError(f"neg_pos_ratio={self.neg_pos_ratio} must be >= 0")
+        if self.head_init not in HEAD_INITS:
+            raise ValueError(f"head_init={self.head_init!r} must be one of {sorted(HEAD_INITS)}")
         if self.optimizer not in ("sgd", "adam"):
             raise ValueError(f"optimizer={self.optimizer!r} must be 'sgd' or 'adam'")
         if not 0 < self.min_object <= self.max_object < self.image_size:
@@ -176,7 +188,7 @@ PRESETS = {
                   s_max=0.55, s_extra=0.75, optimizer="adam", lr=2e-3, batch_size=16,
                   total_steps=600, colours=1, max_objects=4, min_object=8, max_object=28,
                   photo_backgrounds=False, eval_images=300, pre_nms_topk=200,
-                  max_detections=100, shift_conv=True),
+                  max_detections=100, head_init="lecun_normal", shift_conv=True),
     "paper": dict(),
 }
 
@@ -247,10 +259,11 @@ class SSD(nn.Module):
             x = ConvBN(c3, 3, stride, pad, shift=s)(x, train)
             maps.append(x)
         k1, b = cfg.num_classes + 1, images.shape[0]
+        head = functools.partial(Conv, kernel=3, shift=s, kernel_init=HEAD_INITS[cfg.head_init])
         logits, deltas = [], []
         for f, k in zip(maps, cfg.boxes_per_level, strict=True):  # a 3x3 head per map
-            logits.append(Conv(k * k1, 3, shift=s)(f).reshape(b, -1, k1))  # (B, H*W*k, K+1)
-            deltas.append(Conv(k * 4, 3, shift=s)(f).reshape(b, -1, 4))  # (B, H*W*k, 4)
+            logits.append(head(k * k1)(f).reshape(b, -1, k1))  # (B, H*W*k, K+1)
+            deltas.append(head(k * 4)(f).reshape(b, -1, 4))  # (B, H*W*k, 4)
         return jnp.concatenate(logits, 1), jnp.concatenate(deltas, 1)
 
 

@@ -139,6 +139,26 @@ def test_inference_keeps_a_global_top_k_as_the_docstring_says():
     assert "keeps the top 400 of each class" in doc
 
 
+def test_heads_start_from_the_released_xavier_filler():
+    """head_init="xavier" (the paper preset) is Caffe's xavier: uniform(+-sqrt(3 / fan_in));
+    flax's default lecun_normal (the quick preset) is a truncated normal of the same variance
+    that reaches past that bound. Checked on the quick network's last class head."""
+    inits = {}
+    for name in ("xavier", "lecun_normal"):
+        cfg = dataclasses.replace(QUICK, head_init=name, shift_conv=False)
+        params = jax.jit(lambda k, c=cfg: ssd.SSD(c).init(  # 16 px: maps 2, 1, 1
+            k, jnp.zeros((1, 16, 16, 3), jnp.uint8))["params"])(jax.random.PRNGKey(0))
+        heads = sorted((k for k in params if k.startswith("Conv_")),
+                       key=lambda k: int(k.split("_")[1]))
+        inits[name] = np.asarray(params[heads[-2]]["kernel"])  # last map's class head
+    w = inits["xavier"]
+    bound = np.sqrt(3.0 / (9 * w.shape[2]))
+    assert PAPER.head_init == "xavier" and QUICK.head_init == "lecun_normal"
+    assert np.abs(w).max() <= bound and np.abs(w).max() > 0.95 * bound
+    np.testing.assert_allclose(w.std(), bound / np.sqrt(3.0), rtol=0.05)
+    assert np.abs(inits["lecun_normal"]).max() > 1.2 * bound
+
+
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
     """TINY through the command line: 40 updates of 8 scenes, 2 seeds."""
