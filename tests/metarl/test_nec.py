@@ -258,14 +258,16 @@ def tiny_run(tmp_path_factory):
 
 @pytest.mark.slow
 def test_nec_learns_the_maze_where_uniform_weights_do_not(tmp_path):
-    """Behaviour (slow tier, ~3-4 min on a loaded 2-core CPU): the quick preset (FourRooms,
+    """Behaviour (slow tier, ~2-3 min on a loaded 2-core CPU): the quick preset (FourRooms,
     goal 20 steps away, 200-step episodes, 16,000 steps per seed), 4 seeds and their 4
     uniform-kernel twins in one program; evaluated on 64 fresh episodes (epsilon 0.05).
     Measured (CPU, jax 0.10.2), eval success rate:
-        NEC              SEE_NEC
-        uniform kernel   SEE_MEAN
+        NEC              0.97 1.00 1.00 0.98   (25.9 steps on average; 290-374 goals
+                                                 in training per seed)
+        uniform kernel   0.00 0.00 0.00 0.00   (200 steps; 2-18 goals in training)
     With w_i = 1/p the p neighbours average a large part of the maze and no path stands out.
-    Mutation tried: MUTATION."""
+    Mutation tried: no tabular step on a stored state ([1] Eq. 4 dropped: Q_i keeps its
+    first value): NEC 0.00 0.00 0.19 0.00; fails."""
     run = _run(tmp_path, ["--preset", "quick"], len(VARIANTS) * SEEDS, SEEDS, "--log-every", "10")
     f, h = run.final, run.history
     ret = f["eval_return"]
