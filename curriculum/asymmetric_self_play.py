@@ -81,7 +81,6 @@ Differences from the paper / released code:
 """
 
 import json
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -176,8 +175,8 @@ class Config:
 
 
 PRESETS = {
-    "quick": dict(grid_size=6, max_steps=40, target_task_prob=0.2, num_envs=128,
-                  total_updates=400),
+    "quick": dict(grid_size=5, max_steps=20, target_task_prob=0.2, num_envs=64,
+                  total_updates=300),
     "paper": dict(),
 }
 
@@ -493,36 +492,46 @@ def evaluate(state: State, cfg: Config):
 
 # --- PLOT ---
 
+PLOT_VARIANTS = ("self_play", "none", "blind_bob")
 
-def plot_run(run_dirs, out):
-    """t_A and t_B against updates (self-play and the broken flipped Alice), and target-task
-    success against target-task episodes ([1]'s axis) and against all env steps, for every
-    run in run_dirs (one per variant; mean over seeds)."""
+
+def compare(cfg: Config, variants=PLOT_VARIANTS, seed=0):
+    """One compiled program: variant i starts from key i of split(PRNGKey(seed), V) and runs
+    cfg.total_updates updates. Returns the metrics {name: [V, U]} (NaN-marked as logged)."""
+    ids = jnp.array([VARIANTS.index(v) for v in variants])
+    keys = jax.random.split(jax.random.PRNGKey(seed), len(variants))
+
+    def one(v, k):
+        s = init(k, cfg).replace(variant=v)
+        return jax.lax.scan(lambda s, _: update(s, cfg), s, None, cfg.total_updates)[1]
+
+    m = jax.device_get(jax.jit(jax.vmap(one))(ids, keys))
+    return run.mark_undefined({k: np.asarray(v) for k, v in m.items()}, NAN_UNLESS)
+
+
+def plot_run(cfg: Config, out, m=None, variants=PLOT_VARIANTS):
+    """t_A and t_B against updates, and target-task success against target-task episodes
+    ([1]'s axis) and against all env steps, one seed per variant (`compare`)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from common import plot
+    from common.plot import save_png, smooth
 
+    m = compare(cfg, variants) if m is None else m
     fig, axes = plt.subplots(1, 3, figsize=(15, 4))
-    for i, d in enumerate(run_dirs):
-        rows = plot.load(d)
-        var = json.loads((Path(d) / "config.json").read_text())["config"]["variant"]
-        x = np.array([r["update"] for r in rows])
+    x = np.arange(1, cfg.total_updates + 1)
+    for i, var in enumerate(variants):
         col = f"C{i}"
         if var != "none":
             for key, ls in (("charts/t_alice", "-"), ("charts/t_bob", "--")):
-                _, y, _ = plot.curve(rows, key)
-                axes[0].plot(x, plot.smooth(np.nanmean(y, 1), 10), ls, color=col,
-                             label=f"{var}: {key[9:].replace('_', ' ')}")
-        _, succ, _ = plot.curve(rows, "charts/target_success")
-        s = plot.smooth(np.nanmean(succ, 1), 20)
-        for ax, key in ((axes[1], "charts/target_episodes_total"),
-                        (axes[2], "charts/env_steps_total")):
-            _, xs, _ = plot.curve(rows, key)
-            ax.plot(xs.mean(1), s, color=col, label=var)
-    axes[0].set(xlabel="update", ylabel="steps", title="t_A (solid) and t_B (dashed)")
+                y = np.where(np.isnan(m[key][i]), np.nanmean(m[key][i]), m[key][i])
+                axes[0].plot(x, smooth(y, 20), ls, color=col, label=f"{var}: {key[7:]}")
+        succ = smooth(np.nan_to_num(m["charts/target_success"][i]), 40)
+        axes[1].plot(m["charts/target_episodes_total"][i], succ, color=col, label=var)
+        axes[2].plot(m["charts/env_steps_total"][i], succ, color=col, label=var)
+    axes[0].set(xlabel="update", ylabel="steps", title="Alice's t_A (solid), Bob's t_B (dashed)")
     axes[1].set(xlabel="target-task episodes", ylabel="target-task success",
                 title="self-play episodes free ([1]'s axis)")
     axes[2].set(xlabel="env steps, self-play included", ylabel="target-task success",
@@ -530,35 +539,26 @@ def plot_run(run_dirs, out):
     for ax in axes:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
-    fig.suptitle("Asymmetric self-play on Mazebase light-key (JAX)", fontsize=10)
+    fig.suptitle(f"Asymmetric self-play ({cfg.sp_mode}) on a {cfg.grid_size}x{cfg.grid_size} "
+                 f"light-key maze, t_max {cfg.max_steps}, seed 0 of each", fontsize=10)
     fig.tight_layout()
-    return plot.save_png(fig, out)
+    return save_png(fig, out)
 
 
 # --- MAIN ---
 
 
 def main(argv=None):
-    """`--plot PNG` (this file's only extra flag) runs the same config once per variant
-    (self_play, flipped, random_alice, none) and draws the curves of the four runs."""
+    """`--plot PNG` (this file's only extra flag) reruns seed 0 of self-play, no self-play
+    and blind Bob at the run's config in one program (`compare`) and draws their curves."""
     flags, argv = run.pop_flags(argv, "--plot")
     res = run.main(Config, init, update, presets=PRESETS, evaluate=evaluate, argv=argv,
                    doc=__doc__, nan_unless=NAN_UNLESS, steps_metric="charts/env_steps",
                    summary_keys=["target_success", "target_reward", "target_episodes",
-                                 "charts/t_alice", "charts/t_bob"])
+                                 "charts/t_alice", "charts/t_bob", "charts/bob_success"])
     if flags["--plot"] is not None:
-        dirs = [res.run_dir]
-        base = list(sys.argv[1:] if argv is None else argv)
-        for var in ("flipped", "random_alice", "none"):
-            if "--variant" in base:
-                i = base.index("--variant")
-                base = base[:i] + base[i + 2:]
-            dirs.append(run.main(Config, init, update, presets=PRESETS, evaluate=evaluate,
-                                 argv=base + ["--variant", var, "--run-dir",
-                                              f"{res.run_dir}_{var}"],
-                                 doc=__doc__, nan_unless=NAN_UNLESS,
-                                 steps_metric="charts/env_steps").run_dir)
-        print(plot_run(dirs, flags["--plot"]))
+        c = json.loads((Path(res.run_dir) / "config.json").read_text())["config"]
+        print(plot_run(Config(**c), flags["--plot"]))
     return res
 
 

@@ -15,7 +15,7 @@ import pytest
 
 from curriculum import asymmetric_self_play as asp
 from tests.common.cli import cli_args
-from tests.common.compiled import compiled
+from tests.common.compiled import compiled, main_recording_chunks
 from tests.common.config_fields import unread_fields
 from tests.common.preset import trace_paper
 
@@ -165,7 +165,7 @@ def test_rollout_bookkeeping_of_t_alice_and_t_bob():
 SEEDS = 2
 VARIANTS_RUN = (SELF_PLAY, BLIND)
 RUN_ARGS = cli_args(TINY, asp.Config()) + [
-    "--num-seeds", str(len(VARIANTS_RUN) * SEEDS), "--log-every", str(TINY.total_updates),
+    "--num-seeds", str(len(VARIANTS_RUN) * SEEDS), "--log-every", "20",
     "--no-progress", "--fast-compile"]
 
 
@@ -181,12 +181,17 @@ def _run(run_dir):
 
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(asp, "init", init)
-        return asp.main(RUN_ARGS + ["--run-dir", str(run_dir)])
+        return main_recording_chunks(asp.main, RUN_ARGS + ["--run-dir", str(run_dir)])
 
 
 @pytest.fixture(scope="module")
-def quick_run(tmp_path_factory):
+def recorded(tmp_path_factory):
     return _run(tmp_path_factory.mktemp("asp"))
+
+
+@pytest.fixture(scope="module")
+def quick_run(recorded):
+    return recorded[0]
 
 
 def test_bob_learns_to_reach_the_target_state(quick_run):
@@ -203,9 +208,11 @@ def test_bob_learns_to_reach_the_target_state(quick_run):
     np.testing.assert_array_equal(quick_run.state.variant, [SELF_PLAY] * 2 + [BLIND] * 2)
 
 
-def test_train_is_pure_and_cli_writes_its_files(quick_run, tmp_path, capsys):
-    """The same keys give bit-identical results a second time; seeds differ; the run wrote
-    its files; `--help` documents every field."""
+def test_train_is_pure_and_cli_writes_its_files(recorded, capsys):
+    """The runner's last compiled chunk (updates 41-60) again on its recorded input gives
+    bit-identical state and metrics (no recompilation); seeds differ; the run wrote its
+    files; `--help` documents every field."""
+    quick_run, chunks = recorded
     with pytest.raises(SystemExit):
         asp.main(["--help"])
     out = capsys.readouterr().out
@@ -216,9 +223,12 @@ def test_train_is_pure_and_cli_writes_its_files(quick_run, tmp_path, capsys):
     h = quick_run.history
     assert h["losses/value"].shape == (len(VARIANTS_RUN) * SEEDS, TINY.total_updates)
     assert not np.array_equal(h["losses/value"][0], h["losses/value"][1])
-    again = _run(tmp_path)
-    np.testing.assert_array_equal(h["losses/value"], again.history["losses/value"])
-    jax.tree.map(np.testing.assert_array_equal, quick_run.state.params, again.state.params)
+    assert len(chunks) == 3
+    state, metrics = jax.device_get(chunks[-1][0](chunks[-1][1]))
+    np.testing.assert_array_equal(h["losses/value"][:, 40:], metrics["losses/value"])
+    np.testing.assert_array_equal(h["charts/env_steps_total"][:, 40:],
+                                  metrics["charts/env_steps_total"])
+    jax.tree.map(np.testing.assert_array_equal, quick_run.state.params, state.params)
 
 
 def test_bad_values_fail_with_named_field(tmp_path):
