@@ -35,8 +35,8 @@ then its broken variant with uniform kernel weights, both curves in one plot):
         --compare runs/nec_mean
 Paper setting (GPU; Atari through envpool, Ms. Pac-Man, 10M frames):
     python metarl/nec.py --preset paper
-Ours (quick, 2-core CPU shared with other jobs, 12 s compile + 46 s for 4 seeds of 16,000
-steps): NEC reaches the goal in 0.97 / 1.00 / 1.00 / 0.98 of 64 evaluation episodes (epsilon
+Ours (quick, 2-core CPU shared with other jobs: 51 s compile cold, 46 s for 4 seeds of
+16,000 steps): NEC reaches the goal in 0.97 / 1.00 / 1.00 / 0.98 of 64 evaluation episodes (epsilon
 0.05), in 25.9 +- 3.7 steps (the shortest path is 20); with uniform kernel weights 0 / 0 /
 0 / 0 (200 steps): curves in metarl/nec.png, the slow gate in tests/metarl/test_nec.py.
 [1] Table 1 / Fig. 3 [M: not re-read]: NEC beats DQN, prioritised DQN, A3C, Q*(lambda) and
