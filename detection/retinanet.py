@@ -460,16 +460,22 @@ class State:
     step: jax.Array
 
 
+def lr_schedule(cfg: Config):
+    """[1] Sec. 4.1 (SGD): linear warm-up from lr / 3, lr / 10 at 60k and 80k of 90k (2/3 and
+    8/9 of training, counted from step 0: join_schedules restarts the second schedule's
+    count at the warm-up's end, so its boundaries are shifted back by the warm-up)."""
+    n, w = cfg.total_steps, cfg.warmup_steps
+    return optax.join_schedules([
+        optax.linear_schedule(cfg.lr / 3, cfg.lr, w),
+        optax.piecewise_constant_schedule(cfg.lr, {2 * n // 3 - w: 0.1, 8 * n // 9 - w: 0.1})],
+        [w])
+
+
 def make_optimizer(cfg: Config):
     if cfg.optimizer == "adam":
         return optax.adam(optax.linear_schedule(0.0, cfg.lr, cfg.warmup_steps)
                           if cfg.warmup_steps else cfg.lr)
-    # [1] Sec. 4.1: SGD, momentum 0.9, weight decay 1e-4, lr / 10 at 60k and 80k of 90k
-    n = cfg.total_steps
-    sched = optax.join_schedules([
-        optax.linear_schedule(cfg.lr / 3, cfg.lr, cfg.warmup_steps),
-        optax.piecewise_constant_schedule(cfg.lr, {2 * n // 3: 0.1, 8 * n // 9: 0.1})],
-        [cfg.warmup_steps])
+    sched = lr_schedule(cfg)
     return optax.chain(optax.add_decayed_weights(cfg.weight_decay),
                        optax.sgd(sched, momentum=0.9))
 

@@ -294,16 +294,22 @@ class State:
     step: jax.Array
 
 
+def lr_schedule(cfg: Config):
+    """[1] Sec. 2.2: 135 epochs; lr 1e-3 -> 1e-2 over the first epoch, 1e-2 up to epoch 75,
+    1e-3 up to 105, 1e-4 up to 135 (as fractions of training). join_schedules restarts the
+    second schedule's step count at the warm-up's end, so its boundaries are shifted back."""
+    n = cfg.total_steps
+    w = max(1, n // 135)
+    return optax.join_schedules(
+        [optax.linear_schedule(cfg.lr / 10, cfg.lr, w),
+         optax.piecewise_constant_schedule(cfg.lr, {75 * n // 135 - w: 0.1,
+                                                    105 * n // 135 - w: 0.1})], [w])
+
+
 def make_optimizer(cfg: Config):
     if cfg.optimizer == "adam":
         return optax.adam(cfg.lr)
-    # [1] Sec. 2.2: 135 epochs; lr 1e-3 -> 1e-2 over the first epochs, 1e-2 for 75,
-    # 1e-3 for 30, 1e-4 for 30 (as fractions of training)
-    n = cfg.total_steps
-    sched = optax.join_schedules(
-        [optax.linear_schedule(cfg.lr / 10, cfg.lr, max(1, n // 135)),
-         optax.piecewise_constant_schedule(cfg.lr, {80 * n // 135: 0.1, 105 * n // 135: 0.1})],
-        [max(1, n // 135)])
+    sched = lr_schedule(cfg)
     return optax.chain(optax.add_decayed_weights(cfg.weight_decay),
                        optax.sgd(sched, momentum=0.9))
 

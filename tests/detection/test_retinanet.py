@@ -192,6 +192,17 @@ def test_loss_normalised_by_positive_anchors():
     assert float(parts["box"]) < 1e-10
 
 
+def test_sgd_schedule_decays_at_60k_and_80k_of_90k():
+    """[1] Sec. 4.1: warm-up from lr / 3 over 500 updates, lr / 10 at 60k and 80k of 90k
+    counted from step 0 (not from the warm-up's end: 60.5k / 80.5k before the fix)."""
+    n = PAPER.total_steps
+    lr = np.asarray(jax.jit(rn.lr_schedule(PAPER))(jnp.arange(n)))
+    np.testing.assert_array_equal(np.flatnonzero(lr[1:] < 0.5 * lr[:-1]) + 1, [60_000, 80_000])
+    np.testing.assert_allclose(lr[[0, PAPER.warmup_steps, 59_999, 60_000, 80_000]],
+                               [PAPER.lr / 3, PAPER.lr, PAPER.lr, PAPER.lr / 10,
+                                PAPER.lr / 100], rtol=1e-6)
+
+
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
     """TINY through the command line: 40 updates of 8 scenes, 2 seeds."""

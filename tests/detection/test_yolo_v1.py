@@ -105,6 +105,19 @@ def test_output_shape_and_paper_network():
     assert out.shape == (2, 8, 8, 13)
 
 
+def test_sgd_schedule_decays_at_epochs_75_and_105():
+    """[1] Sec. 2.2: warm-up over the first of 135 epochs, lr / 10 at epoch 75 and 105
+    (counted from the start; the join of the warm-up used to shift them to 80.9 / 105.9)."""
+    cfg = y.Config(**y.PRESETS["paper"])
+    n = cfg.total_steps
+    lr = np.asarray(jax.jit(y.lr_schedule(cfg))(jnp.arange(n)))
+    decays = np.flatnonzero(lr[1:] < 0.5 * lr[:-1]) + 1
+    np.testing.assert_allclose(decays * 135 / n, [75, 105], atol=135 / n)
+    np.testing.assert_allclose(lr[[0, n // 135, n // 2, 100 * n // 135, n - 1]],
+                               [cfg.lr / 10, cfg.lr, cfg.lr, cfg.lr / 10, cfg.lr / 100],
+                               rtol=1e-6)
+
+
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
     """TINY through the command line: 200 updates of 8 scenes, 2 seeds."""
