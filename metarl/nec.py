@@ -11,17 +11,19 @@ An embedding network h = f(s) (a CNN on pixels, an MLP on vectors) and one diffe
 neural dictionary (DND) per action a, holding keys h_i, values Q_i (and, for the match test,
 a hash of the observation each key came from):
 
-    k(h, h_i) = 1 / (||h - h_i||^2 + delta)                                  [1] Eq. (2)
-    w_i = k(h, h_i) / sum_j k(h, h_j),  Q(s, a) = sum_i w_i Q_i               [1] Eq. (1)
+    k(h, h_i) = 1 / (||h - h_i||^2 + delta)                             [1] the kernel
+    w_i = k(h, h_i) / sum_j k(h, h_j),  Q(s, a) = sum_i w_i Q_i          [1] the DND lookup
         over the p nearest keys of DND_a (exact top-p here)
-    Q^(N)(s_t, a_t) = sum_{j<N} gamma^j r_{t+j} + gamma^N max_a' Q(s_{t+N}, a')   [1] Eq. (3)
+    Q^(N)(s_t, a_t) = sum_{j<N} gamma^j r_{t+j} + gamma^N max_a' Q(s_{t+N}, a')
+                                                                  [1] the N-step estimate
     write (h_t, Q^(N)) to DND_{a_t}: a new state is appended (the least recently used entry
     replaced when full); a state already present takes the tabular step
-        Q_i <- Q_i + alpha (Q^(N) - Q_i)                                      [1] Eq. (4)
+        Q_i <- Q_i + alpha (Q^(N) - Q_i)                           [1] the tabular update
     L = (Q(s, a) - Q^(N)(s, a))^2 on minibatches of the replay D of (s_t, a_t, Q^(N)),
         minimised by RMSProp in f's weights AND in the keys and values of the DND entries
         the lookups read (a sparse RMSProp step per entry)                    [1] Sec. 3
     a_t is epsilon-greedy in Q(s_t, .) (ties at random).
+(Equations are cited by name: their numbers in [1] were not re-read.)
 
 Everything is fixed-size arrays in one pytree: the DND (A, C, F) keys, values, hashes, last
 use and per-entry RMSProp moments; the replay; each env's current episode. k-NN is
@@ -37,11 +39,13 @@ Paper setting (GPU; Atari through envpool, Ms. Pac-Man, 10M frames):
     python metarl/nec.py --preset paper
 Ours (quick, 2-core CPU shared with other jobs: 51 s compile cold, 46 s for 4 seeds of
 16,000 steps): NEC reaches the goal in 0.97 / 1.00 / 1.00 / 0.98 of 64 evaluation episodes (epsilon
-0.05), in 25.9 +- 3.7 steps (the shortest path is 20); with uniform kernel weights 0 / 0 /
+0.05) on seeds 0-3 (4 of 4 learn; 6 of 8 seeds learn over seeds 0-7, see PRESETS), in
+25.9 +- 3.7 steps (mean evaluation episode length over the 4 seeds, an episode that misses
+the goal counted at 200; the shortest path is 20); with uniform kernel weights 0 / 0 /
 0 / 0 (200 steps): curves in metarl/nec.png, the slow gate in tests/metarl/test_nec.py.
-[1] Table 1 / Fig. 3 [M: not re-read]: NEC beats DQN, prioritised DQN, A3C, Q*(lambda) and
-MFEC on most of 57 Atari games at 10M frames (the data-efficient regime); a benchmark listing
-gives its median human-normalised score over 57 games as 54.6% [M: not checked in [1]].
+[1] Table 1 / Fig. 3 [M: not re-read]: NEC has the highest median human-normalised score
+over 57 Atari games up to 10M frames (the data-efficient regime) against DQN, prioritised
+DQN, A3C, Q*(lambda) and MFEC; a benchmark listing gives it as 54.6% [M: not checked in [1]].
 
 Differences from the paper:
 - Constants (key 128, p = 50, 5e5 entries per action, delta 1e-3, alpha 0.1, N = 100, gamma
@@ -52,9 +56,15 @@ Differences from the paper:
   epsilon 1 -> 0.05 over its first 12,000 steps (see PRESETS for why).
 - Exact top-p over the whole table instead of [1]'s approximate kd-tree search: exact on CPU
   and GPU at these sizes (one (C, F) x (F,) matmul per action and query).
-- A state is "already present" when the 32-bit hash of its observation is stored in the
-  action's DND ([1] and Kaixhin/EC compare hashes of the screen, not keys). On a match the
-  key is also refreshed to the current embedding (Kaixhin/EC: the embedding may have moved).
+- A state is "already present" when the 32-bit hash of its (stacked) observation is stored
+  in the action's DND. Kaixhin/EC matches the ALE RAM (envs.py get_state_hash: an author's
+  detail, not in [1]), never keys. On a match the key is also refreshed to the current
+  embedding (Kaixhin/EC: the embedding may have moved).
+- Every visit of an ended episode is written in order (a state visited twice takes two
+  tabular steps); Kaixhin/EC's update_batch keeps only the highest-return visit of each hash
+  per episode and action, then takes one tabular step.
+- Atari runs with episodic_life=False (a life loss is no terminal); Kaixhin/EC treats a
+  life loss as terminal in training.
 - Writes happen when an episode ends (as Kaixhin/EC and rl_coach), not N steps after each
   step; Q^(N) bootstraps from max_a Q(s_{t+N}, a) as estimated when s_{t+N} was acted on.
   The last N steps of an episode take the Monte-Carlo return, also when the episode was cut
@@ -65,8 +75,10 @@ Differences from the paper:
   steps: the network and DND are updated after each rollout, not between its steps.
 - LRU: an entry is used when written or read as one of the p neighbours while acting or
   training (Kaixhin/EC). An entry replaced by a new state has its RMSProp moments zeroed.
-- Sparse RMSProp: each (query, neighbour) pair takes its own step on the entry (an entry read
-  twice in a batch takes two); Kaixhin/EC keeps the first occurrence's gradient.
+- Sparse RMSProp: an entry read by several rows of a minibatch takes one step with the sum
+  of their gradients (its gradient in the loss); Kaixhin/EC keeps the first occurrence's
+  gradient, and its README notes that its key/value updates are not applied (a bug) yet
+  still reproduces [1]'s results.
 - `--kernel mean` (w_i = 1/p) is the broken variant the tests reject; an action whose DND
   holds fewer than p entries weighs those it has; an empty DND estimates 0, with a zero
   gradient (the normalisation divides by 1 there, not by a clamped sum).
@@ -156,7 +168,8 @@ class Config:
     eval_envs: int = 16
     """evaluate(): episodes played from the final network and DND with the final epsilon"""
     dtype: str = "float32"
-    """compute dtype of the embedding network and the distance matmuls: float32 or bfloat16"""
+    """compute dtype of the embedding network and the distance matmuls: float32 or bfloat16
+    (bfloat16 also ranks the k-NN candidates by a bfloat16 cross term: near-ties may swap)"""
 
     @property
     def steps_per_update(self) -> int:
@@ -187,7 +200,7 @@ class Config:
         if self.num_neighbours > self.capacity:
             raise ValueError(f"num_neighbours={self.num_neighbours} must be <= capacity="
                              f"{self.capacity}")
-        for name in ("delta", "obs_scale"):
+        for name in ("delta", "obs_scale", "rmsprop_eps"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name}={getattr(self, name)} must be > 0")
         if not 0 < self.alpha <= 1:
@@ -195,7 +208,7 @@ class Config:
         for name in ("epsilon", "epsilon_start", "rmsprop_decay"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"{name}={getattr(self, name)} must be in [0, 1]")
-        for name in ("rmsprop_eps", "learning_starts", "epsilon_decay_begin",
+        for name in ("learning_starts", "epsilon_decay_begin",
                      "epsilon_decay_steps"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name}={getattr(self, name)} must be >= 0")
@@ -388,6 +401,8 @@ class Replay:
 class Hyper:
     epsilon: jax.Array  # float32 final epsilon
     mean_kernel: jax.Array  # bool: broken variant (uniform weights)
+    learn: jax.Array  # bool: take gradient steps (False: the tests' no-learning twin, whose
+    # embedding stays at its random init and whose DND changes by writes only)
 
 
 @struct.dataclass
@@ -437,7 +452,8 @@ def init(key, cfg: Config) -> State:
                  jnp.zeros((n, length), jnp.uint32), jnp.zeros((n, length), jnp.int32), zeros,
                  zeros, jnp.zeros((n, length), jnp.int32), jnp.zeros((n,), jnp.int32),
                  jnp.zeros((), jnp.int32), key,
-                 Hyper(jnp.asarray(cfg.epsilon, jnp.float32), jnp.asarray(cfg.kernel == "mean")))
+                 Hyper(jnp.asarray(cfg.epsilon, jnp.float32), jnp.asarray(cfg.kernel == "mean"),
+                       jnp.asarray(True)))
 
 
 # --- ROLLOUT ---
@@ -535,14 +551,23 @@ def loss_fn(params, nbr_keys, nbr_values, valid, obs, target, weight, mean, cfg:
 
 
 def sparse_rmsprop(dnd: DND, a, idx, g_keys, g_values, on, cfg: Config) -> DND:
-    """One RMSProp step (Kaixhin/EC's sparse update) on each read entry (a (B, 1), idx (B, p))
-    with its gradient g_keys (B, p, F), g_values (B, p); only where `on` (B, p): the valid
-    neighbours of an active step (a slot past the DND's size is never touched)."""
+    """One RMSProp step on each entry read (a (B, 1), idx (B, p)), only where `on` (B, p):
+    the valid neighbours of an active step (a slot past the DND's size is never touched).
+    An entry read by several rows takes ONE step with the sum G of its pairs' gradients
+    g_keys (B, p, F), g_values (B, p) (its gradient in the loss):
+        ms <- rho ms + (1 - rho) G^2,  x <- x - lr G / sqrt(ms + eps)
+    G is summed by a fixed-order matmul over the pairs and every pair of an entry writes the
+    same new value with .set, so duplicates give the same bits in any scatter order (GPU
+    scatter-adds of duplicates are not ordered)."""
+    flat = (a * dnd.values.shape[1] + idx).reshape(-1)  # (B p,) entry of each pair
+    same = ((flat[:, None] == flat[None]) & on.reshape(-1)[None]).astype(jnp.float32)
+
     def step(param, ms, g):
+        g = jnp.dot(same, g.reshape(flat.shape[0], -1), precision="highest").reshape(g.shape)
         ms_new = cfg.rmsprop_decay * ms[a, idx] + (1 - cfg.rmsprop_decay) * g ** 2
-        upd = -cfg.lr * g / jnp.sqrt(ms_new + cfg.rmsprop_eps)
+        new = param[a, idx] - cfg.lr * g / jnp.sqrt(ms_new + cfg.rmsprop_eps)
         skip = jnp.where(on, idx, param.shape[1])  # off pairs point past the table: dropped
-        return param.at[a, skip].add(upd, mode="drop"), ms.at[a, skip].set(ms_new, mode="drop")
+        return param.at[a, skip].set(new, mode="drop"), ms.at[a, skip].set(ms_new, mode="drop")
 
     keys, key_ms = step(dnd.keys, dnd.key_ms, g_keys)
     values, value_ms = step(dnd.values, dnd.value_ms, g_values)
@@ -565,12 +590,14 @@ def train_step(s: State, k, cfg: Config):
     loss, (g_params, g_keys, g_values) = jax.value_and_grad(loss_fn, argnums=(0, 1, 2))(
         s.params, s.dnd.keys[a_col, idx], s.dnd.values[a_col, idx], valid, obs, target, weight,
         s.hyper.mean_kernel, cfg)
-    active = (s.time * cfg.num_envs >= cfg.learning_starts) & (weight.sum() > 0)
+    active = (s.time * cfg.num_envs >= cfg.learning_starts) & (weight.sum() > 0) & s.hyper.learn
     updates, opt_state = optimizer(cfg).update(g_params, s.opt_state, s.params)
     params = optax.apply_updates(s.params, updates)
     keep = lambda new, old: jax.tree.map(lambda x, y: jnp.where(active, x, y), new, old)  # noqa: E731
-    dnd = sparse_rmsprop(s.dnd, a_col, idx, g_keys, g_values, valid & active, cfg)
-    dnd = touch(dnd, jnp.where(active, idx, 0)[None], (valid & active)[None], s.time)
+    on = valid & active
+    dnd = sparse_rmsprop(s.dnd, a_col, idx, g_keys, g_values, on, cfg)
+    # LRU: the entries read in DND_a of each row's own action a (max: duplicates commute)
+    dnd = dnd.replace(last_used=dnd.last_used.at[a_col, idx].max(jnp.where(on, s.time, 0)))
     return s.replace(params=keep(params, s.params), opt_state=keep(opt_state, s.opt_state),
                      dnd=dnd), loss * active
 

@@ -149,7 +149,8 @@ def test_n_step_targets_bootstrap_from_the_step_n_later_else_the_return():
 
 def test_flush_writes_ended_episodes_and_sets_their_replay_targets():
     """Through `flush` as the update runs it: env 0's episode of 3 steps ended (rewards 0, 0,
-    1, gamma 0.5, N = 100: targets 0.25, 0.5, 1), env 1's goes on. Steps 0 and 2 share a
+    1, gamma 0.5, N = 5 (TINY's), longer than the episode: Monte-Carlo targets 0.25, 0.5, 1),
+    env 1's goes on. Steps 0 and 2 share a
     hash and action 1: one entry, 0.25 then the tabular step toward 1 (alpha 0.1): 0.325.
     The replay rows of env 0's steps take the targets and become ready; env 1's stay unset."""
     cfg = dataclasses.replace(TINY, gamma=0.5, num_envs=2, max_episode_steps=4)
@@ -173,22 +174,28 @@ def test_flush_writes_ended_episodes_and_sets_their_replay_targets():
 def test_gradients_reach_the_embedding_and_the_dnd_entries_read_and_stay_finite(tiny_run):
     """[1] Sec. 3: one gradient step (`train_step`) after learning_starts moves the
     embedding's params and the keys and values of the entries its lookups read, and no other
-    entry; before learning_starts nothing moves. Action 2's DND is empty and sampled rows
-    took action 2 (weight 1): its estimate is 0 with a zero gradient, and everything stays
+    entry; the values read (1, 2, 3, 4) all move up, toward the target 5; the entries read
+    are marked used at s.time in the DND of each row's OWN action (LRU), DND_0's unread slot
+    3 keeps its clock; before learning_starts nothing moves. Action 2's DND is empty and
+    sampled rows took action 2 (weight 1): its estimate is 0 with a zero gradient, and all stays
     finite (the op-by-op NaN of the former normalisation is caught by the test above; XLA's
     fused step happened to stay finite with it). The state is the tiny run's seed 0 (no
-    init compile) with a hand-made DND and replay. Mutation tried: stop_gradient on the
-    gathered keys in loss_fn: the keys stay put; fails."""
+    init compile) with a hand-made DND and replay (DND_0 holds 3 entries, DND_1 4, DND_2
+    none; rows take actions 0, 1, 2, 0, 1, ...). Mutations tried: stop_gradient on the
+    gathered keys in loss_fn: the keys stay put; fails. The former LRU touch (action index
+    arange(1) = DND_0 for every row): DND_1's clocks stay 0 and DND_0's slot 3 is touched;
+    fails. The value step's sign flipped: values move away from 5; fails."""
     s = jax.tree.map(lambda x: np.array(np.asarray(x)[0]), tiny_run.state)  # seed 0, numpy
     a, c, f = s.dnd.keys.shape
     keys, values = np.zeros((a, c, f), np.float32), np.zeros((a, c), np.float32)
-    keys[:2, :3] = [[0.0] * f, [1.0] * f, [-1.0] * f]
-    values[:2, :3] = [1.0, 2.0, 3.0]
+    keys[:2, :4] = [[0.0] * f, [1.0] * f, [-1.0] * f, [2.0] * f]
+    keys[0, 3] = 0.0  # DND_0 holds 3 entries: slot 3 is past its size
+    values[:2, :4] = [1.0, 2.0, 3.0, 4.0]
     d = nec.DND(keys, values, np.zeros((a, c), np.uint32), np.zeros((a, c), np.int32),
-                np.array([3, 3, 0], np.int32), np.zeros_like(keys), np.zeros_like(values))
+                np.array([3, 4, 0], np.int32), np.zeros_like(keys), np.zeros_like(values))
     n, rep = TINY.batch_size, s.replay  # Catch: 3 actions, the last one's DND empty
-    rep.obs[:n], rep.target[:n], rep.action[:n], rep.ready[:] = 0.5, 5.0, np.minimum(
-        np.arange(n), 2), np.arange(len(rep.ready)) < n
+    rep.obs[:n], rep.target[:n], rep.action[:n], rep.ready[:] = 0.5, 5.0, np.arange(n) % 3, \
+        np.arange(len(rep.ready)) < n
     s = s.replace(dnd=d, replay=rep.replace(size=np.int32(n), pos=np.int32(n)),
                   time=np.int32(TINY.learning_starts))
     step = jax.jit(lambda s, k: nec.train_step(s, k, TINY))
@@ -197,15 +204,60 @@ def test_gradients_reach_the_embedding_and_the_dnd_entries_read_and_stay_finite(
     assert float(loss) > 0
     moved = lambda a, b: not np.allclose(a, b)  # noqa: E731
     assert moved(jax.tree.leaves(s1.params)[0], jax.tree.leaves(s.params)[0])
+    sampled = np.asarray(jax.random.randint(jax.random.PRNGKey(1), (n,), 0, n)) % 3
+    assert {0, 1} <= set(sampled.tolist()), sampled  # both stocked DNDs are read
     read = np.zeros((3, TINY.capacity), bool)
-    read[:2, :3] = True  # actions 0, 1 hold 3 keys each (all read: p = 4); action 2 none
+    read[0, :3] = read[1, :4] = True  # all entries read (p = 4); action 2 none
     changed_v = ~np.isclose(s1.dnd.values, s.dnd.values)
     changed_k = ~np.isclose(s1.dnd.keys, s.dnd.keys).all(-1)
     assert changed_v.any() and changed_k.any() and not (changed_v & ~read).any()
     assert not (changed_k & ~read).any()
+    assert (s1.dnd.values[read] > s.dnd.values[read]).all()  # toward the target 5
+    np.testing.assert_array_equal(s1.dnd.last_used, np.where(read, TINY.learning_starts, 0))
     s0, loss0 = step(s.replace(time=np.int32(0)), jax.random.PRNGKey(1))
     assert float(loss0) == 0.0
     np.testing.assert_array_equal(s0.dnd.values, s.dnd.values)
+
+
+def test_sparse_rmsprop_takes_one_step_per_entry_with_the_summed_gradient():
+    """[1] Sec. 3's sparse RMSProp (lr 0.1, rho 0.95, eps 0.01, zero moments), one action of
+    4 entries, rows reading entries (0, 1) and (1, 2) with value gradients (0.1, 0.2) and
+    (0.3, -0.4), the pair on entry 2 off (an invalid neighbour):
+        entry 0: G = 0.1,  Q <- 1 - 0.1 * 0.1 / sqrt(0.05 * 0.01 + 0.01) = 0.90241
+        entry 1: G = 0.2 + 0.3 = 0.5 (one step, not two): 2 - 0.05 / sqrt(0.0225) = 1.66667
+        entries 2, 3 unchanged; the mean squares 0.0005, 0.0125 on entries 0, 1.
+    The key gradients (ones) step entries 0, 1 the same way per coordinate. Mutations
+    tried: the step's sign flipped (+lr g): fails; each pair its own step (the former
+    .add): entry 1 moves twice; fails."""
+    cfg = dataclasses.replace(TINY, lr=0.1, rmsprop_decay=0.95, rmsprop_eps=0.01)
+    d = _dnd([[0.0], [0.0], [0.0], [0.0]], [1.0, 2.0, 3.0, 4.0])
+    a, idx = np.zeros((2, 1), np.int32), np.array([[0, 1], [1, 2]], np.int32)
+    gv = np.float32([[0.1, 0.2], [0.3, -0.4]])
+    on = np.array([[True, True], [True, False]])
+    d1 = jax.jit(lambda d: nec.sparse_rmsprop(d, a, idx, np.ones((2, 2, 1), np.float32), gv,
+                                              on, cfg))(d)
+    want0, want1 = 1 - 0.01 / np.sqrt(0.05 * 0.01 + 0.01), 2 - 0.05 / np.sqrt(0.0125 + 0.01)
+    np.testing.assert_allclose(d1.values[0], [want0, want1, 3.0, 4.0], rtol=1e-5)
+    np.testing.assert_allclose(d1.value_ms[0], [0.0005, 0.0125, 0, 0], rtol=1e-5)
+    g1 = 0.1 * 2 / np.sqrt(0.05 * 4 + 0.01)  # entry 1's key: two rows' gradient 1 each
+    np.testing.assert_allclose(d1.keys[0, :, 0], [-0.1 / np.sqrt(0.06), -g1, 0, 0], rtol=1e-5)
+
+
+def test_epsilon_is_annealed_from_its_begin_step_then_constant():
+    """Kaixhin/EC's schedule (epsilon_start 1 until agent step epsilon_decay_begin = 40, then
+    linear to 0.1 over 100 agent steps) with 2 envs (the clock counts vector steps): time 0,
+    20 -> 1.0; time 45 (90 agent steps, half-way) -> 0.55; time 70, 99 -> 0.1; with
+    epsilon_decay_steps = 0 the state's epsilon. Mutation tried: begin ignored (0.55 at
+    agent step 50): fails."""
+    cfg = dataclasses.replace(TINY, epsilon_start=1.0, epsilon_decay_begin=40,
+                              epsilon_decay_steps=100, num_envs=2)
+    hyper = nec.Hyper(jnp.float32(0.1), jnp.array(False), jnp.array(True))
+    state = lambda t: nec.State(*[None] * 14, t, None, hyper)  # noqa: E731
+    f = jax.jit(jax.vmap(lambda t: nec.epsilon_at(state(t), cfg)))
+    np.testing.assert_allclose(f(jnp.array([0, 20, 45, 70, 99])), [1, 1, 0.55, 0.1, 0.1],
+                               rtol=1e-6)
+    const = dataclasses.replace(cfg, epsilon_decay_steps=0)
+    assert float(nec.epsilon_at(state(jnp.int32(9)), const)) == np.float32(0.1)
 
 
 def test_bad_values_fail_with_named_field(tmp_path):
@@ -219,6 +271,7 @@ def test_bad_values_fail_with_named_field(tmp_path):
            (["--n-step", "0"], "--n-step must be >= 1, got 0"),
            (["--key-dim", "0"], "key_dim=0 must be >= 1"),
            (["--obs-scale", "-1"], "obs_scale=-1.0 must be > 0"),
+           (["--rmsprop-eps", "0"], "rmsprop_eps=0.0 must be > 0"),
            (["--lr", "0"], "--lr must be > 0"), (["--gamma", "1.5"], r"--gamma must be in")]
     for args, msg in bad:
         with pytest.raises(ValueError, match=msg):
@@ -226,22 +279,25 @@ def test_bad_values_fail_with_named_field(tmp_path):
 
 
 SEEDS = 4
-VARIANTS = ("NEC", "uniform kernel")
+# variant -> (uniform kernel weights, gradient steps)
+VARIANTS = {"NEC": (False, True), "uniform kernel": (True, True), "no learning": (False, False)}
 
 
-def _run(run_dir, cfg_args, seeds, twins, *extra):
-    """`nec.main` with `seeds` runner seeds in ONE compiled program; seed i starts from the
-    runner's key of seed i % twins, and the seeds from `twins` on with the uniform kernel
-    when `twins` is SEEDS (the slow gate: each broken twin on its NEC twin's key)."""
-    n = seeds
+def _run(run_dir, cfg_args, plan, *extra):
+    """`nec.main` with one runner seed per entry of `plan` in ONE compiled program: seed i
+    starts from the runner's key of seed plan[i][0] as variant plan[i][1] (a VARIANTS
+    name): a twin of another seed differs from it by its variant only."""
+    n = len(plan)
     keys = jax.random.split(jax.random.PRNGKey(0), n)  # the runner's keys
+    src = jnp.array([p[0] for p in plan])
+    mean = jnp.array([VARIANTS[p[1]][0] for p in plan])
+    learn = jnp.array([VARIANTS[p[1]][1] for p in plan])
     real = nec.init
 
     def init(key, cfg):
         i = jnp.argmax(jnp.all(key == keys, -1))
-        state = real(keys[i % twins], cfg)
-        mean = (i >= twins) if twins == SEEDS else False
-        return state.replace(hyper=state.hyper.replace(mean_kernel=jnp.asarray(mean)))
+        state = real(keys[src[i]], cfg)
+        return state.replace(hyper=state.hyper.replace(mean_kernel=mean[i], learn=learn[i]))
 
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(nec, "init", init)
@@ -252,8 +308,8 @@ def _run(run_dir, cfg_args, seeds, twins, *extra):
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
     """TINY through the CLI (`nec.main`), 3 seeds: seed 2 starts from seed 0's key."""
-    return _run(tmp_path_factory.mktemp("nec"), cli_args(TINY, QUICK, "quick"), 3, 2,
-                "--fast-compile", "--log-every", "2")
+    return _run(tmp_path_factory.mktemp("nec"), cli_args(TINY, QUICK, "quick"),
+                [(0, "NEC"), (1, "NEC"), (0, "NEC")], "--fast-compile", "--log-every", "2")
 
 
 @pytest.mark.slow
@@ -268,15 +324,17 @@ def test_nec_learns_the_maze_where_uniform_weights_do_not(tmp_path):
     With w_i = 1/p the p neighbours average a large part of the maze and no path stands out.
     Mutation tried: no tabular step on a stored state ([1] Eq. 4 dropped: Q_i keeps its
     first value): NEC 0.00 0.00 0.19 0.00; fails."""
-    run = _run(tmp_path, ["--preset", "quick"], len(VARIANTS) * SEEDS, SEEDS, "--log-every", "10")
+    plan = [(i, v) for v in VARIANTS for i in range(SEEDS)]
+    run = _run(tmp_path, ["--preset", "quick"], plan, "--log-every", "10")
     f, h = run.final, run.history
     ret = f["eval_return"]
-    nec_r, mean_r = ret[:SEEDS], ret[SEEDS:]
+    nec_r, mean_r, frozen_r = ret[:SEEDS], ret[SEEDS:2 * SEEDS], ret[2 * SEEDS:]
     goals = np.nansum(h["charts/episodic_return"] * h["charts/episodes"], 1)
-    print({"NEC": nec_r, "uniform": mean_r}, f["eval_length"], "goals", goals)
+    print({"NEC": nec_r, "uniform": mean_r, "no learning": frozen_r}, f["eval_length"],
+          "goals", goals)
     assert (nec_r > 0.8).sum() >= 3, nec_r
     assert mean_r.max() < 0.2, mean_r
-    assert goals[:SEEDS].sum() > 3 * max(goals[SEEDS:].sum(), 1), goals
+    assert goals[:SEEDS].sum() > 3 * max(goals[SEEDS:2 * SEEDS].sum(), 1), goals
 
 
 def test_train_is_pure_and_cli_writes_its_files(tiny_run, capsys):
