@@ -14,17 +14,18 @@ matrix W_k per prediction offset k scores a candidate z against the context:
 
     f_k(x_{t+k}, c_t) = exp(z_{t+k}^T W_k c_t)                                    [1] Eq. 3
     L_N = -E_X[ log f_k(x_{t+k}, c_t) / sum_{x_j in X} f_k(x_j, c_t) ]            [1] Eq. 4
-    L = sum_{k=min_step..pred_steps} L_N(k)   (the mean over all positions t)     [1] Sec. 2.3
+    L = sum_{k=min_step..pred_steps} L_N(k)   (the mean over all positions t)
+([1] Sec. 2.3 defines L_N for one k; the sum over k is [2]'s App. pseudo-code.)
 
 X holds the one positive z_{t+k} and N - 1 negatives: every other z of the mini-batch (all
 positions of all sequences or images, [2] App. pseudo-code), so N = batch * positions.
 `mode` picks the setting:
 - "sequence" ([1] Sec. 3.1, audio): a strided 1-d conv encoder (one z per prod(strides)
   samples) and a GRU g_ar. The signals are procedural (below); the class of a sequence is
-  probed from the time-averaged context c_t.
+  probed from the time-averaged context c_t (see Differences).
 - "image" ([1] Sec. 3.2, [2]): the image is cut into an overlapping G x G grid of patches
   (side patch_size, stride patch_stride; 256 -> 7 x 7 of 64 at stride 32 in [1]); a
-  pre-activation ResNet without normalisation ([1], as recalled: "We did not use
+  pre-activation ResNet without normalisation ([1] Sec. 3.2: "We did not use
   Batch-Norm"; [2] finds BN harmful to CPC and uses layer norm) encodes
   each patch to z_{i,j}; the context c_{i,j} = g_ar(z_{u,v}, u <= i) comes from [2]'s masked
   PixelCNN: residual blocks of 1x1 conv, ReLU, 1x3 conv, a 2x1 conv over rows (i - 1, i) of
@@ -36,8 +37,9 @@ Procedural sequences (no audio ships offline): class y in 0..seq_classes-1 sets 
 "speaker" pitch f_y = 0.02 + 0.18 y / (seq_classes - 1) cycles per sample; every two
 latent frames a new "phoneme" draws the amplitudes a_1, a_2 ~ U(0, 1) of the fundamental
 and of the second harmonic; x(t) = a_1 sin(2 pi f_y t + phi_1) + a_2 sin(4 pi f_y t + phi_2)
-+ seq_noise * eps. Only the pitch is shared across the sequence: the slow feature CPC has
-to keep in c_t to predict frames k steps ahead.
++ seq_noise * eps. The pitch and the phases phi_1, phi_2 are drawn once per sequence, the
+amplitudes once per phoneme: the pitch is the slow feature of the class that CPC has to
+keep in c_t to predict frames k steps ahead.
 
 Evaluation (`evaluate`): frozen features, a linear and a k-NN probe (common/probe.py) with
 all labels and probe_per_class labels per class, for the trained encoder and for the same
@@ -54,34 +56,47 @@ on the 797 held-out digits, CPC vs the same encoder at random init: linear 0.892
 picture: selfsup/cpc.png). `quick_seq` (1 seed, 600 steps, 2 min wall / 35 CPU s):
 contrastive accuracy 0.53 (chance 1/512); pitch probes on 500 held-out signals, CPC vs init:
 linear 0.930 vs 0.906, 0.824 vs 0.750 (10 per class); k-NN 0.810 vs 0.792, 0.640 vs 0.678
-(the few-label k-NN does not improve). Tests' 40-step TINY (2 seeds): accuracy 7.7 and 9.6 x
-chance, linear 0.57 0.67 vs 0.48 0.51 at init; positives from another sequence (broken) stay
-at 2.2 x chance.
+(the few-label k-NN does not improve). Tests' 40-step TINY (2 seeds): accuracy 9.6 and 7.8 x
+chance, linear 0.56 0.67 vs 0.48 0.51 at init; positives from another sequence (broken) stay
+at 2.2 x chance. The slow image test (`quick`, 300 steps, seed 0): accuracy 131 x chance vs
+14.9 x for positives from another image; 10-per-class probes linear 0.733 vs 0.635 at
+init, k-NN 0.375 vs 0.276 (the broken encoder's probes, 0.715 and 0.469, beat init too).
 Paper settings (GPU): `--preset paper` (image CPC of [1] Sec. 3.2 on the digits resized to
 256 x 256, ResNet-v2-101's first three stacks, 7 x 7 grid, k = 1..5) and `--preset audio`
 ([1] Sec. 3.1 sizes: 20480-sample windows, strides 5,4,2,2,2, kernels 10,8,4,4,4, 512
 channels, GRU 256, k = 1..12, Adam 2e-4, batch 8, on the procedural signals).
-[1] Table 3: ImageNet linear top-1 48.7% (ResNet-v2-101); Table 1 (LibriSpeech): phone
-classification 64.6%, speaker classification 97.4% (all as recalled, not re-read here).
+[1] Table 3: ImageNet linear top-1 48.7% (ResNet-v2-101; Table 4: top-5 73.6%); Table 1
+(LibriSpeech): phone classification 64.6%, speaker classification 97.4%.
 [2] (ICML 2020 version): 71.5% top-1 (ResNet-161), 63.8% (ResNet-50).
 
 Differences from the paper:
 - Data: no ImageNet or LibriSpeech offline. Images are scikit-learn's digits (1,000 train,
-  797 held out), grey, resized bilinearly on the device from 8x8 to image_size, no
-  augmentation ([1]: random crops and flips; [2]: heavy patch augmentation). Sequences are
-  the procedural signals above, drawn fresh every step.
+  797 held out), grey, resized bilinearly on the device from 8x8 to image_size, with no
+  augmentation. [1] takes a random 256 x 256 crop of the 300 x 300 image, flips it with
+  probability 0.5, converts it to greyscale, and takes a random 60 x 60 sub-crop of every
+  64-px patch, padded back to 64; [2] augments every patch heavily. Sequences are the
+  procedural signals above, drawn fresh every step.
 - The loss sums the per-k means over offsets min_step..pred_steps; [1] predicts "up to five
-  rows" (min_step 1); [2] skips the nearest offsets, whose patches overlap the context's
-  (steps_to_ignore = 2): our quick image preset uses min_step 2 for the same reason.
+  rows" (min_step 1). [2]'s pseudo-code loops over range(steps_to_ignore=2,
+  steps_to_predict=3) with offset i + 1, i.e. it predicts k = 3 only by default, and gives
+  no reason; with a patch stride of half the patch only k = 1 overlaps the context's row.
+  The quick image preset's min_step 2 (k = 2..4) is our choice.
 - f_k scores z directly, as [1]; [2]'s extra 1x1 target projection (64-d) and its
   embedding scale 0.1 are left out. Only top-to-bottom prediction ([2] adds other
   directions). The PixelCNN's width (256) and 5 blocks are [2]'s; [1] does not give them.
-- The stem of the patch ResNet is ImageNet's (7x7/2 conv, 3x3/2 max-pool) for patches of
-  32 px or more and a 3x3/1 conv for smaller ones. num_steps (not stated in [1]) is ours.
+- Patch encoder: [1] uses ResNet-v2-101's first three blocks as TF-slim builds them, which
+  stride 2 in the LAST unit of blocks 1-3; ours strides in the FIRST block of stages 2-3
+  (none in stage 1) and applies a ReLU before the mean-pool. The stem is ImageNet's (7x7/2
+  conv, 3x3/2 max-pool) for patches of 32 px or more and a 3x3/1 conv for smaller ones.
+- num_steps of the image setting is ours ([1] gives none); the audio preset's 300,000 is
+  [1] Sec. 3.1's ("roughly at 300,000 updates").
+- The sequence probes read c_t averaged over time; [1] Sec. 3.1 classifies phones from the
+  frame-wise c_t and, for speakers, says "we do not average utterances over time". Our one
+  label per sequence (the pitch) makes the average the simple choice.
 - Sequence encoder convs pad SAME (T = ceil(L / prod(strides))); [1] does not say.
 - Batches are drawn with replacement-free sampling every step (no epochs). [1] trains with a
-  batch of 16 per GPU on 32 GPUs for images, 8 per GPU on 8 GPUs for audio (as recalled);
-  the presets take one GPU's batch, so N is smaller.
+  batch of 16 per GPU on 32 GPUs for images, 8 per GPU on 8 GPUs for audio; the presets
+  take one GPU's batch, so N is smaller.
 """
 
 import functools
@@ -141,11 +156,11 @@ class Config:
     pred_steps: int = 5
     """largest prediction offset k ([1]: 5 rows for images, 12 steps for audio)"""
     min_step: int = 1
-    """smallest prediction offset k ([1]: 1; [2] skips 1 and 2 on overlapping patches)"""
+    """smallest prediction offset k ([1]: 1; [2]'s pseudo-code predicts k = 3 only)"""
     batch_size: int = 16
     """images or sequences per step (one GPU's batch in [1])"""
     num_steps: int = 100_000
-    """training steps (not stated in [1])"""
+    """training steps (images: not stated in [1], ours; audio preset: [1]'s 300,000)"""
     lr: float = 2e-4
     """Adam learning rate ([1]: 2e-4)"""
     num_train: int = 1000
@@ -175,6 +190,10 @@ class Config:
     def positions(self) -> tuple[int, int]:
         """(rows T, columns S) of the z map: (grid, grid) or (frames, 1)."""
         return (self.grid, self.grid) if self.mode == "image" else (self.seq_frames, 1)
+
+    @property
+    def num_classes(self) -> int:
+        return 10 if self.mode == "image" else self.seq_classes
 
     @property
     def num_updates(self) -> int:
@@ -218,10 +237,22 @@ class Config:
                              f"probe_l2={self.probe_l2} >= 0")
         if self.dtype not in ("float32", "bfloat16"):
             raise ValueError(f"dtype={self.dtype!r} must be 'float32' or 'bfloat16'")
+        if self.mode == "image" and self.batch_size > self.num_train:
+            raise ValueError(f"batch_size={self.batch_size} must be <= num_train="
+                             f"{self.num_train} (a batch draws distinct training digits)")
+        if self.batch_size < 1 or self.num_train < 1:
+            raise ValueError(f"batch_size={self.batch_size} and num_train={self.num_train} "
+                             "must be >= 1")
+        counts = np.bincount(np.asarray(probe_data_labels(self)), minlength=self.num_classes)
+        if self.probe_per_class > counts.min():
+            raise ValueError(f"probe_per_class={self.probe_per_class} must be <= the smallest "
+                             f"class count {counts.min()} of the num_train={self.num_train} "
+                             "probe training labels")
 
 
 PRESETS = {
-    # CPU demo: 32x32 digits, 7x7 grid of 8-px patches at stride 4, k = 2..4, a small ResNet.
+    # CPU demo: 32x32 digits, 7x7 grid of 8-px patches at stride 4, k = 2..4 (min_step 2 is
+    # our choice: it skips the one offset whose patch overlaps the context's), a small ResNet.
     "quick": dict(image_size=32, patch_size=8, patch_stride=4, stage_sizes=(1, 1), width=8,
                   context_blocks=2, context_channels=32, pred_steps=4, min_step=2,
                   batch_size=32, num_steps=600, lr=2e-3, shift_conv=True),
@@ -230,7 +261,7 @@ PRESETS = {
                       enc_strides=(4, 2, 2), gru_size=32, pred_steps=4, batch_size=32,
                       num_steps=600, lr=2e-3, shift_conv=True),
     # [1] Sec. 3.1 (audio) sizes on the procedural signals.
-    "audio": dict(mode="sequence", pred_steps=12, batch_size=8),
+    "audio": dict(mode="sequence", pred_steps=12, batch_size=8, num_steps=300_000),
     "paper": dict(),
 }
 
@@ -398,10 +429,25 @@ def resize(x8, cfg: Config):
     return 2.0 * x - 1.0
 
 
+PROBE_KEYS = (101, 202)  # PRNGKeys of the sequence mode's probe train and test signals
+
+
+def sequence_classes(key, n: int, cfg: Config):
+    """The classes (n,) of make_sequences(key, n, cfg)."""
+    return jax.random.randint(jax.random.split(key, 4)[0], (n,), 0, cfg.seq_classes)
+
+
+def probe_data_labels(cfg: Config):
+    """The labels of the probes' training set (for validate's class counts)."""
+    if cfg.mode == "image":
+        return digits8(cfg.num_train)[1]
+    return sequence_classes(jax.random.PRNGKey(PROBE_KEYS[0]), cfg.num_train, cfg)
+
+
 def make_sequences(key, n: int, cfg: Config):
     """n procedural signals (n, seq_length, 1, 1) and their classes (n,) (see docstring)."""
-    k_y, k_ph, k_amp, k_eps = jax.random.split(key, 4)
-    y = jax.random.randint(k_y, (n,), 0, cfg.seq_classes)
+    _, k_ph, k_amp, k_eps = jax.random.split(key, 4)
+    y = sequence_classes(key, n, cfg)
     f = 0.02 + 0.18 * y / (cfg.seq_classes - 1)  # (n,) cycles per sample
     seg = 2 * int(np.prod(cfg.enc_strides))  # a "phoneme" lasts two latent frames
     t = jnp.arange(cfg.seq_length)
@@ -503,12 +549,20 @@ def update(state: State, cfg: Config):
 
 def features(params, x, cfg: Config):
     """The frozen representation: z mean-pooled over the grid (image) or c_t averaged over
-    time (sequence)."""
+    time (sequence); computed batch_size inputs at a time (lax.map over zero-padded chunks),
+    so memory stays at one training batch's forward pass."""
     net = CPC(cfg)
-    z = net.apply({"params": params}, x, method=CPC.encode)
-    if cfg.mode == "image":
-        return z.mean((1, 2))
-    return net.apply({"params": params}, z, method=CPC.context).mean((1, 2))
+
+    def chunk(xc):
+        z = net.apply({"params": params}, xc, method=CPC.encode)
+        if cfg.mode == "image":
+            return z.mean((1, 2))
+        return net.apply({"params": params}, z, method=CPC.context).mean((1, 2))
+
+    n, c = x.shape[0], cfg.batch_size
+    m = -(-n // c)
+    xp = jnp.pad(x, ((0, m * c - n),) + ((0, 0),) * (x.ndim - 1))
+    return jax.lax.map(chunk, xp.reshape(m, c, *x.shape[1:])).reshape(m * c, -1)[:n]
 
 
 def probe_data(cfg: Config):
@@ -517,8 +571,8 @@ def probe_data(cfg: Config):
         tr_x, tr_y, te_x, te_y = jax.lax.optimization_barrier(
             tuple(jnp.asarray(a) for a in digits8(cfg.num_train)))
         return resize(tr_x, cfg), tr_y, resize(te_x, cfg), te_y
-    tr_x, tr_y = make_sequences(jax.random.PRNGKey(101), cfg.num_train, cfg)
-    te_x, te_y = make_sequences(jax.random.PRNGKey(202), cfg.seq_probe_test, cfg)
+    tr_x, tr_y = make_sequences(jax.random.PRNGKey(PROBE_KEYS[0]), cfg.num_train, cfg)
+    te_x, te_y = make_sequences(jax.random.PRNGKey(PROBE_KEYS[1]), cfg.seq_probe_test, cfg)
     return tr_x, tr_y, te_x, te_y
 
 
@@ -528,11 +582,11 @@ def evaluate(state: State, cfg: Config):
     ("linear_few", "knn_few"); the same for the encoder at init ("init_..."); and the
     contrastive accuracy of one held-out batch ("cpc_acc_test")."""
     tr_x, tr_y, te_x, te_y = probe_data(cfg)
-    classes = 10 if cfg.mode == "image" else cfg.seq_classes
 
     def probes(params):
-        return probe.probe(jax.random.PRNGKey(0), features(params, tr_x, cfg), tr_y,
-                           features(params, te_x, cfg), te_y, classes, cfg.probe_per_class,
+        f = features(params, jnp.concatenate([tr_x, te_x]), cfg)  # one traced encoder
+        return probe.probe(jax.random.PRNGKey(0), f[:len(tr_y)], tr_y, f[len(tr_y):], te_y,
+                           cfg.num_classes, cfg.probe_per_class,
                            cfg.knn_k, cfg.knn_temperature, cfg.probe_l2)
 
     # trained and initial networks through one vmapped program (half the compile)
