@@ -1,5 +1,6 @@
 """Box machinery shared by the detectors in detection/: formats, IoU, the R-CNN box
-encoding, anchor grids, IoU matching, jittable greedy NMS, and COCO / VOC average precision.
+encoding, anchor grids, IoU matching, jittable greedy NMS, COCO / VOC average precision, and
+the detectors' SGD weight decay on kernels only.
 
 Conventions: boxes are float arrays whose last axis is 4. `xyxy` = (x1, y1, x2, y2) is the
 internal format; `cxcywh` = (centre x, centre y, width, height) is what the encodings use;
@@ -14,6 +15,7 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 
 # ----------------------------------------------------------------------------- formats
 
@@ -113,6 +115,15 @@ def match(anchors, gt, gt_valid, pos_iou: float, neg_iou: float, force_best: boo
         idx = idx.at[best_anchor].set(g, mode="drop")
         label = label.at[best_anchor].set(1, mode="drop")
     return idx, label
+
+
+def kernel_weight_decay(weight_decay: float) -> optax.GradientTransformation:
+    """L2 weight decay as darknet and Caffe apply it: weight_decay * w added to the gradient
+    (before momentum; not decoupled), on kernels only (ndim > 1). Biases, batch-norm scales
+    and offsets and other vectors are not decayed (darknet decays `weights` alone; Caffe's
+    detection prototxts give biases decay_mult 0)."""
+    return optax.add_decayed_weights(
+        weight_decay, mask=lambda params: jax.tree.map(lambda w: w.ndim > 1, params))
 
 
 # ----------------------------------------------------------------------------- NMS

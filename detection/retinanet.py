@@ -127,7 +127,7 @@ class Config:
     lr: float = 0.01
     """learning rate"""
     weight_decay: float = 1e-4
-    """weight decay (sgd only)"""
+    """L2 weight decay on kernels, added to the gradient (sgd only)"""
     warmup_steps: int = 500
     """linear learning-rate warm-up from lr / 3 (sgd) or 0 (adam)"""
     batch_size: int = 16
@@ -476,7 +476,7 @@ def make_optimizer(cfg: Config):
         return optax.adam(optax.linear_schedule(0.0, cfg.lr, cfg.warmup_steps)
                           if cfg.warmup_steps else cfg.lr)
     sched = lr_schedule(cfg)
-    return optax.chain(optax.add_decayed_weights(cfg.weight_decay),
+    return optax.chain(bx.kernel_weight_decay(cfg.weight_decay),
                        optax.sgd(sched, momentum=0.9))
 
 

@@ -109,7 +109,7 @@ class Config:
     lr: float = 1e-3
     """learning rate"""
     weight_decay: float = 5e-4
-    """weight decay (sgd only)"""
+    """L2 weight decay on kernels, added to the gradient as Caffe does (sgd only)"""
     batch_size: int = 32
     """images per update"""
     total_steps: int = 60_000
@@ -391,7 +391,7 @@ def make_optimizer(cfg: Config):
     # [1] Sec. 3: SGD, momentum 0.9, weight decay 5e-4, lr 1e-3 then 1e-4, 1e-5
     n = cfg.total_steps
     sched = optax.piecewise_constant_schedule(cfg.lr, {2 * n // 3: 0.1, 5 * n // 6: 0.1})
-    return optax.chain(optax.add_decayed_weights(cfg.weight_decay),
+    return optax.chain(bx.kernel_weight_decay(cfg.weight_decay),
                        optax.sgd(sched, momentum=0.9))
 
 

@@ -137,7 +137,7 @@ class Config:
     lr: float = 1e-3
     """learning rate"""
     weight_decay: float = 5e-4
-    """decoupled weight decay (sgd only)"""
+    """L2 weight decay on kernels, added to the gradient as darknet does (sgd only)"""
     batch_size: int = 64
     """images per update (detection + classification)"""
     total_steps: int = 40_000
@@ -461,7 +461,7 @@ def make_optimizer(cfg: Config):
         return optax.adam(cfg.lr)
     n = cfg.total_steps  # YOLOv2's SGD: momentum .9, decay 5e-4, lr / 10 at 3/8 and 9/16
     sched = optax.piecewise_constant_schedule(cfg.lr, {3 * n // 8: 0.1, 9 * n // 16: 0.1})
-    return optax.chain(optax.add_decayed_weights(cfg.weight_decay),
+    return optax.chain(bx.kernel_weight_decay(cfg.weight_decay),
                        optax.sgd(sched, momentum=0.9))
 
 

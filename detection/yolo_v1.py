@@ -97,7 +97,7 @@ class Config:
     lr: float = 1e-2
     """peak learning rate"""
     weight_decay: float = 5e-4
-    """decoupled weight decay (sgd only)"""
+    """L2 weight decay on kernels, added to the gradient as darknet does (sgd only)"""
     batch_size: int = 64
     """images per update"""
     total_steps: int = 40_000
@@ -310,7 +310,7 @@ def make_optimizer(cfg: Config):
     if cfg.optimizer == "adam":
         return optax.adam(cfg.lr)
     sched = lr_schedule(cfg)
-    return optax.chain(optax.add_decayed_weights(cfg.weight_decay),
+    return optax.chain(bx.kernel_weight_decay(cfg.weight_decay),
                        optax.sgd(sched, momentum=0.9))
 
 

@@ -125,7 +125,7 @@ class Config:
     lr: float = 1e-3
     """learning rate"""
     weight_decay: float = 5e-4
-    """decoupled weight decay (sgd only)"""
+    """L2 weight decay on kernels, added to the gradient as darknet does (sgd only)"""
     batch_size: int = 64
     """images per update"""
     total_steps: int = 40_000
@@ -447,7 +447,7 @@ def make_optimizer(cfg: Config):
     # [1] Sec. 3: SGD, momentum 0.9, weight decay 5e-4, lr / 10 at epochs 60 and 90 of 160
     n = cfg.total_steps
     sched = optax.piecewise_constant_schedule(cfg.lr, {3 * n // 8: 0.1, 9 * n // 16: 0.1})
-    return optax.chain(optax.add_decayed_weights(cfg.weight_decay),
+    return optax.chain(bx.kernel_weight_decay(cfg.weight_decay),
                        optax.sgd(sched, momentum=0.9))
 
 

@@ -126,7 +126,7 @@ class Config:
     lr: float = 1e-3
     """learning rate"""
     weight_decay: float = 5e-4
-    """decoupled weight decay (sgd only)"""
+    """L2 weight decay on kernels, added to the gradient as darknet does (sgd only)"""
     warmup_steps: int = 1000
     """updates of (lr * (t / warmup)^4) warm-up, darknet's burn_in (sgd only)"""
     batch_size: int = 64
@@ -432,7 +432,7 @@ def make_optimizer(cfg: Config):
         decay = jnp.where(t >= 4 * n // 5, 0.1, 1.0) * jnp.where(t >= 9 * n // 10, 0.1, 1.0)
         return cfg.lr * jnp.minimum((t + 1.0) / w, 1.0) ** 4 * decay
 
-    return optax.chain(optax.add_decayed_weights(cfg.weight_decay),
+    return optax.chain(bx.kernel_weight_decay(cfg.weight_decay),
                        optax.sgd(sched, momentum=0.9))
 
 

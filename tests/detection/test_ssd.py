@@ -159,6 +159,11 @@ def test_heads_start_from_the_released_xavier_filler():
     assert np.abs(inits["lecun_normal"]).max() > 1.2 * bound
 
 
+def test_sgd_weight_decay_spares_biases_and_batch_norm():
+    """L2 decay on kernels only (darknet / Caffe): biases and BN scales and offsets keep."""
+    tiny_run_module.assert_decay_spares_vectors(ssd, dataclasses.replace(QUICK, optimizer="sgd"))
+
+
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
     """TINY through the command line: 40 updates of 8 scenes, 2 seeds."""

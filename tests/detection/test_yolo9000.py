@@ -161,6 +161,11 @@ def test_detection_loss_is_low_when_right_and_class_term_follows_the_path():
                                parts["class"], atol=1e-7)
 
 
+def test_sgd_weight_decay_spares_biases_and_batch_norm():
+    """L2 decay on kernels only (darknet / Caffe): biases and BN scales and offsets keep."""
+    tiny_run_module.assert_decay_spares_vectors(y, dataclasses.replace(QUICK, optimizer="sgd"))
+
+
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
     """TINY through the command line: 400 updates of 4 detection + 4 classification

@@ -118,6 +118,11 @@ def test_sgd_schedule_decays_at_epochs_75_and_105():
                                rtol=1e-6)
 
 
+def test_sgd_weight_decay_spares_biases_and_batch_norm():
+    """L2 decay on kernels only (darknet / Caffe): biases and BN scales and offsets keep."""
+    tiny_run_module.assert_decay_spares_vectors(y, dataclasses.replace(QUICK, optimizer="sgd"))
+
+
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
     """TINY through the command line: 200 updates of 8 scenes, 2 seeds."""

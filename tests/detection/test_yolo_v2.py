@@ -132,6 +132,11 @@ def test_loss_spares_overlapping_predictions_and_is_low_when_right():
     np.testing.assert_allclose(noobj, 0.5 * np.log1p(np.exp(5.0)), rtol=1e-4)
 
 
+def test_sgd_weight_decay_spares_biases_and_batch_norm():
+    """L2 decay on kernels only (darknet / Caffe): biases and BN scales and offsets keep."""
+    tiny_run_module.assert_decay_spares_vectors(y, dataclasses.replace(QUICK, optimizer="sgd"))
+
+
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
     """TINY through the command line: 120 updates of 8 scenes (multi-scale 64/96 px), 2 seeds."""

@@ -209,6 +209,11 @@ def test_multi_label_classes_are_independent_logistic():
     np.testing.assert_allclose(cls, want, rtol=1e-5)
 
 
+def test_sgd_weight_decay_spares_biases_and_batch_norm():
+    """L2 decay on kernels only (darknet / Caffe): biases and BN scales and offsets keep."""
+    tiny_run_module.assert_decay_spares_vectors(y, dataclasses.replace(QUICK, optimizer="sgd"))
+
+
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
     """TINY through the command line: 40 updates of 8 scenes, 2 seeds."""

@@ -8,6 +8,7 @@ import functools
 import json
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from common import parallel, run
@@ -69,3 +70,21 @@ def assert_pure(module, cfg, first: run.RunResult):
     assert not np.array_equal(kernel[0], kernel[1])
     assert not np.array_equal(first.history["losses/total"][0], first.history["losses/total"][1])
     assert np.isfinite(first.history["losses/total"]).all()
+
+
+def assert_decay_spares_vectors(module, cfg):
+    """The SGD optimizer of `module.make_optimizer(cfg)` (cfg.optimizer == "sgd"), one step
+    from all-ones parameters with zero gradients: only the decay moves them, and it moves
+    every kernel (ndim > 1) and no bias, batch-norm scale or offset (darknet and Caffe decay
+    weights only). Parameters come from jax.eval_shape of init (no network compile)."""
+    assert cfg.optimizer == "sgd" and cfg.weight_decay > 0
+    shapes = jax.eval_shape(lambda: module.init(jax.random.PRNGKey(0), cfg)).params
+    params = jax.tree.map(lambda s: np.ones(s.shape, s.dtype), shapes)
+    opt = module.make_optimizer(cfg)
+    step = jax.jit(lambda p: opt.update(jax.tree.map(jnp.zeros_like, p), opt.init(p), p)[0])
+    moved = jax.tree_util.tree_flatten_with_path(jax.tree.map(
+        lambda u: bool(np.any(np.asarray(u) != 0)), step(params)))[0]
+    names = {jax.tree_util.keystr(path)[-8:] for path, _ in moved}
+    assert any("scale" in n for n in names) and any("bias" in n for n in names), names
+    for (path, m), leaf in zip(moved, jax.tree.leaves(params), strict=True):
+        assert m == (leaf.ndim > 1), (jax.tree_util.keystr(path), leaf.shape, m)
