@@ -43,6 +43,9 @@ Ours (quick, 2-core CPU shared with other jobs: 51 s compile cold, 46 s for 4 se
 25.9 +- 3.7 steps (mean evaluation episode length over the 4 seeds, an episode that misses
 the goal counted at 200; the shortest path is 20); with uniform kernel weights 0 / 0 /
 0 / 0 (200 steps): curves in metarl/nec.png, the slow gate in tests/metarl/test_nec.py.
+These numbers predate the LRU and summed-gradient fixes: re-measured since, NEC 0.36 / 0.47
+/ 0.39 / 0.98, and a no-learning twin (no gradient steps) 1.00 on all 4 seeds: on this maze
+the tabular writes alone solve it (see the slow gate; open).
 [1] Table 1 / Fig. 3 [M: not re-read]: NEC has the highest median human-normalised score
 over 57 Atari games up to 10M frames (the data-efficient regime) against DQN, prioritised
 DQN, A3C, Q*(lambda) and MFEC; a benchmark listing gives it as 54.6% [M: not checked in [1]].
