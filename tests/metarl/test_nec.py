@@ -182,9 +182,8 @@ def test_gradients_reach_the_embedding_and_the_dnd_entries_read_and_stay_finite(
     fused step happened to stay finite with it). The state is the tiny run's seed 0 (no
     init compile) with a hand-made DND and replay (DND_0 holds 3 entries, DND_1 4, DND_2
     none; rows take actions 0, 1, 2, 0, 1, ...). Mutations tried: stop_gradient on the
-    gathered keys in loss_fn: the keys stay put; fails. The former LRU touch (action index
-    arange(1) = DND_0 for every row): DND_1's clocks stay 0 and DND_0's slot 3 is touched;
-    fails. The value step's sign flipped: values move away from 5; fails."""
+    gathered keys in loss_fn: the keys stay put; fails. NOT YET TRIED (to do): the former LRU
+    touch (DND_0 for every row), the value step's sign flipped."""
     s = jax.tree.map(lambda x: np.array(np.asarray(x)[0]), tiny_run.state)  # seed 0, numpy
     a, c, f = s.dnd.keys.shape
     keys, values = np.zeros((a, c, f), np.float32), np.zeros((a, c), np.float32)
@@ -226,9 +225,8 @@ def test_sparse_rmsprop_takes_one_step_per_entry_with_the_summed_gradient():
         entry 0: G = 0.1,  Q <- 1 - 0.1 * 0.1 / sqrt(0.05 * 0.01 + 0.01) = 0.90241
         entry 1: G = 0.2 + 0.3 = 0.5 (one step, not two): 2 - 0.05 / sqrt(0.0225) = 1.66667
         entries 2, 3 unchanged; the mean squares 0.0005, 0.0125 on entries 0, 1.
-    The key gradients (ones) step entries 0, 1 the same way per coordinate. Mutations
-    tried: the step's sign flipped (+lr g): fails; each pair its own step (the former
-    .add): entry 1 moves twice; fails."""
+    The key gradients (ones) step entries 0, 1 the same way per coordinate. Mutations NOT
+    YET TRIED (to do): the step's sign flipped, each pair its own step (the former .add)."""
     cfg = dataclasses.replace(TINY, lr=0.1, rmsprop_decay=0.95, rmsprop_eps=0.01)
     d = _dnd([[0.0], [0.0], [0.0], [0.0]], [1.0, 2.0, 3.0, 4.0])
     a, idx = np.zeros((2, 1), np.int32), np.array([[0, 1], [1, 2]], np.int32)
@@ -247,8 +245,7 @@ def test_epsilon_is_annealed_from_its_begin_step_then_constant():
     """Kaixhin/EC's schedule (epsilon_start 1 until agent step epsilon_decay_begin = 40, then
     linear to 0.1 over 100 agent steps) with 2 envs (the clock counts vector steps): time 0,
     20 -> 1.0; time 45 (90 agent steps, half-way) -> 0.55; time 70, 99 -> 0.1; with
-    epsilon_decay_steps = 0 the state's epsilon. Mutation tried: begin ignored (0.55 at
-    agent step 50): fails."""
+    epsilon_decay_steps = 0 the state's epsilon. Mutation NOT YET TRIED: begin ignored."""
     cfg = dataclasses.replace(TINY, epsilon_start=1.0, epsilon_decay_begin=40,
                               epsilon_decay_steps=100, num_envs=2)
     hyper = nec.Hyper(jnp.float32(0.1), jnp.array(False), jnp.array(True))
