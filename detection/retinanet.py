@@ -422,12 +422,9 @@ def assign(anchors, gt_boxes, gt_labels, cfg: Config):
     ignored, class one-hot targets (N, K) and box targets (N, 4)."""
     valid = gt_labels >= 0
     a_xyxy = bx.cxcywh_to_xyxy(anchors)
-    idx, state = bx.match(a_xyxy, gt_boxes, valid, cfg.pos_iou, cfg.neg_iou, force_best=False)
-    if cfg.match_best_anchor:  # each valid box claims its best anchor; padding rows drop out
-        best = jnp.argmax(jnp.where(valid[None], bx.iou(a_xyxy, gt_boxes), -1.0), axis=0)
-        best = jnp.where(valid, best, anchors.shape[0])  # (M,), out of range for padding
-        idx = idx.at[best].set(jnp.arange(gt_boxes.shape[0]), mode="drop")
-        state = state.at[best].set(1, mode="drop")
+    # with match_best_anchor each valid box also claims its best anchor
+    idx, state = bx.match(a_xyxy, gt_boxes, valid, cfg.pos_iou, cfg.neg_iou,
+                          force_best=cfg.match_best_anchor)
     state = jnp.where(valid.any(), state, 0)  # an empty image: all negative
     onehot = jax.nn.one_hot(gt_labels[idx], cfg.num_classes) * (state == 1)[:, None]
     gt = bx.xyxy_to_cxcywh(gt_boxes[idx])

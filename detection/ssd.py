@@ -334,13 +334,7 @@ def match(defaults, gt_boxes, gt_labels, cfg: Config):
     valid = gt_labels >= 0
     d_xyxy = bx.cxcywh_to_xyxy(defaults)
     idx, state = bx.match(d_xyxy, gt_boxes, valid, cfg.match_iou, cfg.match_iou,
-                          force_best=False)
-    # each valid box claims its best default box (done here rather than by match's
-    # force_best, whose padding rows can overwrite a real box's claim on box 0)
-    best = jnp.argmax(jnp.where(valid[None], bx.iou(d_xyxy, gt_boxes), -1.0), axis=0)
-    best = jnp.where(valid, best, defaults.shape[0])  # (M,), out of range for padding
-    idx = idx.at[best].set(jnp.arange(gt_boxes.shape[0]), mode="drop")
-    state = state.at[best].set(1, mode="drop")
+                          force_best=True)  # each valid box also claims its best default box
     pos = (state == 1) & valid.any()
     cls = jnp.where(pos, gt_labels[idx] + 1, 0)
     gt = jnp.where(pos[:, None], bx.xyxy_to_cxcywh(gt_boxes[idx]), defaults)

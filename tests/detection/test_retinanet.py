@@ -145,6 +145,22 @@ def test_assignment_ignore_band():
     np.testing.assert_array_equal(state, [1, 0, 0])
 
 
+def test_matching_uses_the_shared_forced_best_anchor_step(monkeypatch):
+    """The best-anchor claim is common.boxes.match's force_best (tested there with padding
+    rows), not a copy: a spy records the flag of the call rn.assign (match_best_anchor on and off) makes."""
+    seen = []
+    orig = bx.match
+    monkeypatch.setattr(bx, "match", lambda *a, **k: seen.append(k.get("force_best")) or
+                        orig(*a, **k))
+    anchors = jnp.array([[0.25, 0.25, 0.5, 0.5], [0.75, 0.75, 0.5, 0.5]])
+    gt, labels = jnp.array([[0.0, 0.0, 0.2, 0.2], [0, 0, 0, 0]]), jnp.array([0, -1])
+    for best in (True, False):
+        state, _, _ = rn.assign(anchors, gt, labels,
+                                dataclasses.replace(QUICK, match_best_anchor=best))
+        assert state.tolist() == ([1, 0] if best else [0, 0])  # IoU 0.16 < neg_iou
+    assert seen == [True, False]
+
+
 def test_prior_bias_init_gives_initial_sigmoid_of_pi():
     """b = -log((1 - pi) / pi) with pi = 0.01: mean initial class probability 0.01, and the
     initial focal loss is that of predicting 0.01 everywhere."""

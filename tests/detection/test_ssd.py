@@ -93,6 +93,20 @@ def test_matching_best_box_plus_threshold():
     assert int(pos.sum()) == int(above.sum()) + 1
 
 
+def test_matching_uses_the_shared_forced_best_anchor_step(monkeypatch):
+    """The best-anchor claim is common.boxes.match's force_best (tested there with padding
+    rows), not a copy: a spy records the flag of the call ssd.match makes."""
+    seen = []
+    orig = bx.match
+    monkeypatch.setattr(bx, "match", lambda *a, **k: seen.append(k.get("force_best")) or
+                        orig(*a, **k))
+    anchors = jnp.array([[0.25, 0.25, 0.5, 0.5], [0.75, 0.75, 0.5, 0.5]])
+    gt, labels = jnp.array([[0.0, 0.0, 0.2, 0.2], [0, 0, 0, 0]]), jnp.array([0, -1])
+    pos, cls, _ = ssd.match(anchors, gt, labels, QUICK)  # eager: the spy sees the call
+    assert seen == [True]
+    assert pos.tolist() == [True, False] and cls.tolist() == [1, 0]  # IoU 0.16 < 0.5
+
+
 def test_hard_negative_mining_keeps_top_loss_negatives():
     """Exactly min(3 #pos, #neg) negatives are kept, and they are the highest-loss ones."""
     loss = jax.random.uniform(jax.random.PRNGKey(1), (50,))
