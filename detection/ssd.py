@@ -48,6 +48,8 @@ Differences from the paper:
   BN), not Xavier.
 - The scales follow Eq. 4 on every map; the released SSD300 gives conv4_3 a separate
   scale 0.1 and spreads 0.2-0.9 over the other five maps.
+- Default boxes are not clipped to the image (`clip_default_boxes` off), as [1]'s
+  ssd_pascal.py (clip = False); torchvision and ssd.pytorch clip them (the flag on).
 - Positives are IoU >= 0.5 (common.boxes.match) where [1] says > 0.5.
 - No data augmentation (random IoU crops, zoom-out, photometric distortion, flips in [1]).
 - Inference keeps one global top `pre_nms_topk` (400) of (box, class) pairs across all
@@ -96,6 +98,9 @@ class Config:
     """scale of the coarsest map's default boxes"""
     s_extra: float = 1.05
     """s_{L+1}, used by the last map's extra box sqrt(s_L s_{L+1})"""
+    clip_default_boxes: bool = False
+    """clip default boxes to the image (torchvision's and ssd.pytorch's clip=True); [1]'s
+    ssd_pascal.py sets clip = False, so boxes such as w = 1.27 at s = 0.9, r = 2 stick out"""
     variances: tuple[float, float] = (0.1, 0.2)
     """offsets are divided by (v0 for x, y; v1 for log w, log h); (1, 1) is the pure Eq. 2"""
     match_iou: float = 0.5
@@ -307,9 +312,13 @@ def level_boxes(cfg: Config, level: int) -> np.ndarray:
 
 
 def default_boxes(cfg: Config) -> jax.Array:
-    """All default boxes, cxcywh in units of the image, (N, 4), N = sum_l side_l^2 k_l."""
-    return jnp.concatenate([bx.grid_anchors(side, side, level_boxes(cfg, l))
-                            for l, side in enumerate(map_sizes(cfg))])
+    """All default boxes, cxcywh in units of the image, (N, 4), N = sum_l side_l^2 k_l;
+    with `clip_default_boxes` their corners are clipped to [0, 1] (cxcywh recomputed)."""
+    d = jnp.concatenate([bx.grid_anchors(side, side, level_boxes(cfg, l))
+                         for l, side in enumerate(map_sizes(cfg))])
+    if cfg.clip_default_boxes:
+        d = bx.xyxy_to_cxcywh(bx.clip_to_image(bx.cxcywh_to_xyxy(d), 1.0, 1.0))
+    return d
 
 
 # --- LOSS ---

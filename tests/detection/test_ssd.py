@@ -68,6 +68,22 @@ def test_default_box_shapes():
     np.testing.assert_allclose(d[4, :2], [1.5 / 38, 0.5 / 38], rtol=1e-6)  # column 1, row 0
 
 
+def test_clip_default_boxes_keeps_every_default_box_inside_the_image():
+    """SSD300's last map (1x1, centre 0.5) has an r = 2 box of w = 0.9 sqrt(2) = 1.27:
+    unclipped (ssd_pascal.py's clip = False, the default) it sticks out; with
+    clip_default_boxes (torchvision) every box lies in [0, 1] and that one has w = 1."""
+    raw = np.asarray(bx.cxcywh_to_xyxy(ssd.default_boxes(PAPER)))
+    clipped = ssd.default_boxes(dataclasses.replace(PAPER, clip_default_boxes=True))
+    xyxy = np.asarray(bx.cxcywh_to_xyxy(clipped))
+    assert not PAPER.clip_default_boxes and not QUICK.clip_default_boxes
+    np.testing.assert_allclose(raw[-2, [0, 2]], [0.5 - 0.45 * np.sqrt(2), 0.5 + 0.45 * np.sqrt(2)],
+                               rtol=1e-6)
+    assert clipped.shape == (8732, 4) and xyxy.min() >= 0 and xyxy.max() <= 1
+    np.testing.assert_allclose(np.asarray(clipped)[-2], [0.5, 0.5, 1.0, 0.9 / np.sqrt(2)],
+                               rtol=1e-6)
+    inside = (raw >= 0).all(1) & (raw <= 1).all(1)
+    np.testing.assert_allclose(xyxy[inside], raw[inside], atol=1e-7)
+
 def test_encode_decode_round_trip_with_variances():
     k1, k2 = jax.random.split(jax.random.PRNGKey(0))
     d = ssd.default_boxes(QUICK)
