@@ -248,12 +248,14 @@ def test_every_config_field_is_read():
 
 
 def test_paper_preset_traces():
-    """jax.eval_shape of init and one update under the `paper` preset: 10 x 10 maze,
-    t_max 80, 256 episodes, 50 units."""
+    """jax.eval_shape of init and one update under the `paper` preset (10 x 10 maze, t_max
+    80, 256 episodes, 50 units), in reverse and in repeat mode."""
     cfg, state, after = trace_paper(asp)
     assert state.params["bob"]["params"]["Dense_0"]["kernel"].shape == (cfg.obs_dim, 50)
     assert cfg.obs_dim == 9 * 19 ** 2 + 82
     assert after[1]["charts/t_alice"].shape == ()
+    _, _, after = trace_paper(asp, sp_mode="repeat")  # the repeat mode builds too
+    assert after[1]["charts/t_bob"].shape == ()
 
 
 @pytest.mark.slow
