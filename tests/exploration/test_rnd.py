@@ -334,3 +334,20 @@ def test_paper_preset_traces():
     assert state.obs.shape[0] == 8 and state.env_state.visited.shape == (256,)  # rooms
     assert jax.tree.structure(after) == jax.tree.structure(state)
     assert all(m.shape == () for m in jax.tree.leaves(metrics))
+
+
+def test_released_defaults_warm_up_and_policy_conv():
+    """Two settings of [1]'s released code that the docstring claims and no run looks at:
+    observation normalisation starts from num_steps x 50 random steps per env (6,400;
+    `quick` uses 50), and the pixel policy's third conv is 64 filters of 4x4 stride 1 (the
+    predictor's and target's is 3x3). Shapes by jax.eval_shape (nothing runs)."""
+    assert rnd.Config().obs_norm_init_steps == rnd.Config().num_steps * 50 == 6_400
+    obs = jnp.zeros((1, 4, 84, 84))
+    params = jax.eval_shape(rnd.Policy(18, pixels=True, obs_shape=(4, 84, 84)).init,
+                            jax.random.PRNGKey(0), obs)["params"]
+    kernels = [leaf.shape for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]
+               if leaf.ndim == 4]
+    assert kernels == [(8, 8, 4, 32), (4, 4, 32, 64), (4, 4, 64, 64)], kernels
+    out = jax.eval_shape(rnd.Policy(18, pixels=True, obs_shape=(4, 84, 84)).apply,
+                         {"params": params}, obs)
+    assert out[0].shape == (1, 18)
