@@ -349,7 +349,8 @@ def test_image_cpc_beats_init_and_broken_positives():
     """Image CPC ([1] Sec. 3.2 at 1/8 scale) on the digits, 300 steps, seed 0, against the
     broken variant in the same test (positives and all targets from the next image of the
     batch, same seed, same steps); both probed by evaluate on the 797 held-out digits against
-    the same encoder at init. Measured (2-core CPU at load 12, ~12 min wall, 183 CPU s):
+    the same encoder at init. Measured (2-core CPU at load ~9: 463 s wall; 218 CPU s for
+    the module's slow tier, fixture included):
     contrastive accuracy, mean of the last 20 updates, 131 x chance (1/1568) vs broken
     14.9 x (it learns where a patch sits); held-out batch 0.100 vs 0.007. Probes, CPC vs
     init: linear 10 per class 0.733 vs 0.635, k-NN 10 per class 0.375 vs 0.276 (all labels:
