@@ -147,7 +147,8 @@ def test_assignment_ignore_band():
 
 def test_matching_uses_the_shared_forced_best_anchor_step(monkeypatch):
     """The best-anchor claim is common.boxes.match's force_best (tested there with padding
-    rows), not a copy: a spy records the flag of the call rn.assign (match_best_anchor on and off) makes."""
+    rows), not a copy: a spy records the flag of the call rn.assign makes (match_best_anchor
+    on and off)."""
     seen = []
     orig = bx.match
     monkeypatch.setattr(bx, "match", lambda *a, **k: seen.append(k.get("force_best")) or
