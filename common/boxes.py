@@ -95,6 +95,25 @@ def grid_anchors(height: int, width: int, sizes) -> jax.Array:
     return jnp.concatenate([centres, wh], -1).reshape(-1, 4)
 
 
+def cell_owner(idx, valid, shape):
+    """One owner per target cell: the valid object of highest index among those that land
+    in it (darknet's loop over the truths overwrites a cell, so the last one wins). A plain
+    `.at[idx].set` leaves the winner of a collision unspecified in XLA, and per-field
+    scatters may even mix two objects in one cell. idx: a tuple of index arrays (M,) into
+    `shape` (out-of-range rows are dropped), valid (M,). Returns (owner, put): owner
+    (shape) int32, -1 where no object lands; put(v) gathers per-object values v (M, ...)
+    into (shape + v.shape[1:]), zeros where no object lands."""
+    objects = jnp.where(valid, jnp.arange(valid.shape[0]), -1)
+    owner = jnp.full(shape, -1, jnp.int32).at[idx].max(objects, mode="drop")
+
+    def put(v):
+        got = v[jnp.maximum(owner, 0)]
+        mask = (owner >= 0).reshape(owner.shape + (1,) * (v.ndim - 1))
+        return jnp.where(mask, got, jnp.zeros_like(got))
+
+    return owner, put
+
+
 def match(anchors, gt, gt_valid, pos_iou: float, neg_iou: float, force_best: bool = True):
     """Assign each anchor (xyxy, (A, 4)) to a ground-truth box (xyxy, (G, 4), mask (G,)).
 
@@ -109,11 +128,11 @@ def match(anchors, gt, gt_valid, pos_iou: float, neg_iou: float, force_best: boo
     label = jnp.where(best >= pos_iou, 1, jnp.where(best < neg_iou, 0, -1))
     if force_best:
         # padding rows point past the end and are dropped (their argmax would be anchor 0);
-        # if two boxes claim the same anchor, which one wins is unspecified
+        # if two boxes claim the same anchor, the one of highest index keeps it
         best_anchor = jnp.where(gt_valid, jnp.argmax(m, axis=0), anchors.shape[0])  # (G,)
-        g = jnp.arange(gt.shape[0])
-        idx = idx.at[best_anchor].set(g, mode="drop")
-        label = label.at[best_anchor].set(1, mode="drop")
+        owner, _ = cell_owner((best_anchor,), gt_valid, (anchors.shape[0],))
+        idx = jnp.where(owner >= 0, owner, idx)
+        label = jnp.where(owner >= 0, 1, label)
     return idx, label
 
 

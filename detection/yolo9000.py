@@ -389,12 +389,11 @@ def build_targets(gt_boxes, gt_nodes, anchors, s: int):
     union = (gt_boxes[:, 2] * gt_boxes[:, 3])[:, None] + anchors.prod(-1)[None] - inter
     best = jnp.argmax(inter / union, axis=1)
     idx = (jnp.where(valid, row, s), col, best)  # padding scatters out of range: dropped
-    put = lambda shape, v: jnp.zeros((s, s, a) + shape, v.dtype).at[idx].set(v, mode="drop")
+    owner, put = bx.cell_owner(idx, valid, (s, s, a))  # two boxes on one anchor: the last
     xy = gt_boxes[:, :2] * s - jnp.stack([col, row], -1)
     twh = jnp.log(jnp.maximum(gt_boxes[:, 2:], 1e-6) / anchors[best])
-    node = jnp.full((s, s, a), -1, jnp.int32).at[idx].set(gt_nodes, mode="drop")
-    return dict(resp=put((), valid), xy=put((2,), xy), twh=put((2,), twh), node=node,
-                box=put((4,), gt_boxes))
+    node = jnp.where(owner >= 0, gt_nodes[jnp.maximum(owner, 0)], -1)
+    return dict(resp=put(valid), xy=put(xy), twh=put(twh), node=node, box=put(gt_boxes))
 
 
 def detection_loss(out, gt_boxes, gt_nodes, anchors, tree, cfg: Config):

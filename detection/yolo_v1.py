@@ -40,8 +40,9 @@ Differences from the paper:
 - The paper's schedule (lr 1e-3 warm-up to 1e-2 for 75 epochs, 1e-3 for 30, 1e-4 for 30;
   momentum 0.9, decay 5e-4) is kept in `paper` as fractions of total_steps; no data
   augmentation (SHAPES scenes are never repeated).
-- If two objects' centres fall into one cell the later one wins, as the single object per
-  cell of [1]'s formulation.
+- If two objects' centres fall into one cell the later one (in the annotation order) owns
+  the cell, as the single object per cell of [1]'s formulation (darknet's loop over the
+  truths overwrites it too); the other is not a target.
 """
 
 import functools
@@ -243,10 +244,9 @@ def build_targets(gt_boxes, gt_labels, s: int, num_classes: int):
     row = jnp.clip(jnp.floor(gt_boxes[:, 1] * s), 0, s - 1).astype(jnp.int32)
     xy = gt_boxes[:, :2] * s - jnp.stack([col, row], -1)
     idx = (jnp.where(valid, row, s), col)  # padding rows scatter out of range: dropped
-    put = lambda shape, v: jnp.zeros((s, s) + shape, v.dtype).at[idx].set(v, mode="drop")
+    _, put = bx.cell_owner(idx, valid, (s, s))  # one object per cell: the last one
     onehot = jax.nn.one_hot(jnp.maximum(gt_labels, 0), num_classes)
-    return dict(obj=put((), valid), xy=put((2,), xy), box=put((4,), gt_boxes),
-                cls=put((num_classes,), onehot))
+    return dict(obj=put(valid), xy=put(xy), box=put(gt_boxes), cls=put(onehot))
 
 
 def responsible_box(pred_cxcywh, gt_cxcywh):

@@ -391,11 +391,11 @@ def build_targets(gt_boxes, gt_labels, anchors, s: int):
     best = jnp.argmax(inter / union, axis=1)  # (M,) anchor of best shape IoU
     row = jnp.where(valid, row, s)  # padding rows scatter out of range and are dropped
     idx = (row, col, best)
-    put = lambda shape, v: jnp.zeros((s, s, a) + shape, v.dtype).at[idx].set(v, mode="drop")
+    _, put = bx.cell_owner(idx, valid, (s, s, a))  # two boxes on one anchor: the last one
     xy = gt_boxes[:, :2] * s - jnp.stack([col, jnp.minimum(row, s - 1)], -1)
     twh = jnp.log(jnp.maximum(gt_boxes[:, 2:], 1e-6) / anchors[best])
-    return dict(resp=put((), valid), xy=put((2,), xy), twh=put((2,), twh),
-                cls=put((), jnp.maximum(gt_labels, 0)), box=put((4,), gt_boxes))
+    return dict(resp=put(valid), xy=put(xy), twh=put(twh),
+                cls=put(jnp.maximum(gt_labels, 0)), box=put(gt_boxes))
 
 
 def yolo_loss(out, gt_boxes, gt_labels, anchors, cfg: Config):

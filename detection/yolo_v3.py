@@ -364,8 +364,7 @@ def build_targets(gt_boxes, gt_labels, anchors, sizes, k: int):
         row = jnp.clip(jnp.floor(gt_boxes[:, 1] * s), 0, s - 1).astype(jnp.int32)
         mine = valid & (scale == l)
         idx = (jnp.where(mine, row, s), col, a)  # other boxes scatter out of range: dropped
-        put = lambda v, s=s, idx=idx: jnp.zeros((s, s, 3) + v.shape[1:], v.dtype).at[
-            idx].set(v, mode="drop")
+        _, put = bx.cell_owner(idx, mine, (s, s, 3))  # one box per anchor: the last one
         xy = gt_boxes[:, :2] * s - jnp.stack([col, row], -1)
         out.append(dict(resp=put(mine), xy=put(xy), twh=put(twh), cls=put(cls),
                         box=put(gt_boxes)))

@@ -76,6 +76,27 @@ def test_match_thresholds_ignore_band_and_forced_best():
     assert label.tolist() == [1, 0] and int(idx[0]) == 0
 
 
+def test_cell_owner_keeps_one_object_per_cell_the_last_one():
+    """Two objects land in cell (1, 2) and padding points out of range: the cell takes every
+    field from the object of highest index (darknet's overwrite order), never a mix; empty
+    cells are zero. Fails with `.min` instead of `.max` (the first object wins) or with the
+    padding not dropped."""
+    idx = (jnp.array([1, 0, 1, 3]), jnp.array([2, 0, 2, 0]))  # row 3: out of range (2 x 3)
+    valid = jnp.array([True, True, True, False])
+    v = jnp.array([[1.0, 10], [2, 20], [3, 30], [4, 40]])
+    owner, put = bx.cell_owner(idx, valid, (2, 3))
+    np.testing.assert_array_equal(owner, [[1, -1, -1], [-1, -1, 2]])
+    np.testing.assert_array_equal(put(v)[1, 2], [3, 30])
+    np.testing.assert_array_equal(put(v)[0, 0], [2, 20])
+    assert float(jnp.abs(put(v)).sum()) == 3 + 30 + 2 + 20
+    assert put(valid).dtype == bool and int(put(valid).sum()) == 2
+    # match's forced-best step: two boxes whose best anchor is anchor 0 -> the later keeps it
+    anchors = jnp.array([[0.0, 0, 10, 10], [50, 50, 60, 60]])
+    gt = jnp.array([[0.0, 0, 9, 9], [0, 0, 8, 8]])
+    idx, label = bx.match(anchors, gt, jnp.array([True, True]), 0.95, 0.9)
+    assert int(idx[0]) == 1 and label.tolist() == [1, 0]
+
+
 def test_jitted_nms_equals_numpy_reference_on_random_sets():
     rng = np.random.default_rng(2)
     n, sets = 40, 300

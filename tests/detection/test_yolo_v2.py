@@ -107,6 +107,11 @@ def test_targets_go_to_centre_cell_and_best_shape_anchor():
     np.testing.assert_allclose(t["xy"][2, 1, 1], [0.2, 0.4], atol=1e-5)
     np.testing.assert_allclose(t["twh"][2, 1, 1], np.log([1.2, 0.875]), rtol=1e-5)
     assert int(t["cls"][2, 1, 1]) == 2 and int(t["cls"][0, 3, 2]) == 0
+    # two boxes on one anchor of one cell: the later one owns every field of it
+    g2 = jnp.array([[0.30, 0.60, 0.12, 0.35], [0.32, 0.62, 0.10, 0.30], [0.0, 0, 0, 0]])
+    t = jax.jit(y.build_targets, static_argnums=3)(g2, jnp.array([2, 1, -1]), anchors, 4)
+    assert int(t["resp"].sum()) == 1 and int(t["cls"][2, 1, 1]) == 1
+    np.testing.assert_allclose(t["box"][2, 1, 1], g2[1], atol=1e-6)
 
 
 def test_loss_spares_overlapping_predictions_and_is_low_when_right():
