@@ -46,8 +46,10 @@ Differences from the paper:
   Xavier filler (`head_init`).
 - Only the heads follow the released init; the base and extra convs are He-normal (with
   BN), not Xavier.
-- The scales follow Eq. 4 on every map; the released SSD300 gives conv4_3 a separate
-  scale 0.1 and spreads 0.2-0.9 over the other five maps.
+- The `paper` preset takes its default boxes from the released SSD300 (`box_scales`:
+  conv4_3 at 0.1, as [1] Sec. 3.1 says, then 0.2-0.88 in steps of 0.17; `steps` 8, 16,
+  32, 64, 100, 300 px between centres) rather than Eq. 4 on all six maps; `quick` uses
+  Eq. 4 (`box_scales=()`) and centres at (i + 0.5) / side (`steps=()`).
 - Default boxes are not clipped to the image (`clip_default_boxes` off), as [1]'s
   ssd_pascal.py (clip = False); torchvision and ssd.pytorch clip them (the flag on).
 - Positives are IoU >= 0.5 (common.boxes.match) where [1] says > 0.5.
@@ -98,9 +100,16 @@ class Config:
     """scale of the coarsest map's default boxes"""
     s_extra: float = 1.05
     """s_{L+1}, used by the last map's extra box sqrt(s_L s_{L+1})"""
+    box_scales: tuple[float, ...] = (0.1, 0.2, 0.37, 0.54, 0.71, 0.88, 1.05)
+    """explicit s_1..s_L and s_{L+1}, overriding Eq. 4 (s_min, s_max, s_extra) when not
+    empty; default: the released SSD300 (conv4_3 at 0.1 as [1] Sec. 3.1 says, then
+    ssd_pascal.py's min_ratio 20 to max_ratio 90 in steps of 17 %)"""
+    steps: tuple[int, ...] = (8, 16, 32, 64, 100, 300)
+    """px between default-box centres on each map, centres at (i + 0.5) step (the released
+    prior_box steps, which do not divide 300 evenly); empty: image_size / map side"""
     clip_default_boxes: bool = False
     """clip default boxes to the image (torchvision's and ssd.pytorch's clip=True); [1]'s
-    ssd_pascal.py sets clip = False, so boxes such as w = 1.27 at s = 0.9, r = 2 stick out"""
+    ssd_pascal.py sets clip = False, so boxes such as w = 1.24 at s = 0.88, r = 2 stick out"""
     variances: tuple[float, float] = (0.1, 0.2)
     """offsets are divided by (v0 for x, y; v1 for log w, log h); (1, 1) is the pure Eq. 2"""
     match_iou: float = 0.5
@@ -170,6 +179,12 @@ class Config:
         if not 0 < self.s_min <= self.s_max <= self.s_extra:
             raise ValueError(f"need 0 < s_min <= s_max <= s_extra, got {self.s_min}, "
                              f"{self.s_max}, {self.s_extra}")
+        if self.box_scales and (len(self.box_scales) != levels + 1 or min(self.box_scales) <= 0
+                                or list(self.box_scales) != sorted(self.box_scales)):
+            raise ValueError(f"box_scales={self.box_scales} must be empty or {levels + 1} "
+                             f"increasing positive scales (s_1..s_L, s_L+1)")
+        if self.steps and (len(self.steps) != levels or min(self.steps) < 1):
+            raise ValueError(f"steps={self.steps} must be empty or {levels} positive px steps")
         if min(self.variances) <= 0 or len(self.variances) != 2:
             raise ValueError(f"variances={self.variances} must be two positive numbers")
         if self.neg_pos_ratio < 0:
@@ -193,7 +208,8 @@ PRESETS = {
                   s_max=0.55, s_extra=0.75, optimizer="adam", lr=2e-3, batch_size=16,
                   total_steps=600, colours=1, max_objects=4, min_object=8, max_object=28,
                   photo_backgrounds=False, eval_images=300, pre_nms_topk=200,
-                  max_detections=100, head_init="lecun_normal", shift_conv=True),
+                  max_detections=100, head_init="lecun_normal", shift_conv=True,
+                  box_scales=(), steps=()),
     "paper": dict(),
 }
 
@@ -276,7 +292,10 @@ class SSD(nn.Module):
 
 
 def scales(cfg: Config) -> np.ndarray:
-    """[1] Eq. 4: s_l for l = 1..L, followed by s_{L+1} = cfg.s_extra."""
+    """s_l for l = 1..L, followed by s_{L+1}: cfg.box_scales if given, else [1] Eq. 4 with
+    s_{L+1} = cfg.s_extra."""
+    if cfg.box_scales:
+        return np.array(cfg.box_scales)
     m = len(cfg.boxes_per_level)
     s = [cfg.s_min + (cfg.s_max - cfg.s_min) * (l - 1) / max(m - 1, 1) for l in range(1, m + 1)]
     return np.array([*s, cfg.s_extra])
@@ -314,8 +333,13 @@ def level_boxes(cfg: Config, level: int) -> np.ndarray:
 def default_boxes(cfg: Config) -> jax.Array:
     """All default boxes, cxcywh in units of the image, (N, 4), N = sum_l side_l^2 k_l;
     with `clip_default_boxes` their corners are clipped to [0, 1] (cxcywh recomputed)."""
-    d = jnp.concatenate([bx.grid_anchors(side, side, level_boxes(cfg, l))
-                         for l, side in enumerate(map_sizes(cfg))])
+    levels = []
+    for l, side in enumerate(map_sizes(cfg)):
+        d = bx.grid_anchors(side, side, level_boxes(cfg, l))  # centres (i + .5) / side
+        if cfg.steps:  # the released prior_box: centres (i + .5) step / image_size
+            d = d.at[:, :2].multiply(side * cfg.steps[l] / cfg.image_size)
+        levels.append(d)
+    d = jnp.concatenate(levels)
     if cfg.clip_default_boxes:
         d = bx.xyxy_to_cxcywh(bx.clip_to_image(bx.cxcywh_to_xyxy(d), 1.0, 1.0))
     return d

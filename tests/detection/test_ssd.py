@@ -18,6 +18,7 @@ from tests.detection import tiny_run as tiny_run_module
 
 QUICK = ssd.Config(**ssd.PRESETS["quick"])
 PAPER = ssd.Config(**ssd.PRESETS["paper"])
+EQ4 = dataclasses.replace(PAPER, box_scales=(), steps=())  # Eq. 4, centres (i + .5) / side
 # the one config of the CLI, purity and short behaviour tests (run once, 2 seeds)
 TINY = dataclasses.replace(QUICK, batch_size=8, total_steps=40, eval_images=16)
 GATE_SHORT = 0.03
@@ -31,9 +32,28 @@ hard_negative_mask = jax.jit(ssd.hard_negative_mask, static_argnums=2)
 
 def test_scales_follow_eq4():
     """L = 6, s_min = 0.2, s_max = 0.9: s = 0.2, 0.34, 0.48, 0.62, 0.76, 0.9 (+ s_{L+1})."""
-    np.testing.assert_allclose(ssd.scales(PAPER)[:6], [0.2, 0.34, 0.48, 0.62, 0.76, 0.9],
+    np.testing.assert_allclose(ssd.scales(EQ4)[:6], [0.2, 0.34, 0.48, 0.62, 0.76, 0.9],
                                atol=1e-12)
-    assert ssd.scales(PAPER)[6] == PAPER.s_extra
+    assert ssd.scales(EQ4)[6] == EQ4.s_extra
+
+
+def test_paper_default_boxes_are_the_released_ssd300_priors():
+    """ssd_pascal.py: min_sizes 30, 60, 111, 162, 213, 264 px, max_sizes 60 ... 315, the
+    extra box sqrt(min max), centres (i + 0.5) step with steps 8, 16, 32, 64, 100, 300. Fails
+    if the explicit scales or the steps are ignored (Eq. 4 puts conv4_3 at 0.2; 1/38 and
+    1/5 spacings instead of 8/300 and 64/300)."""
+    s = ssd.scales(PAPER)
+    np.testing.assert_allclose(s * 300, [30, 60, 111, 162, 213, 264, 315], atol=1e-9)
+    np.testing.assert_allclose(ssd.level_boxes(PAPER, 0)[:2] * 300,
+                               [[30, 30], [np.sqrt(30 * 60)] * 2], rtol=1e-6)
+    d = np.asarray(ssd.default_boxes(PAPER))
+    np.testing.assert_allclose(d[4, :2], [1.5 * 8 / 300, 0.5 * 8 / 300], rtol=1e-6)
+    start = 38**2 * 4 + 19**2 * 6 + 10**2 * 6  # map 3: 5 x 5 cells, 6 boxes, step 64
+    np.testing.assert_allclose(d[start + 6 * 6, :2], [1.5 * 64 / 300] * 2, rtol=1e-6)
+    for bad in (dict(box_scales=(0.1, 0.2)), dict(box_scales=(0.3, 0.2, 0.37, 0.54, 0.71,
+                                                             0.88, 1.05)), dict(steps=(8,))):
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            dataclasses.replace(PAPER, **bad).validate()
 
 
 def test_ssd300_has_8732_default_boxes_and_paper_preset_traces():
@@ -57,29 +77,29 @@ def test_ssd300_has_8732_default_boxes_and_paper_preset_traces():
 def test_default_box_shapes():
     """Map l: r = 1 at s_l, the extra box sqrt(s_l s_{l+1}), then w = s sqrt(r), h = s /
     sqrt(r); centres at (i + 0.5) / |f| (column i for x, row j for y)."""
-    wh = ssd.level_boxes(PAPER, 1)
+    wh = ssd.level_boxes(EQ4, 1)
     s1, s2 = 0.34, 0.48
     np.testing.assert_allclose(wh[:2], [[s1, s1], [np.sqrt(s1 * s2)] * 2], rtol=1e-6)
     for (w, h), r in zip(wh[2:], (2.0, 0.5, 3.0, 1 / 3), strict=True):
         np.testing.assert_allclose([w, h], [s1 * np.sqrt(r), s1 / np.sqrt(r)], rtol=1e-6)
-    last = ssd.level_boxes(PAPER, 5)
+    last = ssd.level_boxes(EQ4, 5)
     np.testing.assert_allclose(last[1], [np.sqrt(0.9 * 1.05)] * 2, rtol=1e-6)
-    d = np.asarray(ssd.default_boxes(PAPER))
+    d = np.asarray(ssd.default_boxes(EQ4))
     np.testing.assert_allclose(d[4, :2], [1.5 / 38, 0.5 / 38], rtol=1e-6)  # column 1, row 0
 
 
 def test_clip_default_boxes_keeps_every_default_box_inside_the_image():
-    """SSD300's last map (1x1, centre 0.5) has an r = 2 box of w = 0.9 sqrt(2) = 1.27:
+    """SSD300's last map (1x1, centre 0.5) has an r = 2 box of w = 0.88 sqrt(2) = 1.24:
     unclipped (ssd_pascal.py's clip = False, the default) it sticks out; with
     clip_default_boxes (torchvision) every box lies in [0, 1] and that one has w = 1."""
     raw = np.asarray(bx.cxcywh_to_xyxy(ssd.default_boxes(PAPER)))
     clipped = ssd.default_boxes(dataclasses.replace(PAPER, clip_default_boxes=True))
     xyxy = np.asarray(bx.cxcywh_to_xyxy(clipped))
     assert not PAPER.clip_default_boxes and not QUICK.clip_default_boxes
-    np.testing.assert_allclose(raw[-2, [0, 2]], [0.5 - 0.45 * np.sqrt(2), 0.5 + 0.45 * np.sqrt(2)],
+    np.testing.assert_allclose(raw[-2, [0, 2]], [0.5 - 0.44 * np.sqrt(2), 0.5 + 0.44 * np.sqrt(2)],
                                rtol=1e-6)
     assert clipped.shape == (8732, 4) and xyxy.min() >= 0 and xyxy.max() <= 1
-    np.testing.assert_allclose(np.asarray(clipped)[-2], [0.5, 0.5, 1.0, 0.9 / np.sqrt(2)],
+    np.testing.assert_allclose(np.asarray(clipped)[-2], [0.5, 0.5, 1.0, 0.88 / np.sqrt(2)],
                                rtol=1e-6)
     inside = (raw >= 0).all(1) & (raw <= 1).all(1)
     np.testing.assert_allclose(xyxy[inside], raw[inside], atol=1e-7)
