@@ -72,6 +72,10 @@ def test_only_the_highest_iou_box_is_responsible():
     ious, choice = jax.jit(y.responsible_box)(
         jnp.array([[0.1, 0.1, 0.1, 0.1], [0.3, 0.6, 0.2, 0.3]]), jnp.asarray(G))
     assert choice.tolist() == [0.0, 1.0] and ious[1] > ious[0]
+    # no box overlaps the truth: the one of lowest RMSE (darknet's tie-break), not box 0
+    ious, choice = jax.jit(y.responsible_box)(
+        jnp.array([[0.9, 0.9, 0.05, 0.05], [0.6, 0.2, 0.05, 0.05]]), jnp.asarray(G))
+    assert float(ious.max()) == 0.0 and choice.tolist() == [0.0, 1.0]
 
 
 def test_cell_without_object_costs_lambda_noobj_c_squared_only():
@@ -178,9 +182,11 @@ GATE = y.Config(**{**y.PRESETS["quick"], "batch_size": 16, "total_steps": 300,
 @pytest.mark.slow
 def test_detects_shapes_and_xy_swap_bug_fails(monkeypatch):
     """Behaviour gate on SHAPES-64 (100 held-out scenes): the quick model, 300 updates of 16
-    scenes, reaches mAP@0.5 >= 0.38; the same run with the x and y cell offsets swapped in
+    scenes, reaches mAP@0.5 >= 0.33; the same run with the x and y cell offsets swapped in
     the targets stays below it. Measured (2-core CPU, seed 0, shifted-matmul convs, SHAPES
-    drawn from one RNG call): correct 0.514, swapped 0.245. Before that SHAPES change (gate
+    drawn from one RNG call, darknet's RMSE tie-break of the responsible box): correct
+    0.412, swapped 0.253. Without the tie-break (box 0 while no IoU is positive; gate 0.38):
+    correct 0.514, swapped 0.245. Before that SHAPES change (gate
     then 0.24): correct 0.334, swapped 0.149 (with XLA's native convs,
     the same maths summed in another order: 0.278 and 0.189). YOLO v1 learns slowly at
     this budget (the sum-squared loss, no anchors); each run is ~50 CPU-seconds of training
@@ -201,4 +207,4 @@ def test_detects_shapes_and_xy_swap_bug_fails(monkeypatch):
     monkeypatch.setattr(y, "build_targets", swapped)
     bug = trained_map50()
     print("mAP50 correct", ok, "x/y swapped", bug)
-    assert ok >= 0.38 and bug < 0.38, (ok, bug)
+    assert ok >= 0.33 and bug < 0.33, (ok, bug)
