@@ -227,17 +227,34 @@ def repeat_copy(key, tasks, cfg: Config):
 
 
 class Student(nn.Module):
-    """One LSTM layer over the sequence, a linear read-out of bits + 1 logits per step."""
+    """One LSTM layer over the sequence (forget-gate bias 1), a linear read-out of bits + 1
+    logits per step: [B, T, F] -> [B, T, out]."""
 
     hidden: int
     out: int
     dtype: Any = jnp.float32
 
     @nn.compact
-    def __call__(self, x):  # [B, T, F]
-        h = nn.RNN(nn.OptimizedLSTMCell(self.hidden, dtype=self.dtype,
-                                        param_dtype=jnp.float32))(x.astype(self.dtype))
-        return nn.Dense(self.out, dtype=self.dtype)(h).astype(jnp.float32)  # [B, T, out]
+    def __call__(self, x):
+        h_dim, dt = self.hidden, self.dtype
+        wx = self.param("wx", nn.initializers.lecun_normal(), (x.shape[-1], 4 * h_dim))
+        wh = self.param("wh", nn.initializers.orthogonal(), (h_dim, 4 * h_dim))
+        b = self.param("b", lambda k, s: jnp.zeros(s).at[h_dim:2 * h_dim].set(1.0),
+                       (4 * h_dim,))
+        xw = jnp.einsum("btf,fg->tbg", x.astype(dt), wx.astype(dt)) + b  # [T, B, 4H]
+
+        def step(carry, xw_t):
+            h, c = carry
+            z = (xw_t + h.astype(dt) @ wh.astype(dt)).astype(jnp.float32)  # [B, 4H]
+            i, f, g, o = jnp.split(z, 4, axis=-1)
+            c = jax.nn.sigmoid(f) * c + jax.nn.sigmoid(i) * jnp.tanh(g)
+            h = jax.nn.sigmoid(o) * jnp.tanh(c)
+            return (h, c), h
+
+        zeros = jnp.zeros((x.shape[0], h_dim))
+        _, hs = jax.lax.scan(step, (zeros, zeros), xw)  # [T, B, H]
+        y = nn.Dense(self.out, dtype=dt)(jnp.swapaxes(hs, 0, 1))
+        return y.astype(jnp.float32)  # [B, T, out]
 
 
 def make_model(cfg: Config):
@@ -410,6 +427,7 @@ def update(state: State, cfg: Config):
         metrics[f"losses/student_{name}"] = m["loss"][i]
         metrics[f"charts/target_loss_{name}"] = learners.eval_loss[i, -1]
         metrics[f"charts/mean_loss_{name}"] = learners.eval_loss[i].mean()
+        metrics[f"charts/p_target_{name}"] = m["pi"][i, -1]
     # the first teacher's curriculum: its policy summed over repeats (per length) and over
     # lengths (per repeat count), its progress signal and rescaled reward
     pi = m["pi"][0].reshape(cfg.max_length, cfg.max_repeats)
@@ -417,7 +435,6 @@ def update(state: State, cfg: Config):
         metrics[f"charts/p_length{l + 1}"] = pi[l].sum()
     for r in range(cfg.max_repeats):
         metrics[f"charts/p_repeats{r + 1}"] = pi[:, r].sum()
-    metrics["charts/p_target"] = m["pi"][0, -1]
     metrics["charts/progress"] = m["progress"][0]
     metrics["charts/reward"] = m["reward"][0]
     return state.replace(learners=learners, step=state.step + 1, key=key), metrics
