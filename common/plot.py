@@ -55,7 +55,12 @@ def smooth(y: np.ndarray, window: int) -> np.ndarray:
     return out
 
 
-def plot(run_dirs: list[str], metric: str, out: str, window: int = 1, labels=None):
+def plot(run_dirs: list[str], metric: str, out: str, window: int = 1, labels=None,
+         xlabel: str | None = None, ylabel: str | None = None) -> str:
+    """One curve per run folder: the mean over seeds of `metric` (moving mean over `window`
+    updates) and a band of +- one standard deviation. `labels`: one legend name per run,
+    or a function of the run's config.json record (its "config" holds the run's Config);
+    the folder name by default. Writes the PNG `out` (save_png) and returns its path."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -67,17 +72,18 @@ def plot(run_dirs: list[str], metric: str, out: str, window: int = 1, labels=Non
         y = smooth(y, window)
         with np.errstate(all="ignore"):
             m, s = np.nanmean(y, 1), np.nanstd(y, 1)
-        label = labels[i] if labels else Path(d).name
+        if callable(labels):
+            label = labels(json.loads((Path(d) / "config.json").read_text()))
+        else:
+            label = labels[i] if labels else Path(d).name
         ax.plot(x, m, label=f"{label} ({y.shape[1]} seeds)")
         ax.fill_between(x, m - s, m + s, alpha=0.2)
-    ax.set_xlabel(x_key.replace("_", " "))
-    ax.set_ylabel(metric)
+    ax.set_xlabel(xlabel or x_key.replace("_", " "))
+    ax.set_ylabel(ylabel or metric)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(out, dpi=120)
-    plt.close(fig)
-    return out
+    return save_png(fig, out)
 
 
 def main(argv=None):

@@ -75,9 +75,7 @@ at the update's end, charts/table_fill the fraction of the table in use. MFEC ha
 (no losses/ metric).
 """
 
-import json
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import jax
@@ -85,8 +83,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
-from common import envs, run
-from common.plot import curve, save_png, smooth
+from common import envs, plot, run
 
 # --- CONFIG ---
 
@@ -471,27 +468,9 @@ def _label(record: dict) -> str:
 
 def plot_curves(run_dirs, out: str, window: int = 5):
     """charts/episodic_return against env steps, one curve (mean +- std over seeds) per run."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for d in run_dirs:
-        rows = [json.loads(r) for r in (Path(d) / "metrics.jsonl").read_text().splitlines()]
-        x, y, _ = curve(rows, "charts/episodic_return")
-        y = smooth(y, window)
-        with np.errstate(all="ignore"):
-            m, s = np.nanmean(y, 1), np.nanstd(y, 1)
-        label = _label(json.loads((Path(d) / "config.json").read_text()))
-        ax.plot(x, m, label=f"{label} ({y.shape[1]} seeds)")
-        ax.fill_between(x, m - s, m + s, alpha=0.2)
-    ax.set_xlabel("env steps (all envs)")
-    ax.set_ylabel(f"episodic return (moving mean of {window} updates)")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    return save_png(fig, out)
+    return plot.plot(run_dirs, "charts/episodic_return", out, window, labels=_label,
+                     xlabel="env steps (all envs)",
+                     ylabel=f"episodic return (moving mean of {window} updates)")
 
 
 # --- MAIN ---

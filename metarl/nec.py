@@ -93,9 +93,7 @@ exploration rate at its end, charts/dnd_fill the fraction of the DND in use; los
 the mean squared error of its gradient steps (0 before `learning_starts`).
 """
 
-import json
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import flax.linen as nn
@@ -105,10 +103,9 @@ import numpy as np
 import optax
 from flax import struct
 
-from common import envs, run
+from common import envs, plot, run
 from common.dqn import linear_schedule
 from common.nets import orthogonal
-from common.plot import curve, save_png, smooth
 
 # --- CONFIG ---
 
@@ -664,30 +661,15 @@ def evaluate(state: State, cfg: Config):
 # --- PLOT ---
 
 
+def _label(record: dict) -> str:
+    return "NEC" + (" (uniform kernel weights)" if record["config"]["kernel"] == "mean" else "")
+
+
 def plot_curves(run_dirs, out: str, window: int = 5):
     """charts/episodic_return against env steps, one curve (mean +- std over seeds) per run."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for d in run_dirs:
-        rows = [json.loads(r) for r in (Path(d) / "metrics.jsonl").read_text().splitlines()]
-        x, y, _ = curve(rows, "charts/episodic_return")
-        y = smooth(y, window)
-        with np.errstate(all="ignore"):
-            m, sd = np.nanmean(y, 1), np.nanstd(y, 1)
-        c = json.loads((Path(d) / "config.json").read_text())["config"]
-        label = "NEC" + (" (uniform kernel weights)" if c["kernel"] == "mean" else "")
-        ax.plot(x, m, label=f"{label} ({y.shape[1]} seeds)")
-        ax.fill_between(x, m - sd, m + sd, alpha=0.2)
-    ax.set_xlabel("env steps (all envs)")
-    ax.set_ylabel(f"episodic return (moving mean of {window} updates)")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    return save_png(fig, out)
+    return plot.plot(run_dirs, "charts/episodic_return", out, window, labels=_label,
+                     xlabel="env steps (all envs)",
+                     ylabel=f"episodic return (moving mean of {window} updates)")
 
 
 # --- MAIN ---
