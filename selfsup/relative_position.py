@@ -40,7 +40,13 @@ held-out digit) and the same with the digit removed (only the planted colour lef
 
 Reproduce (CPU demo: digits upsampled to 48x48, 10-px patches, gap 4, jitter 2):
     python selfsup/relative_position.py --preset quick --num-seeds 1 --plot selfsup/relative_position.png
-Measured: see the README row and tests/selfsup/test_relative_position.py.
+Measured (1 seed, 300 steps of 64 pairs, 532 s wall / 79 CPU-s on a heavily shared 2-core
+CPU): held-out 8-way accuracy 0.617 (chance 0.125); linear probe 0.907 (all labels) / 0.782
+(10 per class), k-NN 0.778 / 0.535; the same network at random init: 0.123; 0.905 /
+0.755, 0.826 / 0.683. As with jigsaw.py on these 8x8 digits, the pretext task is learned
+but only the linear probes reach the random tower (k-NN falls below it). The planted shortcut (tests, 80 steps, 2 seeds): 'none' reads the
+position from the colour alone (0.87 0.87 with the digits removed), 'drop' does not (0.12
+0.10), and still learns the position from the digits (0.44 0.37).
 Paper setting (GPU; digits upsampled to 400x400 in place of ImageNet):
     python selfsup/relative_position.py --preset paper
 [1]'s released README: the network, fine-tuned with Fast R-CNN on PASCAL VOC 2007, reaches
