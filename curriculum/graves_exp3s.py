@@ -9,27 +9,28 @@
 
 A curriculum of N tasks is an N-armed bandit. Every step the teacher draws a task k from its
 policy pi, the student (an LSTM) takes one Adam step on a batch x of task k, and the
-teacher is paid the student's learning progress nu ([1] Sec. 2-3, Alg. 1):
+teacher is paid the student's learning progress nu ([1]'s Exp3.S curriculum algorithm;
+its section and equation numbers were not checked here, so lines cite it by name):
 
-    pi_t(i) = (1 - eps) exp(w_i) / sum_j exp(w_j) + eps / N                    [1] Eq. (1)
-    r^_t = nu / tau(x)   (progress per time step; tau = the sequence's length)  [1] Sec. 3
-    q^lo, q^hi = 20th / 80th percentiles of the history R of unscaled r^       [1] Sec. 2
+    pi_t(i) = (1 - eps) exp(w_i) / sum_j exp(w_j) + eps / N          [1] Exp3.S policy
+    r^_t = nu / tau(x)   (progress per time step; tau = the sequence's length)  [1] (memory)
+    q^lo, q^hi = 20th / 80th percentiles of the history R of unscaled r^   [1] rescaling
     r_t = -1 if r^ < q^lo;  1 if r^ > q^hi;  2 (r^ - q^lo) / (q^hi - q^lo) - 1 else
     r~_i = (r_t 1[i = k] + beta) / pi_t(i)          (importance-weighted reward)
     w_i <- log[(1 - a_t) exp(w_i + eta r~_i) + a_t / (N - 1) sum_{j!=i} exp(w_j + eta r~_j)]
                                                     (Exp3.S weight sharing, a_t = 1 / t)
-Progress signals ([1] Table 1; theta' the parameters after the step on x):
+Progress signals ([1]'s loss-driven signals; theta' the parameters after the step on x):
     PG   nu = L(x, theta) - L(x, theta')                    prediction gain
     GPG  nu = ||grad L(x, theta)||^2                        gradient prediction gain
     SPG  nu = L(x', theta) - L(x', theta'),  x' ~ D_k       self prediction gain
     TPG  nu = L(x', theta) - L(x', theta'),  x' ~ D_N       target prediction gain
     MPG  nu = L(x', theta) - L(x', theta'),  x' ~ D_j, j ~ U(N)   mean prediction gain
 
-Tasks: repeat copy ([1] Sec. 5, after [3]): the LSTM reads `l` random bit vectors, then a
-delimiter carrying the repeat count `r`, and must then output the sequence `r` times and an
-end marker. Task (l, r) for l <= max_length, r <= max_repeats; the target task N is the
-hardest, (max_length, max_repeats). The loss L is the binary cross-entropy summed over the
-output steps and bits (nats per sequence), averaged over the batch.
+Tasks: repeat copy (one of [1]'s curricula, after [3]): the LSTM reads `l` random bit
+vectors, then a delimiter carrying the repeat count `r`, and must then output the sequence
+`r` times and an end marker. Task (l, r) for l <= max_length, r <= max_repeats; the target
+task N is the hardest, (max_length, max_repeats). The loss L is the binary cross-entropy
+summed over the output steps and bits (nats per sequence), averaged over the batch.
 
 Baselines in the same run: `teachers` lists the students trained side by side, each with
 its own teacher, from the same initial parameters: `exp3s`, `uniform` (p = 1/N) and
@@ -37,7 +38,8 @@ its own teacher, from the same initial parameters: `exp3s`, `uniform` (p = 1/N) 
 sign flipped (it drills the tasks where the student learns least).
 
 Reproduce (CPU, 2-core; the plot curriculum/graves_exp3s.png):
-    python curriculum/graves_exp3s.py --preset quick --num-seeds 2 --plot curriculum/graves_exp3s.png
+    python curriculum/graves_exp3s.py --preset quick --num-seeds 2 \
+        --plot curriculum/graves_exp3s.png
     python curriculum/graves_exp3s.py --preset quick --num-seeds 2 --signal spg
 Paper setting (GPU; 13 x 13 repeat-copy tasks):
     python curriculum/graves_exp3s.py --preset paper
@@ -46,8 +48,8 @@ cases halving the time required to attain a satisfactory performance level"; its
 also show uniform sampling competitive on several tasks. No numbers are read off its plots
 here (no copy of the PDF in this environment).
 
-Sources of the defaults. The equations above are [1]'s Sec. 2-3 as summarised by the post
-and the catalogue, and agree with two public re-implementations of [1]'s Algorithm 1 (a
+Sources of the defaults. The equations above are [1]'s as the post and the catalogue
+summarise them, and agree with two public re-implementations of [1]'s algorithm (a
 numpy `Exp3S(num_tasks, eta, beta, eps)` class tested with eta 1e-3, beta 0, eps 0.05, and
 ESPnet's `EXP3SCurriculumGenerator`, eps 0.05, beta 0): both use a_t = 1/t, the 20th/80th
 percentile rescaling and r~ = (r 1[i=k] + beta) / pi(i) (the first adds beta to every arm,
@@ -60,7 +62,7 @@ Differences from the paper:
   fixed shapes); [1] keeps the whole history (or a reservoir sample of it). Quantiles are
   numpy's linear interpolation over the filled entries. While the history holds a single
   value (q^lo = q^hi), the rescaled reward is 0.
-- The complexity-driven signals of [1] Sec. 3.2 (VCG, GVCG, L2G) are not implemented: the
+- [1]'s complexity-driven signals (VCG, GVCG, L2G) are not implemented: the
   student is a plain maximum-likelihood LSTM, not a variational one.
 - The n-gram and bAbI curricula of [1] need corpora; only repeat copy is here.
 - Every student is evaluated on a fixed set of `eval_size` sequences per task every
@@ -87,7 +89,7 @@ from common.plot import save_png
 TEACHERS = ("exp3s", "uniform", "target", "anti")
 """Exp3.S; the uniform and target-only baselines; the broken Exp3.S with its reward negated."""
 SIGNALS = ("pg", "gpg", "spg", "tpg", "mpg")
-"""[1] Table 1's loss-driven progress signals."""
+"""[1]'s loss-driven progress signals."""
 
 # --- CONFIG ---
 
@@ -100,7 +102,7 @@ class Config:
     """students trained side by side, one per teacher: exp3s | uniform | target | anti
     (anti: broken, Exp3.S with the rescaled reward's sign flipped)"""
     signal: str = "pg"
-    """learning-progress signal paid to the teacher: pg | gpg | spg | tpg | mpg ([1] Table 1)"""
+    """learning-progress signal paid to the teacher: pg | gpg | spg | tpg | mpg (see above)"""
     eta: float = 1e-3
     """Exp3.S learning rate eta on the importance-weighted rewards"""
     beta: float = 0.0
@@ -114,7 +116,7 @@ class Config:
     quantile_hi: float = 0.8
     """quantile of the history mapped to reward +1"""
     per_time_step: bool = True
-    """divide the progress by the sample's cost tau(x), its sequence length ([1] Sec. 3)"""
+    """divide the progress by the sample's cost tau(x), its sequence length"""
     max_length: int = 13
     """repeat copy: sequence lengths 1..max_length"""
     max_repeats: int = 13
@@ -283,7 +285,7 @@ def other_task(signal, key, k, num_tasks):
 
 
 def progress(signal, loss_fn, theta, theta_new, grads, x, x_other):
-    """[1] Table 1's nu for one step theta -> theta_new taken on batch x (loss_fn(params,
+    """[1]'s progress nu for one step theta -> theta_new taken on batch x (loss_fn(params,
     batch) -> scalar): PG on x itself, GPG the squared gradient norm, SPG/TPG/MPG on x'."""
     if signal == "gpg":
         return optax.tree.norm(grads, squared=True)
@@ -295,7 +297,7 @@ def progress(signal, loss_fn, theta, theta_new, grads, x, x_other):
 
 
 def exp3s_policy(w, epsilon):
-    """[1] Eq. (1): pi = (1 - eps) softmax(w) + eps / N."""
+    """[1]'s Exp3.S policy: pi = (1 - eps) softmax(w) + eps / N."""
     return (1 - epsilon) * jax.nn.softmax(w) + epsilon / w.shape[0]
 
 
@@ -317,7 +319,7 @@ def rescale(raw, hist, count, q_lo, q_hi):
 
 
 def exp3s_update(w, pi, k, r, t, eta, beta):
-    """Exp3.S ([2], as in [1] Alg. 1), at step t >= 1 with a_t = 1/t:
+    """Exp3.S ([2], as [1] uses it), at step t >= 1 with a_t = 1/t:
     r~_i = (r 1[i=k] + beta) / pi_i;  a = w + eta r~;
     w_i <- log[(1 - a_t) e^{a_i} + a_t / (N - 1) sum_{j != i} e^{a_j}]  (in log space)."""
     n = w.shape[0]
@@ -329,7 +331,7 @@ def exp3s_update(w, pi, k, r, t, eta, beta):
 
 
 def teacher_step(w, hist, raw, k, pi, teacher, step, cfg: Config):
-    """[1] Alg. 1 after the student's step `step` (0-based) on task k drawn from pi: store
+    """[1]'s teacher update after the student's step `step` (0-based) on task k ~ pi: store
     the unscaled reward in the history, rescale it by the history's quantiles (this reward
     included), and update the Exp3.S weights. Returns (w, hist, rescaled reward)."""
     hist = hist.at[step % hist.shape[0]].set(raw)
@@ -456,7 +458,7 @@ def evaluate(state: State, cfg: Config):
 
 def plot_curriculum(run_dir, out):
     """The first teacher's policy over lengths and over repeat counts (stacked, mean over
-    seeds), and the target-task loss of every teacher's student ([1] Fig. 3-4's views)."""
+    seeds), and the target-task loss of every teacher's student."""
     import matplotlib
 
     matplotlib.use("Agg")

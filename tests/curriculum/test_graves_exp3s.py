@@ -213,13 +213,15 @@ def tiny_run(tmp_path_factory):
 
 def test_exp3s_moves_mass_to_where_the_student_progresses(tiny_run):
     """Behaviour ([1] Sec. 5) in seconds: 3 x 2 repeat-copy tasks, LSTM 16, 300 steps, PG
-    per time step, 3 seeds, four students from the same initialisation in one program.
-    The target task (3, 2) has the most progress per step, so Exp3.S puts p_target ~ 0.3
-    on it (1/6 uniform) and the broken teacher ~ 0.04; the area under the target-loss curve
-    (mean over evaluations, nats per sequence) follows:
-        measured: see the printed line (recorded in the report)
-    The broken teacher fails the first assert; so does Exp3.S with the importance weight
-    removed or the reward's sign flipped in `teacher_step` (tried)."""
+    per time step, 3 seeds, four students from the same initialisation in one program. The
+    target task (3, 2) gives the most progress per step, so Exp3.S drills it. Measured
+    (2-core CPU, jax 0.10.2), per seed:
+        p(target task), steps 150-300     exp3s 0.38 0.34 0.34   uniform 1/6   anti 0.04 0.03 0.04
+        target-loss auc (nats / sequence) exp3s 14.4 14.4 16.9   uniform 15.7 15.4 17.5
+                                          target-only 10.6 11.8 12.7       anti 17.3 17.1 19.0
+    The broken teacher fails the first and last asserts. Mutations of `update` that fail
+    the first assert (tried): importance weight removed (exp3s p 0.21 0.22 0.21), the
+    reward's sign flipped in `teacher_step` (0.04 0.04 0.04), zero reward (1/6)."""
     h, f = tiny_run.history, tiny_run.final
     half = TINY.total_steps // 2
     p = {t: h[f"charts/p_target_{t}"][:, half:].mean(1) for t in TINY.teachers}
