@@ -41,6 +41,16 @@ Reproduce (CPU, 2-core; the plot curriculum/graves_exp3s.png):
     python curriculum/graves_exp3s.py --preset quick --num-seeds 2 \
         --plot curriculum/graves_exp3s.png
     python curriculum/graves_exp3s.py --preset quick --num-seeds 2 --signal spg
+Measured (`quick`: 4 x 3 tasks, PG per time step, 2 seeds, one run holding the three
+students; 2-core CPU shared with other jobs, 60 s compile + 520 s): target-task loss
+(nats per sequence) after 3000 steps / its mean over the run's evaluations (auc), and the
+loss averaged over all 12 tasks at the end, per seed:
+    exp3s        7.04, 8.47 / 22.6, 23.6    all tasks 2.07, 3.02
+    uniform     17.9, 25.0  / 27.0, 26.5    all tasks 4.63, 5.65
+    target-only  6.95, 9.33 / 17.8, 18.9    all tasks 28.6, 31.4
+Exp3.S moves its mass to the longest sequences (p(length 4) 0.25 -> ~0.7, the plot) and
+ends level with target-only training on the target task while keeping the other tasks;
+target-only training learns the target fastest at this size (lower auc).
 Paper setting (GPU; 13 x 13 repeat-copy tasks):
     python curriculum/graves_exp3s.py --preset paper
 [1]'s headline (abstract): the curriculum "can significantly accelerate learning, in some
