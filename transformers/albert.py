@@ -1,0 +1,623 @@
+"""ALBERT: a lite BERT. Factorised embedding parameterisation, cross-layer parameter
+sharing, and sentence-order prediction (SOP) in place of next-sentence prediction (NSP),
+pre-trained with n-gram masked LM and LAMB.
+
+[1] Z. Lan, M. Chen, S. Goodman, K. Gimpel, P. Sharma, R. Soricut. "ALBERT: A Lite BERT for
+    Self-supervised Learning of Language Representations." arXiv:1909.11942. Released code:
+    github.com/google-research/albert (modeling.py, run_pretraining.py,
+    create_pretraining_data.py, optimization.py, lamb_optimizer.py, config/base/
+    albert_config.json), read for the details below.
+[2] L. Weng. "Generalized Language Models" (2019, updated 2020-02-29), section "ALBERT".
+[3] Y. You et al. "Large Batch Optimization for Deep Learning: Training BERT in 76 minutes"
+    (LAMB), arXiv:1904.00962.
+
+    input [CLS] A [SEP] B [SEP] [PAD]...; token type 0 on [CLS] A [SEP], 1 on B [SEP]
+    factorised embedding ([1] Sec. 3.1): e = LN(E_tok[x] + E_pos[i] + E_type[t]) in R^E,
+      h_0 = e W_proj + b, W_proj in R^{E x H}: V x E + E x H parameters instead of V x H
+    cross-layer sharing ([1] Sec. 3.1): h_l = FFN_s(l)(Attn_a(l)(h_{l-1})), post-LN blocks
+      a = LN(h + Attn(h)), h' = LN(a + W_2 gelu(W_1 a)); share=all: one Attn and one FFN
+      used by every layer; attention: one Attn, L FFNs; ffn: L Attns, one FFN; none: BERT
+    n-gram MLM ([1] Sec. 4.1, create_masked_lm_predictions): k = min(P, max(1, round(0.15 n)))
+      tokens to predict; candidate starts in random order, each draws a length
+      p(n) = (1/n) / sum_{m=1}^{N} 1/m, n <= N = 3 (and <= the candidates left), shortened to
+      fit k, skipped when it overlaps a covered token; each covered token becomes [MASK]
+      w.p. 0.8, a random token w.p. 0.1, stays w.p. 0.1
+      L_MLM = sum_j w_j (-log p(x_j | x~)) / (sum_j w_j + 1e-5),
+      p = softmax(LN(gelu(h W_t)) E_tok^T + b), W_t in R^{H x E} (tied to the V x E table)
+    SOP ([1] Sec. 3.1): A, B two consecutive segments of one document; label 0: A B,
+      label 1: B A (the same two, swapped). NSP (BERT, --sentence-task nsp): label 1: B from
+      another document. p = softmax(tanh(h_[CLS] W_p) W_s); L = L_MLM + L_SOP (or L_NSP)
+    LAMB ([3], optax.lamb): u = m_hat / (sqrt(v_hat) + eps) + wd p (no decay on LayerNorm and
+      bias), p <- p - lr(t) ||p|| / ||u|| u, after clipping gradients to global norm 1;
+      lr(t) = lr t / W for t < W, else lr (1 - t / T) (optimization.py: linear decay from 0)
+
+Data: characters of Python's reference manual (common.data.text_corpus); documents are the
+blocks between two blank lines, "sentences" end at . ! ? and are cut at word boundaries to
+at most (seq_len - 3) // 4 characters. Pre-training instances are built on the host as
+create_instances_from_document does (target length, short_seq_prob, a_end, truncate_seq_pair),
+dupe_factor times, once with SOP labels and once with NSP labels; the traced `sop` flag of
+the state picks which set trains (so a SOP run and its NSP twin share one compiled program).
+evaluate() scores the one sentence head on held-out SOP AND NSP instances ([1] Table 5).
+
+Reproduce (CPU demo: 2 shared layers of H 64, E 32, context 64, 1500 updates of 32):
+    python transformers/albert.py --preset quick --num-seeds 2
+    python transformers/albert.py --preset quick --num-seeds 2 --sentence-task nsp
+  (results in the README row of transformers/README.md; the test's tiny run measures the
+  SOP-vs-NSP finding, see tests/transformers/test_albert.py)
+Paper scale (accelerator; ALBERT-base: E 128, H 768, 12 layers sharing all, 12 heads,
+512 tokens, vocab 30,000, batch 4096, 125k LAMB updates at lr 0.00176, 3125 warm-up):
+    python transformers/albert.py --preset paper
+    python transformers/albert.py --preset xxlarge   # H 4096, 64 heads, FFN 16384
+[1] Table 1: ALBERT-base 12M parameters (BERT-base 108M), ALBERT-xxlarge 235M. Table 3/4
+  (base, E 128): all-shared 12M, shared-attention 64M, shared-FFN 38M, not-shared 89M
+  (this file counts 11.8M, 63.8M, 37.8M, 89.8M; xxlarge 223.2M).
+  Table 5 (intrinsic accuracies, ALBERT-base): trained with NSP: MLM 54.5, NSP 90.5,
+  SOP 52.0; trained with SOP: MLM 54.0, NSP 78.9, SOP 86.5 -- the NSP model is at chance on
+  SOP, the SOP model solves NSP well. (Table 5 values as recalled and not re-read here: the
+  paper's text could not be opened from this machine; the parameter counts of Tables 1, 3
+  and 4 are reproduced by this file's counts, see the tests.)
+
+Differences from the paper:
+- Data: characters of the pydoc text with 4 special tokens instead of BooksCorpus +
+  Wikipedia with a 30k SentencePiece vocabulary (vocab_size sets the table size only);
+  n-grams are of characters (the released code masks whole SentencePiece words, its
+  do_whole_word_mask default).
+- Masking is dynamic (drawn in `update` every time an instance is used); the released code
+  masks each instance once, dupe_factor = 40 copies. The random replacement is a text
+  character.
+- SOP: a chunk of one segment is skipped; the released code then takes B from a random
+  document (an NSP negative inside the SOP data). Instances are drawn uniformly with
+  replacement; one sequence length.
+- LAMB is optax.lamb: bias-corrected moments and the trust ratio on every parameter; the
+  released lamb_optimizer.py has no bias correction and excludes LayerNorm and bias
+  parameters from the trust ratio.
+- No dropout (the released ALBERT configs set both dropout probabilities to 0, [1] Sec. 4.9);
+  weights N(0, 0.02) instead of a truncated normal; GELU is the tanh form (modeling.py).
+"""
+
+import functools
+import random
+import re
+from dataclasses import dataclass
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import struct
+
+from common import data, run
+
+# --- CONFIG ---
+
+
+@dataclass(frozen=True)
+class Config:
+    """ALBERT [1]: defaults are ALBERT-base and the released pre-training settings."""
+
+    corpus: str = "pydoc"
+    """text of common.data.text_corpus (pydoc, stdlib or this), or ordered: synthetic
+    documents whose topic is their letter and whose sentences count up (see ordered_text)"""
+    val_fraction: float = 0.1
+    """last fraction of the text held out (the evaluation instances)"""
+    vocab_size: int | None = 30000
+    """rows of the token table (SentencePiece 30,000); None: the corpus's characters + 4"""
+    seq_len: int = 512
+    """max_seq_length: tokens per instance, special tokens included"""
+    max_positions: int = 512
+    """rows of the learned position table"""
+    embedding_size: int = 128
+    """E: width of the token/position/type embeddings (factorised, projected to d_model)"""
+    d_model: int = 768
+    """H: hidden size"""
+    num_layers: int = 12
+    """encoder layers"""
+    num_heads: int = 12
+    """attention heads"""
+    d_ff: int = 3072
+    """intermediate size of the feed-forward block"""
+    share: str = "all"
+    """cross-layer sharing: all, attention, ffn or none (BERT)"""
+    sentence_task: str = "sop"
+    """sop (sentence-order prediction) or nsp (BERT's next-sentence prediction)"""
+    dtype: str = "float32"
+    """compute dtype of the matmuls: float32 or bfloat16 (parameters stay float32)"""
+    mask_prob: float = 0.15
+    """masked_lm_prob: fraction of the tokens predicted"""
+    max_ngram: int = 3
+    """N: longest masked n-gram, p(n) proportional to 1/n"""
+    mask_token_prob: float = 0.8
+    """covered tokens replaced by [MASK]"""
+    random_token_prob: float = 0.1
+    """covered tokens replaced by a random token (the rest stay unchanged)"""
+    max_predictions_per_seq: int = 20
+    """cap on predicted tokens per instance (released default 20)"""
+    short_seq_prob: float = 0.1
+    """instances whose target length is drawn in [2, seq_len - 3]"""
+    dupe_factor: int = 40
+    """passes over the documents when building the instances (released default 40)"""
+    batch_size: int = 4096
+    """instances per update"""
+    train_steps: int = 125_000
+    """updates"""
+    lr: float = 0.00176
+    """LAMB peak learning rate"""
+    warmup_steps: int = 3125
+    """linear warm-up updates (then linear decay to 0 at train_steps)"""
+    weight_decay: float = 0.01
+    """decoupled weight decay (not on LayerNorm and bias parameters)"""
+    max_grad_norm: float = 1.0
+    """global-norm gradient clipping"""
+    adam_b1: float = 0.9
+    """LAMB beta1"""
+    adam_b2: float = 0.999
+    """LAMB beta2"""
+    adam_eps: float = 1e-6
+    """LAMB epsilon"""
+    task_seed: int = 0
+    """seed of the instances and the held-out masks (fixed across seeds)"""
+    eval_instances: int = 256
+    """held-out SOP and NSP instances scored by evaluate()"""
+
+    @property
+    def sentence_chars(self) -> int:
+        return max(8, (self.seq_len - 3) // 4)
+
+    @property
+    def num_updates(self) -> int:
+        return self.train_steps
+
+    @property
+    def steps_per_update(self) -> int:
+        return self.batch_size * self.seq_len
+
+    def validate(self):
+        if self.d_model % self.num_heads:
+            raise ValueError(f"d_model={self.d_model} is not divisible by "
+                             f"num_heads={self.num_heads}")
+        if not 8 <= self.seq_len <= self.max_positions:
+            raise ValueError(f"seq_len={self.seq_len} must be in [8, max_positions="
+                             f"{self.max_positions}]")
+        if not 1 <= self.max_predictions_per_seq <= self.seq_len:
+            raise ValueError(f"max_predictions_per_seq={self.max_predictions_per_seq} must "
+                             f"be in [1, seq_len={self.seq_len}]")
+        if self.mask_token_prob + self.random_token_prob > 1:
+            raise ValueError(f"mask_token_prob + random_token_prob = "
+                             f"{self.mask_token_prob + self.random_token_prob} must be <= 1")
+        if self.share not in SHARE:
+            raise ValueError(f"share={self.share!r} must be one of {', '.join(SHARE)}")
+        if self.sentence_task not in ("sop", "nsp"):
+            raise ValueError(f"sentence_task={self.sentence_task!r} must be 'sop' or 'nsp'")
+        if self.dtype not in ("float32", "bfloat16"):
+            raise ValueError(f"dtype={self.dtype!r} must be 'float32' or 'bfloat16'")
+        for name in ("max_ngram", "dupe_factor", "max_positions", "eval_instances",
+                     "train_steps"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}={getattr(self, name)} must be >= 1")
+        if self.warmup_steps < 0:
+            raise ValueError(f"warmup_steps={self.warmup_steps} must be >= 0")
+        if self.adam_eps <= 0:
+            raise ValueError(f"adam_eps={self.adam_eps} must be > 0")
+        chars = len(corpus_docs(self.corpus, self.val_fraction, self.sentence_chars)[2])
+        if self.vocab_size is not None and self.vocab_size < chars + 4:
+            raise ValueError(f"vocab_size={self.vocab_size} is below the corpus's {chars} "
+                             f"characters + 4 special tokens")
+        for task in ("sop", "nsp"):
+            n = len(instances(self, "val", task)[0])
+            if n < self.eval_instances:
+                raise ValueError(f"eval_instances={self.eval_instances} exceeds the held-out "
+                                 f"{task} instances ({n})")
+
+
+SHARE = {"all": (True, True), "attention": (True, False), "ffn": (False, True),
+         "none": (False, False)}
+"""share -> (one attention block for all layers, one feed-forward block for all layers)"""
+
+PRESETS = {
+    # CPU demo: 2 shared layers of H 64, E 32, context 64, 1500 LAMB updates of 32
+    "quick": dict(vocab_size=None, seq_len=64, max_positions=64, embedding_size=32,
+                  d_model=64, num_layers=2, num_heads=4, d_ff=256, max_predictions_per_seq=10,
+                  dupe_factor=2, batch_size=32, train_steps=1500, lr=2e-3, warmup_steps=150),
+    # ALBERT-xxlarge ([1] Table 1, released xxlarge config)
+    "xxlarge": dict(d_model=4096, num_heads=64, d_ff=16384),
+    "paper": dict(),
+}
+
+# --- DATA ---
+
+
+def ordered_text(num_docs: int = 2000, seed: int = 0) -> str:
+    """Synthetic documents that separate the two cues of [1] Sec. 3.1: a document's topic is
+    its letter (every word of it), its coherence is order (sentence i holds the digit i):
+    "kkk 1. kkk 2. kkk 3." NSP can be solved from the topic alone, SOP only from the order."""
+    rng = np.random.default_rng(seed)
+    docs = []
+    for _ in range(num_docs):
+        t, n = "abcdefghijklmnopqrstuvwxyz"[rng.integers(26)], rng.integers(4, 10)
+        docs.append(" ".join(f"{t * rng.integers(2, 5)} {i}." for i in range(1, n + 1)))
+    return "\n\n\n".join(docs)
+
+
+@functools.cache
+def corpus_docs(corpus: str, val_fraction: float, sentence_chars: int):
+    """(train documents, val documents, characters): a document is a list of sentences, a
+    sentence an int32 array of character ids. The text is cut at 1 - val_fraction of its
+    characters, then into documents at two blank lines, sentences at . ! ? (pieces of at
+    most sentence_chars characters, cut at word boundaries)."""
+    text = ordered_text() if corpus == "ordered" else data.text_corpus(corpus)
+    cut = int(len(text) * (1 - val_fraction))
+
+    def pieces_of(sentence):
+        pieces, piece = [], ""
+        for w in sentence.split():
+            while len(w) >= sentence_chars:  # a word longer than a sentence: hard cuts
+                pieces += [piece, w[:sentence_chars - 1]] if piece else [w[:sentence_chars - 1]]
+                piece, w = "", w[sentence_chars - 1:]
+            if piece and len(piece) + 2 + len(w) > sentence_chars:
+                pieces.append(piece)
+                piece = w
+            elif w:
+                piece = f"{piece} {w}" if piece else w
+        return [p + " " for p in pieces + ([piece] if piece else [])]
+
+    def docs(part):
+        blocks = (re.split(r"(?<=[.!?])\s+|\n\s*\n", b) for b in re.split(r"\n\s*\n\s*\n", part))
+        return [d for d in ([p for sent in b for p in pieces_of(sent)] for b in blocks) if d]
+
+    train, val = docs(text[:cut]), docs(text[cut:])
+    chars = sorted({c for d in train + val for s in d for c in s})
+    lut = {c: i for i, c in enumerate(chars)}
+    enc = lambda ds: [[np.array([lut[c] for c in s], np.int32) for s in d] for d in ds]
+    return enc(train), enc(val), chars
+
+
+def specials(cfg: Config) -> dict:
+    """Ids of [CLS], [SEP], [MASK], [PAD] after the characters, and the table size `rows`."""
+    c = len(corpus_docs(cfg.corpus, cfg.val_fraction, cfg.sentence_chars)[2])
+    return dict(cls=c, sep=c + 1, mask=c + 2, pad=c + 3, chars=c, rows=cfg.vocab_size or c + 4)
+
+
+def truncate_seq_pair(a: list, b: list, max_tokens: int, rng: random.Random):
+    """Drop tokens from the longer of A and B, front or back at random, until they fit."""
+    while len(a) + len(b) > max_tokens:
+        t = a if len(a) > len(b) else b
+        if rng.random() < 0.5:
+            del t[0]
+        else:
+            t.pop()
+
+
+def make_instances(docs, cfg: Config, rng: random.Random, dupe_factor: int, task: str):
+    """create_instances_from_document over every document, dupe_factor times: tokens
+    (N, seq_len) [CLS] A [SEP] B [SEP] [PAD]... and labels (N,). A = the chunk's first a_end
+    segments, B = the rest of the chunk (the segments that follow A). Label 1 w.p. 1/2:
+    sop: A and B swapped; nsp: B from another document (unused segments put back)."""
+    s, max_tokens = specials(cfg), cfg.seq_len - 3
+    docs = [[list(map(int, seg)) for seg in doc] for doc in docs]
+    toks, labels = [], []
+    for _ in range(dupe_factor):
+        for d, doc in enumerate(docs):
+            target = max_tokens
+            if rng.random() < cfg.short_seq_prob:
+                target = rng.randint(2, max_tokens)
+            chunk, length, i = [], 0, 0
+            while i < len(doc):
+                chunk.append(doc[i])
+                length += len(doc[i])
+                if i == len(doc) - 1 or length >= target:
+                    a_end = rng.randint(1, len(chunk) - 1) if len(chunk) >= 2 else 1
+                    a = [t for seg in chunk[:a_end] for t in seg]
+                    b = [t for seg in chunk[a_end:] for t in seg]
+                    negative = rng.random() < 0.5
+                    if task == "nsp" and (negative or len(chunk) == 1):
+                        negative, b = True, []
+                        for _ in range(10):
+                            r = rng.randint(0, len(docs) - 1)
+                            if r != d:
+                                break
+                        other = docs[r]
+                        for seg in other[rng.randint(0, len(other) - 1):]:
+                            b.extend(seg)
+                            if len(b) >= target - len(a):
+                                break
+                        i -= len(chunk) - a_end  # put the unused segments back
+                    elif task == "sop" and negative:
+                        a, b = b, a  # [1] Sec. 3.1: the same two segments, order swapped
+                    truncate_seq_pair(a, b, max_tokens, rng)
+                    if a and b:  # (sop: a one-segment chunk has no B and is skipped)
+                        seq = [s["cls"], *a, s["sep"], *b, s["sep"]]
+                        toks.append(seq + [s["pad"]] * (cfg.seq_len - len(seq)))
+                        labels.append(int(negative))
+                    chunk, length = [], 0
+                i += 1
+    order = np.array(rng.sample(range(len(toks)), len(toks)), np.int64)
+    return np.array(toks, np.int32)[order], np.array(labels, np.int32)[order]
+
+
+@functools.cache
+def instances(cfg: Config, split: str, task: str):
+    """Instances of the training or validation split labelled for `task` (sop or nsp)."""
+    train, val, _ = corpus_docs(cfg.corpus, cfg.val_fraction, cfg.sentence_chars)
+    rng = random.Random(4 * cfg.task_seed + 2 * (split == "val") + (task == "nsp"))
+    return make_instances(train if split == "train" else val, cfg, rng, cfg.dupe_factor, task)
+
+
+@functools.cache
+def unigram_mode(cfg: Config) -> int:
+    """The most frequent character of the training instances (the unigram baseline's guess)."""
+    x = instances(cfg, "train", "sop")[0]
+    return int(np.bincount(x[x < specials(cfg)["chars"]]).argmax())
+
+
+def token_types(tokens, sep: int, pad: int):
+    """Segment ids: 0 up to and including the first [SEP], 1 after it, 0 on [PAD]."""
+    is_sep = (tokens == sep).astype(jnp.int32)
+    return (((jnp.cumsum(is_sep, axis=1) - is_sep) >= 1) & (tokens != pad)).astype(jnp.int32)
+
+
+def ngram_length(key, avail, max_n: int):
+    """[1] Sec. 4.1: n in 1..min(max_n, avail) with p(n) proportional to 1/n."""
+    n = jnp.arange(1, max_n + 1)
+    return jax.random.categorical(key, jnp.where(n <= avail, -jnp.log(n), -jnp.inf)) + 1
+
+
+def mask_row(key, tokens, cfg: Config):
+    """create_masked_lm_predictions for one row, jittable: candidate starts (non-special
+    tokens) in random order; each draws an n-gram of candidates from ngram_length, shortened
+    to fit k, skipped if it overlaps a covered token. Returns (covered (L,) bool, k, spans
+    (max_ngram,): accepted n-grams of each length)."""
+    s, N = specials(cfg), cfg.max_ngram
+    k_order, k_len = jax.random.split(key)
+    cand = (tokens != s["cls"]) & (tokens != s["sep"]) & (tokens != s["pad"])
+    n_tok = (tokens != s["pad"]).sum()
+    k = jnp.minimum(cfg.max_predictions_per_seq,
+                    jnp.maximum(1, jnp.round(n_tok * cfg.mask_prob))).astype(jnp.int32)
+    rank = jnp.cumsum(cand) - 1  # index of each candidate among the candidates
+    order = jax.random.permutation(k_order, tokens.shape[0])
+
+    def step(carry, t):
+        covered, count, spans = carry
+        start = order[t]
+        j = rank[start]
+        n = ngram_length(jax.random.fold_in(k_len, t), cand.sum() - j, N)
+        n = jnp.minimum(n, k - count)  # "trying shorter ngrams" to fit k
+        span = cand & (rank >= j) & (rank < j + n)
+        ok = cand[start] & (count < k) & ~(span & covered).any()
+        spans = spans.at[jnp.clip(n - 1, 0, N - 1)].add(ok)
+        return (covered | (span & ok), count + ok * n, spans), None
+
+    init = (jnp.zeros_like(cand), jnp.int32(0), jnp.zeros(N, jnp.int32))
+    (covered, _, spans), _ = jax.lax.scan(step, init, jnp.arange(tokens.shape[0]))
+    return covered, k, spans
+
+
+def mask_tokens(key, tokens, cfg: Config):
+    """n-gram masking of a batch: (inputs (B, L), positions (B, P), labels (B, P), weights
+    (B, P), spans (B, max_ngram)), P = max_predictions_per_seq, the positions in order."""
+    s, P, L = specials(cfg), cfg.max_predictions_per_seq, tokens.shape[1]
+    k_rows, k_how, k_tok = jax.random.split(key, 3)
+    covered, _, spans = jax.vmap(lambda k, t: mask_row(k, t, cfg))(
+        jax.random.split(k_rows, tokens.shape[0]), tokens)
+    positions = jnp.argsort(jnp.where(covered, 0, L) + jnp.arange(L), axis=1)[:, :P]
+    weights = jnp.take_along_axis(covered, positions, 1)
+    labels = jnp.take_along_axis(tokens, positions, 1)
+    u = jax.random.uniform(k_how, positions.shape)
+    rand = jax.random.randint(k_tok, positions.shape, 0, s["chars"])
+    new = jnp.where(u < cfg.mask_token_prob, s["mask"],
+                    jnp.where(u < cfg.mask_token_prob + cfg.random_token_prob, rand, labels))
+    rows = jnp.arange(tokens.shape[0])[:, None]
+    inputs = tokens.at[rows, positions].set(jnp.where(weights, new, labels))
+    return inputs, positions, labels, weights.astype(jnp.float32), spans
+
+
+# --- NETWORKS ---
+
+init_w = nn.initializers.normal(0.02)  # modeling.py initializer_range 0.02
+LN = functools.partial(nn.LayerNorm, epsilon=1e-12)  # modeling.py layer_norm
+
+
+def gelu(x):
+    """modeling.py gelu: the tanh approximation."""
+    return 0.5 * x * (1 + jnp.tanh(jnp.sqrt(2 / jnp.pi).astype(x.dtype) * (x + 0.044715 * x**3)))
+
+
+class Attention(nn.Module):
+    """a = LN(h + W_o Attn(h W_q, h W_k, h W_v)), [PAD] keys masked (-10000, modeling.py)."""
+
+    cfg: Config
+
+    @nn.compact
+    def __call__(self, h, key_mask):
+        cfg, (B, L, d) = self.cfg, h.shape
+        dense = functools.partial(nn.Dense, kernel_init=init_w, dtype=jnp.dtype(cfg.dtype))
+        qkv = dense(3 * d, name="qkv")(h).reshape(B, L, 3, cfg.num_heads, d // cfg.num_heads)
+        bias = jnp.where(key_mask, 0.0, -10000.0)[:, None, None, :].astype(qkv.dtype)
+        a = jax.nn.dot_product_attention(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2], bias=bias)
+        return LN(name="LayerNorm")(h + dense(d, name="dense")(a.reshape(B, L, d)))
+
+
+class FFN(nn.Module):
+    """h' = LN(a + W_2 gelu(W_1 a))."""
+
+    cfg: Config
+
+    @nn.compact
+    def __call__(self, a):
+        dense = functools.partial(nn.Dense, kernel_init=init_w, dtype=jnp.dtype(self.cfg.dtype))
+        m = dense(a.shape[-1], name="ffn_output")(gelu(dense(self.cfg.d_ff, name="ffn")(a)))
+        return LN(name="full_layer_LayerNorm")(a + m)
+
+
+class ALBERT(nn.Module):
+    """Factorised embeddings (E) projected to H, L layers whose attention and feed-forward
+    blocks are shared across layers as `share` says, tanh pooler, the MLM head (H -> E,
+    tied to the V x E table) and the 2-way sentence head (SOP or NSP)."""
+
+    cfg: Config
+    rows: int
+    pad: int
+
+    @nn.compact
+    def __call__(self, tokens, types, positions):
+        cfg, L = self.cfg, tokens.shape[1]
+        E = cfg.embedding_size
+        embed = nn.Embed(self.rows, E, embedding_init=init_w, name="word_embeddings")
+        pos = self.param("position_embeddings", init_w, (cfg.max_positions, E))
+        typ = nn.Embed(2, E, embedding_init=init_w, name="token_type_embeddings")
+        e = LN(name="embeddings_LayerNorm")(embed(tokens) + pos[:L] + typ(types))
+        h = nn.Dense(cfg.d_model, kernel_init=init_w, dtype=jnp.dtype(cfg.dtype),
+                     name="embedding_hidden_mapping_in")(e)  # E x H projection
+        one_attn, one_ffn = SHARE[cfg.share]
+        attn = [Attention(cfg, name="attention" if one_attn else f"attention_{l}")
+                for l in range(1 if one_attn else cfg.num_layers)]
+        ffn = [FFN(cfg, name="ffn" if one_ffn else f"ffn_{l}")
+               for l in range(1 if one_ffn else cfg.num_layers)]
+        key_mask = tokens != self.pad
+        for l in range(cfg.num_layers):
+            h = ffn[l % len(ffn)](attn[l % len(attn)](h, key_mask))
+        h = h.astype(jnp.float32)
+        pooled = jnp.tanh(nn.Dense(cfg.d_model, kernel_init=init_w, name="pooler")(h[:, 0]))
+        x = jnp.take_along_axis(h, positions[..., None], axis=1)  # (B, P, H)
+        x = LN(name="transform_LayerNorm")(gelu(nn.Dense(E, kernel_init=init_w,
+                                                         name="transform")(x)))  # (B, P, E)
+        mlm = embed.attend(x) + self.param("output_bias", nn.initializers.zeros, (self.rows,))
+        sentence = nn.Dense(2, kernel_init=init_w, name="seq_relationship")(pooled)
+        return mlm, sentence
+
+
+# --- LOSS ---
+
+
+def nll(logits, labels):
+    return -jnp.take_along_axis(jax.nn.log_softmax(logits, -1), labels[..., None], -1)[..., 0]
+
+
+def mlm_loss(logits, labels, weights):
+    """L_MLM: the weighted mean NLL over the predicted positions (denominator + 1e-5)."""
+    return (nll(logits, labels) * weights).sum() / (weights.sum() + 1e-5)
+
+
+def learning_rate(step, cfg: Config):
+    """optimization.py: lr t / W while t < W, else lr (1 - t / T)."""
+    t = jnp.asarray(step, jnp.float32)
+    return cfg.lr * jnp.where(t < cfg.warmup_steps, t / max(cfg.warmup_steps, 1),
+                              jnp.maximum(1 - t / cfg.train_steps, 0))
+
+
+def decay_mask(params):
+    """lamb_optimizer.py exclude_from_weight_decay: no decay on LayerNorm and bias parameters."""
+    def use(path, _):
+        names = [str(getattr(p, "key", p)) for p in path]
+        return not any("LayerNorm" in n or "bias" in n for n in names)
+    return jax.tree_util.tree_map_with_path(use, params)
+
+
+def optimizer(cfg: Config):
+    """Global-norm clipping, then optax.lamb with the warm-up/linear-decay schedule."""
+    return optax.chain(optax.clip_by_global_norm(cfg.max_grad_norm),
+                       optax.lamb(lambda t: learning_rate(t, cfg), cfg.adam_b1, cfg.adam_b2,
+                                  cfg.adam_eps, weight_decay=cfg.weight_decay, mask=decay_mask))
+
+
+# --- STATE ---
+
+
+@struct.dataclass
+class State:
+    params: Any
+    opt: Any
+    key: jax.Array
+    step: jax.Array
+    sop: jax.Array
+    """1 (traced): train the sentence head on SOP instances; 0: on NSP instances"""
+
+
+def model_of(cfg: Config) -> ALBERT:
+    s = specials(cfg)
+    return ALBERT(cfg, s["rows"], s["pad"])
+
+
+def init_params(key, cfg: Config):
+    z = jnp.zeros((1, cfg.seq_len), jnp.int32)
+    return model_of(cfg).init(key, z, z, z[:, :cfg.max_predictions_per_seq])
+
+
+def init(key, cfg: Config) -> State:
+    k_init, key = jax.random.split(key)
+    params = init_params(k_init, cfg)
+    return State(params, optimizer(cfg).init(params), key, jnp.zeros((), jnp.int32),
+                 jnp.asarray(int(cfg.sentence_task == "sop"), jnp.int32))
+
+
+# --- UPDATE ---
+
+
+def update(state: State, cfg: Config):
+    s, model = specials(cfg), model_of(cfg)
+    key, k_sop, k_nsp, k_mask = jax.random.split(state.key, 4)
+    sop_x, sop_y = (jnp.asarray(a) for a in instances(cfg, "train", "sop"))
+    nsp_x, nsp_y = (jnp.asarray(a) for a in instances(cfg, "train", "nsp"))
+    i = jax.random.randint(k_sop, (cfg.batch_size,), 0, sop_x.shape[0])
+    j = jax.random.randint(k_nsp, (cfg.batch_size,), 0, nsp_x.shape[0])
+    tokens = jnp.where(state.sop > 0, sop_x[i], nsp_x[j])
+    y = jnp.where(state.sop > 0, sop_y[i], nsp_y[j])
+    inputs, positions, labels, weights, spans = mask_tokens(k_mask, tokens, cfg)
+    types = token_types(inputs, s["sep"], s["pad"])
+
+    def loss_fn(p):
+        mlm, sentence = model.apply(p, inputs, types, positions)
+        l_mlm, l_sent = mlm_loss(mlm, labels, weights), nll(sentence, y).mean()
+        return l_mlm + l_sent, (l_mlm, l_sent, mlm, sentence)
+
+    (loss, (l_mlm, l_sent, mlm, sentence)), grads = jax.value_and_grad(
+        loss_fn, has_aux=True)(state.params)
+    updates, opt = optimizer(cfg).update(grads, state.opt, state.params)
+    params = optax.apply_updates(state.params, updates)
+    hits = (mlm.argmax(-1) == labels) * weights
+    metrics = {"losses/loss": loss, "losses/mlm": l_mlm, "losses/sentence": l_sent,
+               "charts/mlm_acc": hits.sum() / jnp.maximum(weights.sum(), 1),
+               "charts/unigram_acc": ((labels == unigram_mode(cfg)) * weights).sum()
+               / jnp.maximum(weights.sum(), 1),
+               "charts/sentence_acc": (sentence.argmax(-1) == y).mean(),
+               "charts/predicted_frac": weights.sum() / (tokens != s["pad"]).sum(),
+               "charts/lr": learning_rate(state.step, cfg),
+               "charts/grad_norm": optax.global_norm(grads)}
+    for n in range(cfg.max_ngram):  # share of the masked n-grams of length n + 1
+        metrics[f"charts/ngram_{n + 1}"] = spans[:, n].sum() / jnp.maximum(spans.sum(), 1)
+    return State(params, opt, key, state.step + 1, state.sop), metrics
+
+
+def evaluate(state: State, cfg: Config):
+    """On eval_instances held-out instances each: the sentence head's accuracy on SOP and on
+    NSP instances (whichever task it was trained on, [1] Table 5), and on the SOP ones the
+    MLM's accuracy beside the unigram guess's on the same masked positions (masks drawn
+    from task_seed)."""
+    s, model, n = specials(cfg), model_of(cfg), cfg.eval_instances
+    out = {}
+    for task in ("sop", "nsp"):
+        # (a barrier: else XLA constant-folds the masking of these constant rows, slowly)
+        x, y = jax.lax.optimization_barrier(tuple(jnp.asarray(a[:n]) for a in
+                                                  instances(cfg, "val", task)))
+        inputs, positions, labels, w, _ = mask_tokens(jax.random.PRNGKey(cfg.task_seed), x, cfg)
+        mlm, sentence = model.apply(state.params, inputs, token_types(inputs, s["sep"], s["pad"]),
+                                    positions)
+        out[f"val_{task}_acc"] = (sentence.argmax(-1) == y).mean()
+        if task == "sop":
+            out["val_mlm_acc"] = ((mlm.argmax(-1) == labels) * w).sum() / w.sum()
+            out["val_unigram_acc"] = ((labels == unigram_mode(cfg)) * w).sum() / w.sum()
+    return out
+
+
+# --- MAIN ---
+
+
+def main(argv=None):
+    return run.main(Config, init, update, presets=PRESETS, evaluate=evaluate, argv=argv,
+                    doc=__doc__, summary_keys=["val_mlm_acc", "val_unigram_acc", "val_sop_acc",
+                                               "val_nsp_acc", "charts/sentence_acc"])
+
+
+if __name__ == "__main__":
+    main()
