@@ -10,33 +10,35 @@ A reachability network (R-network) judges whether two observations lie within k 
 each other. Each environment keeps an episodic memory of embeddings; an observation that
 the memory can reach within k steps is not novel, one that it cannot is rewarded and stored:
 
-    e = E(o),  C(e_i, e_j) = softmax(MLP([e_i, e_j]))_1  in [0, 1]            [1] Sec. 2.1
-    pairs from one episode: label 1 if |i - j| <= k, 0 if |i - j| > gamma k   [1] Sec. 2.2
-    L_R = cross-entropy(C(E(o_i), E(o_j)), label)                             [1] Sec. 2.2
-    C^M(e) = F(C(e_1, e), ..., C(e_|M|, e)),  F = 90th percentile            [1] Sec. 2.3
-    b = alpha (beta - C^M(e)),  r = r^task + b                                [1] Eq. 1
-    add e to M when beta - C^M(e) > b_novelty; M full: overwrite a random slot [1] Sec. 2.3
+    e = E(o),  C(e_i, e_j) = softmax(MLP([e_i, e_j]))_1  in [0, 1]            [1] Sec. 2
+    pairs from one episode: label 1 if |i - j| <= k, 0 if |i - j| > gamma k   [1] Sec. 2
+    L_R = cross-entropy(C(E(o_i), E(o_j)), label)                             [1] Sec. 2
+    C^M(e) = F(C(e_1, e), ..., C(e_|M|, e)),  F = 90th percentile            [1] Sec. 2
+    b = alpha (beta - C^M(e)),  r = r^task + b                                [1] Sec. 2
+    add e to M when beta - C^M(e) > b_novelty; M full: overwrite a random slot [1] Sec. 2
     M is emptied at the end of an episode (the next episode's first e is stored)
 
-The R-network trains online on the agent's own experience ([1] Sec. 2.4 "EC with online
-training", the `ppo_plus_eco` of Table 1): the last `history_size` observations of every
+The R-network trains online on the agent's own experience ("ECO", the released launcher's
+`ppo_plus_eco` row of [1] Table 1): the last `history_size` observations of every
 env are kept, and each PPO minibatch adds L_R on `r_batch_size` pairs drawn from them.
 
-Reproduce (CPU demo on the noisy-TV maze, EC against the same PPO with alpha = 0):
+Reproduce (CPU demo on the noisy-TV maze, EC against the same PPO with alpha = 0; the plot
+adds RND, a "surprise" bonus, from exploration/rnd.py on the same budget):
     python exploration/episodic_curiosity.py --preset quick --num-seeds 8
     python exploration/episodic_curiosity.py --preset quick --num-seeds 8 --bonus-scale 0
-    python exploration/episodic_curiosity.py --preset quick --plot exploration/episodic_curiosity.png
+    python exploration/episodic_curiosity.py --preset quick --num-seeds 4 \
+        --plot exploration/episodic_curiosity.png
 Paper setting (GPU): python exploration/episodic_curiosity.py --preset paper
-[1] Table 1 (DMLab, reward at 20M steps, PPO / PPO+ICM / PPO+EC / PPO+ECO): Sparse 27.0 /
-25.6 / 26.6 / 41.6; Very Sparse 8.6 / 8.8 / 20.5 / 40.5. [1] Fig. 6 / Table 2 (VizDoom
-MyWayHome "very sparse"): EC reaches the goal in all runs, at least 2x faster than ICM.
+[1] (abstract, v1): in VizDoom the agent navigates to a distant goal at least 2 times
+faster than ICM; in DMLab it reaches the goal at least 2 times more often than ICM on test
+mazes with very sparse reward; it avoids the "couch-potato" behaviour of surprise bonuses.
 
 Differences from the paper:
 - Environment: neither DMLab nor VizDoom runs here (envpool's MyWayHome hung on its jitted
   step, see exploration/icm.py), so both presets use the repo's four-rooms grid with an
   uncontrollable noisy TV in the start room (GridMaze-FourRooms-NoisyTV), vector
   observations (row, col)/12 plus the 8 TV features. E is then an MLP; the ResNet-18
-  embedding (`ResNet18`, [1] Sec. 2.1) is used for pixel observations (3-d obs) only.
+  embedding (`ResNet18`, [1] Sec. 2) is used for pixel observations (3-d obs) only.
 - R-network: the released ResNet-18 (BN-ReLU blocks, 512-d output) and comparator (BN-ReLU,
   4 x dense 512 BN-ReLU, softmax over 2) without batch normalisation (stateless networks
   in one jitted update); the embedding network is trained, not frozen.
@@ -111,9 +113,9 @@ class Config:
     hidden: tuple[int, ...] = (64, 64)
     """hidden sizes of the policy and value MLPs"""
     bonus_scale: float = 0.03017241379310345
-    """[1] Eq. 1 alpha: b = alpha (beta - C^M) (released scale_surrogate_reward; 0: PPO)"""
+    """[1] Sec. 2 alpha: b = alpha (beta - C^M) (released scale_surrogate_reward; 0: PPO)"""
     bonus_offset: float = 0.5
-    """[1] Eq. 1 beta (0.5 for fixed-length episodes)"""
+    """[1] Sec. 2 beta (0.5 for fixed-length episodes)"""
     novelty_threshold: float = 0.0
     """b_novelty: store e in M when beta - C^M(e) exceeds it"""
     memory_size: int = 200
@@ -229,7 +231,7 @@ class ResNet18(nn.Module):
 
 
 class RNetwork(nn.Module):
-    """Siamese R-network ([1] Sec. 2.1): embedding E and comparator C. `compare` returns the
+    """Siamese R-network ([1] Sec. 2): embedding E and comparator C. `compare` returns the
     logits of (unreachable, reachable); C = softmax(logits)[..., 1]."""
 
     pixels: bool
@@ -262,7 +264,7 @@ class RNetwork(nn.Module):
 
 
 def reachability(rnet: RNetwork, params, e1, e2):
-    """C(e1, e2): the probability that e1 and e2 are within k steps ([1] Sec. 2.1)."""
+    """C(e1, e2): the probability that e1 and e2 are within k steps ([1] Sec. 2)."""
     return jax.nn.softmax(rnet.apply(params, e1, e2, method=RNetwork.compare))[..., 1]
 
 
@@ -270,7 +272,7 @@ def reachability(rnet: RNetwork, params, e1, e2):
 
 
 def aggregate(similarities, valid, percentile):
-    """[1] Sec. 2.3: C^M = the `percentile`-th percentile of the similarities of the valid
+    """[1] Sec. 2: C^M = the `percentile`-th percentile of the similarities of the valid
     slots (linear interpolation, as np.percentile); 0 for an empty memory (released)."""
     n = valid.sum()
     s = jnp.sort(jnp.where(valid, similarities, jnp.inf))  # valid values first, ascending
@@ -306,7 +308,7 @@ def memory_step(memory, count, e, similarities, done, key, *, beta, novelty_thre
 
 
 def pair_labels(t1, t2, same_episode, *, k, gap):
-    """[1] Sec. 2.2: (label, valid) of pairs of steps (t1, t2): reachable (1) when
+    """[1] Sec. 2: (label, valid) of pairs of steps (t1, t2): reachable (1) when
     0 < |t1 - t2| <= k, unreachable (0) when |t1 - t2| > gap k; pairs in between, across
     episodes (`same_episode` False) or of one step with itself are not used."""
     d = jnp.abs(t1 - t2)
@@ -366,7 +368,7 @@ class ECStats:
     filled: jax.Array  # int32 steps of the history filled so far
     steps: jax.Array  # int32 steps per env so far
     key: jax.Array
-    alpha: jax.Array  # float32 [1] Eq. 1 alpha, traced (0: the same PPO without the bonus)
+    alpha: jax.Array  # float32 [1] Sec. 2 alpha, traced (0: the same PPO without the bonus)
 
 
 def make_bonus(cfg: Config, rnet: RNetwork, num_envs: int) -> Bonus:
@@ -407,7 +409,7 @@ def make_bonus(cfg: Config, rnet: RNetwork, num_envs: int) -> Bonus:
         (memory, count), novelty = jax.lax.scan(
             step, (stats.memory, stats.count), (e, b["done"], jax.random.split(k_mem, t_len)))
         on = stats.steps >= cfg.bonus_start_steps  # released exploration_reward_min_step
-        r = jnp.where(on, stats.alpha, 0.0) * novelty  # [1] Eq. 1, (T, N)
+        r = jnp.where(on, stats.alpha, 0.0) * novelty  # [1] Sec. 2, (T, N)
         # The history of observations the R-network draws its pairs from: obs[t] belongs to
         # the episode that began after the last done before t.
         done = b["done"].astype(jnp.int32)
@@ -504,13 +506,16 @@ def plot_coverage(out: str, argv=()):
     cfg, opts = run.parse(Config, PRESETS, list(argv))
     seeds = opts.num_seeds
     keys = jax.random.split(jax.random.PRNGKey(0), seeds)
-    curves = {}
-    for label, alpha in (("EC", cfg.bonus_scale), ("PPO (no bonus)", 0.0)):
-        def init_a(key, cfg, alpha=alpha):
-            s = init(key, cfg)
-            return s.replace(bonus_stats=s.bonus_stats.replace(alpha=jnp.float32(alpha)))
-        _, m = jax.jit(jax.vmap(run.make_train(init_a, update, cfg)))(keys)
-        curves[label] = np.asarray(m["charts/distinct_cells"]).T  # (updates, seeds)
+
+    def one(key, alpha):  # EC and the same PPO with alpha = 0 in one compiled program
+        s = init(key, cfg)
+        s = s.replace(bonus_stats=s.bonus_stats.replace(alpha=alpha))
+        return jax.lax.scan(lambda s, _: update(s, cfg), s, None, cfg.num_updates)[1]
+
+    alphas = jnp.repeat(jnp.array([cfg.bonus_scale, 0.0], jnp.float32), seeds)
+    m = jax.jit(jax.vmap(one))(jnp.concatenate([keys, keys]), alphas)
+    cells = np.asarray(m["charts/distinct_cells"]).T  # (updates, 2 * seeds)
+    curves = {"EC": cells[:, :seeds], "PPO (no bonus)": cells[:, seeds:]}
     x = np.arange(1, cfg.num_updates + 1) * cfg.batch_size
     with tempfile.TemporaryDirectory() as d:
         subprocess.run([sys.executable, "exploration/rnd.py", "--preset", "quick", "--env-id",
@@ -519,7 +524,8 @@ def plot_coverage(out: str, argv=()):
                         "--log-every", "1"], check=True)
         x_rnd, y_rnd, _ = plot.curve(plot.load(d), "charts/distinct_cells")
     fig, ax = plt.subplots(figsize=(5.5, 3.8))
-    for (label, y), xs in zip([*curves.items(), ("RND (surprise)", y_rnd)], [x, x, x_rnd]):
+    for (label, y), xs in zip([*curves.items(), ("RND (surprise)", y_rnd)], [x, x, x_rnd],
+                              strict=True):
         ax.plot(xs, y.mean(1), label=f"{label}: {np.median(y[-1]):.0f}")
         ax.fill_between(xs, y.min(1), y.max(1), alpha=0.15)
     ax.set(xlabel="env steps", ylabel="distinct cells (of 104)",
