@@ -1,4 +1,4 @@
-"""Active Domain Randomization: SVPG particles propose environments a discriminator finds informative.
+"""Active Domain Randomization: SVPG particles propose the envs a discriminator finds informative.
 
 [1] B. Mehta, M. Diaz, F. Golemo, C. J. Pal, L. Paull. "Active Domain Randomization."
     CoRL 2019, arXiv:1904.04762. Released code: github.com/montrealrobotics/active-domainrand
@@ -19,12 +19,14 @@ restarts at a uniform x ([1] code: SVPG.step). One `update`:
     proposals x_{i,t}, i = 1..n, t = 1..L                    (SVPG particle rollouts)
     agent pi rolls out T steps in each randomized env E_{x_{i,t}} and in the reference env
     for each t: r_{i,t} = c (log mean_{(s,a,s') in tau_{i,t}} D_psi(s, a, s') - log 0.5)  (reward)
-                D_psi <- D_psi - lr grad BCE(D(tau_rand) -> 1, D(tau_ref) -> 0)         (discriminator)
+                D_psi <- D_psi - lr grad BCE(D(tau_rand) -> 1, D(tau_ref) -> 0)   (discriminator)
     particle critics: A_{i,t} = R_{i,t} - V_i(x_{i,t}),  R_{i,t} = r_{i,t} + gamma m_{i,t} R_{i,t+1}
     SVPG ([2] Eq. 8, [1] Alg. 1):
         phi_i = 1/n sum_j [ k(theta_j, theta_i) grad_{theta_j} J(theta_j) / alpha
-                            + grad_{theta_j} k(theta_j, theta_i) ],  theta_i <- theta_i + Adam(phi_i)
-        k(a, b) = exp(-||a - b||^2 / (2 h^2)),  h^2 = 0.5 median_{jk} ||theta_j - theta_k||^2 / log(n + 1)
+                            + grad_{theta_j} k(theta_j, theta_i) ]
+        theta_i <- theta_i + Adam(phi_i)   (ascent)
+        k(a, b) = exp(-||a - b||^2 / (2 h^2)),
+        h^2 = 0.5 median_{jk} ||theta_j - theta_k||^2 / log(n + 1)
         grad J(theta_i) = grad mean_t log mu_i(a_{i,t} | x_{i,t}) A_{i,t}
     agent: one PPO update ([4]) on the randomized rollouts only.
 
@@ -35,8 +37,10 @@ physics). `evaluate` reports the return in the box, at the nominal and the held-
 
 Reproduce (CPU demo, CartPole-v1 with the pole length randomized; both baselines, then
 ADR, one plot of where ADR samples and of the returns on the grid):
-    python generalization/active_dr.py --preset quick --num-seeds 2 --mode none --run-dir runs/adr_none
-    python generalization/active_dr.py --preset quick --num-seeds 2 --mode uniform --run-dir runs/adr_unif
+    python generalization/active_dr.py --preset quick --num-seeds 2 --mode none \
+        --run-dir runs/adr_none
+    python generalization/active_dr.py --preset quick --num-seeds 2 --mode uniform \
+        --run-dir runs/adr_unif
     python generalization/active_dr.py --preset quick --num-seeds 2 --run-dir runs/active_dr \
         --plot generalization/active_dr.png --compare runs/adr_unif,runs/adr_none
 `paper` (GPU): gymnax Pendulum-v1 with max_torque in [0.615, 1.538] x nominal (LunarLander's
@@ -263,7 +267,10 @@ def multiplier(cfg: Config, x) -> jax.Array:
 # --- NETWORKS ---
 
 
-def dense(n, dtype, scale=np.sqrt(2)):
+SQRT2 = float(np.sqrt(2))
+
+
+def dense(n, dtype, scale=SQRT2):
     return nn.Dense(n, kernel_init=orthogonal(scale), dtype=dtype)
 
 
@@ -512,7 +519,7 @@ def update(state: State, cfg: Config):
     n, L, T, d = cfg.num_particles, cfg.svpg_rollout_length, cfg.num_steps, cfg.num_params
     key, k_prop, k_env, k_roll, k_disc, k_ppo, k_unif = jax.random.split(state.key, 7)
 
-    # --- PROPOSALS --- x [n, L, d]
+    # --- PROPOSALS --- (x_{i,t} of shape [n, L, d])
     prop = jax.vmap(lambda p, k, x, t: propose(cfg, lambda z: actor.apply(p, z), k, x, t))
     (x_next, t_next), (xs, acts, restart) = prop(state.actors, jax.random.split(k_prop, n),
                                                  state.x, state.t)
