@@ -2,7 +2,8 @@
 against the paper's formula (and [1]'s Tables 1, 3, 4), the n-gram length distribution and
 the n-gram masking, the SOP and NSP instances, LAMB's first step and the schedule; one tiny
 CLI run of two seeds (seed 0 trained with SOP, seed 1 its NSP twin) reused by the behaviour
-([1] Table 5 at tiny scale), purity and CLI tests."""
+(the n-gram MLM beats the unigram guess), purity and CLI tests; a slow gate (pytest -m slow):
+half of [1] Table 5, the NSP-trained model solves NSP by topic and is at chance on SOP."""
 
 import dataclasses
 import json
@@ -27,7 +28,7 @@ TINY = albert.Config(corpus="ordered", vocab_size=None, seq_len=32, max_position
                      embedding_size=16, d_model=32, num_layers=2, num_heads=2, d_ff=64,
                      max_predictions_per_seq=5, dupe_factor=1, batch_size=32, train_steps=300,
                      lr=2e-2, warmup_steps=20, eval_instances=256)
-CHUNK = 150
+CHUNK = 100
 KEYS = jax.random.split(jax.random.PRNGKey(0), 2)  # the runner's keys (--seed 0)
 _INIT = albert.init  # the file's own (the fixture patches albert.init)
 
@@ -190,8 +191,9 @@ def test_mlm_beats_the_unigram_guess_short(tiny_run):
     masked LM of both seeds (SOP-trained and its NSP twin) predicts the masked characters
     better than the unigram guess on the same positions (+0.02), its loss falls by more than
     a nat. At this length neither sentence head has learned its task yet (both near chance);
-    [1] Table 5's SOP-vs-NSP finding is the slow gate's. Measured (2-core CPU, loaded): see
-    the report."""
+    [1] Table 5's SOP-vs-NSP finding is the slow gate's. Measured (2-core CPU, loaded): MLM
+    loss 3.72 / 3.72 -> 2.25 / 2.50 nats, held-out MLM acc 0.338 / 0.336 vs unigram 0.299;
+    held-out SOP acc 0.48 / 0.48, NSP acc 0.44 / 0.62 (0.62: always the majority label)."""
     f = {k: np.asarray(v) for k, v in tiny_run.final.items()}
     h = tiny_run.history
     print(f, h["losses/mlm"][:, 0], h["losses/mlm"][:, -20:].mean(1))
@@ -251,3 +253,25 @@ def test_paper_preset_traces():
     assert jax.tree.structure(after[0]) == jax.tree.structure(state)
     assert state.params["params"]["word_embeddings"]["embedding"].shape == (30000, 128)
     assert after[1]["losses/loss"].shape == ()
+
+
+# the slow gate: TINY for 1500 updates
+SLOW = dataclasses.replace(TINY, train_steps=1500)
+
+
+@pytest.mark.slow
+def test_nsp_solves_topic_but_not_order(tmp_path):
+    """[1] Table 5 (NSP-trained: NSP 90.5, SOP 52.0) at tiny scale, with the SOP-trained seed
+    beside it: after 1500 updates on the ordered documents, the NSP twin solves held-out NSP
+    from the topic letter (> 0.65) and stays at chance on SOP (within 0.08 of 0.5). The SOP
+    seed does NOT yet solve SOP at this size (measured 0.52; [1]: 86.5), so that half of
+    the finding is not asserted. Measured (2-core CPU, load ~18, 7.8 min wall, 126 CPU s):
+    NSP twin NSP 0.973, SOP 0.523; SOP seed SOP 0.520, NSP 0.383; held-out MLM acc 0.782
+    (SOP seed) / 0.721 (NSP twin) vs unigram 0.299."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(albert, "init", _twin_init)
+        res = tiny_run_module.run_cli(albert, SLOW, tmp_path, 300, extra=("--fast-compile",))
+    f = {k: np.asarray(v) for k, v in res.final.items()}
+    print(f)
+    assert f["val_nsp_acc"][1] > 0.65 and abs(f["val_sop_acc"][1] - 0.5) < 0.08, f
+    assert (f["val_mlm_acc"] > f["val_unigram_acc"] + 0.1).all(), f
