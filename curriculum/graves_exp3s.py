@@ -119,8 +119,9 @@ class Config:
     """Exp3.S bias beta added to every arm's reward before importance weighting"""
     epsilon: float = 0.05
     """uniform exploration mass mixed into the teacher's policy"""
-    history_size: int = 1000
-    """unscaled rewards kept (ring buffer) for the rescaling quantiles"""
+    history_size: int = 10_000
+    """slots of the reservoir sample of unscaled rewards behind the rescaling quantiles
+    (ESPnet's hist_size 10000; not [1]'s, unverified)"""
     quantile_lo: float = 0.2
     """quantile of the history mapped to reward -1"""
     quantile_hi: float = 0.8
@@ -176,6 +177,8 @@ class Config:
                 raise ValueError(f"{name}={getattr(self, name)!r} must be one of {options}")
         if not self.eta > 0:
             raise ValueError(f"eta={self.eta} must be > 0")
+        if not self.beta >= 0:
+            raise ValueError(f"beta={self.beta} must be >= 0")
         if not 0 <= self.epsilon <= 1:
             raise ValueError(f"epsilon={self.epsilon} must be in [0, 1]")
         if not 0 <= self.quantile_lo < self.quantile_hi <= 1:
@@ -184,6 +187,9 @@ class Config:
         for name in ("max_length", "max_repeats", "eval_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)} must be >= 1")
+        if self.eval_every > self.total_steps:
+            raise ValueError(f"eval_every={self.eval_every} must be <= total_steps="
+                             f"{self.total_steps} (else no evaluation runs)")
         if self.num_tasks < 2:
             raise ValueError(f"max_length * max_repeats = {self.num_tasks} must be >= 2 "
                              "(Exp3.S shares weight among N - 1 other arms)")
@@ -319,9 +325,20 @@ def teacher_policy(w, teacher, cfg: Config):
                       exp3s_policy(w, cfg.epsilon))
 
 
+def reservoir_add(hist, raw, step, key):
+    """Reservoir sampling ([1]'s history; Vitter's algorithm R) of the stream of unscaled
+    rewards into H fixed slots: reward number c = step + 1 goes to slot step while c <= H;
+    later ones draw j ~ U{0..c-1} and overwrite slot j if j < H, else are dropped, so every
+    reward seen so far is kept with probability H / c."""
+    h = hist.shape[0]
+    j = jnp.where(step < h, step, jax.random.randint(key, (), 0, jnp.maximum(step + 1, 1)))
+    return jnp.where(j < h, hist.at[jnp.minimum(j, h - 1)].set(raw), hist)
+
+
 def rescale(raw, hist, count, q_lo, q_hi):
     """Map the unscaled reward to [-1, 1] by the q_lo/q_hi quantiles of the history's first
-    min(count, H) entries (ring buffer, numpy's linear interpolation); 0 while they agree."""
+    min(count, H) entries (the filled slots, numpy's linear interpolation); 0 while they
+    agree."""
     valid = jnp.arange(hist.shape[0]) < count
     lo, hi = jnp.nanquantile(jnp.where(valid, hist, jnp.nan), jnp.array([q_lo, q_hi]))
     scaled = 2 * (raw - lo) / jnp.where(hi > lo, hi - lo, 1.0) - 1
@@ -333,22 +350,25 @@ def exp3s_update(w, pi, k, r, t, eta, beta):
     r~_i = (r 1[i=k] + beta) / pi_i;  a = w + eta r~;
     w_i <- log[(1 - a_t) e^{a_i} + a_t / (N - 1) sum_{j != i} e^{a_j}]  (in log space)."""
     n = w.shape[0]
-    r_tilde = (r * jax.nn.one_hot(k, n) + beta) / pi  # importance-weighted reward
+    safe_pi = jnp.where(pi > 0, pi, 1.0)  # a one-hot pi (the target-only baseline): no 0/0
+    r_tilde = (r * jax.nn.one_hot(k, n) + beta) / safe_pi  # importance-weighted reward
     a = w + eta * r_tilde
     alpha = 1.0 / t
     others = jax.nn.logsumexp(jnp.where(jnp.eye(n, dtype=bool), -jnp.inf, a[None]), axis=1)
     return jnp.logaddexp(jnp.log1p(-alpha) + a, jnp.log(alpha / (n - 1)) + others)
 
 
-def teacher_step(w, hist, raw, k, pi, teacher, step, cfg: Config):
-    """[1]'s teacher update after the student's step `step` (0-based) on task k ~ pi: store
-    the unscaled reward in the history, rescale it by the history's quantiles (this reward
-    included), and update the Exp3.S weights. Returns (w, hist, rescaled reward)."""
-    hist = hist.at[step % hist.shape[0]].set(raw)
+def teacher_step(w, hist, raw, k, pi, teacher, step, key, cfg: Config):
+    """[1]'s teacher update after the student's step `step` (0-based) on task k ~ pi: add
+    the unscaled reward to the reservoir, rescale it by the history's quantiles (this reward
+    included when kept), and update the Exp3.S weights (only for exp3s and anti: the
+    baselines' w stays 0). Returns (w, hist, rescaled reward)."""
+    hist = reservoir_add(hist, raw, step, key)
     r = rescale(raw, hist, step + 1, cfg.quantile_lo, cfg.quantile_hi)
     r = jnp.where(teacher == TEACHERS.index("anti"), -r, r)  # the broken teacher
-    w = exp3s_update(w, pi, k, r, (step + 1).astype(jnp.float32), cfg.eta, cfg.beta)
-    return w, hist, r
+    w_new = exp3s_update(w, pi, k, r, (step + 1).astype(jnp.float32), cfg.eta, cfg.beta)
+    bandit = (teacher == TEACHERS.index("exp3s")) | (teacher == TEACHERS.index("anti"))
+    return jnp.where(bandit, w_new, w), hist, r  # the baselines keep w = 0
 
 
 # --- STATE ---
@@ -361,7 +381,7 @@ class Learner:
     params: Any
     opt_state: Any
     w: jax.Array  # [N] Exp3.S weights
-    hist: jax.Array  # [H] ring buffer of unscaled rewards
+    hist: jax.Array  # [H] reservoir sample of the unscaled rewards
     eval_loss: jax.Array  # [N] loss per task at the last evaluation
     target_sum: jax.Array  # () sum of the target-task loss over evaluations (for the auc)
 
@@ -402,7 +422,7 @@ def evaluate_tasks(params, model, eval_batch, eval_task, num_tasks):
 def learner_step(ln: Learner, teacher, key, step, state: State, cfg: Config):
     """One teacher step: pick a task, train one Adam step on it, pay the progress."""
     model, tx, n = make_model(cfg), optax.adam(cfg.lr), cfg.num_tasks
-    k_pick, k_x, k_other_task, k_other = jax.random.split(key, 4)
+    k_pick, k_x, k_other_task, k_other, k_hist = jax.random.split(key, 5)
     pi = teacher_policy(ln.w, teacher, cfg)
     k = jax.random.categorical(k_pick, jnp.log(pi))
     x = repeat_copy(k_x, jnp.full(cfg.batch_size, k), cfg)
@@ -419,7 +439,7 @@ def learner_step(ln: Learner, teacher, key, step, state: State, cfg: Config):
     nu = progress(cfg.signal, loss_fn, ln.params, params, grads, x, x_other)
     raw = nu / task_cost(k, cfg.max_repeats) if cfg.per_time_step else nu
 
-    w, hist, r = teacher_step(ln.w, ln.hist, raw, k, pi, teacher, step, cfg)
+    w, hist, r = teacher_step(ln.w, ln.hist, raw, k, pi, teacher, step, k_hist, cfg)
 
     do_eval = (step + 1) % cfg.eval_every == 0
     eval_loss = jax.lax.cond(do_eval, lambda: evaluate_tasks(
@@ -454,12 +474,15 @@ def update(state: State, cfg: Config):
 
 def evaluate(state: State, cfg: Config):
     """Per teacher: the target-task loss at the last evaluation and its mean over all
-    evaluations (auc: the area under the target loss curve, lower is better)."""
-    n_evals = jnp.maximum(state.step // cfg.eval_every, 1)
+    evaluations (auc: the area under the target loss curve, lower is better); NaN by design
+    when fewer than eval_every steps ran (no evaluation yet)."""
+    n_evals = state.step // cfg.eval_every
+    nan_if_none = lambda v: jnp.where(n_evals > 0, v, jnp.nan)  # no evaluation ran: NaN
     out = {}
     for i, name in enumerate(cfg.teachers):
-        out[f"target_loss_{name}"] = state.learners.eval_loss[i, -1]
-        out[f"target_auc_{name}"] = state.learners.target_sum[i] / n_evals
+        out[f"target_loss_{name}"] = nan_if_none(state.learners.eval_loss[i, -1])
+        out[f"target_auc_{name}"] = nan_if_none(
+            state.learners.target_sum[i] / jnp.maximum(n_evals, 1))
     return out
 
 

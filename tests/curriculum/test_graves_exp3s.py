@@ -27,7 +27,8 @@ repeat_copy = jax.jit(g.repeat_copy, static_argnums=2)
 exp3s_update = jax.jit(g.exp3s_update)
 rescale = jax.jit(g.rescale)
 teacher_policy = jax.jit(g.teacher_policy, static_argnums=2)
-teacher_step = jax.jit(g.teacher_step, static_argnums=7)
+teacher_step = jax.jit(g.teacher_step, static_argnums=8)
+reservoir_add = jax.jit(g.reservoir_add)
 progress = jax.jit(g.progress, static_argnums=(0, 1))
 
 
@@ -94,29 +95,61 @@ def test_exp3s_update_and_policy_by_hand():
 def test_rescale_by_the_history_quantiles():
     """[1]: r = -1 below the 20th percentile q^lo of the history, +1 above the 80th q^hi,
     2 (r^ - q^lo) / (q^hi - q^lo) - 1 between; numpy's quantiles over the filled entries of
-    the ring only (fails if the unfilled zeros count: tried). One entry: 0."""
+    the history only (fails if the unfilled zeros count: tried). One entry: 0."""
     hist = jnp.array([0.5, 0.1, 0.3, 0.9, 0.0, 0.0])  # 4 filled
     lo, hi = np.quantile([0.5, 0.1, 0.3, 0.9], [0.2, 0.8])  # 0.22, 0.66
     for raw, want in ((0.0, -1.0), (0.22, -1.0), (0.44, 0.0), (0.5, 2 * (0.5 - lo) / (hi - lo) - 1),
                       (0.66, 1.0), (5.0, 1.0)):
         np.testing.assert_allclose(rescale(raw, hist, 4, 0.2, 0.8), want, atol=1e-5)
-    full = jnp.arange(6.0)  # a full ring (count > H): every entry counts
+    full = jnp.arange(6.0)  # a full reservoir (count > H): every entry counts
     np.testing.assert_allclose(rescale(2.5, full, 9, 0.2, 0.8), 0.0, atol=1e-6)
     np.testing.assert_allclose(rescale(1.5, full, 9, 0.2, 0.8),
                                2 * (1.5 - 1) / (4 - 1) - 1, atol=1e-6)
     assert float(rescale(3.0, jnp.array([3.0, 0, 0]), 1, 0.2, 0.8)) == 0.0
-    # through teacher_step, as update calls it: the reward is written at step % H, then
-    # rescaled with itself in the history; the broken teacher gets the negated reward
+    # through teacher_step, as update calls it: at step 4 < H the reward fills slot 4, then
+    # is rescaled with itself in the history; the broken teacher gets the negated reward
     cfg = dataclasses.replace(TINY, history_size=6)
     w = jnp.zeros(6)
     pi = jnp.full(6, 1 / 6)  # the policy of w = 0
     for teacher, sign in ((EXP3S, 1), (ANTI, -1)):
-        w2, h2, r = teacher_step(w, hist, 0.5, 1, pi, teacher, jnp.asarray(10), cfg)
-        np.testing.assert_allclose(h2, [0.5, 0.1, 0.3, 0.9, 0.5, 0.0])  # slot 10 % 6 = 4
-        lo5, hi5 = np.quantile([0.5, 0.1, 0.3, 0.9, 0.5, 0.0], [0.2, 0.8])
+        w2, h2, r = teacher_step(w, hist, 0.5, 1, pi, teacher, jnp.asarray(4),
+                                 jax.random.PRNGKey(0), cfg)
+        np.testing.assert_allclose(h2, [0.5, 0.1, 0.3, 0.9, 0.5, 0.0])  # slot 4
+        lo5, hi5 = np.quantile([0.5, 0.1, 0.3, 0.9, 0.5], [0.2, 0.8])  # 5 filled
         np.testing.assert_allclose(r, sign * (2 * (0.5 - lo5) / (hi5 - lo5) - 1), rtol=1e-5)
         np.testing.assert_allclose(w2, _exp3s_numpy(np.zeros(6), np.asarray(pi), 1, float(r),
-                                                    11.0, cfg.eta, cfg.beta), atol=1e-6)
+                                                    5.0, cfg.eta, cfg.beta), atol=1e-6)
+    # the baselines' weights stay put (the target-only one-hot pi gave 0/0 = NaN: tried)
+    onehot = jnp.asarray(np.eye(6)[5])
+    for teacher, p in ((g.TEACHERS.index("uniform"), pi), (g.TEACHERS.index("target"), onehot)):
+        w2, _, _ = teacher_step(w, hist, 0.5, 5, p, teacher, jnp.asarray(4),
+                                jax.random.PRNGKey(0), cfg)
+        np.testing.assert_array_equal(w2, w)
+    assert np.isfinite(exp3s_update(w, onehot, 5, 1.0, 5.0, 0.1, 0.0)).all()
+
+
+def test_history_is_a_reservoir_sample():
+    """[1]'s history keeps a uniform sample of ALL rewards seen (algorithm R): stream the
+    rewards 0..99 through 10 slots, 2000 keys: the first 10 fill slots 0..9 in order and
+    every reward is kept with probability 10 / 100 (measured 0.08-0.12). A ring buffer of
+    the last 10 keeps 90..99 only (inclusion 0 / 1: tried, fails), and always overwriting
+    slot j ~ U{0..9} (no drop) favours the late rewards (0.0 for reward 10 vs 0.65 for
+    reward 99: tried, fails)."""
+    h = reservoir_add(jnp.zeros(3), 7.0, jnp.asarray(1), jax.random.PRNGKey(0))
+    np.testing.assert_array_equal(h, [0, 7.0, 0])
+
+    def run(key):
+        def step(hist, xs):
+            i, k = xs
+            return g.reservoir_add(hist, i.astype(jnp.float32), i, k), None
+
+        return jax.lax.scan(step, jnp.full(10, -1.0),
+                            (jnp.arange(100), jax.random.split(key, 100)))[0]
+
+    hs = np.asarray(jax.jit(jax.vmap(run))(jax.random.split(jax.random.PRNGKey(0), 2000)))
+    kept = np.bincount(hs.astype(int).ravel(), minlength=100) / 2000
+    assert kept.min() > 0.06 and kept.max() < 0.14, kept
+    np.testing.assert_allclose(kept[:10].mean(), kept[90:].mean(), atol=0.02)
 
 
 def test_progress_signals_on_a_linear_model():
@@ -165,11 +198,11 @@ def test_planted_reward_moves_the_mass_and_the_broken_teacher_does_not():
     def run(key, teacher):
         def step(carry, key):
             w, hist, t = carry
-            k_pick, k_noise = jax.random.split(key)
+            k_pick, k_noise, k_hist = jax.random.split(key, 3)
             pi = g.teacher_policy(w, teacher, cfg)
             k = jax.random.categorical(k_pick, jnp.log(pi))
             raw = (k == 3) + 0.1 * jax.random.normal(k_noise)
-            w, hist, _ = g.teacher_step(w, hist, raw, k, pi, teacher, t, cfg)
+            w, hist, _ = g.teacher_step(w, hist, raw, k, pi, teacher, t, k_hist, cfg)
             return (w, hist, t + 1), None
 
         init = (jnp.zeros(5), jnp.zeros(cfg.history_size), jnp.zeros((), jnp.int32))
@@ -189,6 +222,8 @@ def test_bad_values_fail_with_named_field(tmp_path):
            (["--signal", "vcg"], "signal='vcg' must be one of"),
            (["--epsilon", "1.5"], r"epsilon=1.5 must be in \[0, 1\]"),
            (["--eta", "0"], "eta=0.0 must be > 0"),
+           (["--beta", "-0.1"], "beta=-0.1 must be >= 0"),
+           (["--eval-every", "50", "--total-steps", "10"], "eval_every=50 must be <= total_steps"),
            (["--quantile-lo", "0.9"], "quantile_lo < quantile_hi"),
            (["--max-length", "1", "--max-repeats", "1"], "must be >= 2"),
            (["--history-size", "0"], "--history-size must be >= 1"),
@@ -231,6 +266,35 @@ def test_exp3s_moves_mass_to_where_the_student_progresses(tiny_run):
     np.testing.assert_allclose(p["uniform"], 1 / 6, rtol=1e-5)
     np.testing.assert_allclose(p["target"], 1.0)
     assert (auc["exp3s"] < auc["anti"]).all(), auc
+
+
+def test_weights_stay_finite_and_the_fresh_batch_is_independent(tiny_run):
+    """Every teacher's Exp3.S weights are finite after the tiny run (the target-only
+    teacher's one-hot pi gave 0/0 = NaN before the fix: tried, fails), and the baselines'
+    stay 0. Through learner_step from the run's final state: SPG draws x' from the same task
+    as x, so with an independent key its progress differs from PG's on x; drawing x' with
+    x's key k_x makes x' = x and SPG = PG (tried, fails)."""
+    w = np.asarray(tiny_run.state.learners.w)  # [seeds, teachers, N]
+    assert np.isfinite(w).all(), w
+    for t in ("uniform", "target"):
+        np.testing.assert_array_equal(w[:, TINY.teachers.index(t)], 0.0)
+    state = jax.tree.map(lambda v: v[0], tiny_run.state)
+    ln = jax.tree.map(lambda v: v[0], state.learners)
+
+    @jax.jit
+    def both(key):
+        return [g.learner_step(ln, EXP3S, key, state.step, state,
+                               dataclasses.replace(TINY, signal=s))[1]["progress"]
+                for s in ("pg", "spg")]
+
+    pg, spg = both(jax.random.PRNGKey(5))
+    print("progress pg", pg, "spg", spg)
+    assert abs(float(pg) - float(spg)) > 1e-4 * (abs(float(pg)) + 1e-3), (pg, spg)
+
+
+def test_plot_curriculum_writes_a_png(tiny_run, tmp_path):
+    out = g.plot_curriculum(tiny_run.run_dir, tmp_path / "curriculum.png")
+    assert (tmp_path / "curriculum.png").stat().st_size > 1000, out
 
 
 def test_train_is_pure_and_cli_writes_its_files(tiny_run, tmp_path, capsys):
