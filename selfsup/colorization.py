@@ -41,7 +41,11 @@ every 4th pixel, as the released stride-4 sampling). The L input is L - 50.
 Reproduce (CPU demo: 32x32 crops of scikit-learn's two photos at 128 px, left halves for
 training, right halves held out):
     python selfsup/colorization.py --preset quick --plot selfsup/colorization.png
-Measured: see the README row and the test docstrings (2-core CPU).
+Measured (1 seed, 600 steps, 36 min on a heavily loaded 2-core CPU, 64 held-out crops):
+classification: AuC 89.95, rebalanced 81.71 (grey: 89.65, 80.61), chroma 5.80 (truth
+15.10); REGRESSION_NUMBERS. Probes of conv5 on the digits' L: linear 0.931 (all labels) /
+0.837 (10 per class), k-NN 0.856 / 0.642; the same net at random init 0.911 / 0.819,
+0.902 / 0.714 (the linear probes gain, the k-NN ones lose).
 Paper setting (GPU, ImageNet-size crops of the same photos unless a loader is added):
     python selfsup/colorization.py --preset paper
 [1] Table 1 (10k ImageNet validation images; AuC raw / rebalanced): Ours (full) 89.5 / 67.3,
@@ -132,8 +136,6 @@ class Config:
     """annealed-mean temperature T (Eq. 5)"""
     nongray_threshold: float = 5.0
     """crops with no |a| or |b| above this get zero loss (released code; 0: off)"""
-    ab_stride: int = 4
-    """the network predicts every ab_stride-th pixel (its output resolution)"""
     channels: tuple[int, ...] = (64, 128, 256, 512, 512, 512, 512, 256)
     """widths of blocks conv1..conv8"""
     layers: tuple[int, ...] = (2, 2, 3, 3, 3, 3, 3, 3)
@@ -171,9 +173,6 @@ class Config:
                              "entries each, layers >= 1")
         if min(self.channels) < 1:
             raise ValueError(f"channels={self.channels} must all be >= 1")
-        if self.ab_stride != 4:
-            raise ValueError(f"ab_stride={self.ab_stride} must be 4 (the net's output "
-                             "resolution: 3 stride-2 blocks, one x2 deconvolution)")
         if self.crop_size % 8:
             raise ValueError(f"crop_size={self.crop_size} must be a multiple of 8")
         if not 0 < self.test_fraction < 1:
@@ -226,6 +225,7 @@ RGB_TO_XYZ = np.array([[0.412453, 0.357580, 0.180423], [0.212671, 0.715160, 0.07
                        [0.019334, 0.119193, 0.950227]])
 WHITE = np.array([0.95047, 1.0, 1.08883])
 PHOTO_ASPECT = 640 / 427  # width / height of scikit-learn's two photos
+AB_STRIDE = 4  # the net's output resolution: 3 stride-2 blocks, then one x2 deconvolution
 
 
 def rgb_to_lab(rgb, xp=jnp):
@@ -430,7 +430,7 @@ def sample_crops(key, images, size: int, flip: bool = True):
 def colour_targets(rgb, cfg: Config):
     """L (B, H, W, 1) and the ab targets (B, H/4, W/4, 2) of RGB crops."""
     lab = rgb_to_lab(rgb)
-    return lab[..., :1], lab[:, ::cfg.ab_stride, ::cfg.ab_stride, 1:]
+    return lab[..., :1], lab[:, ::AB_STRIDE, ::AB_STRIDE, 1:]
 
 
 def losses(logits, ab_pred, ab, mode, cfg: Config):

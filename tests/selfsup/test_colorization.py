@@ -29,7 +29,8 @@ LOG_EVERY = 20
 def test_lab_of_known_colours_and_round_trip():
     """sRGB (D65) -> Lab against skimage.color.rgb2lab's values (quoted, skimage is not a
     dependency): white (100, 0, 0), red (53.2408, 80.0925, 67.2032), grey 128 (53.585,
-    0, 0); the traced (jnp) and numpy paths agree; Lab -> RGB inverts it."""
+    0, 0); the traced (jnp) and numpy paths agree; Lab -> RGB inverts it. Mutation tried:
+    sRGB gamma 2.2 for 2.4 fails."""
     rgb = np.array([[1.0, 1.0, 1.0], [1.0, 0.0, 0.0], [128 / 255] * 3])
     want = np.array([[100.0, 0.0, 0.0], [53.2408, 80.0925, 67.2032], [53.585, 0.0, 0.0]])
     np.testing.assert_allclose(col.rgb_to_lab(rgb, np), want, atol=2e-3 * 5)
@@ -44,7 +45,8 @@ def test_lab_of_known_colours_and_round_trip():
 def test_gamut_bins():
     """The in-gamut grid-10 bins found from 64^3 sRGB colours: 261 of them ([1] has 313,
     made with a looser test), on multiples of 10, inside +-110, holding grey (0, 0), and
-    every bin is the nearest bin of some sRGB colour (so none is empty by construction)."""
+    every bin is the nearest bin of some sRGB colour (so none is empty by construction).
+    Mutation tried: floor instead of round in the quantisation gives 265 bins (fails)."""
     bins = col.ab_bins(10.0, 64)
     assert bins.shape == (261, 2), bins.shape
     np.testing.assert_array_equal(bins % 10, 0)
@@ -60,7 +62,8 @@ def test_soft_encoding_by_hand():
     """[1] Sec. 2.1: ab = (0, 0) sits on a bin; its 5 nearest bins are itself and the 4 at
     distance 10, weighted exp(-d^2 / 50): 1 / (1 + 4 e^-2) = 0.64889 on (0, 0) and
     e^-2 / (1 + 4 e^-2) = 0.08778 on each neighbour; the weights sum to 1 and the most
-    goes to the nearest bin (also for an off-grid point)."""
+    goes to the nearest bin (also for an off-grid point). Mutation tried: exp(-d^2 /
+    sigma^2) fails."""
     bins = jnp.asarray(col.ab_bins(10.0, 64))
     z = jax.jit(col.soft_encode, static_argnums=(2, 3))(
         jnp.array([[0.0, 0.0], [13.0, -4.0]]), bins, 5, 5.0)
@@ -79,7 +82,9 @@ def test_rebalancing_weights_by_hand_and_on_the_prior():
     inverse (2.4, 3.4286, 3.4286), E_p~ = 2.9143, so w = (0.8235, 1.1765, 1.1765); on the
     smoothed prior of the training pixels E_p~[w] = 1 for lambda 0, 0.5, 1, and lambda = 1
     gives all ones. Smoothing (sigma 5) of a point mass spreads e^-2 of the centre's mass
-    onto each neighbour at distance 10, and keeps the total at 1."""
+    onto each neighbour at distance 10, and keeps the total at 1. Mutations tried: w
+    normalised to mean 1 (not E_p~[w] = 1) fails here and in the loss test; smoothing with
+    exp(-d^2 / (2 sigma)) fails."""
     bins = jnp.asarray(col.ab_bins(TINY.grid, TINY.gamut_levels))
     centre = int(np.flatnonzero((np.asarray(bins) == 0).all(1))[0])
 
@@ -107,7 +112,8 @@ def test_weighted_loss_through_losses():
     """[1] Eq. 2-3 through `losses` (what update runs): uniform logits give -sum_q Z_q log
     (1/Q) = log Q per pixel, times v = w of the pixel's nearest bin; mode 1 (no
     rebalancing) gives log Q; mode 2 gives Eq. 1, 1/2 ||ab - ab^||^2, here 1/2 (3^2 + 4^2)
-    = 12.5. A crop with no |a|, |b| above 5 has zero classification loss."""
+    = 12.5. A crop with no |a|, |b| above 5 has zero classification loss. Mutation tried:
+    v = 1 in mode 0 (no rebalancing) fails."""
     q = len(col.ab_bins(TINY.grid, TINY.gamut_levels))
     losses = jax.jit(col.losses, static_argnums=4)
     ab = jnp.full((1, 2, 2, 2), 30.0).at[0, 0, 0].set(jnp.array([-60.0, 20.0]))
@@ -132,7 +138,7 @@ def test_weighted_loss_through_losses():
 
 def test_annealed_mean_from_mean_to_mode():
     """[1] Eq. 5: T = 1 is the mean of the bins under softmax(logits); T -> 0 (0.01) is
-    the mode's bin; T = 0.38 lies between them."""
+    the mode's bin; T = 0.38 lies between them. Mutation tried: log z * T fails."""
     bins = jnp.array([[0.0, 0.0], [40.0, 0.0], [0.0, -60.0]])
     logits = jnp.log(jnp.array([0.5, 0.3, 0.2]))
     mean, mode, mid = jax.vmap(col.annealed_mean, (None, None, 0))(
@@ -145,7 +151,8 @@ def test_annealed_mean_from_mean_to_mode():
 def test_auc_by_hand():
     """[1] Table 1's AuC: an exact prediction scores 100; an error of 10 on every pixel
     is within t for t = 10..150, 141 of the 151 thresholds: 93.377; weights only matter
-    when errors differ (half the pixels exact, weight 3 on them: (3 * 151 + 141) / 4 / 151)."""
+    when errors differ (half the pixels exact, weight 3 on them: (3 * 151 + 141) / 4 / 151).
+    Mutation tried: err < t (strict) fails."""
     y = jnp.zeros((2, 4, 4, 2))
     auc = jax.jit(col.auc)
     np.testing.assert_allclose(auc(y, y), 100.0)
@@ -174,8 +181,10 @@ def test_classification_is_more_colourful_than_regression(recorded_run):
     classification loss and the L2 regression (Eq. 1) train the same 40 steps (the run's
     compiled chunk, the loss picked by the state's traced mode); on the 16 held-out crops
     the annealed-mean prediction is more colourful (mean chroma ||ab||) than the
-    regression's. Measured (2-core CPU): chroma  classification X  regression Y  truth Z.
-    Mutations tried: see the report."""
+    regression's. Measured (loaded 2-core CPU, jax 0.10.2): chroma 16.87 (classification)
+    vs 0.14 (regression), truth 13.35; AuC 82.6 vs 90.8 (grey 90.8), rebalanced 78.6 vs
+    83.7 (grey 83.7): after 40 steps the regression predicts grey, as [1] Sec. 1 says.
+    Mutations tried: decoding every state with the regression head fails the assert."""
     _, chunks = recorded_run
     chunk, first = chunks[0]
     one = jax.tree.map(lambda a: jnp.stack([a[0], a[0]]), first)
