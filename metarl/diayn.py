@@ -29,8 +29,13 @@ Reproduce (CPU demo: the 2-D point mass, 8 skills; trajectories per skill in the
     python metarl/diayn.py --preset quick --num-seeds 4 --reward-variant zero   # broken
 Paper setting (GPU; brax HalfCheetah, 50 skills, 10M steps, the released hyperparameters):
     python metarl/diayn.py --preset paper
-Ours (quick, 2-core CPU shared with other jobs): see the README row and the behaviour test
-(tests/metarl/test_diayn.py), which records the measured numbers.
+Ours (quick: 8 skills, 64k steps, 4 seeds; 2-core CPU shared with other jobs, 96 s compile +
+152 s): discriminator accuracy on the final states of 8 held-out episodes per skill 1.00 on
+every seed (on all states 0.999), spread of the skills' mean end points 1.49 +- 0.04 (box
+width 2; random actions 0.18), 211 +- 6 of 400 grid cells visited (random actions 155 +- 9);
+metarl/diayn.png shows the 8 skills fanning out to the box's edges.
+The broken variant, pseudo-reward 0 (same run otherwise): accuracy 0.12 +- 0.03 (chance
+0.125), spread 0.19 +- 0.05, 148 +- 9 cells: a max-entropy random walk.
 [1] reports no number for the 2-D task (its skills are shown as pictures) [M]; on
 HalfCheetah it reports qualitative skills (running forward and backward, flipping) and, in
 Fig. 4 [M], that some skill reaches a task reward it never saw.

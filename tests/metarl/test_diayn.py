@@ -47,7 +47,7 @@ def test_soft_target_by_hand():
         r = [1, 0.5], Q'_1 = [2, 3], Q'_2 = [5, 1] -> min = [2, 1], log pi(a'|s') = [-1, 4]
         not terminal: y = [1 + 0.9 (2 + 0.1), 0.5 + 0.9 (1 - 0.4)] = [2.89, 1.04]
         second terminal: [2.89, 0.5]
-    (max of the twins: [3.79, 2.30]; alpha's sign flipped: [2.71, 1.76].) No gradient reaches
+    (max of the twins: [5.59, 2.84]; alpha's sign flipped: [2.71, 1.76].) No gradient reaches
     the target critics' values."""
     r, q_next, logp = jnp.array([1.0, 0.5]), jnp.array([[2.0, 3.0], [5.0, 1.0]]), jnp.array(
         [-1.0, 4.0])
