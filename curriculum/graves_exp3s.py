@@ -15,6 +15,7 @@ its section and equation numbers were not checked here, so lines cite it by name
     pi_t(i) = (1 - eps) exp(w_i) / sum_j exp(w_j) + eps / N          [1] Exp3.S policy
     r^_t = nu / tau(x)   (progress per time step; tau = the sequence's length)  [1] (memory)
     q^lo, q^hi = 20th / 80th percentiles of the history R of unscaled r^   [1] rescaling
+                 (R: a reservoir sample of all r^ so far, [1])
     r_t = -1 if r^ < q^lo;  1 if r^ > q^hi;  2 (r^ - q^lo) / (q^hi - q^lo) - 1 else
     r~_i = (r_t 1[i = k] + beta) / pi_t(i)          (importance-weighted reward)
     w_i <- log[(1 - a_t) exp(w_i + eta r~_i) + a_t / (N - 1) sum_{j!=i} exp(w_j + eta r~_j)]
@@ -41,16 +42,17 @@ Reproduce (CPU, 2-core; the plot curriculum/graves_exp3s.png):
     python curriculum/graves_exp3s.py --preset quick --num-seeds 2 \
         --plot curriculum/graves_exp3s.png
     python curriculum/graves_exp3s.py --preset quick --num-seeds 2 --signal spg
-Measured (`quick`: 4 x 3 tasks, PG per time step, 2 seeds, one run holding the three
-students; 2-core CPU shared with other jobs, 60 s compile + 520 s): target-task loss
-(nats per sequence) after 3000 steps / its mean over the run's evaluations (auc), and the
-loss averaged over all 12 tasks at the end, per seed:
-    exp3s        7.04, 8.47 / 22.6, 23.6    all tasks 2.07, 3.02
+Measured (`quick`: 4 x 3 tasks, PG per time step, reservoir history of 300, 2 seeds, one
+run holding the three students; 2-core CPU shared with other jobs, 132 s compile + 779 s,
+983 s wall): target-task loss (nats per sequence) after 3000 steps / its mean over the
+run's evaluations (auc), and the loss averaged over all 12 tasks at the end, per seed:
+    exp3s        7.64, 8.76 / 22.7, 22.8    all tasks 2.02, 3.10
     uniform     17.9, 25.0  / 27.0, 26.5    all tasks 4.63, 5.65
     target-only  6.95, 9.33 / 17.8, 18.9    all tasks 28.6, 31.4
-Exp3.S moves its mass to the longest sequences (p(length 4) 0.25 -> ~0.7, the plot) and
-ends level with target-only training on the target task while keeping the other tasks;
-target-only training learns the target fastest at this size (lower auc).
+Exp3.S moves its mass to the longest sequences (p(length 4) 0.25 over the first 50 steps
+-> 0.65, 0.79 over the last 300, the plot) and ends level with target-only training on the
+target task while keeping the other tasks; target-only training learns the target fastest
+at this size (lower auc).
 Paper setting (GPU; 13 x 13 repeat-copy tasks):
     python curriculum/graves_exp3s.py --preset paper
 [1]'s headline (abstract): the curriculum "can significantly accelerate learning, in some
@@ -59,19 +61,37 @@ also show uniform sampling competitive on several tasks. No numbers are read off
 here (no copy of the PDF in this environment).
 
 Sources of the defaults. The equations above are [1]'s as the post and the catalogue
-summarise them, and agree with two public re-implementations of [1]'s algorithm (a
-numpy `Exp3S(num_tasks, eta, beta, eps)` class tested with eta 1e-3, beta 0, eps 0.05, and
-ESPnet's `EXP3SCurriculumGenerator`, eps 0.05, beta 0): both use a_t = 1/t, the 20th/80th
-percentile rescaling and r~ = (r 1[i=k] + beta) / pi(i) (the first adds beta to every arm,
-as here; the second only to the played arm). eta 1e-3, beta 0, eps 0.05 are those; the
-repeat-copy sizes (13 x 13 tasks, 8 bits, LSTM 512, batch 32, Adam 1e-4) are from memory of
-[1]'s appendix and [3], NOT verified against the paper text.
+summarise them. Two public re-implementations of [1] were read; they differ from each other
+(and were not checked against [1]'s text either), so each choice says which one it follows:
+- the numpy `Exp3S(num_tasks, eta, beta, eps)` class of MarkPKCollier/CurriculumLearningFYP
+  (tasks/exp3S.py, built there with eta 1e-3, beta 0, eps 0.05): followed for eta 1e-3, beta
+  added to every arm before the importance weighting, the sharing term a_t / (N - 1) over
+  the other arms with a_t = 1/t, and the quantile order (the current reward enters the
+  history before the quantiles are taken). Its quantiles are order statistics of a sorted
+  list; here numpy's linear interpolation.
+- ESPnet's `EXP3SCurriculumGenerator`: eps 0.05 and beta 0 as here, but eta 0.01, beta only
+  on the played arm, its own form of the sharing term, and quantiles taken BEFORE the
+  current reward is added. Followed for the history size 10,000 (its hist_size; the numpy
+  class keeps 50,000).
+Unverified choice: whether [1] includes the current reward in the quantile history (here:
+yes, as the numpy class). The repeat-copy sizes (13 x 13 tasks, 8 bits, LSTM 512, batch 32)
+and Adam 1e-4 are from memory of [1]'s appendix and [3], NOT verified against the paper
+text ([3]'s repeat copy was trained with RMSProp, momentum 0.9); total_steps, eval_size,
+eval_every and history_size are this file's choices, not [1]'s.
 
 Differences from the paper:
-- The history R is a ring buffer of the last `history_size` unscaled rewards (a scan needs
-  fixed shapes); [1] keeps the whole history (or a reservoir sample of it). Quantiles are
-  numpy's linear interpolation over the filled entries. While the history holds a single
-  value (q^lo = q^hi), the rescaled reward is 0.
+- The history R is a reservoir sample ([1]) of `history_size` slots (ESPnet's 10,000; the
+  size [1] used is not known here): the first H rewards fill the slots, reward number c > H
+  overwrites a slot j ~ U{0..c-1} if j < H, else is dropped. Bounded because the quantiles
+  are recomputed (a sort) every step. Quantiles are numpy's linear interpolation over the
+  filled slots. While the history holds a single value (q^lo = q^hi), the rescaled reward
+  is 0.
+- The repeat-count input on the delimiter step is r / max_repeats; [3] normalised the
+  repeat count to mean 0, variance 1.
+- [1] reports that training on the 13 x 13 repeat-copy target task alone failed to learn;
+  at the `quick` size (4 x 3 tasks) target-only training learns the target fastest (below),
+  so the quick run shows the curriculum's shift and its cover of the other tasks, not [1]'s
+  rescue of an unlearnable target.
 - [1]'s complexity-driven signals (VCG, GVCG, L2G) are not implemented: the
   student is a plain maximum-likelihood LSTM, not a variational one.
 - The n-gram and bAbI curricula of [1] need corpora; only repeat copy is here.
@@ -106,7 +126,9 @@ SIGNALS = ("pg", "gpg", "spg", "tpg", "mpg")
 
 @dataclass(frozen=True)
 class Config:
-    """Exp3.S curriculum on repeat copy; defaults are [1]'s (see the docstring's sources)."""
+    """Exp3.S curriculum on repeat copy. The bandit's defaults follow the re-implementations
+    named in the module docstring; the task and student sizes are [1]'s as remembered (NOT
+    verified); fields marked unverified are this file's choices."""
 
     teachers: tuple[str, ...] = ("exp3s", "uniform", "target")
     """students trained side by side, one per teacher: exp3s | uniform | target | anti
@@ -139,13 +161,14 @@ class Config:
     batch_size: int = 32
     """sequences of one task per student step"""
     lr: float = 1e-4
-    """Adam learning rate of the student"""
+    """Adam learning rate of the student (unverified: [3]'s repeat copy used RMSProp,
+    momentum 0.9)"""
     eval_size: int = 8
-    """fixed evaluation sequences per task"""
+    """fixed evaluation sequences per task (unverified)"""
     eval_every: int = 100
-    """steps between evaluations of every student on every task"""
+    """steps between evaluations of every student on every task (unverified)"""
     total_steps: int = 200_000
-    """teacher steps (one Adam step of every student each)"""
+    """teacher steps (one Adam step of every student each; unverified)"""
     dtype: str = "float32"
     """compute dtype of the LSTM and the output layer: float32 | bfloat16"""
 
