@@ -174,7 +174,9 @@ def test_maml_gains_more_from_one_step_than_the_pretrained_baseline(tiny_run):
     (after 120 iterations it even hurts: its std has shrunk); MAML's theta is where one step
     moves the point to the new goal. Earlier calibration (4 + 4 other seeds, the same
     config): mean gain MAML 4.07 / 4.52 / 4.31 after 40 / 80 / 120 iterations, pretrained
-    3.61 / 3.11 / -1.76 (so the test needs the 120)."""
+    3.61 / 3.11 / -1.76 (so the test needs the 120). Tried: `update` differentiating the
+    meta-objective with alpha = 0 in `dist` (the gradient at theta, not theta'): the MAML
+    arm's gains -0.6 / -3.3 / -7.3, the test fails."""
     f = tiny_run.final
     pre, post = f["adapt/return_00"], f["adapt/return_01"]
     print("pre", np.round(pre, 2), "post", np.round(post, 2))
