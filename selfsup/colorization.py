@@ -44,9 +44,12 @@ training, right halves held out):
 Measured (1 seed, 600 steps, 36 min on a heavily loaded 2-core CPU, 64 held-out crops):
 classification: AuC 89.95, rebalanced 81.71 (grey: 89.65, 80.61), chroma 5.80 (truth
 15.10); the same run with --loss regression: AuC 90.08, rebalanced 81.15, chroma 1.68
-(more accurate on average, much greyer, as [1] Sec. 1 says). Probes of conv5 on the digits' L: linear 0.931 (all labels) /
-0.837 (10 per class), k-NN 0.856 / 0.642; the same net at random init 0.911 / 0.819,
-0.902 / 0.714 (the linear probes gain, the k-NN ones lose).
+(more accurate on average, much greyer, as [1] Sec. 1 says). Probes of conv5 on the
+digits' L: linear 0.931 (all labels) / 0.837 (10 per class), k-NN 0.856 / 0.642; the same
+net at random init 0.911 / 0.819, 0.902 / 0.714 (the linear probes gain, k-NN loses).
+The picture's regression column came from a separate run of the same command with
+--loss regression (the in-process twin of --plot was stopped for time), restored from
+its checkpoint; its numbers above are those of that run.
 Paper setting (GPU, ImageNet-size crops of the same photos unless a loader is added):
     python selfsup/colorization.py --preset paper
 [1] Table 1 (10k ImageNet validation images; AuC raw / rebalanced): Ours (full) 89.5 / 67.3,
