@@ -58,8 +58,8 @@ the box 239 / 218 / 186, nominal 250 / 208 / 208; gap 28 / 7 / 107. The discrimi
 separates the envs (D 0.95 randomized vs 0.01 reference at the end), but with the paper's
 SVPG settings the proposals stay spread over the box (active_dr.png, mean length 2.2 at
 the end vs 2.25 uniform): in a check with a known reward r = x (4 particles, 300 SVPG
-steps, alpha 10) the particles barely move either; they do with alpha 0.1 and moves of
-0.2 (the behaviour test's setting), cf. montrealrobotics/active-domainrand#6.
+steps, alpha 10, lr 3e-3) the mean x reaches 0.40-0.56 (0.42-0.46 with r = -x); with
+alpha 0.1 and moves of 0.2 (the behaviour test's setting) 0.53-0.66 vs 0.27-0.34, cf. montrealrobotics/active-domainrand#6.
 
 Differences from the paper (and the released code):
 - Agent: PPO ([4], stochastic policy, GAE) on gymnax CartPole-v1 / Pendulum-v1, not DDPG on
