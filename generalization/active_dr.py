@@ -55,11 +55,12 @@ Ours (quick, CartPole-v1 pole length in [0.5, 4], PPO MLP 64x64, 500k agent step
 seeds, 32 episodes per condition; a loaded 2-core CPU, 11-16 min per run, 223 CPU-s):
 return at the held-out length x6: ADR 211 +- 13, uniform DR 210 +- 9, no DR 79 +- 0; in
 the box 239 / 218 / 186, nominal 250 / 208 / 208; gap 28 / 7 / 107. The discriminator
-separates the envs (D 0.95 randomized vs 0.01 reference at the end), but with the paper's
-SVPG settings the proposals stay spread over the box (active_dr.png, mean length 2.2 at
+separates the envs (D 0.95 randomized vs 0.01 reference at the end), but with alpha = 10
+(particle lr 1e-3) the proposals stay spread over the box (active_dr.png, mean length 2.2 at
 the end vs 2.25 uniform): in a check with a known reward r = x (4 particles, 300 SVPG
-steps, alpha 10, lr 3e-3) the mean x reaches 0.40-0.56 (0.42-0.46 with r = -x); with
-alpha 0.1 and moves of 0.2 (the behaviour test's setting) 0.53-0.66 vs 0.27-0.34, cf. montrealrobotics/active-domainrand#6.
+steps, alpha 10, lr 3e-3) the mean x reaches 0.40-0.56 (0.40-0.46 with r = -x); with
+alpha 0.1, lr 3e-2 and moves of 0.2 (the behaviour test's setting) 0.53-0.66 vs 0.27-0.31
+(cf. montrealrobotics/active-domainrand#6: users saw near-uniform sampling).
 
 Differences from the paper (and the released code):
 - Agent: PPO ([4], stochastic policy, GAE) on gymnax CartPole-v1 / Pendulum-v1, not DDPG on
