@@ -23,12 +23,12 @@ from tests.transformers.tiny_run import jit0
 from transformers import albert
 
 # one tiny config for every test: the synthetic "ordered" documents (topic letter, counting
-# sentences), 2 shared layers of H 32, E 16, context 32, UPDATES LAMB updates of 32
-TINY = albert.Config(corpus="ordered", vocab_size=None, seq_len=32, max_positions=32,
-                     embedding_size=16, d_model=32, num_layers=2, num_heads=2, d_ff=64,
-                     max_predictions_per_seq=5, dupe_factor=1, batch_size=32, train_steps=300,
-                     lr=2e-2, warmup_steps=20, eval_instances=256)
-CHUNK = 100
+# sentences), 1 layer of H 32, E 16, context 24, 300 LAMB updates of 16, in chunks of CHUNK
+TINY = albert.Config(corpus="ordered", vocab_size=None, seq_len=24, max_positions=24,
+                     embedding_size=16, d_model=32, num_layers=1, num_heads=2, d_ff=32,
+                     max_predictions_per_seq=4, dupe_factor=1, batch_size=16, train_steps=300,
+                     lr=2e-2, warmup_steps=10, eval_instances=128)
+CHUNK = 50
 KEYS = jax.random.split(jax.random.PRNGKey(0), 2)  # the runner's keys (--seed 0)
 _INIT = albert.init  # the file's own (the fixture patches albert.init)
 
@@ -93,7 +93,7 @@ def test_ngram_lengths_follow_one_over_n():
 
 
 def test_ngram_masking():
-    """mask_tokens (as update calls it) on 2048 rows of 32 tokens, k = min(5, round(0.15 n)):
+    """mask_tokens (as update calls it) on 2048 rows of 24 tokens, k = min(4, round(0.15 n)):
     never [CLS], [SEP] or [PAD]; at most k tokens predicted (k in 99% of rows); the masked
     n-grams are runs of consecutive candidates whose lengths sum to the predicted count, and
     a third or more of the predicted tokens sit in 2- and 3-grams (1/n sampling; the n = 1
@@ -103,7 +103,7 @@ def test_ngram_masking():
     inputs, pos, labels, w, spans = (np.asarray(a) for a in jit0(
         lambda k, t: albert.mask_tokens(k, t, TINY))(jax.random.PRNGKey(0), x))
     n_tok = (x != s["pad"]).sum(1)
-    k = np.minimum(5, np.maximum(1, np.round(0.15 * n_tok)))
+    k = np.minimum(TINY.max_predictions_per_seq, np.maximum(1, np.round(0.15 * n_tok)))
     assert (w.sum(1) <= k).all() and (w.sum(1) == k).mean() > 0.99
     np.testing.assert_array_equal((spans * np.arange(1, 4)).sum(1), w.sum(1))
     rows = np.repeat(np.arange(len(x))[:, None], pos.shape[1], 1)
@@ -255,8 +255,11 @@ def test_paper_preset_traces():
     assert after[1]["losses/loss"].shape == ()
 
 
-# the slow gate: TINY for 1500 updates
-SLOW = dataclasses.replace(TINY, train_steps=1500)
+# the slow gate: 2 shared layers of H 32, E 16, context 32, 1500 LAMB updates of 32
+SLOW = albert.Config(corpus="ordered", vocab_size=None, seq_len=32, max_positions=32,
+                     embedding_size=16, d_model=32, num_layers=2, num_heads=2, d_ff=64,
+                     max_predictions_per_seq=5, dupe_factor=1, batch_size=32, train_steps=1500,
+                     lr=2e-2, warmup_steps=20, eval_instances=256)
 
 
 @pytest.mark.slow
