@@ -42,7 +42,7 @@ the random init, plus one task's trajectories before and after one step):
     python metarl/maml_rl.py --preset quick --num-seeds 2 --algo pretrain --run-dir runs/mrl_pre
     python metarl/maml_rl.py --preset quick --num-seeds 2 --plot metarl/maml_rl.png \
         --compare runs/mrl_pre
-Paper setting ([1]: 20 tasks x 20 trajectories, alpha = 0.1, 500 meta-iterations):
+Paper setting ([1]: 20 tasks x 20 trajectories, alpha = 0.1, 500 meta-iterations; [M] below):
     python metarl/maml_rl.py --preset paper
 Ours (quick preset, 2 seeds, 40 new goals x 40 trajectories; 2-core CPU shared with other
 jobs, load ~20: 150 s compile + 135 s per run), average return after 0 / 1 / 2 / 3 steps:
@@ -63,11 +63,16 @@ _after (the meta-objective around the TRPO step), losses/mean_kl (after), losses
 is NaN by design.
 
 Differences from the paper:
-- alpha = 0.1 and meta-batch 20 are [1] App. A.2's [M: recalled, the PDF was not at hand];
-  the released maml_trpo_point.py sets fast_learning_rate 0.5 and meta_batch_size 40, the
-  policy whose test produced Fig. 5 was trained with 0.5 and 20 (its file name), and its
-  test adapted with 0.5 then 0.25 and 40 trajectories (4000 steps) per step. We use the
-  paper's alpha and halving, and the released test's 40 evaluation trajectories.
+- alpha = 0.1, meta-batch 20, 500 meta-iterations and the halved alpha after the first
+  evaluation step are [1] App. A.2's [M: recalled; a search of the stored arXiv/ar5iv pages
+  found no text of App. A.2, so none of the four is confirmed]. The released
+  maml_trpo_point.py (read at cbfinn/maml_rl 725c800) confirms 20 trajectories per task
+  (fast_batch_size), horizon 100 (max_path_length), delta 0.01 (meta_step_size), one inner
+  step and a 2 x 100 ReLU policy; it sets fast_learning_rate 0.5, meta_batch_size 40 and
+  n_itr 100. The policy whose test produced Fig. 5 was trained with 0.5 and 20 (its file
+  name), and its test adapted with 0.5 then 0.25 and 40 trajectories (4000 steps) per step.
+  We use the recalled paper values for alpha, meta-batch, iterations and halving, and the
+  released test's 40 evaluation trajectories.
 - [1] computes TRPO's Hessian-vector products by finite differences (rllab's
   FiniteDifferenceHvp); here exactly (Gauss-Newton at theta, see above).
 - The KL of the line search is the mean over all post-update steps of the meta-batch, as in
