@@ -100,9 +100,11 @@ def test_polyak_update_by_hand():
 def test_update_calls_the_tested_functions_with_the_config(monkeypatch):
     """The functions tested above are the ones `update` runs, with the config's numbers:
     spies record their calls while one update is traced (`jax.eval_shape`, nothing
-    compiles). The pseudo-reward scores the batch's next states with the batch's own skills
-    (and, for the traced shuffled variant, a permutation of them); the discriminator sees
-    next states only ([2, B] logits from an obs-sized input); Polyak gets `tau`."""
+    compiles). Asserted here: the pseudo-reward is traced twice (true and shuffled z) on
+    [B, K] logits and [B] skills with K = num_skills; soft_target gets [2, B] twin values,
+    [B] log-probs, gamma and alpha; Polyak gets `tau`; one discriminator loss. That the
+    pseudo-reward scores next states (not states) is checked by value in
+    test_losses_wiring_by_hand."""
     calls: dict[str, list] = {}
 
     def spy(name):
@@ -240,6 +242,71 @@ def test_train_is_pure_and_cli_writes_its_files(tiny_run, capsys):
     np.testing.assert_array_equal(h["losses/discriminator"][:, 200:],
                                   metrics["losses/discriminator"])
 
+
+def test_losses_wiring_by_hand(tiny_run):
+    """The SAC wiring of `losses`, on TINY parameters (the trained seed 0 of the module's
+    run, so no extra init compiles; target critics perturbed so they differ from the online
+    ones) and a random batch with obs != next_obs, variant diayn:
+    - charts/pseudo_reward is pseudo_reward(disc(next_obs), z, K).mean(), not the value on obs;
+    - losses/actor is mean(alpha log pi(a|s,z) - min(Q1, Q2)(s, a, z)), a ~ pi at the key
+      `losses` uses for the actor (recomputed here with `sample_action`);
+    - gradients of each loss alone: the actor loss reaches the actor only (critics held fixed),
+      the critic loss the critic only (no gradient through a' ~ pi(s') or the reward into the
+      actor or the discriminator), the discriminator loss the discriminator only, and nothing
+      reaches the target critics;
+    - losses/critic changes when params["target"] changes (q_next comes from the target).
+    Mutations tried, each failing here: alpha log pi's sign flipped, max instead of min in the
+    actor loss, params["critic"] instead of params["target"] for q_next, the stop_gradient
+    on the critic params in the actor loss removed, soft_target's stop_gradient removed, the
+    discriminator on obs. Removing the stop_gradient on a' ~ pi(s') or on the reward's
+    logits alone passes: soft_target stops every gradient through y anyway (equivalent)."""
+    cfg = TINY
+    actor, critic, disc = diayn.networks(cfg)
+    params = jax.tree.map(lambda x: x[0], tiny_run[0].state.params)
+    k = jax.random.split(jax.random.PRNGKey(4), 6)
+    noise = lambda kk, t: jax.tree.map(lambda x: 0.1 * jax.random.normal(kk, x.shape), t)
+    moved = dict(params, target=jax.tree.map(jnp.add, params["target"],
+                                             noise(k[0], params["target"])))
+    batch = dict(obs=jax.random.uniform(k[1], (64, 2), minval=-1, maxval=1),
+                 next_obs=jax.random.uniform(k[2], (64, 2), minval=-1, maxval=1),
+                 z=jax.random.randint(k[3], (64,), 0, cfg.num_skills),
+                 action=jax.random.uniform(k[4], (64, 2), minval=-1, maxval=1),
+                 terminated=jnp.zeros(64, bool))
+    key, variant = k[5], jnp.int32(0)
+    names = ("losses/actor", "losses/critic", "losses/discriminator")
+
+    def probe(params):
+        grads = {}
+        for n in names:
+            grads[n], metrics = jax.grad(lambda p, n=n: (
+                lambda m: (m[n], m))(diayn.losses(p, batch, key, variant, cfg)[1]),
+                has_aux=True)(params)
+        zh = jax.nn.one_hot(batch["z"], cfg.num_skills)
+        a, logp = diayn.sample_action(jax.random.split(key, 3)[1],
+                                      *actor.apply(params["actor"], batch["obs"], zh))
+        q = critic.apply(params["critic"], batch["obs"], zh, a)
+        by_hand = dict(
+            actor=(cfg.alpha * logp - q.min(0)).mean(),
+            r_next=diayn.pseudo_reward(disc.apply(params["disc"], batch["next_obs"]), batch["z"],
+                                       cfg.num_skills).mean(),
+            r_obs=diayn.pseudo_reward(disc.apply(params["disc"], batch["obs"]), batch["z"],
+                                      cfg.num_skills).mean())
+        return metrics, grads, by_hand
+
+    # one compiled program for the given params and the moved target: [2, ...] outputs
+    metrics, grads, by_hand = jax.jit(jax.vmap(probe))(
+        jax.tree.map(lambda a, b: jnp.stack([a, b]), params, moved))
+    np.testing.assert_allclose(metrics["charts/pseudo_reward"], by_hand["r_next"], rtol=1e-5)
+    assert abs(by_hand["r_next"][0] - by_hand["r_obs"][0]) > 1e-3, by_hand
+    np.testing.assert_allclose(metrics["losses/actor"], by_hand["actor"], rtol=1e-5, atol=1e-6)
+    assert abs(metrics["losses/critic"][0] - metrics["losses/critic"][1]) > 1e-4, metrics
+    size = lambda t: float(sum(jnp.abs(x).sum() for x in jax.tree.leaves(t)))
+    reach = {n: {p: size(g[p]) > 0 for p in ("actor", "critic", "target", "disc")}
+             for n, g in grads.items()}
+    assert reach == {
+        "losses/actor": dict(actor=True, critic=False, target=False, disc=False),
+        "losses/critic": dict(actor=False, critic=True, target=False, disc=False),
+        "losses/discriminator": dict(actor=False, critic=False, target=False, disc=True)}, reach
 
 def test_every_config_field_is_read():
     """No flag that lies: each Config field is read by code that runs (AST, not text)."""
