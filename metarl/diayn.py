@@ -91,6 +91,7 @@ from common.plot import save_png
 
 VARIANTS = ("diayn", "zero", "shuffled")
 LOG_STD_MIN, LOG_STD_MAX = -20.0, 2.0
+BRAX_BACKENDS = ("generalized", "positional", "spring", "mjx")
 
 
 @dataclass(frozen=True)
@@ -130,7 +131,7 @@ class Config:
     max_speed: float = 0.1
     """PointMass2D only: displacement per step at |a| = 1 (the box is [-1, 1]^2)"""
     brax_backend: str = "generalized"
-    """brax only: physics pipeline"""
+    """brax only: physics pipeline (generalized, positional, spring or mjx)"""
     eval_episodes: int = 8
     """evaluate(): fresh episodes per skill"""
     coverage_grid: int = 20
@@ -157,6 +158,13 @@ class Config:
     def validate(self):
         if self.env_id != "PointMass2D" and not self.env_id.startswith("brax/"):
             raise ValueError(f"env_id={self.env_id!r} must be PointMass2D or brax/<name>")
+        if self.env_id.startswith("brax/"):
+            from common.envs import check_id
+
+            check_id(self.env_id)
+            if self.brax_backend not in BRAX_BACKENDS:
+                raise ValueError(f"brax_backend={self.brax_backend!r} must be one of "
+                                 f"{BRAX_BACKENDS}")
         if self.reward_variant not in VARIANTS:
             raise ValueError(f"reward_variant={self.reward_variant!r} must be one of {VARIANTS}")
         if self.dtype not in ("float32", "bfloat16"):
@@ -182,6 +190,16 @@ class Config:
         if self.num_updates < 1:
             raise ValueError(f"total_timesteps={self.total_timesteps} is less than one update "
                              f"(num_envs={self.num_envs})")
+        if self.buffer_size < self.num_envs:
+            raise ValueError(f"buffer_size={self.buffer_size} must be >= num_envs="
+                             f"{self.num_envs} (one row of transitions)")
+        if self.learning_starts > self.total_timesteps:
+            raise ValueError(f"learning_starts={self.learning_starts} must be <= "
+                             f"total_timesteps={self.total_timesteps} (else nothing is learnt)")
+        if self.replay_rows < self.start_rows:
+            raise ValueError(f"buffer_size={self.buffer_size} must hold learning_starts="
+                             f"{self.learning_starts} transitions (replay rows {self.replay_rows}"
+                             f" < start rows {self.start_rows}: learning would never start)")
 
 
 PRESETS = {

@@ -140,7 +140,14 @@ def test_bad_values_fail_with_named_field(tmp_path):
                        (["--gamma", "1.5"], r"--gamma must be in \[0, 1\], got 1.5"),
                        (["--lr", "0"], "--lr must be > 0"),
                        (["--num-skills", "1"], "num_skills=1 must be >= 2"),
-                       (["--env-id", "Pendulum"], "env_id='Pendulum'")]:
+                       (["--env-id", "Pendulum"], "env_id='Pendulum'"),
+                       (["--brax-backend", "nope"], "brax_backend='nope' must be one of"),
+                       (["--buffer-size", "4", "--num-envs", "8"],
+                        "buffer_size=4 must be >= num_envs=8"),
+                       (["--learning-starts", "2000", "--total-timesteps", "1000"],
+                        "learning_starts=2000 must be <= total_timesteps=1000"),
+                       (["--buffer-size", "500"], r"buffer_size=500 must hold learning_starts="
+                        r"1000 transitions \(replay rows 500 < start rows 1000")]:
         with pytest.raises(ValueError, match=msg):
             diayn.main(flags + ["--run-dir", str(tmp_path / "x")])
 
