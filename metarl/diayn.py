@@ -66,10 +66,12 @@ Differences from the paper:
   pseudo-reward of another transition's skill), not in [1].
 - evaluate(): per skill, `eval_episodes` fresh episodes with the stochastic policy:
   `final_accuracy` (discriminator argmax on the last state equals z), `state_accuracy`
-  (on every state of the episodes), `distinct_cells` (cells of a coverage_grid^2 grid over
-  [-1, 1]^2 visited by all skills' states, x-y position: the point, or brax's torso) and
-  `spread` (mean pairwise distance between the skills' mean final positions); the same two
-  geometry metrics for uniform random actions under `random/`.
+  (over every state after the start, t = 1..T, of all the episodes), and on the point mass
+  only: `distinct_cells` (cells of a coverage_grid^2 grid over [-1, 1]^2 visited by all
+  skills' states) and `spread` (mean pairwise distance between the skills' mean final
+  positions), the same two for uniform random actions under `random/`. On brax these
+  geometry metrics are not reported (a fixed [-1, 1]^2 box means nothing for a cheetah's
+  x); only the two accuracies are.
 """
 
 import functools
@@ -135,7 +137,7 @@ class Config:
     eval_episodes: int = 8
     """evaluate(): fresh episodes per skill"""
     coverage_grid: int = 20
-    """evaluate(): side of the grid over [-1, 1]^2 whose visited cells are counted"""
+    """evaluate(), PointMass2D only: side of the grid over [-1, 1]^2 whose cells are counted"""
     dtype: str = "float32"
     """compute dtype of the networks: float32 or bfloat16 (params stay float32)"""
 
@@ -550,13 +552,15 @@ def evaluate(state: State, cfg: Config):
     states, pos = skill_rollouts(state.params, cfg, k_skill)
     z = jnp.repeat(jnp.arange(cfg.num_skills), cfg.eval_episodes)
     guess = disc.apply(state.params["disc"], states).argmax(-1)  # [T + 1, K * E]
-    _, rpos = skill_rollouts(state.params, cfg, k_rand, random_actions=True)
-    return {"final_accuracy": (guess[-1] == z).mean(),
-            "state_accuracy": (guess[1:] == z).mean(),
-            "distinct_cells": distinct_cells(pos, cfg.coverage_grid),
-            "spread": spread(pos[-1], cfg.num_skills),
-            "random/distinct_cells": distinct_cells(rpos, cfg.coverage_grid),
-            "random/spread": spread(rpos[-1], cfg.num_skills)}
+    out = {"final_accuracy": (guess[-1] == z).mean(),
+           "state_accuracy": (guess[1:] == z).mean()}
+    if cfg.env_id == "PointMass2D":  # the [-1, 1]^2 geometry holds for the point mass only
+        _, rpos = skill_rollouts(state.params, cfg, k_rand, random_actions=True)
+        out.update({"distinct_cells": distinct_cells(pos, cfg.coverage_grid),
+                    "spread": spread(pos[-1], cfg.num_skills),
+                    "random/distinct_cells": distinct_cells(rpos, cfg.coverage_grid),
+                    "random/spread": spread(rpos[-1], cfg.num_skills)})
+    return out
 
 
 # --- PLOT ---

@@ -321,11 +321,16 @@ def test_every_config_field_is_read():
 
 
 def test_paper_preset_traces():
-    """jax.eval_shape of init and one update under the `paper` preset (brax HalfCheetah, 50
-    skills, replay of 1e7 transitions, 300-unit networks): nothing runs."""
-    cfg, state, (after, metrics) = trace_paper(diayn)
+    """jax.eval_shape of init, one update and evaluate (eval_episodes=1: 50 skills x one
+    1000-step episode) under the `paper` preset (brax HalfCheetah, 50 skills, replay of 1e7
+    transitions, 300-unit networks): nothing runs. On brax evaluate reports the two
+    accuracies only (the box geometry metrics are the point mass's)."""
+    cfg, state, (after, metrics) = trace_paper(diayn, eval_episodes=1)
     assert cfg.env_id == "brax/halfcheetah" and cfg.num_skills == 50
     assert state.obs.shape == (1, 17) and state.replay.data["obs"].shape == (10_000_000, 1, 17)
     assert state.params["actor"]["params"]["Dense_0"]["kernel"].shape == (17 + 50, 300)
     assert jax.tree.structure(after) == jax.tree.structure(state)
     assert all(m.shape == () for m in jax.tree.leaves(metrics))
+    ev = jax.eval_shape(lambda s: diayn.evaluate(s, cfg), state)
+    assert sorted(ev) == ["final_accuracy", "state_accuracy"], ev
+    assert all(m.shape == () for m in ev.values())
