@@ -4,8 +4,11 @@
     without a Reward Function." ICLR 2019, arXiv:1802.06070. Released code:
     github.com/ben-eysenbach/sac (sac/algos/diayn.py, examples/mujoco_all_diayn.py, commit
     2116fc3), read for the defaults below.
-[2] T. Haarnoja, A. Zhou, P. Abbeel, S. Levine. "Soft Actor-Critic." arXiv:1801.01290;
-    twin critics and target Q-networks as in T. Haarnoja et al. arXiv:1812.05905.
+[2] T. Haarnoja, A. Zhou, P. Abbeel, S. Levine. "Soft Actor-Critic." arXiv:1801.01290
+    (Eq. (21): the tanh change of variables).
+[3] T. Haarnoja et al. "Soft Actor-Critic Algorithms and Applications." arXiv:1812.05905:
+    twin critics, target Q-networks; Eq. (3)/(5)/(7) are the soft value, critic and policy
+    objectives. The equation numbers of [2] and [3] are from memory [M] (not re-checked).
 
 A skill is a latent z ~ p(z), a fixed uniform categorical over K skills, drawn once per
 episode; the policy pi(a | s, z) sees the one-hot z beside the state. A discriminator
@@ -19,9 +22,9 @@ states that give its skill away, under maximum entropy:
     min_phi  E[-log q_phi(z | s')]   (cross-entropy on visited states)           [1] Alg. 1
     SAC with a fixed entropy scale alpha (the paper's 0.1) on r_z:
       y = r_z + gamma (1 - d) (min_i Q'_i(s', a') - alpha log pi(a' | s', z)),
-          a' ~ pi(. | s', z)                                           [2] Eq. (3)/(5)
-      J_pi = E[alpha log pi(a | s, z) - min_i Q_i(s, a, z)],  a = tanh(u) ~ pi  [2] Eq. (7)
-      log pi(a) = log N(u; mu, sigma) - sum log(1 - tanh(u)^2)                 [2] Eq. (21)
+          a' ~ pi(. | s', z)                                       [3] Eq. (3)/(5) [M]
+      J_pi = E[alpha log pi(a | s, z) - min_i Q_i(s, a, z)],  a = tanh(u) ~ pi  [3] Eq. (7) [M]
+      log pi(a) = log N(u; mu, sigma) - sum log(1 - tanh(u)^2)             [2] Eq. (21) [M]
       Q'_i <- (1 - tau) Q'_i + tau Q_i                                  Polyak averaging
 
 Reproduce (CPU demo: the 2-D point mass, 8 skills; trajectories per skill in the PNG):
@@ -43,13 +46,16 @@ Fig. 4 [M], that some skill reaches a task reward it never saw.
 Differences from the paper:
 - SAC: [1] (and its code) train SAC v1 ([2] 2018a): one Q-network, a state-value network V
   with a target V (tau 0.01), and a Gaussian-mixture policy (K = 4 components, reg 1e-3).
-  Here, as the issue asks, SAC's later form: twin Q-networks, target Q-networks updated by
+  Here, as the issue asks, SAC's later form [3]: twin Q-networks, target Q-networks updated by
   Polyak averaging (tau 0.01), no V-network, a tanh-Gaussian policy (log std clipped to
   [-20, 2]); the entropy scale alpha stays fixed at [1]'s 0.1 (no automatic tuning).
 - The pseudo-reward uses s_{t+1}, as [1] Alg. 1; the released code scores s_t (the
   transition's first state) and trains the discriminator on s_t; here on s_{t+1}. Both
   relabel the reward with the current discriminator when a batch is sampled.
 - The released code adds 1e-6 inside log p(z); here log p(z) = -log K exactly.
+- The skill: [1] Alg. 1 draws z once per episode, and so do we; the released code
+  (sac/algos/diayn.py, `_sample_z` in the epoch loop) draws it once per 1000-step epoch and
+  keeps it across the episodes that end inside the epoch.
 - `num_envs` parallel envs per update and `grad_steps` gradient steps per update (the
   released code: 1 env, 1 gradient step per env step; the paper preset keeps that). All
   three networks take their gradient step from the same parameters (the released code
@@ -63,7 +69,9 @@ Differences from the paper:
   MuJoCo's HalfCheetah-v1 (gym, 17-d as well); replay 1e7 as the released half-cheetah
   variant, min pool 1000 (= max path length) before the first update.
 - `--reward-variant zero|shuffled` are broken variants for the ablation (pseudo-reward 0;
-  pseudo-reward of another transition's skill), not in [1].
+  pseudo-reward of another transition's skill), not in [1]. They replace the catalog's
+  "policy ignores z" variant (one-hot zeroed), which is not built.
+- Not built from the catalog entry: SAC for discrete actions (only continuous actions here).
 - evaluate(): per skill, `eval_episodes` fresh episodes with the stochastic policy:
   `final_accuracy` (discriminator argmax on the last state equals z), `state_accuracy`
   (over every state after the start, t = 1..T, of all the episodes), and on the point mass
@@ -205,7 +213,8 @@ class Config:
 
 
 PRESETS = {
-    # CPU demo: the 2-D point mass, 8 skills, 30-step episodes; about a minute on 2 cores.
+    # CPU demo: the 2-D point mass, 8 skills, 30-step episodes; 4 seeds took 96 s compile +
+    # 152 s on a loaded 2-core CPU (the docstring's run).
     "quick": dict(env_id="PointMass2D", num_skills=8, total_timesteps=64_000, num_envs=16,
                   episode_length=30, grad_steps=2, lr=1e-3, hidden=(64, 64),
                   buffer_size=100_000, learning_starts=1000),
@@ -359,7 +368,8 @@ def pseudo_reward(logits, z, num_skills: int):
 
 
 def soft_target(reward, terminated, q_next, logp_next, gamma, alpha):
-    """[2] Eq. (3)/(5), twin form: y = r + gamma (1 - d) (min_i Q'_i(s', a') - alpha log pi(a'|s'))
+    """[3] Eq. (3)/(5) [M], twin form:
+    y = r + gamma (1 - d) (min_i Q'_i(s', a') - alpha log pi(a'|s'))
     with q_next [2, B] from the target critics; no gradient flows into it."""
     v_next = q_next.min(0) - alpha * logp_next
     return jax.lax.stop_gradient(reward + gamma * (1.0 - terminated) * v_next)

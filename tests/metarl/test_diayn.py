@@ -43,7 +43,7 @@ def test_pseudo_reward_and_discriminator_loss_by_hand():
 
 
 def test_soft_target_by_hand():
-    """[2] Eq. (3)/(5), twin critics, gamma 0.9, alpha 0.1, two transitions:
+    """[3] Eq. (3)/(5) [M] (1812.05905), twin critics, gamma 0.9, alpha 0.1, two transitions:
         r = [1, 0.5], Q'_1 = [2, 3], Q'_2 = [5, 1] -> min = [2, 1], log pi(a'|s') = [-1, 4]
         not terminal: y = [1 + 0.9 (2 + 0.1), 0.5 + 0.9 (1 - 0.4)] = [2.89, 1.04]
         second terminal: [2.89, 0.5]
