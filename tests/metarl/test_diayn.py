@@ -269,17 +269,16 @@ def test_losses_wiring_by_hand(tiny_run):
     logits alone passes: soft_target stops every gradient through y anyway (equivalent)."""
     cfg = TINY
     actor, critic, disc = diayn.networks(cfg)
-    params = jax.tree.map(lambda x: x[0], tiny_run[0].state.params)
-    k = jax.random.split(jax.random.PRNGKey(4), 6)
-    noise = lambda kk, t: jax.tree.map(lambda x: 0.1 * jax.random.normal(kk, x.shape), t)
-    moved = dict(params, target=jax.tree.map(jnp.add, params["target"],
-                                             noise(k[0], params["target"])))
-    batch = dict(obs=jax.random.uniform(k[1], (64, 2), minval=-1, maxval=1),
-                 next_obs=jax.random.uniform(k[2], (64, 2), minval=-1, maxval=1),
-                 z=jax.random.randint(k[3], (64,), 0, cfg.num_skills),
-                 action=jax.random.uniform(k[4], (64, 2), minval=-1, maxval=1),
-                 terminated=jnp.zeros(64, bool))
-    key, variant = k[5], jnp.int32(0)
+    rng = np.random.default_rng(4)
+    params = jax.tree.map(lambda x: np.asarray(x[0]), tiny_run[0].state.params)
+    moved = dict(params, target=jax.tree.map(
+        lambda x: x + 0.1 * rng.standard_normal(x.shape, np.float32), params["target"]))
+    batch = dict(obs=rng.uniform(-1, 1, (64, 2)).astype(np.float32),
+                 next_obs=rng.uniform(-1, 1, (64, 2)).astype(np.float32),
+                 z=rng.integers(0, cfg.num_skills, 64).astype(np.int32),
+                 action=rng.uniform(-1, 1, (64, 2)).astype(np.float32),
+                 terminated=np.zeros(64, bool))
+    key, variant = jax.random.PRNGKey(4), np.int32(0)
     names = ("losses/actor", "losses/critic", "losses/discriminator")
 
     def probe(params):
@@ -301,13 +300,13 @@ def test_losses_wiring_by_hand(tiny_run):
         return metrics, grads, by_hand
 
     # one compiled program for the given params and the moved target: [2, ...] outputs
-    metrics, grads, by_hand = jax.jit(jax.vmap(probe))(
-        jax.tree.map(lambda a, b: jnp.stack([a, b]), params, moved))
+    both = jax.tree.map(lambda a, b: np.stack([a, b]), params, moved)
+    metrics, grads, by_hand = jax.tree.map(np.asarray, jax.jit(jax.vmap(probe))(both))
     np.testing.assert_allclose(metrics["charts/pseudo_reward"], by_hand["r_next"], rtol=1e-5)
     assert abs(by_hand["r_next"][0] - by_hand["r_obs"][0]) > 1e-3, by_hand
     np.testing.assert_allclose(metrics["losses/actor"], by_hand["actor"], rtol=1e-5, atol=1e-6)
     assert abs(metrics["losses/critic"][0] - metrics["losses/critic"][1]) > 1e-4, metrics
-    size = lambda t: float(sum(jnp.abs(x).sum() for x in jax.tree.leaves(t)))
+    size = lambda t: float(sum(np.abs(x).sum() for x in jax.tree.leaves(t)))
     reach = {n: {p: size(g[p]) > 0 for p in ("actor", "critic", "target", "disc")}
              for n, g in grads.items()}
     assert reach == {
