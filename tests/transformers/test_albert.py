@@ -208,8 +208,9 @@ def test_mlm_beats_the_unigram_guess_short(tiny_run):
 
 def test_train_is_pure_and_seeded(tiny_run):
     """The runner's first chunk, rerun on the same initial states (the same compiled
-    program: its init and chunk of CHUNK updates are persistent-cache hits), gives the run's first rows bit for bit; the SOP seed and its NSP twin start
-    from the same parameters and differ after training."""
+    program: its init and chunk of CHUNK updates are persistent-cache hits), gives the
+    run's first rows bit for bit; the SOP seed and its NSP twin start from the same
+    parameters and differ after training."""
     states = run.initial_states(_twin_init, TINY, 0, 2)
     np.testing.assert_array_equal(states.sop, [1, 0])
     step = run.make_chunk(albert.update, TINY, CHUNK, parallel.seed_sharding(2), 2)
