@@ -405,7 +405,8 @@ def particle_losses(cfg, actor, critic, xs, acts, restart, rewards, x_last):
         r_t = r + cfg.particle_gamma * (1.0 - m) * r_next
         return r_t, r_t
 
-    _, returns = jax.lax.scan(ret, critic(x_last), (rewards, restart.astype(jnp.float32)),
+    bootstrap = jax.lax.stop_gradient(critic(x_last))  # a target, as the code's .detach()
+    _, returns = jax.lax.scan(ret, bootstrap, (rewards, restart.astype(jnp.float32)),
                               reverse=True)
     adv = returns - critic(xs)
     mean, log_std = actor(xs)

@@ -138,6 +138,24 @@ def test_train_is_pure_and_cli_writes_its_files(tiny_run, capsys):
         assert "--" + f.name.replace("_", "-") in out, f.name
 
 
+def test_particle_critic_does_not_learn_through_its_bootstrap_target():
+    """The returns are targets ([1] code: returns.detach()): with a constant critic V = w = 1,
+    rewards (1, 2, 3), no restart, gamma 0.99, R = (6.890599, 5.9501, 3.99) and
+    d(0.5 mean (R - w)^2)/dw = -mean(R - w) = -4.6102. Differentiating through the
+    bootstrap V(x_last) gives -0.101 (fails here)."""
+    actor = lambda x: (jnp.zeros(x.shape), jnp.zeros(x.shape[-1:]))
+
+    def value_loss(w):
+        critic = lambda x: jnp.full(x.shape[:-1], w)
+        return adr.particle_losses(TINY, actor, critic, jnp.zeros((3, 1)), jnp.zeros((3, 1)),
+                                   jnp.zeros(3, bool), jnp.array([1.0, 2.0, 3.0]),
+                                   jnp.zeros(1))[1]
+
+    g = jax.jit(jax.grad(value_loss))(1.0)
+    np.testing.assert_allclose(g, -np.mean(np.array([6.890599, 5.9501, 3.99]) - 1.0),
+                               rtol=1e-5)
+
+
 def test_discriminator_reward_moves_particles_away_from_the_reference(tiny_run):
     """Behaviour ([1] Sec. 4): the reference (nominal length) sits at x = 0, so the most
     distinguishable instances are at x -> 1. Both arms start from the same state and run
