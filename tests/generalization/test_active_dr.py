@@ -161,9 +161,11 @@ def test_discriminator_reward_moves_particles_away_from_the_reference(tiny_run):
     distinguishable instances are at x -> 1. Both arms start from the same state and run
     the CLI's own compiled chunk 5 x 8 = 40 updates side by side; the broken arm has the
     reward sign flipped (c = -1: it rewards instances the discriminator cannot tell from
-    the reference). Measured (this file's TINY, key 0): mean proposed x over updates
-    21-40 ~0.6 with the reward, ~0.3 flipped (a calibration run over 4 keys: 0.51 / 0.61
-    vs 0.29 / 0.50). The discriminator learns in both arms (D on randomized > reference)."""
+    the reference). Measured (this file's TINY, key 0, the particle critic's bootstrap
+    target detached): mean proposed x over updates 21-40 0.504 with the reward, 0.378
+    flipped; D on randomized minus reference 0.67 / 0.30 (before that fix: ~0.6 vs ~0.3,
+    and over 4 keys 0.51 / 0.61 vs 0.29 / 0.50: the margin rests on one key). The
+    discriminator learns in both arms (D on randomized > reference)."""
     (_, [(chunk, states)]) = tiny_run
     one = jax.tree.map(lambda z: jnp.stack([z[0], z[0]]), states)
     s = one.replace(reward_scale=jnp.array([1.0, -1.0]))
