@@ -35,7 +35,7 @@ alpha a traced number in the state, so a test runs both arms in one program).
 evaluate(): `eval_tasks` new goals; from the learned theta (`adapt/return_XX`) and from the
 run's random init (`random/return_XX`), the mean return of `eval_trajectories` trajectories
 after 0..eval_steps PG steps, alpha for the first and alpha * eval_lr_decay after ([1] App.
-A.2 halves it): [1] Fig. 5 (left).
+A.2 halves it): [1] Fig. 4 (top).
 
 Reproduce (CPU, 2 cores; a pretrained baseline run, then MAML with the plot of both and of
 the random init, plus one task's trajectories before and after one step):
@@ -51,7 +51,7 @@ jobs, load ~20: 150 s compile + 135 s per run), average return after 0 / 1 / 2 /
     random init -29.1 / -27.6 / -27.1 / -26.5   (metarl/maml_rl.png)
 The paper preset was not run (no accelerator in this session); its returns are on 100-step
 episodes, the quick preset's on 50.
-[1] Fig. 5 (left), read from the released icml/icml_point_results_*.pkl (40 test goals, the
+[1] Fig. 4 (top), read from the released icml/icml_point_results_*.pkl (40 test goals, the
 pickles plotted by icml/make_point_plots.py), average return after 0 / 1 / 2 / 3 steps:
     MAML -40.4 / -11.7 / -3.3 / -3.2;  pretrained -40.8 / -19.7 / -11.7 / -8.5;
     random init -82.7 / -58.0 / -53.8 / -46.8;  oracle (told the goal) -2.3.
@@ -69,7 +69,7 @@ Differences from the paper:
   maml_trpo_point.py (read at cbfinn/maml_rl 725c800) confirms 20 trajectories per task
   (fast_batch_size), horizon 100 (max_path_length), delta 0.01 (meta_step_size), one inner
   step and a 2 x 100 ReLU policy; it sets fast_learning_rate 0.5, meta_batch_size 40 and
-  n_itr 100. The policy whose test produced Fig. 5 was trained with 0.5 and 20 (its file
+  n_itr 100. The policy whose test produced Fig. 4 was trained with 0.5 and 20 (its file
   name), and its test adapted with 0.5 then 0.25 and 40 trajectories (4000 steps) per step.
   We use the recalled paper values for alpha, meta-batch, iterations and halving, and the
   released test's 40 evaluation trajectories.

@@ -175,7 +175,7 @@ def _gains(res):
 
 
 def test_maml_gains_more_from_one_step_than_the_pretrained_baseline_early(tiny_run):
-    """Behaviour ([1] Fig. 5 left), short: 10 meta-iterations of TINY, 3 seeds each, 40 new
+    """Behaviour ([1] Fig. 4 top), short: 10 meta-iterations of TINY, 3 seeds each, 40 new
     goals, one PG step of alpha = 0.1 on 20 trajectories; gain = return after - before the
     step. Measured (2-core CPU, loaded; this test's seeds and twins, --fast-compile):
         MAML        -8.97 -15.80 -8.07 -> -4.53 -6.15 -4.16   gain 4.44 9.65 3.91
@@ -198,7 +198,7 @@ def test_maml_gains_more_from_one_step_than_the_pretrained_baseline_early(tiny_r
 
 @pytest.mark.slow
 def test_maml_gains_more_from_one_step_than_the_pretrained_baseline(tmp_path):
-    """Behaviour ([1] Fig. 5 left): 120 meta-iterations of TINY, 3 seeds each, 40 new goals,
+    """Behaviour ([1] Fig. 4 top): 120 meta-iterations of TINY, 3 seeds each, 40 new goals,
     one PG step of alpha = 0.1 on 20 trajectories. Return before -> after the step, measured
     (2-core CPU, this test's seeds):
         MAML                      -8.22 -6.78 -6.79 -> -3.21  -3.33  -2.81  (gain 3.4..5.0)
