@@ -228,6 +228,11 @@ class Config:
             raise ValueError(f"max_step_length={self.max_step_length} must be in (0, 1]")
         if self.disc_iterations < 0:
             raise ValueError(f"disc_iterations={self.disc_iterations} must be >= 0")
+        if not 0 <= self.particle_gamma <= 1:
+            raise ValueError(f"particle_gamma={self.particle_gamma} must be in [0, 1]")
+        for name in ("density_bins", "eval_episodes"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}={getattr(self, name)} must be >= 1")
         if min(self.eval_grid, default=0.0) <= 0:
             raise ValueError(f"eval_grid={self.eval_grid} must be non-empty multipliers > 0")
         if min(self.hidden, default=0) < 1:

@@ -189,7 +189,10 @@ def test_bad_values_fail_with_named_field(tmp_path):
                        (["--target", "1.0", "2.0"], r"target=\(1.0, 2.0\)"),
                        (["--mode", "active"], "mode='active'"),
                        (["--max-step-length", "1.5"], "max_step_length=1.5"),
-                       (["--particle-lr", "0"], "particle-lr")):
+                       (["--particle-lr", "0"], "particle-lr"),
+                       (["--particle-gamma", "1.5"], "particle_gamma=1.5"),
+                       (["--density-bins", "0"], "density_bins=0"),
+                       (["--eval-episodes", "0"], "eval_episodes=0")):
         with pytest.raises(ValueError, match=msg):
             adr.main(flags + ["--run-dir", str(tmp_path)])
 
