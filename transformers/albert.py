@@ -212,6 +212,9 @@ class Config:
             raise ValueError(f"warmup_steps={self.warmup_steps} must be >= 0")
         if self.adam_eps <= 0:
             raise ValueError(f"adam_eps={self.adam_eps} must be > 0")
+        if not 0 < self.val_fraction < 1:
+            raise ValueError(f"val_fraction={self.val_fraction} must be in (0, 1): both the "
+                             "training and the held-out split need text")
         chars = len(corpus_docs(self.corpus, self.val_fraction, self.sentence_chars)[2])
         if self.vocab_size is not None and self.vocab_size < chars + 4:
             raise ValueError(f"vocab_size={self.vocab_size} is below the corpus's {chars} "

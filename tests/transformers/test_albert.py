@@ -244,6 +244,9 @@ def test_bad_values_fail_with_named_field(tmp_path):
         albert.main(["--sentence-task", "x", "--run-dir", str(tmp_path)])
     with pytest.raises(ValueError, match="max_ngram=0"):
         albert.main(["--max-ngram", "0", "--run-dir", str(tmp_path)])
+    for bad in ("1.0", "0"):
+        with pytest.raises(ValueError, match=f"val_fraction={float(bad)}"):
+            albert.main(["--val-fraction", bad, "--run-dir", str(tmp_path)])
     with pytest.raises(ValueError, match="--lr must be > 0"):
         albert.main(["--lr", "0", "--run-dir", str(tmp_path)])
 
