@@ -76,6 +76,36 @@ def test_pg_surrogate_gradient_by_hand_on_a_one_step_trajectory():
                                rtol=1e-6)
 
 
+def test_fomaml_meta_gradient_is_the_gradient_at_the_adapted_parameters():
+    """Catalog M4: with `first_order` the meta-gradient of L_b(theta') is grad L_b at
+    theta' = theta - alpha grad L_a(theta) (the inner gradient held constant); the second-
+    order one differs by the Hessian term. Fails if `adapt` drops its stop_gradient
+    (FOMAML = MAML) or if the second-order path stops the gradient too."""
+    cfg, net, params = _tiny_policy(hidden=3)
+
+    def batch(seed):
+        r = np.random.default_rng(seed)
+        return m.Batch(jnp.asarray(r.normal(size=(2, 3, 2)), jnp.float32),
+                       jnp.asarray(r.normal(size=(2, 3, 2)), jnp.float32),
+                       jnp.zeros((2, 3)), jnp.ones((2, 3)),
+                       jnp.asarray(r.normal(size=(2, 3)), jnp.float32))
+
+    da, db = batch(0), batch(1)
+    meta = lambda p, fo: m.pg_surrogate(net, m.adapt(net, p, [da], [0.5], fo), db)  # noqa: E731
+
+    @jax.jit
+    def grads(p):
+        at_adapted = jax.grad(lambda q: m.pg_surrogate(net, q, db))(m.adapt(net, p, [da], [0.5]))
+        return jax.grad(meta)(p, True), jax.grad(meta)(p, False), at_adapted
+
+    fo, so, at_adapted = jax.tree.map(np.asarray, grads(params))
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), fo,
+                 at_adapted)
+    diff = max(np.abs(a - b).max() for a, b in zip(jax.tree.leaves(fo), jax.tree.leaves(so),
+                                                    strict=True))
+    assert diff > 1e-3, diff
+
+
 def test_gaussian_kl_and_the_fisher_vector_product():
     """KL(N(0, 1) || N(1, 2^2)) = log 2 + (1 + 1) / 8 - 1/2 per dimension; the
     Gauss-Newton product J'MJ v that TRPO uses equals the exact Hessian of the mean KL of the
