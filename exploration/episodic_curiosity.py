@@ -52,9 +52,10 @@ Differences from the paper:
   60,000 steps. Here the R-network's loss joins every PPO minibatch (r_batch_size pairs
   drawn from the history of the same length), in the same Adam step and learning-rate
   schedule as the policy. Positives: a random gap in [1, k] either way; negatives: a
-  uniform second index, kept where the gap exceeds gamma k; pairs across an episode
-  boundary are dropped and the loss is the mean of the positive and the negative
-  classes' cross-entropies (the released sampler draws 50/50 labels).
+  uniform step of the same episode more than gamma k away (as released); pairs across an
+  episode boundary or out of the history are dropped and the loss is the mean of the
+  positive and the negative classes' cross-entropies (the released sampler draws 50/50
+  labels).
 - gamma = 5 is the released code's NEGATIVE_SAMPLE_MULTIPLIER; the issue's 1.2 could not
   be verified in the paper's text here. k = 5 (MAX_ACTION_DISTANCE).
 - Insertion: the released code stores e when C^M(e) < 0.5 = beta; here when
@@ -321,19 +322,34 @@ def pair_labels(t1, t2, same_episode, *, k, gap):
     return label, same_episode & (d > 0) & (label | (d > gap * k))
 
 
-def sample_pairs(key, num, history_len, filled, *, k):
-    """`num` pairs of history indices (t1, t2) and env ids: t1 uniform over the filled part
-    (the last `filled` of `history_len` steps); t2 = t1 +- [1, k] for half of them, uniform
-    over the filled part for the other half (candidate negatives)."""
+def sample_pairs(key, num, episode, filled, *, k, gap):
+    """`num` pairs of history indices (t1, t2) and their env ids, from the episode ids
+    [H, N] (non-decreasing along H in each env): env uniform, t1 uniform over the filled
+    part (the last `filled` of H steps); t2 = t1 +- [1, k] for half of them (candidate
+    positives); for the other half t2 is drawn uniformly from t1's own episode at more than
+    gap k steps from t1 (the released generate_negative_example: the negative comes from
+    the same trajectory, outside [i - gamma k, i + gamma k]); t2 = t1 (an invalid pair)
+    where the episode holds no such step or t2 leaves the filled part."""
+    h, n = episode.shape
     k1, k2, k3, k4, k5 = jax.random.split(key, 5)
-    first = history_len - jnp.minimum(filled, history_len)
-    t1 = jax.random.randint(k1, (num,), first, history_len)
+    first = h - jnp.minimum(filled, h)
+    env = jax.random.randint(k5, (num,), 0, n)
+    t1 = jax.random.randint(k1, (num,), first, h)
     near = t1 + jax.random.randint(k2, (num,), 1, k + 1) * jnp.where(
         jax.random.bernoulli(k3, 0.5, (num,)), 1, -1)
-    far = jax.random.randint(k4, (num,), first, history_len)
+    cols, ids = episode[:, env].T, episode[t1, env]  # [num, H], [num]
+    lo = jnp.maximum(jax.vmap(lambda c, e: jnp.searchsorted(c, e, side="left"))(cols, ids),
+                     first)
+    hi = jax.vmap(lambda c, e: jnp.searchsorted(c, e, side="right"))(cols, ids)
+    g = jnp.floor(gap * k).astype(t1.dtype)  # |t2 - t1| >= g + 1 > gap k
+    left = jnp.maximum(t1 - g - lo, 0)  # lo .. t1 - g - 1
+    right = jnp.maximum(hi - (t1 + g + 1), 0)  # t1 + g + 1 .. hi - 1
+    u = jnp.floor(jax.random.uniform(k4, (num,)) * (left + right)).astype(t1.dtype)
+    far = jnp.where(u < left, lo + u, t1 + g + 1 + u - left)
+    far = jnp.where(left + right > 0, far, t1)
     t2 = jnp.where(jnp.arange(num) % 2 == 0, near, far)
-    t2 = jnp.where((t2 < first) | (t2 >= history_len), t1, t2)  # out of range: invalid d=0
-    return t1, t2, k5
+    t2 = jnp.where((t2 < first) | (t2 >= h), t1, t2)  # out of range: invalid d=0
+    return t1, t2, env
 
 
 def balanced_cross_entropy(logits, label, valid):
@@ -352,9 +368,7 @@ def balanced_cross_entropy(logits, label, valid):
 def r_network_loss(rnet, params, history, episode, filled, key, *, num, k, gap):
     """L_R on `num` pairs drawn from the history [H, N, ...] (episode ids [H, N]): pairs of
     one env, each env drawn uniformly."""
-    h, n = episode.shape
-    t1, t2, k_env = sample_pairs(key, num, h, filled, k=k)
-    env = jax.random.randint(k_env, (num,), 0, n)
+    t1, t2, env = sample_pairs(key, num, episode, filled, k=k, gap=gap)
     label, valid = pair_labels(t1, t2, episode[t1, env] == episode[t2, env], k=k, gap=gap)
     logits = rnet.apply(params, history[t1, env], history[t2, env])
     return balanced_cross_entropy(logits, label, valid)
