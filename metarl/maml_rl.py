@@ -10,7 +10,8 @@ step and a TRPO meta-update, second order through the inner step.
 
 A task tau is a goal g ~ U[-0.5, 0.5]^2; the point starts at 0, moves by clip(0.1 a,
 -0.1, 0.1) (rllab's `normalize` maps the policy's a in [-1, 1] to [-0.1, 0.1]), earns
--||pos - g|| per step and stops within 0.01 of g or after 100 steps (common.envs.PointNav2D).
+-||pos - g|| per step and stops when |dx|, |dy| < 0.01 or after 100 steps (the released
+point_env_randgoal.py; common.envs.PointNav2D).
 The policy is a Gaussian MLP (2 x 100 ReLU, state-independent log std). Per task:
 
     D_i ~ pi_theta_i: K trajectories; R_t = sum_l gamma^l r_{t+l}                  [1] Sec. 3.2
@@ -21,16 +22,17 @@ The policy is a Gaussian MLP (2 x 100 ReLU, state-independent log std). Per task
     theta_{i+1} = theta_i - alpha grad L_tau(theta_i; D_i)   (inner_steps times)     [1] Alg. 3
     meta-objective: L(theta) = mean_tau -mean_t [pi_theta'(a|s) / pi_old(a|s)] A_t on
         D' ~ pi_theta' (theta' = theta_k(theta), differentiated through the inner steps)
-    TRPO [2]: x = F^-1 g by conjugate gradient (F: Hessian of the mean KL(pi_old || pi_theta')
-        of the post-update policy), step sqrt(2 delta / x'Fx) x, backtracking line search
-        until L decreases and KL <= delta                                      [1] Sec. 5.3
+    TRPO [2] (trpo_step): x = F^-1 g by conjugate gradient (F: Hessian of the mean
+        KL(pi_old || pi_theta') of the post-update policy), step sqrt(2 delta / x'Fx) x,
+        backtracking line search until L decreases and KL <= delta, else no step  [1] Sec. 5.3
 
 F v is computed exactly as J'(M J v) (J = d(mean, log std of pi_theta')/d theta through the
 inner step, M the Gaussian's Fisher diag(1/sigma^2, 2)): at theta the KL's Hessian is this
 Gauss-Newton product, and it needs no third derivatives. `--algo fomaml` stops the gradient
 through the inner gradient; `--algo pretrain` is [1]'s "pretrained on all tasks" baseline:
 alpha = 0 inside the meta-objective (TRPO on pi_theta over all tasks; the same code path,
-alpha a traced number in the state, so a test runs both arms in one program).
+alpha a traced number in the state, so a test runs both arms in one program; the released
+code's baseline differs, see below).
 
 evaluate(): `eval_tasks` new goals; from the learned theta (`adapt/return_XX`) and from the
 run's random init (`random/return_XX`), the mean return of `eval_trajectories` trajectories
@@ -42,7 +44,8 @@ the random init, plus one task's trajectories before and after one step):
     python metarl/maml_rl.py --preset quick --num-seeds 2 --algo pretrain --run-dir runs/mrl_pre
     python metarl/maml_rl.py --preset quick --num-seeds 2 --plot metarl/maml_rl.png \
         --compare runs/mrl_pre
-Paper setting ([1]: 20 tasks x 20 trajectories, alpha = 0.1, 500 meta-iterations; [M] below):
+Paper setting ([1] Sec. 5.3, App. A.2: 20 tasks x 20 trajectories, alpha = 0.1, 500
+meta-iterations):
     python metarl/maml_rl.py --preset paper
 Ours (quick preset, 2 seeds, 40 new goals x 40 trajectories; 2-core CPU shared with other
 jobs, load ~20: 150 s compile + 135 s per run), average return after 0 / 1 / 2 / 3 steps:
@@ -51,8 +54,10 @@ jobs, load ~20: 150 s compile + 135 s per run), average return after 0 / 1 / 2 /
     random init -29.1 / -27.6 / -27.1 / -26.5   (metarl/maml_rl.png)
 The paper preset was not run (no accelerator in this session); its returns are on 100-step
 episodes, the quick preset's on 50.
-[1] Fig. 4 (top), read from the released icml/icml_point_results_*.pkl (40 test goals, the
-pickles plotted by icml/make_point_plots.py), average return after 0 / 1 / 2 / 3 steps:
+[1] Fig. 4 (top) and App. C.2 Table 4 (MAML -40.41 / -11.68 / -3.33 / -3.23), average
+return after 0 / 1 / 2 / 3 steps on 40 test goals, read from the released icml/ pickles
+(icml_point_results_maml.pkl, _sens0.pkl for the pretrained curve (make_point_plots.py
+reads it under the later name _maml0.pkl, absent from the repo), _random.pkl, _oracle.pkl):
     MAML -40.4 / -11.7 / -3.3 / -3.2;  pretrained -40.8 / -19.7 / -11.7 / -8.5;
     random init -82.7 / -58.0 / -53.8 / -46.8;  oracle (told the goal) -2.3.
 
@@ -63,16 +68,26 @@ _after (the meta-objective around the TRPO step), losses/mean_kl (after), losses
 is NaN by design.
 
 Differences from the paper:
-- alpha = 0.1, meta-batch 20, 500 meta-iterations and the halved alpha after the first
-  evaluation step are [1] App. A.2's [M: recalled; a search of the stored arXiv/ar5iv pages
-  found no text of App. A.2, so none of the four is confirmed]. The released
-  maml_trpo_point.py (read at cbfinn/maml_rl 725c800) confirms 20 trajectories per task
-  (fast_batch_size), horizon 100 (max_path_length), delta 0.01 (meta_step_size), one inner
-  step and a 2 x 100 ReLU policy; it sets fast_learning_rate 0.5, meta_batch_size 40 and
-  n_itr 100. The policy whose test produced Fig. 4 was trained with 0.5 and 20 (its file
-  name), and its test adapted with 0.5 then 0.25 and 40 trajectories (4000 steps) per step.
-  We use the recalled paper values for alpha, meta-batch, iterations and halving, and the
-  released test's 40 evaluation trajectories.
+- alpha = 0.1, meta-batch 20, up to 500 meta-iterations and alpha halved after the first
+  evaluation step are [1] App. A.2's text ("alpha = 0.1 for the first step, and alpha = 0.05
+  for all future steps"). The released maml_trpo_point.py (cbfinn/maml_rl 725c800) agrees on
+  20 trajectories per task (fast_batch_size), horizon 100, delta 0.01 (meta_step_size), one
+  inner step and a 2 x 100 ReLU policy, but sets fast_learning_rate 0.5, meta_batch_size 40
+  and n_itr 100; its test adapted with 0.5 then 0.25 on 40 goals. We use the paper's values,
+  and the released test's 40 evaluation trajectories.
+- [1] App. A.2 evaluates "the model with the best average return during training"; we
+  evaluate the final theta (picking a checkpoint needs the runner to keep one per seed).
+- Reward and termination follow the released point_env_randgoal.py, not [1] Sec. 5.3's text
+  ("negative squared distance", "within 0.01 of the goal"): the unsquared distance and the
+  box |dx|, |dy| < 0.01.
+- The pretrained baseline: here TRPO with alpha = 0 and the same delta, and its evaluation
+  adapts with the MAML alpha. The released code (use_maml=False in maml_npo.py) takes one
+  Adam step (lr 1e-3, FirstOrderOptimizer max_epochs=1) per iteration on the step-0 VPG
+  surrogate; [1] fine-tunes the baselines "with a manually tuned step size" (the released
+  test used 0.5 for all three).
+- K is a number of trajectories (masked after the goal); the released sampler collects
+  fast_batch_size * max_path_length steps per task, so tasks whose episodes end early get
+  more, shorter trajectories (and its 4000-step test batches are steps, not 40 paths).
 - [1] computes TRPO's Hessian-vector products by finite differences (rllab's
   FiniteDifferenceHvp); here exactly (Gauss-Newton at theta, see above).
 - The KL of the line search is the mean over all post-update steps of the meta-batch, as in
