@@ -370,6 +370,15 @@ def meta_surrogate(mean, log_std, old_logp, test: Batch):
     return -jnp.sum(ratio * test.adv) / test.mask.sum()
 
 
+def meta_loss_kl(mean, log_std, old_mean, old_log_std, old_logp, test: Batch):
+    """Over the meta-batch [B, K, T, ...]: the meta-objective (each task's meta_surrogate, then
+    the mean over tasks, maml_npo.py) and the mean KL(pi_old || pi_theta') pooled over every
+    valid post-update step (maml_npo.py's mean_kl)."""
+    loss = jax.vmap(meta_surrogate)(mean, log_std, old_logp, test).mean()
+    kl = gaussian_kl(old_mean, old_log_std, mean, log_std)
+    return loss, jnp.sum(kl * test.mask) / test.mask.sum()
+
+
 def fisher_vector_product(dist_fn, x, v_weights, damping):
     """v -> (J' M J + damping I) v at x, J = d dist_fn / dx (dist_fn: x -> (mean, log_std)
     of every sample), M = the Gaussian's Fisher diag(1/sigma^2, 2) times v_weights (the
@@ -400,6 +409,30 @@ def conjugate_gradient(Av, b, iters: int, tol: float = 1e-10):
 
     x, *_ = jax.lax.fori_loop(0, iters, body, (jnp.zeros_like(b), b, b, b @ b))
     return x
+
+
+def trpo_step(loss_kl, fvp, x0, max_kl, cg_iters: int, backtrack_ratio, max_backtracks: int):
+    """[2] / rllab ConjugateGradientOptimizer: s = F^-1 g by CG, full step
+    sqrt(2 delta / s'Fs) s, then x0 - ratio^i step for i = 0.. until the loss is below the
+    loss at x0 and KL <= delta; x0 itself if no i < max_backtracks passes. loss_kl: x ->
+    (loss, kl). Returns (x, loss before, loss after, kl after, backtracks (max_backtracks if
+    rejected), |g|)."""
+    loss_before, g = jax.value_and_grad(lambda x: loss_kl(x)[0])(x0)
+    s = conjugate_gradient(fvp, g, cg_iters)
+    full_step = jnp.sqrt(2.0 * max_kl / (s @ fvp(s) + 1e-8)) * s
+
+    def search(c):
+        i, _, _, _ = c
+        cand = x0 - backtrack_ratio ** i.astype(jnp.float32) * full_step
+        loss, kl = loss_kl(cand)
+        return i + 1, (loss < loss_before) & (kl <= max_kl), cand, (loss, kl)
+
+    n, accepted, cand, (loss_after, kl) = jax.lax.while_loop(
+        lambda c: (c[0] < max_backtracks) & ~c[1], search,
+        (jnp.int32(0), jnp.array(False), x0, (loss_before, jnp.float32(0.0))))
+    return (jnp.where(accepted, cand, x0), loss_before,
+            jnp.where(accepted, loss_after, loss_before), jnp.where(accepted, kl, 0.0),
+            jnp.where(accepted, n - 1, max_backtracks), jnp.linalg.norm(g))
 
 
 # --- STATE ---
@@ -456,37 +489,20 @@ def update(state: State, cfg: Config):
     old_mean, old_log_std = dist(flat)  # pi_old = pi_theta' at the sampling theta
 
     def loss_kl(x):  # the meta-objective and the mean KL(pi_old || pi_theta'(x))
-        mean, log_std = dist(x)
-        loss = jax.vmap(meta_surrogate)(mean, log_std, old_logp, test).mean()
-        kl = gaussian_kl(old_mean, old_log_std, mean, log_std)
-        return loss, jnp.sum(kl * test.mask) / test.mask.sum()
+        return meta_loss_kl(*dist(x), old_mean, old_log_std, old_logp, test)
 
-    # TRPO [2] / rllab ConjugateGradientOptimizer
-    loss_before, g = jax.value_and_grad(lambda x: loss_kl(x)[0])(flat)
     fvp = fisher_vector_product(dist, flat, test.mask / test.mask.sum(), cfg.cg_damping)
-    x = conjugate_gradient(fvp, g, cfg.cg_iters)
-    full_step = jnp.sqrt(2.0 * cfg.max_kl / (x @ fvp(x) + 1e-8)) * x
-
-    def search(c):
-        i, _, _, _ = c
-        cand = flat - cfg.ls_backtrack_ratio ** i.astype(jnp.float32) * full_step
-        loss, kl = loss_kl(cand)
-        ok = (loss < loss_before) & (kl <= cfg.max_kl)
-        return i + 1, ok, cand, (loss, kl)
-
-    n, accepted, cand, (loss_after, kl) = jax.lax.while_loop(
-        lambda c: (c[0] < cfg.ls_max_steps) & ~c[1], search,
-        (jnp.int32(0), jnp.array(False), flat, (loss_before, jnp.float32(0.0))))
-    new = jnp.where(accepted, cand, flat)
+    new, before, after, kl, n, gnorm = trpo_step(loss_kl, fvp, flat, cfg.max_kl, cfg.cg_iters,
+                                                  cfg.ls_backtrack_ratio, cfg.ls_max_steps)
     per_traj = lambda b: b.rew.sum(-1).mean()
     metrics = {
         "charts/pre_adapt_return": per_traj(inner[0]),
         "charts/post_adapt_return": per_traj(test),
-        "losses/surrogate_before": loss_before,
-        "losses/surrogate_after": jnp.where(accepted, loss_after, loss_before),
-        "losses/mean_kl": jnp.where(accepted, kl, 0.0),
-        "losses/ls_steps": jnp.where(accepted, n - 1, cfg.ls_max_steps).astype(jnp.float32),
-        "losses/meta_grad_norm": jnp.linalg.norm(g),
+        "losses/surrogate_before": before,
+        "losses/surrogate_after": after,
+        "losses/mean_kl": kl,
+        "losses/ls_steps": n.astype(jnp.float32),
+        "losses/meta_grad_norm": gnorm,
     }
     return state.replace(params=unravel(new), key=key), metrics
 

@@ -27,7 +27,8 @@ SLOW = dataclasses.replace(TINY, num_iterations=120)
 def test_linear_baseline_is_the_least_squares_fit_and_advantages_subtract_it():
     """rllab's LinearFeatureBaseline on the valid steps equals numpy's lstsq of the returns
     on [s, s^2, t/100, (t/100)^2, (t/100)^3, 1]; with lambda = 1 the advantage is R_t - b_t,
-    standardised over the valid steps; steps after the end are 0."""
+    standardised over the valid steps; steps after the end are 0; with lambda = 0.5 the GAE
+    sum of (gamma lambda)^l delta_{t+l} (tried: gamma instead of gamma lambda fails)."""
     rng = np.random.default_rng(0)
     obs = rng.normal(size=(3, 6, 2)).astype(np.float32)
     rew = rng.normal(size=(3, 6)).astype(np.float32)
@@ -45,10 +46,20 @@ def test_linear_baseline_is_the_least_squares_fit_and_advantages_subtract_it():
     valid = mask.reshape(-1) > 0
     want = np.linalg.lstsq(feat.reshape(-1, 8)[valid], R.reshape(-1)[valid], rcond=None)[0]
     np.testing.assert_allclose(c, want, rtol=2e-3, atol=2e-3)
-    adv = np.asarray(jax.jit(m.advantages)(obs, rew, mask, 0.9, 1.0, 0.0))
+    adv_fn = jax.jit(m.advantages)
+    adv = np.asarray(adv_fn(obs, rew, mask, 0.9, 1.0, 0.0))
     raw = (R - feat @ want)[mask > 0]
     np.testing.assert_allclose(adv[mask > 0], (raw - raw.mean()) / raw.std(), atol=2e-3)
     assert np.all(adv[1, 4:] == 0)
+    # GAE with lambda = 0.5: A_t = sum_l (gamma lambda)^l delta_{t+l}, delta = r + gamma b' - b
+    b = (feat @ want) * mask
+    delta = rew + 0.9 * np.concatenate([b[:, 1:], np.zeros((3, 1))], 1) - b
+    gae = np.zeros_like(delta)
+    for t in reversed(range(6)):
+        gae[:, t] = delta[:, t] + (0.45 * gae[:, t + 1] if t < 5 else 0.0)
+    raw = gae[mask > 0]
+    adv = np.asarray(adv_fn(obs, rew, mask, 0.9, 0.5, 0.0))
+    np.testing.assert_allclose(adv[mask > 0], (raw - raw.mean()) / raw.std(), atol=2e-3)
 
 
 def _tiny_policy(hidden=4):
@@ -74,6 +85,85 @@ def test_pg_surrogate_gradient_by_hand_on_a_one_step_trajectory():
     np.testing.assert_allclose(g["Dense_1"]["bias"], -A * d / var, rtol=1e-5)
     np.testing.assert_allclose(new["log_std"], params["params"]["log_std"] - 0.1 * g["log_std"],
                                rtol=1e-6)
+
+
+def _np_log_prob(mean, log_std, a):
+    return np.sum(-0.5 * ((a - mean) / np.exp(log_std)) ** 2 - log_std - 0.5 * np.log(2 * np.pi),
+                  -1)
+
+
+def test_surrogates_average_over_the_valid_steps_of_each_task_then_over_tasks():
+    """rllab's reduce_mean over real samples: pg_surrogate = -sum_valid log pi A / #valid
+    (not / K T); the meta-objective is each task's -mean_valid ratio A, then the mean over
+    tasks (maml_npo.py), while the KL is pooled over all valid steps. Tasks with 6 and 3 valid
+    steps, so a pooled loss or a / K T normalisation fails. Tried: pg_surrogate dividing by
+    mask.size (K T) fails the first check; meta_loss_kl pooling the ratio loss over all valid
+    steps fails the second."""
+    cfg, net, params = _tiny_policy()
+    r = np.random.default_rng(3)
+    f32 = lambda *shape: r.normal(size=shape).astype(np.float32)  # noqa: E731
+    mask = np.ones((2, 2, 3), np.float32)
+    mask[1, 0, 2] = mask[1, 1, 1:] = 0  # task 1: 3 valid steps
+    test = m.Batch(f32(2, 2, 3, 2), f32(2, 2, 3, 2), np.zeros((2, 2, 3), np.float32), mask,
+                   f32(2, 2, 3) * mask)
+    mean, log_std, old_mean, old_log_std = f32(2, 2, 3, 2), f32(2, 2, 3, 2) * 0.3, \
+        f32(2, 2, 3, 2), f32(2, 2, 3, 2) * 0.3
+    old_logp = _np_log_prob(old_mean, old_log_std, test.act)
+    task1 = jax.tree.map(lambda x: x[1], test)
+
+    @jax.jit
+    def run(params):
+        mu, ls = net.apply(params, task1.obs)
+        return (m.pg_surrogate(net, params, task1), mu, ls,
+                m.meta_loss_kl(mean, log_std, old_mean, old_log_std, old_logp, test))
+
+    pg, mu, ls, (loss, kl) = run(params)
+    want = -np.sum(_np_log_prob(np.asarray(mu), np.asarray(ls), task1.act) * task1.adv) / 3
+    np.testing.assert_allclose(pg, want, rtol=1e-5)
+    ratio = np.exp(_np_log_prob(mean, log_std, test.act) - old_logp)
+    per_task = -(ratio * test.adv).sum((1, 2)) / mask.sum((1, 2))
+    np.testing.assert_allclose(loss, per_task.mean(), rtol=1e-5)
+    var0, var1 = np.exp(2 * old_log_std), np.exp(2 * log_std)
+    kls = np.sum(log_std - old_log_std + (var0 + (old_mean - mean) ** 2) / (2 * var1) - 0.5, -1)
+    np.testing.assert_allclose(kl, (kls * mask).sum() / 9, rtol=1e-5)
+
+
+def test_trpo_step_on_a_quadratic():
+    """[2] / rllab ConjugateGradientOptimizer on loss(x) = b'd + c/2 |d|^2, kl(x) = q/2 + k q^2
+    (d = x - x0, q = d'Ad, F = A exactly at x0): s = A^-1 b, full step sqrt(2 delta / b'A^-1 b) s,
+    x0 - 0.8^i full step for the first i with loss < loss(x0) and kl <= delta, x0 if none of
+    i < 15 passes. Cases: full step taken (k < 0: kl 0.9 delta); kl = 2 delta at the full step
+    (2 backtracks: 0.8^2 is the first with t^2 + t^4 <= 1); the loss rises until
+    t < 0.45 (4 backtracks); the loss rises for every t (rejected). Tried, each fails: a step
+    sqrt(delta / s'Fs) (x of cases 0-2 differ), accepting kl <= 10 delta (case 1 takes the
+    full step), returning the last candidate when rejected (case 3 moves), dropping the
+    loss-decrease check (cases 2, 3 take the full step)."""
+    A = np.array([[2.0, 0.3, 0.0], [0.3, 1.0, 0.2], [0.0, 0.2, 0.5]])
+    b, x0, delta = np.array([1.0, -2.0, 0.5]), np.array([0.1, 0.2, -0.3]), 0.01
+    s = np.linalg.solve(A, b)
+    full = np.sqrt(2 * delta / (s @ A @ s)) * s
+    c_for = lambda t: 2 * b @ full / (t * full @ full)  # noqa: E731  loss < 0 iff t < this
+    cases = np.array([[0.0, -0.1 / (4 * delta)], [0.0, 1 / (4 * delta)], [c_for(0.45), 0.0],
+                      [c_for(0.5 * 0.8**15), 0.0]], np.float32)
+    f32 = lambda x: jnp.asarray(x, jnp.float32)  # noqa: E731
+
+    @jax.jit
+    @jax.vmap
+    def step(case):
+        def loss_kl(x):
+            d = x - f32(x0)
+            q = d @ f32(A) @ d
+            return f32(b) @ d + 0.5 * case[0] * d @ d, 0.5 * q + case[1] * q**2
+
+        return m.trpo_step(loss_kl, lambda v: f32(A) @ v, f32(x0), delta, 3, 0.8, 15)
+
+    x, before, after, kl, n, gnorm = jax.tree.map(np.asarray, step(cases))
+    np.testing.assert_array_equal(n, [0, 2, 4, 15])
+    want = np.stack([x0 - 0.8**i * full for i in (0, 2, 4)] + [x0])
+    np.testing.assert_allclose(x, want, rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(before, 0.0, atol=1e-7)
+    assert np.all(after[:3] < 0) and after[3] == 0 and np.all(kl[:3] <= delta) and kl[3] == 0
+    np.testing.assert_allclose(gnorm, np.linalg.norm(b), rtol=1e-6)
 
 
 def test_fomaml_meta_gradient_is_the_gradient_at_the_adapted_parameters():
