@@ -83,8 +83,8 @@ Differences from the paper:
 - The pretrained baseline: here TRPO with alpha = 0 and the same delta, and its evaluation
   adapts with the MAML alpha. The released code (use_maml=False in maml_npo.py) takes one
   Adam step (lr 1e-3, FirstOrderOptimizer max_epochs=1) per iteration on the step-0 VPG
-  surrogate; [1] fine-tunes the baselines "with a manually tuned step size" (the released
-  test used 0.5 for all three).
+  surrogate; in [1] App. A.2 "the step sizes for the baseline methods were manually tuned
+  for each domain" (the released test used 0.5 for all three).
 - K is a number of trajectories (masked after the goal); the released sampler collects
   fast_batch_size * max_path_length steps per task, so tasks whose episodes end early get
   more, shorter trajectories (and its 4000-step test batches are steps, not 40 paths).

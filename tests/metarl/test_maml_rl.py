@@ -1,8 +1,10 @@
-"""Tests of metarl/maml_rl.py: the linear feature baseline, the policy-gradient surrogate,
-the Gaussian KL and the Fisher-vector product, conjugate gradient, behaviour against the
-pretrained (alpha = 0 in the meta-objective) baseline (10 meta-iterations by default; the
-120-iteration gate is `pytest -m slow`), purity, CLI, paper-preset trace. One module-scoped
-run (7 seeds in one compiled program) serves the behaviour, purity, CLI and plot tests."""
+"""Tests of metarl/maml_rl.py: the linear feature baseline and GAE, the policy-gradient
+surrogate, the surrogates' normalisation, the TRPO step on a quadratic, FOMAML's
+meta-gradient, the Gaussian KL and the Fisher-vector product, conjugate gradient, behaviour
+against the pretrained (alpha = 0 in the meta-objective) baseline (10 meta-iterations by
+default; the 120-iteration gate is `pytest -m slow`), purity, CLI, paper-preset trace. One
+module-scoped run (7 seeds in one compiled program) serves the behaviour, purity, CLI and
+plot tests."""
 
 import dataclasses
 
