@@ -19,7 +19,7 @@ pre-trained with n-gram masked LM and LAMB.
       used by every layer; attention: one Attn, L FFNs; ffn: L Attns, one FFN; none: BERT
     n-gram MLM ([1] Sec. 4.1, create_masked_lm_predictions): k = min(P, max(1, round(0.15 n)))
       tokens to predict; candidate starts in random order, each draws a length
-      p(n) = (1/n) / sum_{m=1}^{N} 1/m, n <= N = 3 (and <= the candidates left), shortened to
+      p(n) = (1/n) / sum_{m=1}^{N} 1/m, n <= N = 3, cut to the candidates left, shortened to
       fit k, skipped when it overlaps a covered token; each covered token becomes [MASK]
       w.p. 0.8, a random token w.p. 0.1, stays w.p. 0.1
       L_MLM = sum_j w_j (-log p(x_j | x~)) / (sum_j w_j + 1e-5),
@@ -36,7 +36,10 @@ blocks between two blank lines, "sentences" end at . ! ? and are cut at word bou
 at most (seq_len - 3) // 4 characters. Pre-training instances are built on the host as
 create_instances_from_document does (target length, short_seq_prob, a_end, truncate_seq_pair),
 dupe_factor times, once with SOP labels and once with NSP labels; the traced `sop` flag of
-the state picks which set trains (so a SOP run and its NSP twin share one compiled program).
+the state picks which set trains (so a SOP run and its NSP twin share one compiled
+program). The instance arrays stay on the host: update reads its batch's rows through
+jax.pure_callback, so that no compiled program holds them as constants (~160 MB at
+dupe_factor 40).
 evaluate() scores the one sentence head on held-out SOP AND NSP instances ([1] Table 5).
 
 Reproduce (CPU demo on the pydoc text: 2 shared layers of H 64, E 32, context 64, 1500
@@ -53,18 +56,30 @@ updates of 32; not yet run):
   MLM 0.782 / 0.721; the NSP twin solves NSP (0.973) from the topic letter and is at chance
   on SOP (0.523), as in [1] Table 5; but the SOP-trained model is at chance on SOP too
   (0.520, [1]: 86.5), so SOP's own gain is not reproduced at this size.
-Paper scale (accelerator; ALBERT-base: E 128, H 768, 12 layers sharing all, 12 heads,
-512 tokens, vocab 30,000, batch 4096, 125k LAMB updates at lr 0.00176, 3125 warm-up):
+Paper scale (ALBERT-base: E 128, H 768, 12 layers sharing all, 12 heads, 512 tokens,
+vocab 30,000, batch 4096, 125k LAMB updates at lr 0.00176, 3125 warm-up), on one GPU:
     python transformers/albert.py --preset paper
+  Memory, by arithmetic (not measured: no GPU was lent to this file's sessions): the state
+  (parameters and LAMB's two moments, 11.8M float32 each by eval_shape) is 0.14 GB; the
+  values kept for the backward pass are, per row of 512 tokens and per layer, about
+  2 x 12 x 512^2 attention scores/probabilities + 3 x 512 x 3072 FFN values + ~12 x 512 x
+  768 H-wide values = 15.7M, x 12 layers = 189M: 0.38 GB in bfloat16, 0.75 GB in float32.
+  The whole batch of 4096 at once would need ~1.5 TB, so the paper preset sums the gradient
+  over micro_batches = 64 micro-batches of 64 rows in bfloat16 (~24 GB; float32 ~48 GB):
+  the same update, 64 sequential passes, on one 80 GB GPU. [1] used 64 to 512 TPU v3 chips
+  [M]; 125k such updates on one GPU take days.
     python transformers/albert.py --preset xxlarge   # H 4096, 64 heads, FFN 16384
+  (xxlarge: ~5.3x the values per row, 2 GB in bfloat16: 512 micro-batches of 8 rows.)
 [1] Table 1: ALBERT-base 12M parameters (BERT-base 108M), ALBERT-xxlarge 235M. Table 3/4
   (base, E 128): all-shared 12M, shared-attention 64M, shared-FFN 38M, not-shared 89M
-  (this file counts 11.8M, 63.8M, 37.8M, 89.8M; xxlarge 223.2M).
+  (this file counts 11.8M, 63.8M, 37.8M, 89.8M: each within 1M of [1]'s, not equal by
+  rounding; the E = H = 768 not-shared model 110.3M against [1] Table 3's 108M, as this
+  file keeps the 768 x 768 projection; xxlarge 223.2M).
   Table 5 (intrinsic accuracies, ALBERT-base): trained with NSP: MLM 54.5, NSP 90.5,
   SOP 52.0; trained with SOP: MLM 54.0, NSP 78.9, SOP 86.5 -- the NSP model is at chance on
   SOP, the SOP model solves NSP well. (The [1] numbers here are as recalled: the paper's
-  text could not be opened from this machine. The Table 3/4 counts agree with this file's
-  to rounding; Table 1's 235M for xxlarge does not follow from the released sizes.)
+  text could not be opened from this machine; a second reader recalls the same numbers.
+  Table 1's 235M for xxlarge does not follow from the released sizes.)
 
 Differences from the paper:
 - Data: characters of the pydoc text with 4 special tokens instead of BooksCorpus +
@@ -83,7 +98,8 @@ Differences from the paper:
   released lamb_optimizer.py has no bias correction and excludes LayerNorm and bias
   parameters from the trust ratio. LAMB's step is lr ||p|| per layer, so tiny models with
   N(0, 0.02) weights need a larger lr (0.02 in the tests and in quick) than 0.00176.
-- No dropout (the released ALBERT configs set both dropout probabilities to 0, [1] Sec. 4.9);
+- No dropout (the released ALBERT configs set both dropout probabilities to 0; [1] Sec. 4.8
+  [M] on removing it);
   weights N(0, 0.02) instead of a truncated normal; GELU is the tanh form (modeling.py).
 """
 
@@ -149,9 +165,13 @@ class Config:
     short_seq_prob: float = 0.1
     """instances whose target length is drawn in [2, seq_len - 3]"""
     dupe_factor: int = 40
-    """passes over the documents when building the instances (released default 40)"""
+    """passes over the documents when building the instances (released default 40; with
+    dynamic masking the copies differ only in target lengths, a_end and NSP negatives)"""
     batch_size: int = 4096
     """instances per update"""
+    micro_batches: int = 1
+    """the batch's gradient summed over this many sequential micro-batches (the same update,
+    batch_size / micro_batches rows of activations in memory at a time)"""
     train_steps: int = 125_000
     """updates"""
     lr: float = 0.00176
@@ -205,9 +225,12 @@ class Config:
         if self.dtype not in ("float32", "bfloat16"):
             raise ValueError(f"dtype={self.dtype!r} must be 'float32' or 'bfloat16'")
         for name in ("max_ngram", "dupe_factor", "max_positions", "eval_instances",
-                     "train_steps"):
+                     "train_steps", "micro_batches"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)} must be >= 1")
+        if self.batch_size % self.micro_batches:
+            raise ValueError(f"micro_batches={self.micro_batches} does not divide "
+                             f"batch_size={self.batch_size}")
         if self.warmup_steps < 0:
             raise ValueError(f"warmup_steps={self.warmup_steps} must be >= 0")
         if self.adam_eps <= 0:
@@ -236,8 +259,11 @@ PRESETS = {
                   d_model=64, num_layers=2, num_heads=4, d_ff=256, max_predictions_per_seq=10,
                   dupe_factor=2, batch_size=32, train_steps=1500, lr=2e-2, warmup_steps=150),
     # ALBERT-xxlarge ([1] Table 1, released xxlarge config)
-    "xxlarge": dict(d_model=4096, num_heads=64, d_ff=16384),
-    "paper": dict(),
+    "xxlarge": dict(d_model=4096, num_heads=64, d_ff=16384, micro_batches=512,
+                    dtype="bfloat16"),
+    # ALBERT-base, the released settings; the batch of 4096 in 64 micro-batches of 64 rows and
+    # bfloat16 matmuls so that one update fits one 80 GB GPU (arithmetic in the docstring)
+    "paper": dict(micro_batches=64, dtype="bfloat16"),
 }
 
 # --- DATA ---
@@ -373,9 +399,11 @@ def token_types(tokens, sep: int, pad: int):
 
 
 def ngram_length(key, avail, max_n: int):
-    """[1] Sec. 4.1: n in 1..min(max_n, avail) with p(n) proportional to 1/n."""
-    n = jnp.arange(1, max_n + 1)
-    return jax.random.categorical(key, jnp.where(n <= avail, -jnp.log(n), -jnp.inf)) + 1
+    """[1] Sec. 4.1, create_masked_lm_predictions: n in 1..max_n with p(n) proportional to
+    1/n, then cut to the `avail` candidates left (the released n-gram is the slice
+    cand_indexes[idx:idx + n], shorter at the end; no renormalisation)."""
+    n = jax.random.categorical(key, -jnp.log(jnp.arange(1, max_n + 1))) + 1
+    return jnp.minimum(n, avail)
 
 
 def mask_row(key, tokens, cfg: Config):
@@ -509,9 +537,11 @@ def nll(logits, labels):
     return -jnp.take_along_axis(jax.nn.log_softmax(logits, -1), labels[..., None], -1)[..., 0]
 
 
-def mlm_loss(logits, labels, weights):
-    """L_MLM: the weighted mean NLL over the predicted positions (denominator + 1e-5)."""
-    return (nll(logits, labels) * weights).sum() / (weights.sum() + 1e-5)
+def mlm_loss(logits, labels, weights, total=None):
+    """L_MLM: sum_j w_j nll_j / (total + 1e-5), total = sum_j w_j of the whole batch (given
+    when these rows are one micro-batch of it, so that the micro-batches' losses add up)."""
+    total = weights.sum() if total is None else total
+    return (nll(logits, labels) * weights).sum() / (total + 1e-5)
 
 
 def learning_rate(step, cfg: Config):
@@ -569,33 +599,52 @@ def init(key, cfg: Config) -> State:
 # --- UPDATE ---
 
 
+def host_rows(cfg: Config, i, j, sop):
+    """update's input pipeline, on the host (jax.pure_callback): rows i of the training SOP
+    instances if sop, else rows j of the NSP ones, as (tokens, labels). The instance arrays
+    stay numpy: no jit program holds them as constants."""
+    x, y = instances(cfg, "train", "sop" if np.asarray(sop) > 0 else "nsp")
+    rows = np.asarray(i if np.asarray(sop) > 0 else j)
+    return x[rows], y[rows]
+
+
 def update(state: State, cfg: Config):
-    s, model = specials(cfg), model_of(cfg)
+    s, model, B, M = specials(cfg), model_of(cfg), cfg.batch_size, cfg.micro_batches
     key, k_sop, k_nsp, k_mask = jax.random.split(state.key, 4)
-    sop_x, sop_y = (jnp.asarray(a) for a in instances(cfg, "train", "sop"))
-    nsp_x, nsp_y = (jnp.asarray(a) for a in instances(cfg, "train", "nsp"))
-    i = jax.random.randint(k_sop, (cfg.batch_size,), 0, sop_x.shape[0])
-    j = jax.random.randint(k_nsp, (cfg.batch_size,), 0, nsp_x.shape[0])
-    tokens = jnp.where(state.sop > 0, sop_x[i], nsp_x[j])
-    y = jnp.where(state.sop > 0, sop_y[i], nsp_y[j])
+    n_sop, n_nsp = (len(instances(cfg, "train", t)[1]) for t in ("sop", "nsp"))
+    i = jax.random.randint(k_sop, (B,), 0, n_sop)
+    j = jax.random.randint(k_nsp, (B,), 0, n_nsp)
+    tokens, y = jax.pure_callback(
+        functools.partial(host_rows, cfg), (jax.ShapeDtypeStruct((B, cfg.seq_len), jnp.int32),
+                                            jax.ShapeDtypeStruct((B,), jnp.int32)),
+        i, j, state.sop, vmap_method="sequential")
     inputs, positions, labels, weights, spans = mask_tokens(k_mask, tokens, cfg)
     types = token_types(inputs, s["sep"], s["pad"])
+    total = weights.sum()
 
-    def loss_fn(p):
-        mlm, sentence = model.apply(p, inputs, types, positions)
-        l_mlm, l_sent = mlm_loss(mlm, labels, weights), nll(sentence, y).mean()
-        return l_mlm + l_sent, (l_mlm, l_sent, mlm, sentence)
+    def loss_fn(p, batch):  # one micro-batch's share of L_MLM + L_SOP over the whole batch
+        x, t, pos, lab, w, yy = batch
+        mlm, sentence = model.apply(p, x, t, pos)
+        l_mlm, l_sent = mlm_loss(mlm, lab, w, total), nll(sentence, yy).sum() / B
+        hits = ((mlm.argmax(-1) == lab) * w).sum(), (sentence.argmax(-1) == yy).sum()
+        return l_mlm + l_sent, (l_mlm, l_sent, *hits)
 
-    (loss, (l_mlm, l_sent, mlm, sentence)), grads = jax.value_and_grad(
-        loss_fn, has_aux=True)(state.params)
+    def micro(grads, batch):  # gradient accumulation: the sum over micro-batches is exact
+        (_, aux), g = jax.value_and_grad(loss_fn, has_aux=True)(state.params, batch)
+        return jax.tree.map(jnp.add, grads, g), aux
+
+    batches = tuple(a.reshape(M, B // M, *a.shape[1:])
+                    for a in (inputs, types, positions, labels, weights, y))
+    grads, aux = jax.lax.scan(micro, jax.tree.map(jnp.zeros_like, state.params), batches)
+    l_mlm, l_sent, mlm_hits, sent_hits = (a.sum() for a in aux)
+    loss = l_mlm + l_sent
     updates, opt = optimizer(cfg).update(grads, state.opt, state.params)
     params = optax.apply_updates(state.params, updates)
-    hits = (mlm.argmax(-1) == labels) * weights
     metrics = {"losses/loss": loss, "losses/mlm": l_mlm, "losses/sentence": l_sent,
-               "charts/mlm_acc": hits.sum() / jnp.maximum(weights.sum(), 1),
+               "charts/mlm_acc": mlm_hits / jnp.maximum(weights.sum(), 1),
                "charts/unigram_acc": ((labels == unigram_mode(cfg)) * weights).sum()
                / jnp.maximum(weights.sum(), 1),
-               "charts/sentence_acc": (sentence.argmax(-1) == y).mean(),
+               "charts/sentence_acc": sent_hits / B,
                "charts/predicted_frac": weights.sum() / (tokens != s["pad"]).sum(),
                "charts/lr": learning_rate(state.step, cfg),
                "charts/grad_norm": optax.global_norm(grads)}

@@ -56,7 +56,8 @@ def test_parameter_counts_factorised_and_shared():
     does not grow with depth; the factorised model saves (V + P + 7 + 2H)(H - E) against the
     same model at E = H (V x E + E x H instead of V x H, [1] Sec. 3.1). One (V, E) table (the
     MLM output is tied to it). ALBERT-base: all-shared 11.8M, shared-attention 63.8M,
-    shared-FFN 37.8M, not-shared 89.8M: [1] Tables 3/4 give 12M, 64M, 38M, 89M. E = H = 768
+    shared-FFN 37.8M, not-shared 89.8M: [1] Tables 3/4 give 12M, 64M, 38M, 89M (each within
+    1M of ours; 89.8M is not 89M by rounding). E = H = 768
     not-shared: 110.3M ([1] Table 3: 108M; ours keeps the 768 x 768 projection); xxlarge
     223.2M ([1] Table 1 says 235M, which the released sizes do not give)."""
     rows = albert.specials(TINY)["rows"]
@@ -78,16 +79,19 @@ def test_parameter_counts_factorised_and_shared():
     bert_like = _formula(dataclasses.replace(base, share="none", embedding_size=768), 30000)
     xxl = _formula(albert.Config(**albert.PRESETS["xxlarge"]), 30000)
     print(millions, bert_like, xxl)
-    assert [round(millions[s]) for s in ("all", "attention", "ffn", "none")] == [12, 64, 38, 90]
+    paper = {"all": 12, "attention": 64, "ffn": 38, "none": 89}  # [1] Tables 3/4, millions
+    assert all(abs(millions[s] - paper[s]) < 1 for s in paper), millions
     assert 110e6 < bert_like < 111e6 and 223e6 < xxl < 224e6
 
 
 def test_ngram_lengths_follow_one_over_n():
     """[1] Sec. 4.1: p(n) = (1/n) / sum_{m <= 3} 1/m = 6/11, 3/11, 2/11 (+-0.01 over 40,000
-    draws); with 2 candidates left 2/3, 1/3; with 1 left always 1."""
+    draws); near the end the draw is cut as the released create_masked_lm_predictions
+    slices cand_indexes[idx:idx + n]: with 2 candidates left 6/11, 5/11 (not renormalised
+    to 2/3, 1/3); with 1 left always 1."""
     keys = jax.random.split(jax.random.PRNGKey(1), 40_000)
     draw = jit0(lambda k, a: jax.vmap(lambda k: albert.ngram_length(k, a, 3))(k))
-    for avail, want in ((7, [6 / 11, 3 / 11, 2 / 11]), (2, [2 / 3, 1 / 3, 0]), (1, [1, 0, 0])):
+    for avail, want in ((7, [6 / 11, 3 / 11, 2 / 11]), (2, [6 / 11, 5 / 11, 0]), (1, [1, 0, 0])):
         n = np.asarray(draw(keys, avail))
         np.testing.assert_allclose(np.bincount(n, minlength=4)[1:] / n.size, want, atol=0.01)
 
@@ -97,7 +101,9 @@ def test_ngram_masking():
     never [CLS], [SEP] or [PAD]; at most k tokens predicted (k in 99% of rows); the masked
     n-grams are runs of consecutive candidates whose lengths sum to the predicted count, and
     a third or more of the predicted tokens sit in 2- and 3-grams (1/n sampling; the n = 1
-    masking of BERT gives only adjacent singles by chance); 80/10/10 [MASK]/random/same."""
+    masking of BERT gives only adjacent singles by chance); each row's covered candidates
+    form at most as many runs (of consecutive candidates) as it has accepted n-grams;
+    80/10/10 [MASK]/random/same."""
     s = albert.specials(TINY)
     x = albert.instances(TINY, "train", "sop")[0][:2048]
     inputs, pos, labels, w, spans = (np.asarray(a) for a in jit0(
@@ -113,6 +119,10 @@ def test_ngram_masking():
     assert not (chosen & np.isin(x, [s["cls"], s["sep"], s["pad"]])).any()
     np.testing.assert_array_equal(labels[w > 0], x[rows[w > 0], pos[w > 0]])
     np.testing.assert_array_equal(inputs[~chosen], x[~chosen])
+    cand = ~np.isin(x, [s["cls"], s["sep"], s["pad"]])
+    runs = np.array([(np.diff(np.r_[0, c[m].astype(int)]) == 1).sum()
+                     for c, m in zip(chosen, cand, strict=True)])
+    assert (runs <= spans.sum(1)).all(), (runs, spans.sum(1))
     in_long = (spans[:, 1:] * np.arange(2, 4)).sum() / w.sum()
     print("spans", spans.sum(0) / spans.sum(), "tokens in 2/3-grams", in_long)
     assert in_long > 0.33, in_long
@@ -145,6 +155,49 @@ def test_sop_and_nsp_instances():
     a, b = list(range(5)), list(range(10, 13))
     albert.truncate_seq_pair(a, b, 6, random.Random(1))
     assert len(a) == 3 and len(b) == 3
+
+
+def test_forward_pass_ignores_padding_and_sees_both_sides(tiny_run):
+    """The network as update applies it, with the tiny run's trained parameters (seed 0),
+    on held-out rows of TINY: the MLM logits at the predicted positions and the sentence
+    logits are the same (1e-4) when the padded tail is cut off ([PAD] keys masked, -10000
+    in modeling.py; measured: equal bit for bit), and a token change moves the predictions
+    on both sides of it (bidirectional: no causal mask; measured: by 0.009 and 0.010 or more
+    in every row, the gate 1e-3)."""
+    s = albert.specials(TINY)
+    x = albert.instances(TINY, "val", "sop")[0]
+    n_real = (x != s["pad"]).sum(1)
+    x = x[n_real <= 16][:64]
+    assert len(x) >= 16
+    params = jax.tree.map(lambda a: a[0], jax.device_get(tiny_run.state.params))
+    model = albert.model_of(TINY)
+    pos = np.tile(np.arange(1, 5), (len(x), 1))
+    fwd = jit0(lambda p, t, q: model.apply(p, t, albert.token_types(t, s["sep"], s["pad"]), q))
+    full, cut = fwd(params, x, pos), fwd(params, x[:, :16], pos)
+    for a, b in zip(full, cut, strict=True):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-4)
+    y = x.copy()
+    y[:, 2] = (y[:, 2] + 1) % s["chars"]  # change token 2 of every row
+    moved = np.abs(np.asarray(fwd(params, y, pos)[0] - full[0])).max(-1)  # (rows, 4 positions)
+    print("moved", moved.min(0))
+    assert (moved[:, [0, 2]] > 1e-3).all(), moved  # positions 1 and 3: before and after
+
+
+def test_mlm_loss_by_hand():
+    """L_MLM = sum_j w_j (-log softmax(z_j)[x_j]) / (sum_j w_j + 1e-5) on 3 positions of
+    vocab 3 (the third unweighted), by hand in float64; the two halves of a batch, each
+    divided by the whole batch's weight, add up to it (update's micro-batches); no
+    prediction gives 0, not NaN."""
+    z = np.array([[[2.0, 0.0, -1.0], [0.5, 0.5, 3.0], [9.0, -9.0, 0.0]]], np.float32)
+    lab, w = np.array([[0, 1, 1]]), np.array([[1.0, 1.0, 0.0]], np.float32)
+    lse = np.log(np.exp(z[0].astype(np.float64)).sum(-1))
+    want = ((lse[0] - 2.0) + (lse[1] - 0.5)) / (2 + 1e-5)
+    loss = jit0(albert.mlm_loss)
+    np.testing.assert_allclose(float(loss(z, lab, w)), want, rtol=1e-6)
+    halves = [jit0(albert.mlm_loss)(z[:, i:j], lab[:, i:j], w[:, i:j], np.float32(2.0))
+              for i, j in ((0, 1), (1, 3))]
+    np.testing.assert_allclose(float(sum(halves)), want, rtol=1e-6)
+    assert float(loss(z, lab, 0 * w)) == 0.0
 
 
 def test_lamb_first_step_and_schedule():
@@ -192,25 +245,27 @@ def tiny_run(tmp_path_factory):
 def test_mlm_beats_the_unigram_guess_short(tiny_run):
     """Short behaviour test, one compiled run of 300 LAMB updates: held out, the n-gram
     masked LM of both seeds (SOP-trained and its NSP twin) predicts the masked characters
-    better than the unigram guess on the same positions (+0.02), its loss falls by more than
+    better than the unigram guess on the same positions (+0.01), its loss falls by more than
     a nat. At this length neither sentence head has learned its task yet (both near chance);
-    [1] Table 5's SOP-vs-NSP finding is the slow gate's. Measured (2-core CPU, loaded): MLM
-    loss 3.72 / 3.72 -> 2.55 / 2.57 nats (mean of the last 20 updates), held-out MLM acc
-    0.345 / 0.332 vs unigram 0.306; held-out SOP acc 0.50 / 0.50, NSP acc 0.45 / 0.55.
-    Broken variant (the MLM loss zeroed in update): held-out MLM acc 0.013 / 0.011, MLM loss
-    3.72 -> 3.73 / 3.72: fails both asserts."""
+    [1] Table 5's SOP-vs-NSP finding is the slow gate's. Measured (2-core CPU, loaded, the
+    released n-gram law): MLM loss 3.72 / 3.72 -> 2.55 / 2.56 nats (mean of the last 20
+    updates), held-out MLM acc 0.338 / 0.334 vs unigram 0.309 (margins 0.020 / 0.016 over
+    the gate); held-out SOP acc 0.50 / 0.50, NSP acc 0.45 / 0.55. Broken variant (the MLM
+    loss zeroed in update; measured before the n-gram change): held-out MLM acc 0.013 /
+    0.011, MLM loss 3.72 -> 3.73 / 3.72: fails both asserts by far."""
     f = {k: np.asarray(v) for k, v in tiny_run.final.items()}
     h = tiny_run.history
     print(f, h["losses/mlm"][:, 0], h["losses/mlm"][:, -20:].mean(1))
-    assert (f["val_mlm_acc"] > f["val_unigram_acc"] + 0.02).all(), f
+    assert (f["val_mlm_acc"] > f["val_unigram_acc"] + 0.01).all(), f
     assert (h["losses/mlm"][:, -20:].mean(1) < h["losses/mlm"][:, 0] - 1.0).all()
 
 
 def test_train_is_pure_and_seeded(tiny_run):
     """The runner's first chunk, rerun on the same initial states (the same compiled
     program: its init and chunk of CHUNK updates are persistent-cache hits), gives the
-    run's first rows bit for bit; the SOP seed and its NSP twin start from the same
-    parameters and differ after training."""
+    run's first rows bit for bit (the SOP seed and its NSP twin start from the same
+    parameters). The same chunk from the file's own init with two different keys (both
+    SOP): the parameters, the instances drawn and the losses differ between the seeds."""
     states = run.initial_states(_twin_init, TINY, 0, 2)
     np.testing.assert_array_equal(states.sop, [1, 0])
     step = run.make_chunk(albert.update, TINY, CHUNK, parallel.seed_sharding(2), 2)
@@ -218,9 +273,26 @@ def test_train_is_pure_and_seeded(tiny_run):
     state, metrics = jax.device_get(step(states))
     for k in tiny_run.history:
         np.testing.assert_array_equal(tiny_run.history[k][:, :CHUNK], metrics[k], err_msg=k)
+    assert np.isfinite(tiny_run.history["losses/loss"]).all()
+    seeded = run.initial_states(_INIT, TINY, 0, 2)
+    np.testing.assert_array_equal(seeded.sop, [1, 1])
+    state, metrics = jax.device_get(step(seeded))
     kernel = next(x for x in jax.tree.leaves(state.params) if x.ndim >= 3)
     assert not np.array_equal(kernel[0], kernel[1])
-    assert np.isfinite(tiny_run.history["losses/loss"]).all()
+    for k in ("losses/mlm", "losses/sentence", "charts/predicted_frac"):
+        assert not np.array_equal(metrics[k][0], metrics[k][1]), k
+
+
+def test_micro_batches_give_the_same_update(tiny_run):
+    """Gradient accumulation is exact: update with the batch of 16 in 4 micro-batches of 4
+    (each micro-batch's MLM loss divided by the whole batch's weight) gives the run's first
+    logged losses, accuracies and gradient norm (rtol 1e-5)."""
+    state = jax.tree.map(lambda a: a[0], jax.device_get(run.initial_states(_twin_init, TINY, 0, 2)))
+    micro = dataclasses.replace(TINY, micro_batches=4)
+    _, m = jit0(albert.update, 1)(state, micro)
+    for k in ("losses/mlm", "losses/sentence", "charts/mlm_acc", "charts/grad_norm"):
+        np.testing.assert_allclose(float(m[k]), tiny_run.history[k][0, 0], rtol=1e-5,
+                                   err_msg=k)
 
 
 def test_cli_runs_and_documents_every_field(tiny_run, capsys):
@@ -244,6 +316,8 @@ def test_bad_values_fail_with_named_field(tmp_path):
         albert.main(["--sentence-task", "x", "--run-dir", str(tmp_path)])
     with pytest.raises(ValueError, match="max_ngram=0"):
         albert.main(["--max-ngram", "0", "--run-dir", str(tmp_path)])
+    with pytest.raises(ValueError, match="micro_batches=3 does not divide batch_size=4096"):
+        albert.main(["--micro-batches", "3", "--run-dir", str(tmp_path)])
     for bad in ("1.0", "0"):
         with pytest.raises(ValueError, match=f"val_fraction={float(bad)}"):
             albert.main(["--val-fraction", bad, "--run-dir", str(tmp_path)])
