@@ -44,28 +44,42 @@ Differences from the paper:
   uncontrollable noisy TV in the start room (GridMaze-FourRooms-NoisyTV), vector
   observations (row, col)/12 plus the 8 TV features. E is then an MLP; the ResNet-18
   embedding (`ResNet18`, [1] Sec. 2) is used for pixel observations (3-d obs) only.
-- R-network: the released ResNet-18 (BN-ReLU blocks, 512-d output) and comparator (BN-ReLU,
-  4 x dense 512 BN-ReLU, softmax over 2) without batch normalisation (stateless networks
-  in one jitted update); the embedding network is trained, not frozen.
+- R-network: the released ResNet-18 (BN-ReLU blocks, 512-d output) and comparator (ReLU of
+  [e_i, e_j], 4 x dense 512 ReLU, softmax over 2) without batch normalisation (stateless
+  networks in one jitted update); E and C train together (released
+  trainable_bottom_network=True). The released keras_resnet convs use he_normal
+  initialisation and L2 1e-4; here Flax's default (lecun_normal) and no weight decay (PPO's
+  Adam would apply it to the policy as well). The memory keeps observations (a pixel memory
+  of 12 x 200 x 84x84x4 bytes is 68 MB) and re-embeds them at every rollout.
 - Online training: the released code trains the R-network for 10 epochs (batch 64, Keras
   Adam at its default 1e-3) after every 60,000 vectorised steps, on the pairs of the last
   60,000 steps. Here the R-network's loss joins every PPO minibatch (r_batch_size pairs
   drawn from the history of the same length), in the same Adam step and learning-rate
-  schedule as the policy. Positives: a random gap in [1, k] either way; negatives: a
+  schedule as the policy, and under PPO's global gradient-norm clip of 0.5, which the
+  policy's and the R-network's gradients share (a large R-network gradient shrinks the
+  policy's step). Positives: a random gap in [1, k] either way; negatives: a
   uniform step of the same episode more than gamma k away (as released); pairs across an
   episode boundary or out of the history are dropped and the loss is the mean of the
   positive and the negative classes' cross-entropies (the released sampler draws 50/50
   labels).
 - gamma = 5 is the released code's NEGATIVE_SAMPLE_MULTIPLIER; the issue's 1.2 could not
   be verified in the paper's text here. k = 5 (MAX_ACTION_DISTANCE).
-- Insertion: the released code stores e when C^M(e) < 0.5 = beta; here when
-  beta - C^M(e) > b_novelty with b_novelty = 0, the same rule, on the unscaled bonus so
-  that it holds while alpha is 0 (warm-up, or the PPO baseline).
+- beta = 1, not the released 0.5: [1] Sec. 2 advises beta = 0.5 for fixed-duration
+  episodes (DMLab, VizDoom) and beta = 1 where an episode can have variable length; the
+  grid's episodes end at the goal, and with beta = 0.5 every revisit earns a negative
+  reward, which pays the agent to end episodes early.
+- Insertion: the released code stores e when C^M(e) < 0.5 (similarity_threshold); here
+  when beta - C^M(e) > b_novelty with b_novelty = beta - 0.5 = 0.5, the same rule, on the
+  unscaled bonus so that it holds while alpha is 0 (warm-up, or the PPO baseline).
 - The bonus is switched off (alpha = 0) for the first `bonus_start_steps` steps of every
   env (released: exploration_reward_min_step = 60,000), and is 0 on the step that ends an
-  episode (as released). It is computed after the rollout from the embeddings of the
-  observations the envs moved to; the policy never sees the memory, so this equals doing
-  it step by step.
+  episode (as released); the switch is checked once per rollout, so it comes on at the
+  first rollout boundary after bonus_start_steps (60,160 steps for the paper preset). It
+  is computed after the rollout from the observations the envs moved to; the policy never
+  sees the memory, so within a rollout this equals doing it step by step. The released
+  R-network changes only every 60,000 steps; here it takes num_epochs x num_minibatches
+  Adam steps per rollout, so the memory is re-embedded with the current E at each rollout
+  (its embeddings never mix two R-networks).
 - PPO: common.rl's learner (value clip, per-minibatch advantage normalisation, global
   clip 0.5) with the released hyperparameters (12 envs x 256 steps, 4 epochs x 4
   minibatches, lr 2.5e-4 annealed, gamma 0.99, lambda 0.95, clip 0.1, entropy 0.00205);
@@ -80,7 +94,7 @@ import jax.numpy as jnp
 from flax import struct
 
 from common import envs, run
-from common.nets import MLP
+from common.nets import orthogonal
 from common.rl import Bonus, PPOConfig, make_ppo
 
 # --- CONFIG ---
@@ -120,10 +134,12 @@ class Config:
     """hidden sizes of the policy and value MLPs"""
     bonus_scale: float = 0.03017241379310345
     """[1] Sec. 2 alpha: b = alpha (beta - C^M) (released scale_surrogate_reward; 0: PPO)"""
-    bonus_offset: float = 0.5
-    """[1] Sec. 2 beta (0.5 for fixed-length episodes)"""
-    novelty_threshold: float = 0.0
-    """b_novelty: store e in M when beta - C^M(e) exceeds it"""
+    bonus_offset: float = 1.0
+    """[1] Sec. 2 beta: 1 for episodes of variable length (the grids end at the goal), 0.5
+    for fixed-length ones (released DMLab)"""
+    novelty_threshold: float = 0.5
+    """b_novelty: store e in M when beta - C^M(e) exceeds it (beta - 0.5: the released
+    rule C^M < 0.5)"""
     memory_size: int = 200
     """episodic memory capacity per env (released EpisodicMemory.capacity)"""
     percentile: float = 90.0
@@ -133,7 +149,8 @@ class Config:
     negative_gap: float = 5.0
     """gamma: pairs more than gamma k steps apart are unreachable (released: 5)"""
     history_size: int = 60_000
-    """steps per env kept to draw R-network pairs from (released observation_history_size)"""
+    """steps per env kept to draw R-network pairs from (released observation_history_size;
+    pixels: 60,000 x 12 envs x 84x84x4 bytes is 20 GB, use a smaller one)"""
     r_batch_size: int = 64
     """R-network pairs per PPO minibatch (released batch 64)"""
     bonus_start_steps: int = 60_000
@@ -145,7 +162,7 @@ class Config:
     comparator_hidden: tuple[int, ...] = (512, 512, 512, 512)
     """hidden sizes of the comparator MLP C (released: 4 x 512)"""
     dtype: str = "float32"
-    """compute dtype of the R-network: float32 or bfloat16 (accelerators)"""
+    """compute dtype of the R-network (E and C): float32 or bfloat16 (accelerators)"""
     max_episode_steps: int = 100
     """grid envs: episode cap in steps"""
     coverage_grid: int = 32
@@ -251,8 +268,11 @@ class RNetwork(nn.Module):
         if self.pixels:
             self.E = ResNet18(self.embedding_dim, self.dtype)
         else:
-            self.E = nn.Sequential([MLP(self.embed_hidden), nn.Dense(self.embedding_dim)])
-        self.C = nn.Sequential([*(layer for h in self.comparator_hidden for layer in (
+            self.E = nn.Sequential([*(layer for h in self.embed_hidden for layer in (
+                nn.Dense(h, dtype=self.dtype, kernel_init=orthogonal()), nn.tanh)),
+                nn.Dense(self.embedding_dim, dtype=self.dtype)])
+        # released _top_network: concat -> ReLU -> 4 x (dense 512 -> ReLU) -> dense 2
+        self.C = nn.Sequential([nn.relu, *(layer for h in self.comparator_hidden for layer in (
             nn.Dense(h, dtype=self.dtype), nn.relu)), nn.Dense(2, dtype=self.dtype)])
 
     def embed(self, obs):
@@ -291,10 +311,12 @@ def aggregate(similarities, valid, percentile):
 
 def insert(memory, count, e, add, key):
     """Store e in slot `count` while the memory has room, else in a uniformly random slot
-    (released EpisodicMemory(replacement='random')); count counts every insertion."""
-    size = memory.shape[0]
-    idx = jnp.where(count < size, count, jax.random.randint(key, (), 0, size))
-    memory = jnp.where(add, memory.at[jnp.minimum(idx, size - 1)].set(e), memory)
+    (released EpisodicMemory(replacement='random')); count counts every insertion. memory
+    and e may be pytrees (e.g. an observation and its embedding), written to one slot."""
+    size = jax.tree.leaves(memory)[0].shape[0]
+    idx = jnp.minimum(jnp.where(count < size, count, jax.random.randint(key, (), 0, size)),
+                      size - 1)
+    memory = jax.tree.map(lambda m, x: jnp.where(add, m.at[idx].set(x), m), memory, e)
     return memory, count + add.astype(count.dtype)
 
 
@@ -303,7 +325,8 @@ def memory_step(memory, count, e, similarities, done, key, *, beta, novelty_thre
     """One env, one step: the novelty beta - C^M(e) against the memory, then the memory
     update: at an episode end it restarts with e alone, else e is stored when the novelty
     exceeds b_novelty. Returns (memory, count, novelty); the novelty is 0 where done."""
-    valid = jnp.arange(memory.shape[0]) < jnp.minimum(count, memory.shape[0])
+    size = jax.tree.leaves(memory)[0].shape[0]
+    valid = jnp.arange(size) < jnp.minimum(count, size)
     novelty = beta - aggregate(similarities, valid, percentile)
     add = done | (novelty > novelty_threshold)
     memory, count = insert(memory, jnp.where(done, 0, count), e, add, key)
@@ -379,7 +402,7 @@ def r_network_loss(rnet, params, history, episode, filled, key, *, num, k, gap):
 
 @struct.dataclass
 class ECStats:
-    memory: jax.Array  # (N, M, D) episodic memories of embeddings, one per env
+    memory: jax.Array  # (N, M, ...) episodic memories of observations, one per env
     count: jax.Array  # (N,) int32 insertions this episode (slots used: min(count, M))
     history: jax.Array  # (H, N, ...) the last H observations of every env, oldest first
     episode: jax.Array  # (H, N) int32 episode id of each of them
@@ -400,7 +423,7 @@ def make_bonus(cfg: Config, rnet: RNetwork, num_envs: int) -> Bonus:
         h = cfg.history_size
         zero_i = jnp.zeros((), jnp.int32)
         stats = ECStats(
-            memory=jnp.zeros((num_envs, cfg.memory_size, cfg.embedding_dim)),
+            memory=jnp.zeros((num_envs, cfg.memory_size, *obs.shape[1:]), obs.dtype),
             count=jnp.zeros(num_envs, jnp.int32),
             history=jnp.zeros((h, *obs.shape), obs.dtype), episode=jnp.zeros((h, num_envs),
                                                                               jnp.int32),
@@ -410,23 +433,29 @@ def make_bonus(cfg: Config, rnet: RNetwork, num_envs: int) -> Bonus:
 
     def reward(params, stats: ECStats, b):
         t_len = b["done"].shape[0]
-        e = rnet.apply(params, b["next_obs"], method=RNetwork.embed)  # (T, N, D)
+        embed = lambda o: rnet.apply(params, o, method=RNetwork.embed)
+        e = embed(b["next_obs"])  # (T, N, D)
+        # The memory keeps observations and re-embeds them with the current E, so that C
+        # never compares embeddings of two different R-networks (the R-network trains
+        # between rollouts, within an episode).
+        mem_e = embed(stats.memory)  # (N, M, D)
         key, k_mem = jax.random.split(stats.key)
         step_fn = jax.vmap(lambda m, c, e, s, d, k: memory_step(
             m, c, e, s, d, k, beta=cfg.bonus_offset, novelty_threshold=cfg.novelty_threshold,
             percentile=cfg.percentile))
 
         def step(carry, x):
-            memory, count = carry
-            e_t, done_t, k_t = x
-            sims = reachability(rnet, params, jnp.broadcast_to(e_t[:, None], memory.shape),
-                                memory)  # (N, M)
-            memory, count, novelty = step_fn(memory, count, e_t, sims, done_t,
+            memory, count = carry  # memory: (observations, their embeddings)
+            o_t, e_t, done_t, k_t = x
+            sims = reachability(rnet, params, jnp.broadcast_to(e_t[:, None], memory[1].shape),
+                                memory[1])  # (N, M)
+            memory, count, novelty = step_fn(memory, count, (o_t, e_t), sims, done_t,
                                              jax.random.split(k_t, e_t.shape[0]))
             return (memory, count), novelty
 
-        (memory, count), novelty = jax.lax.scan(
-            step, (stats.memory, stats.count), (e, b["done"], jax.random.split(k_mem, t_len)))
+        ((memory, _), count), novelty = jax.lax.scan(
+            step, ((stats.memory, mem_e), stats.count),
+            (b["next_obs"], e, b["done"], jax.random.split(k_mem, t_len)))
         on = stats.steps >= cfg.bonus_start_steps  # released exploration_reward_min_step
         r = jnp.where(on, stats.alpha, 0.0) * novelty  # [1] Sec. 2, (T, N)
         # The history of observations the R-network draws its pairs from: obs[t] belongs to
