@@ -20,7 +20,8 @@ restarts at a uniform x ([1] code: SVPG.step). One `update`:
     agent pi rolls out T steps in each randomized env E_{x_{i,t}} and in the reference env
     for each t: r_{i,t} = c (log mean_{(s,a,s') in tau_{i,t}} D_psi(s, a, s') - log 0.5)  (reward)
                 D_psi <- D_psi - lr grad BCE(D(tau_rand) -> 1, D(tau_ref) -> 0)   (discriminator)
-    particle critics: A_{i,t} = R_{i,t} - V_i(x_{i,t}),  R_{i,t} = r_{i,t} + gamma m_{i,t} R_{i,t+1}
+    particle critics: A_{i,t} = R_{i,t} - V_i(x_{i,t}),
+        R_{i,t} = r_{i,t} + gamma (1 - m_{i,t}) R_{i,t+1}   (m = 1 where the particle restarts)
     SVPG ([2] Eq. 8, [1] Alg. 1):
         phi_i = 1/n sum_j [ k(theta_j, theta_i) grad_{theta_j} J(theta_j) / alpha
                             + grad_{theta_j} k(theta_j, theta_i) ]
@@ -79,10 +80,11 @@ Differences from the paper (and the released code):
   the zero diagonal included, and log(n + 1)); [2]/SVGD use the median distance and log n.
   h^2 is floored at 1e-8 (the released code divides by zero for identical particles).
 - Discriminator: the released MLP (128-128 tanh, sigmoid, last layer x 0.1), Adam 3e-3,
-  batches of 320 per class drawn with replacement, one step per agent step of the instance
-  (`disc_iterations = 0`); kernels use torch's default init scale, biases zero (torch draws
-  them). Transitions that end an episode are left out (their s' is the next episode's).
-  Discrete actions enter as one-hot vectors.
+  batches of 320 per class drawn with replacement; per proposal step t, n T steps over the
+  n instances of that step (`disc_iterations = 0`: as many as the round's agent steps);
+  kernels use torch's default init scale, biases zero (torch draws them). Every transition
+  counts, the episode-ending ones included (s' is the true terminal state, as the released
+  rollouts). Discrete actions enter as one-hot vectors.
 - The reward scale c travels in the state (`State.reward_scale`, a sweepable coefficient).
 - Metrics: charts/episodic_return is NaN in an update where no randomized episode ended.
 """
@@ -151,7 +153,7 @@ class Config:
     disc_batch: int = 320
     """transitions per class in each discriminator step ([1] code 320)"""
     disc_iterations: int = 0
-    """discriminator steps per instance; 0: one per agent step of the instance ([1] code)"""
+    """discriminator steps per proposal step t (over its n instances); 0: n T ([1] code)"""
     num_steps: int = 200
     """T: agent steps per instance ([1] code: one episode; Pendulum-v1 episodes are 200)"""
     total_timesteps: int = 1_000_000
@@ -419,20 +421,70 @@ def particle_losses(cfg, actor, critic, xs, acts, restart, rewards, x_last):
     return -(logp * jax.lax.stop_gradient(adv)).mean(), 0.5 * (adv**2).mean()
 
 
+def svpg_update(cfg: Config, actor, critic, p_tx, particles, xs, acts, restart, rewards,
+                x_last):
+    """One SVPG step of all n particles (actor and critic params and Adam states, stacked
+    on axis 0) from their rollouts xs, acts [n, L, d], restart, rewards [n, L], x_last
+    [n, d]: critics by A2C, actors ascend phi ([2] Eq. 8). Returns (particles, mean value
+    loss, h^2)."""
+    actors, actor_opt, critics, critic_opt = particles
+
+    def losses(a_p, c_p, xs, acts, restart, r, xl):
+        return particle_losses(cfg, lambda z: actor.apply(a_p, z),
+                               lambda z: critic.apply(c_p, z), xs, acts, restart, r, xl)
+
+    grads = jax.vmap(jax.grad(lambda a, c, *r: sum(losses(a, c, *r)), argnums=(0, 1)))
+    g_actor, g_critic = grads(actors, critics, xs, acts, restart, rewards, x_last)
+    v_loss = jax.vmap(lambda *z: losses(*z)[1])(actors, critics, xs, acts, restart, rewards,
+                                                x_last).mean()
+    flat = jax.vmap(lambda p: ravel_pytree(p)[0])
+    unflat = ravel_pytree(jax.tree.map(lambda z: z[0], actors))[1]
+    phi, h2 = svpg_direction(flat(actors), -flat(g_actor), cfg.temperature)
+    upd, actor_opt = p_tx.update(jax.vmap(unflat)(-phi), actor_opt, actors)  # ascend phi
+    upd_c, critic_opt = p_tx.update(g_critic, critic_opt, critics)
+    return ((optax.apply_updates(actors, upd), actor_opt, optax.apply_updates(critics, upd_c),
+             critic_opt), v_loss, h2)
+
+
 # --- DISCRIMINATOR ---
 
 
-def disc_reward(logits, valid, scale) -> jax.Array:
-    """r = c (log(mean D + 1e-8) - log 0.5) over the valid transitions of one rollout
-    ([1] code calculate_rewards, add_pz): log 2 c when D = 1 everywhere, 0 at chance."""
-    score = (jax.nn.sigmoid(logits) * valid).sum() / jnp.maximum(valid.sum(), 1) + 1e-8
-    return scale * (jnp.log(score) - jnp.log(0.5))
+def disc_reward(logits, scale) -> jax.Array:
+    """r = c (log(mean D + 1e-8) - log 0.5) over the transitions of one rollout ([1] code
+    calculate_rewards, add_pz): log 2 c when D = 1 everywhere, 0 at chance."""
+    return scale * (jnp.log(jax.nn.sigmoid(logits).mean() + 1e-8) - jnp.log(0.5))
 
 
 def disc_loss(params, net, rand, ref):
     """BCE: randomized transitions labelled 1, reference ones 0 ([1] code)."""
     return -(jax.nn.log_sigmoid(net.apply(params, rand)).mean()
              + jax.nn.log_sigmoid(-net.apply(params, ref)).mean())
+
+
+def disc_round(cfg: Config, disc, d_tx, scale, carry, f, key):
+    """One proposal step t ([1] code, svpg_simulator_agent): the rewards of the n randomized
+    rollouts f[0] with D as it is, then `disc_iterations` Adam steps of BCE on batches of
+    `disc_batch` transitions per class drawn with replacement from the round's f [2, n, T, F]
+    (0: n T steps, the round's agent steps), then the mean D on the randomized and on the
+    reference transitions, both with the trained D (as get_score after train_discriminator).
+    Returns ((params, opt), (rewards [n], mean BCE, D randomized, D reference))."""
+    params, opt = carry
+    n, T = f.shape[1:3]
+    rewards = jax.vmap(disc_reward, (0, None))(disc.apply(params, f[0]), scale)
+    flat = f.reshape(2, n * T, -1)
+
+    def disc_step(carry, k):
+        params, opt = carry
+        k1, k2 = jax.random.split(k)
+        draw = lambda kk, i: flat[i, jax.random.randint(kk, (cfg.disc_batch,), 0, n * T)]
+        loss, g = jax.value_and_grad(disc_loss)(params, disc, draw(k1, 0), draw(k2, 1))
+        upd, opt = d_tx.update(g, opt, params)
+        return (optax.apply_updates(params, upd), opt), loss
+
+    iters = cfg.disc_iterations or n * T
+    (params, opt), losses = jax.lax.scan(disc_step, (params, opt), jax.random.split(key, iters))
+    score = jax.nn.sigmoid(disc.apply(params, f)).mean((1, 2))  # [2]: randomized, reference
+    return (params, opt), (rewards, losses.mean(), score[0], score[1])
 
 
 # --- ENVIRONMENT --- (every slot keeps its physics through auto-resets)
@@ -564,58 +616,20 @@ def update(state: State, cfg: Config):
 
     # --- DISCRIMINATOR --- per proposal step t: rewards first, then training ([1] code)
     feats = features(env, traj["obs"], traj["action"], traj["true_next"])  # [T, 2nL, F]
-    valid = (~traj["done"]).astype(jnp.float32)
     by_t = lambda z: jnp.swapaxes(z.reshape(T, 2, n, L, *z.shape[2:]), 0, 3)  # [L, 2, n, T]
-    feats_t, valid_t = by_t(feats), by_t(valid)
-    iters = cfg.disc_iterations or n * T
-
-    def disc_round(carry, inp):
-        params, opt = carry
-        f, v, k = inp  # [2, n, T, F], [2, n, T]
-        logits = disc.apply(params, f[0])  # [n, T]
-        rewards = jax.vmap(disc_reward, (0, 0, None))(logits, v[0], state.reward_scale)
-        flat_f, flat_v = f.reshape(2, n * T, -1), v.reshape(2, n * T)
-
-        def disc_step(carry, k):
-            params, opt = carry
-            k1, k2 = jax.random.split(k)
-            draw = lambda kk, i: flat_f[i, jax.random.choice(
-                kk, n * T, (cfg.disc_batch,), p=flat_v[i] / jnp.maximum(flat_v[i].sum(), 1))]
-            loss, g = jax.value_and_grad(disc_loss)(params, disc, draw(k1, 0), draw(k2, 1))
-            upd, opt = d_tx.update(g, opt, params)
-            return (optax.apply_updates(params, upd), opt), loss
-
-        (params, opt), losses = jax.lax.scan(disc_step, (params, opt), jax.random.split(k, iters))
-        p_rand = (jax.nn.sigmoid(logits) * v[0]).sum() / jnp.maximum(v[0].sum(), 1)
-        p_ref = (jax.nn.sigmoid(disc.apply(params, f[1])) * v[1]).sum() / jnp.maximum(
-            v[1].sum(), 1)
-        return (params, opt), (rewards, losses.mean(), p_rand, p_ref)
-
     (disc_params, disc_opt), (rewards, d_loss, p_rand, p_ref) = jax.lax.scan(
-        disc_round, (state.disc, state.disc_opt), (feats_t, valid_t, jax.random.split(k_disc, L)))
+        lambda c, inp: disc_round(cfg, disc, d_tx, state.reward_scale, c, *inp),
+        (state.disc, state.disc_opt), (by_t(feats), jax.random.split(k_disc, L)))
     rewards = rewards.T  # [n, L]
 
     # --- SVPG --- particle critics by A2C, actors by the Stein variational gradient
-    def losses(a_p, c_p, xs, acts, restart, r, xl):
-        return particle_losses(cfg, lambda z: actor.apply(a_p, z),
-                               lambda z: critic.apply(c_p, z), xs, acts, restart, r, xl)
-
-    grads = jax.vmap(jax.grad(lambda a, c, *r: sum(losses(a, c, *r)), argnums=(0, 1)))
-    g_actor, g_critic = grads(state.actors, state.critics, xs, acts, restart, rewards, x_next)
-    v_loss = jax.vmap(lambda *a: losses(*a)[1])(state.actors, state.critics, xs, acts, restart,
-                                                rewards, x_next).mean()
-    flat = jax.vmap(lambda p: ravel_pytree(p)[0])
-    unflat = ravel_pytree(jax.tree.map(lambda z: z[0], state.actors))[1]
-    phi, h2 = svpg_direction(flat(state.actors), -flat(g_actor), cfg.temperature)
-    actors, actor_opt, critics, critic_opt = (state.actors, state.actor_opt, state.critics,
-                                              state.critic_opt)
+    particles = (state.actors, state.actor_opt, state.critics, state.critic_opt)
+    new_particles, v_loss, h2 = svpg_update(cfg, actor, critic, p_tx, particles, xs, acts,
+                                            restart, rewards, x_next)
     if cfg.mode == "adr":
-        upd, actor_opt = p_tx.update(jax.vmap(unflat)(-phi), actor_opt, actors)  # ascend phi
-        actors = optax.apply_updates(actors, upd)
-        upd, critic_opt = p_tx.update(g_critic, critic_opt, critics)
-        critics = optax.apply_updates(critics, upd)
+        actors, actor_opt, critics, critic_opt = new_particles
     else:
-        x_next, t_next = state.x, state.t
+        (actors, actor_opt, critics, critic_opt), x_next, t_next = particles, state.x, state.t
 
     # --- AGENT --- one PPO update on the randomized rollouts
     half = lambda z: z[:, : n * L]
