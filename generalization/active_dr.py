@@ -48,20 +48,26 @@ ADR, one plot of where ADR samples and of the returns on the grid):
 main-engine range [8, 20] around 13, as multipliers), the released code's SVPG settings
 and 1M agent steps:
     python generalization/active_dr.py --preset paper
-[1]'s claims (qualitative, Sec. 5 [M]: the PDF was not at hand, only its abstract): on
-LunarLander uniform DR gives high-variance policies that fail at low engine strength, ADR
-samples those instances more often and generalizes better over the range; similar on
-Pusher-3DOF and ErgoReacher.
+[1]'s claims (its abstract, checked): uniform DR "may lead to suboptimal, high-variance
+policies", ADR "leads to more robust, consistent policies" (LunarLander, Pusher-3DOF,
+ErgoReacher, a real robot). Sec. 5 [M] (the body was not at hand): on LunarLander the
+uniform-DR agent fails at low main-engine strength and ADR samples those instances more
+often. The released code's hard eval env is main engine 10 (x 0.77, inside the box); the
+paper preset's target 0.5 lies outside it (our choice, not [1]'s setup).
 Ours (quick, CartPole-v1 pole length in [0.5, 4], PPO MLP 64x64, 500k agent steps, 2
-seeds, 32 episodes per condition; a loaded 2-core CPU, 11-16 min per run, 223 CPU-s):
-return at the held-out length x6: ADR 211 +- 13, uniform DR 210 +- 9, no DR 79 +- 0; in
-the box 239 / 218 / 186, nominal 250 / 208 / 208; gap 28 / 7 / 107. The discriminator
-separates the envs (D 0.95 randomized vs 0.01 reference at the end), but with alpha = 10
-(particle lr 1e-3) the proposals stay spread over the box (active_dr.png, mean length 2.2 at
-the end vs 2.25 uniform): in a check with a known reward r = x (4 particles, 300 SVPG
-steps, alpha 10, lr 3e-3) the mean x reaches 0.40-0.56 (0.40-0.46 with r = -x); with
-alpha 0.1, lr 3e-2 and moves of 0.2 (the behaviour test's setting) 0.53-0.66 vs 0.27-0.31
-(cf. montrealrobotics/active-domainrand#6: users saw near-uniform sampling).
+seeds; evaluate(): mean return of 32 episodes per condition and seed, then mean +- std over
+the 2 seeds; a 2-core CPU shared with about 8 other jobs, about 11 min wall per run,
+compile 90-200 s + loop 440-570 s): at the held-out length x6 (eval/target) ADR 222 +- 13,
+uniform DR 210 +- 9, no DR 79 +- 0; in the box (eval/in_dist) 223 / 218 / 186; nominal
+228 / 208 / 208; gap 0.5 / 7 / 107. ADR - uniform at the target (+12) is within the seeds'
+spread (ADR 209 / 236, uniform 202 / 219): no claim that ADR beats uniform DR here; both
+beat no DR by about 130. The discriminator separates the envs (D 0.99 on randomized vs
+0.008 on reference transitions in the last update, both after its steps). With alpha = 10
+(particle lr 1e-3) the proposals stay spread over the box (active_dr.png; mean length 2.51
+in the last update vs the box's middle 2.25). The SVPG step itself concentrates particles
+on a known reward's argmax when alpha is small (tests: alpha 1e-3, lr 1e-2, moves of 0.2,
+300 steps: mean x 0.49-0.73 with r = x - 1, 0.27-0.28 with r = -x, 6 keys); cf.
+montrealrobotics/active-domainrand#6 (users saw near-uniform sampling).
 
 Differences from the paper (and the released code):
 - Agent: PPO ([4], stochastic policy, GAE) on gymnax CartPole-v1 / Pendulum-v1, not DDPG on
@@ -85,6 +91,14 @@ Differences from the paper (and the released code):
   kernels use torch's default init scale, biases zero (torch draws them). Every transition
   counts, the episode-ending ones included (s' is the true terminal state, as the released
   rollouts). Discrete actions enter as one-hot vectors.
+- Particle nets: the actor's mean layer and the critic's output layer use an orthogonal
+  init of gain 1 (the released orthogonal_init uses sqrt(2) everywhere). For d > 1 the
+  particle's log-prob is summed over the d dimensions (the released code averages it over
+  L x d), which scales the policy gradient by d; every preset has d = 1.
+- `--mode uniform / none` still run the reference rollouts, the discriminator and the SVPG
+  gradients every update (nothing of it is applied; it keeps one code path).
+- quick preset only: 50 discriminator steps per proposal step (the released n T = 500) and
+  particle lr 1e-3 (released 3e-4), to fit a CPU and let the particles move in 200 updates.
 - The reward scale c travels in the state (`State.reward_scale`, a sweepable coefficient).
 - Metrics: charts/episodic_return is NaN in an update where no randomized episode ended.
 """
@@ -251,6 +265,8 @@ class Config:
 PRESETS = {
     # CPU demo: CartPole-v1, pole length in [0.5, 4] x nominal, 5 particles ([1] code's
     # "5p" runs) x 5 instances x 100 steps, 500k agent steps; minutes on 2 cores.
+    # disc_iterations 50 (released n T = 500) and particle_lr 1e-3 (released 3e-4): CPU
+    # time, and particles that move within 200 updates.
     "quick": dict(env_id="CartPole-v1", params=("length",), multiplier_min=(0.5,),
                   multiplier_max=(4.0,), target=(6.0,), num_particles=5, num_steps=100,
                   total_timesteps=500_000, lr=2.5e-4, num_epochs=4, num_minibatches=5,
