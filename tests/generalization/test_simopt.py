@@ -12,10 +12,10 @@ import pytest
 from scipy.ndimage import gaussian_filter1d
 from scipy.optimize import minimize_scalar
 
-from common import parallel, run
+from common import run
 from generalization import simopt as so
 from tests.common.cli import cli_args
-from tests.common.compiled import compiled
+from tests.common.compiled import compiled, main_recording_chunks
 from tests.common.config_fields import unread_fields
 from tests.common.preset import trace_paper
 
@@ -67,13 +67,20 @@ def test_reps_weights_solve_the_dual():
 
 
 def test_fit_gaussian_against_numpy():
+    """Weighted ML against numpy's weighted mean and biased weighted covariance; the damped
+    variant of [5] by hand."""
     x = np.random.default_rng(1).standard_normal((7, 2)).astype(np.float32)
     w = np.random.default_rng(2).uniform(size=7).astype(np.float32)
     w /= w.sum()
     mu, cov = so.fit_gaussian(jnp.asarray(x), jnp.asarray(w), 0.1)
     np.testing.assert_allclose(mu, np.average(x, axis=0, weights=w), atol=1e-6)
-    np.testing.assert_allclose(cov, np.cov(x.T, aweights=w, bias=True) + 0.01 * np.eye(2),
-                               atol=1e-6)
+    fit = np.cov(x.T, aweights=w, bias=True)
+    np.testing.assert_allclose(cov, fit + 0.01 * np.eye(2), atol=1e-6)
+    # [5]'s covariance damping 2: the old Sigma scaled by sqrt(tr(Sigma_old^-1 Sigma_fit) / d)
+    old = np.array([[2.0, 0.5], [0.5, 1.0]])
+    _, damped = so.fit_gaussian(jnp.asarray(x), jnp.asarray(w), 0.0, jnp.asarray(old), 2.0)
+    mult = np.sqrt(np.trace(np.linalg.inv(old) @ fit) / 2)
+    np.testing.assert_allclose(damped, mult * old, rtol=1e-5)
 
 
 def scripted(obs):
@@ -84,10 +91,11 @@ def scripted(obs):
 def test_reps_moves_mu_toward_xi_real():
     """Behaviour with the scripted policy, Pendulum-v1, xi_real = (m 1.6, l 1.2), p_phi_0 =
     N((1, 1), diag(0.4, 0.25)^2) (|mu_0 - xi_real| = 0.632), 4 sysid_step iterations of 16
-    samples, 2 real rollouts of 60 steps: |mu - xi_real| measured 0.21, 0.28, 0.19, 0.07.
+    samples, 2 real rollouts of 60 steps: |mu - xi_real| measured 0.215, 0.285, 0.193, 0.073.
     Broken variant in the same program: the discrepancy taken against the sim's own
-    rollouts (at mu_0) instead of the real ones: mu stays near (1, 1), 0.60-0.68 from
-    xi_real. (With inverted weights, exp(+D / eta), it drifts away: 1.1-1.5.)"""
+    rollouts (at mu_0) instead of the real ones: 0.30, 0.53, 0.58, 0.61 (mu returns to
+    (1, 1)). With inverted weights, exp(+D / eta), in sysid_step (tried once): 1.08, 1.49,
+    1.47, 1.46, and the test fails."""
     cfg = dataclasses.replace(TINY, num_samples=16, num_real_rollouts=2, sysid_steps=60)
     xi_real = jnp.asarray(cfg.xi_real)
 
@@ -113,19 +121,19 @@ def test_reps_moves_mu_toward_xi_real():
 
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
-    """TINY through the CLI: 2 seeds, its 2 iterations in one chunk."""
-    return so.main(cli_args(TINY, so.Config()) + [
-        "--num-seeds", str(SEEDS), "--log-every", "2", "--no-progress",
+    """TINY through the CLI: 2 seeds, its 2 iterations in one chunk (recorded for a rerun)."""
+    return main_recording_chunks(so.main, cli_args(TINY, so.Config()) + [
+        "--num-seeds", str(SEEDS), "--log-every", "2", "--no-progress", "--fast-compile",
         "--run-dir", str(tmp_path_factory.mktemp("simopt"))])
 
 
 def test_train_is_pure_and_cli_writes_its_files(tiny_run, capsys):
-    """The CLI trains 2 seeds in one vmapped program; its chunk rerun from the runner's
+    """The CLI trains 2 seeds in one vmapped program; its compiled chunk rerun on the same
     initial states gives bit-identical params, p_phi and metrics; the seeds differ; p_phi
     and the real return are logged per iteration; --help documents every field."""
-    first = tiny_run
-    states = run.initial_states(so.init, TINY, 0, SEEDS)
-    chunk = run.make_chunk(so.update, TINY, 2, parallel.seed_sharding(SEEDS), SEEDS)
+    first, chunks = tiny_run
+    assert len(chunks) == 1
+    chunk, states = chunks[0]
     again, metrics = chunk(states)
     metrics = run.mark_undefined(jax.device_get(metrics), run.NAN_UNLESS)
     jax.tree.map(np.testing.assert_array_equal, first.state.ppo.params, again.ppo.params)
