@@ -63,15 +63,23 @@ def test_svpg_direction_and_kernel_against_numpy():
     np.testing.assert_allclose(dk.sum(0), 0.0, atol=1e-5)  # pairwise terms cancel
 
 
+class Scale:  # a "network" whose logit is params x first feature
+    def apply(self, params, x):
+        return params * x[..., 0]
+
+
 def test_particle_returns_moves_and_discriminator_reward():
     """A2C of one particle with V = 0: rewards (1, 2, 3), restart after step 1, gamma 0.99,
     bootstrap V(x_last) = 0: R = (1 + 0.99 * 2, 2, 3) = (2.98, 2, 3); value loss 0.5 mean
-    R^2 = 3.3467. Moves: d = 1 clips a to [-1, 1] x 0.05; d = 2 scales to unit norm. The
-    discriminator reward c (log(mean D) - log 0.5): D = sigmoid(0) -> 0; D = (1, 1, 0), c = 2
-    -> 2 log(4/3) (every transition counts, the episode-ending ones too). Proposals
-    (always a = +1, moves of 0.05): from x = 0.5 after 23 moves it moves to 0.55, then
-    reaches the horizon of 25 and restarts at a uniform x (count back to 1, so 4 after the
-    5 proposals); a particle at x = 1 cannot move and restarts at once."""
+    R^2 = 3.3467; policy loss -mean(log N(0; 0, 1) A) = 0.5 log(2 pi) mean R = 2.4444 (the
+    sign flipped fails). BCE with logits 2 (randomized, label 1) and -1 (reference, label
+    0): softplus(-2) + softplus(-1) = 0.4402 (labels swapped: 3.44, fails). Moves: d = 1
+    clips a to [-1, 1] x 0.05; d = 2 scales to unit norm. The discriminator reward
+    c (log(mean D) - log 0.5): D = sigmoid(0) -> 0; D = (1, 1, 0), c = 2 -> 2 log(4/3)
+    (every transition counts, the episode-ending ones too). Proposals (always a = +1, moves
+    of 0.05): from x = 0.5 after 23 moves it moves to 0.55, then reaches the horizon of 25
+    and restarts at a uniform x (count back to 1, so 4 after the 5 proposals); a particle
+    at x = 1 cannot move and restarts at once."""
     zero = lambda x: jnp.zeros(x.shape[:-1])
     actor = lambda x: (jnp.zeros(x.shape), jnp.zeros(x.shape[-1:]))
     up = lambda x: (jnp.full(x.shape, 5.0), jnp.full(x.shape, -10.0))  # a = +1 (clipped)
@@ -82,15 +90,21 @@ def test_particle_returns_moves_and_discriminator_reward():
     def cases():  # one program
         return (adr.particle_losses(TINY, actor, zero, jnp.zeros((3, 1)), jnp.zeros((3, 1)),
                                     jnp.array([False, True, False]),
-                                    jnp.array([1.0, 2.0, 3.0]), jnp.zeros(1))[1],
+                                    jnp.array([1.0, 2.0, 3.0]), jnp.zeros(1)),
                 adr.move(cfg1, jnp.array([3.0])), adr.move(cfg2, jnp.array([3.0, 4.0])),
                 adr.disc_reward(jnp.zeros(3), 1.0),
                 adr.disc_reward(jnp.array([30.0, 30.0, -30.0]), 2.0),
                 adr.propose(cfg1, up, key, jnp.array([0.5]), jnp.array(23)),
-                adr.propose(cfg1, up, key, jnp.array([1.0]), jnp.array(0))[1][2])
+                adr.propose(cfg1, up, key, jnp.array([1.0]), jnp.array(0))[1][2],
+                adr.disc_loss(2.0, Scale(), jnp.array([[1.0]]), jnp.array([[-0.5]])))
 
-    vl, m1, m2, r0, r1, ((_, t_next), (x_seen, _, restart)), restart_top = compiled(cases)
+    (pl, vl), m1, m2, r0, r1, ((_, t_next), (x_seen, _, restart)), restart_top, bce = \
+        compiled(cases)
     np.testing.assert_allclose(vl, 0.5 * np.mean(np.square([2.98, 2.0, 3.0])), rtol=1e-5)
+    np.testing.assert_allclose(pl, 0.5 * np.log(2 * np.pi) * np.mean([2.98, 2.0, 3.0]),
+                               rtol=1e-5)
+    np.testing.assert_allclose(bce, np.log1p(np.exp(-2.0)) + np.log1p(np.exp(-1.0)),
+                               rtol=1e-5)
     np.testing.assert_allclose(m1, [0.05], rtol=1e-6)
     np.testing.assert_allclose(m2, [0.03, 0.04], rtol=1e-6)
     np.testing.assert_allclose(r0, 0.0, atol=1e-6)
