@@ -56,8 +56,8 @@ often. The released code's hard eval env is main engine 10 (x 0.77, inside the b
 paper preset's target 0.5 lies outside it (our choice, not [1]'s setup).
 Ours (quick, CartPole-v1 pole length in [0.5, 4], PPO MLP 64x64, 500k agent steps, 2
 seeds; evaluate(): mean return of 32 episodes per condition and seed, then mean +- std over
-the 2 seeds; a 2-core CPU shared with about 8 other jobs, about 11 min wall per run,
-compile 90-200 s + loop 440-570 s): at the held-out length x6 (eval/target) ADR 222 +- 13,
+the 2 seeds; a 2-core CPU shared with about 8 other jobs, 8-11 min wall per run,
+compile 18-200 s + loop 440-570 s): at the held-out length x6 (eval/target) ADR 222 +- 13,
 uniform DR 210 +- 9, no DR 79 +- 0; in the box (eval/in_dist) 223 / 218 / 186; nominal
 228 / 208 / 208; gap 0.5 / 7 / 107. ADR - uniform at the target (+12) is within the seeds'
 spread (ADR 209 / 236, uniform 202 / 219): no claim that ADR beats uniform DR here; both
