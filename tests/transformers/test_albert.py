@@ -351,9 +351,11 @@ def test_nsp_solves_topic_but_not_order(tmp_path):
     beside it: after 1500 updates on the ordered documents, the NSP twin solves held-out NSP
     from the topic letter (> 0.65) and stays at chance on SOP (within 0.08 of 0.5). The SOP
     seed does NOT yet solve SOP at this size (measured 0.52; [1]: 86.5), so that half of
-    the finding is not asserted. Measured (2-core CPU, load ~18, 7.8 min wall, 126 CPU s):
-    NSP twin NSP 0.973, SOP 0.523; SOP seed SOP 0.520, NSP 0.383; held-out MLM acc 0.782
-    (SOP seed) / 0.721 (NSP twin) vs unigram 0.299."""
+    the finding is not asserted. Measured (2-core CPU, load ~15, 7.3 min wall, 106 CPU s;
+    the released n-gram law): NSP twin NSP 0.945, SOP 0.539; SOP seed SOP 0.473, NSP 0.406;
+    held-out MLM acc 0.757 (SOP seed) / 0.767 (NSP twin) vs unigram 0.300. Broken variant
+    (its arms are the two seeds): the SOP-trained seed is the NSP assert's broken variant
+    (NSP 0.406 < 0.65)."""
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(albert, "init", _twin_init)
         res = tiny_run_module.run_cli(albert, SLOW, tmp_path, 300, extra=("--fast-compile",))
