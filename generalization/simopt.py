@@ -76,8 +76,10 @@ Differences from the paper:
   stds (not in [5]). covariance_damping 0 (off) is [5]'s constructor default; the value
   in its configs is [M]. [5] runs several REPS updates per batch of real data
   (cfg num_iter [M]); here one per SimOpt iteration. [4] also offers a MAP variant.
-- PPO (common.rl, no learning-rate annealing) warm-starts across iterations; [1] trains
-  with PPO on the GPU simulator (its sizes and the number of updates per iteration [M]).
+- PPO (common.rl, no learning-rate annealing, unclipped value loss) warm-starts across
+  iterations ([5] trains PPO1 on Flex; its sizes and updates per iteration [M]). The PPO
+  numbers (gamma 0.9, 10 epochs, lr 1e-3) are rl-zoo's Pendulum PPO as remembered [M]:
+  with gamma 0.99 and the clipped value loss, PPO did not learn Pendulum in 1M steps.
 - Metrics: charts/episodic_return is NaN in an update where no training episode ended
   (it averages the last PPO update's rollout only).
 """
