@@ -470,6 +470,13 @@ def draw_batch(key, cfg: Config):
     return images, bx.xyxy_to_cxcywh(boxes / cfg.image_size), labels
 
 
+def draw_size_index(key, step, size_index, cfg: Config):
+    """Multi-scale training [1] Sec. 2: the index into cfg.train_sizes of this batch's input
+    size, drawn uniformly at every `multiscale_every`-th step, else kept."""
+    redraw = step % cfg.multiscale_every == 0
+    return jnp.where(redraw, jax.random.randint(key, (), 0, len(cfg.train_sizes)), size_index)
+
+
 def update(state: State, cfg: Config):
     key, k_data, k_size = jax.random.split(state.key, 3)
     images, gt, labels = draw_batch(k_data, cfg)
@@ -487,9 +494,7 @@ def update(state: State, cfg: Config):
     # multi-scale training [1] Sec. 2: one branch (one compiled program part) per size
     branches = [jax.value_and_grad(functools.partial(loss_at, s), has_aux=True)
                 for s in cfg.train_sizes]
-    redraw = state.step % cfg.multiscale_every == 0
-    size_index = jnp.where(redraw, jax.random.randint(k_size, (), 0, len(branches)),
-                           state.size_index)
+    size_index = draw_size_index(k_size, state.step, state.size_index, cfg)
     if len(branches) == 1:
         (loss, (parts, batch_stats)), grads = branches[0](state.params)
     else:

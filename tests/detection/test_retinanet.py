@@ -162,9 +162,10 @@ def test_matching_uses_the_shared_forced_best_anchor_step(monkeypatch):
     assert seen == [True, False]
 
 
-def test_prior_bias_init_gives_initial_sigmoid_of_pi():
+def test_prior_bias_init_gives_initial_sigmoid_of_pi(tiny_run):
     """b = -log((1 - pi) / pi) with pi = 0.01: mean initial class probability 0.01, and the
-    initial focal loss is that of predicting 0.01 everywhere."""
+    initial focal loss is that of predicting 0.01 everywhere. On the initial states of the
+    tiny CLI run (seed 0)."""
     state = jax.tree.map(lambda a: a[0], tiny_run_module.initial_states(rn, TINY))
     images, _, _ = shapes_256()
     logits, _ = compiled(rn.RetinaNet(TINY).apply,
@@ -222,7 +223,7 @@ def test_sgd_schedule_decays_at_60k_and_80k_of_90k():
 
 def test_sgd_weight_decay_spares_biases_and_batch_norm():
     """L2 decay on kernels only (darknet / Caffe): biases and BN scales and offsets keep."""
-    tiny_run_module.assert_decay_spares_vectors(rn, dataclasses.replace(QUICK, optimizer="sgd"))
+    tiny_run_module.assert_decay_spares_vectors(rn, dataclasses.replace(TINY, optimizer="sgd"))
 
 
 @pytest.fixture(scope="module")

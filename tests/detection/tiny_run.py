@@ -1,15 +1,16 @@
 """Shared pieces of the detection tests: one tiny config per file, run once through the
 command line (2 seeds) and reused by the CLI, purity and short behaviour tests, so that a
-test module compiles its update once (the persistent compilation cache serves the repeats).
+test module compiles its init and update once (the purity rerun and the untrained
+evaluation reuse the run's compiled chunk and its recorded initial states).
 """
 
 import dataclasses
-import functools
 import json
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from common import parallel, run
 from tests.common.cli import cli_args
@@ -24,37 +25,68 @@ compiled program of the full run"""
 
 def run_cli(module, cfg, preset_cfg, run_dir, num_updates=None) -> run.RunResult:
     """`module.main` on the flags of `cfg`: SEEDS seeds, chunks of CHUNK updates, all of
-    cfg's updates or the first `num_updates` (a multiple of CHUNK)."""
+    cfg's updates or the first `num_updates` (a multiple of CHUNK). The input states of the
+    runner's first chunk call (the run's initial states) are recorded: the purity rerun and
+    the untrained evaluation start from them (no second init compile)."""
     argv = cli_args(cfg, preset_cfg, "quick") + [
         "--num-seeds", str(SEEDS), "--log-every", str(CHUNK), "--run-dir", str(run_dir),
         "--no-progress"]
     if num_updates is not None:
         argv += ["--num-updates", str(num_updates)]
-    res = module.main(argv)
+    first = {}
+    real = run.make_chunk
+
+    class Recorded:  # what make_chunk returns, as far as the runner uses it
+        def __init__(self, fn):
+            self.fn = fn
+
+        def lower(self, *args):
+            lowered = self.fn.lower(*args)
+
+            class Lowered:
+                def compile(self, *a, **k):
+                    compiled = lowered.compile(*a, **k)
+
+                    def call(states):
+                        if not first:  # on the host: the chunk donates its input
+                            first["states"] = jax.device_get(states)
+                        return compiled(states)
+
+                    return call
+
+            return Lowered()
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(run, "make_chunk", lambda *a, **k: Recorded(real(*a, **k)))
+        res = module.main(argv)
     saved = json.loads((res.run_dir / "config.json").read_text())["config"]
     assert saved == json.loads(json.dumps(dataclasses.asdict(cfg))), "flags != config"
+    _RECORDED[module.__name__, cfg] = first
     return res
 
 
-@functools.cache
-def initial_states(module, cfg, seed: int = 0):
-    """The SEEDS initial states of a run of `cfg` with `--seed seed`, by the runner's own
-    jitted init (the same program: the compilation cache serves it to the CLI run)."""
-    return run.initial_states(module.init, cfg, seed, SEEDS)
+_RECORDED: dict = {}
+"""(module name, cfg) -> {"states": the initial states of its CLI run, on the host}"""
 
 
-def untrained(module, cfg, seed: int = 0) -> dict:
-    """evaluate() of the SEEDS initial states of a run."""
-    return run.evaluate_seeds(module.evaluate, initial_states(module, cfg, seed), cfg, SEEDS)
+def initial_states(module, cfg):
+    """The SEEDS initial states of the CLI run of `cfg` (`run_cli` first), on the device."""
+    return parallel.shard_seeds(jax.device_put(_RECORDED[module.__name__, cfg]["states"]),
+                                SEEDS)
+
+
+def untrained(module, cfg) -> dict:
+    """evaluate() of the SEEDS initial states of the CLI run of `cfg` (`run_cli` first)."""
+    return run.evaluate_seeds(module.evaluate, initial_states(module, cfg), cfg, SEEDS)
 
 
 def rerun_first_chunk(module, cfg):
-    """Metrics of the first CHUNK updates of a run of `cfg` (--seed 0, SEEDS seeds), rerun by
-    the runner's own chunk program (`run.make_chunk`, the same arguments as in `run.train`:
-    the persistent compilation cache serves the compile) from the runner's initial states."""
-    states = jax.device_put(jax.device_get(initial_states(module, cfg)))  # donated
+    """Metrics of the first CHUNK updates of the CLI run of `cfg` (--seed 0, SEEDS seeds),
+    rerun by the runner's own chunk program (`run.make_chunk`, the same arguments as in
+    `run.train`: traced again, the persistent compilation cache serves the compile) from the
+    recorded initial states."""
     chunk = run.make_chunk(module.update, cfg, CHUNK, parallel.seed_sharding(SEEDS), SEEDS)
-    state, metrics = chunk(states)
+    state, metrics = chunk(initial_states(module, cfg))
     return state, jax.device_get(metrics)
 
 
