@@ -559,7 +559,7 @@ def evaluate(state: State, cfg: Config):
     x, cls = fresh_samples(state, cfg, tr_x, stats)
     logits = network(cfg).apply({"params": state.params}, x - stats[0])
     acc = surrogate_loss(logits, cls)[1]
-    out["surrogate_acc_fresh"] = jnp.nan if cfg.supervised else acc
+    out["surrogate_acc_fresh"] = jnp.full((), jnp.nan) if cfg.supervised else acc
     return out
 
 
@@ -588,18 +588,21 @@ def plot(res, cfg: Config, out: str):
     batch = np.asarray(batch.at[::12].set(seeds))[..., 0]
     k = np.asarray(state.params["Conv_0"]["kernel"])[:, :, 0]  # (5, 5, F)
     nf = min(k.shape[-1], 32)
-    fig = plt.figure(figsize=(12, 4.6))
+    fig = plt.figure(figsize=(12, 3.6))
+    left, right = fig.add_gridspec(1, 2, width_ratios=[12, 7], wspace=0.08)
+    g1, g2 = left.subgridspec(3, 12), right.subgridspec((nf + 7) // 8, 8)
     for j in range(36):
-        ax = fig.add_subplot(3, 20, (j // 12) * 20 + j % 12 + 1)
+        ax = fig.add_subplot(g1[j // 12, j % 12])
         ax.imshow(batch[j], cmap="gray", vmin=0, vmax=1)
         ax.set_xticks([]), ax.set_yticks([])
         if j % 12 == 0:
-            ax.set_title("seed", fontsize=7, color="b")
+            ax.set_ylabel("seed", fontsize=7, color="b")
     for j in range(nf):
-        ax = fig.add_subplot(3 * 8 // 3, 20, (j // 8) * 20 + 13 + j % 8)
+        ax = fig.add_subplot(g2[j // 8, j % 8])
         ax.imshow(k[..., j], cmap="gray")
         ax.set_xticks([]), ax.set_yticks([])
     f = {kk: float(np.asarray(v)[0]) for kk, v in res.final.items()}
+    fig.subplots_adjust(left=0.02, right=0.99, bottom=0.03, top=0.8)
     fig.suptitle(f"Exemplar-CNN (N={cfg.num_classes}, K={cfg.samples_per_class}): seeds and "
                  f"transformed samples (left), first-layer filters (right)\nfresh-transform "
                  f"surrogate acc {f['surrogate_acc_fresh']:.3f} (chance "
