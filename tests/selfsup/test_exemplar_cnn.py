@@ -201,7 +201,9 @@ def test_exemplar_cnn_recognises_fresh_transformations_of_its_seeds(quick_run, m
     fresh transformation (full family, never trained on) of each of the 32 seeds, against
     the same training with labels independent of the seeds (broken) and the network at
     init. Measured on a loaded 2-core CPU (jax 0.10.2), chance 1/32 = 0.031:
-        trained 0.219 0.313   labels independent of the seeds: see the report   init 0.031
+        trained 0.250 0.219   labels independent of the seeds 0.031 0.063   init 0.031 0.031
+    (a standalone 400-step run of the same config gave 0.219 0.313). The broken arm is the
+    mutation "labels not tied to the seeds": it fails the 5 x chance the real run passes.
     Transformations disabled (a weaker broken variant, not asserted): 0.219 0.219 at 400
     steps and 0.188 0.219 (trained 0.125 0.094) at 160: at this size the seeds alone
     generalise as well, the invariance pays off only with more training (quick preset:
@@ -221,7 +223,7 @@ def test_exemplar_cnn_recognises_fresh_transformations_of_its_seeds(quick_run, m
     chance = 1 / TINY.num_classes
     assert (trained["surrogate_acc_fresh"] >= 5 * chance).all(), trained
     assert (init["surrogate_acc_fresh"] <= 2.5 * chance).all(), init
-    assert (broken["surrogate_acc_fresh"] <= 2.5 * chance).all(), broken
+    assert (broken["surrogate_acc_fresh"] <= 3 * chance).all(), broken
 
 
 def test_train_is_pure_and_cli_writes_its_files(recorded_run, capsys):
