@@ -220,8 +220,9 @@ def test_classification_learns_and_is_more_colourful_than_regression(recorded_ru
     75.9 vs 76.8 (neither moves from step 0). Asserted: the CE drop > 0.03 and > 4x the
     regression arm's; chroma gap > 2. Mutation tried: no gradient through the
     classification logits (stop_gradient in classification_loss): CE 5.568 -> 5.565, fails
-    (the chroma assert alone still passed: 16.70 vs 0.14). Not caught at this length: v = 1
-    (no rebalancing) and bins shuffled against the soft-encoding (the CE still falls)."""
+    (the chroma assert alone still passed: 16.70 vs 0.14). Not tried, and not expected to be
+    caught at this length: v = 1 (no rebalancing), bins shuffled against the soft-encoding
+    (the CE would still fall); a 600-step slow gate would need the quick preset's 36 min."""
     _, chunks = recorded_run
     chunk, first = chunks[0]
     one = jax.tree.map(lambda a: jnp.stack([a[0], a[0]]), first)
