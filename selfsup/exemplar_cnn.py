@@ -41,7 +41,12 @@ never stored; samples_per_class = 0 draws a fresh transformation every time (Eq.
 Reproduce (CPU demo on scikit-learn's digits upsampled to 24x24, 16-px patches):
     python selfsup/exemplar_cnn.py --preset quick --plot selfsup/exemplar_cnn.png
     python selfsup/exemplar_cnn.py --preset quick --supervised     # the supervised encoder
-Measured: see QUICK_RESULTS below (filled from runs on a loaded 2-core CPU).
+Measured (1 seed, 1280 steps, 7.9 min wall / 82 CPU-s on a heavily shared 2-core CPU):
+surrogate accuracy on fresh transformations 0.219 (chance 1/256 = 0.004); linear probe
+0.991 (all labels) / 0.936 (10 per class), k-NN 0.976 / 0.917. The same network at random
+init: 0.008; 0.992 / 0.921, 0.966 / 0.867. Supervised (--supervised, same budget): 0.993 /
+0.959, 0.979 / 0.964. On these 8x8 digits a random 3-layer net's quadrant-pooled features
+already probe at 0.99; Exemplar-CNN's gain shows in the few-label probes (k-NN +0.05).
 Paper setting (GPU; digits upsampled to 96x96 in place of STL-10's unlabeled images):
     python selfsup/exemplar_cnn.py --preset paper
 [1] Table 1 (v2, as quoted with page numbers by the secondary notes; not re-checked against
@@ -73,6 +78,7 @@ Differences from the paper:
   supervised reference encoder, not in [1]).
 """
 
+import functools
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -517,15 +523,14 @@ def update(state: State, cfg: Config):
                          key=key), metrics
 
 
-_PCA = {}
+@functools.cache
+def _pca(image_size: int, num_train: int):
+    return pixel_pca(data.digit_images(image_size, num_train)[0])
 
 
 def pixel_pca_cached(cfg: Config):
     """pixel_pca of the training images, cached as numpy (see common/run.py on data)."""
-    k = (cfg.image_size, cfg.num_train)
-    if k not in _PCA:
-        _PCA[k] = pixel_pca(images(cfg)[0])
-    return _PCA[k]
+    return _pca(cfg.image_size, cfg.num_train)
 
 
 # --- EVALUATE ---
