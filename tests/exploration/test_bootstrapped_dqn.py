@@ -13,6 +13,7 @@ import pytest
 from common import run
 from exploration import bootstrapped_dqn as bd
 from tests.common.cli import cli_args
+from tests.common.compiled import compiled
 from tests.common.config_fields import unread_fields
 from tests.common.preset import trace_paper
 
@@ -31,14 +32,29 @@ def _train(cfg, keys):
     return state, metrics
 
 
+BOOT_ARGS = cli_args(TINY, bd.Config()) + ["--num-seeds", str(SEEDS + 1), "--log-every",
+                                           str(TINY.num_updates), "--no-progress"]
+
+
 @pytest.fixture(scope="module")
-def runs():
-    """TINY (bootstrapped + prior) on seeds [0, 0, 1, .., 3] (the repeated seed checks
-    purity in the same program) and the epsilon-greedy DQN baseline on seeds 0..3. (The
-    broken variant, the head redrawn at every step, costs a K-head run: slow tier.)"""
+def runs(tmp_path_factory):
+    """TINY (bootstrapped + prior) through `bd.main` (the CLI test's run too: one chunk, one
+    compile) on seeds [0, 0, 1, .., 3] (the repeated seed checks purity in the same program;
+    `init` patched to map the runner's 5 keys onto those) and the epsilon-greedy DQN baseline
+    on seeds 0..3. (The broken variant, the head redrawn at every step, costs a K-head run:
+    slow tier.)"""
     keys = jax.random.split(jax.random.PRNGKey(0), SEEDS)
-    boot = _train(TINY, jnp.concatenate([keys[:1], keys]))
-    return boot, _train(EPS, keys)
+    runner_keys = jax.random.split(jax.random.PRNGKey(0), SEEDS + 1)
+    real = bd.init
+
+    def init(key, cfg):
+        i = jnp.argmax(jnp.all(key == runner_keys, -1))
+        return real(keys[jnp.maximum(i - 1, 0)], cfg)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(bd, "init", init)
+        res = bd.main(BOOT_ARGS + ["--run-dir", str(tmp_path_factory.mktemp("bd") / "r")])
+    return (res.state, res.history, res), _train(EPS, keys)
 
 
 def test_masked_td_loss_by_hand():
@@ -55,9 +71,15 @@ def test_masked_td_loss_by_hand():
 
 
 @functools.cache
-def _params(cfg, seed=0):
+def _init_params(cfg):
     obs = jnp.zeros((1, cfg.deepsea_size, cfg.deepsea_size))
-    return jax.jit(lambda k: bd.init_params(cfg, 2, k, obs))(jax.random.PRNGKey(seed))
+    # one compile per cfg, at XLA's lowest optimisation level (test setup)
+    return jax.jit(lambda k: bd.init_params(cfg, 2, k, obs)).lower(
+        jax.random.PRNGKey(0)).compile(run.INIT_COMPILER_OPTIONS)
+
+
+def _params(cfg, seed=0):
+    return _init_params(cfg)(jax.random.PRNGKey(seed))
 
 
 def _batch(cfg, B=16):
@@ -80,7 +102,6 @@ def test_loss_fn_masks_heads_and_each_head_uses_its_target_and_the_prior():
     target, _ = _params(cfg, seed=1)
     cur, nxt = _batch(cfg)
 
-    @jax.jit
     def go():
         (tot, per), (g, gp) = jax.value_and_grad(bd.loss_fn, argnums=(0, 2), has_aux=True)(
             params, target, prior, cfg, 2, cur, nxt)
@@ -91,7 +112,7 @@ def test_loss_fn_masks_heads_and_each_head_uses_its_target_and_the_prior():
         hand = (cur["mask"].T * (y - q_a) ** 2).mean(-1)
         return tot, per, g, gp, hand
 
-    tot, per, g, gp, hand = go()
+    tot, per, g, gp, hand = compiled(go)
     np.testing.assert_allclose(per, hand, rtol=1e-5)
     np.testing.assert_allclose(tot, hand.sum(), rtol=1e-5)
     assert float(hand[1]) == 0.0
@@ -108,7 +129,6 @@ def test_prior_enters_q_scaled_by_beta():
     obs = _batch(TINY)[0]["obs"]
     cfgs = [dataclasses.replace(TINY, prior_scale=b) for b in (0.0, 1.0, 5.0)]
 
-    @jax.jit
     def go(key):
         out = []
         for c in cfgs:
@@ -116,7 +136,7 @@ def test_prior_enters_q_scaled_by_beta():
             out.append(bd.q_values(c, 2, params, prior, obs))
         return out
 
-    q0, q1, q5 = map(np.asarray, go(jax.random.PRNGKey(0)))
+    q0, q1, q5 = map(np.asarray, compiled(go, jax.random.PRNGKey(0)))
     p1 = q1 - q0
     assert np.abs(p1).mean() > 1e-2
     np.testing.assert_allclose(q5 - q0, 5 * p1, rtol=1e-4, atol=1e-5)
@@ -131,7 +151,9 @@ def test_shared_torso_gradient_is_normalised_by_one_over_k():
     np.testing.assert_array_equal(out["torso"]["w"], 2.0)
     np.testing.assert_array_equal(out["heads"]["w"], 1.0)
     assert bd.normalise_torso(grads, TINY) is grads
-    params, prior = _params(cfg)
+    obs = jnp.zeros((1, cfg.deepsea_size, cfg.deepsea_size))
+    params, prior = jax.eval_shape(lambda k: bd.init_params(cfg, 2, k, obs),
+                                   jax.random.PRNGKey(0))
     assert jax.tree.leaves(params["heads"])[0].shape[0] == 4
 
 
@@ -150,7 +172,7 @@ def test_head_is_constant_within_each_episode_in_training(runs):
     """Through `update` (the logged acting head of env 0, one env step per update): DeepSea
     episodes last N = 10 steps; within each the head is constant, and across episodes it
     changes about (K - 1) / K of the time."""
-    (_, m), _ = runs
+    (_, m, _), _ = runs
     n = TINY.deepsea_size
     heads = np.asarray(m["charts/head"][0]).reshape(-1, n)
     assert np.all(heads == heads[:, :1])
@@ -160,15 +182,15 @@ def test_head_is_constant_within_each_episode_in_training(runs):
 def test_train_is_pure_and_seeds_differ_and_the_prior_stays_fixed(runs):
     """Seeds 0 and 0 give bit-identical params and metrics in one vmapped run; seeds 0 and 1
     differ; losses are finite; the prior networks are still those of `init`."""
-    (state, m), _ = runs
+    (state, m, _), _ = runs
     jax.tree.map(lambda a: np.testing.assert_array_equal(a[0], a[1]), state.params)
     np.testing.assert_array_equal(m["losses/td"][0], m["losses/td"][1])
     assert not np.array_equal(m["losses/td"][1], m["losses/td"][2])
     assert np.isfinite(np.asarray(m["losses/td"])).all()
     key0 = jax.random.split(jax.random.PRNGKey(0), SEEDS)[0]
-    first = jax.jit(bd.init, static_argnums=1)(key0, TINY)
-    jax.tree.map(lambda a, b: np.testing.assert_array_equal(a[0], b), state.prior_params,
-                 first.prior_params)
+    first = compiled(lambda k: bd.init(k, TINY), key0)  # lowest XLA level: ulp-close
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a[0], b, rtol=1e-6, atol=1e-7),
+                 state.prior_params, first.prior_params)
 
 
 def test_bootstrapped_finds_the_treasure_epsilon_greedy_does_not(runs):
@@ -187,22 +209,19 @@ def test_bootstrapped_finds_the_treasure_epsilon_greedy_does_not(runs):
     assert solved(eps) <= 1, eps
 
 
-def test_cli_run_and_help(tmp_path, capsys):
-    """`--help` documents every field; a tiny CLI run writes its files and the summary."""
+def test_cli_run_and_help(runs, capsys):
+    """`--help` documents every field; the fixture's TINY run through `bd.main` wrote its
+    files and the summary."""
     with pytest.raises(SystemExit):
         bd.main(["--help"])
     out = capsys.readouterr().out
     for fld in dataclasses.fields(bd.Config):
         assert "--" + fld.name.replace("_", "-") in out, fld.name
     assert "Presets (--preset): quick, quick_epsilon, paper" in out
-    cfg = dataclasses.replace(TINY, deepsea_size=4, total_timesteps=64, num_heads=2,
-                              hidden=(8,), batch_size=8, learning_starts=16)
-    args = cli_args(cfg, bd.Config()) + ["--num-seeds", "2", "--run-dir", str(tmp_path / "r"),
-                                         "--no-progress", "--fast-compile"]
-    res = bd.main(args)
-    assert (tmp_path / "r" / "metrics.jsonl").exists()
-    assert res.history["losses/td"].shape == (2, cfg.num_updates)
-    assert res.final["first_success"].shape == (2,)
+    res = runs[0][2]
+    assert (res.run_dir / "metrics.jsonl").exists() and (res.run_dir / "summary.json").exists()
+    assert res.history["losses/td"].shape == (SEEDS + 1, TINY.num_updates)
+    assert res.final["first_success"].shape == (SEEDS + 1,)
 
 
 def test_bad_values_fail_with_named_field(tmp_path):
