@@ -196,8 +196,8 @@ def test_train_is_pure_and_seeds_differ_and_the_prior_stays_fixed(runs):
 def test_bootstrapped_finds_the_treasure_epsilon_greedy_does_not(runs):
     """Behaviour ([1] Sec. 5, [2] Sec. 5.1) in the default tier: DeepSea N = 10, 150
     episodes, 4 seeds. Episodes to the first treasure (-1: never), measured on a loaded
-    2-core CPU (jax 0.10.2):
-        bootstrapped + prior (K = 10)   77  63  83  55   (4/4)
+    2-core CPU (jax 0.10.2; bootstrapped through `bd.main`: 77 63 83 55 through make_train):
+        bootstrapped + prior (K = 10)   86  63  83  55   (4/4)
         epsilon-greedy DQN (1 -> 0.05)  -1  -1  -1  -1   (0/4)
     (a probe at 200 episodes, 6 seeds: 77 63 83 55 96 91 against six -1; the head redrawn
     every step: -1 -1 133 75 135 45, reaching the treasure half as often; slow tier)."""
