@@ -9,7 +9,8 @@
     simopt.py, episodic/sysid_via_episodic_rl.py and episodic/reps.py, read for defaults.
 [5] A released SimOpt pipeline on NVIDIA Flex (flex_gym, baselines PPO1 + Horovod, configs
     yumi_ropepeg / franka_cabinet; its `reps.py` and SimOpt optimisation script were read in
-    the code index, which does not name the repository: taken as the authors' code [M]).
+    the code index, which does not name the repository: taken as the authors' code [M]; its
+    parameter names are the rows of [1] Tables III-IV).
 
 The simulation parameters xi (here multipliers of two gymnax physics fields, e.g. pole mass
 and length) are drawn from a Gaussian p_phi(xi) = N(mu, Sigma). One SimOpt iteration ([1]
@@ -17,35 +18,40 @@ Alg. 1, [2] Eq. "SimOpt"):
     1. train the policy pi_{theta, p_phi} with PPO in sim, xi ~ p_phi drawn per episode
     2. roll pi out in "real" (the same simulator at a hidden xi_real): tau_real
     3. draw xi_j ~ p_phi, j = 1..M; replay pi in sim at xi_j from the real rollouts'
-       initial states: tau_j; the discrepancy of each ([1] Eq. 2 [M]):
+       initial states: tau_j; the discrepancy of each ([1] Eq. 4):
          D(tau_j, tau_real) = w_l1 sum_t |W e_t|_1 + w_l2 sum_t |W e_t|_2^2,  e_t = o_t^j - o_t^real
-       (observations smoothed in time by a Gaussian kernel first, as [4]; W diagonal)
-    4. phi <- argmin_phi E_{xi ~ p_phi}[D]  s.t.  KL(p_phi' || p_phi) <= epsilon  ([1] Eq. 1)
+       (observations smoothed in time by a Gaussian kernel first: [1] Tables III-IV, std 5
+       steps, truncated at 4 std; W diagonal)
+    4. phi <- argmin_phi E_{xi ~ p_phi}[D]  s.t.  KL(p_phi' || p_phi) <= epsilon  ([1] Eq. 3)
        solved by episodic REPS ([3]): q_j ∝ exp(-D_j / eta), eta from the dual
          g(eta) = eta epsilon + eta log (1/M) sum_j exp(-D_j / eta)     (its minimiser makes
          KL(q || uniform) = sum_j q_j log(M q_j) = epsilon; found by bisection on log eta)
        then the weighted maximum-likelihood Gaussian: mu = sum_j q_j xi_j,
          Sigma = sum_j q_j (xi_j - mu)(xi_j - mu)^T (+ min_std^2 I); optionally damped as
-         [5]: Sigma = (tr(Sigma_old^-1 Sigma) / d)^(1 / covariance_damping) Sigma_old
+         [5]: Sigma = (tr(Sigma_old^-1 Sigma) / d)^(1 / covariance_damping) Sigma_old;
+       steps 3-4 repeat `reps_updates` times on the same real rollouts ([1]: 3 for the
+       swing-peg, 20 for the drawer)
 Everything is one jitted `update` (= one SimOpt iteration): the PPO updates are a scan, the
 real and simulated rollouts are vmapped, the REPS dual is a fixed-length bisection. The
 baseline in the same file, `--mode uniform`, trains the same PPO with the same budget under
 uniform DR over the initial box mu0 -/+ uniform_width sigma0 and never moves it.
 
-Reproduce (CPU demo, CartPole-v1, xi = (masspole, length) multipliers; SimOpt, then the
-uniform-DR baseline with the same seeds and budget, one plot):
+Reproduce (CPU demo, Pendulum-v1, xi = (m, l) multipliers; SimOpt, then the uniform-DR
+baseline with the same seeds and budget, one plot):
     python generalization/simopt.py --preset quick --num-seeds 2 --plot generalization/simopt.png
 `paper` preset (the defaults): gymnax Pendulum-v1 with xi = (m, l), 64 x 128-step PPO
-rollouts x 200 updates per iteration, M = 64, epsilon = 1.0 ([5]'s default kl_threshold):
+rollouts x 200 updates per iteration, [1] Tables III-IV's REPS (M = 9600 samples, KL bound
+epsilon = 1.0, 3 REPS updates per iteration as the swing-peg), 3 real rollouts, L1 / L2
+weights 0.5 / 1.0, smoothing std 5 truncated at 4:
     python generalization/simopt.py --preset paper
 Why not [1]'s setting: its tasks (a peg on a rope swung into a hole by an ABB YuMi, a drawer
 opened by a Franka Panda, both in NVIDIA Flex with ~10 simulation parameters) and the
 robots are not available offline; a swinging pendulum with unknown mass and length is the
-closest jitted analogue (the rope-peg's swing). [1]'s numbers (real robots) were not
-checked here ([M]: the paper's text was not at hand, only its abstract and project page:
-both tasks transfer after a few SimOpt iterations with a few real roll-outs each); the
-numbers of SimOpt iterations and samples per iteration of [1] are [M], so the paper
-preset's are ours.
+closest jitted analogue (the rope-peg's swing). [1]'s results (real robots, Sec. V): the
+swing-peg policy succeeds in 90% of 20 real trials after 2 SimOpt iterations, the drawer
+policy in 20 / 20 after 1 SimOpt update; in its simulated drawer study 3 iterations close a
+15 cm offset and 5 a 22 cm one. [1] compares 453-step sequences and trains 100 (swing-peg)
+or 200 (drawer) PPO iterations per SimOpt iteration on 64 GPUs.
 Ours (quick preset: Pendulum-v1, xi_real = (m 1.6, l 1.2), p_phi_0 = N((1, 1), diag(0.4,
 0.25)^2), 5 iterations x 50 PPO updates of 32 x 128 steps = 1M steps, M = 32; 2 seeds, a
 loaded 2-core CPU, ~3.5 min per run, compile included): |mu - xi_real| 0.632 -> 0.23, 0.07,
@@ -63,23 +69,29 @@ Differences from the paper:
   does; the physics keep integrating past the task's termination for `sysid_steps` steps
   (a fixed-length observation sequence per rollout, no truncation masks). The real return
   is the usual one (to termination).
-- Discrepancy: sums over time as [1] Eq. 2 [M] and [5] ([4] uses time means) with the
-  squared L2 term of the post / catalogue; [5]'s code adds the unsquared norm
-  |W e_t|_2. Gaussian smoothing (std `smooth_std` steps, edges held: [5] and [4] use
-  scipy's gaussian_filter1d, [5] with its default reflecting edges; [4] std 5); W =
-  `obs_weights` (all 1 by default: [1]'s / [5]'s per-task weights [M]). D is averaged over
+- Discrepancy: sums over time as [1] Eq. 4 and [5] ([4] uses time means) with [1]'s
+  squared L2 term; [5]'s code adds the unsquared norm |W e_t|_2. Gaussian smoothing (std
+  `smooth_std` steps truncated at `smooth_truncate` std, [1]'s 5 and 4; edges held where
+  [5] calls scipy's gaussian_filter1d with its reflecting edges); W = `obs_weights`, all 1
+  by default ([1] weighs each task's features: joint angles 0.05 or 0.5, object positions
+  1.0); unweighted, Pendulum's angular velocity (range +-8) dominates the squared term.
+  `sysid_steps` 100 (quick and paper) where [1] compares 453 steps. D is averaged over
   the R real rollouts ([5] compares with its first real rollout only and drops samples
   whose cost exceeds a max_cost).
 - REPS as [5]'s `Reps.learn` (same dual, weights and weighted ML fit on the clipped
   samples), solved by 60 bisection steps on log eta instead of scipy's L-BFGS-B from
-  eta = 1 with eta >= 1e-3 on costs normalised to [0, 1]; plus a floor min_std on the
-  stds (not in [5]). covariance_damping 0 (off) is [5]'s constructor default; the value
-  in its configs is [M]. [5] runs several REPS updates per batch of real data
-  (cfg num_iter [M]); here one per SimOpt iteration. [4] also offers a MAP variant.
+  eta = 1 with [1]'s minimum temperature eta >= 1e-3 on costs normalised to [0, 1] (here
+  no minimum: it matters only when epsilon >= ~log M); plus min_std^2 added to Sigma's
+  diagonal (additive jitter, not in [5]). covariance_damping 0 (off) is [5]'s constructor
+  default; the value in its configs is [M]. [4] also offers a MAP variant.
+- The quick preset runs 1 REPS update of 32 samples per iteration (the paper preset [1]'s
+  3 of 9600) and 50 PPO updates per iteration.
 - PPO (common.rl, no learning-rate annealing, unclipped value loss) warm-starts across
-  iterations ([5] trains PPO1 on Flex; its sizes and updates per iteration [M]). The PPO
-  numbers (gamma 0.9, 10 epochs, lr 1e-3) are rl-zoo's Pendulum PPO as remembered [M]:
-  with gamma 0.99 and the clipped value loss, PPO did not learn Pendulum in 1M steps.
+  iterations, with rl-zoo's Pendulum PPO numbers (gamma 0.9, 10 epochs, lr 1e-3, clip
+  0.2, entropy 0; rl-zoo also uses gSDE exploration and 4 x 1024-step rollouts, not used
+  here): with gamma 0.99 and the clipped value loss, PPO did not learn Pendulum in 1M
+  steps. [1]'s PPO (gamma 0.99, lambda 0.95, lr 5e-4, adaptive KL step 0.01, 2x64 MLP in
+  its simulated study) is for its own tasks; the paper preset keeps the Pendulum numbers.
 - Metrics: charts/episodic_return is NaN in an update where no training episode ended
   (it averages the last PPO update's rollout only).
 """
@@ -127,26 +139,31 @@ class Config:
     """every sampled multiplier is clipped to >= xi_min (keeps the physics valid)"""
     xi_max: float = 5.0
     """every sampled multiplier is clipped to <= xi_max"""
-    num_samples: int = 64
-    """M: xi samples per REPS update ([1]: [M])"""
+    num_samples: int = 9600
+    """M: xi samples per REPS update ([1] Tables III-IV: 9600)"""
+    reps_updates: int = 3
+    """REPS updates per SimOpt iteration on the same real rollouts ([1]: 3 swing-peg, 20
+    drawer)"""
     reps_epsilon: float = 1.0
-    """epsilon: KL bound of the REPS update ([1]: [M])"""
+    """epsilon: KL bound of the REPS update ([1] Tables III-IV: 1.0)"""
     min_std: float = 0.01
-    """floor added to Sigma's diagonal (as std) after each fit, against collapse"""
+    """min_std^2 added to Sigma's diagonal after each fit (additive jitter against collapse)"""
     covariance_damping: float = 0.0
     """[5]: Sigma' = (tr(Sigma^-1 Sigma_fit) / d)^(1 / damping) Sigma; 0 = plain ML fit"""
     num_real_rollouts: int = 3
-    """real rollouts per SimOpt iteration used in the discrepancy ([1]: a few, [M])"""
+    """real rollouts per SimOpt iteration used in the discrepancy ([1] Tables III-IV: 3)"""
     sysid_steps: int = 100
     """T: steps of every real / sim observation sequence compared by D"""
     w_l1: float = 0.5
-    """w_l1 of D (the [4] default w_abs = 0.5)"""
+    """w_l1 of D ([1] Tables III-IV: 0.5)"""
     w_l2: float = 1.0
-    """w_l2 of D (the [4] default w_sq = 1.0)"""
+    """w_l2 of D ([1] Tables III-IV: 1.0)"""
     obs_weights: tuple[float, ...] = ()
     """W: weight of each observation feature in D (empty: all 1)"""
     smooth_std: float = 5.0
-    """std in steps of the Gaussian smoothing of the observations before D (0: none; [4] 5)"""
+    """std in steps of the Gaussian smoothing of the observations before D (0: none; [1] 5)"""
+    smooth_truncate: float = 4.0
+    """the smoothing kernel is cut at smooth_truncate std ([1] Tables III-IV: 4)"""
     num_iterations: int = 5
     """SimOpt iterations (one `update` each)"""
     ppo_updates: int = 200
@@ -212,7 +229,8 @@ class Config:
             raise ValueError(f"obs_weights={self.obs_weights} must be >= 0")
         for name in ("num_samples", "num_real_rollouts", "sysid_steps", "eval_episodes",
                      "num_iterations", "ppo_updates", "reps_epsilon", "uniform_width",
-                     "min_std", "lr", "clip_coef"):
+                     "min_std", "lr", "clip_coef", "reps_updates", "smooth_truncate",
+                     "num_envs", "num_steps", "num_epochs", "num_minibatches"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name}={getattr(self, name)} must be > 0")
         for name in ("w_l1", "w_l2", "smooth_std", "ent_coef", "vf_coef", "max_grad_norm",
@@ -221,6 +239,13 @@ class Config:
                 raise ValueError(f"{name}={getattr(self, name)} must be >= 0")
         if self.w_l1 + self.w_l2 <= 0:
             raise ValueError(f"w_l1={self.w_l1} and w_l2={self.w_l2} must not both be 0")
+        horizon = int(base_env(self.env_id).default_params().max_steps_in_episode)
+        if self.sysid_steps > horizon:
+            raise ValueError(f"sysid_steps={self.sysid_steps} must be <= the episode length "
+                             f"{horizon} of {self.env_id}")
+        if not all(self.xi_min <= x <= self.xi_max for x in self.xi_real):
+            raise ValueError(f"xi_real={self.xi_real} must lie in [xi_min, xi_max] = "
+                             f"[{self.xi_min}, {self.xi_max}] (samples are clipped there)")
         if self.eval_episodes < self.num_real_rollouts:
             raise ValueError(f"eval_episodes={self.eval_episodes} must be >= "
                              f"num_real_rollouts={self.num_real_rollouts}")
@@ -235,7 +260,7 @@ class Config:
 PRESETS = {
     # CPU demo: Pendulum-v1, 5 iterations x 50 PPO updates of 32 envs x 128 steps (1M steps).
     "quick": dict(num_iterations=5, ppo_updates=50, num_envs=32, num_steps=128,
-                  num_minibatches=4, num_samples=32),
+                  num_minibatches=4, num_samples=32, reps_updates=1),
     "paper": dict(),
 }
 
@@ -362,11 +387,12 @@ def episode(act, cfg: Config, xi, key, horizon: int):
     return traj, ret
 
 
-def smooth(obs, std: float):
-    """Gaussian smoothing along time (kernel +-3 std, edges padded with the end values) [4]."""
+def smooth(obs, std: float, truncate: float = 4.0):
+    """Gaussian smoothing along time (kernel +-truncate std with scipy's radius rule, edges
+    padded with the end values) [1]."""
     if std <= 0:
         return obs
-    r = max(int(np.ceil(3 * std)), 1)
+    r = max(int(truncate * std + 0.5), 1)
     k = np.exp(-0.5 * (np.arange(-r, r + 1) / std) ** 2)
     k = jnp.asarray(k / k.sum(), obs.dtype)
     padded = jnp.concatenate([jnp.repeat(obs[:1], r, 0), obs, jnp.repeat(obs[-1:], r, 0)])
@@ -374,10 +400,11 @@ def smooth(obs, std: float):
 
 
 def discrepancy(obs_sim, obs_real, cfg: Config):
-    """[1] Eq. 2 [M]: D = w_l1 sum_t |W e_t|_1 + w_l2 sum_t |W e_t|_2^2, e_t = o_t^sim - o_t^real
+    """[1] Eq. 4: D = w_l1 sum_t |W e_t|_1 + w_l2 sum_t |W e_t|_2^2, e_t = o_t^sim - o_t^real
     after smoothing; obs [T, D]."""
     w = jnp.asarray(cfg.obs_weights) if cfg.obs_weights else 1.0
-    e = w * (smooth(obs_sim, cfg.smooth_std) - smooth(obs_real, cfg.smooth_std))
+    e = w * (smooth(obs_sim, cfg.smooth_std, cfg.smooth_truncate)
+             - smooth(obs_real, cfg.smooth_std, cfg.smooth_truncate))
     return cfg.w_l1 * jnp.abs(e).sum() + cfg.w_l2 * (e ** 2).sum()
 
 
@@ -478,8 +505,14 @@ def update(state: State, cfg: Config):
     real_obs, real_ret = jax.vmap(lambda k: episode(act, cfg, xi_real, k, horizon))(real_keys)
     r = cfg.num_real_rollouts
     # 3-4. discrepancies of xi_j ~ p_phi and the REPS update (mode uniform: p_phi stays)
-    mu, cov, info = sysid_step(k_sys, act, cfg, state.mu, state.cov, real_keys[:r],
-                               real_obs[:r, :cfg.sysid_steps])
+    def reps_update(phi, k):  # [1]: several REPS updates on the same real rollouts
+        mu, cov, info = sysid_step(k, act, cfg, *phi, real_keys[:r],
+                                   real_obs[:r, :cfg.sysid_steps])
+        return (mu, cov), info
+
+    (mu, cov), info = jax.lax.scan(reps_update, (state.mu, state.cov),
+                                   jax.random.split(k_sys, cfg.reps_updates))
+    info = jax.tree.map(lambda x: x[0], info)  # D of the incoming p_phi's samples, its eta
     if cfg.mode == "uniform":
         mu, cov = state.mu, state.cov
     metrics.update({"charts/real_return": real_ret.mean(),
@@ -522,7 +555,7 @@ def plot(history: dict, cfg: Config, baseline: dict | None, out: str):
             [np.cos(t), np.sin(t)])
         ax[0].plot(*ell, color=colors[i], label=f"iter {i}" if i in (0, len(mus) - 1) else None)
         ax[0].plot(*m, ".", color=colors[i])
-    ax[0].plot(*cfg.xi_real, "r*", ms=14, label="xi_real (hidden)")
+    ax[0].plot(*cfg.xi_real, "*", color="red", mec="black", ms=14, label="xi_real (hidden)")
     ax[0].set(xlabel=f"{names[0]} (x nominal)", ylabel=f"{names[1]} (x nominal)",
               title="p_phi = N(mu, Sigma), 2-sigma ellipses (seed 0)")
     it = np.arange(1, cfg.num_iterations + 1)

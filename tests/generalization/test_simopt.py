@@ -22,12 +22,12 @@ from tests.common.preset import trace_paper
 # 2 SimOpt iterations of 2 PPO updates (4 envs x 16 steps) on Pendulum-v1: one CLI chunk.
 TINY = so.Config(num_iterations=2, ppo_updates=2, num_envs=4, num_steps=16, num_epochs=1,
                  num_minibatches=2, hidden=(8,), num_samples=4, num_real_rollouts=1,
-                 eval_episodes=2, sysid_steps=10)
+                 eval_episodes=2, sysid_steps=10, reps_updates=2)
 SEEDS = 2
 
 
 def test_discrepancy_by_hand():
-    """[1] Eq. 2 on two 3-step, 2-feature trajectories, W = (1, 2), w_l1 = 0.5, w_l2 = 1, no
+    """[1] Eq. 4 on two 3-step, 2-feature trajectories, W = (1, 2), w_l1 = 0.5, w_l2 = 1, no
     smoothing: e = sim - real = [[1, 0], [-2, 1], [0, -1]], W e = [[1, 0], [-2, 2], [0, -2]],
     sum |W e| = 7, sum (W e)^2 = 13, D = 0.5 * 7 + 13 = 16.5."""
     cfg = dataclasses.replace(TINY, obs_weights=(1.0, 2.0, 0.0), smooth_std=0.0)
@@ -37,12 +37,14 @@ def test_discrepancy_by_hand():
 
 
 def test_smoothing_matches_scipy():
-    """The Gaussian smoothing [4] applies before D: scipy's gaussian_filter1d (mode nearest,
-    truncate 3) on a random 12 x 3 sequence, std 1.5."""
-    x = np.random.default_rng(0).standard_normal((12, 3)).astype(np.float32)
-    np.testing.assert_allclose(so.smooth(jnp.asarray(x), 1.5),
-                               gaussian_filter1d(x, 1.5, axis=0, mode="nearest", truncate=3.0),
-                               atol=1e-5)
+    """The Gaussian smoothing [1] applies before D: scipy's gaussian_filter1d (mode nearest)
+    on a random 30 x 3 sequence, at [1]'s truncation 4 (std 1.5) and at std 1.1 truncation 3,
+    where a ceil radius (4) differs from scipy's rounding (3)."""
+    x = np.random.default_rng(0).standard_normal((30, 3)).astype(np.float32)
+    for std, trunc in ((1.5, 4.0), (1.1, 3.0)):
+        np.testing.assert_allclose(
+            so.smooth(jnp.asarray(x), std, trunc),
+            gaussian_filter1d(x, std, axis=0, mode="nearest", truncate=trunc), atol=1e-5)
 
 
 def test_reps_weights_solve_the_dual():
@@ -109,14 +111,16 @@ def test_reps_moves_mu_toward_xi_real():
             mu, cov, _ = so.sysid_step(k, scripted, cfg, *phi, keys, obs)
             return (mu, cov), jnp.linalg.norm(mu - xi_real)
 
-        return jax.lax.scan(body, (mu, cov), jax.random.split(key, 4))[1]
+        (_, cov_end), dist = jax.lax.scan(body, (mu, cov), jax.random.split(key, 4))
+        return dist, jnp.linalg.det(cov_end)
 
     targets = jnp.stack([xi_real, jnp.asarray(cfg.init_mean)])  # real / the sim's own
-    dist = compiled(jax.vmap(identify, (0, None)), targets, jax.random.PRNGKey(0))
-    print("|mu - xi_real| per iteration (real, own rollout):", dist)
+    dist, det = compiled(jax.vmap(identify, (0, None)), targets, jax.random.PRNGKey(0))
+    print("|mu - xi_real| per iteration (real, own rollout):", dist, "det Sigma:", det)
     d0 = float(jnp.linalg.norm(xi_real - jnp.asarray(cfg.init_mean)))
     assert dist[0, -1] < 0.3 * d0, dist
     assert dist[1, -1] > 0.8 * d0, dist
+    assert det[0] < 0.1 * np.prod(np.asarray(cfg.init_std) ** 2), det  # Sigma shrinks
 
 
 @pytest.fixture(scope="module")
@@ -134,7 +138,7 @@ def test_train_is_pure_and_cli_writes_its_files(tiny_run, capsys):
     first, chunks = tiny_run
     assert len(chunks) == 1
     chunk, states = chunks[0]
-    again, metrics = chunk(states)
+    again, metrics = chunk(jax.tree.map(jnp.copy, states))  # the chunk donates its input
     metrics = run.mark_undefined(jax.device_get(metrics), run.NAN_UNLESS)
     jax.tree.map(np.testing.assert_array_equal, first.state.ppo.params, again.ppo.params)
     np.testing.assert_array_equal(first.state.mu, again.mu)
@@ -155,13 +159,34 @@ def test_train_is_pure_and_cli_writes_its_files(tiny_run, capsys):
     assert "Presets (--preset): quick, paper" in out
 
 
+def test_update_replays_the_real_initial_states(tiny_run):
+    """update's wiring of real and simulated rollouts, through the CLI's compiled chunk: with
+    p_phi at xi_real (Sigma ~ 0) every replay reproduces its real rollout, so the smallest
+    discrepancy of the first iteration is ~0; at p_phi_0 it is not. Catches replays started
+    from other reset keys than the real rollouts' or real observations sliced off by a
+    step (each gives D_min >> 0 at xi_real)."""
+    _, chunks = tiny_run
+    chunk, states = chunks[0]
+    states = jax.tree.map(jnp.copy, states)  # the chunk donates its input
+    xi = jnp.asarray(TINY.xi_real, jnp.float32)
+    mu = states.mu.at[0].set(xi)
+    cov = states.cov.at[0].set(1e-10 * jnp.eye(2))
+    _, metrics = chunk(states.replace(mu=mu, cov=cov))
+    d_min = np.asarray(metrics["charts/discrepancy_min"])[:, 0]
+    print("D_min at xi_real / at p_phi_0:", d_min)
+    assert d_min[0] < 1e-3 and d_min[1] > 10 * d_min[0], d_min
+
+
 def test_bad_values_fail_with_named_field(tmp_path):
     for flags, msg in ((["--reps-epsilon", "0"], "reps.epsilon"),
                        (["--xi-real", "1.0"], r"xi_real=\(1.0,\)"),
                        (["--mode", "adr"], "mode='adr'"),
                        (["--xi-min", "6"], "xi_min=6.0"),
                        (["--eval-episodes", "2"], "eval_episodes=2 must be >="),
-                       (["--obs-weights", "1", "1"], "obs_weights")):
+                       (["--obs-weights", "1", "1"], "obs_weights"),
+                       (["--num-envs", "0"], "num.envs"),
+                       (["--sysid-steps", "500"], "sysid_steps=500"),
+                       (["--xi-real", "6", "1"], "xi_real=.*must lie")):
         with pytest.raises(ValueError, match=msg):
             so.main(flags + ["--run-dir", str(tmp_path)])
 
@@ -172,9 +197,10 @@ def test_every_config_field_is_read():
 
 def test_paper_preset_traces():
     """eval_shape of init and one SimOpt iteration under the paper preset (Pendulum-v1,
-    64 envs, 200 PPO updates, M = 64, epsilon = 1): nothing runs."""
+    64 envs, 200 PPO updates, [1]'s M = 9600, epsilon = 1, 3 REPS updates): nothing runs."""
     cfg, state, (after, metrics) = trace_paper(so)
-    assert cfg.env_id == "Pendulum-v1" and cfg.num_samples == 64 and cfg.reps_epsilon == 1.0
+    assert cfg.env_id == "Pendulum-v1" and cfg.num_samples == 9600 and cfg.reps_epsilon == 1.0
+    assert cfg.reps_updates == 3 and cfg.smooth_truncate == 4.0
     assert state.mu.shape == (2,) and state.cov.shape == (2, 2)
     assert jax.tree.structure(after) == jax.tree.structure(state)
     assert all(m.shape == () for m in jax.tree.leaves(metrics))
