@@ -6,6 +6,7 @@ seeds) reused by the behaviour, purity and CLI tests; the paper preset traced; a
 gate (pytest -m slow) with the broken variant (the mix on the token layer only)."""
 
 import dataclasses
+import functools
 import json
 
 import jax
@@ -26,7 +27,7 @@ TINY = elmo.Config(tokens="char", token_encoder="embed", vocab_size=None, proj_d
                    lstm_dim=64, seq_len=16, batch_size=16, pretrain_steps=200, pretrain_lr=1.0,
                    finetune_steps=150, num_labelled=256, num_eval=128, finetune_batch=16,
                    task_lr=3e-3, eval_windows=64)
-CHUNK = 50  # TINY.num_updates = 350: seven chunks of one program
+CHUNK = 25  # TINY.num_updates = 350: 14 chunks of one program (the purity test reruns one)
 SEEDS = tiny_run_module.SEEDS
 
 
@@ -39,13 +40,19 @@ def _init_bilm(key, cfg):
     return elmo.init(key, cfg).params["bilm"]
 
 
+@functools.cache
+def _tiny_bilm_params():
+    """TINY's biLM parameters at init (one compile, shared by the tests that need them)."""
+    return jit0(_init_bilm, 1)(jax.random.PRNGKey(0), TINY)
+
+
 def test_directions_condition_only_on_their_side_and_the_loss_targets():
     """Changing token t: the forward logits and states at positions < t and the backward
     ones at positions > t are bit-identical; at t they change (both directions read x_t).
     So the backward LM at k, which bilm_loss scores on window[k] (the previous token),
     conditions only on x_{>=k}: the future of its target. Layer 0 is [x_k; x_k]. Fails when
     the backward stack reads the forward order (tried: the backward asserts fail)."""
-    params = jit0(_init_bilm, 1)(jax.random.PRNGKey(0), TINY)
+    params = _tiny_bilm_params()
     T, t, p = TINY.seq_len, 7, TINY.proj_dim
     ids = np.asarray(jax.random.randint(jax.random.PRNGKey(1), (2, T), 0, 50))
     ids2 = ids.copy()
@@ -84,7 +91,7 @@ def test_token_layer_and_softmax_are_one_parameter_shared_by_the_directions():
     forward loss alone and the backward loss alone both have gradients on the same softmax
     and token-layer arrays, and none on the other direction's LSTMs. Fails with a softmax
     per direction (tried: the key set differs)."""
-    params = jit0(_init_bilm, 1)(jax.random.PRNGKey(0), TINY)
+    params = _tiny_bilm_params()
     names = set(params["params"])
     assert names == {"tokens", "softmax", "lstm_f0", "lstm_f1", "lstm_b0", "lstm_b1"}, names
     window = np.asarray(jax.random.randint(jax.random.PRNGKey(2), (2, TINY.seq_len + 2), 0, 50))
@@ -133,9 +140,10 @@ def test_char_cnn_highway_and_lstm_projection_cell_by_hand():
     word = vocab.index("def") if "def" in vocab else 3
     np.testing.assert_array_equal(spell[word, :5], [elmo.BOW, *b"def", elmo.EOW][:5])
     ids = np.array([[word, 0, 1]])
-    enc_params = elmo.TokenEncoder(CNN, spell).init(jax.random.PRNGKey(0), ids)
     x = np.random.default_rng(0).normal(size=(2, 4, 4)).astype(np.float32) * 3
-    lstm_params = elmo.LSTMP(CNN).init(jax.random.PRNGKey(1), x)
+    enc_params, lstm_params = jit0(lambda k0, k1: (  # one compiled init, not eager flax
+        elmo.TokenEncoder(CNN, spell).init(k0, ids), elmo.LSTMP(CNN).init(k1, x)))(
+        jax.random.PRNGKey(0), jax.random.PRNGKey(1))
     tok, r = (np.asarray(a) for a in jit0(_cells)(enc_params, ids, lstm_params, x))
     p = jax.tree.map(np.asarray, enc_params["params"])
     np.testing.assert_array_equal(p["high_0_carry"]["bias"], -2.0)
