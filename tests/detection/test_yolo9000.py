@@ -57,15 +57,20 @@ def test_hierarchical_softmax_is_a_distribution_over_the_tree():
 def test_flat_tree_reduces_to_softmax():
     k = 7
     flat = y.WordTree([f"c{i}" for i in range(k)], [-1] * k)
-    logits = 4.0 * jax.random.normal(jax.random.PRNGKey(1), (3, 2, k))
-    ref = jax.nn.log_softmax(logits, -1)
-    np.testing.assert_allclose(y.tree_log_softmax(logits, flat), ref, atol=1e-6)
-    np.testing.assert_allclose(y.tree_log_prob(y.tree_log_softmax(logits, flat), flat), ref,
-                               atol=1e-6)
     labels = jnp.array([[0, 3], [6, 2], [1, 1]])
-    np.testing.assert_allclose(
-        y.tree_nll(y.tree_log_softmax(logits, flat), labels, flat),
-        optax.softmax_cross_entropy_with_integer_labels(logits, labels), atol=1e-5)
+
+    @jax.jit  # one program, not one compile per eager op
+    def both(key):
+        logits = 4.0 * jax.random.normal(key, (3, 2, k))
+        log_cond = y.tree_log_softmax(logits, flat)
+        return (jax.nn.log_softmax(logits, -1), log_cond, y.tree_log_prob(log_cond, flat),
+                y.tree_nll(log_cond, labels, flat),
+                optax.softmax_cross_entropy_with_integer_labels(logits, labels))
+
+    ref, log_cond, log_prob, nll, ce = both(jax.random.PRNGKey(1))
+    np.testing.assert_allclose(log_cond, ref, atol=1e-6)
+    np.testing.assert_allclose(log_prob, ref, atol=1e-6)
+    np.testing.assert_allclose(nll, ce, atol=1e-5)
 
 
 def test_label_propagation_and_coarse_labels():
@@ -82,14 +87,19 @@ def test_label_propagation_and_coarse_labels():
     cfg = dataclasses.replace(TINY, coarse_nodes=("triangle", "polygon"))
     assert [TREE.names[n] for n in y.tree_of(cfg)[2][3:6]] == [
         "blue circle", "polygon", "polygon"]
-    logits = jax.random.normal(jax.random.PRNGKey(2), (N,))
-    grad = jax.grad(lambda x: y.tree_nll(y.tree_log_softmax(x, TREE), node("triangle"),
-                                         TREE))(logits)
+    tri = node("triangle")
+
+    @jax.jit  # one program, not one compile per eager op
+    def nll_grad_logprob(key):
+        logits = jax.random.normal(key, (N,))
+        nll = lambda x: y.tree_nll(y.tree_log_softmax(x, TREE), tri, TREE)
+        return nll(logits), jax.grad(nll)(logits), y.tree_log_prob(
+            y.tree_log_softmax(logits, TREE), TREE)[tri]
+
+    nll, grad, log_prob = nll_grad_logprob(jax.random.PRNGKey(2))
     touched = {TREE.names[i] for i in np.flatnonzero(np.abs(np.asarray(grad)) > 1e-7)}
     assert touched == {"circle", "polygon", "rectangle", "triangle"}  # the two groups on path
-    np.testing.assert_allclose(  # -log Pr(triangle | object)
-        y.tree_nll(y.tree_log_softmax(logits, TREE), node("triangle"), TREE),
-        -y.tree_log_prob(y.tree_log_softmax(logits, TREE), TREE)[node("triangle")], rtol=1e-6)
+    np.testing.assert_allclose(nll, -log_prob, rtol=1e-6)  # -log Pr(triangle | object)
 
 
 def test_classification_loss_touches_only_the_best_box():
