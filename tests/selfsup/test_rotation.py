@@ -18,8 +18,10 @@ from tests.common.config_fields import unread_fields
 from tests.common.preset import trace_paper
 
 # One tiny configuration for every test of the module: 16x16 digits, a 16-channel 3-block
-# NIN, 32 images (128 rotated inputs) per step, 5 epochs of 31 steps.
-TINY = rotation.Config(image_size=16, batch_size=32, num_epochs=5, lr_decay_epochs=(3,),
+# NIN, 32 images (128 rotated inputs) per step, 3 epochs of 31 steps (5 epochs took 16 CPU s
+# to train, 3 take 9.6; batch 64 for 45 steps ran as long and reached only 0.66 held-out
+# rotation accuracy on seed 1).
+TINY = rotation.Config(image_size=16, batch_size=32, num_epochs=3, lr_decay_epochs=(2,),
                        num_blocks=3, channels=(16, 16, 16), shift_conv=True)
 SEEDS = 2
 
@@ -109,19 +111,24 @@ def _at_init(cfg):
 
 
 def test_rotation_prediction_beats_the_encoder_at_init(quick_run):
-    """Behaviour ([1] Sec. 3-4): TINY (155 steps of 32 images x 4 rotations), 2 seeds,
-    against the same network at random init. Measured on a 2-core CPU (jax 0.10.2):
-        held-out rotation accuracy    trained 0.917 0.913   init 0.327 0.250
-        k-NN probe, 10 labels/class   trained 0.693 0.665   init 0.499 0.545
-        linear probe, 10 labels/class trained 0.734 0.705   init 0.640 0.686
-    (the broken variant, labels independent of the rotation, is in the slow test below:
-    rotation 0.259 0.114, k-NN 10/class 0.473 0.462, below init). Mutations tried: the
-    loss reading shuffled labels fails both asserts."""
+    """Behaviour ([1] Sec. 3-4): TINY (93 steps of 32 images x 4 rotations), 2 seeds,
+    against the same network at random init. Measured on a loaded 2-core CPU (jax 0.10.2):
+        held-out rotation accuracy    trained 0.888 0.873   init 0.327 0.250
+        k-NN probe, 10 labels/class   trained 0.596 0.713   init 0.499 0.545
+        linear probe, 10 labels/class trained 0.645 0.804   init 0.640 0.686
+    (155 steps: rotation 0.917 0.913, k-NN 10/class 0.693 0.665. The broken variant, labels
+    independent of the rotation, is in the slow test below: at 155 steps rotation 0.259
+    0.114, k-NN 10/class 0.473 0.462, below init). Mutations tried: the loss reading
+    shuffled labels fails both asserts."""
     trained, init = quick_run.final, _at_init(TINY)
     print("trained", trained, "init", init)
     assert (trained["rotation_acc_test"] >= 0.7).all(), trained
     assert (init["rotation_acc_test"] <= 0.45).all(), init
-    assert (trained["knn_few"] >= init["knn_few"] + 0.08).all(), (trained, init)
+    assert (trained["knn_few"] >= init["knn_few"] + KNN_GAIN).all(), (trained, init)
+
+
+KNN_GAIN = 0.05
+"""k-NN 10/class gain over init that the method reaches and the broken variant does not"""
 
 
 def _broken_rotate(x, key=None):
@@ -140,7 +147,8 @@ def test_random_rotation_labels_learn_nothing(quick_run, monkeypatch):
     """The broken variant of the behaviour test: the same TINY training with rotation labels
     independent of the rotation (no pretext signal). Measured (2-core CPU, jax 0.10.2):
     held-out rotation accuracy 0.259 0.114, k-NN 10/class 0.473 0.462 (init 0.499 0.545,
-    trained 0.693 0.665): it fails the thresholds the real task passes."""
+    trained 0.693 0.665), at the former TINY of 155 steps: it fails the thresholds the real
+    task passes."""
     init = _at_init(TINY)
     monkeypatch.setattr(rotation, "rotate_batch", _broken_rotate)
     train = jax.jit(jax.vmap(run.make_train(rotation.init, rotation.update, TINY)))
@@ -149,8 +157,8 @@ def test_random_rotation_labels_learn_nothing(quick_run, monkeypatch):
     broken = run.evaluate_seeds(rotation.evaluate, state, TINY, SEEDS)
     print("broken", broken, "init", init)
     assert (broken["rotation_acc_test"] < 0.45).all(), broken
-    assert (broken["knn_few"] < init["knn_few"] + 0.08).all(), (broken, init)
-    assert (quick_run.final["knn_few"] >= init["knn_few"] + 0.08).all()
+    assert (broken["knn_few"] < init["knn_few"] + KNN_GAIN).all(), (broken, init)
+    assert (quick_run.final["knn_few"] >= init["knn_few"] + KNN_GAIN).all()
 
 
 def test_train_is_pure_and_cli_writes_its_files(recorded_run, capsys):
