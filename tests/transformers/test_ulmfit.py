@@ -1,8 +1,8 @@
 """Tests of transformers/ulmfit.py: STLR by hand, discriminative rates (exact 2.6 ratios of
 the updates), gradual unfreezing (frozen groups bit-identical), concat pooling, weight drop
 (one mask on W_hh for every step, identity at evaluation) against a numpy LSTM; one tiny CLI
-run of the three arms reused by the behaviour, purity and CLI tests; the paper preset
-traced."""
+run of the three arms reused by the purity and CLI tests; the paper preset traced; and the
+behaviour gate (pytest -m slow): ULMFiT and no-tricks beat the scratch classifier."""
 
 import dataclasses
 import json
@@ -13,21 +13,23 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from common import parallel, run
 from tests.common import preset
 from tests.common.config_fields import unread_fields
 from tests.transformers import tiny_run as tiny_run_module
 from tests.transformers.tiny_run import jit0
 from transformers import ulmfit
 
-# one tiny config for every test: pydoc characters for both stages, 3 layers 32 -> 128 ->
-# 32 with light dropouts, windows of 48; 300 LM updates of 16 windows, 60 of target LM
-# fine-tuning, then 6 epochs of 128 labelled windows in batches of 16 (48 updates)
+# one tiny config for every default test: pydoc characters for both stages, 3 layers 16 ->
+# 64 -> 16 with light dropouts, windows of 32; 80 LM updates of 16 windows, 16 of target LM
+# fine-tuning, then 6 epochs of 64 labelled windows in batches of 16 (24 updates). Too small
+# to learn the task (the LM stays near the unigram loss): the behaviour gate is slow-tier.
 TINY = ulmfit.Config(general_corpus="pydoc", general_chars=200_000, vocab_size=None,
-                     emb_dim=32, hidden_dim=128, dropout_e=0.0, dropout_i=0.1, dropout_h=0.1,
-                     dropout=0.1, weight_drop=0.1, seq_len=48, batch_size=16,
-                     pretrain_steps=300, pretrain_lr=1e-2, lm_steps=60, num_labelled=128,
+                     emb_dim=16, hidden_dim=64, dropout_e=0.0, dropout_i=0.1, dropout_h=0.1,
+                     dropout=0.1, weight_drop=0.1, seq_len=32, batch_size=16,
+                     pretrain_steps=80, pretrain_lr=1e-2, lm_steps=16, num_labelled=64,
                      num_eval=64, clf_batch=16, clf_epochs=6)
-CHUNK = 136  # TINY.num_updates = 408: three chunks of one program
+CHUNK = 40  # TINY.num_updates = 120: three chunks of one program
 SEEDS = tiny_run_module.SEEDS
 
 
@@ -153,24 +155,19 @@ def tiny_run(tmp_path_factory):
         return tiny_run_module.run_cli(ulmfit, TINY, tmp_path_factory.mktemp("run"), CHUNK)
 
 
-def test_ulmfit_beats_the_scratch_classifier_at_few_labels_short(tiny_run):
-    """Short behaviour test, one compiled run of the three arms on the same batches: with
-    128 labelled windows, the pretrained-then-fine-tuned classifier's held-out error is
-    below the same classifier trained from scratch (which stays at chance). Measured: see
-    the print (2-core CPU, loaded)."""
-    f = {k: np.asarray(v) for k, v in tiny_run.final.items()}
-    print({k: v.tolist() for k, v in f.items()})
-    assert (f["val_err_scratch"] > 0.4).all()
-    assert f["val_err_ulmfit"].mean() < f["val_err_scratch"].mean() - 0.1
-
-
 def test_train_is_pure_and_seeded_and_logs_the_stages(tiny_run):
     """The runner's first chunk, rerun on the same initial states, gives the run's first
     rows bit for bit; the seeds differ; the stages switch where the config says."""
     with tiny_run_module.lowest_level_compiles():
-        state = tiny_run_module.assert_pure(ulmfit, TINY, tiny_run, CHUNK)
+        step = run.make_chunk(ulmfit.update, TINY, CHUNK, parallel.seed_sharding(SEEDS), SEEDS)
+        state, metrics = jax.device_get(step(tiny_run_module.initial_states(ulmfit, TINY)))
+    metrics = run.mark_undefined(dict(metrics), ulmfit.NAN_UNLESS)
+    for k in tiny_run.history:
+        np.testing.assert_array_equal(tiny_run.history[k][:, :CHUNK], metrics[k], err_msg=k)
     assert state.params["embed"].shape[:2] == (SEEDS, len(ulmfit.ARMS))
+    assert not np.array_equal(state.params["embed"][0], state.params["embed"][1])
     h = tiny_run.history
+    assert not np.array_equal(h["losses/loss"][0], h["losses/loss"][1])
     P, F = TINY.pretrain_steps, TINY.lm_steps
     np.testing.assert_array_equal(h["charts/stage"][0], [0] * P + [1] * F + [2] * TINY.clf_steps)
     assert np.isnan(h["losses/clf_ulmfit"][:, :P + F]).all()
@@ -178,6 +175,9 @@ def test_train_is_pure_and_seeded_and_logs_the_stages(tiny_run):
     # the arms share stage (a) exactly; they part in (b) (no tricks) and (c) (scratch)
     np.testing.assert_array_equal(h["losses/lm_ulmfit"][:, :P], h["losses/lm_no_tricks"][:, :P])
     assert (h["losses/lm_ulmfit"][:, P + 1] != h["losses/lm_no_tricks"][:, P + 1]).all()
+    c = P + F  # the scratch arm is re-initialised when (c) starts: its first classifier
+    assert (h["losses/clf_scratch"][:, c] != h["losses/clf_ulmfit"][:, c]).all()  # loss differs
+    assert np.isfinite(np.asarray(tiny_run.final["val_err_scratch"])).all()
 
 
 def test_cli_runs_and_documents_every_field(tiny_run, capsys):
@@ -216,3 +216,20 @@ def test_paper_preset_traces():
     lstm = sum(x.size for x in jax.tree.leaves(state.params["lstm"])) // len(ulmfit.ARMS)
     assert 20.0e6 < lstm < 20.5e6, lstm
     assert state.params["embed"].shape == (len(ulmfit.ARMS), 267_735, 400)
+
+
+@pytest.mark.slow
+def test_ulmfit_beats_the_scratch_classifier_at_few_labels(tmp_path):
+    """[1] Table 4 in small: the quick preset (stdlib LM, 400 updates; 100 of pydoc LM
+    fine-tuning; 8 epochs of 128 labelled windows), one run of the three arms on the same
+    batches, 2 seeds. The broken variant in the same run is the scratch arm (the same
+    classifier re-initialised when (c) starts). Measured (2-core CPU shared with ~7 jobs,
+    17.5 min wall, 236 CPU s): held-out error ulmfit 0.141 / 0.094, no_tricks 0.094 / 0.117,
+    scratch 0.430 / 0.414."""
+    cfg = ulmfit.Config(**ulmfit.PRESETS["quick"])
+    res = tiny_run_module.run_cli(ulmfit, cfg, tmp_path / "run", 141, preset="quick")
+    f = {k: np.asarray(v) for k, v in res.final.items()}
+    print({k: v.tolist() for k, v in f.items()})
+    assert (f["val_err_scratch"] > 0.35).all(), f
+    assert (f["val_err_ulmfit"] < f["val_err_scratch"] - 0.15).all(), f
+    assert (f["val_err_no_tricks"] < f["val_err_scratch"] - 0.15).all(), f
