@@ -49,7 +49,7 @@ held-out ones from its validation split. Tokens are characters (the union of bot
 
 Reproduce (CPU demo; 3 layers 32 -> 128 -> 32, windows of 48, 400 updates of (a), 100 of
 (b), 8 epochs of 128 labelled windows in batches of 16):
-    python transformers/ulmfit.py --preset quick --plot transformers/ulmfit.png
+    python transformers/ulmfit.py --preset quick --num-seeds 2 --plot transformers/ulmfit.png
   Measured (--num-seeds 2, 2-core CPU shared with ~7 other jobs, 17.5 min wall, 236 CPU s):
   held-out error 0.141 / 0.094 ulmfit, 0.430 / 0.414 scratch, 0.094 / 0.117 no_tricks;
   stdlib LM 1.93 / 1.96 nats/char after (a); pydoc LM at the end of (b) 2.66 / 2.44 ulmfit
