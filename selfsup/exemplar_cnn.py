@@ -474,6 +474,10 @@ class State:
     data_key: jax.Array  # the key of the K transformations of every seed
     step: jax.Array
     key: jax.Array
+    # () bool, False from init: True only in the tests' broken variant, where each sample
+    # is cut from the seed of the next sample in the batch (labels independent of seeds);
+    # a traced flag, so both arms run in one compiled program
+    shuffle: jax.Array
 
 
 def init(key, cfg: Config) -> State:
@@ -484,7 +488,7 @@ def init(key, cfg: Config) -> State:
     x = jnp.zeros((1, cfg.patch_size, cfg.patch_size, train_x.shape[-1]))
     params = network(cfg).init(k_net, x)["params"]
     return State(params, make_optimizer(cfg)[0].init(params), seed_img, seed_box, k_data,
-                 jnp.zeros((), jnp.int32), key)
+                 jnp.zeros((), jnp.int32), key, jnp.zeros((), bool))
 
 
 # --- UPDATE ---
@@ -505,7 +509,8 @@ def update(state: State, cfg: Config):
     stats = tuple(jnp.asarray(a) for a in pixel_pca_cached(cfg))
     key, k_cls, k_t, k_drop = jax.random.split(state.key, 4)
     cls = jax.random.randint(k_cls, (cfg.batch_size,), 0, cfg.num_classes)
-    x = make_batch(sample_keys(k_t, state.data_key, cls, cfg), cls, state.seed_img,
+    src = jnp.where(state.shuffle, jnp.roll(cls, 1), cls)  # cls unless the broken variant
+    x = make_batch(sample_keys(k_t, state.data_key, cls, cfg), src, state.seed_img,
                    state.seed_box, train_x, stats, cfg)
     labels = train_y[state.seed_img[cls]] if cfg.supervised else cls
 
