@@ -13,7 +13,7 @@ import pytest
 from common import run
 from selfsup import jigsaw
 from tests.common.cli import cli_args
-from tests.common.compiled import main_recording_chunks
+from tests.common.compiled import compiled, main_recording_chunks
 from tests.common.config_fields import unread_fields
 from tests.common.preset import trace_paper
 
@@ -91,9 +91,20 @@ def test_tiles_have_gaps_and_shuffle_round_trips():
     off = np.asarray(jax.random.randint(key, (2, 9, 2), 0, 12 - 9 + 1))
     assert off.min() >= 0 and off.max() <= 3 and len(np.unique(off)) > 1
     cells = np.stack(np.meshgrid(np.arange(3), np.arange(3), indexing="ij"), -1).reshape(9, 2)
-    tiles_of = jax.jit(jigsaw.extract_tiles, static_argnums=2)
-    for k, o in ((key, off), (None, np.zeros_like(off))):
-        t = np.asarray(tiles_of(k, x, TINY))
+    src = jnp.asarray(jigsaw.train_images(TINY)[0][:5])
+    p_set = jigsaw.perm_array(TINY)
+    k = jax.random.PRNGKey(3)
+    k_crop, _, k_tile, _ = jax.random.split(k, 4)
+
+    def tiles_and_puzzles(key, x, k, kc, kt):  # one program (XLA's lowest level)
+        return ([jigsaw.extract_tiles(kk, x, TINY) for kk in (key, None)],
+                jigsaw.make_puzzles(k, src, p_set, TINY),
+                jigsaw.extract_tiles(kt, jigsaw.resize_crop(kc, src, TINY), TINY))
+
+    tiles, (shuffled, labels, perms), ordered = compiled(tiles_and_puzzles, key, x, k, k_crop,
+                                                         k_tile)
+    for t, o in zip(tiles, (off, np.zeros_like(off)), strict=True):
+        t = np.asarray(t)
         assert t.shape == (2, 9, 9, 9, 1)
         for b in range(2):
             for n in range(9):
@@ -107,14 +118,6 @@ def test_tiles_have_gaps_and_shuffle_round_trips():
     np.testing.assert_array_equal(jigsaw.shuffle_tiles(tiles, perm), [[12, 10, 13, 11]])
     np.testing.assert_array_equal(jigsaw.unshuffle_tiles(jigsaw.shuffle_tiles(tiles, perm),
                                                          perm), tiles)
-    src = jnp.asarray(jigsaw.train_images(TINY)[0][:5])
-    p_set = jigsaw.perm_array(TINY)
-    k = jax.random.PRNGKey(3)
-    shuffled, labels, perms = jax.jit(jigsaw.make_puzzles, static_argnums=3)(k, src, p_set,
-                                                                              TINY)
-    k_crop, _, k_tile, _ = jax.random.split(k, 4)
-    ordered = jax.jit(lambda kc, kt: jigsaw.extract_tiles(
-        kt, jigsaw.resize_crop(kc, src, TINY), TINY))(k_crop, k_tile)
     np.testing.assert_array_equal(perms, p_set[labels])
     np.testing.assert_array_equal(shuffled, jigsaw.shuffle_tiles(ordered, p_set[labels]))
     np.testing.assert_array_equal(jigsaw.unshuffle_tiles(shuffled, perms), ordered)
@@ -128,14 +131,21 @@ def test_color_measures_and_lrn_by_hand():
     x_c / (1 + 1e-4 / 5 * sum_{|c'-c| <= 2} x_c'^2)^0.75, the window clipped at the ends.
     Mutations tried: no shift (identity) fails the roll check; the LRN window over all
     channels fails at the ends and in the middle."""
-    cfg = dataclasses.replace(TINY, gray_prob=1.0, channel_jitter=0)
+    gray = dataclasses.replace(TINY, gray_prob=1.0, channel_jitter=0)
+    jitter = dataclasses.replace(TINY, gray_prob=0.0, channel_jitter=1)
     red = jnp.zeros((1, 4, 4, 3)).at[..., 0].set(1.0)
-    colour = jax.jit(jigsaw.color_measures, static_argnums=2)
-    np.testing.assert_allclose(colour(jax.random.PRNGKey(0), red, cfg),
-                               jnp.full((1, 4, 4, 3), 0.299), rtol=1e-6)
-    cfg = dataclasses.replace(TINY, gray_prob=0.0, channel_jitter=1)
     x = jax.random.uniform(jax.random.PRNGKey(1), (3, 5, 5, 3))
-    x, y = np.asarray(x), np.asarray(colour(jax.random.PRNGKey(2), x, cfg))
+    v = np.arange(1.0, 9.0)
+
+    def measures(red, x, v):  # one program (XLA's lowest level)
+        return (jigsaw.color_measures(jax.random.PRNGKey(0), red, gray),
+                jigsaw.color_measures(jax.random.PRNGKey(2), x, jitter),
+                jigsaw.color_measures(jax.random.PRNGKey(2), x[..., :1], jitter),
+                jigsaw.lrn(v))
+
+    grey, y, g, lrn = compiled(measures, red, x, jnp.asarray(v))
+    np.testing.assert_allclose(grey, jnp.full((1, 4, 4, 3), 0.299), rtol=1e-6)
+    x, y = np.asarray(x), np.asarray(y)
     shift = np.asarray(jax.random.randint(jax.random.split(jax.random.PRNGKey(2))[1],
                                           (3, 3, 2), -1, 2))
     assert len(np.unique(shift.reshape(-1, 2), axis=0)) > 1  # channels move differently
@@ -143,12 +153,10 @@ def test_color_measures_and_lrn_by_hand():
         for c in range(3):
             np.testing.assert_array_equal(np.roll(x[b, ..., c], tuple(shift[b, c]), (0, 1)),
                                           y[b, ..., c])
-    g = x[..., :1]
-    np.testing.assert_array_equal(colour(jax.random.PRNGKey(2), g, cfg), g)
-    v = np.arange(1.0, 9.0)
+    np.testing.assert_array_equal(g, x[..., :1])
     want = [v[c] / (1 + 1e-4 / 5 * (v[max(c - 2, 0):c + 3] ** 2).sum()) ** 0.75
             for c in range(8)]
-    np.testing.assert_allclose(jigsaw.lrn(jnp.asarray(v)), want, rtol=1e-6)
+    np.testing.assert_allclose(lrn, want, rtol=1e-6)
 
 
 JIG_CHUNK = 10
