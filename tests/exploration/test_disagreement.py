@@ -12,6 +12,7 @@ import pytest
 
 from common import envs
 from exploration import disagreement as dis
+from tests.common.compiled import main_recording_chunks
 from tests.common.config_fields import unread_fields
 from tests.common.preset import trace_paper
 
@@ -119,14 +120,17 @@ RUN_ARGS = ["--preset", "quick", "--total-timesteps", "256", "--num-envs", "4",
 
 
 @pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory):
-    return dis.main(RUN_ARGS + ["--run-dir", str(tmp_path_factory.mktemp("dis"))])
+def recorded(tmp_path_factory):
+    return main_recording_chunks(dis.main,
+                                 RUN_ARGS + ["--run-dir", str(tmp_path_factory.mktemp("dis"))])
 
 
-def test_train_is_pure_and_cli_writes_its_files(tiny_run, tmp_path, capsys):
-    """The same keys give bit-identical results a second time (the persistent compilation
-    cache serves the program); seeds differ; the run wrote its files; `--help` documents
-    every field; the normaliser folded in T x N = 128 returns per update."""
+def test_train_is_pure_and_cli_writes_its_files(recorded, capsys):
+    """The runner's compiled chunk (the whole run) again on its recorded input gives
+    bit-identical params and metrics (no tracing, no compiling); seeds differ; the run wrote
+    its files; `--help` documents every field; the normaliser folded in T x N = 128 returns
+    per update."""
+    tiny_run, chunks = recorded
     with pytest.raises(SystemExit):
         dis.main(["--help"])
     out = capsys.readouterr().out
@@ -139,8 +143,10 @@ def test_train_is_pure_and_cli_writes_its_files(tiny_run, tmp_path, capsys):
     assert not np.array_equal(h["losses/dynamics"][0], h["losses/dynamics"][1])
     np.testing.assert_allclose(tiny_run.state.bonus_stats["rew_norm"].count,
                                [2 * 128 + 1e-4] * SEEDS, rtol=1e-6)
-    again = dis.main(RUN_ARGS + ["--run-dir", str(tmp_path / "again")])
-    jax.tree.map(np.testing.assert_array_equal, tiny_run.state.params, again.state.params)
+    assert len(chunks) == 1
+    state, metrics = jax.device_get(chunks[0][0](chunks[0][1]))
+    jax.tree.map(np.testing.assert_array_equal, tiny_run.state.params, state.params)
+    np.testing.assert_array_equal(h["losses/dynamics"], metrics["losses/dynamics"])
 
 
 def test_bad_values_fail_with_named_field(tmp_path):

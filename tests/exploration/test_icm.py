@@ -12,6 +12,7 @@ import pytest
 
 from common import run
 from exploration import icm
+from tests.common.compiled import main_recording_chunks
 from tests.common.config_fields import unread_fields
 from tests.common.preset import trace_paper
 
@@ -136,12 +137,18 @@ def _run(run_dir):
 
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(icm, "init", init)
-        return icm.main(RUN_ARGS + ["--run-dir", str(run_dir)])
+        return main_recording_chunks(icm.main, RUN_ARGS + ["--run-dir", str(run_dir)])
 
 
 @pytest.fixture(scope="module")
-def quick_run(tmp_path_factory):
+def recorded(tmp_path_factory):
+    """(the run, its compiled chunks with their recorded inputs)"""
     return _run(tmp_path_factory.mktemp("icm"))
+
+
+@pytest.fixture(scope="module")
+def quick_run(recorded):
+    return recorded[0]
 
 
 def test_icm_explores_more_than_ppo(quick_run):
@@ -164,9 +171,11 @@ def test_icm_explores_more_than_ppo(quick_run):
     np.testing.assert_array_equal(quick_run.final["distinct_cells"], cells)
 
 
-def test_train_is_pure(quick_run, tmp_path):
-    """The same keys give bit-identical results a second time (the persistent compilation
-    cache serves the program); different seeds differ; the metrics are finite."""
+def test_train_is_pure(recorded):
+    """The runner's compiled chunk (the whole run) again on its recorded input gives
+    bit-identical params and metrics (no tracing, no compiling); different seeds differ;
+    the metrics are finite."""
+    quick_run, chunks = recorded
     h = quick_run.history
     for k in ("losses/inverse", "losses/forward", "charts/intrinsic_reward"):
         assert np.isfinite(h[k]).all() and h[k].shape == (2 * SEEDS, 8), k
@@ -174,9 +183,10 @@ def test_train_is_pure(quick_run, tmp_path):
     assert (h["charts/intrinsic_reward"][:SEEDS] > 0).all()
     np.testing.assert_array_equal(quick_run.state.bonus_stats, [TINY.eta] * SEEDS + [0] * SEEDS)
     assert not np.array_equal(h["losses/forward"][0], h["losses/forward"][1])
-    again = _run(tmp_path)
-    jax.tree.map(np.testing.assert_array_equal, quick_run.state.params, again.state.params)
-    np.testing.assert_array_equal(h["losses/forward"], again.history["losses/forward"])
+    assert len(chunks) == 1
+    state, metrics = jax.device_get(chunks[0][0](chunks[0][1]))
+    jax.tree.map(np.testing.assert_array_equal, quick_run.state.params, state.params)
+    np.testing.assert_array_equal(h["losses/forward"], metrics["losses/forward"])
 
 
 def test_cli_run_writes_its_files(quick_run, capsys):

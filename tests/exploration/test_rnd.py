@@ -14,7 +14,7 @@ from common import run
 from common.rl import RunningMeanStd
 from exploration import rnd
 from tests.common.cli import cli_args
-from tests.common.compiled import compiled
+from tests.common.compiled import compiled, main_recording_chunks
 from tests.common.config_fields import unread_fields
 from tests.common.preset import trace_paper
 
@@ -243,12 +243,18 @@ def _run(run_dir):
 
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(rnd, "init", init)
-        return rnd.main(RUN_ARGS + ["--run-dir", str(run_dir)])
+        return main_recording_chunks(rnd.main, RUN_ARGS + ["--run-dir", str(run_dir)])
 
 
 @pytest.fixture(scope="module")
-def quick_run(tmp_path_factory):
+def recorded(tmp_path_factory):
+    """(the run, its compiled chunks with their recorded inputs)"""
     return _run(tmp_path_factory.mktemp("rnd"))
+
+
+@pytest.fixture(scope="module")
+def quick_run(recorded):
+    return recorded[0]
 
 
 def test_rnd_explores_more_than_ppo(quick_run):
@@ -274,10 +280,12 @@ def test_rnd_explores_more_than_ppo(quick_run):
     np.testing.assert_array_equal(quick_run.state.int_coef, [1.0] * SEEDS + [0.0] * SEEDS)
 
 
-def test_train_is_pure_and_cli_writes_its_files(quick_run, tmp_path, capsys):
-    """The same keys give bit-identical results a second time (the persistent compilation
-    cache serves the program); seeds differ; the run wrote its files; `--help` documents
-    every field; the return normaliser folded in the T*N = 256 returns of each rollout."""
+def test_train_is_pure_and_cli_writes_its_files(recorded, capsys):
+    """The runner's compiled chunk (the whole run) again on its recorded input gives
+    bit-identical params and metrics (no tracing, no compiling); seeds differ; the run wrote
+    its files; `--help` documents every field; the return normaliser folded in the T*N = 256
+    returns of each rollout."""
+    quick_run, chunks = recorded
     with pytest.raises(SystemExit):
         rnd.main(["--help"])
     out = capsys.readouterr().out
@@ -292,9 +300,10 @@ def test_train_is_pure_and_cli_writes_its_files(quick_run, tmp_path, capsys):
     assert not np.array_equal(h["losses/rnd_forward"][0], h["losses/rnd_forward"][1])
     np.testing.assert_allclose(quick_run.state.rew_norm.count, [8 * 256 + 1e-4] * 2 * SEEDS,
                                rtol=1e-6)
-    again = _run(tmp_path)
-    jax.tree.map(np.testing.assert_array_equal, quick_run.state.params, again.state.params)
-    np.testing.assert_array_equal(h["losses/rnd_forward"], again.history["losses/rnd_forward"])
+    assert len(chunks) == 1
+    state, metrics = jax.device_get(chunks[0][0](chunks[0][1]))
+    jax.tree.map(np.testing.assert_array_equal, quick_run.state.params, state.params)
+    np.testing.assert_array_equal(h["losses/rnd_forward"], metrics["losses/rnd_forward"])
 
 
 def _cells(cfg, seeds):
