@@ -54,10 +54,10 @@ policy in 20 / 20 after 1 SimOpt update; in its simulated drawer study 3 iterati
 or 200 (drawer) PPO iterations per SimOpt iteration on 64 GPUs.
 Ours (quick preset: Pendulum-v1, xi_real = (m 1.6, l 1.2), p_phi_0 = N((1, 1), diag(0.4,
 0.25)^2), 5 iterations x 50 PPO updates of 32 x 128 steps = 1M steps, M = 32; 2 seeds, a
-loaded 2-core CPU, ~3.5 min per run, compile included): |mu - xi_real| 0.632 -> 0.23, 0.07,
-0.07, 0.03, 0.015 (seed means per iteration); real return of the final policy -301 +- 24
+loaded 2-core CPU, ~3 min per run, compile included): |mu - xi_real| 0.632 -> 0.20, 0.05,
+0.04, 0.011, 0.008 (seed means per iteration); real return of the final policy -317 +- 15
 with SimOpt vs -588 +- 24 with uniform DR over the initial box (m [0.2, 1.8], l [0.5, 1.5],
-the same budget and seeds); per iteration SimOpt -785, -500, -387, -425, -301 vs uniform
+the same budget and seeds); per iteration SimOpt -785, -608, -423, -441, -317 vs uniform
 -813, -737, -632, -668, -588. Plot: generalization/simopt.png.
 
 Differences from the paper:

@@ -211,8 +211,8 @@ def test_simopt_beats_uniform_dr_in_real(tmp_path):
     """[1]'s claim in sim-to-sim: the quick preset (Pendulum-v1, xi_real = (m 1.6, l 1.2),
     5 iterations, 1M PPO steps, 2 seeds) with SimOpt against uniform DR over the initial box
     (`--mode uniform`: p_phi never moves, the broken variant), same seeds and budget.
-    Measured on a loaded 2-core CPU (~3.5 min per run): real return of the final policy
-    -277 / -325 with SimOpt vs -564 / -612 uniform; |mu - xi_real| 0.019 / 0.010 vs 0.632."""
+    Measured on a loaded 2-core CPU (~3 min per run): real return of the final policy
+    -302 / -333 with SimOpt vs -564 / -612 uniform; |mu - xi_real| 0.003 / 0.012 vs 0.632."""
     runs = {}
     for mode in ("simopt", "uniform"):
         runs[mode] = so.main(["--preset", "quick", "--num-seeds", "2", "--mode", mode,
