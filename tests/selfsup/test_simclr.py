@@ -13,7 +13,7 @@ import pytest
 from common import run
 from selfsup import simclr
 from tests.common.cli import cli_args
-from tests.common.compiled import main_recording_chunks
+from tests.common.compiled import compiled, main_recording_chunks
 from tests.common.config_fields import unread_fields
 from tests.common.preset import trace_paper
 
@@ -36,7 +36,16 @@ def test_nt_xent_by_hand_and_equals_optax_ntxent():
     same number (the catalogue measured this on random data too: checked here as well)."""
     z1 = jnp.array([[1.0, 0.0], [0.0, 1.0]])
     z2 = jnp.array([[3.0, 0.0], [1.0, 1.0]])
-    loss, acc = simclr.nt_xent(z1, z2, 0.5)
+
+    def losses(z1, z2, key):  # one program (XLA's lowest level), not dozens of eager ops
+        a, b = (jax.random.normal(k, (16, 8)) for k in jax.random.split(key))
+        return (simclr.nt_xent(z1, z2, 0.5),
+                optax.losses.ntxent(jnp.concatenate([z1, z2]), jnp.array([0, 1, 0, 1]), 0.5),
+                simclr.nt_xent(a, b, 0.1)[0],
+                optax.losses.ntxent(jnp.concatenate([a, b]), jnp.tile(jnp.arange(16), 2), 0.1))
+
+    (loss, acc), loss_optax, loss_random, loss_random_optax = compiled(
+        losses, z1, z2, jax.random.PRNGKey(0))
     z = np.concatenate([z1, z2])
     z = z / np.linalg.norm(z, axis=1, keepdims=True)
     s = z @ z.T / 0.5
@@ -48,14 +57,8 @@ def test_nt_xent_by_hand_and_equals_optax_ntxent():
     np.testing.assert_allclose(hand, (2 * (np.log(1 + np.exp(2) + np.exp(r2)) - 2)
                                       + np.log(2 + np.exp(r2)) - r2 + np.log(3)) / 4, rtol=1e-6)
     assert float(acc) == 0.75  # row 4 (image 2, view 2): its positive ties with row 1
-    np.testing.assert_allclose(loss, optax.losses.ntxent(jnp.concatenate([z1, z2]),
-                                                         jnp.array([0, 1, 0, 1]), 0.5), rtol=1e-6)
-    k1, k2 = jax.random.split(jax.random.PRNGKey(0))
-    a, b = jax.random.normal(k1, (16, 8)), jax.random.normal(k2, (16, 8))
-    np.testing.assert_allclose(simclr.nt_xent(a, b, 0.1)[0],
-                               optax.losses.ntxent(jnp.concatenate([a, b]),
-                                                   jnp.tile(jnp.arange(16), 2), 0.1),
-                               rtol=1e-5)
+    np.testing.assert_allclose(loss, loss_optax, rtol=1e-6)
+    np.testing.assert_allclose(loss_random, loss_random_optax, rtol=1e-5)
 
 
 def test_lars_setting_of_the_paper_by_hand():
@@ -72,7 +75,7 @@ def test_lars_setting_of_the_paper_by_hand():
     tx, sched = simclr.make_optimizer(nowarm)
     p = {"kernel": jnp.ones((2, 2)), "bias": jnp.ones(2)}
     g = jax.tree.map(lambda a: 0.1 * jnp.ones_like(a), p)
-    u, _ = tx.update(g, tx.init(p), p)
+    u = compiled(lambda g, p: tx.update(g, tx.init(p), p)[0], g, p)
     gd = 0.1 + 1e-6
     np.testing.assert_allclose(u["kernel"], -4.8 * 1e-3 * 2 / (2 * gd) * gd, rtol=1e-5)
     np.testing.assert_allclose(u["bias"], -4.8 * 0.1, rtol=1e-6)
@@ -80,7 +83,7 @@ def test_lars_setting_of_the_paper_by_hand():
 
 def test_views_are_two_different_augmentations_of_each_image():
     x = jnp.asarray(simclr.images(TINY)[0][:4])
-    v1, v2 = jax.jit(simclr.make_views, static_argnums=2)(jax.random.PRNGKey(0), x, TINY)
+    v1, v2 = compiled(lambda k, x: simclr.make_views(k, x, TINY), jax.random.PRNGKey(0), x)
     assert v1.shape == v2.shape == (4, 16, 16, 1)
     assert float(jnp.abs(v1 - v2).mean()) > 1e-3
     assert 0.0 <= float(v1.min()) and float(v1.max()) <= 1.0
