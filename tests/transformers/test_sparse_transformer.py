@@ -195,8 +195,11 @@ CHUNK = 40
 
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
-    """RUN through the command line, in-process, once."""
-    return tiny_run_module.run_cli(st, RUN, tmp_path_factory.mktemp("run"), CHUNK)
+    """RUN through the command line, in-process, once, its chunks and evaluate compiled at
+    XLA's lowest optimisation level (compile, run and evaluate: 8.7 CPU s instead of 12.4,
+    loaded 2-core CPU)."""
+    with tiny_run_module.lowest_level_compiles():
+        return tiny_run_module.run_cli(st, RUN, tmp_path_factory.mktemp("run"), CHUNK)
 
 
 def test_learns_digits_better_than_the_global_marginal_short(tiny_run):
@@ -237,7 +240,8 @@ def test_learns_digits_better_than_the_pixel_marginal_baseline():
 def test_train_is_pure_and_seeded(tiny_run):
     """The runner's first chunk, rerun on the same initial states, gives the same metrics;
     the two seeds differ."""
-    tiny_run_module.assert_pure(st, RUN, tiny_run, CHUNK)
+    with tiny_run_module.lowest_level_compiles():  # the fixture's program (compile cache)
+        tiny_run_module.assert_pure(st, RUN, tiny_run, CHUNK)
     assert tiny_run.history["losses/loss"].shape == (2, RUN.num_updates)
 
 
