@@ -148,7 +148,7 @@ def test_random_rotation_labels_learn_nothing(quick_run, monkeypatch):
     """The broken variant of the behaviour test: the same TINY training with rotation labels
     independent of the rotation (no pretext signal). Measured (2-core CPU, jax 0.10.2):
     held-out rotation accuracy 0.260 0.177, k-NN 10/class 0.474 0.488 (init 0.499 0.545,
-    trained 0.596 0.713; 330 s wall, 96 CPU s for this test alone; at the former TINY of 155
+    trained 0.596 0.713; 330 s wall, 96 CPU s with its fixture; at the former TINY of 155
     steps: 0.259 0.114, 0.473 0.462): it fails the thresholds the real task passes."""
     init = _at_init(TINY)
     monkeypatch.setattr(rotation, "rotate_batch", _broken_rotate)
