@@ -1,8 +1,8 @@
 """Tests of selfsup/exemplar_cnn.py: each transformation by hand (translation, scaling,
 rotation by 90 degrees = rot90, the PCA contrast, HSV), the gradient-proportional seed
 sampler's frequencies, the K fixed transformations per seed, the optimiser schedule,
-behaviour against a broken variant (no transformations) and random init, purity, CLI and
-the paper preset."""
+behaviour against a broken variant (labels independent of the seeds) and random init,
+purity, CLI and the paper preset."""
 
 import dataclasses
 
@@ -185,8 +185,8 @@ def recorded_run(tmp_path_factory):
     variant: the runner's initial states with shuffle set) in chunks of CHUNK updates, then
     evaluate(); with the compiled chunks and their inputs, and the compiled evaluate (at
     XLA's lowest optimisation level, the runner's --fast-compile one for evaluate: it
-    compiles in half the CPU time, 7 s vs 15 s, and runs once per arm; the chunks keep the
-    default level, which runs them 3x faster)."""
+    compiles in half the CPU time, 7 vs 15 CPU-s on the loaded 2-core machine, and runs
+    once per arm; the chunks keep the default level, which runs them 3x faster)."""
     evaluates = []
     real_initial_states = run.initial_states
 
@@ -217,7 +217,9 @@ def test_exemplar_cnn_recognises_fresh_transformations_of_its_seeds(recorded_run
     (jax 0.10.2), chance 1/32 = 0.031:
         trained 0.250 0.219   labels independent of the seeds 0.063   init 0.031 0.031 0.000
     (a standalone 400-step run of the same config gave 0.219 0.313). The broken arm is the
-    mutation "labels not tied to the seeds": it fails the 5 x chance the real run passes.
+    mutation "labels not tied to the seeds": it fails the 5 x chance the real run passes
+    (put into update for every seed: trained 0.031 0.063, fails); the flag ignored (seed 2
+    trains normally) gives broken 0.219 and fails the 3 x chance bound.
     Transformations disabled (a weaker broken variant, not asserted): 0.219 0.219 at 400
     steps and 0.188 0.219 (trained 0.125 0.094) at 160: at this size the seeds alone
     generalise as well, the invariance pays off only with more training (quick preset:
