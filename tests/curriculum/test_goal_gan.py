@@ -13,7 +13,7 @@ import pytest
 
 from curriculum import goal_gan
 from tests.common.cli import cli_args
-from tests.common.compiled import compiled
+from tests.common.compiled import compiled, main_recording_chunks
 from tests.common.config_fields import unread_fields
 from tests.common.preset import trace_paper
 
@@ -147,12 +147,18 @@ def _run(run_dir):
 
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(goal_gan, "init", init)
-        return goal_gan.main(RUN_ARGS + ["--run-dir", str(run_dir)])
+        return main_recording_chunks(goal_gan.main, RUN_ARGS + ["--run-dir", str(run_dir)])
 
 
 @pytest.fixture(scope="module")
-def quick_run(tmp_path_factory):
+def recorded(tmp_path_factory):
+    """(the run, its compiled chunks with their recorded inputs)"""
     return _run(tmp_path_factory.mktemp("goal_gan"))
+
+
+@pytest.fixture(scope="module")
+def quick_run(recorded):
+    return recorded[0]
 
 
 def test_goal_gan_generates_more_goals_of_intermediate_difficulty(quick_run):
@@ -172,9 +178,11 @@ def test_goal_gan_generates_more_goals_of_intermediate_difficulty(quick_run):
                                   + [FLIPPED] * 2)
 
 
-def test_train_is_pure_and_cli_writes_its_files(quick_run, tmp_path, capsys):
-    """The same keys give bit-identical results a second time (the compilation cache serves
-    the program); seeds differ; the run wrote its files; `--help` documents every field."""
+def test_train_is_pure_and_cli_writes_its_files(recorded, capsys):
+    """The runner's compiled chunk (the whole run) again on its recorded input gives
+    bit-identical results (no tracing, no compiling); seeds differ; the run wrote its files;
+    `--help` documents every field."""
+    quick_run, chunks = recorded
     with pytest.raises(SystemExit):
         goal_gan.main(["--help"])
     out = capsys.readouterr().out
@@ -186,9 +194,10 @@ def test_train_is_pure_and_cli_writes_its_files(quick_run, tmp_path, capsys):
     assert h["charts/coverage"].shape == (3 * SEEDS, TINY.outer_iters)
     assert np.isfinite(h["losses/discriminator"]).all()
     assert not np.array_equal(h["losses/discriminator"][0], h["losses/discriminator"][1])
-    again = _run(tmp_path)
-    np.testing.assert_array_equal(h["losses/discriminator"], again.history["losses/discriminator"])
-    jax.tree.map(np.testing.assert_array_equal, quick_run.state.gan, again.state.gan)
+    assert len(chunks) == 1
+    state, metrics = jax.device_get(chunks[0][0](chunks[0][1]))
+    np.testing.assert_array_equal(h["losses/discriminator"], metrics["losses/discriminator"])
+    jax.tree.map(np.testing.assert_array_equal, quick_run.state.gan, state.gan)
 
 
 def test_bad_values_fail_with_named_field(tmp_path):

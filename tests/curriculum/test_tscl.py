@@ -12,6 +12,7 @@ import pytest
 
 from curriculum import tscl
 from tests.common.cli import cli_args
+from tests.common.compiled import main_recording_chunks
 from tests.common.config_fields import unread_fields
 from tests.common.preset import trace_paper
 
@@ -230,8 +231,15 @@ def _run(run_dir, extra=(), args=ARGS, seeds=SEEDS):
 
 
 @pytest.fixture(scope="module")
-def quick_run(tmp_path_factory):
-    return _run(tmp_path_factory.mktemp("tscl"))
+def recorded(tmp_path_factory):
+    """(the run, the runner's compiled chunks with their recorded inputs)"""
+    run_dir = tmp_path_factory.mktemp("tscl")
+    return main_recording_chunks(lambda _: _run(run_dir), None)
+
+
+@pytest.fixture(scope="module")
+def quick_run(recorded):
+    return recorded[0]
 
 
 def test_window_teacher_beats_the_broken_teacher_and_keeps_up_with_uniform(quick_run):
@@ -255,9 +263,11 @@ def test_window_teacher_beats_the_broken_teacher_and_keeps_up_with_uniform(quick
     assert p1[:SEEDS].min() > 0.5 > 0.2 > p1[2 * SEEDS:].max(), p1
 
 
-def test_train_is_pure_and_cli_writes_its_files(quick_run, tmp_path, capsys):
-    """The same keys give bit-identical results a second time; seeds differ; the teacher's
+def test_train_is_pure_and_cli_writes_its_files(recorded, capsys):
+    """The runner's first compiled chunk again on its recorded input (no tracing, no
+    compiling) gives bit-identical metrics; seeds differ; the teacher's
     distributions sum to 1; the run wrote its files; `--help` documents every field."""
+    quick_run, chunks = recorded
     with pytest.raises(SystemExit):
         tscl.main(["--help"])
     out = capsys.readouterr().out
@@ -273,11 +283,11 @@ def test_train_is_pure_and_cli_writes_its_files(quick_run, tmp_path, capsys):
     np.testing.assert_allclose(p.sum(0), 1.0, rtol=1e-5)
     assert set(quick_run.final) == {"epochs_to_target", "val_accuracy", "auc"}
     np.testing.assert_allclose(quick_run.final["auc"], h["charts/val_accuracy"].mean(1), rtol=1e-5)
-    # the first chunk again, from the same keys: the same compiled program (from the
-    # persistent compilation cache) gives bit-identical metrics
-    again = _run(tmp_path, ["--num-updates", str(CHUNK)])
+    # the first chunk again, on its recorded input: bit-identical metrics
+    assert len(chunks) == TINY.total_steps // CHUNK
+    _, metrics = jax.device_get(chunks[0][0](chunks[0][1]))
     for k in ("losses/student", "charts/val_accuracy", "charts/p_2digit"):
-        np.testing.assert_array_equal(h[k][:, :CHUNK], again.history[k])
+        np.testing.assert_array_equal(h[k][:, :CHUNK], metrics[k])
 
 
 @pytest.mark.slow

@@ -19,7 +19,7 @@ import scipy.linalg
 
 from common import run
 from evolution import nes
-from tests.common.compiled import main_recording_chunks
+from tests.common.compiled import compiled, main_recording_chunks
 from tests.common.config_fields import unread_fields
 from tests.common.preset import trace_paper
 
@@ -124,12 +124,18 @@ def test_kl_is_plus_half_dFd(family):
     with jax.enable_x64(True):
         theta = (nes.pack(jnp.arange(n, dtype=float), 0.8, "iso") if family == "iso"
                  else random_chol_theta(n, seed=4))
-        F = nes.fisher_exact(theta, family, n)
-        for seed in range(3):
-            d = jax.random.normal(jax.random.PRNGKey(seed), theta.shape)
-            d = 1e-3 * d / jnp.linalg.norm(d)
-            kl = float(nes.kl_gauss(theta, theta + d, family, n))
-            quad = float(0.5 * d @ F @ d)
+
+        def kl_and_quad(theta):  # one program (op by op, it dominates the test)
+            F = nes.fisher_exact(theta, family, n)
+            out = []
+            for seed in range(3):
+                d = jax.random.normal(jax.random.PRNGKey(seed), theta.shape)
+                d = 1e-3 * d / jnp.linalg.norm(d)
+                out.append((nes.kl_gauss(theta, theta + d, family, n), 0.5 * d @ F @ d))
+            return out
+
+        for kl, quad in compiled(kl_and_quad, theta):
+            kl, quad = float(kl), float(quad)
             assert kl > 0
             assert abs(kl - quad) < 1e-3 * quad, (kl, quad)
             assert abs(kl + quad) > kl  # -1/2 d^T F d is wrong
@@ -153,10 +159,16 @@ def test_canonical_nes_step_equals_xnes_gradients():
         z = jax.random.normal(jax.random.PRNGKey(6), (lam, n))
         x = m + z @ L.T
         u = nes.utilities(lam)[jax.random.permutation(jax.random.PRNGKey(7), lam)]
-        g = nes.search_gradient(theta, x, u, "chol")
-        nat = nes.natural_gradient(nes.fisher_exact(theta, "chol", n), g)
-        dm = jax.jacobian(lambda t: nes.unpack(t, "chol", n)[0])(theta) @ nat
-        dS = jax.jacobian(lambda t: (lambda L: L @ L.T)(nes.unpack(t, "chol", n)[1]))(theta) @ nat
+
+        def tangents(theta, x, u):  # one program (op by op, it dominates the test)
+            g = nes.search_gradient(theta, x, u, "chol")
+            nat = nes.natural_gradient(nes.fisher_exact(theta, "chol", n), g)
+            dm = jax.jacobian(lambda t: nes.unpack(t, "chol", n)[0])(theta) @ nat
+            dS = jax.jacobian(lambda t: (lambda L: L @ L.T)(nes.unpack(t, "chol", n)[1]))(
+                theta) @ nat
+            return dm, dS
+
+        dm, dS = compiled(tangents, theta, x, u)
     u, z = np.asarray(u), np.asarray(z)
     G_delta = u @ z
     G_M = np.einsum("k,ki,kj->ij", u, z, z) - np.sum(u) * np.eye(n)
@@ -178,13 +190,16 @@ def test_xnes_and_snes_steps_match_numpy():
         B0 = scipy.linalg.expm(0.3 * (sym - np.trace(sym) / 5 * np.eye(5)))  # det B0 = 1
         es = nes.init_strategy(jnp.asarray(rng.standard_normal(5)), cfg).replace(
             sigma=jnp.asarray(0.4), B=jnp.asarray(B0))
-        x, z = nes.ask(jax.random.PRNGKey(0), es, cfg)
         f = jnp.asarray(rng.permutation(9).astype(float))
-        new = nes.tell(es, x, z, f, cfg)
         scfg = dataclasses.replace(cfg, variant="snes")
         ses = nes.init_strategy(es.mean, scfg).replace(sigma=jnp.asarray(rng.uniform(0.5, 2, 5)))
-        sx, sz = nes.ask(jax.random.PRNGKey(1), ses, scfg)
-        snew = nes.tell(ses, sx, sz, f, scfg)
+
+        def steps(es, ses, f):  # one program (op by op, it dominates the test)
+            x, z = nes.ask(jax.random.PRNGKey(0), es, cfg)
+            sx, sz = nes.ask(jax.random.PRNGKey(1), ses, scfg)
+            return x, z, nes.tell(es, x, z, f, cfg), sz, nes.tell(ses, sx, sz, f, scfg)
+
+        x, z, new, sz, snew = compiled(steps, es, ses, f)
     z, mu = np.asarray(z), np.asarray(es.mean)
     np.testing.assert_allclose(x, mu + 0.4 * z @ B0.T, rtol=1e-12)
     w = np.maximum(0, np.log(5.5) - np.log(np.arange(1, 10)))

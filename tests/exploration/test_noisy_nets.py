@@ -13,6 +13,7 @@ import pytest
 from common import dqn, run
 from exploration import noisy_nets as nn_
 from tests.common.cli import cli_args
+from tests.common.compiled import main_recording_chunks
 from tests.common.config_fields import unread_fields
 from tests.common.preset import trace_paper
 
@@ -216,12 +217,23 @@ SPIED = ("td_loss", "q_values")
 
 @pytest.fixture(scope="module")
 def cli_runs(tmp_path_factory):
-    """The CLI run of TINY (NoisyNet, 6 seeds), the same run again (purity), and the broken
-    variant, sigma_0 = 0 (the same network with no initial noise, so it acts greedily).
-    sigma_0 only enters `init`, so the three share one compiled update (persistent cache).
-    Spies record the calls of `update`'s functions while the first run is traced."""
+    """The CLI run of TINY with 2 x SEEDS seeds in ONE compiled program: seeds 0..5 NoisyNet,
+    6..11 the broken variant, sigma_0 = 0 (the same network with no initial noise, so it
+    acts greedily), each on its NoisyNet twin's key. sigma_0 only enters `init`, which is
+    patched to pick the variant's initial state per seed. Spies record the calls of
+    `update`'s functions while the run is traced; the runner's compiled chunks are recorded
+    (the purity test runs the last one again)."""
     calls: dict[str, list] = {}
-    results = []
+    keys = jax.random.split(jax.random.PRNGKey(0), 2 * SEEDS)  # the runner's seed keys
+    twin = jax.random.split(jax.random.PRNGKey(0), SEEDS)  # the NoisyNet seeds' keys
+    real_init = nn_.init
+
+    def init(key, cfg):
+        i = jnp.argmax(jnp.all(key == keys, -1))
+        on = real_init(twin[i % SEEDS], cfg)
+        off = real_init(twin[i % SEEDS], dataclasses.replace(cfg, sigma_0=0.0))
+        return jax.tree.map(lambda x, y: jnp.where(i < SEEDS, x, y), on, off)
+
     with pytest.MonkeyPatch.context() as mp:
         for name in SPIED:
             real = getattr(nn_, name)
@@ -231,15 +243,13 @@ def cli_runs(tmp_path_factory):
                 return _real(*args, **kwargs)
 
             mp.setattr(nn_, name, wrapped)
-        for i, cfg in enumerate((TINY, TINY, dataclasses.replace(TINY, sigma_0=0.0))):
-            run_dir = tmp_path_factory.mktemp(f"run{i}")
-            args = cli_args(cfg, nn_.Config()) + ["--num-seeds", str(SEEDS), "--run-dir",
-                                                   str(run_dir), "--no-progress",
-                                                   "--log-every", "125"]
-            results.append((nn_.main(args), run_dir))
-            if i == 0:
-                first_calls = {k: list(v) for k, v in calls.items()}
-    return results, first_calls
+        mp.setattr(nn_, "init", init)
+        run_dir = tmp_path_factory.mktemp("run")
+        args = cli_args(TINY, nn_.Config()) + ["--num-seeds", str(2 * SEEDS), "--run-dir",
+                                               str(run_dir), "--no-progress",
+                                               "--log-every", "125"]
+        res, chunks = main_recording_chunks(nn_.main, args)
+    return res, run_dir, chunks, calls
 
 
 def test_cli_run_documents_every_field_and_reaches_the_tested_functions(cli_runs, capsys):
@@ -253,11 +263,10 @@ def test_cli_run_documents_every_field_and_reaches_the_tested_functions(cli_runs
         assert "--" + fld.name.replace("_", "-") in out, fld.name
     assert "Presets (--preset): quick, paper" in out
 
-    results, calls = cli_runs
-    res, run_dir = results[0]
+    res, run_dir, _, calls = cli_runs
     assert (run_dir / "metrics.jsonl").exists() and (run_dir / "checkpoints").exists()
-    assert res.history["losses/td"].shape == (SEEDS, TINY.num_updates)
-    assert res.final["distinct_cells"].shape == (SEEDS,)
+    assert res.history["losses/td"].shape == (2 * SEEDS, TINY.num_updates)
+    assert res.final["distinct_cells"].shape == (2 * SEEDS,)
     assert calls["td_loss"]
     for args, kw in calls["td_loss"]:
         assert kw == dict(gamma=TINY.gamma, double_q=False, huber_delta=1.0)
@@ -278,22 +287,26 @@ def test_noisynet_explores_more_than_without_noise(cli_runs):
         sigma_0 = 0   1  1 35  1  1  4   median 1,    5 seeds at <= 5 cells
     (epsilon-greedy DQN, 1 -> 0.02 over 500 steps, measured once: 39 26 46 20 30 68, median
     34.5; it needs its own compile, so it is not run here)."""
-    (res, _), _, (broken, _) = cli_runs[0]
-    noisy, off = res.final["distinct_cells"], broken.final["distinct_cells"]
+    res = cli_runs[0]
+    cells, sigma = res.final["distinct_cells"], res.history["charts/sigma_mean"][:, -1]
+    noisy, off = cells[:SEEDS], cells[SEEDS:]
     print("NoisyNet", noisy, "sigma_0=0", off)
     assert np.median(noisy) >= np.median(off) + 20, (noisy, off)
     assert (off <= 5).sum() >= (noisy <= 5).sum() + 3, (noisy, off)  # stuck at the start
     # The learned noise scale stays away from 0 with sigma_0 = 0.5 and near 0 without.
-    assert res.history["charts/sigma_mean"][:, -1].min() > 0.03
-    assert broken.history["charts/sigma_mean"][:, -1].max() < 0.01
+    assert sigma[:SEEDS].min() > 0.03
+    assert sigma[SEEDS:].max() < 0.01
 
 
 def test_train_is_pure_and_seeds_differ(cli_runs):
-    """The same seeds give bit-identical params and metrics in a second run; different seeds
-    differ; every loss is finite and the gradient updates started at learning_starts."""
-    (a, _), (b, _), _ = cli_runs[0]
-    jax.tree.map(np.testing.assert_array_equal, a.state.params, b.state.params)
-    np.testing.assert_array_equal(a.history["losses/td"], b.history["losses/td"])
+    """The runner's last compiled chunk (updates 126-250) again on its recorded input gives
+    bit-identical params and metrics (no tracing, no compiling); different seeds differ;
+    every loss is finite and the gradient updates started at learning_starts."""
+    a, _, chunks, _ = cli_runs
+    assert len(chunks) == 2
+    state, metrics = jax.device_get(chunks[-1][0](chunks[-1][1]))
+    jax.tree.map(np.testing.assert_array_equal, a.state.params, state.params)
+    np.testing.assert_array_equal(a.history["losses/td"][:, 125:], metrics["losses/td"])
     assert not np.array_equal(a.history["losses/td"][0], a.history["losses/td"][1])
     assert np.isfinite(a.history["losses/td"]).all()
     # updates learn from the one whose rollout reaches learning_starts transitions on

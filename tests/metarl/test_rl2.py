@@ -13,6 +13,7 @@ from common import run
 from common.rl import ppo_loss
 from metarl import rl2
 from tests.common.cli import cli_args
+from tests.common.compiled import main_recording_chunks
 from tests.common.config_fields import unread_fields
 from tests.common.preset import trace_paper
 
@@ -160,12 +161,18 @@ def _run(run_dir):
 
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(rl2, "init", init)
-        return rl2.main(RUN_ARGS + ["--run-dir", str(run_dir)])
+        return main_recording_chunks(rl2.main, RUN_ARGS + ["--run-dir", str(run_dir)])
 
 
 @pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory):
+def recorded(tmp_path_factory):
+    """(the run, its compiled chunks with their recorded inputs)"""
     return _run(tmp_path_factory.mktemp("rl2"))
+
+
+@pytest.fixture(scope="module")
+def tiny_run(recorded):
+    return recorded[0]
 
 
 def test_rl2_learns_across_episodes_and_the_reset_variant_cannot(tiny_run):
@@ -197,9 +204,11 @@ def test_rl2_learns_across_episodes_and_the_reset_variant_cannot(tiny_run):
     np.testing.assert_array_equal(tiny_run.state.episode_reset, [False] * SEEDS + [True] * SEEDS)
 
 
-def test_train_is_pure_and_cli_writes_its_files(tiny_run, tmp_path, capsys):
-    """Same keys: bit-identical a second time (the persistent compilation cache serves the
-    program); seeds differ; the run wrote its files; --help documents every field."""
+def test_train_is_pure_and_cli_writes_its_files(recorded, capsys):
+    """The runner's compiled chunk (the whole run) again on its recorded input: bit-identical
+    params and metrics (no tracing, no compiling); seeds differ; the run wrote its files;
+    --help documents every field."""
+    tiny_run, chunks = recorded
     with pytest.raises(SystemExit):
         rl2.main(["--help"])
     out = capsys.readouterr().out
@@ -209,9 +218,10 @@ def test_train_is_pure_and_cli_writes_its_files(tiny_run, tmp_path, capsys):
     h = tiny_run.history["losses/value"]
     assert h.shape == (2 * SEEDS, 50) and np.isfinite(h).all()
     assert not np.array_equal(h[0], h[1])
-    again = _run(tmp_path)
-    jax.tree.map(np.testing.assert_array_equal, tiny_run.state.params, again.state.params)
-    np.testing.assert_array_equal(tiny_run.final["trial_return"], again.final["trial_return"])
+    assert len(chunks) == 1
+    state, metrics = jax.device_get(chunks[0][0](chunks[0][1]))
+    jax.tree.map(np.testing.assert_array_equal, tiny_run.state.params, state.params)
+    np.testing.assert_array_equal(tiny_run.history["losses/value"], metrics["losses/value"])
 
 
 def test_every_config_field_is_read():
