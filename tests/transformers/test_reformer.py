@@ -98,12 +98,18 @@ def test_self_mask_only_when_nothing_else():
     """Position 0 of a causal sequence can only attend to itself: its output is v_0. Every
     other position gives its own key weight ~exp(-1e5) = 0 (shared-QK self-mask)."""
     qk, v = qkv(L=8)
-    out = full_attention(qk, v, True)
+
+    @tiny_run_module.jit0  # one program, not a compile per eager op
+    def weights(qk, v):
+        dots = jnp.einsum("bhid,bhjd->bhij", qk, rf.unit_keys(qk))
+        p = jax.nn.softmax(rf.masked_logits(dots, jnp.arange(8), jnp.arange(8), True), -1)
+        return (rf.full_attention(qk, v, True), jnp.diagonal(p, axis1=-2, axis2=-1),
+                jnp.linalg.norm(rf.unit_keys(qk), axis=-1))
+
+    out, diag, norms = weights(qk, v)
     np.testing.assert_allclose(out[:, :, 0], v[:, :, 0], atol=1e-6)
-    dots = jnp.einsum("bhid,bhjd->bhij", qk, rf.unit_keys(qk))
-    p = jax.nn.softmax(rf.masked_logits(dots, jnp.arange(8), jnp.arange(8), True), -1)
-    assert float(jnp.diagonal(p, axis1=-2, axis2=-1)[..., 1:].max()) == 0.0
-    np.testing.assert_allclose(jnp.linalg.norm(rf.unit_keys(qk), axis=-1), 1.0, atol=1e-5)
+    assert float(diag[..., 1:].max()) == 0.0
+    np.testing.assert_allclose(norms, 1.0, atol=1e-5)
 
 
 @pytest.mark.parametrize("causal, broken", [(True, False), (False, True)])
