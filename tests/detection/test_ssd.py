@@ -28,6 +28,7 @@ match = jax.jit(ssd.match, static_argnums=3)
 match_batch = jax.jit(jax.vmap(ssd.match, (None, 0, 0, None)), static_argnums=3)
 ssd_loss = jax.jit(ssd.ssd_loss, static_argnums=5)
 hard_negative_mask = jax.jit(ssd.hard_negative_mask, static_argnums=2)
+default_boxes = jax.jit(ssd.default_boxes, static_argnums=0)  # eager: ~70 op compiles each
 
 
 def test_scales_follow_eq4():
@@ -46,7 +47,7 @@ def test_paper_default_boxes_are_the_released_ssd300_priors():
     np.testing.assert_allclose(s * 300, [30, 60, 111, 162, 213, 264, 315], atol=1e-9)
     np.testing.assert_allclose(ssd.level_boxes(PAPER, 0)[:2] * 300,
                                [[30, 30], [np.sqrt(30 * 60)] * 2], rtol=1e-6)
-    d = np.asarray(ssd.default_boxes(PAPER))
+    d = np.asarray(default_boxes(PAPER))
     np.testing.assert_allclose(d[4, :2], [1.5 * 8 / 300, 0.5 * 8 / 300], rtol=1e-6)
     start = 38**2 * 4 + 19**2 * 6 + 10**2 * 6  # map 3: 5 x 5 cells, 6 boxes, step 64
     np.testing.assert_allclose(d[start + 6 * 6, :2], [1.5 * 64 / 300] * 2, rtol=1e-6)
@@ -61,7 +62,7 @@ def test_ssd300_has_8732_default_boxes_and_paper_preset_traces():
     heads produce exactly that many rows; init and update of the paper preset trace (shape
     inference only)."""
     assert ssd.map_sizes(PAPER) == (38, 19, 10, 5, 3, 1)
-    assert ssd.default_boxes(PAPER).shape == (8732, 4)
+    assert default_boxes(PAPER).shape == (8732, 4)
     x = jnp.zeros((1, 300, 300, 3), jnp.uint8)
     state = jax.eval_shape(lambda: ssd.init(jax.random.PRNGKey(0), PAPER))
     logits, deltas = jax.eval_shape(lambda s: ssd.SSD(PAPER).apply(
@@ -84,7 +85,7 @@ def test_default_box_shapes():
         np.testing.assert_allclose([w, h], [s1 * np.sqrt(r), s1 / np.sqrt(r)], rtol=1e-6)
     last = ssd.level_boxes(EQ4, 5)
     np.testing.assert_allclose(last[1], [np.sqrt(0.9 * 1.05)] * 2, rtol=1e-6)
-    d = np.asarray(ssd.default_boxes(EQ4))
+    d = np.asarray(default_boxes(EQ4))
     np.testing.assert_allclose(d[4, :2], [1.5 / 38, 0.5 / 38], rtol=1e-6)  # column 1, row 0
 
 
@@ -92,8 +93,8 @@ def test_clip_default_boxes_keeps_every_default_box_inside_the_image():
     """SSD300's last map (1x1, centre 0.5) has an r = 2 box of w = 0.88 sqrt(2) = 1.24:
     unclipped (ssd_pascal.py's clip = False, the default) it sticks out; with
     clip_default_boxes (torchvision) every box lies in [0, 1] and that one has w = 1."""
-    raw = np.asarray(bx.cxcywh_to_xyxy(ssd.default_boxes(PAPER)))
-    clipped = ssd.default_boxes(dataclasses.replace(PAPER, clip_default_boxes=True))
+    raw = np.asarray(bx.cxcywh_to_xyxy(default_boxes(PAPER)))
+    clipped = default_boxes(dataclasses.replace(PAPER, clip_default_boxes=True))
     xyxy = np.asarray(bx.cxcywh_to_xyxy(clipped))
     assert not PAPER.clip_default_boxes and not QUICK.clip_default_boxes
     np.testing.assert_allclose(raw[-2, [0, 2]], [0.5 - 0.44 * np.sqrt(2), 0.5 + 0.44 * np.sqrt(2)],
@@ -105,19 +106,24 @@ def test_clip_default_boxes_keeps_every_default_box_inside_the_image():
     np.testing.assert_allclose(xyxy[inside], raw[inside], atol=1e-7)
 
 def test_encode_decode_round_trip_with_variances():
-    k1, k2 = jax.random.split(jax.random.PRNGKey(0))
-    d = ssd.default_boxes(QUICK)
-    g = jnp.concatenate([jax.random.uniform(k1, (d.shape[0], 2)),
-                         jax.random.uniform(k2, (d.shape[0], 2), minval=0.05, maxval=0.5)], -1)
-    t = ssd.box_targets(g, d, QUICK.variances)
-    np.testing.assert_allclose(bx.decode(t, d, QUICK.variances), g, atol=1e-6)
+    @jax.jit  # one program, not one compile per eager op
+    def round_trip(key):
+        k1, k2 = jax.random.split(key)
+        d = ssd.default_boxes(QUICK)
+        g = jnp.concatenate([jax.random.uniform(k1, (d.shape[0], 2)), jax.random.uniform(
+            k2, (d.shape[0], 2), minval=0.05, maxval=0.5)], -1)
+        t = ssd.box_targets(g, d, QUICK.variances)
+        return g, t, bx.decode(t, d, QUICK.variances), bx.encode(g, d)
+
+    g, t, decoded, plain = round_trip(jax.random.PRNGKey(0))
+    np.testing.assert_allclose(decoded, g, atol=1e-6)
     # variances scale the plain encoding: t = t_plain / (0.1, 0.1, 0.2, 0.2)
-    np.testing.assert_allclose(t * jnp.array([0.1, 0.1, 0.2, 0.2]), bx.encode(g, d), atol=1e-5)
+    np.testing.assert_allclose(t * np.array([0.1, 0.1, 0.2, 0.2]), plain, atol=1e-5)
 
 
 def test_matching_best_box_plus_threshold():
     """A ground truth takes its best default box even below 0.5, and all boxes >= 0.5."""
-    d = ssd.default_boxes(QUICK)
+    d = default_boxes(QUICK)
     gt = jnp.array([[0.40, 0.40, 0.47, 0.47], [0.0, 0.0, 0.5, 0.5], [0, 0, 0, 0]])
     labels = jnp.array([1, 0, -1])
     pos, cls, _ = match(d, gt, labels, QUICK)
@@ -138,7 +144,8 @@ def test_matching_uses_the_shared_forced_best_anchor_step(monkeypatch):
                         orig(*a, **k))
     anchors = jnp.array([[0.25, 0.25, 0.5, 0.5], [0.75, 0.75, 0.5, 0.5]])
     gt, labels = jnp.array([[0.0, 0.0, 0.2, 0.2], [0, 0, 0, 0]]), jnp.array([0, -1])
-    pos, cls, _ = ssd.match(anchors, gt, labels, QUICK)  # eager: the spy sees the call
+    # traced afresh (a new function): the spy sees the call
+    pos, cls, _ = jax.jit(lambda a, g, l: ssd.match(a, g, l, QUICK))(anchors, gt, labels)
     assert seen == [True]
     assert pos.tolist() == [True, False] and cls.tolist() == [1, 0]  # IoU 0.16 < 0.5
 
@@ -165,9 +172,8 @@ def test_smooth_l1_is_huber_delta_1():
 
 def test_loss_zero_for_perfect_predictions():
     """Perfect offsets and confident correct classes: L_loc = 0 and L_conf ~ 0."""
-    d = ssd.default_boxes(QUICK)
-    _, gt, labels = jax.jit(ssd.draw_batch, static_argnums=(1, 2))(jax.random.PRNGKey(2),
-                                                                    QUICK, 3)
+    d = default_boxes(QUICK)
+    _, gt, labels = compiled(lambda k: ssd.draw_batch(k, QUICK, 3), jax.random.PRNGKey(2))
     _, cls, tgt = match_batch(d, gt, labels, QUICK)
     logits = 50.0 * jax.nn.one_hot(cls, QUICK.num_classes + 1)
     loss, parts = ssd_loss(logits, tgt, d, gt, labels, QUICK)
@@ -193,11 +199,14 @@ def test_heads_start_from_the_released_xavier_filler():
     """head_init="xavier" (the paper preset) is Caffe's xavier: uniform(+-sqrt(3 / fan_in));
     flax's default lecun_normal (the quick preset) is a truncated normal of the same variance
     that reaches past that bound. Checked on the quick network's last class head."""
+    names = ("xavier", "lecun_normal")
+
+    def both(k):  # one program at XLA's lowest optimisation level; 16 px: maps 2, 1, 1
+        return [ssd.SSD(dataclasses.replace(QUICK, head_init=name, shift_conv=False)).init(
+            k, jnp.zeros((1, 16, 16, 3), jnp.uint8))["params"] for name in names]
+
     inits = {}
-    for name in ("xavier", "lecun_normal"):
-        cfg = dataclasses.replace(QUICK, head_init=name, shift_conv=False)
-        params = jax.jit(lambda k, c=cfg: ssd.SSD(c).init(  # 16 px: maps 2, 1, 1
-            k, jnp.zeros((1, 16, 16, 3), jnp.uint8))["params"])(jax.random.PRNGKey(0))
+    for name, params in zip(names, compiled(both, jax.random.PRNGKey(0)), strict=True):
         heads = sorted((k for k in params if k.startswith("Conv_")),
                        key=lambda k: int(k.split("_")[1]))
         inits[name] = np.asarray(params[heads[-2]]["kernel"])  # last map's class head
@@ -211,7 +220,7 @@ def test_heads_start_from_the_released_xavier_filler():
 
 def test_sgd_weight_decay_spares_biases_and_batch_norm():
     """L2 decay on kernels only (darknet / Caffe): biases and BN scales and offsets keep."""
-    tiny_run_module.assert_decay_spares_vectors(ssd, dataclasses.replace(QUICK, optimizer="sgd"))
+    tiny_run_module.assert_decay_spares_vectors(ssd, dataclasses.replace(TINY, optimizer="sgd"))
 
 
 @pytest.fixture(scope="module")
