@@ -552,10 +552,11 @@ def plot(res, cfg: Config, out: str):
 
     from common.plot import save_png
 
-    state = jax.tree.map(lambda a: a[0], res.state)
+    state = jax.tree.map(lambda a: np.asarray(a)[0], res.state)  # host: no per-leaf programs
     te_x = jnp.asarray(train_images(cfg)[2])
-    logits, labels = jax.jit(predict, static_argnums=2)(state, te_x, cfg)
-    pred, labels = np.asarray(jnp.argmax(logits, -1)), np.asarray(labels)
+    logits, labels = jax.jit(predict, static_argnums=2).lower(state, te_x, cfg).compile(
+        run.INIT_COMPILER_OPTIONS)(state, te_x)  # run once: unoptimised compiles faster
+    pred, labels = np.argmax(np.asarray(logits), -1), np.asarray(labels)
     conf = np.zeros((8, 8))
     np.add.at(conf, (labels, pred), 1)
     conf /= np.maximum(conf.sum(1, keepdims=True), 1)
@@ -571,7 +572,8 @@ def plot(res, cfg: Config, out: str):
     img = np.asarray(data.crop_resize(te_x[0], jnp.array([0.0, 0.0, 8.0, 8.0]),
                                       cfg.image_size))[..., 0]
     ax[1].imshow(img, cmap="gray")
-    corners, labels = sample_positions(jax.random.PRNGKey(1), 3, cfg)  # as training draws
+    corners, labels = jax.jit(sample_positions, static_argnums=(1, 2))(
+        jax.random.PRNGKey(1), 3, cfg)  # as training draws (one program, not op by op)
     for (first, second), label, c in zip(np.asarray(corners), np.asarray(labels), "rgy",
                                          strict=True):
         for (y, x), ls in ((first, "-"), (second, "--")):
