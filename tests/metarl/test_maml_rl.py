@@ -16,6 +16,7 @@ from jax.flatten_util import ravel_pytree
 
 from metarl import maml_rl as m
 from tests.common.cli import cli_args
+from tests.common.compiled import compiled
 from tests.common.config_fields import unread_fields
 from tests.common.preset import trace_paper
 
@@ -217,7 +218,6 @@ def test_gaussian_kl_and_the_fisher_vector_product():
     inner, test = batch(), batch()
     flat, unravel = ravel_pytree(params)
 
-    @jax.jit
     def products(v):
         dist = lambda x, lr: m.post_update_dist(net, unravel(x), [inner], test, lr, False)
         old = dist(flat, 0.1)
@@ -227,7 +227,8 @@ def test_gaussian_kl_and_the_fisher_vector_product():
                 m.fisher_vector_product(lambda x: dist(x, 0.1), flat, w, 0.0)(v),
                 m.fisher_vector_product(lambda x: dist(x, 0.0), flat, w, 0.0)(v))
 
-    Hv, fvp, fvp0 = products(rng.normal(size=flat.shape).astype(np.float32))
+    # one program at XLA's lowest level: the Hessian's optimised compile is the cost here
+    Hv, fvp, fvp0 = compiled(products, rng.normal(size=flat.shape).astype(np.float32))
     np.testing.assert_allclose(fvp, Hv, rtol=1e-3, atol=1e-5)
     # the inner step matters: without it (alpha = 0) the product differs
     assert np.abs(fvp0 - Hv).max() > 1e-3
@@ -362,8 +363,8 @@ def test_train_is_pure_and_cli_writes_its_files(tiny_run, capsys):
     assert np.all(hist["losses/mean_kl"] <= TINY.max_kl)
     assert np.all(hist["losses/surrogate_after"] <= hist["losses/surrogate_before"])
     assert np.mean(hist["losses/ls_steps"] < TINY.ls_max_steps) > 0.5
-    pre = jax.jit(m.init, static_argnums=1)(jax.random.PRNGKey(0),
-                                            dataclasses.replace(TINY, algo="pretrain"))
+    pre = compiled(lambda k: m.init(k, dataclasses.replace(TINY, algo="pretrain")),
+                   jax.random.PRNGKey(0))
     assert pre.train_lr == 0.0
     assert not np.array_equal(h[0], h[1])
     np.testing.assert_array_equal(h[0], h[-1])
@@ -391,9 +392,9 @@ def test_paper_preset_traces():
 
 def test_plot_writes_the_curves_and_paths(tiny_run, tmp_path):
     cfg = TINY
-    seed0 = jax.tree.map(lambda x: x[0], tiny_run.state)
-    goal, before, after = jax.tree.map(np.asarray, jax.jit(m.task_paths, static_argnums=1)(
-        seed0, cfg, jax.random.PRNGKey(3)))
+    seed0 = jax.tree.map(lambda x: np.asarray(x)[0], tiny_run.state)  # host: no eager slices
+    goal, before, after = jax.tree.map(np.asarray, compiled(
+        lambda s, k: m.task_paths(s, cfg, k), seed0, jax.random.PRNGKey(3)))
     assert before.shape == (5, cfg.horizon + 1, 2) and np.isfinite(after).all()
     out = m.plot([(tiny_run.final, "MAML", "adapt"), (tiny_run.final, "random init", "random")],
                  (goal, before, after), str(tmp_path / "a.png"))
