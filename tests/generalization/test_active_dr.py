@@ -173,8 +173,8 @@ def test_svpg_particles_concentrate_on_the_reward_argmax():
         return jax.lax.scan(step, init, jax.random.split(key, steps))[1]
 
     keys = jax.random.split(jax.random.PRNGKey(0), 6)[:2]
-    mean_x = jax.jit(jax.vmap(jax.vmap(train, (None, 0)), (0, None)))(
-        jnp.array([1.0, -1.0]), keys)
+    mean_x = compiled(jax.vmap(jax.vmap(train, (None, 0)), (0, None)),
+                      jnp.array([1.0, -1.0]), keys)  # XLA's lowest level: compile dominates
     late = np.asarray(mean_x)[:, :, -steps // 4:].mean(-1)  # [arm, key]
     print("late mean x (r = x - 1, r = -x) x keys:", late)
     assert (late[0] > late[1] + 0.15).all(), late
