@@ -10,10 +10,10 @@ import json
 import jax
 import jax.numpy as jnp
 import numpy as np
-import pytest
 
 from common import parallel, run
 from tests.common.cli import cli_args
+from tests.common.compiled import main_recording_chunks
 
 SEEDS = 2
 
@@ -33,32 +33,8 @@ def run_cli(module, cfg, preset_cfg, run_dir, num_updates=None) -> run.RunResult
         "--no-progress"]
     if num_updates is not None:
         argv += ["--num-updates", str(num_updates)]
-    first = {}
-    real = run.make_chunk
-
-    class Recorded:  # what make_chunk returns, as far as the runner uses it
-        def __init__(self, fn):
-            self.fn = fn
-
-        def lower(self, *args):
-            lowered = self.fn.lower(*args)
-
-            class Lowered:
-                def compile(self, *a, **k):
-                    compiled = lowered.compile(*a, **k)
-
-                    def call(states):
-                        if not first:  # on the host: the chunk donates its input
-                            first["states"] = jax.device_get(states)
-                        return compiled(states)
-
-                    return call
-
-            return Lowered()
-
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(run, "make_chunk", lambda *a, **k: Recorded(real(*a, **k)))
-        res = module.main(argv)
+    res, chunks = main_recording_chunks(module.main, argv)
+    first = {"states": jax.device_get(chunks[0][1])}  # on the host: the chunk donates its input
     saved = json.loads((res.run_dir / "config.json").read_text())["config"]
     assert saved == json.loads(json.dumps(dataclasses.asdict(cfg))), "flags != config"
     _RECORDED[module.__name__, cfg] = first
