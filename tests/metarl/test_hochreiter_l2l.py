@@ -1,0 +1,157 @@
+"""Tests of metarl/hochreiter_l2l.py: the task and the (x_i, y_{i-1}) input by hand, the LSTM's
+memory and its per-step reset, the reference learner, the loss `update` takes, behaviour against
+both broken variants in one compiled run, purity, CLI, the paper-preset trace."""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from metarl import hochreiter_l2l as l2l
+from tests.common.compiled import compiled
+from tests.common.config_fields import unread_fields
+from tests.common.preset import trace_paper
+
+# ONE tiny configuration for the whole module: N = 50 (the catalogue's test), LSTM 32,
+# 20k training functions in 625 updates of 32.
+TINY = l2l.Config(
+    seq_len=50, hidden=32, batch_size=32, num_functions=20_000, lr=1e-2, eval_functions=500
+)
+
+
+def test_quadratic_task_by_hand_and_its_moments():
+    """phi(2, 3) = (4, 9, 6, 2, 3, 1); y = phi(x) . (a..f) with a..f ~ U[-1, 1], x ~ U[-1, 1]^2,
+    so E[y] = 0 and E[y^2] = (1/3)(1/5 + 1/5 + 1/9 + 1/3 + 1/3 + 1) = 0.7259."""
+    np.testing.assert_allclose(l2l.features(jnp.array([2.0, 3.0])), [4, 9, 6, 2, 3, 1])
+    x, y = jax.jit(l2l.sample_sequences, static_argnums=(1, 2))(jax.random.PRNGKey(0), 4000, 25)
+    assert x.shape == (4000, 25, 2) and y.shape == (4000, 25)
+    assert float(jnp.abs(x).max()) <= 1.0
+    np.testing.assert_allclose(float(jnp.mean(y**2)), 0.7259, rtol=0.03)
+    assert abs(float(y.mean())) < 0.02
+    # one function per sequence: the points of a sequence fit one set of 6 coefficients
+    phi = np.asarray(l2l.features(x[0]), np.float64)
+    coef = np.linalg.lstsq(phi, np.asarray(y[0], np.float64), rcond=None)[0]
+    np.testing.assert_allclose(phi @ coef, y[0], atol=1e-5)
+    assert np.abs(coef).max() <= 1.0
+
+
+def test_inputs_are_x_and_the_previous_label():
+    """u_i = (x_i, y_{i-1}) with y_0 = 0, time-major ([1] Fig. 1); feed_label = 0 zeroes the
+    label column only."""
+    x = jnp.arange(12.0).reshape(2, 3, 2)  # [k = 2, n = 3, 2]
+    y = jnp.array([[1.0, 2.0, 3.0], [4.0, 5.0, 6.0]])
+    u = l2l.learner_inputs(x, y, 1.0)
+    assert u.shape == (3, 2, 3)
+    np.testing.assert_array_equal(u[:, 0, 2], [0.0, 1.0, 2.0])
+    np.testing.assert_array_equal(u[:, 1, 2], [0.0, 4.0, 5.0])
+    np.testing.assert_array_equal(u[:, :, :2], jnp.swapaxes(x, 0, 1))
+    u0 = l2l.learner_inputs(x, y, 0.0)
+    np.testing.assert_array_equal(u0[..., 2], 0.0)
+    np.testing.assert_array_equal(u0[..., :2], u[..., :2])
+
+
+def _predict(cfg, params, u, keep):
+    return l2l.network(cfg).apply(params, u, keep)
+
+
+def test_lstm_carries_its_state_and_the_broken_variant_resets_it():
+    """The `Learner` that `update` trains: with keep = 1 the prediction at step 3 depends on
+    step 1's input (memory through the sequence); with keep = 0 it equals the prediction of
+    a sequence of step 3's input alone (state reset every step); step 1 is always from the
+    zero state."""
+    cfg = dataclasses.replace(TINY, hidden=8)
+    params = compiled(lambda k: l2l.init(k, cfg).params, jax.random.PRNGKey(1))
+    u = jax.random.normal(jax.random.PRNGKey(2), (3, 2, 3))
+    u2 = u.at[0].set(u[0] + 1.0)  # only step 1's input changes
+    f = jax.jit(lambda p, u, k: _predict(cfg, p, u, k))
+    carry, carry2 = f(params, u, 1.0), f(params, u2, 1.0)
+    assert np.abs(carry[2] - carry2[2]).min() > 1e-4
+    reset, reset2 = f(params, u, 0.0), f(params, u2, 0.0)
+    np.testing.assert_array_equal(reset[1:], reset2[1:])
+    np.testing.assert_allclose(reset[2], f(params, u[2:], 1.0)[0], rtol=1e-6)
+    np.testing.assert_allclose(carry[0], reset[0], rtol=1e-6)
+
+
+def test_reference_learner_is_least_squares_on_the_examples_before():
+    """ridge_errors: at position 1 nothing is seen, the prediction is 0 and the error E[y^2];
+    at position 4 it is the minimum-norm-like posterior mean from 3 examples (checked with
+    numpy); with 6 examples (6 unknowns, no noise) the error is small, from position 8 on
+    (7 examples) ~0 (the tiny noise variance 1e-5 regularises the solve)."""
+    x, y = l2l.sample_sequences(jax.random.PRNGKey(3), 64, 10)
+    err = np.asarray(jax.jit(l2l.ridge_errors)(x, y))
+    np.testing.assert_allclose(err[0], np.mean(np.asarray(y[:, 0]) ** 2), rtol=1e-4)
+    assert err[6] < 0.03 and err[7:].max() < 1e-3 and err[1] > 0.1
+    phi, yy = np.asarray(l2l.features(x), np.float64), np.asarray(y, np.float64)
+    lam = 1e-5 / l2l.COEF_VAR
+    pred = [
+        phi[k, 3]
+        @ np.linalg.solve(phi[k, :3].T @ phi[k, :3] + lam * np.eye(6), phi[k, :3].T @ yy[k, :3])
+        for k in range(64)
+    ]
+    np.testing.assert_allclose(err[3], np.mean((np.array(pred) - yy[:, 3]) ** 2), rtol=1e-2)
+
+
+def test_windows_and_knee_by_hand():
+    """Early = mean of positions 1-3, late = positions late_from..n; the knee counts the
+    examples before the error stays below fit_fraction x the first error (a dip that comes
+    back up does not count; never: n)."""
+    curve = jnp.array([1.0, 0.5, 0.3, 0.01, 0.2, 0.04, 0.03, 0.02])
+    early, late = l2l.window_means(curve, 6)
+    np.testing.assert_allclose([early, late], [0.6, 0.03], rtol=1e-6)
+    assert float(l2l.examples_to_fit(curve, 0.05)) == 5.0  # positions 6-8 stay below 0.05
+    assert float(l2l.examples_to_fit(curve, 0.001)) == 8.0
+    assert float(l2l.examples_to_fit(curve, 1.5)) == 0.0
+
+
+def test_update_minimises_the_mean_squared_error_of_its_batch():
+    """losses/mse of one `update` is the mean over positions and functions of (yhat_i - y_i)^2
+    on the batch drawn from the state's key, with the state's parameters, and the step
+    lowers that batch's loss (Adam with the clip)."""
+    cfg = dataclasses.replace(TINY, hidden=8, seq_len=6, batch_size=4)
+    state = compiled(lambda k: l2l.init(k, cfg), jax.random.PRNGKey(4))
+
+    def both(state):
+        new, metrics = l2l.update(state, cfg)
+        x, y = l2l.sample_sequences(jax.random.split(state.key)[1], 4, 6)
+        net = l2l.network(cfg)
+        yhat = net.apply(state.params, l2l.learner_inputs(x, y, 1.0), 1.0)  # [n, k]
+        after = l2l.position_errors(net, new.params, x, y, 1.0, 1.0).mean()
+        return metrics, jnp.mean((yhat - y.T) ** 2), after
+
+    metrics, want, after = compiled(both, state)
+    np.testing.assert_allclose(metrics["losses/mse"], want, rtol=1e-5)
+    assert after < want
+
+
+def test_bad_values_fail_with_named_field(tmp_path):
+    bad = [
+        (["--ablation", "none2"], "ablation='none2'"),
+        (["--dtype", "fp8"], "dtype='fp8'"),
+        (["--seq-len", "3"], "--seq-len must be >= 4"),
+        (["--late-from", "60", "--seq-len", "50"], r"--late-from must be in \[4, seq_len"),
+        (["--num-functions", "10", "--batch-size", "32"], "--num-functions"),
+        (["--fit-fraction", "0"], "--fit-fraction must be"),
+        (["--lr", "0"], "--lr must be > 0"),
+    ]
+    for args, msg in bad:
+        with pytest.raises(ValueError, match=msg):
+            l2l.main(args + ["--run-dir", str(tmp_path)])
+
+
+def test_every_config_field_is_read():
+    assert unread_fields(l2l) == []
+
+
+def test_paper_preset_traces():
+    """jax.eval_shape of init and one update under `paper` (N = 100, LSTM 256, batch 128) and
+    in bfloat16: shapes and state build on CPU without running."""
+    cfg, state, (after, metrics) = trace_paper(l2l)
+    assert cfg.seq_len == 100 and cfg.num_updates == 10_000_000 // 128
+    lstm = state.params["params"]["ScanStep_0"]["LSTMCell_0"]
+    assert lstm["hi"]["kernel"].shape == (256, 256) and lstm["ii"]["kernel"].shape == (3, 256)
+    assert jax.tree.structure(after) == jax.tree.structure(state)
+    assert all(m.shape == () for m in jax.tree.leaves(metrics))
+    trace_paper(l2l, dtype="bfloat16")
+    trace_paper(l2l, ablation="reset_each_step")
