@@ -1,0 +1,226 @@
+"""Tests of metarl/meta_gradient.py: the lambda-return against its n-step mixture, the
+actor-critic loss by hand, the meta-gradient through one TD(lambda) update of a linear value
+on the 19-state random walk against its hand derivation, the direction gamma moves (and the
+sign-flipped variant, the other way), purity, CLI, paper preset."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from common import run
+from metarl import meta_gradient as mg
+from tests.common.compiled import compiled
+from tests.common.config_fields import unread_fields
+from tests.common.preset import trace_paper
+
+# ONE tiny configuration for the whole module: the 19-state random walk (prediction), a
+# linear value on one-hot states, TD(lambda) by SGD, gamma and lambda from 0.5, eta_bar =
+# (0.99, 1); 400 batches of 16 x 20 steps.
+TINY = mg.Config(
+    env_id="RandomWalk-19",
+    torso="linear",
+    embed_dim=0,
+    optimizer="sgd",
+    lr=0.008,
+    anneal_lr=False,
+    max_grad_norm=1000.0,
+    num_envs=16,
+    num_steps=20,
+    meta_batch=8,
+    gamma_init=0.5,
+    lambda_init=0.5,
+    gamma_ref=0.99,
+    lambda_ref=1.0,
+    meta_lr=0.05,
+    total_timesteps=16 * 20 * 400,
+)
+
+
+def test_lambda_return_is_the_mixture_of_n_step_returns():
+    """[1] Eq. (6)-(7) on a 5-step trajectory with an episode end at t = 2 (gamma_t = 0
+    there): the recursion equals (1 - lambda) sum_n lambda^{n-1} G^(n) with the remaining
+    weight lambda^{T-t-1} on the longest return G^(T-t), which bootstraps on v(S_T)."""
+    rng = np.random.default_rng(0)
+    t_len, gamma, lam = 5, 0.9, 0.7
+    r, v = rng.normal(size=t_len), rng.normal(size=t_len)
+    boot = 0.3
+    disc = gamma * np.array([1.0, 1.0, 0.0, 1.0, 1.0])
+    v_next = np.append(v[1:], boot)
+
+    def n_step(t, n):
+        g, scale = 0.0, 1.0
+        for k in range(n):
+            g += scale * r[t + k]
+            scale *= disc[t + k]
+        return g + scale * v_next[t + n - 1]
+
+    want = [
+        sum((1 - lam) * lam ** (n - 1) * n_step(t, n) for n in range(1, t_len - t))
+        + lam ** (t_len - t - 1) * n_step(t, t_len - t)
+        for t in range(t_len)
+    ]
+    got, one = compiled(
+        lambda r, d, v: [
+            mg.lambda_returns(r, d, v, jnp.array([boot]), x)[:, 0] for x in (lam, 0.0)
+        ],
+        *(jnp.asarray(x, jnp.float32)[:, None] for x in (r, disc, v)),
+    )
+    np.testing.assert_allclose(got, want, atol=1e-5)
+    np.testing.assert_allclose(one, r + disc * v_next, atol=1e-6)  # lambda = 0: TD(0)
+
+
+class Stub:
+    """net.apply(params, obs, cond) -> (logits, v): logits = params["l"] (every step), v =
+    params["w"] obs + cond[0] (the conditioning enters the value)."""
+
+    @staticmethod
+    def apply(params, obs, cond):
+        logits = jnp.broadcast_to(params["l"], obs.shape + (2,))
+        return logits, params["w"] * obs + cond[0]
+
+
+def test_actor_critic_loss_by_hand():
+    """One env, 2 steps: obs (1, 2), actions (0, 1), rewards (1, 0), no episode end, last obs
+    0, w = 0.5, cond = (0.1, *), pi = (0.25, 0.75), gamma = 0.9, lambda = 0.5:
+    v = (0.6, 1.1), v(S_T) = 0.1; G_1 = 0 + 0.9 (0.5 * 0.1 + 0.5 * 0.1) = 0.09,
+    G_0 = 1 + 0.9 (0.5 * 1.1 + 0.5 * 0.09) = 1.5355; A = (0.9355, -1.01);
+    pg = -(0.9355 log 0.25 - 1.01 log 0.75); value = 1/2 (0.9355^2 + 1.01^2) (sums, as [2]);
+    H = 2 * 0.5623. The policy gradient treats A as a constant in theta (dpg/dw = 0 with
+    vf_coef 0), yet the loss still moves with the conditioning (through the targets)."""
+    params = {"l": jnp.log(jnp.array([0.25, 0.75])), "w": jnp.array(0.5)}
+    traj = dict(
+        obs=jnp.array([[1.0], [2.0]]),
+        action=jnp.array([[0], [1]]),
+        reward=jnp.array([[1.0], [0.0]]),
+        done=jnp.zeros((2, 1)),
+    )
+    cond = jnp.array([0.1, 0.0])
+
+    def everything(params, traj, cond):  # one compiled program
+        loss = lambda p, c, vf, ent: mg.actor_critic_loss(
+            p, Stub, traj, jnp.array([0.0]), 0.9, 0.5, c, vf, ent
+        )
+        return (
+            loss(params, cond, 0.5, 0.01),
+            jax.grad(lambda p: loss(p, cond, 0.0, 0.0)[0])(params),
+            jax.grad(lambda c: loss(params, c, 0.5, 0.01)[0])(cond),
+        )
+
+    (loss, m), g, d_cond = compiled(everything, params, traj, cond)
+    a = np.array([0.9355, -1.01])
+    pg = -(a[0] * np.log(0.25) + a[1] * np.log(0.75))
+    value = 0.5 * (a**2).sum()
+    ent = -2 * (0.25 * np.log(0.25) + 0.75 * np.log(0.75))
+    np.testing.assert_allclose(loss, pg + 0.5 * value - 0.01 * ent, rtol=1e-5)
+    np.testing.assert_allclose(
+        [m["losses/policy"], m["losses/entropy"]], [pg / 2, ent / 2], rtol=1e-5
+    )
+    assert g["w"] == 0.0  # the advantage is a constant in theta
+    np.testing.assert_allclose(
+        g["l"],
+        -(a[0] * (np.array([1, 0]) - [0.25, 0.75]) + a[1] * (np.array([0, 1]) - [0.25, 0.75])),
+        rtol=1e-5,
+    )
+    assert abs(d_cond[0]) > 0.1
+
+
+def _lambda_return_and_grads(r, disc_mask, v, boot, gamma, lam):
+    """numpy [T, N]: G, dG/dgamma, dG/dlambda of the recursion, by hand."""
+    g, dg, dl = boot.copy(), np.zeros_like(boot), np.zeros_like(boot)
+    out = np.zeros((3,) + r.shape)
+    v_next = np.concatenate([v[1:], boot[None]], 0)
+    for t in reversed(range(r.shape[0])):
+        m = disc_mask[t]
+        mix = (1 - lam) * v_next[t] + lam * g
+        dg = m * mix + gamma * m * lam * dg
+        dl = gamma * m * (g - v_next[t] + lam * dl)
+        g = r[t] + gamma * m * mix
+        out[:, t] = g, dg, dl
+    return out
+
+
+def test_meta_gradient_through_one_td_lambda_update_by_hand():
+    """The exact case of [1] Sec. 1.2 on the random walk, through two calls of `update`:
+    v_theta(s) = w' phi(s) + b (phi one-hot, x = (phi, 1)), inner SGD on c/2 sum (G_eta - v)^2
+    (semi-gradient), so
+        theta' = theta + alpha c sum_t (G_t - v_t) x_t,
+        d theta'/d eta_g = alpha c sum_t dG_t/d gamma x_t * gamma (1 - gamma)   (sigmoid),
+        dJ'/d theta' = -c sum_t' (G'_t - v'_t) x'_t  over tau' (the first 8 of 16 envs),
+    and the meta-gradient is their product; dG/d gamma and dG/d lambda by the recursion
+    differentiated by hand. `update` must give theta', this meta-gradient for gamma and
+    lambda, and a first Adam step of -beta sign(meta-gradient) on eta."""
+    cfg = TINY
+    state0 = compiled(lambda k: mg.init(k, cfg), jax.random.PRNGKey(3))
+    step = jax.jit(lambda s: mg.update(s, cfg)).lower(state0).compile(run.INIT_COMPILER_OPTIONS)
+    s1, _ = step(state0)
+    s2, metrics = step(s1)
+    s1, s2, metrics = jax.device_get((s1, s2, metrics))
+    p = s1.params["params"]["Dense_1"]  # the value head (Dense_0 is the 1-action policy)
+    w, b = np.float64(p["kernel"][:, 0]), np.float64(p["bias"][0])
+    gamma, lam = 1 / (1 + np.exp(-np.float64(s1.eta)))
+    alpha, c = cfg.lr, cfg.vf_coef
+
+    def value(w, b, obs):
+        return obs @ w + b
+
+    tau = s1.prev
+    v0 = value(w, b, tau["obs"])
+    g0, dg0, dl0 = _lambda_return_and_grads(
+        tau["reward"], 1 - tau["done"], v0, value(w, b, tau["last_obs"]), gamma, lam
+    )
+    err = g0 - v0
+    w1, b1 = w + alpha * c * np.einsum("tn,tns->s", err, tau["obs"]), b + alpha * c * err.sum()
+    q = s2.params["params"]["Dense_1"]
+    np.testing.assert_allclose(q["kernel"][:, 0], w1, atol=1e-5)
+    np.testing.assert_allclose(q["bias"][0], b1, atol=1e-5)
+    grad_norm = c * np.sqrt((np.einsum("tn,tns->s", err, tau["obs"]) ** 2).sum() + err.sum() ** 2)
+    assert grad_norm < cfg.max_grad_norm  # no clipping in this case
+
+    val = {k: s2.prev[k][:, :8] for k in ("obs", "reward", "done")}
+    v1 = value(w1, b1, val["obs"])
+    g1, _, _ = _lambda_return_and_grads(
+        val["reward"], 1 - val["done"], v1, value(w1, b1, s2.prev["last_obs"][:8]), 0.99, 1.0
+    )
+    dj_w = -c * np.einsum("tn,tns->s", g1 - v1, val["obs"])
+    dj_b = -c * (g1 - v1).sum()
+    want = []
+    for dg, dsig in ((dg0, gamma * (1 - gamma)), (dl0, lam * (1 - lam))):
+        df_w = alpha * c * np.einsum("tn,tns->s", dg, tau["obs"])
+        df_b = alpha * c * dg.sum()
+        want.append((dj_w @ df_w + dj_b * df_b) * dsig)
+    got = [metrics["meta/grad_gamma"], metrics["meta/grad_lambda"]]
+    print("meta-gradient (gamma, lambda): ours", got, "by hand", want)
+    np.testing.assert_allclose(got, want, rtol=1e-3, atol=1e-7)
+    assert min(abs(x) for x in want) > 1e-5
+    np.testing.assert_allclose(s2.eta - s1.eta, -cfg.meta_lr * np.sign(want), rtol=1e-3)
+
+
+def test_bad_values_fail_with_named_field(tmp_path):
+    bad = [
+        (["--torso", "resnet"], "torso='resnet'"),
+        (["--meta-params", "alpha"], "meta_params"),
+        (["--gamma-init", "1.0"], r"--gamma-init must be in \(0, 1\)"),
+        (["--meta-batch", "64"], "meta_batch=64 exceeds num_envs=32"),
+        (["--meta-lr", "0"], "--meta-lr must be > 0"),
+        (["--dtype", "fp8"], "dtype='fp8'"),
+        (["--rms-decay", "1.0"], r"--rms-decay must be in \[0, 1\)"),
+    ]
+    for args, msg in bad:
+        with pytest.raises(ValueError, match=msg):
+            mg.main(args + ["--run-dir", str(tmp_path)])
+
+
+def test_every_config_field_is_read():
+    assert unread_fields(mg) == []
+
+
+def test_paper_preset_traces():
+    """jax.eval_shape of init and one update under `paper` (MinAtar Breakout, conv torso,
+    32 x 20 steps, eta embedding 16): builds its env, shapes and state without running."""
+    cfg, state, (after, metrics) = trace_paper(mg)
+    assert state.obs.shape == (32, 10, 10, 4) and state.prev["obs"].shape == (20, 32, 10, 10, 4)
+    assert state.params["params"]["Dense_1"]["kernel"].shape == (2, 16)  # e_eta = W (gamma, lambda)
+    assert cfg.num_updates == 50_000_000 // 640
+    assert jax.tree.structure(after) == jax.tree.structure(state)
+    assert all(m.shape == () for m in jax.tree.leaves(metrics))
