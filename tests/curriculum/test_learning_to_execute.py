@@ -157,7 +157,10 @@ def test_make_harder_and_main_lua_s_schedule():
     for i in range(6):
         level, lr, hist, count = schedule(level, lr, hist, count, 0.5, 0.1 * i, cfg)
     assert tuple(np.asarray(level)) == (1, 1) and int(count) == 6 and float(lr) == 0.5
-    # training accuracy below the one 5 checks ago (0.1 at check 2, now 0.05): harder
+    # below the last one (0.5) but above the one 5 checks ago (0.1): no change
+    level, lr, hist, count = schedule(level, lr, hist, count, 0.5, 0.35, cfg)
+    assert tuple(np.asarray(level)) == (1, 1) and int(count) == 7
+    # training accuracy below the one 5 checks ago (0.2 at check 3, now 0.05): harder
     level, lr, hist, count = schedule(level, lr, hist, count, 0.5, 0.05, cfg)
     assert tuple(np.asarray(level)) == (2, 1) and int(count) == 1
     # the history restarted: a drop now does not count (fewer than 5 entries)
@@ -288,7 +291,7 @@ def recorded(tmp_path_factory):
 
 
 def test_mix_keeps_every_level_where_no_curriculum_does_not(recorded):
-    """Behaviour ([1] Sec. 7: mixing in easy programs avoids forgetting them) in seconds:
+    """Behaviour (mixing in easy programs avoids forgetting them, as the post reads [1]):
     target length 2, nesting 2, LSTM 32, 400 SGD steps, 2 seeds, the four curricula in one
     compiled run of the CLI. Test accuracy (teacher forcing) averaged over the 4 levels,
     measured on a loaded 2-core CPU (jax 0.10.2), per seed:
@@ -334,8 +337,8 @@ def test_mix_and_combined_beat_naive_and_no_curriculum_on_all_levels(tmp_path):
     """The `quick` preset (target (2, 2), LSTM 64, 1,500 SGD steps), 2 seeds. Mean test
     accuracy over the 4 levels, measured (loaded 2-core CPU, 182 s + 42 s compile):
     mix 0.489, combined 0.448, naive 0.310, baseline 0.308 (+-0.02 over seeds): naive has
-    moved on to (2, 2) and forgotten the easy programs, baseline never saw them. A combined
-    curriculum without its mix share (mix_prob 0: naive) fails the first assert."""
+    moved on to (2, 2) and forgotten the easy programs, baseline never saw them (naive's
+    0.321 / 0.298 are what combined without its mix share, mix_prob 0, would score)."""
     res = lte.main(
         [
             "--preset",
@@ -343,7 +346,7 @@ def test_mix_and_combined_beat_naive_and_no_curriculum_on_all_levels(tmp_path):
             "--num-seeds",
             "2",
             "--log-every",
-            "20",
+            "10",
             "--no-progress",
             "--run-dir",
             str(tmp_path / "q"),
