@@ -179,18 +179,25 @@ def test_train_is_pure_and_cli_writes_its_files(recorded_run, capsys):
 
 
 def test_bad_values_fail_with_named_field(tmp_path):
-    for flags, msg in (
-        (["--image-size", "15"], "image_size=15 must be even"),
-        (["--margin", "0"], "margin=0.0 must be > 0"),
-        (["--lr", "0"], "--lr must be > 0"),
-        (["--batch-size", "1"], "batch_size=1 must be >= 2"),
-        (["--downsample-methods", "box"], "downsample_methods=('box',)"),
-        (["--pool-after", "7"], "pool_after=(7,)"),
-        (["--count-dim", "0"], "count_dim=0 must be >= 1"),
-        (["--probe-per-class", "200"], "probe_per_class=200 exceeds the rarest"),
+    """Each bad value on top of TINY fails before anything compiles, naming the field (on
+    TINY, so a missing check runs one tiny update and fails here instead of starting the
+    paper-size run). Mutation tried: margin 0 allowed (`< 0`) fails with DID NOT RAISE."""
+    for i, (flags, msg) in enumerate(
+        (
+            (["--image-size", "15"], "image_size=15 must be even"),
+            (["--margin", "0"], "margin=0.0 must be > 0"),
+            (["--lr", "0"], "--lr must be > 0"),
+            (["--batch-size", "1"], "batch_size=1 must be >= 2"),
+            (["--downsample-methods", "box"], "downsample_methods=('box',)"),
+            (["--pool-after", "7"], "pool_after=(7,)"),
+            (["--count-dim", "0"], "count_dim=0 must be >= 1"),
+            (["--probe-per-class", "200"], "probe_per_class=200 exceeds the rarest"),
+        )
     ):
         with pytest.raises(ValueError, match=msg.replace("(", r"\(").replace(")", r"\)")):
-            counting.main(flags + ["--run-dir", str(tmp_path)])
+            counting.main(
+                RUN_ARGS + flags + ["--num-updates", "1", "--run-dir", str(tmp_path / str(i))]
+            )
 
 
 def test_every_config_field_is_read():
