@@ -43,14 +43,14 @@ never stored; samples_per_class = 0 draws a fresh transformation every time (Eq.
 Reproduce (CPU demo on scikit-learn's digits upsampled to 24x24, 16-px patches):
     python selfsup/exemplar_cnn.py --preset quick --plot selfsup/exemplar_cnn.png
     python selfsup/exemplar_cnn.py --preset quick --supervised     # the supervised encoder
-Measured before the antialiased warp, the energy-weighted image draw of the seeds and the 8
-fresh transformations per seed of evaluate (1 seed, 1280 steps, 7.9 min wall / 82 CPU-s on a
-heavily shared 2-core CPU):
-surrogate accuracy on fresh transformations 0.219 (chance 1/256 = 0.004); linear probe
-0.991 (all labels) / 0.936 (10 per class), k-NN 0.976 / 0.917. The same network at random
-init: 0.008; 0.992 / 0.921, 0.966 / 0.867. Supervised (--supervised, same budget): 0.993 /
-0.959, 0.979 / 0.964. On these 8x8 digits a random 3-layer net's quadrant-pooled features
-already probe at 0.99; Exemplar-CNN's gain shows in the few-label probes (k-NN +0.05).
+Measured (1 seed, 1280 steps, 16.2 min wall / 91 CPU-s on a heavily shared 2-core CPU):
+surrogate accuracy on 8 fresh transformations per seed 0.220 (chance 1/256 = 0.004); linear
+probe 0.981 (all labels) / 0.932 (10 per class), k-NN 0.965 / 0.925. The same network at
+random init: linear 0.992 / 0.921, k-NN 0.966 / 0.867 (surrogate 0.008, measured before the
+antialiased warp and the 8 fresh transformations per seed). Supervised (--supervised, same
+budget; measured before the antialiased warp): 0.993 / 0.959, k-NN 0.979 / 0.964. On these
+8x8 digits a random 3-layer net's quadrant-pooled features already probe at 0.99;
+Exemplar-CNN's gain shows in the few-label probes (k-NN +0.06).
 Paper setting (GPU; digits upsampled to 96x96 in place of STL-10's unlabeled images):
     python selfsup/exemplar_cnn.py --preset paper
 [1] Table 1, the 64c5-64c5-128f network of the defaults and the paper preset (from memory,
