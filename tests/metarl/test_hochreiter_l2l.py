@@ -41,7 +41,7 @@ def test_quadratic_task_by_hand_and_its_moments():
 
 def test_inputs_are_x_and_the_previous_label():
     """u_i = (x_i, y_{i-1}) with y_0 = 0, time-major ([1] Fig. 1); feed_label = 0 zeroes the
-    label column only."""
+    label column only. Mutation tried: y_i fed instead of y_{i-1} (no shift): fails."""
     x = jnp.arange(12.0).reshape(2, 3, 2)  # [k = 2, n = 3, 2]
     y = jnp.array([[1.0, 2.0, 3.0], [4.0, 5.0, 6.0]])
     u = l2l.learner_inputs(x, y, 1.0)
@@ -62,7 +62,7 @@ def test_lstm_carries_its_state_and_the_broken_variant_resets_it():
     """The `Learner` that `update` trains: with keep = 1 the prediction at step 3 depends on
     step 1's input (memory through the sequence); with keep = 0 it equals the prediction of
     a sequence of step 3's input alone (state reset every step); step 1 is always from the
-    zero state."""
+    zero state. Mutation tried: `Step` ignoring keep: fails."""
     cfg = dataclasses.replace(TINY, hidden=8)
     params = compiled(lambda k: l2l.init(k, cfg).params, jax.random.PRNGKey(1))
     u = jax.random.normal(jax.random.PRNGKey(2), (3, 2, 3))
@@ -80,7 +80,8 @@ def test_reference_learner_is_least_squares_on_the_examples_before():
     """ridge_errors: at position 1 nothing is seen, the prediction is 0 and the error E[y^2];
     at position 4 it is the minimum-norm-like posterior mean from 3 examples (checked with
     numpy); with 6 examples (6 unknowns, no noise) the error is small, from position 8 on
-    (7 examples) ~0 (the tiny noise variance 1e-5 regularises the solve)."""
+    (7 examples) ~0 (the tiny noise variance 1e-5 regularises the solve). Mutation tried: an
+    inclusive cumulative sum (the learner sees y_i): fails."""
     x, y = l2l.sample_sequences(jax.random.PRNGKey(3), 64, 10)
     err = np.asarray(jax.jit(l2l.ridge_errors)(x, y))
     np.testing.assert_allclose(err[0], np.mean(np.asarray(y[:, 0]) ** 2), rtol=1e-4)
@@ -98,7 +99,7 @@ def test_reference_learner_is_least_squares_on_the_examples_before():
 def test_windows_and_knee_by_hand():
     """Early = mean of positions 1-3, late = positions late_from..n; the knee counts the
     examples before the error stays below fit_fraction x the first error (a dip that comes
-    back up does not count; never: n)."""
+    back up does not count; never: n). Mutation tried: the first dip counted: fails."""
     curve = jnp.array([1.0, 0.5, 0.3, 0.01, 0.2, 0.04, 0.03, 0.02])
     early, late = l2l.window_means(curve, 6)
     np.testing.assert_allclose([early, late], [0.6, 0.03], rtol=1e-6)
@@ -110,7 +111,8 @@ def test_windows_and_knee_by_hand():
 def test_update_minimises_the_mean_squared_error_of_its_batch():
     """losses/mse of one `update` is the mean over positions and functions of (yhat_i - y_i)^2
     on the batch drawn from the state's key, with the state's parameters, and the step
-    lowers that batch's loss (Adam with the clip)."""
+    lowers that batch's loss (Adam with the clip). Mutation tried: the loss against y_{i-1}
+    instead of y_i: fails."""
     cfg = dataclasses.replace(TINY, hidden=8, seq_len=6, batch_size=4)
     state = compiled(lambda k: l2l.init(k, cfg), jax.random.PRNGKey(4))
 
@@ -232,12 +234,14 @@ def test_bad_values_fail_with_named_field(tmp_path):
 
 
 def test_every_config_field_is_read():
+    """Mutation tried: evaluate() with the knee's fraction hard-coded (fit_fraction unread)."""
     assert unread_fields(l2l) == []
 
 
 def test_paper_preset_traces():
     """jax.eval_shape of init and one update under `paper` (N = 100, LSTM 256, batch 128) and
-    in bfloat16: shapes and state build on CPU without running."""
+    in bfloat16: shapes and state build on CPU without running. It failed during development
+    on a real bug: the bfloat16 LSTM's carry started in bfloat16 and came back float32."""
     cfg, state, (after, metrics) = trace_paper(l2l)
     assert cfg.seq_len == 100 and cfg.num_updates == 10_000_000 // 128
     lstm = state.params["params"]["ScanStep_0"]["LSTMCell_0"]
