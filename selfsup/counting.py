@@ -32,7 +32,16 @@ per class; and on held-out images the two loss terms and the mean count ||phi(D 
 Reproduce (CPU demo on scikit-learn's digits upsampled to 32x32, so D o x and the tiles
 are 16x16):
     python selfsup/counting.py --preset quick --num-seeds 1 --plot selfsup/counting.png
-Measured (1 seed, 600 steps, 2-core CPU, loaded): MEASURED_QUICK
+Measured (1 seed, 600 steps of 128 images; 14.2 min wall, 156 CPU-s on a heavily shared
+2-core CPU), trained (the same network at random init), on the 797 held-out digits:
+L_feat 0.316 (9.44), L_diff 0.099 (1.28), mean ||phi(D o x)|| 17.0 (1.35), count_ratio
+L_feat / ||phi(D o y) - sum_i phi(T_i o x)||^2 = 0.0035 (1.01): the tiles' counts add up
+to their image's and stay apart from other images'. Probes of the pooled conv features:
+linear 0.921 (0.926) all labels / 0.733 (0.788) 10 per class, k-NN 0.842 (0.895) / 0.619
+(0.673); of phi itself: linear 0.881 (0.979) / 0.704 (0.882), k-NN 0.745 (0.954) / 0.566
+(0.824). Counting is learned, but on these digits its features probe WORSE than the same
+network at random init (as jigsaw.py and relative_position.py here). Without L_diff
+(--no-contrastive) ||phi|| falls below 1e-3 within about 20 updates (the tests).
 Broken variant (no L_diff): python selfsup/counting.py --preset quick --no-contrastive
 Paper setting (GPU; digits upsampled to 228 in place of ImageNet, 114-px views):
     python selfsup/counting.py --preset paper
@@ -445,9 +454,11 @@ def plot(res, cfg: Config, out: str):
     hi = max(float(sum_t.max()), float(phi_d.max()), 1e-6)
     ax.plot([0, hi], [0, hi], "k--", lw=0.8)
     ax.set_xlabel("sum_i phi(T_i o x)_k")
+    ax.set_ylabel("phi(D o x)_k, phi(D o y)_k")
     ax.legend(fontsize=7, markerscale=4)
     ax.set_title(
-        f"held-out counts: L_feat {float(stats['feat']):.3g}, L_diff {float(stats['diff']):.3g}",
+        f"64 held-out digits x K units: L_feat {float(stats['feat']):.3g}, "
+        f"L_diff {float(stats['diff']):.3g}",
         fontsize=9,
     )
     gs = fig.add_gridspec(2, 6, left=0.68, right=0.98)

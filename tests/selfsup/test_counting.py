@@ -128,7 +128,10 @@ def test_counts_stay_apart_where_the_broken_variant_collapses(quick_run):
         held-out count_ratio   0.114 0.127 (L_feat / ||phi(D o y) - sum_i phi(T_i o x)||^2)
     Without L_diff ||phi|| falls below 1e-3 within about 20 updates (L_feat alone is minimised by
     phi = 0). The probes are printed, not asserted: on digits the counting features do
-    not beat the same network at random init (see the quick run in the module docstring)."""
+    not beat the same network at random init (see the quick run in the module docstring).
+    Mutations tried: L = L_feat whatever `contrastive` says (the method collapses too:
+    ||phi|| 0 0) fails the norm gate; tiles cut from the previous image of the batch
+    instead of x's own fails the held-out gates."""
     m = TINY.margin
     broken_cfg = dataclasses.replace(TINY, contrastive=False)
     train = jax.vmap(run.make_train(counting.init, counting.update, broken_cfg))
@@ -151,7 +154,8 @@ def test_train_is_pure_and_cli_writes_its_files(recorded_run, capsys):
     """Same keys: the runner's initial states of seed 0 again, and its first chunk rerun
     from them, are bit-identical to the run's; the two seeds differ; L = L_feat + L_diff
     in every logged update; the run wrote its files and the plot; --help documents every
-    field."""
+    field. Mutations tried: D's method drawn from host randomness (a pure_callback, so an
+    impure update) fails the chunk rerun; L = L_feat + L_diff / 2 fails the sum check."""
     quick_run, chunks = recorded_run
     with pytest.raises(SystemExit):
         counting.main(["--help"])
@@ -201,13 +205,15 @@ def test_bad_values_fail_with_named_field(tmp_path):
 
 
 def test_every_config_field_is_read():
+    """Mutation tried: update passing contrastive=True instead of cfg.contrastive fails."""
     assert unread_fields(counting) == []
 
 
 def test_paper_preset_traces():
     """eval_shape of init and one update under `paper`: 228-px images, 114-px views, the
     AlexNet (conv1 11x11 stride 4 -> 29, pool 14, conv2, pool 6, conv3-5, pool5 2x2x256),
-    fc6 and fc7 of 4096, fc8 of K = 1000 counts, batch 256: nothing runs."""
+    fc6 and fc7 of 4096, fc8 of K = 1000 counts, batch 256: nothing runs. Mutation tried:
+    conv4 at stride 2 in the preset fails the fc6 shape."""
     cfg, state, (after, metrics) = trace_paper(counting)
     p = state.params
     assert cfg.view_size == 114 and cfg.num_updates == 300_000 and cfg.margin == 10.0
