@@ -44,7 +44,11 @@ only extra flags):
         --compare runs/mg_fixed
 Paper agent settings (GPU; [1]'s IMPALA hyperparameters on MinAtar Breakout, 50M steps):
     python metarl/meta_gradient.py --preset paper
-Ours (quick): not yet measured.
+Ours (quick, 2-core CPU shared with other jobs, 158 s compile + 112 s, 2 seeds at once):
+MinAtar Breakout, 3M steps (2343 batches of 64 x 20), training return over the last 10% of
+the run 6.34 / 6.46 per seed, with gamma 0.99 -> 0.9942 / 0.9945 and lambda 0.95 -> 0.943 /
+0.939; the fixed (0.99, 0.95) baseline (`--meta-params none`) 5.47 / 6.43: a difference
+inside the seed spread (no claim at this scale). Trajectories in metarl/meta_gradient.png.
 [1] Table 1 [M: recalled, not re-read]: Atari-57, 200M frames, median human-normalised
 score: IMPALA (gamma 0.99) 211.9%, meta-gradient {gamma, lambda} 287.2%.
 
@@ -181,6 +185,11 @@ class Config:
             )
         if self.meta_batch > self.num_envs:
             raise ValueError(f"meta_batch={self.meta_batch} exceeds num_envs={self.num_envs}")
+        if self.env_id == "RandomWalk-19" and self.torso == "cnn":
+            raise ValueError(
+                "torso='cnn' needs image observations; RandomWalk-19 has one-hot "
+                "states (use --torso linear or mlp)"
+            )
         if self.env_id != "RandomWalk-19":
             envs.check_id(self.env_id)
         if self.num_updates < 1:
@@ -544,7 +553,7 @@ def plot_run(history, out: str, baseline=None):
         y = np.asarray(history[name])
         for i, row in enumerate(y):
             a.plot(row, color=color, alpha=0.8, label=f"{name[5:]}" if i == 0 else None)
-    a.set_xlabel("update")
+    a.set_xlabel("update (one batch)")
     a.set_ylabel("meta-parameter")
     a.legend()
     a.grid(alpha=0.3)

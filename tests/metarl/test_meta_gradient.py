@@ -200,18 +200,21 @@ def test_meta_gradient_through_one_td_lambda_update_by_hand():
 
 
 def test_bad_values_fail_with_named_field(tmp_path):
+    """Each bad value on top of TINY (so that a check taken out would train TINY, not the
+    paper preset) fails before compiling, naming the field."""
     bad = [
         (["--torso", "resnet"], "torso='resnet'"),
+        (["--torso", "cnn"], "torso='cnn' needs image observations"),
         (["--meta-params", "alpha"], "meta_params"),
         (["--gamma-init", "1.0"], r"--gamma-init must be in \(0, 1\)"),
-        (["--meta-batch", "64"], "meta_batch=64 exceeds num_envs=32"),
+        (["--meta-batch", "64"], "meta_batch=64 exceeds num_envs=16"),
         (["--meta-lr", "0"], "--meta-lr must be > 0"),
         (["--dtype", "fp8"], "dtype='fp8'"),
         (["--rms-decay", "1.0"], r"--rms-decay must be in \[0, 1\)"),
     ]
     for args, msg in bad:
         with pytest.raises(ValueError, match=msg):
-            mg.main(args + ["--run-dir", str(tmp_path)])
+            mg.main(cli_args(TINY, mg.Config()) + args + ["--run-dir", str(tmp_path)])
 
 
 SEEDS = 2
