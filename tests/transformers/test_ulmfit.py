@@ -2,7 +2,16 @@
 the updates), gradual unfreezing (frozen groups bit-identical), concat pooling, weight drop
 (one mask on W_hh for every step, identity at evaluation) against a numpy LSTM; one tiny CLI
 run of the three arms reused by the purity and CLI tests; the paper preset traced; and the
-behaviour gate (pytest -m slow): ULMFiT and no-tricks beat the scratch classifier."""
+behaviour gate (pytest -m slow): ULMFiT and no-tricks beat the scratch classifier. The
+AWD-LSTM regularisers by hand: locked dropout, row-wise embedding dropout, AR/TAR as forward
+adds them, one BatchNorm step, against numpy.
+
+Exception to the default tier's behaviour test: TINY is too small to learn the task (its LM
+stays near the unigram loss, so no arm beats chance on the held-out windows) and a config
+that does learn it (the quick preset: 17.5 min on a loaded 2-core CPU) is far over the
+module's budget; the behaviour gate is therefore slow-tier only. The default tier checks the
+arms' mechanics instead (the scratch arm held at its initial parameters through (a) and
+trained from (b) on; the arms' shared stage (a); the parting in (b))."""
 
 import dataclasses
 import json
@@ -37,7 +46,11 @@ def test_stlr_by_hand_at_start_cut_peak_and_end():
     """[1] Eq. 3 with T = 1000, cut_frac 0.1, ratio 32, eta_max 0.01: cut = 100; eta =
     0.01 / 32 at t = 0 and at t = T, 0.01 at t = cut, halfway values at t = 50 and t = 550.
     And `schedule` (what `update` runs) gives the ULMFiT arm's top group this rate in each
-    stage, the no-tricks arm the constant rate."""
+    stage, the no-tricks arm the constant rate, the scratch arm 0 in (a) and the ULMFiT
+    arm's rates after. T = 15 (T cut_frac not whole): the rate at t = 14 is the decay over
+    T - cut, positive. Mutations tried: [1]'s cut (1 / cut_frac - 1) in place of T - cut
+    fails the T = 15 value (T = 1000 alone passed it); the scratch arm at clf_lr in (c)
+    (the earlier arm) fails."""
     cfg = ulmfit.Config(pretrain_steps=1000, lm_steps=1000, num_labelled=640, clf_batch=64,
                         clf_epochs=100)
     assert cfg.clf_steps == 1000
@@ -57,7 +70,12 @@ def test_stlr_by_hand_at_start_cut_peak_and_end():
                                rtol=1e-5)
     np.testing.assert_allclose(rates[2:4, 2], 4e-3, rtol=1e-6)  # no tricks: constant
     np.testing.assert_allclose(rates[4:, 2], 0.01, rtol=1e-6)
-    np.testing.assert_allclose(rates[4:, 1], 0.01, rtol=1e-6)  # scratch: constant, all
+    np.testing.assert_allclose(rates[:2, 1], 0.0)  # scratch: held in (a), then as ulmfit
+    np.testing.assert_array_equal(rates[2:, 1], rates[2:, 0])
+    # T = 15: cut = 1, and at t = 14 the decay over T - cut gives p = 1/14 (1.0e-3); [1]'s
+    # cut (1 / cut_frac - 1) = 9 would give p = 1 - 13/9 < 0, a negative rate (-4.0e-3)
+    np.testing.assert_allclose(jit0(ulmfit.stlr, (1, 2, 3))(np.int32(14), 15, 0.01, cfg),
+                               0.01 * (1 + 31 / 14) / 32, rtol=1e-6)
 
 
 def _one_adam_step(params, rates, cfg):
@@ -148,6 +166,70 @@ def test_weight_drop_masks_only_w_hh_with_one_mask_for_all_steps_and_is_off_at_e
     assert np.abs(train[:, 1:] - ev[:, 1:]).max() > 1e-3
 
 
+def _regularisers(params, windows, labels, rows, x, rows_bn, key, cfg):
+    """forward's losses (what update runs) and the encoder outputs they were computed from;
+    embedding dropout of the windows at p = 0.5; a locked mask; one BatchNorm step."""
+    lm_total, clf_total, cls, _, lm = ulmfit.forward(params, ulmfit.zero_bn(cfg), windows,
+                                                     labels, rows, key, np.bool_(True), cfg)
+    raw, dropped = ulmfit.encoder(params, windows[:, :-1], jax.random.split(key)[0],
+                                  np.bool_(True), cfg)
+    emb = ulmfit.embedding_dropout(key, params["embed"], windows, 0.5, np.bool_(True))
+    mask = ulmfit.locked_mask(key, 0.5, (64, 7, 3))
+    p = {"scale": jnp.arange(1.0, 6.0), "bias": jnp.full(5, 0.5)}
+    stats = {"mean": jnp.full(5, 0.2), "var": jnp.full(5, 2.0)}
+    bn = [ulmfit.batch_norm(x, p, stats, rows_bn, np.bool_(t)) for t in (True, False)]
+    return lm_total, lm, clf_total, cls, raw, dropped, emb, mask, bn
+
+
+def test_awd_lstm_regularisers_by_hand():
+    """[2]: locked dropout draws one mask per sequence, shared over time ((B, 1, D), values
+    0 or 1 / (1 - p)); embedding dropout drops whole rows of E: every occurrence of a token
+    in the batch is 0 or E[token] / (1 - p) together; forward adds alpha mean(dropped top
+    output^2) + beta mean over time of (h_t - h_{t-1})^2 to the LM NLL and alpha mean(top
+    output^2) + the same TAR to the classifier NLL; one BatchNorm step (training: batch
+    statistics of the used rows, running averages 0.9 old + 0.1 new with the unbiased
+    variance; evaluation: the running statistics) matches numpy. Mutations tried:
+    per-timestep dropout in locked_mask fails the shape; TAR over the batch axis fails the
+    LM sum; per-element embedding dropout fails the rows; the BN momentum swapped (0.1 old
+    + 0.9 new) fails the running mean."""
+    cfg = dataclasses.replace(TINY, num_layers=1, dropout=0.3)
+    params = jax.tree.map(np.asarray, jit0(ulmfit.init_params, 1)(jax.random.PRNGKey(0), cfg))
+    rng = np.random.default_rng(0)
+    windows = rng.integers(0, 40, (16, 33)).astype(np.int32)
+    labels = rng.integers(0, 2, 16).astype(np.int32)
+    rows = (np.arange(16) < 12).astype(np.float32)
+    x = rng.normal(size=(6, 5)).astype(np.float32)
+    rows_bn = np.array([1, 1, 1, 1, 0, 0], np.float32)
+    out = jax.device_get(jit0(_regularisers, 7)(params, windows, labels, rows, x, rows_bn,
+                                                  jax.random.PRNGKey(3), cfg))
+    lm_total, lm, clf_total, cls, raw, dropped, emb, mask, (bn_train, bn_eval) = out
+    assert mask.shape == (64, 1, 3) and set(np.unique(mask)) == {0.0, 2.0}
+    assert 0.35 < (mask == 0).mean() < 0.65
+    ratio = emb[..., 0] / params["embed"][windows][..., 0]
+    np.testing.assert_allclose(emb, params["embed"][windows] * ratio[..., None], rtol=1e-5)
+    for t in np.unique(windows):
+        r = ratio[windows == t]
+        assert np.allclose(r, r[0]) and np.isclose(r[0], 0) | np.isclose(r[0], 2), (t, r)
+    assert 0 < (np.isclose(ratio, 0)).mean() < 1
+    tar = cfg.tar_coef * np.mean((raw[:, 1:] - raw[:, :-1]) ** 2)
+    np.testing.assert_allclose(lm_total - lm, cfg.ar_coef * np.mean(dropped ** 2) + tar,
+                               rtol=1e-4)
+    logp = cls - np.log(np.exp(cls).sum(-1, keepdims=True))
+    clf = -(logp[np.arange(16), labels] * rows).sum() / rows.sum()
+    np.testing.assert_allclose(clf_total - clf, cfg.ar_coef * np.mean(raw ** 2) + tar,
+                               rtol=1e-4)
+    assert not np.allclose(raw, dropped)
+    y, new = bn_train
+    mu, var = x[:4].mean(0), x[:4].var(0)
+    scale = np.arange(1.0, 6.0)
+    np.testing.assert_allclose(y, (x - mu) / np.sqrt(var + 1e-5) * scale + 0.5, rtol=1e-4,
+                               atol=1e-5)
+    np.testing.assert_allclose(new["mean"], 0.9 * 0.2 + 0.1 * mu, rtol=1e-5)
+    np.testing.assert_allclose(new["var"], 0.9 * 2.0 + 0.1 * var * 4 / 3, rtol=1e-5)
+    np.testing.assert_allclose(bn_eval[0], (x - 0.2) / np.sqrt(2.0 + 1e-5) * scale + 0.5,
+                               rtol=1e-5, atol=1e-6)
+
+
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
     """TINY through the command line, in-process, once, with SEEDS seeds."""
@@ -157,7 +239,9 @@ def tiny_run(tmp_path_factory):
 
 def test_train_is_pure_and_seeded_and_logs_the_stages(tiny_run):
     """The runner's first chunk, rerun on the same initial states, gives the run's first
-    rows bit for bit; the seeds differ; the stages switch where the config says."""
+    rows bit for bit; the seeds differ; the stages switch where the config says; the arms
+    share (a) or part where they should. Mutation tried: the scratch arm re-initialised
+    when (c) starts (the earlier arm: trained through (a) like ulmfit) fails."""
     with tiny_run_module.lowest_level_compiles():
         step = run.make_chunk(ulmfit.update, TINY, CHUNK, parallel.seed_sharding(SEEDS), SEEDS)
         state, metrics = jax.device_get(step(tiny_run_module.initial_states(ulmfit, TINY)))
@@ -175,8 +259,15 @@ def test_train_is_pure_and_seeded_and_logs_the_stages(tiny_run):
     # the arms share stage (a) exactly; they part in (b) (no tricks) and (c) (scratch)
     np.testing.assert_array_equal(h["losses/lm_ulmfit"][:, :P], h["losses/lm_no_tricks"][:, :P])
     assert (h["losses/lm_ulmfit"][:, P + 1] != h["losses/lm_no_tricks"][:, P + 1]).all()
-    c = P + F  # the scratch arm is re-initialised when (c) starts: its first classifier
-    assert (h["losses/clf_scratch"][:, c] != h["losses/clf_ulmfit"][:, c]).all()  # loss differs
+    # the scratch arm: its initial parameters through (a) (no gradient norm, the first
+    # update's LM loss as ulmfit's), trained from (b) on with a higher LM loss than the
+    # pretrained arm when (b) starts ([1] Table 4's "without pretraining")
+    np.testing.assert_array_equal(h["losses/lm_scratch"][:, 0], h["losses/lm_ulmfit"][:, 0])
+    assert (h["charts/grad_norm_scratch"][:, :P] == 0).all()
+    assert (h["charts/grad_norm_scratch"][:, P:] > 0).all()
+    assert (h["losses/lm_scratch"][:, P] > h["losses/lm_ulmfit"][:, P]).all()
+    c = P + F
+    assert (h["losses/clf_scratch"][:, c] != h["losses/clf_ulmfit"][:, c]).all()
     assert np.isfinite(np.asarray(tiny_run.final["val_err_scratch"])).all()
 
 
@@ -209,23 +300,26 @@ def test_every_config_field_is_read():
 
 def test_paper_preset_traces():
     """jax.eval_shape of init and one update under the paper preset: 400/1150/3 AWD-LSTM
-    (20.2M LSTM parameters, as [2]'s 24M PTB model less its 10k x 400 embedding) with a
-    WikiText-103-sized embedding, three arms."""
+    (20.2M LSTM parameters, as [2]'s 24M PTB model less its 10k x 400 embedding) with one
+    embedding row per character of the two texts, three arms."""
     cfg, state, after = preset.trace_paper(ulmfit)
     assert jax.tree.structure(after[0]) == jax.tree.structure(state)
     lstm = sum(x.size for x in jax.tree.leaves(state.params["lstm"])) // len(ulmfit.ARMS)
     assert 20.0e6 < lstm < 20.5e6, lstm
-    assert state.params["embed"].shape == (len(ulmfit.ARMS), 267_735, 400)
+    assert cfg.vocab_size is None
+    assert state.params["embed"].shape == (len(ulmfit.ARMS), len(ulmfit.corpora(cfg)[3]), 400)
 
 
 @pytest.mark.slow
 def test_ulmfit_beats_the_scratch_classifier_at_few_labels(tmp_path):
     """[1] Table 4 in small: the quick preset (stdlib LM, 400 updates; 100 of pydoc LM
     fine-tuning; 8 epochs of 128 labelled windows), one run of the three arms on the same
-    batches, 2 seeds. The broken variant in the same run is the scratch arm (the same
-    classifier re-initialised when (c) starts). Measured (2-core CPU shared with ~7 jobs,
-    17.5 min wall, 236 CPU s): held-out error ulmfit 0.141 / 0.094, no_tricks 0.094 / 0.117,
-    scratch 0.430 / 0.414."""
+    batches, 2 seeds. The broken variant in the same run is the scratch arm (no (a): held
+    at its initial parameters through (a), then (b) and (c) as ulmfit). Measured (2-core CPU
+    shared with ~7 jobs, 17.5 min wall, 236 CPU s): held-out error ulmfit 0.141 / 0.094,
+    no_tricks 0.094 / 0.117; scratch 0.430 / 0.414 measured before the scratch arm became
+    Table 4's (then re-initialised when (c) started, no (b), constant clf_lr): the bars are
+    not yet re-checked against the new arm (a 17-min run)."""
     cfg = ulmfit.Config(**ulmfit.PRESETS["quick"])
     res = tiny_run_module.run_cli(ulmfit, cfg, tmp_path / "run", 141, preset="quick")
     f = {k: np.asarray(v) for k, v in res.final.items()}
