@@ -1,25 +1,25 @@
 """Counting visual primitives: features that add up over tiles and stay put under scaling.
 
 [1] M. Noroozi, H. Pirsiavash, P. Favaro. "Representation Learning by Learning to Count."
-    ICCV 2017, arXiv:1708.06734. No released code from the authors; M = 10, the AlexNet with
-    a ReLU after fc8 (1000 outputs), Adam at 1e-4 and the random choice of downsampling
-    method are also what the unofficial TensorFlow re-implementation ahmdtaha/
-    tf_learning_to_count (nets/model.py) uses, and it reproduces [1] Table 2 to within 2.4
-    points.
+    ICCV 2017, arXiv:1708.06734. No released code from the authors. M = 10 (as a review of
+    [1] quotes it), the AlexNet with a ReLU after fc8 (1000 outputs), Adam at 1e-4 and the
+    random choice of downsampling method are also what the unofficial TensorFlow
+    re-implementation ahmdtaha/tf_learning_to_count (nets/model.py) uses, and it
+    reproduces [1] Table 2 to within 2.4 points.
 
 A feature phi(x) in R^K_+ counts K kinds of visual primitive. Two transformations of an
 image x (S x S) fix how counts behave: D, downsampling by 2 (the primitives stay the same,
 so the count does not change) and T_i, i = 1..4, the four S/2 x S/2 tiles of a 2x2 grid
 (each primitive lands in one tile, so the counts add up):
 
-    phi(D o x) = sum_{i=1..4} phi(T_i o x)                                     [1] Sec. 3
-    L_feat = ||phi(D o x) - sum_i phi(T_i o x)||_2^2         (the post's L_feat, [1]'s l)
+    phi(D o x) = sum_{i=1..4} phi(T_i o x)                                 [1] Sec. 3 [M]
+    L_feat = ||phi(D o x) - sum_i phi(T_i o x)||_2^2                       (the post's L_feat)
     L_diff = max(0, M - ||phi(D o y) - sum_i phi(T_i o x)||_2^2),   y another image, M = 10
     L = L_feat + L_diff                        (the post's L; [1]'s contrastive loss)
 L_feat alone is minimised by phi = 0 for every image; L_diff keeps the counts of two
 different images at least sqrt(M) apart, so the network must count as many primitives as
-it needs to tell images apart. Here y is the next image of the batch (the batch rolled by
-one), so phi(D o y) costs nothing extra. D picks one downsampling method per image at
+it needs to tell images apart. Here y is the previous image of the batch (the batch rolled
+by one), so phi(D o y) costs nothing extra. D picks one downsampling method per image at
 random (bicubic, bilinear, Lanczos, area in [1] [M]), so the network cannot tell a
 downsampled image from a tile by its resampling artefacts. phi is the AlexNet conv1-5 +
 fc6-fc8 of [1] with a ReLU after fc8: the counts are non-negative.
@@ -56,7 +56,7 @@ Differences from the paper:
   No random crops, no colour measures (the digits are grey).
 - The input side: [1] feeds 114-px views [M]; the 228-px image they are cut from is
   inferred (114 = 228 / 2), and how [1] crops it from the photo is not modelled.
-- The negative y is the next image of the batch, not an independently drawn image; its
+- The negative y is the previous image of the batch, not an independently drawn one; its
   D o y is the one already computed for the batch (same downsampling method).
 - Downsampling methods are jax.image.resize's (antialiased 'cubic', 'linear', 'lanczos3')
   and an exact 2x2 mean for 'area'; which Lanczos [1] used is not recalled.
