@@ -34,7 +34,13 @@ corrupted input" (x~ itself) and beside an ordinary autoencoder (`--corruption-f
 Reproduce (CPU demo on scikit-learn's 8x8 digits, two layers of 256 units):
     python selfsup/denoising_ae.py --preset quick --plot selfsup/denoising_ae.png
     python selfsup/denoising_ae.py --preset quick --corruption-fraction 0   # ordinary AE
-Measured (1 seed, 2 x 1860 steps, loaded 2-core CPU): QUICK_NUMBERS
+Measured (1 seed, 2 x 1860 steps, 61 s wall / 15 CPU-s on a loaded 2-core CPU): held-out
+denoising with 25% of the pixels masked, per-pixel MSE 0.0244 against the clean digits; the
+corrupted input itself 0.0588, the ordinary autoencoder (nu = 0) 0.0537, the stack at init
+0.273. Probes of the top code: linear 0.976 (all labels) / 0.882 (10 per class), k-NN
+0.945 / 0.856; the same stack at random init 0.971 / 0.872, 0.954 / 0.822; the ordinary
+autoencoder 0.972 / 0.897, 0.962 / 0.865. On 8x8 digits the denoising criterion makes a
+much better denoiser, but not better features for these probes than the ordinary one.
 Paper setting (GPU; digits upsampled to 28x28 in place of MNIST, three layers of 1000
 sigmoid units, SGD on single examples at 0.001, 15 epochs per layer):
     python selfsup/denoising_ae.py --preset paper
