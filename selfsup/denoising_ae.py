@@ -322,7 +322,7 @@ def update(state: State, cfg: Config):
         "losses/reconstruction": loss,
         "charts/layer": layer.astype(jnp.float32),
         "losses/reconstruction_layer1": losses[0],
-        "charts/grad_norm": optax.global_norm(grads),
+        "charts/grad_norm": optax.tree.norm(grads),
     }
     return State(params, opt_state, state.step + 1, key, state.nu), metrics
 
@@ -379,9 +379,10 @@ def evaluate(state: State, cfg: Config):
 # --- PLOT ---
 
 
-def plot(res, cfg: Config, out: str):
-    """Seed 0: held-out digits clean, corrupted and denoised, and the first layer's filters
-    (rows of W as images, [1] Fig. 3), with the held-out numbers of the stack at init."""
+def plot(res, cfg: Config, out: str, seed: int = 0):
+    """The run's first seed: held-out digits clean, corrupted and denoised, and the first
+    layer's filters (each hidden unit's column of W as an image, as in [1] Fig. 3), with the
+    held-out numbers of the same stack at init (key `seed`)."""
     import matplotlib.pyplot as plt
 
     from common.plot import save_png
@@ -391,7 +392,7 @@ def plot(res, cfg: Config, out: str):
     z, _, x_tilde = jax.jit(denoise, static_argnums=3)(
         state.params, te_x, jax.random.PRNGKey(1), cfg
     )
-    at_init = run.evaluate_seeds(evaluate, run.initial_states(init, cfg, 0, 1), cfg, 1)
+    at_init = run.evaluate_seeds(evaluate, run.initial_states(init, cfg, seed, 1), cfg, 1)
     s = cfg.image_size
     w = np.asarray(state.params[0]["W"]).T.reshape(-1, s, s)[:48]
     fig = plt.figure(figsize=(12, 3.6))
@@ -454,9 +455,9 @@ def main(argv=None):
         import json
         from pathlib import Path
 
-        c = json.loads((Path(res.run_dir) / "config.json").read_text())["config"]
-        c = {k: tuple(v) if isinstance(v, list) else v for k, v in c.items()}
-        print(plot(res, Config(**c), flags["--plot"]))
+        record = json.loads((Path(res.run_dir) / "config.json").read_text())
+        c = {k: tuple(v) if isinstance(v, list) else v for k, v in record["config"].items()}
+        print(plot(res, Config(**c), flags["--plot"], record["seed"]))
     return res
 
 
