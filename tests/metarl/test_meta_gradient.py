@@ -6,11 +6,10 @@ sign-flipped variant, the other way), purity, CLI, paper preset.
 Mutations tried (each made its test fail, then was taken out): lambda and 1 - lambda swapped
 in the recursion (lambda-return test); targets not stop-gradiented in theta (loss by hand);
 gamma, lambda stop-gradiented in f, the eta step's sign flipped, J' with eta instead of
-eta_bar, J' on the training batch tau instead of tau' (meta-gradient by hand; the first two
-also the behaviour test); eta mask ignored (behaviour: the fixed arm moves); init ignoring its
-key (purity: seeds equal); rms_eps not read (Config fields); paper preset meta_batch 64
-(paper trace); the rms_decay and cnn-on-random-walk checks removed (bad values); plot not
-saved (plot)."""
+eta_bar, J' on the training batch tau instead of tau' (meta-gradient by hand); eta mask
+ignored (behaviour: the fixed arm moves); init ignoring its key (purity: seeds equal);
+rms_eps not read (Config fields); paper preset meta_batch 64 (paper trace); the rms_decay
+and cnn-on-random-walk checks removed (bad values); plot not saved (plot)."""
 
 import dataclasses
 
