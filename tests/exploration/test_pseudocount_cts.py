@@ -237,8 +237,10 @@ def test_cts_bonus_explores_more_than_ppo(tiny_run):
     on a loaded 2-core CPU:
         CTS beta = 0.05   87 87 89 89 89 87   median 88,   mean 88.0
         PPO (beta = 0)    80 79 88 82 79 81   median 80.5, mean 81.5
-    The broken variant (beta = 0) fails both gaps (0). A bonus that ignores the frame's
-    count (mutation: the pseudo-count frozen at 0) ..."""
+    The broken variant (beta = 0) fails both gaps (0). Mutations: a constant bonus (the
+    pseudo-count frozen at 0, r = beta / 0.1 on every frame) scores 83 83 87 76 78 80
+    (median 81.5) and fails the median gap and the count assert; a Bonus that ignores its
+    traced beta (both halves get the bonus) fails the beta = 0 assert."""
     result, _ = tiny_run
     h = result.history
     cells = h["charts/distinct_cells"][:, -1]
