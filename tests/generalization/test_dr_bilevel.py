@@ -3,7 +3,12 @@ against numpy, the physics multipliers, the bilevel search against the nominal-s
 trained in the same program (behaviour), update's common random numbers, purity, CLI, paper
 preset, every Config field read.
 
-Mutations tried (each made the named test fail, then was taken out): MUTATIONS_TRIED"""
+Mutations tried (each made the named test fail, then was taken out): the half-width w used
+without |.| in `box` (test_box_samples...); the elites taken as the worst, top_k(-F), and
+uniform instead of normal noise in `cem_sample` (test_cem_refit...); xi ignored in
+`physics` (test_physics..., and the behaviour test: best 325 / 480 = nominal 325 / 480, as
+every member is then the nominal sim); per-member PPO keys in `update` instead of common
+random numbers (test_update_uses_common_random_numbers: 200 / 149 vs nominal 52 / 129)."""
 
 import dataclasses
 
@@ -109,7 +114,9 @@ def test_bilevel_beats_the_nominal_sim_in_real(tiny_run):
     iterations of 4 phi, the best phi's policy beats the policy trained in the nominal
     simulator (the baseline, trained in the same program with the same keys) in "real"
     (pole length x 0.2), and the CEM mean's centre has moved from 1.0 toward 0.2.
-    Measured (seeds 0 / 1): MEASURED_BEHAVIOUR"""
+    Measured (seeds 0 / 1, loaded 2-core CPU): best 479 / 500 vs nominal 162 / 150; centre
+    0.42 / 0.33; the best phi's box holds xi_real in both seeds (not asserted: see the file's
+    docstring on ties at the maximum return)."""
     h = tiny_run[0].history
     best, nominal = h["charts/best_return"][:, -1], h["charts/nominal_return"][:, -1]
     centre = h["charts/centre_length"][:, -1]
@@ -121,19 +128,19 @@ def test_bilevel_beats_the_nominal_sim_in_real(tiny_run):
 
 
 def test_train_is_pure_and_cli_writes_its_files(tiny_run, capsys):
-    """The CLI trains 2 seeds in one vmapped program; its first compiled chunk rerun on the
-    same initial states gives bit-identical CEM state and metrics; the seeds differ; --help
-    documents every field."""
+    """The CLI trains 2 seeds in one vmapped program; its last compiled chunk (iteration 2)
+    rerun on the same input states gives bit-identical CEM state and metrics; the seeds
+    differ; --help documents every field."""
     first, chunks = tiny_run
     assert len(chunks) == TINY.num_iterations
-    chunk, states = chunks[0]
+    chunk, states = chunks[-1]
     again, metrics = chunk(jax.tree.map(jnp.copy, states))  # the chunk donates its input
     metrics = run.mark_undefined(jax.device_get(metrics), run.NAN_UNLESS)
+    assert set(metrics) == set(first.history)
     for k, v in metrics.items():
-        np.testing.assert_array_equal(first.history[k][:, :1], v, err_msg=k)
-    again2, _ = chunks[1][0](jax.tree.map(jnp.copy, chunks[1][1]))
-    np.testing.assert_array_equal(first.state.mean, again2.mean)
-    np.testing.assert_array_equal(first.state.best_phi, again2.best_phi)
+        np.testing.assert_array_equal(first.history[k][:, -1:], v, err_msg=k)
+    for k in ("mean", "std", "best_phi", "best_return"):
+        np.testing.assert_array_equal(getattr(first.state, k), getattr(again, k), err_msg=k)
     assert not np.array_equal(
         first.history["charts/centre_length"][0], first.history["charts/centre_length"][1]
     )
@@ -149,11 +156,10 @@ def test_train_is_pure_and_cli_writes_its_files(tiny_run, capsys):
 
 
 def test_update_uses_common_random_numbers(tiny_run):
-    """update's wiring, through the CLI's first compiled chunk: with the CEM at the nominal
-    phi and std 0 (min_std 0 is not in the chunk: std stays 0 only in this one iteration's
-    sampling) every member IS the nominal sim, trained and scored with the same keys as the
-    baseline, so all P target returns equal the nominal one exactly. Catches per-member
-    keys, a baseline that is not the nominal sim, or a population that ignores phi."""
+    """update's wiring, through the CLI's first compiled chunk: with the CEM's mean at the
+    nominal phi and its std 0, every member IS the nominal sim, trained and scored with the
+    same keys as the baseline, so all P target returns equal the nominal one exactly.
+    Catches per-member keys, or a baseline that is not the nominal sim."""
     chunk, states = tiny_run[1][0]
     states = jax.tree.map(jnp.copy, states)
     nominal = jnp.broadcast_to(db.nominal_phi(TINY), states.mean.shape)
@@ -190,3 +196,29 @@ def test_paper_preset_traces():
     assert state.mean.shape == (4,) and state.best_phi.shape == (4,)
     assert jax.tree.structure(after) == jax.tree.structure(state)
     assert all(m.shape == () for m in jax.tree.leaves(metrics))
+
+
+@pytest.mark.slow
+def test_quick_preset_beats_the_nominal_sim(tmp_path):
+    """The quick preset (8 phi x 5 iterations, 61k PPO steps each, 2 seeds): the best phi's
+    policy against the nominal-sim policy trained in the same program with the same keys
+    (the baseline). Measured on a loaded 2-core CPU (83 s wall): best 500 / 500 vs nominal
+    201 / 222; CEM centre 0.02 / 0.49 (from 1.0)."""
+    h = db.main(
+        [
+            "--preset",
+            "quick",
+            "--num-seeds",
+            "2",
+            "--no-progress",
+            "--log-every",
+            "5",
+            "--run-dir",
+            str(tmp_path),
+        ]
+    ).history
+    best, nominal = h["charts/best_return"][:, -1], h["charts/nominal_return"][:, -1]
+    print("best", best, "nominal", nominal, "centre", h["charts/centre_length"][:, -1])
+    assert (best > nominal + 150).all(), (best, nominal)
+    assert (h["charts/centre_length"][:, -1] < 0.6).all()
+    assert h["charts/mean_covers"].mean() > 0.5
