@@ -8,7 +8,10 @@ without |.| in `box` (test_box_samples...); the elites taken as the worst, top_k
 uniform instead of normal noise in `cem_sample` (test_cem_refit...); xi ignored in
 `physics` (test_physics..., and the behaviour test: best 325 / 480 = nominal 325 / 480, as
 every member is then the nominal sim); per-member PPO keys in `update` instead of common
-random numbers (test_update_uses_common_random_numbers: 200 / 149 vs nominal 52 / 129)."""
+random numbers (test_update_uses_common_random_numbers: 200 / 149 vs nominal 52 / 129);
+the PRNGKey(0) in `update` instead of the state's key (test_train_is_pure...: the seeds'
+centres equal); the check of `params` against the gymnax fields dropped
+(test_bad_values...: another check's message, not the expected one)."""
 
 import dataclasses
 
