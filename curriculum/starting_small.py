@@ -34,7 +34,18 @@ Reproduce (CPU, the figure curriculum/starting_small.png):
 GPU ([2]'s sizes: 10,000 training and 5,000 test images, 256 epochs, 8 switch epochs):
     python curriculum/starting_small.py --preset paper --num-seeds 20
 
-Measured (`quick`): see the README row of curriculum/ (numbers filled in below when run).
+Measured (`quick`: 16x16 images, 5,000 per set, 3 x 128 tanh MLP, lr 0.03, batch 32, 60
+epochs, switch epochs 0/10/20/30/45 as arms of one program, 2 seeds; loaded 2-core CPU,
+10 s compile + 38 s): GeomShapes test error after 60 epochs, per seed
+    switch  0 (no curriculum)  0.412 0.472   (mean of the last 10 epochs 0.419 0.416)
+    switch 10                  0.398 0.458                               0.408 0.412
+    switch 20                  0.390 0.446                               0.402 0.405
+    switch 30                  0.383 0.439                               0.396 0.400
+    switch 45                  0.378 0.437                               0.393 0.398
+In both seeds the error falls with every later switch ([2]'s direction), by 0.035 at the
+end and 0.02 over the last 10 epochs; the test error moves by about 0.03 from epoch to
+epoch, the same for all arms (they share the minibatch order). A 3-class MLP on raw pixels
+with random contrast learns slowly: 0.35 training error after 60 epochs.
 
 [2] reports (Fig. 3, box plots over 20 initialisations [M: values not read]) lower
 GeomShapes test error for every switch epoch > 0 than for no curriculum, lowest when
