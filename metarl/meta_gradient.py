@@ -50,7 +50,8 @@ the run 6.34 / 6.46 per seed, with gamma 0.99 -> 0.9942 / 0.9945 and lambda 0.95
 0.939; the fixed (0.99, 0.95) baseline (`--meta-params none`) 5.47 / 6.43: a difference
 inside the seed spread (no claim at this scale). Trajectories in metarl/meta_gradient.png.
 [1] Table 1 [M: recalled, not re-read]: Atari-57, 200M frames, median human-normalised
-score: IMPALA (gamma 0.99) 211.9%, meta-gradient {gamma, lambda} 287.2%.
+score: IMPALA (gamma 0.99) 211.9%, meta-gradient {gamma, lambda} 287.2% (or 287.7%; the
+table has a row per reference gamma_bar, not re-read which).
 
 Differences from the paper:
 - Environments: MinAtar (gymnax) instead of Atari-57 at 200M frames (compute); the torso is
@@ -62,8 +63,12 @@ Differences from the paper:
   separate sample; so each update costs one rollout.
 - [M] (recalled or read in a third-party reimplementation, not in [1]): the 16-unit eta
   embedding, Adam with meta learning rate 1e-3, a meta batch of 8 trajectories, the
-  reference eta_bar = {0.995, 1}, J' = the full actor-critic loss with eta_bar. The initial
-  (gamma, lambda) = (0.99, 0.95) are ours.
+  reference eta_bar = {0.995, 1}. The initial (gamma, lambda) = (0.99, 0.95) are ours.
+- J' is by default the full actor-critic loss at eta_bar, with the inner value and entropy
+  coefficients (--meta-vf-coef 0.5, --meta-ent-coef 0.01). As recalled [M], [1] Sec. 1.3-1.4
+  takes for control the policy-gradient term alone, (g_eta_bar(tau') - v_theta'(S'))
+  log pi_theta'(A'|S'): `--meta-vf-coef 0 --meta-ent-coef 0` (not checked in the paper, so
+  not the default; the quoted numbers are with the default).
 - optax's RMSProp (eps inside the square root, mean-square initialised at 0); [2]'s TF
   RMSProp starts it at 1. Losses are sums over time and batch, as in [2].
 - `quick` is ours: inner lr 5e-3 (with [2]'s 6e-4 and eps 0.1 the policy barely moves in
@@ -138,6 +143,10 @@ class Config:
     """entropy bonus coefficient c_H"""
     meta_lr: float = 1e-3
     """meta learning rate beta (Adam on eta)"""
+    meta_vf_coef: float = 0.5
+    """value-loss coefficient of J' (0: J' is the policy-gradient term alone, [1]'s J' [M])"""
+    meta_ent_coef: float = 0.01
+    """entropy coefficient of J' (0 with --meta-vf-coef 0: [1]'s J' [M])"""
     meta_params: str = "gamma_lambda"
     """meta-parameters learnt: gamma_lambda, gamma, lambda or none (fixed: the baseline)"""
     gamma_init: float = 0.99
@@ -265,7 +274,7 @@ def make_env(cfg: Config, num_envs: int | None = None):
 
 class MetaActorCritic(nn.Module):
     """torso(obs) ++ e_eta -> policy logits and value; e_eta = W_eta (gamma, lambda) + b
-    ([1] Sec. 1.4 [M]). obs [..., *obs_shape], eta_values [2] -> logits [..., A], v [...]."""
+    ([1] Sec. 1.4 [M]). obs [..., *obs_shape], eta_values shape (2,) -> logits [..., A], v [...]."""
 
     num_actions: int
     obs_dims: int
@@ -335,7 +344,11 @@ def actor_critic_loss(params, net, traj, last_obs, gamma, lam, cond, vf_coef, en
     """J(tau, theta, eta) ([1] Eq. (12)-(13), [2] on-policy): policy gradient with advantage
     G_eta - v, value regression to G_eta, entropy bonus. The targets are semi-gradients in
     theta (params under stop_gradient) but stay differentiable in eta: through gamma, lambda
-    and the conditioning `cond` (the (gamma, lambda) fed to the network)."""
+    and the conditioning `cond` (the (gamma, lambda) fed to the network).
+    The network runs 3 times on tau (the last on S_T only): once differentiable in theta,
+    twice on theta under stop_gradient for the targets, whose values equal the first run's
+    but which must keep their derivative in `cond` (the meta-gradient's path through the
+    conditioning), so v cannot simply be reused under a stop_gradient."""
     logits, v = net.apply(params, traj["obs"], cond)  # (T, N, A), (T, N)
     frozen = jax.lax.stop_gradient(params)
     _, v_t = net.apply(frozen, traj["obs"], cond)
@@ -365,9 +378,9 @@ class State:
     opt_state: Any
     prev: dict  # tau_{k-1}: obs, action, reward, done [T, N, ...] and last_obs [N, ...]
     started: jax.Array  # bool: prev holds a batch (false before the first update)
-    eta: jax.Array  # [2] (eta_gamma, eta_lambda) logits
+    eta: jax.Array  # shape (2,): (eta_gamma, eta_lambda) logits
     meta_opt_state: Any
-    eta_mask: jax.Array  # [2] which meta-parameters learn (META_PARAMS; traced)
+    eta_mask: jax.Array  # shape (2,): which meta-parameters learn (META_PARAMS; traced)
     env_state: Any
     obs: jax.Array
     key: jax.Array
@@ -445,7 +458,9 @@ def update(state: State, cfg: Config):
     env = make_env(cfg)
     net = network(cfg, env)
     key, k_roll = jax.random.split(state.key)
-    theta = jax.lax.stop_gradient(state.params)  # the carried theta: d theta / d eta dropped
+    # d theta_{k-1}/d eta is dropped ([1] Eq. (3)-(5), mu = 0) because the vjp below is
+    # taken in eta alone with theta_{k-1} a constant; this stop_gradient changes nothing.
+    theta = jax.lax.stop_gradient(state.params)
 
     # theta_k = theta_{k-1} + f(tau_{k-1}, theta_{k-1}, eta) and its pullback to eta
     def step(eta):
@@ -479,7 +494,7 @@ def update(state: State, cfg: Config):
     val = jax.tree.map(lambda x: x[:, : cfg.meta_batch], batch)  # tau': (T, meta_batch, ...)
     val["last_obs"] = obs[: cfg.meta_batch]
     (j_meta, _), dj = jax.value_and_grad(actor_critic_loss, has_aux=True)(
-        params, net, val, val["last_obs"], ref[0], ref[1], ref, cfg.vf_coef, cfg.ent_coef
+        params, net, val, val["last_obs"], ref[0], ref[1], ref, cfg.meta_vf_coef, cfg.meta_ent_coef
     )
     (meta_grad,) = pullback(dj)
     delta, meta_opt_state = make_meta_optimizer(cfg).update(meta_grad, state.meta_opt_state)

@@ -1,15 +1,21 @@
 """Tests of metarl/meta_gradient.py: the lambda-return against its n-step mixture, the
 actor-critic loss by hand, the meta-gradient through one TD(lambda) update of a linear value
-on the 19-state random walk against its hand derivation, the direction gamma moves (and the
-sign-flipped variant, the other way), purity, CLI, paper preset.
+on the 19-state random walk against its hand derivation, the meta-gradient of a 2-action
+control case (MLP, eta embedding) against finite differences and its acting policy against
+a replay, the direction gamma moves (and the sign-flipped variant, the other way), purity,
+CLI, paper preset.
 
 Mutations tried (each made its test fail, then was taken out): lambda and 1 - lambda swapped
 in the recursion (lambda-return test); targets not stop-gradiented in theta (loss by hand);
 gamma, lambda stop-gradiented in f, the eta step's sign flipped, J' with eta instead of
 eta_bar, J' on the training batch tau instead of tau' (meta-gradient by hand); eta mask
-ignored (behaviour: the fixed arm moves); init ignoring its key (purity: seeds equal);
-rms_eps not read (Config fields); paper preset meta_batch 64 (paper trace); the rms_decay
-and cnn-on-random-walk checks removed (bad values); plot not saved (plot)."""
+ignored (behaviour: the fixed arm moves); in the control case, J' conditioned on eta_k
+instead of eta_bar (update -3.08 / -3.12 against finite differences -3.94 / -3.89), the
+rollout acting with theta_{k-1} instead of theta_k (actions differ from the replay) and
+stop_gradient on the conditioning eta in f (update -2.46 / -2.32); init ignoring its key
+(purity: seeds equal); rms_eps, or meta_vf_coef, not read (Config fields); paper preset
+meta_batch 64 (paper trace); the rms_decay and cnn-on-random-walk checks removed (bad
+values); plot not saved (plot)."""
 
 import dataclasses
 
@@ -205,6 +211,89 @@ def test_meta_gradient_through_one_td_lambda_update_by_hand():
     np.testing.assert_allclose(got, want, rtol=1e-3, atol=1e-7)
     assert min(abs(x) for x in want) > 1e-5
     np.testing.assert_allclose(s2.eta - s1.eta, -cfg.meta_lr * np.sign(want), rtol=1e-3)
+
+
+# A control case for the terms TINY leaves out (one action, no eta embedding): CartPole, an
+# MLP torso, eta embedded in 4 units, RMSProp, and (gamma, lambda) = (0.5, 0.5) far from
+# eta_bar = (0.99, 1) so that conditioning on one or the other differs.
+CONTROL = dataclasses.replace(
+    TINY,
+    env_id="CartPole-v1",
+    torso="mlp",
+    hidden=16,
+    embed_dim=4,
+    optimizer="rmsprop",
+    lr=0.01,
+    num_envs=8,
+    num_steps=10,
+    meta_batch=4,
+    total_timesteps=8 * 10 * 10,
+)
+
+
+def test_control_meta_gradient_against_finite_differences_and_acting_policy():
+    """Two calls of `update` on CONTROL, then, written out again from `inner_update` and
+    `actor_critic_loss` called by hand: theta'(eta), the inner step on tau from
+    theta_{k-1} with the network conditioned on eta, by central finite differences in
+    eta_gamma and eta_lambda (eps 1e-2, float32), times dJ'(tau', theta', eta_bar)/d theta'
+    (the semi-gradient `update` uses: targets constant in theta', network conditioned on
+    eta_bar), must give `update`'s meta-gradient; and the actions of tau' must be those of a
+    replay of the rollout with theta_k (= s2.params), conditioned on eta_k, on the same key.
+    (Finite differences of the loss J' itself would include the targets' derivative: they
+    gave -2.51 / -2.46 against the semi-gradient's -3.94 / -3.89.)"""
+    from common.rl import rollout
+
+    cfg = CONTROL
+    env = mg.make_env(cfg)
+    net = mg.network(cfg, env)
+    state0 = compiled(lambda k: mg.init(k, cfg), jax.random.PRNGKey(1))
+    step = jax.jit(lambda s: mg.update(s, cfg)).lower(state0).compile(run.INIT_COMPILER_OPTIONS)
+    s1, _ = step(state0)
+    s2, metrics = step(s1)
+    eps = 1e-2
+
+    def check(s1, s2):
+        shifts = eps * jnp.array([[1.0, 0], [-1, 0], [0, 1], [0, -1]])
+        thetas = jax.vmap(
+            lambda d: mg.inner_update(s1.eta + d, s1.params, s1.opt_state, s1.prev, net, cfg)[0]
+        )(shifts)
+        ref = jnp.array([cfg.gamma_ref, cfg.lambda_ref])
+        val = jax.tree.map(lambda x: x[:, : cfg.meta_batch], s2.prev)
+        val["last_obs"] = s2.prev["last_obs"][: cfg.meta_batch]
+        dj = jax.grad(
+            lambda p: mg.actor_critic_loss(
+                p,
+                net,
+                val,
+                val["last_obs"],
+                ref[0],
+                ref[1],
+                ref,
+                cfg.meta_vf_coef,
+                cfg.meta_ent_coef,
+            )[0]
+        )(s2.params)
+        dot = lambda a, b: sum(
+            jnp.vdot(x, y) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True)
+        )
+        dtheta = lambda i, k: jax.tree.map(lambda t: (t[i] - t[k]) / (2 * eps), thetas)
+        fd = jnp.array([dot(dj, dtheta(0, 1)), dot(dj, dtheta(2, 3))])
+
+        cond = mg.eta_values(s1.eta)
+        act = lambda obs, k: (jax.random.categorical(k, net.apply(s2.params, obs, cond)[0]), {})
+        _, traj = rollout(
+            env, act, s1.env_state, s1.obs, jax.random.split(s1.key)[1], cfg.num_steps
+        )
+        return fd, traj["action"]
+
+    fd, replay = jax.device_get(compiled(check, s1, s2))
+    got = np.array([metrics["meta/grad_gamma"], metrics["meta/grad_lambda"]])
+    print("meta-gradient (gamma, lambda): update", got, "finite differences", fd)
+    np.testing.assert_allclose(got, fd, rtol=1e-3)
+    assert np.abs(fd).min() > 1e-2
+    acted = np.asarray(s2.prev["action"])
+    np.testing.assert_array_equal(acted, replay)
+    assert 0 < acted.mean() < 1  # both actions taken
 
 
 def test_bad_values_fail_with_named_field(tmp_path):
