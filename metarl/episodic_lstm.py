@@ -38,7 +38,16 @@ of the agent and of the gate-off variant):
     python metarl/episodic_lstm.py --preset quick --num-seeds 2 --plot metarl/episodic_lstm.png \
         --compare runs/elstm_off
 Paper-sized (GPU): python metarl/episodic_lstm.py --preset paper
-Ours (quick): see the README row (numbers filled in after the run below).
+Ours (quick, loaded 2-core CPU, about 4 min per command with compile; 500 updates of 32
+blocks, 1.6M pulls, 2 seeds each, 256 evaluation blocks): expected regret summed over the
+first 5 pulls of a trial, first encounter -> re-encounter (ratio):
+    episodic LSTM     0.90 -> 0.53 (0.59),  1.45 -> 0.99 (0.68)
+    gate r = 0        0.64 -> 0.66 (1.02),  0.75 -> 0.67 (0.90)
+Reinstatement makes re-encountered tasks cheaper (the first pull's regret 0.30 against 0.40
+of a new task, figure metarl/episodic_lstm.png); the gate-off LSTM has no such gap. But at
+this budget the episodic agent is WORSE than the plain LSTM on first encounters (the nearest
+memory of another task misleads it) and not better on re-encounters; [1]'s near-zero
+regret on recurring tasks (catalogue: ratio < 0.3) is not reached here.
 
 Differences from the paper:
 - The task family is ours: [1]'s bandit experiments use hand-designed contexts (barcodes
