@@ -1,11 +1,11 @@
 """Counting visual primitives: features that add up over tiles and stay put under scaling.
 
 [1] M. Noroozi, H. Pirsiavash, P. Favaro. "Representation Learning by Learning to Count."
-    ICCV 2017, arXiv:1708.06734. No released code from the authors. M = 10 (as a review of
-    [1] quotes it), the AlexNet with a ReLU after fc8 (1000 outputs), Adam at 1e-4 and the
-    random choice of downsampling method are also what the unofficial TensorFlow
-    re-implementation ahmdtaha/tf_learning_to_count (nets/model.py) uses, and it
-    reproduces [1] Table 2 to within 2.4 points.
+    ICCV 2017, arXiv:1708.06734. No released code from the authors. M = 10, the 114x114
+    input and the AlexNet with a ReLU after fc8 (1000 outputs) are as S.-H. Tsang's review
+    of [1] quotes them, and are also what the unofficial TensorFlow re-implementation
+    ahmdtaha/tf_learning_to_count (commit 916ed75, nets/model.py) uses, with Adam at 1e-4
+    at batch 256 (its README); it reproduces [1] Table 2 to within 2.4 points.
 
 A feature phi(x) in R^K_+ counts K kinds of visual primitive. Two transformations of an
 image x (S x S) fix how counts behave: D, downsampling by 2 (the primitives stay the same,
@@ -20,9 +20,10 @@ L_feat alone is minimised by phi = 0 for every image; L_diff keeps the counts of
 different images at least sqrt(M) apart, so the network must count as many primitives as
 it needs to tell images apart. Here y is the previous image of the batch (the batch rolled
 by one), so phi(D o y) costs nothing extra. D picks one downsampling method per image at
-random (bicubic, bilinear, Lanczos, area in [1] [M]), so the network cannot tell a
-downsampled image from a tile by its resampling artefacts. phi is the AlexNet conv1-5 +
-fc6-fc8 of [1] with a ReLU after fc8: the counts are non-negative.
+random (bicubic, bilinear, Lanczos, area in [1] [M]; the re-implementation adds nearest),
+so the network cannot tell a downsampled image from a tile by its resampling artefacts.
+phi is the AlexNet conv1-5 + fc6-fc8 of [1] with a ReLU after fc8: the counts are
+non-negative.
 
 Evaluation is frozen: the conv layers' last map on D o x (the scale phi was trained on),
 globally average-pooled, and the counting vector phi(D o x) itself, each read by the
@@ -46,24 +47,33 @@ Broken variant (no L_diff): python selfsup/counting.py --preset quick --no-contr
 Paper setting (GPU; digits upsampled to 228 in place of ImageNet, 114-px views):
     python selfsup/counting.py --preset paper
 [1] Table 2 (linear classifiers on frozen AlexNet layers, ImageNet top-1; as quoted by the
-re-implementation above, not re-checked against the PDF): conv1 18.0, conv2 30.6, conv3
-34.3, conv4 32.5, conv5 25.7. PASCAL VOC 2007 fine-tuning: classification 67.7 mAP,
-detection 51.4, segmentation 36.6 [M].
+re-implementation's README, not re-checked against the PDF): conv1 18.0, conv2 30.6, conv3
+34.3, conv4 32.5, conv5 25.7. Fine-tuning on PASCAL VOC (as a benchmark listing quotes
+[1]): 2007 classification 67.7 mAP, 2007 detection 51.4 mAP, 2012 segmentation 36.6 mIoU.
 
 Differences from the paper:
 - Data: ImageNet does not ship offline; the images are scikit-learn's 1,797 digits (1,000
   for training, 797 held out), grey 8x8, upsampled bilinearly to image_size on the device.
-  No random crops, no colour measures (the digits are grey).
-- The input side: [1] feeds 114-px views [M]; the 228-px image they are cut from is
+  No random crops, no colour measures (the digits are grey). Digits upsampled from 8x8
+  have few primitives at the scale of a 16-px tile (each tile holds a quarter of one
+  stroke figure, smooth at 4x upsampling), far from the textured natural crops [1]
+  counts in; the catalogue's NATURAL-RGB crops (common.data.sample_photos) or
+  common.data.shapes (known object counts) would be closer and are not used here.
+- The input side: [1] feeds 114-px views; the 228-px image they are cut from is
   inferred (114 = 228 / 2), and how [1] crops it from the photo is not modelled.
 - The negative y is the previous image of the batch, not an independently drawn one; its
-  D o y is the one already computed for the batch (same downsampling method).
+  D o y is the one already computed for the batch (same downsampling method). The loss
+  is one-sided, L(x, y). The re-implementation splits its batch into halves x and y and
+  minimises the symmetric L(x, y) + L(y, x), with y's own D o y and tiles.
 - Downsampling methods are jax.image.resize's (antialiased 'cubic', 'linear', 'lanczos3')
-  and an exact 2x2 mean for 'area'; which Lanczos [1] used is not recalled.
+  and an exact 2x2 mean for 'area', drawn uniformly from four; which Lanczos [1] used is
+  not recalled. The re-implementation draws from five at 0.2 each, tf.image.resize's
+  bilinear, lanczos5, area, nearest and bicubic, without antialiasing (its default);
+  --downsample-methods takes 'lanczos5' and 'nearest' too (resized with antialias=True).
 - No LRN and no dropout in the AlexNet; convs are padded ("SAME") and the pools are
   3x3 stride 2 without padding; flax's default initialisation. The number of training
   steps and the batch size of [1] are not recalled: 256 images per step and 300k steps
-  here (the re-implementation runs 250 ImageNet epochs at batch 256 per GPU).
+  here (the re-implementation: 250 ImageNet epochs at batch 256, i.e. 128 pairs x, y).
 - Probes are linear (logistic regression) and k-NN on pooled conv features and on phi;
   [1] trains linear classifiers on each conv layer and fine-tunes on PASCAL VOC.
 - The `quick` preset narrows the network (3 convs of 32-64-64, one fc of 256 before the
@@ -310,10 +320,11 @@ def count_ratio(l_feat, dist_y):
 
 def apply_views(net, params, dx, t):
     """phi of D o x (B, h, h, C) and of the tiles (B, 4, h, h, C) in one batch:
-    (phi_d (B, K), phi_t (B, 4, K))."""
+    (phi_d (B, K), phi_t (B, 4, K), the last conv map of D o x (B, h', w', channels[-1]))."""
     b = dx.shape[0]
-    phi, _ = net.apply({"params": params}, jnp.concatenate([dx, t.reshape((4 * b,) + t.shape[2:])]))
-    return phi[:b], phi[b:].reshape(b, 4, -1)  # tile rows are b * 4 + i
+    views = jnp.concatenate([dx, t.reshape((4 * b,) + t.shape[2:])])  # (5B, h, h, C)
+    phi, conv = net.apply({"params": params}, views)
+    return phi[:b], phi[b:].reshape(b, 4, -1), conv[:b]  # tile rows are b * 4 + i
 
 
 # --- STATE ---
@@ -352,7 +363,7 @@ def update(state: State, cfg: Config):
     dx, t = random_downsample(k_down, x, cfg.downsample_methods), tiles(x)
 
     def loss_fn(params):
-        phi_d, phi_t = apply_views(net, params, dx, t)
+        phi_d, phi_t, _ = apply_views(net, params, dx, t)
         loss, l_feat, l_diff, dist_y = counting_loss(phi_d, phi_t, cfg.margin, cfg.contrastive)
         return loss, (l_feat, l_diff, dist_y, jnp.linalg.norm(phi_d, axis=-1).mean())
 
@@ -381,9 +392,9 @@ def count_stats(params, src, cfg: Config):
     conv features)."""
     net, x = Counter(cfg), upsample(src, cfg)
     dx = downsample(x, "area")
-    phi_d, phi_t = apply_views(net, params, dx, tiles(x))
+    phi_d, phi_t, conv = apply_views(net, params, dx, tiles(x))
     _, l_feat, l_diff, dist_y = counting_loss(phi_d, phi_t, cfg.margin)
-    conv = net.apply({"params": params}, dx)[1].mean((1, 2))  # (N, channels[-1])
+    conv = conv.mean((1, 2))  # (N, channels[-1])
     stats = {
         "feat": l_feat,
         "diff": l_diff,
