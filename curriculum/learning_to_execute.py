@@ -2,10 +2,12 @@
 four curricula over the programs' (length, nesting).
 
 [1] W. Zaremba, I. Sutskever. "Learning to Execute." arXiv:1410.4615 (2014). Released code:
-    github.com/wojciechz/learning_to_execute (commit dc6baf6), `data.lua`,
-    `utils/operations.lua`, `utils/strategies.lua`, `main.lua`: the generator, the model, the
-    curricula and the schedule below were checked against it; the section numbers of [1]
-    are from memory [M] (no copy of the PDF here).
+    github.com/wojciechz/learning_to_execute, `data.lua`, `utils/operations.lua`,
+    `utils/strategies.lua`, `main.lua`: the generator, the model, the curricula and the
+    schedule below were checked against it. The authors' own `main.lua` is commit 04a1659
+    (2014-11-18); the head dc6baf6 merges third-party pull requests, among them 793ee07
+    (2015) "Added dropout, replaced sgd with adam optimizer", not followed here. The section
+    numbers of [1] are from memory [M] (no copy of the PDF here).
 
 Programs ([1] Sec. 3, `operations.lua`): `length` a is the number of digits of every constant
 (drawn from U[1, 10^a]), `nesting` b the number of operations composed: b times, one of six
@@ -19,15 +21,16 @@ operations is drawn uniformly and takes its operands from the previous operation
     (z if x>y else w) | <    an if-expression
 The input is the code lines (separated by '#'), then `print(expr)@`; the target is the
 printed value and '.', e.g. "d=95;#print((d-38))@57." A hash of the text splits programs
-into training, validation and test sets (disjoint), as `data.lua` does.
+into training, validation and test sets (disjoint), like `data.lua`, with another hash.
 
-Model ([1] Sec. 4, `main.lua`): character embedding, 2 LSTM layers of 400 units with dropout
-on their inputs, softmax over characters. It reads a stream of programs (concatenated, no
-state reset between them) unrolled 50 steps at a time, the state carried over (truncated
-BPTT), and is trained with teacher forcing: at each output character it is given the true
-previous one. The loss and the accuracy count only the target characters:
+Model ([1] Sec. 4, `main.lua`): character embedding, 2 LSTM layers of 400 units (no
+dropout; `--dropout p` drops their inputs as the pull request does), softmax over
+characters. It reads a stream of programs (concatenated, no state reset between them)
+unrolled 50 steps at a time, the state carried over (truncated BPTT), and is trained
+with teacher forcing: at each output character it is given the true previous one. The
+loss and the accuracy count only the target characters:
     L = - 1/B sum_{t, b: target} log p(y_{t+1} | x_{<=t})     (MaskedLoss, summed over t)
-    SGD, lr 0.5, the gradient's global norm clipped at 5, weights ~ U[-0.08, 0.08]
+    SGD, lr 0.5, the gradient's global norm clipped at 5, weights ~ U[-0.08, 0.08] (04a1659)
 Accuracy ([1] Sec. 6): the share of target characters predicted right under teacher forcing.
 
 Curricula ([1] Sec. 5, `strategies.lua`); each program's (length, nesting) is drawn from
@@ -36,7 +39,9 @@ Curricula ([1] Sec. 5, `strategies.lua`); each program's (length, nesting) is dr
     mix       (U[1, a], U[1, b]): every level at once
     combined  mix with probability 1/5, else naive
 Every `steps_per_eval` SGD steps the current level (l, n) gets harder when its validation
-accuracy exceeds 95%, or when the training accuracy is below the one 5 checks ago; when it
+accuracy exceeds 95%, or when the training accuracy (pooled over the steps since the last
+check: `state_train.acc`, whose counts show_predictions resets at each check) is below the
+one 5 checks ago; when it
 cannot get harder (l, n) = (a, b), the learning rate is multiplied by 0.8 instead, and
 training stops once it is below 1e-3. Every run trains the chosen curricula side by side
 (same initial weights, one program), so [1]'s comparison is one run.
@@ -59,20 +64,25 @@ over all levels mix and combined keep the easy programs that naive has moved pas
 baseline never saw: [1]'s reading of why mixing in easy programs helps. At this size the
 levels advance by the plateau rule (training accuracy below the one 5 checks ago), never by
 the 95% one.
-[1] reports that combined beats naive in every condition and mix in most, and 99% on
-9-digit addition with combined [M: the values of its tables were not read here].
+[1] reports that combined beats naive in every condition and mix in most [M: the values of
+its tables were not read here]; its abstract: the LSTM adds two 9-digit numbers with 99%
+accuracy.
 
 Differences from the paper:
 - Training programs come from a fixed bank of `bank_size` programs per level built once on
-  the host (numpy, seed `data_seed`); [1] draws fresh programs for every epoch.
+  the host (numpy, seed `data_seed`), held in the state; `main.lua` draws 100 x 10,001 new
+  characters with a new seed every epoch (200 steps). `paper` reads its bank many times:
+  baseline's 40,000 x 100 x 50 characters are ~730 passes over the 4,096 programs of (6, 3)
+  (67 characters each); 4x the bank would take minutes of numpy.
 - Under `mix`/`combined`, `strategies.lua` redraws the length for every constant and every
   k (it calls hardness() each time); here one (length, nesting) is drawn per program, as [1]
   Sec. 5 describes it.
-- SGD as [1] Sec. 6 states [M: the paper's text not re-read here]; `main.lua` calls
-  optim.adam with learning rate 0.5.
+- SGD with lr 0.5 as the authors' `main.lua` (04a1659). The pull request's optim.adam is
+  given a fresh state {} at every call (dc6baf6 `main.lua` L294), so it is not Adam either.
 - Validation and test accuracy are measured without dropout (`main.lua` never switches its
   Dropout layers to evaluation mode). When the level changes the programs in progress finish
-  at the old level ([1] reloads its data).
+  at the old level ([1] reloads its data). A validation or test program longer than a
+  stream row is skipped; `data.lua`'s get_data splits it across rows.
 - The scan cannot stop: a curriculum whose learning rate fell below `min_lr` stops training
   (its weights freeze) while the others go on.
 - `quick` is a CPU demo: target (2, 2), one layer of 64 units, no dropout, batch 32, unroll
@@ -120,8 +130,8 @@ class Config:
     """units per LSTM layer (and embedding size)"""
     num_layers: int = 2
     """stacked LSTM layers"""
-    dropout: float = 0.5
-    """dropout on the input of every LSTM layer (torch nn.Dropout's default p)"""
+    dropout: float = 0.0
+    """dropout on the input of every LSTM layer (none in the authors' code; 0.5 in a PR)"""
     init_scale: float = 0.08
     """every weight and bias ~ U[-init_scale, init_scale]"""
     batch_size: int = 100
@@ -260,7 +270,8 @@ def program(rng: np.random.Generator, length: int, nesting: int) -> tuple[str, s
 
 
 def split_of(text: str) -> int:
-    """0 train, 1 validation, 2 test: a hash of the whole program (data.lua's str_hash % 3)."""
+    """0 train, 1 validation, 2 test: zlib.crc32 of the whole program % 3 (data.lua: % 3 of
+    utils.lua's str_hash)."""
     return zlib.crc32(text.encode()) % 3
 
 
@@ -469,10 +480,32 @@ class Student:
 
 
 @struct.dataclass
+class Data:
+    """The program bank and the evaluation streams (see bank, streams), device arrays in the
+    state rather than constants folded into the compiled update."""
+
+    toks: jax.Array  # [a, b, bank_size, P] int8 training programs
+    plen: jax.Array  # [a, b, bank_size] their lengths
+    start: jax.Array  # [a, b, bank_size] where their targets start
+    val_toks: jax.Array  # [a, b, eval_rows, eval_len + 1] validation streams
+    val_mask: jax.Array  # [a, b, eval_rows, eval_len + 1] their target characters
+    test_toks: jax.Array  # test streams, as the validation ones
+    test_mask: jax.Array
+
+
+def make_data(cfg: Config) -> Data:
+    a, b, seed = cfg.target_length, cfg.target_nesting, cfg.data_seed
+    vt, vm = streams(a, b, cfg.eval_rows, cfg.eval_len, 1, seed)
+    tt, tm = streams(a, b, cfg.eval_rows, cfg.eval_len, 2, seed)
+    return Data(*map(jnp.asarray, (*bank(a, b, cfg.bank_size, seed), vt, vm, tt, tm)))
+
+
+@struct.dataclass
 class State:
     students: Student  # stacked over cfg.curricula
     key: jax.Array
     step: jax.Array  # () SGD steps done
+    data: Data
 
 
 def init(key, cfg: Config) -> State:
@@ -502,20 +535,17 @@ def init(key, cfg: Config) -> State:
         jnp.zeros(c, jnp.int32),
         ids,
     )
-    return State(students, key, jnp.zeros((), jnp.int32))
+    return State(students, key, jnp.zeros((), jnp.int32), make_data(cfg))
 
 
 # --- UPDATE ---
 
 
-def read_stream(key, s: Student, cfg: Config):
+def read_stream(key, s: Student, d: Data, cfg: Config):
     """The next `unroll` characters of every row's stream: a row that finishes a program
     draws the next one from its curriculum. Returns (tokens [T, B], target mask [T, B], the
     stream state after them)."""
-    toks, plen, start = (
-        jnp.asarray(x)
-        for x in bank(cfg.target_length, cfg.target_nesting, cfg.bank_size, cfg.data_seed)
-    )
+    toks, plen, start = d.toks, d.plen, d.start
     k_lv, k_i = jax.random.split(key)
     shape = (cfg.unroll, cfg.batch_size)
     new = jnp.concatenate(
@@ -540,10 +570,11 @@ def read_stream(key, s: Student, cfg: Config):
     return tok, target, s.replace(prog=prog, pos=pos)
 
 
-def sgd_step(s: Student, key, cfg: Config):
-    """One truncated-BPTT step on the next `unroll` characters: clipped SGD."""
+def sgd_step(s: Student, key, d: Data, cfg: Config):
+    """One truncated-BPTT step on the next `unroll` characters: clipped SGD. Returns the
+    student and (loss, target characters predicted right, target characters)."""
     k_data, k_drop = jax.random.split(key)
-    tok, target, s = read_stream(k_data, s, cfg)
+    tok, target, s = read_stream(k_data, s, d, cfg)
     x = jnp.concatenate([s.prev[None], tok[:-1]])  # [T, B] inputs, the true previous chars
     drop = None
     if cfg.dropout > 0:
@@ -559,27 +590,23 @@ def sgd_step(s: Student, key, cfg: Config):
     lr = jnp.where(s.lr >= cfg.min_lr, s.lr, 0.0)  # below min_lr: training is over
     params = jax.tree.map(lambda p, d: p - lr * scale * d, s.params, g)
     s = s.replace(params=params, carry=jax.lax.stop_gradient(carry), prev=tok[-1])
-    return s, (loss, right / jnp.maximum(n, 1))
+    return s, (loss, right, n)
 
 
-def student_update(s: Student, key, cfg: Config):
-    """`steps_per_eval` SGD steps, then main.lua's check on the current level."""
-    s, (losses, accs) = jax.lax.scan(
-        lambda s, k: sgd_step(s, k, cfg), s, jax.random.split(key, cfg.steps_per_eval)
+def student_update(s: Student, key, d: Data, cfg: Config):
+    """`steps_per_eval` SGD steps, then main.lua's check on the current level, fed the
+    training accuracy pooled over the steps (state_train.acc = count / normal)."""
+    s, (losses, rights, totals) = jax.lax.scan(
+        lambda s, k: sgd_step(s, k, d, cfg), s, jax.random.split(key, cfg.steps_per_eval)
     )
-    vt, vm = streams(
-        cfg.target_length, cfg.target_nesting, cfg.eval_rows, cfg.eval_len, 1, cfg.data_seed
-    )
+    train_acc = rights.sum() / jnp.maximum(totals.sum(), 1)  # pooled, not the last step's
     l, n = s.level[0] - 1, s.level[1] - 1
-    val_acc = stream_accuracy(s.params, jnp.asarray(vt)[l, n], jnp.asarray(vm)[l, n], cfg)
-    tt, tm = streams(
-        cfg.target_length, cfg.target_nesting, cfg.eval_rows, cfg.eval_len, 2, cfg.data_seed
-    )
-    test_acc = stream_accuracy(s.params, jnp.asarray(tt)[-1, -1], jnp.asarray(tm)[-1, -1], cfg)
-    level, lr, hist, count = schedule(s.level, s.lr, s.hist, s.count, val_acc, accs[-1], cfg)
+    val_acc = stream_accuracy(s.params, d.val_toks[l, n], d.val_mask[l, n], cfg)
+    test_acc = stream_accuracy(s.params, d.test_toks[-1, -1], d.test_mask[-1, -1], cfg)
+    level, lr, hist, count = schedule(s.level, s.lr, s.hist, s.count, val_acc, train_acc, cfg)
     metrics = {
         "loss": losses.mean(),
-        "train_accuracy": accs.mean(),
+        "train_accuracy": train_acc,
         "val_accuracy": val_acc,
         "test_accuracy": test_acc,
         "length": s.level[0],
@@ -592,24 +619,21 @@ def student_update(s: Student, key, cfg: Config):
 def update(state: State, cfg: Config):
     key, k = jax.random.split(state.key)
     keys = jax.random.split(k, len(cfg.curricula))
-    students, m = jax.vmap(lambda s, kk: student_update(s, kk, cfg))(state.students, keys)
+    students, m = jax.vmap(lambda s, kk: student_update(s, kk, state.data, cfg))(
+        state.students, keys
+    )
     metrics = {}
     for j, name in enumerate(cfg.curricula):
         metrics[f"losses/{name}"] = m["loss"][j]
         for k_ in ("train_accuracy", "val_accuracy", "test_accuracy", "length", "nesting", "lr"):
             metrics[f"charts/{k_}_{name}"] = m[k_][j].astype(jnp.float32)
-    return State(students, key, state.step + cfg.steps_per_eval), metrics
+    return state.replace(students=students, key=key, step=state.step + cfg.steps_per_eval), metrics
 
 
 def evaluate(state: State, cfg: Config):
     """Test accuracy of every curriculum at the target (a, b) and its mean over all levels
     (1..a) x (1..b) (whether the easy programs were forgotten)."""
-    tt, tm = (
-        jnp.asarray(x)
-        for x in streams(
-            cfg.target_length, cfg.target_nesting, cfg.eval_rows, cfg.eval_len, 2, cfg.data_seed
-        )
-    )
+    tt, tm = state.data.test_toks, state.data.test_mask
 
     def per_level(params):  # [a, b]
         return jax.vmap(jax.vmap(lambda t, m: stream_accuracy(params, t, m, cfg)))(tt, tm)
