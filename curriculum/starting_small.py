@@ -31,7 +31,7 @@ labels flipped; the easy set holds noise-free examples at a margin |x . mu/|mu||
 Reproduce (CPU, the figure curriculum/starting_small.png):
     python curriculum/starting_small.py --preset quick --num-seeds 2 \
         --plot curriculum/starting_small.png
-GPU ([2]'s sizes: 10,000 training and 5,000 test images, 256 epochs, 8 switch epochs):
+GPU ([2]'s sizes [M]: 10,000 training and 5,000 test images, 256 epochs, 8 switches):
     python curriculum/starting_small.py --preset paper --num-seeds 20
 
 Measured (`quick`: 16x16 images, 5,000 per set, 3 x 128 tanh MLP, lr 0.03, batch 32, 60
@@ -47,9 +47,10 @@ end and 0.02 over the last 10 epochs; the test error moves by about 0.03 from ep
 epoch, the same for all arms (they share the minibatch order). A 3-class MLP on raw pixels
 with random contrast learns slowly: 0.35 training error after 60 epochs.
 
-[2] reports (Fig. 3, box plots over 20 initialisations [M: values not read]) lower
-GeomShapes test error for every switch epoch > 0 than for no curriculum, lowest when
-switching at epoch 128 of 256.
+[2] reports (Fig. 3, box plots over 20 initialisations) lower GeomShapes test error for
+switch epochs > 0 than for no curriculum, lowest when switching at epoch 128 of 256 [M: from
+memory; the paper's text was not reachable here, its values were not read]. The sizes of
+the paper preset (10,000 / 5,000 images, 256 epochs, the 8 switch epochs) are [M] too.
 
 Differences from the paper:
 - The shape renderer is ours (hard-edged masks in numpy, drawn once at init): [2]'s exact
@@ -59,6 +60,10 @@ Differences from the paper:
   chose the widths and the learning rate by validation; the widths (500), lr (0.1) and batch
   size (32) are ours. No validation set and no early stopping: the error after every epoch
   is logged, the final one reported.
+- The convex toy is the catalogue's design, not a copy of [2] Sec. 4 (which orders examples
+  by margin or by the number of irrelevant inputs [M]); its easy set is noise-free and far
+  from the boundary, and it shows only speed: after the switch the arms converge to the
+  same noisy-label optimum.
 - The training sets are fixed (num_train images per set, data_seed); minibatches are drawn
   without replacement within an epoch, the same order for every arm.
 """
