@@ -41,8 +41,9 @@ corrupted input itself 0.0588, the ordinary autoencoder (nu = 0) 0.0537, the sta
 0.945 / 0.856; the same stack at random init 0.971 / 0.872, 0.954 / 0.822; the ordinary
 autoencoder 0.972 / 0.897, 0.962 / 0.865. On 8x8 digits the denoising criterion makes a
 much better denoiser, but not better features for these probes than the ordinary one.
-Paper setting (GPU; digits upsampled to 28x28 in place of MNIST, three layers of 1000
-sigmoid units, SGD on single examples at 0.001, 15 epochs per layer):
+[1]'s architecture with the lab's SdA tutorial values (GPU; digits upsampled to 28x28 in
+place of MNIST, three layers of 1000 sigmoid units; SGD on single examples at 0.001 and 15
+epochs per layer are SdA.py's, where [1] picks them on a validation set):
     python selfsup/denoising_ae.py --preset paper
 [1] Table 1 [M] (test error after supervised fine-tuning, SdA-3 with the nu chosen on the
 validation set from {0, 10%, 25%, 40%}; SAA-3 is the same stack of ordinary autoencoders):
@@ -103,7 +104,8 @@ class Config:
     corruption_fraction: float = 0.25
     """nu, the proportion of destroyed components (0: an ordinary autoencoder)"""
     noise_std: float = 0.5
-    """std of the additive noise of --corruption gaussian"""
+    """std of the additive noise of --corruption gaussian, in training and in the held-out
+    denoising metrics (with gaussian, --test-corruption-fraction is not used)"""
     tied: bool = True
     """tied weights W' = W^T ([1]); otherwise W' is a separate parameter"""
     lr: float = 0.001
@@ -113,7 +115,8 @@ class Config:
     num_epochs: int = 15
     """pretraining epochs (of num_train / batch_size steps) per layer"""
     test_corruption_fraction: float = 0.25
-    """nu of the held-out denoising metrics (noise_std for gaussian), whatever trained"""
+    """nu of the held-out denoising metrics, whatever trained (masking and bernoulli; with
+    --corruption gaussian the evaluation noise is --noise-std)"""
     probe_per_class: int = 10
     """labels per class of the few-label probes"""
     knn_k: int = 20
@@ -230,27 +233,25 @@ def corrupt(key, x, kind: str, nu):
 
 
 def reconstruction_loss(logits, x):
-    """[1] Eq. 2: L_H(x, z) with z = s(logits), summed over the d components, averaged over
+    """[1] Eq. 2 [M]: L_H(x, z) with z = s(logits), summed over the d components, averaged over
     the batch (computed from the logits, stable where z rounds to 0 or 1)."""
     return optax.sigmoid_binary_cross_entropy(logits, x).sum(-1).mean()
 
 
 def dae_loss(p, x, key, kind: str, nu, dtype=jnp.float32):
-    """[1] Eq. 3 on a batch: L_H(x, g(f(x~))), x~ ~ q_D(x~ | x); the clean x is the target."""
+    """[1] Eq. 3 [M] on a batch: L_H(x, g(f(x~))), x~ ~ q_D(x~ | x); the clean x is the target."""
     x_tilde = corrupt(key, x, kind, nu)
     return reconstruction_loss(decode_logits(p, encode(p, x_tilde, dtype), dtype), x)
 
 
-def stacked_losses(params, x, key, kind: str, nu, dtype=jnp.float32):
-    """[1] Sec. 2.4: the DAE loss of every layer k of the stack, each on the clean code of
-    the layers below it (gradients stopped there: a layer trains only its own parameters)."""
-    losses = []
-    for k, p in enumerate(params):
-        losses.append(
-            dae_loss(p, jax.lax.stop_gradient(x), jax.random.fold_in(key, k), kind, nu, dtype)
-        )
+def layer_loss(params, k: int, x, key, kind: str, nu, dtype=jnp.float32):
+    """[1] Sec. 2.4: the DAE loss of layer k (0-based) of the stack on the clean code of the
+    layers below it (gradients stopped there: a layer trains only its own parameters)."""
+    for p in params[:k]:
         x = encode(p, x, dtype)  # the uncorrupted representation feeds the next layer
-    return jnp.stack(losses)
+    return dae_loss(
+        params[k], jax.lax.stop_gradient(x), jax.random.fold_in(key, k), kind, nu, dtype
+    )
 
 
 # --- STATE ---
@@ -308,20 +309,19 @@ def update(state: State, cfg: Config):
     idx = jax.random.choice(k_batch, cfg.num_train, (cfg.batch_size,), replace=False)
     x = train_x[idx]  # (B, d)
     layer = jnp.minimum(state.step // cfg.steps_per_layer, len(cfg.hidden_sizes) - 1)
-    active = jnp.arange(len(cfg.hidden_sizes)) == layer
-
-    def loss_fn(params):
-        losses = stacked_losses(params, x, k_noise, cfg.corruption, state.nu, dtype)
-        return jnp.sum(jnp.where(active, losses, 0.0)), losses
-
-    (loss, losses), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    # only the layer in training runs: branch k encodes through layers < k, then its DAE loss
+    branches = [
+        lambda params, k=k: layer_loss(params, k, x, k_noise, cfg.corruption, state.nu, dtype)
+        for k in range(len(cfg.hidden_sizes))
+    ]
+    loss_fn = lambda params: jax.lax.switch(layer, branches, params)
+    loss, grads = jax.value_and_grad(loss_fn)(state.params)
     tx = make_optimizer(cfg)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     metrics = {
         "losses/reconstruction": loss,
         "charts/layer": layer.astype(jnp.float32),
-        "losses/reconstruction_layer1": losses[0],
         "charts/grad_norm": optax.tree.norm(grads),
     }
     return State(params, opt_state, state.step + 1, key, state.nu), metrics

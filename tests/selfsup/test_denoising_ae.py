@@ -108,7 +108,9 @@ def test_dae_reconstructs_the_clean_input_and_stacks_on_clean_codes():
     params = jax.jit(dae.init, static_argnums=1)(jax.random.PRNGKey(0), TINY).params
     key, nu = jax.random.PRNGKey(3), jnp.float32(0.25)
     k1, k2 = jax.random.fold_in(key, 0), jax.random.fold_in(key, 1)
-    losses = jax.jit(dae.stacked_losses, static_argnums=3)(params, x, key, "masking", nu)
+    losses = jax.jit(
+        lambda params, x: [dae.layer_loss(params, k, x, key, "masking", nu) for k in range(2)]
+    )(params, x)
 
     @jax.jit  # the hand computation as one program
     def hand(params, x):
@@ -134,7 +136,8 @@ def test_layers_train_one_at_a_time_bottom_first():
     them only layer 2 (its loss does not reach layer 1 through the stopped code). SGD step
     by hand: the layer in training moves by -lr * grad of its own loss. Mutations tried:
     dropping stop_gradient moves layer 1 in layer 2's phase, summing every layer's loss
-    moves both layers in both phases; each fails."""
+    moves both layers in both phases, the switch always on branch 0 (layer 1) moves the
+    wrong layer; each fails."""
     state = jax.jit(dae.init, static_argnums=1)(jax.random.PRNGKey(0), TINY)
     for step, moving in ((0, 0), (TINY.steps_per_layer, 1), (TINY.num_updates - 1, 1)):
         s = state.replace(step=jnp.asarray(step, jnp.int32))
@@ -155,7 +158,7 @@ def test_layers_train_one_at_a_time_bottom_first():
         idx = jax.random.choice(k_batch, TINY.num_train, (TINY.batch_size,), replace=False)
         x = jnp.asarray(dae.train_images(TINY)[0])[idx]
         g = jax.grad(
-            lambda p: dae.stacked_losses((p, state.params[1]), x, k_noise, "masking", state.nu)[0]
+            lambda p: dae.layer_loss((p, state.params[1]), 0, x, k_noise, "masking", state.nu)
         )(state.params[0])
         return state.params[0]["W"] - TINY.lr * g["W"]
 
@@ -224,7 +227,8 @@ def test_dae_denoises_held_out_digits_better_than_its_input_and_an_ordinary_ae(r
     Mutations tried: training ignores nu (every seed an ordinary AE): DAE seeds 0.0439
     0.0432, fail; nu from the config instead of the state (the AE seed trains as a DAE):
     AE 0.0298, fails; no parameter update: 0.28 0.26, fails the gate (before the probe
-    assert)."""
+    assert); recon_ce of the logits against x~ instead of the clean x: 16.92 against L_H
+    19.93 by hand, fails."""
     quick_run, chunks, evaluate = recorded_run
     initial = chunks[0][1]
     np.testing.assert_array_equal(initial.nu, [0.25, 0.25, 0.0])
@@ -241,6 +245,15 @@ def test_dae_denoises_held_out_digits_better_than_its_input_and_an_ordinary_ae(r
     assert mse[AE] > GATE * base[0], mse
     assert (init["recon_mse"] > 2 * base[0]).all(), init
     assert (out["knn_few"][:SEEDS] >= init["knn_few"][:SEEDS] + 0.05).all(), (out, init)
+    # recon_ce: L_H per held-out digit of the first layer's denoising logits, in numpy
+    params0 = jax.tree.map(lambda a: a[0], quick_run.state.params)
+    te_x = dae.train_images(TINY)[2]
+    _, logits, _ = jax.jit(dae.denoise, static_argnums=3)(
+        params0, jnp.asarray(te_x), jax.random.PRNGKey(1), TINY
+    )
+    logits = np.asarray(logits, np.float64)  # log z = -log(1 + e^-a), log(1 - z) = -log(1 + e^a)
+    l_h = (te_x * np.logaddexp(0, -logits) + (1 - te_x) * np.logaddexp(0, logits)).sum(1)
+    np.testing.assert_allclose(out["recon_ce"][0], l_h.mean(), rtol=1e-4)
 
 
 def test_train_is_pure_and_cli_writes_its_files(recorded_run, capsys):
@@ -256,7 +269,7 @@ def test_train_is_pure_and_cli_writes_its_files(recorded_run, capsys):
         assert "--" + f.name.replace("_", "-") in out, f.name
     assert "Presets (--preset): quick, paper" in out
     assert (quick_run.run_dir / "metrics.jsonl").exists()
-    h = quick_run.history["losses/reconstruction_layer1"]
+    h = quick_run.history["losses/reconstruction"]  # layer 1's for the first 186 updates
     assert h.shape == (SEEDS + 1, TINY.num_updates) and np.isfinite(h).all()
     assert (h[:, 150:180].mean(1) < h[:, :10].mean(1)).all()  # layer 1's loss falls
     assert not np.array_equal(h[0], h[1])
@@ -268,7 +281,24 @@ def test_train_is_pure_and_cli_writes_its_files(recorded_run, capsys):
     )
     state, metrics = first_chunk(jax.tree.map(jnp.copy, first_input))  # the chunk donates
     jax.tree.map(np.testing.assert_array_equal, state.params, chunks[1][1].params)
-    np.testing.assert_array_equal(h[:, :CHUNK], metrics["losses/reconstruction_layer1"])
+    np.testing.assert_array_equal(h[:, :CHUNK], metrics["losses/reconstruction"])
+
+
+def test_evaluate_probes_the_top_code():
+    """evaluate's probes get the code of the top layer (32 units in TINY, the first has 128)
+    for the 1,000 training and 797 held-out digits: probe.probe's inputs recorded under
+    jax.eval_shape (nothing runs). Mutation tried: the first layer's code probed fails."""
+    seen = []
+
+    def record(key, f_tr, y_tr, f_te, y_te, *args):
+        seen.append((f_tr.shape, f_te.shape))
+        return {}
+
+    state = jax.eval_shape(lambda k: dae.init(k, TINY), jax.random.PRNGKey(0))
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(dae.probe, "probe", record)
+        jax.eval_shape(lambda s: dae.evaluate(s, TINY), state)
+    assert seen == [((TINY.num_train, TINY.hidden_sizes[-1]), (797, TINY.hidden_sizes[-1]))]
 
 
 def test_bad_values_fail_with_named_field(tmp_path):
