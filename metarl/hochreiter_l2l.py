@@ -152,8 +152,10 @@ class Config:
                 f"--num-functions ({self.num_functions}) must be >= --batch-size "
                 f"({self.batch_size}): at least one update"
             )
-        if self.fit_fraction <= 0:
+        if not 0 < self.fit_fraction <= 1:
             raise ValueError(f"--fit-fraction must be in (0, 1], got {self.fit_fraction}")
+        if self.max_grad_norm <= 0:  # 0 would zero every update
+            raise ValueError(f"--max-grad-norm must be > 0, got {self.max_grad_norm}")
 
 
 PRESETS = {

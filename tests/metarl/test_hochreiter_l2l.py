@@ -219,6 +219,13 @@ def test_plot_writes_the_error_curves(recorded_run, tmp_path):
 
 
 def test_bad_values_fail_with_named_field(tmp_path):
+    """Each bad value on top of TINY for 1 update fails before anything compiles, naming the
+    field (so a missing check runs one tiny update and fails here instead of starting the
+    paper-size run). The runner's name rules already refuse a fit_fraction above 1 and a
+    negative max_grad_norm, so validate() itself is asked about fit_fraction = 1.5.
+    Mutations tried: fit_fraction checked only for <= 0 (1.5 accepted) fails with DID NOT
+    RAISE; the max_grad_norm check removed (0 accepted by the runner's ">= 0": then
+    clip_by_global_norm(0) zeroes every update) fails with DID NOT RAISE."""
     bad = [
         (["--ablation", "none2"], "ablation='none2'"),
         (["--dtype", "fp8"], "dtype='fp8'"),
@@ -226,11 +233,14 @@ def test_bad_values_fail_with_named_field(tmp_path):
         (["--late-from", "60", "--seq-len", "50"], r"--late-from must be in \[4, seq_len"),
         (["--num-functions", "10", "--batch-size", "32"], "--num-functions"),
         (["--fit-fraction", "0"], "--fit-fraction must be"),
+        (["--max-grad-norm", "0"], "--max-grad-norm must be > 0, got 0"),
         (["--lr", "0"], "--lr must be > 0"),
     ]
-    for args, msg in bad:
+    for i, (args, msg) in enumerate(bad):
         with pytest.raises(ValueError, match=msg):
-            l2l.main(args + ["--run-dir", str(tmp_path)])
+            l2l.main(RUN_ARGS + args + ["--num-updates", "1", "--run-dir", str(tmp_path / str(i))])
+    with pytest.raises(ValueError, match=r"--fit-fraction must be in \(0, 1\], got 1.5"):
+        dataclasses.replace(TINY, fit_fraction=1.5).validate()
 
 
 def test_every_config_field_is_read():
