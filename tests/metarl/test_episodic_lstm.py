@@ -1,7 +1,15 @@
 """Tests of metarl/episodic_lstm.py: the cell with its reinstatement gate, the DND read and
 write by hand, a block replayed step by step (writes of c_T at trial ends, reads by
 context), the A2C pieces by hand, behaviour against the gate-off variant in the same run,
-purity, CLI, the paper preset and every Config field."""
+purity, CLI, the paper preset and every Config field.
+
+Mutations tried (each made the named test fail): no r_t c_ep term in the cell (cell test);
+the gate flag ignored by the cell (cell test) or by the rollout (behaviour: the gate-off
+arm then reinstates too, ratio 0.67-0.72); the DND reading the farthest key (DND and block
+tests); h_T written instead of c_T (block test); gamma ignored (returns); the advantage not
+held constant in the policy gradient (loss); kernel_delta unread (fields); the paper preset
+changed (trace); no p_other <= p_best check (bad values); init ignoring its key (purity:
+seeds identical)."""
 
 import dataclasses
 
