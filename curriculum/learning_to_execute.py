@@ -41,10 +41,10 @@ Curricula ([1] Sec. 5, `strategies.lua`); each program's (length, nesting) is dr
 Every `steps_per_eval` SGD steps the current level (l, n) gets harder when its validation
 accuracy exceeds 95%, or when the training accuracy (pooled over the steps since the last
 check: `state_train.acc`, whose counts show_predictions resets at each check) is below the
-one 5 checks ago; when it
-cannot get harder (l, n) = (a, b), the learning rate is multiplied by 0.8 instead, and
-training stops once it is below 1e-3. Every run trains the chosen curricula side by side
-(same initial weights, one program), so [1]'s comparison is one run.
+one 5 checks ago; when it cannot get harder (l, n) = (a, b), the learning rate is
+multiplied by 0.8 instead, and training stops once it is below 1e-3. Every run trains the
+chosen curricula side by side (same initial weights, one program), so [1]'s comparison is
+one run.
 
 Reproduce (CPU, a few minutes on 2 busy cores; the plot curriculum/learning_to_execute.png):
     python curriculum/learning_to_execute.py --preset quick --num-seeds 2 --plot \
@@ -77,12 +77,14 @@ Differences from the paper:
 - Under `mix`/`combined`, `strategies.lua` redraws the length for every constant and every
   k (it calls hardness() each time); here one (length, nesting) is drawn per program, as [1]
   Sec. 5 describes it.
-- SGD with lr 0.5 as the authors' `main.lua` (04a1659). The pull request's optim.adam is
-  given a fresh state {} at every call (dc6baf6 `main.lua` L294), so it is not Adam either.
-- Validation and test accuracy are measured without dropout (`main.lua` never switches its
-  Dropout layers to evaluation mode). When the level changes the programs in progress finish
-  at the old level ([1] reloads its data). A validation or test program longer than a
-  stream row is skipped; `data.lua`'s get_data splits it across rows.
+- Not a difference: SGD with lr 0.5 and no dropout, as the authors' `main.lua` (04a1659);
+  the pull request's optim.adam gets a fresh state {} at every call (dc6baf6 `main.lua`
+  L294), so it is not Adam either.
+- With `--dropout` > 0, validation and test accuracy are measured without dropout (the pull
+  request's `main.lua` never switches its Dropout layers to evaluation mode).
+- When the level changes the programs in progress finish at the old level ([1] reloads its
+  data). A validation or test program longer than a stream row is skipped; `data.lua`'s
+  get_data splits it across rows.
 - The scan cannot stop: a curriculum whose learning rate fell below `min_lr` stops training
   (its weights freeze) while the others go on.
 - `quick` is a CPU demo: target (2, 2), one layer of 64 units, no dropout, batch 32, unroll
