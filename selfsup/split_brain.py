@@ -30,18 +30,30 @@ random colour on black, so that both L and ab carry the shape) of the pooled fea
 layer `probe_layer`: F (both halves), F1 alone ("l_"), F2 alone ("ab_") and F at random
 init ("init_").
 
-Reproduce (CPU demo: 32x32 crops of scikit-learn's two photos at 128 px, left halves for
-training, right halves held out):
+Reproduce (CPU demo: 32x32 crops of scikit-learn's two photos at 128 px, cut into vertical
+bands of 48 px, the even ones for training, the odd ones held out):
     python selfsup/split_brain.py --preset quick --plot selfsup/split_brain.png
-Measured: (pending)
+Measured (1 seed, 600 steps, 8.2 min loop + 25 s compile on a loaded 2-core CPU, 64
+held-out crops of the odd bands): L -> ab held-out CE 2.487 (prior-only: the training
+marginal 3.342; the held-out targets' own entropy 2.858), ab -> L 3.788 (prior 4.144,
+entropy 3.710); bin accuracy 0.371 / 0.154; training-crop CE 1.03 / 1.57 (two photos: the
+halves overfit their bands). Probes of layer 4 on the coloured digits: both halves linear
+0.790 (all labels) / 0.546 (10 per class), k-NN 0.231 / 0.123; F1 alone 0.807 / 0.649,
+0.563 / 0.325; F2 alone 0.285 / 0.167; the same nets at random init 0.877 / 0.708, 0.455 /
+0.182. The pretext task is learnt (both directions well below their prior), but on two
+photos its features do not transfer to digits: below random init, F2 worst.
+The picture is that run's (--plot: held-out crops, F1's colours, F2's lightness).
 Paper setting (GPU; the same photos at 256 px, 180-px crops, half-width AlexNet):
     python selfsup/split_brain.py --preset paper
 [1] Table 4 (ImageNet linear classification on frozen AlexNet layers, as recalled [M]):
 conv5 35.4% top-1 for the Lab split-brain autoencoder (cl,cl); Places conv5 about 39%.
 
 Differences from the paper:
-- Data: ImageNet does not ship offline; crops come from the left parts of scikit-learn's two
-  photos (common.data.sample_photos), held-out crops from their right parts.
+- Data: ImageNet does not ship offline; crops come from the even vertical bands of
+  scikit-learn's two photos (common.data.sample_photos), held-out crops from the odd ones
+  (at the paper preset: the left and right halves). The pretext networks' output biases
+  start at the log of the training marginal (not in [1]), so both halves begin as the
+  prior-only predictor and short runs measure only what the inputs add.
 - Bins: ab on a grid of side 10 restricted to the bins an sRGB colour of a 64-level lattice
   rounds to (261 bins, computed here; the released colourisation table has 313); L in
   `l_bins` equal bins over [0, 100] (50 by default [M]). Hard one-hot targets (no soft
@@ -554,7 +566,7 @@ def plot(res, cfg: Config, out: str, num: int = 4):
         for i in range(num):
             ax[i, j].imshow(np.asarray(imgs[j][i]), interpolation="nearest")
             ax[i, j].axis("off")
-    fig.suptitle("held-out crops (right halves of the photos)", fontsize=8)
+    fig.suptitle("held-out crops (the photos' odd bands)", fontsize=8)
     fig.tight_layout()
     return save_png(fig, out)
 
