@@ -3,7 +3,10 @@
 [1] M. G. Bellemare, S. Srinivasan, G. Ostrovski, T. Schaul, D. Saxton, R. Munos. "Unifying
     Count-Based Exploration and Intrinsic Motivation." NIPS 2016, arXiv:1606.01868.
 [2] J. Veness, K. S. Ng, M. Hutter, M. Bowling. "Context Tree Switching." DCC 2012,
-    arXiv:1111.3182 (the CTS mixture; the released SkipCTS code of M. Bellemare).
+    arXiv:1111.3182 (the CTS mixture).
+[3] M. G. Bellemare, J. Veness, E. Talvitie. "Skip Context Tree Switching." ICML 2014: the
+    model of [1]'s appendix, released as SkipCTS (M. Bellemare; python/cts/model.py). Plain
+    CTS is used here (no skip contexts).
 
 A density model rho over whole frames, trained online on every frame the agent sees, turns
 into a count: after seeing x once more its probability should rise as an empirical
@@ -15,13 +18,14 @@ frequency would, N/n -> (N + 1)/(n + 1). Solving these two equations for (N, n):
     N_hat_n(x) ~ (exp(PG_n(x)) - 1)^-1   (`--count pg`)                            [1] Sec. 4
     r^+(x) = beta (N_hat_n(x) + 0.01)^-1/2,  beta = 0.05                            [1] Sec. 5
 
-The density model ([1] App.: "CTS"): frames downsampled to 42x42 with 8 grey levels; the
-probability of a frame is the product over pixel locations of a location-dependent model
-of the pixel's level given its L-shaped context (left, up, up-left, up-right neighbours; 0
-outside the frame). Each pixel's model is a context tree of depth 4 over that context: a
-node at depth d holds a Dirichlet estimator with the Perks prior 1/L per level,
-p_e(s) = (c_s + 1/L) / (c + 1), and mixes its own prediction with its child's through
-switching weights ([2]; alpha_n = 1/(n + 1) after n frames):
+The density model ([1] App.: "CTS", the model of [3] without its skip contexts): frames
+downsampled to 42x42 with 8 grey levels; the probability of a frame is the product over
+pixel locations of a location-dependent model of the pixel's level given its L-shaped
+context (left, up, up-left, up-right neighbours; 0 outside the frame). Each pixel's model
+is a context tree of depth 4 over that context: a node at depth d holds a Dirichlet
+estimator with the Perks prior 1/L per level, p_e(s) = (c_s + 1/L) / (c + 1), and mixes
+its own prediction with its child's through switching weights ([2]; alpha_n = 1/(n + 1)
+after n frames):
 
     p_d = (w_stay p_e,d + w_split p_{d+1}) / (w_stay + w_split),  p_4 = p_e,4
     w_stay <- (1 - alpha) w_stay p_e,d + alpha w_split p_{d+1}
@@ -30,7 +34,9 @@ switching weights ([2]; alpha_n = 1/(n + 1) after n frames):
 `cts_step` predicts the frame (log rho), updates every node on each pixel's path (counts
 and weights), and predicts it again with the updated model (log rho'): the "update a copy,
 re-query" of [1], and rho'_n = rho_{n+1} since the model sees the frames one at a time, in
-order (time step by time step, env by env within one). Everything lives in the state (counts int32
+order (time step by time step, env by env within one). It returns PG as the sum over pixels
+of each pixel's log rho' - log rho, not as the difference of the two frame sums (~-1000 in
+float32, which would round PG to ~1e-4). Everything lives in the state (counts int32
 (pixels, nodes, levels), log-weights, n) and runs inside the jitted `update`.
 
 Reproduce (CPU demo, loaded 2-core CPU; CTS bonus vs the same PPO with beta = 0):
@@ -63,13 +69,17 @@ Differences from the paper:
 - The switching weights are kept normalised (log w_stay, log w_split minus their
   logsumexp after each update): the mixture is unchanged, float32 does not drift.
 - CTS is not learning-positive in general (nearly so in practice [M]); where
-  rho' <= rho the prediction gain is clipped at 1e-12 (a huge count, bonus ~ 0), as the
-  public Cython ports do. Float32 throughout: pseudo-counts of frames seen ~1e6 times are
-  imprecise (their bonus is ~0 either way).
-- The context order down the tree is left, up, up-left, up-right [M]; the Perks prior and
-  alpha_n = 1/(n + 1) follow the SkipCTS code (read, not copied). 42x42, 8 levels, depth 4
-  and beta = 0.05 agree with the public ports (steveKapturowski/tensorflow-rl
-  utils/fast_cts.pyx); [1]'s equation and section numbers here are from memory [M].
+  rho' <= rho the prediction gain is floored at 1e-10 (a huge count, bonus ~ 0), as
+  utils/fast_cts.pyx floors prob_ratio - 1 (pseudo-counts at most 1e10).
+- The switching update is simultaneous as in [2] Alg. 1 (both new weights from the old
+  ones); the SkipCTS / fast_cts code updates w_split from the already-updated w_stay.
+- Float32 throughout: pseudo-counts of frames seen ~1e6 times are imprecise (their bonus
+  is ~0 either way).
+- The context order down the tree is left, up, up-left, up-right, as in fast_cts.pyx's
+  _update and SkipCTS's CTSNode.update; the Perks prior and alpha_n = 1/(n + 1) follow the
+  SkipCTS code (read, not copied). 42x42, 8 levels, depth 4 and beta = 0.05 agree with
+  the public ports (steveKapturowski/tensorflow-rl utils/fast_cts.pyx); [1]'s equation
+  and section numbers here are from memory [M].
 - The model sees a rollout's frames in one sequential `lax.scan` (num_envs x num_steps
   steps per update, 16,384 at the paper preset): exact online order, but a serial cost
   that no batch size amortises.
@@ -360,7 +370,9 @@ def cts_step(model, x, levels: int, depth: int):
     """[1] Sec. 3 for one frame: log rho_n(x); the model updated with x (counts + 1 at every
     node of each pixel's path, the inner nodes' switching weights); and log rho'_n(x), the
     updated model's probability of x (= `cts_log_prob` of the new model, computed from the
-    same path without reading the tables again). Returns (model, log_rho, log_rho_prime)."""
+    same path without reading the tables again). Returns (model, log_rho, pg): PG = log rho'
+    - log rho summed over pixels as per-pixel differences (a difference of the two float32
+    frame sums, each ~-1000, would round PG to ~1e-4)."""
     xs, nodes, c_x, c, log_w = _path(model, x, levels, depth)
     lp_est = estimator(c_x, c, levels)
     lp_mix = mixture(lp_est, log_w)
@@ -373,26 +385,26 @@ def cts_step(model, x, levels: int, depth: int):
         "log_w": model["log_w"].at[rows, nodes].set(log_w, unique_indices=True),
         "n": n,
     }
-    return model, lp_mix[:, 0].sum(), lp_mix_new[:, 0].sum()
+    return model, lp_mix[:, 0].sum(), (lp_mix_new[:, 0] - lp_mix[:, 0]).sum()
 
 
 # --- PSEUDO-COUNT AND BONUS ---
 
-MIN_PG = 1e-12
-"""Floor of the prediction gain where the model was not learning-positive (rho' <= rho)."""
+MIN_PG = 1e-10
+"""Floor of the prediction gain where the model was not learning-positive (rho' <= rho);
+fast_cts.pyx's floor of prob_ratio - 1 (pseudo-counts at most 1e10)."""
 
 
-def pseudo_count(log_rho, log_rho_prime):
+def pseudo_count(log_rho, pg):
     """[1] Eq. 2: N_hat = rho (1 - rho') / (rho' - rho) = (1 - rho') / (exp(PG) - 1), in
-    log space (whole frames have log rho ~ -1000)."""
-    pg = jnp.maximum(log_rho_prime - log_rho, MIN_PG)
-    return -jnp.expm1(log_rho_prime) / jnp.expm1(pg)
+    log space (whole frames have log rho ~ -1000), PG = log rho' - log rho."""
+    return -jnp.expm1(log_rho + pg) / jnp.expm1(jnp.maximum(pg, MIN_PG))
 
 
-def pg_count(log_rho, log_rho_prime):
+def pg_count(log_rho, pg):
     """[1] Sec. 4: N_hat ~ (exp(PG) - 1)^-1, PG = log rho' - log rho (an upper bound of Eq. 2's
-    count, equal when rho' << 1)."""
-    return 1.0 / jnp.expm1(jnp.maximum(log_rho_prime - log_rho, MIN_PG))
+    count, equal when rho' << 1; log rho is not read)."""
+    return 1.0 / jnp.expm1(jnp.maximum(pg, MIN_PG))
 
 
 def count_bonus(n_hat, beta):
@@ -421,18 +433,18 @@ def make_bonus(cfg: Config, pixels: bool) -> Bonus:
         frames = frames.reshape(t * n, *frames.shape[2:])  # time-major, env-minor order
 
         def step(model, x):
-            model, lr, lrp = cts_step(model, x, cfg.levels, cfg.context_length)
-            return model, (lr, lrp)
+            model, lr, pg = cts_step(model, x, cfg.levels, cfg.context_length)
+            return model, (lr, pg)
 
         model = {k: stats[k] for k in ("counts", "log_w", "n")}
-        model, (log_rho, log_rho_prime) = jax.lax.scan(step, model, frames)
-        n_hat = count_fn(log_rho, log_rho_prime)
+        model, (log_rho, pg) = jax.lax.scan(step, model, frames)
+        n_hat = count_fn(log_rho, pg)
         r = count_bonus(n_hat, stats["beta"]).reshape(t, n)
         return r, {
             **stats,
             **model,
             "count": jnp.median(n_hat),
-            "pg": jnp.median(log_rho_prime - log_rho),
+            "pg": jnp.median(pg),
         }
 
     def loss(params, stats, mb):
