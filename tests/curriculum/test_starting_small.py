@@ -114,20 +114,22 @@ def test_cross_entropy_by_hand():
     assert float(err) == 0.5
 
 
-def test_one_update_is_full_batch_sgd_per_arm_by_hand():
-    """Logistic regression (no hidden layer), one step per epoch on the whole set: arm
-    s = 0 steps on the target set, arm s = 1 on the easy set, from the same initial weights:
-        p = softmax(x W + b),  W' = W - lr x^T (p - onehot(y)) / N,  b' = b - lr mean(p - y)
-    and the logged test error is the error of W' on the test set (numpy by hand)."""
+def test_one_update_is_minibatch_sgd_per_arm_by_hand():
+    """Logistic regression (no hidden layer), 40 examples, 4 minibatches of 10 per epoch in
+    the order permutation(split(key)[1]); arm s = 0 steps on the target set, arms s = 1 and
+    s = 2 on the easy set, all from the same initial weights, per minibatch
+        p = softmax(x W + b),  W' = W - lr x^T (p - onehot(y)) / B,  b' = b - lr mean(p - y)
+    (numpy by hand); the arms read the same minibatches, so s = 1 and s = 2 end identical;
+    the logged test error is the error of the final W on the test set."""
     cfg = ss.Config(
         task="gaussians",
         hidden_sizes=(),
         gauss_dim=5,
         num_train=40,
         num_test=50,
-        batch_size=40,
-        num_epochs=2,
-        switch_epochs=(0, 1),
+        batch_size=10,
+        num_epochs=3,
+        switch_epochs=(0, 1, 2),
         lr=0.5,
     )
     state = ss.init(jax.random.PRNGKey(1), cfg)
@@ -135,18 +137,22 @@ def test_one_update_is_full_batch_sgd_per_arm_by_hand():
     np.testing.assert_array_equal(p0["Dense_0"]["kernel"][0], p0["Dense_0"]["kernel"][1])
     new, metrics = jax.jit(ss.update, static_argnums=1)(state, cfg)
     tx, ty, te, tey = ss.datasets(cfg)
-    for arm, stage in ((0, 1), (1, 0)):
+    order = np.asarray(jax.random.permutation(jax.random.split(state.key)[1], 40)).reshape(4, 10)
+    for arm, stage in ((0, 1), (1, 0), (2, 0)):
         w, b = p0["Dense_0"]["kernel"][arm], p0["Dense_0"]["bias"][arm]
-        z = tx[stage] @ w + b
-        p = np.exp(z - z.max(1, keepdims=True))
-        p /= p.sum(1, keepdims=True)
-        d = p - np.eye(2)[ty[stage]]
-        w2, b2 = w - cfg.lr * tx[stage].T @ d / 40, b - cfg.lr * d.mean(0)
-        np.testing.assert_allclose(new.params["Dense_0"]["kernel"][arm], w2, rtol=1e-5, atol=1e-6)
-        np.testing.assert_allclose(new.params["Dense_0"]["bias"][arm], b2, atol=1e-6)
-        err = np.mean(np.argmax(te @ w2 + b2, 1) != tey)
+        for idx in order:
+            x, y = tx[stage, idx], ty[stage, idx]
+            z = x @ w + b
+            p = np.exp(z - z.max(1, keepdims=True))
+            p /= p.sum(1, keepdims=True)
+            d = p - np.eye(2)[y]
+            w, b = w - cfg.lr * x.T @ d / 10, b - cfg.lr * d.mean(0)
+        np.testing.assert_allclose(new.params["Dense_0"]["kernel"][arm], w, rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(new.params["Dense_0"]["bias"][arm], b, atol=1e-6)
+        err = np.mean(np.argmax(te @ w + b, 1) != tey)
         s = cfg.switch_epochs[arm]
         np.testing.assert_allclose(metrics[f"charts/test_error_s{s}"], err, atol=1e-6)
+    jax.tree.map(lambda p: np.testing.assert_array_equal(p[1], p[2]), new.params)
     assert int(new.epoch) == 1
 
 
