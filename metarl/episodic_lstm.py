@@ -109,6 +109,8 @@ class Config:
     """k of the k-NN read (1: qihongl's 1-NN)"""
     kernel_delta: float = 1e-3
     """delta of the inverse-distance kernel 1 / (d^2 + delta) (NEC)"""
+    match_tau: float = 1.0
+    """tau of the read's match scale exp(-d2_min / tau) (ours, see Differences)"""
     gate_off: bool = False
     """broken variant: force the reinstatement gate r_t to 0 (a plain LSTM meta-learner)"""
     num_envs: int = 32
@@ -174,6 +176,8 @@ class Config:
             raise ValueError(f"need 0 <= p_other={self.p_other} <= p_best={self.p_best} <= 1")
         if self.kernel_delta <= 0:
             raise ValueError(f"kernel_delta={self.kernel_delta} must be > 0")
+        if self.match_tau <= 0:
+            raise ValueError(f"match_tau={self.match_tau} must be > 0")
         if self.num_updates < 1:
             raise ValueError(
                 f"total_timesteps={self.total_timesteps} is less than one update "
@@ -226,16 +230,18 @@ def sample_block(key, cfg: Config):
 # --- EPISODIC MEMORY (DND) ---
 
 
-def dnd_read(keys, values, count, query, k: int, delta: float):
+def dnd_read(keys, values, count, query, k: int, delta: float, tau: float):
     """[2] Sec. 2.2 read: the k nearest of the `min(count, S)` stored keys [S, D] to `query`
-    [D] by squared L2, values [S, H] averaged with weights 1 / (d^2 + delta) normalised;
-    zeros while the memory is empty."""
+    [D] by squared L2, values [S, H] averaged with weights 1 / (d^2 + delta) normalised,
+    then scaled by exp(-d2_min / tau) (ours: a far match reads near zero, so the cell can
+    tell a remembered task from a new one); zeros while the memory is empty."""
     valid = jnp.arange(keys.shape[0]) < count
     d2 = ((keys - query) ** 2).sum(-1)
     neg, idx = jax.lax.top_k(jnp.where(valid, -d2, -jnp.inf), k)
     w = jnp.where(jnp.isfinite(neg), 1.0 / (-neg + delta), 0.0)
     w = w / jnp.maximum(w.sum(), 1e-30)
-    return (w[:, None] * values[idx]).sum(0)
+    match = jnp.exp(neg[0] / tau)  # exp(-d2_min / tau); 0 when empty
+    return match * (w[:, None] * values[idx]).sum(0)
 
 
 def dnd_write(keys, values, count, key, value):
@@ -308,7 +314,7 @@ def play_block(params, key, gate_on, cfg: Config):
     def trial(dnd, xs):
         task, k = xs
         ctx, p = contexts[task], probs[task]
-        c_ep = dnd_read(*dnd, ctx, cfg.num_neighbors, cfg.kernel_delta)  # same all trial
+        c_ep = dnd_read(*dnd, ctx, cfg.num_neighbors, cfg.kernel_delta, cfg.match_tau)
 
         def step(carry, k):
             hc, a_prev, r_prev = carry
@@ -331,8 +337,8 @@ def play_block(params, key, gate_on, cfg: Config):
 
         hc0 = (jnp.zeros(h_dim), jnp.zeros(h_dim))  # h reset at every trial start
         ((_, c_T), _, _), out = jax.lax.scan(
-            step, (hc0, jnp.int32(0), jnp.float32(0.0)), jax.random.split(k, cfg.pulls_per_trial)
-        )
+            step, (hc0, jnp.int32(-1), jnp.float32(0.0)), jax.random.split(k, cfg.pulls_per_trial)
+        )  # a_prev = -1: onehot(-1) = 0, no previous pull at a trial's start
         dnd = dnd_write(*dnd, ctx, jax.lax.stop_gradient(c_T))  # write at the trial's end
         return dnd, (out, c_ep)
 

@@ -76,24 +76,28 @@ def test_cell_equation_by_hand():
 
 
 def test_dnd_read_and_write_by_hand():
-    """Keys (0,0), (1,0), (0,2), values 10, 20, 30 (times ones(2)); query (0.9, 0):
-    k = 1 returns the nearest value, 20, exactly; k = 2 weighs 20 and 10 by 1/(0.01 + d),
-    1/(0.81 + d); only the first `count` slots count; an empty memory reads zeros. Writes go
-    to slot count mod S, so the third write into S = 2 slots replaces the first."""
+    """Keys (0,0), (1,0), (0,2), values 10, 20, 30 (times ones(2)); query (0.9, 0), tau 0.5:
+    k = 1 returns the nearest value, 20, times the match scale exp(-0.01 / 0.5); k = 2
+    weighs 20 and 10 by 1/(0.01 + d), 1/(0.81 + d), same scale; an exact match reads its
+    value exactly; only the first `count` slots count (query (0, 2) with one slot: 10
+    exp(-4 / 0.5)); an empty memory reads zeros. Writes go to slot count mod S, so the third
+    write into S = 2 slots replaces the first."""
     keys = jnp.array([[0.0, 0.0], [1.0, 0.0], [0.0, 2.0]])
     vals = jnp.array([[10.0, 10.0], [20.0, 20.0], [30.0, 30.0]])
     q = jnp.array([0.9, 0.0])
-    read = jax.jit(el.dnd_read, static_argnums=(4, 5))
+    read = jax.jit(el.dnd_read, static_argnums=(4, 5, 6))
     write = jax.jit(el.dnd_write)
-    np.testing.assert_allclose(read(keys, vals, 3, q, 1, 1e-3), [20.0, 20.0])
+    s = np.exp(-0.01 / 0.5)
+    np.testing.assert_allclose(read(keys, vals, 3, q, 1, 1e-3, 0.5), [20.0 * s] * 2, rtol=1e-6)
+    np.testing.assert_array_equal(read(keys, vals, 3, keys[2], 1, 1e-3, 0.5), [30.0, 30.0])
     w = np.array([1 / 0.011, 1 / 0.811])
     np.testing.assert_allclose(
-        read(keys, vals, 3, q, 2, 1e-3), [(w @ [20.0, 10.0]) / w.sum()] * 2, rtol=1e-5
+        read(keys, vals, 3, q, 2, 1e-3, 0.5), [s * (w @ [20.0, 10.0]) / w.sum()] * 2, rtol=1e-5
     )
     np.testing.assert_allclose(
-        read(keys, vals, 1, jnp.array([0.0, 2.0]), 1, 1e-3), [10.0, 10.0]
+        read(keys, vals, 1, jnp.array([0.0, 2.0]), 1, 1e-3, 0.5), [10.0 * np.exp(-8.0)] * 2
     )  # slot 2 not yet written
-    np.testing.assert_array_equal(read(keys, vals, 0, q, 2, 1e-3), [0.0, 0.0])
+    np.testing.assert_array_equal(read(keys, vals, 0, q, 2, 1e-3, 0.5), [0.0, 0.0])
     k, v, n = jnp.zeros((2, 2)), jnp.zeros((2, 1)), 0
     for i in range(3):
         k, v, n = write(k, v, n, jnp.full(2, i + 1.0), jnp.full(1, 10.0 * (i + 1)))
@@ -106,9 +110,12 @@ def test_a_block_writes_c_T_at_trial_ends_and_reinstates_it_by_context():
     """One block of the tiny config with random (non-trivial) weights, replayed here step by
     step through the same network: the DND ends holding the contexts of the 2M trials in
     their order with count 2M; each trial's stored value is the c_T of the replay of its
-    recorded pulls; the first trial reads zeros (empty memory), and each re-encounter reads
-    exactly the value its task's first trial wrote. Recorded log-probabilities match the
-    replay (so x_t = [context, onehot(a_{t-1}), r_{t-1}] and h reset per trial)."""
+    recorded pulls; the first trial reads zeros (empty memory), the other first encounters
+    read the nearest earlier value times exp(-d2_min / tau) (small: another task's key is
+    far), and each
+    re-encounter reads exactly the value its task's first trial wrote. Recorded
+    log-probabilities match the replay (so x_t = [context, onehot(a_{t-1}), r_{t-1}] with a
+    zero one-hot at a trial's first pull, and h reset per trial)."""
     cfg = TINY
     net = el.network(cfg)
     key = jax.random.PRNGKey(3)
@@ -125,13 +132,17 @@ def test_a_block_writes_c_T_at_trial_ends_and_reinstates_it_by_context():
     np.testing.assert_allclose(keys, contexts[order], atol=1e-6)
     assert int(count) == 2 * m
     np.testing.assert_array_equal(out["c_ep"][0], np.zeros(cfg.hidden))
+    for j in range(1, m):  # a new task reads the nearest earlier memory, scaled down
+        d2 = ((np.asarray(keys[:j]) - np.asarray(keys[j])) ** 2).sum(-1)
+        near = np.exp(-d2.min() / cfg.match_tau) * np.asarray(values[d2.argmin()])
+        np.testing.assert_allclose(out["c_ep"][j], near, rtol=1e-4, atol=1e-7)
     for j in range(m, 2 * m):  # re-encounter of task order[j], first met in trial order[j]
         np.testing.assert_array_equal(out["c_ep"][j], values[int(order[j])])
 
     step = jax.jit(lambda hc, x, c_ep: net.apply(params, hc, x, c_ep, 1.0))
     for j in (0, m + 2):
         hc = (jnp.zeros(cfg.hidden), jnp.zeros(cfg.hidden))
-        a_prev, r_prev = 0, 0.0
+        a_prev, r_prev = -1, 0.0  # no previous pull: a zero one-hot
         for t in range(t_len):
             x = jnp.concatenate(
                 [contexts[order[j]], jax.nn.one_hot(a_prev, k_arms), jnp.array([r_prev])]
@@ -174,6 +185,7 @@ def test_bad_values_fail_with_named_field(tmp_path):
         (["--early-pulls", "20"], "early_pulls=20"),
         (["--p-other", "0.95"], "p_other=0.95"),
         (["--hidden", "0"], "--hidden must be"),
+        (["--match-tau", "0"], "match_tau=0"),
     ]
     for args, msg in bad:
         with pytest.raises(ValueError, match=msg):
@@ -226,8 +238,9 @@ def test_reinstatement_cuts_the_regret_of_repeated_tasks_and_gate_off_cannot(rec
     ratio, first, repeat = f["early_ratio"], f["early_regret_first"], f["early_regret_repeat"]
     print("ratio", ratio, "first", first, "repeat", repeat)
     on, off = ratio[:SEEDS], ratio[SEEDS:]
-    assert on.max() < 0.8, ratio
+    assert on.max() < 0.4, ratio
     assert off.min() > 0.9, ratio
+    assert (repeat[:SEEDS] < repeat[SEEDS:] - 0.1).all(), repeat  # better than a plain LSTM
     gap = first - repeat  # what a re-encounter saves
     assert gap[:SEEDS].min() > gap[SEEDS:].max() + 0.3, gap
     np.testing.assert_array_equal(run_.state.gate_on, [1.0] * SEEDS + [0.0] * SEEDS)
