@@ -214,7 +214,7 @@ def test_train_is_pure_and_cli_writes_its_files(recorded_run, capsys):
     """Same keys: the runner's initial states again, and its first chunk (one epoch) rerun
     from them, are bit-identical to the run's; the two seeds differ; every arm starts from
     the same weights; the run wrote its files and the figure; --help documents every
-    field."""
+    field; the data sets enter update as an input, not as compiled constants."""
     res, chunks, png = recorded_run
     with pytest.raises(SystemExit):
         ss.main(["--help"])
@@ -236,6 +236,11 @@ def test_train_is_pure_and_cli_writes_its_files(recorded_run, capsys):
     state, metrics = first_chunk(first_input)
     jax.tree.map(np.testing.assert_array_equal, state.params, chunks[1][1].params)
     np.testing.assert_array_equal(h[:, :1], metrics["losses/train_ce_s0"])
+    # the data sets are an input of update, not constants compiled into it
+    one = jax.tree.map(lambda a: a[0], init)
+    hlo = jax.jit(ss.update, static_argnums=1).lower(one, TINY).as_text()
+    big = [ln for ln in hlo.splitlines() if "constant" in ln and "x64xf32" in ln]
+    assert one.data[0].shape == (2, 64, 64) and not big, big[:1]
 
 
 def test_bad_values_fail_with_named_field(tmp_path):
