@@ -63,7 +63,9 @@ Differences from the paper:
 - The convex toy is the catalogue's design, not a copy of [2] Sec. 4 (which orders examples
   by margin or by the number of irrelevant inputs [M]); its easy set is noise-free and far
   from the boundary, and it shows only speed: after the switch the arms converge to the
-  same noisy-label optimum.
+  same noisy-label optimum. Most of its gain is the clean labels (test error 0.41 -> 0.27
+  after 6 epochs in the test); easier examples (margin >= 1 rather than a clean set at
+  margin 0) add 0.02 of mean error over the 6 epochs.
 - The training sets are fixed (num_train images per set, data_seed); minibatches are drawn
   without replacement within an epoch, the same order for every arm. The sets travel in the
   state (an input of the compiled chunks, not a constant baked into each): one copy per
