@@ -45,10 +45,11 @@ linear probe 0.924 (all labels) / 0.801 (10 per class), k-NN 0.801 / 0.563; at r
 0.936 / 0.812, 0.847 / 0.592 (one seed).
 Paper setting (GPU; 128-px crops of scikit-learn's two photos, central 64 px):
     python selfsup/context_encoder.py --preset paper
-[1] Table 2 (AlexNet encoder, random regions, fine-tuned on PASCAL VOC): classification
-56.5% mAP, detection 44.5% mAP, segmentation 29.7% mIoU (checked against a public benchmark
-listing); Table 1 (Paris StreetView, central 64 of 128 px, L2 + adv): mean L2 1.96%, PSNR
-18.58 dB [M].
+`paper` is [1]'s Table 1 setting (Paris StreetView, central 64 of 128 px, L2 + adv): mean
+L2 1.96%, PSNR 18.58 dB [M]. [1] Table 2 (classification 56.5% mAP, detection 44.5% mAP,
+segmentation 29.7% mIoU fine-tuned on PASCAL VOC; checked against a public benchmark listing)
+is another setting: an AlexNet encoder trained with random regions and L2 alone (the
+released README, L94-96), here at most `--mask random_region --lambda-adv 0` (no preset).
 
 Differences from the paper:
 - Data: ImageNet / Paris StreetView do not ship offline. `photos`: random crops of the left
@@ -60,11 +61,14 @@ Differences from the paper:
   the released inpainting code is DCGAN-style with a 4x4 conv to a 4000-d bottleneck and no
   channel-wise FC. Ours: the released convs with [1]'s channel-wise FC + 1x1 conv in place
   of the 4000-d bottleneck, and L2 + adversarial for every mask ([1] learns features with
-  L2 alone [M]: --lambda-adv 0).
-- Overlap 4 px (released command; [1]'s text says 7 px [M]); with random masks the band is
-  the hole dilated by `overlap` (released train_random.lua weights the whole image instead,
-  10x outside the hole). L_rec is a mean over the region's pixels and channels (released
-  MSECriterion), not a sum.
+  L2 alone, released README L96: --lambda-adv 0). After the 1x1 conv: BN + ReLU (released
+  train.lua L126: BN + LeakyReLU 0.2 after the bottleneck).
+- Overlap 4 px (released command; [1]'s text says 7 px [M]). With random masks our L2
+  weights the hole 1, its `overlap`-px ring 10x and the rest of the image 0, and D sees F's
+  whole raw output. Released train_random.lua with its README command (useOverlapPred=0,
+  L416-421) weights a uniform L2 over the whole image; the hole-1 / outside-10x weighting
+  (L425-428) is its useOverlapPred=1 path. L_rec is a mean over the region's pixels and
+  channels (released MSECriterion), not a sum.
 - Random blocks: count and size are ours ([1]: "a number of smaller possibly overlapping
   masks, covering up to 1/4 of the image"). Random regions: [1] pastes deformed PASCAL VOC
   segmentation shapes; we threshold a smooth field per image at exactly region_fraction
@@ -177,10 +181,15 @@ class Config:
         if self.overlap < 0 or (self.mask == "center" and 4 * self.overlap >= self.image_size):
             raise ValueError(f"overlap={self.overlap} must be in [0, image_size / 4) = "
                              f"[0, {self.image_size // 4}) (mask='center'; others: >= 0)")
-        if min(self.block_fraction, self.gen_lr_multiplier, self.knn_temperature) <= 0:
-            raise ValueError(f"block_fraction={self.block_fraction}, gen_lr_multiplier="
-                             f"{self.gen_lr_multiplier} and knn_temperature="
+        if min(self.gen_lr_multiplier, self.knn_temperature) <= 0:
+            raise ValueError(f"gen_lr_multiplier={self.gen_lr_multiplier} and knn_temperature="
                              f"{self.knn_temperature} must be > 0")
+        if self.num_blocks < 1 or not 0 < self.block_fraction <= 1:
+            raise ValueError(f"num_blocks={self.num_blocks} must be >= 1 and block_fraction="
+                             f"{self.block_fraction} in (0, 1]")
+        if self.region_cells < 1 or not 0 < self.region_fraction < 1:
+            raise ValueError(f"region_cells={self.region_cells} must be >= 1 and "
+                             f"region_fraction={self.region_fraction} in (0, 1)")
         if self.probe_size % (2 ** len(self.channels)):
             raise ValueError(f"probe_size={self.probe_size} must be a multiple of "
                              f"{2 ** len(self.channels)}")
