@@ -12,7 +12,7 @@ import pytest
 from common import run
 from selfsup import split_brain as sb
 from tests.common.cli import cli_args
-from tests.common.compiled import main_recording_chunks
+from tests.common.compiled import compiled, main_recording_chunks
 from tests.common.config_fields import unread_fields
 from tests.common.preset import trace_paper
 
@@ -111,16 +111,40 @@ def test_cross_entropy_of_both_directions_through_losses(params):
     assert any(np.any(np.asarray(leaf)) for leaf in jax.tree.leaves(g_l["f2"]))
 
 
+def test_each_half_sees_only_its_channels(params):
+    """The split: F1's ab logits do not change when the ab channels of its input are
+    perturbed, nor F2's L logits when L is; each does change with its own input channels.
+    Mutation tried: split_inputs returning lab[..., :2] as X2 (F2 sees L and a) fails."""
+    rng = np.random.default_rng(2)
+    lab = sb.rgb_to_lab(rng.uniform(size=(2, 32, 32, 3)), np).astype(np.float32)
+    noise = rng.normal(size=lab.shape).astype(np.float32)
+    d_ab, d_l = lab.copy(), lab.copy()
+    d_ab[..., 1:] += 20 * noise[..., 1:]
+    d_l[..., :1] += 20 * noise[..., :1]
+    (a0, l0), (a1, l1), (a2, l2) = compiled(
+        lambda p, *xs: [sb.apply(p, x, 0.0, TINY)[:2] for x in xs], params, lab, d_ab, d_l
+    )
+    np.testing.assert_array_equal(a1, a0)  # F1 ignores ab
+    np.testing.assert_array_equal(l2, l0)  # F2 ignores L
+    assert np.abs(np.asarray(a2) - np.asarray(a0)).max() > 1e-6
+    assert np.abs(np.asarray(l1) - np.asarray(l0)).max() > 1e-6
+
+
 def test_prior_only_bound_and_prior_init():
     """The prior-only bound: targets (0, 0, 1, 1) over 3 bins have entropy log 2; init
     puts each half's output bias at the log of the training marginal (sums to 1 in
-    probability). Mutation tried: p log p without the minus sign fails."""
+    probability): init's F1 and F2 output biases equal log_priors exactly. Mutations
+    tried: p log p without the minus sign fails; init without its bias override fails."""
     h = jax.jit(sb.marginal_entropy, static_argnums=1)(jnp.array([0, 0, 1, 1]), 3)
     np.testing.assert_allclose(h, np.log(2.0), rtol=1e-6)
     log_ab, log_l = sb.log_priors(TINY)
     assert log_ab.shape == (261,) and log_l.shape == (TINY.l_bins,)
     for lp in (log_ab, log_l):
         np.testing.assert_allclose(np.exp(lp.astype(np.float64)).sum(), 1.0, rtol=1e-5)
+    p = compiled(lambda k: sb.init(k, TINY).params, jax.random.PRNGKey(0))
+    last = f"Conv_{len(TINY.channels)}"
+    np.testing.assert_array_equal(p["f1"]["params"][last]["bias"], log_ab)
+    np.testing.assert_array_equal(p["f2"]["params"][last]["bias"], log_l)
 
 
 RUN_ARGS = cli_args(TINY, sb.Config(), "quick") + [
