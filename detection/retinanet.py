@@ -534,6 +534,7 @@ def postprocess(logits, deltas, cfg: Config):
     """Class logits (B, N, K) and offsets (B, N, 4) of all anchors -> detections."""
     anchors = pyramid_anchors(cfg)
     boxes = bx.cxcywh_to_xyxy(bx.decode(deltas, anchors)) * cfg.image_size  # (B, N, 4)
+    boxes = bx.clip_to_image(boxes, cfg.image_size, cfg.image_size)  # as Detectron, before NMS
     k, a = cfg.num_classes, cfg.num_anchors
     sizes = [s * s * a for s in level_shapes(cfg)]
     starts = np.cumsum([0, *sizes])

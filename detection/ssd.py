@@ -472,6 +472,7 @@ def predict(params, batch_stats, images, cfg: Config):
     logits, deltas = SSD(cfg).apply({"params": params, "batch_stats": batch_stats}, images)
     defaults = default_boxes(cfg)
     boxes = bx.cxcywh_to_xyxy(bx.decode(deltas, defaults, cfg.variances)) * cfg.image_size
+    boxes = bx.clip_to_image(boxes, cfg.image_size, cfg.image_size)  # as the released SSD
     scores = jax.nn.softmax(logits, -1)[..., 1:]  # (B, N, K)
     return jax.vmap(lambda bo, sc: bx.topk_nms(bo, sc, cfg.pre_nms_topk, cfg.nms_iou,
                                                cfg.max_detections, cfg.score_threshold))(

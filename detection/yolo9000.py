@@ -525,6 +525,7 @@ def forward(params, batch_stats, images, cfg: Config):
     b, size = out.shape[0], images.shape[1]
     anchors = jnp.asarray(cfg.anchors, jnp.float32).reshape(-1, 2)
     boxes = bx.cxcywh_to_xyxy(decode(out[..., :4], anchors)).reshape(b, -1, 4) * size
+    boxes = bx.clip_to_image(boxes, size, size)  # as darknet's output, before NMS
     log_cond = tree_log_softmax(out[..., 5:], tree_of(cfg)[0]).reshape(b, boxes.shape[1], -1)
     return boxes, jax.nn.sigmoid(out[..., 4]).reshape(b, -1), log_cond
 

@@ -371,6 +371,7 @@ def predict(params, batch_stats, images, cfg: Config):
     box, conf, probs = split_output(out, cfg.num_boxes)
     n, k = out.shape[0], cfg.num_classes
     xyxy = bx.cxcywh_to_xyxy(decode(box, cfg.sqrt_wh)) * cfg.image_size  # (N, S, S, B, 4)
+    xyxy = bx.clip_to_image(xyxy, cfg.image_size, cfg.image_size)  # as darknet's output
     scores = conf[..., :, None] * probs[..., None, :]  # (N, S, S, B, K)
     boxes = jnp.repeat(xyxy.reshape(n, -1, 4), k, axis=1)  # (N, S*S*B*K, 4)
     scores = scores.reshape(n, -1)

@@ -518,6 +518,7 @@ def predict(params, batch_stats, images, cfg: Config):
     out = YOLOv2(cfg).apply({"params": params, "batch_stats": batch_stats}, images)
     b, size = out.shape[0], images.shape[1]
     boxes = bx.cxcywh_to_xyxy(decode(out[..., :4], jnp.asarray(anchor_shapes(cfg)))) * size
+    boxes = bx.clip_to_image(boxes, size, size)  # as darknet's output, before NMS
     scores = jax.nn.sigmoid(out[..., 4:5]) * jax.nn.softmax(out[..., 5:], -1)
     boxes, scores = boxes.reshape(b, -1, 4), scores.reshape(b, -1, cfg.num_classes)
     return jax.vmap(lambda bo, sc: bx.topk_nms(bo, sc, cfg.pre_nms_topk, cfg.nms_iou,

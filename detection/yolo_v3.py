@@ -495,6 +495,7 @@ def predict(params, batch_stats, images, cfg: Config):
     outs = make_model(cfg).apply({"params": params, "batch_stats": batch_stats}, images)
     boxes, scores = boxes_and_scores(outs, anchor_shapes(cfg))
     boxes = bx.cxcywh_to_xyxy(boxes) * images.shape[1]
+    boxes = bx.clip_to_image(boxes, images.shape[1], images.shape[1])  # darknet, before NMS
     return jax.vmap(lambda bo, sc: bx.topk_nms(bo, sc, cfg.pre_nms_topk, cfg.nms_iou,
                                                cfg.max_detections, cfg.score_threshold))(
         boxes, scores)

@@ -275,3 +275,13 @@ def test_joint_training_detects_and_bugs_fail(monkeypatch):
     print("joint", joint, "detection-only", det_only, "x/y swapped", bug)
     assert joint["mAP50"] >= MAP_GATE > bug["mAP50"], (joint, bug)
     assert joint["mAP50_nobox"] >= NOBOX_GATE > det_only["mAP50_nobox"], (joint, det_only)
+
+
+def test_predict_clips_boxes_to_the_image_before_nms(monkeypatch):
+    """Raw outputs of 5 everywhere decode to boxes far larger than the image; predict clips
+    them to [0, size] before NMS (issue 12), so no detection leaves the image."""
+    boxes, valid = tiny_run_module.predict_with_constant_outputs(y, "YOLO9000", TINY, 5.0,
+                                                                 monkeypatch)
+    assert valid.any()
+    kept = boxes[valid]
+    assert (kept >= 0).all() and (kept <= TINY.image_size).all(), kept

@@ -274,3 +274,13 @@ def test_detects_shapes_and_xy_swap_bug_fails(monkeypatch):
     bug = trained_map50()
     print("mAP50 correct", ok, "x/y swapped", bug)
     assert ok >= 0.56 and bug < 0.56, (ok, bug)
+
+
+def test_predict_clips_boxes_to_the_image_before_nms(monkeypatch):
+    """Raw outputs of 5 everywhere decode to boxes far larger than the image; predict clips
+    them to [0, size] before NMS (issue 12), so no detection leaves the image."""
+    boxes, valid = tiny_run_module.predict_with_constant_outputs(y, "YOLOv2", TINY, 5.0,
+                                                                 monkeypatch)
+    assert valid.any()
+    kept = boxes[valid]
+    assert (kept >= 0).all() and (kept <= TINY.image_size).all(), kept

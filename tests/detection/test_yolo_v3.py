@@ -295,3 +295,13 @@ def test_gate_detects_shapes_and_xy_swap_fails(monkeypatch):
     print(f"mAP@0.5 correct {good:.3f}, x/y swapped {bad:.3f}")
     assert good >= GATE_MAP, good
     assert bad < GATE_MAP, bad
+
+
+def test_predict_clips_boxes_to_the_image_before_nms(monkeypatch):
+    """Raw outputs of 5 everywhere decode to boxes far larger than the image; predict clips
+    them to [0, size] before NMS (issue 12), so no detection leaves the image."""
+    boxes, valid = tiny_run_module.predict_with_constant_outputs(y, "make_model", TINY, 5.0,
+                                                                 monkeypatch)
+    assert valid.any()
+    kept = boxes[valid]
+    assert (kept >= 0).all() and (kept <= TINY.image_size).all(), kept

@@ -96,3 +96,29 @@ def assert_decay_spares_vectors(module, cfg):
     assert any("scale" in n for n in names) and any("bias" in n for n in names), names
     for (path, m), leaf in zip(moved, jax.tree.leaves(params), strict=True):
         assert m == (leaf.ndim > 1), (jax.tree_util.keystr(path), leaf.shape, m)
+
+
+class _Stub:
+    """A network whose every output entry is `fill`, whatever its parameters and input."""
+
+    def __init__(self, outputs):
+        self.outputs = outputs
+
+    def apply(self, variables, images, *args, **kwargs):
+        return self.outputs
+
+
+def predict_with_constant_outputs(module, model_attr: str, cfg, fill: float, monkeypatch):
+    """`module.predict` on one blank image with the network `module.<model_attr>` (a class or
+    a factory taking cfg) replaced by a stub whose raw outputs all equal `fill` (shapes from
+    the real network, traced only). Large offsets decode to boxes far outside the image, so
+    this shows what predict does with them. Returns (boxes, valid) of the first image."""
+    images = jnp.zeros((1, cfg.image_size, cfg.image_size, 3), jnp.float32)
+    net = getattr(module, model_attr)(cfg)
+    shapes = jax.eval_shape(lambda: net.init_with_output(jax.random.PRNGKey(0), images)[0])
+    outputs = jax.tree.map(lambda s: jnp.full(s.shape, fill, s.dtype), shapes)
+    monkeypatch.setattr(module, model_attr, lambda cfg: _Stub(outputs))
+    # a config the file's jitted predict has not seen: no cached trace of the real network
+    cfg = dataclasses.replace(cfg, nms_iou=cfg.nms_iou * 0.999)
+    boxes, _, _, valid = module.predict({}, {}, images, cfg)
+    return np.asarray(boxes[0]), np.asarray(valid[0])
