@@ -18,7 +18,8 @@ GPT-2's variant [2]: the text is first split into pre-tokens by a regex that kee
 digits, other symbols and whitespace apart (`GPT2_PATTERN`: contractions, an optional leading
 space plus a run of \\p{L}, of \\p{N}, or of other non-space symbols, then whitespace); BPE
 runs inside each pre-token's UTF-8 bytes, so "dog." becomes "dog" + "." and the vocabulary
-holds one "dog" rather than "dog.", "dog!" and "dog?" ([2] Sec. 2.2). Every string has an
+holds one "dog" rather than "dog.", "dog!" and "dog?" ([2] Sec. 2.2, which adds "an exception
+for spaces": the optional leading space joins the word). Every string has an
 encoding (there is no unknown token) and `decode(encode(s)) == s` for every str that UTF-8
 can encode.
 
@@ -35,6 +36,10 @@ pairs is the first one met when scanning the corpus: we keep that order); encodi
 Hugging Face `tokenizers` (BPE model loaded with our merges, ByteLevel pre-tokenizer and
 decoder); [1]'s Algorithm 1 toy dictionary gives the merges of the paper's code.
 
+Use: `merges = train(text, 1024)`, `tok = Tokenizer(merges)`, `tok.encode(s)` -> ids,
+`tok.decode(ids)`, `tok.save(path)` / `Tokenizer.load(path)` (also reads GPT-2's vocab.bpe),
+`encode_corpus(tok, text)` -> uint16 array.
+
 Reproduce: `python -m transformers.bpe --vocab-size 512 --corpus python-docs`
 Measured (loaded 2-core CPU, load ~2-11; corpus python-docs = pydoc topics + stdlib
 docstrings, 1,151,835 UTF-8 bytes, trained on the first 90%, compression in UTF-8 bytes per
@@ -45,12 +50,17 @@ Differences from the papers:
 - [1] learns on words split at whitespace with `</w>` marking the end; [2] (and `train`) has
   no end-of-word symbol: the leading space is part of the pre-token (" the"). `sennrich_train`
   is [1]'s version, kept small and separate.
-- Ties between equally frequent pairs: [1]'s code takes the first maximum of a dict filled in
-  corpus order, [2] does not say; `train` takes the pair whose first occurrence in the corpus
-  comes first, which is what tiktoken's trainer and [1]'s code both do.
-- GPT-2's released merges also skip merges across pre-token boundaries only through the
-  regex (as here); its 50,000 merges were trained on WebText (not available offline). The
-  `<|endoftext|>` token and other special tokens are not handled here.
+- [1]'s Figure 1 (from memory: merges r·, lo, low, er· on {low, lowest, newer, wider}) lists
+  pairs that all occur twice; Algorithm 1's first-maximum rule orders that tie lo, low, er, er·.
+- Ties between equally frequent pairs: [1]'s code takes the first maximum of a dict filled
+  while scanning its word dictionary, tiktoken's trainer the first maximum of a Counter filled
+  while scanning the corpus; `train` takes the pair whose first occurrence in the corpus comes
+  first, as tiktoken (same merges, tested). [2] does not say.
+- GPT-2's 50,000 merges were learned on WebText by code that was not released (only the
+  encoder was); here the merges are learned by `train` on offline text. The `<|endoftext|>`
+  token and other special tokens are not handled here.
+- Encoding one pre-token costs O(length^2) (as GPT-2's encoder); results are cached per
+  distinct pre-token, which keeps a corpus pass fast.
 - If a merge creates a byte string that an earlier merge created already (possible, rare),
   both merges are kept, and encoding maps the string to the first id.
 """

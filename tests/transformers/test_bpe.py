@@ -49,6 +49,7 @@ def test_merges_equal_tiktoken():
     text = "".join(words)
     ours = bpe.train(text, 330)
     assert [a + b for a, b in ours] == _tiktoken_merges(text, 330)
+    assert bpe.train("a bc", 300) == [(b" ", b"b"), (b" b", b"c")]  # stops: no pair left
 
 
 def _hf_tokenizer(merges):
@@ -158,6 +159,9 @@ def test_sennrich_algorithm_1():
     assert bpe.sennrich_segment("lowest", merges) == ["low", "est</w>"]
     assert bpe.sennrich_segment("lower", merges) == ["low", "e", "r", "</w>"]
     assert len(bpe.sennrich_train({"ab": 1}, 10)) == 2  # stops when no pair is left
+    # Figure 1's dictionary: its pairs tie at count 2; the first maximum is lo (see bpe.py)
+    figure = bpe.sennrich_train(dict.fromkeys(["low", "lowest", "newer", "wider"], 1), 4)
+    assert figure == [("l", "o"), ("lo", "w"), ("e", "r"), ("er", "</w>")]
 
 
 def test_save_load_and_corpus_dtype(tok, tmp_path):
