@@ -1,0 +1,286 @@
+"""Tests of transformers/gpt2.py: the pre-LN block by hand, the scaled residual init, causality
+(exactly 0), the KV cache against the full forward, weight tying, the cloze rows; one tiny CLI
+run of 4 seeds (2 GPT-2, 2 post-LN + unscaled twins) reused by the behaviour, purity and CLI
+tests; the paper-preset trace and the Config fields."""
+
+import dataclasses
+import json
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from tests.common import preset
+from tests.common.cli import cli_args
+from tests.common.compiled import compiled, main_recording_chunks
+from tests.common.config_fields import unread_fields
+from tests.transformers.leak import assert_no_future_leak
+from tests.transformers.tiny_run import jit0
+from transformers import gpt2
+
+# one tiny config for every test (the behaviour test's depth and learning rate)
+TINY = gpt2.Config(
+    vocab_size=None,
+    seq_len=16,
+    num_layers=6,
+    d_model=32,
+    num_heads=2,
+    batch_size=8,
+    train_steps=120,
+    lr=1e-2,
+    warmup_steps=0,
+    eval_windows=64,
+    cloze_items=16,
+    sample_tokens=4,
+    top_k=1,
+)
+CHUNK = 40
+SEEDS = 2
+KEYS = jax.random.split(jax.random.PRNGKey(0), 2 * SEEDS)  # the runner's keys (--seed 0)
+_INIT = gpt2.init  # the file's own (the fixture patches gpt2.init)
+
+
+def _params(cfg=TINY, seed=0):
+    return compiled(
+        lambda k: gpt2.model_of(cfg).init(k, jnp.zeros((1, cfg.seq_len), jnp.int32), 1.0),
+        jax.random.PRNGKey(seed),
+    )
+
+
+def test_residual_projections_init_std_is_scaled_by_depth():
+    """[1] Sec. 2.3: c_proj and mlp_proj ~ N(0, 0.02 / sqrt(2 L)) (within 10%), the other
+    matrices 0.02, W_pe 0.01; scaled_init=False gives the residual projections 0.02."""
+    cfg = dataclasses.replace(TINY, d_model=96, num_heads=4, num_layers=4)
+    for scaled in (True, False):
+        p = _params(dataclasses.replace(cfg, scaled_init=scaled))["params"]
+        want = 0.02 / math.sqrt(2 * cfg.num_layers) if scaled else 0.02
+        for l in range(cfg.num_layers):
+            for name in ("c_proj", "mlp_proj"):
+                std = float(np.std(p[f"h{l}"][name]["kernel"]))
+                assert abs(std / want - 1) < 0.1, (scaled, l, name, std, want)
+            std = float(np.std(p[f"h{l}"]["c_attn"]["kernel"]))
+            assert abs(std / 0.02 - 1) < 0.1, std
+        assert abs(float(np.std(p["wpe"])) / 0.01 - 1) < 0.1
+        assert abs(float(np.std(p["wte"]["embedding"])) / 0.02 - 1) < 0.1
+
+
+def _ln(x, p, eps=1e-5):
+    mu = x.mean(-1, keepdims=True)
+    var = ((x - mu) ** 2).mean(-1, keepdims=True)
+    return (x - mu) / np.sqrt(var + eps) * p["scale"] + p["bias"]
+
+
+def test_block_is_pre_ln_and_the_head_is_tied_to_ln_f():
+    """Block(x) in numpy: x + c_proj(Attn(LN_1 x)), then x + mlp_proj(gelu_tanh(mlp_fc(LN_2 x)));
+    pre_ln = 0 gives LN_1(x + Attn x), LN_2(. + MLP .) instead; the model's logits are
+    LN_f(h_L) W_te^T with no other output matrix (tied)."""
+    cfg = dataclasses.replace(TINY, num_layers=1)
+    params = jax.tree.map(
+        lambda a: (
+            np.asarray(a)
+            + np.float32(0.3) * np.random.default_rng(2).normal(size=a.shape).astype(np.float32)
+        ),
+        _params(cfg),
+    )  # non-trivial LN, big weights
+    B, L, d, H = 2, cfg.seq_len, cfg.d_model, cfg.num_heads
+    tokens = np.random.default_rng(1).integers(0, 256, (B, L))
+    fn = jit0(lambda p, t, f: gpt2.model_of(cfg).apply(p, t, f)[0])
+    got_pre, got_post = np.asarray(fn(params, tokens, 1.0)), np.asarray(fn(params, tokens, 0.0))
+
+    p = params["params"]
+    b = p["h0"]
+    dense = lambda z, q: z @ q["kernel"] + q["bias"]
+
+    def attn(z):
+        q, k, v = np.split(dense(z, b["c_attn"]).reshape(B, L, 3, H, d // H), 3, axis=2)
+        q, k, v = (a[:, :, 0].transpose(0, 2, 1, 3) for a in (q, k, v))
+        w = q @ k.transpose(0, 1, 3, 2) / math.sqrt(d // H)
+        w = np.where(np.tril(np.ones((L, L), bool)), w, -np.inf)
+        a = np.exp(w - w.max(-1, keepdims=True))
+        a = (a / a.sum(-1, keepdims=True)) @ v
+        return dense(a.transpose(0, 2, 1, 3).reshape(B, L, d), b["c_proj"])
+
+    gelu = lambda z: 0.5 * z * (1 + np.tanh(np.sqrt(2 / np.pi) * (z + 0.044715 * z**3)))
+    mlp = lambda z: dense(gelu(dense(z, b["mlp_fc"])), b["mlp_proj"])
+    wte = p["wte"]["embedding"]
+    x = wte[tokens] + p["wpe"][:L]
+    h = x + attn(_ln(x, b["ln_1"]))
+    h = h + mlp(_ln(h, b["ln_2"]))
+    np.testing.assert_allclose(got_pre, _ln(h, p["ln_f"]) @ wte.T, rtol=2e-4, atol=2e-4)
+    n = _ln(x + attn(x), b["ln_1"])
+    np.testing.assert_allclose(got_post, _ln(n + mlp(n), b["ln_2"]) @ wte.T, rtol=2e-4, atol=2e-4)
+    assert np.abs(got_pre - got_post).max() > 0.5
+    leaves = jax.tree_util.tree_flatten_with_path(p)[0]
+    assert [jax.tree_util.keystr(k) for k, v in leaves if v.shape[0] == 256] == [
+        "['wte']['embedding']"
+    ]  # the only vocabulary-sized matrix: input and output tied
+
+
+def test_causal_leak_is_exactly_zero():
+    """Logits before position t are bit-identical when tokens >= t change (both placements)."""
+    params = _params()
+    tokens = jax.random.randint(jax.random.PRNGKey(1), (2, TINY.seq_len), 0, 256)
+    fn = jit0(lambda p, t, f: gpt2.model_of(TINY).apply(p, t, f)[0])
+    for flag in (1.0, 0.0):
+        assert_no_future_leak(lambda t, flag=flag: fn(params, t, flag), tokens, 9, 256, atol=0.0)
+
+
+def _decode(params, tokens, flag, key):
+    full = gpt2.model_of(TINY).apply(params, tokens, flag)[0]
+    cached = gpt2.cached_logits(params, tokens, flag, TINY)
+    gen = gpt2.generate(params, tokens[:, :5], key, flag, TINY, 4)
+    return full, cached, gen
+
+
+def test_kv_cache_logits_equal_the_full_forward_and_generate_uses_them():
+    """Every position's logits through the per-layer KV cache (one token at a time) equal the
+    full forward's to 1e-5, pre- and post-LN; generate keeps the prompt and, with top_k = 1,
+    appends the argmax of the full forward's logits at the prompt's last position."""
+    params = _params(seed=3)
+    tokens = jax.random.randint(jax.random.PRNGKey(2), (2, TINY.seq_len), 0, 256)
+    for flag in (1.0, 0.0):
+        full, cached, gen = jit0(_decode)(params, tokens, flag, jax.random.PRNGKey(0))
+        np.testing.assert_allclose(cached, full, atol=1e-5, rtol=0)
+        np.testing.assert_array_equal(gen[:, :5], tokens[:, :5])
+        np.testing.assert_array_equal(gen[:, 5], np.argmax(full[:, 4], -1))
+
+
+def test_cloze_rows_hold_the_true_word_first_and_mask_its_tokens():
+    """Each cloze item: choices rows sharing one context, the first one's candidate is the
+    word that follows the context in the held-out text; masks cover the candidate tokens;
+    distractors have the true word's length and differ from it."""
+    d = gpt2.data_of(TINY)
+    _, decode, _ = gpt2.tokenizer(TINY.corpus, TINY.val_fraction, TINY.bpe_merges)
+    val_text = gpt2.split_text(TINY.corpus, TINY.val_fraction)[1]
+    C = TINY.cloze_choices
+    rows, masks = (
+        d["cloze"].reshape(-1, C, TINY.seq_len + 1),
+        d["cloze_mask"].reshape(-1, C, TINY.seq_len),
+    )
+    for r, m in zip(rows, masks, strict=True):
+        words = [decode(r[c, 1:][m[c] > 0]) for c in range(C)]
+        ctx = decode(r[0, 1:][m[0] == 0])
+        assert all(w.startswith(" ") and len(w) == len(words[0]) for w in words), words
+        assert len(set(words)) == C, words
+        assert (ctx + words[0]) in val_text, (ctx, words)
+        np.testing.assert_array_equal(r[0, : -len(words[0])], r[1, : -len(words[0])])
+
+
+def _twin_init(key, cfg):
+    """gpt2.init; seeds SEEDS..2 SEEDS-1 (same keys as 0..SEEDS-1) are the broken variant:
+    post-LN (GPT's placement, no ln_f) with unscaled residual init."""
+    i = jnp.argmax(jnp.all(key == KEYS, -1))
+    good = _INIT(KEYS[i % SEEDS], cfg)
+    bad = _INIT(KEYS[i % SEEDS], dataclasses.replace(cfg, pre_ln=False, scaled_init=False))
+    return jax.tree.map(lambda a, b: jnp.where(i >= SEEDS, b, a), good, bad)
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    """TINY through the command line (--fast-compile), in-process, once, 2 x SEEDS seeds,
+    with the runner's compiled chunks recorded for the purity rerun."""
+    argv = cli_args(TINY, gpt2.Config()) + [
+        "--num-seeds",
+        str(2 * SEEDS),
+        "--log-every",
+        str(CHUNK),
+        "--no-progress",
+        "--fast-compile",
+        "--run-dir",
+        str(tmp_path_factory.mktemp("run")),
+        "--prompt",
+        "The ",
+    ]
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(gpt2, "init", _twin_init)
+        res, chunks = main_recording_chunks(gpt2.main, argv)
+    saved = json.loads((res.run_dir / "config.json").read_text())["config"]
+    assert saved == json.loads(json.dumps(dataclasses.asdict(TINY), default=str))
+    return res, chunks
+
+
+def test_pre_ln_scaled_init_beats_post_ln_unscaled(tiny_run):
+    """Behaviour, one compiled run: 6 blocks of d 32 at lr 1e-2 with no warm-up; the GPT-2
+    seeds reach a lower held-out loss than their post-LN + unscaled-init twins (same keys,
+    same batches). Measured: see the assert message."""
+    res, _ = tiny_run
+    val = np.asarray(res.final["val_loss"])
+    good, bad = val[:SEEDS], val[SEEDS:]
+    print(f"held-out nats/token gpt2 {good} post-LN unscaled {bad}")
+    assert (good < bad - 0.1).all(), (good, bad)
+
+
+def test_train_is_pure_and_seeded(tiny_run):
+    """The recorded first chunk, rerun on a copy of its input states, gives the run's first
+    rows bit for bit; the seeds differ; the losses are finite; twins get the flags."""
+    res, chunks = tiny_run
+    fn, states = chunks[0]
+    _, metrics = jax.device_get(fn(states))
+    for k in res.history:
+        np.testing.assert_array_equal(res.history[k][:, :CHUNK], metrics[k], err_msg=k)
+    loss = res.history["losses/loss"]
+    assert loss.shape == (2 * SEEDS, TINY.num_updates) and np.isfinite(loss).all()
+    assert not np.array_equal(loss[0], loss[1])
+    np.testing.assert_array_equal(res.state.pre_ln, [1.0] * SEEDS + [0.0] * SEEDS)
+
+
+def test_cli_runs_samples_and_documents_every_field(tiny_run, capsys):
+    """--help lists every field; the run wrote finite summaries; the bits-per-byte and
+    perplexity identities hold; --prompt printed a sample."""
+    res, _ = tiny_run
+    out = capsys.readouterr().out  # (the fixture's own output was captured earlier)
+    with pytest.raises(SystemExit):
+        gpt2.main(["--help"])
+    out = capsys.readouterr().out
+    for f in dataclasses.fields(gpt2.Config):
+        assert "--" + f.name.replace("_", "-") in out, f.name
+    assert "Presets (--preset): quick, paper" in out
+    f = {k: np.asarray(v) for k, v in res.final.items()}
+    np.testing.assert_allclose(f["val_bits_per_token"], f["val_loss"] / math.log(2), rtol=1e-6)
+    np.testing.assert_allclose(f["val_bits_per_byte"], f["val_bits_per_token"], rtol=1e-6)
+    np.testing.assert_allclose(f["val_perplexity"], np.exp(f["val_loss"]), rtol=1e-5)
+    assert ((0 <= f["cloze_acc"]) & (f["cloze_acc"] <= 1)).all()
+    summary = json.loads((res.run_dir / "summary.json").read_text())
+    assert len(summary["cloze_acc"]) == 2 * SEEDS
+
+
+def test_sample_text_extends_the_prompt(tiny_run):
+    res, _ = tiny_run
+    text = gpt2.sample_text(res, TINY, "The ")
+    assert text.startswith("The ") and len(text.encode()) >= 4 + 1
+
+
+def test_bad_values_fail_with_named_field(tmp_path):
+    with pytest.raises(ValueError, match="d_model=30 is not divisible by num_heads=4"):
+        gpt2.main(["--preset", "quick", "--d-model", "30", "--run-dir", str(tmp_path)])
+    with pytest.raises(ValueError, match="vocab_size=10 is below"):
+        gpt2.main(["--preset", "quick", "--vocab-size", "10", "--run-dir", str(tmp_path)])
+    with pytest.raises(ValueError, match="bpe_merges=-1"):
+        gpt2.main(["--preset", "quick", "--bpe-merges", "-1", "--run-dir", str(tmp_path)])
+    with pytest.raises(ValueError, match="eval_windows=100"):
+        gpt2.main(["--preset", "quick", "--eval-windows", "100", "--run-dir", str(tmp_path)])
+
+
+def test_every_config_field_is_read():
+    assert unread_fields(gpt2) == []
+
+
+def test_paper_preset_traces_gpt2_small():
+    """eval_shape of init and one update at the paper preset (pydoc instead of the stdlib,
+    to keep the trace light): 12 x 768, context 1024, 50,257 rows: 124.4M parameters
+    (GPT-2 small; [1] Table 2 says 117M); bf16 compute keeps f32 parameters."""
+    cfg, state, after = preset.trace_paper(gpt2, corpus="pydoc")
+    assert jax.tree.structure(after[0]) == jax.tree.structure(state)
+    n = sum(x.size for x in jax.tree.leaves(state.params))
+    assert 124e6 < n < 125e6, n
+    assert state.params["params"]["wte"]["embedding"].shape == (50257, 768)
+    assert state.params["params"]["wpe"].shape == (1024, 768)
+    bf = dataclasses.replace(cfg, dtype="bfloat16")
+    st = jax.eval_shape(lambda k: gpt2.init(k, bf), jax.random.PRNGKey(0))
+    assert {x.dtype for x in jax.tree.leaves(st.params)} == {jnp.dtype("float32")}
+    logits = jax.eval_shape(
+        lambda p: gpt2.model_of(bf).apply(p, jnp.zeros((1, 8), jnp.int32), 1.0)[0], st.params
+    )
+    assert logits.dtype == jnp.float32

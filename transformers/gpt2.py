@@ -1,0 +1,625 @@
+"""GPT-2: a pre-LN Transformer decoder language model over byte-level tokens, pre-trained on
+offline text, with a zero-shot probe and KV-cache sampling.
+
+[1] A. Radford, J. Wu, R. Child, D. Luan, D. Amodei, I. Sutskever. "Language Models are
+    Unsupervised Multitask Learners." OpenAI technical report, 2019 (no arXiv id). Released
+    model: github.com/openai/gpt-2 src/model.py (read for the details below).
+[2] L. Weng. "Generalized Language Models" (2019), section "OpenAI GPT-2".
+[3] A. Radford et al. 2018 (GPT, transformers/gpt.py): the post-LN block GPT-2 changed.
+
+    L(U) = -sum_i log P(u_i | u_{i-k}, ..., u_{i-1})                 (LM objective, [1] Sec. 2)
+    h_0 = W_te[u] + W_pe;  h_l = block(h_{l-1});  P(u) = softmax(LN_f(h_n) W_te^T)   (tied)
+    block, pre-LN ([1] Sec. 2.3: "layer normalization was moved to the input of each
+      sub-block ... and an additional layer normalization was added after the final block"):
+        x = x + c_proj(Attn(LN_1(x)));   x = x + mlp_proj(gelu(mlp_fc(LN_2(x))))
+      Attn causal multi-head: softmax(q k^T / sqrt(d_k) + M) v, M = finfo.min above the diagonal
+      gelu(x) = 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))      (released model.py)
+    init ([1] Sec. 2.3, "scale the weights of residual layers at initialization by a factor
+      of 1/sqrt(N) where N is the number of residual layers"): weights N(0, 0.02), c_proj and
+      mlp_proj N(0, 0.02 / sqrt(2 n_layer)) (two residual layers per block, as HF's
+      _init_weights); W_pe N(0, 0.01), W_te N(0, 0.02) (released model.py)
+    KV cache (released model.py `past`): step t appends k_t, v_t of every layer to the cache
+      and attends q_t over positions <= t; the logits equal the full forward's.
+    bits per token = L / ln 2; bits per byte = L / ln 2 * tokens / bytes; perplexity = exp(L)
+    ([2] "Perplexity": 2^H, H in bits)
+
+Tokens: byte-level. With --bpe-merges 0 the tokens are the 256 bytes of the UTF-8 text
+(BPE with zero merges); with --bpe-merges M > 0 the byte-level BPE of transformers/bpe.py
+(GPT-2's regex pre-split, [1] Sec. 2.2) is trained on the training split to 256 + M
+tokens. The token stream travels in the state (uint8 or uint16), an input of the compiled
+chunks, not a constant compiled into them.
+
+Zero-shot probe ([1] Sec. 3 evaluates the LM on tasks it was not trained for; at this
+scale the tasks are): held-out perplexity and bits per byte, and a next-word cloze on the
+held-out split: after up to seq_len tokens of real context, is the true next word more
+likely than cloze_choices - 1 held-out words of the same length (chance 1 / cloze_choices)?
+
+Reproduce (CPU demo: pydoc bytes, 4 layers of d 128, context 128, 1500 updates of 32):
+    python transformers/gpt2.py --preset quick --plot transformers/gpt2.png --prompt "The "
+  Measured: see the README row (filled in after the quick run).
+Paper scale (GPU; GPT-2 small: 12 x 768, 12 heads, context 1024, 50,257-row table, batch 512):
+    python transformers/gpt2.py --preset paper
+[1] Table 3 (zero-shot, 117M model): LAMBADA ppl 35.13 / acc 45.99, CBT-CN 87.65, CBT-NE 83.4,
+  WikiText2 ppl 29.41, PTB 65.85, enwik8 1.16 bpb, text8 1.17 bpc, WikiText103 37.50,
+  1BW 75.20 (from memory [M]; not checked against the PDF).
+
+Differences from the paper:
+- Data: Python's reference manual (pydoc) or the stdlib sources, not WebText (8M pages);
+  numbers are not comparable with [1]'s.
+- The paper preset keeps the byte tokens but sizes the table as GPT-2's 50,257 rows (the
+  other rows are never seen); training GPT-2's BPE on 40 GB of text is out of reach here.
+- [1] does not give the optimiser, schedule, steps or dropout; this file uses AdamW
+  (decoupled weight decay 0.01 on matrices), global-norm clipping at 1, linear warm-up then
+  cosine, GPT's lr 2.5e-4 [3], no dropout (the released model.py has none). train_steps of
+  the paper preset is a guess.
+- `pre_ln` (a traced state flag) also runs the post-LN placement of [3] (no ln_f) for the
+  behaviour test; `scaled_init` False gives every matrix std 0.02.
+- Attention is the explicit masked softmax (finfo.min mask, f32 softmax) on every path, so
+  that the cached and full forwards share one function; no fused kernel.
+"""
+
+import functools
+import math
+import re
+from dataclasses import dataclass
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import struct
+
+from common import data, run
+
+# --- CONFIG ---
+
+
+@dataclass(frozen=True)
+class Config:
+    """GPT-2 [1]: defaults are GPT-2 small (117M) where [1] and its released model state them."""
+
+    corpus: str = "pydoc"
+    """text of common.data.text_corpus: pydoc, stdlib or this"""
+    val_fraction: float = 0.1
+    """last fraction of the text held out (perplexity and cloze)"""
+    bpe_merges: int = 0
+    """0: byte tokens (256); > 0: train transformers/bpe.py byte-level BPE with this many
+    merges on the training split (256 + bpe_merges tokens)"""
+    vocab_size: int | None = 50257
+    """rows of the token table (GPT-2: 50,257); None: the tokenizer's own size"""
+    seq_len: int = 1024
+    """context n_ctx (tokens per window; rows of the position table)"""
+    num_layers: int = 12
+    """transformer blocks"""
+    d_model: int = 768
+    """hidden size"""
+    num_heads: int = 12
+    """attention heads"""
+    pre_ln: bool = True
+    """GPT-2's pre-LN blocks + ln_f; False: GPT's post-LN placement (the broken variant)"""
+    scaled_init: bool = True
+    """residual projections c_proj, mlp_proj init std 0.02 / sqrt(2 num_layers); False: 0.02"""
+    dtype: str = "float32"
+    """compute dtype of the matmuls: float32 or bfloat16 (params, softmax, LN, loss stay f32)"""
+    batch_size: int = 512
+    """windows per update"""
+    train_steps: int = 500_000
+    """updates (not stated in [1])"""
+    lr: float = 2.5e-4
+    """peak learning rate (tuned per model in [1]; GPT's value)"""
+    warmup_steps: int = 2000
+    """linear warm-up updates, then cosine decay to 0"""
+    weight_decay: float = 0.01
+    """AdamW decoupled weight decay on matrices"""
+    max_grad_norm: float = 1.0
+    """global-norm gradient clipping"""
+    eval_windows: int = 1024
+    """held-out windows for the perplexity of evaluate() (a multiple of batch_size)"""
+    cloze_items: int = 256
+    """held-out next-word cloze items"""
+    cloze_choices: int = 4
+    """candidates per cloze item (the true word and same-length distractors)"""
+    data_seed: int = 0
+    """seed of the cloze items (fixed across training seeds)"""
+    sample_tokens: int = 200
+    """tokens sampled after --prompt"""
+    temperature: float = 1.0
+    """sampling temperature"""
+    top_k: int = 40
+    """sample among the k most likely tokens ([1]'s samples: k = 40); 0: all"""
+
+    @property
+    def num_updates(self) -> int:
+        return self.train_steps
+
+    @property
+    def steps_per_update(self) -> int:
+        return self.batch_size * self.seq_len  # tokens per update
+
+    def validate(self):
+        if self.d_model % self.num_heads:
+            raise ValueError(
+                f"d_model={self.d_model} is not divisible by num_heads={self.num_heads}"
+            )
+        if self.dtype not in ("float32", "bfloat16"):
+            raise ValueError(f"dtype={self.dtype!r} must be 'float32' or 'bfloat16'")
+        if not 0 < self.val_fraction < 1:
+            raise ValueError(f"val_fraction={self.val_fraction} must be in (0, 1)")
+        if self.bpe_merges < 0:
+            raise ValueError(f"bpe_merges={self.bpe_merges} must be >= 0")
+        if self.eval_windows % self.batch_size:
+            raise ValueError(
+                f"eval_windows={self.eval_windows} is not a multiple of "
+                f"batch_size={self.batch_size}"
+            )
+        if self.cloze_choices < 2 or (self.cloze_items * self.cloze_choices) % self.batch_size:
+            raise ValueError(
+                f"cloze_items * cloze_choices={self.cloze_items} * "
+                f"{self.cloze_choices} must be a multiple of batch_size="
+                f"{self.batch_size} (and cloze_choices >= 2)"
+            )
+        if not 1 <= self.sample_tokens < self.seq_len:
+            raise ValueError(f"sample_tokens={self.sample_tokens} must be in [1, seq_len)")
+        if self.temperature <= 0 or self.top_k < 0:
+            raise ValueError(
+                f"temperature={self.temperature} must be > 0 and top_k={self.top_k} >= 0"
+            )
+        d = corpus_data(
+            self.corpus,
+            self.val_fraction,
+            self.bpe_merges,
+            self.seq_len,
+            self.cloze_items,
+            self.cloze_choices,
+            self.data_seed,
+        )
+        if self.vocab_size is not None and self.vocab_size < d["size"]:
+            raise ValueError(
+                f"vocab_size={self.vocab_size} is below the tokenizer's {d['size']} tokens"
+            )
+        if min(len(d["train"]), len(d["val"])) < self.seq_len + 2:
+            raise ValueError(
+                f"seq_len={self.seq_len}: a split of corpus={self.corpus!r} is "
+                f"shorter than a window"
+            )
+
+
+PRESETS = {
+    # CPU demo: 4 blocks of d 128, context 128, 1500 updates of 32 windows
+    "quick": dict(
+        vocab_size=None,
+        seq_len=128,
+        num_layers=4,
+        d_model=128,
+        num_heads=4,
+        batch_size=32,
+        train_steps=1500,
+        lr=2e-3,
+        warmup_steps=100,
+        eval_windows=256,
+        cloze_items=256,
+        sample_tokens=120,
+    ),
+    "paper": dict(corpus="stdlib"),
+}
+
+# --- DATA ---
+
+
+@functools.cache
+def tokenizer(corpus: str, val_fraction: float, bpe_merges: int):
+    """(encode: str -> list[int], decode: list[int] -> str, size) of the config."""
+    if bpe_merges == 0:
+        return (
+            lambda s: list(s.encode("utf-8")),
+            lambda ids: bytes(int(i) for i in ids).decode("utf-8", errors="replace"),
+            256,
+        )
+    from transformers import bpe  # the tokenizer IS the other algorithm (DESIGN.md sec. 2)
+
+    tok = bpe.Tokenizer(bpe.train(split_text(corpus, val_fraction)[0], 256 + bpe_merges))
+    return tok.encode, tok.decode, tok.vocab_size
+
+
+@functools.cache
+def split_text(corpus: str, val_fraction: float) -> tuple[str, str]:
+    text = data.text_corpus(corpus)
+    cut = int(len(text) * (1 - val_fraction))
+    return text[:cut], text[cut:]
+
+
+@functools.cache
+def corpus_data(
+    corpus: str,
+    val_fraction: float,
+    bpe_merges: int,
+    seq_len: int,
+    cloze_items: int,
+    cloze_choices: int,
+    data_seed: int,
+) -> dict:
+    """Host-side data of a config: train / val token streams (uint8 for bytes, else uint16),
+    the cloze rows (items * choices, seq_len + 1) int32 and their target masks
+    (items * choices, seq_len), the val split's bytes per token, the tokenizer size and the
+    unigram baseline (train token frequencies, add-1) in bits per byte on val."""
+    encode, _, size = tokenizer(corpus, val_fraction, bpe_merges)
+    train_text, val_text = split_text(corpus, val_fraction)
+    dt = np.uint8 if size <= 256 else np.uint16
+    train, val = (np.asarray(encode(t), dt) for t in (train_text, val_text))
+    bytes_per_token = len(val_text.encode("utf-8")) / max(len(val), 1)
+    counts = np.bincount(train, minlength=size) + 1.0
+    unigram = -np.log2(counts[val] / counts.sum()).mean() / bytes_per_token
+
+    # next-word cloze on the held-out text: lower-case words after a space, with context
+    rng = np.random.default_rng(data_seed)
+    found = [
+        (m.start(), m.group(1))
+        for m in re.finditer(r" ([a-z]{4,10})(?=[ ,.;:])", val_text)
+        if m.start() >= 4 * seq_len
+    ]
+    by_len: dict[int, list[str]] = {}
+    for _, w in found:
+        by_len.setdefault(len(w), [])
+        if w not in by_len[len(w)]:
+            by_len[len(w)].append(w)
+    usable = [(s, w) for s, w in found if len(by_len[len(w)]) >= cloze_choices]
+    rows = np.zeros((cloze_items * cloze_choices, seq_len + 1), np.int32)
+    masks = np.zeros((cloze_items * cloze_choices, seq_len), np.float32)
+    if usable:
+        for i, j in enumerate(rng.choice(len(usable), cloze_items, replace=True)):
+            start, word = usable[j]
+            ctx = encode(val_text[start - 4 * seq_len : start])
+            others = [w for w in by_len[len(word)] if w != word]
+            picks = [word] + [
+                others[k] for k in rng.choice(len(others), cloze_choices - 1, replace=False)
+            ]
+            for c, w in enumerate(picks):
+                cand = encode(" " + w)[:seq_len]
+                seq = (ctx + cand)[-(seq_len + 1) :]
+                rows[i * cloze_choices + c, -len(seq) :] = seq
+                masks[i * cloze_choices + c, -len(cand) :] = 1
+    return dict(
+        train=train,
+        val=val,
+        cloze=rows,
+        cloze_mask=masks,
+        size=size,
+        bytes_per_token=bytes_per_token,
+        unigram_bpb=unigram,
+    )
+
+
+def data_of(cfg: Config) -> dict:
+    return corpus_data(
+        cfg.corpus,
+        cfg.val_fraction,
+        cfg.bpe_merges,
+        cfg.seq_len,
+        cfg.cloze_items,
+        cfg.cloze_choices,
+        cfg.data_seed,
+    )
+
+
+def vocab_rows(cfg: Config) -> int:
+    return cfg.vocab_size or data_of(cfg)["size"]
+
+
+# --- NETWORKS ---
+
+init_w = nn.initializers.normal(0.02)  # [1] / released model.py: N(0, 0.02) weights
+
+
+def causal_attention(q, k, v, mask):
+    """softmax(q k^T / sqrt(d_k) + M) v on (B, Lq, H, d_k) x (B, Lk, H, d_k); `mask` (Lq, Lk)
+    True where a query may look; M = finfo(f32).min elsewhere; f32 logits and softmax."""
+    w = jnp.einsum("bqhd,bkhd->bhqk", q, k).astype(jnp.float32) / math.sqrt(q.shape[-1])
+    w = jnp.where(mask, w, jnp.finfo(jnp.float32).min)
+    p = jax.nn.softmax(w, axis=-1).astype(v.dtype)
+    return jnp.einsum("bhqk,bkhd->bqhd", p, v)
+
+
+class Block(nn.Module):
+    """Pre-LN decoder block ([1] Sec. 2.3; released `block`): x + Attn(LN_1 x), then
+    x + MLP(LN_2 x). With pre_ln = 0 (traced): post-LN as GPT [3], LN_1(x + Attn x), ...
+    With a cache (k, v each (B, n_ctx, H, d_k)), x is one position `pos`: its k, v are
+    written into the cache and q attends over positions <= pos."""
+
+    cfg: Config
+
+    @nn.compact
+    def __call__(self, x, pre_ln, cache=None, pos=0):
+        cfg, (B, L, d) = self.cfg, x.shape
+        H = cfg.num_heads
+        resid_std = 0.02 / math.sqrt(2 * cfg.num_layers) if cfg.scaled_init else 0.02
+        dense = functools.partial(nn.Dense, kernel_init=init_w, dtype=jnp.dtype(cfg.dtype))
+        resid = functools.partial(dense, kernel_init=nn.initializers.normal(resid_std))
+        ln_1 = nn.LayerNorm(epsilon=1e-5, dtype=jnp.float32, name="ln_1")
+        ln_2 = nn.LayerNorm(epsilon=1e-5, dtype=jnp.float32, name="ln_2")
+        pre = pre_ln > 0
+
+        qkv = dense(3 * d, name="c_attn")(jnp.where(pre, ln_1(x), x))
+        q, k, v = jnp.split(qkv.reshape(B, L, 3, H, d // H), 3, axis=2)
+        q, k, v = q[:, :, 0], k[:, :, 0], v[:, :, 0]
+        if cache is None:
+            mask = jnp.tril(jnp.ones((L, L), bool))
+        else:  # one new position: append its k, v ([1]'s released `present` / `past`)
+            k = jax.lax.dynamic_update_slice_in_dim(cache[0], k.astype(cache[0].dtype), pos, 1)
+            v = jax.lax.dynamic_update_slice_in_dim(cache[1], v.astype(cache[1].dtype), pos, 1)
+            cache = (k, v)
+            mask = (jnp.arange(k.shape[1]) <= pos)[None, :]
+        a = resid(d, name="c_proj")(causal_attention(q, k, v, mask).reshape(B, L, d))
+        x = jnp.where(pre, x + a, ln_1(x + a))
+        m = dense(4 * d, name="mlp_fc")(jnp.where(pre, ln_2(x), x))
+        m = resid(d, name="mlp_proj")(nn.gelu(m, approximate=True))
+        return jnp.where(pre, x + m, ln_2(x + m)), cache
+
+
+class GPT2(nn.Module):
+    """h_0 = W_te[u] + W_pe[pos]; blocks; ln_f (pre-LN only); logits = h W_te^T (tied).
+    Returns (logits (B, L, rows) f32, the updated per-layer caches or None)."""
+
+    cfg: Config
+    rows: int
+
+    @nn.compact
+    def __call__(self, tokens, pre_ln, cache=None, pos=0):
+        cfg, L = self.cfg, tokens.shape[1]
+        wte = nn.Embed(self.rows, cfg.d_model, embedding_init=init_w, name="wte")
+        wpe = self.param("wpe", nn.initializers.normal(0.01), (cfg.seq_len, cfg.d_model))
+        h = wte(tokens) + jax.lax.dynamic_slice_in_dim(wpe, pos, L)
+        new = []
+        for l in range(cfg.num_layers):
+            h, c = Block(cfg, name=f"h{l}")(h, pre_ln, None if cache is None else cache[l], pos)
+            new.append(c)
+        h = jnp.where(pre_ln > 0, nn.LayerNorm(epsilon=1e-5, dtype=jnp.float32, name="ln_f")(h), h)
+        return wte.attend(h.astype(jnp.float32)), (None if cache is None else tuple(new))
+
+
+def model_of(cfg: Config) -> GPT2:
+    return GPT2(cfg, vocab_rows(cfg))
+
+
+# --- LOSS ---
+
+
+def token_nll(logits, targets):
+    """-log softmax(logits)[target] per position (nats), f32."""
+    logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+    return -jnp.take_along_axis(logp, targets[..., None].astype(jnp.int32), axis=-1)[..., 0]
+
+
+# --- KV-CACHE DECODING ---
+
+
+def empty_cache(cfg: Config, batch: int):
+    shape = (batch, cfg.seq_len, cfg.num_heads, cfg.d_model // cfg.num_heads)
+    z = jnp.zeros(shape, jnp.dtype(cfg.dtype))
+    return tuple((z, z) for _ in range(cfg.num_layers))
+
+
+def cached_step(params, cache, token, pos, pre_ln, cfg: Config):
+    """One decoding step: token (B,) at position `pos` -> (logits (B, rows), cache)."""
+    logits, cache = model_of(cfg).apply(params, token[:, None], pre_ln, cache, pos)
+    return logits[:, 0], cache
+
+
+def cached_logits(params, tokens, pre_ln, cfg: Config):
+    """The logits of every position of tokens (B, L), one position at a time through the
+    per-layer KV cache (lax.scan over positions): must equal the full forward's."""
+
+    def step(cache, x):
+        t, pos = x
+        logits, cache = cached_step(params, cache, t, pos, pre_ln, cfg)
+        return cache, logits
+
+    L = tokens.shape[1]
+    _, logits = jax.lax.scan(step, empty_cache(cfg, tokens.shape[0]), (tokens.T, jnp.arange(L)))
+    return logits.transpose(1, 0, 2)
+
+
+def generate(params, prompt, key, pre_ln, cfg: Config, num_new: int):
+    """Sample num_new tokens after prompt (B, P) with the KV cache: the prompt is fed one
+    token at a time, then each sampled token (top-k, temperature) is fed back."""
+    B, P = prompt.shape
+    seq = jnp.zeros((B, P + num_new), jnp.int32).at[:, :P].set(prompt)
+
+    def step(carry, pos):
+        seq, cache, key = carry
+        logits, cache = cached_step(params, cache, seq[:, pos], pos, pre_ln, cfg)
+        logits = logits / cfg.temperature
+        if cfg.top_k:
+            kth = jax.lax.top_k(logits, cfg.top_k)[0][:, -1:]
+            logits = jnp.where(logits < kth, -jnp.inf, logits)
+        key, k = jax.random.split(key)
+        nxt = jax.random.categorical(k, logits)
+        nxt = jnp.where(pos + 1 < P, seq[:, jnp.minimum(pos + 1, P - 1)], nxt)
+        return (seq.at[:, pos + 1].set(nxt), cache, key), None
+
+    (seq, _, _), _ = jax.lax.scan(
+        step, (seq, empty_cache(cfg, B), key), jnp.arange(P + num_new - 1)
+    )
+    return seq
+
+
+# --- STATE ---
+
+
+@struct.dataclass
+class State:
+    params: Any
+    opt_state: Any
+    key: jax.Array
+    step: jax.Array
+    pre_ln: jax.Array
+    """1.0: pre-LN + ln_f (GPT-2); 0.0: post-LN (GPT) -- traced, one program runs both"""
+    data: dict
+    """train / val token streams and the cloze rows: inputs of the compiled chunks"""
+
+
+def optimizer(cfg: Config):
+    sched = optax.warmup_cosine_decay_schedule(
+        0.0, cfg.lr, cfg.warmup_steps, max(cfg.train_steps, cfg.warmup_steps + 1)
+    )
+    decay_mask = lambda p: jax.tree.map(lambda x: x.ndim > 1, p)
+    return optax.chain(
+        optax.clip_by_global_norm(cfg.max_grad_norm),
+        optax.adamw(sched, weight_decay=cfg.weight_decay, mask=decay_mask),
+    ), sched
+
+
+def init(key, cfg: Config) -> State:
+    k_init, key = jax.random.split(key)
+    params = model_of(cfg).init(k_init, jnp.zeros((1, cfg.seq_len), jnp.int32), 1.0)
+    d = data_of(cfg)
+    arrays = {k: jnp.asarray(d[k]) for k in ("train", "val", "cloze", "cloze_mask")}
+    return State(
+        params,
+        optimizer(cfg)[0].init(params),
+        key,
+        jnp.zeros((), jnp.int32),
+        jnp.asarray(float(cfg.pre_ln), jnp.float32),
+        arrays,
+    )
+
+
+# --- UPDATE ---
+
+
+def update(state: State, cfg: Config):
+    model = model_of(cfg)
+    tx, sched = optimizer(cfg)
+    key, k_batch = jax.random.split(state.key)
+    x, y = data.lm_windows(k_batch, state.data["train"], cfg.batch_size, cfg.seq_len)
+
+    def loss_fn(p):
+        logits, _ = model.apply(p, x.astype(jnp.int32), state.pre_ln)
+        return token_nll(logits, y).mean()  # L(U), nats per token
+
+    loss, grads = jax.value_and_grad(loss_fn)(state.params)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    metrics = {
+        "losses/loss": loss,
+        "charts/bits_per_token": loss / jnp.log(2.0),
+        "charts/lr": sched(state.step),
+        "charts/grad_norm": optax.global_norm(grads),
+    }
+    return state.replace(params=params, opt_state=opt_state, key=key, step=state.step + 1), metrics
+
+
+def evaluate(state: State, cfg: Config):
+    """Held-out LM loss over eval_windows windows of the val split (nats/token, bits/token,
+    bits/byte, perplexity per token) and the zero-shot next-word cloze accuracy."""
+    model = model_of(cfg)
+    d = data_of(cfg)
+    val, B, L = state.data["val"], cfg.batch_size, cfg.seq_len
+    starts = jnp.linspace(0, val.shape[0] - L - 2, cfg.eval_windows).astype(jnp.int32)
+
+    def window_loss(st):
+        w = jax.vmap(lambda a: jax.lax.dynamic_slice(val, (a,), (L + 1,)))(st).astype(jnp.int32)
+        return token_nll(model.apply(state.params, w[:, :-1], state.pre_ln)[0], w[:, 1:]).mean()
+
+    def cloze_score(args):
+        rows, mask = args  # sum of log P over each candidate's tokens
+        return -(
+            token_nll(model.apply(state.params, rows[:, :-1], state.pre_ln)[0], rows[:, 1:]) * mask
+        ).sum(1)
+
+    loss = jax.lax.map(window_loss, starts.reshape(-1, B)).mean()
+    rows = state.data["cloze"].reshape(-1, B, L + 1)
+    score = jax.lax.map(cloze_score, (rows, state.data["cloze_mask"].reshape(-1, B, L)))
+    score = score.reshape(cfg.cloze_items, cfg.cloze_choices)
+    bits = loss / jnp.log(2.0)
+    return {
+        "val_loss": loss,
+        "val_bits_per_token": bits,
+        "val_bits_per_byte": bits / d["bytes_per_token"],
+        "val_perplexity": jnp.exp(loss),
+        "cloze_acc": (score[:, 0] > score[:, 1:].max(1)).mean(),
+        "cloze_chance": jnp.float32(1 / cfg.cloze_choices),
+        "unigram_bits_per_byte": jnp.float32(d["unigram_bpb"]),
+    }
+
+
+# --- MAIN ---
+
+
+def sample_text(res, cfg: Config, prompt: str, seed: int = 0) -> str:
+    """--prompt: seed 0's model continues `prompt` by sample_tokens tokens."""
+    encode, decode, _ = tokenizer(cfg.corpus, cfg.val_fraction, cfg.bpe_merges)
+    ids = encode(prompt)[-(cfg.seq_len - cfg.sample_tokens) :] or [10]
+    params = jax.tree.map(lambda x: x[0], res.state.params)
+    gen = jax.jit(lambda p, t, k, f: generate(p, t, k, f, cfg, cfg.sample_tokens))
+    out = gen(params, jnp.asarray([ids], jnp.int32), jax.random.PRNGKey(seed), res.state.pre_ln[0])
+    return decode(np.asarray(out[0]).tolist())
+
+
+def plot(res, out: str) -> str:
+    """Training loss per seed (bits per token) with the held-out bits per token."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from common.plot import save_png
+
+    h, f = res.history, {k: np.asarray(v) for k, v in res.final.items()}
+    fig, ax = plt.subplots(figsize=(6, 3.4))
+    for i, row in enumerate(np.asarray(h["charts/bits_per_token"])):
+        (line,) = ax.plot(row, lw=0.8, label=f"seed {i} train")
+        ax.axhline(
+            f["val_bits_per_token"][i],
+            color=line.get_color(),
+            ls="--",
+            label=f"seed {i} held-out (end) {f['val_bits_per_token'][i]:.2f}",
+        )
+    ax.set(
+        xlabel="update",
+        ylabel="bits per token",
+        ylim=(0, 8),
+        title=f"GPT-2 pre-LN; cloze acc {f['cloze_acc'].mean():.2f} "
+        f"(chance {f['cloze_chance'].mean():.2f})",
+    )
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return save_png(fig, out)
+
+
+def main(argv=None):
+    """`--plot PNG` draws the losses; `--prompt TEXT` samples a continuation after training."""
+    flags, argv = run.pop_flags(argv, "--plot", "--prompt")
+    res = run.main(
+        Config,
+        init,
+        update,
+        presets=PRESETS,
+        evaluate=evaluate,
+        argv=argv,
+        doc=__doc__,
+        summary_keys=[
+            "val_bits_per_byte",
+            "val_perplexity",
+            "cloze_acc",
+            "unigram_bits_per_byte",
+            "losses/loss",
+        ],
+    )
+    cfg = Config(**json_config(res))
+    if flags["--plot"] is not None:
+        print(plot(res, flags["--plot"]))
+    if flags["--prompt"] is not None:
+        print(f"--- sample (seed 0) ---\n{sample_text(res, cfg, flags['--prompt'])}")
+    return res
+
+
+def json_config(res) -> dict:
+    import json
+
+    return json.loads((res.run_dir / "config.json").read_text())["config"]
+
+
+if __name__ == "__main__":
+    main()
