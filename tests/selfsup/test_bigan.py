@@ -1,0 +1,189 @@
+"""Tests of selfsup/bigan.py: the two losses' signs (Eq. 3 and the inverse objective), each
+loss's gradient reaching only its own parameter group, the prior, E's range, the learning
+rate schedule, the inversion error and 1-NN by hand; the behaviour (inversion and probes of
+E(x) against the random-init E, against D blind to z); purity, CLI, bad values, Config
+fields and the paper preset."""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from common import run
+from selfsup import bigan as bg
+from tests.common.cli import cli_args
+from tests.common.compiled import compiled, main_recording_chunks
+from tests.common.config_fields import unread_fields
+from tests.common.preset import trace_paper
+
+# One tiny configuration for every test of the module: MLPs of width 64, latent 10, a
+# constant lr of 5e-4, 2 chunks of 150 steps, a 20-step supervised reference.
+TINY = bg.Config(hidden=64, latent_dim=10, lr=5e-4, num_epochs=300 // 7 + 1, decay_epochs=0,
+                 supervised_steps=20)
+NUM_STEPS = 300
+SEEDS = 2
+LOG_EVERY = 150
+
+
+def params_and_batch(cfg, key=0):
+    k = jax.random.PRNGKey(key)
+    x = jnp.asarray(bg.images(cfg)[0][:32])
+    return compiled(lambda k: bg.init_params(k, cfg), k), x, compiled(
+        lambda k: bg.sample_prior(k, 32, cfg), jax.random.PRNGKey(7))
+
+
+def test_loss_signs_by_hand():
+    """D's loss (-Eq. 3 / 2) and E, G's inverse objective at logits 0: both log 2 (the
+    released log's first line, 0.6932); D right and confident (real +10, fake -10): D's
+    loss ~e^-10, E and G's ~10 (the non-saturating -log D(G(z), z) and -log(1 - D(x,
+    E(x))) terms each 10); D fooled (real -10, fake +10): the reverse. Mutation tried:
+    generator_encoder_loss with the labels of discriminator_loss (the saturating min of V
+    with the sign flipped) fails: E, G's loss would be ~e^-10 where D is right."""
+    z, big = np.zeros(8, np.float32), np.full(8, 10.0, np.float32)
+    d0, ge0, d1, ge1, d2, ge2 = map(float, compiled(lambda: (
+        bg.discriminator_loss(z, z), bg.generator_encoder_loss(z, z),
+        bg.discriminator_loss(big, -big), bg.generator_encoder_loss(big, -big),
+        bg.discriminator_loss(-big, big), bg.generator_encoder_loss(-big, big))))
+    np.testing.assert_allclose([d0, ge0], [np.log(2)] * 2, rtol=1e-6)
+    np.testing.assert_allclose([d1, ge2], [np.log1p(np.exp(-10))] * 2, rtol=1e-4)
+    np.testing.assert_allclose([ge1, d2], [10.0] * 2, rtol=1e-3)
+
+
+def test_each_loss_reaches_only_its_group():
+    """jax.grad per parameter group of the losses `update` differentiates: D's loss moves
+    only D (E's and G's gradients exactly 0), E and G's only E and G (D's exactly 0), and
+    every group of its own loss gets a non-zero gradient; with D blind to z (the broken
+    control) E's gradient is exactly 0. A small step along each own gradient lowers each
+    loss (the signs: D descends its loss, E and G theirs). Mutation tried: no
+    stop_gradient on E(x) in D's loss fails (E's gradient of D's loss non-zero)."""
+    params, x, z = params_and_batch(TINY)
+
+    def grads(cfg, params):
+        g_d = jax.grad(lambda p: bg.losses(p, x, z, cfg)[0])(params)
+        g_ge = jax.grad(lambda p: bg.losses(p, x, z, cfg)[1])(params)
+        step = lambda g, names: {k: jax.tree.map(lambda a, b: a - 1e-3 * b, v, g[k])
+                                 if k in names else v for k, v in params.items()}
+        ld0, lge0, _ = bg.losses(params, x, z, cfg)
+        ld1 = bg.losses(step(g_d, "d"), x, z, cfg)[0]
+        lge1 = bg.losses(step(g_ge, "eg"), x, z, cfg)[1]
+        return g_d, g_ge, (ld0, ld1, lge0, lge1)
+
+    g_d, g_ge, (ld0, ld1, lge0, lge1) = compiled(lambda p: grads(TINY, p), params)
+    norm = lambda t: float(sum(jnp.abs(a).sum() for a in jax.tree.leaves(t)))
+    assert norm(g_d["e"]) == 0 and norm(g_d["g"]) == 0 and norm(g_d["d"]) > 0
+    assert norm(g_ge["d"]) == 0 and norm(g_ge["e"]) > 0 and norm(g_ge["g"]) > 0
+    assert ld1 < ld0 and lge1 < lge0, (ld0, ld1, lge0, lge1)
+    blind = dataclasses.replace(TINY, d_sees_z=False)
+    params_b, _, _ = params_and_batch(blind)
+    g_ge_b = compiled(lambda p: jax.grad(lambda q: bg.losses(q, x, z, blind)[1])(p), params_b)
+    assert norm(g_ge_b["e"]) == 0 and norm(g_ge_b["g"]) > 0
+
+
+def test_prior_encoder_range_and_schedule():
+    """z ~ U[-1, 1]^d (mean ~0, all inside, var ~1/3); E(x) = 2 sigmoid - 1 lies inside
+    (-1, 1), a normal prior's E is linear (outside [-1, 1] somewhere for a scaled input);
+    the released schedule: lr for num_epochs, then lr x 0.01^((e - E + 1) / D) per epoch,
+    0.01 lr from the last epoch on. Mutation tried: decay from epoch E without the +1
+    fails (the first decayed epoch would still be at lr)."""
+    z = np.asarray(compiled(lambda k: bg.sample_prior(k, 4000, TINY), jax.random.PRNGKey(0)))
+    assert z.shape == (4000, 10) and np.abs(z).max() <= 1
+    np.testing.assert_allclose(z.var(), 1 / 3, rtol=0.05)
+    params, x, _ = params_and_batch(TINY)
+    e = np.asarray(compiled(lambda p: bg.encode(p["e"], x, x, TINY), params))
+    assert e.shape == (32, 10) and np.abs(e).max() < 1
+    cfg = dataclasses.replace(TINY, num_epochs=2, decay_epochs=4)  # 7 steps an epoch
+    lrs = np.asarray(compiled(lambda s: jax.vmap(bg.lr_schedule(cfg))(s),
+                              jnp.arange(0, 7 * 8, 7)))
+    want = 5e-4 * 0.01 ** np.array([0, 0, 1 / 4, 2 / 4, 3 / 4, 1, 1, 1])
+    np.testing.assert_allclose(lrs, want, rtol=1e-5)
+
+
+def test_inversion_error_and_nn1_by_hand():
+    """||x - G(E(x))|| on a perfect reconstruction is 0 and its random pairing (x' = the
+    next image) the mean distance between neighbours: for x = [0, 3e_1, 3e_1 + 4e_2] it is
+    (3 + 4 + 5) / 3 = 4. The euclidean 1-NN takes the nearest training feature's label
+    (cosine would pick differently here). Mutation tried: base error against x itself
+    (no roll) fails."""
+    x = jnp.array([[0.0, 0.0], [3.0, 0.0], [3.0, 4.0]])
+    err, base = compiled(bg.inversion_errors, x, x)
+    assert float(err) == 0 and abs(float(base) - 4.0) < 1e-6
+    tr = jnp.array([[1.0, 0.0], [10.0, 1.0]])
+    te = jnp.array([[9.0, 0.0], [0.9, 0.2]])
+    acc = compiled(bg.nn1_accuracy, tr, jnp.array([0, 1]), te, jnp.array([1, 0]))
+    assert float(acc) == 1.0
+
+
+RUN_ARGS = cli_args(TINY, bg.Config()) + [
+    "--num-seeds", str(SEEDS), "--num-updates", str(NUM_STEPS), "--log-every",
+    str(LOG_EVERY), "--no-progress"]
+
+
+@pytest.fixture(scope="module")
+def recorded_run(tmp_path_factory):
+    """TINY through the CLI entry point, once: SEEDS seeds in 2 chunks of 150 steps (one
+    compiled program), then evaluate(); with the compiled chunks and their inputs."""
+    return main_recording_chunks(bg.main, RUN_ARGS + [
+        "--run-dir", str(tmp_path_factory.mktemp("bigan"))])
+
+
+def test_train_is_pure_and_cli_writes_its_files(recorded_run, capsys):
+    """Same keys: the runner's initial states again, and its first chunk rerun from them,
+    are bit-identical to the run's; the two seeds differ; the run wrote its files and
+    evaluated every probe; --help documents every field; the digits enter update as an
+    input (in the state), not as constants compiled into it."""
+    res, chunks = recorded_run
+    with pytest.raises(SystemExit):
+        bg.main(["--help"])
+    out = capsys.readouterr().out
+    for f in dataclasses.fields(bg.Config):
+        assert "--" + f.name.replace("_", "-") in out, f.name
+    assert "Presets (--preset): quick, paper" in out
+    assert (res.run_dir / "metrics.jsonl").exists()
+    h = res.history["losses/discriminator"]
+    assert h.shape == (SEEDS, NUM_STEPS) and np.isfinite(h).all()
+    assert not np.array_equal(h[0], h[1])
+    for k in ("nn1", "init_nn1", "sup_nn1", "linear_few", "init_knn", "inversion"):
+        assert np.isfinite(res.final[k]).all(), k
+    chunk, first = chunks[0]
+    assert len(chunks) == NUM_STEPS // LOG_EVERY
+    jax.tree.map(np.testing.assert_array_equal, first,
+                 run.initial_states(bg.init, TINY, 0, SEEDS))
+    state, metrics = chunk(jax.tree.map(jnp.copy, first))  # the chunk donates its input
+    jax.tree.map(np.testing.assert_array_equal, state.params, chunks[1][1].params)
+    np.testing.assert_array_equal(h[:, :LOG_EVERY], metrics["losses/discriminator"])
+    one = jax.tree.map(lambda a: a[0], first)
+    hlo = jax.jit(bg.update, static_argnums=1).lower(one, TINY).as_text()
+    big = [ln for ln in hlo.splitlines() if "constant" in ln and "1000x64xf32" in ln]
+    assert one.data[0].shape == (1000, 64) and not big, big[:1]
+
+
+def test_bad_values_fail_with_named_field(tmp_path):
+    for flags, msg in ((["--prior", "laplace"], "prior='laplace' must be one of"),
+                       (["--lr", "0"], "--lr must be > 0"),
+                       (["--num-train", "50"], "num_train=50 must be in"),
+                       (["--batch-size", "2000"], "batch_size=2000 exceeds"),
+                       (["--final-lr-mult", "0"], r"final_lr_mult=0.0 must be in \(0, 1\]"),
+                       (["--weight-decay", "-1"], "--weight-decay must be >= 0"),
+                       (["--dtype", "float16"], "dtype='float16' must be")):
+        with pytest.raises(ValueError, match=msg):
+            bg.main(flags + ["--run-dir", str(tmp_path)])
+
+
+def test_every_config_field_is_read():
+    assert unread_fields(bg) == []
+
+
+def test_paper_preset_traces():
+    """eval_shape of init and one update under `paper`: the released MNIST MLPs (width
+    1024, latent 50) on 64-d digits; D's z branch is a 50 x 1024 matrix, G's output 64."""
+    cfg, state, (after, metrics) = trace_paper(bg)
+    p = state.params
+    assert p["d"]["Dense_2"]["kernel"].shape == (50, 1024)
+    assert p["d"]["Dense_3"]["kernel"].shape == (1024, 1)
+    assert p["e"]["Dense_2"]["kernel"].shape == (1024, 50)
+    assert p["g"]["Dense_3"]["kernel"].shape == (1024, 64)
+    assert cfg.num_updates == 400 * 7
+    assert jax.tree.structure(after) == jax.tree.structure(state)
+    assert all(m.shape == () for m in jax.tree.leaves(metrics))
