@@ -75,6 +75,19 @@ def decode(t, anchors, variances=(1.0, 1.0), max_log_scale: float = MAX_LOG_SCAL
     return jnp.concatenate([xy, wh], -1)
 
 
+def decode_grid(t, anchors, max_log_scale: float = 10.0):
+    """YOLOv2's direct location prediction (YOLOv2, v3 and YOLO9000): raw (..., S, S, A, 4)
+    offsets on an S x S grid with anchors (A, 2) -> cxcywh boxes in units of the image,
+    ((sigmoid(t_x) + c_x) / S, (sigmoid(t_y) + c_y) / S, p_w e^t_w, p_h e^t_h); the log sizes
+    are clipped to +-max_log_scale before the exp so one diverging prediction stays finite."""
+    s = t.shape[-3]
+    cy, cx = jnp.meshgrid(jnp.arange(s), jnp.arange(s), indexing="ij")  # (S, S)
+    bx_ = (jax.nn.sigmoid(t[..., 0]) + cx[:, :, None]) / s
+    by_ = (jax.nn.sigmoid(t[..., 1]) + cy[:, :, None]) / s
+    wh = anchors * jnp.exp(jnp.clip(t[..., 2:4], -max_log_scale, max_log_scale))
+    return jnp.concatenate([bx_[..., None], by_[..., None], wh], -1)
+
+
 def clip_to_image(b, height, width):
     """xyxy boxes clipped to the image [0, width] x [0, height] (before NMS and scoring)."""
     lo = jnp.zeros(4, b.dtype)

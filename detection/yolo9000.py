@@ -3,7 +3,8 @@
 [1] J. Redmon, A. Farhadi. "YOLO9000: Better, Faster, Stronger." CVPR 2017, arXiv:1612.08242
     (Sec. 2 YOLOv2, the detector; Sec. 3 "Stronger": WordTree and joint training).
 
-The detector is YOLOv2 (direct location prediction, k-means anchors, BN, passthrough);
+The detector is YOLOv2 (direct location prediction, k-means anchors, BN, passthrough), and
+its network pieces are imported from detection/yolo_v2.py (copy both files with common/);
 only the class term changes: one logit per node of a WordTree, a softmax within each
 sibling group (co-hyponyms), and products of conditionals along the path ([1] Sec. 3):
 
@@ -74,6 +75,7 @@ from flax import struct
 from common import boxes as bx
 from common import data, plot, run
 from common.nets import Conv
+from detection.yolo_v2 import BACKBONES, ConvBN, space_to_depth
 
 EVAL_SEED = 10_009  # held-out scenes; training keys come from the runner's PRNGKey(seed)
 COLOUR_NAMES = ("red", "blue", "green", "yellow", "magenta", "cyan", "orange", "white")
@@ -303,35 +305,8 @@ def descend(log_cond, tree: WordTree, threshold: float):
 
 # --- NETWORK (YOLOv2-style) ---
 
-# ints: 3x3 conv-BN-leaky of that width; (c, 1): 1x1 conv; "M": 2x2 max-pool; "P": the
-# passthrough source (the last map at twice the output resolution).
-BACKBONES = {
-    "darknet19": (32, "M", 64, "M", 128, (64, 1), 128, "M", 256, (128, 1), 256, "M",
-                  512, (256, 1), 512, (256, 1), 512, "P", "M",
-                  1024, (512, 1), 1024, (512, 1), 1024),  # [1] Table 6 without the classifier
-    "tiny": (16, "M", 32, "M", 64, "P", "M", 128),
-}
-
-
-class ConvBN(nn.Module):
-    """Conv (no bias) + BatchNorm + leaky ReLU 0.1 ([1] Sec. 2: BN on every conv)."""
-
-    features: int
-    kernel: int = 3
-    shift: bool = False
-
-    @nn.compact
-    def __call__(self, x, train: bool):
-        x = Conv(self.features, self.kernel, shift=self.shift, use_bias=False)(x)
-        x = nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5)(x)
-        return nn.leaky_relu(x, 0.1)
-
-
-def space_to_depth(x, r: int = 2):
-    """(B, H, W, C) -> (B, H/r, W/r, r*r*C): the passthrough's reorg."""
-    b, h, w, c = x.shape
-    x = x.reshape(b, h // r, r, w // r, r, c).transpose(0, 1, 3, 2, 4, 5)
-    return x.reshape(b, h // r, w // r, r * r * c)
+# DarkNet-19 (BACKBONES), ConvBN and the passthrough's space_to_depth are YOLOv2's, imported
+# from detection/yolo_v2.py: YOLO9000 is that network with a WordTree output.
 
 
 class YOLO9000(nn.Module):
@@ -364,15 +339,7 @@ class YOLO9000(nn.Module):
 # --- LOSS ---
 
 
-def decode(t, anchors):
-    """[1] Sec. 2: raw (..., S, S, A, 4) -> cxcywh in units of the image:
-    ((sig(t_x) + c_x) / S, (sig(t_y) + c_y) / S, p_w e^t_w, p_h e^t_h)."""
-    s = t.shape[-3]
-    cy, cx = jnp.meshgrid(jnp.arange(s), jnp.arange(s), indexing="ij")
-    bx_ = (jax.nn.sigmoid(t[..., 0]) + cx[:, :, None]) / s
-    by_ = (jax.nn.sigmoid(t[..., 1]) + cy[:, :, None]) / s
-    wh = anchors * jnp.exp(jnp.clip(t[..., 2:4], -10.0, 10.0))
-    return jnp.concatenate([bx_[..., None], by_[..., None], wh], -1)
+decode = bx.decode_grid  # [1] Sec. 2: direct location prediction (common/boxes)
 
 
 def build_targets(gt_boxes, gt_nodes, anchors, s: int):

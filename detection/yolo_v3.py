@@ -321,15 +321,7 @@ def scale_anchors(anchors, scale: int):
 # --- LOSS ---
 
 
-def decode(t, anchors):
-    """[1] Sec. 2.1: raw (..., S, S, 3, 4) -> cxcywh in units of the image:
-    ((sig(t_x) + c_x) / S, (sig(t_y) + c_y) / S, p_w e^t_w, p_h e^t_h)."""
-    s = t.shape[-3]
-    cy, cx = jnp.meshgrid(jnp.arange(s), jnp.arange(s), indexing="ij")  # (S, S)
-    bx_ = (jax.nn.sigmoid(t[..., 0]) + cx[:, :, None]) / s
-    by_ = (jax.nn.sigmoid(t[..., 1]) + cy[:, :, None]) / s
-    wh = anchors * jnp.exp(jnp.clip(t[..., 2:4], -10.0, 10.0))
-    return jnp.concatenate([bx_[..., None], by_[..., None], wh], -1)
+decode = bx.decode_grid  # [1] Sec. 2.1: direct location prediction (common/boxes)
 
 
 def multi_hot(labels, k: int):
