@@ -1,0 +1,280 @@
+"""Tests of metarl/maesn.py: z reparameterised once per episode, the inner step on the
+latent only (by finite differences), the KL-to-prior term of the meta-objective, the sparse
+reward and the coverage measure; behaviour against the broken variant (eps drawn at every
+step) in one program; purity, CLI, paper-preset trace, every Config field read. One
+module-scoped run (5 seeds in one compiled program) serves the behaviour, purity and CLI
+tests."""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from metarl import maesn as m
+from tests.common.cli import cli_args
+from tests.common.compiled import compiled, main_recording_chunks
+from tests.common.config_fields import unread_fields
+from tests.common.preset import trace_paper
+
+# ONE tiny configuration for the whole module: 8 of 20 tasks x 10 episodes of 30 steps,
+# a 2 x 32 policy.
+TINY = m.Config(
+    hidden=32,
+    horizon=30,
+    num_trajectories=10,
+    meta_batch_size=8,
+    num_tasks=20,
+    meta_lr=3e-3,
+    num_iterations=30,
+    eval_tasks=10,
+    eval_trajectories=10,
+    eval_steps=1,
+)
+
+
+def _policy(cfg=TINY):
+    net = m.network(cfg)
+    theta = compiled(
+        lambda k: net.init(k, jnp.zeros((1, 2)), jnp.zeros((1, cfg.latent_dim))),
+        jax.random.PRNGKey(1),
+    )
+    return net, theta
+
+
+def test_z_is_drawn_once_per_episode_and_reparameterised():
+    """sample_eps: one eps per episode repeated over its steps (per_step False), a fresh eps
+    per step for the broken variant; rollout returns that eps; z = mu + sigma eps, so for a
+    one-step batch grad_{log sigma} L = sigma eps o grad_mu L (pathwise through z). Tried:
+    sample_eps drawing per step always fails the first check."""
+    net, theta = _policy()
+    mu, ls = jnp.array([0.3, -0.2]), jnp.array([0.1, -0.4])
+
+    @jax.jit
+    def run(key):
+        once = m.sample_eps(key, 4, 5, 2, jnp.array(False))
+        per = m.sample_eps(key, 4, 5, 2, jnp.array(True))
+        o, a, e, r = m.rollout(
+            net, theta, mu, ls, jnp.array([0.0, 2.0]), key, 3, TINY, jnp.array(False)
+        )
+        b = m.Batch(o[:1, :1], a[:1, :1], e[:1, :1], r[:1, :1], jnp.full((1, 1), 1.3))
+        g = jax.grad(lambda x, y: m.pg_surrogate(net, theta, x, y, b), (0, 1))(mu, ls)
+        return once, per, e, g, m.latent(mu, ls, e[0, 0])
+
+    once, per, e, (g_mu, g_ls), z = jax.tree.map(np.asarray, run(jax.random.PRNGKey(0)))
+    np.testing.assert_array_equal(once, np.broadcast_to(once[:, :1], once.shape))
+    assert np.abs(once[0, 0] - once[1, 0]).min() > 0  # episodes differ
+    assert np.abs(np.diff(per, axis=1)).min() > 0  # broken variant: every step differs
+    assert e.shape == (3, TINY.horizon, 2)
+    np.testing.assert_array_equal(e, np.broadcast_to(e[:, :1], e.shape))
+    np.testing.assert_allclose(z, np.asarray(mu) + np.exp(np.asarray(ls)) * e[0, 0], rtol=1e-6)
+    np.testing.assert_allclose(g_ls, np.exp(np.asarray(ls)) * e[0, 0] * g_mu, rtol=1e-5)
+
+
+def test_inner_step_moves_only_the_latent_by_its_policy_gradient():
+    """[1] Eq. (2): mu' = mu - alpha_mu o dL/dmu, log sigma' likewise, dL by central finite
+    differences of pg_surrogate; alphas per dimension. In sample_meta_batch the post-update
+    batch is drawn by the SAME theta with the adapted latent (theta is not adapted). Tried:
+    the inner step also moving theta (theta - alpha grad_theta L in sample_meta_batch)
+    fails the last check."""
+    net, theta = _policy()
+    r = np.random.default_rng(0)
+    f32 = lambda *s: jnp.asarray(r.normal(size=s), jnp.float32)  # noqa: E731
+    b = m.Batch(f32(2, 3, 2), f32(2, 3, 2), f32(2, 3, 2), jnp.zeros((2, 3)), f32(2, 3))
+    mu, ls = jnp.array([0.2, -0.5]), jnp.array([0.0, 0.3])
+    a_mu, a_sig = jnp.array([0.5, 1.5]), jnp.array([2.0, 0.25])
+    cfg = TINY
+
+    @jax.jit
+    def run(mu, ls):
+        new = m.adapt_latent(net, theta, mu, ls, a_mu, a_sig, [b])
+        meta = {
+            "theta": theta,
+            "mu": jnp.stack([mu, -mu]),
+            "log_sigma": jnp.stack([ls, ls]),
+            "alpha_mu": a_mu,
+            "alpha_sigma": a_sig,
+        }
+        goal = jnp.array([[1.0, 1.0]])
+        key = jax.random.PRNGKey(4)
+        inner, test = m.sample_meta_batch(
+            net, meta, jnp.array([1]), goal, key, cfg, jnp.array(False)
+        )
+        k = jax.random.split(jax.random.split(key, 1)[0], cfg.inner_steps + 1)
+        mu2, ls2 = m.adapt_latent(
+            net, theta, -mu, ls, a_mu, a_sig, [jax.tree.map(lambda x: x[0], inner[0])]
+        )
+        want = m.sample_batch(
+            net, theta, mu2, ls2, goal[0], k[-1], cfg.num_trajectories, cfg, jnp.array(False)
+        )
+        return new, test, want
+
+    (mu2, ls2), test, want = run(mu, ls)
+    L = jax.jit(lambda x, y: m.pg_surrogate(net, theta, x, y, b))
+    h = 1e-2
+    fd = lambda f, x: np.array(
+        [
+            (f(x + h * e) - f(x - h * e)) / (2 * h)  # noqa: E731
+            for e in np.eye(2, dtype=np.float32)
+        ]
+    )
+    g_mu, g_ls = fd(lambda x: L(x, ls), mu), fd(lambda y: L(mu, y), ls)
+    np.testing.assert_allclose(mu2, mu - a_mu * g_mu, rtol=2e-3, atol=2e-4)
+    np.testing.assert_allclose(ls2, ls - a_sig * g_ls, rtol=2e-3, atol=2e-4)
+    # batched vs unbatched rounding drifts over the 30 steps (~3e-4); moving theta: O(0.1)
+    for x, y in zip(test[:3], want[:3], strict=True):
+        np.testing.assert_allclose(np.asarray(x)[0], y, rtol=1e-2, atol=3e-3)
+
+
+def test_meta_objective_adds_the_kl_of_the_pre_update_latent():
+    """KL(N(mu, sigma) || N(0, I)) by hand: mu = (1, 0), sigma = (1, 2): 1/2 + (-log 2 + 2 -
+    1/2); meta_loss(kl_weight) - meta_loss(0) = kl_weight * mean KL of the meta-batch's
+    PRE-update (mu_i, log sigma_i) (released maesn_npo.py). Tried: KL of the adapted latent
+    fails the second check."""
+    kl = jax.jit(m.kl_to_prior)(jnp.array([1.0, 0.0]), jnp.log(jnp.array([1.0, 2.0])))
+    np.testing.assert_allclose(kl, 0.5 + (-np.log(2) + 2 - 0.5), rtol=1e-6)
+    net, theta = _policy()
+    r = np.random.default_rng(1)
+    f32 = lambda *s: jnp.asarray(r.normal(size=s), jnp.float32)  # noqa: E731
+    batch = lambda: m.Batch(
+        f32(2, 3, 4, 2),
+        f32(2, 3, 4, 2),
+        f32(2, 3, 4, 2),  # noqa: E731
+        jnp.zeros((2, 3, 4)),
+        f32(2, 3, 4),
+    )
+    inner, test = [batch()], batch()
+    meta = {
+        "theta": theta,
+        "mu": f32(5, 2),
+        "log_sigma": 0.3 * f32(5, 2),
+        "alpha_mu": jnp.full(2, 3.0),
+        "alpha_sigma": jnp.full(2, 3.0),
+    }
+    idx = jnp.array([4, 1])
+    f = jax.jit(lambda w: m.meta_loss(net, meta, idx, inner, test, w)[0])
+    want = np.mean([m.kl_to_prior(meta["mu"][i], meta["log_sigma"][i]) for i in (4, 1)])
+    np.testing.assert_allclose(f(0.5) - f(0.0), 0.5 * want, rtol=1e-4)
+
+
+def test_sparse_reward_and_coverage_by_hand():
+    """Sparse: -||g|| outside sparse_radius of the goal, -distance inside; dense -distance.
+    Coverage: end points at angles 5, 15, 15 and 175 degrees (radius 2) and one at radius 0.5
+    (too close) fill 3 of 18 bins."""
+    g = jnp.array([0.0, 2.0])
+    pos = jnp.array([[0.0, 1.0], [0.0, 1.5], [3.0, 0.0]])
+    dense = np.asarray(jax.jit(lambda p: m.reward(p, g, False, 0.8))(pos))
+    sparse = np.asarray(jax.jit(lambda p: m.reward(p, g, True, 0.8))(pos))
+    np.testing.assert_allclose(dense, [-1.0, -0.5, -np.sqrt(13)], rtol=1e-6)
+    np.testing.assert_allclose(sparse, [-2.0, -0.5, -2.0], rtol=1e-6)
+    deg = np.deg2rad([5, 15, 15, 175, 95])
+    ends = np.stack([np.cos(deg), np.sin(deg)], -1) * np.array([2, 2, 2, 2, 0.5])[:, None]
+    cov = jax.jit(m.coverage)(jnp.asarray(ends, jnp.float32), 1.0)
+    np.testing.assert_allclose(cov, 3 / 18, rtol=1e-6)
+
+
+def test_bad_values_fail_with_named_field(tmp_path):
+    bad = [
+        (["--dtype", "fp8"], "dtype='fp8'"),
+        (["--meta-lr", "0"], "--meta-lr must be > 0"),
+        (["--kl-weight", "-1"], "--kl-weight must be >= 0"),
+        (["--sparse-radius", "0"], "--sparse-radius must be > 0"),
+        (["--meta-batch-size", "30", "--num-tasks", "20"], "must be <= --num-tasks"),
+        (["--latent-dim", "0"], "--latent-dim must be >= 1"),
+    ]
+    for args, msg in bad:
+        with pytest.raises(ValueError, match=msg):
+            m.main(args + ["--run-dir", str(tmp_path)])
+
+
+SEEDS = 2
+NUM = 2 * SEEDS + 1  # MAESN seeds, their eps-per-step twins, and a copy of MAESN seed 0
+
+
+def _run(cfg, run_dir):
+    """cfg through `m.main` (the CLI path), NUM seeds in ONE compiled program: seeds
+    SEEDS..2 SEEDS-1 are the broken variant (eps per step, a traced flag in the state), each
+    on the key of its MAESN twin (same init, tasks and evaluation goals); the last seed
+    repeats MAESN seed 0."""
+    keys = jax.random.split(jax.random.PRNGKey(0), NUM)  # the runner's seed keys
+    real = m.init
+
+    def init(key, cfg):
+        i = jnp.argmax(jnp.all(key == keys, -1))
+        state = real(keys[i % SEEDS], cfg)
+        return state.replace(per_step=(i >= SEEDS) & (i < 2 * SEEDS))
+
+    args = cli_args(cfg, m.Config()) + [
+        "--num-seeds",
+        str(NUM),
+        "--log-every",
+        str(cfg.num_iterations),
+        "--no-progress",
+        "--fast-compile",
+        "--run-dir",
+        str(run_dir),
+    ]
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(m, "init", init)
+        return main_recording_chunks(m.main, args)
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    return _run(TINY, tmp_path_factory.mktemp("maesn"))
+
+
+@pytest.mark.skip(reason="behaviour gate being calibrated (next commit)")
+def test_prior_z_episodes_cover_the_semicircle_and_eps_per_step_collapses(tiny_run):
+    """Behaviour (the catalogue's exploration-structure test, tiny): after 30 meta-updates of
+    TINY, episodes with z ~ N(0, I) end at angles covering most ten-degree bins of [0, pi]
+    (counting end points beyond goal_radius / 2); the broken variant, trained and evaluated
+    with a fresh eps at every step, covers far fewer (the noise averages out over the
+    episode and the point stays near the start). Same seed keys for both arms.
+    Measured: see the asserts' message."""
+    res, _ = tiny_run
+    cov = np.asarray(res.final["explore/coverage"])
+    maesn, broken = cov[:SEEDS], cov[SEEDS : 2 * SEEDS]
+    print("coverage", cov)
+    assert maesn.min() >= 0.6, cov
+    assert (maesn - broken).min() > 0.15, cov
+    np.testing.assert_array_equal(np.asarray(res.state.per_step), [0, 0, 1, 1, 0])
+
+
+def test_train_is_pure_and_cli_writes_its_files(tiny_run, capsys):
+    """The same key twice in one program: bit-identical; different keys differ; a rerun of
+    the recorded chunk gives the same states; --help documents every field."""
+    res, chunks = tiny_run
+    with pytest.raises(SystemExit):
+        m.main(["--help"])
+    out = capsys.readouterr().out
+    for f in dataclasses.fields(m.Config):
+        assert "--" + f.name.replace("_", "-") in out, f.name
+    assert (res.run_dir / "metrics.jsonl").exists() and (res.run_dir / "summary.json").exists()
+    h = res.history["charts/post_adapt_return"]
+    assert h.shape == (NUM, TINY.num_iterations) and np.isfinite(h).all()
+    assert not np.array_equal(h[0], h[1])
+    np.testing.assert_array_equal(h[0], h[-1])
+    jax.tree.map(lambda x: np.testing.assert_array_equal(x[0], x[-1]), res.state.meta)
+    fn, states = chunks[-1]
+    again = fn(states)
+    jax.tree.map(lambda a, b: np.testing.assert_array_equal(a, b), again[0], res.state)
+
+
+def test_every_config_field_is_read():
+    assert unread_fields(m) == []
+
+
+def test_paper_preset_traces():
+    """jax.eval_shape of init and one update under `paper` (and fixed alphas, two inner
+    steps, bfloat16): shapes and state build on CPU without running."""
+    cfg, state, (after, metrics) = trace_paper(m)
+    assert cfg.meta_batch_size == 20 and cfg.num_trajectories == 50 and cfg.kl_weight == 0.1
+    assert cfg.horizon == 200 and cfg.latent_dim == 2 and cfg.num_tasks == 100
+    assert state.meta["mu"].shape == (100, 2) and state.meta["alpha_mu"].shape == (2,)
+    assert state.meta["theta"]["params"]["Dense_0"]["kernel"].shape == (4, 100)
+    assert jax.tree.structure(after) == jax.tree.structure(state)
+    assert all(x.shape == () for x in jax.tree.leaves(metrics))
+    for over in (dict(learn_inner_lr=False, inner_steps=2), dict(dtype="bfloat16")):
+        trace_paper(m, **over)
