@@ -28,8 +28,11 @@ BNN trains on its replay pool inside the same jitted `update`.
 Reproduce (CPU demo, about a minute on 2 cores; VIME vs the same PPO without the bonus):
     python exploration/vime.py --preset quick --num-seeds 8
     python exploration/vime.py --preset quick --num-seeds 8 --eta 0
-Measured (loaded 2-core CPU, 8 seeds, 2048 steps): see the README row (filled in by the
-quick run below).
+Measured (loaded 2-core CPU, load ~14; 8 seeds, 2048 steps; 100 s compile + 3 s run):
+distinct cells of FourRooms' 104, VIME 58 97 100 102 64 90 66 58 (median 78, mean 79.4)
+vs PPO (eta = 0, same keys) 58 95 60 93 42 71 69 55 (median 64.5, mean 67.9). The plot,
+both arms in one program (same numbers):
+    python exploration/vime.py --plot exploration/vime.png
 Paper setting (GPU; sparse continuous control, MountainCar):
     python exploration/vime.py --preset paper
 [1] Fig. 2: on sparse MountainCar, CartpoleSwingup and HalfCheetah TRPO + VIME reaches the
@@ -550,7 +553,50 @@ def evaluate(state, cfg: Config):
 # --- MAIN ---
 
 
+def plot_runs(out: str, seeds: int = 8):
+    """Distinct cells against env steps on the quick preset, `seeds` seeds per arm: VIME
+    and the same PPO with eta = 0 on the same keys, in one compiled program (eta is a
+    traced statistic of the Bonus)."""
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    from common import plot
+
+    c = Config(**PRESETS["quick"])
+
+    def train(key, eta):
+        state = init(key, c)
+        state = state.replace(bonus_stats={**state.bonus_stats, "eta": eta})
+        return jax.lax.scan(lambda s, _: update(s, c), state, None, c.num_updates)[1]
+
+    keys = jax.random.split(jax.random.PRNGKey(0), seeds)
+    etas = jnp.array([c.eta] * seeds + [0.0] * seeds)
+    metrics = jax.jit(jax.vmap(train))(jnp.concatenate([keys, keys]), etas)
+    cells = np.asarray(metrics["charts/distinct_cells"])  # (2 seeds, updates)
+    steps = np.arange(1, cells.shape[1] + 1) * c.batch_size
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    for color, label, arm in (
+        ("C0", f"VIME (eta = {c.eta:g})", cells[:seeds]),
+        ("C1", "PPO (eta = 0)", cells[seeds:]),
+    ):
+        ax.plot(steps, np.median(arm, 0), color=color, label=label)
+        ax.fill_between(steps, arm.min(0), arm.max(0), color=color, alpha=0.2)
+        print(label, arm[:, -1], "median", np.median(arm[:, -1]), "mean", arm[:, -1].mean())
+    ax.set(
+        xlabel="environment steps",
+        ylabel="distinct cells visited (of 104)",
+        title=f"FourRooms, {seeds} seeds per arm (median, min-max)",
+    )
+    ax.title.set_fontsize(10)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return plot.save_png(fig, out)
+
+
 def main(argv=None):
+    flags, argv = run.pop_flags(argv, "--plot")
+    if flags["--plot"]:
+        return plot_runs(flags["--plot"])
     return run.main(
         Config,
         init,

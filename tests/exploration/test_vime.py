@@ -251,7 +251,10 @@ def test_vime_explores_more_than_ppo(recorded):
     one), the quick preset's 8 envs x 32 steps x 8 updates = 2048 steps, 8 seeds. VIME
     (eta = 1) against the broken variant, the same PPO with the bonus off (eta = 0, same
     keys), in one compiled run of the CLI. Distinct cells visited, measured (loaded
-    2-core CPU): see MEASURED below. The broken variant fails both asserts (gaps 0)."""
+    2-core CPU, jax 0.10.2):
+        VIME  58 97 100 102 64 90 66 58   median 78.0, mean 79.4
+        PPO   58 95  60  93 42 71 69 55   median 64.5, mean 67.9
+    The broken variant (eta = 0 in both halves) fails both asserts (gaps 0)."""
     run_ = recorded[0]
     cells = run_.history["charts/distinct_cells"][:, -1]
     on, off = cells[:SEEDS], cells[SEEDS:]
