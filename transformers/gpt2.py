@@ -34,7 +34,7 @@ scale the tasks are): held-out perplexity and bits per byte, and a next-word clo
 held-out split: after up to seq_len tokens of real context, is the true next word more
 likely than cloze_choices - 1 held-out words of the same length (chance 1 / cloze_choices)?
 
-Reproduce (CPU demo: pydoc bytes, 4 layers of d 128, context 128, 1500 updates of 32):
+Reproduce (CPU demo: pydoc bytes, 4 layers of d 64, context 64, 600 updates of 16):
     python transformers/gpt2.py --preset quick --plot transformers/gpt2.png --prompt "The "
   Measured: see the README row (filled in after the quick run).
 Paper scale (GPU; GPT-2 small: 12 x 768, 12 heads, context 1024, 50,257-row table, batch 512):
@@ -187,20 +187,20 @@ class Config:
 
 
 PRESETS = {
-    # CPU demo: 4 blocks of d 128, context 128, 1500 updates of 32 windows
+    # CPU demo: 4 blocks of d 64, context 64, 600 updates of 16 windows
     "quick": dict(
         vocab_size=None,
-        seq_len=128,
+        seq_len=64,
         num_layers=4,
-        d_model=128,
+        d_model=64,
         num_heads=4,
-        batch_size=32,
-        train_steps=1500,
+        batch_size=16,
+        train_steps=600,
         lr=2e-3,
-        warmup_steps=100,
+        warmup_steps=50,
         eval_windows=256,
-        cloze_items=256,
-        sample_tokens=120,
+        cloze_items=128,
+        sample_tokens=60,
     ),
     "paper": dict(corpus="stdlib"),
 }

@@ -24,11 +24,11 @@ from transformers import gpt2
 TINY = gpt2.Config(
     vocab_size=None,
     seq_len=16,
-    num_layers=6,
+    num_layers=8,
     d_model=32,
     num_heads=2,
     batch_size=8,
-    train_steps=120,
+    train_steps=300,
     lr=1e-2,
     warmup_steps=0,
     eval_windows=64,
@@ -36,7 +36,7 @@ TINY = gpt2.Config(
     sample_tokens=4,
     top_k=1,
 )
-CHUNK = 40
+CHUNK = 50
 SEEDS = 2
 KEYS = jax.random.split(jax.random.PRNGKey(0), 2 * SEEDS)  # the runner's keys (--seed 0)
 _INIT = gpt2.init  # the file's own (the fixture patches gpt2.init)
@@ -118,19 +118,23 @@ def test_block_is_pre_ln_and_the_head_is_tied_to_ln_f():
     ]  # the only vocabulary-sized matrix: input and output tied
 
 
+# the causality and cache checks: TINY at 2 blocks (cheaper to compile)
+SHALLOW = dataclasses.replace(TINY, num_layers=2)
+
+
 def test_causal_leak_is_exactly_zero():
     """Logits before position t are bit-identical when tokens >= t change (both placements)."""
-    params = _params()
+    params = _params(SHALLOW)
     tokens = jax.random.randint(jax.random.PRNGKey(1), (2, TINY.seq_len), 0, 256)
-    fn = jit0(lambda p, t, f: gpt2.model_of(TINY).apply(p, t, f)[0])
+    fn = jit0(lambda p, t, f: gpt2.model_of(SHALLOW).apply(p, t, f)[0])
     for flag in (1.0, 0.0):
         assert_no_future_leak(lambda t, flag=flag: fn(params, t, flag), tokens, 9, 256, atol=0.0)
 
 
 def _decode(params, tokens, flag, key):
-    full = gpt2.model_of(TINY).apply(params, tokens, flag)[0]
-    cached = gpt2.cached_logits(params, tokens, flag, TINY)
-    gen = gpt2.generate(params, tokens[:, :5], key, flag, TINY, 4)
+    full = gpt2.model_of(SHALLOW).apply(params, tokens, flag)[0]
+    cached = gpt2.cached_logits(params, tokens, flag, SHALLOW)
+    gen = gpt2.generate(params, tokens[:, :5], key, flag, SHALLOW, 4)
     return full, cached, gen
 
 
@@ -138,7 +142,7 @@ def test_kv_cache_logits_equal_the_full_forward_and_generate_uses_them():
     """Every position's logits through the per-layer KV cache (one token at a time) equal the
     full forward's to 1e-5, pre- and post-LN; generate keeps the prompt and, with top_k = 1,
     appends the argmax of the full forward's logits at the prompt's last position."""
-    params = _params(seed=3)
+    params = _params(SHALLOW, seed=3)
     tokens = jax.random.randint(jax.random.PRNGKey(2), (2, TINY.seq_len), 0, 256)
     for flag in (1.0, 0.0):
         full, cached, gen = jit0(_decode)(params, tokens, flag, jax.random.PRNGKey(0))
@@ -179,7 +183,7 @@ def _twin_init(key, cfg):
 
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
-    """TINY through the command line (--fast-compile), in-process, once, 2 x SEEDS seeds,
+    """TINY through the command line, in-process, once, 2 x SEEDS seeds,
     with the runner's compiled chunks recorded for the purity rerun."""
     argv = cli_args(TINY, gpt2.Config()) + [
         "--num-seeds",
@@ -187,7 +191,6 @@ def tiny_run(tmp_path_factory):
         "--log-every",
         str(CHUNK),
         "--no-progress",
-        "--fast-compile",
         "--run-dir",
         str(tmp_path_factory.mktemp("run")),
         "--prompt",
@@ -202,9 +205,13 @@ def tiny_run(tmp_path_factory):
 
 
 def test_pre_ln_scaled_init_beats_post_ln_unscaled(tiny_run):
-    """Behaviour, one compiled run: 6 blocks of d 32 at lr 1e-2 with no warm-up; the GPT-2
-    seeds reach a lower held-out loss than their post-LN + unscaled-init twins (same keys,
-    same batches). Measured: see the assert message."""
+    """Behaviour, one compiled run: 8 blocks of d 32 at lr 1e-2 with no warm-up, 300 updates
+    of 8 x 16 bytes; the GPT-2 seeds (pre-LN + ln_f, residual init 0.02 / sqrt(16)) reach a
+    lower held-out loss than their twins with GPT's post-LN placement and std-0.02 residual
+    init (same keys, same batches). Measured (loaded 2-core CPU): 2.97 / 2.87 nats/token vs
+    3.32 / 3.30 (the broken arm stays at the unigram level, ~3.25); the calibration sweep
+    (same sizes): at 200 updates the gap was only 0.07, at lr 3e-3 it was not stable
+    (2.99 / 2.77 vs 3.33 / 2.57)."""
     res, _ = tiny_run
     val = np.asarray(res.final["val_loss"])
     good, bad = val[:SEEDS], val[SEEDS:]
