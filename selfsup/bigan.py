@@ -41,7 +41,14 @@ samples (G), as the released "deploy" pass recomputes them.
 
 Reproduce (CPU demo: scikit-learn's 8x8 digits as 64-d vectors, MLPs of width 256):
     python selfsup/bigan.py --preset quick --plot selfsup/bigan.png
-Measured: see the report of the quick run below (filled in after the run).
+Measured (1 seed, 2,800 steps of 128 pairs, 4.1 min wall / 37 CPU-s on a heavily loaded
+2-core CPU, 797 held-out digits): the inversion error ||x - G(E(x))|| 2.26 against 3.06 for
+a random pairing (at init 3.37 for both); D's held-out accuracy 0.92. At this width the
+probes of E(x) barely move from the random-init E: 1-NN 0.957 (init 0.956), linear 0.939 /
+0.826 with 10 labels per class (init 0.927 / 0.824), k-NN 0.954 / 0.862 (init 0.959 /
+0.838); the supervised E (500 steps): 0.990 on all five. With a 10-d latent and width 128
+(the tests' setting, 400 steps, 2 seeds) the random-init E is weaker and BiGAN's gain
+clear: linear 0.806, 0.767 vs 0.740, 0.729; 10 per class 0.728, 0.670 vs 0.593, 0.645.
 Paper setting (the released MNIST networks and schedule, on digits):
     python selfsup/bigan.py --preset paper
 [1] Table 1 (permutation-invariant MNIST, 1-NN on the test set): BiGAN 97.39% on E(x) [M:
@@ -478,7 +485,9 @@ def plot(res, cfg: Config, out: str, num: int = 10):
             ("held-out digits x", x[0]),
             (f"G(E(x)): ||x - G(E(x))|| {f['inversion']:.2f} (random pair "
              f"{f['inversion_random']:.2f})", recon[0]), ("x", x[1]), ("G(E(x))", recon[1])]
-    fig, ax = plt.subplots(len(grid), num, figsize=(0.9 * num, 1.0 * len(grid) + 0.4))
+    fig, ax = plt.subplots(len(grid), num, figsize=(0.75 * num, 0.95 * len(grid) + 0.3),
+                           gridspec_kw=dict(wspace=0.05, hspace=0.35, left=0.01, right=0.99,
+                                            bottom=0.01, top=0.9))
     for i, (title, ims) in enumerate(grid):
         for j in range(num):
             ax[i, j].imshow(ims[j], cmap="gray", vmin=0, vmax=1, interpolation="nearest")
@@ -487,7 +496,6 @@ def plot(res, cfg: Config, out: str, num: int = 10):
             ax[i, 0].set_title(title, fontsize=7, loc="left")
     fig.suptitle(f"BiGAN on digits: 1-NN on E(x) {f['nn1']:.3f} (random-init E "
                  f"{f['init_nn1']:.3f}, supervised E {f['sup_nn1']:.3f})", fontsize=8)
-    fig.tight_layout()
     return save_png(fig, out)
 
 
