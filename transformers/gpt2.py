@@ -210,17 +210,18 @@ PRESETS = {
 
 @functools.cache
 def tokenizer(corpus: str, val_fraction: float, bpe_merges: int):
-    """(encode: str -> list[int], decode: list[int] -> str, size) of the config."""
+    """(encode: str -> np.ndarray of ids, decode: ids -> str, size) of the config: the UTF-8
+    bytes, or transformers/bpe.py's byte-level BPE trained on the training split."""
     if bpe_merges == 0:
         return (
-            lambda s: list(s.encode("utf-8")),
+            lambda s: np.frombuffer(s.encode("utf-8"), np.uint8),
             lambda ids: bytes(int(i) for i in ids).decode("utf-8", errors="replace"),
             256,
         )
     from transformers import bpe  # the tokenizer IS the other algorithm (DESIGN.md sec. 2)
 
     tok = bpe.Tokenizer(bpe.train(split_text(corpus, val_fraction)[0], 256 + bpe_merges))
-    return tok.encode, tok.decode, tok.vocab_size
+    return (lambda s: bpe.encode_corpus(tok, s)), (lambda ids: tok.decode(ids)), tok.vocab_size
 
 
 @functools.cache
@@ -246,8 +247,7 @@ def corpus_data(
     unigram baseline (train token frequencies, add-1) in bits per byte on val."""
     encode, _, size = tokenizer(corpus, val_fraction, bpe_merges)
     train_text, val_text = split_text(corpus, val_fraction)
-    dt = np.uint8 if size <= 256 else np.uint16
-    train, val = (np.asarray(encode(t), dt) for t in (train_text, val_text))
+    train, val = encode(train_text), encode(val_text)  # uint8 bytes or uint16 BPE ids
     bytes_per_token = len(val_text.encode("utf-8")) / max(len(val), 1)
     counts = np.bincount(train, minlength=size) + 1.0
     unigram = -np.log2(counts[val] / counts.sum()).mean() / bytes_per_token
@@ -270,13 +270,13 @@ def corpus_data(
     if usable:
         for i, j in enumerate(rng.choice(len(usable), cloze_items, replace=True)):
             start, word = usable[j]
-            ctx = encode(val_text[start - 4 * seq_len : start])
+            ctx = encode(val_text[start - 4 * seq_len : start]).tolist()
             others = [w for w in by_len[len(word)] if w != word]
             picks = [word] + [
                 others[k] for k in rng.choice(len(others), cloze_choices - 1, replace=False)
             ]
             for c, w in enumerate(picks):
-                cand = encode(" " + w)[:seq_len]
+                cand = encode(" " + w).tolist()[:seq_len]
                 seq = (ctx + cand)[-(seq_len + 1) :]
                 rows[i * cloze_choices + c, -len(seq) :] = seq
                 masks[i * cloze_choices + c, -len(cand) :] = 1
@@ -550,7 +550,7 @@ def evaluate(state: State, cfg: Config):
 def sample_text(res, cfg: Config, prompt: str, seed: int = 0) -> str:
     """--prompt: seed 0's model continues `prompt` by sample_tokens tokens."""
     encode, decode, _ = tokenizer(cfg.corpus, cfg.val_fraction, cfg.bpe_merges)
-    ids = encode(prompt)[-(cfg.seq_len - cfg.sample_tokens) :] or [10]
+    ids = encode(prompt).tolist()[-(cfg.seq_len - cfg.sample_tokens) :] or [10]
     params = jax.tree.map(lambda x: x[0], res.state.params)
     gen = jax.jit(lambda p, t, k, f: generate(p, t, k, f, cfg, cfg.sample_tokens))
     out = gen(params, jnp.asarray([ids], jnp.int32), jax.random.PRNGKey(seed), res.state.pre_ln[0])

@@ -172,6 +172,22 @@ def test_cloze_rows_hold_the_true_word_first_and_mask_its_tokens():
         np.testing.assert_array_equal(r[0, : -len(words[0])], r[1, : -len(words[0])])
 
 
+def test_bpe_tokens_travel_as_uint16_and_decode_to_the_text():
+    """--bpe-merges 64: transformers/bpe.py's byte-level BPE trained on the training split;
+    the streams are uint16 ids below 256 + 64 that decode back to the split's text, with more
+    than one byte per token; bytes (--bpe-merges 0) are uint8, one byte per token."""
+    cfg = dataclasses.replace(TINY, bpe_merges=64)
+    d = gpt2.data_of(cfg)
+    _, decode, size = gpt2.tokenizer(cfg.corpus, cfg.val_fraction, 64)
+    train_text, val_text = gpt2.split_text(cfg.corpus, cfg.val_fraction)
+    assert size == 320 and d["size"] == 320 and gpt2.vocab_rows(cfg) == 320
+    assert d["train"].dtype == np.uint16 and d["train"].max() < 320
+    assert decode(d["val"]) == val_text and decode(d["train"][:5000]) in train_text
+    assert d["bytes_per_token"] > 1.2
+    b = gpt2.data_of(TINY)
+    assert b["train"].dtype == np.uint8 and b["bytes_per_token"] == 1.0
+
+
 def _twin_init(key, cfg):
     """gpt2.init; seeds SEEDS..2 SEEDS-1 (same keys as 0..SEEDS-1) are the broken variant:
     post-LN (GPT's placement, no ln_f) with unscaled residual init."""
