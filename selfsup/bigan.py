@@ -451,7 +451,7 @@ def evaluate(state: State, cfg: Config):
     for prefix, params in (("", state.params), ("init_", init_params(state.init_key, cfg))):
         err, base = inversion_errors(te_x, reconstruct(params, te_x, tr_x, cfg))
         out[prefix + "inversion"], out[prefix + "inversion_random"] = err, base
-    ld, _, acc = losses(state.params, te_x, sample_prior(jax.random.PRNGKey(2),
+    _, _, acc = losses(state.params, te_x, sample_prior(jax.random.PRNGKey(2),
                                                          te_x.shape[0], cfg), cfg)
     out["d_accuracy"] = acc
     return out

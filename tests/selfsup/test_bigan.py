@@ -81,6 +81,25 @@ def test_each_loss_reaches_only_its_group():
     assert norm(g_ge_b["e"]) == 0 and norm(g_ge_b["g"]) > 0
 
 
+def test_simultaneous_and_alternating_steps():
+    """One `update` from the same state both ways: D's step is the same (it always answers
+    the current E and G), E's and G's differ (alternating: they answer the updated D), and
+    every group moves. Mutation tried: the alternating branch keeping the simultaneous
+    gradients fails (E's steps equal)."""
+    alt = dataclasses.replace(TINY, simultaneous=False)
+
+    def go(key):
+        s0 = bg.init(key, TINY)
+        return s0.params, bg.update(s0, TINY)[0].params, bg.update(s0, alt)[0].params
+
+    p0, p_sim, p_alt = compiled(go, jax.random.PRNGKey(0))
+    diff = lambda a, b: float(sum(jnp.abs(u - v).sum() for u, v in zip(
+        jax.tree.leaves(a), jax.tree.leaves(b), strict=True)))
+    assert diff(p_sim["d"], p_alt["d"]) == 0
+    assert diff(p_sim["e"], p_alt["e"]) > 0 and diff(p_sim["g"], p_alt["g"]) > 0
+    assert min(diff(p0[k], p_sim[k]) for k in "egd") > 0
+
+
 def test_prior_encoder_range_and_schedule():
     """z ~ U[-1, 1]^d (mean ~0, all inside, var ~1/3); E(x) = 2 sigmoid - 1 lies inside
     (-1, 1), a normal prior's E is linear (outside [-1, 1] somewhere for a scaled input);
