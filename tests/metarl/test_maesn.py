@@ -19,15 +19,15 @@ from tests.common.config_fields import unread_fields
 from tests.common.preset import trace_paper
 
 # ONE tiny configuration for the whole module: 8 of 20 tasks x 10 episodes of 30 steps,
-# a 2 x 32 policy.
+# a 2 x 32 policy, 120 meta-updates.
 TINY = m.Config(
     hidden=32,
     horizon=30,
     num_trajectories=10,
     meta_batch_size=8,
     num_tasks=20,
-    meta_lr=3e-3,
-    num_iterations=30,
+    meta_lr=1e-2,
+    num_iterations=120,
     eval_tasks=10,
     eval_trajectories=10,
     eval_steps=1,
@@ -225,27 +225,31 @@ def tiny_run(tmp_path_factory):
     return _run(TINY, tmp_path_factory.mktemp("maesn"))
 
 
-@pytest.mark.skip(reason="behaviour gate being calibrated (next commit)")
 def test_prior_z_episodes_cover_the_semicircle_and_eps_per_step_collapses(tiny_run):
-    """Behaviour (the catalogue's exploration-structure test, tiny): after 30 meta-updates of
-    TINY, episodes with z ~ N(0, I) end at angles covering most ten-degree bins of [0, pi]
-    (counting end points beyond goal_radius / 2); the broken variant, trained and evaluated
-    with a fresh eps at every step, covers far fewer (the noise averages out over the
-    episode and the point stays near the start). Same seed keys for both arms.
-    Measured: see the asserts' message."""
+    """Behaviour (the catalogue's exploration-structure test, tiny): after 120 meta-updates
+    of TINY, episodes with z ~ N(0, I) (one draw per episode) end at angles covering most
+    ten-degree bins of [0, pi] (end points beyond goal_radius / 2); the broken variant,
+    trained and evaluated with a fresh eps at every step, covers far fewer: the noise
+    averages out within the episode and every episode heads the same way. Both arms in one
+    program on the same 2 seed keys (same init, tasks, evaluation goals). Measured (loaded
+    2-core CPU): MAESN 0.889 0.833, eps per step 0.333 0.278 (the repeat of seed 0: 0.889).
+    Earlier calibration (the same seeds, 4 arms): after 30 / 40 updates no gap yet (MAESN
+    0.56 0.56 vs 0.50 0.50 at meta_lr 1e-2 / latent_lr 0.1; both policies still ignore z and
+    head for the middle of the arc, end-angle std 10-20 degrees); after 120: 0.889 0.778 vs
+    0.333 0.222 (end-angle std 40-43 vs 7-8 degrees)."""
     res, _ = tiny_run
     cov = np.asarray(res.final["explore/coverage"])
     maesn, broken = cov[:SEEDS], cov[SEEDS : 2 * SEEDS]
     print("coverage", cov)
     assert maesn.min() >= 0.6, cov
-    assert (maesn - broken).min() > 0.15, cov
+    assert (maesn - broken).min() > 0.3, cov
     np.testing.assert_array_equal(np.asarray(res.state.per_step), [0, 0, 1, 1, 0])
 
 
 def test_train_is_pure_and_cli_writes_its_files(tiny_run, capsys):
-    """The same key twice in one program: bit-identical; different keys differ; a rerun of
-    the recorded chunk gives the same states; --help documents every field."""
-    res, chunks = tiny_run
+    """The same key twice in one program: bit-identical; different keys differ; --help
+    documents every field."""
+    res, _ = tiny_run
     with pytest.raises(SystemExit):
         m.main(["--help"])
     out = capsys.readouterr().out
@@ -257,9 +261,6 @@ def test_train_is_pure_and_cli_writes_its_files(tiny_run, capsys):
     assert not np.array_equal(h[0], h[1])
     np.testing.assert_array_equal(h[0], h[-1])
     jax.tree.map(lambda x: np.testing.assert_array_equal(x[0], x[-1]), res.state.meta)
-    fn, states = chunks[-1]
-    again = fn(states)
-    jax.tree.map(lambda a, b: np.testing.assert_array_equal(a, b), again[0], res.state)
 
 
 def test_every_config_field_is_read():
