@@ -9,11 +9,13 @@ A deterministic encoder E maps data to latents, a generator G maps prior samples
 and one discriminator D sees (data, latent) pairs: (x, E(x)) is the real pair, (G(z), z)
 the fake one (the post's prose swaps the two names; its equation, like [1], does not):
 
-    V(D, E, G) = E_x[log D(x, E(x))] + E_z[log(1 - D(G(z), z))]       [1] Eq. 3
-    min_{G, E} max_D V; at the optimum E = G^-1                         [1] Sec. 3, Thm. 2
+    V(D, E, G) = E_x[log D(x, E(x))] + E_z[log(1 - D(G(z), z))]       [1] Eq. 3 [M]
+    min_{G, E} max_D V; at the optimum E = G^-1                         [1] Sec. 3 [M]
     D's loss:    1/2 [-log D(x, E(x)) - log(1 - D(G(z), z))]            released gan.py
-    E, G's loss: 1/2 [-log(1 - D(x, E(x))) - log D(G(z), z)]            [1] Sec. 3.4
-        (the "inverse" objective: the same pairs with the labels flipped, non-saturating)
+    E, G's loss: 1/2 [-log(1 - D(x, E(x))) - log D(G(z), z)]            released gan.py
+        (the "inverse" objective of [1] Sec. 3.4 [M]: the same pairs with the labels
+        flipped, non-saturating; the released "opp_" losses, checked in the code)
+[M]: equation and section numbers as recalled, not re-read in the PDF.
 
 Each loss reaches only its own parameters: D's loss sees E(x) and G(z) as data (stopped
 gradients), E and G's loss sees D frozen, so one backward pass of their sum gives all three
@@ -68,6 +70,11 @@ Differences from the paper:
   discrimination (the released MNIST run uses neither).
 - Probes: the released code fits 1-NN and logistic regression on E(x) and on the layer
   before it; ours probe E(x) alone (1-NN euclidean, k-NN cosine, logistic regression).
+- As released, the L2 decay is added to the gradient before Adam, so a parameter whose loss
+  gradient is 0 still takes ~lr-sized steps towards 0 (with D blind to z, E shrinks to a
+  constant: the tests' broken control probes at chance).
+- The supervised reference (E plus a linear 10-way head, 500 Adam steps on the 1,000
+  labels) is ours; [1] compares against other unsupervised methods.
 """
 
 from dataclasses import dataclass
