@@ -206,6 +206,9 @@ def test_bad_inputs_raise_clearly(tok, tmp_path):
         bpe.sennrich_train({"low": 1}, -1)
     with pytest.raises(ValueError, match="without whitespace"):
         bpe.sennrich_train({"a b": 1}, 3)
+    for f in (0, -2, 2.7, True):
+        with pytest.raises(ValueError, match="frequencies must be ints >= 1"):
+            bpe.sennrich_train({"low": f}, 3)
     bad = tmp_path / "bad.bpe"
     bad.write_text("#version: 0.2\nĠ t x\n", encoding="utf-8")
     with pytest.raises(ValueError, match="bad merge line"):
@@ -250,3 +253,26 @@ def test_cli(tmp_path):
         timeout=60,
     )
     assert bad.returncode != 0 and "--vocab-size must be >= 256" in bad.stderr
+    for flag, value in (("--max-chars", "-5"), ("--show-merges", "-1")):
+        bad = subprocess.run([*cmd, "--corpus", str(corpus), flag, value], capture_output=True,
+                             text=True, timeout=60)
+        assert bad.returncode != 0 and f"{flag} must be >= " in bad.stderr
+
+
+def test_tokenizer_and_load_use_their_pattern(tmp_path):
+    """A tokenizer splits with the pattern it was given (one pre-token per character here),
+    and load restores the pattern that save wrote."""
+    per_char = r"(?s)."
+    assert len(bpe.Tokenizer(MERGES, per_char).encode("the")) == 3
+    assert len(bpe.Tokenizer(MERGES).encode("the")) < 3
+    t = bpe.Tokenizer(MERGES, r"\S+|\s+")
+    t.save(tmp_path / "t.json")
+    assert bpe.Tokenizer.load(tmp_path / "t.json").pattern == r"\S+|\s+"
+
+
+def test_a_byte_string_made_by_two_merges_keeps_the_first_id():
+    """"abc" is made by merge 1 (ab + c) and again by merge 3 (a + bc): encoding gives merge 1's
+    id 257 (bpe.py's rule, declared; tiktoken and HF keep the last)."""
+    t = bpe.Tokenizer([(b"a", b"b"), (b"ab", b"c"), (b"b", b"c"), (b"a", b"bc")])
+    assert t.encode("abc") == [257] and t.decode([259]) == "abc"
+
