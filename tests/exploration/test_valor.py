@@ -1,0 +1,250 @@
+"""Tests of exploration/valor.py: the decoder's input (sub-sampled state differences), the
+reward given once at the episode's end, the curriculum's K rule and the masked
+log-likelihood by hand (through the functions `update` calls), the curriculum as it ran,
+behaviour against the broken blind policy in one compiled run, purity, CLI, the paper
+preset and the Config fields."""
+
+import dataclasses
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from exploration import valor
+from tests.common.cli import cli_args
+from tests.common.compiled import main_recording_chunks
+from tests.common.config_fields import unread_fields
+from tests.common.preset import trace_paper
+
+# ONE tiny configuration for the whole module: 10-step episodes, K from 2 to 4.
+TINY = valor.Config(
+    k_init=2,
+    k_max=4,
+    decoder_points=6,
+    num_updates_total=80,
+    num_episodes=32,
+    episode_length=10,
+    pi_lr=3e-3,
+    vf_lr=3e-3,
+    dc_lr=3e-3,
+    train_v_iters=5,
+    train_dc_iters=5,
+    dc_every=1,
+    hidden=(32, 32),
+    decoder_hidden=16,
+    max_speed=0.15,
+    eval_episodes=16,
+)
+
+
+# --- EQUATIONS ---
+
+
+def test_decoder_reads_subsampled_state_differences():
+    """T = 10, N = 6: the states at t = 0, 2, 4, 6, 8, 10 and their 5 differences, episode by
+    episode ([B, N - 1, D]); adding a constant to every state changes nothing the valor
+    decoder sees (it reads motion, not place); final_state (VIC) reads (s_0, s_T).
+    Mutations that fail here: raw states instead of differences, every step instead of the
+    sub-sample, differences in the wrong order (s_t - s_{t+N})."""
+    rng = np.random.default_rng(0)
+    states = rng.normal(size=(11, 3, 2)).astype(np.float32)  # [T + 1, B, D]
+    np.testing.assert_array_equal(valor.subsample_index(10, 6), [0, 2, 4, 6, 8, 10])
+    x = np.asarray(valor.decoder_inputs(jnp.asarray(states), TINY))
+    assert x.shape == (3, 5, 2)
+    for b in range(3):
+        for i in range(5):
+            np.testing.assert_allclose(x[b, i], states[2 * i + 2, b] - states[2 * i, b], rtol=1e-6)
+    np.testing.assert_allclose(valor.decoder_inputs(jnp.asarray(states + 5.0), TINY), x, atol=1e-5)
+    vic = valor.decoder_inputs(
+        jnp.asarray(states), dataclasses.replace(TINY, decoder="final_state")
+    )
+    np.testing.assert_array_equal(vic, np.concatenate([states[0], states[-1]], -1))
+
+
+def test_reward_once_at_the_end_and_its_advantage():
+    """r_t = 0 for t < T - 1 and r_{T-1} = log P_D(c | tau), with no gradient into the
+    decoder. With V = 0 and lambda = 1 the GAE advantage `update` computes is the discounted
+    reward-to-go gamma^(T-1-t) log P_D, so every step of the episode is credited."""
+    log_p = jnp.array([-0.1, -2.0])
+    r = valor.episode_rewards(log_p, 4)
+    np.testing.assert_array_equal(r[:-1], 0.0)
+    np.testing.assert_array_equal(r[-1], log_p)
+    g = jax.grad(lambda lp: valor.episode_rewards(lp, 4).sum())(log_p)
+    np.testing.assert_array_equal(g, 0.0)
+    dones = jnp.zeros((4, 2)).at[-1].set(1.0)
+    adv, _ = valor.gae(r, jnp.zeros((4, 2)), dones, jnp.zeros(2), 0.9, 1.0)
+    np.testing.assert_allclose(
+        adv, 0.9 ** np.arange(3, -1, -1)[:, None] * np.asarray(log_p), rtol=1e-6
+    )
+
+
+def test_curriculum_rule_by_hand():
+    """[1] Sec. 3.3: K <- min(int(1.5 K + 1), K_max): 2, 4, 7, 11, 17, 26, 40, 61, 64, 64
+    for K_max = 64, equal to Python's int(1.5 K + 1) for every K up to 200. Mutations that
+    fail: 1.5 K (no + 1), rounding instead of int, no cap."""
+    k, seq = jnp.int32(2), [2]
+    for _ in range(9):
+        k = valor.next_k(k, 64)
+        seq.append(int(k))
+    assert seq == [2, 4, 7, 11, 17, 26, 40, 61, 64, 64]
+    ks = np.arange(1, 201)
+    np.testing.assert_array_equal(
+        valor.next_k(jnp.asarray(ks), 10_000), [int(1.5 * k + 1) for k in ks]
+    )
+
+
+def test_context_log_prob_uses_the_k_contexts_in_use():
+    """log P_D(c | tau) = log softmax over the first K logits only: with K = 2 of K_max = 4,
+    logits [0, log 3, 9, 9] give log 1/4 for c = 0 and log 3/4 for c = 1 (the unused
+    outputs 9, 9 carry no mass); with K = 4 the same logits give c = 0 almost nothing."""
+    logits = jnp.array([[0.0, math.log(3.0), 9.0, 9.0]] * 2)
+    c = jnp.array([0, 1])
+    np.testing.assert_allclose(
+        valor.context_log_prob(logits, c, 2), [math.log(0.25), math.log(0.75)], rtol=1e-6
+    )
+    assert float(valor.context_log_prob(logits, c, 4)[0]) < -9.0
+
+
+def test_update_wiring(monkeypatch):
+    """`update` feeds the decoder `decoder_inputs` of the rollout's states, the reward
+    `episode_rewards` of `context_log_prob` with the current K, and the entropy weight to
+    `policy_loss` (traced with spies, nothing runs)."""
+    calls: dict[str, list] = {}
+
+    def spy(name):
+        real = getattr(valor, name)
+
+        def wrapped(*args, **kwargs):
+            calls.setdefault(name, []).append(args)
+            return real(*args, **kwargs)
+
+        monkeypatch.setattr(valor, name, wrapped)
+
+    for name in ("decoder_inputs", "episode_rewards", "context_log_prob", "policy_loss", "next_k"):
+        spy(name)
+    cfg = dataclasses.replace(TINY, ent_coef=0.3)
+    state = jax.eval_shape(lambda k: valor.init(k, cfg), jax.random.PRNGKey(0))
+    jax.eval_shape(lambda s: valor.update(s, cfg), state)
+    ((states, _),) = [a for a in calls["decoder_inputs"] if a[0].shape[1] == 32]
+    assert states.shape == (11, 32, 2)
+    ((log_p, t),) = calls["episode_rewards"]
+    assert log_p.shape == (32,) and t == 10
+    assert len(calls["context_log_prob"]) == 2  # the reward and the decoder's loss
+    ((_, _, _, beta),) = calls["policy_loss"]
+    assert beta == 0.3
+    assert len(calls["next_k"]) == 1
+
+
+def test_bad_values_fail_with_named_field(tmp_path):
+    for flags, msg in [
+        (["--decoder", "nope"], "decoder='nope'"),
+        (["--variant", "x"], "variant='x'"),
+        (["--k-init", "1"], r"k_init=1 must be in \[2, k_max=64\]"),
+        (["--threshold", "1.5"], r"threshold=1.5 must be in \(0, 1\)"),
+        (
+            ["--decoder-points", "20", "--episode-length", "10"],
+            r"decoder_points=20 must be in \[2, episode_length \+ 1 = 11\]",
+        ),
+        (["--pi-lr", "0"], "--pi-lr must be > 0"),
+    ]:
+        with pytest.raises(ValueError, match=msg):
+            valor.main(flags + ["--run-dir", str(tmp_path / "x")])
+
+
+# --- BEHAVIOUR, PURITY, CLI (one compiled run of the CLI) ---
+
+SEEDS = 2
+ARGS = cli_args(TINY, valor.Config()) + [
+    "--num-seeds",
+    str(2 * SEEDS),
+    "--log-every",
+    "40",
+    "--no-progress",
+    "--fast-compile",
+]
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    """TINY through `valor.main`, 2 x SEEDS seeds in ONE compiled program: seeds SEEDS.. run
+    the blind policy (variant traced in the state), each on the key of its VALOR twin."""
+    keys = jax.random.split(jax.random.PRNGKey(0), 2 * SEEDS)  # the runner's seed keys
+    real = valor.init
+
+    def init(key, cfg):
+        i = jnp.argmax(jnp.all(key == keys, -1))
+        return real(keys[i % SEEDS], cfg).replace(variant=(i // SEEDS).astype(jnp.int32))
+
+    run_dir = tmp_path_factory.mktemp("valor") / "run"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(valor, "init", init)
+        return main_recording_chunks(valor.main, ARGS + ["--run-dir", str(run_dir)])
+
+
+def test_contexts_are_decoded_only_when_the_policy_sees_them(tiny_run):
+    """Behaviour ([1] Sec. 5): TINY (80 epochs of 32 ten-step episodes, K from 2 up to 4),
+    2 seeds per arm; the decoder's accuracy on 16 held-out episodes per context in use.
+    Measured (2-core CPU, loaded, --fast-compile):
+        VALOR           K 4 4   accuracy FILL
+        blind policy    K 2 2   accuracy FILL   (chance 0.5 at K = 2)
+    The blind arm never reaches the curriculum's threshold. Asserted: VALOR reaches K = 4
+    with accuracy >= 0.75 (chance 0.25) on each seed; blind stays at K = 2 below 0.75."""
+    res, _ = tiny_run
+    acc, k = res.final["decoder_accuracy"], res.final["k"]
+    np.testing.assert_array_equal(res.state.variant, np.repeat([0, 1], SEEDS))
+    print("accuracy", acc.reshape(2, SEEDS), "K", k.reshape(2, SEEDS))
+    assert (k[:SEEDS] == 4).all() and (acc[:SEEDS] >= 0.75).all(), (acc, k)
+    assert (k[SEEDS:] == 2).all() and (acc[SEEDS:] < 0.75).all(), (acc, k)
+
+
+def test_curriculum_as_it_ran(tiny_run):
+    """Per seed and epoch of the run (dc_every = 1): K grows to next_k(K) exactly on the
+    epochs whose episodes scored mean log P_D >= log 0.86, and stays otherwise."""
+    h = tiny_run[0].history
+    k, logp = h["charts/k"].astype(int), h["charts/decoder_logp"]
+    grow = logp[:, :-1] >= math.log(TINY.threshold)
+    expect = np.where(grow, np.minimum((3 * k[:, :-1] + 2) // 2, TINY.k_max), k[:, :-1])
+    np.testing.assert_array_equal(k[:, 1:], expect)
+    assert grow[:SEEDS].any()
+
+
+def test_train_is_pure_and_cli_writes_its_files(tiny_run, capsys):
+    """The last compiled chunk, run again on a copy of its input, gives bit-identical
+    parameters and metrics; seeds differ; the run wrote its files; `--help` documents every
+    field; metrics are finite and have the [seeds, updates] shape."""
+    res, chunks = tiny_run
+    with pytest.raises(SystemExit):
+        valor.main(["--help"])
+    out = capsys.readouterr().out
+    for f in dataclasses.fields(valor.Config):
+        assert "--" + f.name.replace("_", "-") in out, f.name
+    assert "Presets (--preset): quick, paper" in out
+    for name in ("metrics.jsonl", "summary.json", "config.json", "checkpoints"):
+        assert (res.run_dir / name).exists(), name
+    h = res.history
+    assert h["losses/pi"].shape == (2 * SEEDS, 80) and len(chunks) == 2
+    assert all(np.isfinite(v).all() for v in h.values())
+    assert not np.array_equal(h["losses/pi"][0], h["losses/pi"][1])
+    compiled_chunk, states = chunks[-1]
+    again, metrics = compiled_chunk(states)
+    jax.tree.map(np.testing.assert_array_equal, res.state.params, again.params)
+    np.testing.assert_array_equal(h["losses/decoder"][:, 40:], metrics["losses/decoder"])
+
+
+def test_every_config_field_is_read():
+    """No flag that lies: each Config field is read by code that runs (AST, not text)."""
+    assert unread_fields(valor) == []
+
+
+def test_paper_preset_traces():
+    """jax.eval_shape of init, one update and evaluate under the `paper` preset (K_max 64,
+    40 episodes of 1000 steps, 11 decoder points): nothing runs."""
+    cfg, state, (after, metrics) = trace_paper(valor)
+    assert cfg.k_max == 64 and cfg.episode_length == 1000 and int(cfg.k_init) == 2
+    assert state.params["pi"]["params"]["Dense_0"]["kernel"].shape == (2 + 64, 64)
+    assert jax.tree.structure(after) == jax.tree.structure(state)
+    assert all(m.shape == () for m in jax.tree.leaves(metrics))
+    ev = jax.eval_shape(lambda s: valor.evaluate(s, cfg), state)
+    assert sorted(ev) == ["decoder_accuracy", "decoder_logp", "k"]
