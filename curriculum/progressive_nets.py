@@ -94,6 +94,7 @@ import optax
 from flax import struct
 
 from common import envs, run
+from common.nets import orthogonal
 from common.plot import save_png
 from common.rl import episode_metrics, gae, minibatch_epochs, ppo_loss, rollout
 
@@ -245,7 +246,7 @@ def make_env(cfg: Config) -> envs.VecEnv:
 def dense_init(key, n_in, n_out, scale):
     """Orthogonal kernel with gain `scale` (the PPO convention), zero bias."""
     return {
-        "kernel": jax.nn.initializers.orthogonal(scale)(key, (n_in, n_out)),
+        "kernel": orthogonal(scale)(key, (n_in, n_out)),
         "bias": jnp.zeros(n_out),
     }
 
@@ -286,8 +287,8 @@ def init_params(key, cfg: Config, obs_dim: int, num_actions: int):
             layer_adapters.append(
                 {
                     "alpha": jax.random.uniform(ka, ()) * cfg.alpha_init,
-                    "V": jax.nn.initializers.orthogonal(np.sqrt(2))(kv, (k * n_prev, n_prev)),
-                    "U": jax.nn.initializers.orthogonal(scale)(ku, (n_prev, n_i)),
+                    "V": orthogonal(np.sqrt(2))(kv, (k * n_prev, n_prev)),
+                    "U": orthogonal(scale)(ku, (n_prev, n_i)),
                 }
             )
         adapters.append(layer_adapters)
