@@ -65,6 +65,8 @@ Differences from the paper:
   the paper preset is a guess.
 - `pre_ln` (a traced state flag) also runs the post-LN placement of [3] (no ln_f) for the
   behaviour test; `scaled_init` False gives every matrix std 0.02.
+- The zero-shot probe is a held-out next-word cloze among same-length words (chance
+  1 / cloze_choices), a tiny-scale stand-in for [1]'s LAMBADA / CBT; it is not [1]'s task.
 - Attention is the explicit masked softmax (finfo.min mask, f32 softmax) on every path, so
   that the cached and full forwards share one function; no fused kernel.
 """
