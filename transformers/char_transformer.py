@@ -61,6 +61,7 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from flax import struct
 
@@ -125,13 +126,23 @@ class Config:
         return self.batch_size * self.seq_len  # tokens per update
 
     def validate(self):
-        for name in ("seq_len", "num_layers", "d_model", "num_heads", "d_ff", "num_targets",
-                     "batch_size", "total_steps", "eval_windows"):
+        for name in (
+            "seq_len",
+            "num_layers",
+            "d_model",
+            "num_heads",
+            "d_ff",
+            "num_targets",
+            "batch_size",
+            "total_steps",
+            "eval_windows",
+        ):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.d_model % self.num_heads:
-            raise ValueError(f"d_model={self.d_model} is not divisible by "
-                             f"num_heads={self.num_heads}")
+            raise ValueError(
+                f"d_model={self.d_model} is not divisible by num_heads={self.num_heads}"
+            )
         if not 0 <= self.dropout < 1:
             raise ValueError(f"dropout={self.dropout} must be in [0, 1)")
         if not 0 < self.val_fraction < 1:
@@ -139,32 +150,47 @@ class Config:
         if self.optimizer not in ("momentum", "adam"):
             raise ValueError(f"optimizer={self.optimizer!r} must be 'momentum' or 'adam'")
         if self.eval_windows % self.batch_size:
-            raise ValueError(f"eval_windows={self.eval_windows} is not a multiple of "
-                             f"batch_size={self.batch_size}")
+            raise ValueError(
+                f"eval_windows={self.eval_windows} is not a multiple of "
+                f"batch_size={self.batch_size}"
+            )
         if self.intermediate_stop < 0 or self.aux_target_weight < 0:
             raise ValueError("intermediate_stop and aux_target_weight must be >= 0")
 
 
 PRESETS = {
     # CPU demo: 8 layers of d=64, context 64, Adam; minutes on 2 cores.
-    "quick": dict(seq_len=64, num_layers=8, d_model=64, num_heads=4, d_ff=256, dropout=0.0,
-                  total_steps=600, optimizer="adam", lr=2e-3, warmup_steps=50,
-                  eval_windows=128),
+    "quick": dict(
+        seq_len=64,
+        num_layers=8,
+        d_model=64,
+        num_heads=4,
+        d_ff=256,
+        dropout=0.0,
+        total_steps=600,
+        optimizer="adam",
+        lr=2e-3,
+        warmup_steps=50,
+        eval_windows=128,
+    ),
     "paper": dict(),
 }
 
 
 @functools.cache
 def corpus(name: str, val_fraction: float):
-    """(train ids, val ids) as numpy int32 and the vocabulary size; loaded once. Callers
-    turn them into device constants inside the jitted update (jnp.asarray)."""
+    """(train ids, val ids) as numpy uint8 (uint16 above 256 symbols) and the vocabulary
+    size; loaded once. `init` puts them in the State, so they enter the compiled chunks as
+    an input, not as a constant of each program; `windows` casts to int32 after the gather."""
     train, val, vocab = data.char_corpus(name, val_fraction)
-    return train, val, len(vocab)
+    dtype = np.uint8 if len(vocab) <= 256 else np.uint16
+    return train.astype(dtype), val.astype(dtype), len(vocab)
 
 
 def windows(ids, starts, length: int):
-    """(B, length) slices of ids starting at `starts`."""
-    return jax.vmap(lambda s: jax.lax.dynamic_slice(ids, (s,), (length,)))(starts)
+    """(B, length) int32 slices of ids (stored uint8/uint16) starting at `starts`."""
+    w = jax.vmap(lambda s: jax.lax.dynamic_slice(ids, (s,), (length,)))(starts)
+    return w.astype(jnp.int32)
 
 
 # --- NETWORKS ---
@@ -225,8 +251,7 @@ class CharTransformer(nn.Module):
     @nn.compact
     def __call__(self, tokens, train: bool = False):
         cfg = self.cfg
-        x = nn.Embed(self.vocab, cfg.d_model, embedding_init=nn.initializers.normal(0.02))(
-            tokens)
+        x = nn.Embed(self.vocab, cfg.d_model, embedding_init=nn.initializers.normal(0.02))(tokens)
         x = nn.Dropout(cfg.dropout, deterministic=not train)(x)
         outs = []
         for l in range(cfg.num_layers):
@@ -235,8 +260,14 @@ class CharTransformer(nn.Module):
             if cfg.intermediate_losses or l == cfg.num_layers - 1:
                 h = nn.LayerNorm(name=f"ln_out_{l}")(x)
                 # [1] multiple targets: a separate classifier per target offset k
-                outs.append(jnp.stack([nn.Dense(self.vocab, name=f"head_{l}_{k}")(h)
-                                       for k in range(1, cfg.num_targets + 1)]))
+                outs.append(
+                    jnp.stack(
+                        [
+                            nn.Dense(self.vocab, name=f"head_{l}_{k}")(h)
+                            for k in range(1, cfg.num_targets + 1)
+                        ]
+                    )
+                )
         return jnp.stack(outs)  # (N_heads, K, B, L, V)
 
 
@@ -264,7 +295,7 @@ def cross_entropies(logits, window, cfg: Config):
     """CE_{l,k}: (N_heads, K) mean next-k-character NLL in nats. `window` is (B, L + K):
     inputs window[:, :L]; target of offset k at position i is window[:, i + k]."""
     L, K = cfg.seq_len, cfg.num_targets
-    targets = jnp.stack([window[:, k:k + L] for k in range(1, K + 1)])  # (K, B, L)
+    targets = jnp.stack([window[:, k : k + L] for k in range(1, K + 1)])  # (K, B, L)
     logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
     nll = -jnp.take_along_axis(logp, targets[None, ..., None], axis=-1)[..., 0]  # (N,K,B,L)
     if not cfg.multiple_positions:  # [1] Fig. 1: only the last position predicts
@@ -281,7 +312,7 @@ def plain_loss(logits, window, cfg: Config):
     """[1] Fig. 1's plain setting from the same logits: only the last position of the last
     layer predicts (the next character): -log p_{N,1}(t_L | t_{0..L-1}), batch mean."""
     plain = dataclasses.replace(cfg, num_targets=1, multiple_positions=False)
-    return cross_entropies(logits[-1:, :1], window[:, :cfg.seq_len + 1], plain)[0, 0]
+    return cross_entropies(logits[-1:, :1], window[:, : cfg.seq_len + 1], plain)[0, 0]
 
 
 # --- STATE ---
@@ -296,6 +327,11 @@ class State:
     aux_losses: jax.Array
     """1, traced: 0 trains on plain_loss instead (the auxiliary heads then get no gradient),
     so one program can also run [1] Fig. 1's plain setting"""
+    train_ids: jax.Array
+    """(T,) uint8 training ids (corpus()): an input of the compiled chunks, not a constant;
+    one copy per seed (pydoc 0.4 MB, stdlib 11 MB)"""
+    val_ids: jax.Array
+    """(T_val,) uint8 validation ids, read by evaluate"""
 
 
 def optimizer(cfg: Config):
@@ -306,20 +342,27 @@ def optimizer(cfg: Config):
 
 
 def init(key, cfg: Config) -> State:
-    _, _, vocab = corpus(cfg.corpus, cfg.val_fraction)
+    train_ids, val_ids, vocab = corpus(cfg.corpus, cfg.val_fraction)
     k_init, key = jax.random.split(key)
     model = CharTransformer(cfg, vocab)
     params = model.init(k_init, jnp.zeros((1, cfg.seq_len), jnp.int32))
-    return State(params, optimizer(cfg).init(params), key, jnp.zeros((), jnp.int32),
-                 jnp.ones((), jnp.int32))
+    return State(
+        params,
+        optimizer(cfg).init(params),
+        key,
+        jnp.zeros((), jnp.int32),
+        jnp.ones((), jnp.int32),
+        jnp.asarray(train_ids),
+        jnp.asarray(val_ids),
+    )
 
 
 # --- UPDATE ---
 
 
 def update(state: State, cfg: Config):
-    train_ids, _, vocab = corpus(cfg.corpus, cfg.val_fraction)
-    train_ids = jnp.asarray(train_ids)
+    _, _, vocab = corpus(cfg.corpus, cfg.val_fraction)
+    train_ids = state.train_ids
     model = CharTransformer(cfg, vocab)
     key, k_data, k_drop = jax.random.split(state.key, 3)
     n = cfg.seq_len + cfg.num_targets
@@ -327,27 +370,30 @@ def update(state: State, cfg: Config):
     window = windows(train_ids, starts, n)  # (B, L + K)
 
     def loss_fn(params):
-        logits = model.apply(params, window[:, :cfg.seq_len], train=True,
-                             rngs={"dropout": k_drop})
+        logits = model.apply(params, window[:, : cfg.seq_len], train=True, rngs={"dropout": k_drop})
         ce = cross_entropies(logits, window, cfg)
-        loss = jnp.where(state.aux_losses > 0, total_loss(ce, state.step, cfg),
-                         plain_loss(logits, window, cfg))
+        loss = jnp.where(
+            state.aux_losses > 0, total_loss(ce, state.step, cfg), plain_loss(logits, window, cfg)
+        )
         return loss, ce
 
     (loss, ce), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
     upd, opt_state = optimizer(cfg).update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, upd)
-    metrics = {"losses/loss": loss, "losses/next_char": ce[-1, 0],
-               "charts/bits_per_char": ce[-1, 0] / jnp.log(2.0),
-               "charts/active_layers": layer_weights(state.step, cfg).sum(),
-               "charts/grad_norm": optax.tree.norm(grads)}
-    return State(params, opt_state, key, state.step + 1, state.aux_losses), metrics
+    metrics = {
+        "losses/loss": loss,
+        "losses/next_char": ce[-1, 0],
+        "charts/bits_per_char": ce[-1, 0] / jnp.log(2.0),
+        "charts/active_layers": layer_weights(state.step, cfg).sum(),
+        "charts/grad_norm": optax.tree.norm(grads),
+    }
+    return state.replace(params=params, opt_state=opt_state, key=key, step=state.step + 1), metrics
 
 
 def evaluate(state: State, cfg: Config):
     """Last layer's next-character loss on `eval_windows` evenly spaced validation windows."""
-    _, val_ids, vocab = corpus(cfg.corpus, cfg.val_fraction)
-    val_ids = jnp.asarray(val_ids)
+    _, _, vocab = corpus(cfg.corpus, cfg.val_fraction)
+    val_ids = state.val_ids
     model = CharTransformer(cfg, vocab)
     n = cfg.seq_len + 1
     starts = jnp.linspace(0, val_ids.shape[0] - n - 1, cfg.eval_windows).astype(jnp.int32)
@@ -366,9 +412,16 @@ def evaluate(state: State, cfg: Config):
 
 
 def main(argv=None):
-    return run.main(Config, init, update, presets=PRESETS, evaluate=evaluate, argv=argv,
-                    doc=__doc__, summary_keys=["val_loss", "val_bits_per_char",
-                                               "charts/bits_per_char", "losses/loss"])
+    return run.main(
+        Config,
+        init,
+        update,
+        presets=PRESETS,
+        evaluate=evaluate,
+        argv=argv,
+        doc=__doc__,
+        summary_keys=["val_loss", "val_bits_per_char", "charts/bits_per_char", "losses/loss"],
+    )
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@ baseline (slow), purity and the CLI."""
 
 import dataclasses
 import json
+import re
 
 import jax
 import jax.numpy as jnp
@@ -18,9 +19,20 @@ from tests.transformers import leak
 from tests.transformers import tiny_run as tiny_run_module
 from transformers import char_transformer as ct
 
-TINY = ct.Config(seq_len=16, num_layers=2, d_model=16, num_heads=2, d_ff=32, dropout=0.0,
-                 num_targets=2, batch_size=4, total_steps=3, optimizer="adam", lr=1e-3,
-                 eval_windows=8)
+TINY = ct.Config(
+    seq_len=16,
+    num_layers=2,
+    d_model=16,
+    num_heads=2,
+    d_ff=32,
+    dropout=0.0,
+    num_targets=2,
+    batch_size=4,
+    total_steps=3,
+    optimizer="adam",
+    lr=1e-3,
+    eval_windows=8,
+)
 
 
 def test_no_future_leak_in_any_layer_or_target_head_and_mask_off_leaks():
@@ -29,13 +41,17 @@ def test_no_future_leak_in_any_layer_or_target_head_and_mask_off_leaks():
     cfg = dataclasses.replace(TINY, num_layers=3, num_targets=3)
     vocab = 11
     tokens = jax.random.randint(jax.random.PRNGKey(1), (2, cfg.seq_len), 0, vocab)
-    params = compiled(lambda k_: ct.CharTransformer(cfg, vocab).init(
-        k_, jnp.zeros((1, cfg.seq_len), jnp.int32)), jax.random.PRNGKey(0))
+    params = compiled(
+        lambda k_: ct.CharTransformer(cfg, vocab).init(k_, jnp.zeros((1, cfg.seq_len), jnp.int32)),
+        jax.random.PRNGKey(0),
+    )
 
     def fn(causal):  # (N, K, B, L, V) -> (B, L, N, K, V): the leak helper wants L on axis 1
         model = ct.CharTransformer(cfg, vocab, causal=causal)
-        return jax.jit(lambda t: jnp.moveaxis(model.apply(params, t), (2, 3), (0, 1)),
-                       compiler_options=run.INIT_COMPILER_OPTIONS)  # a few tokens: O0
+        return jax.jit(
+            lambda t: jnp.moveaxis(model.apply(params, t), (2, 3), (0, 1)),
+            compiler_options=run.INIT_COMPILER_OPTIONS,
+        )  # a few tokens: O0
 
     good = fn(True)  # one compile for every t
     for t in (1, 7, cfg.seq_len - 1):
@@ -47,17 +63,21 @@ def test_model_shapes_and_per_layer_positional_tables():
     """Shapes and parameter names (abstract: jax.eval_shape, nothing compiles)."""
     cfg = dataclasses.replace(TINY, num_layers=3, num_targets=2)
     model = ct.CharTransformer(cfg, 7)
-    params = jax.eval_shape(lambda k_: model.init(k_, jnp.zeros((1, cfg.seq_len), jnp.int32)),
-                            jax.random.PRNGKey(0))
+    params = jax.eval_shape(
+        lambda k_: model.init(k_, jnp.zeros((1, cfg.seq_len), jnp.int32)), jax.random.PRNGKey(0)
+    )
     out = jax.eval_shape(model.apply, params, jnp.zeros((2, cfg.seq_len), jnp.int32))
     assert out.shape == (3, 2, 2, cfg.seq_len, 7)  # (layers, targets, B, L, V)
     p = params["params"]
     assert all(p[f"layer_{l}"]["pos"].shape == (cfg.seq_len, cfg.d_model) for l in range(3))
     assert "head_2_2" in p and "head_0_1" in p  # a classifier per layer and target
-    plain = dataclasses.replace(cfg, per_layer_positions=False, intermediate_losses=False,
-                                num_targets=1)
-    params = jax.eval_shape(lambda k_: ct.CharTransformer(plain, 7).init(
-        k_, jnp.zeros((1, cfg.seq_len), jnp.int32)), jax.random.PRNGKey(0))
+    plain = dataclasses.replace(
+        cfg, per_layer_positions=False, intermediate_losses=False, num_targets=1
+    )
+    params = jax.eval_shape(
+        lambda k_: ct.CharTransformer(plain, 7).init(k_, jnp.zeros((1, cfg.seq_len), jnp.int32)),
+        jax.random.PRNGKey(0),
+    )
     p = params["params"]
     assert "pos" in p["layer_0"] and "pos" not in p["layer_1"] and "pos" not in p["layer_2"]
     assert sorted(k for k in p if k.startswith("head")) == ["head_2_1"]
@@ -75,8 +95,10 @@ def test_intermediate_schedule_turns_layer_l_off_at_l_over_2n():
     np.testing.assert_array_equal(w[9], [1, 1, 1, 1])
     np.testing.assert_array_equal(w[25], [0, 0, 1, 1])
     late = dataclasses.replace(cfg, intermediate_stop=1.0)
-    assert [int(np.argmax(np.asarray([ct.layer_weights(s, late)[l] for s in range(81)]) == 0))
-            for l in range(3)] == [20, 40, 60]
+    assert [
+        int(np.argmax(np.asarray([ct.layer_weights(s, late)[l] for s in range(81)]) == 0))
+        for l in range(3)
+    ] == [20, 40, 60]
     off = dataclasses.replace(cfg, intermediate_losses=False)
     np.testing.assert_array_equal(ct.layer_weights(0, off), [1.0])
 
@@ -93,20 +115,26 @@ def test_loss_is_the_scheduled_sum_of_its_parts_hand_computed():
     ce = np.zeros((N, K))
     for l in range(N):
         for k in range(K):
-            ce[l, k] = -np.mean([logp[l, k, b, i, window[b, i + k + 1]]
-                                 for b in range(B) for i in range(L)])
+            ce[l, k] = -np.mean(
+                [logp[l, k, b, i, window[b, i + k + 1]] for b in range(B) for i in range(L)]
+            )
     got = ct.cross_entropies(jnp.asarray(logits), jnp.asarray(window), cfg)
     np.testing.assert_allclose(got, ce, rtol=1e-5)
     per_layer = ce[:, 0] + 0.5 * ce[:, 1]
-    expect = {0: per_layer.sum(), 10: per_layer[1:].sum(), 25: per_layer[2:].sum(),
-              79: per_layer[3]}
+    expect = {
+        0: per_layer.sum(),
+        10: per_layer[1:].sum(),
+        25: per_layer[2:].sum(),
+        79: per_layer[3],
+    }
     for step, value in expect.items():
         np.testing.assert_allclose(ct.total_loss(got, step, cfg), value, rtol=1e-5)
     # multiple positions off: only the last position (i = L - 1) counts
     last = dataclasses.replace(cfg, multiple_positions=False)
     want = -np.mean([logp[3, 1, b, L - 1, window[b, L + 1]] for b in range(B)])
-    np.testing.assert_allclose(ct.cross_entropies(jnp.asarray(logits), jnp.asarray(window),
-                                                  last)[3, 1], want, rtol=1e-5)
+    np.testing.assert_allclose(
+        ct.cross_entropies(jnp.asarray(logits), jnp.asarray(window), last)[3, 1], want, rtol=1e-5
+    )
 
 
 def test_targets_are_shifted_and_the_unshifted_variant_is_detected():
@@ -115,7 +143,7 @@ def test_targets_are_shifted_and_the_unshifted_variant_is_detected():
     can learn perfectly from its own input, scores ~14 nats per head here instead."""
     cfg = dataclasses.replace(TINY, num_layers=1, num_targets=3, seq_len=8)
     window = jax.random.randint(jax.random.PRNGKey(0), (4, 8 + 3), 0, 9)
-    right = jnp.stack([jax.nn.one_hot(window[:, k:k + 8], 9) for k in (1, 2, 3)])[None] * 30
+    right = jnp.stack([jax.nn.one_hot(window[:, k : k + 8], 9) for k in (1, 2, 3)])[None] * 30
     unshifted = jnp.stack([jax.nn.one_hot(window[:, :8], 9)] * 3)[None] * 30
     assert float(ct.cross_entropies(right, window, cfg).max()) < 1e-6
     assert float(ct.cross_entropies(unshifted, window, cfg).min()) > 5.0
@@ -125,9 +153,21 @@ def test_targets_are_shifted_and_the_unshifted_variant_is_detected():
 # batch 16, Adam 3e-3, 100 updates on pydoc text with all three auxiliary losses, chunks of
 # 50; 2 x SEEDS seeds in one compiled program, seeds SEEDS.. the broken variant ([1] Fig. 1's
 # plain setting: the traced aux_losses = 0)
-RUN = ct.Config(seq_len=16, num_layers=2, d_model=32, num_heads=2, d_ff=64, dropout=0.0,
-                batch_size=16, total_steps=100, optimizer="adam", lr=3e-3, warmup_steps=10,
-                eval_windows=32, corpus="pydoc")
+RUN = ct.Config(
+    seq_len=16,
+    num_layers=2,
+    d_model=32,
+    num_heads=2,
+    d_ff=64,
+    dropout=0.0,
+    batch_size=16,
+    total_steps=100,
+    optimizer="adam",
+    lr=3e-3,
+    warmup_steps=10,
+    eval_windows=32,
+    corpus="pydoc",
+)
 CHUNK = 50
 SEEDS = tiny_run_module.SEEDS
 KEYS = jax.random.split(jax.random.PRNGKey(0), 2 * SEEDS)  # the runner's keys (--seed 0)
@@ -147,8 +187,9 @@ def tiny_run(tmp_path_factory):
     """RUN through the command line, in-process, once, with its 2 x SEEDS seeds."""
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(ct, "init", _twin_init)
-        return tiny_run_module.run_cli(ct, RUN, tmp_path_factory.mktemp("run"), CHUNK,
-                                       extra=("--num-seeds", str(2 * SEEDS)))
+        return tiny_run_module.run_cli(
+            ct, RUN, tmp_path_factory.mktemp("run"), CHUNK, extra=("--num-seeds", str(2 * SEEDS))
+        )
 
 
 def test_plain_loss_is_the_last_positions_next_character_nll():
@@ -164,8 +205,7 @@ def test_plain_loss_is_the_last_positions_next_character_nll():
     np.testing.assert_allclose(got, want, rtol=1e-5)
     other = logits.copy()
     other[0], other[1, 1], other[1, 0, :, :4] = 9.0, 9.0, 9.0
-    np.testing.assert_array_equal(ct.plain_loss(jnp.asarray(other), jnp.asarray(window), cfg),
-                                  got)
+    np.testing.assert_array_equal(ct.plain_loss(jnp.asarray(other), jnp.asarray(window), cfg), got)
 
 
 def test_aux_losses_learn_faster_than_last_position_training_short(tiny_run):
@@ -198,11 +238,23 @@ def test_aux_losses_beat_bigram_where_last_position_training_does_not():
     np.add.at(counts, (train[:-1], train[1:]), 1.0)
     p = counts / counts.sum(1, keepdims=True)
     bigram = float(-np.log(p[val[:-1], val[1:]]).mean())
-    base = ct.Config(seq_len=32, num_layers=4, d_model=32, num_heads=4, d_ff=128, dropout=0.0,
-                     batch_size=16, total_steps=400, optimizer="adam", lr=3e-3,
-                     warmup_steps=20, eval_windows=64)
-    plain = dataclasses.replace(base, multiple_positions=False, intermediate_losses=False,
-                                num_targets=1)
+    base = ct.Config(
+        seq_len=32,
+        num_layers=4,
+        d_model=32,
+        num_heads=4,
+        d_ff=128,
+        dropout=0.0,
+        batch_size=16,
+        total_steps=400,
+        optimizer="adam",
+        lr=3e-3,
+        warmup_steps=20,
+        eval_windows=64,
+    )
+    plain = dataclasses.replace(
+        base, multiple_positions=False, intermediate_losses=False, num_targets=1
+    )
 
     def val_loss(cfg):
         state, _ = jax.jit(run.make_train(ct.init, ct.update, cfg))(jax.random.PRNGKey(0))
@@ -230,8 +282,7 @@ def test_train_is_pure_and_seeded_and_logs_the_schedule(tiny_run):
     loss = tiny_run.history["losses/loss"]
     assert loss.shape == (n, RUN.total_steps) and np.isfinite(loss).all()
     assert not np.array_equal(loss[0], loss[1])
-    np.testing.assert_array_equal(tiny_run.history["charts/active_layers"][0],
-                                  [2] * 25 + [1] * 75)
+    np.testing.assert_array_equal(tiny_run.history["charts/active_layers"][0], [2] * 25 + [1] * 75)
     np.testing.assert_array_equal(tiny_run.state.step, [100] * n)
     np.testing.assert_array_equal(tiny_run.state.aux_losses, [1] * SEEDS + [0] * SEEDS)
 
@@ -248,6 +299,30 @@ def test_cli_runs_and_documents_every_field(tiny_run, capsys):
     summary = json.loads((tiny_run.run_dir / "summary.json").read_text())
     assert len(summary["val_bits_per_char"]) == 2 * SEEDS
     assert np.isfinite(summary["val_bits_per_char"]).all()
+
+
+def big_constants(hlo: str, min_elements: int = 10_000):
+    """Lines of StableHLO text that define a constant of at least `min_elements` elements."""
+    out = []
+    for ln in hlo.splitlines():
+        if "constant" in ln:
+            for dims in re.findall(r"tensor<((?:\d+x)+)[a-z]", ln):
+                if np.prod([int(d) for d in dims.rstrip("x").split("x")]) >= min_elements:
+                    out.append(ln[:200])
+    return out
+
+
+def test_corpus_is_a_uint8_input_of_update_and_evaluate_not_a_constant():
+    """The training and validation ids live in the State as uint8 (pydoc: 103 symbols), so
+    the compiled update and evaluate take them as an input: no constant of 10k elements or
+    more in their lowered text (the int32 corpus was one: 418k elements per program)."""
+    state = jax.eval_shape(lambda k: ct.init(k, RUN), jax.random.PRNGKey(0))
+    train, val, _ = ct.corpus(RUN.corpus, RUN.val_fraction)
+    assert state.train_ids.shape == train.shape and state.val_ids.shape == val.shape
+    assert state.train_ids.dtype == state.val_ids.dtype == jnp.uint8
+    for fn in (ct.update, ct.evaluate):
+        hlo = jax.jit(fn, static_argnums=1).lower(state, RUN).as_text()
+        assert not big_constants(hlo), (fn.__name__, big_constants(hlo)[:1])
 
 
 def test_bad_values_fail_with_named_field(tmp_path):
