@@ -192,17 +192,21 @@ class Config:
 
     def validate(self):
         if self.d_model % self.num_heads:
-            raise ValueError(f"d_model={self.d_model} is not divisible by "
-                             f"num_heads={self.num_heads}")
+            raise ValueError(
+                f"d_model={self.d_model} is not divisible by num_heads={self.num_heads}"
+            )
         if self.seq_len < 3:
             raise ValueError(f"seq_len={self.seq_len} must be >= 3 (start, text, extract)")
         if self.num_labelled < self.finetune_batch:
-            raise ValueError(f"num_labelled={self.num_labelled} must be >= "
-                             f"finetune_batch={self.finetune_batch}")
+            raise ValueError(
+                f"num_labelled={self.num_labelled} must be >= finetune_batch={self.finetune_batch}"
+            )
         for name in ("num_eval", "eval_windows"):
             if getattr(self, name) % self.rows:
-                raise ValueError(f"{name}={getattr(self, name)} is not a multiple of "
-                                 f"max(batch_size, finetune_batch)={self.rows}")
+                raise ValueError(
+                    f"{name}={getattr(self, name)} is not a multiple of "
+                    f"max(batch_size, finetune_batch)={self.rows}"
+                )
         if self.dtype not in ("float32", "bfloat16"):
             raise ValueError(f"dtype={self.dtype!r} must be 'float32' or 'bfloat16'")
         for name in ("embd_dropout", "attn_dropout", "resid_dropout", "clf_dropout"):
@@ -211,25 +215,40 @@ class Config:
         if not 0 < self.val_fraction < 1:
             raise ValueError(f"val_fraction={self.val_fraction} must be in (0, 1)")
         if self.pretrain_steps < 0 or self.pretrain_warmup < 0:
-            raise ValueError(f"pretrain_steps={self.pretrain_steps} and pretrain_warmup="
-                             f"{self.pretrain_warmup} must be >= 0")
+            raise ValueError(
+                f"pretrain_steps={self.pretrain_steps} and pretrain_warmup="
+                f"{self.pretrain_warmup} must be >= 0"
+            )
         if self.finetune_epochs < 1:
             raise ValueError(f"finetune_epochs={self.finetune_epochs} must be >= 1")
         if self.adam_eps <= 0:
             raise ValueError(f"adam_eps={self.adam_eps} must be > 0")
         chars = len(text_data(self.corpus, self.val_fraction)[2])
         if self.vocab_size is not None and self.vocab_size < chars:
-            raise ValueError(f"vocab_size={self.vocab_size} is below the corpus's {chars} "
-                             f"characters")
+            raise ValueError(
+                f"vocab_size={self.vocab_size} is below the corpus's {chars} characters"
+            )
 
 
 PRESETS = {
     # CPU demo: 2 blocks of d 64, context 64; 1500 pre-training updates, 3 epochs of 4096
     # (384 fine-tuning updates; with 512 examples, 48 updates, at lr 5e-4 the held-out
     # accuracy was 0.553 / 0.566 vs 0.500 / 0.500 from scratch)
-    "quick": dict(vocab_size=None, seq_len=64, num_layers=2, d_model=64, num_heads=4,
-                  batch_size=32, pretrain_steps=1500, pretrain_lr=2e-3, pretrain_warmup=100,
-                  num_labelled=4096, num_eval=512, finetune_lr=1e-3, eval_windows=256),
+    "quick": dict(
+        vocab_size=None,
+        seq_len=64,
+        num_layers=2,
+        d_model=64,
+        num_heads=4,
+        batch_size=32,
+        pretrain_steps=1500,
+        pretrain_lr=2e-3,
+        pretrain_warmup=100,
+        num_labelled=4096,
+        num_eval=512,
+        finetune_lr=1e-3,
+        eval_windows=256,
+    ),
     "paper": dict(),
 }
 
@@ -263,9 +282,8 @@ def transform(texts, cfg: Config) -> tuple[np.ndarray, np.ndarray]:
             seq += ([s["delim"]] if j else []) + list(p)
         seq.append(s["extract"])
         if len(seq) > cfg.seq_len:
-            raise ValueError(f"a task sequence of {len(seq)} tokens exceeds seq_len="
-                             f"{cfg.seq_len}")
-        out[i, :len(seq)], pos[i] = seq, len(seq) - 1
+            raise ValueError(f"a task sequence of {len(seq)} tokens exceeds seq_len={cfg.seq_len}")
+        out[i, : len(seq)], pos[i] = seq, len(seq) - 1
     return out, pos
 
 
@@ -283,8 +301,10 @@ def task_data(cfg: Config):
         starts = rng.integers(0, len(ids) - n, count)
         labels = (np.arange(count) % 2).astype(np.int32)  # balanced
         rng.shuffle(labels)
-        texts = [rng.permutation(ids[s:s + n]) if y else ids[s:s + n]
-                 for s, y in zip(starts, labels, strict=True)]
+        texts = [
+            rng.permutation(ids[s : s + n]) if y else ids[s : s + n]
+            for s, y in zip(starts, labels, strict=True)
+        ]
         return transform(texts, cfg)[0], labels
 
     return (*make(train_ids, cfg.num_labelled), *make(val_ids, cfg.num_eval))
@@ -322,8 +342,9 @@ class Block(nn.Module):
         drop = nn.Dropout(cfg.resid_dropout, deterministic=not train)
         qkv = dense(3 * d, name="c_attn")(x).reshape(B, L, 3, cfg.num_heads, d // cfg.num_heads)
         rng = self.make_rng("dropout") if train and cfg.attn_dropout else None
-        a = causal_attention(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2], cfg.attn_dropout, rng,
-                             train).reshape(B, L, d)  # (B, L, d)
+        a = causal_attention(
+            qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2], cfg.attn_dropout, rng, train
+        ).reshape(B, L, d)  # (B, L, d)
         a = drop(dense(d, name="c_proj")(a))
         n = nn.LayerNorm(epsilon=1e-5, name="ln_1")(x + a)
         m = dense(d, name="mlp_proj")(nn.gelu(dense(4 * d, name="mlp_fc")(n)))
@@ -387,8 +408,9 @@ def learning_rate(step, cfg: Config):
     warmup_linear, (x / w if x <= w else 1) * (1 - x) with x = t / T_ft, w = 0.002."""
     t = step.astype(jnp.float32)
     warm = t / max(cfg.pretrain_warmup, 1)
-    pre = cfg.pretrain_lr * jnp.where(t < cfg.pretrain_warmup, warm,
-                                      0.5 * (1 + jnp.cos(jnp.pi * t / max(cfg.pretrain_steps, 1))))
+    pre = cfg.pretrain_lr * jnp.where(
+        t < cfg.pretrain_warmup, warm, 0.5 * (1 + jnp.cos(jnp.pi * t / max(cfg.pretrain_steps, 1)))
+    )
     x = (t - cfg.pretrain_steps) / cfg.finetune_steps
     w = cfg.finetune_warmup_frac
     ft = cfg.finetune_lr * jnp.where(x <= w, x / max(w, 1e-12), 1.0) * (1 - x)
@@ -401,8 +423,7 @@ def adam_step(params, grads, opt, lr, cfg: Config):
     lr_t = lr sqrt(1 - b2^t) / (1 - b1^t). Returns (params, (m, v, t))."""
     m, v, t = opt
     norm = jnp.sqrt(sum(jnp.sum(g * g) for g in jax.tree.leaves(grads)))
-    grads = jax.tree.map(lambda g: g * jnp.minimum(1.0, cfg.max_grad_norm / (norm + 1e-12)),
-                         grads)
+    grads = jax.tree.map(lambda g: g * jnp.minimum(1.0, cfg.max_grad_norm / (norm + 1e-12)), grads)
     t = t + 1
     b1, b2 = cfg.adam_b1, cfg.adam_b2
     m = jax.tree.map(lambda m, g: b1 * m + (1 - b1) * g, m, grads)
@@ -430,6 +451,31 @@ class State:
     step: jax.Array
     scratch: jax.Array
     """1 (traced): re-initialise the parameters when fine-tuning starts"""
+    data: tuple
+    """device_data(cfg): the text's ids and the task's sets, stored uint8 (uint16 above 256
+    rows): an input of the compiled chunks, not constants of each program; one copy per
+    seed (pydoc 0.8 MB at the quick preset, stdlib 12 MB)"""
+
+
+def compact(a, rows: int):
+    """Token ids (or labels) in the narrowest unsigned type that holds `rows` values; the
+    gathers cast them back to int32."""
+    return np.asarray(a).astype(np.uint8 if rows <= 256 else np.uint16)
+
+
+def device_data(cfg: Config) -> tuple:
+    """(train ids, val ids, x_lab, y_lab, x_ev, y_ev) as compact numpy arrays."""
+    train_ids, val_ids, _ = text_data(cfg.corpus, cfg.val_fraction)
+    x_lab, y_lab, x_ev, y_ev = task_data(cfg)
+    rows = specials(cfg)["rows"]
+    return (
+        compact(train_ids, rows),
+        compact(val_ids, rows),
+        compact(x_lab, rows),
+        compact(y_lab, 2),
+        compact(x_ev, rows),
+        compact(y_ev, 2),
+    )
 
 
 def model_of(cfg: Config) -> GPT:
@@ -449,8 +495,15 @@ def zeros_opt(params):
 def init(key, cfg: Config) -> State:
     k_init, key = jax.random.split(key)
     params = init_params(k_init, cfg)
-    return State(params, zeros_opt(params), key, k_init, jnp.zeros((), jnp.int32),
-                 jnp.asarray(int(cfg.finetune_from_scratch), jnp.int32))
+    return State(
+        params,
+        zeros_opt(params),
+        key,
+        k_init,
+        jnp.zeros((), jnp.int32),
+        jnp.asarray(int(cfg.finetune_from_scratch), jnp.int32),
+        tuple(jnp.asarray(a) for a in device_data(cfg)),
+    )
 
 
 # --- UPDATE ---
@@ -460,20 +513,19 @@ def batch(state: State, cfg: Config):
     """The update's (tokens (R, L + 1), labels (R,), row weights (R,), finetune flag):
     pre-training windows of the training text, or a minibatch of the labelled set (an
     epoch is a permutation of it, drawn from the seed's key)."""
-    train_ids = jnp.asarray(text_data(cfg.corpus, cfg.val_fraction)[0])
-    x_lab, y_lab, _, _ = (jnp.asarray(a) for a in task_data(cfg))
+    train_ids, _, x_lab, y_lab, _, _ = state.data
     R, n = cfg.rows, cfg.num_labelled
     finetune = state.step >= cfg.pretrain_steps
     k_lm, k_ep = jax.random.split(jax.random.fold_in(state.key, 0))
     x, y = data.lm_windows(k_lm, train_ids, R, cfg.seq_len)
-    windows = jnp.concatenate([x, y[:, -1:]], axis=1)  # (R, L + 1)
+    windows = jnp.concatenate([x, y[:, -1:]], axis=1).astype(jnp.int32)  # (R, L + 1)
     per_epoch = n // cfg.finetune_batch
     t = jnp.maximum(state.step - cfg.pretrain_steps, 0)
     perm = jax.random.permutation(jax.random.fold_in(state.init_key, t // per_epoch), n)
     idx = perm[((t % per_epoch) * cfg.finetune_batch + jnp.arange(R)) % n]
-    tokens = jnp.where(finetune, x_lab[idx], windows)
+    tokens = jnp.where(finetune, x_lab[idx].astype(jnp.int32), windows)
     rows = jnp.arange(R) < jnp.where(finetune, cfg.finetune_batch, cfg.batch_size)
-    return tokens, y_lab[idx], rows.astype(jnp.float32), finetune
+    return tokens, y_lab[idx].astype(jnp.int32), rows.astype(jnp.float32), finetune
 
 
 def update(state: State, cfg: Config):
@@ -493,8 +545,9 @@ def update(state: State, cfg: Config):
     key, k_drop = jax.random.split(state.key)
 
     def loss_fn(p):
-        lm_logits, cls_logits = model.apply(p, inputs, extract_pos, train=True,
-                                            rngs={"dropout": k_drop})
+        lm_logits, cls_logits = model.apply(
+            p, inputs, extract_pos, train=True, rngs={"dropout": k_drop}
+        )
         l1 = lm_loss(lm_logits, tokens, weights)
         l2 = cls_loss(cls_logits, labels, rows)
         acc = ((cls_logits.argmax(-1) == labels) * rows).sum() / rows.sum()
@@ -503,11 +556,18 @@ def update(state: State, cfg: Config):
     (loss, (l1, l2, acc)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
     lr = learning_rate(state.step, cfg)
     params, opt, gnorm = adam_step(params, grads, opt, lr, cfg)
-    metrics = {"losses/loss": loss, "losses/lm": l1, "losses/cls": l2,
-               "charts/train_acc": acc, "charts/finetuning": finetune.astype(jnp.float32),
-               "charts/bits_per_char": l1 / jnp.log(2.0), "charts/perplexity": jnp.exp(l1),
-               "charts/lr": lr, "charts/grad_norm": gnorm}
-    return State(params, opt, key, state.init_key, state.step + 1, state.scratch), metrics
+    metrics = {
+        "losses/loss": loss,
+        "losses/lm": l1,
+        "losses/cls": l2,
+        "charts/train_acc": acc,
+        "charts/finetuning": finetune.astype(jnp.float32),
+        "charts/bits_per_char": l1 / jnp.log(2.0),
+        "charts/perplexity": jnp.exp(l1),
+        "charts/lr": lr,
+        "charts/grad_norm": gnorm,
+    }
+    return state.replace(params=params, opt=opt, key=key, step=state.step + 1), metrics
 
 
 # losses/cls and charts/train_acc are undefined (NaN in the logs) during pre-training
@@ -519,15 +579,14 @@ def evaluate(state: State, cfg: Config):
     LM's bits/char and perplexity (per character) on eval_windows validation windows."""
     s = specials(cfg)
     model = model_of(cfg)
-    _, val_ids, _ = text_data(cfg.corpus, cfg.val_fraction)
-    val_ids = jnp.asarray(val_ids)
-    _, _, x_ev, y_ev = (jnp.asarray(a) for a in task_data(cfg))
+    _, val_ids, _, _, x_ev, y_ev = state.data
+    val_ids = val_ids.astype(jnp.int32)  # once per evaluation (keeps its sums bit for bit)
     R, L = cfg.rows, cfg.seq_len
     ones = jnp.ones((R,), jnp.float32)
 
     def task_chunk(i):
-        x = jax.lax.dynamic_slice_in_dim(x_ev, i * R, R)
-        y = jax.lax.dynamic_slice_in_dim(y_ev, i * R, R)
+        x = jax.lax.dynamic_slice_in_dim(x_ev, i * R, R).astype(jnp.int32)
+        y = jax.lax.dynamic_slice_in_dim(y_ev, i * R, R).astype(jnp.int32)
         _, logits = model.apply(state.params, x[:, :-1], jnp.argmax(x == s["extract"], 1))
         return cls_loss(logits, y, ones), (logits.argmax(-1) == y).mean()
 
@@ -540,18 +599,37 @@ def evaluate(state: State, cfg: Config):
 
     l2, acc = jax.lax.map(task_chunk, jnp.arange(cfg.num_eval // R))
     l1 = jax.lax.map(lm_chunk, starts.reshape(-1, R)).mean()
-    return {"val_acc": acc.mean(), "val_cls_loss": l2.mean(), "val_lm_loss": l1,
-            "val_bits_per_char": l1 / jnp.log(2.0), "val_perplexity": jnp.exp(l1)}
+    return {
+        "val_acc": acc.mean(),
+        "val_cls_loss": l2.mean(),
+        "val_lm_loss": l1,
+        "val_bits_per_char": l1 / jnp.log(2.0),
+        "val_perplexity": jnp.exp(l1),
+    }
 
 
 # --- MAIN ---
 
 
 def main(argv=None):
-    return run.main(Config, init, update, presets=PRESETS, evaluate=evaluate, argv=argv,
-                    doc=__doc__, nan_unless=NAN_UNLESS,
-                    summary_keys=["val_acc", "val_cls_loss", "val_bits_per_char",
-                                  "val_perplexity", "losses/lm", "charts/train_acc"])
+    return run.main(
+        Config,
+        init,
+        update,
+        presets=PRESETS,
+        evaluate=evaluate,
+        argv=argv,
+        doc=__doc__,
+        nan_unless=NAN_UNLESS,
+        summary_keys=[
+            "val_acc",
+            "val_cls_loss",
+            "val_bits_per_char",
+            "val_perplexity",
+            "losses/lm",
+            "charts/train_acc",
+        ],
+    )
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ gate (pytest -m slow): pre-training beats fine-tuning from scratch on held-out t
 import dataclasses
 import json
 import math
+import re
 
 import jax
 import jax.numpy as jnp
@@ -23,11 +24,26 @@ from transformers import gpt
 
 # one tiny config for every test: 2 blocks of d 32, context 16, 96 pre-training updates of
 # 16 windows, then 3 epochs of a 64-example labelled set in batches of 16 (12 updates)
-TINY = gpt.Config(vocab_size=None, seq_len=16, num_layers=2, d_model=32, num_heads=2,
-                  embd_dropout=0.0, attn_dropout=0.0, resid_dropout=0.0, clf_dropout=0.0,
-                  batch_size=16, pretrain_steps=96, pretrain_lr=3e-3, pretrain_warmup=10,
-                  num_labelled=64, num_eval=64, finetune_batch=16, finetune_lr=1e-3,
-                  eval_windows=64)
+TINY = gpt.Config(
+    vocab_size=None,
+    seq_len=16,
+    num_layers=2,
+    d_model=32,
+    num_heads=2,
+    embd_dropout=0.0,
+    attn_dropout=0.0,
+    resid_dropout=0.0,
+    clf_dropout=0.0,
+    batch_size=16,
+    pretrain_steps=96,
+    pretrain_lr=3e-3,
+    pretrain_warmup=10,
+    num_labelled=64,
+    num_eval=64,
+    finetune_batch=16,
+    finetune_lr=1e-3,
+    eval_windows=64,
+)
 CHUNK = 27  # TINY.num_updates = 108: four chunks of one program (the purity test reruns one)
 SEEDS = tiny_run_module.SEEDS
 KEYS = jax.random.split(jax.random.PRNGKey(0), 2 * SEEDS)  # the runner's keys (--seed 0)
@@ -61,8 +77,13 @@ def test_l3_is_l2_plus_lambda_l1_and_the_parts_by_hand():
 
 def _losses(logits, tokens, w, c, y, rows):
     l1, l2 = gpt.lm_loss(logits, tokens, w), gpt.cls_loss(c, y, rows)
-    return (l1, l2, gpt.objective(l1, l2, True, 0.5), gpt.objective(l1, l2, False, 0.5),
-            gpt.objective(l1, l2, True, 0.0))
+    return (
+        l1,
+        l2,
+        gpt.objective(l1, l2, True, 0.5),
+        gpt.objective(l1, l2, False, 0.5),
+        gpt.objective(l1, l2, True, 0.0),
+    )
 
 
 def test_input_transformation_layout_and_extract_position():
@@ -87,7 +108,7 @@ def test_input_transformation_layout_and_extract_position():
     ts = gpt.specials(TINY)
     assert (x[:, 0] == ts["start"]).all() and (x[:, TINY.seq_len - 1] == ts["extract"]).all()
     assert (x[:, TINY.seq_len] == ts["pad"]).all() and y.mean() == 0.5 == ye.mean()
-    assert (x[:, 1:TINY.seq_len - 1] < ts["start"]).all()  # text tokens only in between
+    assert (x[:, 1 : TINY.seq_len - 1] < ts["start"]).all()  # text tokens only in between
 
 
 def _ln(x, p, eps=1e-5):
@@ -117,15 +138,26 @@ def test_block_is_post_ln_and_the_lm_is_causal():
     cfg = TINY
     B, L, d, H = 2, cfg.seq_len, cfg.d_model, cfg.num_heads
     params = compiled(lambda k: gpt.init_params(k, cfg), jax.random.PRNGKey(0))
-    block_params = {"params": jax.tree.map(lambda a: np.asarray(a) + np.float32(0.3) * (
-        np.random.default_rng(2).normal(size=a.shape).astype(np.float32)),  # non-trivial LN
-        params["params"]["h0"])}
+    block_params = {
+        "params": jax.tree.map(
+            lambda a: (
+                np.asarray(a)
+                + np.float32(0.3)
+                * (np.random.default_rng(2).normal(size=a.shape).astype(np.float32))
+            ),  # non-trivial LN
+            params["params"]["h0"],
+        )
+    }
     x = np.random.default_rng(1).normal(size=(B, L, d)).astype(np.float32)
     t = np.asarray(jax.random.randint(jax.random.PRNGKey(1), (2, L), 0, 50))
     u = t.copy()
     u[:, 9:] = (u[:, 9:] + 7) % 50
-    ev, tr, logits = (np.asarray(a) for a in jit0(_forward)(
-        params, block_params, x, np.concatenate([t, u]), jax.random.PRNGKey(3)))
+    ev, tr, logits = (
+        np.asarray(a)
+        for a in jit0(_forward)(
+            params, block_params, x, np.concatenate([t, u]), jax.random.PRNGKey(3)
+        )
+    )
     a, b = logits[:2], logits[2:]
     np.testing.assert_array_equal(a[:, :9], b[:, :9])
     assert np.abs(a[:, 9:] - b[:, 9:]).max() > 1e-3
@@ -159,19 +191,24 @@ def test_learning_rate_schedules_by_hand():
     6.25e-5, warm-up 0.2%): 0 at its first update (x = 0), then (1 - x)."""
     cfg = gpt.Config(pretrain_steps=1000, pretrain_warmup=100)
     steps = [0, 50, 100, 500, 999, 1000, 1001, 1100, 1383]
-    lr = dict(zip(steps, np.asarray(jit0(gpt.learning_rate, 1)(np.array(steps), cfg)).tolist(),
-                  strict=True))
+    lr = dict(
+        zip(
+            steps,
+            np.asarray(jit0(gpt.learning_rate, 1)(np.array(steps), cfg)).tolist(),
+            strict=True,
+        )
+    )
     assert lr[0] == 0.0
     np.testing.assert_allclose(lr[50], 1.25e-4, rtol=1e-6)
     np.testing.assert_allclose(lr[100], 2.5e-4 * 0.5 * (1 + math.cos(math.pi * 0.1)), rtol=1e-5)
     np.testing.assert_allclose(lr[500], 1.25e-4, rtol=1e-5)
-    np.testing.assert_allclose(lr[999], 2.5e-4 * 0.5 * (1 + math.cos(math.pi * 0.999)),
-                               atol=1e-11)
+    np.testing.assert_allclose(lr[999], 2.5e-4 * 0.5 * (1 + math.cos(math.pi * 0.999)), atol=1e-11)
     assert cfg.finetune_steps == 384
     assert lr[1000] == 0.0
     for t in (1, 100, 383):
-        np.testing.assert_allclose(lr[1000 + t], 6.25e-5 * (1 - t / 384), rtol=1e-5,
-                                   atol=1e-11)  # float32 1 - x near x = 1
+        np.testing.assert_allclose(
+            lr[1000 + t], 6.25e-5 * (1 - t / 384), rtol=1e-5, atol=1e-11
+        )  # float32 1 - x near x = 1
 
 
 def test_adam_step_is_the_released_adam_with_decoupled_l2():
@@ -206,8 +243,13 @@ def tiny_run(tmp_path_factory):
     once, with its 2 x SEEDS seeds."""
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(gpt, "init", _twin_init)
-        return tiny_run_module.run_cli(gpt, TINY, tmp_path_factory.mktemp("run"), CHUNK,
-                                       extra=("--num-seeds", str(2 * SEEDS), "--fast-compile"))
+        return tiny_run_module.run_cli(
+            gpt,
+            TINY,
+            tmp_path_factory.mktemp("run"),
+            CHUNK,
+            extra=("--num-seeds", str(2 * SEEDS), "--fast-compile"),
+        )
 
 
 def test_pretrained_twin_beats_scratch_twin_short(tiny_run):
@@ -278,6 +320,30 @@ def test_bad_values_fail_with_named_field(tmp_path):
         gpt.main(["--attn-dropout", "1.0", "--run-dir", str(tmp_path)])
 
 
+def big_constants(hlo: str, min_elements: int = 10_000):
+    """Lines of StableHLO text that define a constant of at least `min_elements` elements."""
+    out = []
+    for ln in hlo.splitlines():
+        if "constant" in ln:
+            for dims in re.findall(r"tensor<((?:\d+x)+)[a-z]", ln):
+                if np.prod([int(d) for d in dims.rstrip("x").split("x")]) >= min_elements:
+                    out.append(ln[:200])
+    return out
+
+
+def test_corpus_and_task_are_uint8_inputs_of_update_and_evaluate_not_constants():
+    """The text's ids and the task's sets live in the State as uint8 (pydoc: 103 characters
+    + 4 specials), so the compiled update and evaluate take them as an input: no constant of
+    10k elements or more in their lowered text (the int32 text was one: 418k elements)."""
+    state = jax.eval_shape(lambda k: gpt.init(k, TINY), jax.random.PRNGKey(0))
+    want = gpt.device_data(TINY)
+    assert [(a.shape, a.dtype) for a in state.data] == [(a.shape, np.uint8) for a in want]
+    assert want[0].shape[0] > 400_000
+    for fn in (gpt.update, gpt.evaluate):
+        hlo = jax.jit(fn, static_argnums=1).lower(state, TINY).as_text()
+        assert not big_constants(hlo), (fn.__name__, big_constants(hlo)[:1])
+
+
 def test_every_config_field_is_read():
     assert unread_fields(gpt) == []
 
@@ -294,10 +360,23 @@ def test_paper_preset_traces():
 
 # the slow gate's config: 2 blocks of d 64, context 32, 2000 pre-training updates of 16
 # windows, then 8 epochs of a 1024-example labelled set in batches of 16 (512 updates)
-SLOW = gpt.Config(vocab_size=None, seq_len=32, num_layers=2, d_model=64, num_heads=4,
-                  batch_size=16, pretrain_steps=2000, pretrain_lr=2e-3, pretrain_warmup=100,
-                  num_labelled=1024, num_eval=512, finetune_batch=16, finetune_epochs=8,
-                  finetune_lr=1e-3, eval_windows=256)
+SLOW = gpt.Config(
+    vocab_size=None,
+    seq_len=32,
+    num_layers=2,
+    d_model=64,
+    num_heads=4,
+    batch_size=16,
+    pretrain_steps=2000,
+    pretrain_lr=2e-3,
+    pretrain_warmup=100,
+    num_labelled=1024,
+    num_eval=512,
+    finetune_batch=16,
+    finetune_epochs=8,
+    finetune_lr=1e-3,
+    eval_windows=256,
+)
 
 
 @pytest.mark.slow
@@ -313,14 +392,18 @@ def test_pretraining_beats_scratch_on_the_held_out_task(tmp_path):
     flag (the twins then equal their seeds) or when pre-training does not help."""
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(gpt, "init", _twin_init)
-        res = tiny_run_module.run_cli(gpt, SLOW, tmp_path / "twins", 628,
-                                      extra=("--num-seeds", str(2 * SEEDS)))
-    broken = tiny_run_module.run_cli(gpt, dataclasses.replace(SLOW, pretrain_steps=0),
-                                     tmp_path / "no_pretraining", 256)
+        res = tiny_run_module.run_cli(
+            gpt, SLOW, tmp_path / "twins", 628, extra=("--num-seeds", str(2 * SEEDS))
+        )
+    broken = tiny_run_module.run_cli(
+        gpt, dataclasses.replace(SLOW, pretrain_steps=0), tmp_path / "no_pretraining", 256
+    )
     acc = np.asarray(res.final["val_acc"])
     pre, scratch, none = acc[:SEEDS], acc[SEEDS:], np.asarray(broken.final["val_acc"])
     bpc = np.asarray(res.final["val_bits_per_char"])
-    print(f"held-out acc pre-trained {pre} scratch twins {scratch} no pre-training {none}; "
-          f"val bpc {bpc} / {np.asarray(broken.final['val_bits_per_char'])}")
+    print(
+        f"held-out acc pre-trained {pre} scratch twins {scratch} no pre-training {none}; "
+        f"val bpc {bpc} / {np.asarray(broken.final['val_bits_per_char'])}"
+    )
     assert (pre > 0.65).all() and (pre - scratch > 0.15).all(), (pre, scratch)
     assert (none < 0.65).all(), none
