@@ -136,6 +136,9 @@ class Config:
     """meta-learn alpha_mu and alpha_sigma (released code); else they stay at inner_lr"""
     inner_steps: int = 1
     """inner steps on (mu_i, log sigma_i) during meta-training"""
+    latent_grad: str = "score"
+    """inner gradient of the latent: 'score' (released: score function of z, weighted by each
+    episode's first-step advantage) or 'pathwise' (through the actions' likelihood, eps fixed)"""
     kl_weight: float = 0.1
     """weight of KL(N(mu_i, sigma_i) || N(0, I)) in the meta-objective"""
     meta_lr: float = 1e-3
@@ -173,7 +176,17 @@ class Config:
     def validate(self):
         if self.dtype not in ("float32", "bfloat16"):
             raise ValueError(f"dtype={self.dtype!r} must be 'float32' or 'bfloat16'")
-        for name in ("hidden", "num_layers", "latent_dim", "horizon", "inner_steps"):
+        if self.latent_grad not in ("score", "pathwise"):
+            raise ValueError(f"--latent-grad={self.latent_grad!r} must be 'score' or 'pathwise'")
+        for name in (
+            "hidden",
+            "num_layers",
+            "latent_dim",
+            "horizon",
+            "inner_steps",
+            "eval_tasks",
+            "eval_trajectories",
+        ):
             if getattr(self, name) < 1:
                 raise ValueError(
                     f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}"
@@ -335,14 +348,17 @@ def discounted_returns(rew, gamma):
 
 def advantages(obs, rew, gamma, lam, reg):
     """GAE(gamma, lam) with the task's rllab linear baseline on [s, s^2, t/100, (t/100)^2,
-    (t/100)^3, 1], standardised over the task's steps."""
+    (t/100)^3, 1], standardised over the task's steps; the divisor is floored at
+    1e-2 (|mean R| + 1) so that a constant (sparse, nothing hit) reward gives ~0, not the
+    baseline's misfit blown up to unit variance."""
     t = jnp.broadcast_to((jnp.arange(obs.shape[-2]) / 100.0)[:, None], obs.shape[:-1] + (1,))
     feat = jnp.concatenate([obs, obs**2, t, t**2, t**3, jnp.ones_like(t)], -1)  # [K, T, 8]
     F, R = feat.reshape(-1, 8), discounted_returns(rew, gamma).reshape(-1)
     b = feat @ jnp.linalg.solve(F.T @ F + reg * jnp.eye(8), F.T @ R)  # [K, T]
     b_next = jnp.concatenate([b[:, 1:], jnp.zeros_like(b[:, :1])], 1)
     adv = discounted_returns(rew + gamma * b_next - b, gamma * lam)
-    return (adv - adv.mean()) / (adv.std() + 1e-8)
+    floor = 1e-2 * (jnp.abs(R.mean()) + 1.0)
+    return (adv - adv.mean()) / jnp.maximum(adv.std(), floor)
 
 
 def sample_batch(net, theta, mu, log_sigma, goal, key, num, cfg, per_step, sparse=False):
@@ -359,25 +375,47 @@ def pg_surrogate(net, theta, mu, log_sigma, batch: Batch):
     return -jnp.mean(log_prob(mean, log_std, batch.act) * batch.adv)
 
 
-def adapt_latent(net, theta, mu, log_sigma, alpha_mu, alpha_sigma, batches):
+def score_surrogate(mu, log_sigma, batch: Batch):
+    """Released inner objective of the latent (maesn_npo.py `surr_objs_latent`):
+    -mean_k log N(z_k; mu, sigma) w_k with z_k = stop_grad(mu + sigma eps_k) and w_k the
+    advantage at the step where z_k was drawn (t = 0; every step for eps per step), centred
+    over those draws. Only z's density links the latent to the return."""
+    new = jnp.concatenate(
+        [
+            jnp.ones_like(batch.eps[:, :1, 0], bool),
+            jnp.any(batch.eps[:, 1:] != batch.eps[:, :-1], -1),
+        ],
+        1,
+    )  # [K, T]: a fresh z is drawn here
+    n = new.sum()
+    w = jnp.where(new, batch.adv - jnp.sum(jnp.where(new, batch.adv, 0.0)) / n, 0.0)
+    z = jax.lax.stop_gradient(latent(mu, log_sigma, batch.eps))
+    logp = jnp.sum(-0.5 * ((z - mu) * jnp.exp(-log_sigma)) ** 2 - log_sigma, -1)
+    return -jnp.sum(logp * w) / n
+
+
+def adapt_latent(net, theta, mu, log_sigma, alpha_mu, alpha_sigma, batches, estimator="score"):
     """[1] Sec. 4 [M]: the inner step(s), on (mu, log sigma) only, with per-dimension step sizes;
-    differentiable in theta, mu, log sigma and the alphas (second order)."""
+    differentiable in theta, mu, log sigma and the alphas (second order). `estimator`:
+    score_surrogate (released) or pg_surrogate (pathwise through the actions)."""
     for batch in batches:
-        g_mu, g_ls = jax.grad(lambda m, s: pg_surrogate(net, theta, m, s, batch), (0, 1))(
-            mu, log_sigma
-        )
+        if estimator == "score":
+            f = lambda m, s: score_surrogate(m, s, batch)  # noqa: E731
+        else:
+            f = lambda m, s: pg_surrogate(net, theta, m, s, batch)  # noqa: E731
+        g_mu, g_ls = jax.grad(f, (0, 1))(mu, log_sigma)
         mu, log_sigma = mu - alpha_mu * g_mu, log_sigma - alpha_sigma * g_ls
     return mu, log_sigma
 
 
-def meta_loss(net, meta, idx, inner, test: Batch, kl_weight):
+def meta_loss(net, meta, idx, inner, test: Batch, kl_weight, estimator="score"):
     """[1] Sec. 4 [M] over the meta-batch (tasks `idx` [B]; inner/test batches [B, ...]): the
     post-update surrogate plus kl_weight * KL of the pre-update latent, mean over tasks."""
 
     def one(i, inner_i, test_i):
         mu, ls = meta["mu"][i], meta["log_sigma"][i]
         mu2, ls2 = adapt_latent(
-            net, meta["theta"], mu, ls, meta["alpha_mu"], meta["alpha_sigma"], inner_i
+            net, meta["theta"], mu, ls, meta["alpha_mu"], meta["alpha_sigma"], inner_i, estimator
         )
         return pg_surrogate(net, meta["theta"], mu2, ls2, test_i), kl_to_prior(mu, ls)
 
@@ -444,7 +482,14 @@ def sample_meta_batch(net, meta, idx, goals, key, cfg: Config, per_step):
                 )
             )
             mu, ls = adapt_latent(
-                net, meta["theta"], mu, ls, meta["alpha_mu"], meta["alpha_sigma"], inner[-1:]
+                net,
+                meta["theta"],
+                mu,
+                ls,
+                meta["alpha_mu"],
+                meta["alpha_sigma"],
+                inner[-1:],
+                cfg.latent_grad,
             )
         test = sample_batch(
             net, meta["theta"], mu, ls, goal, keys[-1], cfg.num_trajectories, cfg, per_step
@@ -452,6 +497,15 @@ def sample_meta_batch(net, meta, idx, goals, key, cfg: Config, per_step):
         return inner, test
 
     return jax.vmap(one)(idx, goals, jax.random.split(key, idx.shape[0]))
+
+
+def meta_step(meta, g, opt_state, idx, cfg: Config):
+    """One Adam step; only the meta-batch's rows `idx` of the latent table move (Adam's
+    momentum would move the rest; TRPO in the release moves only rows with a gradient)."""
+    upd, opt_state = optimizer(cfg).update(g, opt_state, meta)
+    rows = jnp.zeros(cfg.num_tasks, bool).at[idx].set(True)[:, None]
+    upd = {**upd, **{k: jnp.where(rows, upd[k], 0.0) for k in ("mu", "log_sigma")}}
+    return optax.apply_updates(meta, upd), opt_state
 
 
 def update(state: State, cfg: Config):
@@ -468,10 +522,10 @@ def update(state: State, cfg: Config):
                 "alpha_mu": jax.lax.stop_gradient(m["alpha_mu"]),
                 "alpha_sigma": jax.lax.stop_gradient(m["alpha_sigma"]),
             }
-        return meta_loss(net, m, idx, inner, test, cfg.kl_weight)
+        return meta_loss(net, m, idx, inner, test, cfg.kl_weight, cfg.latent_grad)
 
     (total, (surr, kl)), g = jax.value_and_grad(loss, has_aux=True)(meta)
-    upd, opt_state = optimizer(cfg).update(g, state.opt_state, meta)
+    new_meta, opt_state = meta_step(meta, g, state.opt_state, idx, cfg)
     per_ep = lambda b: b.rew.sum(-1).mean()  # noqa: E731
     metrics = {
         "charts/pre_adapt_return": per_ep(inner[0]),
@@ -484,7 +538,7 @@ def update(state: State, cfg: Config):
         "latent/alpha_sigma": meta["alpha_sigma"].mean(),
         "latent/sigma": jnp.exp(meta["log_sigma"]).mean(),
     }
-    return state.replace(meta=optax.apply_updates(meta, upd), opt_state=opt_state, key=key), metrics
+    return state.replace(meta=new_meta, opt_state=opt_state, key=key), metrics
 
 
 # --- EVALUATE ---
@@ -509,7 +563,9 @@ def adapt_new_task(net, meta, goal, key, cfg: Config, per_step):
         b = sample_batch(
             net, meta["theta"], *lat, goal, k, cfg.eval_trajectories, cfg, per_step, sparse=True
         )
-        new = adapt_latent(net, meta["theta"], *lat, meta["alpha_mu"], meta["alpha_sigma"], [b])
+        new = adapt_latent(
+            net, meta["theta"], *lat, meta["alpha_mu"], meta["alpha_sigma"], [b], cfg.latent_grad
+        )
         return new, (final_position(b), b.rew.sum(-1).mean())
 
     lat0 = (jnp.zeros(d), jnp.zeros(d))

@@ -60,9 +60,17 @@ def test_z_is_drawn_once_per_episode_and_reparameterised():
         )
         b = m.Batch(o[:1, :1], a[:1, :1], e[:1, :1], r[:1, :1], jnp.full((1, 1), 1.3))
         g = jax.grad(lambda x, y: m.pg_surrogate(net, theta, x, y, b), (0, 1))(mu, ls)
-        return once, per, e, g, m.latent(mu, ls, e[0, 0])
+        mean, log_std = net.apply(theta, o, m.latent(mu, ls, e))
+        k_act = jax.random.split(key)[1]
+        noise = jax.vmap(lambda k: jax.random.normal(k, (3, 2)))(
+            jax.random.split(k_act, TINY.horizon)
+        )
+        lp = m.log_prob(mean, log_std, a)
+        want = m.log_prob(mean, log_std, mean + jnp.exp(log_std) * jnp.swapaxes(noise, 0, 1))
+        return once, per, e, g, m.latent(mu, ls, e[0, 0]), lp, want
 
-    once, per, e, (g_mu, g_ls), z = jax.tree.map(np.asarray, run(jax.random.PRNGKey(0)))
+    once, per, e, (g_mu, g_ls), z, lp, want = jax.tree.map(np.asarray, run(jax.random.PRNGKey(0)))
+    np.testing.assert_allclose(lp, want, rtol=1e-4, atol=1e-4)  # actions drawn under this eps
     np.testing.assert_array_equal(once, np.broadcast_to(once[:, :1], once.shape))
     assert np.abs(once[0, 0] - once[1, 0]).min() > 0  # episodes differ
     assert np.abs(np.diff(per, axis=1)).min() > 0  # broken variant: every step differs
@@ -73,8 +81,10 @@ def test_z_is_drawn_once_per_episode_and_reparameterised():
 
 
 def test_inner_step_moves_only_the_latent_by_its_policy_gradient():
-    """[1] Eq. (2): mu' = mu - alpha_mu o dL/dmu, log sigma' likewise, dL by central finite
-    differences of pg_surrogate; alphas per dimension. In sample_meta_batch the post-update
+    """[1] Sec. 4 [M]: mu' = mu - alpha_mu o dL/dmu, log sigma' likewise, dL by central finite
+    differences of pg_surrogate (pathwise), and by hand for score_surrogate (released:
+    -mean w (z - mu) / sigma^2 and -mean w ((z - mu)^2 / sigma^2 - 1), z held fixed); alphas
+    per dimension. In sample_meta_batch the post-update
     batch is drawn by the SAME theta with the adapted latent (theta is not adapted). Tried:
     the inner step also moving theta (theta - alpha grad_theta L in sample_meta_batch)
     fails the last check."""
@@ -88,7 +98,8 @@ def test_inner_step_moves_only_the_latent_by_its_policy_gradient():
 
     @jax.jit
     def run(mu, ls):
-        new = m.adapt_latent(net, theta, mu, ls, a_mu, a_sig, [b])
+        new = m.adapt_latent(net, theta, mu, ls, a_mu, a_sig, [b], "pathwise")
+        new_score = m.adapt_latent(net, theta, mu, ls, a_mu, a_sig, [b], "score")
         meta = {
             "theta": theta,
             "mu": jnp.stack([mu, -mu]),
@@ -103,14 +114,14 @@ def test_inner_step_moves_only_the_latent_by_its_policy_gradient():
         )
         k = jax.random.split(jax.random.split(key, 1)[0], cfg.inner_steps + 1)
         mu2, ls2 = m.adapt_latent(
-            net, theta, -mu, ls, a_mu, a_sig, [jax.tree.map(lambda x: x[0], inner[0])]
+            net, theta, -mu, ls, a_mu, a_sig, [jax.tree.map(lambda x: x[0], inner[0])], "score"
         )
         want = m.sample_batch(
             net, theta, mu2, ls2, goal[0], k[-1], cfg.num_trajectories, cfg, jnp.array(False)
         )
-        return new, test, want
+        return new, new_score, test, want
 
-    (mu2, ls2), test, want = run(mu, ls)
+    (mu2, ls2), (mu3, ls3), test, want = run(mu, ls)
     L = jax.jit(lambda x, y: m.pg_surrogate(net, theta, x, y, b))
     h = 1e-2
     fd = lambda f, x: np.array(
@@ -122,6 +133,13 @@ def test_inner_step_moves_only_the_latent_by_its_policy_gradient():
     g_mu, g_ls = fd(lambda x: L(x, ls), mu), fd(lambda y: L(mu, y), ls)
     np.testing.assert_allclose(mu2, mu - a_mu * g_mu, rtol=2e-3, atol=2e-4)
     np.testing.assert_allclose(ls2, ls - a_sig * g_ls, rtol=2e-3, atol=2e-4)
+    # score: z = mu + sigma eps held fixed, so by hand (eps differs at every step of this
+    # batch: every step is a draw, weighted by its advantage centred over the batch)
+    e, w = np.asarray(b.eps), np.asarray(b.adv) - np.asarray(b.adv).mean()
+    g_mu = -np.mean(w[..., None] * e, (0, 1)) * np.exp(-np.asarray(ls))
+    g_ls = -np.mean(w[..., None] * (e**2 - 1), (0, 1))
+    np.testing.assert_allclose(mu3, mu - a_mu * g_mu, rtol=2e-3, atol=2e-4)
+    np.testing.assert_allclose(ls3, ls - a_sig * g_ls, rtol=2e-3, atol=2e-4)
     # batched vs unbatched rounding drifts over the 30 steps (~3e-4); moving theta: O(0.1)
     for x, y in zip(test[:3], want[:3], strict=True):
         np.testing.assert_allclose(np.asarray(x)[0], y, rtol=1e-2, atol=3e-3)
@@ -158,6 +176,114 @@ def test_meta_objective_adds_the_kl_of_the_pre_update_latent():
     np.testing.assert_allclose(f(0.5) - f(0.0), 0.5 * want, rtol=1e-4)
 
 
+def test_score_inner_step_follows_the_episode_return_not_the_actions():
+    """Released estimator: advantage +1 on episodes with eps_k[0] > 0, -1 otherwise, actions
+    independent of it: mu[0] moves up by > 0.3 alpha_mu[0] (mean |eps| = 0.8 for sigma 1).
+    The pathwise surrogate sees only the actions' likelihood: measured 0.8 alpha (score) vs
+    -0.0 alpha (pathwise). Tried: score_surrogate on every step's advantage instead of the
+    draw's fails (w centred over K*T steps: still passes, it is the same sign), weighting by
+    -A fails, the pathwise estimator as the default fails."""
+    net, theta = _policy()
+    r = np.random.default_rng(2)
+    K, T = 64, 6
+    eps = np.broadcast_to(r.normal(size=(K, 1, 2)), (K, T, 2)).astype(np.float32)
+    adv = np.broadcast_to(np.where(eps[:, :1, 0] > 0, 1.0, -1.0), (K, T)).astype(np.float32)
+    f32 = lambda *s: jnp.asarray(r.normal(size=s), jnp.float32)  # noqa: E731
+    b = m.Batch(f32(K, T, 2), f32(K, T, 2), jnp.asarray(eps), jnp.zeros((K, T)), jnp.asarray(adv))
+    mu, ls, alpha = jnp.array([0.1, -0.3]), jnp.zeros(2), jnp.array([0.7, 0.7])
+    step = jax.jit(
+        lambda e: m.adapt_latent(net, theta, mu, ls, alpha, alpha, [b], e)[0][0] - mu[0],
+        static_argnums=0,
+    )
+    score = float(step(m.Config().latent_grad))
+    path = float(step("pathwise"))
+    print("score", score / 0.7, "pathwise", path / 0.7)
+    assert score > 0.3 * 0.7 and abs(path) < 0.3 * 0.7
+
+
+def test_returns_and_advantage_floor():
+    """discounted_returns by hand (gamma 0.5); a constant sparse reward (-2 everywhere, nothing
+    hit) gives advantages ~0, not the baseline's misfit standardised to unit variance.
+    Measured max |A|: 0.009 with the floor 1e-2 (|mean R| + 1); 0.09 with 1e-3; 3.4 with the
+    old divisor std + 1e-8 (rllab's cubic-in-time baseline misses R_t by up to 0.005 of 66,
+    so the review's bar 1e-2 with a 1e-3 floor cannot hold). Tried: std + 1e-8 fails."""
+    np.testing.assert_allclose(
+        jax.jit(m.discounted_returns)(jnp.ones((1, 3)), 0.5), [[1.75, 1.5, 1.0]], rtol=1e-6
+    )
+    obs = jnp.asarray(np.random.default_rng(3).normal(size=(20, 40, 2)), jnp.float32)
+    adv = jax.jit(m.advantages)(obs, jnp.full((20, 40), -2.0), 0.99, 1.0, 1e-5)
+    assert np.abs(np.asarray(adv)).max() < 2e-2
+
+
+def test_meta_gradient_matches_finite_differences():
+    """The MAML part: jax.grad of the full meta_loss (inner step on the latent, post-update
+    surrogate, KL) against central finite differences in alpha_mu[0], one theta entry and a
+    sampled row's mu (for the score estimator with its z held fixed, as the release feeds z
+    as data), for both inner estimators; the alpha gradient is not zero (the
+    post-update batch is scored at the adapted latent). Tried: meta_loss scoring the test
+    batch at the pre-update latent fails (alpha gradient 0); stop_gradient on g_mu, g_ls in
+    adapt_latent fails the mu entry (score) and the theta entry (pathwise)."""
+    net, theta = _policy()
+    r = np.random.default_rng(5)
+    f32 = lambda *s: jnp.asarray(r.normal(size=s), jnp.float32)  # noqa: E731
+    batch = lambda: m.Batch(  # noqa: E731
+        f32(2, 6, 4, 2), f32(2, 6, 4, 2), f32(2, 6, 4, 2), jnp.zeros((2, 6, 4)), f32(2, 6, 4)
+    )
+    inner, test = [batch()], batch()
+    meta = {
+        "theta": theta,
+        "mu": f32(5, 2),
+        "log_sigma": 0.3 * f32(5, 2),
+        "alpha_mu": jnp.array([0.8, 1.2]),
+        "alpha_sigma": jnp.array([0.5, 0.9]),
+    }
+    idx = jnp.array([4, 1])
+    k = theta["params"]["Dense_0"]["kernel"]
+    for est in ("score", "pathwise"):
+
+        def f(a, th, mu, est=est):
+            p = {
+                **meta,
+                "alpha_mu": meta["alpha_mu"].at[0].add(a),
+                "mu": meta["mu"].at[4, 1].add(mu),
+                "theta": jax.tree.map(lambda x: x, theta),
+            }
+            p["theta"]["params"]["Dense_0"]["kernel"] = k.at[3, 0].add(th)
+            b = inner[0]
+            if est == "score":  # z = stop_grad(mu + sigma eps) is data: hold it fixed
+                b = b._replace(eps=b.eps.at[0, ..., 1].add(-mu / jnp.exp(meta["log_sigma"][4, 1])))
+            return m.meta_loss(net, p, idx, [b], test, 0.1, est)[0]
+
+        fj = jax.jit(f)
+        g = np.asarray(jax.jit(jax.grad(f, (0, 1, 2)))(0.0, 0.0, 0.0))
+        h = 1e-3
+        fd = np.array(
+            [(fj(*(h * e)) - fj(*(-h * e))) / (2 * h) for e in np.eye(3, dtype=np.float32)]
+        )
+        print(est, g, fd)
+        np.testing.assert_allclose(g, fd, rtol=2e-2, atol=2e-4)
+        assert abs(g[0]) > 1e-3
+
+
+def test_latent_rows_outside_the_meta_batch_do_not_move():
+    """meta_step (update's Adam step), twice, with the same dense gradient: row 2 is in the
+    first meta-batch only and keeps its value in the second step although Adam's momentum is
+    non-zero; rows never sampled never move. Tried: without the row mask row 2 moves in the
+    second step (and rows 5-7 in both) and the test fails."""
+    cfg = dataclasses.replace(TINY, num_tasks=8)
+    meta = jax.jit(m.init, static_argnums=1)(jax.random.PRNGKey(0), cfg).meta
+    g = jax.tree.map(jnp.ones_like, meta)
+    step = jax.jit(lambda mt, o, i: m.meta_step(mt, g, o, i, cfg))
+    m1, o1 = step(meta, m.optimizer(cfg).init(meta), jnp.array([0, 1, 2]))
+    m2, _ = step(m1, o1, jnp.array([0, 1, 3]))
+    for k in ("mu", "log_sigma"):
+        a, b, c = (np.asarray(x[k]) for x in (meta, m1, m2))
+        assert np.all(a[:3] != b[:3]) and np.all(b[[0, 1, 3]] != c[[0, 1, 3]])
+        np.testing.assert_array_equal(c[2], b[2])
+        np.testing.assert_array_equal(c[4:], a[4:])
+    assert not np.array_equal(m2["alpha_mu"], m1["alpha_mu"])
+
+
 def test_sparse_reward_and_coverage_by_hand():
     """Sparse: -||g|| outside sparse_radius of the goal, -distance inside; dense -distance.
     Coverage: end points at angles 5, 15, 15 and 175 degrees (radius 2) and one at radius 0.5
@@ -182,6 +308,9 @@ def test_bad_values_fail_with_named_field(tmp_path):
         (["--sparse-radius", "0"], "--sparse-radius must be > 0"),
         (["--meta-batch-size", "30", "--num-tasks", "20"], "must be <= --num-tasks"),
         (["--latent-dim", "0"], "--latent-dim must be >= 1"),
+        (["--eval-trajectories", "0"], "--eval-trajectories must be >= 1"),
+        (["--eval-tasks", "0"], "--eval-tasks must be >= 1"),
+        (["--latent-grad", "exact"], "--latent-grad='exact'"),
     ]
     for args, msg in bad:
         with pytest.raises(ValueError, match=msg):
@@ -244,6 +373,7 @@ def test_prior_z_episodes_cover_the_semicircle_and_eps_per_step_collapses(tiny_r
     assert maesn.min() >= 0.6, cov
     assert (maesn - broken).min() > 0.3, cov
     np.testing.assert_array_equal(np.asarray(res.state.per_step), [0, 0, 1, 1, 0])
+    assert (res.history["latent/alpha_mu"][:, -1] != 1.0).all()  # the alphas are learned
 
 
 def test_train_is_pure_and_cli_writes_its_files(tiny_run, capsys):
