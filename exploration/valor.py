@@ -23,13 +23,22 @@ and never sees actions. Both maximise ([1] Eq. (2), the beta-VAE form [M]):
     curriculum ([1] Sec. 3.3 [M]): when E_c[log P_D(c | tau)] >= log(0.86),
       K <- min(int(1.5 K + 1), K_max)
 
-Reproduce (CPU demo: 2-D point mass, curriculum K = 2 -> 8; trajectories in the PNG):
+Reproduce (CPU demo: 2-D point mass, curriculum K = 2 -> 16; trajectories in the PNG):
     python exploration/valor.py --preset quick --num-seeds 4 --plot exploration/valor.png
     python exploration/valor.py --preset quick --num-seeds 4 --variant blind     # broken
     python exploration/valor.py --preset quick --num-seeds 4 --decoder final_state  # VIC
 Paper hyperparameters [M] (K_max 64, 1000-step episodes; accelerator):
     python exploration/valor.py --preset paper
-Ours: see the quick-run numbers below (QUICK RUN).
+Ours (quick: 400 epochs of 64 twenty-step episodes, K = 2 -> 16, 4 seeds; loaded 2-core
+CPU, 19 s compile + 131 s): every seed reached K = 16 (at epochs 75-98) and its decoder
+scores 0.97 / 0.99 / 1.00 / 0.99 accuracy on 8 held-out episodes per context (chance 1/16),
+mean log P_D -0.06; exploration/valor.png shows the 16 options fanning out from the centre.
+Same run, `--decoder final_state` (VIC): K = 16 at epochs 54-70, accuracy 1.00 / 1.00 /
+1.00 / 0.99 (on a point mass the end point alone tells the options apart; [1]'s claim is
+about richer bodies). Broken `--variant blind`: K stays 2, accuracy 0.52 / 0.50 / 0.50 /
+0.51 (chance 0.5), log P_D -0.694 = log 1/2. [1] reports learning curves and pictures
+(e.g. HalfCheetah / Ant options, K up to 64 with the curriculum) [M]; no number is
+comparable to this toy.
 
 Differences from the paper:
 - Environment: a pure-JAX point mass in [-1, 1]^2 starting at the centre, pos' = clip(pos +
@@ -160,10 +169,10 @@ class Config:
 
 
 PRESETS = {
-    # CPU demo: 20-step episodes, K from 2 up to 8, the decoder every epoch.
+    # CPU demo: 20-step episodes, K from 2 up to 16, the decoder every epoch.
     "quick": dict(
-        k_max=8,
-        num_updates_total=600,
+        k_max=16,
+        num_updates_total=400,
         num_episodes=64,
         episode_length=20,
         pi_lr=3e-3,

@@ -187,8 +187,8 @@ def test_contexts_are_decoded_only_when_the_policy_sees_them(tiny_run):
     """Behaviour ([1] Sec. 5): TINY (80 epochs of 32 ten-step episodes, K from 2 up to 4),
     2 seeds per arm; the decoder's accuracy on 16 held-out episodes per context in use.
     Measured (2-core CPU, loaded, --fast-compile):
-        VALOR           K 4 4   accuracy FILL
-        blind policy    K 2 2   accuracy FILL   (chance 0.5 at K = 2)
+        VALOR           K 4 4   accuracy 1.00 1.00
+        blind policy    K 2 2   accuracy 0.50 0.50   (chance 0.5 at K = 2)
     The blind arm never reaches the curriculum's threshold. Asserted: VALOR reaches K = 4
     with accuracy >= 0.75 (chance 0.25) on each seed; blind stays at K = 2 below 0.75."""
     res, _ = tiny_run
