@@ -1,8 +1,9 @@
 """Tests of selfsup/bigan.py: the two losses' signs (Eq. 3 and the inverse objective), each
-loss's gradient reaching only its own parameter group, the prior, E's range, the learning
-rate schedule, the inversion error and 1-NN by hand; the behaviour (inversion and probes of
-E(x) against the random-init E, against D blind to z); purity, CLI, bad values, Config
-fields and the paper preset."""
+loss's gradient reaching only its own parameter group and both at log 2 at init, the
+uniform prior, E's range (both priors), the learning rate schedule, the optimiser's
+composition, the networks and the inversion error and 1-NN by hand; the behaviour
+(inversion and probes of E(x) against the random-init E, against D blind to z); purity,
+CLI, bad values, Config fields and the paper preset."""
 
 import dataclasses
 
@@ -223,7 +224,7 @@ RUN_ARGS = cli_args(TINY, bg.Config()) + [
 
 @pytest.fixture(scope="module")
 def recorded_run(tmp_path_factory):
-    """TINY through the CLI entry point, once: SEEDS seeds in 2 chunks of 150 steps (one
+    """TINY through the CLI entry point, once: SEEDS seeds in 2 chunks of 200 steps (one
     compiled program), then evaluate(); with the compiled chunks and their inputs."""
     return main_recording_chunks(bg.main, RUN_ARGS + [
         "--run-dir", str(tmp_path_factory.mktemp("bigan"))])
