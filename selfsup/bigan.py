@@ -18,10 +18,11 @@ the fake one (the post's prose swaps the two names; its equation, like [1], does
 [M]: equation and section numbers as recalled, not re-read in the PDF.
 
 Each loss reaches only its own parameters: D's loss sees E(x) and G(z) as data (stopped
-gradients), E and G's loss sees D frozen, so one backward pass of their sum gives all three
-groups their gradients. With `simultaneous` (the released default, update_both, k = 1) D,
-E and G step from the same parameters; otherwise D steps first and E, G answer the updated
-D on the same batch (ours; not the released --no_update_both, see the differences).
+gradients), E and G's loss sees D frozen (`losses`); `gradients` computes the same from one
+forward pass of D per pair kind, pulling each loss's cotangent back through its own group.
+With `simultaneous` (the released default, update_both, k = 1) D, E and G step from the
+same parameters; otherwise D steps first and E, G answer the updated D on the same batch
+(ours; not the released --no_update_both, see the differences).
 
 Networks ([1] Sec. 4.1, released mnist_mlp / deconvnet_mnist_mlp with width 16 x 64 =
 1024): permutation-invariant MLPs on flattened images, weights N(0, 0.02), no biases, batch
@@ -309,6 +310,29 @@ def losses(params, x, z, cfg: Config):
     return discriminator_loss(lr_, lf), ge, acc
 
 
+def gradients(params, x, z, cfg: Config):
+    """(grads {"e", "g", "d"}, (D's loss, E and G's loss, D's accuracy)): the gradients of
+    `losses` per group (D's of D's loss, E's and G's of theirs), from one forward pass of D
+    per pair kind (two vjps) instead of the four passes of differentiating `losses`."""
+    enc, gen, dis = networks(cfg)
+    ez, vjp_e = jax.vjp(lambda p: enc.apply({"params": p}, x, train=True,
+                                            mutable=["batch_stats"])[0], params["e"])
+    gz, vjp_g = jax.vjp(lambda p: gen.apply({"params": p}, z, train=True,
+                                            mutable=["batch_stats"])[0], params["g"])
+
+    def d(p, a, b):  # real and fake pairs in separate passes (separate batch statistics)
+        return dis.apply({"params": p}, a, b, train=True, mutable=["batch_stats"])[0]
+
+    lr_, vjp_r = jax.vjp(lambda p, e: d(p, x, e), params["d"], ez)
+    lf, vjp_f = jax.vjp(lambda p, g: d(p, g, z), params["d"], gz)
+    ld, (cd_r, cd_f) = jax.value_and_grad(discriminator_loss, (0, 1))(lr_, lf)
+    lge, (cg_r, cg_f) = jax.value_and_grad(generator_encoder_loss, (0, 1))(lr_, lf)
+    g_d = jax.tree.map(jnp.add, vjp_r(cd_r)[0], vjp_f(cd_f)[0])
+    grads = {"e": vjp_e(vjp_r(cg_r)[1])[0], "g": vjp_g(vjp_f(cg_f)[1])[0], "d": g_d}
+    acc = 0.5 * (jnp.mean(lr_ > 0) + jnp.mean(lf < 0))
+    return grads, (ld, lge, acc)
+
+
 # --- STATE ---
 
 
@@ -372,15 +396,11 @@ def update(state: State, cfg: Config):
     x = train_x[jax.random.choice(k_x, train_x.shape[0], (cfg.batch_size,), replace=False)]
     z = sample_prior(k_z, cfg.batch_size, cfg)
 
-    def total(p):
-        ld, lge, acc = losses(p, x, z, cfg)
-        return ld + lge, (ld, lge, acc)
-
-    grads, (ld, lge, acc) = jax.grad(total, has_aux=True)(state.params)
+    grads, (ld, lge, acc) = gradients(state.params, x, z, cfg)
     if not cfg.simultaneous:  # D first, then E and G against the updated D
         u, _ = tx.update(grads, state.opt_state, state.params)
         d_new = optax.apply_updates(state.params["d"], u["d"])
-        ge_grads = jax.grad(lambda p: total(p)[0])({**state.params, "d": d_new})
+        ge_grads = gradients({**state.params, "d": d_new}, x, z, cfg)[0]
         grads = {**grads, "e": ge_grads["e"], "g": ge_grads["g"]}
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
