@@ -190,7 +190,10 @@ def test_contexts_are_decoded_only_when_the_policy_sees_them(tiny_run):
         VALOR           K 4 4   accuracy 1.00 1.00
         blind policy    K 2 2   accuracy 0.50 0.50   (chance 0.5 at K = 2)
     The blind arm never reaches the curriculum's threshold. Asserted: VALOR reaches K = 4
-    with accuracy >= 0.75 (chance 0.25) on each seed; blind stays at K = 2 below 0.75."""
+    with accuracy >= 0.75 (chance 0.25) on each seed; blind stays at K = 2 below 0.75.
+    Mutations tried, each failing here: the blind arm's one-hot not zeroed (it learns too),
+    the reward's sign flipped (-log P_D), K growing on every epoch without the threshold.
+    The same 6 more seeds (--seed 1) of the VALOR arm all scored 1.00 at K = 4."""
     res, _ = tiny_run
     acc, k = res.final["decoder_accuracy"], res.final["k"]
     np.testing.assert_array_equal(res.state.variant, np.repeat([0, 1], SEEDS))
@@ -201,7 +204,8 @@ def test_contexts_are_decoded_only_when_the_policy_sees_them(tiny_run):
 
 def test_curriculum_as_it_ran(tiny_run):
     """Per seed and epoch of the run (dc_every = 1): K grows to next_k(K) exactly on the
-    epochs whose episodes scored mean log P_D >= log 0.86, and stays otherwise."""
+    epochs whose episodes scored mean log P_D >= log 0.86, and stays otherwise.
+    Mutation tried: K growing on every epoch (no threshold) fails here."""
     h = tiny_run[0].history
     k, logp = h["charts/k"].astype(int), h["charts/decoder_logp"]
     grow = logp[:, :-1] >= math.log(TINY.threshold)
@@ -213,7 +217,8 @@ def test_curriculum_as_it_ran(tiny_run):
 def test_train_is_pure_and_cli_writes_its_files(tiny_run, capsys):
     """The last compiled chunk, run again on a copy of its input, gives bit-identical
     parameters and metrics; seeds differ; the run wrote its files; `--help` documents every
-    field; metrics are finite and have the [seeds, updates] shape."""
+    field; metrics are finite and have the [seeds, updates] shape.
+    Mutation tried: `init` ignoring its key (all seeds alike) fails here."""
     res, chunks = tiny_run
     with pytest.raises(SystemExit):
         valor.main(["--help"])
@@ -258,7 +263,8 @@ def test_quick_preset_gate_against_the_blind_policy(tmp_path):
     (2-core CPU, loaded, 160 s): VALOR K 16 16, accuracy 0.97 0.99; blind K 2 2, accuracy
     0.52 0.50.
     Asserted: VALOR reaches K = 16 with accuracy >= 0.9 (chance 1/16) on each seed; the
-    blind arm stays at K = 2 below 0.6 (chance 0.5)."""
+    blind arm stays at K = 2 below 0.6 (chance 0.5). Mutation tried: the reward's sign
+    flipped: VALOR 0.125 / 0.25 at K 7 / 4, fails."""
     keys = jax.random.split(jax.random.PRNGKey(0), 4)  # the runner's seed keys
     real = valor.init
 
