@@ -142,9 +142,20 @@ class Config:
         return self.batch_size * self.tgt_len  # tokens per update
 
     def validate(self):
-        for name in ("n_layer", "d_model", "n_head", "d_head", "d_inner", "tgt_len",
-                     "eval_tgt_len", "batch_size", "total_updates", "eval_batch",
-                     "eval_segments", "copy_vocab"):
+        for name in (
+            "n_layer",
+            "d_model",
+            "n_head",
+            "d_head",
+            "d_inner",
+            "tgt_len",
+            "eval_tgt_len",
+            "batch_size",
+            "total_updates",
+            "eval_batch",
+            "eval_segments",
+            "copy_vocab",
+        ):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         for name in ("mem_len", "eval_mem_len", "warmup_steps", "max_chars"):
@@ -160,18 +171,38 @@ class Config:
         if not 0 < self.val_fraction < 1:
             raise ValueError(f"val_fraction must be in (0, 1), got {self.val_fraction}")
         if self.corpus == "copy" and (self.tgt_len % 2 or self.eval_tgt_len != self.tgt_len):
-            raise ValueError(f"corpus='copy' needs an even tgt_len (got {self.tgt_len}) and "
-                             f"eval_tgt_len == tgt_len (got {self.eval_tgt_len})")
+            raise ValueError(
+                f"corpus='copy' needs an even tgt_len (got {self.tgt_len}) and "
+                f"eval_tgt_len == tgt_len (got {self.eval_tgt_len})"
+            )
         if self.corpus == "copy" and self.copy_chars < 4 * self.tgt_len * self.batch_size:
-            raise ValueError(f"copy_chars={self.copy_chars} must be >= 4 * tgt_len * "
-                             f"batch_size = {4 * self.tgt_len * self.batch_size}")
+            raise ValueError(
+                f"copy_chars={self.copy_chars} must be >= 4 * tgt_len * "
+                f"batch_size = {4 * self.tgt_len * self.batch_size}"
+            )
 
 
 PRESETS = {
-    "quick": dict(corpus="pydoc", byte_level=False, n_layer=2, d_model=64, n_head=4,
-                  d_head=16, d_inner=256, dropout=0.0, tgt_len=32, mem_len=32,
-                  eval_tgt_len=32, eval_mem_len=96, batch_size=16, lr=2e-3, warmup_steps=50,
-                  total_updates=800, eval_batch=8, eval_segments=48),
+    "quick": dict(
+        corpus="pydoc",
+        byte_level=False,
+        n_layer=2,
+        d_model=64,
+        n_head=4,
+        d_head=16,
+        d_inner=256,
+        dropout=0.0,
+        tgt_len=32,
+        mem_len=32,
+        eval_tgt_len=32,
+        eval_mem_len=96,
+        batch_size=16,
+        lr=2e-3,
+        warmup_steps=50,
+        total_updates=800,
+        eval_batch=8,
+        eval_segments=48,
+    ),
     "paper": dict(),
 }
 
@@ -180,22 +211,36 @@ PRESETS = {
 
 
 @functools.cache
-def load_corpus(corpus: str, byte_level: bool, max_chars: int, val_fraction: float,
-                tgt_len: int, copy_vocab: int, copy_chars: int):
-    """(train ids, val ids, vocab size) as numpy int32. The 'copy' stream is random tokens,
-    except that the second half of every segment (t % L >= L/2) repeats the first half of
-    the previous segment: x_t = x_{t - 3L/2} (segments start at multiples of L)."""
+def load_corpus(
+    corpus: str,
+    byte_level: bool,
+    max_chars: int,
+    val_fraction: float,
+    tgt_len: int,
+    copy_vocab: int,
+    copy_chars: int,
+):
+    """(train ids, val ids, vocab size); the ids as numpy uint8 (uint16 above 256 symbols):
+    `init` puts them in the State, so they enter the compiled chunks as an input, not as a
+    constant of each program; stream_segment casts to int32 after the gather. The 'copy'
+    stream is random tokens, except that the second half of every segment (t % L >= L/2)
+    repeats the first half of the previous segment: x_t = x_{t - 3L/2} (segments start at
+    multiples of L)."""
     if corpus != "copy":
-        train, val, vocab = data.char_corpus(corpus, val_fraction, max_chars or None,
-                                             byte_level)
-        return train, val, len(vocab)
+        train, val, vocab = data.char_corpus(corpus, val_fraction, max_chars or None, byte_level)
+        return compact(train, len(vocab)), compact(val, len(vocab)), len(vocab)
     L = tgt_len
     x = np.random.default_rng(0).integers(0, copy_vocab, copy_chars).astype(np.int32)
     t = np.arange(2 * L, copy_chars)
     t = t[t % L >= L // 2]
     x[t] = x[t - 3 * L // 2]  # sources sit in first halves, never copies themselves
     cut = int(copy_chars * (1 - val_fraction)) // L * L
-    return x[:cut], x[cut:], copy_vocab
+    return compact(x[:cut], copy_vocab), compact(x[cut:], copy_vocab), copy_vocab
+
+
+def compact(ids, vocab: int):
+    """ids in the narrowest unsigned type that holds `vocab` symbols."""
+    return ids.astype(np.uint8 if vocab <= 256 else np.uint16 if vocab <= 65536 else np.int32)
 
 
 def stream_segment(ids, seg, batch: int, length: int):
@@ -204,6 +249,7 @@ def stream_segment(ids, seg, batch: int, length: int):
     stream_len = ids.shape[0] // batch // length * length
     starts = jnp.arange(batch) * stream_len + seg * length
     w = jax.vmap(lambda s: jax.lax.dynamic_slice(ids, (s,), (length + 1,)))(starts)
+    w = w.astype(jnp.int32)  # ids are stored uint8/uint16
     return w[:, :-1], w[:, 1:]
 
 
@@ -280,10 +326,10 @@ class XLLayer(nn.Module):
     def __call__(self, h, mem, r, mask, u, v, deterministic=True):
         drop = lambda x: nn.Dropout(self.dropout)(x, deterministic)
         a = RelMultiHeadAttn(self.n_head, self.d_head, self.d_model, self.dropatt, name="attn")(
-            h, mem, r, mask, u, v, deterministic)
+            h, mem, r, mask, u, v, deterministic
+        )
         h = nn.LayerNorm(epsilon=1e-5, name="ln_attn")(h + drop(a))
-        f = nn.Dense(self.d_model, name="ff2")(drop(nn.relu(nn.Dense(self.d_inner,
-                                                                      name="ff1")(h))))
+        f = nn.Dense(self.d_model, name="ff2")(drop(nn.relu(nn.Dense(self.d_inner, name="ff1")(h))))
         return nn.LayerNorm(epsilon=1e-5, name="ln_ff")(h + drop(f))
 
 
@@ -320,17 +366,32 @@ class TransformerXL(nn.Module):
             if self.untie_r:
                 u = self.param(f"u_{n}", init, uv_shape)
                 v = self.param(f"v_{n}", init, uv_shape)
-            h = XLLayer(self.n_head, self.d_head, self.d_model, self.d_inner, self.dropout,
-                        self.dropatt, name=f"layer_{n}")(h, mems[n], r, mask, u, v,
-                                                         deterministic)
+            h = XLLayer(
+                self.n_head,
+                self.d_head,
+                self.d_model,
+                self.d_inner,
+                self.dropout,
+                self.dropatt,
+                name=f"layer_{n}",
+            )(h, mems[n], r, mask, u, v, deterministic)
         h = nn.Dropout(self.dropout)(h, deterministic)
         logits = embed.attend(h) + self.param("out_bias", nn.initializers.zeros, (self.vocab,))
         return logits, jnp.stack(inputs), h
 
 
 def make_model(cfg: Config, vocab: int) -> TransformerXL:
-    return TransformerXL(vocab, cfg.n_layer, cfg.d_model, cfg.n_head, cfg.d_head,
-                         cfg.d_inner, cfg.untie_r, cfg.dropout, cfg.dropatt)
+    return TransformerXL(
+        vocab,
+        cfg.n_layer,
+        cfg.d_model,
+        cfg.n_head,
+        cfg.d_head,
+        cfg.d_inner,
+        cfg.untie_r,
+        cfg.dropout,
+        cfg.dropatt,
+    )
 
 
 def next_mems(mems, inputs, mem_valid):
@@ -374,79 +435,116 @@ class State:
     use_memory: jax.Array
     """1, traced: 0 masks the memory out of every read (training and evaluate), so one
     program can also run the model without memory"""
+    train_ids: jax.Array
+    """(T,) uint8 training ids (load_corpus): an input of the compiled chunks, not a
+    constant; one copy per seed (pydoc 0.4 MB, stdlib 11 MB)"""
+    val_ids: jax.Array
+    """(T_val,) uint8 validation ids, read by evaluate"""
 
 
 def _data(cfg: Config):
-    return load_corpus(cfg.corpus, cfg.byte_level, cfg.max_chars, cfg.val_fraction,
-                       cfg.tgt_len, cfg.copy_vocab, cfg.copy_chars)
+    return load_corpus(
+        cfg.corpus,
+        cfg.byte_level,
+        cfg.max_chars,
+        cfg.val_fraction,
+        cfg.tgt_len,
+        cfg.copy_vocab,
+        cfg.copy_chars,
+    )
 
 
 def _optimizer(cfg: Config):
-    sched = optax.warmup_cosine_decay_schedule(0.0, cfg.lr, cfg.warmup_steps,
-                                               max(cfg.total_updates, cfg.warmup_steps + 1))
+    sched = optax.warmup_cosine_decay_schedule(
+        0.0, cfg.lr, cfg.warmup_steps, max(cfg.total_updates, cfg.warmup_steps + 1)
+    )
     return optax.chain(optax.clip_by_global_norm(cfg.max_grad_norm), optax.adam(sched))
 
 
 def init(key, cfg: Config) -> State:
-    train_ids, _, vocab = _data(cfg)
+    train_ids, val_ids, vocab = _data(cfg)
     k_param, k_start, key = jax.random.split(key, 3)
     model = make_model(cfg, vocab)
     # orbax cannot save zero-size arrays: with mem_len = 0 the state keeps one unused slot
     mems = jnp.zeros((cfg.n_layer, cfg.batch_size, max(cfg.mem_len, 1), cfg.d_model))
     tokens = jnp.zeros((cfg.batch_size, cfg.tgt_len), jnp.int32)
-    params = model.init(k_param, tokens, mems[:, :, :cfg.mem_len], 0)["params"]
+    params = model.init(k_param, tokens, mems[:, :, : cfg.mem_len], 0)["params"]
     n_seg = num_segments(len(train_ids), cfg.batch_size, cfg.tgt_len)
     start = jax.random.randint(k_start, (), 0, n_seg)
-    return State(params, _optimizer(cfg).init(params), key, jnp.array(0, jnp.int32), start,
-                 mems, jnp.array(0, jnp.int32), jnp.array(1, jnp.int32))
+    return State(
+        params,
+        _optimizer(cfg).init(params),
+        key,
+        jnp.array(0, jnp.int32),
+        start,
+        mems,
+        jnp.array(0, jnp.int32),
+        jnp.array(1, jnp.int32),
+        jnp.asarray(train_ids),
+        jnp.asarray(val_ids),
+    )
 
 
 def update(state: State, cfg: Config):
-    train_np, _, vocab = _data(cfg)
-    ids = jnp.asarray(train_np)
+    _, _, vocab = _data(cfg)
+    ids = state.train_ids
     model = make_model(cfg, vocab)
-    n_seg = num_segments(len(train_np), cfg.batch_size, cfg.tgt_len)
+    n_seg = num_segments(ids.shape[0], cfg.batch_size, cfg.tgt_len)
     seg = (state.start + state.step) % n_seg
     inputs, targets = stream_segment(ids, seg, cfg.batch_size, cfg.tgt_len)
     mem_valid = jnp.where(seg == 0, 0, state.mem_valid)  # a stream restarts: forget
     key, k_drop = jax.random.split(state.key)
-    mems = state.mems[:, :, :cfg.mem_len]  # (n_layer, B, M, d)
+    mems = state.mems[:, :, : cfg.mem_len]  # (n_layer, B, M, d)
 
     def loss_fn(params):
         logits, layer_inputs, _ = model.apply(
-            {"params": params}, inputs, mems, mem_valid * state.use_memory,
-            deterministic=False, rngs={"dropout": k_drop})
+            {"params": params},
+            inputs,
+            mems,
+            mem_valid * state.use_memory,
+            deterministic=False,
+            rngs={"dropout": k_drop},
+        )
         return lm_loss(logits, targets), (logits, layer_inputs)
 
-    (loss, (logits, layer_inputs)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-        state.params)
+    (loss, (logits, layer_inputs)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
     upd, opt_state = _optimizer(cfg).update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, upd)
     mems, mem_valid = next_mems(mems, layer_inputs, mem_valid)
     if cfg.mem_len == 0:
         mems = state.mems  # the unused slot
-    metrics = {"losses/loss": loss, "charts/bits_per_char": loss / math.log(2),
-               "charts/grad_norm": optax.tree.norm(grads)}
+    metrics = {
+        "losses/loss": loss,
+        "charts/bits_per_char": loss / math.log(2),
+        "charts/grad_norm": optax.tree.norm(grads),
+    }
     if cfg.corpus == "copy":
         metrics["charts/copy_accuracy"] = copy_accuracy(logits, targets)
-    return State(params, opt_state, key, state.step + 1, state.start, mems, mem_valid,
-                 state.use_memory), metrics
+    return state.replace(
+        params=params,
+        opt_state=opt_state,
+        key=key,
+        step=state.step + 1,
+        mems=mems,
+        mem_valid=mem_valid,
+    ), metrics
 
 
 def evaluate(state: State, cfg: Config):
     """Validation NLL over `eval_segments` consecutive segments of `eval_batch` streams,
     carrying a memory of `eval_mem_len` positions (empty at the start)."""
-    _, val_np, vocab = _data(cfg)
-    ids = jnp.asarray(val_np)
+    _, _, vocab = _data(cfg)
+    ids = state.val_ids
     B, L = cfg.eval_batch, cfg.eval_tgt_len
-    n_seg = min(cfg.eval_segments, num_segments(len(val_np), B, L))
+    n_seg = min(cfg.eval_segments, num_segments(ids.shape[0], B, L))
     model = make_model(cfg, vocab)
 
     def step(carry, seg):
         mems, valid = carry
         inputs, targets = stream_segment(ids, seg, B, L)
-        logits, layer_inputs, _ = model.apply({"params": state.params}, inputs, mems,
-                                              valid * state.use_memory)
+        logits, layer_inputs, _ = model.apply(
+            {"params": state.params}, inputs, mems, valid * state.use_memory
+        )
         nll = optax.softmax_cross_entropy_with_integer_labels(logits, targets).mean()
         return next_mems(mems, layer_inputs, valid), (nll, copy_accuracy(logits, targets))
 
@@ -462,8 +560,9 @@ def evaluate(state: State, cfg: Config):
 
 
 def main(argv=None):
-    return run.main(Config, init, update, presets=PRESETS, evaluate=evaluate, argv=argv,
-                    doc=__doc__)
+    return run.main(
+        Config, init, update, presets=PRESETS, evaluate=evaluate, argv=argv, doc=__doc__
+    )
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@ stop-gradient, memory vs no memory, purity, CLI, and a port of HF XLNet's attent
 import dataclasses
 import functools
 import json
+import re
 import textwrap
 
 import jax
@@ -21,10 +22,25 @@ from transformers import transformer_xl as X
 
 V, L, D = 11, 8, 32
 SMALL = X.TransformerXL(vocab=V, n_layer=2, d_model=D, n_head=4, d_head=8, d_inner=64)
-TINY = X.Config(corpus="this", byte_level=False, n_layer=1, d_model=16, n_head=2, d_head=8,
-                d_inner=32, dropout=0.1, tgt_len=8, mem_len=8, eval_tgt_len=8,
-                eval_mem_len=16, batch_size=4, lr=1e-3, total_updates=3, eval_batch=2,
-                eval_segments=4)
+TINY = X.Config(
+    corpus="this",
+    byte_level=False,
+    n_layer=1,
+    d_model=16,
+    n_head=2,
+    d_head=8,
+    d_inner=32,
+    dropout=0.1,
+    tgt_len=8,
+    mem_len=8,
+    eval_tgt_len=8,
+    eval_mem_len=16,
+    batch_size=4,
+    lr=1e-3,
+    total_updates=3,
+    eval_batch=2,
+    eval_segments=4,
+)
 
 
 @functools.cache
@@ -41,8 +57,9 @@ def _params():
 # tests' programs run on a few tokens: they compile at XLA's lowest backend optimisation
 # level (the runner's init options), several times faster
 O0 = dict(compiler_options=run.INIT_COMPILER_OPTIONS)
-_apply = jax.jit(lambda p, t, m, valid, mask: SMALL.apply({"params": p}, t, m, valid,
-                                                          mask=mask), **O0)
+_apply = jax.jit(
+    lambda p, t, m, valid, mask: SMALL.apply({"params": p}, t, m, valid, mask=mask), **O0
+)
 _next_mems = jax.jit(X.next_mems, **O0)
 
 
@@ -66,11 +83,11 @@ def test_rel_shift_equals_gather_reference():
         dist = np.clip(M + i - j, 0, K - 1)
         gathered = np.einsum("bhid,ijhd->bhij", qv, kr_by_dist[dist])  # reference
         allowed = j <= M + i
-        np.testing.assert_allclose(np.where(allowed, shifted, 0), np.where(allowed, gathered, 0),
-                                   atol=1e-5)
+        np.testing.assert_allclose(
+            np.where(allowed, shifted, 0), np.where(allowed, gathered, 0), atol=1e-5
+        )
     # the shift is not the identity: without it the scores differ
-    assert np.abs(np.where(allowed, np.einsum("bhid,jhd->bhij", qv, kr) - gathered, 0)
-                  ).max() > 0.1
+    assert np.abs(np.where(allowed, np.einsum("bhid,jhd->bhij", qv, kr) - gathered, 0)).max() > 0.1
 
 
 def test_no_future_leak_and_mask_off_leaks():
@@ -97,12 +114,13 @@ def test_memory_decoding_equals_one_pass_with_block_mask(M):
     tokens = _stream(B, S * L)
     mems, valid, outs = jnp.zeros((2, B, M, D)), jnp.array(0, jnp.int32), []
     for s in range(S):
-        logits, inputs, _ = _apply(params, tokens[:, s * L:(s + 1) * L], mems, valid, None)
+        logits, inputs, _ = _apply(params, tokens[:, s * L : (s + 1) * L], mems, valid, None)
         mems, valid = _next_mems(mems, inputs, valid)
         outs.append(logits)
     seq = np.concatenate(outs, 1)
     t, j = np.arange(S * L)[:, None], np.arange(S * L)[None]
     mask = (j <= t) & (j >= t // L * L - M)
+
     def one_pass(t, mask):
         return _apply(params, t, jnp.zeros((2, B, 0, D)), jnp.array(0, jnp.int32), mask)[0]
 
@@ -138,10 +156,27 @@ def test_gradient_through_memory_is_zero():
 # the one run of the CLI, purity and behaviour tests: a 1-layer model with a memory of
 # M = 8 on the 'copy' stream, 300 updates of 16 segments, chunks of 100; 2 x SEEDS seeds in
 # one compiled program, seeds SEEDS.. the broken variant (memory masked out: use_memory = 0)
-RUN = X.Config(corpus="copy", copy_vocab=8, copy_chars=40_000, n_layer=1, d_model=32,
-               n_head=2, d_head=16, d_inner=64, dropout=0.0, tgt_len=8, mem_len=8,
-               eval_tgt_len=8, eval_mem_len=8, batch_size=16, lr=3e-3, warmup_steps=20,
-               total_updates=300, eval_batch=8, eval_segments=32)
+RUN = X.Config(
+    corpus="copy",
+    copy_vocab=8,
+    copy_chars=40_000,
+    n_layer=1,
+    d_model=32,
+    n_head=2,
+    d_head=16,
+    d_inner=64,
+    dropout=0.0,
+    tgt_len=8,
+    mem_len=8,
+    eval_tgt_len=8,
+    eval_mem_len=8,
+    batch_size=16,
+    lr=3e-3,
+    warmup_steps=20,
+    total_updates=300,
+    eval_batch=8,
+    eval_segments=32,
+)
 CHUNK = 100
 SEEDS = tiny_run_module.SEEDS
 KEYS = jax.random.split(jax.random.PRNGKey(0), 2 * SEEDS)  # the runner's keys (--seed 0)
@@ -161,8 +196,9 @@ def tiny_run(tmp_path_factory):
     """RUN through the command line, in-process, once, with its 2 x SEEDS seeds."""
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(X, "init", _twin_init)
-        return tiny_run_module.run_cli(X, RUN, tmp_path_factory.mktemp("run"), CHUNK,
-                                       extra=("--num-seeds", str(2 * SEEDS)))
+        return tiny_run_module.run_cli(
+            X, RUN, tmp_path_factory.mktemp("run"), CHUNK, extra=("--num-seeds", str(2 * SEEDS))
+        )
 
 
 def test_memory_solves_copy_across_segments_and_no_memory_cannot(tiny_run):
@@ -263,17 +299,19 @@ def test_matches_hf_xlnet_uni_attention(tmp_path):
     np.savez(tmp_path / "inputs.npz", tokens=tokens)
     peer.run_peer(PEER, tmp_path)  # skips if torch cannot be installed, fails if PEER raises
     w = dict(np.load(tmp_path / "peer.npz"))
-    model = X.TransformerXL(vocab=V, n_layer=2, d_model=D, n_head=4, d_head=8, d_inner=64,
-                            untie_r=True)
-    p = {"embed": {"embedding": w["word_embedding.weight"]},
-         "out_bias": np.zeros(V, np.float32)}
+    model = X.TransformerXL(
+        vocab=V, n_layer=2, d_model=D, n_head=4, d_head=8, d_inner=64, untie_r=True
+    )
+    p = {"embed": {"embedding": w["word_embedding.weight"]}, "out_bias": np.zeros(V, np.float32)}
     for n in range(2):
         a = f"layer.{n}.rel_attn."
         f = f"layer.{n}.ff."
         p[f"u_{n}"], p[f"v_{n}"] = w[a + "r_w_bias"], w[a + "r_r_bias"]
         p[f"layer_{n}"] = {
-            "attn": {**{k: {"kernel": w[a + k]} for k in "qkvr"},
-                     "o": {"kernel": w[a + "o"].transpose(1, 2, 0)}},  # (d,H,Dh)->(H,Dh,d)
+            "attn": {
+                **{k: {"kernel": w[a + k]} for k in "qkvr"},
+                "o": {"kernel": w[a + "o"].transpose(1, 2, 0)},
+            },  # (d,H,Dh)->(H,Dh,d)
             "ln_attn": {"scale": w[a + "layer_norm.weight"], "bias": w[a + "layer_norm.bias"]},
             "ff1": {"kernel": w[f + "layer_1.weight"].T, "bias": w[f + "layer_1.bias"]},
             "ff2": {"kernel": w[f + "layer_2.weight"].T, "bias": w[f + "layer_2.bias"]},
@@ -281,12 +319,37 @@ def test_matches_hf_xlnet_uni_attention(tmp_path):
         }
     mems, valid, outs = jnp.zeros((2, 2, L, D)), jnp.array(0), []
     for s in range(3):
-        _, inputs, h = model.apply({"params": p}, tokens[:, s * L:(s + 1) * L], mems, valid)
+        _, inputs, h = model.apply({"params": p}, tokens[:, s * L : (s + 1) * L], mems, valid)
         mems, valid = X.next_mems(mems, inputs, valid)
         outs.append(h)
     err = float(np.abs(np.concatenate(outs, 1) - w["out"]).max())
     print(f"max |ours - HF XLNet| = {err:.2e}")
     assert err < 2e-5, err
+
+
+def big_constants(hlo: str, min_elements: int = 10_000):
+    """Lines of StableHLO text that define a constant of at least `min_elements` elements."""
+    out = []
+    for ln in hlo.splitlines():
+        if "constant" in ln:
+            for dims in re.findall(r"tensor<((?:\d+x)+)[a-z]", ln):
+                if np.prod([int(d) for d in dims.rstrip("x").split("x")]) >= min_elements:
+                    out.append(ln[:200])
+    return out
+
+
+def test_corpus_is_a_uint8_input_of_update_and_evaluate_not_a_constant():
+    """RUN's 'copy' ids live in the State as uint8, so the compiled update and evaluate
+    take them as an input: no constant of 1k elements or more in their lowered text (the
+    int32 streams were: 36k elements in update, 4k in evaluate)."""
+    state = jax.eval_shape(lambda k: X.init(k, RUN), jax.random.PRNGKey(0))
+    train, val, _ = X._data(RUN)
+    assert state.train_ids.shape == train.shape and state.val_ids.shape == val.shape
+    assert state.train_ids.dtype == state.val_ids.dtype == jnp.uint8
+    assert train.shape[0] > 30_000 and val.shape[0] > 3_000
+    for fn in (X.update, X.evaluate):
+        hlo = jax.jit(fn, static_argnums=1).lower(state, RUN).as_text()
+        assert not big_constants(hlo, 1000), (fn.__name__, big_constants(hlo, 1000)[:1])
 
 
 def test_every_config_field_is_read():
