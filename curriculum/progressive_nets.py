@@ -13,17 +13,17 @@ task 2, reading the frozen column's activations through lateral connections; and
 with the non-linear adapters of [1] Eq. 2 (omitting biases there; here W has one):
     h_i^(k) = f(W_i^(k) h_{i-1}^(k) + U_i^(k) f(V_i^(k) (alpha_{i-1}^(k) * h_{i-1}^(<k))))
     h_{i-1}^(<k) = [h_{i-1}^(1), ..., h_{i-1}^(k-1)]   (the anterior features, concatenated)
-alpha a learned scalar initialised to a small random value, V a projection of the
-(k-1) n_{i-1} anterior features onto n_{i-1} dimensions (dimensionality reduction as k
-grows), f = ReLU. Laterals feed every layer i >= 2 and the output layer; the input layer
-has none (h_0 is the observation, shared by all columns). Each column has its own policy
-and value head (per-task heads), so the frozen columns still solve their own tasks
-exactly as before: progressive nets cannot forget.
+alpha learned scalars (one per anterior column, [1]: to adjust "for the different scales of
+the different inputs"), initialised to small random values, V a projection of the
+(k-1) n_{i-1} anterior features onto n_{i-1} dimensions, f = ReLU. Laterals feed every
+layer i >= 2 and the output layer; the input layer has none (h_0 is the observation,
+shared by all columns). Each column has its own policy and value head, so the frozen
+columns still solve their own tasks exactly as before: progressive nets cannot forget.
 
 Task sequence: observation transforms of one gymnax game, as [1]'s "Pong Soup" (noisy,
-h-flip, ...): identity (the source), flip (mirror: the width axis reversed for MinAtar
-images, the sign flipped for vector observations), permute (channels / features in reverse
-order), noise (additive Gaussian noise of std `noise_std`).
+h-flip, ...): identity (the source), flip (the width axis reversed for MinAtar frames and
+[H, W] grids, the sign flipped for vector observations), permute (channels of frames,
+rows of grids, features of vectors in reverse order), noise (additive N(0, noise_std^2)).
 
 Training: each column is trained on its task with PPO (common.rl's loss, GAE and
 minibatch epochs; [1] trains each column with A3C). Every arm below runs in the same
@@ -34,51 +34,53 @@ compiled program on the same keys (vmapped), the baselines of [1] Sec. 5:
     finetune_top   baseline 2: the column of the previous task copied, only its output
                    layer trained
     finetune_all   baseline 3: the column of the previous task copied, all of it trained
-    random_column  baseline 4: the progressive net whose column 1 stays at its random init
-Metric ([1] Sec. 5): AUC = the average score per episode during training on a task, and the
-transfer score of an arm on a target task = its AUC / the AUC of baseline 1 (scratch).
+    random_column  baseline 4: the progressive net whose anterior columns are all reset to
+                   their random init (each is trained on its task, then reset) and frozen
+Metric ([1] Sec. 5): AUC_k = the area under the learning curve on task k, the curve being
+the mean return of the episodes that ended in each PPO update, averaged over the task's
+updates; the transfer score of an arm on target k = its AUC_k / scratch's AUC_k.
 
-Reproduce (CPU, CartPole-v1 -> mirrored CartPole-v1, 2 columns, every arm, 2 seeds):
-    python curriculum/progressive_nets.py --preset quick --num-seeds 2 \
+Reproduce (CPU, CartPole-v1 -> mirrored CartPole-v1, 2 columns, every arm, 5 seeds):
+    python curriculum/progressive_nets.py --preset quick --num-seeds 5 \
         --plot curriculum/progressive_nets.png
 Paper-scale run (GPU; Breakout-MinAtar -> flipped -> channel-permuted, 3 columns):
     python curriculum/progressive_nets.py --preset paper
 
-Measured (`quick`: CartPole-v1, then CartPole-v1 with negated observations (a mirror:
-the same physics, left and right swapped), columns 64-64, 150 PPO updates of 16 x 64 steps
-per task, the five arms in one program, 2 seeds, a loaded 2-core CPU: 72 s of CPU, 7 min
-wall, compile included). AUC on task 2 (mean return per training episode) and the
-transfer score (AUC / scratch's AUC), seeds' mean +- std:
-    progressive     161.8 +- 5.3    1.153 +- 0.015
-    random_column   150.7 +- 11.8   1.074 +- 0.063   (baseline 4: frozen untrained column 1)
-    scratch         140.2 +- 2.8    1               (baseline 1 = laterals cut, U = 0)
-    finetune_all     34.1 +- 10.0   0.242 +- 0.066   (baseline 3)
-    finetune_top     12.9 +- 2.3    0.091 +- 0.014   (baseline 2)
-Task 1 (AUC 125.1 in every arm that trains column 1) afterwards, with the network each
-arm keeps for it (`task1_*`, 16 episodes of 500 steps): progressive 232.8 (column 1
-untouched), finetune_all 13.1 and finetune_top 68.2 (forgotten). As in [1] (Pong Soup's
-h-flip and [2]'s summary): fine-tuning only the top layer fails to transfer, and the
-progressive net transfers positively where fine-tuning the whole column from the mirrored
-task is held back (negative transfer: its copied policy pushes the wrong way first).
-Plot: curriculum/progressive_nets.png. [1]'s own numbers (Atari / Labyrinth transfer
-matrices) are not quoted: no copy of the paper's tables was at hand here.
+Measured (`quick`: CartPole-v1, then CartPole-v1 with negated observations, columns 64-64,
+150 PPO updates of 16 x 64 steps per task, 5 seeds; a loaded 2-core CPU: 149 s of CPU,
+13.4 min wall). Task-2 AUC and transfer score, mean +- std over seeds:
+    progressive     288.9 +- 41.5   1.42 +- 0.15   (per seed 1.46 1.12 1.49 1.48 1.53)
+    random_column   209.0 +- 34.9   1.02 +- 0.10   (baseline 4)
+    scratch         203.5 +- 17.6   1               (baseline 1 = laterals cut)
+    finetune_all    106.0 +- 41.1   0.51 +- 0.18   (baseline 3)
+    finetune_top     13.7 +- 1.6    0.07 +- 0.01   (baseline 2)
+Task-1 AUC 186.4 +- 5.5 in every arm. Task-1 return afterwards (16 episodes, cut at 500)
+with the network each arm keeps for task 1: progressive 245 (column 1 untouched);
+finetune_all 12 and finetune_top 38 (forgotten). Progressive beats random_column in all
+5 paired seeds (gaps 14 to 132, mean 80), but the two means +- std touch: 5 seeds is a
+small sample. random_column ties scratch, so the gain here comes from the trained column
+1's features, not from the extra capacity. On this mirrored task fine-tuning the whole
+column transfers negatively (0.51, its copied policy pushes the wrong way first), unlike
+the post's summary that progressive nets reach "similar transfer performance as
+fine-tuning the entire network": one transform of one game, no general claim. [1]'s own
+transfer matrices are not quoted (no copy of its tables was at hand).
 
 Differences from the paper:
 - Columns are MLPs over the flattened observation, so the adapters are linear projections
   (V) and never 1x1 convolutions; [1]'s Atari columns are Mnih et al.'s conv net.
-- Training is PPO (common.rl's clipped loss, GAE, Adam with a global-norm clip) on
-  vectorised gymnax envs, not A3C with 16 asynchronous threads; [1] reports the mean of
-  the top 3 of 25 jobs with sampled learning rates and entropy costs, here every seed
-  counts and the hyperparameters are fixed.
-- Tasks are MinAtar / CartPole observation transforms, not Atari Pong Soup, other Atari
-  games or Labyrinth.
-- The output layer's adapter serves the policy logits and the value together (one layer
-  of num_actions + 1 units; [1]'s A3C heads share their torso too).
+- Training is PPO on vectorised gymnax envs, not A3C with 16 threads; the PPO defaults
+  (lr 5e-4, 64 envs x 128 steps, 4 epochs, 8 minibatches) are purejaxrl's MinAtar
+  settings, not [1]'s. [1] reports the top 3 of 25 jobs with sampled learning rates and
+  entropy costs; here every seed counts and the hyperparameters are fixed.
+- Tasks are MinAtar / CartPole observation transforms, not Atari Pong Soup or Labyrinth;
+  on [H, W] grids "permute" is a vertical flip.
+- The output layer's adapter serves the policy logits and the value together.
 - alpha is drawn from U(0, alpha_init) ([1]: "initialized by a random small value").
-- The fine-tuning baselines copy the previous task's column into a fresh slot (the
-  policy and value heads included), so the copied-from column stays available; `evaluate`
-  scores them on task 1 with their last column, the single network a fine-tuned agent
-  keeps, which shows their forgetting.
+- The fine-tuning baselines copy the previous column into a fresh slot; `evaluate` scores
+  them on task 1 with their last column, the single network a fine-tuned agent keeps.
+- random_column trains each column on its task before resetting it (so its task-1 AUC
+  matches the others'); its task-1 score is that of a random column.
+- Transfer is NaN wherever scratch's AUC is <= 0 (Catch, Pong: returns can be negative).
 - Every stage runs `updates_per_task` PPO updates (a fixed budget, not to convergence).
 """
 
@@ -113,8 +115,8 @@ class Config:
     env_id: str = "Breakout-MinAtar"
     """gymnax game every task is made from"""
     tasks: tuple[str, ...] = ("identity", "flip", "permute")
-    """the task sequence, one column each (K = len(tasks)): identity | flip | permute |
-    noise"""
+    """the task sequence, one column each (K = len(tasks)): identity | flip | permute
+    (reverse order; a vertical flip of [H, W] grids) | noise"""
     arms: tuple[str, ...] = ARMS
     """arms run side by side on the same keys: progressive | scratch (baseline 1) |
     finetune_top (2) | finetune_all (3) | random_column (4)"""
@@ -123,7 +125,7 @@ class Config:
     hidden: tuple[int, ...] = (256, 256)
     """hidden layer sizes n_1..n_L of every column"""
     alpha_init: float = 0.1
-    """the adapters' scalars alpha start at U(0, alpha_init) ("a random small value")"""
+    """the adapters' scalars alpha (one per anterior column) start at U(0, alpha_init)"""
     updates_per_task: int = 1220
     """PPO updates that train each column (num_envs * num_steps env steps each)"""
     num_envs: int = 64
@@ -185,10 +187,13 @@ class Config:
             raise ValueError(f"hidden={self.hidden} must be non-empty sizes >= 1")
         if self.dtype not in ("float32", "bfloat16"):
             raise ValueError(f"dtype={self.dtype!r} must be one of ('float32', 'bfloat16')")
-        if self.noise_std < 0 or self.alpha_init < 0:
-            raise ValueError(
-                f"noise_std={self.noise_std} and alpha_init={self.alpha_init} must be >= 0"
-            )
+        if self.noise_std < 0:
+            raise ValueError(f"noise_std={self.noise_std} must be >= 0")
+        if not self.alpha_init > 0:  # alpha = 0 zeroes every lateral and its gradient
+            raise ValueError(f"alpha_init={self.alpha_init} must be > 0 (0 cuts the laterals)")
+        for name in ("updates_per_task", "num_envs", "num_steps", "num_epochs", "num_minibatches"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}={getattr(self, name)} must be >= 1")
         if (self.num_envs * self.num_steps) % self.num_minibatches:
             raise ValueError(
                 f"num_envs * num_steps = {self.num_envs * self.num_steps} is not "
@@ -200,7 +205,7 @@ class Config:
 
 
 PRESETS = {
-    # CPU demo: CartPole-v1 then mirrored CartPole-v1, 2 x 64 columns, 100 updates of
+    # CPU demo: CartPole-v1 then mirrored CartPole-v1, 2 x 64 columns, 150 updates of
     # 16 x 64 steps per task, every arm side by side.
     "quick": dict(
         env_id="CartPole-v1",
@@ -286,7 +291,7 @@ def init_params(key, cfg: Config, obs_dim: int, num_actions: int):
             scale = 0.01 if i == len(targets) - 1 else np.sqrt(2)
             layer_adapters.append(
                 {
-                    "alpha": jax.random.uniform(ka, ()) * cfg.alpha_init,
+                    "alpha": jax.random.uniform(ka, (k,)) * cfg.alpha_init,  # [k - 1 anterior]
                     "V": orthogonal(np.sqrt(2))(kv, (k * n_prev, n_prev)),
                     "U": orthogonal(scale)(ku, (n_prev, n_i)),
                 }
@@ -296,8 +301,10 @@ def init_params(key, cfg: Config, obs_dim: int, num_actions: int):
 
 
 def adapter(p, anterior, dtype):
-    """[1] Eq. 2's lateral term U f(V (alpha * h^(<k))): anterior [B, (k-1) n] -> [B, n_i]."""
-    z = (p["alpha"] * anterior).astype(dtype) @ p["V"].astype(dtype)  # [B, n_{i-1}]
+    """[1] Eq. 2's lateral term U f(V (alpha * h^(<k))): anterior [B, (k-1) n] -> [B, n_i];
+    alpha [k-1] holds one scalar per anterior column (each scales that column's n features)."""
+    alpha = jnp.repeat(p["alpha"], anterior.shape[-1] // p["alpha"].shape[0])
+    z = (alpha * anterior).astype(dtype) @ p["V"].astype(dtype)  # [B, n_{i-1}]
     return jax.nn.relu(z) @ p["U"].astype(dtype)
 
 
@@ -352,11 +359,9 @@ def policy_value(params, x, column, gate, cfg: Config):
 def trainable_mask(params, arm, stage, cfg: Config):
     """1 where a parameter is trained in `stage` by arm `arm` (both traced), 0 elsewhere:
     the earlier columns are frozen ([1] Sec. 2). Column `stage` and its adapters train;
-    finetune_top trains its output layer only after task 1; random_column leaves column 1
-    untrained."""
+    finetune_top trains its output layer only after task 1."""
     arm_is = {a: arm == ARMS.index(a) for a in ARMS}
     on = jnp.arange(cfg.num_columns) == stage  # [K]
-    on = on & ~(arm_is["random_column"] & (stage == 0))
     own = jnp.where(arm_is["finetune_top"] & (stage > 0), 0.0, on.astype(jnp.float32))
     lateral = arm_is["progressive"] | arm_is["random_column"]
     mask = {
@@ -377,33 +382,41 @@ def trainable_mask(params, arm, stage, cfg: Config):
     return mask
 
 
-def freeze(params, mask):
-    """The gradient flows only where mask = 1 (stop_gradient elsewhere; values unchanged)."""
-    return jax.tree.map(
-        lambda p, m: jnp.where(m > 0, p, jax.lax.stop_gradient(p)),
-        params,
-        jax.tree.map(lambda m, p: jnp.broadcast_to(m, p.shape), mask, params),
-    )
-
-
 def make_optimizer(cfg: Config, mask=None):
-    """Adam after a global-norm clip (common.rl's PPO); with a mask, the updates of the
-    frozen parameters are set to exactly 0."""
+    """Adam after a global-norm clip (common.rl's PPO). The freeze, its only mechanism: with
+    a mask, the first link sets the gradients of the frozen parameters to exactly 0, so they
+    stay out of the clip's global norm and Adam (reset at each task) moves them by 0."""
     lr = cfg.lr
     if cfg.anneal_lr:
         lr = optax.linear_schedule(
             cfg.lr, 0.0, cfg.updates_per_task * cfg.num_epochs * cfg.num_minibatches
         )
 
-    def masked(updates, state, params=None):
+    def masked(grads, state, params=None):
         if mask is not None:
-            updates = jax.tree.map(lambda u, m: jnp.where(m > 0, u, 0.0), updates, mask)
-        return updates, state
+            grads = jax.tree.map(lambda g, m: jnp.where(m > 0, g, 0.0), grads, mask)
+        return grads, state
 
     return optax.chain(
+        optax.GradientTransformation(lambda p: optax.EmptyState(), masked),
         optax.clip_by_global_norm(cfg.max_grad_norm),
         optax.adam(lr, eps=1e-5),
-        optax.GradientTransformation(lambda p: optax.EmptyState(), masked),
+    )
+
+
+def start_column(columns, init_columns, arm, stage):
+    """The columns as a new task `stage` (traced, >= 1) starts: the fine-tuning baselines
+    copy column stage - 1 into column `stage`; random_column (baseline 4) resets column
+    stage - 1 to its init, so every anterior column it reads is random and frozen."""
+    prev = jnp.maximum(stage - 1, 0)
+    copy = (stage > 0) & jnp.isin(arm, jnp.array([ARMS.index(a) for a in FINETUNE_ARMS]))
+    reset = (stage > 0) & (arm == ARMS.index("random_column"))
+    return jax.tree.map(
+        lambda p, p0: jnp.where(
+            copy, p.at[stage].set(p[prev]), jnp.where(reset, p.at[prev].set(p0[prev]), p)
+        ),
+        columns,
+        init_columns,
     )
 
 
@@ -417,8 +430,9 @@ class ArmState:
     env_state: Any
     obs: jax.Array
     key: jax.Array
-    auc_sum: jax.Array  # [K] sum of the returns of the episodes ended on each task
-    auc_count: jax.Array  # [K] their number
+    init_columns: Any  # the columns at init (random_column resets its anterior columns to them)
+    auc_sum: jax.Array  # [K] sum over each task's updates of the curve value last_return
+    auc_count: jax.Array  # [K] the number of those updates
     last_return: jax.Array  # () mean return of the latest update where episodes ended
 
 
@@ -441,6 +455,7 @@ def init(key, cfg: Config) -> State:
         env_state,
         obs,
         k_run,
+        params["columns"],
         jnp.zeros(K),
         jnp.zeros(K),
         jnp.zeros(()),
@@ -463,15 +478,8 @@ def arm_update(s: ArmState, arm, update_idx, cfg: Config):
     first = update_idx % cfg.updates_per_task == 0
     gate = jnp.isin(arm, jnp.array([ARMS.index(a) for a in LATERAL_ARMS])).astype(jnp.float32)
     params = s.params
-    # A new task: the fine-tuning baselines start column `stage` as a copy of the previous.
-    copy = first & (stage > 0) & jnp.isin(arm, jnp.array([ARMS.index(a) for a in FINETUNE_ARMS]))
-    params = {
-        **params,
-        "columns": jax.tree.map(
-            lambda p: jnp.where(copy, p.at[stage].set(p[jnp.maximum(stage - 1, 0)]), p),
-            params["columns"],
-        ),
-    }
+    params = {**params, "columns": start_column(params["columns"], s.init_columns, arm, stage)}
+    params = jax.tree.map(lambda new, old: jnp.where(first, new, old), params, s.params)
     mask = trainable_mask(params, arm, stage, cfg)
     optimizer = make_optimizer(cfg, mask)
     # ... a fresh optimizer (and learning-rate schedule) and fresh episodes per column
@@ -511,7 +519,7 @@ def arm_update(s: ArmState, arm, update_idx, cfg: Config):
     batch = jax.tree.map(lambda x: x.reshape(-1, *x.shape[2:]), batch)  # (T*N, ...)
 
     def loss_fn(p, mb):
-        logits, value = policy_value(freeze(p, mask), mb["x"], stage, gate, cfg)
+        logits, value = policy_value(p, mb["x"], stage, gate, cfg)
         logp_all = jax.nn.log_softmax(logits)
         logp = jnp.take_along_axis(logp_all, mb["action"][:, None], -1)[:, 0]
         entropy = -(jnp.exp(logp_all) * logp_all).sum(-1)
@@ -534,22 +542,22 @@ def arm_update(s: ArmState, arm, update_idx, cfg: Config):
     params, opt_state, metrics = minibatch_epochs(
         k_epochs, params, opt_state, batch, loss_fn, optimizer, cfg.num_epochs, cfg.num_minibatches
     )
-    ep = episode_metrics(traj)
-    ended = ep["charts/episodes"]
-    onehot = jax.nn.one_hot(stage, cfg.num_columns)
-    last_return = jnp.where(ended > 0, ep["charts/episodic_return"], s.last_return)
-    last_return = jnp.where(first & (ended == 0), 0.0, last_return)
+    auc_sum, auc_count, last_return = auc_step(s, episode_metrics(traj), stage, first, cfg)
     new = ArmState(
-        params,
-        opt_state,
-        env_state,
-        obs,
-        key,
-        s.auc_sum + onehot * (traj["ret"] * traj["ended"]).sum(),
-        s.auc_count + onehot * ended,
-        last_return,
+        params, opt_state, env_state, obs, key, s.init_columns, auc_sum, auc_count, last_return
     )
     return new, {**metrics, "return": last_return}
+
+
+def auc_step(s: ArmState, ep, stage, first, cfg: Config):
+    """[1] Sec. 5's area under the learning curve, one update at a time: the curve value of
+    an update is the mean return of the episodes that ended in it (the previous value where
+    none ended; 0 before the first on a task); AUC_k = the mean of task k's curve values."""
+    ended = ep["charts/episodes"]
+    last_return = jnp.where(ended > 0, ep["charts/episodic_return"], s.last_return)
+    last_return = jnp.where(first & (ended == 0), 0.0, last_return)
+    onehot = jax.nn.one_hot(stage, cfg.num_columns)
+    return s.auc_sum + onehot * last_return, s.auc_count + onehot, last_return
 
 
 def update(state: State, cfg: Config):
@@ -583,24 +591,35 @@ def eval_return(params, column, task, gate, key, cfg: Config):
     return (traj["reward"] * alive).sum(0).mean()
 
 
-def evaluate(state: State, cfg: Config):
-    """auc_<arm>_<k>: [1]'s AUC (mean return per training episode) on task k;
-    transfer_<arm>: its AUC / scratch's, averaged over the target tasks 2..K ([1]'s transfer
-    score); task1_<arm>: task-1 return after the whole sequence with the arm's network for
-    task 1 (column 1; for the fine-tuning baselines, the one network they keep: the last)."""
-    s = state.arms
-    auc = s.auc_sum / jnp.maximum(s.auc_count, 1)  # [arms, K]
+def transfer_scores(auc, cfg: Config):
+    """auc_<arm>_<k> from auc [arms, K], and transfer_<arm>_<k> = its AUC / scratch's AUC on
+    each target k >= 2 (NaN where scratch's is <= 0, e.g. Catch or Pong scores)."""
     out = {}
     for i, a in enumerate(cfg.arms):
         for k in range(cfg.num_columns):
             out[f"auc_{a}_{k + 1}"] = auc[i, k]
-        if "scratch" in cfg.arms:  # a ratio of scores: NaN unless scratch's AUC is > 0
-            base = auc[cfg.arms.index("scratch"), 1:]
-            out[f"transfer_{a}"] = jnp.where(base > 0, auc[i, 1:] / base, jnp.nan).mean()
-        params = jax.tree.map(lambda x, i=i: x[i], s.params)
-        column = cfg.num_columns - 1 if a in FINETUNE_ARMS else 0
-        gate = 1.0 if a in LATERAL_ARMS else 0.0
-        out[f"task1_{a}"] = eval_return(params, column, 0, gate, jax.random.PRNGKey(1), cfg)
+            if "scratch" in cfg.arms and k:
+                base = auc[cfg.arms.index("scratch"), k]
+                out[f"transfer_{a}_{k + 1}"] = jnp.where(base > 0, auc[i, k] / base, jnp.nan)
+    return out
+
+
+def evaluate(state: State, cfg: Config):
+    """auc_<arm>_<k>: [1]'s AUC (area under the per-update learning curve) on task k;
+    transfer_<arm>_<k>: its AUC / scratch's on target k >= 2 ([1]'s transfer score; NaN where
+    scratch's AUC is <= 0, e.g. on Catch or Pong); task1_<arm>: task-1 return after the whole
+    sequence with the arm's network for task 1 (column 1, random for random_column; for the
+    fine-tuning baselines, the one network they keep: the last)."""
+    s = state.arms
+    auc = s.auc_sum / jnp.maximum(s.auc_count, 1)  # [arms, K]
+    out = transfer_scores(auc, cfg)
+    column = jnp.array([cfg.num_columns - 1 if a in FINETUNE_ARMS else 0 for a in cfg.arms])
+    gate = jnp.array([float(a in LATERAL_ARMS) for a in cfg.arms])
+    task1 = jax.vmap(lambda p, c, g: eval_return(p, c, 0, g, jax.random.PRNGKey(1), cfg))(
+        s.params, column, gate
+    )
+    for i, a in enumerate(cfg.arms):
+        out[f"task1_{a}"] = task1[i]
     return out
 
 

@@ -1,8 +1,9 @@
 """Tests of curriculum/progressive_nets.py: one adapter layer and a whole K = 3 forward pass
-against hand computations, the lateral shapes for K = 3, which parameters each arm trains,
-the freeze (column 1 bit-identical and its task-1 return unchanged after column 2 trains),
-the behaviour of the progressive column against the same net with its laterals cut, in one
-compiled run of the CLI, purity, CLI and the paper preset."""
+against hand computations, the lateral shapes for K = 3, the task transforms, which
+parameters each arm trains and how each starts a new column, the AUC and transfer formulas,
+the freeze (column 1 bit-identical after column 2 trains), the fine-tuning and random-column
+baselines and the behaviour of the progressive column against the same net with its laterals
+cut, in one compiled run of the CLI, purity, CLI and the paper preset."""
 
 import dataclasses
 
@@ -18,11 +19,12 @@ from tests.common.config_fields import unread_fields
 from tests.common.preset import trace_paper
 
 # One tiny configuration shared by the module: bsuite Catch (10 x 5 grid, 9-step episodes),
-# then the mirrored Catch; the progressive net and its laterals-cut twin (scratch).
+# then the mirrored Catch; the progressive net, its laterals-cut twin (scratch) and
+# baselines 2 and 4 (vmapped arms: run time, no extra compile).
 TINY = pnn.Config(
     env_id="Catch-bsuite",
     tasks=("identity", "flip"),
-    arms=("progressive", "scratch"),
+    arms=("progressive", "scratch", "finetune_top", "random_column"),
     hidden=(32, 32),
     updates_per_task=40,
     num_envs=16,
@@ -33,7 +35,6 @@ TINY = pnn.Config(
     eval_steps=12,
 )
 K3 = dataclasses.replace(TINY, tasks=("identity", "flip", "noise"), hidden=(6, 5))
-EVAL = dataclasses.replace(TINY, eval_envs=64)  # the task-1 evaluation: 64 episodes
 relu = lambda z: np.maximum(z, 0.0)  # noqa: E731
 
 
@@ -46,7 +47,8 @@ def _params(cfg, obs_dim=7, num_actions=3):
 def test_lateral_shapes_for_three_columns():
     """K = 3, n = (6, 5), 7 inputs, 3 actions (+ the value): column k >= 2 has one adapter
     per layer i >= 2 and one for the output layer; V maps the (k - 1) n_{i-1} anterior
-    features onto n_{i-1}, U onto n_i; alpha is a scalar in [0, alpha_init)."""
+    features onto n_{i-1}, U onto n_i; alpha holds one scalar in [0, alpha_init) per anterior
+    column."""
     p = jax.eval_shape(lambda k: pnn.init_params(k, K3, 7, 3), jax.random.PRNGKey(0))
     cols = p["columns"]
     assert [lay["kernel"].shape for lay in cols["layers"]] == [(3, 7, 6), (3, 6, 5)]
@@ -55,16 +57,16 @@ def test_lateral_shapes_for_three_columns():
         [(a["alpha"].shape, a["V"].shape, a["U"].shape) for a in col] for col in p["adapters"]
     ]
     assert shapes == [
-        [((), (6, 6), (6, 5)), ((), (5, 5), (5, 4))],  # column 2
-        [((), (12, 6), (6, 5)), ((), (10, 5), (5, 4))],
+        [((1,), (6, 6), (6, 5)), ((1,), (5, 5), (5, 4))],  # column 2
+        [((2,), (12, 6), (6, 5)), ((2,), (10, 5), (5, 4))],
     ]  # column 3
-    alphas = [float(a["alpha"]) for col in _params(K3)["adapters"] for a in col]
-    assert all(0 <= a < K3.alpha_init for a in alphas) and len(set(alphas)) == 4
+    alphas = [float(x) for col in _params(K3)["adapters"] for a in col for x in a["alpha"]]
+    assert all(0 <= a < K3.alpha_init for a in alphas) and len(set(alphas)) == 6
 
 
 def test_one_adapter_layer_and_the_whole_forward_pass_by_hand():
-    """[1] Eq. 2 by hand in numpy: h_i^(k) = relu(h_{i-1}^(k) W + b + U relu(V (alpha
-    [h_{i-1}^(1), h_{i-1}^(2)]))) for column 3 (row-vector convention), first through
+    """[1] Eq. 2 by hand in numpy: h_i^(k) = relu(h_{i-1}^(k) W + b + U relu(V [alpha_1
+    h_{i-1}^(1), alpha_2 h_{i-1}^(2)])) for column 3 (row-vector convention), first through
     `progressive_layer`, then the whole K = 3 network through `forward` (which reads which
     columns where); gate 0 (baseline 1) leaves column 3 alone; column 1 ignores the others."""
     p = _params(K3)
@@ -73,9 +75,8 @@ def test_one_adapter_layer_and_the_whole_forward_pass_by_hand():
     w = jax.tree.map(lambda a: a[2], p["columns"]["layers"][1])
     lat = p["adapters"][1][0]
     anterior = np.concatenate([h1, h2], -1)
-    want = relu(
-        h_own @ w["kernel"] + w["bias"] + relu((lat["alpha"] * anterior) @ lat["V"]) @ lat["U"]
-    )
+    scaled = np.concatenate([lat["alpha"][0] * h1, lat["alpha"][1] * h2], -1)
+    want = relu(h_own @ w["kernel"] + w["bias"] + relu(scaled @ lat["V"]) @ lat["U"])
     got = jax.jit(pnn.progressive_layer, static_argnums=5)(
         w, h_own, anterior, lat, 1.0, jnp.float32
     )
@@ -89,7 +90,8 @@ def test_one_adapter_layer_and_the_whole_forward_pass_by_hand():
         return h @ lay["kernel"][k] + lay["bias"][k]
 
     def lateral(a, hs):
-        return relu((a["alpha"] * np.concatenate(hs, -1)) @ a["V"]) @ a["U"]
+        scaled = np.concatenate([al * h for al, h in zip(a["alpha"], hs, strict=True)], -1)
+        return relu(scaled @ a["V"]) @ a["U"]
 
     h1 = [relu(own(0, k, x)) for k in range(3)]
     h2 = [relu(own(1, 0, h1[0]))] + [
@@ -106,8 +108,8 @@ def test_one_adapter_layer_and_the_whole_forward_pass_by_hand():
 def test_each_arm_trains_only_its_own_column():
     """Which parameters `update` lets train (K = 3): in stage s the progressive net trains
     column s and its adapters, nothing of columns < s; scratch trains column s without
-    adapters; finetune_top only column s's output layer (s > 1); random_column nothing in
-    stage 1."""
+    adapters; finetune_top only column s's output layer (s > 1); random_column as the
+    progressive net (its anterior columns are reset to their init by `start_column`)."""
     p = _params(K3)
     mask = jax.jit(pnn.trainable_mask, static_argnums=3)
 
@@ -125,22 +127,87 @@ def test_each_arm_trains_only_its_own_column():
     assert summary("finetune_all", 1) == ([[0, 1, 0]] * 2, [0, 1, 0], [0, 0])
     assert summary("finetune_top", 0) == ([[1, 0, 0]] * 2, [1, 0, 0], [0, 0])
     assert summary("finetune_top", 1) == ([[0, 0, 0]] * 2, [0, 1, 0], [0, 0])
-    assert summary("random_column", 0) == ([[0, 0, 0]] * 2, [0, 0, 0], [0, 0])
-    assert summary("random_column", 1) == ([[0, 1, 0]] * 2, [0, 1, 0], [1, 0])
+    assert summary("random_column", 0) == ([[1, 0, 0]] * 2, [1, 0, 0], [0, 0])
+    assert summary("random_column", 2) == ([[0, 0, 1]] * 2, [0, 0, 1], [0, 1])
+
+
+def test_each_arm_starts_a_new_column_as_its_baseline_says():
+    """`start_column` at task 3 (K = 3, columns numbered from 1): finetune_top and
+    finetune_all copy column 2 into column 3; random_column resets column 2 to its init
+    (column 1 it reset at task 2), so both columns column 3 reads are random; the progressive
+    net and scratch change nothing."""
+    cols = {"kernel": jnp.arange(3.0)[:, None] + 1}  # column k holds k + 1
+    init = {"kernel": -jnp.arange(3.0)[:, None] - 1}  # its init -(k + 1)
+    start = jax.jit(pnn.start_column)
+    got = {a: start(cols, init, pnn.ARMS.index(a), 2)["kernel"][:, 0].tolist() for a in pnn.ARMS}
+    assert got == {
+        "progressive": [1, 2, 3],
+        "scratch": [1, 2, 3],
+        "finetune_top": [1, 2, 2],
+        "finetune_all": [1, 2, 2],
+        "random_column": [1, -2, 3],
+    }
+
+
+def test_transforms():
+    """flip mirrors the width of a [1, 10, 5] grid (Catch) and negates a vector; permute
+    reverses a grid's rows and a vector's features; identity keeps both."""
+    grid = jnp.arange(50.0).reshape(1, 10, 5)
+    vec = jnp.arange(4.0).reshape(1, 4) - 1.5
+    cfg = dataclasses.replace(TINY, tasks=("identity", "flip", "permute"))
+    t = jax.jit(pnn.transform, static_argnums=3)
+    k = jax.random.PRNGKey(0)
+    for x, want in (
+        (grid, [grid, grid[..., ::-1], grid[..., ::-1, :]]),
+        (vec, [vec, -vec, vec[..., ::-1]]),
+    ):
+        for task in range(3):
+            np.testing.assert_array_equal(t(x, task, k, cfg), want[task])
+
+
+def test_auc_is_the_area_under_the_per_update_curve_and_transfer_its_ratio():
+    """[1] Sec. 5 through `auc_step` (as `update` calls it): one update with 10 episodes of
+    return 10, then one with 1 episode of 100: AUC = (10 + 100) / 2 = 55 (weighting every
+    episode instead gives 18.2); an update where none ended repeats the last value. Transfer
+    on a hand-built State: AUC / scratch's AUC per target, NaN where scratch's is <= 0."""
+    cfg = dataclasses.replace(TINY, tasks=("identity", "flip", "noise"))
+    step = jax.jit(pnn.auc_step, static_argnums=4)
+    s = pnn.ArmState(*[None] * 6, jnp.zeros(3), jnp.zeros(3), jnp.zeros(()))
+    for i, (ret, n) in enumerate(((10.0, 10), (100.0, 1), (0.0, 0))):
+        ep = {"charts/episodic_return": jnp.asarray(ret), "charts/episodes": jnp.asarray(n)}
+        a_sum, a_count, last = step(s, ep, 1, i == 0, cfg)
+        s = s.replace(auc_sum=a_sum, auc_count=a_count, last_return=last)
+        if i == 1:
+            np.testing.assert_allclose(a_sum[1] / a_count[1], 55.0)
+    np.testing.assert_allclose(s.auc_sum / s.auc_count.clip(1), [0, 70, 0])
+    auc = jnp.array([[5.0, 6.0, 3.0], [5.0, 4.0, -1.0]])  # progressive, scratch
+    two = dataclasses.replace(cfg, arms=("progressive", "scratch"))
+    got = jax.jit(pnn.transfer_scores, static_argnums=1)(auc, two)
+    np.testing.assert_allclose(got["transfer_progressive_2"], 1.5)
+    assert np.isnan(got["transfer_progressive_3"]) and "transfer_progressive_1" not in got
 
 
 def test_bad_values_fail_with_named_field(tmp_path):
+    """One CLI call (alpha 0 would silently turn the progressive net into scratch); the rest
+    through Config.validate()."""
+    with pytest.raises(ValueError, match="alpha_init=0.0 must be > 0"):
+        pnn.main(["--alpha-init", "0", "--run-dir", str(tmp_path / "x")])
     bad = [
-        (["--tasks", "identity", "zoom"], "'zoom' must be one of"),
-        (["--tasks", "identity"], "must hold >= 2 tasks"),
-        (["--arms", "progressive", "distill"], "'distill' must be one of"),
-        (["--arms", "scratch", "scratch"], "without repeats"),
-        (["--num-minibatches", "3"], "not divisible by num_minibatches=3"),
-        (["--dtype", "float16"], "dtype='float16' must be one of"),
+        (dict(tasks=("identity", "zoom")), "'zoom' must be one of"),
+        (dict(tasks=("identity",)), "must hold >= 2 tasks"),
+        (dict(arms=("progressive", "distill")), "'distill' must be one of"),
+        (dict(arms=("scratch", "scratch")), "without repeats"),
+        (dict(num_minibatches=3), "not divisible by num_minibatches=3"),
+        (dict(dtype="float16"), "dtype='float16' must be one of"),
+        (dict(updates_per_task=0), "updates_per_task=0 must be >= 1"),
+        (dict(num_envs=0), "num_envs=0 must be >= 1"),
+        (dict(num_steps=0), "num_steps=0 must be >= 1"),
+        (dict(num_minibatches=0), "num_minibatches=0 must be >= 1"),
+        (dict(noise_std=-1.0), "noise_std=-1.0 must be >= 0"),
     ]
-    for args, msg in bad:
+    for kw, msg in bad:
         with pytest.raises(ValueError, match=msg):
-            pnn.main(args + ["--run-dir", str(tmp_path / "x")])
+            pnn.Config(**kw).validate()
 
 
 # --- one compiled run of the CLI: column 1 on Catch, then column 2 on mirrored Catch, the
@@ -164,36 +231,56 @@ def recorded(tmp_path_factory):
     return main_recording_chunks(pnn.main, ARGS + ["--run-dir", str(run_dir)])
 
 
-def test_column_one_is_frozen_and_still_solves_task_one(recorded):
+def test_column_one_is_frozen(recorded):
     """The key property ([1] Sec. 2): after column 2 has trained, column 1's parameters are
-    bit-identical to what they were at the end of task 1, in every arm and seed, and its
-    task-1 return (fixed evaluation key) is unchanged; column 2 did move. Fails when the
-    frozen column's updates are not masked or its gradient not stopped (each tried)."""
+    bit-identical to what they were at the end of task 1, in the progressive, scratch and
+    finetune_top arms and every seed (with the forward pass test, its task-1 policy is
+    unchanged); column 2 did move. Fails when the gradient mask is dropped from the optax
+    chain (tried)."""
     res, chunks = recorded
     before = chunks[1][1].arms.params  # the state entering task 2 = the end of task 1
     after = res.state.arms.params
-    col1 = lambda p: jax.tree.map(lambda a: np.asarray(a[:, :, 0]), p["columns"])  # noqa: E731
+    keep = [TINY.arms.index(a) for a in ("progressive", "scratch", "finetune_top")]
+    col1 = lambda p: jax.tree.map(lambda a: np.asarray(a[:, keep, 0]), p["columns"])  # noqa: E731
     for a, b in zip(jax.tree.leaves(col1(before)), jax.tree.leaves(col1(after)), strict=True):
         np.testing.assert_array_equal(a, b)
     col2 = lambda p: np.asarray(p["columns"]["layers"][0]["kernel"][:, :, 1])  # noqa: E731
     assert not np.array_equal(col2(before), col2(after))
-    ev = jax.jit(
-        jax.vmap(jax.vmap(lambda p: pnn.eval_return(p, 0, 0, 1.0, jax.random.PRNGKey(5), EVAL)))
-    )
-    r_before, r_after = ev(before), ev(after)
-    print("task-1 return of column 1 before / after task 2:", r_before, r_after)
-    np.testing.assert_array_equal(r_before, r_after)
+
+
+def test_finetune_top_and_random_column_baselines(recorded):
+    """In the run: finetune_top's column 2 starts as a copy of its column 1 and trains only
+    its output layer (the hidden layers still equal column 1's, the output layer moved);
+    random_column trained column 1 on task 1 and reset it to its init for task 2; the
+    task-1 score of finetune_top is that of its last column (not the progressive net's
+    column 1, which has the same parameters)."""
+    res, chunks = recorded
+    before, after = chunks[1][1].arms, res.state.arms
+    ft, rc = TINY.arms.index("finetune_top"), TINY.arms.index("random_column")
+    b, a = before.params["columns"], after.params["columns"]
+    for i in range(len(TINY.hidden)):
+        np.testing.assert_array_equal(
+            a["layers"][i]["kernel"][:, ft, 1], b["layers"][i]["kernel"][:, ft, 0]
+        )
+    assert not np.array_equal(a["out"]["kernel"][:, ft, 1], b["out"]["kernel"][:, ft, 0])
+    k0 = lambda p: np.asarray(p["layers"][0]["kernel"][:, rc, 0])  # noqa: E731
+    init = k0(after.init_columns)
+    assert not np.array_equal(k0(b), init)
+    np.testing.assert_array_equal(k0(a), init)
+    f = res.final
+    assert (f["task1_finetune_top"] != f["task1_progressive"]).all()
 
 
 def test_progressive_column_learns_the_mirrored_task_faster_than_without_laterals(recorded):
-    """Behaviour ([1] Sec. 5): AUC (mean return per training episode) on mirrored Catch of
+    """Behaviour ([1] Sec. 5): AUC (area under the per-update training curve) on mirrored Catch of
     column 2 with laterals from the frozen Catch column vs the same column with its laterals
     cut (U = 0, which is also baseline 1, a single column from scratch), same keys, 40
     updates of 16 x 16 steps per task. Measured on CPU (jax 0.10.2), seeds 0, 1 (Catch's
     return is +1 caught, -1 missed):
-        task 1 (column 1, identical in both arms)     -0.423  -0.465
-        task 2 progressive                             0.000  -0.114
-        task 2 no laterals (scratch)                  -0.394  -0.458
+        task 1 (column 1, identical in every arm)     -0.430  -0.475
+        task 2 progressive                            -0.002  -0.111
+        task 2 no laterals (scratch)                  -0.381  -0.453
+        task 2 random_column, finetune_top            -0.347  -0.423,  -0.716  -0.572
     Cutting the laterals in the progressive arm too makes the arms tie (mutation tried)."""
     res, _ = recorded
     f = res.final
@@ -228,16 +315,17 @@ def test_train_is_pure_and_cli_writes_its_files(recorded, capsys):
 @pytest.mark.slow
 def test_quick_preset_transfer_scores(tmp_path):
     """The `quick` preset (CartPole-v1 -> negated CartPole-v1, 150 updates of 16 x 64 steps
-    per task, all five arms), 2 seeds, through the CLI. Measured (a loaded 2-core CPU, 72 s
-    of CPU): transfer score (AUC / scratch's) progressive 1.153 +- 0.015, random_column
-    1.074 +- 0.063, finetune_all 0.242 +- 0.066, finetune_top 0.091 +- 0.014; scratch, the
-    same net with its laterals cut (the broken variant), 1 by definition."""
+    per task, all five arms), 5 seeds, through the CLI. Measured (a loaded 2-core CPU, 149 s
+    of CPU, 13.4 min wall), transfer score (AUC / scratch's) per seed: progressive 1.46 1.12
+    1.49 1.48 1.53; random_column (baseline 4) 1.19 1.05 0.87 0.97 1.03; finetune_all 0.51
+    0.27 0.81 0.42 0.57; finetune_top 0.07 0.06 0.06 0.07 0.08; scratch, the same net with
+    its laterals cut (the broken variant), 1 by definition."""
     res = pnn.main(
         [
             "--preset",
             "quick",
             "--num-seeds",
-            "2",
+            "5",
             "--log-every",
             "50",
             "--no-progress",
@@ -247,10 +335,11 @@ def test_quick_preset_transfer_scores(tmp_path):
     )
     f = res.final
     print({k: np.round(v, 3) for k, v in f.items()})
-    assert f["transfer_progressive"].min() > 1.05, f["transfer_progressive"]
+    assert f["transfer_progressive_2"].min() > 1.05, f["transfer_progressive_2"]
     assert (f["auc_progressive_2"] > f["auc_scratch_2"]).all()
-    assert f["transfer_progressive"].min() > 2 * f["transfer_finetune_all"].max()
-    assert f["transfer_progressive"].min() > 2 * f["transfer_finetune_top"].max()
+    assert (f["auc_progressive_2"] > f["auc_random_column_2"]).all()
+    assert f["transfer_progressive_2"].min() > f["transfer_finetune_all_2"].max()
+    assert f["transfer_progressive_2"].min() > 2 * f["transfer_finetune_top_2"].max()
     # the fine-tuned networks forgot task 1; the progressive net kept its column 1
     assert f["task1_progressive"].min() > 2 * f["task1_finetune_all"].max()
 
@@ -272,4 +361,6 @@ def test_paper_preset_traces():
     assert all(m.shape == () for m in jax.tree.leaves(metrics))
     assert {f"charts/return_{a}" for a in pnn.ARMS} <= set(metrics)
     bf16 = dataclasses.replace(cfg, dtype="bfloat16")
-    jax.eval_shape(lambda s: pnn.update(s, bf16), state)
+    params = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape[1:], a.dtype), state.arms.params)
+    out = jax.eval_shape(lambda p: pnn.forward(p, jnp.zeros((2, 10, 10, 4)), 2, 1.0, bf16), params)
+    assert out.shape == (2, 4) and out.dtype == jnp.float32
