@@ -39,21 +39,28 @@ exponential decay to 0.01 lr (released defaults and train_mnist.sh).
 Evaluation (released eval_and_disp, on held-out digits): linear and k-NN probes of E(x)
 (common/probe; all 1,000 labels and 10 per class) and the paper's euclidean 1-NN accuracy,
 each for the trained E, the same E at its random init ("init_") and the same E (same init)
-trained with labels (a 10-way head on E(x), cross-entropy; "sup_"), all in one evaluate();
+trained with labels (a 10-way head on E(x), cross-entropy; "sup_"); the same probes on the
+layer before E's output (trained "pre_", at init "init_pre_"; the released NNC_e-, CLS_e-)
+and on the raw pixels ("pixels_"), all in one evaluate();
 the inversion error ||x - G(E(x))|| against the random pairing ||x' - G(E(x))|| (released
 EGr, EGr_b). Batch-norm statistics at evaluation: those of all training images (E) and of
 as many prior samples (G), as the released "deploy" pass recomputes them.
 
 Reproduce (CPU demo: scikit-learn's 8x8 digits as 64-d vectors, MLPs of width 256):
     python selfsup/bigan.py --preset quick --plot selfsup/bigan.png
-Measured (1 seed, 2,800 steps of 128 pairs, 4.1 min wall / 37 CPU-s on a heavily loaded
-2-core CPU, 797 held-out digits): the inversion error ||x - G(E(x))|| 2.26 against 3.06 for
-a random pairing (at init 3.37 for both); D's held-out accuracy 0.92. At this width the
-probes of E(x) barely move from the random-init E: 1-NN 0.957 (init 0.956), linear 0.939 /
-0.826 with 10 labels per class (init 0.927 / 0.824), k-NN 0.954 / 0.862 (init 0.959 /
-0.838); the supervised E (500 steps): 0.990 on all five. With a 10-d latent and width 128
-(the tests' setting, 400 steps, 2 seeds) the random-init E is weaker and BiGAN's gain
-clear: linear 0.837, 0.808 vs 0.740, 0.729; 10 per class 0.737, 0.710 vs 0.593, 0.645.
+Measured (1 seed, 2,800 steps of 128 pairs, 1.7 min wall / 37 CPU-s on a loaded 2-core
+CPU, 797 held-out digits): the inversion error ||x - G(E(x))|| 2.06 against 3.08 for a
+random pairing (ratio 0.67; at init 3.37 for both); D's held-out accuracy 0.92. On these
+8x8 digits BiGAN's features do not beat a random-init E, nor the raw pixels: 1-NN on E(x)
+0.954 (init 0.956), on the layer before E's output ("pre_") 0.967 (init 0.977), raw pixels
+0.984; linear 0.954 / 0.831 with 10 labels per class (init 0.927 / 0.824), pre_ 0.964 /
+0.856 (init 0.974 / 0.885), pixels 0.960 / 0.872; k-NN 0.954 / 0.848 (init 0.959 / 0.838);
+the supervised E (500 steps): 0.988-0.989 on all five. Only the inversion shows what was
+learnt. With a 10-d latent and width 128 (the tests' setting, 400 steps, 2 seeds) the
+random-init E(x) is weaker and BiGAN's gain clear: linear 0.837, 0.808 vs 0.740, 0.729
+(+0.097, +0.079); 10 per class 0.737, 0.710 vs 0.593, 0.645 (+0.144, +0.065); but its
+layer before the output falls below its random init (linear 0.939 vs 0.963, 1-NN 0.924
+vs 0.971, means of 2 seeds) and below the raw pixels (0.960, 0.984).
 Paper setting (the released MNIST networks and schedule, on digits):
     python selfsup/bigan.py --preset paper
 [1] Table 1 (permutation-invariant MNIST, 1-NN): BiGAN 97.39% [M: the value as recalled;
@@ -77,8 +84,9 @@ Differences from the paper:
   discrimination (the released MNIST run uses neither).
 - Probes: the released code fits 1-NN on E's pre-sigmoid outputs (NNC_e) and 1-NN and
   logistic regression on the layer before them (NNC_e-, CLS_e-), on MNIST's validation
-  split; ours probe E(x) = 2 sigmoid - 1 of the outputs (1-NN euclidean, k-NN cosine,
-  logistic regression) on the 797 held-out digits.
+  split; ours probe E(x) = 2 sigmoid - 1 of the outputs and the layer before them (1-NN
+  euclidean, k-NN cosine, logistic regression) on the 797 held-out digits, not E's
+  pre-sigmoid outputs.
 - `simultaneous=False` (D steps, then E and G answer the updated D on the same batch) is
   neither released scheme: the released default updates all three at once (ours with
   `simultaneous`, the default); --no_update_both alternates E/G on even steps and D on odd
@@ -210,7 +218,8 @@ def batch_norm(train: bool, momentum: float = 0.9):
 
 
 class Encoder(nn.Module):
-    """E: x (B, P) -> E(x) (B, latent_dim)."""
+    """E: x (B, P) -> E(x) (B, latent_dim); features=True: the layer before the output
+    (B, hidden), after its batch norm and LReLU (the released NNC_e- features)."""
 
     hidden: int
     latent_dim: int
@@ -219,10 +228,13 @@ class Encoder(nn.Module):
     bn_momentum: float = 0.9
 
     @nn.compact
-    def __call__(self, x, train: bool):
+    def __call__(self, x, train: bool, features: bool = False):
         h = nn.leaky_relu(dense(self.hidden, self.dtype)(x), 0.2)
         h = batch_norm(train, self.bn_momentum)(dense(self.hidden, self.dtype)(h))
-        out = dense(self.latent_dim, self.dtype)(nn.leaky_relu(h, 0.2)).astype(jnp.float32)
+        h = nn.leaky_relu(h, 0.2)
+        if features:
+            return h.astype(jnp.float32)
+        out = dense(self.latent_dim, self.dtype)(h).astype(jnp.float32)
         # released dist.py: a uniform latent is 2 sigmoid - 1, in the prior's support
         return 2 * jax.nn.sigmoid(out) - 1 if self.prior == "uniform" else out
 
@@ -422,10 +434,11 @@ def deploy(module, params, inputs, *args):
     return {"params": params, **stats}
 
 
-def encode(e_params, x, fit_x, cfg: Config):
-    """E(x) with batch norm statistics of fit_x (the training images)."""
+def encode(e_params, x, fit_x, cfg: Config, features: bool = False):
+    """E(x) with batch norm statistics of fit_x (the training images); features=True: the
+    layer before E's output."""
     enc = networks(cfg)[0]
-    return enc.apply(deploy(enc, e_params, fit_x), x, train=False)
+    return enc.apply(deploy(enc, e_params, fit_x), x, train=False, features=features)
 
 
 def reconstruct(params, x, fit_x, cfg: Config):
@@ -479,15 +492,20 @@ def supervised_encoder(key, train_x, train_y, cfg: Config):
 def evaluate(state: State, cfg: Config):
     """On the 797 held-out digits, for E trained by BiGAN (""), at its random init
     ("init_") and trained with labels ("sup_"): linear / k-NN probes of E(x) (all labels and
-    probe_per_class per class) and the euclidean 1-NN accuracy ("nn1"); the inversion error
+    probe_per_class per class) and the euclidean 1-NN accuracy ("nn1"); the same on the
+    layer before E's output ("pre_", "init_pre_": the released NNC_e-, CLS_e-) and on the
+    raw pixels ("pixels_", the baseline every feature should beat); the inversion error
     ||x - G(E(x))|| ("inversion") and its random pairing ("inversion_random"), trained and
     at init; D's accuracy on held-out pairs."""
     tr_x, tr_y, te_x, te_y = state.data
     e_init = init_params(state.init_key, cfg)["e"]
     e_sup = supervised_encoder(state.init_key, tr_x, tr_y, cfg)
     out = {}
-    for prefix, e in (("", state.params["e"]), ("init_", e_init), ("sup_", e_sup)):
-        f_tr, f_te = encode(e, tr_x, tr_x, cfg), encode(e, te_x, tr_x, cfg)
+    feats = [(prefix, encode(e, tr_x, tr_x, cfg, pre), encode(e, te_x, tr_x, cfg, pre))
+             for prefix, e, pre in (("", state.params["e"], False), ("init_", e_init, False),
+                                    ("sup_", e_sup, False), ("pre_", state.params["e"], True),
+                                    ("init_pre_", e_init, True))]
+    for prefix, f_tr, f_te in feats + [("pixels_", tr_x, te_x)]:
         out.update(probe.probe(jax.random.PRNGKey(0), f_tr, tr_y, f_te, te_y, 10,
                                cfg.probe_per_class, cfg.knn_k, cfg.knn_temperature,
                                cfg.probe_l2, prefix=prefix))
@@ -538,8 +556,9 @@ def plot(res, cfg: Config, out: str, num: int = 10):
             ax[i, j].axis("off")
         if title:
             ax[i, 0].set_title(title, fontsize=7, loc="left")
-    fig.suptitle(f"BiGAN on digits: 1-NN on E(x) {f['nn1']:.3f} (random-init E "
-                 f"{f['init_nn1']:.3f}, supervised E {f['sup_nn1']:.3f})", fontsize=8)
+    fig.suptitle(f"BiGAN on digits, 1-NN: E(x) {f['nn1']:.3f} (random-init E "
+                 f"{f['init_nn1']:.3f}), layer before E's output {f['pre_nn1']:.3f} (init "
+                 f"{f['init_pre_nn1']:.3f}), raw pixels {f['pixels_nn1']:.3f}", fontsize=8)
     return save_png(fig, out)
 
 
@@ -548,7 +567,10 @@ def main(argv=None):
     flags, argv = run.pop_flags(argv, "--plot")
     res = run.main(Config, init, update, presets=PRESETS, evaluate=evaluate, argv=argv,
                    doc=__doc__, summary_keys=[
-                       "nn1", "init_nn1", "sup_nn1", "linear", "init_linear", "sup_linear",
+                       "nn1", "init_nn1", "sup_nn1", "pre_nn1", "init_pre_nn1", "pixels_nn1",
+                       "pre_linear", "init_pre_linear", "pre_linear_few",
+                       "init_pre_linear_few", "pixels_linear", "pixels_linear_few",
+                       "linear", "init_linear", "sup_linear",
                        "linear_few", "init_linear_few", "sup_linear_few", "knn", "init_knn",
                        "sup_knn", "knn_few", "init_knn_few", "sup_knn_few", "inversion",
                        "inversion_random", "init_inversion", "init_inversion_random",

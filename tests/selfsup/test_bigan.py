@@ -186,20 +186,27 @@ def test_simultaneous_and_alternating_steps(recorded_run):
 
 def test_prior_encoder_range_and_schedule():
     """z ~ U[-1, 1]^d (mean ~0, all inside, var ~1/3); E(x) = 2 sigmoid - 1 lies inside
-    (-1, 1) on both sides of 0, a normal prior's E is linear (outside [-1, 1] somewhere for
+    (-1, 1) on both sides of 0 and is 2 sigmoid - 1 of the "pre_" features times E's
+    output layer, a normal prior's E is linear (outside [-1, 1] somewhere for
     the input 10 x under the batch-norm statistics of x); the released schedule: lr for
     num_epochs, then lr x 0.01^((e - E + 1) / D) per epoch,
     0.01 lr from the last epoch on. Mutations tried: decay from epoch E without the +1
     fails (the first decayed epoch would still be at lr); E's output a plain sigmoid fails
-    (no negative value); the normal prior's E through 2 sigmoid - 1 fails."""
+    (no negative value); the normal prior's E through 2 sigmoid - 1 fails; the "pre_"
+    features taken before E's last LReLU fail."""
     z = np.asarray(compiled(lambda k: bg.sample_prior(k, 4000, TINY), jax.random.PRNGKey(0)))
     assert z.shape == (4000, 10) and np.abs(z).max() <= 1
     np.testing.assert_allclose(z.var(), 1 / 3, rtol=0.05)
     params, x, _ = params_and_batch(TINY)
     normal = dataclasses.replace(TINY, prior="normal")
-    e, e_n = map(np.asarray, compiled(lambda p: (bg.encode(p["e"], x, x, TINY), bg.encode(
-        p["e"], 10 * x, x, normal)), params))
+    e, e_n, pre = map(np.asarray, compiled(lambda p: (
+        bg.encode(p["e"], x, x, TINY), bg.encode(p["e"], 10 * x, x, normal),
+        bg.encode(p["e"], x, x, TINY, features=True)), params))
     assert e.shape == (32, 10) and np.abs(e).max() < 1 and e.min() < 0 < e.max()
+    # the "pre_" probes' features: E(x) = 2 sigmoid(pre W) - 1 with W E's output layer
+    w = np.asarray(params["e"]["Dense_2"]["kernel"])
+    assert pre.shape == (32, 128)
+    np.testing.assert_allclose(e, 2 / (1 + np.exp(-pre @ w)) - 1, rtol=1e-4, atol=1e-6)
     assert np.abs(e_n).max() > 1
     cfg = dataclasses.replace(TINY, num_epochs=2, decay_epochs=4)  # 7 steps an epoch
     lrs = np.asarray(compiled(lambda s: jax.vmap(bg.lr_schedule(cfg))(s),
@@ -310,7 +317,8 @@ def test_train_is_pure_and_cli_writes_its_files(recorded_run, capsys):
     h = res.history["losses/discriminator"]
     assert h.shape == (SEEDS, NUM_STEPS) and np.isfinite(h).all()
     assert not np.array_equal(h[0], h[1])
-    for k in ("nn1", "init_nn1", "sup_nn1", "linear_few", "init_knn", "inversion"):
+    for k in ("nn1", "init_nn1", "sup_nn1", "linear_few", "init_knn", "inversion",
+              "pre_nn1", "init_pre_linear", "pixels_nn1", "pixels_knn_few"):
         assert np.isfinite(res.final[k]).all(), k
     chunk, first = chunks[0]
     assert len(chunks) == NUM_STEPS // LOG_EVERY
