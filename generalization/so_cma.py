@@ -192,6 +192,9 @@ class Config:
                 f"xi_target={self.xi_target} must lie in the box "
                 f"[{self.xi_low}, {self.xi_high}] (the oracle's mu is in [0, 1])"
             )
+        for name in ("generations", "fitness_episodes", "eval_episodes"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}={getattr(self, name)} must be >= 1")
         if self.population_size < 2:
             raise ValueError(f"population_size={self.population_size} must be >= 2")
         for name in ("target_gravity", "cma_init_std", "clip_coef"):
@@ -453,34 +456,44 @@ def strategy_optimization(act, cfg: Config, key, sign: float = 1.0):
     return hist
 
 
-def evaluate(state: State, cfg: Config):
-    """Stage 2 in the target, and the arms it is compared with ([1] Sec. 5), each final
-    solution scored on `eval_episodes` fresh target episodes: SO-CMA's best mu, the UP at
-    the true mu (oracle, UP-true), the UP at the box centre, the DR baseline."""
-    k_so, k_eval = jax.random.split(jax.random.fold_in(state.key, 1))
-    up = policy_act(state.up.params, cfg, True)
-    hist = strategy_optimization(up, cfg, k_so)
+def transfer(up_act, dr_act, key, cfg: Config, sign: float = 1.0) -> dict:
+    """Stage 2 in the target and the arms it is compared with ([1] Sec. 5): the search on
+    up_act, then every final answer scored on the same `eval_episodes` fresh target
+    episodes: SO-CMA's answer (`solution`; the best candidate seen and the final CMA-ES
+    mean are both scored), the UP at the true mu (oracle, UP-true), the UP at the box
+    centre, and dr_act (the DR baseline; None to skip). `sign` as in strategy_optimization."""
+    k_so, k_eval = jax.random.split(key)
+    hist = strategy_optimization(up_act, cfg, k_so, sign)
     mu_true = jnp.asarray(to_mu(cfg, cfg.xi_target))
-    mu_so = hist["best_mu" if cfg.solution == "best" else "cma_mean"][-1]
-    mus = jnp.stack([mu_so, mu_true, jnp.full((cfg.dim,), 0.5)])
-    score = fitness(up, cfg, mus, k_eval, cfg.eval_episodes, shared=True)  # same episodes
+    mu_best, mu_mean = hist["best_mu"][-1], hist["cma_mean"][-1]
+    mus = jnp.stack([mu_best, mu_mean, mu_true, jnp.full((cfg.dim,), 0.5)])
+    score = fitness(up_act, cfg, mus, k_eval, cfg.eval_episodes, shared=True)  # same episodes
+    answer = 0 if cfg.solution == "best" else 1
     out = {
-        "final/so_cma_return": score[0],
-        "final/oracle_return": score[1],
-        "final/center_return": score[2],
-        "final/so_cma_mu": mu_so,
+        "final/so_cma_return": score[answer],
+        "final/so_cma_best_return": score[0],
+        "final/so_cma_mean_return": score[1],
+        "final/oracle_return": score[2],
+        "final/center_return": score[3],
+        "final/so_cma_mu": mus[answer],
         "final/mu_true": mu_true,
         "curve/fitness_mean": hist["fitness_mean"],
         "curve/best_fitness": hist["best_fitness"],
         "curve/best_mu": hist["best_mu"],
         "curve/cma_mean": hist["cma_mean"],
     }
-    if cfg.train_baseline:
-        dr = policy_act(state.dr.params, cfg, False)
+    if dr_act is not None:
         out["final/baseline_return"] = fitness(
-            dr, cfg, mus[:1], k_eval, cfg.eval_episodes, shared=True
+            dr_act, cfg, mus[:1], k_eval, cfg.eval_episodes, shared=True
         )[0]
     return out
+
+
+def evaluate(state: State, cfg: Config):
+    """`transfer` of the trained UP (and DR baseline) in the target."""
+    up = policy_act(state.up.params, cfg, True)
+    dr = policy_act(state.dr.params, cfg, False) if cfg.train_baseline else None
+    return transfer(up, dr, jax.random.fold_in(state.key, 1), cfg)
 
 
 # --- PLOT ---
@@ -506,6 +519,7 @@ def plot(final: dict, cfg: Config, out: str):
     lines = [
         ("final/oracle_return", "UP at true mu (oracle)", "green"),
         ("final/baseline_return", "DR policy (no mu)", "tab:red"),
+        ("final/center_return", "UP at box centre", "tab:gray"),
         ("final/so_cma_return", "SO-CMA final mu", "tab:purple"),
     ]
     for k, label, c in lines:
@@ -545,6 +559,7 @@ def plot(final: dict, cfg: Config, out: str):
 
 SUMMARY = [
     "final/so_cma_return",
+    "final/so_cma_best_return",
     "final/oracle_return",
     "final/baseline_return",
     "final/center_return",
