@@ -192,6 +192,16 @@ class Config:
             raise ValueError(
                 f"hidden={self.hidden} and bnn_hidden={self.bnn_hidden} must be sizes >= 1"
             )
+        if self.min_pool_size > self.pool_size:
+            raise ValueError(
+                f"min_pool_size={self.min_pool_size} exceeds pool_size={self.pool_size}: "
+                "the BNN would never train"
+            )
+        if self.pool_size < self.batch_size:
+            raise ValueError(
+                f"pool_size={self.pool_size} is less than one rollout (num_envs * num_steps = "
+                f"{self.batch_size}): the pool's write slots would collide"
+            )
         if self.dtype not in ("float32", "bfloat16"):
             raise ValueError(f"dtype={self.dtype!r} must be 'float32' or 'bfloat16'")
 
@@ -459,10 +469,12 @@ def make_bonus(cfg: Config, env) -> Bonus:
         (x_mean, x_std), (y_mean, y_std) = pool_moments(stats["pool"])
         xn, yn = (x - x_mean) / (x_std + 1e-8), (y - y_mean) / (y_std + 1e-8)
         kl = information_gain(stats["phi"], xn, yn, k_kl, cfg)  # [1] Eq. 17, [T*N]
-        first = stats["count"] == 0  # the code: no KL in the first iteration
+        # the code: no KL and no queue entry in the first iteration (itr > 0 only)
+        first = stats["pool"]["size"] == 0
         kl = jnp.where(valid & ~first, kl, 0.0)
         r, queue, count = median_normalise(kl, valid & ~first, stats["queue"], stats["count"])
         queue = jnp.where(first, stats["queue"], queue)
+        count = jnp.where(first, stats["count"], count)
 
         # --- the BNN's fit on the replay pool ([1] Sec. 2.2; the code's train_fn) ---
         pool = pool_add(stats["pool"], x, y, valid)
