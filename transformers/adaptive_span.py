@@ -143,9 +143,20 @@ class Config:
         return self.batch_size * self.tgt_len  # tokens per update
 
     def validate(self):
-        for name in ("n_layer", "d_model", "n_head", "d_inner", "attn_span", "span_ramp",
-                     "tgt_len", "batch_size", "total_updates", "eval_batch", "eval_segments",
-                     "local_vocab"):
+        for name in (
+            "n_layer",
+            "d_model",
+            "n_head",
+            "d_inner",
+            "attn_span",
+            "span_ramp",
+            "tgt_len",
+            "batch_size",
+            "total_updates",
+            "eval_batch",
+            "eval_segments",
+            "local_vocab",
+        ):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         for name in ("warmup_steps", "max_chars", "span_loss"):
@@ -164,10 +175,27 @@ class Config:
 
 
 PRESETS = {
-    "quick": dict(corpus="pydoc", byte_level=False, n_layer=2, d_model=64, n_head=4,
-                  d_inner=256, dropout=0.0, attn_span=64, span_ramp=8, span_loss=8e-5,
-                  tgt_len=32, batch_size=16, lr=0.1, warmup_steps=50, max_grad_norm=1.0,
-                  total_updates=800, eval_batch=8, eval_segments=48, remat=False),
+    "quick": dict(
+        corpus="pydoc",
+        byte_level=False,
+        n_layer=2,
+        d_model=64,
+        n_head=4,
+        d_inner=256,
+        dropout=0.0,
+        attn_span=64,
+        span_ramp=8,
+        span_loss=8e-5,
+        tgt_len=32,
+        batch_size=16,
+        lr=0.1,
+        warmup_steps=50,
+        max_grad_norm=1.0,
+        total_updates=800,
+        eval_batch=8,
+        eval_segments=48,
+        remat=False,
+    ),
     "paper": dict(),
 }
 
@@ -176,21 +204,34 @@ PRESETS = {
 
 
 @functools.cache
-def load_corpus(corpus: str, byte_level: bool, max_chars: int, val_fraction: float,
-                local_vocab: int, local_chars: int):
-    """(train ids, val ids, vocab size) as numpy int32. The 'local' stream is random
-    tokens in which x_t = x_{t-2} whenever t % 4 >= 2: only distance 1 from the query
-    (which predicts x_t from position t-1) helps, any longer span is useless."""
+def load_corpus(
+    corpus: str,
+    byte_level: bool,
+    max_chars: int,
+    val_fraction: float,
+    local_vocab: int,
+    local_chars: int,
+):
+    """(train ids, val ids, vocab size); the ids as numpy uint8 (uint16 above 256 symbols):
+    `init` puts them in the State, so they enter the compiled chunks as an input, not as a
+    constant of each program; stream_segment casts to int32 after the gather. The 'local'
+    stream is random tokens in which x_t = x_{t-2} whenever t % 4 >= 2: only distance 1
+    from the query (which predicts x_t from position t-1) helps, any longer span is
+    useless."""
     if corpus != "local":
-        train, val, vocab = data.char_corpus(corpus, val_fraction, max_chars or None,
-                                             byte_level)
-        return train, val, len(vocab)
+        train, val, vocab = data.char_corpus(corpus, val_fraction, max_chars or None, byte_level)
+        return compact(train, len(vocab)), compact(val, len(vocab)), len(vocab)
     x = np.random.default_rng(0).integers(0, local_vocab, local_chars).astype(np.int32)
     t = np.arange(local_chars)
     t = t[t % 4 >= 2]
     x[t] = x[t - 2]
     cut = int(local_chars * (1 - val_fraction)) // 4 * 4
-    return x[:cut], x[cut:], local_vocab
+    return compact(x[:cut], local_vocab), compact(x[cut:], local_vocab), local_vocab
+
+
+def compact(ids, vocab: int):
+    """ids in the narrowest unsigned type that holds `vocab` symbols."""
+    return ids.astype(np.uint8 if vocab <= 256 else np.uint16 if vocab <= 65536 else np.int32)
 
 
 def stream_segment(ids, seg, batch: int, length: int):
@@ -199,6 +240,7 @@ def stream_segment(ids, seg, batch: int, length: int):
     stream_len = ids.shape[0] // batch // length * length
     starts = jnp.arange(batch) * stream_len + seg * length
     w = jax.vmap(lambda s: jax.lax.dynamic_slice(ids, (s,), (length + 1,)))(starts)
+    w = w.astype(jnp.int32)  # ids are stored uint8/uint16
     return w[:, :-1], w[:, 1:]
 
 
@@ -278,8 +320,9 @@ class SpanAttention(nn.Module):
         if self.dynamic:  # [1] Sec. 3.2: z_t = S sigmoid(v^T x_t + b), per head and query
             p0 = min(max(self.span_init, DYNAMIC_INIT_MIN), 1 - DYNAMIC_INIT_MIN)
             b0 = math.log(p0) - math.log(1 - p0)  # sigma(b0) = p0, slope p0 (1 - p0) >= 0.09
-            s = jax.nn.sigmoid(nn.Dense(self.n_head, name="span_net",
-                                        bias_init=nn.initializers.constant(b0))(h))
+            s = jax.nn.sigmoid(
+                nn.Dense(self.n_head, name="span_net", bias_init=nn.initializers.constant(b0))(h)
+            )
             z = self.span * jnp.moveaxis(s, -1, 1)[..., None]  # (B, H, L, 1)
         else:
             s = self.param("span", nn.initializers.constant(self.span_init), (self.n_head,))
@@ -299,9 +342,17 @@ class SpanLayer(nn.Module):
     @nn.compact
     def __call__(self, h, mem, pos, window, deterministic=True):
         c = self.cfg
-        a = SpanAttention(c.n_head, c.d_model, c.attn_span, float(c.span_ramp), c.span_init,
-                          c.adapt_span, c.dynamic_span, c.dropout, name="attn")(
-            h, mem, pos, window, deterministic)
+        a = SpanAttention(
+            c.n_head,
+            c.d_model,
+            c.attn_span,
+            float(c.span_ramp),
+            c.span_init,
+            c.adapt_span,
+            c.dynamic_span,
+            c.dropout,
+            name="attn",
+        )(h, mem, pos, window, deterministic)
         h = nn.LayerNorm(epsilon=1e-5, name="ln_attn")(h + a)
         f = nn.relu(nn.Dense(c.d_inner, name="ff1")(h))
         f = nn.Dense(c.d_model, name="ff2")(nn.Dropout(c.dropout)(f, deterministic))
@@ -323,8 +374,9 @@ class AdaptiveSpanLM(nn.Module):
         # p_x for distances x = 1..S, shared by all layers and heads as in [1]'s code
         p = self.param("key_pe", nn.initializers.normal(1.0), (S, c.d_head))
         col_dist = M + L - 1 - jnp.arange(M + L)  # column c of rel_shift's input
-        pos = jnp.where(((col_dist >= 1) & (col_dist <= S))[:, None],
-                        p[jnp.clip(col_dist - 1, 0, S - 1)], 0.0)  # (K, Dh)
+        pos = jnp.where(
+            ((col_dist >= 1) & (col_dist <= S))[:, None], p[jnp.clip(col_dist - 1, 0, S - 1)], 0.0
+        )  # (K, Dh)
         window = window_mask(L, M, S, mem_valid) if window is None else window
         Layer = nn.remat(SpanLayer, static_argnums=(5,)) if c.remat else SpanLayer
         inputs = []
@@ -380,11 +432,22 @@ class State:
     """how many trailing memory slots hold real context (0 at a stream's start)"""
     span_loss: jax.Array
     """cfg.span_loss, traced: one program can train several lambdas (0: no penalty)"""
+    train_ids: jax.Array
+    """(T,) uint8 training ids (load_corpus): an input of the compiled chunks, not a
+    constant; one copy per seed (pydoc 0.4 MB, stdlib 11 MB)"""
+    val_ids: jax.Array
+    """(T_val,) uint8 validation ids, read by evaluate"""
 
 
 def _data(cfg: Config):
-    return load_corpus(cfg.corpus, cfg.byte_level, cfg.max_chars, cfg.val_fraction,
-                       cfg.local_vocab, cfg.local_chars)
+    return load_corpus(
+        cfg.corpus,
+        cfg.byte_level,
+        cfg.max_chars,
+        cfg.val_fraction,
+        cfg.local_vocab,
+        cfg.local_chars,
+    )
 
 
 def _optimizer(cfg: Config):
@@ -395,78 +458,112 @@ def _optimizer(cfg: Config):
 def _clip_spans(params):
     """Keep every static span fraction s = z / S in [0, 1] ([1]'s clamp_param)."""
     return jax.tree_util.tree_map_with_path(
-        lambda path, x: jnp.clip(x, 0, 1) if path[-1].key == "span" else x, params)
+        lambda path, x: jnp.clip(x, 0, 1) if path[-1].key == "span" else x, params
+    )
 
 
 def init(key, cfg: Config) -> State:
-    train_ids, _, vocab = _data(cfg)
+    train_ids, val_ids, vocab = _data(cfg)
     k_param, k_start, key = jax.random.split(key, 3)
     mems = jnp.zeros((cfg.n_layer, cfg.batch_size, cfg.attn_span, cfg.d_model))
     tokens = jnp.zeros((cfg.batch_size, cfg.tgt_len), jnp.int32)
     params = AdaptiveSpanLM(cfg, vocab).init(k_param, tokens, mems, 0)["params"]
-    start = jax.random.randint(k_start, (), 0, num_segments(len(train_ids), cfg.batch_size,
-                                                            cfg.tgt_len))
-    return State(params, _optimizer(cfg).init(params), key, jnp.array(0, jnp.int32), start,
-                 mems, jnp.array(0, jnp.int32), jnp.asarray(cfg.span_loss, jnp.float32))
+    start = jax.random.randint(
+        k_start, (), 0, num_segments(len(train_ids), cfg.batch_size, cfg.tgt_len)
+    )
+    return State(
+        params,
+        _optimizer(cfg).init(params),
+        key,
+        jnp.array(0, jnp.int32),
+        start,
+        mems,
+        jnp.array(0, jnp.int32),
+        jnp.asarray(cfg.span_loss, jnp.float32),
+        jnp.asarray(train_ids),
+        jnp.asarray(val_ids),
+    )
 
 
 def update(state: State, cfg: Config):
-    train_np, _, vocab = _data(cfg)
+    _, _, vocab = _data(cfg)
     model = AdaptiveSpanLM(cfg, vocab)
-    seg = (state.start + state.step) % num_segments(len(train_np), cfg.batch_size, cfg.tgt_len)
-    inputs, targets = stream_segment(jnp.asarray(train_np), seg, cfg.batch_size, cfg.tgt_len)
+    n_ids = state.train_ids.shape[0]
+    seg = (state.start + state.step) % num_segments(n_ids, cfg.batch_size, cfg.tgt_len)
+    inputs, targets = stream_segment(state.train_ids, seg, cfg.batch_size, cfg.tgt_len)
     mem_valid = jnp.where(seg == 0, 0, state.mem_valid)  # a stream restarts: forget
     key, k_drop = jax.random.split(state.key)
 
     def loss_fn(params):
         (logits, layer_inputs), inter = model.apply(
-            {"params": params}, inputs, state.mems, mem_valid, deterministic=False,
-            rngs={"dropout": k_drop}, mutable=["intermediates"])
+            {"params": params},
+            inputs,
+            state.mems,
+            mem_valid,
+            deterministic=False,
+            rngs={"dropout": k_drop},
+            mutable=["intermediates"],
+        )
         z = spans(jax.tree.leaves(inter["intermediates"]))  # (n_layer, H)
         nll = lm_loss(logits, targets)
         penalty = span_penalty(z, cfg, state.span_loss) if cfg.adapt_span else 0.0
         return nll + penalty, (nll, z, layer_inputs)
 
-    (_, (nll, z, layer_inputs)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-        state.params)
+    (_, (nll, z, layer_inputs)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
     upd, opt_state = _optimizer(cfg).update(grads, state.opt_state, state.params)
     params = _clip_spans(optax.apply_updates(state.params, upd))
     mems, mem_valid = next_mems(state.mems, layer_inputs, mem_valid)
-    metrics = {"losses/loss": nll, "charts/bits_per_char": nll / math.log(2),
-               "charts/mean_span": z.mean(), "charts/max_span": z.max()}
-    return State(params, opt_state, key, state.step + 1, state.start, mems, mem_valid,
-                 state.span_loss), metrics
+    metrics = {
+        "losses/loss": nll,
+        "charts/bits_per_char": nll / math.log(2),
+        "charts/mean_span": z.mean(),
+        "charts/max_span": z.max(),
+    }
+    return state.replace(
+        params=params,
+        opt_state=opt_state,
+        key=key,
+        step=state.step + 1,
+        mems=mems,
+        mem_valid=mem_valid,
+    ), metrics
 
 
 def evaluate(state: State, cfg: Config):
     """Validation NLL over `eval_segments` consecutive segments of `eval_batch` streams,
     carrying the S-position memory (empty at the start), and the learned spans."""
-    _, val_np, vocab = _data(cfg)
-    ids = jnp.asarray(val_np)
+    _, _, vocab = _data(cfg)
+    ids = state.val_ids
     B, L = cfg.eval_batch, cfg.tgt_len
-    n_seg = min(cfg.eval_segments, num_segments(len(val_np), B, L))
+    n_seg = min(cfg.eval_segments, num_segments(ids.shape[0], B, L))
     model = AdaptiveSpanLM(cfg, vocab)
 
     def step(carry, seg):
         mems, valid = carry
         inputs, targets = stream_segment(ids, seg, B, L)
         (logits, layer_inputs), inter = model.apply(
-            {"params": state.params}, inputs, mems, valid, mutable=["intermediates"])
+            {"params": state.params}, inputs, mems, valid, mutable=["intermediates"]
+        )
         z = spans(jax.tree.leaves(inter["intermediates"]))
         return next_mems(mems, layer_inputs, valid), (lm_loss(logits, targets), z)
 
     mems = jnp.zeros((cfg.n_layer, B, cfg.attn_span, cfg.d_model))
     _, (nll, z) = jax.lax.scan(step, (mems, jnp.array(0, jnp.int32)), jnp.arange(n_seg))
-    return {"val_loss": nll.mean(), "val_bits_per_char": nll.mean() / math.log(2),
-            "val_mean_span": z.mean(), "val_max_span": z.mean(0).max()}
+    return {
+        "val_loss": nll.mean(),
+        "val_bits_per_char": nll.mean() / math.log(2),
+        "val_mean_span": z.mean(),
+        "val_max_span": z.mean(0).max(),
+    }
 
 
 # --- MAIN ---
 
 
 def main(argv=None):
-    return run.main(Config, init, update, presets=PRESETS, evaluate=evaluate, argv=argv,
-                    doc=__doc__)
+    return run.main(
+        Config, init, update, presets=PRESETS, evaluate=evaluate, argv=argv, doc=__doc__
+    )
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@ gradient support of z, the L1 penalty shrinking spans, causality, purity and CLI
 import dataclasses
 import functools
 import json
+import re
 
 import jax
 import jax.numpy as jnp
@@ -19,11 +20,34 @@ from tests.transformers import tiny_run as tiny_run_module
 from transformers import adaptive_span as A
 
 V, L, S = 11, 8, 12
-SMALL = A.Config(n_layer=2, d_model=32, n_head=4, d_inner=64, dropout=0.0, attn_span=S,
-                 span_ramp=4, span_init=0.3, tgt_len=L)
-TINY = A.Config(corpus="this", byte_level=False, n_layer=1, d_model=16, n_head=2, d_inner=32,
-                attn_span=8, span_ramp=4, tgt_len=8, batch_size=4, lr=0.05, warmup_steps=1,
-                total_updates=3, eval_batch=2, eval_segments=4)
+SMALL = A.Config(
+    n_layer=2,
+    d_model=32,
+    n_head=4,
+    d_inner=64,
+    dropout=0.0,
+    attn_span=S,
+    span_ramp=4,
+    span_init=0.3,
+    tgt_len=L,
+)
+TINY = A.Config(
+    corpus="this",
+    byte_level=False,
+    n_layer=1,
+    d_model=16,
+    n_head=2,
+    d_inner=32,
+    attn_span=8,
+    span_ramp=4,
+    tgt_len=8,
+    batch_size=4,
+    lr=0.05,
+    warmup_steps=1,
+    total_updates=3,
+    eval_batch=2,
+    eval_segments=4,
+)
 
 
 MODEL = A.AdaptiveSpanLM(SMALL, V)
@@ -33,8 +57,9 @@ MODEL = A.AdaptiveSpanLM(SMALL, V)
 def _params():
     """SMALL's parameters, initialised once for the module."""
     mems = jnp.zeros((SMALL.n_layer, 2, S, SMALL.d_model))
-    return compiled(lambda k_: MODEL.init(k_, jnp.zeros((2, L), jnp.int32), mems, 0),
-                    jax.random.PRNGKey(0))["params"]
+    return compiled(
+        lambda k_: MODEL.init(k_, jnp.zeros((2, L), jnp.int32), mems, 0), jax.random.PRNGKey(0)
+    )["params"]
 
 
 # SMALL's forward pass, jitted once for the module (one compile per shape): (params, tokens,
@@ -42,14 +67,16 @@ def _params():
 # run on a few tokens: they compile at XLA's lowest backend optimisation level (the
 # runner's init options), several times faster
 O0 = dict(compiler_options=run.INIT_COMPILER_OPTIONS)
-_apply = jax.jit(lambda p, t, m, valid, window: MODEL.apply({"params": p}, t, m, valid,
-                                                            window=window), **O0)
+_apply = jax.jit(
+    lambda p, t, m, valid, window: MODEL.apply({"params": p}, t, m, valid, window=window), **O0
+)
 _next_mems = jax.jit(A.next_mems, **O0)
 
 
 def _set_spans(params, value):
     return jax.tree_util.tree_map_with_path(
-        lambda p, x: jnp.full_like(x, value) if p[-1].key == "span" else x, params)
+        lambda p, x: jnp.full_like(x, value) if p[-1].key == "span" else x, params
+    )
 
 
 def test_span_mask_closed_form_and_gradient():
@@ -58,8 +85,7 @@ def test_span_mask_closed_form_and_gradient():
     2 layers of 4 heads, lambda (0.5 + 1 + 1.5 + 2 + 3 + 3 + 3 + 3) / 4 and a gradient of
     lambda / 4 for every head (a sum over heads would give 17 lambda and lambda)."""
     x = jnp.arange(9.0)
-    np.testing.assert_allclose(A.span_mask(x, 3.0, 4.0),
-                               [1, 1, 1, 1, 0.75, 0.5, 0.25, 0, 0])
+    np.testing.assert_allclose(A.span_mask(x, 3.0, 4.0), [1, 1, 1, 1, 0.75, 0.5, 0.25, 0, 0])
     dm = jax.vmap(jax.grad(lambda z, xi: A.span_mask(xi, z, 4.0)), (None, 0))(3.0, x + 0.5)
     np.testing.assert_allclose(dm, np.where((x + 0.5 > 3) & (x + 0.5 < 7), 0.25, 0.0))
     cfg = dataclasses.replace(SMALL, span_loss=0.01)
@@ -82,8 +108,9 @@ def test_dynamic_span_starts_where_the_penalty_moves_it():
     out = {}
     for dynamic in (True, False):
         attn = A.SpanAttention(H, d, S, float(cfg.span_ramp), cfg.span_init, dynamic=dynamic)
-        params = compiled(lambda k_, attn=attn: attn.init(k_, h, mem, pos, window),
-                          jax.random.PRNGKey(0))["params"]
+        params = compiled(
+            lambda k_, attn=attn: attn.init(k_, h, mem, pos, window), jax.random.PRNGKey(0)
+        )["params"]
 
         def penalty(p, attn=attn):
             _, inter = attn.apply({"params": p}, h, mem, pos, window, mutable=["intermediates"])
@@ -111,13 +138,13 @@ def test_mask_at_the_boundary_is_the_papers_m_z_of_the_distance():
     h = jnp.zeros((1, 1, d))  # q = W_q h = 0: every score is 0
     mem = jax.random.normal(jax.random.PRNGKey(3), (1, S6, d))
     pos, window = jnp.zeros((S6 + 1, d // H)), A.window_mask(1, S6, S6, S6)
-    params = compiled(lambda k_: attn.init(k_, h, mem, pos, window),
-                      jax.random.PRNGKey(0))["params"]
+    params = compiled(lambda k_: attn.init(k_, h, mem, pos, window), jax.random.PRNGKey(0))[
+        "params"
+    ]
     y = jax.jit(lambda p: attn.apply({"params": p}, h, mem, pos, window), **O0)(params)
     m = np.array([1, 0.75, 0.5, 0.25, 0, 0])[::-1]  # keys j = 0..5 are at distances 6..1
     v = np.einsum("jd,dhk->jhk", mem[0], params["v"]["kernel"])  # (S, H, Dh)
-    expect = np.einsum("hk,hkm->m", np.einsum("j,jhk->hk", m / m.sum(), v),
-                       params["o"]["kernel"])
+    expect = np.einsum("hk,hkm->m", np.einsum("j,jhk->hk", m / m.sum(), v), params["o"]["kernel"])
     np.testing.assert_allclose(y[0, 0], expect, rtol=1e-5, atol=1e-6)
 
 
@@ -147,7 +174,7 @@ def test_full_span_equals_plain_windowed_attention():
     np.testing.assert_allclose(a.sum(-1), 1.0, atol=1e-6)
     assert a[0, 0, 0, -1] == 0  # the current token itself is not attended (post's sum)
     a_short, _, _, _ = _one_row(3.0)
-    assert np.abs(a_short - a).max() > 1e-2 and np.all(a_short[..., :S - 7 + 1] == 0)
+    assert np.abs(a_short - a).max() > 1e-2 and np.all(a_short[..., : S - 7 + 1] == 0)
 
     params = _params()
     tokens = jax.random.randint(jax.random.PRNGKey(1), (2, L), 0, V)
@@ -177,8 +204,7 @@ def test_no_future_leak_and_mask_off_leaks():
     mems = jax.random.normal(jax.random.PRNGKey(2), (2, 2, S, SMALL.d_model))
     tokens = jax.random.randint(jax.random.PRNGKey(1), (2, L), 0, V)
     valid = jnp.array(S, jnp.int32)
-    leak.assert_no_future_leak(lambda t: _apply(params, t, mems, valid, None)[0], tokens, 5,
-                               V)
+    leak.assert_no_future_leak(lambda t: _apply(params, t, mems, valid, None)[0], tokens, 5, V)
     everything = jnp.ones((L, S + L), bool)
     leak.assert_leaks(lambda t: _apply(params, t, mems, valid, everything)[0], tokens, 5, V)
 
@@ -192,13 +218,14 @@ def test_memory_decoding_equals_one_pass_with_sliding_window():
     tokens = jax.random.randint(jax.random.PRNGKey(1), (B, n * L), 0, V)
     mems, valid, outs = jnp.zeros((2, B, S, SMALL.d_model)), jnp.array(0, jnp.int32), []
     for s in range(n):
-        logits, inputs = _apply(params, tokens[:, s * L:(s + 1) * L], mems, valid, None)
+        logits, inputs = _apply(params, tokens[:, s * L : (s + 1) * L], mems, valid, None)
         mems, valid = _next_mems(mems, inputs, valid)
         outs.append(logits)
     t, j = np.arange(n * L)[:, None], np.arange(n * L)[None]
     band = jnp.asarray((t - j >= 1) & (t - j <= S))
-    full = _apply(params, tokens, jnp.zeros((2, B, 0, SMALL.d_model)),
-                  jnp.array(0, jnp.int32), band)[0]
+    full = _apply(
+        params, tokens, jnp.zeros((2, B, 0, SMALL.d_model)), jnp.array(0, jnp.int32), band
+    )[0]
     np.testing.assert_allclose(np.concatenate(outs, 1), full, atol=2e-5)
 
 
@@ -206,10 +233,28 @@ def test_memory_decoding_equals_one_pass_with_sliding_window():
 # d=16, S = 16, spans start at S, a strong L1 penalty (lambda = 0.1 on the mean of 2 heads),
 # 30 updates, chunks of 15; 2 x SEEDS seeds in one compiled program, seeds SEEDS.. the
 # broken variant (no penalty: the traced span_loss = 0)
-RUN = A.Config(corpus="local", local_vocab=16, local_chars=20_000, n_layer=1, d_model=16,
-               n_head=2, d_inner=32, dropout=0.0, attn_span=16, span_ramp=4, span_init=1.0,
-               span_loss=0.1, tgt_len=8, batch_size=8, lr=0.05, warmup_steps=5,
-               max_grad_norm=1.0, total_updates=30, eval_batch=4, eval_segments=8)
+RUN = A.Config(
+    corpus="local",
+    local_vocab=16,
+    local_chars=20_000,
+    n_layer=1,
+    d_model=16,
+    n_head=2,
+    d_inner=32,
+    dropout=0.0,
+    attn_span=16,
+    span_ramp=4,
+    span_init=1.0,
+    span_loss=0.1,
+    tgt_len=8,
+    batch_size=8,
+    lr=0.05,
+    warmup_steps=5,
+    max_grad_norm=1.0,
+    total_updates=30,
+    eval_batch=4,
+    eval_segments=8,
+)
 CHUNK = 15
 SEEDS = tiny_run_module.SEEDS
 KEYS = jax.random.split(jax.random.PRNGKey(0), 2 * SEEDS)  # the runner's keys (--seed 0)
@@ -231,8 +276,9 @@ def tiny_run(tmp_path_factory):
     7.8 CPU s instead of 12.2, loaded 2-core CPU)."""
     with pytest.MonkeyPatch.context() as mp, tiny_run_module.lowest_level_compiles():
         mp.setattr(A, "init", _twin_init)
-        return tiny_run_module.run_cli(A, RUN, tmp_path_factory.mktemp("run"), CHUNK,
-                                       extra=("--num-seeds", str(2 * SEEDS)))
+        return tiny_run_module.run_cli(
+            A, RUN, tmp_path_factory.mktemp("run"), CHUNK, extra=("--num-seeds", str(2 * SEEDS))
+        )
 
 
 def test_l1_penalty_shrinks_spans_short(tiny_run):
@@ -258,11 +304,28 @@ def test_l1_penalty_shrinks_spans_of_heads_that_only_need_local_context():
     ln 16 / 2 = 1.39)."""
     out = {}
     for lam in (1e-2, 0.0):
-        cfg = A.Config(corpus="local", local_vocab=16, local_chars=40_000, n_layer=1,
-                       d_model=32, n_head=2, d_inner=64, dropout=0.0, attn_span=16,
-                       span_ramp=4, span_init=1.0, span_loss=lam, tgt_len=8, batch_size=16,
-                       lr=0.05, warmup_steps=20, max_grad_norm=1.0, total_updates=200,
-                       eval_batch=8, eval_segments=32)
+        cfg = A.Config(
+            corpus="local",
+            local_vocab=16,
+            local_chars=40_000,
+            n_layer=1,
+            d_model=32,
+            n_head=2,
+            d_inner=64,
+            dropout=0.0,
+            attn_span=16,
+            span_ramp=4,
+            span_init=1.0,
+            span_loss=lam,
+            tgt_len=8,
+            batch_size=16,
+            lr=0.05,
+            warmup_steps=20,
+            max_grad_norm=1.0,
+            total_updates=200,
+            eval_batch=8,
+            eval_segments=32,
+        )
         state, _ = jax.jit(run.make_train(A.init, A.update, cfg))(jax.random.PRNGKey(0))
         ev = jax.jit(lambda s, cfg=cfg: A.evaluate(s, cfg))(state)
         out[lam] = float(ev["val_mean_span"]), float(ev["val_loss"])
@@ -290,8 +353,9 @@ def test_train_is_pure_and_seeded(tiny_run):
     assert not np.array_equal(loss[0], loss[1])
     spans = np.asarray(tiny_run.state.params["layer_0"]["attn"]["span"])
     assert (spans >= 0).all() and (spans <= 1).all() and (spans < 1).any()
-    np.testing.assert_array_equal(tiny_run.state.span_loss,
-                                  np.float32([RUN.span_loss] * SEEDS + [0.0] * SEEDS))
+    np.testing.assert_array_equal(
+        tiny_run.state.span_loss, np.float32([RUN.span_loss] * SEEDS + [0.0] * SEEDS)
+    )
 
 
 def test_cli_runs_and_documents_every_field(tiny_run, capsys):
@@ -324,18 +388,45 @@ def test_remat_changes_nothing_but_memory():
     (CPU): 2.67 MB with remat vs 2.94 MB without; a no-op remat gives equal sizes. Both
     updates compile at XLA's lowest backend optimisation level (the runner's init options:
     the same buffer sizes, 9 s instead of 29 s of CPU) from one initial state."""
-    base = dataclasses.replace(TINY, n_layer=2, d_model=32, d_inner=64, attn_span=32,
-                               tgt_len=32, batch_size=8)
+    base = dataclasses.replace(
+        TINY, n_layer=2, d_model=32, d_inner=64, attn_span=32, tgt_len=32, batch_size=8
+    )
     state = compiled(lambda k_: A.init(k_, base), jax.random.PRNGKey(0))
     after, temp = [], []
     for remat in (True, False):
         cfg = dataclasses.replace(base, remat=remat)
-        step = jax.jit(A.update, static_argnums=1).lower(state, cfg).compile(
-            run.INIT_COMPILER_OPTIONS)
+        step = (
+            jax.jit(A.update, static_argnums=1).lower(state, cfg).compile(run.INIT_COMPILER_OPTIONS)
+        )
         temp.append(step.memory_analysis().temp_size_in_bytes)
         after.append(step(state)[0].params)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), *after)
     assert temp[0] < 0.95 * temp[1], temp
+
+
+def big_constants(hlo: str, min_elements: int = 10_000):
+    """Lines of StableHLO text that define a constant of at least `min_elements` elements."""
+    out = []
+    for ln in hlo.splitlines():
+        if "constant" in ln:
+            for dims in re.findall(r"tensor<((?:\d+x)+)[a-z]", ln):
+                if np.prod([int(d) for d in dims.rstrip("x").split("x")]) >= min_elements:
+                    out.append(ln[:200])
+    return out
+
+
+def test_corpus_is_a_uint8_input_of_update_and_evaluate_not_a_constant():
+    """RUN's 'local' ids live in the State as uint8, so the compiled update and evaluate
+    take them as an input: no constant of 1k elements or more in their lowered text (the
+    int32 streams were: 18k elements in update, 2k in evaluate)."""
+    state = jax.eval_shape(lambda k: A.init(k, RUN), jax.random.PRNGKey(0))
+    train, val, _ = A._data(RUN)
+    assert state.train_ids.shape == train.shape and state.val_ids.shape == val.shape
+    assert state.train_ids.dtype == state.val_ids.dtype == jnp.uint8
+    assert train.shape[0] > 15_000 and val.shape[0] > 1_500
+    for fn in (A.update, A.evaluate):
+        hlo = jax.jit(fn, static_argnums=1).lower(state, RUN).as_text()
+        assert not big_constants(hlo, 1000), (fn.__name__, big_constants(hlo, 1000)[:1])
 
 
 def test_every_config_field_is_read():
