@@ -275,3 +275,20 @@ def test_paper_preset_traces():
     assert all(m.shape == () for m in jax.tree.leaves(metrics))
     final = jax.eval_shape(lambda s: so.evaluate(s, cfg), after)
     assert final["curve/best_mu"].shape == (13, 2)
+
+
+@pytest.mark.slow
+def test_slow_universal_policy_at_the_true_mu_beats_the_dr_policy(tmp_path):
+    """Stage 1 works: the quick preset (1 seed, 400 PPO updates of each policy), both arms
+    scored by `evaluate` on the same 32 target episodes (m 1.8, l 1.2). The UP at the true
+    mu must beat the DR policy trained on the same randomization without mu by > 100.
+    Measured (loaded 2-core CPU, ~3 min): UP-true -570, DR -853."""
+    res = so.main(
+        ["--preset", "quick", "--num-seeds", "1", "--no-progress", "--run-dir", str(tmp_path)]
+    )
+    up, dr = (
+        float(res.final["final/oracle_return"][0]),
+        float(res.final["final/baseline_return"][0]),
+    )
+    print("UP at the true mu:", up, "DR:", dr)
+    assert up > dr + 100, (up, dr)
