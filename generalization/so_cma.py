@@ -7,8 +7,10 @@ transferred by searching its input mu with CMA-ES on the target's returns.
 [3] N. Hansen. "The CMA Evolution Strategy: A Tutorial." arXiv:1604.00772 (the CMA-ES
     of evosax 0.3.2, used here).
 [4] The authors' code, VincentYu68/policy_transfer (read in the code index):
-    policy_transfer_strategy_optimization/up_optimizer.py and test_socma.py (the search),
-    ppo/run_ppo.py and examples/socma_hopper_5d_*.sh (the universal policy's training).
+    policy_transfer_strategy_optimization/up_optimizer.py (commit dc55c26) and
+    test_socma.py (the search), ppo/run_ppo.py, policies/mlp_policy.py and
+    examples/socma_hopper_5d_*.sh (the universal policy's training), envs/dart/hopper.py
+    and parameter_managers.py (the randomization).
 
 Stage 1, learning a family of policies ([1] Sec. 4.1): the dynamics parameters xi of
 every episode are drawn from a box, mu = their normalised value in [0, 1]^d is appended
@@ -32,10 +34,10 @@ UP-true, an oracle) and at the box centre.
 
 Reproduce (CPU demo, Pendulum-v1, xi = (m, l) multipliers, target (m 1.8, l 1.2)):
     python generalization/so_cma.py --preset quick --num-seeds 2 --plot generalization/so_cma.png
-`paper` preset: [4]'s 3 x 64 tanh MLP, 4000-step PPO batches, 10M steps, pycma's
-default population 4 + floor(3 ln d) = 6, [4]'s initial mean 0.5 and step 0.25 in [0, 1]^d,
-3 rollouts per fitness and 13 generations (13 x 6 x 3 x 200 = 46,800 target steps, under
-[4]'s budget of 50,000 samples):
+`paper` preset: [4]'s 3 x 64 tanh MLP, 4000-step PPO batches, 10M steps, pycma's default
+population 4 + floor(3 ln d) = 6, initial mean 0.5 and step 0.25 in [0, 1]^d (not [4]'s 0.0
+and 0.5: Differences), 3 rollouts per fitness and 13 generations (13 x 6 x 3 x 200 = 46,800
+target steps, under [4]'s budget of 50,000 samples):
     python generalization/so_cma.py --preset paper
 [1]'s results (Figs. 3-6, hopper / walker / half-cheetah / quadruped, DART <-> MuJoCo and
 with latency or actuator gaps): SO-CMA matches or beats UP-true and beats the robust DR
@@ -45,30 +47,51 @@ Ours (quick preset: Pendulum-v1, box m [0.5, 2] x l [0.5, 1.5], target (m 1.8, l
 400 PPO updates of 32 x 128 steps = 1.6M steps per policy, then 20 generations x 8
 candidates x 1 episode, the final CMA-ES mean as the answer; every arm scored on the same
 32 target episodes; 2 seeds, a loaded 2-core CPU, 84 s compile + 350 s): SO-CMA -488 +- 46
-(seeds -534, -442), UP at the true mu (oracle) -493 +- 47 (-540, -446), UP at the box
-centre -543 +- 121 (-664, -422), DR policy without mu -748 +- 72 (-676, -820); in
-distribution the UP scores -252 +- 26 per training episode. SO-CMA's mu ends at xi (1.64,
-1.03) and (1.50, 0.83), not at the true (1.8, 1.2). The candidates' mean fitness per
-generation is dominated by the 1-episode noise (Pendulum's random initial angle): no clear
-trend over the 20 generations (figure, left). Plot: generalization/so_cma.png.
+(seeds -534, -442), its best candidate seen instead -510 +- 35 (-545, -475), UP at the
+true mu (oracle) -493 +- 47 (-540, -446), UP at the box centre -543 +- 121 (-664, -422),
+DR policy without mu -748 +- 72 (-676, -820); in distribution the UP scores -252 +- 26 per
+training episode. What this run supports: the universal policy with its mu input beats
+the DR policy by far (UP >> DR), and SO-CMA's answer is as good as the oracle's true mu
+(SO-CMA ~ UP-true). What it does not show: that the search itself helps. The box centre,
+no search at all, beats SO-CMA on seed 1 (-422 vs -442), its spread over seeds covers the
+gap, and the candidates' mean fitness per generation (1-episode fitness, dominated by
+Pendulum's random initial angle) shows no trend over the 20 generations (figure, left).
+SO-CMA's mu ends at xi (1.64, 1.03) and (1.50, 0.83), not at the true (1.8, 1.2).
+Plot: generalization/so_cma.png.
 
 Differences from the paper:
 - Tasks: gymnax Pendulum-v1 (or CartPole-v1) with two physical multipliers; the "target"
   is the same simulator at held-out parameters xi_target (sim-to-sim), optionally with
   an unmodelled gravity change `target_gravity` (1.0 in the presets), not another engine.
-- CMA-ES: evosax 0.3.2's CMA_ES (its default weights and learning rates, which follow
-  [3]); [4] calls pycma's fmin2 with bounds [0, 1] (a smooth boundary transform); here
-  candidates are clipped to [0, 1]^d before they are evaluated and CMA-ES is told the
-  unclipped ones. The search runs a fixed number of generations, not until a sample
-  budget; [4]'s optimizer also offers Bayesian optimisation, not ported.
-- PPO (common.rl) with rl-zoo's Pendulum numbers (gamma 0.9, lr 1e-3, 10 epochs, no
-  entropy) where [4] uses OpenAI baselines' PPO1 (gamma 0.99, lambda 0.95, lr 3e-4
-  annealed, 10 epochs, batch 4000 from 3 MPI workers, mirror-symmetric policies for the
-  walkers); the paper preset keeps the Pendulum numbers and [4]'s batch and width.
-- UP-OSI (an online system-identification network feeding mu to the UP) is not built;
-  the oracle UP-true stands for its upper bound.
-- Fitness: the dense return; [4] runs the search on a sparse "alive" reward by default
-  (`--sparse_rew True`) and reports the dense one.
+- Search: CMA-ES, as in [1]. [4]'s released search script runs Bayesian optimisation:
+  test_socma.py builds UPOptimizer without overriding bayesian_opt, which defaults to True
+  (up_optimizer.py:7). [4]'s CMA-ES path (bayesian_opt=False) calls pycma's fmin2 from mean
+  0.0, step 0.5 with bounds [0, 1] (a smooth boundary transform; an older commit, 360c05e,
+  has mean 0.5, step 0.25 in a commented-out call). Here: evosax 0.3.2's CMA_ES (its default
+  weights and learning rates, after [3]) from mean 0.5, step 0.25 (the box centre: from the
+  corner 0.0 half the first candidates fall outside); candidates are clipped to [0, 1]^d
+  before they are evaluated and CMA-ES is told the unclipped ones. A fixed number of
+  generations, not a sample budget.
+- Answer: the quick preset takes the final CMA-ES mean (`solution=mean`): with 1-episode
+  fitness the best candidate seen is often a lucky episode. [4] and the paper preset take
+  the best candidate seen (best_x).
+- PPO (common.rl) with rl-zoo's Pendulum-v1 numbers (lr 1e-3, gamma 0.9, GAE 0.95, 10
+  epochs, clip 0.2, no entropy; rl-zoo also uses gSDE and 4 x 1024 steps, not here), vf
+  coef 0.5 and a 0.5 grad-norm clip. [4] (run_ppo.py:99-100, 117; mlp_policy.py:24-27):
+  OpenAI baselines' PPO1 with gamma 0.99, lambda 0.95, lr 3e-4 constant (no annealing), 5
+  epochs of minibatch 64, clip 0.2, no entropy, vf coef 1, no grad clip, standardised
+  advantages, running observation normalisation clipped to +-5, 3 MPI workers x 4000 =
+  12,000 steps per iteration (~833 iterations over 10M steps), mirror-symmetric policies
+  for the walkers. The paper preset keeps the Pendulum numbers, no observation
+  normalisation, and does 2500 updates of 4000 steps.
+- Randomization: mu ~ U[0, 1]^d, noise-free; [4] draws U(-0.05, 1.05)
+  (parameter_managers.py resample_parameters) and adds N(0, 0.01) noise to the whole
+  observation, mu included (hopper.py _get_obs).
+- Baselines: UP-OSI (an online system-identification network feeding mu to the UP) and
+  [1]'s history-based "Hist" policy (fed past observations and actions; test_socma.py's
+  HIST mode) are not built; the oracle UP-true stands for UP-OSI's upper bound.
+- Fitness: the dense return. [4]'s search defaults to `--sparse_rew True`, whose hopper /
+  walker pay the episode's dense total at termination (hopper.py:80-84): the same return.
 - Metrics: charts/episodic_return is NaN in an update where no training episode ended.
 """
 
@@ -117,15 +140,15 @@ class Config:
     num_envs: int = 16
     """PPO: parallel envs"""
     num_steps: int = 250
-    """PPO: steps per env per rollout ([4]: batches of 4000 steps)"""
+    """PPO: steps per env per rollout (paper preset 16 x 250 = 4000: [4]'s batch per worker)"""
     lr: float = 1e-3
-    """PPO: Adam learning rate (rl-zoo Pendulum, [M])"""
+    """PPO: Adam learning rate (rl-zoo Pendulum-v1; [4]: 3e-4, constant)"""
     num_epochs: int = 10
-    """PPO: epochs per rollout ([4] and rl-zoo: 10)"""
+    """PPO: epochs per rollout (rl-zoo Pendulum-v1: 10; [4]: 5 of minibatch 64)"""
     num_minibatches: int = 8
     """PPO: minibatches per epoch"""
     gamma: float = 0.9
-    """PPO: discount (rl-zoo Pendulum, [M]; [4] 0.99 on its locomotion tasks)"""
+    """PPO: discount (rl-zoo Pendulum-v1; [4]: 0.99 on its locomotion tasks)"""
     gae_lambda: float = 0.95
     """PPO: GAE lambda"""
     clip_coef: float = 0.2
@@ -145,9 +168,9 @@ class Config:
     fitness_episodes: int = 3
     """target rollouts averaged into one candidate's fitness ([4]: eval_num 3)"""
     cma_init_mean: float = 0.5
-    """initial CMA-ES mean of every mu_i in [0, 1] ([4])"""
+    """initial CMA-ES mean of every mu_i in [0, 1] (the box centre; [4]'s CMA-ES path: 0.0)"""
     cma_init_std: float = 0.25
-    """initial CMA-ES step size sigma_0 ([4])"""
+    """initial CMA-ES step size sigma_0 ([4]'s CMA-ES path: 0.5)"""
     solution: str = "best"
     """the search's answer: best (best candidate seen, [4]) or mean (final CMA-ES mean)"""
     eval_episodes: int = 16
@@ -501,8 +524,8 @@ def evaluate(state: State, cfg: Config):
 
 def plot(final: dict, cfg: Config, out: str):
     """(a) CMA-ES fitness per generation (candidates' mean and best so far, mean over seeds)
-    with the oracle and DR-baseline returns as lines; (b) the solution's mu per generation
-    (every seed; [S, G, d]) against the target's true mu."""
+    with the oracle, box-centre, DR-baseline and SO-CMA returns as lines; (b) the solution's
+    mu per generation (every seed; [S, G, d]) against the target's true mu."""
     import matplotlib
 
     matplotlib.use("Agg")
