@@ -57,12 +57,13 @@ Measured (`quick`: CartPole-v1, then CartPole-v1 with negated observations, colu
 Task-1 AUC 186.4 +- 5.5 in every arm. Task-1 return afterwards (16 episodes, cut at 500)
 with the network each arm keeps for task 1: progressive 245 (column 1 untouched);
 finetune_all 12 and finetune_top 38 (forgotten). Progressive beats random_column in all
-5 paired seeds (gaps 14 to 132, mean 80), but the two means +- std touch: 5 seeds is a
-small sample. random_column ties scratch, so the gain here comes from the trained column
-1's features, not from the extra capacity. On this mirrored task fine-tuning the whole
-column transfers negatively (0.51, its copied policy pushes the wrong way first), unlike
-the post's summary that progressive nets reach "similar transfer performance as
-fine-tuning the entire network": one transform of one game, no general claim. [1]'s own
+5 paired seeds (gaps 14 to 132, mean 80), but the seed spreads nearly meet (mean - std
+247, mean + std 244): 5 seeds is a small sample. random_column ties scratch, so the gain
+here comes from the trained column 1's features, not from the extra capacity. On this
+mirrored task fine-tuning the whole column transfers negatively (0.51, its copied policy
+pushes the wrong way first), unlike the post's summary that progressive nets reach
+"similar transfer performance as fine-tuning the entire network": one transform of one
+game, no general claim. [1]'s own
 transfer matrices are not quoted (no copy of its tables was at hand).
 
 Differences from the paper:
@@ -187,11 +188,10 @@ class Config:
             raise ValueError(f"hidden={self.hidden} must be non-empty sizes >= 1")
         if self.dtype not in ("float32", "bfloat16"):
             raise ValueError(f"dtype={self.dtype!r} must be one of ('float32', 'bfloat16')")
-        if self.noise_std < 0:
-            raise ValueError(f"noise_std={self.noise_std} must be >= 0")
         if not self.alpha_init > 0:  # alpha = 0 zeroes every lateral and its gradient
             raise ValueError(f"alpha_init={self.alpha_init} must be > 0 (0 cuts the laterals)")
-        for name in ("updates_per_task", "num_envs", "num_steps", "num_epochs", "num_minibatches"):
+        ints = ("updates_per_task", "num_envs", "num_steps", "num_epochs", "num_minibatches")
+        for name in (*ints, "eval_envs", "eval_steps"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)} must be >= 1")
         if (self.num_envs * self.num_steps) % self.num_minibatches:
@@ -199,25 +199,17 @@ class Config:
                 f"num_envs * num_steps = {self.num_envs * self.num_steps} is not "
                 f"divisible by num_minibatches={self.num_minibatches}"
             )
-        for name in ("clip_coef", "eval_envs", "eval_steps"):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"{name}={getattr(self, name)} must be > 0")
+        if self.clip_coef <= 0 or self.noise_std < 0:
+            raise ValueError(f"clip_coef={self.clip_coef} must be > 0, noise_std >= 0")
 
 
 PRESETS = {
     # CPU demo: CartPole-v1 then mirrored CartPole-v1, 2 x 64 columns, 150 updates of
     # 16 x 64 steps per task, every arm side by side.
     "quick": dict(
-        env_id="CartPole-v1",
-        tasks=("identity", "flip"),
-        hidden=(64, 64),
-        updates_per_task=150,
-        num_envs=16,
-        num_steps=64,
-        num_minibatches=4,
-        lr=1e-3,
-        eval_steps=500,
-    ),
+        env_id="CartPole-v1", tasks=("identity", "flip"), hidden=(64, 64), updates_per_task=150
+    )
+    | dict(num_envs=16, num_steps=64, num_minibatches=4, lr=1e-3, eval_steps=500),
     # Breakout-MinAtar -> h-flipped -> channel-permuted, 3 columns of 256-256, 10M steps a
     # task per arm (the defaults).
     "paper": dict(),
@@ -250,10 +242,7 @@ def make_env(cfg: Config) -> envs.VecEnv:
 
 def dense_init(key, n_in, n_out, scale):
     """Orthogonal kernel with gain `scale` (the PPO convention), zero bias."""
-    return {
-        "kernel": orthogonal(scale)(key, (n_in, n_out)),
-        "bias": jnp.zeros(n_out),
-    }
+    return {"kernel": orthogonal(scale)(key, (n_in, n_out)), "bias": jnp.zeros(n_out)}
 
 
 def init_params(key, cfg: Config, obs_dim: int, num_actions: int):
@@ -268,11 +257,9 @@ def init_params(key, cfg: Config, obs_dim: int, num_actions: int):
         layers = [
             dense_init(ks[i], sizes[i], sizes[i + 1], np.sqrt(2)) for i in range(len(cfg.hidden))
         ]
-        pi, v = (
-            dense_init(ks[-2], sizes[-1], num_actions, 0.01),
-            dense_init(ks[-1], sizes[-1], 1, 1.0),
-        )
-        out = {"kernel": jnp.concatenate([pi["kernel"], v["kernel"]], 1), "bias": jnp.zeros(n_out)}
+        pi = dense_init(ks[-2], sizes[-1], num_actions, 0.01)["kernel"]
+        v = dense_init(ks[-1], sizes[-1], 1, 1.0)["kernel"]
+        out = {"kernel": jnp.concatenate([pi, v], 1), "bias": jnp.zeros(n_out)}
         return {"layers": layers, "out": out}
 
     k_cols, k_ad = jax.random.split(key)
@@ -318,38 +305,22 @@ def progressive_layer(w, h_own, anterior, lateral, gate, dtype, f=jax.nn.relu):
 
 
 def forward(params, x, column, gate, cfg: Config):
-    """Outputs [B, A + 1] (logits, value) of column `column` (traced) on inputs x [B, ...].
-    Every column runs (column k reads columns j < k at each layer); `column` picks one."""
+    """(logits [B, A], value [B]) of column `column` (traced) on inputs x [B, ...]. Every
+    column runs (column k reads columns j < k at each layer); `column` picks one."""
     dtype = jnp.dtype(cfg.dtype)
     x = x.reshape(x.shape[0], -1)
     cols, ad = params["columns"], params["adapters"]
     K, L = cfg.num_columns, len(cfg.hidden)
-    h = [
-        progressive_layer(
-            jax.tree.map(lambda a: a[k], cols["layers"][0]), x, None, None, gate, dtype
-        )
-        for k in range(K)
-    ]  # layer 1: no laterals
-    for i in range(1, L + 1):  # layers 2..L, then the output layer (i = L + 1)
+    col = lambda w, k: jax.tree.map(lambda a: a[k], w)  # noqa: E731
+    h = [progressive_layer(col(cols["layers"][0], k), x, None, None, gate, dtype) for k in range(K)]
+    for i in range(1, L + 1):  # layers 2..L (layer 1 has no laterals), then the output layer
         w = cols["layers"][i] if i < L else cols["out"]
         f = jax.nn.relu if i < L else (lambda z: z)
-        h = [
-            progressive_layer(
-                jax.tree.map(lambda a: a[k], w),
-                h[k],
-                jnp.concatenate(h[:k], -1) if k else None,
-                ad[k - 1][i - 1] if k else None,
-                gate,
-                dtype,
-                f,
-            )
-            for k in range(K)
+        ant = [
+            (jnp.concatenate(h[:k], -1), ad[k - 1][i - 1]) if k else (None, None) for k in range(K)
         ]
-    return jnp.stack(h)[column]  # [B, A + 1]
-
-
-def policy_value(params, x, column, gate, cfg: Config):
-    out = forward(params, x, column, gate, cfg)
+        h = [progressive_layer(col(w, k), h[k], *ant[k], gate, dtype, f) for k in range(K)]
+    out = jnp.stack(h)[column]  # [B, A + 1]
     return out[..., :-1], out[..., -1]
 
 
@@ -477,8 +448,7 @@ def arm_update(s: ArmState, arm, update_idx, cfg: Config):
     stage = update_idx // cfg.updates_per_task
     first = update_idx % cfg.updates_per_task == 0
     gate = jnp.isin(arm, jnp.array([ARMS.index(a) for a in LATERAL_ARMS])).astype(jnp.float32)
-    params = s.params
-    params = {**params, "columns": start_column(params["columns"], s.init_columns, arm, stage)}
+    params = {**s.params, "columns": start_column(s.params["columns"], s.init_columns, arm, stage)}
     params = jax.tree.map(lambda new, old: jnp.where(first, new, old), params, s.params)
     mask = trainable_mask(params, arm, stage, cfg)
     optimizer = make_optimizer(cfg, mask)
@@ -495,48 +465,30 @@ def arm_update(s: ArmState, arm, update_idx, cfg: Config):
     def act(obs, key):
         k_noise, k_act = jax.random.split(key)
         x = transform(obs, stage, k_noise, cfg)
-        logits, value = policy_value(params, x, stage, gate, cfg)
+        logits, value = forward(params, x, stage, gate, cfg)
         action = jax.random.categorical(k_act, logits)
         logp = jax.nn.log_softmax(logits)[jnp.arange(action.shape[0]), action]
         return action, dict(x=x, logp=logp, value=value)
 
     (env_state, obs, key), traj = rollout(env, act, env_state, obs, key, cfg.num_steps)
     key, k_last = jax.random.split(key)
-    _, last_value = policy_value(params, transform(obs, stage, k_last, cfg), stage, gate, cfg)
+    _, last_value = forward(params, transform(obs, stage, k_last, cfg), stage, gate, cfg)
     adv, returns = gae(
         traj["reward"], traj["value"], traj["done"], last_value, cfg.gamma, cfg.gae_lambda
     )
 
     # --- UPDATE --- (the frozen columns get no gradient and no update)
-    batch = dict(
-        x=traj["x"],
-        action=traj["action"],
-        logp=traj["logp"],
-        value=traj["value"],
-        adv=adv,
-        ret=returns,
-    )
+    batch = {k: traj[k] for k in ("x", "action", "logp", "value")} | dict(adv=adv, ret=returns)
     batch = jax.tree.map(lambda x: x.reshape(-1, *x.shape[2:]), batch)  # (T*N, ...)
 
     def loss_fn(p, mb):
-        logits, value = policy_value(p, mb["x"], stage, gate, cfg)
+        logits, value = forward(p, mb["x"], stage, gate, cfg)
         logp_all = jax.nn.log_softmax(logits)
         logp = jnp.take_along_axis(logp_all, mb["action"][:, None], -1)[:, 0]
         entropy = -(jnp.exp(logp_all) * logp_all).sum(-1)
         adv = (mb["adv"] - mb["adv"].mean()) / (mb["adv"].std() + 1e-8)
-        return ppo_loss(
-            logp,
-            mb["logp"],
-            adv,
-            entropy,
-            value,
-            mb["value"],
-            mb["ret"],
-            cfg.clip_coef,
-            cfg.vf_coef,
-            cfg.ent_coef,
-            clip_vloss=True,
-        )
+        old = (mb["logp"], adv, entropy, value, mb["value"], mb["ret"])
+        return ppo_loss(logp, *old, cfg.clip_coef, cfg.vf_coef, cfg.ent_coef, clip_vloss=True)
 
     key, k_epochs = jax.random.split(key)
     params, opt_state, metrics = minibatch_epochs(
@@ -583,7 +535,7 @@ def eval_return(params, column, task, gate, key, cfg: Config):
 
     def act(obs, key):
         k_noise, k_act = jax.random.split(key)
-        logits, _ = policy_value(params, transform(obs, task, k_noise, cfg), column, gate, cfg)
+        logits, _ = forward(params, transform(obs, task, k_noise, cfg), column, gate, cfg)
         return jax.random.categorical(k_act, logits), {}
 
     _, traj = rollout(env, act, env_state, obs, k_run, cfg.eval_steps)
@@ -618,9 +570,7 @@ def evaluate(state: State, cfg: Config):
     task1 = jax.vmap(lambda p, c, g: eval_return(p, c, 0, g, jax.random.PRNGKey(1), cfg))(
         s.params, column, gate
     )
-    for i, a in enumerate(cfg.arms):
-        out[f"task1_{a}"] = task1[i]
-    return out
+    return out | {f"task1_{a}": task1[i] for i, a in enumerate(cfg.arms)}
 
 
 # --- PLOT ---
@@ -639,17 +589,15 @@ def plot_curves(run_dir, out):
     c = json.loads((Path(run_dir) / "config.json").read_text())["config"]
     K, n = len(c["tasks"]), c["updates_per_task"]
     fig, axes = plt.subplots(1, K, figsize=(4.5 * K, 3.6), sharey=True)
-    for a in c["arms"]:
-        _, y, _ = plot.curve(rows, f"charts/return_{a}")
-        for k, ax in enumerate(axes):  # smoothed within each task only
+    ys = {a: plot.curve(rows, f"charts/return_{a}")[1] for a in c["arms"]}
+    for k, ax in enumerate(axes):  # smoothed within each task only
+        for a, y in ys.items():
             ax.plot(np.arange(n) + 1, plot.smooth(y[k * n : (k + 1) * n], 5).mean(1), label=a)
-    for k, ax in enumerate(axes):
         ax.set(title=f"task {k + 1}: {c['tasks'][k]} (column {k + 1})", xlabel="PPO updates")
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("training episode return")
     axes[-1].legend(fontsize=8)
-    seeds = len(rows[0]["charts/task/seeds"])
-    fig.suptitle(f"Progressive nets on {c['env_id']}, {seeds} seeds", fontsize=10)
+    fig.suptitle(f"Progressive nets on {c['env_id']}, {len(rows[0]['charts/task/seeds'])} seeds")
     fig.tight_layout()
     return save_png(fig, out)
 

@@ -99,10 +99,11 @@ def test_one_adapter_layer_and_the_whole_forward_pass_by_hand():
     ]
     outs = [own(2, 0, h2[0])] + [own(2, k, h2[k]) + lateral(ad[k - 1][1], h2[:k]) for k in (1, 2)]
     fwd = jax.jit(pnn.forward, static_argnums=4)
+    cat = lambda lv: np.concatenate([lv[0], lv[1][:, None]], -1)  # noqa: E731
     for k in range(3):
-        np.testing.assert_allclose(fwd(p, x, k, 1.0, K3), outs[k], rtol=1e-4, atol=1e-5)
-    alone = relu(own(1, 2, relu(own(0, 2, x))))
-    np.testing.assert_allclose(fwd(p, x, 2, 0.0, K3), own(2, 2, alone), rtol=1e-4, atol=1e-5)
+        np.testing.assert_allclose(cat(fwd(p, x, k, 1.0, K3)), outs[k], rtol=1e-4, atol=1e-5)
+    alone = own(2, 2, relu(own(1, 2, relu(own(0, 2, x)))))
+    np.testing.assert_allclose(cat(fwd(p, x, 2, 0.0, K3)), alone, rtol=1e-4, atol=1e-5)
 
 
 def test_each_arm_trains_only_its_own_column():
@@ -203,7 +204,7 @@ def test_bad_values_fail_with_named_field(tmp_path):
         (dict(num_envs=0), "num_envs=0 must be >= 1"),
         (dict(num_steps=0), "num_steps=0 must be >= 1"),
         (dict(num_minibatches=0), "num_minibatches=0 must be >= 1"),
-        (dict(noise_std=-1.0), "noise_std=-1.0 must be >= 0"),
+        (dict(noise_std=-1.0), "noise_std >= 0"),
     ]
     for kw, msg in bad:
         with pytest.raises(ValueError, match=msg):
@@ -362,5 +363,7 @@ def test_paper_preset_traces():
     assert {f"charts/return_{a}" for a in pnn.ARMS} <= set(metrics)
     bf16 = dataclasses.replace(cfg, dtype="bfloat16")
     params = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape[1:], a.dtype), state.arms.params)
-    out = jax.eval_shape(lambda p: pnn.forward(p, jnp.zeros((2, 10, 10, 4)), 2, 1.0, bf16), params)
-    assert out.shape == (2, 4) and out.dtype == jnp.float32
+    logits, value = jax.eval_shape(
+        lambda p: pnn.forward(p, jnp.zeros((2, 10, 10, 4)), 2, 1.0, bf16), params
+    )
+    assert logits.shape == (2, 3) and value.shape == (2,) and logits.dtype == jnp.float32
