@@ -142,15 +142,27 @@ class Config:
     def validate(self):
         checks = [
             ("attention", self.attention in ("lsh", "full"), "must be 'lsh' or 'full'"),
-            ("d_model", self.d_model % self.n_heads == 0,
-             f"must be divisible by n_heads={self.n_heads}"),
-            ("n_buckets", self.n_buckets == 1 or (self.n_buckets >= 2 and self.n_buckets % 2 == 0),
-             "must be 1 or even (h(x) = argmax([xR; -xR]) gives an even count)"),
+            (
+                "d_model",
+                self.d_model % self.n_heads == 0,
+                f"must be divisible by n_heads={self.n_heads}",
+            ),
+            (
+                "n_buckets",
+                self.n_buckets == 1 or (self.n_buckets >= 2 and self.n_buckets % 2 == 0),
+                "must be 1 or even (h(x) = argmax([xR; -xR]) gives an even count)",
+            ),
             ("n_hashes", self.n_hashes >= 1, "must be >= 1"),
-            ("chunk_len", self.chunk_len >= 1 and self.seq_len % self.chunk_len == 0,
-             f"must divide seq_len={self.seq_len}"),
-            ("ff_chunks", self.ff_chunks >= 1 and self.seq_len % self.ff_chunks == 0,
-             f"must divide seq_len={self.seq_len}"),
+            (
+                "chunk_len",
+                self.chunk_len >= 1 and self.seq_len % self.chunk_len == 0,
+                f"must divide seq_len={self.seq_len}",
+            ),
+            (
+                "ff_chunks",
+                self.ff_chunks >= 1 and self.seq_len % self.ff_chunks == 0,
+                f"must divide seq_len={self.seq_len}",
+            ),
             ("total_steps", self.total_steps >= 1, "must be >= 1"),
             ("eval_windows", self.eval_windows >= 1, "must be >= 1"),
         ]
@@ -160,21 +172,38 @@ class Config:
 
 
 PRESETS = {
-    "quick": dict(corpus="pydoc", max_chars=0, byte_level=False, seq_len=128, batch_size=16,
-                  d_model=64, n_heads=2, d_ff=256, n_layers=2, n_buckets=8, n_hashes=2,
-                  chunk_len=32, ff_chunks=4, lr=3e-3, warmup_steps=50, total_steps=600,
-                  eval_windows=64),
+    "quick": dict(
+        corpus="pydoc",
+        max_chars=0,
+        byte_level=False,
+        seq_len=128,
+        batch_size=16,
+        d_model=64,
+        n_heads=2,
+        d_ff=256,
+        n_layers=2,
+        n_buckets=8,
+        n_hashes=2,
+        chunk_len=32,
+        ff_chunks=4,
+        lr=3e-3,
+        warmup_steps=50,
+        total_steps=600,
+        eval_windows=64,
+    ),
     "paper": dict(),
 }
 
 
 @functools.cache
 def corpus(name: str, max_chars: int, byte_level: bool):
-    """(train ids, val ids) as numpy int32 and the vocabulary size; loaded once. Jitted
-    callers turn them into device constants (jnp.asarray); a closed-over device array
-    breaks the runner's AOT-compiled chunks ("compiled for N inputs but called with N-1")."""
+    """(train ids, val ids) as numpy uint8 (uint16 above 256 symbols) and the vocabulary
+    size; loaded once. `init` puts them in the State, so they enter the compiled chunks as
+    an input, not as a constant of each program (a closed-over device array would break
+    the runner's AOT-compiled chunks); the gathers cast to int32."""
     train, val, vocab = data.char_corpus(name, 0.1, max_chars or None, byte_level)
-    return train, val, len(vocab)
+    dtype = np.uint8 if len(vocab) <= 256 else np.uint16
+    return train.astype(dtype), val.astype(dtype), len(vocab)
 
 
 # --- NETWORKS ---
@@ -246,8 +275,9 @@ def duplicate_counts(undo, q_pos, k_pos, chunk_len: int, n_hashes: int):
     return n  # (B, H, C, m, 2m)
 
 
-def lsh_attention(qk, v, rotations, n_buckets: int, chunk_len: int, causal: bool,
-                  dup_correction: bool = False):
+def lsh_attention(
+    qk, v, rotations, n_buckets: int, chunk_len: int, causal: bool, dup_correction: bool = False
+):
     """LSH attention of [1] Sec. 2, with the chunking and round layout of trax/HF.
     qk, v: (B, H, L, d_head); rotations: (H, d_head, n_hashes, n_buckets/2). With
     `dup_correction`, logits_ij -= log N_ij ([1] App. A), so that a key that query i
@@ -311,8 +341,11 @@ class SharedQKAttention(nn.Module):
         # fresh random rotations R for every round ([1] Sec. 2 "Multi-round LSH")
         shape = (self.n_heads, self.d_head, self.n_hashes, self.n_buckets // 2)
         rotations = jax.random.normal(hash_key, shape, qk.dtype)
-        return merge_heads(lsh_attention(qk, v, rotations, self.n_buckets, self.chunk_len,
-                                         self.causal, self.dup_correction))
+        return merge_heads(
+            lsh_attention(
+                qk, v, rotations, self.n_buckets, self.chunk_len, self.causal, self.dup_correction
+            )
+        )
 
 
 class AttentionBlock(nn.Module):
@@ -324,9 +357,16 @@ class AttentionBlock(nn.Module):
     @nn.compact
     def __call__(self, x, hash_key):
         c = self.cfg
-        h = SharedQKAttention(c.n_heads, c.d_head, c.attention, c.n_buckets, c.n_hashes,
-                              c.chunk_len, self.causal, c.dup_correction)(
-            nn.LayerNorm()(x), hash_key)
+        h = SharedQKAttention(
+            c.n_heads,
+            c.d_head,
+            c.attention,
+            c.n_buckets,
+            c.n_hashes,
+            c.chunk_len,
+            self.causal,
+            c.dup_correction,
+        )(nn.LayerNorm()(x), hash_key)
         return nn.Dense(c.d_model, use_bias=False, name="out")(h)
 
 
@@ -392,7 +432,8 @@ def reversible_stack(f, g, recompute: bool = True):
             return (x1, x2, dy1, dy2 + dx2_f), (dp_f, dp_g)
 
         (_, _, dx1, dx2), (dpf, dpg) = jax.lax.scan(
-            layer_back, (y1, y2, *cts), (pf, pg, keys), reverse=True)
+            layer_back, (y1, y2, *cts), (pf, pg, keys), reverse=True
+        )
         return dpf, dpg, dx1, dx2, np.zeros(keys.shape, jax.dtypes.float0)
 
     stack.defvjp(fwd, bwd)
@@ -428,15 +469,19 @@ class Reformer(nn.Module):
         dummy = jnp.zeros((1, min(L, c.chunk_len), c.d_model))
         layers = lambda k: jax.random.split(k, c.n_layers)
         # per-layer parameters stacked on a leading axis of length n_layers
-        pf = self.param("attention", lambda k: jax.vmap(
-            lambda kk: attn.init(kk, dummy, jax.random.PRNGKey(0)))(layers(k)))
-        pg = self.param("feed_forward", lambda k: jax.vmap(
-            lambda kk: ff.init(kk, dummy))(layers(k)))
+        pf = self.param(
+            "attention",
+            lambda k: jax.vmap(lambda kk: attn.init(kk, dummy, jax.random.PRNGKey(0)))(layers(k)),
+        )
+        pg = self.param(
+            "feed_forward", lambda k: jax.vmap(lambda kk: ff.init(kk, dummy))(layers(k))
+        )
         keys = jax.random.split(hash_key, c.n_layers)  # one hashing key per layer
         if c.reversible:
             y1, y2 = reversible_stack(f, g, self.recompute)(pf, pg, x, x, keys)  # [x; x]
             h = jnp.concatenate([y1, y2], -1)  # (B, L, 2d)
         else:
+
             def layer(h, p):  # standard pre-LN residual block: h + F(h), then h + G(h)
                 h = h + f(p[0], h, p[2])
                 return h + g(p[1], h), None
@@ -463,6 +508,11 @@ class State:
     opt_state: Any
     key: jax.Array
     step: jax.Array
+    train_ids: jax.Array
+    """(T,) uint8 training ids (corpus()): an input of the compiled chunks, not a constant;
+    one copy per seed (pydoc 0.4 MB, stdlib 11 MB)"""
+    val_ids: jax.Array
+    """(T_val,) uint8 validation ids, read by evaluate"""
 
 
 def make_model(cfg: Config) -> Reformer:
@@ -470,8 +520,9 @@ def make_model(cfg: Config) -> Reformer:
 
 
 def optimizer(cfg: Config):
-    sched = optax.warmup_cosine_decay_schedule(0.0, cfg.lr, cfg.warmup_steps,
-                                               max(cfg.total_steps, cfg.warmup_steps + 1))
+    sched = optax.warmup_cosine_decay_schedule(
+        0.0, cfg.lr, cfg.warmup_steps, max(cfg.total_steps, cfg.warmup_steps + 1)
+    )
     return optax.chain(optax.clip_by_global_norm(cfg.max_grad_norm), optax.adam(sched))
 
 
@@ -479,33 +530,46 @@ def init(key, cfg: Config) -> State:
     k_params, k_hash, key = jax.random.split(key, 3)
     tokens = jnp.zeros((1, cfg.seq_len), jnp.int32)
     params = make_model(cfg).init(k_params, tokens, k_hash)
-    return State(params, optimizer(cfg).init(params), key, jnp.zeros((), jnp.int32))
+    train_ids, val_ids, _ = corpus(cfg.corpus, cfg.max_chars, cfg.byte_level)
+    return State(
+        params,
+        optimizer(cfg).init(params),
+        key,
+        jnp.zeros((), jnp.int32),
+        jnp.asarray(train_ids),
+        jnp.asarray(val_ids),
+    )
 
 
 def update(state: State, cfg: Config):
-    train_ids = jnp.asarray(corpus(cfg.corpus, cfg.max_chars, cfg.byte_level)[0])
     key, k_data, k_hash = jax.random.split(state.key, 3)
-    tokens, targets = data.lm_windows(k_data, train_ids, cfg.batch_size, cfg.seq_len)
-    loss, grads = jax.value_and_grad(lm_loss)(state.params, make_model(cfg), tokens, targets,
-                                              k_hash)
+    tokens, targets = data.lm_windows(k_data, state.train_ids, cfg.batch_size, cfg.seq_len)
+    tokens, targets = tokens.astype(jnp.int32), targets.astype(jnp.int32)
+    loss, grads = jax.value_and_grad(lm_loss)(
+        state.params, make_model(cfg), tokens, targets, k_hash
+    )
     upd, opt_state = optimizer(cfg).update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, upd)
-    metrics = {"losses/loss": loss, "charts/bits_per_char": loss / jnp.log(2.0),
-               "charts/grad_norm": optax.tree.norm(grads)}
-    return State(params, opt_state, key, state.step + 1), metrics
+    metrics = {
+        "losses/loss": loss,
+        "charts/bits_per_char": loss / jnp.log(2.0),
+        "charts/grad_norm": optax.tree.norm(grads),
+    }
+    return state.replace(params=params, opt_state=opt_state, key=key, step=state.step + 1), metrics
 
 
-def val_windows(cfg: Config):
-    """Fixed, evenly spaced validation windows: inputs and targets (eval_windows, L)."""
-    val = corpus(cfg.corpus, cfg.max_chars, cfg.byte_level)[1]
-    starts = np.linspace(0, val.shape[0] - cfg.seq_len - 1, cfg.eval_windows).astype(np.int32)
-    w = jnp.asarray(np.stack([val[s:s + cfg.seq_len + 1] for s in starts]))
+def val_windows(val_ids, cfg: Config):
+    """Fixed, evenly spaced validation windows of the (device) val ids: int32 inputs and
+    targets (eval_windows, L)."""
+    starts = np.linspace(0, val_ids.shape[0] - cfg.seq_len - 1, cfg.eval_windows).astype(np.int32)
+    take = lambda s: jax.lax.dynamic_slice(val_ids, (s,), (cfg.seq_len + 1,))
+    w = jax.vmap(take)(jnp.asarray(starts)).astype(jnp.int32)
     return w[:, :-1], w[:, 1:]
 
 
 def evaluate(state: State, cfg: Config):
     """Validation loss and bits/char over the fixed windows (one hashing key for all)."""
-    tokens, targets = val_windows(cfg)
+    tokens, targets = val_windows(state.val_ids, cfg)
     model = make_model(cfg)
     hash_key = jax.random.PRNGKey(1234)
 
@@ -521,9 +585,16 @@ def evaluate(state: State, cfg: Config):
 
 
 def main(argv=None):
-    return run.main(Config, init, update, presets=PRESETS, evaluate=evaluate, argv=argv,
-                    doc=__doc__, summary_keys=["val_loss", "val_bits_per_char",
-                                               "losses/loss", "charts/bits_per_char"])
+    return run.main(
+        Config,
+        init,
+        update,
+        presets=PRESETS,
+        evaluate=evaluate,
+        argv=argv,
+        doc=__doc__,
+        summary_keys=["val_loss", "val_bits_per_char", "losses/loss", "charts/bits_per_char"],
+    )
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@ learning, purity and the CLI."""
 
 import dataclasses
 import json
+import re
 import textwrap
 
 import jax
@@ -20,10 +21,25 @@ from tests.transformers import tiny_run as tiny_run_module
 from transformers import reformer as rf
 
 # A tiny model: L = 32, chunks of 8 (4 chunks per round), 4 buckets, 2 rounds, 2 layers.
-TINY = rf.Config(corpus="pydoc", max_chars=60_000, byte_level=False, seq_len=32, batch_size=4,
-                 d_model=32, n_heads=2, d_ff=64, n_layers=2, n_buckets=4, n_hashes=2,
-                 chunk_len=8, ff_chunks=2, lr=3e-3, warmup_steps=5, total_steps=3,
-                 eval_windows=4)
+TINY = rf.Config(
+    corpus="pydoc",
+    max_chars=60_000,
+    byte_level=False,
+    seq_len=32,
+    batch_size=4,
+    d_model=32,
+    n_heads=2,
+    d_ff=64,
+    n_layers=2,
+    n_buckets=4,
+    n_hashes=2,
+    chunk_len=8,
+    ff_chunks=2,
+    lr=3e-3,
+    warmup_steps=5,
+    total_steps=3,
+    eval_windows=4,
+)
 
 
 lsh_attention = tiny_run_module.jit0(rf.lsh_attention, static_argnums=(3, 4, 5, 6))
@@ -54,8 +70,9 @@ def test_one_bucket_spanning_the_sequence_equals_full_attention(causal):
     # float32, one round, L = 2 chunks: equal for ANY rotation (catalog: 1.8e-7)
     qk, v = qkv(seed=1)
     rot = jax.random.normal(jax.random.PRNGKey(2), (2, 8, 1, 4))
-    np.testing.assert_allclose(lsh_attention(qk, v, rot, 8, 16, causal),
-                               full_attention(qk, v, causal), atol=2e-6)
+    np.testing.assert_allclose(
+        lsh_attention(qk, v, rot, 8, 16, causal), full_attention(qk, v, causal), atol=2e-6
+    )
 
 
 def test_lsh_with_many_buckets_is_sparse_and_hashes_as_argmax_of_rotations():
@@ -85,8 +102,9 @@ def test_duplicate_correction_on_two_rounds_counts_every_key_once():
     qk = jnp.asarray(mag * np.stack([sign1, sign2, np.ones(8), -np.ones(8)], -1))[None, None]
     v = jax.random.normal(jax.random.PRNGKey(6), (1, 1, 8, 4))
     rot = jnp.zeros((1, 4, 2, 1)).at[0, 0, 0, 0].set(1.0).at[0, 1, 1, 0].set(1.0)
-    np.testing.assert_array_equal(rf.hash_vectors(qk, rot, 2)[0, 0],
-                                  [[0, 0, 0, 0, 1, 1, 1, 1], [0, 0, 1, 1, 0, 0, 1, 1]])
+    np.testing.assert_array_equal(
+        rf.hash_vectors(qk, rot, 2)[0, 0], [[0, 0, 0, 0, 1, 1, 1, 1], [0, 0, 1, 1, 0, 0, 1, 1]]
+    )
     dense = full_attention(qk, v, False)
     fixed = lsh_attention(qk, v, rot, 2, 4, False, True)
     np.testing.assert_allclose(fixed, dense, atol=1e-5)
@@ -103,8 +121,11 @@ def test_self_mask_only_when_nothing_else():
     def weights(qk, v):
         dots = jnp.einsum("bhid,bhjd->bhij", qk, rf.unit_keys(qk))
         p = jax.nn.softmax(rf.masked_logits(dots, jnp.arange(8), jnp.arange(8), True), -1)
-        return (rf.full_attention(qk, v, True), jnp.diagonal(p, axis1=-2, axis2=-1),
-                jnp.linalg.norm(rf.unit_keys(qk), axis=-1))
+        return (
+            rf.full_attention(qk, v, True),
+            jnp.diagonal(p, axis1=-2, axis2=-1),
+            jnp.linalg.norm(rf.unit_keys(qk), axis=-1),
+        )
 
     out, diag, norms = weights(qk, v)
     np.testing.assert_allclose(out[:, :, 0], v[:, :, 0], atol=1e-6)
@@ -138,7 +159,8 @@ def test_no_future_leak_in_the_model_and_the_broken_variant_leaks(attention, n_b
     key = jax.random.PRNGKey(1)
     params = compiled(rf.Reformer(cfg, 50).init, jax.random.PRNGKey(2), tokens, key)
     fn = lambda causal: tiny_run_module.jit0(
-        lambda t: rf.Reformer(cfg, 50, causal).apply(params, t, key))
+        lambda t: rf.Reformer(cfg, 50, causal).apply(params, t, key)
+    )
     leak.assert_no_future_leak(fn(True), tokens, 20, 50)
     leak.assert_leaks(fn(False), tokens, 20, 50)
 
@@ -188,8 +210,9 @@ def test_lsh_attention_matches_hf_lsh_self_attention(tmp_path):
             xx = jnp.asarray(x)
             qk = rf.split_heads(xx @ o[tag + "_qk"].T, 2)  # nn.Linear stores (out, in)
             v = rf.split_heads(xx @ o[tag + "_v"].T, 2)
-            ours = rf.merge_heads(rf.lsh_attention(qk, v, jnp.asarray(o[tag + "_rot"]), 4, 8,
-                                                   causal))
+            ours = rf.merge_heads(
+                rf.lsh_attention(qk, v, jnp.asarray(o[tag + "_rot"]), 4, 8, causal)
+            )
             np.testing.assert_allclose(ours, o[tag + "_out"], atol=1e-9, err_msg=tag)
 
 
@@ -217,8 +240,10 @@ def test_reversible_gradients_equal_backprop():
         p64 = jax.tree.map(lambda a: a.astype(jnp.float64), params)
         (l1, g1), (l2, g2) = grads(p64, True), grads(p64, False)
         np.testing.assert_allclose(l1, l2, rtol=1e-12)
-        err = max(float(np.abs(a - b).max() / (np.abs(b).max() + 1e-30))
-                  for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g2), strict=True))
+        err = max(
+            float(np.abs(a - b).max() / (np.abs(b).max() + 1e-30))
+            for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g2), strict=True)
+        )
     print("max relative gradient error (float64)", err)
     assert err < 1e-9, err
     # the stack is invertible: inputs reconstructed from its outputs
@@ -247,8 +272,9 @@ def test_reversible_memory_stays_flat_in_depth():
     standard residual stack stores every layer's activations and grows ~linearly; the
     reversible stack does not grow. Measured (CPU): standard +5.9 MB, reversible +0 B
     (depth 2 to 8: +18.1 MB and +0 B)."""
-    base = dataclasses.replace(TINY, seq_len=128, d_model=64, d_ff=128, attention="full",
-                               ff_chunks=4, batch_size=4)
+    base = dataclasses.replace(
+        TINY, seq_len=128, d_model=64, d_ff=128, attention="full", ff_chunks=4, batch_size=4
+    )
     tokens = jnp.zeros((4, 128), jnp.int32)
     key = jax.random.PRNGKey(0)
 
@@ -272,8 +298,9 @@ def test_chunked_feed_forward_equals_unchunked():
     x = jax.random.normal(jax.random.PRNGKey(0), (2, 32, 16))
     ff = rf.FeedForward(16, 48)
     p = compiled(lambda k_: ff.init(k_, x), jax.random.PRNGKey(1))
-    full, *outs = tiny_run_module.jit0(lambda x: [rf.chunked(lambda c: ff.apply(p, c), x, n)
-                                                  for n in (1, 2, 4, 32)])(x)
+    full, *outs = tiny_run_module.jit0(
+        lambda x: [rf.chunked(lambda c: ff.apply(p, c), x, n) for n in (1, 2, 4, 32)]
+    )(x)
     for out in outs:
         np.testing.assert_allclose(out, full, atol=1e-6)
 
@@ -300,8 +327,8 @@ def test_lsh_reformer_beats_the_unigram_model_short(tiny_run):
     add-0.1 unigram baseline (fitted on the training split, scored on the same validation
     targets). Measured: trained 3.01 / 2.99 nats/char (2 seeds) vs unigram 3.35."""
     trained = np.asarray(tiny_run.final["val_loss"])
-    train_ids, _, vocab = rf.corpus(RUN.corpus, RUN.max_chars, RUN.byte_level)
-    _, targets = (np.asarray(a) for a in rf.val_windows(RUN))
+    train_ids, val_ids, vocab = rf.corpus(RUN.corpus, RUN.max_chars, RUN.byte_level)
+    _, targets = (np.asarray(a) for a in rf.val_windows(val_ids, RUN))
     uni = np.bincount(np.asarray(train_ids), minlength=vocab) + 0.1
     uni = float(-np.log(uni / uni.sum())[targets].mean())
     print(f"unigram {uni:.3f} trained {trained}")
@@ -316,17 +343,28 @@ def test_lsh_reformer_learns_beyond_the_untrained_and_unigram_models():
     margin, and reaches the add-0.1 bigram baseline (both fitted on the training split).
     Measured: untrained 5.27 nats/char, unigram 3.63, bigram 2.35, trained 2.34 (the
     broken baselines: untrained and unigram are beaten by > 1 nat)."""
-    cfg = dataclasses.replace(TINY, max_chars=200_000, seq_len=64, batch_size=16, d_model=64,
-                              d_ff=256, n_buckets=4, chunk_len=16, ff_chunks=4,
-                              warmup_steps=30, total_steps=300, eval_windows=32)
-    train_ids, _, vocab = rf.corpus(cfg.corpus, cfg.max_chars, cfg.byte_level)
+    cfg = dataclasses.replace(
+        TINY,
+        max_chars=200_000,
+        seq_len=64,
+        batch_size=16,
+        d_model=64,
+        d_ff=256,
+        n_buckets=4,
+        chunk_len=16,
+        ff_chunks=4,
+        warmup_steps=30,
+        total_steps=300,
+        eval_windows=32,
+    )
+    train_ids, val_ids, vocab = rf.corpus(cfg.corpus, cfg.max_chars, cfg.byte_level)
     train_ids = np.asarray(train_ids)
     state0 = jax.jit(lambda k: rf.init(k, cfg))(jax.random.PRNGKey(0))
     untrained = float(jax.jit(lambda s: rf.evaluate(s, cfg))(state0)["val_loss"])
     state, metrics = jax.jit(run.make_train(rf.init, rf.update, cfg))(jax.random.PRNGKey(0))
     trained = float(jax.jit(lambda s: rf.evaluate(s, cfg))(state)["val_loss"])
     # baselines on the same validation targets
-    tokens, targets = (np.asarray(a) for a in rf.val_windows(cfg))
+    tokens, targets = (np.asarray(a) for a in rf.val_windows(val_ids, cfg))
     uni = np.bincount(train_ids, minlength=vocab) + 0.1
     uni = -np.log(uni / uni.sum())[targets].mean()
     big = np.full((vocab, vocab), 0.1)
@@ -361,11 +399,39 @@ def test_cli_runs_and_documents_every_field(tiny_run, capsys):
 
 
 def test_bad_values_fail_with_named_field():
-    for bad, match in [(dict(n_buckets=3), "n_buckets=3"), (dict(chunk_len=5), "chunk_len=5"),
-                       (dict(attention="dense"), "attention='dense'"),
-                       (dict(n_heads=3), "d_model=32")]:
+    for bad, match in [
+        (dict(n_buckets=3), "n_buckets=3"),
+        (dict(chunk_len=5), "chunk_len=5"),
+        (dict(attention="dense"), "attention='dense'"),
+        (dict(n_heads=3), "d_model=32"),
+    ]:
         with pytest.raises(ValueError, match=match):
             dataclasses.replace(TINY, **bad).validate()
+
+
+def big_constants(hlo: str, min_elements: int = 10_000):
+    """Lines of StableHLO text that define a constant of at least `min_elements` elements."""
+    out = []
+    for ln in hlo.splitlines():
+        if "constant" in ln:
+            for dims in re.findall(r"tensor<((?:\d+x)+)[a-z]", ln):
+                if np.prod([int(d) for d in dims.rstrip("x").split("x")]) >= min_elements:
+                    out.append(ln[:200])
+    return out
+
+
+def test_corpus_is_a_uint8_input_of_update_and_evaluate_not_a_constant():
+    """TINY's ids (60k pydoc characters) live in the State as uint8, so the compiled update
+    and evaluate take them as an input: no constant of 1k elements or more in their lowered
+    text (the int32 training split was one: 54k elements per update program)."""
+    state = jax.eval_shape(lambda k: rf.init(k, TINY), jax.random.PRNGKey(0))
+    train, val, _ = rf.corpus(TINY.corpus, TINY.max_chars, TINY.byte_level)
+    assert state.train_ids.shape == train.shape and state.val_ids.shape == val.shape
+    assert state.train_ids.dtype == state.val_ids.dtype == jnp.uint8
+    assert train.shape[0] > 50_000 and val.shape[0] > 5_000
+    for fn in (rf.update, rf.evaluate):
+        hlo = jax.jit(fn, static_argnums=1).lower(state, TINY).as_text()
+        assert not big_constants(hlo, 1000), (fn.__name__, big_constants(hlo, 1000)[:1])
 
 
 def test_every_config_field_is_read():
