@@ -184,7 +184,8 @@ PRESETS = {
         ent_coef=0.0,
         max_speed=0.1,
     ),
-    "paper": dict(),
+    # gamma = 1: the only reward comes at step 1000, and 0.99^999 = 4e-5 (see Differences).
+    "paper": dict(gamma=1.0),
 }
 
 
@@ -282,6 +283,33 @@ def episode_rewards(log_p_d, episode_length: int):
     return r.at[-1].set(jax.lax.stop_gradient(log_p_d))
 
 
+def decoder_turn(step, dc_every: int):
+    """Whether epoch `step` (0-based, before its increment) trains the decoder and checks the
+    curriculum: the last of every dc_every epochs (dc_every - 1, 2 dc_every - 1, ...)."""
+    return (step + 1) % dc_every == 0
+
+
+def ring_write(buf, x, step, dc_every: int):
+    """Write the epoch's rows x [B, ...] into slot step % dc_every of buf [dc_every B, ...]."""
+    return jax.lax.dynamic_update_slice_in_dim(buf, x, (step % dc_every) * x.shape[0], 0)
+
+
+def curriculum(k, mean_log_p_d, turn, cfg: Config):
+    """[1]'s curriculum: on a decoder turn, K <- next_k(K) when E[log P_D] >= log threshold."""
+    grow = turn & (mean_log_p_d >= jnp.log(cfg.threshold))
+    return jnp.where(grow, next_k(k, cfg.k_max), k)
+
+
+def advantages(rewards, values, cfg: Config):
+    """[T, B] per-episode rewards and values -> (GAE(gamma, lambda) advantages [3] Eq. (16),
+    the discounted reward-to-go GAE(gamma, 1) that the value regresses to)."""
+    dones = jnp.zeros_like(rewards).at[-1].set(1.0)
+    last = jnp.zeros(rewards.shape[1:])
+    adv, _ = gae(rewards, values, dones, last, cfg.gamma, cfg.gae_lambda)
+    rtg, _ = gae(rewards, jnp.zeros_like(rewards), dones, last, cfg.gamma, 1.0)
+    return adv, rtg
+
+
 def next_k(k, k_max):
     """[1] Sec. 3.3 [M]: K <- min(int(1.5 K + 1), K_max); int(1.5 K + 1) = (3 K + 2) // 2."""
     return jnp.minimum((3 * k + 2) // 2, k_max)
@@ -314,6 +342,8 @@ class State:
     step: jax.Array  # int32: epochs done
     key: jax.Array
     variant: jax.Array  # int32 index into VARIANTS (traced: both arms in one program)
+    dc_x: jax.Array  # decoder inputs of the last dc_every epochs [dc_every B, ...] (ring)
+    dc_c: jax.Array  # int32 [dc_every B]: their contexts
 
 
 def optimizers(cfg: Config):
@@ -331,6 +361,8 @@ def init(key, cfg: Config) -> State:
         "dec": dec.init(k_d, decoder_inputs(states, cfg)),
     }
     opt_state = {n: tx.init(params[n]) for n, tx in optimizers(cfg).items()}
+    n = cfg.dc_every * cfg.num_episodes
+    dc_x = decoder_inputs(jnp.zeros((cfg.episode_length + 1, n, 2)), cfg)
     return State(
         params,
         opt_state,
@@ -338,6 +370,8 @@ def init(key, cfg: Config) -> State:
         jnp.zeros((), jnp.int32),
         key,
         jnp.asarray(VARIANTS.index(cfg.variant), jnp.int32),
+        dc_x,
+        jnp.zeros((n,), jnp.int32),
     )
 
 
@@ -381,14 +415,8 @@ def update(state: State, cfg: Config):
     logits = dec.apply(state.params["dec"], inputs)
     log_p_d = context_log_prob(logits, c, state.k)
     rewards = episode_rewards(log_p_d, cfg.episode_length)  # [T, B]
-    dones = jnp.zeros_like(rewards).at[-1].set(1.0)
     values = v.apply(state.params["v"], xs)  # [T, B]
-    adv, _ = gae(
-        rewards, values, dones, jnp.zeros(cfg.num_episodes), cfg.gamma, cfg.gae_lambda
-    )  # [3] Eq. (16)
-    rtg, _ = gae(
-        rewards, jnp.zeros_like(rewards), dones, jnp.zeros(cfg.num_episodes), cfg.gamma, 1.0
-    )  # discounted reward-to-go: the value's target
+    adv, rtg = advantages(rewards, values, cfg)  # [3] Eq. (16); the value's target
     adv = (adv - adv.mean()) / (adv.std() + 1e-8)
 
     # --- POLICY --- one VPG step on E[log pi A] + beta H(pi | c)
@@ -414,11 +442,15 @@ def update(state: State, cfg: Config):
         v_step, (state.params["v"], state.opt_state["v"]), None, cfg.train_v_iters
     )
 
-    # --- DECODER --- every dc_every epochs: train_dc_iters steps of -log P_D(c | tau)
+    # --- DECODER --- every dc_every epochs: train_dc_iters steps of -log P_D(c | tau) on
+    # the episodes of the last dc_every epochs (a ring buffer; all drawn with this K)
+    dc_x = ring_write(state.dc_x, inputs, state.step, cfg.dc_every)
+    dc_c = ring_write(state.dc_c, c, state.step, cfg.dc_every)
+
     def dc_step(carry, _):
         p, o = carry
         loss, g = jax.value_and_grad(
-            lambda p: -context_log_prob(dec.apply(p, inputs), c, state.k).mean()
+            lambda p: -context_log_prob(dec.apply(p, dc_x), dc_c, state.k).mean()
         )(p)
         upd, o = txs["dec"].update(g, o)
         return (optax.apply_updates(p, upd), o), loss
@@ -426,15 +458,14 @@ def update(state: State, cfg: Config):
     (new_dec, opt_dec), loss_dc = jax.lax.scan(
         dc_step, (state.params["dec"], state.opt_state["dec"]), None, cfg.train_dc_iters
     )
-    train_dc = (state.step + 1) % cfg.dc_every == 0
+    train_dc = decoder_turn(state.step, cfg.dc_every)
     new_dec, opt_dec = jax.tree.map(
         lambda n, o: jnp.where(train_dc, n, o),
         (new_dec, opt_dec),
         (state.params["dec"], state.opt_state["dec"]),
     )
     # --- CURRICULUM --- [1] Sec. 3.3 [M], on the same epochs
-    grow = train_dc & (log_p_d.mean() >= jnp.log(cfg.threshold))
-    k = jnp.where(grow, next_k(state.k, cfg.k_max), state.k)
+    k = curriculum(state.k, log_p_d.mean(), train_dc, cfg)
 
     params = {"pi": new_pi, "v": new_v, "dec": new_dec}
     opt_state = {"pi": opt_pi, "v": opt_v, "dec": opt_dec}
@@ -449,7 +480,7 @@ def update(state: State, cfg: Config):
         "losses/v": loss_v[-1],
         "losses/decoder": loss_dc[-1],
     }
-    return State(params, opt_state, k, state.step + 1, key, state.variant), metrics
+    return State(params, opt_state, k, state.step + 1, key, state.variant, dc_x, dc_c), metrics
 
 
 # --- EVALUATE ---
