@@ -14,48 +14,64 @@ posterior before it, and the policy maximises r + eta * (normalised KL):
     r'_t = r_t + eta D_KL[q_{phi_t + lambda dphi} || q_{phi_t}]                  [1] Sec. 2.1
     l(phi; s_t) = D_KL[q_phi || q_{phi_t}] - E_{theta~q_phi} log p(s_{t+1}|s_t,a_t;theta)
     dphi = -H^-1 grad_phi l at phi = phi_t (the KL term's gradient is 0 there)
-    H^-1 (diagonal, of the KL term at the origin):                             [1] Eq. 16
+    H^-1 (diagonal, of the KL term at the origin):                         [1] Eq. 16 [M]
         mu:  log^2(1 + e^rho)      rho: log^2(1 + e^rho) (1 + e^rho)^2 / (2 e^{2 rho})
-    D_KL ~= 1/2 lambda^2 grad^T H^-1 grad,  lambda = 0.01                      [1] Eq. 17
+    D_KL ~= 1/2 lambda^2 grad^T H^-1 grad,  lambda = 0.01                  [1] Eq. 17 [M]
     KL_t <- KL_t / mean(medians of the KLs of the last 10 batches)    (released code)
     BNN: ELBO on a replay pool, KL[q||p] / 5 - E_q log p(D|theta), p = N(0, 0.5^2),
          Gaussian likelihood of sd 5, local reparameterisation, 10 samples      [1] Sec. 2.2
 
 The per-transition KL of [1] Eq. 17 is computed in closed form for every transition of a
 rollout at once (a vmapped per-sample gradient, no parameter update is applied), and the
-BNN trains on its replay pool inside the same jitted `update`.
+BNN trains on its replay pool inside the same jitted `update`. (The equations match the
+released dynamics/bnn.py; their numbers 16/17 in [1] are from memory, not checked.)
 
-Reproduce (CPU demo, about a minute on 2 cores; VIME vs the same PPO without the bonus):
+Reproduce (CPU demo, about 2 minutes on 2 loaded cores; VIME vs the same PPO without the bonus):
     python exploration/vime.py --preset quick --num-seeds 8
     python exploration/vime.py --preset quick --num-seeds 8 --eta 0
-Measured (loaded 2-core CPU, load ~14; 8 seeds, 2048 steps; 100 s compile + 3 s run):
-distinct cells of FourRooms' 104, VIME 58 97 100 102 64 90 66 58 (median 78, mean 79.4)
-vs PPO (eta = 0, same keys) 58 95 60 93 42 71 69 55 (median 64.5, mean 67.9). The plot,
-both arms in one program (same numbers):
+Measured after the KL-queue fix (loaded 2-core CPU, load ~10; 8 seeds, 2048 steps; 107 s
+wall, 31 CPU-s): distinct cells of FourRooms' 104, VIME 58 97 102 102 62 90 66 58 (median
+78, mean 79.4) vs PPO (eta = 0, same keys) 58 95 60 93 42 71 69 55 (median 64.5, mean
+67.9); paired gaps 0 2 42 9 20 19 -3 3 (before the fix: 58 97 100 102 64 90 66 58). The
+plot, both arms in one program (the same numbers, 128 s wall):
     python exploration/vime.py --plot exploration/vime.png
-Paper setting (GPU; sparse continuous control, MountainCar):
+Paper-scale preset (GPU; it cannot show VIME as it stands: its task is not sparse, below):
     python exploration/vime.py --preset paper
-[1] Fig. 2: on sparse MountainCar, CartpoleSwingup and HalfCheetah TRPO + VIME reaches the
-goal where TRPO (also with L2 prediction-error bonuses) mostly does not; curves only.
+[1] Fig. 1 (a-c) (per an overview of 1605.09674 [M]): on sparse MountainCar, CartpoleSwingup
+and HalfCheetah TRPO + VIME reaches the goal where TRPO (also with L2 prediction-error
+bonuses) mostly does not; curves only.
 
 Differences from the paper:
 - The learner is the shared PPO (common.rl.make_ppo with a Bonus), not TRPO with a linear
   baseline; eta multiplies the normalised KL inside the bonus, and the PPO reward is
   r + eta KL / median. PPO's hyperparameters are the file's, not [1]'s TRPO step 0.01.
 - The KL uses [1] Eq. 17's 1/2; the released code's fast_kl_div omits it (a constant the
-  median normalisation divides out).
+  median normalisation divides out), so the released sampler's [0, 1000] clip, applied
+  here after the 1/2, bites at the code's KL 2000.
 - The released code draws one local-reparameterisation noise vector per layer for the
   whole minibatch; here each sample has its own noise (Kingma et al. 2015).
 - The BNN is trained inside `update` after the KLs of the rollout were computed (the
   released order: KL with the model of the previous iteration, then fit), for
   `bnn_updates` Adam steps on minibatches of 10 from the pool, once the pool holds 500
-  transitions. Inputs (s, a) and targets s' are whitened with the pool's mean and std, as
-  in the code. The released code sets the first iteration's KL to 0; so does this file.
+  transitions. Inputs (s, a) are whitened with the pool's mean and std, as in the code;
+  targets s' with their own pool moments, where the code uses the observations' moments
+  for s' too (parallel_sampler_expl.py:70-76, and in the fit). The released code sets the
+  first iteration's KL to 0 and queues no median for it (itr > 0); so does this file.
 - Discrete actions enter the BNN one-hot. Transitions that end an episode (next_obs is the
-  next episode's first) get KL 0 and never enter the pool.
-- Paper preset: gymnax MountainCarContinuous (reward 100 at the goal minus an action cost)
-  in place of rllab's sparse MountainCar; 10 envs x 500 steps = the 5,000-sample batches
-  [M]. CPU preset: the repo's 4-rooms grid, coverage as the measure (as icm.py, rnd.py).
+  next episode's first) get KL 0 and never enter the pool; the code's pool pairs
+  next-observations across episode boundaries (batch_polopt_expl.py:69-80).
+- Paper preset: gymnax MountainCarContinuous in place of rllab's sparse MountainCar. It is
+  not sparse (-0.1 a^2 per step, +100 at the goal): eta 1e-4 x a normalised KL of ~1 sits
+  ~1000x below the action cost, `evaluate`'s distinct_cells is always 0 there (no grid),
+  and its episodes last 999 steps, not rllab's 500. A sparse wrapper, success reporting
+  and a 500-step cap need common/envs: not built. The bonus settings are the released
+  code's defaults (algos/batch_polopt_expl.py): 10 envs x 500 steps = batch_size 5,000
+  (:114-115), a 100k pool, min 500, 500 BNN steps of 10 transitions at lr 1e-3
+  (:135-148), BNN hidden (32,); [1]'s appendix gives the same for the classic tasks [M].
+  Policy (32,): the appendix's classic-task policy [M]. eta 1e-4 is the only released
+  value (experiments/run_trpo_expl.py, SwimmerGather, with a 50k batch, a 1M pool, 5000
+  BNN steps at lr 1e-4 and a (64, 32) policy); MountainCar's eta is not
+  checked [M]. CPU preset: the repo's 4-rooms grid, coverage as the measure (as icm.py).
 """
 
 import math
@@ -73,16 +89,16 @@ from common.rl import Bonus, PPOConfig, make_ppo
 
 @dataclass(frozen=True)
 class Config:
-    """PPO + VIME; bonus defaults are [1]'s released code (experiments/run_trpo_expl.py)."""
+    """PPO + VIME; bonus defaults are the released code's (algos/batch_polopt_expl.py)."""
 
     env_id: str = "MountainCarContinuous-v0"
     """environment id (gymnax, navix or the repo's own envs)"""
     total_timesteps: int = 2_500_000
-    """environment steps (500 iterations of 5,000 samples)"""
+    """environment steps (n_itr 500 iterations of 5,000 samples)"""
     num_envs: int = 10
     """parallel environments"""
     num_steps: int = 500
-    """rollout length (rllab max_path_length 500)"""
+    """rollout length per env per update (10 x 500 = the code's batch_size 5,000)"""
     lr: float = 3e-4
     """PPO Adam learning rate"""
     num_epochs: int = 10
@@ -101,10 +117,10 @@ class Config:
     """value loss coefficient"""
     max_grad_norm: float = 0.5
     """global gradient-norm clip of the PPO update"""
-    hidden: tuple[int, ...] = (64, 32)
-    """policy and value MLP hidden sizes (the released run script's policy)"""
+    hidden: tuple[int, ...] = (32,)
+    """policy and value MLP hidden sizes ([1]'s classic-task policy [M])"""
     eta: float = 1e-4
-    """[1] Sec. 2.1: weight of the normalised information gain in r + eta KL (0: plain PPO)"""
+    """[1] Sec. 2.1: weight of the normalised KL in r + eta KL (0: plain PPO; run_trpo_expl)"""
     bnn_hidden: tuple[int, ...] = (32,)
     """hidden sizes of the BNN dynamics model (unn_n_hidden)"""
     prior_sd: float = 0.5
@@ -115,13 +131,13 @@ class Config:
     """Monte Carlo weight samples per likelihood (snn_n_samples)"""
     num_batches: int = 5
     """the ELBO's KL[q||p] is divided by this (the code's n_batches)"""
-    bnn_lr: float = 1e-4
+    bnn_lr: float = 1e-3
     """Adam learning rate of the BNN (unn_learning_rate)"""
-    bnn_updates: int = 5000
+    bnn_updates: int = 500
     """BNN Adam steps after each rollout (n_updates_per_sample)"""
     bnn_batch_size: int = 10
     """transitions per BNN step, drawn from the replay pool (pool_batch_size)"""
-    pool_size: int = 1_000_000
+    pool_size: int = 100_000
     """replay pool capacity in transitions (replay_pool_size)"""
     min_pool_size: int = 500
     """the BNN trains only once the pool holds this many transitions"""
@@ -159,49 +175,26 @@ class Config:
                 f"num_envs * num_steps = {self.batch_size} is not divisible by "
                 f"num_minibatches={self.num_minibatches}"
             )
-        for name in (
-            "num_envs",
-            "num_steps",
-            "num_epochs",
-            "num_minibatches",
-            "num_samples",
-            "num_batches",
-            "bnn_batch_size",
-            "pool_size",
-            "kl_queue",
-            "max_episode_steps",
-            "coverage_grid",
-        ):
+        counts = "num_envs num_steps num_epochs num_minibatches num_samples num_batches kl_queue"
+        for name in f"{counts} bnn_batch_size pool_size max_episode_steps coverage_grid".split():
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)} must be >= 1")
-        for name in ("bnn_updates", "min_pool_size", "eta", "ent_coef", "vf_coef"):
+        for name in "bnn_updates min_pool_size eta ent_coef vf_coef".split():
             if getattr(self, name) < 0:
                 raise ValueError(f"{name}={getattr(self, name)} must be >= 0")
-        for name in (
-            "lr",
-            "clip_coef",
-            "max_grad_norm",
-            "prior_sd",
-            "likelihood_sd",
-            "bnn_lr",
-            "step_lambda",
-        ):
+        for name in "lr clip_coef max_grad_norm prior_sd likelihood_sd bnn_lr step_lambda".split():
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name}={getattr(self, name)} must be > 0")
         if min(self.hidden + self.bnn_hidden, default=1) < 1:
             raise ValueError(
                 f"hidden={self.hidden} and bnn_hidden={self.bnn_hidden} must be sizes >= 1"
             )
-        if self.min_pool_size > self.pool_size:
+        if self.min_pool_size > self.pool_size:  # the BNN would never train
             raise ValueError(
-                f"min_pool_size={self.min_pool_size} exceeds pool_size={self.pool_size}: "
-                "the BNN would never train"
+                f"min_pool_size={self.min_pool_size} exceeds pool_size={self.pool_size}"
             )
-        if self.pool_size < self.batch_size:
-            raise ValueError(
-                f"pool_size={self.pool_size} is less than one rollout (num_envs * num_steps = "
-                f"{self.batch_size}): the pool's write slots would collide"
-            )
+        if self.pool_size < self.batch_size:  # one rollout's write slots would collide
+            raise ValueError(f"pool_size={self.pool_size} is less than a rollout {self.batch_size}")
         if self.dtype not in ("float32", "bfloat16"):
             raise ValueError(f"dtype={self.dtype!r} must be 'float32' or 'bfloat16'")
 
@@ -315,16 +308,11 @@ def kl_q_q(phi_new, phi_old):
 
 def kl_q_prior(phi, prior_sd):
     """D_KL[q_phi || p], p = N(0, prior_sd^2) per weight."""
-    prior = [jax.tree.map(lambda v: v * 0, layer) for layer in phi]
-    prior = [
-        dict(
-            p,
-            rho=p["rho"] + softplus_inv(jnp.float32(prior_sd)),
-            b_rho=p["b_rho"] + softplus_inv(jnp.float32(prior_sd)),
-        )
-        for p in prior
-    ]
-    return kl_q_q(phi, prior)
+    total = 0.0
+    for layer in phi:
+        for m, r in (("mu", "rho"), ("b_mu", "b_rho")):
+            total += gaussian_kl(layer[m], jax.nn.softplus(layer[r]), 0.0, prior_sd)
+    return total
 
 
 def elbo_loss(phi, x, y, key, cfg: Config):
@@ -605,6 +593,9 @@ def plot_runs(out: str, seeds: int = 8):
     return plot.save_png(fig, out)
 
 
+SUMMARY = "distinct_cells charts/episodic_return charts/intrinsic_reward charts/kl".split()
+
+
 def main(argv=None):
     flags, argv = run.pop_flags(argv, "--plot")
     if flags["--plot"]:
@@ -617,13 +608,7 @@ def main(argv=None):
         evaluate=evaluate,
         argv=argv,
         doc=__doc__,
-        summary_keys=[
-            "distinct_cells",
-            "charts/episodic_return",
-            "charts/intrinsic_reward",
-            "charts/kl",
-            "losses/bnn_elbo",
-        ],
+        summary_keys=[*SUMMARY, "losses/bnn_elbo"],
     )
 
 
