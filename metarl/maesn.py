@@ -3,88 +3,82 @@ reads, sampled once per episode, and adapted (alone) by a MAML inner step on a n
 
 [1] A. Gupta, R. Mendonca, Y. Liu, P. Abbeel, S. Levine. "Meta-Reinforcement Learning of
     Structured Exploration Strategies." NeurIPS 2018, arXiv:1802.07245. Released code:
-    russellmendonca/maesn_suite (rllab + TF; launchers/train.py, hyperparam_sweep.py,
-    test.py, metaTrainedPolicies/hyperParams.txt, sandbox/rocky/tf/algos/maesn_npo.py,
-    policies/maml_minimal_gauss_mlp_policy_adaStep.py, rllab/sampler/base.py,
-    rllab/envs/mujoco/wheeled_robot.py).
+    russellmendonca/maesn_suite (launchers/train.py, hyperparam_sweep.py, sandbox/rocky/tf/
+    algos/maesn_npo.py, policies/maml_minimal_gauss_mlp_policy_adaStep.py,
+    rllab/sampler/base.py, rllab/envs/mujoco/wheeled_robot.py).
 [2] C. Finn, P. Abbeel, S. Levine. "Model-Agnostic Meta-Learning." arXiv:1703.03400.
-[M]: the paper's own text was not at hand; the equations below are the post's and the
-released code's (maesn_npo.py, the adaStep policy), with [1]'s section, not its numbers.
+[M]: [1]'s text was not at hand; the equations are the post's and the released code's,
+labelled by [1]'s section (Sec. 4), not by equation numbers.
 
-The policy pi_theta(a | s, z) is a Gaussian MLP on concat(s, z). Training task i (a fixed
-table of `num_tasks` goals) owns the variational parameters (mu_i, log sigma_i) of its
-latent; an episode draws z once, by reparameterisation, and keeps it for every step:
-
-    z = mu_i + exp(log sigma_i) * eps,  eps ~ N(0, I) once per episode          [1] Sec. 4 [M]
-    a_t ~ pi_theta(a | s_t, z)
-    L_i(mu, log sigma; D) = -mean_t log pi_theta(a_t | s_t, mu + exp(log sigma) eps) A_t
-        (eps of D held fixed: the likelihood-ratio gradient through the actions,
-         pathwise through z)
-    inner step (only the latent moves; theta is not adapted):                   [1] Sec. 4 [M]
-        mu_i' = mu_i - alpha_mu o grad_mu L_i,  log sigma_i' = log sigma_i - alpha_sigma o grad L_i
-        alpha_mu, alpha_sigma [latent_dim]: learned per-dimension step sizes   (released code)
-    meta-objective, over a meta-batch of training tasks (second order through the step):
-        J = mean_i [ L_i(mu_i', log sigma_i'; D_i' ~ pi(.|., z ~ N(mu_i', sigma_i')))
-                     + kl_weight KL(N(mu_i, sigma_i) || N(0, I)) ]               [1] Sec. 4 [M]
-    KL(N(mu, sigma) || N(0, I)) = sum_d (-log sigma_d + (sigma_d^2 + mu_d^2) / 2 - 1/2)
-    one Adam step on theta, the (mu_i, log sigma_i) table and alpha_mu, alpha_sigma.
-
+pi_theta(a | s, z) is a Gaussian MLP on concat(s, z). Training task i (a table of
+`num_tasks` goals) owns (mu_i, log sigma_i); an episode draws z once and keeps it:
+    z = mu_i + sigma_i eps,  eps ~ N(0, I) once per episode;  a_t ~ pi_theta(a | s_t, z)
+    inner step, the latent only (theta is not adapted; [1] allows adapting theta too, the
+    release's default does not), per-dimension learned step sizes alpha_mu, alpha_sigma:
+        mu_i' = mu_i - alpha_mu o grad_mu L_i,  log sigma_i' likewise      [1] Sec. 4 [M]
+    L_i (released, `latent_grad score`): -mean_k log N(stop_grad(z_k); mu_i, sigma_i) w_k,
+        w_k the advantage of episode k's first step, centred (and scaled to unit std, never
+        up) over the K episodes: only z's density links the latent to the return
+    L_i (`latent_grad pathwise`): -mean_t log pi_theta(a_t | s_t, mu + sigma eps) A_t
+    J = mean_i [ -mean_t log pi_theta(a_t | s_t, z'_t) A_t on D_i' ~ pi(.|., z' ~ N(mu_i',
+        sigma_i'))  +  kl_weight KL(N(mu_i, sigma_i) || N(0, I)) ]  (second order through
+        the step)                                                          [1] Sec. 4 [M]
+    one Adam step on theta, the alphas and the meta-batch's rows of the latent table.
 A_t: GAE(gamma, lambda = 1) with a per-task linear feature baseline (rllab's), standardised
-over the task's batch. Environment ([1]'s wheeled robot as a point mass): the point starts
-at 0 and moves by clip(0.1 a, -0.1, 0.1); goals lie on a semicircle of radius
-`goal_radius` (angle ~ U[0, pi]); meta-training rewards are dense, -||pos - g||, and
-meta-test rewards sparse: -||g|| (a constant) unless ||pos - g|| < `sparse_radius`
-(wheeled_robot.py). evaluate(): `eval_tasks` new goals, the latent starts at the prior
-N(0, I); `eval_steps` inner steps with the learned alphas on the sparse reward;
-`adapt/success_XX` = fraction of episodes that end inside the goal region after XX steps,
-`adapt/return_XX` their return; `explore/coverage` = fraction of the 18 ten-degree bins of
-[0, pi] hit by the end angle of prior-z episodes that end beyond goal_radius / 2.
-`--z-per-step` is the broken variant: a fresh eps at every step (unstructured noise).
+over the task's batch (divisor floored at 1e-2 (|mean R| + 1)). Environment ([1]'s wheeled
+robot as a point mass): start at 0, move by clip(0.1 a, -0.1, 0.1); goals on a semicircle of
+radius `goal_radius`; training rewards dense, -||pos - g||; test rewards sparse: -||g||
+unless ||pos - g|| < `sparse_radius` (wheeled_robot.py). evaluate(): `eval_tasks` new goals,
+latent from the prior N(0, I), `eval_steps` inner steps on the sparse reward;
+`adapt/success_XX`: fraction of episodes ending inside the goal region after XX steps;
+`explore/coverage`: fraction of the 18 ten-degree bins of [0, pi] hit by the end angle of
+prior-z episodes that end beyond goal_radius / 2. `--z-per-step`: the broken variant, a
+fresh eps at every step.
 
-Reproduce (CPU; the broken variant, then MAESN with its endpoint fans):
+Reproduce (CPU; the broken variant, then MAESN with its end-point fans):
     python metarl/maesn.py --preset quick --num-seeds 2 --z-per-step --run-dir runs/maesn_step
     python metarl/maesn.py --preset quick --num-seeds 2 --plot metarl/maesn.png
-Paper setting (wheeled-robot sizes: 20 tasks x 50 episodes of 200 steps, 500 iterations):
+Paper setting (wheeled robot: 20 tasks x 50 episodes of 200 steps, 500 iterations):
     python metarl/maesn.py --preset paper
-Ours (quick preset: 10 of 40 tasks x 20 episodes of 40 steps, 2 x 64 policy, 150 updates;
-2 seeds; loaded 2-core CPU, 81 s compile + 74 s run), new goals, latent from the prior:
-    MAESN: end-point coverage of [0, pi] 0.833 0.833; success (episode ends within 0.8 of
-        the goal) after 0 / 1 / 2 / 3 inner steps 0.32 0.27 / 0.28 0.27 / 0.34 0.32 /
-        0.30 0.32; learned alpha_mu 2.12 2.23, alpha_sigma 1.85 1.84, mean sigma_i 0.53 0.58
-    broken variant (eps per step, trained and evaluated so; cached compile + 53 s): coverage
-        0.278 0.333; success 0.19 0.37 / 0.30 0.49 / 0.35 0.53 / 0.41 0.58
-The fan of prior-z end points along the arc (metarl/maesn.png, top) is the structured
-exploration; the same policy fed eps per step ends in one cluster (bottom). But at this
-scale the sparse-reward inner steps do not raise MAESN's success rate, while the broken
-variant's do (and its dense training returns are higher: post-update -33.4 -24.9 vs MAESN's
--46.7 -40.8 in the last update): with eps per step, mu acts as a task code whose gradient
-averages over every step, so the inner step steers it well, while the per-episode latent
-buys coverage at the price of a noisier inner gradient. [1] reports MAESN learning the
-sparse wheeled-robot, ant and pusher tasks where MAML and learning from scratch fail
-(Fig. 4-5 [M]); that result is not reproduced here.
+Ours (quick: 10 of 40 tasks x 20 episodes of 40 steps, 2 x 64 policy, 150 updates, 2 seeds,
+loaded 2-core CPU, ~2 min per run with compile), new goals, latent from the prior, success
+after 0 / 1 / 2 / 3 inner steps:
+    MAESN (score): 0.23 0.40 / 0.35 0.51 / 0.43 0.39 / 0.32 0.31; coverage 0.56 0.44;
+        alpha_mu 1.55 1.39, alpha_sigma 1.04 1.04; training return pre/post step -53.8
+        -53.0 / -32.6 -27.4
+    eps per step (score): 0.19 0.41 / 0.28 0.53 / 0.37 0.57 / 0.40 0.61; coverage 0.28
+        0.39; training -44.8 -37.3 / -27.4 -26.1
+    earlier, pathwise inner gradient, no row mask (commit 2678a91): MAESN 0.32 0.27 / 0.28
+        0.27 / 0.34 0.32 / 0.30 0.32, coverage 0.83 0.83; eps per step 0.19 0.37 / ... /
+        0.41 0.58, coverage 0.28 0.33
+What is reproduced: with the pathwise gradient, prior-z episodes fan out along the arc and
+eps-per-step episodes end in one cluster (coverage; tests/metarl/test_maesn.py gates it at
+tiny scale). With the released score gradient the first inner step now raises MAESN's
+success (+0.12, +0.11), later steps lose it again, and the prior-z fan narrows to the top
+third of the arc (metarl/maesn.png; coverage 0.56 0.44 vs 0.28 0.39 for eps per step), so
+the two properties do not hold together at this scale; eps per step adapts better over 3
+steps. Hypothesis (untested): with eps
+per step, mu acts as a task code whose gradient averages over every step, and the
+per-episode latent trades a noisier inner gradient for coverage. [1] reports MAESN
+outperforming MAML and learning from scratch on sparse wheeled-robot, ant and pusher tasks
+(Fig. 4-5 [M]); that is not reproduced here.
 
-Differences from the paper:
-- The outer step is Adam (meta_lr) on the meta-objective, not [1]'s TRPO (released
-  meta step size, i.e. KL bound, 0.01).
-- The inner gradient of the latent is the policy-gradient surrogate with z reparameterised
-  (eps fixed per episode); the released code instead uses the score function of z itself,
-  -mean_k log N(z_k; mu, sigma) A_0^k with each episode's first-step advantage
-  (rllab/sampler/base.py `joint_opt`). Both are unbiased for grad E[R]; ours gives the
-  broken variant (eps per step) the same code path.
-- The released sweep (hyperParams.txt: fbs 50, flr 1, mbs 20, kl 0.1, latent 2, init std
-  1, 100 training goals, one inner step, horizon 200 for the wheeled robot) gives our
-  defaults; its latent means start ~N(0, 1) and log sigmas at 0, as here. It evaluates from
-  the table's entry 0 with 100 VPG steps of 10000 samples, halving the alphas after the
-  first; we start new tasks at the prior N(0, I) ([1]: learned latents end near it) and run
-  `eval_steps` steps of the learned alphas.
+Differences from the release:
+- Outer step: Adam (meta_lr; latent_lr 0.1 for the latent table, a stand-in for TRPO's
+  natural step), not TRPO (KL bound 0.01). Only the meta-batch's latent rows move, as there.
+- Tasks per meta-batch are drawn without replacement (release: np.random.choice(100, 20),
+  with replacement).
+- Sizes: train.py / hyperparam_sweep.py for the wheeled robot (fbs {20, 50}, flr {0.5, 1},
+  kl {0.1, 0.5}, mbs 20, latent 2, 100 goals, horizon 200; hyperParams.txt is the ant's);
+  latent means start ~N(0, 1), log sigmas 0, as there. `alpha_init 0` is the release's
+  latent-free baseline's fast_learning_rate 0 (no adaptation).
+- Test time: the release zeroes the latent table (so starts at N(0, I), as here) and runs
+  100 VPG steps of 10000 samples with the alphas halved from the second step on (a, a, a/2,
+  a/4, ...); we run `eval_steps` steps with the learned alphas held constant.
 - A point mass instead of MuJoCo's wheeled robot: no control cost, no dynamics, pos as obs.
-- Adam's step on the latent table uses its own learning rate (latent_lr 0.1, vs meta_lr
-  for theta and the alphas): a stand-in for TRPO's natural step, which is large along the
-  latent directions the policy barely reads at first; with one rate the policy ignored z
-  for longer (calibration in tests/metarl/test_maesn.py).
-- The `quick` preset is far smaller than [1]'s run (see above) and uses meta_lr 1e-2.
-- No MAML / learning-from-scratch / VIME baselines in this file (metarl/maml_rl.py is MAML),
-  and no comparison of success after adaptation against them.
+- The latent weights w_k are the batch-standardised first-step advantages, re-scaled to unit
+  std only downwards (release: centred and scaled to unit std).
+- No MAML / learning-from-scratch / VIME baselines here (metarl/maml_rl.py is MAML).
 """
 
 from dataclasses import dataclass
@@ -130,10 +124,10 @@ class Config:
     """episodes per task for each inner step and for the post-update batch"""
     meta_batch_size: int = 20
     """training tasks per meta-update"""
-    inner_lr: float = 1.0
+    alpha_init: float = 1.0
     """initial alpha_mu and alpha_sigma (per latent dimension) of the inner step"""
-    learn_inner_lr: bool = True
-    """meta-learn alpha_mu and alpha_sigma (released code); else they stay at inner_lr"""
+    learn_alpha: bool = True
+    """meta-learn alpha_mu and alpha_sigma (released code); else they stay at alpha_init"""
     inner_steps: int = 1
     """inner steps on (mu_i, log sigma_i) during meta-training"""
     latent_grad: str = "score"
@@ -178,15 +172,8 @@ class Config:
             raise ValueError(f"dtype={self.dtype!r} must be 'float32' or 'bfloat16'")
         if self.latent_grad not in ("score", "pathwise"):
             raise ValueError(f"--latent-grad={self.latent_grad!r} must be 'score' or 'pathwise'")
-        for name in (
-            "hidden",
-            "num_layers",
-            "latent_dim",
-            "horizon",
-            "inner_steps",
-            "eval_tasks",
-            "eval_trajectories",
-        ):
+        ints = "hidden num_layers latent_dim horizon inner_steps eval_tasks eval_trajectories"
+        for name in ints.split():
             if getattr(self, name) < 1:
                 raise ValueError(
                     f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}"
@@ -196,10 +183,10 @@ class Config:
                 raise ValueError(
                     f"--{name.replace('_', '-')} must be > 0, got {getattr(self, name)}"
                 )
-        if self.eval_steps < 0 or self.baseline_reg < 0:
+        if min(self.eval_steps, self.baseline_reg, self.alpha_init) < 0:
             raise ValueError(
-                "--eval-steps and --baseline-reg must be >= 0, got "
-                f"{self.eval_steps}, {self.baseline_reg}"
+                "--eval-steps, --baseline-reg and --alpha-init must be >= 0, got "
+                f"{self.eval_steps}, {self.baseline_reg}, {self.alpha_init}"
             )
         if self.meta_batch_size > self.num_tasks:
             raise ValueError(
@@ -379,7 +366,9 @@ def score_surrogate(mu, log_sigma, batch: Batch):
     """Released inner objective of the latent (maesn_npo.py `surr_objs_latent`):
     -mean_k log N(z_k; mu, sigma) w_k with z_k = stop_grad(mu + sigma eps_k) and w_k the
     advantage at the step where z_k was drawn (t = 0; every step for eps per step), centred
-    over those draws. Only z's density links the latent to the return."""
+    over those draws and scaled to unit std (released `center_adv`), never up (the batch's
+    advantages are already standardised; scaling up would amplify noise as in `advantages`).
+    Only z's density links the latent to the return."""
     new = jnp.concatenate(
         [
             jnp.ones_like(batch.eps[:, :1, 0], bool),
@@ -388,7 +377,8 @@ def score_surrogate(mu, log_sigma, batch: Batch):
         1,
     )  # [K, T]: a fresh z is drawn here
     n = new.sum()
-    w = jnp.where(new, batch.adv - jnp.sum(jnp.where(new, batch.adv, 0.0)) / n, 0.0)
+    a = jnp.where(new, batch.adv - jnp.sum(jnp.where(new, batch.adv, 0.0)) / n, 0.0)
+    w = a / jnp.maximum(jnp.sqrt(jnp.sum(a**2) / n), 1.0)  # released: unit std over the draws
     z = jax.lax.stop_gradient(latent(mu, log_sigma, batch.eps))
     logp = jnp.sum(-0.5 * ((z - mu) * jnp.exp(-log_sigma)) ** 2 - log_sigma, -1)
     return -jnp.sum(logp * w) / n
@@ -437,16 +427,9 @@ class State:
 
 def optimizer(cfg: Config):
     """Adam with meta_lr on theta and the alphas, latent_lr on the latent table."""
-    labels = {
-        "theta": "net",
-        "mu": "latent",
-        "log_sigma": "latent",
-        "alpha_mu": "net",
-        "alpha_sigma": "net",
-    }
     return optax.multi_transform(
         {"net": optax.adam(cfg.meta_lr), "latent": optax.adam(cfg.latent_lr)},
-        lambda meta: {k: labels[k] for k in meta},
+        lambda meta: {k: "latent" if k in ("mu", "log_sigma") else "net" for k in meta},
     )
 
 
@@ -458,8 +441,8 @@ def init(key, cfg: Config) -> State:
         "theta": theta,
         "mu": jax.random.normal(k_mu, (cfg.num_tasks, d)),  # released: random_normal
         "log_sigma": jnp.zeros((cfg.num_tasks, d)),
-        "alpha_mu": jnp.full((d,), cfg.inner_lr),
-        "alpha_sigma": jnp.full((d,), cfg.inner_lr),
+        "alpha_mu": jnp.full((d,), cfg.alpha_init),
+        "alpha_sigma": jnp.full((d,), cfg.alpha_init),
     }
     goals = goals_at(jax.random.uniform(k_goal, (cfg.num_tasks,), maxval=np.pi), cfg.goal_radius)
     return State(meta, optimizer(cfg).init(meta), goals, key, jnp.array(cfg.z_per_step))
@@ -481,16 +464,8 @@ def sample_meta_batch(net, meta, idx, goals, key, cfg: Config, per_step):
                     net, meta["theta"], mu, ls, goal, keys[j], cfg.num_trajectories, cfg, per_step
                 )
             )
-            mu, ls = adapt_latent(
-                net,
-                meta["theta"],
-                mu,
-                ls,
-                meta["alpha_mu"],
-                meta["alpha_sigma"],
-                inner[-1:],
-                cfg.latent_grad,
-            )
+            alphas = meta["alpha_mu"], meta["alpha_sigma"]
+            mu, ls = adapt_latent(net, meta["theta"], mu, ls, *alphas, inner[-1:], cfg.latent_grad)
         test = sample_batch(
             net, meta["theta"], mu, ls, goal, keys[-1], cfg.num_trajectories, cfg, per_step
         )
@@ -516,7 +491,7 @@ def update(state: State, cfg: Config):
     inner, test = sample_meta_batch(net, meta, idx, state.goals[idx], k_roll, cfg, state.per_step)
 
     def loss(m):
-        if not cfg.learn_inner_lr:
+        if not cfg.learn_alpha:
             m = {
                 **m,
                 "alpha_mu": jax.lax.stop_gradient(m["alpha_mu"]),
