@@ -91,6 +91,7 @@ Differences from the paper:
 """
 
 import functools
+import json
 import math
 import re
 from collections import Counter
@@ -629,19 +630,11 @@ def plot(res, out: str) -> str:
     fig, ax = plt.subplots(figsize=(6, 3.4))
     for i, row in enumerate(np.asarray(h["charts/bits_per_token"])):
         (line,) = ax.plot(row, lw=0.8, label=f"seed {i} train")
-        ax.axhline(
-            f["val_bits_per_token"][i],
-            color=line.get_color(),
-            ls="--",
-            label=f"seed {i} held-out (end) {f['val_bits_per_token'][i]:.2f}",
-        )
-    ax.set(
-        xlabel="update",
-        ylabel="bits per token",
-        ylim=(0, 8),
-        title=f"GPT-2 pre-LN; cloze acc {f['cloze_acc'].mean():.2f} "
-        f"(chance {f['cloze_chance'].mean():.2f})",
-    )
+        v = f["val_bits_per_token"][i]
+        ax.axhline(v, color=line.get_color(), ls="--", label=f"seed {i} held-out (end) {v:.2f}")
+    acc, chance = f["cloze_acc"].mean(), f["cloze_chance"].mean()
+    title = f"GPT-2 pre-LN; cloze acc {acc:.2f} (chance {chance:.2f})"
+    ax.set(xlabel="update", ylabel="bits per token", ylim=(0, 8), title=title)
     ax.legend(fontsize=8)
     fig.tight_layout()
     return save_png(fig, out)
@@ -650,35 +643,16 @@ def plot(res, out: str) -> str:
 def main(argv=None):
     """`--plot PNG` draws the losses; `--prompt TEXT` samples a continuation after training."""
     flags, argv = run.pop_flags(argv, "--plot", "--prompt")
-    res = run.main(
-        Config,
-        init,
-        update,
-        presets=PRESETS,
-        evaluate=evaluate,
-        argv=argv,
-        doc=__doc__,
-        summary_keys=[
-            "val_bits_per_byte",
-            "val_perplexity",
-            "cloze_acc",
-            "cloze_freq_acc",
-            "unigram_bits_per_byte",
-            "losses/loss",
-        ],
-    )
-    cfg = Config(**json_config(res))
+    keys = ["val_bits_per_byte", "val_perplexity", "cloze_acc", "cloze_freq_acc"]
+    keys += ["unigram_bits_per_byte", "losses/loss"]
+    kw = dict(presets=PRESETS, evaluate=evaluate, argv=argv, doc=__doc__, summary_keys=keys)
+    res = run.main(Config, init, update, **kw)
+    cfg = Config(**json.loads((res.run_dir / "config.json").read_text())["config"])
     if flags["--plot"] is not None:
         print(plot(res, flags["--plot"]))
     if flags["--prompt"] is not None:
         print(f"--- sample (seed 0) ---\n{sample_text(res, cfg, flags['--prompt'])}")
     return res
-
-
-def json_config(res) -> dict:
-    import json
-
-    return json.loads((res.run_dir / "config.json").read_text())["config"]
 
 
 if __name__ == "__main__":
