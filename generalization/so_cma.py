@@ -43,26 +43,30 @@ target steps, under [4]'s budget of 50,000 samples):
 with latency or actuator gaps): SO-CMA matches or beats UP-true and beats the robust DR
 policy and UP-OSI on most transfers, within 50,000 target samples. Those simulators are
 not available here; Pendulum with unknown (m, l) is the jitted analogue.
-Ours (quick preset: Pendulum-v1, box m [0.5, 2] x l [0.5, 1.5], target (m 1.8, l 1.2),
-400 PPO updates of 32 x 128 steps = 1.6M steps per policy, then 20 generations x 8
-candidates x 1 episode, the final CMA-ES mean as the answer; every arm scored on the same
-32 target episodes; 2 seeds, a loaded 2-core CPU, 84 s compile + 350 s): SO-CMA -488 +- 46
-(seeds -534, -442), its best candidate seen instead -510 +- 35 (-545, -475), UP at the
-true mu (oracle) -493 +- 47 (-540, -446), UP at the box centre -543 +- 121 (-664, -422),
-DR policy without mu -748 +- 72 (-676, -820); in distribution the UP scores -252 +- 26 per
-training episode. What this run supports: the universal policy with its mu input beats
-the DR policy by far (UP >> DR), and SO-CMA's answer is as good as the oracle's true mu
-(SO-CMA ~ UP-true). What it does not show: that the search itself helps. The box centre,
-no search at all, beats SO-CMA on seed 1 (-422 vs -442), its spread over seeds covers the
-gap, and the candidates' mean fitness per generation (1-episode fitness, dominated by
-Pendulum's random initial angle) shows no trend over the 20 generations (figure, left).
-SO-CMA's mu ends at xi (1.64, 1.03) and (1.50, 0.83), not at the true (1.8, 1.2).
+Ours (quick preset: Pendulum-v1, box m [0.5, 2] x l [0.5, 1.5], target (m 1.8, l 1.2) with
+gravity x 1.3 that no mu models, 400 PPO updates of 32 x 128 steps = 1.6M steps per
+policy, then 20 generations x 8 candidates x 3 episodes (a generation's candidates share
+their start states), the final CMA-ES mean as the answer; every arm scored on the same 32
+target episodes; 2 seeds, a loaded 2-core CPU, 5 s compile (cached) + 221 s): SO-CMA -643
++- 77 (seeds -720, -566), its best candidate seen instead -630 +- 86 (-715, -544), UP at
+the true mu (oracle) -677 +- 129 (-806, -548), UP at the box centre -842 +- 92 (-933,
+-750), DR policy without mu -824 +- 4 (-820, -828); in distribution the UP scores -252 +-
+26 per training episode. The search helps here: SO-CMA beats the box centre by about 200
+on both seeds, the candidates' mean fitness rises from about -850 to -600 over the
+generations (figure, left), and SO-CMA matches or beats UP-true under the unmodelled
+gravity (seed 0: -720 vs -806; seed 1 a tie), [1]'s claim; 2 seeds, so a direction, not a
+significant gap. SO-CMA's mu ends at xi (2.0, 1.2) and (1.83, 0.82), not at the true
+(1.8, 1.2). Without the gravity gap and with 1-episode fresh fitness (the previous quick
+preset) the search did not show: SO-CMA -488 +- 46, UP-true -493 +- 47, the box centre
+-543 +- 121 but -422 on seed 1, beating SO-CMA's -442; that run supported only UP >> DR
+(-748 +- 72) and SO-CMA ~ UP-true.
 Plot: generalization/so_cma.png.
 
 Differences from the paper:
 - Tasks: gymnax Pendulum-v1 (or CartPole-v1) with two physical multipliers; the "target"
   is the same simulator at held-out parameters xi_target (sim-to-sim), optionally with
-  an unmodelled gravity change `target_gravity` (1.0 in the presets), not another engine.
+  an unmodelled gravity change `target_gravity` (1.3 in quick, 1.0 in paper), not another
+  engine.
 - Search: CMA-ES, as in [1]. [4]'s released search script runs Bayesian optimisation:
   test_socma.py builds UPOptimizer without overriding bayesian_opt, which defaults to True
   (up_optimizer.py:7). [4]'s CMA-ES path (bayesian_opt=False) calls pycma's fmin2 from mean
@@ -72,6 +76,8 @@ Differences from the paper:
   corner 0.0 half the first candidates fall outside); candidates are clipped to [0, 1]^d
   before they are evaluated and CMA-ES is told the unclipped ones. A fixed number of
   generations, not a sample budget.
+- Fitness noise: the quick preset gives a generation's candidates the same target start
+  states (`shared_starts`); [4] draws fresh episodes per candidate (the paper preset).
 - Answer: the quick preset takes the final CMA-ES mean (`solution=mean`): with 1-episode
   fitness the best candidate seen is often a lucky episode. [4] and the paper preset take
   the best candidate seen (best_x).
@@ -167,6 +173,8 @@ class Config:
     """CMA-ES generations (paper preset: 13 x 6 x 3 x 200 steps < [4]'s 50,000 samples)"""
     fitness_episodes: int = 3
     """target rollouts averaged into one candidate's fitness ([4]: eval_num 3)"""
+    shared_starts: bool = False
+    """a generation's candidates share their target start states ([4]: fresh per candidate)"""
     cma_init_mean: float = 0.5
     """initial CMA-ES mean of every mu_i in [0, 1] (the box centre; [4]'s CMA-ES path: 0.0)"""
     cma_init_std: float = 0.25
@@ -240,7 +248,9 @@ PRESETS = {
         hidden=(64, 64),
         population_size=8,
         generations=20,
-        fitness_episodes=1,
+        fitness_episodes=3,
+        shared_starts=True,
+        target_gravity=1.3,
         solution="mean",
         eval_episodes=32,
     ),
@@ -458,7 +468,7 @@ def strategy_optimization(act, cfg: Config, key, sign: float = 1.0):
         k_ask, k_fit, k_tell = jax.random.split(k, 3)
         x, es_state = es.ask(k_ask, es_state, es_params)  # [3] Eq. 38-40: x ~ m + sigma N(0, C)
         mus = jnp.clip(x, 0.0, 1.0)  # the box [0, 1]^d
-        ret = fitness(act, cfg, mus, k_fit, cfg.fitness_episodes)  # [P]
+        ret = fitness(act, cfg, mus, k_fit, cfg.fitness_episodes, cfg.shared_starts)  # [P]
         f = sign * ret
         es_state, _ = es.tell(k_tell, x, -f, es_state, es_params)  # evosax minimises
         i = jnp.argmax(f)

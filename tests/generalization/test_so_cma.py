@@ -279,12 +279,14 @@ def test_paper_preset_traces():
 
 @pytest.mark.slow
 def test_slow_universal_policy_at_the_true_mu_beats_the_dr_policy(tmp_path):
-    """Stage 1 works: the quick preset (1 seed, 400 PPO updates of each policy), both arms
+    """Stage 1 works: the quick preset without its gravity gap and with 1-episode fresh
+    fitness (1 seed, 400 PPO updates of each policy), both arms
     scored by `evaluate` on the same 32 target episodes (m 1.8, l 1.2). The UP at the true
     mu must beat the DR policy trained on the same randomization without mu by > 100.
     Measured (loaded 2-core CPU, ~3 min): UP-true -570, DR -853."""
     res = so.main(
         ["--preset", "quick", "--num-seeds", "1", "--no-progress", "--run-dir", str(tmp_path)]
+        + ["--target-gravity", "1", "--fitness-episodes", "1", "--no-shared-starts"]
     )
     up, dr = (
         float(res.final["final/oracle_return"][0]),
