@@ -3,8 +3,9 @@ decoder that reads the context back from the whole trajectory.
 
 [1] J. Achiam, H. Edwards, D. Amodei, P. Abbeel. "Variational Option Discovery Algorithms."
     arXiv:1807.10299 (2018). No released code was found; community spinning-up-style PyTorch
-    re-implementations were read for the VPG defaults (not copied). Items marked [M] are
-    from memory of [1] and were not re-checked against its text.
+    re-implementations were read (not copied). [1]'s body text and appendix were not read:
+    items marked [M] are from memory of [1]; the hyperparameters are those
+    re-implementations' defaults, and k_init = 2 and num_updates_total = 5000 are unsourced.
 [2] K. Gregor, D. Rezende, D. Wierstra. "Variational Intrinsic Control." arXiv:1611.07507
     (the decoder sees the final state only: `--decoder final_state`, [1]'s VIC baseline).
 [3] J. Schulman et al. "High-Dimensional Continuous Control Using GAE." arXiv:1506.02438.
@@ -16,23 +17,28 @@ and never sees actions. Both maximise ([1] Eq. (2), the beta-VAE form [M]):
     max_{pi, D}  E_{c ~ G} [ E_{tau ~ pi(c)} [ log P_D(c | tau) ] + beta H(pi | c) ]
     VALOR's decoder: a bidirectional LSTM over the DIFFERENCES of N = 11 equally spaced
       states, x_i = s_{t_{i+1}} - s_{t_i} ([1] Sec. 4 and Fig. 1; the post's Fig. 18) [M];
-      logits from its last forward and first backward hidden states [M]
+      logits from its last forward and first backward hidden states (see Differences)
     reward: r_t = 0 for t < T - 1,  r_{T-1} = log P_D(c | tau)  (once, at the episode's end)
     policy: VPG with GAE(gamma, lambda) advantages [3] and an entropy bonus beta H(pi(.|s, c))
-    decoder: min_D E[-log P_D(c | tau)] on the epoch's trajectories (supervised)
-    curriculum ([1] Sec. 3.3 [M]): when E_c[log P_D(c | tau)] >= log(0.86),
-      K <- min(int(1.5 K + 1), K_max)
+    decoder: min_D E[-log P_D(c | tau)] on the episodes of the last dc_every epochs
+    curriculum (as in the re-implementations; [1]'s section not re-read): when
+      E_c[log P_D(c | tau)] >= log(0.86),  K <- min(int(1.5 K + 1), K_max)
 
 Reproduce (CPU demo: 2-D point mass, curriculum K = 2 -> 16; trajectories in the PNG):
     python exploration/valor.py --preset quick --num-seeds 4 --plot exploration/valor.png
     python exploration/valor.py --preset quick --num-seeds 4 --variant blind     # broken
     python exploration/valor.py --preset quick --num-seeds 4 --decoder final_state  # VIC
-Paper hyperparameters [M] (K_max 64, 1000-step episodes; accelerator):
+Re-implementations' hyperparameters (K_max 64, 1000-step episodes, gamma = 1; accelerator;
+only for tracing: at max_speed 0.1 the point mass meets a wall of its [-1, 1]^2 box after
+10-20 steps, so most of a 1000-step episode is spent pressed against it):
     python exploration/valor.py --preset paper
 Ours (quick: 400 epochs of 64 twenty-step episodes, K = 2 -> 16, 4 seeds; loaded 2-core
-CPU, 19 s compile + 131 s): every seed reached K = 16 (at epochs 75-98) and its decoder
-scores 0.97 / 0.99 / 1.00 / 0.99 accuracy on 8 held-out episodes per context (chance 1/16),
-mean log P_D -0.06; exploration/valor.png shows the 16 options fanning out from the centre.
+CPU, 21 s compile + 77 s; the same numbers before and after the decoder's ring buffer, a
+no-op at dc_every = 1): every seed reached K = 16 (at epochs 75-98) and its decoder scores
+0.97 / 0.99 / 1.00 / 0.99 accuracy on 8 held-out episodes per context (chance 1/16;
+`evaluate` runs eval_episodes K_max = 128 episodes, c = i mod K: 8 per context at K = 16,
+64 for the blind arm at K = 2), mean log P_D -0.06; exploration/valor.png shows the 16
+options fanning out from the centre (tab20 colours, one per context).
 Same run, `--decoder final_state` (VIC): K = 16 at epochs 54-70, accuracy 1.00 / 1.00 /
 1.00 / 0.99 (on a point mass the end point alone tells the options apart; [1]'s claim is
 about richer bodies). Broken `--variant blind`: K stays 2, accuracy 0.52 / 0.50 / 0.50 /
@@ -45,11 +51,22 @@ Differences from the paper:
   max_speed a, -1, 1), a = clip(u, -1, 1), u ~ N(mu(s, c), sigma); [1] runs MuJoCo
   (HalfCheetah, Swimmer, Ant, Toddler) and a point env of its own; the paper preset keeps the
   point mass with [1]'s hyperparameters, as the MuJoCo tasks are not built here.
-- The decoder trains every `dc_every` updates on that update's episodes only (the spinning-up
-  style re-implementations buffer the episodes in between); the curriculum is checked on
-  the same updates, on the episodes' rewards (decoder before its step, fresh rollouts).
+- The decoder trains every `dc_every` epochs on the dc_every x num_episodes episodes since
+  its last step (a ring buffer in the State, as the re-implementations keep them); the
+  curriculum is checked on the same epochs, on the last epoch's rewards (decoder before its
+  step, fresh rollouts).
+- Reward: log P_D once at the episode's last step; the re-implementations give it to every
+  step without discount. With gamma 0.99 over 1000 steps the first action would see
+  0.99^999 = 4e-5 of it, so the paper preset sets gamma = 1 (the value then carries the
+  credit through GAE's deltas); the quick preset keeps 0.99 (T = 20: 0.99^19 = 0.83).
+- The biLSTM's logits come from [last forward, first backward] hidden state; the
+  re-implementations put a linear head on every step and average over time.
 - The curriculum's trigger is the mean log-likelihood (the geometric-mean probability exp
-  E[log P_D] >= 0.86) [M]; `threshold` sets it. K starts at `k_init` (2) [M].
+  E[log P_D] >= 0.86; the re-implementations' comment says 0.86, their code tests >= 0.85);
+  `threshold` sets it. K starts at `k_init` = 2 (unsourced; the re-implementations start
+  at 4).
+- [1] compares VALOR with VIC and DIAYN; DIAYN is not a variant here (it lives in
+  metarl/diayn.py).
 - The logits are masked to the K contexts in use (the decoder's head has K_max outputs).
 - `--variant blind` (policy's one-hot zeroed: pi ignores c) is a broken variant for tests,
   not in [1]. `--decoder final_state` reads (s_0, s_T) with an MLP ([2]'s q(c | s_0, s_f)).
@@ -79,14 +96,14 @@ VARIANTS = ("valor", "blind")
 
 @dataclass(frozen=True)
 class Config:
-    """VALOR; defaults are [1]'s hyperparameters as remembered [M] (spinning-up VPG)."""
+    """VALOR; defaults are the spinning-up-style re-implementations' ([1]'s appendix not read)."""
 
     k_init: int = 2
-    """K at the start: contexts c ~ Uniform{0..K-1} [M]"""
+    """K at the start: contexts c ~ Uniform{0..K-1} (unsourced; re-implementations: 4)"""
     k_max: int = 64
-    """K_max: the curriculum's ceiling and the one-hot / decoder-head width [M]"""
+    """K_max: the curriculum's ceiling and the one-hot / decoder-head width"""
     threshold: float = 0.86
-    """curriculum trigger: K grows when exp(E[log P_D(c | tau)]) >= threshold [M]"""
+    """curriculum trigger: K grows when exp(E[log P_D(c | tau)]) >= threshold"""
     decoder: str = "valor"
     """valor (biLSTM on sub-sampled state differences) or final_state (VIC: MLP on s_0, s_T)"""
     variant: str = "valor"
@@ -94,7 +111,7 @@ class Config:
     decoder_points: int = 11
     """N equally spaced states of the episode the decoder reads (N - 1 differences)"""
     num_updates_total: int = 5000
-    """VPG epochs (policy updates)"""
+    """VPG epochs (policy updates; unsourced)"""
     num_episodes: int = 40
     """episodes per epoch (episodes_per_epoch), one context each"""
     episode_length: int = 1000
@@ -124,7 +141,8 @@ class Config:
     max_speed: float = 0.1
     """point mass: displacement per step at |a| = 1 (the box is [-1, 1]^2)"""
     eval_episodes: int = 8
-    """evaluate(): fresh episodes per context"""
+    """evaluate(): eval_episodes K_max fresh episodes over the K contexts in use (this many
+    per context at K = K_max)"""
     dtype: str = "float32"
     """compute dtype of the networks: float32 or bfloat16 (params stay float32)"""
 
@@ -311,7 +329,7 @@ def advantages(rewards, values, cfg: Config):
 
 
 def next_k(k, k_max):
-    """[1] Sec. 3.3 [M]: K <- min(int(1.5 K + 1), K_max); int(1.5 K + 1) = (3 K + 2) // 2."""
+    """K <- min(int(1.5 K + 1), K_max) (the re-implementations); int(1.5 K + 1) = (3 K + 2) // 2."""
     return jnp.minimum((3 * k + 2) // 2, k_max)
 
 
@@ -464,7 +482,7 @@ def update(state: State, cfg: Config):
         (new_dec, opt_dec),
         (state.params["dec"], state.opt_state["dec"]),
     )
-    # --- CURRICULUM --- [1] Sec. 3.3 [M], on the same epochs
+    # --- CURRICULUM --- on the same epochs
     k = curriculum(state.k, log_p_d.mean(), train_dc, cfg)
 
     params = {"pi": new_pi, "v": new_v, "dec": new_dec}
@@ -487,8 +505,9 @@ def update(state: State, cfg: Config):
 
 
 def eval_rollouts(state: State, cfg: Config, key):
-    """eval_episodes fresh episodes of each context in use (contexts c = i mod K, i < n with
-    n = eval_episodes K_max); returns (states [T + 1, n, 2], c [n], log P_D [n], logits)."""
+    """n = eval_episodes K_max fresh episodes over the contexts in use, c = i mod K (i < n):
+    eval_episodes per context only at K = K_max, about n / K otherwise (uneven when K does
+    not divide n); returns (states [T + 1, n, 2], c [n], log P_D [n], logits)."""
     n = cfg.eval_episodes * cfg.k_max
     c = (jnp.arange(n) % state.k).astype(jnp.int32)
     states, _, _ = rollout(state.params, key, c, state.variant, cfg)
@@ -524,10 +543,10 @@ def plot_options(state: State, cfg: Config, out: str, seed: int = 0):
         one, cfg, jax.random.fold_in(one.key, 7)
     )
     states, c, k = np.asarray(states), np.asarray(c), int(one.k)
-    cmap = plt.get_cmap("tab10" if k <= 10 else "hsv")
+    cmap = plt.get_cmap("tab10" if k <= 10 else "tab20" if k <= 20 else "hsv")
     fig, ax = plt.subplots(figsize=(5, 5))
     for i in range(states.shape[1]):
-        col = cmap(c[i] % 10 if k <= 10 else c[i] / k)
+        col = cmap(c[i] if k <= 20 else c[i] / k)  # tab20: 20 distinct colours
         ax.plot(
             states[:, i, 0],
             states[:, i, 1],
@@ -541,7 +560,7 @@ def plot_options(state: State, cfg: Config, out: str, seed: int = 0):
         xlim=(-1.05, 1.05),
         ylim=(-1.05, 1.05),
         aspect="equal",
-        title=f"{cfg.decoder} decoder, K = {k}: {cfg.eval_episodes} episodes per context",
+        title=f"{cfg.decoder} decoder, K = {k}: {len(c) // k}+ episodes per context",
     )
     ax.legend(fontsize=6, loc="lower left", ncol=2)
     fig.tight_layout()
