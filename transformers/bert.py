@@ -213,17 +213,23 @@ class Config:
 
     def validate(self):
         if self.d_model % self.num_heads:
-            raise ValueError(f"d_model={self.d_model} is not divisible by "
-                             f"num_heads={self.num_heads}")
+            raise ValueError(
+                f"d_model={self.d_model} is not divisible by num_heads={self.num_heads}"
+            )
         if not 8 <= self.seq_len <= self.max_positions:
-            raise ValueError(f"seq_len={self.seq_len} must be in [8, max_positions="
-                             f"{self.max_positions}]")
+            raise ValueError(
+                f"seq_len={self.seq_len} must be in [8, max_positions={self.max_positions}]"
+            )
         if not 1 <= self.max_predictions_per_seq <= self.seq_len:
-            raise ValueError(f"max_predictions_per_seq={self.max_predictions_per_seq} must "
-                             f"be in [1, seq_len={self.seq_len}]")
+            raise ValueError(
+                f"max_predictions_per_seq={self.max_predictions_per_seq} must "
+                f"be in [1, seq_len={self.seq_len}]"
+            )
         if self.mask_token_prob + self.random_token_prob > 1:
-            raise ValueError(f"mask_token_prob + random_token_prob = "
-                             f"{self.mask_token_prob + self.random_token_prob} must be <= 1")
+            raise ValueError(
+                f"mask_token_prob + random_token_prob = "
+                f"{self.mask_token_prob + self.random_token_prob} must be <= 1"
+            )
         if not 2 <= self.span_len <= self.seq_len - 2:
             raise ValueError(f"span_len={self.span_len} must be in [2, seq_len - 2]")
         for name in ("hidden_dropout_prob", "attention_dropout_prob"):
@@ -232,15 +238,20 @@ class Config:
         if not 0 < self.val_fraction < 1:
             raise ValueError(f"val_fraction={self.val_fraction} must be in (0, 1)")
         if self.pretrain_steps < 0 or self.pretrain_warmup < 0:
-            raise ValueError(f"pretrain_steps={self.pretrain_steps} and pretrain_warmup="
-                             f"{self.pretrain_warmup} must be >= 0")
+            raise ValueError(
+                f"pretrain_steps={self.pretrain_steps} and pretrain_warmup="
+                f"{self.pretrain_warmup} must be >= 0"
+            )
         if self.num_labelled < self.finetune_batch:
-            raise ValueError(f"num_labelled={self.num_labelled} must be >= "
-                             f"finetune_batch={self.finetune_batch}")
+            raise ValueError(
+                f"num_labelled={self.num_labelled} must be >= finetune_batch={self.finetune_batch}"
+            )
         for name in ("num_eval", "eval_instances"):
             if getattr(self, name) % self.rows:
-                raise ValueError(f"{name}={getattr(self, name)} is not a multiple of "
-                                 f"max(batch_size, finetune_batch)={self.rows}")
+                raise ValueError(
+                    f"{name}={getattr(self, name)} is not a multiple of "
+                    f"max(batch_size, finetune_batch)={self.rows}"
+                )
         if self.finetune_heads not in ("cls", "span", "both"):
             raise ValueError(f"finetune_heads={self.finetune_heads!r} must be cls, span or both")
         if self.dtype not in ("float32", "bfloat16"):
@@ -252,20 +263,38 @@ class Config:
             raise ValueError(f"adam_eps={self.adam_eps} must be > 0")
         chars = len(corpus_docs(self.corpus, self.val_fraction, self.sentence_chars)[2])
         if self.vocab_size is not None and self.vocab_size < chars + 4:
-            raise ValueError(f"vocab_size={self.vocab_size} is below the corpus's {chars} "
-                             f"characters + 4 special tokens")
+            raise ValueError(
+                f"vocab_size={self.vocab_size} is below the corpus's {chars} "
+                f"characters + 4 special tokens"
+            )
         if len(instances(self, "val")[0]) < self.eval_instances:
-            raise ValueError(f"eval_instances={self.eval_instances} exceeds the held-out "
-                             f"instances ({len(instances(self, 'val')[0])})")
+            raise ValueError(
+                f"eval_instances={self.eval_instances} exceeds the held-out "
+                f"instances ({len(instances(self, 'val')[0])})"
+            )
 
 
 PRESETS = {
     # CPU demo: 2 blocks of d 64, context 64, 1500 pre-training updates of 32 instances,
     # 3 epochs of 4096 labelled windows in batches of 32 (384 fine-tuning updates)
-    "quick": dict(vocab_size=None, seq_len=64, max_positions=64, num_layers=2, d_model=64,
-                  num_heads=4, d_ff=256, max_predictions_per_seq=10, dupe_factor=2,
-                  batch_size=32, pretrain_steps=1500, pretrain_lr=5e-4, pretrain_warmup=150,
-                  span_len=24, num_eval=512, finetune_lr=1e-3),
+    "quick": dict(
+        vocab_size=None,
+        seq_len=64,
+        max_positions=64,
+        num_layers=2,
+        d_model=64,
+        num_heads=4,
+        d_ff=256,
+        max_predictions_per_seq=10,
+        dupe_factor=2,
+        batch_size=32,
+        pretrain_steps=1500,
+        pretrain_lr=5e-4,
+        pretrain_warmup=150,
+        span_len=24,
+        num_eval=512,
+        finetune_lr=1e-3,
+    ),
     "paper": dict(),
 }
 
@@ -285,8 +314,8 @@ def corpus_docs(corpus: str, val_fraction: float, sentence_chars: int):
         pieces, piece = [], ""
         for w in sentence.split():
             while len(w) >= sentence_chars:  # a word longer than a sentence: hard cuts
-                pieces += [piece, w[:sentence_chars - 1]] if piece else [w[:sentence_chars - 1]]
-                piece, w = "", w[sentence_chars - 1:]
+                pieces += [piece, w[: sentence_chars - 1]] if piece else [w[: sentence_chars - 1]]
+                piece, w = "", w[sentence_chars - 1 :]
             if piece and len(piece) + 2 + len(w) > sentence_chars:
                 pieces.append(piece)
                 piece = w
@@ -349,7 +378,7 @@ def make_instances(docs, cfg: Config, rng: random.Random, dupe_factor: int):
                             if r != d:
                                 break
                         other = docs[r]
-                        for seg in other[rng.randint(0, len(other) - 1):]:
+                        for seg in other[rng.randint(0, len(other) - 1) :]:
                             b.extend(seg)
                             if len(b) >= target - len(a):
                                 break
@@ -396,13 +425,13 @@ def task_data(cfg: Config):
         start, end = np.zeros(count, np.int32), np.zeros(count, np.int32)
         for i, y in enumerate(labels):
             while True:
-                w = stream[(a := rng.integers(0, len(stream) - n)):a + n].copy()
+                w = stream[(a := rng.integers(0, len(stream) - n)) : a + n].copy()
                 if not y:
                     break
                 o = rng.integers(0, n - m + 1)
-                perm = rng.permutation(w[o:o + m])
-                if (perm != w[o:o + m]).any():
-                    w[o:o + m] = perm
+                perm = rng.permutation(w[o : o + m])
+                if (perm != w[o : o + m]).any():
+                    w[o : o + m] = perm
                     start[i], end[i] = 1 + o, o + m
                     break
             toks[i] = [s["cls"], *w, s["sep"]]
@@ -442,8 +471,11 @@ def mask_tokens(key, tokens, cfg: Config):
     labels = jnp.take_along_axis(tokens, positions, 1)
     u = jax.random.uniform(k_how, positions.shape)
     rand = jax.random.randint(k_tok, positions.shape, 0, s["chars"])
-    new = jnp.where(u < cfg.mask_token_prob, s["mask"],
-                    jnp.where(u < cfg.mask_token_prob + cfg.random_token_prob, rand, labels))
+    new = jnp.where(
+        u < cfg.mask_token_prob,
+        s["mask"],
+        jnp.where(u < cfg.mask_token_prob + cfg.random_token_prob, rand, labels),
+    )
     rows = jnp.arange(tokens.shape[0])[:, None]
     inputs = tokens.at[rows, positions].set(jnp.where(weights, new, labels))
     return inputs, positions, labels, weights.astype(jnp.float32)
@@ -487,8 +519,15 @@ class Layer(nn.Module):
         drop = nn.Dropout(cfg.hidden_dropout_prob, deterministic=not train)
         qkv = dense(3 * d, name="qkv")(h).reshape(B, L, 3, cfg.num_heads, d // cfg.num_heads)
         rng = self.make_rng("dropout") if train and cfg.attention_dropout_prob else None
-        a = attention(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2], key_mask,
-                      cfg.attention_dropout_prob, rng, train).reshape(B, L, d)
+        a = attention(
+            qkv[:, :, 0],
+            qkv[:, :, 1],
+            qkv[:, :, 2],
+            key_mask,
+            cfg.attention_dropout_prob,
+            rng,
+            train,
+        ).reshape(B, L, d)
         a = LN(name="attention_LayerNorm")(h + drop(dense(d, name="attention_output")(a)))
         m = dense(d, name="output")(gelu(dense(cfg.d_ff, name="intermediate")(a)))
         return LN(name="output_LayerNorm")(a + drop(m))
@@ -518,8 +557,9 @@ class BERT(nn.Module):
         pooled = jnp.tanh(nn.Dense(cfg.d_model, kernel_init=init_w, name="pooler")(h[:, 0]))
         # masked LM head (run_pretraining.py get_masked_lm_output)
         x = jnp.take_along_axis(h, positions[..., None], axis=1)  # (B, P, d)
-        x = LN(name="transform_LayerNorm")(gelu(nn.Dense(cfg.d_model, kernel_init=init_w,
-                                                         name="transform")(x)))
+        x = LN(name="transform_LayerNorm")(
+            gelu(nn.Dense(cfg.d_model, kernel_init=init_w, name="transform")(x))
+        )
         mlm = embed.attend(x) + self.param("output_bias", nn.initializers.zeros, (self.rows,))
         nsp = nn.Dense(2, kernel_init=init_w, name="nsp")(pooled)
         # fine-tuning heads (run_classifier.py: dropout on the pooled output; run_squad.py)
@@ -559,16 +599,22 @@ def learning_rate(step, cfg: Config):
     t = step.astype(jnp.float32)
     sched = lambda t, lr, W, T: lr * jnp.where(t < W, t / max(W, 1), jnp.maximum(1 - t / T, 0))
     pre = sched(t, cfg.pretrain_lr, cfg.pretrain_warmup, max(cfg.pretrain_steps, 1))
-    ft = sched(t - cfg.pretrain_steps, cfg.finetune_lr,
-               int(cfg.finetune_warmup_frac * cfg.finetune_steps), cfg.finetune_steps)
+    ft = sched(
+        t - cfg.pretrain_steps,
+        cfg.finetune_lr,
+        int(cfg.finetune_warmup_frac * cfg.finetune_steps),
+        cfg.finetune_steps,
+    )
     return jnp.where(step < cfg.pretrain_steps, pre, ft)
 
 
 def decay_mask(params):
     """optimization.py _do_use_weight_decay: no decay where the name holds LayerNorm or bias."""
+
     def use(path, _):
         names = [str(getattr(p, "key", p)) for p in path]
         return not any("LayerNorm" in n or "bias" in n for n in names)
+
     return jax.tree_util.tree_map_with_path(use, params)
 
 
@@ -602,6 +648,29 @@ class State:
     step: jax.Array
     scratch: jax.Array
     """1 (traced): re-initialise the encoder too when fine-tuning starts"""
+    data: tuple
+    """device_data(cfg), stored uint8 (uint16 above 256 values): an input of the compiled
+    chunks, not constants of each program; one copy per seed"""
+
+
+def compact(a, bound: int):
+    """Values in [0, bound) in the narrowest unsigned type that holds them (the gathers
+    cast back to int32)."""
+    return np.asarray(a).astype(
+        np.uint8 if bound <= 256 else np.uint16 if bound <= 65536 else np.int32
+    )
+
+
+def device_data(cfg: Config) -> tuple:
+    """(pre-training tokens, NSP labels, then the task's train tokens, labels, starts, ends,
+    then its eval tokens, labels, starts, ends, then eval_instances held-out instances and
+    their NSP labels) as compact numpy arrays."""
+    t, L = specials(cfg)["pad"] + 1, cfg.seq_len  # token ids are < pad + 1
+    vx, vy = (a[: cfg.eval_instances] for a in instances(cfg, "val"))
+    arrays = (*instances(cfg, "train"), *task_data(cfg), vx, vy)
+    return tuple(
+        compact(a, b) for a, b in zip(arrays, (t, 2, t, 2, L, L, t, 2, L, L, t, 2), strict=True)
+    )
 
 
 def model_of(cfg: Config) -> BERT:
@@ -611,15 +680,22 @@ def model_of(cfg: Config) -> BERT:
 
 def init_params(key, cfg: Config):
     z = jnp.zeros((1, cfg.seq_len), jnp.int32)
-    return model_of(cfg).init(key, z, z, z[:, :cfg.max_predictions_per_seq])
+    return model_of(cfg).init(key, z, z, z[:, : cfg.max_predictions_per_seq])
 
 
 def init(key, cfg: Config) -> State:
     k_init, key = jax.random.split(key)
     params = init_params(k_init, cfg)
     z = jax.tree.map(jnp.zeros_like, params)
-    return State(params, (z, z), key, k_init, jnp.zeros((), jnp.int32),
-                 jnp.asarray(int(cfg.finetune_from_scratch), jnp.int32))
+    return State(
+        params,
+        (z, z),
+        key,
+        k_init,
+        jnp.zeros((), jnp.int32),
+        jnp.asarray(int(cfg.finetune_from_scratch), jnp.int32),
+        tuple(jnp.asarray(a) for a in device_data(cfg)),
+    )
 
 
 # --- UPDATE ---
@@ -629,8 +705,7 @@ def batch(state: State, cfg: Config):
     """(tokens (R, L), NSP labels, task labels, starts, ends, row weights, finetune flag):
     uniformly drawn pre-training instances, or a minibatch of the labelled set (an epoch is
     a permutation of it, drawn from the seed's key)."""
-    pre_x, pre_y = (jnp.asarray(a) for a in instances(cfg, "train"))
-    x_lab, y_lab, s_lab, e_lab = (jnp.asarray(a) for a in task_data(cfg)[:4])
+    pre_x, pre_y, x_lab, y_lab, s_lab, e_lab = state.data[:6]
     R, n = cfg.rows, cfg.num_labelled
     finetune = state.step >= cfg.pretrain_steps
     k_pre = jax.random.fold_in(state.key, 0)
@@ -639,10 +714,18 @@ def batch(state: State, cfg: Config):
     t = jnp.maximum(state.step - cfg.pretrain_steps, 0)
     perm = jax.random.permutation(jax.random.fold_in(state.init_key, t // per_epoch), n)
     idx = perm[((t % per_epoch) * cfg.finetune_batch + jnp.arange(R)) % n]
-    tokens = jnp.where(finetune, x_lab[idx], pre_x[i_pre])
+    i32 = lambda a: a.astype(jnp.int32)
+    tokens = jnp.where(finetune, i32(x_lab[idx]), i32(pre_x[i_pre]))
     rows = jnp.arange(R) < jnp.where(finetune, cfg.finetune_batch, cfg.batch_size)
-    return (tokens, pre_y[i_pre], y_lab[idx], s_lab[idx], e_lab[idx],
-            rows.astype(jnp.float32), finetune)
+    return (
+        tokens,
+        i32(pre_y[i_pre]),
+        i32(y_lab[idx]),
+        i32(s_lab[idx]),
+        i32(e_lab[idx]),
+        rows.astype(jnp.float32),
+        finetune,
+    )
 
 
 def update(state: State, cfg: Config):
@@ -650,9 +733,16 @@ def update(state: State, cfg: Config):
     # stage switch: fresh AdamW moments, fresh task heads; the scratch twin: fresh encoder
     switch = state.step == cfg.pretrain_steps
     fresh = init_params(state.init_key, cfg)
-    new = {"params": {k: jax.tree.map(
-        lambda a, b, k=k: jnp.where(switch & ((state.scratch > 0) | (k in HEADS)), b, a),
-        v, fresh["params"][k]) for k, v in state.params["params"].items()}}
+    new = {
+        "params": {
+            k: jax.tree.map(
+                lambda a, b, k=k: jnp.where(switch & ((state.scratch > 0) | (k in HEADS)), b, a),
+                v,
+                fresh["params"][k],
+            )
+            for k, v in state.params["params"].items()
+        }
+    }
     opt = jax.tree.map(lambda x: jnp.where(switch, jnp.zeros_like(x), x), state.opt)
 
     tokens, nsp_y, cls_y, start, end, rows, finetune = batch(state, cfg)
@@ -673,8 +763,9 @@ def update(state: State, cfg: Config):
         fine = use_cls * l_cls + use_span * l_span
         return jnp.where(finetune, fine, l_mlm + l_nsp), (l_mlm, l_nsp, l_cls, l_span, out)
 
-    (loss, (l_mlm, l_nsp, l_cls, l_span, out)), grads = jax.value_and_grad(
-        loss_fn, has_aux=True)(new)
+    (loss, (l_mlm, l_nsp, l_cls, l_span, out)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+        new
+    )
     lr = learning_rate(state.step, cfg)
     params, opt, gnorm = adamw_step(new, grads, opt, lr, cfg)
     hit = lambda logits, y: (logits.argmax(-1) == y).astype(jnp.float32)
@@ -682,24 +773,43 @@ def update(state: State, cfg: Config):
     unigram_acc = ((labels == unigram_mode(cfg)) * weights).sum() / jnp.maximum(weights.sum(), 1)
     em = hit(out["start"], start) * hit(out["end"], end)
     pre = 1 - finetune.astype(jnp.float32)
-    metrics = {"losses/loss": loss, "losses/mlm": l_mlm, "losses/nsp": l_nsp,
-               "losses/cls": l_cls, "losses/span": l_span,
-               "charts/mlm_acc": mlm_acc, "charts/unigram_acc": unigram_acc,
-               "charts/nsp_acc": (hit(out["nsp"], nsp_y) * rows).sum()
-               / rows.sum(), "charts/train_acc": (hit(out["cls"], cls_y) * rows).sum() / rows.sum(),
-               "charts/train_span_em": (em * rows).sum() / rows.sum(),
-               "charts/finetuning": 1 - pre, "charts/pretraining": pre,
-               "charts/lr": lr, "charts/grad_norm": gnorm}
-    return State(params, opt, key, state.init_key, state.step + 1, state.scratch), metrics
+    metrics = {
+        "losses/loss": loss,
+        "losses/mlm": l_mlm,
+        "losses/nsp": l_nsp,
+        "losses/cls": l_cls,
+        "losses/span": l_span,
+        "charts/mlm_acc": mlm_acc,
+        "charts/unigram_acc": unigram_acc,
+        "charts/nsp_acc": (hit(out["nsp"], nsp_y) * rows).sum() / rows.sum(),
+        "charts/train_acc": (hit(out["cls"], cls_y) * rows).sum() / rows.sum(),
+        "charts/train_span_em": (em * rows).sum() / rows.sum(),
+        "charts/finetuning": 1 - pre,
+        "charts/pretraining": pre,
+        "charts/lr": lr,
+        "charts/grad_norm": gnorm,
+    }
+    return state.replace(params=params, opt=opt, key=key, step=state.step + 1), metrics
 
 
 # the pre-training metrics are undefined (NaN in the logs) while fine-tuning, and the
 # fine-tuning ones while pre-training
-NAN_UNLESS = {**{k: "charts/finetuning" for k in ("losses/cls", "losses/span",
-                                                 "charts/train_acc", "charts/train_span_em")},
-              **{k: "charts/pretraining" for k in ("losses/mlm", "losses/nsp",
-                                                  "charts/mlm_acc", "charts/unigram_acc",
-                                                  "charts/nsp_acc")}}
+NAN_UNLESS = {
+    **{
+        k: "charts/finetuning"
+        for k in ("losses/cls", "losses/span", "charts/train_acc", "charts/train_span_em")
+    },
+    **{
+        k: "charts/pretraining"
+        for k in (
+            "losses/mlm",
+            "losses/nsp",
+            "charts/mlm_acc",
+            "charts/unigram_acc",
+            "charts/nsp_acc",
+        )
+    },
+}
 
 
 def evaluate(state: State, cfg: Config):
@@ -708,42 +818,71 @@ def evaluate(state: State, cfg: Config):
     (masks drawn from task_seed), beside the unigram baseline's accuracy on the same masked
     positions (always the most frequent training character)."""
     s, model, R = specials(cfg), model_of(cfg), cfg.rows
-    x_ev, y_ev, s_ev, e_ev = (jnp.asarray(a) for a in task_data(cfg)[4:])
-    vx, vy = (jnp.asarray(a[:cfg.eval_instances]) for a in instances(cfg, "val"))
+    x_ev, y_ev, s_ev, e_ev, vx, vy = state.data[6:]
+    i32 = lambda a: a.astype(jnp.int32)
     mode = unigram_mode(cfg)
     ones = jnp.ones((R,), jnp.float32)
 
     def task_chunk(i):
-        x, y, st, en = (jax.lax.dynamic_slice_in_dim(a, i * R, R) for a in (x_ev, y_ev, s_ev, e_ev))
-        out = model.apply(state.params, x, jnp.zeros_like(x),
-                          jnp.zeros((R, cfg.max_predictions_per_seq), jnp.int32))
+        x, y, st, en = (
+            i32(jax.lax.dynamic_slice_in_dim(a, i * R, R)) for a in (x_ev, y_ev, s_ev, e_ev)
+        )
+        out = model.apply(
+            state.params,
+            x,
+            jnp.zeros_like(x),
+            jnp.zeros((R, cfg.max_predictions_per_seq), jnp.int32),
+        )
         em = (out["start"].argmax(-1) == st) & (out["end"].argmax(-1) == en)
         return row_loss(out["cls"], y, ones), (out["cls"].argmax(-1) == y).mean(), em.mean()
 
     def mlm_chunk(i):
-        x, y = (jax.lax.dynamic_slice_in_dim(a, i * R, R) for a in (vx, vy))
+        x, y = (i32(jax.lax.dynamic_slice_in_dim(a, i * R, R)) for a in (vx, vy))
         inputs, positions, labels, w = mask_tokens(
-            jax.random.fold_in(jax.random.PRNGKey(cfg.task_seed), i), x, cfg)
-        out = model.apply(state.params, inputs, token_types(inputs, s["sep"], s["pad"]),
-                          positions)
-        return ((out["mlm"].argmax(-1) == labels) * w).sum(), ((labels == mode) * w).sum(), \
-            w.sum(), (out["nsp"].argmax(-1) == y).mean()
+            jax.random.fold_in(jax.random.PRNGKey(cfg.task_seed), i), x, cfg
+        )
+        out = model.apply(state.params, inputs, token_types(inputs, s["sep"], s["pad"]), positions)
+        return (
+            ((out["mlm"].argmax(-1) == labels) * w).sum(),
+            ((labels == mode) * w).sum(),
+            w.sum(),
+            (out["nsp"].argmax(-1) == y).mean(),
+        )
 
     l, acc, em = jax.lax.map(task_chunk, jnp.arange(cfg.num_eval // R))
     hits, uni, count, nsp = jax.lax.map(mlm_chunk, jnp.arange(cfg.eval_instances // R))
-    return {"val_acc": acc.mean(), "val_cls_loss": l.mean(), "val_span_em": em.mean(),
-            "val_mlm_acc": hits.sum() / count.sum(), "val_unigram_acc": uni.sum() / count.sum(),
-            "val_nsp_acc": nsp.mean()}
+    return {
+        "val_acc": acc.mean(),
+        "val_cls_loss": l.mean(),
+        "val_span_em": em.mean(),
+        "val_mlm_acc": hits.sum() / count.sum(),
+        "val_unigram_acc": uni.sum() / count.sum(),
+        "val_nsp_acc": nsp.mean(),
+    }
 
 
 # --- MAIN ---
 
 
 def main(argv=None):
-    return run.main(Config, init, update, presets=PRESETS, evaluate=evaluate, argv=argv,
-                    doc=__doc__, nan_unless=NAN_UNLESS,
-                    summary_keys=["val_acc", "val_span_em", "val_mlm_acc", "val_unigram_acc",
-                                  "val_nsp_acc", "charts/train_acc"])
+    return run.main(
+        Config,
+        init,
+        update,
+        presets=PRESETS,
+        evaluate=evaluate,
+        argv=argv,
+        doc=__doc__,
+        nan_unless=NAN_UNLESS,
+        summary_keys=[
+            "val_acc",
+            "val_span_em",
+            "val_mlm_acc",
+            "val_unigram_acc",
+            "val_nsp_acc",
+            "charts/train_acc",
+        ],
+    )
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ import dataclasses
 import json
 import math
 import random
+import re
 
 import jax
 import jax.numpy as jnp
@@ -25,12 +26,30 @@ from transformers import bert
 
 # one tiny config for every test: 2 blocks of d 32, context 24, 60 pre-training updates of
 # 16 instances, then 2 epochs of a 64-window labelled set in batches of 16 (8 updates)
-TINY = bert.Config(vocab_size=None, seq_len=24, max_positions=24, num_layers=2, d_model=32,
-                   num_heads=2, d_ff=64, hidden_dropout_prob=0.0, attention_dropout_prob=0.0,
-                   max_predictions_per_seq=4, dupe_factor=1, batch_size=16, pretrain_steps=60,
-                   pretrain_lr=5e-4, pretrain_warmup=10, span_len=10, num_labelled=64,
-                   num_eval=64, finetune_batch=16, finetune_epochs=2, finetune_lr=1e-3,
-                   eval_instances=64)
+TINY = bert.Config(
+    vocab_size=None,
+    seq_len=24,
+    max_positions=24,
+    num_layers=2,
+    d_model=32,
+    num_heads=2,
+    d_ff=64,
+    hidden_dropout_prob=0.0,
+    attention_dropout_prob=0.0,
+    max_predictions_per_seq=4,
+    dupe_factor=1,
+    batch_size=16,
+    pretrain_steps=60,
+    pretrain_lr=5e-4,
+    pretrain_warmup=10,
+    span_len=10,
+    num_labelled=64,
+    num_eval=64,
+    finetune_batch=16,
+    finetune_epochs=2,
+    finetune_lr=1e-3,
+    eval_instances=64,
+)
 CHUNK = 34  # TINY.num_updates = 68: two chunks of one program
 SEEDS = 3  # seeds 0 and 1 pre-trained; seed 2: the twin of seed 0, re-initialised at the switch
 KEYS = jax.random.split(jax.random.PRNGKey(0), SEEDS)  # the runner's keys (--seed 0)
@@ -94,8 +113,8 @@ def test_nsp_instances_follow_create_pretraining_data():
     for row, label, tt in zip(x, y, types, strict=True):
         assert row[0] == s["cls"]
         seps = np.flatnonzero(row == s["sep"])
-        assert len(seps) == 2 and (row[seps[1] + 1:] == s["pad"]).all()
-        a, b = row[1:seps[0]], row[seps[0] + 1:seps[1]]
+        assert len(seps) == 2 and (row[seps[1] + 1 :] == s["pad"]).all()
+        a, b = row[1 : seps[0]], row[seps[0] + 1 : seps[1]]
         assert len(a) >= 1 and len(b) >= 1
         np.testing.assert_array_equal(tt, (np.arange(len(row)) > seps[0]) & (row != s["pad"]))
         if label == 0:
@@ -125,8 +144,13 @@ def _forward(params, tokens, types, positions):
     """The heads' outputs and the last encoder layer's hidden states, in one program."""
     last = f"layer_{TINY.num_layers - 1}"
     out, inter = bert.model_of(TINY).apply(
-        params, tokens, types, positions, mutable=["intermediates"],
-        capture_intermediates=lambda m, _: m.name == last)
+        params,
+        tokens,
+        types,
+        positions,
+        mutable=["intermediates"],
+        capture_intermediates=lambda m, _: m.name == last,
+    )
     return out, inter["intermediates"][last]["__call__"][0]
 
 
@@ -193,8 +217,10 @@ def test_weight_decay_mask_and_released_adamw():
     correction): m = 0.1 g, v = 0.001 g^2, p - lr (m / (sqrt(v) + 1e-6) + 0.01 p [decayed]),
     after clipping g to global norm 1."""
     params = jax.eval_shape(lambda k: bert.init_params(k, TINY), jax.random.PRNGKey(0))
-    flat = {"/".join(str(getattr(k, "key", k)) for k in path): v for path, v in
-            jax.tree_util.tree_flatten_with_path(bert.decay_mask(params))[0]}
+    flat = {
+        "/".join(str(getattr(k, "key", k)) for k in path): v
+        for path, v in jax.tree_util.tree_flatten_with_path(bert.decay_mask(params))[0]
+    }
     off = {k for k, v in flat.items() if not v}
     assert "params/output_bias" in off and "params/embeddings_LayerNorm/scale" in off
     assert "params/layer_0/attention_LayerNorm/bias" in off and "params/pooler/bias" in off
@@ -204,28 +230,44 @@ def test_weight_decay_mask_and_released_adamw():
     assert "params/layer_1/intermediate/kernel" in on
     assert "params/token_type_embeddings/embedding" in on
     assert all(k.endswith(("kernel", "embedding", "embeddings")) for k in on)
-    p = {"w": {"kernel": np.full((2, 2), 2.0, np.float32)},
-         "LayerNorm": {"scale": np.full((3,), 2.0, np.float32)}}
-    g = {"w": {"kernel": np.full((2, 2), 3.0, np.float32)},
-         "LayerNorm": {"scale": np.full((3,), 4.0, np.float32)}}  # |g| = sqrt(84)
+    p = {
+        "w": {"kernel": np.full((2, 2), 2.0, np.float32)},
+        "LayerNorm": {"scale": np.full((3,), 2.0, np.float32)},
+    }
+    g = {
+        "w": {"kernel": np.full((2, 2), 3.0, np.float32)},
+        "LayerNorm": {"scale": np.full((3,), 4.0, np.float32)},
+    }  # |g| = sqrt(84)
     z = jax.tree.map(np.zeros_like, p)
     new, (m, v), norm = jit0(bert.adamw_step, 4)(p, g, (z, z), 1e-3, TINY)
     np.testing.assert_allclose(norm, math.sqrt(84), rtol=1e-6)
     step = lambda gg: 0.1 * gg / (math.sqrt(0.001 * gg * gg) + 1e-6)
-    np.testing.assert_allclose(new["w"]["kernel"], 2 - 1e-3 * (step(3 / math.sqrt(84)) + 0.02),
-                               rtol=1e-6)
-    np.testing.assert_allclose(new["LayerNorm"]["scale"], 2 - 1e-3 * step(4 / math.sqrt(84)),
-                               rtol=1e-6)
+    np.testing.assert_allclose(
+        new["w"]["kernel"], 2 - 1e-3 * (step(3 / math.sqrt(84)) + 0.02), rtol=1e-6
+    )
+    np.testing.assert_allclose(
+        new["LayerNorm"]["scale"], 2 - 1e-3 * step(4 / math.sqrt(84)), rtol=1e-6
+    )
 
 
 def test_learning_rate_warmup_then_linear_decay():
     """optimization.py: lr t / W for t < W, then lr (1 - t / T) (not renormalised after the
     warm-up); fine-tuning restarts it with W = 10% of its T_ft updates."""
-    cfg = bert.Config(pretrain_steps=1000, pretrain_warmup=100, num_labelled=320,
-                      finetune_batch=32, finetune_epochs=3)  # T_ft = 30, W_ft = 3
+    cfg = bert.Config(
+        pretrain_steps=1000,
+        pretrain_warmup=100,
+        num_labelled=320,
+        finetune_batch=32,
+        finetune_epochs=3,
+    )  # T_ft = 30, W_ft = 3
     steps = [0, 50, 99, 100, 500, 999, 1000, 1001, 1003, 1015, 1029]
-    lr = dict(zip(steps, np.asarray(jit0(bert.learning_rate, 1)(np.array(steps), cfg)).tolist(),
-                  strict=True))
+    lr = dict(
+        zip(
+            steps,
+            np.asarray(jit0(bert.learning_rate, 1)(np.array(steps), cfg)).tolist(),
+            strict=True,
+        )
+    )
     assert lr[0] == 0.0
     np.testing.assert_allclose(lr[50], 0.5e-4, rtol=1e-6)
     np.testing.assert_allclose(lr[99], 0.99e-4, rtol=1e-6)
@@ -252,8 +294,14 @@ def tiny_run(tmp_path_factory):
     """TINY through the command line (--fast-compile), in-process, once, 3 seeds."""
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(bert, "init", _twin_init)
-        return tiny_run_module.run_cli(bert, TINY, tmp_path_factory.mktemp("run"), CHUNK,
-                                       seeds=SEEDS, extra=("--fast-compile",))
+        return tiny_run_module.run_cli(
+            bert,
+            TINY,
+            tmp_path_factory.mktemp("run"),
+            CHUNK,
+            seeds=SEEDS,
+            extra=("--fast-compile",),
+        )
 
 
 def test_mlm_learns_and_the_scratch_twin_forgets_short(tiny_run):
@@ -267,7 +315,7 @@ def test_mlm_learns_and_the_scratch_twin_forgets_short(tiny_run):
     ignores the scratch flag, or trains without masking (the copy task): see the report."""
     h, f = tiny_run.history, tiny_run.final
     P = TINY.pretrain_steps
-    first, last = h["losses/mlm"][:, 0], h["losses/mlm"][:, P - 10:P].mean(1)
+    first, last = h["losses/mlm"][:, 0], h["losses/mlm"][:, P - 10 : P].mean(1)
     val, val_uni = np.asarray(f["val_mlm_acc"]), np.asarray(f["val_unigram_acc"])
     print(f"MLM loss {first} -> {last}; held-out MLM acc {val} unigram {val_uni}")
     assert (last < first - 1.0).all(), (first, last)
@@ -327,6 +375,31 @@ def test_bad_values_fail_with_named_field(tmp_path):
         bert.main(["--finetune-heads", "x", "--run-dir", str(tmp_path)])
 
 
+def big_constants(hlo: str, min_elements: int = 10_000):
+    """Lines of StableHLO text that define a constant of at least `min_elements` elements."""
+    out = []
+    for ln in hlo.splitlines():
+        if "constant" in ln:
+            for dims in re.findall(r"tensor<((?:\d+x)+)[a-z]", ln):
+                if np.prod([int(d) for d in dims.rstrip("x").split("x")]) >= min_elements:
+                    out.append(ln[:200])
+    return out
+
+
+def test_instances_and_task_are_uint8_inputs_of_update_and_evaluate_not_constants():
+    """The pre-training instances, the task's sets and the held-out instances live in the
+    State as uint8 (pydoc: ~100 characters + 4 specials, positions < 24), so the compiled
+    update and evaluate take them as an input: no constant of 1k elements or more in their
+    lowered text (the int32 instances were one: ~600k elements per update program)."""
+    state = jax.eval_shape(lambda k: bert.init(k, TINY), jax.random.PRNGKey(0))
+    want = bert.device_data(TINY)
+    assert [(a.shape, a.dtype) for a in state.data] == [(a.shape, np.uint8) for a in want]
+    assert want[0].size > 100_000 and want[6].size > 1000 and want[10].size > 1000
+    for fn in (bert.update, bert.evaluate):
+        hlo = jax.jit(fn, static_argnums=1).lower(state, TINY).as_text()
+        assert not big_constants(hlo, 1000), (fn.__name__, big_constants(hlo, 1000)[:1])
+
+
 def test_every_config_field_is_read():
     assert unread_fields(bert) == []
 
@@ -343,8 +416,9 @@ def test_paper_preset_traces():
 
 
 # the slow gate's config: 2 blocks of d 64, context 24, 300 pre-training updates of 32
-SLOW = dataclasses.replace(TINY, d_model=64, num_heads=4, d_ff=128, batch_size=32,
-                           pretrain_steps=300, pretrain_warmup=50)
+SLOW = dataclasses.replace(
+    TINY, d_model=64, num_heads=4, d_ff=128, batch_size=32, pretrain_steps=300, pretrain_warmup=50
+)
 
 
 @pytest.mark.slow
@@ -359,12 +433,13 @@ def test_mlm_beats_the_unigram_guess(tmp_path):
     0.211."""
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(bert, "init", _twin_init)
-        res = tiny_run_module.run_cli(bert, SLOW, tmp_path, 77, seeds=SEEDS,
-                                      extra=("--fast-compile",))
+        res = tiny_run_module.run_cli(
+            bert, SLOW, tmp_path, 77, seeds=SEEDS, extra=("--fast-compile",)
+        )
     h, f = res.history, res.final
     P = SLOW.pretrain_steps
-    acc = h["charts/mlm_acc"][:, P - 50:P].mean(1)
-    uni = h["charts/unigram_acc"][:, P - 50:P].mean(1)
+    acc = h["charts/mlm_acc"][:, P - 50 : P].mean(1)
+    uni = h["charts/unigram_acc"][:, P - 50 : P].mean(1)
     val, val_uni = np.asarray(f["val_mlm_acc"]), np.asarray(f["val_unigram_acc"])
     print(f"train MLM acc {acc} unigram {uni}; held-out MLM acc {val} unigram {val_uni}")
     assert (acc[:2] > uni[:2] + 0.03).all(), (acc, uni)
