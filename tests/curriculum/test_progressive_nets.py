@@ -254,7 +254,8 @@ def test_finetune_top_and_random_column_baselines(recorded):
     its output layer (the hidden layers still equal column 1's, the output layer moved);
     random_column trained column 1 on task 1 and reset it to its init for task 2; the
     task-1 score of finetune_top is that of its last column (not the progressive net's
-    column 1, which has the same parameters)."""
+    column 1, which has the same parameters). Fails with finetune_top's mask ignored, with
+    the gradient mask dropped, or with fine-tuners scored on column 1 (each tried)."""
     res, chunks = recorded
     before, after = chunks[1][1].arms, res.state.arms
     ft, rc = TINY.arms.index("finetune_top"), TINY.arms.index("random_column")
