@@ -155,24 +155,22 @@ def test_paper_advantage_reaches_the_first_action():
 
 
 def test_final_state_decoder_reads_both_ends():
-    """VIC's decoder ([2]): `update` traces with decoder = final_state (an MLP on (s_0, s_T));
-    its logits change when s_T or s_0 changes and not when a middle state does.
-    Mutation that fails: the MLP reading s_0 only."""
+    """VIC's decoder ([2], an MLP on (s_0, s_T); `update` traces with it in
+    test_update_wiring): its logits change when s_T or s_0 changes and not when a middle
+    state does. Mutation that fails: the MLP reading s_0 only."""
     cfg = dataclasses.replace(TINY, decoder="final_state")
-    state = jax.eval_shape(lambda k: valor.init(k, cfg), jax.random.PRNGKey(0))
-    after, _ = jax.eval_shape(lambda s: valor.update(s, cfg), state)
-    assert after.params["dec"]["params"]["Dense_0"]["kernel"].shape == (4, 16)
-    assert after.dc_x.shape == (32, 4)
     dec = valor.networks(cfg)[2]
-    states = jnp.asarray(np.random.default_rng(2).normal(size=(11, 3, 2)), jnp.float32)
-    params = dec.init(jax.random.PRNGKey(1), valor.decoder_inputs(states, cfg))
-
-    def logits(s):
-        return np.asarray(dec.apply(params, valor.decoder_inputs(s, cfg)))
-
-    base = logits(states)
-    for t, moves in [(10, True), (0, True), (5, False)]:
-        other = logits(states.at[t].add(0.5))
+    states = np.random.default_rng(2).normal(size=(11, 3, 2)).astype(np.float32)
+    params = dec.init(jax.random.PRNGKey(1), valor.decoder_inputs(jnp.asarray(states), cfg))
+    # the 4 variants in one call: as they are, then s_10, s_0, s_5 moved
+    moved = np.stack(
+        [states] + [states + 0.5 * (np.arange(11) == t)[:, None, None] for t in (10, 0, 5)]
+    )
+    out = np.asarray(
+        jax.jit(jax.vmap(lambda s: dec.apply(params, valor.decoder_inputs(s, cfg))))(moved)
+    )
+    base = out[0]
+    for other, (t, moves) in zip(out[1:], [(10, True), (0, True), (5, False)], strict=True):
         assert (np.abs(other - base).max(-1) > 1e-4).all() == moves, t
         assert np.allclose(other, base) != moves, t
 
@@ -192,11 +190,12 @@ def test_context_log_prob_uses_the_k_contexts_in_use():
 def test_update_wiring(monkeypatch):
     """`update` feeds the decoder `decoder_inputs` of the rollout's states, the reward
     `episode_rewards` of `context_log_prob` with the current K, and the entropy weight to
-    `policy_loss`; GAE gets (gamma, lambda) and the value target (gamma, 1); with
-    dc_every = 3 the decoder trains on the ring buffer of 3 epochs (3 B rows), written at
-    slot step % 3, and the curriculum's gate is `decoder_turn` (traced with spies, nothing
-    runs). Mutations that fail here: lambda for the value target's 1, gamma and lambda
-    swapped, the decoder loss on the epoch's episodes only."""
+    `policy_loss`; the VIC decoder (final_state) traces; GAE gets (gamma, lambda) and the
+    value target (gamma, 1); with dc_every = 3 the decoder trains on the ring buffer of 3
+    epochs (3 B rows), written at slot step % 3, and the curriculum's gate is
+    `decoder_turn` (traced with spies, nothing runs). Mutations that fail here: lambda for
+    the value target's 1, gamma and lambda swapped, the decoder loss on the epoch's episodes
+    only, update's own (step + 1) % dc_every instead of decoder_turn."""
     calls: dict[str, list] = {}
 
     def spy(name):
@@ -232,9 +231,13 @@ def test_update_wiring(monkeypatch):
     ):
         spy(name)
     spy_out("decoder_turn")
-    cfg = dataclasses.replace(TINY, ent_coef=0.3, dc_every=3, gamma=0.95, gae_lambda=0.8)
+    cfg = dataclasses.replace(
+        TINY, ent_coef=0.3, dc_every=3, gamma=0.95, gae_lambda=0.8, decoder="final_state"
+    )
     state = jax.eval_shape(lambda k: valor.init(k, cfg), jax.random.PRNGKey(0))
-    jax.eval_shape(lambda s: valor.update(s, cfg), state)
+    after, _ = jax.eval_shape(lambda s: valor.update(s, cfg), state)
+    assert after.params["dec"]["params"]["Dense_0"]["kernel"].shape == (2 * 2, 16)
+    assert after.dc_x.shape == (3 * 32, 2 * 2)
     ((states, _),) = [a for a in calls["decoder_inputs"] if a[0].shape[1] == 32]
     assert states.shape == (11, 32, 2)
     ((log_p, t),) = calls["episode_rewards"]
