@@ -1,7 +1,8 @@
 """Tests of exploration/vime.py: the BNN's KLs, Hessian and likelihood by hand, the
 closed-form one-step KL ([1] Eq. 16-17) against an explicit update, the median
-normaliser and the replay pool, the information gain on unseen vs seen transitions,
-behaviour against PPO without the bonus, purity, CLI and the paper preset's trace."""
+normaliser and the replay pool, the first iterations' normaliser and `reward` on a
+hand-built state against Eq. 17 by hand, the information gain on unseen vs seen
+transitions, behaviour against PPO without the bonus, purity, CLI and the paper trace."""
 
 import dataclasses
 import types
