@@ -191,8 +191,9 @@ def test_auc_is_the_area_under_the_per_update_curve_and_transfer_its_ratio():
 def test_bad_values_fail_with_named_field(tmp_path):
     """One CLI call (alpha 0 would silently turn the progressive net into scratch); the rest
     through Config.validate()."""
-    with pytest.raises(ValueError, match="alpha_init=0.0 must be > 0"):
-        pnn.main(["--alpha-init", "0", "--run-dir", str(tmp_path / "x")])
+    with pytest.raises(ValueError, match="alpha_init=0.0 must be > 0"):  # before the later
+        # minibatch check, so a validate() that lets alpha 0 through fails here, fast
+        pnn.main(["--alpha-init", "0", "--num-minibatches", "3", "--run-dir", str(tmp_path)])
     bad = [
         (dict(tasks=("identity", "zoom")), "'zoom' must be one of"),
         (dict(tasks=("identity",)), "must hold >= 2 tasks"),
