@@ -211,60 +211,95 @@ class Config:
 
     def validate(self):
         if self.d_model % self.num_heads:
-            raise ValueError(f"d_model={self.d_model} is not divisible by "
-                             f"num_heads={self.num_heads}")
+            raise ValueError(
+                f"d_model={self.d_model} is not divisible by num_heads={self.num_heads}"
+            )
         if not 8 <= self.seq_len <= self.max_positions:
-            raise ValueError(f"seq_len={self.seq_len} must be in [8, max_positions="
-                             f"{self.max_positions}]")
+            raise ValueError(
+                f"seq_len={self.seq_len} must be in [8, max_positions={self.max_positions}]"
+            )
         if not 1 <= self.max_predictions_per_seq <= self.seq_len:
-            raise ValueError(f"max_predictions_per_seq={self.max_predictions_per_seq} must "
-                             f"be in [1, seq_len={self.seq_len}]")
+            raise ValueError(
+                f"max_predictions_per_seq={self.max_predictions_per_seq} must "
+                f"be in [1, seq_len={self.seq_len}]"
+            )
         if self.mask_token_prob + self.random_token_prob > 1:
-            raise ValueError(f"mask_token_prob + random_token_prob = "
-                             f"{self.mask_token_prob + self.random_token_prob} must be <= 1")
+            raise ValueError(
+                f"mask_token_prob + random_token_prob = "
+                f"{self.mask_token_prob + self.random_token_prob} must be <= 1"
+            )
         if self.share not in SHARE:
             raise ValueError(f"share={self.share!r} must be one of {', '.join(SHARE)}")
         if self.sentence_task not in ("sop", "nsp"):
             raise ValueError(f"sentence_task={self.sentence_task!r} must be 'sop' or 'nsp'")
         if self.dtype not in ("float32", "bfloat16"):
             raise ValueError(f"dtype={self.dtype!r} must be 'float32' or 'bfloat16'")
-        for name in ("max_ngram", "dupe_factor", "max_positions", "eval_instances",
-                     "train_steps", "micro_batches"):
+        for name in (
+            "max_ngram",
+            "dupe_factor",
+            "max_positions",
+            "eval_instances",
+            "train_steps",
+            "micro_batches",
+        ):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)} must be >= 1")
         if self.batch_size % self.micro_batches:
-            raise ValueError(f"micro_batches={self.micro_batches} does not divide "
-                             f"batch_size={self.batch_size}")
+            raise ValueError(
+                f"micro_batches={self.micro_batches} does not divide batch_size={self.batch_size}"
+            )
         if self.warmup_steps < 0:
             raise ValueError(f"warmup_steps={self.warmup_steps} must be >= 0")
         if self.adam_eps <= 0:
             raise ValueError(f"adam_eps={self.adam_eps} must be > 0")
         if not 0 < self.val_fraction < 1:
-            raise ValueError(f"val_fraction={self.val_fraction} must be in (0, 1): both the "
-                             "training and the held-out split need text")
+            raise ValueError(
+                f"val_fraction={self.val_fraction} must be in (0, 1): both the "
+                "training and the held-out split need text"
+            )
         chars = len(corpus_docs(self.corpus, self.val_fraction, self.sentence_chars)[2])
         if self.vocab_size is not None and self.vocab_size < chars + 4:
-            raise ValueError(f"vocab_size={self.vocab_size} is below the corpus's {chars} "
-                             f"characters + 4 special tokens")
+            raise ValueError(
+                f"vocab_size={self.vocab_size} is below the corpus's {chars} "
+                f"characters + 4 special tokens"
+            )
         for task in ("sop", "nsp"):
             n = len(instances(self, "val", task)[0])
             if n < self.eval_instances:
-                raise ValueError(f"eval_instances={self.eval_instances} exceeds the held-out "
-                                 f"{task} instances ({n})")
+                raise ValueError(
+                    f"eval_instances={self.eval_instances} exceeds the held-out "
+                    f"{task} instances ({n})"
+                )
 
 
-SHARE = {"all": (True, True), "attention": (True, False), "ffn": (False, True),
-         "none": (False, False)}
+SHARE = {
+    "all": (True, True),
+    "attention": (True, False),
+    "ffn": (False, True),
+    "none": (False, False),
+}
 """share -> (one attention block for all layers, one feed-forward block for all layers)"""
 
 PRESETS = {
     # CPU demo: 2 shared layers of H 64, E 32, context 64, 1500 LAMB updates of 32
-    "quick": dict(vocab_size=None, seq_len=64, max_positions=64, embedding_size=32,
-                  d_model=64, num_layers=2, num_heads=4, d_ff=256, max_predictions_per_seq=10,
-                  dupe_factor=2, batch_size=32, train_steps=1500, lr=2e-2, warmup_steps=150),
+    "quick": dict(
+        vocab_size=None,
+        seq_len=64,
+        max_positions=64,
+        embedding_size=32,
+        d_model=64,
+        num_layers=2,
+        num_heads=4,
+        d_ff=256,
+        max_predictions_per_seq=10,
+        dupe_factor=2,
+        batch_size=32,
+        train_steps=1500,
+        lr=2e-2,
+        warmup_steps=150,
+    ),
     # ALBERT-xxlarge ([1] Table 1, released xxlarge config)
-    "xxlarge": dict(d_model=4096, num_heads=64, d_ff=16384, micro_batches=512,
-                    dtype="bfloat16"),
+    "xxlarge": dict(d_model=4096, num_heads=64, d_ff=16384, micro_batches=512, dtype="bfloat16"),
     # ALBERT-base, the released settings; the batch of 4096 in 64 micro-batches of 64 rows and
     # bfloat16 matmuls so that one update fits one 80 GB GPU (arithmetic in the docstring)
     "paper": dict(micro_batches=64, dtype="bfloat16"),
@@ -298,8 +333,8 @@ def corpus_docs(corpus: str, val_fraction: float, sentence_chars: int):
         pieces, piece = [], ""
         for w in sentence.split():
             while len(w) >= sentence_chars:  # a word longer than a sentence: hard cuts
-                pieces += [piece, w[:sentence_chars - 1]] if piece else [w[:sentence_chars - 1]]
-                piece, w = "", w[sentence_chars - 1:]
+                pieces += [piece, w[: sentence_chars - 1]] if piece else [w[: sentence_chars - 1]]
+                piece, w = "", w[sentence_chars - 1 :]
             if piece and len(piece) + 2 + len(w) > sentence_chars:
                 pieces.append(piece)
                 piece = w
@@ -363,7 +398,7 @@ def make_instances(docs, cfg: Config, rng: random.Random, dupe_factor: int, task
                             if r != d:
                                 break
                         other = docs[r]
-                        for seg in other[rng.randint(0, len(other) - 1):]:
+                        for seg in other[rng.randint(0, len(other) - 1) :]:
                             b.extend(seg)
                             if len(b) >= target - len(a):
                                 break
@@ -419,8 +454,9 @@ def mask_row(key, tokens, cfg: Config):
     k_order, k_len = jax.random.split(key)
     cand = (tokens != s["cls"]) & (tokens != s["sep"]) & (tokens != s["pad"])
     n_tok = (tokens != s["pad"]).sum()
-    k = jnp.minimum(cfg.max_predictions_per_seq,
-                    jnp.maximum(1, jnp.round(n_tok * cfg.mask_prob))).astype(jnp.int32)
+    k = jnp.minimum(
+        cfg.max_predictions_per_seq, jnp.maximum(1, jnp.round(n_tok * cfg.mask_prob))
+    ).astype(jnp.int32)
     rank = jnp.cumsum(cand) - 1  # index of each candidate among the candidates
     order = jax.random.permutation(k_order, tokens.shape[0])
 
@@ -446,14 +482,18 @@ def mask_tokens(key, tokens, cfg: Config):
     s, P, L = specials(cfg), cfg.max_predictions_per_seq, tokens.shape[1]
     k_rows, k_how, k_tok = jax.random.split(key, 3)
     covered, _, spans = jax.vmap(lambda k, t: mask_row(k, t, cfg))(
-        jax.random.split(k_rows, tokens.shape[0]), tokens)
+        jax.random.split(k_rows, tokens.shape[0]), tokens
+    )
     positions = jnp.argsort(jnp.where(covered, 0, L) + jnp.arange(L), axis=1)[:, :P]
     weights = jnp.take_along_axis(covered, positions, 1)
     labels = jnp.take_along_axis(tokens, positions, 1)
     u = jax.random.uniform(k_how, positions.shape)
     rand = jax.random.randint(k_tok, positions.shape, 0, s["chars"])
-    new = jnp.where(u < cfg.mask_token_prob, s["mask"],
-                    jnp.where(u < cfg.mask_token_prob + cfg.random_token_prob, rand, labels))
+    new = jnp.where(
+        u < cfg.mask_token_prob,
+        s["mask"],
+        jnp.where(u < cfg.mask_token_prob + cfg.random_token_prob, rand, labels),
+    )
     rows = jnp.arange(tokens.shape[0])[:, None]
     inputs = tokens.at[rows, positions].set(jnp.where(weights, new, labels))
     return inputs, positions, labels, weights.astype(jnp.float32), spans
@@ -514,21 +554,30 @@ class ALBERT(nn.Module):
         pos = self.param("position_embeddings", init_w, (cfg.max_positions, E))
         typ = nn.Embed(2, E, embedding_init=init_w, name="token_type_embeddings")
         e = LN(name="embeddings_LayerNorm")(embed(tokens) + pos[:L] + typ(types))
-        h = nn.Dense(cfg.d_model, kernel_init=init_w, dtype=jnp.dtype(cfg.dtype),
-                     name="embedding_hidden_mapping_in")(e)  # E x H projection
+        h = nn.Dense(
+            cfg.d_model,
+            kernel_init=init_w,
+            dtype=jnp.dtype(cfg.dtype),
+            name="embedding_hidden_mapping_in",
+        )(e)  # E x H projection
         one_attn, one_ffn = SHARE[cfg.share]
-        attn = [Attention(cfg, name="attention" if one_attn else f"attention_{l}")
-                for l in range(1 if one_attn else cfg.num_layers)]
-        ffn = [FFN(cfg, name="ffn" if one_ffn else f"ffn_{l}")
-               for l in range(1 if one_ffn else cfg.num_layers)]
+        attn = [
+            Attention(cfg, name="attention" if one_attn else f"attention_{l}")
+            for l in range(1 if one_attn else cfg.num_layers)
+        ]
+        ffn = [
+            FFN(cfg, name="ffn" if one_ffn else f"ffn_{l}")
+            for l in range(1 if one_ffn else cfg.num_layers)
+        ]
         key_mask = tokens != self.pad
         for l in range(cfg.num_layers):
             h = ffn[l % len(ffn)](attn[l % len(attn)](h, key_mask))
         h = h.astype(jnp.float32)
         pooled = jnp.tanh(nn.Dense(cfg.d_model, kernel_init=init_w, name="pooler")(h[:, 0]))
         x = jnp.take_along_axis(h, positions[..., None], axis=1)  # (B, P, H)
-        x = LN(name="transform_LayerNorm")(gelu(nn.Dense(E, kernel_init=init_w,
-                                                         name="transform")(x)))  # (B, P, E)
+        x = LN(name="transform_LayerNorm")(
+            gelu(nn.Dense(E, kernel_init=init_w, name="transform")(x))
+        )  # (B, P, E)
         mlm = embed.attend(x) + self.param("output_bias", nn.initializers.zeros, (self.rows,))
         sentence = nn.Dense(2, kernel_init=init_w, name="seq_relationship")(pooled)
         return mlm, sentence
@@ -551,23 +600,34 @@ def mlm_loss(logits, labels, weights, total=None):
 def learning_rate(step, cfg: Config):
     """optimization.py: lr t / W while t < W, else lr (1 - t / T)."""
     t = jnp.asarray(step, jnp.float32)
-    return cfg.lr * jnp.where(t < cfg.warmup_steps, t / max(cfg.warmup_steps, 1),
-                              jnp.maximum(1 - t / cfg.train_steps, 0))
+    return cfg.lr * jnp.where(
+        t < cfg.warmup_steps, t / max(cfg.warmup_steps, 1), jnp.maximum(1 - t / cfg.train_steps, 0)
+    )
 
 
 def decay_mask(params):
     """lamb_optimizer.py exclude_from_weight_decay: no decay on LayerNorm and bias parameters."""
+
     def use(path, _):
         names = [str(getattr(p, "key", p)) for p in path]
         return not any("LayerNorm" in n or "bias" in n for n in names)
+
     return jax.tree_util.tree_map_with_path(use, params)
 
 
 def optimizer(cfg: Config):
     """Global-norm clipping, then optax.lamb with the warm-up/linear-decay schedule."""
-    return optax.chain(optax.clip_by_global_norm(cfg.max_grad_norm),
-                       optax.lamb(lambda t: learning_rate(t, cfg), cfg.adam_b1, cfg.adam_b2,
-                                  cfg.adam_eps, weight_decay=cfg.weight_decay, mask=decay_mask))
+    return optax.chain(
+        optax.clip_by_global_norm(cfg.max_grad_norm),
+        optax.lamb(
+            lambda t: learning_rate(t, cfg),
+            cfg.adam_b1,
+            cfg.adam_b2,
+            cfg.adam_eps,
+            weight_decay=cfg.weight_decay,
+            mask=decay_mask,
+        ),
+    )
 
 
 # --- STATE ---
@@ -581,6 +641,30 @@ class State:
     step: jax.Array
     sop: jax.Array
     """1 (traced): train the sentence head on SOP instances; 0: on NSP instances"""
+    data: tuple
+    """device_data(cfg), stored uint8 (uint16 above 256 token ids): an input of the
+    compiled chunks, not constants of each program; one copy per seed"""
+
+
+def compact(a, bound: int):
+    """Values in [0, bound) in the narrowest unsigned type that holds them (the gathers
+    cast back to int32)."""
+    return np.asarray(a).astype(
+        np.uint8 if bound <= 256 else np.uint16 if bound <= 65536 else np.int32
+    )
+
+
+def device_data(cfg: Config) -> tuple:
+    """(SOP tokens, labels, NSP tokens, labels) of the training split, then the first
+    eval_instances of the validation split's SOP and NSP instances, as compact numpy."""
+    t, n = specials(cfg)["pad"] + 1, cfg.eval_instances  # token ids are < pad + 1
+    arrays = (
+        *instances(cfg, "train", "sop"),
+        *instances(cfg, "train", "nsp"),
+        *(a[:n] for a in instances(cfg, "val", "sop")),
+        *(a[:n] for a in instances(cfg, "val", "nsp")),
+    )
+    return tuple(compact(a, b) for a, b in zip(arrays, (t, 2) * 4, strict=True))
 
 
 def model_of(cfg: Config) -> ALBERT:
@@ -590,14 +674,20 @@ def model_of(cfg: Config) -> ALBERT:
 
 def init_params(key, cfg: Config):
     z = jnp.zeros((1, cfg.seq_len), jnp.int32)
-    return model_of(cfg).init(key, z, z, z[:, :cfg.max_predictions_per_seq])
+    return model_of(cfg).init(key, z, z, z[:, : cfg.max_predictions_per_seq])
 
 
 def init(key, cfg: Config) -> State:
     k_init, key = jax.random.split(key)
     params = init_params(k_init, cfg)
-    return State(params, optimizer(cfg).init(params), key, jnp.zeros((), jnp.int32),
-                 jnp.asarray(int(cfg.sentence_task == "sop"), jnp.int32))
+    return State(
+        params,
+        optimizer(cfg).init(params),
+        key,
+        jnp.zeros((), jnp.int32),
+        jnp.asarray(int(cfg.sentence_task == "sop"), jnp.int32),
+        tuple(jnp.asarray(a) for a in device_data(cfg)),
+    )
 
 
 # --- UPDATE ---
@@ -606,12 +696,12 @@ def init(key, cfg: Config) -> State:
 def update(state: State, cfg: Config):
     s, model, B, M = specials(cfg), model_of(cfg), cfg.batch_size, cfg.micro_batches
     key, k_sop, k_nsp, k_mask = jax.random.split(state.key, 4)
-    sop_x, sop_y = (jnp.asarray(a) for a in instances(cfg, "train", "sop"))
-    nsp_x, nsp_y = (jnp.asarray(a) for a in instances(cfg, "train", "nsp"))
+    sop_x, sop_y, nsp_x, nsp_y = state.data[:4]
     i = jax.random.randint(k_sop, (B,), 0, sop_x.shape[0])
     j = jax.random.randint(k_nsp, (B,), 0, nsp_x.shape[0])
-    tokens = jnp.where(state.sop > 0, sop_x[i], nsp_x[j])
-    y = jnp.where(state.sop > 0, sop_y[i], nsp_y[j])
+    i32 = lambda a: a.astype(jnp.int32)
+    tokens = jnp.where(state.sop > 0, i32(sop_x[i]), i32(nsp_x[j]))
+    y = jnp.where(state.sop > 0, i32(sop_y[i]), i32(nsp_y[j]))
     inputs, positions, labels, weights, spans = mask_tokens(k_mask, tokens, cfg)
     types = token_types(inputs, s["sep"], s["pad"])
     total = weights.sum()
@@ -627,24 +717,29 @@ def update(state: State, cfg: Config):
         (_, aux), g = jax.value_and_grad(loss_fn, has_aux=True)(state.params, batch)
         return jax.tree.map(jnp.add, grads, g), aux
 
-    batches = tuple(a.reshape(M, B // M, *a.shape[1:])
-                    for a in (inputs, types, positions, labels, weights, y))
+    batches = tuple(
+        a.reshape(M, B // M, *a.shape[1:]) for a in (inputs, types, positions, labels, weights, y)
+    )
     grads, aux = jax.lax.scan(micro, jax.tree.map(jnp.zeros_like, state.params), batches)
     l_mlm, l_sent, mlm_hits, sent_hits = (a.sum() for a in aux)
     loss = l_mlm + l_sent
     updates, opt = optimizer(cfg).update(grads, state.opt, state.params)
     params = optax.apply_updates(state.params, updates)
-    metrics = {"losses/loss": loss, "losses/mlm": l_mlm, "losses/sentence": l_sent,
-               "charts/mlm_acc": mlm_hits / jnp.maximum(weights.sum(), 1),
-               "charts/unigram_acc": ((labels == unigram_mode(cfg)) * weights).sum()
-               / jnp.maximum(weights.sum(), 1),
-               "charts/sentence_acc": sent_hits / B,
-               "charts/predicted_frac": weights.sum() / (tokens != s["pad"]).sum(),
-               "charts/lr": learning_rate(state.step, cfg),
-               "charts/grad_norm": optax.global_norm(grads)}
+    metrics = {
+        "losses/loss": loss,
+        "losses/mlm": l_mlm,
+        "losses/sentence": l_sent,
+        "charts/mlm_acc": mlm_hits / jnp.maximum(weights.sum(), 1),
+        "charts/unigram_acc": ((labels == unigram_mode(cfg)) * weights).sum()
+        / jnp.maximum(weights.sum(), 1),
+        "charts/sentence_acc": sent_hits / B,
+        "charts/predicted_frac": weights.sum() / (tokens != s["pad"]).sum(),
+        "charts/lr": learning_rate(state.step, cfg),
+        "charts/grad_norm": optax.global_norm(grads),
+    }
     for n in range(cfg.max_ngram):  # share of the masked n-grams of length n + 1
         metrics[f"charts/ngram_{n + 1}"] = spans[:, n].sum() / jnp.maximum(spans.sum(), 1)
-    return State(params, opt, key, state.step + 1, state.sop), metrics
+    return state.replace(params=params, opt=opt, key=key, step=state.step + 1), metrics
 
 
 def evaluate(state: State, cfg: Config):
@@ -654,13 +749,12 @@ def evaluate(state: State, cfg: Config):
     from task_seed)."""
     s, model, n = specials(cfg), model_of(cfg), cfg.eval_instances
     out = {}
-    for task in ("sop", "nsp"):
-        # (a barrier: else XLA constant-folds the masking of these constant rows, slowly)
-        x, y = jax.lax.optimization_barrier(tuple(jnp.asarray(a[:n]) for a in
-                                                  instances(cfg, "val", task)))
+    for t, task in enumerate(("sop", "nsp")):
+        x, y = (a[:n].astype(jnp.int32) for a in state.data[4 + 2 * t : 6 + 2 * t])
         inputs, positions, labels, w, _ = mask_tokens(jax.random.PRNGKey(cfg.task_seed), x, cfg)
-        mlm, sentence = model.apply(state.params, inputs, token_types(inputs, s["sep"], s["pad"]),
-                                    positions)
+        mlm, sentence = model.apply(
+            state.params, inputs, token_types(inputs, s["sep"], s["pad"]), positions
+        )
         out[f"val_{task}_acc"] = (sentence.argmax(-1) == y).mean()
         if task == "sop":
             out["val_mlm_acc"] = ((mlm.argmax(-1) == labels) * w).sum() / w.sum()
@@ -672,9 +766,22 @@ def evaluate(state: State, cfg: Config):
 
 
 def main(argv=None):
-    return run.main(Config, init, update, presets=PRESETS, evaluate=evaluate, argv=argv,
-                    doc=__doc__, summary_keys=["val_mlm_acc", "val_unigram_acc", "val_sop_acc",
-                                               "val_nsp_acc", "charts/sentence_acc"])
+    return run.main(
+        Config,
+        init,
+        update,
+        presets=PRESETS,
+        evaluate=evaluate,
+        argv=argv,
+        doc=__doc__,
+        summary_keys=[
+            "val_mlm_acc",
+            "val_unigram_acc",
+            "val_sop_acc",
+            "val_nsp_acc",
+            "charts/sentence_acc",
+        ],
+    )
 
 
 if __name__ == "__main__":

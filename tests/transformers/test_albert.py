@@ -9,6 +9,7 @@ import dataclasses
 import json
 import math
 import random
+import re
 
 import jax
 import jax.numpy as jnp
@@ -24,10 +25,24 @@ from transformers import albert
 
 # one tiny config for every test: the synthetic "ordered" documents (topic letter, counting
 # sentences), 1 layer of H 32, E 16, context 24, 300 LAMB updates of 16, in chunks of CHUNK
-TINY = albert.Config(corpus="ordered", vocab_size=None, seq_len=24, max_positions=24,
-                     embedding_size=16, d_model=32, num_layers=1, num_heads=2, d_ff=32,
-                     max_predictions_per_seq=4, dupe_factor=1, batch_size=16, train_steps=300,
-                     lr=2e-2, warmup_steps=10, eval_instances=128)
+TINY = albert.Config(
+    corpus="ordered",
+    vocab_size=None,
+    seq_len=24,
+    max_positions=24,
+    embedding_size=16,
+    d_model=32,
+    num_layers=1,
+    num_heads=2,
+    d_ff=32,
+    max_predictions_per_seq=4,
+    dupe_factor=1,
+    batch_size=16,
+    train_steps=300,
+    lr=2e-2,
+    warmup_steps=10,
+    eval_instances=128,
+)
 CHUNK = 50
 KEYS = jax.random.split(jax.random.PRNGKey(0), 2)  # the runner's keys (--seed 0)
 _INIT = albert.init  # the file's own (the fixture patches albert.init)
@@ -43,12 +58,34 @@ def _formula(cfg, rows):
     E H + H, one attention block 4 (H^2 + H) + 2H, one FFN 2 H F + F + H + 2H, each counted
     once when shared and L times when not; pooler H^2 + H; MLM head H E + E + 2E + V; the
     2-way sentence head 2H + 2."""
-    V, E, H, F, L, P = rows, cfg.embedding_size, cfg.d_model, cfg.d_ff, cfg.num_layers, \
-        cfg.max_positions
+    V, E, H, F, L, P = (
+        rows,
+        cfg.embedding_size,
+        cfg.d_model,
+        cfg.d_ff,
+        cfg.num_layers,
+        cfg.max_positions,
+    )
     one_attn, one_ffn = albert.SHARE[cfg.share]
     attn, ffn = 4 * (H * H + H) + 2 * H, 2 * H * F + F + H + 2 * H
-    return (V * E + P * E + 2 * E + 2 * E + E * H + H + (1 if one_attn else L) * attn
-            + (1 if one_ffn else L) * ffn + H * H + H + H * E + E + 2 * E + V + 2 * H + 2)
+    return (
+        V * E
+        + P * E
+        + 2 * E
+        + 2 * E
+        + E * H
+        + H
+        + (1 if one_attn else L) * attn
+        + (1 if one_ffn else L) * ffn
+        + H * H
+        + H
+        + H * E
+        + E
+        + 2 * E
+        + V
+        + 2 * H
+        + 2
+    )
 
 
 def test_parameter_counts_factorised_and_shared():
@@ -74,8 +111,7 @@ def test_parameter_counts_factorised_and_shared():
     assert wide - n == (V + P + 7 + 2 * H) * (H - E)
     base = albert.Config()  # ALBERT-base; the formula checked against init once at this size
     assert _count(base)[0] == _formula(base, 30000)
-    millions = {s: _formula(dataclasses.replace(base, share=s), 30000) / 1e6
-                for s in albert.SHARE}
+    millions = {s: _formula(dataclasses.replace(base, share=s), 30000) / 1e6 for s in albert.SHARE}
     bert_like = _formula(dataclasses.replace(base, share="none", embedding_size=768), 30000)
     xxl = _formula(albert.Config(**albert.PRESETS["xxlarge"]), 30000)
     print(millions, bert_like, xxl)
@@ -106,8 +142,10 @@ def test_ngram_masking():
     80/10/10 [MASK]/random/same."""
     s = albert.specials(TINY)
     x = albert.instances(TINY, "train", "sop")[0][:2048]
-    inputs, pos, labels, w, spans = (np.asarray(a) for a in jit0(
-        lambda k, t: albert.mask_tokens(k, t, TINY))(jax.random.PRNGKey(0), x))
+    inputs, pos, labels, w, spans = (
+        np.asarray(a)
+        for a in jit0(lambda k, t: albert.mask_tokens(k, t, TINY))(jax.random.PRNGKey(0), x)
+    )
     n_tok = (x != s["pad"]).sum(1)
     k = np.minimum(TINY.max_predictions_per_seq, np.maximum(1, np.round(0.15 * n_tok)))
     assert (w.sum(1) <= k).all() and (w.sum(1) == k).mean() > 0.99
@@ -120,8 +158,12 @@ def test_ngram_masking():
     np.testing.assert_array_equal(labels[w > 0], x[rows[w > 0], pos[w > 0]])
     np.testing.assert_array_equal(inputs[~chosen], x[~chosen])
     cand = ~np.isin(x, [s["cls"], s["sep"], s["pad"]])
-    runs = np.array([(np.diff(np.r_[0, c[m].astype(int)]) == 1).sum()
-                     for c, m in zip(chosen, cand, strict=True)])
+    runs = np.array(
+        [
+            (np.diff(np.r_[0, c[m].astype(int)]) == 1).sum()
+            for c, m in zip(chosen, cand, strict=True)
+        ]
+    )
     assert (runs <= spans.sum(1)).all(), (runs, spans.sum(1))
     in_long = (spans[:, 1:] * np.arange(2, 4)).sum() / w.sum()
     print("spans", spans.sum(0) / spans.sum(), "tokens in 2/3-grams", in_long)
@@ -144,7 +186,7 @@ def test_sop_and_nsp_instances():
         assert len(x) > 80 and 0.35 < y.mean() < 0.7, (task, y.mean())
         for row, label in zip(x, y, strict=True):
             seps = np.flatnonzero(row == s["sep"])
-            a, b = row[1:seps[0]], row[seps[0] + 1:seps[1]]
+            a, b = row[1 : seps[0]], row[seps[0] + 1 : seps[1]]
             same_doc = len(set(a // 8) | set(b // 8)) == 1
             if label == 0:
                 assert same_doc and a.max() < b.min(), (task, a, b)
@@ -194,8 +236,10 @@ def test_mlm_loss_by_hand():
     want = ((lse[0] - 2.0) + (lse[1] - 0.5)) / (2 + 1e-5)
     loss = jit0(albert.mlm_loss)
     np.testing.assert_allclose(float(loss(z, lab, w)), want, rtol=1e-6)
-    halves = [jit0(albert.mlm_loss)(z[:, i:j], lab[:, i:j], w[:, i:j], np.float32(2.0))
-              for i, j in ((0, 1), (1, 3))]
+    halves = [
+        jit0(albert.mlm_loss)(z[:, i:j], lab[:, i:j], w[:, i:j], np.float32(2.0))
+        for i, j in ((0, 1), (1, 3))
+    ]
     np.testing.assert_allclose(float(sum(halves)), want, rtol=1e-6)
     assert float(loss(z, lab, 0 * w)) == 0.0
 
@@ -206,10 +250,14 @@ def test_lamb_first_step_and_schedule():
     (not on a LayerNorm scale); p <- p - lr ||p|| / ||u|| u per parameter (the trust ratio).
     The schedule: lr t / W, then lr (1 - t / T)."""
     cfg = dataclasses.replace(TINY, warmup_steps=0)
-    p = {"w": {"kernel": np.array([[2.0, -1.0]], np.float32)},
-         "LayerNorm": {"scale": np.array([1.0, 1.0, 2.0], np.float32)}}
-    g = {"w": {"kernel": np.array([[3.0, 0.0]], np.float32)},
-         "LayerNorm": {"scale": np.array([4.0, 0.0, 0.0], np.float32)}}  # |g| = 5
+    p = {
+        "w": {"kernel": np.array([[2.0, -1.0]], np.float32)},
+        "LayerNorm": {"scale": np.array([1.0, 1.0, 2.0], np.float32)},
+    }
+    g = {
+        "w": {"kernel": np.array([[3.0, 0.0]], np.float32)},
+        "LayerNorm": {"scale": np.array([4.0, 0.0, 0.0], np.float32)},
+    }  # |g| = 5
     opt = albert.optimizer(cfg)
     step = jit0(lambda p, g: opt.update(g, opt.init(p), p)[0])
     upd = jax.tree.map(np.asarray, step(p, g))
@@ -238,8 +286,9 @@ def tiny_run(tmp_path_factory):
     7.4): at 300 tiny updates the compile dominates (2-core CPU, loaded)."""
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(albert, "init", _twin_init)
-        return tiny_run_module.run_cli(albert, TINY, tmp_path_factory.mktemp("run"), CHUNK,
-                                       extra=("--fast-compile",))
+        return tiny_run_module.run_cli(
+            albert, TINY, tmp_path_factory.mktemp("run"), CHUNK, extra=("--fast-compile",)
+        )
 
 
 def test_mlm_beats_the_unigram_guess_short(tiny_run):
@@ -291,8 +340,7 @@ def test_micro_batches_give_the_same_update(tiny_run):
     micro = dataclasses.replace(TINY, micro_batches=4)
     _, m = jit0(albert.update, 1)(state, micro)
     for k in ("losses/mlm", "losses/sentence", "charts/mlm_acc", "charts/grad_norm"):
-        np.testing.assert_allclose(float(m[k]), tiny_run.history[k][0, 0], rtol=1e-5,
-                                   err_msg=k)
+        np.testing.assert_allclose(float(m[k]), tiny_run.history[k][0, 0], rtol=1e-5, err_msg=k)
 
 
 def test_cli_runs_and_documents_every_field(tiny_run, capsys):
@@ -325,6 +373,30 @@ def test_bad_values_fail_with_named_field(tmp_path):
         albert.main(["--lr", "0", "--run-dir", str(tmp_path)])
 
 
+def big_constants(hlo: str, min_elements: int = 10_000):
+    """Lines of StableHLO text that define a constant of at least `min_elements` elements."""
+    out = []
+    for ln in hlo.splitlines():
+        if "constant" in ln:
+            for dims in re.findall(r"tensor<((?:\d+x)+)[a-z]", ln):
+                if np.prod([int(d) for d in dims.rstrip("x").split("x")]) >= min_elements:
+                    out.append(ln[:200])
+    return out
+
+
+def test_instances_are_uint8_inputs_of_update_and_evaluate_not_constants():
+    """The SOP/NSP training instances and the held-out ones live in the State as uint8, so
+    the compiled update and evaluate take them as an input: no constant of 1k elements or
+    more in their lowered text (the int32 instances were constants of both programs)."""
+    state = jax.eval_shape(lambda k: albert.init(k, TINY), jax.random.PRNGKey(0))
+    want = albert.device_data(TINY)
+    assert [(a.shape, a.dtype) for a in state.data] == [(a.shape, np.uint8) for a in want]
+    assert want[0].size > 10_000 and want[4].size > 1000 and want[6].size > 1000
+    for fn in (albert.update, albert.evaluate):
+        hlo = jax.jit(fn, static_argnums=1).lower(state, TINY).as_text()
+        assert not big_constants(hlo, 1000), (fn.__name__, big_constants(hlo, 1000)[:1])
+
+
 def test_every_config_field_is_read():
     assert unread_fields(albert) == []
 
@@ -339,10 +411,24 @@ def test_paper_preset_traces():
 
 
 # the slow gate: 2 shared layers of H 32, E 16, context 32, 1500 LAMB updates of 32
-SLOW = albert.Config(corpus="ordered", vocab_size=None, seq_len=32, max_positions=32,
-                     embedding_size=16, d_model=32, num_layers=2, num_heads=2, d_ff=64,
-                     max_predictions_per_seq=5, dupe_factor=1, batch_size=32, train_steps=1500,
-                     lr=2e-2, warmup_steps=20, eval_instances=256)
+SLOW = albert.Config(
+    corpus="ordered",
+    vocab_size=None,
+    seq_len=32,
+    max_positions=32,
+    embedding_size=16,
+    d_model=32,
+    num_layers=2,
+    num_heads=2,
+    d_ff=64,
+    max_predictions_per_seq=5,
+    dupe_factor=1,
+    batch_size=32,
+    train_steps=1500,
+    lr=2e-2,
+    warmup_steps=20,
+    eval_instances=256,
+)
 
 
 @pytest.mark.slow
