@@ -224,27 +224,45 @@ class Config:
     def validate(self):
         if self.dtype not in ("float32", "bfloat16"):
             raise ValueError(f"dtype={self.dtype!r} must be 'float32' or 'bfloat16'")
-        for name in ("dropout_e", "dropout_i", "dropout_h", "dropout", "weight_drop",
-                     "head_dropout"):
+        for name in (
+            "dropout_e",
+            "dropout_i",
+            "dropout_h",
+            "dropout",
+            "weight_drop",
+            "head_dropout",
+        ):
             if not 0 <= getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)} must be in [0, 1)")
         if not 0 < self.val_fraction < 1 or not 0 < self.cut_frac < 1:
-            raise ValueError(f"val_fraction={self.val_fraction} and cut_frac={self.cut_frac}"
-                             f" must be in (0, 1)")
+            raise ValueError(
+                f"val_fraction={self.val_fraction} and cut_frac={self.cut_frac} must be in (0, 1)"
+            )
         if self.ratio < 1 or self.discr_factor < 1:
-            raise ValueError(f"ratio={self.ratio} and discr_factor={self.discr_factor} must "
-                             f"be >= 1")
-        for name in ("emb_dim", "hidden_dim", "num_layers", "head_hidden", "general_chars",
-                     "clf_epochs"):
+            raise ValueError(
+                f"ratio={self.ratio} and discr_factor={self.discr_factor} must be >= 1"
+            )
+        for name in (
+            "emb_dim",
+            "hidden_dim",
+            "num_layers",
+            "head_hidden",
+            "general_chars",
+            "clf_epochs",
+        ):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)} must be >= 1")
         if self.seq_len < 2 or self.pretrain_steps < 0 or self.lm_steps < 0:
-            raise ValueError(f"seq_len={self.seq_len} must be >= 2, pretrain_steps="
-                             f"{self.pretrain_steps} and lm_steps={self.lm_steps} >= 0")
+            raise ValueError(
+                f"seq_len={self.seq_len} must be >= 2, pretrain_steps="
+                f"{self.pretrain_steps} and lm_steps={self.lm_steps} >= 0"
+            )
         if self.num_labelled < self.clf_batch or self.num_eval % self.rows:
-            raise ValueError(f"num_labelled={self.num_labelled} must be >= clf_batch="
-                             f"{self.clf_batch} and num_eval={self.num_eval} a multiple of "
-                             f"max(batch_size, clf_batch)={self.rows}")
+            raise ValueError(
+                f"num_labelled={self.num_labelled} must be >= clf_batch="
+                f"{self.clf_batch} and num_eval={self.num_eval} a multiple of "
+                f"max(batch_size, clf_batch)={self.rows}"
+            )
         n = len(corpora(self)[3])
         if self.vocab_size is not None and self.vocab_size < n:
             raise ValueError(f"vocab_size={self.vocab_size} is below the texts' {n} characters")
@@ -255,10 +273,26 @@ PRESETS = {
     # (the paper's are for a 400/1150 word model; at this size they kept the LM at 3.2
     # nats, the unigram loss, for 400 updates) and a higher pretraining rate (3e-3 stalled
     # at 3.1 nats for 400 updates; 1e-2 reached 2.24)
-    "quick": dict(general_chars=300_000, vocab_size=None, emb_dim=32, hidden_dim=128,
-                  dropout_e=0.0, dropout_i=0.1, dropout_h=0.1, dropout=0.1, weight_drop=0.1,
-                  seq_len=48, batch_size=16, pretrain_steps=400, pretrain_lr=1e-2,
-                  lm_steps=100, num_labelled=128, num_eval=128, clf_batch=16, clf_epochs=8),
+    "quick": dict(
+        general_chars=300_000,
+        vocab_size=None,
+        emb_dim=32,
+        hidden_dim=128,
+        dropout_e=0.0,
+        dropout_i=0.1,
+        dropout_h=0.1,
+        dropout=0.1,
+        weight_drop=0.1,
+        seq_len=48,
+        batch_size=16,
+        pretrain_steps=400,
+        pretrain_lr=1e-2,
+        lm_steps=100,
+        num_labelled=128,
+        num_eval=128,
+        clf_batch=16,
+        clf_epochs=8,
+    ),
     "paper": dict(),
 }
 
@@ -292,8 +326,12 @@ def task_data(cfg: Config):
         starts = rng.integers(0, len(ids) - n, count)
         labels = (np.arange(count) % 2).astype(np.int32)
         rng.shuffle(labels)
-        x = np.stack([rng.permutation(ids[s:s + n]) if y else ids[s:s + n]
-                      for s, y in zip(starts, labels, strict=True)])
+        x = np.stack(
+            [
+                rng.permutation(ids[s : s + n]) if y else ids[s : s + n]
+                for s, y in zip(starts, labels, strict=True)
+            ]
+        )
         return x, labels
 
     return (*make(train, cfg.num_labelled), *make(val, cfg.num_eval))
@@ -317,24 +355,34 @@ def init_params(key, cfg: Config):
     for l in range(L):
         n_in, n = sizes[l], sizes[l + 1]
         s = 1 / math.sqrt(n)
-        lstm.append({"w_ih": u((n_in, 4 * n), s), "w_hh": u((n, 4 * n), s),
-                     "b": u((4 * n,), s)})
+        lstm.append({"w_ih": u((n_in, 4 * n), s), "w_hh": u((n, 4 * n), s), "b": u((4 * n,), s)})
     c, h = 3 * d, cfg.head_hidden
-    head = {"bn1": {"scale": jnp.ones(c), "bias": jnp.zeros(c)},
-            "w1": u((c, h), 1 / math.sqrt(c)), "b1": u((h,), 1 / math.sqrt(c)),
-            "bn2": {"scale": jnp.ones(h), "bias": jnp.zeros(h)},
-            "w2": u((h, 2), 1 / math.sqrt(h)), "b2": u((2,), 1 / math.sqrt(h))}
-    return {"embed": u((vocab_rows(cfg), d), 0.1), "lstm": lstm,
-            "dec_bias": jnp.zeros(vocab_rows(cfg)), "head": head}
+    head = {
+        "bn1": {"scale": jnp.ones(c), "bias": jnp.zeros(c)},
+        "w1": u((c, h), 1 / math.sqrt(c)),
+        "b1": u((h,), 1 / math.sqrt(c)),
+        "bn2": {"scale": jnp.ones(h), "bias": jnp.zeros(h)},
+        "w2": u((h, 2), 1 / math.sqrt(h)),
+        "b2": u((2,), 1 / math.sqrt(h)),
+    }
+    return {
+        "embed": u((vocab_rows(cfg), d), 0.1),
+        "lstm": lstm,
+        "dec_bias": jnp.zeros(vocab_rows(cfg)),
+        "head": head,
+    }
 
 
 def layer_groups(params, cfg: Config):
     """The group index of every leaf, bottom up: 0 embedding (with the tied decoder's bias),
     1..L the LSTM layers, L + 1 the head."""
     L = cfg.num_layers
-    return {"embed": 0, "dec_bias": 0, "lstm": [jax.tree.map(lambda _: l + 1, p)
-                                                for l, p in enumerate(params["lstm"])],
-            "head": jax.tree.map(lambda _: L + 1, params["head"])}
+    return {
+        "embed": 0,
+        "dec_bias": 0,
+        "lstm": [jax.tree.map(lambda _: l + 1, p) for l, p in enumerate(params["lstm"])],
+        "head": jax.tree.map(lambda _: L + 1, params["head"]),
+    }
 
 
 def locked_mask(key, p: float, shape):
@@ -365,8 +413,9 @@ def lstm_layer(p, x, w_hh, dt):
 
     def step(carry, g_t):
         h, c = carry
-        i, f, g, o = jnp.split((g_t + h.astype(dt) @ w_hh.astype(dt)).astype(jnp.float32),
-                               4, axis=-1)
+        i, f, g, o = jnp.split(
+            (g_t + h.astype(dt) @ w_hh.astype(dt)).astype(jnp.float32), 4, axis=-1
+        )
         c = jax.nn.sigmoid(f) * c + jax.nn.sigmoid(i) * jnp.tanh(g)
         h = jax.nn.sigmoid(o) * jnp.tanh(c)
         return (h, c), h
@@ -384,8 +433,9 @@ def encoder(params, ids, key, train, cfg: Config):
     for l, p in enumerate(params["lstm"]):
         x = lstm_layer(p, x, weight_drop(ks[2 + l], p["w_hh"], cfg.weight_drop, train), dt)
         if l < cfg.num_layers - 1:
-            x = jnp.where(train, x * locked_mask(ks[2 + cfg.num_layers + l], cfg.dropout_h,
-                                                 x.shape), x)
+            x = jnp.where(
+                train, x * locked_mask(ks[2 + cfg.num_layers + l], cfg.dropout_h, x.shape), x
+            )
     return x, jnp.where(train, x * locked_mask(ks[-1], cfg.dropout, x.shape), x)
 
 
@@ -400,8 +450,10 @@ def batch_norm(x, p, stats, rows, train, momentum=0.1, eps=1e-5):
     n = jnp.maximum(rows.sum(), 2)
     mu = (x * rows[:, None]).sum(0) / n
     var = (((x - mu) ** 2) * rows[:, None]).sum(0) / n
-    new = {"mean": (1 - momentum) * stats["mean"] + momentum * mu,
-           "var": (1 - momentum) * stats["var"] + momentum * var * n / (n - 1)}
+    new = {
+        "mean": (1 - momentum) * stats["mean"] + momentum * mu,
+        "var": (1 - momentum) * stats["var"] + momentum * var * n / (n - 1),
+    }
     m, v = jnp.where(train, mu, stats["mean"]), jnp.where(train, var, stats["var"])
     return (x - m) * jax.lax.rsqrt(v + eps) * p["scale"] + p["bias"], new
 
@@ -410,8 +462,9 @@ def head(p, bn, h_c, rows, key, train, cfg: Config):
     """BN -> dropout -> Linear -> ReLU -> BN -> dropout -> Linear (train_clas.py layers
     [3 em_sz, 50, C], drops [0.4, 0.1]). Returns (logits (B, 2), new running stats)."""
     k1, k2 = jax.random.split(key)
-    drop = lambda z, q, k: jnp.where(train, z * jax.random.bernoulli(k, 1 - q, z.shape)
-                                     / (1 - q), z)
+    drop = lambda z, q, k: jnp.where(
+        train, z * jax.random.bernoulli(k, 1 - q, z.shape) / (1 - q), z
+    )
     z, s1 = batch_norm(h_c, p["bn1"], bn["bn1"], rows, train)
     z = jax.nn.relu(drop(z, cfg.dropout, k1) @ p["w1"] + p["b1"])
     z, s2 = batch_norm(z, p["bn2"], bn["bn2"], rows, train)
@@ -435,8 +488,7 @@ def group_scales(top, discr, unfrozen_from, cfg: Config):
     """(G,) per-group multipliers of the rate: discr_factor^-(top - g) below the top group
     when `discr` ([1] Eq. 2), 1 otherwise; 0 for the frozen groups g < unfrozen_from."""
     g = jnp.arange(cfg.num_layers + 2)
-    scale = jnp.where(discr, cfg.discr_factor ** -jnp.maximum(top - g, 0).astype(jnp.float32),
-                      1.0)
+    scale = jnp.where(discr, cfg.discr_factor ** -jnp.maximum(top - g, 0).astype(jnp.float32), 1.0)
     return jnp.where(g >= unfrozen_from, scale, 0.0)
 
 
@@ -466,6 +518,27 @@ class State:
     init_key: jax.Array
     """key of the initial parameters (also of the classifier epochs' permutations)"""
     step: jax.Array
+    data: tuple
+    """device_data(cfg), stored uint8 (uint16 above 256 characters): an input of the
+    compiled chunks, not constants of each program; one copy per seed (0.8 MB at the quick
+    preset; the paper preset's 14 MB stdlib text: 14 MB)"""
+
+
+def compact(a, bound: int):
+    """Values in [0, bound) in the narrowest unsigned type that holds them (the gathers
+    cast back to int32)."""
+    return np.asarray(a).astype(
+        np.uint8 if bound <= 256 else np.uint16 if bound <= 65536 else np.int32
+    )
+
+
+def device_data(cfg: Config) -> tuple:
+    """(general ids, target train ids, labelled windows, labels, held-out windows, labels)
+    as compact numpy arrays."""
+    g, t_train, _, chars = corpora(cfg)
+    v = len(chars)
+    arrays = (g, t_train, *task_data(cfg))
+    return tuple(compact(a, b) for a, b in zip(arrays, (v, v, v, 2, v, 2), strict=True))
 
 
 def zero_bn(cfg: Config):
@@ -479,8 +552,15 @@ def init(key, cfg: Config) -> State:
     stack = lambda t: jax.tree.map(lambda x: jnp.stack([x] * len(ARMS)), t)
     z = jax.tree.map(jnp.zeros_like, p)
     opt = (z, z, jnp.zeros((), jnp.int32))
-    return State(stack(p), stack(opt), stack(zero_bn(cfg)), key, k_init,
-                 jnp.zeros((), jnp.int32))
+    return State(
+        stack(p),
+        stack(opt),
+        stack(zero_bn(cfg)),
+        key,
+        k_init,
+        jnp.zeros((), jnp.int32),
+        tuple(jnp.asarray(a) for a in device_data(cfg)),
+    )
 
 
 # --- UPDATE ---
@@ -489,22 +569,25 @@ def init(key, cfg: Config) -> State:
 def batch(state: State, cfg: Config):
     """(windows (R, T + 1), labels (R,), row weights (R,)): LM windows of the general text
     (a) or of the target text (b); an epoch-permuted minibatch of the labelled set (c)."""
-    g, t_train = (jnp.asarray(a) for a in corpora(cfg)[:2])
-    x_lab, y_lab, _, _ = (jnp.asarray(a) for a in task_data(cfg))
+    g, t_train, x_lab, y_lab, _, _ = state.data
+    i32 = lambda a: a.astype(jnp.int32)
     R, P, F = cfg.rows, cfg.pretrain_steps, cfg.lm_steps
     k_a, k_b = jax.random.split(jax.random.fold_in(state.key, 0))
     xa, ya = data.lm_windows(k_a, g, R, cfg.seq_len)
     xb, yb = data.lm_windows(k_b, t_train, R, cfg.seq_len)
-    lm = jnp.where(state.step < P, jnp.concatenate([xa, ya[:, -1:]], 1),
-                   jnp.concatenate([xb, yb[:, -1:]], 1))
+    lm = jnp.where(
+        state.step < P,
+        i32(jnp.concatenate([xa, ya[:, -1:]], 1)),
+        i32(jnp.concatenate([xb, yb[:, -1:]], 1)),
+    )
     t = jnp.maximum(state.step - P - F, 0)
     per = cfg.clf_steps_per_epoch
     perm = jax.random.permutation(jax.random.fold_in(state.init_key, t // per), cfg.num_labelled)
     idx = perm[((t % per) * cfg.clf_batch + jnp.arange(R)) % cfg.num_labelled]
     clf = state.step >= P + F
-    windows = jnp.where(clf, jnp.pad(x_lab[idx], ((0, 0), (0, 1))), lm)
+    windows = jnp.where(clf, jnp.pad(i32(x_lab[idx]), ((0, 0), (0, 1))), lm)
     rows = jnp.arange(R) < jnp.where(clf, cfg.clf_batch, cfg.batch_size)
-    return windows, y_lab[idx], rows.astype(jnp.float32)
+    return windows, i32(y_lab[idx]), rows.astype(jnp.float32)
 
 
 def schedule(step, cfg: Config):
@@ -532,7 +615,7 @@ def forward(p, bn, windows, labels, rows, key, train, cfg: Config):
     raw, dropped = encoder(p, windows[:, :-1], k_enc, train, cfg)
     raw, dropped = raw.astype(jnp.float32), dropped.astype(jnp.float32)
     tar = cfg.tar_coef * jnp.mean((raw[:, 1:] - raw[:, :-1]) ** 2)
-    ar = lambda h: cfg.ar_coef * jnp.mean(h ** 2)  # on the top output the decoder / head sees
+    ar = lambda h: cfg.ar_coef * jnp.mean(h**2)  # on the top output the decoder / head sees
     logits = dropped @ p["embed"].T + p["dec_bias"]  # tied decoder
     lm = nll(logits, windows[:, 1:], rows)
     cls, new_bn = head(p["head"], bn, concat_pool(raw), rows, k_head, train, cfg)
@@ -553,9 +636,8 @@ def adam_step(p, grads, opt, rates, max_norm, cfg: Config):
     b1, b2 = cfg.adam_b1, cfg.adam_b2
     m = jax.tree.map(lambda m, g: b1 * m + (1 - b1) * g, m, grads)
     v = jax.tree.map(lambda v, g: b2 * v + (1 - b2) * g * g, v, grads)
-    c1, c2 = 1 - b1 ** t, 1 - b2 ** t
-    p = jax.tree.map(lambda p, m, v, r: p - r * (m / c1) / (jnp.sqrt(v / c2) + 1e-8),
-                     p, m, v, lr)
+    c1, c2 = 1 - b1**t, 1 - b2**t
+    p = jax.tree.map(lambda p, m, v, r: p - r * (m / c1) / (jnp.sqrt(v / c2) + 1e-8), p, m, v, lr)
     return p, (m, v, t), norm
 
 
@@ -565,17 +647,20 @@ def update(state: State, cfg: Config):
     P, F = cfg.pretrain_steps, cfg.lm_steps
     key, k_fw = jax.random.split(state.key)
     switch = (state.step == P) | (state.step == P + F)  # fresh Adam moments per stage
-    _, _, x_ev, y_ev = (jnp.asarray(a) for a in task_data(cfg))
+    _, _, _, _, x_ev, y_ev = state.data
     R = cfg.rows
     chunk = jnp.maximum(state.step - P - F, 0) % (cfg.num_eval // R)
-    x_ev, y_ev = (jax.lax.dynamic_slice_in_dim(a, chunk * R, R) for a in (x_ev, y_ev))
+    x_ev, y_ev = (
+        jax.lax.dynamic_slice_in_dim(a, chunk * R, R).astype(jnp.int32) for a in (x_ev, y_ev)
+    )
 
     def arm(p, opt, bn, rates):
         opt = jax.tree.map(lambda x: jnp.where(switch, jnp.zeros_like(x), x), opt)
 
         def loss_fn(p):
-            lm, clf, cls, new_bn, lm_nll = forward(p, bn, windows, labels, rows, k_fw,
-                                                   jnp.asarray(True), cfg)
+            lm, clf, cls, new_bn, lm_nll = forward(
+                p, bn, windows, labels, rows, k_fw, jnp.asarray(True), cfg
+            )
             return jnp.where(stage == 2, clf, lm), (lm_nll, clf, cls, new_bn)
 
         (loss, (lm_nll, clf, cls, new_bn)), g = jax.value_and_grad(loss_fn, has_aux=True)(p)
@@ -583,40 +668,61 @@ def update(state: State, cfg: Config):
         p, opt, norm = adam_step(p, g, opt, rates, max_norm, cfg)
         bn = jax.tree.map(lambda n, o: jnp.where(stage == 2, n, o), new_bn, bn)
         acc = ((cls.argmax(-1) == labels) * rows).sum() / rows.sum()
-        ev = forward(p, bn, jnp.pad(x_ev, ((0, 0), (0, 1))), y_ev, jnp.ones(R), k_fw,
-                     jnp.asarray(False), cfg)[2]
+        ev = forward(
+            p, bn, jnp.pad(x_ev, ((0, 0), (0, 1))), y_ev, jnp.ones(R), k_fw, jnp.asarray(False), cfg
+        )[2]
         return p, opt, bn, (loss, lm_nll, clf, acc, (ev.argmax(-1) != y_ev).mean(), norm)
 
     params, opt, bn, (loss, lm, clf, acc, err, norm) = jax.vmap(arm)(
-        state.params, state.opt, state.bn, rates)
-    metrics = {"losses/loss": loss[0], "charts/stage": stage.astype(jnp.float32),
-               "charts/lm_stage": (stage < 2).astype(jnp.float32),
-               "charts/clf_stage": (stage == 2).astype(jnp.float32),
-               "charts/lr": rates[0, -2 + (stage == 2)], "charts/lr_bottom": rates[0, 0]}
+        state.params, state.opt, state.bn, rates
+    )
+    metrics = {
+        "losses/loss": loss[0],
+        "charts/stage": stage.astype(jnp.float32),
+        "charts/lm_stage": (stage < 2).astype(jnp.float32),
+        "charts/clf_stage": (stage == 2).astype(jnp.float32),
+        "charts/lr": rates[0, -2 + (stage == 2)],
+        "charts/lr_bottom": rates[0, 0],
+    }
     for i, name in enumerate(ARMS):
-        metrics.update({f"losses/lm_{name}": lm[i], f"losses/clf_{name}": clf[i],
-                        f"charts/train_acc_{name}": acc[i], f"charts/val_err_{name}": err[i],
-                        f"charts/grad_norm_{name}": norm[i]})
-    return State(params, opt, bn, key, state.init_key, state.step + 1), metrics
+        metrics.update(
+            {
+                f"losses/lm_{name}": lm[i],
+                f"losses/clf_{name}": clf[i],
+                f"charts/train_acc_{name}": acc[i],
+                f"charts/val_err_{name}": err[i],
+                f"charts/grad_norm_{name}": norm[i],
+            }
+        )
+    return state.replace(params=params, opt=opt, bn=bn, key=key, step=state.step + 1), metrics
 
 
 # the LM losses are undefined (NaN in the logs) in stage (c), the classifier ones before it
-NAN_UNLESS = {f"{k}_{a}": flag for a in ARMS for k, flag in (
-    ("losses/lm", "charts/lm_stage"), ("losses/clf", "charts/clf_stage"),
-    ("charts/train_acc", "charts/clf_stage"), ("charts/val_err", "charts/clf_stage"))}
+NAN_UNLESS = {
+    f"{k}_{a}": flag
+    for a in ARMS
+    for k, flag in (
+        ("losses/lm", "charts/lm_stage"),
+        ("losses/clf", "charts/clf_stage"),
+        ("charts/train_acc", "charts/clf_stage"),
+        ("charts/val_err", "charts/clf_stage"),
+    )
+}
 
 
 def evaluate(state: State, cfg: Config):
     """Held-out task error of every arm on all num_eval windows (dropout off, BN running
     statistics)."""
-    _, _, x_ev, y_ev = (jnp.asarray(a) for a in task_data(cfg))
+    _, _, _, _, x_ev, y_ev = state.data
     R = cfg.rows
 
     def chunk(i):
-        x = jnp.pad(jax.lax.dynamic_slice_in_dim(x_ev, i * R, R), ((0, 0), (0, 1)))
-        y = jax.lax.dynamic_slice_in_dim(y_ev, i * R, R)
-        f = lambda p, bn: forward(p, bn, x, y, jnp.ones(R), jax.random.PRNGKey(0),
-                                  jnp.asarray(False), cfg)[2]
+        x = jax.lax.dynamic_slice_in_dim(x_ev, i * R, R).astype(jnp.int32)
+        x = jnp.pad(x, ((0, 0), (0, 1)))
+        y = jax.lax.dynamic_slice_in_dim(y_ev, i * R, R).astype(jnp.int32)
+        f = lambda p, bn: forward(
+            p, bn, x, y, jnp.ones(R), jax.random.PRNGKey(0), jnp.asarray(False), cfg
+        )[2]
         return (jax.vmap(f)(state.params, state.bn).argmax(-1) != y).mean(-1)  # (3,)
 
     err = jax.lax.map(chunk, jnp.arange(cfg.num_eval // R)).mean(0)
@@ -637,19 +743,28 @@ def plot(res, cfg: Config, out: str) -> str:
     n = cfg.clf_steps
     fig, ax = plt.subplots(1, 2, figsize=(10, 3.6))
     for a in ARMS:
-        e = np.asarray(h[f"charts/val_err_{a}"])[:, -n:].reshape(-1, cfg.clf_epochs,
-                                                                cfg.clf_steps_per_epoch)
+        e = np.asarray(h[f"charts/val_err_{a}"])[:, -n:].reshape(
+            -1, cfg.clf_epochs, cfg.clf_steps_per_epoch
+        )
         ax[0].plot(np.arange(1, cfg.clf_epochs + 1), e.mean((0, 2)), marker="o", label=a)
-    ax[0].set(xlabel="classifier epoch", ylabel="held-out error", ylim=(0, 0.6),
-              title=f"{cfg.num_labelled} labelled windows")
+    ax[0].set(
+        xlabel="classifier epoch",
+        ylabel="held-out error",
+        ylim=(0, 0.6),
+        title=f"{cfg.num_labelled} labelled windows",
+    )
     ax[0].legend(fontsize=8)
     lr = np.asarray(h["charts/lr"])[0]
     ax[1].plot(lr, label="top group")
     ax[1].plot(np.asarray(h["charts/lr_bottom"])[0], label="embedding group")
     for x in (cfg.pretrain_steps, cfg.pretrain_steps + cfg.lm_steps):
         ax[1].axvline(x, color="grey", lw=0.5)
-    ax[1].set(xlabel="update", ylabel="learning rate", yscale="log",
-              title="ULMFiT arm: STLR (a)-(c), discriminative (b), (c)")
+    ax[1].set(
+        xlabel="update",
+        ylabel="learning rate",
+        yscale="log",
+        title="ULMFiT arm: STLR (a)-(c), discriminative (b), (c)",
+    )
     ax[1].legend(fontsize=8)
     fig.tight_layout()
     return save_png(fig, out)
@@ -661,9 +776,17 @@ def plot(res, cfg: Config, out: str) -> str:
 def main(argv=None):
     """`--plot PNG` (this file's only extra flag) draws the error curves and the rates."""
     flags, argv = run.pop_flags(argv, "--plot")
-    res = run.main(Config, init, update, presets=PRESETS, evaluate=evaluate, argv=argv,
-                   doc=__doc__, nan_unless=NAN_UNLESS,
-                   summary_keys=[f"val_err_{a}" for a in ARMS] + ["losses/lm_ulmfit"])
+    res = run.main(
+        Config,
+        init,
+        update,
+        presets=PRESETS,
+        evaluate=evaluate,
+        argv=argv,
+        doc=__doc__,
+        nan_unless=NAN_UNLESS,
+        summary_keys=[f"val_err_{a}" for a in ARMS] + ["losses/lm_ulmfit"],
+    )
     if flags["--plot"] is not None:
         import json
 

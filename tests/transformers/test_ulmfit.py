@@ -16,6 +16,7 @@ trained from (b) on; the arms' shared stage (a); the parting in (b))."""
 import dataclasses
 import json
 import math
+import re
 
 import jax
 import jax.numpy as jnp
@@ -33,11 +34,27 @@ from transformers import ulmfit
 # 64 -> 16 with light dropouts, windows of 32; 80 LM updates of 16 windows, 16 of target LM
 # fine-tuning, then 6 epochs of 64 labelled windows in batches of 16 (24 updates). Too small
 # to learn the task (the LM stays near the unigram loss): the behaviour gate is slow-tier.
-TINY = ulmfit.Config(general_corpus="pydoc", general_chars=200_000, vocab_size=None,
-                     emb_dim=16, hidden_dim=64, dropout_e=0.0, dropout_i=0.1, dropout_h=0.1,
-                     dropout=0.1, weight_drop=0.1, seq_len=32, batch_size=16,
-                     pretrain_steps=80, pretrain_lr=1e-2, lm_steps=16, num_labelled=64,
-                     num_eval=64, clf_batch=16, clf_epochs=6)
+TINY = ulmfit.Config(
+    general_corpus="pydoc",
+    general_chars=200_000,
+    vocab_size=None,
+    emb_dim=16,
+    hidden_dim=64,
+    dropout_e=0.0,
+    dropout_i=0.1,
+    dropout_h=0.1,
+    dropout=0.1,
+    weight_drop=0.1,
+    seq_len=32,
+    batch_size=16,
+    pretrain_steps=80,
+    pretrain_lr=1e-2,
+    lm_steps=16,
+    num_labelled=64,
+    num_eval=64,
+    clf_batch=16,
+    clf_epochs=6,
+)
 CHUNK = 40  # TINY.num_updates = 120: three chunks of one program
 SEEDS = tiny_run_module.SEEDS
 
@@ -51,8 +68,9 @@ def test_stlr_by_hand_at_start_cut_peak_and_end():
     T - cut, positive. Mutations tried: [1]'s cut (1 / cut_frac - 1) in place of T - cut
     fails the T = 15 value (T = 1000 alone passed it); the scratch arm at clf_lr in (c)
     (the earlier arm) fails."""
-    cfg = ulmfit.Config(pretrain_steps=1000, lm_steps=1000, num_labelled=640, clf_batch=64,
-                        clf_epochs=100)
+    cfg = ulmfit.Config(
+        pretrain_steps=1000, lm_steps=1000, num_labelled=640, clf_batch=64, clf_epochs=100
+    )
     assert cfg.clf_steps == 1000
     ts = np.array([0, 50, 100, 550, 1000])
     got = np.asarray(jit0(ulmfit.stlr, (1, 2, 3))(ts, 1000, 0.01, cfg))
@@ -63,19 +81,23 @@ def test_stlr_by_hand_at_start_cut_peak_and_end():
     rates, stage = np.asarray(rates), np.asarray(stage)
     np.testing.assert_array_equal(stage, [0, 0, 1, 1, 2, 2, 2])
     L = cfg.num_layers
-    np.testing.assert_allclose(rates[:, 0, L][:4], [1e-3 / 32, 1e-3, 4e-3 / 32, 4e-3],
-                               rtol=1e-6)  # (a) STLR of pretrain_lr, (b) of lm_lr
-    np.testing.assert_allclose(rates[4:, 0, L + 1], [0.01 / 32, 0.01, 0.01 * (1 + (1 - 899 / 900)
-                                                                            * 31) / 32],
-                               rtol=1e-5)
+    np.testing.assert_allclose(
+        rates[:, 0, L][:4], [1e-3 / 32, 1e-3, 4e-3 / 32, 4e-3], rtol=1e-6
+    )  # (a) STLR of pretrain_lr, (b) of lm_lr
+    np.testing.assert_allclose(
+        rates[4:, 0, L + 1], [0.01 / 32, 0.01, 0.01 * (1 + (1 - 899 / 900) * 31) / 32], rtol=1e-5
+    )
     np.testing.assert_allclose(rates[2:4, 2], 4e-3, rtol=1e-6)  # no tricks: constant
     np.testing.assert_allclose(rates[4:, 2], 0.01, rtol=1e-6)
     np.testing.assert_allclose(rates[:2, 1], 0.0)  # scratch: held in (a), then as ulmfit
     np.testing.assert_array_equal(rates[2:, 1], rates[2:, 0])
     # T = 15: cut = 1, and at t = 14 the decay over T - cut gives p = 1/14 (1.0e-3); [1]'s
     # cut (1 / cut_frac - 1) = 9 would give p = 1 - 13/9 < 0, a negative rate (-4.0e-3)
-    np.testing.assert_allclose(jit0(ulmfit.stlr, (1, 2, 3))(np.int32(14), 15, 0.01, cfg),
-                               0.01 * (1 + 31 / 14) / 32, rtol=1e-6)
+    np.testing.assert_allclose(
+        jit0(ulmfit.stlr, (1, 2, 3))(np.int32(14), 15, 0.01, cfg),
+        0.01 * (1 + 31 / 14) / 32,
+        rtol=1e-6,
+    )
 
 
 def _one_adam_step(params, rates, cfg):
@@ -152,8 +174,9 @@ def test_weight_drop_masks_only_w_hh_with_one_mask_for_all_steps_and_is_off_at_e
     cfg = dataclasses.replace(TINY, num_layers=1, dropout_i=0.0, dropout=0.0, weight_drop=0.5)
     params = jax.tree.map(np.asarray, jit0(ulmfit.init_params, 1)(jax.random.PRNGKey(0), cfg))
     ids = np.asarray(jax.random.randint(jax.random.PRNGKey(1), (2, 10), 0, 50))
-    train, ev, w_drop = (np.asarray(a) for a in jit0(_encode, 3)(
-        params, ids, jax.random.PRNGKey(2), cfg))
+    train, ev, w_drop = (
+        np.asarray(a) for a in jit0(_encode, 3)(params, ids, jax.random.PRNGKey(2), cfg)
+    )
     p = params["lstm"][0]
     w = p["w_hh"]
     kept = w_drop != 0
@@ -169,10 +192,12 @@ def test_weight_drop_masks_only_w_hh_with_one_mask_for_all_steps_and_is_off_at_e
 def _regularisers(params, windows, labels, rows, x, rows_bn, key, cfg):
     """forward's losses (what update runs) and the encoder outputs they were computed from;
     embedding dropout of the windows at p = 0.5; a locked mask; one BatchNorm step."""
-    lm_total, clf_total, cls, _, lm = ulmfit.forward(params, ulmfit.zero_bn(cfg), windows,
-                                                     labels, rows, key, np.bool_(True), cfg)
-    raw, dropped = ulmfit.encoder(params, windows[:, :-1], jax.random.split(key)[0],
-                                  np.bool_(True), cfg)
+    lm_total, clf_total, cls, _, lm = ulmfit.forward(
+        params, ulmfit.zero_bn(cfg), windows, labels, rows, key, np.bool_(True), cfg
+    )
+    raw, dropped = ulmfit.encoder(
+        params, windows[:, :-1], jax.random.split(key)[0], np.bool_(True), cfg
+    )
     emb = ulmfit.embedding_dropout(key, params["embed"], windows, 0.5, np.bool_(True))
     mask = ulmfit.locked_mask(key, 0.5, (64, 7, 3))
     p = {"scale": jnp.arange(1.0, 6.0), "bias": jnp.full(5, 0.5)}
@@ -200,8 +225,11 @@ def test_awd_lstm_regularisers_by_hand():
     rows = (np.arange(16) < 12).astype(np.float32)
     x = rng.normal(size=(6, 5)).astype(np.float32)
     rows_bn = np.array([1, 1, 1, 1, 0, 0], np.float32)
-    out = jax.device_get(jit0(_regularisers, 7)(params, windows, labels, rows, x, rows_bn,
-                                                  jax.random.PRNGKey(3), cfg))
+    out = jax.device_get(
+        jit0(_regularisers, 7)(
+            params, windows, labels, rows, x, rows_bn, jax.random.PRNGKey(3), cfg
+        )
+    )
     lm_total, lm, clf_total, cls, raw, dropped, emb, mask, (bn_train, bn_eval) = out
     assert mask.shape == (64, 1, 3) and set(np.unique(mask)) == {0.0, 2.0}
     assert 0.35 < (mask == 0).mean() < 0.65
@@ -212,22 +240,22 @@ def test_awd_lstm_regularisers_by_hand():
         assert np.allclose(r, r[0]) and np.isclose(r[0], 0) | np.isclose(r[0], 2), (t, r)
     assert 0 < (np.isclose(ratio, 0)).mean() < 1
     tar = cfg.tar_coef * np.mean((raw[:, 1:] - raw[:, :-1]) ** 2)
-    np.testing.assert_allclose(lm_total - lm, cfg.ar_coef * np.mean(dropped ** 2) + tar,
-                               rtol=1e-4)
+    np.testing.assert_allclose(lm_total - lm, cfg.ar_coef * np.mean(dropped**2) + tar, rtol=1e-4)
     logp = cls - np.log(np.exp(cls).sum(-1, keepdims=True))
     clf = -(logp[np.arange(16), labels] * rows).sum() / rows.sum()
-    np.testing.assert_allclose(clf_total - clf, cfg.ar_coef * np.mean(raw ** 2) + tar,
-                               rtol=1e-4)
+    np.testing.assert_allclose(clf_total - clf, cfg.ar_coef * np.mean(raw**2) + tar, rtol=1e-4)
     assert not np.allclose(raw, dropped)
     y, new = bn_train
     mu, var = x[:4].mean(0), x[:4].var(0)
     scale = np.arange(1.0, 6.0)
-    np.testing.assert_allclose(y, (x - mu) / np.sqrt(var + 1e-5) * scale + 0.5, rtol=1e-4,
-                               atol=1e-5)
+    np.testing.assert_allclose(
+        y, (x - mu) / np.sqrt(var + 1e-5) * scale + 0.5, rtol=1e-4, atol=1e-5
+    )
     np.testing.assert_allclose(new["mean"], 0.9 * 0.2 + 0.1 * mu, rtol=1e-5)
     np.testing.assert_allclose(new["var"], 0.9 * 2.0 + 0.1 * var * 4 / 3, rtol=1e-5)
-    np.testing.assert_allclose(bn_eval[0], (x - 0.2) / np.sqrt(2.0 + 1e-5) * scale + 0.5,
-                               rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(
+        bn_eval[0], (x - 0.2) / np.sqrt(2.0 + 1e-5) * scale + 0.5, rtol=1e-5, atol=1e-6
+    )
 
 
 @pytest.fixture(scope="module")
@@ -254,8 +282,8 @@ def test_train_is_pure_and_seeded_and_logs_the_stages(tiny_run):
     assert not np.array_equal(h["losses/loss"][0], h["losses/loss"][1])
     P, F = TINY.pretrain_steps, TINY.lm_steps
     np.testing.assert_array_equal(h["charts/stage"][0], [0] * P + [1] * F + [2] * TINY.clf_steps)
-    assert np.isnan(h["losses/clf_ulmfit"][:, :P + F]).all()
-    assert np.isfinite(h["losses/clf_ulmfit"][:, P + F:]).all()
+    assert np.isnan(h["losses/clf_ulmfit"][:, : P + F]).all()
+    assert np.isfinite(h["losses/clf_ulmfit"][:, P + F :]).all()
     # the arms share stage (a) exactly; they part in (b) (no tricks) and (c) (scratch)
     np.testing.assert_array_equal(h["losses/lm_ulmfit"][:, :P], h["losses/lm_no_tricks"][:, :P])
     assert (h["losses/lm_ulmfit"][:, P + 1] != h["losses/lm_no_tricks"][:, P + 1]).all()
@@ -292,6 +320,30 @@ def test_bad_values_fail_with_named_field(tmp_path):
         ulmfit.main(["--discr-factor", "0.5", "--run-dir", str(tmp_path)])
     with pytest.raises(ValueError, match="vocab_size=10 is below"):
         ulmfit.main(["--preset", "quick", "--vocab-size", "10", "--run-dir", str(tmp_path)])
+
+
+def big_constants(hlo: str, min_elements: int = 10_000):
+    """Lines of StableHLO text that define a constant of at least `min_elements` elements."""
+    out = []
+    for ln in hlo.splitlines():
+        if "constant" in ln:
+            for dims in re.findall(r"tensor<((?:\d+x)+)[a-z]", ln):
+                if np.prod([int(d) for d in dims.rstrip("x").split("x")]) >= min_elements:
+                    out.append(ln[:200])
+    return out
+
+
+def test_corpora_and_task_are_uint8_inputs_of_update_and_evaluate_not_constants():
+    """The general and target texts and the task's sets live in the State as uint8, so the
+    compiled update and evaluate take them as an input: no constant of 1k elements or more
+    in their lowered text (the int32 general text was one: 200k elements per update)."""
+    state = jax.eval_shape(lambda k: ulmfit.init(k, TINY), jax.random.PRNGKey(0))
+    want = ulmfit.device_data(TINY)
+    assert [(a.shape, a.dtype) for a in state.data] == [(a.shape, np.uint8) for a in want]
+    assert want[0].size == 200_000 and want[4].size > 1000
+    for fn in (ulmfit.update, ulmfit.evaluate):
+        hlo = jax.jit(fn, static_argnums=1).lower(state, TINY).as_text()
+        assert not big_constants(hlo, 1000), (fn.__name__, big_constants(hlo, 1000)[:1])
 
 
 def test_every_config_field_is_read():
