@@ -48,9 +48,8 @@ after 0 / 1 / 2 / 3 inner steps:
         -53.0 / -32.6 -27.4
     eps per step (score): 0.19 0.41 / 0.28 0.53 / 0.37 0.57 / 0.40 0.61; coverage 0.28
         0.39; training -44.8 -37.3 / -27.4 -26.1
-    earlier, pathwise inner gradient, no row mask (commit 2678a91): MAESN 0.32 0.27 / 0.28
-        0.27 / 0.34 0.32 / 0.30 0.32, coverage 0.83 0.83; eps per step 0.19 0.37 / ... /
-        0.41 0.58, coverage 0.28 0.33
+    pathwise inner gradient, no row mask (commit 2678a91): MAESN 0.32 0.27 / ... / 0.30
+        0.32, coverage 0.83 0.83; eps per step 0.19 0.37 / ... / 0.41 0.58, coverage 0.28 0.33
 What is reproduced: with the pathwise gradient, prior-z episodes fan out along the arc and
 eps-per-step episodes end in one cluster (coverage; tests/metarl/test_maesn.py gates it at
 tiny scale). With the released score gradient the first inner step now raises MAESN's
@@ -68,17 +67,15 @@ Differences from the release:
   natural step), not TRPO (KL bound 0.01). Only the meta-batch's latent rows move, as there.
 - Tasks per meta-batch are drawn without replacement (release: np.random.choice(100, 20),
   with replacement).
-- Sizes: train.py / hyperparam_sweep.py for the wheeled robot (fbs {20, 50}, flr {0.5, 1},
-  kl {0.1, 0.5}, mbs 20, latent 2, 100 goals, horizon 200; hyperParams.txt is the ant's);
-  latent means start ~N(0, 1), log sigmas 0, as there. `alpha_init 0` is the release's
-  latent-free baseline's fast_learning_rate 0 (no adaptation).
+- Sizes from train.py / hyperparam_sweep.py for the wheeled robot (fbs {20, 50}, flr {0.5,
+  1}, kl {0.1, 0.5}, mbs 20, latent 2, 100 goals, horizon 200; hyperParams.txt is the
+  ant's). `--alpha-init 0` is the release's LS baseline (fast_learning_rate 0).
 - Test time: the release zeroes the latent table (so starts at N(0, I), as here) and runs
   100 VPG steps of 10000 samples with the alphas halved from the second step on (a, a, a/2,
   a/4, ...); we run `eval_steps` steps with the learned alphas held constant.
-- A point mass instead of MuJoCo's wheeled robot: no control cost, no dynamics, pos as obs.
-- The latent weights w_k are the batch-standardised first-step advantages, re-scaled to unit
-  std only downwards (release: centred and scaled to unit std).
-- No MAML / learning-from-scratch / VIME baselines here (metarl/maml_rl.py is MAML).
+- A point mass, not MuJoCo's wheeled robot (no control cost, no dynamics, pos as obs).
+- w_k is scaled to unit std only downwards (release: always); no MAML / scratch / VIME
+  baselines here (metarl/maml_rl.py is MAML).
 """
 
 from dataclasses import dataclass
@@ -644,9 +641,10 @@ def main(argv=None):
         cfg = run.parse(Config, PRESETS, argv)[0]
         seed0 = jax.tree.map(lambda x: x[0], res.state)
         panels = []
+        fans_jit = jax.jit(fans, static_argnums=1)  # one program; per_step is traced
         for per_step in (False, True):
             s = seed0.replace(per_step=jnp.array(per_step))
-            g, e = jax.jit(fans, static_argnums=1)(s, cfg, jax.random.PRNGKey(3))
+            g, e = fans_jit(s, cfg, jax.random.PRNGKey(3))
             label = ("trained with eps per step" if cfg.z_per_step else "MAESN") + (
                 ", eps per step" if per_step else ", z once per episode"
             )
