@@ -520,8 +520,8 @@ class State:
     step: jax.Array
     data: tuple
     """device_data(cfg), stored uint8 (uint16 above 256 characters): an input of the
-    compiled chunks, not constants of each program; one copy per seed (0.8 MB at the quick
-    preset; the paper preset's 14 MB stdlib text: 14 MB)"""
+    compiled chunks, not constants of each program; one copy per seed (0.7 MB at the quick
+    preset; 4.4 MB at the paper preset's 4M stdlib characters)"""
 
 
 def compact(a, bound: int):
