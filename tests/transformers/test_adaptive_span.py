@@ -4,7 +4,6 @@ gradient support of z, the L1 penalty shrinking spans, causality, purity and CLI
 import dataclasses
 import functools
 import json
-import re
 
 import jax
 import jax.numpy as jnp
@@ -15,6 +14,7 @@ from common import parallel, run
 from tests.common import preset
 from tests.common.compiled import compiled
 from tests.common.config_fields import unread_fields
+from tests.common.hlo import big_constants
 from tests.transformers import leak
 from tests.transformers import tiny_run as tiny_run_module
 from transformers import adaptive_span as A
@@ -402,17 +402,6 @@ def test_remat_changes_nothing_but_memory():
         after.append(step(state)[0].params)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), *after)
     assert temp[0] < 0.95 * temp[1], temp
-
-
-def big_constants(hlo: str, min_elements: int = 10_000):
-    """Lines of StableHLO text that define a constant of at least `min_elements` elements."""
-    out = []
-    for ln in hlo.splitlines():
-        if "constant" in ln:
-            for dims in re.findall(r"tensor<((?:\d+x)+)[a-z]", ln):
-                if np.prod([int(d) for d in dims.rstrip("x").split("x")]) >= min_elements:
-                    out.append(ln[:200])
-    return out
 
 
 def test_corpus_is_a_uint8_input_of_update_and_evaluate_not_a_constant():

@@ -10,7 +10,6 @@ import dataclasses
 import json
 import math
 import random
-import re
 
 import jax
 import jax.numpy as jnp
@@ -20,6 +19,7 @@ import pytest
 from common import parallel, run
 from tests.common import preset
 from tests.common.config_fields import unread_fields
+from tests.common.hlo import big_constants
 from tests.transformers import tiny_run as tiny_run_module
 from tests.transformers.tiny_run import jit0
 from transformers import bert
@@ -373,17 +373,6 @@ def test_bad_values_fail_with_named_field(tmp_path):
         bert.main(["--vocab-size", "10", "--run-dir", str(tmp_path)])
     with pytest.raises(ValueError, match="finetune_heads='x'"):
         bert.main(["--finetune-heads", "x", "--run-dir", str(tmp_path)])
-
-
-def big_constants(hlo: str, min_elements: int = 10_000):
-    """Lines of StableHLO text that define a constant of at least `min_elements` elements."""
-    out = []
-    for ln in hlo.splitlines():
-        if "constant" in ln:
-            for dims in re.findall(r"tensor<((?:\d+x)+)[a-z]", ln):
-                if np.prod([int(d) for d in dims.rstrip("x").split("x")]) >= min_elements:
-                    out.append(ln[:200])
-    return out
 
 
 def test_instances_and_task_are_uint8_inputs_of_update_and_evaluate_not_constants():

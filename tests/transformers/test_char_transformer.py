@@ -4,7 +4,6 @@ baseline (slow), purity and the CLI."""
 
 import dataclasses
 import json
-import re
 
 import jax
 import jax.numpy as jnp
@@ -15,6 +14,7 @@ from common import data, parallel, run
 from tests.common import preset
 from tests.common.compiled import compiled
 from tests.common.config_fields import unread_fields
+from tests.common.hlo import big_constants
 from tests.transformers import leak
 from tests.transformers import tiny_run as tiny_run_module
 from transformers import char_transformer as ct
@@ -299,17 +299,6 @@ def test_cli_runs_and_documents_every_field(tiny_run, capsys):
     summary = json.loads((tiny_run.run_dir / "summary.json").read_text())
     assert len(summary["val_bits_per_char"]) == 2 * SEEDS
     assert np.isfinite(summary["val_bits_per_char"]).all()
-
-
-def big_constants(hlo: str, min_elements: int = 10_000):
-    """Lines of StableHLO text that define a constant of at least `min_elements` elements."""
-    out = []
-    for ln in hlo.splitlines():
-        if "constant" in ln:
-            for dims in re.findall(r"tensor<((?:\d+x)+)[a-z]", ln):
-                if np.prod([int(d) for d in dims.rstrip("x").split("x")]) >= min_elements:
-                    out.append(ln[:200])
-    return out
 
 
 def test_corpus_is_a_uint8_input_of_update_and_evaluate_not_a_constant():

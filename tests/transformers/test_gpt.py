@@ -7,7 +7,6 @@ gate (pytest -m slow): pre-training beats fine-tuning from scratch on held-out t
 import dataclasses
 import json
 import math
-import re
 
 import jax
 import jax.numpy as jnp
@@ -18,6 +17,7 @@ from common import parallel, run
 from tests.common import preset
 from tests.common.compiled import compiled
 from tests.common.config_fields import unread_fields
+from tests.common.hlo import big_constants
 from tests.transformers import tiny_run as tiny_run_module
 from tests.transformers.tiny_run import jit0
 from transformers import gpt
@@ -318,17 +318,6 @@ def test_bad_values_fail_with_named_field(tmp_path):
         gpt.main(["--vocab-size", "10", "--run-dir", str(tmp_path)])
     with pytest.raises(ValueError, match="attn_dropout=1.0"):
         gpt.main(["--attn-dropout", "1.0", "--run-dir", str(tmp_path)])
-
-
-def big_constants(hlo: str, min_elements: int = 10_000):
-    """Lines of StableHLO text that define a constant of at least `min_elements` elements."""
-    out = []
-    for ln in hlo.splitlines():
-        if "constant" in ln:
-            for dims in re.findall(r"tensor<((?:\d+x)+)[a-z]", ln):
-                if np.prod([int(d) for d in dims.rstrip("x").split("x")]) >= min_elements:
-                    out.append(ln[:200])
-    return out
 
 
 def test_corpus_and_task_are_uint8_inputs_of_update_and_evaluate_not_constants():

@@ -4,7 +4,6 @@ learning, purity and the CLI."""
 
 import dataclasses
 import json
-import re
 import textwrap
 
 import jax
@@ -16,6 +15,7 @@ from common import run
 from tests.common import preset
 from tests.common.compiled import compiled
 from tests.common.config_fields import unread_fields
+from tests.common.hlo import big_constants
 from tests.transformers import leak, peer
 from tests.transformers import tiny_run as tiny_run_module
 from transformers import reformer as rf
@@ -407,17 +407,6 @@ def test_bad_values_fail_with_named_field():
     ]:
         with pytest.raises(ValueError, match=match):
             dataclasses.replace(TINY, **bad).validate()
-
-
-def big_constants(hlo: str, min_elements: int = 10_000):
-    """Lines of StableHLO text that define a constant of at least `min_elements` elements."""
-    out = []
-    for ln in hlo.splitlines():
-        if "constant" in ln:
-            for dims in re.findall(r"tensor<((?:\d+x)+)[a-z]", ln):
-                if np.prod([int(d) for d in dims.rstrip("x").split("x")]) >= min_elements:
-                    out.append(ln[:200])
-    return out
 
 
 def test_corpus_is_a_uint8_input_of_update_and_evaluate_not_a_constant():

@@ -4,7 +4,6 @@ stop-gradient, memory vs no memory, purity, CLI, and a port of HF XLNet's attent
 import dataclasses
 import functools
 import json
-import re
 import textwrap
 
 import jax
@@ -16,6 +15,7 @@ from common import parallel, run
 from tests.common import preset
 from tests.common.compiled import compiled
 from tests.common.config_fields import unread_fields
+from tests.common.hlo import big_constants
 from tests.transformers import leak, peer
 from tests.transformers import tiny_run as tiny_run_module
 from transformers import transformer_xl as X
@@ -325,17 +325,6 @@ def test_matches_hf_xlnet_uni_attention(tmp_path):
     err = float(np.abs(np.concatenate(outs, 1) - w["out"]).max())
     print(f"max |ours - HF XLNet| = {err:.2e}")
     assert err < 2e-5, err
-
-
-def big_constants(hlo: str, min_elements: int = 10_000):
-    """Lines of StableHLO text that define a constant of at least `min_elements` elements."""
-    out = []
-    for ln in hlo.splitlines():
-        if "constant" in ln:
-            for dims in re.findall(r"tensor<((?:\d+x)+)[a-z]", ln):
-                if np.prod([int(d) for d in dims.rstrip("x").split("x")]) >= min_elements:
-                    out.append(ln[:200])
-    return out
 
 
 def test_corpus_is_a_uint8_input_of_update_and_evaluate_not_a_constant():

@@ -16,7 +16,6 @@ trained from (b) on; the arms' shared stage (a); the parting in (b))."""
 import dataclasses
 import json
 import math
-import re
 
 import jax
 import jax.numpy as jnp
@@ -26,6 +25,7 @@ import pytest
 from common import parallel, run
 from tests.common import preset
 from tests.common.config_fields import unread_fields
+from tests.common.hlo import big_constants
 from tests.transformers import tiny_run as tiny_run_module
 from tests.transformers.tiny_run import jit0
 from transformers import ulmfit
@@ -320,17 +320,6 @@ def test_bad_values_fail_with_named_field(tmp_path):
         ulmfit.main(["--discr-factor", "0.5", "--run-dir", str(tmp_path)])
     with pytest.raises(ValueError, match="vocab_size=10 is below"):
         ulmfit.main(["--preset", "quick", "--vocab-size", "10", "--run-dir", str(tmp_path)])
-
-
-def big_constants(hlo: str, min_elements: int = 10_000):
-    """Lines of StableHLO text that define a constant of at least `min_elements` elements."""
-    out = []
-    for ln in hlo.splitlines():
-        if "constant" in ln:
-            for dims in re.findall(r"tensor<((?:\d+x)+)[a-z]", ln):
-                if np.prod([int(d) for d in dims.rstrip("x").split("x")]) >= min_elements:
-                    out.append(ln[:200])
-    return out
 
 
 def test_corpora_and_task_are_uint8_inputs_of_update_and_evaluate_not_constants():
