@@ -11,7 +11,10 @@ held constant in the policy gradient (loss); kernel_delta unread (fields); the p
 changed (trace); no p_other <= p_best check (bad values); init ignoring its key (purity:
 seeds identical); the read's match scale removed (DND test, block test, and behaviour:
 ratio 0.82 0.90, repeats 1.58 1.68 against gate-off 1.45 1.48); tau ignored by the read
-(DND test); a_prev = 0 (one-hot of arm 0) at a trial's start (block test)."""
+(DND test); a_prev = 0 (one-hot of arm 0) at a trial's start (block test); init ignoring
+--gate-off (gate-off init test); no stop-gradient on the DND write (gradient test: every
+leaf non-zero where it must be zero); num_neighbors missing from validate's >= 1 list (bad
+values: validate() does not raise, and main would fail while tracing)."""
 
 import dataclasses
 
@@ -179,6 +182,31 @@ def test_returns_loss_and_early_regret_by_hand():
     np.testing.assert_allclose([f, r], [0.8, 0.0], atol=1e-6)
 
 
+def test_gate_off_turns_the_gate_off_in_init():
+    """`--gate-off` sets the traced gate flag to 0 in `init` (the behaviour test sets it by
+    monkeypatching init, so it does not check this); the default is 1."""
+    key = jax.random.PRNGKey(0)
+    off = dataclasses.replace(TINY, gate_off=True)
+    gates = compiled(lambda k: (el.init(k, TINY).gate_on, el.init(k, off).gate_on), key)
+    assert [float(g) for g in gates] == [1.0, 0.0]
+
+
+def test_the_dnd_write_stops_the_gradient():
+    """Stored values are constants: the gradient of every read c_ep (sum over a block) with
+    respect to the parameters is exactly zero, though c_ep holds earlier trials' c_T."""
+    key = jax.random.PRNGKey(1)
+
+    def grads(k):
+        params = el.init(k, TINY).params
+        c_ep = lambda p: el.play_block(p, k, jnp.float32(1.0), TINY)[0]["c_ep"]
+        return c_ep(params), jax.grad(lambda p: c_ep(p).sum())(params)
+
+    c_ep, g = compiled(grads, key)
+    assert float(np.abs(c_ep).max()) > 0.0
+    for leaf in jax.tree.leaves(g):
+        np.testing.assert_array_equal(leaf, np.zeros_like(leaf))
+
+
 def test_bad_values_fail_with_named_field(tmp_path):
     bad = [
         (["--dtype", "fp8"], "dtype='fp8'"),
@@ -188,10 +216,16 @@ def test_bad_values_fail_with_named_field(tmp_path):
         (["--p-other", "0.95"], "p_other=0.95"),
         (["--hidden", "0"], "--hidden must be"),
         (["--match-tau", "0"], "match_tau=0"),
+        (["--num-neighbors", "0"], "--num-neighbors must be"),
+        (["--num-tasks", "0"], "--num-tasks must be"),
+        (["--num-envs", "0"], "--num-envs must be"),
     ]
     for args, msg in bad:
         with pytest.raises(ValueError, match=msg):
             el.main(args + ["--run-dir", str(tmp_path)])
+    for name in ("num_tasks", "num_envs", "num_neighbors"):  # validate() alone too
+        with pytest.raises(ValueError, match=f"--{name.replace('_', '-')} must be >= 1"):
+            dataclasses.replace(TINY, **{name: 0}).validate()
 
 
 SEEDS = 2
@@ -225,7 +259,7 @@ def recorded(tmp_path_factory):
 
 
 def test_reinstatement_cuts_the_regret_of_repeated_tasks_and_gate_off_cannot(recorded):
-    """Behaviour ([1] Sec. 4) in seconds: 2-armed bandits (p = 0.9 / 0.1), 5 tasks met twice
+    """Behaviour ([1] Sec. 4 [M]) in seconds: 2-armed bandits (p = 0.9 / 0.1), 5 tasks met twice
     per block, 10 pulls per trial, 200 updates of 16 blocks, 2 seeds per arm; evaluated on
     128 fresh blocks. Expected regret summed over the first 5 pulls (random play: 2.0) on
     first encounters and on re-encounters, and their ratio. Measured (loaded 2-core CPU):
