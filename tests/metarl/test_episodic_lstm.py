@@ -12,9 +12,9 @@ changed (trace); no p_other <= p_best check (bad values); init ignoring its key 
 seeds identical); the read's match scale removed (DND test, block test, and behaviour:
 ratio 0.82 0.90, repeats 1.58 1.68 against gate-off 1.45 1.48); tau ignored by the read
 (DND test); a_prev = 0 (one-hot of arm 0) at a trial's start (block test); init ignoring
---gate-off (gate-off init test); no stop-gradient on the DND write (gradient test: the first
-leaf checked had 160 / 160 non-zero entries); num_neighbors missing from validate's >= 1 list (bad
-values: validate() does not raise, and main would fail while tracing)."""
+--gate-off (gate-off init test); no stop-gradient on the DND write (gradient test: the
+first leaf checked had 160 / 160 non-zero entries); num_neighbors missing from validate's
+>= 1 list (bad values: validate() does not raise, and main would fail while tracing)."""
 
 import dataclasses
 
