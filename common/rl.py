@@ -174,6 +174,31 @@ class ActorCritic(nn.Module):
         return pi, v[..., 0]
 
 
+class TowersActorCritic(nn.Module):
+    """Separate tanh MLPs for actor and critic (orthogonal init), each Dense in `dtype` with
+    float32 outputs; categorical or Gaussian. (ActorCritic above keeps float32 throughout.)"""
+
+    action_dim: int
+    continuous: bool
+    hidden: tuple[int, ...]
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, obs):
+        def tower(n_out, scale):
+            h = obs
+            for f in self.hidden:
+                h = nn.tanh(nn.Dense(f, kernel_init=orthogonal(2**0.5), dtype=self.dtype)(h))
+            return nn.Dense(n_out, kernel_init=orthogonal(scale), dtype=self.dtype)(h)
+
+        mean = tower(self.action_dim, 0.01).astype(jnp.float32)
+        v = tower(1, 1.0).astype(jnp.float32)[..., 0]
+        if self.continuous:
+            log_std = self.param("log_std", nn.initializers.zeros, (self.action_dim,))
+            return distrax.MultivariateNormalDiag(mean, jnp.exp(log_std)), v
+        return distrax.Categorical(logits=mean), v
+
+
 def ppo_loss(new_logp, old_logp, adv, entropy, value, old_value, returns, clip_coef, vf_coef,
              ent_coef, clip_vloss=False):
     """Clipped surrogate (PPO paper Eq. 7) + value loss + entropy bonus (Eq. 9). Returns

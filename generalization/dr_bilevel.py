@@ -80,17 +80,14 @@ import sys
 from dataclasses import dataclass
 from typing import Any
 
-import distrax
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
 from common import envs, run
-from common.nets import orthogonal
 from common.plot import save_png
-from common.rl import PPOConfig, make_ppo
+from common.rl import PPOConfig, TowersActorCritic, make_ppo
 
 # --- CONFIG ---
 
@@ -272,28 +269,7 @@ def physics(cfg: Config, xi) -> Any:
 # --- NETWORKS ---
 
 
-class ActorCritic(nn.Module):
-    """Separate tanh MLPs for actor and critic (orthogonal init); categorical or Gaussian."""
-
-    action_dim: int
-    continuous: bool
-    hidden: tuple[int, ...]
-    dtype: Any = jnp.float32
-
-    @nn.compact
-    def __call__(self, obs):
-        def tower(n_out, scale):
-            h = obs
-            for f in self.hidden:
-                h = nn.tanh(nn.Dense(f, kernel_init=orthogonal(np.sqrt(2)), dtype=self.dtype)(h))
-            return nn.Dense(n_out, kernel_init=orthogonal(scale), dtype=self.dtype)(h)
-
-        mean = tower(self.action_dim, 0.01).astype(jnp.float32)
-        v = tower(1, 1.0).astype(jnp.float32)[..., 0]
-        if self.continuous:
-            log_std = self.param("log_std", nn.initializers.zeros, (self.action_dim,))
-            return distrax.MultivariateNormalDiag(mean, jnp.exp(log_std)), v
-        return distrax.Categorical(logits=mean), v
+ActorCritic = TowersActorCritic  # separate tanh towers with a dtype (common/rl)
 
 
 def network(cfg: Config) -> ActorCritic:
