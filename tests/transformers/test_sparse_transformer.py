@@ -17,6 +17,7 @@ from common import run
 from tests.common import preset
 from tests.common.compiled import compiled
 from tests.common.config_fields import unread_fields
+from tests.common.hlo import big_constants
 from tests.transformers import leak
 from tests.transformers import tiny_run as tiny_run_module
 from transformers import sparse_transformer as st
@@ -414,3 +415,16 @@ def test_paper_preset_traces():
         jaxpr = str(jax.make_jaxpr(jax.grad(lambda p, x: block.apply({"params": p}, x).sum()))(
             params, x))
         assert "12288,12288" not in jaxpr, layer
+
+
+def test_training_bytes_are_a_uint8_input_of_update_not_a_constant():
+    """The training set lives in the State as uint8 and is cast after the gather: the lowered
+    update of a byte-level config (200k pydoc characters) holds no constant of 10k elements
+    or more (it held the 180k-byte corpus as int32 before; the same losses, checked when
+    moved). Tried: `batch` reading the numpy corpus instead of the State's ids fails."""
+    cfg = dataclasses.replace(TINY, dataset="pydoc", max_chars=200_000, pattern="fixed",
+                              mode="union", eval_windows=8)
+    state = jax.eval_shape(lambda k: st.init(k, cfg), jax.random.PRNGKey(0))
+    assert state.train_ids.dtype == jnp.uint8 and state.train_ids.shape[0] > 150_000
+    hlo = jax.jit(st.update, static_argnums=1).lower(state, cfg).as_text()
+    assert not big_constants(hlo, 10_000), big_constants(hlo, 10_000)[:1]
