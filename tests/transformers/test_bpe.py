@@ -1,7 +1,9 @@
 """Tests of transformers/bpe.py: the merge list against tiktoken's educational trainer, the
 encodings against Hugging Face `tokenizers`, the GPT-2 pre-tokeniser and byte table, round
 trips on arbitrary Unicode, no letter+punctuation tokens (against a whitespace-split variant),
-[1]'s Algorithm 1 toy example, save/load, bad inputs and the CLI. No JAX."""
+[1]'s Algorithm 1 toy example, save/load, bad inputs and the CLI. No JAX. bpe.py is a
+tokenizer with no Config, init or update, so there is no paper preset to trace here (GPT-2's
+50,257-token setting is traced by tests/transformers/test_gpt2.py)."""
 
 import contextlib
 import io
