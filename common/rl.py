@@ -14,7 +14,7 @@ ended on step t (so `values[t + 1]` belongs to a new episode).
 """
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Any
 
 import distrax
@@ -150,6 +150,15 @@ class PPOConfig:
                 f"num_envs * num_steps = {self.batch_size} is not divisible by "
                 f"num_minibatches={self.num_minibatches}"
             )
+
+
+def ppo_config(cfg: Any, **overrides) -> PPOConfig:
+    """The PPOConfig of an algorithm whose Config repeats PPO's fields: every PPOConfig field
+    the algorithm's Config also has (`num_envs`, `lr`, `gamma`, ...) is copied from `cfg`,
+    the rest keep PPO's defaults, and `overrides` (the file's own choices, e.g.
+    `anneal_lr=False`) win over both."""
+    shared = {f.name: getattr(cfg, f.name) for f in fields(PPOConfig) if hasattr(cfg, f.name)}
+    return PPOConfig(**(shared | overrides))
 
 
 class ActorCritic(nn.Module):

@@ -102,10 +102,10 @@ import numpy as np
 import optax
 from flax import struct
 
-from common import run
+from common import rl, run
 from common.envs import Env, VecEnv
 from common.nets import orthogonal
-from common.rl import PPOConfig, PPOState, make_ppo
+from common.rl import PPOState, make_ppo
 
 TEACHERS = ("goal_gan", "uniform", "no_negatives", "flipped")
 """[1]'s Goal GAN, uniform goals (baseline), the GAN without negatives, the broken one."""
@@ -373,11 +373,8 @@ class GoalPolicy(nn.Module):
 
 def ppo_setup(cfg: Config, sampler):
     """The PPO learner of common.rl on num_envs U-mazes whose goals come from `sampler`."""
-    pcfg = PPOConfig(num_envs=cfg.num_envs, num_steps=cfg.num_steps, anneal_lr=False,
-                     total_timesteps=cfg.num_envs * cfg.num_steps, lr=cfg.lr,
-                     num_epochs=cfg.num_epochs, num_minibatches=cfg.num_minibatches,
-                     gamma=cfg.gamma, gae_lambda=cfg.gae_lambda, clip_coef=cfg.clip_coef,
-                     ent_coef=0.0, vf_coef=cfg.vf_coef, max_grad_norm=cfg.max_grad_norm)
+    pcfg = rl.ppo_config(cfg, total_timesteps=cfg.num_envs * cfg.num_steps, anneal_lr=False,
+                         ent_coef=0.0)
     env = VecEnv(PointUMaze(cfg), cfg.num_envs, sampler)
     net = GoalPolicy(cfg.policy_hidden, cfg.policy_std, cfg.dtype)
     return env, net, make_ppo(env, pcfg, network=net)

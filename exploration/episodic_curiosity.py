@@ -99,7 +99,7 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
-from common import envs, run
+from common import envs, rl, run
 from common.nets import orthogonal
 from common.rl import Bonus, PPOConfig, make_ppo
 
@@ -507,13 +507,7 @@ def networks(cfg: Config, env) -> RNetwork:
 
 
 def ppo_config(cfg: Config) -> PPOConfig:
-    return PPOConfig(num_envs=cfg.num_envs, num_steps=cfg.num_steps,
-                     total_timesteps=cfg.total_timesteps, lr=cfg.lr, anneal_lr=True,
-                     num_epochs=cfg.num_epochs, num_minibatches=cfg.num_minibatches,
-                     gamma=cfg.gamma, gae_lambda=cfg.gae_lambda, clip_coef=cfg.clip_coef,
-                     ent_coef=cfg.ent_coef, vf_coef=cfg.vf_coef,
-                     max_grad_norm=cfg.max_grad_norm, hidden=cfg.hidden,
-                     ext_coef=1.0, int_coef=1.0)
+    return rl.ppo_config(cfg)
 
 
 def learner(cfg: Config):

@@ -66,7 +66,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from common import envs, run
+from common import envs, rl, run
 from common.nets import MLP, orthogonal
 from common.rl import Bonus, PPOConfig, make_ppo
 
@@ -359,14 +359,9 @@ def make_bonus(cfg: Config, icm: ICM) -> Bonus:
 
 
 def ppo_config(cfg: Config) -> PPOConfig:
-    return PPOConfig(num_envs=cfg.num_envs, num_steps=cfg.num_steps,
-                     total_timesteps=cfg.total_timesteps, lr=cfg.lr, anneal_lr=False,
-                     num_epochs=cfg.num_epochs, num_minibatches=cfg.num_minibatches,
-                     gamma=cfg.gamma, gae_lambda=cfg.gae_lambda, clip_coef=cfg.clip_coef,
-                     ent_coef=cfg.ent_coef, vf_coef=cfg.vf_coef,
-                     max_grad_norm=cfg.max_grad_norm, hidden=cfg.hidden,
-                     clip_vloss=False,  # unclipped, as the curiosity papers' released PPO
-                     ext_coef=1.0 if cfg.extrinsic_reward else 0.0, int_coef=1.0)
+    return rl.ppo_config(cfg, anneal_lr=False,
+                         clip_vloss=False,  # unclipped, as the curiosity papers' released PPO
+                         ext_coef=1.0 if cfg.extrinsic_reward else 0.0, int_coef=1.0)
 
 
 def learner(cfg: Config):

@@ -77,7 +77,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from common import envs, run
+from common import envs, rl, run
 from common.nets import MLP, orthogonal
 from common.rl import Bonus, PPOConfig, make_ppo
 
@@ -394,13 +394,8 @@ def make_bonus(cfg: Config, pixels: bool, obs_ndim: int = 1) -> Bonus:
 
 
 def ppo_config(cfg: Config) -> PPOConfig:
-    return PPOConfig(num_envs=cfg.num_envs, num_steps=cfg.num_steps,
-                     total_timesteps=cfg.total_timesteps, lr=cfg.lr, anneal_lr=False,
-                     num_epochs=cfg.num_epochs, num_minibatches=cfg.num_minibatches,
-                     gamma=cfg.gamma, gae_lambda=cfg.gae_lambda, clip_coef=cfg.clip_coef,
-                     ent_coef=cfg.ent_coef, vf_coef=cfg.vf_coef,
-                     max_grad_norm=cfg.max_grad_norm, hidden=cfg.hidden,
-                     clip_vloss=False)  # unclipped: the paper fits its baseline apart (TRPO)
+    # clip_vloss=False: unclipped, the paper fits its baseline apart (TRPO)
+    return rl.ppo_config(cfg, anneal_lr=False, clip_vloss=False)
 
 
 def learner(cfg: Config):

@@ -81,7 +81,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from common import envs, run
+from common import envs, rl, run
 from common.rl import Bonus, PPOConfig, make_ppo
 
 # --- CONFIG ---
@@ -510,24 +510,8 @@ def make_bonus(cfg: Config, env) -> Bonus:
 
 
 def ppo_config(cfg: Config) -> PPOConfig:
-    return PPOConfig(
-        num_envs=cfg.num_envs,
-        num_steps=cfg.num_steps,
-        total_timesteps=cfg.total_timesteps,
-        lr=cfg.lr,
-        anneal_lr=False,
-        num_epochs=cfg.num_epochs,
-        num_minibatches=cfg.num_minibatches,
-        gamma=cfg.gamma,
-        gae_lambda=cfg.gae_lambda,
-        clip_coef=cfg.clip_coef,
-        ent_coef=cfg.ent_coef,
-        vf_coef=cfg.vf_coef,
-        max_grad_norm=cfg.max_grad_norm,
-        hidden=cfg.hidden,
-        ext_coef=1.0,
-        int_coef=1.0,
-    )  # eta is applied inside the Bonus
+    # r = r^e + r^i (PPO's ext_coef = int_coef = 1): eta is applied inside the Bonus
+    return rl.ppo_config(cfg, anneal_lr=False)
 
 
 def learner(cfg: Config):

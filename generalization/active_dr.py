@@ -118,7 +118,7 @@ import optax
 from flax import struct
 from jax.flatten_util import ravel_pytree
 
-from common import envs, run
+from common import envs, rl, run
 from common.nets import orthogonal
 from common.plot import save_png
 from common.rl import PPOConfig, episode_metrics, gae, make_optimizer, minibatch_epochs, ppo_loss
@@ -277,11 +277,7 @@ PRESETS = {
 
 
 def ppo_config(cfg: Config) -> PPOConfig:
-    return PPOConfig(num_envs=cfg.num_instances, num_steps=cfg.num_steps,
-                     total_timesteps=cfg.total_timesteps, lr=cfg.lr, num_epochs=cfg.num_epochs,
-                     num_minibatches=cfg.num_minibatches, gamma=cfg.gamma,
-                     gae_lambda=cfg.gae_lambda, clip_coef=cfg.clip_coef, ent_coef=cfg.ent_coef,
-                     vf_coef=cfg.vf_coef, max_grad_norm=cfg.max_grad_norm, hidden=cfg.hidden)
+    return rl.ppo_config(cfg, num_envs=cfg.num_instances)
 
 
 def physics(cfg: Config, base, mult) -> Any:

@@ -98,7 +98,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
-from common import envs, run
+from common import envs, rl, run
 from common.plot import save_png
 from common.rl import PPOConfig, TowersActorCritic, make_ppo
 
@@ -227,11 +227,7 @@ PRESETS = {
 
 
 def ppo_config(cfg: Config) -> PPOConfig:
-    return PPOConfig(num_envs=cfg.num_envs, num_steps=cfg.num_steps,
-                     total_timesteps=cfg.total_timesteps, lr=cfg.lr, num_epochs=cfg.num_epochs,
-                     num_minibatches=cfg.num_minibatches, gamma=cfg.gamma,
-                     gae_lambda=cfg.gae_lambda, clip_coef=cfg.clip_coef, ent_coef=cfg.ent_coef,
-                     vf_coef=cfg.vf_coef, max_grad_norm=cfg.max_grad_norm, hidden=cfg.hidden)
+    return rl.ppo_config(cfg)
 
 
 # --- ADR ---

@@ -111,7 +111,7 @@ import numpy as np
 from evosax.algorithms import CMA_ES
 from flax import struct
 
-from common import envs, run
+from common import envs, rl, run
 from common.plot import save_png
 from common.rl import PPOConfig, TowersActorCritic, make_ppo
 
@@ -256,23 +256,8 @@ PRESETS = {
 
 
 def ppo_config(cfg: Config) -> PPOConfig:
-    return PPOConfig(
-        num_envs=cfg.num_envs,
-        num_steps=cfg.num_steps,
-        total_timesteps=cfg.num_envs * cfg.num_steps,
-        lr=cfg.lr,
-        anneal_lr=False,
-        num_epochs=cfg.num_epochs,
-        num_minibatches=cfg.num_minibatches,
-        gamma=cfg.gamma,
-        gae_lambda=cfg.gae_lambda,
-        clip_coef=cfg.clip_coef,
-        clip_vloss=False,
-        ent_coef=cfg.ent_coef,
-        vf_coef=cfg.vf_coef,
-        max_grad_norm=cfg.max_grad_norm,
-        hidden=cfg.hidden,
-    )
+    return rl.ppo_config(cfg, total_timesteps=cfg.num_envs * cfg.num_steps, anneal_lr=False,
+                         clip_vloss=False)
 
 
 @functools.cache

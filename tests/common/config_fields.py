@@ -2,7 +2,8 @@
 
 `unread_fields(module)` parses the module's source and collects attribute reads
 `cfg.<name>` (and of names bound to the config: `c = self.cfg`, `c = cfg`, `self.cfg.<name>`,
-`getattr(cfg, "<name>")`, `getattr(cfg, f"prob_{m}")`) in every function except
+`getattr(cfg, "<name>")`, `getattr(cfg, f"prob_{m}")`, and the PPOConfig fields that
+`rl.ppo_config(cfg, ...)` copies) in every function except
 `validate`. Docstrings and comments are not code, so mentioning a field there does not count.
 Inside the Config class, a property counts only when something that runs reads it (the
 runner reads `num_updates` and `steps_per_update`), and then the `self.<field>` reads in its
@@ -16,6 +17,11 @@ import ast
 import dataclasses
 import inspect
 import re
+
+from common.rl import PPOConfig
+
+PPO_FIELDS = {f.name for f in dataclasses.fields(PPOConfig)}
+"""PPOConfig fields, which `common.rl.ppo_config(cfg, ...)` reads from an algorithm's Config."""
 
 RUNNER_READS = {"num_updates", "steps_per_update"}
 """Config properties the runner (common/run.py, common/bench.py) reads itself."""
@@ -63,6 +69,10 @@ def _reads(tree: ast.AST, names: set[str], fields: set[str]) -> set[str]:
                 pattern = "".join(re.escape(v.value) if isinstance(v, ast.Constant) else ".+"
                                   for v in key.values)
                 out |= {f for f in fields if re.fullmatch(pattern, f)}
+        if (isinstance(node, ast.Call) and node.args and _is_config(node.args[0], names)
+                and isinstance(node.func, ast.Attribute) and node.func.attr == "ppo_config"
+                and isinstance(node.func.value, ast.Name) and node.func.value.id == "rl"):
+            out |= PPO_FIELDS & fields  # rl.ppo_config(cfg, ...) copies the shared PPO fields
     return out
 
 

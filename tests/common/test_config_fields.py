@@ -9,6 +9,8 @@ SOURCE = '''
 """A fake algorithm file. Mentions cfg.only_doc in its docstring."""
 from dataclasses import dataclass
 
+from common import rl
+
 
 @dataclass(frozen=True)
 class Config:
@@ -28,6 +30,8 @@ class Config:
     """read as c.via_alias after c = self.cfg"""
     via_used_property: int = 7
     """read by a property that update reads"""
+    gae_lambda: float = 0.9
+    """read only through rl.ppo_config(cfg), which copies the PPOConfig fields"""
 
     @property
     def num_updates(self):
@@ -54,7 +58,7 @@ class Module:
 
 def update(state, cfg):
     # cfg.only_doc appears in this comment
-    x = cfg.read_plain + cfg.used
+    x = cfg.read_plain + cfg.used + rl.ppo_config(cfg).lr
     return [getattr(cfg, f"prob_{m}") for m in "a"], x
 '''
 
@@ -72,6 +76,6 @@ def test_docstrings_comments_validate_and_unread_properties_do_not_count(tmp_pat
     """Catches a text grep (would count only_doc), counting validate's reads (only_validate),
     counting every property body (via_unread_property), and missing aliases, getattr and
     properties that running code reads (a false alarm on via_alias, prob_a, via_used_property,
-    via_runner_property)."""
+    via_runner_property) and the PPO fields rl.ppo_config copies (gae_lambda)."""
     assert unread_fields(_load(tmp_path)) == ["only_doc", "only_validate",
                                                "via_unread_property"]

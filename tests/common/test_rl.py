@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from common import envs, run
-from common.rl import Bonus, PPOConfig, RunningMeanStd, gae, make_ppo, ppo_loss
+from common.rl import Bonus, PPOConfig, RunningMeanStd, gae, make_ppo, ppo_config, ppo_loss
 
 
 def _gae_loop(r, v, d, last_v, gamma, lam):
@@ -60,6 +60,23 @@ def test_running_mean_std_matches_numpy():
     np.testing.assert_allclose(rms.var, allx.var(0), rtol=1e-3)
     z = rms.normalize(jnp.asarray(allx), clip=1.0)
     assert float(jnp.abs(z).max()) <= 1.0
+
+
+def test_ppo_config_copies_the_shared_fields_and_overrides_win():
+    """Catches a helper that ignores the algorithm's values, copies fields PPO lacks, or lets
+    the algorithm's value beat the file's explicit override."""
+    from dataclasses import dataclass
+
+    @dataclass(frozen=True)
+    class Algo:
+        lr: float = 1e-3
+        gamma: float = 0.9
+        anneal_lr: bool = True
+        eta: float = 0.5  # not a PPO field
+
+    pcfg = ppo_config(Algo(), anneal_lr=False)
+    assert (pcfg.lr, pcfg.gamma, pcfg.anneal_lr) == (1e-3, 0.9, False)
+    assert pcfg.num_envs == PPOConfig().num_envs and not hasattr(pcfg, "eta")
 
 
 def test_ppo_loss_clips_ratio():
