@@ -221,14 +221,21 @@ def test_ngu_explores_more_than_ppo(recorded):
     episode): FourRooms (104 cells, start in one corner room, reward only at the far goal),
     8 envs x 32 steps x 8 updates = 2048 steps, 8 seeds, NGU against the same PPO with
     beta = 0 (same keys, one compiled run of the CLI). Distinct cells visited, measured on a
-    loaded 2-core CPU: NUMBERS. The broken variant (beta 0) fails every assert."""
+    loaded 2-core CPU (jax 0.10.2):
+        NGU  86 98 93 100 65 86 85 83    median 86, mean 87.0
+        PPO  58 94 59 97 42 86 72 60     median 66, mean 71.0
+    Half the PPO seeds stay near the first room. The baseline fails both gap asserts (gap
+    0). The other broken variant, a memory never reset (`--no-reset-memory`), scores 86 98
+    93 101 65 82 81 79 (median 84; a 3-arm calibration run) on this budget: cumulative
+    coverage after 2048 steps cannot tell it apart, so the reset is tested on the reward
+    itself (test_memory_resets_at_episode_starts)."""
     run_, _ = recorded
     cells = run_.history["charts/distinct_cells"][:, -1]
     on, off = cells[:SEEDS], cells[SEEDS:]
     print("NGU", on, "PPO", off)
     assert np.median(on) >= np.median(off) + 8, (on, off)
     assert on.mean() >= off.mean() + 8, (on, off)
-    np.testing.assert_array_equal(run_.state.bonus_stats.beta, [0.3] * SEEDS + [0.0] * SEEDS)
+    np.testing.assert_allclose(run_.state.bonus_stats.beta, [0.3] * SEEDS + [0.0] * SEEDS)
 
 
 def test_train_is_pure_and_cli_writes_its_files(recorded, capsys):
