@@ -1,0 +1,535 @@
+"""DORA: E-values as generalised visit counters, on a DQN with an extra E head.
+
+[1] L. Choshen, L. Fox, Y. Loewenstein. "DORA The Explorer: Directed Outreaching
+    Reinforcement Action-Selection." ICLR 2018, arXiv:1804.04012. Released code:
+    borgr/DORA (linapprox/main.py, tile-coding + linear E with a sigmoid) and its submodule
+    borgr/deep_exploration_with_E_network (lib/action_selection.py, lib/model.py,
+    lib/setting.py, lib/training.py), read for the rules and defaults below.
+
+E-values are the Q-values of a second MDP, the same dynamics with every reward 0, started at
+E = 1 and learned on-policy (SARSA), so E(s,a) only shrinks where (s,a) and what follows it
+have been tried; log E is a counter that also propagates along trajectories:
+
+    E(s,a) <- (1 - alpha) E(s,a) + alpha gamma_E E(s',a')          [1] Sec. 3 (SARSA, r = 0)
+    gamma_E = 0:  E = (1 - alpha)^n after n visits,  log_{1-alpha} E = n   [1] Sec. 3.1
+    bonus:  r_t <- r_t + beta / sqrt(log_{1-alpha} E(s_t,a_t))      [1] Sec. 4, as MBIE-EB
+            here beta / sqrt(-log E): the constant sqrt(-log(1 - alpha)) is folded into beta
+    LLL:    a_t = argmax_a [log f(a | s_t) - log log_{1-alpha} E(s_t,a)]    [1] Alg. 1
+            with f the epsilon-greedy policy of Q (the released LLL_epsilon_greedy); the
+            base of the log adds the same constant to every action and does not matter.
+
+With function approximation [1] Sec. 5: E(s,a) = sigma(c + w_E . phi(s))_a, an extra head
+with zero-initialised weights and a fixed offset c = logit(e_init) (so E ~ 1 at init), on the
+Q network's torso, trained in the same jitted step as the Q head on the same replay batch:
+
+    L_Q = 1/B sum_b (r_b + beta b_b + gamma (1 - d_b) max_a' Q^-(s'_b, a') - Q(s_b, a_b))^2
+    L_E = 1/(2B) sum_b (gamma_E (1 - d_b) E^-(s'_b, a'_b) - E(s_b, a_b))^2,  a'_b the action
+    taken at s'_b (SARSA); b_b = beta / sqrt(-log E(s_b, a_b)) with no gradient.
+One SGD step of L_E on a one-hot phi with a linear head (`e_activation=linear`, offset 1)
+is exactly the tabular rule above: the test checks E = (1 - alpha)^n through `learn`.
+
+Reproduce (CPU, DeepSea N = 10, one env, 150 episodes):
+    python exploration/dora.py --preset quick --num-seeds 4
+    python exploration/dora.py --preset quick_epsilon --num-seeds 4   # plain DQN
+    python exploration/dora.py --plot exploration/dora.png
+Measured: see the end of this docstring (filled from the quick run).
+
+Differences from the paper:
+- The environment is DeepSea (bsuite, the repo's sparse-reward test bed; [1] used a bridge
+  MDP, sparse MountainCar with 1000-step episodes and Atari Freeway). The `paper` preset is
+  DeepSea N = 20 with bsuite-DQN constants (MLP [50, 50], adam 1e-3, batch 128) and the
+  released deep code's gamma_E = 0.99; MountainCar and Freeway are not run here.
+- The E head shares the Q torso (the post's "another value head"); the released deep code
+  uses a second network of the same shape (`--no-shared-torso`), with its own target copy
+  period. Here one target copy holds both heads.
+- The released code starts the E net's last layer at zero with a sigmoid, i.e. E = 0.5 at
+  init; [1] and the post say E starts at 1. Here E starts at `e_init` (0.99 by default) via
+  the fixed logit offset, and E is clipped to [1e-30, 1 - 1e-6] inside the logs.
+- The bonus is beta / sqrt(-log E) as in the post; linapprox/main.py adds 1 / log_{1-alpha}
+  E (an inverse count, no square root). The bonus is computed at learning time on the
+  replayed (s, a) with the current E head, not stored at acting time.
+- LLL determinizes the epsilon-greedy f (as the released deep agent); the softmax f of
+  linapprox (argmax Q - T log(-log E)) is not offered.
+Metrics: charts/first_success is NaN until the treasure is first reached (then the finished
+episodes it took); charts/bonus_mean is the mean bonus over the replayed batch.
+"""
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+from flax import struct
+
+from common import dqn, envs, run
+
+# --- CONFIG ---
+
+
+@dataclass(frozen=True)
+class Config:
+    """DQN + DORA E-values on DeepSea; defaults: bsuite DQN constants, [1]'s gamma_E."""
+
+    env_id: str = "DeepSea-bsuite"
+    """environment id (gymnax e.g. DeepSea-bsuite, navix, GridMaze-*)"""
+    deepsea_size: int = 20
+    """DeepSea only: grid size N"""
+    total_timesteps: int = 200_000
+    """environment steps over all envs (10,000 episodes of DeepSea N = 20)"""
+    num_envs: int = 1
+    """parallel environments"""
+    action_selection: str = "lll"
+    """lll: argmax log f(Q) - log(-log E) ([1] Alg. 1); epsilon: epsilon-greedy on Q"""
+    beta: float = 0.0
+    """bonus scale: r + beta / sqrt(-log E(s,a)) ([1] Sec. 4); 0 switches the bonus off"""
+    gamma_e: float = 0.99
+    """E-value discount gamma_E (released deep code 0.99; 0 makes -log E a scaled count)"""
+    e_init: float = 0.99
+    """E at initialisation (the fixed offset of the E head; [1]: 1, released code: 0.5)"""
+    e_activation: str = "sigmoid"
+    """E head output: sigmoid (released code) or linear (tabular equivalence tests)"""
+    e_lr: float = 1e-3
+    """learning rate alpha of the E head (its own optimizer)"""
+    e_optimizer: str = "adam"
+    """optimizer of the E head: adam or sgd (sgd + linear + one-hot = the tabular rule)"""
+    freeze_e: bool = False
+    """ablation: the E head is never trained (a constant bonus; the tests' broken variant)"""
+    shared_torso: bool = True
+    """E head on the Q network's torso; else a separate E network (released deep code)"""
+    hidden: tuple[int, ...] = (50, 50)
+    """hidden layer sizes of the Q network's torso"""
+    e_hidden: tuple[int, ...] = (50, 50)
+    """hidden sizes of the separate E network (no shared torso); () = linear E on the obs"""
+    lr: float = 1e-3
+    """Adam learning rate of the Q head and torso"""
+    batch_size: int = 128
+    """replay minibatch size"""
+    gamma: float = 0.99
+    """discount of the task's Q-values"""
+    buffer_size: int = 10_000
+    """replay capacity in transitions"""
+    learning_starts: int = 128
+    """transitions collected before the first gradient update"""
+    train_every: int = 1
+    """vector-env steps between gradient updates"""
+    target_update_period: int = 4
+    """gradient updates between target-network copies (Q and E heads)"""
+    eps_start: float = 0.05
+    """epsilon of f at step 0"""
+    eps_end: float = 0.05
+    """final epsilon"""
+    eps_decay_steps: int = 1
+    """environment steps over which epsilon decays linearly"""
+    dtype: str = "float32"
+    """compute dtype of the networks (bfloat16 on accelerators)"""
+
+    @property
+    def num_updates(self) -> int:
+        return self.total_timesteps // (self.num_envs * self.train_every)
+
+    def validate(self):
+        choices = dict(
+            action_selection=("lll", "epsilon"),
+            e_activation=("sigmoid", "linear"),
+            e_optimizer=("adam", "sgd"),
+            dtype=("float32", "bfloat16"),
+        )
+        for name, ok in choices.items():
+            if getattr(self, name) not in ok:
+                raise ValueError(f"{name}={getattr(self, name)!r} must be one of {ok}")
+        for name in (
+            "deepsea_size",
+            "total_timesteps",
+            "num_envs",
+            "batch_size",
+            "train_every",
+            "target_update_period",
+            "eps_decay_steps",
+        ):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}={getattr(self, name)} must be >= 1")
+        if self.learning_starts < 0:
+            raise ValueError(f"learning_starts={self.learning_starts} must be >= 0")
+        if self.beta < 0:
+            raise ValueError(f"beta={self.beta} must be >= 0")
+        top = 1 if self.e_activation == "linear" else 1 - 1e-6
+        if not 0 < self.e_init <= top:
+            raise ValueError(f"e_init={self.e_init} must be in (0, {top}] ({self.e_activation})")
+        if self.action_selection == "lll" and min(self.eps_start, self.eps_end) <= 0:
+            raise ValueError(
+                "action_selection='lll' needs eps_start, eps_end > 0 (log f of "
+                f"the epsilon-greedy f), got {self.eps_start}, {self.eps_end}"
+            )
+        for name in ("hidden", "e_hidden"):
+            if any(h < 1 for h in getattr(self, name)):
+                raise ValueError(f"{name}={getattr(self, name)} must be sizes >= 1")
+        if self.buffer_size // self.num_envs < 2:
+            raise ValueError(
+                f"buffer_size={self.buffer_size} must hold >= 2 rows of "
+                f"num_envs={self.num_envs} transitions"
+            )
+        if self.num_updates < 1:
+            raise ValueError(f"total_timesteps={self.total_timesteps} is less than one update")
+
+
+# linapprox-style E (the released linear code: E on binary features, epsilon 0.3): a separate
+# linear E on DeepSea's one-hot observation, SGD, E starting at 1 (an MLP E head on one-hot
+# cells generalises E down everywhere: measured E ~ 0.01 in unvisited cells after 300 steps)
+_LINEAR_E = dict(
+    shared_torso=False, e_hidden=(), e_activation="linear", e_init=1.0, e_optimizer="sgd", e_lr=3.0
+)
+_QUICK = dict(
+    _LINEAR_E, deepsea_size=10, total_timesteps=1_500, batch_size=32, eps_start=0.3, eps_end=0.3
+)
+PRESETS = {
+    # CPU demo: DeepSea N = 10, 150 episodes of one env, batch 32, LLL on epsilon-greedy 0.3
+    "quick": _QUICK,
+    # plain DQN on the same budget: epsilon 1 -> 0.05, no bonus, the E head unused
+    "quick_epsilon": dict(
+        _QUICK, action_selection="epsilon", eps_start=1.0, eps_end=0.05, eps_decay_steps=750
+    ),
+    # the broken variant: the E head never trained (E = 1: LLL sees equal counters)
+    "quick_frozen": dict(_QUICK, freeze_e=True),
+    "paper": dict(),
+}
+
+COVERAGE_GRID = 64
+E_MAX = 1.0 - 1e-6  # E is clipped into [E_MIN, E_MAX] inside the logs (E = 1: log E = 0)
+E_MIN = 1e-30
+
+
+def make_env(cfg: Config):
+    """The batched env, wrapped to count distinct cells (Coverage)."""
+    if cfg.env_id == "DeepSea-bsuite":
+        env = envs.make(cfg.env_id, cfg.num_envs, size=cfg.deepsea_size)
+    else:
+        env = envs.make(cfg.env_id, cfg.num_envs)
+    return envs.Coverage(env, COVERAGE_GRID)
+
+
+# --- NETWORKS ---
+
+
+def e_offset(cfg: Config) -> float:
+    """The fixed pre-activation c with E = e_init at zero weights: logit or the value."""
+    return math.log(cfg.e_init / (1 - cfg.e_init)) if cfg.e_activation == "sigmoid" else cfg.e_init
+
+
+class QENet(nn.Module):
+    """Q(s, .) and E(s, .): a ReLU torso (flattened obs), a linear Q head and an E head
+    E = act(c + w_E . phi) with w_E zero at init and c fixed ([1] Sec. 5)."""
+
+    hidden: tuple[int, ...]
+    e_hidden: tuple[int, ...]
+    num_actions: int
+    offset: float
+    activation: str
+    shared_torso: bool
+    dtype: str = "float32"
+
+    def torso(self, x, hidden, name):
+        for i, h in enumerate(hidden):
+            x = nn.relu(nn.Dense(h, dtype=self.dtype, name=f"{name}_{i}")(x))
+        return x
+
+    @nn.compact
+    def __call__(self, obs):
+        x = obs.reshape(obs.shape[0], -1).astype(self.dtype)  # (B, features)
+        phi = self.torso(x, self.hidden, "q_torso")
+        q = nn.Dense(self.num_actions, dtype=self.dtype, name="q_head")(phi)
+        phi_e = phi if self.shared_torso else self.torso(x, self.e_hidden, "e_torso")
+        z = nn.Dense(
+            self.num_actions,
+            use_bias=False,
+            kernel_init=nn.initializers.zeros,
+            dtype=self.dtype,
+            name="e_head",
+        )(phi_e).astype(jnp.float32)
+        e = jax.nn.sigmoid(self.offset + z) if self.activation == "sigmoid" else self.offset + z
+        return q.astype(jnp.float32), e
+
+
+def network(cfg: Config, num_actions: int) -> QENet:
+    return QENet(
+        cfg.hidden,
+        cfg.e_hidden,
+        num_actions,
+        e_offset(cfg),
+        cfg.e_activation,
+        cfg.shared_torso,
+        cfg.dtype,
+    )
+
+
+def optimizer(cfg: Config):
+    """Adam(lr) on the Q head and torso; the E head (and E torso) with its own alpha."""
+    e_tx = optax.sgd(cfg.e_lr) if cfg.e_optimizer == "sgd" else optax.adam(cfg.e_lr)
+    label = lambda params: {
+        "params": {k: "e" if k.startswith("e_") else "q" for k in params["params"]}
+    }
+    return optax.multi_transform({"q": optax.adam(cfg.lr), "e": e_tx}, label)
+
+
+# --- LOSS ---
+
+
+def neg_log_e(e):
+    """-log E, E clipped into [E_MIN, E_MAX]: [1]'s counter up to the factor -log(1-alpha)."""
+    return -jnp.log(jnp.clip(e, E_MIN, E_MAX))
+
+
+def dora_bonus(e, beta):
+    """[1] Sec. 4 / the post: r^i = beta / sqrt(-log E(s,a))."""
+    return beta / jnp.sqrt(neg_log_e(e))
+
+
+def lll_scores(q, e, epsilon):
+    """[1] Alg. 1 (LLL determinization of f): log f(a|s) - log(-log E(s,a)), f the
+    epsilon-greedy policy of q [..., A]; the action is the argmax of these scores."""
+    num_actions = q.shape[-1]
+    greedy = jax.nn.one_hot(jnp.argmax(q, -1), num_actions)
+    f = epsilon / num_actions + (1 - epsilon) * greedy
+    return jnp.log(f) - jnp.log(neg_log_e(e))
+
+
+def pick(x, a):
+    return jnp.take_along_axis(x, a[..., None].astype(jnp.int32), -1)[..., 0]
+
+
+def loss_fn(params, target_params, cfg, num_actions, cur, nxt):
+    """L_Q + L_E on one replayed batch (the equations of the docstring)."""
+    net = network(cfg, num_actions)
+    q, e = net.apply(params, cur["obs"])  # (B, A) each
+    q_next, e_next = net.apply(target_params, nxt["obs"])
+    e_sa = pick(e, cur["action"])
+    bonus = jax.lax.stop_gradient(dora_bonus(e_sa, cfg.beta))  # [1] Sec. 4
+    not_done = 1.0 - cur["done"].astype(jnp.float32)
+    y = dqn.td_target(cur["reward"] + bonus, cfg.gamma * not_done, q_next)
+    loss_q = ((y - pick(q, cur["action"])) ** 2).mean()
+    # [1] Sec. 3: SARSA target with reward 0, a' the action taken at s' (the next row's)
+    y_e = jax.lax.stop_gradient(cfg.gamma_e * not_done * pick(e_next, nxt["action"]))
+    loss_e = 0.5 * ((e_sa - y_e) ** 2).mean()
+    return loss_q + loss_e, dict(loss_q=loss_q, loss_e=loss_e, bonus=bonus, e_sa=e_sa)
+
+
+def learn(params, target_params, opt_state, cfg: Config, num_actions, cur, nxt):
+    """One gradient step of both heads (the step `update` takes); the E head's update is
+    zeroed under `freeze_e`."""
+    (_, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+        params, target_params, cfg, num_actions, cur, nxt
+    )
+    updates, opt_state = optimizer(cfg).update(grads, opt_state, params)
+    if cfg.freeze_e:
+        updates = {
+            "params": {
+                k: jax.tree.map(jnp.zeros_like, v) if k.startswith("e_") else v
+                for k, v in updates["params"].items()
+            }
+        }
+    return optax.apply_updates(params, updates), opt_state, aux
+
+
+# --- STATE ---
+
+
+@struct.dataclass
+class State:
+    params: Any
+    target_params: Any
+    opt_state: Any
+    replay: dqn.Replay
+    env_state: Any
+    obs: jax.Array
+    step: jax.Array  # int32 vector-env steps taken
+    num_grad: jax.Array  # int32 gradient updates done
+    episodes: jax.Array  # float: finished episodes, all envs
+    positives: jax.Array  # float: finished episodes with a positive return (treasure)
+    first_success: jax.Array  # float: `episodes` when the first positive one ended; -1 before
+    key: jax.Array
+
+
+def init(key, cfg: Config) -> State:
+    env = make_env(cfg)
+    k_net, k_env, key = jax.random.split(key, 3)
+    obs, env_state = env.reset(k_env)
+    params = network(cfg, env.num_actions).init(k_net, obs)
+    n = cfg.num_envs
+    row = dict(
+        obs=obs, action=jnp.zeros(n, jnp.int32), reward=jnp.zeros(n), done=jnp.zeros(n, bool)
+    )
+    zero = jnp.zeros(())
+    return State(
+        params,
+        params,
+        optimizer(cfg).init(params),
+        dqn.replay_init(row, cfg.buffer_size // n),
+        env_state,
+        obs,
+        jnp.zeros((), jnp.int32),
+        jnp.zeros((), jnp.int32),
+        zero,
+        zero,
+        -jnp.ones(()),
+        key,
+    )
+
+
+# --- UPDATE ---
+
+
+def act(key, q, e, epsilon, cfg: Config):
+    """LLL: argmax of `lll_scores`; epsilon: epsilon-greedy on q."""
+    if cfg.action_selection == "lll":
+        return jnp.argmax(lll_scores(q, e, epsilon), -1)
+    return dqn.epsilon_greedy(key, q, epsilon)
+
+
+def update(state: State, cfg: Config):
+    env = make_env(cfg)
+    num_actions = env.num_actions
+    net = network(cfg, num_actions)
+
+    # --- ROLLOUT ---
+    def env_step(carry, _):
+        s, key = carry
+        key, k_act, k_env = jax.random.split(key, 3)
+        epsilon = dqn.linear_schedule(
+            s.step * cfg.num_envs, cfg.eps_start, cfg.eps_end, cfg.eps_decay_steps
+        )
+        q, e = net.apply(s.params, s.obs)
+        action = act(k_act, q, e, epsilon, cfg)
+        next_obs, env_state, reward, done, info = env.step(s.env_state, action, k_env)
+        replay = dqn.replay_add(s.replay, dict(obs=s.obs, action=action, reward=reward, done=done))
+        ended = info["returned_episode"]
+        success = ended & (info["returned_episode_return"] > 0)
+        episodes = s.episodes + ended.sum()
+        first = jnp.where((s.first_success < 0) & success.any(), episodes, s.first_success)
+        s = s.replace(
+            replay=replay,
+            env_state=env_state,
+            obs=next_obs,
+            step=s.step + 1,
+            episodes=episodes,
+            positives=s.positives + success.sum(),
+            first_success=first,
+        )
+        return (s, key), dict(
+            ret=info["returned_episode_return"],
+            ended=ended,
+            eps=epsilon,
+            e_act=pick(e, action).mean(),
+        )
+
+    (state, key), traj = jax.lax.scan(env_step, (state, state.key), None, cfg.train_every)
+
+    # --- LEARN ---
+    key, k_sample = jax.random.split(key)
+    cur, nxt = dqn.replay_sample(state.replay, k_sample, cfg.batch_size)
+    params, opt_state, aux = learn(
+        state.params, state.target_params, state.opt_state, cfg, num_actions, cur, nxt
+    )
+    learning = state.step * cfg.num_envs >= max(cfg.learning_starts, 2 * cfg.num_envs)
+    keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(learning, a, b), new, old)
+    params = keep(params, state.params)
+    opt_state = keep(opt_state, state.opt_state)
+    num_grad = state.num_grad + learning.astype(jnp.int32)
+    target = keep(
+        dqn.periodic_update(params, state.target_params, num_grad, cfg.target_update_period),
+        state.target_params,
+    )
+
+    n_ended = traj["ended"].sum()
+    metrics = {
+        "losses/q": aux["loss_q"],
+        "losses/e": aux["loss_e"],
+        "charts/bonus_mean": aux["bonus"].mean(),
+        "charts/e_mean": aux["e_sa"].mean(),
+        "charts/e_acted": traj["e_act"][-1],
+        "charts/episodic_return": (traj["ret"] * traj["ended"]).sum() / jnp.maximum(n_ended, 1),
+        "charts/episodes": n_ended,
+        "charts/epsilon": traj["eps"][-1],
+        "charts/positive_episodes": state.positives,
+        "charts/distinct_cells": state.env_state.visited.sum(),
+        "charts/first_success": jnp.maximum(state.first_success, 0.0),
+        "charts/solved": (state.first_success >= 0).astype(jnp.float32),
+    }
+    new = state.replace(
+        params=params, target_params=target, opt_state=opt_state, num_grad=num_grad, key=key
+    )
+    return new, metrics
+
+
+def evaluate(state: State, cfg: Config):
+    """Episodes until the first treasure (-1: never), treasure episodes, distinct cells."""
+    return {
+        "first_success": state.first_success,
+        "positive_episodes": state.positives,
+        "distinct_cells": state.env_state.visited.sum(),
+    }
+
+
+# --- MAIN ---
+
+NAN_UNLESS = {**run.NAN_UNLESS, "charts/first_success": "charts/solved"}
+
+
+def plot_runs(out: str, seeds: int = 4):
+    """Treasure episodes over training (DeepSea N = 10, quick budget): DORA LLL, the same
+    with the E head frozen, and epsilon-greedy DQN, median and per-seed curves."""
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    from common import plot
+
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    keys = jax.random.split(jax.random.PRNGKey(0), seeds)
+    for color, name, label in (
+        ("C0", "quick", "DORA, LLL action selection"),
+        ("C2", "quick_frozen", "E head frozen (broken)"),
+        ("C1", "quick_epsilon", "DQN, epsilon-greedy"),
+    ):
+        cfg = Config(**PRESETS[name])
+        _, m = jax.jit(jax.vmap(run.make_train(init, update, cfg)))(keys)
+        pos = np.asarray(m["charts/positive_episodes"])
+        x = np.arange(pos.shape[1]) * cfg.num_envs * cfg.train_every / cfg.deepsea_size
+        ax.plot(x, pos.T, color=color, alpha=0.25, lw=0.8)
+        ax.plot(x, np.median(pos, 0), color=color, label=label)
+        print(name, pos[:, -1])
+    ax.set(
+        xlabel="episodes",
+        ylabel="episodes that reached the treasure",
+        title=f"DeepSea N = 10, {seeds} seeds (median bold)",
+    )
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return plot.save_png(fig, out)
+
+
+def main(argv=None):
+    flags, argv = run.pop_flags(argv, "--plot")
+    if flags["--plot"]:
+        return plot_runs(flags["--plot"])
+    return run.main(
+        Config,
+        init,
+        update,
+        presets=PRESETS,
+        evaluate=evaluate,
+        argv=argv,
+        doc=__doc__,
+        nan_unless=NAN_UNLESS,
+        summary_keys=[
+            "first_success",
+            "positive_episodes",
+            "distinct_cells",
+            "charts/episodic_return",
+            "losses/e",
+        ],
+    )
+
+
+if __name__ == "__main__":
+    main()
