@@ -1,0 +1,694 @@
+"""POET: Paired Open-Ended Trailblazer, environments and their agents evolved together.
+
+[1] R. Wang, J. Lehman, J. Clune, K. O. Stanley. "Paired Open-Ended Trailblazer (POET):
+    Endlessly Generating Increasingly Complex and Diverse Learning Environments and Their
+    Solutions." arXiv:1901.01753, 2019.
+[2] uber-research/poet (the authors' code; commit 1814d89 is POET, later commits E-POET):
+    poet_distributed/poet_algo.py, reproduce_ops.py, novelty.py, es.py, master.py,
+    run_poet_local.sh, read for the defaults.
+Post: L. Weng, "Meta Reinforcement Learning" (2019), "Evolutionary Algorithm on Environment
+Generation"; "Curriculum for Reinforcement Learning" (2020) points to it.
+
+POET keeps a list of active (environment E, agent theta) pairs and repeats ([1] Alg. 2):
+    1. Mutation, every N_mutate iterations: parents are active pairs whose agent scores
+       >= repro_threshold in its own env; children E' = mutate(E) ([2] reproduce_ops):
+         roughness' = clip(round(roughness + U(-0.6, 0.6), 1), 0, 10)
+         gap (lo, hi) -> one of its 8 neighbours (lo +- 0.4 or 0, hi +- 0.4 or 0), kept only
+           if gap_init_lo <= lo <= hi <= 8 and hi >= gap_init_hi; first time: (0, 0.8)
+         stump height (lo, hi) the same with step 0.2, max 5; first time: (0, 0.4)
+       minimal criterion ([1] Alg. 3, Sec. 3): mc_low <= F(theta_parent, E') <= mc_high
+       novelty ([1] Sec. 3, [2] novelty.py): N(E') = mean of the k = 5 smallest Euclidean
+         distances from enc(E') = (roughness, gap lo, gap hi, stump lo, stump hi) to every
+         env ever admitted (active or archived)
+       children passing the MC, most novel first, are admitted if the best active agent on
+       E' passes the MC too (up to max_admitted per mutation step); past the capacity the
+       oldest pair is archived (deactivated; its env stays in the novelty archive).
+    2. Optimisation, every iteration: one ES step per active pair ([1] Alg. 1; [2] es.py):
+         g = 1/(n sigma) sum_i rank(F(theta + sigma eps_i)) eps_i   (mirrored eps, centred
+         ranks in [-0.5, 0.5]);  theta <- theta + Adam(g - l2 theta)
+       sigma and the learning rate decay per step to their floors.
+    3. Transfer, every N_transfer iterations ([1] Alg. 2, Sec. 3): for every target env,
+       each other active agent is tried directly, F(theta_s, E_t), and after one proposal
+       ES step on E_t (fine-tune); the best candidate replaces the incumbent ONLY if it
+       scores higher than the incumbent's own F(theta_t, E_t) (then Adam restarts).
+JAX: every (agent, env) pair of a transfer, and every child env x agent of a mutation step,
+is one vmapped rollout; the ES steps of all active pairs are one vmap inside a jitted scan;
+one `update` = N_mutate iterations (their transfers included) then one mutation step.
+
+TerrainRunner (the environment; not [1]'s BipedalWalker): a 2-D point-mass runner on a
+procedurally generated track (length 40) built from the encoding and a per-env seed:
+after a flat start, an obstacle every 5 units, a pit of width U(gap lo, hi) or a stump of
+height U(stump lo, hi) (a coin each); the ground is perturbed by roughness x 0.1 x random
+unit-spaced bumps. Actions (tanh): run (acceleration) and jump (take-off speed, on the
+ground only). Observations: velocity, on-ground, and 10 ground-height probes 0.5-5 ahead.
+Reward 300 x progress / 40 (a finished run from x = 1 scores 292.5), -100 and the end for
+falling into a pit. Solved >= 230 ([1]'s threshold). Fully jittable and vmappable.
+
+Reproduce (CPU): python metarl/poet.py --preset quick --num-seeds 2 --plot metarl/poet.png
+`paper` preset (the defaults): [1]/[2]'s numbers: 512 ES members (256 mirrored pairs),
+sigma 0.1 (x0.999 per step, floor 0.01), lr 0.01 (x0.9999, floor 0.001), L2 0.01, Adam,
+N_transfer 25, N_mutate 150, 8 children, 1 admitted, capacity 20, MC [50, 300],
+repro_threshold 200, k = 5, policy 40-40 tanh MLP, 60000 iterations.
+Quick run: see the end of this docstring (measured numbers).
+
+Differences from the paper:
+- TerrainRunner is a jitted point-mass analogue of [1]'s Box2D BipedalWalker (no JAX port);
+  encoding, mutation steps, ranges and the MC band are [2]'s, in BipedalWalker's units on
+  our track. Deterministic envs: one evaluation episode per (agent, env) ([2]: 5).
+- The MC's upper bound (300) never binds on TerrainRunner: a finished run scores 292.5.
+  With a finish reward of 320 (finished runs too easy) nearly every child of a solved env
+  was rejected as too easy or too hard (one mutation step apart) and the quick run stalled
+  at gap 1.6 after 4 admissions; the band [50, 300] is kept as [1] states it.
+- Admission checks the best active agent by direct transfer only ([2] also tries a
+  proposal step per agent); dedup rejects a child equal to an active env.
+- Fixed shapes: `capacity` slots always computed, inactive ones masked; the novelty
+  archive is a ring of `archive_size` encodings.
+- [2]'s run script uses 40 active envs and MC [25, 340] (master.py); [1] reports 20 and
+  [50, 300], used here.
+"""
+
+from dataclasses import dataclass
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import struct
+
+from common import run
+
+# --- CONFIG ---
+
+
+@dataclass(frozen=True)
+class Config:
+    """POET (Wang et al. 2019) on a jitted TerrainRunner, ES agents."""
+
+    num_iterations: int = 60000
+    """POET iterations (one ES step per active pair each; [2] run_poet_local.sh 60000)"""
+    mutate_interval: int = 150
+    """N_mutate: iterations between mutation steps (one `update`; [2] 6 x 25)"""
+    transfer_interval: int = 25
+    """N_transfer: iterations between transfer attempts ([1], [2]: 25)"""
+    capacity: int = 20
+    """maximum number of active pairs; past it the oldest is archived ([1]: 20)"""
+    archive_size: int = 1024
+    """ring of env encodings ever admitted, for novelty (ours: a fixed size)"""
+    max_children: int = 8
+    """child envs mutated per mutation step ([2]: 8)"""
+    max_admitted: int = 1
+    """children admitted per mutation step at most ([2]: 1)"""
+    mc_low: float = 50.0
+    """minimal criterion: a child's score must be >= mc_low ([1]: 50)"""
+    mc_high: float = 300.0
+    """minimal criterion: a child's score must be <= mc_high ([1]: 300)"""
+    repro_threshold: float = 200.0
+    """a pair may reproduce when its agent scores >= this in its own env ([1], [2]: 200)"""
+    novelty_k: int = 5
+    """k nearest archived encodings in the novelty score ([1], [2]: 5)"""
+    mutation_steps: tuple[float, ...] = (0.6, 0.4, 0.2)
+    """roughness +-U(step), gap and stump-height increments ([2]: 0.6, 0.4, 0.2)"""
+    max_encoding: tuple[float, ...] = (10.0, 8.0, 5.0)
+    """maximum roughness, gap width, stump height ([2]: 10, 8, 5)"""
+    start_env: tuple[float, ...] = (0.0, 0.0, 0.0, 0.0, 0.0)
+    """encoding of the first env (roughness, gap lo, hi, stump lo, hi): flat ([1])"""
+    reproduce: bool = True
+    """mutate and admit new envs (False: plain ES on start_env, the direct baseline)"""
+    transfer: bool = True
+    """transfer attempts (False: the no-transfer ablation of [1] Sec. 4)"""
+    pop_size: int = 512
+    """ES members per pair per step, mirrored ([2]: 256 x 2)"""
+    sigma: float = 0.1
+    """ES noise std ([2]: 0.1)"""
+    sigma_decay: float = 0.999
+    """sigma multiplied per ES step ([2]: 0.999)"""
+    sigma_min: float = 0.01
+    """floor of sigma ([2]: 0.01)"""
+    lr: float = 0.01
+    """Adam learning rate ([2]: 0.01)"""
+    lr_decay: float = 0.9999
+    """lr multiplied per ES step ([2]: 0.9999)"""
+    lr_min: float = 0.001
+    """floor of lr ([2]: 0.001)"""
+    l2_coef: float = 0.01
+    """L2 weight decay in the ES update ([2]: 0.01)"""
+    hidden: tuple[int, ...] = (40, 40)
+    """policy MLP hidden sizes, tanh ([1]: 40-40)"""
+    episode_steps: int = 200
+    """steps per TerrainRunner episode (dt 0.1; the track takes >= 100)"""
+    solved_threshold: float = 230.0
+    """an env counts as solved at this score ([1]: 230)"""
+    dtype: str = "float32"
+    """compute dtype of the policy: float32 or bfloat16 (params stay float32)"""
+
+    @property
+    def num_updates(self) -> int:
+        return self.num_iterations // self.mutate_interval
+
+    @property
+    def steps_per_update(self) -> int:
+        return self.mutate_interval * self.capacity * self.pop_size * self.episode_steps
+
+    def validate(self):
+        if self.dtype not in ("float32", "bfloat16"):
+            raise ValueError(f"dtype={self.dtype!r} must be one of ('float32', 'bfloat16')")
+        for name in (
+            "num_iterations",
+            "mutate_interval",
+            "transfer_interval",
+            "capacity",
+            "archive_size",
+            "max_children",
+            "max_admitted",
+            "novelty_k",
+            "pop_size",
+            "sigma",
+            "sigma_min",
+            "lr",
+            "lr_min",
+            "episode_steps",
+            "sigma_decay",
+            "lr_decay",
+        ):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name}={getattr(self, name)} must be > 0")
+        if self.pop_size % 2:
+            raise ValueError(f"pop_size={self.pop_size} must be even (mirrored pairs)")
+        if self.mutate_interval % self.transfer_interval:
+            raise ValueError(
+                f"mutate_interval={self.mutate_interval} must be a multiple of "
+                f"transfer_interval={self.transfer_interval}"
+            )
+        if self.num_iterations < self.mutate_interval:
+            raise ValueError(
+                f"num_iterations={self.num_iterations} must be >= "
+                f"mutate_interval={self.mutate_interval}"
+            )
+        if not self.mc_low < self.mc_high:
+            raise ValueError(f"mc_low={self.mc_low} must be < mc_high={self.mc_high}")
+        if self.max_admitted > self.max_children:
+            raise ValueError(
+                f"max_admitted={self.max_admitted} must be <= max_children={self.max_children}"
+            )
+        if len(self.mutation_steps) != 3 or min(self.mutation_steps) <= 0:
+            raise ValueError(f"mutation_steps={self.mutation_steps} must hold 3 values > 0")
+        if (
+            len(self.max_encoding) != 3
+            or self.max_encoding[1] < GAP_INIT[1]
+            or (self.max_encoding[2] < STUMP_INIT[1] or self.max_encoding[0] < 0)
+        ):
+            raise ValueError(
+                f"max_encoding={self.max_encoding} must hold 3 values, gap >= "
+                f"{GAP_INIT[1]}, stump >= {STUMP_INIT[1]}, roughness >= 0"
+            )
+        e = self.start_env
+        if len(e) != 5 or min(e) < 0 or e[1] > e[2] or e[3] > e[4]:
+            raise ValueError(
+                f"start_env={e} must be 5 values >= 0 (roughness, gap lo <= hi, stump lo <= hi)"
+            )
+        if min(self.hidden, default=1) < 1:
+            raise ValueError(f"hidden={self.hidden} must be sizes >= 1")
+
+
+PRESETS = {
+    # CPU demo: 6 pairs of 32-member ES, mutation every 20 iterations, 40 mutation steps.
+    "quick": dict(
+        num_iterations=800,
+        mutate_interval=20,
+        transfer_interval=5,
+        capacity=6,
+        archive_size=64,
+        pop_size=32,
+        hidden=(16,),
+        sigma_decay=1.0,
+        lr=0.03,
+        lr_decay=1.0,
+    ),
+    "paper": dict(),
+}
+
+# --- TERRAIN RUNNER ---
+
+TRACK, START, SPACING, RES = 40.0, 5.0, 5.0, 0.1  # track length, flat start, obstacle gap
+NCELL = int((TRACK + 8.0) / RES)  # ground cells (the last ones beyond the finish)
+NOBST = int((TRACK - START) / SPACING)
+GRAVITY, JUMP_V, ACCEL, VMAX, FRICTION, STEP_UP, DT = 10.0, 8.0, 20.0, 5.0, 0.8, 0.3, 0.1
+ROUGH_SCALE, PIT_DEPTH, FINISH_REWARD, FALL_PENALTY = 0.1, -10.0, 300.0, -100.0
+PROBES = jnp.arange(1, 11) * 0.5  # ground probes ahead of the runner
+OBS_DIM = 3 + PROBES.shape[0]
+GAP_INIT, STUMP_INIT = (0.0, 0.8), (0.0, 0.4)  # [2] populate_array default values
+
+
+def make_terrain(enc, key):
+    """Ground height of every cell (PIT_DEPTH in pits) from the encoding and env seed."""
+    k_type, k_gap, k_stump, k_rough = jax.random.split(key, 4)
+    xs = (jnp.arange(NCELL) + 0.5) * RES
+    x0 = START + SPACING * jnp.arange(NOBST)
+    pit = jax.random.bernoulli(k_type, 0.5, (NOBST,))
+    width = enc[1] + (enc[2] - enc[1]) * jax.random.uniform(k_gap, (NOBST,))
+    height = enc[3] + (enc[4] - enc[3]) * jax.random.uniform(k_stump, (NOBST,))
+    inside_pit = pit & (xs[:, None] >= x0) & (xs[:, None] < x0 + width)
+    on_stump = ~pit & (xs[:, None] >= x0) & (xs[:, None] < x0 + 1.0)
+    bumps = jax.random.uniform(k_rough, (int(TRACK) + 10,), minval=-1.0, maxval=1.0)
+    rough = jnp.interp(xs, jnp.arange(bumps.shape[0]) * 1.0, bumps) * (xs > START)
+    h = enc[0] * ROUGH_SCALE * rough + (on_stump * height).sum(1)
+    return jnp.where(inside_pit.any(1), PIT_DEPTH, h)
+
+
+def ground(terrain, x):
+    return terrain[jnp.clip((x / RES).astype(jnp.int32), 0, NCELL - 1)]
+
+
+def observe(terrain, s):
+    x, y, vx, vy = s
+    on = y <= ground(terrain, x) + 1e-3
+    probes = jnp.clip(ground(terrain, x + PROBES) - y, -2.0, 2.0)
+    return jnp.concatenate([jnp.stack([vx / VMAX, vy / JUMP_V, on * 1.0]), probes])
+
+
+def env_step(terrain, s, action):
+    """One dt of the runner: action (run, jump) in [-1, 1]. Returns (s', reward, done)."""
+    x, y, vx, vy = s
+    on = y <= ground(terrain, x) + 1e-3
+    vx = jnp.where(on, jnp.clip(vx * FRICTION + ACCEL * action[0] * DT, -VMAX, VMAX), vx)
+    vy = jnp.where(on & (action[1] > 0), JUMP_V * action[1], vy) - GRAVITY * DT
+    x1, y1 = x + vx * DT, y + vy * DT
+    wall = ground(terrain, x1) > jnp.maximum(y, y1) + STEP_UP  # a stump or rough step
+    x1, vx = jnp.where(wall, x, x1), jnp.where(wall, 0.0, vx)
+    g1 = ground(terrain, x1)
+    land = y1 <= g1
+    y1, vy = jnp.where(land, g1, y1), jnp.where(land, 0.0, vy)
+    fell = y1 < -1.0
+    r = FINISH_REWARD * (jnp.minimum(x1, TRACK) - jnp.minimum(x, TRACK)) / TRACK
+    return (x1, y1, vx, vy), r + FALL_PENALTY * fell, fell | (x1 >= TRACK)
+
+
+# --- POLICY ---
+
+
+def policy_shapes(cfg: Config):
+    sizes = (OBS_DIM, *cfg.hidden, 2)
+    return [(a, b) for a, b in zip(sizes[:-1], sizes[1:], strict=True)]
+
+
+def num_params(cfg: Config) -> int:
+    return sum(a * b + b for a, b in policy_shapes(cfg))
+
+
+def policy(theta, obs, cfg: Config):
+    """tanh MLP on a flat parameter vector theta; outputs (run, jump) in [-1, 1]."""
+    dt, h, i = jnp.dtype(cfg.dtype), obs.astype(cfg.dtype), 0
+    for a, b in policy_shapes(cfg):
+        w = theta[i : i + a * b].reshape(a, b).astype(dt)
+        h = jnp.tanh(h @ w + theta[i + a * b : i + a * b + b].astype(dt))
+        i += a * b + b
+    return h.astype(jnp.float32)
+
+
+def init_theta(key, cfg: Config):
+    parts = []
+    for (a, b), k in zip(
+        policy_shapes(cfg), jax.random.split(key, len(cfg.hidden) + 1), strict=True
+    ):
+        parts += [jax.random.normal(k, (a * b,)) / np.sqrt(a), jnp.zeros(b)]
+    return jnp.concatenate(parts)
+
+
+def episode_return(theta, enc, env_key, cfg: Config):
+    """F(theta, E): the return of one deterministic episode of theta on env (enc, seed)."""
+    terrain = make_terrain(enc, env_key)
+
+    def step(carry, _):
+        s, ret, alive = carry
+        s2, r, done = env_step(terrain, s, policy(theta, observe(terrain, s), cfg))
+        s = jax.tree.map(lambda a, b: jnp.where(alive, a, b), s2, s)
+        return (s, ret + r * alive, alive & ~done), None
+
+    s0 = (jnp.float32(1.0), jnp.float32(0.0), jnp.float32(0.0), jnp.float32(0.0))
+    (_, ret, _), _ = jax.lax.scan(
+        step, (s0, jnp.float32(0.0), jnp.array(True)), None, cfg.episode_steps
+    )
+    return ret
+
+
+# pairwise: F[s, t] = F(theta_s, E_t), every (agent, env) pair in one vmapped rollout
+def cross_returns(thetas, encs, env_keys, cfg: Config):
+    one = lambda th: jax.vmap(lambda e, k: episode_return(th, e, k, cfg))(encs, env_keys)
+    return jax.vmap(one)(thetas)
+
+
+# --- ES ---
+
+
+@struct.dataclass
+class Adam:
+    m: jax.Array
+    v: jax.Array
+    t: jax.Array  # Adam steps since the last reset
+
+
+def adam_reset(theta):
+    return Adam(jnp.zeros_like(theta), jnp.zeros_like(theta), jnp.zeros((), jnp.int32))
+
+
+def centered_ranks(f):
+    """[2] returns_normalization centered_ranks: ranks scaled to [-0.5, 0.5]."""
+    ranks = jnp.argsort(jnp.argsort(f)).astype(jnp.float32)
+    return ranks / (f.shape[0] - 1) - 0.5
+
+
+def es_step(key, theta, opt: Adam, es_t, enc, env_key, cfg: Config):
+    """One ES step ([1] Alg. 1, [2] es.py): mirrored eps, centred ranks,
+    g = 1/(n sigma) sum_i w_i eps_i, theta <- theta + Adam(g - l2 theta). theta itself runs
+    in the same vmapped rollout as its population. Returns (theta', opt', F(theta, E))."""
+    sigma = jnp.maximum(cfg.sigma * cfg.sigma_decay**es_t, cfg.sigma_min)
+    lr = jnp.maximum(cfg.lr * cfg.lr_decay**es_t, cfg.lr_min)
+    half = jax.random.normal(key, (cfg.pop_size // 2, theta.shape[0]))
+    eps = jnp.concatenate([half, -half, jnp.zeros_like(half[:1])])  # last: theta itself
+    f = jax.vmap(lambda e: episode_return(theta + sigma * e, enc, env_key, cfg))(eps)
+    w = centered_ranks(f[:-1])
+    g = eps[:-1].T @ w / (cfg.pop_size * sigma) - cfg.l2_coef * theta  # ascent direction
+    t = opt.t + 1
+    m = 0.9 * opt.m + 0.1 * g
+    v = 0.999 * opt.v + 0.001 * g**2
+    step = lr * jnp.sqrt(1 - 0.999**t) / (1 - 0.9**t) * m / (jnp.sqrt(v) + 1e-8)
+    return theta + step, Adam(m, v, t), f[-1]
+
+
+# --- ENVIRONMENT EVOLUTION ---
+
+
+def mutate_pair(key, lo_hi, step, init, vmax):
+    """[2] populate_array: the first time (hi == 0) -> init; else one of the 8 neighbours
+    (lo + {-1, 0, 1} step, hi + {-1, 0, 1} step, not both 0), rounded to 0.1, kept only if
+    init_lo <= lo <= hi, init_hi <= hi, both <= vmax; none valid -> unchanged."""
+    d = (
+        jnp.array(
+            [(a, b) for a in (1.0, 0.0, -1.0) for b in (1.0, 0.0, -1.0) if (a, b) != (0.0, 0.0)]
+        )
+        * step
+    )
+    cand = jnp.round((lo_hi + d) * 10) / 10
+    ok = (
+        (cand[:, 0] >= init[0])
+        & (cand[:, 1] >= init[1])
+        & (cand <= vmax + 1e-6).all(1)
+        & (cand[:, 0] <= cand[:, 1] + 1e-6)
+    )
+    pick = cand[jax.random.categorical(key, jnp.where(ok, 0.0, -jnp.inf))]
+    new = jnp.where(ok.any(), pick, lo_hi)
+    return jnp.where(lo_hi[1] <= 0, jnp.asarray(init), new)
+
+
+def mutate(key, enc, cfg: Config):
+    """A child encoding (roughness, gap lo, hi, stump lo, hi), [2] Reproducer.mutate."""
+    k_r, k_g, k_s = jax.random.split(key, 3)
+    (sr, sg, ss), (mr, mg, ms) = cfg.mutation_steps, cfg.max_encoding
+    rough = jnp.round((enc[0] + jax.random.uniform(k_r, minval=-sr, maxval=sr)) * 10) / 10
+    return jnp.concatenate(
+        [
+            jnp.clip(rough, 0.0, mr)[None],
+            mutate_pair(k_g, enc[1:3], sg, GAP_INIT, mg),
+            mutate_pair(k_s, enc[3:5], ss, STUMP_INIT, ms),
+        ]
+    )
+
+
+def passes_mc(score, cfg: Config):
+    """Minimal criterion ([1] Sec. 3): mc_low <= score <= mc_high."""
+    return (score >= cfg.mc_low) & (score <= cfg.mc_high)
+
+
+def novelty(enc, archive, count, k: int):
+    """[2] novelty.py: mean Euclidean distance of enc to its k nearest archived encodings
+    (fewer when the archive holds fewer)."""
+    valid = jnp.arange(archive.shape[0]) < count
+    d = jnp.where(valid, jnp.linalg.norm(archive - enc, axis=1), jnp.inf)
+    near = -jax.lax.top_k(-d, min(k, archive.shape[0]))[0]
+    fin = jnp.isfinite(near)
+    return jnp.where(fin, near, 0.0).sum() / jnp.maximum(fin.sum(), 1)
+
+
+def transfer_choice(direct, proposal, active):
+    """[1] Sec. 3 / [2] pick_proposal: for each target t the best other active agent s on E_t,
+    directly (direct[s, t]) or after the proposal step (proposal[s, t]); it replaces the
+    incumbent only if it beats the incumbent's own score direct[t, t]. Returns (replace [M],
+    source [M], from_proposal [M], best score [M])."""
+    m = direct.shape[0]
+    ok = active[:, None] & active[None, :] & ~jnp.eye(m, dtype=bool)
+    both = jnp.where(ok[None], jnp.stack([direct, proposal]), -jnp.inf)  # [2, s, t]
+    flat = both.transpose(2, 0, 1).reshape(m, 2 * m)
+    best = flat.argmax(1)
+    score = flat.max(1)
+    replace = active & (score > jnp.diagonal(direct))
+    return replace, best % m, best // m == 1, score
+
+
+# --- STATE ---
+
+
+@struct.dataclass
+class State:
+    encs: jax.Array  # [M, 5] env encodings
+    env_keys: jax.Array  # [M, 2] env seeds (terrain)
+    thetas: jax.Array  # [M, D] paired agents
+    opt: Adam  # per pair
+    es_t: jax.Array  # [M] ES steps of each pair (sigma, lr decay)
+    active: jax.Array  # [M] bool
+    created: jax.Array  # [M] iteration of admission
+    scores: jax.Array  # [M] F(theta, E) after the last ES step
+    archive: jax.Array  # [A, 5] every env encoding admitted (ring)
+    count: jax.Array  # envs admitted so far
+    iteration: jax.Array
+    key: jax.Array
+
+
+def init(key, cfg: Config) -> State:
+    k_th, k_env, key = jax.random.split(key, 3)
+    m, d = cfg.capacity, num_params(cfg)
+    enc0 = jnp.asarray(cfg.start_env, jnp.float32)
+    encs = jnp.zeros((m, 5)).at[0].set(enc0)
+    thetas = jnp.zeros((m, d)).at[0].set(init_theta(k_th, cfg))
+    env_keys = jax.random.split(k_env, m)
+    archive = jnp.zeros((cfg.archive_size, 5)).at[0].set(enc0)
+    return State(
+        encs,
+        env_keys,
+        thetas,
+        jax.vmap(adam_reset)(thetas),
+        jnp.zeros(m, jnp.int32),
+        jnp.arange(m) == 0,
+        jnp.zeros(m, jnp.int32),
+        jnp.zeros(m),
+        archive,
+        jnp.int32(1),
+        jnp.int32(0),
+        key,
+    )
+
+
+def es_iteration(state: State, key, cfg: Config) -> State:
+    """Step 2: one ES step for every pair in one vmap (inactive slots computed, discarded);
+    scores = F(theta, E) of the thetas that took the step."""
+    keys = jax.random.split(key, cfg.capacity)
+    th, opt, f = jax.vmap(lambda k, t, o, n, e, ek: es_step(k, t, o, n, e, ek, cfg))(
+        keys, state.thetas, state.opt, state.es_t, state.encs, state.env_keys
+    )
+    keep = lambda new, old: jnp.where(state.active.reshape((-1,) + (1,) * (old.ndim - 1)), new, old)
+    return state.replace(
+        thetas=keep(th, state.thetas),
+        opt=jax.tree.map(keep, opt, state.opt),
+        es_t=state.es_t + state.active,
+        scores=keep(f, state.scores),
+        iteration=state.iteration + 1,
+    )
+
+
+def transfer_step(state: State, key, cfg: Config):
+    """Step 3: direct and proposal transfers between every pair of active pairs: the
+    proposal ES steps of all (source, target) pairs in one vmap, then every direct and
+    proposed agent on its target env in one vmapped rollout."""
+    m = cfg.capacity
+    src, tgt = (a.ravel() for a in jnp.meshgrid(jnp.arange(m), jnp.arange(m), indexing="ij"))
+
+    def propose(k, s, t):  # one ES step of theta_s on E_t with E_t's optimiser
+        th, _, _ = es_step(
+            k,
+            state.thetas[s],
+            jax.tree.map(lambda x: x[t], state.opt),
+            state.es_t[t],
+            state.encs[t],
+            state.env_keys[t],
+            cfg,
+        )
+        return th
+
+    prop_th = jax.vmap(propose)(jax.random.split(key, m * m), src, tgt)  # [s * m + t, D]
+    both = jnp.concatenate([state.thetas[src], prop_th])
+    f = jax.vmap(lambda th, t: episode_return(th, state.encs[t], state.env_keys[t], cfg))(
+        both, jnp.concatenate([tgt, tgt])
+    )
+    direct, proposal = f[: m * m].reshape(m, m), f[m * m :].reshape(m, m)  # [s, t]
+    replace, source, from_prop, score = transfer_choice(direct, proposal, state.active)
+    replace = replace & cfg.transfer
+    new = jnp.where(from_prop[:, None], prop_th[source * m + jnp.arange(m)], state.thetas[source])
+    thetas = jnp.where(replace[:, None], new, state.thetas)
+    fresh = jax.vmap(adam_reset)(thetas)
+    opt = jax.tree.map(
+        lambda f, o: jnp.where(replace.reshape((-1,) + (1,) * (o.ndim - 1)), f, o), fresh, state.opt
+    )
+    scores = jnp.where(replace, score, state.scores)
+    return state.replace(thetas=thetas, opt=opt, scores=scores), replace.sum()
+
+
+def mutation_step(state: State, key, cfg: Config):
+    """Step 1: mutate eligible parents, MC + novelty filter, admit, archive the oldest."""
+    k_par, k_mut, k_seed = jax.random.split(key, 3)
+    c = cfg.max_children
+    eligible = state.active & (state.scores >= cfg.repro_threshold)
+    parents = jax.random.categorical(k_par, jnp.where(eligible, 0.0, -jnp.inf), shape=(c,))
+    children = jax.vmap(lambda k, p: mutate(k, state.encs[p], cfg))(
+        jax.random.split(k_mut, c), parents
+    )
+    seeds = jax.random.split(k_seed, c)
+    dup = (jnp.abs(children[:, None] - state.encs[None]).max(-1) < 1e-6) & state.active
+    nov = jax.vmap(lambda e: novelty(e, state.archive, state.count, cfg.novelty_k))(children)
+    on_child = cross_returns(state.thetas, children, seeds, cfg)  # [agent, child]
+    parent_score = on_child[parents, jnp.arange(c)]  # the parent on its child
+    ok = eligible.any() & cfg.reproduce & passes_mc(parent_score, cfg) & ~dup.any(1)
+    on_child = jnp.where(state.active[:, None], on_child, -jnp.inf)
+    best_agent, best = on_child.argmax(0), on_child.max(0)
+    rank = jnp.where(ok & passes_mc(best, cfg), nov, -jnp.inf)
+    order = jnp.argsort(-rank)
+
+    def admit(j, st):
+        ch = order[j]
+        go = jnp.isfinite(rank[ch])
+        free = ~st.active
+        slot = jnp.where(
+            free.any(),
+            free.argmax(),
+            jnp.where(st.active, st.created, jnp.iinfo(jnp.int32).max).argmin(),
+        )
+        sel = (jnp.arange(cfg.capacity) == slot) & go
+        th = state.thetas[best_agent[ch]]
+        put = lambda arr, v: jnp.where(sel.reshape((-1,) + (1,) * (arr.ndim - 1)), v, arr)
+        return st.replace(
+            encs=put(st.encs, children[ch]),
+            env_keys=put(st.env_keys, seeds[ch]),
+            thetas=put(st.thetas, th),
+            opt=jax.tree.map(put, st.opt, adam_reset(th)),
+            es_t=put(st.es_t, 0),
+            active=st.active | sel,
+            created=put(st.created, st.iteration),
+            scores=put(st.scores, best[ch]),
+            archive=jnp.where(
+                go, st.archive.at[st.count % cfg.archive_size].set(children[ch]), st.archive
+            ),
+            count=st.count + go,
+        )
+
+    new = jax.lax.fori_loop(0, cfg.max_admitted, admit, state)
+    return new, {"admitted": new.count - state.count, "children_mc": (ok * 1.0).sum()}
+
+
+# --- TRAIN ---
+
+
+def update(state: State, cfg: Config):
+    """N_mutate POET iterations (ES steps, a transfer every N_transfer) then a mutation."""
+    key, k_es, k_tr, k_mut = jax.random.split(state.key, 4)
+
+    def block(carry, keys):
+        st, n = carry
+        st = jax.lax.fori_loop(
+            0,
+            cfg.transfer_interval,
+            lambda i, s: es_iteration(s, jax.random.fold_in(keys[0], i), cfg),
+            st,
+        )
+        st, moved = transfer_step(st, keys[1], cfg)
+        return (st, n + moved), None
+
+    nb = cfg.mutate_interval // cfg.transfer_interval
+    keys = jnp.stack([jax.random.split(k_es, nb), jax.random.split(k_tr, nb)], 1)
+    (state, moved), _ = jax.lax.scan(block, (state, jnp.int32(0)), keys)
+    state, info = mutation_step(state, k_mut, cfg)
+    state = state.replace(key=key)
+    solved = state.active & (state.scores >= cfg.solved_threshold)
+    hard = lambda i: jnp.where(solved, state.encs[:, i], 0.0).max()
+    return state, {
+        "charts/num_active": state.active.sum() * 1.0,
+        "charts/num_solved": solved.sum() * 1.0,
+        "charts/mean_score": jnp.where(state.active, state.scores, 0).sum() / state.active.sum(),
+        "charts/solved_gap_hi": hard(2),
+        "charts/solved_stump_hi": hard(4),
+        "charts/solved_roughness": hard(0),
+        "charts/max_gap_hi": jnp.where(state.active, state.encs[:, 2], 0).max(),
+        "charts/max_stump_hi": jnp.where(state.active, state.encs[:, 4], 0).max(),
+        "charts/envs_created": state.count * 1.0,
+        "charts/transfers": moved * 1.0,
+        "charts/admitted": info["admitted"] * 1.0,
+        "charts/children_mc": info["children_mc"],
+    }
+
+
+# --- PLOT ---
+
+
+def plot(history: dict, state, cfg: Config, out: str):
+    """(a) the hardest solved gap / stump per mutation step (seed mean); (b) the active envs
+    at the end (seed 0): gap hi vs stump hi, coloured by their agent's score."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from common.plot import save_png
+
+    fig, ax = plt.subplots(1, 2, figsize=(11, 4))
+    it = (np.arange(history["charts/num_active"].shape[1]) + 1) * cfg.mutate_interval
+    for k in ("solved_gap_hi", "solved_stump_hi", "max_gap_hi", "num_solved"):
+        y = np.asarray(history[f"charts/{k}"])
+        ax[0].plot(it, y.mean(0), label=f"{k} ({y.shape[0]} seeds)")
+    ax[0].set(
+        xlabel="POET iteration", title=f"hardest env solved (score >= {cfg.solved_threshold:g})"
+    )
+    act = np.asarray(state.active[0])
+    encs, sc = np.asarray(state.encs[0])[act], np.asarray(state.scores[0])[act]
+    s = ax[1].scatter(encs[:, 2], encs[:, 4], c=sc, cmap="viridis", s=60, vmin=-100, vmax=320)
+    fig.colorbar(s, ax=ax[1], label="paired agent's score")
+    ax[1].set(xlabel="gap width hi", ylabel="stump height hi", title="active envs (seed 0)")
+    for a in ax:
+        a.grid(alpha=0.3)
+    ax[0].legend(fontsize=8)
+    fig.tight_layout()
+    return save_png(fig, out)
+
+
+# --- MAIN ---
+
+
+SUMMARY = [
+    "charts/num_active",
+    "charts/num_solved",
+    "charts/solved_gap_hi",
+    "charts/solved_stump_hi",
+    "charts/envs_created",
+    "charts/mean_score",
+]
+
+
+def main(argv=None):
+    """The runner's CLI plus `--plot PNG`."""
+    flags, argv = run.pop_flags(argv, "--plot")
+    res = run.main(
+        Config, init, update, presets=PRESETS, argv=argv, doc=__doc__, summary_keys=SUMMARY
+    )
+    if flags["--plot"] is not None:
+        cfg = run.parse(Config, PRESETS, argv)[0]
+        print("wrote", plot(res.history, res.state, cfg, flags["--plot"]))
+    return res
+
+
+if __name__ == "__main__":
+    main()
