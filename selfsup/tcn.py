@@ -246,10 +246,11 @@ def arm_points(angles):
     up = jnp.array([0.0, 0.0, 1.0])
     direction = lambda pitch: jnp.cos(pitch) * heading + jnp.sin(pitch) * up
     joints = [jnp.zeros(3)]
-    for length, d in zip(LINKS, (up, direction(shoulder), direction(shoulder + elbow))):
+    for length, d in zip(LINKS, (up, direction(shoulder), direction(shoulder + elbow)),
+                         strict=True):
         joints.append(joints[-1] + length * d)
     s = jnp.linspace(0.0, 1.0, POINTS_PER_LINK)[:, None]
-    pts = [a + s * (b - a) for a, b in zip(joints[:-1], joints[1:])]
+    pts = [a + s * (b - a) for a, b in zip(joints[:-1], joints[1:], strict=True)]
     pts = jnp.concatenate(pts + [joints[-1][None]])  # (3 P + 1, 3)
     ids = jnp.concatenate([jnp.repeat(jnp.arange(3), POINTS_PER_LINK), jnp.array([3])])
     return pts, ids

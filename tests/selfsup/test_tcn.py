@@ -50,8 +50,8 @@ def test_semihard_mining_and_the_loss_update_runs_by_hand():
     20, 30 -> anchor 2; anchor 1's (time 10) are only time 30 -> 3; anchor 3's 0 and 10
     (36, 25) -> 0. With every candidate nearer than the positive, the farthest is used.
     tcn_loss (alpha = 1) then gives the hinge mean by hand: negatives 1, 0, 1, 0 at 1, 1,
-    4, 36: (.25 + .25 + 0 + 0) / 4. Random mining only ever picks candidates. Mutations tried: argmin over all
-    candidates (hardest, not semi-hard) fails anchor 3 (picks 2 in
+    4, 36: (.25 + .25 + 0 + 0) / 4. Random mining only ever picks candidates. Mutations
+    tried: argmin over all candidates (hardest, not semi-hard) fails anchor 3 (picks 2 in
     multiview, 1 in single view); the mask ignored fails the single-view picks; no fallback to
     the farthest fails the last case."""
     x = jnp.array([0.0, 1.0, 3.0, 6.0])
