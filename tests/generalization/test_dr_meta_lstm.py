@@ -75,13 +75,18 @@ def test_lstm_state_is_zeroed_at_an_episode_start():
 
 @pytest.fixture(scope="module")
 def two_rollouts():
-    """The file's rollout (as update runs it) from init: 12 steps, then 40 more from the
+    """The file's rollout (as update runs it) from init (params perturbed by N(0, 0.3^2) so
+    that the policy is far from uniform): 12 steps, then 40 more from the
     carried state (CartPole episodes of a random policy end in between), and `replay` of
     the second over its whole sequence from the stored carry."""
     env, net = dm.make_env(TINY), dm.network(TINY)
 
     def go(key):
         s = dm.init(key, TINY)
+        noise = lambda x, k: x + 0.3 * jax.random.normal(k, x.shape)  # a decisive policy
+        leaves, tree = jax.tree.flatten(s.params)
+        keys = jax.random.split(jax.random.PRNGKey(9), len(leaves))
+        s = s.replace(params=jax.tree.unflatten(tree, list(map(noise, leaves, keys))))
         carry = (s.env_state, s.obs, s.prev_action, s.start, s.h)
         carry, _ = dm.rollout(s.params, TINY, net, env, carry, jax.random.PRNGKey(1), 12)
         h0 = carry[-1]
@@ -113,7 +118,8 @@ def test_recomputed_log_probs_equal_the_rollouts(two_rollouts):
     """Recurrent PPO's first epoch: `replay` (what loss_fn runs) from the stored carry with
     the rollout's resets recomputes the rollout's log pi(a_t | history) and V to 1e-5
     (ratio 1). Broken variants in the same test: no resets, or a zero initial carry, move
-    them by > 1e-3."""
+    them by > 1e-3 (without the resets in `replay`, tried once: fails with 100% of the
+    log-probs off)."""
     traj, _, (logp, _, value), no_reset, zero_h0 = two_rollouts
     np.testing.assert_allclose(logp, traj["logp"], atol=2e-4)
     np.testing.assert_allclose(value, traj["value"], atol=2e-4)
@@ -148,9 +154,11 @@ def test_lstm_memory_identifies_the_dynamics(tiny_run):
     gain range logU[0.25, 4], ridge probes on 256 + 256 fresh episodes predict the log
     effective gain (force_mag / total_mass) from the CLI run's LSTM policy features h_t at
     steps 4 and 8 of the episode. Broken variant in the same test: the same network with
-    its carry zeroed every step (no memory: h_t sees o_t and a_{t-1} only). Measured
-    (seed 0, 1): memory t=4 0.78, 0.79, t=8 0.66, 0.69; no memory t=4 0.43, t=8 0.29; the
-    single observation o_t (linear): ~0 (< 0.05)."""
+    its carry zeroed every step (no memory: h_t sees o_t and a_{t-1} only). Measured (loaded
+    2-core CPU): the CLI's evaluate(), seeds 0 and 1: t=4 0.73, 0.70, t=8 0.66, 0.58; the
+    single observation o_t: -0.02 to 0.01. Seed 0 with probe key 3: memory t=4 0.65,
+    t=8 0.65 (0.68, 0.65); no memory 0.29, 0.33. With evaluate's carry zeroed every step
+    (tried once) the CLI's probes score 0.34, 0.42 (t=4) and 0.30, 0.34 (t=8): fails."""
     first, _ = tiny_run
     seed0 = jax.tree.map(lambda x: x[0], first.state.params)
     key = jax.random.PRNGKey(3)
