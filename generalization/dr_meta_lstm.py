@@ -45,7 +45,15 @@ Paper-sized networks and PPO settings (GPU; Pendulum-v1):
     python generalization/dr_meta_lstm.py --preset paper
 [1]'s numbers are real-robot consecutive successes of block rotation (LSTM policy, full
 randomizations: median 13 [M]); there is no sim-to-sim number to set beside ours.
-Ours (quick): see the report of the commit that ran it (filled in below when measured).
+Ours (quick, CartPole-v1, 262k steps, 2 seeds, 512 probe episodes per seed; a loaded
+2-core CPU, ~4 min FF and ~6 min LSTM end to end): held-out R^2 of the log effective gain
+at episode step t, LSTM h_t: t=1 0.93, 0.94; t=8 0.83, 0.89; t=32 0.83, 0.85. FF policy's
+last layer: t=1 0.96, 0.93 (o_1 after a_0 from rest reveals the gain to any network that
+reads a_0), t=8 -0.03, 0.13, t=32 0.08, 0.09. Single observation o_t (linear): -0.07 to
+0.05 at every t. Return (512 randomized episodes, sampled actions): LSTM 442, 443; FF 497,
+470, so on CartPole memory identifies the dynamics but a robust FF controller is enough
+for the return (the paper's FF-vs-LSTM gap is a real-robot result). Plot:
+generalization/dr_meta_lstm.png.
 
 Differences from the paper:
 - Task: gymnax CartPole-v1 (quick) or Pendulum-v1 (paper preset) instead of the Shadow
