@@ -150,7 +150,7 @@ def _synthetic(w_feas, iters=150):
 def test_setter_sets_goals_of_the_desired_feasibility():
     """Behaviour ([1]'s feasibility control, the catalogue's designed CPU test): on a fixed
     success map, after 150 judge/setter iterations, the true success of G(z, f) rises with
-    f: correlation (measured, CPU) 0.xx for Setter-Solver; 0.xx with the feasibility loss
+    f: correlation (measured, CPU) 0.61 for Setter-Solver; -0.04 with the feasibility loss
     off (broken: f is then ignored). Mutation tried: the feasibility target -sigma^-1(f)
     (sign flipped): correlation negative, fails."""
     corr = compiled(jax.vmap(_synthetic), jnp.array([1.0, 0.0]))
@@ -192,9 +192,14 @@ def recorded(tmp_path_factory):
 
 
 def test_setter_solver_reaches_its_goals_more_than_uniform_goals(recorded):
-    """Behaviour at TINY scale (2 seeds each, iterations 4-6; measured on CPU): share of the
-    proposed goals the solver reaches, Setter-Solver x.xx x.xx, uniform x.xx x.xx, no
-    feasibility x.xx x.xx."""
+    """Behaviour at TINY scale (2 seeds each, iterations 4-6; measured on CPU, jax as
+    locked): share of its proposed goals the solver reaches, Setter-Solver 0.10 0.09,
+    uniform goals 0.03 0.02 (the gate), the setter without feasibility loss 0.10 0.14 (its
+    validity and coverage losses alone already keep goals near the start: it fails the f
+    test above, not this one); mean distance of the goals from the start 2.7 2.7, 4.6 4.3,
+    3.0 2.9; grid coverage 0.13 0.08, 0.06 0.06, 0.07 0.12 (too noisy at 6 iterations to
+    gate; the quick preset's numbers are in the module docstring). Mutation tried: the
+    validity loss given no achieved goals (0 * R^g): Setter-Solver 0.12 0.06, fails."""
     h = recorded[0].history
     reach = h["charts/goal_success"][:, 3:].mean(1)
     cov = h["charts/coverage"][:, 3:].mean(1)
