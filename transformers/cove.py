@@ -41,7 +41,13 @@ task model without context is limited while CoVe carries the word's context.
 
 Reproduce (CPU demo; 32-d word vectors, MT-LSTM of 2 x 32 per direction, decoder 64):
     python transformers/cove.py --preset quick --num-seeds 2 --plot transformers/cove.png
-  Measured: not yet (see the report of the commit that adds the numbers).
+  Measured (--num-seeds 2, 2-core CPU shared with other jobs, 80 s compile + 128 s for the
+  1900 updates): held-out EN->DE exact match (greedy) 0.967 / 0.949, token accuracy 0.995 /
+  0.991; held-out parity accuracy 0.979 / 0.982 on [GloVe; CoVe] vs 0.803 / 0.795 on GloVe
+  alone and 0.859 / 0.875 on [GloVe; CoVe from the untrained MT-LSTM]. Plot:
+  transformers/cove.png. At the tests' tiny size (16 per direction, 300 translation
+  updates, exact match 0): 0.852 / 0.871 vs 0.734 / 0.727 (GloVe) and 0.730 / 0.730
+  (untrained CoVe).
 Paper scale (GPU; 300-d vectors, 300 per direction, 600 in the decoder, batch 64):
     python transformers/cove.py --preset paper
 [1]: MT-LSTM trained on WMT 2017 EN-DE (7M pairs) gives BLEU 29.5 on newstest2016 [M];

@@ -197,19 +197,23 @@ def test_cove_beats_glove_alone_on_parity_short(tiny_run):
     """[1] Table 2 in small: after 300 translation updates, the task model on [GloVe; CoVe]
     beats the same task model on GloVe alone (trained side by side on the same batches) in
     held-out parity accuracy. A bag of word vectors cannot tell which unit word is last.
-    Measured (2-core CPU, loaded): see the print; cove 0.86 / 0.87, glove 0.73 / 0.73,
-    random_cove (CoVe from the untrained MT-LSTM) 0.73 / 0.73. Mutation tried: the cove arm
-    fed the glove arm's inputs fails."""
+    Measured (2-core CPU, loaded): cove 0.852 / 0.871, glove 0.734 / 0.727, random_cove
+    (CoVe from the untrained MT-LSTM, same task model) 0.730 / 0.730; translation token
+    accuracy 0.325 / 0.306. Mutation tried: the cove arm fed CoVe from the untrained
+    MT-LSTM (the broken variant: no translation pre-training) scores 0.723 / 0.746 and
+    fails the gate; so it is the translation training, not the extra inputs, that helps.
+    """
     fin = {k: np.asarray(v) for k, v in tiny_run.final.items()}
     print({k: v.round(3).tolist() for k, v in fin.items()})
     assert (fin["val_acc_cove"] > fin["val_acc_glove"] + 0.05).all()
+    assert (fin["val_acc_cove"] > fin["val_acc_random_cove"] + 0.05).all()  # untrained CoVe
     assert (fin["val_token_acc"] > 0.2).all()  # the translation model learned something
 
 
 def test_train_is_pure_and_seeded_and_logs_the_stages(tiny_run):
     """The runner's first chunk, rerun on the same initial states, gives the run's first
-    rows bit for bit; the seeds differ; the stages switch at mt_steps and the translation
-    model is frozen in stage 2 (its parameters as at the switch)."""
+    rows bit for bit; the seeds differ; the stages switch at mt_steps (the translation
+    metrics defined before, the task ones after); the translation loss falls."""
     with tiny_run_module.lowest_level_compiles():
         step = run.make_chunk(cove.update, TINY, CHUNK, parallel.seed_sharding(SEEDS), SEEDS)
         state, metrics = jax.device_get(step(tiny_run_module.initial_states(cove, TINY)))
