@@ -1,0 +1,195 @@
+"""Tests of selfsup/frame_order.py: the tuple sampler (order labels, tau bounds, the
+high-motion windows), the procedural video and its flow, the loss, the solver, the siamese
+concatenation, behaviour against random init and shuffled labels, purity, CLI and the
+paper preset."""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from selfsup import frame_order as fo
+from tests.common.compiled import compiled
+from tests.common.config_fields import unread_fields
+from tests.common.preset import trace_paper
+
+# One tiny configuration for every test of the module: 16x16 frames, 24-frame videos,
+# tau_max 6, tau_min 3, a 3-conv trunk of 16-16-32 channels and 32-unit fc layers.
+TINY = fo.Config(frame_size=16, num_frames=24, tau_max=6, tau_min=3, arm_speed=(8.0, 20.0),
+                 cycle_frames=12, batch_size=32, num_steps=150, lr=0.05, lr_decay_steps=1000,
+                 conv_channels=(16, 16, 32), conv_kernels=(3, 3, 3), conv_strides=(1, 1, 1),
+                 pool_after=(1, 2, 3), fc_features=(32, 32), dropout=0.0, bn_momentum=0.9,
+                 init_std=0.05, num_eval_tuples=256, probe_train=400, probe_test=400,
+                 shift_conv=True)
+SEEDS = 2
+
+
+def _tuples(cfg, n, flow, positive_fraction, key=0):
+    """n tuples sampled from one flow (T - 1,): indices (n, 3), labels (n,), (a..e) (n, 5)."""
+    keys = jax.random.split(jax.random.PRNGKey(key), n)
+    fn = lambda ks, f: jax.vmap(lambda k: fo.sample_tuple(k, f, positive_fraction, cfg))(ks)
+    return (np.asarray(a) for a in compiled(fn, keys, jnp.asarray(flow, jnp.float32)))
+
+
+def test_tuple_sampler_order_labels_and_tau_bounds():
+    """[1] Sec. 3.2 on 4000 tuples of a constant-flow video: a < b < c < d < e with
+    2 <= d - b <= tau_max, b - a >= tau_min, e - d >= tau_min; positives are exactly
+    (b, c, d) or (d, c, b), negatives (b, a, d) or (b, e, d), each form about half of its
+    class; the label is 1 iff the middle frame lies between the outer two; positives are
+    25% (binomial sd 0.007)."""
+    cfg = TINY
+    idx, lab, five = _tuples(cfg, 4000, np.ones(cfg.num_frames - 1), cfg.positive_fraction)
+    a, b, c, d, e = five.T
+    assert (a < b).all() and (b < c).all() and (c < d).all() and (d < e).all()
+    assert (d - b >= 2).all() and (d - b <= cfg.tau_max).all() and (d - b == cfg.tau_max).any()
+    assert (b - a >= cfg.tau_min).all() and (e - d >= cfg.tau_min).all()
+    assert a.min() == 0 and e.max() == cfg.num_frames - 1
+    pos, neg = lab == 1, lab == 0
+    fwd = (idx == np.stack([b, c, d], 1)).all(1)
+    rev = (idx == np.stack([d, c, b], 1)).all(1)
+    na = (idx == np.stack([b, a, d], 1)).all(1)
+    ne = (idx == np.stack([b, e, d], 1)).all(1)
+    assert (fwd | rev)[pos].all() and (na | ne)[neg].all()
+    assert 0.4 < fwd[pos].mean() < 0.6 and 0.4 < na[neg].mean() < 0.6
+    between = (np.minimum(idx[:, 0], idx[:, 2]) < idx[:, 1]) & (
+        idx[:, 1] < np.maximum(idx[:, 0], idx[:, 2]))
+    np.testing.assert_array_equal(between, pos)
+    assert abs(pos.mean() - 0.25) < 0.03, pos.mean()
+
+
+def test_high_motion_windows_by_hand():
+    """[1] Sec. 3.2: flow 1 only between frames 15 and 16 (T = 24, tau_min 3). Windows of
+    span 4 that leave room for a and e start at b in [3, 16] (14 of them); the 4 with
+    b in [12, 15] contain the motion. Keeping the top 20% (the 0.8 quantile, 'lower', of
+    10 zeros and 4 ones is 1) keeps exactly those; keeping all (fraction 1) keeps [3, 16].
+    Sampled tuples (random spans) from a video moving only between frames 12 and 18 with
+    high_motion_fraction 0.2 all have motion inside [b, d]; with fraction 1 some do not."""
+    cfg = dataclasses.replace(TINY, high_motion_fraction=0.2)
+    flow = np.zeros(cfg.num_frames - 1, np.float32)
+    flow[15] = 1.0
+    starts = lambda c: np.flatnonzero(compiled(
+        lambda f: fo.high_motion_starts(f, 4, c), jnp.asarray(flow)))
+    np.testing.assert_array_equal(starts(cfg), [12, 13, 14, 15])
+    np.testing.assert_array_equal(
+        starts(dataclasses.replace(cfg, high_motion_fraction=1.0)), np.arange(3, 17))
+    flow = np.zeros(cfg.num_frames - 1, np.float32)
+    flow[12:18] = 1.0
+    def moving(c):
+        five = list(_tuples(c, 500, flow, 0.5))[2]
+        return np.array([flow[b:d].sum() > 0 for b, d in five[:, [1, 3]]])
+
+    assert moving(cfg).all()
+    assert not moving(dataclasses.replace(cfg, high_motion_fraction=1.0)).all()
+
+
+def test_video_flow_render_and_probe_label_by_hand():
+    """The generator: the arm turns by speed x moving steps, so the flow (arm-tip speed) is
+    0 at rest and speed x 0.3 S while moving, moving about half of the time; a frame
+    without noise with theta = 0 has the arm (brightness 1) to the right of the body and
+    background on the left; theta = 100 degrees is class 2 of 8 (bins of 45 degrees)."""
+    cfg = dataclasses.replace(TINY, num_frames=240, noise_std=0.0)
+    v = compiled(lambda k: fo.draw_video(k, cfg), jax.random.PRNGKey(3))
+    flow = np.asarray(fo.flow_magnitude(v, cfg))
+    speed = np.abs(np.diff(np.asarray(v.theta))).max()
+    lo, hi = np.deg2rad(cfg.arm_speed)
+    assert lo <= speed <= hi
+    np.testing.assert_allclose(np.unique(flow.round(4)), [0, round(speed * 0.3 * 16, 4)],
+                               rtol=1e-3)
+    assert 0.4 < (flow > 0).mean() < 0.6
+    v = v.replace(body=jnp.array([8.5, 8.5]), theta=jnp.zeros(cfg.num_frames),
+                  background=jnp.zeros((16, 16)))
+    img = np.asarray(fo.render(v, 0, jax.random.PRNGKey(0), cfg))[..., 0]
+    assert img[8, 12] == 1.0 and img[8, 3] == 0.0 and img[8, 8] == 1.0
+    assert img[3, 8] == 0.0 and 0 < img[8, 9] <= 1.0
+    v = v.replace(theta=jnp.full(cfg.num_frames, np.deg2rad(100.0)))
+    assert int(fo.arm_direction_class(v, 0, 8)) == 2
+    img = np.asarray(fo.render(v, 0, jax.random.PRNGKey(0), cfg))[..., 0]
+    assert img[12, 7] > 0.9 and img[4, 8] == 0.0  # y grows downwards: +100 deg is below
+
+
+def test_order_loss_by_hand():
+    """[1] Sec. 3.3: logits [[2, 0], [0, 1]], labels [1, 1]: -log softmax = log(1 + e^2)
+    = 2.12693 and log(1 + e^-1) = 0.31326, mean 1.22009; accuracy 0.5."""
+    loss, acc = fo.order_loss(jnp.array([[2.0, 0.0], [0.0, 1.0]]), jnp.array([1, 1]))
+    np.testing.assert_allclose(loss, (np.log(1 + np.e ** 2) + np.log(1 + np.e ** -1)) / 2,
+                               rtol=1e-6)
+    assert float(acc) == 0.5
+
+
+def test_solver_decays_kernels_only_and_doubles_bias_rate():
+    """The released solver by hand, one kernel w = 1 and one bias b = 1, gradients 1, lr 0.1
+    x 0.1 every 2 steps, momentum 0.9, weight decay 5e-4 on the kernel only, bias lr x 2:
+        kernel g' = 1 + 5e-4 w;  bias g' = 2;  m = 0.9 m + g';  p -= lr m."""
+    cfg = dataclasses.replace(TINY, lr=0.1, lr_decay_steps=2)
+    tx, sched = fo.make_optimizer(cfg)
+    p = {"layer": {"kernel": jnp.array(1.0), "bias": jnp.array(1.0)}}
+    s = tx.init(p)
+    w, b, mw, mb = 1.0, 1.0, 0.0, 0.0
+    for step in range(4):
+        lr = 0.1 if step < 2 else 0.01
+        np.testing.assert_allclose(sched(step), lr, rtol=1e-6)
+        u, s = tx.update(jax.tree.map(jnp.ones_like, p), s, p)
+        p = optax.apply_updates(p, u)
+        mw, mb = 0.9 * mw + 1 + 5e-4 * w, 0.9 * mb + 2.0
+        w, b = w - lr * mw, b - lr * mb
+        np.testing.assert_allclose(p["layer"]["kernel"], w, rtol=1e-6)
+        np.testing.assert_allclose(p["layer"]["bias"], b, rtol=1e-6)
+
+
+def test_siamese_trunk_shared_and_fc7_concatenated():
+    """[1] Fig. 2: the logits of a tuple are fc8 of [fc7(f1); fc7(f2); fc7(f3)] with one
+    shared trunk (frame j's features meet rows jF..(j+1)F of fc8's kernel); swapping the
+    outer frames changes the logits (the net sees the order)."""
+    cfg = TINY
+    state = compiled(lambda k: fo.init(k, cfg), jax.random.PRNGKey(0))
+    frames = jax.random.uniform(jax.random.PRNGKey(1), (4, 3, 16, 16, 1)) * jnp.array(
+        [0.2, 1.0, 3.0])[:, None, None, None]  # three distinct frames per tuple
+
+    def both(st, fr):
+        logits = fo.OrderNet(cfg).apply({"params": st.params, "batch_stats": st.batch_stats},
+                                        fr, train=False)
+        feats = [fo.features(st, fr[:, j], cfg) for j in range(3)]
+        swapped = fo.OrderNet(cfg).apply({"params": st.params,
+                                          "batch_stats": st.batch_stats},
+                                         fr[:, ::-1], train=False)
+        return logits, feats, swapped
+
+    logits, feats, swapped = compiled(both, state, frames)
+    w, bias = state.params["fc8"]["kernel"], state.params["fc8"]["bias"]
+    f = cfg.fc_features[1]
+    hand = sum(np.asarray(feats[j]) @ np.asarray(w[j * f:(j + 1) * f]) for j in range(3)) + bias
+    np.testing.assert_allclose(logits, hand, rtol=1e-4, atol=1e-5)
+    assert not np.allclose(logits, swapped, atol=1e-4)
+
+
+def test_bad_values_fail_with_named_field(tmp_path):
+    for flags, msg in ((["--num-frames", "20"], "num_frames=20 must be >= tau_max"),
+                       (["--lr", "0"], "--lr must be > 0"),
+                       (["--positive-fraction", "1.5"], "--positive-fraction must be in"),
+                       (["--arm-speed", "2", "4"], "arm_speed=\\(2.0, 4.0\\)"),
+                       (["--pool-after", "6"], "pool_after=\\(6,\\)"),
+                       (["--conv-kernels", "3"], "must be non-empty and of equal length")):
+        with pytest.raises(ValueError, match=msg):
+            fo.main(flags + ["--run-dir", str(tmp_path)])
+
+
+def test_every_config_field_is_read():
+    assert unread_fields(fo) == []
+
+
+def test_paper_preset_traces():
+    """eval_shape of init and one update under `paper`: CaffeNet (conv1 11x11/4 96, ...,
+    fc6 and fc7 4096) on 227x227 frames, fc8 on the 3 x 4096 concatenated fc7, 128 tuples,
+    tau_max 60, tau_min 15, 25% positives; nothing runs."""
+    cfg, state, (after, metrics) = trace_paper(fo)
+    assert (cfg.tau_max, cfg.tau_min, cfg.positive_fraction, cfg.batch_size) == (60, 15, 0.25,
+                                                                                 128)
+    t = state.params["trunk"]
+    assert t["Conv_0"]["kernel"].shape == (11, 11, 1, 96)
+    assert t["Dense_0"]["kernel"].shape == (8 * 8 * 256, 4096)  # SAME padding: 57, 29, 15, 8
+    assert state.params["fc8"]["kernel"].shape == (3 * 4096, 2)
+    assert jax.tree.structure(after) == jax.tree.structure(state)
+    assert all(m.shape == () for m in jax.tree.leaves(metrics))
