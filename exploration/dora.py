@@ -60,6 +60,10 @@ Differences from the paper:
 - The bonus is beta / sqrt(-log E) as in the post; linapprox/main.py adds 1 / log_{1-alpha}
   E (an inverse count, no square root). The bonus is computed at learning time on the
   replayed (s, a) with the current E head, not stored at acting time.
+- The quick preset (the tests' setting) uses a separate linear E on DeepSea's one-hot cells,
+  E = 1 + w . phi trained by SGD (e_lr 3 on batch means), the analogue of linapprox's linear
+  E on binary tile features, and epsilon 0.3 in f (linapprox's default epsilon): an MLP E
+  head generalises E down in every cell of a one-hot grid and found no treasure (above).
 - LLL determinizes the epsilon-greedy f (as the released deep agent); the softmax f of
   linapprox (argmax Q - T log(-log E)) is not offered.
 Metrics: charts/first_success is NaN until the treasure is first reached (then the finished

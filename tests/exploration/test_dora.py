@@ -231,7 +231,9 @@ def test_paper_preset_traces():
 def test_frozen_e_head_never_finds_the_treasure():
     """The broken variant on TINY's budget and seeds: E never trained (E = 1 everywhere, the
     counters all equal) makes LLL the greedy policy of Q; it finds no treasure while DORA
-    finds it in >= 2 of 4 seeds (measured: see the assertion message)."""
+    finds it in >= 2 of 4 seeds. Measured (loaded 2-core CPU, 45 s CPU, 3.5 min wall):
+        quick          80  78 110  -1
+        quick_frozen   -1  -1  -1  -1"""
     keys = run.seed_keys(0, SEEDS)
     out = {}
     for name in ("quick", "quick_frozen"):
