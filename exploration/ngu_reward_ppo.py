@@ -37,8 +37,8 @@ per command, 1-2.5 min wall under load): distinct cells of 104, NGU 102 104 104 
 98.5, mean 93.3); after 2048 steps medians 92 vs 70. The memory-never-reset variant scores
 103 103 104 104 103 99 102 104 (median 103): on this grid and budget cumulative coverage
 does not separate it from NGU (its memory is full, 128 slots, and still rewards states far
-from the last 128). A positive episodic return in the last update: NGU 0.14, PPO 0.04
-(mean over seeds). The inverse-dynamics accuracy is 0.45 (chance 0.25; a move into a wall
+from the last 128). Mean return of the episodes ending in the last update: NGU 0.14, PPO
+0.04 (mean over seeds). The inverse-dynamics accuracy is 0.45 (chance 0.25; a move into a wall
 looks like standing still).
 Paper reward settings (GPU; a procedurally re-randomised navix maze, where lifelong novelty
 alone cannot help because layouts never repeat):
