@@ -168,9 +168,12 @@ def test_poet_solves_envs_that_direct_es_cannot(tiny_run):
     stump hi) that a POET agent solves (>= 230) after 20 updates (400 iterations) of TINY,
     against ES from scratch on that same env (same seed: the same compiled program started
     with that env alone, the same 400 iterations). POET solves 2 / 2 of them by
-    construction; direct ES must solve fewer. Measured (loaded 2-core CPU): POET's envs
-    (seed 0) (1.7, 0, 3.6, 0.8, 1.4), both solved; direct ES 292.5 (solved: it then reproduced like
-    POET) and 26.6 (stuck before the first wide pit)."""
+    construction; direct ES must solve fewer. Measured (loaded 2-core CPU): POET's hardest
+    solved envs gap hi 3.6 (seed 0: (1.7, 0, 3.6, 0.8, 1.4)) and >= 1.6 (seed 1), both
+    solved; direct ES 292.5 on seed 0's (solved) and 26.6 on seed 1's (stuck before the
+    first wide pit). Broken POET (children start from theta = 0 and no transfers): its
+    hardest solved envs had gap hi 2.0 and 1.2 (< 1.6): the test fails.
+    """
     first, chunks = tiny_run
     chunk, states = chunks[0]
     fin = jax.device_get(first.state)
