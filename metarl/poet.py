@@ -66,6 +66,10 @@ Differences from the paper:
   With a finish reward of 320 (finished runs too easy) nearly every child of a solved env
   was rejected as too easy or too hard (one mutation step apart) and the quick run stalled
   at gap 1.6 after 4 admissions; the band [50, 300] is kept as [1] states it.
+- A pair's score (used for reproduction eligibility and the solved count) is F(theta, E) of
+  the theta that took the last ES step, run in the same vmapped rollout as its
+  population ([2] evaluates the updated theta after the step); transfers compare fresh
+  scores. Each iteration costs pop_size + 1 episodes per pair.
 - Admission checks the best active agent by direct transfer only ([2] also tries a
   proposal step per agent); dedup rejects a child equal to an active env.
 - Fixed shapes: `capacity` slots always computed, inactive ones masked; the novelty
