@@ -98,9 +98,14 @@ class Config:
     num_envs: int = 1
     """parallel environments"""
     action_selection: str = "lll"
-    """lll: argmax log f(Q) - log(-log E) ([1] Alg. 1); epsilon: epsilon-greedy on Q"""
+    """lll: argmax log f - log(-log E), f epsilon-greedy on Q ([1] Alg. 1); lll_softmax:
+    argmax Q - T log(-log E) (f = softmax(Q / T), linapprox's DORA agent); epsilon: on Q"""
+    temperature: float = 0.5
+    """T of lll_softmax (linapprox/main.py: 0.5)"""
     beta: float = 0.0
-    """bonus scale: r + beta / sqrt(-log E(s,a)) ([1] Sec. 4); 0 switches the bonus off"""
+    """bonus scale: r + beta / sqrt(-log E(s,a) + bonus_eps) ([1] Sec. 4); 0: no bonus"""
+    bonus_eps: float = 0.01
+    """added under the square root (atari-rl: 0.01), so the bonus is at most beta/sqrt(eps)"""
     gamma_e: float = 0.99
     """E-value discount gamma_E (released deep code 0.99; 0 makes -log E a scaled count)"""
     e_init: float = 0.99
@@ -148,7 +153,7 @@ class Config:
 
     def validate(self):
         choices = dict(
-            action_selection=("lll", "epsilon"),
+            action_selection=("lll", "lll_softmax", "epsilon"),
             e_activation=("sigmoid", "linear"),
             e_optimizer=("adam", "sgd"),
             dtype=("float32", "bfloat16"),
@@ -156,21 +161,18 @@ class Config:
         for name, ok in choices.items():
             if getattr(self, name) not in ok:
                 raise ValueError(f"{name}={getattr(self, name)!r} must be one of {ok}")
-        for name in (
-            "deepsea_size",
-            "total_timesteps",
-            "num_envs",
-            "batch_size",
-            "train_every",
-            "target_update_period",
-            "eps_decay_steps",
-        ):
+        for name in ("deepsea_size", "total_timesteps", "num_envs", "batch_size", "train_every",
+                     "target_update_period", "eps_decay_steps"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)} must be >= 1")
         if self.learning_starts < 0:
             raise ValueError(f"learning_starts={self.learning_starts} must be >= 0")
         if self.beta < 0:
             raise ValueError(f"beta={self.beta} must be >= 0")
+        if self.bonus_eps < 0 or (self.beta > 0 and self.bonus_eps == 0 and self.e_init >= 1):
+            raise ValueError(f"bonus_eps={self.bonus_eps} must be >= 0 (> 0 if E starts at 1)")
+        if self.temperature <= 0:
+            raise ValueError(f"temperature={self.temperature} must be > 0")
         top = 1 if self.e_activation == "linear" else 1 - 1e-6
         if not 0 < self.e_init <= top:
             raise ValueError(f"e_init={self.e_init} must be in (0, {top}] ({self.e_activation})")
@@ -257,27 +259,15 @@ class QENet(nn.Module):
         phi = self.torso(x, self.hidden, "q_torso")
         q = nn.Dense(self.num_actions, dtype=self.dtype, name="q_head")(phi)
         phi_e = phi if self.shared_torso else self.torso(x, self.e_hidden, "e_torso")
-        z = nn.Dense(
-            self.num_actions,
-            use_bias=False,
-            kernel_init=nn.initializers.zeros,
-            dtype=self.dtype,
-            name="e_head",
-        )(phi_e).astype(jnp.float32)
+        z = nn.Dense(self.num_actions, use_bias=False, kernel_init=nn.initializers.zeros,
+                     dtype=self.dtype, name="e_head")(phi_e).astype(jnp.float32)
         e = jax.nn.sigmoid(self.offset + z) if self.activation == "sigmoid" else self.offset + z
         return q.astype(jnp.float32), e
 
 
 def network(cfg: Config, num_actions: int) -> QENet:
-    return QENet(
-        cfg.hidden,
-        cfg.e_hidden,
-        num_actions,
-        e_offset(cfg),
-        cfg.e_activation,
-        cfg.shared_torso,
-        cfg.dtype,
-    )
+    return QENet(cfg.hidden, cfg.e_hidden, num_actions, e_offset(cfg), cfg.e_activation,
+                 cfg.shared_torso, cfg.dtype)
 
 
 def optimizer(cfg: Config):
@@ -297,9 +287,10 @@ def neg_log_e(e):
     return -jnp.log(jnp.clip(e, E_MIN, E_MAX))
 
 
-def dora_bonus(e, beta):
-    """[1] Sec. 4 / the post: r^i = beta / sqrt(-log E(s,a))."""
-    return beta / jnp.sqrt(neg_log_e(e))
+def dora_bonus(e, beta, eps=0.01):
+    """[1] Sec. 4 / the post: r^i = beta / sqrt(-log E(s,a)); + eps as atari-rl (E = 1:
+    beta / sqrt(eps), not 1000 beta)."""
+    return beta / jnp.sqrt(neg_log_e(e) + eps)
 
 
 def lll_scores(q, e, epsilon):
@@ -321,7 +312,7 @@ def loss_fn(params, target_params, cfg, num_actions, cur, nxt):
     q, e = net.apply(params, cur["obs"])  # (B, A) each
     q_next, e_next = net.apply(target_params, nxt["obs"])
     e_sa = pick(e, cur["action"])
-    bonus = jax.lax.stop_gradient(dora_bonus(e_sa, cfg.beta))  # [1] Sec. 4
+    bonus = jax.lax.stop_gradient(dora_bonus(e_sa, cfg.beta, cfg.bonus_eps))  # [1] Sec. 4
     not_done = 1.0 - cur["done"].astype(jnp.float32)
     y = dqn.td_target(cur["reward"] + bonus, cfg.gamma * not_done, q_next)
     loss_q = ((y - pick(q, cur["action"])) ** 2).mean()
@@ -331,20 +322,15 @@ def loss_fn(params, target_params, cfg, num_actions, cur, nxt):
     return loss_q + loss_e, dict(loss_q=loss_q, loss_e=loss_e, bonus=bonus, e_sa=e_sa)
 
 
-def learn(params, target_params, opt_state, cfg: Config, num_actions, cur, nxt):
+def learn(params, target_params, opt_state, cfg: Config, num_actions, cur, nxt, e_train=1.0):
     """One gradient step of both heads (the step `update` takes); the E head's update is
-    zeroed under `freeze_e`."""
+    scaled by `e_train` (State.e_train: 0 under `freeze_e`)."""
     (_, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(
         params, target_params, cfg, num_actions, cur, nxt
     )
     updates, opt_state = optimizer(cfg).update(grads, opt_state, params)
-    if cfg.freeze_e:
-        updates = {
-            "params": {
-                k: jax.tree.map(jnp.zeros_like, v) if k.startswith("e_") else v
-                for k, v in updates["params"].items()
-            }
-        }
+    scale = lambda k, v: jax.tree.map(lambda u: u * e_train, v) if k.startswith("e_") else v
+    updates = {"params": {k: scale(k, v) for k, v in updates["params"].items()}}
     return optax.apply_updates(params, updates), opt_state, aux
 
 
@@ -364,6 +350,8 @@ class State:
     episodes: jax.Array  # float: finished episodes, all envs
     positives: jax.Array  # float: finished episodes with a positive return (treasure)
     first_success: jax.Array  # float: `episodes` when the first positive one ended; -1 before
+    use_e: jax.Array  # bool: act by LLL; False: sample f itself (the tests' broken arm)
+    e_train: jax.Array  # float: scale of the E update (0: frozen; the tests' broken arm)
     key: jax.Array
 
 
@@ -389,6 +377,8 @@ def init(key, cfg: Config) -> State:
         zero,
         zero,
         -jnp.ones(()),
+        jnp.asarray(cfg.action_selection != "epsilon"),
+        jnp.asarray(0.0 if cfg.freeze_e else 1.0),
         key,
     )
 
@@ -396,11 +386,16 @@ def init(key, cfg: Config) -> State:
 # --- UPDATE ---
 
 
-def act(key, q, e, epsilon, cfg: Config):
-    """LLL: argmax of `lll_scores`; epsilon: epsilon-greedy on q."""
-    if cfg.action_selection == "lll":
-        return jnp.argmax(lll_scores(q, e, epsilon), -1)
-    return dqn.epsilon_greedy(key, q, epsilon)
+def act(key, q, e, epsilon, cfg: Config, use_e=True):
+    """LLL: argmax of `lll_scores`; lll_softmax: argmax q - T log(-log E) (LLL of the
+    Boltzmann f = softmax(q / T)); epsilon, or `use_e` False: a sample of f itself."""
+    if cfg.action_selection == "lll_softmax":
+        lll = jnp.argmax(q - cfg.temperature * jnp.log(neg_log_e(e)), -1)
+        plain = jax.random.categorical(key, q / cfg.temperature)
+    else:
+        lll = jnp.argmax(lll_scores(q, e, epsilon), -1)
+        plain = dqn.epsilon_greedy(key, q, epsilon)
+    return plain if cfg.action_selection == "epsilon" else jnp.where(use_e, lll, plain)
 
 
 def update(state: State, cfg: Config):
@@ -416,7 +411,7 @@ def update(state: State, cfg: Config):
             s.step * cfg.num_envs, cfg.eps_start, cfg.eps_end, cfg.eps_decay_steps
         )
         q, e = net.apply(s.params, s.obs)
-        action = act(k_act, q, e, epsilon, cfg)
+        action = act(k_act, q, e, epsilon, cfg, s.use_e)
         next_obs, env_state, reward, done, info = env.step(s.env_state, action, k_env)
         replay = dqn.replay_add(s.replay, dict(obs=s.obs, action=action, reward=reward, done=done))
         ended = info["returned_episode"]
@@ -445,7 +440,8 @@ def update(state: State, cfg: Config):
     key, k_sample = jax.random.split(key)
     cur, nxt = dqn.replay_sample(state.replay, k_sample, cfg.batch_size)
     params, opt_state, aux = learn(
-        state.params, state.target_params, state.opt_state, cfg, num_actions, cur, nxt
+        state.params, state.target_params, state.opt_state, cfg, num_actions, cur, nxt,
+        state.e_train
     )
     learning = state.step * cfg.num_envs >= max(cfg.learning_starts, 2 * cfg.num_envs)
     keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(learning, a, b), new, old)
@@ -528,23 +524,10 @@ def main(argv=None):
     flags, argv = run.pop_flags(argv, "--plot")
     if flags["--plot"]:
         return plot_runs(flags["--plot"])
-    return run.main(
-        Config,
-        init,
-        update,
-        presets=PRESETS,
-        evaluate=evaluate,
-        argv=argv,
-        doc=__doc__,
-        nan_unless=NAN_UNLESS,
-        summary_keys=[
-            "first_success",
-            "positive_episodes",
-            "distinct_cells",
-            "charts/episodic_return",
-            "losses/e",
-        ],
-    )
+    return run.main(Config, init, update, presets=PRESETS, evaluate=evaluate, argv=argv,
+                    doc=__doc__, nan_unless=NAN_UNLESS,
+                    summary_keys=["first_success", "positive_episodes", "distinct_cells",
+                                  "charts/episodic_return", "losses/e"])
 
 
 if __name__ == "__main__":
