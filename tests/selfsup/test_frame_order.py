@@ -11,19 +11,24 @@ import numpy as np
 import optax
 import pytest
 
+from common import run
 from selfsup import frame_order as fo
-from tests.common.compiled import compiled
+from tests.common.cli import cli_args
+from tests.common.compiled import compiled, main_recording_chunks
 from tests.common.config_fields import unread_fields
 from tests.common.preset import trace_paper
 
 # One tiny configuration for every test of the module: 16x16 frames, 24-frame videos,
-# tau_max 6, tau_min 3, a 3-conv trunk of 16-16-32 channels and 32-unit fc layers.
-TINY = fo.Config(frame_size=16, num_frames=24, tau_max=6, tau_min=3, arm_speed=(8.0, 20.0),
-                 cycle_frames=12, batch_size=32, num_steps=150, lr=0.05, lr_decay_steps=1000,
+# tau_max 6, tau_min 3, a 3-conv trunk of 16-16-32 channels, 32-unit fc layers and a
+# 64-unit fusion layer, balanced tuples (with the paper's 25% positives, or a linear fc8,
+# 150-300 steps stayed at the prior: held-out order accuracy 0.46-0.64).
+TINY = fo.Config(frame_size=16, num_frames=24, tau_max=6, tau_min=3, arm_speed=(10.0, 25.0),
+                 cycle_frames=48, positive_fraction=0.5, batch_size=32, num_steps=300,
+                 lr=0.05, lr_decay_steps=1000,
                  conv_channels=(16, 16, 32), conv_kernels=(3, 3, 3), conv_strides=(1, 1, 1),
                  pool_after=(1, 2, 3), fc_features=(32, 32), dropout=0.0, bn_momentum=0.9,
-                 init_std=0.05, num_eval_tuples=256, probe_train=400, probe_test=400,
-                 shift_conv=True)
+                 init_std=0.05, fusion_hidden=64, num_eval_tuples=256, probe_train=400,
+                 probe_test=400, shift_conv=True)
 SEEDS = 2
 
 
@@ -41,7 +46,7 @@ def test_tuple_sampler_order_labels_and_tau_bounds():
     class; the label is 1 iff the middle frame lies between the outer two; positives are
     25% (binomial sd 0.007)."""
     cfg = TINY
-    idx, lab, five = _tuples(cfg, 4000, np.ones(cfg.num_frames - 1), cfg.positive_fraction)
+    idx, lab, five = _tuples(cfg, 4000, np.ones(cfg.num_frames - 1), 0.25)  # [1]'s ratio
     a, b, c, d, e = five.T
     assert (a < b).all() and (b < c).all() and (c < d).all() and (d < e).all()
     assert (d - b >= 2).all() and (d - b <= cfg.tau_max).all() and (d - b == cfg.tau_max).any()
@@ -142,8 +147,8 @@ def test_solver_decays_kernels_only_and_doubles_bias_rate():
 def test_siamese_trunk_shared_and_fc7_concatenated():
     """[1] Fig. 2: the logits of a tuple are fc8 of [fc7(f1); fc7(f2); fc7(f3)] with one
     shared trunk (frame j's features meet rows jF..(j+1)F of fc8's kernel); swapping the
-    outer frames changes the logits (the net sees the order)."""
-    cfg = TINY
+    outer frames changes the logits (the net sees the order). fusion_hidden 0: [1]'s fc8."""
+    cfg = dataclasses.replace(TINY, fusion_hidden=0)
     state = compiled(lambda k: fo.init(k, cfg), jax.random.PRNGKey(0))
     frames = jax.random.uniform(jax.random.PRNGKey(1), (4, 3, 16, 16, 1)) * jnp.array(
         [0.2, 1.0, 3.0])[:, None, None, None]  # three distinct frames per tuple
@@ -163,6 +168,93 @@ def test_siamese_trunk_shared_and_fc7_concatenated():
     hand = sum(np.asarray(feats[j]) @ np.asarray(w[j * f:(j + 1) * f]) for j in range(3)) + bias
     np.testing.assert_allclose(logits, hand, rtol=1e-4, atol=1e-5)
     assert not np.allclose(logits, swapped, atol=1e-4)
+
+
+# One chunk per 50 updates (one compiled program): the purity test reruns 50 updates.
+# Seeds 0 and 1 train Shuffle and Learn, seed BROKEN (State.shuffle set) the broken variant
+# with the batch's labels shuffled, all in the run's one vmapped program.
+CHUNK = 50
+BROKEN = 2
+RUN_ARGS = cli_args(TINY, fo.Config()) + [
+    "--num-seeds", str(SEEDS + 1), "--log-every", str(CHUNK), "--no-progress"]
+
+
+@pytest.fixture(scope="module")
+def recorded_run(tmp_path_factory):
+    """TINY through the CLI entry point, once: SEEDS + 1 seeds (the last the broken variant:
+    the runner's initial states with shuffle set) in chunks of CHUNK updates, then
+    evaluate() (compiled at XLA's lowest level and kept, to score the initial states too);
+    with the compiled chunks and their inputs."""
+    evaluates = []
+    real_initial_states = run.initial_states
+
+    def initial_states(*args):
+        return real_initial_states(*args).replace(shuffle=jnp.arange(SEEDS + 1) == BROKEN)
+
+    def evaluate_seeds(evaluate, state, cfg, num_seeds, compiler_options=None):
+        fn = jax.jit(run.seed_map(lambda s: evaluate(s, cfg), num_seeds))
+        evaluates.append(fn.lower(state).compile(run.INIT_COMPILER_OPTIONS))
+        return jax.device_get(evaluates[-1](state))
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(run, "initial_states", initial_states)
+        mp.setattr(run, "evaluate_seeds", evaluate_seeds)
+        res, chunks = main_recording_chunks(fo.main, RUN_ARGS + [
+            "--run-dir", str(tmp_path_factory.mktemp("frame_order"))])
+    return res, chunks, evaluates[0]
+
+
+def test_order_verification_learned_and_features_beat_init(recorded_run):
+    """Behaviour ([1] Sec. 3-4): TINY (300 steps of 32 balanced tuples), 2 seeds, against
+    the same training with the batch's labels shuffled (broken, a third seed of the same
+    run) and the network at init (the run's compiled evaluate). Held-out balanced order
+    accuracy, chance 0.5. Measured on a loaded 2-core CPU (jax 0.10.2):
+        order accuracy        trained 0.711 0.766   shuffled labels 0.539   init 0.461 0.535
+        k-NN 10/class probe   trained 0.313 0.420   shuffled labels 0.340   init 0.425 0.528
+        linear 10/class       trained 0.368 0.505   shuffled labels 0.388   init 0.445 0.495
+    The arm-direction probes of fc7 do NOT beat init at this size (nor in 150-300 step
+    runs with the paper's 25% positives), so they are printed, not asserted. Mutations
+    tried: labels shuffled in every seed (the broken arm itself: 0.539, fails the 0.65
+    bound); see the report for the others."""
+    quick_run, chunks, evaluate = recorded_run
+    initial = chunks[0][1]
+    out, init = quick_run.final, jax.device_get(evaluate(initial))
+    print("trained/broken", {k: out[k] for k in ("order_acc_test", "knn_few", "linear_few")},
+          "init", {k: init[k] for k in ("order_acc_test", "knn_few", "linear_few")})
+    acc = out["order_acc_test"]
+    assert (acc[:SEEDS] >= ORDER_ACC).all(), acc
+    assert acc[BROKEN] < ORDER_ACC and (init["order_acc_test"] < ORDER_ACC).all(), (acc, init)
+
+
+ORDER_ACC = 0.65
+"""held-out order accuracy the method reaches and the broken variant and init do not"""
+
+
+def test_train_is_pure_and_cli_writes_its_files(recorded_run, capsys):
+    """Same keys: the runner's initial states of seeds 0-2 again (shuffle False from init),
+    and its first chunk rerun from them, are bit-identical to the run's; the two unbroken
+    seeds differ; the run wrote its files; --help documents every field."""
+    quick_run, chunks, _ = recorded_run
+    with pytest.raises(SystemExit):
+        fo.main(["--help"])
+    out = capsys.readouterr().out
+    for f in dataclasses.fields(fo.Config):
+        assert "--" + f.name.replace("_", "-") in out, f.name
+    assert "Presets (--preset): quick, paper" in out
+    assert (quick_run.run_dir / "metrics.jsonl").exists()
+    h = quick_run.history["losses/order"]
+    assert h.shape == (SEEDS + 1, TINY.num_updates) and np.isfinite(h).all()
+    assert h[:SEEDS, -20:].mean() < h[:SEEDS, :20].mean()  # the order loss falls
+    assert not np.array_equal(h[0], h[1])
+    first_chunk, first_input = chunks[0]
+    assert len(chunks) == TINY.num_updates // CHUNK
+    again = run.initial_states(fo.init, TINY, 0, SEEDS + 1)
+    assert not np.asarray(again.shuffle).any()
+    jax.tree.map(np.testing.assert_array_equal, first_input,
+                 again.replace(shuffle=jnp.arange(SEEDS + 1) == BROKEN))
+    state, metrics = first_chunk(jax.tree.map(jnp.copy, first_input))  # the chunk donates
+    jax.tree.map(np.testing.assert_array_equal, state.params, chunks[1][1].params)
+    np.testing.assert_array_equal(h[:, :CHUNK], metrics["losses/order"])
 
 
 def test_bad_values_fail_with_named_field(tmp_path):
