@@ -18,6 +18,7 @@ what the agent controls. A lifelong RND error scales the episodic reward across 
     alpha_t = 1 + (err(x_t) - mu_e) / sigma_e,  err = ||g_hat(x) - g(x)||^2        [1] Sec. 2
     r^i_t = r^episodic_t * min(max(alpha_t, 1), L),   r_t = r^e_t + beta r^i_t     [1] Sec. 2
     M is emptied at every episode start (then holds the episode's first state).
+(The Eq. / Sec. labels of [1] are [M]: written from the peers, not checked against the PDF.)
 
 The JAX angle: each env's memory is a fixed-size ring buffer [N, M, D] in the state, its
 valid slots a mask (arange(M) < count); the k-NN is `lax.top_k` over the masked squared
@@ -32,19 +33,24 @@ broken variant whose memory is never reset; `--plot` runs all three):
     python exploration/ngu_reward_ppo.py --preset quick --num-seeds 8 \
         --plot exploration/ngu_reward_ppo.png
 Measured (quick preset, 8192 steps, 8 seeds, loaded 2-core CPU, 30 / 13 / 15 s user CPU
-per command, 1-2.5 min wall under load): distinct cells of 104, NGU 102 104 104 104 100 97
-96 103 (median 102.5, mean 101.3) vs PPO with beta = 0 96 96 102 101 101 74 74 102 (median
-98.5, mean 93.3); after 2048 steps medians 92 vs 70. The memory-never-reset variant scores
-103 103 104 104 103 99 102 104 (median 103): on this grid and budget cumulative coverage
-does not separate it from NGU (its memory is full, 128 slots, and still rewards states far
-from the last 128). Mean return of the episodes ending in the last update: NGU 0.14, PPO
-0.04 (mean over seeds). The inverse-dynamics accuracy is 0.45 (chance 0.25; a move into a wall
-looks like standing still).
+per command, 1-2.5 min wall under load): distinct cells of 104 (the union over all envs
+since the start), NGU 102 104 104 104 100 97 96 103 (median 102.5) vs PPO with beta = 0
+96 96 102 101 101 74 74 102 (median 98.5; its mean 93.3 comes from two seeds at 74); after
+2048 steps medians 92 vs 70. The memory-never-reset variant scores 103 103 104 104 103 99
+102 104 (median 103), at least as much as NGU. What this supports: a novelty bonus speeds
+up early coverage. It does NOT show anything specific to NGU's episodic memory: coverage
+saturates by 8192 steps, the metric is lifelong by construction, and a 128-slot ring
+against 100-step episodes makes "never reset" a sliding window of about one episode,
+almost the same as a reset (a gate with ~10 episodes of memory and per-episode coverage is
+left to do). Mean return of the episodes ending in the last update: NGU 0.14, PPO 0.04
+(mean over seeds). The inverse-dynamics accuracy is 0.45 (chance 0.25; a move into a wall
+looks like standing still). These numbers were measured at kernel eps = 1e-3, which the
+quick preset keeps (the paper preset uses 1e-4).
 Paper reward settings (GPU; a procedurally re-randomised navix maze, where lifelong novelty
 alone cannot help because layouts never repeat):
     python exploration/ngu_reward_ppo.py --preset paper
-[1] Table 1 / abstract: the first non-zero Pitfall! score without demonstrations (mean
-8,400), a median human-normalised score of 1344% on Atari-57 (35B frames, R2D2 agent).
+[1] abstract: the first non-zero Pitfall! score without demonstrations (mean 8,400), a
+median human-normalised score of 1344% on Atari-57 (R2D2 agent; frame budget not checked).
 
 Differences from the paper:
 - Agent: [1]'s agent is R2D2 (recurrent replay, burn-in, Retrace-style n-step, transformed
@@ -54,17 +60,35 @@ Differences from the paper:
   exploration/episodic_curiosity.py use it) with ONE policy: the most exploratory member of
   [1]'s family, beta = 0.3, gamma = gamma_min = 0.99 (beta = 0 is plain PPO). PPO's
   hyperparameters are not [1]'s (it has none); they are common.rl's defaults.
+- The policy and critic are feed-forward MLPs on the current observation (the grids': a
+  2-d position). r^episodic depends on the episode's history, which neither can see; [1]'s
+  R2D2 is an LSTM fed a_t-1, r^e_t-1, r^i_t-1 and j. This, as much as the reward, is why
+  reset vs no-reset hardly matters in the quick runs.
+- The intrinsic reward is not normalised: a novel state earns r^episodic ~ 1/sqrt(k eps)
+  (~31 at eps = 1e-4), up to 1/(sqrt(eps) + c) with one neighbour, times alpha <= L = 5
+  and beta, against r^e = 1 once. R2D2 absorbs the scale with its transformed Retrace;
+  here PPO's clipped value loss lets the critic lag. `charts/episodic_reward` logs the raw
+  rollout mean of r^episodic.
 - The reward of the transition (x_t, a_t, x_t+1) is computed on x_t+1 against the memory
   of x_0 .. x_t (as rnd.py rewards the next state); the transition that ends an episode
   gets r^i = 0 and its auto-reset observation starts the new episode's memory.
-- Kernel eps = 1e-3 as in [1] Sec. 2's text; rlax's `episodic_memory_intrinsic_rewards`
-  defaults to 1e-4 (the value [1]'s hyperparameter table is said to use; not checked
-  here). The cluster distance xi = 8e-3 and the max similarity s_m = 8 follow rlax; note
-  that with k = 10, sqrt(sum K) <= sqrt(10) < 8, so the s_m cut-off never binds at the
-  paper's values (the tests show it with a smaller s_m).
+- Kernel eps [M]: the paper preset uses 1e-4, as rlax's `episodic_memory_intrinsic_rewards`
+  and deep_rl_zoo's NGU flags (beside the other App. F table values) do; [1] Sec. 2's text
+  says 1e-3 (the quick preset keeps 1e-3, its numbers' value). The table was not read here.
+  For a novel state r ~ sqrt(d_n / (k eps)): 1e-4 gives ~3.16x the reward.
+- The cluster distance xi = 8e-3 and the max similarity s_m = 8 follow rlax; note that with
+  k = 10, sqrt(sum K) <= sqrt(10) < 8, so the s_m cut-off never binds at the paper's
+  values (the tests show it with a smaller s_m).
+- With fewer than k states in memory (an episode's first k - 1 steps) the kernel sums over
+  the valid slots only: at d = 0 one neighbour gives 1 / (1 + c), k give 1 / (sqrt(k) + c),
+  a far one up to 1 / (sqrt(eps) + c) (~31 vs ~10 for k far ones). rlax pads the memory
+  with k zero embeddings and deep_rl_zoo returns 0 until the memory holds k states; this
+  third choice pays the first steps of each episode more.
 - d_m^2 is the running mean of the squared distances of ALL k neighbours (rlax, and [1]'s
   algorithm "update the moving average with the list of distances"), kept per env across
-  episodes (an exact cumulative mean, not an exponential one); the post says "k-th".
+  episodes (an exact cumulative float32 mean, not an exponential one: it keeps the
+  distances of the early, random embedding forever; the count is exact to 2^24, the paper
+  preset reaches 7.8M per env); the post says "k-th".
 - The memory is a ring buffer of `memory_size` slots per env (the oldest slot is
   overwritten when an episode outgrows it; [1]: 30,000 slots).
 - The embedding f and the RND predictor train in the same Adam steps as the policy (one
@@ -124,12 +148,14 @@ class Config:
     """global gradient-norm clip"""
     hidden: tuple[int, ...] = (64, 64)
     """hidden sizes of the policy and value MLPs"""
+    ext_coef: float = 1.0
+    """weight of the extrinsic reward r^e (0: intrinsic only)"""
     beta: float = 0.3
     """[1] Sec. 2: r = r^e + beta r^i (0.3, the most exploratory policy; 0: plain PPO)"""
     num_neighbours: int = 10
     """[1] k: nearest neighbours of the episodic memory"""
-    kernel_epsilon: float = 1e-3
-    """[1] Eq. 2 eps of the inverse kernel (Sec. 2 text; rlax default 1e-4)"""
+    kernel_epsilon: float = 1e-4
+    """[1] Eq. 2 eps of the inverse kernel [M] (rlax, deep_rl_zoo; [1] Sec. 2 text: 1e-3)"""
     pseudo_count_c: float = 1e-3
     """[1] Eq. 1 c: r^episodic = 1 / (sqrt(sum K) + c)"""
     cluster_distance: float = 8e-3
@@ -182,19 +208,9 @@ class Config:
                 f"num_envs * num_steps = {self.batch_size} is not divisible by "
                 f"num_minibatches={self.num_minibatches}"
             )
-        for name in (
-            "num_envs",
-            "num_steps",
-            "num_epochs",
-            "num_minibatches",
-            "num_neighbours",
-            "memory_size",
-            "embedding_dim",
-            "idf_hidden",
-            "rnd_features",
-            "max_episode_steps",
-            "coverage_grid",
-        ):
+        for name in ("num_envs", "num_steps", "num_epochs", "num_minibatches", "num_neighbours",
+                     "memory_size", "embedding_dim", "idf_hidden", "rnd_features",
+                     "max_episode_steps", "coverage_grid"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)} must be >= 1")
         if self.num_neighbours > self.memory_size:
@@ -202,17 +218,11 @@ class Config:
                 f"num_neighbours={self.num_neighbours} must be <= memory_size="
                 f"{self.memory_size} (lax.top_k over the slots)"
             )
-        for name in (
-            "lr",
-            "clip_coef",
-            "max_grad_norm",
-            "kernel_epsilon",
-            "pseudo_count_c",
-            "max_similarity",
-        ):
+        for name in ("lr", "clip_coef", "max_grad_norm", "kernel_epsilon", "pseudo_count_c",
+                     "max_similarity"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name}={getattr(self, name)} must be > 0")
-        for name in ("beta", "ent_coef", "vf_coef", "cluster_distance"):
+        for name in ("ext_coef", "beta", "ent_coef", "vf_coef", "cluster_distance"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name}={getattr(self, name)} must be >= 0")
         if self.max_reward_scale < 1:
@@ -235,6 +245,7 @@ PRESETS = {
         num_envs=8,
         num_steps=32,
         lr=1e-3,
+        kernel_epsilon=1e-3,  # [1] Sec. 2's text: the value the quick numbers were measured at
         memory_size=128,
         embedding_dim=16,
         embed_hidden=(32,),
@@ -347,7 +358,8 @@ class NGUStats:
     memory: jax.Array  # (N, M, D) ring buffers of embeddings
     count: jax.Array  # (N,) int32 writes this episode (valid slots: min(count, M))
     dm2_sum: jax.Array  # (N,) running sum of neighbours' squared distances
-    dm2_count: jax.Array  # (N,) and their count: d_m^2 = sum / count
+    dm2_count: jax.Array  # (N,) and their count: d_m^2 = sum / count (exact cumulative mean)
+    ep_mean: jax.Array  # float32 () raw r^episodic mean of the last rollout (logged)
     err_norm: RunningMeanStd  # running mu_e, sigma_e^2 of the RND error
     target: dict  # RND's fixed random target g
     beta: jax.Array  # float32 [1] beta, traced (0: plain PPO)
@@ -363,13 +375,8 @@ def make_bonus(cfg: Config, env) -> Bonus:
     )
     g = RNDNet(False, cfg.rnd_hidden, cfg.rnd_features, obs_ndim, cfg.dtype)
     g_hat = RNDNet(True, cfg.rnd_hidden, cfg.rnd_features, obs_ndim, cfg.dtype)
-    kw = dict(
-        k=cfg.num_neighbours,
-        eps=cfg.kernel_epsilon,
-        c=cfg.pseudo_count_c,
-        xi=cfg.cluster_distance,
-        s_max=cfg.max_similarity,
-    )
+    kw = dict(k=cfg.num_neighbours, eps=cfg.kernel_epsilon, c=cfg.pseudo_count_c,
+              xi=cfg.cluster_distance, s_max=cfg.max_similarity)
     n = cfg.num_envs
 
     def rnd_error(params, target, obs):
@@ -386,6 +393,7 @@ def make_bonus(cfg: Config, env) -> Bonus:
             jnp.ones(n, jnp.int32),
             zeros,
             zeros,
+            jnp.float32(0.0),
             RunningMeanStd.create(),
             g.init(k_g, obs),
             jnp.asarray(cfg.beta, jnp.float32),
@@ -414,7 +422,8 @@ def make_bonus(cfg: Config, env) -> Bonus:
             step, (stats.memory, stats.count, stats.dm2_sum, stats.dm2_count), (e, b["done"])
         )
         r_i = r_ep * mult  # [1] Sec. 2, (T, N)
-        new = stats.replace(memory=memory, count=count, dm2_sum=s, dm2_count=q, err_norm=err_norm)
+        new = stats.replace(memory=memory, count=count, dm2_sum=s, dm2_count=q,
+                            ep_mean=r_ep.mean(), err_norm=err_norm)
         return stats.beta * r_i, new
 
     def loss(params, stats: NGUStats, mb):
@@ -448,9 +457,9 @@ def make_env(cfg: Config):
 
 
 def ppo_config(cfg: Config) -> PPOConfig:
-    """PPO's fields copied from cfg; r = r^e + r^i (ext_coef = int_coef = 1): beta is
+    """PPO's fields copied from cfg; r = ext_coef r^e + r^i (int_coef = 1): beta is
     applied inside the bonus, traced, so one program can run beta = 0 beside it."""
-    return rl.ppo_config(cfg, ext_coef=1.0, int_coef=1.0)
+    return rl.ppo_config(cfg, ext_coef=cfg.ext_coef, int_coef=1.0)
 
 
 def learner(cfg: Config):
@@ -468,6 +477,7 @@ def update(state, cfg: Config):
     st = state.bonus_stats
     metrics["charts/memory_size"] = jnp.minimum(st.count, cfg.memory_size).mean()
     metrics["charts/dm2"] = (st.dm2_sum / jnp.maximum(st.dm2_count, 1)).mean()
+    metrics["charts/episodic_reward"] = st.ep_mean
     return state, metrics
 
 
@@ -503,20 +513,8 @@ def plot_coverage(out: str, argv=()):
     curves = {}
     with tempfile.TemporaryDirectory() as d:
         for i, (label, extra) in enumerate(arms.items()):
-            subprocess.run(
-                [
-                    sys.executable,
-                    __file__,
-                    *argv,
-                    *extra,
-                    "--no-progress",
-                    "--log-every",
-                    "1",
-                    "--run-dir",
-                    f"{d}/{i}",
-                ],
-                check=True,
-            )
+            subprocess.run([sys.executable, __file__, *argv, *extra, "--no-progress",
+                            "--log-every", "1", "--run-dir", f"{d}/{i}"], check=True)
             x, y, _ = plot.curve(plot.load(f"{d}/{i}"), "charts/distinct_cells")
             curves[label] = (x, y)
     fig, ax = plt.subplots(figsize=(5.5, 3.8))
@@ -548,15 +546,9 @@ def main(argv=None):
         evaluate=evaluate,
         argv=argv,
         doc=__doc__,
-        summary_keys=[
-            "distinct_cells",
-            "charts/episodic_return",
-            "charts/intrinsic_reward",
-            "losses/inverse_dynamics",
-            "losses/rnd",
-            "charts/idf_accuracy",
-            "charts/memory_size",
-        ],
+        summary_keys=["distinct_cells", "charts/episodic_return", "charts/intrinsic_reward",
+                      "charts/episodic_reward", "losses/inverse_dynamics", "losses/rnd",
+                      "charts/idf_accuracy", "charts/memory_size"],
     )
 
 

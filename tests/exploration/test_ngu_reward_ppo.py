@@ -46,45 +46,44 @@ def test_episodic_reward_by_hand():
     d_n = 0.25 * 3 / 1.75 - 0.1
     np.testing.assert_allclose(r1, 1.0 / (np.sqrt(0.1 / (d_n + 0.1)) + 0.01), rtol=1e-6)
     np.testing.assert_allclose([s1, q1], [1.75, 3.0], rtol=1e-6)
+    # A wrapped ring buffer (count 6 > M = 4 writes): all 4 slots are valid, as at count 4
+    # (the slot 0.5 is then the nearest; with count % M only 2 slots would be).
+    args = (jnp.array([0.5]), jnp.float32(1.5), jnp.float32(2.0))
+    r4, r6 = fn(memory, jnp.int32(4), *args), fn(memory, jnp.int32(6), *args)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6), r4, r6)
+    assert abs(float(r4[0] - r)) > 0.1  # the wrap matters: 4 valid slots differ from 3
 
 
 def test_max_similarity_cut_off_and_the_paper_constants():
     """[1] Eq. 1: r = 0 when s = sqrt(sum K) + c > s_m. Two neighbours equal to e: d_n = 0,
     K = 1 each, s = sqrt(2) + c: s_m = 1 gives 0, s_m = 8 gives 1 / (sqrt 2 + c). At the
     paper's k = 10, s <= sqrt(10) + c < 8: the cut-off never binds there. Paper constants
-    (eps = c = 1e-3): a state 10 d_m away from its 10 neighbours earns ~9.5x the reward of
-    one at the neighbours (r = 1 / (sqrt(10 eps / (100 + eps)) + c) = 96.6 vs 0.316)."""
+    (eps = 1e-4, c = 1e-3; the quick preset keeps [1] Sec. 2's eps = 1e-3): a state 10 d_m
+    away from its 10 neighbours (d_n = 1 - xi) earns ~96x the reward of one at them
+    (r = 1 / (sqrt(10 eps / (0.992 + eps)) + c) = 30.5 vs 0.316). Fewer than k states in
+    memory: the kernel sums over the valid slots only, so at d = 0 one state gives
+    1 / (1 + c) and k states 1 / (sqrt(k) + c), a ratio of (sqrt(k) + c) / (1 + c)."""
     memory = jnp.zeros((12, 1))
     base = dict(k=2, eps=1e-3, c=1e-3, xi=0.0)
     for s_max, want in ((1.0, 0.0), (8.0, 1 / (np.sqrt(2) + 1e-3))):
-        r, _, _ = jax.jit(
-            lambda m, s_max=s_max: ngu.episodic_reward(
-                m,
-                jnp.int32(2),
-                jnp.zeros(1),
-                jnp.float32(1.0),
-                jnp.float32(1.0),
-                **base,
-                s_max=s_max,
-            )
-        )(memory)
+        r, _, _ = jax.jit(lambda m, s_max=s_max: ngu.episodic_reward(
+            m, jnp.int32(2), jnp.zeros(1), jnp.float32(1.0), jnp.float32(1.0), **base,
+            s_max=s_max))(memory)
         np.testing.assert_allclose(r, want, rtol=1e-6)
     cfg = ngu.Config()
-    kw = dict(
-        k=cfg.num_neighbours,
-        eps=cfg.kernel_epsilon,
-        c=cfg.pseudo_count_c,
-        xi=cfg.cluster_distance,
-        s_max=cfg.max_similarity,
-    )
-    assert (kw["k"], kw["eps"], kw["c"], kw["s_max"]) == (10, 1e-3, 1e-3, 8.0)
+    kw = dict(k=cfg.num_neighbours, eps=cfg.kernel_epsilon, c=cfg.pseudo_count_c,
+              xi=cfg.cluster_distance, s_max=cfg.max_similarity)
+    assert (kw["k"], kw["eps"], kw["c"], kw["s_max"]) == (10, 1e-4, 1e-3, 8.0)
+    assert QUICK.kernel_epsilon == 1e-3
     assert np.sqrt(kw["k"]) + kw["c"] < kw["s_max"]
-    paper = jax.jit(lambda e, s: ngu.episodic_reward(memory, jnp.int32(12), e, s, s, **kw))
-    near, _, _ = paper(jnp.zeros(1), jnp.float32(1.0))
-    far, _, _ = paper(jnp.full(1, 10.0), jnp.float32(0.0))  # d_m^2 = 100 after the update
+    paper = jax.jit(lambda n, e, s: ngu.episodic_reward(memory, n, e, s, s, **kw))
+    near, _, _ = paper(jnp.int32(12), jnp.zeros(1), jnp.float32(1.0))
+    far, _, _ = paper(jnp.int32(12), jnp.full(1, 10.0), jnp.float32(0.0))  # d_m^2 = 100
     np.testing.assert_allclose(near, 1 / (np.sqrt(10) + 1e-3), rtol=1e-5)
     d_n = 1.0 - 8e-3
-    np.testing.assert_allclose(far, 1 / (np.sqrt(10 * 1e-3 / (d_n + 1e-3)) + 1e-3), rtol=1e-5)
+    np.testing.assert_allclose(far, 1 / (np.sqrt(10 * 1e-4 / (d_n + 1e-4)) + 1e-3), rtol=1e-5)
+    one, _, _ = paper(jnp.int32(1), jnp.zeros(1), jnp.float32(1.0))  # 1 of k states
+    np.testing.assert_allclose(one / near, (np.sqrt(10) + 1e-3) / (1 + 1e-3), rtol=1e-5)
 
 
 def test_lifelong_multiplier_is_clipped_to_one_and_L():
@@ -99,23 +98,28 @@ def test_lifelong_multiplier_is_clipped_to_one_and_L():
     assert ngu.Config().max_reward_scale == 5.0
 
 
-def _bonus(reset: bool):
-    cfg = dataclasses.replace(TINY, num_envs=2, memory_size=8, num_neighbours=4)
-    env = ngu.make_env(cfg)
-    bonus = ngu.make_bonus(cfg, env)
+BONUS_CFG = dataclasses.replace(TINY, num_envs=2, memory_size=8, num_neighbours=4)
+
+
+@pytest.fixture(scope="module")
+def bonus_setup():
+    """(bonus, params, stats, obs, jitted reward): the Bonus of a 2-env, 8-slot, k = 4
+    config, initialised and its `reward` compiled once for the module (reset is traced)."""
+    env = ngu.make_env(BONUS_CFG)
+    bonus = ngu.make_bonus(BONUS_CFG, env)
     obs = jnp.full((2, 2), 0.25)
     params, stats = compiled(bonus.init, jax.random.PRNGKey(0), obs)
-    # mu_e far above any error: alpha < 1, so the multiplier is exactly 1
-    stats = stats.replace(
-        beta=jnp.float32(1.0),
-        reset=jnp.asarray(reset),
-        err_norm=RunningMeanStd(jnp.float32(1e6), jnp.float32(1.0), jnp.float32(1e9)),
-    )
-    return bonus, params, stats, obs
+    stats = stats.replace(beta=jnp.float32(1.0), err_norm=_norm(1e6))
+    return bonus, params, stats, obs, jax.jit(bonus.reward)
+
+
+def _norm(mean, count=1e9):
+    """RND error moments: mu_e = mean, sigma_e = 1 (mu_e = 1e6: alpha < 1, multiplier 1)."""
+    return RunningMeanStd(jnp.float32(mean), jnp.float32(1.0), jnp.float32(count))
 
 
 @pytest.mark.parametrize("reset", [True, False])
-def test_memory_resets_at_episode_starts(reset):
+def test_memory_resets_at_episode_starts(reset, bonus_setup):
     """Through `make_bonus(...).reward`, the function PPO calls: both envs see the state
     they started in (stored in the memory at init) for T = 5 steps; env 0's episode ends at
     t = 2. All distances are 0, so K = 1 for every valid neighbour (k = 4) and
@@ -124,7 +128,8 @@ def test_memory_resets_at_episode_starts(reset):
         env 0: counts 1 2 (end: r = 0; memory := {x_3}) 1 2   -> back to the novel value
     Broken variant (memory never reset, traced `reset` False): env 0 at t = 3, 4 sees 4
     neighbours, r = 1 / (2 + c), and its memory ends with 6 states, not 3."""
-    bonus, params, stats, obs = _bonus(reset)
+    bonus, params, stats, obs, reward = bonus_setup
+    stats = stats.replace(reset=jnp.asarray(reset))
     t_len = 5
     done = jnp.zeros((t_len, 2), bool).at[2, 0].set(True)
     b = dict(
@@ -133,7 +138,7 @@ def test_memory_resets_at_episode_starts(reset):
         action=jnp.zeros((t_len, 2), jnp.int32),
         done=done,
     )
-    r, new = jax.jit(bonus.reward)(params, stats, b)
+    r, new = reward(params, stats, b)
     c = 1e-3
     f = lambda n: 1 / (np.sqrt(n) + c)
     env1 = [f(1), f(2), f(3), f(4), f(4)]
@@ -147,6 +152,36 @@ def test_memory_resets_at_episode_starts(reset):
         new.dm2_count,
         [1 + 2 + 1 + 2, 1 + 2 + 3 + 4 + 4] if reset else [1 + 2 + 4 + 4, 1 + 2 + 3 + 4 + 4],
     )
+
+
+def _moving_batch(obs, t_len=5):
+    """x_t+1 distinct at every step (0.1 (t + 1) per env), obs = next_obs shifted by one."""
+    nxt = obs + 0.1 * jnp.arange(1, t_len + 1.0)[:, None, None]
+    return dict(obs=jnp.concatenate([obs[None], nxt[:-1]]), next_obs=nxt,
+                action=jnp.zeros((t_len, 2), jnp.int32), done=jnp.zeros((t_len, 2), bool))
+
+
+def test_memory_stores_the_next_state_and_alpha_scales_the_reward(bonus_setup):
+    """The transition's state x_t+1 (not x_t) goes into slot t + 1 of the memory: the slots
+    hold f(next_obs) exactly. The lifelong multiplier reaches r^i through `reward`, with the
+    RND moments updated on the rollout first: mu_e = -1e6 (alpha clipped to L = 5) gives
+    exactly 5x the reward of mu_e = +1e6 (alpha clipped to 1) on the same batch; with a
+    stale-free update from a near-empty count (1e-4), mu_e moves to the batch and alpha
+    to ~1, so the reward is not 5x."""
+    bonus, params, stats, obs, reward = bonus_setup
+    b = _moving_batch(obs)
+    f = ngu.Embedding(BONUS_CFG.embed_hidden, BONUS_CFG.embedding_dim, BONUS_CFG.idf_hidden, 4,
+                      1, BONUS_CFG.dtype)
+    want = f.apply(params["embed"], b["next_obs"], method=ngu.Embedding.embed)  # (T, N, D)
+    r_lo, new = reward(params, stats, b)
+    np.testing.assert_allclose(new.memory[:, 1:6], want.swapaxes(0, 1), rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(new.count, [6, 6])
+    r_hi, _ = reward(params, stats.replace(err_norm=_norm(-1e6)), b)
+    r_new, _ = reward(params, stats.replace(err_norm=_norm(-1e6, 1e-4)), b)
+    assert (r_lo > 0).all()
+    np.testing.assert_allclose(r_hi / r_lo, 5.0, rtol=1e-5)
+    assert (r_new < 4.0 * r_lo).all(), r_new / r_lo
+    np.testing.assert_allclose(new.ep_mean, (r_lo).mean(), rtol=1e-6)  # beta = 1, alpha = 1
 
 
 def test_memory_is_a_ring_buffer_with_masked_reset():
@@ -163,11 +198,12 @@ def test_memory_is_a_ring_buffer_with_masked_reset():
     assert n == 1
 
 
-def test_inverse_dynamics_loss_skips_episode_ends():
+def test_inverse_dynamics_loss_skips_episode_ends(bonus_setup):
     """[1] Sec. 2: the embedding is trained by p(a_t | x_t, x_t+1); a transition whose
     next_obs is the auto-reset observation is no transition: changing its action leaves
-    the loss unchanged, changing another's changes it."""
-    bonus, params, stats, _ = _bonus(True)
+    the loss unchanged, changing another's changes it. The bonus loss is the sum of the
+    inverse-dynamics and the RND predictor's losses (both train)."""
+    bonus, params, stats, _, _ = bonus_setup
     key = jax.random.PRNGKey(1)
     mb = dict(
         obs=jax.random.uniform(key, (6, 2)),
@@ -175,7 +211,11 @@ def test_inverse_dynamics_loss_skips_episode_ends():
         action=jnp.array([0, 1, 2, 3, 0, 1]),
         done=jnp.array([False, False, True, False, False, False]),
     )
-    loss = jax.jit(lambda p, mb: bonus.loss(p, stats, mb)[1]["losses/inverse_dynamics"])
+    full = jax.jit(lambda p, mb: bonus.loss(p, stats, mb))
+    total, m = full(params, mb)
+    assert float(m["losses/rnd"]) > 0
+    np.testing.assert_allclose(total, m["losses/inverse_dynamics"] + m["losses/rnd"], rtol=1e-6)
+    loss = lambda p, mb: full(p, mb)[1]["losses/inverse_dynamics"]
     base = loss(params, mb)
     np.testing.assert_allclose(
         loss(params, {**mb, "action": mb["action"].at[2].set(3)}), base, rtol=1e-6
@@ -183,13 +223,8 @@ def test_inverse_dynamics_loss_skips_episode_ends():
     assert abs(float(loss(params, {**mb, "action": mb["action"].at[1].set(3)}) - base)) > 1e-4
 
 
-RUN_ARGS = cli_args(TINY, QUICK, preset="quick") + [
-    "--num-seeds",
-    str(2 * SEEDS),
-    "--log-every",
-    "8",
-    "--no-progress",
-]
+RUN_ARGS = cli_args(TINY, QUICK, preset="quick") + ["--num-seeds", str(2 * SEEDS),
+                                                     "--log-every", "8", "--no-progress"]
 
 
 def _run(run_dir):
@@ -252,17 +287,16 @@ def test_train_is_pure_and_cli_writes_its_files(recorded, capsys):
     assert "Presets (--preset): quick, paper" in out
     assert (run_.run_dir / "metrics.jsonl").exists()
     h = run_.history
-    for k in (
-        "losses/inverse_dynamics",
-        "losses/rnd",
-        "charts/intrinsic_reward",
-        "charts/memory_size",
-        "charts/dm2",
-    ):
+    for k in ("losses/inverse_dynamics", "losses/rnd", "charts/intrinsic_reward",
+              "charts/memory_size", "charts/dm2", "charts/episodic_reward"):
         assert h[k].shape == (2 * SEEDS, 8) and np.isfinite(h[k]).all(), k
     assert not np.array_equal(h["losses/rnd"][0], h["losses/rnd"][1])
     assert (h["charts/intrinsic_reward"][:SEEDS] > 0).all()
     assert (h["charts/intrinsic_reward"][SEEDS:] == 0).all()
+    # raw r^episodic (before alpha and beta; computed in both arms): positive, and at most
+    # 1 / (sqrt(eps) + c) per step
+    assert (h["charts/episodic_reward"] > 0).all()
+    assert (h["charts/episodic_reward"] <= 1 / (np.sqrt(1e-3) + 1e-3)).all()
     assert int(run_.state.bonus_stats.count.max()) <= 101
     assert len(chunks) == 1
     state, metrics = jax.device_get(chunks[0][0](chunks[0][1]))
@@ -276,10 +310,12 @@ def test_bad_values_fail_with_named_field(tmp_path):
         ("--max-reward-scale", "0.5", "max_reward_scale"),
         ("--kernel-epsilon", "0", "kernel_epsilon"),
         ("--beta", "-1", "beta"),
+        ("--ext-coef", "-1", "ext.coef"),  # the runner checks it first
         ("--dtype", "float16", "dtype"),
     ):
         with pytest.raises(ValueError, match=field):
             ngu.main(["--preset", "quick", flag, value, "--run-dir", str(tmp_path)])
+    assert ngu.ppo_config(dataclasses.replace(QUICK, ext_coef=0.0)).ext_coef == 0.0
 
 
 def test_every_config_field_is_read():
@@ -292,15 +328,8 @@ def test_paper_preset_traces():
     DoorKey-Random-16x16, 64 envs x 128 steps, memories of 30,000 x 32 per env, k = 10):
     nothing runs."""
     cfg, state, (after, metrics) = trace_paper(ngu)
-    assert (
-        cfg.num_neighbours,
-        cfg.kernel_epsilon,
-        cfg.pseudo_count_c,
-        cfg.max_similarity,
-        cfg.max_reward_scale,
-        cfg.beta,
-        cfg.gamma,
-    ) == (10, 1e-3, 1e-3, 8.0, 5.0, 0.3, 0.99)
+    assert (cfg.num_neighbours, cfg.kernel_epsilon, cfg.pseudo_count_c, cfg.max_similarity,
+            cfg.max_reward_scale, cfg.beta, cfg.gamma) == (10, 1e-4, 1e-3, 8.0, 5.0, 0.3, 0.99)
     assert state.bonus_stats.memory.shape == (64, 30_000, 32)
     assert jax.tree.structure(after) == jax.tree.structure(state)
     assert all(m.shape == () for m in jax.tree.leaves(metrics))
