@@ -1,10 +1,12 @@
-"""DORA: E-values as generalised visit counters, on a DQN with an extra E head.
+"""DORA: E-values as generalised visit counters, on a DQN with an E stream.
 
 [1] L. Choshen, L. Fox, Y. Loewenstein. "DORA The Explorer: Directed Outreaching
-    Reinforcement Action-Selection." ICLR 2018, arXiv:1804.04012. Released code:
-    borgr/DORA (linapprox/main.py, tile-coding + linear E with a sigmoid) and its submodule
-    borgr/deep_exploration_with_E_network (lib/action_selection.py, lib/model.py,
-    lib/setting.py, lib/training.py), read for the rules and defaults below.
+    Reinforcement Action-Selection." ICLR 2018, arXiv:1804.04012. The authors' code:
+    borgr/DORA (linapprox/main.py: tile coding, linear E with a sigmoid) and borgr/atari-rl
+    @53f0d89 (the deep agent: networks/dqn.py, networks/loss.py, agents/agent.py, main.py),
+    read for the rules and defaults below. borgr/deep_exploration_with_E_network (a DORA
+    submodule) is the ICLR-2018 reproducibility-challenge replication by Davis, Wang and Pan,
+    third-party code, cited only where said.
 
 E-values are the Q-values of a second MDP, the same dynamics with every reward 0, started at
 E = 1 and learned on-policy (SARSA), so E(s,a) only shrinks where (s,a) and what follows it
@@ -13,59 +15,74 @@ have been tried; log E is a counter that also propagates along trajectories:
     E(s,a) <- (1 - alpha) E(s,a) + alpha gamma_E E(s',a')          [1] Sec. 3 (SARSA, r = 0)
     gamma_E = 0:  E = (1 - alpha)^n after n visits,  log_{1-alpha} E = n   [1] Sec. 3.1
     bonus:  r_t <- r_t + beta / sqrt(log_{1-alpha} E(s_t,a_t))      [1] Sec. 4, as MBIE-EB
-            here beta / sqrt(-log E): the constant sqrt(-log(1 - alpha)) is folded into beta
+            here beta / sqrt(-log E + 0.01) (atari-rl: the + 0.01 caps it at 10 beta; the
+            constant sqrt(-log(1 - alpha)) is folded into beta)
     LLL:    a_t = argmax_a [log f(a | s_t) - log log_{1-alpha} E(s_t,a)]    [1] Alg. 1
-            with f the epsilon-greedy policy of Q (the released LLL_epsilon_greedy); the
-            base of the log adds the same constant to every action and does not matter.
+            `lll`: f epsilon-greedy on Q (as the replication); `lll_softmax`: f = softmax(Q/T),
+            i.e. argmax Q - T log(-log E) (linapprox's DORA agent, T = 0.5; atari-rl's LLL
+            flag with T = epsilon). The base of the log adds a constant to every action.
 
-With function approximation [1] Sec. 5: E(s,a) = sigma(c + w_E . phi(s))_a, an extra head
-with zero-initialised weights and a fixed offset c = logit(e_init) (so E ~ 1 at init), on the
-Q network's torso, trained in the same jitted step as the Q head on the same replay batch:
+With function approximation [1] Sec. 5: an E stream on the Q network's shared torso (as
+atari-rl: Dense 256 ReLU -> Dense A, zero kernel, sigmoid, so E = e_init = 0.5 at init),
+trained in the same jitted step as the Q head on the same replay batch (one loss, as
+atari-rl's q_loss + e_loss):
 
     L_Q = 1/B sum_b (r_b + beta b_b + gamma (1 - d_b) max_a' Q^-(s'_b, a') - Q(s_b, a_b))^2
     L_E = 1/(2B) sum_b (gamma_E (1 - d_b) E^-(s'_b, a'_b) - E(s_b, a_b))^2,  a'_b the action
-    taken at s'_b (SARSA); b_b = beta / sqrt(-log E(s_b, a_b)) with no gradient.
+    taken at s'_b (SARSA on the target net); b_b = beta / sqrt(-log E(s_b, a_b) + 0.01).
 One SGD step of L_E on a one-hot phi with a linear head (`e_activation=linear`, offset 1)
-is exactly the tabular rule above: the test checks E = (1 - alpha)^n through `learn`.
+is exactly the tabular rule above: the test checks E = (1 - alpha)^n through `learn`. Under
+replay SGD on batch means alpha is only ~ e_lr k / B (k copies of (s, a) in the batch), and
+under Adam e_lr is no count rate at all.
 
 Reproduce (CPU, DeepSea N = 10, one env, 150 episodes):
     python exploration/dora.py --preset quick --num-seeds 4
-    python exploration/dora.py --preset quick_epsilon --num-seeds 4   # plain DQN
+    python exploration/dora.py --preset quick --num-seeds 4 --action-selection epsilon  # f
+    python exploration/dora.py --preset quick_epsilon --num-seeds 4   # DQN, eps 1 -> 0.05
     python exploration/dora.py --plot exploration/dora.png
-The quick preset's run is the test's behaviour run. Measured (loaded 2-core CPU, jax 0.10.2,
-4 seeds, about 2 min wall for 35 s of CPU), episodes to the first treasure (-1: never) and
-episodes that reached it out of 150:
+The quick preset's run is the test's behaviour run; its two broken arms run the same compiled
+program from the same initial states with State.use_e = False (f sampled: epsilon-greedy 0.3)
+and State.e_train = 0 (E frozen at 1: LLL = greedy Q). Measured (loaded 2-core CPU, jax
+0.10.2, 4 seeds), episodes to the first treasure (-1: never) and treasure episodes of 150:
     DORA, LLL on epsilon-greedy 0.3 (quick)        80  78 110  -1    51 54 21 0
+    f itself: epsilon-greedy 0.3 (broken)          -1  -1  -1  -1
     the E head frozen (quick_frozen, broken)       -1  -1  -1  -1     0  0  0 0
     DQN, epsilon 1 -> 0.05 (quick_epsilon)         -1  -1  -1  -1     0  0  0 0
-The plot (exploration/dora.png, 4 min): treasure episodes over training for the three.
+This supports only "a linear one-hot E with LLL beats its own epsilon-greedy f", not DORA
+with a network E head. The plot (exploration/dora.png, 4 min): treasure episodes over
+training for quick, quick_frozen and quick_epsilon.
 Calibration on the same budget (first treasure): gamma_E = 0 with epsilon 0.5: 64 -1 122 -1
 (gamma_E = 0.99: -1 101 101 -1); epsilon 0.05 in f: 1/4; an MLP E head on the shared torso
-(the paper preset's network, Adam) or a sigmoid linear E from 0.99: 0/4 (E falls to ~0.01 in
-unvisited cells, resp. barely moves); DORA as a bonus (beta 0.1, epsilon 0.05): 0/4.
+(Adam) or a sigmoid linear E from 0.99: 0/4 (E falls to ~0.01 in unvisited cells, resp.
+barely moves). The bonus mode has no valid result: its one calibration (beta 0.1, epsilon
+0.05: 0/4) ran before bonus_eps, with bonuses up to 1000 beta, and was not re-run.
+The network E head of `paper` is untested at scale: only traced, and one `learn` step in the
+tests; a working one likely needs ~1e3 episodes at N = 10, an E target net and a GPU run.
 Paper numbers: [1] Fig. 5 (sparse MountainCar, linear): DORA reaches the goal where
 epsilon-greedy and softmax mostly do not; Freeway: DORA scores above DQN [M: not re-read].
 
 Differences from the paper:
 - The environment is DeepSea (bsuite, the repo's sparse-reward test bed; [1] used a bridge
   MDP, sparse MountainCar with 1000-step episodes and Atari Freeway). The `paper` preset is
-  DeepSea N = 20 with bsuite-DQN constants (MLP [50, 50], adam 1e-3, batch 128) and the
-  released deep code's gamma_E = 0.99; MountainCar and Freeway are not run here.
-- The E head shares the Q torso (the post's "another value head"); the released deep code
-  uses a second network of the same shape (`--no-shared-torso`), with its own target copy
-  period. Here one target copy holds both heads.
-- The released code starts the E net's last layer at zero with a sigmoid, i.e. E = 0.5 at
-  init; [1] and the post say E starts at 1. Here E starts at `e_init` (0.99 by default) via
-  the fixed logit offset, and E is clipped to [1e-30, 1 - 1e-6] inside the logs.
-- The bonus is beta / sqrt(-log E) as in the post; linapprox/main.py adds 1 / log_{1-alpha}
-  E (an inverse count, no square root). The bonus is computed at learning time on the
-  replayed (s, a) with the current E head, not stored at acting time.
+  DeepSea N = 20 with bsuite's TF DQN constants (MLP [50, 50], adam 1e-3, batch 32,
+  min replay 100, target period 4, epsilon 0.05 fixed; atari-rl's conv torso and epsilon
+  schedule are not reproduced) and atari-rl's E stream, gamma_E 0.99 and bonus (beta 0.05,
+  + 0.01); MountainCar and Freeway are not run here.
+- L_Q is plain MSE (not common.dqn's Huber loss, nor atari-rl's clipped reward: the bonus is
+  added unclipped); one target copy holds both streams (the replication copies its separate
+  E network every 1000 steps, Q every 10000, and clamps gradients).
+- The E head has no learnable bias: a fixed offset logit(e_init) instead (E = 0.5 at
+  e_init 0.5 as atari-rl; [1] and the post start E at 1). E is clipped to [1e-30, 1 - 1e-6]
+  inside the logs.
+- The bonus is computed at learning time on the replayed (s, a) with the current E head;
+  atari-rl computes it at acting time and stores it. linapprox/main.py's bonus is
+  1 / log_{1-alpha} E (an inverse count, no square root).
 - The quick preset (the tests' setting) uses a separate linear E on DeepSea's one-hot cells,
   E = 1 + w . phi trained by SGD (e_lr 3 on batch means), the analogue of linapprox's linear
-  E on binary tile features, and epsilon 0.3 in f (linapprox's default epsilon): an MLP E
-  head generalises E down in every cell of a one-hot grid and found no treasure (above).
-- LLL determinizes the epsilon-greedy f (as the released deep agent); the softmax f of
-  linapprox (argmax Q - T log(-log E)) is not offered.
+  E on binary tile features, and LLL on epsilon-greedy 0.3 in f, which is the replication's
+  rule (linapprox's 0.3 drives only its EGREEDY baseline; its DORA agent is lll_softmax,
+  offered here but not calibrated on DeepSea): an MLP E head generalises E down in every
+  cell of a one-hot grid and found no treasure (above).
 Metrics: charts/first_success is NaN until the treasure is first reached (then the finished
 episodes it took); charts/bonus_mean is the mean bonus over the replayed batch.
 """
@@ -108,32 +125,32 @@ class Config:
     """added under the square root (atari-rl: 0.01), so the bonus is at most beta/sqrt(eps)"""
     gamma_e: float = 0.99
     """E-value discount gamma_E (released deep code 0.99; 0 makes -log E a scaled count)"""
-    e_init: float = 0.99
-    """E at initialisation (the fixed offset of the E head; [1]: 1, released code: 0.5)"""
+    e_init: float = 0.5
+    """E at initialisation (the fixed offset of the E head; [1]: 1, atari-rl: 0.5)"""
     e_activation: str = "sigmoid"
-    """E head output: sigmoid (released code) or linear (tabular equivalence tests)"""
+    """E head output: sigmoid (atari-rl) or linear (tabular equivalence tests)"""
     e_lr: float = 1e-3
-    """learning rate alpha of the E head (its own optimizer)"""
+    """learning rate of the E head (its own optimizer; [1]'s alpha only for SGD, see doc)"""
     e_optimizer: str = "adam"
     """optimizer of the E head: adam or sgd (sgd + linear + one-hot = the tabular rule)"""
     freeze_e: bool = False
     """ablation: the E head is never trained (a constant bonus; the tests' broken variant)"""
     shared_torso: bool = True
-    """E head on the Q network's torso; else a separate E network (released deep code)"""
+    """E stream on the Q network's torso (atari-rl); else on the obs (the replication)"""
     hidden: tuple[int, ...] = (50, 50)
     """hidden layer sizes of the Q network's torso"""
-    e_hidden: tuple[int, ...] = (50, 50)
-    """hidden sizes of the separate E network (no shared torso); () = linear E on the obs"""
+    e_hidden: tuple[int, ...] = (256,)
+    """hidden ReLU layers of the E stream before its head (atari-rl: 256); () = linear"""
     lr: float = 1e-3
     """Adam learning rate of the Q head and torso"""
-    batch_size: int = 128
-    """replay minibatch size"""
+    batch_size: int = 32
+    """replay minibatch size (bsuite DQN)"""
     gamma: float = 0.99
     """discount of the task's Q-values"""
     buffer_size: int = 10_000
     """replay capacity in transitions"""
-    learning_starts: int = 128
-    """transitions collected before the first gradient update"""
+    learning_starts: int = 100
+    """transitions collected before the first gradient update (bsuite DQN min_replay)"""
     train_every: int = 1
     """vector-env steps between gradient updates"""
     target_update_period: int = 4
@@ -193,15 +210,14 @@ class Config:
             raise ValueError(f"total_timesteps={self.total_timesteps} is less than one update")
 
 
-# linapprox-style E (the released linear code: E on binary features, epsilon 0.3): a separate
-# linear E on DeepSea's one-hot observation, SGD, E starting at 1 (an MLP E head on one-hot
-# cells generalises E down everywhere: measured E ~ 0.01 in unvisited cells after 300 steps)
+# linapprox-style E (the authors' linear code: E on binary tile features): a separate linear E
+# on DeepSea's one-hot observation, SGD, E starting at 1 (an MLP E head on one-hot cells
+# generalises E down everywhere: measured E ~ 0.01 in unvisited cells after 300 steps)
 _LINEAR_E = dict(
     shared_torso=False, e_hidden=(), e_activation="linear", e_init=1.0, e_optimizer="sgd", e_lr=3.0
 )
-_QUICK = dict(
-    _LINEAR_E, deepsea_size=10, total_timesteps=1_500, batch_size=32, eps_start=0.3, eps_end=0.3
-)
+_QUICK = dict(_LINEAR_E, deepsea_size=10, total_timesteps=1_500, learning_starts=128,
+              eps_start=0.3, eps_end=0.3)
 PRESETS = {
     # CPU demo: DeepSea N = 10, 150 episodes of one env, batch 32, LLL on epsilon-greedy 0.3
     "quick": _QUICK,
@@ -211,7 +227,9 @@ PRESETS = {
     ),
     # the broken variant: the E head never trained (E = 1: LLL sees equal counters)
     "quick_frozen": dict(_QUICK, freeze_e=True),
-    "paper": dict(),
+    # atari-rl's deep setting where it is a config: the E stream (256 ReLU, sigmoid head at
+    # 0.5) on the shared torso, bonus beta / sqrt(-log E + 0.01) with beta 0.05, epsilon-greedy
+    "paper": dict(beta=0.05, bonus_eps=0.01, action_selection="epsilon"),
 }
 
 COVERAGE_GRID = 64
@@ -258,7 +276,7 @@ class QENet(nn.Module):
         x = obs.reshape(obs.shape[0], -1).astype(self.dtype)  # (B, features)
         phi = self.torso(x, self.hidden, "q_torso")
         q = nn.Dense(self.num_actions, dtype=self.dtype, name="q_head")(phi)
-        phi_e = phi if self.shared_torso else self.torso(x, self.e_hidden, "e_torso")
+        phi_e = self.torso(phi if self.shared_torso else x, self.e_hidden, "e_torso")
         z = nn.Dense(self.num_actions, use_bias=False, kernel_init=nn.initializers.zeros,
                      dtype=self.dtype, name="e_head")(phi_e).astype(jnp.float32)
         e = jax.nn.sigmoid(self.offset + z) if self.activation == "sigmoid" else self.offset + z

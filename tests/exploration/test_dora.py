@@ -1,7 +1,9 @@
 """Tests of exploration/dora.py: the E-value rule as a counter (gamma_E = 0, one-hot features,
 linear head: E = (1 - alpha)^n and the bonus ~ n^(-1/2), through `learn`), the SARSA target
-with gamma_E, the LLL action selection against [1] Alg. 1, purity, CLI, the paper preset and
-a short behaviour test on DeepSea against epsilon-greedy DQN."""
+with gamma_E and done from the target network at the next action, the bonus in the Q target
+and its cap, the LLL and LLL-softmax action selection, purity, CLI, the paper preset and a
+short behaviour test on DeepSea against f itself (epsilon-greedy 0.3) and a frozen E head,
+both run by the CLI run's compiled program."""
 
 import dataclasses
 import functools
@@ -256,9 +258,13 @@ def test_every_config_field_is_read():
 
 def test_paper_preset_traces():
     """jax.eval_shape of init and one update under `paper` (DeepSea N = 20, MLP [50, 50] with
-    an E head on the shared torso, a 10,000-transition replay)."""
+    atari-rl's E stream, 256 ReLU, on the shared torso, a 10,000-transition replay); the
+    preset is atari-rl's deep agent: the bonus on (beta 0.05, + 0.01), epsilon-greedy, E = 0.5
+    at init."""
     cfg, state, (after, metrics) = trace_paper(dora)
+    assert cfg.beta == 0.05 and cfg.bonus_eps == 0.01 and cfg.action_selection == "epsilon"
+    assert cfg.e_init == 0.5 and cfg.shared_torso and cfg.e_hidden == (256,)
     assert jax.tree.structure(after) == jax.tree.structure(state)
     assert all(m.shape == () for m in jax.tree.leaves(metrics))
     assert state.replay.data["obs"].shape == (10_000, 1, 20, 20)
-    assert state.params["params"]["e_head"]["kernel"].shape == (50, 2)
+    assert state.params["params"]["e_head"]["kernel"].shape == (256, 2)
