@@ -40,7 +40,8 @@ and the held-out order-verification accuracy on a balanced set (chance 0.5).
 
 Reproduce (CPU demo, 32x32 frames, a small trunk):
     python selfsup/frame_order.py --preset quick --plot selfsup/frame_order.png
-Measured: see the end of this docstring (filled in from the quick run).
+Measured (partial, 1 seed, stopped at step 300 of 600 at the deadline, loaded 2-core CPU):
+training order accuracy on balanced tuples 0.82 (steps 250-300, loss 0.355); evaluate not run.
 Paper setting (GPU; procedural videos in place of UCF101, CaffeNet on 227x227 frames):
     python selfsup/frame_order.py --preset paper
 [1] (UCF101 split 1, fine-tuned from the tuple-verification network, per the released
