@@ -24,13 +24,14 @@ POET keeps a list of active (environment E, agent theta) pairs and repeats ([1] 
        E' passes the MC too (up to max_admitted per mutation step); past the capacity the
        oldest pair is archived (deactivated; its env stays in the novelty archive).
     2. Optimisation, every iteration: one ES step per active pair ([1] Alg. 1; [2] es.py):
-         g = 1/(n sigma) sum_i rank(F(theta + sigma eps_i)) eps_i   (mirrored eps, centred
-         ranks in [-0.5, 0.5]);  theta <- theta + Adam(g - l2 theta)
+         g = 1/(n sigma) sum_i (w_i+ - w_i-) eps_i over the n mirrored pairs (w = centred
+         ranks of F(theta +- sigma eps_i) in [-0.5, 0.5]);  theta <- theta + Adam(g - l2 theta)
        sigma and the learning rate decay per step to their floors.
     3. Transfer, every N_transfer iterations ([1] Alg. 2, Sec. 3): for every target env,
        each other active agent is tried directly, F(theta_s, E_t), and after one proposal
        ES step on E_t (fine-tune); the best candidate replaces the incumbent ONLY if it
-       scores higher than the incumbent's own F(theta_t, E_t) (then Adam restarts).
+       scores higher than the incumbent's own F(theta_t, E_t) (then Adam, sigma and lr restart,
+       [2] set_theta(reset_optimizer=True)).
 JAX: every (agent, env) pair of a transfer, and every child env x agent of a mutation step,
 is one vmapped rollout; the ES steps of all active pairs are one vmap inside a jitted scan;
 one `update` = N_mutate iterations (their transfers included) then one mutation step.
@@ -42,13 +43,16 @@ height U(stump lo, hi) (a coin each); the ground is perturbed by roughness x 0.1
 unit-spaced bumps. Actions (tanh): run (acceleration) and jump (take-off speed, on the
 ground only). Observations: velocity, on-ground, and 10 ground-height probes 0.5-5 ahead.
 Reward 300 x progress / 40 (a finished run from x = 1 scores 292.5), -100 and the end for
-falling into a pit. Solved >= 230 ([1]'s threshold). Fully jittable and vmappable.
+falling into a pit; a finish takes >= 78 steps. Solved >= 230 ([1]'s threshold), counted
+only where the pair's own agent took ES steps since it arrived. Jittable and vmappable.
 
 Reproduce (CPU): python metarl/poet.py --preset quick --num-seeds 2 --plot metarl/poet.png
-`paper` preset (the defaults): [1]/[2]'s numbers: 512 ES members (256 mirrored pairs),
-sigma 0.1 (x0.999 per step, floor 0.01), lr 0.01 (x0.9999, floor 0.001), L2 0.01, Adam,
-N_transfer 25, N_mutate 150, 8 children, 1 admitted, capacity 20, MC [50, 300],
-repro_threshold 200, k = 5, policy 40-40 tanh MLP, 60000 iterations.
+`paper` preset (the defaults), [2] at 1814d89 (run_poet_local.sh, es.py, master.py): 512 ES
+members (256 mirrored pairs), sigma 0.1 (x0.999 per step, floor 0.01), lr 0.01 (x0.9999,
+floor 0.001), L2 0.01, Adam, centred ranks, N_transfer 25, N_mutate 200 (adjust_interval 8 x
+25), 8 children, 1 admitted, repro_threshold 200, k = 5, 5 eval episodes, 50000 iterations;
+from [1] [M: its Sec. 4 not re-read]: capacity 20 ([2]: 25), MC [50, 300] ([2]: [25, 340]),
+policy 40-40 tanh MLP.
 Ours (quick preset: 6 pairs, 32-member ES, 16-unit policy, a mutation step every 20
 iterations, 800 iterations = 40 updates; 2 seeds on a loaded 2-core CPU, 3.5 min of it
 compiling, the rest ~1 min): every mutation step admitted a child (41 envs created, 6
@@ -61,24 +65,21 @@ to the first pit it cannot cross). Plot: metarl/poet.png.
 Differences from the paper:
 - TerrainRunner is a jitted point-mass analogue of [1]'s Box2D BipedalWalker (no JAX port);
   encoding, mutation steps, ranges and the MC band are [2]'s, in BipedalWalker's units on
-  our track. Deterministic envs: one evaluation episode per (agent, env) ([2]: 5).
-- The MC's upper bound (300) never binds on TerrainRunner: a finished run scores 292.5.
-  With a finish reward of 320 (finished runs too easy) nearly every child of a solved env
-  was rejected as too easy or too hard (one mutation step apart) and the quick run stalled
-  at gap 1.6 after 4 admissions; the band [50, 300] is kept as [1] states it.
-- A pair's score (used for reproduction eligibility and the solved count) is F(theta, E) of
-  the theta that took the last ES step, run in the same vmapped rollout as its
-  population ([2] evaluates the updated theta after the step); transfers compare fresh
-  scores. Each iteration costs pop_size + 1 episodes per pair.
+  our track. Deterministic envs: one evaluation episode per (agent, env) ([2]: 5). The MC's
+  upper bound (300) never binds here (a finish scores 292.5; with a finish reward of 320
+  nearly every child of a solved env was too easy or too hard, and the quick run stalled).
+- A pair's score (reproduction eligibility, solved count) is F(theta, E) of the theta that
+  took the last ES step, in its population's rollout ([2]: the updated theta after the
+  step); transfers compare fresh scores. Solved counts only pairs whose agent took an ES
+  step since it arrived (es_t > 0): an admitted child's score is its best agent's.
 - Admission checks the best active agent by direct transfer only ([2] also tries a
   proposal step per agent); dedup rejects a child equal to an active env.
 - Fixed shapes: `capacity` slots always computed, inactive ones masked; the novelty
   archive is a ring of `archive_size` encodings.
-- [2]'s run script uses 40 active envs and MC [25, 340] (master.py); [1] reports 20 and
-  [50, 300], used here.
 """
 
 from dataclasses import dataclass
+from functools import partial
 
 import jax
 import jax.numpy as jnp
@@ -86,6 +87,7 @@ import numpy as np
 from flax import struct
 
 from common import run
+from common.blackbox import centered_ranks
 
 # --- CONFIG ---
 
@@ -94,10 +96,10 @@ from common import run
 class Config:
     """POET (Wang et al. 2019) on a jitted TerrainRunner, ES agents."""
 
-    num_iterations: int = 60000
-    """POET iterations (one ES step per active pair each; [2] run_poet_local.sh 60000)"""
-    mutate_interval: int = 150
-    """N_mutate: iterations between mutation steps (one `update`; [2] 6 x 25)"""
+    num_iterations: int = 50000
+    """POET iterations (one ES step per active pair each; [2] 1814d89 run_poet_local.sh)"""
+    mutate_interval: int = 200
+    """N_mutate: iterations between mutation steps (one `update`; [2] 1814d89: 8 x 25)"""
     transfer_interval: int = 25
     """N_transfer: iterations between transfer attempts ([1], [2]: 25)"""
     capacity: int = 20
@@ -145,7 +147,7 @@ class Config:
     hidden: tuple[int, ...] = (40, 40)
     """policy MLP hidden sizes, tanh ([1]: 40-40)"""
     episode_steps: int = 200
-    """steps per TerrainRunner episode (dt 0.1; the track takes >= 100)"""
+    """steps per TerrainRunner episode (dt 0.1; a finish takes >= 78)"""
     solved_threshold: float = 230.0
     """an env counts as solved at this score ([1]: 230)"""
     dtype: str = "float32"
@@ -156,84 +158,59 @@ class Config:
         return self.num_iterations // self.mutate_interval
 
     @property
+    def episodes_per_update(self) -> int:
+        """Episodes computed per update (inactive slots included): ES steps (pop + theta),
+        transfers (proposal ES steps of the m(m-1) pairs s != t, then m^2 direct and m(m-1)
+        proposed evaluations), the mutation step (every agent on every child)."""
+        m, p = self.capacity, self.pop_size + 1
+        tr = (m * (m - 1) * (p + 1) + m * m) * self.transfer
+        return (self.mutate_interval * m * p + self.mutate_interval // self.transfer_interval
+                * tr + m * self.max_children * self.reproduce)
+
+    @property
     def steps_per_update(self) -> int:
-        return self.mutate_interval * self.capacity * self.pop_size * self.episode_steps
+        return self.episodes_per_update * self.episode_steps
 
     def validate(self):
         if self.dtype not in ("float32", "bfloat16"):
             raise ValueError(f"dtype={self.dtype!r} must be one of ('float32', 'bfloat16')")
-        for name in (
-            "num_iterations",
-            "mutate_interval",
-            "transfer_interval",
-            "capacity",
-            "archive_size",
-            "max_children",
-            "max_admitted",
-            "novelty_k",
-            "pop_size",
-            "sigma",
-            "sigma_min",
-            "lr",
-            "lr_min",
-            "episode_steps",
-            "sigma_decay",
-            "lr_decay",
-        ):
+        for name in ("num_iterations mutate_interval transfer_interval capacity archive_size "
+                     "max_children max_admitted novelty_k pop_size sigma sigma_min lr lr_min "
+                     "episode_steps sigma_decay lr_decay").split():
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name}={getattr(self, name)} must be > 0")
         if self.pop_size % 2:
             raise ValueError(f"pop_size={self.pop_size} must be even (mirrored pairs)")
         if self.mutate_interval % self.transfer_interval:
-            raise ValueError(
-                f"mutate_interval={self.mutate_interval} must be a multiple of "
-                f"transfer_interval={self.transfer_interval}"
-            )
+            raise ValueError(f"mutate_interval={self.mutate_interval} must be a multiple of "
+                             f"transfer_interval={self.transfer_interval}")
         if self.num_iterations < self.mutate_interval:
-            raise ValueError(
-                f"num_iterations={self.num_iterations} must be >= "
-                f"mutate_interval={self.mutate_interval}"
-            )
+            raise ValueError(f"num_iterations={self.num_iterations} must be >= "
+                             f"mutate_interval={self.mutate_interval}")
         if not self.mc_low < self.mc_high:
             raise ValueError(f"mc_low={self.mc_low} must be < mc_high={self.mc_high}")
         if self.max_admitted > self.max_children:
-            raise ValueError(
-                f"max_admitted={self.max_admitted} must be <= max_children={self.max_children}"
-            )
+            raise ValueError(f"max_admitted={self.max_admitted} must be <= "
+                             f"max_children={self.max_children}")
         if len(self.mutation_steps) != 3 or min(self.mutation_steps) <= 0:
             raise ValueError(f"mutation_steps={self.mutation_steps} must hold 3 values > 0")
-        if (
-            len(self.max_encoding) != 3
-            or self.max_encoding[1] < GAP_INIT[1]
-            or (self.max_encoding[2] < STUMP_INIT[1] or self.max_encoding[0] < 0)
-        ):
-            raise ValueError(
-                f"max_encoding={self.max_encoding} must hold 3 values, gap >= "
-                f"{GAP_INIT[1]}, stump >= {STUMP_INIT[1]}, roughness >= 0"
-            )
+        mx = self.max_encoding
+        if len(mx) != 3 or mx[1] < GAP_INIT[1] or mx[2] < STUMP_INIT[1] or mx[0] < 0:
+            raise ValueError(f"max_encoding={mx} must hold 3 values, gap >= {GAP_INIT[1]}, "
+                             f"stump >= {STUMP_INIT[1]}, roughness >= 0")
         e = self.start_env
         if len(e) != 5 or min(e) < 0 or e[1] > e[2] or e[3] > e[4]:
-            raise ValueError(
-                f"start_env={e} must be 5 values >= 0 (roughness, gap lo <= hi, stump lo <= hi)"
-            )
+            raise ValueError(f"start_env={e} must be 5 values >= 0 (roughness, gap lo <= hi, "
+                             "stump lo <= hi)")
         if min(self.hidden, default=1) < 1:
             raise ValueError(f"hidden={self.hidden} must be sizes >= 1")
 
 
 PRESETS = {
     # CPU demo: 6 pairs of 32-member ES, mutation every 20 iterations, 40 mutation steps.
-    "quick": dict(
-        num_iterations=800,
-        mutate_interval=20,
-        transfer_interval=5,
-        capacity=6,
-        archive_size=64,
-        pop_size=32,
-        hidden=(16,),
-        sigma_decay=1.0,
-        lr=0.03,
-        lr_decay=1.0,
-    ),
+    "quick": dict(num_iterations=800, mutate_interval=20, transfer_interval=5, capacity=6,
+                  archive_size=64, pop_size=32, hidden=(16,), sigma_decay=1.0, lr=0.03,
+                  lr_decay=1.0),
     "paper": dict(),
 }
 
@@ -316,10 +293,8 @@ def policy(theta, obs, cfg: Config):
 
 
 def init_theta(key, cfg: Config):
-    parts = []
-    for (a, b), k in zip(
-        policy_shapes(cfg), jax.random.split(key, len(cfg.hidden) + 1), strict=True
-    ):
+    parts, keys = [], jax.random.split(key, len(cfg.hidden) + 1)
+    for (a, b), k in zip(policy_shapes(cfg), keys, strict=True):
         parts += [jax.random.normal(k, (a * b,)) / np.sqrt(a), jnp.zeros(b)]
     return jnp.concatenate(parts)
 
@@ -335,9 +310,7 @@ def episode_return(theta, enc, env_key, cfg: Config):
         return (s, ret + r * alive, alive & ~done), None
 
     s0 = (jnp.float32(1.0), jnp.float32(0.0), jnp.float32(0.0), jnp.float32(0.0))
-    (_, ret, _), _ = jax.lax.scan(
-        step, (s0, jnp.float32(0.0), jnp.array(True)), None, cfg.episode_steps
-    )
+    (_, ret, _), _ = jax.lax.scan(step, (s0, jnp.float32(0.0), True), None, cfg.episode_steps)
     return ret
 
 
@@ -361,23 +334,24 @@ def adam_reset(theta):
     return Adam(jnp.zeros_like(theta), jnp.zeros_like(theta), jnp.zeros((), jnp.int32))
 
 
-def centered_ranks(f):
-    """[2] returns_normalization centered_ranks: ranks scaled to [-0.5, 0.5]."""
-    ranks = jnp.argsort(jnp.argsort(f)).astype(jnp.float32)
-    return ranks / (f.shape[0] - 1) - 0.5
+def es_grad(eps, f, sigma):
+    """[2] es.py: eps [n, D] the n mirrored pairs' noise, f [2n] the returns of theta + sigma
+    eps then theta - sigma eps; g = 1/(n sigma) sum_i (w_i+ - w_i-) eps_i, w = centred ranks of
+    all 2n returns ([2]: grads /= len(returns), returns of shape (n, 2))."""
+    n, w = eps.shape[0], centered_ranks(f)
+    return eps.T @ (w[:n] - w[n:]) / (n * sigma)
 
 
 def es_step(key, theta, opt: Adam, es_t, enc, env_key, cfg: Config):
-    """One ES step ([1] Alg. 1, [2] es.py): mirrored eps, centred ranks,
-    g = 1/(n sigma) sum_i w_i eps_i, theta <- theta + Adam(g - l2 theta). theta itself runs
-    in the same vmapped rollout as its population. Returns (theta', opt', F(theta, E))."""
+    """One ES step ([1] Alg. 1, [2] es.py): theta <- theta + Adam(es_grad - l2 theta), Adam
+    by hand for [2]'s eps placement (optimizers.py). theta itself runs in the same vmapped
+    rollout as its population. Returns (theta', opt', F(theta, E))."""
     sigma = jnp.maximum(cfg.sigma * cfg.sigma_decay**es_t, cfg.sigma_min)
     lr = jnp.maximum(cfg.lr * cfg.lr_decay**es_t, cfg.lr_min)
     half = jax.random.normal(key, (cfg.pop_size // 2, theta.shape[0]))
     eps = jnp.concatenate([half, -half, jnp.zeros_like(half[:1])])  # last: theta itself
     f = jax.vmap(lambda e: episode_return(theta + sigma * e, enc, env_key, cfg))(eps)
-    w = centered_ranks(f[:-1])
-    g = eps[:-1].T @ w / (cfg.pop_size * sigma) - cfg.l2_coef * theta  # ascent direction
+    g = es_grad(half, f[:-1], sigma) - cfg.l2_coef * theta  # ascent direction
     t = opt.t + 1
     m = 0.9 * opt.m + 0.1 * g
     v = 0.999 * opt.v + 0.001 * g**2
@@ -392,19 +366,10 @@ def mutate_pair(key, lo_hi, step, init, vmax):
     """[2] populate_array: the first time (hi == 0) -> init; else one of the 8 neighbours
     (lo + {-1, 0, 1} step, hi + {-1, 0, 1} step, not both 0), rounded to 0.1, kept only if
     init_lo <= lo <= hi, init_hi <= hi, both <= vmax; none valid -> unchanged."""
-    d = (
-        jnp.array(
-            [(a, b) for a in (1.0, 0.0, -1.0) for b in (1.0, 0.0, -1.0) if (a, b) != (0.0, 0.0)]
-        )
-        * step
-    )
-    cand = jnp.round((lo_hi + d) * 10) / 10
-    ok = (
-        (cand[:, 0] >= init[0])
-        & (cand[:, 1] >= init[1])
-        & (cand <= vmax + 1e-6).all(1)
-        & (cand[:, 0] <= cand[:, 1] + 1e-6)
-    )
+    d = [(a, b) for a in (1.0, 0.0, -1.0) for b in (1.0, 0.0, -1.0) if (a, b) != (0.0, 0.0)]
+    cand = jnp.round((lo_hi + jnp.array(d) * step) * 10) / 10
+    ok = ((cand[:, 0] >= init[0]) & (cand[:, 1] >= init[1]) & (cand <= vmax + 1e-6).all(1)
+          & (cand[:, 0] <= cand[:, 1] + 1e-6))
     pick = cand[jax.random.categorical(key, jnp.where(ok, 0.0, -jnp.inf))]
     new = jnp.where(ok.any(), pick, lo_hi)
     return jnp.where(lo_hi[1] <= 0, jnp.asarray(init), new)
@@ -415,13 +380,8 @@ def mutate(key, enc, cfg: Config):
     k_r, k_g, k_s = jax.random.split(key, 3)
     (sr, sg, ss), (mr, mg, ms) = cfg.mutation_steps, cfg.max_encoding
     rough = jnp.round((enc[0] + jax.random.uniform(k_r, minval=-sr, maxval=sr)) * 10) / 10
-    return jnp.concatenate(
-        [
-            jnp.clip(rough, 0.0, mr)[None],
-            mutate_pair(k_g, enc[1:3], sg, GAP_INIT, mg),
-            mutate_pair(k_s, enc[3:5], ss, STUMP_INIT, ms),
-        ]
-    )
+    return jnp.concatenate([jnp.clip(rough, 0.0, mr)[None], mutate_pair(k_g, enc[1:3], sg,
+                            GAP_INIT, mg), mutate_pair(k_s, enc[3:5], ss, STUMP_INIT, ms)])
 
 
 def passes_mc(score, cfg: Config):
@@ -463,7 +423,7 @@ class State:
     env_keys: jax.Array  # [M, 2] env seeds (terrain)
     thetas: jax.Array  # [M, D] paired agents
     opt: Adam  # per pair
-    es_t: jax.Array  # [M] ES steps of each pair (sigma, lr decay)
+    es_t: jax.Array  # [M] ES steps of each pair's agent since it arrived (sigma, lr decay)
     active: jax.Array  # [M] bool
     created: jax.Array  # [M] iteration of admission
     scores: jax.Array  # [M] F(theta, E) after the last ES step
@@ -481,20 +441,9 @@ def init(key, cfg: Config) -> State:
     thetas = jnp.zeros((m, d)).at[0].set(init_theta(k_th, cfg))
     env_keys = jax.random.split(k_env, m)
     archive = jnp.zeros((cfg.archive_size, 5)).at[0].set(enc0)
-    return State(
-        encs,
-        env_keys,
-        thetas,
-        jax.vmap(adam_reset)(thetas),
-        jnp.zeros(m, jnp.int32),
-        jnp.arange(m) == 0,
-        jnp.zeros(m, jnp.int32),
-        jnp.zeros(m),
-        archive,
-        jnp.int32(1),
-        jnp.int32(0),
-        key,
-    )
+    return State(encs, env_keys, thetas, jax.vmap(adam_reset)(thetas), jnp.zeros(m, jnp.int32),
+                 jnp.arange(m) == 0, jnp.zeros(m, jnp.int32), jnp.zeros(m), archive,
+                 jnp.int32(1), jnp.int32(0), key)
 
 
 def es_iteration(state: State, key, cfg: Config) -> State:
@@ -504,7 +453,7 @@ def es_iteration(state: State, key, cfg: Config) -> State:
     th, opt, f = jax.vmap(lambda k, t, o, n, e, ek: es_step(k, t, o, n, e, ek, cfg))(
         keys, state.thetas, state.opt, state.es_t, state.encs, state.env_keys
     )
-    keep = lambda new, old: jnp.where(state.active.reshape((-1,) + (1,) * (old.ndim - 1)), new, old)
+    keep = partial(put_rows, state.active)
     return state.replace(
         thetas=keep(th, state.thetas),
         opt=jax.tree.map(keep, opt, state.opt),
@@ -514,95 +463,103 @@ def es_iteration(state: State, key, cfg: Config) -> State:
     )
 
 
-def transfer_step(state: State, key, cfg: Config):
-    """Step 3: direct and proposal transfers between every pair of active pairs: the
-    proposal ES steps of all (source, target) pairs in one vmap, then every direct and
-    proposed agent on its target env in one vmapped rollout."""
-    m = cfg.capacity
-    src, tgt = (a.ravel() for a in jnp.meshgrid(jnp.arange(m), jnp.arange(m), indexing="ij"))
+def put_rows(mask, new, old):
+    """old with the rows where mask [M] is True taken from new (broadcast over trailing axes)."""
+    return jnp.where(mask.reshape((-1,) + (1,) * (jnp.ndim(old) - 1)), new, old)
 
-    def propose(k, s, t):  # one ES step of theta_s on E_t with E_t's optimiser
-        th, _, _ = es_step(
-            k,
-            state.thetas[s],
-            jax.tree.map(lambda x: x[t], state.opt),
-            state.es_t[t],
-            state.encs[t],
-            state.env_keys[t],
-            cfg,
-        )
-        return th
 
-    prop_th = jax.vmap(propose)(jax.random.split(key, m * m), src, tgt)  # [s * m + t, D]
-    both = jnp.concatenate([state.thetas[src], prop_th])
-    f = jax.vmap(lambda th, t: episode_return(th, state.encs[t], state.env_keys[t], cfg))(
-        both, jnp.concatenate([tgt, tgt])
-    )
-    direct, proposal = f[: m * m].reshape(m, m), f[m * m :].reshape(m, m)  # [s, t]
+def apply_transfer(state: State, direct, proposal, prop_th):
+    """Step 3's decision (pure): direct/proposal [s, t] scores, prop_th [s, t, D] the proposed
+    agents. A replaced target gets the winner, its score, a fresh Adam and es_t = 0 (sigma and
+    lr restart: [2] set_theta(reset_optimizer=True))."""
+    m = direct.shape[0]
     replace, source, from_prop, score = transfer_choice(direct, proposal, state.active)
-    replace = replace & cfg.transfer
-    new = jnp.where(from_prop[:, None], prop_th[source * m + jnp.arange(m)], state.thetas[source])
-    thetas = jnp.where(replace[:, None], new, state.thetas)
-    fresh = jax.vmap(adam_reset)(thetas)
-    opt = jax.tree.map(
-        lambda f, o: jnp.where(replace.reshape((-1,) + (1,) * (o.ndim - 1)), f, o), fresh, state.opt
-    )
-    scores = jnp.where(replace, score, state.scores)
-    return state.replace(thetas=thetas, opt=opt, scores=scores), replace.sum()
+    new = jnp.where(from_prop[:, None], prop_th[source, jnp.arange(m)], state.thetas[source])
+    thetas = put_rows(replace, new, state.thetas)
+    opt = jax.tree.map(partial(put_rows, replace), jax.vmap(adam_reset)(thetas), state.opt)
+    return state.replace(thetas=thetas, opt=opt, es_t=put_rows(replace, 0, state.es_t),
+                         scores=put_rows(replace, score, state.scores)), replace.sum()
 
 
-def mutation_step(state: State, key, cfg: Config):
-    """Step 1: mutate eligible parents, MC + novelty filter, admit, archive the oldest."""
-    k_par, k_mut, k_seed = jax.random.split(key, 3)
-    c = cfg.max_children
+def transfer_step(state: State, key, cfg: Config):
+    """Step 3: the proposal ES steps of all m(m-1) (source s != target t) pairs in one vmap,
+    then every direct (incumbents included) and proposed agent on its target env in one
+    vmapped rollout."""
+    if not cfg.transfer:
+        return state, jnp.int32(0)
+    m = cfg.capacity
+    src, tgt = np.nonzero(~np.eye(m, dtype=bool))  # the m(m-1) pairs s != t
+    at = lambda t: (jax.tree.map(lambda x: x[t], state.opt), state.es_t[t], state.encs[t],
+                    state.env_keys[t])  # target t's optimiser, decay and env
+    prop = jax.vmap(lambda k, s, t: es_step(k, state.thetas[s], *at(t), cfg)[0])(
+        jax.random.split(key, src.shape[0]), src, tgt)  # [m(m-1), D]
+    s_all, t_all = (a.ravel() for a in np.meshgrid(np.arange(m), np.arange(m), indexing="ij"))
+    f = jax.vmap(lambda th, t: episode_return(th, state.encs[t], state.env_keys[t], cfg))(
+        jnp.concatenate([state.thetas[s_all], prop]), np.concatenate([t_all, tgt]))
+    direct = f[: m * m].reshape(m, m)  # [s, t]
+    proposal = jnp.full((m, m), -jnp.inf).at[src, tgt].set(f[m * m :])
+    prop_th = jnp.zeros((m, m, prop.shape[1])).at[src, tgt].set(prop)
+    return apply_transfer(state, direct, proposal, prop_th)
+
+
+def admit(state: State, children, seeds, on_child, nov, parents, cfg: Config) -> State:
+    """Step 1's decision (pure). children [C, 5] with their env seeds, on_child [M, C] =
+    F(theta_a, E'_c), nov [C], parents [C]. A child passes if its parent is eligible, the
+    parent's score on it is within the MC, it equals no active env, and the best active
+    agent on it also passes the MC; up to max_admitted pass, most novel first, each into a
+    free slot or the oldest pair's, with the best agent, a fresh Adam, es_t = 0."""
+    c = children.shape[0]
     eligible = state.active & (state.scores >= cfg.repro_threshold)
-    parents = jax.random.categorical(k_par, jnp.where(eligible, 0.0, -jnp.inf), shape=(c,))
-    children = jax.vmap(lambda k, p: mutate(k, state.encs[p], cfg))(
-        jax.random.split(k_mut, c), parents
-    )
-    seeds = jax.random.split(k_seed, c)
     dup = (jnp.abs(children[:, None] - state.encs[None]).max(-1) < 1e-6) & state.active
-    nov = jax.vmap(lambda e: novelty(e, state.archive, state.count, cfg.novelty_k))(children)
-    on_child = cross_returns(state.thetas, children, seeds, cfg)  # [agent, child]
     parent_score = on_child[parents, jnp.arange(c)]  # the parent on its child
-    ok = eligible.any() & cfg.reproduce & passes_mc(parent_score, cfg) & ~dup.any(1)
+    ok = eligible.any() & passes_mc(parent_score, cfg) & ~dup.any(1)
     on_child = jnp.where(state.active[:, None], on_child, -jnp.inf)
     best_agent, best = on_child.argmax(0), on_child.max(0)
     rank = jnp.where(ok & passes_mc(best, cfg), nov, -jnp.inf)
     order = jnp.argsort(-rank)
 
-    def admit(j, st):
+    def one(j, st):
         ch = order[j]
         go = jnp.isfinite(rank[ch])
-        free = ~st.active
-        slot = jnp.where(
-            free.any(),
-            free.argmax(),
-            jnp.where(st.active, st.created, jnp.iinfo(jnp.int32).max).argmin(),
-        )
-        sel = (jnp.arange(cfg.capacity) == slot) & go
+        oldest = jnp.where(st.active, st.created, jnp.iinfo(jnp.int32).max).argmin()
+        slot = jnp.where((~st.active).any(), (~st.active).argmax(), oldest)
+        sel = (jnp.arange(st.active.shape[0]) == slot) & go
         th = state.thetas[best_agent[ch]]
-        put = lambda arr, v: jnp.where(sel.reshape((-1,) + (1,) * (arr.ndim - 1)), v, arr)
+        put = partial(put_rows, sel)
         return st.replace(
-            encs=put(st.encs, children[ch]),
-            env_keys=put(st.env_keys, seeds[ch]),
-            thetas=put(st.thetas, th),
-            opt=jax.tree.map(put, st.opt, adam_reset(th)),
-            es_t=put(st.es_t, 0),
-            active=st.active | sel,
-            created=put(st.created, st.iteration),
-            scores=put(st.scores, best[ch]),
-            archive=jnp.where(
-                go, st.archive.at[st.count % cfg.archive_size].set(children[ch]), st.archive
-            ),
-            count=st.count + go,
-        )
+            encs=put(children[ch], st.encs), env_keys=put(seeds[ch], st.env_keys),
+            thetas=put(th, st.thetas), opt=jax.tree.map(put, adam_reset(th), st.opt),
+            es_t=put(0, st.es_t), active=st.active | sel, created=put(st.iteration, st.created),
+            scores=put(best[ch], st.scores), count=st.count + go,
+            archive=jnp.where(go, st.archive.at[st.count % st.archive.shape[0]].set(children[ch]),
+                              st.archive))
 
-    new = jax.lax.fori_loop(0, cfg.max_admitted, admit, state)
-    return new, {"admitted": new.count - state.count, "children_mc": (ok * 1.0).sum()}
+    return jax.lax.fori_loop(0, cfg.max_admitted, one, state)
+
+
+def mutation_step(state: State, key, cfg: Config):
+    """Step 1: mutate eligible parents, every active agent on every child, admit."""
+    if not cfg.reproduce:
+        return state
+    k_par, k_mut, k_seed = jax.random.split(key, 3)
+    c = cfg.max_children
+    eligible = state.active & (state.scores >= cfg.repro_threshold)
+    parents = jax.random.categorical(k_par, jnp.where(eligible, 0.0, -jnp.inf), shape=(c,))
+    children = jax.vmap(lambda k, p: mutate(k, state.encs[p], cfg))(
+        jax.random.split(k_mut, c), parents)
+    seeds = jax.random.split(k_seed, c)
+    nov = jax.vmap(lambda e: novelty(e, state.archive, state.count, cfg.novelty_k))(children)
+    on_child = cross_returns(state.thetas, children, seeds, cfg)  # [agent, child]
+    return admit(state, children, seeds, on_child, nov, parents, cfg)
 
 
 # --- TRAIN ---
+
+
+def solved_mask(state: State, cfg: Config):
+    """Active pairs scoring >= solved_threshold whose agent took an ES step since it arrived
+    (not a score inherited at admission or transfer)."""
+    return state.active & (state.scores >= cfg.solved_threshold) & (state.es_t > 0)
 
 
 def update(state: State, cfg: Config):
@@ -611,35 +568,26 @@ def update(state: State, cfg: Config):
 
     def block(carry, keys):
         st, n = carry
-        st = jax.lax.fori_loop(
-            0,
-            cfg.transfer_interval,
-            lambda i, s: es_iteration(s, jax.random.fold_in(keys[0], i), cfg),
-            st,
-        )
+        es = lambda i, s: es_iteration(s, jax.random.fold_in(keys[0], i), cfg)
+        st = jax.lax.fori_loop(0, cfg.transfer_interval, es, st)
         st, moved = transfer_step(st, keys[1], cfg)
         return (st, n + moved), None
 
     nb = cfg.mutate_interval // cfg.transfer_interval
     keys = jnp.stack([jax.random.split(k_es, nb), jax.random.split(k_tr, nb)], 1)
     (state, moved), _ = jax.lax.scan(block, (state, jnp.int32(0)), keys)
-    state, info = mutation_step(state, k_mut, cfg)
-    state = state.replace(key=key)
-    solved = state.active & (state.scores >= cfg.solved_threshold)
-    hard = lambda i: jnp.where(solved, state.encs[:, i], 0.0).max()
-    return state, {
-        "charts/num_active": state.active.sum() * 1.0,
+    new = mutation_step(state, k_mut, cfg).replace(key=key)
+    solved = solved_mask(new, cfg)
+    hard = lambda i: jnp.where(solved, new.encs[:, i], 0.0).max()
+    return new, {
+        "charts/num_active": new.active.sum() * 1.0,
         "charts/num_solved": solved.sum() * 1.0,
-        "charts/mean_score": jnp.where(state.active, state.scores, 0).sum() / state.active.sum(),
+        "charts/mean_score": jnp.where(new.active, new.scores, 0).sum() / new.active.sum(),
         "charts/solved_gap_hi": hard(2),
         "charts/solved_stump_hi": hard(4),
-        "charts/solved_roughness": hard(0),
-        "charts/max_gap_hi": jnp.where(state.active, state.encs[:, 2], 0).max(),
-        "charts/max_stump_hi": jnp.where(state.active, state.encs[:, 4], 0).max(),
-        "charts/envs_created": state.count * 1.0,
+        "charts/envs_created": new.count * 1.0,
         "charts/transfers": moved * 1.0,
-        "charts/admitted": info["admitted"] * 1.0,
-        "charts/children_mc": info["children_mc"],
+        "charts/admitted": (new.count - state.count) * 1.0,
     }
 
 
@@ -658,19 +606,16 @@ def plot(history: dict, state, cfg: Config, out: str):
 
     fig, ax = plt.subplots(1, 2, figsize=(11, 4))
     it = (np.arange(history["charts/num_active"].shape[1]) + 1) * cfg.mutate_interval
-    for k in ("solved_gap_hi", "solved_stump_hi", "max_gap_hi", "num_solved"):
+    for k in ("solved_gap_hi", "solved_stump_hi", "num_solved"):
         y = np.asarray(history[f"charts/{k}"])
         ax[0].plot(it, y.mean(0), label=f"{k} ({y.shape[0]} seeds)")
-    ax[0].set(
-        xlabel="POET iteration", title=f"hardest env solved (score >= {cfg.solved_threshold:g})"
-    )
+    ax[0].set(xlabel="POET iteration", title=f"hardest solved (>= {cfg.solved_threshold:g})")
     act = np.asarray(state.active[0])
     encs, sc = np.asarray(state.encs[0])[act], np.asarray(state.scores[0])[act]
     s = ax[1].scatter(encs[:, 2], encs[:, 4], c=sc, cmap="viridis", s=60, vmin=-100, vmax=320)
     fig.colorbar(s, ax=ax[1], label="paired agent's score")
     ax[1].set(xlabel="gap width hi", ylabel="stump height hi", title="active envs (seed 0)")
-    for a in ax:
-        a.grid(alpha=0.3)
+    [a.grid(alpha=0.3) for a in ax]
     ax[0].legend(fontsize=8)
     fig.tight_layout()
     return save_png(fig, out)
@@ -679,14 +624,8 @@ def plot(history: dict, state, cfg: Config, out: str):
 # --- MAIN ---
 
 
-SUMMARY = [
-    "charts/num_active",
-    "charts/num_solved",
-    "charts/solved_gap_hi",
-    "charts/solved_stump_hi",
-    "charts/envs_created",
-    "charts/mean_score",
-]
+SUMMARY = ["charts/num_active", "charts/num_solved", "charts/solved_gap_hi",
+           "charts/solved_stump_hi", "charts/envs_created", "charts/mean_score"]
 
 
 def main(argv=None):

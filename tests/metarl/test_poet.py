@@ -1,8 +1,11 @@
-"""Tests of metarl/poet.py: the minimal criterion, the novelty score on a hand case, the
-transfer rule (replace only if better), the mutation's neighbours, ranges and clipping,
-POET against direct ES on POET's hardest solved env, purity, CLI, paper preset."""
+"""Tests of metarl/poet.py: the minimal criterion, the novelty score on a hand case, the ES
+gradient's scale, the transfer rule and its application (Adam, sigma and lr restart), the
+admission of a child on a hand-built state, the mutation's neighbours, ranges and clipping,
+the episode count, POET against direct ES on POET's hardest solved env, purity, CLI, paper
+preset."""
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -12,15 +15,16 @@ import pytest
 from common import run
 from metarl import poet
 from tests.common.cli import cli_args
-from tests.common.compiled import main_recording_chunks
+from tests.common.compiled import compiled, main_recording_chunks
 from tests.common.config_fields import unread_fields
 from tests.common.preset import trace_paper
 
 CFG = poet.Config(**poet.PRESETS["quick"])
-# 4 pairs of 16-member ES, 8-unit policy, mutation every 20 iterations: 20 updates, one chunk.
-TINY = dataclasses.replace(
-    CFG, capacity=4, pop_size=16, hidden=(8,), num_iterations=400, archive_size=32
-)
+# 4 pairs of 16-member ES, 8-unit policy, mutation every 20 iterations: 20 updates, one chunk;
+# 120-step episodes (a finish takes 78), a transfer every 10 iterations.
+TINY = dataclasses.replace(CFG, capacity=4, pop_size=16, hidden=(8,), num_iterations=400,
+                           archive_size=32, episode_steps=120, transfer_interval=10)
+BAND = dataclasses.replace(TINY, mc_high=280.0)  # an MC band whose upper bound binds
 SEEDS = 2
 
 
@@ -28,6 +32,19 @@ def test_minimal_criterion_band():
     """[1]: mc_low <= score <= mc_high, both ends included (50 and 300)."""
     s = jnp.array([-100.0, 49.9, 50.0, 175.0, 300.0, 300.1])
     np.testing.assert_array_equal(poet.passes_mc(s, CFG), [0, 0, 1, 1, 1, 0])
+    assert not poet.passes_mc(292.5, BAND)  # a finished run is too easy for the tests' band
+
+
+def test_es_gradient_is_divided_by_the_pairs():
+    """[2] es.py: one pair, eps = 1, returns (1, 0) -> centred ranks (0.5, -0.5), weight
+    0.5 - (-0.5) = 1, divided by len(returns) = 1 pair and sigma: g = 1 (0.5 if divided by
+    the 2 members). Two pairs, sigma 0.5: ranks of (3, 0, 1, 2) are (0.5, -0.5, -1/6, 1/6);
+    g = (eps_1 (0.5 + 1/6) + eps_2 (-0.5 - 1/6)) / (2 x 0.5)."""
+    np.testing.assert_allclose(poet.es_grad(jnp.array([[1.0]]), jnp.array([1.0, 0.0]), 1.0),
+                               [1.0])
+    eps = jnp.array([[1.0, 0.0], [0.0, 2.0]])
+    g = poet.es_grad(eps, jnp.array([3.0, 0.0, 1.0, 2.0]), 0.5)
+    np.testing.assert_allclose(g, [2 / 3, -4 / 3], rtol=1e-6)
 
 
 def test_novelty_by_hand():
@@ -62,9 +79,91 @@ def test_transfer_replaces_only_a_worse_incumbent():
     assert int(src[0]) == 1
 
 
+def _state(m=3, d=2):
+    """A hand-built full State: m active pairs, es_t 7, Adam moments 1, created (5, 2, 9)
+    (slot 1 the oldest), distinct agents theta_i = (i + 1, -(i + 1))."""
+    th = jnp.stack([jnp.arange(1.0, m + 1), -jnp.arange(1.0, m + 1)], 1)[:, :d]
+    ones = jnp.ones((m, d))
+    return poet.State(
+        encs=jnp.arange(m * 5.0).reshape(m, 5), env_keys=jax.random.split(jax.random.PRNGKey(0), m),
+        thetas=th, opt=poet.Adam(ones, ones, jnp.full(m, 3, jnp.int32)),
+        es_t=jnp.full(m, 7, jnp.int32), active=jnp.ones(m, bool),
+        created=jnp.array([5, 2, 9]), scores=jnp.array([250.0, 100.0, 210.0]),
+        archive=jnp.zeros((8, 5)), count=jnp.int32(3), iteration=jnp.int32(40),
+        key=jax.random.PRNGKey(1))
+
+
+def test_transfer_application_restarts_adam_sigma_and_lr():
+    """apply_transfer on a hand-built state: target 1 (incumbent 40) takes agent 0's proposal
+    (theta = prop_th[0, 1], not prop_th[1, 0]) with score 80, a fresh Adam and es_t = 0 ([2]
+    set_theta(reset_optimizer=True) restores the stepsize and noise_std); targets 0 and 2
+    (nothing better) keep everything."""
+    st = _state()
+    direct = jnp.array([[100.0, 50, 5], [20, 40, 70], [30, 60, 170]])
+    proposal = jnp.array([[0.0, 80, 0], [0, 0, 0], [25, 0, 0]])
+    prop_th = jnp.arange(18.0).reshape(3, 3, 2) + 100
+    new, moved = compiled(poet.apply_transfer, st, direct, proposal, prop_th)
+    assert int(moved) == 1
+    np.testing.assert_array_equal(new.thetas[1], prop_th[0, 1])
+    np.testing.assert_array_equal(new.thetas[np.array([0, 2])], st.thetas[np.array([0, 2])])
+    np.testing.assert_array_equal(new.es_t, [7, 0, 7])
+    np.testing.assert_array_equal(new.opt.t, [3, 0, 3])
+    np.testing.assert_array_equal(new.opt.m[1], [0, 0])
+    np.testing.assert_array_equal(new.opt.v[0], [1, 1])
+    np.testing.assert_array_equal(new.scores, [250, 80, 210])
+
+
+def test_admission_on_a_hand_built_state():
+    """admit (MC [50, 280]) with 3 full slots (slot 1 the oldest) and 5 children, by novelty
+    9 > 7 > 6 > 5 > 3, all of parent agent 0: child 0 equals active env 2 (dedup: out, though
+    its MC passes); the parent scores 20 on child 1, under the MC, though the best agent
+    scores 150 (out); 290 on child 2, too easy (out); 100 on child 3, and the best agent on
+    it is agent 2 (150): admitted; child 4 passes too but is less novel. Child 3 lands in slot
+    1 with theta_2, score 150, a fresh Adam, es_t 0, created = the iteration, archive[3] =
+    child 3, count 4."""
+    st, cfg = _state(), dataclasses.replace(BAND, max_children=5, max_admitted=1)
+    children = jnp.arange(5.0)[:, None] + jnp.zeros(5)
+    children = children.at[0].set(st.encs[2])
+    seeds = jax.random.split(jax.random.PRNGKey(2), 5)
+    on_child = jnp.array([[100.0, 20, 290, 100, 120], [0, 150, 60, 60, 100],
+                          [0, 30, 60, 150, 60]])
+    admit = lambda st: poet.admit(st, children, seeds, on_child, jnp.array([9.0, 7, 6, 5, 3]),
+                                  jnp.zeros(5, jnp.int32), cfg)
+    new = compiled(admit, st)
+    np.testing.assert_array_equal(new.encs[1], children[3])
+    np.testing.assert_array_equal(new.env_keys[1], seeds[3])
+    np.testing.assert_array_equal(new.encs[np.array([0, 2])], st.encs[np.array([0, 2])])
+    np.testing.assert_array_equal(new.thetas[1], st.thetas[2])
+    np.testing.assert_array_equal(new.scores, [250, 150, 210])
+    np.testing.assert_array_equal(new.es_t, [7, 0, 7])
+    np.testing.assert_array_equal(new.opt.t, [3, 0, 3])
+    np.testing.assert_array_equal(new.opt.m[1], [0, 0])
+    np.testing.assert_array_equal(new.created, [5, 40, 9])
+    np.testing.assert_array_equal(new.archive[3], children[3])
+    assert int(new.count) == 4 and new.active.all()
+    # no eligible parent (every score < 200): nothing is admitted
+    none = compiled(admit, st.replace(scores=jnp.full(3, 100.0)))
+    assert int(none.count) == 3
+
+
+def test_episode_count_per_update():
+    """steps_per_update (the runner's perf/sps) counts every computed episode: TINY, m = 4,
+    17 episodes per ES step: 20 iterations x 4 x 17 = 1360; 2 transfers of 12 proposal ES
+    steps (17 each) + 16 direct + 12 proposed evaluations = 232 each; 4 agents x 8 children =
+    32. Without transfers or reproduction: 1360."""
+    assert TINY.episodes_per_update == 1360 + 2 * 232 + 32
+    assert TINY.steps_per_update == TINY.episodes_per_update * 120
+    off = dataclasses.replace(TINY, transfer=False, reproduce=False)
+    assert off.episodes_per_update == 1360
+
+
+@functools.cache
+def _mutate_fn(cfg):
+    return jax.jit(jax.vmap(lambda k, enc: poet.mutate(k, enc, cfg), (0, None)))
+
+
 def _children(enc, n=400, cfg=CFG):
-    keys = jax.random.split(jax.random.PRNGKey(0), n)
-    out = jax.jit(jax.vmap(lambda k: poet.mutate(k, enc, cfg)))(keys)
+    out = _mutate_fn(cfg)(jax.random.split(jax.random.PRNGKey(0), n), jnp.asarray(enc))
     return np.round(np.asarray(out, np.float64), 4)
 
 
@@ -94,7 +193,7 @@ def test_bad_values_fail_with_named_field(tmp_path):
     for flags, msg in (
         (["--pop-size", "31"], "pop_size=31"),
         (["--mc-low", "400"], "mc_low=400"),
-        (["--transfer-interval", "7"], "mutate_interval=150"),
+        (["--transfer-interval", "7"], "mutate_interval=200"),
         (["--max-admitted", "9"], "max_admitted=9"),
         (["--start-env", "0", "2", "1", "0", "0"], "start_env"),
         (["--mutation-steps", "0.6", "0.4"], "mutation_steps"),
@@ -109,10 +208,11 @@ def test_every_config_field_is_read():
 
 
 def test_paper_preset_traces():
-    """eval_shape of init and one update (150 iterations, 6 transfers, a mutation step)
+    """eval_shape of init and one update (200 iterations, 8 transfers, a mutation step)
     under the paper preset: 20 pairs of 512-member ES, 40-40 policy; nothing runs."""
     cfg, state, (after, metrics) = trace_paper(poet)
-    assert cfg.pop_size == 512 and cfg.capacity == 20 and cfg.mutate_interval == 150
+    assert cfg.pop_size == 512 and cfg.capacity == 20 and cfg.num_iterations == 50000
+    assert cfg.mutate_interval == 200 and "N_mutate 200" in poet.__doc__  # [2] at 1814d89
     assert (cfg.mc_low, cfg.mc_high, cfg.novelty_k) == (50.0, 300.0, 5)
     assert state.thetas.shape == (20, poet.num_params(cfg))
     assert jax.tree.structure(after) == jax.tree.structure(state)
@@ -124,18 +224,9 @@ def tiny_run(tmp_path_factory):
     """TINY through the CLI: 2 seeds, its 20 updates in one chunk (recorded for reruns)."""
     return main_recording_chunks(
         poet.main,
-        cli_args(TINY, poet.Config())
-        + [
-            "--num-seeds",
-            str(SEEDS),
-            "--log-every",
-            "20",
-            "--no-progress",
-            "--fast-compile",
-            "--run-dir",
-            str(tmp_path_factory.mktemp("poet")),
-        ],
-    )
+        cli_args(TINY, poet.Config()) + ["--num-seeds", str(SEEDS), "--log-every", "20",
+                                         "--no-progress", "--fast-compile", "--run-dir",
+                                         str(tmp_path_factory.mktemp("poet"))])
 
 
 def test_train_is_pure_and_cli_writes_its_files(tiny_run, capsys):
@@ -163,33 +254,65 @@ def test_train_is_pure_and_cli_writes_its_files(tiny_run, capsys):
     assert "Presets (--preset): quick, paper" in out
 
 
+def _hardest_solved(state, cfg):
+    """Per seed, the hardest env (largest gap hi + stump hi) that its own agent solved."""
+    solved = np.asarray(jax.vmap(lambda st: poet.solved_mask(st, cfg))(state))
+    hard = np.where(solved, state.encs[..., 2] + state.encs[..., 4], -1.0).argmax(1)
+    return hard, solved[np.arange(hard.shape[0]), hard]
+
+
+def _train(cfg, states):
+    """cfg's whole run from the given initial states (a leading seed axis), compiled once at
+    the runner's fast-compile level; returns (final states, stacked metrics)."""
+    run_all = lambda st: jax.lax.scan(lambda s, _: poet.update(s, cfg), st, None,
+                                      cfg.num_updates)
+    return compiled(jax.vmap(run_all), states)
+
+
 def test_poet_solves_envs_that_direct_es_cannot(tiny_run):
-    """[1]'s key comparison at tiny scale: per seed, the hardest env (largest gap hi +
-    stump hi) that a POET agent solves (>= 230) after 20 updates (400 iterations) of TINY,
-    against ES from scratch on that same env (same seed: the same compiled program started
-    with that env alone, the same 400 iterations). POET solves 2 / 2 of them by
-    construction; direct ES must solve fewer. Measured (loaded 2-core CPU): POET's hardest
-    solved envs gap hi 3.6 (seed 0: (1.7, 0, 3.6, 0.8, 1.4)) and >= 1.6 (seed 1), both
-    solved; direct ES 292.5 on seed 0's (solved) and 26.6 on seed 1's (stuck before the
-    first wide pit). Broken POET (children start from theta = 0 and no transfers): its
-    hardest solved envs had gap hi 2.0 and 1.2 (< 1.6): the test fails.
+    """[1]'s key comparison at tiny scale: per seed, the hardest env (largest gap hi + stump
+    hi) that a POET agent solved (>= 230, with ES on it) after 20 updates (400 iterations) of
+    TINY, against plain ES from scratch on that same env: its own program (capacity 1, no
+    reproduction, no transfers), from the same initial agent, the same 400 iterations. POET
+    solves 2 / 2 of them by construction; direct ES must solve fewer. Measured (loaded
+    2-core CPU): POET's hardest solved envs (1.0, 1.2, 4.0, 0.6, 1.0) and (5.3, 0, 2.8, 0.4,
+    1.0); direct ES 292.5 on seed 0's (solved) and 29.6 on seed 1's (stuck before a wide
+    pit). Broken POET (children start from theta = 0 and no transfers), before the E-POET
+    fixes: hardest solved gap hi 2.0 and 1.2 (< 1.6), which fails the first assert.
     """
     first, chunks = tiny_run
-    chunk, states = chunks[0]
     fin = jax.device_get(first.state)
-    solved = fin.active & (fin.scores >= TINY.solved_threshold)
-    hard = np.where(solved, fin.encs[..., 2] + fin.encs[..., 4], -1.0).argmax(1)
+    hard, ok = _hardest_solved(fin, TINY)
     s = np.arange(SEEDS)
     enc, key = fin.encs[s, hard], fin.env_keys[s, hard]
     print("POET: hardest solved env per seed", enc, "score", fin.scores[s, hard])
-    assert solved[s, hard].all() and (enc[:, 2] >= 2 * 0.8).all(), enc
-    init = jax.tree.map(jnp.copy, states)
-    init = init.replace(
-        encs=init.encs.at[:, 0].set(enc),
-        env_keys=init.env_keys.at[:, 0].set(key),
-        archive=init.archive.at[:, 0].set(enc),
-    )
-    direct, _ = chunk(init)
-    score = np.asarray(direct.scores[:, 0])
+    assert ok.all() and (enc[:, 2] >= 2 * 0.8).all(), enc
+    direct = dataclasses.replace(TINY, capacity=1, reproduce=False, transfer=False)
+    assert not direct.reproduce and not direct.transfer and direct.capacity == 1
+    init = jax.vmap(lambda k: poet.init(k, direct))(jax.random.split(jax.random.PRNGKey(0),
+                                                                     SEEDS))
+    init = init.replace(encs=jnp.asarray(enc)[:, None], env_keys=jnp.asarray(key)[:, None],
+                        thetas=chunks[0][1].thetas[:, :1], archive=init.archive.at[:, 0].set(enc))
+    out, metrics = _train(direct, init)
+    score = np.asarray(out.scores[:, 0])
     print("direct ES on those envs:", score)
+    np.testing.assert_array_equal(metrics["charts/envs_created"][:, -1], 1.0)
     assert (score >= TINY.solved_threshold).sum() < SEEDS, score
+
+
+@pytest.mark.slow
+def test_transfers_help_poet_solve_harder_envs(tiny_run):
+    """[1] Sec. 4's ablation at tiny scale: the same TINY run with transfers off, from the
+    same initial states, reaches a strictly easier hardest solved env (gap hi + stump hi,
+    summed over the seeds) than POET with transfers."""
+    first, chunks = tiny_run
+    fin = jax.device_get(first.state)
+    hard, _ = _hardest_solved(fin, TINY)
+    off, _ = _train(dataclasses.replace(TINY, transfer=False), jax.tree.map(jnp.copy,
+                                                                             chunks[0][1]))
+    off = jax.device_get(off)
+    hard_off, _ = _hardest_solved(off, TINY)
+    s = np.arange(SEEDS)
+    level = lambda st, h: (st.encs[s, h, 2] + st.encs[s, h, 4]).sum()
+    print("hardest solved gap+stump: POET", level(fin, hard), "no transfers", level(off, hard_off))
+    assert level(off, hard_off) < level(fin, hard)
