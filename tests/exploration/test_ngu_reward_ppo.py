@@ -184,6 +184,27 @@ def test_memory_stores_the_next_state_and_alpha_scales_the_reward(bonus_setup):
     np.testing.assert_allclose(new.ep_mean, (r_lo).mean(), rtol=1e-6)  # beta = 1, alpha = 1
 
 
+def test_episode_coverage_counts_cells_per_finished_episode():
+    """The per-episode measure (EpisodeCoverage): 2 envs, 3-step episodes, random moves for
+    7 steps; the cells each env stood on (info["position"]) are recounted here per episode:
+    the state holds their sum over the 4 finished episodes, and the cleared grid afterwards
+    holds only the current episode's cell."""
+    env = ngu.make_env(dataclasses.replace(BONUS_CFG, max_episode_steps=3))
+    obs, st = env.reset(jax.random.PRNGKey(0))
+    step = jax.jit(env.step)
+    seen, total, done_n = [set(), set()], 0, 0
+    for t in range(7):
+        a = jax.random.randint(jax.random.PRNGKey(t + 1), (2,), 0, env.num_actions)
+        obs, st, _, done, info = step(st, a, jax.random.PRNGKey(100 + t))
+        for i in range(2):
+            seen[i].add(tuple(np.asarray(info["position"][i]).tolist()))
+            if done[i]:
+                total, done_n, seen[i] = total + len(seen[i]), done_n + 1, set()
+    assert done_n == 4
+    np.testing.assert_allclose([st.ep_cells, st.ep_done], [total, done_n])
+    np.testing.assert_array_equal(st.ep_visited.sum((1, 2)), [len(x) for x in seen])
+
+
 def test_memory_is_a_ring_buffer_with_masked_reset():
     """`write`: slot count mod M, count grows past M (valid slots: min(count, M)); an episode
     start writes slot 0 and sets count to 1 without clearing the other slots."""
