@@ -1,59 +1,59 @@
 """Domain randomization as meta-learning: a recurrent (LSTM) vs a feed-forward PPO policy.
 
-[1] OpenAI (M. Andrychowicz, B. Baker, M. Chociej, R. Jozefowicz, B. McGrew, J. Pachocki,
-    A. Petron, M. Plappert, G. Powell, A. Ray, J. Schneider, S. Sidor, J. Tobin,
-    P. Welinder, L. Weng, W. Zaremba). "Learning Dexterous In-Hand Manipulation."
+[1] OpenAI (M. Andrychowicz et al.). "Learning Dexterous In-Hand Manipulation."
     arXiv:1808.00177 (2018).
 [2] L. Weng. "Domain Randomization for Sim2Real Transfer." Lil'Log, 2019 (the post),
     section "DR as Meta-Learning".
 [3] J. Schulman et al. "Proximal Policy Optimization Algorithms." arXiv:1707.06347.
 
-Every episode draws its physics xi from a fixed distribution ([1] Sec. 4, physics
-randomizations), hidden from the policy; PPO maximises the expected return over it:
+Every episode draws its physics xi from a fixed distribution ([1] Sec. 3.2 and Table 1,
+physics randomizations), hidden from the policy; PPO maximises the expected return over it:
 
     theta* = argmax_theta E_{xi ~ P(xi)} [ E_{tau ~ pi_theta, e_xi} [ sum_t gamma^t r_t ] ]
     masses:        m_i  = nominal_i * U[0.5, 1.5]         (each body its own draw)
     dimensions:    l    = nominal   * U[0.95, 1.05]
     actuator gain: k    = nominal   * logU[0.75, 1.5]
-    gravity:       g    = nominal   + N(0, 0.4^2)  m/s^2
+    gravity:       g    = nominal   + N(0, 0.4^2)  m/s^2  (Table 1's 0.4 read as the std)
+    actuator sign: force_mag *= -1 with probability `sign_flip` (ours, CartPole only; 0)
 
 The set of randomized simulators is a distribution of tasks, and a policy with memory can
 meta-learn: its hidden state identifies the episode's dynamics from the history and adapts
-within the episode ([2]; [1] Sec. 6.4 shows the LSTM transfers where an FF policy does
-not, and that successive successes get faster once the first one is reached).
+within the episode ([1] Sec. 6.4, Fig. 9: memory helps in the randomized simulation and
+on the robot; [2] adds that successive successes get faster once the first is reached).
 
     LSTM policy (`--policy lstm`):  h_t = LSTM([o_t, a_{t-1}], h_{t-1} * (1 - start_t))
                                     pi(a_t | h_t),  h reset at every episode start
     FF policy   (`--policy ff`):    pi(a_t | o_t, a_{t-1})
-    value (asymmetric, [1] Sec. 5): V(o_t, a_{t-1}, xi) with its own LSTM / MLP
+    value (asymmetric, [1] Sec. 4.1, Table 2): V(o_t, a_{t-1}, xi) with its own LSTM / MLP
 
 Recurrent PPO: the rollout stores h at its start; each minibatch holds whole env
 sequences and reruns the LSTM from that stored h with the rollout's resets, so at the first
 epoch the recomputed log-probabilities equal the rollout's (ratio 1).
-Evaluation ([1] Sec. 6.4's probe): linear ridge probes, fit on half of `eval_episodes`
-fresh episodes and scored (R^2) on the other half, predict the episode's effective
-actuator gain (log force_mag / total_mass on CartPole, -log m l^2 on Pendulum, the number
-that sets the response to an action) from the LSTM's h_t at steps t of the episode, and
-from the single observation o_t: R^2 rising with t is the policy identifying the dynamics.
+Evaluation ([1] Sec. 6.4's probe): ridge probes, fit on half of `eval_episodes` fresh
+episodes, scored (R^2) on the other half, predict the log effective gain (`effective_gain`)
+from the policy's h_t at steps t of the episode, and from o_t alone: R^2 above o_t's is the
+policy identifying the dynamics (here in one noiseless step, R^2 peaks at t=1; [1]'s is
+gradual, with observation noise).
 
 Reproduce (CPU demo, CartPole-v1 under a wide gain range; FF, then LSTM, both in one plot):
     python generalization/dr_meta_lstm.py --preset quick --num-seeds 2 --policy ff \
         --run-dir runs/dr_meta_ff
     python generalization/dr_meta_lstm.py --preset quick --num-seeds 2 \
         --plot generalization/dr_meta_lstm.png --compare runs/dr_meta_ff
-Paper-sized networks and PPO settings (GPU; Pendulum-v1):
-    python generalization/dr_meta_lstm.py --preset paper
-[1]'s numbers are real-robot consecutive successes of block rotation (LSTM policy, full
-randomizations: median 13 [M]); there is no sim-to-sim number to set beside ours.
+    python generalization/dr_meta_lstm.py --preset paper  # Pendulum-v1, GPU
+[1]'s headline numbers are real-robot consecutive successes of block rotation (LSTM, full
+randomizations: median 13, Sec. 6.2 / Table 4). Its simulation probe (Sec. 6.4): after 5 s
+of interaction the LSTM's hidden state tells a bigger from a smaller than average block in
+80% of cases; ours scores R^2 of a continuous gain instead.
 Ours (quick, CartPole-v1, 262k steps, 2 seeds, 512 probe episodes per seed; a loaded
 2-core CPU, ~4 min FF and ~6 min LSTM end to end): held-out R^2 of the log effective gain
 at episode step t, LSTM h_t: t=1 0.93, 0.94; t=8 0.83, 0.89; t=32 0.83, 0.85. FF policy's
 last layer: t=1 0.96, 0.93 (o_1 after a_0 from rest reveals the gain to any network that
 reads a_0), t=8 -0.03, 0.13, t=32 0.08, 0.09. Single observation o_t (linear): -0.07 to
 0.05 at every t. Return (512 randomized episodes, sampled actions): LSTM 442, 443; FF 497,
-470, so on CartPole memory identifies the dynamics but a robust FF controller is enough
-for the return (the paper's FF-vs-LSTM gap is a real-robot result). Plot:
-generalization/dr_meta_lstm.png.
+470: memory identifies the dynamics, but CartPole's bang-bang control works at any gain,
+so knowing the gain does not pay in return ([1]'s FF-vs-LSTM gap is in simulation too:
+Sec. 6.4, Fig. 9; without randomization both converge alike, footnote 7).
 
 Differences from the paper:
 - Task: gymnax CartPole-v1 (quick) or Pendulum-v1 (paper preset) instead of the Shadow
@@ -62,22 +62,25 @@ Differences from the paper:
   object dimensions -> pole length (l), actuator force gains -> force_mag (Pendulum:
   max_torque, only a torque limit there), gravity noise -> the vertical gravity only.
   Surface friction, joint damping, joint limits, backlash, tendon parameters, action delay
-  and observation noise have no counterpart here and are not drawn. The ranges are as
-  quoted by a third-party table and recalled [M]; the PDF was not at hand.
-- The quick preset widens the gain range to logU[0.25, 4] ("wide randomisation") so that
-  identifying the dynamics pays off in a few hundred thousand steps.
-- Networks: [1]'s policy and value are Dense(1024) ReLU -> LSTM(512) -> head [M]; the
-  paper preset keeps these sizes. The policy here also reads a_{t-1} (one-hot), and the
-  asymmetric critic reads xi itself (log multipliers) instead of [1]'s full simulator
-  state. No running observation normalisation.
-- PPO: [1]'s distributed PPO (discount 0.998, GAE lambda 0.95, clip 0.2, entropy 0.01,
-  Adam 3e-4, chunks of 10 transitions [M]) runs here on one device, with whole-rollout
-  sequences (num_steps) per env as the minibatch unit; the hidden state carries across
-  rollouts in the State.
-- The adaptation metric is the probe's R^2 against the step of the episode (plus the
-  return), not the time to the k-th consecutive success (CartPole has no repeated goals).
+  and observation noise have no counterpart here and are not drawn. The ranges are Table
+  1's; each body drawing its own mass multiplier is our reading.
+- The quick preset widens the gain range to logU[0.25, 4] ("wide randomisation").
+- Networks: [1]'s policy and value are Dense(1024) ReLU -> LSTM(512) -> head (App. D.1);
+  the paper preset keeps these sizes. [1]'s policy is categorical, 11 bins per action
+  (Sec. 4.2); on Pendulum ours is a Gaussian. The policy also reads a_{t-1} (one-hot), the
+  critic xi itself (log multipliers), not [1]'s full simulator state. No observation
+  normalisation. `--policy ff` makes both towers FF ([1] Fig. 9's FF/FF arm).
+- PPO: [1]'s distributed PPO (App. D.1: discount 0.998, GAE lambda 0.95, clip 0.2,
+  entropy 0.01, Adam 3e-4, chunks of 10 transitions) runs here on one device, with
+  whole-rollout sequences (num_steps) per env as the minibatch unit; the hidden state
+  carries across rollouts in the State. [1]'s batch is 800k transitions per GPU in 60
+  minibatches of 25.6k (~1.9 passes); the paper preset: 10k, 2 epochs x 4 minibatches.
+  vf_coef 0.5, max_grad_norm 0.5, Adam eps 1e-5 are baselines ppo2 defaults, not [1]'s.
+- Adaptation is measured by the probe's R^2 against the episode step and the return, not
+  the time to the k-th consecutive success (CartPole has no repeated goals).
 """
 
+import functools
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -88,10 +91,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 from flax import struct
 
-from common import envs, run
+from common import envs, rl, run
 from common.nets import orthogonal
 from common.plot import save_png
 from common.rl import gae, minibatch_epochs, ppo_loss
@@ -109,9 +111,9 @@ FAMILIES = {
 
 def effective_gain(env_id: str, p) -> jax.Array:
     """The probe's target: log of the gain from action to acceleration (CartPole:
-    force_mag / total_mass; Pendulum: 3 / (m l^2), torque to angular acceleration)."""
+    |force_mag| / total_mass; Pendulum: 3 / (m l^2), torque to angular acceleration)."""
     if env_id == "CartPole-v1":
-        return jnp.log(p.force_mag / p.total_mass)
+        return jnp.log(jnp.abs(p.force_mag) / p.total_mass)
     return -jnp.log(p.m * p.l**2)
 
 
@@ -131,6 +133,8 @@ class Config:
     """log-uniform multiplier of the actuator gain, force_mag / max_torque ([1] gains)"""
     gravity_std: float = 0.4
     """std of the additive Gaussian noise on gravity, m/s^2 ([1]: per axis; here vertical)"""
+    sign_flip: float = 0.0
+    """probability that an episode's actuator pushes the other way (ours; CartPole only)"""
     hidden_dense: int = 1024
     """units of the ReLU layer before the LSTM (or of both FF layers)"""
     hidden: int = 512
@@ -187,6 +191,9 @@ class Config:
                 raise ValueError(f"{fam}_range=({lo}, {hi}) must satisfy 0 < lo <= hi")
         if self.gravity_std < 0:
             raise ValueError(f"gravity_std={self.gravity_std} must be >= 0")
+        if not 0 <= self.sign_flip <= 1 or (self.sign_flip and self.env_id != "CartPole-v1"):
+            raise ValueError(f"sign_flip={self.sign_flip} must be in [0, 1], and 0 unless "
+                             "env_id is CartPole-v1 (Pendulum clips to +-max_torque)")
         for name in ("hidden", "hidden_dense", "num_steps"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)} must be >= 1")
@@ -212,29 +219,21 @@ PRESETS = {
                   num_steps=32, total_timesteps=262_144, lr=1e-3, gamma=0.99,
                   gain_range=(0.25, 4.0), eval_episodes=512,
                   probe_steps=(0, 1, 2, 4, 8, 16, 32)),
-    "paper": dict(),
+    "paper": dict(num_epochs=2),  # [1] App. D.1: ~1.9 passes over each batch
 }
 
 
+@functools.cache
 def make_base_env(cfg: Config) -> envs.GymnaxEnv:
-    return _base_env(cfg.env_id)
-
-
-_ENVS: dict = {}
-
-
-def _base_env(env_id: str) -> envs.GymnaxEnv:
-    if env_id not in _ENVS:
-        with jax.ensure_compile_time_eval():
-            _ENVS[env_id] = envs.GymnaxEnv(env_id)
-    return _ENVS[env_id]
+    with jax.ensure_compile_time_eval():
+        return envs.GymnaxEnv(cfg.env_id)
 
 
 # --- RANDOMIZATION ---
 
 
 def sample_physics(key, cfg: Config):
-    """xi ~ P(xi) for one episode ([1] Sec. 4): the gymnax params with every family's
+    """xi ~ P(xi) for one episode ([1] Sec. 3.2, Table 1): the gymnax params with every family's
     fields drawn (derived fields follow, common.envs.with_physics)."""
     base = make_base_env(cfg).default_params()
     fams = FAMILIES[cfg.env_id]
@@ -248,8 +247,9 @@ def sample_physics(key, cfg: Config):
                                                       maxval=cfg.dims_range[1])
     (f,) = fams["gain"]
     log_lo, log_hi = np.log(cfg.gain_range[0]), np.log(cfg.gain_range[1])
-    values[f] = getattr(base, f) * jnp.exp(jax.random.uniform(k_gain, (), minval=log_lo,
-                                                              maxval=log_hi))
+    sign = jnp.where(jax.random.bernoulli(jax.random.fold_in(key, 5), cfg.sign_flip), -1.0, 1.0)
+    values[f] = sign * getattr(base, f) * jnp.exp(jax.random.uniform(k_gain, (), minval=log_lo,
+                                                                     maxval=log_hi))
     (f,) = fams["gravity"]
     values[f] = getattr(base, f) + cfg.gravity_std * jax.random.normal(k_grav, ())
     return envs.with_physics(base, **values)
@@ -257,10 +257,12 @@ def sample_physics(key, cfg: Config):
 
 def xi_features(cfg: Config, p) -> jax.Array:
     """xi as the asymmetric critic sees it: log(value / nominal) of every randomized field
-    (gravity: (g - nominal) / nominal). [..., K]"""
+    (|value| for the actuator gain), then the gain's sign if `sign_flip` > 0. [..., K(+1)]"""
     base = make_base_env(cfg).default_params()
     fields = [f for fs in FAMILIES[cfg.env_id].values() for f in fs]
-    return jnp.stack([jnp.log(getattr(p, f) / getattr(base, f)) for f in fields], -1)
+    (gain,) = FAMILIES[cfg.env_id]["gain"]
+    logs = [jnp.log(jnp.abs(getattr(p, f)) / getattr(base, f)) for f in fields]
+    return jnp.stack(logs + [jnp.sign(getattr(p, gain))] * (cfg.sign_flip > 0), -1)
 
 
 def make_env(cfg: Config) -> envs.VecEnv:
@@ -372,10 +374,6 @@ class State:
     key: jax.Array
 
 
-def make_optimizer(cfg: Config):
-    return optax.chain(optax.clip_by_global_norm(cfg.max_grad_norm), optax.adam(cfg.lr, eps=1e-5))
-
-
 def init(key, cfg: Config) -> State:
     env, net = make_env(cfg), network(cfg)
     k_net, k_env, key = jax.random.split(key, 3)
@@ -384,7 +382,8 @@ def init(key, cfg: Config) -> State:
     h, a0, start = zero_carry(cfg, n), jnp.zeros((n, net.action_dim)), jnp.ones(n, bool)
     xi = xi_features(cfg, env_state.params)
     params = net.init(k_net, h, obs[None], a0[None], start[None], xi[None])
-    return State(params, make_optimizer(cfg).init(params), env_state, obs, a0, start, h, key)
+    opt_state = rl.make_optimizer(rl.ppo_config(cfg, anneal_lr=False)).init(params)
+    return State(params, opt_state, env_state, obs, a0, start, h, key)
 
 
 # --- ROLLOUT ---
@@ -427,7 +426,8 @@ def replay(params, net, h0, seq, discrete):
 
 
 def update(state: State, cfg: Config):
-    env, net, tx = make_env(cfg), network(cfg), make_optimizer(cfg)
+    env, net = make_env(cfg), network(cfg)
+    tx = rl.make_optimizer(rl.ppo_config(cfg, anneal_lr=False))
     discrete = env.num_actions is not None
     key, k_roll, k_epochs = jax.random.split(state.key, 3)
     carry = (state.env_state, state.obs, state.prev_action, state.start, state.h)
@@ -557,22 +557,18 @@ def plot_probes(curves, cfg: Config, out: str):
     fig, ax = plt.subplots(figsize=(6, 4))
     t = np.asarray(cfg.probe_steps)
     for i, (final, label) in enumerate(curves):
-        for kind, ls in (("h", "-"), ("obs", ":")):
-            if kind == "obs" and i > 0:
-                continue
+        ret = np.asarray(final["eval/return"]).mean()
+        for kind, ls, name in (("h", "-", f"{label}: h_t (return {ret:.0f})"),
+                               ("obs", ":", "single observation o_t"))[:2 - (i > 0)]:
             y = np.stack([np.asarray(final[f"probe/{kind}_{s:03d}"]) for s in t], -1)
             y = y.reshape(-1, len(t))
-            ret = np.asarray(final["eval/return"]).mean()
-            name = (f"{label}: h_t (return {ret:.0f})" if kind == "h"
-                    else "single observation o_t")
             ax.plot(t, y.mean(0), ls, marker="o", label=f"{name}, {y.shape[0]} seeds")
             ax.fill_between(t, y.mean(0) - y.std(0), y.mean(0) + y.std(0), alpha=0.2)
     ax.set_xscale("symlog", linthresh=1)
     ax.set_xlabel("step t of the episode")
     ax.set_ylabel("held-out R^2 of log effective gain")
     ax.set_title(f"{cfg.env_id}, gain x logU{cfg.gain_range}")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3), ax.legend(fontsize=8)
     fig.tight_layout()
     return save_png(fig, out)
 

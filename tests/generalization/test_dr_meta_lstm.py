@@ -30,12 +30,25 @@ def test_physics_sampling_laws():
     masses x U[0.5, 1.5] each (mean 1, std 1/sqrt 12 = 0.2887, independent: corr ~ 0), pole
     length x U[0.95, 1.05] (std 0.0289), force_mag x logU[0.75, 1.5] (log: mean
     (log .75 + log 1.5) / 2 = 0.0589, std log 2 / sqrt 12 = 0.2001), gravity 9.8 + N(0, 0.4);
-    the derived fields consistent. A uniform (not log-uniform) gain puts the log mean at
-    0.0986 (fails); one shared mass draw gives corr 1 (fails)."""
+    the derived fields consistent; every xi column the critic reads. Pendulum-v1 (the paper
+    preset): max_torque x logU[0.75, 1.5] the same way. sign_flip=0.5: half the force_mags
+    negative, |force_mag| the same law, xi's last column the sign. A uniform (not
+    log-uniform) gain puts the log mean at 0.0986 (fails); one shared mass draw gives corr 1
+    (fails)."""
     cfg = dataclasses.replace(TINY, gain_range=(0.75, 1.5))
-    base = dm.make_base_env(cfg).default_params()
-    p = compiled(jax.vmap(lambda k: dm.sample_physics(k, cfg)),
-                 jax.random.split(jax.random.PRNGKey(0), 4096))
+    pend = dataclasses.replace(cfg, env_id="Pendulum-v1")
+    flip = dataclasses.replace(cfg, sign_flip=0.5)
+    base, pbase = dm.make_base_env(cfg).default_params(), dm.make_base_env(pend).default_params()
+
+    def draw(keys):
+        out = []
+        for c in (cfg, pend, flip):
+            p = jax.vmap(lambda k, c=c: dm.sample_physics(k, c))(keys)
+            out.append((p, dm.xi_features(c, p), dm.effective_gain(c.env_id, p)))
+        return out
+
+    (p, xi, eff), (pp, pxi, peff), (fp, fxi, feff) = compiled(
+        draw, jax.random.split(jax.random.PRNGKey(0), 4096))
     mass = np.stack([p.masscart / base.masscart, p.masspole / base.masspole])
     assert mass.min() >= 0.5 - 1e-6 and mass.max() <= 1.5 + 1e-6
     assert np.abs(mass.mean(1) - 1).max() < 0.015 and np.abs(mass.std(1) - 0.2887).max() < 0.01
@@ -49,10 +62,20 @@ def test_physics_sampling_laws():
     assert abs(g.mean()) < 0.02 and abs(g.std() - 0.4) < 0.015
     np.testing.assert_allclose(p.total_mass, p.masscart + p.masspole, rtol=1e-6)
     np.testing.assert_allclose(p.polemass_length, p.masspole * p.length, rtol=1e-6)
-    xi = np.asarray(dm.xi_features(cfg, p))  # the critic's view: log multipliers
-    np.testing.assert_allclose(xi[:, 4], np.log(p.gravity / base.gravity), rtol=1e-5)
-    np.testing.assert_allclose(dm.effective_gain("CartPole-v1", p),
-                               np.log(p.force_mag / p.total_mass), rtol=1e-6)
+    cols = [p.masscart / base.masscart, p.masspole / base.masspole, ls,
+            p.force_mag / base.force_mag, p.gravity / base.gravity]  # the critic's view
+    np.testing.assert_allclose(xi, np.stack(np.log(cols), -1), atol=1e-6)
+    np.testing.assert_allclose(eff, np.log(p.force_mag / p.total_mass), rtol=1e-6)
+    pg = np.log(pp.max_torque / pbase.max_torque)
+    assert abs(pg.mean() - 0.0589) < 0.01 and abs(pg.std() - 0.2001) < 0.01
+    np.testing.assert_allclose(pxi[:, 2], pg, atol=1e-6)
+    np.testing.assert_allclose(peff, -np.log(pp.m * pp.l**2), atol=1e-6)
+    sign = np.sign(fp.force_mag)
+    assert abs((sign < 0).mean() - 0.5) < 0.03 and (sign < 0).mean() < 1
+    fg = np.log(np.abs(fp.force_mag) / base.force_mag)
+    assert abs(fg.mean() - 0.0589) < 0.01 and abs(fg.std() - 0.2001) < 0.01
+    np.testing.assert_array_equal(fxi[:, 5], sign)
+    np.testing.assert_allclose(feff, np.log(np.abs(fp.force_mag) / fp.total_mass), rtol=1e-6)
 
 
 def test_lstm_state_is_zeroed_at_an_episode_start():
@@ -71,6 +94,77 @@ def test_lstm_state_is_zeroed_at_an_episode_start():
     fresh, reset, kept = compiled(outputs)
     jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, atol=1e-6), reset, fresh)
     assert np.abs(kept[0] - fresh[0]).max() > 1e-4 and np.abs(kept[1] - fresh[1]).max() > 1e-4
+
+
+def test_ff_policy_has_no_memory_and_the_critic_reads_xi():
+    """--policy ff builds both towers without an LSTM, and its outputs ignore the carry and
+    the resets; the asymmetric critic's V changes with xi for the same history while the
+    policy does not. (network() ignoring cfg.policy, or the critic without xi: fails.)"""
+    ff = dataclasses.replace(TINY, policy="ff")
+    obs = jax.random.normal(jax.random.PRNGKey(1), (3, 2, 4))
+    a, xi = jnp.zeros((3, 2, 2)), jnp.zeros((3, 2, 5))
+    zero = dm.zero_carry(TINY, 2)
+    full = jax.tree.map(lambda z: z + 2.0, zero)
+
+    def outputs():  # (carry, reset, xi): A fresh, B a full carry kept, C another xi
+        res = []
+        for c in (ff, TINY):
+            net = dm.network(c)
+            params = net.init(jax.random.PRNGKey(0), zero, obs, a, jnp.ones((3, 2), bool), xi)
+            res.append((params, [net.apply(params, carry, obs, a, jnp.full((3, 2), reset), x)
+                                 for carry, reset, x in ((zero, True, xi), (full, False, xi),
+                                                         (zero, True, xi + 0.5))]))
+        return res
+
+    (ff_params, (fa, fb, fc)), (lstm_params, (la, lb, lc)) = compiled(outputs)
+    names = lambda p: " ".join(jax.tree_util.keystr(k) for k, _ in
+                               jax.tree_util.tree_leaves_with_path(p))
+    assert "LSTM" not in names(ff_params) and "LSTM" in names(lstm_params)
+    for o in (1, 2):  # FF: the carry and the resets are ignored (policy and value)
+        np.testing.assert_allclose(fa[o], fb[o], atol=1e-6)
+    assert np.abs(la[1] - lb[1]).max() > 1e-4  # the LSTM's carry is read
+    for x, y in ((fa, fc), (la, lc)):  # same history, other xi: V moves, the policy does not
+        np.testing.assert_allclose(x[1], y[1], atol=1e-6)
+        assert np.abs(x[2] - y[2]).max() > 1e-3
+
+
+def test_update_loss_at_lr_zero():
+    """One `update` (lr=0, 1 epoch, 1 minibatch, 4 envs x 32 steps) from a state with a
+    random carried h and no episode start: the loss's replay recomputes the rollout's
+    log-probs (approx_kl < 1e-6, clipfrac 0), and its value loss is 0.5 mean(A^2) with A a
+    by-hand GAE on the same rollout (episode ends cut, bootstrapped from V at the carried
+    h). Mutations that fail: replay from the end-of-rollout carry (kl), GAE without dones,
+    last value from the rollout's start carry."""
+    cfg = dataclasses.replace(TINY, lr=0.0, num_epochs=1, num_minibatches=1, num_steps=32)
+    env, net = dm.make_env(cfg), dm.network(cfg)
+
+    def go(key):
+        s = dm.init(key, cfg)
+        h = jax.tree.map(lambda z: jax.random.normal(jax.random.PRNGKey(5), z.shape), s.h)
+        s = s.replace(h=h, start=jnp.zeros_like(s.start))
+        _, k_roll, _ = jax.random.split(s.key, 3)
+        carry = (s.env_state, s.obs, s.prev_action, s.start, s.h)
+        (es, obs, pa, start, hl), traj = dm.rollout(s.params, cfg, net, env, carry, k_roll, 32)
+        pa = jnp.where(start[:, None], 0.0, pa)
+        last = net.apply(s.params, hl, obs[None], pa[None], start[None],
+                         dm.xi_features(cfg, es.params)[None])[2][0]
+        return dm.update(s, cfg)[1], traj, last
+
+    m, traj, last = compiled(go, jax.random.PRNGKey(0))
+    assert abs(m["losses/approx_kl"]) < 1e-6 and m["losses/clipfrac"] == 0, m
+    r, v, d = (np.asarray(traj[k], np.float64) for k in ("reward", "value", "done"))
+    assert d.sum() >= 2, "no episode ended: the test needs boundaries"
+    adv, nxt, a = np.zeros_like(r), np.asarray(last, np.float64), np.zeros(r.shape[1])
+    for t in reversed(range(32)):
+        delta = r[t] + cfg.gamma * (1 - d[t]) * nxt - v[t]
+        a = delta + cfg.gamma * cfg.gae_lambda * (1 - d[t]) * a
+        adv[t], nxt = a, v[t]
+    np.testing.assert_allclose(m["losses/value"], 0.5 * (adv**2).mean(), rtol=1e-3)
+
+
+def test_docstring_claims():
+    """The conclusion about the paper's FF-vs-LSTM gap: it is a simulation result too."""
+    assert "real-robot result" not in dm.__doc__ and "Fig. 9" in dm.__doc__
 
 
 @pytest.fixture(scope="module")
@@ -116,7 +210,7 @@ def test_hidden_state_resets_at_episode_boundaries(two_rollouts):
 
 def test_recomputed_log_probs_equal_the_rollouts(two_rollouts):
     """Recurrent PPO's first epoch: `replay` (what loss_fn runs) from the stored carry with
-    the rollout's resets recomputes the rollout's log pi(a_t | history) and V to 1e-5
+    the rollout's resets recomputes the rollout's log pi(a_t | history) and V to 2e-4
     (ratio 1). Broken variants in the same test: no resets, or a zero initial carry, move
     them by > 1e-3 (without the resets in `replay`, tried once: fails with 100% of the
     log-probs off)."""
@@ -136,6 +230,8 @@ def test_ridge_probe_by_hand():
     assert dm.probe_r2(x, y, w, 1e-6) > 0.9999
     noise = jax.random.normal(jax.random.PRNGKey(1), (200,))
     assert dm.probe_r2(x, noise, w, 1e-6) < 0.05
+    x30 = jax.random.normal(jax.random.PRNGKey(2), (40, 30))  # fit on 20, scored on 20
+    assert dm.probe_r2(x30, noise[:40], w[:40], 1e-6) < 0.05  # in-sample it would be ~1
     wild = y.at[::7].set(1e3)
     assert dm.probe_r2(x, wild, w.at[::7].set(0.0), 1e-6) > 0.9999
     assert dm.probe_r2(x, wild, w, 1e-6) < 0.5
