@@ -204,25 +204,19 @@ class Config:
 
     def validate(self):
         if self.num_updates < 1:
-            raise ValueError(
-                f"total_timesteps={self.total_timesteps} is less than one rollout "
-                f"(num_envs * num_steps = {self.batch_size})"
-            )
+            raise ValueError(f"total_timesteps={self.total_timesteps} is less than one rollout "
+                             f"(num_envs * num_steps = {self.batch_size})")
         if self.batch_size % self.num_minibatches:
-            raise ValueError(
-                f"num_envs * num_steps = {self.batch_size} is not divisible by "
-                f"num_minibatches={self.num_minibatches}"
-            )
+            raise ValueError(f"num_envs * num_steps = {self.batch_size} is not divisible by "
+                             f"num_minibatches={self.num_minibatches}")
         for name in ("num_envs", "num_steps", "num_epochs", "num_minibatches", "num_neighbours",
                      "memory_size", "embedding_dim", "idf_hidden", "rnd_features",
                      "max_episode_steps", "coverage_grid"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)} must be >= 1")
         if self.num_neighbours > self.memory_size:
-            raise ValueError(
-                f"num_neighbours={self.num_neighbours} must be <= memory_size="
-                f"{self.memory_size} (lax.top_k over the slots)"
-            )
+            raise ValueError(f"num_neighbours={self.num_neighbours} must be <= memory_size="
+                             f"{self.memory_size} (lax.top_k over the slots)")
         for name in ("lr", "clip_coef", "max_grad_norm", "kernel_epsilon", "pseudo_count_c",
                      "max_similarity"):
             if not getattr(self, name) > 0:
@@ -231,10 +225,8 @@ class Config:
             if getattr(self, name) < 0:
                 raise ValueError(f"{name}={getattr(self, name)} must be >= 0")
         if self.max_reward_scale < 1:
-            raise ValueError(
-                f"max_reward_scale={self.max_reward_scale} must be >= 1 (the "
-                "multiplier is clipped to [1, L])"
-            )
+            raise ValueError(f"max_reward_scale={self.max_reward_scale} must be >= 1 (the "
+                             "multiplier is clipped to [1, L])")
         if self.dtype not in ("float32", "bfloat16"):
             raise ValueError(f"dtype={self.dtype!r} must be 'float32' or 'bfloat16'")
         if min(self.hidden + self.embed_hidden + self.rnd_hidden, default=1) < 1:

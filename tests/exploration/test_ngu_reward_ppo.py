@@ -165,9 +165,9 @@ def test_memory_stores_the_next_state_and_alpha_scales_the_reward(bonus_setup):
     """The transition's state x_t+1 (not x_t) goes into slot t + 1 of the memory: the slots
     hold f(next_obs) exactly. The lifelong multiplier reaches r^i through `reward`, with the
     RND moments updated on the rollout first: mu_e = -1e6 (alpha clipped to L = 5) gives
-    exactly 5x the reward of mu_e = +1e6 (alpha clipped to 1) on the same batch; with a
-    stale-free update from a near-empty count (1e-4), mu_e moves to the batch and alpha
-    to ~1, so the reward is not 5x."""
+    exactly 5x the reward of mu_e = +1e6 (alpha clipped to 1) on the same batch; from a
+    near-empty count (1e-4) the update moves mu_e to the batch, alpha to ~1, so the
+    reward is not 5x (alpha from the stale moments would be 5)."""
     bonus, params, stats, obs, reward = bonus_setup
     b = _moving_batch(obs)
     f = ngu.Embedding(BONUS_CFG.embed_hidden, BONUS_CFG.embedding_dim, BONUS_CFG.idf_hidden, 4,
