@@ -373,6 +373,12 @@ class State:
     key: jax.Array
 
 
+def switches(cfg: Config):
+    """State.use_e (LLL on, unless action_selection is epsilon) and State.e_train (0 under
+    freeze_e): values, so one compiled program runs DORA and its broken arms."""
+    return jnp.asarray(cfg.action_selection != "epsilon"), jnp.asarray(0.0 if cfg.freeze_e else 1.0)
+
+
 def init(key, cfg: Config) -> State:
     env = make_env(cfg)
     k_net, k_env, key = jax.random.split(key, 3)
@@ -395,8 +401,7 @@ def init(key, cfg: Config) -> State:
         zero,
         zero,
         -jnp.ones(()),
-        jnp.asarray(cfg.action_selection != "epsilon"),
-        jnp.asarray(0.0 if cfg.freeze_e else 1.0),
+        *switches(cfg),
         key,
     )
 
