@@ -10,72 +10,65 @@ Post: L. Weng, "Meta Reinforcement Learning" (2019), "Evolutionary Algorithm on 
 Generation"; "Curriculum for Reinforcement Learning" (2020) points to it.
 
 POET keeps a list of active (environment E, agent theta) pairs and repeats ([1] Alg. 2):
-    1. Mutation, every N_mutate iterations: parents are active pairs whose agent scores
-       >= repro_threshold in its own env; children E' = mutate(E) ([2] reproduce_ops):
-         roughness' = clip(round(roughness + U(-0.6, 0.6), 1), 0, 10)
-         gap (lo, hi) -> one of its 8 neighbours (lo +- 0.4 or 0, hi +- 0.4 or 0), kept only
-           if gap_init_lo <= lo <= hi <= 8 and hi >= gap_init_hi; first time: (0, 0.8)
-         stump height (lo, hi) the same with step 0.2, max 5; first time: (0, 0.4)
-       minimal criterion ([1] Alg. 3, Sec. 3): mc_low <= F(theta_parent, E') <= mc_high
-       novelty ([1] Sec. 3, [2] novelty.py): N(E') = mean of the k = 5 smallest Euclidean
-         distances from enc(E') = (roughness, gap lo, gap hi, stump lo, stump hi) to every
-         env ever admitted (active or archived)
-       children passing the MC, most novel first, are admitted if the best active agent on
-       E' passes the MC too (up to max_admitted per mutation step); past the capacity the
-       oldest pair is archived (deactivated; its env stays in the novelty archive).
-    2. Optimisation, every iteration: one ES step per active pair ([1] Alg. 1; [2] es.py):
-         g = 1/(n sigma) sum_i (w_i+ - w_i-) eps_i over the n mirrored pairs (w = centred
-         ranks of F(theta +- sigma eps_i) in [-0.5, 0.5]);  theta <- theta + Adam(g - l2 theta)
-       sigma and the learning rate decay per step to their floors.
-    3. Transfer, every N_transfer iterations ([1] Alg. 2, Sec. 3): for every target env,
-       each other active agent is tried directly, F(theta_s, E_t), and after one proposal
-       ES step on E_t (fine-tune); the best candidate replaces the incumbent ONLY if it
-       scores higher than the incumbent's own F(theta_t, E_t) (then Adam, sigma and lr restart,
-       [2] set_theta(reset_optimizer=True)).
-JAX: every (agent, env) pair of a transfer, and every child env x agent of a mutation step,
-is one vmapped rollout; the ES steps of all active pairs are one vmap inside a jitted scan;
-one `update` = N_mutate iterations (their transfers included) then one mutation step.
+  1. Mutation, every N_mutate iterations: parents are active pairs whose agent scores >=
+     repro_threshold in its own env; children E' = mutate(E) ([2] reproduce_ops): roughness
+     clip(round(r + U(-0.6, 0.6), 1), 0, 10); gap (lo, hi) -> one of its 8 neighbours (+-0.4
+     or 0 each), kept if gap_init_lo <= lo <= hi <= 8, hi >= gap_init_hi, first time (0, 0.8);
+     stump height the same with step 0.2, max 5, first time (0, 0.4).
+     Minimal criterion ([1] Alg. 3): mc_low <= F(theta_parent, E') <= mc_high. Novelty ([2]
+     novelty.py): N(E') = mean of the k = 5 smallest Euclidean distances from enc(E') =
+     (roughness, gap lo, hi, stump lo, hi) to every env ever admitted. Children passing the
+     MC, most novel first, are admitted if the best active agent on E' passes it too (up to
+     max_admitted); past the capacity the oldest pair is archived (its env stays in the
+     novelty archive).
+  2. Optimisation, every iteration: one ES step per active pair ([1] Alg. 1; [2] es.py):
+       g = 1/(n sigma) sum_i (w_i+ - w_i-) eps_i over the n mirrored pairs, w = centred
+       ranks of F(theta +- sigma eps_i) in [-0.5, 0.5];  theta <- theta + Adam(g - l2 theta)
+     sigma and the learning rate decay per step to their floors.
+  3. Transfer, every N_transfer iterations: for every target env, each other active agent is
+     tried directly, F(theta_s, E_t), and after one proposal ES step on E_t; the best
+     replaces the incumbent ONLY if it beats the incumbent's own F(theta_t, E_t) (then Adam,
+     sigma and lr restart: [2] set_theta(reset_optimizer=True)).
+JAX: each transfer's and mutation step's (agent, env) pairs are one vmapped rollout, the ES
+steps of all pairs one vmap in a jitted scan; one `update` = N_mutate iterations, then one
+mutation step.
 
-TerrainRunner (the environment; not [1]'s BipedalWalker): a 2-D point-mass runner on a
-procedurally generated track (length 40) built from the encoding and a per-env seed:
-after a flat start, an obstacle every 5 units, a pit of width U(gap lo, hi) or a stump of
-height U(stump lo, hi) (a coin each); the ground is perturbed by roughness x 0.1 x random
-unit-spaced bumps. Actions (tanh): run (acceleration) and jump (take-off speed, on the
-ground only). Observations: velocity, on-ground, and 10 ground-height probes 0.5-5 ahead.
-Reward 300 x progress / 40 (a finished run from x = 1 scores 292.5), -100 and the end for
-falling into a pit; a finish takes >= 78 steps. Solved >= 230 ([1]'s threshold), counted
-only where the pair's own agent took ES steps since it arrived. Jittable and vmappable.
+TerrainRunner (not [1]'s BipedalWalker): a 2-D point-mass runner on a track of length 40
+built from the encoding and a per-env seed: after a flat start, an obstacle every 5 units, a
+pit of width U(gap lo, hi) or a stump of height U(stump lo, hi) (a coin each); the ground is
+perturbed by roughness x 0.1 x unit-spaced random bumps. Actions (tanh): run (acceleration),
+jump (take-off speed, on the ground only). Observations: velocity, on-ground, 10 ground
+probes 0.5-5 ahead. Reward 300 x progress / 40 (a finish from x = 1 scores 292.5 and takes
+>= 78 steps), -100 and the end for falling into a pit. Solved >= 230 ([1]).
 
 Reproduce (CPU): python metarl/poet.py --preset quick --num-seeds 2 --plot metarl/poet.png
-`paper` preset (the defaults), [2] at 1814d89 (run_poet_local.sh, es.py, master.py): 512 ES
-members (256 mirrored pairs), sigma 0.1 (x0.999 per step, floor 0.01), lr 0.01 (x0.9999,
-floor 0.001), L2 0.01, Adam, centred ranks, N_transfer 25, N_mutate 200 (adjust_interval 8 x
-25), 8 children, 1 admitted, repro_threshold 200, k = 5, 5 eval episodes, 50000 iterations;
-from [1] [M: its Sec. 4 not re-read]: capacity 20 ([2]: 25), MC [50, 300] ([2]: [25, 340]),
-policy 40-40 tanh MLP.
+`paper` preset (the defaults): [2] at 1814d89 (run_poet_local.sh, es.py, master.py): 256 x 2
+ES members, sigma 0.1/0.999/0.01, lr 0.01/0.9999/0.001, L2 0.01, N_transfer 25, N_mutate 200
+(adjust_interval 8 x 25), 50000 iterations...; from [1] [M: Sec. 4 not re-read]: capacity 20
+([2]: 25), MC [50, 300] ([2]: [25, 340]), policy 40-40 (each Config field names its source).
 Ours (quick preset: 6 pairs, 32-member ES, 16-unit policy, a mutation step every 20
-iterations, 800 iterations = 40 updates; 2 seeds on a loaded 2-core CPU, 3.5 min of it
-compiling, the rest ~1 min): every mutation step admitted a child (41 envs created, 6
-active); the hardest solved env's gap hi (mean of 2 seeds) 0.8 -> 1.8 (iteration 100) ->
-3.2 (300), ending at 3.2, stump hi 0.4 -> 1.3; 5 of 6 active envs solved at the end.
-Direct ES from scratch (`--no-reproduce --capacity 1 --start-env 0.2 0.8 4.4 0.2 1.2`, an
-env a quick POET run had solved, the same 800 iterations, 1 seed) stalled at 65 (it runs
-to the first pit it cannot cross). Plot: metarl/poet.png.
+iterations, 800 iterations = 40 updates; 2 seeds, loaded 2-core CPU, ~3 min compiling + 50 s):
+every mutation step admitted a child (41 envs created, 6 active), 9-21 of 24 possible
+transfers per update. The hardest env solved by an agent that trained on it (es_t > 0,
+counted right after each update's last transfer and admission), gap hi (2-seed mean): 0.8
+(iteration 60) -> 1.8 (120) -> 2.6 (260) -> 3.0 (400) -> 3.4 (780), but 1.4 at 800; 1-3
+of 6 envs solved at a time. Direct ES from scratch (`--no-reproduce --no-transfer --capacity
+1 --start-env 0.2 0.8 4.4 0.2 1.2`, 800 iterations, 1 seed; measured before the ES-scale
+fix, not re-run) stalled at 65 on an env a POET run had solved. Plot: metarl/poet.png.
 
 Differences from the paper:
-- TerrainRunner is a jitted point-mass analogue of [1]'s Box2D BipedalWalker (no JAX port);
-  encoding, mutation steps, ranges and the MC band are [2]'s, in BipedalWalker's units on
-  our track. Deterministic envs: one evaluation episode per (agent, env) ([2]: 5). The MC's
-  upper bound (300) never binds here (a finish scores 292.5; with a finish reward of 320
-  nearly every child of a solved env was too easy or too hard, and the quick run stalled).
-- A pair's score (reproduction eligibility, solved count) is F(theta, E) of the theta that
-  took the last ES step, in its population's rollout ([2]: the updated theta after the
-  step); transfers compare fresh scores. Solved counts only pairs whose agent took an ES
-  step since it arrived (es_t > 0): an admitted child's score is its best agent's.
-- Admission checks the best active agent by direct transfer only ([2] also tries a
-  proposal step per agent); dedup rejects a child equal to an active env.
-- Fixed shapes: `capacity` slots always computed, inactive ones masked; the novelty
-  archive is a ring of `archive_size` encodings.
+- TerrainRunner is a jitted point-mass analogue of [1]'s Box2D BipedalWalker (no JAX port),
+  with [2]'s encoding, mutation steps, ranges and MC band; deterministic, so one evaluation
+  episode per (agent, env) ([2]: 5). The MC's upper bound (300) never binds (a finish
+  scores 292.5; with a finish reward of 320 nearly every child of a solved env was too easy
+  or too hard and the quick run stalled; the tests' TINY with 280 reached gap 1.2 / 1.6
+  instead of 4.0 / 2.8 in 20 updates).
+- A pair's score (eligibility, solved count) is F(theta, E) of the theta that took the last
+  ES step, in its population's rollout ([2]: the updated theta); transfers compare fresh
+  scores. Solved counts only pairs whose agent took an ES step since it arrived (es_t > 0).
+- Admission checks the best active agent by direct transfer only ([2] also tries a proposal
+  step per agent); dedup rejects a child equal to an active env. Fixed shapes: all
+  `capacity` slots computed, inactive ones masked; the novelty archive is a ring.
 """
 
 from dataclasses import dataclass
@@ -103,7 +96,7 @@ class Config:
     transfer_interval: int = 25
     """N_transfer: iterations between transfer attempts ([1], [2]: 25)"""
     capacity: int = 20
-    """maximum number of active pairs; past it the oldest is archived ([1]: 20)"""
+    """maximum number of active pairs; past it the oldest is archived ([1] [M]: 20; [2]: 25)"""
     archive_size: int = 1024
     """ring of env encodings ever admitted, for novelty (ours: a fixed size)"""
     max_children: int = 8
@@ -111,9 +104,9 @@ class Config:
     max_admitted: int = 1
     """children admitted per mutation step at most ([2]: 1)"""
     mc_low: float = 50.0
-    """minimal criterion: a child's score must be >= mc_low ([1]: 50)"""
+    """minimal criterion: a child's score must be >= mc_low ([1] [M]: 50; [2]: 25)"""
     mc_high: float = 300.0
-    """minimal criterion: a child's score must be <= mc_high ([1]: 300)"""
+    """minimal criterion: a child's score must be <= mc_high ([1] [M]: 300; [2]: 340)"""
     repro_threshold: float = 200.0
     """a pair may reproduce when its agent scores >= this in its own env ([1], [2]: 200)"""
     novelty_k: int = 5
@@ -159,9 +152,7 @@ class Config:
 
     @property
     def episodes_per_update(self) -> int:
-        """Episodes computed per update (inactive slots included): ES steps (pop + theta),
-        transfers (proposal ES steps of the m(m-1) pairs s != t, then m^2 direct and m(m-1)
-        proposed evaluations), the mutation step (every agent on every child)."""
+        """Episodes computed per update, inactive slots included (perf/sps)."""
         m, p = self.capacity, self.pop_size + 1
         tr = (m * (m - 1) * (p + 1) + m * m) * self.transfer
         return (self.mutate_interval * m * p + self.mutate_interval // self.transfer_interval
@@ -352,9 +343,7 @@ def es_step(key, theta, opt: Adam, es_t, enc, env_key, cfg: Config):
     eps = jnp.concatenate([half, -half, jnp.zeros_like(half[:1])])  # last: theta itself
     f = jax.vmap(lambda e: episode_return(theta + sigma * e, enc, env_key, cfg))(eps)
     g = es_grad(half, f[:-1], sigma) - cfg.l2_coef * theta  # ascent direction
-    t = opt.t + 1
-    m = 0.9 * opt.m + 0.1 * g
-    v = 0.999 * opt.v + 0.001 * g**2
+    t, m, v = opt.t + 1, 0.9 * opt.m + 0.1 * g, 0.999 * opt.v + 0.001 * g**2
     step = lr * jnp.sqrt(1 - 0.999**t) / (1 - 0.9**t) * m / (jnp.sqrt(v) + 1e-8)
     return theta + step, Adam(m, v, t), f[-1]
 
@@ -408,8 +397,7 @@ def transfer_choice(direct, proposal, active):
     ok = active[:, None] & active[None, :] & ~jnp.eye(m, dtype=bool)
     both = jnp.where(ok[None], jnp.stack([direct, proposal]), -jnp.inf)  # [2, s, t]
     flat = both.transpose(2, 0, 1).reshape(m, 2 * m)
-    best = flat.argmax(1)
-    score = flat.max(1)
+    best, score = flat.argmax(1), flat.max(1)
     replace = active & (score > jnp.diagonal(direct))
     return replace, best % m, best // m == 1, score
 

@@ -79,6 +79,19 @@ def test_transfer_replaces_only_a_worse_incumbent():
     assert int(src[0]) == 1
 
 
+def test_es_step_decays_and_weight_decay():
+    """es_step with an L2 coefficient so large that g ~ -l2 theta: Adam's first step is
+    -lr sign(theta), with lr = max(0.03 x 0.5^es_t, 0.01): theta = 1 -> 1 - 0.03 at es_t = 0,
+    1 - 0.015 at es_t = 1, 1 - 0.01 (the floor) at es_t = 5."""
+    cfg = dataclasses.replace(TINY, pop_size=4, episode_steps=1, l2_coef=1e6, lr_decay=0.5,
+                              lr_min=0.01)
+    theta = jnp.ones(poet.num_params(cfg))
+    step = lambda t: poet.es_step(jax.random.PRNGKey(0), theta, poet.adam_reset(theta), t,
+                                  jnp.zeros(5), jax.random.PRNGKey(1), cfg)[0]
+    out = compiled(jax.vmap(step), jnp.array([0, 1, 5]))
+    np.testing.assert_allclose(out[:, 0], [0.97, 0.985, 0.99], rtol=1e-4)
+
+
 def _state(m=3, d=2):
     """A hand-built full State: m active pairs, es_t 7, Adam moments 1, created (5, 2, 9)
     (slot 1 the oldest), distinct agents theta_i = (i + 1, -(i + 1))."""
@@ -95,12 +108,12 @@ def _state(m=3, d=2):
 
 def test_transfer_application_restarts_adam_sigma_and_lr():
     """apply_transfer on a hand-built state: target 1 (incumbent 40) takes agent 0's proposal
-    (theta = prop_th[0, 1], not prop_th[1, 0]) with score 80, a fresh Adam and es_t = 0 ([2]
+    (theta = prop_th[0, 1], not prop_th[1, 0]) with score 280, a fresh Adam and es_t = 0 ([2]
     set_theta(reset_optimizer=True) restores the stepsize and noise_std); targets 0 and 2
     (nothing better) keep everything."""
     st = _state()
     direct = jnp.array([[100.0, 50, 5], [20, 40, 70], [30, 60, 170]])
-    proposal = jnp.array([[0.0, 80, 0], [0, 0, 0], [25, 0, 0]])
+    proposal = jnp.array([[0.0, 280, 0], [0, 0, 0], [25, 0, 0]])
     prop_th = jnp.arange(18.0).reshape(3, 3, 2) + 100
     new, moved = compiled(poet.apply_transfer, st, direct, proposal, prop_th)
     assert int(moved) == 1
@@ -110,7 +123,9 @@ def test_transfer_application_restarts_adam_sigma_and_lr():
     np.testing.assert_array_equal(new.opt.t, [3, 0, 3])
     np.testing.assert_array_equal(new.opt.m[1], [0, 0])
     np.testing.assert_array_equal(new.opt.v[0], [1, 1])
-    np.testing.assert_array_equal(new.scores, [250, 80, 210])
+    np.testing.assert_array_equal(new.scores, [250, 280, 210])
+    # solved (>= 230) counts slot 0 (trained: es_t 7), not slot 1's inherited 280
+    np.testing.assert_array_equal(poet.solved_mask(new, TINY), [True, False, False])
 
 
 def test_admission_on_a_hand_built_state():
