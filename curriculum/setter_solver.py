@@ -49,16 +49,22 @@ Reproduce:
     python curriculum/setter_solver.py --preset paper          # accelerator: [3]'s sizes
 
 Measured (quick: 50-step episodes, 128 goals and 20 judge/setter steps an iteration, 60
-outer iterations, 2 seeds, the runner's seed keys; loaded 2-core CPU): coverage (mean
-success over the feasible grid) averaged over iterations 1-20 Setter-Solver 0.50, 0.54,
-uniform goals 0.38, 0.39; first above 0.4 at iteration 4, 4 against 11, 10; final coverage
-level (0.75, 0.72 against 0.76, 0.72). The setter obeys f: over the last 10 iterations its
-goals set at f > 0.5 are reached 0.72, 0.53 of the time, those at f < 0.5 0.41, 0.35
-(uniform goals: 0.21 either way). The plot's rerun of seed 0 with the third teacher
-(curriculum/setter_solver.png) ends at 0.77 (Setter-Solver), 0.63 (uniform), 0.73 (no
-feasibility loss); there the broken setter covers as much as the full one, and uniform goals
-lead between iterations 15 and 30: coverage is not where the feasibility loss shows at this
-scale, the f-control is (tests/curriculum/test_setter_solver.py).
+outer iterations, the runner's seed keys 0, 1; loaded 2-core CPU), per arm (seeds 0, 1):
+
+    teacher          cov it 1-20  first > 0.4  final cov   hi-f / lo-f reach  feasible
+    setter_solver    0.55 0.48    4, 4         0.71 0.46   0.74 0.35 / 0.70 0.46  0.60 0.59
+    uniform          0.38 0.39    11, 10       0.76 0.72   0.20 0.23 / 0.21 0.19  0.28 0.28
+    no_feasibility   0.45 0.48    10, 7        0.78 0.72   0.55 0.54 / 0.52 0.56  0.59 0.58
+
+(cov: mean success over the feasible grid; hi-f / lo-f: share reached of the goals set at
+f > 0.5 and f < 0.5, and feasible: share of goals in free space, both over the last 10
+iterations.) The setter obeys f (hi-f minus lo-f 0.39, 0.24 against 0.01, -0.04 for the
+broken setter; the slow test gates it), but coverage does not favour it: its early lead
+over uniform goals is shared by the no-feasibility setter (validity + coverage, not
+f-control), and the full setter trails both from iteration ~10 on, ending last (seed 1
+plateaus at 0.54). The plot's rerun (curriculum/setter_solver.png, key 0, all three
+teachers) ends at 0.73, 0.63 (uniform), 0.74 (no feasibility). At this scale (28% of the
+box free, a strong PPO) uniform goals suffice.
 [1] reports its gains on 3-D and grid-world tasks (Fig. 3-5 [M]); no number is comparable.
 
 Defaults are [3]'s: setter of 3 blocks x 3 affine couplings with nets of 3 layers of 128
@@ -100,23 +106,19 @@ import numpy as np
 import optax
 from flax import struct
 
-from common import run
+from common import rl, run
 from common.envs import Env, VecEnv
 from common.nets import orthogonal
-from common.rl import PPOConfig, PPOState, make_ppo
+from common.rl import PPOState, make_ppo
 
 TEACHERS = ("setter_solver", "uniform", "no_feasibility")
 """[1]'s setter, uniform goals (baseline), the setter without its feasibility loss (broken)."""
 
-U_MAZE = np.array(
-    [
-        [1, 1, 1, 1, 1],
-        [1, 0, 0, 0, 1],  # the start is cell (1, 1)
-        [1, 1, 1, 0, 1],
-        [1, 0, 0, 0, 1],
-        [1, 1, 1, 1, 1],
-    ]
-)
+U_MAZE = np.array([[1, 1, 1, 1, 1],
+                   [1, 0, 0, 0, 1],  # the start is cell (1, 1)
+                   [1, 1, 1, 0, 1],
+                   [1, 0, 0, 0, 1],
+                   [1, 1, 1, 1, 1]])
 """Goal GAN's maze (1 = wall); row i is y, column j is x."""
 
 F_EPS = 1e-4  # f in [F_EPS, 1 - F_EPS]; the setter's inverse clips goals F_EPS from the edges
@@ -218,73 +220,34 @@ class Config:
     def validate(self):
         if self.teacher not in TEACHERS:
             raise ValueError(f"teacher={self.teacher!r} must be one of {TEACHERS}")
-        for name in (
-            "maze_scaling",
-            "max_step",
-            "terminal_eps",
-            "setter_lr",
-            "judge_lr",
-            "policy_std",
-        ):
+        for name in ("maze_scaling", "max_step", "terminal_eps", "setter_lr", "judge_lr",
+                     "policy_std"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name}={getattr(self, name)} must be > 0")
-        for name in (
-            "w_val",
-            "w_feas",
-            "w_cov",
-            "val_noise",
-            "clip_coef",
-            "vf_coef",
-            "max_grad_norm",
-        ):
+        for name in ("w_val", "w_feas", "w_cov", "val_noise", "clip_coef", "vf_coef",
+                     "max_grad_norm"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name}={getattr(self, name)} must be >= 0")
-        for name in (
-            "horizon",
-            "num_goals",
-            "num_blocks",
-            "couplings_per_block",
-            "setter_steps",
-            "judge_steps",
-            "inner_iters",
-            "num_epochs",
-            "num_minibatches",
-            "coverage_res",
-            "outer_iters",
-        ):
+        for name in ("horizon", "num_goals", "num_blocks", "couplings_per_block", "setter_steps",
+                     "judge_steps", "inner_iters", "num_epochs", "num_minibatches", "coverage_res",
+                     "outer_iters"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)} must be >= 1")
         for name in ("setter_hidden", "judge_hidden", "policy_hidden"):
             if min(getattr(self, name), default=0) < 1:
                 raise ValueError(f"{name}={getattr(self, name)} needs layers of >= 1 unit")
         if (self.num_envs * self.num_steps) % self.num_minibatches:
-            raise ValueError(
-                f"num_envs * num_steps = {self.num_envs * self.num_steps} is not "
-                f"divisible by num_minibatches={self.num_minibatches}"
-            )
+            raise ValueError(f"num_envs * num_steps = {self.num_envs * self.num_steps} is not "
+                             f"divisible by num_minibatches={self.num_minibatches}")
         if self.dtype not in ("float32", "bfloat16"):
             raise ValueError(f"dtype={self.dtype!r} must be 'float32' or 'bfloat16'")
 
 
 PRESETS = {
-    "quick": dict(
-        horizon=50,
-        max_step=0.4,
-        num_envs=32,
-        num_steps=50,
-        num_minibatches=8,
-        num_epochs=4,
-        inner_iters=4,
-        num_goals=128,
-        setter_hidden=(64, 64),
-        judge_hidden=(64, 64),
-        setter_steps=20,
-        judge_steps=20,
-        setter_lr=1e-3,
-        judge_lr=1e-3,
-        lr=1e-3,
-        outer_iters=60,
-    ),
+    "quick": dict(horizon=50, max_step=0.4, num_envs=32, num_steps=50, num_minibatches=8,
+                  num_epochs=4, inner_iters=4, num_goals=128, setter_hidden=(64, 64),
+                  judge_hidden=(64, 64), setter_steps=20, judge_steps=20, setter_lr=1e-3,
+                  judge_lr=1e-3, lr=1e-3, outer_iters=60),
     "paper": dict(),
 }
 
@@ -334,13 +297,8 @@ class PointUMaze(Env):
         pos = jnp.where(is_free(new, c), new, state.pos)  # a move into a wall is undone
         done = (jnp.linalg.norm(pos - goal) < c.terminal_eps) & is_free(goal, c)
         time = state.time + 1
-        return (
-            self.obs(pos, goal),
-            PointState(pos, time),
-            done.astype(jnp.float32),
-            done,
-            (time >= c.horizon) & ~done,
-        )
+        return (self.obs(pos, goal), PointState(pos, time), done.astype(jnp.float32), done,
+                (time >= c.horizon) & ~done)
 
 
 @functools.cache
@@ -444,30 +402,17 @@ class GoalPolicy(nn.Module):
             x = obs
             for h in self.hidden:
                 x = nn.tanh(nn.Dense(h, kernel_init=orthogonal(np.sqrt(2)), dtype=self.dtype)(x))
-            return nn.Dense(n, kernel_init=orthogonal(scale), dtype=self.dtype)(x).astype(
-                jnp.float32
-            )
+            x = nn.Dense(n, kernel_init=orthogonal(scale), dtype=self.dtype)(x)
+            return x.astype(jnp.float32)
 
         mean, value = mlp(2, 0.01), mlp(1, 1.0)
         return distrax.MultivariateNormalDiag(mean, self.std * jnp.ones(2)), value[..., 0]
 
 
 def ppo_setup(cfg: Config, sampler):
-    pcfg = PPOConfig(
-        num_envs=cfg.num_envs,
-        num_steps=cfg.num_steps,
-        anneal_lr=False,
-        total_timesteps=cfg.num_envs * cfg.num_steps,
-        lr=cfg.lr,
-        num_epochs=cfg.num_epochs,
-        num_minibatches=cfg.num_minibatches,
-        gamma=cfg.gamma,
-        gae_lambda=cfg.gae_lambda,
-        clip_coef=cfg.clip_coef,
-        ent_coef=0.0,
-        vf_coef=cfg.vf_coef,
-        max_grad_norm=cfg.max_grad_norm,
-    )
+    """The PPO learner of common.rl on num_envs U-mazes whose goals come from `sampler`."""
+    pcfg = rl.ppo_config(cfg, total_timesteps=cfg.num_envs * cfg.num_steps, anneal_lr=False,
+                         ent_coef=0.0)
     env = VecEnv(PointUMaze(cfg), cfg.num_envs, sampler)
     net = GoalPolicy(cfg.policy_hidden, cfg.policy_std, cfg.dtype)
     return env, net, make_ppo(env, pcfg, network=net)
@@ -498,6 +443,12 @@ def coverage_loss(logp_generated):
 
 def sample_f(key, n):
     return jax.random.uniform(key, (n,), minval=F_EPS, maxval=1 - F_EPS)  # f ~ U(0, 1)
+
+
+def loss_weights(teacher, cfg: Config):
+    """(w_val, w_feas, w_cov); the broken `no_feasibility` teacher zeroes w_feas."""
+    on = (teacher != TEACHERS.index("no_feasibility")).astype(jnp.float32)
+    return jnp.array([cfg.w_val, cfg.w_feas * on, cfg.w_cov])
 
 
 def setter_objective(params, judge_params, goals, achieved, key, w, cfg: Config):
@@ -540,9 +491,8 @@ def train_setter_judge(setter, judge, goals, success, key, w, cfg: Config):
         upd, so = s_opt.update(grads, so, sp)
         return (optax.apply_updates(sp, upd), so), terms
 
-    setter, (lv, lf, lc) = jax.lax.scan(
-        setter_step, setter, jax.random.split(key, cfg.setter_steps)
-    )
+    keys = jax.random.split(key, cfg.setter_steps)
+    setter, (lv, lf, lc) = jax.lax.scan(setter_step, setter, keys)
     return setter, judge, (lj, lv, lf, lc)
 
 
@@ -594,16 +544,8 @@ def init(key, cfg: Config) -> State:
     jp = judge_net(cfg)[1].init(k_j, jnp.zeros((1, 2)))
     s_opt, j_opt = optax.adam(cfg.setter_lr), optax.adam(cfg.judge_lr)
     n = cfg.num_goals
-    return State(
-        ppo_init(k_ppo),
-        (sp, s_opt.init(sp)),
-        (jp, j_opt.init(jp)),
-        jnp.zeros((n, 2)),
-        jnp.zeros(n),
-        jnp.zeros(n),
-        jnp.asarray(TEACHERS.index(cfg.teacher)),
-        key,
-    )
+    return State(ppo_init(k_ppo), (sp, s_opt.init(sp)), (jp, j_opt.init(jp)), jnp.zeros((n, 2)),
+                 jnp.zeros(n), jnp.zeros(n), jnp.asarray(TEACHERS.index(cfg.teacher)), key)
 
 
 # --- UPDATE: one outer iteration ---
@@ -626,12 +568,8 @@ def update(state: State, cfg: Config):
 
     env, _, (_, ppo_update) = ppo_setup(cfg, sampler)
     obs, env_state = env.reset(k_reset)
-    ppo, ppo_m = jax.lax.scan(
-        lambda s, _: ppo_update(s),
-        state.ppo.replace(obs=obs, env_state=env_state),
-        None,
-        cfg.inner_iters,
-    )
+    ppo = state.ppo.replace(obs=obs, env_state=env_state)
+    ppo, ppo_m = jax.lax.scan(lambda s, _: ppo_update(s), ppo, None, cfg.inner_iters)
 
     # outcomes R^g of one fresh episode per goal, and of the coverage grid
     grid = jnp.asarray(coverage_grid(cfg))
@@ -639,10 +577,8 @@ def update(state: State, cfg: Config):
     success, coverage = reached[:n].astype(jnp.float32), reached[n:].astype(jnp.float32)
 
     # the judge, then the setter, train on the outcomes
-    w = jnp.array([cfg.w_val, cfg.w_feas, cfg.w_cov])
-    w = w.at[1].multiply((state.teacher != TEACHERS.index("no_feasibility")).astype(w.dtype))
     setter, judge, (lj, lv, lf, lc) = train_setter_judge(
-        state.setter, state.judge, goals, success, k_s, w, cfg
+        state.setter, state.judge, goals, success, k_s, loss_weights(state.teacher, cfg), cfg
     )
 
     hi_f = (f > 0.5).astype(jnp.float32)
@@ -667,11 +603,8 @@ def update(state: State, cfg: Config):
 def evaluate(state: State, cfg: Config):
     """coverage: mean success over the grid of feasible goals, fresh rollouts."""
     grid = jnp.asarray(coverage_grid(cfg))
-    return {
-        "coverage": rollout_goals(
-            state.ppo.params, grid, jax.random.fold_in(state.key, 1), cfg
-        ).mean()
-    }
+    return {"coverage": rollout_goals(state.ppo.params, grid, jax.random.fold_in(state.key, 1),
+                                      cfg).mean()}
 
 
 # --- PLOT ---
@@ -703,16 +636,11 @@ def plot_run(cfg: Config, out, seed=0):
         for i, j in zip(*np.nonzero(U_MAZE), strict=True):
             ax.add_patch(plt.Rectangle(((j - 1.5) * s, (i - 1.5) * s), s, s, color="0.85"))
         g = to_maze(np.asarray(state.goals[t]), cfg)
-        sc = ax.scatter(
-            g[:, 0], g[:, 1], c=np.asarray(state.feas[t]), s=8, cmap="viridis", vmin=0, vmax=1
-        )
+        sc = ax.scatter(g[:, 0], g[:, 1], c=np.asarray(state.feas[t]), s=8, cmap="viridis",
+                        vmin=0, vmax=1)
         ax.plot(0, 0, "r*", ms=10)
-        ax.set(
-            xlim=(cfg.lo, cfg.lo + cfg.side),
-            ylim=(cfg.lo, cfg.lo + cfg.side),
-            aspect="equal",
-            title=f"{TEACHERS[t]}: last goals by desired f",
-        )
+        ax.set(xlim=(cfg.lo, cfg.lo + cfg.side), ylim=(cfg.lo, cfg.lo + cfg.side), aspect="equal",
+               title=f"{TEACHERS[t]}: last goals by desired f")
     fig.colorbar(sc, ax=axes[1], label="f")
     x = np.arange(1, cov.shape[1] + 1)
     for t, c in zip(range(3), ("C0", "grey", "C3"), strict=True):
@@ -731,16 +659,9 @@ def plot_run(cfg: Config, out, seed=0):
 def main(argv=None):
     """`--plot PNG` reruns seed 0 of the three teachers and draws goals and coverage."""
     flags, argv = run.pop_flags(argv, "--plot")
-    res = run.main(
-        Config,
-        init,
-        update,
-        presets=PRESETS,
-        evaluate=evaluate,
-        argv=argv,
-        doc=__doc__,
-        summary_keys=["coverage", "charts/coverage", "charts/success_hi_f", "charts/success_lo_f"],
-    )
+    res = run.main(Config, init, update, presets=PRESETS, evaluate=evaluate, argv=argv,
+                   doc=__doc__, summary_keys=["coverage", "charts/coverage", "charts/success_hi_f",
+                                              "charts/success_lo_f"])
     if flags["--plot"] is not None:
         c = json.loads((Path(res.run_dir) / "config.json").read_text())["config"]
         c = {k: tuple(v) if isinstance(v, list) else v for k, v in c.items()}
