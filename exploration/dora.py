@@ -54,8 +54,9 @@ training for quick, quick_frozen and quick_epsilon.
 Calibration on the same budget (first treasure): gamma_E = 0 with epsilon 0.5: 64 -1 122 -1
 (gamma_E = 0.99: -1 101 101 -1); epsilon 0.05 in f: 1/4; an MLP E head on the shared torso
 (Adam) or a sigmoid linear E from 0.99: 0/4 (E falls to ~0.01 in unvisited cells, resp.
-barely moves). The bonus mode has no valid result: its one calibration (beta 0.1, epsilon
-0.05: 0/4) ran before bonus_eps, with bonuses up to 1000 beta, and was not re-run.
+barely moves); lll_softmax (T 0.5): -1 -1 -1 140. The bonus (beta 0.1 + 0.01, on LLL with
+epsilon 0.05): -1 144 -1 91 (0/4 before bonus_eps, with bonuses up to 1000 beta); the
+authors' pairing, the bonus with plain epsilon-greedy, was not calibrated.
 The network E head of `paper` is untested at scale: only traced, and one `learn` step in the
 tests; a working one likely needs ~1e3 episodes at N = 10, an E target net and a GPU run.
 Paper numbers: [1] Fig. 5 (sparse MountainCar, linear): DORA reaches the goal where
@@ -81,7 +82,7 @@ Differences from the paper:
   E = 1 + w . phi trained by SGD (e_lr 3 on batch means), the analogue of linapprox's linear
   E on binary tile features, and LLL on epsilon-greedy 0.3 in f, which is the replication's
   rule (linapprox's 0.3 drives only its EGREEDY baseline; its DORA agent is lll_softmax,
-  offered here but not calibrated on DeepSea): an MLP E head generalises E down in every
+  offered here, 1/4 on quick's budget): an MLP E head generalises E down in every
   cell of a one-hot grid and found no treasure (above).
 Metrics: charts/first_success is NaN until the treasure is first reached (then the finished
 episodes it took); charts/bonus_mean is the mean bonus over the replayed batch.
