@@ -3,11 +3,10 @@
 [1] R. Wang, J. Lehman, J. Clune, K. O. Stanley. "Paired Open-Ended Trailblazer (POET):
     Endlessly Generating Increasingly Complex and Diverse Learning Environments and Their
     Solutions." arXiv:1901.01753, 2019.
-[2] uber-research/poet (the authors' code; commit 1814d89 is POET, later commits E-POET):
-    poet_distributed/poet_algo.py, reproduce_ops.py, novelty.py, es.py, master.py,
-    run_poet_local.sh, read for the defaults.
+[2] uber-research/poet (the authors' code; commit 1814d89 is POET, later ones E-POET):
+    poet_algo.py, reproduce_ops.py, novelty.py, es.py, master.py, run_poet_local.sh.
 Post: L. Weng, "Meta Reinforcement Learning" (2019), "Evolutionary Algorithm on Environment
-Generation"; "Curriculum for Reinforcement Learning" (2020) points to it.
+Generation".
 
 POET keeps a list of active (environment E, agent theta) pairs and repeats ([1] Alg. 2):
   1. Mutation, every N_mutate iterations: parents are active pairs whose agent scores >=
@@ -305,12 +304,6 @@ def episode_return(theta, enc, env_key, cfg: Config):
     return ret
 
 
-# pairwise: F[s, t] = F(theta_s, E_t), every (agent, env) pair in one vmapped rollout
-def cross_returns(thetas, encs, env_keys, cfg: Config):
-    one = lambda th: jax.vmap(lambda e, k: episode_return(th, e, k, cfg))(encs, env_keys)
-    return jax.vmap(one)(thetas)
-
-
 # --- ES ---
 
 
@@ -537,7 +530,8 @@ def mutation_step(state: State, key, cfg: Config):
         jax.random.split(k_mut, c), parents)
     seeds = jax.random.split(k_seed, c)
     nov = jax.vmap(lambda e: novelty(e, state.archive, state.count, cfg.novelty_k))(children)
-    on_child = cross_returns(state.thetas, children, seeds, cfg)  # [agent, child]
+    one = lambda th: jax.vmap(lambda e, k: episode_return(th, e, k, cfg))(children, seeds)
+    on_child = jax.vmap(one)(state.thetas)  # [agent, child]: F(theta_a, E'_c), one rollout
     return admit(state, children, seeds, on_child, nov, parents, cfg)
 
 
