@@ -15,17 +15,23 @@ other times, so that it encodes the state of the scene, not the camera:
     alpha = 0.2 (FaceNet's margin; tcn_default.yml)
 
 Multi-view TCN ([1] Sec. 3.1, Fig. 2): anchor x^a and positive x^p are frames of two views
-at the same time t; the negative x^n is a frame of the anchor's view at another time t' of
-the same sequence, drawn within a window of the anchor (tcn_default.yml: 580 frames = 20 s
-at 29 fps). Single-view TCN ([1] Sec. 3.2): one view; the positive lies within pos_radius
-frames of the anchor (6 = 0.2 s), negatives further than neg_radius (12 = 2 x pos_radius)
-(svtcn_loss.py). Here a batch holds `frames_per_sequence` anchor times from each of
-`sequences_per_batch` sequences (within `window` frames); a negative is picked among the
-batch's other anchor frames of the same sequence and view: semi-hard (FaceNet: the closest
-one farther than the positive, else the farthest; the released code's triplet_semihard
-loss) or at random (`mining`). The embedding network of [1] is Inception (ImageNet,
-up to Mixed_5d), two 3x3 conv layers of 512, a spatial softmax, a fully connected layer of
-2048 and a 32-d embedding; Adam at 1e-3, L2 weight regularisation 1e-6, batch 36 pairs.
+at the same time t; negatives x^n are frames at other times t' of the same sequence, drawn
+within a window of the anchor (tcn_default.yml: 580 frames = 20 s at 29 fps). As in the
+released code (mvtcn_estimator.py: triplet_semihard_loss on concat(anchors, positives) with
+one label per pair) every frame of both views is an anchor, its other view the positive
+(both directions), and negatives are all the batch's frames of other labels, both views:
+so d(a_t, p_t) < d(a_t, p_t'), the alignment the evaluation asks for, is in the loss.
+Labels are (sequence, time) (the released 1..k per sequence collide across sequences).
+Single-view TCN ([1] Sec. 3.2, svtcn_loss.py): one view, a contiguous block of frames;
+every pair within pos_radius frames (6 = 0.2 s) is positive, negatives lie further than
+neg_radius (12 = 2 x pos_radius) or in another sequence. A batch holds
+`frames_per_sequence` anchor times and their positives from each of `sequences_per_batch`
+sequences (views drawn per pair). Negatives are mined per (anchor, positive) pair:
+semi-hard (FaceNet: the closest negative farther than the positive, else the farthest;
+tf's triplet_semihard_loss) or at random (`mining`); the loss is the mean over pairs. The
+embedding network of [1] is Inception (ImageNet, up to Mixed_5d), two 3x3 conv layers of
+512, a spatial softmax, a fully connected layer of 2048 and a 32-d embedding; Adam at
+1e-3, L2 weight regularisation 1e-6, batch_size 36 frames (18 pairs).
 
 Evaluation ([1] Sec. 4, "alignment error"): for every frame of one view of a held-out
 sequence, the nearest neighbour among the other view's frames in embedding space; the
@@ -45,14 +51,16 @@ view).
 
 Reproduce (CPU demo, 32x32 frames):
     python selfsup/tcn.py --preset quick --plot selfsup/tcn.png
-Measured (1 seed, 600 updates, about 7 min wall on a heavily loaded 2-core CPU, load 13):
-alignment error 0.318 vs 0.323 for the same network at init (within 2 frames 0.110 vs
-0.086; pose R^2 -0.15 both): the triplet loss falls (0.27 -> 0.12) but at this scale the
-embedding does not yet align the views of held-out sequences (selfsup/tcn.png). The
-200-update setting of the tests does better on 4 x 32 held-out frames: 0.250 0.271 (2
-seeds) vs 0.338-0.350 at init and 0.365 for positives at random times. Not calibrated
-further; a longer run and a clearer scene (the arm's links blur into one blob at 32x32)
-are the next steps.
+Measured (1 seed, 600 updates, about 4 min wall on a loaded 2-core CPU, load 12; 32
+held-out sequences x 64 frames): alignment error 0.248 vs 0.334 for the same network at
+init (within 2 frames 0.147 vs 0.079; pose R^2 0.155 vs 0.138, hardly above init); triplet
+loss 0.19 -> 0.15-0.17, spatial-softmax temperature stays at 0.10 (charts/temperature).
+The first version (negatives only among the anchor view, one direction) scored 0.318 vs
+0.323 on 8 sequences: no alignment. Far from [1]'s, and the nearest neighbours are still
+coarse (selfsup/tcn.png: view-1 matches in two bands); the arm is a blob at 32x32, and a
+16x16 keypoint map (conv_channels=(16,)) or 48x48 frames are untried. Tests (200 updates,
+4 x 32 held-out frames): 0.278 0.272 vs 0.338 0.350 at init and 0.351 for positives at
+random times.
 Paper setting (GPU; 299x299 frames, the paper's sizes with a CNN trunk):
     python selfsup/tcn.py --preset paper
 [1] reports (pouring, multi-view TCN, from memory [M]): alignment error 0.1 (vs 0.2-0.3 for
@@ -65,20 +73,24 @@ Differences from the paper:
   ImageNet-pretrained Inception up to Mixed_5d; then as [1]: two 3x3 convs, a spatial
   softmax (a learned temperature, expected x, y per channel), a hidden FC and the
   embedding, L2-normalised (tcn_default.yml: embedding_l2 for the triplet loss). Frames
-  are centred (x - 0.5); the spatial softmax's temperature starts at 0.1 (the tf layer's
-  starts at 1 on Inception features): from random init at 1, or with a busier background,
-  every embedding collapsed to one point within 50 updates (loss = alpha, a saddle where
-  the triplet gradient vanishes) [M].
-- The triplet is mined in the batch: negatives only among the anchor view's frames of the
-  same sequence (the released mvtcn code mines semi-hard among all batch frames of other
-  times, both views). Sequences per batch (`sequences_per_batch`) are our choice [M].
-- The view pair of a sequence is drawn at random (with 2 views: which one is the anchor).
-- The single-view variant draws one positive per anchor within pos_radius (the released
-  loss uses every pair within pos_radius as positives).
+  are centred (x - 0.5); the spatial softmax's temperature, exp(log_temperature) so it
+  stays positive, starts at 0.1 (the tf layer's starts at 1 on Inception features): from
+  random init at 1, or with a busier background, every embedding collapsed to one point
+  within 50 updates (loss = alpha, a saddle where the triplet gradient vanishes) [M].
+- Single view: a block of n anchor frames, each with one positive within pos_radius (the
+  released sampler takes a block of batch_size frames, every one an anchor).
+- Batches pool `sequences_per_batch` sequences (the paper preset 2 x 9 pairs = 36 frames,
+  tcn_default.yml's batch_size; pouring.yml uses 1 sequence x 16 pairs and the npairs
+  loss, which its README says converged better): here always the triplet loss [M].
+- Views are drawn per pair (get_tcn_anchor_pos_indices shuffles them per pair too).
+- No colour augmentation (tcn_default.yml augmentation.color; pouring adds random scale
+  0.8-3.0): the scene's per-view background and lighting gain vary instead.
 - The pose regression is linear (ridge) on the frozen embedding; [1] trains a regressor.
-- mfTCN (Dwibedi et al. 2018, multi-frame TCN) is not implemented here.
+- mfTCN (Dwibedi et al. 2018, multi-frame TCN; catalogue: a flag of this file) is not
+  implemented: left.
 """
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
@@ -123,10 +135,10 @@ class Config:
     """triplet margin alpha ([1] Eq. 1, FaceNet's)"""
     mining: str = "semihard"
     """negative among the candidates: semihard (released code) or random"""
-    sequences_per_batch: int = 4
+    sequences_per_batch: int = 2
     """sequences a batch draws its anchor times from"""
     frames_per_sequence: int = 9
-    """anchor times per sequence (batch = sequences_per_batch x this = 36 pairs)"""
+    """anchor times per sequence (2 x 9 = 18 pairs = tcn_default.yml's batch_size 36 frames)"""
     conv_channels: tuple[int, ...] = (64, 128, 256, 512)
     """trunk: 3x3 convs of stride 2 (stands in for Inception up to Mixed_5d)"""
     extra_channels: tuple[int, ...] = (512, 512)
@@ -204,7 +216,8 @@ PRESETS = {
     # CPU demo: 32x32 frames, 64-frame sequences, 4 x 8 pairs per batch, a 3-conv trunk.
     "quick": dict(image_size=32, video_length=64, window=64, pos_radius=2, neg_radius=4,
                   sequences_per_batch=4, frames_per_sequence=8, conv_channels=(16, 32),
-                  extra_channels=(32, 32), fc_hidden=64, total_updates=600, shift_conv=True),
+                  extra_channels=(32, 32), fc_hidden=64, total_updates=600, eval_sequences=32,
+                  shift_conv=True),
     "paper": dict(),
 }
 
@@ -301,21 +314,24 @@ def render(seq: Sequence, t, view, key, cfg: Config):
 
 
 def sample_times(key, cfg: Config, broken):
-    """Anchor times (n,) within a window of `window` frames, distinct, and positive times
-    (n,): the same times (multiview) or within pos_radius, never 0 away (singleview,
-    reflected at the ends). `broken`: positives at uniformly random times instead."""
+    """Anchor times t_a (n,), the positives' label times t_p (n,) and the times shown
+    (n,). Multiview: n distinct anchor times within a window of `window` frames, positives
+    at the same times. Singleview (svtcn's get_svtcn_indices): a contiguous block of n
+    anchor frames, positives within pos_radius, never 0 away (reflected at the ends).
+    `broken`: positives shown at uniformly random times (labels unchanged)."""
     n, T = cfg.frames_per_sequence, cfg.video_length
     k_w, k_t, k_d, k_s, k_b = jax.random.split(key, 5)
-    start = jax.random.randint(k_w, (), 0, T - cfg.window + 1)
-    t_a = start + jax.random.choice(k_t, cfg.window, (n,), replace=False)
     if cfg.variant == "multiview":
+        start = jax.random.randint(k_w, (), 0, T - cfg.window + 1)
+        t_a = start + jax.random.choice(k_t, cfg.window, (n,), replace=False)
         t_p = t_a
     else:
+        t_a = jax.random.randint(k_w, (), 0, T - n + 1) + jnp.arange(n)
         delta = jax.random.randint(k_d, (n,), 1, cfg.pos_radius + 1)
         delta = delta * jnp.where(jax.random.bernoulli(k_s, 0.5, (n,)), 1, -1)
         delta = jnp.where((t_a + delta < 0) | (t_a + delta >= T), -delta, delta)
         t_p = t_a + delta
-    return t_a, jnp.where(broken, jax.random.randint(k_b, (n,), 0, T), t_p)
+    return t_a, t_p, jnp.where(broken, jax.random.randint(k_b, (n,), 0, T), t_p)
 
 
 def sample_views(key, cfg: Config):
@@ -324,18 +340,25 @@ def sample_views(key, cfg: Config):
     return (pair[0], pair[1]) if cfg.variant == "multiview" else (pair[0], pair[0])
 
 
-def negative_mask(t_a, cfg: Config):
-    """(n, n): frame j of the anchor view may be the negative of anchor i: another time
-    (multiview) or further than neg_radius (singleview)."""
-    gap = jnp.abs(t_a[:, None] - t_a[None, :])
-    return gap > (0 if cfg.variant == "multiview" else cfg.neg_radius)
+def pair_masks(seq, t, cfg: Config):
+    """(m, m) positive and negative masks over a batch's m frames labelled (sequence, time)
+    (the released labels, 1..k per sequence, collide across sequences; ours do not).
+    Multiview: positives share the label (the other view at the same time), negatives are
+    every frame of another label, both views. Singleview (svtcn_loss.py): positives within
+    pos_radius, negatives further than neg_radius or from another sequence."""
+    same = seq[:, None] == seq[None, :]
+    gap = jnp.abs(t[:, None] - t[None, :])
+    eye = jnp.eye(t.shape[0], dtype=bool)
+    near, far = (0, 0) if cfg.variant == "multiview" else (cfg.pos_radius, cfg.neg_radius)
+    return same & (gap <= near) & ~eye, ~same | (gap > far)
 
 
 # --- NETWORKS ---
 
 
 class SpatialSoftmax(nn.Module):
-    """Softmax over positions per channel with a learned temperature; returns the expected
+    """Softmax over positions per channel with a learned temperature exp(log_temperature)
+    (positive by construction); returns the expected
     (x, y) in [-1, 1] of every channel: (B, H, W, C) -> (B, 2 C)."""
 
     temperature: float
@@ -343,8 +366,9 @@ class SpatialSoftmax(nn.Module):
     @nn.compact
     def __call__(self, x):
         b, h, w, c = x.shape
-        temp = self.param("temperature", nn.initializers.constant(self.temperature), ())
-        logits = x.reshape(b, h * w, c) / temp  # (B, HW, C)
+        log_temp = self.param("log_temperature",
+                              nn.initializers.constant(np.log(self.temperature)), ())
+        logits = x.reshape(b, h * w, c) / jnp.exp(log_temp)  # (B, HW, C), temperature > 0
         p = jax.nn.softmax(logits.astype(jnp.float32), axis=1)
         ys, xs = jnp.meshgrid(jnp.linspace(-1, 1, h), jnp.linspace(-1, 1, w), indexing="ij")
         ex = jnp.einsum("bnc,n->bc", p, xs.reshape(-1))
@@ -390,35 +414,41 @@ def sq_dist(a, b):
     return ((a[:, None, :] - b[None, :, :]) ** 2).sum(-1)
 
 
-def triplet_loss(a, p, n, margin, weight=None):
-    """[1] Eq. 2: mean over triplets of max(0, ||a - p||^2 - ||a - n||^2 + alpha);
-    `weight` (0/1 per triplet) drops anchors without a valid negative."""
-    loss = jnp.maximum(((a - p) ** 2).sum(-1) - ((a - n) ** 2).sum(-1) + margin, 0.0)
-    weight = jnp.ones_like(loss) if weight is None else weight
+def triplet_loss(d_ap, d_an, margin, weight):
+    """[1] Eq. 2 from squared distances: mean of max(0, ||a - p||^2 - ||a - n||^2 + alpha)
+    over the triplets with weight 1 (0/1: drops pairs without a positive or negative)."""
+    loss = jnp.maximum(d_ap - d_an + margin, 0.0)
     return (loss * weight).sum() / jnp.maximum(weight.sum(), 1.0)
 
 
-def mine_negatives(key, a, p, mask, mining: str):
-    """Index (n,) of each anchor's negative among the anchor-view frames a, allowed by
-    `mask` (n, n), and whether it had one. semihard (FaceNet): the closest candidate farther
-    than the positive, else the farthest candidate; random: uniform over the candidates."""
-    d_an = sq_dist(a, a)  # (n, n)
-    d_ap = ((a - p) ** 2).sum(-1)[:, None]  # (n, 1)
+def mine_negatives(key, d, pos, neg, mining: str):
+    """Negative index (m, m) of every (anchor i, positive j) pair given squared distances d
+    (m, m), and whether the pair counts (a positive with a negative). semihard (FaceNet,
+    tf triplet_semihard_loss): the closest negative farther than the positive, else the
+    farthest negative; random: uniform over anchor i's negatives."""
+    d_ap, d_an, cand = d[:, :, None], d[:, None, :], neg[:, None, :]  # pair (i, j), cand k
     if mining == "semihard":
-        outside = mask & (d_an > d_ap)
-        closest = jnp.argmin(jnp.where(outside, d_an, jnp.inf), axis=1)
-        farthest = jnp.argmax(jnp.where(mask, d_an, -jnp.inf), axis=1)
-        idx = jnp.where(outside.any(1), closest, farthest)
+        outside = cand & (d_an > d_ap)
+        closest = jnp.argmin(jnp.where(outside, d_an, jnp.inf), axis=-1)
+        farthest = jnp.argmax(jnp.where(cand, d_an, -jnp.inf), axis=-1)
+        idx = jnp.where(outside.any(-1), closest, farthest)
     else:
-        idx = jnp.argmax(jnp.where(mask, jax.random.uniform(key, mask.shape), -1.0), axis=1)
-    return idx, mask.any(1)
+        u = jax.random.uniform(key, d.shape + d.shape[1:])  # (m, m, m)
+        idx = jnp.argmax(jnp.where(cand, u, -1.0), axis=-1)
+    return idx, pos & neg.any(1)[:, None]
 
 
-def tcn_loss(key, a, p, t_a, cfg: Config):
-    """TCN loss of one sequence: anchors a (n, d), positives p (n, d), anchor times t_a."""
-    idx, valid = mine_negatives(key, jax.lax.stop_gradient(a), jax.lax.stop_gradient(p),
-                                negative_mask(t_a, cfg), cfg.mining)
-    return triplet_loss(a, p, a[idx], cfg.margin, valid.astype(a.dtype)), valid.mean()
+def tcn_loss(key, e, seq, t, cfg: Config):
+    """TCN loss over all m frames e (m, d) of a batch, both views, labelled (seq, t): every
+    frame is an anchor, every frame with its label a positive (both directions), negatives
+    mined among all frames of other labels (mvtcn_estimator.py: triplet_semihard_loss on
+    concat(anchors, positives)); the mean over (anchor, positive) pairs, and the fraction
+    of frames with a positive and a negative."""
+    pos, neg = pair_masks(seq, t, cfg)
+    d = sq_dist(e, e)
+    idx, valid = mine_negatives(key, jax.lax.stop_gradient(d), pos, neg, cfg.mining)
+    d_an = jnp.take_along_axis(d, idx, axis=1)  # d[i, idx[i, j]]
+    return triplet_loss(d, d_an, cfg.margin, valid.astype(e.dtype)), valid.any(1).mean()
 
 
 # --- STATE ---
@@ -450,17 +480,19 @@ def init(key, cfg: Config) -> State:
 
 
 def make_batch(key, cfg: Config, broken):
-    """Frames of one batch: anchors and positives (S, n, H, W, 3) and anchor times (S, n)."""
+    """Frames (S, 2n, H, W, 3) of one batch, per sequence n anchors then their positives
+    (views drawn per pair), rendered in one vmap, and their label times (S, 2n)."""
+    n = cfg.frames_per_sequence
 
     def one(k):
-        k_seq, k_t, k_v, k_na, k_np = jax.random.split(k, 5)
+        k_seq, k_t, k_v, k_r = jax.random.split(k, 4)
         seq = sample_sequence(k_seq, cfg.num_views)
-        t_a, t_p = sample_times(k_t, cfg, broken)
-        v_a, v_p = sample_views(k_v, cfg)
-        n = cfg.frames_per_sequence
-        draw = jax.vmap(lambda t, v, kk: render(seq, t, v, kk, cfg), (0, None, 0))
-        return (draw(t_a, v_a, jax.random.split(k_na, n)),
-                draw(t_p, v_p, jax.random.split(k_np, n)), t_a)
+        t_a, t_p, t_shown = sample_times(k_t, cfg, broken)
+        v_a, v_p = jax.vmap(lambda kk: sample_views(kk, cfg))(jax.random.split(k_v, n))
+        draw = jax.vmap(lambda t, v, kk: render(seq, t, v, kk, cfg))
+        x = draw(jnp.concatenate([t_a, t_shown]), jnp.concatenate([v_a, v_p]),
+                 jax.random.split(k_r, 2 * n))
+        return x, jnp.concatenate([t_a, t_p])
 
     return jax.vmap(one)(jax.random.split(key, cfg.sequences_per_batch))
 
@@ -468,24 +500,25 @@ def make_batch(key, cfg: Config, broken):
 def update(state: State, cfg: Config):
     net, tx = network(cfg), make_optimizer(cfg)
     key, k_batch, k_mine = jax.random.split(state.key, 3)
-    x_a, x_p, t_a = make_batch(k_batch, cfg, state.shuffle)  # (S, n, H, W, 3), (S, n)
-    s, n = t_a.shape
-    frames = jnp.concatenate([x_a, x_p]).reshape(2 * s * n, *x_a.shape[2:])
+    x, t = make_batch(k_batch, cfg, state.shuffle)  # (S, 2n, H, W, 3), (S, 2n)
+    s, m = t.shape
+    seq, t = jnp.repeat(jnp.arange(s), m), t.reshape(-1)
 
     def loss_fn(params):
-        z = net.apply({"params": params}, frames).reshape(2, s, n, -1)  # (2, S, n, d)
-        per_seq = jax.vmap(lambda k, a, p, t: tcn_loss(k, a, p, t, cfg))
-        loss, valid = per_seq(jax.random.split(k_mine, s), z[0], z[1], t_a)
+        z = net.apply({"params": params}, x.reshape(s * m, *x.shape[2:]))  # (S 2n, d)
+        loss, valid = tcn_loss(k_mine, z, seq, t, cfg)
         l2 = sum((w ** 2).sum() for path, w in jax.tree_util.tree_leaves_with_path(params)
                  if "kernel" in jax.tree_util.keystr(path))
-        d_ap = ((z[0] - z[1]) ** 2).sum(-1).mean()
-        return loss.mean() + 0.5 * cfg.weight_decay * l2, (loss.mean(), valid.mean(), d_ap)
+        pos = pair_masks(seq, t, cfg)[0]
+        d_ap = (sq_dist(z, z) * pos).sum() / jnp.maximum(pos.sum(), 1)
+        return loss + 0.5 * cfg.weight_decay * l2, (loss, valid, d_ap)
 
     (_, (loss, valid, d_ap)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     metrics = {"losses/triplet": loss, "charts/d_ap": d_ap, "charts/valid_anchors": valid,
-               "charts/grad_norm": optax.global_norm(grads)}
+               "charts/grad_norm": optax.global_norm(grads),
+               "charts/temperature": jnp.exp(params["SpatialSoftmax_0"]["log_temperature"])}
     return state.replace(params=params, opt_state=opt_state, step=state.step + 1,
                          key=key), metrics
 
@@ -539,7 +572,8 @@ def evaluate(state: State, cfg: Config):
     half = e // 2
 
     def scores(params):
-        z = jax.lax.map(lambda x: network(cfg).apply({"params": params}, x),
+        net = network(dataclasses.replace(cfg, shift_conv=False))  # no gradients here
+        z = jax.lax.map(lambda x: net.apply({"params": params}, x),
                         videos.reshape(e * v, length, *videos.shape[3:])).reshape(
                             e, v, length, -1)
         err, within = jax.vmap(alignment)(jnp.concatenate([z[:, 0], z[:, 1]]),

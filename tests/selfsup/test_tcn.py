@@ -24,75 +24,88 @@ SEEDS = 2
 
 
 def test_triplet_loss_by_hand():
-    """[1] Eq. 2 with alpha = 0.2 on three triplets in 2-d: a = 0 for all, p = (0.3, 0),
-    (0, 0.1), (1, 0); n = (0, 0.5), (0.2, 0), (0, 0.2): ||a-p||^2 = .09, .01, 1 and
-    ||a-n||^2 = .25, .04, .04, so the hinges are max(0, .09 - .25 + .2) = .04,
-    .01 - .04 + .2 = .17 and 1 - .04 + .2 = 1.16: mean 1.37 / 3; with the third triplet's
-    weight 0 (no valid negative): (.04 + .17) / 2. Mutations tried: unsquared distances
-    (optax's triplet_margin_loss form) fail the values; the weight ignored fails the
-    second."""
-    a = jnp.zeros((3, 2))
-    p = jnp.array([[0.3, 0.0], [0.0, 0.1], [1.0, 0.0]])
-    n = jnp.array([[0.0, 0.5], [0.2, 0.0], [0.0, 0.2]])
-    out = compiled(lambda a, p, n: (tcn.triplet_loss(a, p, n, 0.2),
-                                    tcn.triplet_loss(a, p, n, 0.2, jnp.array([1.0, 1, 0]))),
-                   a, p, n)
+    """[1] Eq. 2 with alpha = 0.2 from squared distances: ||a-p||^2 = .09, .01, 1 and
+    ||a-n||^2 = .25, .04, .04 give hinges max(0, .09 - .25 + .2) = .04, .01 - .04 + .2 =
+    .17 and 1 - .04 + .2 = 1.16: mean 1.37 / 3; with the third weight 0: (.04 + .17) / 2.
+    Mutations tried: the weight ignored fails the second; no hinge fails the first."""
+    d_ap, d_an = jnp.array([0.09, 0.01, 1.0]), jnp.array([0.25, 0.04, 0.04])
+    out = compiled(lambda p, n: (tcn.triplet_loss(p, n, 0.2, jnp.ones(3)),
+                                 tcn.triplet_loss(p, n, 0.2, jnp.array([1.0, 1, 0]))),
+                   d_ap, d_an)
     np.testing.assert_allclose(out, [1.37 / 3, 0.21 / 2], rtol=1e-5)
 
 
-def test_semihard_mining_and_the_loss_update_runs_by_hand():
-    """FaceNet's semi-hard negative (tcn.mine_negatives, as tcn_loss uses it) on four
-    anchors on a line, x = 0, 1, 3, 6 (one view, times 0, 10, 20, 30) with positives at
-    x + 0.5, except anchor 3 whose positive is at x + 5. Multiview: every other time is a
-    candidate. Anchor 0 (d_ap = .25): candidates at squared distance 1, 9, 36; the closest
-    farther than .25 is anchor 1. Anchor 3 (d_ap = 25): 9, 25, 36 -> anchor 0 (36 > 25,
-    25 is not farther). Single view with neg_radius = 15: anchor 0's candidates are times
-    20, 30 -> anchor 2; anchor 1's (time 10) are only time 30 -> 3; anchor 3's 0 and 10
-    (36, 25) -> 0. With every candidate nearer than the positive, the farthest is used.
-    tcn_loss (alpha = 1) then gives the hinge mean by hand: negatives 1, 0, 1, 0 at 1, 1,
-    4, 36: (.25 + .25 + 0 + 0) / 4. Random mining only ever picks candidates. Mutations
-    tried: argmin over all candidates (hardest, not semi-hard) fails anchor 3 (picks 2 in
-    multiview, 1 in single view); the mask ignored fails the single-view picks; no fallback to
-    the farthest fails the last case."""
-    x = jnp.array([0.0, 1.0, 3.0, 6.0])
-    a = jnp.stack([x, jnp.zeros(4)], -1)
-    p = a + jnp.array([[0.5, 0], [0.5, 0], [0.5, 0], [5.0, 0]])
-    t = jnp.array([0, 10, 20, 30])
+def test_semihard_mining_masks_and_loss_by_hand():
+    """Five frames on a line, x = 0, 1, 3, 6, 0.5, labelled (sequence 0, time 0, 10, 20,
+    30, 0): frame 4 is frame 0's other view. pair_masks (multiview): positives (0, 4) and
+    (4, 0) only, negatives every other label; singleview (pos 2, neg 15, times 0, 10, 20,
+    30, 1): positives the same pairs, frame 0's negatives times 20, 30; a frame of another
+    sequence is always a negative. Semi-hard (tcn.mine_negatives): pair (0, 4), d_ap =
+    .25, candidates at 1, 9, 36 -> frame 1; pair (4, 0), d_ap = .25, candidates .25 (not
+    farther), 6.25, 30.25 -> frame 2. With frame 4 at x = 10 (d_ap = 100) nothing is
+    farther: the farthest, frames 3 and 1. tcn_loss (alpha = 1): (.25 - 1 + 1, 0) averaged
+    over the 2 pairs = .125. Random mining only picks negatives. Mutations tried: argmin
+    over all candidates (hardest) fails pair (4, 0) (frame 1); `>=` for `>` fails it too;
+    no fallback to the farthest fails the x = 10 case; anchors in one direction only (rows
+    of the anchor view) gives .25."""
+    x = jnp.array([0.0, 1.0, 3.0, 6.0, 0.5])
+    e = jnp.stack([x, jnp.zeros(5)], -1)
+    seq, t = jnp.zeros(5, jnp.int32), jnp.array([0, 10, 20, 30, 0])
     mv = dataclasses.replace(TINY, variant="multiview", mining="semihard", margin=1.0)
     sv = dataclasses.replace(mv, variant="singleview", neg_radius=15, pos_radius=2)
     key = jax.random.PRNGKey(0)
 
-    def everything(a, p, t):
-        mine = lambda c, pp: tcn.mine_negatives(key, a, pp, tcn.negative_mask(t, c), c.mining)
-        rnd = jax.vmap(lambda k: tcn.mine_negatives(
-            k, a, p, tcn.negative_mask(t, sv), "random"))(jax.random.split(key, 200))
-        return (mine(mv, p), mine(sv, p), mine(mv, a + 10.0), tcn.tcn_loss(key, a, p, t, mv),
-                rnd)
+    def everything(e, seq, t):
+        pos, neg = tcn.pair_masks(seq, t, mv)
+        mine = lambda z: tcn.mine_negatives(key, tcn.sq_dist(z, z), pos, neg, "semihard")
+        rnd = jax.vmap(lambda k: tcn.mine_negatives(k, tcn.sq_dist(e, e), pos, neg,
+                                                    "random")[0])(jax.random.split(key, 100))
+        return ((pos, neg), tcn.pair_masks(seq, t.at[4].set(1), sv),
+                tcn.pair_masks(seq.at[4].set(1), t, mv), mine(e),
+                mine(e.at[4, 0].set(10.0)), tcn.tcn_loss(key, e, seq, t, mv), rnd)
 
-    (i_mv, v_mv), (i_sv, v_sv), (i_far, _), (loss, valid), (i_rnd, _) = compiled(
-        everything, a, p, t)
-    np.testing.assert_array_equal(i_mv, [1, 0, 1, 0])
-    assert v_mv.all() and float(valid) == 1.0
-    np.testing.assert_array_equal(i_sv, [2, 3, 0, 0])
-    np.testing.assert_array_equal(v_sv, [True, True, True, True])
-    np.testing.assert_array_equal(i_far, [3, 3, 0, 0])  # positives 10 away: the farthest
-    d_ap = np.array([0.25, 0.25, 0.25, 25.0])
-    d_an = np.array([1.0, 1.0, 4.0, 36.0])  # to anchors 1, 0, 1, 0
-    np.testing.assert_allclose(loss, np.maximum(d_ap - d_an + 1.0, 0).mean(),
-                               rtol=1e-6)
-    allowed = np.abs(np.asarray(t)[:, None] - np.asarray(t)[None]) > 15
-    assert all(allowed[i, j] for row in np.asarray(i_rnd) for i, j in enumerate(row))
-    assert len({tuple(r) for r in np.asarray(i_rnd)}) > 1
+    (pm, nm), (ps, ns), (p2, n2), (idx, valid), (far, _), (loss, frac), rnd = jax.device_get(
+        compiled(everything, e, seq, t))
+    pairs = np.zeros((5, 5), bool)
+    pairs[0, 4] = pairs[4, 0] = True
+    np.testing.assert_array_equal(pm, pairs)
+    np.testing.assert_array_equal(nm, ~pairs & ~np.eye(5, dtype=bool))
+    np.testing.assert_array_equal(ps, pairs)
+    np.testing.assert_array_equal(ns[0], [False, False, True, True, False])
+    assert not p2.any() and n2[0, 4] and n2[4, 0]
+    np.testing.assert_array_equal(valid, pairs)
+    assert idx[0, 4] == 1 and idx[4, 0] == 2 and far[0, 4] == 3 and far[4, 0] == 1
+    np.testing.assert_allclose(loss, 0.125, rtol=1e-6)
+    assert frac == 0.4
+    picks = {int(r[0, 4]) for r in rnd} | {int(r[4, 0]) for r in rnd}
+    assert picks == {1, 2, 3}
+
+
+def test_loss_orders_the_other_views_frames():
+    """The review's case the anchor-view-only loss missed: three times, anchors a = (0, 0),
+    (1, 0), (-3, 0), positives p = a_0 + (0, .1), a_0 (!), a_2 + (0, .1) (alpha = .2).
+    Mining negatives among the anchor view only (the old code) every hinge is 0; over both
+    views and directions pair (a_1, p_1) (d_ap = 1) has the semi-hard negative p_0 at 1.01:
+    hinge .19, the others 0: .19 / 6. Mutations tried: negatives from the anchor view only
+    (neg masked to the first 3 frames) gives 0; positives in one direction only .19 / 3."""
+    a = jnp.array([[0.0, 0.0], [1.0, 0.0], [-3.0, 0.0]])
+    p = jnp.stack([a[0] + jnp.array([0, 0.1]), a[0], a[2] + jnp.array([0, 0.1])])
+    cfg = dataclasses.replace(TINY, margin=0.2)
+    t = jnp.array([0, 10, 20, 0, 10, 20])
+    loss, _ = compiled(lambda e: tcn.tcn_loss(jax.random.PRNGKey(0), e, jnp.zeros(6, int), t,
+                                              cfg), jnp.concatenate([a, p]))
+    np.testing.assert_allclose(loss, 0.19 / 6, rtol=1e-4)
 
 
 def test_sampler_positive_and_negative_windows():
     """Over 500 draws: multiview anchors are distinct times inside one window of `window`
-    frames, positives the same times, from the other view; singleview positives lie
-    1..pos_radius frames away (both signs, inside the video), from the anchor's view;
-    broken (the shuffle flag) positives are anywhere. negative_mask admits every other time
-    (multiview) or only gaps above neg_radius (singleview). Mutations tried: a positive
-    allowed at delta 0 fails "never 0"; no reflection at the ends fails "inside"; the
-    window ignored (anchors anywhere in the video) fails the span."""
+    frames, positives the same times, from the other view; singleview anchors are one
+    contiguous block (svtcn's get_svtcn_indices), positives 1..pos_radius frames away
+    (both signs, inside the video), from the anchor's view: the batch spans fewer than n +
+    2 pos_radius frames; broken (the shuffle flag) shows positives anywhere, labels kept.
+    Mutations tried: a positive allowed at delta 0 fails "never 0"; no reflection at the
+    ends fails "inside"; the window ignored fails the span; singleview anchors drawn as
+    in multiview fail the block."""
     mv = dataclasses.replace(TINY, window=20, frames_per_sequence=6)
     sv = dataclasses.replace(mv, variant="singleview")
     keys = jax.random.split(jax.random.PRNGKey(1), 500)
@@ -100,25 +113,26 @@ def test_sampler_positive_and_negative_windows():
     def draws(keys):
         f = lambda c, b: jax.vmap(lambda k: tcn.sample_times(k, c, b))(keys)
         views = lambda c: jax.vmap(lambda k: jnp.stack(tcn.sample_views(k, c)))(keys)
-        t = jnp.array([0, 3, 4, 9])
-        return (f(mv, False), f(sv, False), f(mv, True), views(mv), views(sv),
-                tcn.negative_mask(t, mv), tcn.negative_mask(t, sv))
+        return f(mv, False), f(sv, False), f(mv, True), views(mv), views(sv)
 
-    (ma, mp), (sa, sp), (_, bp), vm, vs, nm, ns = jax.device_get(compiled(draws, keys))
+    (ma, mp, ms), (sa, sp, ss), (ba, bl, bp), vm, vs = jax.device_get(compiled(draws, keys))
     T = TINY.video_length
     assert (ma.max(1) - ma.min(1) < 20).all() and (ma.max(1) - ma.min(1)).max() == 19
     assert all(len(set(r)) == 6 for r in ma) and ma.min() >= 0 and ma.max() < T
     np.testing.assert_array_equal(mp, ma)
+    np.testing.assert_array_equal(ms, ma)
+    np.testing.assert_array_equal(ss, sp)
+    np.testing.assert_array_equal(np.diff(sa, axis=1), 1)
+    both = np.concatenate([sa, sp], 1)
+    assert (both.max(1) - both.min(1) < 6 + 2 * TINY.pos_radius).all()
     d = sp - sa
     assert (np.abs(d) >= 1).all() and (np.abs(d) <= TINY.pos_radius).all()
     assert (d > 0).any() and (d < 0).any() and sp.min() >= 0 and sp.max() < T
     assert set(np.abs(d).ravel()) == set(range(1, TINY.pos_radius + 1))
-    assert (np.abs(bp - ma) > TINY.pos_radius).mean() > 0.5
+    np.testing.assert_array_equal(bl, ba)
+    assert (np.abs(bp - ba) > TINY.pos_radius).mean() > 0.5
     assert (vm[:, 0] != vm[:, 1]).all() and (vs[:, 0] == vs[:, 1]).all()
     assert set(vm[:, 0]) == {0, 1}
-    np.testing.assert_array_equal(nm, ~np.eye(4, dtype=bool))
-    gap = np.abs(np.array([0, 3, 4, 9])[:, None] - np.array([0, 3, 4, 9])[None])
-    np.testing.assert_array_equal(ns, gap > TINY.neg_radius)
 
 
 def test_arm_and_renderer():
@@ -170,26 +184,31 @@ def test_tcn_aligns_the_two_views(recorded_run):
     """Behaviour ([1] Sec. 4, alignment): TINY (200 updates), 2 seeds; the nearest-neighbour
     alignment error between the two views of 4 held-out sequences (32 frames each; random
     embeddings score about 1/3), against the same network at init and the broken variant
-    (a third seed of the same run: positives at random times), and the triplet loss of the
-    last 50 updates (a collapsed embedding sits at alpha = 0.2). Calibration run (2 seeds,
-    the second one broken; loaded 2-core CPU, jax 0.10.2): alignment error trained 0.250,
-    broken 0.273, init 0.338 0.350; within 2 frames 0.30 / 0.27 / 0.13; loss of the last 25
-    updates 0.148 (trained) vs 0.201 (broken). With the spatial softmax's temperature at 1,
-    the background spread over [0, 0.6] and smaller blobs, training collapsed (every
-    embedding equal, loss 0.200, alignment 0.32-0.35 = init): the first mutation this test
-    catches."""
+    (a third seed of the same run: positives shown at random times), the fraction of
+    frames within 2 of the true time, and the triplet loss of the last 50 updates.
+    Calibration run (loaded 2-core CPU, jax 0.10.2): alignment error trained 0.278 0.272,
+    broken 0.351, init 0.338 0.350; within 2 frames 0.24 0.18 vs 0.13 (broken) and 0.13
+    0.13 at init; loss 0.164 0.162 (trained) vs 0.159 (broken: the pooled loss falls
+    without aligning, so the loss only checks the trained seeds stay off the collapse at
+    alpha = 0.2). Pose R^2 on 4 sequences is negative for every arm (too few to fit; the
+    quick preset probes 32). The anchor-view-only loss of the first version scored 0.250
+    0.271 vs broken 0.273 (its calibration run): the broken margin asked for now (0.03)
+    fails it. Collapse (temperature 1, a busier background: every embedding equal) scored
+    init."""
     res, chunks = recorded_run
     np.testing.assert_array_equal(chunks[0][1].shuffle, np.arange(SEEDS + 1) == BROKEN)
     err = res.final["alignment_error"]
     init = res.final["init_alignment_error"]
     trained, broken = err[:SEEDS], err[SEEDS:]
+    within, init_within = res.final["within_2"], res.final["init_within_2"]
     loss = res.history["losses/triplet"][:, -50:].mean(1)
     print("trained", trained, "broken", broken, "init", init, "loss", loss,
-          "within_2", res.final["within_2"], "init_within_2", res.final["init_within_2"],
+          "within_2", within, "init_within_2", init_within,
           "pose_r2", res.final["pose_r2"], "init_pose_r2", res.final["init_pose_r2"])
     assert (trained <= init[:SEEDS] - 0.05).all(), (trained, init)
-    assert (trained <= broken - 0.01).all(), (trained, broken)
-    assert (loss[:SEEDS] <= 0.19).all() and loss[SEEDS] >= 0.19, loss
+    assert (trained <= broken - 0.03).all(), (trained, broken)
+    assert (within[:SEEDS] >= init_within[:SEEDS] + 0.03).all(), (within, init_within)
+    assert (loss[:SEEDS] <= 0.19).all(), loss
 
 
 def test_train_is_pure_and_cli_writes_its_files(recorded_run, capsys):
@@ -234,9 +253,10 @@ def test_every_config_field_is_read():
 
 def test_paper_preset_traces():
     """eval_shape of init and one update under `paper`: 299x299 frames, two 512 convs, a
-    spatial softmax (1024 keypoint coordinates), FC 2048, 32-d embedding, 36 pairs."""
+    spatial softmax (1024 keypoint coordinates), FC 2048, 32-d embedding, a batch of 36
+    frames (tcn_default.yml's batch_size: 18 pairs, 2 sequences x 9 times)."""
     cfg, state, (after, metrics) = trace_paper(tcn)
-    assert cfg.margin == 0.2 and cfg.embedding_size == 32 and cfg.batch_pairs == 36
+    assert cfg.margin == 0.2 and cfg.embedding_size == 32 and 2 * cfg.batch_pairs == 36
     assert cfg.window == 580 and cfg.pos_radius == 6 and cfg.neg_radius == 12
     assert state.params["Dense_0"]["kernel"].shape == (1024, 2048)
     assert state.params["embedding"]["kernel"].shape == (2048, 32)
