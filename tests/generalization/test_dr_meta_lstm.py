@@ -130,18 +130,23 @@ def test_ff_policy_has_no_memory_and_the_critic_reads_xi():
 
 def test_update_loss_at_lr_zero():
     """One `update` (lr=0, 1 epoch, 1 minibatch, 4 envs x 32 steps) from a state with a
-    random carried h and no episode start: the loss's replay recomputes the rollout's
-    log-probs (approx_kl < 1e-6, clipfrac 0), and its value loss is 0.5 mean(A^2) with A a
-    by-hand GAE on the same rollout (episode ends cut, bootstrapped from V at the carried
-    h). Mutations that fail: replay from the end-of-rollout carry (kl), GAE without dones,
-    last value from the rollout's start carry."""
+    random carried h, no episode start and params + N(0, 0.3^2) (a decisive policy): the
+    loss's replay recomputes the rollout's log-probs (approx_kl < 1e-6, clipfrac 0), and its
+    value loss is 0.5 mean(A^2) with A a by-hand GAE on the same rollout (episode ends cut,
+    bootstrapped from V at the carried h). Mutations tried: replay from the end-of-rollout
+    carry (kl 3.4e-3: fails), GAE without dones (value loss off by 146%: fails), last value
+    from the rollout's start carry (value loss off by 1.4%: fails)."""
     cfg = dataclasses.replace(TINY, lr=0.0, num_epochs=1, num_minibatches=1, num_steps=32)
     env, net = dm.make_env(cfg), dm.network(cfg)
 
     def go(key):
         s = dm.init(key, cfg)
         h = jax.tree.map(lambda z: jax.random.normal(jax.random.PRNGKey(5), z.shape), s.h)
-        s = s.replace(h=h, start=jnp.zeros_like(s.start))
+        leaves, tree = jax.tree.flatten(s.params)  # a decisive policy: logp depends on h
+        ks = jax.random.split(jax.random.PRNGKey(9), len(leaves))
+        noisy = [x + 0.3 * jax.random.normal(k, x.shape) for x, k in zip(leaves, ks, strict=True)]
+        s = s.replace(params=jax.tree.unflatten(tree, noisy), h=h,
+                      start=jnp.zeros_like(s.start))
         _, k_roll, _ = jax.random.split(s.key, 3)
         carry = (s.env_state, s.obs, s.prev_action, s.start, s.h)
         (es, obs, pa, start, hl), traj = dm.rollout(s.params, cfg, net, env, carry, k_roll, 32)
@@ -255,7 +260,9 @@ def test_lstm_memory_identifies_the_dynamics(tiny_run):
     single observation o_t: -0.02 to 0.01. Seed 0's network without memory (probe
     key 3): t=4 0.29, t=8 0.33 (with memory, same episodes: 0.68, 0.65). With evaluate's
     carry zeroed every step (tried once) the CLI's probes score
-    0.34, 0.42 (t=4) and 0.30, 0.34 (t=8): fails."""
+    0.34, 0.42 (t=4) and 0.30, 0.34 (t=8): fails. The network is barely trained (32 env
+    steps): this shows a random LSTM carrying o_t and a_{t-1} forward, not a learned
+    identification (it would pass at lr=0); the quick preset's numbers are in the module."""
     first, _ = tiny_run
     seed0 = jax.tree.map(lambda x: x[0], first.state.params)
     key = jax.random.PRNGKey(3)
