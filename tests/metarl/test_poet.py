@@ -319,7 +319,8 @@ def test_poet_solves_envs_that_direct_es_cannot(tiny_run):
 def test_transfers_help_poet_solve_harder_envs(tiny_run):
     """[1] Sec. 4's ablation at tiny scale: the same TINY run with transfers off, from the
     same initial states, reaches a strictly easier hardest solved env (gap hi + stump hi,
-    summed over the seeds) than POET with transfers."""
+    summed over the seeds) than POET with transfers. Measured (loaded 2-core CPU): POET 8.8,
+    transfers off 8.4 (a narrow margin at this scale)."""
     first, chunks = tiny_run
     fin = jax.device_get(first.state)
     hard, _ = _hardest_solved(fin, TINY)
