@@ -239,7 +239,8 @@ def tiny_run(tmp_path_factory):
 
 
 def test_cove_beats_glove_alone_on_parity_short(tiny_run):
-    """[1] Table 2 in small: after 300 translation updates, the task model on [GloVe; CoVe]
+    """CoVe's transfer in small (not [1] Table 2's comparison: the glove arm here is a bag of
+    vectors with no context): after 300 translation updates, the task model on [GloVe; CoVe]
     beats the same task model on GloVe alone (trained side by side on the same batches) in
     held-out parity accuracy. A bag of word vectors cannot tell which unit word is last.
     Measured (loaded 2-core CPU; held-out numbers unseen in training): cove 0.848 / 0.863,
