@@ -51,16 +51,16 @@ view).
 
 Reproduce (CPU demo, 32x32 frames):
     python selfsup/tcn.py --preset quick --plot selfsup/tcn.png
-Measured (1 seed, 600 updates, about 4 min wall on a loaded 2-core CPU, load 12; 32
-held-out sequences x 64 frames): alignment error 0.248 vs 0.334 for the same network at
-init (within 2 frames 0.147 vs 0.079; pose R^2 0.155 vs 0.138, hardly above init); triplet
-loss 0.19 -> 0.15-0.17, spatial-softmax temperature stays at 0.10 (charts/temperature).
-The first version (negatives only among the anchor view, one direction) scored 0.318 vs
-0.323 on 8 sequences: no alignment. Far from [1]'s, and the nearest neighbours are still
-coarse (selfsup/tcn.png: view-1 matches in two bands); the arm is a blob at 32x32, and a
-16x16 keypoint map (conv_channels=(16,)) or 48x48 frames are untried. Tests (200 updates,
-4 x 32 held-out frames): 0.278 0.272 vs 0.338 0.350 at init and 0.351 for positives at
-random times.
+Measured (1 seed, 600 updates, under a minute wall on a loaded 2-core CPU; 32 held-out
+sequences x 64 frames): alignment error 0.238 vs 0.339 for the same network at init
+(within 2 frames 0.140 vs 0.073; pose R^2 0.202 vs 0.116); triplet loss 0.176 (first 20
+updates) -> 0.156 (last 50); the spatial-softmax temperature drifts 0.100 -> 0.097
+(charts/temperature). The first version (negatives only among the anchor view, one
+direction) scored 0.318 vs 0.323 on 8 sequences: no alignment. Still far from [1]'s:
+nearest neighbours are coarse (selfsup/tcn.png: flat runs of matches) and the arm is a
+blob at 32x32. A 16x16 keypoint map (--conv-channels 16) did not help (0.247 vs 0.349 at
+init, one run); 48x48 frames are untried. Tests (200 updates, 4 x 32 held-out frames):
+0.139 0.179 vs 0.317 0.291 at init and 0.255 for positives shown at random times.
 Paper setting (GPU; 299x299 frames, the paper's sizes with a CNN trunk):
     python selfsup/tcn.py --preset paper
 [1] reports (pouring, multi-view TCN, from memory [M]): alignment error 0.1 (vs 0.2-0.3 for
@@ -242,18 +242,22 @@ class Sequence:
 def sample_sequence(key, num_views: int) -> Sequence:
     """A random trajectory (2 sinusoids per joint, under one cycle per sequence) and
     random cameras: view v at azimuth v x 90 degrees +- 30, elevation 10-40 degrees [M]."""
-    k = jax.random.split(key, 8)
-    u = lambda i, shape, lo, hi: jax.random.uniform(k[i], shape, minval=lo, maxval=hi)
+    shapes = [(NUM_JOINTS,), (NUM_JOINTS, 2), (NUM_JOINTS, 2), (NUM_JOINTS, 2), (num_views,),
+              (num_views,), (num_views, 2, 3), (num_views, 3)]
+    sizes = [int(np.prod(sh)) for sh in shapes]
+    flat = jax.random.uniform(key, (sum(sizes),))  # one draw, sliced per field
+    parts = np.cumsum([0] + sizes)
+    u = lambda i, lo, hi: lo + (hi - lo) * flat[parts[i]:parts[i + 1]].reshape(shapes[i])
     span = jnp.array([1.2, 0.6, 0.7])[:, None]  # yaw, shoulder, elbow amplitudes
     return Sequence(
-        offset=jnp.array([0.0, 0.5, -0.6]) + u(0, (NUM_JOINTS,), -0.3, 0.3),
-        amp=span * u(1, (NUM_JOINTS, 2), 0.4, 1.0),
-        freq=u(2, (NUM_JOINTS, 2), 0.3, 0.9),
-        phase=u(3, (NUM_JOINTS, 2), 0.0, 2 * jnp.pi),
-        azimuth=jnp.arange(num_views) * jnp.pi / 2 + u(4, (num_views,), -0.5, 0.5),
-        elevation=u(5, (num_views,), 0.17, 0.7),
-        background=u(6, (num_views, 2, 3), 0.0, 0.35),
-        gain=u(7, (num_views, 3), 0.7, 1.3))
+        offset=jnp.array([0.0, 0.5, -0.6]) + u(0, -0.3, 0.3),
+        amp=span * u(1, 0.4, 1.0),
+        freq=u(2, 0.3, 0.9),
+        phase=u(3, 0.0, 2 * jnp.pi),
+        azimuth=jnp.arange(num_views) * jnp.pi / 2 + u(4, -0.5, 0.5),
+        elevation=u(5, 0.17, 0.7),
+        background=u(6, 0.0, 0.35),
+        gain=u(7, 0.7, 1.3))
 
 
 def joint_angles(seq: Sequence, t, length: int):
@@ -479,6 +483,12 @@ def init(key, cfg: Config) -> State:
 # --- UPDATE ---
 
 
+def kernel_penalty(params):
+    """sum(w^2) over the kernels (tcn_default.yml's l2_reg_weight; biases not decayed)."""
+    return sum((w ** 2).sum() for path, w in jax.tree_util.tree_leaves_with_path(params)
+               if "kernel" in jax.tree_util.keystr(path))
+
+
 def make_batch(key, cfg: Config, broken):
     """Frames (S, 2n, H, W, 3) of one batch, per sequence n anchors then their positives
     (views drawn per pair), rendered in one vmap, and their label times (S, 2n)."""
@@ -507,8 +517,7 @@ def update(state: State, cfg: Config):
     def loss_fn(params):
         z = net.apply({"params": params}, x.reshape(s * m, *x.shape[2:]))  # (S 2n, d)
         loss, valid = tcn_loss(k_mine, z, seq, t, cfg)
-        l2 = sum((w ** 2).sum() for path, w in jax.tree_util.tree_leaves_with_path(params)
-                 if "kernel" in jax.tree_util.keystr(path))
+        l2 = kernel_penalty(params)
         pos = pair_masks(seq, t, cfg)[0]
         d_ap = (sq_dist(z, z) * pos).sum() / jnp.maximum(pos.sum(), 1)
         return loss + 0.5 * cfg.weight_decay * l2, (loss, valid, d_ap)
@@ -541,7 +550,8 @@ def eval_videos(cfg: Config):
         return grid(jnp.arange(cfg.num_views), ts, ks.reshape(cfg.num_views,
                                                                cfg.eval_length, -1))
 
-    videos = jax.vmap(frames)(seqs, jax.random.split(keys[0], cfg.eval_sequences))
+    noise_keys = jax.random.split(jax.random.PRNGKey(EVAL_KEY + 1), cfg.eval_sequences)
+    videos = jax.vmap(frames)(seqs, noise_keys)  # noise independent of the sequences
     angles = jax.vmap(lambda s: jax.vmap(lambda t: joint_angles(s, t, cfg.video_length))(ts))(
         seqs)
     return videos, jnp.concatenate([jnp.sin(angles), jnp.cos(angles)], -1)
@@ -585,8 +595,10 @@ def evaluate(state: State, cfg: Config):
                       cfg.ridge)
         return {"alignment_error": err.mean(), "within_2": within.mean(), "pose_r2": r2}
 
-    trained, at_init = scores(state.params), scores(state.init_params)
-    return trained | {"init_" + k: val for k, val in at_init.items()}
+    both = jax.vmap(scores)(jax.tree.map(lambda a, b: jnp.stack([a, b]), state.params,
+                                         state.init_params))  # one trace for both
+    return {k: val[0] for k, val in both.items()} | {"init_" + k: val[1]
+                                                      for k, val in both.items()}
 
 
 # --- PLOT ---
