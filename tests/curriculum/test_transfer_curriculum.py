@@ -51,6 +51,14 @@ def test_learning_rates_step_decay_per_arm_by_hand():
     np.testing.assert_allclose(tc.learning_rates(10**6, cfg), [1e-4] * 4)
 
 
+def test_l2_penalty_is_keras_l2_on_kernels_only():
+    """Keras l2(5e-3): 5e-3 x the sum of squared kernel entries, biases spared: a 2 x 3 kernel
+    of ones and a bias of ones give 5e-3 x 6."""
+    params = {"Dense_0": {"kernel": jnp.ones((2, 3)), "bias": jnp.ones(3)},
+              "Conv_0": {"kernel": 2 * jnp.ones((1, 1, 1, 1))}}
+    np.testing.assert_allclose(tc.l2_penalty(params, tc.Config()), 5e-3 * (6 + 4), rtol=1e-6)
+
+
 def test_sample_batch_is_uniform_over_the_open_examples_without_replacement():
     """Ranks 0..19 over 20 examples: with 5 open the batch of 5 is exactly the open set;
     with 12 open, batches of 4 are distinct, open, and over 4,000 draws each open example
@@ -107,11 +115,13 @@ def test_init_orders_easiest_first_anti_reversed_random_permuted():
 def test_one_update_is_paced_sgd_per_arm_by_hand():
     """Linear toy, N = 50, 3 SGD steps of 5 per update, one learning rate per arm: per step
     the key splits into (key, k_u, k_drop), u ~ U(0, 1)^N is shared, each arm draws its batch
-    among its open examples (vanilla: all) and steps w -= lr x^T (x w + b - y) / B,
-    b -= lr mean(x w + b - y) (numpy by hand)."""
+    among its open examples (vanilla: all) and steps w -= lr_t x^T (x w + b - y) / B,
+    b -= lr_t mean(x w + b - y) (numpy by hand), lr_t halving at t = 2 for the two arms whose
+    decay interval is 2."""
     cfg = dataclasses.replace(TOY, linear_num_train=50, batch_size=5, eval_every=3,
                               num_batches=3, lr=(0.1, 0.2, 0.3, 0.4), starting_percent=0.2,
-                              batch_increase=2)
+                              batch_increase=2, lr_decay_rate=(2.0,) * 4,
+                              lr_batch_size=(2, 2, 9, 9))
     state = tc.init(jax.random.PRNGKey(3), cfg)
     new, metrics = jax.jit(tc.update, static_argnums=1)(state, cfg)
     x, y, xt, yt, _, _ = tc.datasets(cfg)
@@ -125,8 +135,9 @@ def test_one_update_is_paced_sgd_per_arm_by_hand():
         for a in range(4):
             idx = np.asarray(tc.sample_batch(u, state.ranks[a], n_open if a < 3 else 50, 5))
             r = x[idx] @ w[a] + b[a] - y[idx]
-            w[a] -= cfg.lr[a] * x[idx].T @ r / 5
-            b[a] -= cfg.lr[a] * r.mean()
+            lr = cfg.lr[a] / (2.0 if t == 2 and a < 2 else 1.0)  # arms 0, 1 decay at t = 2
+            w[a] -= lr * x[idx].T @ r / 5
+            b[a] -= lr * r.mean()
     np.testing.assert_allclose(new.params["kernel"][:, :, 0], w, rtol=1e-4, atol=1e-6)
     np.testing.assert_allclose(new.params["bias"][:, 0], b, rtol=1e-4, atol=1e-6)
     for a, arm in enumerate(tc.ARMS):
@@ -209,6 +220,24 @@ def test_train_is_pure_and_cli_writes_its_files(recorded_run, capsys):
     np.testing.assert_array_equal(init.ranks[:, 1], n - 1 - init.ranks[:, 0])
 
 
+def test_image_order_is_balanced_and_easiest_first_within_each_class(recorded_run):
+    """The TINY run's scorer: the difficulty score is the SVM's confidence in the true class on
+    the teacher's penultimate features (width `dense`, not the logits; higher = easier);
+    every group of K consecutive examples of the curriculum order holds each of the K classes
+    once, and within a class the confidence never rises along the order."""
+    x, y, _, _, xs, ys = tc.datasets(TINY)
+    feats = np.asarray(tc.train_teacher(TINY, xs, ys)(jnp.asarray(x)), np.float64)
+    assert feats.shape == (len(y), TINY.dense)  # penultimate features, not the 5 logits
+    order, scores = tc.curriculum_order(TINY), tc.difficulty_scores(TINY)
+    np.testing.assert_allclose(scores, tc.svm_scores(feats, y, TINY.data_seed), atol=1e-6)
+    k = len(TINY.target_classes)
+    groups = y[order[: k * (np.bincount(y).min())]].reshape(-1, k)
+    assert all(sorted(g) == list(range(k)) for g in groups)
+    for c in range(k):
+        s = scores[order][y[order] == c]
+        assert (np.diff(s) <= 0).all()
+
+
 def test_bad_values_fail_with_named_field(tmp_path):
     for flags, msg in (
         (["--lr", "0.1", "0.1"], "one positive value per arm"),
@@ -217,6 +246,8 @@ def test_bad_values_fail_with_named_field(tmp_path):
         (["--target-classes", "3"], "two or more"),
         (["--starting-percent", "0.01"], "fewer than batch_size"),
         (["--widths", "4", "8"], "one positive"),
+        (["--batch-increase", "0"], "batch_increase=0"),
+        (["--target-classes", "3", "3", "4"], "duplicates"),
     ):
         with pytest.raises(ValueError, match=msg):
             tc.main(cli_args(TINY, tc.Config(**tc.PRESETS["quick"]), "quick") + flags
