@@ -92,27 +92,34 @@ def test_high_motion_windows_by_hand():
 
 def test_video_flow_render_and_probe_label_by_hand():
     """The generator: the arm turns by speed x moving steps, so the flow (arm-tip speed) is
-    0 at rest and speed x 0.3 S while moving, moving about half of the time; a frame
+    0 at rest and speed x 0.3 S while moving (either direction), half of the time; a frame
     without noise with theta = 0 has the arm (brightness 1) to the right of the body and
     background on the left; theta = 100 degrees is class 2 of 8 (bins of 45 degrees)."""
     cfg = dataclasses.replace(TINY, num_frames=240, noise_std=0.0)
-    v = compiled(lambda k: fo.draw_video(k, cfg), jax.random.PRNGKey(3))
-    flow = np.asarray(fo.flow_magnitude(v, cfg))
+
+    def parts(k):  # one compiled program: a video, its flow, two hand-set frames, a label
+        v = fo.draw_video(k, cfg)
+        v0 = v.replace(body=jnp.array([8.5, 8.5]), theta=jnp.zeros(cfg.num_frames),
+                       background=jnp.zeros((16, 16)))
+        v100 = v0.replace(theta=jnp.full(cfg.num_frames, jnp.deg2rad(100.0)))
+        flows = fo.flow_magnitude(v, cfg), fo.flow_magnitude(v.replace(theta=-v.theta), cfg)
+        return (v, flows, fo.render(v0, 0, k, cfg)[..., 0],
+                fo.render(v100, 0, k, cfg)[..., 0], fo.arm_direction_class(v100, 0, 8))
+
+    v, (flow, flow_back), img, img100, cls100 = compiled(parts, jax.random.PRNGKey(3))
+    flow = np.asarray(flow)
+    np.testing.assert_array_equal(flow_back, flow)  # a speed: the same turning either way
     speed = np.abs(np.diff(np.asarray(v.theta))).max()
     lo, hi = np.deg2rad(cfg.arm_speed)
     assert lo <= speed <= hi
     np.testing.assert_allclose(np.unique(flow.round(4)), [0, round(speed * 0.3 * 16, 4)],
                                rtol=1e-3)
     assert 0.4 < (flow > 0).mean() < 0.6
-    v = v.replace(body=jnp.array([8.5, 8.5]), theta=jnp.zeros(cfg.num_frames),
-                  background=jnp.zeros((16, 16)))
-    img = np.asarray(fo.render(v, 0, jax.random.PRNGKey(0), cfg))[..., 0]
+    img, img100 = np.asarray(img), np.asarray(img100)
     assert img[8, 12] == 1.0 and img[8, 3] == 0.0 and img[8, 8] == 1.0
     assert img[3, 8] == 0.0 and 0 < img[8, 9] <= 1.0
-    v = v.replace(theta=jnp.full(cfg.num_frames, np.deg2rad(100.0)))
-    assert int(fo.arm_direction_class(v, 0, 8)) == 2
-    img = np.asarray(fo.render(v, 0, jax.random.PRNGKey(0), cfg))[..., 0]
-    assert img[12, 7] > 0.9 and img[4, 8] == 0.0  # y grows downwards: +100 deg is below
+    assert int(cls100) == 2
+    assert img100[12, 7] > 0.9 and img100[4, 8] == 0.0  # y grows downwards: +100 deg is below
 
 
 def test_order_loss_by_hand():
@@ -144,28 +151,28 @@ def test_solver_decays_kernels_only_and_doubles_bias_rate():
         np.testing.assert_allclose(p["layer"]["bias"], b, rtol=1e-6)
 
 
-def test_siamese_trunk_shared_and_fc7_concatenated():
+def test_siamese_trunk_shared_and_fc7_concatenated(recorded_run):
     """[1] Fig. 2: the logits of a tuple are fc8 of [fc7(f1); fc7(f2); fc7(f3)] with one
-    shared trunk (frame j's features meet rows jF..(j+1)F of fc8's kernel); swapping the
-    outer frames changes the logits (the net sees the order). fusion_hidden 0: [1]'s fc8."""
-    cfg = dataclasses.replace(TINY, fusion_hidden=0)
-    state = compiled(lambda k: fo.init(k, cfg), jax.random.PRNGKey(0))
+    shared trunk (frame j's features meet rows jF..(j+1)F of the next layer's kernel; TINY
+    has the fusion ReLU layer between, so logits = fc8(relu(fusion([fc7_1; fc7_2; fc7_3])))).
+    Reversing the frames changes the logits (the net sees the order). The run's initial
+    state of seed 0, one compiled program (one OrderNet and one trunk application)."""
+    state = jax.tree.map(lambda a: a[0], recorded_run[1][0][1])
     frames = jax.random.uniform(jax.random.PRNGKey(1), (4, 3, 16, 16, 1)) * jnp.array(
         [0.2, 1.0, 3.0])[:, None, None, None]  # three distinct frames per tuple
 
     def both(st, fr):
-        logits = fo.OrderNet(cfg).apply({"params": st.params, "batch_stats": st.batch_stats},
-                                        fr, train=False)
-        feats = [fo.features(st, fr[:, j], cfg) for j in range(3)]
-        swapped = fo.OrderNet(cfg).apply({"params": st.params,
-                                          "batch_stats": st.batch_stats},
-                                         fr[:, ::-1], train=False)
-        return logits, feats, swapped
+        logits = fo.OrderNet(TINY).apply({"params": st.params, "batch_stats": st.batch_stats},
+                                         jnp.concatenate([fr, fr[:, ::-1]]), train=False)
+        feats = fo.features(st, fr.reshape(-1, *fr.shape[2:]), TINY).reshape(4, 3, -1)
+        return logits[:4], feats, logits[4:]
 
-    logits, feats, swapped = compiled(both, state, frames)
-    w, bias = state.params["fc8"]["kernel"], state.params["fc8"]["bias"]
-    f = cfg.fc_features[1]
-    hand = sum(np.asarray(feats[j]) @ np.asarray(w[j * f:(j + 1) * f]) for j in range(3)) + bias
+    logits, feats, swapped = (np.asarray(a) for a in compiled(both, state, frames))
+    p = jax.tree.map(np.asarray, state.params)
+    f = TINY.fc_features[1]
+    hidden = sum(feats[:, j] @ p["fusion"]["kernel"][j * f:(j + 1) * f] for j in range(3))
+    hidden = np.maximum(hidden + p["fusion"]["bias"], 0)
+    hand = hidden @ p["fc8"]["kernel"] + p["fc8"]["bias"]
     np.testing.assert_allclose(logits, hand, rtol=1e-4, atol=1e-5)
     assert not np.allclose(logits, swapped, atol=1e-4)
 
@@ -213,15 +220,20 @@ def test_order_verification_learned_and_features_beat_init(recorded_run):
         k-NN 10/class probe   trained 0.313 0.420   shuffled labels 0.340   init 0.425 0.528
         linear 10/class       trained 0.368 0.505   shuffled labels 0.388   init 0.445 0.495
     The arm-direction probes of fc7 do NOT beat init at this size (nor in 150-300 step
-    runs with the paper's 25% positives), so they are printed, not asserted. Mutations
+    runs with the paper's 25% positives), so they are printed, not asserted. 200 steps
+    instead of 300: 0.707 0.688 vs shuffled 0.461 (too close to the bound). Mutations
     tried: labels shuffled in every seed (the broken arm itself: 0.539, fails the 0.65
-    bound); see the report for the others."""
+    bound). The accuracy is also checked to be the positives' and negatives' accuracies
+    weighted by their share of the held-out tuples."""
     quick_run, chunks, evaluate = recorded_run
     initial = chunks[0][1]
     out, init = quick_run.final, jax.device_get(evaluate(initial))
     print("trained/broken", {k: out[k] for k in ("order_acc_test", "knn_few", "linear_few")},
           "init", {k: init[k] for k in ("order_acc_test", "knn_few", "linear_few")})
     acc = out["order_acc_test"]
+    share = fo.eval_tuples(TINY)[1].mean()  # positives among the held-out tuples (cached)
+    np.testing.assert_allclose(acc, share * out["order_acc_pos"]
+                               + (1 - share) * out["order_acc_neg"], rtol=1e-5)
     assert (acc[:SEEDS] >= ORDER_ACC).all(), acc
     assert acc[BROKEN] < ORDER_ACC and (init["order_acc_test"] < ORDER_ACC).all(), (acc, init)
 
@@ -283,5 +295,6 @@ def test_paper_preset_traces():
     assert t["Conv_0"]["kernel"].shape == (11, 11, 1, 96)
     assert t["Dense_0"]["kernel"].shape == (8 * 8 * 256, 4096)  # SAME padding: 57, 29, 15, 8
     assert state.params["fc8"]["kernel"].shape == (3 * 4096, 2)
+    assert "fusion" not in state.params  # [1]: fc8 linear on the concatenated fc7
     assert jax.tree.structure(after) == jax.tree.structure(state)
     assert all(m.shape == () for m in jax.tree.leaves(metrics))
