@@ -59,8 +59,8 @@ updates) -> 0.156 (last 50); the spatial-softmax temperature drifts 0.100 -> 0.0
 direction) scored 0.318 vs 0.323 on 8 sequences: no alignment. Still far from [1]'s:
 nearest neighbours are coarse (selfsup/tcn.png: flat runs of matches) and the arm is a
 blob at 32x32. A 16x16 keypoint map (--conv-channels 16) did not help (0.247 vs 0.349 at
-init, one run); 48x48 frames are untried. Tests (200 updates, 4 x 32 held-out frames):
-0.139 0.179 vs 0.317 0.291 at init and 0.255 for positives shown at random times.
+init, one run); 48x48 frames are untried. Tests (150 updates, 4 x 32 held-out frames):
+0.163 0.165 vs 0.317 0.291 at init and 0.267 for positives shown at random times.
 Paper setting (GPU; 299x299 frames, the paper's sizes with a CNN trunk):
     python selfsup/tcn.py --preset paper
 [1] reports (pouring, multi-view TCN, from memory [M]): alignment error 0.1 (vs 0.2-0.3 for

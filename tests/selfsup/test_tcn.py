@@ -18,7 +18,7 @@ from tests.common.preset import trace_paper
 
 # One tiny configuration for every test of the module: 32x32 frames, 64-frame sequences,
 # 4 sequences x 8 pairs per batch, the quick preset's network, few held-out sequences.
-TINY = tcn.Config(**{**tcn.PRESETS["quick"], "total_updates": 200, "eval_sequences": 4,
+TINY = tcn.Config(**{**tcn.PRESETS["quick"], "total_updates": 150, "eval_sequences": 4,
                      "eval_length": 32})
 SEEDS = 2
 
@@ -236,19 +236,19 @@ def recorded_run(tmp_path_factory):
 
 
 def test_tcn_aligns_the_two_views(recorded_run):
-    """Behaviour ([1] Sec. 4, alignment): TINY (200 updates), 2 seeds; the nearest-neighbour
+    """Behaviour ([1] Sec. 4, alignment): TINY (150 updates), 2 seeds; the nearest-neighbour
     alignment error between the two views of 4 held-out sequences (32 frames each; random
     embeddings score about 1/3), against the same network at init and the broken variant
     (a third seed of the same run: positives shown at random times), the fraction of
     frames within 2 of the true time, and the triplet loss of the last 50 updates.
-    Calibration run (loaded 2-core CPU, jax 0.10.2): alignment error trained 0.139 0.179,
-    broken 0.255, init 0.317 0.291; within 2 frames 0.39 0.33 vs 0.22 (broken) and 0.19
-    0.23 at init; loss 0.165 0.162 (trained) vs 0.160 (broken: the pooled loss falls
+    Calibration run (loaded 2-core CPU, jax 0.10.2): alignment error trained 0.163 0.165,
+    broken 0.267, init 0.317 0.291; within 2 frames 0.30 0.38 vs 0.23 (broken) and 0.19
+    0.23 at init; loss 0.165 0.168 (trained) vs 0.158 (broken: the pooled loss falls
     without aligning, so the loss only checks the trained seeds stay off the collapse at
-    alpha = 0.2); the temperature moves. Pose R^2 on 4 sequences is negative for every arm
-    (too few to fit; the quick preset probes 32). The anchor-view-only loss of the first
+    alpha = 0.2); the temperature moves. Pose R^2 on 4 sequences is at or below 0 for every
+    arm (too few to fit; the quick preset probes 32). The anchor-view-only loss of the first
     version scored 0.250 0.271 vs broken 0.273 (its calibration run, other scenes): the
-    broken margin asked for now (0.03) fails it. Collapse (temperature 1, a busier
+    broken margin asked for now (0.05) fails it. Collapse (temperature 1, a busier
     background: every embedding equal) scored init."""
     res, chunks = recorded_run
     np.testing.assert_array_equal(chunks[0][1].shuffle, np.arange(SEEDS + 1) == BROKEN)
@@ -260,9 +260,9 @@ def test_tcn_aligns_the_two_views(recorded_run):
     print("trained", trained, "broken", broken, "init", init, "loss", loss,
           "within_2", within, "init_within_2", init_within,
           "pose_r2", res.final["pose_r2"], "init_pose_r2", res.final["init_pose_r2"])
-    assert (trained <= init[:SEEDS] - 0.05).all(), (trained, init)
-    assert (trained <= broken - 0.03).all(), (trained, broken)
-    assert (within[:SEEDS] >= init_within[:SEEDS] + 0.03).all(), (within, init_within)
+    assert (trained <= init[:SEEDS] - 0.08).all(), (trained, init)
+    assert (trained <= broken - 0.05).all(), (trained, broken)
+    assert (within[:SEEDS] >= init_within[:SEEDS] + 0.05).all(), (within, init_within)
     assert (loss[:SEEDS] <= 0.19).all(), loss
     temp = res.history["charts/temperature"]
     assert (np.abs(temp[:, -1] - temp[:, 0]) > 1e-5).all(), temp[:, [0, -1]]  # trained
