@@ -249,15 +249,11 @@ def sample_sequence(key, num_views: int) -> Sequence:
     parts = np.cumsum([0] + sizes)
     u = lambda i, lo, hi: lo + (hi - lo) * flat[parts[i]:parts[i + 1]].reshape(shapes[i])
     span = jnp.array([1.2, 0.6, 0.7])[:, None]  # yaw, shoulder, elbow amplitudes
-    return Sequence(
-        offset=jnp.array([0.0, 0.5, -0.6]) + u(0, -0.3, 0.3),
-        amp=span * u(1, 0.4, 1.0),
-        freq=u(2, 0.3, 0.9),
-        phase=u(3, 0.0, 2 * jnp.pi),
-        azimuth=jnp.arange(num_views) * jnp.pi / 2 + u(4, -0.5, 0.5),
-        elevation=u(5, 0.17, 0.7),
-        background=u(6, 0.0, 0.35),
-        gain=u(7, 0.7, 1.3))
+    return Sequence(offset=jnp.array([0.0, 0.5, -0.6]) + u(0, -0.3, 0.3),
+                    amp=span * u(1, 0.4, 1.0), freq=u(2, 0.3, 0.9), phase=u(3, 0.0, 2 * jnp.pi),
+                    azimuth=jnp.arange(num_views) * jnp.pi / 2 + u(4, -0.5, 0.5),
+                    elevation=u(5, 0.17, 0.7), background=u(6, 0.0, 0.35),
+                    gain=u(7, 0.7, 1.3))
 
 
 def joint_angles(seq: Sequence, t, length: int):
