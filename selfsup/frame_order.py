@@ -2,9 +2,8 @@
 
 [1] I. Misra, C. L. Zitnick, M. Hebert. "Shuffle and Learn: Unsupervised Learning using
     Temporal Order Verification." ECCV 2016, arXiv:1603.08561. Released code:
-    imisra/shuffle-tuple (commit 7c7bbb2, unchanged since): networks/tuple_train.prototxt
-    (the network), networks/tuple_solver.prototxt (the solver). Items marked [M] are from
-    memory of the paper and third-party summaries of it, not checked against the PDF.
+    imisra/shuffle-tuple (7c7bbb2, unchanged since): networks/tuple_train.prototxt, and
+    tuple_solver.prototxt. [M]: from memory of the paper, not checked against the PDF.
 
 From a video, 5 frames f_a, f_b, f_c, f_d, f_e with a < b < c < d < e are drawn from a
 window of high motion ([1] Sec. 3.2, coarse optical-flow magnitude), and tuples of 3 frames
@@ -25,65 +24,54 @@ Caffe's BatchNorm layer without a Scale layer) after conv3-5, fc6, fc7, dropout 
 and fc7; SGD momentum 0.9, lr 1e-3 x 0.1 at 80k of 100k iterations, weight decay 5e-4 on
 weights (not biases), biases at twice the learning rate, 128 tuples per step (the solver).
 
-Data: procedural videos made in JAX inside `update` (nothing is downloaded): a "figure", a
-disk (the body) with an arm, a bar from the body's centre, that swings at a per-video
-angular speed, moving half of each `cycle_frames` cycle and resting the other half, over a
-smooth random background with fresh pixel noise in every frame. The ground-truth optical
-flow of a frame is the arm tip's speed; the windows [b, d] whose summed flow is in the top
-`high_motion_fraction` of the video's windows are the "high-motion windows" a tuple may
-come from. Only the 3 frames of each tuple are rendered.
+Data: procedural videos made in JAX inside `update`: a disk (the body) with an arm (a bar
+from its centre) that swings at a per-video speed for half of each `cycle_frames` cycle and
+rests the other half, on a smooth random background, fresh pixel noise in every frame. The
+flow is the arm tip's speed; the windows [b, d] whose summed flow is in the top
+`high_motion_fraction` of the video's are the high-motion windows. Only the 3 frames of
+each tuple are rendered.
 
-Downstream ([1] Sec. 4-5 fine-tunes for action recognition on UCF101/HMDB51 and for pose
-estimation on FLIC/MPII): here, declared in place of pose, a frozen-feature probe (common/
-probe.py: linear and k-NN, all labels and 10 per class) of the arm's direction in 8 bins of
-45 degrees from a single frame's fc7 features, against the same network at random init;
-and the held-out order-verification accuracy on fixed tuples with Bernoulli(0.5) labels
-(chance 0.5; the accuracy on positives and on negatives is reported too).
+Downstream ([1] Sec. 4-5 fine-tunes for actions on UCF101/HMDB51 and pose on FLIC/MPII):
+here, in place of pose, frozen fc7 probes (common/probe.py: linear and k-NN, all labels and
+10 per class) of the arm's direction in 8 bins of 45 degrees, against the same network at
+init; and the held-out order accuracy on fixed tuples with Bernoulli(0.5) labels.
 
 Reproduce (CPU demo, 32x32 frames, a small trunk):
     python selfsup/frame_order.py --preset quick --plot selfsup/frame_order.png
 Measured (1 seed, 600 steps, 16 min on a loaded 2-core CPU): held-out order accuracy 0.848
-(chance 0.5; at init 0.477): positives 0.996, negatives 0.686 (the errors are shuffled
-tuples called in order); final training loss 0.315 (accuracy 0.875). Arm-direction probes
-of fc7, trained vs the same network at init: linear 0.857 vs 0.821, 10/class 0.781 vs
-0.652, k-NN 0.724 vs 0.773, 10/class 0.685 vs 0.557: the few-label probes gain 0.13, the
-full-label k-NN loses 0.05.
+(at init 0.477): positives 0.996, negatives 0.686; final training loss 0.315. fc7 probes
+of the arm direction, trained (init): linear 0.857 (0.821), 10/class 0.781 (0.652), k-NN
+0.724 (0.773), 10/class 0.685 (0.557): few-label probes +0.13, full-label k-NN -0.05.
 Paper setting (GPU; procedural videos in place of UCF101, CaffeNet on 227x227 frames):
     python selfsup/frame_order.py --preset paper
-[1] (UCF101 split 1, fine-tuned from the tuple-verification network, per the released
-README): UCF101 50.9 (50.2 mean over splits), HMDB51 19.8 (18.1); FLIC PCK 84.7, MPII
-PCKh@0.5 87.7 (upper body); from scratch on UCF101 38.6 [M].
+[1] (fine-tuned, split 1 (mean over splits), the released README): UCF101 50.9 (50.2),
+HMDB51 19.8 (18.1); FLIC PCK 84.7, MPII PCKh@0.5 87.7 (upper body); UCF101 from scratch
+38.6 [M].
 
 Differences from the paper:
-- Data: UCF101 is not offline; procedural one-figure videos instead (above). The motion
-  measure is the generator's exact flow (arm tip speed), not Farneback flow on the frames;
-  [1] weights frames by their mean flow magnitude to bias the sampling towards high-motion
-  windows [M]; here a window is high-motion by rank within its video
-  (`high_motion_fraction`) and the allowed windows are drawn uniformly.
-- No check that f_c differs from f_a and f_e by pixel SSD [M]; rest phases still make some
-  tuples ambiguous, which the motion-based sampling is there to avoid.
+- Data: procedural videos, not UCF101 (not offline); motion is the generator's exact flow,
+  not Farneback flow. [1] weights frames by their mean flow magnitude to bias sampling
+  towards high-motion windows [M]; here windows are high-motion by rank in their video
+  (`high_motion_fraction`) and drawn uniformly among those.
+- No pixel-SSD check that f_c differs from f_a and f_e [M] (rest phases leave ambiguous
+  tuples, which the motion-based sampling is there to avoid).
 - The span |b - d| is drawn uniformly in [2, tau_max]; a is uniform in [0, b - tau_min]
   and e in [d + tau_min, T - 1] (how [1] draws inside the bounds is not stated [M]).
-- No LRN and no grouped convolutions (conv2, conv4, conv5 use 2 groups in CaffeNet);
-  SAME padding; kernels N(0, init_std^2) (fc6, fc7: init_std / 2), biases 0 (Caffe: 1 for
-  conv2, conv4, conv5, fc6, fc7), fc8 Glorot-uniform. Grey frames (1 channel), no crops
-  or mean subtraction (the released data layer: multi-scale corner crops, BGR mean).
-- BatchNorm statistics over all 3 x batch_size frames of a step; the solver's 128 tuples
-  are 4 Caffe passes of 32 (iter_size 4), each normalised over its own 96 frames. Flax's
-  running averages are an EMA from (0, 1), Caffe's a normalised running sum; optax's
-  momentum trace is scaled by the current rate, Caffe's history holds rate-scaled steps
-  (the same except in the steps right after the rate drop).
-- One tuple per video and step; [1] takes positives and negatives from the same 5 frames.
-- `fusion_hidden` (0 in the paper preset, 64 in `quick`): [1]'s fc8 is linear on the
-  concatenated fc7, so its logit is a sum of one score per frame, which cannot express
-  "the middle frame lies between the other two" when no single frame carries an order cue
-  (on our clean procedural frames the linear fc8 stayed at the 25/75 prior for 400 steps);
-  a ReLU layer on the concatenation lets the frames' features interact.
-- Evaluation: frozen fc7 probes of the arm direction, not fine-tuning on action labels.
-- The `quick` preset: 32x32 frames, 40-frame videos, tau_max 8, tau_min 4, a 3-conv trunk
-  with 64-unit fc layers and a 64-unit fusion layer, no dropout, BatchNorm averages with
-  momentum 0.9, lr 0.05 (x 0.1 after 400 steps), and balanced tuples (positive_fraction
-  0.5): with the paper's 25% positives, runs of 150-400 steps stayed at the 25/75 prior.
+- Frozen fc7 probes, not fine-tuning. No LRN, no groups (2 in conv2, 4, 5); SAME padding;
+  kernels N(0, init_std^2) (fc6, fc7: init_std / 2), biases 0 (Caffe: 1 for conv2, 4, 5,
+  fc6, fc7), fc8 Glorot-uniform. Grey frames, no crops or mean subtraction (the released
+  data layer: multi-scale corner crops, BGR mean).
+- BatchNorm over all 3 x batch_size frames of a step (Caffe: iter_size 4 passes of 32
+  tuples, each over its 96 frames), averages an EMA from (0, 1) (Caffe: a normalised sum);
+  momentum on gradients, not on Caffe's rate-scaled steps (same but after the rate drop).
+- One tuple per video and step ([1] forms positives and negatives from the same 5 frames).
+- `fusion_hidden` (0 in `paper`, 64 in `quick`): [1]'s linear fc8 on the concatenated fc7
+  sums one score per frame: it cannot express "the middle frame lies between the others"
+  without a per-frame order cue (here: the 25/75 prior for 400 steps); a ReLU layer on the
+  concatenation lets the frames' features interact.
+- `quick`: 32x32 frames, 40-frame videos, tau 8/4, 3 convs, 64-unit fc and fusion layers,
+  no dropout, BatchNorm momentum 0.9, lr 0.05 (x 0.1 after 400 steps), balanced tuples
+  (with 25% positives, runs of 150-400 steps stayed at the 25/75 prior).
 """
 
 import functools
@@ -222,8 +210,6 @@ class Config:
         if self.cycle_frames < 2 or self.frame_size < 8:
             raise ValueError(f"cycle_frames={self.cycle_frames} must be >= 2 and frame_size="
                              f"{self.frame_size} >= 8")
-        if self.num_eval_tuples % 2:
-            raise ValueError(f"num_eval_tuples={self.num_eval_tuples} must be even")
         if self.probe_per_class * self.probe_classes > self.probe_train // 2:
             raise ValueError(f"probe_per_class={self.probe_per_class} x probe_classes="
                              f"{self.probe_classes} must be <= probe_train / 2 = "

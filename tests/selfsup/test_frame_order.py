@@ -72,22 +72,23 @@ def test_high_motion_windows_by_hand():
     10 zeros and 4 ones is 1) keeps exactly those; keeping all (fraction 1) keeps [3, 16].
     Sampled tuples (random spans) from a video moving only between frames 12 and 18 with
     high_motion_fraction 0.2 all have motion inside [b, d]; with fraction 1 some do not."""
-    cfg = dataclasses.replace(TINY, high_motion_fraction=0.2)
-    flow = np.zeros(cfg.num_frames - 1, np.float32)
-    flow[15] = 1.0
-    starts = lambda c: np.flatnonzero(compiled(
-        lambda f: fo.high_motion_starts(f, 4, c), jnp.asarray(flow)))
-    np.testing.assert_array_equal(starts(cfg), [12, 13, 14, 15])
-    np.testing.assert_array_equal(
-        starts(dataclasses.replace(cfg, high_motion_fraction=1.0)), np.arange(3, 17))
-    flow = np.zeros(cfg.num_frames - 1, np.float32)
+    cfgs = [dataclasses.replace(TINY, high_motion_fraction=f) for f in (0.2, 1.0)]
+    one = np.zeros(TINY.num_frames - 1, np.float32)
+    one[15] = 1.0
+    flow = np.zeros(TINY.num_frames - 1, np.float32)
     flow[12:18] = 1.0
-    def moving(c):
-        five = list(_tuples(c, 500, flow, 0.5))[2]
-        return np.array([flow[b:d].sum() > 0 for b, d in five[:, [1, 3]]])
+    keys = jax.random.split(jax.random.PRNGKey(0), 500)
 
-    assert moving(cfg).all()
-    assert not moving(dataclasses.replace(cfg, high_motion_fraction=1.0)).all()
+    def both(o, f):  # one compiled program for the two fractions
+        return [(fo.high_motion_starts(o, 4, c),
+                 jax.vmap(lambda k, c=c: fo.sample_tuple(k, f, 0.5, c))(keys)[2]) for c in cfgs]
+
+    (top, five_top), (every, five_all) = compiled(both, jnp.asarray(one), jnp.asarray(flow))
+    np.testing.assert_array_equal(np.flatnonzero(top), [12, 13, 14, 15])
+    np.testing.assert_array_equal(np.flatnonzero(every), np.arange(3, 17))
+    moving = lambda five: np.array([flow[b:d].sum() > 0 for b, d in np.asarray(five)[:, [1, 3]]])
+    assert moving(five_top).all()
+    assert not moving(five_all).all()
 
 
 def test_video_flow_render_and_probe_label_by_hand():
