@@ -382,16 +382,23 @@ def svm_scores(feats, y, seed: int = 0):
 
 
 @functools.cache
+def teacher_features(cfg: Config) -> np.ndarray:
+    """phi(x_i) of every target training image: the teacher's penultimate features."""
+    x, _, _, _, xs, ys = datasets(cfg)
+    with jax.ensure_compile_time_eval():  # runs now, on the host, even inside a traced init
+        feats = train_teacher(cfg, xs, ys)
+        f = np.concatenate([np.asarray(feats(x[i:i + 1024])) for i in range(0, len(x), 1024)])
+    return f.astype(np.float64)
+
+
+@functools.cache
 def difficulty_scores(cfg: Config) -> np.ndarray:
     """Per training example, higher = easier: the SVM confidence on the teacher's features,
     or minus the optimal hypothesis' squared loss (linear toy)."""
-    x, y, _, _, extra, ys = datasets(cfg)
+    x, y, _, _, extra, _ = datasets(cfg)
     if cfg.dataset == "linear":
         return -((x @ extra - y) ** 2)
-    with jax.ensure_compile_time_eval():  # runs now, on the host, even inside a traced init
-        feats = train_teacher(cfg, extra, ys)
-        f = np.concatenate([np.asarray(feats(x[i:i + 1024])) for i in range(0, len(x), 1024)])
-    return svm_scores(f.astype(np.float64), y, cfg.data_seed)
+    return svm_scores(teacher_features(cfg), y, cfg.data_seed)
 
 
 def balance_order(order, y):
