@@ -229,17 +229,21 @@ def test_recomputed_log_probs_equal_the_rollouts(two_rollouts):
 def test_ridge_probe_by_hand():
     """y = 3 x_0 - x_1 + 2 (200 rows): held-out R^2 ~ 1; y independent of x: R^2 <= ~0;
     rows of weight 0 (dead episodes) with wild targets are ignored."""
-    x = jax.random.normal(jax.random.PRNGKey(0), (200, 2))
-    y = 3 * x[:, 0] - x[:, 1] + 2
-    w = jnp.ones(200)
-    assert dm.probe_r2(x, y, w, 1e-6) > 0.9999
-    noise = jax.random.normal(jax.random.PRNGKey(1), (200,))
-    assert dm.probe_r2(x, noise, w, 1e-6) < 0.05
-    x30 = jax.random.normal(jax.random.PRNGKey(2), (40, 30))  # fit on 20, scored on 20
-    assert dm.probe_r2(x30, noise[:40], w[:40], 1e-6) < 0.05  # in-sample it would be ~1
-    wild = y.at[::7].set(1e3)
-    assert dm.probe_r2(x, wild, w.at[::7].set(0.0), 1e-6) > 0.9999
-    assert dm.probe_r2(x, wild, w, 1e-6) < 0.5
+    def r2s(key):  # the five probes as one compiled program
+        k0, k1, k2 = jax.random.split(key, 3)
+        x = jax.random.normal(k0, (200, 2))
+        y = 3 * x[:, 0] - x[:, 1] + 2
+        w, noise = jnp.ones(200), jax.random.normal(k1, (200,))
+        x30 = jax.random.normal(k2, (40, 30))  # fit on 20, scored on 20
+        wild = y.at[::7].set(1e3)
+        return (dm.probe_r2(x, y, w, 1e-6), dm.probe_r2(x, noise, w, 1e-6),
+                dm.probe_r2(x30, noise[:40], w[:40], 1e-6),
+                dm.probe_r2(x, wild, w.at[::7].set(0.0), 1e-6), dm.probe_r2(x, wild, w, 1e-6))
+
+    exact, noise, noise30, dead_ignored, dead_counted = compiled(r2s, jax.random.PRNGKey(0))
+    assert exact > 0.9999 and noise < 0.05
+    assert noise30 < 0.05  # in-sample it would be ~1
+    assert dead_ignored > 0.9999 and dead_counted < 0.5
 
 
 @pytest.fixture(scope="module")
