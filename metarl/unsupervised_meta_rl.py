@@ -1,0 +1,420 @@
+"""Unsupervised meta-RL: meta-learn on tasks proposed by a random or a DIAYN discriminator.
+
+[1] A. Gupta, B. Eysenbach, C. Finn, S. Levine. "Unsupervised Meta-Learning for
+    Reinforcement Learning." arXiv:1806.04640 (2018; v3 2020). No released code was found.
+[2] B. Eysenbach, A. Gupta, J. Ibarz, S. Levine. "Diversity is All You Need."
+    arXiv:1802.06070: the learned task proposer (metarl/diayn.py).
+[3] C. Finn, P. Abbeel, S. Levine. "Model-Agnostic Meta-Learning." arXiv:1703.03400: the
+    meta-learner, MAML with a policy-gradient inner step and a TRPO outer step
+    (metarl/maml_rl.py).
+
+A controlled Markov process C = <S, A, P> has no reward. A task proposer turns it into a
+distribution of MDPs: a task is a latent z ~ p(z) (uniform over K) and its reward is
+
+    r_z(s) = log D(z | s) = log_softmax(D(s))[z]                         [1] Sec. 3 (Eq. 2)
+
+with D either a discriminator with random weights D_{phi_rand} (`--proposer random`) or
+the one learned by DIAYN on C ([2]; `--proposer diayn`), which maximises I(S; Z). D is then
+frozen, and a meta-learner is meta-trained on the MDPs (C, r_z), a fresh batch of z per
+meta-iteration ([1] Alg. 1); at meta-test time it meets hand-designed rewards it never saw,
+here the goals of 2-D navigation, r(s) = -||s - g||, g ~ U[-0.5, 0.5]^2. This file is a thin
+driver: DIAYN (metarl/diayn.py `init`/`update`, its discriminator network) proposes, MAML
+(metarl/maml_rl.py: policy, advantages, inner step, meta-objective, TRPO step, evaluation)
+learns; what is written here is the reward wrapper, the rollout of C under r_z, and the
+meta-update on the proposed tasks:
+
+    D_i ~ pi_theta on (C, r_{z_i}),  z_i ~ p(z), i = 1..meta_batch_size   (vmapped tasks)
+    theta'_i = theta - alpha grad L_{z_i}(theta; D_i)                   [3] Alg. 3
+    TRPO on mean_i L_{z_i}(theta'_i; D'_i) s.t. KL <= delta                [3] Sec. 5.3
+
+The meta-learner is MAML, the one [1] uses on 2-D navigation [M: [1] v3 also reports RL^2
+on some tasks; not re-read]. The baseline of [1] Fig. 3, learning from scratch, is the same
+policy-gradient adaptation from the run's untrained initialisation (`random/return_XX`),
+the same env steps on the same test goals; `adapt/return_XX` is the meta-learned one.
+
+Reproduce (CPU; DIAYN's proposer, then a random-discriminator run for comparison):
+    python metarl/unsupervised_meta_rl.py --preset quick --num-seeds 2 --proposer random \
+        --run-dir runs/uml_random
+    python metarl/unsupervised_meta_rl.py --preset quick --num-seeds 2 \
+        --plot metarl/unsupervised_meta_rl.png --compare runs/uml_random
+Paper-sized (GPU): python metarl/unsupervised_meta_rl.py --preset paper
+Ours: see the end of this docstring (quick preset, measured).
+
+Differences from the paper:
+- The CMP is common.envs.PointNav2D (MAML's point: start at 0, pos' = pos + clip(0.1 a),
+  unbounded) without its goal; DIAYN learns its discriminator on diayn.py's PointMass2D
+  (the same step, but clipped to the box [-1, 1]^2, tanh actions). Outside the box D
+  extrapolates. r_z is scored on the next state s_{t+1} (as DIAYN's Alg. 1) and has no
+  -log p(z) term (a constant per task, [1] writes log D(z|s)).
+- The random discriminator is DIAYN's discriminator network at its initialisation (flax's
+  default init), the very weights the DIAYN run starts from; [1] does not say its init [M].
+- Sizes (skills, DIAYN steps, network widths) are ours: [1]'s 2-D navigation settings were
+  not re-read [M]. `paper` takes DIAYN's released 'point' variant (50 skills, 2 x 32, lr
+  3e-4, 1 env, 1 gradient step per step; 1M steps ours) and MAML's 2-D navigation setting
+  ([3] App. A.2: 20 tasks x 20 trajectories of 100 steps, alpha 0.1, delta 0.01, 500
+  iterations).
+- DIAYN is trained inside `init` (a jitted scan of diayn.update); `update` is one MAML-TRPO
+  meta-iteration on proposed tasks. The meta-update repeats maml_rl.update's TRPO wiring
+  (20 lines) because maml_rl.update draws goal tasks itself; a hook there (a task sampler
+  argument) would remove the copy.
+- `proposer_accuracy` is DIAYN's discriminator accuracy on its last training batch (NaN
+  for the random proposer, which is never trained).
+"""
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import struct
+from jax.flatten_util import ravel_pytree
+
+from common import envs, run
+from metarl import diayn
+from metarl import maml_rl as mrl
+
+# --- CONFIG ---
+
+PROPOSERS = ("diayn", "random")
+FAR = 1e6  # the CMP is PointNav2D with a goal nobody reaches: no termination, reward unused
+
+
+@dataclass(frozen=True)
+class Config:
+    """Unsupervised meta-RL: DIAYN or random task proposals, MAML-TRPO on 2-D navigation."""
+
+    proposer: str = "diayn"
+    """task proposer: diayn (D learned by DIAYN on the CMP) or random (D with random weights)"""
+    num_skills: int = 50
+    """K: z ~ uniform over K, the number of proposed tasks (DIAYN's released 'point' variant)"""
+    proposer_timesteps: int = 1_000_000
+    """DIAYN environment steps before meta-training (diayn only; ours)"""
+    proposer_envs: int = 1
+    """DIAYN parallel environments"""
+    proposer_grad_steps: int = 1
+    """DIAYN gradient steps per DIAYN update"""
+    proposer_lr: float = 3e-4
+    """DIAYN Adam learning rate (policy, critics, discriminator)"""
+    proposer_hidden: tuple[int, ...] = (32, 32)
+    """hidden sizes of DIAYN's networks, the discriminator D included"""
+    proposer_batch_size: int = 128
+    """DIAYN transitions per gradient step"""
+    proposer_buffer_size: int = 1_000_000
+    """DIAYN replay capacity in transitions"""
+    proposer_learning_starts: int = 1000
+    """DIAYN transitions stored before its first gradient step"""
+    hidden: int = 100
+    """units of each hidden ReLU layer of the meta-learned Gaussian policy"""
+    num_layers: int = 2
+    """hidden layers of the policy"""
+    init_std: float = 1.0
+    """initial policy standard deviation (in [-1, 1] action units)"""
+    horizon: int = 100
+    """steps of one trajectory (meta-training, meta-test and DIAYN's episodes)"""
+    inner_lr: float = 0.1
+    """alpha: step size of the policy-gradient inner step (training and meta-test)"""
+    inner_steps: int = 1
+    """inner PG steps per proposed task during meta-training"""
+    num_trajectories: int = 20
+    """trajectories per task for each inner step and for the post-update objective"""
+    meta_batch_size: int = 20
+    """proposed tasks z per meta-iteration (a fresh draw each iteration)"""
+    gamma: float = 0.99
+    """discount of the policy-gradient returns"""
+    max_kl: float = 0.01
+    """delta: TRPO's bound on the mean KL of the post-update policy"""
+    num_iterations: int = 500
+    """meta-iterations on proposed tasks"""
+    eval_tasks: int = 40
+    """evaluate(): hand-designed test tasks (goals g ~ U[-0.5, 0.5]^2)"""
+    eval_steps: int = 3
+    """evaluate(): PG steps of the adaptation curve (0..eval_steps)"""
+    eval_trajectories: int = 40
+    """evaluate(): trajectories per goal per adaptation step"""
+    eval_lr_decay: float = 0.5
+    """evaluate(): steps after the first use alpha * eval_lr_decay"""
+    dtype: str = "float32"
+    """compute dtype of the policy's and DIAYN's matmuls: float32 or bfloat16"""
+
+    @property
+    def num_updates(self) -> int:
+        return self.num_iterations
+
+    @property
+    def steps_per_update(self) -> int:
+        return learner_config(self).steps_per_update
+
+    def validate(self):
+        if self.proposer not in PROPOSERS:
+            raise ValueError(f"proposer={self.proposer!r} must be one of {PROPOSERS}")
+        if self.num_skills < 2:
+            raise ValueError(f"num_skills={self.num_skills} must be >= 2")
+        for name, sub in (("proposer (diayn.Config)", proposer_config),
+                          ("meta-learner (maml_rl.Config)", learner_config)):
+            try:
+                sub(self).validate()
+            except ValueError as e:
+                raise ValueError(f"{name}: {e}") from None
+
+
+PRESETS = {
+    # CPU demo: 8 skills from 16k DIAYN steps, then 10 tasks x 10 trajectories of 50 steps,
+    # a 2 x 32 policy, a wider trust region, 60 meta-iterations.
+    "quick": dict(num_skills=8, proposer_timesteps=16_000, proposer_envs=16,
+                  proposer_grad_steps=2, proposer_lr=1e-3, proposer_hidden=(64, 64),
+                  proposer_buffer_size=16_000, meta_batch_size=10, num_trajectories=10,
+                  horizon=50, hidden=32, max_kl=0.05, num_iterations=60),
+    "paper": dict(),
+}
+
+
+def proposer_config(cfg: Config) -> diayn.Config:
+    """DIAYN on the 2-D point with the meta-learner's horizon and step size."""
+    return diayn.Config(
+        env_id="PointMass2D", num_skills=cfg.num_skills, total_timesteps=cfg.proposer_timesteps,
+        num_envs=cfg.proposer_envs, episode_length=cfg.horizon,
+        grad_steps=cfg.proposer_grad_steps, lr=cfg.proposer_lr, hidden=cfg.proposer_hidden,
+        batch_size=cfg.proposer_batch_size, buffer_size=cfg.proposer_buffer_size,
+        learning_starts=cfg.proposer_learning_starts, max_speed=mrl.ACTION_SCALE,
+        dtype=cfg.dtype)
+
+
+def learner_config(cfg: Config) -> mrl.Config:
+    return mrl.Config(
+        algo="maml", hidden=cfg.hidden, num_layers=cfg.num_layers, init_std=cfg.init_std,
+        horizon=cfg.horizon, inner_lr=cfg.inner_lr, inner_steps=cfg.inner_steps,
+        num_trajectories=cfg.num_trajectories, meta_batch_size=cfg.meta_batch_size,
+        gamma=cfg.gamma, max_kl=cfg.max_kl, num_iterations=cfg.num_iterations,
+        eval_tasks=cfg.eval_tasks, eval_steps=cfg.eval_steps,
+        eval_trajectories=cfg.eval_trajectories, eval_lr_decay=cfg.eval_lr_decay,
+        dtype=cfg.dtype)
+
+
+# --- NETWORKS --- (D: DIAYN's state-only classifier; pi_theta: MAML's Gaussian MLP)
+
+
+def discriminator(cfg: Config):
+    return diayn.networks(proposer_config(cfg))[2]
+
+
+# --- TASK PROPOSAL ---
+
+
+def task_reward(disc, disc_params, z, s):
+    """[1] Eq. 2: r_z(s) = log D(z | s) = log_softmax(D(s))[z]; s [..., 2], z an int."""
+    return jax.nn.log_softmax(disc.apply(disc_params, s), -1)[..., z]
+
+
+def sample_tasks(key, cfg: Config):
+    """z_1..z_B ~ p(z) = uniform over the K skills: one meta-batch of proposed tasks."""
+    return jax.random.randint(key, (cfg.meta_batch_size,), 0, cfg.num_skills)
+
+
+def train_proposer(key, cfg: Config, learned=None):
+    """(D's params, DIAYN's last batch accuracy): DIAYN's discriminator at init (random) or
+    after proposer_timesteps of DIAYN (one jitted diayn.update, scanned). `learned` may be a
+    traced bool (both computed, one kept); None follows cfg.proposer."""
+    pcfg = proposer_config(cfg)
+    start = diayn.init(key, pcfg)
+    if learned is None and cfg.proposer == "random":  # static: nothing to train
+        return start.params["disc"], jnp.float32(jnp.nan)
+    end, metrics = jax.lax.scan(lambda s, _: diayn.update(s, pcfg), start, None,
+                                length=pcfg.num_updates)
+    acc = metrics["charts/disc_accuracy"][-1]
+    if learned is None:
+        return end.params["disc"], acc
+    pick = lambda a, b: jnp.where(learned, a, b)
+    return jax.tree.map(pick, end.params["disc"], start.params["disc"]), pick(acc, jnp.nan)
+
+
+# --- ROLLOUT ---
+
+
+def rollout(net, params, reward_fn, key, num: int, horizon: int):
+    """`num` trajectories of pi_params in the CMP, paid reward_fn(s_{t+1}): (obs, act, rew,
+    mask) [num, T, ...] in maml_rl's layout (mask all ones: no task ends early)."""
+    env = envs.PointNav2D(episode_length=horizon, max_speed=mrl.ACTION_SCALE)
+    far = jnp.full((2,), FAR)
+    obs, state = jax.vmap(env.reset, (0, None))(jax.random.split(key, num), far)
+
+    def step(carry, k):
+        obs, state = carry
+        mean, log_std = net.apply(params, obs)
+        a = mean + jnp.exp(log_std) * jax.random.normal(k, mean.shape)
+        obs2, state2, _, _, _ = jax.vmap(env.step, (None, 0, 0, None))(
+            k, state, mrl.ACTION_SCALE * a, far)
+        return (obs2, state2), (obs, a, reward_fn(obs2))
+
+    _, (o, a, r) = jax.lax.scan(step, (obs, state), jax.random.split(key, horizon))
+    o, a, r = (jnp.swapaxes(x, 0, 1) for x in (o, a, r))  # [num, T, ...]
+    return o, a, r, jnp.ones_like(r)
+
+
+def sample_batch(net, params, reward_fn, key, mcfg: mrl.Config, num: int) -> mrl.Batch:
+    o, a, r, m = rollout(net, params, reward_fn, key, num, mcfg.horizon)
+    return mrl.Batch(o, a, r, m, mrl.advantages(o, r, m, mcfg.gamma, mcfg.gae_lambda,
+                                                mcfg.baseline_reg))
+
+
+def sample_meta_batch(net, theta, disc, disc_params, zs, key, lr, mcfg: mrl.Config):
+    """Per proposed task z (vmapped over the meta-batch): inner batches from theta_i, the
+    post-update batch from theta', and log pi_old on it, all under r_z."""
+    def one(z, k):
+        reward_fn = lambda s: task_reward(disc, disc_params, z, s)
+        keys = jax.random.split(k, mcfg.inner_steps + 1)
+        th, inner = theta, []
+        for i in range(mcfg.inner_steps):
+            inner.append(sample_batch(net, th, reward_fn, keys[i], mcfg, mcfg.num_trajectories))
+            th = mrl.adapt(net, th, inner[-1:], [lr])
+        test = sample_batch(net, th, reward_fn, keys[-1], mcfg, mcfg.num_trajectories)
+        mean, log_std = net.apply(th, test.obs)
+        return inner, test, mrl.log_prob(mean, log_std, test.act)
+
+    return jax.vmap(one)(zs, jax.random.split(key, zs.shape[0]))
+
+
+# --- STATE ---
+
+
+@struct.dataclass
+class State:
+    params: Any  # theta, the meta-learned policy
+    init_params: Any  # theta at initialisation (the learning-from-scratch baseline)
+    disc_params: Any  # D, frozen during meta-training
+    key: jax.Array
+    train_lr: jax.Array  # alpha inside the meta-objective
+    proposer_accuracy: jax.Array
+
+
+def init(key, cfg: Config, learned=None) -> State:
+    k_prop, k_net, key = jax.random.split(key, 3)
+    disc_params, acc = train_proposer(k_prop, cfg, learned)
+    params = mrl.network(learner_config(cfg)).init(k_net, jnp.zeros((1, 2)))
+    return State(params, params, disc_params, key, jnp.float32(cfg.inner_lr), acc)
+
+
+# --- UPDATE ---
+
+
+def update(state: State, cfg: Config):
+    """One MAML-TRPO meta-iteration on a fresh meta-batch of proposed tasks."""
+    mcfg = learner_config(cfg)
+    net, disc = mrl.network(mcfg), discriminator(cfg)
+    key, k_task, k_roll = jax.random.split(state.key, 3)
+    zs = sample_tasks(k_task, cfg)
+    inner, test, old_logp = sample_meta_batch(net, state.params, disc, state.disc_params, zs,
+                                              k_roll, state.train_lr, mcfg)
+    flat, unravel = ravel_pytree(state.params)
+
+    def dist(x):  # pi_theta'(x) on every post-update step: [B, K, T, A] each
+        return jax.vmap(mrl.post_update_dist, (None, None, 0, 0, None, None))(
+            net, unravel(x), inner, test, state.train_lr, False)
+
+    old_mean, old_log_std = dist(flat)
+    loss_kl = lambda x: mrl.meta_loss_kl(*dist(x), old_mean, old_log_std, old_logp, test)
+    fvp = mrl.fisher_vector_product(dist, flat, test.mask / test.mask.sum(), mcfg.cg_damping)
+    new, before, after, kl, n, gnorm = mrl.trpo_step(
+        loss_kl, fvp, flat, mcfg.max_kl, mcfg.cg_iters, mcfg.ls_backtrack_ratio,
+        mcfg.ls_max_steps)
+    per_traj = lambda b: b.rew.sum(-1).mean()
+    metrics = {"charts/pre_adapt_return": per_traj(inner[0]),
+               "charts/post_adapt_return": per_traj(test),
+               "charts/task_z_mean": zs.mean().astype(jnp.float32),
+               "losses/surrogate_before": before, "losses/surrogate_after": after,
+               "losses/mean_kl": kl, "losses/ls_steps": n.astype(jnp.float32),
+               "losses/meta_grad_norm": gnorm}
+    return state.replace(params=unravel(new), key=key), metrics
+
+
+# --- EVALUATE ---
+
+
+def evaluate(state: State, cfg: Config):
+    """maml_rl's meta-test on hand-designed goals: adapt/return_XX (meta-learned theta) and
+    random/return_XX (learning from scratch: the untrained theta), XX = 0..eval_steps PG
+    steps; plus the proposer's accuracy."""
+    mcfg = learner_config(cfg)
+    out = mrl.evaluate(mrl.State(state.params, state.init_params, state.key, state.train_lr),
+                       mcfg)
+    out["proposer_accuracy"] = state.proposer_accuracy
+    return out
+
+
+# --- PLOT ---
+
+
+def skill_map(disc_params, cfg: Config, lim: float = 1.5, n: int = 121):
+    """argmax_z D(z | s) on an n x n grid over [-lim, lim]^2: the proposed tasks' regions."""
+    g = jnp.linspace(-lim, lim, n)
+    s = jnp.stack(jnp.meshgrid(g, g, indexing="xy"), -1)  # [n, n, 2]
+    return discriminator(cfg).apply(disc_params, s).argmax(-1)
+
+
+def plot(curves, region, out: str, lim: float = 1.5):
+    """Left: argmax_z D(z|s) of seed 0 (the proposed tasks; the box is DIAYN's arena, the
+    dashed square the test goals' range). Right: meta-test return against PG steps for each
+    (evaluate() output, label, prefix) in `curves` (mean over seeds, band min..max)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from common.plot import save_png
+
+    fig, (ax, bx) = plt.subplots(1, 2, figsize=(10, 4.2))
+    ax.imshow(np.asarray(region), origin="lower", extent=(-lim, lim, -lim, lim), cmap="tab20",
+              interpolation="nearest")
+    ax.plot([-1, 1, 1, -1, -1], [-1, -1, 1, 1, -1], "k-", lw=1)
+    ax.plot([-.5, .5, .5, -.5, -.5], [-.5, -.5, .5, .5, -.5], "k--", lw=1)
+    ax.set_title("proposed tasks: argmax_z D(z|s), seed 0", fontsize=9)
+    for final, label, prefix in curves:
+        keys = sorted(k for k in final if k.startswith(prefix + "/return_"))
+        y = np.stack([np.asarray(final[k], np.float64) for k in keys], -1)  # [seeds, steps+1]
+        x = np.arange(y.shape[1])
+        bx.plot(x, y.mean(0), marker="o", label=f"{label} ({y.shape[0]} seeds)")
+        bx.fill_between(x, y.min(0), y.max(0), alpha=0.2)
+    bx.set(xlabel="policy-gradient steps on the new goal", ylabel="average return",
+           xticks=range(y.shape[1]))
+    bx.grid(alpha=0.3)
+    bx.legend(fontsize=8)
+    fig.tight_layout()
+    return save_png(fig, out)
+
+
+# --- MAIN ---
+
+
+LABELS = {"diayn": "UML, DIAYN proposer", "random": "UML, random discriminator"}
+
+
+def main(argv=None):
+    """The runner's CLI plus `--plot PNG` (seed 0's proposed tasks and the meta-test curves)
+    and `--compare DIR` (also the curve of an earlier run, e.g. the random proposer)."""
+    flags, argv = run.pop_flags(argv, "--plot", "--compare")
+    res = run.main(Config, init, update, presets=PRESETS, evaluate=evaluate, argv=argv,
+                   doc=__doc__, summary_keys=[
+                       "adapt/return_00", "adapt/return_01", "adapt/return_02",
+                       "random/return_01", "random/return_02", "proposer_accuracy",
+                       "charts/post_adapt_return"])
+    if flags["--plot"] is not None:
+        cfg = run.parse(Config, PRESETS, argv)[0]
+        curves = [(res.final, LABELS[cfg.proposer], "adapt")]
+        if flags["--compare"]:
+            d = Path(flags["--compare"])
+            summary = json.loads((d / "summary.json").read_text())
+            summary = {k: np.array([np.nan if x is None else x for x in v], np.float64)
+                       for k, v in summary.items() if isinstance(v, list)}
+            record = json.loads((d / "config.json").read_text())
+            curves.append((summary, LABELS[record["config"]["proposer"]], "adapt"))
+        curves.append((res.final, "from scratch (untrained init)", "random"))
+        disc0 = jax.tree.map(lambda x: np.asarray(x)[0], res.state.disc_params)
+        region = jax.jit(skill_map, static_argnums=1)(disc0, cfg)
+        print("wrote", plot(curves, region, flags["--plot"]))
+    return res
+
+
+if __name__ == "__main__":
+    main()
