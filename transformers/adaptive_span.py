@@ -515,7 +515,7 @@ def update(state: State, cfg: Config):
     mems, mem_valid = next_mems(state.mems, layer_inputs, mem_valid)
     metrics = {
         "losses/loss": nll,
-        "charts/bits_per_char": nll / math.log(2),
+        "charts/bits_per_char": data.bits(nll),
         "charts/mean_span": z.mean(),
         "charts/max_span": z.max(),
     }
@@ -551,7 +551,7 @@ def evaluate(state: State, cfg: Config):
     _, (nll, z) = jax.lax.scan(step, (mems, jnp.array(0, jnp.int32)), jnp.arange(n_seg))
     return {
         "val_loss": nll.mean(),
-        "val_bits_per_char": nll.mean() / math.log(2),
+        "val_bits_per_char": data.bits(nll.mean()),
         "val_mean_span": z.mean(),
         "val_max_span": z.mean(0).max(),
     }

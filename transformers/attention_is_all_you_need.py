@@ -527,7 +527,7 @@ def update(state: State, cfg: Config):
     (loss, (nll, acc)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
     upd, opt_state = optimizer(cfg).update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, upd)
-    metrics = {"losses/loss": loss, "losses/nll": nll, "charts/bits_per_char": nll / jnp.log(2.0),
+    metrics = {"losses/loss": loss, "losses/nll": nll, "charts/bits_per_char": data.bits(nll),
                "charts/char_accuracy": acc, "charts/lr": schedule(cfg)(state.step),
                "charts/grad_norm": optax.tree.norm(grads)}
     return State(params, opt_state, key, state.step + 1, state.cross), metrics
@@ -543,7 +543,7 @@ def evaluate(state: State, cfg: Config):
     _, (nll, acc) = translation_loss(logits, targets, 0.0)
     out, _ = greedy_decode(model, state.params, src, src_mask, targets.shape[1])
     real = targets != PAD
-    return {"val/loss": nll, "val/bits_per_char": nll / jnp.log(2.0),
+    return {"val/loss": nll, "val/bits_per_char": data.bits(nll),
             "val/char_accuracy": acc,
             "val/greedy_char_accuracy": ((out == targets) & real).sum() / real.sum(),
             "val/exact_match": (out == targets).all(1).mean()}

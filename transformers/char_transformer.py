@@ -383,7 +383,7 @@ def update(state: State, cfg: Config):
     metrics = {
         "losses/loss": loss,
         "losses/next_char": ce[-1, 0],
-        "charts/bits_per_char": ce[-1, 0] / jnp.log(2.0),
+        "charts/bits_per_char": data.bits(ce[-1, 0]),
         "charts/active_layers": layer_weights(state.step, cfg).sum(),
         "charts/grad_norm": optax.tree.norm(grads),
     }
@@ -405,7 +405,7 @@ def evaluate(state: State, cfg: Config):
         return -jnp.take_along_axis(logp, w[:, 1:, None], axis=-1)[..., 0].mean()
 
     loss = jax.lax.map(chunk, starts.reshape(-1, cfg.batch_size)).mean()
-    return {"val_loss": loss, "val_bits_per_char": loss / jnp.log(2.0)}
+    return {"val_loss": loss, "val_bits_per_char": data.bits(loss)}
 
 
 # --- MAIN ---

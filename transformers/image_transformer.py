@@ -381,7 +381,7 @@ def update(state: State, cfg: Config):
 
     loss, grads = jax.value_and_grad(loss_fn)(state.params)
     upd, opt_state = optimizer(cfg).update(grads, state.opt_state)
-    metrics = {"losses/loss": loss, "charts/bits_per_dim": loss / jnp.log(2.0)}
+    metrics = {"losses/loss": loss, "charts/bits_per_dim": data.bits(loss)}
     return State(optax.apply_updates(state.params, upd), opt_state, key), metrics
 
 
@@ -390,7 +390,7 @@ def evaluate(state: State, cfg: Config):
     _, test = dataset(cfg.dataset, cfg.photo_crop)
     tokens = to_sequence(jnp.asarray(test), cfg)
     loss = nll_nats(ImageTransformer(cfg).apply(state.params, tokens), tokens)
-    return {"test_bits_per_dim": loss / jnp.log(2.0)}
+    return {"test_bits_per_dim": data.bits(loss)}
 
 
 def sample(params, cfg: Config, key, num: int):

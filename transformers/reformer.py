@@ -552,7 +552,7 @@ def update(state: State, cfg: Config):
     params = optax.apply_updates(state.params, upd)
     metrics = {
         "losses/loss": loss,
-        "charts/bits_per_char": loss / jnp.log(2.0),
+        "charts/bits_per_char": data.bits(loss),
         "charts/grad_norm": optax.tree.norm(grads),
     }
     return state.replace(params=params, opt_state=opt_state, key=key, step=state.step + 1), metrics
@@ -578,7 +578,7 @@ def evaluate(state: State, cfg: Config):
 
     total = jax.lax.scan(one, 0.0, (tokens, targets))[0]
     loss = total / cfg.eval_windows
-    return {"val_loss": loss, "val_bits_per_char": loss / jnp.log(2.0)}
+    return {"val_loss": loss, "val_bits_per_char": data.bits(loss)}
 
 
 # --- MAIN ---

@@ -437,7 +437,7 @@ def update(state: State, cfg: Config):
     tokens, targets = batch(k_data, cfg, state.train_ids)
     loss, grads = jax.value_and_grad(nll)(state.params, make_model(cfg), tokens, targets)
     upd, opt_state = optimizer(cfg).update(grads, state.opt_state, state.params)
-    metrics = {"losses/loss": loss, "charts/bits_per_dim": loss / jnp.log(2.0),
+    metrics = {"losses/loss": loss, "charts/bits_per_dim": data.bits(loss),
                "charts/grad_norm": optax.tree.norm(grads)}
     new = State(optax.apply_updates(state.params, upd), opt_state, key, state.step + 1,
                 state.train_ids)
@@ -471,7 +471,7 @@ def evaluate(state: State, cfg: Config):
         return total + (ce.mean(-1) * m).sum(), None
 
     loss = jax.lax.scan(one, 0.0, (tok, tgt, valid))[0] / tokens.shape[0]
-    return {"val_loss": loss, "val_bits_per_dim": loss / jnp.log(2.0)}
+    return {"val_loss": loss, "val_bits_per_dim": data.bits(loss)}
 
 
 # --- MAIN ---

@@ -515,7 +515,7 @@ def update(state: State, cfg: Config):
         mems = state.mems  # the unused slot
     metrics = {
         "losses/loss": loss,
-        "charts/bits_per_char": loss / math.log(2),
+        "charts/bits_per_char": data.bits(loss),
         "charts/grad_norm": optax.tree.norm(grads),
     }
     if cfg.corpus == "copy":
@@ -550,7 +550,7 @@ def evaluate(state: State, cfg: Config):
 
     mems = jnp.zeros((cfg.n_layer, B, cfg.eval_mem_len, cfg.d_model))
     _, (nll, acc) = jax.lax.scan(step, (mems, jnp.array(0, jnp.int32)), jnp.arange(n_seg))
-    out = {"val_loss": nll.mean(), "val_bits_per_char": nll.mean() / math.log(2)}
+    out = {"val_loss": nll.mean(), "val_bits_per_char": data.bits(nll.mean())}
     if cfg.corpus == "copy":
         out["val_copy_accuracy"] = acc[1:].mean()  # segment 0 has no previous segment
     return out

@@ -109,7 +109,7 @@ import jax.numpy as jnp
 import optax
 from flax import struct
 
-from common import run
+from common import data, run
 
 # --- CONFIG ---
 
@@ -485,7 +485,7 @@ def loss_fn(params, batch, cfg: Config, offset=0, cross_scale=None):
     return loss, {"losses/nll": nll, "losses/ponder": ponder,
                   "charts/accuracy": jnp.sum(correct & mask) / jnp.sum(mask),
                   "charts/sequence_accuracy": correct.all(-1).mean(),
-                  "charts/bits_per_token": nll / math.log(2),
+                  "charts/bits_per_token": data.bits(nll),
                   "charts/ponder_steps": jnp.sum(aux["enc"]["steps"] * (x != PAD))
                   / jnp.sum(x != PAD)}  # mean N over the source symbols
 

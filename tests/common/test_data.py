@@ -33,6 +33,85 @@ def test_lm_windows_targets_are_next_tokens():
     assert len(set(np.asarray(x[:, 0]).tolist())) > 1
 
 
+def test_char_corpus_ids_are_the_sorted_characters():
+    """The vectorised code-point ids equal a dictionary lookup over sorted(set(text))."""
+    tr, va, vocab = data.char_corpus("this", val_fraction=0.25)
+    text = data.text_corpus("this")
+    assert vocab == sorted(set(text))
+    lut = {c: i for i, c in enumerate(vocab)}
+    np.testing.assert_array_equal(np.concatenate([tr, va]), [lut[c] for c in text])
+    assert tr.dtype == va.dtype == np.int32
+
+
+def test_real_corpora_read_their_files_in_the_official_order(tmp_path):
+    """Tiny fixtures in each corpus's real layout: the splits are joined train, valid,
+    test (so the held-out tail is the official held-out text); a missing file or data_dir
+    names what is expected."""
+    wt = tmp_path / "wt"
+    wt.mkdir()
+    for split in ("train", "valid", "test"):
+        (wt / f"wiki.{split}.tokens").write_text(f" = {split} = \n the <unk> cat @-@ sat \n")
+    text = data.text_corpus("wikitext-103", data_dir=wt)
+    assert text.index("= train =") < text.index("= valid =") < text.index("= test =")
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    for split in ("train", "valid", "test"):
+        (raw / f"wiki.{split}.raw").write_text(split)
+    assert data.text_corpus("wikitext-2", data_dir=raw) == "trainvalidtest"
+    (tmp_path / "enwik8").write_bytes("<page>caf\u00e9".encode() + b"\xc3")  # cut mid-character
+    tr, va, vocab = data.char_corpus("enwik8", 0.5, data_dir=tmp_path)
+    assert "".join(vocab[i] for i in np.concatenate([tr, va])) == "<page>caf\u00e9\ufffd"
+    bw = tmp_path / "1b"
+    (bw / "training-monolingual.tokenized.shuffled").mkdir(parents=True)
+    (bw / "heldout-monolingual.tokenized.shuffled").mkdir()
+    for i in (2, 1):
+        (bw / "training-monolingual.tokenized.shuffled" / f"news.en-0000{i}-of-00100").write_text(
+            f"train {i} .\n")
+    (bw / "heldout-monolingual.tokenized.shuffled" / "news.en.heldout-00000-of-00050"
+     ).write_text("held out .\n")
+    assert data.text_corpus("1b-words", data_dir=bw) == "train 1 .\ntrain 2 .\nheld out .\n"
+    assert data.text_corpus("1b-words", max_chars=12, data_dir=bw) == "train 1 .\ntr"
+    with pytest.raises(ValueError, match="pass data_dir"):
+        data.text_corpus("text8")
+    with pytest.raises(FileNotFoundError, match="wiki.train"):
+        data.text_corpus("wikitext-103", data_dir=tmp_path)
+
+
+def test_imdb_reader_reads_the_aclimdb_layout(tmp_path):
+    root = tmp_path / "aclImdb"
+    for sub, names in (("train/pos", ["1_9", "0_10"]), ("train/neg", ["3_1"]),
+                       ("test/pos", ["0_7"]), ("test/neg", ["0_2", "1_4"]),
+                       ("train/unsup", ["0_0"])):
+        (root / sub).mkdir(parents=True)
+        for n in names:
+            (root / sub / f"{n}.txt").write_text(f"{sub} {n}<br />next line")
+    texts, labels = data.imdb_reviews(tmp_path, "train")
+    assert texts[0] == "train/pos 0_10\nnext line" and labels.tolist() == [1, 1, 0]
+    texts, labels = data.imdb_reviews(root, "test")
+    assert [t.split()[1] for t in texts] == ["0_7", "0_2", "1_4"] and labels.tolist() == [1, 0, 0]
+    assert data.imdb_reviews(root, "unsup")[1].tolist() == [-1]
+    with pytest.raises(FileNotFoundError, match="aclImdb"):
+        data.imdb_reviews(tmp_path / "nowhere", "train")
+
+
+def test_bits_and_perplexity_are_the_posts_identities():
+    """The post's perplexity: exp(mean NLL in nats) = 2^(mean NLL in bits) = (prod p)^(-1/N);
+    a uniform model over V symbols has perplexity V and log2 V bits per symbol; bits per
+    byte of a token model divide by the bytes per token. Fails if bits uses log10 or ln
+    the wrong way round, or perplexity is exp of the bits."""
+    p = np.array([0.5, 0.125, 0.25, 0.9, 0.01])
+    nll = -np.log(p).mean()
+    np.testing.assert_allclose(data.perplexity(nll), np.prod(p) ** (-1 / p.size), rtol=1e-6)
+    np.testing.assert_allclose(2.0 ** data.bits(nll), data.perplexity(nll), rtol=1e-6)
+    np.testing.assert_allclose(data.bits(nll), -np.log2(p).mean(), rtol=1e-12)
+    v = 50
+    np.testing.assert_allclose(data.perplexity(np.log(v)), v, rtol=1e-6)
+    np.testing.assert_allclose(data.bits(np.log(v)), np.log2(v), rtol=1e-12)
+    np.testing.assert_allclose(data.bits(np.log(256.0), units_per_token=4.0), 2.0, rtol=1e-12)
+    traced = jax.jit(lambda x: (data.bits(x), data.perplexity(x)))(jnp.float32(nll))
+    np.testing.assert_allclose(traced, (data.bits(nll), data.perplexity(nll)), rtol=1e-6)
+
+
 def test_number_pairs_and_digits():
     pairs = data.number_pairs(50, seed=1)
     assert len(pairs) == 50 and pairs == data.number_pairs(50, seed=1)
