@@ -606,7 +606,8 @@ def evaluate(state: State, cfg: Config):
     f1 = lambda c: 2 * c[0] / jnp.maximum(c[1] + c[2], 1)
     total = cfg.num_eval * cfg.seq_len
     return {"val_lm_loss": lm, "val_lm_fwd": f, "val_lm_bwd": b,
-            "val_perplexity": jnp.exp(lm), "unigram_entropy": jnp.float32(unigram_entropy(cfg)),
+            "val_perplexity": data.perplexity(lm),
+            "unigram_entropy": jnp.float32(unigram_entropy(cfg)),
             "val_acc": ce[3] / total, "val_acc_baseline": cb[3] / total,
             "val_task_loss": ce[4] / cfg.num_eval, "val_task_loss_baseline": cb[4] / cfg.num_eval,
             "val_f1": f1(ce), "val_f1_baseline": f1(cb)}

@@ -562,8 +562,8 @@ def update(state: State, cfg: Config):
         "losses/cls": l2,
         "charts/train_acc": acc,
         "charts/finetuning": finetune.astype(jnp.float32),
-        "charts/bits_per_char": l1 / jnp.log(2.0),
-        "charts/perplexity": jnp.exp(l1),
+        "charts/bits_per_char": data.bits(l1),
+        "charts/perplexity": data.perplexity(l1),
         "charts/lr": lr,
         "charts/grad_norm": gnorm,
     }
@@ -603,8 +603,8 @@ def evaluate(state: State, cfg: Config):
         "val_acc": acc.mean(),
         "val_cls_loss": l2.mean(),
         "val_lm_loss": l1,
-        "val_bits_per_char": l1 / jnp.log(2.0),
-        "val_perplexity": jnp.exp(l1),
+        "val_bits_per_char": data.bits(l1),
+        "val_perplexity": data.perplexity(l1),
     }
 
 
