@@ -404,6 +404,32 @@ def imdb_reviews(data_dir, split: str = "train"):
     return texts, np.array(labels, np.int32)
 
 
+_SAFETENSORS_DTYPES = {"F64": "<f8", "F32": "<f4", "F16": "<f2", "I64": "<i8", "I32": "<i4",
+                       "I16": "<i2", "I8": "i1", "U8": "u1", "BOOL": "?"}
+
+
+def read_safetensors(path) -> dict[str, np.ndarray]:
+    """The tensors of a .safetensors file (the format of downloaded Hugging Face
+    checkpoints: an 8-byte little-endian header length, a JSON header of name -> dtype,
+    shape and byte offsets, then the raw little-endian data) as numpy arrays; BF16 via
+    ml_dtypes. Read without the safetensors package."""
+    import ml_dtypes
+
+    raw = Path(path).expanduser().read_bytes()
+    n = int.from_bytes(raw[:8], "little")
+    header, body = json.loads(raw[8:8 + n]), memoryview(raw)[8 + n:]
+    out = {}
+    for name, t in header.items():
+        if name == "__metadata__":
+            continue
+        dtype = ml_dtypes.bfloat16 if t["dtype"] == "BF16" else _SAFETENSORS_DTYPES.get(t["dtype"])
+        if dtype is None:
+            raise ValueError(f"{path}: tensor {name!r} has unsupported dtype {t['dtype']}")
+        begin, end = t["data_offsets"]
+        out[name] = np.frombuffer(body[begin:end], dtype).reshape(t["shape"]).copy()
+    return out
+
+
 def bits(nll_nats, units_per_token: float = 1.0):
     """A mean negative log-likelihood in nats per token as bits per unit: nll / ln 2 /
     units_per_token (bits per character, per pixel dimension, per token; a BPE model's bits

@@ -94,6 +94,31 @@ def test_imdb_reader_reads_the_aclimdb_layout(tmp_path):
         data.imdb_reviews(tmp_path / "nowhere", "train")
 
 
+def test_safetensors_reader_reads_the_format_by_hand(tmp_path):
+    """A file written byte by byte in the safetensors layout (header length, JSON header
+    with offsets into the data, little-endian data; BF16 included): the reader gives back
+    every tensor. Fails if offsets are read from the file start or shapes are transposed."""
+    import json
+
+    import ml_dtypes
+
+    tensors = {"w": np.arange(6, dtype="<f4").reshape(2, 3), "ids": np.array([3, -1], "<i8"),
+               "h": np.array([[1.5, -2.0]], ml_dtypes.bfloat16)}
+    names = {"w": "F32", "ids": "I64", "h": "BF16"}
+    header, body = {"__metadata__": {"format": "pt"}}, b""
+    for k, v in tensors.items():
+        header[k] = {"dtype": names[k], "shape": list(v.shape),
+                     "data_offsets": [len(body), len(body) + v.nbytes]}
+        body += v.tobytes()
+    head = json.dumps(header).encode()
+    (tmp_path / "model.safetensors").write_bytes(len(head).to_bytes(8, "little") + head + body)
+    got = data.read_safetensors(tmp_path / "model.safetensors")
+    assert set(got) == set(tensors)
+    for k, v in tensors.items():
+        assert got[k].dtype == v.dtype and got[k].shape == v.shape
+        np.testing.assert_array_equal(got[k].astype(np.float32), v.astype(np.float32))
+
+
 def test_bits_and_perplexity_are_the_posts_identities():
     """The post's perplexity: exp(mean NLL in nats) = 2^(mean NLL in bits) = (prod p)^(-1/N);
     a uniform model over V symbols has perplexity V and log2 V bits per symbol; bits per
