@@ -37,7 +37,10 @@ Bayes tagger argmax_k p(y_i = k | x_1..T) by forward-backward, scored on the hel
 
 Reproduce (CPU demo, 2 seeds):
     python transformers/cvt.py --preset quick --num-seeds 2 --plot transformers/cvt.png
-  Measured: (filled in below after the run).
+  Measured (2 seeds, loaded 2-core CPU at load ~18: 188 s compile + 308 s for the 1000
+  updates): held-out token accuracy CVT 0.920 / 0.925 vs supervised only 0.882 / 0.886,
+  Bayes tagger 0.964 (expected 0.961); on the 15% of held-out tokens whose word never occurs
+  in the 50 labelled sequences, CVT 0.808 / 0.823 vs 0.720 / 0.726. Plot: transformers/cvt.png.
 Paper scale (GPU; [1]'s encoder sizes and optimiser on the same HMM task):
     python transformers/cvt.py --preset paper
 [1] Table 1 (from memory, not checked): CVT vs supervised on CoNLL-2000 chunking 94.8 vs
@@ -511,7 +514,7 @@ def plot(res, out: str) -> str:
                    ("losses/unlabelled", "CVT: unlabelled (sum of 5 modules)")):
         ax[0].plot(np.asarray(h[k]).mean(0), label=lab, lw=0.8)
     ax[0].set(xlabel="update", ylabel="loss", yscale="log", title="training losses")
-    ax[0].legend(fontsize=8)
+    ax[0].legend(fontsize=8, loc="upper right")
     n = len(f["val_acc"])
     x = np.arange(n)
     for off, k, lab in ((-0.3, "val_acc_sup", "supervised only"), (-0.1, "val_acc", "CVT"),
