@@ -121,9 +121,9 @@ def test_es_step_direction_known_case():
 
 
 def test_alpha_schedule():
-    """[2]: alpha = 1 at generation 0, linear to 0 at G x frac (quick: 60 x 0.25 = 15), then 0."""
-    a = [float(epg.alpha_schedule(g, CFG)) for g in (0, 5, 15, 40)]
-    np.testing.assert_allclose(a, [1.0, 2 / 3, 0.0, 0.0], atol=1e-6)
+    """[2]: alpha = 1 at generation 0, linear to 0 at G x frac (quick: 200 x 0.25 = 50), then 0."""
+    a = [float(epg.alpha_schedule(g, CFG)) for g in (0, 25, 50, 120)]
+    np.testing.assert_allclose(a, [1.0, 0.5, 0.0, 0.0], atol=1e-6)
 
 
 def test_bad_values_fail_with_named_field(tmp_path):
