@@ -16,7 +16,8 @@ on unlabelled sentences, improving the shared biLSTM encoder.
       p^bwd(y_i|x)    = NN^bwd(<-h_1^(i))        sees x_>=i
       p^future(y_i|x) = NN^future(->h_1^(i-1))   sees x_<i
       p^past(y_i|x)   = NN^past(<-h_1^(i+1))     sees x_>i
-      (+ the released code's "full" module: W' [h_1; h_2] -> W, no ReLU, input dropout only)
+      (+ the released code's "full" module: W' [h_1; h_2] -> W without the ReLU, reading the
+      student pass's dropped-out states)
     labelled batch:   L_sup = CE(y, p(.|x)) (label smoothing 0.1), updates encoder + primary
     unlabelled batch: L_CVT = sum_j CE(stop_gradient(p(.|x) without dropout), p^j(.|x) with
       dropout), updates encoder + auxiliaries; the primary module is frozen        [1] Eq. 1-2
