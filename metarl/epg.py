@@ -52,6 +52,9 @@ Differences from the paper:
   none). Antithetic noise whose pairs share the lifetime's task and keys ([2]: plain
   Gaussian noise, NUM_EQUAL_NOISE_VECTORS = 1). The ES gradient is not divided by sigma
   ([2] neither).
+- `tasks_per_member` (ours; the quick preset's 2: each member lives on g and on -g, so a loss
+  that always pushes one way scores 0) cuts the fitness noise; the paper preset keeps [2]'s 1.
+  The fresh agents of the metric alternate the task sign.
 - DirHopper is brax hopper with the direction applied to the forward reward ([2]: a mujoco-py
   hopper with random weights); RandomHopper and GoalAnt are not built.
 """
