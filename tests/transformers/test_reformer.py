@@ -3,6 +3,7 @@ LSHSelfAttention), reversible layers (gradients and memory), chunked FF, causali
 learning, purity and the CLI."""
 
 import dataclasses
+import functools
 import json
 import textwrap
 
@@ -51,6 +52,15 @@ def qkv(L=32, B=2, H=2, dh=8, seed=0):
     return jax.random.normal(k1, (B, H, L, dh)), jax.random.normal(k2, (B, H, L, dh))
 
 
+@functools.cache
+def tiny_params():
+    """Random-init parameters of TINY's model (vocabulary 50; the same tree for every
+    attention, bucket count and chunk length), a (2, 32) batch of tokens and a hashing key."""
+    tokens = jax.random.randint(jax.random.PRNGKey(0), (2, 32), 0, 50)
+    key = jax.random.PRNGKey(1)
+    return compiled(rf.Reformer(TINY, 50).init, jax.random.PRNGKey(2), tokens, key), tokens, key
+
+
 # --- LSH ATTENTION ---
 
 
@@ -58,21 +68,23 @@ def qkv(L=32, B=2, H=2, dh=8, seed=0):
 def test_one_bucket_spanning_the_sequence_equals_full_attention(causal):
     """With one bucket and chunk = L/2 (each chunk sees itself and the other half), and with
     chunk >= L, LSH attention is dense shared-QK attention with the self-mask. Two rounds:
-    run in float64, because a row that may only see itself has z ~ -1e5 (catalog T8)."""
+    run in float64, because a row that may only see itself has z ~ -1e5 (catalog T8).
+    (Each precision's attentions in one program.)"""
     with jax.enable_x64(True):
         qk, v = qkv()
         qk, v = qk.astype(jnp.float64), v.astype(jnp.float64)
-        full = full_attention(qk, v, causal)
-        one_bucket = lsh_attention(qk, v, jnp.zeros((2, 8, 2, 0)), 1, 16, causal)
+        full, one_bucket, long_chunk = tiny_run_module.jit0(lambda qk, v: (
+            rf.full_attention(qk, v, causal),
+            rf.lsh_attention(qk, v, jnp.zeros((2, 8, 2, 0)), 1, 16, causal),
+            rf.lsh_attention(qk, v, jnp.ones((2, 8, 2, 2)), 4, 32, causal)))(qk, v)
         np.testing.assert_allclose(one_bucket, full, atol=1e-12)
-        long_chunk = lsh_attention(qk, v, jnp.ones((2, 8, 2, 2)), 4, 32, causal)
         np.testing.assert_allclose(long_chunk, full, atol=1e-12)
     # float32, one round, L = 2 chunks: equal for ANY rotation (catalog: 1.8e-7)
     qk, v = qkv(seed=1)
     rot = jax.random.normal(jax.random.PRNGKey(2), (2, 8, 1, 4))
-    np.testing.assert_allclose(
-        lsh_attention(qk, v, rot, 8, 16, causal), full_attention(qk, v, causal), atol=2e-6
-    )
+    lsh, full = tiny_run_module.jit0(lambda qk, v: (
+        rf.lsh_attention(qk, v, rot, 8, 16, causal), rf.full_attention(qk, v, causal)))(qk, v)
+    np.testing.assert_allclose(lsh, full, atol=2e-6)
 
 
 def test_lsh_with_many_buckets_is_sparse_and_hashes_as_argmax_of_rotations():
@@ -133,20 +145,22 @@ def test_self_mask_only_when_nothing_else():
     np.testing.assert_allclose(norms, 1.0, atol=1e-5)
 
 
-@pytest.mark.parametrize("causal, broken", [(True, False), (False, True)])
-def test_causal_lsh_has_no_gradient_path_from_the_future(causal, broken):
+def test_causal_lsh_has_no_gradient_path_from_the_future():
     """Many buckets, several rounds: d out_{<t} / d (qk, v)_{>=t} is exactly 0 in causal LSH
     (every later key is masked); the broken variant (mask off) has such a path. (Which
-    earlier keys share a chunk still depends on all buckets: see the module docstring.)"""
+    earlier keys share a chunk still depends on all buckets: see the module docstring.)
+    Both in one program."""
     qk, v = qkv()
     rot = jax.random.normal(jax.random.PRNGKey(4), (2, 8, 3, 2))
     t = 13
     w = jax.random.normal(jax.random.PRNGKey(5), (2, 2, t, 8))
-    f = lambda qk, v: jnp.sum(rf.lsh_attention(qk, v, rot, 4, 8, causal)[:, :, :t] * w)
-    gq, gv = tiny_run_module.jit0(jax.grad(f, argnums=(0, 1)))(qk, v)
-    future = max(np.abs(gq[:, :, t:]).max(), np.abs(gv[:, :, t:]).max())
-    assert (future > 1e-3) if broken else (future == 0.0), future
-    assert np.abs(gv[:, :, :t]).max() > 1e-3
+    f = lambda qk, v, causal: jnp.sum(rf.lsh_attention(qk, v, rot, 4, 8, causal)[:, :, :t] * w)
+    grads = tiny_run_module.jit0(lambda qk, v: [
+        jax.grad(f, argnums=(0, 1))(qk, v, causal) for causal in (True, False)])(qk, v)
+    for (gq, gv), broken in zip(grads, (False, True), strict=True):
+        future = max(np.abs(gq[:, :, t:]).max(), np.abs(gv[:, :, t:]).max())
+        assert (future > 1e-3) if broken else (future == 0.0), (broken, future)
+        assert np.abs(gv[:, :, :t]).max() > 1e-3
 
 
 @pytest.mark.parametrize("attention, n_buckets", [("lsh", 1), ("full", 2)])
@@ -155,14 +169,12 @@ def test_no_future_leak_in_the_model_and_the_broken_variant_leaks(attention, n_b
     LSH path (one bucket, chunk = L/2, two rounds) and with full attention; the same model
     without the causal mask leaks."""
     cfg = dataclasses.replace(TINY, attention=attention, n_buckets=n_buckets, chunk_len=16)
-    tokens = jax.random.randint(jax.random.PRNGKey(0), (2, 32), 0, 50)
-    key = jax.random.PRNGKey(1)
-    params = compiled(rf.Reformer(cfg, 50).init, jax.random.PRNGKey(2), tokens, key)
-    fn = lambda causal: tiny_run_module.jit0(
-        lambda t: rf.Reformer(cfg, 50, causal).apply(params, t, key)
+    params, tokens, key = tiny_params()  # (the same parameter tree under cfg)
+    both = tiny_run_module.jit0(  # the causal model and the broken one: one program
+        lambda t: [rf.Reformer(cfg, 50, causal).apply(params, t, key) for causal in (True, False)]
     )
-    leak.assert_no_future_leak(fn(True), tokens, 20, 50)
-    leak.assert_leaks(fn(False), tokens, 20, 50)
+    leak.assert_no_future_leak(lambda t: both(t)[0], tokens, 20, 50)
+    leak.assert_leaks(lambda t: both(t)[1], tokens, 20, 50)
 
 
 @pytest.mark.peer
@@ -224,36 +236,19 @@ def test_reversible_gradients_equal_backprop():
     backprop through the same reversible stack (TINY: 2 layers, LSH attention), in float64
     to 1e-9 relative on every gradient leaf (measured 4.1e-14). (In float32 the two agree
     to ~3.5e-5 relative on the embedding gradient: the small embedded inputs are recovered
-    as differences of O(1) outputs; float64 alone is checked, to keep to two compiles.)"""
+    as differences of O(1) outputs; float64 alone is checked, to keep to one compile.)"""
     cfg = TINY
-    tokens = jax.random.randint(jax.random.PRNGKey(0), (2, 32), 0, 50)
+    params, tokens, key = tiny_params()
     targets = jnp.roll(tokens, -1, 1)
-    key = jax.random.PRNGKey(1)
-    params = compiled(rf.Reformer(cfg, 50).init, jax.random.PRNGKey(2), tokens, key)
+    _, _, f, g = rf.Reformer(cfg, 50).layer_fns()
+    keys = jax.random.split(key, cfg.n_layers)
 
     def grads(params, recompute):
         model = rf.Reformer(cfg, 50, recompute=recompute)
-        loss = lambda p: rf.lm_loss(p, model, tokens, targets, key)
-        return tiny_run_module.jit0(jax.value_and_grad(loss))(params)
+        return jax.value_and_grad(lambda p: rf.lm_loss(p, model, tokens, targets, key))(params)
 
-    with jax.enable_x64(True):
-        p64 = jax.tree.map(lambda a: a.astype(jnp.float64), params)
-        (l1, g1), (l2, g2) = grads(p64, True), grads(p64, False)
-        np.testing.assert_allclose(l1, l2, rtol=1e-12)
-        err = max(
-            float(np.abs(a - b).max() / (np.abs(b).max() + 1e-30))
-            for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g2), strict=True)
-        )
-    print("max relative gradient error (float64)", err)
-    assert err < 1e-9, err
-    # the stack is invertible: inputs reconstructed from its outputs
-    _, _, f, g = rf.Reformer(cfg, 50).layer_fns()
-    x1, x2 = jax.random.normal(jax.random.PRNGKey(3), (2, 2, 32, 32))
-    pf, pg = params["params"]["attention"], params["params"]["feed_forward"]
-    keys = jax.random.split(key, cfg.n_layers)
-
-    @tiny_run_module.jit0
-    def invert(x1, x2):
+    def invert(params, x1, x2):  # the stack is invertible: inputs reconstructed from outputs
+        pf, pg = params["params"]["attention"], params["params"]["feed_forward"]
         y1, y2 = rf.reversible_stack(f, g)(pf, pg, x1, x2, keys)
         for i in reversed(range(cfg.n_layers)):
             p = jax.tree.map(lambda a, i=i: a[i], (pf, pg))
@@ -261,7 +256,19 @@ def test_reversible_gradients_equal_backprop():
             y1 = y1 - f(p[0], y2, keys[i])
         return y1, y2
 
-    y1, y2 = invert(x1, x2)
+    with jax.enable_x64(True):  # one program, float64: both gradients and the inverse
+        p64 = jax.tree.map(lambda a: a.astype(jnp.float64), params)
+        x1, x2 = jax.random.normal(jax.random.PRNGKey(3), (2, 2, 32, 32), jnp.float64)
+        (l1, g1), (l2, g2), (y1, y2) = tiny_run_module.jit0(
+            lambda p64, x1, x2: (grads(p64, True), grads(p64, False), invert(p64, x1, x2))
+        )(p64, x1, x2)
+        np.testing.assert_allclose(l1, l2, rtol=1e-12)
+        err = max(
+            float(np.abs(a - b).max() / (np.abs(b).max() + 1e-30))
+            for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g2), strict=True)
+        )
+    print("max relative gradient error (float64)", err)
+    assert err < 1e-9, err
     np.testing.assert_allclose(y1, x1, atol=1e-4)
     np.testing.assert_allclose(y2, x2, atol=1e-4)
 
