@@ -45,19 +45,24 @@ def test_attention_is_softmax_of_scaled_scores():
     kq, kk, kv = jax.random.split(jax.random.PRNGKey(0), 3)
     q, k, v = (jax.random.normal(s, (2, 3, 5, 8)) for s in (kq, kk, kv))  # (B, h, L, d_k)
     mask = jnp.arange(5)[None, None, None, :] < jnp.array([5, 3])[:, None, None, None]
-    ours = tiny_run_module.jit0(aiayn.attention)(q, k, v, mask)
-    ref = tiny_run_module.jit0(lambda q, k, v: jax.nn.dot_product_attention(
-        *(x.transpose(0, 2, 1, 3) for x in (q, k, v)),
-        mask=jnp.broadcast_to(mask, (2, 3, 5, 5))))(q, k, v)
-    np.testing.assert_allclose(ours, ref.transpose(0, 2, 1, 3), atol=1e-5)
     qq, kk_, vv = np.array([1.0, 2.0]), np.array([[1.0, 0.0], [0.0, 3.0]]), np.array([[1.0], [5.0]])
+    hand = [jnp.asarray(x)[None, None, None] if x.ndim == 1 else jnp.asarray(x)[None, None]
+            for x in (qq, kk_, vv)]
+
+    @tiny_run_module.jit0  # one program for the three cases
+    def cases(q, k, v, mask, hand):
+        ref = jax.nn.dot_product_attention(*(x.transpose(0, 2, 1, 3) for x in (q, k, v)),
+                                           mask=jnp.broadcast_to(mask, (2, 3, 5, 5)))
+        return (aiayn.attention(q, k, v, mask), ref, aiayn.attention(*hand),
+                aiayn.attention(q, k, v, jnp.zeros((1, 1, 1, 5), bool)))
+
+    ours, ref, got, masked = cases(q, k, v, mask, hand)
+    np.testing.assert_allclose(ours, ref.transpose(0, 2, 1, 3), atol=1e-5)
     s = kk_ @ qq / math.sqrt(2)  # scores 1/sqrt2, 6/sqrt2, scaled BEFORE the exponent
     w = np.exp(s) / np.exp(s).sum()
-    got = aiayn.attention(*(jnp.asarray(x)[None, None, None] if x.ndim == 1 else
-                            jnp.asarray(x)[None, None] for x in (qq, kk_, vv)))
     np.testing.assert_allclose(got[0, 0, 0], w @ vv, rtol=1e-6)
     # a fully masked row stays finite (large finite negative, not -inf)
-    assert np.isfinite(aiayn.attention(q, k, v, jnp.zeros((1, 1, 1, 5), bool))).all()
+    assert np.isfinite(masked).all()
 
 
 def test_sinusoid_by_hand_and_relative_rotation():
@@ -80,15 +85,12 @@ def test_sinusoid_by_hand_and_relative_rotation():
 def test_decoder_has_no_future_leak_and_mask_off_leaks():
     model, params, src, tgt = tiny_model()
     vocab = model.vocab_size
-
-    def logits(m):
-        return tiny_run_module.jit0(lambda t: m.apply(params, src, src != aiayn.PAD, t))
-
-    fn = logits(model)  # one compile for every t
-    for t in (1, 5, 12):
-        leak.assert_no_future_leak(fn, tgt[:, :-1], t, vocab)
     broken = aiayn.make_model(TINY, dropout=0.0, causal=False)  # same params, mask off
-    leak.assert_leaks(logits(broken), tgt[:, :-1], 5, vocab)
+    both = tiny_run_module.jit0(  # one program for both models, every t
+        lambda t: [m.apply(params, src, src != aiayn.PAD, t) for m in (model, broken)])
+    for t in (1, 5, 12):
+        leak.assert_no_future_leak(lambda x: both(x)[0], tgt[:, :-1], t, vocab)
+    leak.assert_leaks(lambda x: both(x)[1], tgt[:, :-1], 5, vocab)
 
 
 @pytest.mark.parametrize("positional", ["sinusoidal", "learned"])
@@ -123,15 +125,21 @@ def test_source_padding_changes_nothing():
     model, params, src, tgt = tiny_model()
     mask = src != aiayn.PAD
     assert (~mask).any()
-    apply = tiny_run_module.jit0(lambda s, m: model.apply(params, s, m, tgt[:, :-1]))
-    base = apply(src, mask)
     noise = jax.random.randint(jax.random.PRNGKey(1), src.shape, 3, model.vocab_size)
     other = jnp.where(mask, src, noise)
-    np.testing.assert_allclose(apply(other, mask), base, atol=1e-6)
     longer = jnp.pad(src, ((0, 0), (0, 6)))
-    np.testing.assert_allclose(apply(longer, longer != aiayn.PAD), base, atol=1e-5)
+
+    @tiny_run_module.jit0  # one program for the four passes
+    def passes(src, other, longer):
+        apply = lambda s, m: model.apply(params, s, m, tgt[:, :-1])
+        return (apply(src, mask), apply(other, mask), apply(longer, longer != aiayn.PAD),
+                apply(other, jnp.ones_like(mask)))
+
+    base, padded_noise, padded_longer, unmasked = passes(src, other, longer)
+    np.testing.assert_allclose(padded_noise, base, atol=1e-6)
+    np.testing.assert_allclose(padded_longer, base, atol=1e-5)
     # without the mask (all keys visible) the pad tokens do change the output
-    assert np.abs(apply(other, jnp.ones_like(mask)) - base).max() > 1e-3
+    assert np.abs(unmasked - base).max() > 1e-3
 
 
 def test_schedule_and_label_smoothing_by_hand():
