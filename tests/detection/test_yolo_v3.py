@@ -16,6 +16,7 @@ from detection import yolo_v3 as y
 from tests.common.compiled import compiled
 from tests.common.config_fields import unread_fields
 from tests.detection import tiny_run as tiny_run_module
+from tests.transformers.tiny_run import jit0
 
 QUICK = y.Config(**y.PRESETS["quick"])
 PAPER = y.Config(**y.PRESETS["paper"])
@@ -33,11 +34,12 @@ def count(tree) -> int:
     return sum(int(np.prod(a.shape)) for a in jax.tree.leaves(tree))
 
 
-# the equation tests call these jitted (one compile each, not one per eager op)
-loss = jax.jit(y.yolo_v3_loss, static_argnums=4)
-build_targets = jax.jit(y.build_targets, static_argnums=(3, 4))
-decode = jax.jit(y.decode)
-boxes_and_scores = jax.jit(y.boxes_and_scores)
+# the equation tests call these jitted (one compile each, not one per eager op), at XLA's
+# lowest optimisation level (programs run once or twice on tiny inputs)
+loss = jit0(y.yolo_v3_loss, 4)
+build_targets = jit0(y.build_targets, (3, 4))
+decode = jit0(y.decode)
+boxes_and_scores = jit0(y.boxes_and_scores)
 X416 = jax.ShapeDtypeStruct((1, 416, 416, 3), jnp.uint8)
 
 
@@ -95,7 +97,7 @@ def test_upsample_and_concat_route():
                          else 0.3 * rng.standard_normal(a.shape).astype(np.float32)),
         jax.eval_shape(lambda x: m.init(jax.random.PRNGKey(0), x), img))
 
-    @jax.jit
+    @jit0
     def finest_outputs(var, img):
         p2 = jax.tree_util.tree_map_with_path(
             lambda path, a: a + 0.5 if "Residual_4" in jax.tree_util.keystr(path) else a,
@@ -125,8 +127,7 @@ def test_assignment_best_of_nine_anchors_and_scale():
     assert int(t[1]["cls"][0, 25, 1].argmax()) == 7 and float(t[1]["cls"][0, 25, 1].sum()) == 1
 
 
-@functools.partial(jax.jit, static_argnums=(3, 4))
-def perfect_outputs(gt, labels, anchors, sizes, k):
+def _perfect_outputs(gt, labels, anchors, sizes, k):
     """Raw outputs that decode to the targets: logit offsets, log sizes, confident
     objectness and classes at assigned anchors, confident 'no object' elsewhere."""
     tgts = jax.vmap(lambda g, l: y.build_targets(g, l, anchors, sizes, k))(gt, labels)
@@ -137,6 +138,9 @@ def perfect_outputs(gt, labels, anchors, sizes, k):
         cls = jnp.where(t["cls"] > 0, 30.0, -30.0)
         outs.append(jnp.concatenate([jnp.log(off) - jnp.log1p(-off), t["twh"], obj, cls], -1))
     return outs, tgts
+
+
+perfect_outputs = jit0(_perfect_outputs, (3, 4))
 
 
 def test_loss_minimal_for_perfect_predictions_and_decode_inverts():
@@ -217,12 +221,13 @@ def test_sgd_weight_decay_spares_biases_and_batch_norm():
 
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
-    """TINY through the command line: 40 updates of 8 scenes, 2 seeds."""
+    """TINY through the command line: 40 updates of 8 scenes, 2 seeds, --fast-compile (XLA's
+    lowest level: 88 -> 62 CPU-s for the whole module, cold)."""
     return tiny_run_cli(tmp_path_factory.mktemp("run"))
 
 
 def tiny_run_cli(run_dir):
-    return tiny_run_module.run_cli(y, TINY, QUICK, run_dir)
+    return tiny_run_module.run_cli(y, TINY, QUICK, run_dir, fast_compile=True)
 
 
 def test_train_is_pure_and_seeded(tiny_run):

@@ -1,19 +1,25 @@
 """Shared pieces of the detection tests: one tiny config per file, run once through the
 command line (2 seeds) and reused by the CLI, purity and short behaviour tests, so that a
 test module compiles its init and update once (the purity rerun and the untrained
-evaluation reuse the run's compiled chunk and its recorded initial states).
+evaluation reuse the run's compiled chunk and its recorded initial states). A module may
+ask for its tiny run at XLA's lowest optimisation level (`run_cli(..., fast_compile=True)`:
+--fast-compile, and `predict` likewise), where compiling dominates and 40 updates of a tiny
+net run fast enough unoptimised.
 """
 
+import contextlib
 import dataclasses
 import json
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from common import parallel, run
 from tests.common.cli import cli_args
 from tests.common.compiled import main_recording_chunks
+from tests.transformers.tiny_run import jit0
 
 SEEDS = 2
 
@@ -23,18 +29,39 @@ CHUNK = 20
 compiled program of the full run"""
 
 
-def run_cli(module, cfg, preset_cfg, run_dir, num_updates=None) -> run.RunResult:
+_PREDICT: dict = {}
+"""module name -> its jitted `predict` compiled at XLA's lowest optimisation level"""
+
+
+@contextlib.contextmanager
+def lowest_level_predict(module):
+    """Within: `module.predict(params, batch_stats, images, cfg)` (what evaluate() and the
+    plots call) compiles at XLA's lowest optimisation level, one program per cfg and shapes
+    shared by every call of the test process (the CLI run's evaluate, the untrained one)."""
+    if module.__name__ not in _PREDICT:
+        _PREDICT[module.__name__] = jit0(module.predict, 3)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(module, "predict", _PREDICT[module.__name__])
+        yield
+
+
+def run_cli(module, cfg, preset_cfg, run_dir, num_updates=None, fast_compile=False
+            ) -> run.RunResult:
     """`module.main` on the flags of `cfg`: SEEDS seeds, chunks of CHUNK updates, all of
-    cfg's updates or the first `num_updates` (a multiple of CHUNK). The input states of the
-    runner's first chunk call (the run's initial states) are recorded: the purity rerun and
-    the untrained evaluation start from them (no second init compile)."""
+    cfg's updates or the first `num_updates` (a multiple of CHUNK); with `fast_compile`,
+    --fast-compile and `predict` at the same lowest level (for the run and the untrained
+    evaluation). The runner's first compiled chunk and its input states (the run's initial
+    states) are recorded: the purity rerun and the untrained evaluation start from them (no
+    second init compile; no second chunk trace for a fast_compile run)."""
     argv = cli_args(cfg, preset_cfg, "quick") + [
         "--num-seeds", str(SEEDS), "--log-every", str(CHUNK), "--run-dir", str(run_dir),
-        "--no-progress"]
+        "--no-progress"] + (["--fast-compile"] if fast_compile else [])
     if num_updates is not None:
         argv += ["--num-updates", str(num_updates)]
-    res, chunks = main_recording_chunks(module.main, argv)
-    first = {"states": jax.device_get(chunks[0][1])}  # on the host: the chunk donates its input
+    with lowest_level_predict(module) if fast_compile else contextlib.nullcontext():
+        res, chunks = main_recording_chunks(module.main, argv)
+    # on the host: the chunk donates its input
+    first = {"states": jax.device_get(chunks[0][1]), "chunk": chunks[0][0], "fast": fast_compile}
     saved = json.loads((res.run_dir / "config.json").read_text())["config"]
     assert saved == json.loads(json.dumps(dataclasses.asdict(cfg))), "flags != config"
     _RECORDED[module.__name__, cfg] = first
@@ -42,7 +69,8 @@ def run_cli(module, cfg, preset_cfg, run_dir, num_updates=None) -> run.RunResult
 
 
 _RECORDED: dict = {}
-"""(module name, cfg) -> {"states": the initial states of its CLI run, on the host}"""
+"""(module name, cfg) -> {"states": the initial states of its CLI run, on the host,
+"chunk": the runner's compiled first chunk, "fast": its fast_compile}"""
 
 
 def initial_states(module, cfg):
@@ -52,16 +80,22 @@ def initial_states(module, cfg):
 
 
 def untrained(module, cfg) -> dict:
-    """evaluate() of the SEEDS initial states of the CLI run of `cfg` (`run_cli` first)."""
-    return run.evaluate_seeds(module.evaluate, initial_states(module, cfg), cfg, SEEDS)
+    """evaluate() of the SEEDS initial states of the CLI run of `cfg` (`run_cli` first),
+    with the run's `predict` program."""
+    fast = _RECORDED[module.__name__, cfg]["fast"]
+    with lowest_level_predict(module) if fast else contextlib.nullcontext():
+        return run.evaluate_seeds(module.evaluate, initial_states(module, cfg), cfg, SEEDS)
 
 
 def rerun_first_chunk(module, cfg):
     """Metrics of the first CHUNK updates of the CLI run of `cfg` (--seed 0, SEEDS seeds),
-    rerun by the runner's own chunk program (`run.make_chunk`, the same arguments as in
-    `run.train`: traced again, the persistent compilation cache serves the compile) from the
-    recorded initial states."""
-    chunk = run.make_chunk(module.update, cfg, CHUNK, parallel.seed_sharding(SEEDS), SEEDS)
+    rerun from the recorded initial states by the runner's own chunk program: the compiled
+    one recorded by `run_cli` for a fast_compile run, else `run.make_chunk` with the same
+    arguments as in `run.train` (traced again, the persistent compilation cache serves the
+    compile)."""
+    rec = _RECORDED[module.__name__, cfg]
+    chunk = rec["chunk"] if rec["fast"] else run.make_chunk(
+        module.update, cfg, CHUNK, parallel.seed_sharding(SEEDS), SEEDS)
     state, metrics = chunk(initial_states(module, cfg))
     return state, jax.device_get(metrics)
 
