@@ -11,7 +11,7 @@
 A controlled Markov process C = <S, A, P> has no reward. A task proposer turns it into a
 distribution of MDPs: a task is a latent z ~ p(z) (uniform over K) and its reward is
 
-    r_z(s) = log D(z | s) = log_softmax(D(s))[z]                         [1] Sec. 3 (Eq. 2)
+    r_z(s) = log D(z | s) = log_softmax(D(s))[z]              [1] Sec. 3 [M: Eq. 2, not re-read]
 
 with D either a discriminator with random weights D_{phi_rand} (`--proposer random`) or
 the one learned by DIAYN on C ([2]; `--proposer diayn`), which maximises I(S; Z). D is then
@@ -27,16 +27,21 @@ meta-update on the proposed tasks:
     theta'_i = theta - alpha grad L_{z_i}(theta; D_i)                   [3] Alg. 3
     TRPO on mean_i L_{z_i}(theta'_i; D'_i) s.t. KL <= delta                [3] Sec. 5.3
 
-The meta-learner is MAML, the one [1] uses on 2-D navigation [M: [1] v3 also reports RL^2
-on some tasks; not re-read]. The baseline of [1] Fig. 3, learning from scratch, is the same
+The meta-learner is MAML, the one [1]'s abstract names (DIAYN + model-agnostic meta-learning)
+and uses on 2-D navigation. The baseline of [1] Fig. 3, learning from scratch, is the same
 policy-gradient adaptation from the run's untrained initialisation (`random/return_XX`),
-the same env steps on the same test goals; `adapt/return_XX` is the meta-learned one.
+the same env steps on the same test goals; `adapt/return_XX` is the meta-learned one. [1]'s
+reference arm, MAML meta-trained on the hand-designed goals themselves, is maml_rl.py's run
+on the same test: `--compare` draws it (see Reproduce).
 
 Reproduce (CPU; DIAYN's proposer, then a random-discriminator run for comparison):
     python metarl/unsupervised_meta_rl.py --preset quick --num-seeds 2 --proposer random \
         --run-dir runs/uml_random
     python metarl/unsupervised_meta_rl.py --preset quick --num-seeds 2 \
         --plot metarl/unsupervised_meta_rl.png --compare runs/uml_random
+`--compare` also takes a maml_rl.py run (MAML on hand-designed goals, [1]'s reference arm,
+the same quick-preset sizes and meta-test: `python metarl/maml_rl.py --preset quick
+--num-seeds 2 --num-iterations 60 --run-dir runs/mrl_quick60`; not drawn in the PNG yet).
 Paper-sized (GPU): python metarl/unsupervised_meta_rl.py --preset paper
 Ours (quick preset, 2 seeds, 40 new goals x 40 trajectories of 50 steps; 2-core CPU shared
 with other jobs: DIAYN run 119 s wall with a warm compilation cache, random run 164 s
@@ -47,21 +52,40 @@ including 64 s compile), average return after 0 / 1 / 2 / 3 PG steps, per seed:
         -12.8  -8.4 / -13.6  -7.0
     from scratch (untrained init, same goals)        -31.6 -29.3 / -30.4 -27.7 /
         -29.9 -27.3 / -29.3 -26.6
-Both proposers beat learning from scratch after one step; [1]'s learned > random is NOT
-reproduced at this scale: the random discriminator is ahead at every step, and DIAYN's
-meta-policy starts worse (it heads for a wall of the box, where its skills live; plot).
-In the tests (4 skills, 10 iterations, 3 seeds) DIAYN is ahead after 2 steps on 2 of 3.
-[1] Fig. 3 [M: figure not re-read]: on 2-D navigation UML-DIAYN beats learning from scratch
-and is close to MAML on hand-designed tasks; UML-random is between them.
+Both proposers beat learning from scratch after two steps on both seeds; after one step
+the random discriminator does on both, DIAYN on seed 1 only (seed 0 ties, -30.4 and -30.4).
+The random discriminator is ahead of DIAYN at every step (DIAYN's meta-policy starts worse:
+it heads for a wall of the box, where its skills live; plot). At the tests' size (4 skills,
+10 iterations; slow tier, 8 seeds) DIAYN - random is 0.09 +- 0.71 after one step (not told
+apart) and 0.88 +- 0.37 after two (6 of 8 seeds): no robust ordering either way.
+[1] [M: figures not re-read]: Fig. 3 compares UML-DIAYN and UML-random with learning from
+scratch (and with "DIAYN init" and "VIME init" fine-tuning baselines); its caption says
+learning the task distribution with DIAYN "helps more for complex tasks", i.e. on 2-D
+navigation random ~ DIAYN, as here. Fig. 4 compares UML-DIAYN with MAML on handcrafted
+rewards ("competitive").
 
 Differences from the paper:
 - The CMP of meta-training is diayn.py's PointMass2D, the one DIAYN learns D on: start at 0,
   pos' = clip(pos + 0.1 clip(a, -1, 1), -1, 1) (the box [-1, 1]^2). The meta-test goals live
   in maml_rl's PointNav2D (the same step, unbounded, goals inside [-0.5, 0.5]^2, episodes
   end at the goal). r_z is scored on the next state s_{t+1} (as DIAYN's Alg. 1) and has no
-  -log p(z) term (a constant per task, [1] writes log D(z|s)).
+  -log p(z) term ([1] writes log D(z|s)): the constant log K per step changes each
+  return-to-go by a function of t only, absorbed up to the cubic-in-t baseline fit.
 - The random discriminator is DIAYN's discriminator network at its initialisation (flax's
   default init), the very weights the DIAYN run starts from; [1] does not say its init [M].
+  flax's Dense biases start at 0, so this ReLU MLP is positively homogeneous: D(c s) =
+  c D(s) for c > 0, and argmax_z D(z|s) is constant on rays from the start state 0. Its
+  regions are cones (sectors around 0), and each r_z reduces to "go as far as you can into
+  sector z", close to the meta-test family of goals around the origin; this likely explains
+  why the random proposer does as well as DIAYN here (whose learned D is cone-shaped too).
+  A random D with non-zero biases (an ablation) is not built.
+- Not built: [1]'s "DIAYN init" and "VIME init" baselines (fine-tuning a pretrained skill or
+  exploration policy) and an RL^2 meta-learner ([1] also reports one; the catalogue's test
+  asks for it): MAML is the meta-learner of [1]'s 2-D navigation, and RL^2 here would need
+  metarl/rl2.py to take a task sampler; its episodes of the CMP are not built.
+- `steps_per_update` (the runner's env-step count) is the meta-learner's only: the
+  proposer's DIAYN steps (`proposer_timesteps`, 16k quick, 1M paper) are spent in `init`
+  and not counted.
 - Sizes (skills, DIAYN steps, network widths) are ours: [1]'s 2-D navigation settings were
   not re-read [M]. `paper` takes DIAYN's released 'point' variant (50 skills, 2 x 32, lr
   3e-4, 1 env, 1 gradient step per step; 1M steps ours) and MAML's 2-D navigation setting
@@ -162,6 +186,7 @@ class Config:
 
     @property
     def steps_per_update(self) -> int:
+        """the meta-learner's env steps per meta-iteration (DIAYN's, in init, not counted)"""
         return learner_config(self).steps_per_update
 
     def validate(self):
@@ -230,21 +255,17 @@ def sample_tasks(key, cfg: Config):
     return jax.random.randint(key, (cfg.meta_batch_size,), 0, cfg.num_skills)
 
 
-def train_proposer(key, cfg: Config, learned=None):
-    """(D's params, DIAYN's last batch accuracy): DIAYN's discriminator at init (random) or
-    after proposer_timesteps of DIAYN (one jitted diayn.update, scanned). `learned` may be a
-    traced bool (both computed, one kept); None follows cfg.proposer."""
+def train_proposer(key, cfg: Config):
+    """(D's params, DIAYN's last batch accuracy): DIAYN's discriminator at init (random; zero
+    biases, so D(c s) = c D(s) for c > 0) or after proposer_timesteps of DIAYN (one jitted
+    diayn.update, scanned)."""
     pcfg = proposer_config(cfg)
     start = diayn.init(key, pcfg)
-    if learned is None and cfg.proposer == "random":  # static: nothing to train
+    if cfg.proposer == "random":  # nothing to train
         return start.params["disc"], jnp.float32(jnp.nan)
     end, metrics = jax.lax.scan(lambda s, _: diayn.update(s, pcfg), start, None,
                                 length=pcfg.num_updates)
-    acc = metrics["charts/disc_accuracy"][-1]
-    if learned is None:
-        return end.params["disc"], acc
-    pick = lambda a, b: jnp.where(learned, a, b)
-    return jax.tree.map(pick, end.params["disc"], start.params["disc"]), pick(acc, jnp.nan)
+    return end.params["disc"], metrics["charts/disc_accuracy"][-1]
 
 
 # --- ROLLOUT ---
@@ -315,9 +336,9 @@ class State:
     proposer_accuracy: jax.Array
 
 
-def init(key, cfg: Config, learned=None) -> State:
+def init(key, cfg: Config) -> State:
     k_prop, k_net, key = jax.random.split(key, 3)
-    disc_params, acc = train_proposer(k_prop, cfg, learned)
+    disc_params, acc = train_proposer(k_prop, cfg)
     params = mrl.network(learner_config(cfg)).init(k_net, jnp.zeros((1, 2)))
     return State(params, params, disc_params, key, jnp.float32(cfg.inner_lr), acc)
 
@@ -434,8 +455,11 @@ def main(argv=None):
             summary = json.loads((d / "summary.json").read_text())
             summary = {k: np.array([np.nan if x is None else x for x in v], np.float64)
                        for k, v in summary.items() if isinstance(v, list)}
-            record = json.loads((d / "config.json").read_text())
-            curves.append((summary, LABELS[record["config"]["proposer"]], "adapt"))
+            c = json.loads((d / "config.json").read_text())["config"]
+            algo = c.get("algo", "maml")  # no proposer: a maml_rl.py run
+            label = (LABELS[c["proposer"]] if "proposer" in c else "MAML, hand-designed goals"
+                     if algo == "maml" else f"maml_rl --algo {algo}, hand-designed goals")
+            curves.append((summary, label, "adapt"))
         curves.append((res.final, "from scratch (untrained init)", "random"))
         disc0 = jax.tree.map(lambda x: np.asarray(x)[0], res.state.disc_params)
         region = jax.jit(skill_map, static_argnums=1)(disc0, cfg)
