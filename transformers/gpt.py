@@ -92,7 +92,9 @@ Differences from the paper:
 """
 
 import functools
+import json
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import flax.linen as nn
@@ -111,7 +113,13 @@ class Config:
     """GPT [1]: defaults are the paper's model and both stages' hyperparameters."""
 
     corpus: str = "pydoc"
-    """text of common.data.text_corpus for pre-training and the task: pydoc, stdlib or this"""
+    """text of common.data.text_corpus for pre-training and the task: pydoc, stdlib, this, or
+    a real corpus of common.data.REAL_CORPORA (read from data_dir)"""
+    data_dir: str | None = None
+    """folder of a real corpus when `corpus` names one: common.data.REAL_CORPORA"""
+    init_from: str | None = None
+    """a downloaded Hugging Face checkpoint: its model.safetensors (or the folder holding it),
+    read by common.data.read_safetensors and mapped by params_from_hf"""
     val_fraction: float = 0.1
     """last fraction of the text held out (validation LM loss and the task's test set)"""
     vocab_size: int | None = 40478
@@ -191,6 +199,8 @@ class Config:
         return self.rows * self.seq_len  # tokens per update (padded rows included)
 
     def validate(self):
+        if self.corpus in data.REAL_CORPORA and self.data_dir is None:
+            data.text_corpus(self.corpus)  # text_corpus's ValueError: pass data_dir
         if self.d_model % self.num_heads:
             raise ValueError(
                 f"d_model={self.d_model} is not divisible by num_heads={self.num_heads}"
@@ -223,7 +233,7 @@ class Config:
             raise ValueError(f"finetune_epochs={self.finetune_epochs} must be >= 1")
         if self.adam_eps <= 0:
             raise ValueError(f"adam_eps={self.adam_eps} must be > 0")
-        chars = len(text_data(self.corpus, self.val_fraction)[2])
+        chars = len(text_data(self.corpus, self.val_fraction, self.data_dir)[2])
         if self.vocab_size is not None and self.vocab_size < chars:
             raise ValueError(
                 f"vocab_size={self.vocab_size} is below the corpus's {chars} characters"
@@ -256,14 +266,14 @@ PRESETS = {
 
 
 @functools.cache
-def text_data(corpus: str, val_fraction: float):
+def text_data(corpus: str, val_fraction: float, data_dir: str | None = None):
     """(train ids, val ids, characters) of the corpus as numpy (loaded once)."""
-    return data.char_corpus(corpus, val_fraction)
+    return data.char_corpus(corpus, val_fraction, data_dir=data_dir)
 
 
 def specials(cfg: Config) -> dict:
     """Token ids of the special tokens, after the text rows; `rows`: embedding table size."""
-    v = cfg.vocab_size or len(text_data(cfg.corpus, cfg.val_fraction)[2])
+    v = cfg.vocab_size or len(text_data(cfg.corpus, cfg.val_fraction, cfg.data_dir)[2])
     return dict(start=v, delim=v + 1, extract=v + 2, pad=v + 3, rows=v + 4)
 
 
@@ -293,7 +303,7 @@ def task_data(cfg: Config):
     Windows of seq_len - 2 characters (start and extract fill the context); label 1 when
     the window's characters were randomly permuted, 0 when it is the text as written;
     balanced. Training windows come from the training split, eval from validation."""
-    train_ids, val_ids, _ = text_data(cfg.corpus, cfg.val_fraction)
+    train_ids, val_ids, _ = text_data(cfg.corpus, cfg.val_fraction, cfg.data_dir)
     rng = np.random.default_rng(cfg.task_seed)
     n = cfg.seq_len - 2
 
@@ -373,6 +383,70 @@ class GPT(nn.Module):
         h_m = nn.Dropout(cfg.clf_dropout, deterministic=not train)(h_m)
         cls_logits = nn.Dense(2, kernel_init=init_w, name="clf")(h_m.astype(jnp.float32))
         return lm_logits, cls_logits
+
+
+# --- HUGGING FACE CHECKPOINTS ---
+
+# ours -> OpenAIGPTModel's names under h.{l}. (Conv1D weights are stored (in, out), as flax
+# kernels: copied as they are, no transpose)
+HF_BLOCK = {("c_attn", "kernel"): "attn.c_attn.weight", ("c_attn", "bias"): "attn.c_attn.bias",
+            ("c_proj", "kernel"): "attn.c_proj.weight", ("c_proj", "bias"): "attn.c_proj.bias",
+            ("mlp_fc", "kernel"): "mlp.c_fc.weight", ("mlp_fc", "bias"): "mlp.c_fc.bias",
+            ("mlp_proj", "kernel"): "mlp.c_proj.weight", ("mlp_proj", "bias"): "mlp.c_proj.bias",
+            ("ln_1", "scale"): "ln_1.weight", ("ln_1", "bias"): "ln_1.bias",
+            ("ln_2", "scale"): "ln_2.weight", ("ln_2", "bias"): "ln_2.bias"}
+
+
+def params_from_hf(tensors: dict, cfg: Config, params) -> dict:
+    """HF OpenAIGPT state-dict tensors (names as in openai-gpt's model.safetensors, with or
+    without the LM model's `transformer.` prefix) as this file's params. `params` (this
+    file's init) gives the shapes and keeps what HF lacks: the 4 special-token rows after
+    the vocab_size text rows and the classifier W_y. lm_head.weight is not read (tied to
+    tokens_embed, as ours). A shape mismatch raises naming the tensor and the field."""
+    t = {k.removeprefix("transformer."): v for k, v in tensors.items()}
+    if f"h.{cfg.num_layers}.ln_1.weight" in t:
+        raise ValueError(f"init_from: the checkpoint has more than num_layers={cfg.num_layers} "
+                         "blocks: set num_layers to its n_layer")
+    flat = dict(jax.tree_util.tree_flatten_with_path(params["params"])[0])
+    flat = {tuple(k.key for k in path): v for path, v in flat.items()}
+    v = specials(cfg)["rows"] - 4
+
+    def get(name, shape, fields):
+        if name not in t:
+            raise ValueError(f"init_from: tensor {name!r} is missing from the checkpoint "
+                             f"(num_layers={cfg.num_layers}?)")
+        a = np.asarray(t[name], np.float32)
+        if a.shape != tuple(shape):
+            raise ValueError(f"init_from: tensor {name!r} has shape {a.shape}, ours "
+                             f"{tuple(shape)}: set {fields} to the checkpoint's")
+        return jnp.asarray(a)
+
+    emb = flat["tokens", "embedding"]
+    out = {"tokens": {"embedding": emb.at[:v].set(get("tokens_embed.weight", (v, cfg.d_model),
+                                                      "vocab_size / d_model"))},
+           "positions": get("positions_embed.weight", flat["positions",].shape,
+                            "seq_len (n_positions) / d_model"),
+           "clf": params["params"]["clf"]}
+    for l in range(cfg.num_layers):
+        out[f"h{l}"] = {}
+        for (mod, leaf), name in HF_BLOCK.items():
+            arr = get(f"h.{l}.{name}", flat[f"h{l}", mod, leaf].shape, "d_model")
+            out[f"h{l}"].setdefault(mod, {})[leaf] = arr
+    return {"params": out}
+
+
+def load_hf(path: str, cfg: Config, params) -> dict:
+    """init_from: read model.safetensors (the file, or in the folder) and map it; a
+    config.json beside it must agree on n_head (not visible in the tensors' shapes)."""
+    f = Path(path).expanduser()
+    f = f / "model.safetensors" if f.is_dir() else f
+    conf = f.parent / "config.json"
+    if conf.is_file():
+        n_head = json.loads(conf.read_text()).get("n_head", cfg.num_heads)
+        if n_head != cfg.num_heads:
+            raise ValueError(f"init_from: the checkpoint has n_head={n_head}, "
+                             f"num_heads={cfg.num_heads}: set num_heads to it")
+    return params_from_hf(data.read_safetensors(f), cfg, params)
 
 
 # --- LOSS ---
@@ -465,7 +539,7 @@ def compact(a, rows: int):
 
 def device_data(cfg: Config) -> tuple:
     """(train ids, val ids, x_lab, y_lab, x_ev, y_ev) as compact numpy arrays."""
-    train_ids, val_ids, _ = text_data(cfg.corpus, cfg.val_fraction)
+    train_ids, val_ids, _ = text_data(cfg.corpus, cfg.val_fraction, cfg.data_dir)
     x_lab, y_lab, x_ev, y_ev = task_data(cfg)
     rows = specials(cfg)["rows"]
     return (
@@ -495,6 +569,8 @@ def zeros_opt(params):
 def init(key, cfg: Config) -> State:
     k_init, key = jax.random.split(key)
     params = init_params(k_init, cfg)
+    if cfg.init_from is not None:  # the checkpoint's arrays replace the random ones
+        params = load_hf(cfg.init_from, cfg, params)
     return State(
         params,
         zeros_opt(params),

@@ -96,6 +96,7 @@ import math
 import re
 from collections import Counter
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import flax.linen as nn
@@ -115,7 +116,13 @@ class Config:
     """GPT-2 [1]: defaults are GPT-2 small (117M) where [1] and its released model state them."""
 
     corpus: str = "pydoc"
-    """text of common.data.text_corpus: pydoc, stdlib or this"""
+    """text of common.data.text_corpus: pydoc, stdlib, this, or a real corpus of
+    common.data.REAL_CORPORA (read from data_dir)"""
+    data_dir: str | None = None
+    """folder of a real corpus when `corpus` names one: common.data.REAL_CORPORA"""
+    init_from: str | None = None
+    """a downloaded Hugging Face checkpoint: its model.safetensors (or the folder holding it),
+    read by common.data.read_safetensors and mapped by params_from_hf"""
     val_fraction: float = 0.1
     """last fraction of the text held out (perplexity and cloze)"""
     bpe_merges: int = 0
@@ -174,6 +181,8 @@ class Config:
         return self.batch_size * self.seq_len  # tokens per update
 
     def validate(self):
+        if self.corpus in data.REAL_CORPORA and self.data_dir is None:
+            data.text_corpus(self.corpus)  # text_corpus's ValueError: pass data_dir
         if self.d_model % self.num_heads:
             raise ValueError(
                 f"d_model={self.d_model} is not divisible by num_heads={self.num_heads}"
@@ -236,7 +245,7 @@ PRESETS = {
 
 
 @functools.cache
-def tokenizer(corpus: str, val_fraction: float, bpe_merges: int):
+def tokenizer(corpus: str, val_fraction: float, bpe_merges: int, data_dir: str | None = None):
     """(encode: str -> np.ndarray of ids, decode: ids -> str, size) of the config: the UTF-8
     bytes, or transformers/bpe.py's byte-level BPE trained on the training split."""
     if bpe_merges == 0:
@@ -247,13 +256,14 @@ def tokenizer(corpus: str, val_fraction: float, bpe_merges: int):
         )
     from transformers import bpe  # the tokenizer IS the other algorithm (DESIGN.md sec. 2)
 
-    tok = bpe.Tokenizer(bpe.train(split_text(corpus, val_fraction)[0], 256 + bpe_merges))
+    train_text = split_text(corpus, val_fraction, data_dir)[0]
+    tok = bpe.Tokenizer(bpe.train(train_text, 256 + bpe_merges))
     return (lambda s: bpe.encode_corpus(tok, s)), (lambda ids: tok.decode(ids)), tok.vocab_size
 
 
 @functools.cache
-def split_text(corpus: str, val_fraction: float) -> tuple[str, str]:
-    text = data.text_corpus(corpus)
+def split_text(corpus: str, val_fraction: float, data_dir: str | None = None) -> tuple[str, str]:
+    text = data.text_corpus(corpus, data_dir=data_dir)
     cut = int(len(text) * (1 - val_fraction))
     return text[:cut], text[cut:]
 
@@ -267,13 +277,14 @@ def corpus_data(
     cloze_items: int,
     cloze_choices: int,
     data_seed: int,
+    data_dir: str | None = None,
 ) -> dict:
     """Host-side data of a config: train / val token streams (uint8 for bytes, else uint16),
     the cloze rows (items * choices, seq_len + 1) int32 and their target masks
     (items * choices, seq_len), the val split's bytes per token, the tokenizer size and the
     unigram baseline (train token frequencies, add-1) in bits per byte on val."""
-    encode, _, size = tokenizer(corpus, val_fraction, bpe_merges)
-    train_text, val_text = split_text(corpus, val_fraction)
+    encode, _, size = tokenizer(corpus, val_fraction, bpe_merges, data_dir)
+    train_text, val_text = split_text(corpus, val_fraction, data_dir)
     train, val = encode(train_text), encode(val_text)  # uint8 bytes or uint16 BPE ids
     bytes_per_token = len(val_text.encode("utf-8")) / max(len(val), 1)
     counts = np.bincount(train, minlength=size) + 1.0
@@ -334,6 +345,7 @@ def data_of(cfg: Config) -> dict:
         cfg.cloze_items,
         cfg.cloze_choices,
         cfg.data_seed,
+        cfg.data_dir,
     )
 
 
@@ -416,6 +428,67 @@ def model_of(cfg: Config) -> GPT2:
     return GPT2(cfg, vocab_rows(cfg))
 
 
+# --- HUGGING FACE CHECKPOINTS ---
+
+# ours -> GPT2Model's names under h.{l}. (Conv1D weights are stored (in, out), as flax
+# kernels: copied as they are; transposing them is the trap, and square c_proj would not
+# even fail on shape)
+HF_BLOCK = {("c_attn", "kernel"): "attn.c_attn.weight", ("c_attn", "bias"): "attn.c_attn.bias",
+            ("c_proj", "kernel"): "attn.c_proj.weight", ("c_proj", "bias"): "attn.c_proj.bias",
+            ("mlp_fc", "kernel"): "mlp.c_fc.weight", ("mlp_fc", "bias"): "mlp.c_fc.bias",
+            ("mlp_proj", "kernel"): "mlp.c_proj.weight", ("mlp_proj", "bias"): "mlp.c_proj.bias",
+            ("ln_1", "scale"): "ln_1.weight", ("ln_1", "bias"): "ln_1.bias",
+            ("ln_2", "scale"): "ln_2.weight", ("ln_2", "bias"): "ln_2.bias"}
+
+
+def params_from_hf(tensors: dict, cfg: Config, params) -> dict:
+    """HF GPT2 state-dict tensors (names as in gpt2's model.safetensors, with or without the
+    LM model's `transformer.` prefix) as this file's params: wte, wpe, the blocks, ln_f.
+    `params` (this file's init) gives the shapes. lm_head.weight is not read (tied to wte,
+    as ours); the attention-mask buffers (h.{l}.attn.bias of old checkpoints) are ignored.
+    A shape mismatch raises naming the tensor and the Config field."""
+    t = {k.removeprefix("transformer."): v for k, v in tensors.items()}
+    if f"h.{cfg.num_layers}.ln_1.weight" in t:
+        raise ValueError(f"init_from: the checkpoint has more than num_layers={cfg.num_layers} "
+                         "blocks: set num_layers to its n_layer")
+    p = params["params"]
+
+    def get(name, like, fields="d_model"):
+        if name not in t:
+            raise ValueError(f"init_from: tensor {name!r} is missing from the checkpoint "
+                             f"(num_layers={cfg.num_layers}?)")
+        a = np.asarray(t[name], np.float32)
+        if a.shape != like.shape:
+            raise ValueError(f"init_from: tensor {name!r} has shape {a.shape}, ours "
+                             f"{like.shape}: set {fields} to the checkpoint's")
+        return jnp.asarray(a)
+
+    out = {"wte": {"embedding": get("wte.weight", p["wte"]["embedding"], "vocab_size / d_model")},
+           "wpe": get("wpe.weight", p["wpe"], "seq_len (n_positions) / d_model"),
+           "ln_f": {"scale": get("ln_f.weight", p["ln_f"]["scale"]),
+                    "bias": get("ln_f.bias", p["ln_f"]["bias"])}}
+    for l in range(cfg.num_layers):
+        out[f"h{l}"] = {}
+        for (mod, leaf), name in HF_BLOCK.items():
+            arr = get(f"h.{l}.{name}", p[f"h{l}"][mod][leaf])
+            out[f"h{l}"].setdefault(mod, {})[leaf] = arr
+    return {"params": out}
+
+
+def load_hf(path: str, cfg: Config, params) -> dict:
+    """init_from: read model.safetensors (the file, or in the folder) and map it; a
+    config.json beside it must agree on n_head (not visible in the tensors' shapes)."""
+    f = Path(path).expanduser()
+    f = f / "model.safetensors" if f.is_dir() else f
+    conf = f.parent / "config.json"
+    if conf.is_file():
+        n_head = json.loads(conf.read_text()).get("n_head", cfg.num_heads)
+        if n_head != cfg.num_heads:
+            raise ValueError(f"init_from: the checkpoint has n_head={n_head}, "
+                             f"num_heads={cfg.num_heads}: set num_heads to it")
+    return params_from_hf(data.read_safetensors(f), cfg, params)
+
+
 # --- LOSS ---
 
 
@@ -454,6 +527,8 @@ def optimizer(cfg: Config):
 def init(key, cfg: Config) -> State:
     k_init, key = jax.random.split(key)
     params = model_of(cfg).init(k_init, jnp.zeros((1, cfg.seq_len), jnp.int32), 1.0)
+    if cfg.init_from is not None:  # the checkpoint's arrays replace the random ones
+        params = load_hf(cfg.init_from, cfg, params)
     d = data_of(cfg)
     arrays = {k: jnp.asarray(d[k]) for k in ("train", "val", "cloze", "cloze_mask")}
     return State(
@@ -598,13 +673,13 @@ def generate(params, prompt, key, pre_ln, cfg: Config, num_new: int, n_vocab: in
 @functools.cache
 def sampler(cfg: Config):
     """generate, jitted once per config: sample_tokens after a prompt, tokenizer ids only."""
-    n_vocab = tokenizer(cfg.corpus, cfg.val_fraction, cfg.bpe_merges)[2]
+    n_vocab = tokenizer(cfg.corpus, cfg.val_fraction, cfg.bpe_merges, cfg.data_dir)[2]
     return jax.jit(lambda p, t, k, f: generate(p, t, k, f, cfg, cfg.sample_tokens, n_vocab))
 
 
 def sample_ids(res, cfg: Config, prompt: str, seed: int = 0) -> list[int]:
     """--prompt: seed 0's model continues `prompt` by sample_tokens tokens (prompt ids first)."""
-    encode = tokenizer(cfg.corpus, cfg.val_fraction, cfg.bpe_merges)[0]
+    encode = tokenizer(cfg.corpus, cfg.val_fraction, cfg.bpe_merges, cfg.data_dir)[0]
     ids = encode(prompt).tolist()[-(cfg.seq_len - cfg.sample_tokens) :] or [10]
     params = jax.tree.map(lambda x: x[0], res.state.params)
     key = jax.random.PRNGKey(seed)
@@ -613,7 +688,7 @@ def sample_ids(res, cfg: Config, prompt: str, seed: int = 0) -> list[int]:
 
 
 def sample_text(res, cfg: Config, prompt: str, seed: int = 0) -> str:
-    decode = tokenizer(cfg.corpus, cfg.val_fraction, cfg.bpe_merges)[1]
+    decode = tokenizer(cfg.corpus, cfg.val_fraction, cfg.bpe_merges, cfg.data_dir)[1]
     return decode(sample_ids(res, cfg, prompt, seed))
 
 
