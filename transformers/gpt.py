@@ -40,6 +40,24 @@ training split, the evaluation set from the validation split (never pre-trained 
 Tokenisation: characters (the sorted characters of the corpus) plus the start, delimiter,
 extract and padding tokens; the paper preset sizes the table as GPT's 40,478-token BPE.
 
+Real corpora: --corpus wikitext-2 (or enwik8, text8, wikitext-103, 1b-words) --data-dir
+DIR reads common.data.REAL_CORPORA from DIR (characters, as the built-in corpora).
+Hugging Face checkpoints: --init-from DIR (or DIR/model.safetensors) loads an
+OpenAIGPTModel / OpenAIGPTLMHeadModel state dict (openai-gpt) through params_from_hf:
+tokens_embed -> the first vocab_size rows of our token table, positions_embed -> positions,
+h.{l}.attn.c_attn / attn.c_proj / mlp.c_fc / mlp.c_proj (Conv1D, stored (in, out) like a
+flax kernel: copied, not transposed) and ln_1 / ln_2 -> h{l}. The block is HF's exactly
+(post-LN, afn "gelu" = HF's gelu_new, the tanh form; LN eps 1e-5; causal mask -1e4 there,
+-inf here: the same softmax). Not mapped: our 4 special-token rows (start, delimiter,
+extract, pad, after the text rows: the new fine-tuning embeddings of [1] Sec. 3.3) and the
+classifier W_y keep their random init; lm_head.weight is tied in both. The Config
+expressing openai-gpt: --vocab-size 40478 --seq-len 512 and the paper's model (the default);
+ours then has 40,482 LM columns, the first 40,478 equal HF's logits (tests/transformers/
+test_gpt_hf.py: 3.7e-7 on a random 2-layer model). The ids must be the checkpoint's BPE
+ids: this file's own tokens are characters, so loaded weights only mean something for
+ids tokenised elsewhere. The checkpoint enters the compiled init as constants;
+--finetune-from-scratch still re-initialises to the random init.
+
 Reproduce (CPU demo, pydoc text, 2 layers of d 64, context 64, 1500 pre-training updates of
 32 windows, then 3 epochs of 4096 labelled examples in batches of 32, lr 1e-3):
     python transformers/gpt.py --preset quick                      # pre-trained

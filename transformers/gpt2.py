@@ -32,6 +32,20 @@ Tokens: byte-level. With --bpe-merges 0 the tokens are the 256 bytes of the UTF-
 tokens. The token stream travels in the state (uint8 or uint16), an input of the compiled
 chunks, not a constant compiled into them.
 
+Real corpora: --corpus wikitext-2 (or enwik8, text8, wikitext-103, 1b-words) --data-dir
+DIR reads common.data.REAL_CORPORA from DIR (then bytes or BPE as the built-in corpora).
+Hugging Face checkpoints: --init-from DIR (or DIR/model.safetensors) loads a GPT2Model /
+GPT2LMHeadModel state dict (gpt2) through params_from_hf: wte, wpe, ln_f and h.{l}.ln_1 /
+attn.c_attn / attn.c_proj / ln_2 / mlp.c_fc / mlp.c_proj -> h{l} (Conv1D weights are
+stored (in, out), as flax kernels: copied, not transposed; transposing would not even fail
+on the square c_proj). HF's block is ours with pre_ln (gelu_new = the tanh GELU, LN eps
+1e-5, tied lm_head, finfo.min mask). GPT-2 small is the default Config (--vocab-size
+50257 --seq-len 1024, 12 x 768, 12 heads); logits equal HF's (tests/transformers/
+test_gpt_hf.py: 6.6e-7 on a random 2-layer model). Not used: lm_head.weight (tied) and old
+checkpoints' attn.bias mask buffers. The ids must be GPT-2's BPE ids (this file's tokens
+are bytes or its own BPE), so sampling from a loaded model needs ids tokenised elsewhere.
+The checkpoint enters the compiled init as constants.
+
 Zero-shot probe ([1] Sec. 3 evaluates the LM on tasks it was not trained for; at this
 scale the tasks are): held-out perplexity and bits per byte, and a next-word cloze on the
 held-out split: after up to seq_len tokens of real context, is the true next word more
