@@ -105,7 +105,20 @@ def _with_gate_bias(params, b_g):
     """The parameters with every gate's b_g at its initial value `b_g` (the initialiser is
     a constant, so this is the network initialised with gate_bias = b_g)."""
     return jax.tree_util.tree_map_with_path(
-        lambda path, w: jnp.full_like(w, b_g) if path[-1].key == "b_g" else w, params)
+        lambda path, w: np.full_like(w, b_g) if path[-1].key == "b_g" else w, params)
+
+
+@functools.cache
+def _inputs():
+    """The network tests' random inputs, drawn in one compiled program (eager draws compile
+    a program per shape): observations (2, L, V) and memories (2, 2, M, 16) from the split
+    of key 0, memories from key 3, observation tokens from key 1."""
+    def draw():
+        k1, k2 = jax.random.split(jax.random.PRNGKey(0))
+        return (jax.random.normal(k1, (2, L, V)), jax.random.normal(k2, (2, 2, M, 16)),
+                jax.random.normal(jax.random.PRNGKey(3), (2, 2, M, 16)),
+                jax.random.randint(jax.random.PRNGKey(1), (2, L), 0, V))
+    return compiled(draw)
 
 
 def test_open_gates_make_the_stack_the_identity_on_the_embedded_stream():
@@ -116,30 +129,34 @@ def test_open_gates_make_the_stack_the_identity_on_the_embedded_stream():
     are the head applied to it. Not so with the canonical post-LN ordering (x = LN(x + .),
     measured diff ~1) or with gates partly open (b_g = 0). A LayerNorm after the residual
     (reordering broken) fails it."""
-    k1, k2 = jax.random.split(jax.random.PRNGKey(0))
-    obs = jax.random.normal(k1, (2, L, V))
-    mems = jax.random.normal(k2, (2, 2, M, 16))
+    obs, mems = _inputs()[:2]
     ep_m, ep_q, dist = jnp.zeros((2, M), jnp.int32), jnp.zeros((2, L), jnp.int32), M + jnp.arange(L)
-    apply = {g: tiny_run_module.jit0(lambda p, g=g: _model(g).apply(
-        {"params": p}, obs, mems, ep_m, ep_q, dist, mutable=["intermediates"],
-        capture_intermediates=lambda mdl, _: isinstance(mdl, G.GTrXLLayer)))
-        for g in ("gru", "post_ln")}
+    cases = (("gru", 50.0), ("post_ln", 50.0), ("gru", 0.0))
+    params = [_with_gate_bias(_params()[g], b_g) for g, b_g in cases]
 
-    def stack(gating, gate_bias):
-        params = _with_gate_bias(_params()[gating], gate_bias)
-        (logits, _, inputs), inter = apply[gating](params)
+    @tiny_run_module.jit0  # one program for the three cases
+    def apply(params):
+        return [_model(g).apply(
+            {"params": p}, obs, mems, ep_m, ep_q, dist, mutable=["intermediates"],
+            capture_intermediates=lambda mdl, _: isinstance(mdl, G.GTrXLLayer))
+            for (g, _), p in zip(cases, params, strict=True)]
+
+    def stack(params, result):  # (numpy references: no eager programs)
+        params = jax.tree.map(lambda a: np.asarray(a, np.float64), params)
+        (logits, _, inputs), inter = jax.tree.map(np.asarray, result)
         out = inter["intermediates"]["layer_1"]["__call__"][0]  # the stack's output
         embedded = inputs[0]  # relu(W_e o), the first layer's input
-        np.testing.assert_allclose(embedded, jax.nn.relu(
-            obs @ params["embed"]["kernel"] + params["embed"]["bias"]), atol=1e-6)
+        np.testing.assert_allclose(embedded, np.maximum(
+            np.asarray(obs, np.float64) @ params["embed"]["kernel"] + params["embed"]["bias"],
+            0.0), atol=1e-6)
         head = out @ params["pi"]["kernel"] + params["pi"]["bias"]
         np.testing.assert_allclose(logits, head, atol=1e-5)
-        return float(jnp.abs(out - embedded).max()), float(jnp.abs(embedded).max())
+        return float(np.abs(out - embedded).max()), float(np.abs(embedded).max())
 
-    diff, scale = stack("gru", 50.0)
+    (diff, scale), (post_ln, _), (half_open, _) = map(stack, params, apply(params))
     assert scale > 0.5 and diff < 1e-6, (diff, scale)
-    assert stack("post_ln", 50.0)[0] > 0.1
-    assert stack("gru", 0.0)[0] > 0.05
+    assert post_ln > 0.1, post_ln
+    assert half_open > 0.05, half_open
 
 
 @pytest.mark.parametrize("gating", GATINGS)
@@ -147,7 +164,7 @@ def test_no_future_leak_and_mask_off_leaks(gating):
     """Outputs at steps < t do not depend on observations at steps >= t (one-hot obs,
     memory of 4 random steps of the same episode); with every key visible they do."""
     model = _model(gating)
-    mems = jax.random.normal(jax.random.PRNGKey(3), (2, 2, M, 16))
+    mems, tokens = _inputs()[2:]
     ep_m, ep_q = jnp.zeros((2, M), jnp.int32), jnp.zeros((2, L), jnp.int32)
     dist = M + jnp.arange(L)
     obs = lambda tok: jax.nn.one_hot(tok, V)
@@ -158,19 +175,17 @@ def test_no_future_leak_and_mask_off_leaks(gating):
                                        mask)
         return jnp.concatenate([logits, value[..., None]], -1)
 
-    tokens = jax.random.randint(jax.random.PRNGKey(1), (2, L), 0, V)
-    leak.assert_no_future_leak(tiny_run_module.jit0(out), tokens, 5, V)
     everything = jnp.ones((2, L, M + L), bool)
-    leak.assert_leaks(tiny_run_module.jit0(lambda t: out(t, everything)), tokens, 5, V)
+    both = tiny_run_module.jit0(lambda t: (out(t), out(t, everything)))  # one program
+    leak.assert_no_future_leak(lambda t: both(t)[0], tokens, 5, V)
+    leak.assert_leaks(lambda t: both(t)[1], tokens, 5, V)
 
 
 def test_no_attention_across_an_episode_reset():
     """A query of episode 1 is blind to the memory and to segment steps of episode 0:
     changing them leaves its outputs unchanged; relabelled as episode 0 they matter."""
     model = _model("gru")
-    k1, k2 = jax.random.split(jax.random.PRNGKey(0))
-    obs = jax.random.normal(k1, (2, L, V))
-    mems = jax.random.normal(k2, (2, 2, M, 16))
+    obs, mems = _inputs()[:2]
     ep_q = jnp.array([[0, 0, 1, 1, 1, 1, 1, 1]] * 2)  # a reset between steps 1 and 2
     ep_m, dist = jnp.zeros((2, M), jnp.int32), M + jnp.arange(L)
     params = jax.tree.map(lambda w: 3.0 * w, _params()["gru"])
