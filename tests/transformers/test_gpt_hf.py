@@ -120,8 +120,9 @@ def _numpy_forward(t: dict, post_ln: bool):
 def test_loader_reads_a_hand_made_checkpoint(name, tmp_path):
     """HF-named tensors (std 0.3; GPT-2's with the `transformer.` prefix and the old mask
     buffer) in a model.safetensors through init(init_from=folder): every tensor lands where
-    the numpy forward of HF's equations puts it (logits to 1e-4 on magnitudes ~3); GPT's
-    special-token rows and classifier keep their random init."""
+    the numpy (float64) forward of HF's equations puts it; GPT's special-token rows and
+    classifier keep their random init. Measured: 4.8e-6 (GPT) and 3.2e-6 (GPT-2) on logits
+    up to 6.4 / 5.7; with exact GELU in gpt.py 1.6e-3, GPT-2 without ln_f 47."""
     mod, cfg = MODELS[name]
     post = name == "gpt"
     t = _hf_tensors(post, seed=0 if post else 1)
@@ -133,7 +134,8 @@ def test_loader_reads_a_hand_made_checkpoint(name, tmp_path):
         assert a.shape == b.shape and a.dtype == b.dtype
     want = _numpy_forward(t, post)
     err = np.abs(_logits(mod, cfg, loaded) - want).max()
-    assert err < 1e-4 * max(1, np.abs(want).max()), err
+    print(f"{name}: max |ours - numpy HF| = {err:.1e}, logits up to {np.abs(want).max():.1f}")
+    assert err < 2e-5, err
     if post:  # the start/delim/extract/pad rows and W_y are ours: the random init stays
         rows = loaded["params"]["tokens"]["embedding"]
         np.testing.assert_array_equal(rows[V:], fresh["params"]["tokens"]["embedding"][V:])
