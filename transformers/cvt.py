@@ -102,6 +102,9 @@ class Config:
     """unlabelled training sequences"""
     num_eval: int = 1000
     """held-out labelled sequences scored by evaluate()"""
+    num_dev: int = 500
+    """labelled dev sequences (a separate split): each update logs both arms' accuracy on a
+    batch of them, the data for [1]'s best-dev model selection"""
     embed_dim: int = 300
     """word embedding size (GloVe 300 in [1])"""
     lstm1_size: int = 1024
@@ -152,7 +155,8 @@ class Config:
         for name in ("num_tags", "vocab_size"):
             if getattr(self, name) < 2:
                 raise ValueError(f"{name}={getattr(self, name)} must be >= 2")
-        for name in ("seq_len", "embed_dim", "lstm1_size", "lstm2_size", "warm_up_steps"):
+        for name in ("seq_len", "embed_dim", "lstm1_size", "lstm2_size", "warm_up_steps",
+                     "num_labelled", "num_unlabelled", "num_eval", "num_dev"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)} must be >= 1")
         for name in ("labelled_keep_prob", "unlabelled_keep_prob"):
@@ -200,14 +204,14 @@ def hmm_of(cfg: Config):
 
 @functools.cache
 def datasets(num_tags, vocab_size, trans_concentration, ambiguity, hmm_seed, seq_len,
-             num_labelled, num_unlabelled, num_eval):
-    """{"labelled", "unlabelled", "eval"}: (words (N, T + 2) int32 with BOS = V and EOS =
+             num_labelled, num_unlabelled, num_eval, num_dev):
+    """{"labelled", "unlabelled", "eval", "dev"}: (words (N, T + 2) int32 with BOS = V and EOS =
     V + 1 around T HMM words, tags (N, T + 2) int32, 0 at the start/end tokens)."""
     pi, A, B = hmm(num_tags, vocab_size, trans_concentration, ambiguity, hmm_seed)
     rng = np.random.default_rng(hmm_seed + 1)
     out = {}
     for name, n in (("labelled", num_labelled), ("unlabelled", num_unlabelled),
-                    ("eval", num_eval)):
+                    ("eval", num_eval), ("dev", num_dev)):
         y = np.zeros((n, seq_len), np.int64)
         y[:, 0] = (rng.random(n)[:, None] > np.cumsum(pi)[None]).sum(1)
         for i in range(1, seq_len):
@@ -224,7 +228,7 @@ def datasets(num_tags, vocab_size, trans_concentration, ambiguity, hmm_seed, seq
 def data_of(cfg: Config):
     return datasets(cfg.num_tags, cfg.vocab_size, cfg.trans_concentration, cfg.ambiguity,
                     cfg.hmm_seed, cfg.seq_len, cfg.num_labelled, cfg.num_unlabelled,
-                    cfg.num_eval)
+                    cfg.num_eval, cfg.num_dev)
 
 
 def forward_backward(pi, A, B, x):
@@ -262,10 +266,13 @@ def drop(x, keep: float, key):
     return jnp.where(jax.random.bernoulli(key, keep, x.shape), x / keep, 0).astype(x.dtype)
 
 
-class LSTM(nn.Module):
-    """One LSTM direction with an output projection when proj < cells (TF LSTMCell num_proj,
-    forget bias 1.0): i, f, g, o = W_x x_t + W_h r_{t-1} + b; c_t = sig(f + 1) c_{t-1} +
-    sig(i) tanh(g); r_t = W_proj (sig(o) tanh(c_t)). Scans (B, L, in) over L."""
+class BiLSTM(nn.Module):
+    """Both directions of one biLSTM layer as ONE scan over a stacked direction axis (weights
+    (2, ...): 0 forward, 1 backward on the reversed sequence). Each is a TF LSTMCell with
+    num_proj = min(cells, projection) (model_helpers.py lstm_cell passes it always, so the
+    projection exists even when it is square) and forget bias 1.0: i, f, g, o = W_x x_t +
+    W_h r_{t-1} + b; c_t = sig(f + 1) c_{t-1} + sig(i) tanh(g); r_t = W_proj (sig(o)
+    tanh(c_t)). (B, L, in) -> forward and backward outputs, each (B, L, proj)."""
 
     cells: int
     proj: int
@@ -274,22 +281,27 @@ class LSTM(nn.Module):
     @nn.compact
     def __call__(self, x):
         n, p, dt = self.cells, self.proj, self.dtype
-        gx = nn.Dense(4 * n, dtype=dt, name="W_x")(x)  # (B, L, 4n) for all steps at once
-        w_h = self.param("W_h", nn.initializers.glorot_uniform(), (p, 4 * n))
-        w_p = self.param("W_proj", nn.initializers.glorot_uniform(), (n, p)) if p < n else None
+        glorot = nn.initializers.glorot_uniform(batch_axis=(0,))  # TF's default, per direction
+        w_x = self.param("W_x", glorot, (2, x.shape[-1], 4 * n))
+        b = self.param("b", nn.initializers.zeros, (2, 4 * n))
+        w_h = self.param("W_h", glorot, (2, p, 4 * n))
+        w_p = self.param("W_proj", glorot, (2, n, p))
+        xs = jnp.stack([x, x[:, ::-1]]).astype(dt)  # (2, B, L, in)
+        gx = jnp.einsum("dbli,dig->ldbg", xs, w_x.astype(dt)) + b[:, None].astype(dt)
 
-        def step(carry, g_t):
+        def step(carry, g_t):  # g_t (2, B, 4n)
             c, r = carry
-            i, f, g, o = jnp.split(g_t + r.astype(dt) @ w_h.astype(dt), 4, axis=-1)
+            g_t = g_t + jnp.einsum("dbp,dpg->dbg", r.astype(dt), w_h.astype(dt))
+            i, f, g, o = jnp.split(g_t, 4, axis=-1)
             c = (nn.sigmoid(f + 1.0) * c + nn.sigmoid(i) * jnp.tanh(g)).astype(jnp.float32)
-            m = nn.sigmoid(o) * jnp.tanh(c)
-            r = (m if w_p is None else m.astype(dt) @ w_p.astype(dt)).astype(jnp.float32)
+            m = (nn.sigmoid(o) * jnp.tanh(c)).astype(dt)
+            r = jnp.einsum("dbn,dnp->dbp", m, w_p.astype(dt)).astype(jnp.float32)
             return (c, r), r
 
         B = x.shape[0]
-        zeros = (jnp.zeros((B, n), jnp.float32), jnp.zeros((B, p), jnp.float32))
-        _, r = jax.lax.scan(step, zeros, gx.swapaxes(0, 1))
-        return r.swapaxes(0, 1)  # (B, L, p)
+        zeros = (jnp.zeros((2, B, n), jnp.float32), jnp.zeros((2, B, p), jnp.float32))
+        _, r = jax.lax.scan(step, zeros, gx)  # (L, 2, B, p)
+        return r[:, 0].swapaxes(0, 1), r[::-1, 1].swapaxes(0, 1)
 
 
 class Module(nn.Module):
@@ -322,13 +334,11 @@ class Tagger(nn.Module):
         x = drop(x if delta is None else x + delta, keep, k[0])
         p1, p2 = min(cfg.lstm1_size, cfg.projection_size), min(cfg.lstm2_size,
                                                                cfg.projection_size)
-        fw1 = drop(LSTM(cfg.lstm1_size, p1, dt, name="lstm1_fw")(x), keep, k[1])
-        bw1 = drop(LSTM(cfg.lstm1_size, p1, dt, name="lstm1_bw")(x[:, ::-1])[:, ::-1], keep,
-                   k[2])
+        fw1, bw1 = BiLSTM(cfg.lstm1_size, p1, dt, name="lstm1")(x)
+        fw1, bw1 = drop(fw1, keep, k[1]), drop(bw1, keep, k[2])
         h1 = jnp.concatenate([fw1, bw1], -1)
-        fw2 = drop(LSTM(cfg.lstm2_size, p2, dt, name="lstm2_fw")(h1), keep, k[3])
-        bw2 = drop(LSTM(cfg.lstm2_size, p2, dt, name="lstm2_bw")(h1[:, ::-1])[:, ::-1], keep,
-                   k[4])
+        fw2, bw2 = BiLSTM(cfg.lstm2_size, p2, dt, name="lstm2")(h1)
+        fw2, bw2 = drop(fw2, keep, k[3]), drop(bw2, keep, k[4])
         h = jnp.concatenate([h1, fw2, bw2], -1)  # [h_1; h_2]
         zero = jnp.zeros_like(fw1[:, :1])
         views = {"primary": h, "full": h, "fwd": fw1, "bwd": bw1,
@@ -373,26 +383,36 @@ def teacher(params, words, key, cfg: Config):
     return jax.lax.stop_gradient(jax.nn.softmax(forward(params, words, key, 1.0, cfg)["primary"]))
 
 
+def view_masks(words):
+    """Per auxiliary module, the positions where its view exists (B, L): the words, less the
+    first word for future and the last for past (the released masked_ce_loss's rolled
+    mask: their views there hold only the start / end token)."""
+    m = token_mask(words)
+    return {"full": m, "fwd": m, "bwd": m, "future": m * jnp.roll(m, 1, 1),
+            "past": m * jnp.roll(m, -1, 1)}
+
+
 def unlabelled_loss(params, words, key, cfg: Config):
     """[1] Eq. 2: L_CVT = sum_j CE(p_teacher, p^j) over the auxiliary modules j, on the
-    positions where view j exists (future: not after the start token; past: not before the
-    end token, the released masked_ce_loss's rolled mask)."""
+    positions where view j exists."""
     k_t, k_s = jax.random.split(key)
     target = teacher(params, words, k_t, cfg)
     out = forward(params, words, k_s, cfg.unlabelled_keep_prob, cfg)
-    m = token_mask(words)
-    masks = {"full": m, "fwd": m, "bwd": m, "future": m * jnp.roll(m, 1, 1),
-             "past": m * jnp.roll(m, -1, 1)}
+    masks = view_masks(words)
     return sum(masked_ce(out[j], target, masks[j]) for j in AUX)
 
 
 # --- STATE ---
 
 
+ARMS = ("cvt", "sup")
+"""the leading axis of every parameter tree in State: the CVT model, its supervised twin"""
+
+
 @struct.dataclass
 class State:
     params: Any
-    """{"cvt": Tagger params, "sup": the supervised-only twin's}"""
+    """Tagger params stacked over ARMS (leading axis 2: CVT, supervised-only twin)"""
     mom: Any
     """momentum accumulators, same tree"""
     ema: Any
@@ -403,10 +423,11 @@ class State:
 
 
 def init(key, cfg: Config) -> State:
-    k_c, k_s, key = jax.random.split(key, 3)
+    """Both arms start from the SAME initial weights (one key), so they differ only by L_CVT."""
+    k_p, key = jax.random.split(key)
     words = jnp.zeros((1, cfg.seq_len + 2), jnp.int32)
-    tagger = Tagger(cfg)
-    params = {"cvt": tagger.init(k_c, words, k_c, 1.0), "sup": tagger.init(k_s, words, k_s, 1.0)}
+    p = Tagger(cfg).init(k_p, words, k_p, 1.0)
+    params = jax.tree.map(lambda x: jnp.stack([x] * len(ARMS)), p)
     zeros = jax.tree.map(jnp.zeros_like, params)
     return State(params, zeros, params, key, jnp.zeros((), jnp.int32))
 
@@ -442,60 +463,102 @@ def sgd_step(params, mom, ema, grads, t, moving, cfg: Config):
     return new_p, new_v, ema, norm
 
 
+def labelled_step(params, mom, ema, words, tags, key, t, cfg: Config):
+    """[1] Eq. 1 step: the encoder and the primary module move; the auxiliaries (no gradient
+    from L_sup) keep weights and momenta. Returns (params, mom, ema, CE, train accuracy)."""
+    (ce, acc), g = jax.value_and_grad(labelled_loss, has_aux=True)(params, words, tags, key,
+                                                                    cfg)
+    moving = [n for n in params["params"] if n not in AUX]  # encoder + primary
+    params, mom, ema, _ = sgd_step(params, mom, ema, g, t, moving, cfg)
+    return params, mom, ema, ce, acc
+
+
+def unlabelled_step(params, mom, ema, words, key, t, cfg: Config):
+    """[1] Eq. 2 step: the encoder and the auxiliaries move; the primary module (no gradient
+    through the teacher) keeps weights AND momenta. Returns (params, mom, ema, L_CVT, grad
+    norm)."""
+    l_cvt, g = jax.value_and_grad(unlabelled_loss)(params, words, key, cfg)
+    moving = [n for n in params["params"] if n != "primary"]  # encoder + auxiliaries
+    params, mom, ema, norm = sgd_step(params, mom, ema, g, t, moving, cfg)
+    return params, mom, ema, l_cvt, norm
+
+
+def accuracy(params, words, tags, cfg: Config):
+    """Token accuracy of the primary module (dropout off) and its hits (B, L)."""
+    hit = forward(params, words, jax.random.PRNGKey(0), 1.0, cfg)["primary"].argmax(-1) == tags
+    mask = token_mask(tags)
+    return (hit * mask).sum() / mask.sum(), hit
+
+
 def update(state: State, cfg: Config):
-    words_l, tags_l = (jnp.asarray(a) for a in data_of(cfg)["labelled"])
-    words_u = jnp.asarray(data_of(cfg)["unlabelled"][0])
-    key, k_l, k_u, k_lab, k_unl = jax.random.split(state.key, 5)
+    data = data_of(cfg)
+    words_l, tags_l = (jnp.asarray(a) for a in data["labelled"])
+    words_d, tags_d = (jnp.asarray(a) for a in data["dev"])
+    words_u = jnp.asarray(data["unlabelled"][0])
+    key, k_l, k_u, k_lab, k_unl, k_d = jax.random.split(state.key, 6)
     # a random order of the labelled set, cycled when the batch is larger than the set
     idx = jax.random.permutation(k_l, cfg.num_labelled)[jnp.arange(cfg.batch_size)
                                                          % cfg.num_labelled]
     w_l, t_l = words_l[idx], tags_l[idx]
     w_u = words_u[jax.random.randint(k_u, (cfg.batch_size,), 0, cfg.num_unlabelled)]
-    names = state.params["cvt"]["params"].keys()
-    sup_modules = [n for n in names if n not in AUX]  # encoder + primary
-    cvt_modules = [n for n in names if n != "primary"]  # encoder + auxiliaries
-    grad_l = jax.value_and_grad(labelled_loss, has_aux=True)
-    P, M, E = dict(state.params), dict(state.mom), dict(state.ema)
+    # both arms' labelled step in one vmapped program: the same batch and dropout key; the
+    # CVT arm's step is optimiser step 2 t, the supervised twin's (no unlabelled steps) t
     t = 2 * state.step
-    # the CVT arm: a labelled step (encoder + primary) ...
-    (ce, acc), g = grad_l(P["cvt"], w_l, t_l, k_lab, cfg)
-    P["cvt"], M["cvt"], E["cvt"], _ = sgd_step(P["cvt"], M["cvt"], E["cvt"], g, t, sup_modules,
-                                               cfg)
-    # ... then an unlabelled step (encoder + auxiliaries; the primary module frozen)
-    l_cvt, g = jax.value_and_grad(unlabelled_loss)(P["cvt"], w_u, k_unl, cfg)
-    P["cvt"], M["cvt"], E["cvt"], norm = sgd_step(P["cvt"], M["cvt"], E["cvt"], g, t + 1,
-                                                  cvt_modules, cfg)
-    # the supervised-only twin: the same labelled batch and dropout key, its own step count
-    (ce_s, acc_s), g = grad_l(P["sup"], w_l, t_l, k_lab, cfg)
-    P["sup"], M["sup"], E["sup"], _ = sgd_step(P["sup"], M["sup"], E["sup"], g, state.step,
-                                               sup_modules, cfg)
-    metrics = {"losses/labelled": ce, "losses/unlabelled": l_cvt, "losses/labelled_sup": ce_s,
-               "charts/train_acc": acc, "charts/train_acc_sup": acc_s,
+    lab = functools.partial(labelled_step, words=w_l, tags=t_l, key=k_lab, cfg=cfg)
+    P, M, E, ce, acc = jax.vmap(lab)(state.params, state.mom, state.ema,
+                                     t=jnp.stack([t, state.step]))
+    # then the CVT arm's unlabelled step (encoder + auxiliaries; the primary module frozen)
+    arm0 = [jax.tree.map(lambda x: x[0], tree) for tree in (P, M, E)]
+    *arm0, l_cvt, norm = unlabelled_step(*arm0, w_u, k_unl, t + 1, cfg)
+    P, M, E = (jax.tree.map(lambda a, b: a.at[0].set(b), tree, new)
+               for tree, new in zip((P, M, E), arm0, strict=True))
+    # model selection data: both arms' dev-batch accuracy ([1] picks the best dev checkpoint)
+    d = jax.random.randint(k_d, (cfg.batch_size,), 0, cfg.num_dev)
+    dev, _ = jax.vmap(lambda p: accuracy(p, words_d[d], tags_d[d], cfg))(
+        E if cfg.ema_test else P)
+    metrics = {"losses/labelled": ce[0], "losses/unlabelled": l_cvt, "losses/labelled_sup": ce[1],
+               "charts/train_acc": acc[0], "charts/train_acc_sup": acc[1],
+               "charts/dev_acc": dev[0], "charts/dev_acc_sup": dev[1],
                "charts/lr": learning_rate(t, cfg), "charts/unlabelled_grad_norm": norm}
     return State(P, M, E, key, state.step + 1), metrics
+
+
+def baselines(cfg: Config):
+    """(majority-tag accuracy, word-only Bayes accuracy) on the held-out words, numpy: the
+    labelled set's most frequent tag everywhere; argmax_k p(y_i = k) B[k, x_i] with the
+    exact marginal p(y_i) = pi A^i (the best tagger that reads only the word itself)."""
+    pi, A, B = hmm_of(cfg)
+    (_, tags_l), (words, tags) = data_of(cfg)["labelled"], data_of(cfg)["eval"]
+    majority = np.bincount(tags_l[:, 1:-1].ravel(), minlength=cfg.num_tags).argmax()
+    prior = [pi]
+    for _ in range(cfg.seq_len - 1):
+        prior.append(prior[-1] @ A)
+    x, y = words[:, 1:-1], tags[:, 1:-1]
+    word_only = (np.stack(prior)[None] * B.T[x]).argmax(-1)  # (N, T)
+    return (y == majority).mean(), (y == word_only).mean()
 
 
 def evaluate(state: State, cfg: Config):
     """Held-out token accuracy of the primary module of each arm (moving-average weights
     when ema_test), overall and on the words never seen in the labelled set; the Bayes
-    tagger's accuracy on the same tokens and its expected accuracy E[max_k p(y_i = k | x)]."""
+    tagger's accuracy on the same tokens and its expected accuracy E[max_k p(y_i = k | x)];
+    the majority-tag and word-only baselines (a tagger must beat both to use context)."""
     words, tags = (jnp.asarray(a) for a in data_of(cfg)["eval"])
     seen = np.zeros(cfg.vocab_size + 2, bool)
     seen[data_of(cfg)["labelled"][0]] = True
-    mask = token_mask(tags)
-    unseen = mask * ~jnp.asarray(seen)[words]
-    params = state.ema if cfg.ema_test else state.params
-    key = jax.random.PRNGKey(0)
+    unseen = token_mask(tags) * ~jnp.asarray(seen)[words]
+    acc, hit = jax.vmap(lambda p: accuracy(p, words, tags, cfg))(
+        state.ema if cfg.ema_test else state.params)
     res = {}
-    for arm, suffix in (("cvt", ""), ("sup", "_sup")):
-        hit = forward(params[arm], words, key, 1.0, cfg)["primary"].argmax(-1) == tags
-        res["val_acc" + suffix] = (hit * mask).sum() / mask.sum()
-        res["val_acc_unseen" + suffix] = (hit * unseen).sum() / jnp.maximum(unseen.sum(), 1)
+    for a, suffix in enumerate(("", "_sup")):
+        res["val_acc" + suffix] = acc[a]
+        res["val_acc_unseen" + suffix] = (hit[a] * unseen).sum() / jnp.maximum(unseen.sum(), 1)
     pi, A, B = (jnp.asarray(a, jnp.float32) for a in hmm_of(cfg))
     post = jax.vmap(lambda x: forward_backward(pi, A, B, x))(words[:, 1:-1])  # (N, T, K)
     res["bayes_acc"] = (post.argmax(-1) == tags[:, 1:-1]).mean()
     res["bayes_expected"] = post.max(-1).mean()
-    res["unseen_fraction"] = unseen.sum() / mask.sum()
+    res["majority_acc"], res["word_only_acc"] = (jnp.float32(a) for a in baselines(cfg))
+    res["unseen_fraction"] = unseen.sum() / token_mask(tags).sum()
     return res
 
 
@@ -541,7 +604,7 @@ def main(argv=None):
                    doc=__doc__,
                    summary_keys=["val_acc", "val_acc_sup", "val_acc_unseen",
                                  "val_acc_unseen_sup", "bayes_acc", "bayes_expected",
-                                 "unseen_fraction"])
+                                 "majority_acc", "word_only_acc", "unseen_fraction"])
     if flags["--plot"] is not None:
         print(plot(res, flags["--plot"]))
     return res
