@@ -159,8 +159,8 @@ def test_siamese_trunk_shared_and_fc7_concatenated(recorded_run):
     Reversing the frames changes the logits (the net sees the order). The run's initial
     state of seed 0, one compiled program (one OrderNet and one trunk application)."""
     state = jax.tree.map(lambda a: a[0], recorded_run[1][0][1])
-    frames = jax.random.uniform(jax.random.PRNGKey(1), (4, 3, 16, 16, 1)) * jnp.array(
-        [0.2, 1.0, 3.0])[:, None, None, None]  # three distinct frames per tuple
+    frames = np.random.default_rng(1).uniform(size=(4, 3, 16, 16, 1)).astype(np.float32) * (
+        np.array([0.2, 1.0, 3.0], np.float32)[:, None, None, None])  # 3 distinct frames each
 
     def both(st, fr):
         logits = fo.OrderNet(TINY).apply({"params": st.params, "batch_stats": st.batch_stats},
