@@ -108,9 +108,11 @@ Differences from the paper:
 """
 
 import functools
+import json
 import random
 import re
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import flax.linen as nn
@@ -130,8 +132,14 @@ class Config:
     """ALBERT [1]: defaults are ALBERT-base and the released pre-training settings."""
 
     corpus: str = "pydoc"
-    """text of common.data.text_corpus (pydoc, stdlib or this), or ordered: synthetic
-    documents whose topic is their letter and whose sentences count up (see ordered_text)"""
+    """text of common.data.text_corpus (pydoc, stdlib, this, or a real corpus of
+    common.data.REAL_CORPORA read from data_dir), or ordered: synthetic documents whose topic
+    is their letter and whose sentences count up (see ordered_text)"""
+    data_dir: str | None = None
+    """folder of a real corpus when `corpus` names one: common.data.REAL_CORPORA"""
+    init_from: str | None = None
+    """a downloaded Hugging Face checkpoint: its model.safetensors (or the folder holding it),
+    read by common.data.read_safetensors and mapped by params_from_hf"""
     val_fraction: float = 0.1
     """last fraction of the text held out (the evaluation instances)"""
     vocab_size: int | None = 30000
@@ -150,6 +158,9 @@ class Config:
     """attention heads"""
     d_ff: int = 3072
     """intermediate size of the feed-forward block"""
+    gelu: str = "tanh"
+    """GELU of the blocks and the MLM transform: tanh (modeling.py; HF's hidden_act
+    'gelu_new', as albert-base-v2) or erf (the exact form, HF's 'gelu')"""
     share: str = "all"
     """cross-layer sharing: all, attention, ffn or none (BERT)"""
     sentence_task: str = "sop"
@@ -210,6 +221,10 @@ class Config:
         return self.batch_size * self.seq_len
 
     def validate(self):
+        if self.corpus in data.REAL_CORPORA and self.data_dir is None:
+            data.text_corpus(self.corpus)  # text_corpus's ValueError: pass data_dir
+        if self.gelu not in ("tanh", "erf"):
+            raise ValueError(f"gelu={self.gelu!r} must be 'tanh' or 'erf'")
         if self.d_model % self.num_heads:
             raise ValueError(
                 f"d_model={self.d_model} is not divisible by num_heads={self.num_heads}"
@@ -257,7 +272,8 @@ class Config:
                 f"val_fraction={self.val_fraction} must be in (0, 1): both the "
                 "training and the held-out split need text"
             )
-        chars = len(corpus_docs(self.corpus, self.val_fraction, self.sentence_chars)[2])
+        docs = corpus_docs(self.corpus, self.val_fraction, self.sentence_chars, self.data_dir)
+        chars = len(docs[2])
         if self.vocab_size is not None and self.vocab_size < chars + 4:
             raise ValueError(
                 f"vocab_size={self.vocab_size} is below the corpus's {chars} "
@@ -321,12 +337,12 @@ def ordered_text(num_docs: int = 2000, seed: int = 0) -> str:
 
 
 @functools.cache
-def corpus_docs(corpus: str, val_fraction: float, sentence_chars: int):
+def corpus_docs(corpus: str, val_fraction: float, sentence_chars: int, data_dir=None):
     """(train documents, val documents, characters): a document is a list of sentences, a
     sentence an int32 array of character ids. The text is cut at 1 - val_fraction of its
     characters, then into documents at two blank lines, sentences at . ! ? (pieces of at
     most sentence_chars characters, cut at word boundaries)."""
-    text = ordered_text() if corpus == "ordered" else data.text_corpus(corpus)
+    text = ordered_text() if corpus == "ordered" else data.text_corpus(corpus, data_dir=data_dir)
     cut = int(len(text) * (1 - val_fraction))
 
     def pieces_of(sentence):
@@ -355,7 +371,7 @@ def corpus_docs(corpus: str, val_fraction: float, sentence_chars: int):
 
 def specials(cfg: Config) -> dict:
     """Ids of [CLS], [SEP], [MASK], [PAD] after the characters, and the table size `rows`."""
-    c = len(corpus_docs(cfg.corpus, cfg.val_fraction, cfg.sentence_chars)[2])
+    c = len(corpus_docs(cfg.corpus, cfg.val_fraction, cfg.sentence_chars, cfg.data_dir)[2])
     return dict(cls=c, sep=c + 1, mask=c + 2, pad=c + 3, chars=c, rows=cfg.vocab_size or c + 4)
 
 
@@ -419,7 +435,7 @@ def make_instances(docs, cfg: Config, rng: random.Random, dupe_factor: int, task
 @functools.cache
 def instances(cfg: Config, split: str, task: str):
     """Instances of the training or validation split labelled for `task` (sop or nsp)."""
-    train, val, _ = corpus_docs(cfg.corpus, cfg.val_fraction, cfg.sentence_chars)
+    train, val, _ = corpus_docs(cfg.corpus, cfg.val_fraction, cfg.sentence_chars, cfg.data_dir)
     rng = random.Random(4 * cfg.task_seed + 2 * (split == "val") + (task == "nsp"))
     return make_instances(train if split == "train" else val, cfg, rng, cfg.dupe_factor, task)
 
@@ -505,8 +521,10 @@ init_w = nn.initializers.normal(0.02)  # modeling.py initializer_range 0.02
 LN = functools.partial(nn.LayerNorm, epsilon=1e-12)  # modeling.py layer_norm
 
 
-def gelu(x):
-    """modeling.py gelu: the tanh approximation."""
+def gelu(x, kind: str = "tanh"):
+    """modeling.py gelu: the tanh approximation; kind erf: x Phi(x) exactly (HF's 'gelu')."""
+    if kind == "erf":
+        return 0.5 * x * (1 + jax.lax.erf(x / jnp.sqrt(2.0).astype(x.dtype)))
     return 0.5 * x * (1 + jnp.tanh(jnp.sqrt(2 / jnp.pi).astype(x.dtype) * (x + 0.044715 * x**3)))
 
 
@@ -533,7 +551,8 @@ class FFN(nn.Module):
     @nn.compact
     def __call__(self, a):
         dense = functools.partial(nn.Dense, kernel_init=init_w, dtype=jnp.dtype(self.cfg.dtype))
-        m = dense(a.shape[-1], name="ffn_output")(gelu(dense(self.cfg.d_ff, name="ffn")(a)))
+        m = gelu(dense(self.cfg.d_ff, name="ffn")(a), self.cfg.gelu)
+        m = dense(a.shape[-1], name="ffn_output")(m)
         return LN(name="full_layer_LayerNorm")(a + m)
 
 
@@ -576,11 +595,114 @@ class ALBERT(nn.Module):
         pooled = jnp.tanh(nn.Dense(cfg.d_model, kernel_init=init_w, name="pooler")(h[:, 0]))
         x = jnp.take_along_axis(h, positions[..., None], axis=1)  # (B, P, H)
         x = LN(name="transform_LayerNorm")(
-            gelu(nn.Dense(E, kernel_init=init_w, name="transform")(x))
+            gelu(nn.Dense(E, kernel_init=init_w, name="transform")(x), cfg.gelu)
         )  # (B, P, E)
         mlm = embed.attend(x) + self.param("output_bias", nn.initializers.zeros, (self.rows,))
         sentence = nn.Dense(2, kernel_init=init_w, name="seq_relationship")(pooled)
         return mlm, sentence
+
+
+# --- HUGGING FACE CHECKPOINTS ---
+
+# ours -> AlbertLayer's names under encoder.albert_layer_groups.{g}.albert_layers.0. (torch
+# Linear weights are (out, in): transposed into flax kernels; query, key and value side by
+# side in our qkv kernel)
+HF_ATTN = {"dense": "attention.dense", "LayerNorm": "attention.LayerNorm"}
+HF_FFN = {"ffn": "ffn", "ffn_output": "ffn_output",
+          "full_layer_LayerNorm": "full_layer_layer_norm"}
+HF_TOP = {"embeddings_LayerNorm": "embeddings.LayerNorm",
+          "embedding_hidden_mapping_in": "encoder.embedding_hidden_mapping_in",
+          "pooler": "pooler", "transform": "predictions.dense",
+          "transform_LayerNorm": "predictions.LayerNorm",
+          "seq_relationship": "sop_classifier.classifier"}
+
+
+def params_from_hf(tensors: dict, cfg: Config, params) -> dict:
+    """HF AlbertForPreTraining state-dict tensors (names as in albert-base-v2's
+    model.safetensors, with or without the `albert.` prefix) as this file's params. HF holds
+    num_hidden_groups groups of inner_group_num layers; layer l uses group l G / L. What maps:
+    one group of one layer (every ALBERT release) -> share=all; L groups of one layer ->
+    share=none (BERT's layout). Our share=attention and share=ffn have no HF layout, nor
+    has HF's inner_group_num > 1 here: both raise. predictions.decoder.weight is not read
+    (tied to the V x E table, as ours); the output bias is predictions.bias (or the decoder's
+    own). A shape mismatch raises naming the tensor and the Config field to change."""
+    t = {k.removeprefix("albert."): v for k, v in tensors.items()}
+    group = "encoder.albert_layer_groups.{}.albert_layers.{}."
+    groups = len({k.split(".")[2] for k in t if k.startswith("encoder.albert_layer_groups.")})
+    if any(k.startswith(group.format(g, 1)) for g in range(groups) for k in t):
+        raise ValueError("init_from: the checkpoint has inner_group_num > 1 (several layers "
+                         "per group): this file has no such layout")
+    if not (cfg.share == "all" and groups == 1 or cfg.share == "none" and groups == cfg.num_layers):
+        want = "all" if groups == 1 else "none" if groups == cfg.num_layers else None
+        fix = f"set share to {want!r}" if want else "this file has no such layout"
+        raise ValueError(f"init_from: the checkpoint has num_hidden_groups={groups} "
+                         f"(num_layers={cfg.num_layers}, share={cfg.share!r}): {fix}")
+
+    def get(name, shape, fields):
+        old = name.replace("LayerNorm.weight", "LayerNorm.gamma").replace(
+            "LayerNorm.bias", "LayerNorm.beta")
+        if name not in t and old not in t:
+            raise ValueError(f"init_from: tensor {name!r} is missing from the checkpoint "
+                             "(an AlbertForPreTraining checkpoint?)")
+        a = np.asarray(t[name] if name in t else t[old], np.float32)
+        if a.shape != tuple(shape):
+            raise ValueError(f"init_from: tensor {name!r} has shape {a.shape}, ours "
+                             f"{tuple(shape)}: set {fields} to the checkpoint's")
+        return jnp.asarray(a)
+
+    def module(name, ours, fields):  # a Linear (kernel = weight^T) or a LayerNorm
+        if "kernel" in ours:
+            w = get(name + ".weight", ours["kernel"].shape[::-1], fields)
+            return {"kernel": w.T, "bias": get(name + ".bias", ours["bias"].shape, fields)}
+        return {k: get(f"{name}.{hf}", ours[k].shape, fields)
+                for k, hf in (("scale", "weight"), ("bias", "bias"))}
+
+    p, E, d = params["params"], cfg.embedding_size, cfg.d_model
+    rows = p["word_embeddings"]["embedding"].shape[0]
+    out = {"word_embeddings": {"embedding": get("embeddings.word_embeddings.weight", (rows, E),
+                                                "vocab_size / embedding_size")},
+           "position_embeddings": get("embeddings.position_embeddings.weight",
+                                      (cfg.max_positions, E), "max_positions / embedding_size"),
+           "token_type_embeddings": {"embedding": get("embeddings.token_type_embeddings.weight",
+                                                      (2, E), "embedding_size")}}
+    bias = "predictions.bias" if "predictions.bias" in t else "predictions.decoder.bias"
+    out["output_bias"] = get(bias, (rows,), "vocab_size")
+    for ours, hf in HF_TOP.items():
+        out[ours] = module(hf, p[ours], "d_model / embedding_size")
+    for g in range(groups):
+        hf, tail = group.format(g, 0), "" if cfg.share == "all" else f"_{g}"
+        attn = {k: module(hf + v, p["attention" + tail][k], "d_model") for k, v in HF_ATTN.items()}
+        qkv = [module(f"{hf}attention.{n}", {"kernel": np.zeros((d, d)), "bias": np.zeros(d)},
+                      "d_model") for n in ("query", "key", "value")]
+        attn["qkv"] = {k: jnp.concatenate([m[k] for m in qkv], -1) for k in ("kernel", "bias")}
+        out["attention" + tail] = attn
+        out["ffn" + tail] = {k: module(hf + v, p["ffn" + tail][k], "d_model / d_ff")
+                             for k, v in HF_FFN.items()}
+    return {"params": out}
+
+
+def load_hf(path: str, cfg: Config, params) -> dict:
+    """init_from: read model.safetensors (the file, or in the folder) and map it; a
+    config.json beside it must agree where the tensors' shapes cannot tell."""
+    f = Path(path).expanduser()
+    f = f / "model.safetensors" if f.is_dir() else f
+    conf = f.parent / "config.json"
+    checks = {"num_attention_heads": ("set num_heads to it", cfg.num_heads),
+              "num_hidden_layers": ("set num_layers to it", cfg.num_layers),
+              "hidden_act": ("set gelu (erf: 'gelu', tanh: 'gelu_new')",
+                             "gelu" if cfg.gelu == "erf" else "gelu_new"),
+              "layer_norm_eps": ("this file's LayerNorm is fixed", 1e-12),
+              "type_vocab_size": ("this file's token types are fixed", 2)}
+    if conf.is_file():
+        hf = json.loads(conf.read_text())
+        for entry, (field, ours) in checks.items():
+            theirs = hf.get(entry, ours)
+            if entry == "hidden_act" and theirs in ("gelu_pytorch_tanh", "gelu_new"):
+                theirs = "gelu_new"  # both the tanh form
+            if theirs != ours:
+                raise ValueError(f"init_from: the checkpoint has {entry}={theirs!r}, ours "
+                                 f"{ours!r}: {field}")
+    return params_from_hf(data.read_safetensors(f), cfg, params)
 
 
 # --- LOSS ---
@@ -680,6 +802,8 @@ def init_params(key, cfg: Config):
 def init(key, cfg: Config) -> State:
     k_init, key = jax.random.split(key)
     params = init_params(k_init, cfg)
+    if cfg.init_from is not None:  # the checkpoint's arrays replace the random ones
+        params = load_hf(cfg.init_from, cfg, params)
     return State(
         params,
         optimizer(cfg).init(params),

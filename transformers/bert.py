@@ -93,9 +93,11 @@ Differences from the paper:
 """
 
 import functools
+import json
 import random
 import re
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import flax.linen as nn
@@ -114,7 +116,13 @@ class Config:
     """BERT [1]: defaults are BERT-base and the released code's pre-training settings."""
 
     corpus: str = "pydoc"
-    """text of common.data.text_corpus: pydoc, stdlib or this"""
+    """text of common.data.text_corpus: pydoc, stdlib, this, or a real corpus of
+    common.data.REAL_CORPORA (read from data_dir)"""
+    data_dir: str | None = None
+    """folder of a real corpus when `corpus` names one: common.data.REAL_CORPORA"""
+    init_from: str | None = None
+    """a downloaded Hugging Face checkpoint: its model.safetensors (or the folder holding it),
+    read by common.data.read_safetensors and mapped by params_from_hf"""
     val_fraction: float = 0.1
     """last fraction of the text held out (held-out MLM/NSP instances and task windows)"""
     vocab_size: int | None = 30522
@@ -132,6 +140,9 @@ class Config:
     """attention heads"""
     d_ff: int = 3072
     """intermediate size of the feed-forward layer"""
+    gelu: str = "tanh"
+    """GELU of the blocks and the MLM transform: tanh (the approximation of the released
+    modeling.py) or erf (the exact form: HF's hidden_act 'gelu', as bert-base-uncased)"""
     hidden_dropout_prob: float = 0.1
     """dropout on the embeddings and on every sub-layer output"""
     attention_dropout_prob: float = 0.1
@@ -212,6 +223,10 @@ class Config:
         return self.rows * self.seq_len
 
     def validate(self):
+        if self.corpus in data.REAL_CORPORA and self.data_dir is None:
+            data.text_corpus(self.corpus)  # text_corpus's ValueError: pass data_dir
+        if self.gelu not in ("tanh", "erf"):
+            raise ValueError(f"gelu={self.gelu!r} must be 'tanh' or 'erf'")
         if self.d_model % self.num_heads:
             raise ValueError(
                 f"d_model={self.d_model} is not divisible by num_heads={self.num_heads}"
@@ -261,7 +276,8 @@ class Config:
                 raise ValueError(f"{name}={getattr(self, name)} must be >= 1")
         if self.adam_eps <= 0:
             raise ValueError(f"adam_eps={self.adam_eps} must be > 0")
-        chars = len(corpus_docs(self.corpus, self.val_fraction, self.sentence_chars)[2])
+        docs = corpus_docs(self.corpus, self.val_fraction, self.sentence_chars, self.data_dir)
+        chars = len(docs[2])
         if self.vocab_size is not None and self.vocab_size < chars + 4:
             raise ValueError(
                 f"vocab_size={self.vocab_size} is below the corpus's {chars} "
@@ -302,11 +318,11 @@ PRESETS = {
 
 
 @functools.cache
-def corpus_docs(corpus: str, val_fraction: float, sentence_chars: int):
+def corpus_docs(corpus: str, val_fraction: float, sentence_chars: int, data_dir=None):
     """(train documents, val documents, characters): a document is a list of sentences, a
     sentence an int32 array of character ids, whitespace collapsed to one space. The text
     is cut at 1 - val_fraction of its characters, then into documents at two blank lines."""
-    text = data.text_corpus(corpus)
+    text = data.text_corpus(corpus, data_dir=data_dir)
     cut = int(len(text) * (1 - val_fraction))
 
     def pieces_of(sentence):
@@ -337,7 +353,7 @@ def corpus_docs(corpus: str, val_fraction: float, sentence_chars: int):
 def specials(cfg: Config) -> dict:
     """Ids of [CLS], [SEP], [MASK], [PAD] after the characters (`chars`: how many), and the
     token table size `rows`."""
-    c = len(corpus_docs(cfg.corpus, cfg.val_fraction, cfg.sentence_chars)[2])
+    c = len(corpus_docs(cfg.corpus, cfg.val_fraction, cfg.sentence_chars, cfg.data_dir)[2])
     return dict(cls=c, sep=c + 1, mask=c + 2, pad=c + 3, chars=c, rows=cfg.vocab_size or c + 4)
 
 
@@ -400,7 +416,7 @@ def make_instances(docs, cfg: Config, rng: random.Random, dupe_factor: int):
 def instances(cfg: Config, split: str):
     """Pre-training instances of the training split or the held-out instances of the
     validation split (dupe_factor passes each)."""
-    train, val, _ = corpus_docs(cfg.corpus, cfg.val_fraction, cfg.sentence_chars)
+    train, val, _ = corpus_docs(cfg.corpus, cfg.val_fraction, cfg.sentence_chars, cfg.data_dir)
     rng = random.Random(cfg.task_seed + (split == "val"))
     return make_instances(train if split == "train" else val, cfg, rng, cfg.dupe_factor)
 
@@ -412,7 +428,7 @@ def task_data(cfg: Config):
     text's sentences joined by spaces; label 1: the span_len characters at a random offset
     were permuted (to a different string), start/end their first/last token positions;
     label 0: start = end = 0 ([CLS], no answer)."""
-    train, val, chars = corpus_docs(cfg.corpus, cfg.val_fraction, cfg.sentence_chars)
+    train, val, chars = corpus_docs(cfg.corpus, cfg.val_fraction, cfg.sentence_chars, cfg.data_dir)
     s, n, m = specials(cfg), cfg.seq_len - 2, cfg.span_len
     rng = np.random.default_rng(cfg.task_seed)
 
@@ -487,8 +503,10 @@ init_w = nn.initializers.normal(0.02)  # modeling.py initializer_range 0.02
 LN = functools.partial(nn.LayerNorm, epsilon=1e-12)  # modeling.py layer_norm (TF's 1e-12)
 
 
-def gelu(x):
-    """modeling.py gelu: the tanh approximation."""
+def gelu(x, kind: str = "tanh"):
+    """modeling.py gelu: the tanh approximation; kind erf: x Phi(x) exactly (HF's 'gelu')."""
+    if kind == "erf":
+        return 0.5 * x * (1 + jax.lax.erf(x / jnp.sqrt(2.0).astype(x.dtype)))
     return 0.5 * x * (1 + jnp.tanh(jnp.sqrt(2 / jnp.pi).astype(x.dtype) * (x + 0.044715 * x**3)))
 
 
@@ -529,7 +547,7 @@ class Layer(nn.Module):
             train,
         ).reshape(B, L, d)
         a = LN(name="attention_LayerNorm")(h + drop(dense(d, name="attention_output")(a)))
-        m = dense(d, name="output")(gelu(dense(cfg.d_ff, name="intermediate")(a)))
+        m = dense(d, name="output")(gelu(dense(cfg.d_ff, name="intermediate")(a), cfg.gelu))
         return LN(name="output_LayerNorm")(a + drop(m))
 
 
@@ -558,7 +576,7 @@ class BERT(nn.Module):
         # masked LM head (run_pretraining.py get_masked_lm_output)
         x = jnp.take_along_axis(h, positions[..., None], axis=1)  # (B, P, d)
         x = LN(name="transform_LayerNorm")(
-            gelu(nn.Dense(cfg.d_model, kernel_init=init_w, name="transform")(x))
+            gelu(nn.Dense(cfg.d_model, kernel_init=init_w, name="transform")(x), cfg.gelu)
         )
         mlm = embed.attend(x) + self.param("output_bias", nn.initializers.zeros, (self.rows,))
         nsp = nn.Dense(2, kernel_init=init_w, name="nsp")(pooled)
@@ -570,6 +588,106 @@ class BERT(nn.Module):
 
 
 HEADS = ("classifier", "span")  # new parameters of the fine-tuning stage
+
+# --- HUGGING FACE CHECKPOINTS ---
+
+# ours -> BertLayer's names under encoder.layer.{l}. (torch Linear weights are (out, in):
+# transposed into flax kernels; query, key and value side by side in our qkv kernel)
+HF_LAYER = {"attention_output": "attention.output.dense", "intermediate": "intermediate.dense",
+            "output": "output.dense", "attention_LayerNorm": "attention.output.LayerNorm",
+            "output_LayerNorm": "output.LayerNorm"}
+HF_TOP = {"embeddings_LayerNorm": "embeddings.LayerNorm", "pooler": "pooler.dense",
+          "transform": "cls.predictions.transform.dense",
+          "transform_LayerNorm": "cls.predictions.transform.LayerNorm",
+          "nsp": "cls.seq_relationship"}
+
+
+def hf_getter(t: dict, what: str):
+    """get(name, shape, fields): the tensor as float32, checked; LayerNorm's weight/bias
+    may be stored under the old names gamma/beta (as bert-base-uncased's)."""
+
+    def get(name, shape, fields):
+        old = name.replace("LayerNorm.weight", "LayerNorm.gamma").replace(
+            "LayerNorm.bias", "LayerNorm.beta")
+        if name not in t and old not in t:
+            raise ValueError(f"init_from: tensor {name!r} is missing from the checkpoint "
+                             f"(num_layers? a {what} checkpoint?)")
+        a = np.asarray(t[name] if name in t else t[old], np.float32)
+        if a.shape != tuple(shape):
+            raise ValueError(f"init_from: tensor {name!r} has shape {a.shape}, ours "
+                             f"{tuple(shape)}: set {fields} to the checkpoint's")
+        return a
+
+    def module(name, ours, fields):  # a Linear (kernel = weight^T) or a LayerNorm
+        if "kernel" in ours:
+            w = get(name + ".weight", ours["kernel"].shape[::-1], fields)
+            return {"kernel": jnp.asarray(w.T), "bias": jnp.asarray(get(
+                name + ".bias", ours["bias"].shape, fields))}
+        return {k: jnp.asarray(get(f"{name}.{hf}", ours[k].shape, fields))
+                for k, hf in (("scale", "weight"), ("bias", "bias"))}
+
+    return get, module
+
+
+def params_from_hf(tensors: dict, cfg: Config, params) -> dict:
+    """HF BertForPreTraining state-dict tensors (names as in bert-base-uncased's
+    model.safetensors, with or without the `bert.` prefix) as this file's params. `params`
+    (this file's init) gives the shapes and keeps what HF's pre-training model lacks: the
+    fine-tuning heads (classifier, span). cls.predictions.decoder.weight is not read (tied to
+    the word embeddings, as ours); the output bias is cls.predictions.bias (or the decoder's
+    own bias). A shape mismatch raises naming the tensor and the Config field to change."""
+    t = {k.removeprefix("bert."): v for k, v in tensors.items()}
+    if f"encoder.layer.{cfg.num_layers}.output.dense.weight" in t:
+        raise ValueError(f"init_from: the checkpoint has more than num_layers={cfg.num_layers} "
+                         "layers: set num_layers to its num_hidden_layers")
+    get, module = hf_getter(t, "BertForPreTraining")
+    p, d = params["params"], cfg.d_model
+    out = {k: p[k] for k in HEADS}
+    rows = p["word_embeddings"]["embedding"].shape[0]
+    out["word_embeddings"] = {"embedding": jnp.asarray(get(
+        "embeddings.word_embeddings.weight", (rows, d), "vocab_size / d_model"))}
+    out["position_embeddings"] = jnp.asarray(get(
+        "embeddings.position_embeddings.weight", (cfg.max_positions, d),
+        "max_positions (max_position_embeddings) / d_model"))
+    out["token_type_embeddings"] = {"embedding": jnp.asarray(get(
+        "embeddings.token_type_embeddings.weight", (2, d), "d_model (type_vocab_size 2)"))}
+    bias = "cls.predictions.bias" if "cls.predictions.bias" in t else "cls.predictions.decoder.bias"
+    out["output_bias"] = jnp.asarray(get(bias, (rows,), "vocab_size"))
+    for ours, hf in HF_TOP.items():
+        out[ours] = module(hf, p[ours], "d_model")
+    for l in range(cfg.num_layers):
+        ours, hf = p[f"layer_{l}"], f"encoder.layer.{l}."
+        layer = {k: module(hf + v, ours[k], "d_model / d_ff") for k, v in HF_LAYER.items()}
+        qkv = [module(f"{hf}attention.self.{n}", {"kernel": np.zeros((d, d)),
+                                                  "bias": np.zeros(d)}, "d_model")
+               for n in ("query", "key", "value")]
+        layer["qkv"] = {k: jnp.concatenate([m[k] for m in qkv], -1) for k in ("kernel", "bias")}
+        out[f"layer_{l}"] = layer
+    return {"params": out}
+
+
+def load_hf(path: str, cfg: Config, params, fn=None, checks=None) -> dict:
+    """init_from: read model.safetensors (the file, or in the folder) and map it with fn
+    (params_from_hf); a config.json beside it must agree with the Config where the tensors'
+    shapes cannot tell (checks: its entry -> (our field, what ours means in its terms))."""
+    f = Path(path).expanduser()
+    f = f / "model.safetensors" if f.is_dir() else f
+    conf = f.parent / "config.json"
+    checks = checks or {"num_attention_heads": ("set num_heads to it", cfg.num_heads),
+                        "hidden_act": ("set gelu (erf: 'gelu', tanh: 'gelu_new')",
+                                       "gelu" if cfg.gelu == "erf" else "gelu_new"),
+                        "layer_norm_eps": ("this file's LayerNorm is fixed", 1e-12),
+                        "type_vocab_size": ("this file's token types are fixed", 2)}
+    if conf.is_file():
+        hf = json.loads(conf.read_text())
+        for entry, (field, ours) in checks.items():
+            theirs = hf.get(entry, ours)
+            if entry == "hidden_act" and theirs in ("gelu_pytorch_tanh", "gelu_new"):
+                theirs = "gelu_new"  # both the tanh form
+            if theirs != ours:
+                raise ValueError(f"init_from: the checkpoint has {entry}={theirs!r}, ours "
+                                 f"{ours!r}: {field}")
+    return (fn or params_from_hf)(data.read_safetensors(f), cfg, params)
 
 # --- LOSS ---
 
@@ -686,6 +804,8 @@ def init_params(key, cfg: Config):
 def init(key, cfg: Config) -> State:
     k_init, key = jax.random.split(key)
     params = init_params(k_init, cfg)
+    if cfg.init_from is not None:  # the checkpoint's arrays replace the random ones
+        params = load_hf(cfg.init_from, cfg, params)
     z = jax.tree.map(jnp.zeros_like, params)
     return State(
         params,
