@@ -15,6 +15,7 @@ from detection import ssd
 from tests.common.compiled import compiled
 from tests.common.config_fields import unread_fields
 from tests.detection import tiny_run as tiny_run_module
+from tests.transformers.tiny_run import jit0
 
 QUICK = ssd.Config(**ssd.PRESETS["quick"])
 PAPER = ssd.Config(**ssd.PRESETS["paper"])
@@ -23,12 +24,13 @@ EQ4 = dataclasses.replace(PAPER, box_scales=(), steps=())  # Eq. 4, centres (i +
 TINY = dataclasses.replace(QUICK, batch_size=8, total_steps=40, eval_images=16)
 GATE_SHORT = 0.03
 
-# the equation tests call these jitted (one compile per shape, not one per eager op)
-match = jax.jit(ssd.match, static_argnums=3)
-match_batch = jax.jit(jax.vmap(ssd.match, (None, 0, 0, None)), static_argnums=3)
-ssd_loss = jax.jit(ssd.ssd_loss, static_argnums=5)
-hard_negative_mask = jax.jit(ssd.hard_negative_mask, static_argnums=2)
-default_boxes = jax.jit(ssd.default_boxes, static_argnums=0)  # eager: ~70 op compiles each
+# the equation tests call these jitted (one compile per shape, not one per eager op), at
+# XLA's lowest optimisation level (programs run once or twice on small inputs)
+match = jit0(ssd.match, 3)
+match_batch = jit0(jax.vmap(ssd.match, (None, 0, 0, None)), 3)
+ssd_loss = jit0(ssd.ssd_loss, 5)
+hard_negative_mask = jit0(ssd.hard_negative_mask, 2)
+default_boxes = jit0(ssd.default_boxes, 0)  # eager: ~70 op compiles each
 
 
 def test_scales_follow_eq4():
@@ -106,7 +108,7 @@ def test_clip_default_boxes_keeps_every_default_box_inside_the_image():
     np.testing.assert_allclose(xyxy[inside], raw[inside], atol=1e-7)
 
 def test_encode_decode_round_trip_with_variances():
-    @jax.jit  # one program, not one compile per eager op
+    @jit0  # one program, not one compile per eager op
     def round_trip(key):
         k1, k2 = jax.random.split(key)
         d = ssd.default_boxes(QUICK)
@@ -145,7 +147,7 @@ def test_matching_uses_the_shared_forced_best_anchor_step(monkeypatch):
     anchors = jnp.array([[0.25, 0.25, 0.5, 0.5], [0.75, 0.75, 0.5, 0.5]])
     gt, labels = jnp.array([[0.0, 0.0, 0.2, 0.2], [0, 0, 0, 0]]), jnp.array([0, -1])
     # traced afresh (a new function): the spy sees the call
-    pos, cls, _ = jax.jit(lambda a, g, l: ssd.match(a, g, l, QUICK))(anchors, gt, labels)
+    pos, cls, _ = jit0(lambda a, g, l: ssd.match(a, g, l, QUICK))(anchors, gt, labels)
     assert seen == [True]
     assert pos.tolist() == [True, False] and cls.tolist() == [1, 0]  # IoU 0.16 < 0.5
 
@@ -187,7 +189,7 @@ def test_inference_keeps_a_global_top_k_as_the_docstring_says():
     on three disjoint boxes crowds out class 1 (0.5 on three others). The docstring says so."""
     boxes = jnp.array([[10.0 * i, 0, 10.0 * i + 5, 5] for i in range(6)])
     scores = jnp.array([[0.9, 0.0]] * 3 + [[0.0, 0.5]] * 3)
-    _, sc, cls, valid = jax.jit(bx.topk_nms, static_argnums=(2, 3, 4, 5))(
+    _, sc, cls, valid = jit0(bx.topk_nms, (2, 3, 4, 5))(
         boxes, scores, 3, 0.45, 6, 0.01)
     assert int(valid.sum()) == 3 and (np.asarray(cls)[np.asarray(valid)] == 0).all()
     doc = " ".join(ssd.__doc__.split())
@@ -230,7 +232,7 @@ def tiny_run(tmp_path_factory):
 
 
 def tiny_run_cli(run_dir):
-    return tiny_run_module.run_cli(ssd, TINY, QUICK, run_dir)
+    return tiny_run_module.run_cli(ssd, TINY, QUICK, run_dir, fast_compile=True)
 
 
 def test_train_is_pure_and_seeded(tiny_run):
