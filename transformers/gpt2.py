@@ -573,7 +573,7 @@ def update(state: State, cfg: Config):
     params = optax.apply_updates(state.params, updates)
     metrics = {
         "losses/loss": loss,
-        "charts/bits_per_token": loss / jnp.log(2.0),
+        "charts/bits_per_token": data.bits(loss),
         "charts/lr": sched(state.step),
         "charts/grad_norm": optax.global_norm(grads),
     }
@@ -615,9 +615,9 @@ def evaluate(state: State, cfg: Config):
     loss = -lp[:W].mean() / L  # nats per token
     return {
         "val_loss": loss,
-        "val_bits_per_token": loss / jnp.log(2.0),
-        "val_bits_per_byte": bits_per_byte(loss, d["bytes_per_token"]),
-        "val_perplexity": jnp.exp(loss),
+        "val_bits_per_token": data.bits(loss),
+        "val_bits_per_byte": data.bits(loss, d["bytes_per_token"]),
+        "val_perplexity": data.perplexity(loss),
         "cloze_acc": cloze_accuracy(lp[W:].reshape(cfg.cloze_items, cfg.cloze_choices)),
         "cloze_chance": jnp.float32(1 / cfg.cloze_choices),
         "cloze_freq_acc": jnp.float32(d["freq_acc"]),
