@@ -9,6 +9,7 @@ of HF's equations; the shape / layer / sharing / config.json errors; a wikitext-
 read through --corpus wikitext-2 --data-dir."""
 
 import dataclasses
+import functools
 import json
 import textwrap
 
@@ -45,15 +46,15 @@ def _init(mod, cfg):
     return compiled(lambda k: mod.init(k, cfg).params, jax.random.PRNGKey(0))
 
 
-def _logits(mod, cfg, params):
+def _apply(mod, cfg, params, ids, types):
     """(MLM logits (B, L, V) at every position, sentence logits (B, 2)) of ours."""
-    pos = jnp.broadcast_to(jnp.arange(L), (2, L))
+    out = mod.model_of(cfg).apply(params, ids, types, jnp.broadcast_to(jnp.arange(L), (2, L)))
+    return (out["mlm"], out["nsp"]) if mod is bert else out
 
-    def fn(p, x, t):
-        out = mod.model_of(cfg).apply(p, x, t, pos)
-        return (out["mlm"], out["nsp"]) if mod is bert else out
 
-    mlm, sent = compiled(fn, params, jnp.asarray(IDS), jnp.asarray(TYPES))
+def _logits(mod, cfg, params):
+    mlm, sent = compiled(functools.partial(_apply, mod, cfg), params, jnp.asarray(IDS),
+                         jnp.asarray(TYPES))
     return np.asarray(mlm), np.asarray(sent)
 
 
@@ -178,21 +179,25 @@ def _numpy_forward(t: dict, name: str):
 @pytest.mark.parametrize("name", ["bert", "albert"])
 def test_loader_reads_a_hand_made_checkpoint(name, tmp_path):
     """HF-named tensors (std 0.3; BERT's with the legacy LayerNorm gamma/beta names) in a
-    model.safetensors through init(init_from=folder): every tensor lands where the numpy
-    forward of HF's equations puts it (MLM and sentence logits to 1e-4 of their scale);
-    BERT's fine-tuning heads keep their random init."""
+    model.safetensors through load_hf (init's init_from path), in one compiled program with
+    the file's init and forward: every tensor lands where the numpy forward of HF's
+    equations puts it (MLM and sentence logits to 1e-4 of their scale), the params have
+    init's shapes and dtypes; BERT's fine-tuning heads keep their random init."""
     mod, cfg = MODELS[name]
     t = _hf_tensors(name, seed=1 if name == "bert" else 0)
-    act = "gelu" if name == "bert" else "gelu_new"
-    loaded = _init(mod, dataclasses.replace(cfg, init_from=_write(tmp_path / name, t,
-                                                                  hidden_act=act)))
-    fresh = _init(mod, cfg)
+    folder = _write(tmp_path / name, t, hidden_act="gelu" if name == "bert" else "gelu_new")
+
+    def fn(key):
+        fresh = mod.init_params(key, cfg)
+        loaded = mod.load_hf(folder, cfg, fresh)  # the file's arrays: constants of the program
+        return fresh, loaded, _apply(mod, cfg, loaded, jnp.asarray(IDS), jnp.asarray(TYPES))
+
+    fresh, loaded, ours = compiled(fn, jax.random.PRNGKey(0))
     assert jax.tree.structure(loaded) == jax.tree.structure(fresh)
     for a, b in zip(jax.tree.leaves(loaded), jax.tree.leaves(fresh), strict=True):
         assert a.shape == b.shape and a.dtype == b.dtype
-    ours, want = _logits(mod, cfg, loaded), _numpy_forward(t, name)
-    for o, w in zip(ours, want, strict=True):
-        err = np.abs(o - w).max()
+    for o, w in zip(ours, _numpy_forward(t, name), strict=True):
+        err = np.abs(np.asarray(o) - w).max()
         assert err < 1e-4 * max(1, np.abs(w).max()), err
     if mod is bert:  # the fine-tuning heads are ours: the random init stays
         for k in bert.HEADS:
@@ -205,9 +210,9 @@ def test_loader_reads_a_hand_made_checkpoint(name, tmp_path):
 def test_loader_names_the_mismatch(name, tmp_path):
     """A wrong intermediate size, vocabulary, depth / sharing layout, a missing tensor, or a
     config.json that disagrees on heads or GELU fails before anything runs, with the tensor
-    (or config entry) and the Config field to change."""
+    (or config entry) and the Config field to change; init(init_from=...) raises it too."""
     mod, cfg = MODELS[name]
-    params = _init(mod, cfg)
+    params = jax.eval_shape(lambda k: mod.init_params(k, cfg), jax.random.PRNGKey(0))
     t = _hf_tensors(name)
     if name == "bert":
         lay = "bert.encoder.layer.{}."
@@ -240,6 +245,9 @@ def test_loader_names_the_mismatch(name, tmp_path):
         mod.load_hf(_write(tmp_path / "heads", t, num_attention_heads=2), cfg, params)
     with pytest.raises(ValueError, match=f"hidden_act='{gelu}'.*: set gelu"):
         mod.load_hf(_write(tmp_path / "act", t, hidden_act=gelu), cfg, params)
+    bad = dataclasses.replace(cfg, init_from=_write(tmp_path / "short", {**t, emb: t[emb][:-1]}))
+    with pytest.raises(ValueError, match="has shape .*: set vocab_size"):  # init reads init_from
+        jax.eval_shape(lambda k: mod.init(k, bad), jax.random.PRNGKey(0))
 
 
 # --- default tier: a real corpus from --data-dir -----------------------------------------
