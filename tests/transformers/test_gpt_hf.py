@@ -66,7 +66,7 @@ def _hf_tensors(post_ln: bool, seed=0, std=0.3) -> dict:
     return {("transformer." + k if seed % 2 else k): v for k, v in t.items()}
 
 
-def _write(folder, tensors, n_head=H):
+def _write(folder, tensors, n_head=H, **conf):
     """model.safetensors (8-byte header length, JSON header, raw f32) + config.json."""
     folder.mkdir(parents=True, exist_ok=True)
     header, blobs, off = {}, [], 0
@@ -78,7 +78,7 @@ def _write(folder, tensors, n_head=H):
     head = json.dumps(header).encode()
     (folder / "model.safetensors").write_bytes(len(head).to_bytes(8, "little") + head
                                                + b"".join(blobs))
-    (folder / "config.json").write_text(json.dumps({"n_head": n_head}))
+    (folder / "config.json").write_text(json.dumps({"n_head": n_head, **conf}))
     return str(folder)
 
 
@@ -147,7 +147,8 @@ def test_loader_reads_a_hand_made_checkpoint(name, tmp_path):
 @pytest.mark.parametrize("name", ["gpt", "gpt2"])
 def test_loader_names_the_mismatch(name, tmp_path):
     """A wrong MLP width, vocabulary, depth or head count fails before anything runs, with
-    the tensor (or config entry) and the Config field to change."""
+    the tensor (or config entry) and the Config field to change; an activation this file
+    does not have (config.json) fails too."""
     mod, cfg = MODELS[name]
     post = name == "gpt"
     params = _init(mod, cfg)
@@ -164,6 +165,9 @@ def test_loader_names_the_mismatch(name, tmp_path):
             mod.params_from_hf(bad, cfg, params)
     with pytest.raises(ValueError, match="n_head=2, num_heads=4: set num_heads"):
         mod.load_hf(_write(tmp_path / "heads", t, n_head=2), cfg, params)
+    act = {"afn": "relu"} if post else {"activation_function": "gelu"}  # gelu: HF's exact erf
+    with pytest.raises(ValueError, match="this file has the tanh GELU"):
+        mod.load_hf(_write(tmp_path / "act", t, **act), cfg, params)
 
 
 # --- default tier: a real corpus from --data-dir -----------------------------------------
