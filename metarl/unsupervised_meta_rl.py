@@ -92,13 +92,12 @@ Differences from the paper:
   ([3] App. A.2: 20 tasks x 20 trajectories of 100 steps, alpha 0.1, delta 0.01, 500
   iterations).
 - DIAYN is trained inside `init` (a jitted scan of diayn.update); `update` is one MAML-TRPO
-  meta-iteration on proposed tasks. The meta-update repeats maml_rl.update's TRPO wiring
-  (20 lines) because maml_rl.update draws goal tasks itself; a hook there (a task sampler
-  argument) would remove the copy.
+  meta-iteration on proposed tasks: maml_rl's sample_meta_batch (with this file's sampler)
+  and meta_update.
 - The linear baseline's least squares is retried with 10x the ridge where it fails, as rllab
-  does (maml_rl.py solves it once): a policy pressed against a wall of the box makes the
-  normal equations singular in float32 (x = x^2 = 1), and the quick preset hit NaN
-  advantages at iteration 38 without the retry.
+  does (maml_rl.fit_baseline): a policy pressed against a wall of the box makes the normal
+  equations singular in float32 (x = x^2 = 1), and the quick preset hit NaN advantages at
+  iteration 38 without the retry.
 - `proposer_accuracy` is DIAYN's discriminator accuracy on its last training batch (NaN
   for the random proposer, which is never trained).
 """
@@ -112,7 +111,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import struct
-from jax.flatten_util import ravel_pytree
 
 from common import run
 from metarl import diayn
@@ -289,38 +287,24 @@ def rollout(net, params, reward_fn, key, num: int, pcfg: diayn.Config):
     return o, a, r, jnp.ones_like(r)
 
 
-def advantages(o, r, m, mcfg: mrl.Config, retries: int = 4):
-    """maml_rl's advantages (linear feature baseline, GAE, standardised), with rllab's retry:
-    where the least squares fails (NaN), again with 10x the ridge, up to `retries` times.
-    Against the box's walls x = x^2 = 1 on every step, and in float32 the normal equations
-    go singular."""
-    adv = mrl.advantages(o, r, m, mcfg.gamma, mcfg.gae_lambda, mcfg.baseline_reg)
-    for i in range(1, retries + 1):
-        again = mrl.advantages(o, r, m, mcfg.gamma, mcfg.gae_lambda, mcfg.baseline_reg * 10**i)
-        adv = jnp.where(jnp.isfinite(adv).all(), adv, again)
-    return adv
-
-
 def sample_batch(net, params, reward_fn, key, cfg: Config, num: int) -> mrl.Batch:
+    """A rollout of the CMP under reward_fn with maml_rl's advantages (linear feature
+    baseline with rllab's ridge retry: against the box's walls x = x^2 = 1 on every step and
+    the float32 normal equations go singular; GAE; standardised)."""
+    mcfg = learner_config(cfg)
     o, a, r, m = rollout(net, params, reward_fn, key, num, proposer_config(cfg))
-    return mrl.Batch(o, a, r, m, advantages(o, r, m, learner_config(cfg)))
+    return mrl.Batch(o, a, r, m, mrl.advantages(o, r, m, mcfg.gamma, mcfg.gae_lambda,
+                                                mcfg.baseline_reg))
 
 
 def sample_meta_batch(net, theta, disc, disc_params, zs, key, lr, cfg: Config):
-    """Per proposed task z (vmapped over the meta-batch): inner batches from theta_i, the
-    post-update batch from theta', and log pi_old on it, all under r_z."""
-    def one(z, k):
-        reward_fn = lambda s: task_reward(disc, disc_params, z, s)
-        keys = jax.random.split(k, cfg.inner_steps + 1)
-        th, inner = theta, []
-        for i in range(cfg.inner_steps):
-            inner.append(sample_batch(net, th, reward_fn, keys[i], cfg, cfg.num_trajectories))
-            th = mrl.adapt(net, th, inner[-1:], [lr])
-        test = sample_batch(net, th, reward_fn, keys[-1], cfg, cfg.num_trajectories)
-        mean, log_std = net.apply(th, test.obs)
-        return inner, test, mrl.log_prob(mean, log_std, test.act)
+    """maml_rl's meta-batch sampler on the proposed tasks z (vmapped): inner batches from
+    theta_i, the post-update batch from theta', and log pi_old on it, all under r_z."""
+    def sample(params, z, k, num):
+        return sample_batch(net, params, lambda s: task_reward(disc, disc_params, z, s), k, cfg,
+                            num)
 
-    return jax.vmap(one)(zs, jax.random.split(key, zs.shape[0]))
+    return mrl.sample_meta_batch(net, theta, zs, key, lr, learner_config(cfg), sample)
 
 
 # --- STATE ---
@@ -354,26 +338,9 @@ def update(state: State, cfg: Config):
     zs = sample_tasks(k_task, cfg)
     inner, test, old_logp = sample_meta_batch(net, state.params, disc, state.disc_params, zs,
                                               k_roll, state.train_lr, cfg)
-    flat, unravel = ravel_pytree(state.params)
-
-    def dist(x):  # pi_theta'(x) on every post-update step: [B, K, T, A] each
-        return jax.vmap(mrl.post_update_dist, (None, None, 0, 0, None, None))(
-            net, unravel(x), inner, test, state.train_lr, False)
-
-    old_mean, old_log_std = dist(flat)
-    loss_kl = lambda x: mrl.meta_loss_kl(*dist(x), old_mean, old_log_std, old_logp, test)
-    fvp = mrl.fisher_vector_product(dist, flat, test.mask / test.mask.sum(), mcfg.cg_damping)
-    new, before, after, kl, n, gnorm = mrl.trpo_step(
-        loss_kl, fvp, flat, mcfg.max_kl, mcfg.cg_iters, mcfg.ls_backtrack_ratio,
-        mcfg.ls_max_steps)
-    per_traj = lambda b: b.rew.sum(-1).mean()
-    metrics = {"charts/pre_adapt_return": per_traj(inner[0]),
-               "charts/post_adapt_return": per_traj(test),
-               "charts/task_z_mean": zs.mean().astype(jnp.float32),
-               "losses/surrogate_before": before, "losses/surrogate_after": after,
-               "losses/mean_kl": kl, "losses/ls_steps": n.astype(jnp.float32),
-               "losses/meta_grad_norm": gnorm}
-    return state.replace(params=unravel(new), key=key), metrics
+    params, metrics = mrl.meta_update(state, inner, test, old_logp, mcfg)  # MAML-TRPO's step
+    metrics["charts/task_z_mean"] = zs.mean().astype(jnp.float32)
+    return state.replace(params=params, key=key), metrics
 
 
 # --- EVALUATE ---

@@ -95,22 +95,22 @@ def test_the_random_discriminator_is_positively_homogeneous():
 
 
 def test_the_baseline_retry_rescues_states_pinned_to_a_wall():
-    """rllab's retry: every state on the wall (obs = 1, so x = x^2 = 1 on every step) makes
-    maml_rl's float32 normal equations singular and its advantages NaN (reg 1e-5, 10 x 50
-    steps; 1e-4 solves); `advantages`
-    returns the first finite retry (10x the ridge each time). Tried: retries=0 fails;
-    jnp.where's branches swapped fails."""
-    o = jnp.ones((10, 50, 2))  # the quick preset's 10 trajectories x 50 steps (at 4 x 20,
-    r = -jnp.linspace(0.0, 1.0, 500).reshape(10, 50)  # 1e-5 happens to solve)
+    """rllab's retry (in maml_rl.fit_baseline, through the advantages `sample_batch` uses):
+    every state on the wall (obs = 1, so x = x^2 = 1 on every step) makes the float32 normal
+    equations singular at reg 1e-5 (10 x 50 steps, the quick preset's; at 4 x 20 that solve
+    happens to succeed); the advantages are finite and equal those of reg 1e-4 (its first
+    retry). Tried: retries=0 fails; jnp.where's branches swapped fails."""
+    o = jnp.ones((10, 50, 2))
+    r = -jnp.linspace(0.0, 1.0, 500).reshape(10, 50)
     mk = jnp.ones((10, 50))
     mcfg = m.learner_config(TINY)
-    raw = lambda reg: np.asarray(m.mrl.advantages(o, r, mk, mcfg.gamma, mcfg.gae_lambda, reg))
-    assert not np.isfinite(raw(mcfg.baseline_reg)).all()
-    got = np.asarray(m.advantages(o, r, mk, mcfg))
-    regs = [mcfg.baseline_reg * 10**i for i in range(1, 5)]
-    first = next(a for a in map(raw, regs) if np.isfinite(a).all())
+    feat = m.mrl.baseline_features(o)
+    ret = m.mrl.discounted_returns(r, mcfg.gamma)
+    assert not np.isfinite(m.mrl.fit_baseline(feat, ret, mk, mcfg.baseline_reg, 0)).all()
+    adv = lambda reg: np.asarray(m.mrl.advantages(o, r, mk, mcfg.gamma, mcfg.gae_lambda, reg))
+    got = adv(mcfg.baseline_reg)
     assert np.isfinite(got).all() and np.abs(got).max() > 0.1
-    np.testing.assert_allclose(got, first, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(got, adv(10 * mcfg.baseline_reg), rtol=1e-5, atol=1e-6)
 
 
 def test_sample_tasks_is_uniform_over_the_skills():
