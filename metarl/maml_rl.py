@@ -95,7 +95,8 @@ Differences from the paper:
   [1].
 - Policy init: Glorot-uniform weights and zero biases, log std 0 (std 1 in [-1, 1] action
   units), all parameters adapted in the inner step: the released policy class.
-- The linear baseline is solved once with reg 1e-5 (rllab retries with 10x reg on NaN).
+- The linear baseline is solved with reg 1e-5 and, where that solve is not finite, again with
+  10x reg up to 4 times (rllab's retry, 5 tries in all).
 - The `quick` CPU preset is smaller than [1]'s setting: 10 tasks x 10 trajectories of 50
   steps, a 2 x 32 policy, max_kl 0.05 and 120 meta-iterations.
 - Only the 2-D navigation task; no brax half-cheetah velocity preset yet (its reward needs
@@ -312,11 +313,17 @@ def baseline_features(obs):
     return jnp.concatenate([o, o**2, t, t**2, t**3, jnp.ones_like(t)], -1)
 
 
-def fit_baseline(feat, returns, mask, reg):
-    """c = (Phi'Phi + reg I)^-1 Phi'R over the valid steps (rows with mask 0 drop out)."""
+def fit_baseline(feat, returns, mask, reg, retries: int = 4):
+    """c = (Phi'Phi + reg I)^-1 Phi'R over the valid steps (rows with mask 0 drop out); where
+    the solve is not finite, again with 10x reg, up to `retries` times (rllab's retry: states
+    pinned to a wall, x = x^2 on every step, make the float32 normal equations singular)."""
     F = (feat * mask[..., None]).reshape(-1, feat.shape[-1])  # [K*T, 8]
     R = (returns * mask).reshape(-1)
-    return jnp.linalg.solve(F.T @ F + reg * jnp.eye(F.shape[1]), F.T @ R)
+    A, b, eye = F.T @ F, F.T @ R, jnp.eye(F.shape[1])
+    c = jnp.linalg.solve(A + reg * eye, b)
+    for i in range(1, retries + 1):
+        c = jnp.where(jnp.isfinite(c).all(), c, jnp.linalg.solve(A + reg * 10**i * eye, b))
+    return c
 
 
 def advantages(obs, rew, mask, gamma, lam, reg):
@@ -456,30 +463,43 @@ def init(key, cfg: Config) -> State:
 # --- UPDATE ---
 
 
-def sample_meta_batch(net, theta, goals, key, lr, cfg: Config):
-    """Per task (vmapped): the inner batches D_0..D_{k-1} (each from theta_i) and the
-    post-update batch D' from theta_k, plus log pi_old on D'."""
-    def one(goal, k):
+def sample_meta_batch(net, theta, tasks, key, lr, cfg: Config, sample=None):
+    """Per task (vmapped over the leading axis of `tasks`): the inner batches D_0..D_{k-1}
+    (each from theta_i) and the post-update batch D' from theta_k, plus log pi_old on D'.
+    `sample(params, task, key, num) -> Batch` draws a batch (default: sample_batch on the
+    goal `task`; metarl/unsupervised_meta_rl.py passes its proposed tasks)."""
+    if sample is None:
+        sample = lambda p, goal, k, num: sample_batch(net, p, goal, k, cfg, num)
+
+    def one(task, k):
         keys = jax.random.split(k, cfg.inner_steps + 1)
         th, inner = theta, []
         for i in range(cfg.inner_steps):
-            inner.append(sample_batch(net, th, goal, keys[i], cfg, cfg.num_trajectories))
+            inner.append(sample(th, task, keys[i], cfg.num_trajectories))
             th = adapt(net, th, inner[-1:], [lr])
-        test = sample_batch(net, th, goal, keys[-1], cfg, cfg.num_trajectories)
+        test = sample(th, task, keys[-1], cfg.num_trajectories)
         mean, log_std = net.apply(th, test.obs)
         return inner, test, log_prob(mean, log_std, test.act)
 
-    return jax.vmap(one)(goals, jax.random.split(key, goals.shape[0]))
+    return jax.vmap(one)(tasks, jax.random.split(key, jax.tree.leaves(tasks)[0].shape[0]))
 
 
 def update(state: State, cfg: Config):
     net = network(cfg)
-    first_order = cfg.algo == "fomaml"
     key, k_goal, k_roll = jax.random.split(state.key, 3)
     goals = jax.random.uniform(k_goal, (cfg.meta_batch_size, 2), minval=-GOAL_RANGE,
                                maxval=GOAL_RANGE)
     inner, test, old_logp = sample_meta_batch(net, state.params, goals, k_roll,
                                               state.train_lr, cfg)
+    params, metrics = meta_update(state, inner, test, old_logp, cfg)
+    return state.replace(params=params, key=key), metrics
+
+
+def meta_update(state, inner, test: Batch, old_logp, cfg: Config):
+    """TRPO on the meta-objective around state.params (its alpha: state.train_lr) from a
+    sampled meta-batch (sample_meta_batch's output): (new params, metrics)."""
+    net = network(cfg)
+    first_order = cfg.algo == "fomaml"
     flat, unravel = ravel_pytree(state.params)
 
     def dist(x):  # x -> pi_theta'(x) on every post-update step: [B, K, T, A] each
@@ -504,7 +524,7 @@ def update(state: State, cfg: Config):
         "losses/ls_steps": n.astype(jnp.float32),
         "losses/meta_grad_norm": gnorm,
     }
-    return state.replace(params=unravel(new), key=key), metrics
+    return unravel(new), metrics
 
 
 # --- EVALUATE ---

@@ -1,5 +1,5 @@
-"""Tests of metarl/maml_rl.py: the linear feature baseline and GAE, the policy-gradient
-surrogate, the surrogates' normalisation, the TRPO step on a quadratic, FOMAML's
+"""Tests of metarl/maml_rl.py: the linear feature baseline (its ridge retry) and GAE, the
+policy-gradient surrogate, the surrogates' normalisation, the TRPO step on a quadratic, FOMAML's
 meta-gradient, the Gaussian KL and the Fisher-vector product, conjugate gradient, behaviour
 against the pretrained (alpha = 0 in the meta-objective) baseline (10 meta-iterations by
 default; the 120-iteration gate is `pytest -m slow`), purity, CLI, paper-preset trace. One
@@ -69,6 +69,20 @@ def _tiny_policy(hidden=4):
     cfg = dataclasses.replace(TINY, hidden=hidden, num_layers=1, init_std=0.5)
     net = m.network(cfg)
     return cfg, net, jax.jit(net.init)(jax.random.PRNGKey(1), jnp.zeros((1, 2)))
+
+
+def test_baseline_fit_retries_with_a_larger_ridge_where_the_solve_fails():
+    """rllab's retry: 10 trajectories x 50 steps all at x = y = 1 (a point pinned to a wall)
+    make Phi'Phi singular (x = x^2 = 1), and the float32 solve at reg 1e-5 is not finite;
+    fit_baseline then returns the solve at 1e-4. Tried: retries=0 fails; the where's
+    branches swapped fails."""
+    feat = m.baseline_features(jnp.ones((10, 50, 2)))
+    ret = m.discounted_returns(-jnp.linspace(0.0, 1.0, 500).reshape(10, 50), 0.99)
+    mask = jnp.ones((10, 50))
+    assert not np.isfinite(m.fit_baseline(feat, ret, mask, 1e-5, retries=0)).all()
+    c = np.asarray(m.fit_baseline(feat, ret, mask, 1e-5))
+    assert np.isfinite(c).all()
+    np.testing.assert_array_equal(c, m.fit_baseline(feat, ret, mask, 1e-4, retries=0))
 
 
 def test_pg_surrogate_gradient_by_hand_on_a_one_step_trajectory():
