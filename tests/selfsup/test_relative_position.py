@@ -128,8 +128,10 @@ def test_chroma_projection_dropping_and_pixelation_by_hand():
         assert diff.all() if changed else not diff.any()
 
 
-RUN_ARGS = cli_args(TINY, rp.Config()) + ["--num-seeds", str(SEEDS), "--log-every", "20",
-                                          "--no-progress", "--fast-compile"]
+CHUNK = 5
+"""updates per compiled chunk (one program whatever its length): the purity test reruns 5"""
+RUN_ARGS = cli_args(TINY, rp.Config()) + ["--num-seeds", str(SEEDS), "--log-every",
+                                          str(CHUNK), "--no-progress", "--fast-compile"]
 """--fast-compile: XLA's lowest optimisation level; TINY's training compiled in 8.9 CPU-s
 instead of 23 and ran 80 steps in 2.1 s instead of 1.0 (2-core CPU, loaded)."""
 
@@ -137,7 +139,7 @@ instead of 23 and ran 80 steps in 2.1 s instead of 1.0 (2-core CPU, loaded)."""
 @pytest.fixture(scope="module")
 def recorded_run(tmp_path_factory):
     """TINY through the CLI entry point, once, with --plot and --fast-compile: SEEDS seeds in
-    chunks of 20 updates, then evaluate(); with the compiled chunks and their inputs."""
+    chunks of CHUNK updates, then evaluate(); with the compiled chunks and their inputs."""
     run_dir = tmp_path_factory.mktemp("relpos")
     return main_recording_chunks(rp.main, RUN_ARGS + [
         "--run-dir", str(run_dir), "--plot", str(run_dir / "p.png")])
@@ -250,12 +252,12 @@ def test_train_is_pure_and_cli_writes_its_files(recorded_run, capsys):
     assert not np.array_equal(h[0], h[1])
     assert (res.run_dir / "p.png").stat().st_size > 1000
     first_chunk, first_input = chunks[0]
-    assert len(chunks) == TINY.num_updates // 20
+    assert len(chunks) == TINY.num_updates // CHUNK
     jax.tree.map(np.testing.assert_array_equal, first_input,
                  run.initial_states(rp.init, TINY, 0, SEEDS))
     state, metrics = first_chunk(first_input)
     jax.tree.map(np.testing.assert_array_equal, state.params, chunks[1][1].params)
-    np.testing.assert_array_equal(h[:, :20], metrics["losses/position"])
+    np.testing.assert_array_equal(h[:, :CHUNK], metrics["losses/position"])
 
 
 def test_bad_values_fail_with_named_field(tmp_path):
