@@ -1,0 +1,63 @@
+"""Real corpora from --data-dir for the LSTM language models and the character transformers
+(elmo, ulmfit, transformer_xl, adaptive_span, char_transformer, reformer, sparse_transformer).
+
+Each file reads `--corpus <name> --data-dir DIR` through common.data (REAL_CORPORA): the Config
+check refuses a real corpus without a folder (text_corpus's ValueError), the file's data is
+built from a tiny fixture in the real layout (its text holds the section sign, which no
+built-in corpus has, so it is known to come from the fixture), and jax.eval_shape(init)
+traces. No training and no compiled program: the module runs in seconds."""
+
+import jax
+import numpy as np
+import pytest
+
+from common import data, run
+from transformers import char_transformer as ct
+
+KEY = jax.random.PRNGKey(0)
+
+
+def _wikitext(folder):
+    """wiki.{train,valid,test}.tokens in WikiText's layout."""
+    folder.mkdir()
+    words = ("the", "valkyria", "chronicles", "game", "@-@", "was", "released", "in", "§")
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 1500), ("valid", 200), ("test", 200)):
+        body = " ".join(rng.choice(words, n))
+        (folder / f"wiki.{split}.tokens").write_text(f" \n = Valkyria {split} = \n \n {body}\n")
+    return str(folder)
+
+
+@pytest.fixture(scope="module")
+def wikitext(tmp_path_factory):
+    folder = _wikitext(tmp_path_factory.mktemp("corpora") / "wt2")
+    return folder, data.text_corpus("wikitext-2", data_dir=folder)
+
+
+def _parse(mod, args, folder):
+    """The Config check without the folder raises text_corpus's error; with it, it passes."""
+    with pytest.raises(ValueError, match="corpus='wikitext-2' is read from disk: pass data_dir"):
+        run.check_config(run.parse(mod.Config, mod.PRESETS, args + ["--corpus", "wikitext-2"])[0])
+    cfg = run.parse(mod.Config, mod.PRESETS, args + ["--corpus", "wikitext-2", "--data-dir",
+                                                     folder])[0]
+    run.check_config(cfg)
+    return cfg
+
+
+def _decode(ids, vocab):
+    return "".join(vocab[i] for i in np.asarray(ids))
+
+
+def test_char_transformer(wikitext):
+    folder, text = wikitext
+    args = ["--seq-len", "16", "--num-layers", "2", "--d-model", "16", "--num-heads", "2",
+            "--d-ff", "32", "--batch-size", "4", "--eval-windows", "8"]
+    cfg = _parse(ct, args, folder)
+    train, val, size = ct.corpus(cfg.corpus, cfg.val_fraction, cfg.data_dir)
+    vocab = sorted(set(text))
+    cut = int(len(text) * (1 - cfg.val_fraction))
+    assert size == len(vocab) and "§" in vocab
+    assert _decode(train, vocab) == text[:cut] and _decode(val, vocab) == text[cut:]
+    state = jax.eval_shape(lambda k: ct.init(k, cfg), KEY)
+    assert state.train_ids.shape == (cut,)
+    assert state.params["params"]["Embed_0"]["embedding"].shape[0] == size
