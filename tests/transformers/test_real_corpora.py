@@ -13,6 +13,7 @@ import pytest
 
 from common import data, run
 from transformers import char_transformer as ct
+from transformers import reformer as rf
 
 KEY = jax.random.PRNGKey(0)
 
@@ -34,12 +35,23 @@ def wikitext(tmp_path_factory):
     return folder, data.text_corpus("wikitext-2", data_dir=folder)
 
 
-def _parse(mod, args, folder):
+@pytest.fixture(scope="module")
+def enwik8(tmp_path_factory):
+    """The file enwik8: Wikipedia XML as bytes (here 12k of them, with non-ASCII text)."""
+    folder = tmp_path_factory.mktemp("corpora") / "enwik8"
+    folder.mkdir()
+    rng = np.random.default_rng(1)
+    words = ("<page>", "<title>", "Anarchism", "&amp;", "[[link]]", "§", "Zürich", "the", "\n")
+    body = "<mediawiki>\n" + " ".join(rng.choice(words, 2000)) + "\n"
+    (folder / "enwik8").write_bytes(body.encode()[:12_000])
+    return str(folder), data.text_corpus("enwik8", data_dir=folder)
+
+
+def _parse(mod, args, folder, name="wikitext-2"):
     """The Config check without the folder raises text_corpus's error; with it, it passes."""
-    with pytest.raises(ValueError, match="corpus='wikitext-2' is read from disk: pass data_dir"):
-        run.check_config(run.parse(mod.Config, mod.PRESETS, args + ["--corpus", "wikitext-2"])[0])
-    cfg = run.parse(mod.Config, mod.PRESETS, args + ["--corpus", "wikitext-2", "--data-dir",
-                                                     folder])[0]
+    with pytest.raises(ValueError, match=f"corpus='{name}' is read from disk: pass data_dir"):
+        run.check_config(run.parse(mod.Config, mod.PRESETS, args + ["--corpus", name])[0])
+    cfg = run.parse(mod.Config, mod.PRESETS, args + ["--corpus", name, "--data-dir", folder])[0]
     run.check_config(cfg)
     return cfg
 
@@ -61,3 +73,19 @@ def test_char_transformer(wikitext):
     state = jax.eval_shape(lambda k: ct.init(k, cfg), KEY)
     assert state.train_ids.shape == (cut,)
     assert state.params["params"]["Embed_0"]["embedding"].shape[0] == size
+
+
+def test_reformer_enwik8_bytes(enwik8):
+    folder, text = enwik8
+    args = ["--max-chars", "0", "--seq-len", "32", "--batch-size", "2", "--d-model", "32",
+            "--n-heads", "2", "--d-ff", "64", "--n-layers", "2", "--n-buckets", "4",
+            "--n-hashes", "2", "--chunk-len", "8", "--ff-chunks", "2", "--eval-windows", "2"]
+    cfg = _parse(rf, args, folder, "enwik8")
+    assert cfg.byte_level
+    train, val, size = rf.corpus(cfg.corpus, cfg.max_chars, cfg.byte_level, cfg.data_dir)
+    raw = text.encode()
+    cut = int(len(raw) * 0.9)
+    assert size == 256 and bytes(train) == raw[:cut] and bytes(val) == raw[cut:]
+    assert "§" in text
+    state = jax.eval_shape(lambda k: rf.init(k, cfg), KEY)
+    assert state.train_ids.shape == (cut,) and state.val_ids.shape == (len(raw) - cut,)
