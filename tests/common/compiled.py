@@ -3,6 +3,7 @@ file's `main` with the runner's compiled chunks recorded for a purity rerun."""
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 
 from common import run
@@ -15,6 +16,28 @@ def compiled(fn, *args):
     as one program it compiles in about 1.5 s. Values may differ from an eager or optimised
     run by an ulp."""
     return jax.jit(fn).lower(*args).compile(run.INIT_COMPILER_OPTIONS)(*args)
+
+
+def jit0(fn, static_argnums=()):
+    """`jax.jit(fn)` whose programs (one per signature: static args, shapes, dtypes, x64
+    mode) are compiled at XLA's lowest optimisation level (the runner's init options), for
+    the test programs that run once or twice on small inputs, where LLVM's optimisation
+    costs seconds and saves microseconds. Positional arguments only; values may differ from
+    `jax.jit(fn)`'s by an ulp."""
+    static = (static_argnums,) if isinstance(static_argnums, int) else tuple(static_argnums)
+    jitted = jax.jit(fn, static_argnums=static)
+    programs = {}
+
+    def call(*args):
+        dyn = [a for i, a in enumerate(args) if i not in static]
+        leaves, tree = jax.tree.flatten(dyn)
+        sig = (tuple(args[i] for i in static if i < len(args)), tree, jax.config.jax_enable_x64,
+               tuple((np.shape(x), jnp.result_type(x)) for x in leaves))
+        if sig not in programs:
+            programs[sig] = jitted.lower(*args).compile(run.INIT_COMPILER_OPTIONS)
+        return programs[sig](*dyn)
+
+    return call
 
 
 def main_recording_chunks(main, argv):

@@ -12,10 +12,9 @@ import pytest
 
 from common import boxes as bx
 from detection import ssd
-from tests.common.compiled import compiled
+from tests.common.compiled import compiled, jit0
 from tests.common.config_fields import unread_fields
 from tests.detection import tiny_run as tiny_run_module
-from tests.transformers.tiny_run import jit0
 
 QUICK = ssd.Config(**ssd.PRESETS["quick"])
 PAPER = ssd.Config(**ssd.PRESETS["paper"])

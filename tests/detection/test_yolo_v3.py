@@ -13,10 +13,9 @@ import optax
 import pytest
 
 from detection import yolo_v3 as y
-from tests.common.compiled import compiled
+from tests.common.compiled import compiled, jit0
 from tests.common.config_fields import unread_fields
 from tests.detection import tiny_run as tiny_run_module
-from tests.transformers.tiny_run import jit0
 
 QUICK = y.Config(**y.PRESETS["quick"])
 PAPER = y.Config(**y.PRESETS["paper"])

@@ -18,8 +18,7 @@ import pytest
 
 from common import parallel, run
 from tests.common.cli import cli_args
-from tests.common.compiled import main_recording_chunks
-from tests.transformers.tiny_run import jit0
+from tests.common.compiled import jit0, main_recording_chunks
 
 SEEDS = 2
 

@@ -9,12 +9,12 @@ import json
 import types
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from common import parallel, run
 from tests.common.cli import cli_args
+from tests.common.compiled import jit0  # noqa: F401  (the transformers tests import it from here)
 
 SEEDS = 2
 
@@ -59,28 +59,6 @@ def assert_pure(module, cfg, res: run.RunResult, chunk: int, loss_key: str = "lo
     assert not np.array_equal(res.history[loss_key][0], res.history[loss_key][1])
     assert np.isfinite(res.history[loss_key]).all()
     return state
-
-
-def jit0(fn, static_argnums=()):
-    """`jax.jit(fn)` whose programs (one per signature: static args, shapes, dtypes, x64
-    mode) are compiled at XLA's lowest optimisation level (the runner's init options), for
-    the test programs that run once or twice on small inputs, where LLVM's optimisation
-    costs seconds and saves microseconds. Positional arguments only; values may differ from
-    `jax.jit(fn)`'s by an ulp."""
-    static = (static_argnums,) if isinstance(static_argnums, int) else tuple(static_argnums)
-    jitted = jax.jit(fn, static_argnums=static)
-    programs = {}
-
-    def call(*args):
-        dyn = [a for i, a in enumerate(args) if i not in static]
-        leaves, tree = jax.tree.flatten(dyn)
-        sig = (tuple(args[i] for i in static if i < len(args)), tree, jax.config.jax_enable_x64,
-               tuple((np.shape(x), jnp.result_type(x)) for x in leaves))
-        if sig not in programs:
-            programs[sig] = jitted.lower(*args).compile(run.INIT_COMPILER_OPTIONS)
-        return programs[sig](*dyn)
-
-    return call
 
 
 class _LowestLevelJit:
