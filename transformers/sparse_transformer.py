@@ -51,8 +51,12 @@ Reproduce (CPU demo: sklearn digits as 64-pixel sequences of 17 intensities, l =
   dense reference: 1.89 / 1.47), ~5k pixels/s, 6.3 min wall-clock (1.2 min compiling) on
   a loaded 2-core CPU; on the same held-out images the per-pixel marginal baseline
   scores 2.42 bits/dim and a global intensity histogram 2.96.
-Paper scale (GPU; byte-level stdlib sources in place of enwik8, the [1] enwik8 model):
+Paper scale (GPU; the preset keeps the byte-level stdlib sources, so it traces on CPU):
     python transformers/sparse_transformer.py --preset paper
+  on enwik8 itself (the file enwik8 in DIR, downloaded by hand; common.data.REAL_CORPORA):
+    python transformers/sparse_transformer.py --preset paper --dataset enwik8 --data-dir DIR \
+        --max-chars 0
+  bytes; the held-out last 10% is then the official 5M valid + 5M test bytes (90M/5M/5M).
 [1] Table 2: 0.99 bits/byte on enwik8 (30 layers, fixed pattern, context 12,288).
   An A^(2) layer's float32 logits there: B H n (l + c n/l) x 4 bytes = 10 GB (dense: 39
   GB); A^(1) layers 0.4 GB. Not run on a GPU yet.
@@ -63,7 +67,8 @@ Differences from the paper:
   computes logits for every gathered key, later blocks' included (masked), so half its
   work is wasted.
 - Data: sklearn digits (8x8, 17 levels, 1,797 images) or byte text from the Python
-  distribution; CIFAR-10, ImageNet 64 and enwik8 are downloads. The training set is a uint8
+  distribution; enwik8 only with --data-dir, held out as valid + test together (the paper
+  reports test); no CIFAR-10 or ImageNet 64. The training set is a uint8
   field of the State (an input of the compiled update, ~11 MB per seed for the stdlib bytes),
   cast to int32 after the gather; the validation windows stay small constants.
 - No dropout; bfloat16 is an option (dtype), not the default: Adam with warm-up,
@@ -96,7 +101,10 @@ class Config:
     """Sparse Transformer LM; defaults are [1]'s enwik8 model (from memory where marked)."""
 
     dataset: str = "stdlib"
-    """'digits' (sklearn 8x8 images as 64-pixel sequences) or a byte corpus 'pydoc'/'stdlib'"""
+    """'digits' (sklearn 8x8 images as 64-pixel sequences), a byte corpus 'pydoc'/'stdlib', or
+    a real corpus of common.data.REAL_CORPORA read from data_dir as bytes ([1]: enwik8)"""
+    data_dir: str | None = None
+    """folder of a real corpus when `dataset` names one: common.data.REAL_CORPORA"""
     max_chars: int = 20_000_000
     """byte corpora: truncate the text to this many characters (0: all)"""
     seq_len: int = 12_288
@@ -148,8 +156,8 @@ class Config:
 
     def validate(self):
         checks = [
-            ("dataset", self.dataset in ("digits", "pydoc", "stdlib"),
-             "must be 'digits', 'pydoc' or 'stdlib'"),
+            ("dataset", self.dataset in ("digits", "pydoc", "stdlib", *data.REAL_CORPORA),
+             f"must be 'digits', 'pydoc', 'stdlib' or one of {', '.join(data.REAL_CORPORA)}"),
             ("seq_len", self.dataset != "digits" or self.seq_len == 64,
              "must be 64 for digits (8 x 8 pixels)"),
             ("pattern", self.pattern in ("strided", "fixed", "dense"),
@@ -169,6 +177,8 @@ class Config:
         for name, ok, msg in checks:
             if not ok:
                 raise ValueError(f"{name}={getattr(self, name)!r} {msg}")
+        if self.dataset in data.REAL_CORPORA and self.data_dir is None:
+            data.text_corpus(self.dataset)  # text_corpus's ValueError: pass data_dir
 
 
 PRESETS = {
@@ -184,23 +194,25 @@ BOS = 17  # digits: start token in front of the 64 pixels (intensities 0..16)
 
 
 @functools.cache
-def dataset(name: str, max_chars: int):
+def dataset(name: str, max_chars: int, data_dir: str | None = None):
     """(train, val) as numpy int32 and the vocabulary size; jitted callers make them device
     constants. Digits: (N, 64) pixel rasters, a fixed shuffle, the last 297 images held
-    out. Text: byte ids, last 10% held out."""
+    out. Text (built-in or a real corpus from data_dir): byte ids, last 10% held out."""
     if name == "digits":
         images, _ = data.digits()
         x = images.reshape(len(images), 64).astype(np.int32)
         x = x[np.random.default_rng(0).permutation(len(x))]
         return x[:1500], x[1500:], 18
-    train, val, _ = data.char_corpus(name, 0.1, max_chars or None, byte_level=True)
+    train, val, _ = data.char_corpus(name, 0.1, max_chars or None, True, data_dir)
     return train, val, 256
 
 
 def batch(key, cfg: Config, ids=None):
     """Inputs and next-token targets (B, n): digits prefixed with BOS, or byte windows, from
     `ids` (the State's uint8 training set; the numpy training set when None)."""
-    ids = jnp.asarray(dataset(cfg.dataset, cfg.max_chars)[0] if ids is None else ids)
+    if ids is None:
+        ids = dataset(cfg.dataset, cfg.max_chars, cfg.data_dir)[0]
+    ids = jnp.asarray(ids)
     if cfg.dataset != "digits":  # cast after the gather: no int32 copy of the whole corpus
         x, y = data.lm_windows(key, ids, cfg.batch_size, cfg.seq_len)
         return x.astype(jnp.int32), y.astype(jnp.int32)
@@ -416,7 +428,7 @@ class State:
 
 
 def make_model(cfg: Config) -> SparseTransformer:
-    return SparseTransformer(cfg, dataset(cfg.dataset, cfg.max_chars)[2])
+    return SparseTransformer(cfg, dataset(cfg.dataset, cfg.max_chars, cfg.data_dir)[2])
 
 
 def optimizer(cfg: Config):
@@ -428,7 +440,7 @@ def optimizer(cfg: Config):
 def init(key, cfg: Config) -> State:
     k_params, key = jax.random.split(key)
     params = make_model(cfg).init(k_params, jnp.zeros((1, cfg.seq_len), jnp.int32))
-    train_ids = jnp.asarray(dataset(cfg.dataset, cfg.max_chars)[0], jnp.uint8)
+    train_ids = jnp.asarray(dataset(cfg.dataset, cfg.max_chars, cfg.data_dir)[0], jnp.uint8)
     return State(params, optimizer(cfg).init(params), key, jnp.zeros((), jnp.int32), train_ids)
 
 
@@ -446,7 +458,7 @@ def update(state: State, cfg: Config):
 
 def val_set(cfg: Config):
     """Digits: every held-out image; text: fixed, evenly spaced windows."""
-    val = dataset(cfg.dataset, cfg.max_chars)[1]
+    val = dataset(cfg.dataset, cfg.max_chars, cfg.data_dir)[1]
     if cfg.dataset == "digits":
         val = jnp.asarray(val)
         return jnp.concatenate([jnp.full((val.shape[0], 1), BOS), val[:, :-1]], 1), val

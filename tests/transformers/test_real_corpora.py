@@ -14,6 +14,7 @@ import pytest
 from common import data, run
 from transformers import char_transformer as ct
 from transformers import reformer as rf
+from transformers import sparse_transformer as st
 
 KEY = jax.random.PRNGKey(0)
 
@@ -47,11 +48,11 @@ def enwik8(tmp_path_factory):
     return str(folder), data.text_corpus("enwik8", data_dir=folder)
 
 
-def _parse(mod, args, folder, name="wikitext-2"):
+def _parse(mod, args, folder, name="wikitext-2", flag="--corpus"):
     """The Config check without the folder raises text_corpus's error; with it, it passes."""
     with pytest.raises(ValueError, match=f"corpus='{name}' is read from disk: pass data_dir"):
-        run.check_config(run.parse(mod.Config, mod.PRESETS, args + ["--corpus", name])[0])
-    cfg = run.parse(mod.Config, mod.PRESETS, args + ["--corpus", name, "--data-dir", folder])[0]
+        run.check_config(run.parse(mod.Config, mod.PRESETS, args + [flag, name])[0])
+    cfg = run.parse(mod.Config, mod.PRESETS, args + [flag, name, "--data-dir", folder])[0]
     run.check_config(cfg)
     return cfg
 
@@ -89,3 +90,18 @@ def test_reformer_enwik8_bytes(enwik8):
     assert "§" in text
     state = jax.eval_shape(lambda k: rf.init(k, cfg), KEY)
     assert state.train_ids.shape == (cut,) and state.val_ids.shape == (len(raw) - cut,)
+
+
+def test_sparse_transformer_enwik8_bytes(enwik8):
+    folder, text = enwik8
+    args = ["--max-chars", "0", "--seq-len", "64", "--stride", "8", "--summary", "2",
+            "--d-model", "32", "--n-heads", "2", "--d-ff", "64", "--n-layers", "2",
+            "--batch-size", "2"]
+    cfg = _parse(st, args, folder, "enwik8", "--dataset")
+    train, val, size = st.dataset(cfg.dataset, cfg.max_chars, cfg.data_dir)
+    raw = text.encode()
+    cut = int(len(raw) * 0.9)
+    assert size == 256 and bytes(train.astype(np.uint8)) == raw[:cut]
+    assert bytes(val.astype(np.uint8)) == raw[cut:]
+    state = jax.eval_shape(lambda k: st.init(k, cfg), KEY)
+    assert state.train_ids.shape == (cut,)
