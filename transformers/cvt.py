@@ -233,7 +233,9 @@ def datasets(num_tags, vocab_size, trans_concentration, ambiguity, hmm_seed, seq
         y[:, 0] = (rng.random(n)[:, None] > np.cumsum(pi)[None]).sum(1)
         for i in range(1, seq_len):
             y[:, i] = (rng.random(n)[:, None] > np.cumsum(A[y[:, i - 1]], 1)).sum(1)
-        x = (rng.random((n, seq_len))[..., None] > np.cumsum(B[y], -1)).sum(-1)
+        u, x, cdf = rng.random((n, seq_len)), np.zeros((n, seq_len), np.int64), B.cumsum(1)
+        for k in range(num_tags):  # inverse CDF per tag: x = #{w : cdf_k(w) < u}
+            x[y == k] = np.searchsorted(cdf[k], u[y == k])
         x = np.minimum(x, vocab_size - 1)  # (cumsum rounding)
         words = np.concatenate([np.full((n, 1), vocab_size), x, np.full((n, 1), vocab_size + 1)],
                                1)

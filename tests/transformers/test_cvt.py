@@ -5,6 +5,7 @@ schedule by hand, forward-backward against brute-force enumeration; one tiny CLI
 seeds) reused by the behaviour, purity and CLI tests; the paper preset traced."""
 
 import dataclasses
+import functools
 import itertools
 import json
 
@@ -28,7 +29,9 @@ CHUNK = 200
 SEEDS = 2
 
 
+@functools.cache
 def _state(cfg=TINY):
+    """TINY's initial state, compiled once for the module."""
     return compiled(lambda k: cvt.init(k, cfg), jax.random.PRNGKey(0))
 
 
