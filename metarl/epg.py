@@ -24,7 +24,8 @@ Two loops ([1] Alg. 1):
     antithetic (eps_{i+N/2} = -eps_i), fitness F_i = mean return of `final_episodes` episodes
     of the lifetime's final policy ([2] rollout.py ep_final_rew, utils.ret_to_obj);
       g = (1/N) sum_i w_i eps_i - l2 phi,  w = centred ranks of F in [-0.5, 0.5]
-      phi <- phi + Adam(beta1 = 0)(g), outer lr x 0.1 after half the generations   ([2])
+      phi <- phi + Adam(beta1 = 0)(g), outer lr linear lr -> 0.1 lr over the first half of
+      the generations, then 0.1 lr   ([2] PiecewiseSchedule, linear interpolation)
   test time: phi fixed, alpha = 0, only theta learns.
 JAX: the inner loop (epochs of env steps + minibatch steps) is one lax.scan, the population
 one vmap over eps_i, one jitted `update` = one ES generation plus `eval_agents` fresh
@@ -34,15 +35,17 @@ Env of the CPU demo (`env_id=point`): the catalogue's 1-D "go left or right" fam
 at x_0 = 0 takes actions a (clipped to [-1, 1]), x <- x + 0.1 a, reward g * a with the goal
 side g = +-1 drawn per lifetime and not observed (obs: x, t / H). Episode return in [-H, H].
 `paper` preset (the defaults): [2] launch_local.py on brax hopper with a direction (DirHopper:
-r = brax reward with the forward term times d = +-1), traced on CPU only.
+r = d x brax's forward reward dx/dt, no healthy bonus or control cost, as [2]), traced only.
 
 Reproduce (CPU): python metarl/epg.py --preset quick --num-seeds 2 --plot metarl/epg.png
 Ours (quick preset: 16-step episodes, returns in [-16, 16]; 16 members x 2 lifetimes (g, -g)
 of 24 x 32 steps; alpha 1 -> 0 over generations 0-50; 200 generations; 2 seeds, loaded 2-core
-CPU, 67 s compiling + 32 s, 129 s wall): return of 8 fresh agents trained with alpha = 0 on
-the generation's L_phi, per seed, generations 1-5 (~ generation 0's loss) 2.4 / -0.1, 50-100
-8.5 / 7.1, 180-200 15.8 / 8.9 (REINFORCE alone, the population at alpha = 1, generations
-1-5: 15.0). Plot: metarl/epg.png.
+CPU, 98 s compiling + 81 s): return of 8 fresh agents trained with alpha = 0 on the
+generation's L_phi, per seed, generations 1-5 (~ generation 0's loss) 2.2 / -0.6, 50-100
+2.8 / 4.5, 180-200 11.9 / 7.6 (mean 9.8). REINFORCE alone (the population at alpha = 1,
+generations 1-5) scores 15.1: at this scale the evolved loss beats generation 0 and the
+flipped ES (tests) but NOT the plain policy gradient it anneals away from; the population's
+fitness falls from 15 to ~1 as alpha reaches 0 and recovers only to ~5. Plot: metarl/epg.png.
 
 Differences from the paper:
 - L_pg is REINFORCE with a normalised return-to-go, not [2]'s PPO with a value net and GAE;
@@ -55,10 +58,20 @@ Differences from the paper:
 - `tasks_per_member` (ours; the quick preset's 2: each member lives on g and on -g, so a loss
   that always pushes one way scores 0) cuts the fitness noise; the paper preset keeps [2]'s 1.
   The fresh agents of the metric alternate the task sign.
-- DirHopper is brax hopper with the direction applied to the forward reward ([2]: a mujoco-py
-  hopper with random weights); RandomHopper and GoalAnt are not built.
+- DirHopper is brax hopper (its own termination) with r = d x forward reward, d = +-1 drawn
+  per lifetime; [2]'s mujoco-py DirHopper draws `[-1, 1][randint(0, 1)]`, always -1.
+  RandomHopper and GoalAnt are not built.
+- L_phi's minibatch rows are the newest `inner_opt_freq` rows of the buffer (those L_pg sees);
+  [2] agents.py indexes `traj[idx]`, idx < inner_opt_freq, in a front-padded buffer, i.e. the
+  OLDEST rows (zeros for the first 7 epochs); its reward column assignment would fail on a
+  partly filled buffer, so we read that as unintended.
+- [2] skips an inner step whose gradient is NaN; ours has no such guard.
+- The metric: fresh agents trained under the generation's phi at alpha_eval = 0 (the paper's
+  test-time setting), scored by the final policy; [2]'s periodic test uses the annealed
+  ppo_factor and the last 3 training episodes.
 """
 
+import functools
 from dataclasses import dataclass
 
 import jax
@@ -91,7 +104,7 @@ class Config:
     outer_lr: float = 1e-2
     """Adam (beta1 = 0) step size of the ES update ([2] outer_learning_rate)"""
     outer_lr_decay: float = 0.1
-    """the outer lr is multiplied by this after half the generations ([2])"""
+    """the outer lr goes linearly to this x outer_lr at half the generations, then holds ([2])"""
     l2_coef: float = 0.001
     """L2 penalty on phi in the ES gradient ([2] outer_l2)"""
     inner_opt_freq: int = 64
@@ -150,12 +163,19 @@ class Config:
         if self.inner_opt_freq % self.inner_batch_size:
             raise ValueError(f"inner_opt_freq={self.inner_opt_freq} must be a multiple of "
                              f"inner_batch_size={self.inner_batch_size}")
-        if self.buffer_size < max(self.inner_opt_freq, 16):
+        low = CONV[0][1] + CONV[0][2] * (CONV[1][1] - 1)  # 21: one output of the 2nd conv
+        if self.buffer_size < max(self.inner_opt_freq, low):
             raise ValueError(f"buffer_size={self.buffer_size} must be >= inner_opt_freq="
-                             f"{self.inner_opt_freq} and >= 16 (the two convolutions)")
+                             f"{self.inner_opt_freq} and >= {low} (the two convolutions)")
         for name in ("sigma", "outer_lr_decay", "alpha_anneal_frac"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name}={getattr(self, name)} must be > 0")
+        for name in ("eval_agents", "tasks_per_member", "final_episodes", "num_inner_epochs",
+                     "num_generations", "episode_steps", "inner_batch_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}={getattr(self, name)} must be >= 1")
+        if not 0 <= self.gamma <= 1:
+            raise ValueError(f"gamma={self.gamma} must be in [0, 1]")
         if not 0 <= self.alpha_eval <= 1:
             raise ValueError(f"alpha_eval={self.alpha_eval} must be in [0, 1]")
         if min(self.hidden, default=1) < 1:
@@ -194,7 +214,8 @@ class PointLR:
 
 
 class DirBrax:
-    """A brax env whose forward reward is multiplied by the direction d = +-1 (params)."""
+    """A brax env rewarded by d x its forward reward (params d = +-1), brax's healthy bonus
+    and control cost dropped ([2] DirHopper: r = direction dx/dt)."""
 
     def __init__(self, name: str, episode_steps: int):
         from common.envs import BraxEnv
@@ -209,10 +230,12 @@ class DirBrax:
     def step(self, key, state, action, d):
         obs, st, r, term, trunc = self.env.step(key, state, action, None)
         fwd = st.brax_state.metrics["reward_forward"]
-        return obs, st, r + (d - 1.0) * fwd, term, trunc
+        return obs, st, d * fwd, term, trunc  # [2] hopper.py: direction x dx/dt only
 
 
+@functools.cache
 def make_env(cfg: Config):
+    """One env per Config (a BraxEnv costs 0.3 CPU-s to build, and every function asks)."""
     if cfg.env_id == "point":
         return PointLR(cfg.episode_steps)
     return DirBrax(cfg.env_id.split("/", 1)[1], cfg.episode_steps)
@@ -483,6 +506,12 @@ def es_gradient(eps, fitness, phi, cfg: Config):
     return centered_ranks(fitness) @ eps / eps.shape[0] - cfg.l2_coef * phi
 
 
+def outer_lr(generation, cfg: Config):
+    """[2] PiecewiseSchedule([(0, lr), (G / 2, decay lr)]): linear, then held."""
+    frac = jnp.minimum(generation / (cfg.num_generations / 2), 1.0)
+    return cfg.outer_lr * (1.0 - (1.0 - cfg.outer_lr_decay) * frac)
+
+
 def adam_ascent(g, m, v, t, lr):
     """[2] utils.Adam(beta1 = 0): phi += lr sqrt(1 - b2^t) / (1 - b1^t) m / (sqrt(v) + eps)."""
     m, v = g, 0.999 * v + 0.001 * g * g
@@ -514,19 +543,27 @@ def update(state: State, cfg: Config):
     fitness, ev = f[:n * j].reshape(n, j).mean(1), f[n * j:]
     g = es_gradient(eps, fitness, state.phi, cfg) * state.sign
     t = state.generation + 1
-    lr = jnp.where(state.generation < cfg.num_generations // 2, cfg.outer_lr,
-                   cfg.outer_lr * cfg.outer_lr_decay)
-    step, m, v = adam_ascent(g, state.m, state.v, t, lr)
+    step, m, v = adam_ascent(g, state.m, state.v, t, outer_lr(state.generation, cfg))
     new = state.replace(phi=state.phi + step, m=m, v=v, generation=t, key=key)
     return new, {
         "charts/fitness_mean": fitness.mean(),
         "charts/fitness_max": fitness.max(),
         "charts/eval_return": ev.mean(),
-        "charts/eval_train_return": train[n:, -1].mean(),
+        "charts/eval_train_return": train[n * j:, -1].mean(),
         "charts/alpha": alpha,
         "losses/phi_norm": jnp.linalg.norm(new.phi),
         "losses/es_grad_norm": jnp.linalg.norm(g),
     }
+
+
+def evaluate(state: State, cfg: Config, num_agents: int = 64):
+    """Test time ([1] Sec. 3): `num_agents` fresh agents trained under the fixed phi with
+    alpha_eval, tasks alternating +-1; the mean and std of their final-policy returns."""
+    keys = jax.random.split(jax.random.fold_in(state.key, 7), num_agents)
+    task = (-1.0) ** jnp.arange(num_agents)
+    f, _ = jax.vmap(lambda k, g: lifetime(k, unravel(cfg)(state.phi), cfg.alpha_eval, g, cfg))(
+        keys, task)
+    return {"eval/return": f.mean(), "eval/return_std": f.std()}
 
 
 # --- PLOT ---
@@ -555,7 +592,7 @@ def plot(history: dict, cfg: Config, out: str):
     ax.set(xlabel="ES generation", ylabel="final-policy return",
            title=f"EPG on {cfg.env_id} (return range [-{cfg.episode_steps}, {cfg.episode_steps}])")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, loc="lower right")
+    ax.legend(fontsize=8, loc="center right")
     fig.tight_layout()
     return save_png(fig, out)
 
