@@ -27,14 +27,21 @@ Reproduce (CPU demo, pydoc reference manual, char-level, 2 layers of d=64, S=64,
        mean span is 2.9 tokens and the longest 22 of S = 64 (with lambda 8e-4: every span
        ~0 and 2.55 bits/char). ~29k tokens/s, 36 s compile + 16 s loop on a shared 2-core
        CPU (Transformer-XL's quick preset, same size: 2.22 bits/char).
-Paper setting (GPU; byte-level stdlib sources instead of enwik8; 12 layers, S=8192):
+Paper setting (GPU; 12 layers, S=8192; the preset keeps the byte-level stdlib sources, so
+it traces on CPU):
     python transformers/adaptive_span.py --preset paper
+  on [1]'s corpora, downloaded by hand into DIR (common.data.REAL_CORPORA; nothing is fetched):
+    python transformers/adaptive_span.py --preset paper --corpus enwik8 --data-dir DIR
+    python transformers/adaptive_span.py --preset paper --corpus text8 --data-dir DIR
+  DIR holds the file enwik8 or text8 (90M / 5M / 5M): the held-out val_fraction 0.1 is then
+  the official valid + test text.
 [1] Table 1: 1.02 bits/char on enwik8 with 12 layers (39M parameters), 0.98 with 24 layers;
 the average span is a few hundred tokens although S = 8192.
 
 Differences from the paper:
-- Data: the Python standard library's sources (bytes) or pydoc's reference manual (chars)
-  stand in for enwik8/text8; 'local' is a synthetic stream where only short context helps.
+- Data: by default the Python standard library's sources (bytes) or pydoc's reference
+  manual (chars); enwik8/text8 only with --data-dir (above), held out as valid + test
+  together (the paper reports test); 'local' is a synthetic stream where only short context helps.
 - The memory always holds S positions; [1]'s code trims keys (and its cache) to the largest
   current span + R to save compute. The result is the same; only the cost differs.
 - The mask is the paper's m_z(x) at the key's distance x = i - j >= 1. [1]'s code builds it
@@ -77,7 +84,10 @@ class Config:
     """Adaptive-span char/byte LM; defaults are [1]'s 12-layer enwik8 model."""
 
     corpus: str = "stdlib"
-    """text: 'pydoc' (reference manual), 'stdlib' (Python sources), 'this', or 'local'"""
+    """text: 'pydoc' (reference manual), 'stdlib' (Python sources), 'this', 'local', or a real
+    corpus of common.data.REAL_CORPORA read from data_dir ([1]: enwik8, text8)"""
+    data_dir: str | None = None
+    """folder of a real corpus when `corpus` names one: common.data.REAL_CORPORA"""
     byte_level: bool = True
     """model UTF-8 bytes (256 symbols, like enwik8) instead of the text's characters"""
     max_chars: int = 0
@@ -162,8 +172,11 @@ class Config:
         for name in ("warmup_steps", "max_chars", "span_loss"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
-        if self.corpus not in ("pydoc", "stdlib", "this", "local"):
-            raise ValueError(f"corpus must be pydoc, stdlib, this or local, got {self.corpus!r}")
+        if self.corpus not in ("pydoc", "stdlib", "this", "local", *data.REAL_CORPORA):
+            raise ValueError(f"corpus must be pydoc, stdlib, this, local or one of "
+                             f"{', '.join(data.REAL_CORPORA)}, got {self.corpus!r}")
+        if self.corpus in data.REAL_CORPORA and self.data_dir is None:
+            data.text_corpus(self.corpus)  # text_corpus's ValueError: pass data_dir
         if self.d_model % self.n_head:
             raise ValueError(f"d_model={self.d_model} must be divisible by n_head={self.n_head}")
         if not 0 <= self.span_init <= 1:
@@ -211,15 +224,17 @@ def load_corpus(
     val_fraction: float,
     local_vocab: int,
     local_chars: int,
+    data_dir: str | None = None,
 ):
     """(train ids, val ids, vocab size); the ids as numpy uint8 (uint16 above 256 symbols):
     `init` puts them in the State, so they enter the compiled chunks as an input, not as a
     constant of each program; stream_segment casts to int32 after the gather. The 'local'
     stream is random tokens in which x_t = x_{t-2} whenever t % 4 >= 2: only distance 1
     from the query (which predicts x_t from position t-1) helps, any longer span is
-    useless."""
+    useless. A real corpus (common.data.REAL_CORPORA) is read from `data_dir`."""
     if corpus != "local":
-        train, val, vocab = data.char_corpus(corpus, val_fraction, max_chars or None, byte_level)
+        train, val, vocab = data.char_corpus(corpus, val_fraction, max_chars or None, byte_level,
+                                             data_dir)
         return compact(train, len(vocab)), compact(val, len(vocab)), len(vocab)
     x = np.random.default_rng(0).integers(0, local_vocab, local_chars).astype(np.int32)
     t = np.arange(local_chars)
@@ -447,6 +462,7 @@ def _data(cfg: Config):
         cfg.val_fraction,
         cfg.local_vocab,
         cfg.local_chars,
+        cfg.data_dir,
     )
 
 

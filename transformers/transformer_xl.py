@@ -37,13 +37,26 @@ Reproduce (CPU demo, pydoc reference manual, char-level, 2 layers of d=64, L=M=3
        shared 2-core CPU (load ~25). The same trained model evaluated with memory 0 / 32 /
        96 / 192: 2.36 / 2.216 / 2.221 / 2.237 bits/char: at this size and training length
        a memory longer than in training does not help yet ([1] gains from it at scale).
-Paper setting (GPU; byte-level stdlib sources instead of enwik8; 12 layers, d=512):
+Paper setting (GPU; 12 layers, d=512; the preset keeps the byte-level stdlib sources, so
+it traces on CPU):
     python transformers/transformer_xl.py --preset paper
+  on [1]'s corpora, downloaded by hand into DIR (common.data.REAL_CORPORA; nothing is fetched):
+    python transformers/transformer_xl.py --preset paper --corpus enwik8 --data-dir DIR
+    python transformers/transformer_xl.py --preset paper --corpus text8 --data-dir DIR
+    python transformers/transformer_xl.py --preset paper --corpus wikitext-103 --data-dir DIR \
+        --no-byte-level --val-fraction 0.0045
+  enwik8 / text8 (90M / 5M / 5M): the held-out val_fraction 0.1 is the official valid + test
+  text. WikiText-103 joins wiki.{train,valid,test}.tokens: valid + test are 463k of its
+  103.7M tokens, so val_fraction ~0.0045 holds out about them (the exact value is their
+  share of the files' characters).
 [1] Table 2: 1.06 bits/char on enwik8 with the 12-layer model (0.99 with 24 layers).
 
 Differences from the paper:
-- Data: the Python standard library's sources (bytes) or pydoc's reference manual (chars)
-  stand in for enwik8/text8/WikiText (nothing is downloaded here); 'copy' is a synthetic
+- Data: by default the Python standard library's sources (bytes) or pydoc's reference
+  manual (chars); enwik8/text8/WikiText-103 only with --data-dir (above), held out as valid
+  + test together (the paper reports test). WikiText-103 is modelled as characters (or
+  bytes), not [1]'s 267k-word vocabulary, so its numbers are bits/char, not word
+  perplexity; 'copy' is a synthetic
   stream whose second half of every segment repeats the first half of the previous one.
 - No adaptive softmax/embedding (a byte or char vocabulary does not need one); the output
   layer is tied to the embedding, as in [1]'s code. No `same_length` or `clamp_len`
@@ -83,7 +96,10 @@ class Config:
     """Transformer-XL char/byte LM; defaults are [1]'s 12-layer enwik8 model."""
 
     corpus: str = "stdlib"
-    """text: 'pydoc' (reference manual), 'stdlib' (Python sources), 'this', or 'copy'"""
+    """text: 'pydoc' (reference manual), 'stdlib' (Python sources), 'this', 'copy', or a real
+    corpus of common.data.REAL_CORPORA read from data_dir ([1]: enwik8, text8, wikitext-103)"""
+    data_dir: str | None = None
+    """folder of a real corpus when `corpus` names one: common.data.REAL_CORPORA"""
     byte_level: bool = True
     """model UTF-8 bytes (256 symbols, like enwik8) instead of the text's characters"""
     max_chars: int = 0
@@ -161,8 +177,11 @@ class Config:
         for name in ("mem_len", "eval_mem_len", "warmup_steps", "max_chars"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
-        if self.corpus not in ("pydoc", "stdlib", "this", "copy"):
-            raise ValueError(f"corpus must be pydoc, stdlib, this or copy, got {self.corpus!r}")
+        if self.corpus not in ("pydoc", "stdlib", "this", "copy", *data.REAL_CORPORA):
+            raise ValueError(f"corpus must be pydoc, stdlib, this, copy or one of "
+                             f"{', '.join(data.REAL_CORPORA)}, got {self.corpus!r}")
+        if self.corpus in data.REAL_CORPORA and self.data_dir is None:
+            data.text_corpus(self.corpus)  # text_corpus's ValueError: pass data_dir
         if self.d_model % 2:
             raise ValueError(f"d_model must be even (sin/cos pairs), got {self.d_model}")
         for name in ("dropout", "dropatt"):
@@ -219,15 +238,17 @@ def load_corpus(
     tgt_len: int,
     copy_vocab: int,
     copy_chars: int,
+    data_dir: str | None = None,
 ):
     """(train ids, val ids, vocab size); the ids as numpy uint8 (uint16 above 256 symbols):
     `init` puts them in the State, so they enter the compiled chunks as an input, not as a
     constant of each program; stream_segment casts to int32 after the gather. The 'copy'
     stream is random tokens, except that the second half of every segment (t % L >= L/2)
     repeats the first half of the previous segment: x_t = x_{t - 3L/2} (segments start at
-    multiples of L)."""
+    multiples of L). A real corpus (common.data.REAL_CORPORA) is read from `data_dir`."""
     if corpus != "copy":
-        train, val, vocab = data.char_corpus(corpus, val_fraction, max_chars or None, byte_level)
+        train, val, vocab = data.char_corpus(corpus, val_fraction, max_chars or None, byte_level,
+                                             data_dir)
         return compact(train, len(vocab)), compact(val, len(vocab)), len(vocab)
     L = tgt_len
     x = np.random.default_rng(0).integers(0, copy_vocab, copy_chars).astype(np.int32)
@@ -451,6 +472,7 @@ def _data(cfg: Config):
         cfg.tgt_len,
         cfg.copy_vocab,
         cfg.copy_chars,
+        cfg.data_dir,
     )
 
 

@@ -12,9 +12,11 @@ import numpy as np
 import pytest
 
 from common import data, run
+from transformers import adaptive_span as A
 from transformers import char_transformer as ct
 from transformers import reformer as rf
 from transformers import sparse_transformer as st
+from transformers import transformer_xl as X
 
 KEY = jax.random.PRNGKey(0)
 
@@ -105,3 +107,28 @@ def test_sparse_transformer_enwik8_bytes(enwik8):
     assert bytes(val.astype(np.uint8)) == raw[cut:]
     state = jax.eval_shape(lambda k: st.init(k, cfg), KEY)
     assert state.train_ids.shape == (cut,)
+
+
+@pytest.mark.parametrize("name", ["transformer_xl", "adaptive_span"])
+def test_segment_recurrent_lms(name, wikitext):
+    """Transformer-XL and adaptive span: the fixture's characters (--no-byte-level) and bytes."""
+    mod = {"transformer_xl": X, "adaptive_span": A}[name]
+    folder, text = wikitext
+    args = ["--n-layer", "1", "--d-model", "16", "--n-head", "2", "--d-inner", "32",
+            "--tgt-len", "8", "--batch-size", "2", "--eval-batch", "2", "--eval-segments", "2"]
+    args += ["--d-head", "8", "--mem-len", "8", "--eval-tgt-len", "8", "--eval-mem-len", "8"] \
+        if mod is X else ["--attn-span", "8", "--span-ramp", "4"]
+    vocab = sorted(set(text))
+    cut = int(len(text) * 0.9)
+    for byte_level in (False, True):
+        cfg = _parse(mod, args + ["--byte-level" if byte_level else "--no-byte-level"], folder)
+        train, val, size = mod._data(cfg)
+        if byte_level:
+            raw = text.encode()
+            cut_b = int(len(raw) * 0.9)
+            assert size == 256 and bytes(train) == raw[:cut_b] and bytes(val) == raw[cut_b:]
+        else:
+            assert size == len(vocab) and "§" in vocab
+            assert _decode(train, vocab) == text[:cut] and _decode(val, vocab) == text[cut:]
+    state = jax.eval_shape(lambda k: mod.init(k, cfg), KEY)
+    assert state.train_ids.shape == train.shape
