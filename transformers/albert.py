@@ -42,6 +42,30 @@ host round-trip per step; at the default dupe_factor 40 they are ~160 MB of the 
 a corpus of the paper's size needs an input pipeline instead, listed below).
 evaluate() scores the one sentence head on held-out SOP AND NSP instances ([1] Table 5).
 
+Real corpora: --corpus wikitext-2 (or enwik8, text8, wikitext-103, 1b-words) --data-dir
+DIR reads common.data.REAL_CORPORA from DIR (characters, documents and sentences as above).
+Hugging Face checkpoints: --init-from DIR (or DIR/model.safetensors) loads an
+AlbertForPreTraining state dict (albert-base-v2) through params_from_hf:
+embeddings.{word,position,token_type}_embeddings (E wide) and embeddings.LayerNorm -> ours;
+encoder.embedding_hidden_mapping_in -> the E -> H projection; the layer of
+encoder.albert_layer_groups.{g}.albert_layers.0: attention.{query,key,value} -> qkv (side by
+side), attention.dense / LayerNorm -> attention, ffn, ffn_output, full_layer_layer_norm ->
+ffn; pooler; predictions.dense / LayerNorm -> transform / transform_LayerNorm (H -> E);
+predictions.bias -> output_bias; sop_classifier.classifier -> seq_relationship. torch Linear
+weights are (out, in): transposed. Sharing: the checkpoint holds num_hidden_groups groups of
+inner_group_num layers; what maps is one group of one layer (every ALBERT release), as
+share=all, or one group per layer, as share=none. Our shared-attention-only and
+shared-FFN-only variants have no HF layout (nothing to map: they raise), nor have HF's
+several layers per group or groups spanning several layers here. The block is HF's exactly
+(hidden_act "gelu_new" = our default tanh GELU; "gelu" = --gelu erf; LN eps 1e-12);
+predictions.decoder.weight is tied to the word embeddings in both. config.json must agree on
+num_attention_heads, num_hidden_layers, hidden_act, layer_norm_eps and type_vocab_size. The
+Config expressing albert-base-v2: the paper preset's model (the default; vocab 30,000); its
+MLM and SOP logits then equal HF's (tests/transformers/test_bert_hf.py: 3.0e-7 and 1.2e-7
+on a random 2-layer model). The ids must be the checkpoint's SentencePiece ids, and the
+[PAD] id our key mask uses is this file's: for the checkpoint's own build
+ALBERT(cfg, 30000, pad=0). The checkpoint enters the compiled init as constants.
+
 Reproduce (CPU demo on the pydoc text: 2 shared layers of H 64, E 32, context 64, 1500
 updates of 32; not yet run):
     python transformers/albert.py --preset quick --num-seeds 2
@@ -104,7 +128,8 @@ Differences from the paper:
   of 64 rows with bfloat16 matmuls (the same update up to rounding); [1] used TPU pods.
 - No dropout (the released ALBERT configs set both dropout probabilities to 0; [1] Sec. 4.8
   [M] on removing it);
-  weights N(0, 0.02) instead of a truncated normal; GELU is the tanh form (modeling.py).
+  weights N(0, 0.02) instead of a truncated normal; GELU is the tanh form (modeling.py;
+  --gelu erf for the exact one).
 """
 
 import functools

@@ -49,6 +49,28 @@ substring ([CLS] for none). Character counts do not change; only knowing what ch
 are plausible from BOTH sides tells them apart. Labelled windows come from the training
 split, the held-out ones from the validation split (never pre-trained on).
 
+Real corpora: --corpus wikitext-2 (or enwik8, text8, wikitext-103, 1b-words) --data-dir
+DIR reads common.data.REAL_CORPORA from DIR (characters, documents and sentences as above).
+Hugging Face checkpoints: --init-from DIR (or DIR/model.safetensors) loads a
+BertForPreTraining (or BertModel + heads) state dict (bert-base-uncased) through
+params_from_hf: embeddings.{word,position,token_type}_embeddings, embeddings.LayerNorm ->
+ours; encoder.layer.{l}.attention.self.{query,key,value} -> layer_{l}/qkv (side by side),
+attention.output.dense / LayerNorm, intermediate.dense, output.dense / LayerNorm -> layer_{l};
+pooler.dense -> pooler; cls.predictions.transform.dense / LayerNorm -> transform /
+transform_LayerNorm; cls.predictions.bias -> output_bias; cls.seq_relationship -> nsp. torch
+Linear weights are (out, in): transposed. Old LayerNorm names gamma / beta are read too.
+The block is HF's exactly with --gelu erf (HF's hidden_act "gelu"; bert-base-uncased's), LN
+eps 1e-12, 2 token types; masked keys get -10000 here, the dtype's minimum there: the same
+softmax. Not mapped: the fine-tuning heads (classifier, span) keep their random init;
+cls.predictions.decoder.weight is tied to the word embeddings in both. config.json must
+agree on num_attention_heads, hidden_act, layer_norm_eps and type_vocab_size. The Config
+expressing bert-base-uncased: the paper preset's model (the default) with --gelu erf; its
+MLM and NSP logits then equal HF's (tests/transformers/test_bert_hf.py: 8.3e-7 and 5.7e-7
+on a random 2-layer model). The ids must be the checkpoint's WordPiece ids, and the [PAD]
+id our key mask uses is this file's (after the characters): for the checkpoint's own ids
+build BERT(cfg, 30522, pad=0). The checkpoint enters the compiled init as constants; a
+run with --finetune-from-scratch still re-initialises the encoder to the random init.
+
 Reproduce (CPU demo, pydoc text, 2 layers of d 64, context 64, 1500 pre-training updates of
 32 instances, then 3 epochs of 4096 labelled windows in batches of 32, span_len 24):
     python transformers/bert.py --preset quick --num-seeds 2                      # pre-trained
@@ -86,8 +108,9 @@ Differences from the paper:
   (--finetune-heads cls or span). The two stages share one batch shape (max of both batch
   sizes; rows beyond a stage's batch get weight 0). The span logits are not masked at [PAD]
   (as run_squad.py; the task windows have no padding).
-- GELU is the tanh approximation (the released modeling.py); HF transformers uses the exact
-  erf form. Weights are N(0, 0.02) instead of the truncated normal of modeling.py.
+- GELU is the tanh approximation (the released modeling.py) by default; HF transformers
+  uses the exact erf form (--gelu erf). Weights are N(0, 0.02) instead of the truncated
+  normal of modeling.py.
 - Attention uses jax.nn.dot_product_attention when attention dropout is off (evaluation);
   with dropout the explicit softmax path runs (-10000 on masked keys in both, as released).
 """
