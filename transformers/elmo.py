@@ -58,16 +58,26 @@ Reproduce (CPU demo, pydoc text, characters, 2 layers of 128 cells projected to 
   val LM 2.65 / 2.52 (fwd), 2.67 / 2.56 (bwd) nats/char vs unigram entropy 3.25; held-out
   F1 of the changed characters 0.124 / 0.227 with ELMo vs 0.067 / 0.041 for the same
   tagger on [x_k] only. The quick preset itself has not been run yet.
-Paper scale (GPU; [1]'s biLM, 793,471-word softmax):
+Paper scale (GPU; [1]'s biLM, 793,471-word softmax; the preset keeps the pydoc text, so it
+traces on CPU):
     python transformers/elmo.py --preset paper
+  on the 1B Word Benchmark itself, unpacked by hand into DIR (common.data.REAL_CORPORA):
+    python transformers/elmo.py --preset paper --corpus 1b-words --data-dir DIR \
+        --val-fraction 0.0002
+  The 99 training shards and heldout-00000 (the usual test shard) are joined in that order;
+  the shard holds ~0.16M of the ~0.77B words, so a
+  val_fraction of ~0.0002 (exactly: its share of the words) holds out about it. Its tokens
+  are the benchmark's own (split at white space); beyond the vocab_size - 1 most frequent,
+  words become <UNK> (the benchmark's vocabulary: words seen >= 3 times).
 [1] (1B Word Benchmark biLM): forward/backward perplexities averaged 39.7 ([1] Sec. 3.4);
   adding ELMo to the baselines: SQuAD F1 81.1 -> 85.8, SNLI 88.0 -> 88.7, SRL 81.4 -> 84.6,
   coref 67.2 -> 70.4, NER 90.15 -> 92.22, SST-5 51.4 -> 54.7 (Table 1); the scalar mix beats
   the top layer only (Table 2, e.g. SQuAD 85.0 / 85.2 for lambda 1 / 0.001 vs 84.7).
 
 Differences from the paper:
-- Data: windows of the pydoc reference manual (characters at CPU scale) instead of the 1B
-  Word Benchmark; a procedural replaced-token task instead of SQuAD/SNLI/SRL/NER/SST.
+- Data: windows of the pydoc reference manual (characters at CPU scale) by default; the 1B
+  Word Benchmark only with --data-dir (above), without its <S> </S> sentence marks (the
+  text is one stream); a procedural replaced-token task instead of SQuAD/SNLI/SRL/NER/SST.
 - Full softmax over the vocabulary (bilm-tf trains with a sampled softmax of 8192
   negatives); the LSTM states are not carried across batches (bilm-tf trains statefully).
 - Training windows are seq_len + 2 tokens so that every input position has both a next
@@ -101,7 +111,10 @@ class Config:
     """ELMo [1]: defaults are the paper's biLM (bilm-tf's options) and its ELMo layer."""
 
     corpus: str = "pydoc"
-    """text of common.data.text_corpus: pydoc, stdlib or this"""
+    """text of common.data.text_corpus: pydoc, stdlib, this, or a real corpus of
+    common.data.REAL_CORPORA read from data_dir ([1]: 1b-words)"""
+    data_dir: str | None = None
+    """folder of a real corpus when `corpus` names one: common.data.REAL_CORPORA"""
     val_fraction: float = 0.1
     """last fraction of the text held out (validation LM loss and the task's test windows)"""
     tokens: str = "word"
@@ -109,7 +122,8 @@ class Config:
     token_encoder: str = "char_cnn"
     """char_cnn (the token's characters through CNN + highway + projection, [1]) or embed"""
     vocab_size: int | None = 793471
-    """softmax rows (the 1B Word vocabulary: 793,471); None: the corpus's own tokens"""
+    """softmax rows (the 1B Word vocabulary: 793,471); None: the corpus's own tokens (a real
+    corpus's words beyond the vocab_size - 1 most frequent become <UNK>)"""
     max_chars: int = 50
     """characters per word for the char CNN, begin/end marks included"""
     char_dim: int = 16
@@ -220,7 +234,9 @@ class Config:
             if getattr(self, name) % self.rows:
                 raise ValueError(f"{name}={getattr(self, name)} is not a multiple of "
                                  f"max(batch_size, finetune_batch)={self.rows}")
-        n = len(corpus_data(self.corpus, self.val_fraction, self.tokens, self.max_chars)[2])
+        if self.corpus in data.REAL_CORPORA and self.data_dir is None:
+            data.text_corpus(self.corpus)  # text_corpus's ValueError: pass data_dir
+        n = len(cfg_corpus(self)[2])
         if self.vocab_size is not None and self.vocab_size < n:
             raise ValueError(f"vocab_size={self.vocab_size} is below the corpus's {n} tokens")
 
@@ -240,18 +256,25 @@ BOW, EOW, PAD_CHAR, NUM_CHARS = 258, 259, 260, 261  # bilm-tf's UnicodeCharsVoca
 
 
 @functools.cache
-def corpus_data(corpus: str, val_fraction: float, tokens: str, max_chars: int):
+def corpus_data(corpus: str, val_fraction: float, tokens: str, max_chars: int,
+                vocab_size: int | None = None, data_dir: str | None = None):
     """(train ids, val ids, vocabulary, spellings (V, max_chars) int32) as numpy, loaded once.
-    Words: regex words/punctuation ranked by frequency; characters: common.data.char_corpus.
-    A spelling is [BOW, utf-8 bytes..., EOW] padded with PAD_CHAR (bilm-tf's layout)."""
+    Words: regex words/punctuation ranked by frequency (a real corpus, read from data_dir:
+    its white-space tokens, those beyond the vocab_size - 1 most frequent mapped to <UNK>);
+    characters: common.data.char_corpus. A spelling is [BOW, utf-8 bytes..., EOW] padded
+    with PAD_CHAR (bilm-tf's layout)."""
     if tokens == "char":
-        train, val, vocab = data.char_corpus(corpus, val_fraction)
+        train, val, vocab = data.char_corpus(corpus, val_fraction, data_dir=data_dir)
     else:
-        words = re.findall(r"\w+|[^\w\s]", data.text_corpus(corpus))
+        text = data.text_corpus(corpus, data_dir=data_dir)
+        real = corpus in data.REAL_CORPORA  # already tokenised: [1]'s 1B Word tokens
+        words = text.split() if real else re.findall(r"\w+|[^\w\s]", text)
         uniq, inv, counts = np.unique(np.array(words), return_inverse=True, return_counts=True)
         rank = np.argsort(-counts, kind="stable")
         vocab = [str(w) for w in uniq[rank]]
         ids = np.argsort(rank)[inv].astype(np.int32)
+        if real and vocab_size is not None and len(vocab) > vocab_size:
+            vocab, ids = vocab[:vocab_size - 1] + ["<UNK>"], np.minimum(ids, vocab_size - 1)
         cut = int(len(ids) * (1 - val_fraction))
         train, val = ids[:cut], ids[cut:]
     spell = np.full((len(vocab), max_chars), PAD_CHAR, np.int32)
@@ -261,17 +284,24 @@ def corpus_data(corpus: str, val_fraction: float, tokens: str, max_chars: int):
     return train, val, vocab, spell
 
 
+def cfg_corpus(cfg: Config):
+    """corpus_data of cfg (a built-in corpus keyed without vocab_size and data_dir, which it
+    does not read, so the tests' corpus_data calls share its cache entry)."""
+    real = (cfg.vocab_size, cfg.data_dir) if cfg.corpus in data.REAL_CORPORA else ()
+    return corpus_data(cfg.corpus, cfg.val_fraction, cfg.tokens, cfg.max_chars, *real)
+
+
 def unigram_entropy(cfg: Config) -> float:
     """Entropy (nats/token) of the training split's token frequencies: the loss of the best
     context-free LM, the bar the biLM must beat."""
-    train = corpus_data(cfg.corpus, cfg.val_fraction, cfg.tokens, cfg.max_chars)[0]
+    train = cfg_corpus(cfg)[0]
     p = np.bincount(train) / len(train)
     p = p[p > 0]
     return float(-(p * np.log(p)).sum())
 
 
 def num_tokens(cfg: Config) -> int:
-    return len(corpus_data(cfg.corpus, cfg.val_fraction, cfg.tokens, cfg.max_chars)[2])
+    return len(cfg_corpus(cfg)[2])
 
 
 @functools.cache
@@ -280,7 +310,7 @@ def task_data(cfg: Config):
     (N, seq_len + 2). Each token is replaced with probability corrupt_prob by a token drawn
     from the same split's unigram distribution (a random position's token), so the token
     alone says nothing: only its context does. The tag is 1 where the token changed."""
-    train, val, _, _ = corpus_data(cfg.corpus, cfg.val_fraction, cfg.tokens, cfg.max_chars)
+    train, val, _, _ = cfg_corpus(cfg)
     rng, n = np.random.default_rng(cfg.task_seed), cfg.seq_len + 2
 
     def make(ids, count):
@@ -473,7 +503,7 @@ class State:
 
 
 def models(cfg: Config):
-    _, _, _, spell = corpus_data(cfg.corpus, cfg.val_fraction, cfg.tokens, cfg.max_chars)
+    _, _, _, spell = cfg_corpus(cfg)
     rows = cfg.vocab_size or len(spell)
     return BiLM(cfg, spell, rows), Tagger(cfg, len(spell))
 
@@ -503,8 +533,7 @@ def init(key, cfg: Config) -> State:
 def batch(state: State, cfg: Config):
     """(windows (R, T + 2), tags (R, T + 2), row weights (R,), finetune flag): corpus
     windows for the biLM, or an epoch-permuted minibatch of the labelled task windows."""
-    train = jnp.asarray(corpus_data(cfg.corpus, cfg.val_fraction, cfg.tokens,
-                                    cfg.max_chars)[0])
+    train = jnp.asarray(cfg_corpus(cfg)[0])
     x_lab, t_lab, _, _ = (jnp.asarray(a) for a in task_data(cfg))
     R, n = cfg.rows, cfg.num_labelled
     finetune = state.step >= cfg.pretrain_steps
@@ -581,7 +610,7 @@ def evaluate(state: State, cfg: Config):
     """Validation LM losses (nats/token per direction, and the unigram entropy they must beat)
     on eval_windows windows; held-out task accuracy, NLL and F1 of the changed class, ELMo vs
     baseline tagger, on num_eval windows of the validation split."""
-    val = jnp.asarray(corpus_data(cfg.corpus, cfg.val_fraction, cfg.tokens, cfg.max_chars)[1])
+    val = jnp.asarray(cfg_corpus(cfg)[1])
     _, _, x_ev, t_ev = (jnp.asarray(a) for a in task_data(cfg))
     R, n = cfg.rows, cfg.seq_len + 2
     starts = jnp.linspace(0, val.shape[0] - n - 1, cfg.eval_windows).astype(jnp.int32)

@@ -14,6 +14,7 @@ import pytest
 from common import data, run
 from transformers import adaptive_span as A
 from transformers import char_transformer as ct
+from transformers import elmo
 from transformers import reformer as rf
 from transformers import sparse_transformer as st
 from transformers import transformer_xl as X
@@ -48,6 +49,24 @@ def enwik8(tmp_path_factory):
     body = "<mediawiki>\n" + " ".join(rng.choice(words, 2000)) + "\n"
     (folder / "enwik8").write_bytes(body.encode()[:12_000])
     return str(folder), data.text_corpus("enwik8", data_dir=folder)
+
+
+@pytest.fixture(scope="module")
+def one_billion(tmp_path_factory):
+    """The 1B Word Benchmark's layout: two training shards and the held-out shard 00000, one
+    tokenised sentence a line."""
+    root = tmp_path_factory.mktemp("corpora") / "1b"
+    rng = np.random.default_rng(2)
+    words = np.array("the court said it would n't rule on § Zürich 's case .".split())
+    p = 0.6 ** np.arange(len(words))  # Zipf-like: the rare words end up as <UNK>
+    for sub, name in (("training-monolingual.tokenized.shuffled", "news.en-00002-of-00100"),
+                      ("training-monolingual.tokenized.shuffled", "news.en-00001-of-00100"),
+                      ("heldout-monolingual.tokenized.shuffled",
+                       "news.en.heldout-00000-of-00050")):
+        (root / sub).mkdir(parents=True, exist_ok=True)
+        lines = [" ".join(rng.choice(words, 9, p=p / p.sum())) for _ in range(60)]
+        (root / sub / name).write_text("\n".join(lines) + "\n")
+    return str(root), data.text_corpus("1b-words", data_dir=root)
 
 
 def _parse(mod, args, folder, name="wikitext-2", flag="--corpus"):
@@ -132,3 +151,26 @@ def test_segment_recurrent_lms(name, wikitext):
             assert _decode(train, vocab) == text[:cut] and _decode(val, vocab) == text[cut:]
     state = jax.eval_shape(lambda k: mod.init(k, cfg), KEY)
     assert state.train_ids.shape == train.shape
+
+
+def test_elmo_1b_words(one_billion):
+    """[1]'s tokens: the benchmark's white-space words, all but the vocab_size - 1 most
+    frequent as <UNK>, spelled for the char CNN."""
+    folder, text = one_billion
+    args = ["--vocab-size", "6", "--filter-widths", "1", "2", "--filter-counts", "4", "4",
+            "--max-chars", "8", "--char-dim", "4", "--proj-dim", "8", "--lstm-dim", "16",
+            "--seq-len", "8", "--batch-size", "4", "--finetune-batch", "4", "--num-labelled", "8",
+            "--num-eval", "8", "--eval-windows", "8", "--task-dim", "8", "--task-hidden", "8"]
+    cfg = _parse(elmo, args, folder, "1b-words")
+    assert (cfg.tokens, cfg.token_encoder) == ("word", "char_cnn")
+    train, val, vocab, spell = elmo.cfg_corpus(cfg)
+    words = text.split()
+    top = sorted(set(words), key=lambda w: (-words.count(w), w))[:5]  # ties: alphabetical
+    assert vocab == top + ["<UNK>"]
+    cut = int(len(words) * (1 - cfg.val_fraction))
+    seen = [vocab[i] for i in np.concatenate([train, val])]
+    assert seen == [w if w in top else "<UNK>" for w in words] and len(train) == cut
+    assert "§" not in top and "court" in top
+    assert bytes(spell[vocab.index("court")][1:6].tolist()) == b"court"
+    state = jax.eval_shape(lambda k: elmo.init(k, cfg), KEY)
+    assert (6, 8) in [leaf.shape[-2:] for leaf in jax.tree.leaves(state.params)]  # softmax
