@@ -284,7 +284,7 @@ def test_paper_preset_traces():
 def test_diayn_against_the_random_discriminator_over_8_seeds(tmp_path):
     """[1] Fig. 3's DIAYN vs random proposer at the tests' size, 8 seeds (the runner's seed
     keys, the same for both runs: the random arm's D is DIAYN's D before training, the same
-    policy init, task draws and test goals). Measured (loaded 2-core CPU, 253 s wall), after
+    policy init, task draws and test goals). Measured (loaded 2-core CPU, 81 s wall), after
     2 PG steps, per seed:
         DIAYN proposer   -4.03 -5.09 -4.72 -4.07 -5.03 -4.21 -4.49 -5.27
         random D         -4.21 -4.91 -6.71 -6.73 -5.85 -4.88 -5.80 -4.90
