@@ -60,8 +60,19 @@ Reproduce (CPU demo; 3 layers 32 -> 128 -> 32, windows of 48, 400 updates of (a)
   Pretraining removed most of that arm's error; the tricks do not help at this
   size (they are [1] Table 6's gains on IMDb/TREC/AG, not shown here). Plot:
   transformers/ulmfit.png.
-Paper scale (GPU; 400/1150/3 AWD-LSTM, bptt 70, batch 64):
+Paper scale (GPU; 400/1150/3 AWD-LSTM, bptt 70, batch 64; the preset keeps the offline
+stdlib and pydoc texts, so it traces on CPU):
     python transformers/ulmfit.py --preset paper
+  on [1]'s data, downloaded by hand into DIR (wiki.{train,valid,test}.tokens of WikiText-103
+  and the unpacked aclImdb/; common.data.REAL_CORPORA and common.data.imdb_reviews):
+    python transformers/ulmfit.py --preset paper --general-corpus wikitext-103 \
+        --general-chars 600000000 --target-corpus imdb --data-dir DIR \
+        --num-labelled 25000 --num-eval 24960 --seq-len 1400
+  (a) reads all of WikiText-103 (its three splits joined: (a) has no held-out set); (b)
+  fine-tunes on the train + unsup reviews (100k; the last val_fraction of that text is the
+  LM's held-out part); (c) trains on the 25,000 labelled train reviews and evaluate() scores
+  24,960 of the 25,000 test reviews (num_eval is a multiple of the batch), each review as its
+  last seq_len characters.
 [1] test error rates (Table 2/3): IMDb 4.6, TREC-6 3.6, AG 5.01, DBpedia 0.80, Yelp-bi 2.16,
   Yelp-full 29.98 [M: IMDb 4.6 confirmed in train_clas.py's comment, the others from
   memory]; validation error without / with pretraining (Table 4): IMDb 5.63 / 5.00, TREC-6
@@ -80,7 +91,11 @@ training loader uses bs // 2 = 32); LM fine-tuning lr 4e-3, clip 0.3, AR/TAR 2 /
 the WikiText-103 model onto the target vocabulary before fine-tuning).
 
 Differences from the paper:
-- Data (above): characters of Python's stdlib and reference manual, a procedural task.
+- Data (above): characters of Python's stdlib and reference manual, a procedural task, by
+  default; with --data-dir, WikiText-103 and IMDb as characters (not [1]'s 60k-word
+  vocabulary), each review cut to its last seq_len characters (no BPT3C over the whole
+  review), the LM fine-tuned on train + unsup reviews (finetune_lm.py also reads the test
+  reviews' text); the TREC-6/AG/DBpedia/Yelp tasks are not read.
 - One STLR over each whole stage; the released train_clas.py restarts the schedule per
   unfreezing step (use_clr=(8, 3) for the first two epochs, then (8, 8); (32, 10) is
   finetune_lm.py's) and unfreezes everything at the third epoch; [1] Sec. 3.3 unfreezes one
@@ -126,11 +141,17 @@ class Config:
     """ULMFiT [1]: defaults are the paper's AWD-LSTM and fine-tuning hyperparameters."""
 
     general_corpus: str = "stdlib"
-    """text of common.data.text_corpus for stage (a): stdlib, pydoc or this"""
+    """text of common.data.text_corpus for stage (a): stdlib, pydoc, this, or a real corpus of
+    common.data.REAL_CORPORA read from data_dir ([1]: wikitext-103)"""
     general_chars: int = 4_000_000
     """characters of the general corpus read (its first ones)"""
     target_corpus: str = "pydoc"
-    """text of the target task (LM fine-tuning and the labelled windows)"""
+    """text of the target task (LM fine-tuning and the labelled windows): a text of
+    common.data.text_corpus (the procedural permuted-window task), or 'imdb' ([1]'s IMDb:
+    common.data.imdb_reviews from data_dir, its reviews' text and sentiment labels)"""
+    data_dir: str | None = None
+    """folder of the real corpora: general_corpus's files (common.data.REAL_CORPORA) and,
+    for target_corpus='imdb', the unpacked aclImdb/ folder"""
     val_fraction: float = 0.1
     """last fraction of the target text held out (the held-out task windows)"""
     vocab_size: int | None = None
@@ -263,6 +284,13 @@ class Config:
                 f"{self.clf_batch} and num_eval={self.num_eval} a multiple of "
                 f"max(batch_size, clf_batch)={self.rows}"
             )
+        real = self.general_corpus in data.REAL_CORPORA or self.target_corpus in data.REAL_CORPORA
+        if real and self.data_dir is None:  # text_corpus's ValueError: pass data_dir
+            data.text_corpus(self.general_corpus if self.general_corpus in data.REAL_CORPORA
+                             else self.target_corpus)
+        if self.target_corpus == "imdb" and self.data_dir is None:
+            raise ValueError("target_corpus='imdb' is read from disk: pass data_dir "
+                             "(--data-dir), the folder with the unpacked aclImdb/")
         n = len(corpora(self)[3])
         if self.vocab_size is not None and self.vocab_size < n:
             raise ValueError(f"vocab_size={self.vocab_size} is below the texts' {n} characters")
@@ -300,9 +328,24 @@ PRESETS = {
 
 
 @functools.cache
-def _corpora(general: str, general_chars: int, target: str, val_fraction: float):
-    g, t = data.text_corpus(general, max_chars=general_chars), data.text_corpus(target)
-    vocab = sorted(set(g) | set(t))
+def imdb(data_dir: str):
+    """[1]'s IMDb from data_dir: (LM text: the train and unsup reviews joined by blank lines,
+    (train reviews, labels), (test reviews, labels)). The test reviews' text is not in the
+    LM text; only their characters join the vocabulary."""
+    train, unsup = data.imdb_reviews(data_dir, "train"), data.imdb_reviews(data_dir, "unsup")
+    return "\n\n".join(train[0] + unsup[0]), train, data.imdb_reviews(data_dir, "test")
+
+
+@functools.cache
+def _corpora(general: str, general_chars: int, target: str, val_fraction: float,
+             data_dir: str | None = None):
+    g = data.text_corpus(general, max_chars=general_chars, data_dir=data_dir)
+    if target == "imdb":
+        t, _, (test, _) = imdb(data_dir)
+        extra = set().union(*map(set, test))
+    else:
+        t, extra = data.text_corpus(target, data_dir=data_dir), set()
+    vocab = sorted(set(g) | set(t) | extra)
     idx = {c: i for i, c in enumerate(vocab)}
     enc = lambda s: np.fromiter(map(idx.__getitem__, s), np.int32, len(s))
     t_ids = enc(t)
@@ -312,15 +355,33 @@ def _corpora(general: str, general_chars: int, target: str, val_fraction: float)
 
 def corpora(cfg: Config):
     """(general ids, target train ids, target val ids, characters) as numpy (loaded once)."""
-    return _corpora(cfg.general_corpus, cfg.general_chars, cfg.target_corpus, cfg.val_fraction)
+    return _corpora(cfg.general_corpus, cfg.general_chars, cfg.target_corpus, cfg.val_fraction,
+                    *((cfg.data_dir,) if cfg.data_dir is not None else ()))
+
+
+def review_windows(reviews, labels, count: int, seq_len: int, chars, rng):
+    """IMDb classifier data: `count` reviews drawn without replacement (all of them when
+    fewer), each as its last seq_len characters (shorter ones left-padded with spaces)."""
+    idx = {c: i for i, c in enumerate(chars)}
+    pick = rng.permutation(len(reviews))[:count]
+    pick = np.resize(pick, count)  # fewer reviews than windows: repeat them
+    x = np.stack([np.fromiter(map(idx.__getitem__, reviews[i][-seq_len:].rjust(seq_len)),
+                              np.int32, seq_len) for i in pick])
+    return x, labels[pick].astype(np.int32)
 
 
 @functools.cache
 def task_data(cfg: Config):
     """(labelled windows (N, T), labels, held-out windows, labels) as numpy; label 1 when
-    the window's characters are permuted; balanced."""
-    _, train, val, _ = corpora(cfg)
+    the window's characters are permuted; balanced. target_corpus='imdb': the labelled
+    windows from the train reviews, the held-out ones from the test reviews, label 1 for
+    positive (review_windows)."""
+    _, train, val, chars = corpora(cfg)
     rng, n = np.random.default_rng(cfg.task_seed), cfg.seq_len
+    if cfg.target_corpus == "imdb":
+        _, tr, te = imdb(cfg.data_dir)
+        return (*review_windows(*tr, cfg.num_labelled, n, chars, rng),
+                *review_windows(*te, cfg.num_eval, n, chars, rng))
 
     def make(ids, count):
         starts = rng.integers(0, len(ids) - n, count)

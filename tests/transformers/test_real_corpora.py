@@ -7,6 +7,8 @@ built from a tiny fixture in the real layout (its text holds the section sign, w
 built-in corpus has, so it is known to come from the fixture), and jax.eval_shape(init)
 traces. No training and no compiled program: the module runs in seconds."""
 
+import pathlib
+
 import jax
 import numpy as np
 import pytest
@@ -14,7 +16,7 @@ import pytest
 from common import data, run
 from transformers import adaptive_span as A
 from transformers import char_transformer as ct
-from transformers import elmo
+from transformers import elmo, ulmfit
 from transformers import reformer as rf
 from transformers import sparse_transformer as st
 from transformers import transformer_xl as X
@@ -174,3 +176,44 @@ def test_elmo_1b_words(one_billion):
     assert bytes(spell[vocab.index("court")][1:6].tolist()) == b"court"
     state = jax.eval_shape(lambda k: elmo.init(k, cfg), KEY)
     assert (6, 8) in [leaf.shape[-2:] for leaf in jax.tree.leaves(state.params)]  # softmax
+
+
+def test_ulmfit_wikitext_and_imdb(wikitext, tmp_path):
+    """Stage (a) on WikiText (--general-corpus wikitext-2), (b) and (c) on IMDb
+    (--target-corpus imdb): the LM text is the train + unsup reviews, the labelled windows
+    the train reviews' last seq_len characters with their labels, the held-out ones the
+    test reviews'."""
+    folder, text = wikitext
+    root = tmp_path / "data"
+    (root / "aclImdb").mkdir(parents=True)
+    for f in pathlib.Path(folder).iterdir():
+        (root / f.name).write_text(f.read_text())
+    reviews = {}
+    for sub, words in (("train/pos", "great fun"), ("train/neg", "dull mess"),
+                       ("test/pos", "superb ¶"), ("test/neg", "awful"), ("train/unsup", "ok")):
+        (root / "aclImdb" / sub).mkdir(parents=True)
+        for i in range(3):
+            review = f"review {i}: {words}<br />" + "so " * (5 * i) + words
+            (root / "aclImdb" / sub / f"{i}_7.txt").write_text(review)
+            reviews[sub, i] = review.replace("<br />", "\n")
+    args = ["--general-corpus", "wikitext-2", "--target-corpus", "imdb", "--general-chars",
+            "100000", "--emb-dim", "8", "--hidden-dim", "16", "--seq-len", "12",
+            "--batch-size", "2", "--clf-batch", "2", "--num-labelled", "4", "--num-eval", "8"]
+    with pytest.raises(ValueError, match="corpus='wikitext-2' is read from disk"):
+        run.check_config(run.parse(ulmfit.Config, ulmfit.PRESETS, args)[0])
+    cfg = run.parse(ulmfit.Config, ulmfit.PRESETS, args + ["--data-dir", str(root)])[0]
+    run.check_config(cfg)
+    g, t_train, t_val, chars = ulmfit.corpora(cfg)
+    lm = "\n\n".join(reviews[sub, i] for sub in ("train/pos", "train/neg", "train/unsup")
+                      for i in range(3))
+    assert _decode(g, chars) == text and _decode(np.concatenate([t_train, t_val]), chars) == lm
+    assert "¶" in chars and "¶" not in lm  # the test reviews' characters, not their text
+    x, y, x_ev, y_ev = ulmfit.task_data(cfg)
+    assert x.shape == (4, 12) and x_ev.shape == (8, 12)  # 6 test reviews repeated to 8
+    for windows, labels, split in ((x, y, "train"), (x_ev, y_ev, "test")):
+        ends = {reviews[f"{split}/{c}", i][-12:].rjust(12): int(c == "pos")
+                for c in ("pos", "neg") for i in range(3)}
+        assert [ends[_decode(w, chars)] for w in windows] == list(labels)
+    assert set(y_ev) == {0, 1}
+    state = jax.eval_shape(lambda k: ulmfit.init(k, cfg), KEY)
+    assert state is not None
