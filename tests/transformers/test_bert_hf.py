@@ -61,9 +61,9 @@ def _logits(mod, cfg, params):
 # --- default tier: hand-made checkpoints -------------------------------------------------
 
 
-def _hf_tensors(name: str, seed=0, std=0.3) -> dict:
+def _hf_tensors(name: str, seed=0, std=0.3, groups=1) -> dict:
     """A state dict with HF's names: BertForPreTraining (legacy gamma/beta LayerNorm names on
-    odd seeds, as bert-base-uncased's) or AlbertForPreTraining with one shared group."""
+    odd seeds, as bert-base-uncased's) or AlbertForPreTraining with `groups` layer groups."""
     rng = np.random.default_rng(seed)
     r = lambda *s: (rng.standard_normal(s) * std).astype(np.float32)
     t = {}
@@ -97,13 +97,14 @@ def _hf_tensors(name: str, seed=0, std=0.3) -> dict:
         lin("cls.seq_relationship", D, 2)
     else:
         lin("albert.encoder.embedding_hidden_mapping_in", E, D)
-        p = "albert.encoder.albert_layer_groups.0.albert_layers.0."
-        for n in ("query", "key", "value", "dense"):
-            lin(p + "attention." + n, D, D)
-        ln(p + "attention.LayerNorm", D)
-        lin(p + "ffn", D, F)
-        lin(p + "ffn_output", F, D)
-        ln(p + "full_layer_layer_norm", D)
+        for g in range(groups):
+            p = f"albert.encoder.albert_layer_groups.{g}.albert_layers.0."
+            for n in ("query", "key", "value", "dense"):
+                lin(p + "attention." + n, D, D)
+            ln(p + "attention.LayerNorm", D)
+            lin(p + "ffn", D, F)
+            lin(p + "ffn_output", F, D)
+            ln(p + "full_layer_layer_norm", D)
         lin("predictions.dense", D, E)
         ln("predictions.LayerNorm", E)
         t["predictions.bias"] = r(V)
@@ -132,10 +133,12 @@ def _numpy_forward(t: dict, name: str):
     then LayerNorm (eps 1e-12); ALBERT: E -> H projection and every layer the one group's;
     post-LN layers LN(h + Attn(h)), LN(a + W_2 act(W_1 a)), heads split inside q, k, v,
     masked keys out of the softmax; act: BERT's 'gelu' (erf), ALBERT's 'gelu_new' (tanh);
-    MLM: LN(act(h W_t)) E^T + b, sentence head on tanh(h_[CLS] W_p)."""
+    MLM: LN(act(h W_t)) E^T + b, sentence head on tanh(h_[CLS] W_p). ALBERT's layer l runs
+    group l G / L (G groups in the state dict)."""
     t = {k.replace("gamma", "weight").replace("beta", "bias"): v.astype(np.float64)
          for k, v in t.items()}
     al = name == "albert"
+    groups = len({k.split(".")[3] for k in t if ".albert_layer_groups." in k})
     ln = lambda x, p: ((x - x.mean(-1, keepdims=True)) / np.sqrt(x.var(-1, keepdims=True) + 1e-12)
                        * t[p + ".weight"] + t[p + ".bias"])
     lin = lambda x, p: x @ t[p + ".weight"].T + t[p + ".bias"]
@@ -158,7 +161,7 @@ def _numpy_forward(t: dict, name: str):
 
     for l in range(NL):
         if al:
-            p = "albert.encoder.albert_layer_groups.0.albert_layers.0."
+            p = f"albert.encoder.albert_layer_groups.{l * groups // NL}.albert_layers.0."
             a = ln(h + lin(attn(h, p + "attention."), p + "attention.dense"),
                    p + "attention.LayerNorm")
             h = ln(a + lin(act(lin(a, p + "ffn")), p + "ffn_output"), p + "full_layer_layer_norm")
@@ -176,15 +179,19 @@ def _numpy_forward(t: dict, name: str):
     return mlm, lin(pooled, "sop_classifier.classifier" if al else "cls.seq_relationship")
 
 
-@pytest.mark.parametrize("name", ["bert", "albert"])
+@pytest.mark.parametrize("name", ["bert", "albert", "albert share=none"])
 def test_loader_reads_a_hand_made_checkpoint(name, tmp_path):
     """HF-named tensors (std 0.3; BERT's with the legacy LayerNorm gamma/beta names) in a
     model.safetensors through load_hf (init's init_from path), in one compiled program with
     the file's init and forward: every tensor lands where the numpy forward of HF's
     equations puts it (MLM and sentence logits to 1e-4 of their scale), the params have
-    init's shapes and dtypes; BERT's fine-tuning heads keep their random init."""
+    init's shapes and dtypes; BERT's fine-tuning heads keep their random init. ALBERT with
+    one group per layer (num_hidden_groups = 2) loads as share=none."""
+    groups = 2 if name.endswith("none") else 1
+    name = name.split()[0]
     mod, cfg = MODELS[name]
-    t = _hf_tensors(name, seed=1 if name == "bert" else 0)
+    cfg = dataclasses.replace(cfg, share="none") if groups == 2 else cfg
+    t = _hf_tensors(name, seed=1 if name == "bert" else 0, groups=groups)
     folder = _write(tmp_path / name, t, hidden_act="gelu" if name == "bert" else "gelu_new")
 
     def fn(key):
