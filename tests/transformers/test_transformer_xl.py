@@ -262,6 +262,8 @@ def test_bad_values_fail_with_named_field(tmp_path):
     with pytest.raises(ValueError, match="mem_len must be >= 0, got -1"):
         X.main(["--mem-len", "-1", "--run-dir", str(tmp_path)])
     with pytest.raises(ValueError, match="corpus must be"):
+        X.main(["--corpus", "enwik9", "--run-dir", str(tmp_path)])
+    with pytest.raises(ValueError, match="corpus='enwik8' is read from disk: pass data_dir"):
         X.main(["--corpus", "enwik8", "--run-dir", str(tmp_path)])
 
 
