@@ -12,6 +12,7 @@ import pytest
 
 from common import run
 from detection import yolo9000 as y
+from tests.common.compiled import jit0
 from tests.common.config_fields import unread_fields
 from tests.detection import tiny_run as tiny_run_module
 
@@ -33,12 +34,17 @@ def node(name):
 def test_hierarchical_softmax_is_a_distribution_over_the_tree():
     """Each sibling group sums to 1; leaf probabilities sum to 1; every inner node's
     Pr(n | object) equals the sum over its children; the path product is brute force."""
-    logits = 3.0 * jax.random.normal(jax.random.PRNGKey(0), (5, N))
-    log_cond = y.tree_log_softmax(logits, TREE)
+    @jit0  # one program, not one compile per eager op, at XLA's lowest level
+    def logits_cond_prob(key):
+        logits = 3.0 * jax.random.normal(key, (5, N))
+        log_cond = y.tree_log_softmax(logits, TREE)
+        return logits, log_cond, y.tree_log_prob(log_cond, TREE)
+
+    logits, log_cond, log_prob = jax.device_get(logits_cond_prob(jax.random.PRNGKey(0)))
     cond = np.exp(np.asarray(log_cond, np.float64))
     for g in range(TREE.num_groups):
         np.testing.assert_allclose(cond[:, TREE.group == g].sum(1), 1.0, atol=1e-6)
-    p = np.exp(np.asarray(y.tree_log_prob(log_cond, TREE), np.float64))
+    p = np.exp(np.asarray(log_prob, np.float64))
     np.testing.assert_allclose(p[:, LEAF].sum(1), 1.0, atol=1e-5)
     for i in range(N):
         kids = TREE.children[i]
@@ -48,10 +54,11 @@ def test_hierarchical_softmax_is_a_distribution_over_the_tree():
         while j >= 0:
             brute, j = brute * cond[:, j], TREE.parent[j]
         np.testing.assert_allclose(p[:, i], brute, rtol=1e-5)
-    # the within-group softmax of a group equals jax.nn.softmax of its logits
+    # the within-group softmax of a group equals the softmax of its logits (numpy)
     g = TREE.group[LEAF[2]]  # the colours of triangle
-    np.testing.assert_allclose(cond[:, TREE.group == g],
-                               jax.nn.softmax(logits[:, TREE.group == g]), atol=1e-6)
+    e = np.exp(logits[:, TREE.group == g].astype(np.float64))
+    np.testing.assert_allclose(cond[:, TREE.group == g], e / e.sum(1, keepdims=True),
+                               atol=1e-6)
 
 
 def test_flat_tree_reduces_to_softmax():
@@ -59,7 +66,7 @@ def test_flat_tree_reduces_to_softmax():
     flat = y.WordTree([f"c{i}" for i in range(k)], [-1] * k)
     labels = jnp.array([[0, 3], [6, 2], [1, 1]])
 
-    @jax.jit  # one program, not one compile per eager op
+    @jit0  # one program, not one compile per eager op, at XLA's lowest level
     def both(key):
         logits = 4.0 * jax.random.normal(key, (3, 2, k))
         log_cond = y.tree_log_softmax(logits, flat)
@@ -89,7 +96,7 @@ def test_label_propagation_and_coarse_labels():
         "blue circle", "polygon", "polygon"]
     tri = node("triangle")
 
-    @jax.jit  # one program, not one compile per eager op
+    @jit0  # one program, not one compile per eager op, at XLA's lowest level
     def nll_grad_logprob(key):
         logits = jax.random.normal(key, (N,))
         nll = lambda x: y.tree_nll(y.tree_log_softmax(x, TREE), tri, TREE)
@@ -106,25 +113,29 @@ def test_classification_loss_touches_only_the_best_box():
     """[1] Sec. 3: only the box with the highest sigma(t_o) Pr(label) (or, cls_box=
     "objectness", the highest sigma(t_o)) gets gradient: class logits of the groups on the
     label's path, objectness while sigma(t_o) < .3; no coordinates."""
-    out = 2.0 * jax.random.normal(jax.random.PRNGKey(3), (2, 4, 4, 3, 5 + N))
-    out = out.at[..., 4].add(-3.0)  # objectness mostly below .3
-    labels = jnp.array([LEAF[4], node("polygon")])  # a leaf, and a coarse label
-    log_cond = y.tree_log_softmax(out[..., 5:], TREE)
-    score = np.asarray(jax.nn.sigmoid(out[..., 4])[..., None]
-                       * jnp.exp(y.tree_log_prob(log_cond, TREE)))
+    @jit0  # one program, not one compile per eager op, at XLA's lowest level
+    def outputs_and_scores(key):
+        out = 2.0 * jax.random.normal(key, (2, 4, 4, 3, 5 + N))
+        out = out.at[..., 4].add(-3.0)  # objectness mostly below .3
+        log_cond = y.tree_log_softmax(out[..., 5:], TREE)
+        return out, jax.nn.sigmoid(out[..., 4])[..., None] * jnp.exp(
+            y.tree_log_prob(log_cond, TREE))
+
+    out, score = jax.device_get(outputs_and_scores(jax.random.PRNGKey(3)))  # numpy
+    obj = 1 / (1 + np.exp(-out[..., 4].astype(np.float64)))  # sigma(t_o)
+    labels = np.array([LEAF[4], node("polygon")])  # a leaf, and a coarse label
     for mode in ("class", "objectness"):  # [1]'s rule; the quick preset's variant
         cfg = dataclasses.replace(TINY, iou_assumed=0.3, cls_box=mode)
-        grad = np.asarray(jax.jit(jax.grad(lambda o, c=cfg: sum(  # one compile per rule
+        grad = np.asarray(jit0(jax.grad(lambda o, c=cfg: sum(  # one compile per rule
             v.sum() for v in y.classification_loss(o, labels, TREE, c).values())))(out))
         for b in range(2):
-            sel = score[b, ..., int(labels[b])] if mode == "class" else np.asarray(
-                jax.nn.sigmoid(out[b, ..., 4]))
+            sel = score[b, ..., int(labels[b])] if mode == "class" else obj[b]
             best = np.unravel_index(np.argmax(sel), (4, 4, 3))
             nz = np.argwhere(np.abs(grad[b]).max(-1) > 0)
             assert [tuple(i) for i in nz] == [best], (mode, nz, best)
             g = grad[b][best]
             assert np.all(g[:4] == 0)  # no coordinate loss
-            assert (g[4] != 0) == (jax.nn.sigmoid(out[b][best][4]) < 0.3)
+            assert (g[4] != 0) == (obj[b][best] < 0.3)
             path_groups = set(TREE.group[np.flatnonzero(TREE.ancestors[int(labels[b])])])
             on_path = np.isin(TREE.group, list(path_groups))
             assert np.all(g[5:][~on_path] == 0) and np.any(g[5:][on_path] != 0)
@@ -163,7 +174,7 @@ def test_detection_loss_is_low_when_right_and_class_term_follows_the_path():
     lab = jnp.array([[node("triangle")]])
     for n in ("polygon", "triangle"):
         out = out.at[0, 1, 1, 0, 5 + node(n)].set(30.0)
-    loss = jax.jit(lambda out: y.detection_loss(out, g, lab, anchors, TREE, cfg))  # 1 compile
+    loss = jit0(lambda out: y.detection_loss(out, g, lab, anchors, TREE, cfg))  # 1 compile
     parts = loss(out)
     assert sum(float(v[0]) for v in parts.values()) < 1e-4, parts
     # the class term is -log Pr(triangle | object), whatever the colour logits say
@@ -180,12 +191,12 @@ def test_sgd_weight_decay_spares_biases_and_batch_norm():
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
     """TINY through the command line: 160 updates of 4 detection + 4 classification
-    scenes, 2 seeds."""
+    scenes, 2 seeds, --fast-compile (XLA's lowest level, `predict` too)."""
     return tiny_run_cli(tmp_path_factory.mktemp("run"))
 
 
 def tiny_run_cli(run_dir):
-    return tiny_run_module.run_cli(y, TINY, QUICK, run_dir)
+    return tiny_run_module.run_cli(y, TINY, QUICK, run_dir, fast_compile=True)
 
 
 def test_train_is_pure_and_seeded(tiny_run):

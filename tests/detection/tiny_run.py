@@ -151,7 +151,8 @@ def predict_with_constant_outputs(module, model_attr: str, cfg, fill: float, mon
     shapes = jax.eval_shape(lambda: net.init_with_output(jax.random.PRNGKey(0), images)[0])
     outputs = jax.tree.map(lambda s: jnp.full(s.shape, fill, s.dtype), shapes)
     monkeypatch.setattr(module, model_attr, lambda cfg: _Stub(outputs))
-    # a config the file's jitted predict has not seen: no cached trace of the real network
+    # a config the file's jitted predict has not seen: no cached trace of the real network;
+    # one program at XLA's lowest optimisation level (it runs once)
     cfg = dataclasses.replace(cfg, nms_iou=cfg.nms_iou * 0.999)
-    boxes, _, _, valid = module.predict({}, {}, images, cfg)
+    boxes, _, _, valid = jit0(module.predict, 3)({}, {}, images, cfg)
     return np.asarray(boxes[0]), np.asarray(valid[0])
