@@ -49,7 +49,8 @@ fitness falls from 15 to ~1 as alpha reaches 0 and recovers only to ~5. Plot: me
 
 Differences from the paper:
 - L_pg is REINFORCE with a normalised return-to-go, not [2]'s PPO with a value net and GAE;
-  returns are cut at the end of each `inner_opt_freq` batch (no bootstrap).
+  returns are cut at the end of each `inner_opt_freq` batch (no bootstrap). (common/rl.py's
+  gae, ppo_loss and RunningMeanStd would give [2]'s bootstrap; not done.)
 - No running observation normaliser, no hashing exploration bonus input, no learned memory
   vector ([2] mem=False still feeds an untrained one); a t/H time input is added ([2] has
   none). Antithetic noise whose pairs share the lifetime's task and keys ([2]: plain
