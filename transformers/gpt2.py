@@ -592,11 +592,6 @@ def log_probs(params, pre_ln, rows, mask, cfg: Config):
     return -(token_nll(logits, rows[:, 1:]) * mask).sum(1)
 
 
-def bits_per_byte(loss, bytes_per_token):
-    """nats per token -> bits per byte."""
-    return loss / math.log(2) / bytes_per_token
-
-
 def cloze_accuracy(scores):
     """scores (items, choices), the true word first: is it strictly the most likely?"""
     return (scores[:, 0] > scores[:, 1:].max(1)).mean()

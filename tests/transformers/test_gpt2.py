@@ -188,17 +188,16 @@ def test_kv_cache_logits_equal_the_full_forward_and_generate_uses_them(decoded):
     assert (wide < 256).all() and len(np.unique(wide[:, P:])) > 10, wide
 
 
-def test_log_probs_bits_per_byte_and_cloze_accuracy(decoded):
+def test_log_probs_and_cloze_accuracy(decoded):
     """The evaluation pieces: log_probs is a sum of log-probabilities over the masked tokens
-    (<= 0, 0 on an empty mask, below -1 on a non-empty one at init); bits_per_byte divides
-    nats by ln 2 and bytes per token; cloze_accuracy counts items whose first (true) score
-    is strictly the largest."""
+    (<= 0, 0 on an empty mask, below -1 on a non-empty one at init); cloze_accuracy counts
+    items whose first (true) score is strictly the largest (bits per byte is common.data.bits,
+    tested in tests/common)."""
     _, out = decoded
     mask = gpt2.data_of(TINY)["cloze_mask"][:16]
     for flag in (1.0, 0.0):
         lp = np.asarray(out[str(flag)]["log_probs"])
         assert (lp[mask.sum(1) > 0] < -1).all() and (lp[mask.sum(1) == 0] == 0).all(), lp
-    assert gpt2.bits_per_byte(2 * math.log(2), 2.0) == 1.0
     scores = np.array([[0.0, -1, -2, -3], [-1, 0, -2, -3], [-1, -1, -2, -3], [-0.5, -1, -2, -3]])
     assert float(gpt2.cloze_accuracy(jnp.asarray(scores))) == 0.5
 
