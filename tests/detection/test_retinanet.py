@@ -13,7 +13,7 @@ import pytest
 
 from common import boxes as bx
 from detection import retinanet as rn
-from tests.common.compiled import compiled
+from tests.common.compiled import compiled, jit0
 from tests.common.config_fields import unread_fields
 from tests.detection import tiny_run as tiny_run_module
 
@@ -21,14 +21,17 @@ QUICK = rn.Config(**rn.PRESETS["quick"])
 PAPER = rn.Config(**rn.PRESETS["paper"])
 # the one config of the CLI, purity and short behaviour tests (run once, 2 seeds); XLA's
 # native convs: the same maths as the quick preset's shifted matmuls (common.nets.Conv),
-# a third less to compile (74 -> 55 CPU-s for the whole run), slower steps (40 of them)
+# a third less to compile (74 -> 55 CPU-s for the whole run), slower steps (40 of them).
+# At --fast-compile native convs run very slowly (> 150 CPU-s for the module) and shifted
+# ones gain nothing (78.5 CPU-s for the module vs 78.2 here, loaded 2-core)
 TINY = dataclasses.replace(QUICK, batch_size=8, total_steps=40, fpn_width=16, head_convs=1,
                            warmup_steps=5, eval_images=16, shift_conv=False)
 GATE_SHORT = 0.03
 
-# the equation tests call these jitted (one compile per shape, not one per eager op)
-assign = jax.jit(rn.assign, static_argnums=3)
-retinanet_loss = jax.jit(rn.retinanet_loss, static_argnums=5)
+# the equation tests call these jitted (one compile per shape, not one per eager op), at
+# XLA's lowest optimisation level (programs run once or twice on small inputs)
+assign = jit0(rn.assign, 3)
+retinanet_loss = jit0(rn.retinanet_loss, 5)
 
 
 @functools.cache
@@ -38,27 +41,36 @@ def shapes_256():
     return compiled(lambda k: rn.draw_batch(k, QUICK, 256), jax.random.PRNGKey(1))
 
 
-def _logits_targets():
-    k1, k2 = jax.random.split(jax.random.PRNGKey(0))
-    x = 4.0 * jax.random.normal(k1, (64, 5))
-    y = jax.random.bernoulli(k2, 0.3, (64, 5)).astype(jnp.float32)
-    return x, y
+@functools.cache
+def _focal_losses():
+    """Logits x, 0/1 targets y (64, 5), and (one program at XLA's lowest level, not one
+    compile per eager op) FL(gamma 0, no alpha), CE, FL(gamma 2, no alpha), FL(.25, 2) and
+    optax's sigmoid_focal_loss(.25, 2) of them."""
+    @jit0
+    def losses(key):
+        k1, k2 = jax.random.split(key)
+        x = 4.0 * jax.random.normal(k1, (64, 5))
+        y = jax.random.bernoulli(k2, 0.3, (64, 5)).astype(jnp.float32)
+        return x, y, {"fl0": rn.focal_loss(x, y, alpha=None, gamma=0.0),
+                      "ce": optax.sigmoid_binary_cross_entropy(x, y),
+                      "fl2": rn.focal_loss(x, y, None, 2.0),
+                      "fl": rn.focal_loss(x, y, alpha=0.25, gamma=2.0),
+                      "optax": optax.losses.sigmoid_focal_loss(x, y, alpha=0.25, gamma=2.0)}
+
+    return jax.device_get(losses(jax.random.PRNGKey(0)))
 
 
 def test_focal_gamma0_without_alpha_is_bce_exactly():
-    x, y = _logits_targets()
-    np.testing.assert_array_equal(rn.focal_loss(x, y, alpha=None, gamma=0.0),
-                                  optax.sigmoid_binary_cross_entropy(x, y))
-    # FL <= CE elementwise for gamma > 0 ([1] Sec. 3.2)
-    assert (rn.focal_loss(x, y, None, 2.0) <= optax.sigmoid_binary_cross_entropy(x, y)).all()
+    _, _, fl = _focal_losses()
+    np.testing.assert_array_equal(fl["fl0"], fl["ce"])
+    assert (fl["fl2"] <= fl["ce"]).all()  # FL <= CE elementwise for gamma > 0 ([1] Sec. 3.2)
 
 
 def test_focal_matches_optax_and_the_formula():
     """[1] Eq. 5 with alpha = 0.25, gamma = 2 against optax (whose default is alpha=None)
     and against -alpha_t (1 - p_t)^gamma log p_t written out in numpy (float64)."""
-    x, y = _logits_targets()
-    ours = rn.focal_loss(x, y, alpha=0.25, gamma=2.0)
-    ref = optax.losses.sigmoid_focal_loss(x, y, alpha=0.25, gamma=2.0)
+    x, y, fl = _focal_losses()
+    ours, ref = fl["fl"], fl["optax"]
     np.testing.assert_allclose(ours, ref, rtol=1e-5, atol=1e-7)
     xn, yn = np.asarray(x, np.float64), np.asarray(y, np.float64)
     p = 1 / (1 + np.exp(-xn))
@@ -214,7 +226,7 @@ def test_sgd_schedule_decays_at_60k_and_80k_of_90k():
     """[1] Sec. 4.1: warm-up from lr / 3 over 500 updates, lr / 10 at 60k and 80k of 90k
     counted from step 0 (not from the warm-up's end: 60.5k / 80.5k before the fix)."""
     n = PAPER.total_steps
-    lr = np.asarray(jax.jit(rn.lr_schedule(PAPER))(jnp.arange(n)))
+    lr = np.asarray(jit0(rn.lr_schedule(PAPER))(jnp.arange(n)))
     np.testing.assert_array_equal(np.flatnonzero(lr[1:] < 0.5 * lr[:-1]) + 1, [60_000, 80_000])
     np.testing.assert_allclose(lr[[0, PAPER.warmup_steps, 59_999, 60_000, 80_000]],
                                [PAPER.lr / 3, PAPER.lr, PAPER.lr, PAPER.lr / 10,
