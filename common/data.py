@@ -430,6 +430,23 @@ def read_safetensors(path) -> dict[str, np.ndarray]:
     return out
 
 
+def read_hf_checkpoint(path, expect: dict | None = None) -> dict[str, np.ndarray]:
+    """A downloaded Hugging Face checkpoint's tensors (`path`: its model.safetensors, or the
+    folder holding it), after checking the config.json beside it (when there is one) where
+    the tensors' shapes cannot tell: `expect` maps a config entry to (the value, or tuple of
+    values, this file's Config means; what to change otherwise). A missing entry passes."""
+    f = Path(path).expanduser()
+    f = f / "model.safetensors" if f.is_dir() else f
+    conf = f.parent / "config.json"
+    hf = json.loads(conf.read_text()) if conf.is_file() else {}
+    for entry, (ours, fix) in (expect or {}).items():
+        ours = ours if isinstance(ours, tuple) else (ours,)
+        if entry in hf and hf[entry] not in ours:
+            raise ValueError(f"init_from: the checkpoint has {entry}={hf[entry]!r}, ours "
+                             f"{ours[0]!r}: {fix}")
+    return read_safetensors(f)
+
+
 def bits(nll_nats, units_per_token: float = 1.0):
     """A mean negative log-likelihood in nats per token as bits per unit: nll / ln 2 /
     units_per_token (bits per character, per pixel dimension, per token; a BPE model's bits

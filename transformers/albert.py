@@ -133,11 +133,9 @@ Differences from the paper:
 """
 
 import functools
-import json
 import random
 import re
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import flax.linen as nn
@@ -709,25 +707,13 @@ def params_from_hf(tensors: dict, cfg: Config, params) -> dict:
 def load_hf(path: str, cfg: Config, params) -> dict:
     """init_from: read model.safetensors (the file, or in the folder) and map it; a
     config.json beside it must agree where the tensors' shapes cannot tell."""
-    f = Path(path).expanduser()
-    f = f / "model.safetensors" if f.is_dir() else f
-    conf = f.parent / "config.json"
-    checks = {"num_attention_heads": ("set num_heads to it", cfg.num_heads),
-              "num_hidden_layers": ("set num_layers to it", cfg.num_layers),
-              "hidden_act": ("set gelu (erf: 'gelu', tanh: 'gelu_new')",
-                             "gelu" if cfg.gelu == "erf" else "gelu_new"),
-              "layer_norm_eps": ("this file's LayerNorm is fixed", 1e-12),
-              "type_vocab_size": ("this file's token types are fixed", 2)}
-    if conf.is_file():
-        hf = json.loads(conf.read_text())
-        for entry, (field, ours) in checks.items():
-            theirs = hf.get(entry, ours)
-            if entry == "hidden_act" and theirs in ("gelu_pytorch_tanh", "gelu_new"):
-                theirs = "gelu_new"  # both the tanh form
-            if theirs != ours:
-                raise ValueError(f"init_from: the checkpoint has {entry}={theirs!r}, ours "
-                                 f"{ours!r}: {field}")
-    return params_from_hf(data.read_safetensors(f), cfg, params)
+    return params_from_hf(data.read_hf_checkpoint(path, {
+        "num_hidden_layers": (cfg.num_layers, "set num_layers to it"),
+        "num_attention_heads": (cfg.num_heads, "set num_heads to it"),
+        "hidden_act": ("gelu" if cfg.gelu == "erf" else ("gelu_new", "gelu_pytorch_tanh"),
+                       "set gelu (erf: 'gelu', tanh: 'gelu_new')"),
+        "layer_norm_eps": (1e-12, "this file's LayerNorm is fixed"),
+        "type_vocab_size": (2, "this file's token types are fixed")}), cfg, params)
 
 
 # --- LOSS ---

@@ -110,7 +110,6 @@ import math
 import re
 from collections import Counter
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import flax.linen as nn
@@ -493,20 +492,11 @@ def load_hf(path: str, cfg: Config, params) -> dict:
     """init_from: read model.safetensors (the file, or in the folder) and map it; a
     config.json beside it must agree on n_head (not visible in the tensors' shapes), the
     activation and the LN epsilon."""
-    f = Path(path).expanduser()
-    f = f / "model.safetensors" if f.is_dir() else f
-    conf = f.parent / "config.json"
-    conf = json.loads(conf.read_text()) if conf.is_file() else {}
-    n_head = conf.get("n_head", cfg.num_heads)
-    if n_head != cfg.num_heads:
-        raise ValueError(f"init_from: the checkpoint has n_head={n_head}, "
-                         f"num_heads={cfg.num_heads}: set num_heads to it")
-    act, eps = conf.get("activation_function", "gelu_new"), conf.get("layer_norm_epsilon", 1e-5)
-    if act != "gelu_new" or eps != 1e-5:
-        raise ValueError(f"init_from: the checkpoint's activation_function={act!r}, "
-                         f"layer_norm_epsilon={eps}: this file has the tanh GELU (gelu_new) "
-                         "and LN eps 1e-5 only")
-    return params_from_hf(data.read_safetensors(f), cfg, params)
+    return params_from_hf(data.read_hf_checkpoint(path, {
+        "n_head": (cfg.num_heads, "set num_heads to it"),
+        "activation_function": (("gelu_new", "gelu_pytorch_tanh"),
+                                "this file has the tanh GELU (gelu_new) only"),
+        "layer_norm_epsilon": (1e-5, "this file's LN eps is 1e-5")}), cfg, params)
 
 
 # --- LOSS ---

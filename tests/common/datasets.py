@@ -2,6 +2,7 @@
 common/data.py and the files that read a --data-dir."""
 
 import gzip
+import json
 import pickle
 from pathlib import Path
 
@@ -48,3 +49,22 @@ def write_cifar10(root, n: int = 2) -> str:
             pickle.dump({b"data": planes.reshape(n, 3072), b"labels": [b + i for i in range(n)]},
                         f)
     return str(root)
+
+
+def write_hf_checkpoint(folder, tensors: dict, config: dict) -> str:
+    """A Hugging Face checkpoint folder: model.safetensors (8-byte little-endian header
+    length, JSON header of dtype / shape / data offsets, raw little-endian f32) and
+    config.json; returns the folder."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    header, blobs, off = {}, [], 0
+    for k, a in tensors.items():
+        b = np.ascontiguousarray(a, "<f4").tobytes()
+        header[k] = {"dtype": "F32", "shape": list(a.shape), "data_offsets": [off, off + len(b)]}
+        blobs.append(b)
+        off += len(b)
+    head = json.dumps(header).encode()
+    (folder / "model.safetensors").write_bytes(len(head).to_bytes(8, "little") + head
+                                               + b"".join(blobs))
+    (folder / "config.json").write_text(json.dumps(config))
+    return str(folder)

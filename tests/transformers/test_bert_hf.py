@@ -10,7 +10,6 @@ read through --corpus wikitext-2 --data-dir."""
 
 import dataclasses
 import functools
-import json
 import textwrap
 
 import jax
@@ -21,6 +20,7 @@ from scipy.special import erf
 
 from common import data, run
 from tests.common.compiled import compiled
+from tests.common.datasets import write_hf_checkpoint
 from tests.transformers import peer
 from transformers import albert, bert
 
@@ -113,19 +113,8 @@ def _hf_tensors(name: str, seed=0, std=0.3, groups=1) -> dict:
 
 
 def _write(folder, tensors, **config):
-    """model.safetensors (8-byte header length, JSON header, raw f32) + config.json."""
-    folder.mkdir(parents=True, exist_ok=True)
-    header, blobs, off = {}, [], 0
-    for k, a in tensors.items():
-        b = np.ascontiguousarray(a, "<f4").tobytes()
-        header[k] = {"dtype": "F32", "shape": list(a.shape), "data_offsets": [off, off + len(b)]}
-        blobs.append(b)
-        off += len(b)
-    head = json.dumps(header).encode()
-    (folder / "model.safetensors").write_bytes(len(head).to_bytes(8, "little") + head
-                                               + b"".join(blobs))
-    (folder / "config.json").write_text(json.dumps({"num_attention_heads": H, **config}))
-    return str(folder)
+    """model.safetensors + config.json (tests/common/datasets.py)."""
+    return write_hf_checkpoint(folder, tensors, {"num_attention_heads": H, **config})
 
 
 def _numpy_forward(t: dict, name: str):

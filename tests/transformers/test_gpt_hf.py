@@ -8,7 +8,6 @@ in the safetensors format, against a numpy forward of HF's equations; the shape 
 head-count errors; a wikitext-2 fixture read through --corpus wikitext-2 --data-dir."""
 
 import dataclasses
-import json
 import textwrap
 
 import jax
@@ -18,6 +17,7 @@ import pytest
 
 from common import data, run
 from tests.common.compiled import compiled
+from tests.common.datasets import write_hf_checkpoint
 from tests.transformers import peer
 from transformers import gpt, gpt2
 
@@ -67,19 +67,8 @@ def _hf_tensors(post_ln: bool, seed=0, std=0.3) -> dict:
 
 
 def _write(folder, tensors, n_head=H, **conf):
-    """model.safetensors (8-byte header length, JSON header, raw f32) + config.json."""
-    folder.mkdir(parents=True, exist_ok=True)
-    header, blobs, off = {}, [], 0
-    for k, a in tensors.items():
-        b = np.ascontiguousarray(a, "<f4").tobytes()
-        header[k] = {"dtype": "F32", "shape": list(a.shape), "data_offsets": [off, off + len(b)]}
-        blobs.append(b)
-        off += len(b)
-    head = json.dumps(header).encode()
-    (folder / "model.safetensors").write_bytes(len(head).to_bytes(8, "little") + head
-                                               + b"".join(blobs))
-    (folder / "config.json").write_text(json.dumps({"n_head": n_head, **conf}))
-    return str(folder)
+    """model.safetensors + config.json (tests/common/datasets.py)."""
+    return write_hf_checkpoint(folder, tensors, {"n_head": n_head, **conf})
 
 
 def _numpy_forward(t: dict, post_ln: bool):
@@ -163,7 +152,7 @@ def test_loader_names_the_mismatch(name, tmp_path):
         bad = {k: v for k, v in {**t, **change}.items() if v is not None}
         with pytest.raises(ValueError, match=match):
             mod.params_from_hf(bad, cfg, params)
-    with pytest.raises(ValueError, match="n_head=2, num_heads=4: set num_heads"):
+    with pytest.raises(ValueError, match="n_head=2, ours 4: set num_heads"):
         mod.load_hf(_write(tmp_path / "heads", t, n_head=2), cfg, params)
     act = {"afn": "relu"} if post else {"activation_function": "gelu"}  # gelu: HF's exact erf
     with pytest.raises(ValueError, match="this file has the tanh GELU"):
