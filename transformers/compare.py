@@ -114,8 +114,7 @@ METHODS = {
         Column("unigram_bits_per_byte", "unigram bits/byte", ".2f"),
         Column("cloze_acc", "zero-shot cloze accuracy (chance 0.25)", ACC),
         Column("cloze_freq_acc", "word-frequency scorer, same cloze", ACC))),
-    # CVT slot (transformers/cvt.py is being written; the maintainer fills this in): a row
-    # "CVT" = method("cvt", columns=...) with two Columns, its task's held-out accuracy
-    # with cross-view training and supervised-only (its evaluate() keys), and a "cvt" entry
-    # in budget() giving its unlabelled / labelled updates and batch under its own flags.
+    # CVT (transformers/cvt.py) is not a row yet: its task is semi-supervised tagging of a
+    # synthetic HMM (50 labelled + 5,000 unlabelled sentences), not pre-training then
+    # fine-tuning on pydoc; its own run compares CVT with a supervised-only twin.
 }
