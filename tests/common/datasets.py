@@ -68,3 +68,24 @@ def write_hf_checkpoint(folder, tensors: dict, config: dict) -> str:
                                                + b"".join(blobs))
     (folder / "config.json").write_text(json.dumps(config))
     return str(folder)
+
+
+def write_wikitext(folder, articles: int = 1, sizes=(1500, 200, 200)) -> str:
+    """wiki.{train,valid,test}.tokens in WikiText's layout (` = Title = ` headings, blank
+    lines between articles), words drawn with seed 0 and including a character (the section
+    sign) that no built-in corpus has, so a test knows the text came from the fixture;
+    returns the folder."""
+    folder = Path(folder)
+    folder.mkdir()
+    words = ("the", "valkyrie", "chronicles", "game", "@-@", "was", "released", "in", "\u00a7")
+    rng = np.random.default_rng(0)
+    for split, n in zip(("train", "valid", "test"), sizes, strict=True):
+        if articles == 1:
+            body = f" \n = Valkyria {split} = \n \n {' '.join(rng.choice(words, n))}\n"
+        else:
+            arts = [" ".join(rng.choice(words, n // articles)) + " ." for _ in range(articles)]
+            body = "".join(f" \n = Valkyria {split} {i} = \n \n \n {a}\n \n \n"
+                           for i, a in enumerate(arts))
+        (folder / f"wiki.{split}.tokens").write_text(body)
+    return str(folder)
+

@@ -20,7 +20,7 @@ from scipy.special import erf
 
 from common import data, run
 from tests.common.compiled import compiled
-from tests.common.datasets import write_hf_checkpoint
+from tests.common.datasets import write_hf_checkpoint, write_wikitext
 from tests.transformers import peer
 from transformers import albert, bert
 
@@ -250,18 +250,8 @@ def test_loader_names_the_mismatch(name, tmp_path):
 
 
 def _wikitext(folder):
-    """wiki.{train,valid,test}.tokens in WikiText's layout (articles parted by blank lines),
-    with a character (the section sign) that no built-in corpus has, so the text is known to
-    come from the fixture."""
-    folder.mkdir()
-    words = ("the", "valkyrie", "chronicles", "game", "@-@", "was", "released", "in", "§")
-    rng = np.random.default_rng(0)
-    for split, n in (("train", 1500), ("valid", 300), ("test", 300)):
-        arts = [" ".join(rng.choice(words, n // 5)) + " ." for _ in range(5)]
-        body = "".join(f" \n = Valkyria {split} {i} = \n \n \n {a}\n \n \n" for i, a in
-                       enumerate(arts))
-        (folder / f"wiki.{split}.tokens").write_text(body)
-    return str(folder)
+    """WikiText fixture with five articles per split (tests/common/datasets.py)."""
+    return write_wikitext(folder, articles=5, sizes=(1500, 300, 300))
 
 
 @pytest.mark.parametrize("name", ["bert", "albert"])

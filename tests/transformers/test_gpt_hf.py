@@ -17,7 +17,7 @@ import pytest
 
 from common import data, run
 from tests.common.compiled import compiled
-from tests.common.datasets import write_hf_checkpoint
+from tests.common.datasets import write_hf_checkpoint, write_wikitext
 from tests.transformers import peer
 from transformers import gpt, gpt2
 
@@ -163,15 +163,8 @@ def test_loader_names_the_mismatch(name, tmp_path):
 
 
 def _wikitext(folder):
-    """wiki.{train,valid,test}.tokens in WikiText's layout, with a character (the section
-    sign) that no built-in corpus has, so the text is known to come from the fixture."""
-    folder.mkdir()
-    words = ("the", "valkyrie", "chronicles", "game", "@-@", "was", "released", "in", "§")
-    rng = np.random.default_rng(0)
-    for split, n in (("train", 1500), ("valid", 200), ("test", 200)):
-        body = " ".join(rng.choice(words, n))
-        (folder / f"wiki.{split}.tokens").write_text(f" \n = Valkyria {split} = \n \n {body}\n")
-    return str(folder)
+    """WikiText fixture (tests/common/datasets.py)."""
+    return write_wikitext(folder)
 
 
 @pytest.mark.parametrize("name", ["gpt", "gpt2"])

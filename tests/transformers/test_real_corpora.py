@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 from common import data, run
+from tests.common.datasets import write_wikitext
 from transformers import adaptive_span as A
 from transformers import char_transformer as ct
 from transformers import elmo, ulmfit
@@ -25,14 +26,8 @@ KEY = jax.random.PRNGKey(0)
 
 
 def _wikitext(folder):
-    """wiki.{train,valid,test}.tokens in WikiText's layout."""
-    folder.mkdir()
-    words = ("the", "valkyria", "chronicles", "game", "@-@", "was", "released", "in", "§")
-    rng = np.random.default_rng(0)
-    for split, n in (("train", 1500), ("valid", 200), ("test", 200)):
-        body = " ".join(rng.choice(words, n))
-        (folder / f"wiki.{split}.tokens").write_text(f" \n = Valkyria {split} = \n \n {body}\n")
-    return str(folder)
+    """WikiText fixture (tests/common/datasets.py)."""
+    return write_wikitext(folder)
 
 
 @pytest.fixture(scope="module")
