@@ -1,7 +1,9 @@
 """Offline data: procedural detection scenes (shapes with exact boxes) and a loader for
-real COCO-format data on disk; text corpora that ship in wheels; scikit-learn's digits and
-the SimCLR augmentations; readers for MNIST and CIFAR-10 files already on disk. Nothing
-here downloads anything.
+real COCO-format data on disk; text corpora that ship in wheels, and readers for real ones
+already on disk (enwik8, text8, WikiText, the 1B Word Benchmark, IMDb); a language model's
+bits and perplexity; downloaded Hugging Face checkpoints (safetensors); scikit-learn's
+digits and the SimCLR augmentations; readers for MNIST and CIFAR-10 files already on disk.
+Nothing here downloads anything.
 
 `shapes_batch` draws scenes inside a jitted training step (an endless stream from the
 step's key); `shapes` makes a fixed set (held-out evaluation, COCO export). A detection set
