@@ -39,7 +39,13 @@ Reproduce (CPU demo; figure: op probabilities and rewards per controller update)
 [1]'s results (Wide-ResNet-28-10 etc. retrained with the found policies; 15,000 sampled
 policies on reduced CIFAR-10): CIFAR-10 test error 2.6 -> 1.5 % (PyramidNet+ShakeDrop),
 ImageNet top-1 83.5 %; CIFAR-10 policies favour colour ops, SVHN's Invert and geometric ops.
-Ours (quick preset, 1 seed, loaded 2-core CPU): see QUICK below.
+Ours (quick preset: digits 12 x 12, 500 training / 500 inverted validation images, 6 ops,
+16 policies x 30 controller updates, children an MLP (64) trained 100 SGD steps of 32; 1
+seed, a loaded 2-core CPU, 2 min 12 s compile included): the controller's mass on Invert
+0.17 (uniform over 6) -> 0.35 (update 5) -> 0.78 (update 17) -> 0.67 (update 30; 0.75 at
+29); the sampled policies' mean validation accuracy 0.22 -> 0.62 (max 0.77 -> 0.89), the
+child without augmentation 0.000 (inverted digits are classified systematically wrong).
+Plot: generalization/auto_augment.png.
 
 Differences from the paper:
 - Child: a small CNN / MLP trained for a few hundred SGD steps, not Wide-ResNet-40-2 for
@@ -58,7 +64,8 @@ Differences from the paper:
   All 16 of [1]'s ops are here; `identity` and `flip_lr` are extras (not in [1]).
 - Magnitude bin m of 10 maps to lo + (hi - lo) m / 9 over [1]'s ranges (signed ranges such
   as Rotate [-30, 30] span both signs; the authors' code instead mirrors a level at random).
-- Quick preset: controller lr 0.01 (paper 0.00035), 6 ops, the population of 16 policies.
+- Quick preset: controller lr 0.01 (paper 0.00035: too slow for 30 updates), 6 ops, a
+  population of 16 policies per update, an MLP child.
 """
 
 import functools
@@ -198,12 +205,12 @@ class Config:
 
 
 PRESETS = {
-    # CPU demo: digits 16 x 16, inverted validation set, 6 ops, 16 policies x 40 updates.
+    # CPU demo: digits 12 x 12, inverted validation set, 6 ops, 16 policies x 30 updates.
     "quick": dict(ops=("identity", "rotate", "shear_x", "invert", "solarize", "brightness"),
-                  dataset="digits", image_size=16, num_train=500, num_val=500,
-                  val_shift="invert", child_steps=150, child_batch=64, child_lr=0.1,
+                  dataset="digits", image_size=12, num_train=500, num_val=500,
+                  val_shift="invert", child_steps=100, child_batch=32, child_lr=0.1,
                   child_channels=(), child_hidden=64, num_policies=16,
-                  num_controller_updates=40, lr=0.01),
+                  num_controller_updates=30, lr=0.01),
     "paper": dict(),
 }
 
