@@ -134,20 +134,17 @@ def test_rotation_prediction_beats_the_encoder_at_init(quick_run, at_init):
         linear probe, 10 labels/class trained 0.645 0.804   init 0.640 0.686
     (With an empty compilation cache, 3- or 31-update chunks alike: rotation 0.847 0.886,
     k-NN 10/class 0.635 0.604, init as above: seed 1's gain 0.059 is near the 0.05 bar.)
-    (155 steps: rotation 0.917 0.913, k-NN 10/class 0.693 0.665. The broken variant, labels
-    independent of the rotation, is in the slow test below: rotation 0.260 0.177, k-NN
-    10/class 0.474 0.488, below init). Mutations tried: the loss reading shuffled labels
-    fails both asserts (at 155 steps; at 93 the slow test's broken run fails the same
-    gates)."""
+    (155 steps: rotation 0.917 0.913, k-NN 10/class 0.693 0.665.) The rotation accuracy is
+    the behaviour gate: the broken variant (labels independent of the rotation, slow test
+    below) stays near chance. The k-NN probe is only a no-collapse check (trained at least
+    init - 0.02): the broken arm's features probe about as well as the real arm's at this
+    scale (see the slow test), so a gain over init is not claimed for the pretext task.
+    Mutations tried: the loss reading shuffled labels fails the rotation assert."""
     trained, init = quick_run.final, at_init
     print("trained", trained, "init", init)
     assert (trained["rotation_acc_test"] >= 0.7).all(), trained
     assert (init["rotation_acc_test"] <= 0.45).all(), init
-    assert (trained["knn_few"] >= init["knn_few"] + KNN_GAIN).all(), (trained, init)
-
-
-KNN_GAIN = 0.05
-"""k-NN 10/class gain over init that the method reaches and the broken variant does not"""
+    assert (trained["knn_few"] >= init["knn_few"] - 0.02).all(), (trained, init)
 
 
 def _broken_rotate(x, key=None):
@@ -161,24 +158,34 @@ def _broken_rotate(x, key=None):
 REAL_ROTATE = rotation.rotate_batch
 
 
+SLOW = dataclasses.replace(TINY, num_epochs=8, lr_decay_epochs=(6,))
+"""The slow gate's longer training (248 updates)"""
+
+
 @pytest.mark.slow
-def test_random_rotation_labels_learn_nothing(recorded_run, at_init, monkeypatch):
-    """The broken variant of the behaviour test: the same TINY training with rotation labels
-    independent of the rotation (no pretext signal). Measured (2-core CPU, jax 0.10.2):
-    held-out rotation accuracy 0.260 0.177, k-NN 10/class 0.474 0.488 (init 0.499 0.545,
-    trained 0.596 0.713; 330 s wall, 96 CPU s with its fixture; at the former TINY of 155
-    steps: 0.259 0.114, 0.473 0.462): it fails the thresholds the real task passes."""
-    quick_run, _, evaluate = recorded_run
-    init = at_init
+def test_random_rotation_labels_do_not_learn_the_rotation(monkeypatch):
+    """Behaviour, calibrated (slow tier): SLOW on the same keys, the real pretext task against
+    the broken variant (rotation labels drawn at random, independent of the rotation), both
+    trained in this test: only the real arm predicts held-out rotations. Measured (2-core CPU,
+    loaded, 385 s): rotation accuracy real 0.929 0.929, broken 0.334 0.269.
+    What it does NOT show: the features' gain over random init is not the pretext task's at
+    this scale. The broken arm probes as well: k-NN 10/class real 0.537 0.598, broken 0.616
+    0.447; k-NN all labels 0.719 0.781 vs 0.819 0.721; linear 0.798 0.814 vs 0.842 0.809
+    (any training moves the BatchNorm statistics and the features; the catalogue's BN-free
+    calibration also found rotation on digits barely beats random init downstream). So no
+    probe is asserted against the broken arm."""
+    train_real = jax.jit(jax.vmap(run.make_train(rotation.init, rotation.update, SLOW)))
+    keys = run.seed_keys(0, SEEDS)
+    real, _ = train_real(keys)
     monkeypatch.setattr(rotation, "rotate_batch", _broken_rotate)
-    train = jax.jit(jax.vmap(run.make_train(rotation.init, rotation.update, TINY)))
-    state, _ = train(run.seed_keys(0, SEEDS))
+    train_broken = jax.jit(jax.vmap(run.make_train(rotation.init, rotation.update, SLOW)))
+    broken, _ = train_broken(keys)
     monkeypatch.undo()
-    broken = jax.device_get(evaluate(state))
-    print("broken", broken, "init", init)
+    evaluate = jax.jit(jax.vmap(lambda s: rotation.evaluate(s, SLOW)))
+    real, broken = jax.device_get(evaluate(real)), jax.device_get(evaluate(broken))
+    print("real", real, "broken", broken)
+    assert (real["rotation_acc_test"] >= 0.7).all(), real
     assert (broken["rotation_acc_test"] < 0.45).all(), broken
-    assert (broken["knn_few"] < init["knn_few"] + KNN_GAIN).all(), (broken, init)
-    assert (quick_run.final["knn_few"] >= init["knn_few"] + KNN_GAIN).all()
 
 
 def test_train_is_pure_and_cli_writes_its_files(recorded_run, capsys):
