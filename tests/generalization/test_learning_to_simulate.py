@@ -3,8 +3,14 @@ policy against its analytic score function, the simulator's moments, the policy 
 hidden mixture against the same run with the reward's sign flipped (behaviour), purity, CLI,
 paper preset, every Config field read.
 
-Mutations tried (each made the named test fail, then was taken out): see the report of the
-commit that added this file (listed again in the behaviour test's docstring)."""
+Mutations tried (each made the named test fail, then was taken out): exp(+log sigma) for
+exp(-log sigma) in `log_prob`, and sigma's gradient kept when it is fixed (test_reinforce...);
+labels m // 2 for m mod 2, and data_std ignored in `generate` (test_generator...); sigma
+ignored in `sample_xi` (test_policy_samples...); gradient descent instead of ascent on J in
+`update` (behaviour: distance 8.8 / 8.1, accuracy 0.34 / 0.30); no baseline, A = R
+(behaviour: distance 4.07 / 7.10, accuracy 0.67 / 0.60: accuracy is always positive, so
+every sampled xi is pushed up); the seed key ignored in `init` (test_train_is_pure...: the
+seeds' mu equal); the num_train check dropped (test_bad_values...)."""
 
 import dataclasses
 
@@ -85,7 +91,8 @@ def test_policy_finds_real_mixture_and_flipped_reward_does_not(tiny_run, monkeyp
     both seeds, and the model trained at xi = mu scores (mean of the last 10 iterations) above
     the models trained at uniform random xi, in the same program. Broken variant, same seeds:
     the reward's sign flipped (R = -accuracy): the distance grows and accuracy stays low.
-    Measured (loaded 2-core CPU): see the printout."""
+    Measured (seeds 0 / 1, loaded 2-core CPU): distance 4.58 -> 1.28 / 2.21 (flipped 8.77 /
+    8.13); accuracy at mu 0.90 / 0.91 vs random xi 0.50 / 0.48 (flipped 0.34 / 0.30)."""
     h = tiny_run[0].history
     d, acc, rand = (h[k] for k in ("charts/dist_to_real", "charts/acc_policy_mean",
                                     "charts/acc_random_xi"))
