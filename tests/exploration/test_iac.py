@@ -10,9 +10,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from common import run
 from exploration import iac
 from tests.common.cli import cli_args
-from tests.common.compiled import jit0, main_recording_chunks
+from tests.common.compiled import compiled, jit0, main_recording_chunks
 from tests.common.config_fields import unread_fields
 from tests.common.preset import trace_paper
 
@@ -136,8 +137,8 @@ def test_bad_values_fail_with_named_field(tmp_path):
 @pytest.fixture(scope="module")
 def recorded(tmp_path_factory):
     """The CLI run of TINY, 2 seeds, with its compiled chunk recorded."""
-    args = cli_args(TINY, iac.Config()) + ["--num-seeds", "2", "--no-progress", "--run-dir",
-                                           str(tmp_path_factory.mktemp("iac"))]
+    args = cli_args(TINY, iac.Config()) + ["--num-seeds", "2", "--no-progress", "--fast-compile",
+                                           "--run-dir", str(tmp_path_factory.mktemp("iac"))]
     return main_recording_chunks(iac.main, args)
 
 
@@ -161,3 +162,21 @@ def test_train_is_pure_and_cli_writes_its_files(recorded, capsys):
     state, metrics = jax.device_get(chunks[0][0](chunks[0][1]))
     jax.tree.map(np.testing.assert_array_equal, jax.device_get(res.state), state)
     np.testing.assert_array_equal(h["charts/frac_B"], metrics["charts/frac_B"])
+
+
+def test_iac_prefers_the_learnable_zone_and_raw_error_prefers_noise(recorded):
+    """Behaviour ([1] Sec. V): the CLI run's two seeds (TINY, 2000 steps) against the broken
+    variant (`--reward error`: the region's recent mean error instead of LP) on the same keys.
+    Measured (loaded 2-core CPU): IAC spends FRAC_LP of its steps in A / B / C; the broken
+    variant FRAC_ERR: it is drawn to the noise. Flipping the sign of LP (recent - old), or
+    picking the smallest value, fails here."""
+    res, _ = recorded
+    frac = np.stack([res.final[f"frac_{z}"] for z in iac.ZONES], 1)  # (seed, zone)
+    broken = dataclasses.replace(TINY, reward="error")
+    state, _ = compiled(jax.vmap(run.make_train(iac.init, iac.update, broken)),
+                        run.seed_keys(0, 2))
+    visits = np.asarray(state.zone_visits, np.float64)
+    frac_err = visits / visits.sum(1, keepdims=True)
+    print("IAC", frac.round(3), "error", frac_err.round(3))
+    assert (frac[:, 1] > frac[:, 0] + 0.1).all() and (frac[:, 1] > frac[:, 2] + 0.1).all()
+    assert (frac_err[:, 2] > 0.5).all() and (frac_err[:, 1] < frac[:, 1]).all()
