@@ -32,7 +32,14 @@ centre: the model trained there scores ~0.67 in "real").
 Reproduce (CPU demo):
     python generalization/learning_to_simulate.py --preset quick --num-seeds 2 \
         --plot generalization/learning_to_simulate.png
-Ours (quick preset): see the end of this docstring (filled in from the measured run).
+Ours (quick preset: 150 iterations of K = 16 datasets x 256 points, 100 Adam steps of a
+32-unit MLP each, 2 seeds in one program, a loaded 2-core CPU, 55-93 s wall / 16-22 CPU-s,
+compile included): ||mu - xi_real|| 4.58 -> 3.57 / 3.35 (iteration 25), 1.92 / 1.38 (75),
+0.61 / 0.43 (150) for seeds 0 / 1; the real validation accuracy of the model trained at
+xi = mu 0.66 / 0.69 -> 0.947 / 0.940 (mean of the last 10 iterations; the Bayes rate of the
+real mixture is 0.955), the K sampled models' (the reward) 0.64 / 0.67 -> 0.925 / 0.920,
+against 0.48 +- 0.14 for models trained at uniform random xi. Plot:
+generalization/learning_to_simulate.png. [1]'s toy numbers were not at hand.
 
 Differences from the paper:
 - [1]'s full text was not at hand offline: the toy's layout (number of components, their
@@ -340,7 +347,7 @@ def plot(history: dict, state, cfg: Config, out: str):
         ax[2].scatter(*start[m], marker="x", s=60, color=c)
         ax[2].scatter(*mu[m], marker="o", s=60, color=c, edgecolor="k")
         ax[2].annotate("", mu[m], start[m], arrowprops=dict(arrowstyle="->", color=c, alpha=0.5))
-    ax[2].set(title="means: x start, o learned (seed 0), * real; colour = label",
+    ax[2].set(title="component means (seed 0)\nx start, o learned, * real; colour = label",
               xlabel="x1", ylabel="x2")
     for a in ax[:2]:
         a.grid(alpha=0.3)
