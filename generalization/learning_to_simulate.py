@@ -46,7 +46,10 @@ Differences from the paper:
   means, the main model: [1] used an SVM [M]), the policy's learning rate, K and the
   baseline's decay are ours [M]; the algorithm (Gaussian policy, K datasets per iteration,
   partially trained main model, reward = validation accuracy, REINFORCE with a moving-average
-  baseline) follows [1] and [2].
+  baseline) follows [1] and [2]. An unofficial, unfinished reproduction
+  (github.com/ammar-gilani/Learning-to-Simulate, Config.py) sets 2 classes x 3 components,
+  K = 100 and 500 points per class; it is not the authors' code and was not adopted.
+- `paper` preset = the defaults (K = 16, 300 iterations): [1]'s toy sizes are not known here.
 - The main model is a small MLP trained for a fixed number of Adam steps (one
   `lax.scan`), not an SVM: an XOR layout needs a non-linear boundary.
 - The K models of one iteration share their main-model init key and data key (common random
