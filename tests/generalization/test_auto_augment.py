@@ -33,14 +33,16 @@ def test_ops_on_hand_images():
     identity; Solarize at threshold 0 inverts; TranslateX by 1/4 of 4 px moves one pixel
     right; Equalize maps levels 0.2, 0.4, 0.6, 0.8
     (2, 1, 3, 2 pixels) to (CDF - CDF(min)) / (N - CDF(min)) = 0, 1/6, 2/3, 1; AutoContrast
-    stretches to [0, 1]. Through apply_op: the magnitude bins
-    (3 bins of Rotate span -30, 0, 30) and the op index."""
+    stretches to [0, 1]; Sharpness at factor 0 is PIL's SMOOTH filter (1 1 1 / 1 5 1 / 1 1 1)
+    / 13 of a single bright pixel. Through apply_op: the magnitude bins (3 bins of Rotate
+    span -30, 0, 30) and the op index."""
     img8 = jnp.round(IMG * 255) / 255
     neutral = {"shear_x": 0.0, "shear_y": 0.0, "translate_x": 0.0, "translate_y": 0.0,
                "rotate": 0.0, "contrast": 1.0, "color": 1.0, "brightness": 1.0,
                "sharpness": 1.0, "solarize": 1.01, "posterize": 8.0, "cutout": 0.0,
                "sample_pairing": 0.0, "identity": 0.0}
     levels = jnp.array([0.2, 0.2, 0.4, 0.6, 0.6, 0.6, 0.8, 0.8]).reshape(2, 4, 1)
+    dot = jnp.zeros((5, 5, 1)).at[2, 2].set(1.0)
     rot_cfg = dataclasses.replace(TINY, ops=("rotate", "invert"), num_mag_bins=3)
     key = jax.random.PRNGKey(0)
 
@@ -53,7 +55,7 @@ def test_ops_on_hand_images():
                    auto_contrast=fns(img, 0.0)["auto_contrast"](),
                    bins=jnp.stack([aa.apply_op(img, 0, m, key, img, rot_cfg) for m in range(3)]),
                    op1=aa.apply_op(img, 1, 0, key, img, rot_cfg), rot30=aa.rotate(img, 30.0),
-                   rotm30=aa.rotate(img, -30.0))
+                   rotm30=aa.rotate(img, -30.0), sharp0=aa.sharpen(dot, 0.0))
         return out
 
     out = compiled(cases, jnp.asarray(IMG), img8)
@@ -66,6 +68,8 @@ def test_ops_on_hand_images():
     np.testing.assert_allclose(out["tx"][:, 1:], IMG[:, :-1], atol=1e-6)
     np.testing.assert_allclose(out["tx"][:, 0], 0.0, atol=1e-6)  # fill
     np.testing.assert_allclose(np.unique(out["equalize"]), [0, 1 / 6, 2 / 3, 1], atol=1e-6)
+    smooth = np.zeros((5, 5)); smooth[1:4, 1:4] = 1 / 13; smooth[2, 2] = 5 / 13  # noqa: E702
+    np.testing.assert_allclose(out["sharp0"][..., 0], smooth, atol=1e-6)
     np.testing.assert_allclose(out["auto_contrast"].min(), 0.0, atol=1e-6)
     np.testing.assert_allclose(out["auto_contrast"].max(), 1.0, atol=1e-6)
     np.testing.assert_allclose(out["bins"][0], np.clip(out["rotm30"], 0, 1), atol=1e-6)
