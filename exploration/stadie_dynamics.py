@@ -91,6 +91,9 @@ class Config:
     """ReLU layers of the forward model M ([1]: a 2-layer MLP; width [M])"""
     wm_lr: float = 1e-3
     """Adam learning rate of the AE and the model [M]"""
+    bonus_when: str = "acting"
+    """acting: the bonus is computed when acting and stored in the replay ([1] Alg. 1 [M]);
+    learning: recomputed on each replayed batch with the current AE and model (not stale)"""
     ae_train_steps: int = 0
     """env steps during which the AE is trained (then frozen); 0: trained throughout"""
     hidden: tuple[int, ...] = (50, 50)
@@ -129,6 +132,8 @@ class Config:
     def validate(self):
         if self.dtype not in ("float32", "bfloat16"):
             raise ValueError(f"dtype={self.dtype!r} must be float32 or bfloat16")
+        if self.bonus_when not in ("acting", "learning"):
+            raise ValueError(f"bonus_when={self.bonus_when!r} must be acting or learning")
         for name in ("total_timesteps", "num_envs", "batch_size", "train_every", "code_dim",
                      "target_update_period", "eps_decay_steps", "decay_every"):
             if getattr(self, name) < 1:
@@ -151,12 +156,13 @@ class Config:
 
 
 PRESETS = {
-    # CPU demo: DeepSea N = 10 as a 10 x 10 image, one env, 250 episodes; a small AE
-    "quick": dict(env_id="DeepSea-bsuite-10", total_timesteps=2_500, beta=1.0, decay_c=0.1,
-                  decay_every=250, code_dim=16, ae_hidden=(64,), model_hidden=(64,),
+    # CPU demo: DeepSea N = 10 as a 10 x 10 image, one env, 150 episodes, epsilon 0.05 fixed
+    # (DQN's final value) so that exploration beyond dithering comes from the bonus; a small AE
+    "quick": dict(env_id="DeepSea-bsuite-10", total_timesteps=1_500, beta=1.0, decay_c=1.0,
+                  decay_every=500, code_dim=8, ae_hidden=(32,), model_hidden=(32,),
                   buffer_size=10_000, learning_starts=128, train_every=1,
-                  target_update_period=4, lr=1e-3, eps_start=1.0, eps_end=0.05,
-                  eps_decay_steps=500),
+                  target_update_period=4, lr=1e-3, eps_start=0.05, eps_end=0.05,
+                  eps_decay_steps=1),
     # [1]'s Atari DQN with the bonus (Bowling, one of [1]'s games; 1 env as DQN)
     "paper": dict(),
 }
@@ -386,6 +392,13 @@ def update(state: State, cfg: Config):
     not_done = 1.0 - cur["done"].astype(jnp.float32)
     env_steps = state.step * cfg.num_envs
     ae_on = ((cfg.ae_train_steps == 0) | (env_steps < cfg.ae_train_steps)).astype(jnp.float32)
+    max_e, stored = state.max_e, cur["bonus"]
+    if cfg.bonus_when == "learning":  # the bonus of the replayed (s, a) under today's model
+        e = prediction_error(wm, state.wm_params, frame, cur["action"], next_frame)
+        valid = (cur["weight"] * not_done) > 0
+        stored, _, max_e = bonus(e, valid, max_e, state.beta, decay_clock(state.step, cfg),
+                                 cfg.decay_c)
+        stored = jax.lax.stop_gradient(stored)
     wm_params, wm_opt, wm_aux = learn_wm(state.wm_params, state.wm_opt, wm, cfg, frame,
                                          cur["action"], next_frame, cur["weight"] * not_done,
                                          ae_on)
@@ -393,7 +406,7 @@ def update(state: State, cfg: Config):
     def q_loss(params):
         q = qnet.apply(params, cur["obs"])
         q_next = qnet.apply(state.target_params, nxt["obs"])
-        y = dqn.td_target(cur["reward"] + cur["bonus"], cfg.gamma * not_done, q_next)
+        y = dqn.td_target(cur["reward"] + stored, cfg.gamma * not_done, q_next)
         return dqn.q_loss(q, cur["action"], y, cur["weight"])
 
     loss_q, grads = jax.value_and_grad(q_loss)(state.q_params)
@@ -413,7 +426,7 @@ def update(state: State, cfg: Config):
         "losses/q": loss_q,
         "losses/ae": wm_aux["loss_ae"],
         "losses/model": wm_aux["loss_model"],
-        "charts/bonus_mean": traj["bonus"].mean(),
+        "charts/bonus_mean": traj["bonus"].mean() if cfg.bonus_when == "acting" else stored.mean(),
         "charts/ebar_mean": traj["ebar"].mean(),
         "charts/model_error": traj["e"].mean(),
         "charts/max_error": state.max_e,
@@ -424,7 +437,8 @@ def update(state: State, cfg: Config):
         "charts/first_success": jnp.maximum(state.first_success, 0.0),
         "charts/solved": (state.first_success >= 0).astype(jnp.float32),
     }
-    new = state.replace(q_params=q_params, target_params=target, q_opt=q_opt,
+    max_e = jnp.where(learning, max_e, state.max_e)
+    new = state.replace(q_params=q_params, target_params=target, q_opt=q_opt, max_e=max_e,
                         wm_params=wm_params, wm_opt=wm_opt, num_grad=num_grad, key=key)
     return new, metrics
 
