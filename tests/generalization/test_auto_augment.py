@@ -134,9 +134,10 @@ def tiny_run(tmp_path_factory):
 def test_controller_finds_invert_and_the_flipped_reward_does_not(tiny_run):
     """Behaviour (TINY: inverted validation digits, 6 ops, 8 policies x 10 updates, lr
     0.01), both arms from seed 0's initial state through the CLI's compiled chunk: the
-    controller's mass on Invert (mean over the 10 op slots) measured 0.17 -> 0.38 with the
-    reward = validation accuracy, 0.17 -> 0.00 with the reward sign flipped (the broken
-    variant); rewards (mean validation accuracy) at the last update 0.40 vs 0.00."""
+    controller's mass on Invert (mean over the 10 op slots) measured 0.17 -> 0.73 with the
+    reward = validation accuracy, 0.17 -> 0.02 with the reward sign flipped (the broken
+    variant); mean validation accuracy at the last update 0.49 vs 0.01. Also fails with
+    the sign ignored (reward = accuracy in both arms) and with PPO's surrogate negated."""
     _, chunks = tiny_run
     chunk, states = chunks[0]
     both = jax.tree.map(lambda x: jnp.stack([x[0], x[0]]), states)
