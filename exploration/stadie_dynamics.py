@@ -41,7 +41,8 @@ acting, beta 1 / 10 / 100: 53 37 45 46 / 48 41 48 51 / 51 45 51 56; recomputed o
 replayed batch (bonus_when=learning), beta 0.1 / 1 / 10: 45 40 57 47 / 49 54 53 58 /
 54 43 49 53; N = 16, 3,000 steps, learning: 103 102 93 105 (beta 0) vs 108 106 92 94
 (beta 1); no treasure in any of these. A likely cause (not checked): the running max is
-set by the first errors of the untrained model, so ebar stays small afterwards. A claim that the bonus helps on DeepSea is not supported by these runs.
+set by the first errors of the untrained model, so ebar stays small afterwards. A claim
+that the bonus helps on DeepSea is not supported by these runs.
 
 Paper setting (GPU; one Atari game through envpool; only traced on CPU here):
     python exploration/stadie_dynamics.py --preset paper
