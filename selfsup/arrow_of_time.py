@@ -34,7 +34,10 @@ velocity plus a border whose brightness drifts with time, the catalogue's cue te
 
 Reproduce (CPU demo, 32x32 frames, a small trunk):
     python selfsup/arrow_of_time.py --preset quick --plot selfsup/arrow_of_time.png
-Measured: (pending).
+Measured (1 seed, 300 steps, 7.0 min wall of which 70 s compiling, on a heavily loaded
+2-core CPU): held-out accuracy (512 clips each, chance 0.5) on gravity clips 0.988, on
+time-symmetric constant-velocity clips 0.498 (no leakage), on cue videos 0.523 (the border
+is cropped); training loss 0.71 (first steps) -> 0.07. A 60-step run already reached 0.951.
 Paper setting (GPU; procedural videos in place of UCF101/Flickr, VGG-16-BN on 224x224):
     python selfsup/arrow_of_time.py --preset paper
 [1] reports AoT accuracy on UCF101 of about 0.8 for flow T-CAM [M].
@@ -45,7 +48,10 @@ Differences from the paper:
 - Grey frames; balanced Bernoulli labels per clip (the released loader draws the direction
   per sample too [M]); one optimiser step per batch of 32 (the released iter_size 3
   accumulates 3 batches [M]); weight decay on all parameters (Torch optim.sgd).
-- `quick`: 32x32 frames, T = 2 groups of 5 differences, a 5-conv trunk, 2 top convs of 64.
+- `quick`: 32x32 frames, T = 2 groups of 5 differences, a 5-conv trunk, 2 top convs of 64,
+  no dropout, lr 0.03 (x 0.1 after 200 steps), 300 steps.
+- Sprites come to rest on the floor in forward gravity clips (and leave it in reversed
+  ones): part of what the network reads, as it is part of the physics.
 """
 
 import functools
@@ -177,7 +183,7 @@ PRESETS = {
     # 5-conv trunk and two top convs of 64.
     "quick": dict(frame_size=32, group_frames=5, border_crop=2, cue_width=2,
                   trunk_channels=(16, 16, 0, 32, 32, 0, 64), top_channels=(64, 64),
-                  dropout=0.0, batch_size=32, num_steps=1500, lr=0.03, lr_drop_steps=1000,
+                  dropout=0.0, batch_size=32, num_steps=300, lr=0.03, lr_drop_steps=200,
                   shift_conv=True),
     "paper": dict(),
 }
@@ -409,7 +415,9 @@ def plot(res, cfg: Config, out: str):
             ax = fig.add_subplot(sub[j])
             ax.imshow(np.asarray(v.frames[t, ..., 0]), cmap="gray", vmin=0, vmax=1)
             ax.set_xticks([]), ax.set_yticks([])
-            ax.set_title(f"{name}: t={t}" if j == 0 else f"t={t}", fontsize=7, loc="left")
+            ax.set_title(f"t={t}", fontsize=7)
+            if j == 0:
+                ax.set_ylabel(name.replace(", ", ",\n"), fontsize=7)
     ax = fig.add_subplot(grid[2])
     ax.plot(e_g, "r-", label="gravity + lossy bounces (forward: energy falls)")
     ax.plot(e_c, "b-", label="constant velocity (time-symmetric)")
