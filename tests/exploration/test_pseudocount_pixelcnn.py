@@ -1,0 +1,202 @@
+"""Tests of exploration/pseudocount_pixelcnn.py: masked-convolution causality, the prediction
+gain of a new and of a repeated frame, the pseudo-count and bonus formulas, the Bonus's
+`reward` as `update` runs it, CLI, purity, every Config field read and the paper preset."""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from exploration import pseudocount_pixelcnn as pp
+from tests.common.cli import cli_args
+from tests.common.compiled import compiled, main_recording_chunks
+from tests.common.config_fields import unread_fields
+from tests.common.preset import trace_paper
+
+QUICK = pp.Config(**pp.PRESETS["quick"])
+# One tiny configuration: DeepSea N = 8 as an 8 x 8 binary image, 4 envs x 16 steps x 2
+# updates, a PixelCNN of 8 feature maps and one gated block.
+TINY = dataclasses.replace(
+    QUICK, env_id="DeepSea-bsuite-8", num_envs=4, num_steps=16, total_timesteps=128,
+    features=8, out_features=16, num_blocks=1, num_epochs=1, num_minibatches=2,
+)
+
+
+def test_masked_convolutions_are_causal():
+    """[3]: the logits at pixel i depend on the pixels before i in raster order and on no
+    pixel at or after i. jax.jacobian of the logits of a random 6 x 6 frame (a float copy of
+    the levels) w.r.t. the input: zero on and after i for every i, and nonzero somewhere
+    before i for the pixels that have a past (the 7x7 type-A kernel reaches 3 rows up).
+    Mutations: type B for the first convolution (the centre seen) fails the zero check; a
+    mask with the row below fails it too."""
+    net = pp.PixelCNN(levels=4, features=8, num_blocks=2, out_features=16)
+    x = jax.random.randint(jax.random.PRNGKey(0), (6, 6), 0, 4)
+
+    def go(x):
+        params = net.init(jax.random.PRNGKey(1), x[None])
+
+        def logits(xf):  # the network reads 2 x / (L - 1) - 1 of a float frame as well
+            return net.apply(params, xf[None])[0].sum(-1)  # (6, 6)
+
+        return jax.jacobian(logits)(x.astype(jnp.float32))  # (6, 6, 6, 6)
+
+    jac = np.asarray(compiled(go, x)).reshape(36, 36)  # [output pixel, input pixel]
+    after = np.triu(np.ones((36, 36), bool))  # input index >= output index
+    assert np.abs(jac[after]).max() == 0.0
+    assert all(np.abs(jac[i, :i]).max() > 0 for i in range(1, 36))
+    np.testing.assert_array_equal(
+        pp.causal_mask(3, "A"), [[1, 1, 1], [1, 0, 0], [0, 0, 0]])
+    np.testing.assert_array_equal(
+        pp.causal_mask(3, "B"), [[1, 1, 1], [1, 1, 0], [0, 0, 0]])
+
+
+def test_prediction_gain_of_new_and_repeated_frames():
+    """PG > 0 for a frame the model has never seen (after 30 steps on other frames), and it
+    decays over 20 repeats (the mean of each 5 below the last 5's, the 20th under 0.6 x the
+    first) of that frame, each repeat one SGD step of eta on it
+    (theta' of `prediction_gain` is the next theta: [1]'s online model). PG is the sum of
+    the per-pixel gains and log rho the frame's log-likelihood."""
+    cfg = dataclasses.replace(TINY, levels=4, pg_lr=0.1)
+    net = pp.make_density(cfg)
+    others = jax.random.randint(jax.random.PRNGKey(2), (30, 8, 8), 0, 4)
+    x = jax.random.randint(jax.random.PRNGKey(3), (8, 8), 0, 4)
+
+    def sgd(params, y):
+        g = jax.grad(lambda p: pp.density_loss(net, p, y[None]))(params)
+        return jax.tree.map(lambda p, g: p - cfg.pg_lr * g, params, g)
+
+    def go(x, others):
+        params = jax.lax.scan(lambda p, y: (sgd(p, y), None), net.init(
+            jax.random.PRNGKey(0), x[None]), others)[0]
+
+        def rep(p, _):
+            lr, pg = pp.prediction_gain(net, p, x, cfg.pg_lr)
+            after = pp.pixel_log_probs(net, sgd(p, x), x).sum()
+            return sgd(p, x), (lr, pg, after)
+
+        return jax.lax.scan(rep, params, None, length=20)[1]
+
+    lr, pg, after = map(np.asarray, compiled(go, x, others))
+    assert pg[0] > 0 and (pg > 0).all()
+    assert (np.diff(pg.reshape(4, 5).mean(1)) < 0).all(), pg  # means of 5 repeats fall
+    assert pg[-1] < 0.6 * pg[0], pg
+    np.testing.assert_allclose(lr + pg, after, rtol=1e-4)
+    assert (np.diff(lr) > 0).all()  # the frame becomes likelier
+
+
+def test_pseudo_count_and_bonus_formulas():
+    """[1] Sec. 4: N_hat = (exp(c n^-1/2 PG_+) - 1)^-1 and r^+ = beta N_hat^-1/2.
+    c = 0.1, n = 100: PG = 10 -> c n^-1/2 PG = 0.1, N_hat = 1/(e^0.1 - 1) = 9.508;
+    PG = 0 or < 0 (clipped) -> N_hat = inf, bonus 0 (not nan); beta = 0.1 -> r^+ = 0.1 /
+    sqrt(9.508) = 0.03243."""
+    pg = jnp.array([10.0, 0.0, -3.0, 50.0])
+    n_hat, bonus = compiled(
+        lambda pg: (pp.pseudo_count(pg, 100.0, 0.1), pp.count_bonus(pg, 100.0, 0.1, 0.1)), pg)
+    np.testing.assert_allclose(n_hat[0], 1 / np.expm1(0.1), rtol=1e-5)
+    np.testing.assert_allclose(n_hat[3], 1 / np.expm1(0.5), rtol=1e-5)
+    assert np.isinf(n_hat[1]) and np.isinf(n_hat[2])
+    np.testing.assert_allclose(bonus, 0.1 / np.sqrt(n_hat), rtol=1e-5)
+    assert bonus[1] == 0 and bonus[2] == 0
+
+
+def test_bonus_reward_is_the_vmapped_prediction_gain():
+    """The Bonus's `reward` on a [T = 2, N = 2] rollout of 8 x 8 DeepSea-like frames, as
+    `update` runs it: frames quantised (L = 2), each frame's PG from the same theta, n of
+    frame k (time-major, env-minor) = n_before + k + 1, r = beta (exp(c n^-1/2 PG_+) - 1)^1/2,
+    and n advanced by 4."""
+    cfg = dataclasses.replace(TINY, beta=0.3, pg_scale=2.0, pg_lr=0.1)
+    bonus, net = pp.make_bonus(cfg), pp.make_density(cfg)
+    obs = jnp.zeros((2, 2, 8, 8)).at[0, 0, 0, 0].set(1).at[0, 1, 1, 0].set(1)
+    obs = obs.at[1, 0, 0, 0].set(1).at[1, 1, 1, 1].set(1)
+
+    def go(obs):
+        params, stats = bonus.init(jax.random.PRNGKey(0), obs[0])
+        stats = {**stats, "n": jnp.float32(10.0)}
+        r, new = bonus.reward(params, stats, {"obs": obs})
+        want = []
+        for k, (t, e) in enumerate(((0, 0), (0, 1), (1, 0), (1, 1))):
+            _, pg = pp.prediction_gain(net, params, obs[t, e].astype(jnp.int32), cfg.pg_lr)
+            want.append(0.3 * jnp.sqrt(jnp.expm1(2.0 * (11.0 + k) ** -0.5 * pg)))
+        return r, new, jnp.stack(want)
+
+    r, new, want = compiled(go, obs)
+    np.testing.assert_allclose(r, np.reshape(want, (2, 2)), rtol=1e-4)
+    assert float(new["n"]) == 14.0 and (np.asarray(r) > 0).all()
+
+
+def _argv(run_dir):
+    return [*cli_args(TINY, QUICK, "quick"), "--num-seeds", "2", "--no-progress",
+            "--run-dir", str(run_dir)]
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    return main_recording_chunks(pp.main, _argv(tmp_path_factory.mktemp("pixelcnn")))
+
+
+def test_train_is_pure(tiny_run):
+    """The CLI run's one compiled chunk, run again on its recorded input states, gives the
+    run's final state and metrics bit for bit; the two seeds differ."""
+    result, chunks = tiny_run
+    assert len(chunks) == 1
+    chunk, states = chunks[0]
+    state, metrics = jax.device_get(chunk(states))
+    for x, y in zip(jax.tree.leaves(result.state), jax.tree.leaves(state), strict=True):
+        np.testing.assert_array_equal(x, y)
+    for k in ("losses/policy", "losses/density_nll", "charts/pseudo_count"):
+        np.testing.assert_array_equal(result.history[k], metrics[k])
+    assert not np.array_equal(metrics["losses/density_nll"][0], metrics["losses/density_nll"][1])
+
+
+def test_cli_run_writes_its_files(tiny_run, capsys):
+    """`--help` documents every field; the tiny run wrote its files, its density model
+    learned (NLL falls) and fed n = 128 frames; bad values fail before compiling."""
+    result, _ = tiny_run
+    with pytest.raises(SystemExit):
+        pp.main(["--help"])
+    out = capsys.readouterr().out
+    for f in dataclasses.fields(pp.Config):
+        assert "--" + f.name.replace("_", "-") in out, f.name
+    assert "Presets (--preset): quick, paper" in out
+    assert (result.run_dir / "metrics.jsonl").exists()
+    h = result.history
+    assert h["charts/distinct_cells"].shape == (2, 2)
+    assert (h["losses/density_nll"][:, -1] < h["losses/density_nll"][:, 0]).all()
+    np.testing.assert_array_equal(result.state.bonus_stats["n"], [128.0, 128.0])
+
+
+def test_bad_values_fail_with_named_field(tmp_path):
+    for flag, value, field in (
+        ("--levels", "1", "levels"),
+        ("--pg-lr", "0", "pg.lr"),
+        ("--beta", "-1", "beta"),
+        ("--dtype", "float16", "dtype"),
+    ):
+        with pytest.raises(ValueError, match=field):
+            pp.main(["--preset", "quick", flag, value, "--run-dir", str(tmp_path)])
+
+
+def test_every_config_field_is_read():
+    """No flag that lies: each Config field is read by code that runs (AST, not text)."""
+    assert unread_fields(pp) == []
+
+
+def test_paper_preset_traces():
+    """jax.eval_shape of init and one update under the `paper` preset: Montezuma's Revenge
+    through envpool, 42x42 grey frames (4 stacked), the PixelCNN over the last frame with
+    8 levels, 16 feature maps, 2 gated blocks, 64 output maps, with 8 envs instead of 128
+    (building 128 ALE emulators takes ~40 s on a 2-core CPU)."""
+    cfg, state, (after, metrics) = trace_paper(pp, num_envs=8)
+    assert state.obs.shape == (8, 4, 42, 42)
+    dens = state.params["bonus"]["params"]
+    assert dens["embedding"].shape == (42, 42, 4)
+    assert dens["MaskedConv_0"]["kernel"].shape == (7, 7, 1, 16)
+    assert dens["MaskedConv_1"]["kernel"].shape == (3, 3, 16, 32)
+    assert dens["Dense_5"]["kernel"].shape == (16, 64)
+    assert dens["Dense_6"]["kernel"].shape == (64, 8)
+    assert state.env_state.visited.shape == (256,)  # rooms
+    assert jax.tree.structure(after) == jax.tree.structure(state)
+    assert all(m.shape == () for m in jax.tree.leaves(metrics))
+    assert cfg.beta == 0.1 and cfg.pg_scale == 0.1 and cfg.levels == 8
