@@ -8,19 +8,26 @@ data that xi generates.
 [3] R. J. Williams. "Simple statistical gradient-following algorithms for connectionist
     reinforcement learning." Machine Learning, 1992 (REINFORCE, the reward baseline).
 
-One policy iteration (one `update`), [1] Sec. 3 / Alg. 1:
-    xi_k ~ pi_psi(xi) = N(mu, diag sigma^2),  k = 1..K                       (policy, [1] Sec. 3.2)
+Notation: [1] writes the simulator's parameters psi and the policy pi_omega(psi); we follow
+the post [2]: simulator parameters xi, their distribution (the policy) P_phi(xi) = pi_phi(xi).
+D = 2 M: the dimension of xi (M mixture components, 2 coordinates of each mean).
+
+One policy iteration (one `update`), [1]'s policy-gradient algorithm ([1] Sec. 3 / Alg. 1 [M]):
+    xi_k ~ pi_phi(xi) = N(mu, diag sigma^2),  k = 1..K               (policy, [1] Sec. 3.2 [M])
     D_k = {(x, y)} ~ q(x, y | xi_k)               (simulator: a 2-D Gaussian mixture, below)
     theta_k = train(D_k): `train_steps` Adam steps from a fresh init (not to convergence)
     R_k = acc(theta_k; D_val)   D_val: a fixed validation set from the "real" mixture xi_real
     A_k = R_k - b,  b <- beta b + (1 - beta) mean_k R_k      (moving-average baseline [1] [M])
-    grad_psi J ~= 1/K sum_k A_k grad_psi log pi_psi(xi_k)                    (REINFORCE [3])
-    psi <- Adam(psi, -grad_psi J)
+    grad_phi J ~= 1/K sum_k A_k grad_phi log pi_phi(xi_k)                    (REINFORCE [3])
+    phi <- Adam(phi, -grad_phi J)
 with grad_mu log pi = (xi - mu) / sigma^2 and grad_{log sigma} log pi = (xi - mu)^2 / sigma^2
 - 1 (sigma is learned only with --learn-std; [1]'s toy keeps it fixed [M]).
 All K inner trainings (sample, generate, a `lax.scan` of Adam steps, score) are one `jax.vmap`
-over xi; a model trained at xi = mu (the policy's mean) and one at a uniform random xi (the
-random-parameter baseline) are trained in the same vmap each iteration, with the same keys.
+over xi; a model trained at xi = mu (the policy's mean), one at xi_real (the oracle: the
+"real-data" model) and one at a uniform random xi (the random-parameter baseline) are trained
+in the same vmap each iteration, with the same keys. ||mu - xi_real|| is logged as a
+diagnostic only: the objective is the accuracy, and other layouts (e.g. the means pushed
+further apart, or the components of one label swapped) classify the real data as well.
 
 The simulator (the toy of [1] Sec. 4.1 [M]): M Gaussian components in 2-D, component m has
 mean xi[2m:2m+2], std `data_std` and label m mod 2; a dataset holds N points, N / M per
@@ -55,6 +62,10 @@ Differences from the paper:
 - The K models of one iteration share their main-model init key and data key (common random
   numbers: the rewards differ by xi alone); new keys every iteration.
 - The baseline b starts at the first iteration's mean reward (not 0).
+- Each main model is trained from scratch (a fresh init, `train_steps` steps) every
+  iteration; [1]'s Alg. 1 [M] allows training or fine-tuning it: no warm start here.
+- xi holds the component means only: the catalogue's toy learns means and variances; here
+  the components' std (`data_std`) is fixed and known, and only the 2 M means are learned.
 - [1]'s car-counting and KITTI/CARLA experiments (a rendering simulator) are not here.
 """
 
@@ -93,7 +104,7 @@ class Config:
     learn_std: bool = False
     """also learn log sigma by REINFORCE ([1]'s toy: fixed variance [M])"""
     min_std: float = 0.05
-    """lower clip of sigma when it is learned"""
+    """lower clip of sigma when it is learned (unused when sigma is fixed)"""
     xi_range: float = 4.0
     """random-xi baseline: each mean uniform in [-xi_range, xi_range]"""
     data_std: float = 1.0
@@ -107,7 +118,7 @@ class Config:
     num_iterations: int = 300
     """policy iterations (one `update` each)"""
     lr: float = 0.05
-    """Adam learning rate of the policy psi [M]"""
+    """Adam learning rate of the policy phi [M]"""
     baseline_decay: float = 0.9
     """beta of the moving-average reward baseline b [M]"""
     reward: str = "accuracy"
@@ -127,7 +138,7 @@ class Config:
 
     @property
     def steps_per_update(self) -> int:
-        return (self.num_samples + 2) * self.train_steps  # main-model steps per iteration
+        return (self.num_samples + 3) * self.train_steps  # main-model steps per iteration
 
     @property
     def dim(self) -> int:
@@ -149,6 +160,9 @@ class Config:
         for name in ("num_val", "num_samples", "hidden", "train_steps", "num_iterations"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)} must be >= 1")
+        if self.learn_std and self.init_std < self.min_std:
+            raise ValueError(f"init_std={self.init_std} must be >= min_std={self.min_std} when "
+                             "learn_std (sigma is clipped to min_std)")
         if not 0 <= self.baseline_decay < 1:
             raise ValueError(f"baseline_decay={self.baseline_decay} must be in [0, 1)")
         for name, choices in (("reward", ("accuracy", "neg_loss")),
@@ -228,30 +242,30 @@ def reward_of(acc, loss, cfg: Config):
     return acc if cfg.reward == "accuracy" else -loss
 
 
-# --- POLICY pi_psi(xi) = N(mu, diag sigma^2) and REINFORCE ---
+# --- POLICY pi_phi(xi) = N(mu, diag sigma^2) and REINFORCE ---
 
 
-def log_prob(psi, xi):
-    """log N(xi; mu, diag exp(log_sigma)^2), psi = {"mu", "log_sigma"} [D]."""
-    mu, log_sigma = psi["mu"], psi["log_sigma"]
+def log_prob(phi, xi):
+    """log N(xi; mu, diag exp(log_sigma)^2), phi = {"mu": [D], "log_sigma": [D]}, D = 2 M."""
+    mu, log_sigma = phi["mu"], phi["log_sigma"]
     z = (xi - mu) * jnp.exp(-log_sigma)
     return jnp.sum(-0.5 * z**2 - log_sigma - 0.5 * jnp.log(2 * jnp.pi))
 
 
-def reinforce_grad(psi, xis, adv, learn_std: bool):
-    """grad_psi J ~= 1/K sum_k A_k grad_psi log pi_psi(xi_k) ([1] Sec. 3, [3]): the gradient
+def reinforce_grad(phi, xis, adv, learn_std: bool):
+    """grad_phi J ~= 1/K sum_k A_k grad_phi log pi_phi(xi_k) ([1] Sec. 3, [3]): the gradient
     of the ascent objective (xi and A held fixed); sigma's gradient is 0 unless learned."""
     surrogate = lambda p: jnp.mean(adv * jax.vmap(lambda x: log_prob(p, x))(xis))
-    g = jax.grad(surrogate)(psi)
+    g = jax.grad(surrogate)(phi)
     if not learn_std:
         g = {**g, "log_sigma": jnp.zeros_like(g["log_sigma"])}
     return g
 
 
-def sample_xi(key, psi, k: int):
+def sample_xi(key, phi, k: int):
     """xi_k = mu + sigma * eps_k. [K, D]"""
-    eps = jax.random.normal(key, (k, psi["mu"].shape[0]))
-    return psi["mu"] + jnp.exp(psi["log_sigma"]) * eps
+    eps = jax.random.normal(key, (k, phi["mu"].shape[0]))
+    return phi["mu"] + jnp.exp(phi["log_sigma"]) * eps
 
 
 def optimizer(cfg: Config):
@@ -263,7 +277,7 @@ def optimizer(cfg: Config):
 
 @struct.dataclass
 class State:
-    psi: dict  # {"mu": [D], "log_sigma": [D]}: the policy
+    phi: dict  # {"mu": [D], "log_sigma": [D]}: the policy
     opt_state: optax.OptState
     baseline: jax.Array  # b: moving average of the rewards
     step: jax.Array
@@ -274,44 +288,46 @@ class State:
 
 def init(key, cfg: Config) -> State:
     key, k_val = jax.random.split(key)
-    psi = {"mu": jnp.asarray(cfg.init_mean, jnp.float32),
+    phi = {"mu": jnp.asarray(cfg.init_mean, jnp.float32),
            "log_sigma": jnp.full(cfg.dim, jnp.log(cfg.init_std), jnp.float32)}
     val_x, val_y = generate(k_val, jnp.asarray(cfg.xi_real, jnp.float32), cfg.num_val, cfg)
-    return State(psi, optimizer(cfg).init(psi), jnp.array(0.0), jnp.array(0), val_x, val_y,
+    return State(phi, optimizer(cfg).init(phi), jnp.array(0.0), jnp.array(0), val_x, val_y,
                  key)
 
 
 def update(state: State, cfg: Config):
     """One policy iteration: K xi, K datasets, K main-model trainings (one vmap, plus the
-    policy-mean and random-xi models), the rewards, one REINFORCE step on psi."""
+    policy-mean, oracle and random-xi models), the rewards, one REINFORCE step on phi."""
     key, k_xi, k_rand, k_init, k_data = jax.random.split(state.key, 5)
-    psi = state.psi
-    xis = sample_xi(k_xi, psi, cfg.num_samples)  # [K, D]
+    phi = state.phi
+    xis = sample_xi(k_xi, phi, cfg.num_samples)  # [K, D]
     xi_rand = jax.random.uniform(k_rand, (cfg.dim,), minval=-cfg.xi_range, maxval=cfg.xi_range)
-    xi_all = jnp.concatenate([xis, psi["mu"][None], xi_rand[None]])  # [K + 2, D]
+    xi_real = jnp.asarray(cfg.xi_real, jnp.float32)
+    xi_all = jnp.concatenate([xis, phi["mu"][None], xi_real[None], xi_rand[None]])  # [K + 3, D]
     acc, loss = jax.vmap(train_and_score, (0, None, None, None, None, None))(
         xi_all, k_init, k_data, state.val_x, state.val_y, cfg)
     r = reward_of(acc, loss, cfg)[: cfg.num_samples]  # [K]
     b = jnp.where(state.step == 0, r.mean(), state.baseline)  # first b: the first mean
     adv = r - b  # A_k = R_k - b
-    g = reinforce_grad(psi, xis, adv, cfg.learn_std)
+    g = reinforce_grad(phi, xis, adv, cfg.learn_std)
     updates, opt_state = optimizer(cfg).update(jax.tree.map(jnp.negative, g), state.opt_state)
-    psi = optax.apply_updates(psi, updates)  # gradient ascent on J
-    psi = {**psi, "log_sigma": jnp.maximum(psi["log_sigma"], jnp.log(cfg.min_std))}
+    phi = optax.apply_updates(phi, updates)  # gradient ascent on J
+    if cfg.learn_std:  # a fixed sigma stays at init_std
+        phi = {**phi, "log_sigma": jnp.maximum(phi["log_sigma"], jnp.log(cfg.min_std))}
     baseline = cfg.baseline_decay * b + (1 - cfg.baseline_decay) * r.mean()
-    xi_real = jnp.asarray(cfg.xi_real, jnp.float32)
     metrics = {
         "charts/reward_mean": r.mean(),
         "charts/acc_samples": acc[: cfg.num_samples].mean(),
-        "charts/acc_policy_mean": acc[-2],  # the model trained at xi = mu (before the step)
+        "charts/acc_policy_mean": acc[-3],  # the model trained at xi = mu (before the step)
+        "charts/acc_real_xi": acc[-2],  # the oracle: the model trained at xi_real
         "charts/acc_random_xi": acc[-1],  # the model trained at a uniform random xi
-        "charts/dist_to_real": jnp.linalg.norm(state.psi["mu"] - xi_real),
-        "charts/sigma_mean": jnp.exp(state.psi["log_sigma"]).mean(),
+        "charts/dist_to_real": jnp.linalg.norm(state.phi["mu"] - xi_real),
+        "charts/sigma_mean": jnp.exp(state.phi["log_sigma"]).mean(),
         "charts/baseline": b,
         "losses/val_loss_samples": loss[: cfg.num_samples].mean(),
         "losses/grad_norm": optax.tree.norm(g),
     }
-    new = State(psi, opt_state, baseline, state.step + 1, state.val_x, state.val_y, key)
+    new = State(phi, opt_state, baseline, state.step + 1, state.val_x, state.val_y, key)
     return new, metrics
 
 
@@ -320,7 +336,7 @@ def update(state: State, cfg: Config):
 
 def plot(history: dict, state, cfg: Config, out: str):
     """(a) ||mu - xi_real|| per iteration; (b) validation accuracy of the model trained at mu,
-    of the K samples, and at a random xi (seed mean); (c) seed 0's final mixture means vs
+    of the K samples, at xi_real and at a random xi (seed mean); (c) seed 0's final mixture means vs
     xi_real and the initial means."""
     import matplotlib
 
@@ -335,13 +351,14 @@ def plot(history: dict, state, cfg: Config, out: str):
     ax[0].set(xlabel="policy iteration", ylabel="||mu - xi_real||", title="policy mean vs real")
     for k, label in (("charts/acc_policy_mean", "model trained at xi = mu"),
                      ("charts/acc_samples", "K sampled xi (reward)"),
+                     ("charts/acc_real_xi", "oracle: trained at xi_real"),
                      ("charts/acc_random_xi", "random xi")):
         y = np.asarray(history[k]).mean(0)
         w = min(10, len(y))
         ax[1].plot(it[w - 1:], np.convolve(y, np.ones(w) / w, "valid"), label=label)
     ax[1].set(xlabel="policy iteration", ylabel="real validation accuracy (10-it. mean)",
               title="main-task accuracy")
-    mu = np.asarray(state.psi["mu"])[0].reshape(-1, 2)
+    mu = np.asarray(state.phi["mu"])[0].reshape(-1, 2)
     real = np.asarray(cfg.xi_real).reshape(-1, 2)
     start = np.asarray(cfg.init_mean).reshape(-1, 2)
     for m in range(cfg.num_components):
@@ -362,8 +379,8 @@ def plot(history: dict, state, cfg: Config, out: str):
 # --- MAIN ---
 
 
-SUMMARY = ["charts/dist_to_real", "charts/acc_policy_mean", "charts/acc_random_xi",
-           "charts/reward_mean"]
+SUMMARY = ["charts/dist_to_real", "charts/acc_policy_mean", "charts/acc_real_xi",
+           "charts/acc_random_xi", "charts/reward_mean"]
 
 
 def main(argv=None):

@@ -30,20 +30,21 @@ from tests.common.preset import trace_paper
 TINY = lts.Config(num_iterations=40, num_samples=8, train_steps=40, num_train=64, num_val=256,
                   hidden=16, lr=0.2)
 SEEDS = 2
+FLIPPED_ITERATIONS = 20  # the broken arm's run (its distance grows fast)
 
 
 def test_reinforce_grad_is_the_score_function():
-    """psi: mu = (1, -2), sigma = (0.5, 2); K = 3 samples with advantages A = (1, -0.5, 2).
+    """phi: mu = (1, -2), sigma = (0.5, 2); K = 3 samples with advantages A = (1, -0.5, 2).
     grad_mu = 1/K sum_k A_k (xi_k - mu) / sigma^2, grad_log_sigma = 1/K sum_k A_k ((xi_k -
     mu)^2 / sigma^2 - 1) (0 when sigma is fixed); log_prob = the Gaussian log density."""
     mu, sigma = np.array([1.0, -2.0]), np.array([0.5, 2.0])
-    psi = {"mu": jnp.asarray(mu, jnp.float32), "log_sigma": jnp.log(jnp.asarray(sigma))}
+    phi = {"mu": jnp.asarray(mu, jnp.float32), "log_sigma": jnp.log(jnp.asarray(sigma))}
     xis = np.array([[1.5, -2.0], [0.0, 1.0], [1.25, -4.0]])
     adv = np.array([1.0, -0.5, 2.0])
     xs, a = jnp.asarray(xis, jnp.float32), jnp.asarray(adv, jnp.float32)
     g, fixed, lp_ours = compiled(lambda p, x, a: (
         lts.reinforce_grad(p, x, a, True), lts.reinforce_grad(p, x, a, False),
-        lts.log_prob(p, x[0])), psi, xs, a)
+        lts.log_prob(p, x[0])), phi, xs, a)
     z = (xis - mu) / sigma
     np.testing.assert_allclose(g["mu"], (adv[:, None] * z / sigma).mean(0), rtol=1e-5)
     np.testing.assert_allclose(g["log_sigma"], (adv[:, None] * (z**2 - 1)).mean(0), rtol=1e-5)
@@ -72,10 +73,51 @@ def test_generator_matches_the_moments_of_xi():
 
 def test_policy_samples_have_the_policy_moments():
     """xi_k = mu + sigma eps: 20000 samples have mean mu and std sigma."""
-    psi = {"mu": jnp.array([1.0, -1.0]), "log_sigma": jnp.log(jnp.array([0.5, 2.0]))}
-    xi = compiled(lambda k, p: lts.sample_xi(k, p, 20000), jax.random.key(1), psi)
+    phi = {"mu": jnp.array([1.0, -1.0]), "log_sigma": jnp.log(jnp.array([0.5, 2.0]))}
+    xi = compiled(lambda k, p: lts.sample_xi(k, p, 20000), jax.random.key(1), phi)
     np.testing.assert_allclose(xi.mean(0), [1.0, -1.0], atol=0.04)
     np.testing.assert_allclose(xi.std(0), [0.5, 2.0], rtol=0.03)
+
+
+def test_update_baseline_advantage_and_sigma(monkeypatch):
+    """Two real `update`s with the main-model training replaced by one reward per iteration
+    (u_t ~ U(0, 1) from the iteration's init key, the same for all K + 3 models; loss = -2 u_t).
+    Iteration 1: b = mean R_1, A = R - b = 0, so the gradient is 0 and phi does not move;
+    iteration 2: b = mean R_1 (not including R_2), A = R_2 - b != 0, phi moves, and after it
+    b = beta mean R_1 + (1 - beta) mean R_2. Arm "fixed": reward = accuracy, sigma fixed at
+    init_std = 0.01 < min_std: sigma stays 0.01. Arm "learned": reward = neg_loss (R = -loss),
+    sigma learned: it moves at iteration 2."""
+    monkeypatch.setattr(lts, "train_and_score", lambda xi, k_init, *_: (
+        jax.random.uniform(k_init) + 0 * xi[0], -2 * jax.random.uniform(k_init) + 0 * xi[0]))
+    fixed = dataclasses.replace(TINY, init_std=0.01)
+    learned = dataclasses.replace(TINY, learn_std=True, reward="neg_loss")
+
+    def two(cfg):  # init, then 2 updates (one trace of `update` in a scan)
+        s0 = lts.init(jax.random.key(3), cfg)
+        s2, (phi, m) = jax.lax.scan(lambda s, _: (lambda n, m: (n, (n.phi, m)))(
+            *lts.update(s, cfg)), s0, None, 2)
+        return s0.phi, phi, s2.baseline, m
+
+    arms = compiled(lambda: (two(fixed), two(learned)))
+    for cfg, (phi0, phi, b2, m) in zip((fixed, learned), arms, strict=True):
+        phis = [phi0] + [jax.tree.map(lambda x, i=i: x[i], phi) for i in (0, 1)]
+        m1, m2 = ({k: v[i] for k, v in m.items()} for i in (0, 1))
+        r1, r2, beta = m1["charts/reward_mean"], m2["charts/reward_mean"], cfg.baseline_decay
+        assert abs(r1 - r2) > 0.05, (r1, r2)  # the baseline's two terms are told apart
+        np.testing.assert_allclose(m1["charts/baseline"], r1, rtol=1e-6)
+        np.testing.assert_allclose(m2["charts/baseline"], r1, rtol=1e-6)
+        np.testing.assert_allclose(b2, beta * r1 + (1 - beta) * r2, rtol=1e-6)
+        assert m1["losses/grad_norm"] == 0 and m2["losses/grad_norm"] > 0
+        np.testing.assert_array_equal(phis[1]["mu"], phis[0]["mu"])
+        assert not np.allclose(phis[2]["mu"], phis[1]["mu"])
+        if cfg.reward == "accuracy":
+            np.testing.assert_allclose(r2, m2["charts/acc_samples"], rtol=1e-6)
+            for phi in phis:
+                np.testing.assert_allclose(np.exp(phi["log_sigma"]), 0.01, rtol=1e-5)
+        else:  # R = -loss
+            np.testing.assert_allclose(r2, -m2["losses/val_loss_samples"], rtol=1e-6)
+            np.testing.assert_array_equal(phis[1]["log_sigma"], phis[0]["log_sigma"])
+            assert np.abs(phis[2]["log_sigma"] - phis[1]["log_sigma"]).min() > 1e-3
 
 
 @pytest.fixture(scope="module")
@@ -94,21 +136,22 @@ def test_policy_finds_real_mixture_and_flipped_reward_does_not(tiny_run, monkeyp
     Measured (seeds 0 / 1, loaded 2-core CPU): distance 4.58 -> 1.28 / 2.21 (flipped 8.77 /
     8.13); accuracy at mu 0.90 / 0.91 vs random xi 0.50 / 0.48 (flipped 0.34 / 0.30)."""
     h = tiny_run[0].history
-    d, acc, rand = (h[k] for k in ("charts/dist_to_real", "charts/acc_policy_mean",
-                                    "charts/acc_random_xi"))
+    d, acc, rand, oracle = (h[k] for k in ("charts/dist_to_real", "charts/acc_policy_mean",
+                                            "charts/acc_random_xi", "charts/acc_real_xi"))
     monkeypatch.setattr(lts, "reward_of", lambda acc, loss, cfg: -acc)
     train = jit0(lambda keys: jax.vmap(lambda k: jax.lax.scan(
-        lambda s, _: lts.update(s, TINY), lts.init(k, TINY), None, TINY.num_iterations)[1])(
+        lambda s, _: lts.update(s, TINY), lts.init(k, TINY), None, FLIPPED_ITERATIONS)[1])(
         keys))
     broken = train(run.seed_keys(0, SEEDS))
     bd, bacc = np.asarray(broken["charts/dist_to_real"]), np.asarray(
         broken["charts/acc_policy_mean"])
     print("dist", d[:, 0], "->", d[:, -1], "| flipped ->", bd[:, -1])
-    print("acc at mu", acc[:, -10:].mean(1), "random xi", rand.mean(1), "| flipped",
-          bacc[:, -10:].mean(1))
+    print("acc at mu", acc[:, -10:].mean(1), "oracle", oracle[:, -10:].mean(1), "random xi",
+          rand.mean(1), "| flipped", bacc[:, -10:].mean(1))
     assert (d[:, -1] < 0.6 * d[:, 0]).all(), d[:, -1]
     assert (acc[:, -10:].mean(1) > rand.mean(1) + 0.15).all()
     assert (acc[:, -10:].mean(1) > 0.75).all()
+    assert (acc[:, -10:].mean(1) > oracle[:, -10:].mean(1) - 0.05).all()  # mu ~ the oracle
     assert (bd[:, -1] > 0.9 * bd[:, 0]).all(), bd[:, -1]
     assert (bacc[:, -10:].mean(1) < 0.6).all()
 
@@ -124,10 +167,11 @@ def test_train_is_pure_and_cli_writes_its_files(tiny_run, capsys):
     metrics = jax.device_get(metrics)
     for k, v in metrics.items():
         np.testing.assert_array_equal(first.history[k], v, err_msg=k)
-    np.testing.assert_array_equal(first.state.psi["mu"], again.psi["mu"])
-    assert not np.array_equal(first.state.psi["mu"][0], first.state.psi["mu"][1])
+    np.testing.assert_array_equal(first.state.phi["mu"], again.phi["mu"])
+    assert not np.array_equal(first.state.phi["mu"][0], first.state.phi["mu"][1])
     assert not np.array_equal(first.state.val_x[0], first.state.val_x[1])
     assert first.history["charts/dist_to_real"].shape == (SEEDS, TINY.num_iterations)
+    np.testing.assert_allclose(first.history["charts/sigma_mean"], TINY.init_std, rtol=1e-6)
     assert (first.run_dir / "metrics.jsonl").exists()
     with pytest.raises(SystemExit):
         lts.main(["--help"])
@@ -141,7 +185,8 @@ def test_bad_values_fail_with_named_field(tmp_path):
     for flags, msg in ((["--xi-real", "1.0"], "xi_real="), (["--num-train", "65"], "num_train"),
                        (["--reward", "acc"], "reward='acc'"),
                        (["--baseline-decay", "1.0"], "baseline_decay"),
-                       (["--num-components", "1"], "num_components")):
+                       (["--num-components", "1"], "num_components"),
+                       (["--learn-std", "--init-std", "0.01"], "init_std=0.01")):
         with pytest.raises(ValueError, match=msg):
             lts.main(flags + ["--run-dir", str(tmp_path)])
 
@@ -152,9 +197,11 @@ def test_every_config_field_is_read():
 
 def test_paper_preset_traces():
     """eval_shape of init and one policy iteration under the paper preset (K = 16 datasets of
-    256 points, 100 Adam steps each, the 4-component XOR mixture)."""
+    256 points, 100 Adam steps each, the 4-component XOR mixture), in float32 and bfloat16."""
     cfg, state, (after, metrics) = trace_paper(lts)
-    assert cfg.num_samples == 16 and state.psi["mu"].shape == (8,)
+    assert cfg.num_samples == 16 and state.phi["mu"].shape == (8,)
     assert state.val_x.shape == (cfg.num_val, 2)
     assert jax.tree.structure(after) == jax.tree.structure(state)
     assert all(m.shape == () for m in jax.tree.leaves(metrics))
+    bf16 = trace_paper(lts, dtype="bfloat16")[2][1]  # the bf16 model's metrics stay float32
+    assert all(m.dtype == jnp.float32 for m in jax.tree.leaves(bf16)), bf16
