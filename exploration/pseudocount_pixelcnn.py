@@ -59,6 +59,7 @@ Differences from the paper:
 - The gate's 3x3 convolution and the location embedding follow [4]'s released network; [1]'s
   text describes 1x1 residual blocks [M]. The gate is tanh * sigmoid as in [3] ([4] adds).
 - Constants c = 0.1, beta = 0.1, eta = 1e-3 from memory [M] (not checked in the paper).
+- c n^-1/2 PG_+ is capped at 25 (float32 exp overflow; only reached by a large c at small n).
 - CPU preset: gymnax DeepSea (bsuite), an N x N binary image (1 where the agent is): 2 levels,
   no downsampling; coverage (distinct cells) is the measure.
 """
@@ -335,15 +336,25 @@ def prediction_gain(net, params, x, lr):
     return lp_all.sum(), (pixel_log_probs(net, new, x) - lp_all).sum()
 
 
+MAX_GAIN = 25.0
+"""Cap of the decayed gain c n^-1/2 PG_+ (exp overflows float32 past ~88; [4] caps its CTS
+gain at 25): a pseudo-count of at least e^-25, a bonus of at most beta e^12.5."""
+
+
+def decayed_gain(pg, n, c):
+    """c n^-1/2 PG_+, capped at MAX_GAIN."""
+    return jnp.minimum(c * jax.lax.rsqrt(n) * jnp.maximum(pg, 0.0), MAX_GAIN)
+
+
 def pseudo_count(pg, n, c):
     """[1] Sec. 4: N_hat = (exp(c n^-1/2 PG_+) - 1)^-1 (inf where PG <= 0)."""
-    return 1.0 / jnp.expm1(c * jax.lax.rsqrt(n) * jnp.maximum(pg, 0.0))
+    return 1.0 / jnp.expm1(decayed_gain(pg, n, c))
 
 
 def count_bonus(pg, n, c, beta):
     """[1] Sec. 4: r^+ = beta N_hat^-1/2 = beta (exp(c n^-1/2 PG_+) - 1)^1/2 (0 where
     PG <= 0), written without the count so that N_hat = inf gives 0, not nan."""
-    return beta * jnp.sqrt(jnp.expm1(c * jax.lax.rsqrt(n) * jnp.maximum(pg, 0.0)))
+    return beta * jnp.sqrt(jnp.expm1(decayed_gain(pg, n, c)))
 
 
 def make_bonus(cfg: Config) -> Bonus:

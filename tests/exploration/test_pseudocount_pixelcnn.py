@@ -90,8 +90,8 @@ def test_pseudo_count_and_bonus_formulas():
     """[1] Sec. 4: N_hat = (exp(c n^-1/2 PG_+) - 1)^-1 and r^+ = beta N_hat^-1/2.
     c = 0.1, n = 100: PG = 10 -> c n^-1/2 PG = 0.1, N_hat = 1/(e^0.1 - 1) = 9.508;
     PG = 0 or < 0 (clipped) -> N_hat = inf, bonus 0 (not nan); beta = 0.1 -> r^+ = 0.1 /
-    sqrt(9.508) = 0.03243."""
-    pg = jnp.array([10.0, 0.0, -3.0, 50.0])
+    sqrt(9.508) = 0.03243; PG = 1e5 -> the gain capped at 25 (finite, not inf)."""
+    pg = jnp.array([10.0, 0.0, -3.0, 50.0, 1e5])
     n_hat, bonus = compiled(
         lambda pg: (pp.pseudo_count(pg, 100.0, 0.1), pp.count_bonus(pg, 100.0, 0.1, 0.1)), pg)
     np.testing.assert_allclose(n_hat[0], 1 / np.expm1(0.1), rtol=1e-5)
@@ -99,6 +99,7 @@ def test_pseudo_count_and_bonus_formulas():
     assert np.isinf(n_hat[1]) and np.isinf(n_hat[2])
     np.testing.assert_allclose(bonus, 0.1 / np.sqrt(n_hat), rtol=1e-5)
     assert bonus[1] == 0 and bonus[2] == 0
+    np.testing.assert_allclose(bonus[4], 0.1 * np.sqrt(np.expm1(25.0)), rtol=1e-5)  # capped
 
 
 def test_bonus_reward_is_the_vmapped_prediction_gain():
