@@ -3,60 +3,73 @@ promises the largest learning progress of its own forward model.
 
 [1] P.-Y. Oudeyer, F. Kaplan, V. V. Hafner. "Intrinsic Motivation Systems for Autonomous
     Mental Development." IEEE Trans. Evolutionary Computation 11(2), 265-286, 2007 (no arXiv
-    id; HAL hal-00793610). Summarised in L. Weng's post on exploration (2020).
+    id; HAL hal-00793610; sections below are the authors' preprint's: 4 = IAC, 6 = the
+    simulated robot). Summarised in L. Weng's post on exploration (2020). No official code
+    (explauto holds R-IAC only).
 
 IAC keeps a memory of exemplars (sensorimotor context SM(t), next state S(t+1)) split among
-regions that tile the context space like the leaves of a decision tree ([1] Sec. IV):
+regions that tile the context space like the leaves of a decision tree ([1] Sec. 4.3):
 
-    C1 (split):  a region holding more than C1 exemplars is cut in two along one context
-                 dimension j at a value v, the cut that minimises the summed squared deviation
-                 of S(t+1) in the two halves, sum_{side} sum_i (y_i - mean_side y)^2
-                 (= |R1| var(y | R1) + |R2| var(y | R2));
-    expert:      each region has its own forward model f_R(SM) ~ S(t+1), trained only on
-                 its own exemplars; its squared error e_R(t) = (y - f_R(SM))^2 is measured
-                 before the expert learns the exemplar and pushed to the region's list;
-    progress:    LP_R(t) = <e_R>(t - tau) - <e_R>(t),  <e_R>(t) = (1/k) sum_{i<k} e_R(t - i)
-                 (the post's r^i_t = (1/k) sum_{i=0}^{k-1} (e_{t-i-tau} - e_{t-i}));
-    action:      draw K candidate actions, look up the region each falls in, and take the
-                 one with the largest LP of its region (epsilon-greedy: a random candidate
-                 with probability epsilon).
+    C1 (trigger): a region holding more than T exemplars is split in two;
+    C2 (cut):     along the context dimension j at the value v that minimises
+                  |R1| var(y | R1) + |R2| var(y | R2) = sum_{side} sum_i (y_i - mean_side y)^2;
+    expert:       each region has its own forward model f_R(SM) ~ S(t+1), trained only on
+                  its own exemplars; its squared error e_R(t) = (y - f_R(SM))^2 is measured
+                  before the expert learns the exemplar and pushed to the region's list;
+    progress:     LP_R(t) = <e_R>(t - tau) - <e_R>(t),  <e_R>(t) = sum_{i=0}^{theta} e_R(t - i)
+                  / (theta + 1)  ([1] Sec. 4.5: theta + 1 = 26 terms; the post's
+                  r^i_t = (1/k) sum_{i=0}^{k-1} (e_{t-i-tau} - e_{t-i}) has k terms);
+    action:       draw K candidate actions, look up the region each falls in, and take the
+                  one with the largest LP of its region (epsilon-greedy, [1] Sec. 4.6: a
+                  random candidate with probability epsilon).
 
 The JAX form: a fixed-capacity region table (at most R boxes [lo, hi), and per slot an
-exemplar buffer of C1 + 1 slots, which is also the expert's memory, and an error ring buffer
-of k + tau), so one step (choose, observe, learn, maybe split) is a pure function and the
-run is one `lax.scan`, vmapped over seeds. A split keeps the left half in the parent's slot
-and writes the right half to slot `num_regions`; both children inherit the parent's error
-history.
+exemplar buffer of T + 1 slots, which is also the expert's memory, and an error ring buffer
+of theta + 1 + tau), so one step (choose, observe, learn, maybe split) is a pure function and
+the run is one `lax.scan`, vmapped over seeds. A split keeps the left half in the parent's
+slot and writes the right half to slot `num_regions`; both children inherit the parent's
+error history. The C2 cut is one sort and cumulative sums per dimension, and a step writes
+only the two rows a split touches (selected by whether it splits: under vmap a `lax.cond`
+would run both branches anyway).
 
 Environment (in this file; [1]'s robots are not available): the context is the action
-x in [0, 1)^d itself, and x_0 selects one of three zones of equal width:
-    A  x_0 < 1/3:          y = 0.5 (trivially predictable)
-    B  1/3 <= x_0 < 2/3:   y = sin(2 pi b_freq x_0) cos(pi sum_{j>0} x_j) (learnable, nonlinear)
-    C  x_0 >= 2/3:         y ~ U(-noise_scale, noise_scale) (pure noise, unlearnable)
+x in [0, 1)^d itself, and x_0 selects one of three zones of equal width, as [1] Sec. 6's
+sound frequency does (f1 random toy, f2 learnable, f3 easy):
+    A  x_0 < 1/3:          y = 0.5 (trivially predictable; [1]'s f3)
+    B  1/3 <= x_0 < 2/3:   y = sin(2 pi b_freq x_0) cos(pi sum_{j>0} x_j), b_freq = 24
+                           (learnable, nonlinear; [1]'s f2)
+    C  x_0 >= 2/3:         y ~ U(-noise_scale, noise_scale) (pure noise; [1]'s f1)
 IAC should spend most time in B: A is learned at once (no progress left), C never.
-`--reward error` is the broken variant: the region's recent mean error <e_R>(t) instead of
-LP (maximising raw prediction error, the noisy-TV trap), which is drawn to C.
+`--reward error` is [1]'s MAX baseline (Sec. 6.5): the region's recent mean error <e_R>(t)
+instead of LP (maximising raw prediction error, the noisy-TV trap), which is drawn to C.
+`--epsilon 1` is [1]'s RANDOM baseline.
 
-Expert: nearest neighbour ([1]'s choice, [M]): f_R(x) = the next state of the exemplar of
-R closest to x (0 in a region without exemplars); learning is storing the exemplar.
+Expert: nearest neighbour ([1] Sec. 4.4, footnote 3): f_R(x) = the next state of the
+exemplar of R closest to x (0 in a region without exemplars); learning is storing it.
 
 Reproduce (CPU):
     python exploration/iac.py --preset quick --num-seeds 8 --plot exploration/iac.png
-    python exploration/iac.py --preset quick --num-seeds 8 --reward error
-Measured (quick preset: 10k steps, C1 = 50, 128 regions; 8 seeds, loaded 2-core CPU, 69 s
-wall / 15 CPU-s each run, compile included), share of all steps in A / B / C, mean +- std:
-    IAC (LP):              0.217 +- 0.030 / 0.553 +- 0.038 / 0.230 +- 0.015
-    broken (raw error):    0.118 +- 0.004 / 0.122 +- 0.005 / 0.761 +- 0.005
-    (the epsilon = 0.35 random steps alone put 0.117 in each zone)
-IAC spends 0.6-0.7 of its steps in B for the first ~7k steps, while the nearest-neighbour
-expert of B still improves (exemplars keep densifying); once the table is full (128 regions,
-buffers then overwrite their oldest exemplars) B's error stops falling and the share moves to
-A (the figure exploration/iac.png). Its expert error on a B grid ends at 1.4e-4. Why A, not
-C: A's LP is exactly 0 (its constant is predicted exactly), while the LP of B and C regions,
-picked whenever it is the largest and so pushed back down, hovers just under 0; A wins the
-ties. At [1]'s C1 = 250 (64 regions, 20k steps, 8 seeds) B leads only for steps 500-2500
-(0.6-0.7 of them) and the whole run splits 0.46 / 0.32 / 0.23: fewer, larger regions give B
-fewer candidates with a positive LP.
+    python exploration/iac.py --preset quick --num-seeds 8 --reward error   # MAX
+    python exploration/iac.py --preset quick --num-seeds 8 --epsilon 1      # RANDOM
+Measured (quick preset: 10k steps, T = 50, 512 regions, never full: 362 +- 7 at the end;
+8 seeds, loaded 2-core CPU, 75-115 s wall / 24-25 CPU-s each run, compile included), share of
+all steps in A / B / C, mean +- std, and the experts' mean squared error on a B grid:
+    IAC (LP):            0.131 +- 0.007 / 0.596 +- 0.018 / 0.273 +- 0.016   B mse 7.0e-5
+    MAX (raw error):     0.118 +- 0.004 / 0.122 +- 0.005 / 0.760 +- 0.004   B mse 6.3e-4
+    RANDOM (epsilon 1):  0.332 +- 0.003 / 0.336 +- 0.004 / 0.332 +- 0.003   B mse 7.7e-5
+    (IAC's epsilon = 0.35 random steps alone put 0.117 in each zone)
+IAC spends 0.57-0.66 of each 500-step update in B from the second update to the 19th (the
+figure exploration/iac.png; 0.47 in the first, 0.52 in the last, where C's share rises to
+0.37 as B's experts saturate). It is not more accurate than RANDOM here: B's error on a grid ends at
+7.0e-5 vs 7.7e-5 (within a std), since on this 1-d toy a third of uniform samples already
+covers B densely. [1] (Sec. 6.4-6.5, robot, its numbers): easy f3 first, then 85% of the
+time in f2; IAC reaches its error plateau at t = 4583 +- 452 vs RANDOM's 11980 +- 561, final
+MSE ~0.089 vs 0.096. At [1]'s T = 250 (20k steps, 256 regions, 2 seeds) B leads only for
+steps 500-3000 and the run splits 0.41 / 0.35 / 0.24: B loses to A long before the table
+fills (at 19.5k steps); fewer, larger regions give B fewer candidates with a positive LP.
+Why A, not C, then: A's LP is exactly 0 (its constant is predicted exactly), while the LP of
+B and C regions, picked whenever it is the largest and so pushed back down, hovers just
+under 0; A wins the ties.
 
 Logged per update: charts/frac_A, frac_B, frac_C (share of this update's steps per zone),
 charts/num_regions, charts/value (mean value, LP or error, of the chosen regions),
@@ -65,20 +78,22 @@ shares over the whole run and the experts' mean squared error on a grid of each 
 (against the noise-free mean).
 
 Differences from the paper:
-- [M] constants: C1 = 250, smoothing window k = 25 (the paper's theta), delay tau = 15 and
-  epsilon = 0.35 are from memory of [1] (its text could not be read here). [1]'s candidate
-  count is not known: K = 100 is a choice.
-- [M] The experts are nearest-neighbour predictors, as we remember [1]'s. A linear expert
-  on radial-basis features trained by LMS was tried first: its error on A's constant decays
-  geometrically, so A keeps a tiny positive LP forever and drew 0.41-0.48 of the steps
-  (B 0.30-0.38) on this toy; the nearest neighbour predicts A exactly (LP exactly 0).
-- The quick preset uses C1 = 50 and 128 regions (see the numbers above for C1 = 250).
+- Constants: T = 250 (Sec. 4.3), theta = 25 and tau = 15 (Sec. 4.5), epsilon = 0.35
+  (Sec. 4.6; Sec. 6.5 says 0.15 random actions: the text disagrees with itself, we keep
+  0.35). [1]'s candidate count is not given: K = 100 is a choice.
+- The nearest-neighbour expert is [1]'s; a linear expert on radial-basis features trained
+  by LMS was tried first: its error on A's constant decays geometrically, so A keeps a tiny
+  positive LP forever and drew 0.41-0.48 of the steps (B 0.30-0.38) on this toy.
+- The quick preset uses T = 50 (see the numbers above for T = 250).
 - The context is the action alone (a stateless sensorimotor space): [1]'s robot has sensors
-  in SM(t) too; [1]'s second criterion (a split must reduce the variance enough) is not used.
-- The table holds at most R regions; once full, regions stop splitting and their exemplar
-  buffers overwrite the oldest exemplar.
-- A region with fewer than k + tau errors has LP 0 (and the error variant a mean over the
-  errors it has).
+  in SM(t) too.
+- The table holds at most R regions (not a limit of [1]): once full, regions stop splitting
+  and their exemplar buffers overwrite the oldest exemplar. R >= total steps / (0.4 T) keeps
+  the quick runs from filling it; C2's cuts of pure noise are uneven (it cuts outliers off),
+  so at T = 250 the 20k-step run does fill 256 slots at 19.5k steps. Equal-cost cuts (a
+  constant y) go to the most even cut ([1] does not say).
+- A region with fewer than theta + 1 + tau errors has LP 0 (and MAX a mean over the errors
+  it has).
 """
 
 from dataclasses import dataclass
@@ -96,7 +111,7 @@ ZONES = ("A", "B", "C")
 
 @dataclass(frozen=True)
 class Config:
-    """IAC ([1]); defaults are [1]'s constants ([M]) on the three-zone toy."""
+    """IAC ([1]); defaults are [1]'s constants (Sec. 4) on the three-zone toy."""
 
     total_timesteps: int = 20_000
     """sensorimotor steps of one run"""
@@ -104,20 +119,20 @@ class Config:
     """steps per update (one logged row)"""
     context_dim: int = 1
     """dimension d of the context (the action) x in [0, 1)^d; x_0 picks the zone"""
-    max_regions: int = 64
-    """capacity R of the region table"""
+    max_regions: int = 256
+    """capacity R of the region table (>= total_timesteps / (0.4 T) keeps it from filling)"""
     split_threshold: int = 250
-    """[1]'s C1: a region holding more exemplars than this is split in two"""
+    """[1]'s T (criterion C1, Sec. 4.3): a region holding more exemplars than this is split"""
     window: int = 25
-    """k: errors averaged in <e_R> ([1]'s smoothing theta)"""
+    """[1]'s theta (Sec. 4.5): <e_R> averages the last theta + 1 errors"""
     lp_delay: int = 15
-    """[1]'s tau: LP = <e_R>(t - tau) - <e_R>(t)"""
+    """[1]'s tau (Sec. 4.5): LP = <e_R>(t - tau) - <e_R>(t)"""
     epsilon: float = 0.35
-    """probability of taking a random candidate instead of the best one"""
+    """probability of a random candidate instead of the best ([1] Sec. 4.6; 1: RANDOM)"""
     num_candidates: int = 100
     """K candidate actions drawn uniformly per step"""
     reward: str = "lp"
-    """lp: learning progress ([1]); error: the recent mean error (broken variant)"""
+    """lp: learning progress ([1]); error: the recent mean error ([1]'s MAX baseline)"""
     b_freq: float = 24.0
     """zone B's frequency: y = sin(2 pi b_freq x_0) cos(pi sum_{j>0} x_j)"""
     noise_scale: float = 0.8
@@ -132,6 +147,9 @@ class Config:
         return self.num_steps
 
     def validate(self):
+        for f in ("num_steps", "total_timesteps", "context_dim", "num_candidates"):
+            if getattr(self, f) < 1:
+                raise ValueError(f"{f}={getattr(self, f)} must be >= 1")
         if self.reward not in ("lp", "error"):
             raise ValueError(f"reward={self.reward!r} must be 'lp' or 'error'")
         if self.num_updates < 1:
@@ -140,8 +158,9 @@ class Config:
         if self.max_regions < 1 or self.split_threshold < 2:
             raise ValueError(f"max_regions={self.max_regions} must be >= 1 and "
                              f"split_threshold={self.split_threshold} >= 2")
-        if self.window < 1 or self.lp_delay < 1:
-            raise ValueError(f"window={self.window} and lp_delay={self.lp_delay} must be >= 1")
+        if self.window < 0 or self.lp_delay < 1:
+            raise ValueError(f"window={self.window} must be >= 0 and lp_delay={self.lp_delay} "
+                             f">= 1")
         if not 0 <= self.epsilon <= 1:
             raise ValueError(f"epsilon={self.epsilon} must be in [0, 1]")
         if self.noise_scale < 0:
@@ -149,11 +168,12 @@ class Config:
 
 
 PRESETS = {
-    # CPU demo: 10k steps; C1 = 50 and 128 regions (with [1]'s C1 = 250 on this 1-d toy, B
-    # leads only for the first ~2.5k steps: see "Differences from the paper")
-    "quick": dict(total_timesteps=10_000, split_threshold=50, max_regions=128),
-    # [1]'s constants on a larger toy: a 3-d context, 256 regions, 200k steps (traced in tests)
-    "paper": dict(context_dim=3, max_regions=256, total_timesteps=200_000, num_steps=1000),
+    # CPU demo: 10k steps, T = 50; 512 >= 10k / (0.4 T) regions, so the table never fills
+    # (with [1]'s T = 250 on this 1-d toy B leads only early: see "Differences from the paper")
+    "quick": dict(total_timesteps=10_000, split_threshold=50, max_regions=512),
+    # [1]'s constants on a larger toy: a 3-d context, 200k steps, 2048 >= 200k / (0.4 T)
+    # regions (traced in tests)
+    "paper": dict(context_dim=3, max_regions=2048, total_timesteps=200_000, num_steps=1000),
 }
 
 
@@ -181,8 +201,8 @@ def env_step(key, x, cfg: Config):
 
 
 def nn_predict(x, ex_x, ex_y, n):
-    """[1]'s expert ([M]): the next state of the nearest of the region's n stored exemplars
-    (0 for a region without exemplars)."""
+    """[1]'s expert (Sec. 4.4, footnote 3): the next state of the nearest of the region's n
+    stored exemplars (0 for a region without exemplars)."""
     d2 = jnp.where(jnp.arange(ex_x.shape[0]) < n, ((ex_x - x) ** 2).sum(-1), jnp.inf)
     return jnp.where(n > 0, ex_y[jnp.argmin(d2)], 0.0)
 
@@ -197,44 +217,49 @@ def region_of(x, lo, hi, num_regions):
 
 
 def best_split(x, y, n):
-    """[1] C1 split of a region's n exemplars (x: (N, d), y: (N,), first n valid): the
-    dimension j and cut v minimising sum over the halves of sum_i (y_i - mean y)^2, where the
-    cuts are the exemplars' own x_j (left: x_j < v, both halves non-empty). Returns
-    (j, v, cost)."""
-    valid = jnp.arange(x.shape[0]) < n
+    """[1] C2 (Sec. 4.3), the cut rule, on a region's n exemplars (x: (N, d), y: (N,), first n
+    valid): the dimension j and cut v minimising sum over the halves of sum_i (y_i - mean y)^2,
+    where the cuts are the exemplars' own x_j (left: x_j < v, both halves non-empty; equal
+    costs go to the most even cut). One sort and cumulative sums per dimension, O(N log N).
+    Returns (j, v, cost)."""
+    N = x.shape[0]
+    valid = jnp.arange(N) < n
     yv = jnp.where(valid, y, 0.0)
+    i = jnp.arange(N)  # cut before sorted position i: the left half is the first i exemplars
 
     def per_dim(xj):
-        left = (xj[None, :] < xj[:, None]) & valid[None, :]  # (cut, exemplar)
-        n_l = left.sum(1)
-        s1_l, s2_l = left @ yv, left @ yv ** 2
-        n_r, s1_r, s2_r = n - n_l, yv.sum() - s1_l, (yv ** 2).sum() - s2_l
-        sse = (s2_l - s1_l ** 2 / jnp.maximum(n_l, 1)) + (s2_r - s1_r ** 2 / jnp.maximum(n_r, 1))
-        cost = jnp.where(valid & (n_l >= 1) & (n_r >= 1), sse, jnp.inf)
-        i = jnp.argmin(cost)
-        return cost[i], xj[i]
+        order = jnp.argsort(jnp.where(valid, xj, jnp.inf))
+        xs, ys = xj[order], yv[order]
+        s1, s2 = jnp.cumsum(ys) - ys, jnp.cumsum(ys ** 2) - ys ** 2  # sums over positions < i
+        n_r, s1_r, s2_r = n - i, ys.sum() - s1, (ys ** 2).sum() - s2
+        sse = (s2 - s1 ** 2 / jnp.maximum(i, 1)) + (s2_r - s1_r ** 2 / jnp.maximum(n_r, 1))
+        new = xs > jnp.concatenate([xs[:1], xs[:-1]])  # x_j < xs[i] holds exactly i exemplars
+        cost = jnp.where((i >= 1) & (i < n) & new, sse, jnp.inf)
+        k = jnp.argmin(jnp.where(cost <= cost.min(), jnp.abs(2 * i - n), 2 * N + 1))  # ties:
+        return cost[k], xs[k]  # the most balanced cut (a constant y's cuts all cost 0)
 
     costs, cuts = jax.vmap(per_dim, in_axes=1)(x)
     j = jnp.argmin(costs)
     return j, cuts[j], costs[j]
 
 
-def learning_progress(err, count, k, delay):
-    """[1] LP_R = <e_R>(t - tau) - <e_R>(t) per region from the ring buffers err (R, H)
-    (H >= k + tau; count errors written so far, newest at (count - 1) % H); 0 while a region
-    has fewer than k + tau errors."""
+def learning_progress(err, count, theta, delay):
+    """[1] Sec. 4.5: LP_R = <e_R>(t - tau) - <e_R>(t), <e_R>(t) = sum_{i=0}^{theta} e_R(t - i)
+    / (theta + 1), per region from the ring buffers err (R, H) (H >= theta + 1 + tau; count
+    errors written so far, newest at (count - 1) % H); 0 while a region has fewer than
+    theta + 1 + tau errors."""
     H = err.shape[1]
-    i = jnp.arange(k)
+    i = jnp.arange(theta + 1)
     recent = jnp.take_along_axis(err, (count[:, None] - 1 - i) % H, 1).mean(1)
     old = jnp.take_along_axis(err, (count[:, None] - 1 - i - delay) % H, 1).mean(1)
-    return jnp.where(count >= k + delay, old - recent, 0.0)
+    return jnp.where(count >= theta + 1 + delay, old - recent, 0.0)
 
 
-def mean_recent_error(err, count, k):
-    """<e_R>(t) over the last min(k, count) errors (0 for a region without errors): the
-    broken variant's value of a region."""
+def mean_recent_error(err, count, theta):
+    """<e_R>(t) over the last min(theta + 1, count) errors (0 for a region without errors):
+    the value of a region in [1]'s MAX baseline (`--reward error`)."""
     H = err.shape[1]
-    i = jnp.arange(k)
+    i = jnp.arange(theta + 1)
     vals = jnp.take_along_axis(err, (count[:, None] - 1 - i) % H, 1)
     mask = i[None] < count[:, None]
     return (vals * mask).sum(1) / jnp.maximum(mask.sum(1), 1)
@@ -248,10 +273,10 @@ class State:
     lo: jax.Array  # (R, d) region boxes [lo, hi)
     hi: jax.Array  # (R, d)
     num_regions: jax.Array  # live regions (slots 0 .. num_regions - 1)
-    ex_x: jax.Array  # (R, C1 + 1, d) exemplar contexts per region
-    ex_y: jax.Array  # (R, C1 + 1) exemplar next states
+    ex_x: jax.Array  # (R, T + 1, d) exemplar contexts per region
+    ex_y: jax.Array  # (R, T + 1) exemplar next states
     ex_n: jax.Array  # (R,) exemplars written to each region (ring once the table is full)
-    err: jax.Array  # (R, k + tau) error ring buffers
+    err: jax.Array  # (R, theta + 1 + tau) error ring buffers
     err_n: jax.Array  # (R,) errors written
     zone_visits: jax.Array  # (3,) steps spent in A, B, C
     key: jax.Array
@@ -261,14 +286,16 @@ def init(key, cfg: Config) -> State:
     R, d, cap = cfg.max_regions, cfg.context_dim, cfg.split_threshold + 1
     return State(jnp.zeros((R, d)), jnp.ones((R, d)), jnp.ones((), jnp.int32),
                  jnp.zeros((R, cap, d)), jnp.zeros((R, cap)), jnp.zeros(R, jnp.int32),
-                 jnp.zeros((R, cfg.window + cfg.lp_delay)),
+                 jnp.zeros((R, cfg.window + 1 + cfg.lp_delay)),
                  jnp.zeros(R, jnp.int32), jnp.zeros(3, jnp.int32), key)
 
 
-def split_region(st: State, r) -> State:
-    """[1] C1: cut region r at its best split; the left half stays in slot r, the right half
-    goes to slot m = num_regions; both keep r's error history."""
-    m = st.num_regions
+def split_region(st: State, r, do=True) -> State:
+    """[1] Sec. 4.3: cut region r at its C2 cut if `do`; the left half stays in slot r, the
+    right half goes to slot m = num_regions; both keep r's error history. Only rows r and m
+    are written (selected by `do`), so the step costs the same whether or not it splits."""
+    R = st.lo.shape[0]
+    m = jnp.minimum(st.num_regions, R - 1)  # a full table never splits (do is False)
     x, y, n = st.ex_x[r], st.ex_y[r], st.ex_n[r]
     j, v, _ = best_split(x, y, n)
     valid = jnp.arange(x.shape[0]) < n
@@ -280,22 +307,25 @@ def split_region(st: State, r) -> State:
     def pack(buf, idx):
         return jnp.zeros_like(buf).at[idx].set(buf, mode="drop")
 
+    def two_rows(a, new_r, new_m):
+        return a.at[r].set(jnp.where(do, new_r, a[r])).at[m].set(jnp.where(do, new_m, a[m]))
+
     return st.replace(
-        hi=st.hi.at[r, j].set(v).at[m].set(st.hi[r]),
-        lo=st.lo.at[m].set(st.lo[r].at[j].set(v)),
-        num_regions=m + 1,
-        ex_x=st.ex_x.at[r].set(pack(x, li)).at[m].set(pack(x, ri)),
-        ex_y=st.ex_y.at[r].set(pack(y, li)).at[m].set(pack(y, ri)),
-        ex_n=st.ex_n.at[r].set(left.sum()).at[m].set(right.sum()),
-        err=st.err.at[m].set(st.err[r]),
-        err_n=st.err_n.at[m].set(st.err_n[r]))
+        hi=two_rows(st.hi, st.hi[r].at[j].set(v), st.hi[r]),
+        lo=two_rows(st.lo, st.lo[r], st.lo[r].at[j].set(v)),
+        num_regions=st.num_regions + jnp.asarray(do, jnp.int32),
+        ex_x=two_rows(st.ex_x, pack(x, li), pack(x, ri)),
+        ex_y=two_rows(st.ex_y, pack(y, li), pack(y, ri)),
+        ex_n=two_rows(st.ex_n, left.sum(), right.sum()),
+        err=two_rows(st.err, st.err[r], st.err[r]),
+        err_n=two_rows(st.err_n, st.err_n[r], st.err_n[r]))
 
 
 def region_values(st: State, cfg: Config):
     """The value of each region that action selection maximises: LP ([1]) or, in the broken
     variant, the recent mean error."""
     if cfg.reward == "error":
-        return mean_recent_error(st.err, st.err_n, cfg.window)
+        return mean_recent_error(st.err, st.err_n, cfg.window)  # [1] MAX (Sec. 6.5)
     return learning_progress(st.err, st.err_n, cfg.window, cfg.lp_delay)
 
 
@@ -331,8 +361,7 @@ def step(st: State, cfg: Config):
         ex_y=st.ex_y.at[r, pos].set(y), ex_n=st.ex_n.at[r].add(1),
         zone_visits=st.zone_visits.at[zone_of(x)].add(1), key=key)
     full = st.num_regions >= cfg.max_regions
-    st = jax.lax.cond((st.ex_n[r] > cfg.split_threshold) & ~full,
-                      lambda s: split_region(s, r), lambda s: s, st)
+    st = split_region(st, r, (st.ex_n[r] > cfg.split_threshold) & ~full)  # [1] C1
     return st, dict(zone=zone_of(x), err=e, value=value)
 
 
