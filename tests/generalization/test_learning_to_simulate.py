@@ -6,18 +6,18 @@ paper preset (float32 and bfloat16), every Config field read.
 
 Mutations tried (each made the named test fail, then was taken out): exp(+log sigma) for
 exp(-log sigma) in `log_prob`, and sigma's gradient kept when it is fixed (test_reinforce...);
-labels m // 2 for m mod 2, and data_std ignored in `generate` (test_generator...); sigma
-ignored in `sample_xi` (test_policy_samples...); gradient descent instead of ascent on J in
-`update` (behaviour: distance 8.8 / 8.1, accuracy 0.34 / 0.30); no baseline, A = R
-(behaviour: distance 4.07 / 7.10, accuracy 0.67 / 0.60: accuracy is always positive, so
-every sampled xi is pushed up); the seed key ignored in `init` (test_train_is_pure...: the
-seeds' mu equal); the num_train check dropped (test_bad_values...). test_update_baseline...:
-beta and 1 - beta swapped in the baseline's update (s2.baseline wrong); b including the
-current rewards (iteration 2's b != mean R_1); b_0 = 0 (iteration 1's b != mean R_1); log
-sigma clipped to log min_std when fixed (sigma 0.05, not 0.01: the bug this test came with);
-neg_loss giving the accuracy (R != -loss); sigma never learned (log sigma unmoved). The
-init_std >= min_std check dropped (test_bad_values...); the model's logit left in bfloat16
-(test_paper_preset...: the bf16 metrics not float32)."""
+labels m // 2 for m mod 2, data_std ignored in `generate`, and sigma ignored in `sample_xi`
+(test_generator_and_policy...); gradient descent instead of ascent on J in `update` (behaviour:
+distance 8.8 / 8.1, accuracy 0.34 / 0.30); no baseline, A = R (behaviour: distance 4.07 / 7.10,
+accuracy 0.67 / 0.60: accuracy is always positive, so every sampled xi is pushed up); the seed
+key ignored in `init` (test_train_is_pure...: the seeds' mu equal; sigma learned when fixed:
+its history moves); the num_train check dropped (test_bad_values...). test_update_baseline...:
+beta and 1 - beta swapped in the baseline's update (s2.baseline wrong); b including the current
+rewards (iteration 2's b != mean R_1); b_0 = 0 (iteration 1's b != mean R_1); log sigma clipped
+to log min_std when fixed (sigma 0.05, not 0.01: the bug this test came with); neg_loss giving
+the accuracy (R != -loss); sigma never learned (log sigma unmoved). The init_std >= min_std
+check dropped (test_bad_values...); the model's logit left in bfloat16 (test_paper_preset...:
+the bf16 metrics not float32)."""
 
 import dataclasses
 
@@ -63,12 +63,15 @@ def test_reinforce_grad_is_the_score_function():
     np.testing.assert_allclose(lp_ours, lp.sum(), rtol=1e-5)
 
 
-def test_generator_matches_the_moments_of_xi():
-    """8000 points from xi = (1, 2, -3, 0.5, 0, -1, 4, 4), data_std 0.5: each component m holds
-    n / M points of label m mod 2, mean xi[2m:2m+2] and covariance 0.25 I."""
+def test_generator_and_policy_samples_have_their_moments():
+    """Generator: 8000 points from xi = (1, 2, -3, 0.5, 0, -1, 4, 4), data_std 0.5: each
+    component m holds n / M points of label m mod 2, mean xi[2m:2m+2] and covariance 0.25 I.
+    Policy: xi_k = mu + sigma eps: 20000 samples have mean mu and std sigma. (One program.)"""
     cfg = dataclasses.replace(TINY, data_std=0.5)
     xi = jnp.array([1.0, 2.0, -3.0, 0.5, 0.0, -1.0, 4.0, 4.0])
-    x, y = compiled(lambda k, xi: lts.generate(k, xi, 8000, cfg), jax.random.key(0), xi)
+    phi = {"mu": jnp.array([1.0, -1.0]), "log_sigma": jnp.log(jnp.array([0.5, 2.0]))}
+    (x, y), xis = compiled(lambda k, xi, p: (lts.generate(k, xi, 8000, cfg), lts.sample_xi(
+        jax.random.fold_in(k, 1), p, 20000)), jax.random.key(0), xi, phi)
     m = np.arange(8000) % 4
     np.testing.assert_array_equal(y, m % 2)
     for c in range(4):
@@ -76,14 +79,8 @@ def test_generator_matches_the_moments_of_xi():
         assert len(pts) == 2000
         np.testing.assert_allclose(pts.mean(0), xi[2 * c: 2 * c + 2], atol=0.035)
         np.testing.assert_allclose(np.cov(pts.T), 0.25 * np.eye(2), atol=0.025)
-
-
-def test_policy_samples_have_the_policy_moments():
-    """xi_k = mu + sigma eps: 20000 samples have mean mu and std sigma."""
-    phi = {"mu": jnp.array([1.0, -1.0]), "log_sigma": jnp.log(jnp.array([0.5, 2.0]))}
-    xi = compiled(lambda k, p: lts.sample_xi(k, p, 20000), jax.random.key(1), phi)
-    np.testing.assert_allclose(xi.mean(0), [1.0, -1.0], atol=0.04)
-    np.testing.assert_allclose(xi.std(0), [0.5, 2.0], rtol=0.03)
+    np.testing.assert_allclose(xis.mean(0), [1.0, -1.0], atol=0.04)
+    np.testing.assert_allclose(xis.std(0), [0.5, 2.0], rtol=0.03)
 
 
 def test_update_baseline_advantage_and_sigma(monkeypatch):
