@@ -123,11 +123,12 @@ def background(u_coarse, u_fine, spec: VideoSpec):
 
 def make_video(key, spec: VideoSpec, gravity=0.0, restitution=1.0) -> Video:
     """A random video: K sprites (random shape, size, brightness or colour) at random places
-    inside the frame with random velocities, moving under `gravity` (px / frame^2) with
+    inside the frame with random velocities (under gravity: vertically at a uniform time of
+    a random bounce orbit), moving under `gravity` (px / frame^2) with
     bounces of `restitution` (constant motion: 0 and 1). Every random number comes from one
     uniform draw, sliced (one threefry call compiles far faster than several)."""
     K, s, c, T = spec.num_sprites, spec.size, spec.channels, spec.num_frames
-    shapes = [(K,), (K, 2), (K,), (K,), (K,), (K, c), (4, 4, c), (s, s, c), (T, s, s, c)]
+    shapes = [(K,), (K, 2), (K,), (K,), (K,), (K, c), (4, 4, c), (s, s, c), (T, s, s, c), (K,)]
     sizes = [int(np.prod(sh)) for sh in shapes]
     flat = jax.random.uniform(key, (sum(sizes),))
     at = np.cumsum([0] + sizes)
@@ -137,6 +138,15 @@ def make_video(key, spec: VideoSpec, gravity=0.0, restitution=1.0) -> Video:
     angle = 2 * jnp.pi * u[2]
     speed = spec.speed[0] + (spec.speed[1] - spec.speed[0]) * u[3]
     v0 = speed[:, None] * jnp.stack([jnp.sin(angle), jnp.cos(angle)], -1)
+    # Under gravity, the vertical state is drawn at a uniform time tau of a bounce orbit of
+    # apex height h above the floor (uniform below the ceiling): the stationary, time-
+    # symmetric start of elastic bouncing, so that only the lossy bounces order time.
+    g = jnp.maximum(gravity, 1e-9)
+    w = jnp.sqrt(2 * g * u[1][:, 0] * (s - 4 * r))  # impact speed, apex h = u (S - 4r)
+    tau = 2 * w / g * u[9]  # time since the last floor contact, uniform over one period
+    y_orbit = s - r - (w * tau - g * tau ** 2 / 2)
+    p0 = p0.at[:, 0].set(jnp.where(gravity > 0, y_orbit, p0[:, 0]))
+    v0 = v0.at[:, 0].set(jnp.where(gravity > 0, g * tau - w, v0[:, 0]))
     shape = jnp.floor(u[4] * len(SHAPES)).astype(jnp.int32)
     colour = 0.6 + 0.4 * u[5]
     bg = background(u[6], u[7], spec)

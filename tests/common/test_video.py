@@ -55,12 +55,16 @@ def test_shapes_dtypes_and_determinism(videos):
 
 def test_energy_falls_under_gravity_and_is_constant_at_constant_velocity(videos):
     """energy = |v|^2 / 2 + g (floor - y): under gravity with restitution 0.6 it never
-    rises (to 1e-4) and falls by over 10% in every clip (every sprite of these 24-frame
+    rises (to 1e-4), is constant in flight (exact parabolas, to 1e-3) and falls by over
+    10% in every clip (every sprite of these 24-frame
     clips meets a wall); with gravity 0 and elastic bounces or wrap-around it is constant
     to 1e-5; sprites stay inside the frame (bounces) or inside [0, S) (wrap)."""
     g, c, w, _, _ = videos
     e_g = np.asarray(jax.vmap(lambda v: vid.energy(v, SPEC.size, G))(g))  # (N, T, K)
     assert np.diff(e_g, axis=1).max() < 1e-4
+    dv = np.diff(np.asarray(g.vel), axis=1)  # (N, T - 1, K, 2)
+    flight = (np.abs(dv[..., 1]) < 1e-6) & (np.abs(dv[..., 0] - G) < 1e-5)  # no wall met
+    assert flight.mean() > 0.3 and np.abs(np.diff(e_g, axis=1)[flight]).max() < 1e-3
     assert (e_g[:, -1].sum(-1) < 0.9 * e_g[:, 0].sum(-1)).all()
     for v in (c, w):
         e = np.asarray(jax.vmap(lambda v: vid.energy(v, SPEC.size, 0.0))(v))
