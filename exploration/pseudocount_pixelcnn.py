@@ -38,7 +38,13 @@ Reproduce (CPU demo, loaded 2-core CPU; PixelCNN bonus vs the same PPO with beta
     python exploration/pseudocount_pixelcnn.py --preset quick --num-seeds 8
     python exploration/pseudocount_pixelcnn.py --preset quick --num-seeds 8 --beta 0
     python exploration/pseudocount_pixelcnn.py --plot exploration/pseudocount_pixelcnn.png
-Measured: see QUICK RUN below.
+Not yet measured: the quick preset's numbers are missing (on a loaded 2-core CPU the
+compile alone took 2-4 min). A smoke run (4 seeds, DeepSea-8, 1,536 steps, F = 8, one block,
+eta = 0.5, c = 0.5, beta = 0.5) saw the median pseudo-count of a rollout's frames grow 0.17,
+7.1, 90, 181 over updates 1, 4, 7, 10 (PG 30, 5.7, 0.64, 0.38 nats; bonus 17, 0.19, 0.05,
+0.04), but both arms saturated at 43 of 45 cells (no gap at that size). With the paper's
+c = 0.1 and eta = 1e-3 the bonus on DeepSea is ~1e-4: the quick preset needs c, eta, beta
+of that order, still to be calibrated.
 Paper setting (GPU; Montezuma's Revenge through envpool; rooms visited is the measure):
     python exploration/pseudocount_pixelcnn.py --preset paper
 [1] Fig. 5-6 [M]: DQN-PixelCNN with the mixed Monte-Carlo return explores more rooms of
