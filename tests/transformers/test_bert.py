@@ -10,6 +10,7 @@ import dataclasses
 import json
 import math
 import random
+import re
 
 import jax
 import jax.numpy as jnp
@@ -129,7 +130,10 @@ def test_nsp_instances_follow_create_pretraining_data():
 
 def test_task_windows_and_corpus_split():
     """[CLS] window [SEP] with no [PAD]; balanced labels; tampered windows' span is span_len
-    tokens inside the window, untampered ones point at [CLS] (start = end = 0)."""
+    tokens inside the window, untampered ones point at [CLS] (start = end = 0). Untampered
+    windows are text of their split as written; a tampered one is the text with exactly its
+    span's characters replaced, every one by a different character (checked on the first
+    40 of the training set against the training text)."""
     s = bert.specials(TINY)
     x, y, st, en, xe, ye, ste, ene = bert.task_data(TINY)
     assert x.shape == (TINY.num_labelled, TINY.seq_len) and xe.shape[0] == TINY.num_eval
@@ -138,6 +142,20 @@ def test_task_windows_and_corpus_split():
     np.testing.assert_array_equal(en[y == 1] - st[y == 1] + 1, TINY.span_len)
     assert (st[y == 1] >= 1).all() and (en[y == 1] <= TINY.seq_len - 2).all()
     assert (st[y == 0] == 0).all() and (en[y == 0] == 0).all()
+    train, _, chars = bert.corpus_docs(TINY.corpus, TINY.val_fraction, TINY.sentence_chars)
+    space = chars.index(" ")
+    text = np.concatenate([x for d in train for seg in d for x in (seg, [space])]).astype(np.uint8)
+    n, m, raw = TINY.seq_len - 2, TINY.span_len, text.tobytes()
+    for w, label, a in zip(x[:40, 1:-1].astype(np.uint8), y[:40], st[:40], strict=True):
+        if not label:
+            assert w.tobytes() in raw
+            continue
+        o = a - 1  # the span is w[o : o + m]; find the text around it (its longer side)
+        side, at = (w[:o], 0) if o >= n - o - m else (w[o + m :], o + m)
+        starts = (k.start() - at for k in re.finditer(re.escape(side.tobytes()), raw))
+        diffs = (np.flatnonzero(text[i : i + n] != w) for i in starts if 0 <= i <= len(text) - n)
+        found = any(np.array_equal(d, o + np.arange(m)) for d in diffs)
+        assert found, (o, w)
 
 
 def _forward(params, tokens, types, positions):
