@@ -279,6 +279,7 @@ class State:
     err: jax.Array  # (R, theta + 1 + tau) error ring buffers
     err_n: jax.Array  # (R,) errors written
     zone_visits: jax.Array  # (3,) steps spent in A, B, C
+    use_error: jax.Array  # () True: the MAX baseline's value (cfg.reward, traced: one compile)
     key: jax.Array
 
 
@@ -287,7 +288,8 @@ def init(key, cfg: Config) -> State:
     return State(jnp.zeros((R, d)), jnp.ones((R, d)), jnp.ones((), jnp.int32),
                  jnp.zeros((R, cap, d)), jnp.zeros((R, cap)), jnp.zeros(R, jnp.int32),
                  jnp.zeros((R, cfg.window + 1 + cfg.lp_delay)),
-                 jnp.zeros(R, jnp.int32), jnp.zeros(3, jnp.int32), key)
+                 jnp.zeros(R, jnp.int32), jnp.zeros(3, jnp.int32),
+                 jnp.asarray(cfg.reward == "error"), key)
 
 
 def split_region(st: State, r, do=True) -> State:
@@ -322,11 +324,11 @@ def split_region(st: State, r, do=True) -> State:
 
 
 def region_values(st: State, cfg: Config):
-    """The value of each region that action selection maximises: LP ([1]) or, in the broken
-    variant, the recent mean error."""
-    if cfg.reward == "error":
-        return mean_recent_error(st.err, st.err_n, cfg.window)  # [1] MAX (Sec. 6.5)
-    return learning_progress(st.err, st.err_n, cfg.window, cfg.lp_delay)
+    """The value of each region that action selection maximises: LP ([1]) or, in [1]'s MAX
+    baseline (Sec. 6.5; st.use_error, from cfg.reward), the recent mean error."""
+    err = mean_recent_error(st.err, st.err_n, cfg.window)
+    return jnp.where(st.use_error, err, learning_progress(st.err, st.err_n, cfg.window,
+                                                          cfg.lp_delay))
 
 
 # --- UPDATE ---

@@ -256,23 +256,24 @@ def test_train_is_pure_and_cli_writes_its_files(recorded, capsys):
     assert int(res.state.zone_visits.sum()) == 2 * TINY.total_timesteps
     assert not np.array_equal(res.state.ex_x[0], res.state.ex_x[1])
     assert len(chunks) == 1
-    state, metrics = jax.device_get(chunks[0][0](chunks[0][1]))
+    state, metrics = jax.device_get(chunks[0][0](jax.tree.map(jnp.copy, chunks[0][1])))
     jax.tree.map(np.testing.assert_array_equal, jax.device_get(res.state), state)
     np.testing.assert_array_equal(h["charts/frac_B"], metrics["charts/frac_B"])
 
 
 def test_iac_prefers_the_learnable_zone_and_raw_error_prefers_noise(recorded):
     """Behaviour ([1] Sec. 6): the CLI run's two seeds (TINY, 2000 steps) against [1]'s MAX
-    baseline (`--reward error`: the region's recent mean error instead of LP) on the same keys.
+    baseline (`--reward error`: the region's recent mean error instead of LP) on the same keys,
+    through the recorded chunk with the state's traced switch `use_error` set (no compile).
     Measured (loaded 2-core CPU), share of steps in A / B / C per seed: IAC .14 / .63 / .24
-    and .15 / .59 / .26; MAX .12 / .14 / .74 and .12 / .12 / .75: drawn to the noise.
+    and .15 / .61 / .24; MAX .12 / .14 / .74 and .12 / .12 / .75: drawn to the noise.
     Flipping the sign of LP (recent - old), picking the smallest value, never splitting, or
     counting every step as zone A fails here."""
-    res, _ = recorded
+    res, chunks = recorded
     frac = np.stack([res.final[f"frac_{z}"] for z in iac.ZONES], 1)  # (seed, zone)
-    broken = dataclasses.replace(TINY, reward="error")
-    state, _ = compiled(jax.vmap(run.make_train(iac.init, iac.update, broken)),
-                        run.seed_keys(0, 2))
+    chunk, states = chunks[0]  # the recorded program, rerun with the traced reward switched
+    state, _ = chunk(jax.tree.map(jnp.copy, states).replace(
+        use_error=jnp.ones_like(states.use_error)))  # copies: the chunk donates its input
     visits = np.asarray(state.zone_visits, np.float64)
     frac_err = visits / visits.sum(1, keepdims=True)
     print("IAC", frac.round(3), "error", frac_err.round(3))
