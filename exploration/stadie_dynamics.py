@@ -295,6 +295,22 @@ def bonus(e, valid, max_e, beta, t, c):
     return beta * ebar / (t * c), ebar, max_e
 
 
+def acted_bonus(wm, wm_params, cfg: Config, frame, action, next_frame, valid, max_e, beta,
+                step, trained):
+    """The bonus stored with the acted transitions ([1] Alg. 1): with bonus_when=acting, from
+    the current AE and model, and only once they have trained (`trained`: the untrained
+    model's large errors would set the max and pay the first path); with bonus_when=learning
+    none, the max untouched (the replayed batch sets both). Returns (bonus, ebar, new max,
+    e of the transitions that count, else 0)."""
+    zero = jnp.zeros(frame.shape[0])
+    if cfg.bonus_when == "learning":
+        return zero, zero, max_e, zero
+    e = prediction_error(wm, wm_params, frame, action, next_frame)
+    valid = valid & trained
+    b, ebar, max_e = bonus(e, valid, max_e, beta, decay_clock(step, cfg), cfg.decay_c)
+    return b, ebar, max_e, jnp.where(valid, e, 0.0)
+
+
 def decay_clock(step, cfg: Config):
     """t = 1 + (env steps taken, all envs) // decay_every (float, >= 1)."""
     return 1.0 + (step * cfg.num_envs // cfg.decay_every).astype(jnp.float32)
@@ -383,11 +399,9 @@ def update(state: State, cfg: Config):
         next_obs, env_state, reward, done, info = env.step(s.env_state, action, k_env)
         # envpool resets on the step AFTER done: that transition is not one; weight 0
         weight = (~s.prev_done if cfg.is_atari else jnp.ones_like(done)).astype(jnp.float32)
-        # [1] Alg. 1: the bonus of (s_t, a_t) from the current AE and model, when acting
-        e = prediction_error(wm, s.wm_params, frame_of(s.obs, cfg), action,
-                             frame_of(next_obs, cfg))
-        b, ebar, max_e = bonus(e, (weight > 0) & ~done, s.max_e, s.beta,
-                               decay_clock(s.step, cfg), cfg.decay_c)
+        b, ebar, max_e, e = acted_bonus(wm, s.wm_params, cfg, frame_of(s.obs, cfg), action,
+                                        frame_of(next_obs, cfg), (weight > 0) & ~done,
+                                        s.max_e, s.beta, s.step, s.num_grad > 0)
         replay = dqn.replay_add(s.replay, dict(obs=s.obs, action=action, reward=reward,
                                                bonus=b, done=done, weight=weight))
         ended = info["returned_episode"]
@@ -398,7 +412,7 @@ def update(state: State, cfg: Config):
                       step=s.step + 1, max_e=max_e, episodes=episodes,
                       positives=s.positives + success.sum(), first_success=first)
         return (s, key), dict(ret=info["returned_episode_return"], ended=ended, eps=epsilon,
-                              bonus=b.mean(), ebar=ebar.mean(), e=e.mean())
+                              bonus=b.mean(), ebar=ebar.mean(), e=e.mean(), e_max=e.max())
 
     (state, key), traj = jax.lax.scan(env_step, (state, state.key), None, cfg.train_every)
 
@@ -409,13 +423,18 @@ def update(state: State, cfg: Config):
     not_done = 1.0 - cur["done"].astype(jnp.float32)
     env_steps = state.step * cfg.num_envs
     ae_on = ((cfg.ae_train_steps == 0) | (env_steps < cfg.ae_train_steps)).astype(jnp.float32)
+    learning = env_steps >= max(cfg.learning_starts, 2 * cfg.num_envs)
     max_e, stored = state.max_e, cur["bonus"]
+    err_mean, err_max = traj["e"].mean(), traj["e_max"].max()  # acted errors (acting mode)
     if cfg.bonus_when == "learning":  # the bonus of the replayed (s, a) under today's model
         e = prediction_error(wm, state.wm_params, frame, cur["action"], next_frame)
-        valid = (cur["weight"] * not_done) > 0
+        # as when acting: no bonus (and no max) before the AE and the model have trained
+        valid = ((cur["weight"] * not_done) > 0) & (state.num_grad > 0)
         stored, _, max_e = bonus(e, valid, max_e, state.beta, decay_clock(state.step, cfg),
                                  cfg.decay_c)
         stored = jax.lax.stop_gradient(stored)
+        e = jnp.where(valid, e, 0.0)
+        err_mean, err_max = e.sum() / jnp.maximum(valid.sum(), 1), e.max()
     wm_params, wm_opt, wm_aux = learn_wm(state.wm_params, state.wm_opt, wm, cfg, frame,
                                          cur["action"], next_frame, cur["weight"] * not_done,
                                          ae_on)
@@ -430,7 +449,6 @@ def update(state: State, cfg: Config):
     upd, q_opt = optax.adam(cfg.lr).update(grads, state.q_opt, state.q_params)
     q_params = optax.apply_updates(state.q_params, upd)
 
-    learning = env_steps >= max(cfg.learning_starts, 2 * cfg.num_envs)
     keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(learning, a, b), new, old)
     q_params, q_opt = keep(q_params, state.q_params), keep(q_opt, state.q_opt)
     wm_params, wm_opt = keep(wm_params, state.wm_params), keep(wm_opt, state.wm_opt)
@@ -445,8 +463,9 @@ def update(state: State, cfg: Config):
         "losses/model": wm_aux["loss_model"],
         "charts/bonus_mean": traj["bonus"].mean() if cfg.bonus_when == "acting" else stored.mean(),
         "charts/ebar_mean": traj["ebar"].mean(),
-        "charts/model_error": traj["e"].mean(),
-        "charts/max_error": state.max_e,
+        "charts/model_error": err_mean,
+        "charts/error_max": err_max,
+        "charts/max_error": max_e,
         "charts/episodic_return": (traj["ret"] * traj["ended"]).sum() / jnp.maximum(n_ended, 1),
         "charts/epsilon": traj["eps"][-1],
         "charts/positive_episodes": state.positives,
@@ -454,7 +473,6 @@ def update(state: State, cfg: Config):
         "charts/first_success": jnp.maximum(state.first_success, 0.0),
         "charts/solved": (state.first_success >= 0).astype(jnp.float32),
     }
-    max_e = jnp.where(learning, max_e, state.max_e)
     new = state.replace(q_params=q_params, target_params=target, q_opt=q_opt, max_e=max_e,
                         wm_params=wm_params, wm_opt=wm_opt, num_grad=num_grad, key=key)
     return new, metrics

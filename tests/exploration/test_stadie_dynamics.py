@@ -155,6 +155,81 @@ def test_bonus_decays_as_the_model_learns_and_reaches_q(runs):
     assert max(jax.tree.leaves(diff)) > 1e-3
 
 
+def _stored(runs):
+    data = jax.tree.map(np.asarray, runs[0].state.replay.data)
+    return data["bonus"][:, :, 0], data["done"][:, :, 0]
+
+
+def test_no_bonus_before_the_model_trains(runs):
+    """Review item 1 on the CLI run (acting mode; the quick replay never evicts, one env):
+    the first `learning_starts` stored bonuses are 0 (the AE and model are untrained then;
+    the old code paid ~0.7 on the first path there), most later ones are not."""
+    b, _ = _stored(runs)
+    assert (b[:, :TINY.learning_starts] == 0).all(), b[:, :TINY.learning_starts].max()
+    assert (b[:, TINY.learning_starts:TINY.total_timesteps] > 0).mean() > 0.5
+
+
+def test_episode_ends_store_no_bonus(runs):
+    """A transition that ends an episode (its next obs is the reset one) stores 0."""
+    b, done = _stored(runs)
+    assert done.sum() > 100 and (b[done] == 0).all()
+
+
+def test_running_max_and_decay_clock_in_the_run(runs):
+    """The running max is the cumulative max of the errors that fed it (0 before learning,
+    > 0 after; carried across steps); bonus = beta ebar / (t C) with the clock
+    t = 1 + steps // decay_every (1, 2, 3 in the run)."""
+    h = jax.tree.map(np.asarray, runs[0].history)
+    mx = h["charts/max_error"]
+    np.testing.assert_array_equal(mx, np.maximum.accumulate(h["charts/error_max"], 1))
+    assert (mx[:, :TINY.learning_starts] == 0).all() and (mx[:, -1] > 0).all()
+    t = 1 + np.arange(TINY.num_updates) // TINY.decay_every
+    ebar, paid = h["charts/ebar_mean"], h["charts/bonus_mean"]
+    on = ebar > 0
+    ref = TINY.beta * ebar / (t * TINY.decay_c)
+    np.testing.assert_allclose(paid[on], ref[on], rtol=1e-5)
+    assert set(t[on.any(0)]) == {1, 2, 3}
+
+
+def test_acted_bonus_waits_for_training_and_learning_mode_stores_none():
+    """Review items 1 and 2 through `acted_bonus` (what the rollout calls): acting, before the
+    AE and model have trained: bonus 0 and the running max untouched; after: the max moves to
+    the largest valid error and the bonus is beta ebar / (t C); bonus_when=learning: nothing
+    stored and the max untouched even when trained (the batch sets it; the old rollout set it
+    from the untrained model's errors, ~4, so that ebar <= ~0.06 afterwards)."""
+    env = sd.make_env(TINY)
+    _, wm = sd.networks(TINY, env)
+    x = (jax.random.uniform(jax.random.PRNGKey(0), (6, 100)) > 0.9).astype(jnp.float32)
+    a, valid = jnp.arange(6) % 2, jnp.arange(6) != 2
+    params = wm.init(jax.random.PRNGKey(1), x, a)
+    step = jnp.int32(2 * TINY.decay_every)  # t = 3
+    for cfg in (TINY, dataclasses.replace(TINY, bonus_when="learning")):
+        go = jax.jit(lambda trained, cfg=cfg: sd.acted_bonus(
+            wm, params, cfg, x, a, x[::-1], valid, jnp.float32(0.5), 2.0, step, trained))
+        for trained in (False, True):
+            b, ebar, max_e, e = map(np.asarray, go(jnp.bool_(trained)))
+            if cfg.bonus_when == "learning" or not trained:
+                assert (b == 0).all() and max_e == 0.5 and (e == 0).all(), (cfg, trained)
+                continue
+            assert e[2] == 0 and (e[valid] > 0).all() and max_e == max(0.5, e.max()) > 0.5
+            np.testing.assert_allclose(b, 2.0 * e / max_e / (3 * TINY.decay_c), rtol=1e-5)
+
+
+def test_model_loss_does_not_move_the_ae():
+    """The model's input and target codes are held fixed (stop_gradient): the gradient of
+    L_M alone is 0 on every AE weight and not on the model's."""
+    env = sd.make_env(TINY)
+    _, wm = sd.networks(TINY, env)
+    x = jax.random.uniform(jax.random.PRNGKey(0), (8, 100))
+    a = jnp.arange(8) % 2
+    params = wm.init(jax.random.PRNGKey(1), x, a)
+    g = jax.grad(lambda p: sd.wm_loss(p, wm, x, a, x[::-1], jnp.ones(8))[1]["loss_model"])(
+        params)["params"]
+    for k, v in g.items():
+        moved = max(float(jnp.abs(leaf).max()) for leaf in jax.tree.leaves(v)) > 0
+        assert moved == k.startswith("model_"), k
+
+
 def test_train_is_pure_and_seeds_differ(runs):
     """The CLI run's recorded chunk, run again on its recorded input: bit-identical; the 4
     seeds differ; losses finite; the bonus was paid."""
