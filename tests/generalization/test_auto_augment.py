@@ -233,11 +233,11 @@ def arms(tiny_run):
 def test_controller_finds_invert_and_the_flipped_reward_does_not(arms):
     """Behaviour (TINY: inverted validation digits, 6 ops, 8 policies x 10 updates, lr
     0.01), both arms from seed 0's initial state through the CLI's compiled chunk: the
-    controller's mass on Invert (mean over the 10 op slots) measured 0.17 -> 0.73 with the
-    reward = validation accuracy, 0.17 -> 0.02 with the reward sign flipped (the broken
-    variant); mean validation accuracy at the last update 0.49 vs 0.01; the child without
-    augmentation at most 0.00. Also fails with the sign ignored (reward = accuracy in both
-    arms) and with PPO's surrogate negated."""
+    controller's mass on Invert (mean over the 10 op slots) measured 0.17 -> 0.83 with the
+    reward = validation accuracy, 0.17 -> 0.01 with the reward sign flipped (the broken
+    variant); mean validation accuracy at the last update 0.44 vs 0.003; the child without
+    augmentation at most 0.003. Also fails with the sign ignored (reward = accuracy in both
+    arms), with PPO's surrogate negated and with the baseline dropped (A = R)."""
     _, m = arms
     p, r = np.asarray(m["charts/target_op_prob"]), np.asarray(m["charts/reward_mean"])
     print("P(invert) per update (reward, flipped):", p.round(3), "reward:", r.round(3),
