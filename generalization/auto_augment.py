@@ -31,7 +31,8 @@ set inverted (1 - x): a child that never sees inverted digits fails there, so th
 controller must find Invert.
 
 Reproduce (CPU demo; figure: op probabilities and rewards per controller update):
-    python generalization/auto_augment.py --preset quick --plot generalization/auto_augment.png
+    python generalization/auto_augment.py --preset quick --num-seeds 2 \
+        --plot generalization/auto_augment.png
 `paper` preset ([1]'s controller and search space, a CIFAR-sized child on reduced CIFAR-10,
 4,000 training images, needs the python batches):
     python generalization/auto_augment.py --preset paper --data-dir ~/cifar-10
@@ -62,12 +63,14 @@ Differences from the paper:
   bilinear, fill 0; Sharpness is PIL's SMOOTH blend but edge-pads the 1-px border (PIL leaves
   it unfiltered: up to 72 levels there); Equalize is (CDF - CDF(min)) / (N - CDF(min)), not
   PIL's LUT (up to 64 levels apart on 32 x 32 RGB); SamplePairing blends with another image
-  of the batch. `identity` and `flip_lr` are extras (not in [1]). Tests pin the rest to PIL.
+  of the batch. `identity` and `flip_lr` are extras (not in [1]). The tests compare the
+  others with PIL at bins 0, 5 and 9 (within 2 of 255 levels).
 - Magnitude bin m of 10 maps to lo + (hi - lo) m / 9 over [1] Table 1's ranges (signed ones
   such as Rotate [-30, 30] span both signs; the released code mirrors a level at random and
   reaches 9/10 of a range: enhance factors <= 1.72). Where the code and [1] differ we follow
-  [1]: Posterize keeps 8 -> 4 bits (code: 4 -> 1); Solarize's threshold runs 0 (bin 0, a full
-  Invert) -> 256 (no-op) (code: level 0 is the no-op); Translate (+-150/331) and Cutout
+  [1]: Posterize keeps [4, 8] bits, bin 0 the strongest (code: 4 -> 1 bits); Solarize's
+  threshold [0, 256] runs from bin 0, a full Invert, to bin 9, a no-op (code: level 0 is
+  the no-op); Translate (+-150/331) and Cutout
   (<= 60/331, fill 0.5) scale [1]'s ImageNet pixels on every data set (code on CIFAR: <= 9
   and 18 px of 32).
 - Quick preset: controller lr 0.01 (0.00035 is too slow for 30 updates), 6 ops, 16 policies.
