@@ -57,7 +57,8 @@ all steps in A / B / C, mean +- std, and the experts' mean squared error on a B 
     IAC (LP):            0.131 +- 0.007 / 0.596 +- 0.018 / 0.273 +- 0.016   B mse 7.0e-5
     MAX (raw error):     0.118 +- 0.004 / 0.122 +- 0.005 / 0.760 +- 0.004   B mse 6.3e-4
     RANDOM (epsilon 1):  0.332 +- 0.003 / 0.336 +- 0.004 / 0.332 +- 0.003   B mse 7.7e-5
-    (IAC's epsilon = 0.35 random steps alone put 0.117 in each zone)
+    (IAC's epsilon = 0.35 random steps alone put 0.117 in each zone; measured just before
+    `reward` became a traced state switch, which moves float rounding and so tie-breaks only)
 IAC spends 0.57-0.66 of each 500-step update in B from the second update to the 19th (the
 figure exploration/iac.png; 0.47 in the first, 0.52 in the last, where C's share rises to
 0.37 as B's experts saturate). It is not more accurate than RANDOM here: B's error on a grid ends at
