@@ -28,9 +28,16 @@ one in-order clip, probed (common/probe.py, linear and k-NN, all labels and 10 p
 for the declared procedural label: the direction of the first sprite's velocity at the
 clip's start in `probe_classes` bins, against the same network at init.
 
-Reproduce (CPU demo, 32x32 frames, a small trunk):
+Reproduce (CPU demo, 24x24 frames, a small trunk):
     python selfsup/odd_one_out.py --preset quick --plot selfsup/odd_one_out.png
-Measured: see the end of this docstring once the quick run has finished.
+Measured (1 seed, 200 steps of 16 questions, 6.0 min wall / 101 CPU-s on a loaded 2-core
+CPU): held-out odd-one-out accuracy 0.977 (chance 0.167; the network at init 0.152);
+training accuracy 0.82 over steps 1-20, 0.96-0.99 after; loss 1.14 (first 10) -> 0.07.
+Direction probes (8 bins, chance 0.125) of the SoD feature, trained (init): linear 0.441
+(0.514), 10/class 0.247 (0.316), k-NN 0.344 (0.496), 10/class 0.209 (0.282): the features
+LOSE direction information. The odd clip is the one with jerky motion (a shuffled clip of
+constant motion has more frame-difference energy), a direction-invariant cue, so the net
+need not keep direction; a probe of a jerkiness- or speed-like label would suit it better.
 Paper setting (GPU; procedural videos in place of UCF101, CaffeNet on 227x227):
     python selfsup/odd_one_out.py --preset paper
 [1] reports (fine-tuned, UCF101 split 1 pre-training) 60.3% on UCF101 and 32.5% on HMDB51
@@ -44,7 +51,8 @@ Differences from the paper:
 - CaffeNet without LRN or groups, SAME padding; SGD momentum (lr, batch size [M]).
 - Starts s_i uniform and independent (clips may overlap) [M]; frame stride 1.
 - Frozen linear / k-NN probes of a motion label, not fine-tuning for actions.
-- `quick`: 32x32 frames, 24-frame videos, 3 convs, one 64-unit fc, Adam.
+- `quick`: 24x24 frames, 24-frame videos, 2 convs, one 64-unit fc, a 64-unit fusion layer,
+  16 questions per step, Adam (SGD's lr is not calibrated here).
 """
 
 import functools
@@ -187,11 +195,12 @@ class Config:
 
 
 PRESETS = {
-    # CPU demo: 32x32 frames, 24-frame videos, a 3-conv trunk with one 64-unit fc, Adam.
-    "quick": dict(frame_size=32, num_frames=24, conv_channels=(16, 32, 32),
-                  conv_kernels=(5, 3, 3), conv_strides=(1, 1, 1), pool_after=(1, 2, 3),
-                  fc_features=(64,), fusion_hidden=64, batch_size=32, num_steps=400,
-                  optimizer="adam", lr=1e-3, weight_decay=0.0, shift_conv=True),
+    # CPU demo: 24x24 frames, 24-frame videos, a 2-conv trunk with one 64-unit fc, Adam.
+    "quick": dict(frame_size=24, num_frames=24, radius=(0.1, 0.18), speed=(0.04, 0.1),
+                  conv_channels=(16, 32), conv_kernels=(5, 3), conv_strides=(1, 1),
+                  pool_after=(1, 2), fc_features=(64,), fusion_hidden=64, batch_size=16,
+                  num_steps=200, optimizer="adam", lr=2e-3, weight_decay=0.0,
+                  shift_conv=True),
     "paper": dict(),
 }
 
