@@ -6,10 +6,10 @@ or sentence pairs), the fine-tuning budget (768 labelled examples, batches of 16
 192 updates; ELMo and CoVe count their task updates directly: 192 of 16), and the text:
 the characters of Python's pydoc reference manual (common.data.text_corpus "pydoc"), 10%
 held out, for everything but CoVe. Each file's own: the task and its labels. GPT, BERT and
-ULMFiT: is a window of pydoc as written or character-shuffled (GPT: 62 characters between
-its start and extract tokens; BERT: `--span-len 62`, its tampered substring widened to the
-whole window, so the span head's task is trivial and only the [CLS] label is reported;
-ULMFiT: 48 characters); ELMo: tag the replaced characters of a window (F1 of the replaced
+ULMFiT: is a window of pydoc as written or tampered with (GPT: 62 characters between its
+start and extract tokens, shuffled; ULMFiT: 48 characters, shuffled; BERT: its own task, 12
+consecutive characters replaced by draws from the text's character frequencies, and only
+the [CLS] label is reported); ELMo: tag the replaced characters of a window (F1 of the replaced
 class); CoVe: translation of procedural English number phrases into German parts, then the
 parity of the number from [GloVe; CoVe] (its own synthetic data: pydoc has no translation
 pairs). GPT and BERT "from scratch" are the same command with `--pretrain-steps 0` (the 192
@@ -99,12 +99,12 @@ METHODS = {
     "GPT from scratch": method("gpt", *SCRATCH, columns=(
         Column("val_acc", "shuffled? accuracy, from scratch", ACC),
         Column("val_bits_per_char", "bits/char (aux. LM loss only)", ".2f"))),
-    "BERT": method("bert", "--span-len", "62", columns=(
-        Column("val_acc", "shuffled? accuracy, pre-trained", ACC),
+    "BERT": method("bert", columns=(
+        Column("val_acc", "replaced? accuracy, pre-trained", ACC),
         Column("val_mlm_acc", "MLM accuracy after fine-tuning", ACC),
         Column("val_unigram_acc", "unigram guess, same positions", ACC))),
-    "BERT from scratch": method("bert", "--span-len", "62", *SCRATCH, columns=(
-        Column("val_acc", "shuffled? accuracy, from scratch", ACC),)),
+    "BERT from scratch": method("bert", *SCRATCH, columns=(
+        Column("val_acc", "replaced? accuracy, from scratch", ACC),)),
     "ALBERT": method("albert", columns=(
         Column("val_mlm_acc", "MLM accuracy", ACC),
         Column("val_unigram_acc", "unigram guess, same positions", ACC),
