@@ -32,21 +32,38 @@ TINY = fo.Config(frame_size=16, num_frames=24, tau_max=6, tau_min=3, arm_speed=(
 SEEDS = 2
 
 
-def _tuples(cfg, n, flow, positive_fraction, key=0):
-    """n tuples sampled from one flow (T - 1,): indices (n, 3), labels (n,), (a..e) (n, 5)."""
-    keys = jax.random.split(jax.random.PRNGKey(key), n)
-    fn = lambda ks, f: jax.vmap(lambda k: fo.sample_tuple(k, f, positive_fraction, cfg))(ks)
-    return (np.asarray(a) for a in compiled(fn, keys, jnp.asarray(flow, jnp.float32)))
+@pytest.fixture(scope="module")
+def sampled():
+    """One compiled program for both sampler tests: 4000 tuples of a constant-flow video
+    under TINY with [1]'s 25% positives (indices, labels, (a..e)), and, for high-motion
+    fractions 0.2 and 1.0, the window starts of span 4 of a video moving only between frames
+    15 and 16, with the (a..e) of 500 tuples of a video moving only between frames 12 and 18."""
+    cfgs = [dataclasses.replace(TINY, high_motion_fraction=f) for f in (0.2, 1.0)]
+    one = np.zeros(TINY.num_frames - 1, np.float32)
+    one[15] = 1.0
+    flow = np.zeros(TINY.num_frames - 1, np.float32)
+    flow[12:18] = 1.0
+    keys = jax.random.split(jax.random.PRNGKey(0), 4000)
+
+    def all_of_it(ks, const, o, f):
+        tuples = jax.vmap(lambda k: fo.sample_tuple(k, const, 0.25, TINY))(ks)
+        return tuples, [(fo.high_motion_starts(o, 4, c),
+                         jax.vmap(lambda k, c=c: fo.sample_tuple(k, f, 0.5, c))(ks[:500])[2])
+                        for c in cfgs]
+
+    out = compiled(all_of_it, keys, jnp.ones(TINY.num_frames - 1), jnp.asarray(one),
+                   jnp.asarray(flow))
+    return jax.tree.map(np.asarray, out), flow
 
 
-def test_tuple_sampler_order_labels_and_tau_bounds():
+def test_tuple_sampler_order_labels_and_tau_bounds(sampled):
     """[1] Sec. 3.2 on 4000 tuples of a constant-flow video: a < b < c < d < e with
     2 <= d - b <= tau_max, b - a >= tau_min, e - d >= tau_min; positives are exactly
     (b, c, d) or (d, c, b), negatives (b, a, d) or (b, e, d), each form about half of its
     class; the label is 1 iff the middle frame lies between the outer two; positives are
     25% (binomial sd 0.007)."""
     cfg = TINY
-    idx, lab, five = _tuples(cfg, 4000, np.ones(cfg.num_frames - 1), 0.25)  # [1]'s ratio
+    (idx, lab, five), _ = sampled[0]  # [1]'s ratio
     a, b, c, d, e = five.T
     assert (a < b).all() and (b < c).all() and (c < d).all() and (d < e).all()
     assert (d - b >= 2).all() and (d - b <= cfg.tau_max).all() and (d - b == cfg.tau_max).any()
@@ -65,25 +82,14 @@ def test_tuple_sampler_order_labels_and_tau_bounds():
     assert abs(pos.mean() - 0.25) < 0.03, pos.mean()
 
 
-def test_high_motion_windows_by_hand():
+def test_high_motion_windows_by_hand(sampled):
     """[1] Sec. 3.2: flow 1 only between frames 15 and 16 (T = 24, tau_min 3). Windows of
     span 4 that leave room for a and e start at b in [3, 16] (14 of them); the 4 with
     b in [12, 15] contain the motion. Keeping the top 20% (the 0.8 quantile, 'lower', of
     10 zeros and 4 ones is 1) keeps exactly those; keeping all (fraction 1) keeps [3, 16].
     Sampled tuples (random spans) from a video moving only between frames 12 and 18 with
     high_motion_fraction 0.2 all have motion inside [b, d]; with fraction 1 some do not."""
-    cfgs = [dataclasses.replace(TINY, high_motion_fraction=f) for f in (0.2, 1.0)]
-    one = np.zeros(TINY.num_frames - 1, np.float32)
-    one[15] = 1.0
-    flow = np.zeros(TINY.num_frames - 1, np.float32)
-    flow[12:18] = 1.0
-    keys = jax.random.split(jax.random.PRNGKey(0), 500)
-
-    def both(o, f):  # one compiled program for the two fractions
-        return [(fo.high_motion_starts(o, 4, c),
-                 jax.vmap(lambda k, c=c: fo.sample_tuple(k, f, 0.5, c))(keys)[2]) for c in cfgs]
-
-    (top, five_top), (every, five_all) = compiled(both, jnp.asarray(one), jnp.asarray(flow))
+    (_, ((top, five_top), (every, five_all))), flow = sampled
     np.testing.assert_array_equal(np.flatnonzero(top), [12, 13, 14, 15])
     np.testing.assert_array_equal(np.flatnonzero(every), np.arange(3, 17))
     moving = lambda five: np.array([flow[b:d].sum() > 0 for b, d in np.asarray(five)[:, [1, 3]]])
@@ -126,7 +132,7 @@ def test_video_flow_render_and_probe_label_by_hand():
 def test_order_loss_by_hand():
     """[1] Sec. 3.3: logits [[2, 0], [0, 1]], labels [1, 1]: -log softmax = log(1 + e^2)
     = 2.12693 and log(1 + e^-1) = 0.31326, mean 1.22009; accuracy 0.5."""
-    loss, acc = fo.order_loss(jnp.array([[2.0, 0.0], [0.0, 1.0]]), jnp.array([1, 1]))
+    loss, acc = compiled(fo.order_loss, jnp.array([[2.0, 0.0], [0.0, 1.0]]), jnp.array([1, 1]))
     np.testing.assert_allclose(loss, (np.log(1 + np.e ** 2) + np.log(1 + np.e ** -1)) / 2,
                                rtol=1e-6)
     assert float(acc) == 0.5
@@ -139,17 +145,23 @@ def test_solver_decays_kernels_only_and_doubles_bias_rate():
     cfg = dataclasses.replace(TINY, lr=0.1, lr_decay_steps=2)
     tx, sched = fo.make_optimizer(cfg)
     p = {"layer": {"kernel": jnp.array(1.0), "bias": jnp.array(1.0)}}
-    s = tx.init(p)
+
+    def steps(p):  # the 4 steps as one compiled program (eagerly, each op compiles)
+        s, out = tx.init(p), []
+        for step in range(4):
+            u, s = tx.update(jax.tree.map(jnp.ones_like, p), s, p)
+            p = optax.apply_updates(p, u)
+            out.append((sched(step), p))
+        return out
+
     w, b, mw, mb = 1.0, 1.0, 0.0, 0.0
-    for step in range(4):
+    for step, (lr_used, q) in enumerate(compiled(steps, p)):
         lr = 0.1 if step < 2 else 0.01
-        np.testing.assert_allclose(sched(step), lr, rtol=1e-6)
-        u, s = tx.update(jax.tree.map(jnp.ones_like, p), s, p)
-        p = optax.apply_updates(p, u)
+        np.testing.assert_allclose(lr_used, lr, rtol=1e-6)
         mw, mb = 0.9 * mw + 1 + 5e-4 * w, 0.9 * mb + 2.0
         w, b = w - lr * mw, b - lr * mb
-        np.testing.assert_allclose(p["layer"]["kernel"], w, rtol=1e-6)
-        np.testing.assert_allclose(p["layer"]["bias"], b, rtol=1e-6)
+        np.testing.assert_allclose(q["layer"]["kernel"], w, rtol=1e-6)
+        np.testing.assert_allclose(q["layer"]["bias"], b, rtol=1e-6)
 
 
 def test_siamese_trunk_shared_and_fc7_concatenated(recorded_run):
