@@ -380,8 +380,8 @@ class State:
     max_e: jax.Array  # float: running max of the model error e over the run
     beta: jax.Array  # float: the bonus scale (a value: beta = 0 runs the same program)
     episodes: jax.Array  # float: finished episodes, all envs
-    positives: jax.Array  # float: finished episodes with a positive return (treasure)
     first_success: jax.Array  # float: `episodes` when the first positive one ended; -1 before
+    # (env_state, Coverage, counts the treasure episodes, and its first success in env steps)
     key: jax.Array
 
 
@@ -399,7 +399,7 @@ def init(key, cfg: Config) -> State:
     return State(q_params, q_params, optax.adam(cfg.lr).init(q_params), wm_params,
                  wm_optimizer(cfg).init(wm_params), dqn.replay_init(row, cfg.buffer_size // n),
                  env_state, obs, jnp.zeros(n, bool), jnp.zeros((), jnp.int32),
-                 jnp.zeros((), jnp.int32), zero, jnp.asarray(cfg.beta, jnp.float32), zero, zero,
+                 jnp.zeros((), jnp.int32), zero, jnp.asarray(cfg.beta, jnp.float32), zero,
                  -jnp.ones(()), key)
 
 
@@ -430,8 +430,7 @@ def update(state: State, cfg: Config):
         episodes = s.episodes + ended.sum()
         first = jnp.where((s.first_success < 0) & success.any(), episodes, s.first_success)
         s = s.replace(replay=replay, env_state=env_state, obs=next_obs, prev_done=done,
-                      step=s.step + 1, max_e=max_e, episodes=episodes,
-                      positives=s.positives + success.sum(), first_success=first)
+                      step=s.step + 1, max_e=max_e, episodes=episodes, first_success=first)
         return (s, key), dict(ret=info["returned_episode_return"], ended=ended, eps=epsilon,
                               bonus=b.mean(), ebar=ebar.mean(), e=e.mean(), e_max=e.max())
 
@@ -489,7 +488,7 @@ def update(state: State, cfg: Config):
         "charts/max_error": max_e,
         "charts/episodic_return": (traj["ret"] * traj["ended"]).sum() / jnp.maximum(n_ended, 1),
         "charts/epsilon": traj["eps"][-1],
-        "charts/positive_episodes": state.positives,
+        "charts/positive_episodes": state.env_state.positives,
         "charts/distinct_cells": state.env_state.visited.sum(),
         "charts/first_success": jnp.maximum(state.first_success, 0.0),
         "charts/solved": (state.first_success >= 0).astype(jnp.float32),
@@ -501,7 +500,7 @@ def update(state: State, cfg: Config):
 
 def evaluate(state: State, cfg: Config):
     """Episodes until the first treasure (-1: never), treasure episodes, distinct cells."""
-    return {"first_success": state.first_success, "positive_episodes": state.positives,
+    return {"first_success": state.first_success, "positive_episodes": state.env_state.positives,
             "distinct_cells": state.env_state.visited.sum()}
 
 
