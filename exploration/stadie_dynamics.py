@@ -17,11 +17,12 @@ so far, is a novelty score that decays with time:
     L_M   = || M(sg sigma(s_t), a_t) - sg sigma(s_{t+1}) ||^2  the model, trained online
     L_Q   = Huber(R_bonus + gamma (1 - d) max_a' Q^-(s', a') - Q(s, a))   DQN on replay
 The bonus is computed when acting, with the current AE and model, and stored with the reward
-in the replay (as [1] Alg. 1 stores R_bonus). t is a decay clock, 1 + (env steps so far) //
-decay_every; `decay_every` 1 makes it the step count. The AE, the model and the Q network
-take one gradient step each in the same jitted `update` (one scan for the whole run,
-vmappable over seeds); `State.beta` is a value, so beta = 0 (plain epsilon-greedy DQN) runs
-the same compiled program.
+in the replay (as [1] Alg. 1 stores R_bonus); none is paid, and the max does not move, before
+the AE and the model have taken their first gradient step. t is a decay clock, 1 + (env
+steps so far) // decay_every; `decay_every` 1 makes it the step count. The AE, the model and
+the Q network take one gradient step each in the same jitted `update` (one scan for the
+whole run, vmappable over seeds); `State.beta` is a value, so beta = 0 (plain
+epsilon-greedy DQN) runs the same compiled program.
 
 Reproduce (CPU, DeepSea N = 10 as a 10 x 10 binary image, one env, 150 episodes):
     python exploration/stadie_dynamics.py --preset quick --num-seeds 4
@@ -65,8 +66,7 @@ Differences from the paper:
   early frames from epsilon-greedy) and frozen after `ae_train_steps` env steps if > 0; [1]'s
   retraining schedule is not reproduced [M].
 - beta, C, the decay clock's unit, the AE widths and the learning rates are guesses [M]; only
-  beta / C matters for a fixed clock. Whether [1]'s t counts steps, episodes or epochs was
-  not checked: here env steps // decay_every.
+  beta / C matters for a fixed clock.
 - Alg. 1 was not re-read (the stored copies hold only the abstract and introduction); from
   the reviewer's memory [M]: max_e starts at 1 and ebar = e / max_e is taken before the max
   update (so can exceed 1), M (optionally sigma) is retrained every EpochLength steps from the
