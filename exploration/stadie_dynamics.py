@@ -347,7 +347,8 @@ def wm_loss(wm_params, wm: WorldModel, frame, action, next_frame, weight):
     pred = wm.apply(wm_params, jax.lax.stop_gradient(z), action, method=WorldModel.predict)
     e = ((pred - jax.lax.stop_gradient(z_next)) ** 2).sum(-1)
     loss_m = (e * weight).sum() / jnp.maximum(weight.sum(), 1.0)
-    return loss_ae + loss_m, dict(loss_ae=loss_ae, loss_model=loss_m)
+    return loss_ae + loss_m, dict(loss_ae=loss_ae, loss_model=loss_m,
+                                  e=jax.lax.stop_gradient(e))
 
 
 def learn_wm(wm_params, opt_state, wm, cfg: Config, frame, action, next_frame, weight, ae_on):
@@ -446,8 +447,11 @@ def update(state: State, cfg: Config):
     learning = env_steps >= max(cfg.learning_starts, 2 * cfg.num_envs)
     max_e, stored = state.max_e, cur["bonus"]
     err_mean, err_max = traj["e"].mean(), traj["e_max"].max()  # acted errors (acting mode)
+    wm_params, wm_opt, wm_aux = learn_wm(state.wm_params, state.wm_opt, wm, cfg, frame,
+                                         cur["action"], next_frame, cur["weight"] * not_done,
+                                         ae_on)
     if cfg.bonus_when == "learning":  # the bonus of the replayed (s, a) under today's model
-        e = prediction_error(wm, state.wm_params, frame, cur["action"], next_frame)
+        e = wm_aux["e"]  # = prediction_error before this step (the loss's forward pass)
         # as when acting: no bonus (and no max) before the AE and the model have trained
         valid = ((cur["weight"] * not_done) > 0) & (state.num_grad > 0)
         stored, _, max_e = bonus(e, valid, max_e, state.beta, decay_clock(state.step, cfg),
@@ -455,9 +459,6 @@ def update(state: State, cfg: Config):
         stored = jax.lax.stop_gradient(stored)
         e = jnp.where(valid, e, 0.0)
         err_mean, err_max = e.sum() / jnp.maximum(valid.sum(), 1), e.max()
-    wm_params, wm_opt, wm_aux = learn_wm(state.wm_params, state.wm_opt, wm, cfg, frame,
-                                         cur["action"], next_frame, cur["weight"] * not_done,
-                                         ae_on)
 
     def q_loss(params):
         q = qnet.apply(params, cur["obs"])
