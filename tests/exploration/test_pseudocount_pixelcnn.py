@@ -103,33 +103,12 @@ def test_pseudo_count_and_bonus_formulas():
     np.testing.assert_allclose(bonus[4], 0.1 * np.sqrt(np.expm1(25.0)), rtol=1e-5)  # capped
 
 
-def test_bonus_reward_is_the_vmapped_prediction_gain():
-    """The Bonus's `reward` on a [T = 2, N = 2] rollout of 8 x 8 DeepSea-like frames, as
-    `update` runs it: frames quantised (L = 2), each frame's PG from the same theta, n of
-    frame k (time-major, env-minor) = n_before + k + 1, r = beta (exp(c n^-1/2 PG_+) - 1)^1/2,
-    and n advanced by 4."""
-    cfg = dataclasses.replace(TINY, beta=0.3, pg_scale=2.0, pg_lr=0.1)
-    bonus, net = pp.make_bonus(cfg), pp.make_density(cfg)
-    obs = jnp.zeros((2, 2, 8, 8)).at[0, 0, 0, 0].set(1).at[0, 1, 1, 0].set(1)
-    obs = obs.at[1, 0, 0, 0].set(1).at[1, 1, 1, 1].set(1)
-
-    def go(obs):
-        params, stats = bonus.init(jax.random.PRNGKey(0), obs[0])
-        stats = {**stats, "n": jnp.float32(10.0)}
-        r, new = bonus.reward(params, stats, {"obs": obs})
-        want = []
-        for k, (t, e) in enumerate(((0, 0), (0, 1), (1, 0), (1, 1))):
-            _, pg = pp.prediction_gain(net, params, obs[t, e].astype(jnp.int32), cfg.pg_lr)
-            want.append(0.3 * jnp.sqrt(jnp.expm1(2.0 * (11.0 + k) ** -0.5 * pg)))
-        return r, new, jnp.stack(want)
-
-    r, new, want = compiled(go, obs)
-    np.testing.assert_allclose(r, np.reshape(want, (2, 2)), rtol=1e-4)
-    assert float(new["n"]) == 14.0 and (np.asarray(r) > 0).all()
-
-
-def test_unseen_frames_get_a_larger_bonus_than_trained_ones():
-    """The mechanism at the bonus level, with the paper's eta = 1e-3, c = 0.1, beta = 0.1 and
+def test_bonus_reward_and_unseen_frames_get_a_larger_bonus():
+    """The Bonus's `reward` as `update` runs it, then the mechanism at the bonus level.
+    Equation: on a [T = 2, N = 8] rollout, each frame's PG from the same theta (here
+    lax.map over frames of `prediction_gain`, the Bonus vmaps it), n of frame k (time-major,
+    env-minor) = n_before + k + 1, r = beta (exp(c n^-1/2 PG_+) - 1)^1/2, n advanced by 16.
+    Behaviour, with the paper's eta = 1e-3, c = 0.1, beta = 0.1 and
     TINY's PixelCNN: the model is trained (100 Adam steps of lr 1e-2 on `loss`, the Bonus's
     density loss that PPO's update minimises) on the frames of 8 DeepSea-8 cells; `reward`
     (n = 1000) on a rollout [seen frames, 8 other cells' frames]: every unseen frame's bonus
@@ -158,10 +137,18 @@ def test_unseen_frames_get_a_larger_bonus_than_trained_ones():
             return (optax.apply_updates(p, u), o), None
 
         params = jax.lax.scan(step, (params0, opt.init(params0)), None, length=100)[0][0]
-        return [pp.make_bonus(c).reward(p, stats, {"obs": obs})[0]
-                for c, p in ((cfgs[0], params), (cfgs[1], params), (cfgs[0], params0))]
+        (trained, new), *rs = [pp.make_bonus(c).reward(p, stats, {"obs": obs})
+                               for c, p in ((cfgs[0], params), (cfgs[1], params),
+                                            (cfgs[0], params0))]
+        net, frames = pp.make_density(cfgs[0]), obs.reshape(16, 8, 8).astype(jnp.int32)
+        pg = jax.lax.map(lambda x: pp.prediction_gain(net, params, x, 1e-3)[1], frames)
+        n = 1000.0 + jnp.arange(1, 17)
+        want = 0.1 * jnp.sqrt(jnp.expm1(0.1 * n ** -0.5 * pg)).reshape(2, 8)
+        return trained, new["n"], want, rs[0][0], rs[1][0]
 
-    trained, no_step, untrained = map(np.asarray, compiled(go, jnp.asarray(obs)))
+    trained, n_after, want, no_step, untrained = map(np.asarray, compiled(go, jnp.asarray(obs)))
+    np.testing.assert_allclose(trained, want, rtol=2e-5)
+    assert float(n_after) == 1016.0
 
     def separated(r):  # [seen, unseen]: all unseen above all seen, means apart by 1.5 x
         return r[1].min() > r[0].max() and r[1].mean() > 1.5 * r[0].mean()
