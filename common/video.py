@@ -13,7 +13,8 @@ Motion (one step = one frame, units: pixels and frames; y grows downwards):
               energy: the arrow of time is physically visible.
 Gravity and restitution are traced numbers (per seed, per video), not static settings.
 
-Outputs (`Video`): frames (T, H, W, C) in [0, 1], masks (T, K, H, W) (each sprite's full
+Outputs (`Video`): frames (T, H, W, C) in [0, 1] (noise_std > 0 adds noise that may leave
+[0, 1]: no clipping), masks (T, K, H, W) (each sprite's full
 silhouette, occluded or not), ids (T, H, W) the top-most sprite's track id (-1 background),
 positions and velocities (T, K, 2) as (y, x). Sprite k is drawn after sprite k - 1.
 """
@@ -35,12 +36,12 @@ class VideoSpec:
     size: int = 64  # side H = W of the frames, pixels
     num_frames: int = 30  # frames T
     num_sprites: int = 2  # sprites K
-    channels: int = 1  # 1: grey levels, 3: a random colour per sprite
+    channels: int = 1  # 1: grey levels, 3: a random colour per sprite (grey background)
     radius: tuple[float, float] = (3.0, 6.0)  # range of a sprite's radius (half side), px
     speed: tuple[float, float] = (0.5, 2.0)  # range of the initial speed, px per frame
-    wrap: bool = False  # constant motion only: wrap around the borders instead of bouncing
+    wrap: bool = False  # constant motion only (gravity 0): wrap around the borders
     texture: float = 0.4  # amplitude of the background texture (sprites are 0.6-1.0 bright)
-    noise_std: float = 0.0  # std of fresh (uniform) pixel noise in every frame
+    noise_std: float = 0.0  # std of fresh (uniform) pixel noise in every frame (unclipped)
 
 
 @struct.dataclass
@@ -126,7 +127,11 @@ def make_video(key, spec: VideoSpec, gravity=0.0, restitution=1.0) -> Video:
     inside the frame with random velocities (under gravity: vertically at a uniform time of
     a random bounce orbit), moving under `gravity` (px / frame^2) with
     bounces of `restitution` (constant motion: 0 and 1). Every random number comes from one
-    uniform draw, sliced (one threefry call compiles far faster than several)."""
+    uniform draw, sliced (one threefry call compiles far faster than several). Under gravity
+    the start orbit needs radius[1] < size / 4 (apex heights up to size - 4 r); `wrap` needs
+    gravity 0 (checked where gravity is a concrete number)."""
+    if spec.wrap and isinstance(gravity, int | float) and gravity > 0:
+        raise ValueError(f"wrap=True needs gravity 0 (wrap-around has no floor), got {gravity}")
     K, s, c, T = spec.num_sprites, spec.size, spec.channels, spec.num_frames
     shapes = [(K,), (K, 2), (K,), (K,), (K,), (K, c), (4, 4, c), (s, s, c), (T, s, s, c), (K,)]
     sizes = [int(np.prod(sh)) for sh in shapes]
@@ -142,14 +147,15 @@ def make_video(key, spec: VideoSpec, gravity=0.0, restitution=1.0) -> Video:
     # apex height h above the floor (uniform below the ceiling): the stationary, time-
     # symmetric start of elastic bouncing, so that only the lossy bounces order time.
     g = jnp.maximum(gravity, 1e-9)
-    w = jnp.sqrt(2 * g * u[1][:, 0] * (s - 4 * r))  # impact speed, apex h = u (S - 4r)
+    w = jnp.sqrt(2 * g * u[1][:, 0] * jnp.maximum(s - 4 * r, 0.0))  # impact speed, apex
+    # h = u (S - 4r) (0 when r > S / 4: resting on the floor, not NaN)
     tau = 2 * w / g * u[9]  # time since the last floor contact, uniform over one period
     y_orbit = s - r - (w * tau - g * tau ** 2 / 2)
     p0 = p0.at[:, 0].set(jnp.where(gravity > 0, y_orbit, p0[:, 0]))
     v0 = v0.at[:, 0].set(jnp.where(gravity > 0, g * tau - w, v0[:, 0]))
     shape = jnp.floor(u[4] * len(SHAPES)).astype(jnp.int32)
     colour = 0.6 + 0.4 * u[5]
-    bg = background(u[6], u[7], spec)
+    bg = jnp.broadcast_to(background(u[6][..., :1], u[7][..., :1], spec), (s, s, c))  # grey
     pos, vel = simulate(p0, v0, r, spec, gravity, restitution)
     masks = jax.vmap(lambda p: silhouettes(p, r, shape, spec))(pos)  # (T, K, H, W)
     ids = jnp.max(jnp.where(masks, jnp.arange(K)[None, :, None, None], -1), axis=1)
