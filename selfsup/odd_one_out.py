@@ -30,7 +30,7 @@ clip's start in `probe_classes` bins, against the same network at init.
 
 Reproduce (CPU demo, 24x24 frames, a small trunk):
     python selfsup/odd_one_out.py --preset quick --plot selfsup/odd_one_out.png
-Measured (1 seed, 200 steps of 16 questions, 6.0 min wall / 101 CPU-s on a loaded 2-core
+Measured (1 seed, 200 steps of 16 questions, 2.5-6.0 min wall / 101 CPU-s, loaded 2-core
 CPU): held-out odd-one-out accuracy 0.977 (chance 0.167; the network at init 0.152);
 training accuracy 0.82 over steps 1-20, 0.96-0.99 after; loss 1.14 (first 10) -> 0.07.
 Direction probes (8 bins, chance 0.125) of the SoD feature, trained (init): linear 0.441
@@ -423,8 +423,8 @@ def evaluate(state: State, cfg: Config):
 
 
 def plot(res, cfg: Config, out: str):
-    """Seed 0: four held-out questions, one row of clips each (the odd one framed in red),
-    with the trained network's probability that each clip is the odd one."""
+    """Seed 0: four held-out questions side by side (rows: the elements, each a strip of
+    its W frames; the odd one framed in red), with the trained network's P(odd)."""
     import matplotlib.pyplot as plt
 
     from common.plot import save_png
@@ -433,17 +433,20 @@ def plot(res, cfg: Config, out: str):
     clips, labels = (a[:4] for a in eval_data(cfg)[:2])
     p = np.asarray(jax.nn.softmax(logits_fn(state.params, jnp.asarray(clips), cfg)))
     e, w = cfg.num_elements, cfg.clip_frames
-    fig, axes = plt.subplots(4 * e, w, figsize=(w * 0.9, 4 * e * 0.9))
+    fig = plt.figure(figsize=(4 * w * 0.55 + 1, e * 0.62 + 0.8))
+    grid = fig.add_gridspec(1, 4, wspace=0.12)
     for q in range(4):
+        sub = grid[q].subgridspec(e, w, wspace=0.04, hspace=0.08)
         for i in range(e):
             for t in range(w):
-                ax = axes[q * e + i, t]
+                ax = fig.add_subplot(sub[i, t])
                 ax.imshow(clips[q, i, t, ..., 0], cmap="gray", vmin=0, vmax=1)
                 ax.set_xticks([]), ax.set_yticks([])
                 if i == labels[q]:
                     for sp in ax.spines.values():
                         sp.set_color("r"), sp.set_linewidth(2)
-            axes[q * e + i, 0].set_ylabel(f"Q{q} P={p[q, i]:.2f}", fontsize=6)
+                if t == 0:
+                    ax.set_ylabel(f"P={p[q, i]:.2f}", fontsize=6)
     f = {k: float(np.asarray(v)[0]) for k, v in res.final.items()}
     fig.suptitle(f"O3N: held-out odd-one-out accuracy {f['odd_acc_test']:.3f} (chance "
                  f"{1 / e:.3f}); direction probes linear {f['linear']:.3f}, 10/class "
