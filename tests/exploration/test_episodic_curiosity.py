@@ -14,6 +14,7 @@ import pytest
 from common import run
 from exploration import episodic_curiosity as ec
 from tests.common.cli import cli_args
+from tests.common.compiled import jit0, main_recording_chunks
 from tests.common.config_fields import unread_fields
 from tests.common.preset import trace_paper
 
@@ -36,7 +37,7 @@ def test_pair_labels_by_hand():
     t1 = jnp.full(7, 5)
     t2 = jnp.array([5, 6, 7, 8, 9, 10, 4])
     same = jnp.array([True] * 5 + [False, True])
-    label, valid = jax.jit(lambda a, b, s: ec.pair_labels(a, b, s, k=2, gap=1.5))(t1, t2, same)
+    label, valid = jit0(lambda a, b, s: ec.pair_labels(a, b, s, k=2, gap=1.5))(t1, t2, same)
     np.testing.assert_array_equal(label, [1, 1, 1, 0, 0, 0, 1])
     np.testing.assert_array_equal(valid, [0, 1, 1, 0, 1, 0, 1])
 
@@ -48,7 +49,7 @@ def test_sampled_pairs_stay_in_the_filled_history_and_negatives_in_the_episode()
     steps of 100-step episodes, k = 5, gamma = 5, 64 pairs) about half the pairs are valid
     negatives; drawing t2 over the whole history left 0.03 per batch of 64 (a review)."""
     ep = jnp.asarray(np.repeat(np.arange(4), 16)[:, None] * np.ones((1, 3), int), jnp.int32)
-    t1, t2, env = jax.jit(lambda k: ec.sample_pairs(k, 4000, ep, 40, k=2, gap=2.0))(
+    t1, t2, env = jit0(lambda k: ec.sample_pairs(k, 4000, ep, 40, k=2, gap=2.0))(
         jax.random.PRNGKey(0))
     t1, t2, env = np.asarray(t1), np.asarray(t2), np.asarray(env)
     assert t1.min() >= 24 and t2.min() >= 24 and max(t1.max(), t2.max()) <= 63
@@ -61,7 +62,7 @@ def test_sampled_pairs_stay_in_the_filled_history_and_negatives_in_the_episode()
     big = jnp.asarray(np.repeat(np.arange(600), 100)[:, None] * np.ones((1, 12), int),
                       jnp.int32)
 
-    @jax.jit
+    @jit0
     def share(key):
         a, b, e = ec.sample_pairs(key, 64, big, 60_000, k=5, gap=5.0)
         _, valid = ec.pair_labels(a, b, big[a, e] == big[b, e], k=5, gap=5.0)
@@ -74,7 +75,7 @@ def test_percentile_aggregation_matches_numpy():
     """[1] Sec. 2: F = the 90th percentile of the similarities of the filled slots, as
     np.percentile (linear interpolation); 0 for an empty memory (released code). By hand:
     [0.1, 0.9, 0.5] -> 0.5 + 0.8 * 0.4 = 0.82 (the max would be 0.9, the mean 0.5)."""
-    agg = jax.jit(ec.aggregate, static_argnums=2)
+    agg = jit0(ec.aggregate, static_argnums=2)
     sims = jnp.array([0.1, 0.9, 0.5, 0.7, 0.3])
     valid = jnp.array([True, True, True, False, False])
     np.testing.assert_allclose(agg(sims, valid, 90.0), 0.82, rtol=1e-6)
@@ -127,7 +128,7 @@ def _constant_rnet(c):
     rnet = ec.RNetwork(pixels=False, embed_hidden=(4,), embedding_dim=3,
                        comparator_hidden=(4,))
     obs = jnp.zeros((2, 10))
-    params = jax.jit(rnet.init)(jax.random.PRNGKey(0), obs, obs)
+    params = jit0(rnet.init)(jax.random.PRNGKey(0), obs, obs)
     comp = params["params"]["C"]
     last = comp[max(comp, key=lambda n: int(n.split("_")[1]))]
     last["kernel"] = jnp.zeros_like(last["kernel"])
@@ -148,11 +149,11 @@ def test_bonus_by_hand_through_the_bonus():
     cfg = dataclasses.replace(TINY, bonus_scale=0.1, bonus_offset=0.5, novelty_threshold=0.0,
                               memory_size=4, history_size=5, bonus_start_steps=2)
     bonus = ec.make_bonus(cfg, rnet, 2)
-    _, stats = jax.jit(bonus.init)(jax.random.PRNGKey(1), jnp.zeros((2, 10)))
+    _, stats = jit0(bonus.init)(jax.random.PRNGKey(1), jnp.zeros((2, 10)))
     obs = jax.random.uniform(jax.random.PRNGKey(2), (3, 2, 10))
     b = dict(obs=obs, next_obs=obs + 1, action=jnp.zeros((3, 2), jnp.int32),
              done=jnp.array([[False, False], [True, False], [False, False]]))
-    reward = jax.jit(bonus.reward)
+    reward = jit0(bonus.reward)
     r0, new = reward(params, stats, b)  # steps 0 < 2: no bonus yet
     assert (r0 == 0).all()
     np.testing.assert_array_equal(new.count, [1, 1])
@@ -176,21 +177,21 @@ def test_memory_is_re_embedded_with_the_current_r_network():
     rnet = ec.RNetwork(pixels=False, embed_hidden=(8,), embedding_dim=4,
                        comparator_hidden=(8,))
     zeros = jnp.zeros((2, 10))
-    p1, p2 = (jax.jit(rnet.init)(jax.random.PRNGKey(i), zeros, zeros) for i in (3, 4))
+    p1, p2 = (jit0(rnet.init)(jax.random.PRNGKey(i), zeros, zeros) for i in (3, 4))
     cfg = dataclasses.replace(TINY, bonus_scale=1.0, bonus_offset=1.0, novelty_threshold=-1.0,
                               memory_size=4, history_size=5, bonus_start_steps=0,
                               embedding_dim=4)
     bonus = ec.make_bonus(cfg, rnet, 2)
-    _, stats = jax.jit(bonus.init)(jax.random.PRNGKey(1), zeros)
+    _, stats = jit0(bonus.init)(jax.random.PRNGKey(1), zeros)
     o1, o2 = (jax.random.uniform(jax.random.PRNGKey(i), (3, 2, 10)) for i in (5, 6))
     batch = lambda o: dict(obs=o, next_obs=o, action=jnp.zeros((3, 2), jnp.int32),
                            done=jnp.zeros((3, 2), bool))
-    reward = jax.jit(bonus.reward)
+    reward = jit0(bonus.reward)
     _, s1 = reward(p1, stats, batch(o1))
     np.testing.assert_array_equal(s1.count, [3, 3])
     r2, _ = reward(p2, s1, batch(o2))
     emb = lambda p, o: rnet.apply(p, o, method=ec.RNetwork.embed)
-    sims = jax.jit(lambda p_mem: ec.reachability(  # (N, 3) against a memory embedded by p_mem
+    sims = jit0(lambda p_mem: ec.reachability(  # (N, 3) against a memory embedded by p_mem
         rnet, p2, jnp.broadcast_to(emb(p2, o2[0])[:, None], (2, 3, 4)),
         jnp.swapaxes(emb(p_mem, o1), 0, 1)))
     expected = lambda p_mem: 1.0 - np.percentile(np.asarray(sims(p_mem)), 90, axis=1)
@@ -206,9 +207,9 @@ def test_comparator_sees_the_relu_of_the_join():
     rnet = ec.RNetwork(pixels=False, embed_hidden=(4,), embedding_dim=3,
                        comparator_hidden=(8,))
     zeros = jnp.zeros((2, 10))
-    params = jax.jit(rnet.init)(jax.random.PRNGKey(0), zeros, zeros)
+    params = jit0(rnet.init)(jax.random.PRNGKey(0), zeros, zeros)
     e1, e2 = jax.random.normal(jax.random.PRNGKey(1), (2, 5, 3))
-    c = jax.jit(lambda a, b: ec.reachability(rnet, params, a, b))
+    c = jit0(lambda a, b: ec.reachability(rnet, params, a, b))
     np.testing.assert_allclose(c(e1, e2), c(jax.nn.relu(e1), jax.nn.relu(e2)), rtol=1e-6)
 
 
@@ -225,16 +226,20 @@ def test_balanced_cross_entropy_by_hand():
     np.testing.assert_allclose(acc, 0.5)
 
 
-def _run(run_dir):
-    return ec.main(RUN_ARGS + ["--run-dir", str(run_dir)])
+@pytest.fixture(scope="module")
+def recorded_run(tmp_path_factory):
+    """TINY through the CLI entry point, once, with its compiled chunk (all 16 updates) and
+    the chunk's input states recorded for the purity test."""
+    return main_recording_chunks(ec.main, RUN_ARGS + [
+        "--run-dir", str(tmp_path_factory.mktemp("ec"))])
 
 
 @pytest.fixture(scope="module")
-def quick_run(tmp_path_factory):
-    return _run(tmp_path_factory.mktemp("ec"))
+def quick_run(recorded_run):
+    return recorded_run[0]
 
 
-@jax.jit
+@jit0
 def _accuracy(params, stats, key, n=1024):
     rnet = ec.networks(TINY, ec.make_env(TINY))
     _, acc = ec.r_network_loss(rnet, params, stats.history, stats.episode, stats.filled, key,
@@ -242,7 +247,7 @@ def _accuracy(params, stats, key, n=1024):
     return acc
 
 
-@jax.jit
+@jit0
 def _novelty(params, memory_obs, query_obs):
     """beta - C^M of each query observation against a memory holding `memory_obs`."""
     rnet = ec.networks(TINY, ec.make_env(TINY))
@@ -278,7 +283,7 @@ def test_trained_r_network_tells_reachable_from_far(quick_run):
     states = quick_run.state
     rnet = ec.networks(TINY, ec.make_env(TINY))
     obs = states.obs[0]
-    fresh = jax.jit(jax.vmap(lambda k: rnet.init(k, obs, obs)))(
+    fresh = jit0(jax.vmap(lambda k: rnet.init(k, obs, obs)))(
         jax.random.split(jax.random.PRNGKey(0), SEEDS))
     key = jax.random.PRNGKey(7)
     acc, nov = [], []
@@ -318,7 +323,7 @@ def test_trained_r_network_ignores_the_noisy_tv(quick_run):
     raw = np.linalg.norm(np.asarray(queries)[:20] - np.asarray(memory), axis=-1)
     raw_reachable = int((raw <= TINY.reachable_steps / 12).sum())
     rnet = ec.networks(TINY, ec.make_env(TINY))
-    fresh = jax.jit(rnet.init)(jax.random.PRNGKey(0), memory, memory)
+    fresh = jit0(rnet.init)(jax.random.PRNGKey(0), memory, memory)
     c_fresh = TINY.bonus_offset - np.asarray(_novelty(fresh, memory, queries))
     for i in range(SEEDS):
         params = jax.tree.map(lambda x: x[i], states.params["bonus"])
@@ -331,10 +336,12 @@ def test_trained_r_network_ignores_the_noisy_tv(quick_run):
     assert raw_reachable < 15
 
 
-def test_train_is_pure_and_cli_writes_its_files(quick_run, tmp_path, capsys):
-    """The same keys give bit-identical results a second time (the compilation cache serves
-    the program); the seeds differ; the run wrote its files; `--help` documents every field;
-    the history holds the last 64 steps of each env."""
+def test_train_is_pure_and_cli_writes_its_files(recorded_run, capsys):
+    """Same keys: the runner's initial states again, and the run's compiled chunk (its 16
+    updates) rerun from them, are bit-identical to the run's final state and history; the
+    seeds differ; the run wrote its files; `--help` documents every field; the history
+    holds the last 64 steps of each env."""
+    quick_run, chunks = recorded_run
     with pytest.raises(SystemExit):
         ec.main(["--help"])
     out = capsys.readouterr().out
@@ -349,10 +356,13 @@ def test_train_is_pure_and_cli_writes_its_files(quick_run, tmp_path, capsys):
     assert not np.array_equal(h["losses/reachability"][0], h["losses/reachability"][1])
     np.testing.assert_array_equal(quick_run.state.bonus_stats.filled, [64] * SEEDS)
     np.testing.assert_allclose(quick_run.state.bonus_stats.alpha, [TINY.bonus_scale] * SEEDS)
-    again = _run(tmp_path)
-    jax.tree.map(np.testing.assert_array_equal, quick_run.state.params, again.state.params)
-    np.testing.assert_array_equal(h["losses/reachability"],
-                                  again.history["losses/reachability"])
+    assert len(chunks) == 1
+    chunk, first_input = chunks[0]
+    jax.tree.map(np.testing.assert_array_equal, first_input,
+                 run.initial_states(ec.init, TINY, 0, SEEDS))
+    again, metrics = chunk(jax.tree.map(jnp.copy, first_input))  # the chunk donates
+    jax.tree.map(np.testing.assert_array_equal, quick_run.state.params, again.params)
+    np.testing.assert_array_equal(h["losses/reachability"], metrics["losses/reachability"])
 
 
 def test_cli_flags_reach_the_tested_functions(monkeypatch):
