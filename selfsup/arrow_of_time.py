@@ -3,8 +3,10 @@
 [1] D. Wei, J. J. Lim, A. Zisserman, W. T. Freeman. "Learning and Using the Arrow of Time."
     CVPR 2018. Released code: donglaiw/AoT_TCAM (Torch; 0603eaf): models/
     vggbn_tcam_pair2_cudnn.lua (the network), opts.lua and trainUtil's paramId 5.1 (flow
-    from scratch: the solver), README (vnF 20 flow frames x vnC 2 channels, batch 32).
-    Items marked [M] are ours or from memory, not checked against the PDF.
+    from scratch: the solver), README (vnF 20 flow frames x vnC 2 channels, batch 32),
+    trainCNN.lua (iter_size 3: gradients of 3 batches summed, / 3, one optim.sgd step),
+    dataset_video.lua (direction drawn per sample, L337). Items marked [M] are ours or from
+    memory, not checked.
 
 A clip is cut into T groups of L consecutive motion frames; each group, stacked along the
 channels, goes through one shared conv trunk; the T feature maps are concatenated along the
@@ -18,31 +20,41 @@ conv before it):
     loss = -mean[y log p + (1 - y) log(1 - p)]     y = 1 forward, 0 reversed   (BCE)
 A reversed clip is the same frames in the opposite order: x_rev[t] = x[N - 1 - t], so its
 motion frames are d_rev[t] = x_rev[t + 1] - x_rev[t] = -d[N - 2 - t].  (reversal)
-Labels are balanced (each clip reversed with probability 1/2).
+Labels are balanced (each clip reversed with probability 1/2). The released list labels
+1 = backward; here 1 = forward (a sign convention). [1]'s reversed flow is TV-L1 run on the
+reversed video; for frame differences that is exactly -d reversed, as above.
 
 Artificial cues ([1] Sec. 4): black framing carries compression leftovers that order time,
 and camera motion is content-free; [1] crops black borders and stabilises the camera. Here
 `border_crop` pixels are cut from every side before the motion frames (cue removal), and
-the procedural camera is static (stabilisation is the identity).
+the procedural camera is static (stabilisation is the identity). [1] (AoT_Dataset
+tool_process/README.md) finds black borders as low-mean rows and columns over 5 frames; a
+fixed crop equal to the known cue width removes the synthetic cue trivially, so the cue test
+checks the pipeline's plumbing, not a border detector.
 
 Motion input: FRAME DIFFERENCES d[t] = x[t + 1] - x[t] (L * C channels per group), a
 stand-in for [1]'s TV-L1 optical flow (x and y, 2 L channels). Data: procedural videos
 (common/video.py) of bouncing sprites under gravity with lossy bounces (restitution e < 1),
-so a reversed clip gains energy; `evaluate` also scores time-symmetric constant-velocity
-videos (elastic bounces), where no classifier can beat 0.5, and the cue videos (constant
-velocity plus a border whose brightness drifts with time, the catalogue's cue test).
+so a reversed clip gains energy; `evaluate` also scores two time-symmetric kinds, where no
+classifier can beat 0.5 in expectation (leak checks): constant-velocity videos (elastic
+walls) and gravity videos with elastic bounces (restitution 1: sees gravity-only leaks); and
+the cue videos (constant velocity plus a border whose brightness drifts with time, the
+catalogue's cue test; training clips carry the cue only with `train_cue` > 0).
 
 Reproduce (CPU demo, 32x32 frames, a small trunk):
     python selfsup/arrow_of_time.py --preset quick --plot selfsup/arrow_of_time.png
 Measured (1 seed, 300 steps on a heavily loaded 2-core CPU, load ~13: the 300 updates
 took about 9 min wall, 1.5 CPU-min; the run was cut in its evaluation by a 580-s timeout
 and evaluated from its final checkpoint): held-out accuracy (512 clips each, chance 0.5)
-on gravity clips 0.949, on time-symmetric constant-velocity clips 0.506 (no leakage), on
-cue videos 0.479 (the border is cropped); training loss 0.51 (first 20 steps) -> 0.14
-(last 20). Before the generator started gravity clips at a uniform time of a bounce orbit,
-its start state leaked the arrow (elastic bounces were still learned) and this run read
-0.988.
-Paper setting (GPU; procedural videos in place of UCF101/Flickr, VGG-16-BN on 224x224):
+on gravity clips 0.949, on time-symmetric constant-velocity clips 0.506 and gravity clips
+with elastic bounces 0.494 (no leakage; the same checkpoint, scored after that kind was
+added), on cue videos 0.479 (the training clips had no cue, train_cue 0: this says nothing
+about the crop; see the slow cue test); training loss
+0.51 (first 20 steps) -> 0.14 (last 20). Before the generator started gravity clips at a
+uniform time of a bounce orbit, its start state leaked the arrow (elastic bounces were still
+learned) and this run read 0.988.
+Paper setting (GPU; procedural videos in place of UCF101/Flickr, VGG-16-BN on 224x224
+crops of 240x240 frames: 14x14 maps per group, as the released View(-1, 1024, 14, 14)):
     python selfsup/arrow_of_time.py --preset paper
 [1] reports AoT accuracy on UCF101 of about 0.8 for flow T-CAM [M].
 
@@ -50,15 +62,19 @@ Differences from the paper:
 - Procedural videos, not UCF101 / Flickr-150K / Kinetics; frame differences, not TV-L1
   flow; a fixed border crop, not [1]'s black-frame detection; no camera motion.
 - Grey frames; balanced Bernoulli labels per clip (the released loader draws the direction
-  per sample too [M]); one optimiser step per batch of 32 (the released iter_size 3
-  accumulates 3 batches [M]); weight decay on all parameters (Torch optim.sgd).
+  per sample too); one optimiser step per batch of 32 (the released iter_size 3 sums the
+  gradients of 3 batches, / 3: effective batch 96, 5000 updates per epoch); weight decay on
+  all parameters (Torch optim.sgd).
+- Initialisation: He normal on fan_in; the released wInit "kaiming" is normal with std
+  sqrt(2 / (9 n_out)) (fan_out, model.lua L65-67).
+- No augmentation: the released loader also flips horizontally (negating flow x), takes one
+  of five corner crops, starts at a random frame, and feeds inputs x 255 - 128.
 - `quick`: 32x32 frames, T = 2 groups of 5 differences, a 5-conv trunk, 2 top convs of 64,
   no dropout, lr 0.03 (x 0.1 after 200 steps), 300 steps.
 - Sprites come to rest on the floor in forward gravity clips (and leave it in reversed
   ones): part of what the network reads, as it is part of the physics.
 """
 
-import functools
 from dataclasses import dataclass
 from typing import Any
 
@@ -81,7 +97,7 @@ class Config:
     """Arrow of Time with T-CAM; defaults are [1]'s released flow-from-scratch run."""
 
     frame_size: int = 224
-    """side of the square grey frames (VGG's 224x224 crops)"""
+    """side of the square grey frames (paper preset 240: VGG's 224x224 after the crop)"""
     groups: int = 2
     """T: groups of motion frames, each through the shared trunk (pair2: T = 2)"""
     group_frames: int = 10
@@ -104,6 +120,8 @@ class Config:
     """width in pixels of the synthetic drifting border of the cue videos"""
     cue_drift: float = 0.3
     """brightness the synthetic border gains from the first to the last frame of a clip"""
+    train_cue: float = 0.0
+    """border drift of the training clips (0: no cue; cue_drift: the slow cue test's)"""
     trunk_channels: tuple[int, ...] = (64, 64, 0, 128, 128, 0, 256, 256, 256, 0, 512, 512,
                                        512, 0, 512, 512, 512)
     """3x3 conv widths of the shared trunk, 0 = a 2x2 max pool (VGG-16 D, last pool removed)"""
@@ -116,17 +134,17 @@ class Config:
     batch_size: int = 32
     """clips per SGD step"""
     num_steps: int = 100_000
-    """SGD steps (20 epochs of 5000 batches)"""
+    """SGD steps (the released 20 epochs x 5000 updates, each of 3 x 32 clips)"""
     lr: float = 1e-2
     """learning rate of the first lr_drop_steps steps (then x 0.1; paramId 5.1)"""
     lr_drop_steps: int = 5000
-    """steps at lr before it drops to lr / 10 (one epoch of 5000 batches)"""
+    """steps at lr before it drops to lr / 10 (one epoch of 5000 updates)"""
     momentum: float = 0.9
     """SGD momentum"""
     weight_decay: float = 5e-4
     """L2 decay added to every gradient"""
     num_eval_clips: int = 512
-    """held-out clips of each kind (gravity, constant velocity, cue) scored by evaluate"""
+    """held-out clips of each kind (gravity, constant, cue, elastic) scored by evaluate"""
     shift_conv: bool = False
     """convs as sums of shifted matmuls: same maths, fast weight gradients in lax.scan on CPU"""
     dtype: str = "float32"
@@ -155,8 +173,9 @@ class Config:
         if self.groups < 1 or self.group_frames < 1 or self.num_sprites < 1:
             raise ValueError(f"groups={self.groups}, group_frames={self.group_frames} and "
                              f"num_sprites={self.num_sprites} must be >= 1")
-        if not 0 < self.radius[0] <= self.radius[1] < 0.5:
-            raise ValueError(f"radius={self.radius} must satisfy 0 < low <= high < 0.5")
+        if not 0 < self.radius[0] <= self.radius[1] < (0.25 if self.gravity > 0 else 0.5):
+            raise ValueError(f"radius={self.radius} must satisfy 0 < low <= high < 0.5 (< 0.25"
+                             " under gravity: room for the start orbit)")
         if not 0 <= self.speed[0] <= self.speed[1]:
             raise ValueError(f"speed={self.speed} must satisfy 0 <= low <= high")
         if self.gravity < 0:
@@ -166,6 +185,8 @@ class Config:
         if self.border_crop < 0 or 2 * self.border_crop >= self.frame_size:
             raise ValueError(f"border_crop={self.border_crop} must be in [0, frame_size / 2 ="
                              f" {self.frame_size // 2})")
+        if self.train_cue < 0:
+            raise ValueError(f"train_cue={self.train_cue} must be >= 0")
         if self.cue_width < 1 or 2 * self.cue_width >= self.frame_size:
             raise ValueError(f"cue_width={self.cue_width} must be in [1, frame_size / 2)")
         pools = self.trunk_channels.count(0)
@@ -189,7 +210,7 @@ PRESETS = {
                   trunk_channels=(16, 16, 0, 32, 32, 0, 64), top_channels=(64, 64),
                   dropout=0.0, batch_size=32, num_steps=300, lr=0.03, lr_drop_steps=200,
                   shift_conv=True),
-    "paper": dict(),
+    "paper": dict(frame_size=240),  # 224 after the crop: 14x14 maps, as released
 }
 
 
@@ -230,11 +251,15 @@ def make_clips(key, n: int, gravity, restitution, cue, cfg: Config):
     labels (n,) (1 forward, 0 reversed); gravity and restitution in frame units (traced),
     `cue` the border drift (0: none)."""
     k_vid, k_lab = jax.random.split(key)
-    spec, s = cfg.spec(), cfg.frame_size
-    videos = jax.vmap(lambda k: vid.make_video(k, spec, gravity * s, restitution))(
-        jax.random.split(k_vid, n))
+    return clips_of(jax.random.split(k_vid, n), jax.random.bernoulli(k_lab, 0.5, (n,)),
+                    gravity, restitution, cue, cfg)
+
+
+def clips_of(video_keys, labels, gravity, restitution, cue, cfg: Config):
+    """make_clips from its n video keys and n boolean labels (True: forward)."""
+    spec, s, n = cfg.spec(), cfg.frame_size, labels.shape[0]
+    videos = jax.vmap(lambda k: vid.make_video(k, spec, gravity * s, restitution))(video_keys)
     frames = add_border_cue(videos.frames, cue, cfg.cue_width)  # (n, N, S, S, C)
-    labels = jax.random.bernoulli(k_lab, 0.5, (n,))
     frames = jnp.where(labels[:, None, None, None, None], frames, reverse(frames))
     d = motion_frames(crop_border(frames, cfg.border_crop))  # (n, T L, S', S', C)
     t, l = cfg.groups, cfg.group_frames
@@ -331,7 +356,8 @@ def init(key, cfg: Config) -> State:
     params = variables["params"]
     f = lambda v: jnp.asarray(v, jnp.float32)
     return State(params, variables["batch_stats"], make_optimizer(cfg)[0].init(params),
-                 jnp.zeros((), jnp.int32), key, f(cfg.gravity), f(cfg.restitution), f(0.0))
+                 jnp.zeros((), jnp.int32), key, f(cfg.gravity), f(cfg.restitution),
+                 f(cfg.train_cue))
 
 
 # --- UPDATE ---
@@ -361,36 +387,43 @@ def update(state: State, cfg: Config):
 
 EVAL_KEY = 12345
 """Seed of the fixed held-out clips (the same for every run and seed)."""
-KINDS = ("gravity", "constant", "cue")
-
-
-@functools.cache
-def eval_clips(cfg: Config):
-    """Fixed held-out clips as numpy, per kind: gravity (cfg's physics), constant velocity
-    (gravity 0, restitution 1) and cue (constant velocity plus the drifting border)."""
-    with jax.ensure_compile_time_eval():  # concrete keys, also when evaluate is traced
-        keys = jax.random.split(jax.random.PRNGKey(EVAL_KEY), 3)
-    physics = [(cfg.gravity, cfg.restitution, 0.0), (0.0, 1.0, 0.0), (0.0, 1.0, cfg.cue_drift)]
-    fn = jax.jit(lambda ks: [make_clips(k, cfg.num_eval_clips, *p, cfg)
-                             for k, p in zip(ks, physics, strict=True)])
-    out = fn.lower(keys).compile(run.INIT_COMPILER_OPTIONS)(keys)
-    return {kind: tuple(np.asarray(a) for a in xy) for kind, xy in zip(KINDS, out, strict=True)}
+KINDS = ("aot_acc", "aot_acc_constant", "aot_acc_cue", "aot_acc_elastic")
 
 
 def evaluate(state: State, cfg: Config):
-    """Held-out arrow-of-time accuracy (chance 0.5) on each kind of clip: "aot_acc"
-    (gravity, lossy bounces), "aot_acc_constant" (time-symmetric: about 0.5 for any
-    classifier) and "aot_acc_cue" (constant velocity plus the drifting border)."""
-    clips = eval_clips(cfg)
-    # a barrier: XLA would otherwise constant-fold the convs' input slices of the data
-    data = jax.lax.optimization_barrier({k: tuple(map(jnp.asarray, v)) for k, v in clips.items()})
-    out = {}
-    for kind, name in zip(KINDS, ("aot_acc", "aot_acc_constant", "aot_acc_cue"), strict=True):
-        x, y = data[kind]
+    """Held-out arrow-of-time accuracy (chance 0.5) on num_eval_clips clips of each kind:
+    "aot_acc" (cfg's physics, lossy bounces), "aot_acc_constant" (gravity 0, restitution 1)
+    and "aot_acc_elastic" (cfg.gravity, restitution 1): time-symmetric, about 0.5 for any
+    classifier; "aot_acc_cue" (constant velocity plus the drifting border). The clips are
+    made here from PRNGKey(EVAL_KEY), batch_size at a time (lax.map over kinds and chunks:
+    one generator and one network in the program, no data constants)."""
+    n, b = cfg.num_eval_clips, cfg.batch_size
+    root = jax.random.PRNGKey(EVAL_KEY)
+    keys = jnp.concatenate([jax.random.split(root, 3), jax.random.fold_in(root, 3)[None]])
+    physics = jnp.array([(cfg.gravity, cfg.restitution, 0.0), (0.0, 1.0, 0.0),
+                         (0.0, 1.0, cfg.cue_drift), (cfg.gravity, 1.0, 0.0)], jnp.float32)
+    m = -(-n // b)  # chunks per kind; the last one is padded with repeats and masked out
+    at = jnp.arange(m * b) % n
+
+    def per_kind(key):  # make_clips' keys and labels
+        k_vid, k_lab = jax.random.split(key)
+        vk, y = jax.random.split(k_vid, n)[at], jax.random.bernoulli(k_lab, 0.5, (n,))[at]
+        return vk.reshape(m, b, *vk.shape[1:]), y.reshape(m, b)
+
+    vk, y = jax.vmap(per_kind)(keys)  # (4, m, b, ...)
+    flat = lambda a: a.reshape(4 * m, *a.shape[2:])
+    xs = (flat(vk), flat(y), jnp.repeat(physics, m, axis=0))
+
+    def score(chunk):
+        vk, y, (g, e, cue) = chunk
+        x, y = clips_of(vk, y, g, e, cue, cfg)
         logits = TCAM(cfg).apply({"params": state.params, "batch_stats": state.batch_stats},
                                  x, train=False)
-        out[name] = aot_loss(logits, y)[1]
-    return out
+        return (logits > 0) == (y == 1)
+
+    right = jax.lax.map(score, xs).reshape(4, m * b)
+    acc = (right * (jnp.arange(m * b) < n)).sum(1) / n
+    return dict(zip(KINDS, acc, strict=True))
 
 
 # --- PLOT ---
@@ -429,8 +462,9 @@ def plot(res, cfg: Config, out: str):
     ax.legend(fontsize=8)
     f = {k: float(np.asarray(v)[0]) for k, v in res.final.items()}
     fig.suptitle(f"Arrow of time (T-CAM on frame differences): held-out accuracy gravity "
-                 f"{f['aot_acc']:.3f}, constant velocity {f['aot_acc_constant']:.3f} "
-                 f"(chance 0.5), cue videos {f['aot_acc_cue']:.3f}", fontsize=9)
+                 f"{f['aot_acc']:.3f}, constant velocity {f['aot_acc_constant']:.3f}, "
+                 f"elastic gravity {f['aot_acc_elastic']:.3f} (chance 0.5), cue videos "
+                 f"{f['aot_acc_cue']:.3f}", fontsize=9)
     return save_png(fig, out)
 
 
@@ -442,8 +476,7 @@ def main(argv=None):
     held-out accuracies."""
     flags, argv = run.pop_flags(argv, "--plot")
     res = run.main(Config, init, update, presets=PRESETS, evaluate=evaluate, argv=argv,
-                   doc=__doc__, summary_keys=["aot_acc", "aot_acc_constant", "aot_acc_cue",
-                                               "losses/aot", "charts/aot_acc"])
+                   doc=__doc__, summary_keys=[*KINDS, "losses/aot", "charts/aot_acc"])
     if flags["--plot"] is not None:
         import json
         from pathlib import Path
