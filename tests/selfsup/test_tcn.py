@@ -212,7 +212,7 @@ def test_arm_and_renderer():
 
 # Seeds 0 and 1 train TCN, seed BROKEN (State.shuffle set) the broken variant, all in the
 # run's one vmapped program, in chunks of CHUNK updates.
-CHUNK = 50
+CHUNK = 25  # the purity test reruns the first chunk: 25 of the 150 updates
 BROKEN = 2
 RUN_ARGS = cli_args(TINY, tcn.Config(**tcn.PRESETS["quick"]), "quick") + [
     "--num-seeds", str(SEEDS + 1), "--log-every", str(CHUNK), "--no-progress"]
