@@ -190,10 +190,10 @@ def test_siamese_trunk_shared_and_fc7_concatenated(recorded_run):
     assert not np.allclose(logits, swapped, atol=1e-4)
 
 
-# One chunk per 50 updates (one compiled program): the purity test reruns 50 updates.
+# One chunk per 25 updates (one compiled program): the purity test reruns 25 updates.
 # Seeds 0 and 1 train Shuffle and Learn, seed BROKEN (State.shuffle set) the broken variant
 # with the batch's labels shuffled, all in the run's one vmapped program.
-CHUNK = 50
+CHUNK = 25
 BROKEN = 2
 RUN_ARGS = cli_args(TINY, fo.Config()) + [
     "--num-seeds", str(SEEDS + 1), "--log-every", str(CHUNK), "--no-progress"]
