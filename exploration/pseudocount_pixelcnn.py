@@ -44,7 +44,11 @@ eta = 0.5, c = 0.5, beta = 0.5) saw the median pseudo-count of a rollout's frame
 7.1, 90, 181 over updates 1, 4, 7, 10 (PG 30, 5.7, 0.64, 0.38 nats; bonus 17, 0.19, 0.05,
 0.04), but both arms saturated at 43 of 45 cells (no gap at that size). With the paper's
 c = 0.1 and eta = 1e-3 the bonus on DeepSea is ~1e-4: the quick preset needs c, eta, beta
-of that order, still to be calibrated.
+of that order, still to be calibrated. One try at the smoke constants on the quick preset
+(4 seeds per arm, eta = c = beta = 0.5, two runs sharing the loaded 2-core CPU, stopped by
+a 7-min limit at update 10 of 16, 5,120 steps): distinct cells 125.0 median (117-132) with
+the bonus vs 117.75 (109-124) with beta = 0, of 153; median PG 0.14 nats, pseudo-count
+1,208, bonus 0.016 at update 10: a small gap inside the seed spread, not a result.
 Paper setting (GPU; Montezuma's Revenge through envpool; rooms visited is the measure):
     python exploration/pseudocount_pixelcnn.py --preset paper
 [1] Fig. 5-6 [M]: DQN-PixelCNN with the mixed Monte-Carlo return explores more rooms of
