@@ -31,26 +31,29 @@ CONSTANT = 1  # the seed whose training videos are time-symmetric (gravity 0, re
 
 
 @pytest.fixture(scope="module")
-def pieces():
+def pieces(recorded_run):
     """One compiled program for the equation tests: reversal and motion frames of a random
     clip, 8 gravity videos and make_clips (the function update runs) from the same key, the
     BCE of two logits, TINY's TCAM on the clips (all params; the top Conv_0 kernel's half
     that reads z_2 zeroed) with group 1 or 2 perturbed, and the optimiser's first two
-    updates on zero gradients and its schedule around lr_drop_steps."""
+    updates on zero gradients and its schedule around lr_drop_steps. The network's
+    variables are seed 0's initial ones from the recorded run (no init compiled here)."""
     cfg = TINY
     x = np.random.default_rng(0).uniform(size=(7, 4, 4, 1)).astype(np.float32)
     key = jax.random.PRNGKey(3)
 
-    def parts(x, key):
+    first = jax.tree.map(lambda a: a[0], recorded_run[1][0][1])  # seed 0's initial state
+    variables = {"params": first.params, "batch_stats": first.batch_stats}
+
+    def parts(x, key, variables):
         k_vid, _ = jax.random.split(key)
         videos = jax.vmap(lambda k: vid.make_video(k, cfg.spec(), cfg.gravity * 16,
                                                    cfg.restitution))(jax.random.split(k_vid, 8))
         clips, labels = aot.make_clips(key, 8, cfg.gravity, cfg.restitution, 0.0, cfg)
-        state = aot.init(key, cfg)
-        p, f = state.params, cfg.trunk_channels[-2]  # F: channels per group (last is a pool)
+        p, f = variables["params"], cfg.trunk_channels[-2]  # F: channels per group
         cut = {**p, "Conv_0": {**p["Conv_0"], "kernel": p["Conv_0"]["kernel"].at[:, :, f:].set(0)}}
         net = lambda params, x: aot.TCAM(cfg).apply(
-            {"params": params, "batch_stats": state.batch_stats}, x, train=False)
+            {"params": params, "batch_stats": variables["batch_stats"]}, x, train=False)
         noise = jax.random.normal(key, clips.shape[:1] + clips.shape[2:])
         x1, x2 = clips.at[:, 0].add(noise), clips.at[:, 1].add(noise)
         both = jax.tree.map(lambda a, b: jnp.stack([a, b]), p, cut)  # one network, vmapped
@@ -66,7 +69,7 @@ def pieces():
                     logits=logits, p=p, u1=u1, u2=u2,
                     lr=[sched(cfg.lr_drop_steps - 1), sched(cfg.lr_drop_steps)])
 
-    return x, compiled(parts, x, key)
+    return x, compiled(parts, x, key, variables)
 
 
 def test_reversal_of_clip_and_motion_frames_and_clip_layout(pieces):
