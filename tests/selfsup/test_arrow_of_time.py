@@ -274,8 +274,9 @@ def test_cue_test_border_removal():
     """The catalogue's cue test: constant-velocity videos (no physical arrow of time) with
     a border whose brightness drifts with time. Without border removal (border_crop 0) the
     network reads the cue (held-out cue-video accuracy near 1.0); with the crop (1 pixel =
-    the cue's width) it is at chance. TINY otherwise, 150 steps, one seed each. Measured on
-    a loaded 2-core CPU: see the assertion's message."""
+    the cue's width) it is at chance. TINY otherwise with train_cue = cue_drift, 150
+    steps, one seed each. Measured on a loaded 2-core CPU: held-out cue accuracy 1.000
+    without the crop, 0.514 with it. Mutation: train_cue not fed to State.cue: fails."""
     accs = {}
     for crop in (0, 1):
         cfg = dataclasses.replace(TINY, border_crop=crop)
