@@ -55,7 +55,6 @@ Differences from the paper:
   16 questions per step, Adam (SGD's lr is not calibrated here).
 """
 
-import functools
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -384,32 +383,32 @@ def direction_class(vel, num_classes: int):
     return jnp.minimum(jnp.floor(frac * num_classes), num_classes - 1).astype(jnp.int32)
 
 
-@functools.cache
-def eval_data(cfg: Config):
-    """Fixed held-out questions (clips, labels) and probe clips (in order) with the first
-    sprite's direction class at each clip's start, as numpy."""
+def _eval_questions(k_q, k_p, cfg: Config):
+    """Held-out questions (clips, labels) and probe clips (in order) with the first sprite's
+    direction class at each clip's start, made from the keys (traced)."""
     n = cfg.probe_train + cfg.probe_test
+    clips, labels, _, _ = make_questions(k_q, cfg.num_eval_questions, False, cfg)
+    pc, _, videos, idx = make_questions(k_p, n, True, cfg)  # broken: all clips in order
+    vel = jax.vmap(lambda v, t: v[t, 0])(videos.vel, idx[:, 0, 0])  # element 0's start
+    cls = jax.vmap(lambda v: direction_class(v, cfg.probe_classes))(vel)
+    return clips, labels, pc[:, 0], cls
 
-    def fn(k_q, k_p):
-        clips, labels, _, _ = make_questions(k_q, cfg.num_eval_questions, False, cfg)
-        pc, _, videos, idx = make_questions(k_p, n, True, cfg)  # broken: all clips in order
-        vel = jax.vmap(lambda v, t: v[t, 0])(videos.vel, idx[:, 0, 0])  # element 0's start
-        cls = jax.vmap(lambda v: direction_class(v, cfg.probe_classes))(vel)
-        return clips, labels, pc[:, 0], cls
 
-    with jax.ensure_compile_time_eval():  # concrete keys, also when evaluate is traced
-        k_q, k_p = jax.random.split(jax.random.PRNGKey(EVAL_KEY))
-    out = jax.jit(fn).lower(k_q, k_p).compile(run.INIT_COMPILER_OPTIONS)(k_q, k_p)
-    return tuple(np.asarray(a) for a in out)
+def eval_data(cfg: Config):
+    """The fixed held-out data of `evaluate` (from PRNGKey(EVAL_KEY)), as numpy (plots)."""
+    k_q, k_p = jax.random.split(jax.random.PRNGKey(EVAL_KEY))
+    fn = jax.jit(lambda a, b: _eval_questions(a, b, cfg))
+    return tuple(np.asarray(a) for a in fn(k_q, k_p))
 
 
 def evaluate(state: State, cfg: Config):
     """Held-out odd-one-out accuracy on the fixed questions ("odd_acc_test", chance
     1 / num_elements) and the motion-direction probes of the SoD feature of one in-order
-    clip (linear and k-NN, all labels and probe_per_class per class)."""
-    # a barrier: XLA would otherwise constant-fold the convs' input slices of the data
-    clips, labels, pc, py = jax.lax.optimization_barrier(tuple(map(jnp.asarray,
-                                                                   eval_data(cfg))))
+    clip (linear and k-NN, all labels and probe_per_class per class). The data are made in
+    the program from PRNGKey(EVAL_KEY) (no data constants in it)."""
+    # a barrier on the keys: XLA would otherwise constant-fold the whole data generation
+    keys = jax.lax.optimization_barrier(jax.random.split(jax.random.PRNGKey(EVAL_KEY)))
+    clips, labels, pc, py = _eval_questions(keys[0], keys[1], cfg)
     out = {"odd_acc_test": odd_loss(logits_fn(state.params, clips, cfg), labels)[1]}
     f = jax.vmap(lambda c: encode(state.params["trunk"], c, cfg))(pc)
     n = cfg.probe_train
