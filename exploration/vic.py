@@ -1,0 +1,413 @@
+"""VIC: Variational Intrinsic Control with explicit options ([1] Algorithm 1). An option
+Omega is drawn from a prior p^C(Omega | s_0), an option-conditioned policy pi(a | Omega, s)
+acts for T steps, and a classifier q(Omega | s_0, s_f) tries to tell from where the option
+ended which option it was. The agent is paid for being recognisable, so the options learn
+to end in distinct states: the number of states it can reliably reach (its empowerment).
+
+[1] K. Gregor, D. J. Rezende, D. Wierstra. "Variational Intrinsic Control."
+    arXiv:1611.07507 (2016; ICLR workshop 2017). No released code was found. The equations
+    below are [1] Sec. 2-3 as the catalogue and the post state them; the grid-world section
+    of [1] (its grid size, option count and learner settings) was not re-read: those items
+    are marked [M] (from memory) or unsourced.
+[2] Lil'Log, "Exploration Strategies in Deep Reinforcement Learning" (2020), the VIC part.
+
+    objective: max I(Omega; s_f | s_0) = H(Omega | s_0) - H(Omega | s_f, s_0)
+    bound:     I^VB = -sum_Omega p^C(Omega|s_0) log p^C(Omega|s_0)
+                      + sum_{s_f, Omega} p^J(s_f|s_0, Omega) p^C(Omega|s_0) log q(Omega|s_0, s_f)
+               <= I, with equality when q is the true posterior p(Omega | s_0, s_f)
+    reward at the option's end: r = log q(Omega | s_0, s_f) - log p^C(Omega | s_0)
+               (so I^VB = E[r]; 0 on every earlier step)
+    policy:    REINFORCE with a learned baseline V(s, s_0, Omega) (an actor-critic on the
+               terminal reward, undiscounted: every step's return is r), entropy bonus
+    q:         maximum likelihood, min -E[log q(Omega | s_0, s_f)] on the batch's options
+    p^C:       fixed uniform (default), or `--learned-prior`: the REINFORCE gradient of I^VB
+               w.r.t. the prior's logits, E[(r - mean r) grad log p^C(Omega | s_0)], which
+               moves mass toward the options with high reward (well-recognised ones)
+
+Reproduce (CPU demo: open 8 x 8 grid, s_0 the centre, 16 options of T = 8 steps):
+    python exploration/vic.py --preset quick --num-seeds 2 --plot exploration/vic.png
+    python exploration/vic.py --preset quick --num-seeds 2 --variant q_s0_only   # broken
+Larger setting (for an accelerator; traced in the tests, not run here):
+    python exploration/vic.py --preset paper
+Ours (quick): see the measured numbers below, filled in from one run.
+    QUICK_RESULTS
+[1] reports (grid world, [M]): the learned options end in distinct cells, covering the
+reachable cells around s_0, and the bound grows toward log(number of options); no number
+here is comparable beyond that picture.
+
+Differences from the paper:
+- Fixed option length T (option_length) instead of [1]'s termination action: every option
+  runs T steps and its final state is s_T. The grid has a "stay" action, so an option can
+  end anywhere within T moves of s_0.
+- Environment: an open grid_size x grid_size grid (edges clip moves, 5 actions: up, down,
+  left, right, stay), one-hot cell observations, s_0 the centre cell or (--random-start) a
+  uniformly random cell. Written in the file (navix Empty-8x8 would work too, but its image
+  observations cost compile time for no gain in this test).
+- The policy sees (s, s_0, Omega) (s_0 matters when it is random); [1]'s pi(a | Omega, s)
+  keeps s_0 implicit in the option's start.
+- The learner is REINFORCE with a learned baseline and batch-normalised advantages, one
+  Adam step per batch on policy, baseline, q and prior together (one learning rate); [1]
+  names policy gradients / actor-critic without these details [M].
+- The `--variant q_s0_only` broken arm (q's s_f input zeroed, so it can only learn the
+  prior: accuracy 1/N) is a test device, not in [1].
+- The learned prior is an MLP of s_0; [1] lets p^C be fixed or learned [M].
+- [1]'s implicit-options algorithm (options as action sequences, Algorithm 2) is not here.
+"""
+
+from dataclasses import dataclass
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import struct
+
+from common import run
+from common.plot import save_png
+
+# --- CONFIG ---
+
+VARIANTS = ("vic", "q_s0_only")
+MOVES = np.array([[-1, 0], [1, 0], [0, -1], [0, 1], [0, 0]], np.int32)  # up down left right stay
+
+
+@dataclass(frozen=True)
+class Config:
+    """VIC with explicit options on an open grid; sizes unsourced or [M] (see the docstring)."""
+
+    grid_size: int = 8
+    """the open grid is grid_size x grid_size cells (moves past an edge stay put)"""
+    random_start: bool = False
+    """s_0 uniformly random per option (else the centre cell)"""
+    num_options: int = 16
+    """N: options Omega in {0..N-1}"""
+    option_length: int = 8
+    """T: steps of every option (fixed length instead of [1]'s termination action)"""
+    learned_prior: bool = False
+    """learn p^C(Omega | s_0) by the policy gradient of I^VB (else fixed uniform)"""
+    variant: str = "vic"
+    """vic, or the broken q_s0_only (q never sees s_f)"""
+    num_updates_total: int = 2000
+    """updates (one batch of options each; unsourced)"""
+    batch: int = 256
+    """options (episodes of T steps) per update"""
+    lr: float = 3e-3
+    """Adam learning rate of policy, baseline, q and prior"""
+    ent_coef: float = 0.1
+    """weight of the policy's entropy bonus (unsourced; 0.01 collapses onto ~11 cells)"""
+    value_coef: float = 0.5
+    """weight of the baseline's squared error"""
+    hidden: int = 128
+    """width of the two-layer MLPs (policy/baseline, q, prior)"""
+    eval_episodes: int = 16
+    """evaluate(): episodes per option"""
+    dtype: str = "float32"
+    """compute dtype of the networks: float32 or bfloat16 (params stay float32)"""
+
+    @property
+    def num_updates(self) -> int:
+        return self.num_updates_total
+
+    @property
+    def steps_per_update(self) -> int:
+        return self.batch * self.option_length
+
+    @property
+    def num_cells(self) -> int:
+        return self.grid_size * self.grid_size
+
+    def validate(self):
+        if self.variant not in VARIANTS:
+            raise ValueError(f"variant={self.variant!r} must be one of {VARIANTS}")
+        if self.dtype not in ("float32", "bfloat16"):
+            raise ValueError(f"dtype={self.dtype!r} must be 'float32' or 'bfloat16'")
+        for name, low in [("grid_size", 2), ("num_options", 2), ("option_length", 1),
+                          ("batch", 2), ("hidden", 1), ("eval_episodes", 1)]:
+            if getattr(self, name) < low:
+                raise ValueError(f"{name}={getattr(self, name)} must be >= {low}")
+        if self.ent_coef < 0 or self.value_coef < 0:
+            raise ValueError(f"ent_coef={self.ent_coef}, value_coef={self.value_coef} must be >= 0")
+
+
+PRESETS = {
+    # CPU demo: the catalogue's test setting (16 options, T = 8, open 8 x 8 grid).
+    "quick": dict(num_updates_total=600),
+    # Larger (unsourced; [1]'s grid-world sizes not re-read): Algorithm 1 with its learned
+    # prior, random starts, 64 options of 16 steps on a 25 x 25 grid.
+    "paper": dict(grid_size=25, random_start=True, num_options=64, option_length=16,
+                  learned_prior=True, num_updates_total=20000, batch=1024, hidden=256),
+}
+
+
+# --- NETWORKS ---
+
+
+class MLP(nn.Module):
+    """Two hidden relu layers -> `out` float32 outputs."""
+
+    hidden: int
+    out: int
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        for _ in range(2):
+            x = nn.relu(nn.Dense(self.hidden, dtype=self.dtype)(x))
+        return nn.Dense(self.out, dtype=self.dtype)(x).astype(jnp.float32)
+
+
+def networks(cfg: Config):
+    """pi(a | s, s_0, Omega) and V (5 logits + 1 value), q(Omega | s_0, s_f), p^C(Omega | s_0)."""
+    dt = jnp.dtype(cfg.dtype)
+    return {"pi": MLP(cfg.hidden, len(MOVES) + 1, dt),
+            "q": MLP(cfg.hidden, cfg.num_options, dt),
+            "prior": MLP(cfg.hidden, cfg.num_options, dt)}
+
+
+def onehot_cell(pos, cfg: Config):
+    """pos int [..., 2] (row, col) -> one-hot [..., G^2]."""
+    return jax.nn.one_hot(pos[..., 0] * cfg.grid_size + pos[..., 1], cfg.num_cells)
+
+
+def move(pos, action, cfg: Config):
+    """The open grid: pos' = clip(pos + MOVES[a], 0, G - 1)."""
+    return jnp.clip(pos + jnp.asarray(MOVES)[action], 0, cfg.grid_size - 1)
+
+
+# --- LOSS ---
+
+
+def prior_log_probs(params, s0, cfg: Config):
+    """log p^C(. | s_0) [B, N]: uniform log 1/N, or the learned prior's log-softmax."""
+    logits = networks(cfg)["prior"].apply(params["prior"], onehot_cell(s0, cfg))
+    logits = jnp.where(cfg.learned_prior, logits, 0.0)
+    return jax.nn.log_softmax(logits)
+
+
+def q_inputs(s0, sf, variant, cfg: Config):
+    """[B, 2 G^2] = (onehot s_0, onehot s_f); the broken q_s0_only arm zeroes s_f."""
+    return jnp.concatenate([onehot_cell(s0, cfg), onehot_cell(sf, cfg) * (variant == 0)], -1)
+
+
+def q_log_probs(params, s0, sf, variant, cfg: Config):
+    """log q(. | s_0, s_f) [B, N]."""
+    return jax.nn.log_softmax(networks(cfg)["q"].apply(params["q"], q_inputs(s0, sf, variant, cfg)))
+
+
+def intrinsic_reward(log_q, log_p_c):
+    """[1]: r = log q(Omega | s_0, s_f) - log p^C(Omega | s_0), at the option's end (no grad)."""
+    return jax.lax.stop_gradient(log_q - log_p_c)
+
+
+def empowerment_bound(log_q, log_p_c, weight):
+    """I^VB = sum_i w_i (log q_i - log p^C_i) / sum_i w_i over (Omega_i, s_f_i) samples. With
+    Omega ~ p^C and w = 1 it is the batch mean of r; with every (Omega, s_f) enumerated and
+    w = p^C(Omega) p^J(s_f | Omega) it is [1]'s definition
+    -sum p^C log p^C + sum p^J p^C log q; with Omega drawn uniformly, w = p^C(Omega | s_0)."""
+    return (weight * (log_q - log_p_c)).sum() / weight.sum()
+
+
+def prior_loss(r, log_p_c):
+    """-E[(r - mean r) log p^C(Omega | s_0)]: its gradient is a REINFORCE estimate of
+    -grad I^VB w.r.t. the prior (the -log p^C inside r is the entropy term); 0 when fixed."""
+    return -((r - r.mean()) * log_p_c).mean()
+
+
+def take(logp, idx):
+    """logp [B, K], idx [B] -> logp[b, idx_b]."""
+    return jnp.take_along_axis(logp, idx[:, None], -1)[:, 0]
+
+
+# --- STATE ---
+
+
+@struct.dataclass
+class State:
+    params: dict  # pi (with the baseline head), q, prior
+    opt_state: Any
+    step: jax.Array
+    key: jax.Array
+    variant: jax.Array  # int32 index into VARIANTS (traced: both arms in one program)
+
+
+def optimizer(cfg: Config):
+    return optax.adam(cfg.lr)
+
+
+def init(key, cfg: Config) -> State:
+    nets = networks(cfg)
+    k_pi, k_q, k_p, key = jax.random.split(key, 4)
+    g2, n = cfg.num_cells, cfg.num_options
+    params = {"pi": nets["pi"].init(k_pi, jnp.zeros((1, 2 * g2 + n))),
+              "q": nets["q"].init(k_q, jnp.zeros((1, 2 * g2))),
+              "prior": nets["prior"].init(k_p, jnp.zeros((1, g2)))}
+    return State(params, optimizer(cfg).init(params), jnp.zeros((), jnp.int32), key,
+                 jnp.asarray(VARIANTS.index(cfg.variant), jnp.int32))
+
+
+# --- ROLLOUT ---
+
+
+def start_cells(key, n, cfg: Config):
+    """s_0 [n, 2]: the centre, or uniformly random cells (--random-start)."""
+    rnd = jax.random.randint(key, (n, 2), 0, cfg.grid_size)
+    return jnp.where(cfg.random_start, rnd, jnp.full((n, 2), cfg.grid_size // 2))
+
+
+def rollout(params, key, s0, omega, cfg: Config):
+    """T steps of pi(a | s, s_0, Omega) from s_0 [B, 2]. Returns s_f [B, 2], the policy
+    inputs [T, B, 2 G^2 + N] and the actions [T, B]."""
+    ctx = jnp.concatenate([onehot_cell(s0, cfg), jax.nn.one_hot(omega, cfg.num_options)], -1)
+    pi = networks(cfg)["pi"]
+
+    def step(pos, k):
+        x = jnp.concatenate([onehot_cell(pos, cfg), ctx], -1)
+        a = jax.random.categorical(k, pi.apply(params["pi"], x)[:, :-1])
+        return move(pos, a, cfg), (x, a)
+
+    sf, (xs, acts) = jax.lax.scan(step, s0, jax.random.split(key, cfg.option_length))
+    return sf, xs, acts
+
+
+# --- UPDATE ---
+
+
+def losses(params, batch, variant, cfg: Config):
+    """Actor-critic on the terminal reward, q by maximum likelihood, p^C by REINFORCE."""
+    s0, omega, sf, xs, acts = batch
+    log_p_c = take(prior_log_probs(params, s0, cfg), omega)  # [B]
+    log_q = take(q_log_probs(params, s0, sf, variant, cfg), omega)  # [B]
+    r = intrinsic_reward(log_q, log_p_c)  # [B]
+    out = networks(cfg)["pi"].apply(params["pi"], xs)  # [T, B, 5 + 1]
+    logits, value = out[..., :-1], out[..., -1]
+    logp_all = jax.nn.log_softmax(logits)
+    logp = jnp.take_along_axis(logp_all, acts[..., None], -1)[..., 0]  # [T, B]
+    adv = r[None] - jax.lax.stop_gradient(value)  # return = r at every step (undiscounted)
+    adv = (adv - adv.mean()) / (adv.std() + 1e-8)
+    entropy = -(jnp.exp(logp_all) * logp_all).sum(-1).mean()
+    loss_pi = -(logp * adv).mean() - cfg.ent_coef * entropy
+    loss_v = ((value - r[None]) ** 2).mean()
+    loss_q = -log_q.mean()  # maximum likelihood of q(Omega | s_0, s_f)
+    loss_prior = prior_loss(r, log_p_c)  # ascends I^VB w.r.t. p^C (no gradient when fixed)
+    total = loss_pi + cfg.value_coef * loss_v + loss_q + loss_prior
+    return total, {"losses/pi": loss_pi, "losses/v": loss_v, "losses/q": loss_q,
+                   "losses/prior": loss_prior, "charts/entropy": entropy, "r": r,
+                   "log_q": log_q, "log_p_c": log_p_c}
+
+
+def update(state: State, cfg: Config):
+    key, k_s0, k_omega, k_roll = jax.random.split(state.key, 4)
+    s0 = start_cells(k_s0, cfg.batch, cfg)
+    log_prior = prior_log_probs(state.params, s0, cfg)  # [B, N]
+    omega = jax.random.categorical(k_omega, log_prior)  # Omega ~ p^C(. | s_0)
+    sf, xs, acts = rollout(state.params, k_roll, s0, omega, cfg)
+    batch = (s0, omega, sf, xs, acts)
+    (_, aux), g = jax.value_and_grad(losses, has_aux=True)(state.params, batch, state.variant, cfg)
+    upd, opt_state = optimizer(cfg).update(g, state.opt_state)
+    params = optax.apply_updates(state.params, upd)
+    guess = jnp.argmax(q_log_probs(state.params, s0, sf, state.variant, cfg), -1)
+    r, log_q, log_p_c = aux.pop("r"), aux.pop("log_q"), aux.pop("log_p_c")
+    metrics = {**aux,
+               "charts/empowerment_bound": empowerment_bound(log_q, log_p_c, jnp.ones_like(r)),
+               "charts/q_accuracy": (guess == omega).mean(),
+               "charts/prior_entropy": -(jnp.exp(log_prior) * log_prior).sum(-1).mean()}
+    return State(params, opt_state, state.step + 1, key, state.variant), metrics
+
+
+# --- EVALUATE ---
+
+
+def eval_rollouts(state: State, cfg: Config, key):
+    """eval_episodes episodes of every option (Omega = i mod N): s_0, Omega, s_f [n, ...],
+    log q(Omega | s_0, s_f) and log p^C(Omega | s_0) [n]."""
+    n = cfg.eval_episodes * cfg.num_options
+    k_s0, k_roll = jax.random.split(key)
+    omega = (jnp.arange(n) % cfg.num_options).astype(jnp.int32)
+    s0 = start_cells(k_s0, n, cfg)
+    sf, _, _ = rollout(state.params, k_roll, s0, omega, cfg)
+    log_q_all = q_log_probs(state.params, s0, sf, state.variant, cfg)
+    log_p_c = take(prior_log_probs(state.params, s0, cfg), omega)
+    return s0, omega, sf, log_q_all, log_p_c
+
+
+def distinct_outcomes(s0, omega, sf, cfg: Config):
+    """Number of distinct modal outcomes over the options: each option's most frequent
+    displacement s_f - s_0 (its final cell when s_0 is fixed), counted once per value."""
+    g = cfg.grid_size
+    d = (sf - s0 + g - 1)  # [n, 2] in 0..2G-2
+    idx = d[:, 0] * (2 * g - 1) + d[:, 1]
+    counts = jax.ops.segment_sum(jax.nn.one_hot(idx, (2 * g - 1) ** 2), omega, cfg.num_options)
+    modal = jnp.argmax(counts, -1)  # [N]
+    return (jax.nn.one_hot(modal, (2 * g - 1) ** 2).max(0)).sum()
+
+
+def evaluate(state: State, cfg: Config):
+    """Held-out options: q's accuracy (chance 1/N), the bound I^VB (options drawn uniformly,
+    weighted by p^C), the distinct modal outcomes, and the bound's ceiling log N."""
+    s0, omega, sf, log_q_all, log_p_c = eval_rollouts(state, cfg, jax.random.fold_in(state.key, 7))
+    log_q = take(log_q_all, omega)
+    return {"q_accuracy": (jnp.argmax(log_q_all, -1) == omega).mean(),
+            "empowerment_bound": empowerment_bound(log_q, log_p_c, jnp.exp(log_p_c)),
+            "distinct_final_cells": distinct_outcomes(s0, omega, sf, cfg).astype(jnp.float32),
+            "log_num_options": jnp.log(jnp.float32(cfg.num_options))}
+
+
+# --- PLOT ---
+
+
+def plot(res, cfg: Config, out: str, seed: int = 0):
+    """Left: each option's final cells (one colour per option, marker size ~ frequency) from
+    s_0; right: the bound I^VB over training (the batch mean of r) against log N."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    one = jax.tree.map(lambda x: x[seed], res.state)
+    s0, omega, sf, _, _ = jax.jit(eval_rollouts, static_argnums=1)(
+        one, cfg, jax.random.fold_in(one.key, 7))
+    s0, omega, sf = np.asarray(s0), np.asarray(omega), np.asarray(sf)
+    n = cfg.num_options
+    cmap = plt.get_cmap("tab20" if n <= 20 else "hsv")
+    fig, (ax, bx) = plt.subplots(1, 2, figsize=(10, 4.6))
+    for o in range(n):
+        cells, cnt = np.unique(sf[omega == o], axis=0, return_counts=True)
+        ang = 2 * np.pi * o / n  # each option nudged its own way so shared cells stay visible
+        ax.scatter(cells[:, 1] + 0.25 * np.cos(ang), cells[:, 0] + 0.25 * np.sin(ang),
+                   s=120 * cnt / cnt.max(), color=cmap(o if n <= 20 else o / n), label=str(o))
+    if not cfg.random_start:
+        ax.scatter([s0[0, 1]], [s0[0, 0]], marker="x", color="k", s=80, label="s_0")
+    g = cfg.grid_size
+    ax.set(xlim=(-0.6, g - 0.4), ylim=(g - 0.4, -0.6), aspect="equal", xticks=range(g),
+           yticks=range(g), title=f"final cells of {n} options (T = {cfg.option_length})")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=6, ncol=2, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    hist = res.history["charts/empowerment_bound"]  # [seeds, updates]
+    for i, h in enumerate(hist):
+        bx.plot(h, lw=0.8, label=f"seed {i}")
+    bx.axhline(np.log(n), color="k", ls="--", lw=0.8, label="log N")
+    bx.set(xlabel="update", ylabel="I^VB (nats)", title="empowerment bound E[r]")
+    bx.legend(fontsize=7)
+    fig.tight_layout()
+    return save_png(fig, out)
+
+
+# --- MAIN ---
+
+
+def main(argv=None):
+    """The runner's CLI plus `--plot PNG` (final cells per option of seed 0, and I^VB)."""
+    flags, argv = run.pop_flags(argv, "--plot")
+    res = run.main(Config, init, update, presets=PRESETS, evaluate=evaluate, argv=argv,
+                   doc=__doc__, summary_keys=["q_accuracy", "empowerment_bound",
+                                              "distinct_final_cells", "charts/q_accuracy"])
+    if flags["--plot"] is not None:
+        cfg = run.parse(Config, PRESETS, argv)[0]
+        print("wrote", plot(res, cfg, flags["--plot"]))
+    return res
+
+
+if __name__ == "__main__":
+    main()
