@@ -19,13 +19,16 @@ like 1/n on its own, clips the gain at 0 and decays it:
     theta' = theta - eta grad_theta(-log rho_n(x) / P)   (one SGD step on x, P pixels)
     PG_n(x) = log rho_theta'(x) - log rho_theta(x)                               [1] Sec. 3
     N_hat_n(x) = (exp(c n^-1/2 (PG_n(x))_+) - 1)^-1                              [1] Sec. 4
-    r^+(x) = beta N_hat_n(x)^-1/2 = beta (exp(c n^-1/2 (PG_n)_+) - 1)^1/2     [1] Sec. 4, [4]
+    r^+(x) = min(beta N_hat_n(x)^-1/2, 1)                                  [1] Sec. 4, [4]
 
-n is the number of frames the model has been trained on; c = 0.1 [M]. PG is summed over
-pixels as per-pixel differences (the two float32 frame sums, ~-1000 on Atari, would round
-it). The JAX angle: `prediction_gain` (evaluate -> one SGD step -> re-evaluate) is vmapped
-over every frame of the rollout inside the jitted `update`, each frame from the same theta,
-and the whole learner is vmapped over seeds by common.run.
+n is the number of frames the model has been trained on; c = 0.1 ([4]'s ipd_scale). No
++0.01 under the root: [4]'s ipd_to_reward is N_hat^-1/2 (the CTS sibling keeps [2]'s
+(N_hat + 0.01)^-1/2). [1]'s density model keeps a constant learning rate, which is why the
+gain, not the step, is decayed by n^-1/2. PG is summed over pixels as per-pixel differences
+(the two float32 frame sums, ~-1000 on Atari, would round it). The JAX angle:
+`prediction_gain` (evaluate -> one SGD step -> re-evaluate) runs for every frame of the
+rollout inside the jitted `update` (jax.lax.map in vmapped chunks of PG_CHUNK frames), each
+frame from the same theta, and the whole learner is vmapped over seeds by common.run.
 
 The density model ([1] Sec. 4 [M]; [4]'s network): one 7x7 masked convolution (type A, the
 pixel itself hidden), two gated residual blocks (masked 3x3 type B convolution to 2F maps,
@@ -34,42 +37,54 @@ a location-dependent embedding (H, W, 4) added to every gate and to the output, 
 convolution to 64 maps, ReLU, and a 1x1 convolution to the L = 8 logits of a 3-bit pixel.
 Frames are 42x42 grey, 8 levels.
 
-Reproduce (CPU demo, loaded 2-core CPU; PixelCNN bonus vs the same PPO with beta = 0):
+Reproduce (CPU demo; PixelCNN bonus vs the same PPO with beta = 0):
     python exploration/pseudocount_pixelcnn.py --preset quick --num-seeds 8
     python exploration/pseudocount_pixelcnn.py --preset quick --num-seeds 8 --beta 0
     python exploration/pseudocount_pixelcnn.py --plot exploration/pseudocount_pixelcnn.png
-Not yet measured: the quick preset's numbers are missing (on a loaded 2-core CPU the
-compile alone took 2-4 min). A smoke run (4 seeds, DeepSea-8, 1,536 steps, F = 8, one block,
-eta = 0.5, c = 0.5, beta = 0.5) saw the median pseudo-count of a rollout's frames grow 0.17,
-7.1, 90, 181 over updates 1, 4, 7, 10 (PG 30, 5.7, 0.64, 0.38 nats; bonus 17, 0.19, 0.05,
-0.04), but both arms saturated at 43 of 45 cells (no gap at that size). With the paper's
-c = 0.1 and eta = 1e-3 the bonus on DeepSea is ~1e-4: the quick preset needs c, eta, beta
-of that order, still to be calibrated. One try at the smoke constants on the quick preset
-(4 seeds per arm, eta = c = beta = 0.5, two runs sharing the loaded 2-core CPU, stopped by
-a 7-min limit at update 10 of 16, 5,120 steps): distinct cells 125.0 median (117-132) with
-the bonus vs 117.75 (109-124) with beta = 0, of 153; median PG 0.14 nats, pseudo-count
-1,208, bonus 0.016 at update 10: a small gap inside the seed spread, not a result.
+Quick-preset constants, calibrated at the bonus level without RL (loaded 2-core CPU): the
+quick PixelCNN trained by 128 Adam steps of lr 1e-3 (n ~ 4,096 frames) on 32 DeepSea-16
+cells' frames (geometric visit weights), PG of those and of 16 unseen cells' frames, for
+eta in {0.03, 0.1, 0.3} x c in {0.5, 2, 8} at n = 4,096. PG is ~linear in eta (seen median
+0.002, 0.006, 0.019 nats), and unseen frames' bonus is only 1.18-1.20 x the seen median in
+every cell of the grid (1.41-1.45 x with a 10 x larger density lr; 2.5 x the 8 most-seen
+cells'): the >= 3 x the review asked for is not reached. Taken: eta = 0.3, c = 8, beta = 1
+(unseen median bonus 0.058, seen 0.049; the gap, ~0.01 a step, is 16 x DeepSea's move cost
+0.01/16). Not measured: the quick preset's three-arm RL run (bonus, beta = 0, untrained
+density model); an earlier try with eta = c = beta = 0.5 (4 seeds, stopped at update 10 of
+16) saw 125.0 vs 117.75 median distinct cells of 153, inside the seed spread.
 Paper setting (GPU; Montezuma's Revenge through envpool; rooms visited is the measure):
     python exploration/pseudocount_pixelcnn.py --preset paper
-[1] Fig. 5-6 [M]: DQN-PixelCNN with the mixed Monte-Carlo return explores more rooms of
-Montezuma's Revenge than DQN-CTS; Reactor-PixelCNN improves on Reactor in the hard games.
+[1] reports scores, not rooms [M]: DQN-PixelCNN (with the mixed Monte-Carlo return) and
+DQN-CTS both beat DQN on Montezuma's Revenge, DQN-PixelCNN beats DQN-CTS on 52 of 57 games
+(a third-party summary; not checked in the paper); Reactor-PixelCNN improves on Reactor.
 
 Differences from the paper:
 - The learner is the repo's PPO (common.rl.make_ppo with the density model as a Bonus), not
-  DQN with the mixed Monte-Carlo return ([1] Sec. 5; not built) or Reactor. PPO's Atari
+  DQN with the mixed Monte-Carlo return ([1] Sec. 5; not built: PPO's GAE(0.95) returns
+  stand in, and [1] shows the MMC return is key to its Montezuma result) or Reactor. PPO's Atari
   values for the paper preset (128 envs x 128 steps, lr 2.5e-4, clip 0.1); A3C's torso on
   envpool's 42x42 grey frames (4 stacked); 50M agent steps = 200M frames.
 - The density model is trained by the Bonus's loss (mean per-pixel NLL of each minibatch's
   frames) inside PPO's Adam steps (4 epochs x 4 minibatches per rollout, the global-norm
-  clip shared with the policy), not online with RMSProp one frame at a time [1]; every frame
-  is trained on (4 times). rho' is a separate, virtual SGD step of `pg_lr` from the rollout's
-  theta, for every frame in parallel: frames of one rollout do not see each other.
+  clip of 0.5 shared with the policy, so a large density gradient can shrink the policy's
+  step; the split is not measured), not online with RMSProp one frame at a time [1]; every
+  frame is trained on (4 times). rho' is a separate, virtual plain-SGD step of `pg_lr` on
+  the per-pixel mean NLL from the rollout's theta, for every frame in parallel (frames of one
+  rollout do not see each other); [4] measures rho' after its real optimiser step (RMSProp,
+  lr 1e-4, momentum 0.9, eps 1e-4, one frame). The PG scale therefore depends on eta and the
+  loss scale (an untrained model on a blocky 42x42 frame: PG 15.7 nats at eta 1e-3, 1,735
+  at 0.1); eta = 1e-3 is this file's choice, not a value from [1] or [4].
 - n counts frames fed to the model (agent steps x envs); in the rollout, frame k of B gets
   n_before + k + 1 (time-major, env-minor), as if online.
 - The gate's 3x3 convolution and the location embedding follow [4]'s released network; [1]'s
   text describes 1x1 residual blocks [M]. The gate is tanh * sigmoid as in [3] ([4] adds).
-- Constants c = 0.1, beta = 0.1, eta = 1e-3 from memory [M] (not checked in the paper).
-- c n^-1/2 PG_+ is capped at 25 (float32 exp overflow; only reached by a large c at small n).
+- Inputs scaled to [-1, 1] ([4] feeds the raw levels 0..7); lecun_normal / lecun_uniform
+  initialisers ([4]: uniform variance scaling).
+- beta = 0.1 [M] is not supported by [4], which scales the bonus by 0.001 (DQN) and 0.5
+  (Rainbow); eta (above) is not from a source.
+- c n^-1/2 PG_+ is capped at 25 (float32 exp overflow; only reached by a large c at small n)
+  and r^+ at MAX_BONUS = 1 ([1]'s DQN clips the total reward at 1; here only the bonus).
+- Only image observations (Atari, DeepSea): a vector observation is refused by `validate`.
 - CPU preset: gymnax DeepSea (bsuite), an N x N binary image (1 where the agent is): 2 levels,
   no downsampling; coverage (distinct cells) is the measure.
 """
@@ -122,11 +137,11 @@ class Config:
     hidden: tuple[int, ...] = (64, 64)
     """non-pixel observations: hidden sizes of the policy and value MLPs"""
     beta: float = 0.1
-    """bonus scale, r^+ = beta N_hat^-1/2 ([1] Sec. 4 [M]; 0: plain PPO, model kept)"""
+    """bonus scale, r^+ = beta N_hat^-1/2 ([M]; [4]: 0.001 DQN, 0.5 Rainbow; 0: plain PPO)"""
     pg_scale: float = 0.1
-    """c of the prediction-gain decay c n^-1/2 ([1] Sec. 4 [M])"""
+    """c of the prediction-gain decay c n^-1/2 ([1] Sec. 4, [4]'s ipd_scale)"""
     pg_lr: float = 1e-3
-    """eta, learning rate of the one SGD step on x that gives rho' ([1] [M])"""
+    """eta, learning rate of the virtual SGD step on x that gives rho' (this file's choice)"""
     levels: int = 8
     """L, quantisation levels of a pixel ([1]: 3 bits)"""
     obs_high: float = 256.0
@@ -191,6 +206,11 @@ class Config:
                 raise ValueError(f"{name}={getattr(self, name)} must be >= 1")
         if self.num_blocks < 0:
             raise ValueError(f"num_blocks={self.num_blocks} must be >= 0")
+        if not (self.is_atari or self.env_id.startswith("DeepSea-bsuite-")):
+            raise ValueError(
+                f"env_id={self.env_id!r}: the PixelCNN needs image observations, an envpool "
+                "Atari id (*-v5) or DeepSea-bsuite-<N>"
+            )
         if not self.is_atari:
             envs.check_id(self.env_id)
 
@@ -207,6 +227,10 @@ PRESETS = {
         clip_coef=0.2,
         levels=2,
         obs_high=2.0,
+        # calibrated at the bonus level (module docstring): unseen frames ~0.06, seen ~0.05
+        pg_lr=0.3,
+        pg_scale=8.0,
+        beta=1.0,
     ),
     "paper": dict(),
 }
@@ -233,11 +257,10 @@ def make_env(cfg: Config):
 
 
 def frames_of(obs, cfg: Config):
-    """The quantised frames the density model sees, int32 (..., H, W): Atari's last stacked
-    frame; other observations as they are (a vector as a 1 x D image);
-    level = floor(x L / obs_high) clipped to [0, L - 1]."""
+    """The quantised frames the density model sees, int32 (..., H, W): Atari's last (newest)
+    stacked frame, DeepSea's N x N image as it is; level = floor(x L / obs_high) clipped to
+    [0, L - 1]."""
     x = obs[..., -1, :, :] if cfg.is_atari else obs
-    x = x[..., None, :] if x.ndim == 1 else x
     q = jnp.floor(x.astype(jnp.float32) * (cfg.levels / cfg.obs_high)).astype(jnp.int32)
     return jnp.clip(q, 0, cfg.levels - 1)
 
@@ -339,16 +362,30 @@ def density_loss(net, params, frames):
 def prediction_gain(net, params, x, lr):
     """[1] Sec. 3 for one frame x (H, W): log rho(x); theta' = theta - lr grad(mean NLL of
     x), one SGD step; PG = log rho_theta'(x) - log rho_theta(x), summed over pixels as
-    per-pixel differences. Returns (log_rho, pg)."""
-    lp, grad = jax.value_and_grad(lambda p: pixel_log_probs(net, p, x).mean())(params)
+    per-pixel differences. Returns (log_rho, pg). Two forwards and one backward: the
+    per-pixel log-probs come out of value_and_grad as its aux."""
+
+    def mean_log_prob(p):
+        lp = pixel_log_probs(net, p, x)
+        return lp.mean(), lp
+
+    (_, lp), grad = jax.value_and_grad(mean_log_prob, has_aux=True)(params)
     new = jax.tree.map(lambda p, g: p + lr * g, params, grad)  # descent on -log rho / P
-    lp_all = pixel_log_probs(net, params, x)
-    return lp_all.sum(), (pixel_log_probs(net, new, x) - lp_all).sum()
+    return lp.sum(), (pixel_log_probs(net, new, x) - lp).sum()
 
 
 MAX_GAIN = 25.0
 """Cap of the decayed gain c n^-1/2 PG_+ (exp overflows float32 past ~88; [4] caps its CTS
-gain at 25): a pseudo-count of at least e^-25, a bonus of at most beta e^12.5."""
+gain at 25): a pseudo-count of at least e^-25."""
+
+MAX_BONUS = 1.0
+"""Cap of r^+ (beta e^12.5 = 26,834 at beta = 0.1 without it): [1]'s DQN clips the total
+reward at 1."""
+
+PG_CHUNK = 1024
+"""Frames whose per-frame virtual steps run at once in `reward` (jax.lax.map's batch_size):
+the per-frame gradients and parameter copies (~5 MB a frame at the paper size) are live for
+one chunk only, not for all 16,384 frames of a paper rollout (~80 GB)."""
 
 
 def decayed_gain(pg, n, c):
@@ -363,8 +400,9 @@ def pseudo_count(pg, n, c):
 
 def count_bonus(pg, n, c, beta):
     """[1] Sec. 4: r^+ = beta N_hat^-1/2 = beta (exp(c n^-1/2 PG_+) - 1)^1/2 (0 where
-    PG <= 0), written without the count so that N_hat = inf gives 0, not nan."""
-    return beta * jnp.sqrt(jnp.expm1(decayed_gain(pg, n, c)))
+    PG <= 0), written without the count so that N_hat = inf gives 0, not nan; capped at
+    MAX_BONUS."""
+    return jnp.minimum(beta * jnp.sqrt(jnp.expm1(decayed_gain(pg, n, c))), MAX_BONUS)
 
 
 def make_bonus(cfg: Config) -> Bonus:
@@ -387,7 +425,8 @@ def make_bonus(cfg: Config) -> Bonus:
         frames = frames_of(b["obs"], cfg)
         t, e = frames.shape[:2]
         frames = frames.reshape(t * e, *frames.shape[2:])  # time-major, env-minor order
-        _, pg = jax.vmap(lambda x: prediction_gain(net, params, x, cfg.pg_lr))(frames)
+        _, pg = jax.lax.map(lambda x: prediction_gain(net, params, x, cfg.pg_lr), frames,
+                            batch_size=min(PG_CHUNK, t * e))
         n = stats["n"] + jnp.arange(1, t * e + 1, dtype=jnp.float32)  # as if online
         r = count_bonus(pg, n, cfg.pg_scale, stats["beta"]).reshape(t, e)
         return r, {
