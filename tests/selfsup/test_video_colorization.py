@@ -20,12 +20,12 @@ from tests.common.preset import trace_paper
 
 # One tiny configuration for every test of the module: 16x16 frames (16x16 features, no
 # stride), 12-frame videos of 2 sprites, one 16-channel residual block, 16-d embeddings,
-# 60 Adam steps of 8 clips (3 references + 1 target), J from frame 0 to frame 5 on 64
+# 60 Adam steps (lr 3e-3) of 8 clips (3 references + 1 target), J from frame 0 to frame 5 on 64
 # held-out videos.
 TINY = vc.Config(frame_size=16, num_frames=12, radius=(0.1, 0.18), speed=(0.03, 0.07),
                  stem_kernel=3, stem_stride=1, stage_channels=(16,), stage_strides=(1,),
                  blocks_per_stage=1, conv3d_layers=0, embed_dim=16, batch_size=8,
-                 num_steps=60, kmeans_videos=8, eval_videos=64, shift_conv=True)
+                 num_steps=60, lr=3e-3, kmeans_videos=8, eval_videos=64, shift_conv=True)
 SEEDS = 2
 BROKEN = 2  # the seed trained with reference colours from another clip
 
