@@ -74,13 +74,15 @@ CANONICAL = dict(TARGET, table=0.5, table2=0.5, texture=0.0, tex_freq=1.0, tex_a
                  num_distractors=0.0, light=1.0, light_grad=0.0, cam_offset=0.0,
                  cam_zoom=1.0, cam_angle=0.0, noise_std=0.0)
 RANDOM = dict(CANONICAL, table=(0.0, 1.0), table2=(0.0, 1.0), texture=(0.0, 4.0),
-              tex_freq=(1.0, 6.0), tex_angle=(0.0, np.pi), target_colour=(0.0, 1.0),
+              tex_freq=(1.0, 6.0), tex_angle=(0.0, np.pi),
+              target_colour=(np.array([0.6, 0.0, 0.0]), np.array([1.0, 0.4, 0.4])),
               distractor_size=(0.1, 0.2), distractor_colour=(0.0, 1.0),
               distractor_shape=(1.0, 3.0), num_distractors=(0.0, 1e9), light=(0.5, 1.3),
               light_grad=(-0.3, 0.3), cam_offset=(-0.05, 0.05), cam_zoom=(0.9, 1.1),
               cam_angle=(-0.1, 0.1), noise_std=(0.0, 0.05))
 """Uniform DR ranges (num_distractors up to K: high is clipped to K + 1 by make_ranges);
-`texture` in [0, 4): never the rings family; light_grad within +-0.3."""
+`texture` in [0, 4): never the rings family; light_grad within +-0.3; the target stays
+reddish (its colour jittered), distractors take any colour."""
 REAL = dict(CANONICAL, table=np.array([0.55, 0.35, 0.2]), table2=np.array([0.35, 0.2, 0.1]),
             texture=4.0, tex_freq=3.0, tex_angle=0.3, distractor_colour=(0.2, 0.8),
             distractor_shape=(1.0, 3.0), num_distractors=3.0, light=0.9,
