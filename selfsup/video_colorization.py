@@ -27,7 +27,12 @@ at the same sprite in a reference (the grey level alone does not say the colour)
 
 Reproduce (CPU demo, 32x32 frames, 16x16 features, a small residual trunk):
     python selfsup/video_colorization.py --preset quick --plot selfsup/video_colorization.png
-Measured: not yet run.
+Measured (1 seed, 200 steps of 16 clips, 363 s wall / 83 CPU-s, loaded 2-core CPU, load
+~17): held-out J from frame 0 to frame 5 (128 videos, 2 sprites) 0.456, against the
+identity baseline 0.121 and the same network at init 0.000 (its propagated labels are all
+background); training colour accuracy 0.873 (first 10 steps) -> 0.963 (last 10; the grey
+background alone is ~0.86), loss 0.375 -> 0.087. The figure shows sprites tracked and,
+when two sprites have the same grey level and shape, their colours and masks swapped.
 Paper setting (GPU; procedural videos in place of Kinetics, ResNet-18 + 3D convs):
     python selfsup/video_colorization.py --preset paper
 [1] reports DAVIS 2017 validation J&F mean 34.0 (J 34.6), above optical-flow propagation
@@ -41,7 +46,8 @@ Differences from the paper:
 - Train temperature 1 and T_eval 0.5 [M]; no top-k restriction in [1] [M] (`eval_topk` > 0
   keeps only the k most similar reference pixels of each target pixel, as later work does).
 - k-means on the ab of the first frame of `kmeans_videos` training videos, inside `init`.
-- `quick`: 32x32 frames, stride 2, two 1-block stages (16, 32 channels), 32-d embeddings.
+- `quick`: 32x32 frames, stride 2, two 1-block stages (16, 32 channels), 32-d embeddings,
+  200 steps of 16 clips.
 """
 
 from dataclasses import dataclass
@@ -174,7 +180,7 @@ PRESETS = {
     "quick": dict(frame_size=32, num_frames=16, radius=(0.1, 0.18), speed=(0.03, 0.07),
                   stem_kernel=3, stem_stride=1, stage_channels=(16, 32), stage_strides=(2, 1),
                   blocks_per_stage=1, conv3d_layers=0, embed_dim=32, batch_size=16,
-                  num_steps=300, kmeans_videos=32, eval_videos=128, shift_conv=True),
+                  num_steps=200, kmeans_videos=32, eval_videos=128, shift_conv=True),
     "paper": dict(),
 }
 
