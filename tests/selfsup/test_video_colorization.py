@@ -39,7 +39,9 @@ def test_pointer_stochastic_identity_copy_loss_and_kmeans():
     (0, 0, 0, 1) (per pixel, 1 of 4 pixels in cluster 1), target all 1: -log(1 / 4); the
     target equal to the reference frame with identity embeddings: loss 0, accuracy 1.
     k-means: quantize is the nearest centre (brute force); three separated blobs give their
-    means, a Lloyd fixed point (every centre the mean of its points)."""
+    means, a Lloyd fixed point (every centre the mean of its points). Mutations tried, each
+    fails: softmax over the target axis; argmax in quantize; k-means without Lloyd steps;
+    propagate without the transpose (a shape error)."""
     n, d = 12, 5
     k = jax.random.PRNGKey(0)
     f_ref, f_tgt = jax.random.normal(k, (2, n, d))
@@ -107,7 +109,10 @@ def test_mask_propagation_beats_identity_init_and_broken(recorded_run):
     the pointer to frame 5 of 64 held-out videos. The trained pointer beats the identity
     baseline (the mask unmoved) and the same network at init by J_MARGIN; the broken
     variant (reference colours from another clip: copying cannot help) does not.
-    Measured on a loaded 2-core CPU: see the report."""
+    Measured on a loaded 2-core CPU: J trained 0.321 0.319, identity 0.124, init 0.000
+    0.171 (at init the labels mostly propagate as background), broken arm 0.005.
+    Mutations tried: the broken flag ignored (every arm copies its own colours): broken
+    arm 0.307, fails."""
     f = recorded_run[0].final
     j, j_id, j_init = f["j_mean"], f["j_identity"], f["j_init"]
     print("J", j, "identity", j_id, "init", j_init)
@@ -123,7 +128,8 @@ J_MARGIN = 0.1
 def test_train_is_pure_and_cli_writes_its_files(recorded_run, capsys):
     """Same keys: the runner's initial states again, and the first chunk rerun from them,
     are bit-identical to the run's; the two unbroken seeds differ; the run wrote its
-    files; the loss falls; --help documents every field."""
+    files; the loss falls; --help documents every field. Mutation tried: init drawing
+    from PRNGKey(0) instead of its key (every seed the same): fails."""
     res, chunks = recorded_run
     with pytest.raises(SystemExit):
         vc.main(["--help"])
