@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+import scipy.stats
 
 from exploration import pseudocount_pixelcnn as pp
 from tests.common.cli import cli_args
@@ -252,3 +253,47 @@ def test_paper_preset_traces():
     assert jax.tree.structure(after) == jax.tree.structure(state)
     assert all(m.shape == () for m in jax.tree.leaves(metrics))
     assert cfg.beta == 0.1 and cfg.pg_scale == 0.1 and cfg.levels == 8
+
+
+@pytest.mark.slow
+def test_pseudo_count_ranks_true_counts():
+    """Online training on a scripted visit sequence: 8 DeepSea-8 cells, cell k seen 2^k times
+    (255 frames, shuffled), one Adam step of lr 1e-2 on `density_loss` per frame (the paper's
+    online model); then N_hat = (exp(c n^-1/2 PG_+) - 1)^-1 of each cell's frame at n = 255
+    with the quick preset's eta = 0.3, c = 8. Spearman(N_hat, true count) > 0.8 for the
+    trained model (measured 0.90: N_hat 1.4, 2.3, 2.7, 3.1, 12.7, ... for true counts 1, 2, 4,
+    8, 16, ...); broken variant, same program: the untrained model (measured -0.57, < 0.5).
+    Mutation: the virtual step's sign flipped (PG <= 0, N_hat = inf for all) fails."""
+    cells = [(r, c) for r in range(8) for c in range(r + 1)]
+    rng = np.random.default_rng(0)
+    idx = rng.permutation(len(cells))[:8]
+    frames = np.zeros((8, 8, 8), np.int32)
+    for k, i in enumerate(idx):
+        frames[k][cells[i]] = 1
+    seq = rng.permutation(np.repeat(np.arange(8), 2 ** np.arange(8)))
+    net, opt = pp.make_density(TINY), optax.adam(1e-2)
+
+    def go(frames, seq):
+        params0 = net.init(jax.random.PRNGKey(0), frames[:1])
+
+        def step(carry, k):
+            p, o = carry
+            g = jax.grad(lambda p: pp.density_loss(net, p, frames[k][None]))(p)
+            u, o = opt.update(g, o, p)
+            return (optax.apply_updates(p, u), o), None
+
+        params = jax.lax.scan(step, (params0, opt.init(params0)), seq)[0][0]
+
+        def counts(p):
+            pg = jax.lax.map(lambda x: pp.prediction_gain(net, p, x, QUICK.pg_lr)[1], frames)
+            return pp.pseudo_count(pg, float(len(seq)), QUICK.pg_scale)
+
+        return counts(params), counts(params0)
+
+    trained, untrained = map(np.asarray, compiled(go, frames, seq))
+
+    def spearman(x):  # average ranks: N_hat = inf everywhere (no gain) gives nan, not 1
+        return scipy.stats.spearmanr(x, 2.0 ** np.arange(8)).statistic
+
+    assert spearman(trained) > 0.8, trained
+    assert spearman(untrained) < 0.5, untrained
