@@ -11,48 +11,65 @@ at a uniform index y, has its frames in a uniformly drawn NON-identity permutati
     e_i[w] = x[s_i + w]            (i != y)        e_y[w] = x[s_y + pi(w)],  pi != id
 N + 1 = 6 elements of W = 6 frames (the post). Each element goes through one shared
 encoder (the multi-branch network, weights shared); the paper's best clip encoding is the
-sum of differences (SoD), here the encoder applied to each frame difference and summed [M]:
+sum of differences (SoD). [1] also compares dynamic images and stacks of differences; its
+SoD may be the weighted frame sum sum_{i<j} (X_j - X_i) at the input [M]; here it is the
+encoder applied to each frame difference and summed (our reading [M]):
     f_i = sum_{w=1}^{W-1} phi(e_i[w] - e_i[w-1])                              (SoD)
 The N + 1 features are fused and an (N + 1)-way softmax names the odd element:
-    concat:    z = fc([f_1; ...; f_{N+1}])                  (position-specific weights)
-    sum_diff:  d_i = sum_j (f_i - f_j) = (N + 1) f_i - sum_j f_j,  z_i = g(d_i)  (one g for
-               all i: permuting the elements permutes z; a shift of every f_i leaves z) [M]
+    sum_diff:    v = sum_{i<j} (f_j - f_i) = sum_j (2j - N) f_j,  z = fc(v)   ([1] [M])
+    equivariant: d_i = sum_j (f_i - f_j),  z_i = g(d_i), one g for all i (ours: permuting
+                 the elements permutes z; g must be nonlinear: with a linear g, z_i =
+                 (N + 1) w.f_i + a shift shared by all i, which the softmax drops)
+    concat:      z = fc([f_1; ...; f_{N+1}])                (position-specific weights)
     loss = -mean log softmax(z)_y                                            (cross-entropy)
 The sampler, the encoder vmapped over the elements, the fusion and the loss run in one
 jitted `update`; the runner vmaps it over seeds.
 
 Data: procedural videos (common/video.py): sprites at constant velocity over a textured
 background with elastic bounces and fresh pixel noise; one video per question.
-Downstream ([1] Sec. 4 fine-tunes on UCF101/HMDB51 actions): here frozen SoD features of
-one in-order clip, probed (common/probe.py, linear and k-NN, all labels and 10 per class)
-for the declared procedural label: the direction of the first sprite's velocity at the
-clip's start in `probe_classes` bins, against the same network at init.
+Downstream ([1] Sec. 4 fine-tunes the whole network on UCF101/HMDB51 actions [M]): here
+frozen features of one in-order probe clip (W frames from the start of a fresh video),
+probed (common/probe.py, linear and k-NN, all labels and 10 per class) for declared
+procedural labels: the first sprite's motion direction (`probe_classes` bins) and speed
+(bins of the speed range), on the SoD feature f (the last fc) and on the pooled last conv
+block; with f's fraction of active units and effective rank (collapse checks), all against
+the same network at init.
 
-Reproduce (CPU demo, 24x24 frames, a small trunk):
+Reproduce (CPU demo, 24x24 frames, a small trunk, the equivariant fusion):
     python selfsup/odd_one_out.py --preset quick --plot selfsup/odd_one_out.png
-Measured (1 seed, 200 steps of 16 questions, 2.5-6.0 min wall / 101 CPU-s, loaded 2-core
-CPU): held-out odd-one-out accuracy 0.977 (chance 0.167; the network at init 0.152);
-training accuracy 0.82 over steps 1-20, 0.96-0.99 after; loss 1.14 (first 10) -> 0.07.
-Direction probes (8 bins, chance 0.125) of the SoD feature, trained (init): linear 0.441
-(0.514), 10/class 0.247 (0.316), k-NN 0.344 (0.496), 10/class 0.209 (0.282): the features
-LOSE direction information. The odd clip is the one with jerky motion (a shuffled clip of
-constant motion has more frame-difference energy), a direction-invariant cue, so the net
-need not keep direction; a probe of a jerkiness- or speed-like label would suit it better.
+Measured (1 seed, 200 steps of 16 questions, 15.7 min wall / 126 CPU-s, loaded 2-core
+CPU): held-out odd-one-out accuracy 0.990 (chance 0.167; the network at init 0.197);
+training accuracy 0.80 over steps 1-20, 0.985 after; loss 1.16 (first 10) -> 0.02 (last 10).
+Trained (init) on 1000 + 1000 probe clips, 8 bins (chance 0.125): f has 0.72 (1.00) of its
+units active, effective rank 17.3 (34.0); direction probes of f: linear 0.438 (0.495),
+10/class 0.280 (0.326), k-NN 0.326 (0.517), 10/class 0.171 (0.263); of the pooled conv
+block: linear 0.648 (0.676), k-NN 0.512 (0.647); speed probes of f: linear 0.237 (0.175),
+k-NN 0.251 (0.139); of the conv block: linear 0.322 (0.294). One seed: f LOSES direction
+information and gains some speed information; the conv block keeps direction about as
+well as at init. Not a collapse (0.72 of the units alive, rank 17). A likely reason (not
+proven): d_i removes what the question's clips share, and the odd clip is the jerky one
+(a shuffled clip of constant motion has more frame-difference energy), a
+direction-invariant cue, so nothing rewards keeping absolute direction in f.
 Paper setting (GPU; procedural videos in place of UCF101, CaffeNet on 227x227):
     python selfsup/odd_one_out.py --preset paper
-[1] reports (fine-tuned, UCF101 split 1 pre-training) 60.3% on UCF101 and 32.5% on HMDB51
-action recognition [M: the abstract gives 60.3% and "12.7% better" on HMDB51].
+[1] reports (fine-tuned, UCF101 split 1 pre-training) 60.3% on UCF101 (the abstract) and
+32.5% on HMDB51 [M: the abstract gives "12.7% better" on HMDB51].
 
 Differences from the paper:
 - Procedural videos, not UCF101; grey frames; no crops or mean subtraction.
-- The exact SoD layout (where the differences are summed) and the sum-of-difference fusion
-  are from memory [M]: here phi is the whole trunk (convs and fc layers) on each difference,
-  and the fusion is the permutation-equivariant d_i above with one shared head g.
-- CaffeNet without LRN or groups, SAME padding; SGD momentum (lr, batch size [M]).
+- The SoD layout (the trunk on each difference, summed, not a weighted frame sum at the
+  input), the branch depth (the feature f is the last fc, fc7, before the fusion) and the
+  sum-of-difference fusion (pairwise differences summed to one vector, one fc) are from
+  memory [M].
+- `quick` uses our equivariant fusion with a 64-unit ReLU layer: at TINY the paper's fusion
+  reached only 0.33-0.41 training accuracy after 60 steps (2 seeds), the equivariant one
+  0.9+.
+- CaffeNet without LRN, groups or dropout (fc6/fc7 0.5 in CaffeNet [M]), SAME padding;
+  the L2 decay also applies to the biases; SGD momentum (lr, batch size [M]).
 - Starts s_i uniform and independent (clips may overlap) [M]; frame stride 1.
-- Frozen linear / k-NN probes of a motion label, not fine-tuning for actions.
-- `quick`: 24x24 frames, 24-frame videos, 2 convs, one 64-unit fc, a 64-unit fusion layer,
-  16 questions per step, Adam (SGD's lr is not calibrated here).
+- Frozen linear / k-NN probes of motion labels, not fine-tuning for actions.
+- `quick`: 24x24 frames, 24-frame videos, 2 convs, one 64-unit fc, the equivariant fusion
+  with a 64-unit layer, 16 questions per step, Adam (SGD's lr is not calibrated here).
 """
 
 import math
@@ -94,9 +111,10 @@ class Config:
     noise_std: float = 0.02
     """std of fresh pixel noise in every frame"""
     fusion: str = "sum_diff"
-    """"sum_diff": d_i = sum_j (f_i - f_j), one head per element [M]; "concat": fc on [f_1..]"""
+    """"sum_diff": fc on sum_{i<j} (f_j - f_i) [M]; "equivariant": one head on each
+    d_i = sum_j (f_i - f_j) (needs fusion_hidden > 0); "concat": fc on [f_1; ...]"""
     fusion_hidden: int = 0
-    """0: the head is linear; > 0: a ReLU layer of this width first (sum_diff and concat)"""
+    """0: the head is one fc layer ([1] [M]); > 0: a ReLU layer of this width first"""
     conv_channels: tuple[int, ...] = (96, 256, 384, 384, 256)
     """output channels of the trunk's convolutions (CaffeNet conv1-5)"""
     conv_kernels: tuple[int, ...] = (11, 5, 3, 3, 3)
@@ -168,8 +186,19 @@ class Config:
             raise ValueError(f"radius={self.radius} must satisfy 0 < low <= high < 0.5")
         if not 0 <= self.speed[0] <= self.speed[1]:
             raise ValueError(f"speed={self.speed} must satisfy 0 <= low <= high")
-        if self.fusion not in ("sum_diff", "concat"):
-            raise ValueError(f"fusion={self.fusion!r} must be 'sum_diff' or 'concat'")
+        if self.fusion not in ("sum_diff", "equivariant", "concat"):
+            raise ValueError(f"fusion={self.fusion!r} must be 'sum_diff', 'equivariant' or "
+                             "'concat'")
+        if self.fusion == "equivariant" and self.fusion_hidden < 1:
+            raise ValueError("fusion='equivariant' needs fusion_hidden >= 1: a linear head "
+                             "scores each d_i = E f_i - sum_j f_j alone (the sum is one "
+                             "constant shift of every logit), never comparing the clips")
+        if self.lr <= 0 or self.batch_size < 1 or self.num_eval_questions < 1:
+            raise ValueError(f"lr={self.lr} must be > 0, batch_size={self.batch_size} and "
+                             f"num_eval_questions={self.num_eval_questions} >= 1")
+        if self.probe_classes < 2 or not 1 <= self.knn_k <= self.probe_train:
+            raise ValueError(f"probe_classes={self.probe_classes} must be >= 2, knn_k="
+                             f"{self.knn_k} in [1, probe_train={self.probe_train}]")
         if self.optimizer not in ("sgd", "adam"):
             raise ValueError(f"optimizer={self.optimizer!r} must be 'sgd' or 'adam'")
         n = len(self.conv_channels)
@@ -197,7 +226,8 @@ PRESETS = {
     # CPU demo: 24x24 frames, 24-frame videos, a 2-conv trunk with one 64-unit fc, Adam.
     "quick": dict(frame_size=24, num_frames=24, radius=(0.1, 0.18), speed=(0.04, 0.1),
                   conv_channels=(16, 32), conv_kernels=(5, 3), conv_strides=(1, 1),
-                  pool_after=(1, 2), fc_features=(64,), fusion_hidden=64, batch_size=16,
+                  pool_after=(1, 2), fc_features=(64,), fusion="equivariant",
+                  fusion_hidden=64, batch_size=16,
                   num_steps=200, optimizer="adam", lr=2e-3, weight_decay=0.0,
                   shift_conv=True),
     "paper": dict(),
@@ -238,16 +268,20 @@ def frame_indices(starts, odd, perm, cfg: Config):
     return starts[:, None] + order
 
 
+def make_question(key, broken, cfg: Config):
+    """One question from one key: clips (E, W, S, S, C), the odd label, the video and the
+    frame indices (E, W)."""
+    k_vid, k_q = jax.random.split(key)
+    video = vid.make_video(k_vid, cfg.spec())
+    starts, odd, perm = sample_question(k_q, broken, cfg)
+    idx = frame_indices(starts, odd, perm, cfg)
+    return video.frames[idx], odd, video, idx
+
+
 def make_questions(key, n: int, broken, cfg: Config):
     """n questions, one video each: clips (n, E, W, S, S, C), odd labels (n,), the videos
     and the frame indices (n, E, W)."""
-    k_vid, k_q = jax.random.split(key)
-    videos = jax.vmap(lambda k: vid.make_video(k, cfg.spec()))(jax.random.split(k_vid, n))
-    starts, odd, perm = jax.vmap(lambda k: sample_question(k, broken, cfg))(
-        jax.random.split(k_q, n))
-    idx = jax.vmap(lambda s, y, p: frame_indices(s, y, p, cfg))(starts, odd, perm)
-    clips = jax.vmap(lambda f, i: f[i])(videos.frames, idx)
-    return clips, odd, videos, idx
+    return jax.vmap(lambda k: make_question(k, broken, cfg))(jax.random.split(key, n))
 
 
 # --- NETWORKS ---
@@ -255,7 +289,8 @@ def make_questions(key, n: int, broken, cfg: Config):
 
 class Trunk(nn.Module):
     """phi: convs (ReLU, 3x3/2 max pool after pool_after) and ReLU fc layers on one frame
-    difference (B, S, S, C) -> (B, F)."""
+    difference (B, S, S, C) -> (B, F); and the last conv block's output averaged over
+    space (B, C') (the pooled-conv probe's feature)."""
 
     cfg: Config
 
@@ -268,10 +303,11 @@ class Trunk(nn.Module):
             x = nn.relu(Conv(ch, k, st, shift=c.shift_conv, dtype=dt)(x))
             if i + 1 in c.pool_after:
                 x = nn.max_pool(x, (3, 3), (2, 2), padding="SAME")
+        pooled = x.mean((1, 2)).astype(jnp.float32)
         x = x.reshape(x.shape[0], -1)
         for f in c.fc_features:
             x = nn.relu(nn.Dense(f, dtype=dt)(x))
-        return x.astype(jnp.float32)
+        return x.astype(jnp.float32), pooled
 
 
 def sod(clip):
@@ -279,9 +315,23 @@ def sod(clip):
     return clip[1:] - clip[:-1]
 
 
+def features(trunk_params, clip, cfg: Config):
+    """SoD feature of one clip f = sum_w phi(e[w] - e[w - 1]) (F,), and the same sum of
+    the pooled last conv block (C',)."""
+    f, pooled = Trunk(cfg).apply({"params": trunk_params}, sod(clip))
+    return f.sum(0), pooled.sum(0)
+
+
 def encode(trunk_params, clip, cfg: Config):
     """SoD feature of one clip: f = sum_w phi(e[w] - e[w - 1]) (F,)."""
-    return Trunk(cfg).apply({"params": trunk_params}, sod(clip)).sum(0)
+    return features(trunk_params, clip, cfg)[0]
+
+
+def sum_diff(f):
+    """[1]'s sum-of-difference fusion [M]: the pairwise differences of the element features
+    (..., E, F) summed into one vector, sum_{i<j} (f_j - f_i) = sum_j (2j - E + 1) f_j."""
+    e = f.shape[-2]
+    return jnp.einsum("j,...jf->...f", 2 * jnp.arange(e, dtype=f.dtype) - (e - 1), f)
 
 
 class Head(nn.Module):
@@ -294,13 +344,15 @@ class Head(nn.Module):
         c = self.cfg
         dt = jnp.dtype(c.dtype)
         e = f.shape[-2]
-        if c.fusion == "sum_diff":  # d_i = sum_j (f_i - f_j), one head g on each d_i
+        if c.fusion == "sum_diff":  # one vector sum_{i<j} (f_j - f_i), then fc to E logits
+            x = sum_diff(f)
+        elif c.fusion == "equivariant":  # d_i = sum_j (f_i - f_j), one head g on each d_i
             x = e * f - f.sum(-2, keepdims=True)  # (..., E, F)
         else:  # concat: [f_1; ...; f_E], position-specific weights
             x = f.reshape(*f.shape[:-2], -1)
         if c.fusion_hidden:
             x = nn.relu(nn.Dense(c.fusion_hidden, dtype=dt)(x))
-        if c.fusion == "sum_diff":
+        if c.fusion == "equivariant":
             return nn.Dense(1, dtype=dt)(x)[..., 0].astype(jnp.float32)  # (..., E)
         return nn.Dense(e, dtype=dt)(x).astype(jnp.float32)
 
@@ -366,7 +418,7 @@ def update(state: State, cfg: Config):
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     metrics = {"losses/odd": loss, "charts/odd_acc": acc,
-               "charts/grad_norm": optax.global_norm(grads)}
+               "charts/grad_norm": optax.tree.norm(grads)}
     return state.replace(params=params, opt_state=opt_state, step=state.step + 1,
                          key=key), metrics
 
@@ -383,38 +435,81 @@ def direction_class(vel, num_classes: int):
     return jnp.minimum(jnp.floor(frac * num_classes), num_classes - 1).astype(jnp.int32)
 
 
-def _eval_questions(k_q, k_p, cfg: Config):
-    """Held-out questions (clips, labels) and probe clips (in order) with the first sprite's
-    direction class at each clip's start, made from the keys (traced)."""
-    n = cfg.probe_train + cfg.probe_test
-    clips, labels, _, _ = make_questions(k_q, cfg.num_eval_questions, False, cfg)
-    pc, _, videos, idx = make_questions(k_p, n, True, cfg)  # broken: all clips in order
-    vel = jax.vmap(lambda v, t: v[t, 0])(videos.vel, idx[:, 0, 0])  # element 0's start
-    cls = jax.vmap(lambda v: direction_class(v, cfg.probe_classes))(vel)
-    return clips, labels, pc[:, 0], cls
+def speed_class(vel, cfg: Config):
+    """The speed probe's label: |v| in probe_classes equal bins of the speed range."""
+    lo, hi = cfg.speed[0] * cfg.frame_size, cfg.speed[1] * cfg.frame_size
+    frac = (jnp.linalg.norm(vel) - lo) / max(hi - lo, 1e-9)
+    return jnp.clip(jnp.floor(frac * cfg.probe_classes), 0, cfg.probe_classes - 1).astype(
+        jnp.int32)
 
 
-def eval_data(cfg: Config):
-    """The fixed held-out data of `evaluate` (from PRNGKey(EVAL_KEY)), as numpy (plots)."""
-    k_q, k_p = jax.random.split(jax.random.PRNGKey(EVAL_KEY))
-    fn = jax.jit(lambda a, b: _eval_questions(a, b, cfg))
-    return tuple(np.asarray(a) for a in fn(k_q, k_p))
+def probe_clip(key, cfg: Config):
+    """A probe clip: an in-order clip of W frames (a video of only W frames is rendered),
+    with the first sprite's direction and speed classes at its first frame."""
+    spec = cfg.spec()
+    v = vid.make_video(key, vid.VideoSpec(**{**spec.__dict__, "num_frames": cfg.clip_frames}))
+    vel = v.vel[0, 0]
+    return v.frames, direction_class(vel, cfg.probe_classes), speed_class(vel, cfg)
+
+
+def _chunked(fn, keys, b: int):
+    """fn over keys (n, 2) in lax.map chunks of b (the last padded with repeats): the
+    outputs of the n keys, in order."""
+    n = keys.shape[0]
+    m = -(-n // b)
+    out = jax.lax.map(jax.vmap(fn), keys[jnp.arange(m * b) % n].reshape(m, b, -1))
+    return jax.tree.map(lambda a: a.reshape(m * b, *a.shape[2:])[:n], out)
+
+
+def effective_rank(x):
+    """exp(entropy) of the normalised singular values of the centred rows x (N, D) (Roy
+    and Vetterli 2007): 1 for features on a line, D for isotropic ones."""
+    s = jnp.linalg.svd(x - x.mean(0), compute_uv=False)
+    p = s / (s.sum() + 1e-12)
+    return jnp.exp(-jnp.sum(p * jnp.log(p + 1e-12)))
+
+
+def eval_data(cfg: Config, n: int = 4):
+    """The first n held-out questions of `evaluate` (clips, odd labels), as numpy (plots)."""
+    k_q = jax.random.split(jax.random.PRNGKey(EVAL_KEY))[0]
+    keys = jax.random.split(k_q, cfg.num_eval_questions)[:n]
+    fn = jax.jit(jax.vmap(lambda k: make_question(k, False, cfg)[:2]))
+    return tuple(np.asarray(a) for a in fn(keys))
 
 
 def evaluate(state: State, cfg: Config):
     """Held-out odd-one-out accuracy on the fixed questions ("odd_acc_test", chance
-    1 / num_elements) and the motion-direction probes of the SoD feature of one in-order
-    clip (linear and k-NN, all labels and probe_per_class per class). The data are made in
-    the program from PRNGKey(EVAL_KEY) (no data constants in it)."""
+    1 / num_elements); on the SoD feature f of one in-order probe clip: the fraction of its
+    units active on some probe clip ("feat_active") and its effective rank ("feat_rank"),
+    the motion-direction probes (linear and k-NN, all labels and probe_per_class per class)
+    and the speed probes ("speed_linear", "speed_knn"); on the pooled last conv block, the
+    same direction and speed probes ("conv_*"). The data are made in the program from
+    PRNGKey(EVAL_KEY), batch_size at a time (lax.map over chunks: no data constants, the
+    memory of one training batch)."""
     # a barrier on the keys: XLA would otherwise constant-fold the whole data generation
-    keys = jax.lax.optimization_barrier(jax.random.split(jax.random.PRNGKey(EVAL_KEY)))
-    clips, labels, pc, py = _eval_questions(keys[0], keys[1], cfg)
-    out = {"odd_acc_test": odd_loss(logits_fn(state.params, clips, cfg), labels)[1]}
-    f = jax.vmap(lambda c: encode(state.params["trunk"], c, cfg))(pc)
-    n = cfg.probe_train
-    out.update(probe.probe(jax.random.PRNGKey(0), f[:n], py[:n], f[n:], py[n:],
-                           cfg.probe_classes, cfg.probe_per_class, cfg.knn_k,
-                           cfg.knn_temperature, cfg.probe_l2))
+    k_q, k_p = jax.lax.optimization_barrier(jax.random.split(jax.random.PRNGKey(EVAL_KEY)))
+    b, n = cfg.batch_size, cfg.probe_train
+
+    def score(key):
+        clips, odd, _, _ = make_question(key, False, cfg)
+        return jnp.argmax(logits_fn(state.params, clips[None], cfg)[0]) == odd
+
+    def feats(key):
+        clip, d, sp = probe_clip(key, cfg)
+        return (*features(state.params["trunk"], clip, cfg), d, sp)
+
+    right = _chunked(score, jax.random.split(k_q, cfg.num_eval_questions), b)
+    f, g, d, sp = _chunked(feats, jax.random.split(k_p, n + cfg.probe_test), b)
+    c = cfg.probe_classes
+    lin = lambda x, y: probe.linear_probe(x[:n], y[:n], x[n:], y[n:], c, cfg.probe_l2)
+    knn = lambda x, y: probe.knn_probe(x[:n], y[:n], x[n:], y[n:], c, cfg.knn_k,
+                                       cfg.knn_temperature)
+    out = {"odd_acc_test": right.mean(), "feat_active": jnp.mean((f > 0).any(0)),
+           "feat_rank": effective_rank(f), "speed_linear": lin(f, sp), "speed_knn": knn(f, sp),
+           "conv_linear": lin(g, d), "conv_knn": knn(g, d), "conv_speed_linear": lin(g, sp)}
+    out.update(probe.probe(jax.random.PRNGKey(0), f[:n], d[:n], f[n:], d[n:], c,
+                           cfg.probe_per_class, cfg.knn_k, cfg.knn_temperature,
+                           cfg.probe_l2))
     return out
 
 
@@ -429,7 +524,7 @@ def plot(res, cfg: Config, out: str):
     from common.plot import save_png
 
     state = jax.tree.map(lambda a: a[0], res.state)
-    clips, labels = (a[:4] for a in eval_data(cfg)[:2])
+    clips, labels = eval_data(cfg)
     p = np.asarray(jax.nn.softmax(logits_fn(state.params, jnp.asarray(clips), cfg)))
     e, w = cfg.num_elements, cfg.clip_frames
     fig = plt.figure(figsize=(4 * w * 0.55 + 1, e * 0.62 + 0.8))
@@ -460,8 +555,11 @@ def main(argv=None):
     """`--plot PNG` (this file's only extra flag) draws held-out questions and predictions."""
     flags, argv = run.pop_flags(argv, "--plot")
     res = run.main(Config, init, update, presets=PRESETS, evaluate=evaluate, argv=argv,
-                   doc=__doc__, summary_keys=["odd_acc_test", "linear", "linear_few", "knn",
-                                               "knn_few", "losses/odd", "charts/odd_acc"])
+                   doc=__doc__, summary_keys=["odd_acc_test", "feat_active", "feat_rank",
+                                               "linear", "linear_few", "knn", "knn_few",
+                                               "conv_linear", "conv_knn", "speed_linear",
+                                               "speed_knn", "conv_speed_linear",
+                                               "losses/odd", "charts/odd_acc"])
     if flags["--plot"] is not None:
         import json
         from pathlib import Path
