@@ -54,8 +54,16 @@ Reproduce:
     python curriculum/progressive_pcg.py --preset quick --teacher hard     # baseline
     python curriculum/progressive_pcg.py --preset paper                    # GPU
 
-Measured (quick preset, loaded 2-core CPU): see the end of this docstring (filled in after
-the run).
+Measured (quick preset: 9 x 9, 32 workers, 204,800 steps; one CLI run of seed 0 and its
+--plot rerun of three arms, 6.5 min together on a loaded 2-core CPU, load average ~20):
+    PPCG's mean d climbs steadily from 0 to 0.50 (the CLI seed: 0.57), the workers winning
+    65% of their episodes at the end (Eq. 1's balance point is 50% once d stops moving).
+    success on the 5 hand-designed levels (16 episodes each), evaluated at 41k, 82k, 123k,
+    164k, 205k steps:  PPCG 0.17 0.04 0.25 0.13 0.24;  uniform d 0 0 0 0 0.17;
+    hard levels only (d = 1) 0 0 0.13 0.10 0.30  (the CLI seed: PPCG 0.09).
+    At this budget every arm is still near the start of learning and the gaps are within
+    seed noise: [1]'s result (PPCG generalising better than hard-only training, and reaching
+    it with less data) is NOT reproduced here; PPCG leads early (first two evaluations).
 
 Differences from the paper:
 - A JAX grid maze with this file's generator (Eq. 2) and five hand-made test levels replace
@@ -184,7 +192,7 @@ class Config:
 PRESETS = {
     "quick": dict(size=9, max_steps=40, num_envs=32, num_steps=16, num_epochs=4,
                   num_minibatches=4, gae_lambda=0.95, lr=1e-3, hidden=(128, 128),
-                  total_timesteps=1_024_000, eval_episodes=16),
+                  total_timesteps=204_800, eval_episodes=16),
     "paper": dict(),
 }
 
@@ -433,9 +441,9 @@ def evaluate(state: State, cfg: Config):
 # --- PLOT ---
 
 
-def plot_run(cfg: Config, out, seed=0, points=8):
-    """d over training (progressive and flipped) and the test-level success of the four
-    teachers (seed `seed` of each, one compiled program), evaluated `points` times."""
+def plot_run(cfg: Config, out, seed=0, points=5, arms=("progressive", "uniform", "hard")):
+    """d over training (progressive) and the test-level success of the `arms` (seed `seed`
+    of each, one compiled program), evaluated `points` times."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -445,7 +453,7 @@ def plot_run(cfg: Config, out, seed=0, points=8):
 
     seg = max(cfg.num_updates // points, 1)
     key = jax.random.split(jax.random.PRNGKey(seed), 1)[0]
-    ids = jnp.arange(len(TEACHERS))
+    ids = jnp.array([TEACHERS.index(a) for a in arms])
     state = jax.jit(jax.vmap(lambda t: init_arm(key, cfg, t)))(ids)
     chunk = jax.jit(jax.vmap(lambda s: jax.lax.scan(lambda s, _: update(s, cfg), s, None, seg)))
     ev = jax.jit(jax.vmap(lambda s: evaluate(s, cfg)["test_success"]))
@@ -456,9 +464,10 @@ def plot_run(cfg: Config, out, seed=0, points=8):
         succ.append(np.asarray(ev(state)))
     ds, succ = np.concatenate(ds, 1), np.stack(succ, 1)
     steps = np.arange(1, ds.shape[1] + 1) * cfg.steps_per_update
-    print("test success at the end:", dict(zip(TEACHERS, succ[:, -1].round(3), strict=True)))
+    print("test success:", dict(zip(arms, succ.round(3).tolist(), strict=True)))
+    print("final d:", dict(zip(arms, ds[:, -1].round(3).tolist(), strict=True)))
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    for i, t in enumerate(TEACHERS):
+    for i, t in enumerate(arms):
         if t in ("progressive", "flipped"):
             axes[0].plot(steps, ds[i], label=t)
         axes[1].plot(steps[seg - 1::seg][:points], succ[i], "o-", label=t)
@@ -477,7 +486,8 @@ def plot_run(cfg: Config, out, seed=0, points=8):
 
 
 def main(argv=None):
-    """`--plot PNG` reruns seed 0 of every teacher and draws d and the test-level success."""
+    """`--plot PNG` reruns seed 0 of PPCG, uniform d and d = 1 and draws d and the test-level
+    success."""
     flags, argv = run.pop_flags(argv, "--plot")
     res = run.main(Config, init, update, presets=PRESETS, evaluate=evaluate, argv=argv,
                    doc=__doc__, summary_keys=["test_success", "difficulty", "charts/win_rate"])
