@@ -30,6 +30,12 @@ pre-trained with n-gram masked LM and LAMB.
     LAMB ([3], optax.lamb): u = m_hat / (sqrt(v_hat) + eps) + wd p (no decay on LayerNorm and
       bias), p <- p - lr(t) ||p|| / ||u|| u, after clipping gradients to global norm 1;
       lr(t) = lr t / W for t < W, else lr (1 - t / T) (optimization.py: linear decay from 0)
+    fine-tuning (run_classifier.py, classifier_utils.py create_model; run_glue.sh's SST-2
+      settings), after train_steps: a fresh classifier on the pooled vector,
+      p = softmax(W_c dropout_0.1(tanh(h_[CLS] W_p)) + b_c), L = cross-entropy on the
+      labelled task, AdamW (weight decay 0.01, not on LayerNorm and bias; clipped to global
+      norm 1) with its own warm-up and linear decay; --finetune-from-scratch re-initialises
+      the encoder at the switch (the no-pre-training twin of the same compiled program)
 
 Data: characters of Python's reference manual (common.data.text_corpus); documents are the
 blocks between two blank lines, "sentences" end at . ! ? and are cut at word boundaries to
@@ -41,6 +47,11 @@ program). The instance arrays enter the compiled update as constants, as in bert
 host round-trip per step; at the default dupe_factor 40 they are ~160 MB of the program;
 a corpus of the paper's size needs an input pipeline instead, listed below).
 evaluate() scores the one sentence head on held-out SOP AND NSP instances ([1] Table 5).
+The labelled task (procedural: no labelled text set ships offline) is an acceptability
+judgement of one window, as CoLA: [CLS] w [SEP], w seq_len - 2 characters of the split's
+sentences; label 1 for half of them: span_len characters at a random offset replaced, each by
+a different character drawn from the training text's unigram distribution; evaluate() scores
+the classifier on num_eval held-out windows.
 
 Real corpora: --corpus wikitext-2 (or enwik8, text8, wikitext-103, 1b-words) --data-dir
 DIR reads common.data.REAL_CORPORA from DIR (characters, documents and sentences as above).
@@ -67,9 +78,10 @@ on a random 2-layer model). The ids must be the checkpoint's SentencePiece ids, 
 ALBERT(cfg, 30000, pad=0). The checkpoint enters the compiled init as constants.
 
 Reproduce (CPU demo on the pydoc text: 2 shared layers of H 64, E 32, context 64, 1500
-updates of 32; not yet run):
+updates of 32, then 300 fine-tuning updates of 32; not yet run):
     python transformers/albert.py --preset quick --num-seeds 2
     python transformers/albert.py --preset quick --num-seeds 2 --sentence-task nsp
+    python transformers/albert.py --preset quick --num-seeds 2 --finetune-from-scratch
   Measured (the slow test's config: --corpus ordered, 2 shared layers of H 32, E 16,
   context 32, batch 32, LAMB lr 0.02, 1500 updates; 2-core CPU shared with other jobs,
   load ~15, 7.3 min wall, 106 CPU s; pytest tests/transformers/test_albert.py -m slow):
@@ -80,6 +92,10 @@ updates of 32; not yet run):
   tells under-training from a SOP plumbing bug: no SOP-only diagnostic). The short test's
   smaller config (1 layer, context 24, batch 16, 300 updates; pytest
   tests/transformers/test_albert.py): MLM 0.338 / 0.334 against 0.309, heads at chance.
+  Fine-tuning (the slow gate test_pre_training_helps_fine_tuning: that pre-training, then
+  300 AdamW updates of 32 at lr 1e-3 on 3 replaced characters of 30): held-out task accuracy
+  0.773 pre-trained vs 0.500 for the twin fine-tuned from scratch (2-core CPU, loaded; from
+  one pre-trained state by a calibration script); with 12 replaced characters 0.977 vs 0.689.
 Paper scale (ALBERT-base: E 128, H 768, 12 layers sharing all, 12 heads, 512 tokens,
 vocab 30,000, batch 4096, 125k LAMB updates at lr 0.00176, 3125 warm-up), on one GPU:
     python transformers/albert.py --preset paper
@@ -124,6 +140,11 @@ Differences from the paper:
   released lamb_optimizer.py has no bias correction and excludes LayerNorm and bias
   parameters from the trust ratio. LAMB's step is lr ||p|| per layer, so tiny models with
   N(0, 0.02) weights need a larger lr (0.02 in the tests and in quick) than 0.00176.
+- Fine-tuning: a procedural acceptability task instead of GLUE / SQuAD / RACE; examples drawn
+  uniformly with replacement (run_classifier.py: epochs through a shuffle buffer of 100);
+  optax.adamw is bias-corrected (the released AdamWeightDecayOptimizer is not); the
+  fine-tuning batch runs as ceil(finetune_batch / rows) micro-batches of the pre-training
+  micro-batch's rows (batch_size / micro_batches), the padding rows weighted 0.
 - One GPU: the paper preset sums the gradient of the batch of 4096 over 64 micro-batches
   of 64 rows with bfloat16 matmuls (the same update up to rounding); [1] used TPU pods.
 - No dropout (the released ALBERT configs set both dropout probabilities to 0; [1] Sec. 4.8
@@ -230,6 +251,25 @@ class Config:
     """seed of the instances and the held-out masks (fixed across seeds)"""
     eval_instances: int = 256
     """held-out SOP and NSP instances scored by evaluate()"""
+    finetune_steps: int = 20935
+    """fine-tuning updates on the labelled task after train_steps of pre-training (the
+    released run_glue.sh's SST-2 setting, as the four below); 0: pre-training only"""
+    finetune_batch: int = 32
+    """labelled examples per fine-tuning update"""
+    finetune_lr: float = 1e-5
+    """AdamW peak learning rate of fine-tuning"""
+    finetune_warmup_steps: int = 1256
+    """linear warm-up of fine-tuning (then linear decay to 0 at finetune_steps)"""
+    classifier_dropout: float = 0.1
+    """dropout on the pooled [CLS] vector under the classifier (classifier_utils.py)"""
+    finetune_from_scratch: bool = False
+    """re-initialise the encoder too when fine-tuning starts: the no-pre-training baseline"""
+    span_len: int = 12
+    """characters replaced in a positive example of the labelled task"""
+    num_labelled: int = 4096
+    """labelled training windows of the task"""
+    num_eval: int = 512
+    """held-out labelled windows scored by evaluate()"""
 
     @property
     def sentence_chars(self) -> int:
@@ -237,7 +277,7 @@ class Config:
 
     @property
     def num_updates(self) -> int:
-        return self.train_steps
+        return self.train_steps + self.finetune_steps
 
     @property
     def steps_per_update(self) -> int:
@@ -279,6 +319,9 @@ class Config:
             "eval_instances",
             "train_steps",
             "micro_batches",
+            "finetune_batch",
+            "num_labelled",
+            "num_eval",
         ):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)} must be >= 1")
@@ -286,6 +329,12 @@ class Config:
             raise ValueError(
                 f"micro_batches={self.micro_batches} does not divide batch_size={self.batch_size}"
             )
+        if not 1 <= self.span_len <= self.seq_len - 2:
+            raise ValueError(f"span_len={self.span_len} must be in [1, seq_len - 2]")
+        if not 0 <= self.classifier_dropout < 1:
+            raise ValueError(f"classifier_dropout={self.classifier_dropout} must be in [0, 1)")
+        if self.finetune_steps < 0 or self.finetune_warmup_steps < 0:
+            raise ValueError("finetune_steps and finetune_warmup_steps must be >= 0")
         if self.warmup_steps < 0:
             raise ValueError(f"warmup_steps={self.warmup_steps} must be >= 0")
         if self.adam_eps <= 0:
@@ -320,7 +369,8 @@ SHARE = {
 """share -> (one attention block for all layers, one feed-forward block for all layers)"""
 
 PRESETS = {
-    # CPU demo: 2 shared layers of H 64, E 32, context 64, 1500 LAMB updates of 32
+    # CPU demo: 2 shared layers of H 64, E 32, context 64, 1500 LAMB updates of 32, then 300
+    # AdamW updates of 32 on the labelled task
     "quick": dict(
         vocab_size=None,
         seq_len=64,
@@ -336,6 +386,10 @@ PRESETS = {
         train_steps=1500,
         lr=2e-2,
         warmup_steps=150,
+        finetune_steps=300,
+        finetune_lr=1e-3,
+        finetune_warmup_steps=30,
+        num_labelled=2048,
     ),
     # ALBERT-xxlarge ([1] Table 1, released xxlarge config)
     "xxlarge": dict(d_model=4096, num_heads=64, d_ff=16384, micro_batches=512, dtype="bfloat16"),
@@ -470,6 +524,36 @@ def unigram_mode(cfg: Config) -> int:
     return int(np.bincount(x[x < specials(cfg)["chars"]]).argmax())
 
 
+@functools.cache
+def task_data(cfg: Config):
+    """The labelled task, an acceptability judgement of one text window (single-sentence
+    classification, as CoLA or SST-2): (train tokens, labels, eval tokens, labels) as numpy.
+    [CLS] w [SEP], w = seq_len - 2 characters of the split's sentences joined by spaces;
+    label 1 (half of them): span_len characters at a random offset replaced, each by a
+    different character drawn from the training text's unigram distribution."""
+    train, val, chars = corpus_docs(cfg.corpus, cfg.val_fraction, cfg.sentence_chars, cfg.data_dir)
+    s, n, m = specials(cfg), cfg.seq_len - 2, cfg.span_len
+    rng = np.random.default_rng(cfg.task_seed)
+    streams = [np.concatenate([seg for d in ds for seg in d]) for ds in (train, val)]
+    freq = np.bincount(streams[0], minlength=len(chars)) / len(streams[0])
+
+    def make(stream, count):
+        labels = rng.permutation(np.arange(count) % 2).astype(np.int32)
+        toks = np.zeros((count, cfg.seq_len), np.int32)
+        for i, y in enumerate(labels):
+            w = stream[(a := rng.integers(0, len(stream) - n)) : a + n].copy()
+            if y:
+                o = rng.integers(0, n - m + 1)
+                new = w[o : o + m].copy()
+                while (same := new == w[o : o + m]).any():  # redraw until every one differs
+                    new[same] = rng.choice(len(chars), same.sum(), p=freq)
+                w[o : o + m] = new
+            toks[i] = [s["cls"], *w, s["sep"]]
+        return toks, labels
+
+    return (*make(streams[0], cfg.num_labelled), *make(streams[1], cfg.num_eval))
+
+
 def token_types(tokens, sep: int, pad: int):
     """Segment ids: 0 up to and including the first [SEP], 1 after it, 0 on [PAD]."""
     is_sep = (tokens == sep).astype(jnp.int32)
@@ -582,14 +666,15 @@ class FFN(nn.Module):
 class ALBERT(nn.Module):
     """Factorised embeddings (E) projected to H, L layers whose attention and feed-forward
     blocks are shared across layers as `share` says, tanh pooler, the MLM head (H -> E,
-    tied to the V x E table) and the 2-way sentence head (SOP or NSP)."""
+    tied to the V x E table), the 2-way sentence head (SOP or NSP) and the fine-tuning
+    classifier on the pooled vector (dropout classifier_dropout when `train`)."""
 
     cfg: Config
     rows: int
     pad: int
 
     @nn.compact
-    def __call__(self, tokens, types, positions):
+    def __call__(self, tokens, types, positions, train: bool = False):
         cfg, L = self.cfg, tokens.shape[1]
         E = cfg.embedding_size
         embed = nn.Embed(self.rows, E, embedding_init=init_w, name="word_embeddings")
@@ -622,7 +707,9 @@ class ALBERT(nn.Module):
         )  # (B, P, E)
         mlm = embed.attend(x) + self.param("output_bias", nn.initializers.zeros, (self.rows,))
         sentence = nn.Dense(2, kernel_init=init_w, name="seq_relationship")(pooled)
-        return mlm, sentence
+        drop = nn.Dropout(cfg.classifier_dropout, deterministic=not train)(pooled)
+        cls = nn.Dense(2, kernel_init=init_w, name="classifier")(drop)  # classifier_utils.py
+        return mlm, sentence, cls
 
 
 # --- HUGGING FACE CHECKPOINTS ---
@@ -688,6 +775,7 @@ def params_from_hf(tensors: dict, cfg: Config, params) -> dict:
                                       (cfg.max_positions, E), "max_positions / embedding_size"),
            "token_type_embeddings": {"embedding": get("embeddings.token_type_embeddings.weight",
                                                       (2, E), "embedding_size")}}
+    out["classifier"] = p["classifier"]  # the fine-tuning head is ours: its init stays
     bias = "predictions.bias" if "predictions.bias" in t else "predictions.decoder.bias"
     out["output_bias"] = get(bias, (rows,), "vocab_size")
     for ours, hf in HF_TOP.items():
@@ -730,12 +818,16 @@ def mlm_loss(logits, labels, weights, total=None):
     return (nll(logits, labels) * weights).sum() / (total + 1e-5)
 
 
-def learning_rate(step, cfg: Config):
-    """optimization.py: lr t / W while t < W, else lr (1 - t / T)."""
-    t = jnp.asarray(step, jnp.float32)
-    return cfg.lr * jnp.where(
-        t < cfg.warmup_steps, t / max(cfg.warmup_steps, 1), jnp.maximum(1 - t / cfg.train_steps, 0)
+def learning_rate(step, cfg: Config, finetune: bool = False):
+    """optimization.py: lr t / W while t < W, else lr (1 - t / T); t counts the stage's own
+    updates (pre-training: lr, warmup_steps, train_steps; fine-tuning: the finetune_ ones)."""
+    lr, W, T = (
+        (cfg.finetune_lr, cfg.finetune_warmup_steps, cfg.finetune_steps)
+        if finetune
+        else (cfg.lr, cfg.warmup_steps, cfg.train_steps)
     )
+    t = jnp.asarray(step, jnp.float32)
+    return lr * jnp.where(t < W, t / max(W, 1), jnp.maximum(1 - t / max(T, 1), 0))
 
 
 def decay_mask(params):
@@ -763,6 +855,22 @@ def optimizer(cfg: Config):
     )
 
 
+def finetune_optimizer(cfg: Config):
+    """Fine-tuning (run_classifier.py --optimizer adamw): global-norm clipping, then AdamW
+    with weight decay 0.01 (not on LayerNorm and bias) and the finetune_ schedule."""
+    return optax.chain(
+        optax.clip_by_global_norm(cfg.max_grad_norm),
+        optax.adamw(
+            lambda t: learning_rate(t, cfg, finetune=True),
+            cfg.adam_b1,
+            cfg.adam_b2,
+            cfg.adam_eps,
+            weight_decay=cfg.weight_decay,
+            mask=decay_mask,
+        ),
+    )
+
+
 # --- STATE ---
 
 
@@ -770,10 +878,17 @@ def optimizer(cfg: Config):
 class State:
     params: Any
     opt: Any
+    """LAMB's state (pre-training; frozen while fine-tuning)"""
+    ft_opt: Any
+    """AdamW's state (fine-tuning; fresh when it starts)"""
     key: jax.Array
+    init_key: jax.Array
+    """the key of the initial parameters (the re-initialisations at the switch reuse it)"""
     step: jax.Array
     sop: jax.Array
     """1 (traced): train the sentence head on SOP instances; 0: on NSP instances"""
+    scratch: jax.Array
+    """1 (traced): re-initialise the encoder too when fine-tuning starts"""
     data: tuple
     """device_data(cfg), stored uint8 (uint16 above 256 token ids): an input of the
     compiled chunks, not constants of each program; one copy per seed"""
@@ -789,15 +904,17 @@ def compact(a, bound: int):
 
 def device_data(cfg: Config) -> tuple:
     """(SOP tokens, labels, NSP tokens, labels) of the training split, then the first
-    eval_instances of the validation split's SOP and NSP instances, as compact numpy."""
+    eval_instances of the validation split's SOP and NSP instances, then the labelled
+    task's train and eval tokens and labels, as compact numpy."""
     t, n = specials(cfg)["pad"] + 1, cfg.eval_instances  # token ids are < pad + 1
     arrays = (
         *instances(cfg, "train", "sop"),
         *instances(cfg, "train", "nsp"),
         *(a[:n] for a in instances(cfg, "val", "sop")),
         *(a[:n] for a in instances(cfg, "val", "nsp")),
+        *task_data(cfg),
     )
-    return tuple(compact(a, b) for a, b in zip(arrays, (t, 2) * 4, strict=True))
+    return tuple(compact(a, b) for a, b in zip(arrays, (t, 2) * 6, strict=True))
 
 
 def model_of(cfg: Config) -> ALBERT:
@@ -818,9 +935,12 @@ def init(key, cfg: Config) -> State:
     return State(
         params,
         optimizer(cfg).init(params),
+        finetune_optimizer(cfg).init(params),
         key,
+        k_init,
         jnp.zeros((), jnp.int32),
         jnp.asarray(int(cfg.sentence_task == "sop"), jnp.int32),
+        jnp.asarray(int(cfg.finetune_from_scratch), jnp.int32),
         tuple(jnp.asarray(a) for a in device_data(cfg)),
     )
 
@@ -829,8 +949,27 @@ def init(key, cfg: Config) -> State:
 
 
 def update(state: State, cfg: Config):
+    """One update: pre-training (L_MLM + L_SOP or L_NSP, LAMB) for the first train_steps,
+    then fine-tuning (the classifier's cross-entropy on the labelled task, AdamW). The
+    stage's batch is summed over micro-batches of batch_size / micro_batches rows (a loop
+    of micro_batches while pre-training, ceil(finetune_batch / rows) while fine-tuning)."""
     s, model, B, M = specials(cfg), model_of(cfg), cfg.batch_size, cfg.micro_batches
+    m = B // M
+    F = -(-cfg.finetune_batch // m)  # fine-tuning micro-batches
+    finetune = state.step >= cfg.train_steps
+    # the switch to fine-tuning: a fresh classifier (and AdamW state, untouched until now);
+    # the scratch twin re-initialises the encoder too
+    switch = state.step == cfg.train_steps
+    fresh = init_params(state.init_key, cfg)
+    start = jax.tree_util.tree_map_with_path(
+        lambda path, a, b: jnp.where(
+            switch & ((state.scratch > 0) | (path[1].key == "classifier")), b, a
+        ),
+        state.params,
+        fresh,
+    )
     key, k_sop, k_nsp, k_mask = jax.random.split(state.key, 4)
+    k_task, k_drop = jax.random.split(jax.random.fold_in(state.key, 1))
     sop_x, sop_y, nsp_x, nsp_y = state.data[:4]
     i = jax.random.randint(k_sop, (B,), 0, sop_x.shape[0])
     j = jax.random.randint(k_nsp, (B,), 0, nsp_x.shape[0])
@@ -840,60 +979,108 @@ def update(state: State, cfg: Config):
     inputs, positions, labels, weights, spans = mask_tokens(k_mask, tokens, cfg)
     types = token_types(inputs, s["sep"], s["pad"])
     total = weights.sum()
-
-    def loss_fn(p, batch):  # one micro-batch's share of L_MLM + L_SOP over the whole batch
-        x, t, pos, lab, w, yy = batch
-        mlm, sentence = model.apply(p, x, t, pos)
-        l_mlm, l_sent = mlm_loss(mlm, lab, w, total), nll(sentence, yy).sum() / B
-        hits = ((mlm.argmax(-1) == lab) * w).sum(), (sentence.argmax(-1) == yy).sum()
-        return l_mlm + l_sent, (l_mlm, l_sent, *hits)
-
-    def micro(grads, batch):  # gradient accumulation: the sum over micro-batches is exact
-        (_, aux), g = jax.value_and_grad(loss_fn, has_aux=True)(state.params, batch)
-        return jax.tree.map(jnp.add, grads, g), aux
-
-    batches = tuple(
-        a.reshape(M, B // M, *a.shape[1:]) for a in (inputs, types, positions, labels, weights, y)
+    task_x, task_y = state.data[8:10]
+    t = jax.random.randint(k_task, (F * m,), 0, task_x.shape[0])  # uniform, with replacement
+    rows = (jnp.arange(F * m) < cfg.finetune_batch).astype(jnp.float32)
+    pre = tuple(
+        a.reshape(M, m, *a.shape[1:]) for a in (inputs, types, positions, labels, weights, y)
     )
-    grads, aux = jax.lax.scan(micro, jax.tree.map(jnp.zeros_like, state.params), batches)
-    l_mlm, l_sent, mlm_hits, sent_hits = (a.sum() for a in aux)
-    loss = l_mlm + l_sent
-    updates, opt = optimizer(cfg).update(grads, state.opt, state.params)
-    params = optax.apply_updates(state.params, updates)
+    task = tuple(a.reshape(F, m, *a.shape[1:]) for a in (i32(task_x[t]), i32(task_y[t]), rows))
+
+    def loss_fn(p, k):  # micro-batch k's share of the stage's loss over the whole batch
+        x, tt, pos, lab, w, yy = (jax.lax.dynamic_index_in_dim(a, k % M, 0, False) for a in pre)
+        xt, yt, r = (jax.lax.dynamic_index_in_dim(a, k % F, 0, False) for a in task)
+        x = jnp.where(finetune, xt, x)
+        tt = jnp.where(finetune, token_types(xt, s["sep"], s["pad"]), tt)
+        rng = {"dropout": jax.random.fold_in(k_drop, k)}
+        mlm, sentence, cls = model.apply(p, x, tt, pos, train=True, rngs=rng)
+        l_mlm, l_sent = mlm_loss(mlm, lab, w, total), nll(sentence, yy).sum() / B
+        l_cls = (nll(cls, yt) * r).sum() / cfg.finetune_batch
+        hits = (
+            ((mlm.argmax(-1) == lab) * w).sum(),
+            (sentence.argmax(-1) == yy).sum(),
+            ((cls.argmax(-1) == yt) * r).sum(),
+        )
+        return jnp.where(finetune, l_cls, l_mlm + l_sent), (l_mlm, l_sent, l_cls, *hits)
+
+    def micro(k, carry):  # gradient accumulation: the sum over micro-batches is exact
+        grads, aux = carry
+        (_, a), g = jax.value_and_grad(loss_fn, has_aux=True)(start, k)
+        return jax.tree.map(jnp.add, grads, g), jax.tree.map(jnp.add, aux, a)
+
+    zeros = (jax.tree.map(jnp.zeros_like, start), (jnp.zeros(()),) * 6)
+    grads, aux = jax.lax.fori_loop(0, jnp.where(finetune, F, M), micro, zeros)
+    l_mlm, l_sent, l_cls, mlm_hits, sent_hits, cls_hits = aux
+    pre_upd, opt = optimizer(cfg).update(grads, state.opt, start)
+    ft_upd, ft_opt = finetune_optimizer(cfg).update(grads, state.ft_opt, start)
+    pick = lambda a, b: jax.tree.map(lambda u, v: jnp.where(finetune, u, v), a, b)
+    params = optax.apply_updates(start, pick(ft_upd, pre_upd))
+    pre_stage = 1 - finetune.astype(jnp.float32)
     metrics = {
-        "losses/loss": loss,
+        "losses/loss": jnp.where(finetune, l_cls, l_mlm + l_sent),
         "losses/mlm": l_mlm,
         "losses/sentence": l_sent,
+        "losses/cls": l_cls,
         "charts/mlm_acc": mlm_hits / jnp.maximum(weights.sum(), 1),
         "charts/unigram_acc": ((labels == unigram_mode(cfg)) * weights).sum()
         / jnp.maximum(weights.sum(), 1),
         "charts/sentence_acc": sent_hits / B,
+        "charts/task_acc": cls_hits / cfg.finetune_batch,
         "charts/predicted_frac": weights.sum() / (tokens != s["pad"]).sum(),
-        "charts/lr": learning_rate(state.step, cfg),
+        "charts/lr": jnp.where(
+            finetune,
+            learning_rate(state.step - cfg.train_steps, cfg, finetune=True),
+            learning_rate(state.step, cfg),
+        ),
         "charts/grad_norm": optax.global_norm(grads),
+        "charts/pretraining": pre_stage,
+        "charts/finetuning": 1 - pre_stage,
     }
     for n in range(cfg.max_ngram):  # share of the masked n-grams of length n + 1
         metrics[f"charts/ngram_{n + 1}"] = spans[:, n].sum() / jnp.maximum(spans.sum(), 1)
-    return state.replace(params=params, opt=opt, key=key, step=state.step + 1), metrics
+    return (
+        state.replace(
+            params=params,
+            opt=pick(state.opt, opt),
+            ft_opt=pick(ft_opt, state.ft_opt),
+            key=key,
+            step=state.step + 1,
+        ),
+        metrics,
+    )
+
+
+# each stage's metrics are undefined (NaN in the logs) during the other stage
+PRETRAINING_METRICS = ("losses/mlm", "losses/sentence", "charts/mlm_acc", "charts/unigram_acc",
+                       "charts/sentence_acc", "charts/predicted_frac",
+                       *(f"charts/ngram_{n}" for n in range(1, 10)))
+NAN_UNLESS = {"losses/cls": "charts/finetuning", "charts/task_acc": "charts/finetuning",
+              **{k: "charts/pretraining" for k in PRETRAINING_METRICS}}
 
 
 def evaluate(state: State, cfg: Config):
     """On eval_instances held-out instances each: the sentence head's accuracy on SOP and on
     NSP instances (whichever task it was trained on, [1] Table 5), and on the SOP ones the
     MLM's accuracy beside the unigram guess's on the same masked positions (masks drawn
-    from task_seed)."""
+    from task_seed); on num_eval held-out windows the classifier's accuracy on the labelled
+    task (chance before fine-tuning)."""
     s, model, n = specials(cfg), model_of(cfg), cfg.eval_instances
     out = {}
     for t, task in enumerate(("sop", "nsp")):
         x, y = (a[:n].astype(jnp.int32) for a in state.data[4 + 2 * t : 6 + 2 * t])
         inputs, positions, labels, w, _ = mask_tokens(jax.random.PRNGKey(cfg.task_seed), x, cfg)
-        mlm, sentence = model.apply(
+        mlm, sentence, _ = model.apply(
             state.params, inputs, token_types(inputs, s["sep"], s["pad"]), positions
         )
         out[f"val_{task}_acc"] = (sentence.argmax(-1) == y).mean()
         if task == "sop":
             out["val_mlm_acc"] = ((mlm.argmax(-1) == labels) * w).sum() / w.sum()
             out["val_unigram_acc"] = ((labels == unigram_mode(cfg)) * w).sum() / w.sum()
+    x, y = (a.astype(jnp.int32) for a in state.data[10:12])
+    pos = jnp.zeros((x.shape[0], cfg.max_predictions_per_seq), jnp.int32)
+    cls = model.apply(state.params, x, token_types(x, s["sep"], s["pad"]), pos)[2]
+    out["val_task_acc"] = (cls.argmax(-1) == y).mean()
+    out["val_task_loss"] = nll(cls, y).mean()
     return out
 
 
@@ -909,11 +1096,13 @@ def main(argv=None):
         evaluate=evaluate,
         argv=argv,
         doc=__doc__,
+        nan_unless=NAN_UNLESS,
         summary_keys=[
             "val_mlm_acc",
             "val_unigram_acc",
             "val_sop_acc",
             "val_nsp_acc",
+            "val_task_acc",
             "charts/sentence_acc",
         ],
     )

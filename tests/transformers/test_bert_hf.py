@@ -49,7 +49,7 @@ def _init(mod, cfg):
 def _apply(mod, cfg, params, ids, types):
     """(MLM logits (B, L, V) at every position, sentence logits (B, 2)) of ours."""
     out = mod.model_of(cfg).apply(params, ids, types, jnp.broadcast_to(jnp.arange(L), (2, L)))
-    return (out["mlm"], out["nsp"]) if mod is bert else out
+    return (out["mlm"], out["nsp"]) if mod is bert else out[:2]
 
 
 def _logits(mod, cfg, params):
