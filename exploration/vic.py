@@ -29,8 +29,17 @@ Reproduce (CPU demo: open 8 x 8 grid, s_0 the centre, 16 options of T = 8 steps)
     python exploration/vic.py --preset quick --num-seeds 2 --variant q_s0_only   # broken
 Larger setting (for an accelerator; traced in the tests, not run here):
     python exploration/vic.py --preset paper
-Ours (quick): see the measured numbers below, filled in from one run.
-    QUICK_RESULTS
+Ours (quick: 600 updates of 256 options, 16 options of T = 8 from the centre of the open
+8 x 8 grid, 2 seeds; loaded 2-core CPU, 4 s compile + 38-53 s; 16 held-out episodes per
+option): q's accuracy 0.99 / 1.00 (chance 1/16), I^VB 2.74 / 2.77 nats (ceiling
+log 16 = 2.77), reliably reached distinct final cells 13 / 10 (an option's modal cell
+counts when at least half of its episodes end there: with the entropy bonus some options
+own a small region rather than one cell; the PNG shows each option's final cells). The
+bound rises from 0 after ~60 updates and plateaus by ~250.
+Broken `--variant q_s0_only`: accuracy 0.0625 / 0.0625 (= 1/16), I^VB -0.0001, 11 / 11
+modal cells by the count without the half rule (0 with it: random walks).
+`--learned-prior`: accuracy 0.99 / 0.87, I^VB 2.69 / 2.61, cells 14 / 9, the prior's
+entropy 2.772 / 2.738 (it stays near uniform here: every option is already well recognised).
 [1] reports (grid world, [M]): the learned options end in distinct cells, covering the
 reachable cells around s_0, and the bound grows toward log(number of options); no number
 here is comparable beyond that picture.
@@ -333,19 +342,21 @@ def eval_rollouts(state: State, cfg: Config, key):
 
 
 def distinct_outcomes(s0, omega, sf, cfg: Config):
-    """Number of distinct modal outcomes over the options: each option's most frequent
-    displacement s_f - s_0 (its final cell when s_0 is fixed), counted once per value."""
+    """Number of distinct outcomes that options reach reliably: each option's most frequent
+    displacement s_f - s_0 (its final cell when s_0 is fixed) when at least half of its
+    episodes end there, counted once per value (a random walk's mode scores nothing)."""
     g = cfg.grid_size
     d = (sf - s0 + g - 1)  # [n, 2] in 0..2G-2
     idx = d[:, 0] * (2 * g - 1) + d[:, 1]
     counts = jax.ops.segment_sum(jax.nn.one_hot(idx, (2 * g - 1) ** 2), omega, cfg.num_options)
     modal = jnp.argmax(counts, -1)  # [N]
-    return (jax.nn.one_hot(modal, (2 * g - 1) ** 2).max(0)).sum()
+    reliable = counts.max(-1) >= 0.5 * counts.sum(-1)  # [N]
+    return (jax.nn.one_hot(modal, (2 * g - 1) ** 2) * reliable[:, None]).max(0).sum()
 
 
 def evaluate(state: State, cfg: Config):
     """Held-out options: q's accuracy (chance 1/N), the bound I^VB (options drawn uniformly,
-    weighted by p^C), the distinct modal outcomes, and the bound's ceiling log N."""
+    weighted by p^C), the distinct outcomes reached reliably, and the bound's ceiling log N."""
     s0, omega, sf, log_q_all, log_p_c = eval_rollouts(state, cfg, jax.random.fold_in(state.key, 7))
     log_q = take(log_q_all, omega)
     return {"q_accuracy": (jnp.argmax(log_q_all, -1) == omega).mean(),
