@@ -175,8 +175,8 @@ def test_odd_one_out_learned_broken_variant_at_chance(recorded_run):
     """Behaviour ([1] Sec. 3): TINY, 60 steps, chance 1/6. Trained O3N names the odd clip
     of held-out questions; the broken variant (odd clip in order: no signal) trains at
     chance (its training accuracy: no label leakage through the sampler). Measured on a
-    loaded 2-core CPU (held-out, 256 questions): trained 0.918 0.973, broken (training
-    accuracy) 0.140; the broken arm's held-out accuracy on real questions is 0.629: a
+    loaded 2-core CPU (held-out, 128 questions): trained 0.961 0.977, broken (training
+    accuracy) 0.190; the broken arm's held-out accuracy on real questions is 0.625: a
     shuffled clip of constant motion has more frame-difference energy than the in-order
     ones, and at this size the SoD trunk's ReLU features read it nearly for free (training
     accuracy over the first 10 steps 0.68-0.82 in a calibration run; at the quick size the
