@@ -180,7 +180,7 @@ def test_odd_one_out_learned_broken_variant_at_chance(recorded_run):
     shuffled clip of constant motion has more frame-difference energy than the in-order
     ones, and at this size the SoD trunk's ReLU features read it nearly for free (training
     accuracy over the first 10 steps 0.68-0.82 in a calibration run; at the quick size the
-    network at init scores 0.152), so that arm is bounded below the trained, not at chance.
+    network at init scores 0.197), so that arm is bounded below the trained, not at chance.
     Mutations tried: the broken flag ignored (odd clip shuffled in every arm): broken arm
     0.945, fails. The SoD features are not collapsed: the fraction of fc units active on
     some probe clip > 0.1 (a dead trunk, the slow test's broken arm, scores 0.0)."""
