@@ -26,7 +26,11 @@ Reproduce (CPU demo; one compiled program per feature space, intrinsic reward on
     python exploration/curiosity_largescale.py --preset quick --num-seeds 4 --features rf
     python exploration/curiosity_largescale.py --preset quick --num-seeds 4 --int-coef 0
     python exploration/curiosity_largescale.py --plot exploration/curiosity_largescale.png
-Measured (DeepSea as an image, 2-core CPU, loaded): see QUICK below and the test docstring.
+Measured (`--plot`: the quick preset, DeepSea-16 as a 16x16 image, 153 reachable cells,
+16,384 steps, 4 seeds per arm, distinct cells at the end, median; 2-core CPU, loaded, 192 s
+CPU for the five programs): rf 147 (143-151), pixels 145.5 (140-148), idf 143.5 (138-148),
+vae 142.5 (141-147), PPO with no reward 135.5 (135-143). The treasure (never trained on)
+was found by 2 rf seeds (3 episodes) and 1 idf seed (2 episodes), by no other arm.
 Paper setting (GPU; Atari through envpool, 84x84 grey, 4 frames, 128 envs, 1e8 steps):
     python exploration/curiosity_largescale.py --preset paper --features rf
 [1] Fig. 2: with no extrinsic reward, the 54 Atari games' extrinsic return grows during
