@@ -29,7 +29,13 @@ not return shapes), against the same encoder at init.
 
 Reproduce (CPU demo, 32x32 grey frames, 16x16 patches, a small CNN):
     python selfsup/tracking_triplet.py --preset quick --plot selfsup/tracking_triplet.png
-Measured: see the end of this docstring (filled in after the quick run).
+Measured (1 seed, 400 steps of 32 pairs, 10 min wall / 99 CPU-s, loaded 2-core CPU): held-out
+retrieval top-1 0.396 among 64 pairs (chance 0.016; an encoder at init 0.094); loss 0.33
+(steps 1-50, random negatives) -> 0.41 (steps 350-400, half of them hard); 87% of the
+videos pass the miner. Shape probes (disk / square, chance 0.5) of f(x), trained (init):
+linear 0.852 (0.716), 10/class 0.690 (0.500), k-NN 0.846 (0.642), 10/class 0.746 (0.478).
+Hard negatives from the start of the loss with a ReLU feature (the [code]'s fc7) collapsed
+every feature to 0 within 100 Adam steps (loss stuck at M): the feature here is linear.
 Paper setting (GPU; procedural videos in place of 100K YouTube videos, 227x227 patches):
     python selfsup/tracking_triplet.py --preset paper
 [1] reports 47.2% mAP on VOC 2007 detection (R-CNN, fine-tuned) from the video-only
@@ -38,11 +44,15 @@ network, against 54.4% from ImageNet labels [M].
 Differences from the paper:
 - Procedural sprite videos (common/video.py), not YouTube; motion mask by frame difference
   and ground-truth tracks (no SURF, IDT or KCF tracker); one pair per video.
-- AlexNet without LRN or groups, SAME padding, no crops or mean subtraction.
+- AlexNet without LRN or groups, SAME padding, no crops or mean subtraction; the feature
+  layer (fc7) is linear before the L2 norm (ReLU in [code]: it collapsed here, see above).
 - Negatives: [1]'s text, random for the first epochs then the top-K hardest [M: the epoch
   count]; the released layer mixes half hard, half random throughout and also adds the
   symmetric term from x+ with margin 1 on -cos: here [1]'s one-sided Eq. 2 with M = 0.5.
-- `quick`: 32x32 grey frames, 16x16 patches, a 2-conv CNN, Adam, hard mining from step 100.
+- The shape label of the probes is read from the sprite's mask (corner pixels), built
+  here from common/video.py's outputs (it does not return shapes).
+- `quick`: 32x32 frames, 16x16 patches, a 2-conv CNN to 64 features, Adam, hard mining
+  (half of K) from step 100, 400 steps.
 """
 
 from dataclasses import dataclass
@@ -191,11 +201,11 @@ class Config:
 
 
 PRESETS = {
-    # CPU demo: 32x32 grey frames, 16x16 patches, a 2-conv CNN to 64 features, Adam.
-    "quick": dict(frame_size=32, patch_size=16, channels=1, radius=(0.08, 0.14),
+    # CPU demo: 32x32 colour frames, 16x16 patches, a 2-conv CNN to 64 features, Adam.
+    "quick": dict(frame_size=32, patch_size=16, radius=(0.08, 0.14),
                   speed=(0.0, 0.05), conv_channels=(16, 32), conv_kernels=(5, 3),
                   conv_strides=(1, 1), pool_after=(1, 2), fc_features=(128, 64),
-                  batch_size=32, num_steps=600, hard_after=100, optimizer="adam", lr=1e-3,
+                  batch_size=32, num_steps=400, hard_after=100, optimizer="adam", lr=1e-3,
                   weight_decay=0.0, probe_train=500, probe_test=500, shift_conv=True),
     "paper": dict(),
 }
