@@ -26,7 +26,7 @@ def test_difficulty_step_is_eq_1():
     """Eq. 1 through the function the env's step runs: +alpha on a win, -alpha on a loss,
     clipped to [0, 1], untouched where no episode ended; the flipped sign reverses it.
     Mutations tried, each fails here: no clip; the update applied to every worker (not only
-    the ones whose episode ended)."""
+    the ones whose episode ended); the sign ignored (fails the synthetic test)."""
     d = jnp.array([0.5, 0.5, 0.995, 0.004, 0.3])
     done = jnp.array([True, True, True, True, False])
     win = jnp.array([True, False, True, False, True])
@@ -58,7 +58,8 @@ def test_generator_difficulty_grows_with_d():
 
 
 def test_bfs_distances_on_a_hand_level():
-    """The spiral test level by hand: the goal is 30 steps from the start; walls are far."""
+    """The spiral test level by hand: the goal is 30 steps from the start; walls are far.
+    Mutation tried, fails here: diagonal moves in the sweep."""
     lv = ppcg.hand_levels(TINY)
     dist = np.asarray(ppcg.bfs_distances(jnp.asarray(lv.walls[3]), jnp.asarray(lv.start[3])))
     assert dist[tuple(lv.goal[3])] == 30 and dist[0, 0] == 81 and dist[1, 2] == 1
@@ -100,8 +101,8 @@ def test_synthetic_student_d_tracks_competence_and_flipped_sign_drives_d_to_0():
     alpha 0.01, 8 seeds. PPCG: over episodes 1000..4000 |d - c| < 0.1 in 99% of episodes
     and 0.05 on average, and c ends near 1 (measured |d - c| mean 0.015, 99% 0.060, max 0.100;
     final c 1.0); flipped sign: d stays near 0 (mean over the last 1000 episodes below 0.02;
-    measured 8e-5) and c stalls below 0.3 (measured 0.24). Mutations tried:
-    sign +1 for the flipped arm (fails the flipped asserts); alpha 0 (fails the tracking)."""
+    measured 8e-5) and c stalls below 0.3 (measured 0.24). Mutation tried, fails here:
+    difficulty_step ignoring its sign (the flipped arm then tracks c too)."""
     def run(sign, key):
         def episode(carry, k):
             d, c = carry
@@ -146,7 +147,8 @@ def cli_run(tmp_path_factory):
 def test_train_is_pure_and_cli_writes_its_files(cli_run, capsys):
     """Two seeds vmapped through the CLI: the recorded first chunk run again on the same
     input gives the bit-identical next state and metrics; the seeds differ; d moved; the run
-    wrote its files and `--help` documents every field."""
+    wrote its files and `--help` documents every field. Mutation tried, fails here: init
+    ignoring its key (the seeds identical)."""
     res, chunks = cli_run
     with pytest.raises(SystemExit):
         ppcg.main(["--help"])
@@ -169,7 +171,8 @@ def test_train_is_pure_and_cli_writes_its_files(cli_run, capsys):
 
 
 def test_every_config_field_is_read():
-    """No flag that lies: each Config field is read by code that runs (AST, not text)."""
+    """No flag that lies: each Config field is read by code that runs (AST, not text).
+    Mutation tried, fails here: an unused field."""
     assert unread_fields(ppcg) == []
 
 
