@@ -12,7 +12,7 @@ import pytest
 
 from curriculum import progressive_pcg as ppcg
 from tests.common.cli import cli_args
-from tests.common.compiled import main_recording_chunks
+from tests.common.compiled import jit0, main_recording_chunks
 from tests.common.config_fields import unread_fields
 from tests.common.preset import trace_paper
 
@@ -42,7 +42,7 @@ def test_generator_difficulty_grows_with_d():
     goal next to the start; every goal is reachable and never the start. Measured (9 x 9):
     path 1.0, 3.1, 5.3, 7.5, 8.1. Mutations tried, each fails here: goal at distance
     target 1 (d ignored); wall probability max_wall_frac (d ignored)."""
-    gen = jax.jit(jax.vmap(ppcg.generate_level, (0, None, None)), static_argnums=2)
+    gen = jit0(jax.vmap(ppcg.generate_level, (0, None, None)), static_argnums=2)
     keys = jax.random.split(jax.random.PRNGKey(0), 200)
     path, wall = [], []
     for d in (0.0, 0.25, 0.5, 0.75, 1.0):
@@ -72,9 +72,9 @@ def test_teacher_owns_every_auto_reset_level():
     (hard). Mutations tried, each fails here: the level drawn at the d
     before the update; VecEnv's own auto-reset level kept (the dummy)."""
     env = ppcg.ProgressiveVecEnv(TINY)
-    step = jax.jit(env.step)
+    step, reset = jit0(env.step), jit0(env.reset)  # small programs: XLA's lowest level
     for teacher in (PROGRESSIVE, UNIFORM, HARD):
-        obs, st = jax.jit(env.reset)(jax.random.PRNGKey(teacher), teacher)
+        obs, st = reset(jax.random.PRNGKey(teacher), teacher)
         key, ended, levels_d = jax.random.PRNGKey(9), 0, []
         for _ in range(100):
             key, k_a, k_s = jax.random.split(key, 3)
