@@ -25,7 +25,7 @@ rotation) and Gaussian pixel noise. Two networks of the same architecture train 
 in one program, on the same keys (so the same target positions), the same budget:
     DR:        xi ~ U[low, high] per image, each aspect on or off by a flag (the ablations)
     canonical: one fixed style (plain grey table, no distractors, uniform light, no noise)
-    loss:      L = mean_i ||f_theta(render(xi_i)) - (x_i, y_i)||^2             ([1] Sec. III)
+    loss:      L = mean_i ||f_theta(render(xi_i)) - (x_i, y_i)||^2             ([1] [M])
 Both are evaluated on the held-out "real" style (a wood-rings texture family and a side light
 that the ranges never sample, 3 distractors, a red target) and in distribution; the sim-to-real
 gap is real error - in-distribution error.
@@ -36,10 +36,10 @@ Reproduce (CPU demo, both arms, 2 seeds, one plot):
 `paper` preset (the defaults): 224 x 224 renders, a VGG-16-sized CNN from scratch (13 convs,
 FC 256-64), up to 10 distractors, Adam 1e-4, batch 64, 50k updates:
     python generalization/uniform_dr_visual.py --preset paper
-Ablations (flags per randomized aspect, [1] Sec. IV-C): --no-random-texture, --no-random-colour,
---no-random-distractors, --no-random-light, --no-random-camera, --no-random-noise, and
---texture-pool N (a pool of N texture draws instead of a fresh one per image; [1] varies the
-number of unique textures).
+Ablations (a flag per randomized aspect, as [1]'s ablations [M]): --no-random-texture,
+--no-random-colour, --no-random-distractors, --no-random-light, --no-random-camera,
+--no-random-noise, and --texture-pool N (a pool of N texture draws instead of a fresh one per
+image; [1] varies the number of unique textures).
 Ours (quick preset: 24 x 24, CNN 16-32-32 + FC 64, K = 3, batch 32, 300 updates; 2 seeds, a
 loaded 2-core CPU, 7.3 min wall, 1.7 CPU-min, compile included), mean Euclidean error in table
 units (the target's centre is uniform in [-0.7, 0.7]^2; predicting the centre scores ~0.54):
@@ -86,7 +86,7 @@ from common.nets import Conv
 # --- CONFIG ---
 
 EVAL_KEY = 4242  # the held-out scenes of evaluate()
-POOL_KEY = 777  # the texture pool of --num-textures
+POOL_KEY = 777  # the texture pool of --texture-pool
 ASPECTS = {  # flag -> the Scene fields it randomizes (off: the canonical value)
     "texture": ("table", "table2", "texture", "tex_freq", "tex_angle"),
     "colour": ("target_colour", "distractor_colour"),
@@ -243,7 +243,7 @@ def network(cfg: Config) -> Regressor:
 
 
 def position_loss(pred, xy):
-    """[1] Sec. III: squared error of the position, mean over the batch; and the mean
+    """[1] [M]: squared error of the position, mean over the batch; and the mean
     Euclidean error ||pred - xy|| (table units)."""
     d = pred - xy
     return (d ** 2).sum(-1).mean(), jnp.sqrt((d ** 2).sum(-1)).mean()

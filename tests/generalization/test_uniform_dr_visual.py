@@ -28,7 +28,7 @@ CHUNK = 1  # one update per compiled chunk: the recorded chunk is `update` itsel
 
 
 def test_position_loss_by_hand():
-    """[1] Sec. III: pred [[0, 0], [1, 1]] against [[3, 4], [1, 1]]: squared errors 25 and 0
+    """[1] [M]: pred [[0, 0], [1, 1]] against [[3, 4], [1, 1]]: squared errors 25 and 0
     (mean 12.5), Euclidean errors 5 and 0 (mean 2.5)."""
     mse, err = udr.position_loss(jnp.array([[0.0, 0], [1, 1]]), jnp.array([[3.0, 4], [1, 1]]))
     np.testing.assert_allclose([mse, err], [12.5, 2.5], rtol=1e-6)
