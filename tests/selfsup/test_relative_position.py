@@ -13,7 +13,7 @@ import pytest
 from common import data, run
 from selfsup import relative_position as rp
 from tests.common.cli import cli_args
-from tests.common.compiled import main_recording_chunks
+from tests.common.compiled import jit0, main_recording_chunks
 from tests.common.config_fields import unread_fields
 from tests.common.preset import trace_paper
 
@@ -43,7 +43,7 @@ def test_offsets_gap_and_jitter():
     fails the [0, 24] spans."""
     assert rp.OFFSETS.tolist() == [[-1, -1], [-1, 0], [-1, 1], [0, -1], [0, 1], [1, -1],
                                    [1, 0], [1, 1]]
-    sample = jax.jit(rp.sample_positions, static_argnums=(1, 2))
+    sample = jit0(rp.sample_positions, static_argnums=(1, 2))  # XLA's lowest level
     for cfg in (TINY, dataclasses.replace(TINY, image_size=48, gap=4, jitter=2)):
         c, y = map(np.asarray, sample(jax.random.PRNGKey(0), 4000, cfg))
         p, j, g, s = cfg.patch_size, cfg.jitter, cfg.gap, cfg.image_size
@@ -68,7 +68,7 @@ def test_patches_are_cuts_of_the_upsampled_digits():
     src = jnp.asarray(rp.train_images(TINY)[0][:3])
     big = data.digit_images(32, TINY.num_train)[0][:3]
     corners = jnp.array([[0, 0], [13, 20], [24, 5]])
-    cut = jax.jit(rp.cut_patches, static_argnums=2)
+    cut = jit0(rp.cut_patches, static_argnums=2)
     plain = dataclasses.replace(TINY, planted_gradient=0.0)
     got = np.asarray(cut(src, corners, plain))
     for i, (y, x) in enumerate(corners.tolist()):
@@ -94,7 +94,7 @@ def test_chroma_projection_dropping_and_pixelation_by_hand():
     instead of side - 1 fails the side-1 constant."""
     a = np.array([-1.0, 2.0, -1.0])
     x = np.array([[0.2, 0.9, 0.1], [0.3, 0.3, 0.3]], np.float32)
-    project = jax.jit(rp.project_out)  # one program per shape, not op by op
+    project = jit0(rp.project_out)  # one program per shape, not op by op
     bx = np.asarray(project(x))
     np.testing.assert_allclose(bx[0], [0.45, 0.4, 0.35], atol=1e-6)
     np.testing.assert_allclose(bx[1], [0.3, 0.3, 0.3], atol=1e-6)
@@ -102,7 +102,7 @@ def test_chroma_projection_dropping_and_pixelation_by_hand():
     np.testing.assert_allclose(project(bx), bx, atol=1e-6)
     patches = jax.random.uniform(jax.random.PRNGKey(0), (64, 8, 8, 3))
     cfg = dataclasses.replace(TINY, chroma="project", pixelate=0.0)
-    prep = jax.jit(rp.preprocess, static_argnums=(2, 3))
+    prep = jit0(rp.preprocess, static_argnums=2)
     np.testing.assert_allclose(prep(jax.random.PRNGKey(1), patches, cfg),
                                project(np.asarray(patches) - 0.5), atol=1e-6)
     d = np.asarray(prep(jax.random.PRNGKey(1), patches,
@@ -116,13 +116,13 @@ def test_chroma_projection_dropping_and_pixelation_by_hand():
         assert 0.004 < others.std() / d[i, ..., kept[0]].std() < 0.02
     ramp = np.broadcast_to(np.arange(8.0, dtype=np.float32)[:, None, None], (8, 8, 1)) + \
         np.arange(8.0, dtype=np.float32)[None, :, None]
-    pix = jax.jit(rp.pixelate_one)
+    pix, pixelate = jit0(rp.pixelate_one), jit0(rp.pixelate, static_argnums=2)
     np.testing.assert_allclose(pix(ramp, 8.0), ramp, atol=1e-5)
     np.testing.assert_allclose(pix(ramp, 1.0), np.full_like(ramp, 7.0), atol=1e-5)
     half = np.asarray(pix(ramp, 4.0))[..., 0]
     assert np.linalg.matrix_rank(half, tol=1e-4) <= 4 and not np.allclose(half, ramp[..., 0])
     for prob, changed in ((0.0, False), (1.0, True)):
-        out = jax.jit(rp.pixelate, static_argnums=2)(
+        out = pixelate(
             jax.random.PRNGKey(3), patches, dataclasses.replace(TINY, pixelate=prob))
         diff = np.abs(np.asarray(out) - p).max((1, 2, 3)) > 1e-4
         assert diff.all() if changed else not diff.any()
