@@ -14,7 +14,7 @@ rewards the experiments themselves: the only reward is the label's,
 
 The environment is a pure-JAX rigid-body toy (this file): block i on its own frictional track,
 
-    v_i <- (1 - friction) v_i + (F / m_i) dt [push_i],   observed v~_i = v_i + sigma eps
+    v_i <- (1 - friction) v_i + (F / m_i) dt [push_i],   observed v~_i = v_i (1 + sigma eps)
     masses: heavy block h ~ U{0..n-1}, scale s ~ logU[1, mass_scale], m_j = s (j != h),
             m_h = s (1 + max_gap (1 - beta)),   difficulty beta ~ U[beta_min, beta_max]
 
@@ -90,8 +90,8 @@ class Config:
     friction: float = 1.0
     """fraction of a block's velocity lost per step (1: a push shows only in its own step)"""
     obs_noise: float = 0.1
-    """sigma: std of the Gaussian noise on the observed velocities"""
-    mass_scale: float = 2.0
+    """sigma: relative std of the velocity sensor, v~ = v (1 + sigma eps)"""
+    mass_scale: float = 10.0
     """common mass scale s ~ log-uniform[1, mass_scale], drawn per episode"""
     max_gap: float = 1.0
     """heavy / light mass ratio - 1 at difficulty beta = 0"""
@@ -212,7 +212,7 @@ def env_reset(key, cfg: Config) -> EnvState:
 
 def observe(s: EnvState, key, cfg: Config):
     """(noisy velocities [n], one-hot previous action [2n], t / T)."""
-    noisy = s.v + cfg.obs_noise * jax.random.normal(key, s.v.shape)
+    noisy = s.v * (1.0 + cfg.obs_noise * jax.random.normal(key, s.v.shape))  # relative error
     prev = jax.nn.one_hot(s.prev_action, cfg.num_actions)  # zeros at an episode start
     return jnp.concatenate([noisy, prev, (s.t / cfg.max_steps)[None]])
 

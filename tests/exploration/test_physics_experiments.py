@@ -11,13 +11,14 @@ import numpy as np
 import pytest
 
 from exploration import physics_experiments as pe
-from tests.common.compiled import jit0
+from tests.common.cli import cli_args
+from tests.common.compiled import jit0, main_recording_chunks
 from tests.common.config_fields import unread_fields
 from tests.common.preset import trace_paper
 
 # ONE tiny configuration for the whole module: 2 blocks, 8 steps per episode at most.
-TINY = pe.Config(num_blocks=2, max_steps=8, num_envs=32, num_steps=8, mlp=16, hidden=16,
-                 lr=3e-3, total_timesteps=32 * 8 * 100, eval_episodes=1000)
+TINY = pe.Config(num_blocks=2, max_steps=8, beta_max=0.5, num_envs=32, num_steps=8, mlp=16,
+                 hidden=16, lr=1e-2, total_timesteps=32 * 8 * 200, eval_episodes=1000)
 EXACT = dataclasses.replace(TINY, obs_noise=0.0, friction=0.5, force=2.0, dt=0.5)
 step = jit0(pe.env_step, (3,))
 
@@ -144,3 +145,102 @@ def test_paper_preset_traces():
     assert state.env_state.mass.shape == (256, 4) and cfg.num_updates == 9765
     assert jax.tree.structure(after) == jax.tree.structure(state)
     assert all(m.shape == () for m in jax.tree.leaves(metrics))
+
+
+SEEDS = 2
+RUN_ARGS = cli_args(TINY, pe.Config()) + ["--num-seeds", str(2 * SEEDS), "--log-every", "200",
+                                         "--no-progress"]
+
+
+def _run(run_dir, arms=("masses_matter",), args=RUN_ARGS):
+    """TINY through `pe.main`, SEEDS seeds per arm in ONE compiled program: the first SEEDS
+    are the agent, each further block of SEEDS the broken variant named in `arms` (a traced
+    flag in the state switched off), each on the key of its twin among the first SEEDS."""
+    keys = jax.random.split(jax.random.PRNGKey(0), (len(arms) + 1) * SEEDS)
+    real = pe.init
+
+    def init(key, cfg):
+        i = jnp.argmax(jnp.all(key == keys, -1))
+        state = real(keys[i % SEEDS], cfg)
+        return state.replace(**{arm: i // SEEDS != j + 1 for j, arm in enumerate(arms)})
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(pe, "init", init)
+        return main_recording_chunks(pe.main, args + ["--run-dir", str(run_dir)])
+
+
+@pytest.fixture(scope="module")
+def recorded(tmp_path_factory):
+    """(the run, its compiled chunks with their recorded inputs)"""
+    return _run(tmp_path_factory.mktemp("phys"))
+
+
+def test_agent_experiments_before_labelling_and_the_massless_world_is_a_coin(recorded):
+    """Behaviour ([1] Sec. 4) in seconds: 2 blocks, T = 8, gap in [0.5, 1], 200 A2C updates
+    of 32 envs x 8 steps, 2 seeds per arm, 1000 fresh evaluation episodes. An agent forced
+    to answer at t = 0 scores 0.5 (`accuracy_t0`, the policy's best label before any push).
+    Measured (loaded 2-core CPU): labelling accuracy
+        A2C-LSTM                                 0.624 0.697   (t = 0: 0.515 0.499)
+        masses do not move the blocks (broken)   0.513 0.480
+    so the agent pushes the blocks, reads their accelerations and labels the heavier one;
+    in a world where F / m does not depend on m the same agent stays at chance. The agent
+    also experiments: episodes last ~3 steps (push, push, label)."""
+    run_, _ = recorded
+    acc, t0 = run_.final["accuracy"], run_.final["accuracy_t0"]
+    agent, broken = acc[:SEEDS], acc[SEEDS:]
+    print("accuracy", acc, "t0", t0, "length", run_.final["episode_length"])
+    assert agent.min() > 0.6 and broken.max() < 0.57, acc
+    assert agent.mean() > t0[:SEEDS].mean() + 0.1 and np.abs(t0 - 0.5).max() < 0.06, t0
+    assert (run_.final["episode_length"][:SEEDS] > 2.2).all(), run_.final["episode_length"]
+    np.testing.assert_array_equal(run_.state.masses_matter, [True] * SEEDS + [False] * SEEDS)
+
+
+def test_train_is_pure_and_cli_writes_its_files(recorded, capsys):
+    """The runner's compiled chunk (the whole run) again on its recorded input: bit-identical
+    params and metrics (no tracing, no compiling); seeds differ; the run wrote its files;
+    --help documents every field."""
+    run_, chunks = recorded
+    with pytest.raises(SystemExit):
+        pe.main(["--help"])
+    out = capsys.readouterr().out
+    for f in dataclasses.fields(pe.Config):
+        assert "--" + f.name.replace("_", "-") in out, f.name
+    assert (run_.run_dir / "metrics.jsonl").exists()
+    h = run_.history["losses/value"]
+    assert h.shape == (2 * SEEDS, 200) and np.isfinite(h).all()
+    assert not np.array_equal(h[0], h[1])
+    assert len(chunks) == 1
+    state, metrics = jax.device_get(chunks[0][0](chunks[0][1]))
+    jax.tree.map(np.testing.assert_array_equal, run_.state.params, state.params)
+    np.testing.assert_array_equal(run_.history["losses/value"], metrics["losses/value"])
+
+
+def test_plot_writes_accuracy_and_length_against_difficulty(recorded, tmp_path):
+    out = pe.plot(recorded[0].final, TINY, str(tmp_path / "p.png"))
+    assert (tmp_path / "p.png").stat().st_size > 1000 and out.endswith("p.png")
+
+
+@pytest.mark.slow
+def test_slow_harder_episodes_take_longer_experiments_and_lower_accuracy(tmp_path):
+    """[1]'s findings (Sec. 4) on the 2-block toy, beta ~ U[0, 0.9] per episode (gap 0.1 to
+    1), 600 updates (154k steps), 2 seeds per arm, accuracy and length in 5 beta bins.
+    Measured (loaded 2-core CPU), accuracy overall | bin 0 .. bin 4 | length bin 0 .. 4:
+        A2C-LSTM            0.968 0.914 | .99 .99 1.0 .99 .86, .99 .98 .97 .94 .72
+                            | 3.22 3.23 3.49 3.66 4.07, 3.56 3.62 3.72 3.70 3.79
+        no recurrence       0.878 0.889 | lengths 3.83 .. 4.64, 3.69 .. 4.54
+        masses do not move  0.505 0.490 | .44 .. .54 (a coin)
+    Harder episodes get longer experiments and lower accuracy, though beta is not observed:
+    the agent stops when the evidence suffices. The agent without recurrence is NOT a coin:
+    it writes memory into the world, through the block it pushes next and the clock t / T
+    it observes (its episodes are longer); only the massless world is a clean broken arm."""
+    cfg = dataclasses.replace(TINY, beta_max=0.9, total_timesteps=32 * 8 * 600)
+    args = cli_args(cfg, pe.Config()) + ["--num-seeds", str(3 * SEEDS), "--log-every", "600",
+                                         "--no-progress"]
+    run_, _ = _run(tmp_path, ("recurrent", "masses_matter"), args)
+    f = run_.final
+    acc = f["accuracy"]
+    bins = lambda name: np.stack([f[f"{name}/{b}"] for b in range(TINY.eval_bins)], -1)
+    a, n = bins("acc")[:SEEDS], bins("length")[:SEEDS]
+    print("accuracy", acc, "acc bins", a, "length bins", n)
+    assert acc[:SEEDS].min() > 0.85 and acc[2 * SEEDS:].max() < 0.57, acc
+    assert (a[:, 0] > a[:, -1] + 0.08).all() and (n[:, -1] > n[:, 0] + 0.1).all(), (a, n)
