@@ -468,6 +468,7 @@ SLOW = albert.Config(
     lr=2e-2,
     warmup_steps=20,
     eval_instances=256,
+    finetune_steps=0,
 )
 
 
