@@ -99,20 +99,23 @@ class Config:
     option_length: int = 8
     """T: steps of every option (fixed length instead of [1]'s termination action)"""
     learned_prior: bool = False
-    """learn p^C(Omega | s_0) by the policy gradient of I^VB (else fixed uniform)"""
+    """learn p^C(Omega | s_0) by the policy gradient of I^VB (else fixed uniform, as [1]'s grid)"""
+    push_prob: float = 0.0
+    """after each step the agent is pushed one cell in a random direction with this
+    probability ([1] Sec. 3.1.1: 0.2; 0 in the CPU demo)"""
     variant: str = "vic"
     """vic, or the broken q_s0_only (q never sees s_f)"""
     num_updates_total: int = 2000
     """updates (one batch of options each; unsourced)"""
     batch: int = 256
     """options (episodes of T steps) per update"""
-    lr: float = 3e-3
+    lr: float = 5e-3
     """Adam learning rate of policy, baseline, q and prior"""
     ent_coef: float = 0.1
     """weight of the policy's entropy bonus (unsourced; 0.01 collapses onto ~11 cells)"""
     value_coef: float = 0.5
     """weight of the baseline's squared error"""
-    hidden: int = 128
+    hidden: int = 64
     """width of the two-layer MLPs (policy/baseline, q, prior)"""
     eval_episodes: int = 16
     """evaluate(): episodes per option"""
@@ -137,20 +140,25 @@ class Config:
         if self.dtype not in ("float32", "bfloat16"):
             raise ValueError(f"dtype={self.dtype!r} must be 'float32' or 'bfloat16'")
         for name, low in [("grid_size", 2), ("num_options", 2), ("option_length", 1),
-                          ("batch", 2), ("hidden", 1), ("eval_episodes", 1)]:
+                          ("batch", 2), ("hidden", 1), ("eval_episodes", 1),
+                          ("num_updates_total", 1)]:
             if getattr(self, name) < low:
                 raise ValueError(f"{name}={getattr(self, name)} must be >= {low}")
         if self.ent_coef < 0 or self.value_coef < 0:
             raise ValueError(f"ent_coef={self.ent_coef}, value_coef={self.value_coef} must be >= 0")
+        if not 0 <= self.push_prob <= 1:
+            raise ValueError(f"push_prob={self.push_prob} must be in [0, 1]")
 
 
 PRESETS = {
     # CPU demo: the catalogue's test setting (16 options, T = 8, open 8 x 8 grid).
     "quick": dict(num_updates_total=600),
-    # Larger (unsourced; [1]'s grid-world sizes not re-read): Algorithm 1 with its learned
-    # prior, random starts, 64 options of 16 steps on a 25 x 25 grid.
-    "paper": dict(grid_size=25, random_start=True, num_options=64, option_length=16,
-                  learned_prior=True, num_updates_total=20000, batch=1024, hidden=256),
+    # [1] Sec. 3.1.1: N = 30 options, fixed uniform p^C, push noise 0.2, options ending with
+    # probability 0.05 per step (here a fixed T = 20, its mean); random starts stand in for
+    # Algorithm 1's chaining. Grid size, updates, batch and width are unsourced.
+    "paper": dict(grid_size=25, random_start=True, num_options=30, option_length=20,
+                  learned_prior=False, push_prob=0.2, num_updates_total=20000, batch=1024,
+                  hidden=256),
 }
 
 
@@ -172,11 +180,12 @@ class MLP(nn.Module):
 
 
 def networks(cfg: Config):
-    """pi(a | s, s_0, Omega) and V (5 logits + 1 value), q(Omega | s_0, s_f), p^C(Omega | s_0)."""
+    """pi(a | s, s_0, Omega) and V (5 logits + 1 value), q(Omega | s_0, s_f), p^C(Omega | s_0)
+    and its REINFORCE baseline b(s_0) (N logits + 1 value: [1]'s empowerment estimate)."""
     dt = jnp.dtype(cfg.dtype)
     return {"pi": MLP(cfg.hidden, len(MOVES) + 1, dt),
             "q": MLP(cfg.hidden, cfg.num_options, dt),
-            "prior": MLP(cfg.hidden, cfg.num_options, dt)}
+            "prior": MLP(cfg.hidden, cfg.num_options + 1, dt)}
 
 
 def onehot_cell(pos, cfg: Config):
@@ -184,19 +193,31 @@ def onehot_cell(pos, cfg: Config):
     return jax.nn.one_hot(pos[..., 0] * cfg.grid_size + pos[..., 1], cfg.num_cells)
 
 
-def move(pos, action, cfg: Config):
-    """The open grid: pos' = clip(pos + MOVES[a], 0, G - 1)."""
-    return jnp.clip(pos + jnp.asarray(MOVES)[action], 0, cfg.grid_size - 1)
+def move(pos, action, key, cfg: Config):
+    """The open grid: pos' = clip(pos + MOVES[a], 0, G - 1), then with probability push_prob
+    a push one cell up, down, left or right (uniform), clipped too ([1] Sec. 3.1.1)."""
+    g = cfg.grid_size
+    pos = jnp.clip(pos + jnp.asarray(MOVES)[action], 0, g - 1)
+    k_on, k_dir = jax.random.split(key)
+    on = jax.random.bernoulli(k_on, cfg.push_prob, pos.shape[:-1])
+    push = jnp.asarray(MOVES)[jax.random.randint(k_dir, pos.shape[:-1], 0, 4)]
+    return jnp.clip(pos + push * on[..., None], 0, g - 1)
 
 
 # --- LOSS ---
 
 
+def prior_outputs(params, s0, cfg: Config):
+    """log p^C(. | s_0) [B, N] (uniform log 1/N, or the learned prior's log-softmax) and the
+    baseline b(s_0) [B] (learned in both cases: it tracks r, [1]'s empowerment estimate)."""
+    out = networks(cfg)["prior"].apply(params["prior"], onehot_cell(s0, cfg))
+    logits = jnp.where(cfg.learned_prior, out[..., :-1], 0.0)
+    return jax.nn.log_softmax(logits), out[..., -1]
+
+
 def prior_log_probs(params, s0, cfg: Config):
-    """log p^C(. | s_0) [B, N]: uniform log 1/N, or the learned prior's log-softmax."""
-    logits = networks(cfg)["prior"].apply(params["prior"], onehot_cell(s0, cfg))
-    logits = jnp.where(cfg.learned_prior, logits, 0.0)
-    return jax.nn.log_softmax(logits)
+    """log p^C(. | s_0) [B, N]."""
+    return prior_outputs(params, s0, cfg)[0]
 
 
 def q_inputs(s0, sf, variant, cfg: Config):
@@ -222,10 +243,11 @@ def empowerment_bound(log_q, log_p_c, weight):
     return (weight * (log_q - log_p_c)).sum() / weight.sum()
 
 
-def prior_loss(r, log_p_c):
-    """-E[(r - mean r) log p^C(Omega | s_0)]: its gradient is a REINFORCE estimate of
-    -grad I^VB w.r.t. the prior (the -log p^C inside r is the entropy term); 0 when fixed."""
-    return -((r - r.mean()) * log_p_c).mean()
+def prior_loss(r, baseline, log_p_c):
+    """-E[(r - b(s_0)) log p^C(Omega | s_0)]: its gradient is a REINFORCE estimate of
+    -grad I^VB w.r.t. the prior (the -log p^C inside r is the entropy term); 0 when fixed.
+    [1] Algorithm 1's note: the baseline b(s_0), which tracks r, estimates empowerment."""
+    return -((r - jax.lax.stop_gradient(baseline)) * log_p_c).mean()
 
 
 def take(logp, idx):
@@ -278,7 +300,7 @@ def rollout(params, key, s0, omega, cfg: Config):
     def step(pos, k):
         x = jnp.concatenate([onehot_cell(pos, cfg), ctx], -1)
         a = jax.random.categorical(k, pi.apply(params["pi"], x)[:, :-1])
-        return move(pos, a, cfg), (x, a)
+        return move(pos, a, jax.random.fold_in(k, 1), cfg), (x, a)
 
     sf, (xs, acts) = jax.lax.scan(step, s0, jax.random.split(key, cfg.option_length))
     return sf, xs, acts
@@ -290,7 +312,8 @@ def rollout(params, key, s0, omega, cfg: Config):
 def losses(params, batch, variant, cfg: Config):
     """Actor-critic on the terminal reward, q by maximum likelihood, p^C by REINFORCE."""
     s0, omega, sf, xs, acts = batch
-    log_p_c = take(prior_log_probs(params, s0, cfg), omega)  # [B]
+    log_prior, b = prior_outputs(params, s0, cfg)  # [B, N], [B]
+    log_p_c = take(log_prior, omega)  # [B]
     log_q = take(q_log_probs(params, s0, sf, variant, cfg), omega)  # [B]
     r = intrinsic_reward(log_q, log_p_c)  # [B]
     out = networks(cfg)["pi"].apply(params["pi"], xs)  # [T, B, 5 + 1]
@@ -303,20 +326,30 @@ def losses(params, batch, variant, cfg: Config):
     loss_pi = -(logp * adv).mean() - cfg.ent_coef * entropy
     loss_v = ((value - r[None]) ** 2).mean()
     loss_q = -log_q.mean()  # maximum likelihood of q(Omega | s_0, s_f)
-    loss_prior = prior_loss(r, log_p_c)  # ascends I^VB w.r.t. p^C (no gradient when fixed)
-    total = loss_pi + cfg.value_coef * loss_v + loss_q + loss_prior
+    loss_prior = prior_loss(r, b, log_p_c)  # ascends I^VB w.r.t. p^C (no gradient when fixed)
+    loss_b = ((b - r) ** 2).mean()  # b(s_0) tracks r: the empowerment estimate
+    total = loss_pi + cfg.value_coef * (loss_v + loss_b) + loss_q + loss_prior
     return total, {"losses/pi": loss_pi, "losses/v": loss_v, "losses/q": loss_q,
-                   "losses/prior": loss_prior, "charts/entropy": entropy, "r": r,
-                   "log_q": log_q, "log_p_c": log_p_c}
+                   "losses/prior": loss_prior, "losses/b": loss_b, "charts/entropy": entropy,
+                   "charts/empowerment_baseline": b.mean(), "r": r, "log_q": log_q,
+                   "log_p_c": log_p_c}
+
+
+def collect(params, key, cfg: Config):
+    """A batch of options: s_0, Omega ~ p^C(. | s_0), T steps of pi. Returns
+    (s_0, Omega, s_f, policy inputs, actions) and log p^C(. | s_0) [B, N]."""
+    k_s0, k_omega, k_roll = jax.random.split(key, 3)
+    s0 = start_cells(k_s0, cfg.batch, cfg)
+    log_prior = prior_log_probs(params, s0, cfg)  # [B, N]
+    omega = jax.random.categorical(k_omega, log_prior)  # Omega ~ p^C(. | s_0)
+    sf, xs, acts = rollout(params, k_roll, s0, omega, cfg)
+    return (s0, omega, sf, xs, acts), log_prior
 
 
 def update(state: State, cfg: Config):
-    key, k_s0, k_omega, k_roll = jax.random.split(state.key, 4)
-    s0 = start_cells(k_s0, cfg.batch, cfg)
-    log_prior = prior_log_probs(state.params, s0, cfg)  # [B, N]
-    omega = jax.random.categorical(k_omega, log_prior)  # Omega ~ p^C(. | s_0)
-    sf, xs, acts = rollout(state.params, k_roll, s0, omega, cfg)
-    batch = (s0, omega, sf, xs, acts)
+    key, k_batch = jax.random.split(state.key)
+    batch, log_prior = collect(state.params, k_batch, cfg)
+    s0, omega, sf = batch[:3]
     (_, aux), g = jax.value_and_grad(losses, has_aux=True)(state.params, batch, state.variant, cfg)
     upd, opt_state = optimizer(cfg).update(g, state.opt_state)
     params = optax.apply_updates(state.params, upd)
@@ -341,8 +374,8 @@ def eval_rollouts(state: State, cfg: Config, key):
     s0 = start_cells(k_s0, n, cfg)
     sf, _, _ = rollout(state.params, k_roll, s0, omega, cfg)
     log_q_all = q_log_probs(state.params, s0, sf, state.variant, cfg)
-    log_p_c = take(prior_log_probs(state.params, s0, cfg), omega)
-    return s0, omega, sf, log_q_all, log_p_c
+    log_prior, b = prior_outputs(state.params, s0, cfg)
+    return s0, omega, sf, log_q_all, take(log_prior, omega), b
 
 
 def distinct_outcomes(s0, omega, sf, cfg: Config):
@@ -360,11 +393,14 @@ def distinct_outcomes(s0, omega, sf, cfg: Config):
 
 def evaluate(state: State, cfg: Config):
     """Held-out options: q's accuracy (chance 1/N), the bound I^VB (options drawn uniformly,
-    weighted by p^C), the distinct outcomes reached reliably, and the bound's ceiling log N."""
-    s0, omega, sf, log_q_all, log_p_c = eval_rollouts(state, cfg, jax.random.fold_in(state.key, 7))
+    weighted by p^C), the baseline's empowerment estimate mean b(s_0), the distinct outcomes
+    reached reliably, and the bound's ceiling log N."""
+    key = jax.random.fold_in(state.key, 7)
+    s0, omega, sf, log_q_all, log_p_c, b = eval_rollouts(state, cfg, key)
     log_q = take(log_q_all, omega)
     return {"q_accuracy": (jnp.argmax(log_q_all, -1) == omega).mean(),
             "empowerment_bound": empowerment_bound(log_q, log_p_c, jnp.exp(log_p_c)),
+            "empowerment_estimate": b.mean(),
             "distinct_final_cells": distinct_outcomes(s0, omega, sf, cfg).astype(jnp.float32),
             "log_num_options": jnp.log(jnp.float32(cfg.num_options))}
 
@@ -381,8 +417,8 @@ def plot(res, cfg: Config, out: str, seed: int = 0):
     import matplotlib.pyplot as plt
 
     one = jax.tree.map(lambda x: x[seed], res.state)
-    s0, omega, sf, _, _ = jax.jit(eval_rollouts, static_argnums=1)(
-        one, cfg, jax.random.fold_in(one.key, 7))
+    s0, omega, sf = jax.jit(eval_rollouts, static_argnums=1)(
+        one, cfg, jax.random.fold_in(one.key, 7))[:3]
     s0, omega, sf = np.asarray(s0), np.asarray(omega), np.asarray(sf)
     n = cfg.num_options
     cmap = plt.get_cmap("tab20" if n <= 20 else "hsv")
@@ -417,7 +453,8 @@ def main(argv=None):
     flags, argv = run.pop_flags(argv, "--plot")
     res = run.main(Config, init, update, presets=PRESETS, evaluate=evaluate, argv=argv,
                    doc=__doc__, summary_keys=["q_accuracy", "empowerment_bound",
-                                              "distinct_final_cells", "charts/q_accuracy"])
+                                              "empowerment_estimate", "distinct_final_cells",
+                                              "charts/q_accuracy"])
     if flags["--plot"] is not None:
         cfg = run.parse(Config, PRESETS, argv)[0]
         print("wrote", plot(res, cfg, flags["--plot"]))
