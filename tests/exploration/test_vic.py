@@ -359,17 +359,18 @@ def tiny_run(tmp_path_factory):
 
 
 def test_options_end_in_distinct_cells_only_when_q_sees_s_f(tiny_run):
-    """Behaviour ([1] Sec. 4's grid world, the catalogue's bar): TINY (250 updates of 256
-    options, 16 options of T = 8 on the open grid from its centre), 2 seeds per arm; q's
-    accuracy and the distinct modal final cells on 16 held-out episodes per option.
+    """Behaviour ([1] Sec. 3.1.1's grid world without its push noise, the catalogue's bar):
+    TINY (250 updates of 256 options, 16 options of T = 8 on the open grid from its centre),
+    2 VIC seeds and 1 broken seed (on VIC seed 0's key); q's accuracy, the distinct modal
+    final cells and I^VB on 16 held-out episodes per option.
     Measured (loaded 2-core CPU, --fast-compile; distinct cells = options' modal final cells
     reached by at least half of their episodes, counted once):
-        VIC             accuracy 0.99 0.88   cells 15 14   I^VB 2.70 2.49 (log 16 = 2.77)
-        q sees s_0 only accuracy 0.06 0.06   cells  0  0   I^VB 0.00 0.00
-    (4 more VIC seeds of the same TINY, --seed 1: accuracy 0.98 +- 0.01; 16 cells each by
-    the earlier count without the half rule.)
-    Asserted: VIC accuracy >= 0.8 (chance 1/16) and >= 12 distinct final cells on each
-    seed; the broken arm's accuracy < 0.15 and fewer than 12 cells.
+        VIC             accuracy 0.93 0.99   cells 15 14   I^VB 2.63 2.72 (log 16 = 2.77)
+                        b(s_0) 2.67 2.69
+        q sees s_0 only accuracy 0.06        cells  0      I^VB -0.0002   b(s_0) 0.001
+    Asserted: VIC accuracy >= 0.8 (chance 1/16), >= 12 distinct final cells and
+    I^VB >= 2.3 on each seed; the broken arm's accuracy < 0.15, fewer than 12 cells and
+    I^VB <= 0.1.
     Mutation tried: the reward's sign flipped (r = log p^C - log q): VIC accuracy 0.08 /
     0.04, fails (its cells were 10 / 14 under the old count without the half-of-the-episodes
     rule: a random walk's modes also differ, hence the rule)."""
