@@ -65,9 +65,9 @@ Differences from the paper:
 - The policy sees (s, s_0, Omega) and q sees (s_0, s_f) (s_0 matters when it is random);
   [1]'s grid-world q is q(Omega | s_f), its s_0 fixed.
 - The learner: [1]'s grid world uses Q-learning with a linear function approximator (its
-  p^C fixed; Sec. 3 trains a learned p^C by policy gradients). Ours is REINFORCE with a learned baseline, batch-normalised
-  advantages and an entropy bonus, one Adam step per batch on policy, baseline, q, prior
-  and b(s_0) together (one learning rate), with MLPs.
+  p^C fixed; Sec. 3 trains a learned p^C by policy gradients). Ours is REINFORCE with a
+  learned baseline, batch-normalised advantages and an entropy bonus, one Adam step per
+  batch on policy, baseline, q, prior and b(s_0) together (one learning rate), with MLPs.
 - The `--variant q_s0_only` broken arm (q's s_f input zeroed, so it can only learn the
   prior: accuracy 1/N) is a test device, not in [1].
 - The learned prior is an MLP of s_0 with the baseline b(s_0) as an extra output.
