@@ -36,8 +36,16 @@ Reproduce (CPU demo, 3 blocks; accuracy and episode length against difficulty):
         --plot exploration/physics_experiments.png
 Paper-scale setting (GPU; 4 blocks, T = 100, LSTM 100 [M]):
     python exploration/physics_experiments.py --preset paper
-Ours (quick, loaded 2-core CPU): see the README row; measured numbers:
-    QUICK_RESULTS
+Ours (quick: 3 blocks, T = 20, 2.05M steps, 2 seeds, 2000 fresh evaluation episodes each;
+loaded 2-core CPU, 114 s wall with compile, 44 s CPU): labelling accuracy 0.969 +- 0.001
+against 0.328 for the policy's best label at t = 0 (chance 1/3); timeouts 0.2%; per difficulty
+bin beta = 0.09 .. 0.81 (2-seed mean) accuracy 0.996 1.000 0.998 0.984 0.871 and episode
+length 3.90 4.08 4.40 5.28 7.60 steps (exploration/physics_experiments.png). So, as in [1]
+Fig. 3-4 [M], accuracy falls and experiments lengthen as the mass gap shrinks; harder
+episodes are not flagged, the agent stops pushing when its evidence suffices.
+The same run with `--no-recurrent` (LSTM state zeroed every step): accuracy 0.736 +- 0.079
+in episodes of 9.7 steps: without memory the agent still beats chance by storing evidence in
+the world (which block it pushes next, the clock t / T it observes), slowly.
 
 Differences from the paper ([1]'s text could not be re-read in this session; values marked
 [M] are recalled, not checked):
@@ -52,6 +60,8 @@ Differences from the paper ([1]'s text could not be re-read in this session; val
 - Time limit reward: counted as a wrong label (-1), so that never answering does not pay.
 - Agent: A2C (synchronous, Adam, n-step returns over `num_steps`), not asynchronous A3C with
   RMSProp; the feature agent's sizes (MLP, LSTM 100, gamma 0.95 [M]) are recalled.
+- Observation: velocities plus the previous action and t / T (the latter two let even a
+  memoryless agent keep a little state, see above); [1]'s feature observations [M] differ.
 - Broken variants (for the tests): `recurrent=False` zeroes the LSTM state at every step (no
   memory), `masses_matter=False` pushes every block as if m = 1 (the label is then a coin).
 """
@@ -176,8 +186,8 @@ class Config:
 
 PRESETS = {
     # CPU demo: 3 blocks, 20 steps, small nets; a few minutes on 2 cores.
-    "quick": dict(num_blocks=3, max_steps=20, num_envs=128, num_steps=10, mlp=64, hidden=64,
-                  lr=2e-3, total_timesteps=3_000_000),
+    "quick": dict(num_blocks=3, max_steps=20, num_envs=64, num_steps=10, mlp=32, hidden=32,
+                  lr=5e-3, total_timesteps=2_048_000),
     "paper": dict(),
 }
 
