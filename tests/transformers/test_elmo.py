@@ -14,8 +14,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from common import parallel, run
+from common import run
 from tests.common import preset
+from tests.common.compiled import main_recording_chunks
 from tests.common.config_fields import unread_fields
 from tests.transformers import tiny_run as tiny_run_module
 from tests.transformers.tiny_run import jit0
@@ -171,11 +172,19 @@ def test_char_cnn_highway_and_lstm_projection_cell_by_hand():
 
 
 @pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory):
-    """TINY through the command line, in-process, once, with SEEDS seeds. Not with
-    --fast-compile: XLA's lowest level compiles this LSTM program faster but runs its 350
-    updates far slower (the module took 237 CPU s with it, about 50 without)."""
-    return tiny_run_module.run_cli(elmo, TINY, tmp_path_factory.mktemp("run"), CHUNK)
+def recorded_run(tmp_path_factory):
+    """TINY through the command line, in-process, once, with SEEDS seeds; with its compiled
+    chunks and their inputs (the purity test reruns the first: no second trace or compile).
+    Not with --fast-compile: XLA's lowest level compiles this LSTM program faster but runs
+    its 350 updates far slower (the module took 237 CPU s with it, about 50 without)."""
+    run_dir = tmp_path_factory.mktemp("run")
+    return main_recording_chunks(
+        lambda _: tiny_run_module.run_cli(elmo, TINY, run_dir, CHUNK), None)
+
+
+@pytest.fixture(scope="module")
+def tiny_run(recorded_run):
+    return recorded_run[0]
 
 
 def test_bilm_beats_unigram_and_elmo_beats_the_baseline_tagger_short(tiny_run):
@@ -196,14 +205,19 @@ def test_bilm_beats_unigram_and_elmo_beats_the_baseline_tagger_short(tiny_run):
     assert (fin["val_f1"] > fin["val_f1_baseline"] + 0.03).all()
 
 
-def test_train_is_pure_and_seeded_and_logs_the_stages(tiny_run):
-    """The runner's first chunk, rerun on the same initial states (the same compiled
-    program), gives the run's first rows bit for bit; seeds differ; the task metrics are NaN
-    exactly during pre-training; the layer weights sum to 1 and move only in stage 2."""
-    n = SEEDS
-    states = run.initial_states(elmo.init, TINY, 0, n)
-    step = run.make_chunk(elmo.update, TINY, CHUNK, parallel.seed_sharding(n), n)
-    state, metrics = jax.device_get(step(states))
+def test_train_is_pure_and_seeded_and_logs_the_stages(recorded_run):
+    """The run's initial states are the runner's init of the same seeds, and its first
+    compiled chunk, rerun on them, gives the run's first rows and the second chunk's input
+    bit for bit; seeds differ; the task metrics are NaN exactly during pre-training; the
+    layer weights sum to 1 and move only in stage 2. Mutations tried: init ignoring its
+    key (the seeds' kernels equal) fails; host-side noise on the loss fails the rerun."""
+    tiny_run, chunks = recorded_run
+    (first_chunk, first_input), n = chunks[0], SEEDS
+    assert len(chunks) == TINY.num_updates // CHUNK
+    jax.tree.map(np.testing.assert_array_equal, first_input,
+                 run.initial_states(elmo.init, TINY, 0, n))
+    state, metrics = jax.device_get(first_chunk(first_input))
+    jax.tree.map(np.testing.assert_array_equal, state.params, chunks[1][1].params)
     metrics = run.mark_undefined(dict(metrics), elmo.NAN_UNLESS)
     h = tiny_run.history
     for k in h:
