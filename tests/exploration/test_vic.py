@@ -253,17 +253,19 @@ def test_value_enters_the_policy_loss_only_through_its_own_loss(state0):
 
 
 def test_rollout_ends_at_the_last_step_and_pushes_move_the_agent(state0):
-    """pi's output layer forced to "down": every option ends at min(s_0 + (T, 0), G - 1)
-    (s_T, not s_{T-1}). With push_prob = 1, "stay" moves the agent on > 50% of steps (from
-    the centre: always), and with push_prob = 0 never. Mutations that fail: rollout
-    returning s_{T-1}, the push not applied in `move`."""
+    """pi's output layer forced to "down": every option of T = 3 steps ends at
+    min(s_0 + (3, 0), G - 1) (s_T, not s_{T-1}). With push_prob = 1, "stay" moves the
+    agent on > 50% of steps (from the centre: always), and with push_prob = 0 never.
+    Mutations that fail: rollout one step short (s_{T-1}; with T = 8 on the 8-wide grid
+    the clip hid it), the push not applied in `move`."""
     params = state0.params
     params = {**params, "pi": last_dense(params["pi"], 0.0, [0, 50.0, 0, 0, 0, 0])}
     s0 = jnp.asarray(np.random.default_rng(6).integers(0, 8, (20, 2)))
 
     @jax.jit
     def go(params):
-        sf, _, _ = vic.rollout(params, jax.random.PRNGKey(7), s0, jnp.arange(20) % 16, TINY)
+        sf, _, _ = vic.rollout(params, jax.random.PRNGKey(7), s0, jnp.arange(20) % 16,
+                               dataclasses.replace(TINY, option_length=3))
         pos = jnp.full((400, 2), 4)
         stay = jnp.full((400,), 4)
         moved = [(vic.move(pos, stay, jax.random.PRNGKey(8),
@@ -272,7 +274,7 @@ def test_rollout_ends_at_the_last_step_and_pushes_move_the_agent(state0):
         return sf, moved
 
     sf, (pushed, still) = go(params)
-    want = np.stack([np.minimum(np.asarray(s0)[:, 0] + TINY.option_length, 7), s0[:, 1]], -1)
+    want = np.stack([np.minimum(np.asarray(s0)[:, 0] + 3, 7), s0[:, 1]], -1)
     np.testing.assert_array_equal(sf, want)
     assert float(pushed) > 0.5 and float(still) == 0.0
 
