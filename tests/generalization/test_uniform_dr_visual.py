@@ -21,10 +21,10 @@ from tests.common.preset import trace_paper
 # One tiny configuration for every test: 16x16 renders, a 2-block CNN, batch 32, 250 updates
 # (calibration in the behaviour test's docstring).
 TINY = udr.Config(**{**udr.PRESETS["quick"], **dict(
-    image_size=16, batch_size=32, num_steps=250, eval_size=128, channels=(16, 32),
+    image_size=16, batch_size=32, num_steps=250, eval_size=64, channels=(16, 32),
     convs_per_block=(1, 1))})
 SEEDS = 2
-CHUNK = 1  # one update per compiled chunk: the recorded chunk is `update` itself
+CHUNK = 25  # updates per compiled chunk (ten chunks of one program; tests rerun the first)
 
 
 def test_position_loss_by_hand():
@@ -52,7 +52,7 @@ def sampled():
 def test_sampler_draws_within_the_ranges_and_flags_fix_their_aspect(sampled):
     """Every field of the DR arm's 64 scenes lies in RANDOM's [low, high] and varies across
     the scenes (a fresh draw per image); --no-random-texture sets the texture fields to the
-    canonical style's while the rest still varies; --texture-pool 3 gives at most 3 distinct
+    canonical style's while the rest still varies; --texture-pool 3 gives exactly 3 distinct
     textures; another key, other scenes."""
     (x, xy, s), (_, _, s_nt), (_, _, s_pool), (x2, _, _) = sampled
     ranges = sc.make_ranges(sc.RANDOM, TINY.max_distractors)
@@ -67,10 +67,27 @@ def test_sampler_draws_within_the_ranges_and_flags_fix_their_aspect(sampled):
         np.testing.assert_array_equal(getattr(s_nt, f), np.broadcast_to(
             np.asarray(getattr(canon, f))[0], getattr(s_nt, f).shape))
     assert np.ptp(s_nt.light) > 0 and np.ptp(s_nt.target_xy) > 0
-    assert len({tuple(np.r_[s_pool.table[i], s_pool.texture[i]]) for i in range(64)}) <= 3
+    assert len({tuple(np.r_[s_pool.table[i], s_pool.texture[i]]) for i in range(64)}) == 3
     assert x.shape == (64, 16, 16, 3) and xy.shape == (64, 2)
     np.testing.assert_array_equal(xy, s.target_xy)
     assert not np.array_equal(x, x2)
+
+
+def test_each_flag_fixes_exactly_its_aspect():
+    """Per aspect of ASPECTS: with only random_<aspect> off, the DR ranges of its fields are
+    CANONICAL's and every other field keeps RANDOM's; with all six off, the DR ranges are
+    CANONICAL's, field by field."""
+    k = TINY.max_distractors
+    rand, canon = sc.make_ranges(sc.RANDOM, k), sc.make_ranges(sc.CANONICAL, k)
+    for aspect, fields in udr.ASPECTS.items():
+        r = udr.dr_ranges(dataclasses.replace(TINY, **{f"random_{aspect}": False}))
+        for f in dataclasses.fields(sc.Scene):
+            want = canon if f.name in fields else rand
+            np.testing.assert_array_equal(getattr(r, f.name), getattr(want, f.name),
+                                          err_msg=f"{aspect}: {f.name}")
+    off = udr.dr_ranges(dataclasses.replace(TINY, **{f"random_{a}": False for a in udr.ASPECTS}))
+    for f in dataclasses.fields(sc.Scene):
+        np.testing.assert_array_equal(getattr(off, f.name), getattr(canon, f.name), f.name)
 
 
 RUN_ARGS = cli_args(TINY, udr.Config()) + [
@@ -79,16 +96,16 @@ RUN_ARGS = cli_args(TINY, udr.Config()) + [
 
 @pytest.fixture(scope="module")
 def recorded_run(tmp_path_factory):
-    """TINY through the CLI entry point, once: SEEDS seeds, one update per compiled chunk,
+    """TINY through the CLI entry point, once: SEEDS seeds, CHUNK updates per compiled chunk,
     then evaluate(); with the compiled chunks and their inputs."""
     return main_recording_chunks(udr.main, RUN_ARGS + [
         "--run-dir", str(tmp_path_factory.mktemp("udrv"))])
 
 
 def test_update_resamples_the_scenes_every_step(recorded_run):
-    """Inside the jitted step: the compiled update rerun on the first input gives the same
-    losses; with the parameters of step 0 but the key of step 1 it draws other scenes, so
-    other losses (per-update resampling from the state's key)."""
+    """Inside the jitted step: the compiled chunk rerun on the first input gives the same
+    losses; with the parameters of step 0 but the key of the second chunk's input it draws
+    other scenes, so other losses at every update (resampling from the state's key)."""
     _, chunks = recorded_run
     step, s0 = chunks[0]
     s1 = chunks[1][1]
@@ -116,12 +133,19 @@ def test_dr_localizes_the_real_style_far_better_than_canonical_training(recorded
     assert (final["eval/canonical_err_canonical"] < 0.08).all(), final
     assert (final["eval/real_err_dr"] < 0.5 * final["eval/real_err_canonical"]).all(), final
     assert (final["eval/gap_dr"] < final["eval/gap_canonical"]).all(), final
+    np.testing.assert_allclose(final["eval/gap_dr"],
+                               final["eval/real_err_dr"] - final["eval/dr_err_dr"], rtol=1e-6)
+    np.testing.assert_allclose(final["eval/gap_canonical"], final["eval/real_err_canonical"]
+                               - final["eval/canonical_err_canonical"], rtol=1e-6)
+    np.testing.assert_allclose(final["eval/real_ratio"],
+                               final["eval/real_err_dr"] / final["eval/real_err_canonical"],
+                               rtol=1e-6)
 
 
 def test_train_is_pure_and_cli_writes_its_files(recorded_run, capsys):
     """Same keys: the runner's initial states of seed 0 again, and its first chunk rerun
     from them, are bit-identical to the run's; the two seeds differ; the run wrote its
-    files; --help documents every field."""
+    files; --help documents every field; both arms start from the same weights (paired)."""
     res, chunks = recorded_run
     with pytest.raises(SystemExit):
         udr.main(["--help"])
@@ -137,6 +161,7 @@ def test_train_is_pure_and_cli_writes_its_files(recorded_run, capsys):
     assert len(chunks) == TINY.num_updates // CHUNK
     jax.tree.map(np.testing.assert_array_equal, first_input,
                  run.initial_states(udr.init, TINY, 0, SEEDS))
+    jax.tree.map(lambda a: np.testing.assert_array_equal(a[:, 0], a[:, 1]), first_input.params)
     state, metrics = first_chunk(jax.tree.map(jnp.copy, first_input))
     jax.tree.map(np.testing.assert_array_equal, state.params, chunks[1][1].params)
     np.testing.assert_array_equal(h[:, :CHUNK], metrics["losses/mse_dr"])
