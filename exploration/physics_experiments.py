@@ -138,7 +138,7 @@ class Config:
     eval_bins: int = 5
     """evaluate(): difficulty bins of the accuracy and length curves"""
     dtype: str = "float32"
-    """compute dtype of the MLP, LSTM and heads: float32 or bfloat16 (params stay float32)"""
+    """compute dtype of the MLP and heads: float32 or bfloat16 (params and LSTM: float32)"""
 
     @property
     def num_actions(self) -> int:

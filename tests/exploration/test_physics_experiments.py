@@ -139,8 +139,9 @@ def test_every_config_field_is_read():
 
 def test_paper_preset_traces():
     """jax.eval_shape of init and one update under `paper` (4 blocks, T = 100, 256 envs x 20
-    steps, LSTM 100): builds on CPU without running."""
+    steps, LSTM 100): builds on CPU without running; in bfloat16 too."""
     cfg, state, (after, metrics) = trace_paper(pe)
+    trace_paper(pe, dtype="bfloat16")
     assert state.obs.shape == (256, 4 + 8 + 1) and state.carry[0].shape == (256, 100)
     assert state.env_state.mass.shape == (256, 4) and cfg.num_updates == 9765
     assert jax.tree.structure(after) == jax.tree.structure(state)
