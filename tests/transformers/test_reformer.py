@@ -47,9 +47,14 @@ lsh_attention = tiny_run_module.jit0(rf.lsh_attention, static_argnums=(3, 4, 5, 
 full_attention = tiny_run_module.jit0(rf.full_attention, static_argnums=2)
 
 
+normal = tiny_run_module.jit0(jax.random.normal, static_argnums=(1, 2))
+"""jax.random.normal as one program per shape at XLA's lowest level: run eagerly, each shape's
+draw compiled at the full level (11 of them took ~10 CPU s)"""
+
+
 def qkv(L=32, B=2, H=2, dh=8, seed=0):
     k1, k2 = jax.random.split(jax.random.PRNGKey(seed))
-    return jax.random.normal(k1, (B, H, L, dh)), jax.random.normal(k2, (B, H, L, dh))
+    return normal(k1, (B, H, L, dh)), normal(k2, (B, H, L, dh))
 
 
 @functools.cache
@@ -81,7 +86,7 @@ def test_one_bucket_spanning_the_sequence_equals_full_attention(causal):
         np.testing.assert_allclose(long_chunk, full, atol=1e-12)
     # float32, one round, L = 2 chunks: equal for ANY rotation (catalog: 1.8e-7)
     qk, v = qkv(seed=1)
-    rot = jax.random.normal(jax.random.PRNGKey(2), (2, 8, 1, 4))
+    rot = normal(jax.random.PRNGKey(2), (2, 8, 1, 4))
     lsh, full = tiny_run_module.jit0(lambda qk, v: (
         rf.lsh_attention(qk, v, rot, 8, 16, causal), rf.full_attention(qk, v, causal)))(qk, v)
     np.testing.assert_allclose(lsh, full, atol=2e-6)
@@ -91,7 +96,7 @@ def test_lsh_with_many_buckets_is_sparse_and_hashes_as_argmax_of_rotations():
     """h(x) = argmax([xR; -xR]) by hand; with 8 buckets and 4 chunks per round the output
     differs from dense attention (the attention really is restricted)."""
     qk, v = qkv()
-    rot = jax.random.normal(jax.random.PRNGKey(3), (2, 8, 2, 4))
+    rot = normal(jax.random.PRNGKey(3), (2, 8, 2, 4))
     b = rf.hash_vectors(qk, rot, 8)
     xr = np.einsum("bhld,hdnr->bhnlr", np.asarray(qk), np.asarray(rot))
     np.testing.assert_array_equal(b, np.argmax(np.concatenate([xr, -xr], -1), -1))
@@ -110,9 +115,9 @@ def test_duplicate_correction_on_two_rounds_counts_every_key_once():
     (non-causal, self-masked) attention. Without the correction it is not."""
     sign1 = np.array([1, 1, 1, 1, -1, -1, -1, -1.0])
     sign2 = np.array([1, 1, -1, -1, 1, 1, -1, -1.0])
-    mag = np.abs(np.asarray(jax.random.normal(jax.random.PRNGKey(5), (8, 4)))) + 0.1
+    mag = np.abs(np.asarray(normal(jax.random.PRNGKey(5), (8, 4)))) + 0.1
     qk = jnp.asarray(mag * np.stack([sign1, sign2, np.ones(8), -np.ones(8)], -1))[None, None]
-    v = jax.random.normal(jax.random.PRNGKey(6), (1, 1, 8, 4))
+    v = normal(jax.random.PRNGKey(6), (1, 1, 8, 4))
     rot = jnp.zeros((1, 4, 2, 1)).at[0, 0, 0, 0].set(1.0).at[0, 1, 1, 0].set(1.0)
     np.testing.assert_array_equal(
         rf.hash_vectors(qk, rot, 2)[0, 0], [[0, 0, 0, 0, 1, 1, 1, 1], [0, 0, 1, 1, 0, 0, 1, 1]]
@@ -151,9 +156,9 @@ def test_causal_lsh_has_no_gradient_path_from_the_future():
     earlier keys share a chunk still depends on all buckets: see the module docstring.)
     Both in one program."""
     qk, v = qkv()
-    rot = jax.random.normal(jax.random.PRNGKey(4), (2, 8, 3, 2))
+    rot = normal(jax.random.PRNGKey(4), (2, 8, 3, 2))
     t = 13
-    w = jax.random.normal(jax.random.PRNGKey(5), (2, 2, t, 8))
+    w = normal(jax.random.PRNGKey(5), (2, 2, t, 8))
     f = lambda qk, v, causal: jnp.sum(rf.lsh_attention(qk, v, rot, 4, 8, causal)[:, :, :t] * w)
     grads = tiny_run_module.jit0(lambda qk, v: [
         jax.grad(f, argnums=(0, 1))(qk, v, causal) for causal in (True, False)])(qk, v)
@@ -258,7 +263,7 @@ def test_reversible_gradients_equal_backprop():
 
     with jax.enable_x64(True):  # one program, float64: both gradients and the inverse
         p64 = jax.tree.map(lambda a: a.astype(jnp.float64), params)
-        x1, x2 = jax.random.normal(jax.random.PRNGKey(3), (2, 2, 32, 32), jnp.float64)
+        x1, x2 = normal(jax.random.PRNGKey(3), (2, 2, 32, 32), jnp.float64)
         (l1, g1), (l2, g2), (y1, y2) = tiny_run_module.jit0(
             lambda p64, x1, x2: (grads(p64, True), grads(p64, False), invert(p64, x1, x2))
         )(p64, x1, x2)
@@ -302,7 +307,7 @@ def test_reversible_memory_stays_flat_in_depth():
 
 
 def test_chunked_feed_forward_equals_unchunked():
-    x = jax.random.normal(jax.random.PRNGKey(0), (2, 32, 16))
+    x = normal(jax.random.PRNGKey(0), (2, 32, 16))
     ff = rf.FeedForward(16, 48)
     p = compiled(lambda k_: ff.init(k_, x), jax.random.PRNGKey(1))
     full, *outs = tiny_run_module.jit0(
