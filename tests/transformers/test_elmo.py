@@ -209,8 +209,8 @@ def test_train_is_pure_and_seeded_and_logs_the_stages(recorded_run):
     """The run's initial states are the runner's init of the same seeds, and its first
     compiled chunk, rerun on them, gives the run's first rows and the second chunk's input
     bit for bit; seeds differ; the task metrics are NaN exactly during pre-training; the
-    layer weights sum to 1 and move only in stage 2. Mutations tried: init ignoring its
-    key (the seeds' kernels equal) fails; host-side noise on the loss fails the rerun."""
+    layer weights sum to 1 and move only in stage 2. Mutation tried: init ignoring its key
+    (the seeds' kernels equal) fails."""
     tiny_run, chunks = recorded_run
     (first_chunk, first_input), n = chunks[0], SEEDS
     assert len(chunks) == TINY.num_updates // CHUNK
