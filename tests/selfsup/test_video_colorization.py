@@ -42,7 +42,8 @@ def test_pointer_stochastic_identity_copy_loss_and_kmeans():
     k-means: quantize is the nearest centre (brute force); three separated blobs give their
     means, a Lloyd fixed point (every centre the mean of its points). Mutations tried, each
     fails: softmax over the target axis; argmax in quantize; k-means without Lloyd steps;
-    propagate without the transpose (a shape error)."""
+    propagate without the transpose (a shape error here, where N_ref = 3 N_tgt; the next
+    test catches it where N_ref = N_tgt)."""
     n, d = 12, 5
     k = jax.random.PRNGKey(0)
     f_ref, f_tgt = jax.random.normal(k, (2, n, d))
@@ -82,19 +83,21 @@ def test_pointer_stochastic_identity_copy_loss_and_kmeans():
 
 
 def test_lab_iou_pool_temperatures_grey_pointer_track_and_isoluminant_videos():
-    """By hand: sRGB red is Lab (53.24, 80.09, 67.20), mid-grey 0.5 is (53.39, 0, 0) (the
-    gamma), and the network's grey input is L / 100 - 0.5; J of two 2x2 masks sharing 1 of
-    3 pixels is 1/3 (nan when both are empty); pool averages 2x2 blocks. Temperatures:
-    colour_loss at T = 0.5 equals it at T = 1 with embeddings scaled by sqrt 2 (and differs
-    from T = 1 unscaled); track_one's soft labels are track's at eval_temperature on the
-    network's own embeddings. The grey pointer's features give softmax_i -(g_i - g_j)^2 / T.
-    track with one-hot identity embeddings and frame t = frame 0 returns frame 0's ids
-    (J = 1). Isoluminant videos: every sprite pixel has L = lightness, the background's L
-    spans both sides of it, and the sprites differ in ab. Mutations tried, each fails:
-    rgb_to_lab without the sRGB gamma (caught by mid-grey: red is gamma-invariant); grey as
-    the RGB mean; iou as recall (|pred & truth| / |truth|); pool as strided subsampling;
-    temperature ignored in colour_loss; eval_temperature ignored in track_one; grey_features
-    with -g^2; sprite colours not isoluminant (RGB grey + random chroma)."""
+    """By hand: sRGB red is Lab (53.24, 80.09, 67.20), mid-grey 0.5 is (53.39, 0, 0) (the gamma),
+    and the network's grey input is L / 100 - 0.5; J of two 2x2 masks sharing 1 of 3 pixels is 1/3
+    (nan when both are empty); pool averages 2x2 blocks. Temperatures: colour_loss at T = 0.5 equals
+    it at T = 1 with embeddings scaled by sqrt 2 (and differs from T = 1 unscaled); track_one's soft
+    labels are track's at eval_temperature on the network's own embeddings. The grey pointer's
+    features give softmax_i -(g_i - g_j)^2 / T. track with one-hot identity embeddings and frame t =
+    frame 0 returns frame 0's ids (J = 1); target pixel j embedded as reference pixel j - 1 copies
+    that pixel's id (a non-symmetric A, so propagate's transpose matters where N_ref = N_tgt).
+    Isoluminant videos: every sprite pixel has L = lightness, the background's L spans both sides of
+    it, and the sprites differ in ab. Mutations tried, each fails: rgb_to_lab without the sRGB gamma
+    (caught by mid-grey: red is gamma-invariant); grey as the RGB mean; iou as recall (|pred &
+    truth| / |truth|); pool as strided subsampling; temperature ignored in colour_loss;
+    eval_temperature ignored in track_one; grey_features with -g^2; sprite colours not isoluminant
+    (RGB grey + random chroma); track without the transpose (A @ l: the shifted copy goes the
+    wrong way)."""
     red = jnp.array([[1.0, 0.0, 0.0], [0.5, 0.5, 0.5]])
     m1, m2 = jnp.array([[1, 1], [0, 0]], bool), jnp.array([[1, 0], [1, 0]], bool)
     f = jax.random.normal(jax.random.PRNGKey(4), (4, 2, 2, 3))
@@ -119,10 +122,11 @@ def test_lab_iou_pool_temperatures_grey_pointer_track_and_isoluminant_videos():
                 vc.track(emb[0], emb[-1], ids[0], 0.3, hot)[1],
                 vc.pointer(*(vc.grey_features(g_ref)[0], vc.grey_features(g_tgt)[1]), 0.01),
                 vc.track(jnp.eye(n) * 10, jnp.eye(n) * 10, ids[0], 0.01, TINY)[0],
+                vc.track(jnp.eye(n) * 10, jnp.roll(jnp.eye(n), 1, 0) * 10, ids[0], 0.01, TINY)[0],
                 vc.rgb_to_lab(frames))
 
     (lab_red, grey_red, j, j_empty, pooled, (l_cool, l_scaled, l_t1), soft_one, soft,
-     a_grey, pred_id, lab_v) = compiled(parts)
+     a_grey, pred_id, pred_shift, lab_v) = compiled(parts)
     np.testing.assert_allclose(lab_red, [[53.24, 80.09, 67.20], [53.39, 0, 0]], atol=0.05)
     np.testing.assert_allclose(grey_red, [[0.5324 - 0.5], [0.5339 - 0.5]], atol=5e-4)
     np.testing.assert_allclose(j, 1 / 3, rtol=1e-6)
@@ -134,6 +138,8 @@ def test_lab_iou_pool_temperatures_grey_pointer_track_and_isoluminant_videos():
     logits = -(g_ref[:, None] - g_tgt[None]) ** 2 / 0.01
     np.testing.assert_allclose(a_grey, jax.nn.softmax(logits, 0), atol=1e-5)
     np.testing.assert_array_equal(pred_id, ids[0])
+    np.testing.assert_array_equal(pred_shift, np.roll(np.asarray(ids[0]).ravel(), 1).reshape(
+        ids[0].shape))
     lab_v, ids = np.asarray(lab_v), np.asarray(ids)
     np.testing.assert_allclose(lab_v[..., 0][ids >= 0], TINY.lightness, atol=1e-3)
     bg = lab_v[..., 0][ids < 0]
