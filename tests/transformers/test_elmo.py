@@ -176,10 +176,15 @@ def recorded_run(tmp_path_factory):
     """TINY through the command line, in-process, once, with SEEDS seeds; with its compiled
     chunks and their inputs (the purity test reruns the first: no second trace or compile).
     Not with --fast-compile: XLA's lowest level compiles this LSTM program faster but runs
-    its 350 updates far slower (the module took 237 CPU s with it, about 50 without)."""
+    its 350 updates far slower (the module took 237 CPU s with it, about 50 without); the
+    jitted evaluate, run once, is compiled at that level."""
     run_dir = tmp_path_factory.mktemp("run")
-    return main_recording_chunks(
-        lambda _: tiny_run_module.run_cli(elmo, TINY, run_dir, CHUNK), None)
+    real = run.evaluate_seeds
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(run, "evaluate_seeds", lambda *a, **k: real(
+            *a, **{**k, "compiler_options": run.INIT_COMPILER_OPTIONS}))
+        return main_recording_chunks(
+            lambda _: tiny_run_module.run_cli(elmo, TINY, run_dir, CHUNK), None)
 
 
 @pytest.fixture(scope="module")
